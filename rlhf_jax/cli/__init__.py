@@ -1,0 +1,1 @@
+"""The `rlhf-jax` command line (tyro subcommands)."""
