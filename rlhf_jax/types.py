@@ -78,6 +78,23 @@ class PPOBatch:
 
 
 @struct.dataclass
+class SFTBatch:
+  """Demonstrations: the loss is on response tokens only.
+
+  Attributes:
+    prompt_ids: i32[B, P] left-padded prompts.
+    prompt_mask: bool[B, P].
+    response_ids: i32[B, T] right-padded target responses.
+    response_mask: bool[B, T].
+  """
+
+  prompt_ids: jax.Array
+  prompt_mask: jax.Array
+  response_ids: jax.Array
+  response_mask: jax.Array
+
+
+@struct.dataclass
 class PreferenceBatch:
   """Pairwise preferences: one prompt, a chosen and a rejected response.
 
@@ -88,6 +105,10 @@ class PreferenceBatch:
     chosen_mask: bool[B, T].
     rejected_ids: i32[B, T] right-padded dispreferred responses.
     rejected_mask: bool[B, T].
+    ref_chosen_logprobs: optional f32[B] precomputed reference sequence
+      logprobs of the chosen responses (DPO; sums, or per-token means for
+      IPO); None when the reference is run on the fly.
+    ref_rejected_logprobs: optional f32[B], as above.
   """
 
   prompt_ids: jax.Array
@@ -96,6 +117,8 @@ class PreferenceBatch:
   chosen_mask: jax.Array
   rejected_ids: jax.Array
   rejected_mask: jax.Array
+  ref_chosen_logprobs: jax.Array | None = None
+  ref_rejected_logprobs: jax.Array | None = None
 
 
 @struct.dataclass

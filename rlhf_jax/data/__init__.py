@@ -1,0 +1,97 @@
+"""Preference and prompt data: reading, validation, tokenization, batching.
+
+Pipeline::
+
+  loaded = load_examples("prefs.jsonl")            # or load_hh_rlhf(paths)
+  loaded.drops.summary()                           # what was dropped, why
+  ds = tokenize_preferences(loaded.examples, tok,
+                            max_prompt_length=P, max_response_length=T)
+  ds.truncation.summary()                          # what was cut
+  train, evl = train_eval_split(len(ds), eval_size=0.1, seed=0)
+  it = BatchIterator(ds.subset(train), global_batch_size=B, seed=0,
+                     process_index=p, process_count=H)
+  for lb in it: ...  # lb.batch: PreferenceBatch of numpy arrays [B/H, ...]
+  it.state_dict()    # JSON-able position, saved with checkpoints
+
+Errors are ``DataError`` (a ``ValueError``) naming file, line and field.
+"""
+
+from rlhf_jax.data.errors import (
+  DROP_REASONS,
+  DataError,
+  DroppedRow,
+  DropReport,
+  TruncationReport,
+)
+from rlhf_jax.data.examples import (
+  ASSISTANT_MARKER,
+  FORMATS,
+  ChatTemplate,
+  LoadedExamples,
+  PreferencePair,
+  PromptExample,
+  RankedExample,
+  UnpairedExample,
+  detect_format,
+  load_examples,
+  split_hh_transcript,
+)
+from rlhf_jax.data.hh_rlhf import load_hh_rlhf, split_by_rows
+from rlhf_jax.data.loader import (
+  BatchIterator,
+  LoaderBatch,
+  epoch_permutation,
+  host_slice,
+  train_eval_split,
+)
+from rlhf_jax.data.readers import Row, read_jsonl, read_parquet, read_rows
+from rlhf_jax.data.tokenize import (
+  HFTokenizerAdapter,
+  TokenizedDataset,
+  Tokenizer,
+  UnpairedBatch,
+  tokenize_preferences,
+  tokenize_prompts,
+  tokenize_ranked,
+  tokenize_sft,
+  tokenize_unpaired,
+)
+
+__all__ = [
+  "ASSISTANT_MARKER",
+  "BatchIterator",
+  "ChatTemplate",
+  "DROP_REASONS",
+  "DataError",
+  "DropReport",
+  "DroppedRow",
+  "FORMATS",
+  "HFTokenizerAdapter",
+  "LoadedExamples",
+  "LoaderBatch",
+  "PreferencePair",
+  "PromptExample",
+  "RankedExample",
+  "Row",
+  "TokenizedDataset",
+  "Tokenizer",
+  "TruncationReport",
+  "UnpairedBatch",
+  "UnpairedExample",
+  "detect_format",
+  "epoch_permutation",
+  "host_slice",
+  "load_examples",
+  "load_hh_rlhf",
+  "read_jsonl",
+  "read_parquet",
+  "read_rows",
+  "split_by_rows",
+  "split_hh_transcript",
+  "tokenize_preferences",
+  "tokenize_prompts",
+  "tokenize_ranked",
+  "tokenize_sft",
+  "tokenize_unpaired",
+  "train_eval_split",
+]

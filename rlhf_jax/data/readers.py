@@ -1,0 +1,151 @@
+"""Row readers: JSONL, JSONL.gz, Parquet and in-memory row collections.
+
+Every reader yields ``Row`` records that carry where the row came from, so
+later validation errors can name the file and line. JSONL is streamed line by
+line (``.gz`` decompressed on the fly); blank lines are skipped and are not
+rows. Parquet is streamed in record batches with pyarrow. Hugging Face
+``datasets.Dataset`` objects (or any iterable of dicts, or anything with a
+``to_list()`` method) are read without importing ``datasets``.
+"""
+
+import gzip
+import json
+import os
+import pathlib
+import zlib
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+from rlhf_jax.data.errors import DataError
+
+PathLike = str | os.PathLike
+
+
+class Row(NamedTuple):
+  """One input row.
+
+  Attributes:
+    source: file path as given (or the dataset's name).
+    row: 0-based index among the source's rows (blank JSONL lines excluded).
+    where: location for messages: ``path:LINE`` (1-based line) for JSONL,
+      ``path:row N`` (0-based) for Parquet and in-memory rows.
+    data: the decoded row.
+  """
+
+  source: str
+  row: int
+  where: str
+  data: Any
+
+
+def is_path(source: Any) -> bool:
+  return isinstance(source, str | os.PathLike)
+
+
+def read_rows(
+  source: Any, *, name: str | None = None, max_rows: int | None = None
+) -> Iterator[Row]:
+  """Streams the rows of a file path or an in-memory row collection.
+
+  Args:
+    source: a path ending in ``.jsonl``, ``.jsonl.gz`` or ``.parquet``; or a
+      Hugging Face dataset / list of dicts / object with ``to_list()``.
+    name: display name for in-memory sources (default ``"dataset"``).
+    max_rows: stop after this many rows (None: all).
+
+  Raises:
+    DataError: missing file, unknown suffix, unreadable gzip or Parquet,
+      invalid UTF-8 or JSON (with ``path:LINE``).
+  """
+  if is_path(source):
+    path = str(source)
+    if path.endswith((".jsonl", ".jsonl.gz")):
+      rows = read_jsonl(path)
+    elif path.endswith(".parquet"):
+      rows = read_parquet(path)
+    else:
+      raise DataError(
+        f"{path}: unknown file type; expected .jsonl, .jsonl.gz or .parquet"
+      )
+  else:
+    rows = read_in_memory(source, name=name or "dataset")
+  for r in rows:
+    if max_rows is not None and r.row >= max_rows:
+      return
+    yield r
+
+
+def _open_lines(path: str) -> Iterator[bytes]:
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise DataError(f"{path}: no such file")
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(p, "rb") as f:
+    try:
+      yield from f
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataError(f"{path}: cannot read compressed data: {e}") from e
+
+
+def read_jsonl(path: PathLike) -> Iterator[Row]:
+  """Streams JSON objects from a JSONL (or JSONL.gz) file, one per line.
+
+  Raises:
+    DataError: ``"{path}:{line}: invalid JSON: {reason}"`` for a line that
+      does not parse, ``"{path}:{line}: invalid UTF-8: ..."`` for bad bytes.
+  """
+  path = str(path)
+  row = 0
+  for lineno, raw in enumerate(_open_lines(path), start=1):
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}:{lineno}: invalid UTF-8: {e}") from e
+    if not text.strip():
+      continue
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise DataError(
+        f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})"
+      ) from e
+    yield Row(path, row, f"{path}:{lineno}", data)
+    row += 1
+
+
+def read_parquet(path: PathLike, *, batch_size: int = 1024) -> Iterator[Row]:
+  """Streams rows of a Parquet file as dicts (pyarrow record batches)."""
+  import pyarrow.parquet as pq  # Deferred: pyarrow is slow to import.
+
+  path = str(path)
+  if not pathlib.Path(path).is_file():
+    raise DataError(f"{path}: no such file")
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises several unrelated types.
+    raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+  row = 0
+  for batch in pf.iter_batches(batch_size=batch_size):
+    for data in batch.to_pylist():
+      yield Row(path, row, f"{path}:row {row}", data)
+      row += 1
+
+
+def read_in_memory(rows: Any, *, name: str = "dataset") -> Iterator[Row]:
+  """Rows of a ``datasets.Dataset``, a list of dicts or any iterable.
+
+  Duck-typed so ``datasets`` is not a dependency: an object with
+  ``to_list()`` is materialised with it, otherwise it is iterated.
+  """
+  to_list = getattr(rows, "to_list", None)
+  it: Iterable[Any] = to_list() if callable(to_list) else rows
+  try:
+    iterator = iter(it)
+  except TypeError as e:
+    raise DataError(
+      f"{name}: cannot read rows from {type(rows).__name__}; expected a "
+      "path (.jsonl, .jsonl.gz, .parquet), a datasets.Dataset or an "
+      "iterable of dicts"
+    ) from e
+  for i, data in enumerate(iterator):
+    yield Row(name, i, f"{name}:row {i}", data)

@@ -1,0 +1,672 @@
+"""Tokenization into static-shape numpy arrays matching ``rlhf_jax.types``.
+
+Layout (DESIGN.md): prompts LEFT-padded to P = ``max_prompt_length``,
+responses RIGHT-padded to T = ``max_response_length``; masks are bool, True
+at real tokens; masked slots hold ``tokenizer.pad_id``.
+
+Truncation: a prompt longer than P keeps its LAST tokens (the start is cut,
+the BOS, if any, is kept in front); with ``truncate_prompts=False`` it is a
+``DataError`` instead. A response keeps its FIRST T tokens of
+``ids + [eos]``: a response cut short loses its EOS, so the response mask
+holds no EOS and the row reads as truncated (DESIGN.md convention 3). Every
+cut is counted in the ``TruncationReport``.
+
+Special tokens are explicit: ``Tokenizer.encode`` must NOT add any; BOS is
+prepended to prompts (``add_bos``, when the tokenizer has one) and EOS
+appended to responses (``append_eos``) here.
+"""
+
+import dataclasses
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from flax import struct
+
+from rlhf_jax.data.errors import DataError, TruncationReport, logger
+from rlhf_jax.data.examples import (
+  PreferencePair,
+  PromptExample,
+  RankedExample,
+  UnpairedExample,
+)
+from rlhf_jax.types import PreferenceBatch, PromptBatch, RankedBatch, SFTBatch
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What rlhf_jax.data needs from a tokenizer.
+
+  ``encode`` returns ids WITHOUT special tokens (no BOS/EOS added); ids of
+  special tokens are attributes. ``pad_id`` may equal ``eos_id``: masks,
+  never ids, say where sequences end.
+  """
+
+  bos_id: int | None
+  eos_id: int | None
+  pad_id: int
+
+  def encode(self, text: str) -> Sequence[int]: ...
+
+
+@runtime_checkable
+class _BatchEncoder(Protocol):
+  def encode_batch(self, texts: Sequence[str]) -> Sequence[Sequence[int]]: ...
+
+
+class HFTokenizerAdapter:
+  """Wraps a Hugging Face ``tokenizers.Tokenizer`` as a ``Tokenizer``.
+
+  ``encode`` calls the tokenizer with ``add_special_tokens=False`` (so the
+  TinyStories post-processor's BOS is not added twice). A tokenizer with
+  truncation or padding configured is copied with both turned off, so no
+  sequence is cut silently.
+  """
+
+  def __init__(
+    self,
+    tokenizer: Any,
+    *,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+  ):
+    if tokenizer.truncation is not None or tokenizer.padding is not None:
+      tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+      tokenizer.no_truncation()
+      tokenizer.no_padding()
+    self.tokenizer = tokenizer
+    self.bos_id = bos_id
+    self.eos_id = eos_id
+    if pad_id is None:
+      pad_id = eos_id
+    if pad_id is None:
+      raise ValueError("pad_id is needed (or an eos_id to pad with)")
+    self.pad_id = pad_id
+
+  @classmethod
+  def from_file(
+    cls,
+    path: str | os.PathLike,
+    *,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+  ) -> "HFTokenizerAdapter":
+    """Loads ``tokenizer.json``; special tokens are given by their text.
+
+    E.g. GPT-2: ``eos_token="<|endoftext|>"`` (pad defaults to eos);
+    TinyStories: ``bos_token="<|start_story|>", eos_token="<|end_story|>",
+    pad_token="<unk>"``.
+
+    Raises:
+      ValueError: a token is not in the vocabulary.
+    """
+    import tokenizers  # Deferred: only this adapter needs it.
+
+    tok = tokenizers.Tokenizer.from_file(str(path))
+
+    def tid(t: str | None) -> int | None:
+      if t is None:
+        return None
+      i = tok.token_to_id(t)
+      if i is None:
+        raise ValueError(f"{path}: token {t!r} is not in the vocabulary")
+      return i
+
+    return cls(
+      tok, bos_id=tid(bos_token), eos_id=tid(eos_token), pad_id=tid(pad_token)
+    )
+
+  @classmethod
+  def wrap(cls, tok: Any) -> "HFTokenizerAdapter":
+    """Adapts a tokenizer wrapper that holds a ``tokenizers.Tokenizer``.
+
+    Duck-typed: ``tok.tokenizer`` (e.g. ``rlhf_jax.models.load_tokenizer``'s
+    result) or ``tok.backend_tokenizer`` (transformers fast tokenizers),
+    with ``bos_token_id``/``eos_token_id``/``pad_token_id`` attributes
+    (None where undefined; pad falls back to eos).
+
+    Raises:
+      TypeError: ``tok`` holds no ``tokenizers.Tokenizer``.
+    """
+    inner = getattr(tok, "tokenizer", None)
+    if inner is None:
+      inner = getattr(tok, "backend_tokenizer", None)
+    if inner is None or not hasattr(inner, "encode_batch"):
+      raise TypeError(
+        f"{type(tok).__name__} holds no tokenizers.Tokenizer in .tokenizer "
+        "or .backend_tokenizer"
+      )
+    return cls(
+      inner,
+      bos_id=tok.bos_token_id,
+      eos_id=tok.eos_token_id,
+      pad_id=tok.pad_token_id,
+    )
+
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return [e.ids for e in encs]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+@struct.dataclass
+class UnpairedBatch:
+  """Single completions with an accept/reject label (KTO-style feedback).
+
+  Attributes:
+    prompt_ids: i32[B, P] left-padded prompts.
+    prompt_mask: bool[B, P].
+    response_ids: i32[B, T] right-padded completions.
+    response_mask: bool[B, T].
+    labels: bool[B] True = accepted (desirable), False = rejected.
+  """
+
+  prompt_ids: Any
+  prompt_mask: Any
+  response_ids: Any
+  response_mask: Any
+  labels: Any
+
+
+@dataclasses.dataclass
+class TokenizedDataset:
+  """A whole dataset as static-shape arrays; ``take`` builds batches.
+
+  Attributes:
+    arrays: field of ``batch_type`` -> array with N leading rows.
+    pad_row: field -> one row (no leading axis) used for padding rows:
+      ids = pad_id, masks all False, ranks 0..K-1, labels False.
+    batch_type: PreferenceBatch, PromptBatch, RankedBatch or UnpairedBatch.
+    truncation: what was cut.
+    sources: i -> the example's source; rows: i64[N] its original row.
+  """
+
+  arrays: dict[str, np.ndarray]
+  pad_row: dict[str, np.ndarray]
+  batch_type: type
+  truncation: TruncationReport
+  sources: list[str]
+  rows: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def take(self, indices: np.ndarray) -> Any:
+    """Batch of the given example indices; index -1 gives a padding row.
+
+    Args:
+      indices: int[B] indices into the dataset, or -1.
+
+    Returns:
+      ``batch_type`` of numpy arrays with leading axis B.
+    """
+    indices = np.asarray(indices, np.int64)
+    valid = indices >= 0
+    safe = np.where(valid, indices, 0)
+    out = {}
+    for k, a in self.arrays.items():
+      rows = a[safe]
+      v = valid.reshape((-1,) + (1,) * (a.ndim - 1))
+      out[k] = np.where(v, rows, self.pad_row[k][None])
+    return self.batch_type(**out)
+
+  def subset(self, indices: np.ndarray) -> "TokenizedDataset":
+    """The examples at ``indices`` (e.g. a train or eval split)."""
+    indices = np.asarray(indices, np.int64)
+    return dataclasses.replace(
+      self,
+      arrays={k: a[indices] for k, a in self.arrays.items()},
+      sources=[self.sources[i] for i in indices],
+      rows=self.rows[indices],
+    )
+
+
+# --------------------------------------------------------------- internals
+
+
+def _encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+  if isinstance(tok, _BatchEncoder):
+    return [list(x) for x in tok.encode_batch(texts)]
+  return [list(tok.encode(t)) for t in texts]
+
+
+def _pad(
+  seqs: list[list[int]], length: int, pad_id: int, *, left: bool
+) -> tuple[np.ndarray, np.ndarray]:
+  """Scatters ragged rows (each <= length) into [N, length] in one go."""
+  n = len(seqs)
+  lens = np.fromiter((len(s) for s in seqs), np.int64, n)
+  flat = np.fromiter(
+    itertools.chain.from_iterable(seqs), np.int32, int(lens.sum())
+  )
+  row = np.repeat(np.arange(n), lens)
+  starts = np.cumsum(lens) - lens
+  col = np.arange(flat.size) - np.repeat(starts, lens)
+  if left:
+    col = col + np.repeat(length - lens, lens)
+  ids = np.full((n, length), pad_id, np.int32)
+  mask = np.zeros((n, length), bool)
+  ids[row, col] = flat
+  mask[row, col] = True
+  return ids, mask
+
+
+def _prompts(
+  texts: list[str],
+  wheres: list[str],
+  tok: Tokenizer,
+  *,
+  max_prompt_length: int,
+  truncate_prompts: bool,
+  add_bos: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+  bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
+  keep = max_prompt_length - len(bos)
+  if keep < 1:
+    raise ValueError(
+      f"max_prompt_length={max_prompt_length} leaves no room for prompt tokens"
+    )
+  out, cut = [], 0
+  for ids, where in zip(_encode_all(tok, texts), wheres, strict=True):
+    if not ids and not bos:
+      raise DataError(f"{where}: field 'prompt' tokenizes to 0 tokens")
+    if len(ids) > keep:
+      if not truncate_prompts:
+        raise DataError(
+          f"{where}: prompt has {len(ids) + len(bos)} tokens, longer than "
+          f"max_prompt_length={max_prompt_length} (set truncate_prompts=True "
+          f"to keep its last {max_prompt_length} tokens)"
+        )
+      ids = ids[len(ids) - keep :]  # Left truncation: keep the end.
+      cut += 1
+    out.append(bos + ids)
+  ids, mask = _pad(out, max_prompt_length, tok.pad_id, left=True)
+  return ids, mask, cut
+
+
+def _responses(
+  texts: list[str],
+  wheres: list[str],
+  field: str,
+  tok: Tokenizer,
+  *,
+  max_response_length: int,
+  append_eos: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+  if max_response_length < 1:
+    raise ValueError(f"max_response_length={max_response_length} must be >= 1")
+  if append_eos and tok.eos_id is None:
+    raise ValueError("append_eos=True needs a tokenizer with an eos_id")
+  eos = [tok.eos_id] if append_eos else []
+  out, cut = [], 0
+  for ids, where in zip(_encode_all(tok, texts), wheres, strict=True):
+    ids = ids + eos
+    if not ids:
+      raise DataError(
+        f"{where}: field '{field}' tokenizes to 0 tokens (set append_eos=True "
+        "to give an empty response its EOS)"
+      )
+    if len(ids) > max_response_length:
+      ids = ids[:max_response_length]  # Right truncation: keep the start.
+      cut += 1
+    out.append(ids)
+  ids, mask = _pad(out, max_response_length, tok.pad_id, left=False)
+  return ids, mask, cut
+
+
+def _finish(
+  arrays: dict[str, np.ndarray],
+  pad_row: dict[str, np.ndarray],
+  batch_type: type,
+  examples: Sequence[Any],
+  truncated: dict[str, int],
+  max_prompt_length: int,
+  max_response_length: int,
+) -> TokenizedDataset:
+  report = TruncationReport(
+    len(examples), max_prompt_length, max_response_length, truncated
+  )
+  if any(truncated.values()):
+    logger.info("%s", report.summary())
+  return TokenizedDataset(
+    arrays=arrays,
+    pad_row=pad_row,
+    batch_type=batch_type,
+    truncation=report,
+    sources=[getattr(e, "source", "") for e in examples],
+    rows=np.array([getattr(e, "row", -1) for e in examples], np.int64),
+  )
+
+
+def _check_nonempty(examples: Sequence[Any], kind: str) -> None:
+  if not examples:
+    raise DataError(f"no {kind} examples to tokenize")
+
+
+def _pad_rows(tok: Tokenizer, p: int, t_shape: tuple[int, ...]) -> dict:
+  return {
+    "prompt_ids": np.full((p,), tok.pad_id, np.int32),
+    "prompt_mask": np.zeros((p,), bool),
+    "_resp_ids": np.full(t_shape, tok.pad_id, np.int32),
+    "_resp_mask": np.zeros(t_shape, bool),
+  }
+
+
+# ------------------------------------------------------------------- public
+
+
+def tokenize_preferences(
+  examples: Sequence[PreferencePair],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  truncate_prompts: bool = True,
+  add_bos: bool = True,
+  append_eos: bool = True,
+) -> TokenizedDataset:
+  """Tokenizes preference pairs into a ``PreferenceBatch`` dataset.
+
+  Arrays: prompt_ids i32[N, P] / prompt_mask bool[N, P] left-padded;
+  chosen_ids, rejected_ids i32[N, T] / chosen_mask, rejected_mask bool[N, T]
+  right-padded. Truncation counts under "prompt", "chosen", "rejected".
+
+  Args:
+    examples: preference pairs (``load_examples(...).examples``).
+    tokenizer: a ``Tokenizer`` (e.g. ``HFTokenizerAdapter``).
+    max_prompt_length: P.
+    max_response_length: T.
+    truncate_prompts: cut long prompts from the left (else DataError).
+    add_bos: prepend ``tokenizer.bos_id`` to prompts (when not None).
+    append_eos: append ``tokenizer.eos_id`` to responses.
+
+  Raises:
+    DataError: a prompt longer than P with ``truncate_prompts=False`` (names
+      the row and both lengths); a text that tokenizes to nothing.
+  """
+  _check_nonempty(examples, "preference")
+  wheres = [e.where for e in examples]
+  p_ids, p_mask, p_cut = _prompts(
+    [e.prompt for e in examples],
+    wheres,
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    truncate_prompts=truncate_prompts,
+    add_bos=add_bos,
+  )
+  arrays = {"prompt_ids": p_ids, "prompt_mask": p_mask}
+  truncated = {"prompt": p_cut}
+  pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
+  pad_row = {
+    "prompt_ids": pads["prompt_ids"],
+    "prompt_mask": pads["prompt_mask"],
+  }
+  for field in ("chosen", "rejected"):
+    ids, mask, cut = _responses(
+      [getattr(e, field) for e in examples],
+      wheres,
+      field,
+      tokenizer,
+      max_response_length=max_response_length,
+      append_eos=append_eos,
+    )
+    arrays[f"{field}_ids"], arrays[f"{field}_mask"] = ids, mask
+    pad_row[f"{field}_ids"] = pads["_resp_ids"]
+    pad_row[f"{field}_mask"] = pads["_resp_mask"]
+    truncated[field] = cut
+  return _finish(
+    arrays,
+    pad_row,
+    PreferenceBatch,
+    examples,
+    truncated,
+    max_prompt_length,
+    max_response_length,
+  )
+
+
+def tokenize_prompts(
+  examples: Sequence[PromptExample | str],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_length: int,
+  truncate_prompts: bool = True,
+  add_bos: bool = True,
+) -> TokenizedDataset:
+  """Tokenizes prompts (examples or plain strings) into a ``PromptBatch``
+  dataset: prompt_ids i32[N, P], prompt_mask bool[N, P], left-padded.
+
+  Raises:
+    DataError: as ``tokenize_preferences``.
+  """
+  _check_nonempty(examples, "prompt")
+  examples = [
+    PromptExample(e, where=f"prompt {i}") if isinstance(e, str) else e
+    for i, e in enumerate(examples)
+  ]
+  p_ids, p_mask, p_cut = _prompts(
+    [e.prompt for e in examples],
+    [e.where for e in examples],
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    truncate_prompts=truncate_prompts,
+    add_bos=add_bos,
+  )
+  pads = _pad_rows(tokenizer, max_prompt_length, (1,))
+  return _finish(
+    {"prompt_ids": p_ids, "prompt_mask": p_mask},
+    {"prompt_ids": pads["prompt_ids"], "prompt_mask": pads["prompt_mask"]},
+    PromptBatch,
+    examples,
+    {"prompt": p_cut},
+    max_prompt_length,
+    0,
+  )
+
+
+def tokenize_sft(
+  examples: Sequence[Any],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  response_field: str = "chosen",
+  truncate_prompts: bool = True,
+  add_bos: bool = True,
+  append_eos: bool = True,
+) -> TokenizedDataset:
+  """Tokenizes demonstrations into an ``SFTBatch`` dataset.
+
+  The target response is the example's ``response_field`` attribute
+  (``"chosen"`` of preference pairs, ``"completion"`` of unpaired ones).
+  Arrays: prompt_ids i32[N, P], prompt_mask bool[N, P] left-padded;
+  response_ids i32[N, T], response_mask bool[N, T] right-padded.
+
+  Raises:
+    DataError: as ``tokenize_preferences``.
+  """
+  _check_nonempty(examples, "SFT")
+  wheres = [e.where for e in examples]
+  p_ids, p_mask, p_cut = _prompts(
+    [e.prompt for e in examples],
+    wheres,
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    truncate_prompts=truncate_prompts,
+    add_bos=add_bos,
+  )
+  r_ids, r_mask, r_cut = _responses(
+    [getattr(e, response_field) for e in examples],
+    wheres,
+    response_field,
+    tokenizer,
+    max_response_length=max_response_length,
+    append_eos=append_eos,
+  )
+  pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
+  return _finish(
+    {
+      "prompt_ids": p_ids,
+      "prompt_mask": p_mask,
+      "response_ids": r_ids,
+      "response_mask": r_mask,
+    },
+    {
+      "prompt_ids": pads["prompt_ids"],
+      "prompt_mask": pads["prompt_mask"],
+      "response_ids": pads["_resp_ids"],
+      "response_mask": pads["_resp_mask"],
+    },
+    SFTBatch,
+    examples,
+    {"prompt": p_cut, response_field: r_cut},
+    max_prompt_length,
+    max_response_length,
+  )
+
+
+def tokenize_ranked(
+  examples: Sequence[RankedExample],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  truncate_prompts: bool = True,
+  add_bos: bool = True,
+  append_eos: bool = True,
+) -> TokenizedDataset:
+  """Tokenizes ranked examples into a ``RankedBatch`` dataset.
+
+  Arrays: prompt_ids i32[N, P], prompt_mask bool[N, P]; response_ids
+  i32[N, K, T], response_mask bool[N, K, T]; ranks i32[N, K] (0 = best; rows
+  from ``best`` have rank 1 for every other response). Truncation counts
+  under "prompt" and "responses" (each cut response counts once).
+
+  Raises:
+    DataError: as ``tokenize_preferences``; K differing between examples.
+  """
+  _check_nonempty(examples, "ranked")
+  k = len(examples[0].responses)
+  for e in examples:
+    if len(e.responses) != k:
+      raise DataError(
+        f"{e.where}: {len(e.responses)} responses, but the first example has "
+        f"{k} (K must be the same in a dataset)"
+      )
+  n = len(examples)
+  p_ids, p_mask, p_cut = _prompts(
+    [e.prompt for e in examples],
+    [e.where for e in examples],
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    truncate_prompts=truncate_prompts,
+    add_bos=add_bos,
+  )
+  # Row-major flattening: entry i * K + j is response j of example i.
+  r_ids, r_mask, r_cut = _responses(
+    [r for e in examples for r in e.responses],
+    [e.where for e in examples for _ in range(k)],
+    "responses",
+    tokenizer,
+    max_response_length=max_response_length,
+    append_eos=append_eos,
+  )
+  pads = _pad_rows(tokenizer, max_prompt_length, (k, max_response_length))
+  return _finish(
+    {
+      "prompt_ids": p_ids,
+      "prompt_mask": p_mask,
+      "response_ids": r_ids.reshape(n, k, max_response_length),
+      "response_mask": r_mask.reshape(n, k, max_response_length),
+      "ranks": np.array([e.ranks for e in examples], np.int32),
+    },
+    {
+      "prompt_ids": pads["prompt_ids"],
+      "prompt_mask": pads["prompt_mask"],
+      "response_ids": pads["_resp_ids"],
+      "response_mask": pads["_resp_mask"],
+      "ranks": np.arange(k, dtype=np.int32),
+    },
+    RankedBatch,
+    examples,
+    {"prompt": p_cut, "responses": r_cut},
+    max_prompt_length,
+    max_response_length,
+  )
+
+
+def tokenize_unpaired(
+  examples: Sequence[UnpairedExample],
+  tokenizer: Tokenizer,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  truncate_prompts: bool = True,
+  add_bos: bool = True,
+  append_eos: bool = True,
+) -> TokenizedDataset:
+  """Tokenizes labelled completions into an ``UnpairedBatch`` dataset.
+
+  Arrays: prompt_ids i32[N, P], prompt_mask bool[N, P]; response_ids
+  i32[N, T], response_mask bool[N, T]; labels bool[N].
+
+  Raises:
+    DataError: as ``tokenize_preferences``.
+  """
+  _check_nonempty(examples, "unpaired")
+  wheres = [e.where for e in examples]
+  p_ids, p_mask, p_cut = _prompts(
+    [e.prompt for e in examples],
+    wheres,
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    truncate_prompts=truncate_prompts,
+    add_bos=add_bos,
+  )
+  r_ids, r_mask, r_cut = _responses(
+    [e.completion for e in examples],
+    wheres,
+    "completion",
+    tokenizer,
+    max_response_length=max_response_length,
+    append_eos=append_eos,
+  )
+  pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
+  return _finish(
+    {
+      "prompt_ids": p_ids,
+      "prompt_mask": p_mask,
+      "response_ids": r_ids,
+      "response_mask": r_mask,
+      "labels": np.array([e.label for e in examples], bool),
+    },
+    {
+      "prompt_ids": pads["prompt_ids"],
+      "prompt_mask": pads["prompt_mask"],
+      "response_ids": pads["_resp_ids"],
+      "response_mask": pads["_resp_mask"],
+      "labels": np.zeros((), bool),
+    },
+    UnpairedBatch,
+    examples,
+    {"prompt": p_cut, "completion": r_cut},
+    max_prompt_length,
+    max_response_length,
+  )
+
+
+TOKENIZE_FNS: dict[type, Callable[..., TokenizedDataset]] = {
+  PreferencePair: tokenize_preferences,
+  RankedExample: tokenize_ranked,
+  UnpairedExample: tokenize_unpaired,
+  PromptExample: tokenize_prompts,
+}

@@ -1,0 +1,184 @@
+"""One compiled sampling program: prefill, then KV-cache decode in a loop.
+
+``generate`` is pure: prefill the left-padded prompts once, then decode one
+token per iteration of ``lax.while_loop`` (leaving early when every row has
+emitted EOS). There is no Python loop over tokens; shapes depend only on
+(B, P, max_new_tokens), so each such shape compiles once, and temperature and
+top_p are array arguments that never trigger a recompile.
+
+Response conventions (DESIGN.md 1, 3, 4): response_ids hold pad after the
+first EOS; response_mask is True up to and including the first EOS; rows with
+no EOS within max_new_tokens are flagged ``truncated`` and their mask covers
+all T positions; logprobs are those of the temperature-scaled distribution
+(see ``sampling.sample_token``), 0 at masked slots, and equal the training
+logprobs of ``rlhf_jax.logprobs`` on the same params.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax import models
+from rlhf_jax.rollout.sampling import sample_token
+from rlhf_jax.types import Rollout
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "config",
+    "max_new_tokens",
+    "top_k",
+    "greedy",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_at_all_eos",
+    "return_num_steps",
+  ),
+)
+def generate(
+  params,
+  prompt_ids: jax.Array,
+  prompt_mask: jax.Array,
+  rng: jax.Array,
+  *,
+  config: "models.ModelConfig",
+  max_new_tokens: int,
+  temperature: jax.Array | float = 1.0,
+  top_k: int = 0,
+  top_p: jax.Array | float = 1.0,
+  greedy: bool = False,
+  eos_token_id: int,
+  pad_token_id: int,
+  stop_at_all_eos: bool = True,
+  return_num_steps: bool = False,
+) -> Rollout | tuple[Rollout, jax.Array]:
+  """Samples ``max_new_tokens`` response tokens for each left-padded prompt.
+
+  Args:
+    params: policy LM params (unboxed pytree of rlhf_jax.models).
+    prompt_ids: i32[B, P] left-padded prompts.
+    prompt_mask: bool[B, P] True at real prompt tokens (each row needs >= 1).
+    rng: a PRNG key, or one key per row key[B]. A single key gives row b the
+      key fold_in(rng, b); step t of row b uses fold_in(row_key, t). A fixed
+      key reproduces the same tokens bitwise, and a row's tokens do not
+      depend on how the batch is split over devices (pass per-row keys
+      derived from global row indices under pmap).
+    config: static model config.
+    max_new_tokens: static T.
+    temperature: f32[] > 0 (array: changing it does not recompile).
+    top_k: static, 0 = off.
+    top_p: f32[] in (0, 1], 1 = off.
+    greedy: static; argmax decoding.
+    eos_token_id: static EOS id.
+    pad_token_id: static id written after EOS.
+    stop_at_all_eos: static; leave the loop once every row has finished.
+    return_num_steps: static; also return the number of decode iterations.
+
+  Returns:
+    A Rollout (response_ids i32[B, T], response_mask bool[B, T], logprobs
+    f32[B, T], truncated bool[B], response_lengths i32[B]), and with
+    ``return_num_steps`` the i32[] number of sampled positions.
+
+  Raises:
+    ValueError: prompt shapes differ or max_new_tokens < 1.
+  """
+  if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
+    raise ValueError(
+      "prompt_ids and prompt_mask must both be [B, P], got "
+      f"{prompt_ids.shape} and {prompt_mask.shape}"
+    )
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  batch, prompt_len = prompt_ids.shape
+  prompt_mask = prompt_mask.astype(bool)
+  cache = models.init_cache(config, batch, prompt_len + max_new_tokens)
+  logits, cache = models.prefill(
+    params, prompt_ids, prompt_mask, config=config, cache=cache
+  )
+  sample = functools.partial(
+    sample_token,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    greedy=greedy,
+  )
+  row_keys = row_rngs(rng, batch)
+  tokens0 = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
+  logps0 = jnp.zeros((batch, max_new_tokens), jnp.float32)
+  done0 = jnp.zeros((batch,), bool)
+
+  def cond(carry):
+    t, _, _, _, _, done = carry
+    more = t < max_new_tokens
+    if stop_at_all_eos:
+      more = more & ~jnp.all(done)
+    return more
+
+  def body(carry):
+    t, logits, cache, tokens, logps, done = carry
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+    tok, logp = sample(logits, step_keys)
+    # Rows that already emitted EOS write pad with logprob 0.
+    tok = jnp.where(done, pad_token_id, tok)
+    logp = jnp.where(done, 0.0, logp)
+    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
+    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, t))
+    done = done | (tok == eos_token_id)
+    # The logits for the next position; the last iteration's are unused.
+    logits, cache = models.decode_step(params, tok, cache, config=config)
+    return t + 1, logits, cache, tokens, logps, done
+
+  carry = (jnp.int32(0), logits, cache, tokens0, logps0, done0)
+  steps, _, _, tokens, logps, done = jax.lax.while_loop(cond, body, carry)
+  response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
+  # Positions never sampled (early exit) are already pad with logprob 0.
+  rollout = Rollout(
+    prompt_ids=prompt_ids,
+    prompt_mask=prompt_mask,
+    response_ids=jnp.where(response_mask, tokens, pad_token_id),
+    response_mask=response_mask,
+    logprobs=jnp.where(response_mask, logps, 0.0),
+    truncated=~done,
+    response_lengths=jnp.sum(response_mask, axis=-1).astype(jnp.int32),
+  )
+  if return_num_steps:
+    return rollout, steps
+  return rollout
+
+
+def row_rngs(rng: jax.Array, batch: int) -> jax.Array:
+  """Per-row keys: key[B] as given, or fold_in(rng, b) from a single key.
+
+  Raises:
+    ValueError: a key array whose leading size is not B.
+  """
+  rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+  is_typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  single = rng.ndim == 0 if is_typed else rng.shape == (2,)
+  if single:
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+      rng, jnp.arange(batch, dtype=jnp.uint32)
+    )
+  if rng.shape[0] != batch:
+    raise ValueError(f"need one PRNG key per row ({batch}), got {rng.shape}")
+  return rng
+
+
+def response_mask_from_ids(
+  response_ids: jax.Array, *, eos_token_id: int
+) -> jax.Array:
+  """True up to and including the first EOS, all True when there is none.
+
+  Args:
+    response_ids: i32[B, T] sampled tokens.
+    eos_token_id: EOS id.
+
+  Returns:
+    bool[B, T] (DESIGN.md convention 3).
+  """
+  is_eos = response_ids == eos_token_id
+  # Number of EOS strictly before t; the mask is True while it is 0.
+  eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos
+  return eos_before == 0

@@ -1,0 +1,113 @@
+"""Token-level sampling transforms: temperature, top-k, top-p (nucleus).
+
+All functions act on one decoding step's logits f32[B, V] and are pure and
+jit-friendly; ``top_k`` is static (it fixes a shape), temperature and top_p
+are arrays so changing them never recompiles.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+  """logits / temperature in f32 (DESIGN.md convention 4).
+
+  Args:
+    logits: f32[B, V].
+    temperature: f32[] > 0 (an array, so new values do not recompile).
+
+  Returns:
+    f32[B, V] scaled logits.
+  """
+  return logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+
+
+def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
+  """Keeps the ``top_k`` largest logits per row, others -> -inf.
+
+  Ties at the k-th value are all kept. ``top_k <= 0`` or ``>= V`` is a no-op.
+
+  Args:
+    logits: f32[B, V].
+    top_k: static number of tokens kept.
+
+  Returns:
+    f32[B, V].
+  """
+  vocab = logits.shape[-1]
+  if top_k <= 0 or top_k >= vocab:
+    return logits
+  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  return jnp.where(logits >= kth, logits, _NEG_INF)
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Nucleus filter (Holtzman et al. 2020, sec. 3.1).
+
+  Keeps the smallest set of most-probable tokens whose probability mass
+  reaches ``top_p``: a token is kept when the mass of the tokens strictly
+  more probable than it is below ``top_p``. The most probable token is always
+  kept, and ``top_p >= 1`` keeps every token.
+
+  Args:
+    logits: f32[B, V] (already temperature-scaled).
+    top_p: f32[] in (0, 1].
+
+  Returns:
+    f32[B, V] with removed tokens at -inf.
+  """
+  top_p = jnp.asarray(top_p, jnp.float32)
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = (mass_before < top_p) | (top_p >= 1.0)
+  keep_sorted = keep_sorted.at[..., 0].set(True)
+  # Scatter the sorted keep flags back to vocabulary order.
+  inverse = jnp.argsort(order, axis=-1)
+  keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+  return jnp.where(keep, logits, _NEG_INF)
+
+
+def sample_token(
+  logits: jax.Array,
+  rng: jax.Array,
+  *,
+  temperature: jax.Array,
+  top_k: int = 0,
+  top_p: jax.Array | float = 1.0,
+  greedy: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Samples one token per row and returns its logprob.
+
+  The returned logprob is log softmax(logits / temperature)[token]: the
+  temperature-scaled distribution BEFORE top-k/top-p truncation. That is the
+  distribution the training logprobs (rlhf_jax.logprobs) compute, so sampler
+  and trainer agree exactly; with truncation the token is drawn from the
+  renormalised truncated distribution, and the logprob is not renormalised.
+
+  Args:
+    logits: f32[B, V] raw logits of the next token.
+    rng: one PRNG key per row, key[B] (row-wise keys make the draw of a row
+      independent of how the batch is split over devices).
+    temperature: f32[] sampling temperature.
+    top_k: static, 0 = off.
+    top_p: f32[], 1.0 = off.
+    greedy: static; argmax of the logits (rng, top_k, top_p unused).
+
+  Returns:
+    (tokens i32[B], logprobs f32[B]).
+  """
+  scaled = apply_temperature(logits, temperature)
+  logp_all = jax.nn.log_softmax(scaled, axis=-1)
+  if greedy:
+    tokens = jnp.argmax(scaled, axis=-1)
+  else:
+    filtered = top_k_filter(scaled, top_k)
+    filtered = top_p_filter(filtered, top_p)
+    tokens = jax.vmap(jax.random.categorical)(rng, filtered)
+  tokens = tokens.astype(jnp.int32)
+  logp = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+  return tokens, logp

@@ -1,0 +1,49 @@
+"""Train states and step factories: SFT, reward model, DPO, PPO."""
+
+from rlhf_jax.train.common import (
+  accumulate_gradients,
+  all_finite,
+  apply_if_finite,
+  concat_prompt_response,
+  split_micro_batches,
+)
+from rlhf_jax.train.ppo import (
+  PPOConfig,
+  init_ppo_state,
+  kl_controller,
+  make_ppo_step,
+)
+from rlhf_jax.train.state import PPOState, RewardNormState, TrainState
+from rlhf_jax.train.supervised import (
+  DPOConfig,
+  RewardModelConfig,
+  SFTConfig,
+  make_dpo_step,
+  make_reward_model_step,
+  make_sft_step,
+  pair_rewards,
+  preference_logprobs,
+)
+
+__all__ = [
+  "DPOConfig",
+  "PPOConfig",
+  "PPOState",
+  "RewardModelConfig",
+  "RewardNormState",
+  "SFTConfig",
+  "TrainState",
+  "accumulate_gradients",
+  "all_finite",
+  "apply_if_finite",
+  "concat_prompt_response",
+  "init_ppo_state",
+  "kl_controller",
+  "make_dpo_step",
+  "make_ppo_step",
+  "make_reward_model_step",
+  "make_sft_step",
+  "pair_rewards",
+  "preference_logprobs",
+  "split_micro_batches",
+]

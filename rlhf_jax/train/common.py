@@ -1,0 +1,155 @@
+"""Pieces every step factory shares: sequences, micro-batches, safe updates.
+
+Loss functions used with ``accumulate_gradients`` return contributions that
+are already divided by the GLOBAL count of the step's batch (tokens, pairs or
+sequences; DESIGN.md conventions 6 and 14). Summing them over micro-batches
+then gives exactly the loss, metrics and gradient of one batch of the same
+sequences, whatever the number of micro-batches.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+# Metric keys ending with this suffix are combined with max, not summed.
+MAX_SUFFIX = "_max"
+
+
+def concat_prompt_response(
+  prompt_ids: jax.Array,
+  prompt_mask: jax.Array,
+  response_ids: jax.Array,
+  response_mask: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Full sequences [prompt | response] for teacher forcing.
+
+  Args:
+    prompt_ids: i32[B, P] left-padded. prompt_mask: bool[B, P].
+    response_ids: i32[B, T] right-padded. response_mask: bool[B, T].
+
+  Returns:
+    (input_ids i32[B, P+T], attention_mask bool[B, P+T]); position ids come
+    from the attention mask (cumsum - 1), so left padding is harmless.
+  """
+  ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
+  mask = jnp.concatenate(
+    [prompt_mask.astype(bool), response_mask.astype(bool)], axis=1
+  )
+  return ids, mask
+
+
+def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
+  """Reshapes every [B, ...] leaf to [N, B/N, ...].
+
+  Raises:
+    ValueError: B is not divisible by N.
+  """
+  leaves = jax.tree.leaves(batch)
+  size = leaves[0].shape[0]
+  if size % num_micro_batches:
+    raise ValueError(
+      f"batch size {size} is not divisible by num_micro_batches="
+      f"{num_micro_batches}"
+    )
+
+  def split(x):
+    return x.reshape(
+      (num_micro_batches, size // num_micro_batches) + x.shape[1:]
+    )
+
+  return jax.tree.map(split, batch)
+
+
+def _combine(acc: dict, new: dict) -> dict:
+  return {
+    k: jnp.maximum(acc[k], new[k])
+    if k.endswith(MAX_SUFFIX)
+    else acc[k] + new[k]
+    for k in acc
+  }
+
+
+def accumulate_gradients(
+  loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, dict]],
+  params: PyTree,
+  batch: PyTree,
+  *,
+  num_micro_batches: int = 1,
+) -> tuple[jax.Array, dict, PyTree]:
+  """Loss, metrics and gradient of ``loss_fn`` summed over micro-batches.
+
+  Args:
+    loss_fn: (params, micro_batch) -> (loss f32[], metrics dict of f32[]),
+      normalised by the whole batch's counts. Metrics whose key ends with
+      "_max" are combined with max, the others summed.
+    params: differentiated pytree.
+    batch: pytree of [B, ...] arrays.
+    num_micro_batches: static N; B must be divisible by N.
+
+  Returns:
+    (loss f32[], metrics dict, grads like params).
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_micro_batches == 1:
+    (loss, metrics), grads = grad_fn(params, batch)
+    return loss, metrics, grads
+  micro = split_micro_batches(batch, num_micro_batches)
+  first = jax.tree.map(lambda x: x[0], micro)
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  (loss, metrics), grads = grad_fn(params, first)
+
+  def body(carry, mb):
+    loss, metrics, grads = carry
+    (l2, m2), g2 = grad_fn(params, mb)
+    grads = jax.tree.map(jnp.add, grads, g2)
+    return (loss + l2, _combine(metrics, m2), grads), None
+
+  (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), rest)
+  return loss, metrics, grads
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """bool[]: every element of every leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def apply_if_finite(
+  optimizer: optax.GradientTransformation,
+  params: PyTree,
+  opt_state: PyTree,
+  grads: PyTree,
+  *,
+  finite: jax.Array | None = None,
+) -> tuple[PyTree, PyTree, jax.Array, jax.Array]:
+  """One optax update, skipped when the gradients are not finite.
+
+  A step with NaN/inf gradients leaves params and optimizer state unchanged
+  (instead of writing NaN into them); the caller counts it.
+
+  Args:
+    optimizer: optax transformation.
+    params: current params.
+    opt_state: its optimizer state.
+    grads: gradients like params.
+    finite: optional precomputed flag (e.g. over several param groups).
+
+  Returns:
+    (params, opt_state, finite bool[], grad_norm f32[]).
+  """
+  if finite is None:
+    finite = all_finite(grads)
+  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), grads)
+  updates, new_opt_state = optimizer.update(safe_grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+
+  def select(new, old):
+    return jnp.where(finite, new, old)
+
+  params = jax.tree.map(select, new_params, params)
+  opt_state = jax.tree.map(select, new_opt_state, opt_state)
+  return params, opt_state, finite, optax.global_norm(grads)

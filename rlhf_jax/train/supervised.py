@@ -1,0 +1,409 @@
+"""Step factories of the supervised stages: SFT, reward model, DPO.
+
+Each factory returns a pure ``step(state, batch[, ref_params]) -> (state,
+metrics)`` with no mesh code: distribution is attached at jax.jit (in/out
+shardings, donated state) or by running it under pmap with ``axis_name``.
+Losses are normalised by the whole step batch's counts, so N micro-batches
+give the gradient of one batch (DESIGN.md convention 14).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.logprobs import response_logprobs, sequence_logprobs
+from rlhf_jax.masked import aggregate_loss
+from rlhf_jax.preference import (
+  best_of_k_loss,
+  bradley_terry_loss,
+  dpo_loss,
+  ipo_loss,
+)
+from rlhf_jax.train.common import (
+  MAX_SUFFIX,
+  accumulate_gradients,
+  apply_if_finite,
+  concat_prompt_response,
+)
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.types import PreferenceBatch, RankedBatch, SFTBatch
+
+
+def _psum_metrics(metrics: dict, axis_name: str | None) -> dict:
+  if axis_name is None:
+    return metrics
+  return {
+    k: jax.lax.pmax(v, axis_name)
+    if k.endswith(MAX_SUFFIX)
+    else jax.lax.psum(v, axis_name)
+    for k, v in metrics.items()
+  }
+
+
+def _global_count(x: jax.Array, axis_name: str | None) -> jax.Array:
+  x = jnp.asarray(x, jnp.float32)
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _finish_step(
+  state: TrainState,
+  optimizer: optax.GradientTransformation,
+  loss: jax.Array,
+  metrics: dict,
+  grads,
+  axis_name: str | None,
+  prefix: str,
+) -> tuple[TrainState, dict]:
+  """Sums over devices (pmap), applies the update if finite, counts skips."""
+  if axis_name is not None:
+    # Each device differentiated its share of the globally normalised loss.
+    grads = jax.lax.psum(grads, axis_name)
+    loss = jax.lax.psum(loss, axis_name)
+  metrics = _psum_metrics(metrics, axis_name)
+  params, opt_state, finite, grad_norm = apply_if_finite(
+    optimizer, state.params, state.opt_state, grads
+  )
+  skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    skipped_steps=skipped,
+  )
+  metrics = dict(metrics)
+  metrics[f"{prefix}/loss"] = loss
+  metrics["train/grad_norm"] = grad_norm
+  metrics["train/skipped"] = (~finite).astype(jnp.float32)
+  metrics["train/skipped_steps"] = skipped.astype(jnp.float32)
+  return new_state, metrics
+
+
+# --------------------------------------------------------------------- SFT
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """Supervised fine-tuning: next-token loss on response tokens only."""
+
+  loss_agg_mode: str = "token-mean"
+  num_micro_batches: int = 1
+  axis_name: str | None = None
+
+
+def make_sft_step(
+  model_config: "models.ModelConfig",
+  optimizer: optax.GradientTransformation,
+  config: SFTConfig = SFTConfig(),
+) -> Callable[[TrainState, SFTBatch], tuple[TrainState, dict]]:
+  """SFT step: L = agg(-log pi(y_t | x, y_<t)) over response tokens.
+
+  The prompt is masked out of the loss (it is context, not a target).
+
+  Returns:
+    step(state, SFTBatch) -> (state, metrics) with sft/loss, sft/tokens,
+    train/grad_norm, train/skipped.
+  """
+  axis = config.axis_name
+
+  def step(state: TrainState, batch: SFTBatch):
+    mask = batch.response_mask.astype(bool)
+    if config.loss_agg_mode == "token-mean":
+      count = jnp.sum(mask)
+    else:
+      count = jnp.sum(jnp.any(mask, axis=-1))
+    normalizer = _global_count(count, axis)
+    prompt_len = batch.prompt_ids.shape[1]
+
+    def loss_fn(params, mb: SFTBatch):
+      ids, attn = concat_prompt_response(
+        mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask
+      )
+      logits = models.forward(params, ids, attn, config=model_config)
+      logp = response_logprobs(
+        logits,
+        ids,
+        prompt_length=prompt_len,
+        response_mask=mb.response_mask.astype(bool),
+      )
+      loss = aggregate_loss(
+        -logp,
+        mb.response_mask.astype(bool),
+        loss_agg_mode=config.loss_agg_mode,
+        normalizer=normalizer,
+      )
+      tokens = jnp.sum(mb.response_mask).astype(jnp.float32)
+      return loss, {"sft/tokens": tokens}
+
+    loss, metrics, grads = accumulate_gradients(
+      loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
+    )
+    return _finish_step(state, optimizer, loss, metrics, grads, axis, "sft")
+
+  return step
+
+
+# ------------------------------------------------------------ reward model
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+  """Reward-model training (Bradley-Terry, or best-of-K).
+
+  Attributes:
+    loss_type: "pairwise" (PreferenceBatch) or "best_of_k" (RankedBatch,
+      softmax cross-entropy on the rank-0 response, Ziegler et al. 2019).
+    margin: constant margin m in -log sigma(r+ - r- - m) (Touvron et al.
+      2023), None for none.
+    label_smoothing: probability that a label is flipped (robust BT).
+    center_rewards_coef: coefficient of mean((r+ + r-)^2) (Eisenstein et
+      al. 2023).
+    num_micro_batches: gradient accumulation steps.
+    axis_name: pmap axis name, None under jit.
+  """
+
+  loss_type: Literal["pairwise", "best_of_k"] = "pairwise"
+  margin: float | None = None
+  label_smoothing: float = 0.0
+  center_rewards_coef: float = 0.0
+  num_micro_batches: int = 1
+  axis_name: str | None = None
+
+
+def pair_rewards(
+  params,
+  batch: PreferenceBatch,
+  *,
+  model_config: "models.ModelConfig",
+) -> tuple[jax.Array, jax.Array]:
+  """Reward-model scores of chosen and rejected (one forward on [2B, L]).
+
+  Returns:
+    (chosen_rewards f32[B], rejected_rewards f32[B]), read at the last
+    position of each attention mask.
+  """
+  ids_c, mask_c = concat_prompt_response(
+    batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
+  )
+  ids_r, mask_r = concat_prompt_response(
+    batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask
+  )
+  ids = jnp.concatenate([ids_c, ids_r], axis=0)
+  mask = jnp.concatenate([mask_c, mask_r], axis=0)
+  rewards = models.reward_forward(params, ids, mask, config=model_config)
+  size = batch.prompt_ids.shape[0]
+  return rewards[:size], rewards[size:]
+
+
+def make_reward_model_step(
+  model_config: "models.ModelConfig",
+  optimizer: optax.GradientTransformation,
+  config: RewardModelConfig = RewardModelConfig(),
+) -> Callable:
+  """Reward-model step (Bradley-Terry; Ouyang et al. 2022 eq. 1).
+
+  Returns:
+    step(state, PreferenceBatch | RankedBatch) -> (state, metrics) with
+    rm/loss, rm/accuracy, rm/ties, rm/margin, rm/chosen_reward,
+    rm/rejected_reward (means over pairs; ties is a fraction).
+  """
+  axis = config.axis_name
+
+  def step(state: TrainState, batch):
+    total = _global_count(batch.prompt_ids.shape[0], axis)
+
+    def loss_fn(params, mb):
+      share = mb.prompt_ids.shape[0] / total
+      if config.loss_type == "pairwise":
+        rc, rr = pair_rewards(params, mb, model_config=model_config)
+        loss, _ = bradley_terry_loss(
+          rc,
+          rr,
+          margin=config.margin,
+          label_smoothing=config.label_smoothing,
+          center_rewards_coef=config.center_rewards_coef,
+        )
+      else:
+        rc, rr, rewards, best = _ranked_rewards(params, mb, model_config)
+        loss, _ = best_of_k_loss(rewards, best)
+      # Per-pair sums divided by the global pair count add up exactly.
+      metrics = {
+        "rm/accuracy": jnp.sum(rc > rr) / total,
+        "rm/ties": jnp.sum(rc == rr) / total,
+        "rm/margin": jnp.sum(rc - rr) / total,
+        "rm/chosen_reward": jnp.sum(rc) / total,
+        "rm/rejected_reward": jnp.sum(rr) / total,
+      }
+      return loss * share, metrics
+
+    loss, metrics, grads = accumulate_gradients(
+      loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
+    )
+    return _finish_step(state, optimizer, loss, metrics, grads, axis, "rm")
+
+  return step
+
+
+def _ranked_rewards(params, batch: RankedBatch, model_config):
+  """Scores of K responses per prompt; chosen = rank 0, rejected = the rest.
+
+  Returns:
+    (best f32[B], mean of the others f32[B], rewards f32[B, K], best i32[B]).
+  """
+  size, k, resp_len = batch.response_ids.shape
+  prompt_ids = jnp.repeat(batch.prompt_ids, k, axis=0)
+  prompt_mask = jnp.repeat(batch.prompt_mask, k, axis=0)
+  ids, mask = concat_prompt_response(
+    prompt_ids,
+    prompt_mask,
+    batch.response_ids.reshape(size * k, resp_len),
+    batch.response_mask.reshape(size * k, resp_len),
+  )
+  rewards = models.reward_forward(params, ids, mask, config=model_config)
+  rewards = rewards.reshape(size, k)
+  best = jnp.argmin(batch.ranks, axis=-1).astype(jnp.int32)
+  chosen = jnp.take_along_axis(rewards, best[:, None], axis=-1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(best, k, dtype=bool), -jnp.inf, rewards)
+  rejected = jnp.max(others, axis=-1)
+  return chosen, rejected, rewards, best
+
+
+# --------------------------------------------------------------------- DPO
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+  """Direct preference optimisation and its variants.
+
+  Attributes:
+    loss_type: "sigmoid" (DPO, Rafailov et al. 2023), "hinge" (SLiC), "ipo"
+      (Azar et al. 2023; length-normalised logprobs). cDPO is "sigmoid"
+      with label_smoothing > 0 (Mitchell 2023).
+    beta: inverse temperature of the implicit reward.
+    label_smoothing: cDPO label-noise probability.
+    precomputed_ref: take reference logprobs from the batch instead of
+      running the reference model.
+    num_micro_batches: gradient accumulation steps.
+    axis_name: pmap axis name, None under jit.
+  """
+
+  loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+  beta: float = 0.1
+  label_smoothing: float = 0.0
+  precomputed_ref: bool = False
+  num_micro_batches: int = 1
+  axis_name: str | None = None
+
+
+def preference_logprobs(
+  params,
+  batch: PreferenceBatch,
+  *,
+  model_config: "models.ModelConfig",
+  average: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Sequence logprobs of chosen and rejected responses (sum or mean).
+
+  Returns:
+    (chosen f32[B], rejected f32[B]); per-token means when ``average``.
+  """
+  ids_c, mask_c = concat_prompt_response(
+    batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
+  )
+  ids_r, mask_r = concat_prompt_response(
+    batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask
+  )
+  ids = jnp.concatenate([ids_c, ids_r], axis=0)
+  attn = jnp.concatenate([mask_c, mask_r], axis=0)
+  resp_mask = jnp.concatenate(
+    [batch.chosen_mask, batch.rejected_mask], axis=0
+  ).astype(bool)
+  logits = models.forward(params, ids, attn, config=model_config)
+  logp = response_logprobs(
+    logits,
+    ids,
+    prompt_length=batch.prompt_ids.shape[1],
+    response_mask=resp_mask,
+  )
+  seq = sequence_logprobs(logp, resp_mask, average=average)
+  size = batch.prompt_ids.shape[0]
+  return seq[:size], seq[size:]
+
+
+def make_dpo_step(
+  model_config: "models.ModelConfig",
+  optimizer: optax.GradientTransformation,
+  config: DPOConfig = DPOConfig(),
+) -> Callable:
+  """DPO/cDPO/IPO/hinge step.
+
+  Returns:
+    step(state, PreferenceBatch, ref_params=None) -> (state, metrics) with
+    TRL's names: dpo/loss, rewards/chosen, rewards/rejected,
+    rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+    ``ref_params`` (frozen reference, never donated) is required unless
+    ``config.precomputed_ref``.
+  """
+  axis = config.axis_name
+  average = config.loss_type == "ipo"
+
+  def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
+    total = _global_count(batch.prompt_ids.shape[0], axis)
+    if config.precomputed_ref:
+      if batch.ref_chosen_logprobs is None:
+        raise ValueError(
+          "DPOConfig.precomputed_ref=True needs batch.ref_chosen_logprobs "
+          "and batch.ref_rejected_logprobs"
+        )
+    else:
+      if ref_params is None:
+        raise ValueError("make_dpo_step: pass ref_params (or precompute)")
+      ref_c, ref_r = preference_logprobs(
+        ref_params, batch, model_config=model_config, average=average
+      )
+      batch = batch.replace(
+        ref_chosen_logprobs=jax.lax.stop_gradient(ref_c),
+        ref_rejected_logprobs=jax.lax.stop_gradient(ref_r),
+      )
+
+    def loss_fn(params, mb: PreferenceBatch):
+      share = mb.prompt_ids.shape[0] / total
+      pc, pr = preference_logprobs(
+        params, mb, model_config=model_config, average=average
+      )
+      rc, rr = mb.ref_chosen_logprobs, mb.ref_rejected_logprobs
+      if config.loss_type == "ipo":
+        loss, _ = ipo_loss(pc, pr, rc, rr, beta=config.beta)
+      else:
+        loss, _ = dpo_loss(
+          pc,
+          pr,
+          rc,
+          rr,
+          beta=config.beta,
+          label_smoothing=config.label_smoothing,
+          loss_type=config.loss_type,
+        )
+      chosen_rewards = config.beta * jax.lax.stop_gradient(pc - rc)
+      rejected_rewards = config.beta * jax.lax.stop_gradient(pr - rr)
+      metrics = {
+        "rewards/chosen": jnp.sum(chosen_rewards) / total,
+        "rewards/rejected": jnp.sum(rejected_rewards) / total,
+        "rewards/accuracies": jnp.sum(chosen_rewards > rejected_rewards)
+        / total,
+        "rewards/margins": jnp.sum(chosen_rewards - rejected_rewards) / total,
+        "logps/chosen": jnp.sum(jax.lax.stop_gradient(pc)) / total,
+        "logps/rejected": jnp.sum(jax.lax.stop_gradient(pr)) / total,
+      }
+      return loss * share, metrics
+
+    loss, metrics, grads = accumulate_gradients(
+      loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
+    )
+    return _finish_step(state, optimizer, loss, metrics, grads, axis, "dpo")
+
+  return step

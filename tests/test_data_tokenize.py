@@ -1,0 +1,261 @@
+"""Tokenization, truncation and static-shape arrays (rlhf_jax.data)."""
+
+import pathlib
+import types
+
+import numpy as np
+import pytest
+import tokenizers
+
+from rlhf_jax.data import (
+  DataError,
+  HFTokenizerAdapter,
+  PreferencePair,
+  PromptExample,
+  Tokenizer,
+  UnpairedBatch,
+  load_examples,
+  tokenize_preferences,
+  tokenize_prompts,
+  tokenize_ranked,
+  tokenize_sft,
+  tokenize_unpaired,
+)
+from rlhf_jax.types import PreferenceBatch, PromptBatch, RankedBatch, SFTBatch
+
+FIX = pathlib.Path(__file__).parent / "fixtures" / "data"
+GPT2 = (
+  pathlib.Path(__file__).resolve().parents[2] / "shared/data/tokenizers/gpt2"
+)
+
+# GPT-2 ids (README check: "Hello world" -> [15496, 995]; " Hello" -> 18435).
+HELLO, WORLD, SP_HELLO, EOT = 15496, 995, 18435, 50256
+# TinyStories: "Once upon a time" -> [80, 147, 201, 282, 57]; bos 1, eos 2,
+# pad 0.
+ONCE = [80, 147, 201, 282, 57]
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+  return HFTokenizerAdapter.from_file(
+    GPT2 / "tokenizer.json", eos_token="<|endoftext|>"
+  )
+
+
+@pytest.fixture(scope="module")
+def tiny(tinystories_dir):
+  return HFTokenizerAdapter.from_file(
+    tinystories_dir / "tokenizer.json",
+    bos_token="<|start_story|>",
+    eos_token="<|end_story|>",
+    pad_token="<unk>",
+  )
+
+
+def pair(prompt, chosen, rejected, where="t.jsonl:1"):
+  return PreferencePair(prompt, chosen, rejected, "t.jsonl", 0, where)
+
+
+def test_adapter_ids_and_no_special_tokens(gpt2, tiny):
+  assert isinstance(gpt2, Tokenizer) and isinstance(tiny, Tokenizer)
+  assert (gpt2.bos_id, gpt2.eos_id, gpt2.pad_id) == (None, EOT, EOT)
+  assert (tiny.bos_id, tiny.eos_id, tiny.pad_id) == (1, 2, 0)
+  assert gpt2.encode("Hello world") == [HELLO, WORLD]
+  # The TinyStories post-processor adds BOS by itself; encode must not (a
+  # plain tokenizer.encode gives [1, 80, ...]).
+  assert tiny.encode("Once upon a time") == ONCE
+  assert tiny.encode_batch(["Once upon a time"]) == [ONCE]
+
+
+def test_adapter_turns_off_configured_truncation():
+  tok = tokenizers.Tokenizer.from_file(str(GPT2 / "tokenizer.json"))
+  tok.enable_truncation(2)
+  ad = HFTokenizerAdapter(tok, eos_id=EOT)
+  assert ad.encode("Hello world Hello world") == [HELLO, WORLD, SP_HELLO, WORLD]
+  assert tok.truncation is not None  # The caller's object is left alone.
+
+
+def test_preference_padding_and_truncation_values(gpt2):
+  ex = [
+    # Prompt [15496, 995, 18435, 995] (4 tokens); P = 3 keeps the LAST 3.
+    pair("Hello world Hello world", " Hello", " Hello world Hello world"),
+    pair("Hello", " Hello world", " Hello"),
+  ]
+  ds = tokenize_preferences(
+    ex, gpt2, max_prompt_length=3, max_response_length=3
+  )
+  a = ds.arrays
+  # Left truncation keeps [995, 18435, 995]; cutting from the right (the
+  # bug) would give [15496, 995, 18435]. Row 1 is left-padded with pad=EOT.
+  np.testing.assert_array_equal(
+    a["prompt_ids"], [[WORLD, SP_HELLO, WORLD], [EOT, EOT, HELLO]]
+  )
+  np.testing.assert_array_equal(a["prompt_mask"], [[1, 1, 1], [0, 0, 1]])
+  # chosen: " Hello" + EOS = 2 tokens, right-padded; " Hello world" + EOS = 3
+  # tokens fits exactly (not truncated).
+  np.testing.assert_array_equal(
+    a["chosen_ids"], [[SP_HELLO, EOT, EOT], [SP_HELLO, WORLD, EOT]]
+  )
+  np.testing.assert_array_equal(a["chosen_mask"], [[1, 1, 0], [1, 1, 1]])
+  # rejected row 0: [18435, 995, 18435, 995, EOT] keeps the FIRST 3 (no
+  # EOS: the row reads as truncated); keeping the last 3 would end in EOT.
+  np.testing.assert_array_equal(
+    a["rejected_ids"], [[SP_HELLO, WORLD, SP_HELLO], [SP_HELLO, EOT, EOT]]
+  )
+  np.testing.assert_array_equal(a["rejected_mask"], [[1, 1, 1], [1, 1, 0]])
+  assert ds.truncation.truncated == {"prompt": 1, "chosen": 0, "rejected": 1}
+  assert a["prompt_ids"].dtype == np.int32 and a["prompt_mask"].dtype == bool
+  batch = ds.take(np.array([1, 0]))
+  assert isinstance(batch, PreferenceBatch)
+  np.testing.assert_array_equal(batch.chosen_ids, a["chosen_ids"][::-1])
+
+
+def test_response_of_exactly_T_tokens_loses_eos(gpt2):
+  # " Hello world" = 2 tokens + EOS = 3 > T = 2: truncated, EOS dropped.
+  ds = tokenize_preferences(
+    [pair("Hello", " Hello world", " Hello")],
+    gpt2,
+    max_prompt_length=2,
+    max_response_length=2,
+  )
+  np.testing.assert_array_equal(ds.arrays["chosen_ids"], [[SP_HELLO, WORLD]])
+  np.testing.assert_array_equal(ds.arrays["rejected_ids"], [[SP_HELLO, EOT]])
+  assert ds.truncation.truncated == {"prompt": 0, "chosen": 1, "rejected": 0}
+
+
+def test_bos_is_kept_when_prompt_is_cut(tiny):
+  ds = tokenize_prompts(["Once upon a time"], tiny, max_prompt_length=4)
+  # BOS + last 3 of [80, 147, 201, 282, 57]; dropping BOS instead (a bug)
+  # would give [147, 201, 282, 57].
+  np.testing.assert_array_equal(ds.arrays["prompt_ids"], [[1, 201, 282, 57]])
+  ds = tokenize_prompts(
+    [PromptExample("Once upon a time")], tiny, max_prompt_length=8
+  )
+  np.testing.assert_array_equal(
+    ds.arrays["prompt_ids"], [[0, 0, 1, 80, 147, 201, 282, 57]]
+  )
+  np.testing.assert_array_equal(
+    ds.arrays["prompt_mask"], [[0, 0, 1, 1, 1, 1, 1, 1]]
+  )
+  assert ds.truncation.truncated == {"prompt": 0}
+  assert isinstance(ds.take(np.array([0])), PromptBatch)
+  ds = tokenize_prompts(["Once"], tiny, max_prompt_length=4, add_bos=False)
+  np.testing.assert_array_equal(ds.arrays["prompt_ids"], [[0, 80, 147, 682]])
+
+
+def test_prompt_too_long_without_truncation(tiny):
+  ex = [PromptExample("Once upon a time", where="p.jsonl:5")]
+  with pytest.raises(DataError) as e:
+    tokenize_prompts(ex, tiny, max_prompt_length=4, truncate_prompts=False)
+  # 1 BOS + 5 tokens = 6 > 4.
+  assert str(e.value) == (
+    "p.jsonl:5: prompt has 6 tokens, longer than max_prompt_length=4 "
+    "(set truncate_prompts=True to keep its last 4 tokens)"
+  )
+
+
+def test_empty_response_without_eos_is_an_error(gpt2):
+  with pytest.raises(DataError) as e:
+    tokenize_preferences(
+      [pair("Hello", "", " Hello", where="x.jsonl:9")],
+      gpt2,
+      max_prompt_length=4,
+      max_response_length=4,
+      append_eos=False,
+    )
+  assert str(e.value) == (
+    "x.jsonl:9: field 'chosen' tokenizes to 0 tokens (set append_eos=True to "
+    "give an empty response its EOS)"
+  )
+
+
+def test_append_eos_false(gpt2):
+  ds = tokenize_preferences(
+    [pair("Hello", " Hello", " Hello world")],
+    gpt2,
+    max_prompt_length=1,
+    max_response_length=3,
+    append_eos=False,
+  )
+  np.testing.assert_array_equal(ds.arrays["chosen_mask"], [[1, 0, 0]])
+  np.testing.assert_array_equal(ds.arrays["rejected_mask"], [[1, 1, 0]])
+
+
+def test_ranked_and_unpaired_from_fixtures(tiny):
+  ex = load_examples(str(FIX / "ranked.jsonl")).examples
+  ds = tokenize_ranked(ex, tiny, max_prompt_length=8, max_response_length=6)
+  a = ds.arrays
+  assert a["response_ids"].shape == (2, 3, 6)
+  np.testing.assert_array_equal(a["ranks"], [[1, 0, 1], [1, 2, 0]])
+  # Row 1, response 2 is " fig" = [80, 80, 275, 59] (Metaspace writes the
+  # leading space as an extra "\u2581") + EOS 2, right-padded with 0.
+  assert tiny.encode(" fig") == [80, 80, 275, 59]
+  np.testing.assert_array_equal(
+    a["response_ids"][1, 2], [80, 80, 275, 59, 2, 0]
+  )
+  np.testing.assert_array_equal(a["response_mask"][1, 2], [1, 1, 1, 1, 1, 0])
+  # Row-major [N, K, T]: response 1 of row 0 is " 2", not row 1's " pear".
+  n2 = tiny.encode(" 2") + [2]
+  np.testing.assert_array_equal(a["response_ids"][0, 1, : len(n2)], n2)
+  b = ds.take(np.array([1, -1]))
+  assert isinstance(b, RankedBatch)
+  np.testing.assert_array_equal(b.ranks, [[1, 2, 0], [0, 1, 2]])
+  assert not b.response_mask[1].any() and not b.prompt_mask[1].any()
+
+  ex = load_examples(str(FIX / "unpaired.jsonl")).examples
+  ds = tokenize_unpaired(ex, tiny, max_prompt_length=8, max_response_length=4)
+  # " there was a happy dog." = 6 tokens + EOS -> first 4 kept.
+  np.testing.assert_array_equal(
+    ds.arrays["response_ids"][0], [80, 80, 286, 385]
+  )
+  np.testing.assert_array_equal(ds.arrays["labels"], [True, False])
+  assert ds.truncation.truncated == {"prompt": 0, "completion": 2}
+  assert isinstance(ds.take(np.array([0])), UnpairedBatch)
+
+
+def test_padding_row_and_subset(gpt2):
+  ex = [
+    pair("Hello", " Hello", " Hello world"),
+    pair("Hello world", " a", " b"),
+  ]
+  ds = tokenize_preferences(
+    ex, gpt2, max_prompt_length=2, max_response_length=3
+  )
+  b = ds.take(np.array([-1, 1]))
+  np.testing.assert_array_equal(b.prompt_ids[0], [EOT, EOT])
+  assert not b.prompt_mask[0].any() and not b.chosen_mask[0].any()
+  np.testing.assert_array_equal(b.prompt_ids[1], [HELLO, WORLD])
+  sub = ds.subset(np.array([1]))
+  assert len(sub) == 1
+  np.testing.assert_array_equal(sub.arrays["prompt_ids"], [[HELLO, WORLD]])
+
+
+def test_sft_from_preference_pairs(gpt2):
+  ds = tokenize_sft(
+    [pair("Hello world", " Hello", " Hello world")],
+    gpt2,
+    max_prompt_length=3,
+    max_response_length=3,
+  )
+  b = ds.take(np.array([0]))
+  assert isinstance(b, SFTBatch)
+  np.testing.assert_array_equal(b.prompt_ids, [[EOT, HELLO, WORLD]])
+  # The chosen response " Hello" + EOS, not the rejected one.
+  np.testing.assert_array_equal(b.response_ids, [[SP_HELLO, EOT, EOT]])
+  np.testing.assert_array_equal(b.response_mask, [[1, 1, 0]])
+
+
+def test_wrap_a_tokenizer_wrapper(tinystories_dir):
+  # Any object with .tokenizer and *_token_id attributes (the shape of
+  # rlhf_jax.models.load_tokenizer's result) is adapted.
+  inner = tokenizers.Tokenizer.from_file(
+    str(tinystories_dir / "tokenizer.json")
+  )
+  wrapper = types.SimpleNamespace(
+    tokenizer=inner, bos_token_id=1, eos_token_id=2, pad_token_id=0
+  )
+  ad = HFTokenizerAdapter.wrap(wrapper)
+  assert (ad.bos_id, ad.eos_id, ad.pad_id) == (1, 2, 0)
+  assert ad.encode("Once upon a time") == ONCE
+  with pytest.raises(TypeError, match="holds no tokenizers.Tokenizer"):
+    HFTokenizerAdapter.wrap(object())

@@ -1,0 +1,252 @@
+"""rollout.generate: zero sampler/trainer mismatch, EOS, greedy, top-k/p."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.logprobs import response_logprobs
+from rlhf_jax.rollout import generate, top_k_filter, top_p_filter
+from rlhf_jax.rollout.generate import response_mask_from_ids
+
+CFG = models.ModelConfig(
+  model_type="llama",
+  vocab_size=64,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  intermediate_size=64,
+  max_position_embeddings=128,
+)
+PAD = 0
+NEVER = CFG.vocab_size  # an id the model can never sample: no EOS
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = models.init_params(CFG, jax.random.key(0))
+  # Sharper logits than the 0.02 init so sampling is not uniform.
+  return jax.tree.map(lambda x: x * 8.0 if x.ndim >= 2 else x, p)
+
+
+def _prompts():
+  """Left-padded prompts of mixed lengths 5, 3, 1, 6 (P = 6)."""
+  rng = np.random.default_rng(0)
+  lengths = [5, 3, 1, 6]
+  ids = np.zeros((4, 6), np.int32)
+  mask = np.zeros((4, 6), bool)
+  for b, n in enumerate(lengths):
+    ids[b, 6 - n :] = rng.integers(3, CFG.vocab_size, n)
+    mask[b, 6 - n :] = True
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _teacher_forced(params, rollout, temperature):
+  ids = jnp.concatenate([rollout.prompt_ids, rollout.response_ids], 1)
+  mask = jnp.concatenate([rollout.prompt_mask, rollout.response_mask], 1)
+  logits = models.forward(params, ids, mask, config=CFG)
+  return response_logprobs(
+    logits,
+    ids,
+    prompt_length=rollout.prompt_ids.shape[1],
+    temperature=temperature,
+    response_mask=rollout.response_mask,
+  )
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_zero_mismatch_with_training_logprobs(params, temperature):
+  ids, mask = _prompts()
+  ro = generate(
+    params,
+    ids,
+    mask,
+    jax.random.key(1),
+    config=CFG,
+    max_new_tokens=12,
+    temperature=temperature,
+    eos_token_id=5,
+    pad_token_id=PAD,
+  )
+  trained = _teacher_forced(params, ro, temperature)
+  np.testing.assert_allclose(ro.logprobs, trained, atol=1e-5, rtol=0)
+  assert np.all(np.asarray(ro.logprobs)[~np.asarray(ro.response_mask)] == 0)
+  # Something was actually sampled and scored.
+  assert float(jnp.sum(ro.response_mask)) > 8
+  assert float(jnp.min(jnp.where(ro.response_mask, ro.logprobs, 0))) < -0.01
+
+
+def test_greedy_equals_argmax_of_full_forward(params):
+  ids, mask = _prompts()
+  ro = generate(
+    params,
+    ids,
+    mask,
+    jax.random.key(0),
+    config=CFG,
+    max_new_tokens=10,
+    greedy=True,
+    eos_token_id=NEVER,
+    pad_token_id=PAD,
+  )
+  full_ids = jnp.concatenate([ids, ro.response_ids], 1)
+  full_mask = jnp.concatenate([mask, ro.response_mask], 1)
+  logits = models.forward(params, full_ids, full_mask, config=CFG)
+  argmax = jnp.argmax(logits[:, 5:-1], axis=-1)
+  np.testing.assert_array_equal(ro.response_ids, argmax)
+  assert bool(jnp.all(ro.truncated)) and bool(jnp.all(ro.response_mask))
+
+
+def test_fixed_key_reproduces_and_topk1_equals_greedy(params):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=10, eos_token_id=5, pad_token_id=PAD)
+  a = generate(params, ids, mask, jax.random.key(3), **kw)
+  b = generate(params, ids, mask, jax.random.key(3), **kw)
+  c = generate(params, ids, mask, jax.random.key(4), **kw)
+  np.testing.assert_array_equal(a.response_ids, b.response_ids)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  assert not np.array_equal(a.response_ids, c.response_ids)
+  greedy = generate(params, ids, mask, jax.random.key(0), greedy=True, **kw)
+  top1 = generate(params, ids, mask, jax.random.key(9), top_k=1, **kw)
+  np.testing.assert_array_equal(greedy.response_ids, top1.response_ids)
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+  # probs 0.5, 0.3, 0.15, 0.05: p = 0.8 keeps {0.5, 0.3} (mass 0.8 reached
+  # with two tokens); p = 0.81 needs the third. A "mass after < p" bug
+  # keeps only the first token at p = 0.8.
+  probs = jnp.array([[0.15, 0.5, 0.05, 0.3]])
+  logits = jnp.log(probs)
+  kept = lambda p: np.isfinite(np.asarray(top_p_filter(logits, p)))[0]
+  np.testing.assert_array_equal(kept(0.8), [False, True, False, True])
+  np.testing.assert_array_equal(kept(0.81), [True, True, False, True])
+  np.testing.assert_array_equal(kept(0.4), [False, True, False, False])
+  np.testing.assert_array_equal(kept(1.0), [True, True, True, True])
+  np.testing.assert_array_equal(
+    np.isfinite(np.asarray(top_k_filter(logits, 2)))[0],
+    [False, True, False, True],
+  )
+
+
+def test_top_k_sampling_stays_in_top_k(params):
+  ids, mask = _prompts()
+  ro = generate(
+    params,
+    ids,
+    mask,
+    jax.random.key(5),
+    config=CFG,
+    max_new_tokens=8,
+    top_k=3,
+    temperature=2.0,
+    eos_token_id=NEVER,
+    pad_token_id=PAD,
+  )
+  full_ids = jnp.concatenate([ids, ro.response_ids], 1)
+  full_mask = jnp.concatenate([mask, ro.response_mask], 1)
+  logits = models.forward(params, full_ids, full_mask, config=CFG)[:, 5:-1]
+  top3 = jax.lax.top_k(logits, 3)[1]
+  assert bool(jnp.all(jnp.any(top3 == ro.response_ids[..., None], -1)))
+  # The logprob is of the temperature-scaled, untruncated distribution.
+  ref = jnp.take_along_axis(
+    jax.nn.log_softmax(logits / 2.0), ro.response_ids[..., None], -1
+  )[..., 0]
+  np.testing.assert_allclose(ro.logprobs, ref, atol=1e-5)
+
+
+def test_response_mask_through_first_eos():
+  ids = jnp.array([[4, 2, 7, 2], [4, 5, 6, 7], [2, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    response_mask_from_ids(ids, eos_token_id=2),
+    [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]],
+  )
+
+
+def _zero_head(params):
+  """All logits exactly 0: greedy argmax then always picks token 0."""
+  p = dict(params)
+  assert "lm_head" in p, "test config is untied"
+  p["lm_head"] = jnp.zeros_like(p["lm_head"])
+  return p
+
+
+def test_eos_pad_mask_truncation_and_early_stop(params):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=16, pad_token_id=PAD, greedy=True)
+  free, steps_free = generate(
+    params,
+    ids,
+    mask,
+    jax.random.key(0),
+    eos_token_id=NEVER,
+    return_num_steps=True,
+    **kw,
+  )
+  assert int(steps_free) == 16
+  # With all-zero logits greedy emits token 0 = EOS at once in every row
+  # (pad 1 here, so pad and EOS differ).
+  ro, steps = generate(
+    _zero_head(params),
+    ids,
+    mask,
+    jax.random.key(0),
+    eos_token_id=0,
+    return_num_steps=True,
+    **{**kw, "pad_token_id": 1},
+  )
+  assert int(steps) == 1  # the loop left after one decode step
+  np.testing.assert_array_equal(ro.response_ids[:, 0], 0)
+  np.testing.assert_array_equal(ro.response_ids[:, 1:], 1)
+  np.testing.assert_array_equal(ro.response_lengths, 1)
+  assert not bool(jnp.any(ro.truncated))
+  # Pick the EOS as a token row 0 emits at step 3 in the free run: row 0
+  # stops there, other rows go on; no token after the first EOS survives.
+  eos0 = int(free.response_ids[0, 3])
+  first = int(np.argmax(np.asarray(free.response_ids[0]) == eos0))
+  ro2 = generate(params, ids, mask, jax.random.key(0), eos_token_id=eos0, **kw)
+  r0 = np.asarray(ro2.response_ids[0])
+  np.testing.assert_array_equal(
+    r0[: first + 1], free.response_ids[0, : first + 1]
+  )
+  assert np.all(r0[first + 1 :] == PAD)
+  assert int(ro2.response_lengths[0]) == first + 1
+  assert not bool(ro2.truncated[0])
+  for b in range(4):
+    row = np.asarray(free.response_ids[b])
+    if eos0 not in row:
+      assert bool(ro2.truncated[b]) and bool(jnp.all(ro2.response_mask[b]))
+
+
+def test_vmap_over_keys_groups_samples(params):
+  ids, mask = _prompts()
+  keys = jax.random.split(jax.random.key(11), 3)
+  kw = dict(config=CFG, max_new_tokens=6, eos_token_id=5, pad_token_id=PAD)
+  batched = jax.vmap(lambda k: generate(params, ids, mask, k, **kw))(keys)
+  for g in range(3):
+    single = generate(params, ids, mask, keys[g], **kw)
+    np.testing.assert_array_equal(batched.response_ids[g], single.response_ids)
+    np.testing.assert_allclose(batched.logprobs[g], single.logprobs, atol=1e-6)
+
+
+def test_row_keys_make_rows_independent_of_batch_split(params):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=6, eos_token_id=5, pad_token_id=PAD)
+  whole = generate(params, ids, mask, jax.random.key(2), **kw)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+    jax.random.key(2), jnp.arange(4, dtype=jnp.uint32)
+  )
+  half = generate(params, ids[2:], mask[2:], keys[2:], **kw)
+  np.testing.assert_array_equal(whole.response_ids[2:], half.response_ids)
+
+
+def test_same_shapes_compile_once_temperature_is_traced(params):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=5, eos_token_id=5, pad_token_id=PAD)
+  generate(params, ids, mask, jax.random.key(0), temperature=0.9, **kw)
+  before = generate._cache_size()
+  for t, seed in ((0.9, 1), (1.3, 2), (0.5, 3)):
+    generate(params, ids, mask, jax.random.key(seed), temperature=t, **kw)
+  assert generate._cache_size() == before
