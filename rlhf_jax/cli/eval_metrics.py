@@ -1,0 +1,63 @@
+"""Evaluation statistics for the run report: distinct-n and win rate."""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+  """Corpus distinct-n: unique n-grams / total n-grams over all texts.
+
+  Li et al. (2016), "A Diversity-Promoting Objective Function for Neural
+  Conversation Models", section 4.3 (distinct-1 / distinct-2). Tokens are
+  whitespace-separated words, case kept; n-grams never span two texts. A
+  policy collapsing onto one story drives it towards 1 / (number of texts).
+
+  Args:
+    texts: generated texts.
+    n: n-gram order, >= 1.
+
+  Returns:
+    A float in [0, 1]; 0.0 when no text has n words (no n-grams).
+
+  Raises:
+    ValueError: if n < 1.
+  """
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  grams = [
+    tuple(words[i : i + n])
+    for words in (t.split() for t in texts)
+    for i in range(len(words) - n + 1)
+  ]
+  return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def win_rate(scores_a: np.ndarray, scores_b: np.ndarray) -> float:
+  """Paired win rate of a over b; ties count half.
+
+  win_rate = mean_i( 1[a_i > b_i] + 0.5 * 1[a_i == b_i] ), so two identical
+  policies score 0.5 and win_rate(a, b) + win_rate(b, a) = 1. Used for the
+  gold win rate of a trained policy against the initial one on the same
+  held-out prompts (pair i = the two policies' continuations of prompt i).
+
+  Args:
+    scores_a: f[N] scores of a's texts.
+    scores_b: f[N] scores of b's texts, paired with scores_a by position.
+
+  Returns:
+    A float in [0, 1].
+
+  Raises:
+    ValueError: on shape mismatch, non-1-D or empty input, or NaN scores.
+  """
+  a = np.asarray(scores_a, np.float64)
+  b = np.asarray(scores_b, np.float64)
+  if a.ndim != 1 or a.shape != b.shape or a.size == 0:
+    raise ValueError(
+      f"win_rate needs two non-empty 1-D arrays of equal length, got "
+      f"{a.shape} and {b.shape}"
+    )
+  if np.isnan(a).any() or np.isnan(b).any():
+    raise ValueError("win_rate: scores contain NaN")
+  return float(np.mean((a > b) + 0.5 * (a == b)))
