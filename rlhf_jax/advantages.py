@@ -1,0 +1,217 @@
+"""Advantage estimators: GAE, discounted returns, RLOO and GRPO group baselines.
+
+Time convention (DESIGN.md convention 1): tensors are response-aligned
+[B, T]; ``rewards[:, t]`` is credited for emitting y_t and ``values[:, t]`` is
+V(s_t), the value of the state before y_t. The episode ends after the last
+valid token, so the value after it is 0 (no bootstrap).
+
+Masked slots are transparent: a reverse ``lax.scan`` carries the next VALID
+position's value and advantage across them, so tail padding and holes (masked
+slots between valid ones) are handled alike, and the rewards and values stored
+in masked slots (even NaN) are never read. Masked outputs hold 0. Whitening is
+NOT applied here: call ``masked_whiten`` on the result (convention 7).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _bool_mask(mask: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
+  mask = jnp.asarray(mask)
+  if mask.shape != tuple(shape):
+    raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
+  if jnp.issubdtype(mask.dtype, jnp.floating):
+    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
+  return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _check_bt(x: jax.Array, name: str) -> jax.Array:
+  x = _f32(x)
+  if x.ndim != 2:
+    raise ValueError(f"{name} must be [B, T], got shape {x.shape}")
+  return x
+
+
+def gae_advantages(
+  rewards: jax.Array,
+  values: jax.Array,
+  response_mask: jax.Array,
+  *,
+  gamma: float | jax.Array,
+  lam: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Generalized advantage estimation (Schulman et al. 2016, eq. 11-16).
+
+    delta_t = r_t + gamma V(s_{t'}) - V(s_t)
+    A_t     = delta_t + gamma lam A_{t'}
+    R_t     = A_t + V(s_t)   (the lambda-return, the value target)
+
+  where t' is the next valid position after t; after the last valid token
+  V = 0 and A = 0. Computed by a reverse ``lax.scan`` over T.
+
+  Args:
+    rewards: f32[B, T] per-token rewards (e.g. from kl_shaped_rewards).
+    values: f32[B, T] critic values V(s_t) stored at rollout time.
+    response_mask: bool[B, T] True = valid; tail padding and holes allowed.
+    gamma: discount in [0, 1] (Python float or traced f32[]).
+    lam: GAE lambda in [0, 1] (Python float or traced f32[]).
+
+  Returns:
+    (advantages f32[B, T], returns f32[B, T]); both 0 at masked slots.
+    Not whitened.
+
+  Raises:
+    ValueError: inputs not [B, T] or shapes differ.
+  """
+  rewards = _check_bt(rewards, "rewards")
+  values = _check_bt(values, "values")
+  if values.shape != rewards.shape:
+    raise ValueError(
+      f"values shape {values.shape} != rewards shape {rewards.shape}"
+    )
+  mask = _bool_mask(response_mask, rewards.shape, "response_mask")
+  # where BEFORE arithmetic: masked garbage (NaN, 1e9) never enters the scan.
+  rewards = jnp.where(mask, rewards, 0)
+  values = jnp.where(mask, values, 0)
+  gamma = jnp.asarray(gamma, jnp.float32)
+  lam = jnp.asarray(lam, jnp.float32)
+
+  def step(carry, xs):
+    next_value, next_adv = carry
+    r, v, m = xs
+    delta = r + gamma * next_value - v
+    adv = delta + gamma * lam * next_adv
+    # A masked slot passes the carry through unchanged (transparent).
+    carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
+    return carry, jnp.where(m, adv, 0)
+
+  zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+  _, adv_tb = jax.lax.scan(
+    step, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True
+  )
+  advantages = adv_tb.T
+  returns = jnp.where(mask, advantages + values, 0)
+  return advantages, returns
+
+
+def discounted_returns(
+  rewards: jax.Array,
+  response_mask: jax.Array,
+  *,
+  gamma: float | jax.Array,
+) -> jax.Array:
+  """Reward-to-go G_t = r_t + gamma G_{t'} (t' = next valid position).
+
+  G = 0 after the last valid token (Sutton & Barto 2018, eq. 3.9). With
+  gamma = 1 this is the plain sum of future rewards (REINFORCE).
+
+  Args:
+    rewards: f32[B, T] per-token rewards.
+    response_mask: bool[B, T] True = valid; tail padding and holes allowed.
+    gamma: discount in [0, 1] (Python float or traced f32[]).
+
+  Returns:
+    f32[B, T] returns, 0 at masked slots.
+
+  Raises:
+    ValueError: rewards not [B, T] or mask shape differs.
+  """
+  rewards = _check_bt(rewards, "rewards")
+  mask = _bool_mask(response_mask, rewards.shape, "response_mask")
+  rewards = jnp.where(mask, rewards, 0)
+  gamma = jnp.asarray(gamma, jnp.float32)
+
+  def step(next_ret, xs):
+    r, m = xs
+    ret = r + gamma * next_ret
+    return jnp.where(m, ret, next_ret), jnp.where(m, ret, 0)
+
+  zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+  _, ret_tb = jax.lax.scan(step, zeros, (rewards.T, mask.T), reverse=True)
+  return ret_tb.T
+
+
+def _grouped(scores: jax.Array, group_size: int, min_size: int) -> jax.Array:
+  scores = _f32(scores)
+  if scores.ndim != 1:
+    raise ValueError(f"scores must be [B], got shape {scores.shape}")
+  if not isinstance(group_size, int) or group_size < min_size:
+    raise ValueError(
+      f"group_size must be an int >= {min_size}, got {group_size!r}"
+    )
+  if scores.shape[0] % group_size:
+    raise ValueError(
+      f"batch size {scores.shape[0]} is not a multiple of group_size"
+      f" {group_size} (rows must be prompt * G + g)"
+    )
+  return scores.reshape(-1, group_size)
+
+
+def rloo_advantages(scores: jax.Array, *, group_size: int) -> jax.Array:
+  """REINFORCE leave-one-out advantages (Ahmadian et al. 2024, eq. 6).
+
+    A_i = s_i - 1/(G-1) sum_{j != i} s_j = G/(G-1) (s_i - mean_j s_j)
+
+  over the G samples of the same prompt (rows prompt * G + g).
+
+  Args:
+    scores: f32[B] sequence scores, B = num_prompts * G.
+    group_size: G >= 2 (static).
+
+  Returns:
+    f32[B] advantages (sequence level; broadcast over tokens as needed).
+
+  Raises:
+    ValueError: scores not 1-D, G < 2, or B not a multiple of G.
+  """
+  s = _grouped(scores, group_size, 2)
+  others = (jnp.sum(s, axis=1, keepdims=True) - s) / (group_size - 1)
+  return (s - others).reshape(-1)
+
+
+def grpo_advantages(
+  scores: jax.Array,
+  *,
+  group_size: int,
+  normalize_std: bool = True,
+  unbiased: bool = True,
+  eps: float = 1e-6,
+) -> jax.Array:
+  """Group-relative advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2).
+
+    A_i = (s_i - mean(s_group)) / (std(s_group) + eps)
+
+  over the G samples of the same prompt (rows prompt * G + g). With
+  ``normalize_std=False`` only the mean is removed (Liu et al. 2025,
+  "Dr. GRPO"). The std is Bessel-corrected by default (as torch.std in the
+  reference implementations; convention 7); a group of identical scores
+  gives advantages 0.
+
+  Args:
+    scores: f32[B] sequence scores, B = num_prompts * G.
+    group_size: G >= 1 (static); G = 1 gives all-zero advantages.
+    normalize_std: divide by the group std.
+    unbiased: Bessel-corrected std (n - 1); False divides by n.
+    eps: added to the std.
+
+  Returns:
+    f32[B] advantages.
+
+  Raises:
+    ValueError: scores not 1-D, G < 1, or B not a multiple of G.
+  """
+  s = _grouped(scores, group_size, 1)
+  centered = s - jnp.mean(s, axis=1, keepdims=True)
+  if normalize_std:
+    dof = max(group_size - 1, 1) if unbiased else group_size
+    var = jnp.sum(centered * centered, axis=1, keepdims=True) / dof
+    # Double where: sqrt'(0) = inf would give NaN gradients for equal scores.
+    pos = var > 0
+    std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1)), 0)
+    centered = centered / (std + eps)
+  return centered.reshape(-1)

@@ -1,0 +1,271 @@
+"""Save and restore whole train states with orbax-checkpoint.
+
+A checkpoint at step s is a directory ``<root>/<s>/`` holding two items:
+
+  state/     the train state pytree (params, optax states, step, typed PRNG
+             keys, KL controller and reward-statistics NamedTuples, ...),
+             written by orbax's StandardSave: each array as tensorstore
+             shards, so every process writes only its own shards;
+  metadata/  one JSON dict (data iterator position, resolved config,
+             metrics, anything JSON-serialisable).
+
+Atomicity: orbax writes a checkpoint into a temporary directory and renames
+it to ``<s>`` only after every file (and, multi-host, every process) is
+done; steps are listed from finalised directories only, so an interrupted
+save (crash, SIGKILL, pre-emption) is never reported by ``latest_step`` and
+its temporary directory is removed when the next manager opens the root.
+
+Restore onto any mesh: ``restore`` takes an abstract state
+(``jax.ShapeDtypeStruct`` leaves carrying the target ``NamedSharding``, e.g.
+from ``rlhf_jax.parallel.abstract_with_shardings``) and reads each array
+straight into its shards there, so a checkpoint written on 8 devices
+restores onto 4, or onto one.
+"""
+
+import json
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import (
+  AnyPreservationPolicy,
+  BestN,
+  LatestN,
+)
+
+PyTree = Any
+_STATE, _META = "state", "metadata"
+
+
+def _to_python(x: Any) -> Any:
+  """JSON fallback: numpy / jax scalars and arrays to Python values."""
+  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  if isinstance(x, pathlib.PurePath):
+    return str(x)
+  raise TypeError(f"metadata value {x!r} of type {type(x)} is not JSON")
+
+
+def _jsonable(obj: Mapping[str, Any] | None) -> dict[str, Any]:
+  return json.loads(json.dumps(dict(obj or {}), default=_to_python))
+
+
+def abstract_like(state: PyTree) -> PyTree:
+  """Abstract copy of a live state: ShapeDtypeStructs with its shardings."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    state,
+  )
+
+
+def _with_default_sharding(abstract_state: PyTree) -> PyTree:
+  """Leaves without a sharding restore onto the first local device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def fill(x: Any) -> Any:
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if x.sharding is None:
+      if jax.process_count() > 1:
+        raise ValueError(
+          "multi-process restore needs a sharding on every abstract leaf"
+        )
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+    return x
+
+  return jax.tree.map(fill, abstract_state)
+
+
+class CheckpointManager:
+  """Keeps numbered checkpoints of a train state plus JSON metadata.
+
+  Retention: ``max_to_keep`` keeps the N most recent steps; ``best_fn``
+  (or the shortcut ``best_metric``) with ``best_mode`` also keeps the
+  ``keep_best`` best steps by the metrics given to ``save``. A step kept by
+  either rule survives; with a best rule and no ``max_to_keep`` the latest
+  step is still always kept (resume needs it). Neither: keep everything.
+
+  Saving is asynchronous by default: ``save`` starts a device-to-host copy
+  and a background write, then returns. The state may be donated to the
+  next step at once: while the copy still holds the buffers, jax copies
+  instead of donating (measured on CPU), so the saved values are always
+  those at save time. Call ``wait_until_finished`` (or ``close``, or leave
+  the ``with`` block) before the process exits.
+
+  Usage:
+    with CheckpointManager(path, max_to_keep=3) as ckpt:
+      ckpt.save(step, state, metadata={"data": it.position(), "config": cfg})
+      ...
+      state, meta = ckpt.restore(abstract_state=abstract)  # latest
+
+  Args:
+    directory: root directory (created if missing).
+    max_to_keep: keep the last N steps (None: no recency limit).
+    keep_best: number of best steps kept when a best rule is given.
+    best_fn: ``metrics dict -> float`` ranking steps.
+    best_metric: name of a metric to rank by (``best_fn = m[name]``).
+    best_mode: 'max' or 'min': which end of the ranking is best.
+    async_save: write in the background.
+    save_interval_steps: ``save`` skips steps not divisible by this unless
+      ``force=True``.
+
+  Raises:
+    ValueError: both best_fn and best_metric, a bad best_mode, or
+      max_to_keep / keep_best < 1.
+  """
+
+  def __init__(
+    self,
+    directory: str | pathlib.Path,
+    *,
+    max_to_keep: int | None = None,
+    keep_best: int = 1,
+    best_fn: Callable[[Mapping[str, float]], float] | None = None,
+    best_metric: str | None = None,
+    best_mode: Literal["max", "min"] = "max",
+    async_save: bool = True,
+    save_interval_steps: int = 1,
+  ):
+    if best_fn is not None and best_metric is not None:
+      raise ValueError("give best_fn or best_metric, not both")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    if keep_best < 1:
+      raise ValueError(f"keep_best must be >= 1, got {keep_best}")
+    if best_metric is not None:
+      name = best_metric
+      best_fn = lambda metrics: float(metrics[name])
+    self.directory = pathlib.Path(directory).absolute()
+    policies = []
+    if max_to_keep is not None or best_fn is not None:
+      policies.append(LatestN(n=max_to_keep or 1))
+    if best_fn is not None:
+      # BestN keeps the last n after an ascending sort: reverse for 'min'.
+      policies.append(
+        BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best)
+      )
+    options = ocp.CheckpointManagerOptions(
+      save_interval_steps=save_interval_steps,
+      preservation_policy=AnyPreservationPolicy(policies) if policies else None,
+      best_fn=best_fn,
+      best_mode=best_mode,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=(_STATE, _META)
+    )
+
+  def save(
+    self,
+    step: int,
+    state: PyTree,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    force: bool = False,
+  ) -> bool:
+    """Starts saving ``state`` and ``metadata`` as checkpoint ``step``.
+
+    Args:
+      step: the step number (directory name).
+      state: pytree of jax arrays (sharded or not; typed PRNG keys allowed).
+      metadata: JSON-serialisable dict (numpy/jax scalars are converted).
+      metrics: scalar metrics for best-by-metric retention.
+      force: save even off the save interval.
+
+    Returns:
+      True if a save was started.
+    """
+    args = ocp.args.Composite(
+      **{
+        _STATE: ocp.args.StandardSave(state),
+        _META: ocp.args.JsonSave(_jsonable(metadata)),
+      }
+    )
+    metrics = None if metrics is None else _jsonable(metrics)
+    return self._manager.save(
+      int(step), args=args, metrics=metrics, force=force
+    )
+
+  def restore(
+    self, step: int | None = None, *, abstract_state: PyTree
+  ) -> tuple[PyTree, dict[str, Any]]:
+    """Restores checkpoint ``step`` (default: the latest) into a template.
+
+    Args:
+      step: which step; None = ``latest_step()``.
+      abstract_state: pytree with the state's structure whose leaves carry
+        shape, dtype and the target sharding (``jax.ShapeDtypeStruct`` from
+        ``jax.eval_shape`` plus shardings, or live arrays). Leaves without a
+        sharding go to the first local device (single process only).
+
+    Returns:
+      (state, metadata): the state with each array in its target sharding,
+      and the metadata dict.
+
+    Raises:
+      FileNotFoundError: no checkpoint (at that step) in the directory.
+    """
+    step = self._resolve(step)
+    args = ocp.args.Composite(
+      **{
+        _STATE: ocp.args.StandardRestore(
+          _with_default_sharding(abstract_state)
+        ),
+        _META: ocp.args.JsonRestore(),
+      }
+    )
+    out = self._manager.restore(step, args=args)
+    return out[_STATE], dict(out[_META] or {})
+
+  def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
+    """Reads only the JSON metadata of ``step`` (default: latest)."""
+    step = self._resolve(step)
+    args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+    return dict(self._manager.restore(step, args=args)[_META] or {})
+
+  def _resolve(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      return steps[-1]
+    if int(step) not in steps:
+      raise FileNotFoundError(
+        f"no checkpoint for step {step} in {self.directory}; have {steps}"
+      )
+    return int(step)
+
+  def latest_step(self) -> int | None:
+    """The newest finalised step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Finalised steps, ascending (interrupted saves never appear)."""
+    return sorted(int(s) for s in self._manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The best kept step by the best rule (None without one)."""
+    return self._manager.best_step()
+
+  def wait_until_finished(self) -> None:
+    """Blocks until a pending asynchronous save is finalised."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "CheckpointManager":
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()

@@ -1,0 +1,321 @@
+"""Token logprobs and entropies from logits, response-aligned.
+
+Alignment (DESIGN.md convention 1): for a full sequence of length L = P + T
+(prompt of length P, response of length T), the logits at position i predict
+token i + 1, so response token y_t = input_ids[:, P + t] is scored by the
+logits row P + t - 1:
+
+  logprobs[:, t] = log_softmax(logits[:, P + t - 1] / tau)[input_ids[:, P + t]]
+
+The last logits row (position L - 1) is never used. The temperature tau is
+the sampling temperature (convention 4), so logprobs recomputed on the
+sampling parameters equal the sampler's and the first PPO ratio is exactly 1.
+
+All outputs are f32 (bf16 inputs are promoted). Masked slots hold 0, and
+garbage (NaN, +-inf) in masked slots reaches neither outputs nor gradients.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.masked import masked_mean, masked_sum
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _bool_mask(mask: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
+  mask = jnp.asarray(mask)
+  if mask.shape != tuple(shape):
+    raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
+  if jnp.issubdtype(mask.dtype, jnp.floating):
+    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
+  return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _scaled(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+  # Temperature may be traced (a jit argument), so it is never used in Python
+  # control flow; it must be > 0 (not checked for traced values).
+  return _f32(logits) / jnp.asarray(temperature, jnp.float32)
+
+
+def logprobs_from_logits(
+  logits: jax.Array,
+  tokens: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Log-probabilities of ``tokens`` under already-aligned ``logits``.
+
+  out[..., t] = z[..., t, tokens[..., t]] - logsumexp_v z[..., t, v],
+  z = logits / temperature.
+
+  Args:
+    logits: f32[B, T, V] (any float dtype), row t scores tokens[:, t].
+    tokens: i32[B, T] token ids in [0, V).
+    temperature: sampling temperature tau > 0 (Python float or traced f32[]).
+    mask: optional bool[B, T]; masked slots hold 0 and their logits and token
+      ids (even NaN or out-of-range ids) are never read.
+
+  Returns:
+    f32[B, T] log-probabilities (nats).
+
+  Raises:
+    ValueError: tokens shape is not logits shape without the last axis.
+  """
+  logits = jnp.asarray(logits)
+  tokens = jnp.asarray(tokens)
+  if tokens.shape != logits.shape[:-1]:
+    raise ValueError(
+      f"tokens shape {tokens.shape} must equal logits shape without the vocab"
+      f" axis {logits.shape[:-1]}"
+    )
+  if mask is not None:
+    mask = _bool_mask(mask, tokens.shape, "mask")
+    # Sanitise before the softmax: NaN logits would give NaN gradients even
+    # under a later where (0 * NaN in the log-softmax backward).
+    logits = jnp.where(mask[..., None], logits, 0)
+    tokens = jnp.where(mask, tokens, 0)
+  z = _scaled(logits, temperature)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)
+  out = picked[..., 0] - lse
+  if mask is not None:
+    out = jnp.where(mask, out, 0)
+  return out
+
+
+def response_logprobs(
+  logits: jax.Array,
+  input_ids: jax.Array,
+  *,
+  prompt_length: int,
+  temperature: float | jax.Array = 1.0,
+  response_mask: jax.Array | None = None,
+) -> jax.Array:
+  """Response-aligned logprobs from full-sequence logits (convention 1).
+
+  out[:, t] = log_softmax(logits[:, P + t - 1] / tau)[input_ids[:, P + t]]
+  for t = 0 .. T - 1, with P = prompt_length and T = L - P.
+
+  Args:
+    logits: f32[B, L, V] logits of the whole sequence (prompt + response).
+    input_ids: i32[B, L] prompt ids (length P) followed by response ids.
+    prompt_length: P, a static Python int with 1 <= P < L.
+    temperature: sampling temperature tau > 0 (Python float or traced f32[]).
+    response_mask: optional bool[B, T]; masked slots hold 0.
+
+  Returns:
+    f32[B, T] logprobs of the response tokens.
+
+  Raises:
+    ValueError: shapes disagree or prompt_length is out of range.
+  """
+  logits = jnp.asarray(logits)
+  input_ids = jnp.asarray(input_ids)
+  if logits.ndim != 3 or input_ids.shape != logits.shape[:2]:
+    raise ValueError(
+      f"need logits [B, L, V] and input_ids [B, L]; got {logits.shape} and"
+      f" {input_ids.shape}"
+    )
+  seq_len = logits.shape[1]
+  if not isinstance(prompt_length, int) or not 1 <= prompt_length < seq_len:
+    raise ValueError(
+      f"prompt_length must be a Python int in [1, L={seq_len}), got"
+      f" {prompt_length!r}"
+    )
+  # Row P + t - 1 scores token P + t: drop the last row, keep the response ids.
+  return logprobs_from_logits(
+    logits[:, prompt_length - 1 : seq_len - 1],
+    input_ids[:, prompt_length:],
+    temperature=temperature,
+    mask=response_mask,
+  )
+
+
+def entropy_from_logits(
+  logits: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Entropy of softmax(logits / tau) over the last axis, in nats.
+
+  H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, z = logits / tau,
+  computed with log p = z - logsumexp(z) (no log of a tiny p). Logits of -inf
+  (banned tokens) contribute 0 and keep gradients finite.
+
+  Args:
+    logits: f32[..., V] (any float dtype).
+    temperature: tau > 0 (Python float or traced f32[]).
+    mask: optional bool[...] (logits shape without V); masked slots hold 0
+      and their logits (even NaN) reach neither output nor gradients.
+
+  Returns:
+    f32[...] entropy, in [0, log V].
+
+  Raises:
+    ValueError: mask shape is not logits shape without the vocab axis.
+  """
+  if mask is not None:
+    mask = _bool_mask(mask, jnp.shape(logits)[:-1], "mask")
+    logits = jnp.where(mask[..., None], logits, 0)
+  z = _scaled(logits, temperature)
+  logp = jax.nn.log_softmax(z, axis=-1)
+  # p = 0 exactly where z = -inf; replace log p there so 0 * -inf is not NaN.
+  logp = jnp.where(jnp.isneginf(z), 0.0, logp)
+  ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return ent if mask is None else jnp.where(mask, ent, 0)
+
+
+def sequence_logprobs(
+  logprobs: jax.Array,
+  mask: jax.Array,
+  *,
+  average: bool = False,
+) -> jax.Array:
+  """Sequence log-probability from per-token logprobs.
+
+  sum: log pi(y | x) = sum_t m_t logprobs_t (DPO, Rafailov et al. 2023 eq. 7).
+  average=True: sum_t m_t logprobs_t / sum_t m_t, the length-normalised form
+  used by IPO (Azar et al. 2023; DESIGN.md convention 12).
+
+  Args:
+    logprobs: f32[B, T] per-token logprobs.
+    mask: bool[B, T] True = valid.
+    average: per-token mean instead of the sum.
+
+  Returns:
+    f32[B]; rows with no valid token give 0.
+
+  Raises:
+    ValueError: mask shape differs from logprobs.
+  """
+  if average:
+    return masked_mean(logprobs, mask, axis=-1)
+  return masked_sum(logprobs, mask, axis=-1)
+
+
+def _chunked_core(hidden, unembedding, tokens, mask, temperature, chunk_size):
+  """Online logsumexp over vocabulary chunks; see the public wrapper."""
+  d_model, vocab = unembedding.shape
+  n_chunks = -(-vocab // chunk_size)
+  padded = n_chunks * chunk_size
+  tau = jnp.asarray(temperature, jnp.float32)
+  hidden = jnp.where(mask[..., None], hidden, 0)
+  tokens = jnp.where(mask, tokens, 0).astype(jnp.int32)
+  # Zero columns are padding; their logits are replaced by -inf below.
+  w = jnp.pad(unembedding, ((0, 0), (0, padded - vocab)))
+  w = w.reshape(d_model, n_chunks, chunk_size).transpose(1, 0, 2)
+  starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
+
+  @jax.checkpoint
+  def body(carry, xs):
+    run_max, sum_exp, sum_pz = carry
+    w_c, start = xs
+    z = jnp.einsum(
+      "btd,dc->btc", hidden, w_c, preferred_element_type=jnp.float32
+    )
+    z = z / tau
+    valid = (start + jnp.arange(chunk_size)) < vocab
+    valid = valid[None, None, :]  # explicit rank (rank promotion raises)
+    z = jnp.where(valid, z, -jnp.inf)
+    # Each chunk holds >= 1 real column, so the max is finite. The
+    # logsumexp value does not depend on the shift, hence stop_gradient.
+    new_max = jax.lax.stop_gradient(jnp.maximum(run_max, jnp.max(z, -1)))
+    scale = jnp.exp(run_max - new_max)
+    e = jnp.exp(z - new_max[..., None])  # 0 at padded columns
+    z_safe = jnp.where(valid, z, 0)  # avoids 0 * -inf
+    sum_exp = sum_exp * scale + jnp.sum(e, -1)
+    sum_pz = sum_pz * scale + jnp.sum(e * z_safe, -1)
+    return (new_max, sum_exp, sum_pz), None
+
+  shape = tokens.shape
+  init = (
+    jnp.full(shape, -jnp.inf, jnp.float32),
+    jnp.zeros(shape, jnp.float32),
+    jnp.zeros(shape, jnp.float32),
+  )
+  (run_max, sum_exp, sum_pz), _ = jax.lax.scan(body, init, (w, starts))
+  lse = run_max + jnp.log(sum_exp)
+  # Logit of the chosen token: gather its column, a [B, T, D] intermediate.
+  w_tok = jnp.take(unembedding, tokens, axis=1)  # [D, B, T]
+  picked = (
+    jnp.einsum("btd,dbt->bt", hidden, w_tok, preferred_element_type=jnp.float32)
+    / tau
+  )
+  logprobs = jnp.where(mask, picked - lse, 0)
+  entropy = jnp.where(mask, lse - sum_pz / sum_exp, 0)
+  return logprobs, entropy
+
+
+def chunked_logprobs_and_entropy(
+  hidden: jax.Array,
+  unembedding: jax.Array,
+  tokens: jax.Array,
+  *,
+  temperature: float | jax.Array = 1.0,
+  chunk_size: int = 8192,
+  mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Logprobs and entropies of z = hidden @ unembedding / tau, chunked over V.
+
+  Equal to ``logprobs_from_logits(z, tokens)`` and ``entropy_from_logits(z)``
+  but never materialises f32[B, T, V]: a ``lax.scan`` over vocabulary chunks
+  of width C keeps an online logsumexp (Milakov & Gimelshein 2018, "Online
+  normalizer calculation for softmax"):
+
+    m' = max(m, max_c z_c),  s' = s e^{m - m'} + sum_c e^{z_c - m'},
+    w' = w e^{m - m'} + sum_c e^{z_c - m'} z_c,
+    logsumexp z = m + log s,  H = logsumexp z - w / s.
+
+  Each chunk is wrapped in ``jax.checkpoint`` so the backward pass recomputes
+  the chunk's logits instead of storing them: peak memory is O(B T C), not
+  O(B T V). If V is not a multiple of C the last chunk is padded with -inf
+  logits, which carry no probability and can never be selected.
+
+  Args:
+    hidden: f32[B, T, D] final hidden states, already aligned with tokens
+      (row t scores tokens[:, t]).
+    unembedding: f32[D, V] output projection (no bias).
+    tokens: i32[B, T] ids in [0, V).
+    temperature: tau > 0 (Python float or traced f32[]).
+    chunk_size: C, vocabulary columns per chunk (static).
+    mask: optional bool[B, T]; masked slots hold 0 in both outputs and their
+      hidden states and ids (even NaN) are never read.
+
+  Returns:
+    (logprobs f32[B, T], entropy f32[B, T]), nats.
+
+  Raises:
+    ValueError: inconsistent shapes or chunk_size < 1.
+  """
+  hidden = jnp.asarray(hidden)
+  unembedding = jnp.asarray(unembedding)
+  tokens = jnp.asarray(tokens)
+  if hidden.ndim != 3 or unembedding.ndim != 2:
+    raise ValueError(
+      f"need hidden [B, T, D] and unembedding [D, V]; got {hidden.shape} and"
+      f" {unembedding.shape}"
+    )
+  if hidden.shape[-1] != unembedding.shape[0]:
+    raise ValueError(
+      f"hidden width {hidden.shape[-1]} != unembedding rows"
+      f" {unembedding.shape[0]}"
+    )
+  if tokens.shape != hidden.shape[:2]:
+    raise ValueError(
+      f"tokens shape {tokens.shape} must be {hidden.shape[:2]} (hidden [B, T])"
+    )
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+  if mask is None:
+    mask = jnp.ones(tokens.shape, jnp.bool_)
+  mask = _bool_mask(mask, tokens.shape, "mask")
+  chunk_size = min(chunk_size, unembedding.shape[1])
+  return _chunked_core(
+    hidden, unembedding, tokens, mask, temperature, chunk_size
+  )
