@@ -152,4 +152,4 @@ def apply_if_finite(
 
   params = jax.tree.map(select, new_params, params)
   opt_state = jax.tree.map(select, new_opt_state, opt_state)
-  return params, opt_state, finite, optax.global_norm(grads)
+  return params, opt_state, finite, optax.tree.norm(grads)

@@ -163,11 +163,16 @@ def _strided_minibatches(tree, num_minibatches: int):
   return jax.tree.map(split, tree)
 
 
+ScoreFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 def make_ppo_step(
   model_config: "models.ModelConfig",
   policy_optimizer: optax.GradientTransformation,
   value_optimizer: optax.GradientTransformation,
   config: PPOConfig,
+  *,
+  score_fn: ScoreFn | None = None,
 ) -> Callable:
   """Builds the RLHF iteration.
 
@@ -178,6 +183,10 @@ def make_ppo_step(
       optax.clip_by_global_norm for gradient clipping).
     value_optimizer: optax transformation of the critic.
     config: PPOConfig.
+    score_fn: optional jittable scorer ``score_fn(frozen_reward, input_ids,
+      attention_mask, response_mask) -> f32[B]`` replacing the reward model
+      (e.g. a programmatic reward); ``frozen["reward"]`` is passed through.
+      Default: ``models.reward_forward`` read at the last valid token.
 
   Returns:
     step(state: PPOState, prompts: PromptBatch, frozen: dict with "ref"
@@ -256,9 +265,13 @@ def make_ppo_step(
       state.value_params, ids, attn, config=model_config
     )
     old_values = jnp.where(mask, _response_slice(values, prompt_len), 0.0)
-    raw_scores = models.reward_forward(
-      frozen["reward"], ids, attn, config=model_config
-    )
+    if score_fn is None:
+      raw_scores = models.reward_forward(
+        frozen["reward"], ids, attn, config=model_config
+      )
+    else:
+      raw_scores = score_fn(frozen["reward"], ids, attn, mask)
+    raw_scores = raw_scores.astype(jnp.float32)
 
     # Score processing.
     ones = jnp.ones_like(raw_scores, bool)

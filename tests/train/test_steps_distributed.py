@@ -39,7 +39,7 @@ def _single(case):
 def _extra_shardings(case, mesh, rules):
   out = []
   for extra in case.extra:
-    if isinstance(extra, dict):  # ppo frozen {"ref", "reward"}
+    if case.name == "ppo":  # frozen {"ref", "reward"}
       axes = {
         "ref": case.param_axes[0],
         "reward": case.param_axes[1],
