@@ -1,0 +1,85 @@
+"""Flax decoder LMs with KV cache, scalar heads and HF checkpoint I/O.
+
+Shapes: B batch, L sequence, P prompt, S cache slots, V vocab, D width,
+N layers. Masks are bool, True = real token.
+
+  config, params = load_hf_checkpoint(dir)       # HF dir -> (config, params)
+  logits = forward(params, ids, mask, config=config)          # f32[B, L, V]
+  cache = init_cache(config, B, S)
+  logits, cache = prefill(params, prompt_ids, prompt_mask,
+                          config=config, cache=cache)         # f32[B, V]
+  logits, cache = decode_step(params, tokens, cache, config=config)
+  vparams = from_policy_params(params, config, rng)   # {"backbone", "head"}
+  values = values_forward(vparams, ids, mask, config=config)  # f32[B, L]
+  scores = reward_forward(vparams, ids, mask, config=config)  # f32[B]
+  export_hf_checkpoint(params, config, out_dir)  # transformers-loadable
+  tok = load_tokenizer(dir)
+
+`load_hf_checkpoint` / `export_hf_checkpoint` are this library's
+from_pretrained / save_pretrained.
+"""
+
+from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.heads import (
+  ScalarHead,
+  from_policy_params,
+  head_logical_axes,
+  init_head_params,
+  last_valid_index,
+  reward_forward,
+  scalar_model_logical_axes,
+  values_forward,
+)
+from rlhf_jax.models.hf_io import (
+  export_hf_checkpoint,
+  hf_state_dict,
+  load_hf_checkpoint,
+  resolve_model_dir,
+)
+from rlhf_jax.models.tokenizer import (
+  MissingSpecialTokenError,
+  Tokenizer,
+  load_tokenizer,
+)
+from rlhf_jax.models.transformer import (
+  KVCache,
+  Transformer,
+  decode_step,
+  default_positions,
+  forward,
+  hidden_forward,
+  init_cache,
+  init_params,
+  param_logical_axes,
+  prefill,
+)
+
+__all__ = [
+  "KVCache",
+  "MissingSpecialTokenError",
+  "ModelConfig",
+  "RopeScaling",
+  "ScalarHead",
+  "Tokenizer",
+  "Transformer",
+  "decode_step",
+  "default_positions",
+  "export_hf_checkpoint",
+  "forward",
+  "from_policy_params",
+  "head_logical_axes",
+  "hf_state_dict",
+  "hidden_forward",
+  "init_cache",
+  "init_head_params",
+  "init_params",
+  "last_valid_index",
+  "load_hf_checkpoint",
+  "load_tokenizer",
+  "param_logical_axes",
+  "prefill",
+  "resolve_model_dir",
+  "reward_forward",
+  "scalar_model_logical_axes",
+  "values_forward",
+]

@@ -1,0 +1,368 @@
+"""Model configuration: one frozen dataclass for the Llama and GPT-2 families.
+
+`ModelConfig` is hashable, so it is passed to jitted functions as a static
+argument (`config=`). It holds architecture hyperparameters, the dtype policy
+(`dtype` for activations and matmuls, `param_dtype` for stored parameters;
+logits, values and rewards are always float32) and the rematerialisation
+flag. `ModelConfig.from_hf_dict` reads a Hugging Face `config.json` dict and
+`ModelConfig.to_hf_dict` writes one back.
+
+Families:
+  * "llama": Llama 2/3 (RMSNorm, rotary embeddings in the HF rotate-half
+    layout, optional llama3 or linear rope scaling, grouped-query attention,
+    SwiGLU MLP), Mistral and SmolLM (same graph), Qwen2 (`attention_bias`
+    on q/k/v, none on the output projection).
+  * "gpt2": learned absolute positions, LayerNorm with bias, fused qkv in
+    HF Conv1D layout (split into q/k/v at load time), gelu_new MLP, biases
+    everywhere, tied embeddings.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_HF_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16"}
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary frequency scaling (HF `rope_scaling` / `rope_parameters`).
+
+  rope_type "linear": inv_freq / factor.
+  rope_type "llama3": Llama 3.1 piecewise scaling of inv_freq (wavelengths
+  above original_max_position_embeddings / low_freq_factor are divided by
+  `factor`, below .../high_freq_factor kept, smooth interpolation between).
+  """
+
+  rope_type: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture and dtype policy of a decoder-only LM.
+
+  Attributes:
+    model_type: HF model_type: "llama", "mistral", "qwen2" or "gpt2".
+    vocab_size: V.
+    hidden_size: D.
+    num_layers: number of transformer blocks.
+    num_heads: attention (query) heads H.
+    num_kv_heads: key/value heads (GQA groups); H % num_kv_heads == 0.
+    head_dim: per-head width Dh (llama may set it != D / H).
+    intermediate_size: MLP width F.
+    max_position_embeddings: positions table size (gpt2) / context length.
+    norm_eps: RMSNorm / LayerNorm epsilon.
+    rope_theta: rotary base (llama family).
+    rope_scaling: optional `RopeScaling`.
+    attention_bias: biases on q/k/v projections (Qwen2, Llama option).
+    attention_out_bias: bias on the output projection (Llama option; gpt2).
+    mlp_bias: biases in the MLP (Llama option; gpt2).
+    tie_word_embeddings: logits use the input embedding matrix.
+    sliding_window: optional attention window (Mistral); None = full.
+    initializer_range: std of the normal init of weight matrices.
+    bos_token_id, eos_token_id, pad_token_id: copied to/from config.json.
+    dtype: compute dtype name, "float32" or "bfloat16".
+    param_dtype: parameter storage dtype name, "float32" or "bfloat16".
+    remat: rematerialise each block in the backward pass (saves memory).
+  """
+
+  model_type: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  max_position_embeddings: int
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  attention_bias: bool = False
+  attention_out_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  sliding_window: int | None = None
+  initializer_range: float = 0.02
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.model_type not in _SUPPORTED_MODEL_TYPES:
+      raise ValueError(
+        f"unsupported model_type {self.model_type!r}; supported: "
+        f"{_SUPPORTED_MODEL_TYPES}"
+      )
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in _DTYPES:
+        raise ValueError(
+          f"{name}={getattr(self, name)!r}; expected one of {list(_DTYPES)}"
+        )
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_heads={self.num_heads} is not a multiple of "
+        f"num_kv_heads={self.num_kv_heads}"
+      )
+    if self.family == "gpt2" and not self.tie_word_embeddings:
+      raise ValueError("gpt2 family requires tie_word_embeddings=True")
+
+  @property
+  def family(self) -> str:
+    """ "gpt2" or "llama" (llama, mistral, qwen2 share one graph)."""
+    return "gpt2" if self.model_type == "gpt2" else "llama"
+
+  @property
+  def compute_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+  @property
+  def params_dtype(self) -> Any:
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **kwargs) -> "ModelConfig":
+    """A copy with some fields changed (e.g. dtype="bfloat16")."""
+    return dataclasses.replace(self, **kwargs)
+
+  # ---------------------------------------------------------------- HF I/O
+
+  @classmethod
+  def from_hf_dict(
+    cls,
+    d: dict[str, Any],
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    remat: bool = False,
+    source: str = "config.json",
+  ) -> "ModelConfig":
+    """Builds a config from a Hugging Face config.json dict.
+
+    Args:
+      d: the parsed config.json.
+      dtype: compute dtype name.
+      param_dtype: parameter dtype name.
+      remat: rematerialise blocks.
+      source: file name used in error messages.
+
+    Raises:
+      ValueError: unsupported architecture / model_type or rope scaling
+        type, or a required field is missing (message names `source`).
+    """
+    model_type = d.get("model_type")
+    if model_type not in _SUPPORTED_MODEL_TYPES:
+      archs = d.get("architectures")
+      raise ValueError(
+        f"{source}: unsupported architecture model_type={model_type!r} "
+        f"(architectures={archs}); supported model_type values: "
+        f"{_SUPPORTED_MODEL_TYPES}"
+      )
+
+    def req(key):
+      if key not in d:
+        raise ValueError(f"{source}: missing required field {key!r}")
+      return d[key]
+
+    common = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    ids = dict(
+      bos_token_id=_first_int(d.get("bos_token_id")),
+      eos_token_id=_first_int(d.get("eos_token_id")),
+      pad_token_id=_first_int(d.get("pad_token_id")),
+    )
+    if model_type == "gpt2":
+      act = d.get("activation_function", "gelu_new")
+      if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(
+          f"{source}: gpt2 activation_function={act!r} unsupported "
+          "(only the tanh GELU 'gelu_new')"
+        )
+      if d.get("scale_attn_by_inverse_layer_idx") or d.get(
+        "reorder_and_upcast_attn"
+      ):
+        raise ValueError(
+          f"{source}: scale_attn_by_inverse_layer_idx / "
+          "reorder_and_upcast_attn are not supported"
+        )
+      if d.get("scale_attn_weights", True) is not True:
+        raise ValueError(f"{source}: scale_attn_weights=False unsupported")
+      n_embd = req("n_embd")
+      n_head = req("n_head")
+      return cls(
+        model_type="gpt2",
+        vocab_size=req("vocab_size"),
+        hidden_size=n_embd,
+        num_layers=req("n_layer"),
+        num_heads=n_head,
+        num_kv_heads=n_head,
+        head_dim=n_embd // n_head,
+        intermediate_size=d.get("n_inner") or 4 * n_embd,
+        max_position_embeddings=req("n_positions"),
+        norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        attention_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        initializer_range=d.get("initializer_range", 0.02),
+        **ids,
+        **common,
+      )
+
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"{source}: hidden_act={act!r} unsupported (silu)")
+    hidden = req("hidden_size")
+    heads = req("num_attention_heads")
+    head_dim = d.get("head_dim") or hidden // heads
+    rope_params = d.get("rope_parameters") or {}
+    rope_theta = float(
+      d.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
+    )
+    scaling = d.get("rope_scaling") or rope_params or None
+    rope_scaling = _parse_rope_scaling(scaling, d, source)
+    attention_bias = bool(d.get("attention_bias", False))
+    attention_out_bias = attention_bias
+    if model_type == "qwen2":
+      # Qwen2: biases on q/k/v only, never on o_proj.
+      attention_bias, attention_out_bias = True, False
+    sliding = None
+    if model_type == "mistral" or d.get("use_sliding_window", False):
+      sliding = d.get("sliding_window")
+    return cls(
+      model_type=model_type,
+      vocab_size=req("vocab_size"),
+      hidden_size=hidden,
+      num_layers=req("num_hidden_layers"),
+      num_heads=heads,
+      num_kv_heads=d.get("num_key_value_heads") or heads,
+      head_dim=head_dim,
+      intermediate_size=req("intermediate_size"),
+      max_position_embeddings=req("max_position_embeddings"),
+      norm_eps=d.get("rms_norm_eps", 1e-6),
+      rope_theta=rope_theta,
+      rope_scaling=rope_scaling,
+      attention_bias=attention_bias,
+      attention_out_bias=attention_out_bias,
+      mlp_bias=bool(d.get("mlp_bias", False)),
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      sliding_window=sliding,
+      initializer_range=d.get("initializer_range", 0.02),
+      **ids,
+      **common,
+    )
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """A config.json dict that transformers' from_pretrained accepts."""
+    # Written even when None: transformers' GPT-2 defaults are 50256.
+    ids = {
+      "bos_token_id": self.bos_token_id,
+      "eos_token_id": self.eos_token_id,
+      "pad_token_id": self.pad_token_id,
+    }
+    dtype = _HF_DTYPE_NAMES[self.param_dtype]
+    if self.family == "gpt2":
+      return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": self.vocab_size,
+        "n_embd": self.hidden_size,
+        "n_layer": self.num_layers,
+        "n_head": self.num_heads,
+        "n_inner": self.intermediate_size,
+        "n_positions": self.max_position_embeddings,
+        "layer_norm_epsilon": self.norm_eps,
+        "activation_function": "gelu_new",
+        "initializer_range": self.initializer_range,
+        "tie_word_embeddings": True,
+        "dtype": dtype,
+        **ids,
+      }
+    arch = {
+      "llama": "LlamaForCausalLM",
+      "mistral": "MistralForCausalLM",
+      "qwen2": "Qwen2ForCausalLM",
+    }[self.model_type]
+    rope_scaling = None
+    if self.rope_scaling is not None:
+      rope_scaling = {
+        "rope_type": self.rope_scaling.rope_type,
+        "factor": self.rope_scaling.factor,
+      }
+      if self.rope_scaling.rope_type == "llama3":
+        rope_scaling.update(
+          low_freq_factor=self.rope_scaling.low_freq_factor,
+          high_freq_factor=self.rope_scaling.high_freq_factor,
+          original_max_position_embeddings=(
+            self.rope_scaling.original_max_position_embeddings
+          ),
+        )
+    out = {
+      "architectures": [arch],
+      "model_type": self.model_type,
+      "vocab_size": self.vocab_size,
+      "hidden_size": self.hidden_size,
+      "num_hidden_layers": self.num_layers,
+      "num_attention_heads": self.num_heads,
+      "num_key_value_heads": self.num_kv_heads,
+      "head_dim": self.head_dim,
+      "intermediate_size": self.intermediate_size,
+      "max_position_embeddings": self.max_position_embeddings,
+      "rms_norm_eps": self.norm_eps,
+      "rope_theta": self.rope_theta,
+      "rope_scaling": rope_scaling,
+      "hidden_act": "silu",
+      "tie_word_embeddings": self.tie_word_embeddings,
+      "initializer_range": self.initializer_range,
+      "dtype": dtype,
+      **ids,
+    }
+    if self.model_type == "qwen2":
+      out["use_sliding_window"] = False
+    elif self.model_type == "mistral":
+      out["sliding_window"] = self.sliding_window
+    else:
+      out["attention_bias"] = self.attention_bias
+      out["mlp_bias"] = self.mlp_bias
+    return out
+
+
+def _first_int(v: Any) -> int | None:
+  """config.json may hold a list of eos ids; the first one is used."""
+  if isinstance(v, list):
+    return int(v[0]) if v else None
+  return None if v is None else int(v)
+
+
+def _parse_rope_scaling(
+  s: dict[str, Any] | None, d: dict[str, Any], source: str
+) -> RopeScaling | None:
+  if not s:
+    return None
+  rope_type = s.get("rope_type", s.get("type", "default"))
+  if rope_type == "default":
+    return None
+  if rope_type == "linear":
+    return RopeScaling("linear", float(s["factor"]))
+  if rope_type == "llama3":
+    return RopeScaling(
+      "llama3",
+      float(s["factor"]),
+      float(s.get("low_freq_factor", 1.0)),
+      float(s.get("high_freq_factor", 4.0)),
+      int(
+        s.get("original_max_position_embeddings", d["max_position_embeddings"])
+      ),
+    )
+  raise ValueError(
+    f"{source}: rope scaling type {rope_type!r} unsupported "
+    "(supported: default, linear, llama3)"
+  )

@@ -1,0 +1,180 @@
+"""Scalar heads on the LM backbone: PPO value head and reward-model head.
+
+Value / reward model params are a dict {"backbone": LM params, "head":
+{"kernel": [D], "bias": []}}. The backbone has exactly the policy's layout,
+so a critic or reward model starts from a policy checkpoint with
+`from_policy_params` (backbone copied, head freshly initialised), and its
+backbone exports with `export_hf_checkpoint(params["backbone"], ...)`.
+
+  values[b, l] = h[b, l] . w + c            (h = final-norm hidden, f32)
+  reward[b]    = h[b, last(b)] . w + c,  last(b) = max{l : mask[b, l]}
+
+The reward is read at the last position where the attention mask is True,
+found from the mask (never from token ids: pad may equal eos, and eos may
+occur inside the prompt), as in Ouyang et al. 2022 / Stiennon et al. 2020
+where the reward model scores the final token of the sequence.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import hidden_forward, param_logical_axes
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+class ScalarHead(nn.Module):
+  """h f32[..., D] -> f32[...]; kernel ~ N(0, 1/(D+1)), bias 0.
+
+  The init scale follows lm-human-preferences (Ziegler et al. 2019).
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h: Array) -> Array:
+    d = self.config.hidden_size
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(
+        nn.initializers.normal(1.0 / np.sqrt(d + 1)), ("embed",)
+      ),
+      (d,),
+      self.config.params_dtype,
+    )
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros, ()),
+      (),
+      self.config.params_dtype,
+    )
+    return jnp.einsum(
+      "...d,d->...", h.astype(jnp.float32), kernel.astype(jnp.float32)
+    ) + bias.astype(jnp.float32)
+
+
+def _boxed_head(config: ModelConfig, rng: Array):
+  return ScalarHead(config).init(rng, jnp.zeros((1, config.hidden_size)))[
+    "params"
+  ]
+
+
+def init_head_params(config: ModelConfig, rng: Array) -> Params:
+  """Fresh head params {"kernel": [D], "bias": []} in param_dtype."""
+  return nn.meta.unbox(jax.jit(functools.partial(_boxed_head, config))(rng))
+
+
+def head_logical_axes(config: ModelConfig) -> Any:
+  """PartitionSpecs of the head: kernel ("embed",), bias ()."""
+  boxed = jax.eval_shape(
+    functools.partial(_boxed_head, config), jax.random.key(0)
+  )
+  return nn.get_partition_spec(boxed)
+
+
+def scalar_model_logical_axes(config: ModelConfig) -> Any:
+  """PartitionSpecs for {"backbone": ..., "head": ...} params."""
+  return {
+    "backbone": param_logical_axes(config),
+    "head": head_logical_axes(config),
+  }
+
+
+def from_policy_params(
+  policy_params: Params, config: ModelConfig, rng: Array
+) -> Params:
+  """Critic / reward model params from a policy: backbone copied, new head.
+
+  The backbone arrays are copied so donating one train state's buffers
+  cannot invalidate the other model's.
+  """
+  return {
+    "backbone": jax.tree.map(jnp.copy, policy_params),
+    "head": init_head_params(config, rng),
+  }
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def values_forward(
+  params: Params,
+  input_ids: Array,
+  attention_mask: Array,
+  *,
+  config: ModelConfig,
+  position_ids: Array | None = None,
+) -> Array:
+  """Per-position scalar values f32[B, L] (value of the prefix x_{<=l}).
+
+  Args:
+    params: {"backbone": LM params, "head": head params}.
+    input_ids: i32[B, L].
+    attention_mask: bool[B, L], True = real token.
+    config: static config of the backbone.
+    position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
+
+  Returns:
+    f32[B, L]; slots where attention_mask is False hold 0.
+  """
+  mask = attention_mask.astype(jnp.bool_)
+  h = hidden_forward(
+    params["backbone"],
+    input_ids,
+    mask,
+    config=config,
+    position_ids=position_ids,
+  )
+  v = ScalarHead(config).apply({"params": params["head"]}, h)
+  return jnp.where(mask, v, 0.0)
+
+
+def last_valid_index(attention_mask: Array) -> Array:
+  """i32[B]: index of the last True in each row (0 for an all-False row)."""
+  mask = attention_mask.astype(jnp.bool_)
+  length = mask.shape[-1]
+  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+  return jnp.where(jnp.any(mask, axis=-1), last, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def reward_forward(
+  params: Params,
+  input_ids: Array,
+  attention_mask: Array,
+  *,
+  config: ModelConfig,
+  position_ids: Array | None = None,
+) -> Array:
+  """Sequence rewards f32[B] read at the last True of attention_mask.
+
+  Works for left- and right-padded rows alike; token ids are never used to
+  find the position. An all-False row gets 0.
+
+  Args:
+    params: {"backbone": LM params, "head": head params}.
+    input_ids: i32[B, L] prompt + response.
+    attention_mask: bool[B, L], True = real token.
+    config: static config of the backbone.
+    position_ids: optional i32[B, L].
+
+  Returns:
+    f32[B].
+  """
+  mask = attention_mask.astype(jnp.bool_)
+  h = hidden_forward(
+    params["backbone"],
+    input_ids,
+    mask,
+    config=config,
+    position_ids=position_ids,
+  )
+  last = last_valid_index(mask)
+  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+  r = ScalarHead(config).apply({"params": params["head"]}, h_last)
+  return jnp.where(jnp.any(mask, axis=-1), r, 0.0)

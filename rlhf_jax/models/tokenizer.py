@@ -1,0 +1,264 @@
+"""Tokenizer: HF `tokenizers` (tokenizer.json) plus special ids and chat.
+
+`load_tokenizer(model_dir)` reads tokenizer.json with the Rust `tokenizers`
+library (no transformers dependency). Special tokens are resolved, first
+match wins, from: keyword overrides, tokenizer_config.json,
+special_tokens_map.json, then the *_token_id fields of config.json. A chat
+template (tokenizer_config.json "chat_template", or chat_template.jinja) is
+rendered with jinja2 in an immutable sandbox, as transformers does
+(trim_blocks, lstrip_blocks, `raise_exception`, non-escaping `tojson`).
+"""
+
+import datetime
+import json
+import os
+import pathlib
+from typing import Any
+
+import jinja2
+import jinja2.sandbox
+import tokenizers
+
+_ROLES = ("bos", "eos", "pad", "unk")
+
+
+class MissingSpecialTokenError(ValueError):
+  """A special token the caller needs is not defined for this tokenizer."""
+
+
+def _token_string(v: Any) -> str | None:
+  if isinstance(v, dict):
+    return v.get("content")
+  return v if isinstance(v, str) else None
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class Tokenizer:
+  """Thin wrapper: encode/decode, special ids, chat template.
+
+  Attributes:
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id: int or None.
+    chat_template: jinja source or None.
+    source: directory it was loaded from (for error messages).
+  """
+
+  def __init__(
+    self,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    special_ids: dict[str, int | None],
+    special_tokens: dict[str, str] | None = None,
+    all_special_ids: frozenset[int] = frozenset(),
+    chat_template: str | None,
+    source: str,
+  ):
+    self.tokenizer = tokenizer
+    # Token strings as written in the config files (tokenizers' id_to_token
+    # returns the normalised form, e.g. "▁<|start_story|>").
+    self.special_tokens = dict(special_tokens or {})
+    self.all_special_ids = frozenset(all_special_ids) | {
+      i for i in special_ids.values() if i is not None
+    }
+    self.bos_token_id = special_ids.get("bos")
+    self.eos_token_id = special_ids.get("eos")
+    self.pad_token_id = special_ids.get("pad")
+    self.unk_token_id = special_ids.get("unk")
+    self.chat_template = chat_template
+    self.source = source
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+  def _require(self, role: str) -> int:
+    tid = getattr(self, f"{role}_token_id")
+    if tid is None:
+      raise MissingSpecialTokenError(
+        f"{self.source}: no {role} token (looked in tokenizer_config.json, "
+        f"special_tokens_map.json and config.json); pass "
+        f"load_tokenizer(..., {role}_token='<token>') to set one"
+      )
+    return tid
+
+  @property
+  def bos_id(self) -> int:
+    """bos id; raises MissingSpecialTokenError when undefined."""
+    return self._require("bos")
+
+  @property
+  def eos_id(self) -> int:
+    """eos id; raises MissingSpecialTokenError when undefined."""
+    return self._require("eos")
+
+  @property
+  def pad_id(self) -> int:
+    """pad id; raises MissingSpecialTokenError when undefined."""
+    return self._require("pad")
+
+  def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids; the tokenizer.json post-processor adds BOS etc."""
+    return self.tokenizer.encode(
+      text, add_special_tokens=add_special_tokens
+    ).ids
+
+  def encode_batch(
+    self, texts: list[str], *, add_special_tokens: bool = True
+  ) -> list[list[int]]:
+    encs = self.tokenizer.encode_batch(
+      texts, add_special_tokens=add_special_tokens
+    )
+    return [e.ids for e in encs]
+
+  def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+    """Text of `ids`; special tokens (bos/eos/pad/unk and added tokens
+    marked special) are dropped when `skip_special_tokens`."""
+    ids = [int(i) for i in ids]
+    if skip_special_tokens:
+      ids = [i for i in ids if i not in self.all_special_ids]
+    return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self.tokenizer.token_to_id(token)
+
+  def apply_chat_template(
+    self,
+    messages: list[dict[str, str]],
+    *,
+    add_generation_prompt: bool = False,
+    tokenize: bool = False,
+    **extra: Any,
+  ) -> str | list[int]:
+    """Renders `messages` ([{"role", "content"}]) with the chat template.
+
+    Returns the text, or its ids (no extra special tokens added: the
+    template places them) when `tokenize`.
+
+    Raises:
+      ValueError: the tokenizer has no chat template.
+      jinja2.TemplateError: the template raised (e.g. raise_exception).
+    """
+    if self.chat_template is None:
+      raise ValueError(
+        f"{self.source}: no chat template (tokenizer_config.json has no "
+        "'chat_template' and there is no chat_template.jinja)"
+      )
+    text = _render(
+      self.chat_template,
+      messages=messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self._token_str("bos"),
+      eos_token=self._token_str("eos"),
+      pad_token=self._token_str("pad"),
+      **extra,
+    )
+    if tokenize:
+      return self.encode(text, add_special_tokens=False)
+    return text
+
+  def _token_str(self, role: str) -> str:
+    if role in self.special_tokens:
+      return self.special_tokens[role]
+    tid = getattr(self, f"{role}_token_id")
+    return "" if tid is None else (self.tokenizer.id_to_token(tid) or "")
+
+
+def _raise(message: str):
+  raise jinja2.TemplateError(message)
+
+
+def _render(template: str, **context: Any) -> str:
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined
+  )
+  env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(
+    x, ensure_ascii=False, indent=indent
+  )
+  env.globals["raise_exception"] = _raise
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(
+    fmt
+  )
+  return env.from_string(template).render(**context)
+
+
+def load_tokenizer(
+  model_dir: str | os.PathLike,
+  *,
+  bos_token: str | None = None,
+  eos_token: str | None = None,
+  pad_token: str | None = None,
+) -> Tokenizer:
+  """Loads tokenizer.json and the special tokens of a model directory.
+
+  Args:
+    model_dir: directory with tokenizer.json (and optionally
+      tokenizer_config.json, special_tokens_map.json, config.json,
+      chat_template.jinja).
+    bos_token, eos_token, pad_token: override strings (e.g. GPT-2 has no
+      pad token: pad_token="<|endoftext|>").
+
+  Raises:
+    FileNotFoundError: no tokenizer.json.
+    ValueError: a special token string that is not in the vocabulary.
+  """
+  d = pathlib.Path(model_dir)
+  tok_path = d / "tokenizer.json"
+  if not tok_path.is_file():
+    raise FileNotFoundError(
+      f"{d}: no tokenizer.json (only fast-tokenizer files are supported)"
+    )
+  tok = tokenizers.Tokenizer.from_file(str(tok_path))
+  tcfg = _read_json(d / "tokenizer_config.json")
+  smap = _read_json(d / "special_tokens_map.json")
+  mcfg = _read_json(d / "config.json")
+  overrides = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+  ids: dict[str, int | None] = {}
+  strings: dict[str, str] = {}
+  for role in _ROLES:
+    key = f"{role}_token"
+    for where, value in (
+      ("argument", overrides.get(role)),
+      ("tokenizer_config.json", _token_string(tcfg.get(key))),
+      ("special_tokens_map.json", _token_string(smap.get(key))),
+    ):
+      if value is not None:
+        tid = tok.token_to_id(value)
+        if tid is None:
+          raise ValueError(
+            f"{d}: {role} token {value!r} (from {where}) is not in the "
+            "vocabulary of tokenizer.json"
+          )
+        ids[role] = tid
+        strings[role] = value
+        break
+    else:
+      v = mcfg.get(f"{role}_token_id")
+      if isinstance(v, list):
+        v = v[0] if v else None
+      ids[role] = None if v is None else int(v)
+  template = tcfg.get("chat_template")
+  if isinstance(template, list):  # [{"name": ..., "template": ...}]
+    named = {t["name"]: t["template"] for t in template}
+    template = named.get("default", next(iter(named.values()), None))
+  if template is None and (d / "chat_template.jinja").is_file():
+    template = (d / "chat_template.jinja").read_text()
+  special = {
+    int(i)
+    for i, t in tcfg.get("added_tokens_decoder", {}).items()
+    if t.get("special")
+  }
+  special |= {
+    t["id"]
+    for t in json.loads(tok_path.read_text()).get("added_tokens", [])
+    if t.get("special")
+  }
+  return Tokenizer(
+    tok,
+    special_ids=ids,
+    special_tokens=strings,
+    all_special_ids=frozenset(special),
+    chat_template=template,
+    source=str(d),
+  )

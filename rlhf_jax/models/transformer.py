@@ -1,0 +1,564 @@
+"""Decoder-only transformer (Llama / Qwen2 / Mistral / GPT-2) in flax.linen.
+
+Why linen (not nnx): linen modules are pure functions of an explicit params
+pytree. The rest of rlhf_jax treats params as plain nested dicts of arrays:
+train states hold them, optax updates them, orbax saves them, and parallel/
+attaches NamedShardings to them at the jit boundary from the logical axis
+names declared here (`nn.with_logical_partitioning` + `param_logical_axes`).
+nnx keeps state in mutable objects that must be split/merged around every
+jax transform; linen needs no such glue, and `nn.scan` over layers gives one
+compiled block for any depth.
+
+Graph (Llama family; HF LlamaModel):
+  h_0 = E[x]
+  h'  = h + Attn(RMSNorm(h)),  h_next = h' + W_down(silu(W_gate n) * W_up n),
+  n = RMSNorm(h'),  logits = RMSNorm_f(h_L) @ W_lm  (W_lm = E^T when tied).
+  Attention: q, k = RoPE(q), RoPE(k) with the HF rotate-half layout
+  (q * cos + rotate_half(q) * sin, cos = cos(pos * inv_freq) repeated
+  twice), grouped-query heads (query head h uses kv head h // (H / Hkv)),
+  softmax(q k^T / sqrt(Dh) + mask) v in float32.
+GPT-2 family (HF GPT2Model): h_0 = E[x] + P[pos]; LayerNorm instead of
+RMSNorm, MLP W_proj gelu_tanh(W_fc n + b) + b, no RoPE.
+
+Masking: key j is visible to query i iff key j is valid (attention mask /
+cache key mask) and j <= i in sequence (or cache-slot) order, and, with a
+sliding window, i - j < window. Position ids default to
+clip(cumsum(mask) - 1, 0) (DESIGN convention 2) so left padding never changes
+the logits of real tokens. Queries at pad positions see nothing; their
+outputs are finite but meaningless.
+
+Dtype policy: parameters are stored in `config.param_dtype` and cast to
+`config.dtype` for compute; norms, softmax, logits and hidden states returned
+to callers are float32.
+
+Params are unboxed nested dicts. Layer weights are stacked on a leading
+"layers" axis (nn.scan). Logical axes: "vocab", "embed", "mlp", "heads",
+"kv", "layers" (see `param_logical_axes`).
+"""
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from rlhf_jax.models.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+_NEG = float(np.finfo(np.float32).min)
+
+
+def _init_for(name: str, config: ModelConfig):
+  """The one init rule (module init and `init_params` both use it): norm
+  scales 1, biases 0, every other weight ~ N(0, initializer_range^2)."""
+  if name == "scale":
+    return nn.initializers.ones
+  if name == "bias" or name.endswith("_bias"):
+    return nn.initializers.zeros
+  return nn.initializers.normal(config.initializer_range)
+
+
+def _param(module, name, shape, axes, config):
+  return module.param(
+    name,
+    nn.with_logical_partitioning(_init_for(name, config), axes),
+    shape,
+    config.params_dtype,
+  )
+
+
+def _lead(v: Array, ndim: int) -> Array:
+  """Adds leading unit axes so v broadcasts at rank `ndim` explicitly."""
+  return v.reshape((1,) * (ndim - v.ndim) + v.shape)
+
+
+class Norm(nn.Module):
+  """RMSNorm (llama) or LayerNorm (gpt2), computed in float32.
+
+  RMSNorm: y = x / sqrt(mean(x^2) + eps) * scale (HF LlamaRMSNorm; the
+  normalised value is cast to the compute dtype before the scale).
+  LayerNorm: y = (x - mean) / sqrt(var + eps) * scale + bias.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    d = cfg.hidden_size
+    scale = _param(self, "scale", (d,), ("embed",), cfg)
+    x32 = x.astype(jnp.float32)
+    dt = cfg.compute_dtype
+    if cfg.family == "gpt2":
+      bias = _param(self, "bias", (d,), ("embed",), cfg)
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+      y = y * _lead(scale.astype(jnp.float32), y.ndim) + _lead(
+        bias.astype(jnp.float32), y.ndim
+      )
+      return y.astype(dt)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = (x32 * jax.lax.rsqrt(var + cfg.norm_eps)).astype(dt)
+    return y * _lead(scale.astype(dt), y.ndim)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+  """Rotary inverse frequencies f32[Dh / 2], as HF computes them in float32.
+
+  inv_freq_i = 1 / theta^(2i / Dh); then linear (inv_freq / factor) or
+  llama3 scaling (HF `_compute_llama3_parameters`, Llama 3.1 report).
+  """
+  dim = config.head_dim
+  exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+  inv = (1.0 / (np.float32(config.rope_theta) ** exps)).astype(np.float32)
+  s = config.rope_scaling
+  if s is None:
+    return inv
+  if s.rope_type == "linear":
+    return (inv / np.float32(s.factor)).astype(np.float32)
+  old = s.original_max_position_embeddings
+  low_wavelen = old / s.low_freq_factor
+  high_wavelen = old / s.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+  smooth = (old / wavelen - s.low_freq_factor) / (
+    s.high_freq_factor - s.low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+  """cos, sin of shape [B, L, Dh] in the compute dtype (HF layout)."""
+  inv = jnp.asarray(rope_inv_freq(config))
+  freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  dt = config.compute_dtype
+  return jnp.cos(emb).astype(dt), jnp.sin(emb).astype(dt)
+
+
+def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B, L, h, Dh] -> x cos + rotate_half(x) sin (HF rotate-half)."""
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query self-attention with an optional KV cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, rope, mask, kv, write_index):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    d, h, hkv, dh = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+    )
+
+    def proj(name, heads):
+      w = _param(self, name, (d, heads, dh), ("embed", "heads", "kv"), cfg)
+      y = jnp.einsum("bld,dhk->blhk", x, w.astype(dt))
+      if cfg.attention_bias:
+        b = _param(self, name + "_bias", (heads, dh), ("heads", "kv"), cfg)
+        y = y + _lead(b.astype(dt), y.ndim)
+      return y
+
+    q, k, v = proj("q", h), proj("k", hkv), proj("v", hkv)
+    if rope is not None:
+      cos, sin = rope
+      q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    new_kv = None
+    if kv is not None:
+      k_cache, v_cache = kv
+      start = (0, write_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+      new_kv = (k, v)
+      k, v = k.astype(dt), v.astype(dt)
+    b, length = q.shape[0], q.shape[1]
+    qg = q.reshape(b, length, hkv, h // hkv, dh)
+    scores = jnp.einsum(
+      "blhgk,bshk->bhgls", qg, k, preferred_element_type=jnp.float32
+    ) * np.float32(1.0 / math.sqrt(dh))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bhgls,bshk->blhgk", probs, v).reshape(b, length, h, dh)
+    wo = _param(self, "o", (h, dh, d), ("heads", "kv", "embed"), cfg)
+    y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+    if cfg.attention_out_bias:
+      bo = _param(self, "o_bias", (d,), ("embed",), cfg)
+      y = y + _lead(bo.astype(dt), y.ndim)
+    return y, new_kv
+
+
+class Mlp(nn.Module):
+  """SwiGLU (llama): down(silu(gate x) * up x); gpt2: proj(gelu_tanh(fc x))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    d, f = cfg.hidden_size, cfg.intermediate_size
+
+    def dense(name, x, shape, axes):
+      w = _param(self, name, shape, axes, cfg)
+      y = jnp.einsum("bli,io->blo", x, w.astype(dt))
+      if cfg.mlp_bias:
+        b = _param(self, name + "_bias", shape[-1:], axes[-1:], cfg)
+        y = y + _lead(b.astype(dt), y.ndim)
+      return y
+
+    if cfg.family == "gpt2":
+      hidden = dense("fc", x, (d, f), ("embed", "mlp"))
+      return dense(
+        "proj", jax.nn.gelu(hidden, approximate=True), (f, d), ("mlp", "embed")
+      )
+    gate = dense("gate", x, (d, f), ("embed", "mlp"))
+    up = dense("up", x, (d, f), ("embed", "mlp"))
+    return dense("down", jax.nn.silu(gate) * up, (f, d), ("mlp", "embed"))
+
+
+class Block(nn.Module):
+  """Pre-norm residual block; scanned over layers (carry = hidden)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h, kv, rope, mask, write_index):
+    cfg = self.config
+    a, new_kv = Attention(cfg, name="attn")(
+      Norm(cfg, name="attn_norm")(h), rope, mask, kv, write_index
+    )
+    h = h + a
+    h = h + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(h))
+    return h, new_kv
+
+
+class Transformer(nn.Module):
+  """Embeddings, scanned blocks and final norm; returns final hidden states.
+
+  The LM head ("lm_head" when untied, else "embed" transposed) is applied by
+  `_logits` so that heads can skip the V x D projection.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids, positions, mask, kv=None, write_index=None):
+    cfg = self.config
+    dt = cfg.compute_dtype
+    v, d = cfg.vocab_size, cfg.hidden_size
+    embed = _param(self, "embed", (v, d), ("vocab", "embed"), cfg)
+    if not cfg.tie_word_embeddings:
+      _param(self, "lm_head", (d, v), ("embed", "vocab"), cfg)
+    h = jnp.take(embed, input_ids, axis=0).astype(dt)
+    rope = None
+    if cfg.family == "gpt2":
+      pos_embed = _param(
+        self,
+        "pos_embed",
+        (cfg.max_position_embeddings, d),
+        (None, "embed"),
+        cfg,
+      )
+      h = h + jnp.take(pos_embed, positions, axis=0).astype(dt)
+    else:
+      rope = _rope_tables(positions, cfg)
+    block = Block
+    if cfg.remat:
+      block = nn.remat(Block, prevent_cse=False)
+    scanned = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    h, new_kv = scanned(cfg, name="layers")(h, kv, rope, mask, write_index)
+    return Norm(cfg, name="final_norm")(h), new_kv
+
+
+def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
+  """hidden [..., D] (compute dtype) -> logits f32[..., V]."""
+  dt = config.compute_dtype
+  if config.tie_word_embeddings:
+    return jnp.einsum(
+      "...d,vd->...v",
+      hidden,
+      params["embed"].astype(dt),
+      preferred_element_type=jnp.float32,
+    )
+  return jnp.einsum(
+    "...d,dv->...v",
+    hidden,
+    params["lm_head"].astype(dt),
+    preferred_element_type=jnp.float32,
+  )
+
+
+def default_positions(attention_mask: Array) -> Array:
+  """Position ids i32[B, L] = clip(cumsum(mask) - 1, 0) (DESIGN conv. 2)."""
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+  return jnp.maximum(pos, 0)
+
+
+def _causal_mask(key_valid: Array, q_slots: Array, config: ModelConfig):
+  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window."""
+  s = key_valid.shape[-1]
+  k_slots = jnp.arange(s, dtype=jnp.int32)
+  allowed = k_slots[None, :] <= q_slots[:, None]
+  if config.sliding_window is not None:
+    allowed = allowed & (
+      q_slots[:, None] - k_slots[None, :] < config.sliding_window
+    )
+  return key_valid[:, None, :] & allowed[None, :, :]
+
+
+def _boxed_init(config: ModelConfig, rng: Array):
+  ids = jnp.zeros((1, 1), jnp.int32)
+  mask = jnp.ones((1, 1, 1), jnp.bool_)
+  return Transformer(config).init(rng, ids, ids, mask)["params"]
+
+
+def init_params(config: ModelConfig, rng: Array) -> Params:
+  """Random LM params (unboxed nested dict; layer weights stacked [N, ...]).
+
+  Weight matrices ~ N(0, initializer_range^2), norm scales 1, biases 0
+  (`_init_for`). Each leaf is drawn from its own key in one jitted
+  function using XLA's RngBitGenerator ("rbg" keys seeded from `rng`):
+  threefry normals cost ~0.6 s of XLA CPU compile each, so flax's own init
+  through the scanned blocks took ~15 s to compile for a 2-layer toy model.
+  Deterministic given `rng`.
+  """
+  shapes = jax.eval_shape(
+    lambda: nn.meta.unbox(_boxed_init(config, jax.random.key(0)))
+  )
+  flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
+
+  def draw(rng):
+    # rbg key data is u32[4]; reuse the caller's key bits (no threefry).
+    data = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
+    data = jnp.resize(data, (4,)) ^ jnp.arange(4, dtype=jnp.uint32)
+    rbg = jax.random.wrap_key_data(data, impl="rbg")
+    keys = jax.random.split(rbg, len(flat))
+    leaves = []
+    for key, (path, s) in zip(keys, flat, strict=True):
+      init = _init_for(path[-1].key, config)
+      leaves.append(init(key, s.shape, jnp.float32).astype(s.dtype))
+    return jax.tree.unflatten(tree, leaves)
+
+  return jax.jit(draw)(rng)
+
+
+def param_logical_axes(config: ModelConfig) -> Any:
+  """PartitionSpecs of logical axis names, same tree as `init_params`.
+
+  Example: params["layers"]["attn"]["q"] f32[N, D, H, Dh] has
+  PartitionSpec("layers", "embed", "heads", "kv").
+  """
+  boxed = jax.eval_shape(
+    functools.partial(_boxed_init, config), jax.random.key(0)
+  )
+  return nn.get_partition_spec(boxed)
+
+
+def _run(params, input_ids, positions, mask, kv, write_index, config):
+  return Transformer(config).apply(
+    {"params": params}, input_ids, positions, mask, kv, write_index
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_hidden"))
+def forward(
+  params: Params,
+  input_ids: Array,
+  attention_mask: Array,
+  *,
+  config: ModelConfig,
+  position_ids: Array | None = None,
+  return_hidden: bool = False,
+) -> Array | tuple[Array, Array]:
+  """Full-sequence causal LM forward.
+
+  Args:
+    params: LM params from `init_params` / `load_hf_checkpoint`.
+    input_ids: i32[B, L] token ids (any value at pad slots).
+    attention_mask: bool[B, L], True = real token.
+    config: static `ModelConfig`.
+    position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
+    return_hidden: also return the final-norm hidden states.
+
+  Returns:
+    logits f32[B, L, V] (position l predicts token l + 1), and hidden
+    f32[B, L, D] when `return_hidden`. Pad-query positions are finite but
+    meaningless.
+  """
+  mask = attention_mask.astype(jnp.bool_)
+  if position_ids is None:
+    position_ids = default_positions(mask)
+  length = input_ids.shape[1]
+  attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
+  hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
+  logits = _logits(params, hidden, config)
+  if return_hidden:
+    return logits, hidden.astype(jnp.float32)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def hidden_forward(
+  params: Params,
+  input_ids: Array,
+  attention_mask: Array,
+  *,
+  config: ModelConfig,
+  position_ids: Array | None = None,
+) -> Array:
+  """Final-norm hidden states f32[B, L, D] without the LM head."""
+  mask = attention_mask.astype(jnp.bool_)
+  if position_ids is None:
+    position_ids = default_positions(mask)
+  length = input_ids.shape[1]
+  attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
+  hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
+  return hidden.astype(jnp.float32)
+
+
+# ------------------------------------------------------------------ KV cache
+
+
+@struct.dataclass
+class KVCache:
+  """Static-shape KV cache for incremental decoding.
+
+  Attributes:
+    k: [N, B, S, Hkv, Dh] keys per layer (N layers, S slots), cache dtype.
+    v: [N, B, S, Hkv, Dh] values per layer.
+    key_mask: bool[B, S], True where the slot holds a real token.
+    index: i32[] next slot to write (same for all rows: prompts are padded
+      to a common length, so slots line up across the batch).
+  """
+
+  k: Array
+  v: Array
+  key_mask: Array
+  index: Array
+
+
+def init_cache(
+  config: ModelConfig,
+  batch_size: int,
+  max_length: int,
+  dtype: Any = None,
+) -> KVCache:
+  """Empty cache with S = max_length slots (dtype defaults to compute)."""
+  dtype = config.compute_dtype if dtype is None else dtype
+  shape = (
+    config.num_layers,
+    batch_size,
+    max_length,
+    config.num_kv_heads,
+    config.head_dim,
+  )
+  return KVCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    key_mask=jnp.zeros((batch_size, max_length), jnp.bool_),
+    index=jnp.zeros((), jnp.int32),
+  )
+
+
+def _cached_step(params, ids, token_mask, cache, config):
+  """Writes `ids` [B, L] at slots [index, index + L) and attends the cache."""
+  length = ids.shape[1]
+  n_before = jnp.sum(cache.key_mask, axis=-1, dtype=jnp.int32)
+  positions = n_before[:, None] + default_positions(token_mask)
+  key_mask = jax.lax.dynamic_update_slice(
+    cache.key_mask, token_mask, (0, cache.index)
+  )
+  q_slots = cache.index + jnp.arange(length, dtype=jnp.int32)
+  attn = _causal_mask(key_mask, q_slots, config)
+  hidden, (k, v) = _run(
+    params, ids, positions, attn, (cache.k, cache.v), cache.index, config
+  )
+  new_cache = KVCache(k=k, v=v, key_mask=key_mask, index=cache.index + length)
+  return hidden, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill(
+  params: Params,
+  prompt_ids: Array,
+  prompt_mask: Array,
+  *,
+  config: ModelConfig,
+  cache: KVCache,
+) -> tuple[Array, KVCache]:
+  """Runs the prompt through the model and stores its keys/values.
+
+  Args:
+    params: LM params.
+    prompt_ids: i32[B, P] (normally left-padded).
+    prompt_mask: bool[B, P], True = real token.
+    config: static config.
+    cache: from `init_cache`; the prompt is written at slots
+      [cache.index, cache.index + P). The caller keeps index + P <= S.
+
+  Returns:
+    (logits f32[B, V] at each row's LAST real prompt token (from the mask),
+    updated cache). Position ids continue from the real tokens already in
+    the cache: pos = n_before + cumsum(mask) - 1.
+  """
+  mask = prompt_mask.astype(jnp.bool_)
+  hidden, cache = _cached_step(params, prompt_ids, mask, cache, config)
+  length = prompt_ids.shape[1]
+  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+  h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  return _logits(params, h_last, config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def decode_step(
+  params: Params,
+  token_ids: Array,
+  cache: KVCache,
+  *,
+  config: ModelConfig,
+  token_mask: Array | None = None,
+) -> tuple[Array, KVCache]:
+  """One incremental decoding step.
+
+  Args:
+    params: LM params.
+    token_ids: i32[B] the tokens just sampled.
+    cache: current cache; the tokens go to slot `cache.index` (the caller
+      keeps index < S; an out-of-range write is clamped by XLA).
+    config: static config.
+    token_mask: optional bool[B]; False marks a token that later tokens must
+      not attend to (default all True).
+
+  Returns:
+    (logits f32[B, V] for the next token, cache). The new token's position
+    is the number of real tokens already in its row.
+  """
+  if token_mask is None:
+    token_mask = jnp.ones(token_ids.shape, jnp.bool_)
+  hidden, cache = _cached_step(
+    params, token_ids[:, None], token_mask[:, None], cache, config
+  )
+  return _logits(params, hidden[:, 0], config), cache

@@ -1,0 +1,232 @@
+"""KV cache decoding equals the full forward; padding invariance; traces."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+
+# initializer_range 0.3 gives O(1) logits so 1e-5 agreement is meaningful.
+_COMMON = dict(
+  vocab_size=50,
+  hidden_size=32,
+  num_layers=2,
+  head_dim=8,
+  max_position_embeddings=64,
+  initializer_range=0.3,
+)
+CONFIGS = {
+  # GQA (4 query heads on 2 kv heads) with q/k/v biases.
+  "qwen2": models.ModelConfig(
+    model_type="qwen2",
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    attention_bias=True,
+    **_COMMON,
+  ),
+  # Learned absolute positions: a wrong position id changes the logits.
+  "gpt2": models.ModelConfig(
+    model_type="gpt2",
+    num_heads=4,
+    num_kv_heads=4,
+    intermediate_size=64,
+    attention_bias=True,
+    attention_out_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=True,
+    **_COMMON,
+  ),
+  # Sliding window of 3 keys, tied embeddings.
+  "mistral": models.ModelConfig(
+    model_type="mistral",
+    num_heads=4,
+    num_kv_heads=1,
+    intermediate_size=48,
+    sliding_window=3,
+    tie_word_embeddings=True,
+    **_COMMON,
+  ),
+}
+PROMPT_LENS = (6, 3, 1)  # real prompt tokens per row, left-padded to P = 6
+P, T = 6, 4
+
+
+def _batch(seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, 50, size=(3, P + T)).astype(np.int32)
+  mask = np.ones((3, P + T), bool)
+  for b, n in enumerate(PROMPT_LENS):
+    mask[b, : P - n] = False
+    ids[b, : P - n] = 0  # pad id
+  return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots"))
+def _cached_logits(params, ids, mask, *, config, slots):
+  """Prefill the prompt, then teacher-force the response in a lax.scan."""
+  cache = models.init_cache(config, ids.shape[0], slots)
+  first, cache = models.prefill(
+    params, ids[:, :P], mask[:, :P], config=config, cache=cache
+  )
+
+  def step(cache, tok):
+    logits, cache = models.decode_step(params, tok, cache, config=config)
+    return cache, logits
+
+  cache, rest = jax.lax.scan(step, cache, ids[:, P:].T)
+  return jnp.concatenate(
+    [first[:, None], rest.transpose(1, 0, 2)], axis=1
+  ), cache
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_cached_decode_equals_full_forward(name):
+  config = CONFIGS[name]
+  params = models.init_params(config, jax.random.key(1))
+  ids, mask = _batch()
+  full = models.forward(params, ids, mask, config=config)
+  # 2 spare slots stay empty: they must be masked out.
+  cached, cache = _cached_logits(
+    params, ids, mask, config=config, slots=P + T + 2
+  )
+  # cached[:, j] (prefill, then after feeding token P + j - 1) predicts
+  # token P + j, as does full[:, P - 1 + j]; j = 0..T.
+  want = full[:, P - 1 :]
+  assert cached.shape == want.shape
+  assert np.abs(np.asarray(cached - want)).max() < 1e-5
+  assert np.abs(np.asarray(want)).max() > 1.0  # non-trivial logits
+  assert int(cache.index) == P + T
+  np.testing.assert_array_equal(
+    np.asarray(cache.key_mask[:, : P + T]), np.asarray(mask)
+  )
+  assert not np.asarray(cache.key_mask[:, P + T :]).any()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_left_padding_never_changes_real_logits(name):
+  config = CONFIGS[name]
+  params = models.init_params(config, jax.random.key(2))
+  ids, mask = _batch(seed=3)
+  full = models.forward(params, ids, mask, config=config)
+  # Garbage ids in pad slots change nothing.
+  noisy = jnp.where(mask, ids, 17)
+  full_noisy = models.forward(params, noisy, mask, config=config)
+  for b, n in enumerate(PROMPT_LENS):
+    start = P - n
+    alone = models.forward(
+      params, ids[b : b + 1, start:], mask[b : b + 1, start:], config=config
+    )
+    assert np.abs(np.asarray(full[b, start:] - alone[0])).max() < 1e-5
+    assert np.abs(np.asarray(full_noisy[b, start:] - alone[0])).max() < 1e-5
+  if name == "gpt2":
+    # Plausible bug: positions 0..L-1 counted over pads (learned positions).
+    bad = models.forward(
+      params,
+      ids,
+      mask,
+      config=config,
+      position_ids=jnp.broadcast_to(jnp.arange(P + T)[None], ids.shape),
+    )
+    assert np.abs(np.asarray(bad[2, P - 1 :] - full[2, P - 1 :])).max() > 1e-2
+
+
+def test_prefill_right_padded_reads_last_real_token():
+  config = CONFIGS["qwen2"]
+  params = models.init_params(config, jax.random.key(3))
+  ids, _ = _batch(seed=4)
+  ids = ids[:, :P]
+  mask = jnp.asarray(np.arange(P)[None] < np.array([[6], [4], [2]]))
+  cache = models.init_cache(config, 3, P + 1)
+  logits, cache = models.prefill(params, ids, mask, config=config, cache=cache)
+  full = models.forward(params, ids, mask, config=config)
+  want = full[jnp.arange(3), jnp.array([5, 3, 1])]
+  assert np.abs(np.asarray(logits - want)).max() < 1e-5
+  # The next token's position is the number of real tokens (6, 4, 2): decode
+  # equals a forward on the row with the token appended after its last
+  # real token.
+  tok = jnp.array([7, 8, 9], jnp.int32)
+  step_logits, _ = models.decode_step(params, tok, cache, config=config)
+  for b, n in enumerate((6, 4, 2)):
+    seq = jnp.concatenate([ids[b, :n], tok[b : b + 1]])[None]
+    ref = models.forward(
+      params, seq, jnp.ones(seq.shape, jnp.bool_), config=config
+    )
+    assert np.abs(np.asarray(step_logits[b] - ref[0, -1])).max() < 1e-5
+
+
+def test_masked_decode_token_is_invisible():
+  config = CONFIGS["gpt2"]
+  params = models.init_params(config, jax.random.key(4))
+  ids, mask = _batch(seed=5)
+  cache = models.init_cache(config, 3, P + 3)
+  _, cache = models.prefill(
+    params, ids[:, :P], mask[:, :P], config=config, cache=cache
+  )
+  a = jnp.array([11, 12, 13], jnp.int32)
+  b = jnp.array([21, 22, 23], jnp.int32)
+  _, with_hidden = models.decode_step(
+    params, a, cache, config=config, token_mask=jnp.zeros(3, jnp.bool_)
+  )
+  got, _ = models.decode_step(params, b, with_hidden, config=config)
+  want, _ = models.decode_step(params, b, cache, config=config)
+  assert np.abs(np.asarray(got - want)).max() < 1e-5
+  # If the masked token were visible, the logits would move.
+  _, visible = models.decode_step(params, a, cache, config=config)
+  moved, _ = models.decode_step(params, b, visible, config=config)
+  assert np.abs(np.asarray(moved - want)).max() > 1e-2
+
+
+def test_forward_traces_once_for_three_calls():
+  config = CONFIGS["qwen2"]
+  params = models.init_params(config, jax.random.key(5))
+  traces = []
+
+  @jax.jit
+  def f(params, ids, mask):
+    traces.append(1)
+    return models.forward(params, ids, mask, config=config)
+
+  for seed in range(3):
+    ids, mask = _batch(seed)
+    f(params, ids, mask)
+  assert len(traces) == 1
+  # The public jitted entry point also compiles once for a fixed shape.
+  before = models.forward._cache_size()
+  for seed in range(3):
+    ids, mask = _batch(seed + 10)
+    models.forward(params, ids, mask, config=config)
+  assert models.forward._cache_size() - before <= 1
+
+
+def test_remat_same_logits_and_grads():
+  config = CONFIGS["qwen2"]
+  params = models.init_params(config, jax.random.key(6))
+  ids, mask = _batch(seed=7)
+
+  def loss(params, config):
+    logits = models.forward(params, ids, mask, config=config)
+    return jnp.sum(jnp.where(mask[..., None], logits, 0.0) ** 2)
+
+  g0 = jax.grad(loss)(params, config)
+  g1 = jax.grad(loss)(params, config.replace(remat=True))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    # Same math, different fusion: agree to f32 rounding of O(10) sums.
+    scale = float(np.abs(np.asarray(a)).max())
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * scale
+
+
+def test_bf16_cache_decode_runs_finite():
+  config = CONFIGS["qwen2"].replace(dtype="bfloat16", param_dtype="bfloat16")
+  params = models.init_params(config, jax.random.key(8))
+  assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+  ids, mask = _batch(seed=9)
+  cached, cache = _cached_logits(params, ids, mask, config=config, slots=P + T)
+  assert cached.dtype == jnp.float32 and cache.k.dtype == jnp.bfloat16
+  assert bool(jnp.all(jnp.isfinite(cached)))
+  full = models.forward(params, ids, mask, config=config)
+  agree = jnp.mean(jnp.argmax(cached, -1) == jnp.argmax(full[:, P - 1 :], -1))
+  assert float(agree) >= 0.9

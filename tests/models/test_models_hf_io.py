@@ -1,0 +1,208 @@
+"""HF checkpoint load/export: round trips, shards, tied heads, bad inputs."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlhf_jax import models
+
+FIX = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
+TINY = ["qwen2_tiny", "gpt2_tiny", "llama3_tiny"]
+
+
+def _assert_params_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _read_all(path):
+  with safe_open(str(path), "numpy") as f:
+    return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("name", [*TINY, "tinystories"])
+def test_export_reimport_bitwise(name, tmp_path, tinystories_dir):
+  src = tinystories_dir if name == "tinystories" else FIX / name
+  config, params = models.load_hf_checkpoint(src)
+  out = models.export_hf_checkpoint(
+    params, config, tmp_path / "out", tokenizer_dir=src
+  )
+  config2, params2 = models.load_hf_checkpoint(out)
+  assert config2 == config
+  _assert_params_equal(params, params2)
+  # HF tensors are byte-identical to the source file (same layout).
+  if name != "tinystories":
+    ours = _read_all(out / "model.safetensors")
+    theirs = _read_all(src / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+      np.testing.assert_array_equal(ours[k], theirs[k])
+  if name == "tinystories":
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_bf16_params_export_roundtrip(tmp_path):
+  config, params = models.load_hf_checkpoint(
+    FIX / "qwen2_tiny", param_dtype="bfloat16", dtype="bfloat16"
+  )
+  assert params["embed"].dtype == jnp.bfloat16
+  out = models.export_hf_checkpoint(params, config, tmp_path)
+  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+  with safe_open(str(out / "model.safetensors"), "flax") as f:
+    assert f.get_tensor("lm_head.weight").dtype == jnp.bfloat16
+  config2, params2 = models.load_hf_checkpoint(
+    out, param_dtype="bfloat16", dtype="bfloat16"
+  )
+  assert config2 == config
+  _assert_params_equal(params, params2)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+  _, params = models.load_hf_checkpoint(FIX / "qwen2_tiny")
+  tensors = _read_all(FIX / "qwen2_tiny" / "model.safetensors")
+  names = sorted(tensors)
+  shards = {
+    "model-00001-of-00002.safetensors": names[: len(names) // 2],
+    "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+  }
+  weight_map = {}
+  for fname, keys in shards.items():
+    save_file({k: tensors[k] for k in keys}, str(tmp_path / fname))
+    weight_map.update({k: fname for k in keys})
+  (tmp_path / "model.safetensors.index.json").write_text(
+    json.dumps({"metadata": {}, "weight_map": weight_map})
+  )
+  shutil.copy(FIX / "qwen2_tiny" / "config.json", tmp_path)
+  _, sharded = models.load_hf_checkpoint(tmp_path)
+  _assert_params_equal(params, sharded)
+
+
+def test_tied_checkpoint_with_only_lm_head(tmp_path):
+  """TinyStories layout: the tied embedding stored as lm_head.weight."""
+  _, params = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  tensors = _read_all(FIX / "llama3_tiny" / "model.safetensors")
+  tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  shutil.copy(FIX / "llama3_tiny" / "config.json", tmp_path)
+  _, params2 = models.load_hf_checkpoint(tmp_path)
+  _assert_params_equal(params, params2)
+
+
+def test_config_roundtrip():
+  for name in TINY:
+    d = json.loads((FIX / name / "config.json").read_text())
+    config = models.ModelConfig.from_hf_dict(d)
+    assert models.ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+  mistral = models.ModelConfig.from_hf_dict(
+    {
+      "model_type": "mistral",
+      "vocab_size": 10,
+      "hidden_size": 8,
+      "num_hidden_layers": 1,
+      "num_attention_heads": 2,
+      "num_key_value_heads": 1,
+      "intermediate_size": 16,
+      "max_position_embeddings": 32,
+      "rope_theta": 1e6,
+      "sliding_window": 4,
+      "eos_token_id": [5, 6],
+    }
+  )
+  assert mistral.sliding_window == 4 and mistral.rope_theta == 1e6
+  assert mistral.eos_token_id == 5 and mistral.head_dim == 4
+  assert models.ModelConfig.from_hf_dict(mistral.to_hf_dict()) == mistral
+
+
+# ------------------------------------------------------------- bad inputs
+
+
+def _copy_fixture(tmp_path, name="qwen2_tiny"):
+  dst = tmp_path / name
+  shutil.copytree(FIX / name, dst)
+  return dst
+
+
+def test_missing_config_json(tmp_path):
+  d = _copy_fixture(tmp_path)
+  (d / "config.json").unlink()
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    models.load_hf_checkpoint(d)
+
+
+def test_unsupported_architecture(tmp_path):
+  d = _copy_fixture(tmp_path)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg.update(model_type="bert", architectures=["BertModel"])
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"config\.json.*'bert'.*BertModel"):
+    models.load_hf_checkpoint(d)
+
+
+def test_mismatched_tensor_shape(tmp_path):
+  d = _copy_fixture(tmp_path)
+  tensors = _read_all(d / "model.safetensors")
+  name = "model.layers.1.self_attn.k_proj.weight"
+  tensors[name] = np.zeros((8, 32), np.float32)  # expected [16, 32]
+  save_file(tensors, str(d / "model.safetensors"))
+  with pytest.raises(
+    ValueError,
+    match=rf"model\.safetensors: tensor '{name}' has shape \[8, 32\], "
+    r"expected \[16, 32\]",
+  ):
+    models.load_hf_checkpoint(d)
+
+
+def test_missing_tensor(tmp_path):
+  d = _copy_fixture(tmp_path)
+  tensors = _read_all(d / "model.safetensors")
+  del tensors["model.layers.0.self_attn.q_proj.bias"]
+  save_file(tensors, str(d / "model.safetensors"))
+  with pytest.raises(
+    KeyError,
+    match=r"'model\.layers\.0\.self_attn\.q_proj\.bias' missing from "
+    r"\['model\.safetensors'\]; expected shape \[32\]",
+  ):
+    models.load_hf_checkpoint(d)
+
+
+def test_unexpected_tensor(tmp_path):
+  d = _copy_fixture(tmp_path)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg["num_hidden_layers"] = 1  # weights hold 2 layers
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=r"not used.*model\.layers\.1\."):
+    models.load_hf_checkpoint(d)
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+  d = _copy_fixture(tmp_path)
+  (d / "model.safetensors").unlink()
+  (d / "pytorch_model.bin").write_bytes(b"not loaded")
+  with pytest.raises(FileNotFoundError, match="pickle checkpoints are never"):
+    models.load_hf_checkpoint(d)
+
+
+def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+    models.load_hf_checkpoint("someorg/some-model")
+
+
+def test_hub_id_found_in_local_cache(tmp_path, monkeypatch):
+  hub = tmp_path / "hub"
+  snap = hub / "models--someorg--tiny" / "snapshots" / "abc123"
+  shutil.copytree(FIX / "gpt2_tiny", snap)
+  (hub / "models--someorg--tiny" / "refs").mkdir()
+  (hub / "models--someorg--tiny" / "refs" / "main").write_text("abc123")
+  monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+  config, _ = models.load_hf_checkpoint("someorg/tiny")
+  assert config.model_type == "gpt2"

@@ -1,0 +1,78 @@
+"""Tokenizer wrapper: special ids, BOS handling, chat template, errors."""
+
+import json
+import shutil
+
+import jinja2
+import pytest
+
+from rlhf_jax import models
+
+TEMPLATE = (
+  "{{ bos_token }}{% for m in messages %}"
+  "{% if m['role'] not in ['user', 'assistant'] %}"
+  "{{ raise_exception('bad role ' + m['role']) }}{% endif %}"
+  "<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}\n"
+  "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def test_tinystories_special_ids(tinystories_dir):
+  tok = models.load_tokenizer(tinystories_dir)
+  # README: bos=1 <|start_story|>, eos=2 <|end_story|>, unk/pad=0.
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+  assert tok.vocab_size == 2048
+  ids = tok.encode("Once upon a time")
+  assert ids[0] == 1 and ids.count(1) == 1  # the tokenizer adds BOS itself
+  assert tok.encode("Once upon a time", add_special_tokens=False) == ids[1:]
+  assert tok.decode(ids) == "Once upon a time"
+  assert tok.encode_batch(["Once upon a time", "Hi"])[0] == ids
+  with pytest.raises(ValueError, match="no chat template"):
+    tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_rendered_in_sandbox(tinystories_dir, tmp_path):
+  for f in ("tokenizer.json", "special_tokens_map.json"):
+    shutil.copy(tinystories_dir / f, tmp_path)
+  cfg = json.loads((tinystories_dir / "tokenizer_config.json").read_text())
+  cfg["chat_template"] = TEMPLATE
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+  tok = models.load_tokenizer(tmp_path)
+  msgs = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello"},
+  ]
+  text = tok.apply_chat_template(msgs, add_generation_prompt=True)
+  assert text == (
+    "<|start_story|><user>Hi<|end_story|>\n"
+    "<assistant>Hello<|end_story|>\n<assistant>"
+  )
+  ids = tok.apply_chat_template(msgs, tokenize=True)
+  assert ids[0] == 1 and ids.count(1) == 1  # BOS from the template only
+  with pytest.raises(jinja2.TemplateError, match="bad role system"):
+    tok.apply_chat_template([{"role": "system", "content": "x"}])
+  # The sandbox refuses attribute access to Python internals.
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({**cfg, "chat_template": "{{ messages.__class__.__mro__ }}"})
+  )
+  with pytest.raises(jinja2.exceptions.SecurityError):
+    models.load_tokenizer(tmp_path).apply_chat_template(msgs)
+
+
+def test_gpt2_missing_pad_token_error_and_override(shared_data):
+  d = shared_data / "tokenizers" / "gpt2"
+  tok = models.load_tokenizer(d)
+  assert tok.encode("Hello world") == [15496, 995]
+  with pytest.raises(models.MissingSpecialTokenError, match="no pad token"):
+    _ = tok.pad_id
+  tok = models.load_tokenizer(
+    d, pad_token="<|endoftext|>", eos_token="<|endoftext|>"
+  )
+  assert tok.pad_id == tok.eos_id == 50256
+  with pytest.raises(ValueError, match="not in the vocabulary"):
+    models.load_tokenizer(d, pad_token="<pad>")
+
+
+def test_missing_tokenizer_json(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    models.load_tokenizer(tmp_path)
