@@ -28,8 +28,11 @@ NEVER = CFG.vocab_size  # an id the model can never sample: no EOS
 @pytest.fixture(scope="module")
 def params():
   p = models.init_params(CFG, jax.random.key(0))
-  # Sharper logits than the 0.02 init so sampling is not uniform.
-  return jax.tree.map(lambda x: x * 8.0 if x.ndim >= 2 else x, p)
+  # Sharper logits than the 0.02 init so sampling is not uniform (mean
+  # logprob about -2.5 against log(1/64) = -4.16). At x8 the logits reach
+  # |30| and f32 rounding differences between the one-token decode kernels
+  # and the full forward reach 2e-5; at x4 they stay below 3e-6.
+  return jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, p)
 
 
 def _prompts():
