@@ -330,14 +330,20 @@ def make_ppo_step(
       model_config, config, policy_optimizer, value_optimizer, prompt_len
     )
 
-    def epoch(carry, epoch_rng):
+    def epoch(carry, xs):
+      epoch_rng, epoch_index = xs
       if config.shuffle_minibatches and axis is None:
         perm = jax.random.permutation(epoch_rng, rows)
         epoch_data = jax.tree.map(lambda x: x[perm], data)
       else:
         epoch_data = data
       mbs = _strided_minibatches(epoch_data, num_mb)
-      return jax.lax.scan(update, carry, mbs)
+      # The very first update runs on the params that produced
+      # old_logprobs: it uses its own (stop-gradient) logprobs as the old
+      # ones, so its ratio is exactly 1 by construction rather than up to
+      # f32 rounding between two differently fused forward passes.
+      first = (epoch_index == 0) & (jnp.arange(num_mb) == 0)
+      return jax.lax.scan(update, carry, (mbs, first))
 
     carry = (
       state.policy_params,
@@ -347,7 +353,9 @@ def make_ppo_step(
       state.skipped_steps,
     )
     epoch_rngs = jax.random.split(perm_rng, config.ppo_epochs)
-    carry, update_metrics = jax.lax.scan(epoch, carry, epoch_rngs)
+    carry, update_metrics = jax.lax.scan(
+      epoch, carry, (epoch_rngs, jnp.arange(config.ppo_epochs))
+    )
     policy_params, value_params, p_opt, v_opt, skipped = carry
     # update_metrics leaves are [epochs, minibatches].
     first = jax.tree.map(lambda x: x[0, 0], update_metrics)
@@ -400,6 +408,9 @@ def make_ppo_step(
           rollout.truncated.astype(jnp.float32), rows_f, axis_name=axis
         ),
         "rollout/logprob_mismatch_max": mismatch,
+        # Optimizer updates skipped (non-finite gradients) in this call, of
+        # ppo_epochs * num_minibatches; train/skipped_steps is the total.
+        "train/skipped": (skipped - state.skipped_steps).astype(jnp.float32),
         "train/skipped_steps": skipped.astype(jnp.float32),
         "train/tokens": masked_sum(
           jnp.ones_like(old_logprobs), mask, axis_name=axis
@@ -433,7 +444,8 @@ def _make_update(
     config.cliprange if config.cliprange_high is None else config.cliprange_high
   )
 
-  def update(carry, mb):
+  def update(carry, xs):
+    mb, first = xs
     policy_params, value_params, p_opt, v_opt, skipped = carry
     mask_all = mb["mask"]
     if config.loss_agg_mode == "token-mean":
@@ -457,9 +469,12 @@ def _make_update(
         temperature=temperature,
         response_mask=mask,
       )
+      old_logp = jnp.where(
+        first, jax.lax.stop_gradient(logp), micro["old_logprobs"]
+      )
       pg_loss, _ = ppo_policy_loss(
         logp,
-        micro["old_logprobs"],
+        old_logp,
         micro["advantages"],
         mask,
         cliprange=config.cliprange,
@@ -501,7 +516,7 @@ def _make_update(
         + config.vf_coef * vf_loss
       )
       # Summable per-token statistics (divided by the global token count).
-      d = jnp.where(mask, logp - micro["old_logprobs"], 0.0)
+      d = jnp.where(mask, logp - old_logp, 0.0)
       ratio = jnp.where(mask, jnp.exp(d), 1.0)
       adv = micro["advantages"]
       unclipped = -adv * ratio
