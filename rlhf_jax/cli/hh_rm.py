@@ -1,0 +1,553 @@
+"""`rlhf-jax rm` on Anthropic HH-RLHF: a reward model on real human preferences.
+
+The second real-input job of the CLI issue. Pairs come from every
+``*.jsonl.gz`` file of the HH-RLHF directory (Bai et al. 2022); rows whose
+chosen and rejected prompts differ, or whose two transcripts are identical,
+are dropped and counted (``rlhf_jax.data.load_hh_rlhf``). The first
+``heldout_rows`` rows of ``helpful-base-test.jsonl.gz`` (by ORIGINAL row
+index, before dropping) are held out; everything else trains the model.
+
+Model: a Bradley-Terry reward model (Ouyang et al. 2022, eq. 1)
+
+  loss = -mean_b log sigma(r(x_b, y_b^+) - r(x_b, y_b^-)),
+
+r read at the last real token (``models.reward_forward``), with either a
+small Llama-style decoder trained from scratch on the GPT-2 tokenizer
+(``backbone="scratch"``) or the TinyStories-656K backbone with its own
+tokenizer (``backbone="tinystories"``). Prompts are truncated from the left
+and responses from the right (``data.tokenize_preferences``).
+
+Evaluation on the held-out pairs (DESIGN.md convention 11):
+
+* reward-model accuracy = #(r+ > r-) / n, strict; ties count as wrong and
+  are reported;
+* length baseline: predict the response with more CHARACTERS (of the
+  response text after the prompt split, untruncated); equal lengths count
+  as wrong and are reported as ties;
+* standard error of an accuracy p on n pairs: sqrt(p (1 - p) / n); the
+  chance-level standard error sqrt(0.25 / n) is reported beside it.
+
+Measured (defaults, 2-core CPU shared with other jobs): 7662 training
+pairs, 239 steps of 32 pairs, n = 498 held-out pairs (2 of rows 0-499
+dropped). Held-out accuracy 0.572 (seed 0) and 0.594 (seed 1), standard
+error 0.022, chance standard error 0.0224 (z = 3.2 and 4.2); length
+baseline 0.598 (ties 0.002). Wall 6-8.5 minutes, 280-330 CPU seconds.
+Two epochs overfit (held-out 0.534 at D=64). The length baseline beats the
+model: on the training files the longer response wins only 52% of pairs
+(43% on helpful-online, 44% on harmless-base), so length alone is not
+what the model can learn from them.
+
+Outputs in ``run_dir``: config.json (resolved), metrics.jsonl and
+TensorBoard events (stage "rm": loss / accuracy means over ``log_every``
+steps; stage "eval": the held-out figures), checkpoints/ (for ``resume``),
+heldout_rewards.npz (chosen f32[n], rejected f32[n], rows i64[n] original
+row indices), results.json (the returned figures) and report.md with the
+loss / accuracy plot.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Literal
+
+import jax
+import numpy as np
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.checkpoint import CheckpointManager, abstract_like
+from rlhf_jax.cli.metrics import MetricsWriter
+from rlhf_jax.cli.progress import ProgressBar
+from rlhf_jax.cli.report import write_report
+from rlhf_jax.data import (
+  BatchIterator,
+  DataError,
+  HFTokenizerAdapter,
+  PreferencePair,
+  TokenizedDataset,
+  load_hh_rlhf,
+  split_by_rows,
+  tokenize_preferences,
+)
+from rlhf_jax.train import (
+  RewardModelConfig,
+  TrainState,
+  make_reward_model_step,
+  pair_rewards,
+)
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_HH_DIR = SHARED_DATA / "hh-rlhf"
+DEFAULT_GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2" / "tokenizer.json"
+DEFAULT_TINYSTORIES_DIR = SHARED_DATA / "models" / "tinystories-656k"
+HELDOUT_FILE = "helpful-base-test.jsonl.gz"
+RESULTS_FILE = "results.json"
+REWARDS_FILE = "heldout_rewards.npz"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True)
+class HHRewardModelConfig:
+  """Settings of the HH-RLHF reward-model job.
+
+  Attributes:
+    data_dir: HH-RLHF directory of ``*.jsonl.gz`` files; None = the shared
+      data directory ``<repo>/../shared/data/hh-rlhf``.
+    heldout_file: file name whose first rows are held out.
+    heldout_rows: rows 0 .. heldout_rows-1 of ``heldout_file`` (original
+      indices, before dropping) are the evaluation pairs.
+    backbone: "scratch" (Llama-style decoder initialised at random, GPT-2
+      tokenizer) or "tinystories" (the TinyStories-656K checkpoint and its
+      tokenizer; the size fields below are then ignored).
+    tokenizer_path: GPT-2 ``tokenizer.json`` for "scratch"; None = shared.
+    model_dir: TinyStories checkpoint for "tinystories"; None = shared.
+    hidden_size: D of the scratch model.
+    num_layers: blocks of the scratch model.
+    num_heads: attention heads (= kv heads) of the scratch model.
+    intermediate_size: SwiGLU width of the scratch model.
+    max_prompt_length: P tokens; longer prompts keep their LAST P tokens.
+    max_response_length: T tokens (EOS included); longer responses keep
+      their FIRST T tokens and lose the EOS.
+    batch_size: pairs per optimizer step (static shape).
+    epochs: passes over the training pairs (the last partial batch of an
+      epoch is dropped; shuffling differs per epoch).
+    learning_rate: peak AdamW learning rate (linear warmup, cosine decay
+      to 10% of the peak).
+    warmup_steps: linear warmup steps.
+    weight_decay: AdamW decoupled weight decay.
+    max_grad_norm: global-norm gradient clipping.
+    label_smoothing: robust Bradley-Terry label-flip probability.
+    max_train_pairs: use only the first N training pairs (smoke tests).
+    eval_batch_size: pairs per held-out scoring batch (static shape).
+    seed: initialisation and shuffling seed.
+    strict: raise on droppable rows instead of dropping them.
+    log_every: steps per metrics.jsonl record (means over the window).
+    checkpoint_every: steps between checkpoints (and at the end).
+    tensorboard: also write TensorBoard event files.
+  """
+
+  data_dir: str | None = None
+  heldout_file: str = HELDOUT_FILE
+  heldout_rows: int = 500
+  backbone: Literal["scratch", "tinystories"] = "scratch"
+  tokenizer_path: str | None = None
+  model_dir: str | None = None
+  hidden_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  intermediate_size: int = 256
+  max_prompt_length: int = 64
+  max_response_length: int = 64
+  batch_size: int = 32
+  epochs: int = 1
+  learning_rate: float = 1e-3
+  warmup_steps: int = 50
+  weight_decay: float = 0.01
+  max_grad_norm: float = 1.0
+  label_smoothing: float = 0.0
+  max_train_pairs: int | None = None
+  eval_batch_size: int = 128
+  seed: int = 0
+  strict: bool = False
+  log_every: int = 10
+  checkpoint_every: int = 200
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    if self.checkpoint_every % self.log_every:
+      # A checkpoint between two log records would lose the partial
+      # window on resume, and the resumed metrics would differ.
+      raise ValueError(
+        f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+        f"log_every={self.log_every}"
+      )
+
+  @classmethod
+  def smoke(cls, **overrides: Any) -> "HHRewardModelConfig":
+    """A seconds-long configuration for tests: tiny model, 64 pairs."""
+    base = dict(
+      hidden_size=32,
+      num_layers=1,
+      num_heads=2,
+      intermediate_size=64,
+      max_prompt_length=16,
+      max_response_length=16,
+      batch_size=8,
+      epochs=1,
+      warmup_steps=2,
+      max_train_pairs=64,
+      eval_batch_size=64,
+      log_every=2,
+      checkpoint_every=4,
+      tensorboard=False,
+    )
+    base.update(overrides)
+    return cls(**base)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def accuracy_stderr(accuracy: float, n: int) -> float:
+  """Binomial standard error sqrt(p (1 - p) / n) of an accuracy on n pairs."""
+  return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
+
+
+def length_baseline(pairs: list[PreferencePair]) -> dict[str, float | int]:
+  """Predict the longer response (characters); equal lengths are wrong.
+
+  Returns:
+    {"accuracy": #(len(chosen) > len(rejected)) / n, "ties": #(equal) / n,
+    "n": n}, lengths in characters of the response texts (the part after
+    the shared prompt), before any truncation.
+  """
+  c = np.array([len(p.chosen) for p in pairs])
+  r = np.array([len(p.rejected) for p in pairs])
+  n = len(pairs)
+  return {
+    "accuracy": float(np.mean(c > r)) if n else 0.0,
+    "ties": float(np.mean(c == r)) if n else 0.0,
+    "n": n,
+  }
+
+
+def _resolve(path: str | None, default: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(path).expanduser() if path is not None else default
+
+
+def _build_model(
+  config: HHRewardModelConfig, rng: jax.Array
+) -> tuple[HFTokenizerAdapter, models.ModelConfig, dict]:
+  """Tokenizer, backbone config and {"backbone", "head"} params."""
+  if config.backbone == "scratch":
+    tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
+    if not tok_path.is_file():
+      raise FileNotFoundError(
+        f"{tok_path}: GPT-2 tokenizer.json not found (set tokenizer_path)"
+      )
+    tok = HFTokenizerAdapter.from_file(tok_path, eos_token="<|endoftext|>")
+    vocab = tok.tokenizer.get_vocab_size()
+    if config.hidden_size % config.num_heads:
+      raise ValueError(
+        f"hidden_size={config.hidden_size} is not a multiple of "
+        f"num_heads={config.num_heads}"
+      )
+    model_config = models.ModelConfig(
+      model_type="llama",
+      vocab_size=vocab,
+      hidden_size=config.hidden_size,
+      num_layers=config.num_layers,
+      num_heads=config.num_heads,
+      num_kv_heads=config.num_heads,
+      head_dim=config.hidden_size // config.num_heads,
+      intermediate_size=config.intermediate_size,
+      max_position_embeddings=config.max_prompt_length
+      + config.max_response_length,
+      # Tied: the unused LM head would otherwise double the parameters.
+      tie_word_embeddings=True,
+      eos_token_id=tok.eos_id,
+      pad_token_id=tok.pad_id,
+    )
+    backbone_rng, head_rng = jax.random.split(rng)
+    backbone = models.init_params(model_config, backbone_rng)
+  elif config.backbone == "tinystories":
+    model_dir = _resolve(config.model_dir, DEFAULT_TINYSTORIES_DIR)
+    model_config, backbone = models.load_hf_checkpoint(model_dir)
+    tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
+    _, head_rng = jax.random.split(rng)
+  else:
+    raise ValueError(
+      f"backbone={config.backbone!r}; expected 'scratch' or 'tinystories'"
+    )
+  params = {
+    "backbone": backbone,
+    "head": models.init_head_params(model_config, head_rng),
+  }
+  return tok, model_config, params
+
+
+def _optimizer(
+  config: HHRewardModelConfig, total_steps: int
+) -> optax.GradientTransformation:
+  warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=0.1 * config.learning_rate,
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(config.max_grad_norm),
+    optax.adamw(schedule, weight_decay=config.weight_decay),
+  )
+
+
+def _score_pairs(
+  score_fn, params, dataset: TokenizedDataset, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Rewards (chosen f32[n], rejected f32[n]) in static-shape batches."""
+  n = len(dataset)
+  chosen, rejected = [], []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size)
+    idx = np.where(idx < n, idx, -1)  # -1: padding rows, dropped below
+    rc, rr = score_fn(params, dataset.take(idx))
+    keep = idx >= 0
+    chosen.append(np.asarray(rc)[keep])
+    rejected.append(np.asarray(rr)[keep])
+  return np.concatenate(chosen), np.concatenate(rejected)
+
+
+def _mean_metrics(window: list[dict]) -> dict[str, float]:
+  host = jax.device_get(window)
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def _load_pairs(config: HHRewardModelConfig):
+  data_dir = _resolve(config.data_dir, DEFAULT_HH_DIR)
+  if not data_dir.is_dir():
+    raise DataError(
+      f"{data_dir}: HH-RLHF directory not found (set data_dir to a folder of "
+      "HH-RLHF .jsonl.gz files)"
+    )
+  loaded = load_hh_rlhf(data_dir, strict=config.strict)
+  train, held = split_by_rows(
+    loaded.examples,
+    source_name=config.heldout_file,
+    rows=range(config.heldout_rows),
+  )
+  if not held:
+    raise DataError(
+      f"no held-out pairs: rows 0-{config.heldout_rows - 1} of "
+      f"{config.heldout_file} were all dropped"
+    )
+  if config.max_train_pairs is not None:
+    train = train[: config.max_train_pairs]
+  if len(train) < config.batch_size:
+    raise DataError(
+      f"{len(train)} training pairs, fewer than batch_size={config.batch_size}"
+    )
+  return loaded, train, held
+
+
+# --------------------------------------------------------------------- job
+
+
+def run_hh_reward_model(
+  config: HHRewardModelConfig,
+  run_dir: pathlib.Path,
+  *,
+  resume: bool = False,
+) -> dict[str, Any]:
+  """Trains and evaluates the HH-RLHF reward model; writes the run outputs.
+
+  Args:
+    config: the job settings.
+    run_dir: output directory (created if missing).
+    resume: continue from the latest checkpoint in ``run_dir/checkpoints``
+      (same config required; the data order continues where it stopped, so
+      the result equals an uninterrupted run's); without a checkpoint, start
+      from scratch. Resuming a finished run returns its results.json.
+
+  Returns:
+    The figures, also written to ``run_dir/results.json``:
+    "heldout/accuracy", "heldout/ties" (fractions of n), "heldout/n",
+    "heldout/stderr" (sqrt(p(1-p)/n)), "heldout/chance_stderr"
+    (sqrt(0.25/n)), "heldout/z_vs_chance" ((p - 0.5) / chance_stderr),
+    "baseline/length_chars_accuracy", "baseline/length_chars_ties",
+    "data/*" counts (rows read, dropped per reason, train / held-out pairs,
+    truncations), "train/*" final-window means, "time/*" wall seconds
+    (data, compile + first step, train, eval, total) and "time/cpu_s".
+
+  Raises:
+    DataError: missing or unusable data (with ``strict``: droppable rows).
+    FileNotFoundError: missing tokenizer or model directory.
+    ValueError: ``resume=False`` on a run directory that already holds
+      checkpoints, or a checkpoint written with a different config.
+  """
+  t_start = time.perf_counter()
+  cpu_start = time.process_time()
+  run_dir = pathlib.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  ckpt_dir = run_dir / CHECKPOINT_DIR
+  config_dict = dataclasses.asdict(config)
+  if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise ValueError(
+      f"{run_dir} already holds checkpoints; pass resume=True to continue "
+      "that run or choose a new run directory"
+    )
+  (run_dir / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+
+  # Data.
+  loaded, train_pairs, held_pairs = _load_pairs(config)
+  rng = jax.random.key(config.seed)
+  init_rng, state_rng = jax.random.split(rng)
+  tok, model_config, params = _build_model(config, init_rng)
+  lengths = dict(
+    max_prompt_length=config.max_prompt_length,
+    max_response_length=config.max_response_length,
+  )
+  train_ds = tokenize_preferences(train_pairs, tok, **lengths)
+  held_ds = tokenize_preferences(held_pairs, tok, **lengths)
+  t_data = time.perf_counter()
+
+  # Train step: one compile for the static [batch_size, P + T] shapes.
+  it = BatchIterator(
+    train_ds,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    num_epochs=config.epochs,
+  )
+  total_steps = it.batches_per_epoch * config.epochs
+  optimizer = _optimizer(config, total_steps)
+  rm_config = RewardModelConfig(label_smoothing=config.label_smoothing)
+  step_fn = jax.jit(
+    make_reward_model_step(model_config, optimizer, rm_config),
+    donate_argnums=0,
+  )
+  score_fn = jax.jit(lambda p, b: pair_rewards(p, b, model_config=model_config))
+  state = TrainState.create(params, optimizer, state_rng)
+
+  ckpt = CheckpointManager(ckpt_dir, max_to_keep=1)
+  start_step = 0
+  if resume and ckpt.latest_step() is not None:
+    meta = ckpt.restore_metadata()
+    if meta.get("config") != json.loads(json.dumps(config_dict)):
+      raise ValueError(
+        f"{ckpt_dir}: the checkpoint was written with a different config; "
+        "resume needs the same settings"
+      )
+    state, meta = ckpt.restore(abstract_state=abstract_like(state))
+    it.load_state_dict(meta["iterator"])
+    start_step = int(state.step)
+    results_path = run_dir / RESULTS_FILE
+    if start_step == total_steps and results_path.is_file():
+      ckpt.close()
+      return json.loads(results_path.read_text())  # already complete
+  writer = MetricsWriter(
+    run_dir,
+    tensorboard=config.tensorboard,
+    resume_step=start_step if resume else None,
+  )
+
+  compile_s = 0.0
+  window: list[dict] = []
+  last: dict[str, float] = {}
+  try:
+    with ProgressBar(total_steps, "rm") as bar:
+      bar.update(start_step)
+      for step in range(start_step + 1, total_steps + 1):
+        batch = next(it).batch
+        t0 = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        if step == start_step + 1:
+          jax.block_until_ready(metrics)
+          compile_s = time.perf_counter() - t0  # includes one step
+        window.append(metrics)
+        if step % config.log_every == 0 or step == total_steps:
+          last = _mean_metrics(window)
+          window = []
+          last["rm/epoch"] = step / it.batches_per_epoch
+          writer.log(step, last, stage="rm")
+        if step % config.checkpoint_every == 0 or step == total_steps:
+          ckpt.save(
+            step,
+            state,
+            metadata={"config": config_dict, "iterator": it.state_dict()},
+            force=True,
+          )
+        bar.update(
+          1, {k: last[k] for k in ("rm/loss", "rm/accuracy") if k in last}
+        )
+    ckpt.wait_until_finished()
+    t_train = time.perf_counter()
+
+    # Held-out evaluation of the final model (no model selection on it).
+    rc, rr = _score_pairs(
+      score_fn, state.params, held_ds, config.eval_batch_size
+    )
+    n = len(rc)
+    acc = float(np.mean(rc > rr))
+    ties = float(np.mean(rc == rr))
+    base = length_baseline(held_pairs)
+    chance_se = math.sqrt(0.25 / n)
+    writer.log(
+      total_steps,
+      {
+        "eval/heldout_accuracy": acc,
+        "eval/heldout_ties": ties,
+        "eval/length_baseline_accuracy": base["accuracy"],
+      },
+      stage="eval",
+    )
+    np.savez(
+      run_dir / REWARDS_FILE,
+      chosen=rc,
+      rejected=rr,
+      rows=held_ds.rows,
+    )
+  finally:
+    writer.close()
+    ckpt.close()
+  t_eval = time.perf_counter()
+
+  drops = loaded.drops
+  heldout_source = next(
+    s for s in drops.rows_read if pathlib.Path(s).name == config.heldout_file
+  )
+  heldout_dropped = sum(
+    1
+    for d in drops.dropped
+    if d.source == heldout_source and d.row < config.heldout_rows
+  )
+  results: dict[str, Any] = {
+    "heldout/accuracy": acc,
+    "heldout/ties": ties,
+    "heldout/n": n,
+    "heldout/stderr": accuracy_stderr(acc, n),
+    "heldout/chance_stderr": chance_se,
+    "heldout/z_vs_chance": (acc - 0.5) / chance_se,
+    "heldout/rows_dropped": heldout_dropped,
+    "heldout/mean_margin": float(np.mean(rc - rr)),
+    "baseline/length_chars_accuracy": base["accuracy"],
+    "baseline/length_chars_ties": base["ties"],
+    "baseline/length_chars_stderr": accuracy_stderr(base["accuracy"], n),
+    "data/rows_read": drops.total_read,
+    "data/rows_dropped": drops.total_dropped,
+    **{f"data/dropped_{k}": v for k, v in sorted(drops.counts().items())},
+    "data/train_pairs": len(train_ds),
+    "data/heldout_pairs": len(held_ds),
+    **{
+      f"data/train_truncated_{k}": v
+      for k, v in sorted(train_ds.truncation.truncated.items())
+    },
+    "train/steps": total_steps,
+    "train/loss_last_window": last.get("rm/loss", float("nan")),
+    "train/accuracy_last_window": last.get("rm/accuracy", float("nan")),
+    "model/backbone": config.backbone,
+    "model/parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+    "time/data_s": t_data - t_start,
+    "time/compile_s": compile_s,
+    "time/train_s": t_train - t_data,
+    "time/eval_s": t_eval - t_train,
+    "time/total_s": t_eval - t_start,
+    # CPU seconds of this process (all threads): on a shared machine, wall
+    # time above overstates what the job needs.
+    "time/cpu_s": time.process_time() - cpu_start,
+  }
+  (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+  write_report(
+    run_dir,
+    summary=results,
+    samples={},
+    metrics_path=writer.path,
+    title=(
+      f"HH-RLHF reward model: held-out accuracy on {n} helpful-base pairs"
+    ),
+  )
+  return results

@@ -1,0 +1,187 @@
+"""The HH-RLHF reward-model job (rlhf_jax.cli.hh_rm) at smoke size.
+
+Runs on the real shared HH-RLHF files with a tiny model and 64 training
+pairs: the held-out set, drop counts and the length baseline are checked
+against an independent reading of the raw files; the run outputs, the
+accuracy's consistency with the saved rewards, and an interrupted run
+resumed from its checkpoint (same final numbers as an uninterrupted run).
+"""
+
+import gzip
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.cli import hh_rm
+from rlhf_jax.cli.metrics import read_metrics
+from rlhf_jax.data import PreferencePair
+
+MARKER = "\n\nAssistant:"
+
+
+def _raw_heldout(shared_data: pathlib.Path) -> list[tuple[str, str]]:
+  """Usable (chosen, rejected) responses of helpful-base rows 0-499.
+
+  Read straight from the gzip file: split at the LAST "\\n\\nAssistant:",
+  drop rows whose prompts differ or whose transcripts are identical.
+  """
+  path = shared_data / "hh-rlhf" / "helpful-base-test.jsonl.gz"
+  out = []
+  with gzip.open(path, "rt", encoding="utf-8") as f:
+    for i, line in enumerate(f):
+      if i >= 500:
+        break
+      row = json.loads(line)
+      c, r = row["chosen"], row["rejected"]
+      ic, ir = c.rindex(MARKER) + len(MARKER), r.rindex(MARKER) + len(MARKER)
+      if c == r or c[:ic] != r[:ir]:
+        continue
+      out.append((c[ic:], r[ir:]))
+  return out
+
+
+def test_length_baseline_hand_computed():
+  # chosen longer, rejected longer, equal (a tie: counted wrong), chosen
+  # longer: accuracy 2/4 = 0.5, ties 1/4. Counting ties as right gives 0.75.
+  pairs = [
+    PreferencePair("p", "abcd", "ab"),
+    PreferencePair("p", "a", "abc"),
+    PreferencePair("p", "xy", "zw"),
+    PreferencePair("p", "hello", ""),
+  ]
+  out = hh_rm.length_baseline(pairs)
+  assert out == {"accuracy": 0.5, "ties": 0.25, "n": 4}
+
+
+def test_accuracy_stderr():
+  # sqrt(0.6 * 0.4 / 100) = sqrt(0.0024) = 0.04899.
+  assert hh_rm.accuracy_stderr(0.6, 100) == pytest.approx(0.0489898, abs=1e-6)
+  assert hh_rm.accuracy_stderr(1.0, 10) == 0.0
+
+
+def test_config_rejects_checkpoint_between_logs():
+  with pytest.raises(ValueError, match="multiple of log_every=10"):
+    hh_rm.HHRewardModelConfig(log_every=10, checkpoint_every=25)
+
+
+def test_tinystories_backbone_builds(tinystories_dir):
+  config = hh_rm.HHRewardModelConfig.smoke(
+    backbone="tinystories", model_dir=str(tinystories_dir)
+  )
+  tok, model_config, params = hh_rm._build_model(config, jax.random.key(0))
+  # TinyStories: vocab 2048, width 128, BOS 1 / EOS 2 / pad 0 (README).
+  assert model_config.vocab_size == 2048 and model_config.hidden_size == 128
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+  assert params["head"]["kernel"].shape == (128,)
+  ref_config, ref_params = models.load_hf_checkpoint(tinystories_dir)
+  assert model_config == ref_config
+  np.testing.assert_array_equal(
+    params["backbone"]["embed"],
+    ref_params["embed"],
+  )
+
+
+def test_scratch_backbone_uses_gpt2_tokenizer():
+  config = hh_rm.HHRewardModelConfig.smoke()
+  tok, model_config, params = hh_rm._build_model(config, jax.random.key(0))
+  # GPT-2: "Hello world" -> [15496, 995], <|endoftext|> = 50256 (README).
+  assert tok.encode("Hello world") == [15496, 995]
+  assert tok.eos_id == tok.pad_id == 50256 and tok.bos_id is None
+  assert model_config.vocab_size == 50257
+  assert model_config.max_position_embeddings == 32  # P + T = 16 + 16
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("hh") / "run"
+  config = hh_rm.HHRewardModelConfig.smoke()
+  return config, run_dir, hh_rm.run_hh_reward_model(config, run_dir)
+
+
+def test_smoke_figures_match_raw_data(smoke_run, shared_data):
+  _, run_dir, res = smoke_run
+  raw = _raw_heldout(shared_data)
+  assert len(raw) == 498  # 500 rows, 2 dropped (README drop rules)
+  assert res["heldout/n"] == 498
+  assert res["heldout/rows_dropped"] == 2
+  c = np.array([len(a) for a, _ in raw])
+  r = np.array([len(b) for _, b in raw])
+  assert res["baseline/length_chars_accuracy"] == np.mean(c > r)
+  assert res["baseline/length_chars_ties"] == np.mean(c == r)
+  # README: 17 prompt_differs + 36 chosen_equals_rejected of 8213 rows.
+  assert res["data/rows_read"] == 8213
+  assert res["data/dropped_prompt_differs"] == 17
+  assert res["data/dropped_chosen_equals_rejected"] == 36
+  assert res["data/train_pairs"] == 64
+  assert res["data/heldout_pairs"] == 498
+  # Accuracy and ties agree with the saved per-pair rewards.
+  with np.load(run_dir / hh_rm.REWARDS_FILE, allow_pickle=False) as z:
+    rc, rr, rows = z["chosen"], z["rejected"], z["rows"]
+  assert rc.shape == rr.shape == rows.shape == (498,)
+  assert set(rows.tolist()) < set(range(500))
+  assert res["heldout/accuracy"] == np.mean(rc > rr)
+  assert res["heldout/ties"] == np.mean(rc == rr)
+  assert np.all(np.isfinite(rc)) and np.all(np.isfinite(rr))
+  acc = res["heldout/accuracy"]
+  assert res["heldout/stderr"] == pytest.approx(
+    math.sqrt(acc * (1 - acc) / 498)
+  )
+  assert res["heldout/z_vs_chance"] == pytest.approx(
+    (acc - 0.5) / math.sqrt(0.25 / 498)
+  )
+
+
+def test_smoke_outputs(smoke_run):
+  config, run_dir, res = smoke_run
+  assert json.loads((run_dir / hh_rm.RESULTS_FILE).read_text()) == res
+  saved = json.loads((run_dir / hh_rm.CONFIG_FILE).read_text())
+  assert saved["max_train_pairs"] == config.max_train_pairs
+  recs = read_metrics(run_dir, stage="rm")
+  # 64 pairs / batch 8 = 8 steps, a record every 2 steps.
+  assert [r["step"] for r in recs] == [2, 4, 6, 8]
+  for r in recs:
+    assert 0.0 <= r["rm/accuracy"] <= 1.0 and math.isfinite(r["rm/loss"])
+  (ev,) = read_metrics(run_dir, stage="eval")
+  assert ev["eval/heldout_accuracy"] == res["heldout/accuracy"]
+  report = (run_dir / "report.md").read_text()
+  assert "heldout/accuracy" in report and "baseline/length" in report
+  assert (run_dir / "plots" / "rm_training.png").stat().st_size > 0
+  assert res["train/steps"] == 8
+
+
+def test_resume_after_interrupt_matches(smoke_run, tmp_path, monkeypatch):
+  config, ref_dir, ref = smoke_run
+  run_dir = tmp_path / "run"
+  real_log = hh_rm.MetricsWriter.log
+
+  def interrupting_log(self, step, metrics, *, stage):
+    if step == 6:  # after the checkpoint at step 4
+      raise KeyboardInterrupt
+    return real_log(self, step, metrics, stage=stage)
+
+  monkeypatch.setattr(hh_rm.MetricsWriter, "log", interrupting_log)
+  with pytest.raises(KeyboardInterrupt):
+    hh_rm.run_hh_reward_model(config, run_dir)
+  monkeypatch.undo()
+  assert not (run_dir / hh_rm.RESULTS_FILE).exists()
+  with pytest.raises(ValueError, match="pass resume=True"):
+    hh_rm.run_hh_reward_model(config, run_dir)
+  res = hh_rm.run_hh_reward_model(config, run_dir, resume=True)
+  for key in ("heldout/accuracy", "heldout/ties", "train/loss_last_window"):
+    assert res[key] == ref[key], key
+  with (
+    np.load(ref_dir / hh_rm.REWARDS_FILE, allow_pickle=False) as a,
+    np.load(run_dir / hh_rm.REWARDS_FILE, allow_pickle=False) as b,
+  ):
+    np.testing.assert_array_equal(a["chosen"], b["chosen"])
+    np.testing.assert_array_equal(a["rejected"], b["rejected"])
+  # The resumed metrics.jsonl equals the uninterrupted run's.
+  assert read_metrics(run_dir) == read_metrics(ref_dir)
+  # Resuming a finished run returns its stored results.
+  again = hh_rm.run_hh_reward_model(config, run_dir, resume=True)
+  assert again == json.loads((run_dir / hh_rm.RESULTS_FILE).read_text())
