@@ -1,20 +1,235 @@
-"""Entry point of the `rlhf-jax` command."""
+"""Entry point of the `rlhf-jax` command.
 
-import sys
+  rlhf-jax <subcommand> [--preset NAME] [--field value ...]
 
-_HELP = """\
-usage: rlhf-jax {sft,rm,dpo,ppo,run,generate,eval,export} ...
-
-rlhf_jax command line. The pipeline subcommands land with the CLI issue;
-the library (rlhf_jax.*) is usable from Python today.
+The subcommand picks a typed config class (configs.py), ``--preset`` a
+function returning its starting values (presets.py), and tyro parses the
+remaining flags into field overrides. User errors (unknown subcommand,
+preset or option, bad data, missing model directory) print ONE line on
+stderr and exit with status 2; SIGINT saves the running stage and exits
+with 130 (rerun with --resume).
 """
 
+import contextlib
+import dataclasses
+import io
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
-def main(argv: list[str] | None = None) -> int:
-  """Prints help; subcommands are added by the CLI issue."""
-  del argv
-  sys.stdout.write(_HELP)
+from rlhf_jax.cli import presets as P
+from rlhf_jax.cli import runtime
+
+COMMANDS = {
+  "run": "the whole default pipeline: prompts, simulated feedback, reward "
+  "model, PPO and DPO, evaluation, report.md",
+  "sft": "supervised fine-tuning on demonstrations (--data FILE)",
+  "rm": "train a reward model (the task's simulated feedback, --data FILE, "
+  "or --preset hh-rlhf: Anthropic HH-RLHF)",
+  "ppo": "PPO against the reward model (runs the stages it needs)",
+  "dpo": "DPO on preference pairs (simulated feedback or --data FILE)",
+  "generate": "sample continuations from a model or a run's policy",
+  "eval": "evaluate a run's policy on the held-out prompts",
+  "export": "write a run's policy or reward model as a Hugging Face dir",
+}
+
+_HELP = """\
+usage: rlhf-jax <subcommand> [--preset NAME] [OPTIONS]
+
+Pure-JAX RLHF. With no options, `rlhf-jax run` makes TinyStories happier:
+simulated preferences, a reward model, PPO and DPO, and a report.
+
+subcommands:
+{commands}
+
+`rlhf-jax <subcommand> --help` lists every option with its meaning.
+"""
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _error(message: str) -> int:
+  sys.stderr.write(f"rlhf-jax: error: {message}\n")
+  sys.stderr.flush()
+  return EXIT_USAGE
+
+
+def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
+  """Removes ``--preset NAME`` / ``--preset=NAME`` from args."""
+  out, name, i = [], None, 0
+  while i < len(args):
+    a = args[i]
+    if a == "--preset":
+      if i + 1 >= len(args):
+        raise runtime.CLIError("--preset needs a name")
+      name = args[i + 1]
+      i += 2
+      continue
+    if a.startswith("--preset="):
+      name = a.split("=", 1)[1]
+    else:
+      out.append(a)
+    i += 1
+  return name, out
+
+
+# Box-drawing characters of tyro's error panels (unicode, or ASCII when the
+# output is not a terminal).
+_BOX_EDGE = re.compile(r"^[\s│╭╮╰╯─┤├|+\-]+|[\s│╭╮╰╯─┤├|+\-]+$")
+
+
+def _one_line(text: str) -> str:
+  """The message of tyro's boxed error, on one line."""
+  lines = []
+  for raw in text.splitlines():
+    line = _BOX_EDGE.sub("", raw)
+    if not line or line.startswith("For full helptext"):
+      continue
+    lines.append(line)
+  # The first line is the box title ("Unrecognized options", "Value
+  # error"); the next holds the specifics.
+  body = [ln for ln in lines[1:] if ln != "Argument helptext:"][:1]
+  return " ".join(body or lines[:1]) or "invalid arguments"
+
+
+def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
+  """tyro parse; a usage error becomes CLIError with one line."""
+  import tyro
+
+  buf = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(buf):
+      return tyro.cli(
+        cls, default=default, args=args, prog=prog, description=doc
+      )
+  except SystemExit as e:
+    if e.code in (0, None):
+      raise
+    raise runtime.CLIError(
+      f"{_one_line(buf.getvalue())} (see `{prog} --help`)"
+    ) from None
+
+
+def _description(command: str, cls: type) -> str:
+  names = ", ".join(P.PRESETS[command])
+  return (
+    f"{COMMANDS[command]}.\n\n{cls.__doc__}\n\nPresets (--preset): {names}."
+  )
+
+
+def _hh_command_class(hh_cls: type) -> type:
+  @dataclasses.dataclass(frozen=True)
+  class HHCommand:
+    """HH-RLHF reward model: trains on every file but helpful-base rows
+    0-499 and reports accuracy on those 500 pairs beside the length
+    baseline."""
+
+    preset: str = "hh-rlhf"
+    """Named preset."""
+    run_dir: str | None = None
+    """Output directory. Default: runs/rm-hh-rlhf."""
+    resume: bool = False
+    """Continue the run in run_dir from its checkpoints."""
+    overwrite: bool = False
+    """Delete an existing run in run_dir and start again."""
+    hh: hh_cls = dataclasses.field(default_factory=hh_cls)
+    """Settings of the HH-RLHF job."""
+
+  return HHCommand
+
+
+def _run_hh(config: Any) -> int:
+  from rlhf_jax.cli.hh_rm import run_hh_reward_model
+
+  # The HH job writes (and checks on resume) its own config.json.
+  run_dir = runtime.prepare_run_dir("rm", config, write_config=False)
+  runtime.setup_jax()
+  try:
+    results = run_hh_reward_model(config.hh, run_dir, resume=config.resume)
+  except FileNotFoundError as e:
+    raise runtime.CLIError(str(e)) from None
+  for k in ("heldout/accuracy", "baseline/length_chars_accuracy"):
+    if k in results:
+      print(f"{k} = {results[k]:.4f}")
+  print(f"report: {run_dir / 'report.md'}")
   return 0
+
+
+def _dispatch(command: str, config: Any) -> int:
+  if command in P.PIPELINE_COMMANDS:
+    if command == "rm" and config.preset in P.HH_PRESETS:
+      return _run_hh(config)
+    from rlhf_jax.cli.pipeline import run_pipeline
+
+    out = run_pipeline(command, config)
+    for k, v in out["summary"].items():
+      print(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
+    print(
+      f"time: {out['time/total_s']:.1f}s, compile {out['time/compile_s']:.1f}s "
+      f"({100 * out['time/compile_share']:.0f}%)"
+    )
+    return 0
+  from rlhf_jax.cli import commands
+
+  fn: Callable[[Any], int] = getattr(commands, f"run_{command}")
+  return fn(config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
+
+  Returns:
+    0 on success, 2 on a user error (one line on stderr), 130 when
+    interrupted (after saving a checkpoint).
+  """
+  args = list(sys.argv[1:] if argv is None else argv)
+  if not args or args[0] in ("-h", "--help"):
+    width = max(len(c) for c in COMMANDS)
+    lines = "\n".join(f"  {c:<{width}}  {d}" for c, d in COMMANDS.items())
+    sys.stdout.write(_HELP.format(commands=lines))
+    return 0
+  command, rest = args[0], args[1:]
+  from rlhf_jax.data import DataError
+  from rlhf_jax.models import MissingSpecialTokenError
+
+  try:
+    if command not in COMMANDS:
+      raise runtime.CLIError(
+        f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
+      )
+    name, rest = _split_preset(rest)
+    name = name or ("default" if command in P.PRESETS else None)
+    table = P.PRESETS[command]
+    if name not in table:
+      raise runtime.CLIError(
+        f"unknown preset {name!r} for `rlhf-jax {command}`; choose from: "
+        f"{', '.join(table)}"
+      )
+    default = table[name]()
+    prog = f"rlhf-jax {command}"
+    if command == "rm" and name in P.HH_PRESETS:
+      cls = _hh_command_class(type(default))
+      default = cls(preset=name, hh=default)
+      doc = f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}."
+    else:
+      cls = type(default)
+      doc = _description(command, cls)
+    config = _parse(cls, default, rest, prog, doc)
+    return _dispatch(command, config)
+  except runtime.Interrupted as e:
+    sys.stderr.write(
+      f"rlhf-jax: interrupted ({e}); the stage's checkpoint is saved. Run "
+      "the same command with --resume to continue.\n"
+    )
+    return EXIT_INTERRUPTED
+  except (
+    runtime.CLIError,
+    DataError,
+    MissingSpecialTokenError,
+  ) as e:
+    return _error(str(e))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,11 @@ and writes each value as a TensorBoard scalar (tensorboardX) under
   ``resume_step=S``, records with step > S (logged after the checkpoint the
   run resumes from, and about to be logged again) are dropped first, and
   TensorBoard events with step > S are purged, so the resumed run's file
-  equals an uninterrupted run's. A final line cut short by a kill (no
+  equals an uninterrupted run's. With ``resume_stage`` as well, only that
+  stage's records are dropped (a pipeline whose stages each count steps
+  from 0 resumes its interrupted stage without touching finished ones); give
+  each stage its own ``tensorboard_dir`` then, since TensorBoard purges by
+  step across a whole event directory. A final line cut short by a kill (no
   trailing newline) is dropped when the file is reopened.
 """
 
@@ -80,15 +84,29 @@ def _step(path: pathlib.Path, line: str) -> int:
     raise ValueError(f"{path}: cannot resume, malformed record {line!r}") from e
 
 
-def _drop_after(path: pathlib.Path, resume_step: int | None) -> None:
-  """Rewrites ``path`` without a cut-off last line or records after a step."""
+def _stage(path: pathlib.Path, line: str) -> str:
+  try:
+    return str(json.loads(line)["stage"])
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"{path}: cannot resume, malformed record {line!r}") from e
+
+
+def _drop_after(
+  path: pathlib.Path, resume_step: int | None, resume_stage: str | None = None
+) -> None:
+  """Rewrites ``path`` without a cut-off last line or records after a step
+  (of ``resume_stage`` only, when given)."""
   text = path.read_text(encoding="utf-8")
   lines = text.split("\n")
   complete, tail = lines[:-1], lines[-1]  # tail != "" iff cut off by a kill
   keep = complete
   if resume_step is not None:
     keep = [
-      ln for ln in complete if not ln.strip() or _step(path, ln) <= resume_step
+      ln
+      for ln in complete
+      if not ln.strip()
+      or _step(path, ln) <= resume_step
+      or (resume_stage is not None and _stage(path, ln) != resume_stage)
     ]
   if tail or len(keep) != len(complete):
     tmp = path.with_suffix(".jsonl.tmp")
@@ -105,6 +123,8 @@ class MetricsWriter:
     *,
     tensorboard: bool = True,
     resume_step: int | None = None,
+    resume_stage: str | None = None,
+    tensorboard_dir: str = TENSORBOARD_DIR,
   ) -> None:
     """Opens (creating or appending to) ``<run_dir>/metrics.jsonl``.
 
@@ -113,19 +133,21 @@ class MetricsWriter:
       tensorboard: also write TensorBoard event files.
       resume_step: when resuming from a checkpoint at this step, drop the
         records (and purge the TensorBoard events) with a larger step.
+      resume_stage: drop only this stage's records after ``resume_step``.
+      tensorboard_dir: event directory, relative to ``run_dir``.
     """
     self.run_dir = pathlib.Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.path = self.run_dir / METRICS_FILE
     if self.path.exists():
-      _drop_after(self.path, resume_step)
+      _drop_after(self.path, resume_step, resume_stage)
     self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # slow import; only when used
 
       self._tb = SummaryWriter(
-        str(self.run_dir / TENSORBOARD_DIR),
+        str(self.run_dir / tensorboard_dir),
         purge_step=None if resume_step is None else resume_step + 1,
       )
 

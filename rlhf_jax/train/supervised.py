@@ -162,6 +162,11 @@ class RewardModelConfig:
     label_smoothing: probability that a label is flipped (robust BT).
     center_rewards_coef: coefficient of mean((r+ + r-)^2) (Eisenstein et
       al. 2023).
+    pooling: "last" reads the reward head at the last real token
+      (``models.reward_forward``); "mean" averages the head's per-token
+      outputs over the response tokens (``response_mean_reward``), a
+      bag-of-features reward that learns sequence-level properties spread
+      over the text (e.g. sentiment) from far fewer pairs. Pairwise only.
     num_micro_batches: gradient accumulation steps.
     axis_name: pmap axis name, None under jit.
   """
@@ -170,8 +175,42 @@ class RewardModelConfig:
   margin: float | None = None
   label_smoothing: float = 0.0
   center_rewards_coef: float = 0.0
+  pooling: Literal["last", "mean"] = "last"
   num_micro_batches: int = 1
   axis_name: str | None = None
+
+
+def response_mean_reward(
+  params,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  response_mask: jax.Array,
+  *,
+  model_config: "models.ModelConfig",
+) -> jax.Array:
+  """Mean of the scalar head over the response tokens.
+
+  r(x, y) = (1 / |y|) sum_t v(x, y_<=t), v = ``models.values_forward``.
+  Its signature is make_ppo_step's ``score_fn`` (with ``model_config``
+  bound), so PPO scores rollouts the way the reward model was trained.
+
+  Args:
+    params: {"backbone", "head"}.
+    input_ids: i32[B, P + T] prompt (left-padded) + response.
+    attention_mask: bool[B, P + T].
+    response_mask: bool[B, T].
+
+  Returns:
+    f32[B]; 0 for an empty response.
+  """
+  values = models.values_forward(
+    params, input_ids, attention_mask, config=model_config
+  )
+  mask = response_mask.astype(bool)
+  values = values[:, input_ids.shape[1] - mask.shape[1] :]
+  total = jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
+  count = jnp.sum(mask, axis=-1)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
 
 def pair_rewards(
@@ -179,12 +218,14 @@ def pair_rewards(
   batch: PreferenceBatch,
   *,
   model_config: "models.ModelConfig",
+  pooling: Literal["last", "mean"] = "last",
 ) -> tuple[jax.Array, jax.Array]:
   """Reward-model scores of chosen and rejected (one forward on [2B, L]).
 
   Returns:
     (chosen_rewards f32[B], rejected_rewards f32[B]), read at the last
-    position of each attention mask.
+    position of each attention mask ("last"), or averaged over the
+    response tokens ("mean", see ``response_mean_reward``).
   """
   ids_c, mask_c = concat_prompt_response(
     batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
@@ -194,7 +235,13 @@ def pair_rewards(
   )
   ids = jnp.concatenate([ids_c, ids_r], axis=0)
   mask = jnp.concatenate([mask_c, mask_r], axis=0)
-  rewards = models.reward_forward(params, ids, mask, config=model_config)
+  if pooling == "mean":
+    resp = jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0)
+    rewards = response_mean_reward(
+      params, ids, mask, resp, model_config=model_config
+    )
+  else:
+    rewards = models.reward_forward(params, ids, mask, config=model_config)
   size = batch.prompt_ids.shape[0]
   return rewards[:size], rewards[size:]
 
@@ -219,7 +266,9 @@ def make_reward_model_step(
     def loss_fn(params, mb):
       share = mb.prompt_ids.shape[0] / total
       if config.loss_type == "pairwise":
-        rc, rr = pair_rewards(params, mb, model_config=model_config)
+        rc, rr = pair_rewards(
+          params, mb, model_config=model_config, pooling=config.pooling
+        )
         loss, _ = bradley_terry_loss(
           rc,
           rr,

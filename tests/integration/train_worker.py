@@ -32,6 +32,19 @@ def _frozen_shardings(case, mesh, rules):
   )
 
 
+def _barrier(name: str) -> None:
+  """Waits for every process at the coordination service (10 min limit).
+
+  Gloo gives a communicator 30 s to form when the first collective runs; a
+  process still compiling on a loaded machine would miss that window, so
+  every process compiles ahead of time and meets here before executing.
+  """
+  if jax.process_count() > 1:
+    from jax._src import distributed  # noqa: PLC0415
+
+    distributed.global_state.client.wait_at_barrier(name, 600_000)
+
+
 def _run(case, mesh, rules, make_batch, num_steps, frozen_fn=None):
   """Steps ``case`` on the mesh; every host loads only its batch rows."""
   shardings = parallel.state_shardings(
@@ -56,6 +69,14 @@ def _run(case, mesh, rules, make_batch, num_steps, frozen_fn=None):
     full = make_batch(i)  # every host could build it; each loads a slice
     local = jax.tree.map(lambda x: np.asarray(x)[rows], full)
     batch = parallel.host_local_batch_to_global(local, mesh, bsh)
+    if i == 0:
+      step = step.lower(state, batch, *extra).compile()
+      norm = norm.lower(
+        state.params
+        if hasattr(state, "params")
+        else (state.policy_params, state.value_params)
+      ).compile()
+      _barrier(f"compiled-{case.name}")
     state, metrics = step(state, batch, *extra)
     vals = {k: float(v.addressable_data(0)) for k, v in metrics.items()}
     params = (

@@ -1,0 +1,301 @@
+"""Typed, frozen configs of the `rlhf-jax` subcommands (parsed by tyro).
+
+Every setting is declared once, here, with its meaning in the docstring
+under the field (``rlhf-jax <subcommand> --help`` prints them). Presets
+(presets.py) are functions returning instances of these classes; the
+command line overrides single fields (``--ppo.iterations 20``).
+
+``PipelineConfig`` drives ``run`` (the whole pipeline) and the stage
+subcommands ``rm``, ``ppo`` and ``dpo`` (which run the stages they need of
+the same pipeline); ``SFTConfig``, ``GenerateConfig``, ``EvalConfig`` and
+``ExportConfig`` drive the other subcommands.
+"""
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Prompts of the "make TinyStories happier" task."""
+
+  sampled_stories: int = 96
+  """Stories sampled from the initial policy (from BOS alone) whose opening
+  words become extra prompts, beside tasks.STORY_OPENINGS."""
+  prefix_min_words: int = 3
+  """Shortest prompt cut from a sampled story, in words."""
+  prefix_max_words: int = 8
+  """Longest prompt cut from a sampled story, in words."""
+  eval_fraction: float = 0.25
+  """Fraction of prompts held out for evaluation (never trained on)."""
+  max_prompt_length: int = 24
+  """P: prompt tokens (BOS included); longer prompts are an error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How continuations are sampled (feedback, PPO rollouts, evaluation)."""
+
+  max_new_tokens: int = 32
+  """T: response tokens per continuation (EOS included)."""
+  temperature: float = 1.0
+  """Sampling temperature (also used for training logprobs)."""
+  batch_size: int = 64
+  """Rows per sampling call outside PPO (one compiled shape)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackConfig:
+  """Simulated human feedback on pairs of continuations."""
+
+  group_size: int = 4
+  """Continuations sampled together for one prompt; the annotator labels
+  every pair among them (K (K - 1) / 2 pairs per group)."""
+  groups_per_prompt: int = 5
+  """Groups per training prompt (reward-model and DPO data)."""
+  eval_groups_per_prompt: int = 2
+  """Groups per held-out prompt (reward-model held-out accuracy)."""
+  annotator_beta: float = 20.0
+  """Bradley-Terry inverse temperature of the simulated annotator on the
+  VADER gold score: P(a > b) = sigmoid(beta * (g_a - g_b)); lower = noisier
+  labels, inf = the noiseless gold order."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardStageConfig:
+  """Reward-model training (Bradley-Terry loss, Ouyang et al. 2022 eq. 1)."""
+
+  steps: int = 64
+  """Optimizer steps."""
+  batch_size: int = 64
+  """Pairs per step."""
+  learning_rate: float = 3e-3
+  """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
+  pooling: Literal["last", "mean"] = "mean"
+  """Where the reward head reads the sequence: the last token, or the mean
+  of its per-token outputs over the response (PPO scores the same way)."""
+  warmup_steps: int = 10
+  """Linear warmup steps."""
+  weight_decay: float = 0.0
+  """AdamW decoupled weight decay."""
+  max_grad_norm: float = 1.0
+  """Global-norm gradient clipping."""
+  center_rewards_coef: float = 0.01
+  """Coefficient of mean((r+ + r-)^2), keeps rewards centred."""
+  eval_every: int = 16
+  """Steps between held-out accuracy evaluations (and at the end)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOStageConfig:
+  """PPO against the reward model with an adaptive KL penalty."""
+
+  iterations: int = 24
+  """RLHF iterations (each: sample, score, GAE, PPO epochs)."""
+  batch_size: int = 32
+  """Prompts per iteration."""
+  group_size: int = 1
+  """Responses sampled per prompt."""
+  learning_rate: float = 2e-4
+  """Policy Adam learning rate (constant after warmup)."""
+  value_learning_rate: float = 1e-3
+  """Critic Adam learning rate."""
+  warmup_steps: int = 4
+  """Optimizer updates of linear warmup."""
+  max_grad_norm: float = 1.0
+  """Global-norm gradient clipping (policy and critic)."""
+  ppo_epochs: int = 2
+  """Passes over each iteration's samples."""
+  num_minibatches: int = 2
+  """Minibatches per epoch."""
+  init_kl_coef: float = 0.15
+  """Initial coefficient of the KL penalty in the reward."""
+  adaptive_kl: bool = True
+  """Adapt kl_coef towards target_kl (Ziegler et al. 2019, sec. 2.2)."""
+  target_kl: float = 5.0
+  """Target sequence KL to the reference (nats, k1 estimator)."""
+  kl_horizon: int = 128
+  """Horizon of the adaptive controller, in sequences."""
+  cliprange: float = 0.2
+  """PPO ratio clip."""
+  cliprange_value: float = 0.2
+  """Value clip around the rollout-time values."""
+  vf_coef: float = 0.1
+  """Value-loss coefficient."""
+  gamma: float = 1.0
+  """Discount."""
+  lam: float = 0.95
+  """GAE lambda."""
+  normalize_reward: bool = True
+  """Scale reward-model scores to mean 0, std 1 on the initial policy."""
+  eval_every: int = 6
+  """Iterations between held-out evaluations (and at the end)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOStageConfig:
+  """DPO on the same preference pairs (Rafailov et al. 2023)."""
+
+  steps: int = 40
+  """Optimizer steps."""
+  batch_size: int = 32
+  """Pairs per step."""
+  learning_rate: float = 5e-4
+  """Adam learning rate (linear warmup, then constant)."""
+  warmup_steps: int = 5
+  """Linear warmup steps."""
+  max_grad_norm: float = 1.0
+  """Global-norm gradient clipping."""
+  beta: float = 0.1
+  """Inverse temperature of DPO's implicit reward."""
+  eval_every: int = 10
+  """Steps between held-out evaluations (and at the end)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalStageConfig:
+  """Evaluation of policies on the held-out prompts."""
+
+  samples_per_prompt: int = 2
+  """Continuations per held-out prompt (pair i of two policies shares its
+  prompt and random key)."""
+  report_samples: int = 6
+  """Sample stories shown in report.md."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """The default pipeline "make TinyStories happier" (Ziegler et al. 2019,
+  sentiment task): prompts -> simulated feedback -> reward model -> PPO and
+  DPO -> evaluation -> report.md."""
+
+  preset: str = "default"
+  """Named preset the other defaults come from (see --help of the
+  subcommand for the list)."""
+  model: str | None = None
+  """Policy/reference checkpoint (HF directory). Default: $RLHF_JAX_MODEL_DIR,
+  else ../shared/data/models/tinystories-656k next to the repository."""
+  run_dir: str | None = None
+  """Output directory. Default: runs/<subcommand>-<preset>."""
+  resume: bool = False
+  """Continue the run in run_dir from its checkpoints."""
+  overwrite: bool = False
+  """Delete an existing run in run_dir and start again."""
+  seed: int = 0
+  """Seed of every random choice (prompts, samples, labels, init, order)."""
+  data: str | None = None
+  """rm/dpo/sft: preference file (.jsonl, .jsonl.gz, .parquet) to train on
+  instead of the simulated feedback."""
+  strict: bool = False
+  """Raise on droppable data rows instead of dropping and counting them."""
+  max_response_length: int = 48
+  """T of --data responses (longer ones are cut from the right, counted)."""
+  checkpoint_every: int = 10
+  """Steps between in-stage checkpoints (and on SIGINT)."""
+  tensorboard: bool = True
+  """Also write TensorBoard event files."""
+  task: TaskConfig = TaskConfig()
+  sampling: SamplingConfig = SamplingConfig()
+  feedback: FeedbackConfig = FeedbackConfig()
+  rm: RewardStageConfig = RewardStageConfig()
+  ppo: PPOStageConfig = PPOStageConfig()
+  dpo: DPOStageConfig = DPOStageConfig()
+  eval: EvalStageConfig = EvalStageConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """Supervised fine-tuning on demonstrations from a file."""
+
+  data: str
+  """Demonstration file (.jsonl/.jsonl.gz/.parquet): preference rows (the
+  chosen response is the target) or {prompt, completion, label} rows."""
+  preset: str = "default"
+  """Named preset."""
+  model: str | None = None
+  """Initial checkpoint (as for `run`)."""
+  run_dir: str | None = None
+  """Output directory. Default: runs/sft-<preset>."""
+  resume: bool = False
+  """Continue from the run's checkpoints."""
+  overwrite: bool = False
+  """Delete an existing run in run_dir and start again."""
+  seed: int = 0
+  """Seed of the data order."""
+  strict: bool = False
+  """Raise on droppable rows instead of dropping them."""
+  max_prompt_length: int = 64
+  """P (longer prompts are an error)."""
+  max_response_length: int = 64
+  """T (longer responses are cut from the right, counted)."""
+  steps: int = 100
+  """Optimizer steps."""
+  batch_size: int = 16
+  """Examples per step."""
+  learning_rate: float = 1e-4
+  """Adam learning rate."""
+  checkpoint_every: int = 50
+  """Steps between checkpoints."""
+  tensorboard: bool = True
+  """Also write TensorBoard event files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Sample continuations of prompts from a policy."""
+
+  prompts: tuple[str, ...] = ()
+  """Prompts to continue (default: the first held-out task prompts)."""
+  preset: str = "default"
+  """Named preset."""
+  model: str | None = None
+  """Checkpoint directory to sample from (default: as for `run`)."""
+  run_dir: str | None = None
+  """A pipeline run; with --policy, sample from its trained policy."""
+  policy: Literal["initial", "ppo", "dpo", "sft"] = "initial"
+  """Which policy of --run-dir (initial = the reference model)."""
+  num_samples: int = 1
+  """Continuations per prompt."""
+  max_new_tokens: int = 48
+  """Tokens per continuation."""
+  max_prompt_length: int = 32
+  """P (longer prompts are an error)."""
+  temperature: float = 1.0
+  """Sampling temperature."""
+  greedy: bool = False
+  """Argmax decoding instead of sampling."""
+  seed: int = 0
+  """Sampling seed."""
+  output: str | None = None
+  """Also write the samples as JSON lines to this file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluate a policy on the task's held-out prompts (gold, KL, diversity)."""
+
+  run_dir: str
+  """A pipeline run directory (its prompts, reference and reward model)."""
+  preset: str = "default"
+  """Named preset."""
+  policy: Literal["initial", "ppo", "dpo", "sft"] = "ppo"
+  """Which policy of the run to evaluate."""
+  samples_per_prompt: int = 2
+  """Continuations per held-out prompt."""
+  seed: int = 0
+  """Sampling seed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """Export a run's trained policy or reward model as a Hugging Face dir."""
+
+  run_dir: str
+  """The run directory."""
+  out: str
+  """Output directory (config.json, model.safetensors, tokenizer files)."""
+  preset: str = "default"
+  """Named preset."""
+  what: Literal["ppo", "dpo", "sft", "rm"] = "ppo"
+  """Which model: a policy, or the reward model (backbone as a causal LM
+  plus reward_head/model.safetensors with the scalar head)."""

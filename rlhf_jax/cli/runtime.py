@@ -1,0 +1,257 @@
+"""What every subcommand shares: errors, model and run directories, signals,
+the persistent compilation cache and compile-time accounting.
+
+Only cli/ reads the environment and touches the disk (DESIGN.md dependency
+rule); these helpers are where it happens.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import signal
+import threading
+import time
+import types
+from typing import Any
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = REPO_ROOT.parent / "shared" / "data" / "models"
+DEFAULT_MODEL_DIR = DEFAULT_MODEL_DIR / "tinystories-656k"
+HUB_ID = "raincandy-u/TinyStories-656K"
+MODEL_ENV = "RLHF_JAX_MODEL_DIR"
+CACHE_ENV = "RLHF_JAX_CACHE_DIR"
+CONFIG_FILE = "config.json"
+
+
+class CLIError(Exception):
+  """A user error: printed as one line on stderr, exit status 2."""
+
+
+class Interrupted(Exception):  # noqa: N818 - it is not an error
+  """SIGINT/SIGTERM stopped a stage after it saved its state."""
+
+
+# ------------------------------------------------------------------ model
+
+
+def resolve_model(model: str | None) -> pathlib.Path:
+  """The policy checkpoint directory.
+
+  Order: ``model`` (a directory, or a hub id already in the local Hugging
+  Face cache), else $RLHF_JAX_MODEL_DIR, else
+  ``<repo>/../shared/data/models/tinystories-656k`` when it exists.
+
+  Raises:
+    CLIError: the directory does not exist, or nothing was found.
+  """
+  where = "--model"
+  if model is None and os.environ.get(MODEL_ENV):
+    model, where = os.environ[MODEL_ENV], f"${MODEL_ENV}"
+  if model is None:
+    if DEFAULT_MODEL_DIR.is_dir():
+      return DEFAULT_MODEL_DIR
+    raise CLIError(
+      f"no model given and {DEFAULT_MODEL_DIR} does not exist; pass --model "
+      f"DIR or set {MODEL_ENV} to a Hugging Face checkpoint directory (e.g. "
+      f"`huggingface-cli download {HUB_ID} --local-dir DIR` on a machine "
+      "with network access)"
+    )
+  path = pathlib.Path(model).expanduser()
+  if path.is_dir():
+    return path
+  looks_like_hub_id = model.count("/") == 1 and not model.startswith(
+    (".", "/", "~")
+  )
+  if looks_like_hub_id and not path.exists():
+    from rlhf_jax.models import resolve_model_dir
+
+    try:
+      return resolve_model_dir(model)
+    except FileNotFoundError as e:
+      raise CLIError(str(e)) from None
+  if path.exists():
+    raise CLIError(f"{where} {model}: not a directory")
+  raise CLIError(f"model directory {model} does not exist ({where})")
+
+
+# --------------------------------------------------------------- run dirs
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+  """A dataclass config as JSON-able nested dicts."""
+  return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    return out
+  return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
+
+
+# Fields that may differ between the run and its resumption.
+_RESUME_FREE = ("resume", "overwrite")
+
+
+def prepare_run_dir(
+  command: str,
+  config: Any,
+  *,
+  extra: dict[str, Any] | None = None,
+  write_config: bool = True,
+) -> pathlib.Path:
+  """Creates (or reopens, with --resume) the run directory; writes config.json.
+
+  config.json holds the subcommand, the resolved config (every field) and
+  ``extra`` (e.g. the resolved model directory). ``write_config=False``
+  leaves config.json (and the resume comparison) to a job that writes its
+  own.
+
+  Raises:
+    CLIError: an existing run without --resume/--overwrite, or --resume with
+      a config that differs from the saved one.
+  """
+  preset = getattr(config, "preset", "default")
+  run_dir = pathlib.Path(config.run_dir or f"runs/{command}-{preset}")
+  saved_path = run_dir / CONFIG_FILE
+  record = {"command": command, **(extra or {}), "config": config_dict(config)}
+  for k in _RESUME_FREE:
+    record["config"].pop(k, None)
+  # A directory holding only config.json (a run that failed on its inputs
+  # before doing anything) does not count as a run.
+  exists = run_dir.exists() and any(
+    p.name != CONFIG_FILE for p in run_dir.iterdir()
+  )
+  if exists and getattr(config, "overwrite", False):
+    shutil.rmtree(run_dir)
+    exists = False
+  if write_config and getattr(config, "resume", False) and saved_path.is_file():
+    saved = json.loads(saved_path.read_text())
+    diffs = _diff(record, saved)
+    if diffs:
+      raise CLIError(
+        f"cannot resume {run_dir}: the config differs from its config.json "
+        f"({'; '.join(diffs[:4])})"
+      )
+  elif exists and not getattr(config, "resume", False):
+    raise CLIError(
+      f"run directory {run_dir} already holds a run; pass --resume to "
+      "continue it, --overwrite to start it again, or --run-dir DIR"
+    )
+  run_dir.mkdir(parents=True, exist_ok=True)
+  if not write_config:
+    return run_dir
+  tmp = saved_path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  os.replace(tmp, saved_path)
+  return run_dir
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Atomic JSON write (a kill leaves the old file or the new one)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- signals
+
+
+class StopFlag:
+  """Turns SIGINT/SIGTERM into a flag the training loops poll.
+
+  The first signal sets ``requested``; the loop saves a checkpoint and
+  raises ``Interrupted``. A second SIGINT raises KeyboardInterrupt at once.
+  """
+
+  def __init__(self) -> None:
+    self.requested = False
+    self._old: dict[int, Any] = {}
+
+  def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __enter__(self) -> "StopFlag":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old.clear()
+
+  def check(self, what: str) -> None:
+    """Raises Interrupted (after the caller saved) when a stop was asked."""
+    if self.requested:
+      raise Interrupted(what)
+
+
+# ------------------------------------------------------- compile and time
+
+
+class CompileClock:
+  """Sums JAX tracing, lowering and XLA compile time (jax.monitoring)."""
+
+  _EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+  )
+  _installed: "CompileClock | None" = None
+
+  def __init__(self) -> None:
+    self.seconds = 0.0
+
+  @classmethod
+  def get(cls) -> "CompileClock":
+    """The process-wide clock (its listener is registered once)."""
+    if cls._installed is None:
+      import jax
+
+      clock = cls()
+
+      def listener(event: str, duration: float, **kwargs: Any) -> None:
+        del kwargs
+        if event in cls._EVENTS:
+          clock.seconds += duration
+
+      jax.monitoring.register_event_duration_secs_listener(listener)
+      cls._installed = clock
+    return cls._installed
+
+
+def setup_jax() -> None:
+  """Persistent compilation cache in a user cache dir (outside the repo).
+
+  $RLHF_JAX_CACHE_DIR overrides the location; "off" disables it.
+  """
+  import jax
+
+  cache = os.environ.get(
+    CACHE_ENV, str(pathlib.Path.home() / ".cache" / "rlhf_jax" / "jax_cache")
+  )
+  if cache != "off":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  CompileClock.get()
+
+
+class Timer:
+  """Wall-clock seconds since construction."""
+
+  def __init__(self) -> None:
+    self.t0 = time.perf_counter()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.t0

@@ -1,0 +1,322 @@
+"""`rlhf-jax` end to end through the real console script, at smoke size.
+
+One uninterrupted `rlhf-jax run --preset smoke` is the reference; the other
+tests read its outputs, run generate / eval / export on it, and interrupt
+other runs (SIGKILL mid-PPO, SIGINT) that must then resume to the same
+final numbers.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rlhf_jax.cli.metrics import read_metrics
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXE = str(pathlib.Path(sys.executable).parent / "rlhf-jax")
+TIMEOUT = 600
+
+
+def _env():
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  # The tests' 8 fake devices are not wanted in the child.
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _cli(*args, check=True):
+  proc = subprocess.run(
+    [EXE, *args],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    cwd=REPO_ROOT,
+    env=_env(),
+  )
+  if check and proc.returncode != 0:
+    raise AssertionError(
+      f"rlhf-jax {' '.join(args)} exited {proc.returncode}\n"
+      f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
+  return proc
+
+
+def _summary(run_dir: pathlib.Path) -> dict:
+  s = json.loads((run_dir / "summary.json").read_text())
+  return {k: v for k, v in s.items() if not k.startswith("time/")}
+
+
+def _records(run_dir: pathlib.Path) -> list[dict]:
+  return read_metrics(run_dir / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("cli") / "smoke"
+  proc = _cli("run", "--preset", "smoke", "--run-dir", str(run_dir))
+  return run_dir, proc
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+  run_dir, proc = smoke_run
+  assert "time:" in proc.stdout
+  for name in ("config.json", "metrics.jsonl", "report.md", "summary.json"):
+    assert (run_dir / name).is_file(), name
+  config = json.loads((run_dir / "config.json").read_text())
+  assert config["command"] == "run"
+  assert config["config"]["preset"] == "smoke"
+  assert config["config"]["ppo"]["iterations"] == 6
+  assert pathlib.Path(config["model_dir"]).is_dir()
+  plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+  assert plots == [
+    "dpo_training.png",
+    "ppo_scores_kl.png",
+    "reward_vs_kl.png",
+    "rm_training.png",
+  ]
+  for p in plots:
+    assert (run_dir / "plots" / p).stat().st_size > 10_000
+  report = (run_dir / "report.md").read_text()
+  for text in (
+    "![Scores and KL over PPO iterations](plots/ppo_scores_kl.png)",
+    "![Gold and proxy reward against KL](plots/reward_vs_kl.png)",
+    "| rm/heldout_accuracy_annotator |",
+    "| Metric | initial | ppo | dpo |",
+    "**initial**",
+    "**ppo**",
+    "**dpo**",
+  ):
+    assert text in report, text
+  assert list((run_dir / "tensorboard").iterdir())
+
+
+def test_smoke_metrics_have_the_plot_keys(smoke_run):
+  run_dir, _ = smoke_run
+  records = _records(run_dir)
+  by_stage: dict[str, list] = {}
+  for r in records:
+    by_stage.setdefault(r["stage"], []).append(r)
+  assert set(by_stage) == {"feedback", "rm", "initial", "ppo", "dpo"}
+  assert [r["step"] for r in by_stage["rm"]] == [1, 2, 3, 4]
+  assert [r["step"] for r in by_stage["ppo"]] == list(range(7))
+  ppo = by_stage["ppo"]
+  for key in ("objective/scores", "objective/kl", "objective/kl_coef"):
+    assert all(key in r for r in ppo[1:]), key
+  evals = [r["step"] for r in ppo if "eval/gold_score" in r]
+  assert evals == [0, 3, 6]  # the initial policy, eval_every=3, the end
+  for r in ppo:
+    if "eval/gold_win_rate" in r:
+      assert 0.0 <= r["eval/gold_win_rate"] <= 1.0
+  rm = by_stage["rm"]
+  assert all("rm/loss" in r and "rm/accuracy" in r for r in rm)
+  assert "rm/eval_gold_accuracy" in rm[-1]
+  summary = _summary(run_dir)
+  for key in (
+    "rm/heldout_accuracy_annotator",
+    "rm/heldout_accuracy_gold",
+    "initial/gold_score",
+    "ppo/gold_win_rate",
+    "ppo/kl",
+    "ppo/target_kl",
+    "dpo/gold_win_rate",
+    "dpo/distinct_2",
+  ):
+    assert key in summary, key
+  # The initial policy IS the reference: its sampled-sequence KL is 0 up to
+  # float rounding of sampler vs teacher-forced logprobs.
+  assert abs(summary["initial/kl"]) < 1e-3
+  full = json.loads((run_dir / "summary.json").read_text())
+  assert 0.0 < full["time/compile_share"] <= 1.0
+
+
+def test_eval_reproduces_the_runs_final_evaluation(smoke_run):
+  run_dir, _ = smoke_run
+  _cli(
+    "eval",
+    "--preset",
+    "smoke",
+    "--run-dir",
+    str(run_dir),
+    "--policy",
+    "ppo",
+  )
+  got = json.loads((run_dir / "eval_ppo.json").read_text())["metrics"]
+  want = json.loads((run_dir / "stages" / "ppo.json").read_text())["metrics"]
+  # Same rows, keys and params: bitwise the same samples and scores.
+  assert got == want
+
+
+def test_generate_from_a_runs_policy(smoke_run, tmp_path):
+  run_dir, _ = smoke_run
+  out = tmp_path / "samples.jsonl"
+  proc = _cli(
+    "generate",
+    "--preset",
+    "smoke",
+    "--run-dir",
+    str(run_dir),
+    "--policy",
+    "dpo",
+    "--prompts",
+    "Once upon a time",
+    "The dog ran",
+    "--num-samples",
+    "2",
+    "--output",
+    str(out),
+  )
+  rows = [json.loads(x) for x in out.read_text().splitlines()]
+  assert [(r["prompt"], r["sample"]) for r in rows] == [
+    ("Once upon a time", 0),
+    ("Once upon a time", 1),
+    ("The dog ran", 2),
+    ("The dog ran", 3),
+  ]
+  assert all(isinstance(r["text"], str) for r in rows)
+  assert proc.stdout.count("[Once upon a time]") == 2
+
+
+@pytest.mark.parametrize("what", ["ppo", "rm"])
+def test_export_reloads_with_equal_params(smoke_run, tmp_path, what):
+  import jax
+  from safetensors.numpy import load_file
+
+  from rlhf_jax import models
+
+  run_dir, _ = smoke_run
+  out = tmp_path / f"export-{what}"
+  _cli("export", "--run-dir", str(run_dir), "--what", what, "--out", str(out))
+  _, got = models.load_hf_checkpoint(out)
+  _, want = models.load_hf_checkpoint(run_dir / "outputs" / what)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert (out / "tokenizer.json").is_file()
+  if what == "rm":
+    head = load_file(str(out / "reward_head" / "model.safetensors"))
+    assert head["kernel"].shape == (got["embed"].shape[1],)
+  else:
+    # Trained: differs from the initial checkpoint.
+    config = json.loads((run_dir / "config.json").read_text())
+    _, init = models.load_hf_checkpoint(config["model_dir"])
+    assert any(
+      not np.array_equal(np.asarray(a), np.asarray(b))
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(init), strict=True)
+    )
+
+
+def _wait_for(pred, proc, timeout=TIMEOUT):
+  t0 = time.monotonic()
+  while not pred():
+    if proc.poll() is not None:
+      out, err = proc.communicate()
+      raise AssertionError(f"run ended early ({proc.returncode}):\n{err}")
+    if time.monotonic() - t0 > timeout:
+      proc.kill()
+      raise AssertionError("timed out waiting for the run")
+    time.sleep(0.05)
+
+
+def _stage_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
+  path = run_dir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  try:
+    return [r["step"] for r in read_metrics(path, stage=stage)]
+  except ValueError:
+    return []
+
+
+def _start(run_dir: pathlib.Path):
+  return subprocess.Popen(
+    [EXE, "run", "--preset", "smoke", "--run-dir", str(run_dir)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=REPO_ROOT,
+    env=_env(),
+  )
+
+
+def _assert_same_run(run_dir: pathlib.Path, reference: pathlib.Path):
+  assert _summary(run_dir) == _summary(reference)
+  assert _records(run_dir) == _records(reference)
+
+
+def test_sigkill_mid_ppo_then_resume_gives_the_same_run(smoke_run, tmp_path):
+  reference, _ = smoke_run
+  run_dir = tmp_path / "killed"
+  proc = _start(run_dir)
+  # PPO step 3 logged: its checkpoint (every 2 steps) is at step 2, so the
+  # resumed run must drop step 3's record and recompute it.
+  _wait_for(lambda: 3 in _stage_steps(run_dir, "ppo"), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (run_dir / "stages" / "ppo.json").exists()
+  _cli("run", "--preset", "smoke", "--run-dir", str(run_dir), "--resume")
+  _assert_same_run(run_dir, reference)
+
+
+def test_sigint_saves_then_resume_gives_the_same_run(smoke_run, tmp_path):
+  reference, _ = smoke_run
+  run_dir = tmp_path / "interrupted"
+  proc = _start(run_dir)
+  _wait_for(lambda: 1 in _stage_steps(run_dir, "rm"), proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == 130, err
+  assert "rlhf-jax: interrupted (" in err
+  assert "--resume" in err and "Traceback" not in err
+  if "interrupted (rm at step" in err:  # the usual case: saved mid-stage
+    assert list((run_dir / "checkpoints" / "rm").iterdir())
+  _cli("run", "--preset", "smoke", "--run-dir", str(run_dir), "--resume")
+  _assert_same_run(run_dir, reference)
+
+
+def test_rm_hh_rlhf_preset_dispatches_to_the_hh_job(tmp_path):
+  run_dir = tmp_path / "hh"
+  proc = _cli("rm", "--preset", "hh-rlhf-smoke", "--run-dir", str(run_dir))
+  assert "heldout/accuracy = " in proc.stdout
+  # config.json is the HH job's resolved config.
+  saved = json.loads((run_dir / "config.json").read_text())
+  assert saved["max_train_pairs"] == 64
+  results = json.loads((run_dir / "results.json").read_text())
+  assert 0.0 <= results["heldout/accuracy"] <= 1.0
+  # helpful-base rows 0-499 minus the unusable ones the job drops.
+  assert 490 <= results["heldout/n"] <= 500
+
+
+def test_rm_on_a_preference_file_counts_drops(tmp_path):
+  rows = [
+    {
+      "prompt": "Once upon a time",
+      "chosen": f" a happy dog {i}.",
+      "rejected": f" a sad cat {i}.",
+    }
+    for i in range(10)
+  ]
+  rows.append({"prompt": "Tom", "chosen": " same.", "rejected": " same."})
+  data = tmp_path / "prefs.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  run_dir = tmp_path / "rm-data"
+  _cli(
+    "rm", "--preset", "smoke", "--data", str(data), "--run-dir", str(run_dir)
+  )
+  rm = json.loads((run_dir / "stages" / "rm.json").read_text())
+  # 10 usable pairs: 1 held out (10%), 9 train; the identical row dropped.
+  assert rm["train_pairs"] == 9 and rm["eval_pairs"] == 1
+  assert rm["drops"]["dropped"] == {"chosen_equals_rejected": 1}
+  assert "rm/eval_gold_accuracy" not in rm["heldout"]  # no gold order
+  assert (run_dir / "plots" / "rm_training.png").is_file()
+  summary = _summary(run_dir)
+  assert summary["rm/eval_pairs"] == 1

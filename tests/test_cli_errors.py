@@ -1,0 +1,242 @@
+"""Bad inputs to `rlhf-jax`: one line on stderr, exit status 2, no traceback.
+
+Each case checks the exact message. They run `main()` in-process (the
+errors are raised before any model computation), plus one run of the real
+console script to check the process-level behaviour.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_jax.cli.main import main
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(capsys, args):
+  code = main(args)
+  out = capsys.readouterr()
+  return code, out.err
+
+
+def _write(path: pathlib.Path, lines: list[str]) -> str:
+  path.write_text("".join(line + "\n" for line in lines))
+  return str(path)
+
+
+def _pair(prompt="Once upon a time", chosen="a happy dog.", rejected="a cat."):
+  return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+def _check(code, err, expected):
+  assert code == 2
+  assert err == f"rlhf-jax: error: {expected}\n"
+  assert "Traceback" not in err
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path, capsys):
+  data = _write(tmp_path / "bad.jsonl", [_pair(), '{"prompt": "x" "a": 1}'])
+  code, err = _run(
+    capsys, ["rm", "--data", data, "--run-dir", str(tmp_path / "r")]
+  )
+  # The missing comma: the parser expects ',' where '"a"' starts, character
+  # 15 (0-based), i.e. column 16.
+  _check(
+    code, err, f"{data}:2: invalid JSON: Expecting ',' delimiter (column 16)"
+  )
+
+
+def test_missing_field(tmp_path, capsys):
+  row = json.dumps({"prompt": "Once", "chosen": "happy"})
+  data = _write(tmp_path / "missing.jsonl", [_pair(), row])
+  code, err = _run(
+    capsys, ["dpo", "--data", data, "--run-dir", str(tmp_path / "r")]
+  )
+  _check(
+    code,
+    err,
+    f"{data}:2: missing field 'rejected' (format 'explicit' needs prompt, "
+    "chosen, rejected)",
+  )
+
+
+def test_empty_file(tmp_path, capsys):
+  data = _write(tmp_path / "empty.jsonl", [])
+  code, err = _run(
+    capsys, ["rm", "--data", data, "--run-dir", str(tmp_path / "r")]
+  )
+  _check(code, err, f"{data}: empty file: no rows")
+
+
+def test_only_unusable_rows(tmp_path, capsys):
+  same = _pair(chosen="the same story.", rejected="the same story.")
+  data = _write(tmp_path / "unusable.jsonl", [same, same])
+  code, err = _run(
+    capsys, ["rm", "--data", data, "--run-dir", str(tmp_path / "r")]
+  )
+  _check(
+    code,
+    err,
+    f"{data}: no usable rows: all 2 rows were dropped "
+    "(chosen_equals_rejected: 2)",
+  )
+
+
+def test_strict_turns_a_drop_into_an_error(tmp_path, capsys):
+  same = _pair(chosen="the same story.", rejected="the same story.")
+  data = _write(tmp_path / "strict.jsonl", [_pair(), same])
+  code, err = _run(
+    capsys,
+    ["rm", "--data", data, "--strict", "--run-dir", str(tmp_path / "r")],
+  )
+  _check(
+    code,
+    err,
+    f"{data}:2: chosen and rejected are identical (strict=True; without it "
+    "the row is dropped and counted as 'chosen_equals_rejected')",
+  )
+
+
+def test_prompt_longer_than_max_length(tmp_path, capsys):
+  long_prompt = "Once upon a time there was a very long prompt that goes on"
+  data = _write(tmp_path / "long.jsonl", [_pair(), _pair(prompt=long_prompt)])
+  code, err = _run(
+    capsys,
+    [
+      "rm",
+      "--data",
+      data,
+      "--task.max-prompt-length",
+      "8",
+      "--run-dir",
+      str(tmp_path / "r"),
+    ],
+  )
+  # The TinyStories tokenizer gives this prompt 14 tokens, + BOS = 15.
+  _check(
+    code,
+    err,
+    f"{data}:2: prompt has 15 tokens, longer than max_prompt_length=8 (set "
+    "truncate_prompts=True to keep its last 8 tokens)",
+  )
+
+
+def test_generate_prompt_longer_than_max_length(capsys):
+  args = ["generate", "--prompts", "one two three four five six"]
+  code, err = _run(capsys, [*args, "--max-prompt-length", "3"])
+  # 11 tokens + BOS = 12 (the tokenizer splits "one" ... "six" finely).
+  _check(
+    code,
+    err,
+    "prompt 0: prompt has 12 tokens, longer than max_prompt_length=3 (set "
+    "truncate_prompts=True to keep its last 3 tokens)",
+  )
+
+
+def test_model_directory_that_does_not_exist(tmp_path, capsys):
+  missing = tmp_path / "no-such-model"
+  code, err = _run(
+    capsys, ["run", "--model", str(missing), "--run-dir", str(tmp_path / "r")]
+  )
+  _check(code, err, f"model directory {missing} does not exist (--model)")
+  assert not (tmp_path / "r").exists()  # nothing written before the check
+
+
+def test_model_env_var_directory_that_does_not_exist(
+  tmp_path, capsys, monkeypatch
+):
+  missing = tmp_path / "env-model"
+  monkeypatch.setenv("RLHF_JAX_MODEL_DIR", str(missing))
+  code, err = _run(capsys, ["run", "--run-dir", str(tmp_path / "r")])
+  _check(
+    code, err, f"model directory {missing} does not exist ($RLHF_JAX_MODEL_DIR)"
+  )
+
+
+def test_unknown_preset(capsys):
+  code, err = _run(capsys, ["run", "--preset", "huge"])
+  _check(
+    code,
+    err,
+    "unknown preset 'huge' for `rlhf-jax run`; choose from: default, smoke",
+  )
+
+
+def test_unknown_option(capsys):
+  code, err = _run(capsys, ["ppo", "--preset", "smoke", "--no-such-flag", "3"])
+  _check(
+    code,
+    err,
+    "Unrecognized options: --no-such-flag, 3 (see `rlhf-jax ppo --help`)",
+  )
+
+
+def test_bad_option_value(capsys):
+  code, err = _run(capsys, ["run", "--rm.steps", "many"])
+  _check(
+    code,
+    err,
+    "Error parsing --rm.steps: invalid literal for int() with base 10: "
+    "'many' (see `rlhf-jax run --help`)",
+  )
+
+
+def test_unknown_subcommand(capsys):
+  code, err = _run(capsys, ["train"])
+  _check(
+    code,
+    err,
+    "unknown subcommand 'train'; choose from: run, sft, rm, ppo, dpo, "
+    "generate, eval, export",
+  )
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
+  run = tmp_path / "r"
+  run.mkdir()
+  (run / "config.json").write_text("{}")
+  (run / "metrics.jsonl").write_text("")
+  code, err = _run(capsys, ["rm", "--preset", "smoke", "--run-dir", str(run)])
+  _check(
+    code,
+    err,
+    f"run directory {run} already holds a run; pass --resume to continue "
+    "it, --overwrite to start it again, or --run-dir DIR",
+  )
+
+
+def test_console_script_unknown_preset_exit_code_and_one_line():
+  exe = pathlib.Path(sys.executable).parent / "rlhf-jax"
+  proc = subprocess.run(
+    [str(exe), "rm", "--preset", "tiny"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO_ROOT,
+  )
+  assert proc.returncode == 2
+  assert proc.stderr == (
+    "rlhf-jax: error: unknown preset 'tiny' for `rlhf-jax rm`; choose from: "
+    "default, smoke, hh-rlhf, hh-rlhf-smoke\n"
+  )
+
+
+@pytest.mark.parametrize("command", ["run", "rm", "generate", "export"])
+def test_help_explains_options(command, capsys):
+  with pytest.raises(SystemExit) as e:
+    main([command, "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert f"usage: rlhf-jax {command}" in out
+  assert "Presets (--preset): default" in out
+
+
+def test_top_level_help_lists_subcommands(capsys):
+  assert main(["--help"]) == 0
+  out = capsys.readouterr().out
+  for cmd in ("sft", "rm", "dpo", "ppo", "run", "generate", "eval", "export"):
+    assert f"\n  {cmd} " in out

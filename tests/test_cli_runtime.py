@@ -1,0 +1,167 @@
+"""CLI plumbing: configs, presets, run directories, signals, metrics resume."""
+
+import dataclasses
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rlhf_jax.cli import configs as C
+from rlhf_jax.cli import presets as P
+from rlhf_jax.cli import runtime
+from rlhf_jax.cli.commands import config_from_dict
+from rlhf_jax.cli.main import _one_line, _split_preset
+from rlhf_jax.cli.metrics import MetricsWriter, read_metrics
+
+
+def test_config_round_trips_through_config_json():
+  cfg = dataclasses.replace(
+    P.smoke_pipeline(),
+    seed=3,
+    ppo=dataclasses.replace(C.PPOStageConfig(), target_kl=1.5),
+  )
+  back = config_from_dict(C.PipelineConfig, runtime.config_dict(cfg))
+  assert back == cfg
+  gen = C.GenerateConfig(prompts=("a", "b"))
+  assert config_from_dict(C.GenerateConfig, runtime.config_dict(gen)) == gen
+
+
+def test_every_preset_builds_its_config():
+  for command, table in P.PRESETS.items():
+    for name, fn in table.items():
+      cfg = fn()
+      assert dataclasses.is_dataclass(cfg), (command, name)
+      if hasattr(cfg, "preset"):
+        assert cfg.preset == name, (command, name)
+
+
+def test_split_preset_forms():
+  assert _split_preset(["--preset", "smoke", "--seed", "1"]) == (
+    "smoke",
+    ["--seed", "1"],
+  )
+  assert _split_preset(["--preset=smoke"]) == ("smoke", [])
+  assert _split_preset(["--seed", "1"]) == (None, ["--seed", "1"])
+  with pytest.raises(runtime.CLIError, match="--preset needs a name"):
+    _split_preset(["--preset"])
+
+
+def test_one_line_reads_unicode_and_ascii_panels():
+  uni = (
+    "╭─ Unrecognized options ───╮\n"
+    "│ Unrecognized options: --x │\n"
+    "│ ───────────────────────── │\n"
+    "│ For full helptext, run p --help │\n"
+    "╰──────────────────────────╯\n"
+  )
+  ascii_ = (
+    "+- Value error ----------+\n"
+    "| Error parsing --a: bad |\n"
+    "| ---------------------- |\n"
+    "| Argument helptext:     |\n"
+    "+------------------------+\n"
+  )
+  assert _one_line(uni) == "Unrecognized options: --x"
+  assert _one_line(ascii_) == "Error parsing --a: bad"
+
+
+def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
+  cfg = dataclasses.replace(P.smoke_pipeline(), run_dir=str(tmp_path / "r"))
+  run_dir = runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
+  saved = json.loads((run_dir / "config.json").read_text())
+  assert saved["command"] == "run" and saved["model_dir"] == "m"
+  assert saved["config"]["ppo"]["iterations"] == cfg.ppo.iterations
+  assert "resume" not in saved["config"]  # may differ between invocations
+  (run_dir / "marker").write_text("x")
+  with pytest.raises(runtime.CLIError, match="already holds a run"):
+    runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
+  resumed = dataclasses.replace(cfg, resume=True)
+  runtime.prepare_run_dir("run", resumed, extra={"model_dir": "m"})
+  other = dataclasses.replace(resumed, seed=7)
+  with pytest.raises(runtime.CLIError) as e:
+    runtime.prepare_run_dir("run", other, extra={"model_dir": "m"})
+  assert str(e.value) == (
+    f"cannot resume {run_dir}: the config differs from its config.json "
+    "(config.seed: 0 -> 7)"
+  )
+  fresh = dataclasses.replace(cfg, overwrite=True)
+  runtime.prepare_run_dir("run", fresh, extra={"model_dir": "m"})
+  assert not (run_dir / "marker").exists()
+
+
+def test_resolve_model_order(tmp_path, monkeypatch):
+  given, env = tmp_path / "given", tmp_path / "env"
+  given.mkdir()
+  env.mkdir()
+  monkeypatch.setenv(runtime.MODEL_ENV, str(env))
+  assert runtime.resolve_model(str(given)) == given
+  assert runtime.resolve_model(None) == env
+  monkeypatch.delenv(runtime.MODEL_ENV)
+  assert runtime.resolve_model(None) == runtime.DEFAULT_MODEL_DIR
+  (tmp_path / "file").write_text("")
+  with pytest.raises(runtime.CLIError, match="not a directory"):
+    runtime.resolve_model(str(tmp_path / "file"))
+
+
+def test_stop_flag_turns_sigint_into_interrupted():
+  before = signal.getsignal(signal.SIGINT)
+  with runtime.StopFlag() as stop:
+    stop.check("nothing yet")
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested
+    with pytest.raises(runtime.Interrupted, match="stage x"):
+      stop.check("stage x")
+  assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_compile_clock_counts_a_compile():
+  clock = runtime.CompileClock.get()
+  before = clock.seconds
+
+  @jax.jit
+  def f(x):
+    return jnp.sin(x) * 3.0 + 1.0
+
+  f(jnp.arange(7.0)).block_until_ready()
+  assert clock.seconds > before
+
+
+def test_metrics_resume_drops_only_the_interrupted_stage(tmp_path):
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    for s in range(1, 6):
+      w.log(s, {"rm/loss": float(s)}, stage="rm")
+    for s in range(0, 5):
+      w.log(s, {"objective/kl": float(s)}, stage="ppo")
+  # PPO resumes from its checkpoint at step 2: ppo steps 3, 4 go; rm's
+  # steps 3..5 (another stage's numbering) stay.
+  with MetricsWriter(
+    tmp_path,
+    tensorboard=True,
+    resume_step=2,
+    resume_stage="ppo",
+    tensorboard_dir="tensorboard/ppo",
+  ) as w:
+    w.log(3, {"objective/kl": 30.0}, stage="ppo")
+  recs = read_metrics(tmp_path)
+  assert [(r["stage"], r["step"]) for r in recs] == [
+    ("rm", 1),
+    ("rm", 2),
+    ("rm", 3),
+    ("rm", 4),
+    ("rm", 5),
+    ("ppo", 0),
+    ("ppo", 1),
+    ("ppo", 2),
+    ("ppo", 3),
+  ]
+  assert recs[-1]["objective/kl"] == 30.0
+  assert list((tmp_path / "tensorboard" / "ppo").iterdir())
+  # resume_step=-1 drops every record of the stage (it restarts).
+  with MetricsWriter(
+    tmp_path, tensorboard=False, resume_step=-1, resume_stage="rm"
+  ):
+    pass
+  assert {r["stage"] for r in read_metrics(tmp_path)} == {"ppo"}
