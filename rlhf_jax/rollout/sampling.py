@@ -106,7 +106,14 @@ def sample_token(
     tokens = jnp.argmax(scaled, axis=-1)
   else:
     filtered = top_k_filter(scaled, top_k)
-    filtered = top_p_filter(filtered, top_p)
+    # top_p is traced; skip the two vocabulary argsorts when it is off.
+    top_p = jnp.asarray(top_p, jnp.float32)
+    filtered = jax.lax.cond(
+      top_p < 1.0,
+      lambda x: top_p_filter(x, top_p),
+      lambda x: x,
+      filtered,
+    )
     tokens = jax.vmap(jax.random.categorical)(rng, filtered)
   tokens = tokens.astype(jnp.int32)
   logp = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]

@@ -23,6 +23,7 @@ from rlhf_jax.train.supervised import (
   make_sft_step,
   pair_rewards,
   preference_logprobs,
+  response_mean_reward,
 )
 
 __all__ = [
@@ -45,5 +46,6 @@ __all__ = [
   "make_sft_step",
   "pair_rewards",
   "preference_logprobs",
+  "response_mean_reward",
   "split_micro_batches",
 ]
