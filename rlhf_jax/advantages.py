@@ -15,23 +15,11 @@ NOT applied here: call ``masked_whiten`` on the result (convention 7).
 import jax
 import jax.numpy as jnp
 
-
-def _f32(x: jax.Array) -> jax.Array:
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _bool_mask(mask: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
-  mask = jnp.asarray(mask)
-  if mask.shape != tuple(shape):
-    raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
-  if jnp.issubdtype(mask.dtype, jnp.floating):
-    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
-  return mask if mask.dtype == jnp.bool_ else mask != 0
+from rlhf_jax.masked import promote_f32, validate_mask
 
 
 def _check_bt(x: jax.Array, name: str) -> jax.Array:
-  x = _f32(x)
+  x = promote_f32(x)
   if x.ndim != 2:
     raise ValueError(f"{name} must be [B, T], got shape {x.shape}")
   return x
@@ -74,7 +62,7 @@ def gae_advantages(
     raise ValueError(
       f"values shape {values.shape} != rewards shape {rewards.shape}"
     )
-  mask = _bool_mask(response_mask, rewards.shape, "response_mask")
+  mask = validate_mask(response_mask, rewards.shape, "response_mask")
   # where BEFORE arithmetic: masked garbage (NaN, 1e9) never enters the scan.
   rewards = jnp.where(mask, rewards, 0)
   values = jnp.where(mask, values, 0)
@@ -122,7 +110,7 @@ def discounted_returns(
     ValueError: rewards not [B, T] or mask shape differs.
   """
   rewards = _check_bt(rewards, "rewards")
-  mask = _bool_mask(response_mask, rewards.shape, "response_mask")
+  mask = validate_mask(response_mask, rewards.shape, "response_mask")
   rewards = jnp.where(mask, rewards, 0)
   gamma = jnp.asarray(gamma, jnp.float32)
 
@@ -137,7 +125,7 @@ def discounted_returns(
 
 
 def _grouped(scores: jax.Array, group_size: int, min_size: int) -> jax.Array:
-  scores = _f32(scores)
+  scores = promote_f32(scores)
   if scores.ndim != 1:
     raise ValueError(f"scores must be [B], got shape {scores.shape}")
   if not isinstance(group_size, int) or group_size < min_size:

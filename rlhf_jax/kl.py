@@ -18,6 +18,8 @@ from typing import Literal, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.masked import promote_f32, validate_mask
+
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -25,20 +27,6 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 # exact while the probability ratio stays within e^{+-20} (~5e8), far beyond
 # any sane policy update, and finite (no f32 overflow at d < -88) beyond.
 K3_LOG_RATIO_CLIP = 20.0
-
-
-def _f32(x: jax.Array) -> jax.Array:
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _bool_mask(mask: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
-  mask = jnp.asarray(mask)
-  if mask.shape != tuple(shape):
-    raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
-  if jnp.issubdtype(mask.dtype, jnp.floating):
-    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
-  return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
 def kl_estimate(
@@ -72,8 +60,8 @@ def kl_estimate(
     raise ValueError(
       f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}"
     )
-  logprobs = _f32(logprobs)
-  ref_logprobs = _f32(ref_logprobs)
+  logprobs = promote_f32(logprobs)
+  ref_logprobs = promote_f32(ref_logprobs)
   if logprobs.shape != ref_logprobs.shape:
     raise ValueError(
       f"logprobs shape {logprobs.shape} != ref_logprobs shape"
@@ -81,7 +69,7 @@ def kl_estimate(
     )
   d = logprobs - ref_logprobs
   if mask is not None:
-    mask = _bool_mask(mask, d.shape, "mask")
+    mask = validate_mask(mask, d.shape, "mask")
     d = jnp.where(mask, d, 0)  # before exp: garbage cannot reach k3
   if kl_estimator == "k1":
     kl = d
@@ -143,8 +131,8 @@ def kl_shaped_rewards(
     ValueError: shape mismatch or unknown estimator.
   """
   logprobs = jnp.asarray(logprobs)
-  mask = _bool_mask(response_mask, logprobs.shape, "response_mask")
-  scores = _f32(scores)
+  mask = validate_mask(response_mask, logprobs.shape, "response_mask")
+  scores = promote_f32(scores)
   if scores.shape != logprobs.shape[:1]:
     raise ValueError(
       f"scores shape {scores.shape} must be [B] = {logprobs.shape[:1]}"
@@ -186,8 +174,8 @@ def apply_missing_eos_penalty(
     ValueError: shape mismatch.
   """
   response_ids = jnp.asarray(response_ids)
-  mask = _bool_mask(response_mask, response_ids.shape, "response_mask")
-  scores = _f32(scores)
+  mask = validate_mask(response_mask, response_ids.shape, "response_mask")
+  scores = promote_f32(scores)
   if scores.shape != response_ids.shape[:1]:
     raise ValueError(
       f"scores shape {scores.shape} must be [B] = {response_ids.shape[:1]}"

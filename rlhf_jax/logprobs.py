@@ -18,27 +18,13 @@ garbage (NaN, +-inf) in masked slots reaches neither outputs nor gradients.
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.masked import masked_mean, masked_sum
-
-
-def _f32(x: jax.Array) -> jax.Array:
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _bool_mask(mask: jax.Array, shape: tuple[int, ...], name: str) -> jax.Array:
-  mask = jnp.asarray(mask)
-  if mask.shape != tuple(shape):
-    raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
-  if jnp.issubdtype(mask.dtype, jnp.floating):
-    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
-  return mask if mask.dtype == jnp.bool_ else mask != 0
+from rlhf_jax.masked import masked_mean, masked_sum, promote_f32, validate_mask
 
 
 def _scaled(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
   # Temperature may be traced (a jit argument), so it is never used in Python
   # control flow; it must be > 0 (not checked for traced values).
-  return _f32(logits) / jnp.asarray(temperature, jnp.float32)
+  return promote_f32(logits) / jnp.asarray(temperature, jnp.float32)
 
 
 def logprobs_from_logits(
@@ -74,7 +60,7 @@ def logprobs_from_logits(
       f" axis {logits.shape[:-1]}"
     )
   if mask is not None:
-    mask = _bool_mask(mask, tokens.shape, "mask")
+    mask = validate_mask(mask, tokens.shape, "mask")
     # Sanitise before the softmax: NaN logits would give NaN gradients even
     # under a later where (0 * NaN in the log-softmax backward).
     logits = jnp.where(mask[..., None], logits, 0)
@@ -161,7 +147,7 @@ def entropy_from_logits(
     ValueError: mask shape is not logits shape without the vocab axis.
   """
   if mask is not None:
-    mask = _bool_mask(mask, jnp.shape(logits)[:-1], "mask")
+    mask = validate_mask(mask, jnp.shape(logits)[:-1], "mask")
     logits = jnp.where(mask[..., None], logits, 0)
   z = _scaled(logits, temperature)
   logp = jax.nn.log_softmax(z, axis=-1)
@@ -314,7 +300,7 @@ def chunked_logprobs_and_entropy(
     raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
   if mask is None:
     mask = jnp.ones(tokens.shape, jnp.bool_)
-  mask = _bool_mask(mask, tokens.shape, "mask")
+  mask = validate_mask(mask, tokens.shape, "mask")
   chunk_size = min(chunk_size, unembedding.shape[1])
   return _chunked_core(
     hidden, unembedding, tokens, mask, temperature, chunk_size

@@ -20,6 +20,29 @@ LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
+def promote_f32(x: jax.Array) -> jax.Array:
+  """x as an array of at least f32 (bf16/f16 -> f32; f64 stays f64)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def validate_mask(
+  mask: jax.Array, shape: tuple[int, ...], name: str
+) -> jax.Array:
+  """Checks a mask's shape and dtype and returns it as bool.
+
+  Raises:
+    ValueError: the shape is not ``shape`` (message names ``name``).
+    TypeError: a float mask (masks are bool, True = valid; 0/1 ints pass).
+  """
+  mask = jnp.asarray(mask)
+  if mask.shape != tuple(shape):
+    raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
+  if jnp.issubdtype(mask.dtype, jnp.floating):
+    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
+  return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
 def _float(x: jax.Array) -> jax.Array:
   """Promotes to at least f32 (bf16/f16 inputs give f32 outputs)."""
   x = jnp.asarray(x)
