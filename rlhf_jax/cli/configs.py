@@ -51,9 +51,11 @@ class FeedbackConfig:
   group_size: int = 4
   """Continuations sampled together for one prompt; the annotator labels
   every pair among them (K (K - 1) / 2 pairs per group)."""
-  groups_per_prompt: int = 5
-  """Groups per training prompt (reward-model and DPO data)."""
-  eval_groups_per_prompt: int = 2
+  groups_per_prompt: int = 20
+  """Groups per training prompt (reward-model and DPO data). Sampling is
+  cheap; with fewer pairs the reward model overfits (held-out accuracy
+  ~0.72 with 5 groups, ~0.77 with 20)."""
+  eval_groups_per_prompt: int = 4
   """Groups per held-out prompt (reward-model held-out accuracy)."""
   annotator_beta: float = 20.0
   """Bradley-Terry inverse temperature of the simulated annotator on the
@@ -65,7 +67,7 @@ class FeedbackConfig:
 class RewardStageConfig:
   """Reward-model training (Bradley-Terry loss, Ouyang et al. 2022 eq. 1)."""
 
-  steps: int = 64
+  steps: int = 112
   """Optimizer steps."""
   batch_size: int = 64
   """Pairs per step."""
@@ -82,7 +84,7 @@ class RewardStageConfig:
   """Global-norm gradient clipping."""
   center_rewards_coef: float = 0.01
   """Coefficient of mean((r+ + r-)^2), keeps rewards centred."""
-  eval_every: int = 16
+  eval_every: int = 28
   """Steps between held-out accuracy evaluations (and at the end)."""
 
 
@@ -136,8 +138,9 @@ class PPOStageConfig:
 class DPOStageConfig:
   """DPO on the same preference pairs (Rafailov et al. 2023)."""
 
-  steps: int = 40
-  """Optimizer steps."""
+  steps: int = 70
+  """Optimizer steps (70 x 32 pairs ends near PPO's KL, for the matched-KL
+  comparison)."""
   batch_size: int = 32
   """Pairs per step."""
   learning_rate: float = 5e-4

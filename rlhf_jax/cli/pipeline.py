@@ -495,9 +495,19 @@ def preference_data(ctx: Context) -> dict:
 
 
 def _optimizer(
-  lr: float, warmup: int, clip: float, *, decay_steps: int | None = None
+  lr: float,
+  warmup: int,
+  clip: float,
+  *,
+  decay_steps: int | None = None,
+  weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-  """Adam(W) with linear warmup (and optional cosine decay to 10%)."""
+  """Adam(W) with linear warmup (and optional cosine decay to 10%).
+
+  ``weight_decay`` > 0 gives AdamW (Loshchilov & Hutter 2019): the decay
+  term ``weight_decay * params`` is added to the Adam direction before the
+  learning-rate scaling, so parameters shrink by ``lr * weight_decay``.
+  """
   if decay_steps is None:
     sched = optax.join_schedules(
       [
@@ -510,7 +520,11 @@ def _optimizer(
     sched = optax.warmup_cosine_decay_schedule(
       0.0, lr, max(warmup, 1), max(decay_steps, warmup + 1), end_value=0.1 * lr
     )
-  return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched))
+  if weight_decay:
+    inner = optax.adamw(sched, weight_decay=weight_decay)
+  else:
+    inner = optax.adam(sched)
+  return optax.chain(optax.clip_by_global_norm(clip), inner)
 
 
 class StageLoop:
@@ -638,8 +652,8 @@ def stage_rm(ctx: Context) -> dict:
     cfg.warmup_steps,
     cfg.max_grad_norm,
     decay_steps=cfg.steps,
+    weight_decay=cfg.weight_decay,
   )
-  opt = optax.chain(opt, optax.add_decayed_weights(cfg.weight_decay))
   state = TrainState.create(params, opt, jax.random.fold_in(key, 1))
   step_fn = jax.jit(
     make_reward_model_step(

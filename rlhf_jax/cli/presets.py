@@ -25,7 +25,9 @@ def smoke_pipeline() -> C.PipelineConfig:
     tensorboard=True,
     task=C.TaskConfig(sampled_stories=8, eval_fraction=0.2),
     sampling=C.SamplingConfig(max_new_tokens=8, batch_size=16),
-    feedback=C.FeedbackConfig(group_size=2, groups_per_prompt=1),
+    feedback=C.FeedbackConfig(
+      group_size=2, groups_per_prompt=1, eval_groups_per_prompt=2
+    ),
     rm=C.RewardStageConfig(steps=4, batch_size=8, warmup_steps=1, eval_every=2),
     ppo=C.PPOStageConfig(
       iterations=6, batch_size=8, warmup_steps=1, eval_every=3, kl_horizon=64
