@@ -128,6 +128,10 @@ class Context:
   compile_s0: float
   gold: GoldScorer = dataclasses.field(default_factory=GoldScorer)
   stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+  # Wall and compile seconds of stages finished by an earlier process and
+  # read back on --resume, so the report's timings cover the whole run.
+  resumed_seconds: float = 0.0
+  resumed_compile_s: float = 0.0
   cache: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
@@ -1082,8 +1086,10 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
 def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
   """summary.json and report.md (metrics table, samples, plots)."""
   summary = build_summary(ctx, results)
-  total = ctx.timer.elapsed()
-  compile_s = runtime.CompileClock.get().seconds - ctx.compile_s0
+  total = ctx.timer.elapsed() + ctx.resumed_seconds
+  compile_s = (
+    runtime.CompileClock.get().seconds - ctx.compile_s0 + ctx.resumed_compile_s
+  )
   timing = {
     "time/total_s": total,
     "time/compile_s": compile_s,
@@ -1186,8 +1192,13 @@ def run_pipeline(
       if done is not None and config.resume:
         log(f"{name}: finished earlier, read from {ctx.stage_file(name)}")
         results[name] = done
+        timing = done.get("_timing", {})
+        ctx.stage_seconds[name] = timing.get("seconds", 0.0)
+        ctx.resumed_seconds += timing.get("seconds", 0.0)
+        ctx.resumed_compile_s += timing.get("compile_s", 0.0)
         continue
       t = runtime.Timer()
+      c0 = runtime.CompileClock.get().seconds
       log(f"{name}: starting")
       if name == "prompts":
         res = stage_prompts(ctx)
@@ -1204,6 +1215,10 @@ def run_pipeline(
       else:  # pragma: no cover - stage tables are fixed above
         raise AssertionError(name)
       ctx.stage_seconds[name] = t.elapsed()
+      res["_timing"] = {
+        "seconds": t.elapsed(),
+        "compile_s": runtime.CompileClock.get().seconds - c0,
+      }
       runtime.write_json(ctx.stage_file(name), res)
       results[name] = res
       log(f"{name}: done in {t.elapsed():.1f}s {_headline(name, res)}")
