@@ -64,6 +64,44 @@ def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
   return jax.tree.map(split, batch)
 
 
+def global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
+  """x as f32, summed over the pmap axis when there is one."""
+  x = jnp.asarray(x, jnp.float32)
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def reduce_metrics(metrics: dict, axis_name: str | None) -> dict:
+  """Combines per-device metric contributions: max for "_max" keys, else sum.
+
+  Contributions are already divided by global counts, so the sum is the
+  batch value (see the module docstring).
+  """
+  if axis_name is None:
+    return metrics
+  return {
+    k: jax.lax.pmax(v, axis_name)
+    if k.endswith(MAX_SUFFIX)
+    else jax.lax.psum(v, axis_name)
+    for k, v in metrics.items()
+  }
+
+
+def loss_normalizer(
+  mask: jax.Array, loss_agg_mode: str, axis_name: str | None
+) -> jax.Array:
+  """The step's global denominator for ``aggregate_loss(normalizer=...)``.
+
+  Valid tokens for "token-mean", non-empty rows for the seq-mean modes,
+  counted over the whole step batch (and all pmap devices).
+  """
+  mask = mask.astype(bool)
+  if loss_agg_mode == "token-mean":
+    count = jnp.sum(mask)
+  else:
+    count = jnp.sum(jnp.any(mask, axis=-1))
+  return global_sum(count, axis_name)
+
+
 def _combine(acc: dict, new: dict) -> dict:
   return {
     k: jnp.maximum(acc[k], new[k])

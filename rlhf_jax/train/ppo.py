@@ -57,6 +57,9 @@ from rlhf_jax.train.common import (
   all_finite,
   apply_if_finite,
   concat_prompt_response,
+  global_sum,
+  loss_normalizer,
+  reduce_metrics,
 )
 from rlhf_jax.train.state import PPOState, RewardNormState
 from rlhf_jax.types import PromptBatch
@@ -141,10 +144,6 @@ def init_ppo_state(
     reward_norm=RewardNormState.identity(),
     skipped_steps=jnp.zeros((), jnp.int32),
   )
-
-
-def _psum(x, axis):
-  return x if axis is None else jax.lax.psum(x, axis)
 
 
 def _response_slice(x: jax.Array, prompt_len: int) -> jax.Array:
@@ -370,7 +369,7 @@ def make_ppo_step(
     rows_f = jnp.ones((rows,), bool)
     seq_kl = jnp.sum(kl, axis=-1)
     mean_kl = masked_mean(seq_kl, rows_f, axis_name=axis)
-    n_seqs = _psum(jnp.float32(rows), axis)
+    n_seqs = global_sum(rows, axis)
     kl_state = controller.update(state.kl_state, mean_kl, n_seqs)
 
     k3 = kl_estimate(old_logprobs, ref_logprobs, kl_estimator="k3")
@@ -448,12 +447,8 @@ def _make_update(
     mb, first = xs
     policy_params, value_params, p_opt, v_opt, skipped = carry
     mask_all = mb["mask"]
-    if config.loss_agg_mode == "token-mean":
-      count = jnp.sum(mask_all)
-    else:
-      count = jnp.sum(jnp.any(mask_all, axis=-1))
-    normalizer = _psum(count.astype(jnp.float32), axis)
-    n_tokens = _psum(jnp.sum(mask_all).astype(jnp.float32), axis)
+    normalizer = loss_normalizer(mask_all, config.loss_agg_mode, axis)
+    n_tokens = global_sum(jnp.sum(mask_all), axis)
 
     def loss_fn(params, micro):
       pol, val = params
@@ -559,12 +554,7 @@ def _make_update(
     )
     if axis is not None:
       grads = jax.lax.psum(grads, axis)
-      stats = {
-        k: jax.lax.pmax(v, axis)
-        if k.endswith(MAX_SUFFIX)
-        else jax.lax.psum(v, axis)
-        for k, v in stats.items()
-      }
+    stats = reduce_metrics(stats, axis)
     p_grads, v_grads = grads
     # Skip BOTH updates when any gradient is not finite.
     finite = all_finite(grads)

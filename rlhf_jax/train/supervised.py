@@ -25,29 +25,15 @@ from rlhf_jax.preference import (
   ipo_loss,
 )
 from rlhf_jax.train.common import (
-  MAX_SUFFIX,
   accumulate_gradients,
   apply_if_finite,
   concat_prompt_response,
+  global_sum,
+  loss_normalizer,
+  reduce_metrics,
 )
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import PreferenceBatch, RankedBatch, SFTBatch
-
-
-def _psum_metrics(metrics: dict, axis_name: str | None) -> dict:
-  if axis_name is None:
-    return metrics
-  return {
-    k: jax.lax.pmax(v, axis_name)
-    if k.endswith(MAX_SUFFIX)
-    else jax.lax.psum(v, axis_name)
-    for k, v in metrics.items()
-  }
-
-
-def _global_count(x: jax.Array, axis_name: str | None) -> jax.Array:
-  x = jnp.asarray(x, jnp.float32)
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
 def _finish_step(
@@ -64,7 +50,7 @@ def _finish_step(
     # Each device differentiated its share of the globally normalised loss.
     grads = jax.lax.psum(grads, axis_name)
     loss = jax.lax.psum(loss, axis_name)
-  metrics = _psum_metrics(metrics, axis_name)
+  metrics = reduce_metrics(metrics, axis_name)
   params, opt_state, finite, grad_norm = apply_if_finite(
     optimizer, state.params, state.opt_state, grads
   )
@@ -111,12 +97,9 @@ def make_sft_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
-    mask = batch.response_mask.astype(bool)
-    if config.loss_agg_mode == "token-mean":
-      count = jnp.sum(mask)
-    else:
-      count = jnp.sum(jnp.any(mask, axis=-1))
-    normalizer = _global_count(count, axis)
+    normalizer = loss_normalizer(
+      batch.response_mask, config.loss_agg_mode, axis
+    )
     prompt_len = batch.prompt_ids.shape[1]
 
     def loss_fn(params, mb: SFTBatch):
@@ -261,7 +244,7 @@ def make_reward_model_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch):
-    total = _global_count(batch.prompt_ids.shape[0], axis)
+    total = global_sum(batch.prompt_ids.shape[0], axis)
 
     def loss_fn(params, mb):
       share = mb.prompt_ids.shape[0] / total
@@ -401,7 +384,7 @@ def make_dpo_step(
   average = config.loss_type == "ipo"
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
-    total = _global_count(batch.prompt_ids.shape[0], axis)
+    total = global_sum(batch.prompt_ids.shape[0], axis)
     if config.precomputed_ref:
       if batch.ref_chosen_logprobs is None:
         raise ValueError(
