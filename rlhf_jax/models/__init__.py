@@ -52,6 +52,7 @@ from rlhf_jax.models.transformer import (
   init_params,
   param_logical_axes,
   prefill,
+  unstack_layers,
 )
 
 __all__ = [
@@ -81,5 +82,6 @@ __all__ = [
   "resolve_model_dir",
   "reward_forward",
   "scalar_model_logical_axes",
+  "unstack_layers",
   "values_forward",
 ]

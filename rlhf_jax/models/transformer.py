@@ -179,19 +179,23 @@ class Attention(nn.Module):
     if rope is not None:
       cos, sin = rope
       q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    # Keys as [B, Hkv, S, Dh] and values as [B, Hkv, Dh, S]: the layouts
+    # the two attention dots read, so the cache is stored in them and a
+    # decode step does not transpose the whole cache (~0.15 ms per step).
+    k = jnp.transpose(k, (0, 2, 1, 3))
+    v = jnp.transpose(v, (0, 2, 3, 1))
     new_kv = None
     if kv is not None:
-      # kv is the whole stacked cache [N, B, S, Hkv, Dh], carried through the
-      # layer scan and updated in place at (layer, :, write_index). Scanning
-      # over per-layer slices instead would copy the cache out and restack
-      # it every decode step (2x slower decoding at 20M params on CPU).
+      # kv is the whole stacked cache, carried through the layers and
+      # updated in place at (layer, ..., write_index). Scanning over
+      # per-layer slices instead would copy the cache out and restack it
+      # every decode step (2x slower decoding at 20M params on CPU).
       k_all, v_all = kv
-      start = (layer, 0, write_index, 0, 0)
       k_all = jax.lax.dynamic_update_slice(
-        k_all, k[None].astype(k_all.dtype), start
+        k_all, k[None].astype(k_all.dtype), (layer, 0, 0, write_index, 0)
       )
       v_all = jax.lax.dynamic_update_slice(
-        v_all, v[None].astype(v_all.dtype), start
+        v_all, v[None].astype(v_all.dtype), (layer, 0, 0, 0, write_index)
       )
       new_kv = (k_all, v_all)
       k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, False).astype(dt)
@@ -199,11 +203,11 @@ class Attention(nn.Module):
     b, length = q.shape[0], q.shape[1]
     qg = q.reshape(b, length, hkv, h // hkv, dh)
     scores = jnp.einsum(
-      "blhgk,bshk->bhgls", qg, k, preferred_element_type=jnp.float32
+      "blhgk,bhsk->bhgls", qg, k, preferred_element_type=jnp.float32
     ) * np.float32(1.0 / math.sqrt(dh))
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bhgls,bshk->blhgk", probs, v).reshape(b, length, h, dh)
+    out = jnp.einsum("bhgls,bhks->blhgk", probs, v).reshape(b, length, h, dh)
     wo = _param(self, "o", (h, dh, d), ("heads", "kv", "embed"), cfg)
     y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
     if cfg.attention_out_bias:
@@ -266,10 +270,13 @@ class Transformer(nn.Module):
   """Embeddings, scanned blocks and final norm; returns final hidden states.
 
   The LM head ("lm_head" when untied, else "embed" transposed) is applied by
-  `_logits` so that heads can skip the V x D projection.
+  `_logits` so that heads can skip the V x D projection. With
+  ``scan_layers=False`` the blocks are unrolled and read the per-layer params
+  "layers_0" ... "layers_{N-1}" of `unstack_layers`.
   """
 
   config: ModelConfig
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, input_ids, positions, mask, kv=None, write_index=None):
@@ -295,6 +302,17 @@ class Transformer(nn.Module):
     block = Block
     if cfg.remat:
       block = nn.remat(Block, prevent_cse=False)
+    if not self.scan_layers:
+      # Unstacked params (`unstack_layers`): layer i has its own weights, so
+      # a decode step reads them in place instead of copying a slice of the
+      # stacked [N, ...] arrays every step (the scan's dynamic-slice).
+      carry = (h, kv)
+      for i in range(cfg.num_layers):
+        carry, _ = block(cfg, name=f"layers_{i}")(
+          carry, i, rope, mask, write_index
+        )
+      h, new_kv = carry
+      return Norm(cfg, name="final_norm")(h), new_kv
     scanned = nn.scan(
       block,
       variable_axes={"params": 0},
@@ -311,9 +329,12 @@ class Transformer(nn.Module):
 
 
 def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
-  """hidden [..., D] (compute dtype) -> logits f32[..., V]."""
+  """hidden [..., D] (compute dtype) -> logits f32[..., V].
+
+  Decode params (`unstack_layers`) carry "lm_head" [D, V] even when tied.
+  """
   dt = config.compute_dtype
-  if config.tie_word_embeddings:
+  if config.tie_word_embeddings and "lm_head" not in params:
     return jnp.einsum(
       "...d,vd->...v",
       hidden,
@@ -395,9 +416,36 @@ def param_logical_axes(config: ModelConfig) -> Any:
 
 
 def _run(params, input_ids, positions, mask, kv, write_index, config):
-  return Transformer(config).apply(
+  scan = "layers" in params
+  return Transformer(config, scan_layers=scan).apply(
     {"params": params}, input_ids, positions, mask, kv, write_index
   )
+
+
+def unstack_layers(params: Params, config: ModelConfig) -> Params:
+  """Decode-time layout of LM params: one subtree per layer, head [D, V].
+
+  Splits the stacked "layers" [N, ...] into "layers_0" ... "layers_{N-1}"
+  and, for tied embeddings, adds "lm_head" = embed^T. `prefill` and
+  `decode_step` accept either layout and compute the same function; with
+  this one a decode step reads every weight in place (no per-step copy of a
+  layer slice or transpose of the V x D embedding), which made greedy
+  decoding of TinyStories-656K ~1.5x faster on CPU. Call it once, outside
+  the decode loop (``generate`` does).
+
+  Args:
+    params: LM params from `init_params` / `load_hf_checkpoint`.
+    config: their config.
+
+  Returns:
+    A new params dict (layer weights are copied once).
+  """
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(config.num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  if config.tie_word_embeddings:
+    out["lm_head"] = jnp.transpose(params["embed"])
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("config", "return_hidden"))
@@ -464,8 +512,9 @@ class KVCache:
   """Static-shape KV cache for incremental decoding.
 
   Attributes:
-    k: [N, B, S, Hkv, Dh] keys per layer (N layers, S slots), cache dtype.
-    v: [N, B, S, Hkv, Dh] values per layer.
+    k: [N, B, Hkv, S, Dh] keys per layer (N layers, S slots), cache dtype.
+    v: [N, B, Hkv, Dh, S] values per layer (slot axis last: the layout the
+      probs @ V dot reads).
     key_mask: bool[B, S], True where the slot holds a real token.
     index: i32[] next slot to write (same for all rows: prompts are padded
       to a common length, so slots line up across the batch).
@@ -485,16 +534,10 @@ def init_cache(
 ) -> KVCache:
   """Empty cache with S = max_length slots (dtype defaults to compute)."""
   dtype = config.compute_dtype if dtype is None else dtype
-  shape = (
-    config.num_layers,
-    batch_size,
-    max_length,
-    config.num_kv_heads,
-    config.head_dim,
-  )
+  n, hkv, dh = config.num_layers, config.num_kv_heads, config.head_dim
   return KVCache(
-    k=jnp.zeros(shape, dtype),
-    v=jnp.zeros(shape, dtype),
+    k=jnp.zeros((n, batch_size, hkv, max_length, dh), dtype),
+    v=jnp.zeros((n, batch_size, hkv, dh, max_length), dtype),
     key_mask=jnp.zeros((batch_size, max_length), jnp.bool_),
     index=jnp.zeros((), jnp.int32),
   )

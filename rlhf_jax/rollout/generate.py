@@ -94,6 +94,8 @@ def generate(
   batch, prompt_len = prompt_ids.shape
   prompt_mask = prompt_mask.astype(bool)
   cache = models.init_cache(config, batch, prompt_len + max_new_tokens)
+  # Per-layer weights and a [D, V] head, split once outside the loop.
+  params = models.unstack_layers(params, config)
   logits, cache = models.prefill(
     params, prompt_ids, prompt_mask, config=config, cache=cache
   )

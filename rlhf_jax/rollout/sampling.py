@@ -8,6 +8,8 @@ are arrays so changing them never recompiles.
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.logprobs import logprobs_from_logits
+
 _NEG_INF = -jnp.inf
 
 
@@ -71,6 +73,21 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   return jnp.where(keep, logits, _NEG_INF)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """Index of the first maximum along the last axis, i32[...].
+
+  Equals jnp.argmax for NaN-free input. jnp.argmax lowers to a variadic
+  (value, index) reduction that XLA:CPU does not vectorise; a max followed
+  by a min over matching indices is two plain reductions (~0.1 ms less per
+  decode step at B=16, V=2048). A NaN row gives its last index.
+  """
+  vocab = x.shape[-1]
+  top = jnp.max(x, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  idx = jnp.min(jnp.where(x == top, iota, vocab), axis=-1)
+  return jnp.minimum(idx, vocab - 1)
+
+
 def sample_token(
   logits: jax.Array,
   rng: jax.Array,
@@ -101,9 +118,8 @@ def sample_token(
     (tokens i32[B], logprobs f32[B]).
   """
   scaled = apply_temperature(logits, temperature)
-  logp_all = jax.nn.log_softmax(scaled, axis=-1)
   if greedy:
-    tokens = jnp.argmax(scaled, axis=-1)
+    tokens = first_argmax(scaled)
   else:
     filtered = top_k_filter(scaled, top_k)
     # top_p is traced; skip the two vocabulary argsorts when it is off.
@@ -114,7 +130,14 @@ def sample_token(
       lambda x: x,
       filtered,
     )
-    tokens = jax.vmap(jax.random.categorical)(rng, filtered)
+    # Gumbel-max, as jax.random.categorical draws it (same noise, same
+    # tokens), with the faster argmax.
+    vocab = filtered.shape[-1]
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(rng)
+    tokens = first_argmax(filtered + noise)
   tokens = tokens.astype(jnp.int32)
-  logp = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
+  # The trainer's own formula (z - logsumexp z), not log_softmax: the two
+  # round differently by a few ulp of |z| (~1e-5 at |z| ~ 40), which alone
+  # broke the 1e-5 sampler/trainer agreement on the real model.
+  logp = logprobs_from_logits(logits, tokens, temperature=temperature)
   return tokens, logp
