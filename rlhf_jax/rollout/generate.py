@@ -93,8 +93,11 @@ def generate(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   batch, prompt_len = prompt_ids.shape
   prompt_mask = prompt_mask.astype(bool)
-  cache = models.init_cache(config, batch, prompt_len + max_new_tokens)
-  # Per-layer weights and a [D, V] head, split once outside the loop.
+  # Per-layer weights, caches and a [D, V] head, split once outside the
+  # loop, so decode steps read and update them in place.
+  cache = models.init_cache(
+    config, batch, prompt_len + max_new_tokens, per_layer=True
+  )
   params = models.unstack_layers(params, config)
   logits, cache = models.prefill(
     params, prompt_ids, prompt_mask, config=config, cache=cache
