@@ -9,6 +9,7 @@ from rlhf_jax import models
 from rlhf_jax.logprobs import response_logprobs
 from rlhf_jax.rollout import generate, top_k_filter, top_p_filter
 from rlhf_jax.rollout.generate import response_mask_from_ids
+from rlhf_jax.rollout.sampling import first_argmax, sample_token
 
 CFG = models.ModelConfig(
   model_type="llama",
@@ -253,3 +254,21 @@ def test_same_shapes_compile_once_temperature_is_traced(params):
   for t, seed in ((0.9, 1), (1.3, 2), (0.5, 3)):
     generate(params, ids, mask, jax.random.key(seed), temperature=t, **kw)
   assert generate._cache_size() == before
+
+
+def test_first_argmax_and_gumbel_draws_match_jax():
+  # first_argmax is jnp.argmax (first index on ties); sample_token's
+  # Gumbel-max draws the same tokens as jax.random.categorical per row key.
+  x = jnp.array([[0.0, 3.0, 3.0, 1.0], [-jnp.inf, -1.0, -2.0, -1.0]])
+  np.testing.assert_array_equal(first_argmax(x), [1, 1])
+  logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3.0
+  np.testing.assert_array_equal(
+    first_argmax(logits), jnp.argmax(logits, axis=-1)
+  )
+  keys = jax.random.split(jax.random.key(1), 64)
+  tok, logp = sample_token(logits, keys, temperature=jnp.float32(0.8))
+  want = jax.vmap(jax.random.categorical)(keys, logits / 0.8)
+  np.testing.assert_array_equal(tok, want)
+  ref = jax.nn.log_softmax(logits / 0.8)[jnp.arange(64), want]
+  np.testing.assert_allclose(logp, ref, atol=1e-6)
+  assert len(set(np.asarray(tok).tolist())) > 10  # real sampling

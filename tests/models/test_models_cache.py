@@ -65,10 +65,16 @@ def _batch(seed=0):
   return jnp.asarray(ids), jnp.asarray(mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "slots"))
-def _cached_logits(params, ids, mask, *, config, slots):
-  """Prefill the prompt, then teacher-force the response in a lax.scan."""
-  cache = models.init_cache(config, ids.shape[0], slots)
+@functools.partial(jax.jit, static_argnames=("config", "slots", "per_layer"))
+def _cached_logits(params, ids, mask, *, config, slots, per_layer=False):
+  """Prefill the prompt, then teacher-force the response in a lax.scan.
+
+  per_layer: the decode layout generate uses (unstacked params, one cache
+  array per layer, [D, V] head); otherwise stacked params and cache.
+  """
+  if per_layer:
+    params = models.unstack_layers(params, config)
+  cache = models.init_cache(config, ids.shape[0], slots, per_layer=per_layer)
   first, cache = models.prefill(
     params, ids[:, :P], mask[:, :P], config=config, cache=cache
   )
@@ -83,15 +89,16 @@ def _cached_logits(params, ids, mask, *, config, slots):
   ), cache
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cached_decode_equals_full_forward(name):
+def test_cached_decode_equals_full_forward(name, per_layer):
   config = CONFIGS[name]
   params = models.init_params(config, jax.random.key(1))
   ids, mask = _batch()
   full = models.forward(params, ids, mask, config=config)
   # 2 spare slots stay empty: they must be masked out.
   cached, cache = _cached_logits(
-    params, ids, mask, config=config, slots=P + T + 2
+    params, ids, mask, config=config, slots=P + T + 2, per_layer=per_layer
   )
   # cached[:, j] (prefill, then after feeding token P + j - 1) predicts
   # token P + j, as does full[:, P - 1 + j]; j = 0..T.
@@ -230,3 +237,27 @@ def test_bf16_cache_decode_runs_finite():
   full = models.forward(params, ids, mask, config=config)
   agree = jnp.mean(jnp.argmax(cached, -1) == jnp.argmax(full[:, P - 1 :], -1))
   assert float(agree) >= 0.9
+
+
+def test_unstacked_params_same_logits_and_per_layer_cache_needs_them():
+  config = CONFIGS["mistral"]  # tied: unstack_layers adds lm_head = E^T
+  params = models.init_params(config, jax.random.key(2))
+  flat = models.unstack_layers(params, config)
+  assert sorted(k for k in flat if k.startswith("layers_")) == [
+    "layers_0",
+    "layers_1",
+  ]
+  np.testing.assert_array_equal(flat["lm_head"], params["embed"].T)
+  np.testing.assert_array_equal(
+    flat["layers_1"]["attn"]["q"], params["layers"]["attn"]["q"][1]
+  )
+  ids, mask = _batch()
+  want = models.forward(params, ids, mask, config=config)
+  got = models.forward(flat, ids, mask, config=config)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  cache = models.init_cache(config, 3, P + T, per_layer=True)
+  assert isinstance(cache.k, tuple) and len(cache.k) == config.num_layers
+  assert cache.k[0].shape == (3, config.num_kv_heads, P + T, config.head_dim)
+  assert cache.v[0].shape == (3, config.num_kv_heads, config.head_dim, P + T)
+  with pytest.raises(ValueError, match="per-layer params"):
+    models.prefill(params, ids[:, :P], mask[:, :P], config=config, cache=cache)
