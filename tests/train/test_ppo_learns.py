@@ -66,11 +66,15 @@ def test_ppo_raises_word_count_with_kl_near_target(tinystories_dir):
     pad_token_id=tok.pad_token_id,
     group_size=2,
     max_new_tokens=24,
-    kl_coef=0.2,
+    kl_coef=0.5,
     adaptive_kl=True,
     target_kl=TARGET_KL,
-    # n_steps = 16 sequences per iteration: kl_coef moves <= 20% per step.
-    kl_horizon=16,
+    # n_steps = 16 sequences per iteration, horizon 32: kl_coef moves <= 10%
+    # per iteration. At horizon 16 (20%) the coefficient wound down to 0.03
+    # while the KL was still below target and the KL then overshot to 2-3x
+    # the target; with a 2x smaller LR it wound down to 0.003 and the KL ran
+    # to 40 nats (integral windup of the multiplicative controller).
+    kl_horizon=32,
     ppo_epochs=4,
     num_minibatches=1,
   )
@@ -101,17 +105,17 @@ def test_ppo_raises_word_count_with_kl_near_target(tinystories_dir):
 
   # Learning. Per-iteration means over 16 responses have a standard error of
   # ~0.18 (count std ~0.7); the difference of a 10- and a 3-iteration mean
-  # has ~0.12, so +0.5 is 4 standard errors above "no learning" (measured:
-  # 0.25 -> 1.33).
+  # has ~0.12, so +0.4 is over 3 standard errors above "no learning"
+  # (measured: 0.25 -> 0.83, best iteration 1.31).
   start, end = scores[:3].mean(), scores[-10:].mean()
-  assert end > start + 0.5, (start, end)
+  assert end > start + 0.4, (start, end)
   assert scores.max() >= 4 * max(start, 0.25)
 
-  # KL near the target: the second half stays within a factor 3 of it
-  # (measured mean 8.6 for target 4 while the policy moves; without the
+  # KL near the target: the second-half mean within [0.5, 1.5] x target
+  # (measured 5.6 for target 4, per-iteration values 4.5-6.8; without the
   # controller it runs away: 40-80 nats at the same learning rate).
   late_kl = kls[ITERATIONS // 2 :].mean()
-  assert TARGET_KL / 3 < late_kl < 3 * TARGET_KL, late_kl
+  assert TARGET_KL / 2 < late_kl < 1.5 * TARGET_KL, late_kl
   # The controller acted in both directions: down while KL < target at the
   # start, up once the KL exceeded it.
   assert coefs.min() < coefs[0] and coefs[-1] > coefs.min() * 2
@@ -122,8 +126,9 @@ def test_ppo_raises_word_count_with_kl_near_target(tinystories_dir):
   first = np.array([m["ppo/first_ratio_dev_max"] for m in history])
   assert first.max() == 0.0, first.max()
   # Sampler (KV-cache decode) vs trainer (full forward) logprobs: below 1e-5
-  # on the pretrained params; later iterations' sharper logits give up to
-  # ~1.4e-5 of float32 rounding (see the note in the report).
+  # on the pretrained params; later iterations give up to ~1.2e-5 of
+  # float32 rounding (XLA:CPU picks shape-dependent matmul kernels for the
+  # one-token decode step and the full forward; see benchmarks/README.md).
   mismatch = np.array([m["rollout/logprob_mismatch_max"] for m in history])
   assert mismatch[0] < 1e-5, mismatch[0]
   assert mismatch.max() < 3e-5, mismatch.max()
