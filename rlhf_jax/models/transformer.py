@@ -179,10 +179,12 @@ class Attention(nn.Module):
     if rope is not None:
       cos, sin = rope
       q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    # Keys as [B, Hkv, S, Dh] and values as [B, Hkv, Dh, S]: the layouts
-    # the two attention dots read, so the cache is stored in them and a
-    # decode step does not transpose the whole cache (~0.15 ms per step).
-    k = jnp.transpose(k, (0, 2, 1, 3))
+    # Keys and values as [B, Hkv, Dh, S], slot axis last: a decode step
+    # reads the cache in place (no per-step transpose of the whole cache),
+    # and its multiply-reduce over Dh (keys) or S (values) runs along
+    # contiguous memory.
+    k_seq = k  # [B, L, Hkv, Dh] for the no-cache forward's dot
+    k = jnp.transpose(k, (0, 2, 3, 1))
     v = jnp.transpose(v, (0, 2, 3, 1))
     new_kv = None
     if kv is not None:
@@ -197,7 +199,7 @@ class Attention(nn.Module):
       k_new = k if layer is None else k[None]
       v_new = v if layer is None else v[None]
       k_all = jax.lax.dynamic_update_slice(
-        k_all, k_new.astype(k_all.dtype), (*lead, 0, 0, write_index, 0)
+        k_all, k_new.astype(k_all.dtype), (*lead, 0, 0, 0, write_index)
       )
       v_all = jax.lax.dynamic_update_slice(
         v_all, v_new.astype(v_all.dtype), (*lead, 0, 0, 0, write_index)
@@ -213,16 +215,26 @@ class Attention(nn.Module):
     if length == 1:
       # One query (a decode step): the dots are batched matrix-vector
       # products, which XLA:CPU runs far below its elementwise speed (200 us
-      # per layer at 20M params); multiply-and-reduce over the contiguous
-      # last axis fuses into one vectorised loop each.
-      q1 = qg[:, 0][:, :, :, None, None, :]
+      # per layer at 20M params); multiply-and-reduce fuses into one
+      # vectorised loop each (over Dh for scores, vectorised along S).
+      q1 = qg[:, 0][:, :, :, None, :, None]
       scores = jnp.sum(
-        (q1 * k[:, :, None, None, :, :]).astype(jnp.float32), axis=-1
+        (q1 * k[:, :, None, None, :, :]).astype(jnp.float32), axis=-2
       )
     else:
-      scores = jnp.einsum(
-        "blhgk,bhsk->bhgls", qg, k, preferred_element_type=jnp.float32
-      )
+      if kv is None:
+        scores = jnp.einsum(
+          "blhgk,bshk->bhgls", qg, k_seq, preferred_element_type=jnp.float32
+        )
+      else:
+        # A prefill reads the slot-minor cache; XLA:CPU has no bf16 x bf16
+        # -> f32 kernel for that layout, so this one-off dot runs in f32.
+        scores = jnp.einsum(
+          "blhgk,bhks->bhgls",
+          qg.astype(jnp.float32),
+          k.astype(jnp.float32),
+          preferred_element_type=jnp.float32,
+        )
     scores = scores * np.float32(1.0 / math.sqrt(dh))
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
@@ -549,8 +561,8 @@ class KVCache:
   """Static-shape KV cache for incremental decoding.
 
   Attributes:
-    k: [N, B, Hkv, S, Dh] keys per layer (N layers, S slots), cache dtype;
-      or a tuple of N [B, Hkv, S, Dh] arrays (``per_layer``).
+    k: [N, B, Hkv, Dh, S] keys per layer (N layers, S slots), cache dtype;
+      or a tuple of N [B, Hkv, Dh, S] arrays (``per_layer``).
     v: [N, B, Hkv, Dh, S] values per layer (slot axis last: the layout the
       probs @ V dot reads), or a tuple of N [B, Hkv, Dh, S].
     key_mask: bool[B, S], True where the slot holds a real token.
@@ -581,7 +593,7 @@ def init_cache(
   """
   dtype = config.compute_dtype if dtype is None else dtype
   n, hkv, dh = config.num_layers, config.num_kv_heads, config.head_dim
-  k_shape = (batch_size, hkv, max_length, dh)
+  k_shape = (batch_size, hkv, dh, max_length)
   v_shape = (batch_size, hkv, dh, max_length)
   if per_layer:
     k = tuple(jnp.zeros(k_shape, dtype) for _ in range(n))
