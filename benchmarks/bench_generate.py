@@ -17,7 +17,7 @@ by default) and OMP_WAIT_POLICY=PASSIVE (see --omp-spin). JAX compile time
 separately; the timed runs call the compiled executable. Times are printed,
 never asserted.
 
-  .venv/bin/python benchmarks/bench_generate.py [--threads 1] [--repeats 5]
+  .venv/bin/python benchmarks/bench_generate.py [--threads 1] [--repeats 9]
 """
 
 import argparse
@@ -218,7 +218,7 @@ def bench_model(name, model_dir, prompts, worker, args) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=9)
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument(
