@@ -240,3 +240,33 @@ def test_top_level_help_lists_subcommands(capsys):
   out = capsys.readouterr().out
   for cmd in ("sft", "rm", "dpo", "ppo", "run", "generate", "eval", "export"):
     assert f"\n  {cmd} " in out
+
+
+@pytest.mark.parametrize(
+  "command, hidden, shown",
+  [
+    ("rm", ("ppo", "dpo", "eval"), ("rm", "feedback", "sampling")),
+    ("ppo", ("dpo",), ("rm", "ppo", "eval")),
+    ("dpo", ("ppo",), ("rm", "dpo", "eval")),
+    ("run", (), ("rm", "ppo", "dpo", "eval")),
+  ],
+)
+def test_help_lists_only_the_stages_a_command_runs(
+  command, hidden, shown, capsys
+):
+  with pytest.raises(SystemExit):
+    main([command, "--help"])
+  out = capsys.readouterr().out
+  for group in shown:
+    assert f"--{group}." in out, group
+  for group in hidden:
+    assert f"--{group}." not in out, group
+
+
+def test_option_of_a_stage_the_command_skips_is_an_error(capsys):
+  code, err = _run(capsys, ["rm", "--preset", "smoke", "--ppo.iterations", "3"])
+  _check(
+    code,
+    err,
+    "Unrecognized options: --ppo.iterations, 3 (see `rlhf-jax rm --help`)",
+  )

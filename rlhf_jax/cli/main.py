@@ -119,6 +119,42 @@ def _description(command: str, cls: type) -> str:
   )
 
 
+# Option groups of the pipeline config that a subcommand never reads (their
+# stages do not run); hidden from its --help and its flags.
+_UNUSED_GROUPS = {
+  "rm": ("ppo", "dpo", "eval"),
+  "ppo": ("dpo",),
+  "dpo": ("ppo",),
+}
+
+
+def _hide_groups(command: str, default: Any) -> tuple[type, Any]:
+  """(class, default) with the command's unused option groups suppressed."""
+  import typing
+
+  import tyro
+
+  cls = type(default)
+  groups = _UNUSED_GROUPS.get(command, ())
+  if not groups or not dataclasses.is_dataclass(cls):
+    return cls, default
+  hints = typing.get_type_hints(cls)
+  spec = [
+    (
+      g,
+      tyro.conf.Suppress[hints[g]],
+      dataclasses.field(default=getattr(default, g)),
+    )
+    for g in groups
+  ]
+  sub = dataclasses.make_dataclass(
+    cls.__name__, spec, bases=(cls,), frozen=True
+  )
+  sub.__doc__ = cls.__doc__
+  values = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}
+  return sub, sub(**values)
+
+
 def _hh_command_class(hh_cls: type) -> type:
   @dataclasses.dataclass(frozen=True)
   class HHCommand:
@@ -214,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       default = cls(preset=name, hh=default)
       doc = f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}."
     else:
-      cls = type(default)
+      cls, default = _hide_groups(command, default)
       doc = _description(command, cls)
     config = _parse(cls, default, rest, prog, doc)
     return _dispatch(command, config)
