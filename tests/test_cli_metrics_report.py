@@ -297,10 +297,11 @@ def test_write_report(tmp_path):
   assert "| rm/pairs | 512 |" in text
   assert "| Metric | initial | ppo |" in text
   assert "| kl | - | 4.5 |" in text
-  # Samples grouped by prompt, Markdown escaped.
+  # Samples grouped by prompt, Markdown escaped; a continuation of its
+  # prompt starts with an ellipsis (its text may begin mid-word).
   assert "Prompt: The dog" in text
-  assert "> The dog \\*sat\\*." in text and "> Tom \\| went." in text
-  assert "> 1\\. Tom smiled." in text
+  assert "> …The dog \\*sat\\*." in text and "> …Tom \\| went." in text
+  assert "> …1. Tom smiled." in text
   assert text.index("**initial**") < text.index("**ppo**")
   for name in ("ppo_scores_kl", "reward_vs_kl", "rm_training"):
     assert f"](plots/{name}.png)" in text

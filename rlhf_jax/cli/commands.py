@@ -106,9 +106,10 @@ def run_generate(config: C.GenerateConfig) -> int:
       pad=adapter.pad_id,
     )
   ids, mask = np.asarray(roll.response_ids), np.asarray(roll.response_mask)
+  pid, pmask = np.asarray(p_ids), np.asarray(p_mask)
   records = []
   for r, p in enumerate(rows):
-    text = tok.decode(ids[r][mask[r]])
+    text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
     records.append({"prompt": prompts[p], "sample": r, "text": text})
     print(f"[{prompts[p]}] {text}")
   if config.output is not None:

@@ -806,7 +806,13 @@ def evaluate_policy(
     metrics["eval/proxy_score"] = float(proxy.mean())
   if baseline_gold is not None:
     metrics["eval/gold_win_rate"] = win_rate(gold, baseline_gold)
-  return metrics, {"texts": texts, "gold": gold.tolist()}
+  # Report samples: the continuation as it reads after its prompt (the
+  # gold scores above keep the response-only text they were tuned on).
+  shown = [
+    ctx.tokenizer.decode_continuation(p[pm], r[m])
+    for p, pm, r, m in zip(p_ids, p_mask, ids, mask, strict=True)
+  ]
+  return metrics, {"texts": texts, "shown": shown, "gold": gold.tolist()}
 
 
 def _rm_for_eval(ctx: Context) -> Any | None:
@@ -1114,7 +1120,8 @@ def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
     per = ctx.config.eval.samples_per_prompt
     shown_prompts = [held[r // per] for r in rows]
     for name in policies:
-      samples[name] = [results[name]["texts"][r] for r in rows]
+      shown = results[name].get("shown", results[name]["texts"])
+      samples[name] = [shown[r] for r in rows]
   runtime.write_json(ctx.run_dir / "summary.json", {**summary, **timing})
   write_report(
     ctx.run_dir,

@@ -94,7 +94,7 @@ Prompt: {{ item.prompt | inline }}
 {% for name, text in item.texts %}
 **{{ name | inline }}**
 
-{{ text | quote }}
+{{ (("…" if item.prompt is not none else "") ~ text) | quote }}
 
 {% endfor %}
 {% endfor %}

@@ -120,6 +120,21 @@ class Tokenizer:
       ids = [i for i in ids if i not in self.all_special_ids]
     return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+  def decode_continuation(self, prompt_ids, response_ids) -> str:
+    """Text that `response_ids` add after `prompt_ids` (special dropped).
+
+    Decodes prompt + response together and strips the prompt's own text, so
+    a space the tokenizer only renders between two tokens (TinyStories'
+    pieces: "was" + "an " reads "was an ") is kept; decoding the response
+    alone loses it. Falls back to the response alone when the joint text
+    does not start with the prompt's.
+    """
+    head = self.decode(prompt_ids)
+    full = self.decode([*prompt_ids, *response_ids])
+    if full.startswith(head):
+      return full[len(head) :]
+    return self.decode(response_ids)
+
   def token_to_id(self, token: str) -> int | None:
     return self.tokenizer.token_to_id(token)
 

@@ -31,6 +31,21 @@ def test_tinystories_special_ids(tinystories_dir):
     tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_decode_continuation_keeps_the_joining_space(tinystories_dir):
+  # TinyStories renders the space between "was" and "an" only when the two
+  # tokens are decoded together: the response alone reads "an old tree.".
+  tok = models.load_tokenizer(tinystories_dir)
+  prompt = tok.encode("Once upon a time, there was")
+  full = tok.encode("Once upon a time, there was an old tree.")
+  assert full[: len(prompt)] == prompt
+  response = full[len(prompt) :]
+  assert tok.decode(response) == "an old tree."
+  assert tok.decode_continuation(prompt, response) == " an old tree."
+  # EOS and pads in the response are special tokens: dropped.
+  eos = [tok.eos_token_id, tok.pad_token_id]
+  assert tok.decode_continuation(prompt, response + eos) == " an old tree."
+
+
 def test_chat_template_rendered_in_sandbox(tinystories_dir, tmp_path):
   for f in ("tokenizer.json", "special_tokens_map.json"):
     shutil.copy(tinystories_dir / f, tmp_path)
