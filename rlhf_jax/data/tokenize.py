@@ -473,6 +473,62 @@ def tokenize_prompts(
   )
 
 
+def _single_response(
+  examples: Sequence[Any],
+  tokenizer: Tokenizer,
+  field: str,
+  extra: dict[str, tuple[np.ndarray, np.ndarray]],
+  batch_type: type,
+  *,
+  max_prompt_length: int,
+  max_response_length: int,
+  truncate_prompts: bool,
+  add_bos: bool,
+  append_eos: bool,
+) -> TokenizedDataset:
+  """Prompt + one response per example (SFT, unpaired); ``extra`` maps more
+  array names to (values, pad value)."""
+  wheres = [e.where for e in examples]
+  p_ids, p_mask, p_cut = _prompts(
+    [e.prompt for e in examples],
+    wheres,
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    truncate_prompts=truncate_prompts,
+    add_bos=add_bos,
+  )
+  r_ids, r_mask, r_cut = _responses(
+    [getattr(e, field) for e in examples],
+    wheres,
+    field,
+    tokenizer,
+    max_response_length=max_response_length,
+    append_eos=append_eos,
+  )
+  pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
+  return _finish(
+    {
+      "prompt_ids": p_ids,
+      "prompt_mask": p_mask,
+      "response_ids": r_ids,
+      "response_mask": r_mask,
+      **{k: v for k, (v, _) in extra.items()},
+    },
+    {
+      "prompt_ids": pads["prompt_ids"],
+      "prompt_mask": pads["prompt_mask"],
+      "response_ids": pads["_resp_ids"],
+      "response_mask": pads["_resp_mask"],
+      **{k: pad for k, (_, pad) in extra.items()},
+    },
+    batch_type,
+    examples,
+    {"prompt": p_cut, field: r_cut},
+    max_prompt_length,
+    max_response_length,
+  )
+
+
 def tokenize_sft(
   examples: Sequence[Any],
   tokenizer: Tokenizer,
@@ -495,42 +551,17 @@ def tokenize_sft(
     DataError: as ``tokenize_preferences``.
   """
   _check_nonempty(examples, "SFT")
-  wheres = [e.where for e in examples]
-  p_ids, p_mask, p_cut = _prompts(
-    [e.prompt for e in examples],
-    wheres,
+  return _single_response(
+    examples,
     tokenizer,
+    response_field,
+    {},
+    SFTBatch,
     max_prompt_length=max_prompt_length,
+    max_response_length=max_response_length,
     truncate_prompts=truncate_prompts,
     add_bos=add_bos,
-  )
-  r_ids, r_mask, r_cut = _responses(
-    [getattr(e, response_field) for e in examples],
-    wheres,
-    response_field,
-    tokenizer,
-    max_response_length=max_response_length,
     append_eos=append_eos,
-  )
-  pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
-  return _finish(
-    {
-      "prompt_ids": p_ids,
-      "prompt_mask": p_mask,
-      "response_ids": r_ids,
-      "response_mask": r_mask,
-    },
-    {
-      "prompt_ids": pads["prompt_ids"],
-      "prompt_mask": pads["prompt_mask"],
-      "response_ids": pads["_resp_ids"],
-      "response_mask": pads["_resp_mask"],
-    },
-    SFTBatch,
-    examples,
-    {"prompt": p_cut, response_field: r_cut},
-    max_prompt_length,
-    max_response_length,
   )
 
 
@@ -623,44 +654,18 @@ def tokenize_unpaired(
     DataError: as ``tokenize_preferences``.
   """
   _check_nonempty(examples, "unpaired")
-  wheres = [e.where for e in examples]
-  p_ids, p_mask, p_cut = _prompts(
-    [e.prompt for e in examples],
-    wheres,
+  labels = np.array([e.label for e in examples], bool)
+  return _single_response(
+    examples,
     tokenizer,
+    "completion",
+    {"labels": (labels, np.zeros((), bool))},
+    UnpairedBatch,
     max_prompt_length=max_prompt_length,
+    max_response_length=max_response_length,
     truncate_prompts=truncate_prompts,
     add_bos=add_bos,
-  )
-  r_ids, r_mask, r_cut = _responses(
-    [e.completion for e in examples],
-    wheres,
-    "completion",
-    tokenizer,
-    max_response_length=max_response_length,
     append_eos=append_eos,
-  )
-  pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
-  return _finish(
-    {
-      "prompt_ids": p_ids,
-      "prompt_mask": p_mask,
-      "response_ids": r_ids,
-      "response_mask": r_mask,
-      "labels": np.array([e.label for e in examples], bool),
-    },
-    {
-      "prompt_ids": pads["prompt_ids"],
-      "prompt_mask": pads["prompt_mask"],
-      "response_ids": pads["_resp_ids"],
-      "response_mask": pads["_resp_mask"],
-      "labels": np.zeros((), bool),
-    },
-    UnpairedBatch,
-    examples,
-    {"prompt": p_cut, "completion": r_cut},
-    max_prompt_length,
-    max_response_length,
   )
 
 
