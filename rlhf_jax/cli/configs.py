@@ -42,6 +42,10 @@ class SamplingConfig:
   """Sampling temperature (also used for training logprobs)."""
   batch_size: int = 64
   """Rows per sampling call outside PPO (one compiled shape)."""
+  exact_sampling: bool = False
+  """PPO rollouts with the training forward instead of the KV cache: the
+  sampler/trainer logprob mismatch is exactly 0 (it is ~1e-5 float32
+  rounding with the cache), at one full forward per new token."""
 
 
 @dataclasses.dataclass(frozen=True)

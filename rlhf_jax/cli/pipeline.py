@@ -866,6 +866,7 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
     group_size=cfg.group_size,
     max_new_tokens=ctx.config.sampling.max_new_tokens,
     temperature=ctx.config.sampling.temperature,
+    exact_sampling=ctx.config.sampling.exact_sampling,
     kl_coef=cfg.init_kl_coef,
     adaptive_kl=cfg.adaptive_kl,
     target_kl=cfg.target_kl,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models
+from rlhf_jax.logprobs import response_logprobs
 from rlhf_jax.rollout.sampling import sample_token
 from rlhf_jax.types import Rollout
 
@@ -35,6 +36,7 @@ from rlhf_jax.types import Rollout
     "pad_token_id",
     "stop_at_all_eos",
     "return_num_steps",
+    "kv_cache",
   ),
 )
 def generate(
@@ -53,6 +55,7 @@ def generate(
   pad_token_id: int,
   stop_at_all_eos: bool = True,
   return_num_steps: bool = False,
+  kv_cache: bool = True,
 ) -> Rollout | tuple[Rollout, jax.Array]:
   """Samples ``max_new_tokens`` response tokens for each left-padded prompt.
 
@@ -75,6 +78,15 @@ def generate(
     pad_token_id: static id written after EOS.
     stop_at_all_eos: static; leave the loop once every row has finished.
     return_num_steps: static; also return the number of decode iterations.
+    kv_cache: static. True (default): prefill, then one-token KV-cache decode
+      steps; their logits equal the training forward's up to float32
+      rounding (XLA picks matmul kernels by shape; ~1e-5 on logits ~30).
+      False: every step runs the training forward (`models.forward`) on the
+      whole [B, P + T] buffer, whose future slots are masked, and reads the
+      logits at the current position; the logprobs are then computed with
+      `rlhf_jax.logprobs` on the final sequence. Tokens are drawn from, and
+      logprobs equal, the trainer's distribution bitwise, at the cost of
+      one full forward per new token.
 
   Returns:
     A Rollout (response_ids i32[B, T], response_mask bool[B, T], logprobs
@@ -93,6 +105,23 @@ def generate(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   batch, prompt_len = prompt_ids.shape
   prompt_mask = prompt_mask.astype(bool)
+  if not kv_cache:
+    return _generate_full_forward(
+      params,
+      prompt_ids,
+      prompt_mask,
+      rng,
+      config=config,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+      greedy=greedy,
+      eos_token_id=eos_token_id,
+      pad_token_id=pad_token_id,
+      stop_at_all_eos=stop_at_all_eos,
+      return_num_steps=return_num_steps,
+    )
   # Per-layer weights, caches and a [D, V] head, split once outside the
   # loop, so decode steps read and update them in place.
   cache = models.init_cache(
@@ -139,6 +168,97 @@ def generate(
   steps, _, _, tokens, logps, done = jax.lax.while_loop(cond, body, carry)
   response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
   # Positions never sampled (early exit) are already pad with logprob 0.
+  rollout = Rollout(
+    prompt_ids=prompt_ids,
+    prompt_mask=prompt_mask,
+    response_ids=jnp.where(response_mask, tokens, pad_token_id),
+    response_mask=response_mask,
+    logprobs=jnp.where(response_mask, logps, 0.0),
+    truncated=~done,
+    response_lengths=jnp.sum(response_mask, axis=-1).astype(jnp.int32),
+  )
+  if return_num_steps:
+    return rollout, steps
+  return rollout
+
+
+def _generate_full_forward(
+  params,
+  prompt_ids,
+  prompt_mask,
+  rng,
+  *,
+  config,
+  max_new_tokens,
+  temperature,
+  top_k,
+  top_p,
+  greedy,
+  eos_token_id,
+  pad_token_id,
+  stop_at_all_eos,
+  return_num_steps,
+):
+  """generate(kv_cache=False): the training forward at every step.
+
+  Step t runs models.forward on ids = [prompt | response so far | pad] with
+  mask = [prompt_mask | response_mask so far | False]: the same shapes,
+  tokens, positions and masks as the trainer's forward on the finished
+  sequence at every position <= P + t - 1, and causal masking hides the
+  rest, so the logits read at position P + t - 1 are the trainer's.
+  """
+  batch, prompt_len = prompt_ids.shape
+  total = prompt_len + max_new_tokens
+  sample = functools.partial(
+    sample_token,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    greedy=greedy,
+  )
+  row_keys = row_rngs(rng, batch)
+  ids0 = jnp.concatenate(
+    [prompt_ids, jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)],
+    axis=1,
+  )
+  resp_mask0 = jnp.zeros((batch, max_new_tokens), bool)
+  done0 = jnp.zeros((batch,), bool)
+
+  def cond(carry):
+    t, _, _, done = carry
+    more = t < max_new_tokens
+    if stop_at_all_eos:
+      more = more & ~jnp.all(done)
+    return more
+
+  def body(carry):
+    t, ids, resp_mask, done = carry
+    mask = jnp.concatenate([prompt_mask, resp_mask], axis=1)
+    logits = models.forward(params, ids, mask, config=config)
+    pos = prompt_len + t - 1
+    step_logits = jax.lax.dynamic_index_in_dim(logits, pos, 1, False)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+    tok, _ = sample(step_logits, step_keys)
+    tok = jnp.where(done, pad_token_id, tok)
+    ids = jax.lax.dynamic_update_slice(ids, tok[:, None], (0, prompt_len + t))
+    resp_mask = jax.lax.dynamic_update_slice(resp_mask, ~done[:, None], (0, t))
+    done = done | (tok == eos_token_id)
+    return t + 1, ids, resp_mask, done
+
+  carry = (jnp.int32(0), ids0, resp_mask0, done0)
+  steps, ids, resp_mask, done = jax.lax.while_loop(cond, body, carry)
+  tokens = ids[:, prompt_len:]
+  response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
+  full_mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+  logits = models.forward(params, ids, full_mask, config=config)
+  logps = response_logprobs(
+    logits,
+    ids,
+    prompt_length=prompt_len,
+    temperature=temperature,
+    response_mask=response_mask,
+  )
+  del total
   rollout = Rollout(
     prompt_ids=prompt_ids,
     prompt_mask=prompt_mask,

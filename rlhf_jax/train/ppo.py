@@ -70,7 +70,11 @@ class PPOConfig:
   """Settings of one RLHF iteration (names as DESIGN.md).
 
   Sampling: group_size (G responses per prompt), max_new_tokens,
-  temperature, top_k, top_p, eos_token_id, pad_token_id.
+  temperature, top_k, top_p, eos_token_id, pad_token_id, exact_sampling
+  (sample with the training forward instead of the KV cache:
+  ``rollout.generate(kv_cache=False)``; the sampler/trainer logprob
+  mismatch is then 0 instead of float32 rounding, at one full forward per
+  new token).
   Reward: kl_coef (initial), adaptive_kl, target_kl, kl_horizon,
   kl_estimator, normalize_reward (gain/bias to mean 0, std 1 on the
   initial policy's samples), reward_clip, missing_eos_penalty.
@@ -88,6 +92,7 @@ class PPOConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  exact_sampling: bool = False
   kl_coef: float = 0.05
   adaptive_kl: bool = True
   target_kl: float = 6.0
@@ -234,6 +239,7 @@ def make_ppo_step(
       top_p=jnp.float32(config.top_p),
       eos_token_id=config.eos_token_id,
       pad_token_id=config.pad_token_id,
+      kv_cache=not config.exact_sampling,
     )
     mask = rollout.response_mask
     ids, attn = concat_prompt_response(
