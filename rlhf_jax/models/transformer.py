@@ -284,8 +284,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
   """Pre-norm residual block; scanned over layers.
 
-  The carry is (hidden, kv) with kv the whole stacked cache or None; `layer`
-  i32[] (scanned) says which cache layer this block reads and writes.
+  The carry is (hidden, kv) with kv the whole stacked cache, this layer's
+  own (k, v) cache, or None; `layer` (i32[] when scanned, an int when
+  unrolled) says which layer of a stacked cache this block reads and
+  writes, and is None for a per-layer cache.
   """
 
   config: ModelConfig
