@@ -143,6 +143,17 @@ def generate(
   logps0 = jnp.zeros((batch, max_new_tokens), jnp.float32)
   done0 = jnp.zeros((batch,), bool)
 
+  def emit(t, logits, tokens, logps, done):
+    """Samples position t from its logits and records it."""
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+    tok, logp = sample(logits, step_keys)
+    # Rows that already emitted EOS write pad with logprob 0.
+    tok = jnp.where(done, pad_token_id, tok)
+    logp = jnp.where(done, 0.0, logp)
+    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
+    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, t))
+    return tok, tokens, logps, done | (tok == eos_token_id)
+
   def cond(carry):
     t, _, _, _, _, done = carry
     more = t < max_new_tokens
@@ -151,20 +162,15 @@ def generate(
     return more
 
   def body(carry):
-    t, logits, cache, tokens, logps, done = carry
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-    tok, logp = sample(logits, step_keys)
-    # Rows that already emitted EOS write pad with logprob 0.
-    tok = jnp.where(done, pad_token_id, tok)
-    logp = jnp.where(done, 0.0, logp)
-    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
-    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, t))
-    done = done | (tok == eos_token_id)
-    # The logits for the next position; the last iteration's are unused.
+    # The carry holds the last token, not its logits: no [B, V] buffer per
+    # iteration, and no decode step after the last token.
+    t, tok, cache, tokens, logps, done = carry
     logits, cache = models.decode_step(params, tok, cache, config=config)
-    return t + 1, logits, cache, tokens, logps, done
+    tok, tokens, logps, done = emit(t, logits, tokens, logps, done)
+    return t + 1, tok, cache, tokens, logps, done
 
-  carry = (jnp.int32(0), logits, cache, tokens0, logps0, done0)
+  tok, tokens, logps, done = emit(0, logits, tokens0, logps0, done0)
+  carry = (jnp.int32(1), tok, cache, tokens, logps, done)
   steps, _, _, tokens, logps, done = jax.lax.while_loop(cond, body, carry)
   response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
   # Positions never sampled (early exit) are already pad with logprob 0.
