@@ -131,35 +131,17 @@ def generate(
   logits, cache = models.prefill(
     params, prompt_ids, prompt_mask, config=config, cache=cache
   )
-  sample = functools.partial(
-    sample_token,
-    temperature=temperature,
-    top_k=top_k,
-    top_p=top_p,
-    greedy=greedy,
-  )
-  row_keys = row_rngs(rng, batch)
+  draw = _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id)
   tokens0 = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
   logps0 = jnp.zeros((batch, max_new_tokens), jnp.float32)
   done0 = jnp.zeros((batch,), bool)
 
   def emit(t, logits, tokens, logps, done):
     """Samples position t from its logits and records it."""
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-    tok, logp = sample(logits, step_keys)
-    # Rows that already emitted EOS write pad with logprob 0.
-    tok = jnp.where(done, pad_token_id, tok)
-    logp = jnp.where(done, 0.0, logp)
+    tok, logp = draw(t, logits, done)
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
     logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, t))
     return tok, tokens, logps, done | (tok == eos_token_id)
-
-  def cond(carry):
-    t, _, _, _, _, done = carry
-    more = t < max_new_tokens
-    if stop_at_all_eos:
-      more = more & ~jnp.all(done)
-    return more
 
   def body(carry):
     # The carry holds the last token, not its logits: no [B, V] buffer per
@@ -171,10 +153,55 @@ def generate(
 
   tok, tokens, logps, done = emit(0, logits, tokens0, logps0, done0)
   carry = (jnp.int32(1), tok, cache, tokens, logps, done)
+  cond = _loop_cond(max_new_tokens, stop_at_all_eos)
   steps, _, _, tokens, logps, done = jax.lax.while_loop(cond, body, carry)
-  response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
   # Positions never sampled (early exit) are already pad with logprob 0.
-  rollout = Rollout(
+  rollout = _rollout(
+    prompt_ids, prompt_mask, tokens, logps, done, eos_token_id, pad_token_id
+  )
+  return (rollout, steps) if return_num_steps else rollout
+
+
+def _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id):
+  """draw(t, logits f32[B, V], done bool[B]) -> (token i32[B], logprob
+  f32[B]) with row b's step-t key fold_in(row_key_b, t); rows already done
+  get pad and logprob 0."""
+  row_keys = row_rngs(rng, batch)
+  sample = functools.partial(
+    sample_token,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    greedy=greedy,
+  )
+
+  def draw(t, logits, done):
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
+    tok, logp = sample(logits, step_keys)
+    return jnp.where(done, pad_token_id, tok), jnp.where(done, 0.0, logp)
+
+  return draw
+
+
+def _loop_cond(max_new_tokens, stop_at_all_eos):
+  """while_loop condition on a carry (t, ..., done bool[B])."""
+
+  def cond(carry):
+    t, done = carry[0], carry[-1]
+    more = t < max_new_tokens
+    if stop_at_all_eos:
+      more = more & ~jnp.all(done)
+    return more
+
+  return cond
+
+
+def _rollout(
+  prompt_ids, prompt_mask, tokens, logps, done, eos_token_id, pad_token_id
+) -> Rollout:
+  """The Rollout of sampled tokens i32[B, T] and their logprobs f32[B, T]."""
+  response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
+  return Rollout(
     prompt_ids=prompt_ids,
     prompt_mask=prompt_mask,
     response_ids=jnp.where(response_mask, tokens, pad_token_id),
@@ -183,9 +210,6 @@ def generate(
     truncated=~done,
     response_lengths=jnp.sum(response_mask, axis=-1).astype(jnp.int32),
   )
-  if return_num_steps:
-    return rollout, steps
-  return rollout
 
 
 def _generate_full_forward(
@@ -214,15 +238,7 @@ def _generate_full_forward(
   rest, so the logits read at position P + t - 1 are the trainer's.
   """
   batch, prompt_len = prompt_ids.shape
-  total = prompt_len + max_new_tokens
-  sample = functools.partial(
-    sample_token,
-    temperature=temperature,
-    top_k=top_k,
-    top_p=top_p,
-    greedy=greedy,
-  )
-  row_keys = row_rngs(rng, batch)
+  draw = _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id)
   ids0 = jnp.concatenate(
     [prompt_ids, jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)],
     axis=1,
@@ -230,53 +246,47 @@ def _generate_full_forward(
   resp_mask0 = jnp.zeros((batch, max_new_tokens), bool)
   done0 = jnp.zeros((batch,), bool)
 
-  def cond(carry):
-    t, _, _, done = carry
-    more = t < max_new_tokens
-    if stop_at_all_eos:
-      more = more & ~jnp.all(done)
-    return more
-
   def body(carry):
     t, ids, resp_mask, done = carry
     mask = jnp.concatenate([prompt_mask, resp_mask], axis=1)
     logits = models.forward(params, ids, mask, config=config)
-    pos = prompt_len + t - 1
-    step_logits = jax.lax.dynamic_index_in_dim(logits, pos, 1, False)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
-    tok, _ = sample(step_logits, step_keys)
-    tok = jnp.where(done, pad_token_id, tok)
+    step_logits = jax.lax.dynamic_index_in_dim(
+      logits, prompt_len + t - 1, 1, False
+    )
+    # The logprob is computed after the loop, by the trainer's function.
+    tok, _ = draw(t, step_logits, done)
     ids = jax.lax.dynamic_update_slice(ids, tok[:, None], (0, prompt_len + t))
     resp_mask = jax.lax.dynamic_update_slice(resp_mask, ~done[:, None], (0, t))
-    done = done | (tok == eos_token_id)
-    return t + 1, ids, resp_mask, done
+    return t + 1, ids, resp_mask, done | (tok == eos_token_id)
 
   carry = (jnp.int32(0), ids0, resp_mask0, done0)
+  cond = _loop_cond(max_new_tokens, stop_at_all_eos)
   steps, ids, resp_mask, done = jax.lax.while_loop(cond, body, carry)
-  tokens = ids[:, prompt_len:]
-  response_mask = response_mask_from_ids(tokens, eos_token_id=eos_token_id)
-  full_mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-  logits = models.forward(params, ids, full_mask, config=config)
+  # resp_mask is True through each row's first EOS (rows that finished
+  # stopped setting it), i.e. response_mask_from_ids of the tokens.
+  logits = models.forward(
+    params,
+    ids,
+    jnp.concatenate([prompt_mask, resp_mask], axis=1),
+    config=config,
+  )
   logps = response_logprobs(
     logits,
     ids,
     prompt_length=prompt_len,
     temperature=temperature,
-    response_mask=response_mask,
+    response_mask=resp_mask,
   )
-  del total
-  rollout = Rollout(
-    prompt_ids=prompt_ids,
-    prompt_mask=prompt_mask,
-    response_ids=jnp.where(response_mask, tokens, pad_token_id),
-    response_mask=response_mask,
-    logprobs=jnp.where(response_mask, logps, 0.0),
-    truncated=~done,
-    response_lengths=jnp.sum(response_mask, axis=-1).astype(jnp.int32),
+  rollout = _rollout(
+    prompt_ids,
+    prompt_mask,
+    ids[:, prompt_len:],
+    logps,
+    done,
+    eos_token_id,
+    pad_token_id,
   )
-  if return_num_steps:
-    return rollout, steps
-  return rollout
+  return (rollout, steps) if return_num_steps else rollout
 
 
 def row_rngs(rng: jax.Array, batch: int) -> jax.Array:
