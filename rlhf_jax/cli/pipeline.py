@@ -824,6 +824,16 @@ def _rm_for_eval(ctx: Context) -> Any | None:
   return ctx.cache["rm_params"]
 
 
+def _evaluate_into(m, ctx, params, rm, base_gold, prompts) -> dict:
+  """evaluate_policy of a training stage's policy: its metrics are merged
+  into the step's metrics ``m``; returns {"metrics": ..., **details}."""
+  em, details = evaluate_policy(
+    ctx, params, rm, baseline_gold=base_gold, **_eval_kwargs(ctx, prompts)
+  )
+  m.update(em)
+  return {"metrics": em, **details}
+
+
 def _eval_kwargs(ctx: Context, prompts: dict) -> dict:
   return dict(
     heldout=prompts["heldout"],
@@ -920,15 +930,9 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
       state, metrics = step_fn(state, batch, frozen)
       m = _scalars(metrics)
       if step % cfg.eval_every == 0 or step == cfg.iterations:
-        em, details = evaluate_policy(
-          ctx,
-          state.policy_params,
-          rm,
-          baseline_gold=base_gold,
-          **_eval_kwargs(ctx, prompts),
+        last = _evaluate_into(
+          m, ctx, state.policy_params, rm, base_gold, prompts
         )
-        m.update(em)
-        last = {"metrics": em, **details}
       w.log(step, m, stage="ppo")
       bar.update(
         1,
@@ -1001,15 +1005,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
       # Implicit-reward pair accuracy under the name report.py plots.
       m["dpo/accuracy"] = m["rewards/accuracies"]
       if evaluate and (step % cfg.eval_every == 0 or step == cfg.steps):
-        em, details = evaluate_policy(
-          ctx,
-          state.params,
-          rm,
-          baseline_gold=base_gold,
-          **_eval_kwargs(ctx, prompts),
-        )
-        m.update(em)
-        last = {"metrics": em, **details}
+        last = _evaluate_into(m, ctx, state.params, rm, base_gold, prompts)
       w.log(step, m, stage="dpo")
       bar.update(
         1, _show(m, ("dpo/loss", "rewards/accuracies", "eval/gold_score"))
