@@ -66,8 +66,10 @@ def gae_advantages(
   # where BEFORE arithmetic: masked garbage (NaN, 1e9) never enters the scan.
   rewards = jnp.where(mask, rewards, 0)
   values = jnp.where(mask, values, 0)
-  gamma = jnp.asarray(gamma, jnp.float32)
-  lam = jnp.asarray(lam, jnp.float32)
+  dt = jnp.result_type(rewards, values)  # f32 (f64 for f64 inputs)
+  rewards, values = rewards.astype(dt), values.astype(dt)
+  gamma = jnp.asarray(gamma, dt)
+  lam = jnp.asarray(lam, dt)
 
   def step(carry, xs):
     next_value, next_adv = carry
@@ -78,7 +80,7 @@ def gae_advantages(
     carry = (jnp.where(m, v, next_value), jnp.where(m, adv, next_adv))
     return carry, jnp.where(m, adv, 0)
 
-  zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+  zeros = jnp.zeros(rewards.shape[:1], dt)
   _, adv_tb = jax.lax.scan(
     step, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True
   )
@@ -112,14 +114,14 @@ def discounted_returns(
   rewards = _check_bt(rewards, "rewards")
   mask = validate_mask(response_mask, rewards.shape, "response_mask")
   rewards = jnp.where(mask, rewards, 0)
-  gamma = jnp.asarray(gamma, jnp.float32)
+  gamma = jnp.asarray(gamma, rewards.dtype)
 
   def step(next_ret, xs):
     r, m = xs
     ret = r + gamma * next_ret
     return jnp.where(m, ret, next_ret), jnp.where(m, ret, 0)
 
-  zeros = jnp.zeros(rewards.shape[:1], jnp.float32)
+  zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
   _, ret_tb = jax.lax.scan(step, zeros, (rewards.T, mask.T), reverse=True)
   return ret_tb.T
 

@@ -24,7 +24,8 @@ from rlhf_jax.masked import masked_mean, masked_sum, promote_f32, validate_mask
 def _scaled(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
   # Temperature may be traced (a jit argument), so it is never used in Python
   # control flow; it must be > 0 (not checked for traced values).
-  return promote_f32(logits) / jnp.asarray(temperature, jnp.float32)
+  z = promote_f32(logits)
+  return z / jnp.asarray(temperature, z.dtype)
 
 
 def logprobs_from_logits(
@@ -190,7 +191,9 @@ def _chunked_core(hidden, unembedding, tokens, mask, temperature, chunk_size):
   d_model, vocab = unembedding.shape
   n_chunks = -(-vocab // chunk_size)
   padded = n_chunks * chunk_size
-  tau = jnp.asarray(temperature, jnp.float32)
+  # f32 accumulation (f64 when the hidden states are f64).
+  acc = jnp.promote_types(hidden.dtype, jnp.float32)
+  tau = jnp.asarray(temperature, acc)
   hidden = jnp.where(mask[..., None], hidden, 0)
   tokens = jnp.where(mask, tokens, 0).astype(jnp.int32)
   # Zero columns are padding; their logits are replaced by -inf below.
@@ -202,9 +205,7 @@ def _chunked_core(hidden, unembedding, tokens, mask, temperature, chunk_size):
   def body(carry, xs):
     run_max, sum_exp, sum_pz = carry
     w_c, start = xs
-    z = jnp.einsum(
-      "btd,dc->btc", hidden, w_c, preferred_element_type=jnp.float32
-    )
+    z = jnp.einsum("btd,dc->btc", hidden, w_c, preferred_element_type=acc)
     z = z / tau
     valid = (start + jnp.arange(chunk_size)) < vocab
     valid = valid[None, None, :]  # explicit rank (rank promotion raises)
@@ -221,17 +222,16 @@ def _chunked_core(hidden, unembedding, tokens, mask, temperature, chunk_size):
 
   shape = tokens.shape
   init = (
-    jnp.full(shape, -jnp.inf, jnp.float32),
-    jnp.zeros(shape, jnp.float32),
-    jnp.zeros(shape, jnp.float32),
+    jnp.full(shape, -jnp.inf, acc),
+    jnp.zeros(shape, acc),
+    jnp.zeros(shape, acc),
   )
   (run_max, sum_exp, sum_pz), _ = jax.lax.scan(body, init, (w, starts))
   lse = run_max + jnp.log(sum_exp)
   # Logit of the chosen token: gather its column, a [B, T, D] intermediate.
   w_tok = jnp.take(unembedding, tokens, axis=1)  # [D, B, T]
   picked = (
-    jnp.einsum("btd,dbt->bt", hidden, w_tok, preferred_element_type=jnp.float32)
-    / tau
+    jnp.einsum("btd,dbt->bt", hidden, w_tok, preferred_element_type=acc) / tau
   )
   logprobs = jnp.where(mask, picked - lse, 0)
   entropy = jnp.where(mask, lse - sum_pz / sum_exp, 0)

@@ -3,9 +3,9 @@
 `ModelConfig` is hashable, so it is passed to jitted functions as a static
 argument (`config=`). It holds architecture hyperparameters, the dtype policy
 (`dtype` for activations and matmuls, `param_dtype` for stored parameters;
-logits, values and rewards are always float32) and the rematerialisation
-flag. `ModelConfig.from_hf_dict` reads a Hugging Face `config.json` dict and
-`ModelConfig.to_hf_dict` writes one back.
+logits, values and rewards are float32, or float64 when `dtype` is float64)
+and the rematerialisation flag. `ModelConfig.from_hf_dict` reads a Hugging
+Face `config.json` dict and `ModelConfig.to_hf_dict` writes one back.
 
 Families:
   * "llama": Llama 2/3 (RMSNorm, rotary embeddings in the HF rotate-half
@@ -20,11 +20,36 @@ Families:
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_HF_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16"}
+_DTYPES = {
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float64": jnp.float64,
+}
+_HF_DTYPE_NAMES = {
+  "float32": "float32",
+  "bfloat16": "bfloat16",
+  "float64": "float64",
+}
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+
+
+def _checked_dtype(name: str, field: str) -> Any:
+  """The jnp dtype for ``name``; float64 needs x64 enabled.
+
+  Raises:
+    ValueError: float64 while jax_enable_x64 is off (jnp would silently
+      give float32 arrays).
+  """
+  if name == "float64" and not jax.config.jax_enable_x64:
+    raise ValueError(
+      f"{field}='float64' needs jax_enable_x64: call "
+      "jax.config.update('jax_enable_x64', True) or run inside "
+      "`with jax.enable_x64(True):`"
+    )
+  return _DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +93,9 @@ class ModelConfig:
     sliding_window: optional attention window (Mistral); None = full.
     initializer_range: std of the normal init of weight matrices.
     bos_token_id, eos_token_id, pad_token_id: copied to/from config.json.
-    dtype: compute dtype name, "float32" or "bfloat16".
-    param_dtype: parameter storage dtype name, "float32" or "bfloat16".
+    dtype: compute dtype name, "float32", "bfloat16" or "float64" (a
+      reference mode for numerical checks; needs jax_enable_x64).
+    param_dtype: parameter storage dtype name, same choices.
     remat: rematerialise each block in the backward pass (saves memory).
   """
 
@@ -124,11 +150,17 @@ class ModelConfig:
 
   @property
   def compute_dtype(self) -> Any:
-    return _DTYPES[self.dtype]
+    return _checked_dtype(self.dtype, "dtype")
 
   @property
   def params_dtype(self) -> Any:
-    return _DTYPES[self.param_dtype]
+    return _checked_dtype(self.param_dtype, "param_dtype")
+
+  @property
+  def acc_dtype(self) -> Any:
+    """Dtype of norms, attention scores, logits and values: the compute
+    dtype promoted to at least float32 (float64 stays float64)."""
+    return jnp.promote_types(self.compute_dtype, jnp.float32)
 
   def replace(self, **kwargs) -> "ModelConfig":
     """A copy with some fields changed (e.g. dtype="bfloat16")."""

@@ -55,9 +55,10 @@ class ScalarHead(nn.Module):
       (),
       self.config.params_dtype,
     )
+    acc = self.config.acc_dtype
     return jnp.einsum(
-      "...d,d->...", h.astype(jnp.float32), kernel.astype(jnp.float32)
-    ) + bias.astype(jnp.float32)
+      "...d,d->...", h.astype(acc), kernel.astype(acc)
+    ) + bias.astype(acc)
 
 
 def _boxed_head(config: ModelConfig, rng: Array):

@@ -345,7 +345,8 @@ def load_hf_checkpoint(
   Args:
     path_or_hub_id: local directory, or a hub id already in the local HF
       cache (never downloaded).
-    dtype: compute dtype of the returned config ("float32"/"bfloat16").
+    dtype: compute dtype of the returned config ("float32", "bfloat16", or
+      "float64" under jax_enable_x64).
     param_dtype: dtype the params are cast to.
     remat: rematerialise blocks in the backward pass.
 

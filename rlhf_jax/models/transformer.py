@@ -16,7 +16,7 @@ Graph (Llama family; HF LlamaModel):
   Attention: q, k = RoPE(q), RoPE(k) with the HF rotate-half layout
   (q * cos + rotate_half(q) * sin, cos = cos(pos * inv_freq) repeated
   twice), grouped-query heads (query head h uses kv head h // (H / Hkv)),
-  softmax(q k^T / sqrt(Dh) + mask) v in float32.
+  softmax(q k^T / sqrt(Dh) + mask) v in float32 (`acc_dtype`).
 GPT-2 family (HF GPT2Model): h_0 = E[x] + P[pos]; LayerNorm instead of
 RMSNorm, MLP W_proj gelu_tanh(W_fc n + b) + b, no RoPE.
 
@@ -29,7 +29,9 @@ outputs are finite but meaningless.
 
 Dtype policy: parameters are stored in `config.param_dtype` and cast to
 `config.dtype` for compute; norms, softmax, logits and hidden states returned
-to callers are float32.
+to callers are float32 (`config.acc_dtype`: float64 when `config.dtype` is
+float64, a reference mode for numerical checks; the rotary tables keep HF's
+float32 frequencies).
 
 Params are unboxed nested dicts. Layer weights are stacked on a leading
 "layers" axis (nn.scan). Logical axes: "vocab", "embed", "mlp", "heads",
@@ -72,13 +74,19 @@ def _param(module, name, shape, axes, config):
   )
 
 
+def _indices(*xs) -> tuple[Array, ...]:
+  """Start indices as i32 (a Python 0 would be i64 under jax_enable_x64,
+  and dynamic_update_slice needs one integer type)."""
+  return tuple(jnp.asarray(x, jnp.int32) for x in xs)
+
+
 def _lead(v: Array, ndim: int) -> Array:
   """Adds leading unit axes so v broadcasts at rank `ndim` explicitly."""
   return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
 class Norm(nn.Module):
-  """RMSNorm (llama) or LayerNorm (gpt2), computed in float32.
+  """RMSNorm (llama) or LayerNorm (gpt2), computed in `acc_dtype` (f32).
 
   RMSNorm: y = x / sqrt(mean(x^2) + eps) * scale (HF LlamaRMSNorm; the
   normalised value is cast to the compute dtype before the scale).
@@ -92,16 +100,15 @@ class Norm(nn.Module):
     cfg = self.config
     d = cfg.hidden_size
     scale = _param(self, "scale", (d,), ("embed",), cfg)
-    x32 = x.astype(jnp.float32)
+    acc = cfg.acc_dtype
+    x32 = x.astype(acc)
     dt = cfg.compute_dtype
     if cfg.family == "gpt2":
       bias = _param(self, "bias", (d,), ("embed",), cfg)
       mean = jnp.mean(x32, axis=-1, keepdims=True)
       var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
       y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
-      y = y * _lead(scale.astype(jnp.float32), y.ndim) + _lead(
-        bias.astype(jnp.float32), y.ndim
-      )
+      y = y * _lead(scale.astype(acc), y.ndim) + _lead(bias.astype(acc), y.ndim)
       return y.astype(dt)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = (x32 * jax.lax.rsqrt(var + cfg.norm_eps)).astype(dt)
@@ -159,7 +166,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, rope, mask, kv, layer, write_index):
     cfg = self.config
-    dt = cfg.compute_dtype
+    dt, acc = cfg.compute_dtype, cfg.acc_dtype
     d, h, hkv, dh = (
       cfg.hidden_size,
       cfg.num_heads,
@@ -198,12 +205,9 @@ class Attention(nn.Module):
       lead = () if layer is None else (layer,)
       k_new = k if layer is None else k[None]
       v_new = v if layer is None else v[None]
-      k_all = jax.lax.dynamic_update_slice(
-        k_all, k_new.astype(k_all.dtype), (*lead, 0, 0, 0, write_index)
-      )
-      v_all = jax.lax.dynamic_update_slice(
-        v_all, v_new.astype(v_all.dtype), (*lead, 0, 0, 0, write_index)
-      )
+      at = _indices(*lead, 0, 0, 0, write_index)
+      k_all = jax.lax.dynamic_update_slice(k_all, k_new.astype(k_all.dtype), at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v_new.astype(v_all.dtype), at)
       new_kv = (k_all, v_all)
       if layer is None:
         k, v = k_all.astype(dt), v_all.astype(dt)
@@ -218,24 +222,22 @@ class Attention(nn.Module):
       # per layer at 20M params); multiply-and-reduce fuses into one
       # vectorised loop each (over Dh for scores, vectorised along S).
       q1 = qg[:, 0][:, :, :, None, :, None]
-      scores = jnp.sum(
-        (q1 * k[:, :, None, None, :, :]).astype(jnp.float32), axis=-2
-      )
+      scores = jnp.sum((q1 * k[:, :, None, None, :, :]).astype(acc), axis=-2)
     else:
       if kv is None:
         scores = jnp.einsum(
-          "blhgk,bshk->bhgls", qg, k_seq, preferred_element_type=jnp.float32
+          "blhgk,bshk->bhgls", qg, k_seq, preferred_element_type=acc
         )
       else:
         # A prefill reads the slot-minor cache; XLA:CPU has no bf16 x bf16
         # -> f32 kernel for that layout, so this one-off dot runs in f32.
         scores = jnp.einsum(
           "blhgk,bhks->bhgls",
-          qg.astype(jnp.float32),
-          k.astype(jnp.float32),
-          preferred_element_type=jnp.float32,
+          qg.astype(acc),
+          k.astype(acc),
+          preferred_element_type=acc,
         )
-    scores = scores * np.float32(1.0 / math.sqrt(dh))
+    scores = scores * jnp.asarray(1.0 / math.sqrt(dh), acc)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if length == 1:
@@ -379,19 +381,19 @@ def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
 
   Decode params (`unstack_layers`) carry "lm_head" [D, V] even when tied.
   """
-  dt = config.compute_dtype
+  dt, acc = config.compute_dtype, config.acc_dtype
   if config.tie_word_embeddings and "lm_head" not in params:
     return jnp.einsum(
       "...d,vd->...v",
       hidden,
       params["embed"].astype(dt),
-      preferred_element_type=jnp.float32,
+      preferred_element_type=acc,
     )
   return jnp.einsum(
     "...d,dv->...v",
     hidden,
     params["lm_head"].astype(dt),
-    preferred_element_type=jnp.float32,
+    preferred_element_type=acc,
   )
 
 
@@ -532,7 +534,7 @@ def forward(
   hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
   logits = _logits(params, hidden, config)
   if return_hidden:
-    return logits, hidden.astype(jnp.float32)
+    return logits, hidden.astype(config.acc_dtype)
   return logits
 
 
@@ -552,7 +554,7 @@ def hidden_forward(
   length = input_ids.shape[1]
   attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
   hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
-  return hidden.astype(jnp.float32)
+  return hidden.astype(config.acc_dtype)
 
 
 # ------------------------------------------------------------------ KV cache
@@ -616,7 +618,7 @@ def _cached_step(params, ids, token_mask, cache, config):
   n_before = jnp.sum(cache.key_mask, axis=-1, dtype=jnp.int32)
   positions = n_before[:, None] + default_positions(token_mask)
   key_mask = jax.lax.dynamic_update_slice(
-    cache.key_mask, token_mask, (0, cache.index)
+    cache.key_mask, token_mask, _indices(0, cache.index)
   )
   q_slots = cache.index + jnp.arange(length, dtype=jnp.int32)
   attn = _causal_mask(key_mask, q_slots, config)

@@ -133,14 +133,15 @@ def generate(
   )
   draw = _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id)
   tokens0 = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
-  logps0 = jnp.zeros((batch, max_new_tokens), jnp.float32)
+  logps0 = jnp.zeros((batch, max_new_tokens), config.acc_dtype)
   done0 = jnp.zeros((batch,), bool)
 
   def emit(t, logits, tokens, logps, done):
     """Samples position t from its logits and records it."""
     tok, logp = draw(t, logits, done)
-    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
-    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, t))
+    at = (jnp.int32(0), jnp.asarray(t, jnp.int32))
+    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], at)
+    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], at)
     return tok, tokens, logps, done | (tok == eos_token_id)
 
   def body(carry):
@@ -255,8 +256,13 @@ def _generate_full_forward(
     )
     # The logprob is computed after the loop, by the trainer's function.
     tok, _ = draw(t, step_logits, done)
-    ids = jax.lax.dynamic_update_slice(ids, tok[:, None], (0, prompt_len + t))
-    resp_mask = jax.lax.dynamic_update_slice(resp_mask, ~done[:, None], (0, t))
+    zero = jnp.int32(0)
+    ids = jax.lax.dynamic_update_slice(
+      ids, tok[:, None], (zero, prompt_len + t)
+    )
+    resp_mask = jax.lax.dynamic_update_slice(
+      resp_mask, ~done[:, None], (zero, t)
+    )
     return t + 1, ids, resp_mask, done | (tok == eos_token_id)
 
   carry = (jnp.int32(0), ids0, resp_mask0, done0)

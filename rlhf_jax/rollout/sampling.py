@@ -12,7 +12,7 @@ _NEG_INF = -jnp.inf
 
 
 def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
-  """logits / temperature in f32 (DESIGN.md convention 4).
+  """logits / temperature in f32, f64 for f64 logits (DESIGN.md conv. 4).
 
   Args:
     logits: f32[B, V].
@@ -21,7 +21,8 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
   Returns:
     f32[B, V] scaled logits.
   """
-  return logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  return z / jnp.asarray(temperature, z.dtype)
 
 
 def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:

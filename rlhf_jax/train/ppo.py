@@ -48,6 +48,7 @@ from rlhf_jax.masked import (
   masked_sum,
   masked_var,
   masked_whiten,
+  promote_f32,
 )
 from rlhf_jax.ppo import ppo_policy_loss, ppo_value_loss
 from rlhf_jax.rollout import generate
@@ -276,7 +277,7 @@ def make_ppo_step(
       )
     else:
       raw_scores = score_fn(frozen["reward"], ids, attn, mask)
-    raw_scores = raw_scores.astype(jnp.float32)
+    raw_scores = promote_f32(raw_scores)  # f32, or f64 in a f64 model
 
     # Score processing.
     ones = jnp.ones_like(raw_scores, bool)

@@ -199,3 +199,26 @@ def test_bf16_top1_agreement(tinystories, ts_fixture):
   # bf16 really ran: logits differ from f32 by more than f32 rounding.
   diff = np.abs(np.asarray(logits16[0]) - ts_fixture["logits"]).max()
   assert 1e-4 < diff < 1.0, diff
+
+
+def test_float64_reference_mode(tinystories, tinystories_dir, ts_fixture):
+  # dtype="float64" (the rounding-free reference of the micro-batching test)
+  # is the same model: its logits match transformers' float32 logits as
+  # ours do, and differ from our float32 logits by float32 rounding only.
+  config32, params32 = tinystories
+  with pytest.raises(ValueError, match="dtype='float64' needs jax_enable_x64"):
+    _ = config32.replace(dtype="float64").compute_dtype
+  ids = jnp.asarray(ts_fixture["ids"])[None]
+  mask = jnp.ones(ids.shape, jnp.bool_)
+  logits32 = np.asarray(models.forward(params32, ids, mask, config=config32))
+  with jax.enable_x64(True):
+    config, params = models.load_hf_checkpoint(
+      tinystories_dir, dtype="float64", param_dtype="float64"
+    )
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float64")}
+    logits = models.forward(params, ids, mask, config=config)
+    assert logits.dtype == jnp.float64
+    logits = np.asarray(logits)[0]
+  assert np.abs(logits - ts_fixture["logits"]).max() < 1e-4
+  diff = np.abs(logits - logits32[0]).max()
+  assert 0 < diff < 1e-4, diff

@@ -4,11 +4,19 @@ PPO losses, on batches whose micro-batches hold unequal token counts.
 
 The steps run with an optimizer that stores the gradient it receives in its
 state and leaves the params alone (``_capture``), so the gradients are read
-exactly and compared entrywise within 1e-6 (absolute + relative). A
-plausible bug
-(normalising each micro-batch by its own token count, then averaging the N
-micro-batch losses) gives a different gradient whenever the micro-batches
-hold different numbers of tokens; the batches below are built so they do.
+exactly. A plausible bug (normalising each micro-batch by its own token
+count, then averaging the N micro-batch losses) gives a different gradient
+whenever the micro-batches hold different numbers of tokens; the batches
+below are built so they do, and it moves gradients by ~1e-2.
+
+Every case runs twice. In float64 (the model's reference dtype, under
+jax_enable_x64) the N-micro-batch gradients equal the one-batch gradient to
+1e-12 relative (measured: 2e-16 .. 5e-16), which is the identity itself. In
+float32 the comparison is bounded by rounding, not by the accumulation: the
+one-batch f32 gradient of this test's reward model is itself 1.1e-6 .. 2.0e-6
+(relative) away from the float64 gradient, depending on which XLA:CPU matmul
+kernels the batch shape selects; the same loss on the batch concatenated with
+itself (an identical mean) moves by 1.2e-6. So float32 asserts 2e-6.
 """
 
 import dataclasses
@@ -20,6 +28,7 @@ import optax
 import pytest
 import train_helpers as helpers
 
+from rlhf_jax import models
 from rlhf_jax.masked import aggregate_loss
 from rlhf_jax.preference import bradley_terry_loss
 from rlhf_jax.rollout import generate
@@ -38,6 +47,8 @@ from rlhf_jax.train import (
 from rlhf_jax.types import PreferenceBatch, SFTBatch
 
 CFG = helpers.CFG
+# (normwise relative, entrywise absolute) gradient tolerance, metric tolerance.
+TOLERANCE = {"float32": (2e-6, 1e-5, 1e-6), "float64": (1e-12, 1e-12, 1e-12)}
 LR = 0.1
 MICRO = (1, 2, 4)
 # Response lengths per row. 4 micro-batches of 2 rows hold 2, 12, 5, 9
@@ -46,6 +57,32 @@ MICRO = (1, 2, 4)
 CHOSEN_LEN = [1, 1, 6, 6, 2, 3, 4, 5]
 REJECTED_LEN = [6, 5, 1, 2, 4, 4, 1, 1]
 PROMPT_LEN = [5, 1, 3, 5, 2, 4, 1, 5]
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  name: str  # "float32" or "float64"
+  config: models.ModelConfig
+
+  def cast(self, tree):
+    """Float leaves in this precision (params are made in float32)."""
+    dt = self.config.params_dtype
+    return jax.tree.map(
+      lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+      tree,
+    )
+
+
+@pytest.fixture(params=["float32", "float64"])
+def prec(request):
+  """Runs the test in float32, and in float64 under jax_enable_x64."""
+  if request.param == "float32":
+    yield Precision("float32", CFG)
+    return
+  with jax.enable_x64(True):
+    yield Precision(
+      "float64", CFG.replace(dtype="float64", param_dtype="float64")
+    )
 
 
 def _sgd():
@@ -126,91 +163,98 @@ def _run_supervised(make, params, batch, extra=()):
   return out
 
 
-def _assert_grads_close(grads, want, what):
-  """||g - want|| <= 2e-6 ||want|| and every entry within 1e-5 of want.
+def _assert_grads_close(grads, want, what, prec):
+  """||g - want|| <= rel ||want|| and every entry within atol of want.
 
-  The gradients are read exactly (no optimizer rounding), so what is left
-  is float32 summation order: entries are sums of O(1) per-token terms that
-  partly cancel. Measured over the cases below: ||diff|| / ||g|| from
-  1.2e-7 to 1.4e-6 (rm, 4 micro-batches; 9.4e-7 or less elsewhere) and
-  entrywise up to 7.4e-6 (ppo seq-mean-token-sum, entries of size ~5).
-  Wrong micro-batch normalisation moves them by ~1e-2
+  (rel, atol) = TOLERANCE[prec.name]. The gradients are read exactly (no
+  optimizer rounding), so what is left is summation order. float32,
+  measured over the cases below: ||diff|| / ||g|| from 1.2e-7 to 1.4e-6
+  (rm, 4 micro-batches; 9.4e-7 or less elsewhere) and entrywise up to
+  7.4e-6 (ppo seq-mean-token-sum, entries of size ~5). float64: 1.7e-16 to
+  4.9e-16. Wrong micro-batch normalisation moves them by ~1e-2
   (test_token_mean_differs_from_naive_micro_average).
   """
+  rel_tol, atol, _ = TOLERANCE[prec.name]
+  leaves = jax.tree.leaves(grads)
+  assert all(x.dtype == np.dtype(prec.name) for x in leaves), what
   norm = float(optax.tree.norm(want))
   assert norm > 1e-3, f"{what}: zero gradient, the test would be vacuous"
   diff = jax.tree.map(np.subtract, grads, want)
   rel = float(optax.tree.norm(diff)) / norm
   worst = max(float(np.max(np.abs(d))) for d in jax.tree.leaves(diff))
   print(f"{what}: ||diff|| / ||g|| {rel:.2e}, max |diff| {worst:.2e}")
-  assert rel <= 2e-6, f"{what}: relative error {rel}"
-  _assert_tree_close(grads, want, what, atol=1e-5, rtol=0)
+  assert rel <= rel_tol, f"{what}: relative error {rel}"
+  _assert_tree_close(grads, want, what, atol=atol, rtol=0)
 
 
-def _assert_same_across_micro(out, what):
+def _assert_same_across_micro(out, what, prec):
   """Gradients and metrics of N micro-batches equal those of N = 1.
 
   ``out[n] = (grads, metrics)``; gradients as `_assert_grads_close`,
-  metrics within 1e-6.
+  metrics within TOLERANCE[prec.name][2] (absolute and relative).
   """
+  tol = TOLERANCE[prec.name][2]
+  what = f"{what} ({prec.name})"
   grads1, metrics1 = out[1]
   for n in MICRO[1:]:
     grads, metrics = out[n]
-    _assert_grads_close(grads, grads1, f"{what}, {n} micro-batches")
+    _assert_grads_close(grads, grads1, f"{what}, {n} micro-batches", prec)
     assert metrics.keys() == metrics1.keys()
     for k in metrics1:
       np.testing.assert_allclose(
-        metrics[k], metrics1[k], atol=1e-6, rtol=1e-6, err_msg=f"{what} {k}"
+        metrics[k], metrics1[k], atol=tol, rtol=tol, err_msg=f"{what} {k}"
       )
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
-def test_sft(mode):
-  params = helpers.policy_params()
+def test_sft(mode, prec):
+  params = prec.cast(helpers.policy_params())
   batch = _sft_batch()
 
   def make(n, opt):
     cfg = SFTConfig(num_micro_batches=n, loss_agg_mode=mode)
-    return make_sft_step(CFG, opt, cfg)
+    return make_sft_step(prec.config, opt, cfg)
 
   out = _run_supervised(make, params, batch)
-  _assert_same_across_micro(out, f"sft {mode}")
+  _assert_same_across_micro(out, f"sft {mode}", prec)
 
 
-def test_reward_model_and_independent_gradient():
-  params = helpers.scalar_params()
+def test_reward_model_and_independent_gradient(prec):
+  params = prec.cast(helpers.scalar_params())
   batch = _preference_batch()
   cfg = dict(label_smoothing=0.1, center_rewards_coef=0.01, margin=0.5)
 
   def make(n, opt):
     return make_reward_model_step(
-      CFG, opt, RewardModelConfig(num_micro_batches=n, **cfg)
+      prec.config, opt, RewardModelConfig(num_micro_batches=n, **cfg)
     )
 
   out = _run_supervised(make, params, batch)
-  _assert_same_across_micro(out, "rm")
+  _assert_same_across_micro(out, "rm", prec)
 
   # The step's gradient is the gradient of the one-batch loss.
   def loss(p):
-    rc, rr = pair_rewards(p, batch, model_config=CFG)
+    rc, rr = pair_rewards(p, batch, model_config=prec.config)
     return bradley_terry_loss(rc, rr, **cfg)[0]
 
   direct = _host(jax.jit(jax.grad(loss))(params))
-  _assert_grads_close(out[4][0], direct, "rm 4 micro-batches vs jax.grad")
+  _assert_grads_close(
+    out[4][0], direct, f"rm 4 micro-batches vs jax.grad ({prec.name})", prec
+  )
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_dpo(loss_type):
-  params = helpers.policy_params()
-  ref = helpers.policy_params(seed=5)
+def test_dpo(loss_type, prec):
+  params = prec.cast(helpers.policy_params())
+  ref = prec.cast(helpers.policy_params(seed=5))
   batch = _preference_batch()
 
   def make(n, opt):
     cfg = DPOConfig(num_micro_batches=n, beta=0.5, loss_type=loss_type)
-    return make_dpo_step(CFG, opt, cfg)
+    return make_dpo_step(prec.config, opt, cfg)
 
   out = _run_supervised(make, params, batch, (ref,))
-  _assert_same_across_micro(out, f"dpo {loss_type}")
+  _assert_same_across_micro(out, f"dpo {loss_type}", prec)
 
 
 # ------------------------------------------------------------------ PPO
@@ -229,7 +273,7 @@ def _ppo_config(n, mode):
   )
 
 
-def _sampled_response_mask(state, prompts, config):
+def _sampled_response_mask(state, prompts, config, model_config):
   """The rollout the step draws (same keys as make_ppo_step)."""
   g = config.group_size
   ids = jnp.repeat(prompts.prompt_ids, g, axis=0)
@@ -243,7 +287,7 @@ def _sampled_response_mask(state, prompts, config):
     ids,
     mask,
     keys,
-    config=CFG,
+    config=model_config,
     max_new_tokens=config.max_new_tokens,
     temperature=config.temperature,
     eos_token_id=config.eos_token_id,
@@ -255,10 +299,12 @@ def _sampled_response_mask(state, prompts, config):
 @pytest.mark.parametrize(
   "mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 )
-def test_ppo_update(mode):
-  policy = helpers.policy_params()
-  value = helpers.scalar_params(2)
-  frozen = {"ref": helpers.policy_params(7), "reward": helpers.scalar_params(3)}
+def test_ppo_update(mode, prec):
+  policy = prec.cast(helpers.policy_params())
+  value = prec.cast(helpers.scalar_params(2))
+  frozen = prec.cast(
+    {"ref": helpers.policy_params(7), "reward": helpers.scalar_params(3)}
+  )
   prompts = helpers.prompt_batch(4, seed=1)
 
   def init(cfg):
@@ -266,7 +312,7 @@ def test_ppo_update(mode):
     return init_ppo_state(policy, value, opt, opt, jax.random.key(3), cfg)
 
   resp_mask = _sampled_response_mask(
-    init(_ppo_config(1, mode)), prompts, _ppo_config(1, mode)
+    init(_ppo_config(1, mode)), prompts, _ppo_config(1, mode), prec.config
   )
   counts = _micro_counts(resp_mask, 4)
   assert len(set(counts)) > 1, f"micro-batch token counts all equal {counts}"
@@ -274,7 +320,7 @@ def test_ppo_update(mode):
   out = {}
   for n in MICRO:
     cfg = _ppo_config(n, mode)
-    step = jax.jit(make_ppo_step(CFG, _capture(), _capture(), cfg))
+    step = jax.jit(make_ppo_step(prec.config, _capture(), _capture(), cfg))
     new, metrics = step(init(cfg), prompts, frozen)
     metrics = _host(metrics)
     assert metrics["train/skipped_steps"] == 0
@@ -282,7 +328,7 @@ def test_ppo_update(mode):
     assert metrics["train/tokens"] == resp_mask.sum()
     grads = (new.policy_opt_state, new.value_opt_state)
     out[n] = (_host(grads), metrics)
-  _assert_same_across_micro(out, f"ppo {mode}")
+  _assert_same_across_micro(out, f"ppo {mode}", prec)
   # Both the policy and the critic received a gradient.
   (pg, vg), _ = out[1]
   assert optax.tree.norm(pg) > 1e-3 and optax.tree.norm(vg) > 1e-3
