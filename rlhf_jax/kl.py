@@ -138,7 +138,7 @@ def kl_shaped_rewards(
       f"scores shape {scores.shape} must be [B] = {logprobs.shape[:1]}"
     )
   kl = kl_estimate(logprobs, ref_logprobs, kl_estimator=kl_estimator, mask=mask)
-  rewards = -jnp.asarray(kl_coef, jnp.float32) * kl
+  rewards = -jnp.asarray(kl_coef, kl.dtype) * kl
   last = last_valid_index(mask)
   is_last = jnp.arange(mask.shape[-1])[None, :] == last[:, None]
   rewards = rewards + jnp.where(is_last, scores[:, None], 0)
@@ -181,7 +181,7 @@ def apply_missing_eos_penalty(
       f"scores shape {scores.shape} must be [B] = {response_ids.shape[:1]}"
     )
   has_eos = jnp.any(mask & (response_ids == eos_token_id), axis=-1)
-  return jnp.where(has_eos, scores, scores - jnp.asarray(penalty, jnp.float32))
+  return jnp.where(has_eos, scores, scores - jnp.asarray(penalty, scores.dtype))
 
 
 class KLControllerState(NamedTuple):

@@ -156,6 +156,15 @@ class ModelConfig:
   def params_dtype(self) -> Any:
     return _checked_dtype(self.param_dtype, "param_dtype")
 
+  def check_dtypes(self) -> None:
+    """Raises ValueError when float64 is asked for while x64 is off.
+
+    Step factories call it, so the error comes when a step is built, not
+    while it is traced.
+    """
+    _checked_dtype(self.dtype, "dtype")
+    _checked_dtype(self.param_dtype, "param_dtype")
+
   @property
   def acc_dtype(self) -> Any:
     """Dtype of norms, attention scores, logits and values: the compute

@@ -147,7 +147,10 @@ def init_ppo_state(
     value_opt_state=value_optimizer.init(value_params),
     rng=rng,
     kl_state=kl_controller(config).init(),
-    reward_norm=RewardNormState.identity(),
+    # f32; f64 for f64 params (the float64 reference mode).
+    reward_norm=RewardNormState.identity(
+      jnp.promote_types(jax.tree.leaves(policy_params)[0].dtype, jnp.float32)
+    ),
     skipped_steps=jnp.zeros((), jnp.int32),
   )
 
@@ -199,8 +202,10 @@ def make_ppo_step(
     metrics). ``frozen`` is never donated nor updated.
 
   Raises:
-    ValueError: batch sizes that do not split into minibatches.
+    ValueError: batch sizes that do not split into minibatches; a float64
+      model config while jax_enable_x64 is off.
   """
+  model_config.check_dtypes()
   axis = config.axis_name
   controller = kl_controller(config)
   num_mb = config.num_minibatches
@@ -225,7 +230,7 @@ def make_ppo_step(
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
       sample_rng, global_rows
     )
-    temperature = jnp.float32(config.temperature)
+    temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
 
     # 1. Sample.
     rollout = generate(
@@ -286,9 +291,10 @@ def make_ppo_step(
       mean = masked_mean(raw_scores, ones, axis_name=axis)
       std = jnp.sqrt(masked_var(raw_scores, ones, axis_name=axis) + 1e-8)
       fit_gain, fit_bias = 1.0 / std, -mean / std
+      dt = norm.gain.dtype  # the state keeps its dtype across steps
       norm = RewardNormState(
-        gain=jnp.where(norm.fitted, norm.gain, fit_gain),
-        bias=jnp.where(norm.fitted, norm.bias, fit_bias),
+        gain=jnp.where(norm.fitted, norm.gain, fit_gain.astype(dt)),
+        bias=jnp.where(norm.fitted, norm.bias, fit_bias.astype(dt)),
         fitted=jnp.ones((), bool),
       )
       scores = norm.gain * raw_scores + norm.bias
@@ -463,7 +469,7 @@ def _make_update(
       logits = models.forward(
         pol, micro["ids"], micro["attn"], config=model_config
       )
-      temperature = jnp.float32(config.temperature)
+      temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
       logp = response_logprobs(
         logits,
         micro["ids"],

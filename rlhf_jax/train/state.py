@@ -66,10 +66,10 @@ class RewardNormState:
   fitted: jax.Array
 
   @classmethod
-  def identity(cls) -> "RewardNormState":
+  def identity(cls, dtype: Any = jnp.float32) -> "RewardNormState":
     return cls(
-      gain=jnp.ones((), jnp.float32),
-      bias=jnp.zeros((), jnp.float32),
+      gain=jnp.ones((), dtype),
+      bias=jnp.zeros((), dtype),
       fitted=jnp.zeros((), bool),
     )
 

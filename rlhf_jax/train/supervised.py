@@ -93,7 +93,11 @@ def make_sft_step(
   Returns:
     step(state, SFTBatch) -> (state, metrics) with sft/loss, sft/tokens,
     train/grad_norm, train/skipped.
+
+  Raises:
+    ValueError: a float64 model config while jax_enable_x64 is off.
   """
+  model_config.check_dtypes()
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
@@ -240,7 +244,11 @@ def make_reward_model_step(
     step(state, PreferenceBatch | RankedBatch) -> (state, metrics) with
     rm/loss, rm/accuracy, rm/ties, rm/margin, rm/chosen_reward,
     rm/rejected_reward (means over pairs; ties is a fraction).
+
+  Raises:
+    ValueError: a float64 model config while jax_enable_x64 is off.
   """
+  model_config.check_dtypes()
   axis = config.axis_name
 
   def step(state: TrainState, batch):
@@ -379,7 +387,11 @@ def make_dpo_step(
     rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
     ``ref_params`` (frozen reference, never donated) is required unless
     ``config.precomputed_ref``.
+
+  Raises:
+    ValueError: a float64 model config while jax_enable_x64 is off.
   """
+  model_config.check_dtypes()
   axis = config.axis_name
   average = config.loss_type == "ipo"
 
