@@ -177,8 +177,7 @@ class PipelineConfig:
   DPO -> evaluation -> report.md."""
 
   preset: str = "default"
-  """Named preset the other defaults come from (see --help of the
-  subcommand for the list)."""
+  """Named preset the other defaults come from (listed above the options)."""
   model: str | None = None
   """Policy/reference checkpoint (HF directory). Default: $RLHF_JAX_MODEL_DIR,
   else ../shared/data/models/tinystories-656k next to the repository."""
