@@ -16,7 +16,7 @@ import io
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 from rlhf_jax.cli import presets as P
 from rlhf_jax.cli import runtime
@@ -130,15 +130,13 @@ _UNUSED_GROUPS = {
 
 def _hide_groups(command: str, default: Any) -> tuple[type, Any]:
   """(class, default) with the command's unused option groups suppressed."""
-  import typing
-
   import tyro
 
   cls = type(default)
   groups = _UNUSED_GROUPS.get(command, ())
   if not groups or not dataclasses.is_dataclass(cls):
     return cls, default
-  hints = typing.get_type_hints(cls)
+  hints = get_type_hints(cls)
   spec = [
     (
       g,

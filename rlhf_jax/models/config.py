@@ -28,11 +28,6 @@ _DTYPES = {
   "bfloat16": jnp.bfloat16,
   "float64": jnp.float64,
 }
-_HF_DTYPE_NAMES = {
-  "float32": "float32",
-  "bfloat16": "bfloat16",
-  "float64": "float64",
-}
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
 
@@ -162,8 +157,7 @@ class ModelConfig:
     Step factories call it, so the error comes when a step is built, not
     while it is traced.
     """
-    _checked_dtype(self.dtype, "dtype")
-    _checked_dtype(self.param_dtype, "param_dtype")
+    _ = self.compute_dtype, self.params_dtype
 
   @property
   def acc_dtype(self) -> Any:
@@ -309,7 +303,7 @@ class ModelConfig:
       "eos_token_id": self.eos_token_id,
       "pad_token_id": self.pad_token_id,
     }
-    dtype = _HF_DTYPE_NAMES[self.param_dtype]
+    dtype = self.param_dtype  # HF's torch_dtype names are the same
     if self.family == "gpt2":
       return {
         "architectures": ["GPT2LMHeadModel"],

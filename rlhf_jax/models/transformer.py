@@ -597,13 +597,12 @@ def init_cache(
   """
   dtype = config.compute_dtype if dtype is None else dtype
   n, hkv, dh = config.num_layers, config.num_kv_heads, config.head_dim
-  k_shape = (batch_size, hkv, dh, max_length)
-  v_shape = (batch_size, hkv, dh, max_length)
+  shape = (batch_size, hkv, dh, max_length)  # keys and values alike
   if per_layer:
-    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(n))
-    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(n))
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(n))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(n))
   else:
-    k, v = jnp.zeros((n, *k_shape), dtype), jnp.zeros((n, *v_shape), dtype)
+    k, v = jnp.zeros((n, *shape), dtype), jnp.zeros((n, *shape), dtype)
   return KVCache(
     k=k,
     v=v,

@@ -139,7 +139,7 @@ def generate(
   def emit(t, logits, tokens, logps, done):
     """Samples position t from its logits and records it."""
     tok, logp = draw(t, logits, done)
-    at = (jnp.int32(0), jnp.asarray(t, jnp.int32))
+    at = (jnp.int32(0), t)
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], at)
     logps = jax.lax.dynamic_update_slice(logps, logp[:, None], at)
     return tok, tokens, logps, done | (tok == eos_token_id)
@@ -152,7 +152,7 @@ def generate(
     tok, tokens, logps, done = emit(t, logits, tokens, logps, done)
     return t + 1, tok, cache, tokens, logps, done
 
-  tok, tokens, logps, done = emit(0, logits, tokens0, logps0, done0)
+  tok, tokens, logps, done = emit(jnp.int32(0), logits, tokens0, logps0, done0)
   carry = (jnp.int32(1), tok, cache, tokens, logps, done)
   cond = _loop_cond(max_new_tokens, stop_at_all_eos)
   steps, _, _, tokens, logps, done = jax.lax.while_loop(cond, body, carry)

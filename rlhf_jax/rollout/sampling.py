@@ -8,6 +8,8 @@ are arrays so changing them never recompiles.
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.masked import promote_f32
+
 _NEG_INF = -jnp.inf
 
 
@@ -21,7 +23,7 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
   Returns:
     f32[B, V] scaled logits.
   """
-  z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  z = promote_f32(logits)
   return z / jnp.asarray(temperature, z.dtype)
 
 
