@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from rlhf_jax.cli import progress as progress_mod
-from rlhf_jax.cli.eval_metrics import distinct_n, win_rate
-from rlhf_jax.cli.metrics import MetricsWriter, read_metrics
-from rlhf_jax.cli.progress import ProgressBar
-from rlhf_jax.cli.report import write_report
+from rlhf_jax.runner import progress as progress_mod
+from rlhf_jax.runner.metrics import MetricsWriter, read_metrics
+from rlhf_jax.runner.progress import ProgressBar
+from rlhf_jax.stages.eval_metrics import distinct_n, win_rate
+from rlhf_jax.stages.report import write_report
 
 
 def _tb_scalars(tb_dir: pathlib.Path) -> list[tuple[str, int, float]]:

@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from rlhf_jax.cli import configs as C
 from rlhf_jax.cli import presets as P
-from rlhf_jax.cli import runtime
-from rlhf_jax.cli.commands import config_from_dict
 from rlhf_jax.cli.main import _one_line, _split_preset
-from rlhf_jax.cli.metrics import MetricsWriter, read_metrics
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.metrics import MetricsWriter, read_metrics
+from rlhf_jax.stages import configs as C
+from rlhf_jax.stages import environment
+from rlhf_jax.stages.tools import config_from_dict
 
 
 def test_config_round_trips_through_config_json():
@@ -45,7 +46,7 @@ def test_split_preset_forms():
   )
   assert _split_preset(["--preset=smoke"]) == ("smoke", [])
   assert _split_preset(["--seed", "1"]) == (None, ["--seed", "1"])
-  with pytest.raises(runtime.CLIError, match="--preset needs a name"):
+  with pytest.raises(runtime.UserError, match="--preset needs a name"):
     _split_preset(["--preset"])
 
 
@@ -76,12 +77,12 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
   assert saved["config"]["ppo"]["iterations"] == cfg.ppo.iterations
   assert "resume" not in saved["config"]  # may differ between invocations
   (run_dir / "marker").write_text("x")
-  with pytest.raises(runtime.CLIError, match="already holds a run"):
+  with pytest.raises(runtime.UserError, match="already holds a run"):
     runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
   resumed = dataclasses.replace(cfg, resume=True)
   runtime.prepare_run_dir("run", resumed, extra={"model_dir": "m"})
   other = dataclasses.replace(resumed, seed=7)
-  with pytest.raises(runtime.CLIError) as e:
+  with pytest.raises(runtime.UserError) as e:
     runtime.prepare_run_dir("run", other, extra={"model_dir": "m"})
   assert str(e.value) == (
     f"cannot resume {run_dir}: the config differs from its config.json "
@@ -96,14 +97,14 @@ def test_resolve_model_order(tmp_path, monkeypatch):
   given, env = tmp_path / "given", tmp_path / "env"
   given.mkdir()
   env.mkdir()
-  monkeypatch.setenv(runtime.MODEL_ENV, str(env))
-  assert runtime.resolve_model(str(given)) == given
-  assert runtime.resolve_model(None) == env
-  monkeypatch.delenv(runtime.MODEL_ENV)
-  assert runtime.resolve_model(None) == runtime.DEFAULT_MODEL_DIR
+  monkeypatch.setenv(environment.MODEL_ENV, str(env))
+  assert environment.resolve_model(str(given)) == given
+  assert environment.resolve_model(None) == env
+  monkeypatch.delenv(environment.MODEL_ENV)
+  assert environment.resolve_model(None) == environment.DEFAULT_MODEL_DIR
   (tmp_path / "file").write_text("")
-  with pytest.raises(runtime.CLIError, match="not a directory"):
-    runtime.resolve_model(str(tmp_path / "file"))
+  with pytest.raises(runtime.UserError, match="not a directory"):
+    environment.resolve_model(str(tmp_path / "file"))
 
 
 def test_stop_flag_turns_sigint_into_interrupted():

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
-from rlhf_jax.cli import hh_rm
-from rlhf_jax.cli.metrics import read_metrics
 from rlhf_jax.data import PreferencePair
+from rlhf_jax.runner.metrics import read_metrics
+from rlhf_jax.stages import hh_rm
 
 MARKER = "\n\nAssistant:"
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, get_type_hints
 
 from rlhf_jax.cli import presets as P
-from rlhf_jax.cli import runtime
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.mesh import MeshConfig
 
 COMMANDS = {
   "run": "the whole default pipeline: prompts, simulated feedback, reward "
@@ -63,7 +64,7 @@ def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
     a = args[i]
     if a == "--preset":
       if i + 1 >= len(args):
-        raise runtime.CLIError("--preset needs a name")
+        raise runtime.UserError("--preset needs a name")
       name = args[i + 1]
       i += 2
       continue
@@ -107,7 +108,7 @@ def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
   except SystemExit as e:
     if e.code in (0, None):
       raise
-    raise runtime.CLIError(
+    raise runtime.UserError(
       f"{_one_line(buf.getvalue())} (see `{prog} --help`)"
     ) from None
 
@@ -170,20 +171,27 @@ def _hh_command_class(hh_cls: type) -> type:
     """Delete an existing run in run_dir and start again."""
     hh: hh_cls = dataclasses.field(default_factory=hh_cls)
     """Settings of the HH-RLHF job."""
+    mesh: MeshConfig = MeshConfig()
 
   return HHCommand
 
 
 def _run_hh(config: Any) -> int:
-  from rlhf_jax.cli.hh_rm import run_hh_reward_model
+  from rlhf_jax.runner.mesh import Placement
+  from rlhf_jax.stages.environment import setup_jax
+  from rlhf_jax.stages.hh_rm import run_hh_reward_model
 
   # The HH job writes (and checks on resume) its own config.json.
   run_dir = runtime.prepare_run_dir("rm", config, write_config=False)
-  runtime.setup_jax()
+  setup_jax()
+  placement = Placement.create(config.mesh)
+  print(placement.describe())
   try:
-    results = run_hh_reward_model(config.hh, run_dir, resume=config.resume)
+    results = run_hh_reward_model(
+      config.hh, run_dir, resume=config.resume, placement=placement
+    )
   except FileNotFoundError as e:
-    raise runtime.CLIError(str(e)) from None
+    raise runtime.UserError(str(e)) from None
   for k in ("heldout/accuracy", "baseline/length_chars_accuracy"):
     if k in results:
       print(f"{k} = {results[k]:.4f}")
@@ -195,7 +203,7 @@ def _dispatch(command: str, config: Any) -> int:
   if command in P.PIPELINE_COMMANDS:
     if command == "rm" and config.preset in P.HH_PRESETS:
       return _run_hh(config)
-    from rlhf_jax.cli.pipeline import run_pipeline
+    from rlhf_jax.stages.pipeline import run_pipeline
 
     out = run_pipeline(command, config)
     for k, v in out["summary"].items():
@@ -205,9 +213,16 @@ def _dispatch(command: str, config: Any) -> int:
       f"({100 * out['time/compile_share']:.0f}%)"
     )
     return 0
-  from rlhf_jax.cli import commands
+  if command == "sft":
+    from rlhf_jax.stages.sft import run_sft
 
-  fn: Callable[[Any], int] = getattr(commands, f"run_{command}")
+    summary = run_sft(config)
+    print(f"sft/final_loss = {summary['sft/final_loss']:.4f}")
+    print(f"report: {config.run_dir or 'runs/sft-' + config.preset}/report.md")
+    return 0
+  from rlhf_jax.stages import tools
+
+  fn: Callable[[Any], int] = getattr(tools, f"run_{command}")
   return fn(config)
 
 
@@ -230,14 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   try:
     if command not in COMMANDS:
-      raise runtime.CLIError(
+      raise runtime.UserError(
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
     name, rest = _split_preset(rest)
     name = name or ("default" if command in P.PRESETS else None)
     table = P.PRESETS[command]
     if name not in table:
-      raise runtime.CLIError(
+      raise runtime.UserError(
         f"unknown preset {name!r} for `rlhf-jax {command}`; choose from: "
         f"{', '.join(table)}"
       )
@@ -259,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     return EXIT_INTERRUPTED
   except (
-    runtime.CLIError,
+    runtime.UserError,
     DataError,
     MissingSpecialTokenError,
   ) as e:

@@ -9,7 +9,7 @@ only) is the Anthropic HH-RLHF reward-model job (cli/hh_rm.py).
 import dataclasses
 from collections.abc import Callable
 
-from rlhf_jax.cli import configs as C
+from rlhf_jax.stages import configs as C
 
 
 def default_pipeline() -> C.PipelineConfig:
@@ -89,15 +89,15 @@ def default_export() -> C.ExportConfig:
 
 
 def hh_rlhf_rm():
-  """The HH-RLHF reward-model job (returns cli.hh_rm.HHRewardModelConfig)."""
-  from rlhf_jax.cli.hh_rm import HHRewardModelConfig
+  """The HH-RLHF reward-model job (returns stages.hh_rm.HHRewardModelConfig)."""
+  from rlhf_jax.stages.hh_rm import HHRewardModelConfig
 
   return HHRewardModelConfig()
 
 
 def hh_rlhf_smoke_rm():
   """The HH-RLHF job at toy size (tiny model, 64 pairs; for tests)."""
-  from rlhf_jax.cli.hh_rm import HHRewardModelConfig
+  from rlhf_jax.stages.hh_rm import HHRewardModelConfig
 
   return HHRewardModelConfig.smoke()
 

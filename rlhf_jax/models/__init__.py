@@ -4,6 +4,8 @@ Shapes: B batch, L sequence, P prompt, S cache slots, V vocab, D width,
 N layers. Masks are bool, True = real token.
 
   config, params = load_hf_checkpoint(dir)       # HF dir -> (config, params)
+  config = load_hf_config(dir)                   # config.json only
+  _, params = load_hf_checkpoint(dir, shardings=shardings)  # straight to shards
   logits = forward(params, ids, mask, config=config)          # f32[B, L, V]
   cache = init_cache(config, B, S)
   logits, cache = prefill(params, prompt_ids, prompt_mask,
@@ -34,6 +36,7 @@ from rlhf_jax.models.hf_io import (
   export_hf_checkpoint,
   hf_state_dict,
   load_hf_checkpoint,
+  load_hf_config,
   resolve_model_dir,
 )
 from rlhf_jax.models.tokenizer import (
@@ -76,6 +79,7 @@ __all__ = [
   "init_params",
   "last_valid_index",
   "load_hf_checkpoint",
+  "load_hf_config",
   "load_tokenizer",
   "param_logical_axes",
   "prefill",

@@ -7,6 +7,16 @@ may store the embedding under lm_head.weight only (TinyStories does); both
 names are accepted. `export_hf_checkpoint(params, config, out_dir)` writes
 config.json + model.safetensors that transformers' `from_pretrained` loads.
 
+Sharded loading: `load_hf_config(path)` gives the ModelConfig without
+reading weights, from which the caller derives target shardings (e.g.
+`rlhf_jax.parallel.logical_to_shardings(param_logical_axes(config), mesh,
+rules, shapes=...)`); `load_hf_checkpoint(path, shardings=...)` then builds
+each param with `jax.make_array_from_callback`, so every device receives
+only its own shard (no device ever holds a whole copy of a sharded param,
+and each process fills only its addressable devices). Tensors are read from
+the files into host numpy arrays (never through a device) and dropped as
+soon as their param is placed.
+
 Layout conversions (HF torch Linear stores weight[out, in]):
   q_proj.weight [H*Dh, D]   -> q  [D, H, Dh]       (W^T, reshaped)
   o_proj.weight [D, H*Dh]   -> o  [H, Dh, D]
@@ -30,14 +40,21 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec, Sharding
 from safetensors import safe_open
 from safetensors.flax import save_file
 
 from rlhf_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
+# What `load_hf_checkpoint(..., shardings=)` accepts: one Sharding for every
+# param, a pytree of Shardings with the params' structure, or a function of
+# the checkpoint's ModelConfig returning either.
+ShardingsLike = Sharding | Params | Callable[[ModelConfig], Sharding | Params]
+ParamPath = tuple[str, ...]
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 _TOKENIZER_FILES = (
@@ -46,6 +63,26 @@ _TOKENIZER_FILES = (
   "special_tokens_map.json",
   "generation_config.json",
 )
+# safetensors dtype names -> numpy dtypes. bfloat16 and float8 come from
+# ml_dtypes (through jax.numpy): safetensors' own numpy reader lacks them,
+# and its flax reader puts every tensor on the default device.
+_SAFETENSORS_DTYPES = {
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(jnp.bfloat16),
+  "F8_E4M3": np.dtype(jnp.float8_e4m3fn),
+  "F8_E5M2": np.dtype(jnp.float8_e5m2),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U64": np.dtype(np.uint64),
+  "U32": np.dtype(np.uint32),
+  "U16": np.dtype(np.uint16),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,10 +329,11 @@ class _TensorFiles:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors file{hint}")
       self.where = {}
       for f in files:
-        with safe_open(str(f), "flax") as h:
+        with safe_open(str(f), "numpy") as h:
           for k in h.keys():
             self.where[k] = f
     self.used: set[str] = set()
+    self._headers: dict[pathlib.Path, tuple[int, dict[str, Any]]] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self.where
@@ -310,8 +348,7 @@ class _TensorFiles:
         f"shape {list(shape)} ({why})"
       )
     f = self.where[name]
-    with safe_open(str(f), "flax") as h:
-      arr = np.asarray(h.get_tensor(name))
+    arr = self._read(f, name)
     if tuple(arr.shape) != tuple(shape):
       raise ValueError(
         f"{f}: tensor {name!r} has shape {list(arr.shape)}, expected "
@@ -319,6 +356,56 @@ class _TensorFiles:
       )
     self.used.add(name)
     return arr
+
+  def _header(self, f: pathlib.Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data block, parsed JSON header) of one file."""
+    if f not in self._headers:
+      with open(f, "rb") as fh:
+        size = fh.read(8)
+        if len(size) < 8:
+          raise ValueError(f"{f}: not a safetensors file (no header)")
+        n = int.from_bytes(size, "little")
+        try:
+          header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+          raise ValueError(f"{f}: unreadable safetensors header: {e}") from e
+      if not isinstance(header, dict):
+        raise ValueError(f"{f}: unreadable safetensors header")
+      self._headers[f] = (8 + n, header)
+    return self._headers[f]
+
+  def _read(self, f: pathlib.Path, name: str) -> np.ndarray:
+    """One tensor of file `f` as a host numpy array (no device involved).
+
+    Raises:
+      KeyError: `name` is not in `f` (an index that lists it wrongly).
+      ValueError: unsupported dtype, or header offsets that do not match
+        the tensor's shape and dtype, or a truncated file.
+    """
+    start, header = self._header(f)
+    if name not in header:
+      raise KeyError(f"{f}: tensor {name!r} is not in this file")
+    info = header[name]
+    dt = _SAFETENSORS_DTYPES.get(info["dtype"])
+    if dt is None:
+      raise ValueError(
+        f"{f}: tensor {name!r} has dtype {info['dtype']}, which is not "
+        f"supported (supported: {sorted(_SAFETENSORS_DTYPES)})"
+      )
+    shape = tuple(int(d) for d in info["shape"])
+    count = int(np.prod(shape, dtype=np.int64))
+    begin, end = (int(o) for o in info["data_offsets"])
+    if end - begin != count * dt.itemsize:
+      raise ValueError(
+        f"{f}: tensor {name!r}: header data_offsets [{begin}, {end}) do not "
+        f"hold {info['dtype']}{list(shape)}"
+      )
+    with open(f, "rb") as fh:
+      fh.seek(start + begin)
+      arr = np.fromfile(fh, dtype=dt, count=count)
+    if arr.size != count:
+      raise ValueError(f"{f}: truncated file while reading tensor {name!r}")
+    return arr.reshape(shape)
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -333,34 +420,93 @@ def _get(tree: dict, path: tuple[str, ...]):
   return tree
 
 
-def load_hf_checkpoint(
-  path_or_hub_id: str | os.PathLike,
-  *,
-  dtype: str = "float32",
-  param_dtype: str = "float32",
-  remat: bool = False,
-) -> tuple[ModelConfig, Params]:
-  """Loads an HF causal-LM checkpoint directory into (config, params).
+def _path_str(path: ParamPath) -> str:
+  return "/".join(path)
 
-  Args:
-    path_or_hub_id: local directory, or a hub id already in the local HF
-      cache (never downloaded).
-    dtype: compute dtype of the returned config ("float32", "bfloat16", or
-      "float64" under jax_enable_x64).
-    param_dtype: dtype the params are cast to.
-    remat: rematerialise blocks in the backward pass.
 
-  Returns:
-    (ModelConfig, params): params as `init_params` lays them out, unboxed,
-    per-layer weights stacked on axis 0.
+def _key_name(key: Any) -> str:
+  """A pytree path entry (DictKey, GetAttrKey, ...) as a plain string."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _sharding_table(
+  shardings: ShardingsLike,
+  config: ModelConfig,
+  paths: list[ParamPath],
+) -> dict[ParamPath, Sharding]:
+  """Param path -> target Sharding, checked against the params' paths.
 
   Raises:
-    FileNotFoundError: no directory / no config.json / no safetensors.
-    ValueError: unsupported architecture; a tensor with the wrong shape
-      (message names the file, tensor, and expected shape); tensors the
-      architecture does not use.
-    KeyError: a required tensor is missing (names tensor and files).
+    TypeError: a leaf of `shardings` is not a jax.sharding.Sharding.
+    ValueError: `shardings` lacks some params or names params that the
+      checkpoint's config does not have.
   """
+  if callable(shardings) and not isinstance(shardings, Sharding):
+    shardings = shardings(config)
+  if isinstance(shardings, Sharding):
+    return dict.fromkeys(paths, shardings)
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+    shardings, is_leaf=lambda x: isinstance(x, Sharding | PartitionSpec)
+  )
+  table: dict[ParamPath, Sharding] = {}
+  for key_path, leaf in flat:
+    path = tuple(_key_name(k) for k in key_path)
+    if not isinstance(leaf, Sharding):
+      kind = (
+        "PartitionSpec"
+        if isinstance(leaf, PartitionSpec)
+        else type(leaf).__name__
+      )
+      raise TypeError(
+        f"shardings[{_path_str(path)!r}] is a {kind}, expected a "
+        "jax.sharding.Sharding (map logical PartitionSpecs to "
+        "NamedShardings with rlhf_jax.parallel.logical_to_shardings)"
+      )
+    table[path] = leaf
+  missing = [_path_str(p) for p in paths if p not in table]
+  extra = sorted(_path_str(p) for p in set(table) - set(paths))
+  if missing or extra:
+    raise ValueError(
+      f"shardings does not match the params of this {config.model_type} "
+      f"config: no sharding for {missing}, unknown params {extra} (build it "
+      "from param_logical_axes(load_hf_config(dir)))"
+    )
+  return table
+
+
+def _place_sharded(
+  path: ParamPath, arr: np.ndarray, sharding: Sharding, dtype: Any
+) -> jax.Array:
+  """Host array -> jax.Array laid out by `sharding`, one shard per device.
+
+  Raises:
+    ValueError: `sharding` cannot lay out an array of this shape (rank or
+      divisibility); the message names the param.
+  """
+  host = np.asarray(arr, dtype=np.dtype(dtype))  # cast on the host
+  try:
+    sharding.shard_shape(host.shape)
+  except (ValueError, IndexError) as e:
+    raise ValueError(
+      f"param {_path_str(path)!r} {host.dtype}{list(host.shape)}: sharding "
+      f"{sharding} does not fit it: {e}"
+    ) from e
+  return jax.make_array_from_callback(
+    host.shape, sharding, lambda index: host[index], dtype=host.dtype
+  )
+
+
+def _read_config(
+  path_or_hub_id: str | os.PathLike,
+  *,
+  dtype: str,
+  param_dtype: str,
+  remat: bool,
+) -> tuple[pathlib.Path, pathlib.Path, ModelConfig]:
+  """(model dir, config.json path, ModelConfig); see `load_hf_config`."""
   model_dir = resolve_model_dir(path_or_hub_id)
   cfg_path = model_dir / "config.json"
   if not cfg_path.is_file():
@@ -371,6 +517,94 @@ def load_hf_checkpoint(
     param_dtype=param_dtype,
     remat=remat,
     source=str(cfg_path),
+  )
+  return model_dir, cfg_path, config
+
+
+def load_hf_config(
+  path_or_hub_id: str | os.PathLike,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  remat: bool = False,
+) -> ModelConfig:
+  """The ModelConfig of an HF checkpoint directory, without its weights.
+
+  Equals the config `load_hf_checkpoint` returns for the same arguments;
+  use it to derive param shardings before loading, e.g.
+  `logical_to_shardings(param_logical_axes(config), mesh, rules,
+  shapes=jax.eval_shape(init_params, config, jax.random.key(0)))`.
+
+  Args:
+    path_or_hub_id: local directory, or a hub id already in the local HF
+      cache (never downloaded).
+    dtype: compute dtype of the config ("float32", "bfloat16", or
+      "float64" under jax_enable_x64).
+    param_dtype: dtype of the params.
+    remat: rematerialise blocks in the backward pass.
+
+  Returns:
+    The ModelConfig read from config.json.
+
+  Raises:
+    FileNotFoundError: no directory (or cached hub id) / no config.json.
+    ValueError: unsupported architecture or a malformed config.json.
+  """
+  return _read_config(
+    path_or_hub_id, dtype=dtype, param_dtype=param_dtype, remat=remat
+  )[2]
+
+
+def load_hf_checkpoint(
+  path_or_hub_id: str | os.PathLike,
+  *,
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  remat: bool = False,
+  shardings: ShardingsLike | None = None,
+) -> tuple[ModelConfig, Params]:
+  """Loads an HF causal-LM checkpoint directory into (config, params).
+
+  With `shardings`, every param is created by
+  `jax.make_array_from_callback` from a host (numpy) array cast to
+  `param_dtype` on the host: each device receives only its own shard, so a
+  sharded param never exists whole on any device, and in a multi-process
+  run each process fills only its addressable shards (every process reads
+  the files). Host memory holds one param at a time (a per-layer param
+  stacked over layers), freed once it is placed.
+
+  Args:
+    path_or_hub_id: local directory, or a hub id already in the local HF
+      cache (never downloaded).
+    dtype: compute dtype of the returned config ("float32", "bfloat16", or
+      "float64" under jax_enable_x64).
+    param_dtype: dtype the params are cast to.
+    remat: rematerialise blocks in the backward pass.
+    shardings: None (default): each param is a `jnp.asarray` on the
+      default device. Otherwise the target layout of each param: one
+      `jax.sharding.Sharding` for all of them, a pytree of Shardings with
+      the structure of the params (as `logical_to_shardings(
+      param_logical_axes(config), mesh, rules, shapes=...)` gives), or a
+      callable `config -> either of those`, called after config.json is
+      read and before any tensor is.
+
+  Returns:
+    (ModelConfig, params): params as `init_params` lays them out, unboxed,
+    per-layer weights stacked on axis 0; with `shardings`, each param
+    carries its sharding. Values are bitwise the same either way.
+
+  Raises:
+    FileNotFoundError: no directory / no config.json / no safetensors.
+    ValueError: unsupported architecture; a tensor with the wrong shape
+      (message names the file, tensor, and expected shape); tensors the
+      architecture does not use; `shardings` whose params differ from the
+      config's, or a sharding that does not fit its param's shape (names
+      the param).
+    KeyError: a required tensor is missing (names tensor and files).
+    TypeError: a leaf of `shardings` is not a Sharding.
+  """
+  model_dir, cfg_path, config = _read_config(
+    path_or_hub_id, dtype=dtype, param_dtype=param_dtype, remat=remat
   )
   files = _TensorFiles(model_dir)
   prefix = ""
@@ -383,6 +617,17 @@ def load_hf_checkpoint(
   params: Params = {}
   pdt = config.params_dtype
 
+  table = None
+  if shardings is not None:
+    paths = [p for rule in glob for p in rule.paths]
+    paths += [("layers", *p) for rule in layer for p in rule.paths]
+    table = _sharding_table(shardings, config, paths)
+
+  def place(path: ParamPath, arr: np.ndarray) -> jax.Array:
+    if table is None:
+      return jnp.asarray(arr, pdt)
+    return _place_sharded(path, arr, table[path], pdt)
+
   for rule in glob:
     name = rule.hf
     if (
@@ -394,15 +639,19 @@ def load_hf_checkpoint(
       name = "lm_head.weight"  # tied weights stored under the head's name
     parts = rule.split(files.get(name, rule.shape, why))
     for path, arr in zip(rule.paths, parts, strict=True):
-      _set(params, path, jnp.asarray(arr, pdt))
+      _set(params, path, place(path, arr))
+    del parts, arr  # host copies go once placed
   for rule in layer:
     stacked = [[] for _ in rule.paths]
     for i in range(config.num_layers):
       arr = files.get(rule.hf.format(i=i), rule.shape, why)
       for acc, part in zip(stacked, rule.split(arr), strict=True):
         acc.append(part)
-    for path, parts in zip(rule.paths, stacked, strict=True):
-      _set(params, ("layers", *path), jnp.asarray(np.stack(parts), pdt))
+      del arr, part
+    for j, path in enumerate(rule.paths):
+      full = ("layers", *path)
+      _set(params, full, place(full, np.stack(stacked[j])))
+      stacked[j] = None  # host copies go once placed
 
   leftover = [
     k

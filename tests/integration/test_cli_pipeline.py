@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from rlhf_jax.cli.metrics import read_metrics
+from rlhf_jax.runner.metrics import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -31,8 +31,8 @@ import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
-from rlhf_jax.cli.eval_metrics import distinct_n, win_rate
-from rlhf_jax.cli.metrics import read_metrics
+from rlhf_jax.runner.metrics import read_metrics
+from rlhf_jax.stages.eval_metrics import distinct_n, win_rate
 
 __all__ = ["distinct_n", "win_rate", "write_report"]
 

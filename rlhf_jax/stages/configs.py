@@ -5,14 +5,18 @@ under the field (``rlhf-jax <subcommand> --help`` prints them). Presets
 (presets.py) are functions returning instances of these classes; the
 command line overrides single fields (``--ppo.iterations 20``).
 
-``PipelineConfig`` drives ``run`` (the whole pipeline) and the stage
-subcommands ``rm``, ``ppo`` and ``dpo`` (which run the stages they need of
-the same pipeline); ``SFTConfig``, ``GenerateConfig``, ``EvalConfig`` and
-``ExportConfig`` drive the other subcommands.
+Stage configs live beside the stages that read them (the CLI only parses
+them); the mesh options (``--mesh.data`` ...) are the runner's
+``MeshConfig``. ``PipelineConfig`` drives ``run`` (the whole pipeline) and
+the stage subcommands ``rm``, ``ppo`` and ``dpo`` (which run the stages
+they need of the same pipeline); ``SFTConfig``, ``GenerateConfig``,
+``EvalConfig`` and ``ExportConfig`` drive the other subcommands.
 """
 
 import dataclasses
 from typing import Literal
+
+from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +204,8 @@ class PipelineConfig:
   """Steps between in-stage checkpoints (and on SIGINT)."""
   tensorboard: bool = True
   """Also write TensorBoard event files."""
+  mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
   task: TaskConfig = TaskConfig()
   sampling: SamplingConfig = SamplingConfig()
   feedback: FeedbackConfig = FeedbackConfig()
@@ -244,6 +250,8 @@ class SFTConfig:
   """Steps between checkpoints."""
   tensorboard: bool = True
   """Also write TensorBoard event files."""
+  mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,5 @@
-"""What every subcommand shares: errors, model and run directories, signals,
-the persistent compilation cache and compile-time accounting.
-
-Only cli/ reads the environment and touches the disk (DESIGN.md dependency
-rule); these helpers are where it happens.
+"""What every run shares: user errors, run directories, signals and
+compile-time accounting. Nothing here reads flags or the environment.
 """
 
 import dataclasses
@@ -16,64 +13,15 @@ import time
 import types
 from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_DIR = REPO_ROOT.parent / "shared" / "data" / "models"
-DEFAULT_MODEL_DIR = DEFAULT_MODEL_DIR / "tinystories-656k"
-HUB_ID = "raincandy-u/TinyStories-656K"
-MODEL_ENV = "RLHF_JAX_MODEL_DIR"
-CACHE_ENV = "RLHF_JAX_CACHE_DIR"
 CONFIG_FILE = "config.json"
 
 
-class CLIError(Exception):
+class UserError(Exception):
   """A user error: printed as one line on stderr, exit status 2."""
 
 
 class Interrupted(Exception):  # noqa: N818 - it is not an error
   """SIGINT/SIGTERM stopped a stage after it saved its state."""
-
-
-# ------------------------------------------------------------------ model
-
-
-def resolve_model(model: str | None) -> pathlib.Path:
-  """The policy checkpoint directory.
-
-  Order: ``model`` (a directory, or a hub id already in the local Hugging
-  Face cache), else $RLHF_JAX_MODEL_DIR, else
-  ``<repo>/../shared/data/models/tinystories-656k`` when it exists.
-
-  Raises:
-    CLIError: the directory does not exist, or nothing was found.
-  """
-  where = "--model"
-  if model is None and os.environ.get(MODEL_ENV):
-    model, where = os.environ[MODEL_ENV], f"${MODEL_ENV}"
-  if model is None:
-    if DEFAULT_MODEL_DIR.is_dir():
-      return DEFAULT_MODEL_DIR
-    raise CLIError(
-      f"no model given and {DEFAULT_MODEL_DIR} does not exist; pass --model "
-      f"DIR or set {MODEL_ENV} to a Hugging Face checkpoint directory (e.g. "
-      f"`huggingface-cli download {HUB_ID} --local-dir DIR` on a machine "
-      "with network access)"
-    )
-  path = pathlib.Path(model).expanduser()
-  if path.is_dir():
-    return path
-  looks_like_hub_id = model.count("/") == 1 and not model.startswith(
-    (".", "/", "~")
-  )
-  if looks_like_hub_id and not path.exists():
-    from rlhf_jax.models import resolve_model_dir
-
-    try:
-      return resolve_model_dir(model)
-    except FileNotFoundError as e:
-      raise CLIError(str(e)) from None
-  if path.exists():
-    raise CLIError(f"{where} {model}: not a directory")
-  raise CLIError(f"model directory {model} does not exist ({where})")
 
 
 # --------------------------------------------------------------- run dirs
@@ -112,7 +60,7 @@ def prepare_run_dir(
   own.
 
   Raises:
-    CLIError: an existing run without --resume/--overwrite, or --resume with
+    UserError: an existing run without --resume/--overwrite, or --resume with
       a config that differs from the saved one.
   """
   preset = getattr(config, "preset", "default")
@@ -133,12 +81,12 @@ def prepare_run_dir(
     saved = json.loads(saved_path.read_text())
     diffs = _diff(record, saved)
     if diffs:
-      raise CLIError(
+      raise UserError(
         f"cannot resume {run_dir}: the config differs from its config.json "
         f"({'; '.join(diffs[:4])})"
       )
   elif exists and not getattr(config, "resume", False):
-    raise CLIError(
+    raise UserError(
       f"run directory {run_dir} already holds a run; pass --resume to "
       "continue it, --overwrite to start it again, or --run-dir DIR"
     )
@@ -228,23 +176,6 @@ class CompileClock:
       jax.monitoring.register_event_duration_secs_listener(listener)
       cls._installed = clock
     return cls._installed
-
-
-def setup_jax() -> None:
-  """Persistent compilation cache in a user cache dir (outside the repo).
-
-  $RLHF_JAX_CACHE_DIR overrides the location; "off" disables it.
-  """
-  import jax
-
-  cache = os.environ.get(
-    CACHE_ENV, str(pathlib.Path.home() / ".cache" / "rlhf_jax" / "jax_cache")
-  )
-  if cache != "off":
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  CompileClock.get()
 
 
 class Timer:

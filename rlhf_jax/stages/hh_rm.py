@@ -50,6 +50,7 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -57,10 +58,6 @@ import numpy as np
 import optax
 
 from rlhf_jax import models
-from rlhf_jax.checkpoint import CheckpointManager, abstract_like
-from rlhf_jax.cli.metrics import MetricsWriter
-from rlhf_jax.cli.progress import ProgressBar
-from rlhf_jax.cli.report import write_report
 from rlhf_jax.data import (
   BatchIterator,
   DataError,
@@ -71,6 +68,11 @@ from rlhf_jax.data import (
   split_by_rows,
   tokenize_preferences,
 )
+from rlhf_jax.runner.loop import TrainLoop
+from rlhf_jax.runner.mesh import MeshConfig, Placement
+from rlhf_jax.runner.metrics import MetricsWriter
+from rlhf_jax.runner.runtime import StopFlag
+from rlhf_jax.stages.report import write_report
 from rlhf_jax.train import (
   RewardModelConfig,
   TrainState,
@@ -338,65 +340,31 @@ def _load_pairs(config: HHRewardModelConfig):
 # --------------------------------------------------------------------- job
 
 
-def run_hh_reward_model(
-  config: HHRewardModelConfig,
-  run_dir: pathlib.Path,
-  *,
-  resume: bool = False,
-) -> dict[str, Any]:
-  """Trains and evaluates the HH-RLHF reward model; writes the run outputs.
-
-  Args:
-    config: the job settings.
-    run_dir: output directory (created if missing).
-    resume: continue from the latest checkpoint in ``run_dir/checkpoints``
-      (same config required; the data order continues where it stopped, so
-      the result equals an uninterrupted run's); without a checkpoint, start
-      from scratch. Resuming a finished run returns its results.json.
-
-  Returns:
-    The figures, also written to ``run_dir/results.json``:
-    "heldout/accuracy", "heldout/ties" (fractions of n), "heldout/n",
-    "heldout/stderr" (sqrt(p(1-p)/n)), "heldout/chance_stderr"
-    (sqrt(0.25/n)), "heldout/z_vs_chance" ((p - 0.5) / chance_stderr),
-    "baseline/length_chars_accuracy", "baseline/length_chars_ties",
-    "data/*" counts (rows read, dropped per reason, train / held-out pairs,
-    truncations), "train/*" final-window means, "time/*" wall seconds
-    (data, compile + first step, train, eval, total) and "time/cpu_s".
-
-  Raises:
-    DataError: missing or unusable data (with ``strict``: droppable rows).
-    FileNotFoundError: missing tokenizer or model directory.
-    ValueError: ``resume=False`` on a run directory that already holds
-      checkpoints, or a checkpoint written with a different config.
-  """
-  t_start = time.perf_counter()
-  cpu_start = time.process_time()
-  run_dir = pathlib.Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  ckpt_dir = run_dir / CHECKPOINT_DIR
-  config_dict = dataclasses.asdict(config)
-  if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+def _check_resume(loop: TrainLoop, resume: bool) -> None:
+  meta = loop.saved_metadata()
+  if meta is None:
+    return
+  if not resume:
     raise ValueError(
-      f"{run_dir} already holds checkpoints; pass resume=True to continue "
-      "that run or choose a new run directory"
+      f"{loop.run_dir} already holds checkpoints; pass resume=True to "
+      "continue that run or choose a new run directory"
     )
-  (run_dir / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+  if meta.get("config") != json.loads(json.dumps(loop.metadata["config"])):
+    raise ValueError(
+      f"{loop.run_dir / 'checkpoints'}: the checkpoint was written with a "
+      "different config; resume needs the same settings"
+    )
 
-  # Data.
-  loaded, train_pairs, held_pairs = _load_pairs(config)
-  rng = jax.random.key(config.seed)
-  init_rng, state_rng = jax.random.split(rng)
-  tok, model_config, params = _build_model(config, init_rng)
-  lengths = dict(
-    max_prompt_length=config.max_prompt_length,
-    max_response_length=config.max_response_length,
-  )
-  train_ds = tokenize_preferences(train_pairs, tok, **lengths)
-  held_ds = tokenize_preferences(held_pairs, tok, **lengths)
-  t_data = time.perf_counter()
 
-  # Train step: one compile for the static [batch_size, P + T] shapes.
+def _train(
+  config: HHRewardModelConfig,
+  placement: Placement,
+  model_config: models.ModelConfig,
+  params: dict,
+  train_ds: TokenizedDataset,
+  loop: Callable[[int], TrainLoop],
+) -> tuple[Any, dict[str, float], int]:
+  """The Bradley-Terry training loop; returns (state, last record, steps)."""
   it = BatchIterator(
     train_ds,
     global_batch_size=config.batch_size,
@@ -406,117 +374,82 @@ def run_hh_reward_model(
   total_steps = it.batches_per_epoch * config.epochs
   optimizer = _optimizer(config, total_steps)
   rm_config = RewardModelConfig(label_smoothing=config.label_smoothing)
-  step_fn = jax.jit(
-    make_reward_model_step(model_config, optimizer, rm_config),
-    donate_argnums=0,
+  state, shardings = placement.init_state(
+    lambda p, k: TrainState.create(p, optimizer, k),
+    params,
+    jax.random.split(jax.random.key(config.seed))[1],
+    param_axes=[models.scalar_model_logical_axes(model_config)],
   )
-  score_fn = jax.jit(lambda p, b: pair_rewards(p, b, model_config=model_config))
-  state = TrainState.create(params, optimizer, state_rng)
-
-  ckpt = CheckpointManager(ckpt_dir, max_to_keep=1)
-  start_step = 0
-  if resume and ckpt.latest_step() is not None:
-    meta = ckpt.restore_metadata()
-    if meta.get("config") != json.loads(json.dumps(config_dict)):
-      raise ValueError(
-        f"{ckpt_dir}: the checkpoint was written with a different config; "
-        "resume needs the same settings"
-      )
-    state, meta = ckpt.restore(abstract_state=abstract_like(state))
-    it.load_state_dict(meta["iterator"])
-    start_step = int(state.step)
-    results_path = run_dir / RESULTS_FILE
-    if start_step == total_steps and results_path.is_file():
-      ckpt.close()
-      return json.loads(results_path.read_text())  # already complete
-  writer = MetricsWriter(
-    run_dir,
-    tensorboard=config.tensorboard,
-    resume_step=start_step if resume else None,
+  step = placement.jit_step(
+    make_reward_model_step(model_config, optimizer, rm_config), shardings
   )
+  train_loop = loop(total_steps)
+  state, start = train_loop.restore(state, it)
 
-  compile_s = 0.0
-  window: list[dict] = []
-  last: dict[str, float] = {}
-  try:
-    with ProgressBar(total_steps, "rm") as bar:
-      bar.update(start_step)
-      for step in range(start_step + 1, total_steps + 1):
-        batch = next(it).batch
-        t0 = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        if step == start_step + 1:
-          jax.block_until_ready(metrics)
-          compile_s = time.perf_counter() - t0  # includes one step
-        window.append(metrics)
-        if step % config.log_every == 0 or step == total_steps:
-          last = _mean_metrics(window)
-          window = []
-          last["rm/epoch"] = step / it.batches_per_epoch
-          writer.log(step, last, stage="rm")
-        if step % config.checkpoint_every == 0 or step == total_steps:
-          ckpt.save(
-            step,
-            state,
-            metadata={"config": config_dict, "iterator": it.state_dict()},
-            force=True,
-          )
-        bar.update(
-          1, {k: last[k] for k in ("rm/loss", "rm/accuracy") if k in last}
-        )
-    ckpt.wait_until_finished()
-    t_train = time.perf_counter()
+  def epoch(step_index: int, state: Any, record: dict) -> None:
+    del state
+    record["rm/epoch"] = step_index / it.batches_per_epoch
 
-    # Held-out evaluation of the final model (no model selection on it).
-    rc, rr = _score_pairs(
-      score_fn, state.params, held_ds, config.eval_batch_size
-    )
-    n = len(rc)
-    acc = float(np.mean(rc > rr))
-    ties = float(np.mean(rc == rr))
-    base = length_baseline(held_pairs)
-    chance_se = math.sqrt(0.25 / n)
-    writer.log(
-      total_steps,
-      {
-        "eval/heldout_accuracy": acc,
-        "eval/heldout_ties": ties,
-        "eval/length_baseline_accuracy": base["accuracy"],
-      },
-      stage="eval",
-    )
-    np.savez(
-      run_dir / REWARDS_FILE,
-      chosen=rc,
-      rejected=rr,
-      rows=held_ds.rows,
-    )
-  finally:
-    writer.close()
-    ckpt.close()
-  t_eval = time.perf_counter()
-
-  drops = loaded.drops
-  heldout_source = next(
-    s for s in drops.rows_read if pathlib.Path(s).name == config.heldout_file
+  state, last = train_loop.run(
+    state,
+    start,
+    lambda s: step(s, placement.batch(next(it).batch)),
+    iterator=it,
+    evaluate=epoch,
+    eval_every=config.log_every,
   )
-  heldout_dropped = sum(
-    1
-    for d in drops.dropped
-    if d.source == heldout_source and d.row < config.heldout_rows
+  train_loop.close()
+  return state, last, total_steps
+
+
+def _evaluate(
+  config: HHRewardModelConfig,
+  placement: Placement,
+  model_config: models.ModelConfig,
+  params: Any,
+  held_ds: TokenizedDataset,
+  held_pairs: list[PreferencePair],
+) -> dict[str, Any]:
+  """Held-out accuracy of the final model beside the length baseline."""
+  score_fn = placement.jit_gather(
+    lambda p, b: pair_rewards(p, b, model_config=model_config)
   )
-  results: dict[str, Any] = {
+  size = -(-config.eval_batch_size // placement.batch_divisor)
+  size *= placement.batch_divisor
+  rc, rr = _score_pairs(
+    lambda p, b: score_fn(p, placement.batch(b)), params, held_ds, size
+  )
+  n = len(rc)
+  acc = float(np.mean(rc > rr))
+  base = length_baseline(held_pairs)
+  chance_se = math.sqrt(0.25 / n)
+  return {
+    "rc": rc,
+    "rr": rr,
     "heldout/accuracy": acc,
-    "heldout/ties": ties,
+    "heldout/ties": float(np.mean(rc == rr)),
     "heldout/n": n,
     "heldout/stderr": accuracy_stderr(acc, n),
     "heldout/chance_stderr": chance_se,
     "heldout/z_vs_chance": (acc - 0.5) / chance_se,
-    "heldout/rows_dropped": heldout_dropped,
     "heldout/mean_margin": float(np.mean(rc - rr)),
     "baseline/length_chars_accuracy": base["accuracy"],
     "baseline/length_chars_ties": base["ties"],
     "baseline/length_chars_stderr": accuracy_stderr(base["accuracy"], n),
+  }
+
+
+def _data_counts(config, loaded, train_ds, held_ds) -> dict[str, Any]:
+  drops = loaded.drops
+  heldout_source = next(
+    s for s in drops.rows_read if pathlib.Path(s).name == config.heldout_file
+  )
+  return {
+    "heldout/rows_dropped": sum(
+      1
+      for d in drops.dropped
+      if d.source == heldout_source and d.row < config.heldout_rows
+    ),
     "data/rows_read": drops.total_read,
     "data/rows_dropped": drops.total_dropped,
     **{f"data/dropped_{k}": v for k, v in sorted(drops.counts().items())},
@@ -526,13 +459,105 @@ def run_hh_reward_model(
       f"data/train_truncated_{k}": v
       for k, v in sorted(train_ds.truncation.truncated.items())
     },
+  }
+
+
+def run_hh_reward_model(
+  config: HHRewardModelConfig,
+  run_dir: pathlib.Path,
+  *,
+  resume: bool = False,
+  placement: Placement | None = None,
+) -> dict[str, Any]:
+  """Trains and evaluates the HH-RLHF reward model; writes the run outputs.
+
+  Args:
+    config: the job settings.
+    run_dir: output directory (created if missing).
+    resume: continue from the latest checkpoint in
+      ``run_dir/checkpoints/rm`` (same config required; the data order
+      continues where it stopped, so the result equals an uninterrupted
+      run's); without a checkpoint, start from scratch. Resuming a finished
+      run returns its results.json.
+    placement: the mesh (default: every device on 'data').
+
+  Returns:
+    The figures, also written to ``run_dir/results.json``:
+    "heldout/accuracy", "heldout/ties" (fractions of n), "heldout/n",
+    "heldout/stderr" (sqrt(p(1-p)/n)), "heldout/chance_stderr"
+    (sqrt(0.25/n)), "heldout/z_vs_chance" ((p - 0.5) / chance_stderr),
+    "baseline/length_chars_accuracy", "baseline/length_chars_ties",
+    "data/*" counts (rows read, dropped per reason, train / held-out pairs,
+    truncations), "train/*" final-window means, "time/*" wall seconds
+    (data, train, eval, total) and "time/cpu_s".
+
+  Raises:
+    DataError: missing or unusable data (with ``strict``: droppable rows).
+    FileNotFoundError: missing tokenizer or model directory.
+    ValueError: ``resume=False`` on a run directory that already holds
+      checkpoints, or a checkpoint written with a different config.
+  """
+  t_start = time.perf_counter()
+  cpu_start = time.process_time()
+  placement = placement or Placement.create(MeshConfig())
+  placement.check_batch(config.batch_size, "hh.batch_size")
+  run_dir = pathlib.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  config_dict = dataclasses.asdict(config)
+  results_path = run_dir / RESULTS_FILE
+  with StopFlag() as stop:
+
+    def loop(total_steps: int) -> TrainLoop:
+      return TrainLoop(
+        "rm",
+        run_dir,
+        total_steps,
+        stop,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        tensorboard=config.tensorboard,
+        show=("rm/loss", "rm/accuracy"),
+        metadata={"config": config_dict},
+        write=placement.is_primary,
+      )
+
+    probe = loop(0)
+    _check_resume(probe, resume)
+    finished = probe.saved_metadata() is not None and results_path.is_file()
+    probe.close()
+    if finished:
+      return json.loads(results_path.read_text())  # already complete
+    if placement.is_primary:
+      (run_dir / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2))
+    loaded, train_pairs, held_pairs = _load_pairs(config)
+    init_rng = jax.random.split(jax.random.key(config.seed))[0]
+    tok, model_config, params = _build_model(config, init_rng)
+    params = placement.put_scalar_model(params, model_config)
+    lengths = dict(
+      max_prompt_length=config.max_prompt_length,
+      max_response_length=config.max_response_length,
+    )
+    train_ds = tokenize_preferences(train_pairs, tok, **lengths)
+    held_ds = tokenize_preferences(held_pairs, tok, **lengths)
+    t_data = time.perf_counter()
+    state, last, total_steps = _train(
+      config, placement, model_config, params, train_ds, loop
+    )
+  t_train = time.perf_counter()
+  ev = _evaluate(
+    config, placement, model_config, state.params, held_ds, held_pairs
+  )
+  rc, rr = ev.pop("rc"), ev.pop("rr")
+  t_eval = time.perf_counter()
+  results: dict[str, Any] = {
+    **ev,
+    **_data_counts(config, loaded, train_ds, held_ds),
     "train/steps": total_steps,
     "train/loss_last_window": last.get("rm/loss", float("nan")),
     "train/accuracy_last_window": last.get("rm/accuracy", float("nan")),
     "model/backbone": config.backbone,
     "model/parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
     "time/data_s": t_data - t_start,
-    "time/compile_s": compile_s,
     "time/train_s": t_train - t_data,
     "time/eval_s": t_eval - t_train,
     "time/total_s": t_eval - t_start,
@@ -540,6 +565,25 @@ def run_hh_reward_model(
     # time above overstates what the job needs.
     "time/cpu_s": time.process_time() - cpu_start,
   }
+  if placement.is_primary:
+    _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config)
+  return results
+
+
+def _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config):
+  with MetricsWriter(run_dir, tensorboard=config.tensorboard) as writer:
+    writer.log(
+      total_steps,
+      {
+        "eval/heldout_accuracy": results["heldout/accuracy"],
+        "eval/heldout_ties": results["heldout/ties"],
+        "eval/length_baseline_accuracy": results[
+          "baseline/length_chars_accuracy"
+        ],
+      },
+      stage="eval",
+    )
+  np.savez(run_dir / REWARDS_FILE, chosen=rc, rejected=rr, rows=held_ds.rows)
   (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
   write_report(
     run_dir,
@@ -547,7 +591,7 @@ def run_hh_reward_model(
     samples={},
     metrics_path=writer.path,
     title=(
-      f"HH-RLHF reward model: held-out accuracy on {n} helpful-base pairs"
+      f"HH-RLHF reward model: held-out accuracy on {results['heldout/n']} "
+      "helpful-base pairs"
     ),
   )
-  return results

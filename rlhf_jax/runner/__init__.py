@@ -1,0 +1,1 @@
+"""The one loop every stage and script uses: mesh, sharded state, jit, steps."""

@@ -1,0 +1,183 @@
+"""What every pipeline stage shares: the run context, keys, optimizers."""
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.data import HFTokenizerAdapter
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.loop import TrainLoop
+from rlhf_jax.runner.mesh import Placement
+from rlhf_jax.runner.metrics import MetricsWriter
+from rlhf_jax.stages.configs import PipelineConfig
+from rlhf_jax.tasks import GoldScorer
+
+# Stage ids folded into the seed key (stable: changing them changes runs).
+_STAGE_KEYS = {
+  "prompts": 1,
+  "feedback": 2,
+  "rm": 3,
+  "eval": 4,
+  "ppo": 5,
+  "dpo": 6,
+}
+STAGES_BY_COMMAND = {
+  "run": ("prompts", "feedback", "rm", "initial", "ppo", "dpo", "report"),
+  "rm": ("prompts", "feedback", "rm", "report"),
+  "ppo": ("prompts", "feedback", "rm", "initial", "ppo", "report"),
+  "dpo": ("prompts", "feedback", "rm", "initial", "dpo", "report"),
+}
+DATA_STAGES_BY_COMMAND = {"rm": ("rm", "report"), "dpo": ("dpo", "report")}
+POLICIES = ("initial", "ppo", "dpo")
+# The reward head beside the backbone's HF files (a subdirectory, so that
+# loaders globbing *.safetensors read only the backbone).
+HEAD_DIR = "reward_head"
+HEAD_FILE = f"{HEAD_DIR}/model.safetensors"
+
+
+# ------------------------------------------------------------------ context
+
+
+@dataclasses.dataclass
+class Context:
+  """Everything a stage needs; built once per invocation."""
+
+  command: str
+  config: PipelineConfig
+  run_dir: pathlib.Path
+  model_dir: pathlib.Path
+  model_config: models.ModelConfig
+  ref_params: Any
+  tokenizer: models.Tokenizer
+  adapter: HFTokenizerAdapter
+  stop: runtime.StopFlag
+  placement: Placement
+  timer: runtime.Timer
+  compile_s0: float
+  gold: GoldScorer = dataclasses.field(default_factory=GoldScorer)
+  stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+  # Wall and compile seconds of stages finished by an earlier process and
+  # read back on --resume, so the report's timings cover the whole run.
+  resumed_seconds: float = 0.0
+  resumed_compile_s: float = 0.0
+  cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def eos(self) -> int:
+    return self.tokenizer.eos_id
+
+  @property
+  def pad(self) -> int:
+    return self.adapter.pad_id
+
+  def key(self, stage: str) -> jax.Array:
+    return jax.random.fold_in(
+      jax.random.key(self.config.seed), _STAGE_KEYS[stage]
+    )
+
+  def stage_file(self, name: str) -> pathlib.Path:
+    return self.run_dir / "stages" / f"{name}.json"
+
+  def finished(self, name: str) -> dict | None:
+    path = self.stage_file(name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+  @property
+  def primary(self) -> bool:
+    """This process writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+  def log_record(self, stage: str, metrics: dict, step: int = 0) -> None:
+    """One metrics record of a stage without a step loop."""
+    if not self.primary:
+      return
+    with MetricsWriter(
+      self.run_dir,
+      tensorboard=self.config.tensorboard,
+      resume_step=-1,
+      resume_stage=stage,
+      tensorboard_dir=f"tensorboard/{stage}",
+    ) as w:
+      w.log(step, metrics, stage=stage)
+
+  def export_policy(self, name: str, params: Any) -> None:
+    """outputs/<name>: the policy as a Hugging Face directory."""
+    host = host_tree(params)
+    if self.primary:
+      models.export_hf_checkpoint(
+        host,
+        self.model_config,
+        self.run_dir / "outputs" / name,
+        tokenizer_dir=self.model_dir,
+      )
+
+  def loop(self, stage: str, total_steps: int, **kwargs: Any) -> TrainLoop:
+    """The stage's checkpointed, logged step loop."""
+    return TrainLoop(
+      stage,
+      self.run_dir,
+      total_steps,
+      self.stop,
+      checkpoint_every=self.config.checkpoint_every,
+      tensorboard=self.config.tensorboard,
+      write=self.primary,
+      **kwargs,
+    )
+
+
+def copy_tree(tree: Any) -> Any:
+  """Fresh buffers, so donating one state never invalidates another."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def host_tree(tree: Any) -> Any:
+  """Arrays -> numpy; arrays spread over several processes are gathered
+  (every process must call this)."""
+  from jax.experimental import multihost_utils
+
+  def get(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
+def optimizer(
+  lr: float,
+  warmup: int,
+  clip: float,
+  *,
+  decay_steps: int | None = None,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+  """Adam(W) with linear warmup (and optional cosine decay to 10%).
+
+  ``weight_decay`` > 0 gives AdamW (Loshchilov & Hutter 2019): the decay
+  term ``weight_decay * params`` is added to the Adam direction before the
+  learning-rate scaling, so parameters shrink by ``lr * weight_decay``.
+  """
+  if decay_steps is None:
+    sched = optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, lr, max(warmup, 1)),
+        optax.constant_schedule(lr),
+      ],
+      [max(warmup, 1)],
+    )
+  else:
+    sched = optax.warmup_cosine_decay_schedule(
+      0.0, lr, max(warmup, 1), max(decay_steps, warmup + 1), end_value=0.1 * lr
+    )
+  if weight_decay:
+    inner = optax.adamw(sched, weight_decay=weight_decay)
+  else:
+    inner = optax.adam(sched)
+  return optax.chain(optax.clip_by_global_norm(clip), inner)

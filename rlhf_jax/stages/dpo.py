@@ -1,0 +1,80 @@
+"""Stage 5: DPO on the preference pairs (Rafailov et al. 2023)."""
+
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax import models
+from rlhf_jax.data import BatchIterator
+from rlhf_jax.stages.common import Context, optimizer
+from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
+from rlhf_jax.stages.feedback import preference_data
+from rlhf_jax.stages.rm import reward_model_for_eval
+from rlhf_jax.train import DPOConfig, TrainState, make_dpo_step
+
+_SHOW = ("dpo/loss", "rewards/accuracies", "eval/gold_score")
+
+
+def _with_accuracy(out: tuple) -> tuple:
+  # Implicit-reward pair accuracy under the name report.py plots.
+  state, metrics = out
+  return state, {**metrics, "dpo/accuracy": metrics["rewards/accuracies"]}
+
+
+def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
+  """DPO on the same preference pairs; periodic held-out evaluation."""
+  cfg = ctx.config.dpo
+  prefs = preference_data(ctx)
+  opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
+  state, shardings = ctx.placement.init_state(
+    lambda p, k: TrainState.create(p, opt, k),
+    ctx.ref_params,
+    ctx.key("dpo"),
+    param_axes=[models.param_logical_axes(ctx.model_config)],
+  )
+  step = ctx.placement.jit_step(
+    make_dpo_step(ctx.model_config, opt, DPOConfig(beta=cfg.beta)),
+    shardings,
+    extra=(ctx.ref_params,),
+  )
+  it = BatchIterator(
+    prefs["train"],
+    global_batch_size=min(cfg.batch_size, len(prefs["train"])),
+    seed=ctx.config.seed,
+  )
+  rm = reward_model_for_eval(ctx)
+  evaluating = prompts is not None and initial is not None
+  base_gold = np.asarray(initial["gold"]) if evaluating else None
+  loop = ctx.loop("dpo", cfg.steps, show=_SHOW)
+  state, start = loop.restore(state, it)
+  last: dict[str, Any] = {}
+
+  def evaluate(step_index: int, state: Any, record: dict) -> None:
+    del step_index
+    last.update(
+      evaluate_into(record, ctx, state.params, rm, base_gold, prompts)
+    )
+
+  state, _ = loop.run(
+    state,
+    start,
+    lambda s: _with_accuracy(
+      step(s, ctx.placement.batch(next(it).batch), ctx.ref_params)
+    ),
+    iterator=it,
+    evaluate=evaluate if evaluating else None,
+    eval_every=cfg.eval_every,
+    first_record=initial["metrics"] if evaluating else None,
+  )
+  loop.close()
+  ctx.export_policy("dpo", state.params)
+  if evaluating and not last:
+    em, details = evaluate_policy(
+      ctx,
+      state.params,
+      rm,
+      baseline_gold=base_gold,
+      **eval_kwargs(ctx, prompts),
+    )
+    last.update({"metrics": em, **details})
+  return last

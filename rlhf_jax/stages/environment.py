@@ -1,0 +1,72 @@
+"""Where stages read the environment: the model directory and the
+persistent compilation cache (only cli/, stages/ and scripts/ read flags or
+environment variables)."""
+
+import os
+import pathlib
+
+from rlhf_jax.runner.runtime import CompileClock, UserError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_MODEL_DIR = SHARED_DATA / "models" / "tinystories-656k"
+HUB_ID = "raincandy-u/TinyStories-656K"
+MODEL_ENV = "RLHF_JAX_MODEL_DIR"
+CACHE_ENV = "RLHF_JAX_CACHE_DIR"
+
+
+def resolve_model(model: str | None) -> pathlib.Path:
+  """The policy checkpoint directory.
+
+  Order: ``model`` (a directory, or a hub id already in the local Hugging
+  Face cache), else $RLHF_JAX_MODEL_DIR, else
+  ``<repo>/../shared/data/models/tinystories-656k`` when it exists.
+
+  Raises:
+    UserError: the directory does not exist, or nothing was found.
+  """
+  where = "--model"
+  if model is None and os.environ.get(MODEL_ENV):
+    model, where = os.environ[MODEL_ENV], f"${MODEL_ENV}"
+  if model is None:
+    if DEFAULT_MODEL_DIR.is_dir():
+      return DEFAULT_MODEL_DIR
+    raise UserError(
+      f"no model given and {DEFAULT_MODEL_DIR} does not exist; pass --model "
+      f"DIR or set {MODEL_ENV} to a Hugging Face checkpoint directory (e.g. "
+      f"`huggingface-cli download {HUB_ID} --local-dir DIR` on a machine "
+      "with network access)"
+    )
+  path = pathlib.Path(model).expanduser()
+  if path.is_dir():
+    return path
+  looks_like_hub_id = model.count("/") == 1 and not model.startswith(
+    (".", "/", "~")
+  )
+  if looks_like_hub_id and not path.exists():
+    from rlhf_jax.models import resolve_model_dir
+
+    try:
+      return resolve_model_dir(model)
+    except FileNotFoundError as e:
+      raise UserError(str(e)) from None
+  if path.exists():
+    raise UserError(f"{where} {model}: not a directory")
+  raise UserError(f"model directory {model} does not exist ({where})")
+
+
+def setup_jax() -> None:
+  """Persistent compilation cache in a user cache dir (outside the repo).
+
+  $RLHF_JAX_CACHE_DIR overrides the location; "off" disables it.
+  """
+  import jax
+
+  cache = os.environ.get(
+    CACHE_ENV, str(pathlib.Path.home() / ".cache" / "rlhf_jax" / "jax_cache")
+  )
+  if cache != "off":
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  CompileClock.get()

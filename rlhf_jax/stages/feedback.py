@@ -1,0 +1,253 @@
+"""Stages 1-2: prompts and simulated feedback; preference datasets."""
+
+import itertools
+import json
+import pathlib
+
+import jax
+import numpy as np
+
+from rlhf_jax.data import (
+  DataError,
+  PreferencePair,
+  TokenizedDataset,
+  TruncationReport,
+  load_examples,
+  tokenize_preferences,
+  train_eval_split,
+)
+from rlhf_jax.runner import runtime
+from rlhf_jax.stages.common import Context
+from rlhf_jax.stages.sampling import (
+  decode,
+  sample_continuations,
+  tokenize_prompt_texts,
+)
+from rlhf_jax.tasks import (
+  STORY_OPENINGS,
+  SimulatedAnnotator,
+  split_prompts,
+  story_prefixes,
+)
+from rlhf_jax.types import PreferenceBatch
+
+# ------------------------------------------------------------ 1. prompts
+
+
+def stage_prompts(ctx: Context) -> dict:
+  """Story openings + prefixes of sampled stories, split train/held-out."""
+  cfg = ctx.config.task
+  n = cfg.sampled_stories
+  # Stories from BOS alone, left-padded to the one compiled prompt shape.
+  ids = np.full((n, cfg.max_prompt_length), ctx.pad, np.int32)
+  ids[:, -1] = ctx.tokenizer.bos_id
+  mask = np.zeros(ids.shape, bool)
+  mask[:, -1] = True
+  roll = sample_continuations(
+    ctx, ctx.ref_params, ids, mask, ctx.key("prompts"), what="prompts"
+  )
+  stories = decode(ctx, roll["response_ids"], roll["response_mask"])
+  prefixes = story_prefixes(
+    stories,
+    min_words=cfg.prefix_min_words,
+    max_words=cfg.prefix_max_words,
+    seed=ctx.config.seed,
+  )
+  openings = list(STORY_OPENINGS)
+  prompts = openings + [p for p in prefixes if p not in set(openings)]
+  train, held = split_prompts(
+    prompts, eval_fraction=cfg.eval_fraction, seed=ctx.config.seed
+  )
+  tokenize_prompt_texts(ctx, prompts)  # fails early on a too-long prompt
+  result = {
+    "train": train,
+    "heldout": held,
+    "num_openings": len(openings),
+    "num_sampled_prefixes": len(prompts) - len(openings),
+  }
+  if ctx.primary:
+    runtime.write_json(ctx.run_dir / "data" / "prompts.json", result)
+  return result
+
+
+# ----------------------------------------------------------- 2. feedback
+
+
+def _label_pairs(
+  ctx: Context,
+  annotator: SimulatedAnnotator,
+  prompts: list[str],
+  groups: int,
+  key: jax.Array,
+  what: str,
+) -> list[dict]:
+  """Labels every pair within groups of K continuations of one prompt.
+
+  Rows g*K .. g*K+K-1 are group g (prompt g // groups); each of its
+  K (K - 1) / 2 pairs (i < j) is shown to the annotator as (a=i, b=j).
+  """
+  k = ctx.config.feedback.group_size
+  ds = tokenize_prompt_texts(ctx, prompts)
+  rows = np.repeat(np.arange(len(prompts)), groups * k)
+  p_ids = ds.arrays["prompt_ids"][rows]
+  p_mask = ds.arrays["prompt_mask"][rows]
+  roll = sample_continuations(
+    ctx, ctx.ref_params, p_ids, p_mask, key, what=what
+  )
+  texts = decode(ctx, roll["response_ids"], roll["response_mask"])
+  gold = ctx.gold.score(texts)
+  within = np.array(list(itertools.combinations(range(k), 2)), np.int64)
+  starts = np.arange(0, len(texts), k)
+  ia = (starts[:, None] + within[None, :, 0]).reshape(-1)
+  ib = (starts[:, None] + within[None, :, 1]).reshape(-1)
+  a_wins = annotator.choose(gold[ia], gold[ib])
+  ids, msk = roll["response_ids"], roll["response_mask"]
+  pairs = []
+  for a, b, w in zip(ia, ib, a_wins, strict=True):
+    c, r = (a, b) if w else (b, a)
+    pairs.append(
+      {
+        "prompt": prompts[rows[a]],
+        "chosen": texts[c],
+        "rejected": texts[r],
+        "gold_chosen": float(gold[c]),
+        "gold_rejected": float(gold[r]),
+        "noiseless_label": bool(gold[c] >= gold[r]),
+        "prompt_ids": p_ids[a][p_mask[a]].tolist(),
+        "chosen_ids": ids[c][msk[c]].tolist(),
+        "rejected_ids": ids[r][msk[r]].tolist(),
+      }
+    )
+  return pairs
+
+
+def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  tmp.replace(path)
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def stage_feedback(ctx: Context, prompts: dict) -> dict:
+  """Pairs of initial-policy continuations labelled by the annotator."""
+  cfg = ctx.config.feedback
+  annotator = SimulatedAnnotator(
+    ctx.gold, beta=cfg.annotator_beta, seed=ctx.config.seed
+  )
+  key = ctx.key("feedback")
+  train = _label_pairs(
+    ctx,
+    annotator,
+    prompts["train"],
+    cfg.groups_per_prompt,
+    jax.random.fold_in(key, 0),
+    "feedback: train pairs",
+  )
+  held = _label_pairs(
+    ctx,
+    annotator,
+    prompts["heldout"],
+    cfg.eval_groups_per_prompt,
+    jax.random.fold_in(key, 1),
+    "feedback: held-out pairs",
+  )
+  if ctx.primary:
+    _write_jsonl(ctx.run_dir / "data" / "pairs_train.jsonl", train)
+    _write_jsonl(ctx.run_dir / "data" / "pairs_eval.jsonl", held)
+  stats = annotator.stats()
+  stats["annotator/train_pairs"] = float(len(train))
+  stats["annotator/eval_pairs"] = float(len(held))
+  ctx.log_record("feedback", stats)
+  # Kept in memory too: other processes must not read files process 0
+  # may still be writing.
+  ctx.cache["pairs"] = (train, held)
+  return {"stats": stats}
+
+
+def pairs_dataset(ctx: Context, pairs: list[dict]) -> TokenizedDataset:
+  """PreferenceBatch arrays from the SAMPLED token ids (no re-tokenizing)."""
+  p_len = ctx.config.task.max_prompt_length
+  t_len = ctx.config.sampling.max_new_tokens
+  n = len(pairs)
+  arrays = {
+    "prompt_ids": np.full((n, p_len), ctx.pad, np.int32),
+    "prompt_mask": np.zeros((n, p_len), bool),
+  }
+  for f in ("chosen", "rejected"):
+    arrays[f"{f}_ids"] = np.full((n, t_len), ctx.pad, np.int32)
+    arrays[f"{f}_mask"] = np.zeros((n, t_len), bool)
+  for i, p in enumerate(pairs):
+    k = len(p["prompt_ids"])
+    arrays["prompt_ids"][i, p_len - k :] = p["prompt_ids"]
+    arrays["prompt_mask"][i, p_len - k :] = True
+    for f in ("chosen", "rejected"):
+      k = len(p[f"{f}_ids"])
+      arrays[f"{f}_ids"][i, :k] = p[f"{f}_ids"]
+      arrays[f"{f}_mask"][i, :k] = True
+  pad_row = {k: np.full(a.shape[1:], 0, a.dtype) for k, a in arrays.items()}
+  for k in pad_row:
+    if k.endswith("_ids"):
+      pad_row[k][...] = ctx.pad
+  return TokenizedDataset(
+    arrays=arrays,
+    pad_row=pad_row,
+    batch_type=PreferenceBatch,
+    truncation=TruncationReport(
+      n, p_len, t_len, {"prompt": 0, "chosen": 0, "rejected": 0}
+    ),
+    sources=["feedback"] * n,
+    rows=np.arange(n),
+  )
+
+
+def preference_data(ctx: Context) -> dict:
+  """Train / held-out preference datasets: simulated feedback or --data."""
+  if "prefs" in ctx.cache:
+    return ctx.cache["prefs"]
+  cfg = ctx.config
+  if cfg.data is None:
+    train, held = ctx.cache.get("pairs") or (
+      _read_jsonl(ctx.run_dir / "data" / "pairs_train.jsonl"),
+      _read_jsonl(ctx.run_dir / "data" / "pairs_eval.jsonl"),
+    )
+    out = {
+      "train": pairs_dataset(ctx, train),
+      "eval": pairs_dataset(ctx, held),
+      "eval_noiseless": np.array([p["noiseless_label"] for p in held]),
+      "drops": {},
+    }
+  else:
+    loaded = load_examples(cfg.data, strict=cfg.strict)
+    if not isinstance(loaded.examples[0], PreferencePair):
+      kind = type(loaded.examples[0]).__name__
+      raise DataError(
+        f"{cfg.data}: expected preference pairs (prompt/chosen/rejected or "
+        f"HH-RLHF transcripts), got {kind} rows"
+      )
+    ds = tokenize_preferences(
+      loaded.examples,
+      ctx.adapter,
+      max_prompt_length=cfg.task.max_prompt_length,
+      max_response_length=cfg.max_response_length,
+      truncate_prompts=False,
+    )
+    if len(ds) < 2:
+      raise DataError(
+        f"{cfg.data}: need at least 2 usable pairs, got {len(ds)}"
+      )
+    # 10% of the pairs (at least one) are held out for accuracy.
+    n_eval = max(1, round(0.1 * len(ds)))
+    tr, ev = train_eval_split(len(ds), eval_size=n_eval, seed=cfg.seed)
+    out = {
+      "train": ds.subset(tr),
+      "eval": ds.subset(ev),
+      "eval_noiseless": None,
+      "drops": loaded.drops.to_dict(),
+      "truncation": ds.truncation.truncated,
+    }
+  ctx.cache["prefs"] = out
+  return out

@@ -1,0 +1,187 @@
+"""The default pipeline: "make TinyStories happier" (Ziegler et al. 2019).
+
+Stages (each checkpointed, each skipped on ``--resume`` once finished):
+
+  prompts   STORY_OPENINGS + opening words of stories sampled from the
+            initial policy; deterministic train / held-out split.
+  feedback  pairs of continuations sampled from the initial policy, labelled
+            by the SimulatedAnnotator (VADER gold + Bradley-Terry noise).
+  rm        reward model = policy backbone + scalar head, Bradley-Terry loss;
+            held-out accuracy against the annotator and the gold order.
+  initial   evaluation of the initial policy on the held-out prompts.
+  ppo       make_ppo_step (one compiled RLHF iteration): critic initialised
+            from the reward model, adaptive KL penalty to the reference.
+  dpo       make_dpo_step on the same pairs, a second arm.
+  report    report.md, plots, summary.json.
+
+Determinism: every random choice derives from ``config.seed``: sampling
+keys are ``fold_in(fold_in(key(seed), stage), global_row)``, train steps use
+``fold_in(state.rng, state.step)``, data order is ``BatchIterator(seed)``.
+An interrupted stage restarts from its last checkpoint (state + iterator
+position), finished stages are read back from run_dir, so a resumed run
+ends with the same numbers as an uninterrupted one.
+
+Run directory::
+
+  config.json  metrics.jsonl  tensorboard/<stage>/  report.md  plots/
+  summary.json data/{prompts.json, pairs_train.jsonl, pairs_eval.jsonl}
+  checkpoints/<stage>/  stages/<stage>.json (finished-stage results)
+  outputs/{rm, ppo, dpo}/ (Hugging Face directories; rm/reward_head/)
+"""
+
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from rlhf_jax import models
+from rlhf_jax.data import DataError, HFTokenizerAdapter
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.mesh import Placement, spec_str, start_distributed
+from rlhf_jax.stages import environment
+from rlhf_jax.stages.common import (
+  DATA_STAGES_BY_COMMAND,
+  POLICIES,
+  STAGES_BY_COMMAND,
+  Context,
+)
+from rlhf_jax.stages.configs import PipelineConfig
+from rlhf_jax.stages.dpo import stage_dpo
+from rlhf_jax.stages.evaluate import stage_initial
+from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
+from rlhf_jax.stages.ppo import stage_ppo
+from rlhf_jax.stages.rm import stage_rm
+from rlhf_jax.stages.summary import stage_report
+
+
+def open_run(
+  command: str, config: PipelineConfig, log: Callable[[str], None]
+) -> Context:
+  """Checks the inputs, starts JAX on the mesh, opens the run directory
+  and loads the model into its shards.
+
+  Raises:
+    UserError, DataError: bad inputs (one-line messages).
+  """
+  environment.setup_jax()
+  start_distributed(config.distributed)
+  timer = runtime.Timer()
+  compile0 = runtime.CompileClock.get().seconds
+  if config.data is not None and command not in DATA_STAGES_BY_COMMAND:
+    raise runtime.UserError(
+      f"--data is not used by `rlhf-jax {command}` (rm and dpo accept it)"
+    )
+  model_dir = environment.resolve_model(config.model)
+  if config.data is not None and not pathlib.Path(config.data).exists():
+    raise DataError(f"{config.data}: no such file")
+  placement = Placement.create(config.mesh)
+  for size, what in (
+    (config.sampling.batch_size, "--sampling.batch-size"),
+    (config.rm.batch_size, "--rm.batch-size"),
+    (config.ppo.batch_size, "--ppo.batch-size"),
+    (config.dpo.batch_size, "--dpo.batch-size"),
+  ):
+    placement.check_batch(size, what)
+  run_dir = runtime.prepare_run_dir(
+    command, config, extra={"model_dir": str(model_dir)}
+  )
+  model_config, params = placement.load_model(model_dir)
+  path, spec = placement.sharded_leaf(params)
+  log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
+  tok = models.load_tokenizer(model_dir)
+  return Context(
+    command=command,
+    config=config,
+    run_dir=run_dir,
+    model_dir=model_dir,
+    model_config=model_config,
+    ref_params=params,
+    tokenizer=tok,
+    adapter=HFTokenizerAdapter.wrap(tok),
+    stop=runtime.StopFlag(),
+    placement=placement,
+    timer=timer,
+    compile_s0=compile0,
+  )
+
+
+def _run_stage(ctx: Context, name: str, results: dict[str, dict]) -> dict:
+  if name == "prompts":
+    return stage_prompts(ctx)
+  if name == "feedback":
+    return stage_feedback(ctx, results["prompts"])
+  if name == "rm":
+    return stage_rm(ctx)
+  if name == "initial":
+    return stage_initial(ctx, results["prompts"])
+  if name == "ppo":
+    return stage_ppo(ctx, results["prompts"], results["initial"])
+  if name == "dpo":
+    return stage_dpo(ctx, results.get("prompts"), results.get("initial"))
+  raise AssertionError(name)  # the stage tables are fixed
+
+
+def _read_finished(ctx: Context, name: str, done: dict) -> dict:
+  timing = done.get("_timing", {})
+  ctx.stage_seconds[name] = timing.get("seconds", 0.0)
+  ctx.resumed_seconds += timing.get("seconds", 0.0)
+  ctx.resumed_compile_s += timing.get("compile_s", 0.0)
+  return done
+
+
+def run_pipeline(
+  command: str,
+  config: PipelineConfig,
+  *,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """Runs (or resumes) the stages of ``command``; returns summary numbers.
+
+  Raises:
+    UserError, DataError: bad inputs (one-line messages).
+    Interrupted: SIGINT/SIGTERM; the current stage saved a checkpoint.
+  """
+  ctx = open_run(command, config, log)
+  table = STAGES_BY_COMMAND if config.data is None else DATA_STAGES_BY_COMMAND
+  stages = table[command]
+  log(
+    f"rlhf-jax {command}: run directory {ctx.run_dir}; stages "
+    f"{', '.join(stages)}"
+  )
+  results: dict[str, dict] = {}
+  with ctx.stop:
+    for name in stages[:-1]:  # every command ends with the report
+      done = ctx.finished(name)
+      if done is not None and config.resume:
+        log(f"{name}: finished earlier, read from {ctx.stage_file(name)}")
+        results[name] = _read_finished(ctx, name, done)
+        continue
+      t = runtime.Timer()
+      c0 = runtime.CompileClock.get().seconds
+      log(f"{name}: starting")
+      res = _run_stage(ctx, name, results)
+      ctx.stage_seconds[name] = t.elapsed()
+      res["_timing"] = {
+        "seconds": t.elapsed(),
+        "compile_s": runtime.CompileClock.get().seconds - c0,
+      }
+      if ctx.primary:
+        runtime.write_json(ctx.stage_file(name), res)
+      results[name] = res
+      log(f"{name}: done in {t.elapsed():.1f}s {_headline(name, res)}")
+    out = stage_report(ctx, results)
+  log(f"report: {ctx.run_dir / 'report.md'}")
+  jax.effects_barrier()
+  return out
+
+
+def _headline(name: str, res: dict) -> str:
+  if name == "rm":
+    return " ".join(f"{k}={v:.3f}" for k, v in res["heldout"].items())
+  if name in POLICIES and "metrics" in res:
+    keys = ("eval/gold_score", "eval/kl", "eval/gold_win_rate")
+    return " ".join(
+      f"{k}={res['metrics'][k]:.3f}" for k in keys if k in res["metrics"]
+    )
+  return ""

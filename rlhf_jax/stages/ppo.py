@@ -1,0 +1,125 @@
+"""Stage 4: PPO against the reward model (Ziegler et al. 2019)."""
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax import models
+from rlhf_jax.data import BatchIterator
+from rlhf_jax.runner import runtime
+from rlhf_jax.stages.common import Context, optimizer
+from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
+from rlhf_jax.stages.rm import reward_model_for_eval
+from rlhf_jax.stages.sampling import tokenize_prompt_texts
+from rlhf_jax.train import PPOConfig, init_ppo_state, make_ppo_step
+from rlhf_jax.train.supervised import response_mean_reward
+from rlhf_jax.types import PromptBatch
+
+_SHOW = ("objective/scores", "objective/kl", "objective/kl_coef")
+
+
+def _prompt_iterator(ctx: Context, prompts: list[str], batch: int):
+  ds = tokenize_prompt_texts(ctx, prompts)
+  if len(ds) < batch:  # tiny runs: cycle the prompts to fill a batch
+    idx = np.arange(batch) % len(ds)
+    ds = ds.subset(idx)
+  return BatchIterator(ds, global_batch_size=batch, seed=ctx.config.seed)
+
+
+def ppo_config(ctx: Context) -> PPOConfig:
+  """The library's PPOConfig from the stage options."""
+  cfg = ctx.config.ppo
+  return PPOConfig(
+    eos_token_id=ctx.eos,
+    pad_token_id=ctx.pad,
+    group_size=cfg.group_size,
+    max_new_tokens=ctx.config.sampling.max_new_tokens,
+    temperature=ctx.config.sampling.temperature,
+    exact_sampling=ctx.config.sampling.exact_sampling,
+    kl_coef=cfg.init_kl_coef,
+    adaptive_kl=cfg.adaptive_kl,
+    target_kl=cfg.target_kl,
+    kl_horizon=cfg.kl_horizon,
+    normalize_reward=cfg.normalize_reward,
+    gamma=cfg.gamma,
+    lam=cfg.lam,
+    ppo_epochs=cfg.ppo_epochs,
+    num_minibatches=cfg.num_minibatches,
+    cliprange=cfg.cliprange,
+    cliprange_value=cfg.cliprange_value,
+    vf_coef=cfg.vf_coef,
+  )
+
+
+def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
+  """RLHF with make_ppo_step; periodic held-out evaluation."""
+  cfg = ctx.config.ppo
+  rm = reward_model_for_eval(ctx)
+  if rm is None:
+    raise runtime.UserError("PPO needs a trained reward model (stage rm)")
+  config = ppo_config(ctx)
+  p_opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
+  v_opt = optimizer(
+    cfg.value_learning_rate, cfg.warmup_steps, cfg.max_grad_norm
+  )
+  state, shardings = ctx.placement.init_state(
+    # The critic starts from the reward model.
+    lambda p, v, k: init_ppo_state(p, v, p_opt, v_opt, k, config),
+    ctx.ref_params,
+    rm,
+    ctx.key("ppo"),
+    param_axes=[
+      models.param_logical_axes(ctx.model_config),
+      models.scalar_model_logical_axes(ctx.model_config),
+    ],
+  )
+  score_fn = None  # "last": models.reward_forward, make_ppo_step's default
+  if ctx.config.rm.pooling == "mean":
+    score_fn = functools.partial(
+      response_mean_reward, model_config=ctx.model_config
+    )
+  frozen = {"ref": ctx.ref_params, "reward": rm}
+  step = ctx.placement.jit_step(
+    make_ppo_step(ctx.model_config, p_opt, v_opt, config, score_fn=score_fn),
+    shardings,
+    extra=(frozen,),
+  )
+  it = _prompt_iterator(ctx, prompts["train"], cfg.batch_size)
+  loop = ctx.loop("ppo", cfg.iterations, show=(*_SHOW, "eval/gold_score"))
+  state, start = loop.restore(state, it)
+  base_gold = np.asarray(initial["gold"])
+  last: dict[str, Any] = {}
+
+  def next_batch() -> PromptBatch:
+    b = next(it).batch
+    return ctx.placement.batch(PromptBatch(b.prompt_ids, b.prompt_mask))
+
+  def evaluate(step_index: int, state: Any, record: dict) -> None:
+    del step_index
+    last.update(
+      evaluate_into(record, ctx, state.policy_params, rm, base_gold, prompts)
+    )
+
+  state, _ = loop.run(
+    state,
+    start,
+    lambda s: step(s, next_batch(), frozen),
+    iterator=it,
+    evaluate=evaluate,
+    eval_every=cfg.eval_every,
+    first_record=initial["metrics"],
+  )
+  loop.close()
+  ctx.export_policy("ppo", state.policy_params)
+  if not last:  # resumed after the last iteration's evaluation was logged
+    em, details = evaluate_policy(
+      ctx,
+      state.policy_params,
+      rm,
+      baseline_gold=base_gold,
+      **eval_kwargs(ctx, prompts),
+    )
+    last.update({"metrics": em, **details})
+  last["final_kl_coef"] = float(state.kl_state.kl_coef)
+  return last

@@ -1,0 +1,185 @@
+"""Stage 3: the Bradley-Terry reward model (Ouyang et al. 2022, eq. 1)."""
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import models
+from rlhf_jax.data import BatchIterator, TokenizedDataset
+from rlhf_jax.runner import runtime
+from rlhf_jax.stages.common import HEAD_DIR, HEAD_FILE, Context, optimizer
+from rlhf_jax.stages.feedback import preference_data
+from rlhf_jax.stages.sampling import chunks
+from rlhf_jax.train import (
+  RewardModelConfig,
+  TrainState,
+  make_reward_model_step,
+  pair_rewards,
+)
+
+
+def _pair_scores(params, batch, *, config, pooling):
+  return pair_rewards(params, batch, model_config=config, pooling=pooling)
+
+
+def _scorer(ctx: Context):
+  if "pair_scores" not in ctx.cache:
+    ctx.cache["pair_scores"] = ctx.placement.jit_gather(
+      _pair_scores, static_argnames=("config", "pooling")
+    )
+  return ctx.cache["pair_scores"]
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
+  """Held-out accuracy vs the annotator labels and vs the gold order."""
+  ds: TokenizedDataset = prefs["eval"]
+  n = len(ds)
+  # Padding rows (index -1) fill the last batch and the batch axes.
+  size = _round_up(
+    min(ctx.config.rm.batch_size * 2, n), ctx.placement.batch_divisor
+  )
+  rc, rr = [], []
+  for start, stop in chunks(n, size):
+    idx = np.arange(start, start + size)
+    idx = np.where(idx < stop, idx, -1)
+    batch = ctx.placement.batch(ds.take(idx))
+    c, r = _scorer(ctx)(
+      params, batch, config=ctx.model_config, pooling=ctx.config.rm.pooling
+    )
+    rc.append(np.asarray(c)[: stop - start])
+    rr.append(np.asarray(r)[: stop - start])
+  rc, rr = np.concatenate(rc), np.concatenate(rr)
+  out = {
+    "rm/eval_accuracy": float(np.mean(rc > rr)),
+    "rm/eval_ties": float(np.mean(rc == rr)),
+    "rm/eval_margin": float(np.mean(rc - rr)),
+  }
+  noiseless = prefs["eval_noiseless"]
+  if noiseless is not None:
+    agree = np.where(noiseless, rc > rr, rr > rc)
+    out["rm/eval_gold_accuracy"] = float(np.mean(agree))
+  return out
+
+
+def _save_rm(ctx: Context, params: Any) -> None:
+  from safetensors.numpy import save_file
+
+  params = jax.tree.map(np.asarray, params)
+  if not ctx.primary:
+    return
+  out = ctx.run_dir / "outputs" / "rm"
+  models.export_hf_checkpoint(
+    params["backbone"], ctx.model_config, out, tokenizer_dir=ctx.model_dir
+  )
+  (out / HEAD_DIR).mkdir(exist_ok=True)
+  save_file(
+    {k: np.asarray(v) for k, v in params["head"].items()},
+    str(out / HEAD_FILE),
+  )
+
+
+def load_rm(
+  path: pathlib.Path, placement=None
+) -> tuple[models.ModelConfig, Any]:
+  """A reward model: {"backbone", "head"} params.
+
+  Args:
+    path: a run directory (its outputs/rm) or an exported reward-model
+      directory (a causal LM plus reward_head/model.safetensors).
+    placement: lay the params out on this mesh (default: one device).
+
+  Raises:
+    UserError: no reward model there.
+  """
+  from safetensors.numpy import load_file
+
+  path = pathlib.Path(path)
+  out = path / "outputs" / "rm" if not (path / HEAD_FILE).is_file() else path
+  if not (out / HEAD_FILE).is_file():
+    raise runtime.UserError(
+      f"{path}: no reward model here (expected {HEAD_FILE} in the directory "
+      "or in its outputs/rm: a run or an export of `rlhf-jax rm`)"
+    )
+  head = dict(load_file(str(out / HEAD_FILE)))
+  if placement is None:
+    config, backbone = models.load_hf_checkpoint(out)
+    params = {"backbone": backbone, "head": jax.tree.map(np.asarray, head)}
+    return config, jax.tree.map(jax.numpy.asarray, params)
+  config, backbone = placement.load_model(out)
+  head_sh = placement.scalar_model_shardings(config)["head"]
+  return config, {"backbone": backbone, "head": placement.put(head, head_sh)}
+
+
+def reward_model_for_eval(ctx: Context) -> Any | None:
+  """The run's trained reward model on the mesh (None before stage rm)."""
+  if "rm_params" not in ctx.cache:
+    rm = None
+    if (ctx.run_dir / "outputs" / "rm" / HEAD_FILE).is_file():
+      rm = load_rm(ctx.run_dir, ctx.placement)[1]
+    ctx.cache["rm_params"] = rm
+  return ctx.cache["rm_params"]
+
+
+def stage_rm(ctx: Context) -> dict:
+  """Bradley-Terry reward model from the policy checkpoint + a new head."""
+  cfg = ctx.config.rm
+  prefs = preference_data(ctx)
+  key = ctx.key("rm")
+  params = models.from_policy_params(
+    ctx.ref_params, ctx.model_config, jax.random.fold_in(key, 0)
+  )
+  opt = optimizer(
+    cfg.learning_rate,
+    cfg.warmup_steps,
+    cfg.max_grad_norm,
+    decay_steps=cfg.steps,
+    weight_decay=cfg.weight_decay,
+  )
+  state, shardings = ctx.placement.init_state(
+    lambda p, r: TrainState.create(p, opt, r),
+    params,
+    jax.random.fold_in(key, 1),
+    param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
+  )
+  rm_config = RewardModelConfig(
+    center_rewards_coef=cfg.center_rewards_coef, pooling=cfg.pooling
+  )
+  step = ctx.placement.jit_step(
+    make_reward_model_step(ctx.model_config, opt, rm_config), shardings
+  )
+  it = BatchIterator(
+    prefs["train"],
+    global_batch_size=min(cfg.batch_size, len(prefs["train"])),
+    seed=ctx.config.seed,
+  )
+  loop = ctx.loop("rm", cfg.steps, show=("rm/loss", "rm/accuracy"))
+  state, start = loop.restore(state, it)
+
+  def evaluate(step_index: int, state: Any, record: dict) -> None:
+    del step_index
+    record.update(rm_heldout(ctx, state.params, prefs))
+
+  state, final = loop.run(
+    state,
+    start,
+    lambda s: step(s, ctx.placement.batch(next(it).batch)),
+    iterator=it,
+    evaluate=evaluate,
+    eval_every=cfg.eval_every,
+  )
+  loop.close()
+  _save_rm(ctx, state.params)
+  heldout = rm_heldout(ctx, state.params, prefs)
+  return {
+    "final_train": {k: v for k, v in final.items() if "eval" not in k},
+    "heldout": heldout,
+    "train_pairs": len(prefs["train"]),
+    "eval_pairs": len(prefs["eval"]),
+    "drops": prefs["drops"],
+  }

@@ -1,0 +1,124 @@
+"""Sampling continuations in batches of one compiled shape."""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.data import tokenize_prompts
+from rlhf_jax.rollout import generate
+from rlhf_jax.runner.progress import ProgressBar
+from rlhf_jax.stages.common import Context
+
+
+def _sample(params, prompt_ids, prompt_mask, key, start, temperature, **kw):
+  """One generate call (static shapes); row r of the call uses the key
+  fold_in(key, start + r), so results do not depend on the batching."""
+  rows = start + jnp.arange(prompt_ids.shape[0], dtype=jnp.uint32)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+  return generate(
+    params,
+    prompt_ids,
+    prompt_mask,
+    keys,
+    config=kw["config"],
+    max_new_tokens=kw["max_new_tokens"],
+    temperature=temperature,
+    eos_token_id=kw["eos"],
+    pad_token_id=kw["pad"],
+  )
+
+
+def sampler(ctx: Context):
+  """The run's jitted sampler: prompts split over the batch axes, samples
+  gathered back (every process reads them)."""
+  if "sampler" not in ctx.cache:
+    ctx.cache["sampler"] = ctx.placement.jit_gather(
+      _sample, static_argnames=("config", "max_new_tokens", "eos", "pad")
+    )
+  return ctx.cache["sampler"]
+
+
+def chunks(n: int, size: int):
+  """(start, stop) ranges of at most ``size`` rows."""
+  for start in range(0, n, size):
+    yield start, min(start + size, n)
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+  """Pads axis 0 to ``size`` by repeating row 0 (outputs are discarded)."""
+  if len(x) == size:
+    return x
+  reps = np.repeat(x[:1], size - len(x), axis=0)
+  return np.concatenate([x, reps], axis=0)
+
+
+def sample_continuations(
+  ctx: Context,
+  params: Any,
+  prompt_ids: np.ndarray,
+  prompt_mask: np.ndarray,
+  key: jax.Array,
+  *,
+  what: str,
+) -> dict[str, np.ndarray]:
+  """Samples one continuation per row, in batches of one static shape.
+
+  Every call uses [sampling.batch_size, task.max_prompt_length] prompts and
+  sampling.max_new_tokens, so the sampler compiles once per run. Row r uses
+  the key fold_in(key, r), so results do not depend on the batching.
+
+  Returns:
+    numpy response_ids i32[N, T], response_mask bool[N, T], logprobs
+    f32[N, T] (sampling distribution, 0 at masked slots), truncated bool[N].
+  """
+  n = len(prompt_ids)
+  size = ctx.config.sampling.batch_size
+  names = ("response_ids", "response_mask", "logprobs", "truncated")
+  out: dict[str, list] = {k: [] for k in names}
+  bar = ProgressBar(-(-n // size), what)
+  for start, stop in chunks(n, size):
+    ctx.stop.check(what)
+    ids, mask = ctx.placement.batch(
+      (
+        pad_rows(prompt_ids[start:stop], size),
+        pad_rows(prompt_mask[start:stop], size),
+      )
+    )
+    roll = sampler(ctx)(
+      params,
+      ids,
+      mask,
+      key,
+      jnp.uint32(start),
+      jnp.float32(ctx.config.sampling.temperature),
+      config=ctx.model_config,
+      max_new_tokens=ctx.config.sampling.max_new_tokens,
+      eos=ctx.eos,
+      pad=ctx.pad,
+    )
+    for k in names:
+      out[k].append(np.asarray(getattr(roll, k))[: stop - start])
+    bar.update(1)
+  bar.close()
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def decode(ctx: Context, ids: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Response texts (special tokens dropped)."""
+  return [
+    ctx.tokenizer.decode(row[m]) for row, m in zip(ids, mask, strict=True)
+  ]
+
+
+def tokenize_prompt_texts(ctx: Context, texts: Sequence[str]):
+  """Left-padded prompt arrays; a prompt longer than P is a DataError."""
+  ds = tokenize_prompts(
+    list(texts),
+    ctx.adapter,
+    max_prompt_length=ctx.config.task.max_prompt_length,
+    truncate_prompts=False,
+  )
+  return ds

@@ -1,0 +1,143 @@
+"""`rlhf-jax sft`: supervised fine-tuning on demonstrations (--data FILE).
+
+The next-token loss on the response tokens only (``train.make_sft_step``),
+on the mesh of ``--mesh.*``, with the runner's checkpoints and resume.
+Demonstrations are preference rows (the chosen response is the target) or
+unpaired {prompt, completion, label} rows (accepted completions).
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.data import (
+  BatchIterator,
+  DataError,
+  HFTokenizerAdapter,
+  PreferencePair,
+  UnpairedExample,
+  load_examples,
+  tokenize_sft,
+)
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.loop import TrainLoop
+from rlhf_jax.runner.mesh import Placement, spec_str, start_distributed
+from rlhf_jax.stages import environment
+from rlhf_jax.stages.common import host_tree
+from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
+from rlhf_jax.stages.report import write_report
+from rlhf_jax.train import SFTConfig, TrainState, make_sft_step
+
+
+def _demonstrations(path: str, strict: bool):
+  """(loaded file, examples, response field) of a demonstration file."""
+  loaded = load_examples(path, strict=strict)
+  first = loaded.examples[0]
+  if isinstance(first, PreferencePair):
+    return loaded, loaded.examples, "chosen"
+  if isinstance(first, UnpairedExample):
+    examples = [e for e in loaded.examples if e.label]
+    if not examples:
+      raise DataError(f"{path}: no accepted (label true) completions")
+    return loaded, examples, "completion"
+  raise DataError(
+    f"{path}: expected preference or {{prompt, completion, label}} rows, "
+    f"got {type(first).__name__}"
+  )
+
+
+def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
+  """SFT on --data: next-token loss on the response tokens.
+
+  Returns:
+    The summary (also summary.json): sft/final_loss, data counts, time.
+
+  Raises:
+    UserError, DataError: bad options or data (one-line messages).
+    Interrupted: SIGINT/SIGTERM after a checkpoint was saved.
+  """
+  if not config.data:
+    raise runtime.UserError("rlhf-jax sft needs --data FILE")
+  environment.setup_jax()
+  start_distributed(config.distributed)
+  timer = runtime.Timer()
+  model_dir = environment.resolve_model(config.model)
+  if not pathlib.Path(config.data).exists():
+    raise DataError(f"{config.data}: no such file")
+  placement = Placement.create(config.mesh)
+  placement.check_batch(config.batch_size, "--batch-size")
+  run_dir = runtime.prepare_run_dir(
+    "sft", config, extra={"model_dir": str(model_dir)}
+  )
+  loaded, examples, field = _demonstrations(config.data, config.strict)
+  model_config, params = placement.load_model(model_dir)
+  path, spec = placement.sharded_leaf(params)
+  log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
+  tok = models.load_tokenizer(model_dir)
+  ds = tokenize_sft(
+    examples,
+    HFTokenizerAdapter.wrap(tok),
+    max_prompt_length=config.max_prompt_length,
+    max_response_length=config.max_response_length,
+    response_field=field,
+    truncate_prompts=False,
+  )
+  opt = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)
+  )
+  state, shardings = placement.init_state(
+    lambda p, k: TrainState.create(p, opt, k),
+    params,
+    jax.random.key(config.seed),
+    param_axes=[models.param_logical_axes(model_config)],
+  )
+  step = placement.jit_step(
+    make_sft_step(model_config, opt, SFTConfig()), shardings
+  )
+  batch_size = min(config.batch_size, len(ds))
+  placement.check_batch(batch_size, "--batch-size (after data loading)")
+  it = BatchIterator(ds, global_batch_size=batch_size, seed=config.seed)
+  with runtime.StopFlag() as stop:
+    loop = TrainLoop(
+      "sft",
+      run_dir,
+      config.steps,
+      stop,
+      checkpoint_every=config.checkpoint_every,
+      tensorboard=config.tensorboard,
+      show=("sft/loss",),
+      write=placement.is_primary,
+    )
+    state, start = loop.restore(state, it)
+    state, last = loop.run(
+      state,
+      start,
+      lambda s: step(s, placement.batch(next(it).batch)),
+      iterator=it,
+    )
+    loop.close()
+  host = host_tree(state.params)
+  summary = {
+    "sft/final_loss": last.get("sft/loss", float("nan")),
+    "data/examples": len(ds),
+    "data/dropped": loaded.drops.total_dropped,
+    **{f"data/truncated_{k}": v for k, v in ds.truncation.truncated.items()},
+    "time/total_s": timer.elapsed(),
+  }
+  if placement.is_primary:
+    out = run_dir / "outputs" / "sft"
+    models.export_hf_checkpoint(
+      host, model_config, out, tokenizer_dir=model_dir
+    )
+    runtime.write_json(run_dir / "summary.json", summary)
+    write_report(
+      run_dir,
+      summary=summary,
+      samples={},
+      metrics_path=run_dir / "metrics.jsonl",
+      title="rlhf-jax sft",
+    )
+  return summary

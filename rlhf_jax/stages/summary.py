@@ -1,0 +1,109 @@
+"""Stage 6: summary.json and report.md of a pipeline run."""
+
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax.runner import runtime
+from rlhf_jax.stages.common import POLICIES, Context
+from rlhf_jax.stages.report import write_report
+
+_POLICY_ROWS = {
+  "eval/gold_score": "gold score (VADER)",
+  "eval/proxy_score": "reward-model score",
+  "eval/kl": "KL to reference (nats/seq)",
+  "eval/gold_win_rate": "gold win rate vs initial",
+  "eval/distinct_1": "distinct-1",
+  "eval/distinct_2": "distinct-2",
+  "eval/response_length": "mean length (tokens)",
+  "eval/truncated_frac": "truncated (no EOS)",
+}
+
+
+def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
+  """Flat summary numbers (also summary.json)."""
+  s: dict[str, Any] = {}
+  if "prompts" in results:
+    p = results["prompts"]
+    s["data/train_prompts"] = len(p["train"])
+    s["data/heldout_prompts"] = len(p["heldout"])
+  if "feedback" in results:
+    st = results["feedback"]["stats"]
+    s["annotator/train_pairs"] = st["annotator/train_pairs"]
+    s["annotator/gold_agreement"] = st["annotator/gold_agreement"]
+    s["annotator/gold_ties"] = st["annotator/gold_ties"]
+    s["annotator/beta"] = ctx.config.feedback.annotator_beta
+  if "rm" in results:
+    h = results["rm"]["heldout"]
+    s["rm/heldout_accuracy_annotator"] = h["rm/eval_accuracy"]
+    if "rm/eval_gold_accuracy" in h:
+      s["rm/heldout_accuracy_gold"] = h["rm/eval_gold_accuracy"]
+    s["rm/heldout_ties"] = h["rm/eval_ties"]
+    s["rm/eval_pairs"] = results["rm"]["eval_pairs"]
+  for name in POLICIES:
+    m = results.get(name, {}).get("metrics")
+    if not m:
+      continue
+    for k in (
+      "eval/gold_score",
+      "eval/proxy_score",
+      "eval/kl",
+      "eval/gold_win_rate",
+      "eval/distinct_2",
+      "eval/response_length",
+    ):
+      if k in m:
+        s[f"{name}/{k.split('/', 1)[1]}"] = m[k]
+  if "ppo" in results:
+    s["ppo/target_kl"] = ctx.config.ppo.target_kl
+    s["ppo/final_kl_coef"] = results["ppo"]["final_kl_coef"]
+  return s
+
+
+def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
+  """summary.json and report.md (metrics table, samples, plots)."""
+  summary = build_summary(ctx, results)
+  total = ctx.timer.elapsed() + ctx.resumed_seconds
+  compile_s = (
+    runtime.CompileClock.get().seconds - ctx.compile_s0 + ctx.resumed_compile_s
+  )
+  timing = {
+    "time/total_s": total,
+    "time/compile_s": compile_s,
+    "time/compile_share": compile_s / max(total, 1e-9),
+  }
+  timing.update({f"time/{k}_s": v for k, v in ctx.stage_seconds.items()})
+  policies = {
+    name: {
+      label: results[name]["metrics"][k]
+      for k, label in _POLICY_ROWS.items()
+      if k in results[name]["metrics"]
+    }
+    for name in POLICIES
+    if results.get(name, {}).get("metrics")
+  }
+  n_show = ctx.config.eval.report_samples
+  samples, shown_prompts = {}, None
+  if policies:
+    rows = np.arange(n_show) * ctx.config.eval.samples_per_prompt
+    held = results["prompts"]["heldout"]
+    rows = rows[rows < len(results["initial"]["texts"])]
+    per = ctx.config.eval.samples_per_prompt
+    shown_prompts = [held[r // per] for r in rows]
+    for name in policies:
+      shown = results[name].get("shown", results[name]["texts"])
+      samples[name] = [shown[r] for r in rows]
+  if not ctx.primary:
+    return {"summary": summary, **timing}
+  runtime.write_json(ctx.run_dir / "summary.json", {**summary, **timing})
+  write_report(
+    ctx.run_dir,
+    summary={**summary, **timing},
+    samples=samples,
+    prompts=shown_prompts,
+    metrics_path=ctx.run_dir / "metrics.jsonl",
+    policies=policies or None,
+    kl_target=ctx.config.ppo.target_kl if "ppo" in results else None,
+    title=f"rlhf-jax {ctx.command}: make TinyStories happier",
+  )
+  return {"summary": summary, **timing}
