@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec, Sharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from rlhf_jax.models.config import ModelConfig
@@ -63,26 +63,6 @@ _TOKENIZER_FILES = (
   "special_tokens_map.json",
   "generation_config.json",
 )
-# safetensors dtype names -> numpy dtypes. bfloat16 and float8 come from
-# ml_dtypes (through jax.numpy): safetensors' own numpy reader lacks them,
-# and its flax reader puts every tensor on the default device.
-_SAFETENSORS_DTYPES = {
-  "F64": np.dtype(np.float64),
-  "F32": np.dtype(np.float32),
-  "F16": np.dtype(np.float16),
-  "BF16": np.dtype(jnp.bfloat16),
-  "F8_E4M3": np.dtype(jnp.float8_e4m3fn),
-  "F8_E5M2": np.dtype(jnp.float8_e5m2),
-  "I64": np.dtype(np.int64),
-  "I32": np.dtype(np.int32),
-  "I16": np.dtype(np.int16),
-  "I8": np.dtype(np.int8),
-  "U64": np.dtype(np.uint64),
-  "U32": np.dtype(np.uint32),
-  "U16": np.dtype(np.uint16),
-  "U8": np.dtype(np.uint8),
-  "BOOL": np.dtype(np.bool_),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +313,6 @@ class _TensorFiles:
           for k in h.keys():
             self.where[k] = f
     self.used: set[str] = set()
-    self._headers: dict[pathlib.Path, tuple[int, dict[str, Any]]] = {}
 
   def __contains__(self, name: str) -> bool:
     return name in self.where
@@ -357,55 +336,18 @@ class _TensorFiles:
     self.used.add(name)
     return arr
 
-  def _header(self, f: pathlib.Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data block, parsed JSON header) of one file."""
-    if f not in self._headers:
-      with open(f, "rb") as fh:
-        size = fh.read(8)
-        if len(size) < 8:
-          raise ValueError(f"{f}: not a safetensors file (no header)")
-        n = int.from_bytes(size, "little")
-        try:
-          header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-          raise ValueError(f"{f}: unreadable safetensors header: {e}") from e
-      if not isinstance(header, dict):
-        raise ValueError(f"{f}: unreadable safetensors header")
-      self._headers[f] = (8 + n, header)
-    return self._headers[f]
-
   def _read(self, f: pathlib.Path, name: str) -> np.ndarray:
-    """One tensor of file `f` as a host numpy array (no device involved).
+    """One tensor of file `f` as a host numpy array (no device involved;
+    safetensors' numpy reader handles bfloat16 through ml_dtypes).
 
     Raises:
-      KeyError: `name` is not in `f` (an index that lists it wrongly).
-      ValueError: unsupported dtype, or header offsets that do not match
-        the tensor's shape and dtype, or a truncated file.
+      ValueError: the file is damaged or truncated (names the file).
     """
-    start, header = self._header(f)
-    if name not in header:
-      raise KeyError(f"{f}: tensor {name!r} is not in this file")
-    info = header[name]
-    dt = _SAFETENSORS_DTYPES.get(info["dtype"])
-    if dt is None:
-      raise ValueError(
-        f"{f}: tensor {name!r} has dtype {info['dtype']}, which is not "
-        f"supported (supported: {sorted(_SAFETENSORS_DTYPES)})"
-      )
-    shape = tuple(int(d) for d in info["shape"])
-    count = int(np.prod(shape, dtype=np.int64))
-    begin, end = (int(o) for o in info["data_offsets"])
-    if end - begin != count * dt.itemsize:
-      raise ValueError(
-        f"{f}: tensor {name!r}: header data_offsets [{begin}, {end}) do not "
-        f"hold {info['dtype']}{list(shape)}"
-      )
-    with open(f, "rb") as fh:
-      fh.seek(start + begin)
-      arr = np.fromfile(fh, dtype=dt, count=count)
-    if arr.size != count:
-      raise ValueError(f"{f}: truncated file while reading tensor {name!r}")
-    return arr.reshape(shape)
+    try:
+      with safe_open(str(f), "numpy") as h:
+        return h.get_tensor(name)
+    except SafetensorError as e:
+      raise ValueError(f"{f}: cannot read tensor {name!r}: {e}") from None
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

@@ -180,7 +180,8 @@ class TrainLoop:
     finally:
       if writer is not None:
         writer.close()
-    self.ckpt.wait_until_finished()
+      # An exception must not leave a half-written checkpoint behind.
+      self.ckpt.wait_until_finished()
     return state, last
 
   def _after_step(self, step: int, state: PyTree, iterator: Any) -> None:

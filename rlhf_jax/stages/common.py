@@ -90,6 +90,11 @@ class Context:
     return json.loads(path.read_text()) if path.is_file() else None
 
   @property
+  def has_gold(self) -> bool:
+    """The task's gold scorer applies (not on the user's --prompts)."""
+    return self.config.prompts is None
+
+  @property
   def primary(self) -> bool:
     """This process writes the run's files (process 0)."""
     return jax.process_index() == 0

@@ -194,8 +194,18 @@ class PipelineConfig:
   seed: int = 0
   """Seed of every random choice (prompts, samples, labels, init, order)."""
   data: str | None = None
-  """rm/dpo/sft: preference file (.jsonl, .jsonl.gz, .parquet) to train on
-  instead of the simulated feedback."""
+  """rm/dpo: preference file (.jsonl, .jsonl.gz, .parquet; explicit, HH-RLHF
+  or conversational rows) to train on instead of the simulated feedback."""
+  eval_data: str | None = None
+  """rm/dpo with --data: held-out preference file (default: a tenth of
+  --data, at least one pair)."""
+  prompts: str | None = None
+  """ppo: prompt file (.jsonl, .jsonl.gz, .parquet; plain or conversational
+  prompts, or any rows with a prompt) instead of the task's prompts; needs
+  --reward-model."""
+  reward_model: str | None = None
+  """ppo: a reward model (a `rlhf-jax rm` run directory or its export)
+  instead of training one on the task's simulated feedback."""
   strict: bool = False
   """Raise on droppable data rows instead of dropping and counting them."""
   max_response_length: int = 48

@@ -7,10 +7,17 @@ import numpy as np
 from rlhf_jax import models
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.stages.common import Context, optimizer
+from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
 from rlhf_jax.stages.feedback import preference_data
 from rlhf_jax.stages.rm import reward_model_for_eval
-from rlhf_jax.train import DPOConfig, TrainState, make_dpo_step
+from rlhf_jax.stages.sampling import chunks
+from rlhf_jax.train import (
+  DPOConfig,
+  TrainState,
+  make_dpo_step,
+  preference_logprobs,
+)
 
 _SHOW = ("dpo/loss", "rewards/accuracies", "eval/gold_score")
 
@@ -19,6 +26,44 @@ def _with_accuracy(out: tuple) -> tuple:
   # Implicit-reward pair accuracy under the name report.py plots.
   state, metrics = out
   return state, {**metrics, "dpo/accuracy": metrics["rewards/accuracies"]}
+
+
+def _implicit_margin(params, ref, batch, *, config, beta):
+  """beta (log pi/pi_ref (y+) - log pi/pi_ref (y-)) per pair (Rafailov et
+  al. 2023, eq. 7: the implicit reward difference)."""
+  pc, pr = preference_logprobs(params, batch, model_config=config)
+  rc, rr = preference_logprobs(ref, batch, model_config=config)
+  return beta * ((pc - rc) - (pr - rr))
+
+
+def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
+  """Held-out implicit-reward accuracy (strict: ties count as wrong)."""
+  ds = prefs["eval"]
+  n, k = len(ds), ctx.placement.batch_divisor
+  size = -(-min(ctx.config.dpo.batch_size * 2, n) // k) * k
+  if "dpo_margin" not in ctx.cache:
+    ctx.cache["dpo_margin"] = ctx.placement.jit_gather(
+      _implicit_margin, static_argnames=("config", "beta")
+    )
+  margins = []
+  for start, stop in chunks(n, size):
+    idx = np.arange(start, start + size)
+    batch = ctx.placement.batch(ds.take(np.where(idx < stop, idx, -1)))
+    m = ctx.cache["dpo_margin"](
+      params,
+      ctx.ref_params,
+      batch,
+      config=ctx.model_config,
+      beta=ctx.config.dpo.beta,
+    )
+    margins.append(np.asarray(m)[: stop - start])
+  margin = np.concatenate(margins)
+  acc = float(np.mean(margin > 0))
+  return {
+    "dpo/eval_accuracy": acc,
+    "dpo/eval_accuracy_stderr": accuracy_stderr(acc, n),
+    "dpo/eval_margin": float(np.mean(margin)),
+  }
 
 
 def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
@@ -77,4 +122,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
       **eval_kwargs(ctx, prompts),
     )
     last.update({"metrics": em, **details})
+  if not evaluating:  # --data: the held-out pairs
+    last["heldout"] = dpo_heldout(ctx, state.params, prefs)
+  last["counts"] = prefs["counts"]
   return last

@@ -1,8 +1,12 @@
-"""Evaluation statistics for the run report: distinct-n and win rate."""
+"""Evaluation statistics for the run reports: distinct-n, win rate, the
+standard error of an accuracy and the response-length baseline."""
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from rlhf_jax.data import PreferencePair
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -61,3 +65,26 @@ def win_rate(scores_a: np.ndarray, scores_b: np.ndarray) -> float:
   if np.isnan(a).any() or np.isnan(b).any():
     raise ValueError("win_rate: scores contain NaN")
   return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def accuracy_stderr(accuracy: float, n: int) -> float:
+  """Binomial standard error sqrt(p (1 - p) / n) of an accuracy on n pairs."""
+  return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
+
+
+def length_baseline(pairs: list[PreferencePair]) -> dict[str, float | int]:
+  """Predict the longer response (characters); equal lengths are wrong.
+
+  Returns:
+    {"accuracy": #(len(chosen) > len(rejected)) / n, "ties": #(equal) / n,
+    "n": n}, lengths in characters of the response texts (the part after
+    the shared prompt), before any truncation.
+  """
+  c = np.array([len(p.chosen) for p in pairs])
+  r = np.array([len(p.rejected) for p in pairs])
+  n = len(pairs)
+  return {
+    "accuracy": float(np.mean(c > r)) if n else 0.0,
+    "ties": float(np.mean(c == r)) if n else 0.0,
+    "n": n,
+  }

@@ -62,29 +62,8 @@ def heldout_rows(ctx: Context, heldout: list[str], samples: int):
   return ds.arrays["prompt_ids"][rows], ds.arrays["prompt_mask"][rows], rows
 
 
-def evaluate_policy(
-  ctx: Context,
-  params: Any,
-  rm_params: Any | None,
-  *,
-  heldout: list[str],
-  samples: int,
-  key: jax.Array,
-  baseline_gold: np.ndarray | None = None,
-) -> tuple[dict[str, float], dict[str, Any]]:
-  """Held-out evaluation of one policy.
-
-  Every policy sees the same rows with the same keys (common random
-  numbers), so row i of two policies is a fair pair for the win rate.
-
-  Returns:
-    (metrics: eval/gold_score, eval/proxy_score, eval/kl (mean sampled-
-    sequence k1, nats), eval/kl_k1_per_token, eval/response_length
-    (tokens), eval/truncated_frac, eval/distinct_1, eval/distinct_2 and,
-    with ``baseline_gold``, eval/gold_win_rate; details: texts, gold f64[N]).
-  """
-  p_ids, p_mask, _ = heldout_rows(ctx, heldout, samples)
-  roll = sample_continuations(ctx, params, p_ids, p_mask, key, what="eval")
+def _score_samples(ctx, rm_params, p_ids, p_mask, roll) -> tuple:
+  """(sequence k1 KL f32[N], reward-model score f32[N]) of the samples."""
   n = len(p_ids)
   size = ctx.config.sampling.batch_size
   kls, proxies = [], []
@@ -108,21 +87,49 @@ def evaluate_policy(
       jnp.float32(ctx.config.sampling.temperature),
       config=ctx.model_config,
       with_rm=rm_params is not None,
-      pooling=ctx.config.rm.pooling,
+      pooling=ctx.cache.get("rm_pooling", ctx.config.rm.pooling),
     )
     kls.append(np.asarray(kl)[: stop - start])
     proxies.append(np.asarray(proxy)[: stop - start])
   kl, proxy = np.concatenate(kls), np.concatenate(proxies)
+  return kl, proxy
+
+
+def evaluate_policy(
+  ctx: Context,
+  params: Any,
+  rm_params: Any | None,
+  *,
+  heldout: list[str],
+  samples: int,
+  key: jax.Array,
+  baseline_gold: np.ndarray | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+  """Held-out evaluation of one policy.
+
+  Every policy sees the same rows with the same keys (common random
+  numbers), so row i of two policies is a fair pair for the win rate.
+
+  Returns:
+    (metrics: eval/gold_score, eval/proxy_score, eval/kl (mean sampled-
+    sequence k1, nats), eval/kl_k1_per_token, eval/response_length
+    (tokens), eval/truncated_frac, eval/distinct_1, eval/distinct_2 and,
+    with ``baseline_gold``, eval/gold_win_rate; details: texts, gold f64[N]).
+  """
+  p_ids, p_mask, _ = heldout_rows(ctx, heldout, samples)
+  roll = sample_continuations(ctx, params, p_ids, p_mask, key, what="eval")
+  kl, proxy = _score_samples(ctx, rm_params, p_ids, p_mask, roll)
   ids, mask, trunc = (
     roll["response_ids"],
     roll["response_mask"],
     roll["truncated"],
   )
   texts = decode(ctx, ids, mask)
-  gold = ctx.gold.score(texts)
+  # The task's gold scorer; the user's own prompts (--prompts) have none.
+  gold = ctx.gold.score(texts) if ctx.has_gold else np.zeros(0)
   lengths = mask.sum(-1)
   metrics = {
-    "eval/gold_score": float(gold.mean()),
+    **({"eval/gold_score": float(gold.mean())} if ctx.has_gold else {}),
     "eval/kl": float(kl.mean()),
     "eval/kl_k1_per_token": float(kl.sum() / max(lengths.sum(), 1)),
     "eval/response_length": float(lengths.mean()),
@@ -132,7 +139,7 @@ def evaluate_policy(
   }
   if rm_params is not None:
     metrics["eval/proxy_score"] = float(proxy.mean())
-  if baseline_gold is not None:
+  if ctx.has_gold and baseline_gold is not None:
     metrics["eval/gold_win_rate"] = win_rate(gold, baseline_gold)
   # Report samples: the continuation as it reads after its prompt (the
   # gold scores above keep the response-only text they were tuned on).

@@ -3,6 +3,7 @@
 import itertools
 import json
 import pathlib
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,11 +19,13 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context
+from rlhf_jax.stages.eval_metrics import length_baseline
 from rlhf_jax.stages.sampling import (
   decode,
   sample_continuations,
   tokenize_prompt_texts,
 )
+from rlhf_jax.stages.user_data import chat_template, data_counts
 from rlhf_jax.tasks import (
   STORY_OPENINGS,
   SimulatedAnnotator,
@@ -218,36 +221,61 @@ def preference_data(ctx: Context) -> dict:
       "train": pairs_dataset(ctx, train),
       "eval": pairs_dataset(ctx, held),
       "eval_noiseless": np.array([p["noiseless_label"] for p in held]),
-      "drops": {},
+      "counts": {},
     }
   else:
-    loaded = load_examples(cfg.data, strict=cfg.strict)
-    if not isinstance(loaded.examples[0], PreferencePair):
-      kind = type(loaded.examples[0]).__name__
-      raise DataError(
-        f"{cfg.data}: expected preference pairs (prompt/chosen/rejected or "
-        f"HH-RLHF transcripts), got {kind} rows"
-      )
-    ds = tokenize_preferences(
-      loaded.examples,
-      ctx.adapter,
-      max_prompt_length=cfg.task.max_prompt_length,
-      max_response_length=cfg.max_response_length,
-      truncate_prompts=False,
+    out = _file_preferences(ctx)
+  ctx.cache["prefs"] = out
+  return out
+
+
+def _load_pairs(ctx: Context, path: str) -> tuple[Any, TokenizedDataset]:
+  cfg = ctx.config
+  loaded = load_examples(
+    path, strict=cfg.strict, chat_template=chat_template(ctx)
+  )
+  if not isinstance(loaded.examples[0], PreferencePair):
+    kind = type(loaded.examples[0]).__name__
+    raise DataError(
+      f"{path}: expected preference pairs (prompt/chosen/rejected, "
+      f"HH-RLHF transcripts or conversational), got {kind} rows"
     )
+  ds = tokenize_preferences(
+    loaded.examples,
+    ctx.adapter,
+    max_prompt_length=cfg.task.max_prompt_length,
+    max_response_length=cfg.max_response_length,
+    truncate_prompts=True,
+  )
+  return loaded, ds
+
+
+def _file_preferences(ctx: Context) -> dict:
+  """--data (and --eval-data) pairs; drops and truncations counted."""
+  cfg = ctx.config
+  loaded, ds = _load_pairs(ctx, cfg.data)
+  if cfg.eval_data is None:
     if len(ds) < 2:
       raise DataError(
         f"{cfg.data}: need at least 2 usable pairs, got {len(ds)}"
       )
-    # 10% of the pairs (at least one) are held out for accuracy.
+    # A tenth of the pairs (at least one) is held out.
     n_eval = max(1, round(0.1 * len(ds)))
     tr, ev = train_eval_split(len(ds), eval_size=n_eval, seed=cfg.seed)
-    out = {
-      "train": ds.subset(tr),
-      "eval": ds.subset(ev),
-      "eval_noiseless": None,
-      "drops": loaded.drops.to_dict(),
-      "truncation": ds.truncation.truncated,
+    train, held = ds.subset(tr), ds.subset(ev)
+    held_pairs = [loaded.examples[i] for i in ev]
+    counts = data_counts("data", loaded.drops, ds.truncation.truncated)
+  else:
+    held_loaded, held = _load_pairs(ctx, cfg.eval_data)
+    train, held_pairs = ds, held_loaded.examples
+    counts = {
+      **data_counts("data", loaded.drops, ds.truncation.truncated),
+      **data_counts("eval_data", held_loaded.drops, held.truncation.truncated),
     }
-  ctx.cache["prefs"] = out
-  return out
+  return {
+    "train": train,
+    "eval": held,
+    "eval_noiseless": None,
+    "eval_length_baseline": length_baseline(held_pairs),
+    "counts": counts,
+  }

@@ -72,6 +72,7 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.metrics import MetricsWriter
 from rlhf_jax.runner.runtime import StopFlag
+from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
 from rlhf_jax.train import (
   RewardModelConfig,
@@ -192,29 +193,6 @@ class HHRewardModelConfig:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def accuracy_stderr(accuracy: float, n: int) -> float:
-  """Binomial standard error sqrt(p (1 - p) / n) of an accuracy on n pairs."""
-  return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
-
-
-def length_baseline(pairs: list[PreferencePair]) -> dict[str, float | int]:
-  """Predict the longer response (characters); equal lengths are wrong.
-
-  Returns:
-    {"accuracy": #(len(chosen) > len(rejected)) / n, "ties": #(equal) / n,
-    "n": n}, lengths in characters of the response texts (the part after
-    the shared prompt), before any truncation.
-  """
-  c = np.array([len(p.chosen) for p in pairs])
-  r = np.array([len(p.rejected) for p in pairs])
-  n = len(pairs)
-  return {
-    "accuracy": float(np.mean(c > r)) if n else 0.0,
-    "ties": float(np.mean(c == r)) if n else 0.0,
-    "n": n,
-  }
 
 
 def _resolve(path: str | None, default: pathlib.Path) -> pathlib.Path:

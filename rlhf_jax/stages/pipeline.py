@@ -53,6 +53,54 @@ from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
 from rlhf_jax.stages.ppo import stage_ppo
 from rlhf_jax.stages.rm import stage_rm
 from rlhf_jax.stages.summary import stage_report
+from rlhf_jax.stages.user_data import stage_user_prompts
+
+# Options that name the user's files: which subcommands read them.
+_FILE_OPTIONS = {
+  "data": ("rm", "dpo"),
+  "eval_data": ("rm", "dpo"),
+  "prompts": ("ppo",),
+  "reward_model": ("ppo",),
+}
+
+
+def check_inputs(command: str, config: PipelineConfig) -> None:
+  """The user's files exist and fit the subcommand.
+
+  Raises:
+    UserError: an option the subcommand does not read, or a missing
+      companion option.
+    DataError: a file or directory that does not exist.
+  """
+  for name, commands in _FILE_OPTIONS.items():
+    value = getattr(config, name)
+    flag = "--" + name.replace("_", "-")
+    if value is None:
+      continue
+    if command not in commands:
+      raise runtime.UserError(
+        f"{flag} is not used by `rlhf-jax {command}` (used by "
+        f"{', '.join(commands)})"
+      )
+    if not pathlib.Path(value).exists():
+      raise DataError(f"{flag} {value}: no such file or directory")
+  if config.eval_data is not None and config.data is None:
+    raise runtime.UserError("--eval-data needs --data (the training pairs)")
+  if config.prompts is not None and config.reward_model is None:
+    raise runtime.UserError(
+      "--prompts needs --reward-model DIR (a `rlhf-jax rm` run directory or "
+      "its export): the task's simulated feedback fits the task's prompts "
+      "only"
+    )
+
+
+def stages_for(command: str, config: PipelineConfig) -> tuple[str, ...]:
+  """The stages a subcommand runs with these options."""
+  if config.data is not None:
+    return DATA_STAGES_BY_COMMAND[command]
+  if config.reward_model is not None:  # PPO on a given reward model
+    return ("prompts", "initial", "ppo", "report")
+  return STAGES_BY_COMMAND[command]
 
 
 def open_run(
@@ -68,13 +116,8 @@ def open_run(
   start_distributed(config.distributed)
   timer = runtime.Timer()
   compile0 = runtime.CompileClock.get().seconds
-  if config.data is not None and command not in DATA_STAGES_BY_COMMAND:
-    raise runtime.UserError(
-      f"--data is not used by `rlhf-jax {command}` (rm and dpo accept it)"
-    )
+  check_inputs(command, config)
   model_dir = environment.resolve_model(config.model)
-  if config.data is not None and not pathlib.Path(config.data).exists():
-    raise DataError(f"{config.data}: no such file")
   placement = Placement.create(config.mesh)
   for size, what in (
     (config.sampling.batch_size, "--sampling.batch-size"),
@@ -107,6 +150,8 @@ def open_run(
 
 
 def _run_stage(ctx: Context, name: str, results: dict[str, dict]) -> dict:
+  if name == "prompts" and ctx.config.prompts is not None:
+    return stage_user_prompts(ctx)
   if name == "prompts":
     return stage_prompts(ctx)
   if name == "feedback":
@@ -143,8 +188,7 @@ def run_pipeline(
     Interrupted: SIGINT/SIGTERM; the current stage saved a checkpoint.
   """
   ctx = open_run(command, config, log)
-  table = STAGES_BY_COMMAND if config.data is None else DATA_STAGES_BY_COMMAND
-  stages = table[command]
+  stages = stages_for(command, config)
   log(
     f"rlhf-jax {command}: run directory {ctx.run_dir}; stages "
     f"{', '.join(stages)}"
@@ -177,7 +221,7 @@ def run_pipeline(
 
 
 def _headline(name: str, res: dict) -> str:
-  if name == "rm":
+  if name in ("rm", "dpo") and "heldout" in res:
     return " ".join(f"{k}={v:.3f}" for k, v in res["heldout"].items())
   if name in POLICIES and "metrics" in res:
     keys = ("eval/gold_score", "eval/kl", "eval/gold_win_rate")

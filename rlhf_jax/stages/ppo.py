@@ -75,7 +75,7 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
     ],
   )
   score_fn = None  # "last": models.reward_forward, make_ppo_step's default
-  if ctx.config.rm.pooling == "mean":
+  if ctx.cache["rm_pooling"] == "mean":
     score_fn = functools.partial(
       response_mean_reward, model_config=ctx.model_config
     )

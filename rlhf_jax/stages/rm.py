@@ -9,7 +9,9 @@ import numpy as np
 from rlhf_jax import models
 from rlhf_jax.data import BatchIterator, TokenizedDataset
 from rlhf_jax.runner import runtime
+from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.stages.common import HEAD_DIR, HEAD_FILE, Context, optimizer
+from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.feedback import preference_data
 from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
@@ -55,11 +57,16 @@ def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
     rc.append(np.asarray(c)[: stop - start])
     rr.append(np.asarray(r)[: stop - start])
   rc, rr = np.concatenate(rc), np.concatenate(rr)
+  acc = float(np.mean(rc > rr))
   out = {
-    "rm/eval_accuracy": float(np.mean(rc > rr)),
+    "rm/eval_accuracy": acc,
+    "rm/eval_accuracy_stderr": accuracy_stderr(acc, n),
     "rm/eval_ties": float(np.mean(rc == rr)),
     "rm/eval_margin": float(np.mean(rc - rr)),
   }
+  base = prefs.get("eval_length_baseline")
+  if base is not None:
+    out["rm/eval_length_baseline_accuracy"] = base["accuracy"]
   noiseless = prefs["eval_noiseless"]
   if noiseless is not None:
     agree = np.where(noiseless, rc > rr, rr > rc)
@@ -81,48 +88,70 @@ def _save_rm(ctx: Context, params: Any) -> None:
   save_file(
     {k: np.asarray(v) for k, v in params["head"].items()},
     str(out / HEAD_FILE),
+    metadata={"pooling": ctx.config.rm.pooling},
   )
 
 
 def load_rm(
-  path: pathlib.Path, placement=None
-) -> tuple[models.ModelConfig, Any]:
-  """A reward model: {"backbone", "head"} params.
+  path: pathlib.Path, placement: Placement | None = None
+) -> tuple[models.ModelConfig, Any, str]:
+  """A reward model: (config, {"backbone", "head"} params, pooling).
 
   Args:
     path: a run directory (its outputs/rm) or an exported reward-model
       directory (a causal LM plus reward_head/model.safetensors).
     placement: lay the params out on this mesh (default: one device).
 
+  Returns:
+    pooling: "last" or "mean", where the head reads the sequence (saved
+    with the head; "last" when the file does not say).
+
   Raises:
     UserError: no reward model there.
   """
-  from safetensors.numpy import load_file
+  from safetensors import safe_open
 
   path = pathlib.Path(path)
-  out = path / "outputs" / "rm" if not (path / HEAD_FILE).is_file() else path
+  out = path if (path / HEAD_FILE).is_file() else path / "outputs" / "rm"
   if not (out / HEAD_FILE).is_file():
     raise runtime.UserError(
       f"{path}: no reward model here (expected {HEAD_FILE} in the directory "
       "or in its outputs/rm: a run or an export of `rlhf-jax rm`)"
     )
-  head = dict(load_file(str(out / HEAD_FILE)))
-  if placement is None:
-    config, backbone = models.load_hf_checkpoint(out)
-    params = {"backbone": backbone, "head": jax.tree.map(np.asarray, head)}
-    return config, jax.tree.map(jax.numpy.asarray, params)
+  with safe_open(str(out / HEAD_FILE), "numpy") as h:
+    head = {k: h.get_tensor(k) for k in h.keys()}
+    pooling = (h.metadata() or {}).get("pooling", "last")
+  placement = placement or Placement.create(
+    MeshConfig(data=1), jax.devices()[:1]
+  )
   config, backbone = placement.load_model(out)
   head_sh = placement.scalar_model_shardings(config)["head"]
-  return config, {"backbone": backbone, "head": placement.put(head, head_sh)}
+  params = {"backbone": backbone, "head": placement.put(head, head_sh)}
+  return config, params, pooling
 
 
 def reward_model_for_eval(ctx: Context) -> Any | None:
-  """The run's trained reward model on the mesh (None before stage rm)."""
+  """The reward model on the mesh: --reward-model, else the run's trained
+  one (None before stage rm). Its pooling goes to ctx.cache["rm_pooling"].
+
+  Raises:
+    UserError: a --reward-model whose vocabulary differs from the policy's.
+  """
   if "rm_params" not in ctx.cache:
-    rm = None
-    if (ctx.run_dir / "outputs" / "rm" / HEAD_FILE).is_file():
-      rm = load_rm(ctx.run_dir, ctx.placement)[1]
-    ctx.cache["rm_params"] = rm
+    rm, pooling, source = None, ctx.config.rm.pooling, ctx.config.reward_model
+    if source is None and (ctx.run_dir / "outputs" / "rm" / HEAD_FILE).exists():
+      source = ctx.run_dir
+    if source is not None:
+      config, rm, saved = load_rm(source, ctx.placement)
+      # This run's own head reads the sequence as its config says.
+      pooling = pooling if source == ctx.run_dir else saved
+      if config.vocab_size != ctx.model_config.vocab_size:
+        raise runtime.UserError(
+          f"--reward-model {source}: vocabulary of {config.vocab_size} "
+          f"tokens, the policy's has {ctx.model_config.vocab_size}; the "
+          "reward model must share the policy's tokenizer"
+        )
+    ctx.cache["rm_params"], ctx.cache["rm_pooling"] = rm, pooling
   return ctx.cache["rm_params"]
 
 
@@ -181,5 +210,5 @@ def stage_rm(ctx: Context) -> dict:
     "heldout": heldout,
     "train_pairs": len(prefs["train"]),
     "eval_pairs": len(prefs["eval"]),
-    "drops": prefs["drops"],
+    "counts": prefs["counts"],
   }

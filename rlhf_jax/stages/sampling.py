@@ -114,11 +114,14 @@ def decode(ctx: Context, ids: np.ndarray, mask: np.ndarray) -> list[str]:
 
 
 def tokenize_prompt_texts(ctx: Context, texts: Sequence[str]):
-  """Left-padded prompt arrays; a prompt longer than P is a DataError."""
+  """Left-padded prompt arrays; a task prompt longer than P is a
+  DataError, a --prompts prompt keeps its last P tokens."""
   ds = tokenize_prompts(
     list(texts),
     ctx.adapter,
     max_prompt_length=ctx.config.task.max_prompt_length,
-    truncate_prompts=False,
+    # The user's prompts keep their last P tokens (counted); the task's
+    # own prompts must fit.
+    truncate_prompts=ctx.config.prompts is not None,
   )
   return ds

@@ -83,7 +83,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
     max_prompt_length=config.max_prompt_length,
     max_response_length=config.max_response_length,
     response_field=field,
-    truncate_prompts=False,
+    truncate_prompts=True,  # keep the last P tokens; counted in the summary
   )
   opt = optax.chain(
     optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)

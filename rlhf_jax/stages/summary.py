@@ -36,6 +36,10 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
   if "rm" in results:
     h = results["rm"]["heldout"]
     s["rm/heldout_accuracy_annotator"] = h["rm/eval_accuracy"]
+    if "rm/eval_accuracy_stderr" in h:
+      s["rm/heldout_accuracy_stderr"] = h["rm/eval_accuracy_stderr"]
+    if "rm/eval_length_baseline_accuracy" in h:
+      s["rm/length_baseline_accuracy"] = h["rm/eval_length_baseline_accuracy"]
     if "rm/eval_gold_accuracy" in h:
       s["rm/heldout_accuracy_gold"] = h["rm/eval_gold_accuracy"]
     s["rm/heldout_ties"] = h["rm/eval_ties"]
@@ -54,6 +58,10 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
     ):
       if k in m:
         s[f"{name}/{k.split('/', 1)[1]}"] = m[k]
+  if "heldout" in results.get("dpo", {}):
+    s.update(results["dpo"]["heldout"])
+  for res in results.values():  # drops and truncations of the user's data
+    s.update(res.get("counts", {}))
   if "ppo" in results:
     s["ppo/target_kl"] = ctx.config.ppo.target_kl
     s["ppo/final_kl_coef"] = results["ppo"]["final_kl_coef"]
@@ -104,6 +112,13 @@ def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
     metrics_path=ctx.run_dir / "metrics.jsonl",
     policies=policies or None,
     kl_target=ctx.config.ppo.target_kl if "ppo" in results else None,
-    title=f"rlhf-jax {ctx.command}: make TinyStories happier",
+    title=_title(ctx),
   )
   return {"summary": summary, **timing}
+
+
+def _title(ctx: Context) -> str:
+  user = ctx.config.data or ctx.config.prompts
+  if user is not None:
+    return f"rlhf-jax {ctx.command} on {user}"
+  return f"rlhf-jax {ctx.command}: make TinyStories happier"

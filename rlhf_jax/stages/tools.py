@@ -219,7 +219,7 @@ def run_export(config: C.ExportConfig) -> int:
     from rlhf_jax.stages.common import HEAD_FILE
     from rlhf_jax.stages.rm import load_rm
 
-    model_config, params = load_rm(run_dir)
+    model_config, params, _ = load_rm(run_dir)
     src = run_dir / "outputs" / "rm"
     models.export_hf_checkpoint(
       params["backbone"], model_config, out, tokenizer_dir=src
