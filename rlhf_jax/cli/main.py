@@ -203,8 +203,11 @@ def _dispatch(command: str, config: Any) -> int:
   if command in P.PIPELINE_COMMANDS:
     if command == "rm" and config.preset in P.HH_PRESETS:
       return _run_hh(config)
-    from rlhf_jax.stages.pipeline import run_pipeline
+    from rlhf_jax.stages.pipeline import dry_run_pipeline, run_pipeline
 
+    if config.dry_run:
+      dry_run_pipeline(command, config)
+      return 0
     out = run_pipeline(command, config)
     for k, v in out["summary"].items():
       print(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")

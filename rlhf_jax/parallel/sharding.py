@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax.parallel.rules import BATCH_AXES, Rules, mesh_axes_for
@@ -199,12 +200,62 @@ def state_shardings(
 
   Returns:
     Pytree of NamedSharding with the structure of the unboxed state.
+
+  Raises:
+    TypeError: an optax optimizer among ``args`` or ``param_axes``.
+    ValueError: the rules shard parameters on ``mesh`` but no leaf of the
+      state has a logical axis name (``param_axes`` left out).
   """
+  _check_arrays_only(args, param_axes)
   abstract = jax.eval_shape(lambda *a: init_fn(*a, **kwargs), *args)
   logical = state_logical_specs(abstract, param_axes)
-  return logical_to_shardings(
+  shardings = logical_to_shardings(
     logical, mesh, rules, shapes=nn.meta.unbox(abstract)
   )
+  _check_params_named(logical, shardings, rules, mesh)
+  return shardings
+
+
+def _is_optimizer(x: Any) -> bool:
+  return isinstance(x, optax.GradientTransformation)
+
+
+def _check_arrays_only(args: Sequence[Any], param_axes: Sequence[Any]) -> None:
+  for i, a in enumerate(args):
+    if any(map(_is_optimizer, jax.tree.leaves(a, is_leaf=_is_optimizer))):
+      raise TypeError(
+        f"state_shardings argument {i} is an optax optimizer: pass arrays "
+        "only and close over the optimizer, e.g. state_shardings(lambda p, "
+        "r: TrainState.create(p, opt, r), params, rng, ...)"
+      )
+  for i, axes in enumerate(param_axes):
+    if any(map(_is_optimizer, jax.tree.leaves(axes, is_leaf=_is_optimizer))):
+      raise TypeError(
+        f"param_axes[{i}] is an optax optimizer; param_axes holds logical "
+        "axis names, e.g. [models.param_logical_axes(config)]"
+      )
+
+
+def _check_params_named(logical, shardings, rules: Rules, mesh: Mesh) -> None:
+  """Raises when the rules shard parameters on this mesh but no leaf of the
+  state carries a logical axis name (param_axes left out by mistake)."""
+  named = any(
+    any(a is not None for a in spec)
+    for spec in jax.tree.leaves(logical, is_leaf=_is_spec)
+    if spec is not None
+  )
+  shards = any(
+    axes is not None and _axes_size(mesh, axes) > 1
+    for name, axes in rules
+    if name != "batch" and not name.startswith(("act_", "length"))
+  )
+  if shards and not named:
+    raise ValueError(
+      "no leaf of the state has logical axis names, so every parameter "
+      "would be replicated although the rules shard parameters on this "
+      "mesh: pass param_axes=[models.param_logical_axes(config), ...] (one "
+      "logical-axes pytree per params tree) or boxed params"
+    )
 
 
 def abstract_with_shardings(

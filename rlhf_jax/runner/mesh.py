@@ -307,30 +307,22 @@ class Placement:
     else replicated. Returns (state, state_shardings).
 
     Raises:
-      MeshError: ``param_axes`` holds an optimizer, or no leaf of the state
-        matched any of ``param_axes`` while the mesh shards parameters.
+      MeshError: an optimizer among ``args`` or ``param_axes``, or no leaf
+        of the state matched ``param_axes`` while the rules shard
+        parameters on this mesh.
     """
-    for axes in param_axes:
-      _check_optimizer_free(axes, "param_axes")
-    _check_optimizer_free(args, "the state initialiser's arguments")
-    args = self.replicate(args)
-    shardings = parallel.state_shardings(
-      init_fn, *args, mesh=self.mesh, rules=self.rules, param_axes=param_axes
-    )
-    self._check_something_sharded(shardings, param_axes)
-    state = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return state, shardings
-
-  def _check_something_sharded(self, shardings, param_axes) -> None:
-    if self.rules_name == "data" or not param_axes:
-      return
-    specs = [s.spec for s in jax.tree.leaves(shardings)]
-    if all(all(p is None for p in spec) for spec in specs):
-      raise MeshError(
-        f"the rule table {self.rules_name!r} shards no parameter of this "
-        "state on the mesh: check param_axes (the models' logical axes) "
-        "and the mesh axis sizes"
+    try:
+      shardings = parallel.state_shardings(
+        init_fn,
+        *self.replicate(args),
+        mesh=self.mesh,
+        rules=self.rules,
+        param_axes=param_axes,
       )
+    except (TypeError, ValueError) as e:
+      raise MeshError(f"{e} ({self.describe()})") from None
+    state = jax.jit(init_fn, out_shardings=shardings)(*self.replicate(args))
+    return state, shardings
 
   def jit_step(
     self,

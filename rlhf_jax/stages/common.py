@@ -186,3 +186,18 @@ def optimizer(
   else:
     inner = optax.adam(sched)
   return optax.chain(optax.clip_by_global_norm(clip), inner)
+
+
+def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
+  """Process 0 creates (or checks, on --resume) the run directory; the
+  others wait for it."""
+  from jax.experimental import multihost_utils
+
+  run_dir = pathlib.Path(config.run_dir or f"runs/{command}-{config.preset}")
+  if jax.process_index() == 0:
+    run_dir = runtime.prepare_run_dir(
+      command, config, extra={"model_dir": str(model_dir)}
+    )
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"run directory {run_dir}")
+  return run_dir

@@ -193,6 +193,10 @@ class PipelineConfig:
   """Delete an existing run in run_dir and start again."""
   seed: int = 0
   """Seed of every random choice (prompts, samples, labels, init, order)."""
+  dry_run: bool = False
+  """Build every training step on the mesh without weights, compile it
+  ahead of time, print per-device memory and FLOPs, and stop (reads only
+  the model's config.json)."""
   data: str | None = None
   """rm/dpo: preference file (.jsonl, .jsonl.gz, .parquet; explicit, HH-RLHF
   or conversational rows) to train on instead of the simulated feedback."""

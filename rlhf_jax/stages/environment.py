@@ -2,9 +2,11 @@
 persistent compilation cache (only cli/, stages/ and scripts/ read flags or
 environment variables)."""
 
+import dataclasses
 import os
 import pathlib
 
+from rlhf_jax.runner.mesh import DistributedConfig, start_distributed
 from rlhf_jax.runner.runtime import CompileClock, UserError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -70,3 +72,33 @@ def setup_jax() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   CompileClock.get()
+
+
+# The variables jax.distributed's own launchers set.
+_DISTRIBUTED_ENV = {
+  "coordinator_address": ("JAX_COORDINATOR_ADDRESS", str),
+  "num_processes": ("JAX_NUM_PROCESSES", int),
+  "process_id": ("JAX_PROCESS_ID", int),
+}
+
+
+def start(config: DistributedConfig) -> None:
+  """Joins a multi-process job from --distributed.* flags, each unset flag
+  read from its environment variable (JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID); a single host needs none.
+
+  Raises:
+    UserError: an incomplete setting or a variable that is not a number.
+  """
+  values = {}
+  for field, (var, kind) in _DISTRIBUTED_ENV.items():
+    value = getattr(config, field)
+    if value is None and os.environ.get(var):
+      try:
+        value = kind(os.environ[var])
+      except ValueError:
+        raise UserError(
+          f"${var}={os.environ[var]!r} is not a {kind.__name__}"
+        ) from None
+    values[field] = value
+  start_distributed(dataclasses.replace(config, **values))

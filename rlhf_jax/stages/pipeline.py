@@ -38,13 +38,15 @@ import jax
 from rlhf_jax import models
 from rlhf_jax.data import DataError, HFTokenizerAdapter
 from rlhf_jax.runner import runtime
-from rlhf_jax.runner.mesh import Placement, spec_str, start_distributed
+from rlhf_jax.runner.dry_run import DryRunReport, dry_run
+from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
   DATA_STAGES_BY_COMMAND,
   POLICIES,
   STAGES_BY_COMMAND,
   Context,
+  open_run_dir,
 )
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import stage_dpo
@@ -113,7 +115,7 @@ def open_run(
     UserError, DataError: bad inputs (one-line messages).
   """
   environment.setup_jax()
-  start_distributed(config.distributed)
+  environment.start(config.distributed)
   timer = runtime.Timer()
   compile0 = runtime.CompileClock.get().seconds
   check_inputs(command, config)
@@ -126,9 +128,7 @@ def open_run(
     (config.dpo.batch_size, "--dpo.batch-size"),
   ):
     placement.check_batch(size, what)
-  run_dir = runtime.prepare_run_dir(
-    command, config, extra={"model_dir": str(model_dir)}
-  )
+  run_dir = open_run_dir(command, config, model_dir)
   model_config, params = placement.load_model(model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
@@ -229,3 +229,53 @@ def _headline(name: str, res: dict) -> str:
       f"{k}={res['metrics'][k]:.3f}" for k in keys if k in res["metrics"]
     )
   return ""
+
+
+def _dry_run_shapes(stage: str, config: PipelineConfig) -> dict[str, int]:
+  """Static shapes of a stage's step: batch, prompt and response length."""
+  p = config.task.max_prompt_length
+  t = config.sampling.max_new_tokens
+  if config.data is not None:
+    t = config.max_response_length
+  batch = {
+    "rm": config.rm.batch_size,
+    "dpo": config.dpo.batch_size,
+    "ppo": config.ppo.batch_size,
+  }[stage]
+  return dict(batch_size=batch, prompt_length=p, response_length=t)
+
+
+def dry_run_pipeline(
+  command: str,
+  config: PipelineConfig,
+  *,
+  log: Callable[[str], None] = print,
+) -> list[DryRunReport]:
+  """``--dry-run``: each training step of ``command`` built abstractly on
+  the mesh and AOT-compiled; prints per-device memory and FLOPs. Reads
+  only the model's config.json (no weights, no tokenizer, no run dir).
+
+  Raises:
+    UserError: a mesh or batch that does not fit the devices.
+  """
+  environment.setup_jax()
+  environment.start(config.distributed)
+  check_inputs(command, config)
+  model_dir = environment.resolve_model(config.model)
+  placement = Placement.create(config.mesh)
+  model_config = models.load_hf_config(model_dir)
+  log(
+    f"dry run of `rlhf-jax {command}` for {model_dir}: {placement.describe()}"
+  )
+  reports = []
+  for stage in ("rm", "ppo", "dpo"):
+    if stage not in stages_for(command, config):
+      continue
+    shapes = _dry_run_shapes(stage, config)
+    placement.check_batch(shapes["batch_size"], f"--{stage}.batch-size")
+    report = dry_run(
+      stage, model_config, mesh=placement.mesh, rules=placement.rules, **shapes
+    )
+    log(report.format())
+    reports.append(report)
+  return reports

@@ -10,7 +10,13 @@ from rlhf_jax import models
 from rlhf_jax.data import BatchIterator, TokenizedDataset
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.mesh import MeshConfig, Placement
-from rlhf_jax.stages.common import HEAD_DIR, HEAD_FILE, Context, optimizer
+from rlhf_jax.stages.common import (
+  HEAD_DIR,
+  HEAD_FILE,
+  Context,
+  host_tree,
+  optimizer,
+)
 from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.feedback import preference_data
 from rlhf_jax.stages.sampling import chunks
@@ -77,7 +83,7 @@ def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
 def _save_rm(ctx: Context, params: Any) -> None:
   from safetensors.numpy import save_file
 
-  params = jax.tree.map(np.asarray, params)
+  params = host_tree(params)
   if not ctx.primary:
     return
   out = ctx.run_dir / "outputs" / "rm"
@@ -204,6 +210,10 @@ def stage_rm(ctx: Context) -> dict:
   )
   loop.close()
   _save_rm(ctx, state.params)
+  # Later stages use the trained params as they are (other processes must
+  # not read outputs/rm while process 0 may still be writing it).
+  ctx.cache["rm_params"] = state.params
+  ctx.cache["rm_pooling"] = cfg.pooling
   heldout = rm_heldout(ctx, state.params, prefs)
   return {
     "final_train": {k: v for k, v in final.items() if "eval" not in k},

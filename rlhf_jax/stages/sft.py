@@ -24,9 +24,9 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
-from rlhf_jax.runner.mesh import Placement, spec_str, start_distributed
+from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
-from rlhf_jax.stages.common import host_tree
+from rlhf_jax.stages.common import host_tree, open_run_dir
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_report
 from rlhf_jax.train import SFTConfig, TrainState, make_sft_step
@@ -62,16 +62,14 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   if not config.data:
     raise runtime.UserError("rlhf-jax sft needs --data FILE")
   environment.setup_jax()
-  start_distributed(config.distributed)
+  environment.start(config.distributed)
   timer = runtime.Timer()
   model_dir = environment.resolve_model(config.model)
   if not pathlib.Path(config.data).exists():
     raise DataError(f"{config.data}: no such file")
   placement = Placement.create(config.mesh)
   placement.check_batch(config.batch_size, "--batch-size")
-  run_dir = runtime.prepare_run_dir(
-    "sft", config, extra={"model_dir": str(model_dir)}
-  )
+  run_dir = open_run_dir("sft", config, model_dir)
   loaded, examples, field = _demonstrations(config.data, config.strict)
   model_config, params = placement.load_model(model_dir)
   path, spec = placement.sharded_leaf(params)
