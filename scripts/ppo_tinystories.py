@@ -18,6 +18,14 @@ kl_coef * (log pi - log pi_ref) per token.
 
   python scripts/ppo_tinystories.py --iterations 30
   python scripts/ppo_tinystories.py --iterations 2   # smoke test
+  python scripts/ppo_tinystories.py --mesh.data 2 --mesh.fsdp 4  # 8 devices
+
+The step runs on a device mesh (``rlhf_jax.runner.mesh.Placement``; one
+device by default): params and optimizer states are sharded by their
+logical axes, the jitted step takes the state's shardings and donates it,
+and each prompt batch is split over the batch axes ('data', 'fsdp'), so
+``--batch-size`` must be a multiple of their size. The first lines printed
+are the mesh and the sharding of the largest parameter.
 
 Each iteration prints one line of metrics: objective/scores (mean reward of
 the rollouts), objective/kl (mean sequence KL to the reference),
@@ -30,7 +38,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import tyro
@@ -39,6 +46,7 @@ from rlhf_jax import models
 from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
 from rlhf_jax.masked import masked_mean
 from rlhf_jax.rollout import generate
+from rlhf_jax.runner.mesh import MeshConfig, Placement, spec_str
 from rlhf_jax.tasks import STORY_OPENINGS, GoldScorer
 from rlhf_jax.train import PPOConfig, init_ppo_state, make_ppo_step
 from rlhf_jax.types import PromptBatch
@@ -100,6 +108,8 @@ class Args:
   """value loss coefficient"""
   num_samples: int = 2
   """stories printed before and after training (0: none)"""
+  mesh: MeshConfig = MeshConfig()
+  """device mesh: --mesh.data, --mesh.fsdp, --mesh.tensor, --mesh.rules"""
 
 
 def sentiment_table(tok: HFTokenizerAdapter, vocab_size: int) -> np.ndarray:
@@ -142,12 +152,16 @@ def sample_stories(params, prompts, rng, *, cfg, args, tok) -> list[str]:
 
 def main(args: Args) -> dict[str, float]:
   t_start = time.perf_counter()
+  placement = Placement.create(args.mesh)
+  placement.check_batch(args.batch_size, "--batch-size")
+  print(placement.describe(), flush=True)
   model_dir = pathlib.Path(
     args.model or os.environ.get("RLHF_JAX_MODEL_DIR") or SHARED_MODEL
   )
-  cfg, policy_params = models.load_hf_checkpoint(model_dir)
+  # Each device reads only its own shard of every weight.
+  cfg, policy_params = placement.load_model(model_dir)
   tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
-  table = jnp.asarray(sentiment_table(tok, cfg.vocab_size))
+  table = placement.replicate(sentiment_table(tok, cfg.vocab_size))
 
   # Prompts: the project's story openings, left-padded to a static length.
   prompts = tokenize_prompts(
@@ -186,17 +200,29 @@ def main(args: Args) -> dict[str, float]:
   value_key, state_key, sample_key = jax.random.split(key, 3)
   # Critic: the policy backbone plus a fresh scalar head.
   value_params = models.from_policy_params(policy_params, cfg, value_key)
-  ref_params = jax.tree.map(jnp.copy, policy_params)  # frozen reference
-  state = init_ppo_state(
-    policy_params, value_params, policy_opt, value_opt, state_key, ppo_config
+  # The loaded params stay untouched as the frozen reference: init_state
+  # writes the state into new buffers, so donating it never frees them.
+  ref_params = policy_params
+  state, shardings = placement.init_state(
+    lambda p, v, k: init_ppo_state(p, v, policy_opt, value_opt, k, ppo_config),
+    policy_params,
+    value_params,
+    state_key,
+    param_axes=[
+      models.param_logical_axes(cfg),
+      models.scalar_model_logical_axes(cfg),
+    ],
   )
-  step = jax.jit(
+  frozen = {"ref": ref_params, "reward": table}
+  step = placement.jit_step(
     make_ppo_step(
       cfg, policy_opt, value_opt, ppo_config, score_fn=token_sentiment_score
     ),
-    donate_argnums=0,
+    shardings,
+    extra=(frozen,),
   )
-  frozen = {"ref": ref_params, "reward": table}
+  path, spec = placement.sharded_leaf(state.policy_params)
+  print(f"policy{path}: {spec_str(spec)}", flush=True)
 
   show = prompts.take(np.arange(args.num_samples))
   if args.num_samples:
@@ -207,7 +233,8 @@ def main(args: Args) -> dict[str, float]:
   metrics = {}
   for it in range(args.iterations):
     idx = order_rng.choice(len(prompts), args.batch_size, replace=False)
-    batch: PromptBatch = prompts.take(idx)  # numpy, static shapes
+    # numpy, static shapes -> global arrays split over the batch axes
+    batch: PromptBatch = placement.batch(prompts.take(idx))
     t0 = time.perf_counter()
     state, metrics = step(state, batch, frozen)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

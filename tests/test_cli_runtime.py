@@ -22,10 +22,13 @@ def test_config_round_trips_through_config_json():
   cfg = dataclasses.replace(
     P.smoke_pipeline(),
     seed=3,
-    ppo=dataclasses.replace(C.PPOStageConfig(), target_kl=1.5),
+    ppo=C.PPOStageConfig(
+      algo=dataclasses.replace(C.PPOStageConfig().algo, target_kl=1.5)
+    ),
   )
   back = config_from_dict(C.PipelineConfig, runtime.config_dict(cfg))
   assert back == cfg
+  assert type(back.ppo.algo) is type(cfg.ppo.algo)
   gen = C.GenerateConfig(prompts=("a", "b"))
   assert config_from_dict(C.GenerateConfig, runtime.config_dict(gen)) == gen
 
@@ -166,3 +169,33 @@ def test_metrics_resume_drops_only_the_interrupted_stage(tmp_path):
   ):
     pass
   assert {r["stage"] for r in read_metrics(tmp_path)} == {"ppo"}
+
+
+def test_library_configs_are_the_options(capsys):
+  """One declaration per setting: --ppo.algo.* / --rm.loss.* / --dpo.loss.*
+  are the library configs' own fields; derived fields are not options."""
+  from rlhf_jax.cli.main import _config
+  from rlhf_jax.train import DPOConfig, PPOConfig, RewardModelConfig
+
+  cfg = _config(
+    "run",
+    [
+      "--ppo.algo.kl-estimator",
+      "k3",
+      "--rm.loss.margin",
+      "0.5",
+      "--dpo.loss.beta",
+      "0.2",
+    ],
+  )
+  assert type(cfg.ppo.algo) is PPOConfig
+  assert type(cfg.rm.loss) is RewardModelConfig
+  assert type(cfg.dpo.loss) is DPOConfig
+  assert cfg.ppo.algo.kl_estimator == "k3"
+  assert cfg.rm.loss.margin == 0.5 and cfg.dpo.loss.beta == 0.2
+  # The default preset's tuned values, the rest the library's defaults.
+  assert cfg.ppo.algo.kl_coef == 0.15 and cfg.rm.loss.pooling == "mean"
+  assert cfg.ppo.algo.cliprange == PPOConfig(0, 0).cliprange
+  for flag in ("--ppo.algo.eos-token-id", "--ppo.algo.max-new-tokens"):
+    with pytest.raises(runtime.UserError, match="Unrecognized|unrecognized"):
+      _config("run", [flag, "3"])

@@ -129,29 +129,50 @@ _UNUSED_GROUPS = {
 }
 
 
-def _hide_groups(command: str, default: Any) -> tuple[type, Any]:
-  """(class, default) with the command's unused option groups suppressed."""
+def _suppressed(cls: type, default: Any, paths: set[tuple[str, ...]]):
+  """(class, default) with the fields at ``paths`` (relative to ``cls``)
+  hidden from tyro: a subclass whose fields are ``tyro.conf.Suppress``."""
   import tyro
 
-  cls = type(default)
-  groups = _UNUSED_GROUPS.get(command, ())
-  if not groups or not dataclasses.is_dataclass(cls):
-    return cls, default
   hints = get_type_hints(cls)
-  spec = [
-    (
-      g,
-      tyro.conf.Suppress[hints[g]],
-      dataclasses.field(default=getattr(default, g)),
-    )
-    for g in groups
-  ]
+  spec, values = [], {}
+  for name in sorted({p[0] for p in paths}):
+    value = getattr(default, name)
+    if (name,) in paths:
+      typ = tyro.conf.Suppress[hints[name]]
+    else:
+      rest = {p[1:] for p in paths if p[0] == name and len(p) > 1}
+      typ, value = _suppressed(hints[name], value, rest)
+    spec.append((name, typ, dataclasses.field(default=value)))
+    values[name] = value
   sub = dataclasses.make_dataclass(
     cls.__name__, spec, bases=(cls,), frozen=True
   )
   sub.__doc__ = cls.__doc__
-  values = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}
-  return sub, sub(**values)
+  fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}
+  return sub, sub(**{**fields, **values})
+
+
+def _hidden_paths(command: str, default: Any) -> set[tuple[str, ...]]:
+  """Option groups the command never reads, and library-config fields the
+  stages fill in themselves (stages.configs.DERIVED_FIELDS)."""
+  from rlhf_jax.stages.configs import DERIVED_FIELDS, PipelineConfig
+
+  if not isinstance(default, PipelineConfig):
+    return set()
+  paths = {(g,) for g in _UNUSED_GROUPS.get(command, ())}
+  for group, names in DERIVED_FIELDS.items():
+    if group[:1] not in paths:
+      paths |= {(*group, n) for n in names}
+  return paths
+
+
+def _plain(config: Any, cls: type) -> Any:
+  """The parsed config rebuilt from the plain classes (the library gets
+  its own config classes, not the help-only subclasses)."""
+  from rlhf_jax.stages.tools import config_from_dict
+
+  return config_from_dict(cls, runtime.config_dict(config))
 
 
 def _hh_command_class(hh_cls: type) -> type:
@@ -229,6 +250,34 @@ def _dispatch(command: str, config: Any) -> int:
   return fn(config)
 
 
+def _config(command: str, rest: list[str]) -> Any:
+  """The subcommand's config: its preset, then the flags in ``rest``.
+
+  Raises:
+    UserError: an unknown preset or a bad flag (one line).
+  """
+  name, rest = _split_preset(rest)
+  name = name or ("default" if command in P.PRESETS else None)
+  table = P.PRESETS[command]
+  if name not in table:
+    raise runtime.UserError(
+      f"unknown preset {name!r} for `rlhf-jax {command}`; choose from: "
+      f"{', '.join(table)}"
+    )
+  default = table[name]()
+  prog = f"rlhf-jax {command}"
+  if command == "rm" and name in P.HH_PRESETS:
+    cls = _hh_command_class(type(default))
+    doc = f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}."
+    return _parse(cls, cls(preset=name, hh=default), rest, prog, doc)
+  plain, paths = type(default), _hidden_paths(command, default)
+  if paths:
+    _, default = _suppressed(plain, default, paths)
+  doc = _description(command, type(default))
+  config = _parse(type(default), default, rest, prog, doc)
+  return _plain(config, plain) if paths else config
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
 
@@ -251,24 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise runtime.UserError(
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
-    name, rest = _split_preset(rest)
-    name = name or ("default" if command in P.PRESETS else None)
-    table = P.PRESETS[command]
-    if name not in table:
-      raise runtime.UserError(
-        f"unknown preset {name!r} for `rlhf-jax {command}`; choose from: "
-        f"{', '.join(table)}"
-      )
-    default = table[name]()
-    prog = f"rlhf-jax {command}"
-    if command == "rm" and name in P.HH_PRESETS:
-      cls = _hh_command_class(type(default))
-      default = cls(preset=name, hh=default)
-      doc = f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}."
-    else:
-      cls, default = _hide_groups(command, default)
-      doc = _description(command, cls)
-    config = _parse(cls, default, rest, prog, doc)
+    config = _config(command, rest)
     return _dispatch(command, config)
   except runtime.Interrupted as e:
     sys.stderr.write(

@@ -10,11 +10,33 @@ import dataclasses
 from collections.abc import Callable
 
 from rlhf_jax.stages import configs as C
+from rlhf_jax.train import RewardModelConfig
+
+# The algorithm settings the pipeline is tuned to (the rest are the
+# library's defaults).
+PIPELINE_RM_LOSS = RewardModelConfig(
+  # A bag-of-features reward learns sentiment spread over the text from
+  # far fewer pairs than the last token's features.
+  pooling="mean",
+  center_rewards_coef=0.01,
+)
+PIPELINE_PPO = dataclasses.replace(
+  C.PPOStageConfig().algo,
+  kl_coef=0.15,
+  target_kl=5.0,
+  kl_horizon=128,
+  normalize_reward=True,
+  ppo_epochs=2,
+  num_minibatches=2,
+)
 
 
 def default_pipeline() -> C.PipelineConfig:
   """The default "make TinyStories happier" run (a few minutes on 2 cores)."""
-  return C.PipelineConfig()
+  return C.PipelineConfig(
+    rm=C.RewardStageConfig(loss=PIPELINE_RM_LOSS),
+    ppo=C.PPOStageConfig(algo=PIPELINE_PPO),
+  )
 
 
 def smoke_pipeline() -> C.PipelineConfig:
@@ -28,9 +50,19 @@ def smoke_pipeline() -> C.PipelineConfig:
     feedback=C.FeedbackConfig(
       group_size=2, groups_per_prompt=1, eval_groups_per_prompt=2
     ),
-    rm=C.RewardStageConfig(steps=4, batch_size=8, warmup_steps=1, eval_every=2),
+    rm=C.RewardStageConfig(
+      steps=4,
+      batch_size=8,
+      warmup_steps=1,
+      eval_every=2,
+      loss=PIPELINE_RM_LOSS,
+    ),
     ppo=C.PPOStageConfig(
-      iterations=6, batch_size=8, warmup_steps=1, eval_every=3, kl_horizon=64
+      iterations=6,
+      batch_size=8,
+      warmup_steps=1,
+      eval_every=3,
+      algo=dataclasses.replace(PIPELINE_PPO, kl_horizon=64),
     ),
     dpo=C.DPOStageConfig(steps=4, batch_size=8, warmup_steps=1, eval_every=2),
     eval=C.EvalStageConfig(samples_per_prompt=1, report_samples=2),

@@ -41,8 +41,9 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
 
 
-# Fields that may differ between the run and its resumption.
-_RESUME_FREE = ("resume", "overwrite")
+# Fields that may differ between the run and its resumption (a run may
+# resume on another mesh: checkpoints restore into any sharding).
+_RESUME_FREE = ("resume", "overwrite", "mesh", "distributed", "dry_run")
 
 
 def prepare_run_dir(

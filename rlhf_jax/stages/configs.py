@@ -1,7 +1,11 @@
 """Typed, frozen configs of the `rlhf-jax` subcommands (parsed by tyro).
 
-Every setting is declared once, here, with its meaning in the docstring
-under the field (``rlhf-jax <subcommand> --help`` prints them). Presets
+Every setting is declared once, with its meaning in the docstring under
+the field (``rlhf-jax <subcommand> --help`` prints them): the stage's own
+settings here, the algorithm's in the library config a stage holds
+(``--rm.loss.*`` is ``train.RewardModelConfig``, ``--dpo.loss.*``
+``train.DPOConfig``, ``--ppo.algo.*`` ``train.PPOConfig``), with the
+library's defaults; presets set the values a pipeline is tuned to. Presets
 (presets.py) are functions returning instances of these classes; the
 command line overrides single fields (``--ppo.iterations 20``).
 
@@ -17,6 +21,23 @@ import dataclasses
 from typing import Literal
 
 from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
+from rlhf_jax.train import DPOConfig, PPOConfig, RewardModelConfig
+
+# Fields of the library configs the stages fill in themselves (the
+# tokenizer's ids, the --sampling group): not command-line options.
+FROM_TOKENIZER = -1
+DERIVED_FIELDS = {
+  ("rm", "loss"): ("loss_type", "axis_name"),
+  ("dpo", "loss"): ("precomputed_ref", "axis_name"),
+  ("ppo", "algo"): (
+    "eos_token_id",
+    "pad_token_id",
+    "max_new_tokens",
+    "temperature",
+    "exact_sampling",
+    "axis_name",
+  ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,19 +102,17 @@ class RewardStageConfig:
   """Pairs per step."""
   learning_rate: float = 3e-3
   """Peak AdamW learning rate (linear warmup, cosine decay to 10%)."""
-  pooling: Literal["last", "mean"] = "mean"
-  """Where the reward head reads the sequence: the last token, or the mean
-  of its per-token outputs over the response (PPO scores the same way)."""
   warmup_steps: int = 10
   """Linear warmup steps."""
   weight_decay: float = 0.0
   """AdamW decoupled weight decay."""
   max_grad_norm: float = 1.0
   """Global-norm gradient clipping."""
-  center_rewards_coef: float = 0.01
-  """Coefficient of mean((r+ + r-)^2), keeps rewards centred."""
   eval_every: int = 28
   """Steps between held-out accuracy evaluations (and at the end)."""
+  loss: RewardModelConfig = RewardModelConfig()
+  """The loss (rlhf_jax.train.RewardModelConfig; PPO scores with the same
+  pooling)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +123,6 @@ class PPOStageConfig:
   """RLHF iterations (each: sample, score, GAE, PPO epochs)."""
   batch_size: int = 32
   """Prompts per iteration."""
-  group_size: int = 1
-  """Responses sampled per prompt."""
   learning_rate: float = 2e-4
   """Policy Adam learning rate (constant after warmup)."""
   value_learning_rate: float = 1e-3
@@ -114,32 +131,14 @@ class PPOStageConfig:
   """Optimizer updates of linear warmup."""
   max_grad_norm: float = 1.0
   """Global-norm gradient clipping (policy and critic)."""
-  ppo_epochs: int = 2
-  """Passes over each iteration's samples."""
-  num_minibatches: int = 2
-  """Minibatches per epoch."""
-  init_kl_coef: float = 0.15
-  """Initial coefficient of the KL penalty in the reward."""
-  adaptive_kl: bool = True
-  """Adapt kl_coef towards target_kl (Ziegler et al. 2019, sec. 2.2)."""
-  target_kl: float = 5.0
-  """Target sequence KL to the reference (nats, k1 estimator)."""
-  kl_horizon: int = 128
-  """Horizon of the adaptive controller, in sequences."""
-  cliprange: float = 0.2
-  """PPO ratio clip."""
-  cliprange_value: float = 0.2
-  """Value clip around the rollout-time values."""
-  vf_coef: float = 0.1
-  """Value-loss coefficient."""
-  gamma: float = 1.0
-  """Discount."""
-  lam: float = 0.95
-  """GAE lambda."""
-  normalize_reward: bool = True
-  """Scale reward-model scores to mean 0, std 1 on the initial policy."""
   eval_every: int = 6
   """Iterations between held-out evaluations (and at the end)."""
+  algo: PPOConfig = PPOConfig(
+    eos_token_id=FROM_TOKENIZER, pad_token_id=FROM_TOKENIZER
+  )
+  """The RLHF iteration (rlhf_jax.train.PPOConfig): KL penalty and its
+  controller, GAE, clipping, epochs. Token ids, max_new_tokens, temperature
+  and exact_sampling come from the tokenizer and --sampling.*."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +156,10 @@ class DPOStageConfig:
   """Linear warmup steps."""
   max_grad_norm: float = 1.0
   """Global-norm gradient clipping."""
-  beta: float = 0.1
-  """Inverse temperature of DPO's implicit reward."""
   eval_every: int = 10
   """Steps between held-out evaluations (and at the end)."""
+  loss: DPOConfig = DPOConfig()
+  """The loss (rlhf_jax.train.DPOConfig: beta, loss_type, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,6 @@ from rlhf_jax.stages.feedback import preference_data
 from rlhf_jax.stages.rm import reward_model_for_eval
 from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
-  DPOConfig,
   TrainState,
   make_dpo_step,
   preference_logprobs,
@@ -54,7 +53,7 @@ def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
       ctx.ref_params,
       batch,
       config=ctx.model_config,
-      beta=ctx.config.dpo.beta,
+      beta=ctx.config.dpo.loss.beta,
     )
     margins.append(np.asarray(m)[: stop - start])
   margin = np.concatenate(margins)
@@ -78,7 +77,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
     param_axes=[models.param_logical_axes(ctx.model_config)],
   )
   step = ctx.placement.jit_step(
-    make_dpo_step(ctx.model_config, opt, DPOConfig(beta=cfg.beta)),
+    make_dpo_step(ctx.model_config, opt, cfg.loss),
     shardings,
     extra=(ctx.ref_params,),
   )

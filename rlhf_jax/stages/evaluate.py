@@ -87,7 +87,7 @@ def _score_samples(ctx, rm_params, p_ids, p_mask, roll) -> tuple:
       jnp.float32(ctx.config.sampling.temperature),
       config=ctx.model_config,
       with_rm=rm_params is not None,
-      pooling=ctx.cache.get("rm_pooling", ctx.config.rm.pooling),
+      pooling=ctx.cache.get("rm_pooling", ctx.config.rm.loss.pooling),
     )
     kls.append(np.asarray(kl)[: stop - start])
     proxies.append(np.asarray(proxy)[: stop - start])

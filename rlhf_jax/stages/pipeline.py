@@ -29,6 +29,7 @@ Run directory::
   outputs/{rm, ppo, dpo}/ (Hugging Face directories; rm/reward_head/)
 """
 
+import dataclasses
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -245,6 +246,22 @@ def _dry_run_shapes(stage: str, config: PipelineConfig) -> dict[str, int]:
   return dict(batch_size=batch, prompt_length=p, response_length=t)
 
 
+def _dry_run_config(stage: str, config: PipelineConfig, model_config):
+  if stage == "rm":
+    return config.rm.loss
+  if stage == "dpo":
+    return config.dpo.loss
+  eos = model_config.eos_token_id or 0  # no tokenizer in a dry run
+  pad = eos if model_config.pad_token_id is None else model_config.pad_token_id
+  return dataclasses.replace(
+    config.ppo.algo,
+    eos_token_id=eos,
+    pad_token_id=pad,
+    temperature=config.sampling.temperature,
+    exact_sampling=config.sampling.exact_sampling,
+  )
+
+
 def dry_run_pipeline(
   command: str,
   config: PipelineConfig,
@@ -274,7 +291,12 @@ def dry_run_pipeline(
     shapes = _dry_run_shapes(stage, config)
     placement.check_batch(shapes["batch_size"], f"--{stage}.batch-size")
     report = dry_run(
-      stage, model_config, mesh=placement.mesh, rules=placement.rules, **shapes
+      stage,
+      model_config,
+      mesh=placement.mesh,
+      rules=placement.rules,
+      config=_dry_run_config(stage, config, model_config),
+      **shapes,
     )
     log(report.format())
     reports.append(report)

@@ -1,5 +1,6 @@
 """Stage 4: PPO against the reward model (Ziegler et al. 2019)."""
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -28,27 +29,16 @@ def _prompt_iterator(ctx: Context, prompts: list[str], batch: int):
 
 
 def ppo_config(ctx: Context) -> PPOConfig:
-  """The library's PPOConfig from the stage options."""
-  cfg = ctx.config.ppo
-  return PPOConfig(
+  """The library's PPOConfig: --ppo.algo.* with the tokenizer's ids and
+  the --sampling.* settings."""
+  sampling = ctx.config.sampling
+  return dataclasses.replace(
+    ctx.config.ppo.algo,
     eos_token_id=ctx.eos,
     pad_token_id=ctx.pad,
-    group_size=cfg.group_size,
-    max_new_tokens=ctx.config.sampling.max_new_tokens,
-    temperature=ctx.config.sampling.temperature,
-    exact_sampling=ctx.config.sampling.exact_sampling,
-    kl_coef=cfg.init_kl_coef,
-    adaptive_kl=cfg.adaptive_kl,
-    target_kl=cfg.target_kl,
-    kl_horizon=cfg.kl_horizon,
-    normalize_reward=cfg.normalize_reward,
-    gamma=cfg.gamma,
-    lam=cfg.lam,
-    ppo_epochs=cfg.ppo_epochs,
-    num_minibatches=cfg.num_minibatches,
-    cliprange=cfg.cliprange,
-    cliprange_value=cfg.cliprange_value,
-    vf_coef=cfg.vf_coef,
+    max_new_tokens=sampling.max_new_tokens,
+    temperature=sampling.temperature,
+    exact_sampling=sampling.exact_sampling,
   )
 
 

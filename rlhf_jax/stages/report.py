@@ -317,11 +317,21 @@ def write_report(
       "stage=dpo loss/accuracy",
       lambda p: _plot_training(records, "dpo", p),
     ),
+    (
+      "sft_training.png",
+      "SFT training loss",
+      "stage=sft loss",
+      lambda p: _plot_training(records, "sft", p),
+    ),
   ]
+  ran = {r["stage"] for r in records}
   plots = []
   for name, plot_title, needs, draw in specs:
     path = plot_dir / name
     path.unlink(missing_ok=True)  # never link a stale plot from an old run
+    stage = name.split("_")[0]
+    if stage in ("ppo", "rm", "dpo", "sft") and stage not in ran:
+      continue  # a stage this run never had: no section
     drawn = draw(path)
     plots.append(
       {

@@ -21,7 +21,6 @@ from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.feedback import preference_data
 from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
-  RewardModelConfig,
   TrainState,
   make_reward_model_step,
   pair_rewards,
@@ -58,7 +57,7 @@ def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
     idx = np.where(idx < stop, idx, -1)
     batch = ctx.placement.batch(ds.take(idx))
     c, r = _scorer(ctx)(
-      params, batch, config=ctx.model_config, pooling=ctx.config.rm.pooling
+      params, batch, config=ctx.model_config, pooling=ctx.config.rm.loss.pooling
     )
     rc.append(np.asarray(c)[: stop - start])
     rr.append(np.asarray(r)[: stop - start])
@@ -94,7 +93,7 @@ def _save_rm(ctx: Context, params: Any) -> None:
   save_file(
     {k: np.asarray(v) for k, v in params["head"].items()},
     str(out / HEAD_FILE),
-    metadata={"pooling": ctx.config.rm.pooling},
+    metadata={"pooling": ctx.config.rm.loss.pooling},
   )
 
 
@@ -144,7 +143,11 @@ def reward_model_for_eval(ctx: Context) -> Any | None:
     UserError: a --reward-model whose vocabulary differs from the policy's.
   """
   if "rm_params" not in ctx.cache:
-    rm, pooling, source = None, ctx.config.rm.pooling, ctx.config.reward_model
+    rm, pooling, source = (
+      None,
+      ctx.config.rm.loss.pooling,
+      ctx.config.reward_model,
+    )
     if source is None and (ctx.run_dir / "outputs" / "rm" / HEAD_FILE).exists():
       source = ctx.run_dir
     if source is not None:
@@ -182,11 +185,8 @@ def stage_rm(ctx: Context) -> dict:
     jax.random.fold_in(key, 1),
     param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
   )
-  rm_config = RewardModelConfig(
-    center_rewards_coef=cfg.center_rewards_coef, pooling=cfg.pooling
-  )
   step = ctx.placement.jit_step(
-    make_reward_model_step(ctx.model_config, opt, rm_config), shardings
+    make_reward_model_step(ctx.model_config, opt, cfg.loss), shardings
   )
   it = BatchIterator(
     prefs["train"],
@@ -213,7 +213,7 @@ def stage_rm(ctx: Context) -> dict:
   # Later stages use the trained params as they are (other processes must
   # not read outputs/rm while process 0 may still be writing it).
   ctx.cache["rm_params"] = state.params
-  ctx.cache["rm_pooling"] = cfg.pooling
+  ctx.cache["rm_pooling"] = cfg.loss.pooling
   heldout = rm_heldout(ctx, state.params, prefs)
   return {
     "final_train": {k: v for k, v in final.items() if "eval" not in k},

@@ -29,6 +29,7 @@ from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import host_tree, open_run_dir
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_report
+from rlhf_jax.stages.user_data import data_counts
 from rlhf_jax.train import SFTConfig, TrainState, make_sft_step
 
 
@@ -121,8 +122,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),
     "data/examples": len(ds),
-    "data/dropped": loaded.drops.total_dropped,
-    **{f"data/truncated_{k}": v for k, v in ds.truncation.truncated.items()},
+    **data_counts("data", loaded.drops, ds.truncation.truncated),
     "time/total_s": timer.elapsed(),
   }
   if placement.is_primary:

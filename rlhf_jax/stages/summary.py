@@ -63,7 +63,7 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
   for res in results.values():  # drops and truncations of the user's data
     s.update(res.get("counts", {}))
   if "ppo" in results:
-    s["ppo/target_kl"] = ctx.config.ppo.target_kl
+    s["ppo/target_kl"] = ctx.config.ppo.algo.target_kl
     s["ppo/final_kl_coef"] = results["ppo"]["final_kl_coef"]
   return s
 
@@ -111,7 +111,7 @@ def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
     prompts=shown_prompts,
     metrics_path=ctx.run_dir / "metrics.jsonl",
     policies=policies or None,
-    kl_target=ctx.config.ppo.target_kl if "ppo" in results else None,
+    kl_target=ctx.config.ppo.algo.target_kl if "ppo" in results else None,
     title=_title(ctx),
   )
   return {"summary": summary, **timing}

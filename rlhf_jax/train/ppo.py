@@ -68,22 +68,49 @@ from rlhf_jax.types import PromptBatch
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-  """Settings of one RLHF iteration (names as DESIGN.md).
+  """Settings of one RLHF iteration (Ziegler et al. 2019; Ouyang et al. 2022).
 
-  Sampling: group_size (G responses per prompt), max_new_tokens,
-  temperature, top_k, top_p, eos_token_id, pad_token_id, exact_sampling
-  (sample with the training forward instead of the KV cache:
-  ``rollout.generate(kv_cache=False)``; the sampler/trainer logprob
-  mismatch is then 0 instead of float32 rounding, at one full forward per
-  new token).
-  Reward: kl_coef (initial), adaptive_kl, target_kl, kl_horizon,
-  kl_estimator, normalize_reward (gain/bias to mean 0, std 1 on the
-  initial policy's samples), reward_clip, missing_eos_penalty.
-  Advantages: gamma, lam, whiten_advantages.
-  Update: ppo_epochs, num_minibatches, num_micro_batches, cliprange,
-  cliprange_low, cliprange_high, dual_clip, cliprange_value, vf_coef,
-  ent_coef, kl_loss_coef (a k3 KL term in the loss), loss_agg_mode,
-  shuffle_minibatches. axis_name: pmap axis, None under jit.
+  Attributes:
+    eos_token_id: end-of-sequence token id (stops a response).
+    pad_token_id: padding token id.
+    group_size: G responses sampled per prompt (rows prompt*G+g).
+    max_new_tokens: T, response tokens sampled per prompt.
+    temperature: sampling temperature (also divides the training logits,
+      so the first epoch's ratio is exactly 1).
+    top_k: sample among the k most likely tokens (0 = all).
+    top_p: nucleus sampling mass (1.0 = all).
+    exact_sampling: sample with the training forward instead of the KV
+      cache (``rollout.generate(kv_cache=False)``): the sampler/trainer
+      logprob mismatch is 0 instead of float32 rounding, at one full
+      forward per new token.
+    kl_coef: (initial) coefficient of the KL penalty in the reward.
+    adaptive_kl: adapt kl_coef towards target_kl (Ziegler et al. 2019).
+    target_kl: target sequence KL to the reference (nats).
+    kl_horizon: horizon of the adaptive controller, in sequences.
+    kl_estimator: per-token KL estimator of the penalty and the reported
+      KL: k1, k2 or k3.
+    normalize_reward: scale scores to mean 0, std 1 with a gain and bias
+      fitted on the initial policy's samples.
+    reward_clip: clip scores to [-c, c] (None: no clipping).
+    missing_eos_penalty: subtracted from the score of responses without
+      EOS (None: none).
+    gamma: discount.
+    lam: GAE lambda.
+    whiten_advantages: whiten advantages over valid tokens.
+    ppo_epochs: passes over each iteration's samples.
+    num_minibatches: minibatches per epoch.
+    num_micro_batches: gradient accumulation steps per minibatch.
+    cliprange: PPO ratio clip epsilon.
+    cliprange_low: lower clip (default: cliprange).
+    cliprange_high: upper clip (clip-higher; default: cliprange).
+    dual_clip: dual-clip constant c > 1 for negative advantages (None: off).
+    cliprange_value: value clip around the rollout-time values.
+    vf_coef: value-loss coefficient.
+    ent_coef: entropy bonus coefficient.
+    kl_loss_coef: coefficient of a k3 KL term in the loss.
+    loss_agg_mode: token-mean, seq-mean-token-mean or seq-mean-token-sum.
+    shuffle_minibatches: shuffle rows between epochs.
+    axis_name: pmap axis name, None under jit.
   """
 
   eos_token_id: int

@@ -1,0 +1,187 @@
+"""The user's own data through `rlhf-jax`, at smoke size: a reward model on
+256 HH-RLHF pairs, PPO on 32 HH prompts against it (as a run directory and
+as an export), DPO and SFT on the same pairs; runs killed with SIGKILL after
+their first checkpoint resume to the uninterrupted run's numbers."""
+
+import gzip
+import json
+import math
+
+import cli_harness as h
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_PAIRS, N_PROMPTS = 256, 32
+TURN = "\n\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, shared_data):
+  """pairs.jsonl: the first 256 helpful-base-test rows; prompts.jsonl: the
+  first 32 transcripts up to and including their last Assistant turn."""
+  src = shared_data / "hh-rlhf" / "helpful-base-test.jsonl.gz"
+  with gzip.open(src, "rt") as f:
+    rows = [json.loads(next(f)) for _ in range(N_PAIRS)]
+  pairs = [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+  prompts = [
+    {"prompt": r["chosen"][: r["chosen"].rindex(TURN) + len(TURN)]}
+    for r in rows[:N_PROMPTS]
+  ]
+  d = tmp_path_factory.mktemp("user-data")
+  for name, data in (("pairs", pairs), ("prompts", prompts)):
+    (d / f"{name}.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in data)
+    )
+  return d / "pairs.jsonl", d / "prompts.jsonl"
+
+
+def _rm_args(pairs, run_dir):
+  return (
+    "rm", "--preset", "smoke", "--data", str(pairs), "--checkpoint-every",
+    "1", "--run-dir", str(run_dir),
+  )  # fmt: skip
+
+
+def _ppo_args(prompts, reward_model, run_dir):
+  return (
+    "ppo", "--preset", "smoke", "--prompts", str(prompts), "--reward-model",
+    str(reward_model), "--ppo.iterations", "2", "--checkpoint-every", "1",
+    "--run-dir", str(run_dir),
+  )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def rm_run(files, tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("rm") / "run"
+  h.cli(*_rm_args(files[0], run_dir))
+  return run_dir
+
+
+@pytest.fixture(scope="module")
+def ppo_run(files, rm_run, tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("ppo") / "run"
+  h.cli(*_ppo_args(files[1], rm_run, run_dir))
+  return run_dir
+
+
+def _check_outputs(run_dir, keys) -> dict:
+  """report.md lists ``keys``; returns summary.json (time/* left out)."""
+  s = h.summary(run_dir)
+  report = (run_dir / "report.md").read_text()
+  for k in keys:
+    assert k in s, k
+    assert f"| {k} |" in report, k
+  return s
+
+
+def test_rm_on_hh_pairs(rm_run):
+  s = _check_outputs(
+    rm_run,
+    (
+      "rm/heldout_accuracy_annotator",
+      "rm/heldout_accuracy_stderr",
+      "rm/length_baseline_accuracy",
+      "data/rows_read",
+      "data/rows_kept",
+      "data/truncated_prompt",
+      "data/truncated_chosen",
+      "data/truncated_rejected",
+    ),
+  )
+  assert s["data/rows_read"] == N_PAIRS
+  dropped = sum(v for k, v in s.items() if k.startswith("data/dropped_"))
+  assert s["data/rows_kept"] + dropped == N_PAIRS
+  assert s["data/rows_kept"] >= 250
+  # A tenth held out; every kept transcript is longer than P = 24 tokens.
+  n = s["rm/eval_pairs"]
+  assert n == round(0.1 * s["data/rows_kept"])
+  assert s["data/truncated_prompt"] == s["data/rows_kept"]
+  acc = s["rm/heldout_accuracy_annotator"]
+  assert math.isclose(acc * n, round(acc * n), abs_tol=1e-9)
+  stderr = math.sqrt(acc * (1 - acc) / n)
+  assert s["rm/heldout_accuracy_stderr"] == pytest.approx(stderr, rel=1e-6)
+  assert 0.0 <= s["rm/length_baseline_accuracy"] <= 1.0
+  assert (rm_run / "outputs" / "rm" / "reward_head").is_dir()
+
+
+def test_ppo_on_hh_prompts_with_the_trained_rm(ppo_run):
+  s = _check_outputs(
+    ppo_run, ("ppo/proxy_score", "ppo/kl", "prompts/rows_read")
+  )
+  assert s["prompts/rows_read"] == N_PROMPTS
+  assert s["prompts/dropped_duplicate"] == 0
+  assert s["data/train_prompts"] + s["data/heldout_prompts"] == N_PROMPTS
+  assert math.isfinite(s["ppo/proxy_score"]) and math.isfinite(s["ppo/kl"])
+  assert "ppo/gold_score" not in s  # no gold scorer on the user's prompts
+  ppo = [r for r in h.records(ppo_run) if r["stage"] == "ppo"]
+  assert [r["step"] for r in ppo] == [0, 1, 2]
+
+
+def test_ppo_resumes_after_sigkill(files, rm_run, ppo_run, tmp_path):
+  run_dir = tmp_path / "killed"
+  args = _ppo_args(files[1], rm_run, run_dir)
+  step = h.kill_after_first_checkpoint(*args, run_dir=run_dir, stage="ppo")
+  assert step in (1, 2)
+  log = h.cli(*args, "--resume")
+  # It continued: earlier stages read back, PPO from its checkpoint.
+  assert "initial: finished earlier" in log
+  assert f"ppo: {step}/2 (" in log and "ppo: 0/2" not in log
+  assert h.summary(run_dir) == h.summary(ppo_run)
+  assert h.records(run_dir) == h.records(ppo_run)
+
+
+def test_rm_resumes_after_sigkill(files, rm_run, tmp_path):
+  run_dir = tmp_path / "killed"
+  args = _rm_args(files[0], run_dir)
+  step = h.kill_after_first_checkpoint(*args, run_dir=run_dir, stage="rm")
+  assert 1 <= step <= 4
+  log = h.cli(*args, "--resume")
+  assert f"rm: {step}/4 (" in log and "rm: 0/4" not in log
+  assert h.summary(run_dir) == h.summary(rm_run)
+  assert h.records(run_dir) == h.records(rm_run)
+
+
+def test_exported_rm_drives_ppo(files, rm_run, ppo_run, tmp_path):
+  out = tmp_path / "rm-export"
+  h.cli("export", "--run-dir", str(rm_run), "--what", "rm", "--out", str(out))
+  for name in (
+    "config.json",
+    "tokenizer.json",
+    "reward_head/model.safetensors",
+  ):
+    assert (out / name).is_file(), name
+  run_dir = tmp_path / "ppo"
+  h.cli(*_ppo_args(files[1], out, run_dir))
+  # The same backbone, head and pooling as the run directory's reward model.
+  assert h.summary(run_dir) == h.summary(ppo_run)
+
+
+def test_dpo_on_hh_pairs(files, tmp_path):
+  run_dir = tmp_path / "dpo"
+  h.cli(
+    "dpo", "--preset", "smoke", "--data", str(files[0]), "--run-dir",
+    str(run_dir),
+  )  # fmt: skip
+  s = _check_outputs(run_dir, ("dpo/eval_accuracy", "data/rows_read"))
+  assert s["data/rows_read"] == N_PAIRS
+  assert 0.0 <= s["dpo/eval_accuracy"] <= 1.0
+  assert math.isfinite(s["dpo/eval_margin"])
+  assert [r["step"] for r in h.records(run_dir)] == [1, 2, 3, 4]
+
+
+def test_sft_on_hh_pairs(files, tmp_path):
+  run_dir = tmp_path / "sft"
+  log = h.cli(
+    "sft", "--preset", "smoke", "--data", str(files[0]), "--run-dir",
+    str(run_dir),
+  )  # fmt: skip
+  s = _check_outputs(run_dir, ("sft/final_loss",))
+  assert math.isfinite(s["sft/final_loss"]) and s["sft/final_loss"] > 0
+  assert f"sft/final_loss = {s['sft/final_loss']:.4f}" in log
+  assert s["data/rows_read"] == N_PAIRS
+  dropped = sum(v for k, v in s.items() if k.startswith("data/dropped_"))
+  assert s["data/examples"] == s["data/rows_kept"] == N_PAIRS - dropped
+  losses = [r["sft/loss"] for r in h.records(run_dir)]
+  assert len(losses) == 3 and losses[-1] == s["sft/final_loss"]
+  assert (run_dir / "outputs" / "sft" / "config.json").is_file()

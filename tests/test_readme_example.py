@@ -1,0 +1,60 @@
+"""The README's "Library use" code block runs as written.
+
+The block is extracted from README.md and executed in this process (on the
+8 fake CPU devices of conftest.py), from the repository root, since its
+model path is relative to it.
+"""
+
+import math
+import pathlib
+import re
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MESH_LINE = re.compile(
+  r"^mesh data=(\d+) fsdp=(\d+) tensor=1 \(8 devices, 1 process\(es\)\), "
+  r"rules (\w+) (\S+)$"
+)
+
+
+def library_use_block() -> str:
+  """The first python block of the README's "## Library use" section."""
+  text = (REPO_ROOT / "README.md").read_text()
+  section = text.split("\n## Library use\n", 1)[1].split("\n## ", 1)[0]
+  match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+  assert match, "no python block in the Library use section"
+  return match.group(1)
+
+
+@pytest.mark.parametrize(
+  "mesh, expected",
+  [
+    # As written: every device on 'data'.
+    (None, ("8", "1", "data")),
+    # The mesh the comment names: params sharded over 'fsdp'.
+    ("MeshConfig(data=2, fsdp=4)", ("2", "4", "fsdp")),
+  ],
+)
+def test_library_use_block_runs(
+  mesh, expected, devices8, tinystories_dir, monkeypatch, capsys
+):
+  del devices8, tinystories_dir  # the 8 devices and the model must exist
+  code = library_use_block()
+  if mesh is not None:
+    assert "MeshConfig(data=-1)" in code
+    code = code.replace("MeshConfig(data=-1)", mesh)
+  monkeypatch.chdir(REPO_ROOT)
+  namespace: dict = {"__name__": "readme_example"}
+  exec(compile(code, "README.md:Library use", "exec"), namespace)
+  lines = capsys.readouterr().out.strip().splitlines()
+  match = MESH_LINE.match(lines[-1])
+  assert match, lines
+  assert match.groups()[:3] == expected
+  # Step 1 of DPO: the policy IS the reference, so every margin is 0 and
+  # the loss is -log sigma(0) = log 2.
+  assert float(match[4]) == pytest.approx(math.log(2), abs=1e-6)
+  assert int(namespace["state"].step) == 1
+  if mesh is not None:
+    spec = namespace["state"].params["embed"].sharding.spec
+    assert "fsdp" in spec, spec
