@@ -101,27 +101,25 @@ def test_strict_turns_a_drop_into_an_error(tmp_path, capsys):
   )
 
 
-def test_prompt_longer_than_max_length(tmp_path, capsys):
-  long_prompt = "Once upon a time there was a very long prompt that goes on"
-  data = _write(tmp_path / "long.jsonl", [_pair(), _pair(prompt=long_prompt)])
+def test_prompts_without_a_reward_model(tmp_path, capsys):
+  prompts = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "Hi"})])
   code, err = _run(
-    capsys,
-    [
-      "rm",
-      "--data",
-      data,
-      "--task.max-prompt-length",
-      "8",
-      "--run-dir",
-      str(tmp_path / "r"),
-    ],
+    capsys, ["ppo", "--prompts", prompts, "--run-dir", str(tmp_path / "r")]
   )
-  # The TinyStories tokenizer gives this prompt 14 tokens, + BOS = 15.
   _check(
     code,
     err,
-    f"{data}:2: prompt has 15 tokens, longer than max_prompt_length=8 (set "
-    "truncate_prompts=True to keep its last 8 tokens)",
+    "--prompts needs --reward-model DIR (a `rlhf-jax rm` run directory or "
+    "its export): the task's simulated feedback fits the task's prompts "
+    "only",
+  )
+  assert not (tmp_path / "r").exists()
+
+
+def test_file_option_of_another_subcommand(tmp_path, capsys):
+  code, err = _run(capsys, ["dpo", "--reward-model", str(tmp_path)])
+  _check(
+    code, err, "--reward-model is not used by `rlhf-jax dpo` (used by ppo)"
   )
 
 

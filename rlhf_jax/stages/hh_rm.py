@@ -72,6 +72,7 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.metrics import MetricsWriter
 from rlhf_jax.runner.runtime import StopFlag
+from rlhf_jax.stages.environment import SHARED_DATA
 from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
 from rlhf_jax.train import (
@@ -81,8 +82,6 @@ from rlhf_jax.train import (
   pair_rewards,
 )
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_HH_DIR = SHARED_DATA / "hh-rlhf"
 DEFAULT_GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2" / "tokenizer.json"
 DEFAULT_TINYSTORIES_DIR = SHARED_DATA / "models" / "tinystories-656k"

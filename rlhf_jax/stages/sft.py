@@ -50,40 +50,8 @@ def _demonstrations(path: str, strict: bool):
   )
 
 
-def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
-  """SFT on --data: next-token loss on the response tokens.
-
-  Returns:
-    The summary (also summary.json): sft/final_loss, data counts, time.
-
-  Raises:
-    UserError, DataError: bad options or data (one-line messages).
-    Interrupted: SIGINT/SIGTERM after a checkpoint was saved.
-  """
-  if not config.data:
-    raise runtime.UserError("rlhf-jax sft needs --data FILE")
-  environment.setup_jax()
-  environment.start(config.distributed)
-  timer = runtime.Timer()
-  model_dir = environment.resolve_model(config.model)
-  if not pathlib.Path(config.data).exists():
-    raise DataError(f"{config.data}: no such file")
-  placement = Placement.create(config.mesh)
-  placement.check_batch(config.batch_size, "--batch-size")
-  run_dir = open_run_dir("sft", config, model_dir)
-  loaded, examples, field = _demonstrations(config.data, config.strict)
-  model_config, params = placement.load_model(model_dir)
-  path, spec = placement.sharded_leaf(params)
-  log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
-  tok = models.load_tokenizer(model_dir)
-  ds = tokenize_sft(
-    examples,
-    HFTokenizerAdapter.wrap(tok),
-    max_prompt_length=config.max_prompt_length,
-    max_response_length=config.max_response_length,
-    response_field=field,
-    truncate_prompts=True,  # keep the last P tokens; counted in the summary
-  )
+def _train(config, placement, model_config, params, ds, run_dir):
+  """The SFT steps in the runner's loop; returns (state, last record)."""
   opt = optax.chain(
     optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)
   )
@@ -118,6 +86,44 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
       iterator=it,
     )
     loop.close()
+  return state, last
+
+
+def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
+  """SFT on --data: next-token loss on the response tokens.
+
+  Returns:
+    The summary (also summary.json): sft/final_loss, data counts, time.
+
+  Raises:
+    UserError, DataError: bad options or data (one-line messages).
+    Interrupted: SIGINT/SIGTERM after a checkpoint was saved.
+  """
+  if not config.data:
+    raise runtime.UserError("rlhf-jax sft needs --data FILE")
+  environment.setup_jax()
+  environment.start(config.distributed)
+  timer = runtime.Timer()
+  model_dir = environment.resolve_model(config.model)
+  if not pathlib.Path(config.data).exists():
+    raise DataError(f"{config.data}: no such file")
+  placement = Placement.create(config.mesh)
+  placement.check_batch(config.batch_size, "--batch-size")
+  run_dir = open_run_dir("sft", config, model_dir)
+  loaded, examples, field = _demonstrations(config.data, config.strict)
+  model_config, params = placement.load_model(model_dir)
+  path, spec = placement.sharded_leaf(params)
+  log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
+  tok = models.load_tokenizer(model_dir)
+  ds = tokenize_sft(
+    examples,
+    HFTokenizerAdapter.wrap(tok),
+    max_prompt_length=config.max_prompt_length,
+    max_response_length=config.max_response_length,
+    response_field=field,
+    truncate_prompts=True,  # keep the last P tokens; counted in the summary
+  )
+  state, last = _train(config, placement, model_config, params, ds, run_dir)
   host = host_tree(state.params)
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),

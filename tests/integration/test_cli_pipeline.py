@@ -306,17 +306,33 @@ def test_rm_on_a_preference_file_counts_drops(tmp_path):
     for i in range(10)
   ]
   rows.append({"prompt": "Tom", "chosen": " same.", "rejected": " same."})
+  # Longer than --task.max-prompt-length 8 (15 tokens with BOS): the user's
+  # prompt keeps its last 8 tokens and is counted as truncated.
+  long_prompt = "Once upon a time there was a very long prompt that goes on"
+  rows.append({"prompt": long_prompt, "chosen": " yes.", "rejected": " no."})
   data = tmp_path / "prefs.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   run_dir = tmp_path / "rm-data"
   _cli(
-    "rm", "--preset", "smoke", "--data", str(data), "--run-dir", str(run_dir)
+    "rm",
+    "--preset",
+    "smoke",
+    "--data",
+    str(data),
+    "--task.max-prompt-length",
+    "8",
+    "--run-dir",
+    str(run_dir),
   )
   rm = json.loads((run_dir / "stages" / "rm.json").read_text())
-  # 10 usable pairs: 1 held out (10%), 9 train; the identical row dropped.
-  assert rm["train_pairs"] == 9 and rm["eval_pairs"] == 1
-  assert rm["drops"]["dropped"] == {"chosen_equals_rejected": 1}
+  # 11 usable pairs: 1 held out (10%), 10 train; the identical row dropped.
+  assert rm["train_pairs"] == 10 and rm["eval_pairs"] == 1
+  assert rm["counts"]["data/rows_read"] == 12
+  assert rm["counts"]["data/dropped_chosen_equals_rejected"] == 1
+  assert rm["counts"]["data/truncated_prompt"] == 1
   assert "rm/eval_gold_accuracy" not in rm["heldout"]  # no gold order
   assert (run_dir / "plots" / "rm_training.png").is_file()
   summary = _summary(run_dir)
   assert summary["rm/eval_pairs"] == 1
+  assert summary["data/truncated_prompt"] == 1
+  assert 0.0 <= summary["rm/length_baseline_accuracy"] <= 1.0
