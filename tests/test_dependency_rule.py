@@ -45,3 +45,56 @@ def test_rule_detects_violation(tmp_path):
     "optax",
     "flax",
   ]
+
+
+# Arrows point down: cli -> stages -> runner -> train -> the rest. A package
+# may import the ones listed after it here, never one before it.
+LAYERS = ["cli", "stages", "runner", "train"]
+
+
+def _package_files(name: str) -> list[pathlib.Path]:
+  return sorted((PKG / name).rglob("*.py"))
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layers_import_only_downward(layer):
+  above = LAYERS[: LAYERS.index(layer)]
+  bad = []
+  for path in _package_files(layer):
+    for name in _imports(path):
+      parts = name.split(".")
+      if parts[0] == "rlhf_jax" and len(parts) > 1 and parts[1] in above:
+        bad.append(f"{path.relative_to(PKG)} imports {name}")
+  assert not bad, bad
+
+
+def test_below_the_runner_nothing_imports_the_application():
+  app = {"cli", "stages", "runner"}
+  bad = []
+  for path in sorted(PKG.rglob("*.py")):
+    rel = path.relative_to(PKG)
+    if rel.parts[0] in app:
+      continue
+    for name in _imports(path):
+      parts = name.split(".")
+      if parts[0] == "rlhf_jax" and len(parts) > 1 and parts[1] in app:
+        bad.append(f"{rel} imports {name}")
+  assert not bad, bad
+
+
+# The one exception: a hub id resolves in the local Hugging Face cache the
+# way transformers finds it (HF_HUB_CACHE, HF_HOME), never downloading.
+ENV_EXCEPTIONS = {pathlib.Path("models/hf_io.py")}
+
+
+def test_only_cli_and_stages_read_the_environment():
+  readers = []
+  for path in sorted(PKG.rglob("*.py")):
+    text = path.read_text()
+    rel = path.relative_to(PKG)
+    if ("os.environ" in text or "os.getenv" in text) and (
+      rel not in ENV_EXCEPTIONS
+    ):
+      readers.append(rel.parts[0])
+  assert readers, "the check found no reader at all (stages read the env)"
+  assert set(readers) <= {"cli", "stages"}, readers

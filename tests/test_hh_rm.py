@@ -1,4 +1,4 @@
-"""The HH-RLHF reward-model job (rlhf_jax.cli.hh_rm) at smoke size.
+"""The HH-RLHF reward-model job (rlhf_jax.stages.hh_rm) at smoke size.
 
 Runs on the real shared HH-RLHF files with a tiny model and 64 training
 pairs: the held-out set, drop counts and the length baseline are checked

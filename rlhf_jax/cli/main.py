@@ -20,7 +20,7 @@ from typing import Any, get_type_hints
 
 from rlhf_jax.cli import presets as P
 from rlhf_jax.runner import runtime
-from rlhf_jax.runner.mesh import MeshConfig
+from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
 
 COMMANDS = {
   "run": "the whole default pipeline: prompts, simulated feedback, reward "
@@ -193,19 +193,23 @@ def _hh_command_class(hh_cls: type) -> type:
     hh: hh_cls = dataclasses.field(default_factory=hh_cls)
     """Settings of the HH-RLHF job."""
     mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
   return HHCommand
 
 
 def _run_hh(config: Any) -> int:
   from rlhf_jax.runner.mesh import Placement
-  from rlhf_jax.stages.environment import setup_jax
+  from rlhf_jax.stages.environment import setup_jax, start
   from rlhf_jax.stages.hh_rm import run_hh_reward_model
 
   # The HH job writes (and checks on resume) its own config.json.
-  run_dir = runtime.prepare_run_dir("rm", config, write_config=False)
   setup_jax()
+  start(config.distributed)
   placement = Placement.create(config.mesh)
+  run_dir = runtime.run_dir_for("rm", config)
+  if placement.is_primary:
+    runtime.prepare_run_dir("rm", config, write_config=False)
   print(placement.describe())
   try:
     results = run_hh_reward_model(

@@ -22,6 +22,7 @@ from rlhf_jax.parallel.rules import (
   rules_for,
 )
 from rlhf_jax.parallel.sharding import (
+  ShardingError,
   abstract_with_shardings,
   batch_sharding,
   fit_spec,
@@ -41,6 +42,7 @@ __all__ = [
   "PMAP_AXIS",
   "RULE_TABLES",
   "Rules",
+  "ShardingError",
   "abstract_with_shardings",
   "batch_sharding",
   "fit_spec",

@@ -30,6 +30,10 @@ from rlhf_jax.parallel.rules import BATCH_AXES, Rules, mesh_axes_for
 PyTree = Any
 
 
+class ShardingError(ValueError):
+  """Arguments that cannot give a state's shardings (named in the message)."""
+
+
 def _is_spec(x: Any) -> bool:
   return x is None or isinstance(x, PartitionSpec)
 
@@ -202,9 +206,9 @@ def state_shardings(
     Pytree of NamedSharding with the structure of the unboxed state.
 
   Raises:
-    TypeError: an optax optimizer among ``args`` or ``param_axes``.
-    ValueError: the rules shard parameters on ``mesh`` but no leaf of the
-      state has a logical axis name (``param_axes`` left out).
+    ShardingError: an optax optimizer among ``args`` or ``param_axes``, or
+      the rules shard parameters on ``mesh`` but no leaf of the state has a
+      logical axis name (``param_axes`` left out).
   """
   _check_arrays_only(args, param_axes)
   abstract = jax.eval_shape(lambda *a: init_fn(*a, **kwargs), *args)
@@ -212,7 +216,7 @@ def state_shardings(
   shardings = logical_to_shardings(
     logical, mesh, rules, shapes=nn.meta.unbox(abstract)
   )
-  _check_params_named(logical, shardings, rules, mesh)
+  _check_params_named(logical, rules, mesh)
   return shardings
 
 
@@ -223,20 +227,20 @@ def _is_optimizer(x: Any) -> bool:
 def _check_arrays_only(args: Sequence[Any], param_axes: Sequence[Any]) -> None:
   for i, a in enumerate(args):
     if any(map(_is_optimizer, jax.tree.leaves(a, is_leaf=_is_optimizer))):
-      raise TypeError(
+      raise ShardingError(
         f"state_shardings argument {i} is an optax optimizer: pass arrays "
         "only and close over the optimizer, e.g. state_shardings(lambda p, "
         "r: TrainState.create(p, opt, r), params, rng, ...)"
       )
   for i, axes in enumerate(param_axes):
     if any(map(_is_optimizer, jax.tree.leaves(axes, is_leaf=_is_optimizer))):
-      raise TypeError(
+      raise ShardingError(
         f"param_axes[{i}] is an optax optimizer; param_axes holds logical "
         "axis names, e.g. [models.param_logical_axes(config)]"
       )
 
 
-def _check_params_named(logical, shardings, rules: Rules, mesh: Mesh) -> None:
+def _check_params_named(logical, rules: Rules, mesh: Mesh) -> None:
   """Raises when the rules shard parameters on this mesh but no leaf of the
   state carries a logical axis name (param_axes left out by mistake)."""
   named = any(
@@ -250,7 +254,7 @@ def _check_params_named(logical, shardings, rules: Rules, mesh: Mesh) -> None:
     if name != "batch" and not name.startswith(("act_", "length"))
   )
   if shards and not named:
-    raise ValueError(
+    raise ShardingError(
       "no leaf of the state has logical axis names, so every parameter "
       "would be replicated although the rules shard parameters on this "
       "mesh: pass param_axes=[models.param_logical_axes(config), ...] (one "

@@ -78,6 +78,13 @@ class TrainLoop:
   write: bool = True
 
   def __post_init__(self) -> None:
+    if self.checkpoint_every % self.log_every:
+      # A checkpoint inside a log window would lose the window's first
+      # steps on resume, and the resumed records would differ.
+      raise ValueError(
+        f"checkpoint_every={self.checkpoint_every} must be a multiple of "
+        f"log_every={self.log_every}"
+      )
     self.run_dir = pathlib.Path(self.run_dir)
     self.ckpt = CheckpointManager(
       self.run_dir / "checkpoints" / self.name, max_to_keep=self.keep
@@ -166,11 +173,14 @@ class TrainLoop:
         for step in range(start + 1, self.total_steps + 1):
           state, metrics = step_fn(state)
           window.append(host_scalars(metrics))
-          if step % self.log_every == 0 or step == self.total_steps:
+          at_end = step == self.total_steps
+          at_eval = evaluate is not None and (
+            at_end or (eval_every > 0 and step % eval_every == 0)
+          )
+          if step % self.log_every == 0 or at_end or at_eval:
             record = _window_mean(window)
             window = []
-            at_eval = eval_every > 0 and step % eval_every == 0
-            if evaluate is not None and (at_eval or step == self.total_steps):
+            if at_eval:
               evaluate(step, state, record)
             if writer is not None:
               writer.log(step, record, stage=self.name)
@@ -185,7 +195,7 @@ class TrainLoop:
     return state, last
 
   def _after_step(self, step: int, state: PyTree, iterator: Any) -> None:
-    if self.stop.requested:
+    if self.stop.agreed():
       self.save(step, state, iterator, wait=True)
       raise Interrupted(f"{self.name} at step {step}")
     every = self.checkpoint_every

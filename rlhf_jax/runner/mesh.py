@@ -6,10 +6,11 @@ host arrays, model params and train states into arrays laid out on it:
 
   placement = Placement.create(MeshConfig(data=2, fsdp=4))
   config, params = placement.load_model(model_dir)   # straight into shards
-  state, shardings = placement.init_state(TrainState.create, params, opt, rng,
-                                          param_axes=[axes])
-  step = placement.jit_step(step_fn, shardings, extra=(ref_params,))
-  state, metrics = step(state, placement.batch(host_batch), ref_params)
+  state, shardings = placement.init_state(
+      lambda p, r: TrainState.create(p, opt, r), params, rng,
+      param_axes=[models.param_logical_axes(config)])
+  step = placement.jit_step(step_fn, shardings, extra=(params,))
+  state, metrics = step(state, placement.batch(host_batch), params)
 
 Arrays are global: every process holds the same host data (the data
 pipeline is deterministic) and contributes the shards its devices own, so
@@ -133,12 +134,15 @@ class Placement:
       MeshError: the sizes do not multiply to the device count, or a size
         is 0 or below -1.
     """
+    # data defaults to -1 (the rest): another axis asked for the rest.
+    data = (
+      1
+      if config.data == -1 and -1 in (config.fsdp, config.tensor)
+      else (config.data)
+    )
     try:
       mesh = parallel.make_mesh(
-        data=config.data,
-        fsdp=config.fsdp,
-        tensor=config.tensor,
-        devices=devices,
+        data=data, fsdp=config.fsdp, tensor=config.tensor, devices=devices
       )
     except ValueError as e:
       n = len(devices) if devices is not None else jax.device_count()
@@ -148,6 +152,17 @@ class Placement:
         f"({e})"
       ) from None
     name, rules = _rule_table(config, mesh)
+    used = {
+      a
+      for _, axes in rules
+      for a in ((axes,) if isinstance(axes, str) else axes or ())
+    }
+    idle = [a for a, n in mesh.shape.items() if n > 1 and a not in used]
+    if idle:
+      raise MeshError(
+        f"--mesh.rules {name} uses no mesh axis {idle}: those devices would "
+        f"repeat the same work; use --mesh.rules auto or fsdp_tp"
+      )
     return cls(mesh=mesh, rules=rules, rules_name=name)
 
   # --------------------------------------------------------------- facts
@@ -319,7 +334,7 @@ class Placement:
         rules=self.rules,
         param_axes=param_axes,
       )
-    except (TypeError, ValueError) as e:
+    except parallel.ShardingError as e:
       raise MeshError(f"{e} ({self.describe()})") from None
     state = jax.jit(init_fn, out_shardings=shardings)(*self.replicate(args))
     return state, shardings

@@ -41,9 +41,16 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]}: {b!r} -> {a!r}"]
 
 
-# Fields that may differ between the run and its resumption (a run may
-# resume on another mesh: checkpoints restore into any sharding).
-_RESUME_FREE = ("resume", "overwrite", "mesh", "distributed", "dry_run")
+# Flags about this invocation, not the run: never saved.
+_NOT_SAVED = ("resume", "overwrite", "dry_run")
+# Saved (config.json says which mesh ran last) but free to change on
+# --resume: checkpoints restore into any sharding.
+_RESUME_FREE = ("mesh", "distributed")
+
+
+def run_dir_for(command: str, config: Any) -> pathlib.Path:
+  """--run-dir, else runs/<subcommand>-<preset>."""
+  return pathlib.Path(config.run_dir or f"runs/{command}-{config.preset}")
 
 
 def prepare_run_dir(
@@ -64,29 +71,37 @@ def prepare_run_dir(
     UserError: an existing run without --resume/--overwrite, or --resume with
       a config that differs from the saved one.
   """
-  preset = getattr(config, "preset", "default")
-  run_dir = pathlib.Path(config.run_dir or f"runs/{command}-{preset}")
+  run_dir = run_dir_for(command, config)
   saved_path = run_dir / CONFIG_FILE
   record = {"command": command, **(extra or {}), "config": config_dict(config)}
-  for k in _RESUME_FREE:
+  for k in _NOT_SAVED:
     record["config"].pop(k, None)
   # A directory holding only config.json (a run that failed on its inputs
   # before doing anything) does not count as a run.
   exists = run_dir.exists() and any(
     p.name != CONFIG_FILE for p in run_dir.iterdir()
   )
-  if exists and getattr(config, "overwrite", False):
+  if exists and config.overwrite:
     shutil.rmtree(run_dir)
     exists = False
-  if write_config and getattr(config, "resume", False) and saved_path.is_file():
+  if write_config and config.resume and saved_path.is_file():
     saved = json.loads(saved_path.read_text())
-    diffs = _diff(record, saved)
+    compared = [
+      {
+        **r,
+        "config": {
+          k: v for k, v in r.get("config", {}).items() if k not in _RESUME_FREE
+        },
+      }
+      for r in (record, saved)
+    ]
+    diffs = _diff(*compared)
     if diffs:
       raise UserError(
         f"cannot resume {run_dir}: the config differs from its config.json "
         f"({'; '.join(diffs[:4])})"
       )
-  elif exists and not getattr(config, "resume", False):
+  elif exists and not config.resume:
     raise UserError(
       f"run directory {run_dir} already holds a run; pass --resume to "
       "continue it, --overwrite to start it again, or --run-dir DIR"
@@ -139,9 +154,23 @@ class StopFlag:
       signal.signal(sig, old)
     self._old.clear()
 
+  def agreed(self) -> bool:
+    """Whether any process of the job was asked to stop. Every process
+    must call it at the same point: the processes then stop (and save)
+    together instead of one waiting in a collective for the others."""
+    import jax
+
+    if jax.process_count() == 1:
+      return self.requested
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(self.requested))
+    return bool(np.any(flags))
+
   def check(self, what: str) -> None:
     """Raises Interrupted (after the caller saved) when a stop was asked."""
-    if self.requested:
+    if self.agreed():
       raise Interrupted(what)
 
 

@@ -6,7 +6,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -97,7 +96,7 @@ class Context:
   @property
   def primary(self) -> bool:
     """This process writes the run's files (process 0)."""
-    return jax.process_index() == 0
+    return self.placement.is_primary
 
   def log_record(self, stage: str, metrics: dict, step: int = 0) -> None:
     """One metrics record of a stage without a step loop."""
@@ -135,11 +134,6 @@ class Context:
       write=self.primary,
       **kwargs,
     )
-
-
-def copy_tree(tree: Any) -> Any:
-  """Fresh buffers, so donating one state never invalidates another."""
-  return jax.tree.map(jnp.copy, tree)
 
 
 def host_tree(tree: Any) -> Any:
@@ -190,14 +184,42 @@ def optimizer(
 
 def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   """Process 0 creates (or checks, on --resume) the run directory; the
-  others wait for it."""
+  others wait for its verdict (the run directory must be on a filesystem
+  every process sees).
+
+  Raises:
+    UserError: process 0 refused the directory (every process raises).
+  """
   from jax.experimental import multihost_utils
 
-  run_dir = pathlib.Path(config.run_dir or f"runs/{command}-{config.preset}")
+  run_dir = runtime.run_dir_for(command, config)
+  error = None
   if jax.process_index() == 0:
-    run_dir = runtime.prepare_run_dir(
-      command, config, extra={"model_dir": str(model_dir)}
-    )
+    try:
+      runtime.prepare_run_dir(
+        command, config, extra={"model_dir": str(model_dir)}
+      )
+    except runtime.UserError as e:
+      error = e
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"run directory {run_dir}")
+    refused = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if error is None and int(refused):
+      raise runtime.UserError(f"process 0 refused the run directory {run_dir}")
+  if error is not None:
+    raise error
   return run_dir
+
+
+def load_policy(placement: Placement, model_dir: pathlib.Path):
+  """The policy checkpoint, straight into its shards.
+
+  Raises:
+    UserError: a missing or unreadable checkpoint (names the file).
+  """
+  try:
+    return placement.load_model(model_dir)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    hint = ""
+    if not list(model_dir.glob("*.safetensors")):
+      hint = " (a directory with only config.json works with --dry-run)"
+    raise runtime.UserError(f"{str(e).strip(chr(39))}{hint}") from None

@@ -54,7 +54,8 @@ class TaskConfig:
   eval_fraction: float = 0.25
   """Fraction of prompts held out for evaluation (never trained on)."""
   max_prompt_length: int = 24
-  """P: prompt tokens (BOS included); longer prompts are an error."""
+  """P: prompt tokens (BOS included); a longer task prompt is an error, a
+  longer --data / --prompts prompt keeps its last P tokens (counted)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,11 +27,13 @@ def _with_accuracy(out: tuple) -> tuple:
   return state, {**metrics, "dpo/accuracy": metrics["rewards/accuracies"]}
 
 
-def _implicit_margin(params, ref, batch, *, config, beta):
+def _implicit_margin(params, ref, batch, *, config, beta, average):
   """beta (log pi/pi_ref (y+) - log pi/pi_ref (y-)) per pair (Rafailov et
-  al. 2023, eq. 7: the implicit reward difference)."""
-  pc, pr = preference_logprobs(params, batch, model_config=config)
-  rc, rr = preference_logprobs(ref, batch, model_config=config)
+  al. 2023, eq. 7: the implicit reward difference); per-token means of the
+  logprobs for IPO (``average``), as its loss uses them."""
+  kw = dict(model_config=config, average=average)
+  pc, pr = preference_logprobs(params, batch, **kw)
+  rc, rr = preference_logprobs(ref, batch, **kw)
   return beta * ((pc - rc) - (pr - rr))
 
 
@@ -42,7 +44,7 @@ def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
   size = -(-min(ctx.config.dpo.batch_size * 2, n) // k) * k
   if "dpo_margin" not in ctx.cache:
     ctx.cache["dpo_margin"] = ctx.placement.jit_gather(
-      _implicit_margin, static_argnames=("config", "beta")
+      _implicit_margin, static_argnames=("config", "beta", "average")
     )
   margins = []
   for start, stop in chunks(n, size):
@@ -54,6 +56,7 @@ def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
       batch,
       config=ctx.model_config,
       beta=ctx.config.dpo.loss.beta,
+      average=ctx.config.dpo.loss.loss_type == "ipo",
     )
     margins.append(np.asarray(m)[: stop - start])
   margin = np.concatenate(margins)

@@ -1,6 +1,5 @@
 """`rlhf-jax rm` on Anthropic HH-RLHF: a reward model on real human preferences.
-
-The second real-input job of the CLI issue. Pairs come from every
+ Pairs come from every
 ``*.jsonl.gz`` file of the HH-RLHF directory (Bai et al. 2022); rows whose
 chosen and rejected prompts differ, or whose two transcripts are identical,
 are dropped and counted (``rlhf_jax.data.load_hh_rlhf``). The first
@@ -89,7 +88,6 @@ HELDOUT_FILE = "helpful-base-test.jsonl.gz"
 RESULTS_FILE = "results.json"
 REWARDS_FILE = "heldout_rewards.npz"
 CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +197,12 @@ def _resolve(path: str | None, default: pathlib.Path) -> pathlib.Path:
 
 
 def _build_model(
-  config: HHRewardModelConfig, rng: jax.Array
+  config: HHRewardModelConfig,
+  rng: jax.Array,
+  placement: Placement | None = None,
 ) -> tuple[HFTokenizerAdapter, models.ModelConfig, dict]:
-  """Tokenizer, backbone config and {"backbone", "head"} params."""
+  """Tokenizer, backbone config and {"backbone", "head"} params (a loaded
+  backbone straight into its shards on ``placement``)."""
   if config.backbone == "scratch":
     tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
     if not tok_path.is_file():
@@ -235,7 +236,10 @@ def _build_model(
     backbone = models.init_params(model_config, backbone_rng)
   elif config.backbone == "tinystories":
     model_dir = _resolve(config.model_dir, DEFAULT_TINYSTORIES_DIR)
-    model_config, backbone = models.load_hf_checkpoint(model_dir)
+    if placement is None:
+      model_config, backbone = models.load_hf_checkpoint(model_dir)
+    else:
+      model_config, backbone = placement.load_model(model_dir)
     tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
     _, head_rng = jax.random.split(rng)
   else:
@@ -280,11 +284,6 @@ def _score_pairs(
     chosen.append(np.asarray(rc)[keep])
     rejected.append(np.asarray(rr)[keep])
   return np.concatenate(chosen), np.concatenate(rejected)
-
-
-def _mean_metrics(window: list[dict]) -> dict[str, float]:
-  host = jax.device_get(window)
-  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
 def _load_pairs(config: HHRewardModelConfig):
@@ -477,7 +476,7 @@ def run_hh_reward_model(
   t_start = time.perf_counter()
   cpu_start = time.process_time()
   placement = placement or Placement.create(MeshConfig())
-  placement.check_batch(config.batch_size, "hh.batch_size")
+  placement.check_batch(config.batch_size, "--hh.batch-size")
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   config_dict = dataclasses.asdict(config)
@@ -508,7 +507,7 @@ def run_hh_reward_model(
       (run_dir / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2))
     loaded, train_pairs, held_pairs = _load_pairs(config)
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
-    tok, model_config, params = _build_model(config, init_rng)
+    tok, model_config, params = _build_model(config, init_rng, placement)
     params = placement.put_scalar_model(params, model_config)
     lengths = dict(
       max_prompt_length=config.max_prompt_length,

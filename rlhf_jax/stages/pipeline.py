@@ -29,12 +29,9 @@ Run directory::
   outputs/{rm, ppo, dpo}/ (Hugging Face directories; rm/reward_head/)
 """
 
-import dataclasses
 import pathlib
 from collections.abc import Callable
 from typing import Any
-
-import jax
 
 from rlhf_jax import models
 from rlhf_jax.data import DataError, HFTokenizerAdapter
@@ -47,13 +44,14 @@ from rlhf_jax.stages.common import (
   POLICIES,
   STAGES_BY_COMMAND,
   Context,
+  load_policy,
   open_run_dir,
 )
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import stage_dpo
 from rlhf_jax.stages.evaluate import stage_initial
 from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
-from rlhf_jax.stages.ppo import stage_ppo
+from rlhf_jax.stages.ppo import ppo_config, stage_ppo
 from rlhf_jax.stages.rm import stage_rm
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.user_data import stage_user_prompts
@@ -97,6 +95,28 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
     )
 
 
+def check_batch_sizes(
+  command: str, config: PipelineConfig, placement: Placement
+) -> None:
+  """The batch sizes of the stages that run split over the batch axes.
+
+  Raises:
+    MeshError: one does not (names its option).
+  """
+  stages = stages_for(command, config)
+  sizes = {
+    "--rm.batch-size": ("rm", config.rm.batch_size),
+    "--ppo.batch-size": ("ppo", config.ppo.batch_size),
+    "--dpo.batch-size": ("dpo", config.dpo.batch_size),
+    # Sampling runs whenever the task's prompts or a policy are evaluated.
+    "--sampling.batch-size": ("initial", config.sampling.batch_size),
+  }
+  for flag, (stage, size) in sizes.items():
+    sampled = stage == "initial" and "prompts" in stages
+    if stage in stages or sampled:
+      placement.check_batch(size, flag)
+
+
 def stages_for(command: str, config: PipelineConfig) -> tuple[str, ...]:
   """The stages a subcommand runs with these options."""
   if config.data is not None:
@@ -122,15 +142,9 @@ def open_run(
   check_inputs(command, config)
   model_dir = environment.resolve_model(config.model)
   placement = Placement.create(config.mesh)
-  for size, what in (
-    (config.sampling.batch_size, "--sampling.batch-size"),
-    (config.rm.batch_size, "--rm.batch-size"),
-    (config.ppo.batch_size, "--ppo.batch-size"),
-    (config.dpo.batch_size, "--dpo.batch-size"),
-  ):
-    placement.check_batch(size, what)
+  check_batch_sizes(command, config, placement)
   run_dir = open_run_dir(command, config, model_dir)
-  model_config, params = placement.load_model(model_dir)
+  model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
   tok = models.load_tokenizer(model_dir)
@@ -217,7 +231,6 @@ def run_pipeline(
       log(f"{name}: done in {t.elapsed():.1f}s {_headline(name, res)}")
     out = stage_report(ctx, results)
   log(f"report: {ctx.run_dir / 'report.md'}")
-  jax.effects_barrier()
   return out
 
 
@@ -253,13 +266,7 @@ def _dry_run_config(stage: str, config: PipelineConfig, model_config):
     return config.dpo.loss
   eos = model_config.eos_token_id or 0  # no tokenizer in a dry run
   pad = eos if model_config.pad_token_id is None else model_config.pad_token_id
-  return dataclasses.replace(
-    config.ppo.algo,
-    eos_token_id=eos,
-    pad_token_id=pad,
-    temperature=config.sampling.temperature,
-    exact_sampling=config.sampling.exact_sampling,
-  )
+  return ppo_config(config, eos_token_id=eos, pad_token_id=pad)
 
 
 def dry_run_pipeline(

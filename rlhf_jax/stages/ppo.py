@@ -10,6 +10,7 @@ from rlhf_jax import models
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context, optimizer
+from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
 from rlhf_jax.stages.rm import reward_model_for_eval
 from rlhf_jax.stages.sampling import tokenize_prompt_texts
@@ -28,14 +29,16 @@ def _prompt_iterator(ctx: Context, prompts: list[str], batch: int):
   return BatchIterator(ds, global_batch_size=batch, seed=ctx.config.seed)
 
 
-def ppo_config(ctx: Context) -> PPOConfig:
+def ppo_config(
+  config: PipelineConfig, *, eos_token_id: int, pad_token_id: int
+) -> PPOConfig:
   """The library's PPOConfig: --ppo.algo.* with the tokenizer's ids and
   the --sampling.* settings."""
-  sampling = ctx.config.sampling
+  sampling = config.sampling
   return dataclasses.replace(
-    ctx.config.ppo.algo,
-    eos_token_id=ctx.eos,
-    pad_token_id=ctx.pad,
+    config.ppo.algo,
+    eos_token_id=eos_token_id,
+    pad_token_id=pad_token_id,
     max_new_tokens=sampling.max_new_tokens,
     temperature=sampling.temperature,
     exact_sampling=sampling.exact_sampling,
@@ -48,7 +51,7 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
   rm = reward_model_for_eval(ctx)
   if rm is None:
     raise runtime.UserError("PPO needs a trained reward model (stage rm)")
-  config = ppo_config(ctx)
+  config = ppo_config(ctx.config, eos_token_id=ctx.eos, pad_token_id=ctx.pad)
   p_opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
   v_opt = optimizer(
     cfg.value_learning_rate, cfg.warmup_steps, cfg.max_grad_norm

@@ -231,7 +231,7 @@ def _plot_training(records, stage: str, path: pathlib.Path) -> bool:
   rs = [r for r in records if r["stage"] == stage]
   keys = list(dict.fromkeys(k for r in rs for k in r))
   loss_keys = [k for k in keys if k.endswith("loss")]
-  acc_keys = [k for k in keys if "accuracy" in k]
+  acc_keys = [k for k in keys if "accuracy" in k and "stderr" not in k]
   if not loss_keys and not acc_keys:
     return False
   fig, (ax_l, ax_a) = _new_figure(2)

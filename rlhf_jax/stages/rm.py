@@ -135,6 +135,37 @@ def load_rm(
   return config, params, pooling
 
 
+# The fields that make two checkpoints the same network (dtypes aside).
+_ARCHITECTURE = (
+  "model_type",
+  "vocab_size",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "intermediate_size",
+  "tie_word_embeddings",
+)
+
+
+def _check_same_architecture(source, rm_config, policy_config) -> None:
+  """The critic starts from the reward model and both score with the
+  policy's config, so they must be the same network.
+
+  Raises:
+    UserError: names the first field that differs.
+  """
+  for field in _ARCHITECTURE:
+    a, b = getattr(rm_config, field), getattr(policy_config, field)
+    if a != b:
+      raise runtime.UserError(
+        f"--reward-model {source}: {field} = {a!r}, the policy's is {b!r}; "
+        "the reward model must be the policy's architecture with its "
+        "tokenizer (train it with `rlhf-jax rm --model <policy>`)"
+      )
+
+
 def reward_model_for_eval(ctx: Context) -> Any | None:
   """The reward model on the mesh: --reward-model, else the run's trained
   one (None before stage rm). Its pooling goes to ctx.cache["rm_pooling"].
@@ -154,12 +185,7 @@ def reward_model_for_eval(ctx: Context) -> Any | None:
       config, rm, saved = load_rm(source, ctx.placement)
       # This run's own head reads the sequence as its config says.
       pooling = pooling if source == ctx.run_dir else saved
-      if config.vocab_size != ctx.model_config.vocab_size:
-        raise runtime.UserError(
-          f"--reward-model {source}: vocabulary of {config.vocab_size} "
-          f"tokens, the policy's has {ctx.model_config.vocab_size}; the "
-          "reward model must share the policy's tokenizer"
-        )
+      _check_same_architecture(source, config, ctx.model_config)
     ctx.cache["rm_params"], ctx.cache["rm_pooling"] = rm, pooling
   return ctx.cache["rm_params"]
 

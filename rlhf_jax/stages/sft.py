@@ -26,7 +26,7 @@ from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
-from rlhf_jax.stages.common import host_tree, open_run_dir
+from rlhf_jax.stages.common import host_tree, load_policy, open_run_dir
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_report
 from rlhf_jax.stages.user_data import data_counts
@@ -111,7 +111,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   placement.check_batch(config.batch_size, "--batch-size")
   run_dir = open_run_dir("sft", config, model_dir)
   loaded, examples, field = _demonstrations(config.data, config.strict)
-  model_config, params = placement.load_model(model_dir)
+  model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
   tok = models.load_tokenizer(model_dir)

@@ -35,7 +35,9 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
     s["annotator/beta"] = ctx.config.feedback.annotator_beta
   if "rm" in results:
     h = results["rm"]["heldout"]
-    s["rm/heldout_accuracy_annotator"] = h["rm/eval_accuracy"]
+    # The simulated annotator's labels, or the --data file's.
+    label = "annotator" if ctx.config.data is None else "labels"
+    s[f"rm/heldout_accuracy_{label}"] = h["rm/eval_accuracy"]
     if "rm/eval_accuracy_stderr" in h:
       s["rm/heldout_accuracy_stderr"] = h["rm/eval_accuracy_stderr"]
     if "rm/eval_length_baseline_accuracy" in h:

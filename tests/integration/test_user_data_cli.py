@@ -79,7 +79,7 @@ def test_rm_on_hh_pairs(rm_run):
   s = _check_outputs(
     rm_run,
     (
-      "rm/heldout_accuracy_annotator",
+      "rm/heldout_accuracy_labels",
       "rm/heldout_accuracy_stderr",
       "rm/length_baseline_accuracy",
       "data/rows_read",
@@ -97,7 +97,7 @@ def test_rm_on_hh_pairs(rm_run):
   n = s["rm/eval_pairs"]
   assert n == round(0.1 * s["data/rows_kept"])
   assert s["data/truncated_prompt"] == s["data/rows_kept"]
-  acc = s["rm/heldout_accuracy_annotator"]
+  acc = s["rm/heldout_accuracy_labels"]
   assert math.isclose(acc * n, round(acc * n), abs_tol=1e-9)
   stderr = math.sqrt(acc * (1 - acc) / n)
   assert s["rm/heldout_accuracy_stderr"] == pytest.approx(stderr, rel=1e-6)
