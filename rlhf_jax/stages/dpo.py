@@ -9,7 +9,7 @@ from rlhf_jax.data import BatchIterator
 from rlhf_jax.stages.common import Context, optimizer
 from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
-from rlhf_jax.stages.feedback import preference_data
+from rlhf_jax.stages.feedback import preference_data, train_batch_size
 from rlhf_jax.stages.rm import reward_model_for_eval
 from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
@@ -86,7 +86,9 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
   )
   it = BatchIterator(
     prefs["train"],
-    global_batch_size=min(cfg.batch_size, len(prefs["train"])),
+    global_batch_size=train_batch_size(
+      ctx, cfg.batch_size, prefs, "--dpo.batch-size"
+    ),
     seed=ctx.config.seed,
   )
   rm = reward_model_for_eval(ctx)

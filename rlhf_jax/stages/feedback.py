@@ -207,6 +207,20 @@ def pairs_dataset(ctx: Context, pairs: list[dict]) -> TokenizedDataset:
   )
 
 
+def train_batch_size(ctx: Context, size: int, prefs: dict, flag: str) -> int:
+  """``size``, or all training pairs when fewer; checked against the mesh
+  before the first step.
+
+  Raises:
+    MeshError: the batch does not split over the batch axes.
+  """
+  n = len(prefs["train"])
+  if n < size:
+    ctx.placement.check_batch(n, f"{flag} (cut to the {n} training pairs)")
+    return n
+  return size
+
+
 def preference_data(ctx: Context) -> dict:
   """Train / held-out preference datasets: simulated feedback or --data."""
   if "prefs" in ctx.cache:

@@ -18,7 +18,7 @@ from rlhf_jax.stages.common import (
   optimizer,
 )
 from rlhf_jax.stages.eval_metrics import accuracy_stderr
-from rlhf_jax.stages.feedback import preference_data
+from rlhf_jax.stages.feedback import preference_data, train_batch_size
 from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
   TrainState,
@@ -216,7 +216,9 @@ def stage_rm(ctx: Context) -> dict:
   )
   it = BatchIterator(
     prefs["train"],
-    global_batch_size=min(cfg.batch_size, len(prefs["train"])),
+    global_batch_size=train_batch_size(
+      ctx, cfg.batch_size, prefs, "--rm.batch-size"
+    ),
     seed=ctx.config.seed,
   )
   loop = ctx.loop("rm", cfg.steps, show=("rm/loss", "rm/accuracy"))
