@@ -332,6 +332,8 @@ def write_report(
     stage = name.split("_")[0]
     if stage in ("ppo", "rm", "dpo", "sft") and stage not in ran:
       continue  # a stage this run never had: no section
+    if stage == "reward" and not any(EVAL_GOLD_KEY in r for r in records):
+      continue  # no gold scorer (the user's own prompts)
     drawn = draw(path)
     plots.append(
       {

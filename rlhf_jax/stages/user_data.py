@@ -67,7 +67,9 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
     "source": str(path),
     "counts": {
       **data_counts("prompts", loaded.drops, ds.truncation.truncated),
+      # Rows kept by the loader, then repeats of a prompt dropped.
       "prompts/dropped_duplicate": len(loaded.examples) - len(prompts),
+      "prompts/distinct": len(prompts),
     },
   }
   if ctx.primary:
