@@ -245,6 +245,8 @@ def _dispatch(command: str, config: Any) -> int:
     from rlhf_jax.stages.sft import run_sft
 
     summary = run_sft(config)
+    if config.dry_run:
+      return 0
     print(f"sft/final_loss = {summary['sft/final_loss']:.4f}")
     print(f"report: {config.run_dir or 'runs/sft-' + config.preset}/report.md")
     return 0

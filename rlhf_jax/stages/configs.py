@@ -242,6 +242,9 @@ class SFTConfig:
   """Initial checkpoint (as for `run`)."""
   run_dir: str | None = None
   """Output directory. Default: runs/sft-<preset>."""
+  dry_run: bool = False
+  """Build the SFT step on the mesh without weights, compile it ahead of
+  time, print per-device memory and FLOPs, and stop (needs no --data)."""
   resume: bool = False
   """Continue from the run's checkpoints."""
   overwrite: bool = False

@@ -23,6 +23,7 @@ from rlhf_jax.data import (
   tokenize_sft,
 )
 from rlhf_jax.runner import runtime
+from rlhf_jax.runner.dry_run import dry_run
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
@@ -89,6 +90,32 @@ def _train(config, placement, model_config, params, ds, run_dir):
   return state, last
 
 
+def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
+  """``--dry-run``: the SFT step built abstractly on the mesh and compiled
+  ahead of time; reads only the model's config.json.
+
+  Returns:
+    {} (nothing trained).
+  """
+  environment.setup_jax()
+  environment.start(config.distributed)
+  model_dir = environment.resolve_model(config.model)
+  placement = Placement.create(config.mesh)
+  placement.check_batch(config.batch_size, "--batch-size")
+  report = dry_run(
+    "sft",
+    models.load_hf_config(model_dir),
+    mesh=placement.mesh,
+    rules=placement.rules,
+    batch_size=config.batch_size,
+    prompt_length=config.max_prompt_length,
+    response_length=config.max_response_length,
+  )
+  log(f"dry run of `rlhf-jax sft` for {model_dir}: {placement.describe()}")
+  log(report.format())
+  return {}
+
+
 def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   """SFT on --data: next-token loss on the response tokens.
 
@@ -99,6 +126,8 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
     UserError, DataError: bad options or data (one-line messages).
     Interrupted: SIGINT/SIGTERM after a checkpoint was saved.
   """
+  if config.dry_run:
+    return dry_run_sft(config, log)
   if not config.data:
     raise runtime.UserError("rlhf-jax sft needs --data FILE")
   environment.setup_jax()

@@ -248,3 +248,20 @@ def test_format_bytes():
   assert dr.format_bytes(1536) == "1.5 KiB"
   assert dr.format_bytes(589 << 20) == "589.0 MiB"
   assert dr.format_bytes(3 * GIB) == "3.00 GiB"
+
+
+def test_sft_dry_run_from_the_cli(
+  tinystories_dir, tmp_path, capsys, monkeypatch
+):
+  """`rlhf-jax sft --dry-run` on the 8 test devices: no --data, no run
+  directory, the report printed, exit 0."""
+  from rlhf_jax.cli.main import main
+
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "off")  # keep the test's cache
+  monkeypatch.chdir(tmp_path)  # a default run dir would appear here
+  code = main(["sft", "--dry-run", "--model", str(tinystories_dir)])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "dry run: sft on mesh data=8 fsdp=1 tensor=1 (8 devices)" in out
+  assert "params" in out and "lower / compile" in out
+  assert not list(tmp_path.iterdir())
