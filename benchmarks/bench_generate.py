@@ -51,7 +51,8 @@ from rlhf_jax.rollout import generate  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "benchmarks" / "hf_generate_worker.py"
-SIDE_PYTHON = pathlib.Path("/work/sideenv/venv311/bin/python")
+# The side env of scripts/setup_side_env.sh (torch CPU + transformers).
+SIDE_PYTHON = REPO / ".side" / "venv311" / "bin" / "python"
 TINYSTORIES = REPO.parent / "shared" / "data" / "models" / "tinystories-656k"
 
 # ~20M parameters: vocab 8192 untied (2 x 3.1M) + 8 layers x 1.77M.
@@ -238,9 +239,19 @@ def main():
     " worker gets OMP_WAIT_POLICY=PASSIVE: on an oversubscribed machine"
     " spinning threads slow torch's generate 10-100x, an unfair baseline",
   )
-  parser.add_argument("--side-python", type=pathlib.Path, default=SIDE_PYTHON)
+  parser.add_argument(
+    "--side-python",
+    type=pathlib.Path,
+    default=SIDE_PYTHON,
+    help="Python with torch and transformers (bash scripts/setup_side_env.sh)",
+  )
   parser.add_argument("--json", type=pathlib.Path, help="write results here")
   args = parser.parse_args()
+  if not args.side_python.is_file():
+    parser.error(
+      f"--side-python {args.side_python}: not found; create it with "
+      "`bash scripts/setup_side_env.sh` or pass a Python with torch"
+    )
 
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}", flush=True)
   worker = Worker(

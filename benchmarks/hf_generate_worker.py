@@ -3,7 +3,9 @@
 Runs in the side Python 3.11 environment that has torch (CPU) and
 transformers (the rlhf_jax env has no torch):
 
-  /work/sideenv/venv311/bin/python benchmarks/hf_generate_worker.py
+  .side/venv311/bin/python benchmarks/hf_generate_worker.py
+
+(created by `bash scripts/setup_side_env.sh`)
 
 Protocol: one JSON object per line on stdin, one JSON reply per line on
 stdout (logs go to stderr). Commands:
