@@ -295,6 +295,26 @@ class Placement:
       self.check_batch(int(np.shape(leaves[0])[0]), "the batch size")
     return jax.tree.map(lambda x: self.put(x, sharding), tree)
 
+  def map_rows(
+    self, fn: Callable[[PyTree], tuple], dataset: Any, max_rows: int
+  ) -> tuple[np.ndarray, ...]:
+    """``fn(batch) -> (f32[B], ...)`` over every row of ``dataset`` (a
+    ``data.TokenizedDataset``) in batches of one static shape: B is
+    ``max_rows`` (at most the dataset's size) rounded up to the batch axes,
+    the last batch padded with padding rows, whose outputs are dropped.
+
+    Returns:
+      One numpy array [len(dataset)] per output of ``fn``, in row order.
+    """
+    n, k = len(dataset), self.batch_divisor
+    size = -(-min(max_rows, n) // k) * k
+    parts = []
+    for start in range(0, n, size):
+      idx = np.arange(start, start + size)
+      out = fn(self.batch(dataset.take(np.where(idx < n, idx, -1))))
+      parts.append([np.asarray(x)[: min(size, n - start)] for x in out])
+    return tuple(np.concatenate(col) for col in zip(*parts, strict=True))
+
   def load_model(
     self, model_dir: Any, **kwargs: Any
   ) -> tuple[models.ModelConfig, PyTree]:

@@ -11,7 +11,6 @@ from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
 from rlhf_jax.stages.feedback import preference_data, train_batch_size
 from rlhf_jax.stages.rm import reward_model_for_eval
-from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
   TrainState,
   make_dpo_step,
@@ -40,26 +39,25 @@ def _implicit_margin(params, ref, batch, *, config, beta, average):
 def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
   """Held-out implicit-reward accuracy (strict: ties count as wrong)."""
   ds = prefs["eval"]
-  n, k = len(ds), ctx.placement.batch_divisor
-  size = -(-min(ctx.config.dpo.batch_size * 2, n) // k) * k
   if "dpo_margin" not in ctx.cache:
     ctx.cache["dpo_margin"] = ctx.placement.jit_gather(
       _implicit_margin, static_argnames=("config", "beta", "average")
     )
-  margins = []
-  for start, stop in chunks(n, size):
-    idx = np.arange(start, start + size)
-    batch = ctx.placement.batch(ds.take(np.where(idx < stop, idx, -1)))
-    m = ctx.cache["dpo_margin"](
-      params,
-      ctx.ref_params,
-      batch,
-      config=ctx.model_config,
-      beta=ctx.config.dpo.loss.beta,
-      average=ctx.config.dpo.loss.loss_type == "ipo",
-    )
-    margins.append(np.asarray(m)[: stop - start])
-  margin = np.concatenate(margins)
+  (margin,) = ctx.placement.map_rows(
+    lambda batch: (
+      ctx.cache["dpo_margin"](
+        params,
+        ctx.ref_params,
+        batch,
+        config=ctx.model_config,
+        beta=ctx.config.dpo.loss.beta,
+        average=ctx.config.dpo.loss.loss_type == "ipo",
+      ),
+    ),
+    ds,
+    ctx.config.dpo.batch_size * 2,
+  )
+  n = len(ds)
   acc = float(np.mean(margin > 0))
   return {
     "dpo/eval_accuracy": acc,

@@ -270,22 +270,6 @@ def _optimizer(
   )
 
 
-def _score_pairs(
-  score_fn, params, dataset: TokenizedDataset, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Rewards (chosen f32[n], rejected f32[n]) in static-shape batches."""
-  n = len(dataset)
-  chosen, rejected = [], []
-  for start in range(0, n, batch_size):
-    idx = np.arange(start, start + batch_size)
-    idx = np.where(idx < n, idx, -1)  # -1: padding rows, dropped below
-    rc, rr = score_fn(params, dataset.take(idx))
-    keep = idx >= 0
-    chosen.append(np.asarray(rc)[keep])
-    rejected.append(np.asarray(rr)[keep])
-  return np.concatenate(chosen), np.concatenate(rejected)
-
-
 def _load_pairs(config: HHRewardModelConfig):
   data_dir = _resolve(config.data_dir, DEFAULT_HH_DIR)
   if not data_dir.is_dir():
@@ -390,10 +374,8 @@ def _evaluate(
   score_fn = placement.jit_gather(
     lambda p, b: pair_rewards(p, b, model_config=model_config)
   )
-  size = -(-config.eval_batch_size // placement.batch_divisor)
-  size *= placement.batch_divisor
-  rc, rr = _score_pairs(
-    lambda p, b: score_fn(p, placement.batch(b)), params, held_ds, size
+  rc, rr = placement.map_rows(
+    lambda b: score_fn(params, b), held_ds, config.eval_batch_size
   )
   n = len(rc)
   acc = float(np.mean(rc > rr))

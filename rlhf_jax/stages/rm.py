@@ -19,7 +19,6 @@ from rlhf_jax.stages.common import (
 )
 from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.feedback import preference_data, train_batch_size
-from rlhf_jax.stages.sampling import chunks
 from rlhf_jax.train import (
   TrainState,
   make_reward_model_step,
@@ -39,29 +38,17 @@ def _scorer(ctx: Context):
   return ctx.cache["pair_scores"]
 
 
-def _round_up(n: int, k: int) -> int:
-  return -(-n // k) * k
-
-
 def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
   """Held-out accuracy vs the annotator labels and vs the gold order."""
   ds: TokenizedDataset = prefs["eval"]
   n = len(ds)
-  # Padding rows (index -1) fill the last batch and the batch axes.
-  size = _round_up(
-    min(ctx.config.rm.batch_size * 2, n), ctx.placement.batch_divisor
-  )
-  rc, rr = [], []
-  for start, stop in chunks(n, size):
-    idx = np.arange(start, start + size)
-    idx = np.where(idx < stop, idx, -1)
-    batch = ctx.placement.batch(ds.take(idx))
-    c, r = _scorer(ctx)(
+  rc, rr = ctx.placement.map_rows(
+    lambda batch: _scorer(ctx)(
       params, batch, config=ctx.model_config, pooling=ctx.config.rm.loss.pooling
-    )
-    rc.append(np.asarray(c)[: stop - start])
-    rr.append(np.asarray(r)[: stop - start])
-  rc, rr = np.concatenate(rc), np.concatenate(rr)
+    ),
+    ds,
+    ctx.config.rm.batch_size * 2,
+  )
   acc = float(np.mean(rc > rr))
   out = {
     "rm/eval_accuracy": acc,
