@@ -96,6 +96,31 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
   assert not (run_dir / "marker").exists()
 
 
+def test_a_folder_of_the_users_is_never_deleted(tmp_path):
+  """--overwrite, --resume and a plain run refuse a non-empty folder that
+  rlhf-jax did not create, and leave its files as they were."""
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  (folder / "precious.txt").write_text("keep me")
+  base = dataclasses.replace(P.smoke_pipeline(), run_dir=str(folder))
+  for flags in ({}, {"overwrite": True}, {"resume": True}):
+    cfg = dataclasses.replace(base, **flags)
+    with pytest.raises(runtime.UserError, match="not created by rlhf-jax"):
+      runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
+  assert [p.name for p in folder.iterdir()] == ["precious.txt"]
+  assert (folder / "precious.txt").read_text() == "keep me"
+  a_file = tmp_path / "file"
+  a_file.write_text("x")
+  cfg = dataclasses.replace(base, run_dir=str(a_file))
+  with pytest.raises(runtime.UserError, match="is a file"):
+    runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  cfg = dataclasses.replace(base, run_dir=str(empty))
+  runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
+  assert (empty / runtime.RUN_MARKER).is_file()
+
+
 def test_resolve_model_order(tmp_path, monkeypatch):
   given, env = tmp_path / "given", tmp_path / "env"
   given.mkdir()

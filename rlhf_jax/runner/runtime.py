@@ -48,6 +48,28 @@ _NOT_SAVED = ("resume", "overwrite", "dry_run")
 _RESUME_FREE = ("mesh", "distributed")
 
 
+# Written into every run directory when it is created: --overwrite deletes
+# only directories holding it, so it never empties a folder of the user's.
+RUN_MARKER = ".rlhf_jax_run"
+
+
+def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
+  """Raises UserError when --run-dir names a file, or a non-empty folder
+  that rlhf-jax did not create (nothing in it is touched)."""
+  if run_dir.exists() and not run_dir.is_dir():
+    raise UserError(f"--run-dir {run_dir}: is a file, not a directory")
+  if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+    return
+  if not any(run_dir.iterdir()):
+    return  # an empty folder: used as it is
+  what = "--overwrite" if config.overwrite else "--run-dir"
+  raise UserError(
+    f"{what} {run_dir}: the folder holds files and was not created by "
+    f"rlhf-jax (no {RUN_MARKER}); nothing was changed. Choose another "
+    "--run-dir, or empty the folder yourself"
+  )
+
+
 def run_dir_for(command: str, config: Any) -> pathlib.Path:
   """--run-dir, else runs/<subcommand>-<preset>."""
   return pathlib.Path(config.run_dir or f"runs/{command}-{config.preset}")
@@ -72,6 +94,7 @@ def prepare_run_dir(
       a config that differs from the saved one.
   """
   run_dir = run_dir_for(command, config)
+  _check_ours(run_dir, config)
   saved_path = run_dir / CONFIG_FILE
   record = {"command": command, **(extra or {}), "config": config_dict(config)}
   for k in _NOT_SAVED:
@@ -79,7 +102,7 @@ def prepare_run_dir(
   # A directory holding only config.json (a run that failed on its inputs
   # before doing anything) does not count as a run.
   exists = run_dir.exists() and any(
-    p.name != CONFIG_FILE for p in run_dir.iterdir()
+    p.name not in (CONFIG_FILE, RUN_MARKER) for p in run_dir.iterdir()
   )
   if exists and config.overwrite:
     shutil.rmtree(run_dir)
@@ -107,6 +130,7 @@ def prepare_run_dir(
       "continue it, --overwrite to start it again, or --run-dir DIR"
     )
   run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / RUN_MARKER).write_text(f"created by rlhf-jax {command}\n")
   if not write_config:
     return run_dir
   tmp = saved_path.with_suffix(".json.tmp")
