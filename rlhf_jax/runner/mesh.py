@@ -346,17 +346,18 @@ class Placement:
         of the state matched ``param_axes`` while the rules shard
         parameters on this mesh.
     """
+    args = self.replicate(args)
     try:
       shardings = parallel.state_shardings(
         init_fn,
-        *self.replicate(args),
+        *args,
         mesh=self.mesh,
         rules=self.rules,
         param_axes=param_axes,
       )
     except parallel.ShardingError as e:
       raise MeshError(f"{e} ({self.describe()})") from None
-    state = jax.jit(init_fn, out_shardings=shardings)(*self.replicate(args))
+    state = jax.jit(init_fn, out_shardings=shardings)(*args)
     return state, shardings
 
   def jit_step(
