@@ -196,6 +196,7 @@ def test_unknown_subcommand(capsys):
 def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
   run = tmp_path / "r"
   run.mkdir()
+  (run / ".rlhf_jax_run").write_text("")  # made by rlhf-jax
   (run / "config.json").write_text("{}")
   (run / "metrics.jsonl").write_text("")
   code, err = _run(capsys, ["rm", "--preset", "smoke", "--run-dir", str(run)])

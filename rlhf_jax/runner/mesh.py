@@ -85,6 +85,12 @@ def start_distributed(config: DistributedConfig) -> None:
     )
   if config.num_processes == 1:
     return
+  host, _, port = config.coordinator_address.rpartition(":")
+  if not host or not port.isdigit():
+    raise MeshError(
+      f"--distributed.coordinator-address {config.coordinator_address!r}: "
+      "expected HOST:PORT (e.g. 127.0.0.1:12345)"
+    )
   try:
     parallel.initialize_distributed(
       config.coordinator_address, config.num_processes, config.process_id

@@ -94,6 +94,8 @@ def prepare_run_dir(
       a config that differs from the saved one.
   """
   run_dir = run_dir_for(command, config)
+  if config.resume and config.overwrite:
+    raise UserError("--resume and --overwrite contradict each other")
   _check_ours(run_dir, config)
   saved_path = run_dir / CONFIG_FILE
   record = {"command": command, **(extra or {}), "config": config_dict(config)}
