@@ -178,8 +178,8 @@ GAE, then PPO epochs. The critic starts from the reward model
 (`value_params`), the reference is the initial policy, and the KL
 coefficient adapts toward `target_kl`. At the first epoch of every
 iteration the policy that sampled is the one being trained, so the PPO
-ratio is exactly 1 (DESIGN.md convention 4); in iteration 1 the policy is
-also the reference, so the KL is exactly 0.""",
+ratio is exactly 1 (docs/conventions.md, convention 4); in iteration 1 the
+policy is also the reference, so the KL is exactly 0.""",
   ),
   (
     "code",

@@ -10,10 +10,11 @@ Shape glossary (used in every docstring, e.g. ``f32[B, T]``):
   D  model width
   K  responses per ranked prompt
 
-Conventions (DESIGN.md): per-token RL tensors are response-aligned [B, T]
-(``logprobs[:, t]`` comes from the logits at full-sequence position P+t-1);
-masks are bool with True = valid; masked slots of outputs hold 0; arrays are
-positional and hyperparameters keyword-only.
+Conventions (docs/conventions.md): per-token RL tensors are
+response-aligned [B, T] (``logprobs[:, t]`` comes from the logits at
+full-sequence position P+t-1); masks are bool with True = valid; masked
+slots of outputs hold 0; arrays are positional and hyperparameters
+keyword-only.
 
 This top level exports the stateless math and the batch types. Models,
 sampling, train steps, distribution and checkpoints live in the subpackages
@@ -35,8 +36,8 @@ from rlhf_jax.kl import (
   apply_missing_eos_penalty,
   fixed_kl_controller,
   kl_estimate,
+  kl_loss,
   kl_shaped_rewards,
-  last_valid_index,
 )
 from rlhf_jax.logprobs import (
   chunked_logprobs_and_entropy,
@@ -48,6 +49,8 @@ from rlhf_jax.logprobs import (
 from rlhf_jax.masked import (
   LOSS_AGG_MODES,
   aggregate_loss,
+  aggregate_sums,
+  last_valid_index,
   masked_count,
   masked_mean,
   masked_sum,
@@ -69,6 +72,7 @@ from rlhf_jax.preference import (
   preference_accuracy,
   ranking_loss,
 )
+from rlhf_jax.sft import sft_loss
 from rlhf_jax.types import (
   PPOBatch,
   PreferenceBatch,
@@ -92,6 +96,7 @@ __all__ = [
   "SFTBatch",
   "adaptive_kl_controller",
   "aggregate_loss",
+  "aggregate_sums",
   "apply_missing_eos_penalty",
   "best_of_k_loss",
   "bradley_terry_loss",
@@ -106,6 +111,7 @@ __all__ = [
   "grpo_advantages",
   "ipo_loss",
   "kl_estimate",
+  "kl_loss",
   "kl_shaped_rewards",
   "last_valid_index",
   "logprobs_from_logits",
@@ -121,4 +127,5 @@ __all__ = [
   "response_logprobs",
   "rloo_advantages",
   "sequence_logprobs",
+  "sft_loss",
 ]

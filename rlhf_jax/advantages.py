@@ -1,15 +1,16 @@
 """Advantage estimators: GAE, discounted returns, RLOO and GRPO group baselines.
 
-Time convention (DESIGN.md convention 1): tensors are response-aligned
-[B, T]; ``rewards[:, t]`` is credited for emitting y_t and ``values[:, t]`` is
-V(s_t), the value of the state before y_t. The episode ends after the last
-valid token, so the value after it is 0 (no bootstrap).
+Time convention (docs/conventions.md, convention 1): tensors are
+response-aligned [B, T]; ``rewards[:, t]`` is credited for emitting y_t and
+``values[:, t]`` is V(s_t), the value of the state before y_t. The episode
+ends after the last valid token, so the value after it is 0 (no bootstrap).
 
 Masked slots are transparent: a reverse ``lax.scan`` carries the next VALID
 position's value and advantage across them, so tail padding and holes (masked
 slots between valid ones) are handled alike, and the rewards and values stored
-in masked slots (even NaN) are never read. Masked outputs hold 0. Whitening is
-NOT applied here: call ``masked_whiten`` on the result (convention 7).
+in masked slots (even NaN) are never read. Masked outputs hold 0
+(docs/conventions.md, convention 5). Whitening is NOT applied here: call
+``masked_whiten`` on the result (docs/conventions.md, convention 7).
 """
 
 import jax
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from rlhf_jax.masked import promote_f32, validate_mask
 
 
-def _check_bt(x: jax.Array, name: str) -> jax.Array:
+def _float_bt(x: jax.Array, name: str) -> jax.Array:
+  """x promoted to at least f32, checked to be [B, T] (masks: validate_mask)."""
   x = promote_f32(x)
   if x.ndim != 2:
     raise ValueError(f"{name} must be [B, T], got shape {x.shape}")
@@ -42,6 +44,22 @@ def gae_advantages(
   where t' is the next valid position after t; after the last valid token
   V = 0 and A = 0. Computed by a reverse ``lax.scan`` over T.
 
+  One response of 3 valid tokens and a padded slot holding NaN, which is
+  never read (t=2: A = 1 - 0.8 = 0.2, no bootstrap; t=1: 0.8 - 0.4 + 0.95 *
+  0.2 = 0.59; t=0: 0.4 - 0.5 + 0.95 * 0.59 = 0.4605; R = A + V):
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import gae_advantages
+  >>> rewards = jnp.array([[0.0, 0.0, 1.0, jnp.nan]])
+  >>> values = jnp.array([[0.5, 0.4, 0.8, jnp.nan]])
+  >>> mask = jnp.array([[True, True, True, False]])
+  >>> adv, ret = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
+  >>> np.asarray(adv, np.float64).round(4).tolist()
+  [[0.4605, 0.59, 0.2, 0.0]]
+  >>> np.asarray(ret, np.float64).round(4).tolist()
+  [[0.9605, 0.99, 1.0, 0.0]]
+
   Args:
     rewards: f32[B, T] per-token rewards (e.g. from kl_shaped_rewards).
     values: f32[B, T] critic values V(s_t) stored at rollout time.
@@ -56,8 +74,8 @@ def gae_advantages(
   Raises:
     ValueError: inputs not [B, T] or shapes differ.
   """
-  rewards = _check_bt(rewards, "rewards")
-  values = _check_bt(values, "values")
+  rewards = _float_bt(rewards, "rewards")
+  values = _float_bt(values, "values")
   if values.shape != rewards.shape:
     raise ValueError(
       f"values shape {values.shape} != rewards shape {rewards.shape}"
@@ -100,6 +118,18 @@ def discounted_returns(
   G = 0 after the last valid token (Sutton & Barto 2018, eq. 3.9). With
   gamma = 1 this is the plain sum of future rewards (REINFORCE).
 
+  A hole (masked slot between valid ones) is skipped, not counted as a
+  step: G_2 = 3 and G_0 = 1 + 0.5 * G_2 = 2.5; masked slots hold 0.
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import discounted_returns
+  >>> rewards = jnp.array([[1.0, 7.0, 3.0, 7.0]])
+  >>> mask = jnp.array([[True, False, True, False]])
+  >>> g = discounted_returns(rewards, mask, gamma=0.5)
+  >>> np.asarray(g, np.float64).round(4).tolist()
+  [[2.5, 0.0, 3.0, 0.0]]
+
   Args:
     rewards: f32[B, T] per-token rewards.
     response_mask: bool[B, T] True = valid; tail padding and holes allowed.
@@ -111,7 +141,7 @@ def discounted_returns(
   Raises:
     ValueError: rewards not [B, T] or mask shape differs.
   """
-  rewards = _check_bt(rewards, "rewards")
+  rewards = _float_bt(rewards, "rewards")
   mask = validate_mask(response_mask, rewards.shape, "response_mask")
   rewards = jnp.where(mask, rewards, 0)
   gamma = jnp.asarray(gamma, rewards.dtype)
@@ -149,6 +179,16 @@ def rloo_advantages(scores: jax.Array, *, group_size: int) -> jax.Array:
 
   over the G samples of the same prompt (rows prompt * G + g).
 
+  Two prompts, G = 3 (first group: 0 - (2 + 4) / 2 = -3, 2 - 2 = 0,
+  4 - 1 = 3; a group of equal scores gives 0):
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import rloo_advantages
+  >>> scores = jnp.array([0.0, 2.0, 4.0, 5.0, 5.0, 5.0])
+  >>> np.asarray(rloo_advantages(scores, group_size=3), np.float64).tolist()
+  [-3.0, 0.0, 3.0, 0.0, 0.0, 0.0]
+
   Args:
     scores: f32[B] sequence scores, B = num_prompts * G.
     group_size: G >= 2 (static).
@@ -179,8 +219,21 @@ def grpo_advantages(
   over the G samples of the same prompt (rows prompt * G + g). With
   ``normalize_std=False`` only the mean is removed (Liu et al. 2025,
   "Dr. GRPO"). The std is Bessel-corrected by default (as torch.std in the
-  reference implementations; convention 7); a group of identical scores
-  gives advantages 0.
+  reference implementations; docs/conventions.md, convention 7); a group of
+  identical scores gives advantages 0.
+
+  Two prompts, G = 3 (first group: mean 2, Bessel std sqrt(8 / 2) = 2):
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import grpo_advantages
+  >>> scores = jnp.array([0.0, 2.0, 4.0, 5.0, 5.0, 5.0])
+  >>> a = grpo_advantages(scores, group_size=3)
+  >>> np.asarray(a, np.float64).round(4).tolist()
+  [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+  >>> a = grpo_advantages(scores, group_size=3, normalize_std=False)
+  >>> np.asarray(a, np.float64).round(4).tolist()
+  [-2.0, 0.0, 2.0, 0.0, 0.0, 0.0]
 
   Args:
     scores: f32[B] sequence scores, B = num_prompts * G.

@@ -1,32 +1,55 @@
 """KL estimators, KL-shaped rewards, missing-EOS penalty and KL controllers.
 
 Per-token estimators of KL(pi || pi_ref) from samples y_t ~ pi, with the
-log-ratio d_t = log pi(y_t) - log pi_ref(y_t) (DESIGN.md convention 8;
-Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html):
+log-ratio d_t = log pi(y_t) - log pi_ref(y_t) (docs/conventions.md, convention
+8; Schulman 2020, "Approximating KL divergence",
+http://joschu.net/blog/kl-approx.html):
 
   k1 = d                       unbiased, can be negative (default in the reward)
   k2 = d^2 / 2                 biased, low variance, >= 0
   k3 = (r - 1) - log r = exp(-d) - 1 + d,  r = pi_ref / pi = exp(-d)
                                unbiased, >= 0, low variance
 
-Time convention: all tensors are response-aligned [B, T] (convention 1).
-Masked slots of every per-token output hold 0.
+Time convention: all tensors are response-aligned [B, T] (docs/conventions.md,
+convention 1). Masked slots of every per-token output hold 0.
 """
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.masked import promote_f32, validate_mask
+from rlhf_jax import stats as st
+from rlhf_jax.masked import (
+  LossAggMode,
+  last_valid_index,
+  promote_f32,
+  validate_mask,
+)
 
 KLEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
-# k3 evaluates exp(-d) on clip(d, -K3_LOG_RATIO_CLIP, K3_LOG_RATIO_CLIP): it is
-# exact while the probability ratio stays within e^{+-20} (~5e8), far beyond
-# any sane policy update, and finite (no f32 overflow at d < -88) beyond.
-K3_LOG_RATIO_CLIP = 20.0
+# k3 is exact for d >= -K3_LOG_RATIO_CLIP; below, exp(-d) continues along its
+# tangent at -K3_LOG_RATIO_CLIP, so value and gradient stay finite in f32
+# (exp overflows at 88.7) and the gradient keeps pointing towards d = 0.
+K3_LOG_RATIO_CLIP = 60.0
+
+
+def _k3(d: jax.Array) -> jax.Array:
+  """exp(-d) - 1 + d, accurate near 0 and finite for any d.
+
+  Near 0 the difference cancels (f32 loses 5% at |d| = 1e-3), so |d| < 0.1
+  uses the series d^2/2 - d^3/6 + d^4/24 - d^5/120 (truncation < 3e-7
+  relative). Below -K3_LOG_RATIO_CLIP exp(-d) follows its tangent.
+  """
+  d_low = jnp.maximum(d, -K3_LOG_RATIO_CLIP)
+  exact = jnp.expm1(-d_low) + jnp.exp(-d_low) * (d_low - d) + d
+  small = jnp.abs(d) < 0.1
+  ds = jnp.where(small, d, 0)
+  series = ds * ds * (0.5 - ds * (1 / 6 - ds * (1 / 24 - ds / 120)))
+  return jnp.where(small, series, exact)
 
 
 def kl_estimate(
@@ -36,12 +59,26 @@ def kl_estimate(
   kl_estimator: KLEstimator = "k1",
   mask: jax.Array | None = None,
 ) -> jax.Array:
-  """Per-token KL(pi || pi_ref) estimate (Schulman 2020; convention 8).
+  """Per-token KL(pi || pi_ref) estimate (Schulman 2020).
+
+  docs/conventions.md, convention 8.
 
   With d = logprobs - ref_logprobs:
     k1 = d;  k2 = 0.5 d^2;  k3 = exp(-d) - 1 + d.
-  For k3, exp(-d) uses d clipped to +-K3_LOG_RATIO_CLIP (20) so it stays
-  finite; the linear term uses the unclipped d.
+  k3 is exact for d >= -K3_LOG_RATIO_CLIP (60, a probability ratio of
+  ~1e26); below, exp(-d) is continued linearly, so k3 stays finite and its
+  gradient keeps the sign of d. Gradients w.r.t. ``logprobs``: k1: 1;
+  k2: d; k3: 1 - exp(-d), each pushing towards d = 0 except k1 (constant:
+  k1 is an unbiased value, not a useful loss term).
+
+  >>> import jax.numpy as jnp
+  >>> d = jnp.array([[-1.0, 0.0, 2.0]])
+  >>> for k in ("k1", "k2", "k3"):
+  ...   kl = kl_estimate(d, jnp.zeros_like(d), kl_estimator=k)
+  ...   print(k, [round(float(v), 4) for v in kl[0]])
+  k1 [-1.0, 0.0, 2.0]
+  k2 [0.5, 0.0, 2.0]
+  k3 [0.7183, 0.0, 1.1353]
 
   Args:
     logprobs: f32[B, T] log pi(y_t) of the sampled tokens (any float dtype).
@@ -76,26 +113,18 @@ def kl_estimate(
   elif kl_estimator == "k2":
     kl = 0.5 * d * d
   else:
-    d_clip = jnp.clip(d, -K3_LOG_RATIO_CLIP, K3_LOG_RATIO_CLIP)
-    kl = jnp.exp(-d_clip) - 1 + d
+    kl = _k3(d)
   if mask is not None:
     kl = jnp.where(mask, kl, 0)
   return kl
 
 
-def last_valid_index(mask: jax.Array) -> jax.Array:
-  """Index of the last True entry per row, from the mask (never token ids).
-
-  Args:
-    mask: bool[B, T].
-
-  Returns:
-    i32[B] index of the last True; -1 for rows with no True entry.
-  """
-  mask = jnp.asarray(mask) != 0
-  t = mask.shape[-1]
-  last = t - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
-  return jnp.where(jnp.any(mask, axis=-1), last, -1).astype(jnp.int32)
+def _scores(scores: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sequence scores as f[B] of at least f32, B = shape[0]."""
+  scores = promote_f32(scores)
+  if scores.shape != tuple(shape[:1]):
+    raise ValueError(f"scores shape {scores.shape} must be [B] = {shape[:1]}")
+  return scores
 
 
 def kl_shaped_rewards(
@@ -112,8 +141,8 @@ def kl_shaped_rewards(
   rewards[b, t] = -kl_coef * kl[b, t] + [t = t_last(b)] * scores[b]
   (Ziegler et al. 2019, eq. 2; Stiennon et al. 2020, eq. 1), where
   t_last(b) is the LAST True position of response_mask[b], found from the
-  mask, never from token ids (convention 3). Rows with no valid token get
-  no score.
+  mask, never from token ids (docs/conventions.md, convention 3). Rows with no
+  valid token get no score.
 
   Args:
     scores: f32[B] sequence-level reward-model scores.
@@ -132,17 +161,68 @@ def kl_shaped_rewards(
   """
   logprobs = jnp.asarray(logprobs)
   mask = validate_mask(response_mask, logprobs.shape, "response_mask")
-  scores = promote_f32(scores)
-  if scores.shape != logprobs.shape[:1]:
-    raise ValueError(
-      f"scores shape {scores.shape} must be [B] = {logprobs.shape[:1]}"
-    )
+  scores = _scores(scores, logprobs.shape)
   kl = kl_estimate(logprobs, ref_logprobs, kl_estimator=kl_estimator, mask=mask)
   rewards = -jnp.asarray(kl_coef, kl.dtype) * kl
   last = last_valid_index(mask)
   is_last = jnp.arange(mask.shape[-1])[None, :] == last[:, None]
   rewards = rewards + jnp.where(is_last, scores[:, None], 0)
   return jnp.where(mask, rewards, 0), kl
+
+
+def kl_loss(
+  logprobs: jax.Array,
+  ref_logprobs: jax.Array,
+  response_mask: jax.Array,
+  *,
+  kl_estimator: KLEstimator = "k3",
+  loss_agg_mode: LossAggMode = "token-mean",
+  normalizer: jax.Array | float | None = None,
+  axis_name: str | None = None,
+) -> tuple[jax.Array, st.Stats]:
+  """KL to the reference as a loss term: agg_t kl_estimate(log pi, log pi_ref).
+
+  Added to the policy loss with ``kl_loss_coef`` (docs/conventions.md,
+  convention 8), as in GRPO (Shao et al. 2024, eq. 3, with k3) instead of, or
+  besides, the KL penalty in the reward. The gradient flows through ``logprobs``
+  only (the reference is a constant): per token 1 (k1), d (k2) or 1 - exp(-d)
+  (k3), with d = log pi - log pi_ref.
+
+  >>> import jax.numpy as jnp
+  >>> logp = jnp.array([[-1.0, -2.0]])
+  >>> loss, stats = kl_loss(logp, logp - 1.0, jnp.array([[True, False]]),
+  ...                       kl_estimator="k2")
+  >>> float(loss), float(stats["ppo/kl_loss"].value)  # 0.5 * 1^2
+  (0.5, 0.5)
+
+  Args:
+    logprobs: f32[B, T] log pi(y_t) under the current params.
+    ref_logprobs: f32[B, T] log pi_ref(y_t).
+    response_mask: bool[B, T] True = valid; masked slots may hold anything.
+    kl_estimator: "k1", "k2" or "k3".
+    loss_agg_mode: see ``masked.aggregate_loss``.
+    normalizer: optional global denominator for micro-batching.
+    axis_name: optional pmap/shard_map axis: loss and statistics are global.
+
+  Returns:
+    (loss f32[], stats) with ``ppo/kl_loss`` (a ``stats.Mean`` of the same
+    aggregation).
+
+  Raises:
+    ValueError: shape mismatch, unknown estimator or loss_agg_mode.
+  """
+  logprobs = jnp.asarray(logprobs)
+  mask = validate_mask(response_mask, logprobs.shape, "response_mask")
+  ref = jax.lax.stop_gradient(promote_f32(ref_logprobs))
+  kl = kl_estimate(logprobs, ref, kl_estimator=kl_estimator, mask=mask)
+  return st.aggregated(
+    "ppo/kl_loss",
+    kl,
+    mask,
+    loss_agg_mode=loss_agg_mode,
+    normalizer=normalizer,
+    axis_name=axis_name,
+  )
 
 
 def apply_missing_eos_penalty(
@@ -157,8 +237,9 @@ def apply_missing_eos_penalty(
 
   scores'[b] = scores[b] - penalty * [no t: m[b, t] and y[b, t] = eos]
   (as TRL's ``missing_eos_penalty``). Only the response region is searched
-  (convention 13): pass response ids, never the full sequence, because an
-  EOS inside the prompt (chat templates) does not end the response.
+  (docs/conventions.md, convention 13): pass response ids, never the full
+  sequence, because an EOS inside the prompt (chat templates) does not end the
+  response.
 
   Args:
     scores: f32[B] sequence scores.
@@ -175,11 +256,7 @@ def apply_missing_eos_penalty(
   """
   response_ids = jnp.asarray(response_ids)
   mask = validate_mask(response_mask, response_ids.shape, "response_mask")
-  scores = promote_f32(scores)
-  if scores.shape != response_ids.shape[:1]:
-    raise ValueError(
-      f"scores shape {scores.shape} must be [B] = {response_ids.shape[:1]}"
-    )
+  scores = _scores(scores, response_ids.shape)
   has_eos = jnp.any(mask & (response_ids == eos_token_id), axis=-1)
   return jnp.where(has_eos, scores, scores - jnp.asarray(penalty, scores.dtype))
 
@@ -224,6 +301,27 @@ class KLController(NamedTuple):
   update: KLUpdateFn
 
 
+def _multiplicative_controller(
+  init_kl_coef: float,
+  multiplier: Callable[[jax.Array | float, jax.Array | int], jax.Array] | None,
+) -> KLController:
+  """kl_coef <- kl_coef * multiplier(observed_kl, n_steps); None: fixed."""
+
+  def init() -> KLControllerState:
+    return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
+
+  def update(
+    state: KLControllerState,
+    observed_kl: jax.Array | float,
+    n_steps: jax.Array | int,
+  ) -> KLControllerState:
+    if multiplier is None:
+      return state
+    return KLControllerState(state.kl_coef * multiplier(observed_kl, n_steps))
+
+  return KLController(init=init, update=update)
+
+
 def fixed_kl_controller(kl_coef: float) -> KLController:
   """A controller whose coefficient never changes.
 
@@ -234,23 +332,11 @@ def fixed_kl_controller(kl_coef: float) -> KLController:
     KLController; update returns the state unchanged.
 
   Raises:
-    ValueError: kl_coef < 0.
+    ValueError: kl_coef < 0 (or NaN).
   """
-  if kl_coef < 0:
+  if not kl_coef >= 0:
     raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-
-  def init() -> KLControllerState:
-    return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
-
-  def update(
-    state: KLControllerState,
-    observed_kl: jax.Array | float,
-    n_steps: jax.Array | int,
-  ) -> KLControllerState:
-    del observed_kl, n_steps
-    return state
-
-  return KLController(init=init, update=update)
+  return _multiplicative_controller(kl_coef, None)
 
 
 def adaptive_kl_controller(
@@ -259,7 +345,9 @@ def adaptive_kl_controller(
   target_kl: float,
   horizon: float,
 ) -> KLController:
-  """Proportional controller of Ziegler et al. 2019, sec. 2.2 (convention 9).
+  """Proportional controller of Ziegler et al. 2019, sec. 2.2.
+
+  docs/conventions.md, convention 9:
 
     e = clip(KL_observed / target_kl - 1, -0.2, 0.2)
     kl_coef <- kl_coef * (1 + e * n_steps / horizon)
@@ -284,17 +372,9 @@ def adaptive_kl_controller(
     if not val > 0:
       raise ValueError(f"{name} must be > 0, got {val}")
 
-  def init() -> KLControllerState:
-    return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
-
-  def update(
-    state: KLControllerState,
-    observed_kl: jax.Array | float,
-    n_steps: jax.Array | int,
-  ) -> KLControllerState:
+  def multiplier(observed_kl, n_steps):
     kl = jnp.asarray(observed_kl, jnp.float32)
     err = jnp.clip(kl / target_kl - 1.0, -0.2, 0.2)
-    mult = 1.0 + err * jnp.asarray(n_steps, jnp.float32) / horizon
-    return KLControllerState(kl_coef=state.kl_coef * mult)
+    return 1.0 + err * jnp.asarray(n_steps, jnp.float32) / horizon
 
-  return KLController(init=init, update=update)
+  return _multiplicative_controller(init_kl_coef, multiplier)

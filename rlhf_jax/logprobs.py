@@ -1,18 +1,20 @@
 """Token logprobs and entropies from logits, response-aligned.
 
-Alignment (DESIGN.md convention 1): for a full sequence of length L = P + T
-(prompt of length P, response of length T), the logits at position i predict
-token i + 1, so response token y_t = input_ids[:, P + t] is scored by the
-logits row P + t - 1:
+Alignment (docs/conventions.md, convention 1): for a full sequence of length
+L = P + T (prompt of length P, response of length T), the logits at position i
+predict token i + 1, so response token y_t = input_ids[:, P + t] is scored by
+the logits row P + t - 1:
 
   logprobs[:, t] = log_softmax(logits[:, P + t - 1] / tau)[input_ids[:, P + t]]
 
 The last logits row (position L - 1) is never used. The temperature tau is
-the sampling temperature (convention 4), so logprobs recomputed on the
-sampling parameters equal the sampler's and the first PPO ratio is exactly 1.
+the sampling temperature (docs/conventions.md, convention 4), so logprobs
+recomputed on the sampling parameters equal the sampler's and the first PPO
+ratio is exactly 1.
 
 All outputs are f32 (bf16 inputs are promoted). Masked slots hold 0, and
-garbage (NaN, +-inf) in masked slots reaches neither outputs nor gradients.
+garbage (NaN, +-inf) in masked slots reaches neither outputs nor gradients
+(docs/conventions.md, convention 5).
 """
 
 import jax
@@ -39,6 +41,20 @@ def logprobs_from_logits(
 
   out[..., t] = z[..., t, tokens[..., t]] - logsumexp_v z[..., t, v],
   z = logits / temperature.
+
+  With tau = 2: row 0, z = [0, 0]: log 1/2 = -0.6931; row 1, z = [1, 0]:
+  1 - log(e + 1) = -0.3133; row 2 is masked, so its NaN logit is never read
+  and the slot holds 0:
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import logprobs_from_logits
+  >>> logits = jnp.array([[[0.0, 0.0], [2.0, 0.0], [jnp.nan, 0.0]]])
+  >>> tokens = jnp.array([[0, 0, 1]])
+  >>> mask = jnp.array([[True, True, False]])
+  >>> lp = logprobs_from_logits(logits, tokens, temperature=2.0, mask=mask)
+  >>> np.asarray(lp, np.float64).round(4).tolist()
+  [[-0.6931, -0.3133, 0.0]]
 
   Args:
     logits: f32[B, T, V] (any float dtype), row t scores tokens[:, t].
@@ -83,10 +99,25 @@ def response_logprobs(
   temperature: float | jax.Array = 1.0,
   response_mask: jax.Array | None = None,
 ) -> jax.Array:
-  """Response-aligned logprobs from full-sequence logits (convention 1).
+  """Response-aligned logprobs from full-sequence logits.
 
   out[:, t] = log_softmax(logits[:, P + t - 1] / tau)[input_ids[:, P + t]]
-  for t = 0 .. T - 1, with P = prompt_length and T = L - P.
+  for t = 0 .. T - 1, with P = prompt_length and T = L - P
+  (docs/conventions.md, convention 1).
+
+  L = 4, P = 2, T = 2: y_0 = input_ids[:, 2] is scored by logits row 1
+  (log 1/2 = -0.6931), y_1 = input_ids[:, 3] by row 2 (0 - log(e^2 + 1) =
+  -2.1269); rows 0 and 3 are never read (row 3 holds NaN here):
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import response_logprobs
+  >>> logits = jnp.array([[[9.0, 9.0], [0.0, 0.0], [2.0, 0.0],
+  ...                      [jnp.nan, jnp.nan]]])  # [B=1, L=4, V=2]
+  >>> input_ids = jnp.array([[1, 1, 0, 1]])
+  >>> lp = response_logprobs(logits, input_ids, prompt_length=2)
+  >>> np.asarray(lp, np.float64).round(4).tolist()
+  [[-0.6931, -2.1269]]
 
   Args:
     logits: f32[B, L, V] logits of the whole sequence (prompt + response).
@@ -135,6 +166,16 @@ def entropy_from_logits(
   computed with log p = z - logsumexp(z) (no log of a tiny p). Logits of -inf
   (banned tokens) contribute 0 and keep gradients finite.
 
+  Two of three tokens allowed: log 2 = 0.6931; uniform over three: log 3 =
+  1.0986:
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import entropy_from_logits
+  >>> logits = jnp.array([[0.0, 0.0, -jnp.inf], [0.0, 0.0, 0.0]])
+  >>> np.asarray(entropy_from_logits(logits), np.float64).round(4).tolist()
+  [0.6931, 1.0986]
+
   Args:
     logits: f32[..., V] (any float dtype).
     temperature: tau > 0 (Python float or traced f32[]).
@@ -168,7 +209,20 @@ def sequence_logprobs(
 
   sum: log pi(y | x) = sum_t m_t logprobs_t (DPO, Rafailov et al. 2023 eq. 7).
   average=True: sum_t m_t logprobs_t / sum_t m_t, the length-normalised form
-  used by IPO (Azar et al. 2023; DESIGN.md convention 12).
+  used by IPO (Azar et al. 2023; docs/conventions.md, convention 12).
+
+  The 9s in masked slots are never read; an empty row gives 0:
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import sequence_logprobs
+  >>> logprobs = jnp.array([[-1.0, -2.0, 9.0], [-3.0, 9.0, 9.0], [9.0] * 3])
+  >>> mask = jnp.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]], bool)
+  >>> np.asarray(sequence_logprobs(logprobs, mask), np.float64).tolist()
+  [-3.0, -3.0, 0.0]
+  >>> seq = sequence_logprobs(logprobs, mask, average=True)
+  >>> np.asarray(seq, np.float64).tolist()
+  [-1.5, -3.0, 0.0]
 
   Args:
     logprobs: f32[B, T] per-token logprobs.
@@ -262,6 +316,28 @@ def chunked_logprobs_and_entropy(
   the chunk's logits instead of storing them: peak memory is O(B T C), not
   O(B T V). If V is not a multiple of C the last chunk is padded with -inf
   logits, which carry no probability and can never be selected.
+
+  V = 3 in chunks of C = 2 gives the unchunked values (z = [2, 0, 0] and
+  [0, 1, 0]; logprob of token 0 in row 0: 2 - log(e^2 + 2) = -0.2395):
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from rlhf_jax import (chunked_logprobs_and_entropy,
+  ...                       entropy_from_logits, logprobs_from_logits)
+  >>> hidden = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, T=2, D=2]
+  >>> unembedding = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # [D, V]
+  >>> tokens = jnp.array([[0, 1]])
+  >>> lp, ent = chunked_logprobs_and_entropy(
+  ...     hidden, unembedding, tokens, chunk_size=2)
+  >>> np.asarray(lp, np.float64).round(4).tolist()
+  [[-0.2395, -0.5514]]
+  >>> np.asarray(ent, np.float64).round(4).tolist()
+  [[0.6656, 0.9753]]
+  >>> z = hidden @ unembedding
+  >>> bool(jnp.allclose(lp, logprobs_from_logits(z, tokens)))
+  True
+  >>> bool(jnp.allclose(ent, entropy_from_logits(z)))
+  True
 
   Args:
     hidden: f32[B, T, D] final hidden states, already aligned with tokens

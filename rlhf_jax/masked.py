@@ -3,10 +3,10 @@
 Every per-token RL tensor carries a bool mask (True = valid). Masked slots may
 hold anything (padding garbage, 1e9, NaN): each function replaces them with 0
 via ``jnp.where`` BEFORE any arithmetic, so neither outputs nor gradients see
-them (DESIGN.md convention 5). Means are computed as one global (sum, count)
-pair divided once (convention 6); pass ``axis_name`` to extend the sum and the
-count over the devices of a ``pmap``/``shard_map`` axis, so the result does
-not depend on how the batch is split.
+them (docs/conventions.md, convention 5). Means are computed as one global (sum,
+count) pair divided once (docs/conventions.md, convention 6); pass ``axis_name``
+to extend the sum and the count over the devices of a ``pmap``/``shard_map``
+axis, so the result does not depend on how the batch is split.
 
 Empty selections (no valid element) give 0 with finite (zero) gradients.
 """
@@ -43,24 +43,59 @@ def validate_mask(
   return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
-def _float(x: jax.Array) -> jax.Array:
-  """Promotes to at least f32 (bf16/f16 inputs give f32 outputs)."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+def validate_inputs(
+  mask: jax.Array, *, name: str = "response_mask", **arrays: jax.Array
+) -> jax.Array:
+  """Checks that a [B, T] mask and every array share one shape.
+
+  Raises:
+    ValueError: the mask is not 2-D, or an array's shape differs (the
+      message names the array and both shapes).
+    TypeError: a float mask.
+
+  Returns:
+    The mask as bool[B, T].
+  """
+  shape = jnp.shape(mask)
+  if len(shape) != 2:
+    raise ValueError(f"{name} must be [B, T], got shape {shape}")
+  for key, x in arrays.items():
+    if jnp.shape(x) != shape:
+      raise ValueError(
+        f"{key} shape {jnp.shape(x)} must equal {name} shape {shape}"
+      )
+  return validate_mask(mask, shape, name)
 
 
 def _check_mask(x: jax.Array, mask: jax.Array, name: str = "x") -> jax.Array:
-  """Validates the mask against x and returns it as bool."""
-  mask = jnp.asarray(mask)
-  if mask.shape != jnp.shape(x):
-    raise ValueError(
-      f"mask shape {mask.shape} must equal {name} shape {jnp.shape(x)}"
-    )
-  if jnp.issubdtype(mask.dtype, jnp.floating):
-    raise TypeError(
-      f"mask must be bool (True = valid) or integer 0/1, got {mask.dtype}"
-    )
-  return mask if mask.dtype == jnp.bool_ else mask != 0
+  """Validates the mask against x's shape and returns it as bool."""
+  del name  # the message names the mask; x is its reference shape
+  return validate_mask(mask, jnp.shape(x), "mask")
+
+
+def last_valid_index(mask: jax.Array) -> jax.Array:
+  """Index of the last True entry per row, from the mask (never token ids).
+
+  The one definition used by the reward shaping (the score goes to the last
+  valid response token, docs/conventions.md, convention 3) and the reward-model
+  read-out (the last real token). An empty row has no last token: -1, so a
+  caller that gathers with it must guard the row (the library's callers give
+  such rows no score).
+
+  >>> import jax.numpy as jnp
+  >>> last_valid_index(jnp.array([[1, 1, 0], [0, 1, 1], [0, 0, 0]])).tolist()
+  [1, 2, -1]
+
+  Args:
+    mask: bool[B, T] (or integer 0/1).
+
+  Returns:
+    i32[B] index of the last True; -1 for rows with no True entry.
+  """
+  mask = jnp.asarray(mask) != 0
+  t = mask.shape[-1]
+  last = t - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+  return jnp.where(jnp.any(mask, axis=-1), last, -1).astype(jnp.int32)
 
 
 def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
@@ -95,7 +130,7 @@ def masked_sum(
     ValueError: mask and x shapes differ. TypeError: float mask.
   """
   mask = _check_mask(x, mask)
-  x = jnp.where(mask, _float(x), 0)
+  x = jnp.where(mask, promote_f32(x), 0)
   return _psum(jnp.sum(x, axis=axis), axis_name)
 
 
@@ -120,6 +155,12 @@ def masked_mean(
   """Mean of the valid entries: sum_i [m_i] x_i / sum_i m_i.
 
   An empty selection gives 0 (not NaN) with zero gradient.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 2.0, jnp.nan], [4.0, 0.0, 0.0]])
+  >>> mask = jnp.array([[True, True, False], [True, False, False]])
+  >>> float(masked_mean(x, mask))  # (1 + 2 + 4) / 3; the NaN is masked
+  2.3333...
 
   Args:
     x: f32[...] values.
@@ -146,7 +187,7 @@ def masked_var(
   unbiased: bool = True,
   axis_name: str | None = None,
 ) -> jax.Array:
-  """Variance of all valid entries (DESIGN.md convention 7).
+  """Variance of all valid entries (docs/conventions.md, convention 7).
 
   var = sum_i m_i (x_i - mean)^2 / (n - 1) when ``unbiased`` (Bessel's
   correction, the default), else / n; n = number of valid entries. Returns 0
@@ -163,7 +204,7 @@ def masked_var(
   """
   mask = _check_mask(x, mask)
   mean = masked_mean(x, mask, axis_name=axis_name)
-  centered = jnp.where(mask, _float(x) - mean, 0)
+  centered = jnp.where(mask, promote_f32(x) - mean, 0)
   sq = masked_sum(centered * centered, mask, axis_name=axis_name)
   count = masked_count(mask, axis_name=axis_name)
   return _safe_div(sq, count - 1 if unbiased else count)
@@ -196,7 +237,7 @@ def masked_whiten(
     f32[...] whitened values, 0 at masked slots.
   """
   mask = _check_mask(x, mask)
-  xf = jnp.where(mask, _float(x), 0)
+  xf = jnp.where(mask, promote_f32(x), 0)
   mean = masked_mean(xf, mask, axis_name=axis_name)
   var = masked_var(xf, mask, unbiased=unbiased, axis_name=axis_name)
   out = (xf - mean) * jax.lax.rsqrt(var + eps)
@@ -213,7 +254,9 @@ def aggregate_loss(
   axis_name: str | None = None,
   normalizer: jax.Array | float | None = None,
 ) -> jax.Array:
-  """Reduces a per-token loss f32[B, T] to a scalar (DESIGN.md convention 6).
+  """Reduces a per-token loss f32[B, T] to a scalar.
+
+  docs/conventions.md, convention 6.
 
   Modes (m = mask, l = per_token):
     token-mean:          sum_{b,t} m l / sum_{b,t} m
@@ -222,7 +265,8 @@ def aggregate_loss(
   Rows with no valid token are left out of the sequence means. The
   denominator is global: over ``axis_name`` devices, or ``normalizer`` when
   given (the token or non-empty-row count of the whole step batch, so that N
-  micro-batches sum to the gradient of one batch, convention 14).
+  micro-batches sum to the gradient of one batch, docs/conventions.md,
+  convention 14).
 
   Args:
     per_token: f32[B, T] loss per token.
@@ -238,6 +282,49 @@ def aggregate_loss(
   Raises:
     ValueError: unknown mode, or per_token not 2-D, or shape mismatch.
   """
+  num, den = aggregate_sums(per_token, mask, loss_agg_mode=loss_agg_mode)
+  if normalizer is not None:
+    den = jnp.asarray(normalizer, jnp.float32)
+  else:
+    den = _psum(den, axis_name)
+  return _safe_div(_psum(num, axis_name), den)
+
+
+def aggregate_sums(
+  per_token: jax.Array,
+  mask: jax.Array,
+  *,
+  loss_agg_mode: LossAggMode = "token-mean",
+) -> tuple[jax.Array, jax.Array]:
+  """The local numerator and denominator of ``aggregate_loss``.
+
+  token-mean: (sum_{b,t} m l, sum_{b,t} m); the seq-mean modes: (sum over
+  non-empty rows of the row value, number of non-empty rows). Both are
+  sums, so the pairs of micro-batches and devices add up to the pair of the
+  whole batch (docs/conventions.md, convention 6); ``stats.Mean(*pair)`` is the
+  summable loss statistic.
+
+  >>> import jax.numpy as jnp
+  >>> loss = jnp.array([[1.0, 3.0], [5.0, 0.0]])
+  >>> mask = jnp.array([[True, True], [True, False]])
+  >>> [float(v) for v in aggregate_sums(loss, mask)]
+  [9.0, 3.0]
+  >>> [float(v) for v in aggregate_sums(
+  ...     loss, mask, loss_agg_mode="seq-mean-token-mean")]  # 2 + 5
+  [7.0, 2.0]
+
+  Args:
+    per_token: f32[B, T] loss per token.
+    mask: bool[B, T] True = valid.
+    loss_agg_mode: one of LOSS_AGG_MODES.
+
+  Returns:
+    (numerator f32[], denominator f32[]), local to this device; the
+    numerator carries the gradient.
+
+  Raises:
+    ValueError: unknown mode, or per_token not 2-D, or shape mismatch.
+  """
   if loss_agg_mode not in LOSS_AGG_MODES:
     raise ValueError(
       f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}"
@@ -248,18 +335,12 @@ def aggregate_loss(
     )
   mask = _check_mask(per_token, mask, "per_token")
   if loss_agg_mode == "token-mean":
-    num = masked_sum(per_token, mask, axis_name=axis_name)
-    den = masked_count(mask, axis_name=axis_name)
+    return masked_sum(per_token, mask), masked_count(mask)
+  row_sum = masked_sum(per_token, mask, axis=-1)
+  row_count = masked_count(mask, axis=-1)
+  if loss_agg_mode == "seq-mean-token-mean":
+    row_val = _safe_div(row_sum, row_count)
   else:
-    row_sum = masked_sum(per_token, mask, axis=-1)
-    row_count = masked_count(mask, axis=-1)
-    if loss_agg_mode == "seq-mean-token-mean":
-      row_val = _safe_div(row_sum, row_count)
-    else:
-      row_val = row_sum
-    nonempty = row_count > 0
-    num = masked_sum(row_val, nonempty, axis_name=axis_name)
-    den = masked_count(nonempty, axis_name=axis_name)
-  if normalizer is not None:
-    den = jnp.asarray(normalizer, jnp.float32)
-  return _safe_div(num, den)
+    row_val = row_sum
+  nonempty = row_count > 0
+  return masked_sum(row_val, nonempty), masked_count(nonempty)

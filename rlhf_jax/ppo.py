@@ -1,64 +1,34 @@
-"""PPO losses on response-aligned [B, T] tensors (DESIGN.md convention 1).
+"""PPO losses on response-aligned [B, T] tensors.
+
+Tensors follow docs/conventions.md, convention 1.
 
 Every per-token input carries a bool ``response_mask`` (True = valid). Masked
 slots may hold anything (padding garbage, 1e9, NaN): they are replaced with 0
 by ``jnp.where`` BEFORE any exp or square, so they change no output and no
-gradient (convention 5). Losses are reduced by ``aggregate_loss`` (convention
-6): pass ``normalizer`` (the step's global token or row count) when summing
-micro-batches, and ``axis_name`` under pmap/shard_map for global means.
+gradient (docs/conventions.md, convention 5). Losses are reduced by
+``aggregate_loss`` (convention 6): pass ``normalizer`` (the step's global token
+or row count) when summing micro-batches, and ``axis_name`` under pmap/shard_map
+for global means.
 
-Stats are flat dicts of f32[] metrics with stopped gradients, computed over
-valid tokens only (global over ``axis_name``).
+Stats are flat dicts of summable statistics (``rlhf_jax.stats``: means as
+(sum, count), maxima) over valid tokens, with stopped gradients, merged over
+``axis_name`` when one is given; ``stats.values`` gives the f32[] metrics.
 """
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import stats as st
 from rlhf_jax.masked import (
   LossAggMode,
-  aggregate_loss,
-  masked_mean,
-  masked_var,
+  promote_f32,
+  validate_inputs,
 )
 
 
-def _as_float(x: jax.Array) -> jax.Array:
-  """Promotes to at least f32 (bf16/f16 inputs give f32 outputs)."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _check_bt(mask: jax.Array, **arrays: jax.Array) -> jax.Array:
-  """Validates [B, T] shapes and returns the mask as bool."""
-  mask = jnp.asarray(mask)
-  if mask.ndim != 2:
-    raise ValueError(f"response_mask must be [B, T], got shape {mask.shape}")
-  bad = {
-    n: jnp.shape(a) for n, a in arrays.items() if jnp.shape(a) != mask.shape
-  }
-  if bad:
-    desc = ", ".join(f"{n}={s}" for n, s in bad.items())
-    raise ValueError(f"expected shape {mask.shape} (response_mask), got {desc}")
-  if jnp.issubdtype(mask.dtype, jnp.floating):
-    raise TypeError(
-      f"response_mask must be bool (True = valid), got {mask.dtype}"
-    )
-  return mask if mask.dtype == jnp.bool_ else mask != 0
-
-
 def _clean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """f32 copy of x with masked slots set to 0 (before any arithmetic)."""
-  return jnp.where(mask, _as_float(x), 0.0)
-
-
-def _masked_max(
-  x: jax.Array, mask: jax.Array, axis_name: str | None
-) -> jax.Array:
-  """Max over valid entries (global over axis_name); 0 if there are none."""
-  m = jnp.max(jnp.where(mask, x, -jnp.inf))
-  if axis_name is not None:
-    m = jax.lax.pmax(m, axis_name)
-  return jnp.where(jnp.isfinite(m), m, 0.0)
+  """x in at least f32 with masked slots set to 0 (before any arithmetic)."""
+  return jnp.where(mask, promote_f32(x), 0.0)
 
 
 def ppo_policy_loss(
@@ -74,7 +44,7 @@ def ppo_policy_loss(
   loss_agg_mode: LossAggMode = "token-mean",
   normalizer: jax.Array | float | None = None,
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, st.Stats]:
   """Clipped surrogate policy loss (Schulman et al. 2017, eq. 7).
 
   Per valid token, with rho = exp(log pi - log pi_old) and advantage A:
@@ -95,9 +65,20 @@ def ppo_policy_loss(
   The loss is -obj reduced with ``aggregate_loss(loss_agg_mode)``. The
   advantages and old logprobs are treated as constants (stop_gradient).
 
+  >>> import jax.numpy as jnp
+  >>> from rlhf_jax import stats
+  >>> old = jnp.log(jnp.array([[0.5, 0.5]]))
+  >>> new = jnp.log(jnp.array([[0.75, 0.25]]))  # ratios 1.5 and 0.5
+  >>> loss, st = ppo_policy_loss(new, old, jnp.array([[1.0, 1.0]]),
+  ...                            jnp.array([[True, True]]), cliprange=0.2)
+  >>> round(float(loss), 6)  # -mean(min(1.5, 1.2), min(0.5, 0.8))
+  -0.85
+  >>> float(stats.values(st)["ppo/clipfrac"])  # only the first is clipped
+  0.5
+
   Args:
     logprobs: f32[B, T] log pi(y_t) under the current params (temperature
-      applied, convention 4).
+      applied, docs/conventions.md, convention 4).
     old_logprobs: f32[B, T] log pi_old(y_t) of the policy that sampled.
     advantages: f32[B, T] advantage per token.
     response_mask: bool[B, T] True = valid; masked slots may hold anything.
@@ -113,19 +94,23 @@ def ppo_policy_loss(
     axis_name: optional pmap/shard_map axis for global reductions.
 
   Returns:
-    (loss f32[], stats) with ``ppo/policy_loss``, ``ppo/clipfrac`` (fraction
-    of valid tokens where the clipped term is active, i.e. strictly smaller),
-    ``ppo/dual_clipfrac`` (fraction where the dual clip is active; 0 when
-    disabled), ``ppo/approx_kl`` (k1 = mean(log pi_old - log pi)),
-    ``ppo/approx_kl_k3`` (mean(rho - 1 - log rho) >= 0), ``ppo/ratio_mean``
-    and ``ppo/ratio_max`` over valid tokens (0 if none).
+    (loss f32[], stats) with ``ppo/policy_loss`` (the loss's own
+    aggregation), ``ppo/clipfrac`` (fraction of valid tokens where the
+    clipped term is active, i.e. strictly smaller), ``ppo/dual_clipfrac``
+    (fraction where the dual clip is active; 0 when disabled),
+    ``ppo/approx_kl`` (k1 of KL(pi_old || pi) on tokens sampled from
+    pi_old: mean(log pi_old - log pi)), ``ppo/approx_kl_k3`` (k3 of the same
+    KL: mean(rho - 1 - log rho) >= 0), ``ppo/ratio_mean``, and the maxima
+    ``ppo/ratio_max`` and ``ppo/ratio_dev_max`` (max |rho - 1|) over valid
+    tokens (0 if none). Token statistics are ``stats.Mean`` over valid
+    tokens, maxima ``stats.Max``.
 
   Raises:
     ValueError: inputs not all [B, T] like the mask; clip ranges < 0, a
       floor 1 - eps_low <= 0, or dual_clip <= 1; unknown loss_agg_mode.
     TypeError: float mask.
   """
-  mask = _check_bt(
+  mask = validate_inputs(
     response_mask,
     logprobs=logprobs,
     old_logprobs=old_logprobs,
@@ -134,12 +119,12 @@ def ppo_policy_loss(
   low = cliprange if cliprange_low is None else cliprange_low
   high = cliprange if cliprange_high is None else cliprange_high
   for name, v in (("cliprange_low", low), ("cliprange_high", high)):
-    if isinstance(v, int | float) and v < 0:
+    if isinstance(v, int | float) and not v >= 0:  # NaN too
       raise ValueError(f"{name} must be >= 0, got {v}")
-  if isinstance(low, int | float) and low >= 1:
+  if isinstance(low, int | float) and not low < 1:
     raise ValueError(f"cliprange_low must be < 1, got {low}")
   if dual_clip is not None and isinstance(dual_clip, int | float):
-    if dual_clip <= 1:
+    if not dual_clip > 1:
       raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
 
   logp = _clean(logprobs, mask)
@@ -159,28 +144,24 @@ def ppo_policy_loss(
   else:
     dual_active = jnp.zeros_like(clip_active)
 
-  loss = aggregate_loss(
+  loss, stats = st.aggregated(
+    "ppo/policy_loss",
     -obj,
     mask,
     loss_agg_mode=loss_agg_mode,
-    axis_name=axis_name,
     normalizer=normalizer,
+    axis_name=axis_name,
   )
-  f32 = lambda b: b.astype(jnp.float32)
-  stats = {
-    "ppo/policy_loss": loss,
-    "ppo/clipfrac": masked_mean(f32(clip_active), mask, axis_name=axis_name),
-    "ppo/dual_clipfrac": masked_mean(
-      f32(dual_active), mask, axis_name=axis_name
-    ),
-    "ppo/approx_kl": masked_mean(-log_ratio, mask, axis_name=axis_name),
-    "ppo/approx_kl_k3": masked_mean(
-      ratio - 1.0 - log_ratio, mask, axis_name=axis_name
-    ),
-    "ppo/ratio_mean": masked_mean(ratio, mask, axis_name=axis_name),
-    "ppo/ratio_max": _masked_max(ratio, mask, axis_name),
+  more = {
+    "ppo/clipfrac": st.Mean.of(clip_active, mask),
+    "ppo/dual_clipfrac": st.Mean.of(dual_active, mask),
+    "ppo/approx_kl": st.Mean.of(-log_ratio, mask),
+    "ppo/approx_kl_k3": st.Mean.of(ratio - 1.0 - log_ratio, mask),
+    "ppo/ratio_mean": st.Mean.of(ratio, mask),
+    "ppo/ratio_max": st.Max.of(ratio, mask),
+    "ppo/ratio_dev_max": st.Max.of(jnp.abs(ratio - 1.0), mask),
   }
-  return loss, jax.lax.stop_gradient(stats)
+  return loss, stats | st.reduce(more, axis_name)
 
 
 def ppo_value_loss(
@@ -193,8 +174,10 @@ def ppo_value_loss(
   loss_agg_mode: LossAggMode = "token-mean",
   normalizer: jax.Array | float | None = None,
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Clipped value loss, clipped against the rollout values (convention 10).
+) -> tuple[jax.Array, st.Stats]:
+  """Clipped value loss, clipped against the rollout values.
+
+  docs/conventions.md, convention 10:
 
     v_clip = old_v + clip(v - old_v, -c, c)
     loss   = 0.5 * agg( max((v - R)^2, (v_clip - R)^2) )
@@ -217,7 +200,8 @@ def ppo_value_loss(
 
   Returns:
     (loss f32[], stats) with ``val/loss``, ``val/clipfrac`` (fraction of valid
-    tokens where the clipped error is strictly larger, i.e. selected),
+    tokens whose value left the clip range and whose clipped error is
+    strictly larger, i.e. selected),
     ``val/error`` (mean (v - R)^2), ``val/vpred`` (mean v) and
     ``val/explained_variance``.
 
@@ -225,10 +209,10 @@ def ppo_value_loss(
     ValueError: inputs not all [B, T] like the mask; cliprange_value < 0;
       unknown loss_agg_mode. TypeError: float mask.
   """
-  mask = _check_bt(
+  mask = validate_inputs(
     response_mask, values=values, old_values=old_values, returns=returns
   )
-  if isinstance(cliprange_value, int | float) and cliprange_value < 0:
+  if isinstance(cliprange_value, int | float) and not cliprange_value >= 0:
     raise ValueError(f"cliprange_value must be >= 0, got {cliprange_value}")
   v = _clean(values, mask)
   old_v = jax.lax.stop_gradient(_clean(old_values, mask))
@@ -236,26 +220,23 @@ def ppo_value_loss(
   v_clip = old_v + jnp.clip(v - old_v, -cliprange_value, cliprange_value)
   err = (v - ret) ** 2
   err_clip = (v_clip - ret) ** 2
-  per_token = 0.5 * jnp.maximum(err, err_clip)
-  loss = aggregate_loss(
-    per_token,
-    mask,
-    loss_agg_mode=loss_agg_mode,
-    axis_name=axis_name,
-    normalizer=normalizer,
+  agg = dict(
+    loss_agg_mode=loss_agg_mode, normalizer=normalizer, axis_name=axis_name
   )
-  stats = {
-    "val/loss": loss,
-    "val/clipfrac": masked_mean(
-      (err_clip > err).astype(jnp.float32), mask, axis_name=axis_name
+  loss, stats = st.aggregated(
+    "val/loss", 0.5 * jnp.maximum(err, err_clip), mask, **agg
+  )
+  more = {
+    # Outside the range only: inside it v_clip equals v up to the rounding
+    # of old_v + (v - old_v), which must not count as clipped.
+    "val/clipfrac": st.Mean.of(
+      (err_clip > err) & (jnp.abs(v - old_v) > cliprange_value), mask
     ),
-    "val/error": masked_mean(err, mask, axis_name=axis_name),
-    "val/vpred": masked_mean(v, mask, axis_name=axis_name),
-    "val/explained_variance": explained_variance(
-      v, ret, mask, axis_name=axis_name
-    ),
+    "val/error": st.Mean.of(err, mask),
+    "val/vpred": st.Mean.of(v, mask),
+    "val/explained_variance": st.ExplainedVariance.of(v, ret, mask),
   }
-  return loss, jax.lax.stop_gradient(stats)
+  return loss, stats | st.reduce(more, axis_name)
 
 
 def entropy_bonus(
@@ -265,7 +246,7 @@ def entropy_bonus(
   loss_agg_mode: LossAggMode = "token-mean",
   normalizer: jax.Array | float | None = None,
   axis_name: str | None = None,
-) -> jax.Array:
+) -> tuple[jax.Array, st.Stats]:
   """Aggregated policy entropy, to be SUBTRACTED from the loss.
 
     total_loss = policy_loss + vf_coef * value_loss - ent_coef * bonus
@@ -282,18 +263,20 @@ def entropy_bonus(
     axis_name: optional pmap/shard_map axis.
 
   Returns:
-    f32[] aggregated entropy (nats), 0 if no token is valid.
+    (bonus f32[] aggregated entropy in nats, 0 if no token is valid; stats
+    with ``ppo/entropy``, the same aggregation as a ``stats.Mean``).
 
   Raises:
     ValueError: entropy not [B, T] like the mask. TypeError: float mask.
   """
-  mask = _check_bt(response_mask, entropy=entropy)
-  return aggregate_loss(
+  mask = validate_inputs(response_mask, entropy=entropy)
+  return st.aggregated(
+    "ppo/entropy",
     _clean(entropy, mask),
     mask,
     loss_agg_mode=loss_agg_mode,
-    axis_name=axis_name,
     normalizer=normalizer,
+    axis_name=axis_name,
   )
 
 
@@ -306,9 +289,11 @@ def explained_variance(
 ) -> jax.Array:
   """Explained variance of the critic: 1 - Var[R - V] / Var[R].
 
-  Over valid tokens only (global over ``axis_name``); 1 is a perfect critic,
-  0 no better than a constant, negative worse. Undefined when Var[R] = 0;
-  returns 0 there (finite, so it cannot trip NaN checks).
+  Over valid tokens only (global over ``axis_name``), population variances;
+  1 is a perfect critic, 0 no better than a constant, negative worse.
+  Undefined when Var[R] = 0; returns 0 there (finite, so it cannot trip NaN
+  checks). The value of ``stats.ExplainedVariance``, which ``ppo_value_loss``
+  reports as ``val/explained_variance``.
 
   Args:
     values: f32[B, T] critic values.
@@ -322,10 +307,6 @@ def explained_variance(
   Raises:
     ValueError: shapes differ from the mask's [B, T]. TypeError: float mask.
   """
-  mask = _check_bt(response_mask, values=values, returns=returns)
-  v = jax.lax.stop_gradient(_clean(values, mask))
-  ret = jax.lax.stop_gradient(_clean(returns, mask))
-  var_r = masked_var(ret, mask, unbiased=False, axis_name=axis_name)
-  var_err = masked_var(ret - v, mask, unbiased=False, axis_name=axis_name)
-  ok = var_r > 0
-  return jnp.where(ok, 1.0 - var_err / jnp.where(ok, var_r, 1.0), 0.0)
+  mask = validate_inputs(response_mask, values=values, returns=returns)
+  stat = st.ExplainedVariance.of(values, returns, mask)
+  return stat.reduce(axis_name).value

@@ -3,14 +3,17 @@
 Reward-model losses take scalar rewards per response; DPO-family losses take
 per-sequence log-probabilities (see ``rlhf_jax.logprobs.sequence_logprobs``).
 Every loss returns ``(loss f32[], stats)`` where ``stats`` is a flat dict of
-f32[] metrics (gradients stopped) keyed ``namespace/name``. Inputs of any
+summable statistics (``rlhf_jax.stats``; gradients stopped) keyed
+``namespace/name``; ``stats.values`` gives the f32[] metrics. Inputs of any
 float dtype (bf16 included) are computed in at least f32.
 
-Batch means are global over ``axis_name`` when one is given (pmap/shard_map),
-so the loss does not depend on how the batch is split across devices.
+Batch means, and the statistics, are global over ``axis_name`` when one is
+given (pmap/shard_map), so they do not depend on how the batch is split
+across devices.
 
-Accuracy is strict (DESIGN.md convention 11): a pair counts as correct only if
-the chosen reward is strictly greater; ties count as wrong and are reported.
+Accuracy is strict (docs/conventions.md, convention 11): a pair counts as
+correct only if the chosen reward is strictly greater; ties count as wrong and
+are reported.
 """
 
 from typing import Literal
@@ -18,18 +21,11 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.masked import masked_mean, masked_sum
+from rlhf_jax import stats as st
+from rlhf_jax.masked import masked_mean, masked_sum, promote_f32
 
 DPOLossType = Literal["sigmoid", "hinge"]
 DPO_LOSS_TYPES = ("sigmoid", "hinge")
-
-
-def _as_float(x: jax.Array) -> jax.Array:
-  """Promotes to at least f32 (bf16/f16 inputs give f32 outputs)."""
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    return x.astype(jnp.float32)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_pairs(**arrays: jax.Array) -> None:
@@ -60,13 +56,21 @@ def preference_accuracy(
   rejected_rewards: jax.Array,
   *,
   axis_name: str | None = None,
-) -> dict[str, jax.Array]:
-  """Strict pairwise accuracy with ties reported (DESIGN.md convention 11).
+) -> st.Stats:
+  """Strict pairwise accuracy with ties reported.
+
+  docs/conventions.md, convention 11:
 
   accuracy = mean_b [r+_b > r-_b]   (a tie counts as wrong)
-  ties     = sum_b  [r+_b == r-_b]
+  ties     = mean_b [r+_b == r-_b]  (a fraction of the pairs)
 
   A constant reward model therefore scores 0.0, not 0.5 or 1.0.
+
+  >>> import jax.numpy as jnp
+  >>> acc = preference_accuracy(jnp.array([2.0, 1.0, 0.0, 3.0]),
+  ...                           jnp.array([1.0, 1.0, 1.0, 0.0]))
+  >>> float(acc["accuracy"].value), float(acc["ties"].value)
+  (0.5, 0.25)
 
   Args:
     chosen_rewards: f32[B] rewards of the preferred responses.
@@ -74,21 +78,48 @@ def preference_accuracy(
     axis_name: optional pmap/shard_map axis: statistics are global.
 
   Returns:
-    dict with ``accuracy`` f32[] in [0, 1] and ``ties`` f32[] (a count).
+    dict with ``accuracy`` and ``ties``, each a ``stats.Mean`` over pairs.
 
   Raises:
     ValueError: inputs are not both [B] with the same B >= 1.
   """
   _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-  rc = _as_float(chosen_rewards)
-  rr = _as_float(rejected_rewards)
-  ones = jnp.ones(rc.shape, bool)
-  correct = (rc > rr).astype(jnp.float32)
-  ties = (rc == rr).astype(jnp.float32)
-  return {
-    "accuracy": masked_mean(correct, ones, axis_name=axis_name),
-    "ties": masked_sum(ties, ones, axis_name=axis_name),
-  }
+  rc = promote_f32(chosen_rewards)
+  rr = promote_f32(rejected_rewards)
+  stats = {"accuracy": st.Mean.of(rc > rr), "ties": st.Mean.of(rc == rr)}
+  return st.reduce(stats, axis_name)
+
+
+def _pair_stats(
+  prefix: str,
+  chosen: jax.Array,
+  rejected: jax.Array,
+  names: tuple[str, ...],
+  axis_name: str | None,
+) -> st.Stats:
+  """Accuracy, ties, margin and the two means of paired scores f32[B].
+
+  ``names`` are the keys of accuracy, ties, margin, chosen, rejected.
+  """
+  acc = preference_accuracy(chosen, rejected)
+  values = (
+    acc["accuracy"],
+    acc["ties"],
+    st.Mean.of(chosen - rejected),
+    st.Mean.of(chosen),
+    st.Mean.of(rejected),
+  )
+  stats = {f"{prefix}/{n}": v for n, v in zip(names, values, strict=True)}
+  return st.reduce(stats, axis_name)
+
+
+RM_STAT_NAMES = (
+  "accuracy",
+  "ties",
+  "margin",
+  "chosen_rewards",
+  "rejected_rewards",
+)
 
 
 def bradley_terry_loss(
@@ -99,7 +130,7 @@ def bradley_terry_loss(
   label_smoothing: float = 0.0,
   center_rewards_coef: float = 0.0,
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, st.Stats]:
   """Bradley-Terry reward-model loss on pairs.
 
   With d_b = r+_b - r-_b - m_b and eps = ``label_smoothing``:
@@ -116,6 +147,16 @@ def bradley_terry_loss(
   additive constant of the rewards near 0. Per pair,
   dL/dd = sigma(d) - (1 - eps), which is sigma(d) - 1 without smoothing.
 
+  >>> import jax.numpy as jnp
+  >>> from rlhf_jax import stats
+  >>> chosen, rejected = jnp.array([1.0, 0.0]), jnp.array([0.0, 0.0])
+  >>> loss, st = bradley_terry_loss(chosen, rejected)
+  >>> round(float(loss), 4)  # (softplus(-1) + softplus(0)) / 2
+  0.5032
+  >>> values = stats.values(st)
+  >>> float(values["rm/accuracy"]), float(values["rm/ties"])
+  (0.5, 0.5)
+
   Args:
     chosen_rewards: f32[B] scalar rewards r+ of the preferred responses.
     rejected_rewards: f32[B] rewards r- of the dispreferred responses.
@@ -126,7 +167,7 @@ def bradley_terry_loss(
 
   Returns:
     (loss f32[], stats) with ``rm/loss``, ``rm/accuracy`` (strict),
-    ``rm/ties`` (count), ``rm/margin`` (mean r+ - r-, without the margin
+    ``rm/ties`` (fraction), ``rm/margin`` (mean r+ - r-, without the margin
     argument), ``rm/chosen_rewards``, ``rm/rejected_rewards`` (means).
 
   Raises:
@@ -135,11 +176,11 @@ def bradley_terry_loss(
   """
   _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   _check_smoothing(label_smoothing)
-  rc = _as_float(chosen_rewards)
-  rr = _as_float(rejected_rewards)
+  rc = promote_f32(chosen_rewards)
+  rr = promote_f32(rejected_rewards)
   delta = rc - rr
   if margin is not None:
-    m = _as_float(margin)
+    m = promote_f32(margin)
     if m.shape not in ((), rc.shape):
       raise ValueError(f"margin must be scalar or {rc.shape}, got {m.shape}")
     delta = delta - m
@@ -150,16 +191,11 @@ def bradley_terry_loss(
   loss = _batch_mean(per_pair, axis_name)
   if center_rewards_coef:
     loss = loss + center_rewards_coef * _batch_mean((rc + rr) ** 2, axis_name)
-  acc = preference_accuracy(rc, rr, axis_name=axis_name)
-  stats = {
-    "rm/loss": loss,
-    "rm/accuracy": acc["accuracy"],
-    "rm/ties": acc["ties"],
-    "rm/margin": _batch_mean(rc - rr, axis_name),
-    "rm/chosen_rewards": _batch_mean(rc, axis_name),
-    "rm/rejected_rewards": _batch_mean(rr, axis_name),
-  }
-  return loss, jax.lax.stop_gradient(stats)
+  stats = _pair_stats("rm", rc, rr, RM_STAT_NAMES, axis_name)
+  if center_rewards_coef:
+    per_pair = per_pair + center_rewards_coef * (rc + rr) ** 2
+  stats["rm/loss"] = st.Mean.of(per_pair).reduce(axis_name)
+  return loss, stats
 
 
 def best_of_k_loss(
@@ -167,7 +203,7 @@ def best_of_k_loss(
   best_index: jax.Array,
   *,
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, st.Stats]:
   """Best-of-K softmax cross-entropy (Ziegler et al. 2019, section 2.2).
 
   The labeller picks the best of K responses; the reward model is trained as
@@ -184,14 +220,16 @@ def best_of_k_loss(
     axis_name: optional pmap/shard_map axis for global batch means.
 
   Returns:
-    (loss f32[], stats) with ``rm/loss`` and ``rm/accuracy``: fraction of
-    prompts whose labelled best response has a reward strictly greater than
-    every other response (ties count as wrong).
+    (loss f32[], stats) with the keys of ``bradley_terry_loss``, where the
+    rejected reward of a prompt is the highest reward among its other
+    responses: ``rm/accuracy`` is the fraction of prompts whose labelled
+    best response has a reward strictly greater than every other response
+    (ties count as wrong).
 
   Raises:
     ValueError: rewards not [B, K] with K >= 2 or best_index not [B].
   """
-  r = _as_float(rewards)
+  r = promote_f32(rewards)
   if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
     raise ValueError(f"rewards must be [B, K] with K >= 2, got {r.shape}")
   if jnp.shape(best_index) != r.shape[:1]:
@@ -203,9 +241,9 @@ def best_of_k_loss(
   per_prompt = jax.nn.logsumexp(r, axis=-1) - best
   loss = _batch_mean(per_prompt, axis_name)
   others_max = jnp.max(jnp.where(onehot, -jnp.inf, r), axis=-1)
-  correct = (best > others_max).astype(jnp.float32)
-  stats = {"rm/loss": loss, "rm/accuracy": _batch_mean(correct, axis_name)}
-  return loss, jax.lax.stop_gradient(stats)
+  stats = _pair_stats("rm", best, others_max, RM_STAT_NAMES, axis_name)
+  stats["rm/loss"] = st.Mean.of(per_prompt).reduce(axis_name)
+  return loss, stats
 
 
 def ranking_loss(
@@ -213,7 +251,7 @@ def ranking_loss(
   ranks: jax.Array,
   *,
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, st.Stats]:
   """All-pairs ranking loss from a full ranking (Ouyang et al. 2022, eq. 1).
 
   Each prompt's K ranked responses give K-choose-2 comparisons; the loss on a
@@ -239,7 +277,7 @@ def ranking_loss(
   Raises:
     ValueError: rewards not [B, K] with K >= 2 or ranks of another shape.
   """
-  r = _as_float(rewards)
+  r = promote_f32(rewards)
   if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
     raise ValueError(f"rewards must be [B, K] with K >= 2, got {r.shape}")
   if jnp.shape(ranks) != r.shape:
@@ -253,35 +291,26 @@ def ranking_loss(
     n_pairs, 1.0
   )
   loss = masked_mean(per_prompt, n_pairs > 0, axis_name=axis_name)
-  correct = (diff > 0).astype(jnp.float32)
   stats = {
-    "rm/loss": loss,
-    "rm/accuracy": masked_mean(correct, better, axis_name=axis_name),
+    "rm/loss": st.Mean.of(per_prompt, n_pairs > 0),
+    "rm/accuracy": st.Mean.of(diff > 0, better),
   }
-  return loss, jax.lax.stop_gradient(stats)
+  return loss, st.reduce(stats, axis_name)
 
 
 def _dpo_stats(
-  prefix: str,
-  loss: jax.Array,
-  chosen_rewards: jax.Array,
-  rejected_rewards: jax.Array,
+  per_pair: jax.Array,
+  logps: tuple[jax.Array, jax.Array],
+  rewards: tuple[jax.Array, jax.Array],
   axis_name: str | None,
-) -> dict[str, jax.Array]:
-  acc = preference_accuracy(
-    chosen_rewards, rejected_rewards, axis_name=axis_name
-  )
-  stats = {
-    f"{prefix}/loss": loss,
-    f"{prefix}/chosen_rewards": _batch_mean(chosen_rewards, axis_name),
-    f"{prefix}/rejected_rewards": _batch_mean(rejected_rewards, axis_name),
-    f"{prefix}/accuracy": acc["accuracy"],
-    f"{prefix}/ties": acc["ties"],
-    f"{prefix}/margin": _batch_mean(
-      chosen_rewards - rejected_rewards, axis_name
-    ),
-  }
-  return jax.lax.stop_gradient(stats)
+) -> st.Stats:
+  """TRL's DPO statistics: implicit rewards, their accuracy, the logps."""
+  names = ("accuracies", "ties", "margins", "chosen", "rejected")
+  stats = _pair_stats("rewards", *rewards, names, None)
+  stats["dpo/loss"] = st.Mean.of(per_pair)
+  stats["logps/chosen"] = st.Mean.of(logps[0])
+  stats["logps/rejected"] = st.Mean.of(logps[1])
+  return st.reduce(stats, axis_name)
 
 
 def _policy_logits(
@@ -298,9 +327,9 @@ def _policy_logits(
     ref_rejected_logprobs=ref_rejected_logprobs,
   )
   # The reference is a constant target: no gradient flows into it.
-  ref_c = jax.lax.stop_gradient(_as_float(ref_chosen_logprobs))
-  ref_r = jax.lax.stop_gradient(_as_float(ref_rejected_logprobs))
-  return _as_float(chosen_logprobs) - ref_c, _as_float(
+  ref_c = jax.lax.stop_gradient(promote_f32(ref_chosen_logprobs))
+  ref_r = jax.lax.stop_gradient(promote_f32(ref_rejected_logprobs))
+  return promote_f32(chosen_logprobs) - ref_c, promote_f32(
     rejected_logprobs
   ) - ref_r
 
@@ -315,11 +344,11 @@ def dpo_loss(
   label_smoothing: float = 0.0,
   loss_type: DPOLossType = "sigmoid",
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, st.Stats]:
   """Direct Preference Optimization loss (Rafailov et al. 2023, eq. 7).
 
   With per-pair log-ratio difference (inputs are SUMMED sequence logprobs,
-  DESIGN.md convention 12)
+  docs/conventions.md, convention 12)
 
     h_b = [log pi(y+|x) - log pi_ref(y+|x)] - [log pi(y-|x) - log pi_ref(y-|x)]
 
@@ -335,6 +364,12 @@ def dpo_loss(
   Implicit rewards are beta (log pi - log pi_ref) per response. The reference
   logprobs get no gradient. With pi == pi_ref every pair gives ln 2 (sigmoid).
 
+  >>> import jax.numpy as jnp
+  >>> logps = jnp.array([-4.0])
+  >>> loss, _ = dpo_loss(logps, logps, logps, logps, beta=0.1)
+  >>> round(float(loss), 6)  # ln 2
+  0.693147
+
   Args:
     chosen_logprobs: f32[B] sum over valid response tokens of log pi(y+).
     rejected_logprobs: f32[B] same for y-.
@@ -347,10 +382,12 @@ def dpo_loss(
     axis_name: optional pmap/shard_map axis for global batch means.
 
   Returns:
-    (loss f32[], stats) with ``dpo/loss``, ``dpo/chosen_rewards``,
-    ``dpo/rejected_rewards`` (mean implicit rewards), ``dpo/accuracy``
-    (strict chosen > rejected implicit reward), ``dpo/ties`` (count),
-    ``dpo/margin`` (mean chosen - rejected implicit reward).
+    (loss f32[], stats) under TRL's names: ``dpo/loss``, ``rewards/chosen``,
+    ``rewards/rejected`` (mean implicit rewards), ``rewards/accuracies``
+    (strict chosen > rejected implicit reward), ``rewards/ties`` (fraction),
+    ``rewards/margins`` (mean chosen - rejected implicit reward),
+    ``logps/chosen`` and ``logps/rejected`` (mean policy logprobs, as
+    passed in).
 
   Raises:
     ValueError: the four inputs are not equal [B]; unknown loss_type;
@@ -379,8 +416,9 @@ def dpo_loss(
   else:
     per_pair = jax.nn.relu(1.0 - z)
   loss = _batch_mean(per_pair, axis_name)
-  stats = _dpo_stats("dpo", loss, beta * ratio_c, beta * ratio_r, axis_name)
-  return loss, stats
+  logps = (promote_f32(chosen_logprobs), promote_f32(rejected_logprobs))
+  rewards = (beta * ratio_c, beta * ratio_r)
+  return loss, _dpo_stats(per_pair, logps, rewards, axis_name)
 
 
 def ipo_loss(
@@ -391,7 +429,7 @@ def ipo_loss(
   *,
   beta: float,
   axis_name: str | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, st.Stats]:
   """Identity Preference Optimization loss (Azar et al. 2023, eq. 17).
 
     h_b = [log pi(y+) - log pi_ref(y+)] - [log pi(y-) - log pi_ref(y-)]
@@ -399,9 +437,10 @@ def ipo_loss(
 
   Inputs are LENGTH-NORMALISED sequence logprobs, i.e. the per-token mean
   over valid response tokens (``sequence_logprobs(..., average=True)``,
-  DESIGN.md convention 12), as in the IPO authors' and TRL's implementation.
-  The squared loss regresses the log-ratio gap to 1/(2 beta) instead of
-  pushing it to infinity, so IPO does not overfit deterministic preferences.
+  docs/conventions.md, convention 12), as in the IPO authors' and TRL's
+  implementation. The squared loss regresses the log-ratio gap to 1/(2 beta)
+  instead of pushing it to infinity, so IPO does not overfit deterministic
+  preferences.
 
   Args:
     chosen_logprobs: f32[B] per-token mean log pi(y+).
@@ -412,7 +451,7 @@ def ipo_loss(
     axis_name: optional pmap/shard_map axis for global batch means.
 
   Returns:
-    (loss f32[], stats) with the same ``dpo/...`` keys as ``dpo_loss``;
+    (loss f32[], stats) with the same keys as ``dpo_loss``;
     implicit rewards are beta (mean log pi - mean log pi_ref).
 
   Raises:
@@ -428,5 +467,6 @@ def ipo_loss(
   )
   per_pair = (ratio_c - ratio_r - 1.0 / (2.0 * beta)) ** 2
   loss = _batch_mean(per_pair, axis_name)
-  stats = _dpo_stats("dpo", loss, beta * ratio_c, beta * ratio_r, axis_name)
-  return loss, stats
+  logps = (promote_f32(chosen_logprobs), promote_f32(rejected_logprobs))
+  rewards = (beta * ratio_c, beta * ratio_r)
+  return loss, _dpo_stats(per_pair, logps, rewards, axis_name)

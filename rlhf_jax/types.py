@@ -27,7 +27,9 @@ class PromptBatch:
 
 @struct.dataclass
 class Rollout:
-  """Sampled responses and the sampler's logprobs (DESIGN.md convention 1, 3).
+  """Sampled responses and the sampler's logprobs.
+
+  docs/conventions.md, conventions 1 and 3.
 
   Attributes:
     prompt_ids: i32[B, P] left-padded prompts the responses continue.
@@ -61,7 +63,7 @@ class PPOBatch:
     old_logprobs: f32[B, T] logprobs of the policy that sampled the batch.
     ref_logprobs: f32[B, T] logprobs of the frozen reference policy.
     old_values: f32[B, T] critic values stored at rollout time
-      (value clipping is against these, DESIGN.md convention 10).
+      (value clipping is against these, docs/conventions.md, convention 10).
     advantages: f32[B, T].
     returns: f32[B, T] value targets.
   """

@@ -27,11 +27,11 @@ on the mesh of ``--mesh.*`` (``rlhf_jax.runner.mesh.Placement``).
 
      loss = -mean_b log sigma(r(x_b, y_b^+) - r(x_b, y_b^-)).
 
-Held-out evaluation (DESIGN.md convention 11): accuracy = #(r+ > r-) / n,
-strict, ties count as wrong and are reported; its binomial standard error
-sqrt(p (1 - p) / n). Beside it, on the same pairs, the length baseline:
-predict the response with more characters (untruncated), equal lengths
-wrong. Before any DPO step pi = pi_ref, so every pair is a tie.
+Held-out evaluation (docs/conventions.md, convention 11): accuracy =
+#(r+ > r-) / n, strict, ties count as wrong and are reported; its binomial
+standard error sqrt(p (1 - p) / n). Beside it, on the same pairs, the
+length baseline: predict the response with more characters (untruncated),
+equal lengths wrong. Before any DPO step pi = pi_ref, so every pair is a tie.
 
   python scripts/rm_dpo_hh.py
   python scripts/rm_dpo_hh.py --max-train-pairs 64 --rm-steps 4 \\

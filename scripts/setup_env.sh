@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (Python 3.12) and installs rlhf_jax with its test extra.
+# Creates .venv (Python 3.12) and installs rlhf_jax (editable) with the
+# extras of the `rlhf-jax` command (cli) and of the test suite (test).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,5 +26,5 @@ if ! command -v uv >/dev/null 2>&1 || ! uv --version >/dev/null 2>&1; then
 fi
 UV=$(python3 -c 'import shutil, sysconfig, os; p=os.path.join(sysconfig.get_path("scripts"), "uv"); print(p if os.path.exists(p) else (shutil.which("uv") or "uv"))')
 [ -x .venv/bin/python ] || "$UV" venv --python "$PY" .venv
-"$UV" pip install --python .venv/bin/python --compile-bytecode -q -e ".[test]"
+"$UV" pip install --python .venv/bin/python --compile-bytecode -q -e ".[cli,test]"
 echo "rlhf_jax environment ready: .venv ($(.venv/bin/python --version))"

@@ -6,6 +6,8 @@
 * ``jax_numpy_rank_promotion='raise'`` so implicit broadcasting bugs fail.
 * The persistent compilation cache, kept outside the repository, cuts the
   suite's time about 3x on a 2-core machine.
+* Only test_*.py files are collected here, also under --doctest-modules
+  (the doctests are rlhf_jax/'s own).
 """
 
 import os
@@ -32,6 +34,20 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_ignore_collect(collection_path: pathlib.Path, config):
+  """With --doctest-modules (pyproject's addopts) pytest would import every
+  .py file here: helpers that set up worker processes or need the side
+  environment (torch) are not doctest modules. Only test_*.py and
+  conftest.py files are collected under tests/."""
+  del config
+  if collection_path.suffix == ".py" and not (
+    collection_path.name.startswith("test_")
+    or collection_path.name == "conftest.py"
+  ):
+    return True
+  return None
 
 
 @pytest.fixture(scope="session")

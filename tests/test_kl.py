@@ -116,18 +116,92 @@ def test_identity_k1_is_log_ratio_and_estimators_are_unbiased():
     assert np.all(np.asarray(klm.kl_estimate(lp, ref, kl_estimator=est)) >= 0)
 
 
-def test_k3_is_finite_for_huge_log_ratios():
+def test_k3_beyond_the_exact_range_is_finite_and_points_back():
+  # Below d = -60 exp(-d) continues along its tangent: e^60 (1 + (-60 - d)).
+  # d = 200: e^-200 - 1 + 200 (exact); d = -200: e^60 * 141 - 201.
+  # [the old clip at +-20 gave e^20 - 201 there: 4.9e8, far from the KL]
   lp = jnp.array([0.0, -200.0, 0.0])
   ref = jnp.array([-200.0, 0.0, 0.0])
   k3 = klm.kl_estimate(lp, ref, kl_estimator="k3")
-  # d = 200: e^-20 - 1 + 200 (clipped exp); d = -200: e^20 - 1 - 200.
   np.testing.assert_allclose(
-    k3, [np.exp(-20.0) - 1 + 200, np.exp(20.0) - 201, 0.0], rtol=1e-6
+    k3, [199.0, np.exp(60.0) * 141 - 201, 0.0], rtol=1e-6
   )
   g = jax.grad(lambda x: jnp.sum(klm.kl_estimate(x, ref, kl_estimator="k3")))(
     lp
   )
-  assert np.all(np.isfinite(g))
+  # d/dlogp: 1 - e^-200 = 1 at d = 200; 1 - e^60 at d = -200 (pushes d up).
+  np.testing.assert_allclose(g, [1.0, 1 - np.exp(60.0), 0.0], rtol=1e-6)
+
+
+# Log-ratios d = log pi - log pi_ref over the whole of [-50, 50], densest
+# near 0; float64 analytic value and d/d(log pi) of each estimator.
+D_GRID = np.concatenate([np.linspace(-50, 50, 201), [-1e-3, 1e-3, 0.0]])
+ANALYTIC = {
+  "k1": (lambda d: d, lambda d: np.ones_like(d)),
+  "k2": (lambda d: 0.5 * d * d, lambda d: d),
+  "k3": (lambda d: np.expm1(-d) + d, lambda d: -np.expm1(-d)),
+}
+
+
+def _check_against_float64(value, grad, estimator, d):
+  want_v, want_g = (f(d) for f in ANALYTIC[estimator])
+  assert np.isfinite(value).all() and np.isfinite(grad).all()
+  # d64 is the f32 log-ratio itself, so only the f32 evaluation differs.
+  np.testing.assert_allclose(value, want_v, rtol=1e-5, atol=1e-12)
+  np.testing.assert_allclose(grad, want_g, rtol=1e-5, atol=1e-7)
+  # The gradient pushes log pi towards log pi_ref (k2, k3), k1's is 1.
+  if estimator != "k1":
+    assert (np.sign(grad) == np.sign(d)).all()
+
+
+@pytest.mark.parametrize("estimator", klm.KL_ESTIMATORS)
+def test_estimator_value_and_grad_match_float64_over_minus50_to_50(estimator):
+  d = D_GRID.astype(np.float32)
+  ref = np.full_like(d, -3.0)  # log pi_ref; log pi = ref + d
+  lp = jnp.asarray(ref + d)
+
+  def total(x):
+    return jnp.sum(klm.kl_estimate(x, jnp.asarray(ref), kl_estimator=estimator))
+
+  value = np.asarray(
+    klm.kl_estimate(lp, jnp.asarray(ref), kl_estimator=estimator)
+  )
+  grad = np.asarray(jax.grad(total)(lp))
+  d64 = (ref + d).astype(np.float64) - ref.astype(np.float64)
+  _check_against_float64(value, grad, estimator, d64)
+
+
+@pytest.mark.parametrize("estimator", klm.KL_ESTIMATORS)
+def test_kl_loss_term_matches_float64_over_minus50_to_50(estimator):
+  # The loss path: token-mean of the estimator over valid tokens; its
+  # gradient per token is the estimator's derivative / n_tokens.
+  d = D_GRID.astype(np.float32).reshape(2, -1)
+  ref = np.full_like(d, -3.0)
+  mask = np.ones(d.shape, bool)
+  mask[1, -1] = False  # one masked slot: no value, no gradient
+  lp = jnp.asarray(ref + d)
+  n = mask.sum()
+
+  def loss(x):
+    return klm.kl_loss(x, jnp.asarray(ref), mask, kl_estimator=estimator)
+
+  (value, stats), grad = jax.value_and_grad(loss, has_aux=True)(lp)
+  d64 = ((ref + d).astype(np.float64) - ref)[mask]
+  want_v, want_g = (f(d64) for f in ANALYTIC[estimator])
+  np.testing.assert_allclose(float(value), want_v.mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(stats["ppo/kl_loss"].value), want_v.mean(), rtol=1e-5
+  )
+  grad = np.asarray(grad)
+  assert grad[1, -1] == 0.0
+  _check_against_float64(
+    np.asarray(klm.kl_estimate(lp, jnp.asarray(ref), kl_estimator=estimator))[
+      mask
+    ],
+    grad[mask] * n,
+    estimator,
+    d64,
+  )
 
 
 def test_kl_shaped_rewards_hand_case():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec
 
+from rlhf_jax import stats as st
 from rlhf_jax.ppo import (
   entropy_bonus,
   explained_variance,
@@ -89,6 +90,11 @@ def _policy_ref(lp, olp, adv, mask, low, high, dual, mode):
       [ratio[b][t] for b in range(B) for t in range(T) if mask[b, t]],
       default=0.0,
     ),
+    "ppo/ratio_dev_max": max(
+      [abs(ratio[b][t] - 1) for b in range(B) for t in range(T) if mask[b, t]],
+      default=0.0,
+    ),
+    "ppo/policy_loss": _agg_ref(per, mask, mode),
   }
   return _agg_ref(per, mask, mode), stats
 
@@ -103,10 +109,20 @@ def _value_ref(v, ov, ret, mask, c, mode):
         vb, ob, rb = float(v[b, t]), float(ov[b, t]), float(ret[b, t])
         vc = ob + min(max(vb - ob, -c), c)
         e1, e2 = (vb - rb) ** 2, (vc - rb) ** 2
-        per[b][t], err[b][t], clip[b][t] = 0.5 * max(e1, e2), e1, float(e2 > e1)
+        clipped = e2 > e1 and abs(vb - ob) > c
+        per[b][t], err[b][t], clip[b][t] = 0.5 * max(e1, e2), e1, float(clipped)
+  valid = np.asarray(mask, bool)
+  r64, v64 = (
+    np.asarray(ret, np.float64)[valid],
+    np.asarray(v, np.float64)[valid],
+  )
+  ev = 1 - (r64 - v64).var() / r64.var() if valid.sum() > 1 else 0.0
   stats = {
     "val/clipfrac": _mean_ref(clip, mask),
     "val/error": _mean_ref(err, mask),
+    "val/loss": _agg_ref(per, mask, mode),
+    "val/vpred": float(v64.mean()) if valid.any() else 0.0,
+    "val/explained_variance": ev,
   }
   return _agg_ref(per, mask, mode), stats
 
@@ -225,11 +241,15 @@ def test_policy_stats_hand_values():
   _, s = ppo_policy_loss(
     new, old, jnp.array([[4.0, -3.0]]), jnp.ones((1, 2), bool), cliprange=0.2
   )
-  np.testing.assert_allclose(float(s["ppo/clipfrac"]), 0.5)
-  np.testing.assert_allclose(float(s["ppo/approx_kl"]), -0.680488, atol=1e-5)
-  np.testing.assert_allclose(float(s["ppo/approx_kl_k3"]), 0.469512, atol=1e-5)
-  np.testing.assert_allclose(float(s["ppo/ratio_mean"]), 2.15, atol=1e-5)
-  np.testing.assert_allclose(float(s["ppo/ratio_max"]), 3.0, atol=1e-5)
+  np.testing.assert_allclose(float(s["ppo/clipfrac"].value), 0.5)
+  np.testing.assert_allclose(
+    float(s["ppo/approx_kl"].value), -0.680488, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    float(s["ppo/approx_kl_k3"].value), 0.469512, atol=1e-5
+  )
+  np.testing.assert_allclose(float(s["ppo/ratio_mean"].value), 2.15, atol=1e-5)
+  np.testing.assert_allclose(float(s["ppo/ratio_max"].value), 3.0, atol=1e-5)
 
 
 def test_r10_value_clipping_against_rollout_values():
@@ -251,9 +271,11 @@ def test_r10_value_clipping_against_rollout_values():
     np.asarray(g)[0], [0.0, -0.133333, -0.466667], atol=1e-6
   )
   assert float(np.asarray(g)[0, 0]) == 0.0
-  np.testing.assert_allclose(float(stats["val/clipfrac"]), 1 / 3, atol=1e-7)
+  np.testing.assert_allclose(
+    float(stats["val/clipfrac"].value), 1 / 3, atol=1e-7
+  )
   # val/error is the unclipped mean squared error (0.04 + 0.16 + 1.96) / 3.
-  np.testing.assert_allclose(float(stats["val/error"]), 0.72, atol=1e-6)
+  np.testing.assert_allclose(float(stats["val/error"].value), 0.72, atol=1e-6)
 
 
 def test_entropy_bonus_hand_values():
@@ -261,9 +283,10 @@ def test_entropy_bonus_hand_values():
   # seq-mean-token-mean (1.5 + 3) / 2 = 2.25. [padding counted: 6 / 6 = 1]
   ent = jnp.array([[1.0, 2.0, jnp.nan], [3.0, 1e9, -1e9]])
   mask = jnp.array([[True, True, False], [True, False, False]])
-  np.testing.assert_allclose(float(entropy_bonus(ent, mask)), 2.0)
+  np.testing.assert_allclose(float(entropy_bonus(ent, mask)[0]), 2.0)
   np.testing.assert_allclose(
-    float(entropy_bonus(ent, mask, loss_agg_mode="seq-mean-token-mean")), 2.25
+    float(entropy_bonus(ent, mask, loss_agg_mode="seq-mean-token-mean")[0]),
+    2.25,
   )
 
 
@@ -309,7 +332,7 @@ def test_policy_loss_matches_float64_loop(pattern, mode, cfg_name):
   )
   np.testing.assert_allclose(float(loss), want, rtol=1e-6, atol=1e-6)
   for k, v in want_stats.items():
-    np.testing.assert_allclose(float(stats[k]), v, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(stats[k].value), v, rtol=1e-6, atol=1e-6)
 
 
 def test_reference_data_exercises_every_branch():
@@ -321,8 +344,8 @@ def test_reference_data_exercises_every_branch():
   for side in (ratio > 1.28, ratio < 0.8, (ratio > 0.8) & (ratio < 1.2)):
     assert (side & pos).any() and (side & neg).any()
   _, s = _policy(d, CONFIGS["asym_dual"])
-  assert 0.1 < float(s["ppo/clipfrac"]) < 0.9
-  assert 0.0 < float(s["ppo/dual_clipfrac"]) < 0.5
+  assert 0.1 < float(s["ppo/clipfrac"].value) < 0.9
+  assert 0.0 < float(s["ppo/dual_clipfrac"].value) < 0.5
 
 
 @pytest.mark.parametrize("pattern", sorted(MASKS))
@@ -333,17 +356,21 @@ def test_value_loss_matches_float64_loop(pattern, mode):
   want, want_stats = _value_ref(d["v"], d["ov"], d["ret"], d["mask"], 0.2, mode)
   np.testing.assert_allclose(float(loss), want, rtol=1e-6, atol=1e-6)
   for k, v in want_stats.items():
-    np.testing.assert_allclose(float(stats[k]), v, rtol=1e-6, atol=1e-6)
-  assert 0.0 < float(_value(_data(2, MASKS["no_padding"]))[1]["val/clipfrac"])
+    np.testing.assert_allclose(float(stats[k].value), v, rtol=1e-6, atol=1e-6)
+  assert 0.0 < float(
+    _value(_data(2, MASKS["no_padding"]))[1]["val/clipfrac"].value
+  )
 
 
 @pytest.mark.parametrize("pattern", sorted(MASKS))
 @pytest.mark.parametrize("mode", MODES)
 def test_entropy_bonus_matches_float64_loop(pattern, mode):
   d = _data(3, MASKS[pattern])
-  got = entropy_bonus(d["ent"], d["mask"], loss_agg_mode=mode)
+  got, got_stats = entropy_bonus(d["ent"], d["mask"], loss_agg_mode=mode)
   want = _agg_ref(d["ent"].astype(np.float64), d["mask"], mode)
   np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=1e-6)
+  stat = float(got_stats["ppo/entropy"].value)
+  np.testing.assert_allclose(stat, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("pattern", sorted(MASKS))
@@ -366,9 +393,10 @@ def _all_ops(d):
   pl, ps = _policy(d, CONFIGS["asym_dual"])
   pl2, _ = _policy(d, CONFIGS["symmetric"], "seq-mean-token-sum")
   vl, vs = _value(d, "seq-mean-token-mean")
-  eb = entropy_bonus(d["ent"], d["mask"])
+  eb, es = entropy_bonus(d["ent"], d["mask"])
   ev = explained_variance(d["v"], d["ret"], d["mask"])
-  out = dict(pl=pl, pl2=pl2, vl=vl, eb=eb, ev=ev) | ps | vs
+  out = dict(pl=pl, pl2=pl2, vl=vl, eb=eb, ev=ev)
+  out |= st.values(ps) | st.values(vs) | st.values(es)
   return out, pl + pl2 + vl - 0.01 * eb
 
 
@@ -452,7 +480,7 @@ def test_each_op_traces_once_for_same_shapes():
 
 
 # ---------------------------------------------------------------------------
-# Micro-batching and devices (DESIGN.md conventions 6 and 14).
+# Micro-batching and devices (docs/conventions.md, conventions 6 and 14).
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -55,8 +55,8 @@ def test_bradley_terry_margin_hand_value():
     jnp.array([2.0]), jnp.array([1.0]), margin=jnp.array([1.0])
   )
   np.testing.assert_allclose(float(loss), LN2, atol=1e-6)
-  assert float(stats["rm/margin"]) == 1.0  # the reward gap, not d
-  assert float(stats["rm/accuracy"]) == 1.0
+  assert float(stats["rm/margin"].value) == 1.0  # the reward gap, not d
+  assert float(stats["rm/accuracy"].value) == 1.0
 
 
 def test_bradley_terry_label_smoothing_hand_value():
@@ -84,10 +84,10 @@ def test_best_of_k_hand_value():
   # [softmax probability instead of -log: 0.665241; index 0: 1.407606]
   loss, stats = best_of_k_loss(jnp.array([[1.0, 2.0, 0.0]]), jnp.array([1]))
   np.testing.assert_allclose(float(loss), 0.407606, atol=1e-6)
-  assert float(stats["rm/accuracy"]) == 1.0
+  assert float(stats["rm/accuracy"].value) == 1.0
   # A tie with the best counts as wrong (strict accuracy).
   _, stats = best_of_k_loss(jnp.array([[2.0, 2.0, 0.0]]), jnp.array([1]))
-  assert float(stats["rm/accuracy"]) == 0.0
+  assert float(stats["rm/accuracy"].value) == 0.0
 
 
 def test_ranking_loss_hand_value():
@@ -99,7 +99,7 @@ def test_ranking_loss_hand_value():
     jnp.array([[3.0, 1.0, 2.0]]), jnp.array([[0, 2, 1]])
   )
   np.testing.assert_allclose(float(loss), 0.251150, atol=1e-6)
-  assert float(stats["rm/accuracy"]) == 1.0
+  assert float(stats["rm/accuracy"].value) == 1.0
 
 
 def test_ranking_loss_each_prompt_counts_once():
@@ -124,10 +124,10 @@ def test_dpo_hand_values():
   args = [jnp.array([v]) for v in (-10.0, -12.0, -10.5, -11.0)]
   loss, stats = dpo_loss(*args, beta=0.5)
   np.testing.assert_allclose(float(loss), 0.386871, atol=1e-6)
-  np.testing.assert_allclose(float(stats["dpo/chosen_rewards"]), 0.25)
-  np.testing.assert_allclose(float(stats["dpo/rejected_rewards"]), -0.5)
-  np.testing.assert_allclose(float(stats["dpo/margin"]), 0.75)
-  assert float(stats["dpo/accuracy"]) == 1.0
+  np.testing.assert_allclose(float(stats["rewards/chosen"].value), 0.25)
+  np.testing.assert_allclose(float(stats["rewards/rejected"].value), -0.5)
+  np.testing.assert_allclose(float(stats["rewards/margins"].value), 0.75)
+  assert float(stats["rewards/accuracies"].value) == 1.0
   # cDPO eps 0.1: 0.9 * 0.386871 + 0.1 * softplus(0.75) (= 1.136871)
   # = 0.461871. [eps on the wrong term: 0.2*... = 1.061871]
   loss, _ = dpo_loss(*args, beta=0.5, label_smoothing=0.1)
@@ -144,7 +144,9 @@ def test_ipo_hand_value():
   args = [jnp.array([v]) for v in (-1.0, -1.2, -1.1, -1.1)]
   loss, stats = ipo_loss(*args, beta=0.5)
   np.testing.assert_allclose(float(loss), 0.64, atol=1e-6)
-  np.testing.assert_allclose(float(stats["dpo/margin"]), 0.1, atol=1e-6)
+  np.testing.assert_allclose(
+    float(stats["rewards/margins"].value), 0.1, atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -153,19 +155,20 @@ def test_ipo_hand_value():
 
 def test_r5_accuracy_with_ties():
   # Pairs: 1.0 > 0.0 yes; 0.5 == 0.5 tie; 2.0 < 2.5 no; -1 == -1 tie;
-  # 0.3 > 0.1 yes -> 2 / 5 = 0.4 with 2 ties. [ties counted right: 0.8]
+  # 0.3 > 0.1 yes -> 2 / 5 = 0.4 with 2 ties (a fraction 0.4 of the pairs).
+  # [ties counted right: 0.8]
   chosen = jnp.array([1.0, 0.5, 2.0, -1.0, 0.3])
   rejected = jnp.array([0.0, 0.5, 2.5, -1.0, 0.1])
   acc = preference_accuracy(chosen, rejected)
-  np.testing.assert_allclose(float(acc["accuracy"]), 0.4, atol=1e-7)
-  assert float(acc["ties"]) == 2.0
+  np.testing.assert_allclose(float(acc["accuracy"].value), 0.4, atol=1e-7)
+  np.testing.assert_allclose(float(acc["ties"].value), 0.4, atol=1e-7)
   _, stats = bradley_terry_loss(chosen, rejected)
-  np.testing.assert_allclose(float(stats["rm/accuracy"]), 0.4, atol=1e-7)
-  assert float(stats["rm/ties"]) == 2.0
+  np.testing.assert_allclose(float(stats["rm/accuracy"].value), 0.4, atol=1e-7)
+  np.testing.assert_allclose(float(stats["rm/ties"].value), 0.4, atol=1e-7)
   # A constant reward model scores 0.0 (all ties), not 0.5 or 1.0.
   const = jnp.full((5,), 0.7)
   acc = preference_accuracy(const, const)
-  assert float(acc["accuracy"]) == 0.0 and float(acc["ties"]) == 5.0
+  assert float(acc["accuracy"].value) == 0.0 and float(acc["ties"].value) == 1.0
 
 
 def test_r6_dpo_reference_pairing():
@@ -181,8 +184,8 @@ def test_r6_dpo_reference_pairing():
     one = [x[i : i + 1] for x in (chosen, rejected)]
     loss_i, _ = dpo_loss(*one, *one, beta=0.1)
     np.testing.assert_allclose(float(loss_i), 0.693147, atol=1e-6)
-  assert float(stats["dpo/chosen_rewards"]) == 0.0
-  assert float(stats["dpo/rejected_rewards"]) == 0.0
+  assert float(stats["rewards/chosen"].value) == 0.0
+  assert float(stats["rewards/rejected"].value) == 0.0
   wrong, _ = dpo_loss(chosen, rejected, chosen[::-1], rejected[::-1], beta=0.1)
   np.testing.assert_allclose(float(wrong), 0.753186, atol=1e-6)
 
@@ -210,9 +213,11 @@ def test_bradley_terry_matches_float64_loop(eps, coef):
     float(loss), _bt_ref(rc, rr, m, eps, coef), rtol=1e-6, atol=1e-6
   )
   acc = np.mean([float(c) > float(r) for c, r in zip(rc, rr, strict=True)])
-  np.testing.assert_allclose(float(stats["rm/accuracy"]), acc, atol=1e-7)
+  np.testing.assert_allclose(float(stats["rm/accuracy"].value), acc, atol=1e-7)
   np.testing.assert_allclose(
-    float(stats["rm/margin"]), np.mean(rc.astype(np.float64) - rr), atol=1e-6
+    float(stats["rm/margin"].value),
+    np.mean(rc.astype(np.float64) - rr),
+    atol=1e-6,
   )
 
 
@@ -228,7 +233,7 @@ def test_best_of_k_matches_float64_loop():
     others = [v for k, v in enumerate(row) if k != idx[b]]
     acc += (row[idx[b]] > max(others)) / 8
   np.testing.assert_allclose(float(loss), ref, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(float(stats["rm/accuracy"]), acc, atol=1e-7)
+  np.testing.assert_allclose(float(stats["rm/accuracy"].value), acc, atol=1e-7)
 
 
 def test_ranking_loss_matches_float64_loop():
@@ -250,7 +255,7 @@ def test_ranking_loss_matches_float64_loop():
     pairs += n
     total += row_loss / n / 6
   np.testing.assert_allclose(float(loss), total, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(float(stats["rm/accuracy"]), correct / pairs)
+  np.testing.assert_allclose(float(stats["rm/accuracy"].value), correct / pairs)
 
 
 @pytest.mark.parametrize(
@@ -273,7 +278,9 @@ def test_dpo_matches_float64_loop(loss_type, eps):
       ref += max(0.0, 1.0 - z) / 12
     acc += (wc > wr) / 12
   np.testing.assert_allclose(float(loss), ref, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(float(stats["dpo/accuracy"]), acc, atol=1e-7)
+  np.testing.assert_allclose(
+    float(stats["rewards/accuracies"].value), acc, atol=1e-7
+  )
 
 
 def test_ipo_matches_float64_loop():
@@ -304,8 +311,9 @@ def test_dpo_policy_equal_reference_gives_ln2_per_pair():
   for beta in (0.01, 0.1, 1.0):
     loss, stats = dpo_loss(pc, pr, pc, pr, beta=beta)
     np.testing.assert_allclose(float(loss), LN2, atol=1e-6)
-    assert float(stats["dpo/accuracy"]) == 0.0  # all ties: none strictly won
-    assert float(stats["dpo/ties"]) == 7.0
+    # All ties: none strictly won.
+    assert float(stats["rewards/accuracies"].value) == 0.0
+    assert float(stats["rewards/ties"].value) == 1.0
 
 
 def test_k2_losses_reduce_to_bradley_terry():
@@ -363,7 +371,7 @@ def test_pair_losses_bf16_inputs_give_finite_f32(name):
   loss, stats = fn(*_args(41, dtype=jnp.bfloat16))
   assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
   for k, v in stats.items():
-    assert v.dtype == jnp.float32 and np.isfinite(float(v)), k
+    assert v.value.dtype == jnp.float32 and np.isfinite(float(v.value)), k
   grads = jax.grad(lambda *a: fn(*a)[0], argnums=(0, 1))(
     *_args(41, dtype=jnp.bfloat16)
   )
@@ -393,7 +401,7 @@ def test_ranked_losses_jit_bf16_extremes():
     g = jax.grad(lambda x, fn=fn, lab=lab: fn(x, lab)[0])(big)
     assert np.isfinite(float(fn(big, lab)[0])) and np.isfinite(g).all()
   # Correctly ranked rewards give full accuracy.
-  assert float(ranking_loss(r, ranks)[1]["rm/accuracy"]) == 1.0
+  assert float(ranking_loss(r, ranks)[1]["rm/accuracy"].value) == 1.0
 
 
 @pytest.mark.parametrize("name", sorted(_CASES))

@@ -1,4 +1,5 @@
-"""The public API of DESIGN.md's Core API exists with its signatures."""
+"""The public math API exists with its signatures (docs/conventions.md,
+Shapes, masks and signatures)."""
 
 import inspect
 
@@ -69,7 +70,8 @@ CORE = {
     "loss_agg_mode",
   ],
 }
-# Hyperparameters are keyword-only; arrays positional (DESIGN.md).
+# Hyperparameters are keyword-only; arrays positional (docs/conventions.md,
+# Shapes, masks and signatures).
 HYPER = {
   "axis_name",
   "unbiased",

@@ -68,4 +68,4 @@ def test_parity_data_has_clipped_tokens():
   _, stats = ppo_policy_loss(
     logp, old, adv, jnp.ones(logp.shape, bool), cliprange=0.2
   )
-  assert 0.1 < float(stats["ppo/clipfrac"]) < 0.9
+  assert 0.1 < float(stats["ppo/clipfrac"].value) < 0.9

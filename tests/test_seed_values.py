@@ -23,7 +23,7 @@ def test_seed_bradley_terry_probability_and_loss():
   assert round(float(prob), 4) == 0.3775
   assert round(float(loss), 4) == 0.9741
   np.testing.assert_allclose(float(loss), 0.974077, atol=1e-6)
-  assert float(stats["rm/accuracy"]) == 0.0  # r+ < r-: the pair is wrong
+  assert float(stats["rm/accuracy"].value) == 0.0  # r+ < r-: the pair is wrong
 
 
 @pytest.mark.parametrize("delta", [-3.0, -0.5, 0.0, 0.5, 4.0])
@@ -69,8 +69,10 @@ def test_seed_ppo_positive_advantage_is_clipped():
     new, old, jnp.array([[4.0]]), jnp.ones((1, 1), bool), cliprange=0.2
   )
   np.testing.assert_allclose(-float(loss), 4.8, atol=1e-5)
-  assert float(stats["ppo/clipfrac"]) == 1.0
-  np.testing.assert_allclose(float(stats["ppo/ratio_max"]), 3.0, rtol=1e-5)
+  assert float(stats["ppo/clipfrac"].value) == 1.0
+  np.testing.assert_allclose(
+    float(stats["ppo/ratio_max"].value), 3.0, rtol=1e-5
+  )
   g = jax.grad(_objective_of_ratio)(jnp.float32(3.0), 0.02, 4.0)
   assert float(g) == 0.0
 
@@ -90,7 +92,7 @@ def test_seed_ppo_negative_advantage_ratio_above_range_is_not_clipped():
   objective = -float(loss)
   np.testing.assert_allclose(objective, -3.9, atol=1e-5)
   assert abs(objective - (-3.6)) > 0.29  # NOT the seed's optimistic -3.6
-  assert float(stats["ppo/clipfrac"]) == 0.0
+  assert float(stats["ppo/clipfrac"].value) == 0.0
   g = jax.grad(_objective_of_ratio)(jnp.float32(1.3), 0.10, -3.0)
   np.testing.assert_allclose(float(g), -3.0, rtol=1e-6)
 
@@ -116,4 +118,4 @@ def test_seed_ppo_gradient_exactly_zero_where_clipped():
   np.testing.assert_allclose(g[1], -(1.3 * -3.0) / 4, rtol=1e-5)
   np.testing.assert_allclose(g[3], -(0.5 * 2.0) / 4, rtol=1e-5)
   _, stats = ppo_policy_loss(logp, old, adv, mask, cliprange=0.2)
-  assert float(stats["ppo/clipfrac"]) == 0.5
+  assert float(stats["ppo/clipfrac"].value) == 0.5

@@ -90,8 +90,8 @@ class CheckpointManager:
 
   Saving is asynchronous by default: ``save`` starts a device-to-host copy
   and a background write, then returns. The state may be donated to the
-  next step at once: while the copy still holds the buffers, jax copies
-  instead of donating (measured on CPU), so the saved values are always
+  next step at once: while the copy still holds the buffers, jax does not
+  reuse them (it copies instead of donating), so the saved values are always
   those at save time. Call ``wait_until_finished`` (or ``close``, or leave
   the ``with`` block) before the process exits.
 

@@ -7,7 +7,9 @@ function returning its starting values (presets.py), and tyro parses the
 remaining flags into field overrides. User errors (unknown subcommand,
 preset or option, bad data, missing model directory) print ONE line on
 stderr and exit with status 2; SIGINT saves the running stage and exits
-with 130 (rerun with --resume).
+with 130 (rerun with --resume). So does a lean install (``pip install
+rlhf_jax`` without the ``cli`` extra): this module imports without the
+extra's packages, and ``main`` names the extra before anything else runs.
 """
 
 import contextlib
@@ -18,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, get_type_hints
 
+from rlhf_jax._optional import CLI_EXTRA_INSTALL, missing_cli_modules
 from rlhf_jax.cli import presets as P
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
@@ -291,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     0 on success, 2 on a user error (one line on stderr), 130 when
     interrupted (after saving a checkpoint).
   """
+  missing = missing_cli_modules()
+  if missing:
+    return _error(
+      f"the rlhf-jax command needs the 'cli' extra (missing: "
+      f"{', '.join(missing)}): {CLI_EXTRA_INSTALL}"
+    )
   args = list(sys.argv[1:] if argv is None else argv)
   if not args or args[0] in ("-h", "--help"):
     width = max(len(c) for c in COMMANDS)

@@ -32,7 +32,7 @@ PIPELINE_PPO = dataclasses.replace(
 
 
 def default_pipeline() -> C.PipelineConfig:
-  """The default "make TinyStories happier" run (a few minutes on 2 cores)."""
+  """The default "make TinyStories happier" run."""
   return C.PipelineConfig(
     rm=C.RewardStageConfig(loss=PIPELINE_RM_LOSS),
     ppo=C.PPOStageConfig(algo=PIPELINE_PPO),

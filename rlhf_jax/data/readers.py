@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from rlhf_jax._optional import import_cli_dependency
 from rlhf_jax.data.errors import DataError
 
 PathLike = str | os.PathLike
@@ -115,7 +116,8 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
 
 def read_parquet(path: PathLike, *, batch_size: int = 1024) -> Iterator[Row]:
   """Streams rows of a Parquet file as dicts (pyarrow record batches)."""
-  import pyarrow.parquet as pq  # Deferred: pyarrow is slow to import.
+  # Deferred: pyarrow is slow to import, and is in the cli extra.
+  pq = import_cli_dependency("pyarrow.parquet", purpose="reading Parquet files")
 
   path = str(path)
   if not pathlib.Path(path).is_file():

@@ -1,15 +1,16 @@
 """Tokenization into static-shape numpy arrays matching ``rlhf_jax.types``.
 
-Layout (DESIGN.md): prompts LEFT-padded to P = ``max_prompt_length``,
-responses RIGHT-padded to T = ``max_response_length``; masks are bool, True
-at real tokens; masked slots hold ``tokenizer.pad_id``.
+Layout (docs/conventions.md, Shapes, masks and signatures): prompts
+LEFT-padded to P = ``max_prompt_length``, responses RIGHT-padded to
+T = ``max_response_length``; masks are bool, True at real tokens; masked
+slots hold ``tokenizer.pad_id``.
 
 Truncation: a prompt longer than P keeps its LAST tokens (the start is cut,
 the BOS, if any, is kept in front); with ``truncate_prompts=False`` it is a
 ``DataError`` instead. A response keeps its FIRST T tokens of
 ``ids + [eos]``: a response cut short loses its EOS, so the response mask
-holds no EOS and the row reads as truncated (DESIGN.md convention 3). Every
-cut is counted in the ``TruncationReport``.
+holds no EOS and the row reads as truncated (docs/conventions.md,
+convention 3). Every cut is counted in the ``TruncationReport``.
 
 Special tokens are explicit: ``Tokenizer.encode`` must NOT add any; BOS is
 prepended to prompts (``add_bos``, when the tokenizer has one) and EOS

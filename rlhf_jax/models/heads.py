@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import hidden_forward, param_logical_axes
 
@@ -135,14 +136,6 @@ def values_forward(
   return jnp.where(mask, v, 0.0)
 
 
-def last_valid_index(attention_mask: Array) -> Array:
-  """i32[B]: index of the last True in each row (0 for an all-False row)."""
-  mask = attention_mask.astype(jnp.bool_)
-  length = mask.shape[-1]
-  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
-  return jnp.where(jnp.any(mask, axis=-1), last, 0).astype(jnp.int32)
-
-
 @functools.partial(jax.jit, static_argnames=("config",))
 def reward_forward(
   params: Params,
@@ -175,7 +168,8 @@ def reward_forward(
     config=config,
     position_ids=position_ids,
   )
-  last = last_valid_index(mask)
+  # An empty row reads position 0 and is zeroed below.
+  last = jnp.maximum(last_valid_index(mask), 0)
   h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
   r = ScalarHead(config).apply({"params": params["head"]}, h_last)
   return jnp.where(jnp.any(mask, axis=-1), r, 0.0)

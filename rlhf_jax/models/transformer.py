@@ -23,9 +23,9 @@ RMSNorm, MLP W_proj gelu_tanh(W_fc n + b) + b, no RoPE.
 Masking: key j is visible to query i iff key j is valid (attention mask /
 cache key mask) and j <= i in sequence (or cache-slot) order, and, with a
 sliding window, i - j < window. Position ids default to
-clip(cumsum(mask) - 1, 0) (DESIGN convention 2) so left padding never changes
-the logits of real tokens. Queries at pad positions see nothing; their
-outputs are finite but meaningless.
+clip(cumsum(mask) - 1, 0) (docs/conventions.md, convention 2) so left padding
+never changes the logits of real tokens. Queries at pad positions see
+nothing; their outputs are finite but meaningless.
 
 Dtype policy: parameters are stored in `config.param_dtype` and cast to
 `config.dtype` for compute; norms, softmax, logits and hidden states returned
@@ -198,7 +198,7 @@ class Attention(nn.Module):
       # kv is the whole stacked cache, carried through the layers and
       # updated in place at (layer, ..., write_index). Scanning over
       # per-layer slices instead would copy the cache out and restack it
-      # every decode step (2x slower decoding at 20M params on CPU).
+      # every decode step.
       # With layer=None, kv is this layer's own [B, ...] cache (per-layer
       # caches of the unrolled decode path: no slice copied out per step).
       k_all, v_all = kv
@@ -218,9 +218,9 @@ class Attention(nn.Module):
     qg = q.reshape(b, length, hkv, h // hkv, dh)
     if length == 1:
       # One query (a decode step): the dots are batched matrix-vector
-      # products, which XLA:CPU runs far below its elementwise speed (200 us
-      # per layer at 20M params); multiply-and-reduce fuses into one
-      # vectorised loop each (over Dh for scores, vectorised along S).
+      # products, which XLA:CPU runs far below its elementwise speed;
+      # multiply-and-reduce fuses into one vectorised loop each (over Dh for
+      # scores, vectorised along S).
       q1 = qg[:, 0][:, :, :, None, :, None]
       scores = jnp.sum((q1 * k[:, :, None, None, :, :]).astype(acc), axis=-2)
     else:
@@ -398,7 +398,11 @@ def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
 
 
 def default_positions(attention_mask: Array) -> Array:
-  """Position ids i32[B, L] = clip(cumsum(mask) - 1, 0) (DESIGN conv. 2)."""
+  """Position ids i32[B, L] = clip(cumsum(mask) - 1, 0).
+
+  From the attention mask, so left padding never moves real tokens
+  (docs/conventions.md, convention 2).
+  """
   pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
   return jnp.maximum(pos, 0)
 
@@ -427,9 +431,9 @@ def init_params(config: ModelConfig, rng: Array) -> Params:
   Weight matrices ~ N(0, initializer_range^2), norm scales 1, biases 0
   (`_init_for`). Each leaf is drawn from its own key in one jitted
   function using XLA's RngBitGenerator ("rbg" keys seeded from `rng`):
-  threefry normals cost ~0.6 s of XLA CPU compile each, so flax's own init
-  through the scanned blocks took ~15 s to compile for a 2-layer toy model.
-  Deterministic given `rng`.
+  threefry normals are slow to compile on XLA:CPU, one per parameter, and
+  flax's own init through the scanned blocks compiles slowly even for a toy
+  model. Deterministic given `rng`.
   """
   shapes = jax.eval_shape(
     lambda: nn.meta.unbox(_boxed_init(config, jax.random.key(0)))
@@ -482,9 +486,8 @@ def unstack_layers(params: Params, config: ModelConfig) -> Params:
   and, for tied embeddings, adds "lm_head" = embed^T. `prefill` and
   `decode_step` accept either layout and compute the same function; with
   this one a decode step reads every weight in place (no per-step copy of a
-  layer slice or transpose of the V x D embedding), which made greedy
-  decoding of TinyStories-656K ~1.5x faster on CPU. Call it once, outside
-  the decode loop (``generate`` does).
+  layer slice or transpose of the V x D embedding), which makes decoding
+  faster. Call it once, outside the decode loop (``generate`` does).
 
   Args:
     params: LM params from `init_params` / `load_hf_checkpoint`.
@@ -526,12 +529,9 @@ def forward(
     f32[B, L, D] when `return_hidden`. Pad-query positions are finite but
     meaningless.
   """
-  mask = attention_mask.astype(jnp.bool_)
-  if position_ids is None:
-    position_ids = default_positions(mask)
-  length = input_ids.shape[1]
-  attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
-  hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
+  hidden = _full_sequence(
+    params, input_ids, attention_mask, position_ids, config
+  )
   logits = _logits(params, hidden, config)
   if return_hidden:
     return logits, hidden.astype(config.acc_dtype)
@@ -548,13 +548,21 @@ def hidden_forward(
   position_ids: Array | None = None,
 ) -> Array:
   """Final-norm hidden states f32[B, L, D] without the LM head."""
+  hidden = _full_sequence(
+    params, input_ids, attention_mask, position_ids, config
+  )
+  return hidden.astype(config.acc_dtype)
+
+
+def _full_sequence(params, input_ids, attention_mask, position_ids, config):
+  """Final-norm hidden states of a causal pass over whole sequences."""
   mask = attention_mask.astype(jnp.bool_)
   if position_ids is None:
     position_ids = default_positions(mask)
   length = input_ids.shape[1]
   attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
   hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
-  return hidden.astype(config.acc_dtype)
+  return hidden
 
 
 # ------------------------------------------------------------------ KV cache

@@ -5,10 +5,11 @@ the batch is split into n equal slices on a new leading axis. The step must
 be built with ``axis_name=PMAP_AXIS`` so its reductions are global: masked
 means use one (sum, count) pair psum'd over the axis (``rlhf_jax.masked``).
 
-Gradients under pmap (measured on jax 0.12, pinned by a test): the
-replicated params are per-device values and pmap transposes ``psum`` into
-``psum``, so ``jax.grad`` of a loss that psums its numerator (a masked mean
-with ``axis_name``) returns n times this device's share of the full-batch
+Gradients under pmap (jax 0.12; pinned by
+tests/parallel/test_parallel_steps.py): the replicated params are
+per-device values and pmap transposes ``psum`` into ``psum``, so
+``jax.grad`` of a loss that psums its numerator (a masked mean with
+``axis_name``) returns n times this device's share of the full-batch
 gradient. ``jax.lax.pmean(grads, axis_name)`` therefore gives exactly the
 full-batch gradient on every device (a psum would be n times too large).
 Inside ``shard_map`` with replicated (unmapped) params the gradient is

@@ -1,7 +1,8 @@
 """Shardings of train states and batches, sharded init and the jitted step.
 
-The step function itself holds no mesh code (DESIGN.md): shardings are
-derived from logical axis names and attached only at ``jax.jit``:
+The step function itself holds no mesh code (docs/conventions.md,
+Distribution): shardings are derived from logical axis names and attached
+only at ``jax.jit``:
 
   shardings = state_shardings(init_fn, rng, mesh=mesh, rules=FSDP,
                               param_axes=[param_logical_axes(cfg)])

@@ -6,12 +6,13 @@ emitted EOS). There is no Python loop over tokens; shapes depend only on
 (B, P, max_new_tokens), so each such shape compiles once, and temperature and
 top_p are array arguments that never trigger a recompile.
 
-Response conventions (DESIGN.md 1, 3, 4): response_ids hold pad after the
-first EOS; response_mask is True up to and including the first EOS; rows with
-no EOS within max_new_tokens are flagged ``truncated`` and their mask covers
-all T positions; logprobs are those of the temperature-scaled distribution
-(see ``sampling.sample_token``), 0 at masked slots, and equal the training
-logprobs of ``rlhf_jax.logprobs`` on the same params.
+Response conventions (docs/conventions.md, conventions 1, 3 and 4):
+response_ids hold pad after the first EOS; response_mask is True up to and
+including the first EOS; rows with no EOS within max_new_tokens are flagged
+``truncated`` and their mask covers all T positions; logprobs are those of
+the temperature-scaled distribution (see ``sampling.sample_token``), 0 at
+masked slots, and equal the training logprobs of ``rlhf_jax.logprobs`` on the
+same params.
 """
 
 import functools
@@ -80,7 +81,7 @@ def generate(
     return_num_steps: static; also return the number of decode iterations.
     kv_cache: static. True (default): prefill, then one-token KV-cache decode
       steps; their logits equal the training forward's up to float32
-      rounding (XLA picks matmul kernels by shape; ~1e-5 on logits ~30).
+      rounding (XLA picks matmul kernels by shape).
       False: every step runs the training forward (`models.forward`) on the
       whole [B, P + T] buffer, whose future slots are masked, and reads the
       logits at the current position; the logprobs are then computed with
@@ -323,7 +324,7 @@ def response_mask_from_ids(
     eos_token_id: EOS id.
 
   Returns:
-    bool[B, T] (DESIGN.md convention 3).
+    bool[B, T] (docs/conventions.md, convention 3).
   """
   is_eos = response_ids == eos_token_id
   # Number of EOS strictly before t; the mask is True while it is 0.

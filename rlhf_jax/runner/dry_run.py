@@ -31,8 +31,7 @@ What the figures mean:
     once, not once per iteration, so the layer scan of every forward and
     backward pass, the PPO sampler's decode loop, the PPO epoch / minibatch
     scans and micro-batch scans each count as one iteration: for a model
-    with scanned layers the figure is far below the real work (about 3.5x
-    for a 16-layer Llama SFT step).
+    with scanned layers the figure is far below the real work.
   * ``matmul_flops_per_step``: the matmul FLOPs of the step's jaxpr with
     every loop multiplied by its trip count (``jaxpr_matmul_flops``), over
     all devices; ``format`` divides it by the device count. The PPO

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax._optional import import_cli_dependency
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -144,9 +146,11 @@ class MetricsWriter:
     self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # slow import; only when used
-
-      self._tb = SummaryWriter(
+      # Slow import; only when used. tensorboardX is in the cli extra.
+      tbx = import_cli_dependency(
+        "tensorboardX", purpose="writing TensorBoard logs"
+      )
+      self._tb = tbx.SummaryWriter(
         str(self.run_dir / tensorboard_dir),
         purge_step=None if resume_step is None else resume_step + 1,
       )

@@ -16,7 +16,7 @@ small Llama-style decoder trained from scratch on the GPT-2 tokenizer
 tokenizer (``backbone="tinystories"``). Prompts are truncated from the left
 and responses from the right (``data.tokenize_preferences``).
 
-Evaluation on the held-out pairs (DESIGN.md convention 11):
+Evaluation on the held-out pairs (docs/conventions.md, convention 11):
 
 * reward-model accuracy = #(r+ > r-) / n, strict; ties count as wrong and
   are reported;
@@ -25,16 +25,6 @@ Evaluation on the held-out pairs (DESIGN.md convention 11):
   as wrong and are reported as ties;
 * standard error of an accuracy p on n pairs: sqrt(p (1 - p) / n); the
   chance-level standard error sqrt(0.25 / n) is reported beside it.
-
-Measured (defaults, 2-core CPU shared with other jobs): 7662 training
-pairs, 239 steps of 32 pairs, n = 498 held-out pairs (2 of rows 0-499
-dropped). Held-out accuracy 0.572 (seed 0) and 0.594 (seed 1), standard
-error 0.022, chance standard error 0.0224 (z = 3.2 and 4.2); length
-baseline 0.598 (ties 0.002). Wall 6-8.5 minutes, 280-330 CPU seconds.
-Two epochs overfit (held-out 0.534 at D=64). The length baseline beats the
-model: on the training files the longer response wins only 52% of pairs
-(43% on helpful-online, 44% on harmless-base), so length alone is not
-what the model can learn from them.
 
 Outputs in ``run_dir``: config.json (resolved), metrics.jsonl and
 TensorBoard events (stage "rm": loss / accuracy means over ``log_every``

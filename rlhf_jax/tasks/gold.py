@@ -15,24 +15,30 @@ so compound is in [-1, 1]; the package rounds it to 4 decimals. Example:
 compound = 2.7 / sqrt(2.7^2 + 15) = 0.5719.
 
 The lexicon ships inside the vaderSentiment wheel, so scoring works offline.
-Scoring is pure Python, about 1 ms per 100-word story.
+Scoring is pure Python. vaderSentiment is part of the ``cli`` extra
+(``pip install "rlhf_jax[cli]"``); it is imported when a ``GoldScorer`` is
+built.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from rlhf_jax._optional import import_cli_dependency
 
 
 class GoldScorer:
   """VADER compound sentiment of texts, the gold reward of the sentiment task.
 
-  Deterministic and stateless after construction (loading the lexicon takes
-  ~10 ms, so build one and reuse it).
+  Deterministic and stateless after construction (construction loads the
+  lexicon, so build one and reuse it).
   """
 
   def __init__(self) -> None:
-    self._analyzer = SentimentIntensityAnalyzer()
+    vader = import_cli_dependency(
+      "vaderSentiment.vaderSentiment", purpose="GoldScorer (VADER sentiment)"
+    )
+    self._analyzer = vader.SentimentIntensityAnalyzer()
 
   def score(self, texts: Sequence[str]) -> np.ndarray:
     """Scores each text.

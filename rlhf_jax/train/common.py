@@ -2,9 +2,11 @@
 
 Loss functions used with ``accumulate_gradients`` return contributions that
 are already divided by the GLOBAL count of the step's batch (tokens, pairs or
-sequences; DESIGN.md conventions 6 and 14). Summing them over micro-batches
-then gives exactly the loss, metrics and gradient of one batch of the same
-sequences, whatever the number of micro-batches.
+sequences; docs/conventions.md, conventions 6 and 14), and the library's
+summable statistics (docs/conventions.md, convention 15). Summing the
+contributions and merging the statistics over micro-batches gives the loss,
+statistics and gradient of one batch of the same sequences, whatever the number
+of micro-batches.
 """
 
 from collections.abc import Callable
@@ -14,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import stats as st
+
 PyTree = Any
-# Metric keys ending with this suffix are combined with max, not summed.
-MAX_SUFFIX = "_max"
 
 
 def concat_prompt_response(
@@ -70,22 +72,6 @@ def global_sum(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def reduce_metrics(metrics: dict, axis_name: str | None) -> dict:
-  """Combines per-device metric contributions: max for "_max" keys, else sum.
-
-  Contributions are already divided by global counts, so the sum is the
-  batch value (see the module docstring).
-  """
-  if axis_name is None:
-    return metrics
-  return {
-    k: jax.lax.pmax(v, axis_name)
-    if k.endswith(MAX_SUFFIX)
-    else jax.lax.psum(v, axis_name)
-    for k, v in metrics.items()
-  }
-
-
 def loss_normalizer(
   mask: jax.Array, loss_agg_mode: str, axis_name: str | None
 ) -> jax.Array:
@@ -102,34 +88,25 @@ def loss_normalizer(
   return global_sum(count, axis_name)
 
 
-def _combine(acc: dict, new: dict) -> dict:
-  return {
-    k: jnp.maximum(acc[k], new[k])
-    if k.endswith(MAX_SUFFIX)
-    else acc[k] + new[k]
-    for k in acc
-  }
-
-
 def accumulate_gradients(
-  loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, dict]],
+  loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, st.Stats]],
   params: PyTree,
   batch: PyTree,
   *,
   num_micro_batches: int = 1,
-) -> tuple[jax.Array, dict, PyTree]:
-  """Loss, metrics and gradient of ``loss_fn`` summed over micro-batches.
+) -> tuple[jax.Array, st.Stats, PyTree]:
+  """Loss, statistics and gradient of ``loss_fn`` over micro-batches.
 
   Args:
-    loss_fn: (params, micro_batch) -> (loss f32[], metrics dict of f32[]),
-      normalised by the whole batch's counts. Metrics whose key ends with
-      "_max" are combined with max, the others summed.
+    loss_fn: (params, micro_batch) -> (loss f32[], summable statistics),
+      the loss normalised by the whole batch's counts; the statistics of
+      the micro-batches are merged (``stats.merge``).
     params: differentiated pytree.
     batch: pytree of [B, ...] arrays.
     num_micro_batches: static N; B must be divisible by N.
 
   Returns:
-    (loss f32[], metrics dict, grads like params).
+    (loss f32[], merged statistics, grads like params).
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_micro_batches == 1:
@@ -144,7 +121,7 @@ def accumulate_gradients(
     loss, metrics, grads = carry
     (l2, m2), g2 = grad_fn(params, mb)
     grads = jax.tree.map(jnp.add, grads, g2)
-    return (loss + l2, _combine(metrics, m2), grads), None
+    return (loss + l2, st.merge(metrics, m2), grads), None
 
   (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), rest)
   return loss, metrics, grads

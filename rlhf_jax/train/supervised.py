@@ -4,7 +4,7 @@ Each factory returns a pure ``step(state, batch[, ref_params]) -> (state,
 metrics)`` with no mesh code: distribution is attached at jax.jit (in/out
 shardings, donated state) or by running it under pmap with ``axis_name``.
 Losses are normalised by the whole step batch's counts, so N micro-batches
-give the gradient of one batch (DESIGN.md convention 14).
+give the gradient of one batch (docs/conventions.md, convention 14).
 """
 
 import dataclasses
@@ -16,21 +16,21 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import models
+from rlhf_jax import stats as st
 from rlhf_jax.logprobs import response_logprobs, sequence_logprobs
-from rlhf_jax.masked import aggregate_loss
 from rlhf_jax.preference import (
   best_of_k_loss,
   bradley_terry_loss,
   dpo_loss,
   ipo_loss,
 )
+from rlhf_jax.sft import sft_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
   apply_if_finite,
   concat_prompt_response,
   global_sum,
   loss_normalizer,
-  reduce_metrics,
 )
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import PreferenceBatch, RankedBatch, SFTBatch
@@ -39,18 +39,19 @@ from rlhf_jax.types import PreferenceBatch, RankedBatch, SFTBatch
 def _finish_step(
   state: TrainState,
   optimizer: optax.GradientTransformation,
-  loss: jax.Array,
-  metrics: dict,
+  stats: st.Stats,
   grads,
   axis_name: str | None,
-  prefix: str,
 ) -> tuple[TrainState, dict]:
-  """Sums over devices (pmap), applies the update if finite, counts skips."""
+  """Sums over devices (pmap), applies the update if finite, counts skips.
+
+  Returns the new state and the metrics: the values of the library's
+  statistics, train/grad_norm, train/skipped and train/skipped_steps.
+  """
   if axis_name is not None:
     # Each device differentiated its share of the globally normalised loss.
     grads = jax.lax.psum(grads, axis_name)
-    loss = jax.lax.psum(loss, axis_name)
-  metrics = reduce_metrics(metrics, axis_name)
+  metrics = st.values(st.reduce(stats, axis_name))
   params, opt_state, finite, grad_norm = apply_if_finite(
     optimizer, state.params, state.opt_state, grads
   )
@@ -61,8 +62,6 @@ def _finish_step(
     opt_state=opt_state,
     skipped_steps=skipped,
   )
-  metrics = dict(metrics)
-  metrics[f"{prefix}/loss"] = loss
   metrics["train/grad_norm"] = grad_norm
   metrics["train/skipped"] = (~finite).astype(jnp.float32)
   metrics["train/skipped_steps"] = skipped.astype(jnp.float32)
@@ -91,8 +90,9 @@ def make_sft_step(
   The prompt is masked out of the loss (it is context, not a target).
 
   Returns:
-    step(state, SFTBatch) -> (state, metrics) with sft/loss, sft/tokens,
-    train/grad_norm, train/skipped.
+    step(state, SFTBatch) -> (state, metrics) with the statistics of
+    ``sft_loss`` (sft/loss, sft/tokens), train/grad_norm, train/skipped and
+    train/skipped_steps.
 
   Raises:
     ValueError: a float64 model config while jax_enable_x64 is off.
@@ -117,19 +117,17 @@ def make_sft_step(
         prompt_length=prompt_len,
         response_mask=mb.response_mask.astype(bool),
       )
-      loss = aggregate_loss(
-        -logp,
+      return sft_loss(
+        logp,
         mb.response_mask.astype(bool),
         loss_agg_mode=config.loss_agg_mode,
         normalizer=normalizer,
       )
-      tokens = jnp.sum(mb.response_mask).astype(jnp.float32)
-      return loss, {"sft/tokens": tokens}
 
-    loss, metrics, grads = accumulate_gradients(
+    _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, loss, metrics, grads, axis, "sft")
+    return _finish_step(state, optimizer, stats, grads, axis)
 
   return step
 
@@ -214,23 +212,43 @@ def pair_rewards(
     position of each attention mask ("last"), or averaged over the
     response tokens ("mean", see ``response_mean_reward``).
   """
+  ids, mask, resp = _stacked_pairs(batch)
+  if pooling == "mean":
+    rewards = response_mean_reward(
+      params, ids, mask, resp, model_config=model_config
+    )
+  else:
+    rewards = models.reward_forward(params, ids, mask, config=model_config)
+  return _unstack_pairs(rewards)
+
+
+def _stacked_pairs(
+  batch: PreferenceBatch,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[chosen; rejected] sequences for one forward on 2B rows.
+
+  Returns:
+    (input_ids i32[2B, P+T], attention_mask bool[2B, P+T], response_mask
+    bool[2B, T]); rows 0..B-1 chosen, B..2B-1 rejected.
+  """
   ids_c, mask_c = concat_prompt_response(
     batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
   )
   ids_r, mask_r = concat_prompt_response(
     batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask
   )
-  ids = jnp.concatenate([ids_c, ids_r], axis=0)
-  mask = jnp.concatenate([mask_c, mask_r], axis=0)
-  if pooling == "mean":
-    resp = jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0)
-    rewards = response_mean_reward(
-      params, ids, mask, resp, model_config=model_config
-    )
-  else:
-    rewards = models.reward_forward(params, ids, mask, config=model_config)
-  size = batch.prompt_ids.shape[0]
-  return rewards[:size], rewards[size:]
+  resp = jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0)
+  return (
+    jnp.concatenate([ids_c, ids_r], axis=0),
+    jnp.concatenate([mask_c, mask_r], axis=0),
+    resp.astype(bool),
+  )
+
+
+def _unstack_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[2B, ...] -> (chosen [B, ...], rejected [B, ...])."""
+  size = x.shape[0] // 2
+  return x[:size], x[size:]
 
 
 def make_reward_model_step(
@@ -241,9 +259,11 @@ def make_reward_model_step(
   """Reward-model step (Bradley-Terry; Ouyang et al. 2022 eq. 1).
 
   Returns:
-    step(state, PreferenceBatch | RankedBatch) -> (state, metrics) with
-    rm/loss, rm/accuracy, rm/ties, rm/margin, rm/chosen_reward,
-    rm/rejected_reward (means over pairs; ties is a fraction).
+    step(state, PreferenceBatch | RankedBatch) -> (state, metrics): the
+    statistics of ``bradley_terry_loss`` / ``best_of_k_loss`` (rm/loss,
+    rm/accuracy, rm/ties, rm/margin, rm/chosen_rewards, rm/rejected_rewards)
+    over the whole step batch, and train/grad_norm, train/skipped,
+    train/skipped_steps.
 
   Raises:
     ValueError: a float64 model config while jax_enable_x64 is off.
@@ -260,7 +280,7 @@ def make_reward_model_step(
         rc, rr = pair_rewards(
           params, mb, model_config=model_config, pooling=config.pooling
         )
-        loss, _ = bradley_terry_loss(
+        loss, stats = bradley_terry_loss(
           rc,
           rr,
           margin=config.margin,
@@ -268,31 +288,24 @@ def make_reward_model_step(
           center_rewards_coef=config.center_rewards_coef,
         )
       else:
-        rc, rr, rewards, best = _ranked_rewards(params, mb, model_config)
-        loss, _ = best_of_k_loss(rewards, best)
-      # Per-pair sums divided by the global pair count add up exactly.
-      metrics = {
-        "rm/accuracy": jnp.sum(rc > rr) / total,
-        "rm/ties": jnp.sum(rc == rr) / total,
-        "rm/margin": jnp.sum(rc - rr) / total,
-        "rm/chosen_reward": jnp.sum(rc) / total,
-        "rm/rejected_reward": jnp.sum(rr) / total,
-      }
-      return loss * share, metrics
+        rewards, best = _ranked_rewards(params, mb, model_config)
+        loss, stats = best_of_k_loss(rewards, best)
+      # Batch means scaled by their share of the global pair count add up.
+      return loss * share, stats
 
-    loss, metrics, grads = accumulate_gradients(
+    _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, loss, metrics, grads, axis, "rm")
+    return _finish_step(state, optimizer, stats, grads, axis)
 
   return step
 
 
 def _ranked_rewards(params, batch: RankedBatch, model_config):
-  """Scores of K responses per prompt; chosen = rank 0, rejected = the rest.
+  """Scores of the K responses of each prompt and the rank-0 index.
 
   Returns:
-    (best f32[B], mean of the others f32[B], rewards f32[B, K], best i32[B]).
+    (rewards f32[B, K], best i32[B]).
   """
   size, k, resp_len = batch.response_ids.shape
   prompt_ids = jnp.repeat(batch.prompt_ids, k, axis=0)
@@ -304,12 +317,8 @@ def _ranked_rewards(params, batch: RankedBatch, model_config):
     batch.response_mask.reshape(size * k, resp_len),
   )
   rewards = models.reward_forward(params, ids, mask, config=model_config)
-  rewards = rewards.reshape(size, k)
   best = jnp.argmin(batch.ranks, axis=-1).astype(jnp.int32)
-  chosen = jnp.take_along_axis(rewards, best[:, None], axis=-1)[:, 0]
-  others = jnp.where(jax.nn.one_hot(best, k, dtype=bool), -jnp.inf, rewards)
-  rejected = jnp.max(others, axis=-1)
-  return chosen, rejected, rewards, best
+  return rewards.reshape(size, k), best
 
 
 # --------------------------------------------------------------------- DPO
@@ -351,17 +360,7 @@ def preference_logprobs(
   Returns:
     (chosen f32[B], rejected f32[B]); per-token means when ``average``.
   """
-  ids_c, mask_c = concat_prompt_response(
-    batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
-  )
-  ids_r, mask_r = concat_prompt_response(
-    batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask
-  )
-  ids = jnp.concatenate([ids_c, ids_r], axis=0)
-  attn = jnp.concatenate([mask_c, mask_r], axis=0)
-  resp_mask = jnp.concatenate(
-    [batch.chosen_mask, batch.rejected_mask], axis=0
-  ).astype(bool)
+  ids, attn, resp_mask = _stacked_pairs(batch)
   logits = models.forward(params, ids, attn, config=model_config)
   logp = response_logprobs(
     logits,
@@ -369,9 +368,7 @@ def preference_logprobs(
     prompt_length=batch.prompt_ids.shape[1],
     response_mask=resp_mask,
   )
-  seq = sequence_logprobs(logp, resp_mask, average=average)
-  size = batch.prompt_ids.shape[0]
-  return seq[:size], seq[size:]
+  return _unstack_pairs(sequence_logprobs(logp, resp_mask, average=average))
 
 
 def make_dpo_step(
@@ -382,9 +379,11 @@ def make_dpo_step(
   """DPO/cDPO/IPO/hinge step.
 
   Returns:
-    step(state, PreferenceBatch, ref_params=None) -> (state, metrics) with
-    TRL's names: dpo/loss, rewards/chosen, rewards/rejected,
-    rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+    step(state, PreferenceBatch, ref_params=None) -> (state, metrics): the
+    statistics of ``dpo_loss`` / ``ipo_loss`` under TRL's names (dpo/loss,
+    rewards/chosen, rewards/rejected, rewards/accuracies, rewards/ties,
+    rewards/margins, logps/chosen, logps/rejected) over the whole step
+    batch, and the train/ metrics.
     ``ref_params`` (frozen reference, never donated) is required unless
     ``config.precomputed_ref``.
 
@@ -421,9 +420,9 @@ def make_dpo_step(
       )
       rc, rr = mb.ref_chosen_logprobs, mb.ref_rejected_logprobs
       if config.loss_type == "ipo":
-        loss, _ = ipo_loss(pc, pr, rc, rr, beta=config.beta)
+        loss, stats = ipo_loss(pc, pr, rc, rr, beta=config.beta)
       else:
-        loss, _ = dpo_loss(
+        loss, stats = dpo_loss(
           pc,
           pr,
           rc,
@@ -432,22 +431,11 @@ def make_dpo_step(
           label_smoothing=config.label_smoothing,
           loss_type=config.loss_type,
         )
-      chosen_rewards = config.beta * jax.lax.stop_gradient(pc - rc)
-      rejected_rewards = config.beta * jax.lax.stop_gradient(pr - rr)
-      metrics = {
-        "rewards/chosen": jnp.sum(chosen_rewards) / total,
-        "rewards/rejected": jnp.sum(rejected_rewards) / total,
-        "rewards/accuracies": jnp.sum(chosen_rewards > rejected_rewards)
-        / total,
-        "rewards/margins": jnp.sum(chosen_rewards - rejected_rewards) / total,
-        "logps/chosen": jnp.sum(jax.lax.stop_gradient(pc)) / total,
-        "logps/rejected": jnp.sum(jax.lax.stop_gradient(pr)) / total,
-      }
-      return loss * share, metrics
+      return loss * share, stats
 
-    loss, metrics, grads = accumulate_gradients(
+    _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, loss, metrics, grads, axis, "dpo")
+    return _finish_step(state, optimizer, stats, grads, axis)
 
   return step

@@ -84,7 +84,7 @@ def test_all_false_row_gets_zero_reward():
   r = models.reward_forward(params, ids, mask, config=CONFIG)
   assert float(r[0]) == 0.0 and np.isfinite(np.asarray(r)).all()
   np.testing.assert_array_equal(
-    np.asarray(models.last_valid_index(mask)), [0, 3]
+    np.asarray(models.last_valid_index(mask)), [-1, 3]
   )
 
 

@@ -1,6 +1,6 @@
 """Issue 5 acceptance 4: 1, 2 and 4 micro-batches give the gradient of one
-batch (DESIGN.md conventions 6 and 14), for the SFT, reward-model, DPO and
-PPO losses, on batches whose micro-batches hold unequal token counts.
+batch (docs/conventions.md, conventions 6 and 14), for the SFT, reward-model,
+DPO and PPO losses, on batches whose micro-batches hold unequal token counts.
 
 The steps run with an optimizer that stores the gradient it receives in its
 state and leaves the params alone (``_capture``), so the gradients are read

@@ -1,0 +1,103 @@
+"""Settings of one RLHF (PPO) iteration and the KL controller they select."""
+
+import dataclasses
+from typing import Literal
+
+from rlhf_jax.kl import (
+  KLController,
+  adaptive_kl_controller,
+  fixed_kl_controller,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  """Settings of one RLHF iteration (Ziegler et al. 2019; Ouyang et al. 2022).
+
+  Attributes:
+    eos_token_id: end-of-sequence token id (stops a response).
+    pad_token_id: padding token id.
+    group_size: G responses sampled per prompt (rows prompt*G+g).
+    max_new_tokens: T, response tokens sampled per prompt.
+    temperature: sampling temperature (also divides the training logits,
+      so the first epoch's ratio is exactly 1).
+    top_k: sample among the k most likely tokens (0 = all).
+    top_p: nucleus sampling mass (1.0 = all).
+    exact_sampling: sample with the training forward instead of the KV
+      cache (``rollout.generate(kv_cache=False)``): the sampler/trainer
+      logprob mismatch is 0 instead of float32 rounding, at one full
+      forward per new token.
+    kl_coef: (initial) coefficient of the KL penalty in the reward.
+    adaptive_kl: adapt kl_coef towards target_kl (Ziegler et al. 2019).
+    target_kl: target sequence KL to the reference (nats).
+    kl_horizon: horizon of the adaptive controller, in sequences.
+    kl_estimator: per-token KL estimator (k1, k2 or k3) used everywhere a
+      KL is computed: the reward penalty, the loss term (kl_loss_coef) and
+      the reported objective/kl.
+    normalize_reward: scale scores to mean 0, std 1 with a gain and bias
+      fitted on the initial policy's samples.
+    reward_clip: clip scores to [-c, c] (None: no clipping).
+    missing_eos_penalty: subtracted from the score of responses without
+      EOS (None: none).
+    gamma: discount.
+    lam: GAE lambda.
+    whiten_advantages: whiten advantages over valid tokens.
+    ppo_epochs: passes over each iteration's samples.
+    num_minibatches: minibatches per epoch.
+    num_micro_batches: gradient accumulation steps per minibatch.
+    cliprange: PPO ratio clip epsilon.
+    cliprange_low: lower clip (default: cliprange).
+    cliprange_high: upper clip (clip-higher; default: cliprange).
+    dual_clip: dual-clip constant c > 1 for negative advantages (None: off).
+    cliprange_value: value clip around the rollout-time values.
+    vf_coef: value-loss coefficient.
+    ent_coef: entropy bonus coefficient.
+    kl_loss_coef: coefficient of a KL term in the loss (``kl.kl_loss``
+      with ``kl_estimator``; 0 = none).
+    loss_agg_mode: token-mean, seq-mean-token-mean or seq-mean-token-sum.
+    shuffle_minibatches: shuffle rows between epochs.
+    axis_name: pmap axis name, None under jit.
+  """
+
+  eos_token_id: int
+  pad_token_id: int
+  group_size: int = 1
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  exact_sampling: bool = False
+  kl_coef: float = 0.05
+  adaptive_kl: bool = True
+  target_kl: float = 6.0
+  kl_horizon: int = 10000
+  kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+  normalize_reward: bool = False
+  reward_clip: float | None = None
+  missing_eos_penalty: float | None = None
+  gamma: float = 1.0
+  lam: float = 0.95
+  whiten_advantages: bool = True
+  ppo_epochs: int = 4
+  num_minibatches: int = 1
+  num_micro_batches: int = 1
+  cliprange: float = 0.2
+  cliprange_low: float | None = None
+  cliprange_high: float | None = None
+  dual_clip: float | None = None
+  cliprange_value: float = 0.2
+  vf_coef: float = 0.1
+  ent_coef: float = 0.0
+  kl_loss_coef: float = 0.0
+  loss_agg_mode: str = "token-mean"
+  shuffle_minibatches: bool = True
+  axis_name: str | None = None
+
+
+def kl_controller(config: PPOConfig) -> KLController:
+  """The KL controller (init/update pair) that ``config`` selects."""
+  if config.adaptive_kl:
+    return adaptive_kl_controller(
+      config.kl_coef, target_kl=config.target_kl, horizon=config.kl_horizon
+    )
+  return fixed_kl_controller(config.kl_coef)

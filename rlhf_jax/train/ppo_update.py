@@ -1,0 +1,236 @@
+"""Phase 6 of an RLHF iteration: PPO epochs over minibatches of a PPOBatch.
+
+``ppo_epochs`` x ``num_minibatches`` optax updates of policy and critic in
+``lax.scan``. Minibatches are strided (minibatch m holds rows m, m + M,
+m + 2M, ...), so a contiguous split of the batch over devices (pmap) forms
+the same global minibatches as one device. An update whose gradients are
+not finite is skipped (both models) and counted. The loss of a minibatch is
+
+  ppo_policy_loss - ent_coef * entropy_bonus + kl_loss_coef * kl_loss
+  + vf_coef * ppo_value_loss
+
+and its statistics are the library's, merged over micro-batches, devices
+and every update of the iteration (docs/conventions.md, convention 15).
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import models
+from rlhf_jax import stats as st
+from rlhf_jax.kl import kl_loss
+from rlhf_jax.logprobs import entropy_from_logits, response_logprobs
+from rlhf_jax.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.train.common import (
+  accumulate_gradients,
+  all_finite,
+  apply_if_finite,
+  concat_prompt_response,
+  loss_normalizer,
+)
+from rlhf_jax.train.ppo_config import PPOConfig
+from rlhf_jax.train.ppo_phases import response_slice
+from rlhf_jax.train.state import PPOState
+from rlhf_jax.types import PPOBatch
+
+
+class Learner(NamedTuple):
+  """What the updates change: both models, their optimizer states, skips."""
+
+  policy_params: object
+  value_params: object
+  policy_opt_state: object
+  value_opt_state: object
+  skipped_steps: jax.Array
+
+  @classmethod
+  def of(cls, state: PPOState) -> "Learner":
+    return cls(
+      state.policy_params,
+      state.value_params,
+      state.policy_opt_state,
+      state.value_opt_state,
+      state.skipped_steps,
+    )
+
+  def into(self, state: PPOState) -> PPOState:
+    """``state`` with this learner's models, optimizer states and skips."""
+    return state.replace(**self._asdict())
+
+
+def minibatch_loss(
+  params: tuple,
+  mb: PPOBatch,
+  first: jax.Array,
+  normalizer: jax.Array,
+  *,
+  model_config: "models.ModelConfig",
+  config: PPOConfig,
+) -> tuple[jax.Array, st.Stats]:
+  """The PPO loss of one (micro-)batch and its statistics.
+
+  ``first`` marks the iteration's very first update, which runs on the
+  params that produced old_logprobs: it uses its own (stop-gradient)
+  logprobs as the old ones, so its ratio is exactly 1 by construction
+  rather than up to f32 rounding between two differently fused forwards.
+  """
+  policy, value = params
+  mask = mb.response_mask
+  ids, attn = concat_prompt_response(
+    mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask
+  )
+  prompt_len = mb.prompt_ids.shape[1]
+  temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
+  logits = models.forward(policy, ids, attn, config=model_config)
+  logp = response_logprobs(
+    logits,
+    ids,
+    prompt_length=prompt_len,
+    temperature=temperature,
+    response_mask=mask,
+  )
+  old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
+  agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
+  pg_loss, stats = ppo_policy_loss(
+    logp,
+    old_logp,
+    mb.advantages,
+    mask,
+    cliprange=config.cliprange,
+    cliprange_low=config.cliprange_low,
+    cliprange_high=config.cliprange_high,
+    dual_clip=config.dual_clip,
+    **agg,
+  )
+  ent = entropy_from_logits(
+    response_slice(logits, prompt_len), temperature=temperature
+  )
+  bonus, ent_stats = entropy_bonus(ent, mask, **agg)
+  kl_term, kl_stats = kl_loss(
+    logp, mb.ref_logprobs, mask, kl_estimator=config.kl_estimator, **agg
+  )
+  values = models.values_forward(value, ids, attn, config=model_config)
+  vf_loss, v_stats = ppo_value_loss(
+    response_slice(values, prompt_len),
+    mb.old_values,
+    mb.returns,
+    mask,
+    cliprange_value=config.cliprange_value,
+    **agg,
+  )
+  loss = (
+    pg_loss
+    - config.ent_coef * bonus
+    + config.kl_loss_coef * kl_term
+    + config.vf_coef * vf_loss
+  )
+  return loss, stats | ent_stats | kl_stats | v_stats
+
+
+def make_update(
+  model_config: "models.ModelConfig",
+  config: PPOConfig,
+  policy_opt: optax.GradientTransformation,
+  value_opt: optax.GradientTransformation,
+) -> Callable:
+  """One optax update of policy and critic on one minibatch (a scan body).
+
+  Returns:
+    update((Learner, (PPOBatch minibatch, first bool[])) -> (Learner,
+    stats)), the statistics global over the minibatch and devices.
+  """
+  axis = config.axis_name
+
+  def update(learner: Learner, xs):
+    mb, first = xs
+    normalizer = loss_normalizer(mb.response_mask, config.loss_agg_mode, axis)
+
+    def loss_fn(params, micro):
+      return minibatch_loss(
+        params,
+        micro,
+        first,
+        normalizer,
+        model_config=model_config,
+        config=config,
+      )
+
+    _, stats, grads = accumulate_gradients(
+      loss_fn,
+      (learner.policy_params, learner.value_params),
+      mb,
+      num_micro_batches=config.num_micro_batches,
+    )
+    if axis is not None:
+      grads = jax.lax.psum(grads, axis)
+    finite = all_finite(grads)  # skip BOTH updates if any is not finite
+    (p, p_opt, _, p_norm), (v, v_opt, _, v_norm) = (
+      apply_if_finite(opt, params, opt_state, g, finite=finite)
+      for opt, params, opt_state, g in (
+        (policy_opt, learner.policy_params, learner.policy_opt_state, grads[0]),
+        (value_opt, learner.value_params, learner.value_opt_state, grads[1]),
+      )
+    )
+    stats = st.reduce(stats, axis)
+    stats["ppo/grad_norm"] = st.Mean.of(p_norm)
+    stats["val/grad_norm"] = st.Mean.of(v_norm)
+    skipped = learner.skipped_steps + (~finite).astype(jnp.int32)
+    return Learner(p, v, p_opt, v_opt, skipped), stats
+
+  return update
+
+
+def strided_minibatches(batch: PPOBatch, num_minibatches: int) -> PPOBatch:
+  """[B, ...] -> [M, B/M, ...] with minibatch m = rows m, m+M, m+2M, ..."""
+
+  def split(x):
+    size = x.shape[0]
+    x = x.reshape((size // num_minibatches, num_minibatches) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def update_epochs(
+  learner: Learner,
+  batch: PPOBatch,
+  rng: jax.Array,
+  update: Callable,
+  *,
+  config: PPOConfig,
+) -> tuple[Learner, st.Stats]:
+  """Phase 6: ppo_epochs passes of num_minibatches updates each.
+
+  Rows are shuffled between epochs (one device, ``shuffle_minibatches``).
+
+  Returns:
+    (learner, stats merged over every update, plus ppo/first_ratio_dev_max:
+    the ratio deviation of the very first update, exactly 0 by
+    construction).
+  """
+  num_mb = config.num_minibatches
+  rows = batch.response_mask.shape[0]
+
+  def epoch(learner, xs):
+    epoch_rng, epoch_index = xs
+    data = batch
+    if config.shuffle_minibatches and config.axis_name is None:
+      perm = jax.random.permutation(epoch_rng, rows)
+      data = jax.tree.map(lambda x: x[perm], batch)
+    first = (epoch_index == 0) & (jnp.arange(num_mb) == 0)
+    return jax.lax.scan(
+      update, learner, (strided_minibatches(data, num_mb), first)
+    )
+
+  epochs = jnp.arange(config.ppo_epochs)
+  rngs = jax.random.split(rng, config.ppo_epochs)
+  learner, stacked = jax.lax.scan(epoch, learner, (rngs, epochs))
+  # stacked leaves are [epochs, minibatches].
+  first = jax.tree.map(lambda x: x[0, 0], stacked["ppo/ratio_dev_max"])
+  stats = st.fold(st.fold(stacked))
+  stats["ppo/first_ratio_dev_max"] = first
+  return learner, stats
