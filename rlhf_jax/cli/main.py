@@ -14,7 +14,9 @@ extra's packages, and ``main`` names the extra before anything else runs.
 
 import contextlib
 import dataclasses
+import errno
 import io
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -51,13 +53,51 @@ subcommands:
 """
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+# --debug (or this variable set to 1) shows the traceback of any error.
+DEBUG_ENV = "RLHF_JAX_DEBUG"
 
 
 def _error(message: str) -> int:
   sys.stderr.write(f"rlhf-jax: error: {message}\n")
   sys.stderr.flush()
   return EXIT_USAGE
+
+
+def _debug(args: list[str]) -> tuple[bool, list[str]]:
+  """(whether tracebacks are wanted, args without --debug)."""
+  wanted = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+  return wanted or "--debug" in args, [a for a in args if a != "--debug"]
+
+
+def _os_error(e: OSError) -> str | None:
+  """One line for a read-only path, a full disk or a denied permission."""
+  reasons = {
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+  }
+  if e.errno not in reasons:
+    return None
+  where = e.filename or "the output"
+  return f"cannot write {where}: {reasons[e.errno]} (nothing else changed)"
+
+
+def _validated(command: str, config: Any) -> Any:
+  """The config, once every option passed ``stages.validate``.
+
+  Raises:
+    UserError: the problems, one per line.
+  """
+  from rlhf_jax.stages.validate import problems
+
+  bad = problems(command, config)
+  if bad:
+    raise runtime.UserError("\nrlhf-jax: error: ".join(bad))
+  return config
 
 
 def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
@@ -291,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
 
   Returns:
-    0 on success, 2 on a user error (one line on stderr), 130 when
-    interrupted (after saving a checkpoint).
+    0 on success, 2 on a user error (one line per problem on stderr), 1 on
+    an internal error (one line; ``--debug`` or RLHF_JAX_DEBUG=1 shows the
+    traceback), 130 when interrupted (after saving a checkpoint).
   """
   missing = missing_cli_modules()
   if missing:
@@ -306,7 +347,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = "\n".join(f"  {c:<{width}}  {d}" for c, d in COMMANDS.items())
     sys.stdout.write(_HELP.format(commands=lines))
     return 0
-  command, rest = args[0], args[1:]
+  debug, args = _debug(args)
+  try:
+    return _main(args[0], args[1:], debug)
+  except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+    sys.stderr.write("rlhf-jax: interrupted\n")
+    return EXIT_INTERRUPTED
+  except Exception as e:  # a bug: one line, the traceback with --debug
+    if debug:
+      raise
+    if isinstance(e, OSError) and _os_error(e):
+      return _error(_os_error(e))
+    sys.stderr.write(
+      f"rlhf-jax: internal error: {type(e).__name__}: {e} (rerun with "
+      f"--debug or {DEBUG_ENV}=1 for the traceback, and report it)\n"
+    )
+    return EXIT_INTERNAL
+
+
+def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
   from rlhf_jax.models import MissingSpecialTokenError
 
@@ -315,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise runtime.UserError(
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
-    config = _config(command, rest)
+    config = _validated(command, _config(command, rest))
     return _dispatch(command, config)
   except runtime.Interrupted as e:
     sys.stderr.write(
@@ -328,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     DataError,
     MissingSpecialTokenError,
   ) as e:
+    if debug:
+      raise
     return _error(str(e))
 
 

@@ -9,6 +9,8 @@ statistics and gradient of one batch of the same sequences, whatever the number
 of micro-batches.
 """
 
+import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -168,3 +170,54 @@ def apply_if_finite(
   params = jax.tree.map(select, new_params, params)
   opt_state = jax.tree.map(select, new_opt_state, opt_state)
   return params, opt_state, finite, optax.tree.norm(grads)
+
+
+# ------------------------------------------------------------ config checks
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def at_least(low: float) -> Rule:
+  """v >= low."""
+  return (lambda v: v >= low, f">= {low}")
+
+
+def above(low: float) -> Rule:
+  """v > low."""
+  return (lambda v: v > low, f"> {low}")
+
+
+def within(low: float, high: float, *, open_high: bool = False) -> Rule:
+  """low <= v <= high (or < high)."""
+  if open_high:
+    return (lambda v: low <= v < high, f"in [{low}, {high})")
+  return (lambda v: low <= v <= high, f"in [{low}, {high}]")
+
+
+def one_of(*choices: Any) -> Rule:
+  """v is one of ``choices``."""
+  return (lambda v: v in choices, f"one of {', '.join(map(str, choices))}")
+
+
+def config_problems(config: Any) -> list[str]:
+  """What is wrong with a frozen config, one ``field=value: expected ...``
+  per field: a non-finite float anywhere, or a break of the class's
+  ``RULES`` (None values pass: None means "off") and ``cross_problems``."""
+  out = []
+  rules = getattr(type(config), "RULES", {})
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
+    if isinstance(v, float) and not math.isfinite(v):
+      out.append(f"{f.name}={v!r}: expected a finite number")
+    elif v is not None and f.name in rules and not rules[f.name][0](v):
+      out.append(f"{f.name}={v!r}: expected {rules[f.name][1]}")
+  cross = getattr(config, "cross_problems", None)
+  return out + (cross() if cross else [])
+
+
+def check_config(config: Any) -> None:
+  """Raises ValueError naming every bad field of ``config`` (at build time,
+  before anything is traced)."""
+  problems = config_problems(config)
+  if problems:
+    raise ValueError(f"{type(config).__name__}: {'; '.join(problems)}")

@@ -28,6 +28,7 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
+from rlhf_jax.train.common import check_config
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
@@ -104,6 +105,7 @@ def make_ppo_step(
       model config while jax_enable_x64 is off.
   """
   model_config.check_dtypes()
+  check_config(config)
   update = make_update(model_config, config, policy_optimizer, value_optimizer)
   phase = dict(model_config=model_config, config=config)
 

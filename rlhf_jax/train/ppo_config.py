@@ -1,13 +1,16 @@
 """Settings of one RLHF (PPO) iteration and the KL controller they select."""
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlhf_jax.kl import (
+  KL_ESTIMATORS,
   KLController,
   adaptive_kl_controller,
   fixed_kl_controller,
 )
+from rlhf_jax.masked import LOSS_AGG_MODES
+from rlhf_jax.train.common import Rule, above, at_least, one_of, within
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,37 @@ class PPOConfig:
   loss_agg_mode: str = "token-mean"
   shuffle_minibatches: bool = True
   axis_name: str | None = None
+
+  RULES: ClassVar[dict[str, Rule]] = {
+    "group_size": at_least(1),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "kl_coef": at_least(0),
+    "target_kl": above(0),
+    "kl_horizon": at_least(1),
+    "kl_estimator": one_of(*KL_ESTIMATORS),
+    "reward_clip": above(0),
+    "gamma": within(0, 1),
+    "lam": within(0, 1),
+    "ppo_epochs": at_least(1),
+    "num_minibatches": at_least(1),
+    "num_micro_batches": at_least(1),
+    "cliprange": at_least(0),
+    "cliprange_low": within(0, 1, open_high=True),
+    "cliprange_high": at_least(0),
+    "dual_clip": above(1),
+    "cliprange_value": at_least(0),
+    "vf_coef": at_least(0),
+    "kl_loss_coef": at_least(0),
+    "loss_agg_mode": one_of(*LOSS_AGG_MODES),
+  }
+
+  def cross_problems(self) -> list[str]:
+    if self.adaptive_kl and not self.kl_coef > 0:
+      return [f"kl_coef={self.kl_coef!r}: expected > 0 with adaptive_kl"]
+    return []
 
 
 def kl_controller(config: PPOConfig) -> KLController:

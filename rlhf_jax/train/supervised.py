@@ -9,7 +9,7 @@ give the gradient of one batch (docs/conventions.md, convention 14).
 
 import dataclasses
 from collections.abc import Callable
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.logprobs import response_logprobs, sequence_logprobs
+from rlhf_jax.masked import LOSS_AGG_MODES
 from rlhf_jax.preference import (
   best_of_k_loss,
   bradley_terry_loss,
@@ -26,11 +27,17 @@ from rlhf_jax.preference import (
 )
 from rlhf_jax.sft import sft_loss
 from rlhf_jax.train.common import (
+  Rule,
+  above,
   accumulate_gradients,
   apply_if_finite,
+  at_least,
+  check_config,
   concat_prompt_response,
   global_sum,
   loss_normalizer,
+  one_of,
+  within,
 )
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import PreferenceBatch, RankedBatch, SFTBatch
@@ -79,6 +86,11 @@ class SFTConfig:
   num_micro_batches: int = 1
   axis_name: str | None = None
 
+  RULES: ClassVar[dict[str, Rule]] = {
+    "loss_agg_mode": one_of(*LOSS_AGG_MODES),
+    "num_micro_batches": at_least(1),
+  }
+
 
 def make_sft_step(
   model_config: "models.ModelConfig",
@@ -98,6 +110,7 @@ def make_sft_step(
     ValueError: a float64 model config while jax_enable_x64 is off.
   """
   model_config.check_dtypes()
+  check_config(config)
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
@@ -163,6 +176,19 @@ class RewardModelConfig:
   pooling: Literal["last", "mean"] = "last"
   num_micro_batches: int = 1
   axis_name: str | None = None
+
+  RULES: ClassVar[dict[str, Rule]] = {
+    "loss_type": one_of("pairwise", "best_of_k"),
+    "label_smoothing": within(0, 0.5),
+    "center_rewards_coef": at_least(0),
+    "pooling": one_of("last", "mean"),
+    "num_micro_batches": at_least(1),
+  }
+
+  def cross_problems(self) -> list[str]:
+    if self.loss_type == "best_of_k" and self.pooling != "last":
+      return ["pooling='mean': expected 'last' with loss_type='best_of_k'"]
+    return []
 
 
 def response_mean_reward(
@@ -269,6 +295,7 @@ def make_reward_model_step(
     ValueError: a float64 model config while jax_enable_x64 is off.
   """
   model_config.check_dtypes()
+  check_config(config)
   axis = config.axis_name
 
   def step(state: TrainState, batch):
@@ -347,6 +374,21 @@ class DPOConfig:
   num_micro_batches: int = 1
   axis_name: str | None = None
 
+  RULES: ClassVar[dict[str, Rule]] = {
+    "loss_type": one_of("sigmoid", "hinge", "ipo"),
+    "beta": above(0),
+    "label_smoothing": within(0, 0.5),
+    "num_micro_batches": at_least(1),
+  }
+
+  def cross_problems(self) -> list[str]:
+    if self.loss_type != "sigmoid" and self.label_smoothing:
+      return [
+        f"label_smoothing={self.label_smoothing!r}: expected 0 with "
+        f"loss_type={self.loss_type!r} (cDPO smoothing is sigmoid only)"
+      ]
+    return []
+
 
 def preference_logprobs(
   params,
@@ -391,6 +433,7 @@ def make_dpo_step(
     ValueError: a float64 model config while jax_enable_x64 is off.
   """
   model_config.check_dtypes()
+  check_config(config)
   axis = config.axis_name
   average = config.loss_type == "ipo"
 

@@ -1,0 +1,170 @@
+"""Every option of a command checked before any stage starts.
+
+``problems(command, config)`` walks the parsed config: every float must be
+finite; the library configs (``--ppo.algo.*``, ``--rm.loss.*``,
+``--dpo.loss.*``) are checked by their own ``RULES``; the stage options by
+the field-name rules below (a field name means the same thing in every
+stage); then the cross-field rules (divisibility of batches, word ranges)
+and the input paths. Each problem names the option, its value and what is
+expected, so the CLI prints them all at once and exits 2 before anything
+is written.
+"""
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+from rlhf_jax.stages.configs import DERIVED_FIELDS, PipelineConfig
+from rlhf_jax.train.common import Rule, above, at_least, config_problems
+
+_POSITIVE_INTS = (
+  "batch_size",
+  "eval_batch_size",
+  "steps",
+  "iterations",
+  "epochs",
+  "eval_every",
+  "checkpoint_every",
+  "log_every",
+  "max_new_tokens",
+  "max_prompt_length",
+  "max_response_length",
+  "num_samples",
+  "samples_per_prompt",
+  "groups_per_prompt",
+  "eval_groups_per_prompt",
+  "heldout_rows",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "intermediate_size",
+  "max_train_pairs",
+  "prefix_min_words",
+  "prefix_max_words",
+  "num_processes",
+)
+_MESH_AXIS: Rule = (lambda v: v == -1 or v >= 1, ">= 1, or -1 (the rest)")
+
+# Stage options by field name (None values pass: None means "off").
+RULES: dict[str, Rule] = {
+  **{name: at_least(1) for name in _POSITIVE_INTS},
+  "learning_rate": above(0),
+  "value_learning_rate": above(0),
+  "temperature": above(0),
+  "max_grad_norm": above(0),
+  "warmup_steps": at_least(0),
+  "weight_decay": at_least(0),
+  "sampled_stories": at_least(0),
+  "report_samples": at_least(0),
+  "annotator_beta": at_least(0),
+  "process_id": at_least(0),
+  "eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+  "label_smoothing": (lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+  "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+  "data": _MESH_AXIS,
+  "fsdp": _MESH_AXIS,
+  "tensor": _MESH_AXIS,
+}
+# Where a name means something else in one class.
+CLASS_RULES: dict[tuple[str, str], Rule] = {
+  # Simulated feedback compares responses of one prompt: at least two.
+  ("FeedbackConfig", "group_size"): at_least(2),
+}
+# Options naming an input that must exist (relative to the working dir).
+INPUT_PATHS = ("data", "eval_data", "prompts", "reward_model", "data_dir")
+
+
+def _flag(path: tuple[str, ...]) -> str:
+  return "--" + ".".join(p.replace("_", "-") for p in path)
+
+
+def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
+  """Range and finiteness problems of one config object and its children."""
+  if hasattr(type(node), "RULES"):  # a library config
+    derived = DERIVED_FIELDS.get(path, ())
+    return [
+      f"{_flag((*path, p.split('=')[0]))} {p.split('=', 1)[1]}"
+      for p in config_problems(node)
+      if p.split("=")[0] not in derived
+    ]
+  out = []
+  for f in dataclasses.fields(node):
+    value = getattr(node, f.name)
+    flag = _flag((*path, f.name))
+    if dataclasses.is_dataclass(value):
+      out += _field_problems(value, (*path, f.name))
+      continue
+    if isinstance(value, str) and f.name in INPUT_PATHS:
+      if not pathlib.Path(value).exists():
+        out.append(f"{flag} {value}: no such file or directory")
+      continue
+    rule = CLASS_RULES.get((type(node).__name__, f.name)) or RULES.get(f.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      out.append(f"{flag} {value!r}: expected a finite number")
+    elif isinstance(value, bool) or value is None or rule is None:
+      continue
+    elif isinstance(value, int | float) and not rule[0](value):
+      out.append(f"{flag} {value!r}: expected {rule[1]}")
+  return out
+
+
+def _divides(flag: str, batch: int, parts: int, what: str) -> list[str]:
+  if parts >= 1 and batch >= 1 and batch % parts:
+    return [f"{flag} {batch}: expected a multiple of {what} ({parts})"]
+  return []
+
+
+def _pipeline_problems(config: PipelineConfig) -> list[str]:
+  """Cross-field rules of the pipeline (run, rm, ppo, dpo)."""
+  out = []
+  task = config.task
+  if task.prefix_min_words > task.prefix_max_words:
+    out.append(
+      f"--task.prefix-min-words {task.prefix_min_words}: expected <= "
+      f"--task.prefix-max-words ({task.prefix_max_words})"
+    )
+  for stage in ("rm", "dpo"):
+    cfg = getattr(config, stage)
+    out += _divides(
+      f"--{stage}.batch-size",
+      cfg.batch_size,
+      cfg.loss.num_micro_batches,
+      f"--{stage}.loss.num-micro-batches",
+    )
+  algo, ppo = config.ppo.algo, config.ppo
+  rows = ppo.batch_size * algo.group_size
+  out += _divides(
+    "--ppo.batch-size x --ppo.algo.group-size",
+    rows,
+    algo.num_minibatches,
+    "--ppo.algo.num-minibatches",
+  )
+  if algo.num_minibatches >= 1 and rows % algo.num_minibatches == 0:
+    out += _divides(
+      "a PPO minibatch (rows / num-minibatches)",
+      rows // algo.num_minibatches,
+      algo.num_micro_batches,
+      "--ppo.algo.num-micro-batches",
+    )
+  return out
+
+
+def problems(command: str, config: Any) -> list[str]:
+  """Every problem of a parsed command config, one line each.
+
+  Args:
+    command: the subcommand (``run``, ``rm``, ``sft``, ...).
+    config: its parsed, frozen config.
+
+  Returns:
+    Lines ``--option value: expected ...`` (empty when all is well).
+  """
+  out = _field_problems(config, ())
+  if isinstance(config, PipelineConfig):
+    out += _pipeline_problems(config)
+  if command in ("eval", "export"):
+    run_dir = pathlib.Path(config.run_dir)
+    if not run_dir.is_dir():
+      out.append(f"--run-dir {run_dir}: no such run directory")
+  return out

@@ -1,0 +1,435 @@
+"""Bad input is a named error before any work starts (issue 13).
+
+Options: every case exits 2 with a line naming the option, its value and
+what is expected, prints no traceback and creates no run directory (the
+check runs before anything is written). Library calls: each bad config or
+argument raises the documented exception with a message naming the field
+or argument, when the step is built or the function is traced.
+"""
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from rlhf_jax import dpo_loss, kl_estimate, ppo_policy_loss, sft_loss
+from rlhf_jax.cli.main import DEBUG_ENV, main
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.train import (
+  DPOConfig,
+  PPOConfig,
+  RewardModelConfig,
+  SFTConfig,
+  make_dpo_step,
+  make_ppo_step,
+  make_reward_model_step,
+  make_sft_step,
+)
+from rlhf_jax.train.common import split_micro_batches
+
+# (argv, a fragment of the expected message)
+OPTION_CASES = [
+  (
+    ["run", "--ppo.learning-rate", "nan"],
+    "--ppo.learning-rate nan: expected a finite",
+  ),
+  (
+    ["run", "--ppo.learning-rate", "-1e-3"],
+    "--ppo.learning-rate -0.001: expected > 0",
+  ),
+  (["run", "--rm.learning-rate", "inf"], "--rm.learning-rate inf"),
+  (
+    ["run", "--dpo.learning-rate", "0"],
+    "--dpo.learning-rate 0.0: expected > 0",
+  ),
+  (["run", "--ppo.value-learning-rate", "-2"], "--ppo.value-learning-rate"),
+  (
+    ["run", "--sampling.temperature", "0"],
+    "--sampling.temperature 0.0: expected > 0",
+  ),
+  (["run", "--sampling.temperature", "-1"], "--sampling.temperature"),
+  (
+    ["run", "--sampling.max-new-tokens", "0"],
+    "--sampling.max-new-tokens 0: expected >= 1",
+  ),
+  (["run", "--sampling.batch-size", "0"], "--sampling.batch-size 0"),
+  (["rm", "--rm.batch-size", "0"], "--rm.batch-size 0: expected >= 1"),
+  (["rm", "--rm.steps", "-5"], "--rm.steps -5"),
+  (["rm", "--rm.warmup-steps", "-1"], "--rm.warmup-steps -1: expected >= 0"),
+  (["rm", "--rm.weight-decay", "-0.1"], "--rm.weight-decay"),
+  (["rm", "--rm.max-grad-norm", "0"], "--rm.max-grad-norm 0.0: expected > 0"),
+  (["rm", "--rm.eval-every", "0"], "--rm.eval-every 0"),
+  (
+    ["rm", "--rm.loss.label-smoothing", "1.5"],
+    "--rm.loss.label-smoothing 1.5: expected in [0, 0.5]",
+  ),
+  (
+    ["rm", "--rm.loss.margin", "nan"],
+    "--rm.loss.margin nan: expected a finite",
+  ),
+  (
+    ["rm", "--rm.loss.center-rewards-coef", "-1"],
+    "--rm.loss.center-rewards-coef",
+  ),
+  (["rm", "--rm.loss.num-micro-batches", "0"], "--rm.loss.num-micro-batches 0"),
+  (
+    ["rm", "--rm.batch-size", "12", "--rm.loss.num-micro-batches", "5"],
+    "--rm.batch-size 12: expected a multiple of --rm.loss.num-micro-batches",
+  ),
+  (["dpo", "--dpo.loss.beta", "-1"], "--dpo.loss.beta -1.0: expected > 0"),
+  (["dpo", "--dpo.loss.beta", "nan"], "--dpo.loss.beta nan"),
+  (["dpo", "--dpo.loss.beta", "0"], "--dpo.loss.beta 0.0: expected > 0"),
+  (
+    ["dpo", "--dpo.loss.label-smoothing", "0.7"],
+    "--dpo.loss.label-smoothing 0.7",
+  ),
+  (
+    [
+      "dpo",
+      "--dpo.loss.loss-type",
+      "hinge",
+      "--dpo.loss.label-smoothing",
+      "0.1",
+    ],
+    "expected 0 with loss_type='hinge'",
+  ),
+  (
+    ["dpo", "--dpo.batch-size", "10", "--dpo.loss.num-micro-batches", "4"],
+    "--dpo.batch-size 10: expected a multiple",
+  ),
+  (
+    ["ppo", "--ppo.algo.cliprange", "-1"],
+    "--ppo.algo.cliprange -1.0: expected >= 0",
+  ),
+  (
+    ["ppo", "--ppo.algo.cliprange-low", "1.5"],
+    "--ppo.algo.cliprange-low 1.5: expected in [0, 1)",
+  ),
+  (
+    ["ppo", "--ppo.algo.dual-clip", "0.5"],
+    "--ppo.algo.dual-clip 0.5: expected > 1",
+  ),
+  (
+    ["ppo", "--ppo.algo.gamma", "1.5"],
+    "--ppo.algo.gamma 1.5: expected in [0, 1]",
+  ),
+  (["ppo", "--ppo.algo.lam", "-0.1"], "--ppo.algo.lam"),
+  (
+    ["ppo", "--ppo.algo.kl-coef", "-0.1"],
+    "--ppo.algo.kl-coef -0.1: expected >= 0",
+  ),
+  (["ppo", "--ppo.algo.kl-coef", "0"], "expected > 0 with adaptive_kl"),
+  (
+    ["ppo", "--ppo.algo.target-kl", "0"],
+    "--ppo.algo.target-kl 0.0: expected > 0",
+  ),
+  (["ppo", "--ppo.algo.kl-horizon", "0"], "--ppo.algo.kl-horizon 0"),
+  (
+    ["ppo", "--ppo.algo.top-p", "0"],
+    "--ppo.algo.top-p 0.0: expected in (0, 1]",
+  ),
+  (["ppo", "--ppo.algo.top-k", "-1"], "--ppo.algo.top-k -1"),
+  (["ppo", "--ppo.algo.ppo-epochs", "0"], "--ppo.algo.ppo-epochs 0"),
+  (["ppo", "--ppo.algo.vf-coef", "nan"], "--ppo.algo.vf-coef nan"),
+  (
+    ["ppo", "--ppo.algo.loss-agg-mode", "bogus"],
+    "--ppo.algo.loss-agg-mode 'bogus': expected one of token-mean",
+  ),
+  (
+    ["ppo", "--ppo.algo.num-minibatches", "3"],
+    "expected a multiple of --ppo.algo.num-minibatches (3)",
+  ),
+  (
+    [
+      "ppo",
+      "--ppo.algo.num-minibatches",
+      "2",
+      "--ppo.algo.num-micro-batches",
+      "3",
+    ],
+    "expected a multiple of --ppo.algo.num-micro-batches (3)",
+  ),
+  (["ppo", "--ppo.iterations", "0"], "--ppo.iterations 0"),
+  (
+    ["run", "--feedback.group-size", "1"],
+    "--feedback.group-size 1: expected >= 2",
+  ),
+  (
+    ["run", "--task.eval-fraction", "1.0"],
+    "--task.eval-fraction 1.0: expected in (0, 1)",
+  ),
+  (
+    ["run", "--task.prefix-min-words", "9"],
+    "--task.prefix-min-words 9: expected <= --task.prefix-max-words",
+  ),
+  (["run", "--seed", "-1"], "--seed -1: expected in [0, 2^32)"),
+  (["run", "--checkpoint-every", "0"], "--checkpoint-every 0"),
+  (["run", "--mesh.data", "0"], "--mesh.data 0: expected >= 1, or -1"),
+  (["run", "--mesh.fsdp", "-3"], "--mesh.fsdp -3"),
+  (
+    ["run", "--data", "no/such/file.jsonl"],
+    "--data no/such/file.jsonl: no such file",
+  ),
+  (
+    ["ppo", "--prompts", "nope.txt", "--reward-model", "x"],
+    "--prompts nope.txt: no such file",
+  ),
+  (["sft", "--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+  (
+    ["sft", "--data", "missing.jsonl", "--learning-rate", "nan"],
+    "--learning-rate nan",
+  ),
+  (["generate", "--temperature", "0"], "--temperature 0.0: expected > 0"),
+  (["generate", "--num-samples", "0"], "--num-samples 0"),
+  (
+    ["eval", "--run-dir", "no/such/run"],
+    "--run-dir no/such/run: no such run directory",
+  ),
+  (
+    ["export", "--run-dir", "no/such/run", "--out", "x"],
+    "--run-dir no/such/run: no such run directory",
+  ),
+  (
+    ["rm", "--preset", "hh-rlhf", "--hh.learning-rate", "nan"],
+    "--hh.learning-rate nan",
+  ),
+  (
+    ["rm", "--preset", "hh-rlhf", "--hh.label-smoothing", "0.9"],
+    "--hh.label-smoothing 0.9",
+  ),
+  (["rm", "--preset", "hh-rlhf", "--hh.num-layers", "0"], "--hh.num-layers 0"),
+]
+
+
+@pytest.mark.parametrize(
+  "argv, message", OPTION_CASES, ids=[" ".join(c[0]) for c in OPTION_CASES]
+)
+def test_bad_option_is_named_before_any_work(
+  argv, message, tmp_path, capsys, monkeypatch
+):
+  monkeypatch.chdir(tmp_path)  # relative paths and default run dirs land here
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err, err
+  assert "Traceback" not in err
+  assert all(line.startswith("rlhf-jax: error: ") for line in err.splitlines())
+  assert not (tmp_path / "runs").exists()  # nothing was written
+
+
+def test_every_problem_is_listed_at_once(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  argv = [
+    "rm",
+    "--rm.batch-size",
+    "0",
+    "--rm.loss.margin",
+    "nan",
+    "--seed",
+    "-2",
+  ]
+  assert main(argv) == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 3 and all("expected" in line for line in err)
+
+
+def test_internal_error_is_one_line_and_debug_shows_the_traceback(
+  monkeypatch, capsys
+):
+  import rlhf_jax.cli.main as cli
+
+  def boom(command, config):
+    raise RuntimeError("a bug")
+
+  monkeypatch.setattr(cli, "_dispatch", boom)
+  assert main(["generate"]) == 1
+  err = capsys.readouterr().err
+  assert "internal error: RuntimeError: a bug" in err and "--debug" in err
+  assert "Traceback" not in err and len(err.splitlines()) == 1
+  with pytest.raises(RuntimeError, match="a bug"):
+    main(["generate", "--debug"])
+  monkeypatch.setenv(DEBUG_ENV, "1")
+  with pytest.raises(RuntimeError, match="a bug"):
+    main(["generate"])
+
+
+@pytest.mark.parametrize(
+  "code, reason", [(30, "read-only file system"), (28, "no space left")]
+)
+def test_read_only_and_full_disk_are_one_line(
+  monkeypatch, capsys, code, reason
+):
+  import rlhf_jax.cli.main as cli
+
+  def full(command, config):
+    raise OSError(code, os.strerror(code), "runs/x/metrics.jsonl")
+
+  monkeypatch.setattr(cli, "_dispatch", full)
+  assert main(["generate"]) == 2
+  err = capsys.readouterr().err
+  assert f"cannot write runs/x/metrics.jsonl: {reason}" in err, err
+
+
+# ------------------------------------------------------------ library calls
+
+TINY = ModelConfig(
+  model_type="llama",
+  vocab_size=16,
+  hidden_size=8,
+  num_layers=1,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=4,
+  intermediate_size=16,
+  max_position_embeddings=16,
+)
+
+
+def _opt():
+  import optax
+
+  return optax.sgd(0.1)
+
+
+LIBRARY_CASES = [
+  (
+    lambda: make_sft_step(TINY, _opt(), SFTConfig(num_micro_batches=0)),
+    "num_micro_batches=0: expected >= 1",
+  ),
+  (
+    lambda: make_sft_step(TINY, _opt(), SFTConfig(loss_agg_mode="mean")),
+    "loss_agg_mode='mean'",
+  ),
+  (
+    lambda: make_reward_model_step(
+      TINY, _opt(), RewardModelConfig(label_smoothing=0.8)
+    ),
+    "label_smoothing=0.8",
+  ),
+  (
+    lambda: make_reward_model_step(
+      TINY, _opt(), RewardModelConfig(margin=float("nan"))
+    ),
+    "margin=nan: expected a finite",
+  ),
+  (
+    lambda: make_reward_model_step(
+      TINY, _opt(), RewardModelConfig(loss_type="best_of_k", pooling="mean")
+    ),
+    "expected 'last' with loss_type='best_of_k'",
+  ),
+  (
+    lambda: make_dpo_step(TINY, _opt(), DPOConfig(beta=0.0)),
+    "beta=0.0: expected > 0",
+  ),
+  (
+    lambda: make_dpo_step(TINY, _opt(), DPOConfig(loss_type="kto")),
+    "loss_type='kto'",
+  ),
+  (
+    lambda: make_ppo_step(
+      TINY, _opt(), _opt(), PPOConfig(0, 0, cliprange=-0.2)
+    ),
+    "cliprange=-0.2: expected >= 0",
+  ),
+  (
+    lambda: make_ppo_step(
+      TINY, _opt(), _opt(), PPOConfig(0, 0, kl_estimator="k4")
+    ),
+    "kl_estimator='k4'",
+  ),
+  (
+    lambda: make_ppo_step(
+      TINY, _opt(), _opt(), PPOConfig(0, 0, temperature=0.0)
+    ),
+    "temperature=0.0: expected > 0",
+  ),
+  (
+    lambda: make_ppo_step(
+      TINY, _opt(), _opt(), PPOConfig(0, 0, gamma=float("inf"))
+    ),
+    "gamma=inf",
+  ),
+  (
+    lambda: split_micro_batches(jnp.zeros((6, 2)), 4),
+    "batch size 6 is not divisible by num_micro_batches=4",
+  ),
+  (
+    lambda: ppo_policy_loss(
+      jnp.zeros((2, 3)),
+      jnp.zeros((2, 3)),
+      jnp.zeros((2, 4)),
+      jnp.ones((2, 3), bool),
+      cliprange=0.2,
+    ),
+    "advantages shape (2, 4) must equal response_mask shape (2, 3)",
+  ),
+  (
+    lambda: ppo_policy_loss(
+      jnp.zeros(3), jnp.zeros(3), jnp.zeros(3), jnp.ones(3, bool), cliprange=0.2
+    ),
+    "response_mask must be [B, T]",
+  ),
+  (
+    lambda: ppo_policy_loss(
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.ones((1, 2)),
+      cliprange=0.2,
+    ),
+    "must be bool",
+  ),
+  (
+    lambda: ppo_policy_loss(
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.ones((1, 2), bool),
+      cliprange=float("nan"),
+    ),
+    "cliprange_low must be >= 0",
+  ),
+  (
+    lambda: kl_estimate(jnp.zeros((2, 3)), jnp.zeros((2, 2))),
+    "logprobs shape (2, 3) != ref_logprobs shape (2, 2)",
+  ),
+  (
+    lambda: kl_estimate(
+      jnp.zeros((2, 3)), jnp.zeros((2, 3)), kl_estimator="k5"
+    ),
+    "kl_estimator must be one of",
+  ),
+  (
+    lambda: dpo_loss(
+      jnp.zeros(2), jnp.zeros(3), jnp.zeros(2), jnp.zeros(2), beta=0.1
+    ),
+    "rank-1 shapes [B]",
+  ),
+  (
+    lambda: dpo_loss(
+      jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), beta=-1.0
+    ),
+    "beta must be > 0",
+  ),
+  (
+    lambda: sft_loss(jnp.zeros((2, 3)), jnp.ones((2, 2), bool)),
+    "logprobs shape (2, 3) must equal response_mask shape (2, 2)",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "call, message", LIBRARY_CASES, ids=[m for _, m in LIBRARY_CASES]
+)
+def test_library_misuse_raises_a_named_error(call, message):
+  with pytest.raises((ValueError, TypeError)) as info:
+    call()
+  assert message in str(info.value), str(info.value)
+
+
+def test_configs_are_checked_when_the_step_is_built_not_traced():
+  # The error comes from make_*_step itself: nothing was traced yet.
+  config = dataclasses.replace(DPOConfig(), beta=-1.0)
+  with pytest.raises(ValueError, match=r"^DPOConfig: beta=-1.0"):
+    make_dpo_step(TINY, _opt(), config)
