@@ -79,7 +79,7 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
   assert saved["command"] == "run" and saved["model_dir"] == "m"
   assert saved["config"]["ppo"]["iterations"] == cfg.ppo.iterations
   assert "resume" not in saved["config"]  # may differ between invocations
-  (run_dir / "marker").write_text("x")
+  (run_dir / "metrics.jsonl").write_text("x")  # a file rlhf-jax writes
   with pytest.raises(runtime.UserError, match="already holds a run"):
     runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})
   resumed = dataclasses.replace(cfg, resume=True)
@@ -93,7 +93,7 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
   )
   fresh = dataclasses.replace(cfg, overwrite=True)
   runtime.prepare_run_dir("run", fresh, extra={"model_dir": "m"})
-  assert not (run_dir / "marker").exists()
+  assert not (run_dir / "metrics.jsonl").exists()
 
 
 def test_a_folder_of_the_users_is_never_deleted(tmp_path):

@@ -15,6 +15,15 @@ done; steps are listed from finalised directories only, so an interrupted
 save (crash, SIGKILL, pre-emption) is never reported by ``latest_step`` and
 its temporary directory is removed when the next manager opens the root.
 
+Integrity: ``save`` stores a checksum of every array (a position-weighted
+sum of its bits, independent of the sharding) in the metadata, and
+``restore`` recomputes it: a checkpoint whose files were truncated,
+corrupted or partly deleted raises ``CheckpointDamagedError`` naming the
+step and its directory (never a state with wrong values), so a caller can
+fall back to an older step. ``save(..., require_finite=True)`` refuses a
+state holding NaN or inf (``NonFiniteStateError``) before anything is
+written.
+
 Restore onto any mesh: ``restore`` takes an abstract state
 (``jax.ShapeDtypeStruct`` leaves carrying the target ``NamedSharding``, e.g.
 from ``rlhf_jax.parallel.abstract_with_shardings``) and reads each array
@@ -28,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import (
@@ -38,6 +48,90 @@ from orbax.checkpoint.checkpoint_managers import (
 
 PyTree = Any
 _STATE, _META = "state", "metadata"
+# Metadata key of the checksums (removed from what restore returns).
+_INTEGRITY = "__rlhf_jax_integrity__"
+
+
+class CheckpointDamagedError(ValueError):
+  """A checkpoint that cannot be read back as it was saved.
+
+  Attributes:
+    step: the step.
+    path: its directory.
+    reason: what failed (one line).
+  """
+
+  def __init__(self, step: int, path: pathlib.Path, reason: str):
+    self.step, self.path, self.reason = step, path, reason
+    super().__init__(f"checkpoint step {step} in {path} is damaged: {reason}")
+
+
+class NonFiniteStateError(ValueError):
+  """``save(..., require_finite=True)`` of a state holding NaN or inf."""
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+  text = str(e).strip().splitlines()
+  line = text[0] if text else ""
+  # TensorStore appends its whole spec to the message.
+  line = line.split(" See full TensorStore details")[0]
+  line = f"{type(e).__name__}: {line}" if line else type(e).__name__
+  return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The bits of an array as u32[N] (complex as its two parts)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    x = jnp.stack([x.real, x.imag])
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = x.dtype.itemsize * 8
+  if bits == 64:  # bitcast adds a trailing axis of two u32 words
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+  unsigned = jnp.dtype(f"uint{bits}")
+  w = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return w.reshape(-1)
+
+
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(u32[leaves] checksums, bool[] every float is finite).
+
+  The checksum weights word i by an odd multiplier, so changing any one
+  word changes it; integer sums wrap, so the result does not depend on
+  the reduction order (sharding, device count).
+  """
+  sums, finite = [], [jnp.asarray(True)]
+  for x in leaves:
+    w = _words(x)
+    i = jnp.arange(w.shape[0], dtype=jnp.uint32)
+    weight = (i * jnp.uint32(0x9E3779B1)) | jnp.uint32(1)
+    sums.append(jnp.sum(w * weight, dtype=jnp.uint32))
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      finite.append(jnp.all(jnp.isfinite(x)))
+  return jnp.stack(sums), jnp.all(jnp.stack(finite))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def fingerprint(state: PyTree) -> tuple[list[int], list[str], bool]:
+  """(checksum per leaf, dtype per leaf, whether every float is finite)."""
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(state)]
+  if not leaves:
+    return [], [], True
+  sums, finite = _fingerprint(leaves)
+  dtypes = [str(x.dtype) for x in leaves]
+  return [int(v) for v in _host(sums)], dtypes, bool(_host(finite))
 
 
 def _to_python(x: Any) -> Any:
@@ -59,6 +153,10 @@ def abstract_like(state: PyTree) -> PyTree:
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
     state,
   )
+
+
+def _leaves_with_path(tree: PyTree) -> list[tuple[Any, Any]]:
+  return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def _with_default_sharding(abstract_state: PyTree) -> PyTree:
@@ -170,6 +268,7 @@ class CheckpointManager:
     metadata: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     force: bool = False,
+    require_finite: bool = False,
   ) -> bool:
     """Starts saving ``state`` and ``metadata`` as checkpoint ``step``.
 
@@ -179,14 +278,26 @@ class CheckpointManager:
       metadata: JSON-serialisable dict (numpy/jax scalars are converted).
       metrics: scalar metrics for best-by-metric retention.
       force: save even off the save interval.
+      require_finite: refuse a state holding NaN or inf.
 
     Returns:
       True if a save was started.
+
+    Raises:
+      NonFiniteStateError: ``require_finite`` and a float is not finite
+        (nothing was written).
     """
+    meta = _jsonable(metadata)
+    sums, dtypes, finite = fingerprint(state)
+    if require_finite and not finite:
+      raise NonFiniteStateError(
+        f"the state of step {step} holds NaN or inf; it was not saved"
+      )
+    meta[_INTEGRITY] = {"checksums": sums, "dtypes": dtypes}
     args = ocp.args.Composite(
       **{
         _STATE: ocp.args.StandardSave(state),
-        _META: ocp.args.JsonSave(_jsonable(metadata)),
+        _META: ocp.args.JsonSave(meta),
       }
     )
     metrics = None if metrics is None else _jsonable(metrics)
@@ -212,6 +323,8 @@ class CheckpointManager:
 
     Raises:
       FileNotFoundError: no checkpoint (at that step) in the directory.
+      CheckpointDamagedError: its files cannot be read, or the arrays read
+        differ from those saved (checksums).
     """
     step = self._resolve(step)
     args = ocp.args.Composite(
@@ -222,14 +335,58 @@ class CheckpointManager:
         _META: ocp.args.JsonRestore(),
       }
     )
-    out = self._manager.restore(step, args=args)
-    return out[_STATE], dict(out[_META] or {})
+    try:
+      out = self._manager.restore(step, args=args)
+      state, meta = out[_STATE], dict(out[_META] or {})
+    except Exception as e:  # orbax, tensorstore and json raise anything
+      raise self._damaged(step, _one_line(e)) from e
+    self._verify(step, state, meta.pop(_INTEGRITY, None))
+    return state, meta
+
+  def _damaged(self, step: int, reason: str) -> CheckpointDamagedError:
+    return CheckpointDamagedError(step, self.step_dir(step), reason)
+
+  def _verify(self, step: int, state: PyTree, saved: Any) -> None:
+    """Raises CheckpointDamagedError unless the checksums match (older
+    checkpoints without checksums pass)."""
+    if saved is None:
+      return
+    sums, dtypes, _ = fingerprint(state)
+    paths = [jax.tree_util.keystr(p) for p, _ in _leaves_with_path(state)]
+    if len(saved.get("checksums", ())) != len(sums):
+      raise self._damaged(step, "the saved checksums do not fit the state")
+    for path, a, b, da, db in zip(
+      paths, sums, saved["checksums"], dtypes, saved["dtypes"], strict=True
+    ):
+      if da == db and a != b:  # a cast on restore changes the bits
+        raise self._damaged(
+          step,
+          f"the values of {path or 'the state'} differ "
+          "from those saved (checksum)",
+        )
 
   def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
-    """Reads only the JSON metadata of ``step`` (default: latest)."""
+    """Reads only the JSON metadata of ``step`` (default: latest).
+
+    Raises:
+      CheckpointDamagedError: the metadata cannot be read.
+    """
     step = self._resolve(step)
     args = ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-    return dict(self._manager.restore(step, args=args)[_META] or {})
+    try:
+      meta = dict(self._manager.restore(step, args=args)[_META] or {})
+    except Exception as e:
+      raise self._damaged(step, _one_line(e)) from e
+    meta.pop(_INTEGRITY, None)
+    return meta
+
+  def step_dir(self, step: int) -> pathlib.Path:
+    """The directory of checkpoint ``step``."""
+    return self.directory / str(int(step))
+
+  def delete(self, step: int) -> None:
+    """Deletes checkpoint ``step`` (e.g. a damaged one)."""
+    self._manager.delete(int(step))
 
   def _resolve(self, step: int | None) -> int:
     steps = self.all_steps()

@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
-  from rlhf_jax.models import MissingSpecialTokenError
+  from rlhf_jax.models import MissingSpecialTokenError, ModelLoadError
 
   try:
     if command not in COMMANDS:
@@ -386,6 +386,7 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
     runtime.UserError,
     DataError,
     MissingSpecialTokenError,
+    ModelLoadError,
   ) as e:
     if debug:
       raise

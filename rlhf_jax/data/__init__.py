@@ -7,6 +7,7 @@ Pipeline::
   ds = tokenize_preferences(loaded.examples, tok,
                             max_prompt_length=P, max_response_length=T)
   ds.truncation.summary()                          # what was cut
+  # drop_ties=True: pairs identical once tokenized left out (ds.ties)
   train, evl = train_eval_split(len(ds), eval_size=0.1, seed=0)
   it = BatchIterator(ds.subset(train), global_batch_size=B, seed=0,
                      process_index=p, process_count=H)
@@ -18,6 +19,7 @@ Errors are ``DataError`` (a ``ValueError``) naming file, line and field.
 
 from rlhf_jax.data.errors import (
   DROP_REASONS,
+  TIE_REASONS,
   DataError,
   DroppedRow,
   DropReport,
@@ -73,6 +75,7 @@ __all__ = [
   "PromptExample",
   "RankedExample",
   "Row",
+  "TIE_REASONS",
   "TokenizedDataset",
   "Tokenizer",
   "TruncationReport",

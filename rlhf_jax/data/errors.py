@@ -9,6 +9,7 @@ else that is wrong with the input raises ``DataError`` with the file, the line
 
 import dataclasses
 import logging
+from collections.abc import Iterable
 
 logger = logging.getLogger("rlhf_jax.data")
 
@@ -18,7 +19,17 @@ DROP_REASONS = {
   "chosen_equals_rejected": "chosen and rejected are identical",
   "prompt_differs": "the prompt differs between chosen and rejected",
   "duplicate_responses": "two responses are identical",
+  # Found at tokenization (tokenize_preferences(drop_ties=True)): the texts
+  # differ, but training would see a tie.
+  "tokens_identical": (
+    "chosen and rejected differ as text but tokenize to the same ids"
+  ),
+  "identical_after_truncation": (
+    "chosen and rejected are identical once cut to max_response_length tokens"
+  ),
 }
+# The reasons a pair is found to tie at tokenization.
+TIE_REASONS = ("tokens_identical", "identical_after_truncation")
 
 
 class DataError(ValueError):
@@ -61,6 +72,12 @@ class DropReport:
       raise KeyError(f"unknown drop reason {reason!r}")
     self.dropped.append(DroppedRow(source, row, where, reason))
 
+  def extend(self, dropped: Iterable[DroppedRow]) -> None:
+    """Adds rows dropped after reading (e.g. pairs that tie once
+    tokenized, ``TokenizedDataset.ties``); rows read are unchanged."""
+    for d in dropped:
+      self.add_drop(d.source, d.row, d.where, d.reason)
+
   @property
   def total_read(self) -> int:
     return sum(self.rows_read.values())
@@ -72,6 +89,11 @@ class DropReport:
   @property
   def total_kept(self) -> int:
     return self.total_read - self.total_dropped
+
+  def dropped_frac(self, source: str | None = None) -> float:
+    """Dropped / read rows (of one source, or of all); 0 when none read."""
+    read = self.total_read if source is None else self.rows_read[source]
+    return sum(self.counts(source).values()) / read if read else 0.0
 
   def counts(self, source: str | None = None) -> dict[str, int]:
     """Dropped rows per reason (of one source, or of all), zeros omitted."""

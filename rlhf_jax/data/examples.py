@@ -25,8 +25,10 @@ Rows unusable for a known reason are dropped and counted (``DropReport``,
 logged at WARNING): chosen identical to rejected (``chosen_equals_rejected``),
 prompts differing between chosen and rejected (``prompt_differs``), two
 identical responses in a ranked row (``duplicate_responses``). With
-``strict=True`` they raise instead. Everything else that is wrong raises
-``DataError`` naming the location and the field.
+``strict=True`` they raise instead. Pairs whose texts differ but whose token
+ids do not are found at tokenization (``tokenize_preferences``, reasons
+``tokens_identical`` and ``identical_after_truncation``). Everything else
+that is wrong raises ``DataError`` naming the location and the field.
 """
 
 import dataclasses

@@ -76,16 +76,28 @@ def read_rows(
     yield r
 
 
-def _open_lines(path: str) -> Iterator[bytes]:
+def _check_file(path: str) -> pathlib.Path:
   p = pathlib.Path(path)
+  if p.is_dir():
+    raise DataError(f"{path}: is a directory, not a data file")
   if not p.is_file():
     raise DataError(f"{path}: no such file")
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(p, "rb") as f:
+  return p
+
+
+def _open_lines(path: str) -> Iterator[bytes]:
+  p = _check_file(path)
+  gz = path.endswith(".gz")
+  try:
+    f = gzip.open(p, "rb") if gz else open(p, "rb")  # noqa: SIM115
+  except OSError as e:
+    raise DataError(f"{path}: cannot open: {e.strerror or e}") from e
+  with f:
     try:
       yield from f
     except (OSError, EOFError, zlib.error) as e:
-      raise DataError(f"{path}: cannot read compressed data: {e}") from e
+      what = "compressed data" if gz else "the file"
+      raise DataError(f"{path}: cannot read {what}: {e}") from e
 
 
 def read_jsonl(path: PathLike) -> Iterator[Row]:
@@ -102,6 +114,8 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
       raise DataError(f"{path}:{lineno}: invalid UTF-8: {e}") from e
+    if lineno == 1:
+      text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
     if not text.strip():
       continue
     try:
@@ -109,6 +123,10 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
     except json.JSONDecodeError as e:
       raise DataError(
         f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})"
+      ) from e
+    except RecursionError as e:
+      raise DataError(
+        f"{path}:{lineno}: invalid JSON: nested too deeply"
       ) from e
     yield Row(path, row, f"{path}:{lineno}", data)
     row += 1
@@ -120,15 +138,24 @@ def read_parquet(path: PathLike, *, batch_size: int = 1024) -> Iterator[Row]:
   pq = import_cli_dependency("pyarrow.parquet", purpose="reading Parquet files")
 
   path = str(path)
-  if not pathlib.Path(path).is_file():
-    raise DataError(f"{path}: no such file")
+  _check_file(path)
   try:
     pf = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several unrelated types.
     raise DataError(f"{path}: not a readable Parquet file: {e}") from e
   row = 0
-  for batch in pf.iter_batches(batch_size=batch_size):
-    for data in batch.to_pylist():
+  batches = pf.iter_batches(batch_size=batch_size)
+  while True:
+    try:
+      batch = next(batches, None)
+      rows = [] if batch is None else batch.to_pylist()
+    except Exception as e:  # a damaged row group (pyarrow's own types)
+      raise DataError(
+        f"{path}:row {row}: cannot read the Parquet data: {e}"
+      ) from e
+    if batch is None:
+      return
+    for data in rows:
       yield Row(path, row, f"{path}:row {row}", data)
       row += 1
 

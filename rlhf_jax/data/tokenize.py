@@ -12,11 +12,16 @@ the BOS, if any, is kept in front); with ``truncate_prompts=False`` it is a
 holds no EOS and the row reads as truncated (docs/conventions.md,
 convention 3). Every cut is counted in the ``TruncationReport``.
 
+Ties: preference pairs whose chosen and rejected rows come out identical
+(different texts, same ids, or the same first T ids) are listed in
+``TokenizedDataset.ties`` by reason, and left out with ``drop_ties=True``.
+
 Special tokens are explicit: ``Tokenizer.encode`` must NOT add any; BOS is
 prepended to prompts (``add_bos``, when the tokenizer has one) and EOS
 appended to responses (``append_eos``) here.
 """
 
+import collections
 import dataclasses
 import itertools
 import os
@@ -26,7 +31,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from flax import struct
 
-from rlhf_jax.data.errors import DataError, TruncationReport, logger
+from rlhf_jax.data.errors import (
+  DROP_REASONS,
+  DataError,
+  DroppedRow,
+  TruncationReport,
+  logger,
+)
 from rlhf_jax.data.examples import (
   PreferencePair,
   PromptExample,
@@ -187,8 +198,16 @@ class TokenizedDataset:
     pad_row: field -> one row (no leading axis) used for padding rows:
       ids = pad_id, masks all False, ranks 0..K-1, labels False.
     batch_type: PreferenceBatch, PromptBatch, RankedBatch or UnpairedBatch.
-    truncation: what was cut.
+    truncation: what was cut (of the rows kept).
     sources: i -> the example's source; rows: i64[N] its original row.
+    ties: preference pairs whose chosen and rejected token ids are
+      identical (reason ``tokens_identical``, or
+      ``identical_after_truncation`` when they differ only past
+      max_response_length tokens): left out of the rows with
+      ``drop_ties=True`` (add them to the ``DropReport`` with
+      ``drops.extend(ds.ties)``), kept otherwise.
+    example_index: i64[N] index of each row in the examples tokenized
+      (None: one row per example, in order).
   """
 
   arrays: dict[str, np.ndarray]
@@ -197,6 +216,8 @@ class TokenizedDataset:
   truncation: TruncationReport
   sources: list[str]
   rows: np.ndarray
+  ties: list[DroppedRow] = dataclasses.field(default_factory=list)
+  example_index: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -223,11 +244,13 @@ class TokenizedDataset:
   def subset(self, indices: np.ndarray) -> "TokenizedDataset":
     """The examples at ``indices`` (e.g. a train or eval split)."""
     indices = np.asarray(indices, np.int64)
+    index = self.example_index
     return dataclasses.replace(
       self,
       arrays={k: a[indices] for k, a in self.arrays.items()},
       sources=[self.sources[i] for i in indices],
       rows=self.rows[indices],
+      example_index=indices if index is None else index[indices],
     )
 
 
@@ -269,15 +292,18 @@ def _prompts(
   max_prompt_length: int,
   truncate_prompts: bool,
   add_bos: bool,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(ids, mask, bool[N] cut) of left-padded, left-truncated prompts."""
   bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
   keep = max_prompt_length - len(bos)
   if keep < 1:
     raise ValueError(
       f"max_prompt_length={max_prompt_length} leaves no room for prompt tokens"
     )
-  out, cut = [], 0
-  for ids, where in zip(_encode_all(tok, texts), wheres, strict=True):
+  out, cut = [], np.zeros(len(texts), bool)
+  for i, (ids, where) in enumerate(
+    zip(_encode_all(tok, texts), wheres, strict=True)
+  ):
     if not ids and not bos:
       raise DataError(f"{where}: field 'prompt' tokenizes to 0 tokens")
     if len(ids) > keep:
@@ -288,7 +314,7 @@ def _prompts(
           f"to keep its last {max_prompt_length} tokens)"
         )
       ids = ids[len(ids) - keep :]  # Left truncation: keep the end.
-      cut += 1
+      cut[i] = True
     out.append(bos + ids)
   ids, mask = _pad(out, max_prompt_length, tok.pad_id, left=True)
   return ids, mask, cut
@@ -302,15 +328,17 @@ def _responses(
   *,
   max_response_length: int,
   append_eos: bool,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+  """(ids, mask, bool[N] cut, the untruncated ids) of right-padded,
+  right-truncated responses."""
   if max_response_length < 1:
     raise ValueError(f"max_response_length={max_response_length} must be >= 1")
   if append_eos and tok.eos_id is None:
     raise ValueError("append_eos=True needs a tokenizer with an eos_id")
   eos = [tok.eos_id] if append_eos else []
-  out, cut = [], 0
-  for ids, where in zip(_encode_all(tok, texts), wheres, strict=True):
-    ids = ids + eos
+  full = [ids + eos for ids in _encode_all(tok, texts)]
+  out, cut = [], np.zeros(len(texts), bool)
+  for i, (ids, where) in enumerate(zip(full, wheres, strict=True)):
     if not ids:
       raise DataError(
         f"{where}: field '{field}' tokenizes to 0 tokens (set append_eos=True "
@@ -318,10 +346,10 @@ def _responses(
       )
     if len(ids) > max_response_length:
       ids = ids[:max_response_length]  # Right truncation: keep the start.
-      cut += 1
+      cut[i] = True
     out.append(ids)
   ids, mask = _pad(out, max_response_length, tok.pad_id, left=False)
-  return ids, mask, cut
+  return ids, mask, cut, full
 
 
 def _finish(
@@ -329,10 +357,22 @@ def _finish(
   pad_row: dict[str, np.ndarray],
   batch_type: type,
   examples: Sequence[Any],
-  truncated: dict[str, int],
+  cut: dict[str, np.ndarray],
   max_prompt_length: int,
   max_response_length: int,
+  *,
+  keep: np.ndarray | None = None,
+  ties: list[DroppedRow] | None = None,
 ) -> TokenizedDataset:
+  """The dataset of the examples at ``keep`` (default all); ``cut`` maps a
+  field to bool[N] (or bool[N, K]) truncation flags of every example."""
+  index = None
+  if keep is not None:
+    index = np.flatnonzero(keep)
+    arrays = {k: a[index] for k, a in arrays.items()}
+    cut = {k: c[index] for k, c in cut.items()}
+    examples = [examples[i] for i in index]
+  truncated = {k: int(np.sum(c)) for k, c in cut.items()}
   report = TruncationReport(
     len(examples), max_prompt_length, max_response_length, truncated
   )
@@ -345,7 +385,30 @@ def _finish(
     truncation=report,
     sources=[getattr(e, "source", "") for e in examples],
     rows=np.array([getattr(e, "row", -1) for e in examples], np.int64),
+    ties=ties or [],
+    example_index=index,
   )
+
+
+def _ties(
+  examples: Sequence[PreferencePair],
+  arrays: dict[str, np.ndarray],
+  full: dict[str, list[list[int]]],
+) -> tuple[np.ndarray, list[DroppedRow]]:
+  """bool[N] pairs whose chosen and rejected rows are identical, and a
+  ``DroppedRow`` for each (why: identical ids, or only once cut)."""
+  tied = np.all(
+    (arrays["chosen_ids"] == arrays["rejected_ids"])
+    & (arrays["chosen_mask"] == arrays["rejected_mask"]),
+    axis=1,
+  )
+  rows = []
+  for i in np.flatnonzero(tied):
+    e = examples[i]
+    same = full["chosen"][i] == full["rejected"][i]
+    reason = "tokens_identical" if same else "identical_after_truncation"
+    rows.append(DroppedRow(e.source, e.row, e.where, reason))
+  return tied, rows
 
 
 def _check_nonempty(examples: Sequence[Any], kind: str) -> None:
@@ -374,12 +437,20 @@ def tokenize_preferences(
   truncate_prompts: bool = True,
   add_bos: bool = True,
   append_eos: bool = True,
+  drop_ties: bool = False,
 ) -> TokenizedDataset:
   """Tokenizes preference pairs into a ``PreferenceBatch`` dataset.
 
   Arrays: prompt_ids i32[N, P] / prompt_mask bool[N, P] left-padded;
   chosen_ids, rejected_ids i32[N, T] / chosen_mask, rejected_mask bool[N, T]
   right-padded. Truncation counts under "prompt", "chosen", "rejected".
+
+  Pairs whose chosen and rejected rows come out identical (texts the
+  tokenizer cannot tell apart, e.g. characters it maps to its unknown
+  token, or texts that differ only past T tokens) teach nothing: they are
+  listed in ``ds.ties`` and, with ``drop_ties``, left out (then
+  ``ds.example_index`` maps rows back to ``examples``; truncation counts
+  are of the kept pairs).
 
   Args:
     examples: preference pairs (``load_examples(...).examples``).
@@ -389,10 +460,12 @@ def tokenize_preferences(
     truncate_prompts: cut long prompts from the left (else DataError).
     add_bos: prepend ``tokenizer.bos_id`` to prompts (when not None).
     append_eos: append ``tokenizer.eos_id`` to responses.
+    drop_ties: leave out pairs that tie once tokenized (see above).
 
   Raises:
     DataError: a prompt longer than P with ``truncate_prompts=False`` (names
-      the row and both lengths); a text that tokenizes to nothing.
+      the row and both lengths); a text that tokenizes to nothing; every
+      pair tied with ``drop_ties``.
   """
   _check_nonempty(examples, "preference")
   wheres = [e.where for e in examples]
@@ -405,14 +478,15 @@ def tokenize_preferences(
     add_bos=add_bos,
   )
   arrays = {"prompt_ids": p_ids, "prompt_mask": p_mask}
-  truncated = {"prompt": p_cut}
+  cut = {"prompt": p_cut}
+  full = {}
   pads = _pad_rows(tokenizer, max_prompt_length, (max_response_length,))
   pad_row = {
     "prompt_ids": pads["prompt_ids"],
     "prompt_mask": pads["prompt_mask"],
   }
   for field in ("chosen", "rejected"):
-    ids, mask, cut = _responses(
+    ids, mask, cut[field], full[field] = _responses(
       [getattr(e, field) for e in examples],
       wheres,
       field,
@@ -423,15 +497,41 @@ def tokenize_preferences(
     arrays[f"{field}_ids"], arrays[f"{field}_mask"] = ids, mask
     pad_row[f"{field}_ids"] = pads["_resp_ids"]
     pad_row[f"{field}_mask"] = pads["_resp_mask"]
-    truncated[field] = cut
+  tied, ties = _ties(examples, arrays, full)
+  if ties:
+    _report_ties(ties, len(examples), dropped=drop_ties)
   return _finish(
     arrays,
     pad_row,
     PreferenceBatch,
     examples,
-    truncated,
+    cut,
     max_prompt_length,
     max_response_length,
+    keep=~tied if drop_ties and ties else None,
+    ties=ties,
+  )
+
+
+def _report_ties(ties: list[DroppedRow], n: int, *, dropped: bool) -> None:
+  """Logs the tied pairs; every pair tied and dropped is a DataError."""
+  counts = ", ".join(
+    f"{k}: {v}" for k, v in collections.Counter(d.reason for d in ties).items()
+  )
+  sources = ", ".join(dict.fromkeys(d.source or "pairs" for d in ties))
+  if dropped and len(ties) == n:
+    raise DataError(
+      f"{sources}: no usable pairs: all {n} pairs tie once tokenized "
+      f"({counts}; {DROP_REASONS['tokens_identical']}, or only past "
+      "max_response_length tokens)"
+    )
+  logger.warning(
+    "%s: %d of %d pairs tie once tokenized (%s): %s",
+    sources,
+    len(ties),
+    n,
+    counts,
+    "dropped" if dropped else "kept (drop_ties=True drops them)",
   )
 
 
@@ -498,7 +598,7 @@ def _single_response(
     truncate_prompts=truncate_prompts,
     add_bos=add_bos,
   )
-  r_ids, r_mask, r_cut = _responses(
+  r_ids, r_mask, r_cut, _ = _responses(
     [getattr(e, field) for e in examples],
     wheres,
     field,
@@ -604,7 +704,7 @@ def tokenize_ranked(
     add_bos=add_bos,
   )
   # Row-major flattening: entry i * K + j is response j of example i.
-  r_ids, r_mask, r_cut = _responses(
+  r_ids, r_mask, r_cut, _ = _responses(
     [r for e in examples for r in e.responses],
     [e.where for e in examples for _ in range(k)],
     "responses",

@@ -21,7 +21,7 @@ N layers. Masks are bool, True = real token.
 from_pretrained / save_pretrained.
 """
 
-from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.config import ModelConfig, ModelLoadError, RopeScaling
 from rlhf_jax.models.heads import (
   ScalarHead,
   from_policy_params,
@@ -62,6 +62,7 @@ __all__ = [
   "KVCache",
   "MissingSpecialTokenError",
   "ModelConfig",
+  "ModelLoadError",
   "RopeScaling",
   "ScalarHead",
   "Tokenizer",

@@ -28,7 +28,50 @@ _DTYPES = {
   "bfloat16": jnp.bfloat16,
   "float64": jnp.float64,
 }
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
+# model_type -> the HF class (config.json "architectures") it is loaded as.
+_ARCHITECTURES = {
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "gpt2": "GPT2LMHeadModel",
+}
+_SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
+
+
+class ModelLoadError(ValueError):
+  """A model directory, config.json or weight file that cannot be loaded.
+
+  The message names the file and the field or tensor, says what was
+  expected and what was found, and for an unsupported architecture lists
+  the supported ones (`supported_architectures()`). `load_hf_config`,
+  `load_hf_checkpoint`, `ModelConfig.from_hf_dict` and `load_tokenizer`
+  raise it for every problem of the files they read. The cases of a
+  missing file are also `FileNotFoundError`, and a missing tensor is also
+  a `KeyError`, for callers that caught those.
+  """
+
+
+class _MissingFileError(ModelLoadError, FileNotFoundError):
+  """ModelLoadError for a missing file (also a FileNotFoundError)."""
+
+
+class _NotADirError(ModelLoadError, NotADirectoryError):
+  """ModelLoadError for a file given as the model directory."""
+
+
+class _MissingTensorError(ModelLoadError, KeyError):
+  """ModelLoadError for a missing tensor (also a KeyError)."""
+
+  __str__ = ValueError.__str__  # KeyError's would quote the message
+
+
+def supported_architectures() -> str:
+  """The supported model_type values and HF classes, for error messages.
+
+  >>> supported_architectures().split(", ")[0]
+  'llama (LlamaForCausalLM)'
+  """
+  return ", ".join(f"{t} ({a})" for t, a in _ARCHITECTURES.items())
 
 
 def _checked_dtype(name: str, field: str) -> Any:
@@ -122,8 +165,8 @@ class ModelConfig:
   def __post_init__(self):
     if self.model_type not in _SUPPORTED_MODEL_TYPES:
       raise ValueError(
-        f"unsupported model_type {self.model_type!r}; supported: "
-        f"{_SUPPORTED_MODEL_TYPES}"
+        f"unsupported model_type {self.model_type!r}; supported "
+        f"architectures: {supported_architectures()}"
       )
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in _DTYPES:
@@ -191,76 +234,97 @@ class ModelConfig:
       source: file name used in error messages.
 
     Raises:
-      ValueError: unsupported architecture / model_type or rope scaling
-        type, or a required field is missing (message names `source`).
+      ModelLoadError: `d` is not a dict; an unsupported architecture /
+        model_type (the message lists the supported ones), activation or
+        rope scaling type; a required field is missing; a field has the
+        wrong type or an impossible value (e.g. heads that do not divide
+        the width). Every message starts with `source` and names the
+        field.
+      ValueError: `dtype` / `param_dtype` is not a known dtype name.
     """
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+      if value not in _DTYPES:
+        raise ValueError(f"{name}={value!r}; expected one of {list(_DTYPES)}")
+    if not isinstance(d, dict):
+      raise ModelLoadError(
+        f"{source}: expected a JSON object (a Hugging Face model config), "
+        f"got a {_json_type(d)}"
+      )
     model_type = d.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
       archs = d.get("architectures")
-      raise ValueError(
-        f"{source}: unsupported architecture model_type={model_type!r} "
-        f"(architectures={archs}); supported model_type values: "
-        f"{_SUPPORTED_MODEL_TYPES}"
+      what = (
+        "no field 'model_type'"
+        if model_type is None
+        else f"unsupported model_type {model_type!r}"
       )
-
-    def req(key):
-      if key not in d:
-        raise ValueError(f"{source}: missing required field {key!r}")
-      return d[key]
-
+      raise ModelLoadError(
+        f"{source}: {what} (architectures={archs!r}); supported "
+        f"architectures: {supported_architectures()}"
+      )
+    f = _Fields(d, source, model_type)
     common = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
-    ids = dict(
-      bos_token_id=_first_int(d.get("bos_token_id")),
-      eos_token_id=_first_int(d.get("eos_token_id")),
-      pad_token_id=_first_int(d.get("pad_token_id")),
-    )
+    ids = {f"{k}_token_id": f.token_id(k) for k in ("bos", "eos", "pad")}
     if model_type == "gpt2":
       act = d.get("activation_function", "gelu_new")
       if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(
+        raise ModelLoadError(
           f"{source}: gpt2 activation_function={act!r} unsupported "
           "(only the tanh GELU 'gelu_new')"
         )
       if d.get("scale_attn_by_inverse_layer_idx") or d.get(
         "reorder_and_upcast_attn"
       ):
-        raise ValueError(
+        raise ModelLoadError(
           f"{source}: scale_attn_by_inverse_layer_idx / "
           "reorder_and_upcast_attn are not supported"
         )
       if d.get("scale_attn_weights", True) is not True:
-        raise ValueError(f"{source}: scale_attn_weights=False unsupported")
-      n_embd = req("n_embd")
-      n_head = req("n_head")
-      return cls(
+        raise ModelLoadError(f"{source}: scale_attn_weights=False unsupported")
+      n_embd = f.pos_int("n_embd")
+      n_head = f.pos_int("n_head")
+      f.divides("n_head", n_head, "n_embd", n_embd)
+      return f.build(
+        cls,
         model_type="gpt2",
-        vocab_size=req("vocab_size"),
+        vocab_size=f.pos_int("vocab_size"),
         hidden_size=n_embd,
-        num_layers=req("n_layer"),
+        num_layers=f.pos_int("n_layer"),
         num_heads=n_head,
         num_kv_heads=n_head,
         head_dim=n_embd // n_head,
-        intermediate_size=d.get("n_inner") or 4 * n_embd,
-        max_position_embeddings=req("n_positions"),
-        norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        intermediate_size=f.pos_int("n_inner", 4 * n_embd),
+        max_position_embeddings=f.pos_int("n_positions"),
+        norm_eps=f.pos_float("layer_norm_epsilon", 1e-5),
         attention_bias=True,
         attention_out_bias=True,
         mlp_bias=True,
         tie_word_embeddings=True,
-        initializer_range=d.get("initializer_range", 0.02),
+        initializer_range=f.pos_float("initializer_range", 0.02),
         **ids,
         **common,
       )
 
     act = d.get("hidden_act", "silu")
     if act != "silu":
-      raise ValueError(f"{source}: hidden_act={act!r} unsupported (silu)")
-    hidden = req("hidden_size")
-    heads = req("num_attention_heads")
-    head_dim = d.get("head_dim") or hidden // heads
+      raise ModelLoadError(
+        f"{source}: hidden_act={act!r} unsupported (expected 'silu')"
+      )
+    hidden = f.pos_int("hidden_size")
+    heads = f.pos_int("num_attention_heads")
+    kv_heads = f.pos_int("num_key_value_heads", heads)
+    f.divides("num_key_value_heads", kv_heads, "num_attention_heads", heads)
+    if d.get("head_dim") is None:
+      f.divides("num_attention_heads", heads, "hidden_size", hidden)
+    head_dim = f.pos_int("head_dim", hidden // heads)
     rope_params = d.get("rope_parameters") or {}
-    rope_theta = float(
-      d.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
+    if not isinstance(rope_params, dict):
+      raise ModelLoadError(
+        f"{source}: field 'rope_parameters' is a {_json_type(rope_params)}, "
+        "expected an object"
+      )
+    rope_theta = f.pos_float("rope_theta", None) or f.pos_float(
+      "rope_theta", 10000.0, rope_params, "rope_parameters."
     )
     scaling = d.get("rope_scaling") or rope_params or None
     rope_scaling = _parse_rope_scaling(scaling, d, source)
@@ -271,18 +335,19 @@ class ModelConfig:
       attention_bias, attention_out_bias = True, False
     sliding = None
     if model_type == "mistral" or d.get("use_sliding_window", False):
-      sliding = d.get("sliding_window")
-    return cls(
+      sliding = f.pos_int("sliding_window", None)
+    return f.build(
+      cls,
       model_type=model_type,
-      vocab_size=req("vocab_size"),
+      vocab_size=f.pos_int("vocab_size"),
       hidden_size=hidden,
-      num_layers=req("num_hidden_layers"),
+      num_layers=f.pos_int("num_hidden_layers"),
       num_heads=heads,
-      num_kv_heads=d.get("num_key_value_heads") or heads,
+      num_kv_heads=kv_heads,
       head_dim=head_dim,
-      intermediate_size=req("intermediate_size"),
-      max_position_embeddings=req("max_position_embeddings"),
-      norm_eps=d.get("rms_norm_eps", 1e-6),
+      intermediate_size=f.pos_int("intermediate_size"),
+      max_position_embeddings=f.pos_int("max_position_embeddings"),
+      norm_eps=f.pos_float("rms_norm_eps", 1e-6),
       rope_theta=rope_theta,
       rope_scaling=rope_scaling,
       attention_bias=attention_bias,
@@ -290,7 +355,7 @@ class ModelConfig:
       mlp_bias=bool(d.get("mlp_bias", False)),
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
       sliding_window=sliding,
-      initializer_range=d.get("initializer_range", 0.02),
+      initializer_range=f.pos_float("initializer_range", 0.02),
       **ids,
       **common,
     )
@@ -370,34 +435,132 @@ class ModelConfig:
     return out
 
 
-def _first_int(v: Any) -> int | None:
-  """config.json may hold a list of eos ids; the first one is used."""
+def _json_type(v: Any) -> str:
+  """The JSON name of a parsed value's type, for error messages."""
+  if v is None:
+    return "null"
+  if isinstance(v, bool):
+    return "boolean"
+  if isinstance(v, int | float):
+    return "number"
+  if isinstance(v, str):
+    return "string"
   if isinstance(v, list):
-    return int(v[0]) if v else None
-  return None if v is None else int(v)
+    return "list"
+  return "object" if isinstance(v, dict) else type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Fields:
+  """Typed reads of config.json fields; errors name `source` and the field."""
+
+  def __init__(self, d: dict[str, Any], source: str, model_type: str):
+    self.d, self.source, self.model_type = d, source, model_type
+
+  def _fail(self, key: str, value: Any, expected: str) -> ModelLoadError:
+    return ModelLoadError(
+      f"{self.source}: field {key!r} is {value!r} "
+      f"({_json_type(value)}), expected {expected}"
+    )
+
+  def pos_int(self, key: str, default: Any = ..., prefix: str = "") -> Any:
+    """A positive integer field; `default` (any value) when absent/null."""
+    v = self.d.get(key)
+    if v is None:
+      if default is ...:
+        raise ModelLoadError(
+          f"{self.source}: missing required field {key!r} (a positive "
+          f"integer) for model_type {self.model_type!r}"
+        )
+      return default
+    if not _is_int(v) or v <= 0:
+      raise self._fail(prefix + key, v, "a positive integer")
+    return v
+
+  def pos_float(
+    self,
+    key: str,
+    default: Any,
+    where: dict[str, Any] | None = None,
+    prefix: str = "",
+  ) -> Any:
+    """A positive finite number field; `default` when absent/null."""
+    v = (self.d if where is None else where).get(key)
+    if v is None:
+      return default
+    if (
+      not isinstance(v, int | float)
+      or isinstance(v, bool)
+      or not (0 < v < float("inf"))
+    ):
+      raise self._fail(prefix + key, v, "a positive number")
+    return float(v)
+
+  def token_id(self, role: str) -> int | None:
+    """`<role>_token_id`: an int, null, or a list whose first id is used."""
+    key = f"{role}_token_id"
+    v = self.d.get(key)
+    if isinstance(v, list):
+      v = v[0] if v else None
+    if v is None:
+      return None
+    if not _is_int(v):
+      raise self._fail(key, self.d.get(key), "a token id (an integer)")
+    return v
+
+  def divides(self, a_key: str, a: int, b_key: str, b: int) -> None:
+    """Raises unless b is a multiple of a."""
+    if b % a:
+      raise ModelLoadError(
+        f"{self.source}: {b_key}={b} is not a multiple of {a_key}={a}"
+      )
+
+  def build(self, cls: type, **kwargs: Any) -> "ModelConfig":
+    try:
+      return cls(**kwargs)
+    except ValueError as e:
+      raise ModelLoadError(f"{self.source}: {e}") from None
 
 
 def _parse_rope_scaling(
-  s: dict[str, Any] | None, d: dict[str, Any], source: str
+  s: Any, d: dict[str, Any], source: str
 ) -> RopeScaling | None:
   if not s:
     return None
+  if not isinstance(s, dict):
+    raise ModelLoadError(
+      f"{source}: field 'rope_scaling' is a {_json_type(s)}, expected an "
+      "object or null"
+    )
   rope_type = s.get("rope_type", s.get("type", "default"))
   if rope_type == "default":
     return None
-  if rope_type == "linear":
-    return RopeScaling("linear", float(s["factor"]))
-  if rope_type == "llama3":
-    return RopeScaling(
-      "llama3",
-      float(s["factor"]),
-      float(s.get("low_freq_factor", 1.0)),
-      float(s.get("high_freq_factor", 4.0)),
-      int(
-        s.get("original_max_position_embeddings", d["max_position_embeddings"])
-      ),
+  if rope_type not in ("linear", "llama3"):
+    raise ModelLoadError(
+      f"{source}: rope scaling type {rope_type!r} unsupported "
+      "(supported: default, linear, llama3)"
     )
-  raise ValueError(
-    f"{source}: rope scaling type {rope_type!r} unsupported "
-    "(supported: default, linear, llama3)"
+  f = _Fields(s, source, d.get("model_type", "?"))
+  key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+  if s.get("factor") is None:
+    raise ModelLoadError(
+      f"{source}: {key} of type {rope_type!r} has no field 'factor' (a "
+      "positive number)"
+    )
+  factor = f.pos_float("factor", None, prefix=f"{key}.")
+  if rope_type == "linear":
+    return RopeScaling("linear", factor)
+  return RopeScaling(
+    "llama3",
+    factor,
+    f.pos_float("low_freq_factor", 1.0, prefix=f"{key}."),
+    f.pos_float("high_freq_factor", 4.0, prefix=f"{key}."),
+    f.pos_int(
+      "original_max_position_embeddings",
+      d.get("max_position_embeddings", 8192),
+      prefix=f"{key}.",
+    ),
   )

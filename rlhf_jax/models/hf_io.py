@@ -28,8 +28,18 @@ Per-layer tensors are stacked on the leading "layers" axis.
 
 Hub ids: nothing is downloaded. A name that is not a local directory is
 looked up in the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or
-~/.cache/huggingface/hub); when absent, FileNotFoundError says how to fetch
-it on a machine with network access.
+~/.cache/huggingface/hub); when absent, the error says how to fetch it on a
+machine with network access.
+
+Errors: every problem of the directory's files raises `ModelLoadError` (a
+ValueError) whose message names the file and the field or tensor and says
+what was expected: no config.json, config.json that is not a JSON object,
+an unsupported architecture (the message lists the supported ones), a
+missing or malformed field, no weight files, a truncated or corrupted
+safetensors file, an index naming a missing shard, a missing tensor, a
+tensor of the wrong shape or of a non-float dtype, tensors the config does
+not use. The missing-file cases are also FileNotFoundError and a missing
+tensor also KeyError.
 """
 
 import dataclasses
@@ -47,7 +57,13 @@ from jax.sharding import PartitionSpec, Sharding
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import (
+  ModelConfig,
+  ModelLoadError,
+  _MissingFileError,
+  _MissingTensorError,
+  _NotADirError,
+)
 
 Params = dict[str, Any]
 # What `load_hf_checkpoint(..., shardings=)` accepts: one Sharding for every
@@ -57,6 +73,14 @@ ShardingsLike = Sharding | Params | Callable[[ModelConfig], Sharding | Params]
 ParamPath = tuple[str, ...]
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors dtype codes a weight may have (cast to param_dtype on load).
+_FLOAT_DTYPES = {
+  "F32": "float32",
+  "F16": "float16",
+  "BF16": "bfloat16",
+  "F64": "float64",
+}
 _TOKENIZER_FILES = (
   "tokenizer.json",
   "tokenizer_config.json",
@@ -248,14 +272,16 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   """A local checkpoint directory for a path or an already-cached hub id.
 
   Raises:
-    FileNotFoundError: not a local directory and not in the local HF cache
-      (the message says how to download it; nothing is fetched here).
+    ModelLoadError: a file, not a directory (also NotADirectoryError); not
+      a local directory and not in the local HF cache (also
+      FileNotFoundError; the message says how to download it, nothing is
+      fetched here).
   """
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():
     return path
   if path.exists():
-    raise NotADirectoryError(
+    raise _NotADirError(
       f"{path}: expected a checkpoint directory (config.json + "
       "*.safetensors), got a file"
     )
@@ -272,7 +298,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     for snap in sorted(snapshots.iterdir()):
       if (snap / "config.json").is_file():
         return snap
-  raise FileNotFoundError(
+  raise _MissingFileError(
     f"{name!r} is not a local directory and no cached copy was found under "
     f"{cache}. rlhf_jax does not download checkpoints. On a machine with "
     f"network access run `huggingface-cli download {name} --local-dir DIR` "
@@ -280,20 +306,43 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   )
 
 
+def _read_json(path: pathlib.Path, what: str) -> Any:
+  """Parsed JSON of `path`, or ModelLoadError naming the file."""
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ModelLoadError(f"{path}: cannot read {what}: {e}") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ModelLoadError(
+      f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
+      f"{e.colno}); expected {what}"
+    ) from None
+
+
 class _TensorFiles:
-  """Name -> file index over a checkpoint's safetensors files."""
+  """Name -> file index over a checkpoint's safetensors files.
+
+  Only headers are read when it is built; `get` checks a tensor's shape and
+  dtype from its header before reading its data.
+  """
 
   def __init__(self, model_dir: pathlib.Path):
     self.dir = model_dir
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / INDEX_FILE
     if index.is_file():
-      weight_map = json.loads(index.read_text())["weight_map"]
-      self.where = {k: model_dir / f for k, f in weight_map.items()}
-      for f in set(self.where.values()):
+      self.where = {k: model_dir / f for k, f in _weight_map(index).items()}
+      by_file: dict[pathlib.Path, list[str]] = {}
+      for k, f in self.where.items():
+        by_file.setdefault(f, []).append(k)
+      for f, names in sorted(by_file.items()):
         if not f.is_file():
-          raise FileNotFoundError(
-            f"{index}: lists shard {f.name}, which does not exist"
+          raise _MissingFileError(
+            f"{index}: lists shard {f.name} (for {len(names)} tensors, e.g. "
+            f"{sorted(names)[0]!r}), which does not exist in {model_dir}"
           )
+        self._keys(f)  # a damaged shard fails here, before any tensor
     else:
       files = sorted(model_dir.glob("*.safetensors"))
       if not files:
@@ -306,13 +355,14 @@ class _TensorFiles:
           if pickles
           else ""
         )
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors file{hint}")
+        raise _MissingFileError(
+          f"{model_dir}: no weights: expected model.safetensors, or shards "
+          f"listed in {INDEX_FILE}, or another *.safetensors file{hint}"
+        )
       self.where = {}
       for f in files:
-        with safe_open(str(f), "numpy") as h:
-          for k in h.keys():
-            self.where[k] = f
-    self.used: set[str] = set()
+        for k in self._keys(f):
+          self.where[k] = f
 
   def __contains__(self, name: str) -> bool:
     return name in self.where
@@ -320,34 +370,91 @@ class _TensorFiles:
   def files(self) -> list[str]:
     return sorted({p.name for p in self.where.values()})
 
-  def get(self, name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+  @staticmethod
+  def _damaged(f: pathlib.Path, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+      f"{f}: not a readable safetensors file, truncated or corrupted? "
+      f"({e}); expected a complete safetensors file: download or export it "
+      "again"
+    )
+
+  def _keys(self, f: pathlib.Path) -> list[str]:
+    try:
+      with safe_open(str(f), "numpy") as h:
+        return list(h.keys())
+    except (SafetensorError, OSError) as e:
+      raise self._damaged(f, e) from None
+
+  def _checked(self, h: Any, name: str, shape: tuple[int, ...], why: str):
+    """Raises unless open file `h` holds `name` with `shape`, float dtype."""
+    f = self.where[name]
+    if name not in h.keys():
+      raise ModelLoadError(
+        f"{f}: no tensor {name!r}, which {INDEX_FILE} places in this "
+        f"shard; expected shape {list(shape)} ({why})"
+      )
+    piece = h.get_slice(name)
+    got_shape, code = list(piece.get_shape()), piece.get_dtype()
+    if got_shape != list(shape):
+      raise ModelLoadError(
+        f"{f}: tensor {name!r} has shape {got_shape}, expected "
+        f"{list(shape)} ({why})"
+      )
+    if code not in _FLOAT_DTYPES:
+      raise ModelLoadError(
+        f"{f}: tensor {name!r} has dtype {code}, expected a floating point "
+        f"dtype ({', '.join(_FLOAT_DTYPES)}; {why})"
+      )
+
+  def _open(self, name: str, shape: tuple[int, ...], why: str) -> Any:
     if name not in self.where:
-      raise KeyError(
+      raise _MissingTensorError(
         f"{self.dir}: tensor {name!r} missing from {self.files()}; expected "
         f"shape {list(shape)} ({why})"
       )
-    f = self.where[name]
-    arr = self._read(f, name)
-    if tuple(arr.shape) != tuple(shape):
-      raise ValueError(
-        f"{f}: tensor {name!r} has shape {list(arr.shape)}, expected "
-        f"{list(shape)} ({why})"
-      )
-    self.used.add(name)
-    return arr
+    try:
+      return safe_open(str(self.where[name]), "numpy")
+    except (SafetensorError, OSError) as e:
+      raise self._damaged(self.where[name], e) from None
 
-  def _read(self, f: pathlib.Path, name: str) -> np.ndarray:
-    """One tensor of file `f` as a host numpy array (no device involved;
+  def check(self, name: str, shape: tuple[int, ...], why: str) -> None:
+    """Checks the tensor's header (presence, shape, dtype); reads no data.
+
+    Raises:
+      ModelLoadError: the tensor is missing (also KeyError), has another
+        shape or a non-float dtype, or its file cannot be read.
+    """
+    with self._open(name, shape, why) as h:
+      self._checked(h, name, shape, why)
+
+  def get(self, name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+    """The tensor `name` as a host numpy array (no device involved;
     safetensors' numpy reader handles bfloat16 through ml_dtypes).
 
     Raises:
-      ValueError: the file is damaged or truncated (names the file).
+      ModelLoadError: as `check`, or its data cannot be read.
     """
-    try:
-      with safe_open(str(f), "numpy") as h:
+    f = self.where.get(name)
+    with self._open(name, shape, why) as h:
+      self._checked(h, name, shape, why)
+      try:
         return h.get_tensor(name)
-    except SafetensorError as e:
-      raise ValueError(f"{f}: cannot read tensor {name!r}: {e}") from None
+      except (SafetensorError, OSError) as e:
+        raise self._damaged(f, e) from None
+
+
+def _weight_map(index: pathlib.Path) -> dict[str, str]:
+  """The "weight_map" of a model.safetensors.index.json (checked)."""
+  data = _read_json(index, "a safetensors index (a JSON object)")
+  wmap = data.get("weight_map") if isinstance(data, dict) else None
+  if not isinstance(wmap, dict) or not all(
+    isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
+  ):
+    raise ModelLoadError(
+      f"{index}: expected an object with a field 'weight_map' mapping "
+      "tensor names to shard file names"
+    )
+  return wmap
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -452,14 +559,24 @@ def _read_config(
   model_dir = resolve_model_dir(path_or_hub_id)
   cfg_path = model_dir / "config.json"
   if not cfg_path.is_file():
-    raise FileNotFoundError(f"{model_dir}: no config.json")
-  config = ModelConfig.from_hf_dict(
-    json.loads(cfg_path.read_text()),
-    dtype=dtype,
-    param_dtype=param_dtype,
-    remat=remat,
-    source=str(cfg_path),
-  )
+    raise _MissingFileError(
+      f"{model_dir}: no config.json; a model directory holds config.json "
+      "(the Hugging Face model config) and *.safetensors weights"
+    )
+  data = _read_json(cfg_path, "a Hugging Face model config (a JSON object)")
+  try:
+    config = ModelConfig.from_hf_dict(
+      data,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=remat,
+      source=str(cfg_path),
+    )
+  except ModelLoadError:
+    raise
+  except (TypeError, KeyError, AttributeError) as e:
+    # A field of an unexpected JSON type that no check anticipated.
+    raise ModelLoadError(f"{cfg_path}: malformed config ({e!r})") from None
   return model_dir, cfg_path, config
 
 
@@ -489,8 +606,10 @@ def load_hf_config(
     The ModelConfig read from config.json.
 
   Raises:
-    FileNotFoundError: no directory (or cached hub id) / no config.json.
-    ValueError: unsupported architecture or a malformed config.json.
+    ModelLoadError: no directory (or cached hub id) / no config.json (both
+      also FileNotFoundError); config.json is not a JSON object; an
+      unsupported architecture (the message lists the supported ones); a
+      missing or malformed field (named).
   """
   return _read_config(
     path_or_hub_id, dtype=dtype, param_dtype=param_dtype, remat=remat
@@ -536,13 +655,16 @@ def load_hf_checkpoint(
     carries its sharding. Values are bitwise the same either way.
 
   Raises:
-    FileNotFoundError: no directory / no config.json / no safetensors.
-    ValueError: unsupported architecture; a tensor with the wrong shape
-      (message names the file, tensor, and expected shape); tensors the
-      architecture does not use; `shardings` whose params differ from the
-      config's, or a sharding that does not fit its param's shape (names
-      the param).
-    KeyError: a required tensor is missing (names tensor and files).
+    ModelLoadError: the directory cannot be loaded; raised before any
+      tensor data is read, except for damage inside a tensor's data. The
+      message names the file and the field or tensor and what was
+      expected: no directory / config.json / weight files, or an index
+      naming a missing shard (these also FileNotFoundError); config.json
+      problems as in `load_hf_config`; a truncated or corrupted
+      safetensors file; a missing tensor (also KeyError); a tensor with the
+      wrong shape or a non-float dtype; tensors the config does not use.
+    ValueError: `shardings` whose params differ from the config's, or a
+      sharding that does not fit its param's shape (names the param).
     TypeError: a leaf of `shardings` is not a Sharding.
   """
   model_dir, cfg_path, config = _read_config(
@@ -570,16 +692,41 @@ def load_hf_checkpoint(
       return jnp.asarray(arr, pdt)
     return _place_sharded(path, arr, table[path], pdt)
 
-  for rule in glob:
-    name = rule.hf
+  def hf_name(rule: _Rule) -> str:
     if (
       rule.paths == (("embed",),)
       and config.tie_word_embeddings
-      and name not in files
+      and rule.hf not in files
       and "lm_head.weight" in files
     ):
-      name = "lm_head.weight"  # tied weights stored under the head's name
-    parts = rule.split(files.get(name, rule.shape, why))
+      return "lm_head.weight"  # tied weights stored under the head's name
+    return rule.hf
+
+  # Every header is checked before any tensor data is read.
+  wanted = set()
+  for rule in glob:
+    wanted.add(hf_name(rule))
+    files.check(hf_name(rule), rule.shape, why)
+  for rule in layer:
+    for i in range(config.num_layers):
+      wanted.add(rule.hf.format(i=i))
+      files.check(rule.hf.format(i=i), rule.shape, why)
+  leftover = [
+    k
+    for k in files.where
+    if k not in wanted
+    and not k.endswith(_IGNORED_SUFFIXES)
+    and not (config.tie_word_embeddings and k == "lm_head.weight")
+  ]
+  if leftover:
+    raise ModelLoadError(
+      f"{model_dir}: tensors not used by a {config.model_type} model with "
+      f"this config.json: {sorted(leftover)[:8]} (config and weights "
+      "disagree?)"
+    )
+
+  for rule in glob:
+    parts = rule.split(files.get(hf_name(rule), rule.shape, why))
     for path, arr in zip(rule.paths, parts, strict=True):
       _set(params, path, place(path, arr))
     del parts, arr  # host copies go once placed
@@ -595,19 +742,6 @@ def load_hf_checkpoint(
       _set(params, full, place(full, np.stack(stacked[j])))
       stacked[j] = None  # host copies go once placed
 
-  leftover = [
-    k
-    for k in files.where
-    if k not in files.used
-    and not k.endswith(_IGNORED_SUFFIXES)
-    and not (config.tie_word_embeddings and k == "lm_head.weight")
-  ]
-  if leftover:
-    raise ValueError(
-      f"{model_dir}: tensors not used by a {config.model_type} model with "
-      f"this config.json: {sorted(leftover)[:8]} (config and weights "
-      "disagree?)"
-    )
   return config, params
 
 
@@ -642,15 +776,32 @@ def export_hf_checkpoint(
     params: LM params (unboxed; the "backbone" of a value/reward model).
     config: their config.
     out_dir: created if needed; existing files of the same name are
-      overwritten.
+      overwritten. It must not hold other weights (a
+      model.safetensors.index.json or another *.safetensors file), which
+      loaders would read instead of, or beside, the exported model.
     tokenizer_dir: optional directory whose tokenizer files
       (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
       generation_config.json) are copied alongside.
 
   Returns:
     out_dir as a Path.
+
+  Raises:
+    FileExistsError: `out_dir` holds other weight files (nothing written;
+      export into a new or empty directory).
   """
   out = pathlib.Path(out_dir)
+  stale = sorted(
+    p.name
+    for p in (*out.glob("*.safetensors"), out / INDEX_FILE)
+    if p.name != "model.safetensors" and p.is_file()
+  )
+  if stale:
+    raise FileExistsError(
+      f"{out}: holds other weights {stale}, which a loader would read "
+      "instead of or beside the exported model.safetensors; export into a "
+      "new or empty directory"
+    )
   out.mkdir(parents=True, exist_ok=True)
   tensors = {
     k: jnp.asarray(np.ascontiguousarray(v))

@@ -19,6 +19,8 @@ import jinja2
 import jinja2.sandbox
 import tokenizers
 
+from rlhf_jax.models.config import ModelLoadError, _MissingFileError
+
 _ROLES = ("bos", "eos", "pad", "unk")
 
 
@@ -33,7 +35,24 @@ def _token_string(v: Any) -> str | None:
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  return json.loads(path.read_text()) if path.is_file() else {}
+  """An optional JSON object file ({} when absent).
+
+  Raises:
+    ModelLoadError: unreadable, not JSON, or not an object (names the file).
+  """
+  if not path.is_file():
+    return {}
+  try:
+    data = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ModelLoadError(
+      f"{path}: cannot read it as JSON ({e}); expected a JSON object"
+    ) from None
+  if not isinstance(data, dict):
+    raise ModelLoadError(
+      f"{path}: expected a JSON object, got {type(data).__name__}"
+    )
+  return data
 
 
 class Tokenizer:
@@ -215,16 +234,41 @@ def load_tokenizer(
       pad token: pad_token="<|endoftext|>").
 
   Raises:
-    FileNotFoundError: no tokenizer.json.
-    ValueError: a special token string that is not in the vocabulary.
+    ModelLoadError: no tokenizer.json (also FileNotFoundError); a
+      tokenizer file that cannot be read or parsed (names the file); a
+      special token string that is not in the vocabulary.
   """
   d = pathlib.Path(model_dir)
   tok_path = d / "tokenizer.json"
   if not tok_path.is_file():
-    raise FileNotFoundError(
+    raise _MissingFileError(
       f"{d}: no tokenizer.json (only fast-tokenizer files are supported)"
     )
-  tok = tokenizers.Tokenizer.from_file(str(tok_path))
+  try:
+    tok = tokenizers.Tokenizer.from_file(str(tok_path))
+  except Exception as e:  # tokenizers raises a bare Exception
+    raise ModelLoadError(
+      f"{tok_path}: not a readable tokenizer.json ({e}); expected a "
+      "Hugging Face fast-tokenizer file"
+    ) from None
+  try:
+    return _load(d, tok, tok_path, bos_token, eos_token, pad_token)
+  except ModelLoadError:
+    raise
+  except (KeyError, TypeError, AttributeError, ValueError) as e:
+    # A field of an unexpected type in one of the tokenizer files.
+    raise ModelLoadError(f"{d}: malformed tokenizer files ({e!r})") from None
+
+
+def _load(
+  d: pathlib.Path,
+  tok: tokenizers.Tokenizer,
+  tok_path: pathlib.Path,
+  bos_token: str | None,
+  eos_token: str | None,
+  pad_token: str | None,
+) -> Tokenizer:
+  """The rest of `load_tokenizer`, once tokenizer.json is parsed."""
   tcfg = _read_json(d / "tokenizer_config.json")
   smap = _read_json(d / "special_tokens_map.json")
   mcfg = _read_json(d / "config.json")
@@ -241,7 +285,7 @@ def load_tokenizer(
       if value is not None:
         tid = tok.token_to_id(value)
         if tid is None:
-          raise ValueError(
+          raise ModelLoadError(
             f"{d}: {role} token {value!r} (from {where}) is not in the "
             "vocabulary of tokenizer.json"
           )

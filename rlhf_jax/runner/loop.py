@@ -13,20 +13,35 @@ SIGINT/SIGTERM (save, then raise ``Interrupted``):
 
 A resumed loop continues from the checkpoint's step with the iterator where
 it was, so it ends with the numbers of an uninterrupted run.
+
+Faults: the last ``keep`` checkpoints are kept; a damaged latest one
+(truncated, corrupted or missing files) is reported in one line on stderr
+and the one before it restored (``UserError`` when none is usable). A state
+holding NaN or inf is never saved, and a stage where more than
+``max_skipped_fraction`` of the updates so far were skipped (non-finite
+gradients) stops; both raise ``UserError`` and keep the last good
+checkpoint. A path that cannot be written (read-only, full disk) raises a
+one-line ``UserError`` naming it.
 """
 
 import dataclasses
 import pathlib
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
-from rlhf_jax.checkpoint import CheckpointManager, abstract_like
+from rlhf_jax.checkpoint import (
+  CheckpointDamagedError,
+  CheckpointManager,
+  NonFiniteStateError,
+  abstract_like,
+)
 from rlhf_jax.runner.metrics import MetricsWriter
 from rlhf_jax.runner.progress import ProgressBar
-from rlhf_jax.runner.runtime import Interrupted, StopFlag
+from rlhf_jax.runner.runtime import Interrupted, StopFlag, UserError, writing
 
 PyTree = Any
 StepFn = Callable[[PyTree], tuple[PyTree, Mapping[str, Any]]]
@@ -36,6 +51,21 @@ EvalFn = Callable[[int, PyTree, dict[str, float]], None]
 def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
   """Replicated device scalars -> Python floats."""
   return {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+# Steps a stage runs before the skipped-update check applies (or all of a
+# shorter stage).
+MIN_STEPS_FOR_SKIP_CHECK = 4
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether ``ok`` holds on every process (all must call this)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.asarray(ok))
+  return bool(np.all(flags))
 
 
 def _window_mean(window: list[dict[str, float]]) -> dict[str, float]:
@@ -61,8 +91,15 @@ class TrainLoop:
     tensorboard: also write TensorBoard event files.
     show: metric names shown beside the progress bar.
     metadata: JSON saved with every checkpoint (e.g. the config).
-    keep: checkpoints kept.
+    keep: checkpoints kept (the latest ones; the one before the latest is
+      the fallback when the latest is damaged).
     write: this process writes metrics (False on all but process 0).
+    max_skipped_fraction: stop (UserError) once more than this fraction of
+      the updates so far were skipped (non-finite gradients, the step's
+      ``train/skipped_steps``), from step ``MIN_STEPS_FOR_SKIP_CHECK`` on;
+      1 never stops.
+    updates_per_step: optimizer updates per step (PPO: epochs x
+      minibatches), the denominator of that fraction.
   """
 
   name: str
@@ -74,10 +111,18 @@ class TrainLoop:
   tensorboard: bool = True
   show: Sequence[str] = ()
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  keep: int = 1
+  keep: int = 2
   write: bool = True
+  max_skipped_fraction: float = 0.5
+  updates_per_step: int = 1
 
   def __post_init__(self) -> None:
+    if self.keep < 1:
+      raise ValueError(f"keep={self.keep} must be >= 1")
+    if not 0.0 <= self.max_skipped_fraction <= 1.0:
+      raise ValueError(
+        f"max_skipped_fraction={self.max_skipped_fraction} must be in [0, 1]"
+      )
     if self.checkpoint_every % self.log_every:
       # A checkpoint inside a log window would lose the window's first
       # steps on resume, and the resumed records would differ.
@@ -86,38 +131,130 @@ class TrainLoop:
         f"log_every={self.log_every}"
       )
     self.run_dir = pathlib.Path(self.run_dir)
-    self.ckpt = CheckpointManager(
-      self.run_dir / "checkpoints" / self.name, max_to_keep=self.keep
-    )
+    folder = self.run_dir / "checkpoints" / self.name
+    with writing(folder):
+      self.ckpt = CheckpointManager(folder, max_to_keep=self.keep)
 
   def restore(self, state: PyTree, iterator: Any = None) -> tuple[PyTree, int]:
-    """(state, step) of the latest checkpoint, else (state, 0).
+    """(state, step) of the latest usable checkpoint, else (state, 0).
 
     The restored arrays take ``state``'s shardings (any mesh), and the
-    iterator (anything with ``load_state_dict``) its saved position.
+    iterator (anything with ``load_state_dict``) its saved position. A
+    damaged checkpoint is reported (one line on stderr), deleted, and the
+    one before it tried.
+
+    Raises:
+      UserError: checkpoints exist but none is usable.
     """
-    step = self.ckpt.latest_step()
-    if step is None:
-      return state, 0
-    state, meta = self.ckpt.restore(step, abstract_state=abstract_like(state))
-    if iterator is not None:
-      iterator.load_state_dict(meta["iterator"])
-    return state, step
+    abstract = abstract_like(state)
+    damaged: list[CheckpointDamagedError] = []
+    with writing(self.ckpt.directory):
+      for step in reversed(self.ckpt.all_steps()):
+        try:
+          restored, meta = self.ckpt.restore(step, abstract_state=abstract)
+          if iterator is not None:
+            iterator.load_state_dict(meta["iterator"])
+          error = None
+        except CheckpointDamagedError as e:
+          error = e
+        except (KeyError, TypeError, ValueError) as e:  # the saved position
+          error = CheckpointDamagedError(
+            step, self.ckpt.step_dir(step), f"data position: {e!r}"
+          )
+        if not _everywhere(error is None):
+          damaged.append(
+            error
+            or CheckpointDamagedError(
+              step, self.ckpt.step_dir(step), "unreadable on another process"
+            )
+          )
+          continue
+        self._drop_damaged(damaged, f"restoring step {step} instead")
+        return restored, step
+    if damaged:
+      steps = ", ".join(str(e.step) for e in damaged)
+      raise UserError(
+        f"{self.name}: no usable checkpoint in {self.ckpt.directory} (steps "
+        f"{steps} are damaged; step {damaged[0].step}: {damaged[0].reason}); "
+        "delete that folder to run the stage again from its start with "
+        "--resume, or start the run again with --overwrite"
+      )
+    return state, 0
+
+  def _drop_damaged(
+    self, damaged: list[CheckpointDamagedError], then: str
+  ) -> None:
+    """Warns (one line each) and deletes damaged checkpoints, so the steps
+    can be saved again."""
+    for e in damaged:
+      if self.write:
+        sys.stderr.write(
+          f"rlhf-jax: warning: {self.name}: checkpoint step {e.step} in "
+          f"{e.path} is damaged ({e.reason}); {then}\n"
+        )
+        sys.stderr.flush()
+      self.ckpt.delete(e.step)
 
   def saved_metadata(self) -> dict[str, Any] | None:
-    """The latest checkpoint's metadata, or None without a checkpoint."""
-    if self.ckpt.latest_step() is None:
-      return None
-    return self.ckpt.restore_metadata()
+    """The metadata of the latest checkpoint whose metadata reads, or None
+    without one."""
+    for step in reversed(self.ckpt.all_steps()):
+      try:
+        return self.ckpt.restore_metadata(step)
+      except CheckpointDamagedError:
+        continue
+    return None
 
   def save(self, step: int, state: PyTree, iterator: Any, *, wait: bool):
+    """Saves checkpoint ``step`` (in the background unless ``wait``).
+
+    Raises:
+      UserError: the state holds NaN or inf (nothing is saved; the last
+        good checkpoint stays), or the checkpoint cannot be written.
+    """
     meta = {
       **self.metadata,
       "iterator": None if iterator is None else iterator.state_dict(),
     }
-    self.ckpt.save(step, state, metadata=meta, force=True)
-    if wait:
-      self.ckpt.wait_until_finished()
+    with writing(self.ckpt.directory):
+      try:
+        self.ckpt.save(
+          step, state, metadata=meta, force=True, require_finite=True
+        )
+      except NonFiniteStateError:
+        raise UserError(
+          f"{self.name}: the state at step {step} holds NaN or inf, so it "
+          f"was not saved; stopped, keeping {self._last_good()}"
+        ) from None
+      if wait:
+        self.ckpt.wait_until_finished()
+
+  def _last_good(self) -> str:
+    self.ckpt.wait_until_finished()
+    step = self.ckpt.latest_step()
+    if step is None:
+      return "no checkpoint (none was saved yet)"
+    return (
+      f"the last good checkpoint, step {step} in {self.ckpt.step_dir(step)}"
+    )
+
+  def _check_skipped(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Raises UserError when too many updates so far were skipped."""
+    skipped = metrics.get("train/skipped_steps")
+    if skipped is None or step < min(
+      MIN_STEPS_FOR_SKIP_CHECK, self.total_steps
+    ):
+      return
+    updates = step * self.updates_per_step
+    if skipped > self.max_skipped_fraction * updates:
+      unit = "steps" if self.updates_per_step == 1 else "updates"
+      raise UserError(
+        f"{self.name}: {int(skipped)} of {updates} {unit} so far were "
+        "skipped for non-finite loss or gradients (more than "
+        f"--max-skipped-fraction {self.max_skipped_fraction}); stopped at "
+        f"step {step}, keeping {self._last_good()}. Lower the learning rate "
+        "or check the data"
+      )
 
   def writer(self, start: int) -> MetricsWriter | None:
     """This stage's metrics writer; records after ``start`` are dropped
@@ -161,7 +298,17 @@ class TrainLoop:
 
     Raises:
       Interrupted: SIGINT/SIGTERM; a checkpoint was saved first.
+      UserError: too many skipped updates, a non-finite state, or a
+        checkpoint or metrics file that cannot be written.
     """
+    with writing(self.run_dir):
+      return self._run(
+        state, start, step_fn, iterator, evaluate, eval_every, first_record
+      )
+
+  def _run(
+    self, state, start, step_fn, iterator, evaluate, eval_every, first_record
+  ):
     last: dict[str, float] = {}
     window: list[dict[str, float]] = []
     writer = self.writer(start)
@@ -173,6 +320,7 @@ class TrainLoop:
         for step in range(start + 1, self.total_steps + 1):
           state, metrics = step_fn(state)
           window.append(host_scalars(metrics))
+          self._check_skipped(step, window[-1])
           at_end = step == self.total_steps
           at_eval = evaluate is not None and (
             at_end or (eval_every > 0 and step % eval_every == 0)

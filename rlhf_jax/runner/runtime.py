@@ -1,17 +1,33 @@
 """What every run shares: user errors, run directories, signals and
 compile-time accounting. Nothing here reads flags or the environment.
+
+Run directories (``prepare_run_dir``): created with a marker
+(``RUN_MARKER``), locked while a process writes them (``LOCK_FILE``, an
+``fcntl.flock`` the kernel releases when the process dies, so a SIGKILL
+never leaves a stale lock), compared with the saved config.json on
+``--resume`` by content (path-valued fields as resolved paths, those inside
+the run directory relative to it), and emptied by ``--overwrite`` only of
+what rlhf-jax writes. Files a resume reads are written atomically
+(``atomic_file``, ``atomic_dir``, ``write_json``), and a read-only path or a
+full disk ends in a one-line ``UserError`` naming the path (``writing``).
 """
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import pathlib
 import shutil
 import signal
+import socket
+import sys
 import threading
 import time
 import types
-from typing import Any
+from collections.abc import Iterator
+from typing import IO, Any
 
 CONFIG_FILE = "config.json"
 
@@ -22,6 +38,124 @@ class UserError(Exception):
 
 class Interrupted(Exception):  # noqa: N818 - it is not an error
   """SIGINT/SIGTERM stopped a stage after it saved its state."""
+
+
+# ------------------------------------------------------- disks and writes
+
+# The errors of a path that cannot be written, and how they are named.
+_DISK_ERRORS = {
+  errno.EROFS: "read-only file system",
+  errno.ENOSPC: "no space left on the device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "operation not permitted",
+}
+
+
+def disk_error(e: BaseException, path: str | os.PathLike) -> str | None:
+  """One line for an error (or its cause) that says ``path`` could not be
+  written (read-only, full disk, quota, permission); None for any other.
+  Libraries that wrap the OSError (orbax, TensorStore) are recognised by
+  its text."""
+  seen: set[int] = set()
+  cur: BaseException | None = e
+  while cur is not None and id(cur) not in seen:
+    seen.add(id(cur))
+    reason, where = None, path
+    if isinstance(cur, OSError) and cur.errno in _DISK_ERRORS:
+      reason, where = _DISK_ERRORS[cur.errno], cur.filename or path
+    else:
+      text = str(cur)
+      for code, name in _DISK_ERRORS.items():
+        if os.strerror(code) in text:
+          reason = name
+          break
+    if reason is not None:
+      return (
+        f"cannot write {where}: {reason}; nothing written before was "
+        "changed (free space or make it writable, then rerun with --resume)"
+      )
+    cur = cur.__cause__ or cur.__context__
+  return None
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+  """Turns a failed write under ``path`` (read-only, full disk, ...) into
+  a one-line UserError naming the file; other errors pass unchanged."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:
+    message = disk_error(e, path)
+    if message is None:
+      raise
+    raise UserError(message) from None
+
+
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+  return path.with_name(path.name + ".tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+  """An open temporary file beside ``path`` that replaces ``path`` (rename)
+  once the block ends without an error: a kill, a full disk or an error
+  leaves the old file (or none), never a partial one.
+
+  Raises:
+    UserError: the path cannot be written (names it).
+  """
+  path = pathlib.Path(path)
+  tmp = _tmp_path(path)
+  try:
+    with writing(path):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+  """Atomic JSON write (a kill leaves the old file or the new one)."""
+  text = json.dumps(obj, indent=2, default=float) + "\n"
+  with atomic_file(path) as f:
+    f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """A temporary directory beside ``path`` that replaces the directory
+  ``path`` (renames) once the block ends without an error; no stale files
+  of an earlier write survive. A kill between the two renames leaves
+  ``path`` missing (never mixed), with the old copy in ``<path>.old``.
+
+  Raises:
+    UserError: the path cannot be written (names it).
+  """
+  path = pathlib.Path(path)
+  tmp, old = _tmp_path(path), path.with_name(path.name + ".old")
+  with writing(path):
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+  try:
+    with writing(path):
+      yield tmp
+      if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+      os.replace(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 # --------------------------------------------------------------- run dirs
@@ -43,14 +177,70 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 # Flags about this invocation, not the run: never saved.
 _NOT_SAVED = ("resume", "overwrite", "dry_run")
-# Saved (config.json says which mesh ran last) but free to change on
-# --resume: checkpoints restore into any sharding.
-_RESUME_FREE = ("mesh", "distributed")
+# Saved but free to change on --resume: config.json says which mesh ran
+# last (checkpoints restore into any sharding), where the run directory
+# was, how many checkpoints are kept and when non-finite steps stop a run.
+_RESUME_FREE = (
+  "mesh",
+  "distributed",
+  "run_dir",
+  "keep_checkpoints",
+  "max_skipped_fraction",
+)
+# Config fields (at any depth) and config.json keys that hold paths: on
+# --resume they are compared as resolved paths, and those inside the run
+# directory relative to it, so a relative or absolute spelling, a trailing
+# slash or a moved run directory is the same run. config.json keeps them
+# as given and records their resolved form under "paths".
+PATH_FIELDS = frozenset(
+  {
+    "model",
+    "model_dir",
+    "data",
+    "eval_data",
+    "prompts",
+    "reward_model",
+    "data_dir",
+    "tokenizer_path",
+  }
+)
+_IN_RUN_DIR = "<run_dir>"
 
 
 # Written into every run directory when it is created: --overwrite deletes
 # only directories holding it, so it never empties a folder of the user's.
 RUN_MARKER = ".rlhf_jax_run"
+# Locked (fcntl.flock) by the process writing the run directory.
+LOCK_FILE = ".rlhf_jax_lock"
+# Everything rlhf-jax writes at the top of a run directory (and "<name>.tmp"
+# while a file is replaced): --overwrite deletes these and refuses a
+# directory holding anything else.
+RUN_ENTRIES = frozenset(
+  {
+    CONFIG_FILE,
+    RUN_MARKER,
+    LOCK_FILE,
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints",
+    "stages",
+    "data",
+    "outputs",
+    "plots",
+    "report.md",
+    "summary.json",
+    "results.json",
+    "heldout_rewards.npz",
+    # `rlhf-jax eval --policy NAME`
+    *(f"eval_{name}.json" for name in ("initial", "ppo", "dpo", "sft")),
+  }
+)
+
+
+def _ours(name: str) -> bool:
+  return name in RUN_ENTRIES or (
+    name.endswith(".tmp") and name[: -len(".tmp")] in RUN_ENTRIES
+  )
 
 
 def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
@@ -60,8 +250,8 @@ def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
     raise UserError(f"--run-dir {run_dir}: is a file, not a directory")
   if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
     return
-  if not any(run_dir.iterdir()):
-    return  # an empty folder: used as it is
+  if all(p.name == LOCK_FILE for p in run_dir.iterdir()):
+    return  # an empty folder (or one killed as it was created): used as it is
   what = "--overwrite" if config.overwrite else "--run-dir"
   raise UserError(
     f"{what} {run_dir}: the folder holds files and was not created by "
@@ -75,6 +265,176 @@ def run_dir_for(command: str, config: Any) -> pathlib.Path:
   return pathlib.Path(config.run_dir or f"runs/{command}-{config.preset}")
 
 
+def _resolved(value: str | os.PathLike) -> pathlib.Path:
+  return pathlib.Path(value).expanduser().resolve()
+
+
+def portable_path(value: str | os.PathLike, run_dir: pathlib.Path) -> str:
+  """A path as compared on --resume: resolved (absolute, no symlinks or
+  trailing slash), or ``<run_dir>/REL`` when it lies inside the run
+  directory (so moving the run directory keeps it the same).
+
+  >>> portable_path("runs/x/data.jsonl", pathlib.Path("runs/x/"))
+  '<run_dir>/data.jsonl'
+  """
+  if str(value).startswith(_IN_RUN_DIR):
+    return str(value)
+  p, root = _resolved(value), _resolved(run_dir)
+  if p == root:
+    return _IN_RUN_DIR
+  if root in p.parents:
+    return f"{_IN_RUN_DIR}/{p.relative_to(root).as_posix()}"
+  return str(p)
+
+
+def _path_values(node: Any, prefix: str = "") -> dict[str, str]:
+  """{dotted key: value} of the non-empty path fields of a record."""
+  out: dict[str, str] = {}
+  if isinstance(node, dict):
+    for k, v in node.items():
+      if k in PATH_FIELDS and isinstance(v, str) and v:
+        out[f"{prefix}{k}"] = v
+      elif isinstance(v, dict) and k != "paths":
+        out |= _path_values(v, f"{prefix}{k}.")
+  return out
+
+
+def _comparable(
+  record: dict[str, Any], run_dir: pathlib.Path, paths: dict[str, str]
+) -> dict[str, Any]:
+  """The record as --resume compares it: path fields in their portable
+  form (from ``paths`` where it has them), resume-free fields left out."""
+
+  def walk(node: Any, prefix: str) -> Any:
+    if not isinstance(node, dict):
+      return node
+    out = {}
+    for k, v in node.items():
+      key = f"{prefix}{k}"
+      if key == "paths" or (prefix == "config." and k in _RESUME_FREE):
+        continue
+      if k in PATH_FIELDS and isinstance(v, str) and v:
+        v = paths.get(key) or portable_path(v, run_dir)
+      out[k] = walk(v, key + ".")
+    return out
+
+  return walk(record, "")
+
+
+def _flag(dotted: str) -> str:
+  """The option of a dotted config.json key (config.rm.data -> --rm.data)."""
+  if dotted == "model_dir":
+    return "--model"
+  return "--" + dotted.removeprefix("config.").replace("_", "-")
+
+
+# --------------------------------------------------------------- locking
+
+# Run directories this process holds locked: resolved path -> descriptor.
+_LOCKS: dict[str, int] = {}
+
+
+def lock_run_dir(run_dir: pathlib.Path, what: str = "rlhf-jax") -> None:
+  """Locks ``run_dir`` for this process until it exits (or
+  ``unlock_run_dir``); a second call of the same process is a no-op.
+
+  The lock file names the holder (pid, host, ``what``). The lock is an
+  ``fcntl.flock``: the kernel drops it when the process dies, so a killed
+  run never blocks the next one. On a filesystem without flock support
+  (some network filesystems) the directory is used unlocked, with a
+  warning.
+
+  Raises:
+    UserError: another live process holds the lock (names its pid), or the
+      directory cannot be written.
+  """
+  key = str(_resolved(run_dir))
+  if key in _LOCKS:
+    return
+  path = run_dir / LOCK_FILE
+  with writing(path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip()
+    os.close(fd)
+    raise UserError(
+      f"run directory {run_dir} is in use by another rlhf-jax process "
+      f"({holder or 'pid unknown'}); wait for it to end or stop it, then "
+      "run again"
+    ) from None
+  except OSError as e:
+    os.close(fd)
+    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+      raise
+    sys.stderr.write(
+      f"rlhf-jax: warning: cannot lock {run_dir} (no file locks on its "
+      "filesystem); make sure no other process writes it\n"
+    )
+    return
+  with writing(path):
+    os.ftruncate(fd, 0)
+    os.pwrite(
+      fd,
+      f"pid {os.getpid()} on {socket.gethostname()}, {what}\n".encode(),
+      0,
+    )
+  _LOCKS[key] = fd
+
+
+def unlock_run_dir(run_dir: pathlib.Path) -> None:
+  """Releases this process's lock of ``run_dir`` (if it holds one)."""
+  fd = _LOCKS.pop(str(_resolved(run_dir)), None)
+  if fd is not None:
+    os.close(fd)
+
+
+# ------------------------------------------------------------- run dir
+
+
+def _holds_run(run_dir: pathlib.Path) -> bool:
+  """Whether the directory holds a run: anything beside config.json, the
+  marker and the lock (a run that failed on its inputs before doing
+  anything wrote only config.json)."""
+  bookkeeping = (CONFIG_FILE, RUN_MARKER, LOCK_FILE)
+  return run_dir.is_dir() and any(
+    p.name.removesuffix(".tmp") not in bookkeeping for p in run_dir.iterdir()
+  )
+
+
+def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
+  """Raises UserError when --overwrite would delete what rlhf-jax did not
+  write: entries of the user's, or an input of this config."""
+  foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
+  if foreign:
+    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+    n = f"{len(foreign)} entries" if len(foreign) > 1 else "an entry"
+    raise UserError(
+      f"--overwrite {run_dir}: it holds {n} rlhf-jax did not write "
+      f"({', '.join(foreign[:5])}{more}); nothing was deleted. "
+      "Move them out of the run directory, or choose another --run-dir"
+    )
+  for key, value in _path_values(record).items():
+    if portable_path(value, run_dir).startswith(_IN_RUN_DIR):
+      raise UserError(
+        f"--overwrite {run_dir}: {_flag(key)} {value} lies inside the run "
+        "directory and would be deleted; nothing was deleted. Move it out "
+        "of the run directory, or choose another --run-dir"
+      )
+
+
+def _clear(run_dir: pathlib.Path) -> None:
+  """Deletes what rlhf-jax wrote in ``run_dir`` (the lock stays held)."""
+  for p in run_dir.iterdir():
+    if p.name == LOCK_FILE:
+      continue
+    if p.is_dir() and not p.is_symlink():
+      shutil.rmtree(p)
+    else:
+      p.unlink()
+
+
 def prepare_run_dir(
   command: str,
   config: Any,
@@ -82,16 +442,21 @@ def prepare_run_dir(
   extra: dict[str, Any] | None = None,
   write_config: bool = True,
 ) -> pathlib.Path:
-  """Creates (or reopens, with --resume) the run directory; writes config.json.
+  """Creates (or reopens, with --resume) the run directory, locks it for
+  this process and writes config.json.
 
-  config.json holds the subcommand, the resolved config (every field) and
-  ``extra`` (e.g. the resolved model directory). ``write_config=False``
-  leaves config.json (and the resume comparison) to a job that writes its
-  own.
+  config.json holds the subcommand, the resolved config (every field),
+  ``extra`` (e.g. the resolved model directory) and, under "paths", the
+  resolved form of every path field. ``write_config=False`` leaves
+  config.json (and the resume comparison) to a job that writes its own.
+  ``--overwrite`` deletes only what rlhf-jax wrote; ``--resume`` of a
+  directory without a run says so on stderr and starts one.
 
   Raises:
-    UserError: an existing run without --resume/--overwrite, or --resume with
-      a config that differs from the saved one.
+    UserError: an existing run without --resume/--overwrite; --resume with
+      a config that differs from the saved one; --overwrite of a directory
+      holding entries rlhf-jax did not write, or an input of the config;
+      a directory another process holds; a path that cannot be written.
   """
   run_dir = run_dir_for(command, config)
   if config.resume and config.overwrite:
@@ -101,52 +466,44 @@ def prepare_run_dir(
   record = {"command": command, **(extra or {}), "config": config_dict(config)}
   for k in _NOT_SAVED:
     record["config"].pop(k, None)
-  # A directory holding only config.json (a run that failed on its inputs
-  # before doing anything) does not count as a run.
-  exists = run_dir.exists() and any(
-    p.name not in (CONFIG_FILE, RUN_MARKER) for p in run_dir.iterdir()
-  )
-  if exists and config.overwrite:
-    shutil.rmtree(run_dir)
-    exists = False
-  if write_config and config.resume and saved_path.is_file():
-    saved = json.loads(saved_path.read_text())
-    compared = [
-      {
-        **r,
-        "config": {
-          k: v for k, v in r.get("config", {}).items() if k not in _RESUME_FREE
-        },
-      }
-      for r in (record, saved)
-    ]
-    diffs = _diff(*compared)
-    if diffs:
-      raise UserError(
-        f"cannot resume {run_dir}: the config differs from its config.json "
-        f"({'; '.join(diffs[:4])})"
+  record["paths"] = {
+    k: portable_path(v, run_dir) for k, v in _path_values(record).items()
+  }
+  with writing(run_dir):
+    run_dir.mkdir(parents=True, exist_ok=True)
+  lock_run_dir(run_dir, f"rlhf-jax {command}")
+  exists = _holds_run(run_dir)
+  with writing(run_dir):
+    if config.overwrite and exists:
+      _check_overwrite(run_dir, record)
+      _clear(run_dir)
+      exists = False
+    if config.resume and not exists:
+      sys.stderr.write(
+        f"rlhf-jax: nothing to resume in {run_dir}; starting a new run\n"
       )
-  elif exists and not config.resume:
-    raise UserError(
-      f"run directory {run_dir} already holds a run; pass --resume to "
-      "continue it, --overwrite to start it again, or --run-dir DIR"
-    )
-  run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / RUN_MARKER).write_text(f"created by rlhf-jax {command}\n")
-  if not write_config:
-    return run_dir
-  tmp = saved_path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(record, indent=2) + "\n")
-  os.replace(tmp, saved_path)
+    elif write_config and config.resume and saved_path.is_file():
+      saved = json.loads(saved_path.read_text())
+      diffs = _diff(
+        _comparable(record, run_dir, record["paths"]),
+        _comparable(saved, run_dir, saved.get("paths") or {}),
+      )
+      if diffs:
+        raise UserError(
+          f"cannot resume {run_dir}: the config differs from its "
+          f"config.json ({'; '.join(diffs[:4])})"
+        )
+    elif exists and not config.resume:
+      raise UserError(
+        f"run directory {run_dir} already holds a run; pass --resume to "
+        "continue it, --overwrite to start it again, or --run-dir DIR"
+      )
+    if not (run_dir / RUN_MARKER).is_file():
+      with atomic_file(run_dir / RUN_MARKER) as f:
+        f.write(f"created by rlhf-jax {command}\n")
+  if write_config:
+    write_json(saved_path, record)
   return run_dir
-
-
-def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Atomic JSON write (a kill leaves the old file or the new one)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-  os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- signals

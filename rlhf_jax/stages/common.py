@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -85,8 +86,25 @@ class Context:
     return self.run_dir / "stages" / f"{name}.json"
 
   def finished(self, name: str) -> dict | None:
+    """The results of a stage finished earlier, or None. A damaged stage
+    file is reported (one line on stderr) and the stage runs again (from
+    its checkpoints)."""
     path = self.stage_file(name)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+      return None
+    try:
+      done = json.loads(path.read_text())
+      if not isinstance(done, dict):
+        raise ValueError(f"a JSON {type(done).__name__}, not an object")
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      if self.primary:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        sys.stderr.write(
+          f"rlhf-jax: warning: stage file {path} is damaged ({reason}); "
+          f"running stage {name} again\n"
+        )
+      return None
+    return done
 
   @property
   def has_gold(self) -> bool:
@@ -112,18 +130,21 @@ class Context:
       w.log(step, metrics, stage=stage)
 
   def export_policy(self, name: str, params: Any) -> None:
-    """outputs/<name>: the policy as a Hugging Face directory."""
+    """outputs/<name>: the policy as a Hugging Face directory (written
+    beside it, then renamed into place)."""
     host = host_tree(params)
     if self.primary:
-      models.export_hf_checkpoint(
-        host,
-        self.model_config,
-        self.run_dir / "outputs" / name,
-        tokenizer_dir=self.model_dir,
-      )
+      with runtime.atomic_dir(self.run_dir / "outputs" / name) as out:
+        models.export_hf_checkpoint(
+          host, self.model_config, out, tokenizer_dir=self.model_dir
+        )
 
   def loop(self, stage: str, total_steps: int, **kwargs: Any) -> TrainLoop:
     """The stage's checkpointed, logged step loop."""
+    updates = 1
+    if stage == "ppo":  # train/skipped_steps counts minibatch updates
+      algo = self.config.ppo.algo
+      updates = algo.ppo_epochs * algo.num_minibatches
     return TrainLoop(
       stage,
       self.run_dir,
@@ -132,6 +153,9 @@ class Context:
       checkpoint_every=self.config.checkpoint_every,
       tensorboard=self.config.tensorboard,
       write=self.primary,
+      keep=self.config.keep_checkpoints,
+      max_skipped_fraction=self.config.max_skipped_fraction,
+      updates_per_step=updates,
       **kwargs,
     )
 
@@ -220,6 +244,9 @@ def load_policy(placement: Placement, model_dir: pathlib.Path):
     return placement.load_model(model_dir)
   except (FileNotFoundError, KeyError, ValueError) as e:
     hint = ""
-    if not list(model_dir.glob("*.safetensors")):
+    config_only = (model_dir / "config.json").is_file() and not any(
+      model_dir.glob("*.safetensors")
+    )
+    if isinstance(e, FileNotFoundError) and config_only:
       hint = " (a directory with only config.json works with --dry-run)"
     raise runtime.UserError(f"{str(e).strip(chr(39))}{hint}") from None

@@ -213,8 +213,21 @@ class PipelineConfig:
   """Raise on droppable data rows instead of dropping and counting them."""
   max_response_length: int = 48
   """T of --data responses (longer ones are cut from the right, counted)."""
+  data_max_dropped_frac: float = 0.5
+  """Stop before training when more than this fraction of the rows of
+  --data, --eval-data or --prompts is dropped (counted per reason in
+  summary.json and report.md), pairs whose chosen and rejected tokenize
+  identically (or once cut to --max-response-length) included; 1 never
+  stops."""
   checkpoint_every: int = 10
   """Steps between in-stage checkpoints (and on SIGINT)."""
+  keep_checkpoints: int = 2
+  """Checkpoints kept per stage (the latest ones); --resume falls back to an
+  older one when the latest is damaged."""
+  max_skipped_fraction: float = 0.5
+  """Stop a stage (keeping its last good checkpoint) once more than this
+  fraction of its updates so far were skipped for non-finite loss or
+  gradients (checked from the 4th step on; 1 = never stop)."""
   tensorboard: bool = True
   """Also write TensorBoard event files."""
   mesh: MeshConfig = MeshConfig()
@@ -252,8 +265,12 @@ class SFTConfig:
   """Seed of the data order."""
   strict: bool = False
   """Raise on droppable rows instead of dropping them."""
+  data_max_dropped_frac: float = 0.5
+  """Stop before training when more than this fraction of the rows of
+  --data is dropped (counted per reason in summary.json and report.md);
+  1 never stops."""
   max_prompt_length: int = 64
-  """P (longer prompts are an error)."""
+  """P (longer prompts keep their last P tokens, counted)."""
   max_response_length: int = 64
   """T (longer responses are cut from the right, counted)."""
   steps: int = 100
@@ -329,3 +346,6 @@ class ExportConfig:
   what: Literal["ppo", "dpo", "sft", "rm"] = "ppo"
   """Which model: a policy, or the reward model (backbone as a causal LM
   plus reward_head/model.safetensors with the scalar head)."""
+  overwrite: bool = False
+  """Replace a non-empty --out directory (the new one is written beside it,
+  then renamed into place)."""

@@ -13,8 +13,6 @@ from rlhf_jax.data import (
   PreferencePair,
   TokenizedDataset,
   TruncationReport,
-  load_examples,
-  tokenize_preferences,
   train_eval_split,
 )
 from rlhf_jax.runner import runtime
@@ -25,7 +23,12 @@ from rlhf_jax.stages.sampling import (
   sample_continuations,
   tokenize_prompt_texts,
 )
-from rlhf_jax.stages.user_data import chat_template, data_counts
+from rlhf_jax.stages.user_data import (
+  PAIR_DROP_REASONS,
+  chat_template,
+  data_counts,
+  load_pairs,
+)
 from rlhf_jax.tasks import (
   STORY_OPENINGS,
   SimulatedAnnotator,
@@ -245,29 +248,31 @@ def preference_data(ctx: Context) -> dict:
 
 def _load_pairs(ctx: Context, path: str) -> tuple[Any, TokenizedDataset]:
   cfg = ctx.config
-  loaded = load_examples(
-    path, strict=cfg.strict, chat_template=chat_template(ctx)
-  )
-  if not isinstance(loaded.examples[0], PreferencePair):
-    kind = type(loaded.examples[0]).__name__
-    raise DataError(
-      f"{path}: expected preference pairs (prompt/chosen/rejected, "
-      f"HH-RLHF transcripts or conversational), got {kind} rows"
-    )
-  ds = tokenize_preferences(
-    loaded.examples,
+  return load_pairs(
+    path,
     ctx.adapter,
+    template=chat_template(ctx),
     max_prompt_length=cfg.task.max_prompt_length,
     max_response_length=cfg.max_response_length,
-    truncate_prompts=True,
+    strict=cfg.strict,
+    max_dropped_frac=cfg.data_max_dropped_frac,
   )
-  return loaded, ds
+
+
+def _kept_pairs(loaded: Any, ds: TokenizedDataset) -> list[PreferencePair]:
+  """The pairs of ``ds``'s rows, in its order."""
+  if ds.example_index is None:
+    return list(loaded.examples)
+  return [loaded.examples[i] for i in ds.example_index]
 
 
 def _file_preferences(ctx: Context) -> dict:
   """--data (and --eval-data) pairs; drops and truncations counted."""
   cfg = ctx.config
   loaded, ds = _load_pairs(ctx, cfg.data)
+  counts = data_counts(
+    "data", loaded.drops, ds.truncation.truncated, PAIR_DROP_REASONS
+  )
   if cfg.eval_data is None:
     if len(ds) < 2:
       raise DataError(
@@ -277,15 +282,18 @@ def _file_preferences(ctx: Context) -> dict:
     n_eval = max(1, round(0.1 * len(ds)))
     tr, ev = train_eval_split(len(ds), eval_size=n_eval, seed=cfg.seed)
     train, held = ds.subset(tr), ds.subset(ev)
-    held_pairs = [loaded.examples[i] for i in ev]
-    counts = data_counts("data", loaded.drops, ds.truncation.truncated)
+    held_pairs = _kept_pairs(loaded, held)
   else:
     held_loaded, held = _load_pairs(ctx, cfg.eval_data)
-    train, held_pairs = ds, held_loaded.examples
-    counts = {
-      **data_counts("data", loaded.drops, ds.truncation.truncated),
-      **data_counts("eval_data", held_loaded.drops, held.truncation.truncated),
-    }
+    train, held_pairs = ds, _kept_pairs(held_loaded, held)
+    counts.update(
+      data_counts(
+        "eval_data",
+        held_loaded.drops,
+        held.truncation.truncated,
+        PAIR_DROP_REASONS,
+      )
+    )
   return {
     "train": train,
     "eval": held,

@@ -60,7 +60,7 @@ from rlhf_jax.data import (
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.metrics import MetricsWriter
-from rlhf_jax.runner.runtime import StopFlag
+from rlhf_jax.runner.runtime import StopFlag, atomic_file, write_json
 from rlhf_jax.stages.environment import SHARED_DATA
 from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
@@ -476,7 +476,7 @@ def run_hh_reward_model(
     if finished:
       return json.loads(results_path.read_text())  # already complete
     if placement.is_primary:
-      (run_dir / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2))
+      write_json(run_dir / CONFIG_FILE, config_dict)
     loaded, train_pairs, held_pairs = _load_pairs(config)
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     tok, model_config, params = _build_model(config, init_rng, placement)
@@ -531,8 +531,9 @@ def _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config):
       },
       stage="eval",
     )
-  np.savez(run_dir / REWARDS_FILE, chosen=rc, rejected=rr, rows=held_ds.rows)
-  (run_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+  with atomic_file(run_dir / REWARDS_FILE, "wb") as f:
+    np.savez(f, chosen=rc, rejected=rr, rows=held_ds.rows)
+  write_json(run_dir / RESULTS_FILE, results)
   write_report(
     run_dir,
     summary=results,

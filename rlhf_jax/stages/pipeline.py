@@ -54,7 +54,7 @@ from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
 from rlhf_jax.stages.ppo import ppo_config, stage_ppo
 from rlhf_jax.stages.rm import stage_rm
 from rlhf_jax.stages.summary import stage_report
-from rlhf_jax.stages.user_data import stage_user_prompts
+from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
 
 # Options that name the user's files: which subcommands read them.
 _FILE_OPTIONS = {
@@ -143,6 +143,8 @@ def open_run(
   model_dir = environment.resolve_model(config.model)
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
+  # The user's files read whole (drops, ties, thresholds) before any output.
+  check_user_data(config, model_dir)
   run_dir = open_run_dir(command, config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
@@ -209,7 +211,8 @@ def run_pipeline(
     f"{', '.join(stages)}"
   )
   results: dict[str, dict] = {}
-  with ctx.stop:
+  # A path that cannot be written (read-only, full disk): one line naming it.
+  with ctx.stop, runtime.writing(ctx.run_dir):
     for name in stages[:-1]:  # every command ends with the report
       done = ctx.finished(name)
       if done is not None and config.resume:

@@ -31,6 +31,7 @@ import jinja2
 import numpy as np
 from matplotlib.figure import Figure
 
+from rlhf_jax.data.errors import DROP_REASONS
 from rlhf_jax.runner.metrics import read_metrics
 from rlhf_jax.stages.eval_metrics import distinct_n, win_rate
 
@@ -59,6 +60,14 @@ _TEMPLATE = """\
 {% endfor %}
 {% else %}
 (no summary numbers)
+{% endif %}
+{% if data_lines %}
+
+## Data
+
+{% for line in data_lines %}
+- {{ line | inline }}
+{% endfor %}
 {% endif %}
 {% if policy_table %}
 
@@ -140,6 +149,44 @@ def _quote(text: str) -> str:
   """A blockquote of escaped text, one '>' line per input line."""
   lines = [_inline(line) for line in text.strip().splitlines()] or [""]
   return "\n>\n".join("> " + line for line in lines)
+
+
+def _data_lines(summary: Mapping[str, Any]) -> list[str]:
+  """One sentence per input file counted in ``summary`` (``P/rows_read``,
+  ``P/dropped_*``, ``P/truncated_*`` keys of stages.user_data)."""
+  lines = []
+  for key in summary:
+    if not key.endswith("/rows_read"):
+      continue
+    p = key[: -len("/rows_read")]
+    read, kept = summary[key], summary.get(f"{p}/rows_kept", summary[key])
+    text = f"{p}: {kept} of {read} rows kept"
+    drops = [
+      (k[len(f"{p}/dropped_") :], v)
+      for k, v in summary.items()
+      if k.startswith(f"{p}/dropped_") and v
+    ]
+    if drops:
+      text += "; dropped: " + ", ".join(
+        f"{r} {v}" + (f" ({DROP_REASONS[r]})" if r in DROP_REASONS else "")
+        for r, v in drops
+      )
+    cut = [
+      f"{k[len(f'{p}/truncated_') :]} {v}"
+      for k, v in summary.items()
+      if k.startswith(f"{p}/truncated_")
+    ]
+    if cut:
+      text += "; truncated: " + ", ".join(cut)
+    unused = [
+      f"{k[len(f'{p}/unused_') :]} {v}"
+      for k, v in summary.items()
+      if k.startswith(f"{p}/unused_") and v
+    ]
+    if unused:
+      text += "; not used: " + ", ".join(unused)
+    lines.append(text)
+  return lines
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str):
@@ -269,7 +316,10 @@ def write_report(
     run_dir: the run directory (created if missing).
     summary: flat ``name -> value`` numbers for the summary table, in order
       (e.g. "rm/heldout_accuracy_annotator", "ppo/gold_win_rate",
-      "time/total_s"); floats shown with 4 significant digits.
+      "time/total_s"); floats shown with 4 significant digits. The data
+      counts of an input file (``P/rows_read``, ``P/rows_kept``,
+      ``P/dropped_<reason>``, ``P/truncated_<field>``, ``P/unused_<why>``)
+      are also told in a "Data" section, one line per file.
     samples: policy name -> its sample stories; entry i of every list is a
       continuation of the same prompt i, shown together ("initial", "ppo",
       "dpo" gives before / after).
@@ -374,6 +424,7 @@ def write_report(
   text = env.from_string(_TEMPLATE).render(
     title=title,
     summary=dict(summary),
+    data_lines=_data_lines(summary),
     policy_table=policy_table,
     plots=plots,
     samples_by_index=samples_by_index,

@@ -72,16 +72,16 @@ def _save_rm(ctx: Context, params: Any) -> None:
   params = host_tree(params)
   if not ctx.primary:
     return
-  out = ctx.run_dir / "outputs" / "rm"
-  models.export_hf_checkpoint(
-    params["backbone"], ctx.model_config, out, tokenizer_dir=ctx.model_dir
-  )
-  (out / HEAD_DIR).mkdir(exist_ok=True)
-  save_file(
-    {k: np.asarray(v) for k, v in params["head"].items()},
-    str(out / HEAD_FILE),
-    metadata={"pooling": ctx.config.rm.loss.pooling},
-  )
+  with runtime.atomic_dir(ctx.run_dir / "outputs" / "rm") as out:
+    models.export_hf_checkpoint(
+      params["backbone"], ctx.model_config, out, tokenizer_dir=ctx.model_dir
+    )
+    (out / HEAD_DIR).mkdir(exist_ok=True)
+    save_file(
+      {k: np.asarray(v) for k, v in params["head"].items()},
+      str(out / HEAD_FILE),
+      metadata={"pooling": ctx.config.rm.loss.pooling},
+    )
 
 
 def load_rm(

@@ -30,13 +30,20 @@ from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import host_tree, load_policy, open_run_dir
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_report
-from rlhf_jax.stages.user_data import data_counts
+from rlhf_jax.stages.user_data import (
+  check_dropped,
+  check_max_dropped_frac,
+  data_counts,
+  drop_reasons,
+  held_data_warnings,
+  template_of,
+)
 from rlhf_jax.train import SFTConfig, TrainState, make_sft_step
 
 
-def _demonstrations(path: str, strict: bool):
+def _demonstrations(path: str, strict: bool, template: Any):
   """(loaded file, examples, response field) of a demonstration file."""
-  loaded = load_examples(path, strict=strict)
+  loaded = load_examples(path, strict=strict, chat_template=template)
   first = loaded.examples[0]
   if isinstance(first, PreferencePair):
     return loaded, loaded.examples, "chosen"
@@ -49,6 +56,43 @@ def _demonstrations(path: str, strict: bool):
     f"{path}: expected preference or {{prompt, completion, label}} rows, "
     f"got {type(first).__name__}"
   )
+
+
+def sft_data(config: SFTStageConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
+  """The demonstrations of --data, tokenized, and their counts.
+
+  Returns:
+    (dataset, counts): rows read, kept and dropped per reason, rejected
+    completions left out (``data/unused_label_false``, not drops),
+    prompts and responses truncated.
+
+  Raises:
+    DataError: a bad file (file, line and field named).
+    UserError: more than --data-max-dropped-frac of the rows dropped.
+  """
+  check_max_dropped_frac(config.data_max_dropped_frac)
+  with held_data_warnings(replay=True):
+    loaded, examples, field = _demonstrations(
+      config.data, config.strict, template_of(tok)
+    )
+    check_dropped(config.data, loaded.drops, config.data_max_dropped_frac)
+  ds = tokenize_sft(
+    examples,
+    HFTokenizerAdapter.wrap(tok),
+    max_prompt_length=config.max_prompt_length,
+    max_response_length=config.max_response_length,
+    response_field=field,
+    truncate_prompts=True,  # keep the last P tokens; counted in the summary
+  )
+  counts = {
+    "data/examples": len(ds),
+    **data_counts(
+      "data", loaded.drops, ds.truncation.truncated, drop_reasons(loaded)
+    ),
+  }
+  if field == "completion":
+    counts["data/unused_label_false"] = len(loaded.examples) - len(examples)
+  return ds, counts
 
 
 def _train(config, placement, model_config, params, ds, run_dir):
@@ -138,26 +182,22 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
     raise DataError(f"{config.data}: no such file")
   placement = Placement.create(config.mesh)
   placement.check_batch(config.batch_size, "--batch-size")
+  # The whole file read and tokenized before the run directory is opened.
+  try:
+    tok = models.load_tokenizer(model_dir)
+  except (OSError, ValueError):
+    load_policy(placement, model_dir)  # a bad model dir: in its own words
+    raise
+  ds, counts = sft_data(config, tok)
   run_dir = open_run_dir("sft", config, model_dir)
-  loaded, examples, field = _demonstrations(config.data, config.strict)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
-  tok = models.load_tokenizer(model_dir)
-  ds = tokenize_sft(
-    examples,
-    HFTokenizerAdapter.wrap(tok),
-    max_prompt_length=config.max_prompt_length,
-    max_response_length=config.max_response_length,
-    response_field=field,
-    truncate_prompts=True,  # keep the last P tokens; counted in the summary
-  )
   state, last = _train(config, placement, model_config, params, ds, run_dir)
   host = host_tree(state.params)
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),
-    "data/examples": len(ds),
-    **data_counts("data", loaded.drops, ds.truncation.truncated),
+    **counts,
     "time/total_s": timer.elapsed(),
   }
   if placement.is_primary:

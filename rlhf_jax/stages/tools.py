@@ -2,9 +2,12 @@
 
 import dataclasses
 import json
+import os
 import pathlib
+import secrets
 import shutil
 import typing
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -207,28 +210,116 @@ def run_eval(config: C.EvalConfig) -> int:
 # ----------------------------------------------------------------- export
 
 
+def _inside(path: pathlib.Path, root: pathlib.Path) -> bool:
+  """`path` is `root` or below it (both resolved)."""
+  return path == root or root in path.parents
+
+
+def _check_export_out(
+  out: pathlib.Path, run_dir: pathlib.Path, record: dict, overwrite: bool
+) -> None:
+  """Refuses an --out that export must not replace; touches nothing.
+
+  Raises:
+    UserError: --out is a file; it is, or holds, the run directory or the
+      run's model directory; it lies in the run's outputs; or it is a
+      non-empty directory and `overwrite` is False.
+  """
+  target = out.resolve()
+  if out.exists() and not out.is_dir():
+    raise runtime.UserError(f"--out {out}: is a file, expected a directory")
+  protected = [(run_dir, "the run directory")]
+  if record.get("model_dir"):
+    protected.append((pathlib.Path(record["model_dir"]), "the run's model"))
+  for path, what in protected:
+    if _inside(path.resolve(), target):
+      raise runtime.UserError(
+        f"--out {out}: would replace {what} {path}; choose another directory"
+      )
+  if _inside(target, (run_dir / "outputs").resolve()):
+    raise runtime.UserError(
+      f"--out {out}: lies in the run's outputs ({run_dir / 'outputs'}), "
+      "which export reads; choose a directory outside it"
+    )
+  if out.is_dir() and not overwrite:
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+      shown = ", ".join(entries[:4])
+      if len(entries) > 4:
+        shown += f" and {len(entries) - 4} more"
+      raise runtime.UserError(
+        f"--out {out}: not empty (holds {shown}); pass --overwrite to "
+        "replace it, or choose a new directory"
+      )
+
+
+def _write_then_swap(
+  out: pathlib.Path, write: Callable[[pathlib.Path], None]
+) -> None:
+  """Calls `write(tmp)` on a new directory beside `out`, then renames it to
+  `out`. An existing `out` is moved aside first and deleted only once the
+  new directory is in place, so no file of it survives in the new one and
+  a failure leaves it as it was.
+  """
+  out = out.resolve()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+  tmp = out.parent / f".{out.name}.export-{tag}"
+  tmp.mkdir()
+  try:
+    write(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if not out.exists():
+    tmp.rename(out)
+    return
+  old = out.parent / f".{out.name}.replaced-{tag}"
+  out.rename(old)
+  try:
+    tmp.rename(out)
+  except BaseException:
+    old.rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  shutil.rmtree(old)
+
+
 def run_export(config: C.ExportConfig) -> int:
   """Writes a Hugging Face directory (config.json, model.safetensors,
-  tokenizer files; reward_head/model.safetensors for --what rm)."""
+  tokenizer files; reward_head/model.safetensors for --what rm).
+
+  A non-empty --out is refused unless --overwrite; the export is written to
+  a new directory beside --out and renamed into place, so an earlier
+  export's files (e.g. a sharded checkpoint's index) never survive in it.
+  """
   if not config.run_dir or not config.out:
     raise runtime.UserError("rlhf-jax export needs --run-dir DIR and --out DIR")
   run_dir = pathlib.Path(config.run_dir)
-  _run_record(run_dir)
+  record = _run_record(run_dir)
   out = pathlib.Path(config.out)
+  _check_export_out(out, run_dir, record, config.overwrite)
   if config.what == "rm":
     from rlhf_jax.stages.common import HEAD_FILE
     from rlhf_jax.stages.rm import load_rm
 
     model_config, params, _ = load_rm(run_dir)
     src = run_dir / "outputs" / "rm"
-    models.export_hf_checkpoint(
-      params["backbone"], model_config, out, tokenizer_dir=src
-    )
-    (out / HEAD_FILE).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / HEAD_FILE, out / HEAD_FILE)
+
+    def write(tmp: pathlib.Path) -> None:
+      models.export_hf_checkpoint(
+        params["backbone"], model_config, tmp, tokenizer_dir=src
+      )
+      (tmp / HEAD_FILE).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(src / HEAD_FILE, tmp / HEAD_FILE)
+
   else:
     src = _policy_dir(run_dir, config.what)
     model_config, params = models.load_hf_checkpoint(src)
-    models.export_hf_checkpoint(params, model_config, out, tokenizer_dir=src)
+
+    def write(tmp: pathlib.Path) -> None:
+      models.export_hf_checkpoint(params, model_config, tmp, tokenizer_dir=src)
+
+  _write_then_swap(out, write)
   print(f"exported {config.what} of {run_dir} to {out}")
   return 0

@@ -8,35 +8,260 @@ accepted and their prompts used. Duplicate prompts are dropped and counted;
 prompts longer than ``--task.max-prompt-length`` tokens keep their last
 tokens (counted as truncated). A tenth of the prompts (at least one) is held
 out for evaluation.
+
+Preference pairs (``--data``, ``--eval-data``) whose chosen and rejected
+texts differ but whose token ids do not (``tokens_identical``), or do not
+once cut to ``--max-response-length`` tokens
+(``identical_after_truncation``), are dropped and counted like the
+loader's own drop reasons.
+
+Every count (rows read, kept and dropped per reason, prompts and responses
+truncated) goes into summary.json and report.md. A file with more than
+``--data-max-dropped-frac`` of its rows dropped stops the run with one line
+naming the file, the counts and the threshold: ``check_user_data`` reads
+every file whole before the run directory is opened.
 """
 
+import collections
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
-from rlhf_jax.data import DataError, load_examples, train_eval_split
+from rlhf_jax import models
+from rlhf_jax.data import (
+  DROP_REASONS,
+  TIE_REASONS,
+  DataError,
+  DropReport,
+  HFTokenizerAdapter,
+  LoadedExamples,
+  PreferencePair,
+  RankedExample,
+  TokenizedDataset,
+  load_examples,
+  tokenize_preferences,
+  train_eval_split,
+)
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context
 from rlhf_jax.stages.sampling import tokenize_prompt_texts
 
 HELDOUT_FRACTION = 0.1
+MAX_DROPPED_FLAG = "--data-max-dropped-frac"
+# Reasons always listed (zeros too) in the counts of preference files.
+PAIR_DROP_REASONS = ("chosen_equals_rejected", "prompt_differs", *TIE_REASONS)
 
 
-def data_counts(prefix: str, drops: Any, truncated: dict) -> dict[str, int]:
-  """Flat counts for summaries: rows read and kept, drops per reason,
-  truncations per field (``prefix`` e.g. "data" or "eval_data")."""
+def drop_reasons(loaded: LoadedExamples) -> tuple[str, ...]:
+  """The reasons the loader can drop rows of this kind for (listed in the
+  counts even when zero)."""
+  if not loaded.examples:
+    return ()
+  first = loaded.examples[0]
+  if isinstance(first, PreferencePair):
+    return PAIR_DROP_REASONS[:2]
+  if isinstance(first, RankedExample):
+    return ("duplicate_responses",)
+  return ()
+
+
+def data_counts(
+  prefix: str,
+  drops: DropReport,
+  truncated: dict[str, int],
+  reasons: tuple[str, ...] = (),
+) -> dict[str, int]:
+  """Flat counts for summaries: rows read, kept and dropped, drops per
+  reason (``reasons`` listed even when zero), truncations per field
+  (``prefix`` e.g. "data", "eval_data" or "prompts")."""
+  counts = drops.counts()
   out = {
     f"{prefix}/rows_read": drops.total_read,
     f"{prefix}/rows_kept": drops.total_kept,
+    f"{prefix}/rows_dropped": drops.total_dropped,
   }
-  out.update({f"{prefix}/dropped_{k}": v for k, v in drops.counts().items()})
+  for k in dict.fromkeys([*reasons, *counts]):
+    out[f"{prefix}/dropped_{k}"] = counts.get(k, 0)
   out.update({f"{prefix}/truncated_{k}": v for k, v in truncated.items()})
   return out
 
 
-def chat_template(ctx: Context):
-  """The tokenizer's chat template as load_examples wants it (or None)."""
-  if ctx.tokenizer.chat_template is None:
+def check_max_dropped_frac(value: float) -> None:
+  """Raises UserError unless ``value`` is a fraction in [0, 1]."""
+  if not (isinstance(value, int | float) and 0 <= value <= 1):
+    raise runtime.UserError(
+      f"{MAX_DROPPED_FLAG} {value!r}: expected a fraction in [0, 1]"
+    )
+
+
+def check_dropped(path: Any, drops: DropReport, max_frac: float) -> None:
+  """Stops a run whose file is mostly dropped (ties included).
+
+  Raises:
+    UserError: more than ``max_frac`` of the rows read were dropped; one
+      line with the file, the counts per reason and the threshold.
+  """
+  frac = drops.dropped_frac()
+  if frac <= max_frac or math.isclose(frac, max_frac):
+    return
+  counts = collections.Counter(drops.counts()).most_common()
+  detail = ", ".join(f"{k} {v}" for k, v in counts)
+  raise runtime.UserError(
+    f"{path}: {drops.total_dropped} of {drops.total_read} rows dropped "
+    f"({frac:.0%}: {detail}), more than {MAX_DROPPED_FLAG} {max_frac:g}; "
+    f"most often {DROP_REASONS[counts[0][0]]}: fix the file or raise "
+    f"{MAX_DROPPED_FLAG}"
+  )
+
+
+def template_of(tokenizer: Any):
+  """A tokenizer's chat template as load_examples wants it (or None)."""
+  if getattr(tokenizer, "chat_template", None) is None:
     return None
-  return ctx.tokenizer.apply_chat_template
+  return tokenizer.apply_chat_template
+
+
+def chat_template(ctx: Context):
+  """The run tokenizer's chat template as load_examples wants it."""
+  return template_of(ctx.tokenizer)
+
+
+def load_pairs(
+  path: Any,
+  tokenizer: Any,
+  *,
+  template: Any,
+  max_prompt_length: int,
+  max_response_length: int,
+  strict: bool,
+  max_dropped_frac: float,
+) -> tuple[LoadedExamples, TokenizedDataset]:
+  """A preference file read, checked and tokenized; pairs that tie once
+  tokenized are dropped and counted in ``loaded.drops``.
+
+  Returns:
+    (loaded, ds): ``ds.example_index`` maps its rows to
+    ``loaded.examples``.
+
+  Raises:
+    DataError: a bad file (file, line and field named), rows that are not
+      preference pairs, a tie with ``strict``.
+    UserError: more than ``max_dropped_frac`` of the rows dropped.
+  """
+  loaded = load_examples(path, strict=strict, chat_template=template)
+  if not isinstance(loaded.examples[0], PreferencePair):
+    kind = type(loaded.examples[0]).__name__
+    raise DataError(
+      f"{path}: expected preference pairs (prompt/chosen/rejected, "
+      f"HH-RLHF transcripts or conversational), got {kind} rows"
+    )
+  ds = tokenize_preferences(
+    loaded.examples,
+    tokenizer,
+    max_prompt_length=max_prompt_length,
+    max_response_length=max_response_length,
+    truncate_prompts=True,
+    drop_ties=not strict,
+  )
+  if strict and ds.ties:
+    t = ds.ties[0]
+    raise DataError(
+      f"{t.where}: {DROP_REASONS[t.reason]} (--strict; without it the row "
+      f"is dropped and counted as '{t.reason}')"
+    )
+  loaded.drops.extend(ds.ties)
+  check_dropped(path, loaded.drops, max_dropped_frac)
+  return loaded, ds
+
+
+def read_prompts(
+  path: Any, *, strict: bool, template: Any, max_dropped_frac: float
+) -> tuple[LoadedExamples, list[str]]:
+  """The distinct prompts of a prompt file, in reading order.
+
+  Repeated prompts are not drops (a file of pairs repeats its prompts);
+  rows the loader drops are, against ``max_dropped_frac``.
+
+  Raises:
+    DataError: a bad file, or fewer than 2 distinct prompts.
+    UserError: more than ``max_dropped_frac`` of the rows dropped.
+  """
+  loaded = load_examples(path, strict=strict, chat_template=template)
+  check_dropped(path, loaded.drops, max_dropped_frac)
+  prompts = list(dict.fromkeys(e.prompt for e in loaded.examples))
+  if len(prompts) < 2:
+    raise DataError(f"{path}: need at least 2 distinct prompts")
+  return loaded, prompts
+
+
+class _Hold(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.records: list[logging.LogRecord] = []
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.records.append(record)
+
+
+@contextlib.contextmanager
+def held_data_warnings(*, replay: bool) -> Iterator[None]:
+  """Holds the data loader's log records back while files are checked: on
+  an error its one-line message says it all (nothing else on stderr);
+  otherwise they are logged after the block (``replay``) or dropped (a
+  stage reads the file again and logs them then)."""
+  log = logging.getLogger("rlhf_jax.data")
+  hold, propagate = _Hold(), log.propagate
+  log.addHandler(hold)
+  log.propagate = False
+  try:
+    yield
+  finally:
+    log.removeHandler(hold)
+    log.propagate = propagate
+  if replay:
+    for record in hold.records:
+      log.handle(record)
+
+
+def check_user_data(config: Any, model_dir: str | os.PathLike) -> None:
+  """Pre-flight: --data, --eval-data and --prompts read whole, checked and
+  tokenized as the stages will, before the run directory is opened.
+
+  Raises:
+    DataError, UserError: as ``load_pairs`` and ``read_prompts``; a
+      --data-max-dropped-frac outside [0, 1].
+  """
+  if config.data is None and config.prompts is None:
+    return
+  check_max_dropped_frac(config.data_max_dropped_frac)
+  try:
+    tok = models.load_tokenizer(model_dir)
+    adapter = HFTokenizerAdapter.wrap(tok)
+  except (OSError, ValueError, TypeError):
+    return  # a bad model directory: reported in its own words later
+  template = template_of(tok)
+  with held_data_warnings(replay=False):
+    for path in (config.data, config.eval_data):
+      if path is not None:
+        load_pairs(
+          path,
+          adapter,
+          template=template,
+          max_prompt_length=config.task.max_prompt_length,
+          max_response_length=config.max_response_length,
+          strict=config.strict,
+          max_dropped_frac=config.data_max_dropped_frac,
+        )
+    if config.prompts is not None:
+      read_prompts(
+        config.prompts,
+        strict=config.strict,
+        template=template,
+        max_dropped_frac=config.data_max_dropped_frac,
+      )
 
 
 def stage_user_prompts(ctx: Context) -> dict[str, Any]:
@@ -44,18 +269,15 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
 
   Raises:
     DataError: an unreadable file, or fewer than 2 distinct prompts.
+    UserError: more than --data-max-dropped-frac of the rows dropped.
   """
   path = ctx.config.prompts
-  loaded = load_examples(
-    path, strict=ctx.config.strict, chat_template=chat_template(ctx)
+  loaded, prompts = read_prompts(
+    path,
+    strict=ctx.config.strict,
+    template=chat_template(ctx),
+    max_dropped_frac=ctx.config.data_max_dropped_frac,
   )
-  prompts, seen = [], set()
-  for e in loaded.examples:
-    if e.prompt not in seen:
-      seen.add(e.prompt)
-      prompts.append(e.prompt)
-  if len(prompts) < 2:
-    raise DataError(f"{path}: need at least 2 distinct prompts")
   n_held = max(1, round(HELDOUT_FRACTION * len(prompts)))
   train_idx, held_idx = train_eval_split(
     len(prompts), eval_size=n_held, seed=ctx.config.seed
@@ -66,7 +288,12 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
     "heldout": [prompts[i] for i in held_idx],
     "source": str(path),
     "counts": {
-      **data_counts("prompts", loaded.drops, ds.truncation.truncated),
+      **data_counts(
+        "prompts",
+        loaded.drops,
+        ds.truncation.truncated,
+        drop_reasons(loaded),
+      ),
       # Rows kept by the loader, then repeats of a prompt dropped.
       "prompts/dropped_duplicate": len(loaded.examples) - len(prompts),
       "prompts/distinct": len(prompts),

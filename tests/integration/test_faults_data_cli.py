@@ -1,0 +1,216 @@
+"""Bad and degenerate data files through `rlhf-jax rm/dpo/sft/ppo` (issue
+13): each bad file exits 2 with one line on stderr naming the file (and
+line and field), before a run directory exists; a good file's drop and
+truncation counts reach summary.json and report.md."""
+
+import gzip
+import json
+import subprocess
+
+import cli_harness as h
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+UNK = {"chosen": " 你好", "rejected": " 世界"}  # both <unk> to TinyStories
+GOOD = {"chosen": " a happy dog", "rejected": " a sad cat"}
+SAME = {"chosen": " a dog", "rejected": " a dog"}
+LONG = " and then the little dog ran to the big park to play" * 3
+
+
+def jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def run(*args):
+  proc = subprocess.run(
+    [h.EXE, *args],
+    capture_output=True,
+    text=True,
+    cwd=h.ROOT,
+    env=h.env(),
+    timeout=h.LIMIT_S,
+  )
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+def _ties(d):
+  rows = [{"prompt": f"Once {i}", **UNK} for i in range(7)]
+  return jsonl(d / "ties.jsonl", rows + [{"prompt": "Day", **GOOD}] * 3)
+
+
+def _sft_same(d):
+  rows = [{"prompt": f"Once {i}", **SAME} for i in range(6)]
+  return jsonl(d / "same.jsonl", rows + [{"prompt": "Day", **GOOD}] * 2)
+
+
+def _parquet(d):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  pq.write_table(
+    pa.table({"question": ["q"], "answer": ["a"]}), d / "w.parquet"
+  )
+  return d / "w.parquet"
+
+
+def _text(name, text):
+  def make(d):
+    (d / name).write_text(text)
+    return d / name
+
+  return make
+
+
+PAIR = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+# (subcommand, file maker, extra args, what stderr must contain; {f} = file)
+CASES = {
+  "malformed_json": (
+    "rm",
+    _text("bad.jsonl", PAIR * 2 + '{"prompt": "a", "chosen"\n'),
+    (),
+    "{f}:3: invalid JSON: ",
+  ),
+  "missing_field": (
+    "dpo",
+    _text("miss.jsonl", PAIR + '{"prompt": "a", "chosen": "b"}\n'),
+    (),
+    "{f}:2: missing field 'rejected' (format 'explicit' needs prompt, "
+    "chosen, rejected)",
+  ),
+  "non_string_field": (
+    "sft",
+    _text("num.jsonl", '{"prompt": "a", "chosen": 1, "rejected": "c"}\n'),
+    (),
+    "{f}:1: field 'chosen' must be a string, got integer",
+  ),
+  "empty_file": ("sft", _text("empty.jsonl", "\n"), (), "{f}: empty file"),
+  "unknown_extension": (
+    "rm",
+    _text("pairs.json", PAIR),
+    (),
+    "{f}: unknown file type; expected .jsonl, .jsonl.gz or .parquet",
+  ),
+  "parquet_wrong_columns": (
+    "rm",
+    _parquet,
+    (),
+    "{f}:row 0: cannot detect the format from fields [answer, question]",
+  ),
+  "mostly_ties": (
+    "dpo",
+    _ties,
+    (),
+    "{f}: 7 of 10 rows dropped (70%: tokens_identical 7), more than "
+    "--data-max-dropped-frac 0.5; most often chosen and rejected differ as "
+    "text but tokenize to the same ids",
+  ),
+  "ties_over_a_lower_threshold": (
+    "rm",
+    _ties,
+    ("--data-max-dropped-frac", "0.25"),
+    "more than --data-max-dropped-frac 0.25",
+  ),
+  "sft_mostly_dropped": (
+    "sft",
+    _sft_same,
+    (),
+    "{f}: 6 of 8 rows dropped (75%: chosen_equals_rejected 6), more than "
+    "--data-max-dropped-frac 0.5",
+  ),
+  "threshold_out_of_range": (
+    "dpo",
+    _ties,
+    ("--data-max-dropped-frac", "1.5"),
+    "--data-max-dropped-frac 1.5",
+  ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_data_exits_2_with_one_line(case, tmp_path):
+  command, make, extra, expected = CASES[case]
+  path = make(tmp_path)
+  run_dir = tmp_path / "run"
+  args = [command, "--preset", "smoke", "--data", str(path)]
+  rc, out, err = run(*args, *extra, "--run-dir", str(run_dir))
+  assert rc == 2, (rc, out, err)
+  lines = err.strip().splitlines()
+  assert len(lines) == 1, err
+  assert lines[0].startswith("rlhf-jax: error: "), err
+  assert expected.format(f=path) in lines[0], err
+  assert "Traceback" not in out + err
+  assert not run_dir.exists()  # checked before anything is written
+
+
+def test_mostly_dropped_prompts_stop_ppo(tmp_path):
+  rows = [{"prompt": f"Once {i}", **SAME} for i in range(3)]
+  path = jsonl(tmp_path / "p.jsonl", rows + [{"prompt": "Day", **GOOD}])
+  rm_dir = tmp_path / "rm"  # never read: the prompts are checked first
+  rm_dir.mkdir()
+  args = ("ppo", "--preset", "smoke", "--prompts", str(path))
+  rc, out, err = run(*args, "--reward-model", str(rm_dir))
+  assert rc == 2 and "Traceback" not in out + err, (rc, out, err)
+  assert err.strip() == (
+    f"rlhf-jax: error: {path}: 3 of 4 rows dropped (75%: "
+    "chosen_equals_rejected 3), more than --data-max-dropped-frac 0.5; most "
+    "often chosen and rejected are identical: fix the file or raise "
+    "--data-max-dropped-frac"
+  )
+
+
+def _report_line(run_dir) -> str:
+  report = (run_dir / "report.md").read_text()
+  return next(x for x in report.splitlines() if x.startswith("- data: "))
+
+
+def test_rm_summary_and_report_show_drops_and_truncation(tmp_path, shared_data):
+  src = shared_data / "hh-rlhf" / "helpful-base-test.jsonl.gz"
+  with gzip.open(src, "rt") as f:
+    rows = [json.loads(next(f)) for _ in range(40)]
+  turn = "\n\nHuman: Tell me a story\n\nAssistant:"
+  rows += [{k: turn + v for k, v in UNK.items()}] * 3
+  path = jsonl(tmp_path / "pairs.jsonl", rows)
+  run_dir = tmp_path / "run"
+  h.cli(
+    "rm", "--preset", "smoke", "--data", str(path), "--run-dir", str(run_dir)
+  )
+  s = h.summary(run_dir)
+  assert s["data/rows_read"] == 43 and s["data/rows_kept"] == 40
+  assert s["data/dropped_tokens_identical"] == 3
+  assert s["data/dropped_identical_after_truncation"] == 0
+  assert s["data/rows_dropped"] == 3
+  assert s["data/truncated_prompt"] == 40  # every transcript is > P tokens
+  assert s["data/truncated_chosen"] > 0 and s["data/truncated_rejected"] > 0
+  report = (run_dir / "report.md").read_text()
+  for key in (
+    "data/dropped_tokens_identical",
+    "data/dropped_prompt_differs",
+    "data/truncated_chosen",
+  ):
+    assert f"| {key} | {s[key]} |" in report
+  assert _report_line(run_dir).startswith(
+    "- data: 40 of 43 rows kept; dropped: tokens\\_identical 3 (chosen and "
+    "rejected differ as text but tokenize to the same ids); truncated: "
+    "prompt 40, chosen "
+  )
+
+
+def test_sft_summary_and_report_show_counts(tmp_path):
+  rows = [
+    {"prompt": f"Once upon a time {i}", "completion": LONG, "label": i % 3 > 0}
+    for i in range(12)
+  ]
+  path = jsonl(tmp_path / "demos.jsonl", rows)
+  run_dir = tmp_path / "run"
+  h.cli(
+    "sft", "--preset", "smoke", "--data", str(path), "--run-dir", str(run_dir)
+  )
+  s = h.summary(run_dir)
+  assert s["data/rows_read"] == s["data/rows_kept"] == 12
+  assert s["data/unused_label_false"] == 4 and s["data/examples"] == 8
+  assert s["data/truncated_completion"] == 8  # T = 16 in the smoke preset
+  assert _report_line(run_dir) == (
+    "- data: 12 of 12 rows kept; truncated: prompt 0, completion 8; not "
+    "used: label\\_false 4"
+  )

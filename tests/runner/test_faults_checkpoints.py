@@ -1,0 +1,234 @@
+"""Issue 13, no data lost: the TrainLoop keeps the last checkpoints, falls
+back from a damaged latest one, never saves a non-finite state, stops a
+stage whose updates are mostly skipped, and turns a full disk into one
+line naming the path."""
+
+import errno
+import pathlib
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.checkpoint import (
+  CheckpointDamagedError,
+  CheckpointManager,
+  NonFiniteStateError,
+  abstract_like,
+)
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.loop import TrainLoop
+
+
+class Counter:
+  """A data iterator: its position is saved with every checkpoint."""
+
+  def __init__(self):
+    self.i = 0
+
+  def state_dict(self):
+    return {"i": self.i}
+
+  def load_state_dict(self, d):
+    self.i = int(d["i"])
+
+
+def _state():
+  return {"w": jnp.zeros((8, 16), jnp.float32), "n": jnp.zeros((), jnp.int32)}
+
+
+def _loop(run_dir, total=6, **kwargs):
+  kwargs = {"checkpoint_every": 2, "tensorboard": False, **kwargs}
+  return TrainLoop("t", run_dir, total, runtime.StopFlag(), **kwargs)
+
+
+def _train(run_dir, total=6, step_fn=None, **kwargs):
+  """Runs (or resumes) the loop; returns (final state, start step)."""
+  it = Counter()
+
+  def step(s):
+    it.i += 1
+    w = s["w"] + jnp.float32(it.i) * 0.5
+    return {"w": w, "n": s["n"] + 1}, {"loss": jnp.sum(w)}
+
+  loop = _loop(run_dir, total, **kwargs)
+  state, start = loop.restore(_state(), it)
+  state, _ = loop.run(state, start, step_fn or step, iterator=it)
+  loop.close()
+  return state, start
+
+
+def _biggest_file(step_dir: pathlib.Path) -> pathlib.Path:
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  f = _biggest_file(step_dir)
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _corrupt(step_dir):
+  f = _biggest_file(step_dir)
+  b = bytearray(f.read_bytes())
+  b[len(b) // 2] ^= 0x5A  # one byte: only the checksum notices
+  f.write_bytes(bytes(b))
+
+
+def _drop_metadata(step_dir):
+  (step_dir / "metadata" / "metadata").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _corrupt, _drop_metadata])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+  tmp_path, capsys, damage
+):
+  reference, _ = _train(tmp_path / "ref")
+  ckpt_dir = tmp_path / "run" / "checkpoints" / "t"
+  _train(tmp_path / "run")
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]  # keep 2
+  damage(ckpt_dir / "6")
+  capsys.readouterr()
+  state, start = _train(tmp_path / "run")
+  assert start == 4
+  err = capsys.readouterr().err.splitlines()
+  warnings = [ln for ln in err if "damaged" in ln]
+  assert len(warnings) == 1, err
+  assert warnings[0].startswith(
+    f"rlhf-jax: warning: t: checkpoint step 6 in {ckpt_dir / '6'} is damaged ("
+  )
+  assert warnings[0].endswith("; restoring step 4 instead")
+  np.testing.assert_array_equal(state["w"], reference["w"])  # same run
+  assert int(state["n"]) == 6
+  with CheckpointManager(ckpt_dir) as ckpt:  # 6 was saved again, whole
+    assert ckpt.all_steps() == [4, 6]
+    restored, _ = ckpt.restore(abstract_state=abstract_like(_state()))
+  np.testing.assert_array_equal(restored["w"], reference["w"])
+
+
+def test_no_usable_checkpoint_is_a_one_line_error(tmp_path):
+  _train(tmp_path, keep=3)
+  ckpt_dir = tmp_path / "checkpoints" / "t"
+  for step in (2, 4, 6):
+    _truncate(ckpt_dir / str(step))
+  with pytest.raises(runtime.UserError) as e:
+    _loop(tmp_path).restore(_state(), Counter())
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert msg.startswith(f"t: no usable checkpoint in {ckpt_dir} (steps 6, 4, 2")
+  assert "--overwrite" in msg
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["2", "4", "6"]
+
+
+def test_keep_is_settable(tmp_path):
+  _train(tmp_path, keep=1)
+  assert [p.name for p in (tmp_path / "checkpoints" / "t").iterdir()] == ["6"]
+
+
+def test_a_state_with_nan_is_never_saved(tmp_path):
+  def step(s):
+    n = s["n"] + 1
+    w = jnp.where(n >= 3, jnp.nan, s["w"] + 1.0)  # NaN from step 3 on
+    return {"w": w, "n": n}, {"loss": jnp.sum(w)}
+
+  with pytest.raises(runtime.UserError) as e:
+    _train(tmp_path, step_fn=step)
+  ckpt_dir = tmp_path / "checkpoints" / "t"
+  assert str(e.value) == (
+    "t: the state at step 4 holds NaN or inf, so it was not saved; "
+    f"stopped, keeping the last good checkpoint, step 2 in {ckpt_dir / '2'}"
+  )
+  with CheckpointManager(ckpt_dir) as ckpt:
+    assert ckpt.all_steps() == [2]
+    restored, _ = ckpt.restore(abstract_state=abstract_like(_state()))
+  assert np.all(np.asarray(restored["w"]) == 2.0)  # steps 1 and 2
+  with pytest.raises(NonFiniteStateError):
+    CheckpointManager(tmp_path / "x").save(
+      1, {"w": jnp.full((2,), jnp.inf)}, require_finite=True
+    )
+
+
+def _skipping(every):
+  """A step that skips (leaves w) on steps divisible by ``every``."""
+
+  def step(s):
+    n = s["n"] + 1
+    skip = n % every == 0
+    skipped = s.get("k", jnp.zeros((), jnp.int32)) + skip.astype(jnp.int32)
+    w = jnp.where(skip, s["w"], s["w"] + 1.0)
+    return {"w": w, "n": n, "k": skipped}, {
+      "train/skipped": skip.astype(jnp.float32),
+      "train/skipped_steps": skipped.astype(jnp.float32),
+    }
+
+  return step
+
+
+def _skip_state():
+  return {**_state(), "k": jnp.zeros((), jnp.int32)}
+
+
+def test_mostly_skipped_steps_stop_the_stage(tmp_path):
+  loop = _loop(tmp_path, 8)
+  with pytest.raises(runtime.UserError) as e:
+    loop.run(_skip_state(), 0, _skipping(every=1))
+  ckpt_dir = tmp_path / "checkpoints" / "t"
+  assert str(e.value) == (
+    "t: 4 of 4 steps so far were skipped for non-finite loss or gradients "
+    "(more than --max-skipped-fraction 0.5); stopped at step 4, keeping the "
+    f"last good checkpoint, step 2 in {ckpt_dir / '2'}. Lower the learning "
+    "rate or check the data"
+  )
+  # Half skipped is not more than half; fraction 1 never stops.
+  _loop(tmp_path / "half", 8).run(_skip_state(), 0, _skipping(every=2))
+  _loop(tmp_path / "all", 8, max_skipped_fraction=1.0).run(
+    _skip_state(), 0, _skipping(every=1)
+  )
+  # PPO counts minibatch updates: 4 per step, 4 skipped of 16 is fine.
+  _loop(tmp_path / "ppo", 4, updates_per_step=4).run(
+    _skip_state(), 0, _skipping(every=1)
+  )
+  with pytest.raises(ValueError, match="max_skipped_fraction"):
+    _loop(tmp_path, max_skipped_fraction=1.5)
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_earlier(
+  tmp_path, monkeypatch
+):
+  _train(tmp_path, total=4)
+  ckpt_dir = tmp_path / "checkpoints" / "t"
+  before = {p: p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
+  loop = _loop(tmp_path, total=8)
+  state, start = loop.restore(_state(), Counter())
+  assert start == 4
+  target = ckpt_dir / "6.orbax-checkpoint-tmp"
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+  monkeypatch.setattr(loop.ckpt._manager, "save", full)
+  with pytest.raises(runtime.UserError) as e:
+    loop.run(state, start, lambda s: (s, {"loss": jnp.sum(s["w"])}))
+  assert str(e.value) == (
+    f"cannot write {target}: no space left on the device; nothing written "
+    "before was changed (free space or make it writable, then rerun with "
+    "--resume)"
+  )
+  after = {p: p.read_bytes() for p in ckpt_dir.rglob("*") if p.is_file()}
+  assert after == before
+  # TensorStore's errors carry the OS error as text only.
+  wrapped = ValueError("DATA_LOSS: write failed: No space left on device")
+  assert "no space left" in runtime.disk_error(wrapped, "x")
+  assert runtime.disk_error(ValueError("shape mismatch"), "x") is None
+
+
+def test_checkpoint_damage_error_names_step_and_path(tmp_path):
+  with CheckpointManager(tmp_path, async_save=False) as ckpt:
+    ckpt.save(3, _state(), metadata={"i": 3})
+    assert ckpt.restore_metadata(3) == {"i": 3}  # checksums stay inside
+    shutil.rmtree(tmp_path / "3" / "state")
+    with pytest.raises(CheckpointDamagedError) as e:
+      ckpt.restore(3, abstract_state=abstract_like(_state()))
+  assert e.value.step == 3 and e.value.path == tmp_path / "3"
+  assert str(e.value).startswith(f"checkpoint step 3 in {tmp_path / '3'} is")

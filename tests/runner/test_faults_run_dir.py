@@ -1,0 +1,384 @@
+"""Issue 13, no data lost: run directories are locked by their writer,
+compared by content on --resume, emptied by --overwrite only of what
+rlhf-jax wrote, and a read-only path or a full disk is one line naming it
+with nothing written before changed."""
+
+import builtins
+import dataclasses
+import errno
+import io
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_jax.cli import presets as P
+from rlhf_jax.runner import runtime
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _release_locks():
+  yield
+  for key in list(runtime._LOCKS):
+    runtime.unlock_run_dir(pathlib.Path(key))
+
+
+def _cfg(run_dir, **kwargs):
+  return dataclasses.replace(P.smoke_pipeline(), run_dir=str(run_dir), **kwargs)
+
+
+def _prepare(run_dir, command="run", model_dir="model", **kwargs):
+  return runtime.prepare_run_dir(
+    command, _cfg(run_dir, **kwargs), extra={"model_dir": str(model_dir)}
+  )
+
+
+def _a_run(run_dir, **kwargs):
+  """A run directory holding a run (config.json, metrics, a checkpoint)."""
+  _prepare(run_dir, **kwargs)
+  (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+  (run_dir / "checkpoints" / "rm" / "2").mkdir(parents=True)
+  (run_dir / "checkpoints" / "rm" / "2" / "x").write_bytes(b"state")
+
+
+def _files(root):
+  return {
+    p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()
+  }
+
+
+# ----------------------------------------------------------------- locking
+
+
+def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+  run_dir = tmp_path / "run"
+  _a_run(run_dir)
+  runtime.unlock_run_dir(run_dir)
+  code = (
+    "import pathlib, sys, time\n"
+    "from rlhf_jax.runner import runtime\n"
+    "runtime.lock_run_dir(pathlib.Path(sys.argv[1]), 'rlhf-jax run')\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+  )
+  holder = subprocess.Popen(
+    [sys.executable, "-c", code, str(run_dir)],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(runtime.UserError) as e:
+      _prepare(run_dir, resume=True)
+    assert str(e.value) == (
+      f"run directory {run_dir} is in use by another rlhf-jax process (pid "
+      f"{holder.pid} on {socket.gethostname()}, rlhf-jax run); wait for it "
+      "to end or stop it, then run again"
+    )
+  finally:
+    holder.kill()  # SIGKILL: the kernel drops its lock
+    holder.wait(timeout=60)
+  _prepare(run_dir, resume=True)  # no stale lock
+  assert (
+    (run_dir / runtime.LOCK_FILE)
+    .read_text()
+    .startswith(f"pid {os.getpid()} on ")
+  )
+  _prepare(run_dir, resume=True)  # the holder itself may reopen it
+
+
+# ------------------------------------------------------- paths on --resume
+
+
+def test_resume_compares_resolved_paths_not_strings(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "pairs.jsonl").write_text("{}\n")
+  _a_run(
+    pathlib.Path("runs/a"),
+    command="rm",
+    data="pairs.jsonl",
+    eval_data="runs/a/held.jsonl",
+  )
+  here = tmp_path / "runs" / "a"
+  # Absolute spellings, a trailing slash, ./ and .. segments.
+  _prepare(
+    f"{here}/",
+    command="rm",
+    model_dir=tmp_path / "model",
+    resume=True,
+    data=str(tmp_path / "x" / ".." / "pairs.jsonl"),
+    eval_data="./runs/a/held.jsonl",
+  )
+  # Moved elsewhere, resumed from another working directory.
+  runtime.unlock_run_dir(here)
+  moved = tmp_path / "elsewhere" / "b"
+  moved.parent.mkdir()
+  shutil.move(here, moved)
+  monkeypatch.chdir(moved.parent)
+  _prepare(
+    "b",
+    command="rm",
+    model_dir=tmp_path / "model",
+    resume=True,
+    data=str(tmp_path / "pairs.jsonl"),
+    eval_data="b/held.jsonl",
+  )
+  saved = json.loads((moved / "config.json").read_text())
+  assert saved["paths"]["config.eval_data"] == "<run_dir>/held.jsonl"
+  assert saved["config"]["eval_data"] == "b/held.jsonl"  # as given
+  # A different file is a different run.
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(
+      "b",
+      command="rm",
+      model_dir=tmp_path / "model",
+      resume=True,
+      data=str(tmp_path / "pairs.jsonl"),
+      eval_data=str(tmp_path / "pairs.jsonl"),
+    )
+  assert str(e.value) == (
+    f"cannot resume b: the config differs from its config.json "
+    f"(config.eval_data: '<run_dir>/held.jsonl' -> "
+    f"'{tmp_path / 'pairs.jsonl'}')"
+  )
+
+
+# ---------------------------------------------------- --overwrite, --resume
+
+
+def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
+  run_dir = tmp_path / "run"
+  _a_run(run_dir)
+  (run_dir / "notes.txt").write_text("mine")
+  before = _files(run_dir)
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, overwrite=True)
+  assert str(e.value) == (
+    f"--overwrite {run_dir}: it holds an entry rlhf-jax did not write "
+    "(notes.txt); nothing was deleted. Move them out of the run directory, "
+    "or choose another --run-dir"
+  )
+  for i in range(6):
+    (run_dir / f"mine{i}").mkdir()
+  with pytest.raises(
+    runtime.UserError,
+    match=r"holds 7 entries .*"
+    r"\(mine0, mine1, mine2, mine3, mine4 and 2 more\)",
+  ):
+    _prepare(run_dir, overwrite=True)
+  assert _files(run_dir) == before
+  for i in range(6):
+    (run_dir / f"mine{i}").rmdir()
+  (run_dir / "notes.txt").unlink()
+  # An input of the config inside the run directory (in a folder of ours).
+  data = run_dir / "data" / "pairs.jsonl"
+  data.parent.mkdir()
+  data.write_text("{}\n")
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, command="rm", overwrite=True, data=str(data))
+  assert str(e.value).startswith(
+    f"--overwrite {run_dir}: --data {data} lies inside the run directory "
+    "and would be deleted; nothing was deleted."
+  )
+  with pytest.raises(runtime.UserError, match="--model .* lies inside"):
+    _prepare(run_dir, overwrite=True, model_dir=run_dir / "data")
+  assert data.read_text() == "{}\n"
+  _prepare(run_dir, overwrite=True)
+  assert sorted(p.name for p in run_dir.iterdir()) == [
+    runtime.LOCK_FILE,
+    runtime.RUN_MARKER,
+    "config.json",
+  ]
+
+
+def test_resume_without_a_run_says_so(tmp_path, capsys):
+  for run_dir in (tmp_path / "new", tmp_path / "only-config"):
+    if run_dir.name == "only-config":  # a run that failed on its inputs
+      _prepare(run_dir, seed=5)
+    capsys.readouterr()
+    _prepare(run_dir, resume=True)
+    assert capsys.readouterr().err == (
+      f"rlhf-jax: nothing to resume in {run_dir}; starting a new run\n"
+    )
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["config"]["seed"] == 0
+  _a_run(tmp_path / "real")
+  capsys.readouterr()
+  _prepare(tmp_path / "real", resume=True)
+  assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------- read-only and full disk
+
+
+def _chmod_stops_writes(tmp_path) -> bool:
+  """False when chmod does not stop this user's writes (root)."""
+  probe = tmp_path / "probe"
+  probe.mkdir()
+  probe.chmod(0o555)
+  try:
+    (probe / "x").write_text("x")
+    return False
+  except PermissionError:
+    return True
+  finally:
+    probe.chmod(0o755)
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+  """Makes a directory tree read-only: chmod, or (as root, where chmod
+  stops nothing) the file functions raising EROFS under it."""
+  real = _chmod_stops_writes(tmp_path)
+  roots: list[pathlib.Path] = []
+
+  def under(path) -> bool:
+    if isinstance(path, int):
+      return False
+    p = pathlib.Path(os.fsdecode(path)).absolute()
+    return any(p == r or r in p.parents for r in roots)
+
+  def erofs(path):
+    return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+  def wrap_open(orig):
+    def opener(file, mode="r", *args, **kwargs):
+      if any(c in mode for c in "wax+") and under(file):
+        raise erofs(file)
+      return orig(file, mode, *args, **kwargs)
+
+    return opener
+
+  def wrap_os_open(orig):
+    def opener(path, flags, *args, **kwargs):
+      writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+      if flags & writes and under(path):
+        raise erofs(path)
+      return orig(path, flags, *args, **kwargs)
+
+    return opener
+
+  def wrap_path_op(orig):
+    def op(path, *args, **kwargs):
+      if under(path):
+        raise erofs(path)
+      return orig(path, *args, **kwargs)
+
+    return op
+
+  def make(root: pathlib.Path) -> None:
+    roots.append(root.absolute())
+    if real:
+      for p in [root, *root.rglob("*")]:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+      return
+    monkeypatch.setattr(builtins, "open", wrap_open(builtins.open))
+    monkeypatch.setattr(io, "open", wrap_open(io.open))
+    monkeypatch.setattr(os, "open", wrap_os_open(os.open))
+    for name in ("mkdir", "replace", "rename", "unlink", "rmdir"):
+      monkeypatch.setattr(os, name, wrap_path_op(getattr(os, name)))
+
+  yield make
+  if real:
+    for r in roots:
+      for p in [r, *r.rglob("*")]:
+        p.chmod(0o755)
+
+
+def _assert_disk_error(message: str, path_prefix: pathlib.Path) -> None:
+  assert "\n" not in message
+  assert message.startswith(f"cannot write {path_prefix}")
+  assert message.endswith(
+    "; nothing written before was changed (free space or make it writable, "
+    "then rerun with --resume)"
+  )
+  assert "read-only file system" in message or "permission denied" in message
+
+
+def test_read_only_run_dir_is_one_line_and_changes_nothing(tmp_path, read_only):
+  run_dir = tmp_path / "run"
+  _a_run(run_dir)
+  runtime.unlock_run_dir(run_dir)
+  before = _files(run_dir)
+  read_only(run_dir)
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, resume=True)
+  _assert_disk_error(str(e.value), run_dir)
+  assert _files(run_dir) == before
+  # A new run below a read-only folder.
+  parent = tmp_path / "ro"
+  parent.mkdir()
+  read_only(parent)
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(parent / "new")
+  _assert_disk_error(str(e.value), parent / "new")
+  assert not (parent / "new").exists()
+
+
+def test_full_disk_is_one_line_and_keeps_the_files(tmp_path, monkeypatch):
+  run_dir = tmp_path / "run"
+  _a_run(run_dir)
+  runtime.write_json(run_dir / "summary.json", {"a": 1})
+  before = _files(run_dir)
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(runtime.UserError) as e:
+    runtime.write_json(run_dir / "summary.json", {"a": 2})
+  assert str(e.value) == (
+    f"cannot write {run_dir / 'summary.json'}: no space left on the device; "
+    "nothing written before was changed (free space or make it writable, "
+    "then rerun with --resume)"
+  )
+  with pytest.raises(runtime.UserError, match="config.json: no space left"):
+    _prepare(run_dir, resume=True)
+  assert _files(run_dir) == before  # no partial file, no .tmp left
+  monkeypatch.undo()
+  with pytest.raises(runtime.UserError, match="no space left"):
+    with runtime.atomic_dir(run_dir / "outputs" / "ppo") as out:
+      (out / "model.safetensors").write_bytes(b"partial")
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  assert list((run_dir / "outputs").iterdir()) == []  # no ppo, no ppo.tmp
+
+
+def test_cli_read_only_and_full_disk_exit_2_with_one_line(
+  tmp_path, capsys, read_only, monkeypatch
+):
+  from rlhf_jax.cli.main import main
+
+  run_dir = tmp_path / "run"
+  _a_run(run_dir, command="rm")
+  runtime.unlock_run_dir(run_dir)
+  before = _files(run_dir)
+  read_only(run_dir)
+  args = ["rm", "--preset", "smoke", "--run-dir", str(run_dir)]
+  assert main([*args, "--resume"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"rlhf-jax: error: cannot write {run_dir}")
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert _files(run_dir) == before
+  monkeypatch.undo()
+
+  def full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(os, "fsync", full)
+  new = tmp_path / "new"
+  assert main(["rm", "--preset", "smoke", "--run-dir", str(new)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(
+    f"rlhf-jax: error: cannot write {new / runtime.RUN_MARKER}: no space "
+    "left on the device;"
+  )
+  assert err.count("\n") == 1 and "Traceback" not in err

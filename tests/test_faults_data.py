@@ -1,0 +1,296 @@
+"""Bad and degenerate data (issue 13): pairs that tie once tokenized are
+dropped and counted by reason, counts reach the summary and the report, a
+mostly dropped file stops with one line, and bad files name the file, the
+line and the field."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rlhf_jax.data import (
+  DataError,
+  DropReport,
+  HFTokenizerAdapter,
+  PreferencePair,
+  load_examples,
+  readers,
+  tokenize_preferences,
+)
+from rlhf_jax.runner.runtime import UserError
+from rlhf_jax.stages import user_data
+from rlhf_jax.stages.report import write_report
+
+# TinyStories maps both to [80, 80, 0] (unknown characters become <unk>).
+UNK_A, UNK_B = " 你好", " 世界"
+
+
+@pytest.fixture(scope="module")
+def tiny(tinystories_dir):
+  return HFTokenizerAdapter.from_file(
+    tinystories_dir / "tokenizer.json",
+    bos_token="<|start_story|>",
+    eos_token="<|end_story|>",
+    pad_token="<unk>",
+  )
+
+
+def pair(i, chosen, rejected):
+  return PreferencePair(
+    f"Once upon a time {i}", chosen, rejected, "p.jsonl", i, f"p.jsonl:{i + 1}"
+  )
+
+
+def write_rows(tmp_path, rows, name="pairs.jsonl"):
+  p = tmp_path / name
+  p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(p)
+
+
+def rows_of(n_ties, n_good, n_equal=0):
+  unk = {"chosen": UNK_A, "rejected": UNK_B}
+  good = {"chosen": " a happy dog", "rejected": " a sad cat"}
+  same = {"chosen": " a dog", "rejected": " a dog"}
+  rows = [{"prompt": f"Once {i}", **unk} for i in range(n_ties)]
+  rows += [{"prompt": f"Day {i}", **good} for i in range(n_good)]
+  return rows + [{"prompt": f"Night {i}", **same} for i in range(n_equal)]
+
+
+def load(path, tok, frac=0.5, strict=False, t=8):
+  return user_data.load_pairs(
+    path,
+    tok,
+    template=None,
+    max_prompt_length=16,
+    max_response_length=t,
+    strict=strict,
+    max_dropped_frac=frac,
+  )
+
+
+# ------------------------------------------------------------------ ties
+
+
+def test_unk_ties_kept_by_default_dropped_on_request(tiny):
+  ex = [pair(0, " happy", " sad"), pair(1, UNK_A, UNK_B), pair(2, "a", "b")]
+  ds = tokenize_preferences(
+    ex, tiny, max_prompt_length=16, max_response_length=8
+  )
+  assert len(ds) == 3 and ds.example_index is None
+  assert [(t.row, t.where, t.reason) for t in ds.ties] == [
+    (1, "p.jsonl:2", "tokens_identical")
+  ]
+  ds = tokenize_preferences(
+    ex, tiny, max_prompt_length=16, max_response_length=8, drop_ties=True
+  )
+  assert len(ds) == 2 and ds.rows.tolist() == [0, 2]
+  assert ds.example_index.tolist() == [0, 2]
+  assert ds.truncation.num_examples == 2
+  assert not np.array_equal(ds.arrays["chosen_ids"], ds.arrays["rejected_ids"])
+  # A split keeps the map back to the examples.
+  assert ds.subset(np.array([1])).example_index.tolist() == [2]
+
+
+def test_tie_after_truncation_and_truncation_counts_of_kept_pairs(tiny):
+  long_a = " the dog ran to the park and played with the ball all day"
+  ex = [
+    pair(0, long_a + " happy", long_a + " sad"),  # same first T tokens
+    pair(1, " happy dog" + long_a, " sad cat" + long_a),  # both cut
+  ]
+  ds = tokenize_preferences(
+    ex, tiny, max_prompt_length=16, max_response_length=4, drop_ties=True
+  )
+  assert [t.reason for t in ds.ties] == ["identical_after_truncation"]
+  assert len(ds) == 1
+  assert ds.truncation.truncated == {"prompt": 0, "chosen": 1, "rejected": 1}
+
+
+def test_every_pair_tied_is_an_error(tiny):
+  ex = [pair(i, UNK_A, UNK_B) for i in range(3)]
+  with pytest.raises(DataError) as e:
+    tokenize_preferences(
+      ex, tiny, max_prompt_length=16, max_response_length=8, drop_ties=True
+    )
+  assert str(e.value).startswith(
+    "p.jsonl: no usable pairs: all 3 pairs tie once tokenized "
+    "(tokens_identical: 3;"
+  )
+
+
+# ------------------------------------------------------ counts, thresholds
+
+
+def test_file_counts_list_every_pair_reason(tmp_path, tiny):
+  path = write_rows(tmp_path, rows_of(n_ties=2, n_good=6, n_equal=1))
+  loaded, ds = load(path, tiny)
+  assert len(ds) == 6
+  assert [loaded.examples[i].chosen for i in ds.example_index] == (
+    [" a happy dog"] * 6
+  )
+  counts = user_data.data_counts(
+    "data", loaded.drops, ds.truncation.truncated, user_data.PAIR_DROP_REASONS
+  )
+  assert counts == {
+    "data/rows_read": 9,
+    "data/rows_kept": 6,
+    "data/rows_dropped": 3,
+    "data/dropped_chosen_equals_rejected": 1,
+    "data/dropped_prompt_differs": 0,
+    "data/dropped_tokens_identical": 2,
+    "data/dropped_identical_after_truncation": 0,
+    "data/truncated_prompt": 0,
+    "data/truncated_chosen": 0,
+    "data/truncated_rejected": 0,
+  }
+
+
+def test_mostly_ties_stops_with_one_line(tmp_path, tiny):
+  path = write_rows(tmp_path, rows_of(n_ties=7, n_good=3))
+  with pytest.raises(UserError) as e:
+    load(path, tiny)
+  assert str(e.value) == (
+    f"{path}: 7 of 10 rows dropped (70%: tokens_identical 7), more than "
+    "--data-max-dropped-frac 0.5; most often chosen and rejected differ as "
+    "text but tokenize to the same ids: fix the file or raise "
+    "--data-max-dropped-frac"
+  )
+  loaded, ds = load(path, tiny, frac=0.7)  # the threshold is inclusive
+  assert len(ds) == 3 and loaded.drops.dropped_frac() == pytest.approx(0.7)
+  with pytest.raises(DataError, match=r"pairs.jsonl:1: chosen and rejected"):
+    load(path, tiny, frac=1.0, strict=True)
+
+
+def test_mostly_dropped_by_the_loader_stops(tmp_path, tiny):
+  path = write_rows(tmp_path, rows_of(n_ties=0, n_good=1, n_equal=2))
+  with pytest.raises(UserError, match=r"2 of 3 rows dropped \(67%: "):
+    load(path, tiny)
+
+
+def test_prompt_files_count_loader_drops_not_repeats(tmp_path):
+  path = write_rows(tmp_path, [{"prompt": "a"}] * 5 + [{"prompt": "b"}])
+  loaded, prompts = user_data.read_prompts(
+    path, strict=False, template=None, max_dropped_frac=0.0
+  )
+  assert prompts == ["a", "b"] and loaded.drops.total_dropped == 0
+  path = write_rows(tmp_path, rows_of(0, 1, 2), name="prompts.jsonl")
+  with pytest.raises(UserError, match="more than --data-max-dropped-frac 0"):
+    user_data.read_prompts(
+      path, strict=False, template=None, max_dropped_frac=0.0
+    )
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_threshold_must_be_a_fraction(value):
+  with pytest.raises(UserError, match=r"--data-max-dropped-frac .*\[0, 1\]"):
+    user_data.check_max_dropped_frac(value)
+
+
+def test_drop_report_extend_keeps_rows_read(tiny):
+  drops = DropReport({"p.jsonl": 4})
+  ds = tokenize_preferences(
+    [pair(0, UNK_A, UNK_B), pair(1, "a", "b")],
+    tiny,
+    max_prompt_length=16,
+    max_response_length=8,
+  )
+  drops.extend(ds.ties)
+  assert drops.total_read == 4 and drops.total_kept == 3
+  assert drops.dropped_frac() == 0.25
+  assert drops.counts() == {"tokens_identical": 1}
+
+
+def test_report_tells_the_data_counts(tmp_path):
+  summary = {
+    "data/rows_read": 10,
+    "data/rows_kept": 7,
+    "data/rows_dropped": 3,
+    "data/dropped_prompt_differs": 0,
+    "data/dropped_tokens_identical": 3,
+    "data/truncated_prompt": 2,
+    "data/truncated_chosen": 1,
+  }
+  text = write_report(
+    tmp_path, summary=summary, samples={}, metrics_path=None
+  ).read_text()
+  assert "| data/dropped_tokens_identical | 3 |" in text
+  assert "| data/dropped_prompt_differs | 0 |" in text
+  assert (
+    "- data: 7 of 10 rows kept; dropped: tokens\\_identical 3 (chosen and "
+    "rejected differ as text but tokenize to the same ids); truncated: "
+    "prompt 2, chosen 1\n"
+  ) in text
+
+
+# -------------------------------------------------------------- bad files
+
+
+def error_of(path) -> str:
+  with pytest.raises(DataError) as e:
+    load_examples(str(path))
+  return str(e.value)
+
+
+def test_bad_jsonl_files_name_file_line_and_field(tmp_path):
+  p = tmp_path / "d.jsonl"
+  p.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt"\n')
+  assert error_of(p).startswith(f"{p}:2: invalid JSON: ")
+  p.write_text('{"prompt": "a", "chosen": "b"}\n')
+  assert error_of(p) == (
+    f"{p}:1: missing field 'rejected' (format 'explicit' needs prompt, "
+    "chosen, rejected)"
+  )
+  p.write_text('{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
+  assert error_of(p) == f"{p}:1: field 'chosen' must be a string, got integer"
+  p.write_text("\n  \n")
+  assert error_of(p) == f"{p}: empty file: no rows"
+  p.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+  assert error_of(p) == f"{p}:1: invalid JSON: nested too deeply"
+  assert error_of(tmp_path / "d.json").endswith(
+    "d.json: unknown file type; expected .jsonl, .jsonl.gz or .parquet"
+  )
+  d = tmp_path / "dir.jsonl"
+  d.mkdir()
+  assert error_of(d) == f"{d}: is a directory, not a data file"
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+  p = tmp_path / "bom.jsonl"
+  p.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
+  assert [e.prompt for e in load_examples(str(p)).examples] == ["a", "b"]
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+  p = tmp_path / "locked.jsonl"
+  p.write_text('{"prompt": "a"}\n')
+
+  def denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(p))
+
+  monkeypatch.setattr(readers, "open", denied, raising=False)
+  assert error_of(p) == f"{p}: cannot open: Permission denied"
+
+
+def test_parquet_wrong_columns_types_and_damage(tmp_path, tiny):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  p = tmp_path / "d.parquet"
+  pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), p)
+  assert error_of(p).startswith(
+    f"{p}:row 0: cannot detect the format from fields [answer, question]"
+  )
+  pq.write_table(
+    pa.table(
+      {"prompt": ["p", "q"], "chosen": ["a", None], "rejected": ["b"] * 2}
+    ),
+    p,
+  )
+  assert error_of(p) == f"{p}:row 1: field 'chosen' must be a string, got null"
+  pq.write_table(pa.table({"prompt": ["p", "q"]}), p)
+  with pytest.raises(DataError, match="expected preference pairs"):
+    load(str(p), tiny)
+  words = [f"word {i} " * 50 for i in range(200)]
+  pq.write_table(pa.table({"prompt": words}), p, compression="snappy")
+  data = bytearray(p.read_bytes())
+  data[100:2000] = b"\xff" * 1900  # the first data page
+  p.write_bytes(bytes(data))
+  assert error_of(p).startswith(f"{p}:row 0: cannot read the Parquet data:")
