@@ -221,3 +221,14 @@ def check_config(config: Any) -> None:
   problems = config_problems(config)
   if problems:
     raise ValueError(f"{type(config).__name__}: {'; '.join(problems)}")
+
+
+def check_build(model_config: Any, config: Any) -> None:
+  """What every step factory checks when it is built, before any trace.
+
+  Raises:
+    ValueError: a field of ``config`` out of range (each one named), or a
+      float64 model config while jax_enable_x64 is off.
+  """
+  model_config.check_dtypes()
+  check_config(config)

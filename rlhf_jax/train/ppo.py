@@ -28,7 +28,7 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
-from rlhf_jax.train.common import check_config
+from rlhf_jax.train.common import check_build
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
@@ -101,11 +101,10 @@ def make_ppo_step(
     metrics). ``frozen`` is never donated nor updated.
 
   Raises:
-    ValueError: batch sizes that do not split into minibatches; a float64
-      model config while jax_enable_x64 is off.
+    ValueError: see ``train.common.check_build``; at trace time, batch
+      sizes that do not split into minibatches.
   """
-  model_config.check_dtypes()
-  check_config(config)
+  check_build(model_config, config)
   update = make_update(model_config, config, policy_optimizer, value_optimizer)
   phase = dict(model_config=model_config, config=config)
 

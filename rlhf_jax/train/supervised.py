@@ -32,7 +32,7 @@ from rlhf_jax.train.common import (
   accumulate_gradients,
   apply_if_finite,
   at_least,
-  check_config,
+  check_build,
   concat_prompt_response,
   global_sum,
   loss_normalizer,
@@ -107,10 +107,9 @@ def make_sft_step(
     train/skipped_steps.
 
   Raises:
-    ValueError: a float64 model config while jax_enable_x64 is off.
+    ValueError: see ``train.common.check_build``.
   """
-  model_config.check_dtypes()
-  check_config(config)
+  check_build(model_config, config)
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
@@ -292,10 +291,9 @@ def make_reward_model_step(
     train/skipped_steps.
 
   Raises:
-    ValueError: a float64 model config while jax_enable_x64 is off.
+    ValueError: see ``train.common.check_build``.
   """
-  model_config.check_dtypes()
-  check_config(config)
+  check_build(model_config, config)
   axis = config.axis_name
 
   def step(state: TrainState, batch):
@@ -430,10 +428,9 @@ def make_dpo_step(
     ``config.precomputed_ref``.
 
   Raises:
-    ValueError: a float64 model config while jax_enable_x64 is off.
+    ValueError: see ``train.common.check_build``.
   """
-  model_config.check_dtypes()
-  check_config(config)
+  check_build(model_config, config)
   axis = config.axis_name
   average = config.loss_type == "ipo"
 
