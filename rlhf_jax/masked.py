@@ -102,8 +102,13 @@ def _psum(x: jax.Array, axis_name: str | None) -> jax.Array:
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  """num / den, 0 where den == 0, with finite gradients in both branches."""
+def safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num / den, 0 where den == 0, with finite gradients in both branches.
+
+  >>> import jax.numpy as jnp
+  >>> safe_div(jnp.array([1.0, 1.0]), jnp.array([2.0, 0.0])).tolist()
+  [0.5, 0.0]
+  """
   ok = den > 0
   return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
@@ -177,7 +182,7 @@ def masked_mean(
   mask = _check_mask(x, mask)
   total = masked_sum(x, mask, axis, axis_name=axis_name)
   count = masked_count(mask, axis, axis_name=axis_name)
-  return _safe_div(total, count)
+  return safe_div(total, count)
 
 
 def masked_var(
@@ -207,7 +212,7 @@ def masked_var(
   centered = jnp.where(mask, promote_f32(x) - mean, 0)
   sq = masked_sum(centered * centered, mask, axis_name=axis_name)
   count = masked_count(mask, axis_name=axis_name)
-  return _safe_div(sq, count - 1 if unbiased else count)
+  return safe_div(sq, count - 1 if unbiased else count)
 
 
 def masked_whiten(
@@ -287,7 +292,7 @@ def aggregate_loss(
     den = jnp.asarray(normalizer, jnp.float32)
   else:
     den = _psum(den, axis_name)
-  return _safe_div(_psum(num, axis_name), den)
+  return safe_div(_psum(num, axis_name), den)
 
 
 def aggregate_sums(
@@ -339,7 +344,7 @@ def aggregate_sums(
   row_sum = masked_sum(per_token, mask, axis=-1)
   row_count = masked_count(mask, axis=-1)
   if loss_agg_mode == "seq-mean-token-mean":
-    row_val = _safe_div(row_sum, row_count)
+    row_val = safe_div(row_sum, row_count)
   else:
     row_val = row_sum
   nonempty = row_count > 0

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
+from rlhf_jax.kl import kl_estimate
 from rlhf_jax.masked import (
   LossAggMode,
   promote_f32,
@@ -156,7 +157,10 @@ def ppo_policy_loss(
     "ppo/clipfrac": st.Mean.of(clip_active, mask),
     "ppo/dual_clipfrac": st.Mean.of(dual_active, mask),
     "ppo/approx_kl": st.Mean.of(-log_ratio, mask),
-    "ppo/approx_kl_k3": st.Mean.of(ratio - 1.0 - log_ratio, mask),
+    # k3 of KL(pi_old || pi) = rho - 1 - log rho, evaluated accurately.
+    "ppo/approx_kl_k3": st.Mean.of(
+      kl_estimate(old_logp, logp, kl_estimator="k3", mask=mask), mask
+    ),
     "ppo/ratio_mean": st.Mean.of(ratio, mask),
     "ppo/ratio_max": st.Max.of(ratio, mask),
     "ppo/ratio_dev_max": st.Max.of(jnp.abs(ratio - 1.0), mask),

@@ -7,7 +7,9 @@ as pytrees of sums (docs/conventions.md, convention 15):
   Mean(total, count)   value = total / count (0 when count == 0)
   Sum(total)           value = total (counts, e.g. tokens)
   Max(max)             value = max (0 when nothing was valid)
-  ExplainedVariance    value = 1 - Var[R - V] / Var[R] from power sums
+  ExplainedVariance    value = 1 - Var[R - V] / Var[R] from (count, mean,
+                       sum of squared deviations), merged exactly (Chan et
+                       al. 1979)
 
 ``merge`` adds (or maxes) two statistics, ``reduce`` does the same over a
 ``pmap``/``shard_map`` axis and ``fold`` over a stacked leading axis (a
@@ -17,8 +19,6 @@ rounding of the sums. ``values`` turns a dict of statistics into f32[]
 metrics. Gradients never flow through a statistic.
 
 >>> import jax.numpy as jnp
-
-from rlhf_jax.masked import LossAggMode, aggregate_loss, aggregate_sums
 >>> from rlhf_jax import stats
 >>> x, valid = jnp.array([1.0, 2.0, 9.0]), jnp.array([True, True, False])
 >>> a = stats.Mean.of(x, valid)
@@ -32,7 +32,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.masked import LossAggMode, aggregate_loss, aggregate_sums
+from rlhf_jax.masked import (
+  LossAggMode,
+  aggregate_loss,
+  aggregate_sums,
+  safe_div,
+)
 
 
 def _f(x: jax.Array) -> jax.Array:
@@ -49,11 +54,6 @@ def _valid(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   if mask is None:
     return jnp.ones(jnp.shape(x), bool)
   return jnp.asarray(mask).astype(bool)
-
-
-def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
-  ok = den > 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1), 0)
 
 
 def _stat(cls):
@@ -118,7 +118,7 @@ class Mean(_Summed):
 
   @property
   def value(self) -> jax.Array:
-    return _safe_div(self.total, self.count)
+    return safe_div(self.total, self.count)
 
 
 @_stat
@@ -138,7 +138,8 @@ class Sum(_Summed):
 
 @_stat
 class Max:
-  """A maximum: f32[] value = max over valid entries, 0 if there are none.
+  """A maximum: f32[] value = max over valid entries, 0 if there are none
+  (inf and NaN are reported as they are).
 
   Attributes:
     max: f32[] running maximum (-inf while nothing was valid).
@@ -163,28 +164,48 @@ class Max:
 
   @property
   def value(self) -> jax.Array:
-    return jnp.where(jnp.isfinite(self.max), self.max, 0)
+    # Only "nothing valid" reads as 0: an overflow (inf) or NaN shows.
+    return jnp.where(self.max == -jnp.inf, 0, self.max)
+
+
+def _pooled(count, mean, m2, total):
+  """(count, mean, M2) of parts pooled by ``total`` (a sum over the parts).
+
+  M2 = sum_i M2_i + n_i (mean_i - mean)^2 (Chan, Golub and LeVeque 1979):
+  deviations are taken from the means, never from raw power sums, so no
+  precision is lost when the mean is large against the spread.
+  """
+  n = total(count)
+  mu = safe_div(total(count * mean), n)
+  return n, mu, total(m2 + count * (mean - mu) ** 2)
+
+
+def _moments(x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
+  n = jnp.sum(m).astype(jnp.float32)
+  mean = safe_div(jnp.sum(jnp.where(m, x, 0)), n)
+  return n, mean, jnp.sum(jnp.where(m, (x - mean) ** 2, 0))
 
 
 @_stat
-class ExplainedVariance(_Summed):
-  """1 - Var[R - V] / Var[R] over valid tokens, from power sums.
+class ExplainedVariance:
+  """1 - Var[R - V] / Var[R] over valid tokens (population variances).
 
-  Population variances (no Bessel correction); 1 is a perfect critic, 0 no
-  better than a constant. 0 when Var[R] = 0 (finite, so it cannot trip NaN
-  checks).
+  1 is a perfect critic, 0 no better than a constant. 0 when Var[R] is 0
+  up to float rounding (<= 1e-12 (1 + mean(R)^2)): finite, so it cannot
+  trip NaN checks. Held as the count, means and sums of squared
+  deviations of R and R - V, merged exactly (``_pooled``).
 
   Attributes:
     count: f32[] valid tokens.
-    ret_sum, ret_sq: f32[] sums of R and R^2.
-    err_sum, err_sq: f32[] sums of R - V and (R - V)^2.
+    ret_mean, ret_m2: f32[] mean of R and sum of (R - mean)^2.
+    err_mean, err_m2: the same for R - V.
   """
 
   count: jax.Array
-  ret_sum: jax.Array
-  ret_sq: jax.Array
-  err_sum: jax.Array
-  err_sq: jax.Array
+  ret_mean: jax.Array
+  ret_m2: jax.Array
+  err_mean: jax.Array
+  err_m2: jax.Array
 
   @classmethod
   def of(
@@ -194,23 +215,33 @@ class ExplainedVariance(_Summed):
     m = _valid(values, mask)
     ret = jnp.where(m, _f(returns), 0)
     err = jnp.where(m, ret - _f(values), 0)
-    return cls(
-      jnp.sum(m).astype(jnp.float32),
-      jnp.sum(ret),
-      jnp.sum(ret * ret),
-      jnp.sum(err),
-      jnp.sum(err * err),
-    )
+    n, ret_mean, ret_m2 = _moments(ret, m)
+    _, err_mean, err_m2 = _moments(err, m)
+    return cls(n, ret_mean, ret_m2, err_mean, err_m2)
+
+  def _pool(self, total) -> "ExplainedVariance":
+    n, ret_mean, ret_m2 = _pooled(self.count, self.ret_mean, self.ret_m2, total)
+    _, err_mean, err_m2 = _pooled(self.count, self.err_mean, self.err_m2, total)
+    return ExplainedVariance(n, ret_mean, ret_m2, err_mean, err_m2)
+
+  def merge(self, other: "ExplainedVariance") -> "ExplainedVariance":
+    both = jax.tree.map(lambda a, b: jnp.stack([a, b]), self, other)
+    return both.fold()
+
+  def reduce(self, axis_name: str | None) -> "ExplainedVariance":
+    if axis_name is None:
+      return self
+    return self._pool(lambda x: jax.lax.psum(x, axis_name))
+
+  def fold(self) -> "ExplainedVariance":
+    return self._pool(lambda x: jnp.sum(x, axis=0))
 
   @property
   def value(self) -> jax.Array:
-    def var(total, sq):
-      mean = _safe_div(total, self.count)
-      return jnp.maximum(_safe_div(sq, self.count) - mean * mean, 0)
-
-    var_r = var(self.ret_sum, self.ret_sq)
-    var_e = var(self.err_sum, self.err_sq)
-    return jnp.where(var_r > 0, 1 - _safe_div(var_e, var_r), 0)
+    var_r = safe_div(self.ret_m2, self.count)
+    var_e = safe_div(self.err_m2, self.count)
+    flat = var_r <= 1e-12 * (1 + self.ret_mean**2)
+    return jnp.where(flat, 0, 1 - var_e / jnp.where(flat, 1, var_r))
 
 
 Stat = Mean | Sum | Max | ExplainedVariance

@@ -29,12 +29,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "rlhf_jax.cli.main", "run", "--preset", "smoke"]
 
 
-def _run(run_dir: pathlib.Path, *extra: str) -> subprocess.Popen:
+def _run(
+  run_dir: pathlib.Path, *extra: str, stderr: int = subprocess.PIPE
+) -> subprocess.Popen:
   return subprocess.Popen(
     [*CLI, "--run-dir", str(run_dir), *extra],
     cwd=ROOT,
     stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
+    stderr=stderr,
     text=True,
   )
 
@@ -61,7 +63,8 @@ def _interrupted_case(
   work: pathlib.Path, sig: signal.Signals, delay: float, reference: dict
 ) -> tuple[str, int, list[str]]:
   run_dir = work / f"{sig.name}-{delay:.1f}"
-  proc = _run(run_dir)
+  # Not read while it runs: never a pipe that could fill up.
+  proc = _run(run_dir, stderr=subprocess.DEVNULL)
   time.sleep(delay)
   if proc.poll() is None:
     proc.send_signal(sig)

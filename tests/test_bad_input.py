@@ -268,6 +268,7 @@ def test_read_only_and_full_disk_are_one_line(
   assert main(["generate"]) == 2
   err = capsys.readouterr().err
   assert f"cannot write runs/x/metrics.jsonl: {reason}" in err, err
+  assert "Traceback" not in err
 
 
 # ------------------------------------------------------------ library calls

@@ -28,7 +28,12 @@ ALLOWED_TOP = {
   "dataclasses",
   "collections",
 }
-ALLOWED_LOCAL = {"rlhf_jax.types", "rlhf_jax.masked", "rlhf_jax.stats"}
+ALLOWED_LOCAL = {
+  "rlhf_jax.types",
+  "rlhf_jax.masked",
+  "rlhf_jax.stats",
+  "rlhf_jax.kl",
+}
 
 
 def _imports(path: pathlib.Path) -> list[str]:

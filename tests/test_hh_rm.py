@@ -18,6 +18,7 @@ import pytest
 
 from rlhf_jax import models
 from rlhf_jax.data import PreferencePair
+from rlhf_jax.runner import runtime
 from rlhf_jax.runner.metrics import read_metrics
 from rlhf_jax.stages import hh_rm
 
@@ -169,7 +170,7 @@ def test_resume_after_interrupt_matches(smoke_run, tmp_path, monkeypatch):
     hh_rm.run_hh_reward_model(config, run_dir)
   monkeypatch.undo()
   assert not (run_dir / hh_rm.RESULTS_FILE).exists()
-  with pytest.raises(ValueError, match="pass resume=True"):
+  with pytest.raises(runtime.UserError, match="pass resume=True"):
     hh_rm.run_hh_reward_model(config, run_dir)
   res = hh_rm.run_hh_reward_model(config, run_dir, resume=True)
   for key in ("heldout/accuracy", "heldout/ties", "train/loss_last_window"):

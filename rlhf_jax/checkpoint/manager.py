@@ -351,6 +351,8 @@ class CheckpointManager:
     checkpoints without checksums pass)."""
     if saved is None:
       return
+    if not isinstance(saved, dict):
+      raise self._damaged(step, "its metadata is not a JSON object")
     sums, dtypes, _ = fingerprint(state)
     paths = [jax.tree_util.keystr(p) for p, _ in _leaves_with_path(state)]
     if len(saved.get("checksums", ())) != len(sums):

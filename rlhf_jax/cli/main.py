@@ -14,7 +14,6 @@ extra's packages, and ``main`` names the extra before anything else runs.
 
 import contextlib
 import dataclasses
-import errno
 import io
 import os
 import re
@@ -69,21 +68,6 @@ def _debug(args: list[str]) -> tuple[bool, list[str]]:
   """(whether tracebacks are wanted, args without --debug)."""
   wanted = os.environ.get(DEBUG_ENV, "") not in ("", "0")
   return wanted or "--debug" in args, [a for a in args if a != "--debug"]
-
-
-def _os_error(e: OSError) -> str | None:
-  """One line for a read-only path, a full disk or a denied permission."""
-  reasons = {
-    errno.EROFS: "read-only file system",
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-  }
-  if e.errno not in reasons:
-    return None
-  where = e.filename or "the output"
-  return f"cannot write {where}: {reasons[e.errno]} (nothing else changed)"
 
 
 def _validated(command: str, config: Any) -> Any:
@@ -154,6 +138,9 @@ def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
     raise runtime.UserError(
       f"{_one_line(buf.getvalue())} (see `{prog} --help`)"
     ) from None
+  except (ValueError, TypeError, ZeroDivisionError) as e:
+    # A config class that checks itself when built (__post_init__).
+    raise runtime.UserError(f"{e} (see `{prog} --help`)") from None
 
 
 def _description(command: str, cls: type) -> str:
@@ -348,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.stdout.write(_HELP.format(commands=lines))
     return 0
   debug, args = _debug(args)
+  if not args:
+    return _error("--debug needs a subcommand (see `rlhf-jax --help`)")
   try:
     return _main(args[0], args[1:], debug)
   except KeyboardInterrupt:  # a second Ctrl-C: stop at once
@@ -356,8 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:  # a bug: one line, the traceback with --debug
     if debug:
       raise
-    if isinstance(e, OSError) and _os_error(e):
-      return _error(_os_error(e))
+    disk = runtime.disk_error(e, "the output")
+    if disk:
+      return _error(disk)
     sys.stderr.write(
       f"rlhf-jax: internal error: {type(e).__name__}: {e} (rerun with "
       f"--debug or {DEBUG_ENV}=1 for the traceback, and report it)\n"

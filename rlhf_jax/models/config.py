@@ -18,6 +18,8 @@ Families:
 """
 
 import dataclasses
+import json
+import pathlib
 from typing import Any
 
 import jax
@@ -564,3 +566,18 @@ def _parse_rope_scaling(
       prefix=f"{key}.",
     ),
   )
+
+
+def read_json(path: pathlib.Path, what: str) -> Any:
+  """Parsed JSON of `path`, or ModelLoadError naming the file."""
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ModelLoadError(f"{path}: cannot read {what}: {e}") from None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ModelLoadError(
+      f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
+      f"{e.colno}); expected {what}"
+    ) from None

@@ -63,6 +63,7 @@ from rlhf_jax.models.config import (
   _MissingFileError,
   _MissingTensorError,
   _NotADirError,
+  read_json,
 )
 
 Params = dict[str, Any]
@@ -306,21 +307,6 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   )
 
 
-def _read_json(path: pathlib.Path, what: str) -> Any:
-  """Parsed JSON of `path`, or ModelLoadError naming the file."""
-  try:
-    text = path.read_text()
-  except (OSError, UnicodeDecodeError) as e:
-    raise ModelLoadError(f"{path}: cannot read {what}: {e}") from None
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise ModelLoadError(
-      f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
-      f"{e.colno}); expected {what}"
-    ) from None
-
-
 class _TensorFiles:
   """Name -> file index over a checkpoint's safetensors files.
 
@@ -445,7 +431,7 @@ class _TensorFiles:
 
 def _weight_map(index: pathlib.Path) -> dict[str, str]:
   """The "weight_map" of a model.safetensors.index.json (checked)."""
-  data = _read_json(index, "a safetensors index (a JSON object)")
+  data = read_json(index, "a safetensors index (a JSON object)")
   wmap = data.get("weight_map") if isinstance(data, dict) else None
   if not isinstance(wmap, dict) or not all(
     isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()
@@ -563,7 +549,7 @@ def _read_config(
       f"{model_dir}: no config.json; a model directory holds config.json "
       "(the Hugging Face model config) and *.safetensors weights"
     )
-  data = _read_json(cfg_path, "a Hugging Face model config (a JSON object)")
+  data = read_json(cfg_path, "a Hugging Face model config (a JSON object)")
   try:
     config = ModelConfig.from_hf_dict(
       data,

@@ -19,7 +19,11 @@ import jinja2
 import jinja2.sandbox
 import tokenizers
 
-from rlhf_jax.models.config import ModelLoadError, _MissingFileError
+from rlhf_jax.models.config import (
+  ModelLoadError,
+  _MissingFileError,
+  read_json,
+)
 
 _ROLES = ("bos", "eos", "pad", "unk")
 
@@ -42,12 +46,7 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
   """
   if not path.is_file():
     return {}
-  try:
-    data = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ModelLoadError(
-      f"{path}: cannot read it as JSON ({e}); expected a JSON object"
-    ) from None
+  data = read_json(path, "a JSON object")
   if not isinstance(data, dict):
     raise ModelLoadError(
       f"{path}: expected a JSON object, got {type(data).__name__}"

@@ -20,12 +20,6 @@ from rlhf_jax.train import (
 _SHOW = ("dpo/loss", "rewards/accuracies", "eval/gold_score")
 
 
-def _with_accuracy(out: tuple) -> tuple:
-  # Implicit-reward pair accuracy under the name report.py plots.
-  state, metrics = out
-  return state, {**metrics, "dpo/accuracy": metrics["rewards/accuracies"]}
-
-
 def _implicit_margin(params, ref, batch, *, config, beta, average):
   """beta (log pi/pi_ref (y+) - log pi/pi_ref (y-)) per pair (Rafailov et
   al. 2023, eq. 7: the implicit reward difference); per-token means of the
@@ -105,9 +99,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
   state, _ = loop.run(
     state,
     start,
-    lambda s: _with_accuracy(
-      step(s, ctx.placement.batch(next(it).batch), ctx.ref_params)
-    ),
+    lambda s: step(s, ctx.placement.batch(next(it).batch), ctx.ref_params),
     iterator=it,
     evaluate=evaluate if evaluating else None,
     eval_every=cfg.eval_every,

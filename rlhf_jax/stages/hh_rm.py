@@ -60,7 +60,12 @@ from rlhf_jax.data import (
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.metrics import MetricsWriter
-from rlhf_jax.runner.runtime import StopFlag, atomic_file, write_json
+from rlhf_jax.runner.runtime import (
+  StopFlag,
+  UserError,
+  atomic_file,
+  write_json,
+)
 from rlhf_jax.stages.environment import SHARED_DATA
 from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
@@ -148,6 +153,11 @@ class HHRewardModelConfig:
   tensorboard: bool = True
 
   def __post_init__(self):
+    if self.log_every < 1 or self.checkpoint_every < 1:
+      raise ValueError(
+        f"log_every={self.log_every} and checkpoint_every="
+        f"{self.checkpoint_every}: expected >= 1"
+      )
     if self.checkpoint_every % self.log_every:
       # A checkpoint between two log records would lose the partial
       # window on resume, and the resumed metrics would differ.
@@ -295,12 +305,12 @@ def _check_resume(loop: TrainLoop, resume: bool) -> None:
   if meta is None:
     return
   if not resume:
-    raise ValueError(
+    raise UserError(
       f"{loop.run_dir} already holds checkpoints; pass resume=True to "
       "continue that run or choose a new run directory"
     )
   if meta.get("config") != json.loads(json.dumps(loop.metadata["config"])):
-    raise ValueError(
+    raise UserError(
       f"{loop.run_dir / 'checkpoints'}: the checkpoint was written with a "
       "different config; resume needs the same settings"
     )

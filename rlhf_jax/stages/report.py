@@ -16,8 +16,8 @@ out and the report says so:
   initial policy, PPO and DPO evaluations are told apart), gold score on the
   left panel and ``eval/proxy_score`` (reward model) on the right.
 * ``rm_training.png`` (stage "rm") and ``dpo_training.png`` (stage "dpo"):
-  keys ending in "loss" on the left panel, keys containing "accuracy" on the
-  right, x = step.
+  keys ending in "loss" on the left panel, keys containing "accuracy" or
+  "accuracies" on the right, x = step.
 """
 
 import math
@@ -278,7 +278,8 @@ def _plot_training(records, stage: str, path: pathlib.Path) -> bool:
   rs = [r for r in records if r["stage"] == stage]
   keys = list(dict.fromkeys(k for r in rs for k in r))
   loss_keys = [k for k in keys if k.endswith("loss")]
-  acc_keys = [k for k in keys if "accuracy" in k and "stderr" not in k]
+  # rm/accuracy, TRL's rewards/accuracies.
+  acc_keys = [k for k in keys if "accurac" in k and "stderr" not in k]
   if not loss_keys and not acc_keys:
     return False
   fig, (ax_l, ax_a) = _new_figure(2)

@@ -74,6 +74,8 @@ CLASS_RULES: dict[tuple[str, str], Rule] = {
   # Simulated feedback compares responses of one prompt: at least two.
   ("FeedbackConfig", "group_size"): at_least(2),
 }
+# Options where +inf is a documented value (a noiseless annotator).
+INFINITE_ALLOWED = ("annotator_beta",)
 # Options naming an input that must exist (relative to the working dir).
 INPUT_PATHS = ("data", "eval_data", "prompts", "reward_model", "data_dir")
 
@@ -103,7 +105,10 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
         out.append(f"{flag} {value}: no such file or directory")
       continue
     rule = CLASS_RULES.get((type(node).__name__, f.name)) or RULES.get(f.name)
-    if isinstance(value, float) and not math.isfinite(value):
+    infinite_ok = f.name in INFINITE_ALLOWED and value == math.inf
+    if (
+      isinstance(value, float) and not math.isfinite(value) and not infinite_ok
+    ):
       out.append(f"{flag} {value!r}: expected a finite number")
     elif isinstance(value, bool) or value is None or rule is None:
       continue

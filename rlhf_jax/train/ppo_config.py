@@ -56,7 +56,7 @@ class PPOConfig:
     vf_coef: value-loss coefficient.
     ent_coef: entropy bonus coefficient.
     kl_loss_coef: coefficient of a KL term in the loss (``kl.kl_loss``
-      with ``kl_estimator``; 0 = none).
+      with ``kl_estimator``, which must then be k2 or k3; 0 = none).
     loss_agg_mode: token-mean, seq-mean-token-mean or seq-mean-token-sum.
     shuffle_minibatches: shuffle rows between epochs.
     axis_name: pmap axis name, None under jit.
@@ -123,9 +123,16 @@ class PPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
+    out = []
     if self.adaptive_kl and not self.kl_coef > 0:
-      return [f"kl_coef={self.kl_coef!r}: expected > 0 with adaptive_kl"]
-    return []
+      out.append(f"kl_coef={self.kl_coef!r}: expected > 0 with adaptive_kl")
+    if self.kl_loss_coef > 0 and self.kl_estimator == "k1":
+      # d k1 / d log pi = 1: its expectation on-policy is 0, no KL gradient.
+      out.append(
+        f"kl_loss_coef={self.kl_loss_coef!r}: expected kl_estimator k2 or "
+        "k3 for a KL loss term (k1's gradient is a constant)"
+      )
+    return out
 
 
 def kl_controller(config: PPOConfig) -> KLController:

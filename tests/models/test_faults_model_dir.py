@@ -345,7 +345,7 @@ def test_model_path_that_is_a_file(tmp_path):
     ),
     (
       lambda d: (d / "tokenizer_config.json").write_text("{"),
-      "{dir}/tokenizer_config.json: cannot read it as JSON",
+      "{dir}/tokenizer_config.json: not valid JSON",
     ),
   ],
   ids=["no_tokenizer_json", "tokenizer_json_damaged", "tokenizer_config_bad"],
