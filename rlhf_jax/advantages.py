@@ -81,6 +81,9 @@ def gae_advantages(
       f"values shape {values.shape} != rewards shape {rewards.shape}"
     )
   mask = validate_mask(response_mask, rewards.shape, "response_mask")
+  for name, v in (("gamma", gamma), ("lam", lam)):
+    if isinstance(v, int | float) and not 0 <= v <= 1:  # NaN too
+      raise ValueError(f"{name} must be in [0, 1], got {v}")
   # where BEFORE arithmetic: masked garbage (NaN, 1e9) never enters the scan.
   rewards = jnp.where(mask, rewards, 0)
   values = jnp.where(mask, values, 0)

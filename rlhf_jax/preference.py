@@ -400,7 +400,7 @@ def dpo_loss(
   _check_smoothing(label_smoothing)
   if loss_type == "hinge" and label_smoothing:
     raise ValueError("label_smoothing applies only to loss_type='sigmoid'")
-  if isinstance(beta, int | float) and beta <= 0:
+  if isinstance(beta, int | float) and not beta > 0:  # NaN too
     raise ValueError(f"beta must be > 0, got {beta}")
   ratio_c, ratio_r = _policy_logits(
     chosen_logprobs,
@@ -457,7 +457,7 @@ def ipo_loss(
   Raises:
     ValueError: the four inputs are not equal [B]; beta <= 0.
   """
-  if isinstance(beta, int | float) and beta <= 0:
+  if isinstance(beta, int | float) and not beta > 0:  # NaN too
     raise ValueError(f"beta must be > 0, got {beta}")
   ratio_c, ratio_r = _policy_logits(
     chosen_logprobs,

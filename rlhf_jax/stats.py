@@ -168,16 +168,17 @@ class Max:
     return jnp.where(self.max == -jnp.inf, 0, self.max)
 
 
-def _pooled(count, mean, m2, total):
+def _pooled(count, mean, m2, total, keep=lambda x: x):
   """(count, mean, M2) of parts pooled by ``total`` (a sum over the parts).
 
   M2 = sum_i M2_i + n_i (mean_i - mean)^2 (Chan, Golub and LeVeque 1979):
   deviations are taken from the means, never from raw power sums, so no
-  precision is lost when the mean is large against the spread.
+  precision is lost when the mean is large against the spread. ``keep``
+  gives the pooled mean the parts' rank (a leading axis when folding).
   """
   n = total(count)
   mu = safe_div(total(count * mean), n)
-  return n, mu, total(m2 + count * (mean - mu) ** 2)
+  return n, mu, total(m2 + count * (mean - keep(mu)) ** 2)
 
 
 def _moments(x: jax.Array, m: jax.Array) -> tuple[jax.Array, ...]:
@@ -219,10 +220,10 @@ class ExplainedVariance:
     _, err_mean, err_m2 = _moments(err, m)
     return cls(n, ret_mean, ret_m2, err_mean, err_m2)
 
-  def _pool(self, total) -> "ExplainedVariance":
-    n, ret_mean, ret_m2 = _pooled(self.count, self.ret_mean, self.ret_m2, total)
-    _, err_mean, err_m2 = _pooled(self.count, self.err_mean, self.err_m2, total)
-    return ExplainedVariance(n, ret_mean, ret_m2, err_mean, err_m2)
+  def _pool(self, total, keep=lambda x: x) -> "ExplainedVariance":
+    ret = _pooled(self.count, self.ret_mean, self.ret_m2, total, keep)
+    err = _pooled(self.count, self.err_mean, self.err_m2, total, keep)
+    return ExplainedVariance(ret[0], ret[1], ret[2], err[1], err[2])
 
   def merge(self, other: "ExplainedVariance") -> "ExplainedVariance":
     both = jax.tree.map(lambda a, b: jnp.stack([a, b]), self, other)
@@ -234,7 +235,7 @@ class ExplainedVariance:
     return self._pool(lambda x: jax.lax.psum(x, axis_name))
 
   def fold(self) -> "ExplainedVariance":
-    return self._pool(lambda x: jnp.sum(x, axis=0))
+    return self._pool(lambda x: jnp.sum(x, axis=0), lambda x: x[None])
 
   @property
   def value(self) -> jax.Array:

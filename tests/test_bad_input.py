@@ -13,7 +13,13 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from rlhf_jax import dpo_loss, kl_estimate, ppo_policy_loss, sft_loss
+from rlhf_jax import (
+  dpo_loss,
+  gae_advantages,
+  kl_estimate,
+  ppo_policy_loss,
+  sft_loss,
+)
 from rlhf_jax.cli.main import DEBUG_ENV, main
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.train import (
@@ -164,6 +170,7 @@ OPTION_CASES = [
     "--task.prefix-min-words 9: expected <= --task.prefix-max-words",
   ),
   (["run", "--seed", "-1"], "--seed -1: expected in [0, 2^32)"),
+  (["rm", "--run-dir", ""], "--run-dir '': expected a path"),
   (["run", "--checkpoint-every", "0"], "--checkpoint-every 0"),
   (["run", "--mesh.data", "0"], "--mesh.data 0: expected >= 1, or -1"),
   (["run", "--mesh.fsdp", "-3"], "--mesh.fsdp -3"),
@@ -412,6 +419,22 @@ LIBRARY_CASES = [
       jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), beta=-1.0
     ),
     "beta must be > 0",
+  ),
+  (
+    lambda: gae_advantages(
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.ones((1, 2), bool),
+      gamma=1.5,
+      lam=0.9,
+    ),
+    "gamma must be in [0, 1], got 1.5",
+  ),
+  (
+    lambda: dpo_loss(
+      jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), beta=float("nan")
+    ),
+    "beta must be > 0, got nan",
   ),
   (
     lambda: sft_loss(jnp.zeros((2, 3)), jnp.ones((2, 2), bool)),

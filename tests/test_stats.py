@@ -108,3 +108,17 @@ def test_mean_ignores_garbage_in_masked_slots_and_stops_gradients():
   assert float(st.Mean.of(x, mask).value) == 2.0
   g = jax.grad(lambda x: st.Mean.of(x, mask).value)(x)
   assert np.all(np.asarray(g) == 0)
+
+
+def test_fold_of_a_two_dimensional_stack():
+  # PPO folds statistics stacked [epochs, minibatches]: fold twice.
+  x, mask = _data(5, shape=(12, 4))
+  v = x * np.float32(0.5)
+  want = _reference(x, v, mask)
+  parts = [
+    _all(x[i : i + 2], v[i : i + 2], mask[i : i + 2]) for i in range(0, 12, 2)
+  ]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a).reshape(3, 2), *parts)
+  got = st.values(st.fold(st.fold(stacked)))
+  for k, w in want.items():
+    np.testing.assert_allclose(float(got[k]), w, rtol=1e-5, err_msg=k)

@@ -62,6 +62,10 @@ class CheckpointDamagedError(ValueError):
   """
 
   def __init__(self, step: int, path: pathlib.Path, reason: str):
+    # Library errors (TensorStore) can span lines and embed tracebacks:
+    # keep the first line, shortened, so the report stays one line.
+    first = (str(reason).strip().splitlines() or [""])[0]
+    reason = first if len(first) <= 200 else first[:197] + "..."
     self.step, self.path, self.reason = step, path, reason
     super().__init__(f"checkpoint step {step} in {path} is damaged: {reason}")
 

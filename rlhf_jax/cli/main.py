@@ -348,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     disk = runtime.disk_error(e, "the output")
     if disk:
       return _error(disk)
+    if isinstance(
+      e, NotADirectoryError | FileNotFoundError | IsADirectoryError
+    ):
+      # A path option naming something that is not there (e.g. a --run-dir
+      # under a file).
+      return _error(f"{e.filename}: {e.strerror}")
     sys.stderr.write(
       f"rlhf-jax: internal error: {type(e).__name__}: {e} (rerun with "
       f"--debug or {DEBUG_ENV}=1 for the traceback, and report it)\n"

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import pathlib
@@ -407,6 +408,7 @@ def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
   """Raises UserError when --overwrite would delete what rlhf-jax did not
   write: entries of the user's, or an input of this config."""
   foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
+  foreign += _foreign_inside(run_dir)
   if foreign:
     more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
     n = f"{len(foreign)} entries" if len(foreign) > 1 else "an entry"
@@ -422,6 +424,31 @@ def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
         "directory and would be deleted; nothing was deleted. Move it out "
         "of the run directory, or choose another --run-dir"
       )
+
+
+# What rlhf-jax writes inside the folders of a run directory, by pattern
+# (temporary files of an atomic write included); checkpoints/ and
+# tensorboard/ hold library formats and are not inspected.
+_INSIDE = {
+  "data": ("pairs_train.jsonl", "pairs_eval.jsonl", "prompts.json"),
+  "stages": ("*.json",),
+  "outputs": ("rm", "ppo", "dpo", "sft", ".*"),
+  "plots": ("*.png",),
+}
+
+
+def _foreign_inside(run_dir: pathlib.Path) -> list[str]:
+  """Entries of the run's own folders that rlhf-jax does not write."""
+  out = []
+  for folder, patterns in _INSIDE.items():
+    path = run_dir / folder
+    if not path.is_dir():
+      continue
+    for p in sorted(path.iterdir()):
+      name = p.name.removesuffix(".tmp")
+      if not any(fnmatch.fnmatch(name, pat) for pat in patterns):
+        out.append(f"{folder}/{p.name}")
+  return out
 
 
 def _clear(run_dir: pathlib.Path) -> None:

@@ -76,6 +76,20 @@ CLASS_RULES: dict[tuple[str, str], Rule] = {
 }
 # Options where +inf is a documented value (a noiseless annotator).
 INFINITE_ALLOWED = ("annotator_beta",)
+# Options naming a path: never empty (an unset shell variable).
+PATH_OPTIONS = (
+  "run_dir",
+  "out",
+  "output",
+  "model",
+  "data",
+  "eval_data",
+  "prompts",
+  "reward_model",
+  "data_dir",
+  "tokenizer_path",
+  "model_dir",
+)
 # Options naming an input that must exist (relative to the working dir).
 INPUT_PATHS = ("data", "eval_data", "prompts", "reward_model", "data_dir")
 
@@ -99,6 +113,9 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
     flag = _flag((*path, f.name))
     if dataclasses.is_dataclass(value):
       out += _field_problems(value, (*path, f.name))
+      continue
+    if value == "" and f.name in PATH_OPTIONS:
+      out.append(f"{flag} '': expected a path (an empty value is a mistake)")
       continue
     if isinstance(value, str) and f.name in INPUT_PATHS:
       if not pathlib.Path(value).exists():

@@ -179,9 +179,17 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
   for i in range(6):
     (run_dir / f"mine{i}").rmdir()
   (run_dir / "notes.txt").unlink()
-  # An input of the config inside the run directory (in a folder of ours).
-  data = run_dir / "data" / "pairs.jsonl"
-  data.parent.mkdir()
+  # A file of the user's inside a folder rlhf-jax writes: refused too.
+  mine = run_dir / "data" / "my_pairs.jsonl"
+  mine.parent.mkdir()
+  mine.write_text("{}\n")
+  with pytest.raises(runtime.UserError, match=r"\(data/my_pairs.jsonl\)"):
+    _prepare(run_dir, overwrite=True)
+  assert mine.read_text() == "{}\n"
+  mine.unlink()
+  # An input of the config inside the run directory (in a folder of ours,
+  # under a name rlhf-jax writes).
+  data = run_dir / "data" / "pairs_train.jsonl"
   data.write_text("{}\n")
   with pytest.raises(runtime.UserError) as e:
     _prepare(run_dir, command="rm", overwrite=True, data=str(data))

@@ -270,6 +270,7 @@ def _ppo_config(n, mode):
     vf_coef=0.5,
     ent_coef=0.01,
     kl_loss_coef=0.1,
+    kl_estimator="k3",  # a KL loss term needs k2 or k3
     normalize_reward=True,
   )
 
