@@ -114,7 +114,9 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
     if dataclasses.is_dataclass(value):
       out += _field_problems(value, (*path, f.name))
       continue
-    if value == "" and f.name in PATH_OPTIONS:
+    # SFT's presets hold data="" for "not given" (sft says so itself).
+    unset = type(node).__name__ == "SFTConfig" and f.name == "data"
+    if value == "" and f.name in PATH_OPTIONS and not unset:
       out.append(f"{flag} '': expected a path (an empty value is a mistake)")
       continue
     if isinstance(value, str) and f.name in INPUT_PATHS:
