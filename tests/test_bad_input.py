@@ -171,6 +171,10 @@ OPTION_CASES = [
   ),
   (["run", "--seed", "-1"], "--seed -1: expected in [0, 2^32)"),
   (["rm", "--run-dir", ""], "--run-dir '': expected a path"),
+  (
+    ["dpo", "--dpo.loss.loss-type", "foo"],
+    "Expected one of ('sigmoid', 'hinge', 'ipo')",
+  ),
   (["run", "--checkpoint-every", "0"], "--checkpoint-every 0"),
   (["run", "--mesh.data", "0"], "--mesh.data 0: expected >= 1, or -1"),
   (["run", "--mesh.fsdp", "-3"], "--mesh.fsdp -3"),

@@ -117,8 +117,18 @@ def _one_line(text: str) -> str:
       continue
     lines.append(line)
   # The first line is the box title ("Unrecognized options", "Value
-  # error"); the next holds the specifics.
-  body = [ln for ln in lines[1:] if ln != "Argument helptext:"][:1]
+  # error"); the next holds the specifics, wrapped over more lines until
+  # the sentence ends (e.g. "Expected one of" / "('a', 'b').").
+  rest = (
+    lines[1 : lines.index("Argument helptext:")]
+    if ("Argument helptext:" in lines)
+    else lines[1:]
+  )
+  body = rest[:1]
+  for line in rest[1:]:
+    if body[-1].endswith((".", ":")):
+      break
+    body.append(line)
   return " ".join(body or lines[:1]) or "invalid arguments"
 
 
