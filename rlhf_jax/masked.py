@@ -67,9 +67,8 @@ def validate_inputs(
   return validate_mask(mask, shape, name)
 
 
-def _check_mask(x: jax.Array, mask: jax.Array, name: str = "x") -> jax.Array:
+def _check_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Validates the mask against x's shape and returns it as bool."""
-  del name  # the message names the mask; x is its reference shape
   return validate_mask(mask, jnp.shape(x), "mask")
 
 
@@ -338,7 +337,7 @@ def aggregate_sums(
     raise ValueError(
       f"per_token must be [B, T], got shape {jnp.shape(per_token)}"
     )
-  mask = _check_mask(per_token, mask, "per_token")
+  mask = _check_mask(per_token, mask)
   if loss_agg_mode == "token-mean":
     return masked_sum(per_token, mask), masked_count(mask)
   row_sum = masked_sum(per_token, mask, axis=-1)

@@ -15,6 +15,7 @@ import math
 import pathlib
 from typing import Any
 
+from rlhf_jax.runner.runtime import PATH_FIELDS
 from rlhf_jax.stages.configs import DERIVED_FIELDS, PipelineConfig
 from rlhf_jax.train.common import Rule, above, at_least, config_problems
 
@@ -76,20 +77,9 @@ CLASS_RULES: dict[tuple[str, str], Rule] = {
 }
 # Options where +inf is a documented value (a noiseless annotator).
 INFINITE_ALLOWED = ("annotator_beta",)
-# Options naming a path: never empty (an unset shell variable).
-PATH_OPTIONS = (
-  "run_dir",
-  "out",
-  "output",
-  "model",
-  "data",
-  "eval_data",
-  "prompts",
-  "reward_model",
-  "data_dir",
-  "tokenizer_path",
-  "model_dir",
-)
+# Options naming a path: never empty (an unset shell variable). The inputs
+# are the runner's PATH_FIELDS (compared as paths on --resume).
+PATH_OPTIONS = PATH_FIELDS | {"run_dir", "out", "output"}
 # Options naming an input that must exist (relative to the working dir).
 INPUT_PATHS = ("data", "eval_data", "prompts", "reward_model", "data_dir")
 
