@@ -12,8 +12,10 @@
 
 import os
 
+from fake_devices import xla_flags
+
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

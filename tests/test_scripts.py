@@ -16,6 +16,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fake_devices import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PPO_SCRIPT = REPO_ROOT / "scripts" / "ppo_tinystories.py"
@@ -65,7 +66,7 @@ def _env(tinystories_dir: pathlib.Path, *, devices: int = 1) -> dict[str, str]:
   # conftest's fake 8-device flag is set here only when asked for.
   env.pop("XLA_FLAGS", None)
   if devices > 1:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
   return env
 
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from fake_devices import xla_flags
+
 from rlhf_jax.runner.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -28,7 +30,7 @@ def env(devices: int | None = None) -> dict[str, str]:
   out = dict(os.environ, JAX_PLATFORMS="cpu")
   out.pop("XLA_FLAGS", None)
   if devices is not None:
-    out["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out["XLA_FLAGS"] = xla_flags(devices)
   return out
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from fake_devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE = str(pathlib.Path.home() / ".cache" / "rlhf_jax" / "jax_test_cache")
@@ -26,7 +27,7 @@ def launch(worker, out, nproc, pid, port, devices, limit_s):
   env = dict(
     os.environ,
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     PYTHONPATH=str(ROOT),
   )
   env.setdefault("RLHF_JAX_TEST_CACHE", CACHE)
