@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_AGG_MODES = (
+  "token-mean",
+  "seq-mean-token-mean",
+  "seq-mean-token-sum",
+  "seq-mean-token-sum-norm",
+)
 
 
 def promote_f32(x: jax.Array) -> jax.Array:
@@ -266,6 +271,9 @@ def aggregate_loss(
     token-mean:          sum_{b,t} m l / sum_{b,t} m
     seq-mean-token-mean: mean over non-empty rows b of (sum_t m l / sum_t m)
     seq-mean-token-sum:  mean over non-empty rows b of sum_t m l
+    seq-mean-token-sum-norm: mean over non-empty rows b of sum_t m l / T,
+                         T = per_token.shape[-1] the constant max length
+                         (Dr. GRPO, Liu et al. 2025, eq. 3: no 1/|o_i|)
   Rows with no valid token are left out of the sequence means. The
   denominator is global: over ``axis_name`` devices, or ``normalizer`` when
   given (the token or non-empty-row count of the whole step batch, so that N
@@ -316,6 +324,9 @@ def aggregate_sums(
   >>> [float(v) for v in aggregate_sums(
   ...     loss, mask, loss_agg_mode="seq-mean-token-mean")]  # 2 + 5
   [7.0, 2.0]
+  >>> [float(v) for v in aggregate_sums(
+  ...     loss, mask, loss_agg_mode="seq-mean-token-sum-norm")]  # 4/2 + 5/2
+  [4.5, 2.0]
 
   Args:
     per_token: f32[B, T] loss per token.
@@ -344,6 +355,8 @@ def aggregate_sums(
   row_count = masked_count(mask, axis=-1)
   if loss_agg_mode == "seq-mean-token-mean":
     row_val = safe_div(row_sum, row_count)
+  elif loss_agg_mode == "seq-mean-token-sum-norm":
+    row_val = row_sum / per_token.shape[-1]
   else:
     row_val = row_sum
   nonempty = row_count > 0

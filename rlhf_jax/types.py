@@ -80,6 +80,30 @@ class PPOBatch:
 
 
 @struct.dataclass
+class GRPOBatch:
+  """Everything one critic-free (GRPO/RLOO) update needs.
+
+  Attributes:
+    prompt_ids: i32[B, P] left-padded prompts, rows prompt * G + g.
+    prompt_mask: bool[B, P].
+    response_ids: i32[B, T] right-padded responses.
+    response_mask: bool[B, T].
+    old_logprobs: f32[B, T] logprobs of the policy that sampled the batch.
+    ref_logprobs: f32[B, T] logprobs of the frozen reference (0 when the
+      iteration uses no reference).
+    advantages: f32[B] sequence advantages (broadcast over the tokens).
+  """
+
+  prompt_ids: jax.Array
+  prompt_mask: jax.Array
+  response_ids: jax.Array
+  response_mask: jax.Array
+  old_logprobs: jax.Array
+  ref_logprobs: jax.Array
+  advantages: jax.Array
+
+
+@struct.dataclass
 class SFTBatch:
   """Demonstrations: the loss is on response tokens only.
 

@@ -79,7 +79,8 @@ def ref_aggregate(x, m, mode):
     if n == 0:
       continue  # empty rows are left out of sequence means
     s = sum(x[i, j] for j in range(x.shape[1]) if m[i, j])
-    rows.append(s / n if mode == "seq-mean-token-mean" else s)
+    denom = {"seq-mean-token-mean": n, "seq-mean-token-sum-norm": x.shape[1]}
+    rows.append(s / denom.get(mode, 1))
   return sum(rows) / len(rows) if rows else 0.0
 
 
@@ -151,10 +152,13 @@ def test_aggregate_modes_hand_case():
   # token-mean: (1 + 2 + 3 + 4) / 4 = 2.5 [counting padding: 10 / 9].
   # seq-mean-token-mean: (2 + 4) / 2 = 3.0 [with the empty row: 6 / 3 = 2].
   # seq-mean-token-sum: (6 + 4) / 2 = 5.0.
+  # seq-mean-token-sum-norm: (6 / 3 + 4 / 3) / 2 = 5 / 3 [T = 3 for every
+  # row, not the row's length 1: (6/3 + 4/1) / 2 = 3].
   expect = {
     "token-mean": 2.5,
     "seq-mean-token-mean": 3.0,
     "seq-mean-token-sum": 5.0,
+    "seq-mean-token-sum-norm": 5.0 / 3.0,
   }
   for mode, want in expect.items():
     got = masked.aggregate_loss(x, m, loss_agg_mode=mode)
@@ -329,7 +333,7 @@ def test_axis_name_gives_global_statistics(devices8):
       local,
       mesh=mesh,
       in_specs=(P("d"), P("d")),
-      out_specs=(P(), P(), P("d"), [P()] * 3),
+      out_specs=(P(), P(), P("d"), [P()] * len(MODES)),
     )
   )(x, m)
   single = (

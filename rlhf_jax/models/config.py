@@ -109,6 +109,63 @@ class RopeScaling:
   original_max_position_embeddings: int = 8192
 
 
+# Projection names LoRA can adapt: attention q, k, v, o (both families),
+# the Llama MLP gate, up, down and the GPT-2 MLP fc, proj.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "fc", "proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the projections (Hu et al. 2021, "LoRA", eq. 3).
+
+  h = W x + (alpha / rank) B A x, with W frozen, A ~ kaiming-uniform and
+  B = 0 at the start (so the adapted model equals the base exactly).
+  Hashable, so it rides in the static `ModelConfig`. Read by
+  `rlhf_jax.models.lora` and the transformer; never written to config.json.
+
+  Attributes:
+    rank: r, the adapters' inner width; 0 = LoRA off.
+    alpha: scale numerator; the update is scaled by alpha / rank.
+    targets: projection names to adapt (`LORA_TARGETS`); names absent from
+      a family (gate/up/down on GPT-2, fc/proj on Llama) are skipped.
+    dropout: dropout on the adapter input; only 0 is supported (the train
+      steps are deterministic), anything else is rejected by `problems()`.
+  """
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LORA_TARGETS
+  dropout: float = 0.0
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    """alpha / rank (Hu et al. 2021, sec. 4.1)."""
+    return self.alpha / self.rank
+
+  def problems(self) -> list[str]:
+    """`field=value: expected ...` lines (the form of `config_problems`)."""
+    out = []
+    if not isinstance(self.rank, int) or self.rank < 0:
+      out.append(f"rank={self.rank!r}: expected an integer >= 0 (0 = off)")
+    if not 0 < self.alpha < float("inf"):
+      out.append(f"alpha={self.alpha!r}: expected a finite number > 0")
+    unknown = [t for t in self.targets if t not in LORA_TARGETS]
+    if unknown or not self.targets:
+      out.append(
+        f"targets={self.targets!r}: expected one or more of {LORA_TARGETS}"
+      )
+    if self.dropout != 0:
+      out.append(
+        f"dropout={self.dropout!r}: expected 0 (LoRA dropout is not "
+        "supported; the train steps are deterministic)"
+      )
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture and dtype policy of a decoder-only LM.
@@ -137,6 +194,9 @@ class ModelConfig:
       reference mode for numerical checks; needs jax_enable_x64).
     param_dtype: parameter storage dtype name, same choices.
     remat: rematerialise each block in the backward pass (saves memory).
+    lora: optional `LoraConfig`: adapter params `<name>_lora_a/_lora_b`
+      beside the targeted projections (`rlhf_jax.models.lora`). Not part of
+      config.json (a merged export is a plain model).
   """
 
   model_type: str
@@ -163,6 +223,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     if self.model_type not in _SUPPORTED_MODEL_TYPES:
@@ -182,6 +243,8 @@ class ModelConfig:
       )
     if self.family == "gpt2" and not self.tie_word_embeddings:
       raise ValueError("gpt2 family requires tie_word_embeddings=True")
+    if self.lora is not None and self.lora.problems():
+      raise ValueError(f"lora: {'; '.join(self.lora.problems())}")
 
   @property
   def family(self) -> str:

@@ -35,7 +35,13 @@ float32 frequencies).
 
 Params are unboxed nested dicts. Layer weights are stacked on a leading
 "layers" axis (nn.scan). Logical axes: "vocab", "embed", "mlp", "heads",
-"kv", "layers" (see `param_logical_axes`).
+"kv", "layers", and "lora" for the adapters' rank (see
+`param_logical_axes`).
+
+LoRA (Hu et al. 2021, eq. 3; `config.lora`): a targeted projection adds
+(alpha / r) (x A) B to W x, computed on activations (`_lora_delta`);
+A, B are params "<name>_lora_a", "<name>_lora_b" beside W, stacked by the
+layer scan like W. See `rlhf_jax.models.lora`.
 """
 
 import functools
@@ -55,14 +61,97 @@ Params = dict[str, Any]
 _NEG = float(np.finfo(np.float32).min)
 
 
+# LoRA adapter params sit beside their weight: "<name>_lora_a" holds A
+# (the weight's input dims + (r,)), "<name>_lora_b" holds B ((r,) + output
+# dims). The output projection "o" has two input dims (heads, kv).
+LORA_A, LORA_B = "_lora_a", "_lora_b"
+LORA_IN_DIMS = {"o": 2}
+
+
+def is_adapter_name(name: str) -> bool:
+  """True for a LoRA adapter param name ("q_lora_a", "down_lora_b")."""
+  return name.endswith(LORA_A) or name.endswith(LORA_B)
+
+
+def _lora_a_init(name: str):
+  """PEFT's A init: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), +);
+  fan_in is the product of the weight's input dims (the last axes before
+  r, so a stacked leading "layers" axis does not count)."""
+  n_in = LORA_IN_DIMS.get(name[: -len(LORA_A)], 1)
+
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / math.sqrt(math.prod(shape[-1 - n_in : -1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
 def _init_for(name: str, config: ModelConfig):
   """The one init rule (module init and `init_params` both use it): norm
-  scales 1, biases 0, every other weight ~ N(0, initializer_range^2)."""
+  scales 1, biases 0, LoRA A kaiming-uniform and B 0, every other weight
+  ~ N(0, initializer_range^2)."""
   if name == "scale":
     return nn.initializers.ones
-  if name == "bias" or name.endswith("_bias"):
+  if name == "bias" or name.endswith("_bias") or name.endswith(LORA_B):
     return nn.initializers.zeros
+  if name.endswith(LORA_A):
+    return _lora_a_init(name)
   return nn.initializers.normal(config.initializer_range)
+
+
+def _lora_delta(module, name, x, w_shape, axes, config):
+  """(alpha / r) (x A) B for a targeted projection, else None.
+
+  x [..., *in] (compute dtype) contracts with A [*in, r] then B [r, *out]:
+  two thin matmuls on activations, never a merged D x D weight. Adapters
+  are created at init, and read at apply only when the params hold them,
+  so params without adapters (`lora.adapters_off`) run the base model.
+  """
+  lora = config.lora
+  if lora is None or not lora.enabled or name not in lora.targets:
+    return None
+  if not (
+    module.is_initializing() or module.has_variable("params", name + LORA_A)
+  ):
+    return None
+  n_in = LORA_IN_DIMS.get(name, 1)
+  r, dt = lora.rank, config.compute_dtype
+  a = _param(
+    module, name + LORA_A, (*w_shape[:n_in], r), (*axes[:n_in], "lora"), config
+  )
+  b = _param(
+    module, name + LORA_B, (r, *w_shape[n_in:]), ("lora", *axes[n_in:]), config
+  )
+  xa = jnp.tensordot(x, a.astype(dt), axes=n_in)
+  return jnp.tensordot(xa, b.astype(dt), axes=1) * jnp.asarray(lora.scale, dt)
+
+
+def _freeze_base(params: Params, config: ModelConfig) -> Params:
+  """stop_gradient on every non-adapter leaf when the params hold adapters
+  (LoRA: the base is frozen, its gradients are symbolic zeros, so no
+  weight-gradient matmuls are computed for it).
+
+  Raises:
+    ValueError: adapters in params while ``config.lora`` is off (they
+      would be ignored silently).
+  """
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = [str(getattr(path[-1], "key", "")) for path, _ in flat]
+  if not any(is_adapter_name(n) for n in names):
+    return params
+  if config.lora is None or not config.lora.enabled:
+    raise ValueError(
+      "params hold LoRA adapters but config.lora is off: pass the LoRA "
+      "config (models.lora.configure), or lora.merge the params"
+    )
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: (
+      x
+      if is_adapter_name(str(getattr(path[-1], "key", "")))
+      else jax.lax.stop_gradient(x)
+    ),
+    params,
+  )
 
 
 def _param(module, name, shape, axes, config):
@@ -175,8 +264,12 @@ class Attention(nn.Module):
     )
 
     def proj(name, heads):
-      w = _param(self, name, (d, heads, dh), ("embed", "heads", "kv"), cfg)
+      shape, axes = (d, heads, dh), ("embed", "heads", "kv")
+      w = _param(self, name, shape, axes, cfg)
       y = jnp.einsum("bld,dhk->blhk", x, w.astype(dt))
+      delta = _lora_delta(self, name, x, shape, axes, cfg)
+      if delta is not None:
+        y = y + delta
       if cfg.attention_bias:
         b = _param(self, name + "_bias", (heads, dh), ("heads", "kv"), cfg)
         y = y + _lead(b.astype(dt), y.ndim)
@@ -246,8 +339,12 @@ class Attention(nn.Module):
     else:
       out = jnp.einsum("bhgls,bhks->blhgk", probs, v)
       out = out.reshape(b, length, h, dh)
-    wo = _param(self, "o", (h, dh, d), ("heads", "kv", "embed"), cfg)
+    o_shape, o_axes = (h, dh, d), ("heads", "kv", "embed")
+    wo = _param(self, "o", o_shape, o_axes, cfg)
     y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+    delta = _lora_delta(self, "o", out, o_shape, o_axes, cfg)
+    if delta is not None:
+      y = y + delta
     if cfg.attention_out_bias:
       bo = _param(self, "o_bias", (d,), ("embed",), cfg)
       y = y + _lead(bo.astype(dt), y.ndim)
@@ -268,6 +365,9 @@ class Mlp(nn.Module):
     def dense(name, x, shape, axes):
       w = _param(self, name, shape, axes, cfg)
       y = jnp.einsum("bli,io->blo", x, w.astype(dt))
+      delta = _lora_delta(self, name, x, shape, axes, cfg)
+      if delta is not None:
+        y = y + delta
       if cfg.mlp_bias:
         b = _param(self, name + "_bias", shape[-1:], axes[-1:], cfg)
         y = y + _lead(b.astype(dt), y.ndim)
@@ -527,8 +627,10 @@ def forward(
   Returns:
     logits f32[B, L, V] (position l predicts token l + 1), and hidden
     f32[B, L, D] when `return_hidden`. Pad-query positions are finite but
-    meaningless.
+    meaningless. With LoRA adapters in `params`, the base leaves are
+    frozen (stop_gradient; `rlhf_jax.models.lora`).
   """
+  params = _freeze_base(params, config)
   hidden = _full_sequence(
     params, input_ids, attention_mask, position_ids, config
   )
@@ -548,6 +650,7 @@ def hidden_forward(
   position_ids: Array | None = None,
 ) -> Array:
   """Final-norm hidden states f32[B, L, D] without the LM head."""
+  params = _freeze_base(params, config)
   hidden = _full_sequence(
     params, input_ids, attention_mask, position_ids, config
   )

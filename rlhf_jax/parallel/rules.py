@@ -7,7 +7,9 @@ mesh axis name, a tuple of them, or None (replicated). Flax resolves a
 parameter's axes in table order and never uses one mesh axis twice within a
 parameter: the first rule whose mesh axis is still free wins, so a later rule
 for the same logical name is a fallback (``flax.linen.logical_to_mesh_axes``).
-Logical names not in a table are replicated.
+Logical names not in a table are replicated; LoRA's rank axis "lora" is
+listed as replicated (the adapters are small; their other axes follow the
+weight's rules).
 
 Tables:
   DATA_PARALLEL: parameters (and optimizer states) replicated on every
@@ -44,6 +46,7 @@ DATA_PARALLEL: Rules = (
   ("heads", None),
   ("kv", None),
   ("layers", None),
+  ("lora", None),
 ) + _ACTIVATION_RULES
 
 FSDP: Rules = (
@@ -54,6 +57,7 @@ FSDP: Rules = (
   ("heads", None),
   ("kv", None),
   ("layers", None),
+  ("lora", None),
 ) + _ACTIVATION_RULES
 
 FSDP_TP: Rules = (
@@ -66,6 +70,7 @@ FSDP_TP: Rules = (
   ("mlp", "fsdp"),
   ("kv", None),
   ("layers", None),
+  ("lora", None),
 ) + _ACTIVATION_RULES
 
 RULE_TABLES: dict[str, Rules] = {

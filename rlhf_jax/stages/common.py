@@ -12,6 +12,7 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax.data import HFTokenizerAdapter
+from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement
@@ -40,6 +41,9 @@ POLICIES = ("initial", "ppo", "dpo")
 # loaders globbing *.safetensors read only the backbone).
 HEAD_DIR = "reward_head"
 HEAD_FILE = f"{HEAD_DIR}/model.safetensors"
+# A LoRA policy's adapters alone, beside its merged export.
+ADAPTER_DIR = "adapter"
+LORA_KEY = 7  # folded into a stage's key for the adapters' init
 
 
 # ------------------------------------------------------------------ context
@@ -131,13 +135,42 @@ class Context:
 
   def export_policy(self, name: str, params: Any) -> None:
     """outputs/<name>: the policy as a Hugging Face directory (written
-    beside it, then renamed into place)."""
+    beside it, then renamed into place); a LoRA policy merged, with its
+    adapters alone in outputs/<name>/adapter/."""
     host = host_tree(params)
     if self.primary:
       with runtime.atomic_dir(self.run_dir / "outputs" / name) as out:
-        models.export_hf_checkpoint(
-          host, self.model_config, out, tokenizer_dir=self.model_dir
-        )
+        export_lm(host, self.model_config, out, tokenizer_dir=self.model_dir)
+
+  def lora_policy(
+    self, opt: optax.GradientTransformation, stage: str
+  ) -> tuple[Any, optax.GradientTransformation]:
+    """The trained policy's initial params and optimizer.
+
+    With --lora.rank > 0: ``ctx.model_config`` gains the LoRA config
+    (params without adapters still run as the plain model, so the
+    reference, reward model and critic are unchanged), the params are the
+    reference plus fresh adapters (B = 0: the same function) and ``opt``
+    updates the adapters only. Otherwise (``ref_params``, ``opt``).
+    """
+    if not self.config.lora.enabled:
+      return self.ref_params, opt
+    self.model_config = lora.configure(self.model_config, self.config.lora)
+    params = lora.add_adapters(
+      self.ref_params,
+      self.model_config,
+      jax.random.fold_in(self.key(stage), LORA_KEY),
+    )
+    return params, lora.trainable_optimizer(opt)
+
+  @property
+  def uses_lora(self) -> bool:
+    return self.config.lora.enabled
+
+  @property
+  def base_config(self) -> models.ModelConfig:
+    """The model config without LoRA (reward model, critic)."""
+    return dataclasses.replace(self.model_config, lora=None)
 
   def loop(self, stage: str, total_steps: int, **kwargs: Any) -> TrainLoop:
     """The stage's checkpointed, logged step loop."""
@@ -158,6 +191,24 @@ class Context:
       updates_per_step=updates,
       **kwargs,
     )
+
+
+def export_lm(
+  params: Any,
+  model_config: models.ModelConfig,
+  out: pathlib.Path,
+  *,
+  tokenizer_dir: pathlib.Path | None = None,
+) -> None:
+  """A Hugging Face directory of an LM; LoRA adapters are merged into the
+  weights (a plain model) and also saved alone in ``out/adapter/``."""
+  if lora.split(params)[0]:
+    lora.save_adapters(params, model_config, out / ADAPTER_DIR)
+    params = lora.merge(params, model_config)
+    model_config = dataclasses.replace(model_config, lora=None)
+  models.export_hf_checkpoint(
+    params, model_config, out, tokenizer_dir=tokenizer_dir
+  )
 
 
 def host_tree(tree: Any) -> Any:

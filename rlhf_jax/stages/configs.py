@@ -20,8 +20,10 @@ they need of the same pipeline); ``SFTConfig``, ``GenerateConfig``,
 import dataclasses
 from typing import Literal
 
+from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
 from rlhf_jax.train import DPOConfig, PPOConfig, RewardModelConfig
+from rlhf_jax.train.grpo_config import GRPOConfig
 
 # Fields of the library configs the stages fill in themselves (the
 # tokenizer's ids, the --sampling group): not command-line options.
@@ -30,6 +32,14 @@ DERIVED_FIELDS = {
   ("rm", "loss"): ("loss_type", "axis_name"),
   ("dpo", "loss"): ("precomputed_ref", "axis_name"),
   ("ppo", "algo"): (
+    "eos_token_id",
+    "pad_token_id",
+    "max_new_tokens",
+    "temperature",
+    "exact_sampling",
+    "axis_name",
+  ),
+  ("grpo", "algo"): (
     "eos_token_id",
     "pad_token_id",
     "max_new_tokens",
@@ -142,6 +152,30 @@ class PPOStageConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GRPOStageConfig:
+  """Critic-free RL (GRPO, Dr. GRPO, RLOO) against --reward functions."""
+
+  iterations: int = 30
+  """Iterations (each: sample G per prompt, score on the host, update)."""
+  batch_size: int = 8
+  """Prompts per iteration (x algo.group_size sampled rows)."""
+  learning_rate: float = 5e-4
+  """Policy Adam learning rate (constant after warmup)."""
+  warmup_steps: int = 2
+  """Optimizer updates of linear warmup."""
+  max_grad_norm: float = 1.0
+  """Global-norm gradient clipping."""
+  eval_every: int = 10
+  """Iterations between held-out evaluations (and at the end)."""
+  algo: GRPOConfig = GRPOConfig(
+    eos_token_id=FROM_TOKENIZER, pad_token_id=FROM_TOKENIZER
+  )
+  """The iteration (rlhf_jax.train.GRPOConfig): advantage estimator, KL
+  penalty, clipping, epochs. Token ids, max_new_tokens and temperature come
+  from the tokenizer and --sampling.*."""
+
+
+@dataclasses.dataclass(frozen=True)
 class DPOStageConfig:
   """DPO on the same preference pairs (Rafailov et al. 2023)."""
 
@@ -206,6 +240,13 @@ class PipelineConfig:
   """ppo: prompt file (.jsonl, .jsonl.gz, .parquet; plain or conversational
   prompts, or any rows with a prompt) instead of the task's prompts; needs
   --reward-model."""
+  reward: tuple[str, ...] = ()
+  """grpo: reward functions as module:function (an importable module or a
+  .py file path before the colon), each called as fn(prompts, completions,
+  **columns) -> list[float] on the host; their weighted sum is the reward.
+  Default: the task's VADER sentiment (rlhf_jax.tasks.rewards:sentiment)."""
+  reward_weights: tuple[float, ...] = ()
+  """grpo: one weight per --reward function (default: all 1)."""
   reward_model: str | None = None
   """ppo: a reward model (a `rlhf-jax rm` run directory or its export)
   instead of training one on the task's simulated feedback."""
@@ -238,7 +279,13 @@ class PipelineConfig:
   rm: RewardStageConfig = RewardStageConfig()
   ppo: PPOStageConfig = PPOStageConfig()
   dpo: DPOStageConfig = DPOStageConfig()
+  grpo: GRPOStageConfig = GRPOStageConfig()
   eval: EvalStageConfig = EvalStageConfig()
+  lora: LoraConfig = LoraConfig()
+  """LoRA on the trained policy (PPO, DPO; Hu et al. 2021): --lora.rank > 0
+  trains adapters on a frozen base, whose reference is the base itself
+  (adapters off); exports are merged HF models plus outputs/<policy>/
+  adapter/. The reward model and the PPO critic stay fully trained."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +332,9 @@ class SFTConfig:
   """Also write TensorBoard event files."""
   mesh: MeshConfig = MeshConfig()
   distributed: DistributedConfig = DistributedConfig()
+  lora: LoraConfig = LoraConfig()
+  """LoRA (Hu et al. 2021): --lora.rank > 0 trains adapters on a frozen
+  base; the export is the merged HF model plus outputs/sft/adapter/."""
 
 
 @dataclasses.dataclass(frozen=True)

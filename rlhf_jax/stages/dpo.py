@@ -65,16 +65,18 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
   cfg = ctx.config.dpo
   prefs = preference_data(ctx)
   opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
+  # LoRA: adapters on the frozen base, whose reference is the base itself
+  # (adapters off), so no reference params are passed to the step.
+  params, opt = ctx.lora_policy(opt, "dpo")
   state, shardings = ctx.placement.init_state(
     lambda p, k: TrainState.create(p, opt, k),
-    ctx.ref_params,
+    params,
     ctx.key("dpo"),
     param_axes=[models.param_logical_axes(ctx.model_config)],
   )
+  ref = () if ctx.uses_lora else (ctx.ref_params,)
   step = ctx.placement.jit_step(
-    make_dpo_step(ctx.model_config, opt, cfg.loss),
-    shardings,
-    extra=(ctx.ref_params,),
+    make_dpo_step(ctx.model_config, opt, cfg.loss), shardings, extra=ref
   )
   it = BatchIterator(
     prefs["train"],
@@ -99,7 +101,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
   state, _ = loop.run(
     state,
     start,
-    lambda s: step(s, ctx.placement.batch(next(it).batch), ctx.ref_params),
+    lambda s: step(s, ctx.placement.batch(next(it).batch), *ref),
     iterator=it,
     evaluate=evaluate if evaluating else None,
     eval_every=cfg.eval_every,

@@ -56,15 +56,18 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
   v_opt = optimizer(
     cfg.value_learning_rate, cfg.warmup_steps, cfg.max_grad_norm
   )
+  # LoRA (policy only; the critic stays fully trained): adapters on the
+  # frozen base, whose reference is the base itself (frozen["ref"] None).
+  params, p_opt = ctx.lora_policy(p_opt, "ppo")
   state, shardings = ctx.placement.init_state(
     # The critic starts from the reward model.
     lambda p, v, k: init_ppo_state(p, v, p_opt, v_opt, k, config),
-    ctx.ref_params,
+    params,
     rm,
     ctx.key("ppo"),
     param_axes=[
       models.param_logical_axes(ctx.model_config),
-      models.scalar_model_logical_axes(ctx.model_config),
+      models.scalar_model_logical_axes(ctx.base_config),
     ],
   )
   score_fn = None  # "last": models.reward_forward, make_ppo_step's default
@@ -72,7 +75,7 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
     score_fn = functools.partial(
       response_mean_reward, model_config=ctx.model_config
     )
-  frozen = {"ref": ctx.ref_params, "reward": rm}
+  frozen = {"ref": None if ctx.uses_lora else ctx.ref_params, "reward": rm}
   step = ctx.placement.jit_step(
     make_ppo_step(ctx.model_config, p_opt, v_opt, config, score_fn=score_fn),
     shardings,

@@ -1,7 +1,8 @@
 """`rlhf-jax sft`: supervised fine-tuning on demonstrations (--data FILE).
 
 The next-token loss on the response tokens only (``train.make_sft_step``),
-on the mesh of ``--mesh.*``, with the runner's checkpoints and resume.
+on the mesh of ``--mesh.*``, with the runner's checkpoints and resume;
+``--lora.rank > 0`` trains LoRA adapters on the frozen base instead.
 Demonstrations are preference rows (the chosen response is the target) or
 unpaired {prompt, completion, label} rows (accepted completions).
 """
@@ -22,12 +23,18 @@ from rlhf_jax.data import (
   load_examples,
   tokenize_sft,
 )
+from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import dry_run
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
-from rlhf_jax.stages.common import host_tree, load_policy, open_run_dir
+from rlhf_jax.stages.common import (
+  export_lm,
+  host_tree,
+  load_policy,
+  open_run_dir,
+)
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_report
 from rlhf_jax.stages.user_data import (
@@ -100,6 +107,12 @@ def _train(config, placement, model_config, params, ds, run_dir):
   opt = optax.chain(
     optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)
   )
+  if config.lora.enabled:  # adapters on the frozen base (B = 0 at start)
+    model_config = lora.configure(model_config, config.lora)
+    params = lora.add_adapters(
+      params, model_config, jax.random.fold_in(jax.random.key(config.seed), 1)
+    )
+    opt = lora.trainable_optimizer(opt)
   state, shardings = placement.init_state(
     lambda p, k: TrainState.create(p, opt, k),
     params,
@@ -131,7 +144,7 @@ def _train(config, placement, model_config, params, ds, run_dir):
       iterator=it,
     )
     loop.close()
-  return state, last
+  return state, last, model_config
 
 
 def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
@@ -193,7 +206,9 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
-  state, last = _train(config, placement, model_config, params, ds, run_dir)
+  state, last, model_config = _train(
+    config, placement, model_config, params, ds, run_dir
+  )
   host = host_tree(state.params)
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),
@@ -202,9 +217,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   }
   if placement.is_primary:
     out = run_dir / "outputs" / "sft"
-    models.export_hf_checkpoint(
-      host, model_config, out, tokenizer_dir=model_dir
-    )
+    export_lm(host, model_config, out, tokenizer_dir=model_dir)
     runtime.write_json(run_dir / "summary.json", summary)
     write_report(
       run_dir,

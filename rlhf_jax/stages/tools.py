@@ -314,11 +314,17 @@ def run_export(config: C.ExportConfig) -> int:
       shutil.copyfile(src / HEAD_FILE, tmp / HEAD_FILE)
 
   else:
+    from rlhf_jax.stages.common import ADAPTER_DIR
+
     src = _policy_dir(run_dir, config.what)
     model_config, params = models.load_hf_checkpoint(src)
 
     def write(tmp: pathlib.Path) -> None:
+      # A LoRA policy's outputs/<policy> is already merged; its adapters
+      # alone (adapter/) travel with it.
       models.export_hf_checkpoint(params, model_config, tmp, tokenizer_dir=src)
+      if (src / ADAPTER_DIR).is_dir():
+        shutil.copytree(src / ADAPTER_DIR, tmp / ADAPTER_DIR)
 
   _write_then_swap(out, write)
   print(f"exported {config.what} of {run_dir} to {out}")

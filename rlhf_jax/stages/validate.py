@@ -2,7 +2,8 @@
 
 ``problems(command, config)`` walks the parsed config: every float must be
 finite; the library configs (``--ppo.algo.*``, ``--rm.loss.*``,
-``--dpo.loss.*``) are checked by their own ``RULES``; the stage options by
+``--dpo.loss.*``) are checked by their own ``RULES``, ``--lora.*`` by
+``LoraConfig.problems``; the stage options by
 the field-name rules below (a field name means the same thing in every
 stage); then the cross-field rules (divisibility of batches, word ranges)
 and the input paths. Each problem names the option, its value and what is
@@ -15,6 +16,7 @@ import math
 import pathlib
 from typing import Any
 
+from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.runtime import PATH_FIELDS
 from rlhf_jax.stages.configs import DERIVED_FIELDS, PipelineConfig
 from rlhf_jax.train.common import Rule, above, at_least, config_problems
@@ -90,6 +92,11 @@ def _flag(path: tuple[str, ...]) -> str:
 
 def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
   """Range and finiteness problems of one config object and its children."""
+  if isinstance(node, LoraConfig):  # models/ cannot use train's Rules
+    return [
+      f"{_flag((*path, p.split('=')[0]))} {p.split('=', 1)[1]}"
+      for p in node.problems()
+    ]
   if hasattr(type(node), "RULES"):  # a library config
     derived = DERIVED_FIELDS.get(path, ())
     return [

@@ -1,4 +1,4 @@
-"""Train states and step factories: SFT, reward model, DPO, PPO."""
+"""Train states and step factories: SFT, reward model, DPO, PPO, GRPO."""
 
 from rlhf_jax.train.common import (
   accumulate_gradients,
@@ -6,6 +6,14 @@ from rlhf_jax.train.common import (
   apply_if_finite,
   concat_prompt_response,
   split_micro_batches,
+)
+from rlhf_jax.train.grpo import (
+  GRPOConfig,
+  GRPOSamples,
+  init_grpo_state,
+  make_grpo_rollout,
+  make_grpo_step,
+  make_grpo_update,
 )
 from rlhf_jax.train.ppo import (
   PPOConfig,
@@ -28,6 +36,8 @@ from rlhf_jax.train.supervised import (
 
 __all__ = [
   "DPOConfig",
+  "GRPOConfig",
+  "GRPOSamples",
   "PPOConfig",
   "PPOState",
   "RewardModelConfig",
@@ -38,9 +48,13 @@ __all__ = [
   "all_finite",
   "apply_if_finite",
   "concat_prompt_response",
+  "init_grpo_state",
   "init_ppo_state",
   "kl_controller",
   "make_dpo_step",
+  "make_grpo_rollout",
+  "make_grpo_step",
+  "make_grpo_update",
   "make_ppo_step",
   "make_reward_model_step",
   "make_sft_step",

@@ -28,6 +28,7 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
+from rlhf_jax.models import lora
 from rlhf_jax.train.common import check_build
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_phases import (
@@ -98,13 +99,18 @@ def make_ppo_step(
   Returns:
     step(state: PPOState, prompts: PromptBatch, frozen: dict with "ref"
     (reference LM params) and "reward" (reward-model params)) -> (state,
-    metrics). ``frozen`` is never donated nor updated.
+    metrics). ``frozen`` is never donated nor updated. With a LoRA policy
+    (``model_config.lora``; adapters in the policy params), "ref" may be
+    None: the reference is then the policy with its adapters off
+    (``models.lora.adapters_off``), with no second copy of the weights.
+    The critic and reward model hold no adapters and run as plain models.
 
   Raises:
     ValueError: see ``train.common.check_build``; at trace time, batch
       sizes that do not split into minibatches.
   """
   check_build(model_config, config)
+  lora_policy = model_config.lora is not None and model_config.lora.enabled
   update = make_update(model_config, config, policy_optimizer, value_optimizer)
   phase = dict(model_config=model_config, config=config)
 
@@ -116,8 +122,11 @@ def make_ppo_step(
     raw_scores = score_phase(
       frozen["reward"], rollout, model_config=model_config, score_fn=score_fn
     )
+    ref = frozen["ref"]
+    if ref is None and lora_policy:  # the base, adapters off (no copy)
+      ref = lora.adapters_off(state.policy_params)
     old_logprobs, ref_logprobs, old_values, entropy = reference_and_values(
-      state.policy_params, state.value_params, frozen["ref"], rollout, **phase
+      state.policy_params, state.value_params, ref, rollout, **phase
     )
     kl_coef = state.kl_state.kl_coef
     rewards, kl, scores, norm = shape_rewards(

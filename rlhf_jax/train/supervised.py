@@ -19,6 +19,7 @@ from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.logprobs import response_logprobs, sequence_logprobs
 from rlhf_jax.masked import LOSS_AGG_MODES
+from rlhf_jax.models import lora
 from rlhf_jax.preference import (
   best_of_k_loss,
   bradley_terry_loss,
@@ -425,7 +426,10 @@ def make_dpo_step(
     rewards/margins, logps/chosen, logps/rejected) over the whole step
     batch, and the train/ metrics.
     ``ref_params`` (frozen reference, never donated) is required unless
-    ``config.precomputed_ref``.
+    ``config.precomputed_ref``, or unless ``model_config.lora`` is set: a
+    LoRA policy's reference is then its own base, adapters off
+    (``models.lora.reference_view``; the base is frozen, so it is the
+    initial policy), and no second copy of the weights is passed.
 
   Raises:
     ValueError: see ``train.common.check_build``.
@@ -433,6 +437,7 @@ def make_dpo_step(
   check_build(model_config, config)
   axis = config.axis_name
   average = config.loss_type == "ipo"
+  lora_policy = model_config.lora is not None and model_config.lora.enabled
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
     total = global_sum(batch.prompt_ids.shape[0], axis)
@@ -443,10 +448,14 @@ def make_dpo_step(
           "and batch.ref_rejected_logprobs"
         )
     else:
+      ref_config = model_config
+      if ref_params is None and lora_policy:
+        # The base with adapters off: no second copy of the weights.
+        ref_params, ref_config = lora.reference_view(state.params, model_config)
       if ref_params is None:
         raise ValueError("make_dpo_step: pass ref_params (or precompute)")
       ref_c, ref_r = preference_logprobs(
-        ref_params, batch, model_config=model_config, average=average
+        ref_params, batch, model_config=ref_config, average=average
       )
       batch = batch.replace(
         ref_chosen_logprobs=jax.lax.stop_gradient(ref_c),

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import train_helpers as helpers
 
-from rlhf_jax import parallel
+from rlhf_jax import models, parallel
 
 MESHES = {
   "data": (dict(data=8), parallel.DATA_PARALLEL),
@@ -16,8 +16,8 @@ MESHES = {
 
 
 def _case(name):
-  if name == "ppo":
-    return helpers.ppo_case(num_prompts=8)
+  if name in ("ppo", "grpo"):
+    return helpers.CASES[name](num_prompts=8)
   return helpers.CASES[name]()
 
 
@@ -39,10 +39,10 @@ def _single(case):
 def _extra_shardings(case, mesh, rules):
   out = []
   for extra in case.extra:
-    if case.name == "ppo":  # frozen {"ref", "reward"}
+    if case.name in ("ppo", "grpo"):  # frozen {"ref", "reward"}
       axes = {
         "ref": case.param_axes[0],
-        "reward": case.param_axes[1],
+        "reward": models.scalar_model_logical_axes(helpers.CFG),
       }
     else:
       axes = case.param_axes[0]
@@ -77,7 +77,7 @@ def _assert_close(a, b, what):
     np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5, err_msg=what)
 
 
-@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo"])
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
 def test_same_numbers_on_one_device_meshes_and_pmap(name, devices8):
   case = _case(name)
   ref_state, ref_metrics = _single(case)
@@ -105,7 +105,7 @@ def test_same_numbers_on_one_device_meshes_and_pmap(name, devices8):
   )
 
 
-@pytest.mark.parametrize("name", ["rm", "ppo"])
+@pytest.mark.parametrize("name", ["rm", "ppo", "grpo"])
 def test_shardings_stable_one_trace_donated(name, devices8):
   case = _case(name)
   traces = []

@@ -10,12 +10,15 @@ import optax
 from rlhf_jax import models
 from rlhf_jax.train import (
   DPOConfig,
+  GRPOConfig,
   PPOConfig,
   RewardModelConfig,
   SFTConfig,
   TrainState,
+  init_grpo_state,
   init_ppo_state,
   make_dpo_step,
+  make_grpo_step,
   make_ppo_step,
   make_reward_model_step,
   make_sft_step,
@@ -199,4 +202,45 @@ def ppo_case(num_prompts=4, **overrides) -> Case:
   )
 
 
-CASES = {"sft": sft_case, "rm": rm_case, "dpo": dpo_case, "ppo": ppo_case}
+GRPO_CONFIG = GRPOConfig(
+  eos_token_id=EOS,
+  pad_token_id=PAD,
+  group_size=4,
+  max_new_tokens=6,
+  ppo_epochs=2,
+  beta=0.1,
+  cliprange_high=0.28,
+  dual_clip=3.0,
+  shuffle_minibatches=False,
+)
+
+
+def grpo_case(num_prompts=4, **overrides) -> Case:
+  """GRPO with the reward model as its (jittable) reward, one program."""
+
+  def make(axis=None, micro=1):
+    cfg = dataclasses.replace(
+      GRPO_CONFIG, axis_name=axis, num_micro_batches=micro, **overrides
+    )
+    return make_grpo_step(CFG, optimizer(0.05), cfg)
+
+  frozen = {"ref": policy_params(), "reward": scalar_params(3)}
+  return Case(
+    "grpo",
+    make,
+    lambda: init_grpo_state(
+      policy_params(), optimizer(0.05), jax.random.key(0)
+    ),
+    prompt_batch(num_prompts),
+    (frozen,),
+    (models.param_logical_axes(CFG),),
+  )
+
+
+CASES = {
+  "sft": sft_case,
+  "rm": rm_case,
+  "dpo": dpo_case,
+  "ppo": ppo_case,
+  "grpo": grpo_case,
+}

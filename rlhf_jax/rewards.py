@@ -1,0 +1,286 @@
+"""Rewards written in plain Python, scored on the host between two programs.
+
+A reward function has the shape TRL users know::
+
+  def reward_fn(prompts: list[str], completions: list[str], **columns)
+      -> list[float | None]
+
+``columns`` are the dataset's other fields of each row's prompt (e.g. a
+reference answer), repeated for the G samples of the prompt. A function may
+return None for rows it does not apply to (TRL's convention): the row gets
+no contribution from it, and the Nones are counted. Several functions are
+combined as a weighted sum (``RewardFunctions``).
+
+``score_on_host`` runs between the compiled rollout program and the
+compiled update program (``train.make_grpo_rollout`` /
+``train.make_grpo_update``): each process reads only the rows it holds
+(its addressable shards), decodes and scores them, and the scores become
+one global array with the rollout's batch sharding. Nothing is sent
+between hosts and no compiled program calls back into Python, so there is
+no callback deadlock on a mesh or across processes.
+"""
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import pathlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+RewardFn = Callable[..., Sequence[float | None]]
+# decode(ids i32[N, T], mask bool[N, T]) -> N texts.
+Decode = Callable[[np.ndarray, np.ndarray], list[str]]
+
+
+class RewardError(ValueError):
+  """A reward function that cannot be loaded, or returned a bad value.
+
+  The message names the function (its ``module:function`` spec) and what
+  was expected.
+  """
+
+
+def _import_file(path: pathlib.Path, spec: str):
+  name = f"_rlhf_jax_reward_{path.stem}"
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  if module_spec is None or module_spec.loader is None:
+    raise RewardError(f"--reward {spec}: cannot import {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[name] = module
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def load_reward_function(spec: str) -> RewardFn:
+  """The function named by ``module:function``.
+
+  ``module`` is an importable module (``my_pkg.rewards``) or the path of a
+  ``.py`` file (``rewards/length.py``); the module's top level runs once,
+  as any import does.
+
+  Raises:
+    RewardError: no colon, the module or file cannot be imported, or the
+      attribute is missing or not callable (the message names the spec).
+  """
+  module_name, sep, attr = spec.rpartition(":")
+  if not sep or not module_name or not attr:
+    raise RewardError(
+      f"--reward {spec!r}: expected module:function (e.g. "
+      "rlhf_jax.tasks.rewards:sentiment or path/to/file.py:fn)"
+    )
+  try:
+    if module_name.endswith(".py"):
+      path = pathlib.Path(module_name)
+      if not path.is_file():
+        raise RewardError(f"--reward {spec}: no such file {path}")
+      module = _import_file(path, spec)
+    else:
+      module = importlib.import_module(module_name)
+  except RewardError:
+    raise
+  except Exception as e:  # the user's module failed to import
+    raise RewardError(
+      f"--reward {spec}: importing {module_name} failed: "
+      f"{type(e).__name__}: {e}"
+    ) from e
+  fn = getattr(module, attr, None)
+  if not callable(fn):
+    raise RewardError(
+      f"--reward {spec}: {module_name} has no function {attr!r}"
+    )
+  return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardFunctions:
+  """Reward functions and their weights: r = sum_k w_k r_k.
+
+  Attributes:
+    fns: the functions.
+    weights: one weight per function.
+    names: one name per function (its spec), for metrics and errors.
+  """
+
+  fns: tuple[RewardFn, ...]
+  weights: tuple[float, ...]
+  names: tuple[str, ...]
+
+  @classmethod
+  def load(
+    cls, specs: Sequence[str], weights: Sequence[float] = ()
+  ) -> "RewardFunctions":
+    """Loads ``module:function`` specs (weights default to 1).
+
+    Raises:
+      RewardError: a spec cannot be loaded, no spec, or a weight count or
+        value that does not fit.
+    """
+    if not specs:
+      raise RewardError("--reward: expected at least one module:function")
+    weights = tuple(weights) or (1.0,) * len(specs)
+    if len(weights) != len(specs):
+      raise RewardError(
+        f"--reward-weights: {len(weights)} weights for {len(specs)} "
+        "--reward functions; expected one per function"
+      )
+    for w in weights:
+      if not math.isfinite(w):
+        raise RewardError(f"--reward-weights: {w!r} is not finite")
+    fns = tuple(load_reward_function(s) for s in specs)
+    return cls(fns, tuple(float(w) for w in weights), tuple(specs))
+
+  def __call__(
+    self,
+    prompts: list[str],
+    completions: list[str],
+    **columns: list,
+  ) -> tuple[np.ndarray, dict[str, float]]:
+    """Weighted rewards f32[N] and per-function metrics.
+
+    Returns:
+      (rewards f32[N], {"rewards/<name>/mean": mean over the rows it
+      scored, "rewards/<name>/none_count": rows it returned None for}).
+
+    Raises:
+      RewardError: a function raised, returned other than N values, or a
+        value that is neither a finite number nor None.
+    """
+    n = len(completions)
+    total = np.zeros(n, np.float64)
+    metrics = {}
+    for fn, w, name in zip(self.fns, self.weights, self.names, strict=True):
+      values = _checked(fn, name, prompts, completions, columns, n)
+      scored = ~np.isnan(values)
+      total += w * np.where(scored, values, 0.0)
+      metrics[f"rewards/{name}/mean"] = (
+        float(values[scored].mean()) if scored.any() else float("nan")
+      )
+      metrics[f"rewards/{name}/none_count"] = float(n - scored.sum())
+    return total.astype(np.float32), metrics
+
+
+def _checked(fn, name, prompts, completions, columns, n) -> np.ndarray:
+  """f64[N] values of one function, NaN where it returned None."""
+  try:
+    out = fn(prompts, completions, **columns)
+  except Exception as e:  # the user's function failed
+    raise RewardError(
+      f"reward function {name} raised {type(e).__name__}: {e}"
+    ) from e
+  try:
+    out = list(out)
+  except TypeError as e:
+    raise RewardError(
+      f"reward function {name} returned {type(out).__name__}; expected "
+      f"a list of {n} floats"
+    ) from e
+  if len(out) != n:
+    raise RewardError(
+      f"reward function {name} returned {len(out)} values for {n} "
+      "completions; expected one per completion"
+    )
+  values = np.full(n, np.nan)
+  for i, v in enumerate(out):
+    if v is None:
+      continue
+    try:
+      f = float(v)
+    except (TypeError, ValueError):
+      f = math.nan
+    if not math.isfinite(f):
+      raise RewardError(
+        f"reward function {name} returned {v!r} for completion {i}; "
+        "expected a finite number or None"
+      )
+    values[i] = f
+  return values
+
+
+def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+  """The rows of a batch-sharded array that this process holds.
+
+  Returns:
+    (rows [N_local, ...] as numpy, their global row indices i64[N_local],
+    sorted and without replicas).
+  """
+  if x.is_fully_addressable:
+    return np.asarray(x), np.arange(x.shape[0])
+  found: dict[int, np.ndarray] = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    data = np.asarray(shard.data)
+    for i in range(data.shape[0]):
+      found.setdefault(start + i, data[i])
+  index = np.array(sorted(found), np.int64)
+  return np.stack([found[i] for i in index]), index
+
+
+def score_on_host(
+  response_ids: jax.Array,
+  response_mask: jax.Array,
+  reward: Callable[..., tuple[np.ndarray, dict[str, float]]],
+  *,
+  decode: Decode,
+  prompts: Sequence[str],
+  group_size: int,
+  columns: Mapping[str, Sequence] | None = None,
+) -> tuple[jax.Array, dict[str, float]]:
+  """Scores this process's rows on the host; a global f32[B] array back.
+
+  Args:
+    response_ids: i32[B, T] the rollout's responses (any sharding along B).
+    response_mask: bool[B, T], same sharding.
+    reward: e.g. a ``RewardFunctions``: (prompts, completions, **columns)
+      -> (f32[N] rewards, metrics).
+    decode: token ids and mask -> texts.
+    prompts: the B / G prompt texts of the batch (global, in row order).
+    group_size: G; row r continues prompt r // G.
+    columns: other fields of each prompt (each B / G long), passed through.
+
+  Returns:
+    (scores f32[B] with the sharding of response_ids' rows, the reward's
+    metrics of this process's rows).
+
+  Raises:
+    RewardError: from the reward; ValueError: prompts or columns of the
+      wrong length.
+  """
+  rows = response_ids.shape[0]
+  if len(prompts) * group_size != rows:
+    raise ValueError(
+      f"{len(prompts)} prompts x group_size {group_size} != {rows} rows"
+    )
+  ids, index = local_rows(response_ids)
+  mask, _ = local_rows(response_mask)
+  owner = index // group_size
+  kwargs = {}
+  for key, values in (columns or {}).items():
+    if len(values) != len(prompts):
+      raise ValueError(
+        f"column {key!r}: {len(values)} values, expected "
+        f"{len(prompts)} (one per prompt)"
+      )
+    kwargs[key] = [values[i] for i in owner]
+  scores, metrics = reward(
+    [prompts[i] for i in owner], decode(ids, mask), **kwargs
+  )
+  full = np.zeros(rows, np.float32)
+  full[index] = scores
+  sharding = _row_sharding(response_ids)
+  out = jax.make_array_from_callback((rows,), sharding, lambda i: full[i])
+  return out, metrics
+
+
+def _row_sharding(x: jax.Array) -> jax.sharding.Sharding:
+  """The sharding of a [B] array split like the rows of ``x``."""
+  sharding = x.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    return jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(spec)
+    )
+  return sharding

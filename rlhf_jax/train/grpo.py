@@ -1,0 +1,287 @@
+"""Critic-free RL iterations: GRPO, Dr. GRPO and RLOO.
+
+One iteration samples G responses per prompt (rows prompt * G + g), scores
+them, turns the scores into group-relative sequence advantages and runs
+clipped policy-gradient updates (Shao et al. 2024, DeepSeekMath sec. 4.1;
+Liu et al. 2025, "Dr. GRPO"; Ahmadian et al. 2024, RLOO). No critic.
+
+Two ways to run it, with the same numbers:
+
+* ``make_grpo_step(..., score_fn=...)``: ONE compiled program per
+  iteration when the reward is jittable (a reward model, the default, or a
+  JAX function of the token ids).
+* ``make_grpo_rollout`` -> host scoring -> ``make_grpo_update``: two
+  compiled programs with the reward computed on the host in between, for
+  rewards written in plain Python (``rlhf_jax.rewards``). Neither program
+  moves data to the host or calls back into Python, so nothing can
+  deadlock on a mesh or across hosts; each host scores its own rows.
+
+The state is a ``TrainState``; ``frozen`` holds the reference policy
+("ref"; None with LoRA: the base with adapters off) and the reward model
+("reward", ``make_grpo_step`` only).
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rlhf_jax import models
+from rlhf_jax import stats as st
+from rlhf_jax.kl import kl_estimate
+from rlhf_jax.logprobs import response_logprobs
+from rlhf_jax.train.common import check_build
+from rlhf_jax.train.grpo_config import GRPOConfig
+from rlhf_jax.train.grpo_update import (
+  GRPOLearner,
+  group_advantages,
+  make_grpo_minibatch_update,
+)
+from rlhf_jax.train.ppo_phases import (
+  ScoreFn,
+  rollout_phase,
+  score_phase,
+  sequences,
+)
+from rlhf_jax.train.ppo_update import update_epochs
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.types import GRPOBatch, PromptBatch, Rollout
+
+__all__ = [
+  "GRPOConfig",
+  "GRPOSamples",
+  "init_grpo_state",
+  "make_grpo_rollout",
+  "make_grpo_step",
+  "make_grpo_update",
+]
+
+
+@struct.dataclass
+class GRPOSamples:
+  """What the rollout program hands to the scorer and the update.
+
+  Attributes:
+    rollout: the sampled responses (B = prompts x G rows).
+    old_logprobs: f32[B, T] teacher-forced logprobs of the sampling params.
+    ref_logprobs: f32[B, T] of the reference (0 without a reference).
+  """
+
+  rollout: Rollout
+  old_logprobs: jax.Array
+  ref_logprobs: jax.Array
+
+
+def init_grpo_state(
+  params, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+  """Initial state: step 0, fresh optimizer state, no skipped updates."""
+  return TrainState.create(params, optimizer, rng)
+
+
+def _keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+  """(sampling key, minibatch-order key) of this iteration."""
+  sample_rng, perm_rng = jax.random.split(
+    jax.random.fold_in(state.rng, state.step)
+  )
+  return sample_rng, perm_rng
+
+
+def _reference(params, frozen: dict | None, model_config):
+  """(reference params, their model config): frozen["ref"], or with LoRA
+  the policy's base with adapters off (no second copy of the weights)."""
+  ref = None if frozen is None else frozen.get("ref")
+  if ref is not None:
+    return ref, model_config
+  if getattr(model_config, "lora", None) is not None:
+    from rlhf_jax.models import lora  # noqa: PLC0415 (optional module)
+
+    return lora.reference_view(params, model_config)
+  raise ValueError(
+    "this GRPOConfig uses a reference policy (kl_penalty != 'off' and "
+    "beta > 0): pass frozen={'ref': params}"
+  )
+
+
+def _teacher_forced(params, rollout: Rollout, *, model_config, config):
+  """f32[B, T] logprobs of the rollout's tokens under ``params``."""
+  ids, attn = sequences(rollout)
+  logits = models.forward(params, ids, attn, config=model_config)
+  return response_logprobs(
+    logits,
+    ids,
+    prompt_length=rollout.prompt_ids.shape[1],
+    temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
+    response_mask=rollout.response_mask,
+  )
+
+
+def make_grpo_rollout(
+  model_config: "models.ModelConfig", config: GRPOConfig
+) -> Callable:
+  """The rollout program: sampling and the logprobs the update needs.
+
+  Returns:
+    rollout(state: TrainState, prompts: PromptBatch, frozen: dict | None)
+    -> GRPOSamples. Sampling keys are ``fold_in(fold_in(state.rng,
+    state.step), global row)``, so the rows are the same on any mesh.
+
+  Raises:
+    ValueError: see ``train.common.check_build``.
+  """
+  check_build(model_config, config)
+  forced = dict(model_config=model_config, config=config)
+
+  def rollout_fn(state: TrainState, prompts: PromptBatch, frozen=None):
+    sample_rng, _ = _keys(state)
+    rollout = rollout_phase(
+      state.params,
+      prompts,
+      sample_rng,
+      model_config=model_config,
+      config=config,
+    )
+    updates = config.ppo_epochs * config.num_minibatches
+    if updates > 1 or config.kl_penalty == "reward":
+      old = _teacher_forced(state.params, rollout, **forced)
+    else:  # the only update uses its own logprobs as the old ones
+      old = rollout.logprobs
+    ref = jnp.zeros_like(old)
+    if config.uses_reference:
+      ref_params, ref_config = _reference(state.params, frozen, model_config)
+      ref = _teacher_forced(
+        ref_params, rollout, model_config=ref_config, config=config
+      )
+    return GRPOSamples(rollout, old, ref)
+
+  return rollout_fn
+
+
+def make_grpo_update(
+  model_config: "models.ModelConfig",
+  optimizer: optax.GradientTransformation,
+  config: GRPOConfig,
+) -> Callable:
+  """The update program: advantages from the scores, then the updates.
+
+  Returns:
+    update(state: TrainState, samples: GRPOSamples, scores: f32[B]) ->
+    (state with step + 1, metrics). ``scores`` are the sequence rewards of
+    the rows (prompt * G + g), e.g. from ``rewards.score_on_host``.
+
+  Raises:
+    ValueError: see ``train.common.check_build``; at trace time, scores not
+      [B] or rows that do not split into minibatches.
+  """
+  check_build(model_config, config)
+  minibatch_update = make_grpo_minibatch_update(model_config, config, optimizer)
+
+  def update(state: TrainState, samples: GRPOSamples, scores: jax.Array):
+    rows = samples.rollout.response_mask.shape[0]
+    if scores.shape != (rows,):
+      raise ValueError(f"scores must be [{rows}], got {scores.shape}")
+    if rows % config.num_minibatches:
+      raise ValueError(
+        f"{rows} sequences (prompts x group_size) are not divisible by "
+        f"num_minibatches={config.num_minibatches}"
+      )
+    _, perm_rng = _keys(state)
+    batch, sample_stats = _advantages(samples, scores, config)
+    learner, update_stats = update_epochs(
+      GRPOLearner.of(state), batch, perm_rng, minibatch_update, config=config
+    )
+    stats = st.reduce(sample_stats, config.axis_name) | update_stats
+    metrics = st.values(stats)
+    metrics["train/skipped"] = (
+      learner.skipped_steps - state.skipped_steps
+    ).astype(jnp.float32)
+    metrics["train/skipped_steps"] = learner.skipped_steps.astype(jnp.float32)
+    return learner.into(state).replace(step=state.step + 1), metrics
+
+  return update
+
+
+def _advantages(
+  samples: GRPOSamples, scores: jax.Array, config: GRPOConfig
+) -> tuple[GRPOBatch, st.Stats]:
+  """The update's batch (KL in the reward if configured) and the samples'
+  statistics (docs/conventions.md, "Metric names")."""
+  r = samples.rollout
+  mask = r.response_mask
+  scores = scores.astype(samples.old_logprobs.dtype)
+  seq_kl = jnp.sum(
+    kl_estimate(
+      samples.old_logprobs,
+      samples.ref_logprobs,
+      kl_estimator=config.kl_estimator,
+      mask=mask,
+    ),
+    axis=-1,
+  )
+  shaped = scores
+  if config.kl_penalty == "reward" and config.uses_reference:
+    shaped = scores - config.beta * seq_kl
+  advantages, flat = group_advantages(shaped, config=config)
+  batch = GRPOBatch(
+    prompt_ids=r.prompt_ids,
+    prompt_mask=r.prompt_mask,
+    response_ids=r.response_ids,
+    response_mask=mask,
+    old_logprobs=samples.old_logprobs,
+    ref_logprobs=samples.ref_logprobs,
+    advantages=advantages,
+  )
+  stats = {
+    "objective/scores": st.Mean.of(scores),
+    "objective/scores_shaped": st.Mean.of(shaped),
+    "objective/kl": st.Mean.of(seq_kl),
+    "objective/frac_reward_zero_std": st.Mean.of(flat),
+    "objective/zero_std_groups": st.Sum.of(flat),
+    "objective/entropy": st.Mean.of_loss(
+      -samples.old_logprobs, mask, loss_agg_mode="seq-mean-token-sum"
+    ),
+    "rollout/response_length_mean": st.Mean.of(r.response_lengths),
+    "rollout/truncated_frac": st.Mean.of(r.truncated),
+    "train/tokens": st.Sum.of(mask),
+  }
+  return batch, stats
+
+
+def make_grpo_step(
+  model_config: "models.ModelConfig",
+  optimizer: optax.GradientTransformation,
+  config: GRPOConfig,
+  *,
+  score_fn: ScoreFn | None = None,
+) -> Callable:
+  """One whole iteration in one compiled program (a jittable reward).
+
+  Args:
+    model_config: config of the policy (and reference, reward backbone).
+    optimizer: optax transformation of the policy (with LoRA:
+      ``models.lora.trainable_optimizer``).
+    config: GRPOConfig.
+    score_fn: optional jittable ``score_fn(frozen_reward, input_ids,
+      attention_mask, response_mask) -> f32[B]``; ``frozen["reward"]`` is
+      passed through. Default: ``models.reward_forward`` (a reward model).
+
+  Returns:
+    step(state: TrainState, prompts: PromptBatch, frozen: dict) -> (state,
+    metrics); equal to ``make_grpo_update(make_grpo_rollout(...), scores)``.
+  """
+  rollout_fn = make_grpo_rollout(model_config, config)
+  update = make_grpo_update(model_config, optimizer, config)
+
+  def step(state: TrainState, prompts: PromptBatch, frozen: dict):
+    samples = rollout_fn(state, prompts, frozen)
+    scores = score_phase(
+      frozen.get("reward"),
+      samples.rollout,
+      model_config=model_config,
+      score_fn=score_fn,
+    )
+    return update(state, samples, scores)
+
+  return step

@@ -1,0 +1,112 @@
+"""Settings of one critic-free (GRPO, Dr. GRPO, RLOO) iteration."""
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from rlhf_jax.kl import KL_ESTIMATORS
+from rlhf_jax.masked import LOSS_AGG_MODES
+from rlhf_jax.train.common import Rule, above, at_least, one_of, within
+
+ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+KL_PENALTIES = ("loss", "reward", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """Settings of one critic-free iteration.
+
+  GRPO: Shao et al. 2024 (DeepSeekMath, sec. 4.1); Dr. GRPO: Liu et al.
+  2025 ("Understanding R1-Zero-Like Training"); RLOO: Ahmadian et al. 2024.
+  Clip-higher: Yu et al. 2025 (DAPO, sec. 3.1); dual clip: Ye et al. 2020.
+
+  Attributes:
+    eos_token_id: end-of-sequence token id (stops a response).
+    pad_token_id: padding token id.
+    group_size: G >= 2 responses sampled per prompt (rows prompt*G+g).
+    max_new_tokens: T, response tokens sampled per prompt.
+    temperature: sampling temperature (also divides the training logits).
+    top_k: sample among the k most likely tokens (0 = all).
+    top_p: nucleus sampling mass (1.0 = all).
+    exact_sampling: sample with the training forward instead of the KV
+      cache (``rollout.generate(kv_cache=False)``).
+    advantage_estimator: "grpo" (group mean and std), "dr_grpo" (group
+      mean only; use with loss_agg_mode "seq-mean-token-sum-norm", no
+      length normalisation) or "rloo" (leave-one-out mean).
+    kl_penalty: where the KL to the reference enters: "loss" (beta *
+      kl_loss with kl_estimator, as GRPO), "reward" (beta * the sequence
+      KL subtracted from each score before the advantages) or "off" (no
+      reference forward at all).
+    beta: KL coefficient.
+    kl_estimator: per-token KL estimator (k1, k2 or k3) of the penalty and
+      of the reported KL; the loss term needs k2 or k3.
+    ppo_epochs: passes over each iteration's samples (mu in GRPO).
+    num_minibatches: minibatches per epoch.
+    num_micro_batches: gradient accumulation steps per minibatch.
+    cliprange: PPO ratio clip epsilon.
+    cliprange_low: lower clip (default: cliprange).
+    cliprange_high: upper clip (clip-higher; default: cliprange).
+    dual_clip: dual-clip constant c > 1 for negative advantages (None: off).
+    loss_agg_mode: token-mean, seq-mean-token-mean (GRPO's 1/|o_i|),
+      seq-mean-token-sum or seq-mean-token-sum-norm (Dr. GRPO).
+    shuffle_minibatches: shuffle rows between epochs.
+    axis_name: pmap axis name, None under jit.
+  """
+
+  eos_token_id: int
+  pad_token_id: int
+  group_size: int = 8
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  exact_sampling: bool = False
+  advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+  kl_penalty: Literal["loss", "reward", "off"] = "loss"
+  beta: float = 0.04
+  kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+  ppo_epochs: int = 1
+  num_minibatches: int = 1
+  num_micro_batches: int = 1
+  cliprange: float = 0.2
+  cliprange_low: float | None = None
+  cliprange_high: float | None = None
+  dual_clip: float | None = None
+  loss_agg_mode: str = "token-mean"
+  shuffle_minibatches: bool = True
+  axis_name: str | None = None
+
+  RULES: ClassVar[dict[str, Rule]] = {
+    "group_size": at_least(2),
+    "max_new_tokens": at_least(1),
+    "temperature": above(0),
+    "top_k": at_least(0),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS),
+    "kl_penalty": one_of(*KL_PENALTIES),
+    "beta": at_least(0),
+    "kl_estimator": one_of(*KL_ESTIMATORS),
+    "ppo_epochs": at_least(1),
+    "num_minibatches": at_least(1),
+    "num_micro_batches": at_least(1),
+    "cliprange": at_least(0),
+    "cliprange_low": within(0, 1, open_high=True),
+    "cliprange_high": at_least(0),
+    "dual_clip": above(1),
+    "loss_agg_mode": one_of(*LOSS_AGG_MODES),
+  }
+
+  def cross_problems(self) -> list[str]:
+    out = []
+    if self.kl_penalty == "loss" and self.beta > 0:
+      if self.kl_estimator == "k1":
+        # d k1 / d log pi = 1: its expectation on-policy is 0.
+        out.append(
+          "kl_estimator='k1': expected k2 or k3 with kl_penalty='loss' "
+          "(k1's gradient is a constant)"
+        )
+    return out
+
+  @property
+  def uses_reference(self) -> bool:
+    """Whether the iteration needs the reference policy's logprobs."""
+    return self.kl_penalty != "off" and self.beta > 0
