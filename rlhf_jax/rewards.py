@@ -21,6 +21,7 @@ no callback deadlock on a mesh or across processes.
 """
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -45,13 +46,22 @@ class RewardError(ValueError):
 
 
 def _import_file(path: pathlib.Path, spec: str):
-  name = f"_rlhf_jax_reward_{path.stem}"
+  """The module of a ``.py`` file, imported once per resolved path."""
+  path = path.resolve()
+  digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+  name = f"_rlhf_jax_reward_{path.stem}_{digest}"
+  if name in sys.modules:  # a second spec naming the same file
+    return sys.modules[name]
   module_spec = importlib.util.spec_from_file_location(name, path)
   if module_spec is None or module_spec.loader is None:
     raise RewardError(f"--reward {spec}: cannot import {path}")
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[name] = module
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[name]  # no half-run module for a later retry
+    raise
   return module
 
 
@@ -188,7 +198,8 @@ def _checked(fn, name, prompts, completions, columns, n) -> np.ndarray:
     if v is None:
       continue
     try:
-      f = float(v)
+      # A string is not a number, even one float() would parse.
+      f = math.nan if isinstance(v, (str, bytes)) else float(v)
     except (TypeError, ValueError):
       f = math.nan
     if not math.isfinite(f):
@@ -203,20 +214,40 @@ def _checked(fn, name, prompts, completions, columns, n) -> np.ndarray:
 def local_rows(x: jax.Array) -> tuple[np.ndarray, np.ndarray]:
   """The rows of a batch-sharded array that this process holds.
 
+  Only dimension 0 may be split between processes; other dimensions may be
+  split between this process's devices (their shards are joined).
+
   Returns:
     (rows [N_local, ...] as numpy, their global row indices i64[N_local],
     sorted and without replicas).
+
+  Raises:
+    ValueError: a row of which this process holds only a part (another
+      dimension split across processes).
   """
   if x.is_fully_addressable:
     return np.asarray(x), np.arange(x.shape[0])
-  found: dict[int, np.ndarray] = {}
-  for shard in x.addressable_shards:
-    start = shard.index[0].start or 0
-    data = np.asarray(shard.data)
-    for i in range(data.shape[0]):
-      found.setdefault(start + i, data[i])
-  index = np.array(sorted(found), np.int64)
-  return np.stack([found[i] for i in index]), index
+  shards = [(s.index, np.asarray(s.data)) for s in x.addressable_shards]
+  index = np.array(
+    sorted(
+      {r for idx, _ in shards for r in range(*idx[0].indices(x.shape[0]))}
+    ),
+    np.int64,
+  )
+  position = np.full(x.shape[0], -1, np.int64)
+  position[index] = np.arange(len(index))
+  rows = np.zeros((len(index), *x.shape[1:]), x.dtype)
+  held = np.zeros(rows.shape, bool)
+  for idx, data in shards:
+    at = (position[np.arange(x.shape[0])[idx[0]]], *idx[1:])
+    rows[at] = data
+    held[at] = True
+  if not held.all():
+    raise ValueError(
+      f"this process holds only part of some rows of a {x.shape} array "
+      f"({x.sharding}); split only dimension 0 across processes"
+    )
+  return rows, index
 
 
 def score_on_host(

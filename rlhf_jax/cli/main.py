@@ -34,6 +34,8 @@ COMMANDS = {
   "or --preset hh-rlhf: Anthropic HH-RLHF)",
   "ppo": "PPO against the reward model (runs the stages it needs)",
   "dpo": "DPO on preference pairs (simulated feedback or --data FILE)",
+  "grpo": "GRPO / Dr. GRPO / RLOO against reward functions in plain Python "
+  "(--reward module:function)",
   "generate": "sample continuations from a model or a run's policy",
   "eval": "evaluate a run's policy on the held-out prompts",
   "export": "write a run's policy or reward model as a Hugging Face dir",
@@ -162,10 +164,13 @@ def _description(command: str, cls: type) -> str:
 
 # Option groups of the pipeline config that a subcommand never reads (their
 # stages do not run); hidden from its --help and its flags.
+_NOT_GRPO = ("grpo", "reward", "reward_weights")
 _UNUSED_GROUPS = {
-  "rm": ("ppo", "dpo", "eval"),
-  "ppo": ("dpo",),
-  "dpo": ("ppo",),
+  "run": _NOT_GRPO,
+  "rm": ("ppo", "dpo", "eval", *_NOT_GRPO),
+  "ppo": ("dpo", *_NOT_GRPO),
+  "dpo": ("ppo", *_NOT_GRPO),
+  "grpo": ("feedback", "rm", "ppo", "dpo", "reward_model", "data", "eval_data"),
 }
 
 

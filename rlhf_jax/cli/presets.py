@@ -30,6 +30,8 @@ PIPELINE_PPO = dataclasses.replace(
   num_minibatches=2,
 )
 
+PIPELINE_GRPO = C.GRPOStageConfig()
+
 
 def default_pipeline() -> C.PipelineConfig:
   """The default "make TinyStories happier" run."""
@@ -134,8 +136,28 @@ def hh_rlhf_smoke_rm():
   return HHRewardModelConfig.smoke()
 
 
+def default_grpo() -> C.PipelineConfig:
+  """GRPO on the task's prompts with the VADER sentiment as a plain-Python
+  reward (rlhf_jax.tasks.rewards:sentiment)."""
+  return dataclasses.replace(default_pipeline(), grpo=PIPELINE_GRPO)
+
+
+def smoke_grpo() -> C.PipelineConfig:
+  """GRPO at toy size (seconds)."""
+  return dataclasses.replace(
+    smoke_pipeline(),
+    grpo=C.GRPOStageConfig(
+      iterations=4,
+      batch_size=4,
+      warmup_steps=1,
+      eval_every=2,
+      algo=dataclasses.replace(PIPELINE_GRPO.algo, group_size=4),
+    ),
+  )
+
+
 HH_PRESETS = ("hh-rlhf", "hh-rlhf-smoke")
-PIPELINE_COMMANDS = ("run", "rm", "ppo", "dpo")
+PIPELINE_COMMANDS = ("run", "rm", "ppo", "dpo", "grpo")
 
 PRESETS: dict[str, dict[str, Callable]] = {
   **{
@@ -146,6 +168,10 @@ PRESETS: dict[str, dict[str, Callable]] = {
   "generate": {"default": default_generate, "smoke": smoke_generate},
   "eval": {"default": default_eval, "smoke": smoke_eval},
   "export": {"default": default_export},
+}
+PRESETS["grpo"] = {
+  "default": default_grpo,
+  "smoke": _named(smoke_grpo, "smoke"),
 }
 PRESETS["rm"]["hh-rlhf"] = hh_rlhf_rm
 PRESETS["rm"]["hh-rlhf-smoke"] = hh_rlhf_smoke_rm

@@ -28,15 +28,17 @@ _STAGE_KEYS = {
   "eval": 4,
   "ppo": 5,
   "dpo": 6,
+  "grpo": 8,
 }
 STAGES_BY_COMMAND = {
   "run": ("prompts", "feedback", "rm", "initial", "ppo", "dpo", "report"),
   "rm": ("prompts", "feedback", "rm", "report"),
   "ppo": ("prompts", "feedback", "rm", "initial", "ppo", "report"),
   "dpo": ("prompts", "feedback", "rm", "initial", "dpo", "report"),
+  "grpo": ("prompts", "initial", "grpo", "report"),
 }
 DATA_STAGES_BY_COMMAND = {"rm": ("rm", "report"), "dpo": ("dpo", "report")}
-POLICIES = ("initial", "ppo", "dpo")
+POLICIES = ("initial", "ppo", "dpo", "grpo")
 # The reward head beside the backbone's HF files (a subdirectory, so that
 # loaders globbing *.safetensors read only the backbone).
 HEAD_DIR = "reward_head"
@@ -175,8 +177,8 @@ class Context:
   def loop(self, stage: str, total_steps: int, **kwargs: Any) -> TrainLoop:
     """The stage's checkpointed, logged step loop."""
     updates = 1
-    if stage == "ppo":  # train/skipped_steps counts minibatch updates
-      algo = self.config.ppo.algo
+    if stage in ("ppo", "grpo"):  # train/skipped_steps counts updates
+      algo = getattr(self.config, stage).algo
       updates = algo.ppo_epochs * algo.num_minibatches
     return TrainLoop(
       stage,

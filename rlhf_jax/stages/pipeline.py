@@ -35,6 +35,7 @@ from typing import Any
 
 from rlhf_jax import models
 from rlhf_jax.data import DataError, HFTokenizerAdapter
+from rlhf_jax.rewards import RewardError
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import DryRunReport, dry_run
 from rlhf_jax.runner.mesh import Placement, spec_str
@@ -51,6 +52,7 @@ from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import stage_dpo
 from rlhf_jax.stages.evaluate import stage_initial
 from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
+from rlhf_jax.stages.grpo import reward_functions, stage_grpo
 from rlhf_jax.stages.ppo import ppo_config, stage_ppo
 from rlhf_jax.stages.rm import stage_rm
 from rlhf_jax.stages.summary import stage_report
@@ -60,7 +62,7 @@ from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
 _FILE_OPTIONS = {
   "data": ("rm", "dpo"),
   "eval_data": ("rm", "dpo"),
-  "prompts": ("ppo",),
+  "prompts": ("ppo", "grpo"),
   "reward_model": ("ppo",),
 }
 
@@ -87,12 +89,35 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
       raise DataError(f"{flag} {value}: no such file or directory")
   if config.eval_data is not None and config.data is None:
     raise runtime.UserError("--eval-data needs --data (the training pairs)")
-  if config.prompts is not None and config.reward_model is None:
+  if command == "grpo":
+    _check_rewards(config)
+  elif config.reward or config.reward_weights:
+    raise runtime.UserError(
+      f"--reward and --reward-weights are used by `rlhf-jax grpo`, not "
+      f"`rlhf-jax {command}`"
+    )
+  if (
+    command == "ppo"
+    and config.prompts is not None
+    and config.reward_model is None
+  ):
     raise runtime.UserError(
       "--prompts needs --reward-model DIR (a `rlhf-jax rm` run directory or "
       "its export): the task's simulated feedback fits the task's prompts "
       "only"
     )
+
+
+def _check_rewards(config: PipelineConfig) -> None:
+  """The --reward functions load (their modules import) before any work.
+
+  Raises:
+    UserError: the RewardError's one line.
+  """
+  try:
+    reward_functions(config)
+  except RewardError as e:
+    raise runtime.UserError(str(e)) from None
 
 
 def check_batch_sizes(
@@ -108,6 +133,7 @@ def check_batch_sizes(
     "--rm.batch-size": ("rm", config.rm.batch_size),
     "--ppo.batch-size": ("ppo", config.ppo.batch_size),
     "--dpo.batch-size": ("dpo", config.dpo.batch_size),
+    "--grpo.batch-size": ("grpo", config.grpo.batch_size),
     # Sampling runs whenever the task's prompts or a policy are evaluated.
     "--sampling.batch-size": ("initial", config.sampling.batch_size),
   }
@@ -121,7 +147,7 @@ def stages_for(command: str, config: PipelineConfig) -> tuple[str, ...]:
   """The stages a subcommand runs with these options."""
   if config.data is not None:
     return DATA_STAGES_BY_COMMAND[command]
-  if config.reward_model is not None:  # PPO on a given reward model
+  if command == "ppo" and config.reward_model is not None:
     return ("prompts", "initial", "ppo", "report")
   return STAGES_BY_COMMAND[command]
 
@@ -181,6 +207,8 @@ def _run_stage(ctx: Context, name: str, results: dict[str, dict]) -> dict:
     return stage_ppo(ctx, results["prompts"], results["initial"])
   if name == "dpo":
     return stage_dpo(ctx, results.get("prompts"), results.get("initial"))
+  if name == "grpo":
+    return stage_grpo(ctx, results["prompts"], results["initial"])
   raise AssertionError(name)  # the stage tables are fixed
 
 

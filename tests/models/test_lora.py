@@ -1,0 +1,285 @@
+"""LoRA (Hu et al. 2021, eq. 3): values, gradients, bytes, files, parity."""
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.models import lora
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
+sys.path.insert(0, str(FIXTURES))
+import lora_fixture  # noqa: E402
+
+LLAMA = models.ModelConfig(
+  model_type="llama",
+  vocab_size=64,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  intermediate_size=48,
+  max_position_embeddings=64,
+  initializer_range=0.3,
+)
+GPT2 = models.ModelConfig(
+  model_type="gpt2",
+  vocab_size=64,
+  hidden_size=32,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=4,
+  head_dim=8,
+  intermediate_size=48,
+  max_position_embeddings=64,
+  attention_bias=True,
+  attention_out_bias=True,
+  mlp_bias=True,
+  tie_word_embeddings=True,
+  initializer_range=0.3,
+)
+LORA = lora.LoraConfig(rank=4, alpha=8.0)
+# A ~20M-parameter Llama (8 layers, D 384, F 1024, V 8192): 20.4M params.
+LLAMA_20M = models.ModelConfig(
+  model_type="llama",
+  vocab_size=8192,
+  hidden_size=384,
+  num_layers=8,
+  num_heads=6,
+  num_kv_heads=6,
+  head_dim=64,
+  intermediate_size=1024,
+  max_position_embeddings=512,
+)
+
+
+def _inputs():
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 10)))
+  mask = jnp.ones((2, 10), bool).at[1, :3].set(False)
+  return ids, mask
+
+
+def _with_random_b(params, seed=3):
+  keys = iter(jax.random.split(jax.random.key(seed), 64))
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: (
+      0.2 * jax.random.normal(next(keys), x.shape, x.dtype)
+      if lora.is_lora_leaf(p) and str(p[-1].key).endswith("_b")
+      else x
+    ),
+    params,
+  )
+
+
+def _lora_model(base_cfg, seed=0):
+  cfg = lora.configure(base_cfg, LORA)
+  base = models.init_params(base_cfg, jax.random.key(seed))
+  return cfg, base, lora.add_adapters(base, cfg, jax.random.key(seed + 1))
+
+
+@pytest.mark.parametrize("base_cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_values_b_zero_exact_and_merge_equal(base_cfg):
+  cfg, base, params = _lora_model(base_cfg)
+  ids, mask = _inputs()
+  want = models.forward(base, ids, mask, config=base_cfg)
+  # B = 0: exactly the base (the adapters add 0.0).
+  np.testing.assert_array_equal(
+    models.forward(params, ids, mask, config=cfg), want
+  )
+  adapted = _with_random_b(params)
+  got = models.forward(adapted, ids, mask, config=cfg)
+  merged = models.forward(lora.merge(adapted, cfg), ids, mask, config=base_cfg)
+  assert float(jnp.max(jnp.abs(got - want))) > 1e-2  # the adapters act
+  np.testing.assert_allclose(got, merged, atol=1e-5, rtol=1e-5)
+  # Adapters off (reference view): the base exactly, no copy of weights.
+  ref, ref_cfg = lora.reference_view(adapted, cfg)
+  assert ref_cfg.lora is None
+  assert ref["embed"] is adapted["embed"]
+  np.testing.assert_array_equal(
+    models.forward(ref, ids, mask, config=cfg), want
+  )
+  # The KV-cache path (per-layer params) reads the adapters too.
+  dec = models.unstack_layers(adapted, cfg)
+  cache = models.init_cache(cfg, 2, 10)
+  last, _ = models.prefill(dec, ids, mask, config=cfg, cache=cache)
+  np.testing.assert_allclose(last, got[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_shapes_axes_and_init():
+  cfg, _, params = _lora_model(LLAMA)
+  attn = params["layers"]["attn"]
+  assert attn["q_lora_a"].shape == (2, 32, 4)
+  assert attn["q_lora_b"].shape == (2, 4, 4, 8)
+  assert attn["o_lora_a"].shape == (2, 4, 8, 4)
+  assert attn["o_lora_b"].shape == (2, 4, 32)
+  assert not np.any(np.asarray(attn["q_lora_b"]))
+  bound = 1 / np.sqrt(32)  # PEFT kaiming_uniform(a=sqrt(5)), fan_in = D
+  a = np.asarray(attn["q_lora_a"])
+  assert np.abs(a).max() <= bound and np.abs(a).max() > 0.8 * bound
+  axes = models.param_logical_axes(cfg)["layers"]["attn"]
+  assert tuple(axes["q_lora_a"]) == ("layers", "embed", "lora")
+  assert tuple(axes["o_lora_b"]) == ("layers", "lora", "embed")
+  # GPT-2 MLP names; targets narrow the adapters.
+  g = lora.configure(GPT2, lora.LoraConfig(rank=2, targets=("q", "fc")))
+  p = lora.add_adapters(
+    models.init_params(GPT2, jax.random.key(0)), g, jax.random.key(1)
+  )
+  names = sorted(lora._flat_names(lora.split(p)[0]))
+  assert names == [
+    "layers/attn/q_lora_a",
+    "layers/attn/q_lora_b",
+    "layers/mlp/fc_lora_a",
+    "layers/mlp/fc_lora_b",
+  ]
+
+
+def test_config_problems_and_misuse():
+  assert lora.LoraConfig().problems() == []
+  bad = lora.LoraConfig(rank=-1, alpha=0.0, targets=("qq",), dropout=0.1)
+  assert len(bad.problems()) == 4
+  with pytest.raises(ValueError, match="lora"):
+    LLAMA.replace(lora=bad)
+  assert lora.configure(LLAMA, lora.LoraConfig(rank=0)) is LLAMA
+  assert "lora" not in json.dumps(lora.configure(LLAMA, LORA).to_hf_dict())
+  cfg, _, params = _lora_model(LLAMA)
+  ids, mask = _inputs()
+  with pytest.raises(ValueError, match="config.lora is off"):
+    models.forward(params, ids, mask, config=LLAMA)
+  with pytest.raises(ValueError, match="rank > 0"):
+    lora.merge(params, LLAMA)
+
+
+def test_gradients_base_zero_adapters_nonzero():
+  cfg, _, params = _lora_model(LLAMA)
+  params = _with_random_b(params)
+  ids, mask = _inputs()
+
+  def loss(p):
+    return jnp.mean(models.forward(p, ids, mask, config=cfg) ** 2)
+
+  grads = lora._flat_names(jax.grad(loss)(params))
+  for name, g in grads.items():
+    g = np.asarray(g)
+    if lora.is_lora_leaf(tuple(name.split("/"))):
+      assert np.all(np.isfinite(g)) and np.any(g), name
+    else:
+      assert not np.any(g), name
+  # The optimizer keeps state for the adapters only.
+  opt = lora.trainable_optimizer(optax.adam(1e-3))
+  state = opt.init(params)
+  n_state = sum(x.size for x in jax.tree.leaves(state))
+  n_adapters = sum(x.size for x in jax.tree.leaves(lora.split(params)[0]))
+  assert n_state == 2 * n_adapters + 1  # mu, nu, count
+  updates, _ = opt.update(jax.grad(loss)(params), state, params)
+  for name, u in lora._flat_names(updates).items():
+    if not lora.is_lora_leaf(tuple(name.split("/"))):
+      assert not np.any(np.asarray(u)), name
+
+
+def _nbytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def test_trainable_and_optimizer_bytes_under_5_percent_20m_llama():
+  cfg = lora.configure(LLAMA_20M, lora.LoraConfig(rank=8))
+  full = jax.eval_shape(
+    lambda k: models.init_params(LLAMA_20M, k), jax.random.key(0)
+  )
+  with_lora = jax.eval_shape(
+    lambda k: models.init_params(cfg, k), jax.random.key(0)
+  )
+  adam = optax.adam(1e-3)
+  full_opt = jax.eval_shape(adam.init, full)
+  lora_opt = jax.eval_shape(lora.trainable_optimizer(adam).init, with_lora)
+  n_full = sum(x.size for x in jax.tree.leaves(full))
+  adapters = lora.split(with_lora)[0]
+  n_train = sum(x.size for x in jax.tree.leaves(adapters))
+  trainable = n_train / n_full
+  opt_frac = _nbytes(lora_opt) / _nbytes(full_opt)
+  both = (_nbytes(adapters) + _nbytes(lora_opt)) / (
+    _nbytes(full) + _nbytes(full_opt)
+  )
+  msg = (
+    f"full params {n_full / 1e6:.2f}M ({_nbytes(full)} B); adapters "
+    f"{n_train} ({trainable:.2%}); optimizer state {_nbytes(lora_opt)} B vs "
+    f"full Adam {_nbytes(full_opt)} B ({opt_frac:.2%}); adapters + state "
+    f"{both:.2%} of params + full Adam"
+  )
+  print(msg)
+  assert 19e6 < n_full < 22e6, msg
+  assert trainable < 0.05 and opt_frac < 0.05 and both < 0.05, msg
+
+
+def test_save_load_round_trip_and_errors(tmp_path):
+  cfg, base, params = _lora_model(LLAMA)
+  params = _with_random_b(params)
+  out = lora.save_adapters(params, cfg, tmp_path / "adapter")
+  assert sorted(p.name for p in out.iterdir()) == [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+  ]
+  assert lora.read_adapter_config(out) == LORA
+  loaded = lora.load_adapters(base, cfg, out)
+  for a, b in zip(
+    jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(models.ModelLoadError, match="rank = 4.*rank = 8"):
+    lora.load_adapters(
+      base, lora.configure(LLAMA, dataclasses.replace(LORA, rank=8)), out
+    )
+  with pytest.raises(models.ModelLoadError, match="targets"):
+    lora.load_adapters(
+      base,
+      lora.configure(LLAMA, dataclasses.replace(LORA, targets=("q",))),
+      out,
+    )
+  with pytest.raises(models.ModelLoadError, match="adapter_config.json"):
+    lora.load_adapters(base, cfg, tmp_path)
+  # A tensor of the wrong shape (another model) names the file and tensor.
+  other = LLAMA.replace(hidden_size=16, intermediate_size=24, head_dim=4)
+  o_cfg, _, o_params = _lora_model(other)
+  lora.save_adapters(o_params, o_cfg, tmp_path / "other")
+  with pytest.raises(
+    models.ModelLoadError, match="adapter_model.safetensors: tensor.*shape"
+  ):
+    lora.load_adapters(base, cfg, tmp_path / "other")
+
+
+def test_merged_export_round_trips(tmp_path):
+  cfg, _, params = _lora_model(LLAMA)
+  params = _with_random_b(params)
+  plain = cfg.replace(lora=None)
+  models.export_hf_checkpoint(lora.merge(params, cfg), plain, tmp_path)
+  loaded_cfg, loaded = models.load_hf_checkpoint(tmp_path)
+  assert loaded_cfg.lora is None
+  ids, mask = _inputs()
+  np.testing.assert_allclose(
+    models.forward(loaded, ids, mask, config=loaded_cfg),
+    models.forward(params, ids, mask, config=cfg),
+    atol=1e-5,
+    rtol=1e-5,
+  )
+
+
+@pytest.mark.parametrize("name", lora_fixture.NAMES)
+def test_merged_export_matches_transformers(name):
+  """transformers' logits of the merged export (lora_tiny.npz, written in
+  the torch side env by lora_fixture.py) equal the JAX LoRA forward."""
+  data = np.load(FIXTURES / "lora_tiny.npz")
+  ids, mask = lora_fixture.inputs()
+  np.testing.assert_array_equal(data["ids"], ids)
+  cfg, params = lora_fixture.build(name)
+  got = np.asarray(models.forward(params, ids, mask, config=cfg))
+  want = data[f"{name}_logits"]
+  err = float(np.max(np.abs(got - want)[mask]))
+  print(f"{name}: max abs logits diff vs transformers {err:.2e}")
+  assert err < 1e-4, err
