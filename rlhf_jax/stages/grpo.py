@@ -155,4 +155,5 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   if not last:  # resumed after the last iteration's evaluation was logged
     evaluate(cfg.iterations, state, {})
   last["initial_reward"] = base
+  initial["metrics"].setdefault("eval/reward", base)  # the report's table
   return last

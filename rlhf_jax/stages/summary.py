@@ -11,6 +11,7 @@ from rlhf_jax.stages.report import write_report
 _POLICY_ROWS = {
   "eval/gold_score": "gold score (VADER)",
   "eval/proxy_score": "reward-model score",
+  "eval/reward": "reward (--reward functions)",
   "eval/kl": "KL to reference (nats/seq)",
   "eval/gold_win_rate": "gold win rate vs initial",
   "eval/distinct_1": "distinct-1",
@@ -53,6 +54,7 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
     for k in (
       "eval/gold_score",
       "eval/proxy_score",
+      "eval/reward",
       "eval/kl",
       "eval/gold_win_rate",
       "eval/distinct_2",
@@ -64,6 +66,8 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
     s.update(results["dpo"]["heldout"])
   for res in results.values():  # drops and truncations of the user's data
     s.update(res.get("counts", {}))
+  if "grpo" in results:
+    s["initial/reward"] = results["grpo"]["initial_reward"]
   if "ppo" in results:
     s["ppo/target_kl"] = ctx.config.ppo.algo.target_kl
     s["ppo/final_kl_coef"] = results["ppo"]["final_kl_coef"]

@@ -187,9 +187,18 @@ def _nbytes(tree):
 
 def test_compiled_lora_dpo_holds_the_base_once():
   """Memory analysis of the compiled DPO steps on the ~20M Llama."""
-  from test_lora import LLAMA_20M
-
-  base_cfg = LLAMA_20M
+  # The ~20M-parameter Llama of tests/models/test_lora.py (20.4M).
+  base_cfg = models.ModelConfig(
+    model_type="llama",
+    vocab_size=8192,
+    hidden_size=384,
+    num_layers=8,
+    num_heads=6,
+    num_kv_heads=6,
+    head_dim=64,
+    intermediate_size=1024,
+    max_position_embeddings=512,
+  )
   cfg = lora.configure(base_cfg, lora.LoraConfig(rank=8))
   adam = optax.adam(1e-4)
   key = jax.random.key(0)
