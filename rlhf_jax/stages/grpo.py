@@ -17,7 +17,8 @@ import numpy as np
 
 from rlhf_jax import models
 from rlhf_jax.data import BatchIterator
-from rlhf_jax.rewards import RewardFunctions, score_on_host
+from rlhf_jax.rewards import RewardError, RewardFunctions, score_on_host
+from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context, optimizer
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy
@@ -85,8 +86,12 @@ def _programs(ctx: Context, config: GRPOConfig, opt, shardings, frozen):
   return rollout, update
 
 
-def _reward_of(ctx, reward, prompts: list[str], texts: list[str]) -> float:
-  scores, _ = reward(prompts, texts)
+def _reward_of(reward, prompts: list[str], texts: list[str]) -> float:
+  """Mean reward of held-out samples (a RewardError as a UserError)."""
+  try:
+    scores, _ = reward(prompts, texts)
+  except RewardError as e:
+    raise runtime.UserError(str(e)) from None
   return float(np.mean(scores))
 
 
@@ -108,7 +113,7 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   rollout, update = _programs(ctx, config, opt, shardings, frozen)
   it = _prompt_iterator(ctx, prompts["train"], cfg.batch_size)
   heldout = np.repeat(prompts["heldout"], ctx.config.eval.samples_per_prompt)
-  base = _reward_of(ctx, reward, list(heldout), initial["texts"])
+  base = _reward_of(reward, list(heldout), initial["texts"])
   loop = ctx.loop("grpo", cfg.iterations, show=_SHOW)
   state, start = loop.restore(state, it)
   last: dict[str, Any] = {}
@@ -121,14 +126,17 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
     batch = ctx.placement.batch(PromptBatch(b.prompt_ids, b.prompt_mask))
     samples = rollout(state, batch, frozen)
     r = samples.rollout
-    scores, reward_metrics = score_on_host(
-      r.response_ids,
-      r.response_mask,
-      reward,
-      decode=lambda ids, mask: decode(ctx, ids, mask),
-      prompts=texts,
-      group_size=config.group_size,
-    )
+    try:
+      scores, reward_metrics = score_on_host(
+        r.response_ids,
+        r.response_mask,
+        reward,
+        decode=lambda ids, mask: decode(ctx, ids, mask),
+        prompts=texts,
+        group_size=config.group_size,
+      )
+    except RewardError as e:  # the user's function: a one-line error
+      raise runtime.UserError(str(e)) from None
     state, metrics = update(state, (samples, scores))
     return state, {**metrics, **reward_metrics}
 
@@ -137,7 +145,7 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
     em, details = evaluate_policy(
       ctx, state.params, None, **eval_kwargs(ctx, prompts)
     )
-    em["eval/reward"] = _reward_of(ctx, reward, list(heldout), details["texts"])
+    em["eval/reward"] = _reward_of(reward, list(heldout), details["texts"])
     record.update(em)
     last.update({"metrics": em, **details})
 

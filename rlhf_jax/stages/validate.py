@@ -139,8 +139,28 @@ def _divides(flag: str, batch: int, parts: int, what: str) -> list[str]:
   return []
 
 
+def _minibatch_problems(stage: str, cfg: Any) -> list[str]:
+  """Rows (prompts x G) split into minibatches, and those into micro-batches."""
+  algo, flag = cfg.algo, f"--{stage}.algo"
+  rows = cfg.batch_size * algo.group_size
+  out = _divides(
+    f"--{stage}.batch-size x {flag}.group-size",
+    rows,
+    algo.num_minibatches,
+    f"{flag}.num-minibatches",
+  )
+  if algo.num_minibatches >= 1 and rows % algo.num_minibatches == 0:
+    out += _divides(
+      f"a {stage.upper()} minibatch (rows / num-minibatches)",
+      rows // algo.num_minibatches,
+      algo.num_micro_batches,
+      f"{flag}.num-micro-batches",
+    )
+  return out
+
+
 def _pipeline_problems(config: PipelineConfig) -> list[str]:
-  """Cross-field rules of the pipeline (run, rm, ppo, dpo)."""
+  """Cross-field rules of the pipeline (run, rm, ppo, dpo, grpo)."""
   out = []
   task = config.task
   if task.prefix_min_words > task.prefix_max_words:
@@ -156,21 +176,8 @@ def _pipeline_problems(config: PipelineConfig) -> list[str]:
       cfg.loss.num_micro_batches,
       f"--{stage}.loss.num-micro-batches",
     )
-  algo, ppo = config.ppo.algo, config.ppo
-  rows = ppo.batch_size * algo.group_size
-  out += _divides(
-    "--ppo.batch-size x --ppo.algo.group-size",
-    rows,
-    algo.num_minibatches,
-    "--ppo.algo.num-minibatches",
-  )
-  if algo.num_minibatches >= 1 and rows % algo.num_minibatches == 0:
-    out += _divides(
-      "a PPO minibatch (rows / num-minibatches)",
-      rows // algo.num_minibatches,
-      algo.num_micro_batches,
-      "--ppo.algo.num-micro-batches",
-    )
+  for stage in ("ppo", "grpo"):
+    out += _minibatch_problems(stage, getattr(config, stage))
   return out
 
 
