@@ -152,8 +152,9 @@ class RewardFunctions:
     """Weighted rewards f32[N] and per-function metrics.
 
     Returns:
-      (rewards f32[N], {"rewards/<name>/mean": mean over the rows it
-      scored, "rewards/<name>/none_count": rows it returned None for}).
+      (rewards f32[N], {"rewards/<fn>/mean": mean over the rows it
+      scored, "rewards/<fn>/none_count": rows it returned None for}),
+      <fn> the function's name (TRL's names), the spec's end.
 
     Raises:
       RewardError: a function raised, returned other than N values, or a
@@ -166,10 +167,11 @@ class RewardFunctions:
       values = _checked(fn, name, prompts, completions, columns, n)
       scored = ~np.isnan(values)
       total += w * np.where(scored, values, 0.0)
-      metrics[f"rewards/{name}/mean"] = (
+      key = "rewards/" + name.rpartition(":")[2]
+      metrics[f"{key}/mean"] = (
         float(values[scored].mean()) if scored.any() else float("nan")
       )
-      metrics[f"rewards/{name}/none_count"] = float(n - scored.sum())
+      metrics[f"{key}/none_count"] = float(n - scored.sum())
     return total.astype(np.float32), metrics
 
 

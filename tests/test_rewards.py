@@ -100,7 +100,7 @@ def test_load_with_weights_gives_the_weighted_sum():
   scores, metrics = reward(["a", "b"], ["one two", "one two three four"])
   assert scores.dtype == np.float32
   np.testing.assert_allclose(scores, [1.5 * 2, 1.5 * 4])
-  assert metrics["rewards/rlhf_jax.tasks.rewards:word_count/mean"] == 3.0
+  assert metrics["rewards/word_count/mean"] == 3.0
 
 
 def test_weights_default_to_one():

@@ -1,0 +1,99 @@
+"""Issue 14 acceptance 2 and 5: `rlhf-jax grpo` with plain-Python rewards
+exits 0, resumes after SIGKILL to the same summary, and learns: 30
+iterations of the default preset raise the held-out sentiment reward while
+the KL stays bounded, with the same curve on 8 devices."""
+
+import cli_harness as h
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WORDS = """
+def words(prompts, completions, **columns):
+  return [len(c.split()) / 10 for c in completions]
+"""
+
+
+def _smoke_args(tmp_path, run_dir):
+  reward = tmp_path / "my_reward.py"
+  reward.write_text(WORDS)
+  return (
+    "grpo",
+    "--preset",
+    "smoke",
+    "--run-dir",
+    str(run_dir),
+    "--checkpoint-every",
+    "1",
+    "--reward",
+    f"{reward}:words",
+    "rlhf_jax.tasks.rewards:sentiment",
+    "--reward-weights",
+    "0.1",
+    "1.0",
+  )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("grpo")
+  run_dir = tmp / "run"
+  h.cli(*_smoke_args(tmp, run_dir))
+  return tmp, run_dir
+
+
+def test_grpo_smoke_exits_0_with_the_rewards(smoke_run):
+  _, run_dir = smoke_run
+  s = h.summary(run_dir)
+  for k in ("initial/reward", "grpo/reward", "grpo/kl", "grpo/gold_score"):
+    assert k in s, k
+  recs = [r for r in h.records(run_dir) if r["stage"] == "grpo"]
+  assert [r["step"] for r in recs if "objective/scores" in r] == [1, 2, 3, 4]
+  for r in recs[1:]:
+    assert {"rewards/words/mean", "rewards/sentiment/mean"} <= set(r), r
+  assert (run_dir / "outputs" / "grpo" / "model.safetensors").is_file()
+
+
+def test_grpo_resumes_after_sigkill(smoke_run):
+  tmp, full = smoke_run
+  run_dir = tmp / "killed"
+  args = _smoke_args(tmp, run_dir)
+  step = h.kill_after_first_checkpoint(*args, run_dir=run_dir, stage="grpo")
+  assert 1 <= step <= 4
+  log = h.cli(*args, "--resume")
+  assert "initial: finished earlier" in log
+  assert f"grpo: {step}/4 (" in log and "grpo: 0/4" not in log
+  assert h.summary(run_dir) == h.summary(full)
+
+
+def _curve(run_dir):
+  return [
+    (r["step"], r["eval/reward"], r["eval/kl"])
+    for r in h.records(run_dir)
+    if r["stage"] == "grpo" and "eval/reward" in r
+  ]
+
+
+def test_grpo_learns_on_one_device_and_on_8(tmp_path):
+  """Measured (seed 0): held-out reward 0.2105 -> 0.7265, KL 4.57 nats;
+  seed 1: 0.3132 -> 0.7010, KL 2.17. 8 devices: the same curve."""
+  one, eight = tmp_path / "one", tmp_path / "eight"
+  h.cli("grpo", "--run-dir", str(one), "--tensorboard", "False")
+  h.cli(
+    "grpo",
+    "--run-dir",
+    str(eight),
+    "--tensorboard",
+    "False",
+    "--mesh.data",
+    "8",
+    devices=8,
+  )
+  s = h.summary(one)
+  assert s["grpo/reward"] > s["initial/reward"] + 0.3, s
+  assert 0 < s["grpo/kl"] < 10, s
+  a, b = _curve(one), _curve(eight)
+  assert [x[0] for x in a] == [0, 10, 20, 30]
+  assert [x[0] for x in b] == [x[0] for x in a]
+  for (_, ra, ka), (_, rb, kb) in zip(a, b, strict=True):
+    assert abs(ra - rb) < 0.05 and abs(ka - kb) < 0.5, (a, b)
