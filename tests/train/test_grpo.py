@@ -187,3 +187,34 @@ def test_grpo_learns_a_jittable_reward():
     first = float(m["objective/scores"]) if first is None else first
   last = float(m["objective/scores"])
   assert last > first + 0.2, (first, last)
+
+
+def test_lora_grpo_trains_adapters_against_the_base_as_reference():
+  """No reference passed: the base with adapters off; the base does not
+  move, the adapters do (B = 0 at first, so after two iterations)."""
+  from rlhf_jax.models import lora
+
+  cfg = lora.configure(helpers.CFG, lora.LoraConfig(rank=4))
+  base = helpers.policy_params()
+  params = lora.add_adapters(base, cfg, jax.random.key(1))
+  opt = lora.trainable_optimizer(helpers.optimizer(0.5))
+  step = jax.jit(make_grpo_step(cfg, opt, _cfg()))
+  state = init_grpo_state(params, opt, jax.random.key(0))
+  frozen = {"reward": helpers.scalar_params(3)}
+  for _ in range(2):
+    state, metrics = step(state, helpers.prompt_batch(4), frozen)
+  adapters, new_base = lora.split(state.params)
+  for a, b in zip(
+    jax.tree.leaves(new_base), jax.tree.leaves(base), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+  moved = [
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(
+      jax.tree.leaves(adapters),
+      jax.tree.leaves(lora.split(params)[0]),
+      strict=True,
+    )
+  ]
+  assert max(moved) > 1e-4, moved
+  assert np.isfinite(float(metrics["ppo/kl_loss"]))
