@@ -188,7 +188,7 @@ def test_unknown_subcommand(capsys):
   _check(
     code,
     err,
-    "unknown subcommand 'train'; choose from: run, sft, rm, ppo, dpo, "
+    "unknown subcommand 'train'; choose from: run, sft, rm, ppo, dpo, grpo, "
     "generate, eval, export",
   )
 
