@@ -108,12 +108,14 @@ class UnpairedExample:
 
 @dataclasses.dataclass(frozen=True)
 class PromptExample:
-  """A prompt alone (PPO rollouts)."""
+  """A prompt alone (PPO/GRPO rollouts), with the row's other fields
+  (``columns``, e.g. a reference answer) for reward functions."""
 
   prompt: str
   source: str = ""
   row: int = -1
   where: str = ""
+  columns: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
 Example = PreferencePair | RankedExample | UnpairedExample | PromptExample
@@ -417,11 +419,12 @@ def _parse_unpaired(row, where, fmt, template) -> UnpairedExample:
 
 def _parse_prompt(row, where, fmt, template) -> PromptExample:
   prompt = _field(row, "prompt", where, fmt)
+  columns = {k: v for k, v in row.items() if k != "prompt"}
   if isinstance(prompt, list | tuple):
     msgs = _messages(prompt, "prompt", where)
     text = _need_template(template, where)(msgs, add_generation_prompt=True)
-    return PromptExample(text)
-  return PromptExample(_text(prompt, "prompt", where))
+    return PromptExample(text, columns=columns)
+  return PromptExample(_text(prompt, "prompt", where), columns=columns)
 
 
 _PARSERS: dict[str, Callable[..., Any]] = {

@@ -349,7 +349,7 @@ class GenerateConfig:
   """Checkpoint directory to sample from (default: as for `run`)."""
   run_dir: str | None = None
   """A pipeline run; with --policy, sample from its trained policy."""
-  policy: Literal["initial", "ppo", "dpo", "sft"] = "initial"
+  policy: Literal["initial", "ppo", "dpo", "grpo", "sft"] = "initial"
   """Which policy of --run-dir (initial = the reference model)."""
   num_samples: int = 1
   """Continuations per prompt."""
@@ -375,7 +375,7 @@ class EvalConfig:
   """A pipeline run directory (its prompts, reference and reward model)."""
   preset: str = "default"
   """Named preset."""
-  policy: Literal["initial", "ppo", "dpo", "sft"] = "ppo"
+  policy: Literal["initial", "ppo", "dpo", "grpo", "sft"] = "ppo"
   """Which policy of the run to evaluate."""
   samples_per_prompt: int = 2
   """Continuations per held-out prompt."""
@@ -393,7 +393,7 @@ class ExportConfig:
   """Output directory (config.json, model.safetensors, tokenizer files)."""
   preset: str = "default"
   """Named preset."""
-  what: Literal["ppo", "dpo", "sft", "rm"] = "ppo"
+  what: Literal["ppo", "dpo", "grpo", "sft", "rm"] = "ppo"
   """Which model: a policy, or the reward model (backbone as a causal LM
   plus reward_head/model.safetensors with the scalar head)."""
   overwrite: bool = False

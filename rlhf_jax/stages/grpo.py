@@ -86,10 +86,16 @@ def _programs(ctx: Context, config: GRPOConfig, opt, shardings, frozen):
   return rollout, update
 
 
-def _reward_of(reward, prompts: list[str], texts: list[str]) -> float:
+def column_lists(rows: list[dict]) -> dict[str, list]:
+  """Per-prompt field dicts -> {field: values}, None where a row lacks it."""
+  keys = dict.fromkeys(k for r in rows for k in r)
+  return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def _reward_of(reward, prompts: list[str], texts: list[str], columns) -> float:
   """Mean reward of held-out samples (a RewardError as a UserError)."""
   try:
-    scores, _ = reward(prompts, texts)
+    scores, _ = reward(prompts, texts, **column_lists(columns))
   except RewardError as e:
     raise runtime.UserError(str(e)) from None
   return float(np.mean(scores))
@@ -112,8 +118,12 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   frozen = {} if ctx.uses_lora else {"ref": ctx.ref_params}
   rollout, update = _programs(ctx, config, opt, shardings, frozen)
   it = _prompt_iterator(ctx, prompts["train"], cfg.batch_size)
-  heldout = np.repeat(prompts["heldout"], ctx.config.eval.samples_per_prompt)
-  base = _reward_of(reward, list(heldout), initial["texts"])
+  per = ctx.config.eval.samples_per_prompt
+  heldout = [p for p in prompts["heldout"] for _ in range(per)]
+  held_columns = [
+    c for c in prompts.get("heldout_columns", []) for _ in range(per)
+  ]
+  base = _reward_of(reward, heldout, initial["texts"], held_columns)
   loop = ctx.loop("grpo", cfg.iterations, show=_SHOW)
   state, start = loop.restore(state, it)
   last: dict[str, Any] = {}
@@ -122,7 +132,10 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
     loaded = next(it)
     b = loaded.batch
     n = len(prompts["train"])
-    texts = [prompts["train"][i % n] for i in loaded.indices]
+    rows = [i % n for i in loaded.indices]
+    texts = [prompts["train"][i] for i in rows]
+    columns = prompts.get("train_columns")
+    columns = column_lists([columns[i] for i in rows]) if columns else None
     batch = ctx.placement.batch(PromptBatch(b.prompt_ids, b.prompt_mask))
     samples = rollout(state, batch, frozen)
     r = samples.rollout
@@ -134,6 +147,7 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
         decode=lambda ids, mask: decode(ctx, ids, mask),
         prompts=texts,
         group_size=config.group_size,
+        columns=columns,
       )
     except RewardError as e:  # the user's function: a one-line error
       raise runtime.UserError(str(e)) from None
@@ -145,7 +159,9 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
     em, details = evaluate_policy(
       ctx, state.params, None, **eval_kwargs(ctx, prompts)
     )
-    em["eval/reward"] = _reward_of(reward, list(heldout), details["texts"])
+    em["eval/reward"] = _reward_of(
+      reward, heldout, details["texts"], held_columns
+    )
     record.update(em)
     last.update({"metrics": em, **details})
 

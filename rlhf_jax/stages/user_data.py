@@ -197,6 +197,17 @@ def read_prompts(
   return loaded, prompts
 
 
+def prompt_columns(
+  loaded: LoadedExamples, prompts: list[str]
+) -> list[dict[str, Any]]:
+  """The other fields of each distinct prompt's first row (reward columns,
+  e.g. a reference answer), aligned with ``prompts``."""
+  first: dict[str, dict] = {}
+  for e in loaded.examples:
+    first.setdefault(e.prompt, getattr(e, "columns", {}))
+  return [first[p] for p in prompts]
+
+
 class _Hold(logging.Handler):
   def __init__(self):
     super().__init__()
@@ -283,9 +294,13 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
     len(prompts), eval_size=n_held, seed=ctx.config.seed
   )
   ds = tokenize_prompt_texts(ctx, prompts)
+  columns = prompt_columns(loaded, prompts)
   result = {
     "train": [prompts[i] for i in train_idx],
     "heldout": [prompts[i] for i in held_idx],
+    # Each prompt's other fields, passed to --reward functions.
+    "train_columns": [columns[i] for i in train_idx],
+    "heldout_columns": [columns[i] for i in held_idx],
     "source": str(path),
     "counts": {
       **data_counts(

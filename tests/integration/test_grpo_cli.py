@@ -78,13 +78,12 @@ def test_grpo_learns_on_one_device_and_on_8(tmp_path):
   """Measured (seed 0): held-out reward 0.2105 -> 0.7265, KL 4.57 nats;
   seed 1: 0.3132 -> 0.7010, KL 2.17. 8 devices: the same curve."""
   one, eight = tmp_path / "one", tmp_path / "eight"
-  h.cli("grpo", "--run-dir", str(one), "--tensorboard", "False")
+  h.cli("grpo", "--run-dir", str(one), "--no-tensorboard")
   h.cli(
     "grpo",
     "--run-dir",
     str(eight),
-    "--tensorboard",
-    "False",
+    "--no-tensorboard",
     "--mesh.data",
     "8",
     devices=8,
@@ -97,3 +96,34 @@ def test_grpo_learns_on_one_device_and_on_8(tmp_path):
   assert [x[0] for x in b] == [x[0] for x in a]
   for (_, ra, ka), (_, rb, kb) in zip(a, b, strict=True):
     assert abs(ra - rb) < 0.05 and abs(ka - kb) < 0.5, (a, b)
+
+
+def test_prompt_file_columns_reach_the_reward(tmp_path):
+  """--prompts rows carry a target_words column; word_count scores
+  -|words - target| with it (<= 0), and words (> 0) without it."""
+  prompts = tmp_path / "prompts.jsonl"
+  openings = ["Once upon a time", "The little dog", "A girl named Sue"]
+  prompts.write_text(
+    "".join(
+      f'{{"prompt": "{p} {i}", "target_words": {i % 5}}}\n'
+      for i, p in enumerate(openings * 4)
+    )
+  )
+  run_dir = tmp_path / "run"
+  h.cli(
+    "grpo",
+    "--preset",
+    "smoke",
+    "--run-dir",
+    str(run_dir),
+    "--prompts",
+    str(prompts),
+    "--reward",
+    "rlhf_jax.tasks.rewards:word_count",
+  )
+  s = h.summary(run_dir)
+  assert s["prompts/distinct"] == 12
+  assert s["initial/reward"] <= 0 and s["grpo/reward"] <= 0, s
+  recs = [r for r in h.records(run_dir) if "rewards/word_count/mean" in r]
+  assert recs and all(r["rewards/word_count/mean"] <= 0 for r in recs)
+  assert "grpo/gold_score" not in s  # no gold scorer on the user's prompts
