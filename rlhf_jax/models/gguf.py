@@ -436,7 +436,9 @@ def tokenizer_from_gguf(meta: _Meta):
     if ty == _USER_DEFINED and t in vocab
   ]
   if user:
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    tok.add_tokens(
+      [AddedToken(t, normalized=False, special=False) for t in user]
+    )
 
   def token_of(key: str) -> str | None:
     i = meta.get(f"tokenizer.ggml.{key}")
@@ -578,7 +580,9 @@ def convert_gguf(
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   try:
     _write_json(tmp / "config.json", config)
-    save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+      weights, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+    )
     del weights
     tok.save(str(tmp / "tokenizer.json"))
     _write_json(tmp / "tokenizer_config.json", tcfg)

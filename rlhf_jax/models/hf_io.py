@@ -609,6 +609,7 @@ def load_hf_checkpoint(
   param_dtype: str = "float32",
   remat: bool = False,
   shardings: ShardingsLike | None = None,
+  sequence_classification: bool = False,
 ) -> tuple[ModelConfig, Params]:
   """Loads an HF causal-LM checkpoint directory into (config, params).
 
@@ -634,6 +635,10 @@ def load_hf_checkpoint(
       param_logical_axes(config), mesh, rules, shapes=...)` gives), or a
       callable `config -> either of those`, called after config.json is
       read and before any tensor is.
+    sequence_classification: read the backbone of a
+      *ForSequenceClassification directory: its score.weight is allowed
+      (and left to the caller, see `seq_cls`), and an untied model's
+      lm_head, which that format lacks, is zeros.
 
   Returns:
     (ModelConfig, params): params as `init_params` lays them out, unboxed,
@@ -663,13 +668,17 @@ def load_hf_checkpoint(
   elif config.family == "gpt2" and "wte.weight" not in files:
     prefix = "transformer."  # error messages name the usual layout
   glob, layer = _rules(config, prefix)
+  zero_paths = []
+  if sequence_classification:
+    zero_paths = [r.paths[0] for r in glob if r.paths == (("lm_head",),)]
+    glob = [r for r in glob if r.paths != (("lm_head",),)]
   why = f"{config.model_type} config in {cfg_path.name}"
   params: Params = {}
   pdt = config.params_dtype
 
   table = None
   if shardings is not None:
-    paths = [p for rule in glob for p in rule.paths]
+    paths = [p for rule in glob for p in rule.paths] + zero_paths
     paths += [("layers", *p) for rule in layer for p in rule.paths]
     table = _sharding_table(shardings, config, paths)
 
@@ -703,6 +712,7 @@ def load_hf_checkpoint(
     if k not in wanted
     and not k.endswith(_IGNORED_SUFFIXES)
     and not (config.tie_word_embeddings and k == "lm_head.weight")
+    and not (sequence_classification and k == "score.weight")
   ]
   if leftover:
     raise ModelLoadError(
@@ -727,6 +737,9 @@ def load_hf_checkpoint(
       full = ("layers", *path)
       _set(params, full, place(full, np.stack(stacked[j])))
       stacked[j] = None  # host copies go once placed
+  for path in zero_paths:  # lm_head [D, V]
+    shape = (config.hidden_size, config.vocab_size)
+    _set(params, path, place(path, np.zeros(shape, np.float32)))
 
   return config, params
 

@@ -59,12 +59,14 @@ from rlhf_jax import models, parallel
 from rlhf_jax.parallel import Rules
 from rlhf_jax.train import (
   DPOConfig,
+  GRPOConfig,
   PPOConfig,
   RewardModelConfig,
   SFTConfig,
   TrainState,
   init_ppo_state,
   make_dpo_step,
+  make_grpo_step,
   make_ppo_step,
   make_reward_model_step,
   make_sft_step,
@@ -72,15 +74,18 @@ from rlhf_jax.train import (
 from rlhf_jax.types import PreferenceBatch, PromptBatch, SFTBatch
 
 PyTree = Any
-StageConfig = SFTConfig | RewardModelConfig | DPOConfig | PPOConfig
+StageConfig = SFTConfig | RewardModelConfig | DPOConfig | PPOConfig | GRPOConfig
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
 _CONFIG_TYPES = {
   "sft": SFTConfig,
   "rm": RewardModelConfig,
   "dpo": DPOConfig,
   "ppo": PPOConfig,
+  "grpo": GRPOConfig,
 }
+# Stages that sample (their decode loop runs max_new_tokens times).
+_SAMPLING = ("ppo", "grpo")
 _MIB = 1 << 20
 _GIB = 1 << 30
 
@@ -93,7 +98,7 @@ class DryRunReport:
   gave no memory analysis. See the module docstring for their sources.
 
   Attributes:
-    stage: "sft", "rm", "dpo" or "ppo".
+    stage: "sft", "rm", "dpo", "ppo" or "grpo".
     mesh_shape: mesh axis sizes, e.g. {"data": 1, "fsdp": 8, "tensor": 1}.
     num_params: trainable parameters in the state (PPO: policy + critic).
     param_bytes_total: bytes of those parameters, unsharded.
@@ -438,6 +443,9 @@ def _plan(
       single,
     )
 
+  if stage == "grpo":
+    return _grpo_plan(cfg, optimizer, config, policy, lm_axes, b, p)
+
   def ppo_state() -> PyTree:
     return init_ppo_state(
       policy(), scalar_model(), optimizer, optimizer, jax.random.key(0), config
@@ -462,6 +470,30 @@ def _plan(
   )
 
 
+def _grpo_score(frozen: Any, ids: Any, attn: Any, resp: Any) -> Any:
+  """A stand-in for host scoring: cheap, but not a constant that would
+  let XLA fold the update away."""
+  del frozen, attn
+  return jnp.mean(ids[:, -resp.shape[1] :] * resp, axis=-1).astype(jnp.float32)
+
+
+def _grpo_plan(cfg, optimizer, config, policy, lm_axes, b, p) -> _Plan:
+  """GRPO as one program (rollout, a stand-in score, update): the memory
+  of the larger of its two programs and the FLOPs of both."""
+
+  def single(state: TrainState) -> tuple[PyTree, PyTree]:
+    return state.params, state.opt_state
+
+  return _Plan(
+    make_grpo_step(cfg, optimizer, config, score_fn=_grpo_score),
+    lambda: TrainState.create(policy(), optimizer, jax.random.key(0)),
+    (lm_axes,),
+    PromptBatch(_ids(b, p), _mask(b, p)),
+    ((lambda: {"ref": policy()}, {"ref": lm_axes}),),
+    single,
+  )
+
+
 def _stage_config(
   stage: str,
   config: StageConfig | None,
@@ -473,14 +505,12 @@ def _stage_config(
     raise TypeError(
       f"stage {stage!r} takes a {want.__name__}, got {type(config).__name__}"
     )
-  if stage != "ppo":
+  if stage not in _SAMPLING:
     return want() if config is None else config
   if config is None:
     eos = model_config.eos_token_id or 0
     pad = model_config.pad_token_id
-    config = PPOConfig(
-      eos_token_id=eos, pad_token_id=eos if pad is None else pad
-    )
+    config = want(eos_token_id=eos, pad_token_id=eos if pad is None else pad)
   # The sampler's T is the dry run's response length.
   return dataclasses.replace(config, max_new_tokens=response_length)
 
@@ -521,7 +551,7 @@ def dry_run(
   """Lowers and AOT-compiles one ``stage`` step on ``mesh``; no weights.
 
   Args:
-    stage: "sft", "rm", "dpo" or "ppo".
+    stage: "sft", "rm", "dpo", "ppo" or "grpo".
     model_config: the model (policy, reference, critic and reward backbones
       all share it).
     mesh: target mesh (``parallel.make_mesh``); it may be made of fake CPU
@@ -598,7 +628,7 @@ def dry_run(
   compiled_at = time.perf_counter()
 
   # The sampler's decode loop runs at most max_new_tokens times.
-  while_trips = response_length if stage == "ppo" else 1
+  while_trips = response_length if stage in _SAMPLING else 1
   params, opt_state = plan.trainable(state)
   return DryRunReport(
     stage=stage,

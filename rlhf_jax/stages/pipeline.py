@@ -52,7 +52,7 @@ from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import stage_dpo
 from rlhf_jax.stages.evaluate import stage_initial
 from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
-from rlhf_jax.stages.grpo import reward_functions, stage_grpo
+from rlhf_jax.stages.grpo import grpo_config, reward_functions, stage_grpo
 from rlhf_jax.stages.ppo import ppo_config, stage_ppo
 from rlhf_jax.stages.rm import stage_rm
 from rlhf_jax.stages.summary import stage_report
@@ -286,6 +286,7 @@ def _dry_run_shapes(stage: str, config: PipelineConfig) -> dict[str, int]:
     "rm": config.rm.batch_size,
     "dpo": config.dpo.batch_size,
     "ppo": config.ppo.batch_size,
+    "grpo": config.grpo.batch_size,
   }[stage]
   return dict(batch_size=batch, prompt_length=p, response_length=t)
 
@@ -297,7 +298,8 @@ def _dry_run_config(stage: str, config: PipelineConfig, model_config):
     return config.dpo.loss
   eos = model_config.eos_token_id or 0  # no tokenizer in a dry run
   pad = eos if model_config.pad_token_id is None else model_config.pad_token_id
-  return ppo_config(config, eos_token_id=eos, pad_token_id=pad)
+  make = grpo_config if stage == "grpo" else ppo_config
+  return make(config, eos_token_id=eos, pad_token_id=pad)
 
 
 def dry_run_pipeline(
@@ -316,6 +318,11 @@ def dry_run_pipeline(
   environment.setup_jax()
   environment.start(config.distributed)
   check_inputs(command, config)
+  if config.lora.enabled:
+    raise runtime.UserError(
+      "--dry-run does not model LoRA yet: drop --lora.rank for the full "
+      "model's figures"
+    )
   model_dir = environment.resolve_model(config.model)
   placement = Placement.create(config.mesh)
   model_config = models.load_hf_config(model_dir)
@@ -323,7 +330,7 @@ def dry_run_pipeline(
     f"dry run of `rlhf-jax {command}` for {model_dir}: {placement.describe()}"
   )
   reports = []
-  for stage in ("rm", "ppo", "dpo"):
+  for stage in ("rm", "ppo", "dpo", "grpo"):
     if stage not in stages_for(command, config):
       continue
     shapes = _dry_run_shapes(stage, config)

@@ -156,6 +156,11 @@ def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   """
   environment.setup_jax()
   environment.start(config.distributed)
+  if config.lora.enabled:
+    raise runtime.UserError(
+      "--dry-run does not model LoRA yet: drop --lora.rank for the full "
+      "model's figures"
+    )
   model_dir = environment.resolve_model(config.model)
   placement = Placement.create(config.mesh)
   placement.check_batch(config.batch_size, "--batch-size")
