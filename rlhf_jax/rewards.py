@@ -92,7 +92,7 @@ def load_reward_function(spec: str) -> RewardFn:
       module = importlib.import_module(module_name)
   except RewardError:
     raise
-  except Exception as e:  # the user's module failed to import
+  except (Exception, SystemExit) as e:  # the user's module failed to import
     raise RewardError(
       f"--reward {spec}: importing {module_name} failed: "
       f"{type(e).__name__}: {e}"
@@ -129,17 +129,19 @@ class RewardFunctions:
       RewardError: a spec cannot be loaded, no spec, or a weight count or
         value that does not fit.
     """
+    if isinstance(specs, str):
+      specs = (specs,)
     if not specs:
       raise RewardError("--reward: expected at least one module:function")
-    weights = tuple(weights) or (1.0,) * len(specs)
+    weights = tuple(weights or ()) or (1.0,) * len(specs)
     if len(weights) != len(specs):
       raise RewardError(
         f"--reward-weights: {len(weights)} weights for {len(specs)} "
         "--reward functions; expected one per function"
       )
     for w in weights:
-      if not math.isfinite(w):
-        raise RewardError(f"--reward-weights: {w!r} is not finite")
+      if not isinstance(w, int | float) or not math.isfinite(w):
+        raise RewardError(f"--reward-weights: {w!r} is not a finite number")
     fns = tuple(load_reward_function(s) for s in specs)
     return cls(fns, tuple(float(w) for w in weights), tuple(specs))
 
@@ -163,26 +165,58 @@ class RewardFunctions:
     n = len(completions)
     total = np.zeros(n, np.float64)
     metrics = {}
-    for fn, w, name in zip(self.fns, self.weights, self.names, strict=True):
+    keys = self.metric_names()
+    for fn, w, name, key in zip(
+      self.fns, self.weights, self.names, keys, strict=True
+    ):
       values = _checked(fn, name, prompts, completions, columns, n)
       scored = ~np.isnan(values)
       total += w * np.where(scored, values, 0.0)
-      key = "rewards/" + name.rpartition(":")[2]
+      key = "rewards/" + key
       metrics[f"{key}/mean"] = (
         float(values[scored].mean()) if scored.any() else float("nan")
       )
       metrics[f"{key}/none_count"] = float(n - scored.sum())
-    return total.astype(np.float32), metrics
+    out = total.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+      i = int(np.argmin(np.isfinite(out)))
+      raise RewardError(
+        f"the weighted reward of completion {i} is {float(total[i])!r}, "
+        "beyond "
+        "float32 (|r| < 3.4e38 expected); scale the --reward functions"
+      )
+    return out, metrics
+
+  def metric_names(self) -> tuple[str, ...]:
+    """One distinct name per function for its metrics: the function's
+    name (TRL's), the whole spec where two share that name, numbered
+    (``#1``, ``#2``) where a spec is given twice."""
+    short = [s.rpartition(":")[2] for s in self.names]
+    names = [
+      spec if short.count(sh) > 1 else sh
+      for spec, sh in zip(self.names, short, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+      seen[name] = seen.get(name, 0) + 1
+      out.append(f"{name}#{seen[name]}" if names.count(name) > 1 else name)
+    return tuple(out)
 
 
 def _checked(fn, name, prompts, completions, columns, n) -> np.ndarray:
   """f64[N] values of one function, NaN where it returned None."""
   try:
     out = fn(prompts, completions, **columns)
-  except Exception as e:  # the user's function failed
+  except (Exception, SystemExit) as e:  # the user's function failed
     raise RewardError(
       f"reward function {name} raised {type(e).__name__}: {e}"
     ) from e
+  if isinstance(out, str | bytes):
+    raise RewardError(
+      f"reward function {name} returned a {type(out).__name__}; expected "
+      f"a list of {n} floats"
+    )
   try:
     out = list(out)
   except TypeError as e:

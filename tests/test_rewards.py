@@ -100,7 +100,16 @@ def test_load_with_weights_gives_the_weighted_sum():
   scores, metrics = reward(["a", "b"], ["one two", "one two three four"])
   assert scores.dtype == np.float32
   np.testing.assert_allclose(scores, [1.5 * 2, 1.5 * 4])
-  assert metrics["rewards/word_count/mean"] == 3.0
+  spec = "rlhf_jax.tasks.rewards:word_count"
+  for k in (1, 2):  # the same spec twice: numbered, never merged
+    assert metrics[f"rewards/{spec}#{k}/mean"] == 3.0
+
+
+def test_metric_names_are_distinct():
+  r = RewardFunctions(
+    fns=(len,) * 3, weights=(1.0,) * 3, names=("a.py:f", "b.py:f", "m:g")
+  )
+  assert r.metric_names() == ("a.py:f", "b.py:f", "g")
 
 
 def test_weights_default_to_one():
@@ -175,8 +184,8 @@ def test_a_missing_function_in_a_file(tmp_path):
   [
     ([], (), "at least one"),
     (["rlhf_jax.tasks.rewards:word_count"], (1.0, 2.0), "2 weights for 1"),
-    (["rlhf_jax.tasks.rewards:word_count"], (math.nan,), "not finite"),
-    (["rlhf_jax.tasks.rewards:word_count"], (math.inf,), "not finite"),
+    (["rlhf_jax.tasks.rewards:word_count"], (math.nan,), "not a finite number"),
+    (["rlhf_jax.tasks.rewards:word_count"], (math.inf,), "not a finite number"),
   ],
 )
 def test_load_argument_errors(specs, weights, match):
@@ -370,3 +379,25 @@ def test_local_rows_refuses_a_row_held_in_part():
   held = _PartlyHeld(full, [(slice(0, 4), slice(0, 2))])
   with pytest.raises(ValueError, match="only part of some rows"):
     local_rows(held)
+
+
+def _one(fn):
+  return RewardFunctions(fns=(fn,), weights=(1.0,), names=("m:fn",))
+
+
+def test_exit_string_and_overflow_are_named_errors():
+  def exits(prompts, completions, **kw):
+    raise SystemExit(0)
+
+  with pytest.raises(RewardError, match="m:fn raised SystemExit"):
+    _one(exits)(["p"], ["c"])
+  with pytest.raises(RewardError, match="returned a str"):
+    _one(lambda p, c, **kw: "abc")(["p"] * 3, ["c"] * 3)
+  with pytest.raises(RewardError, match="completion 1 is 1e\\+39, beyond"):
+    _one(lambda p, c, **kw: [0.0, 1e39])(["p"] * 2, ["c"] * 2)
+
+
+def test_load_takes_one_spec_as_a_string():
+  r = RewardFunctions.load("rlhf_jax.tasks.rewards:word_count", None)
+  assert r.names == ("rlhf_jax.tasks.rewards:word_count",)
+  assert r.weights == (1.0,)

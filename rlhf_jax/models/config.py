@@ -154,7 +154,7 @@ class LoraConfig:
     if not 0 < self.alpha < float("inf"):
       out.append(f"alpha={self.alpha!r}: expected a finite number > 0")
     unknown = [t for t in self.targets if t not in LORA_TARGETS]
-    if unknown or not self.targets:
+    if isinstance(self.targets, str) or unknown or not self.targets:
       out.append(
         f"targets={self.targets!r}: expected one or more of {LORA_TARGETS}"
       )

@@ -147,16 +147,41 @@ def adapters_off(params: Params) -> Params:
   return split(params)[1]
 
 
+# The projections each family has (transformer.Attention / Mlp).
+_FAMILY_TARGETS = {
+  "llama": ("q", "k", "v", "o", "gate", "up", "down"),
+  "gpt2": ("q", "k", "v", "o", "fc", "proj"),
+}
+
+
 def configure(
   model_config: ModelConfig, lora_config: LoraConfig | None
 ) -> ModelConfig:
   """``model_config`` with LoRA when ``lora_config.rank > 0``, else as is.
 
   Raises:
-    ValueError: a bad ``lora_config`` (``LoraConfig.problems``).
+    ValueError: a bad ``lora_config`` (``LoraConfig.problems``), targets
+      none of which the model's family has, or a rank above the hidden
+      size.
   """
-  if lora_config is None or not lora_config.enabled:
+  if lora_config is None:
     return model_config
+  problems = lora_config.problems()
+  if problems:
+    raise ValueError("LoraConfig " + "; ".join(problems))
+  if not lora_config.enabled:
+    return model_config
+  names = _FAMILY_TARGETS[model_config.family]
+  if not set(lora_config.targets) & set(names):
+    raise ValueError(
+      f"targets={lora_config.targets!r}: none is a projection of this "
+      f"{model_config.model_type} model; expected one or more of {names}"
+    )
+  if lora_config.rank > model_config.hidden_size:
+    raise ValueError(
+      f"rank={lora_config.rank}: expected <= the hidden size "
+      f"{model_config.hidden_size} (a larger rank adds no capacity)"
+    )
   return dataclasses.replace(model_config, lora=lora_config)
 
 

@@ -102,3 +102,23 @@ def start(config: DistributedConfig) -> None:
         ) from None
     values[field] = value
   start_distributed(dataclasses.replace(config, **values))
+
+
+def check_lora(lora_config, model_dir: pathlib.Path) -> None:
+  """--lora.* fits the model (its family's projections, rank <= D), read
+  from config.json alone, before any work starts.
+
+  Raises:
+    UserError: one line naming the option.
+  """
+  from rlhf_jax import models  # noqa: PLC0415 (jax only when needed)
+  from rlhf_jax.models import lora  # noqa: PLC0415
+
+  if not lora_config.enabled:
+    return
+  try:
+    lora.configure(models.load_hf_config(model_dir), lora_config)
+  except models.ModelLoadError:
+    return  # the model loader names a bad model directory in its words
+  except ValueError as e:
+    raise UserError(f"--lora.{e}") from None

@@ -89,6 +89,11 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
       raise DataError(f"{flag} {value}: no such file or directory")
   if config.eval_data is not None and config.data is None:
     raise runtime.UserError("--eval-data needs --data (the training pairs)")
+  if command == "rm" and config.lora.enabled:
+    raise runtime.UserError(
+      "--lora.rank: `rlhf-jax rm` trains the reward model fully (LoRA is "
+      "for the policy in sft, dpo, ppo and grpo)"
+    )
   if command == "grpo":
     _check_rewards(config)
   elif config.reward or config.reward_weights:
@@ -167,6 +172,7 @@ def open_run(
   compile0 = runtime.CompileClock.get().seconds
   check_inputs(command, config)
   model_dir = environment.resolve_model(config.model)
+  environment.check_lora(config.lora, model_dir)
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.

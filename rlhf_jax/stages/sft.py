@@ -196,6 +196,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   environment.start(config.distributed)
   timer = runtime.Timer()
   model_dir = environment.resolve_model(config.model)
+  environment.check_lora(config.lora, model_dir)
   if not pathlib.Path(config.data).exists():
     raise DataError(f"{config.data}: no such file")
   placement = Placement.create(config.mesh)
