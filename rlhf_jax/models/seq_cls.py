@@ -12,13 +12,19 @@ bias=False).
   transformers:  logits[b] = h[b, last(b)] @ score.weight.T
 
 `export_sequence_classification({"backbone", "head"}, config, out_dir)`
-writes `score.weight = kernel[None, :]`; a head with a non-zero bias is
-refused (transformers has nowhere to put it; a Bradley-Terry loss never
-moves the bias, `center_rewards_coef` > 0 does).
+writes `score.weight = kernel[None, :]`. transformers' score has no bias:
+a head with a non-zero bias is refused unless `keep_bias=True`, which
+records it in config.json as "rlhf_jax_score_bias" (transformers ignores
+the field, so its scores are ours minus that constant; Bradley-Terry
+rewards are defined up to a constant, and a trained head's bias is
+usually tiny: the loss gradient on it cancels within each pair, though
+Adam turns the rounding residue into steps of ~learning-rate size, and
+`center_rewards_coef` > 0 does move it).
 `load_sequence_classification(dir)` reads such a directory, written by
-transformers or by us, into {"backbone", "head"} params with bias 0. An
-untied model's LM head is not part of the format: it is zeros after load
-(reward and value forwards never read it).
+transformers or by us, into {"backbone", "head"} params (bias from
+"rlhf_jax_score_bias", else 0). An untied model's LM head is not part of
+the format: it is zeros after load (reward and value forwards never read
+it).
 
 Where the reward is read. transformers takes the rightmost position whose
 token id is not pad_token_id; rlhf_jax (`reward_forward`) takes the last
@@ -56,6 +62,7 @@ from rlhf_jax.models.hf_io import (
 
 Params = dict[str, Any]
 SCORE = "score.weight"
+BIAS_FIELD = "rlhf_jax_score_bias"
 _SUFFIX = "ForSequenceClassification"
 _PREFIX = {
   "llama": "Llama",
@@ -90,6 +97,7 @@ def export_sequence_classification(
   *,
   pad_token_id: int | None = None,
   tokenizer_dir: str | os.PathLike | None = None,
+  keep_bias: bool = False,
 ) -> pathlib.Path:
   """Writes a reward model as a transformers *ForSequenceClassification dir.
 
@@ -101,14 +109,18 @@ def export_sequence_classification(
     pad_token_id: the id transformers treats as padding when it looks for
       the last token (default: config.pad_token_id).
     tokenizer_dir: optional directory whose tokenizer files are copied.
+    keep_bias: write a non-zero head bias into config.json as
+      "rlhf_jax_score_bias" (read back by `load_sequence_classification`;
+      transformers' scores then differ from ours by that constant) instead
+      of refusing it.
 
   Returns:
     out_dir as a Path.
 
   Raises:
     ValueError: no pad_token_id (transformers then refuses batches > 1);
-      the head's bias is not 0 (transformers' score has no bias: export
-      the rlhf_jax format instead); a head kernel that is not [D].
+      the head's bias is not 0 and keep_bias is False; a head kernel that
+      is not [D].
     FileExistsError: out_dir holds other weight files.
   """
   if pad_token_id is None:
@@ -124,11 +136,14 @@ def export_sequence_classification(
     raise ValueError(
       f"head kernel has shape {kernel.shape}; expected ({config.hidden_size},)"
     )
-  if np.any(bias != 0):
+  if bias.shape != ():
+    raise ValueError(f"head bias has shape {bias.shape}; expected ()")
+  if bias != 0 and not keep_bias:
     raise ValueError(
       f"the reward head has bias {float(bias):.6g}; transformers' "
       "score layer has none, so its scores would differ by that constant "
-      "(export the rlhf_jax format: causal LM + reward_head/)"
+      "(pass keep_bias=True to record it in config.json, or export the "
+      "rlhf_jax format: causal LM + reward_head/)"
     )
   out = pathlib.Path(out_dir)
   stale = sorted(
@@ -160,6 +175,8 @@ def export_sequence_classification(
     pad_token_id=int(pad_token_id),
     problem_type="regression",
   )
+  if bias != 0:
+    hf[BIAS_FIELD] = float(bias)
   (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
   if tokenizer_dir is not None:
     src = pathlib.Path(tokenizer_dir)
@@ -195,7 +212,9 @@ def load_sequence_classification(
 
   Returns:
     (config, {"backbone": LM params, "head": {"kernel": [D], "bias": []}});
-    the bias is 0 and an untied model's lm_head is zeros.
+    the bias is config.json's "rlhf_jax_score_bias" (0 when absent, as in
+    every directory transformers writes); an untied model's lm_head is
+    zeros.
 
   Raises:
     ModelLoadError: not a sequence-classification config; num_labels is not
@@ -229,7 +248,7 @@ def load_sequence_classification(
   kernel = _score(model_dir, config)
   head = {
     "kernel": kernel.astype(config.params_dtype),
-    "bias": np.zeros((), config.params_dtype),
+    "bias": np.asarray(_bias(data, cfg_path), config.params_dtype),
   }
   if shardings is None:
     head = jax.tree.map(jnp.asarray, head)
@@ -240,6 +259,13 @@ def load_sequence_classification(
       shardings["head"],
     )
   return config, {"backbone": backbone, "head": head}
+
+
+def _bias(data: dict, cfg_path: pathlib.Path) -> float:
+  b = data.get(BIAS_FIELD, 0.0)
+  if isinstance(b, bool) or not isinstance(b, int | float):
+    raise ModelLoadError(f"{cfg_path}: {BIAS_FIELD} = {b!r}; expected a number")
+  return float(b)
 
 
 def _score(model_dir: pathlib.Path, config: ModelConfig) -> np.ndarray:

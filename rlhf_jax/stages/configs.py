@@ -394,8 +394,9 @@ class ExportConfig:
   preset: str = "default"
   """Named preset."""
   what: Literal["ppo", "dpo", "grpo", "sft", "rm"] = "ppo"
-  """Which model: a policy, or the reward model (backbone as a causal LM
-  plus reward_head/model.safetensors with the scalar head)."""
+  """Which model: a policy, or the reward model (a transformers
+  *ForSequenceClassification directory; a mean-pooled head: the
+  rlhf_jax-only causal LM plus reward_head/model.safetensors)."""
   overwrite: bool = False
   """Replace a non-empty --out directory (the new one is written beside it,
   then renamed into place)."""

@@ -90,32 +90,46 @@ def load_rm(
   """A reward model: (config, {"backbone", "head"} params, pooling).
 
   Args:
-    path: a run directory (its outputs/rm) or an exported reward-model
-      directory (a causal LM plus reward_head/model.safetensors).
+    path: a run directory (its outputs/rm), an exported reward-model
+      directory in the rlhf_jax format (a causal LM plus
+      reward_head/model.safetensors), or a Hugging Face
+      *ForSequenceClassification directory (config.json architectures;
+      written by `rlhf-jax export --what rm` or by transformers).
     placement: lay the params out on this mesh (default: one device).
 
   Returns:
     pooling: "last" or "mean", where the head reads the sequence (saved
-    with the head; "last" when the file does not say).
+    with the head; "last" when the file does not say, and always for a
+    sequence-classification directory).
 
   Raises:
     UserError: no reward model there.
+    ModelLoadError: a sequence-classification directory that cannot be
+      read (names the file and tensor).
   """
   from safetensors import safe_open
 
+  from rlhf_jax.models import seq_cls
+
   path = pathlib.Path(path)
+  placement = placement or Placement.create(
+    MeshConfig(data=1), jax.devices()[:1]
+  )
+  if seq_cls.is_sequence_classification(path):
+    config, params = seq_cls.load_sequence_classification(
+      path, shardings=placement.scalar_model_shardings
+    )
+    return config, params, "last"
   out = path if (path / HEAD_FILE).is_file() else path / "outputs" / "rm"
   if not (out / HEAD_FILE).is_file():
     raise runtime.UserError(
-      f"{path}: no reward model here (expected {HEAD_FILE} in the directory "
-      "or in its outputs/rm: a run or an export of `rlhf-jax rm`)"
+      f"{path}: no reward model here (expected a *ForSequenceClassification "
+      f"config.json, or {HEAD_FILE} in the directory or in its outputs/rm: "
+      "a run or an export of `rlhf-jax rm`)"
     )
   with safe_open(str(out / HEAD_FILE), "numpy") as h:
     head = {k: h.get_tensor(k) for k in h.keys()}
     pooling = (h.metadata() or {}).get("pooling", "last")
-  placement = placement or Placement.create(
-    MeshConfig(data=1), jax.devices()[:1]
-  )
   config, backbone = placement.load_model(out)
   head_sh = placement.scalar_model_shardings(config)["head"]
   params = {"backbone": backbone, "head": placement.put(head, head_sh)}

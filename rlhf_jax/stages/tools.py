@@ -285,9 +285,18 @@ def _write_then_swap(
   shutil.rmtree(old)
 
 
+def _pad_id(model_dir: pathlib.Path) -> int:
+  """The pad id the run tokenised with (eos when the tokenizer has none)."""
+  from rlhf_jax.data import HFTokenizerAdapter
+
+  return HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir)).pad_id
+
+
 def run_export(config: C.ExportConfig) -> int:
   """Writes a Hugging Face directory (config.json, model.safetensors,
-  tokenizer files; reward_head/model.safetensors for --what rm).
+  tokenizer files). --what rm writes a *ForSequenceClassification
+  directory (score.weight, pad_token_id) for a last-token head, else the
+  rlhf_jax-only format (reward_head/model.safetensors).
 
   A non-empty --out is refused unless --overwrite; the export is written to
   a new directory beside --out and renamed into place, so an earlier
@@ -300,18 +309,54 @@ def run_export(config: C.ExportConfig) -> int:
   out = pathlib.Path(config.out)
   _check_export_out(out, run_dir, record, config.overwrite)
   if config.what == "rm":
-    from rlhf_jax.stages.common import HEAD_FILE
+    from rlhf_jax.models import seq_cls
+    from rlhf_jax.stages.common import HEAD_FILE, host_tree
     from rlhf_jax.stages.rm import load_rm
 
-    model_config, params, _ = load_rm(run_dir)
+    model_config, params, pooling = load_rm(run_dir)
     src = run_dir / "outputs" / "rm"
+    params = host_tree(params)
+    bias = float(np.asarray(params["head"]["bias"]))
+    # transformers' format for a last-token head (its bias, which
+    # transformers has no place for, recorded in config.json); a
+    # mean-pooled one: the rlhf_jax-only format, said in the log.
+    why_not = None
+    if pooling != "last":
+      why_not = f"its head is {pooling}-pooled"
 
     def write(tmp: pathlib.Path) -> None:
+      if why_not is None:
+        seq_cls.export_sequence_classification(
+          params,
+          model_config,
+          tmp,
+          pad_token_id=_pad_id(src),
+          tokenizer_dir=src,
+          keep_bias=True,
+        )
+        return
       models.export_hf_checkpoint(
         params["backbone"], model_config, tmp, tokenizer_dir=src
       )
       (tmp / HEAD_FILE).parent.mkdir(parents=True, exist_ok=True)
       shutil.copyfile(src / HEAD_FILE, tmp / HEAD_FILE)
+
+    if why_not is None:
+      print(
+        f"rm: {seq_cls.architecture(model_config)} (transformers' "
+        "AutoModelForSequenceClassification reads it)"
+      )
+      if bias != 0:
+        print(
+          f"rm: head bias {bias:.6g} kept as config.json "
+          f"{seq_cls.BIAS_FIELD}; transformers' scores are rlhf_jax's "
+          "minus this constant"
+        )
+    else:
+      print(
+        f"rm: rlhf_jax-only format (causal LM + {HEAD_FILE}): {why_not}; "
+        "transformers cannot score it, `--reward-model` here can"
+      )
 
   else:
     from rlhf_jax.stages.common import ADAPTER_DIR
