@@ -204,7 +204,13 @@ def rloo_advantages(scores: jax.Array, *, group_size: int) -> jax.Array:
   """
   s = _grouped(scores, group_size, 2)
   others = (jnp.sum(s, axis=1, keepdims=True) - s) / (group_size - 1)
-  return (s - others).reshape(-1)
+  # A group of equal scores gives exactly 0 (not the rounding of the sums).
+  return jnp.where(_flat(s), 0.0, s - others).reshape(-1)
+
+
+def _flat(s: jax.Array) -> jax.Array:
+  """bool[N, 1]: the group's scores are all equal."""
+  return jnp.all(s == s[:, :1], axis=1, keepdims=True)
 
 
 def grpo_advantages(
@@ -260,4 +266,6 @@ def grpo_advantages(
     pos = var > 0
     std = jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1)), 0)
     centered = centered / (std + eps)
-  return centered.reshape(-1)
+  # A group of equal scores gives exactly 0: in f32 its mean can be off by
+  # an ulp, which the division by a tiny std would amplify into a bias.
+  return jnp.where(_flat(s), 0.0, centered).reshape(-1)

@@ -16,7 +16,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+LossAggMode = Literal[
+  "token-mean",
+  "seq-mean-token-mean",
+  "seq-mean-token-sum",
+  "seq-mean-token-sum-norm",
+]
 LOSS_AGG_MODES = (
   "token-mean",
   "seq-mean-token-mean",

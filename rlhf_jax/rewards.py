@@ -350,4 +350,9 @@ def _row_sharding(x: jax.Array) -> jax.sharding.Sharding:
     return jax.sharding.NamedSharding(
       sharding.mesh, jax.sharding.PartitionSpec(spec)
     )
-  return sharding
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  raise ValueError(
+    f"score_on_host: rows sharded by a {type(sharding).__name__}; expected "
+    "a NamedSharding (jit with shardings) or one device"
+  )

@@ -98,7 +98,7 @@ class Args:
   """global-norm gradient clipping"""
   advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
   """group-relative advantage: grpo, dr_grpo or rloo"""
-  beta: float = 0.04
+  kl_coef: float = 0.04
   """KL coefficient (k3 estimator in the loss, as GRPO)"""
   ppo_epochs: int = 1
   """passes over each iteration's samples"""
@@ -177,7 +177,7 @@ def main(args: Args) -> dict[str, float]:
     max_new_tokens=args.max_new_tokens,
     temperature=args.temperature,
     advantage_estimator=args.advantage_estimator,
-    beta=args.beta,
+    kl_coef=args.kl_coef,
     ppo_epochs=args.ppo_epochs,
     num_minibatches=args.num_minibatches,
   )

@@ -233,7 +233,8 @@ def add_adapters(
     A new dict: the base leaves (the same arrays) and the adapters.
 
   Raises:
-    ValueError: no LoRA in ``model_config``, or params not stacked.
+    ValueError: no LoRA in ``model_config``, params not stacked, or no
+      target the model has.
   """
   _lora_of(model_config, "add_adapters")
   if "layers" not in params:
@@ -245,6 +246,11 @@ def add_adapters(
   fresh = jax.jit(lambda k: split(transformer.init_params(model_config, k))[0])(
     rng
   )
+  if not fresh:  # training would silently change nothing
+    raise ValueError(
+      f"add_adapters: none of targets={model_config.lora.targets!r} is a "
+      f"projection of this {model_config.model_type} model"
+    )
   return combine(fresh, adapters_off(params))
 
 

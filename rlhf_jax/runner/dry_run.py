@@ -478,8 +478,9 @@ def _grpo_score(frozen: Any, ids: Any, attn: Any, resp: Any) -> Any:
 
 
 def _grpo_plan(cfg, optimizer, config, policy, lm_axes, b, p) -> _Plan:
-  """GRPO as one program (rollout, a stand-in score, update): the memory
-  of the larger of its two programs and the FLOPs of both."""
+  """GRPO as one program (rollout, a stand-in score, update): the FLOPs of
+  the stage's two programs, and an upper bound on the larger one's memory
+  (the fused program holds the samples and the update together)."""
 
   def single(state: TrainState) -> tuple[PyTree, PyTree]:
     return state.params, state.opt_state
@@ -489,7 +490,10 @@ def _grpo_plan(cfg, optimizer, config, policy, lm_axes, b, p) -> _Plan:
     lambda: TrainState.create(policy(), optimizer, jax.random.key(0)),
     (lm_axes,),
     PromptBatch(_ids(b, p), _mask(b, p)),
-    ((lambda: {"ref": policy()}, {"ref": lm_axes}),),
+    # The reference only when the iteration reads it (kl_penalty, kl_coef).
+    ((lambda: {"ref": policy()}, {"ref": lm_axes}),)
+    if config.uses_reference
+    else (),
     single,
   )
 

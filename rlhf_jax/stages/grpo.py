@@ -92,6 +92,21 @@ def column_lists(rows: list[dict]) -> dict[str, list]:
   return {k: [r.get(k) for r in rows] for k in keys}
 
 
+def check_columns(config: PipelineConfig, prompts: dict) -> None:
+  """The --prompts file's other fields can be passed to the rewards.
+
+  Raises:
+    UserError: a field named like the reward functions' own arguments.
+  """
+  rows = prompts.get("train_columns", []) + prompts.get("heldout_columns", [])
+  clash = sorted({k for r in rows for k in r} & {"prompts", "completions"})
+  if clash:
+    raise runtime.UserError(
+      f"--prompts {config.prompts}: field {clash[0]!r} would collide with "
+      "the reward functions' own argument; rename it"
+    )
+
+
 def _reward_of(reward, prompts: list[str], texts: list[str], columns) -> float:
   """Mean reward of held-out samples (a RewardError as a UserError)."""
   try:
@@ -105,6 +120,7 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   """GRPO iterations with host-scored rewards; periodic evaluation."""
   cfg = ctx.config.grpo
   reward = reward_functions(ctx.config)
+  check_columns(ctx.config, prompts)
   config = grpo_config(ctx.config, eos_token_id=ctx.eos, pad_token_id=ctx.pad)
   opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
   params, opt = ctx.lora_policy(opt, "grpo")
@@ -157,7 +173,11 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   def evaluate(step_index: int, state: Any, record: dict) -> None:
     del step_index
     em, details = evaluate_policy(
-      ctx, state.params, None, **eval_kwargs(ctx, prompts)
+      ctx,
+      state.params,
+      None,
+      baseline_gold=np.asarray(initial["gold"]) if ctx.has_gold else None,
+      **eval_kwargs(ctx, prompts),
     )
     em["eval/reward"] = _reward_of(
       reward, heldout, details["texts"], held_columns

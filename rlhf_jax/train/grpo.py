@@ -101,7 +101,7 @@ def _reference(params, frozen: dict | None, model_config):
     return lora.reference_view(params, model_config)
   raise ValueError(
     "this GRPOConfig uses a reference policy (kl_penalty != 'off' and "
-    "beta > 0): pass frozen={'ref': params}"
+    "kl_coef > 0): pass frozen={'ref': params}"
   )
 
 
@@ -125,8 +125,9 @@ def make_grpo_rollout(
 
   Returns:
     rollout(state: TrainState, prompts: PromptBatch, frozen: dict | None)
-    -> GRPOSamples. Sampling keys are ``fold_in(fold_in(state.rng,
-    state.step), global row)``, so the rows are the same on any mesh.
+    -> GRPOSamples. Row r samples with ``fold_in(k, global row r)``, k
+    the first of ``split(fold_in(state.rng, state.step))``, so the rows
+    are the same on any mesh.
 
   Raises:
     ValueError: see ``train.common.check_build``.
@@ -176,7 +177,7 @@ def make_grpo_update(
       [B] or rows that do not split into minibatches.
   """
   check_build(model_config, config)
-  minibatch_update = make_grpo_minibatch_update(model_config, config, optimizer)
+  minibatch_update = make_grpo_minibatch_update(model_config, optimizer, config)
 
   def update(state: TrainState, samples: GRPOSamples, scores: jax.Array):
     rows = samples.rollout.response_mask.shape[0]
@@ -222,8 +223,12 @@ def _advantages(
   )
   shaped = scores
   if config.kl_penalty == "reward" and config.uses_reference:
-    shaped = scores - config.beta * seq_kl
-  advantages, flat = group_advantages(shaped, config=config)
+    shaped = scores - config.kl_coef * seq_kl
+  advantages, _ = group_advantages(shaped, config=config)
+  # Groups whose G rewards are equal (TRL's frac_reward_zero_std), counted
+  # on the rewards themselves, before any KL shaping.
+  grouped = scores.reshape(-1, config.group_size)
+  flat = jnp.all(grouped == grouped[:, :1], axis=1)
   batch = GRPOBatch(
     prompt_ids=r.prompt_ids,
     prompt_mask=r.prompt_mask,
@@ -236,7 +241,6 @@ def _advantages(
   stats = {
     "objective/scores": st.Mean.of(scores),
     "objective/scores_shaped": st.Mean.of(shaped),
-    "objective/kl": st.Mean.of(seq_kl),
     "objective/frac_reward_zero_std": st.Mean.of(flat),
     "objective/zero_std_groups": st.Sum.of(flat),
     "objective/entropy": st.Mean.of_loss(
@@ -246,6 +250,8 @@ def _advantages(
     "rollout/truncated_frac": st.Mean.of(r.truncated),
     "train/tokens": st.Sum.of(mask),
   }
+  if config.uses_reference:  # without a reference there is no KL to report
+    stats["objective/kl"] = st.Mean.of(seq_kl)
   return batch, stats
 
 

@@ -9,6 +9,12 @@ from rlhf_jax.train.common import Rule, above, at_least, one_of, within
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 KL_PENALTIES = ("loss", "reward", "off")
+# Each estimator's paper's reduction (GRPO eq. 3: 1/G sum_i 1/|o_i| sum_t).
+_DEFAULT_AGG = {
+  "grpo": "seq-mean-token-mean",
+  "dr_grpo": "seq-mean-token-sum-norm",
+  "rloo": "token-mean",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,13 +36,14 @@ class GRPOConfig:
     exact_sampling: sample with the training forward instead of the KV
       cache (``rollout.generate(kv_cache=False)``).
     advantage_estimator: "grpo" (group mean and std), "dr_grpo" (group
-      mean only; use with loss_agg_mode "seq-mean-token-sum-norm", no
+      mean only, and by default the reduction seq-mean-token-sum-norm: no
       length normalisation) or "rloo" (leave-one-out mean).
-    kl_penalty: where the KL to the reference enters: "loss" (beta *
-      kl_loss with kl_estimator, as GRPO), "reward" (beta * the sequence
+    kl_penalty: where the KL to the reference enters: "loss" (kl_coef *
+      kl_loss with kl_estimator, as GRPO), "reward" (kl_coef * the sequence
       KL subtracted from each score before the advantages) or "off" (no
       reference forward at all).
-    beta: KL coefficient.
+    kl_coef: coefficient of the KL to the reference (GRPO's beta; named
+      as in PPOConfig, docs/conventions.md, convention 8).
     kl_estimator: per-token KL estimator (k1, k2 or k3) of the penalty and
       of the reported KL; the loss term needs k2 or k3.
     ppo_epochs: passes over each iteration's samples (mu in GRPO).
@@ -47,7 +54,10 @@ class GRPOConfig:
     cliprange_high: upper clip (clip-higher; default: cliprange).
     dual_clip: dual-clip constant c > 1 for negative advantages (None: off).
     loss_agg_mode: token-mean, seq-mean-token-mean (GRPO's 1/|o_i|),
-      seq-mean-token-sum or seq-mean-token-sum-norm (Dr. GRPO).
+      seq-mean-token-sum or seq-mean-token-sum-norm (Dr. GRPO); None (the
+      default) = the estimator's own: seq-mean-token-mean for grpo (Shao et
+      al. 2024, eq. 3), seq-mean-token-sum-norm for dr_grpo, token-mean for
+      rloo. See ``agg_mode``.
     shuffle_minibatches: shuffle rows between epochs.
     axis_name: pmap axis name, None under jit.
   """
@@ -62,7 +72,7 @@ class GRPOConfig:
   exact_sampling: bool = False
   advantage_estimator: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
   kl_penalty: Literal["loss", "reward", "off"] = "loss"
-  beta: float = 0.04
+  kl_coef: float = 0.04
   kl_estimator: Literal["k1", "k2", "k3"] = "k3"
   ppo_epochs: int = 1
   num_minibatches: int = 1
@@ -71,7 +81,7 @@ class GRPOConfig:
   cliprange_low: float | None = None
   cliprange_high: float | None = None
   dual_clip: float | None = None
-  loss_agg_mode: str = "token-mean"
+  loss_agg_mode: str | None = None
   shuffle_minibatches: bool = True
   axis_name: str | None = None
 
@@ -83,7 +93,7 @@ class GRPOConfig:
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS),
     "kl_penalty": one_of(*KL_PENALTIES),
-    "beta": at_least(0),
+    "kl_coef": at_least(0),
     "kl_estimator": one_of(*KL_ESTIMATORS),
     "ppo_epochs": at_least(1),
     "num_minibatches": at_least(1),
@@ -97,16 +107,29 @@ class GRPOConfig:
 
   def cross_problems(self) -> list[str]:
     out = []
-    if self.kl_penalty == "loss" and self.beta > 0:
-      if self.kl_estimator == "k1":
-        # d k1 / d log pi = 1: its expectation on-policy is 0.
-        out.append(
-          "kl_estimator='k1': expected k2 or k3 with kl_penalty='loss' "
-          "(k1's gradient is a constant)"
-        )
+    if self.kl_penalty == "loss" and self.kl_estimator == "k1":
+      # d k1 / d log pi = 1: its expectation on-policy is 0.
+      out.append(
+        "kl_estimator='k1': expected k2 or k3 with kl_penalty='loss' "
+        "(k1's gradient is a constant)"
+      )
+    if self.kl_penalty == "reward" and self.kl_estimator != "k1":
+      # As a reward, only k1 gives the score-function gradient of
+      # KL(pi || ref) (Tang & Munos 2025); k2/k3 there are biased.
+      out.append(
+        f"kl_estimator={self.kl_estimator!r}: expected k1 with "
+        "kl_penalty='reward' (k2 and k3 in the reward bias the gradient)"
+      )
     return out
+
+  @property
+  def agg_mode(self) -> str:
+    """The loss aggregation: ``loss_agg_mode``, or the estimator's own."""
+    if self.loss_agg_mode is not None:
+      return self.loss_agg_mode
+    return _DEFAULT_AGG[self.advantage_estimator]
 
   @property
   def uses_reference(self) -> bool:
     """Whether the iteration needs the reference policy's logprobs."""
-    return self.kl_penalty != "off" and self.beta > 0
+    return self.kl_penalty != "off" and self.kl_coef > 0

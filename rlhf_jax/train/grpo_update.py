@@ -3,7 +3,7 @@
 Per response i of a group of G (rows prompt * G + g), with sequence
 advantage A_i broadcast over its tokens, the loss of a minibatch is
 
-  ppo_policy_loss(log pi, log pi_old, A) + beta * kl_loss(log pi, log pi_ref)
+  ppo_policy_loss(log pi, log pi_old, A) + kl_coef * kl_loss(log pi, log pi_ref)
 
 (Shao et al. 2024, DeepSeekMath eq. 3; the KL term only with
 ``kl_penalty="loss"``). Updates run ``ppo_epochs`` x ``num_minibatches``
@@ -92,6 +92,19 @@ def grpo_loss(
   ``first`` marks the iteration's very first update, which runs on the
   params that sampled: its own (stop-gradient) logprobs are the old ones,
   so its ratio is exactly 1.
+
+  Args:
+    params: policy params.
+    mb: the (micro-)batch, rows prompt * G + g.
+    first: bool[], the iteration's first update.
+    normalizer: f32[], the whole minibatch's count for ``config.agg_mode``
+      (``train.common.loss_normalizer``), so micro-batches sum exactly.
+    model_config: the policy's config.
+    config: GRPOConfig.
+
+  Returns:
+    (loss f32[], statistics: ``ppo_policy_loss``'s ``ppo/*`` and, with
+    kl_penalty="loss", ``kl_loss``'s ``ppo/kl_loss``).
   """
   mask = mb.response_mask
   ids, attn = concat_prompt_response(
@@ -106,7 +119,7 @@ def grpo_loss(
     response_mask=mask,
   )
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
-  agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
+  agg = dict(loss_agg_mode=config.agg_mode, normalizer=normalizer)
   loss, stats = ppo_policy_loss(
     logp,
     old_logp,
@@ -122,15 +135,15 @@ def grpo_loss(
     kl_term, kl_stats = kl_loss(
       logp, mb.ref_logprobs, mask, kl_estimator=config.kl_estimator, **agg
     )
-    loss = loss + config.beta * kl_term
+    loss = loss + config.kl_coef * kl_term
     stats = stats | kl_stats
   return loss, stats
 
 
 def make_grpo_minibatch_update(
   model_config: "models.ModelConfig",
-  config: GRPOConfig,
   optimizer: optax.GradientTransformation,
+  config: GRPOConfig,
 ) -> Callable:
   """One optax update of the policy on one minibatch (a scan body).
 
@@ -142,7 +155,7 @@ def make_grpo_minibatch_update(
 
   def update(learner: GRPOLearner, xs):
     mb, first = xs
-    normalizer = loss_normalizer(mb.response_mask, config.loss_agg_mode, axis)
+    normalizer = loss_normalizer(mb.response_mask, config.agg_mode, axis)
 
     def loss_fn(params, micro):
       return grpo_loss(

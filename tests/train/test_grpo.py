@@ -44,6 +44,28 @@ def test_group_advantages_by_hand(estimator, want):
   assert flat.tolist() == [False, True]
 
 
+@pytest.mark.parametrize("value", [0.7, 1 / 3])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_equal_f32_rewards_give_exactly_zero(value, estimator):
+  """The f32 mean of 8 copies of 0.7 is off by an ulp; divided by a tiny
+  std it would become a same-signed advantage of ~0.05 for the group."""
+  s = jnp.full((16,), value, jnp.float32).at[8:].set(jnp.arange(8.0))
+  cfg = _cfg(advantage_estimator=estimator, group_size=8)
+  adv, flat = group_advantages(s, config=cfg)
+  assert np.all(np.asarray(adv[:8]) == 0.0)
+  assert flat.tolist() == [True, False]
+
+
+def test_kl_in_the_reward_needs_k1_and_agg_follows_the_estimator():
+  from rlhf_jax.train.common import config_problems
+
+  bad = _cfg(kl_penalty="reward", kl_estimator="k3")
+  assert any("expected k1" in p for p in config_problems(bad))
+  assert _cfg(loss_agg_mode=None).agg_mode == "seq-mean-token-mean"
+  dr = _cfg(advantage_estimator="dr_grpo", loss_agg_mode=None)
+  assert dr.agg_mode == "seq-mean-token-sum-norm"
+
+
 def test_group_advantages_equal_the_library_functions():
   s = jax.random.normal(jax.random.key(3), (24,))
   for est, lib in (
@@ -143,23 +165,26 @@ def test_kl_off_needs_no_reference_and_kl_in_reward_shapes_scores():
     _cfg(kl_penalty="off"), frozen={"reward": helpers.scalar_params(3)}
   )
   assert "ppo/kl_loss" not in off
+  assert "objective/kl" not in off  # no reference, no KL to report
   np.testing.assert_allclose(
     off["objective/scores_shaped"], off["objective/scores"]
   )
   # A reference that differs from the policy: the shaped score is the score
-  # minus beta times the sequence KL.
+  # minus kl_coef times the sequence KL.
   frozen = {
     "ref": helpers.policy_params(seed=7),
     "reward": helpers.scalar_params(3),
   }
-  _, rew = _run(_cfg(kl_penalty="reward", kl_estimator="k1", beta=0.5), frozen)
+  _, rew = _run(
+    _cfg(kl_penalty="reward", kl_estimator="k1", kl_coef=0.5), frozen
+  )
   assert "ppo/kl_loss" not in rew
   np.testing.assert_allclose(
     rew["objective/scores_shaped"],
     rew["objective/scores"] - 0.5 * rew["objective/kl"],
     rtol=1e-5,
   )
-  _, loss = _run(_cfg(kl_penalty="loss", beta=0.5), frozen)
+  _, loss = _run(_cfg(kl_penalty="loss", kl_coef=0.5), frozen)
   assert float(loss["ppo/kl_loss"]) > 0
 
 
@@ -171,7 +196,7 @@ def test_missing_reference_is_a_clear_error():
 def test_grpo_learns_a_jittable_reward():
   """Reward = fraction of response tokens equal to 5: 15 iterations raise
   it well above its start."""
-  cfg = _cfg(beta=0.0, ppo_epochs=1, max_new_tokens=8)
+  cfg = _cfg(kl_coef=0.0, ppo_epochs=1, max_new_tokens=8)
 
   def fives(frozen, ids, attn, resp):
     del frozen, attn
