@@ -269,3 +269,15 @@ def test_option_of_a_stage_the_command_skips_is_an_error(capsys):
     err,
     "Unrecognized options: --ppo.iterations, 3 (see `rlhf-jax rm --help`)",
   )
+
+
+def test_a_repeated_option_is_an_error_not_the_last_one_kept(capsys):
+  code, err = _run(
+    capsys, ["grpo", "--reward", "a:f", "--reward", "b:g", "--seed=3"]
+  )
+  _check(
+    code,
+    err,
+    "--reward is given twice; give it once (an option with several values "
+    "takes them after one flag: --reward A B)",
+  )

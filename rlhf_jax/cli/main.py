@@ -301,6 +301,25 @@ def _dispatch(command: str, config: Any) -> int:
   return fn(config)
 
 
+def _check_repeats(args: list[str]) -> None:
+  """tyro keeps only the last of a repeated option; say so instead.
+
+  Raises:
+    UserError: an option given twice (several values follow one flag).
+  """
+  seen = set()
+  for arg in args:
+    if not arg.startswith("--") or arg == "--":
+      continue
+    flag = arg.split("=", 1)[0].replace("_", "-")
+    if flag in seen:
+      raise runtime.UserError(
+        f"{flag} is given twice; give it once (an option with several "
+        "values takes them after one flag: --reward A B)"
+      )
+    seen.add(flag)
+
+
 def _config(command: str, rest: list[str]) -> Any:
   """The subcommand's config: its preset, then the flags in ``rest``.
 
@@ -308,6 +327,7 @@ def _config(command: str, rest: list[str]) -> Any:
     UserError: an unknown preset or a bad flag (one line).
   """
   name, rest = _split_preset(rest)
+  _check_repeats(rest)
   name = name or ("default" if command in P.PRESETS else None)
   table = P.PRESETS[command]
   if name not in table:

@@ -79,7 +79,7 @@ class SamplingConfig:
   batch_size: int = 64
   """Rows per sampling call outside PPO (one compiled shape)."""
   exact_sampling: bool = False
-  """PPO rollouts with the training forward instead of the KV cache: the
+  """PPO/GRPO rollouts with the training forward instead of the KV cache: the
   sampler/trainer logprob mismatch is exactly 0 (with the cache it is
   float32 rounding), at one full forward per new token."""
 
@@ -209,9 +209,11 @@ class EvalStageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  """The default pipeline "make TinyStories happier" (Ziegler et al. 2019,
+  """The pipeline "make TinyStories happier" (Ziegler et al. 2019,
   sentiment task): prompts -> simulated feedback -> reward model -> PPO and
-  DPO -> evaluation -> report.md."""
+  DPO -> evaluation -> report.md; each subcommand runs the stages it needs
+  (grpo: prompts -> initial evaluation -> GRPO against the --reward
+  functions -> report.md)."""
 
   preset: str = "default"
   """Named preset the other defaults come from (listed above the options)."""
@@ -237,13 +239,15 @@ class PipelineConfig:
   """rm/dpo with --data: held-out preference file (default: a tenth of
   --data, at least one pair)."""
   prompts: str | None = None
-  """ppo: prompt file (.jsonl, .jsonl.gz, .parquet; plain or conversational
-  prompts, or any rows with a prompt) instead of the task's prompts; needs
-  --reward-model."""
+  """ppo, grpo: prompt file (.jsonl, .jsonl.gz, .parquet; plain or
+  conversational prompts, or any rows with a prompt) instead of the task's
+  prompts; ppo needs --reward-model; grpo passes each row's other fields
+  to the --reward functions as columns."""
   reward: tuple[str, ...] = ()
   """grpo: reward functions as module:function (an importable module or a
-  .py file path before the colon), each called as fn(prompts, completions,
-  **columns) -> list[float] on the host; their weighted sum is the reward.
+  .py file path before the colon), several after one flag, each called as
+  fn(prompts, completions, **columns) -> list[float | None] on the host
+  (None: not applicable to that row); their weighted sum is the reward.
   Default: the task's VADER sentiment (rlhf_jax.tasks.rewards:sentiment)."""
   reward_weights: tuple[float, ...] = ()
   """grpo: one weight per --reward function (default: all 1)."""
@@ -282,9 +286,9 @@ class PipelineConfig:
   grpo: GRPOStageConfig = GRPOStageConfig()
   eval: EvalStageConfig = EvalStageConfig()
   lora: LoraConfig = LoraConfig()
-  """LoRA on the trained policy (PPO, DPO; Hu et al. 2021): --lora.rank > 0
-  trains adapters on a frozen base, whose reference is the base itself
-  (adapters off); exports are merged HF models plus outputs/<policy>/
+  """LoRA on the trained policy (PPO, DPO, GRPO; Hu et al. 2021):
+  --lora.rank > 0 trains adapters on a frozen base, whose reference is the
+  base itself (adapters off); exports are merged HF models plus outputs/<policy>/
   adapter/. The reward model and the PPO critic stay fully trained."""
 
 
