@@ -289,7 +289,8 @@ class PipelineConfig:
   """LoRA on the trained policy (PPO, DPO, GRPO; Hu et al. 2021):
   --lora.rank > 0 trains adapters on a frozen base, whose reference is the
   base itself (adapters off); exports are merged HF models plus
-  outputs/<policy>/adapter/. The reward model and the PPO critic stay fully trained."""
+  outputs/<policy>/adapter/. The reward model and the PPO critic stay fully
+  trained."""
 
 
 @dataclasses.dataclass(frozen=True)
