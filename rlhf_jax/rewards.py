@@ -177,7 +177,8 @@ class RewardFunctions:
         float(values[scored].mean()) if scored.any() else float("nan")
       )
       metrics[f"{key}/none_count"] = float(n - scored.sum())
-    out = total.astype(np.float32)
+    with np.errstate(over="ignore"):  # an overflow is the error below
+      out = total.astype(np.float32)
     if not np.all(np.isfinite(out)):
       i = int(np.argmin(np.isfinite(out)))
       raise RewardError(
@@ -310,7 +311,8 @@ def score_on_host(
 
   Returns:
     (scores f32[B] with the sharding of response_ids' rows, the reward's
-    metrics of this process's rows).
+    metrics over all rows: with several processes, each one's sums and
+    counts are gathered (a few scalars)).
 
   Raises:
     RewardError: from the reward; ValueError: prompts or columns of the
@@ -339,7 +341,32 @@ def score_on_host(
   full[index] = scores
   sharding = _row_sharding(response_ids)
   out = jax.make_array_from_callback((rows,), sharding, lambda i: full[i])
+  if jax.process_count() > 1:
+    metrics = _global_metrics(metrics, len(index))
   return out, metrics
+
+
+def _global_metrics(metrics: dict[str, float], n: int) -> dict[str, float]:
+  """Per-function means and None counts over every process's rows.
+
+  Each process sends (sum, scored rows, None rows) per function: a few
+  scalars through ``process_allgather``, outside any compiled step.
+  """
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  keys = [k[: -len("/mean")] for k in metrics if k.endswith("/mean")]
+  local = []
+  for k in keys:
+    none = metrics[f"{k}/none_count"]
+    mean = metrics[f"{k}/mean"]
+    local.append([0.0 if none == n else mean * (n - none), n - none, none])
+  total = np.asarray(multihost_utils.process_allgather(np.array(local)))
+  total = total.reshape(-1, len(keys), 3).sum(axis=0)
+  out = {}
+  for k, (s, scored, none) in zip(keys, total, strict=True):
+    out[f"{k}/mean"] = float(s / scored) if scored else float("nan")
+    out[f"{k}/none_count"] = float(none)
+  return out
 
 
 def _row_sharding(x: jax.Array) -> jax.sharding.Sharding:

@@ -11,7 +11,18 @@ Families:
   * "llama": Llama 2/3 (RMSNorm, rotary embeddings in the HF rotate-half
     layout, optional llama3 or linear rope scaling, grouped-query attention,
     SwiGLU MLP), Mistral and SmolLM (same graph), Qwen2 (`attention_bias`
-    on q/k/v, none on the output projection).
+    on q/k/v, none on the output projection), Qwen3 (RMSNorm on each query
+    and key head before RoPE, `qk_norm`).
+  * "gemma": Gemma 2 (HF Gemma2Model): embeddings scaled by sqrt(D),
+    (1 + w) RMSNorm, four norms per block (before and after attention and
+    MLP), GeGLU MLP (tanh GELU), attention scale query_pre_attn_scalar^-0.5,
+    tanh soft-capping of attention scores and final logits, sliding-window
+    and global layers alternating (`layer_types`). Gemma 3 text
+    (model_type "gemma3_text", HF Gemma3ForCausalLM): the same block with
+    (1 + w) RMSNorm on each query and key head (`qk_norm`), no
+    soft-capping by default, one sliding layer pattern of
+    `sliding_window_pattern` (default 6), and its own rope base
+    `rope_local_base_freq` on the sliding layers.
   * "gpt2": learned absolute positions, LayerNorm with bias, fused qkv in
     HF Conv1D layout (split into q/k/v at load time), gelu_new MLP, biases
     everywhere, tied embeddings.
@@ -35,9 +46,14 @@ _ARCHITECTURES = {
   "llama": "LlamaForCausalLM",
   "mistral": "MistralForCausalLM",
   "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+  "gemma2": "Gemma2ForCausalLM",
+  "gemma3_text": "Gemma3ForCausalLM",
   "gpt2": "GPT2LMHeadModel",
 }
 _SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
+# HF `layer_types` entries (per-layer attention kind).
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 class ModelLoadError(ValueError):
@@ -171,7 +187,8 @@ class ModelConfig:
   """Architecture and dtype policy of a decoder-only LM.
 
   Attributes:
-    model_type: HF model_type: "llama", "mistral", "qwen2" or "gpt2".
+    model_type: HF model_type: "llama", "mistral", "qwen2", "qwen3",
+      "gemma2", "gemma3_text" or "gpt2".
     vocab_size: V.
     hidden_size: D.
     num_layers: number of transformer blocks.
@@ -181,13 +198,24 @@ class ModelConfig:
     intermediate_size: MLP width F.
     max_position_embeddings: positions table size (gpt2) / context length.
     norm_eps: RMSNorm / LayerNorm epsilon.
-    rope_theta: rotary base (llama family).
+    rope_theta: rotary base (llama and gemma families; Gemma 3: of the
+      full-attention layers).
     rope_scaling: optional `RopeScaling`.
     attention_bias: biases on q/k/v projections (Qwen2, Llama option).
     attention_out_bias: bias on the output projection (Llama option; gpt2).
     mlp_bias: biases in the MLP (Llama option; gpt2).
     tie_word_embeddings: logits use the input embedding matrix.
-    sliding_window: optional attention window (Mistral); None = full.
+    sliding_window: optional attention window; None = full. Every layer
+      uses it when `layer_types` is None (Mistral), else only the
+      "sliding_attention" layers.
+    layer_types: optional per-layer attention kind, "sliding_attention" or
+      "full_attention" (HF `layer_types`; Gemma 2: even layers slide).
+    query_pre_attn_scalar: attention scores are scaled by
+      query_pre_attn_scalar^-0.5 instead of head_dim^-0.5 (Gemma 2).
+    attn_logit_softcapping: c in scores = c tanh(scores / c) (Gemma 2).
+    final_logit_softcapping: c in logits = c tanh(logits / c) (Gemma 2).
+    rope_local_base_freq: rotary base of the sliding-window layers, which
+      use no rope scaling (Gemma 3); None = `rope_theta` everywhere.
     initializer_range: std of the normal init of weight matrices.
     bos_token_id, eos_token_id, pad_token_id: copied to/from config.json.
     dtype: compute dtype name, "float32", "bfloat16" or "float64" (a
@@ -216,6 +244,11 @@ class ModelConfig:
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
   sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
+  query_pre_attn_scalar: int | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  rope_local_base_freq: float | None = None
   initializer_range: float = 0.02
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -243,13 +276,45 @@ class ModelConfig:
       )
     if self.family == "gpt2" and not self.tie_word_embeddings:
       raise ValueError("gpt2 family requires tie_word_embeddings=True")
+    if isinstance(self.layer_types, list):  # keep the config hashable
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers or not set(
+        self.layer_types
+      ) <= {SLIDING, FULL}:
+        raise ValueError(
+          f"layer_types={self.layer_types!r}: expected num_layers="
+          f"{self.num_layers} entries, each {SLIDING!r} or {FULL!r}"
+        )
+      if SLIDING in self.layer_types and self.sliding_window is None:
+        raise ValueError(
+          f"layer_types has {SLIDING!r} layers but sliding_window is None"
+        )
     if self.lora is not None and self.lora.problems():
       raise ValueError(f"lora: {'; '.join(self.lora.problems())}")
 
   @property
   def family(self) -> str:
-    """ "gpt2" or "llama" (llama, mistral, qwen2 share one graph)."""
-    return "gpt2" if self.model_type == "gpt2" else "llama"
+    """ "gpt2", "gemma" (gemma2, gemma3_text) or "llama" (llama, mistral,
+    qwen2, qwen3 share one graph)."""
+    if self.model_type == "gpt2":
+      return "gpt2"
+    return "gemma" if self.model_type.startswith("gemma") else "llama"
+
+  @property
+  def qk_norm(self) -> bool:
+    """RMSNorm over head_dim on each query and key head before RoPE
+    (HF Qwen3Attention / Gemma3Attention q_norm, k_norm)."""
+    return self.model_type in ("qwen3", "gemma3_text")
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer: does it attend within `sliding_window` only."""
+    if self.sliding_window is None:
+      return (False,) * self.num_layers
+    if self.layer_types is None:
+      return (True,) * self.num_layers
+    return tuple(t == SLIDING for t in self.layer_types)
 
   @property
   def compute_dtype(self) -> Any:
@@ -370,18 +435,38 @@ class ModelConfig:
         **common,
       )
 
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-      raise ModelLoadError(
-        f"{source}: hidden_act={act!r} unsupported (expected 'silu')"
-      )
+    gemma = model_type.startswith("gemma")
+    if gemma:
+      # transformers' Gemma2Config reads hidden_activation (hidden_act is
+      # an older spelling some configs still carry).
+      key = "hidden_activation" if "hidden_activation" in d else "hidden_act"
+      act = d.get(key) or "gelu_pytorch_tanh"
+      if act != "gelu_pytorch_tanh":
+        raise ModelLoadError(
+          f"{source}: {key}={act!r} unsupported (expected 'gelu_pytorch_tanh')"
+        )
+      if d.get("use_bidirectional_attention"):
+        raise ModelLoadError(
+          f"{source}: use_bidirectional_attention=true unsupported "
+          "(causal language models only)"
+        )
+    else:
+      act = d.get("hidden_act", "silu")
+      if act != "silu":
+        raise ModelLoadError(
+          f"{source}: hidden_act={act!r} unsupported (expected 'silu')"
+        )
     hidden = f.pos_int("hidden_size")
     heads = f.pos_int("num_attention_heads")
     kv_heads = f.pos_int("num_key_value_heads", heads)
     f.divides("num_key_value_heads", kv_heads, "num_attention_heads", heads)
-    if d.get("head_dim") is None:
+    # transformers' own defaults when head_dim is absent.
+    default_head_dim = {"qwen3": 128, "gemma2": 256, "gemma3_text": 256}.get(
+      model_type
+    )
+    if d.get("head_dim") is None and default_head_dim is None:
       f.divides("num_attention_heads", heads, "hidden_size", hidden)
-    head_dim = f.pos_int("head_dim", hidden // heads)
+    head_dim = f.pos_int("head_dim", default_head_dim or hidden // heads)
     rope_params = d.get("rope_parameters") or {}
     if not isinstance(rope_params, dict):
       raise ModelLoadError(
@@ -392,6 +477,32 @@ class ModelConfig:
       "rope_theta", 10000.0, rope_params, "rope_parameters."
     )
     scaling = d.get("rope_scaling") or rope_params or None
+    local_theta = None
+    if model_type == "gemma3_text":
+      # transformers 5 nests rope_parameters by layer kind; older configs
+      # have rope_theta, rope_local_base_freq and rope_scaling.
+      full_p, slide_p = rope_params, {}
+      if FULL in rope_params or SLIDING in rope_params:
+        full_p = rope_params.get(FULL) or {}
+        slide_p = rope_params.get(SLIDING) or {}
+      for kind, p in ((FULL, full_p), (SLIDING, slide_p)):
+        if not isinstance(p, dict):
+          raise ModelLoadError(
+            f"{source}: field 'rope_parameters.{kind}' is a "
+            f"{_json_type(p)}, expected an object"
+          )
+      rope_theta = f.pos_float("rope_theta", None) or f.pos_float(
+        "rope_theta", 1e6, full_p, f"rope_parameters.{FULL}."
+      )
+      local_theta = f.pos_float("rope_local_base_freq", None) or f.pos_float(
+        "rope_theta", 1e4, slide_p, f"rope_parameters.{SLIDING}."
+      )
+      if slide_p.get("rope_type", "default") != "default":
+        raise ModelLoadError(
+          f"{source}: rope_parameters.{SLIDING}.rope_type="
+          f"{slide_p['rope_type']!r} unsupported (expected 'default')"
+        )
+      scaling = d.get("rope_scaling") or full_p or None
     rope_scaling = _parse_rope_scaling(scaling, d, source)
     attention_bias = bool(d.get("attention_bias", False))
     attention_out_bias = attention_bias
@@ -401,6 +512,38 @@ class ModelConfig:
     sliding = None
     if model_type == "mistral" or d.get("use_sliding_window", False):
       sliding = f.pos_int("sliding_window", None)
+    gemma_fields = {}
+    if gemma:
+      n_layers = f.pos_int("num_hidden_layers")
+      layer_types = d.get("layer_types")
+      # transformers' defaults: Gemma 2 slides on even layers, Gemma 3 on
+      # all but every sliding_window_pattern-th.
+      pattern = 2
+      if model_type == "gemma3_text":
+        pattern = f.pos_int("sliding_window_pattern", 6)
+      if layer_types is None:
+        layer_types = [
+          SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)
+        ]
+      if not isinstance(layer_types, list) or not set(layer_types) <= {
+        SLIDING,
+        FULL,
+      }:
+        raise f._fail(
+          "layer_types", layer_types, f"a list of {SLIDING!r} / {FULL!r}"
+        )
+      sliding = f.pos_int("sliding_window", 4096)
+      cap = 50.0 if model_type == "gemma2" else None  # class defaults
+      final_cap = 30.0 if model_type == "gemma2" else None
+      gemma_fields = dict(
+        layer_types=tuple(layer_types),
+        query_pre_attn_scalar=f.pos_int("query_pre_attn_scalar", 256),
+        attn_logit_softcapping=f.opt_float("attn_logit_softcapping", cap),
+        final_logit_softcapping=f.opt_float(
+          "final_logit_softcapping", final_cap
+        ),
+        rope_local_base_freq=local_theta,
+      )
     return f.build(
       cls,
       model_type=model_type,
@@ -418,9 +561,10 @@ class ModelConfig:
       attention_bias=attention_bias,
       attention_out_bias=attention_out_bias,
       mlp_bias=bool(d.get("mlp_bias", False)),
-      tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
       sliding_window=sliding,
       initializer_range=f.pos_float("initializer_range", 0.02),
+      **gemma_fields,
       **ids,
       **common,
     )
@@ -451,11 +595,7 @@ class ModelConfig:
         "dtype": dtype,
         **ids,
       }
-    arch = {
-      "llama": "LlamaForCausalLM",
-      "mistral": "MistralForCausalLM",
-      "qwen2": "Qwen2ForCausalLM",
-    }[self.model_type]
+    arch = _ARCHITECTURES[self.model_type]
     rope_scaling = None
     if self.rope_scaling is not None:
       rope_scaling = {
@@ -490,8 +630,34 @@ class ModelConfig:
       "dtype": dtype,
       **ids,
     }
-    if self.model_type == "qwen2":
+    if self.family == "gemma":
+      del out["hidden_act"], out["rope_theta"], out["rope_scaling"]
+      rope_parameters = {
+        "rope_theta": self.rope_theta,
+        **(rope_scaling or {"rope_type": "default"}),
+      }
+      if self.rope_local_base_freq is not None:
+        rope_parameters = {
+          FULL: rope_parameters,
+          SLIDING: {
+            "rope_type": "default",
+            "rope_theta": self.rope_local_base_freq,
+          },
+        }
+      out.update(
+        hidden_activation="gelu_pytorch_tanh",
+        rope_parameters=rope_parameters,
+        attention_bias=self.attention_bias,
+        sliding_window=self.sliding_window,
+        layer_types=list(self.layer_types or ()),
+        query_pre_attn_scalar=self.query_pre_attn_scalar,
+        attn_logit_softcapping=self.attn_logit_softcapping,
+        final_logit_softcapping=self.final_logit_softcapping,
+      )
+    elif self.model_type in ("qwen2", "qwen3"):
       out["use_sliding_window"] = False
+      if self.model_type == "qwen3":
+        out["attention_bias"] = self.attention_bias
     elif self.model_type == "mistral":
       out["sliding_window"] = self.sliding_window
     else:
@@ -563,6 +729,13 @@ class _Fields:
     ):
       raise self._fail(prefix + key, v, "a positive number")
     return float(v)
+
+  def opt_float(self, key: str, default: float | None) -> float | None:
+    """A positive number, or null (None); `default` when the key is
+    absent (transformers' class default)."""
+    if key not in self.d:
+      return default
+    return self.pos_float(key, None)
 
   def token_id(self, role: str) -> int | None:
     """`<role>_token_id`: an int, null, or a list whose first id is used."""

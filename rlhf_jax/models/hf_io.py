@@ -21,6 +21,10 @@ Layout conversions (HF torch Linear stores weight[out, in]):
   q_proj.weight [H*Dh, D]   -> q  [D, H, Dh]       (W^T, reshaped)
   o_proj.weight [D, H*Dh]   -> o  [H, Dh, D]
   gate/up_proj  [F, D]      -> [D, F];  down_proj [D, F] -> [F, D]
+  q_norm/k_norm.weight [Dh] -> attn/q_norm/scale, attn/k_norm/scale (Qwen3)
+  Gemma 2 norms: input_layernorm -> attn_norm, post_attention_layernorm
+  -> post_attn_norm, pre_/post_feedforward_layernorm -> mlp_norm /
+  post_mlp_norm (Llama's post_attention_layernorm is its mlp_norm).
   GPT-2 Conv1D stores weight[in, out]: c_attn [D, 3D] is split into q, k, v
   [D, H, Dh] (columns [0, D), [D, 2D), [2D, 3D)); c_proj [D, D] -> o
   [H, Dh, D]; c_fc [D, F] and mlp.c_proj [F, D] are kept as they are.
@@ -200,10 +204,20 @@ def _rules(config: ModelConfig, prefix: str) -> tuple[list, list]:
       )
     )
   lp = "model.layers.{i}."
-  for hf, ours in (
+  norms = (
     ("input_layernorm", "attn_norm"),
     ("post_attention_layernorm", "mlp_norm"),
-  ):
+  )
+  if config.family == "gemma":
+    # Gemma 2: post_attention_layernorm normalises the attention output;
+    # pre_feedforward_layernorm is the MLP's input norm.
+    norms = (
+      ("input_layernorm", "attn_norm"),
+      ("post_attention_layernorm", "post_attn_norm"),
+      ("pre_feedforward_layernorm", "mlp_norm"),
+      ("post_feedforward_layernorm", "post_mlp_norm"),
+    )
+  for hf, ours in norms:
     layer.append(
       _Rule(f"{lp}{hf}.weight", (d,), ((ours, "scale"),), ident, ident_j)
     )
@@ -237,6 +251,17 @@ def _rules(config: ModelConfig, prefix: str) -> tuple[list, list]:
     if config.attention_bias:
       bias(
         f"{lp}self_attn.{name}_proj.bias", (heads, dh), ("attn", name + "_bias")
+      )
+  if config.qk_norm:  # Qwen3: RMSNorm weights [Dh] of each q / k head
+    for name in ("q", "k"):
+      layer.append(
+        _Rule(
+          f"{lp}self_attn.{name}_norm.weight",
+          (dh,),
+          (("attn", f"{name}_norm", "scale"),),
+          ident,
+          ident_j,
+        )
       )
   layer.append(
     _Rule(

@@ -150,6 +150,7 @@ def adapters_off(params: Params) -> Params:
 # The projections each family has (transformer.Attention / Mlp).
 _FAMILY_TARGETS = {
   "llama": ("q", "k", "v", "o", "gate", "up", "down"),
+  "gemma": ("q", "k", "v", "o", "gate", "up", "down"),
   "gpt2": ("q", "k", "v", "o", "fc", "proj"),
 }
 

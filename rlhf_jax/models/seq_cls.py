@@ -68,6 +68,9 @@ _PREFIX = {
   "llama": "Llama",
   "mistral": "Mistral",
   "qwen2": "Qwen2",
+  "qwen3": "Qwen3",
+  "gemma2": "Gemma2",
+  "gemma3_text": "Gemma3Text",
   "gpt2": "GPT2",
 }
 

@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama / Qwen2 / Mistral / GPT-2) in flax.linen.
+"""Decoder-only transformer (Llama / Qwen2/3 / Mistral / Gemma 2 / GPT-2).
 
 Why linen (not nnx): linen modules are pure functions of an explicit params
 pytree. The rest of rlhf_jax treats params as plain nested dicts of arrays:
@@ -17,6 +17,21 @@ Graph (Llama family; HF LlamaModel):
   (q * cos + rotate_half(q) * sin, cos = cos(pos * inv_freq) repeated
   twice), grouped-query heads (query head h uses kv head h // (H / Hkv)),
   softmax(q k^T / sqrt(Dh) + mask) v in float32 (`acc_dtype`).
+  Qwen3 (HF Qwen3Attention): q, k = RMSNorm_q(q), RMSNorm_k(k) over each
+  head's Dh before RoPE (`config.qk_norm`).
+Gemma 2 family (HF Gemma2Model): h_0 = E[x] * sqrt(D) (in the compute
+dtype); RMSNorm scales by (1 + w), in float32 throughout;
+  h' = h + N_post_attn(Attn(N_attn(h))),
+  h_next = h' + N_post_mlp(W_down(gelu_tanh(W_gate n) * W_up n)),
+  n = N_mlp(h'); scores scaled by query_pre_attn_scalar^-0.5, then
+  c tanh(scores / c) (attn_logit_softcapping) before the mask; logits
+  c' tanh(logits / c') (final_logit_softcapping). Layers whose
+  `layer_types` entry is "sliding_attention" (Gemma 2: the even ones) see
+  only the last `sliding_window` keys; the per-layer flag is a scanned
+  input of the layer scan (`ModelConfig.sliding_layers`).
+  Gemma 3 (HF Gemma3TextModel): as Gemma 2, plus (1 + w) RMSNorm on each
+  query and key head before RoPE, and sliding layers rotate with their own
+  base `rope_local_base_freq` (unscaled).
 GPT-2 family (HF GPT2Model): h_0 = E[x] + P[pos]; LayerNorm instead of
 RMSNorm, MLP W_proj gelu_tanh(W_fc n + b) + b, no RoPE.
 
@@ -88,9 +103,11 @@ def _lora_a_init(name: str):
 
 def _init_for(name: str, config: ModelConfig):
   """The one init rule (module init and `init_params` both use it): norm
-  scales 1, biases 0, LoRA A kaiming-uniform and B 0, every other weight
-  ~ N(0, initializer_range^2)."""
+  scales 1 (0 for Gemma's (1 + w) norms), biases 0, LoRA A
+  kaiming-uniform and B 0, every other weight ~ N(0, initializer_range^2)."""
   if name == "scale":
+    if config.family == "gemma":
+      return nn.initializers.zeros
     return nn.initializers.ones
   if name == "bias" or name.endswith("_bias") or name.endswith(LORA_B):
     return nn.initializers.zeros
@@ -175,20 +192,29 @@ def _lead(v: Array, ndim: int) -> Array:
 
 
 class Norm(nn.Module):
-  """RMSNorm (llama) or LayerNorm (gpt2), computed in `acc_dtype` (f32).
+  """RMSNorm (llama), (1 + w) RMSNorm (gemma) or LayerNorm (gpt2) over the
+  last axis, computed in `acc_dtype` (f32).
 
   RMSNorm: y = x / sqrt(mean(x^2) + eps) * scale (HF LlamaRMSNorm; the
   normalised value is cast to the compute dtype before the scale).
+  Gemma: y = x / sqrt(mean(x^2) + eps) * (1 + scale), all in f32, cast at
+  the end (HF Gemma2RMSNorm).
   LayerNorm: y = (x - mean) / sqrt(var + eps) * scale + bias.
+
+  Attributes:
+    config: model config.
+    head: normalise each head's Dh (Qwen3 q_norm / k_norm, scale [Dh],
+      logical axis "kv") instead of the hidden width D.
   """
 
   config: ModelConfig
+  head: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     cfg = self.config
-    d = cfg.hidden_size
-    scale = _param(self, "scale", (d,), ("embed",), cfg)
+    d, axis = (cfg.head_dim, "kv") if self.head else (cfg.hidden_size, "embed")
+    scale = _param(self, "scale", (d,), (axis,), cfg)
     acc = cfg.acc_dtype
     x32 = x.astype(acc)
     dt = cfg.compute_dtype
@@ -200,20 +226,26 @@ class Norm(nn.Module):
       y = y * _lead(scale.astype(acc), y.ndim) + _lead(bias.astype(acc), y.ndim)
       return y.astype(dt)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    if cfg.family == "gemma":
+      y = x32 * jax.lax.rsqrt(var + cfg.norm_eps)
+      return (y * _lead(1 + scale.astype(acc), y.ndim)).astype(dt)
     y = (x32 * jax.lax.rsqrt(var + cfg.norm_eps)).astype(dt)
     return y * _lead(scale.astype(dt), y.ndim)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> np.ndarray:
   """Rotary inverse frequencies f32[Dh / 2], as HF computes them in float32.
 
   inv_freq_i = 1 / theta^(2i / Dh); then linear (inv_freq / factor) or
   llama3 scaling (HF `_compute_llama3_parameters`, Llama 3.1 report).
+  ``local``: the sliding layers' base `rope_local_base_freq`, unscaled
+  (Gemma 3).
   """
   dim = config.head_dim
+  theta = config.rope_local_base_freq if local else config.rope_theta
   exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
-  inv = (1.0 / (np.float32(config.rope_theta) ** exps)).astype(np.float32)
-  s = config.rope_scaling
+  inv = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+  s = None if local else config.rope_scaling
   if s is None:
     return inv
   if s.rope_type == "linear":
@@ -231,9 +263,11 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def _rope_tables(positions: Array, config: ModelConfig) -> tuple[Array, Array]:
+def _rope_tables(
+  positions: Array, config: ModelConfig, local: bool = False
+) -> tuple[Array, Array]:
   """cos, sin of shape [B, L, Dh] in the compute dtype (HF layout)."""
-  inv = jnp.asarray(rope_inv_freq(config))
+  inv = jnp.asarray(rope_inv_freq(config, local))
   freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   dt = config.compute_dtype
@@ -276,6 +310,9 @@ class Attention(nn.Module):
       return y
 
     q, k, v = proj("q", h), proj("k", hkv), proj("v", hkv)
+    if cfg.qk_norm:
+      q = Norm(cfg, head=True, name="q_norm")(q)
+      k = Norm(cfg, head=True, name="k_norm")(k)
     if rope is not None:
       cos, sin = rope
       q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
@@ -330,7 +367,9 @@ class Attention(nn.Module):
           k.astype(acc),
           preferred_element_type=acc,
         )
-    scores = scores * jnp.asarray(1.0 / math.sqrt(dh), acc)
+    scale = cfg.query_pre_attn_scalar or dh  # Gemma 2: its own scalar
+    scores = scores * jnp.asarray(1.0 / math.sqrt(scale), acc)
+    scores = _softcap(scores, cfg.attn_logit_softcapping)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if length == 1:
@@ -352,7 +391,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU (llama): down(silu(gate x) * up x); gpt2: proj(gelu_tanh(fc x))."""
+  """SwiGLU (llama): down(silu(gate x) * up x); GeGLU (gemma):
+  down(gelu_tanh(gate x) * up x); gpt2: proj(gelu_tanh(fc x))."""
 
   config: ModelConfig
 
@@ -380,7 +420,19 @@ class Mlp(nn.Module):
       )
     gate = dense("gate", x, (d, f), ("embed", "mlp"))
     up = dense("up", x, (d, f), ("embed", "mlp"))
-    return dense("down", jax.nn.silu(gate) * up, (f, d), ("mlp", "embed"))
+    if cfg.family == "gemma":  # gelu_pytorch_tanh
+      act = jax.nn.gelu(gate, approximate=True)
+    else:
+      act = jax.nn.silu(gate)
+    return dense("down", act * up, (f, d), ("mlp", "embed"))
+
+
+def _pick(flag, if_true, if_false):
+  """Per-layer choice between two pytrees: static for a Python bool (the
+  unrolled layers), a select for a traced bool[] (the layer scan)."""
+  if isinstance(flag, bool):
+    return if_true if flag else if_false
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), if_true, if_false)
 
 
 class Block(nn.Module):
@@ -389,20 +441,35 @@ class Block(nn.Module):
   The carry is (hidden, kv) with kv the whole stacked cache, this layer's
   own (k, v) cache, or None; `layer` (i32[] when scanned, an int when
   unrolled) says which layer of a stacked cache this block reads and
-  writes, and is None for a per-layer cache.
+  writes, and is None for a per-layer cache. `sliding` (bool[] when
+  scanned, a bool when unrolled) picks the sliding-window mask when `mask`
+  is the pair (full, sliding) of per-layer attention kinds, and the local
+  rope tables when `rope` is the pair (global, local) (Gemma 3).
+  Gemma adds norms on the attention and MLP outputs ("post_attn_norm",
+  "post_mlp_norm") before the residual adds.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer, rope, mask, write_index):
+  def __call__(self, carry, layer, sliding, rope, mask, write_index):
     cfg = self.config
     h, kv = carry
+    if isinstance(mask, tuple):  # (full, sliding window)
+      mask = _pick(sliding, mask[1], mask[0])
+    if cfg.rope_local_base_freq is not None:  # (global, local) tables
+      rope = _pick(sliding, rope[1], rope[0])
     a, new_kv = Attention(cfg, name="attn")(
       Norm(cfg, name="attn_norm")(h), rope, mask, kv, layer, write_index
     )
+    gemma = cfg.family == "gemma"
+    if gemma:
+      a = Norm(cfg, name="post_attn_norm")(a)
     h = h + a
-    h = h + Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(h))
+    m = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(h))
+    if gemma:
+      m = Norm(cfg, name="post_mlp_norm")(m)
+    h = h + m
     return (h, new_kv), None
 
 
@@ -427,6 +494,8 @@ class Transformer(nn.Module):
     if not cfg.tie_word_embeddings:
       _param(self, "lm_head", (d, v), ("embed", "vocab"), cfg)
     h = jnp.take(embed, input_ids, axis=0).astype(dt)
+    if cfg.family == "gemma":  # HF Gemma2TextScaledWordEmbedding
+      h = h * jnp.asarray(math.sqrt(d), dt)
     rope = None
     if cfg.family == "gpt2":
       pos_embed = _param(
@@ -439,6 +508,8 @@ class Transformer(nn.Module):
       h = h + jnp.take(pos_embed, positions, axis=0).astype(dt)
     else:
       rope = _rope_tables(positions, cfg)
+      if cfg.rope_local_base_freq is not None:
+        rope = (rope, _rope_tables(positions, cfg, local=True))
     block = Block
     if cfg.remat:
       block = nn.remat(Block, prevent_cse=False)
@@ -448,16 +519,16 @@ class Transformer(nn.Module):
       # stacked [N, ...] arrays every step (the scan's dynamic-slice).
       per_layer = kv is not None and isinstance(kv[0], (tuple, list))
       new_k, new_v = [], []
-      for i in range(cfg.num_layers):
+      for i, sliding in enumerate(cfg.sliding_layers):
         if per_layer:
           (h, (k_i, v_i)), _ = block(cfg, name=f"layers_{i}")(
-            (h, (kv[0][i], kv[1][i])), None, rope, mask, write_index
+            (h, (kv[0][i], kv[1][i])), None, sliding, rope, mask, write_index
           )
           new_k.append(k_i)
           new_v.append(v_i)
         else:
           (h, kv), _ = block(cfg, name=f"layers_{i}")(
-            (h, kv), i, rope, mask, write_index
+            (h, kv), i, sliding, rope, mask, write_index
           )
       new_kv = (tuple(new_k), tuple(new_v)) if per_layer else kv
       return Norm(cfg, name="final_norm")(h), new_kv
@@ -465,36 +536,48 @@ class Transformer(nn.Module):
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    sliding = jnp.asarray(cfg.sliding_layers, jnp.bool_)
     (h, new_kv), _ = scanned(cfg, name="layers")(
-      (h, kv), layers, rope, mask, write_index
+      (h, kv), layers, sliding, rope, mask, write_index
     )
     return Norm(cfg, name="final_norm")(h), new_kv
+
+
+def _softcap(x: Array, cap: float | None) -> Array:
+  """cap * tanh(x / cap) (Gemma 2 soft-capping); x when cap is None."""
+  if cap is None:
+    return x
+  c = jnp.asarray(cap, x.dtype)
+  return jnp.tanh(x / c) * c
 
 
 def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
   """hidden [..., D] (compute dtype) -> logits f32[..., V].
 
   Decode params (`unstack_layers`) carry "lm_head" [D, V] even when tied.
+  Soft-capped by `final_logit_softcapping` when set (HF Gemma2ForCausalLM).
   """
   dt, acc = config.compute_dtype, config.acc_dtype
   if config.tie_word_embeddings and "lm_head" not in params:
-    return jnp.einsum(
+    logits = jnp.einsum(
       "...d,vd->...v",
       hidden,
       params["embed"].astype(dt),
       preferred_element_type=acc,
     )
-  return jnp.einsum(
-    "...d,dv->...v",
-    hidden,
-    params["lm_head"].astype(dt),
-    preferred_element_type=acc,
-  )
+  else:
+    logits = jnp.einsum(
+      "...d,dv->...v",
+      hidden,
+      params["lm_head"].astype(dt),
+      preferred_element_type=acc,
+    )
+  return _softcap(logits, config.final_logit_softcapping)
 
 
 def default_positions(attention_mask: Array) -> Array:
@@ -508,15 +591,25 @@ def default_positions(attention_mask: Array) -> Array:
 
 
 def _causal_mask(key_valid: Array, q_slots: Array, config: ModelConfig):
-  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window."""
+  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window.
+
+  With per-layer attention kinds (`config.layer_types`), the pair (full,
+  sliding) of such masks; each block picks its own.
+  """
   s = key_valid.shape[-1]
   k_slots = jnp.arange(s, dtype=jnp.int32)
   allowed = k_slots[None, :] <= q_slots[:, None]
+  window = allowed
   if config.sliding_window is not None:
-    allowed = allowed & (
+    window = allowed & (
       q_slots[:, None] - k_slots[None, :] < config.sliding_window
     )
-  return key_valid[:, None, :] & allowed[None, :, :]
+  if config.layer_types is not None:
+    return (
+      key_valid[:, None, :] & allowed[None, :, :],
+      key_valid[:, None, :] & window[None, :, :],
+    )
+  return key_valid[:, None, :] & window[None, :, :]
 
 
 def _boxed_init(config: ModelConfig, rng: Array):

@@ -90,6 +90,11 @@ def test_two_processes_score_their_own_rows_and_match_one(
       np.testing.assert_allclose(
         step["scores"], ref_step["scores"], rtol=0, atol=1e-5
       )
+      # The reward functions' metrics cover both processes' rows.
+      for k, v in ref_step["host_metrics"].items():
+        np.testing.assert_allclose(
+          step["host_metrics"][k], v, rtol=1e-6, equal_nan=True, err_msg=k
+        )
       assert step["metrics"].keys() == ref_step["metrics"].keys()
       for k, v in ref_step["metrics"].items():
         np.testing.assert_allclose(

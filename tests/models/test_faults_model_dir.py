@@ -32,7 +32,9 @@ SIDE_FILES = (
 )
 SUPPORTED = (
   "supported architectures: llama (LlamaForCausalLM), mistral "
-  "(MistralForCausalLM), qwen2 (Qwen2ForCausalLM), gpt2 (GPT2LMHeadModel)"
+  "(MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 "
+  "(Qwen3ForCausalLM), gemma2 (Gemma2ForCausalLM), gemma3_text "
+  "(Gemma3ForCausalLM), gpt2 (GPT2LMHeadModel)"
 )
 WEIGHTS = "model.safetensors"
 SHARDS = (
@@ -126,13 +128,13 @@ CASES = [
     (),
   ),
   (
-    "qwen3",
+    "phi3",
     lambda d, t: _edit_config(
-      d, model_type="qwen3", architectures=["Qwen3ForCausalLM"]
+      d, model_type="phi3", architectures=["Phi3ForCausalLM"]
     ),
     [
-      "{dir}/config.json: unsupported model_type 'qwen3' "
-      "(architectures=['Qwen3ForCausalLM']); " + SUPPORTED
+      "{dir}/config.json: unsupported model_type 'phi3' "
+      "(architectures=['Phi3ForCausalLM']); " + SUPPORTED
     ],
     (),
   ),
@@ -317,11 +319,11 @@ def test_bad_model_dir_names_file_and_what_is_wrong(
 
 def test_config_errors_come_before_weights_are_read(tmp_path, tensors):
   d = _good_dir(tmp_path / "model", tensors)
-  _edit_config(d, model_type="qwen3")
+  _edit_config(d, model_type="phi3")
   _cut(d, 100)  # the config is named first, not the damaged weights
-  with pytest.raises(ModelLoadError, match="unsupported model_type 'qwen3'"):
+  with pytest.raises(ModelLoadError, match="unsupported model_type 'phi3'"):
     models.load_hf_config(d)
-  with pytest.raises(ModelLoadError, match="unsupported model_type 'qwen3'"):
+  with pytest.raises(ModelLoadError, match="unsupported model_type 'phi3'"):
     models.load_hf_checkpoint(d)
 
 
@@ -376,7 +378,7 @@ def _data_file(tmp_path: pathlib.Path) -> str:
     ("ppo", "no_config_json", False),
     ("rm", "truncated_weights", False),
     ("dpo", "missing_tensor", False),
-    ("sft", "qwen3", False),
+    ("sft", "phi3", False),
     ("ppo", "no_config_json", True),
     ("sft", "config_not_json", True),
     ("dpo", "gemma", True),
@@ -404,7 +406,7 @@ def test_cli_turns_model_errors_into_one_line_exit_2(
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_console_script_prints_no_traceback(tmp_path, tensors, dry_run):
   d = _good_dir(tmp_path / "model", tensors)
-  _edit_config(d, model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+  _edit_config(d, model_type="phi3", architectures=["Phi3ForCausalLM"])
   args = ["ppo", "--model", str(d), "--run-dir", str(tmp_path / "run")]
   exe = pathlib.Path(sys.executable).parent / "rlhf-jax"
   proc = subprocess.run(
@@ -417,6 +419,6 @@ def test_console_script_prints_no_traceback(tmp_path, tensors, dry_run):
   assert proc.returncode == 2, proc.stderr
   assert "Traceback" not in proc.stderr
   assert proc.stderr == (
-    f"rlhf-jax: error: {d}/config.json: unsupported model_type 'qwen3' "
-    f"(architectures=['Qwen3ForCausalLM']); {SUPPORTED}\n"
+    f"rlhf-jax: error: {d}/config.json: unsupported model_type 'phi3' "
+    f"(architectures=['Phi3ForCausalLM']); {SUPPORTED}\n"
   )

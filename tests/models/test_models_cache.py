@@ -50,6 +50,43 @@ CONFIGS = {
     tie_word_embeddings=True,
     **_COMMON,
   ),
+  # Per-head q/k RMSNorm.
+  "qwen3": models.ModelConfig(
+    model_type="qwen3",
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    **_COMMON,
+  ),
+  # Sliding window of 3 keys on layer 0 only (a scanned per-layer flag),
+  # soft-capping, query_pre_attn_scalar != head_dim, tied embeddings.
+  "gemma2": models.ModelConfig(
+    model_type="gemma2",
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    sliding_window=3,
+    layer_types=("sliding_attention", "full_attention"),
+    query_pre_attn_scalar=12,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=10.0,
+    tie_word_embeddings=True,
+    **_COMMON,
+  ),
+  # q/k (1 + w) norms, local rope base on the sliding layer 1.
+  "gemma3": models.ModelConfig(
+    model_type="gemma3_text",
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    sliding_window=3,
+    layer_types=("full_attention", "sliding_attention"),
+    query_pre_attn_scalar=8,
+    rope_theta=1e5,
+    rope_local_base_freq=1e3,
+    tie_word_embeddings=True,
+    **_COMMON,
+  ),
 }
 PROMPT_LENS = (6, 3, 1)  # real prompt tokens per row, left-padded to P = 6
 P, T = 6, 4
