@@ -412,6 +412,13 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(meta, dict):
     raise ModelLoadError(f"{path}: expected a JSON object")
+  if meta.get("format") != _FORMAT:
+    # PEFT's files share these names but hold per-layer [r, in] tensors.
+    raise ModelLoadError(
+      f"{path}: field 'format' = {meta.get('format')!r}; expected "
+      f"{_FORMAT!r} (rlhf_jax's stacked adapter layout; PEFT adapter "
+      "directories are not read)"
+    )
   for field, kind in (("r", int), ("lora_alpha", (int, float))):
     if not isinstance(meta.get(field), kind) or isinstance(
       meta.get(field), bool

@@ -244,6 +244,14 @@ def test_save_load_round_trip_and_errors(tmp_path):
     )
   with pytest.raises(models.ModelLoadError, match="adapter_config.json"):
     lora.load_adapters(base, cfg, tmp_path)
+  # A PEFT directory (same file names, another layout) is named, not read.
+  peft = tmp_path / "peft"
+  peft.mkdir()
+  (peft / "adapter_config.json").write_text(
+    '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"]}'
+  )
+  with pytest.raises(models.ModelLoadError, match="'format' = None"):
+    lora.read_adapter_config(peft)
   # A tensor of the wrong shape (another model) names the file and tensor.
   other = LLAMA.replace(hidden_size=16, intermediate_size=24, head_dim=4)
   o_cfg, _, o_params = _lora_model(other)
