@@ -235,7 +235,9 @@ def test_gemma2_layer_types_default_and_errors():
 def test_init_params_match_loaded_layout(name):
   """init_params builds the tree load_hf_checkpoint fills (same shapes)."""
   config, params = models.load_hf_checkpoint(FIX / name)
-  fresh = jax.eval_shape(models.init_params, config, jax.random.key(0))
+  fresh = jax.eval_shape(
+    functools.partial(models.init_params, config), jax.random.key(0)
+  )
   assert jax.tree.structure(fresh) == jax.tree.structure(params)
   for x, y in zip(jax.tree.leaves(fresh), jax.tree.leaves(params), strict=True):
     assert x.shape == y.shape
@@ -278,3 +280,32 @@ def test_gemma3_old_style_rope_fields():
     sliding_window_pattern=3,
   )
   assert models.ModelConfig.from_hf_dict(d) == config
+
+
+@pytest.mark.parametrize(
+  "name, arch",
+  [
+    ("qwen3_tiny", "Qwen3ForSequenceClassification"),
+    ("gemma2_tiny", "Gemma2ForSequenceClassification"),
+    ("gemma3_tiny", "Gemma3TextForSequenceClassification"),
+  ],
+)
+def test_reward_model_export_round_trip(name, arch, tmp_path):
+  """A reward model on these backbones exports as transformers'
+  *ForSequenceClassification class and reloads bitwise."""
+  from rlhf_jax.models import seq_cls  # noqa: PLC0415
+
+  config, params = models.load_hf_checkpoint(FIX / name)
+  rm = models.from_policy_params(params, config, jax.random.key(1))
+  d = seq_cls.export_sequence_classification(
+    rm, config, tmp_path, pad_token_id=0
+  )
+  assert json.loads((d / "config.json").read_text())["architectures"] == [arch]
+  config2, rm2 = seq_cls.load_sequence_classification(d)
+  assert config2 == config.replace(pad_token_id=0)
+  # The format has no LM head: an untied one (Qwen3) comes back as zeros.
+  for tree in (rm, rm2):
+    head = tree["backbone"].pop("lm_head", None)
+    assert head is None or tree is rm or not np.asarray(head).any()
+  for x, y in zip(jax.tree.leaves(rm), jax.tree.leaves(rm2), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
