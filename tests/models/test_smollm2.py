@@ -18,6 +18,7 @@ Two parts:
 import json
 import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,9 @@ FIXTURE = (
   / "models"
   / "smollm2_golden.npz"
 )
+sys.path.insert(0, str(FIXTURE.parent))
+import hh_sample  # noqa: E402
+
 CACHE = pathlib.Path(
   os.environ.get(
     "RLHF_JAX_MODELS_CACHE",
@@ -432,7 +436,7 @@ def test_smollm2_greedy_chat_generation(smollm2, golden):
 
 def test_smollm2_tokenizer_matches_transformers_on_hh(smollm2, golden):
   _, _, tok = smollm2
-  texts = _json(golden["hh_texts"])
+  texts = hh_sample.hh_texts()
   want = _split(golden["hh_ids"], golden["hh_offsets"])
   assert len(texts) == len(want) == 200
   got = tok.encode_batch(texts, add_special_tokens=False)
