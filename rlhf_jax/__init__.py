@@ -69,6 +69,8 @@ from rlhf_jax.preference import (
   bradley_terry_loss,
   dpo_loss,
   ipo_loss,
+  kto_kl,
+  kto_loss,
   preference_accuracy,
   ranking_loss,
 )
@@ -113,6 +115,8 @@ __all__ = [
   "kl_estimate",
   "kl_loss",
   "kl_shaped_rewards",
+  "kto_kl",
+  "kto_loss",
   "last_valid_index",
   "logprobs_from_logits",
   "masked_count",

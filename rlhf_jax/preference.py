@@ -1,4 +1,5 @@
-"""Preference losses: reward models (Bradley-Terry, best-of-K, rankings), DPO.
+"""Preference losses: reward models (Bradley-Terry, best-of-K, rankings), DPO,
+KTO.
 
 Reward-model losses take scalar rewards per response; DPO-family losses take
 per-sequence log-probabilities (see ``rlhf_jax.logprobs.sequence_logprobs``).
@@ -470,3 +471,193 @@ def ipo_loss(
   logps = (promote_f32(chosen_logprobs), promote_f32(rejected_logprobs))
   rewards = (beta * ratio_c, beta * ratio_r)
   return loss, _dpo_stats(per_pair, logps, rewards, axis_name)
+
+
+# --------------------------------------------------------------------- KTO
+
+
+def _check_rows(**arrays: jax.Array) -> None:
+  """Raises ValueError unless all arrays are [B] with the same B >= 1."""
+  _check_pairs(**{k: v for k, v in arrays.items() if v is not None})
+
+
+def kto_kl(
+  kl_logprobs: jax.Array,
+  ref_kl_logprobs: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  axis_name: str | None = None,
+) -> st.Mean:
+  """The batch KL estimate of KTO's reference point, as a summable mean.
+
+  Ethayarajh et al. 2024 (KTO), eq. 7-8: the reference point is
+
+    z_0 = KL(pi(y'|x) || pi_ref(y'|x))
+
+  estimated, as in the authors' code (HALOs) and TRL's ``KTOTrainer``, from
+  MISMATCHED pairs of the batch: each prompt x_i is paired with the
+  completion y_j of another row j != i, and
+
+    KL_hat = mean_i [log pi(y_j|x_i) - log pi_ref(y_j|x_i)]
+
+  Mismatched pairs are used rather than the rows' own completions so that
+  z_0 is not simply the mean of the implicit rewards being optimised
+  (which would make the loss depend only on rewards relative to the batch
+  and on the label mix). The estimate is unbiased only up to the
+  mismatched completions not being samples of pi; it is what every
+  published KTO implementation does. ``kto_loss`` takes
+  z_ref = max(KL_hat, 0) without gradient.
+
+  The mean is returned as a ``stats.Mean`` (sum, count), so a step merges
+  it over micro-batches and devices into the GLOBAL batch estimate before
+  the loss is computed (docs/conventions.md, conventions 6 and 15).
+
+  Args:
+    kl_logprobs: f[B] summed policy logprobs of the mismatched completions.
+    ref_kl_logprobs: f[B] the same under the reference policy.
+    mask: optional bool[B], True = a valid mismatched pair; masked slots may
+      hold anything (NaN included).
+    axis_name: optional pmap/shard_map axis: the mean is global.
+
+  Returns:
+    ``stats.Mean`` of the log-ratios (gradient stopped); ``.value`` is f32[]
+    KL_hat, 0 when no pair is valid.
+
+  Raises:
+    ValueError: inputs (and mask) are not equal [B].
+  """
+  _check_rows(kl=kl_logprobs, ref_kl=ref_kl_logprobs, mask=mask)
+  ratio = promote_f32(kl_logprobs) - promote_f32(ref_kl_logprobs)
+  return st.Mean.of(ratio, mask).reduce(axis_name)
+
+
+KTO_STAT_NAMES = (
+  "kto/loss",
+  "kto/z_ref",
+  "rewards/chosen",
+  "rewards/rejected",
+  "logps/chosen",
+  "logps/rejected",
+  "count/chosen",
+  "count/rejected",
+)
+
+
+def kto_loss(
+  logprobs: jax.Array,
+  ref_logprobs: jax.Array,
+  labels: jax.Array,
+  z_ref: jax.Array | float,
+  mask: jax.Array | None = None,
+  *,
+  beta: float,
+  desirable_weight: float = 1.0,
+  undesirable_weight: float = 1.0,
+  normalizer: jax.Array | float | None = None,
+  axis_name: str | None = None,
+) -> tuple[jax.Array, st.Stats]:
+  """Kahneman-Tversky Optimization loss (Ethayarajh et al. 2024, eq. 7-8).
+
+  With implicit reward r_b = log pi(y_b|x_b) - log pi_ref(y_b|x_b) (SUMMED
+  sequence logprobs, as DPO) and z = stop_gradient(max(z_ref, 0)):
+
+    v_b = lambda_D sigma(beta (r_b - z))   if y_b is desirable (label True)
+          lambda_U sigma(beta (z - r_b))   if y_b is undesirable
+    L   = mean_b [lambda_{y_b} - v_b]
+
+  i.e. lambda_D (1 - sigma(beta (r - z))) per desirable row and
+  lambda_U (1 - sigma(beta (z - r))) per undesirable one: TRL's
+  ``KTOTrainer.kto_loss`` (the two groups concatenated, then averaged over
+  all rows). z is the reference point z_0 = KL(pi || pi_ref), estimated on
+  the batch by ``kto_kl`` and passed in by the step (clamped at 0 and never
+  differentiated here as well). With pi == pi_ref and z = 0 every row gives
+  lambda / 2. The paper's advice for imbalanced data is
+  lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+
+  >>> import jax.numpy as jnp
+  >>> logp = jnp.array([-4.0, -4.0])
+  >>> loss, _ = kto_loss(logp, logp, jnp.array([True, False]), 0.0, beta=0.1)
+  >>> float(loss)  # (1 - sigma(0) + 1 - sigma(0)) / 2
+  0.5
+
+  Args:
+    logprobs: f[B] sum over valid response tokens of log pi(y|x).
+    ref_logprobs: f[B] the same under the frozen reference (no gradient).
+    labels: bool[B] (or 0/1 floats) True = desirable (accepted).
+    z_ref: f32[] the reference point (the batch KL estimate).
+    mask: optional bool[B] valid rows (padding rows False); masked slots
+      may hold anything (NaN included).
+    beta: inverse temperature of the implicit reward (> 0).
+    desirable_weight: lambda_D (> 0).
+    undesirable_weight: lambda_U (> 0).
+    normalizer: optional global count of valid rows the sum is divided by
+      (a step's whole batch, for micro-batching); default this batch's
+      valid rows, global over ``axis_name``.
+    axis_name: optional pmap/shard_map axis for global batch means.
+
+  Returns:
+    (loss f32[], stats): ``kto/loss`` (mean per-row loss), ``kto/z_ref``
+    (the clamped reference point used), ``rewards/chosen`` and
+    ``rewards/rejected`` (mean beta r over desirable / undesirable rows),
+    ``logps/chosen`` and ``logps/rejected`` (mean policy logprobs),
+    ``count/chosen`` and ``count/rejected`` (``stats.Sum`` of rows).
+
+  Raises:
+    ValueError: inputs not equal [B]; z_ref not a scalar; beta or a weight
+      <= 0.
+  """
+  _check_rows(logprobs=logprobs, ref_logprobs=ref_logprobs, labels=labels)
+  _check_rows(logprobs=logprobs, mask=mask)
+  if jnp.ndim(z_ref) != 0:
+    raise ValueError(f"z_ref must be a scalar, got shape {jnp.shape(z_ref)}")
+  for name, v in (
+    ("beta", beta),
+    ("desirable_weight", desirable_weight),
+    ("undesirable_weight", undesirable_weight),
+  ):
+    if isinstance(v, int | float) and not v > 0:  # NaN too
+      raise ValueError(f"{name} must be > 0, got {v}")
+  valid = jnp.ones(jnp.shape(logprobs), bool) if mask is None else mask
+  valid = jnp.asarray(valid).astype(bool)
+  good = jnp.asarray(labels).astype(bool)
+  # where BEFORE any arithmetic: garbage in masked rows cannot leak.
+  logp = jnp.where(valid, promote_f32(logprobs), 0.0)
+  ref = jax.lax.stop_gradient(jnp.where(valid, promote_f32(ref_logprobs), 0.0))
+  z = jax.lax.stop_gradient(jnp.maximum(promote_f32(z_ref), 0.0))
+  ratio = logp - ref
+  # 1 - sigma(u) = sigma(-u): stable, with u = beta (r - z) or beta (z - r).
+  per_row = jnp.where(
+    good,
+    desirable_weight * jax.nn.sigmoid(-beta * (ratio - z)),
+    undesirable_weight * jax.nn.sigmoid(-beta * (z - ratio)),
+  )
+  total = masked_sum(per_row, valid, axis_name=axis_name)
+  if normalizer is None:
+    normalizer = _global_count(valid, axis_name)
+  loss = total / jnp.maximum(jnp.asarray(normalizer, total.dtype), 1.0)
+  return loss, _kto_stats(
+    per_row, logp, beta * ratio, z, good, valid, axis_name
+  )
+
+
+def _global_count(mask: jax.Array, axis_name: str | None) -> jax.Array:
+  """f32[] number of True entries of ``mask``, summed over ``axis_name``."""
+  count = jnp.sum(mask).astype(jnp.float32)
+  return count if axis_name is None else jax.lax.psum(count, axis_name)
+
+
+def _kto_stats(per_row, logp, rewards, z, good, valid, axis_name):
+  """TRL-like KTO statistics, summable (``KTO_STAT_NAMES``)."""
+  chosen, rejected = valid & good, valid & ~good
+  values = (
+    st.Mean.of(per_row, valid),
+    st.Mean.of(jnp.broadcast_to(z, valid.shape), valid),
+    st.Mean.of(rewards, chosen),
+    st.Mean.of(rewards, rejected),
+    st.Mean.of(logp, chosen),
+    st.Mean.of(logp, rejected),
+    st.Sum.of(chosen),
+    st.Sum.of(rejected),
+  )
+  stats = dict(zip(KTO_STAT_NAMES, values, strict=True))
+  return st.reduce(stats, axis_name)

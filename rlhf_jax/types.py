@@ -148,6 +148,19 @@ class PreferenceBatch:
 
 
 @struct.dataclass
+class FeaturePairBatch:
+  """Fixed features of preference pairs (a frozen backbone's phi).
+
+  Attributes:
+    chosen: f32[B, D] features of the preferred responses.
+    rejected: f32[B, D] features of the dispreferred responses.
+  """
+
+  chosen: jax.Array
+  rejected: jax.Array
+
+
+@struct.dataclass
 class RankedBatch:
   """K scored responses per prompt (best-of-K or full rankings).
 

@@ -189,7 +189,7 @@ def test_unknown_subcommand(capsys):
     code,
     err,
     "unknown subcommand 'train'; choose from: run, sft, rm, ppo, dpo, grpo, "
-    "generate, eval, export",
+    "kto, generate, eval, export, audit",
   )
 
 
@@ -220,7 +220,7 @@ def test_console_script_unknown_preset_exit_code_and_one_line():
   assert proc.returncode == 2
   assert proc.stderr == (
     "rlhf-jax: error: unknown preset 'tiny' for `rlhf-jax rm`; choose from: "
-    "default, smoke, hh-rlhf, hh-rlhf-smoke\n"
+    "default, smoke, hh-rlhf, hh-rlhf-smoke, hh-rlhf-smollm2\n"
   )
 
 

@@ -259,3 +259,28 @@ def test_wrap_a_tokenizer_wrapper(tinystories_dir):
   assert ad.encode("Once upon a time") == ONCE
   with pytest.raises(TypeError, match="holds no tokenizers.Tokenizer"):
     HFTokenizerAdapter.wrap(object())
+
+
+def test_reply_ending_with_its_eos_gets_no_second_one(gpt2):
+  """A chat-rendered reply ends with the template's end-of-turn (= EOS)
+  and a newline: it stops at its LAST EOS (one per turn of a multi-message
+  reply); text after that EOS is kept and gets an EOS appended."""
+  ds = tokenize_preferences(
+    [
+      pair("Hi", "Hello<|endoftext|>\n", " world"),
+      pair("Hi", "Hello<|endoftext|>\nHello<|endoftext|>\n", "Hello world"),
+      pair("Hi", "Hello<|endoftext|> world", " world"),
+    ],
+    gpt2,
+    max_prompt_length=4,
+    max_response_length=8,
+  )
+  ids, mask = ds.arrays["chosen_ids"], ds.arrays["chosen_mask"]
+  real = [row[m].tolist() for row, m in zip(ids, mask, strict=True)]
+  # Appending blindly gives [HELLO, EOT, 198, EOT] (198 = "\n").
+  assert real[0] == [HELLO, EOT]
+  assert real[1] == [HELLO, EOT, 198, HELLO, EOT]
+  assert real[2] == [HELLO, EOT, WORLD, EOT]
+  # Plain replies still get their EOS.
+  rej = ds.arrays["rejected_ids"][0][ds.arrays["rejected_mask"][0]].tolist()
+  assert rej == [WORLD, EOT]

@@ -159,3 +159,28 @@ def test_function_length_rule_detects_a_long_function(tmp_path):
   path = tmp_path / "long.py"
   path.write_text(f'def f():\n  """Doc."""\n{body}\n')
   assert _long_functions(path, MAX_FUNCTION_LINES) == ["long.py:f 61"]
+
+
+# The audit (rlhf_jax.audit) is low-level host math: numpy, the standard
+# library, rlhf_jax.types and its own modules; matplotlib only in its plots
+# module. Stages import it, never the reverse.
+AUDIT_ALLOWED_TOP = {"numpy", "typing", "functools", "itertools", "math"}
+AUDIT_ALLOWED_TOP |= {"dataclasses", "collections", "pathlib"}
+
+
+def test_audit_is_low_level_math():
+  bad = []
+  for path in _package_files("audit"):
+    allowed = AUDIT_ALLOWED_TOP | (
+      {"matplotlib"} if path.name == "plots.py" else set()
+    )
+    for name in _imports(path):
+      parts = name.split(".")
+      if parts[0] == "rlhf_jax":
+        ok = name == "rlhf_jax.types" or parts[1:2] == ["audit"]
+      else:
+        ok = parts[0] in allowed
+      if not ok:
+        bad.append(f"audit/{path.name} imports {name}")
+  assert _package_files("audit"), "rlhf_jax/audit is missing"
+  assert not bad, bad

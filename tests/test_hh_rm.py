@@ -7,6 +7,7 @@ accuracy's consistency with the saved rewards, and an interrupted run
 resumed from its checkpoint (same final numbers as an uninterrupted run).
 """
 
+import dataclasses
 import gzip
 import json
 import math
@@ -74,7 +75,7 @@ def test_tinystories_backbone_builds(tinystories_dir):
   config = hh_rm.HHRewardModelConfig.smoke(
     backbone="tinystories", model_dir=str(tinystories_dir)
   )
-  tok, model_config, params = hh_rm._build_model(config, jax.random.key(0))
+  tok, _, model_config, params = hh_rm._build_model(config, jax.random.key(0))
   # TinyStories: vocab 2048, width 128, BOS 1 / EOS 2 / pad 0 (README).
   assert model_config.vocab_size == 2048 and model_config.hidden_size == 128
   assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
@@ -89,7 +90,7 @@ def test_tinystories_backbone_builds(tinystories_dir):
 
 def test_scratch_backbone_uses_gpt2_tokenizer():
   config = hh_rm.HHRewardModelConfig.smoke()
-  tok, model_config, params = hh_rm._build_model(config, jax.random.key(0))
+  tok, _, model_config, params = hh_rm._build_model(config, jax.random.key(0))
   # GPT-2: "Hello world" -> [15496, 995], <|endoftext|> = 50256 (README).
   assert tok.encode("Hello world") == [15496, 995]
   assert tok.eos_id == tok.pad_id == 50256 and tok.bos_id is None
@@ -186,3 +187,89 @@ def test_resume_after_interrupt_matches(smoke_run, tmp_path, monkeypatch):
   # Resuming a finished run returns its stored results.
   again = hh_rm.run_hh_reward_model(config, run_dir, resume=True)
   assert again == json.loads((run_dir / hh_rm.RESULTS_FILE).read_text())
+
+
+def test_frozen_backbone_needs_a_pretrained_one():
+  with pytest.raises(ValueError, match="needs a pretrained backbone"):
+    hh_rm.HHRewardModelConfig.smoke(freeze_backbone=True)
+
+
+def test_max_train_pairs_draws_from_every_file():
+  config = hh_rm.HHRewardModelConfig.smoke(max_train_pairs=200)
+  _, train, _ = hh_rm._load_pairs(config, None)
+  assert len(train) == 200
+  # A prefix would hold only the first file's (harmless-base) pairs.
+  assert len({pathlib.Path(p.source).name for p in train}) == 4
+
+
+def test_frozen_backbone_trains_only_the_head(tmp_path, tinystories_dir):
+  config = hh_rm.HHRewardModelConfig.smoke(
+    backbone="tinystories",
+    model_dir=str(tinystories_dir),
+    freeze_backbone=True,
+    heldout_rows=40,
+    pooling="mean",
+  )
+  res = hh_rm.run_hh_reward_model(config, tmp_path / "run")
+  # TinyStories-656K: width 128, so the head is 128 weights + 1 bias.
+  assert res["model/trained_parameters"] == 129
+  assert res["model/parameters"] == 656_000 + 129
+  assert res["train/steps"] == 8  # 64 pairs / batch 8, one epoch
+  recs = read_metrics(tmp_path / "run", stage="rm")
+  assert [r["step"] for r in recs] == [2, 4, 6, 8]
+  assert all(math.isfinite(r["rm/loss"]) for r in recs)
+  with np.load(tmp_path / "run" / hh_rm.REWARDS_FILE) as z:
+    assert res["heldout/accuracy"] == np.mean(z["chosen"] > z["rejected"])
+
+
+def test_feature_cache_resumes_and_refuses_other_pairs(
+  tmp_path, tinystories_dir
+):
+  from rlhf_jax.data import tokenize_preferences
+  from rlhf_jax.runner.mesh import MeshConfig, Placement
+  from rlhf_jax.stages import feature_cache
+
+  config = hh_rm.HHRewardModelConfig.smoke(
+    backbone="tinystories", model_dir=str(tinystories_dir)
+  )
+  tok, _, model_config, params = hh_rm._build_model(config, jax.random.key(0))
+  _, train, _ = hh_rm._load_pairs(config, None)
+  ds = tokenize_preferences(
+    train[:20], tok, max_prompt_length=16, max_response_length=16
+  )
+  placement = Placement.create(MeshConfig())
+  kwargs = dict(
+    placement=placement,
+    backbone=params["backbone"],
+    model_config=model_config,
+    fp=feature_cache.fingerprint(ds, tinystories_dir, model_config),
+    batch_size=4,
+    description="test",
+    save_every=2,
+  )
+  path = tmp_path / "f.npz"
+  full = feature_cache.cached_features(path, ds, **kwargs)
+  assert full["mean_chosen"].shape == (20, 128)
+  # An interrupted extraction left 8 rows: they are reused (sentinels come
+  # back unchanged), the rest is computed.
+  part = {k: np.full_like(v[:8], 7.0) for k, v in full.items()}
+  feature_cache._save(path, {k: [v] for k, v in part.items()}, kwargs["fp"])
+  again = feature_cache.cached_features(path, ds, **kwargs)
+  for k in feature_cache.KEYS:
+    np.testing.assert_array_equal(again[k][:8], 7.0)
+    np.testing.assert_allclose(again[k][8:], full[k][8:], atol=1e-6)
+  # Held-out scores from cached features equal the whole reward model's.
+  for pooling in ("last", "mean"):
+    cfg = dataclasses.replace(config, freeze_backbone=True, pooling=pooling)
+    fast = hh_rm._heldout_scores(
+      cfg, placement, model_config, params, ds, {"heldout": full}
+    )
+    slow = hh_rm._heldout_scores(cfg, placement, model_config, params, ds, None)
+    for a, b in zip(fast, slow, strict=True):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+      assert a.shape == (20,)
+  # Features of other pairs are never reused.
+  other = ds.subset(np.arange(10))
+  kwargs["fp"] = feature_cache.fingerprint(other, tinystories_dir, model_config)
+  with pytest.raises(runtime.UserError, match="features of other pairs"):
+    feature_cache.cached_features(path, other, **kwargs)

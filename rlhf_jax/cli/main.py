@@ -36,9 +36,13 @@ COMMANDS = {
   "dpo": "DPO on preference pairs (simulated feedback or --data FILE)",
   "grpo": "GRPO / Dr. GRPO / RLOO against reward functions in plain Python "
   "(--reward module:function)",
+  "kto": "KTO on accept/reject feedback (--data FILE of {prompt, completion, "
+  "label} rows; without it the accept-rate task, beside GRPO)",
   "generate": "sample continuations from a model or a run's policy",
   "eval": "evaluate a run's policy on the held-out prompts",
   "export": "write a run's policy or reward model as a Hugging Face dir",
+  "audit": "consistency audit of preference data (--data FILE): cycles, "
+  "rationalisability, label noise; with --reward-model, its calibration",
 }
 
 _HELP = """\
@@ -286,6 +290,14 @@ def _dispatch(command: str, config: Any) -> int:
       f"({100 * out['time/compile_share']:.0f}%)"
     )
     return 0
+  if command == "kto":
+    from rlhf_jax.stages.kto import run_kto
+
+    return run_kto(config)
+  if command == "audit":
+    from rlhf_jax.stages.audit import run_audit
+
+    return run_audit(config)
   if command == "sft":
     from rlhf_jax.stages.sft import run_sft
 

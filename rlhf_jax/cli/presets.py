@@ -10,7 +10,8 @@ import dataclasses
 from collections.abc import Callable
 
 from rlhf_jax.stages import configs as C
-from rlhf_jax.train import RewardModelConfig
+from rlhf_jax.tasks import TASK_DATA
+from rlhf_jax.train import KTOConfig, RewardModelConfig
 
 # The algorithm settings the pipeline is tuned to (the rest are the
 # library's defaults).
@@ -136,6 +137,30 @@ def hh_rlhf_smoke_rm():
   return HHRewardModelConfig.smoke()
 
 
+def hh_rlhf_smollm2_rm():
+  """The HH-RLHF job on SmolLM2-135M-Instruct (scripts/setup_smollm2.py):
+  chat-rendered pairs, frozen backbone, a mean-pooled head trained on
+  features computed once (3000 train pairs; about half an hour on 2 CPU
+  cores, most of it the one forward over every pair)."""
+  from rlhf_jax.stages.hh_rm import HHRewardModelConfig
+
+  return HHRewardModelConfig(
+    backbone="smollm2",
+    freeze_backbone=True,
+    pooling="mean",
+    max_prompt_length=64,
+    max_response_length=64,
+    max_train_pairs=3000,
+    batch_size=64,
+    epochs=20,
+    learning_rate=3e-3,
+    warmup_steps=20,
+    eval_batch_size=32,
+    log_every=20,
+    checkpoint_every=200,
+  )
+
+
 def default_grpo() -> C.PipelineConfig:
   """GRPO on the task's prompts with the VADER sentiment as a plain-Python
   reward (rlhf_jax.tasks.rewards:sentiment)."""
@@ -156,7 +181,131 @@ def smoke_grpo() -> C.PipelineConfig:
   )
 
 
-HH_PRESETS = ("hh-rlhf", "hh-rlhf-smoke")
+def default_kto() -> C.KTOStageConfig:
+  """--data FILE: KTO on its rows; without --data the accept-rate task at
+  the sizes of "accept-rate"."""
+  return accept_rate_kto(preset="default")
+
+
+def accept_rate_kto(preset: str = "accept-rate") -> C.KTOStageConfig:
+  """The accept-rate task (online KTO beside GRPO): minutes on 2 cores."""
+  return C.KTOStageConfig(
+    preset=preset,
+    batch_size=32,
+    learning_rate=5e-4,
+    # Late in the loop rejections are rare (~20%): a heavier lambda_U
+    # keeps them pushing (Ethayarajh et al. 2024: weight the rarer kind).
+    loss=KTOConfig(beta=1.0, undesirable_weight=2.0),
+    task=C.TaskConfig(sampled_stories=32),
+    sampling=C.SamplingConfig(max_new_tokens=24, batch_size=64),
+    eval=C.EvalStageConfig(samples_per_prompt=8),
+    grpo=dataclasses.replace(C.GRPOStageConfig(), learning_rate=1e-3),
+    accept=C.AcceptRateConfig(),
+  )
+
+
+def smoke_kto() -> C.KTOStageConfig:
+  """Tiny sizes (seconds): --data or the accept-rate task."""
+  return C.KTOStageConfig(
+    preset="smoke",
+    steps=3,
+    batch_size=4,
+    eval_every=2,
+    checkpoint_every=2,
+    max_prompt_length=32,
+    max_response_length=16,
+    task=C.TaskConfig(sampled_stories=8, eval_fraction=0.2),
+    sampling=C.SamplingConfig(max_new_tokens=8, batch_size=16),
+    eval=C.EvalStageConfig(samples_per_prompt=1, report_samples=2),
+    accept=C.AcceptRateConfig(
+      calibration_samples=1,
+      rounds=2,
+      prompts_per_round=4,
+      samples_per_prompt=2,
+      eval_every=1,
+    ),
+  )
+
+
+# ------------------------------------------------------------ SmolLM2
+
+
+def _smollm2_base() -> C.PipelineConfig:
+  """SmolLM2-135M-Instruct (scripts/setup_smollm2.py) with LoRA rank 8 on
+  every projection, sized for minutes on 2 CPU cores."""
+  from rlhf_jax.models.lora import LoraConfig
+  from rlhf_jax.stages.environment import smollm2_dir
+
+  return C.PipelineConfig(
+    preset="smollm2",
+    model=str(smollm2_dir()),
+    lora=LoraConfig(rank=8, alpha=16.0),
+    checkpoint_every=10,
+    task=C.TaskConfig(max_prompt_length=64, eval_fraction=0.25),
+    sampling=C.SamplingConfig(max_new_tokens=24, batch_size=32),
+    max_response_length=48,
+    eval=C.EvalStageConfig(samples_per_prompt=1, report_samples=4),
+  )
+
+
+def smollm2_dpo() -> C.PipelineConfig:
+  """DPO with LoRA on HH-RLHF helpful-online pairs rendered with SmolLM2's
+  chat template (held out: a tenth of the file)."""
+  from rlhf_jax.stages.environment import SHARED_DATA
+
+  return dataclasses.replace(
+    _smollm2_base(),
+    data=str(SHARED_DATA / "hh-rlhf" / "helpful-online-test.jsonl.gz"),
+    dpo=C.DPOStageConfig(
+      steps=30,
+      batch_size=8,
+      learning_rate=1e-3,
+      warmup_steps=3,
+      eval_every=15,
+    ),
+  )
+
+
+def smollm2_grpo() -> C.PipelineConfig:
+  """GRPO with LoRA on an instruct task: "Describe X in exactly N words."
+  (rlhf_jax/tasks/data/word_count_prompts.jsonl), reward minus the distance
+  to N words (rlhf_jax.tasks.rewards:word_count)."""
+  return dataclasses.replace(
+    _smollm2_base(),
+    prompts=str(TASK_DATA / "word_count_prompts.jsonl"),
+    reward=("rlhf_jax.tasks.rewards:word_count",),
+    grpo=C.GRPOStageConfig(
+      iterations=12,
+      batch_size=4,
+      learning_rate=5e-4,
+      warmup_steps=1,
+      eval_every=6,
+      algo=dataclasses.replace(PIPELINE_GRPO.algo, group_size=4),
+    ),
+  )
+
+
+def smollm2_sft() -> C.SFTConfig:
+  """SFT with LoRA on the chosen replies of HH-RLHF helpful-online pairs
+  (chat template applied; the loss is on the reply tokens only)."""
+  from rlhf_jax.models.lora import LoraConfig
+  from rlhf_jax.stages.environment import SHARED_DATA, smollm2_dir
+
+  return C.SFTConfig(
+    data=str(SHARED_DATA / "hh-rlhf" / "helpful-online-test.jsonl.gz"),
+    preset="smollm2",
+    model=str(smollm2_dir()),
+    steps=30,
+    batch_size=8,
+    learning_rate=1e-3,
+    max_prompt_length=64,
+    max_response_length=48,
+    checkpoint_every=10,
+    lora=LoraConfig(rank=8, alpha=16.0),
+  )
+
+
+HH_PRESETS = ("hh-rlhf", "hh-rlhf-smoke", "hh-rlhf-smollm2")
 PIPELINE_COMMANDS = ("run", "rm", "ppo", "dpo", "grpo")
 
 PRESETS: dict[str, dict[str, Callable]] = {
@@ -173,5 +322,22 @@ PRESETS["grpo"] = {
   "default": default_grpo,
   "smoke": _named(smoke_grpo, "smoke"),
 }
+PRESETS["kto"] = {
+  "default": default_kto,
+  "smoke": smoke_kto,
+  "accept-rate": accept_rate_kto,
+}
+PRESETS["sft"]["smollm2"] = smollm2_sft
+PRESETS["dpo"]["smollm2"] = smollm2_dpo
+PRESETS["grpo"]["smollm2"] = smollm2_grpo
 PRESETS["rm"]["hh-rlhf"] = hh_rlhf_rm
 PRESETS["rm"]["hh-rlhf-smoke"] = hh_rlhf_smoke_rm
+PRESETS["rm"]["hh-rlhf-smollm2"] = hh_rlhf_smollm2_rm
+
+
+def default_audit() -> C.AuditConfig:
+  """Audit --data (exact minimum FAS up to 16 responses per component)."""
+  return C.AuditConfig()
+
+
+PRESETS["audit"] = {"default": default_audit}

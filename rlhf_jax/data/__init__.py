@@ -35,6 +35,7 @@ from rlhf_jax.data.examples import (
   RankedExample,
   UnpairedExample,
   detect_format,
+  hh_messages,
   load_examples,
   split_hh_transcript,
 )
@@ -90,6 +91,7 @@ __all__ = [
   "read_parquet",
   "read_rows",
   "split_by_rows",
+  "hh_messages",
   "split_hh_transcript",
   "tokenize_preferences",
   "tokenize_prompts",

@@ -32,8 +32,11 @@ that is wrong raises ``DataError`` naming the location and the field.
 """
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
+
+import jinja2
 
 from rlhf_jax.data.errors import DROP_REASONS, DataError, DropReport, logger
 from rlhf_jax.data.readers import Row, is_path, read_rows
@@ -230,8 +233,14 @@ def _render_response(
   field: str,
   where: str,
 ) -> tuple[str, str]:
-  prompt = template(prompt_msgs, add_generation_prompt=True)
-  full = template(prompt_msgs + reply_msgs, add_generation_prompt=False)
+  try:
+    prompt = template(prompt_msgs, add_generation_prompt=True)
+    full = template(prompt_msgs + reply_msgs, add_generation_prompt=False)
+  except jinja2.TemplateError as e:
+    raise DataError(
+      f"{where}: field '{field}': the chat template refused the "
+      f"conversation: {e}"
+    ) from None
   if not full.startswith(prompt):
     raise DataError(
       f"{where}: field '{field}': the chat template's rendering of the "
@@ -311,7 +320,40 @@ def _parse_explicit(row, where, fmt, template) -> PreferencePair:
   return PreferencePair(prompt, chosen, rejected)
 
 
+def hh_messages(prompt: str) -> list[dict[str, str]]:
+  """The turns of an HH-RLHF prompt as chat messages.
+
+  ``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"``
+  becomes ``[user a, assistant b, user c]``: each "Human:" turn is a "user"
+  message and each "Assistant:" turn an "assistant" message, contents
+  stripped; the final empty "Assistant:" (the turn to answer) is dropped.
+  Text before the first marker joins the first message.
+
+  >>> hh_messages("\\n\\nHuman: Hi\\n\\nAssistant: Hello\\n\\nHuman: 2+2?"
+  ...             "\\n\\nAssistant:")  # doctest: +NORMALIZE_WHITESPACE
+  [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content':
+  'Hello'}, {'role': 'user', 'content': '2+2?'}]
+  """
+  parts = re.split(r"\n\n(Human|Assistant):", prompt)
+  lead = parts[0].strip()
+  messages = []
+  for role, content in zip(parts[1::2], parts[2::2], strict=True):
+    messages.append(
+      {"role": "user" if role == "Human" else "assistant", "content": content}
+    )
+  if messages and messages[-1]["role"] == "assistant":
+    if not messages[-1]["content"].strip():
+      messages.pop()
+  for m in messages:
+    m["content"] = m["content"].strip()
+  if lead and messages:
+    messages[0]["content"] = f"{lead}\n{messages[0]['content']}"
+  return messages
+
+
 def _parse_hh(row, where, fmt, template) -> PreferencePair:
+  """An HH-RLHF row; with a chat template, rendered as messages (the turns
+  of ``hh_messages`` and the reply as an assistant message)."""
   chosen = _text(_field(row, "chosen", where, fmt), "chosen", where)
   rejected = _text(_field(row, "rejected", where, fmt), "rejected", where)
   if chosen == rejected:
@@ -322,7 +364,24 @@ def _parse_hh(row, where, fmt, template) -> PreferencePair:
   )
   if prompt_c != prompt_r:
     raise _Drop("prompt_differs")
-  return PreferencePair(prompt_c, resp_c, resp_r)
+  if template is None:
+    return PreferencePair(prompt_c, resp_c, resp_r)
+  msgs = hh_messages(prompt_c)
+  if not msgs:
+    raise DataError(f"{where}: field 'chosen' has no Human turn")
+  prompt, chat_c = _render_response(
+    template, msgs, [_reply(resp_c)], "chosen", where
+  )
+  _, chat_r = _render_response(
+    template, msgs, [_reply(resp_r)], "rejected", where
+  )
+  if chat_c == chat_r:
+    raise _Drop("chosen_equals_rejected")
+  return PreferencePair(prompt, chat_c, chat_r)
+
+
+def _reply(text: str) -> dict[str, str]:
+  return {"role": "assistant", "content": text.strip()}
 
 
 def _parse_conversational(row, where, fmt, template) -> PreferencePair:

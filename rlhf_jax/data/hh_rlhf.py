@@ -11,7 +11,12 @@ import pathlib
 from collections.abc import Container, Sequence
 
 from rlhf_jax.data.errors import DataError
-from rlhf_jax.data.examples import LoadedExamples, PreferencePair, load_examples
+from rlhf_jax.data.examples import (
+  ChatTemplate,
+  LoadedExamples,
+  PreferencePair,
+  load_examples,
+)
 
 
 def load_hh_rlhf(
@@ -19,6 +24,7 @@ def load_hh_rlhf(
   *,
   strict: bool = False,
   max_rows: int | None = None,
+  chat_template: ChatTemplate | None = None,
 ) -> LoadedExamples:
   """Loads HH-RLHF ``.jsonl(.gz)`` files as ``PreferencePair`` examples.
 
@@ -27,6 +33,9 @@ def load_hh_rlhf(
       (its ``*.jsonl.gz`` and ``*.jsonl`` files, sorted by name).
     strict: raise on a droppable row instead of counting it.
     max_rows: read at most this many rows per file (before dropping).
+    chat_template: render each row's turns as chat messages with it
+      (``hh_messages``), e.g. ``models.load_tokenizer(d).apply_chat_template``;
+      None keeps the raw "Human:/Assistant:" text.
 
   Returns:
     ``LoadedExamples``; each pair keeps its file (``source``) and original
@@ -41,7 +50,13 @@ def load_hh_rlhf(
     if not files:
       raise DataError(f"{d}: no .jsonl or .jsonl.gz files in the directory")
     paths = [str(f) for f in files]
-  return load_examples(paths, format="hh", strict=strict, max_rows=max_rows)
+  return load_examples(
+    paths,
+    format="hh",
+    strict=strict,
+    max_rows=max_rows,
+    chat_template=chat_template,
+  )
 
 
 def split_by_rows(

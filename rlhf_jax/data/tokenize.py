@@ -8,9 +8,11 @@ slots hold ``tokenizer.pad_id``.
 Truncation: a prompt longer than P keeps its LAST tokens (the start is cut,
 the BOS, if any, is kept in front); with ``truncate_prompts=False`` it is a
 ``DataError`` instead. A response keeps its FIRST T tokens of
-``ids + [eos]``: a response cut short loses its EOS, so the response mask
-holds no EOS and the row reads as truncated (docs/conventions.md,
-convention 3). Every cut is counted in the ``TruncationReport``.
+``ids + [eos]`` (a chat-rendered reply that already holds its end-of-turn
+EOS ends there instead, see ``_end_turn``): a response cut short loses its
+EOS, so the response mask holds no EOS and the row reads as truncated
+(docs/conventions.md, convention 3). Every cut is counted in the
+``TruncationReport``.
 
 Ties: preference pairs whose chosen and rejected rows come out identical
 (different texts, same ids, or the same first T ids) are listed in
@@ -335,8 +337,8 @@ def _responses(
     raise ValueError(f"max_response_length={max_response_length} must be >= 1")
   if append_eos and tok.eos_id is None:
     raise ValueError("append_eos=True needs a tokenizer with an eos_id")
-  eos = [tok.eos_id] if append_eos else []
-  full = [ids + eos for ids in _encode_all(tok, texts)]
+  encoded = _encode_all(tok, texts)
+  full = [_end_turn(ids, tok) if append_eos else ids for ids in encoded]
   out, cut = [], np.zeros(len(texts), bool)
   for i, (ids, where) in enumerate(zip(full, wheres, strict=True)):
     if not ids:
@@ -350,6 +352,20 @@ def _responses(
     out.append(ids)
   ids, mask = _pad(out, max_response_length, tok.pad_id, left=False)
   return ids, mask, cut, full
+
+
+def _end_turn(ids: list[int], tok: Tokenizer) -> list[int]:
+  """``ids`` ending at its EOS: a chat-rendered reply already holds the
+  template's end-of-turn token (ChatML "<|im_end|>" is SmolLM2's EOS), so
+  the reply stops there, dropping only whitespace after it (the template's
+  "\\n"); any other text gets EOS appended."""
+  decode = getattr(tok, "decode", None)  # Optional in the protocol.
+  if tok.eos_id in ids and decode is not None:
+    # The LAST one: a reply of several messages holds one per turn.
+    k = len(ids) - ids[::-1].index(tok.eos_id)
+    if not decode(ids[k:]).strip():
+      return ids[:k]
+  return ids + [tok.eos_id]
 
 
 def _finish(

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import models, parallel
 from rlhf_jax.parallel.rules import Rules
+from rlhf_jax.runner.progress import ProgressBar
 from rlhf_jax.runner.runtime import UserError
 
 PyTree = Any
@@ -302,23 +303,38 @@ class Placement:
     return jax.tree.map(lambda x: self.put(x, sharding), tree)
 
   def map_rows(
-    self, fn: Callable[[PyTree], tuple], dataset: Any, max_rows: int
+    self,
+    fn: Callable[[PyTree], tuple],
+    dataset: Any,
+    max_rows: int,
+    *,
+    progress: str | None = None,
   ) -> tuple[np.ndarray, ...]:
-    """``fn(batch) -> (f32[B], ...)`` over every row of ``dataset`` (a
+    """``fn(batch) -> (f32[B, ...], ...)`` over every row of ``dataset`` (a
     ``data.TokenizedDataset``) in batches of one static shape: B is
     ``max_rows`` (at most the dataset's size) rounded up to the batch axes,
     the last batch padded with padding rows, whose outputs are dropped.
+    With ``progress`` (a description), a progress bar over the batches is
+    shown by the primary process.
 
     Returns:
-      One numpy array [len(dataset)] per output of ``fn``, in row order.
+      One numpy array [len(dataset), ...] per output of ``fn``, in row
+      order.
     """
     n, k = len(dataset), self.batch_divisor
     size = -(-min(max_rows, n) // k) * k
     parts = []
-    for start in range(0, n, size):
+    starts = range(0, n, size)
+    show = progress is not None and self.is_primary
+    bar = ProgressBar(len(starts), progress) if show else None
+    for start in starts:
       idx = np.arange(start, start + size)
       out = fn(self.batch(dataset.take(np.where(idx < n, idx, -1))))
       parts.append([np.asarray(x)[: min(size, n - start)] for x in out])
+      if bar is not None:
+        bar.update(1)
+    if bar is not None:
+      bar.close()
     return tuple(np.concatenate(col) for col in zip(*parts, strict=True))
 
   def load_model(

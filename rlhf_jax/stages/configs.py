@@ -22,7 +22,7 @@ from typing import Literal
 
 from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
-from rlhf_jax.train import DPOConfig, PPOConfig, RewardModelConfig
+from rlhf_jax.train import DPOConfig, KTOConfig, PPOConfig, RewardModelConfig
 from rlhf_jax.train.grpo_config import GRPOConfig
 
 # Fields of the library configs the stages fill in themselves (the
@@ -405,3 +405,140 @@ class ExportConfig:
   overwrite: bool = False
   """Replace a non-empty --out directory (the new one is written beside it,
   then renamed into place)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptRateConfig:
+  """The accept-rate task (online KTO): a simulated user accepts a
+  continuation with probability sigmoid(beta * (gold - threshold))
+  (rlhf_jax.tasks.accept), the threshold set so that the initial policy's
+  expected accept rate is --accept.initial-rate; each round samples the
+  policy, has the user label every sample and trains KTO on the labels."""
+
+  user_beta: float = 10.0
+  """Inverse temperature of the simulated user on the VADER gold score."""
+  initial_rate: float = 0.3
+  """Expected accept rate of the initial policy (calibrates the threshold)."""
+  target_rate: float = 0.8
+  """The accept rate the product aims at (the report's target line)."""
+  calibration_samples: int = 4
+  """Samples per training prompt from the initial policy for calibration."""
+  rounds: int = 40
+  """Online rounds (each: sample, label, train); GRPO runs as many
+  iterations on the same number of samples."""
+  prompts_per_round: int = 16
+  """Prompts per round."""
+  samples_per_prompt: int = 4
+  """Continuations per prompt per round (GRPO's group size)."""
+  epochs: int = 2
+  """KTO passes over each round's labelled samples."""
+  eval_every: int = 4
+  """Rounds between held-out evaluations (accept rate, KL; and at the end)."""
+  arms: Literal["both", "kto", "grpo"] = "both"
+  """Which arms run: online KTO, GRPO with the accept probability as its
+  reward, or both (the comparison)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOStageConfig:
+  """KTO (Ethayarajh et al. 2024) on accept/reject feedback: --data FILE
+  of {prompt, completion, label} rows, or without --data the accept-rate
+  task (online KTO from a simulated user's labels, beside GRPO)."""
+
+  data: str | None = None
+  """File of {prompt, completion, label} rows (.jsonl, .jsonl.gz,
+  .parquet); a tenth (at least 2 rows) is held out. Without it: the
+  accept-rate task."""
+  preset: str = "default"
+  """Named preset (listed above the options)."""
+  model: str | None = None
+  """Policy/reference checkpoint (as for `run`)."""
+  run_dir: str | None = None
+  """Output directory. Default: runs/kto-<preset>."""
+  resume: bool = False
+  """Continue the run in run_dir from its checkpoints (--data only)."""
+  overwrite: bool = False
+  """Delete an existing run in run_dir and start again."""
+  seed: int = 0
+  """Seed of every random choice (data order, samples, labels)."""
+  strict: bool = False
+  """Raise on droppable rows instead of dropping and counting them."""
+  data_max_dropped_frac: float = 0.5
+  """Stop before training when more than this fraction of the rows of
+  --data is dropped; 1 never stops."""
+  max_prompt_length: int = 64
+  """--data: P (longer prompts keep their last P tokens, counted)."""
+  max_response_length: int = 64
+  """--data: T (longer completions are cut from the right, counted)."""
+  steps: int = 100
+  """--data: optimizer steps."""
+  batch_size: int = 32
+  """Rows per step (an even number per device: adjacent rows are the KL
+  estimate's mismatched pairs)."""
+  learning_rate: float = 5e-4
+  """Adam learning rate (linear warmup, then constant)."""
+  warmup_steps: int = 2
+  """Linear warmup steps."""
+  max_grad_norm: float = 1.0
+  """Global-norm gradient clipping."""
+  eval_every: int = 25
+  """--data: steps between held-out evaluations (and at the end)."""
+  checkpoint_every: int = 50
+  """Steps between checkpoints (and on SIGINT)."""
+  tensorboard: bool = True
+  """Also write TensorBoard event files."""
+  loss: KTOConfig = KTOConfig()
+  """The loss (rlhf_jax.train.KTOConfig: beta, desirable/undesirable
+  weights, micro-batches)."""
+  accept: AcceptRateConfig = AcceptRateConfig()
+  task: TaskConfig = TaskConfig()
+  sampling: SamplingConfig = SamplingConfig()
+  grpo: GRPOStageConfig = GRPOStageConfig()
+  """The GRPO comparison arm of the accept-rate task (its iterations,
+  batch size and group size come from --accept.*)."""
+  eval: EvalStageConfig = EvalStageConfig()
+  mesh: MeshConfig = MeshConfig()
+  distributed: DistributedConfig = DistributedConfig()
+  lora: LoraConfig = LoraConfig()
+  """LoRA on the policy (Hu et al. 2021): adapters on the frozen base,
+  whose reference is the base itself."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+  """Consistency audit of a preference file (rlhf_jax.audit): intransitive
+  cycles, the fewest judgements to drop for one scalar ordering per prompt
+  (minimum feedback arc set), rationalisability, label noise, annotators;
+  with --reward-model, the model's agreement, calibration and length
+  sensitivity. Writes report.md, results.json and plots/ into --out."""
+
+  data: str | None = None
+  """Preference file (.jsonl, .jsonl.gz, .parquet): explicit
+  {prompt, chosen, rejected}, HH-RLHF, conversational or ranked rows;
+  cycles need prompts whose responses recur across pairs (or ranked rows)."""
+  preset: str = "default"
+  """Named preset."""
+  reward_model: str | None = None
+  """Also audit this reward model (a `rlhf-jax rm` run directory or its
+  export, or a *ForSequenceClassification directory)."""
+  out: str | None = None
+  """Output directory (report.md, results.json, plots/). Default:
+  runs/audit-<preset>."""
+  overwrite: bool = False
+  """Replace an earlier audit in --out (only what rlhf-jax wrote)."""
+  annotator_field: str = "annotator"
+  """Row field holding the annotator id (used when the rows have it)."""
+  strict: bool = False
+  """Raise on droppable rows instead of dropping and counting them."""
+  exact_max_nodes: int = 16
+  """Strongly connected components up to this many responses get an exact
+  minimum feedback arc set (DP over subsets, 2..20); larger ones the
+  Eades-Lin-Smyth heuristic (flagged approximate)."""
+  max_cycles: int = 10000
+  """Cycles enumerated at most (then reported as a lower bound)."""
+  max_prompt_length: int = 256
+  """--reward-model: prompt tokens (longer prompts keep their last ones)."""
+  max_response_length: int = 256
+  """--reward-model: response tokens (longer ones are cut, counted)."""
+  batch_size: int = 32
+  """--reward-model: pairs per scoring call."""

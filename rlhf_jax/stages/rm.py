@@ -6,7 +6,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax import models
+from rlhf_jax import audit, models
 from rlhf_jax.data import BatchIterator, TokenizedDataset
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.mesh import MeshConfig, Placement
@@ -38,17 +38,30 @@ def _scorer(ctx: Context):
   return ctx.cache["pair_scores"]
 
 
-def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
-  """Held-out accuracy vs the annotator labels and vs the gold order."""
-  ds: TokenizedDataset = prefs["eval"]
-  n = len(ds)
-  rc, rr = ctx.placement.map_rows(
+def _heldout_scores(
+  ctx: Context, params: Any, ds: TokenizedDataset
+) -> tuple[np.ndarray, np.ndarray]:
+  """(chosen f32[N], rejected f32[N]) reward-model scores of ``ds``."""
+  return ctx.placement.map_rows(
     lambda batch: _scorer(ctx)(
       params, batch, config=ctx.model_config, pooling=ctx.config.rm.loss.pooling
     ),
     ds,
     ctx.config.rm.batch_size * 2,
   )
+
+
+def rm_heldout(
+  ctx: Context,
+  params: Any,
+  prefs: dict,
+  scores: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, float]:
+  """Held-out accuracy vs the annotator labels and vs the gold order
+  (``scores``: the held-out scores when already computed)."""
+  ds: TokenizedDataset = prefs["eval"]
+  n = len(ds)
+  rc, rr = scores or _heldout_scores(ctx, params, ds)
   acc = float(np.mean(rc > rr))
   out = {
     "rm/eval_accuracy": acc,
@@ -63,6 +76,21 @@ def rm_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
   if noiseless is not None:
     agree = np.where(noiseless, rc > rr, rr > rc)
     out["rm/eval_gold_accuracy"] = float(np.mean(agree))
+  return out
+
+
+def heldout_audit(
+  ds: TokenizedDataset, chosen: np.ndarray, rejected: np.ndarray
+) -> dict[str, Any]:
+  """Calibration and length-bucket accuracy of the held-out scores
+  (``audit.reward_model_audit``; lengths in response tokens)."""
+  out = audit.reward_model_audit(
+    chosen,
+    rejected,
+    ds.arrays["chosen_mask"].sum(1),
+    ds.arrays["rejected_mask"].sum(1),
+  )
+  out["length_unit"] = "tokens"
   return out
 
 
@@ -243,10 +271,12 @@ def stage_rm(ctx: Context) -> dict:
   # not read outputs/rm while process 0 may still be writing it).
   ctx.cache["rm_params"] = state.params
   ctx.cache["rm_pooling"] = cfg.loss.pooling
-  heldout = rm_heldout(ctx, state.params, prefs)
+  scores = _heldout_scores(ctx, state.params, prefs["eval"])
+  heldout = rm_heldout(ctx, state.params, prefs, scores)
   return {
     "final_train": {k: v for k, v in final.items() if "eval" not in k},
     "heldout": heldout,
+    "audit": heldout_audit(prefs["eval"], *scores),
     "train_pairs": len(prefs["train"]),
     "eval_pairs": len(prefs["eval"]),
     "counts": prefs["counts"],

@@ -4,6 +4,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.audit import flat_metrics
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import POLICIES, Context
 from rlhf_jax.stages.report import write_report
@@ -21,6 +22,21 @@ _POLICY_ROWS = {
 }
 
 
+_ANNOTATOR_AUDIT = (
+  "annotator/noise_known",
+  "annotator/noise_estimate",
+  "annotator/noise_estimate_low",
+  "annotator/noise_estimate_high",
+  "annotator/rationalisability",
+  "annotator/cycles",
+)
+_RM_AUDIT = (
+  "rm/calibration_ece",
+  "rm/length_matched_accuracy",
+  "rm/length_longer_minus_shorter",
+)
+
+
 def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
   """Flat summary numbers (also summary.json)."""
   s: dict[str, Any] = {}
@@ -34,6 +50,10 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
     s["annotator/gold_agreement"] = st["annotator/gold_agreement"]
     s["annotator/gold_ties"] = st["annotator/gold_ties"]
     s["annotator/beta"] = ctx.config.feedback.annotator_beta
+    # The audit's label-noise estimate beside the known noise (feedback.py).
+    for k in _ANNOTATOR_AUDIT:
+      if k in st:
+        s[k] = st[k]
   if "rm" in results:
     h = results["rm"]["heldout"]
     # The simulated annotator's labels, or the --data file's.
@@ -46,6 +66,11 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
     if "rm/eval_gold_accuracy" in h:
       s["rm/heldout_accuracy_gold"] = h["rm/eval_gold_accuracy"]
     s["rm/heldout_ties"] = h["rm/eval_ties"]
+    if "audit" in results["rm"]:  # calibration, length buckets
+      flat = flat_metrics(results["rm"]["audit"])
+      for k in _RM_AUDIT:
+        if k in flat:
+          s[k.replace("rm/", "rm/heldout_")] = flat[k]
     s["rm/eval_pairs"] = results["rm"]["eval_pairs"]
   for name in POLICIES:
     m = results.get(name, {}).get("metrics")
@@ -119,6 +144,7 @@ def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
     policies=policies or None,
     kl_target=ctx.config.ppo.algo.target_kl if "ppo" in results else None,
     title=_title(ctx),
+    reward_audit=results.get("rm", {}).get("audit"),
   )
   return {"summary": summary, **timing}
 

@@ -18,7 +18,11 @@ from typing import Any
 
 from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.runtime import PATH_FIELDS
-from rlhf_jax.stages.configs import DERIVED_FIELDS, PipelineConfig
+from rlhf_jax.stages.configs import (
+  DERIVED_FIELDS,
+  KTOStageConfig,
+  PipelineConfig,
+)
 from rlhf_jax.train.common import Rule, above, at_least, config_problems
 
 _POSITIVE_INTS = (
@@ -76,6 +80,14 @@ RULES: dict[str, Rule] = {
 CLASS_RULES: dict[tuple[str, str], Rule] = {
   # Simulated feedback compares responses of one prompt: at least two.
   ("FeedbackConfig", "group_size"): at_least(2),
+  # The accept-rate task (`rlhf-jax kto` without --data).
+  ("AcceptRateConfig", "user_beta"): above(0),
+  ("AcceptRateConfig", "initial_rate"): (lambda v: 0 < v < 1, "in (0, 1)"),
+  ("AcceptRateConfig", "target_rate"): (lambda v: 0 < v <= 1, "in (0, 1]"),
+  ("AcceptRateConfig", "calibration_samples"): at_least(1),
+  ("AcceptRateConfig", "rounds"): at_least(1),
+  ("AcceptRateConfig", "prompts_per_round"): at_least(1),
+  ("AcceptRateConfig", "samples_per_prompt"): at_least(2),
 }
 # Options where +inf is a documented value (a noiseless annotator).
 INFINITE_ALLOWED = ("annotator_beta",)
@@ -181,6 +193,29 @@ def _pipeline_problems(config: PipelineConfig) -> list[str]:
   return out
 
 
+def _kto_problems(config: KTOStageConfig) -> list[str]:
+  """`rlhf-jax kto`: even batches (adjacent rows are the KL estimate's
+  mismatched pairs) split into micro-batches; a round's samples fill a
+  batch."""
+  size, out = config.batch_size, []
+  if size >= 1 and size % 2:
+    out.append(f"--batch-size {size}: expected an even number")
+  out += _divides(
+    "--batch-size",
+    size,
+    config.loss.num_micro_batches,
+    "--loss.num-micro-batches",
+  )
+  acc = config.accept
+  rows = acc.prompts_per_round * acc.samples_per_prompt
+  if config.data is None and rows < size:
+    out.append(
+      f"--accept.prompts-per-round x --accept.samples-per-prompt = {rows}: "
+      f"expected >= --batch-size ({size})"
+    )
+  return out
+
+
 def problems(command: str, config: Any) -> list[str]:
   """Every problem of a parsed command config, one line each.
 
@@ -194,6 +229,8 @@ def problems(command: str, config: Any) -> list[str]:
   out = _field_problems(config, ())
   if isinstance(config, PipelineConfig):
     out += _pipeline_problems(config)
+  if isinstance(config, KTOStageConfig):
+    out += _kto_problems(config)
   if command in ("eval", "export"):
     run_dir = pathlib.Path(config.run_dir)
     if not run_dir.is_dir():

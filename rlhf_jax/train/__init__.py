@@ -1,4 +1,4 @@
-"""Train states and step factories: SFT, reward model, DPO, PPO, GRPO."""
+"""Train states and step factories: SFT, reward model, DPO, KTO, PPO, GRPO."""
 
 from rlhf_jax.train.common import (
   accumulate_gradients,
@@ -15,6 +15,7 @@ from rlhf_jax.train.grpo import (
   make_grpo_step,
   make_grpo_update,
 )
+from rlhf_jax.train.kto import KTOConfig, make_kto_step
 from rlhf_jax.train.ppo import (
   PPOConfig,
   init_ppo_state,
@@ -38,6 +39,7 @@ __all__ = [
   "DPOConfig",
   "GRPOConfig",
   "GRPOSamples",
+  "KTOConfig",
   "PPOConfig",
   "PPOState",
   "RewardModelConfig",
@@ -55,6 +57,7 @@ __all__ = [
   "make_grpo_rollout",
   "make_grpo_step",
   "make_grpo_update",
+  "make_kto_step",
   "make_ppo_step",
   "make_reward_model_step",
   "make_sft_step",

@@ -451,3 +451,90 @@ def test_module_cli_converts_and_reports_errors(tiny, tmp_path, capsys):
   assert "MiB" in capsys.readouterr().out
   assert gguf_conv.main([str(tmp_path / "nope.gguf"), str(tmp_path)]) == 1
   assert "no such GGUF file" in capsys.readouterr().err
+
+
+# ------------------------------------------- chat data and training on SmolLM2
+
+
+def _hh_pairs(tok, shared_data, rows):
+  from rlhf_jax.data import load_hh_rlhf
+
+  return load_hh_rlhf(
+    shared_data / "hh-rlhf" / "helpful-base-test.jsonl.gz",
+    max_rows=rows,
+    chat_template=tok.apply_chat_template,
+  ).examples
+
+
+def test_smollm2_hh_rows_render_as_chat(smollm2, shared_data):
+  from rlhf_jax.data import HFTokenizerAdapter, tokenize_preferences
+
+  _, _, tok = smollm2
+  pairs = _hh_pairs(tok, shared_data, 8)
+  # Row 3 of helpful-base-test has 3 human turns (2 assistant turns before
+  # the reply): each is a ChatML message, the prompt ends with the
+  # generation prompt, the reply with exactly one end-of-turn.
+  for p in pairs:
+    assert p.prompt.endswith("<|im_start|>assistant\n")
+    assert "\n\nHuman:" not in p.prompt and "\n\nAssistant:" not in p.prompt
+    assert p.chosen.endswith("<|im_end|>\n")
+  assert max(p.prompt.count("<|im_start|>user") for p in pairs) >= 2
+  ds = tokenize_preferences(
+    pairs,
+    HFTokenizerAdapter.wrap(tok),
+    max_prompt_length=256,
+    max_response_length=256,
+  )
+  ids, mask = ds.arrays["chosen_ids"], ds.arrays["chosen_mask"]
+  for row, m in zip(ids, mask, strict=True):
+    real = row[m].tolist()
+    # One <|im_end|> (id 2), last: the template's "\n" after it is not
+    # trained on, and no second EOS is appended (a plain-text reply would
+    # get one appended: "...\n" + EOS).
+    assert real.count(tok.eos_token_id) == 1 and real[-1] == 2
+
+
+def test_smollm2_frozen_reward_model_job(smollm2_dir, tmp_path):
+  from rlhf_jax.stages import hh_rm
+
+  config = hh_rm.HHRewardModelConfig.smoke(
+    backbone="smollm2",
+    model_dir=str(smollm2_dir),
+    freeze_backbone=True,
+    heldout_rows=8,
+    max_train_pairs=16,
+    eval_batch_size=8,
+    max_prompt_length=24,
+    max_response_length=16,
+  )
+  res = hh_rm.run_hh_reward_model(config, tmp_path / "run")
+  assert res["model/trained_parameters"] == 577  # width 576 + bias
+  assert res["heldout/n"] == 8 and res["train/steps"] == 2
+  assert np.isfinite(res["train/loss_last_window"])
+
+
+def test_smollm2_one_reward_model_train_step(smollm2, shared_data):
+  """One full (backbone + head) Bradley-Terry step on SmolLM2 lowers the
+  loss of its batch."""
+  import optax
+
+  from rlhf_jax.data import HFTokenizerAdapter, tokenize_preferences
+  from rlhf_jax.train import TrainState, make_reward_model_step
+  from rlhf_jax.types import PreferenceBatch
+
+  config, params, tok = smollm2
+  ds = tokenize_preferences(
+    _hh_pairs(tok, shared_data, 2),
+    HFTokenizerAdapter.wrap(tok),
+    max_prompt_length=24,
+    max_response_length=16,
+  )
+  batch = PreferenceBatch(**{k: jnp.asarray(v) for k, v in ds.arrays.items()})
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  opt = optax.sgd(1e-2)
+  step = jax.jit(make_reward_model_step(config, opt))
+  state = TrainState.create(rm, opt, jax.random.key(1))
+  state, m1 = step(state, batch)
+  _, m2 = step(state, batch)
+  assert np.isfinite(m1["rm/loss"]) and m2["rm/loss"] < m1["rm/loss"]
+  assert step._cache_size() == 1

@@ -1,0 +1,274 @@
+"""`rlhf-jax kto`: KTO on accept/reject feedback (Ethayarajh et al. 2024).
+
+With ``--data FILE``: {prompt, completion, label} rows (``label`` true =
+accepted), a tenth (at least 2 rows) held out, ``train.make_kto_step`` on
+the mesh of ``--mesh.*`` with the runner's checkpoints and ``--resume``;
+the reference is the initial policy (with ``--lora.rank > 0`` the frozen
+base, adapters off). Held-out evaluation reports the loss, the KL estimate
+and the accuracy of the implicit reward's side of the reference point
+(``train.kto.kto_eval_stats``). Bad rows stop the run with one line naming
+the file, the line and the field (exit 2).
+
+Without ``--data``: the accept-rate task (stages/kto_online.py).
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax import models
+from rlhf_jax import stats as st
+from rlhf_jax.data import (
+  BatchIterator,
+  DataError,
+  HFTokenizerAdapter,
+  UnpairedExample,
+  load_examples,
+  tokenize_unpaired,
+  train_eval_split,
+)
+from rlhf_jax.models import lora
+from rlhf_jax.runner import runtime
+from rlhf_jax.runner.loop import TrainLoop
+from rlhf_jax.runner.mesh import Placement, spec_str
+from rlhf_jax.stages import environment
+from rlhf_jax.stages.common import (
+  export_lm,
+  host_tree,
+  load_policy,
+  open_run_dir,
+  optimizer,
+)
+from rlhf_jax.stages.configs import KTOStageConfig
+from rlhf_jax.stages.report import write_report
+from rlhf_jax.stages.user_data import (
+  HELDOUT_FRACTION,
+  check_dropped,
+  check_max_dropped_frac,
+  data_counts,
+  held_data_warnings,
+  template_of,
+)
+from rlhf_jax.train import TrainState, make_kto_step
+from rlhf_jax.train.kto import kto_eval_stats
+
+_SHOW = ("kto/loss", "kto/kl", "rewards/chosen")
+
+
+def read_unpaired(config: KTOStageConfig, tok: Any):
+  """The rows of --data, checked, tokenized and split.
+
+  Returns:
+    (train dataset, held-out dataset, counts): rows read, kept and dropped
+    per reason, accepted and rejected rows, truncations.
+
+  Raises:
+    DataError: a bad file (file, line and field named), rows that are not
+      {prompt, completion, label}, fewer than 4 rows.
+    UserError: more than --data-max-dropped-frac of the rows dropped.
+  """
+  check_max_dropped_frac(config.data_max_dropped_frac)
+  path = config.data
+  with held_data_warnings(replay=True):
+    loaded = load_examples(
+      path, strict=config.strict, chat_template=template_of(tok)
+    )
+    check_dropped(path, loaded.drops, config.data_max_dropped_frac)
+  first = loaded.examples[0]
+  if not isinstance(first, UnpairedExample):
+    raise DataError(
+      f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
+      f"feedback), got {type(first).__name__} rows"
+    )
+  if len(loaded.examples) < 4:
+    raise DataError(f"{path}: need at least 4 rows, got {len(loaded.examples)}")
+  ds = tokenize_unpaired(
+    loaded.examples,
+    HFTokenizerAdapter.wrap(tok),
+    max_prompt_length=config.max_prompt_length,
+    max_response_length=config.max_response_length,
+  )
+  n_held = max(2, round(HELDOUT_FRACTION * len(ds)))
+  train, held = train_eval_split(len(ds), eval_size=n_held, seed=config.seed)
+  labels = ds.arrays["labels"]
+  counts = {
+    "data/examples": len(ds),
+    "data/accepted": int(labels.sum()),
+    "data/rejected": int((~labels).sum()),
+    **data_counts("data", loaded.drops, ds.truncation.truncated),
+  }
+  return ds.subset(train), ds.subset(held), counts
+
+
+def heldout_metrics(placement, params, ref, ds, config, model_config):
+  """kto_eval_stats over the held-out rows (batches of --batch-size, the
+  last padded), merged; keys ``kto/eval_*``."""
+  size = config.batch_size
+  fn = jax.jit(kto_eval_stats, static_argnames=("model_config", "config"))
+  merged = None
+  for start in range(0, len(ds), size):
+    idx = np.arange(start, start + size)
+    batch = ds.take(np.where(idx < len(ds), idx, -1))
+    stats = fn(
+      params,
+      ref,
+      placement.batch(batch),
+      model_config=model_config,
+      config=config.loss,
+    )
+    merged = stats if merged is None else st.merge(merged, stats)
+  values = {k: float(v) for k, v in st.values(merged).items()}
+  keep = ("kto/loss", "kto/kl", "kto/accuracy")
+  out = {k.replace("kto/", "kto/eval_"): values[k] for k in keep}
+  out["kto/eval_reward_gap"] = (
+    values["rewards/chosen"] - values["rewards/rejected"]
+  )
+  return out
+
+
+def _policy(config, model_config, params):
+  """(model_config, params, optimizer); LoRA adapters when asked."""
+  opt = optimizer(
+    config.learning_rate, config.warmup_steps, config.max_grad_norm
+  )
+  if not config.lora.enabled:
+    return model_config, params, opt
+  model_config = lora.configure(model_config, config.lora)
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  params = lora.add_adapters(params, model_config, key)
+  return model_config, params, lora.trainable_optimizer(opt)
+
+
+def _train(config, placement, model_config, params, data, run_dir):
+  """The KTO steps in the runner's loop; returns (state, last record,
+  model config)."""
+  train, held = data
+  ref_params = params
+  model_config, params, opt = _policy(config, model_config, params)
+  state, shardings = placement.init_state(
+    lambda p, k: TrainState.create(p, opt, k),
+    params,
+    jax.random.key(config.seed),
+    param_axes=[models.param_logical_axes(model_config)],
+  )
+  ref = () if config.lora.enabled else (ref_params,)
+  step = placement.jit_step(
+    make_kto_step(model_config, opt, config.loss), shardings, extra=ref
+  )
+  size = min(config.batch_size, len(train) - len(train) % 2)
+  placement.check_batch(size, "--batch-size (after data loading)")
+  it = BatchIterator(train, global_batch_size=size, seed=config.seed)
+
+  def evaluate(step_index, state, record):
+    del step_index
+    ref_eval = None if config.lora.enabled else ref_params
+    record.update(
+      heldout_metrics(
+        placement, state.params, ref_eval, held, config, model_config
+      )
+    )
+
+  with runtime.StopFlag() as stop:
+    loop = TrainLoop(
+      "kto",
+      run_dir,
+      config.steps,
+      stop,
+      checkpoint_every=config.checkpoint_every,
+      tensorboard=config.tensorboard,
+      show=_SHOW,
+      write=placement.is_primary,
+    )
+    state, start = loop.restore(state, it)
+    state, last = loop.run(
+      state,
+      start,
+      lambda s: step(s, placement.batch(next(it).batch), *ref),
+      iterator=it,
+      evaluate=evaluate,
+      eval_every=config.eval_every,
+    )
+    loop.close()
+  return state, last, model_config
+
+
+def _check_sizes(config: KTOStageConfig, placement: Placement) -> None:
+  placement.check_batch(config.batch_size, "--batch-size")
+  if config.batch_size % 2:
+    raise runtime.UserError(
+      f"--batch-size {config.batch_size}: expected an even number (adjacent "
+      "rows are the KL estimate's mismatched pairs)"
+    )
+
+
+def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
+  """KTO on --data; returns the summary (also summary.json).
+
+  Raises:
+    UserError, DataError: bad options or data (one-line messages).
+    Interrupted: SIGINT/SIGTERM after a checkpoint was saved.
+  """
+  environment.setup_jax()
+  environment.start(config.distributed)
+  timer = runtime.Timer()
+  model_dir = environment.resolve_model(config.model)
+  environment.check_lora(config.lora, model_dir)
+  if not pathlib.Path(config.data).exists():
+    raise DataError(f"--data {config.data}: no such file or directory")
+  placement = Placement.create(config.mesh)
+  _check_sizes(config, placement)
+  try:
+    tok = models.load_tokenizer(model_dir)
+  except (OSError, ValueError):
+    load_policy(placement, model_dir)  # a bad model dir: in its own words
+    raise
+  # The whole file read and tokenized before the run directory is opened.
+  train, held, counts = read_unpaired(config, tok)
+  run_dir = open_run_dir("kto", config, model_dir)
+  model_config, params = load_policy(placement, model_dir)
+  path, spec = placement.sharded_leaf(params)
+  log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
+  state, last, model_config = _train(
+    config, placement, model_config, params, (train, held), run_dir
+  )
+  host = host_tree(state.params)
+  summary = {
+    "kto/final_loss": last.get("kto/loss", float("nan")),
+    **{k: v for k, v in last.items() if k.startswith("kto/eval_")},
+    **counts,
+    "time/total_s": timer.elapsed(),
+  }
+  if placement.is_primary:
+    out = run_dir / "outputs" / "kto"
+    export_lm(host, model_config, out, tokenizer_dir=model_dir)
+    runtime.write_json(run_dir / "summary.json", summary)
+    write_report(
+      run_dir,
+      summary=summary,
+      samples={},
+      metrics_path=run_dir / "metrics.jsonl",
+      title="rlhf-jax kto",
+    )
+  return summary
+
+
+def run_kto(config: KTOStageConfig, log=print) -> int:
+  """`rlhf-jax kto`: --data, or the accept-rate task; prints the summary.
+
+  Returns:
+    0 (errors are raised as UserError / DataError).
+  """
+  if config.data is None:
+    from rlhf_jax.stages.kto_online import run_accept_rate
+
+    summary = run_accept_rate(config, log)
+  else:
+    summary = run_kto_data(config, log)
+  for k, v in summary.items():
+    if not k.startswith(("data/", "time/")) or k == "time/total_s":
+      log(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
+  run_dir = runtime.run_dir_for("kto", config)
+  log(f"report: {run_dir / 'report.md'}")
+  return 0

@@ -1,0 +1,275 @@
+"""`rlhf-jax audit`: a good run, HH-like data, bad inputs (exit 2, one line
+naming file, line and field), --out rules, and a run with a reward model
+through the console script (tests/integration/cli_harness.py)."""
+
+import json
+import pathlib
+import sys
+
+import pytest
+
+from rlhf_jax.cli.main import main
+
+sys.path.insert(
+  0, str(pathlib.Path(__file__).resolve().parents[1] / "integration")
+)
+import cli_harness as h  # noqa: E402
+
+
+def _write(path: pathlib.Path, rows: list[dict]) -> str:
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def _cycle_rows():
+  """Prompt "p": a > b > c > a (one cycle, drop 1) by annotator x and y,
+  and d below all; prompt "q": a clean order of 3."""
+  rows = [
+    ("p", "a", "b", "x"),
+    ("p", "b", "c", "x"),
+    ("p", "c", "a", "y"),
+    ("p", "a", "d", "y"),
+    ("p", "b", "d", "x"),
+    ("p", "c", "d", "y"),
+    ("q", "u", "v", "x"),
+    ("q", "v", "w", "x"),
+    ("q", "u", "w", "y"),
+  ]
+  return [
+    {"prompt": p, "chosen": c, "rejected": r, "annotator": a}
+    for p, c, r, a in rows
+  ]
+
+
+def _run(capsys, args):
+  code = main(args)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_good_run(tmp_path, capsys):
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  out = tmp_path / "audit"
+  code, stdout, err = _run(capsys, ["audit", "--data", data, "--out", str(out)])
+  assert code == 0, err
+  assert "rationalisability = 0.8889" in stdout
+  res = json.loads((out / "results.json").read_text())
+  c = res["consistency"]
+  assert (c["cycles"], c["min_fas"], c["min_fas_exact"]) == (1, 1, True)
+  assert c["prompts_checkable"] == 2 and c["checkable"]
+  assert res["cycle_examples"][0]["cycle"] == ["a", "b", "c"]
+  assert set(res["annotators"]["per_annotator"]) == {"x", "y"}
+  # Complete rounds: p (4 responses, all 6 pairs) and q (3, all 3).
+  assert res["noise"]["rounds"] == 2
+  report = (out / "report.md").read_text()
+  assert "## Consistency (revealed preference)" in report
+  assert "| intransitive cycles (simple, length >= 3) | 1 |" in report
+  assert "## Annotators" in report
+  assert (out / "plots" / "cycles.png").is_file()
+  assert (out / ".rlhf_jax_run").is_file()
+  # A second run refuses to replace it; --overwrite replaces it.
+  code, _, err = _run(capsys, ["audit", "--data", data, "--out", str(out)])
+  assert code == 2
+  assert "already holds an audit; pass --overwrite" in err
+  code, _, err = _run(
+    capsys, ["audit", "--data", data, "--out", str(out), "--overwrite"]
+  )
+  assert code == 0, err
+
+
+def test_hh_like_data_says_cycles_cannot_be_checked(tmp_path, capsys):
+  rows = [
+    {"chosen": f"\n\nHuman: q{i}\n\nAssistant: good {i}",
+     "rejected": f"\n\nHuman: q{i}\n\nAssistant: bad {i}"}
+    for i in range(20)
+  ]  # fmt: skip
+  data = _write(tmp_path / "hh.jsonl", rows)
+  out = tmp_path / "audit"
+  code, stdout, err = _run(capsys, ["audit", "--data", data, "--out", str(out)])
+  assert code == 0, err
+  msg = "no prompt has 3 or more responses; cycles cannot be checked"
+  assert msg in stdout
+  res = json.loads((out / "results.json").read_text())
+  assert res["data"]["format"] == "hh"
+  c = res["consistency"]
+  assert c["checkable"] is False and c["message"] == msg
+  assert c["rationalisability"] is None and c["min_fas"] is None
+  assert f"**{msg}.**" in (out / "report.md").read_text()
+  assert not (out / "plots" / "cycles.png").exists()
+
+
+def test_ranked_rows(tmp_path, capsys):
+  rows = [
+    {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
+    {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [0, 1, 2]},
+  ]
+  data = _write(tmp_path / "ranked.jsonl", rows)
+  out = tmp_path / "audit"
+  code, _, err = _run(capsys, ["audit", "--data", data, "--out", str(out)])
+  assert code == 0, err
+  c = json.loads((out / "results.json").read_text())["consistency"]
+  # c > a > b and a > b > c: pairs (a, c) and (b, c) judged both ways,
+  # each costing one judgement.
+  assert c["contradictory_pairs"] == 2 and c["min_fas"] == 2
+  assert c["judgements"] == 6
+
+
+def _check(code, err, expected):
+  assert code == 2
+  assert err == f"rlhf-jax: error: {expected}\n"
+  assert "Traceback" not in err
+
+
+def test_bad_row_names_file_line_and_field(tmp_path, capsys):
+  rows = _cycle_rows()
+  del rows[1]["rejected"]
+  data = _write(tmp_path / "pairs.jsonl", rows)
+  out = tmp_path / "audit"
+  code, _, err = _run(capsys, ["audit", "--data", data, "--out", str(out)])
+  _check(
+    code,
+    err,
+    f"{data}:2: missing field 'rejected' (format 'explicit' needs prompt, "
+    "chosen, rejected)",
+  )
+  assert not out.exists()  # nothing written
+
+
+def test_bad_annotator_column(tmp_path, capsys):
+  rows = _cycle_rows()
+  rows[2]["annotator"] = [1, 2]
+  data = _write(tmp_path / "pairs.jsonl", rows)
+  code, _, err = _run(
+    capsys, ["audit", "--data", data, "--out", str(tmp_path / "o")]
+  )
+  _check(
+    code,
+    err,
+    f"{data}:3: field 'annotator' must be a string or an integer annotator "
+    "id, got list",
+  )
+  rows = _cycle_rows()
+  del rows[4]["annotator"]
+  data = _write(tmp_path / "pairs2.jsonl", rows)
+  code, _, err = _run(
+    capsys, ["audit", "--data", data, "--out", str(tmp_path / "o")]
+  )
+  _check(
+    code,
+    err,
+    f"{data}:5: missing field 'annotator' (other rows have it; give every "
+    "row an annotator id, or none)",
+  )
+
+
+def test_unpaired_rows_are_refused(tmp_path, capsys):
+  data = _write(
+    tmp_path / "u.jsonl", [{"prompt": "p", "completion": "c", "label": True}]
+  )
+  code, _, err = _run(
+    capsys, ["audit", "--data", data, "--out", str(tmp_path / "o")]
+  )
+  _check(
+    code,
+    err,
+    f"{data}: expected preference pairs (prompt/chosen/rejected, HH-RLHF "
+    "transcripts or conversational) or ranked rows, got UnpairedExample rows",
+  )
+
+
+def test_missing_and_absent_data(tmp_path, capsys):
+  code, _, err = _run(capsys, ["audit", "--out", str(tmp_path / "o")])
+  _check(code, err, "rlhf-jax audit needs --data FILE")
+  missing = tmp_path / "nope.jsonl"
+  code, _, err = _run(capsys, ["audit", "--data", str(missing)])
+  _check(code, err, f"--data {missing}: no such file or directory")
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  code, _, err = _run(capsys, ["audit", "--data", data, "--max-cycles", "0"])
+  _check(code, err, "--max-cycles 0: expected >= 1")
+  code, _, err = _run(capsys, ["audit", "--data", data, "--batch-size", "0"])
+  _check(code, err, "--batch-size 0: expected >= 1")
+
+
+def test_out_folder_of_the_user_is_never_written(tmp_path, capsys):
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "notes.txt").write_text("keep me")
+  for extra in ([], ["--overwrite"]):
+    code, _, err = _run(
+      capsys, ["audit", "--data", data, "--out", str(out), *extra]
+    )
+    assert code == 2
+    assert "was not created by rlhf-jax" in err
+  assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+  # A training run's directory is not an audit's, even with --overwrite.
+  run = tmp_path / "run"
+  (run / "plots").mkdir(parents=True)
+  (run / ".rlhf_jax_run").write_text("created by rlhf-jax run\n")
+  (run / "config.json").write_text('{"command": "run"}')
+  code, _, err = _run(
+    capsys, ["audit", "--data", data, "--out", str(run), "--overwrite"]
+  )
+  _check(
+    code,
+    err,
+    f"--out {run}: holds a `rlhf-jax run` run, not an audit; nothing was "
+    "changed. Choose another --out",
+  )
+  assert (run / "plots").is_dir()
+
+
+def test_help(capsys):
+  with pytest.raises(SystemExit) as e:
+    main(["audit", "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert "usage: rlhf-jax audit" in out and "--reward-model" in out
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tinystories_dir):
+  """TinyStories-656K with a fresh reward head, as a transformers
+  *ForSequenceClassification directory."""
+  import jax
+
+  from rlhf_jax import models
+  from rlhf_jax.data import HFTokenizerAdapter
+  from rlhf_jax.models import seq_cls
+
+  config, params = models.load_hf_checkpoint(tinystories_dir)
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  pad = HFTokenizerAdapter.wrap(models.load_tokenizer(tinystories_dir)).pad_id
+  out = tmp_path_factory.mktemp("rm") / "seq_cls"
+  seq_cls.export_sequence_classification(
+    rm, config, out, pad_token_id=pad, tokenizer_dir=tinystories_dir
+  )
+  return out
+
+
+@pytest.mark.slow
+def test_console_script_with_a_reward_model(tmp_path, reward_model_dir):
+  rows = _cycle_rows()
+  rows += [
+    {"prompt": f"Once upon a time {i}", "chosen": "a happy dog " * (i % 4 + 1),
+     "rejected": "a sad cat", "annotator": "z"}
+    for i in range(12)
+  ]  # fmt: skip
+  data = _write(tmp_path / "pairs.jsonl", rows)
+  out = tmp_path / "audit"
+  log = h.cli(
+    "audit", "--data", data, "--reward-model", str(reward_model_dir),
+    "--out", str(out), limit_s=300,
+  )  # fmt: skip
+  assert "rm/calibration_ece = " in log
+  res = json.loads((out / "results.json").read_text())
+  rm = res["reward_model"]
+  assert rm["pairs"] == len(rows)
+  assert sum(b["pairs"] for b in rm["calibration"]["bins"]) == len(rows)
+  assert sum(b["pairs"] for b in rm["length"]["buckets"]) == len(rows)
+  assert rm["graph"]["min_fas"] == 1
+  assert rm["graph"]["contradicted"] >= 1
+  assert set(res["plots"]) == {"cycles", "calibration", "length"}
+  report = (out / "report.md").read_text()
+  assert "## Reward model" in report
+  assert "![Calibration](plots/rm_calibration.png)" in report

@@ -1,0 +1,150 @@
+"""`rlhf-jax kto`: --data FILE of {prompt, completion, label} rows (train,
+held-out evaluation, export, resume after SIGKILL), the accept-rate task at
+smoke size, and bad rows as one line with exit status 2."""
+
+import json
+import math
+
+import cli_harness as h
+import pytest
+
+from rlhf_jax.cli.main import main
+
+HAPPY = [
+  "The dog was happy and played.",
+  "They laughed all day.",
+  "She smiled.",
+]
+SAD = [
+  "The dog was sad and cried.",
+  "He fell and hurt his knee.",
+  "It was awful.",
+]
+PROMPTS = ["Once upon a time", "Lily went to the park", "Tom had a ball"]
+N_ROWS = 24
+
+
+def _row(i: int) -> dict:
+  good = i % 3 != 0
+  texts = HAPPY if good else SAD
+  return {
+    "prompt": PROMPTS[i % len(PROMPTS)],
+    "completion": texts[(i // 3) % len(texts)],
+    "label": good,
+  }
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  path = tmp_path_factory.mktemp("kto") / "feedback.jsonl"
+  path.write_text("".join(json.dumps(_row(i)) + "\n" for i in range(N_ROWS)))
+  return path
+
+
+def _args(data, run_dir):
+  return ("kto", "--preset", "smoke", "--data", str(data), "--run-dir",
+          str(run_dir))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kto_run(data, tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("kto") / "run"
+  h.cli(*_args(data, run_dir))
+  return run_dir
+
+
+def test_kto_on_unpaired_rows(kto_run):
+  s = h.summary(kto_run)
+  assert s["data/rows_read"] == N_ROWS
+  assert s["data/accepted"] + s["data/rejected"] == N_ROWS
+  assert s["data/rejected"] == N_ROWS // 3
+  for k in ("kto/final_loss", "kto/eval_loss", "kto/eval_kl"):
+    assert math.isfinite(s[k]), k
+  assert 0.0 <= s["kto/eval_accuracy"] <= 1.0
+  records = h.records(kto_run)
+  assert [r["step"] for r in records] == [1, 2, 3]
+  for key in ("kto/loss", "kto/kl", "kto/z_ref", "rewards/chosen"):
+    assert all(key in r for r in records), key
+  out = kto_run / "outputs" / "kto"
+  assert (out / "config.json").is_file()
+  assert (kto_run / "report.md").is_file()
+
+
+def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):
+  run_dir = tmp_path / "killed"
+  args = _args(data, run_dir)
+  step = h.kill_after_first_checkpoint(*args, run_dir=run_dir, stage="kto")
+  assert step == 2
+  log = h.cli(*args, "--resume")
+  assert "kto: 2/3 (" in log and "kto: 0/3" not in log
+  assert h.summary(run_dir) == h.summary(kto_run)
+  assert h.records(run_dir) == h.records(kto_run)
+
+
+def test_accept_rate_task_smoke(tmp_path):
+  run_dir = tmp_path / "accept"
+  h.cli("kto", "--preset", "smoke", "--run-dir", str(run_dir))
+  s = h.summary(run_dir)
+  assert 0.0 < s["kto/initial_accept_rate"] < 1.0
+  assert s["kto/initial_accept_rate"] == s["grpo/initial_accept_rate"]
+  for arm in ("kto", "grpo"):
+    assert math.isfinite(s[f"{arm}/final_kl"])
+  curves = json.loads((run_dir / "curves.json").read_text())
+  assert [c["round"] for c in curves["kto"]] == [0, 1, 2]
+  assert [c["round"] for c in curves["grpo"]] == [0, 1, 2]
+  assert (run_dir / "plots" / "accept_rate.png").is_file()
+  kto = [r for r in h.records(run_dir) if r["stage"] == "kto"]
+  assert [r["step"] for r in kto] == [1, 2]
+
+
+def _error(capsys, args) -> str:
+  # In-process: this process has 8 fake devices, so batches of 8.
+  code = main(
+    [*args, "--batch-size", "8"] if "--batch-size" not in args else args
+  )
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err, err
+  assert err.count("\n") == 1, err
+  return err.removeprefix("rlhf-jax: error: ").strip()
+
+
+@pytest.mark.parametrize(
+  "line, expected",
+  [
+    (
+      {"prompt": "a", "completion": "b", "label": "yes"},
+      ":2: field 'label' must be a boolean (true = accepted), got string",
+    ),
+    (
+      {"prompt": "a", "completion": "b"},
+      ":2: missing field 'label' (format 'unpaired' needs prompt, "
+      "completion, label)",
+    ),
+  ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, capsys, line, expected):
+  path = tmp_path / "bad.jsonl"
+  first = {"prompt": "a", "completion": "b", "label": True}
+  path.write_text(json.dumps(first) + "\n" + json.dumps(line) + "\n")
+  err = _error(capsys, [*_args(path, tmp_path / "r")])
+  assert err == f"{path}{expected}"
+  assert not (tmp_path / "r").exists()
+
+
+def test_preference_rows_are_not_kto_rows(tmp_path, capsys):
+  path = tmp_path / "pairs.jsonl"
+  path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}))
+  err = _error(capsys, [*_args(path, tmp_path / "r")])
+  assert err == (
+    f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
+    "feedback), got PreferencePair rows"
+  )
+
+
+def test_bad_options(tmp_path, capsys):
+  err = _error(capsys, ["kto", "--preset", "smoke", "--batch-size", "3"])
+  assert err == "--batch-size 3: expected an even number"
+  err = _error(capsys, ["kto", "--data", str(tmp_path / "none.jsonl")])
+  assert err == f"--data {tmp_path / 'none.jsonl'}: no such file or directory"
+  err = _error(capsys, ["kto", "--accept.initial-rate", "1.5"])
+  assert err == "--accept.initial-rate 1.5: expected in (0, 1)"
