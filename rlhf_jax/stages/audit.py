@@ -168,7 +168,11 @@ def read_judgements(
     pairs, sources = [], []
     for r, w, l_ in zip(rows, win, lose, strict=True):
       e = loaded.examples[r]
-      pairs.append(PreferencePair(e.prompt, e.responses[w], e.responses[l_]))
+      pairs.append(
+        PreferencePair(
+          e.prompt, e.responses[w], e.responses[l_], e.source, e.row, e.where
+        )
+      )
       sources.append(e)
   else:
     raise DataError(
@@ -261,12 +265,14 @@ def score_pairs(
   # Only the columns some row uses (prompts are left-padded, responses
   # right-padded): the forward runs at the data's lengths, not the caps.
   p_cols = np.flatnonzero(ds.arrays["prompt_mask"].any(0))
+  # All prompts empty (no BOS): keep one (padding) column.
+  p_start = p_cols[0] if p_cols.size else ds.arrays["prompt_mask"].shape[1] - 1
   t_len = 1 + max(
     int(np.flatnonzero(ds.arrays[f"{f}_mask"].any(0)).max(initial=0))
     for f in ("chosen", "rejected")
   )
   a = {
-    k: v[:, p_cols[0] :] if k.startswith("prompt") else v[:, :t_len]
+    k: v[:, p_start:] if k.startswith("prompt") else v[:, :t_len]
     for k, v in ds.arrays.items()
   }
   n, b = len(pairs), config.batch_size
