@@ -205,8 +205,20 @@ def _suppressed(cls: type, default: Any, paths: set[tuple[str, ...]]):
 def _hidden_paths(command: str, default: Any) -> set[tuple[str, ...]]:
   """Option groups the command never reads, and library-config fields the
   stages fill in themselves (stages.configs.DERIVED_FIELDS)."""
-  from rlhf_jax.stages.configs import DERIVED_FIELDS, PipelineConfig
+  from rlhf_jax.stages.configs import (
+    DERIVED_FIELDS,
+    KTOStageConfig,
+    PipelineConfig,
+  )
 
+  if isinstance(default, KTOStageConfig):
+    # The accept-rate task sets the GRPO arm's sizes from --accept.*.
+    return {
+      ("loss", "axis_name"),
+      *(("grpo", n) for n in ("iterations", "batch_size", "eval_every")),
+      ("grpo", "algo", "group_size"),
+      *(("grpo", "algo", n) for n in DERIVED_FIELDS[("grpo", "algo")]),
+    }
   if not isinstance(default, PipelineConfig):
     return set()
   paths = {(g,) for g in _UNUSED_GROUPS.get(command, ())}

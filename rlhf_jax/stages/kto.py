@@ -159,6 +159,12 @@ def _train(config, placement, model_config, params, data, run_dir):
   )
   size = min(config.batch_size, len(train) - len(train) % 2)
   placement.check_batch(size, "--batch-size (after data loading)")
+  if size % config.loss.num_micro_batches:
+    raise runtime.UserError(
+      f"--batch-size {config.batch_size}: {len(train)} training rows give "
+      f"batches of {size}, not divisible by --loss.num-micro-batches "
+      f"{config.loss.num_micro_batches}"
+    )
   it = BatchIterator(train, global_batch_size=size, seed=config.seed)
 
   def evaluate(step_index, state, record):

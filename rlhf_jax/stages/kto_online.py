@@ -179,15 +179,28 @@ def _kto_step(ctx: Context, config: KTOStageConfig):
   return state, step
 
 
+def _check_round(config: KTOStageConfig, ctx: Context, n_train: int) -> None:
+  """Options of a round that only the task's prompts can check."""
+  acc = config.accept
+  ctx.placement.check_batch(config.batch_size, "--batch-size")
+  if config.batch_size % 2:
+    raise runtime.UserError(
+      f"--batch-size {config.batch_size}: expected an even number (adjacent "
+      "rows are the KL estimate's mismatched pairs)"
+    )
+  if acc.prompts_per_round > n_train:
+    raise runtime.UserError(
+      f"--accept.prompts-per-round {acc.prompts_per_round}: the task has "
+      f"only {n_train} training prompts"
+    )
+
+
 def online_kto(ctx, config, prompts, initial_eval, user) -> list[dict]:
   """The KTO rounds; returns the evaluation records (round 0 = initial)."""
-  acc = config.accept
   state, step = _kto_step(ctx, config)
-  train = prompts["train"]
   rng = np.random.default_rng([config.seed, _KTO_KEY])
   base = jax.random.fold_in(jax.random.key(config.seed), _KTO_KEY)
   curve = [{"round": 0, **initial_eval}]
-  size = config.batch_size
   writer = (
     MetricsWriter(
       ctx.run_dir,
@@ -197,6 +210,17 @@ def online_kto(ctx, config, prompts, initial_eval, user) -> list[dict]:
     if ctx.primary
     else None
   )
+  try:
+    _rounds(ctx, config, state, step, prompts, user, curve, writer, base, rng)
+  finally:
+    if writer is not None:
+      writer.close()
+  return curve
+
+
+def _rounds(ctx, config, state, step, prompts, user, curve, writer, base, rng):
+  """The online rounds: sample, label, KTO epochs, evaluate, log."""
+  acc, size, train = config.accept, config.batch_size, prompts["train"]
   for r in range(1, acc.rounds + 1):
     ctx.stop.check("kto")
     pick = rng.choice(len(train), acc.prompts_per_round, replace=False)
@@ -217,10 +241,7 @@ def online_kto(ctx, config, prompts, initial_eval, user) -> list[dict]:
       curve.append({"round": r, **ev})
     if writer is not None:
       writer.log(r, record, stage="kto")
-  if writer is not None:
-    writer.close()
   ctx.export_policy("kto", state.params)
-  return curve
 
 
 def grpo_curve(ctx: Context) -> list[dict]:
@@ -287,6 +308,7 @@ def run_accept_rate(config: KTOStageConfig, log=print) -> dict[str, Any]:
   ctx = open_run("grpo", pipeline_config(config), log)
   with ctx.stop, runtime.writing(ctx.run_dir):
     prompts = stage_prompts(ctx)
+    _check_round(config, ctx, len(prompts["train"]))
     initial = stage_initial(ctx, prompts)
     calib = calibrate(ctx, prompts, acc)
     user = SimulatedUser(

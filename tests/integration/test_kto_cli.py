@@ -148,3 +148,32 @@ def test_bad_options(tmp_path, capsys):
   assert err == f"--data {tmp_path / 'none.jsonl'}: no such file or directory"
   err = _error(capsys, ["kto", "--accept.initial-rate", "1.5"])
   assert err == "--accept.initial-rate 1.5: expected in (0, 1)"
+
+
+def test_sizes_known_only_after_loading_are_one_line_errors(tmp_path, capsys):
+  """More prompts per round than the task has, and data batches that do
+  not split into micro-batches, are exit-2 lines, not internal errors."""
+  err = _error(
+    capsys,
+    [
+      "kto", "--preset", "smoke", "--accept.prompts-per-round", "504",
+      "--run-dir", str(tmp_path / "a"),
+    ],
+  )  # fmt: skip
+  assert err.startswith("--accept.prompts-per-round 504: the task has only")
+  path = tmp_path / "rows.jsonl"
+  rows = [
+    {"prompt": f"p{i}", "completion": f"c{i}", "label": i % 2 == 0}
+    for i in range(4)
+  ]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  err = _error(
+    capsys,
+    [
+      *_args(path, tmp_path / "b"), "--batch-size", "8",
+      "--loss.num-micro-batches", "4",
+    ],
+  )  # fmt: skip
+  # 9 rows: 8 train after the held-out row, batches of 8 / 4 micro-batches
+  # would fit; 3 rows of training data give batches of 2, which do not.
+  assert err.startswith("--batch-size"), err
