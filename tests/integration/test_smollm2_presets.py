@@ -1,7 +1,7 @@
 """Issue 15: the SmolLM2 presets (`--preset smollm2` of sft, dpo and grpo)
 run on a 2-device mesh with LoRA on chat-rendered data, shrunk to one or two
-steps (the presets' own sizes take minutes; README, "SmolLM2"). Minutes
-each on 2 cores, so out of the default command: `pytest -m presets`."""
+steps (the presets' own sizes take minutes; README, "SmolLM2"). About a
+minute each on 2 idle cores; `pytest -m presets` runs them alone."""
 
 import gzip
 import json
