@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the side environment (.side/venv311: Python 3.11, torch CPU,
-# transformers) that writes the golden model fixtures and runs the peer
+# transformers, trl) that writes the golden model fixtures and runs the peer
 # benchmarks. The test environment (.venv, Python 3.12) never needs torch.
 # Idempotent: a second run only checks that everything is installed.
 #
@@ -28,4 +28,8 @@ PY=$(find_python311)
 "$SIDE/bin/python" -m pip install -q --upgrade pip
 "$SIDE/bin/python" -m pip install -q "torch==2.13.0" "transformers>=5,<6" \
   "safetensors>=0.6" "numpy>=2.0" "gguf>=0.17" accelerate
+# TRL (peer of the DPO / reward / PPO benchmarks) is optional: a version
+# that does not install here leaves the rest of the environment usable.
+"$SIDE/bin/python" -m pip install -q "trl==1.16.0" \
+  || echo "warning: trl did not install; its benchmark rows are skipped" >&2
 echo "side environment ready: $SIDE ($("$SIDE/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

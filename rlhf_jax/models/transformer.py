@@ -74,6 +74,9 @@ from rlhf_jax.models.config import ModelConfig
 Array = jax.Array
 Params = dict[str, Any]
 _NEG = float(np.finfo(np.float32).min)
+# Layer stacks this deep or shallower are fully unrolled inside the layer
+# scan (`Transformer`); deeper ones loop (compile time grows with depth).
+SCAN_UNROLL_MAX_LAYERS = 8
 
 
 # LoRA adapter params sit beside their weight: "<name>_lora_a" holds A
@@ -532,12 +535,23 @@ class Transformer(nn.Module):
           )
       new_kv = (tuple(new_k), tuple(new_v)) if per_layer else kv
       return Norm(cfg, name="final_norm")(h), new_kv
+    # Shallow stacks are unrolled inside the scan (same params layout, same
+    # arithmetic per layer): XLA:CPU then keeps each layer's saved
+    # activations as its own buffer instead of zero-filling stacked [N, ...]
+    # residual buffers and copying per-layer slices in and out of them.
+    # Not with projection biases: unrolled, XLA:CPU fuses a bias into its
+    # matmul's epilogue, which rounds differently from the separate add, so
+    # a zero LoRA delta would no longer leave the logits bitwise unchanged.
+    biased = cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias
+    shallow = cfg.num_layers <= SCAN_UNROLL_MAX_LAYERS
+    unroll = cfg.num_layers if shallow and not biased else 1
     scanned = nn.scan(
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=cfg.num_layers,
+      unroll=unroll,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
     layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -697,7 +711,9 @@ def unstack_layers(params: Params, config: ModelConfig) -> Params:
   return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "return_hidden"))
+@functools.partial(
+  jax.jit, static_argnames=("config", "return_hidden", "logits_range")
+)
 def forward(
   params: Params,
   input_ids: Array,
@@ -706,6 +722,7 @@ def forward(
   config: ModelConfig,
   position_ids: Array | None = None,
   return_hidden: bool = False,
+  logits_range: tuple[int, int] | None = None,
 ) -> Array | tuple[Array, Array]:
   """Full-sequence causal LM forward.
 
@@ -716,18 +733,26 @@ def forward(
     config: static `ModelConfig`.
     position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
     return_hidden: also return the final-norm hidden states.
+    logits_range: static (start, stop): the LM head runs on positions
+      [start, stop) only (a trainer that scores the response needs rows
+      P - 1 .. L - 2: the V x D head and the softmax over V skip the rest
+      of the prompt). None: every position.
 
   Returns:
-    logits f32[B, L, V] (position l predicts token l + 1), and hidden
-    f32[B, L, D] when `return_hidden`. Pad-query positions are finite but
-    meaningless. With LoRA adapters in `params`, the base leaves are
-    frozen (stop_gradient; `rlhf_jax.models.lora`).
+    logits f32[B, L, V] (position l predicts token l + 1; f32[B, stop -
+    start, V] with `logits_range`), and hidden f32[B, L, D] when
+    `return_hidden`. Pad-query positions are finite but meaningless. With
+    LoRA adapters in `params`, the base leaves are frozen (stop_gradient;
+    `rlhf_jax.models.lora`).
   """
   params = _freeze_base(params, config)
   hidden = _full_sequence(
     params, input_ids, attention_mask, position_ids, config
   )
-  logits = _logits(params, hidden, config)
+  head_in = hidden
+  if logits_range is not None:
+    head_in = hidden[:, logits_range[0] : logits_range[1]]
+  logits = _logits(params, head_in, config)
   if return_hidden:
     return logits, hidden.astype(config.acc_dtype)
   return logits

@@ -22,7 +22,10 @@ from rlhf_jax.kl import (
   kl_estimate,
   kl_shaped_rewards,
 )
-from rlhf_jax.logprobs import entropy_from_logits, response_logprobs
+from rlhf_jax.logprobs import (
+  entropy_from_logits,
+  logprobs_from_logits,
+)
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten, promote_f32
 from rlhf_jax.rollout import generate
 from rlhf_jax.train.common import concat_prompt_response, global_sum
@@ -135,24 +138,23 @@ def reference_and_values(
   prompt_len = rollout.prompt_ids.shape[1]
   temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
 
-  def logprobs(logits):
-    return response_logprobs(
-      logits,
-      ids,
-      prompt_length=prompt_len,
-      temperature=temperature,
-      response_mask=mask,
+  def response_logits(params):
+    # The LM head runs on rows P-1 .. L-2 only (response_slice's rows).
+    return models.forward(
+      params, ids, attn, config=model_config, logits_range=head_rows
     )
 
-  logits = models.forward(policy_params, ids, attn, config=model_config)
+  def logprobs(logits):
+    return logprobs_from_logits(
+      logits, ids[:, prompt_len:], temperature=temperature, mask=mask
+    )
+
+  head_rows = (prompt_len - 1, ids.shape[1] - 1)
+  logits = response_logits(policy_params)
   old_logprobs = logprobs(logits)
-  entropy = entropy_from_logits(
-    response_slice(logits, prompt_len), temperature=temperature
-  )
+  entropy = entropy_from_logits(logits, temperature=temperature)
   del logits
-  ref_logprobs = logprobs(
-    models.forward(ref_params, ids, attn, config=model_config)
-  )
+  ref_logprobs = logprobs(response_logits(ref_params))
   values = models.values_forward(value_params, ids, attn, config=model_config)
   old_values = jnp.where(mask, response_slice(values, prompt_len), 0.0)
   return old_logprobs, ref_logprobs, old_values, entropy

@@ -23,7 +23,7 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_loss
-from rlhf_jax.logprobs import entropy_from_logits, response_logprobs
+from rlhf_jax.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_jax.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
@@ -85,13 +85,17 @@ def minibatch_loss(
   )
   prompt_len = mb.prompt_ids.shape[1]
   temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
-  logits = models.forward(policy, ids, attn, config=model_config)
-  logp = response_logprobs(
-    logits,
+  # Logits of rows P-1 .. L-2 only (response_slice's rows): the LM head and
+  # the softmax over V skip the prompt.
+  logits = models.forward(
+    policy,
     ids,
-    prompt_length=prompt_len,
-    temperature=temperature,
-    response_mask=mask,
+    attn,
+    config=model_config,
+    logits_range=(prompt_len - 1, ids.shape[1] - 1),
+  )
+  logp = logprobs_from_logits(
+    logits, ids[:, prompt_len:], temperature=temperature, mask=mask
   )
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
   agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
@@ -106,9 +110,7 @@ def minibatch_loss(
     dual_clip=config.dual_clip,
     **agg,
   )
-  ent = entropy_from_logits(
-    response_slice(logits, prompt_len), temperature=temperature
-  )
+  ent = entropy_from_logits(logits, temperature=temperature)
   bonus, ent_stats = entropy_bonus(ent, mask, **agg)
   kl_term, kl_stats = kl_loss(
     logp, mb.ref_logprobs, mask, kl_estimator=config.kl_estimator, **agg

@@ -17,7 +17,11 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
-from rlhf_jax.logprobs import response_logprobs, sequence_logprobs
+from rlhf_jax.logprobs import (
+  logprobs_from_logits,
+  response_logprobs,
+  sequence_logprobs,
+)
 from rlhf_jax.masked import LOSS_AGG_MODES
 from rlhf_jax.models import lora
 from rlhf_jax.preference import (
@@ -402,13 +406,17 @@ def preference_logprobs(
     (chosen f32[B], rejected f32[B]); per-token means when ``average``.
   """
   ids, attn, resp_mask = _stacked_pairs(batch)
-  logits = models.forward(params, ids, attn, config=model_config)
-  logp = response_logprobs(
-    logits,
+  prompt_len, length = batch.prompt_ids.shape[1], ids.shape[1]
+  # The LM head and log-softmax run on the rows that score the response
+  # only (P - 1 .. L - 2), as response_logprobs would slice them.
+  logits = models.forward(
+    params,
     ids,
-    prompt_length=batch.prompt_ids.shape[1],
-    response_mask=resp_mask,
+    attn,
+    config=model_config,
+    logits_range=(prompt_len - 1, length - 1),
   )
+  logp = logprobs_from_logits(logits, ids[:, prompt_len:], mask=resp_mask)
   return _unstack_pairs(sequence_logprobs(logp, resp_mask, average=average))
 
 

@@ -1,0 +1,630 @@
+"""rlhf_jax against Tunix and transformers, side by side (issue 16).
+
+  bash scripts/setup_peers.sh            # once: .side/venv311, .side/venv312
+  .venv/bin/python benchmarks/bench_peers.py [--repeats 7] [--out FILE]
+
+Every peer runs in its own long-lived process (``tunix_worker.py`` in the
+Python 3.12 env with google-tunix, ``hf_generate_worker.py`` in the Python
+3.11 env with torch CPU + transformers) that answers JSON timings on stdout;
+rlhf_jax runs in this process. After warm-up, each round runs ours, then
+each peer, once (the idle processes block on a pipe, so they take no CPU
+while another side runs), ``--repeats`` rounds; the table shows medians,
+min-max ranges and ratio = peer median / our median (> 1: we are faster).
+
+Workloads (Tunix's example shapes; TinyStories-656K from
+../shared/data/models/tinystories-656k unless said):
+
+* sampler: 16 left-padded prompts (story openings for 656K, BOS + random
+  ids for a 20M Llama with random weights written once per run by
+  transformers and loaded by all three), 64 new tokens with EOS disabled,
+  greedy (and T = 1 against Tunix). Ours: ``rollout.generate``; Tunix:
+  ``generate.sampler.Sampler.__call__``; transformers: ``generate``.
+* DPO step: 8 pairs, prompt 32 + response 64, with a reference model, Adam.
+* reward-model step: the same batch, Bradley-Terry, scalar head, Adam.
+* PPO iteration: 8 prompts (length 32), 32 new tokens at T = 1, reference,
+  critic and reward model, one epoch of one minibatch (Tunix's defaults).
+* GRPO iteration: 4 prompts x 2 samples, 32 new tokens, reference (KL in
+  the loss), a sequence-length reward (jittable for us, a Python function
+  on the completion text for Tunix, as each library takes rewards).
+
+Compile: ours is ``jit(...).lower(...).compile()``; a peer's is its first
+calls minus that many median calls (Tunix's train steps compile twice:
+the second call retraces once the optimizer state has been donated).
+Times are printed, never asserted.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.rollout import generate
+from rlhf_jax.train import (
+  DPOConfig,
+  GRPOConfig,
+  PPOConfig,
+  RewardModelConfig,
+  TrainState,
+  init_grpo_state,
+  init_ppo_state,
+  make_dpo_step,
+  make_grpo_step,
+  make_ppo_step,
+  make_reward_model_step,
+)
+from rlhf_jax.types import PreferenceBatch, PromptBatch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SIDE311 = REPO / ".side" / "venv311" / "bin" / "python"
+SIDE312 = REPO / ".side" / "venv312" / "bin" / "python"
+TINYSTORIES = REPO.parent / "shared" / "data" / "models" / "tinystories-656k"
+
+LLAMA_20M = {
+  "vocab_size": 8192,
+  "hidden_size": 384,
+  "intermediate_size": 1024,
+  "num_hidden_layers": 8,
+  "num_attention_heads": 6,
+  "num_key_value_heads": 6,
+  "max_position_embeddings": 512,
+  "rms_norm_eps": 1e-6,
+  "rope_theta": 10000.0,
+  "tie_word_embeddings": False,
+  "bos_token_id": 1,
+  "eos_token_id": 2,
+  "pad_token_id": 0,
+}
+
+STORY_OPENINGS = [
+  "Once upon a time",
+  "Once upon a time, there was a little dog",
+  "One day, a girl named Mia",
+  "Tom had a red ball",
+  "There was a big tree in the park",
+  "Lily and Ben went to the beach",
+  "A little bird sat on a branch",
+  "Sam wanted to play with his friend",
+  "The sun was shining and the sky was blue",
+  "Once upon a time, in a small town, there lived a cat",
+  "Mom said it was time for bed",
+  "Max found a shiny rock",
+  "Anna liked to draw pictures",
+  "It was a rainy day",
+  "The little boat went on the water",
+  "Tim and his dad built a house",
+]
+
+
+class Worker:
+  """A peer subprocess: one JSON line in, one JSON line out."""
+
+  def __init__(self, python: pathlib.Path, script: str, env: dict[str, str]):
+    self.name = script
+    self.proc = subprocess.Popen(
+      [str(python), str(REPO / "benchmarks" / script)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      bufsize=1,
+      env={**os.environ, **env},
+    )
+
+  def call(self, **msg) -> dict:
+    """Sends one command and returns its reply (raises on an error)."""
+    self.proc.stdin.write(json.dumps(msg) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"{self.name} exited (rc={self.proc.poll()})")
+    out = json.loads(line)
+    if not out.pop("ok"):
+      raise RuntimeError(f"{self.name} {msg['cmd']}: {out['error']}")
+    return out
+
+  def close(self) -> None:
+    """Asks the worker to quit and waits for it."""
+    try:
+      self.call(cmd="quit")
+    except Exception:  # noqa: BLE001 - already gone
+      pass
+    try:
+      self.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+
+
+@dataclasses.dataclass
+class Row:
+  """One table row: our times and each peer's, in seconds."""
+
+  work: str
+  ours: list[float]
+  peers: dict[str, list[float]]
+  compile_ours: float
+  compile_peers: dict[str, float]
+  unit: str = "s"  # "tok/s": also report tokens per second
+  tokens: int = 0
+  note: str = ""
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def _alternate(ours, peers: dict, repeats: int) -> tuple[list, dict]:
+  """Rounds of ours then each peer; returns their time lists."""
+  t_ours, t_peers = [], {k: [] for k in peers}
+  for _ in range(repeats):
+    t_ours.append(ours())
+    for name, fn in peers.items():
+      t_peers[name].append(fn())
+  return t_ours, t_peers
+
+
+def _peer_compile(first: list[float], times: list[float]) -> float:
+  """Compile estimate: the first calls minus as many median calls."""
+  return max(sum(first) - len(first) * statistics.median(times), 0.0)
+
+
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """i32[B, P] ids and bool[B, P] mask, real tokens right-aligned."""
+  width = max(map(len, seqs))
+  ids = np.full((len(seqs), width), pad, np.int32)
+  mask = np.zeros((len(seqs), width), bool)
+  for b, s in enumerate(seqs):
+    ids[b, width - len(s) :] = s
+    mask[b, width - len(s) :] = True
+  return ids, mask
+
+
+def _random_rows(rng, batch, length, vocab, left):
+  ids = rng.integers(3, vocab, (batch, length)).astype(np.int32)
+  lens = rng.integers(length // 2, length + 1, batch)
+  pos = np.arange(length)[None]
+  mask = pos >= length - lens[:, None] if left else pos < lens[:, None]
+  return np.where(mask, ids, 0).astype(np.int32), mask
+
+
+def _unpadded(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+  return [r[m].tolist() for r, m in zip(ids, mask, strict=True)]
+
+
+# ----------------------------------------------------------------- sampler
+
+
+def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
+  """Sampler rows: ours vs Tunix (and transformers when greedy); the
+  sampling row runs at T = 1 (temperature must be 0 or 1)."""
+  ids, mask = prompts
+  config, params = models.load_hf_checkpoint(model_dir)
+  eos = config.vocab_size  # never emitted: exactly `new` tokens everywhere
+  new, batch, plen = args.new_tokens, ids.shape[0], ids.shape[1]
+  greedy = temperature == 0.0
+  ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
+  rng = jax.random.key(0)
+  kwargs = dict(
+    config=config,
+    max_new_tokens=new,
+    greedy=greedy,  # sampling: temperature 1, the default
+    eos_token_id=eos,
+    pad_token_id=0,
+    stop_at_all_eos=False,
+  )
+  start = time.perf_counter()
+  compiled = generate.lower(params, ids_j, mask_j, rng, **kwargs).compile()
+  compile_ours = time.perf_counter() - start
+
+  tunix = workers["tunix"]
+  tunix.call(
+    cmd="sampler_load",
+    model_dir=str(model_dir),
+    pad_id=0,
+    eos_id=eos,
+    cache_size=plen + new + 8,
+  )
+  rows = _unpadded(ids, mask)
+  tmsg = dict(
+    cmd="sample",
+    prompts=rows,
+    max_new_tokens=new,
+    prompt_len=plen,
+    eos_id=eos,
+    temperature=temperature,
+  )
+  peers = {"Tunix": lambda: tunix.call(**tmsg)["seconds"]}
+  if greedy and "hf" in workers:
+    hf = workers["hf"]
+    hf.call(cmd="load", model_dir=str(model_dir))
+    hmsg = dict(
+      cmd="generate",
+      prompt_ids=ids.tolist(),
+      attention_mask=mask.astype(np.int64).tolist(),
+      max_new_tokens=new,
+    )
+    peers["transformers"] = lambda: hf.call(**hmsg)["seconds"]
+
+  def ours():
+    return _timed(lambda: compiled(params, ids_j, mask_j, rng))
+
+  ours()
+  first = {k: [fn()] for k, fn in peers.items()}
+  # Greedy check: the first 8 ids of every row, ours against Tunix's.
+  note = ""
+  if greedy:
+    mine = np.asarray(compiled(params, ids_j, mask_j, rng).response_ids)
+    theirs = tunix.call(**tmsg, return_ids=True)["ids"]
+    same = sum(list(mine[b, : len(t)]) == list(t) for b, t in enumerate(theirs))
+    note = f"greedy ids equal to Tunix's in {same}/{batch} rows"
+  t_ours, t_peers = _alternate(ours, peers, args.repeats)
+  mode = "greedy" if greedy else f"T={temperature:g}"
+  return Row(
+    work=f"sampler {name}, B={batch}, {new} new tokens, {mode}",
+    ours=t_ours,
+    peers=t_peers,
+    compile_ours=compile_ours,
+    compile_peers={k: _peer_compile(first[k], t_peers[k]) for k in peers},
+    unit="tok/s",
+    tokens=batch * new,
+    note=note,
+  )
+
+
+# -------------------------------------------------------------- train steps
+
+
+def _preference_batch(vocab: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  p, pm = _random_rows(rng, 8, 32, vocab, left=True)
+  c, cm = _random_rows(rng, 8, 64, vocab, left=False)
+  r, rm = _random_rows(rng, 8, 64, vocab, left=False)
+  return dict(
+    prompt_ids=p,
+    prompt_mask=pm,
+    chosen_ids=c,
+    chosen_mask=cm,
+    rejected_ids=r,
+    rejected_mask=rm,
+  )
+
+
+def _to_msg(batch: dict[str, np.ndarray]) -> dict:
+  return {k: v.astype(np.int32).tolist() for k, v in batch.items()}
+
+
+def _tunix_setup(tunix: Worker, kind: str, **msg) -> tuple:
+  """Builds a Tunix workload; returns (step fn, the first two times)."""
+  first = [tunix.call(cmd=f"{kind}_setup", **msg)["first_step_s"]]
+  first.append(tunix.call(cmd="step", name=kind)["seconds"])
+  return (lambda: tunix.call(cmd="step", name=kind)["seconds"]), first
+
+
+def _ours_train(fn, state, *rest):
+  """Compiles fn(state, *rest) with the state donated; returns (call,
+  compile seconds)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=0).lower(state, *rest).compile()
+  compile_s = time.perf_counter() - start
+  holder = [state]
+
+  def call():
+    def run():
+      holder[0], metrics = compiled(holder[0], *rest)
+      return metrics
+
+    return _timed(run)
+
+  call()
+  call()
+  return call, compile_s
+
+
+def bench_dpo(workers, args, config, params) -> Row:
+  batch = _preference_batch(config.vocab_size)
+  opt = optax.adam(1e-5)
+  state = TrainState.create(
+    jax.tree.map(jnp.copy, params), opt, jax.random.key(0)
+  )
+  ref = jax.tree.map(jnp.copy, params)
+  pb = PreferenceBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
+  step = make_dpo_step(config, opt, DPOConfig(beta=0.1))
+  ours, compile_s = _ours_train(step, state, pb, ref)
+  tunix, first = _tunix_setup(
+    workers["tunix"],
+    "dpo",
+    model_dir=str(TINYSTORIES),
+    lr=1e-5,
+    batch=_to_msg(batch),
+  )
+  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  return Row(
+    work="DPO step, 8 pairs, prompt 32 + response 64, with reference",
+    ours=t_ours,
+    peers=t_peers,
+    compile_ours=compile_s,
+    compile_peers={"Tunix": _peer_compile(first, t_peers["Tunix"])},
+  )
+
+
+def bench_rm(workers, args, config, params) -> Row:
+  batch = _preference_batch(config.vocab_size)
+  opt = optax.adam(1e-5)
+  rm_params = models.from_policy_params(params, config, jax.random.key(1))
+  state = TrainState.create(rm_params, opt, jax.random.key(0))
+  pb = PreferenceBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
+  step = make_reward_model_step(config, opt, RewardModelConfig())
+  ours, compile_s = _ours_train(step, state, pb)
+  tunix, first = _tunix_setup(
+    workers["tunix"],
+    "rm",
+    model_dir=str(TINYSTORIES),
+    lr=1e-5,
+    batch=_to_msg(batch),
+  )
+  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  return Row(
+    work="reward-model step, 8 pairs, prompt 32 + response 64",
+    ours=t_ours,
+    peers=t_peers,
+    compile_ours=compile_s,
+    compile_peers={"Tunix": _peer_compile(first, t_peers["Tunix"])},
+  )
+
+
+def _prompts(vocab: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(1)
+  return _random_rows(rng, n, 32, vocab, left=True)
+
+
+def bench_ppo(workers, args, config, params) -> Row:
+  p, pm = _prompts(config.vocab_size, 8)
+  cfg = PPOConfig(
+    eos_token_id=config.vocab_size,  # never sampled: T = 32 on both sides
+    pad_token_id=0,
+    max_new_tokens=32,
+    ppo_epochs=1,
+    num_minibatches=1,
+    shuffle_minibatches=False,
+  )
+  opt = optax.adam(1e-6)
+  value = models.from_policy_params(params, config, jax.random.key(1))
+  frozen = {
+    "ref": jax.tree.map(jnp.copy, params),
+    "reward": models.from_policy_params(params, config, jax.random.key(2)),
+  }
+  state = init_ppo_state(
+    jax.tree.map(jnp.copy, params), value, opt, opt, jax.random.key(3), cfg
+  )
+  step = make_ppo_step(config, opt, opt, cfg)
+  batch = PromptBatch(jnp.asarray(p), jnp.asarray(pm))
+  ours, compile_s = _ours_train(step, state, batch, frozen)
+  tunix, first = _tunix_setup(
+    workers["tunix"],
+    "ppo",
+    model_dir=str(TINYSTORIES),
+    lr=1e-6,
+    prompts=_unpadded(p, pm),
+    prompt_len=p.shape[1],
+    max_new_tokens=32,
+    pad_id=0,
+    eos_id=config.vocab_size,
+  )
+  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  return Row(
+    work="PPO iteration, 8 prompts, 32 new tokens, critic + reward model",
+    ours=t_ours,
+    peers=t_peers,
+    compile_ours=compile_s,
+    compile_peers={"Tunix": _peer_compile(first, t_peers["Tunix"])},
+  )
+
+
+def _length_score(frozen, input_ids, attention_mask, response_mask):
+  """Sequence-length reward (the jittable twin of Tunix's Python one)."""
+  del frozen, input_ids, attention_mask
+  return jnp.sum(response_mask, axis=-1).astype(jnp.float32)
+
+
+def bench_grpo(workers, args, config, params) -> Row:
+  p, pm = _prompts(config.vocab_size, 4)
+  cfg = GRPOConfig(
+    eos_token_id=config.vocab_size,
+    pad_token_id=0,
+    group_size=2,
+    max_new_tokens=32,
+    ppo_epochs=1,
+    kl_coef=0.04,
+    shuffle_minibatches=False,
+  )
+  opt = optax.adam(1e-6)
+  state = init_grpo_state(
+    jax.tree.map(jnp.copy, params), opt, jax.random.key(3)
+  )
+  step = make_grpo_step(config, opt, cfg, score_fn=_length_score)
+  frozen = {"ref": jax.tree.map(jnp.copy, params)}
+  batch = PromptBatch(jnp.asarray(p), jnp.asarray(pm))
+  ours, compile_s = _ours_train(step, state, batch, frozen)
+  tunix, first = _tunix_setup(
+    workers["tunix"],
+    "grpo",
+    model_dir=str(TINYSTORIES),
+    lr=1e-6,
+    prompts=_unpadded(p, pm),
+    prompt_len=p.shape[1],
+    max_new_tokens=32,
+    pad_id=0,
+    eos_id=config.vocab_size,
+    group_size=2,
+  )
+  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  return Row(
+    work="GRPO iteration, 4 prompts x 2 samples, 32 new tokens",
+    ours=t_ours,
+    peers=t_peers,
+    compile_ours=compile_s,
+    compile_peers={"Tunix": _peer_compile(first, t_peers["Tunix"])},
+  )
+
+
+# ------------------------------------------------------------------- table
+
+
+def _fmt_time(times: list[float], row: Row) -> str:
+  med = statistics.median(times)
+  if row.unit == "tok/s":
+    lo, hi = row.tokens / max(times) / 1e3, row.tokens / min(times) / 1e3
+    return f"{row.tokens / med / 1e3:.1f}k tok/s ({lo:.1f}-{hi:.1f}k)"
+  return f"{med * 1e3:.0f} ms ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f})"
+
+
+def table(rows: list[Row], header: str) -> str:
+  """The markdown table of all rows."""
+  lines = [
+    header,
+    "",
+    "| work | rlhf_jax | peer | peer time | ratio (range per round)"
+    " | compile ours / peer s | note |",
+    "|---|---:|---|---:|---:|---:|---|",
+  ]
+  for r in rows:
+    med = statistics.median(r.ours)
+    for name, times in r.peers.items():
+      ratio = statistics.median(times) / med
+      per_round = [t / o for t, o in zip(times, r.ours, strict=True)]
+      lines.append(
+        f"| {r.work} | {_fmt_time(r.ours, r)} | {name} | "
+        f"{_fmt_time(times, r)} | **{ratio:.2f}x** "
+        f"({min(per_round):.2f}-{max(per_round):.2f}) | "
+        f"{r.compile_ours:.1f} / {r.compile_peers[name]:.1f} |"
+        f" {r.note if name == 'Tunix' else ''} |"
+      )
+  lines.append("")
+  lines.append(
+    "ratio = peer median / rlhf_jax median (> 1: rlhf_jax faster); ranges"
+    " are min-max over the alternating rounds."
+  )
+  return "\n".join(lines)
+
+
+def _uptime() -> str:
+  """`uptime` (the load averages), or "" where it is missing."""
+  try:
+    out = subprocess.run(["uptime"], capture_output=True, text=True)
+  except OSError:
+    return ""
+  return out.stdout.strip()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument(
+    "--only",
+    nargs="+",
+    default=["sampler", "dpo", "rm", "ppo", "grpo"],
+    help="subset of: sampler dpo rm ppo grpo",
+  )
+  parser.add_argument("--tunix-python", type=pathlib.Path, default=SIDE312)
+  parser.add_argument("--hf-python", type=pathlib.Path, default=SIDE311)
+  parser.add_argument(
+    "--out",
+    type=pathlib.Path,
+    default=REPO / "benchmarks" / "peers_latest.md",
+    help="where the table is written",
+  )
+  args = parser.parse_args()
+  for path in (args.tunix_python, args.hf_python):
+    if not path.is_file():
+      parser.error(f"{path}: not found; run `bash scripts/setup_peers.sh`")
+
+  threads = os.cpu_count() or 1
+  uptime = _uptime()
+  workers = {
+    "tunix": Worker(args.tunix_python, "tunix_worker.py", {}),
+    "hf": Worker(
+      args.hf_python, "hf_generate_worker.py", {"OMP_WAIT_POLICY": "PASSIVE"}
+    ),
+  }
+  rows: list[Row] = []
+  try:
+    info = workers["tunix"].call(cmd="init")
+    hf_info = workers["hf"].call(cmd="init", threads=threads)
+    versions = (
+      f"jax {jax.__version__}; Tunix {info['tunix']} (jax {info['jax']});"
+      f" torch {hf_info['torch']}, transformers {hf_info['transformers']}"
+      f" ({hf_info['threads']} threads)"
+    )
+    print(versions, flush=True)
+    config, params = models.load_hf_checkpoint(TINYSTORIES)
+    with tempfile.TemporaryDirectory() as tmp:
+      if "sampler" in args.only:
+        tok = models.load_tokenizer(TINYSTORIES)
+        texts = [STORY_OPENINGS[i % 16] for i in range(16)]
+        stories = left_pad(tok.encode_batch(texts), 0)
+        rows.append(bench_sampler("656K", TINYSTORIES, stories, workers, args))
+        print(rows[-1].work, "done", flush=True)
+        rows.append(
+          bench_sampler(
+            "656K", TINYSTORIES, stories, workers, args, temperature=1.0
+          )
+        )
+        print(rows[-1].work, "done", flush=True)
+        model_dir = pathlib.Path(tmp) / "llama-20m"
+        workers["hf"].call(
+          cmd="make_random", out_dir=str(model_dir), config=LLAMA_20M, seed=0
+        )
+        rng = np.random.default_rng(0)
+        seqs = [
+          [1] + rng.integers(3, 8192, int(n) - 1).tolist()
+          for n in rng.integers(4, 17, 16)
+        ]
+        rows.append(
+          bench_sampler("20M", model_dir, left_pad(seqs, 0), workers, args)
+        )
+        print(rows[-1].work, "done", flush=True)
+      for name, fn in [
+        ("dpo", bench_dpo),
+        ("rm", bench_rm),
+        ("ppo", bench_ppo),
+        ("grpo", bench_grpo),
+      ]:
+        if name in args.only:
+          rows.append(fn(workers, args, config, params))
+          print(rows[-1].work, "done", flush=True)
+  finally:
+    for w in workers.values():
+      w.close()
+
+  date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  header = (
+    f"Measured {date} on {platform.node() or 'this machine'}"
+    f" ({threads} cores), {args.repeats} alternating rounds; {versions}."
+    f"\nLoad before: `{uptime}`"
+    f"\nLoad after: `{_uptime()}`"
+  )
+  text = table(rows, header)
+  print("\n" + text)
+  args.out.write_text(text + "\n")
+  raw = args.out.with_suffix(".json")
+  raw.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+  print(f"\nwritten: {args.out} and {raw}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())
