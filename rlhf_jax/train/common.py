@@ -18,9 +18,39 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import models
 from rlhf_jax import stats as st
+from rlhf_jax.logprobs import logprobs_from_logits
 
 PyTree = Any
+
+
+def teacher_forced_logprobs(
+  params: Any,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  *,
+  prompt_length: int,
+  response_mask: jax.Array,
+  temperature: jax.Array,
+  model_config: Any,
+) -> jax.Array:
+  """f32[B, T] logprobs of the response tokens input_ids[:, P:] under
+  ``params`` (``logprobs.response_logprobs``'s convention 1), with the LM
+  head and the softmax over V run on rows P - 1 .. L - 2 only."""
+  logits = models.forward(
+    params,
+    input_ids,
+    attention_mask,
+    config=model_config,
+    logits_range=(prompt_length - 1, input_ids.shape[1] - 1),
+  )
+  return logprobs_from_logits(
+    logits,
+    input_ids[:, prompt_length:],
+    temperature=temperature,
+    mask=response_mask,
+  )
 
 
 def concat_prompt_response(

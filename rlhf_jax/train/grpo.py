@@ -31,8 +31,7 @@ from flax import struct
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
-from rlhf_jax.logprobs import response_logprobs
-from rlhf_jax.train.common import check_build
+from rlhf_jax.train.common import check_build, teacher_forced_logprobs
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_update import (
   GRPOLearner,
@@ -108,13 +107,14 @@ def _reference(params, frozen: dict | None, model_config):
 def _teacher_forced(params, rollout: Rollout, *, model_config, config):
   """f32[B, T] logprobs of the rollout's tokens under ``params``."""
   ids, attn = sequences(rollout)
-  logits = models.forward(params, ids, attn, config=model_config)
-  return response_logprobs(
-    logits,
+  return teacher_forced_logprobs(
+    params,
     ids,
+    attn,
     prompt_length=rollout.prompt_ids.shape[1],
     temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
     response_mask=rollout.response_mask,
+    model_config=model_config,
   )
 
 

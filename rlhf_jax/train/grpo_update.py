@@ -22,13 +22,13 @@ from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.advantages import grpo_advantages, rloo_advantages
 from rlhf_jax.kl import kl_loss
-from rlhf_jax.logprobs import response_logprobs
 from rlhf_jax.ppo import ppo_policy_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
   apply_if_finite,
   concat_prompt_response,
   loss_normalizer,
+  teacher_forced_logprobs,
 )
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.state import TrainState
@@ -110,13 +110,14 @@ def grpo_loss(
   ids, attn = concat_prompt_response(
     mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask
   )
-  logits = models.forward(params, ids, attn, config=model_config)
-  logp = response_logprobs(
-    logits,
+  logp = teacher_forced_logprobs(
+    params,
     ids,
+    attn,
     prompt_length=mb.prompt_ids.shape[1],
     temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
     response_mask=mask,
+    model_config=model_config,
   )
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
   agg = dict(loss_agg_mode=config.agg_mode, normalizer=normalizer)

@@ -82,6 +82,8 @@ def test_smoke_run_writes_every_output(smoke_run):
     "dpo_training.png",
     "ppo_scores_kl.png",
     "reward_vs_kl.png",
+    "rm_calibration.png",
+    "rm_length_buckets.png",
     "rm_training.png",
   ]
   for p in plots:

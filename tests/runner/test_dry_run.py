@@ -144,10 +144,18 @@ def test_tiny_stage_bytes_exact(stage, devices8):
   assert report.output_bytes >= state_dev
   assert report.temp_bytes >= 0
   assert report.flops_per_step > 0
-  # XLA counts the layer scan's body once; the jaxpr count does not (GRPO:
-  # the sampler's elementwise work is a larger share of XLA's count).
-  ratio = 2 if stage == "grpo" else 8
-  assert report.matmul_flops_per_step / ratio > report.flops_per_step
+  if stage == "grpo":
+    # XLA counts the sampler's while-loop body once; the jaxpr count of
+    # matmuls runs every decode step.
+    assert report.matmul_flops_per_step / 2 > report.flops_per_step
+  else:
+    # XLA's count is one device's (8 devices), the jaxpr's matmul count the
+    # whole step's; TINY's 2 layers are unrolled in the scan
+    # (models.transformer.SCAN_UNROLL_MAX_LAYERS), so XLA sees every layer:
+    # at least its 1/8 share of the matmuls, and less than all of them
+    # (XLA counting the scan body once gave < 1/8).
+    m = report.matmul_flops_per_step
+    assert m / 8 <= report.flops_per_step < m
   assert report.compile_seconds > 0
   text = report.format()
   assert f"dry run: {stage} on mesh data=2 fsdp=4 tensor=1" in text
