@@ -35,14 +35,13 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
-  export_lm,
   host_tree,
   load_policy,
   open_run_dir,
   optimizer,
+  write_policy_outputs,
 )
 from rlhf_jax.stages.configs import KTOStageConfig
-from rlhf_jax.stages.report import write_report
 from rlhf_jax.stages.user_data import (
   HELDOUT_FRACTION,
   check_dropped,
@@ -247,16 +246,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
     "time/total_s": timer.elapsed(),
   }
   if placement.is_primary:
-    out = run_dir / "outputs" / "kto"
-    export_lm(host, model_config, out, tokenizer_dir=model_dir)
-    runtime.write_json(run_dir / "summary.json", summary)
-    write_report(
-      run_dir,
-      summary=summary,
-      samples={},
-      metrics_path=run_dir / "metrics.jsonl",
-      title="rlhf-jax kto",
-    )
+    write_policy_outputs(run_dir, "kto", host, model_config, model_dir, summary)
   return summary
 
 

@@ -30,13 +30,12 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
-  export_lm,
   host_tree,
   load_policy,
   open_run_dir,
+  write_policy_outputs,
 )
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
-from rlhf_jax.stages.report import write_report
 from rlhf_jax.stages.user_data import (
   check_dropped,
   check_max_dropped_frac,
@@ -222,14 +221,5 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
     "time/total_s": timer.elapsed(),
   }
   if placement.is_primary:
-    out = run_dir / "outputs" / "sft"
-    export_lm(host, model_config, out, tokenizer_dir=model_dir)
-    runtime.write_json(run_dir / "summary.json", summary)
-    write_report(
-      run_dir,
-      summary=summary,
-      samples={},
-      metrics_path=run_dir / "metrics.jsonl",
-      title="rlhf-jax sft",
-    )
+    write_policy_outputs(run_dir, "sft", host, model_config, model_dir, summary)
   return summary

@@ -21,6 +21,8 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.logprobs import logprobs_from_logits
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.types import PreferenceBatch
 
 PyTree = Any
 
@@ -262,3 +264,64 @@ def check_build(model_config: Any, config: Any) -> None:
   """
   model_config.check_dtypes()
   check_config(config)
+
+
+def stacked_pairs(
+  batch: PreferenceBatch,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[chosen; rejected] sequences for one forward on 2B rows.
+
+  Returns:
+    (input_ids i32[2B, P+T], attention_mask bool[2B, P+T], response_mask
+    bool[2B, T]); rows 0..B-1 chosen, B..2B-1 rejected.
+  """
+  ids_c, mask_c = concat_prompt_response(
+    batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
+  )
+  ids_r, mask_r = concat_prompt_response(
+    batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask
+  )
+  resp = jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0)
+  return (
+    jnp.concatenate([ids_c, ids_r], axis=0),
+    jnp.concatenate([mask_c, mask_r], axis=0),
+    resp.astype(bool),
+  )
+
+
+def unstack_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """[2B, ...] -> (chosen [B, ...], rejected [B, ...])."""
+  size = x.shape[0] // 2
+  return x[:size], x[size:]
+
+
+def finish_step(
+  state: TrainState,
+  optimizer: optax.GradientTransformation,
+  stats: st.Stats,
+  grads,
+  axis_name: str | None,
+) -> tuple[TrainState, dict]:
+  """Sums over devices (pmap), applies the update if finite, counts skips.
+
+  Returns the new state and the metrics: the values of the library's
+  statistics, train/grad_norm, train/skipped and train/skipped_steps.
+  """
+  if axis_name is not None:
+    # Each device differentiated its share of the globally normalised loss.
+    grads = jax.lax.psum(grads, axis_name)
+  metrics = st.values(st.reduce(stats, axis_name))
+  params, opt_state, finite, grad_norm = apply_if_finite(
+    optimizer, state.params, state.opt_state, grads
+  )
+  skipped = state.skipped_steps + (~finite).astype(jnp.int32)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    skipped_steps=skipped,
+  )
+  metrics["train/grad_norm"] = grad_norm
+  metrics["train/skipped"] = (~finite).astype(jnp.float32)
+  metrics["train/skipped_steps"] = skipped.astype(jnp.float32)
+  return new_state, metrics

@@ -27,15 +27,13 @@ from rlhf_jax.preference import bradley_terry_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
   check_build,
+  finish_step,
   global_sum,
+  stacked_pairs,
+  unstack_pairs,
 )
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.train.supervised import (
-  RewardModelConfig,
-  _finish_step,
-  _stacked_pairs,
-  _unstack_pairs,
-)
+from rlhf_jax.train.supervised import RewardModelConfig
 from rlhf_jax.types import FeaturePairBatch, PreferenceBatch
 
 
@@ -81,9 +79,9 @@ def pair_features(
   Returns:
     (chosen f32[B, D], rejected f32[B, D]).
   """
-  ids, mask, resp = _stacked_pairs(batch)
+  ids, mask, resp = stacked_pairs(batch)
   hidden = models.hidden_forward(backbone, ids, mask, config=model_config)
-  return _unstack_pairs(sequence_features(hidden, mask, resp, pooling=pooling))
+  return unstack_pairs(sequence_features(hidden, mask, resp, pooling=pooling))
 
 
 def head_rewards(
@@ -139,6 +137,6 @@ def make_head_step(
     _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, stats, grads, axis)
+    return finish_step(state, optimizer, stats, grads, axis)
 
   return step

@@ -44,10 +44,10 @@ from rlhf_jax.train.common import (
   at_least,
   check_build,
   concat_prompt_response,
+  finish_step,
   global_sum,
 )
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.train.supervised import _finish_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,7 @@ def make_kto_step(
       num_micro_batches=config.num_micro_batches,
     )
     stats["kto/kl"] = kl
-    return _finish_step(state, optimizer, stats, grads, axis)
+    return finish_step(state, optimizer, stats, grads, axis)
 
   return step
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import models
-from rlhf_jax import stats as st
 from rlhf_jax.logprobs import (
   logprobs_from_logits,
   response_logprobs,
@@ -35,50 +34,19 @@ from rlhf_jax.train.common import (
   Rule,
   above,
   accumulate_gradients,
-  apply_if_finite,
   at_least,
   check_build,
   concat_prompt_response,
+  finish_step,
   global_sum,
   loss_normalizer,
   one_of,
+  stacked_pairs,
+  unstack_pairs,
   within,
 )
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import PreferenceBatch, RankedBatch, SFTBatch
-
-
-def _finish_step(
-  state: TrainState,
-  optimizer: optax.GradientTransformation,
-  stats: st.Stats,
-  grads,
-  axis_name: str | None,
-) -> tuple[TrainState, dict]:
-  """Sums over devices (pmap), applies the update if finite, counts skips.
-
-  Returns the new state and the metrics: the values of the library's
-  statistics, train/grad_norm, train/skipped and train/skipped_steps.
-  """
-  if axis_name is not None:
-    # Each device differentiated its share of the globally normalised loss.
-    grads = jax.lax.psum(grads, axis_name)
-  metrics = st.values(st.reduce(stats, axis_name))
-  params, opt_state, finite, grad_norm = apply_if_finite(
-    optimizer, state.params, state.opt_state, grads
-  )
-  skipped = state.skipped_steps + (~finite).astype(jnp.int32)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=params,
-    opt_state=opt_state,
-    skipped_steps=skipped,
-  )
-  metrics["train/grad_norm"] = grad_norm
-  metrics["train/skipped"] = (~finite).astype(jnp.float32)
-  metrics["train/skipped_steps"] = skipped.astype(jnp.float32)
-  return new_state, metrics
-
 
 # --------------------------------------------------------------------- SFT
 
@@ -144,7 +112,7 @@ def make_sft_step(
     _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, stats, grads, axis)
+    return finish_step(state, optimizer, stats, grads, axis)
 
   return step
 
@@ -242,43 +210,14 @@ def pair_rewards(
     position of each attention mask ("last"), or averaged over the
     response tokens ("mean", see ``response_mean_reward``).
   """
-  ids, mask, resp = _stacked_pairs(batch)
+  ids, mask, resp = stacked_pairs(batch)
   if pooling == "mean":
     rewards = response_mean_reward(
       params, ids, mask, resp, model_config=model_config
     )
   else:
     rewards = models.reward_forward(params, ids, mask, config=model_config)
-  return _unstack_pairs(rewards)
-
-
-def _stacked_pairs(
-  batch: PreferenceBatch,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """[chosen; rejected] sequences for one forward on 2B rows.
-
-  Returns:
-    (input_ids i32[2B, P+T], attention_mask bool[2B, P+T], response_mask
-    bool[2B, T]); rows 0..B-1 chosen, B..2B-1 rejected.
-  """
-  ids_c, mask_c = concat_prompt_response(
-    batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
-  )
-  ids_r, mask_r = concat_prompt_response(
-    batch.prompt_ids, batch.prompt_mask, batch.rejected_ids, batch.rejected_mask
-  )
-  resp = jnp.concatenate([batch.chosen_mask, batch.rejected_mask], axis=0)
-  return (
-    jnp.concatenate([ids_c, ids_r], axis=0),
-    jnp.concatenate([mask_c, mask_r], axis=0),
-    resp.astype(bool),
-  )
-
-
-def _unstack_pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """[2B, ...] -> (chosen [B, ...], rejected [B, ...])."""
-  size = x.shape[0] // 2
-  return x[:size], x[size:]
+  return unstack_pairs(rewards)
 
 
 def make_reward_model_step(
@@ -326,7 +265,7 @@ def make_reward_model_step(
     _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, stats, grads, axis)
+    return finish_step(state, optimizer, stats, grads, axis)
 
   return step
 
@@ -405,7 +344,7 @@ def preference_logprobs(
   Returns:
     (chosen f32[B], rejected f32[B]); per-token means when ``average``.
   """
-  ids, attn, resp_mask = _stacked_pairs(batch)
+  ids, attn, resp_mask = stacked_pairs(batch)
   prompt_len, length = batch.prompt_ids.shape[1], ids.shape[1]
   # The LM head and log-softmax run on the rows that score the response
   # only (P - 1 .. L - 2), as response_logprobs would slice them.
@@ -417,7 +356,7 @@ def preference_logprobs(
     logits_range=(prompt_len - 1, length - 1),
   )
   logp = logprobs_from_logits(logits, ids[:, prompt_len:], mask=resp_mask)
-  return _unstack_pairs(sequence_logprobs(logp, resp_mask, average=average))
+  return unstack_pairs(sequence_logprobs(logp, resp_mask, average=average))
 
 
 def make_dpo_step(
@@ -493,6 +432,6 @@ def make_dpo_step(
     _, stats, grads = accumulate_gradients(
       loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
     )
-    return _finish_step(state, optimizer, stats, grads, axis)
+    return finish_step(state, optimizer, stats, grads, axis)
 
   return step
