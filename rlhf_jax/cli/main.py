@@ -246,7 +246,7 @@ def _hh_command_class(hh_cls: type) -> type:
     preset: str = "hh-rlhf"
     """Named preset."""
     run_dir: str | None = None
-    """Output directory. Default: runs/rm-hh-rlhf."""
+    """Output directory. Default: runs/rm-<preset>."""
     resume: bool = False
     """Continue the run in run_dir from its checkpoints."""
     overwrite: bool = False

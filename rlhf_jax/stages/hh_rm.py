@@ -318,13 +318,18 @@ def _optimizer(
   )
 
 
-def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
+def _data_dir(config: HHRewardModelConfig) -> pathlib.Path:
   data_dir = _resolve(config.data_dir, DEFAULT_HH_DIR)
   if not data_dir.is_dir():
     raise DataError(
       f"{data_dir}: HH-RLHF directory not found (set data_dir to a folder of "
       "HH-RLHF .jsonl.gz files)"
     )
+  return data_dir
+
+
+def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
+  data_dir = _data_dir(config)
   loaded = load_hh_rlhf(data_dir, strict=config.strict, chat_template=template)
   train, held = split_by_rows(
     loaded.examples,
@@ -625,6 +630,7 @@ def run_hh_reward_model(
       return json.loads(results_path.read_text())  # already complete
     if placement.is_primary:
       write_json(run_dir / CONFIG_FILE, config_dict)
+    _data_dir(config)  # before the model loads
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     tok, template, model_config, params = _build_model(
       config, init_rng, placement
