@@ -329,3 +329,11 @@ def test_write_report_without_metrics_removes_stale_plots(tmp_path):
     write_report(
       tmp_path, summary={}, samples={}, metrics_path=tmp_path / "missing.jsonl"
     )
+
+
+def test_eta_of_a_huge_run_is_unknown_not_an_overflow():
+  from rlhf_jax.runner.progress import _hms
+
+  # --steps 1e20 gives ETAs beyond timedelta's range (OverflowError).
+  assert _hms(1e20) == "?" and _hms(float("inf")) == "?"
+  assert _hms(3661) == "1:01:01"

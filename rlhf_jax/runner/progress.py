@@ -39,7 +39,8 @@ def format_metrics(metrics: Mapping[str, Any], *, max_items: int) -> str:
 
 
 def _hms(seconds: float) -> str:
-  if not math.isfinite(seconds):
+  # timedelta overflows past ~3e15 s (a --steps of 1e20 gives such ETAs).
+  if not math.isfinite(seconds) or abs(seconds) > 1e12:
     return "?"
   return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
 

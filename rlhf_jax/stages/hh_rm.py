@@ -179,8 +179,10 @@ class HHRewardModelConfig:
   def __post_init__(self):
     if self.freeze_backbone and self.backbone == "scratch":
       raise ValueError(
-        "freeze_backbone=True needs a pretrained backbone ('tinystories' or "
-        "'smollm2'); a frozen random backbone learns nothing"
+        "freeze_backbone=True (--hh.freeze-backbone, on in the "
+        "hh-rlhf-smollm2 preset) needs a pretrained backbone ('tinystories' "
+        "or 'smollm2'); a frozen random backbone learns nothing: pass "
+        "--hh.no-freeze-backbone or another --hh.backbone"
       )
     if self.log_every < 1 or self.checkpoint_every < 1:
       raise ValueError(
