@@ -4,8 +4,11 @@ stage whose updates are mostly skipped, and turns a full disk into one
 line naming the path."""
 
 import errno
+import logging
+import os
 import pathlib
 import shutil
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +19,7 @@ from rlhf_jax.checkpoint import (
   CheckpointManager,
   NonFiniteStateError,
   abstract_like,
+  manager,
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
@@ -232,3 +236,49 @@ def test_checkpoint_damage_error_names_step_and_path(tmp_path):
       ckpt.restore(3, abstract_state=abstract_like(_state()))
   assert e.value.step == 3 and e.value.path == tmp_path / "3"
   assert str(e.value).startswith(f"checkpoint step 3 in {tmp_path / '3'} is")
+
+
+def test_a_damaged_restore_prints_no_library_tracebacks(
+  tmp_path, capfd, caplog
+):
+  """orbax closes its event loop as soon as one array fails, and the reads
+  it abandons print tracebacks from TensorStore's threads (fd 2), from
+  asyncio's logger and at a later collection; a success keeps its output."""
+  with CheckpointManager(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, _state())
+    real = ckpt._manager.restore
+
+    def failing(*args, **kwargs):
+      os.write(2, b"Traceback: RuntimeError: Event loop is closed\n")
+      raise Exception("Encountered error while reading array index: (0,)")
+
+    def noisy(*args, **kwargs):
+      os.write(2, b"a library note\n")
+      return real(*args, **kwargs)
+
+    ckpt._manager.restore = failing
+    with pytest.raises(CheckpointDamagedError, match="reading array index"):
+      ckpt.restore(1, abstract_state=abstract_like(_state()))
+    ckpt._manager.restore = noisy
+    restored, _ = ckpt.restore(1, abstract_state=abstract_like(_state()))
+  assert int(restored["n"]) == 0
+  assert capfd.readouterr().err == "a library note\n"
+
+  # Later: asyncio's report of the abandoned task, and the coroutine closed
+  # at a collection (GeneratorExit turned into orbax's Exception).
+  abandoned = Exception("Encountered error while reading array index: (0,)")
+  logging.getLogger("asyncio").error("never", exc_info=abandoned)
+  logging.getLogger("asyncio").error("other", exc_info=ValueError("kept"))
+  assert [r.getMessage() for r in caplog.records] == ["other"]
+
+  async def _read_array_index_and_device_put():
+    pass
+
+  coro = _read_array_index_and_device_put()
+  closing = Exception("x")
+  closing.__cause__ = GeneratorExit()
+  report = types.SimpleNamespace(object=coro, exc_value=closing)
+  assert manager._is_abandoned_read(report)
+  report.exc_value = ValueError("y")
+  assert not manager._is_abandoned_read(report)
+  coro.close()
