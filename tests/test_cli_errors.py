@@ -281,3 +281,22 @@ def test_a_repeated_option_is_an_error_not_the_last_one_kept(capsys):
     "--reward is given twice; give it once (an option with several values "
     "takes them after one flag: --reward A B)",
   )
+
+
+def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
+  tmp_path, capsys, monkeypatch
+):
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages import kto_online
+
+  def stopped(*args):
+    raise runtime.Interrupted("kto at round 2")
+
+  monkeypatch.setattr(kto_online, "_accept_rate", stopped)
+  args = ["kto", "--preset", "smoke", "--run-dir", str(tmp_path / "a")]
+  code, err = _run(capsys, args)
+  assert code == 130
+  assert err == (
+    "rlhf-jax: interrupted (kto at round 2); this job runs from its start: "
+    "run the same command with --overwrite to start it again.\n"
+  )

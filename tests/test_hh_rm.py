@@ -22,6 +22,7 @@ from rlhf_jax.data import PreferencePair
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.metrics import read_metrics
 from rlhf_jax.stages import hh_rm
+from rlhf_jax.stages.rm import load_rm
 
 MARKER = "\n\nAssistant:"
 
@@ -220,6 +221,15 @@ def test_frozen_backbone_trains_only_the_head(tmp_path, tinystories_dir):
   assert all(math.isfinite(r["rm/loss"]) for r in recs)
   with np.load(tmp_path / "run" / hh_rm.REWARDS_FILE) as z:
     assert res["heldout/accuracy"] == np.mean(z["chosen"] > z["rejected"])
+  # outputs/rm holds the untouched backbone and the trained mean head.
+  _, params, pooling = load_rm(tmp_path / "run")
+  _, original = models.load_hf_checkpoint(tinystories_dir)
+  assert pooling == "mean"
+  for a, b in zip(
+    jax.tree.leaves(params["backbone"]), jax.tree.leaves(original), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.any(np.asarray(params["head"]["kernel"]) != 0)
 
 
 def test_feature_cache_resumes_and_refuses_other_pairs(
@@ -273,3 +283,14 @@ def test_feature_cache_resumes_and_refuses_other_pairs(
   kwargs["fp"] = feature_cache.fingerprint(other, tinystories_dir, model_config)
   with pytest.raises(runtime.UserError, match="features of other pairs"):
     feature_cache.cached_features(path, other, **kwargs)
+
+
+def test_run_writes_a_reward_model_other_commands_read(smoke_run):
+  """outputs/rm is what `rm` writes: load_rm (export, audit, ppo) reads it."""
+  config, run_dir, _ = smoke_run
+  model_config, params, pooling = load_rm(run_dir)
+  assert pooling == config.pooling == "last"
+  assert model_config.vocab_size == 50257
+  assert model_config.num_layers == config.num_layers
+  assert params["head"]["kernel"].shape[0] == config.hidden_size
+  assert (run_dir / "outputs" / "rm" / "tokenizer.json").is_file()

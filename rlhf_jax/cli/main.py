@@ -432,10 +432,14 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
     config = _validated(command, _config(command, rest))
     return _dispatch(command, config)
   except runtime.Interrupted as e:
-    sys.stderr.write(
-      f"rlhf-jax: interrupted ({e}); the stage's checkpoint is saved. Run "
-      "the same command with --resume to continue.\n"
+    then = (
+      "the stage's checkpoint is saved. Run the same command with --resume "
+      "to continue."
+      if e.resumable
+      else "this job runs from its start: run the same command with "
+      "--overwrite to start it again."
     )
+    sys.stderr.write(f"rlhf-jax: interrupted ({e}); {then}\n")
     return EXIT_INTERRUPTED
   except (
     runtime.UserError,

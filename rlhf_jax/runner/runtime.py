@@ -38,7 +38,16 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):  # noqa: N818 - it is not an error
-  """SIGINT/SIGTERM stopped a stage after it saved its state."""
+  """SIGINT/SIGTERM stopped a stage after it saved its state.
+
+  Attributes:
+    resumable: whether ``--resume`` continues the run (False for a job
+      that always runs from its start).
+  """
+
+  def __init__(self, what: str, *, resumable: bool = True):
+    super().__init__(what)
+    self.resumable = resumable
 
 
 # ------------------------------------------------------- disks and writes

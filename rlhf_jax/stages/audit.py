@@ -599,6 +599,11 @@ def run_audit(config: AuditConfig) -> int:
     )
   if config.max_cycles < 1:
     raise runtime.UserError(f"--max-cycles {config.max_cycles}: expected >= 1")
+  if not config.annotator_field.strip():
+    raise runtime.UserError(
+      "--annotator-field is empty: expected the name of the rows' annotator "
+      "id field (default: annotator)"
+    )
   template, adapter, model = None, None, None
   if config.reward_model is not None:
     from rlhf_jax.stages.environment import setup_jax

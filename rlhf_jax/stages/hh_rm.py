@@ -30,8 +30,10 @@ Outputs in ``run_dir``: config.json (resolved), metrics.jsonl and
 TensorBoard events (stage "rm": loss / accuracy means over ``log_every``
 steps; stage "eval": the held-out figures), checkpoints/ (for ``resume``),
 heldout_rewards.npz (chosen f32[n], rejected f32[n], rows i64[n] original
-row indices), results.json (the returned figures) and report.md with the
-loss / accuracy plot.
+row indices), outputs/rm (the trained reward model, as `rlhf-jax rm` writes
+it: what `export`, `audit --reward-model` and `ppo --reward-model` read),
+results.json (the returned figures) and report.md with the loss / accuracy
+plot.
 """
 
 import dataclasses
@@ -68,10 +70,11 @@ from rlhf_jax.runner.runtime import (
   write_json,
 )
 from rlhf_jax.stages import feature_cache
+from rlhf_jax.stages.common import host_tree
 from rlhf_jax.stages.environment import SHARED_DATA, smollm2_dir
 from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
-from rlhf_jax.stages.rm import heldout_audit
+from rlhf_jax.stages.rm import heldout_audit, write_reward_model
 from rlhf_jax.train import (
   RewardModelConfig,
   TrainState,
@@ -288,6 +291,13 @@ def _build_model(
     "head": models.init_head_params(model_config, head_rng),
   }
   return tok, template, model_config, params
+
+
+def _tokenizer_dir(config: HHRewardModelConfig) -> pathlib.Path:
+  """Where the backbone's tokenizer files are (copied into outputs/rm)."""
+  if config.backbone == "scratch":
+    return _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER).parent
+  return _pretrained_dir(config)
 
 
 def _pretrained_dir(config: HHRewardModelConfig) -> pathlib.Path:
@@ -694,7 +704,11 @@ def run_hh_reward_model(
     # time above overstates what the job needs.
     "time/cpu_s": time.process_time() - cpu_start,
   }
-  if placement.is_primary:
+  params = host_tree(params)  # on every process
+  if placement.is_primary:  # results.json last: it marks the run finished
+    write_reward_model(
+      run_dir, params, model_config, _tokenizer_dir(config), config.pooling
+    )
     _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config)
   return results
 

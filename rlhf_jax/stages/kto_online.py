@@ -305,6 +305,13 @@ def run_accept_rate(config: KTOStageConfig, log=print) -> dict[str, Any]:
   if config.lora.enabled:
     raise runtime.UserError("--lora.rank: the accept-rate task trains fully")
   acc = config.accept
+  try:
+    return _accept_rate(config, acc, log)
+  except runtime.Interrupted as e:  # saved, but the task cannot resume
+    raise runtime.Interrupted(str(e), resumable=False) from e
+
+
+def _accept_rate(config: KTOStageConfig, acc: Any, log) -> dict[str, Any]:
   ctx = open_run("grpo", pipeline_config(config), log)
   with ctx.stop, runtime.writing(ctx.run_dir):
     prompts = stage_prompts(ctx)

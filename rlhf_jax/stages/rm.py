@@ -95,21 +95,51 @@ def heldout_audit(
 
 
 def _save_rm(ctx: Context, params: Any) -> None:
+  params = host_tree(params)
+  if ctx.primary:
+    write_reward_model(
+      ctx.run_dir,
+      params,
+      ctx.model_config,
+      ctx.model_dir,
+      ctx.config.rm.loss.pooling,
+    )
+
+
+def write_reward_model(
+  run_dir: pathlib.Path,
+  params: Any,
+  model_config: models.ModelConfig,
+  tokenizer_dir: pathlib.Path,
+  pooling: str,
+) -> pathlib.Path:
+  """Writes ``<run_dir>/outputs/rm`` (atomically), which ``load_rm`` reads.
+
+  Args:
+    run_dir: the run directory.
+    params: host {"backbone", "head"} params (``host_tree``; call it on
+      every process, write on the primary one).
+    model_config: the backbone's config.
+    tokenizer_dir: its tokenizer files are copied alongside.
+    pooling: "last" or "mean", kept in the head file's metadata.
+
+  Returns:
+    the outputs/rm directory: the backbone as a causal LM in the
+    transformers format plus reward_head/model.safetensors.
+  """
   from safetensors.numpy import save_file
 
-  params = host_tree(params)
-  if not ctx.primary:
-    return
-  with runtime.atomic_dir(ctx.run_dir / "outputs" / "rm") as out:
+  with runtime.atomic_dir(run_dir / "outputs" / "rm") as out:
     models.export_hf_checkpoint(
-      params["backbone"], ctx.model_config, out, tokenizer_dir=ctx.model_dir
+      params["backbone"], model_config, out, tokenizer_dir=tokenizer_dir
     )
     (out / HEAD_DIR).mkdir(exist_ok=True)
     save_file(
       {k: np.asarray(v) for k, v in params["head"].items()},
       str(out / HEAD_FILE),
-      metadata={"pooling": ctx.config.rm.loss.pooling},
+      metadata={"pooling": pooling},
     )
+  return run_dir / "outputs" / "rm"
 
 
 def load_rm(

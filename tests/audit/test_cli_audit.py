@@ -186,6 +186,14 @@ def test_missing_and_absent_data(tmp_path, capsys):
   data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
   code, _, err = _run(capsys, ["audit", "--data", data, "--max-cycles", "0"])
   _check(code, err, "--max-cycles 0: expected >= 1")
+  args = ["audit", "--data", data, "--annotator-field", ""]
+  code, _, err = _run(capsys, args)
+  _check(
+    code,
+    err,
+    "--annotator-field is empty: expected the name of the rows' annotator "
+    "id field (default: annotator)",
+  )
   code, _, err = _run(capsys, ["audit", "--data", data, "--batch-size", "0"])
   _check(code, err, "--batch-size 0: expected >= 1")
 
