@@ -7,6 +7,7 @@ console script to check the process-level behaviour.
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -142,6 +143,27 @@ def test_model_directory_that_does_not_exist(tmp_path, capsys):
   )
   _check(code, err, f"model directory {missing} does not exist (--model)")
   assert not (tmp_path / "r").exists()  # nothing written before the check
+
+
+@pytest.mark.parametrize(
+  "args",
+  [
+    ["rm", "--preset", "smoke", "--model"],
+    ["rm", "--preset", "hh-rlhf-smollm2", "--hh.model-dir"],
+  ],
+)
+def test_a_model_without_weights_is_named_before_the_run_dir_is_made(
+  tmp_path, capsys, shared_data, args
+):
+  model = tmp_path / "config-only"
+  model.mkdir()
+  shutil.copy(shared_data / "configs/llama-3.2-1b/config.json", model)
+  code, err = _run(
+    capsys, [*args, str(model), "--run-dir", str(tmp_path / "r")]
+  )
+  assert code == 2 and "Traceback" not in err
+  assert err.startswith(f"rlhf-jax: error: {model}: no weights: expected"), err
+  assert not (tmp_path / "r").exists()  # a corrected rerun needs no --overwrite
 
 
 def test_model_env_var_directory_that_does_not_exist(

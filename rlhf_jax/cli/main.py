@@ -262,12 +262,16 @@ def _hh_command_class(hh_cls: type) -> type:
 def _run_hh(config: Any) -> int:
   from rlhf_jax.runner.mesh import Placement
   from rlhf_jax.stages.environment import setup_jax, start
-  from rlhf_jax.stages.hh_rm import run_hh_reward_model
+  from rlhf_jax.stages.hh_rm import check_inputs, run_hh_reward_model
 
   # The HH job writes (and checks on resume) its own config.json.
   setup_jax()
   start(config.distributed)
   placement = Placement.create(config.mesh)
+  try:
+    check_inputs(config.hh)  # before the run directory is made
+  except FileNotFoundError as e:
+    raise runtime.UserError(str(e)) from None
   run_dir = runtime.run_dir_for("rm", config)
   if placement.is_primary:
     runtime.prepare_run_dir("rm", config, write_config=False)

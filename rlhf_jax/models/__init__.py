@@ -33,6 +33,7 @@ from rlhf_jax.models.heads import (
   values_forward,
 )
 from rlhf_jax.models.hf_io import (
+  check_hf_checkpoint,
   export_hf_checkpoint,
   hf_state_dict,
   load_hf_checkpoint,
@@ -67,6 +68,7 @@ __all__ = [
   "ScalarHead",
   "Tokenizer",
   "Transformer",
+  "check_hf_checkpoint",
   "decode_step",
   "default_positions",
   "export_hf_checkpoint",

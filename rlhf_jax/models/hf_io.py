@@ -627,6 +627,27 @@ def load_hf_config(
   )[2]
 
 
+def check_hf_checkpoint(path_or_hub_id: str | os.PathLike) -> ModelConfig:
+  """Checks a checkpoint directory cheaply, before any run starts.
+
+  Reads config.json and the safetensors headers (names, shapes, dtypes),
+  no tensor data: the problems `load_hf_checkpoint` raises up front.
+
+  Returns:
+    The ModelConfig read from config.json.
+
+  Raises:
+    ModelLoadError: as `load_hf_checkpoint` raises before reading tensor
+      data: no directory / config.json / weight files, an index naming a
+      missing shard, config.json problems, a damaged safetensors header.
+  """
+  model_dir, _, config = _read_config(
+    path_or_hub_id, dtype="float32", param_dtype="float32", remat=False
+  )
+  _TensorFiles(model_dir)
+  return config
+
+
 def load_hf_checkpoint(
   path_or_hub_id: str | os.PathLike,
   *,

@@ -293,6 +293,7 @@ def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   """
   from jax.experimental import multihost_utils
 
+  check_policy(model_dir)  # a bad model is named before anything is made
   run_dir = runtime.run_dir_for(command, config)
   error = None
   if jax.process_index() == 0:
@@ -320,10 +321,26 @@ def load_policy(placement: Placement, model_dir: pathlib.Path):
   try:
     return placement.load_model(model_dir)
   except (FileNotFoundError, KeyError, ValueError) as e:
-    hint = ""
-    config_only = (model_dir / "config.json").is_file() and not any(
-      model_dir.glob("*.safetensors")
-    )
-    if isinstance(e, FileNotFoundError) and config_only:
-      hint = " (a directory with only config.json works with --dry-run)"
-    raise runtime.UserError(f"{str(e).strip(chr(39))}{hint}") from None
+    raise _policy_error(e, model_dir) from None
+
+
+def check_policy(model_dir: pathlib.Path) -> None:
+  """Checks config.json and the weight files' headers (no tensor data).
+
+  Raises:
+    UserError: as ``load_policy`` does for those problems.
+  """
+  try:
+    models.check_hf_checkpoint(model_dir)
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    raise _policy_error(e, model_dir) from None
+
+
+def _policy_error(e: Exception, model_dir: pathlib.Path) -> runtime.UserError:
+  hint = ""
+  config_only = (model_dir / "config.json").is_file() and not any(
+    model_dir.glob("*.safetensors")
+  )
+  if isinstance(e, FileNotFoundError) and config_only:
+    hint = " (a directory with only config.json works with --dry-run)"
+  return runtime.UserError(f"{str(e).strip(chr(39))}{hint}")

@@ -340,6 +340,26 @@ def _data_dir(config: HHRewardModelConfig) -> pathlib.Path:
   return data_dir
 
 
+def check_inputs(config: HHRewardModelConfig) -> None:
+  """The data directory, tokenizer and pretrained backbone, checked before
+  the run directory is made (config.json and weight headers only).
+
+  Raises:
+    DataError: no HH-RLHF directory.
+    FileNotFoundError: no tokenizer.json (scratch) or backbone directory.
+    ModelLoadError: a backbone directory that cannot be loaded.
+  """
+  _data_dir(config)
+  if config.backbone == "scratch":
+    tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
+    if not tok_path.is_file():
+      raise FileNotFoundError(
+        f"{tok_path}: GPT-2 tokenizer.json not found (set tokenizer_path)"
+      )
+  elif config.backbone in ("tinystories", "smollm2"):
+    models.check_hf_checkpoint(_pretrained_dir(config))
+
+
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
   data_dir = _data_dir(config)
   loaded = load_hh_rlhf(data_dir, strict=config.strict, chat_template=template)
