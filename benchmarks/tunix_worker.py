@@ -95,8 +95,28 @@ def _reply(obj):
   sys.stdout.flush()
 
 
+# Tunix 0.1.7's Llama3 attention calls apply_rope without the config's
+# rope_theta, so every model gets apply_rope's default base of 1e6 instead
+# of the checkpoint's (10000 here) and computes another function than
+# transformers and rlhf_jax do. The base is a constant: passing the right one
+# changes the tokens, not the work.
+_ROPE_THETA = [10000.0]
+_tunix_apply_rope = llama_lib.apply_rope
+
+
+def _apply_rope(inputs, positions, head_dim, rope_theta=None):
+  del rope_theta  # always the default in 0.1.7; use the loaded config's
+  return _tunix_apply_rope(
+    inputs, positions, head_dim=head_dim, rope_theta=_ROPE_THETA[0]
+  )
+
+
+llama_lib.apply_rope = _apply_rope
+
+
 def _llama_config(cfg: dict, tied: bool | None = None) -> llama_lib.ModelConfig:
   """Tunix Llama3 config from a Hugging Face config.json dict."""
+  _ROPE_THETA[0] = float(cfg.get("rope_theta", 10000))
   return llama_lib.ModelConfig(
     num_layers=cfg["num_hidden_layers"],
     vocab_size=cfg["vocab_size"],
