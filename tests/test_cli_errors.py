@@ -322,3 +322,18 @@ def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
     "rlhf-jax: interrupted (kto at round 2); this job runs from its start: "
     "run the same command with --overwrite to start it again.\n"
   )
+
+
+def test_accept_rate_options_with_data_are_an_error(tmp_path, capsys):
+  data = _write(
+    tmp_path / "u.jsonl",
+    ['{"prompt": "a", "completion": "b", "label": true}'],
+  )
+  args = ["kto", "--data", data, "--accept.arms", "kto"]
+  code, err = _run(capsys, args)
+  _check(
+    code,
+    err,
+    "--accept.arms sets the accept-rate task, which runs only without "
+    "--data; drop it, or drop --data",
+  )

@@ -374,6 +374,12 @@ def _config(command: str, rest: list[str]) -> Any:
     _, default = _suppressed(plain, default, paths)
   doc = _description(command, type(default))
   config = _parse(type(default), default, rest, prog, doc)
+  given = [a.split("=", 1)[0] for a in rest if a.startswith("--accept.")]
+  if command == "kto" and config.data and given:
+    raise runtime.UserError(
+      f"{given[0]} sets the accept-rate task, which runs only without "
+      "--data; drop it, or drop --data"
+    )
   return _plain(config, plain) if paths else config
 
 
