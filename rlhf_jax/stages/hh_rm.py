@@ -240,11 +240,7 @@ def _build_model(
   on ``placement``)."""
   template = None
   if config.backbone == "scratch":
-    tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
-    if not tok_path.is_file():
-      raise FileNotFoundError(
-        f"{tok_path}: GPT-2 tokenizer.json not found (set tokenizer_path)"
-      )
+    tok_path = _gpt2_tokenizer(config)
     tok = HFTokenizerAdapter.from_file(tok_path, eos_token="<|endoftext|>")
     vocab = tok.tokenizer.get_vocab_size()
     if config.hidden_size % config.num_heads:
@@ -293,10 +289,20 @@ def _build_model(
   return tok, template, model_config, params
 
 
+def _gpt2_tokenizer(config: HHRewardModelConfig) -> pathlib.Path:
+  """The scratch backbone's tokenizer.json (FileNotFoundError if absent)."""
+  tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
+  if not tok_path.is_file():
+    raise FileNotFoundError(
+      f"{tok_path}: GPT-2 tokenizer.json not found (set tokenizer_path)"
+    )
+  return tok_path
+
+
 def _tokenizer_dir(config: HHRewardModelConfig) -> pathlib.Path:
   """Where the backbone's tokenizer files are (copied into outputs/rm)."""
   if config.backbone == "scratch":
-    return _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER).parent
+    return _gpt2_tokenizer(config).parent
   return _pretrained_dir(config)
 
 
@@ -351,11 +357,7 @@ def check_inputs(config: HHRewardModelConfig) -> None:
   """
   _data_dir(config)
   if config.backbone == "scratch":
-    tok_path = _resolve(config.tokenizer_path, DEFAULT_GPT2_TOKENIZER)
-    if not tok_path.is_file():
-      raise FileNotFoundError(
-        f"{tok_path}: GPT-2 tokenizer.json not found (set tokenizer_path)"
-      )
+    _gpt2_tokenizer(config)
   elif config.backbone in ("tinystories", "smollm2"):
     models.check_hf_checkpoint(_pretrained_dir(config))
 
