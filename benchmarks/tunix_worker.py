@@ -105,9 +105,10 @@ _tunix_apply_rope = llama_lib.apply_rope
 
 
 def _apply_rope(inputs, positions, head_dim, rope_theta=None):
-  del rope_theta  # always the default in 0.1.7; use the loaded config's
+  # 0.1.7 never passes it; a later Tunix that does is obeyed.
+  theta = _ROPE_THETA[0] if rope_theta is None else rope_theta
   return _tunix_apply_rope(
-    inputs, positions, head_dim=head_dim, rope_theta=_ROPE_THETA[0]
+    inputs, positions, head_dim=head_dim, rope_theta=theta
   )
 
 

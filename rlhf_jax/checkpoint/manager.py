@@ -31,16 +31,9 @@ straight into its shards there, so a checkpoint written on 8 devices
 restores onto 4, or onto one.
 """
 
-import contextlib
-import gc
 import json
-import logging
-import os
 import pathlib
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -52,6 +45,11 @@ from orbax.checkpoint.checkpoint_managers import (
   BestN,
   LatestN,
 )
+
+from rlhf_jax.checkpoint import orbax_loop
+
+# A failed read must not leave other reads running on a closed loop.
+orbax_loop.install()
 
 PyTree = Any
 _STATE, _META = "state", "metadata"
@@ -88,89 +86,6 @@ def _one_line(e: BaseException, limit: int = 160) -> str:
   line = line.split(" See full TensorStore details")[0]
   line = f"{type(e).__name__}: {line}" if line else type(e).__name__
   return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-_READ_ERROR = "Encountered error while reading array index"
-
-
-def _is_abandoned_read(unraisable: Any) -> bool:
-  """Whether an unraisable error is orbax closing an abandoned read.
-
-  When one array of a damaged checkpoint fails, the other reads are
-  abandoned; closing such a coroutine throws GeneratorExit into orbax's
-  ``except BaseException: raise Exception(...)``, which Python reports as
-  "Exception ignored in" with a traceback at some later collection.
-  """
-  code = getattr(unraisable.object, "cr_code", None)
-  cause = getattr(unraisable.exc_value, "__cause__", None)
-  return (
-    code is not None
-    and code.co_name == "_read_array_index_and_device_put"
-    and isinstance(cause, GeneratorExit)
-  )
-
-
-class _AbandonedReadFilter:
-  """Drops asyncio's "Task exception was never retrieved" for those reads."""
-
-  def filter(self, record: Any) -> bool:
-    error = (record.exc_info or (None, None))[1]
-    return not str(error).startswith(_READ_ERROR)
-
-
-def _quiet_abandoned_reads() -> None:
-  """Silences (once per process) only the late reports of the reads that a
-  failed restore abandoned; the damage itself is a CheckpointDamagedError."""
-  previous = sys.unraisablehook
-  if getattr(previous, "_rlhf_jax_quiet", False):
-    return
-
-  def hook(unraisable: Any) -> None:
-    if not _is_abandoned_read(unraisable):
-      previous(unraisable)
-
-  hook._rlhf_jax_quiet = True
-  sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(_AbandonedReadFilter())
-
-
-@contextlib.contextmanager
-def _held_stderr() -> Iterator[Any]:
-  """Holds everything written to file descriptor 2 in a temporary file.
-
-  orbax reads a checkpoint on a fresh event loop that it closes as soon as
-  one array fails, while TensorStore threads still complete the other reads
-  and print "Event loop is closed" tracebacks from C++. Those are noise for
-  a damage that CheckpointDamagedError already reports, so restore holds
-  fd 2 and drops them on failure; on success it writes them out.
-  """
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as held:
-    os.dup2(held.fileno(), 2)
-    try:
-      yield held
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-
-
-def _settle(held: Any, quiet_s: float = 0.2, limit_s: float = 3.0) -> None:
-  """Waits until the abandoned reads stop writing (bounded by limit_s)."""
-  gc.collect()
-  deadline, size = time.monotonic() + limit_s, -1
-  while time.monotonic() < deadline:
-    now = os.fstat(held.fileno()).st_size
-    if now == size:
-      return
-    size = now
-    time.sleep(quiet_s)
-
-
-def _text(held: Any) -> str:
-  held.seek(0)
-  return held.read().decode(errors="replace")
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -429,20 +344,11 @@ class CheckpointManager:
         _META: ocp.args.JsonRestore(),
       }
     )
-    error, noise = None, ""
-    with _held_stderr() as held:
-      try:
-        out = self._manager.restore(step, args=args)
-        state, meta = out[_STATE], dict(out[_META] or {})
-      except Exception as e:  # orbax, tensorstore and json raise anything
-        error = e
-        _quiet_abandoned_reads()
-        _settle(held)
-      else:
-        noise = _text(held)
-    sys.stderr.write(noise)  # what a successful restore printed
-    if error is not None:
-      raise self._damaged(step, _one_line(error)) from error
+    try:
+      out = self._manager.restore(step, args=args)
+      state, meta = out[_STATE], dict(out[_META] or {})
+    except Exception as e:  # orbax, tensorstore and json raise anything
+      raise self._damaged(step, _one_line(e)) from e
     self._verify(step, state, meta.pop(_INTEGRITY, None))
     return state, meta
 

@@ -628,10 +628,14 @@ def load_hf_config(
 
 
 def check_hf_checkpoint(path_or_hub_id: str | os.PathLike) -> ModelConfig:
-  """Checks a checkpoint directory cheaply, before any run starts.
+  """Checks a checkpoint cheaply, before any run starts.
 
   Reads config.json and the safetensors headers (names, shapes, dtypes),
   no tensor data: the problems `load_hf_checkpoint` raises up front.
+
+  Args:
+    path_or_hub_id: local directory, or a hub id already in the local HF
+      cache (never downloaded).
 
   Returns:
     The ModelConfig read from config.json.

@@ -46,6 +46,7 @@ class Interrupted(Exception):  # noqa: N818 - it is not an error
   """
 
   def __init__(self, what: str, *, resumable: bool = True):
+    """Args: what: the stage and where it stopped; resumable: as above."""
     super().__init__(what)
     self.resumable = resumable
 

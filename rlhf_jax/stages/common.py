@@ -327,6 +327,9 @@ def load_policy(placement: Placement, model_dir: pathlib.Path):
 def check_policy(model_dir: pathlib.Path) -> None:
   """Checks config.json and the weight files' headers (no tensor data).
 
+  Args:
+    model_dir: the policy checkpoint directory.
+
   Raises:
     UserError: as ``load_policy`` does for those problems.
   """

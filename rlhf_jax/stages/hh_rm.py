@@ -40,6 +40,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -347,8 +348,14 @@ def _data_dir(config: HHRewardModelConfig) -> pathlib.Path:
 
 
 def check_inputs(config: HHRewardModelConfig) -> None:
-  """The data directory, tokenizer and pretrained backbone, checked before
-  the run directory is made (config.json and weight headers only).
+  """Checks the data, tokenizer and backbone before the run dir is made.
+
+  Only the directory, tokenizer.json, config.json and the weight files'
+  headers are read.
+
+  Args:
+    config: the HH job's settings (data_dir, backbone, model_dir,
+      tokenizer_path).
 
   Raises:
     DataError: no HH-RLHF directory.
@@ -728,9 +735,11 @@ def run_hh_reward_model(
   }
   params = host_tree(params)  # on every process
   if placement.is_primary:  # results.json last: it marks the run finished
-    write_reward_model(
+    out = write_reward_model(
       run_dir, params, model_config, _tokenizer_dir(config), config.pooling
     )
+    if config.backbone == "scratch":  # any file name: keep its own
+      shutil.copyfile(_gpt2_tokenizer(config), out / "tokenizer.json")
     _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config)
   return results
 

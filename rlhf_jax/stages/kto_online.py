@@ -297,6 +297,7 @@ def run_accept_rate(config: KTOStageConfig, log=print) -> dict[str, Any]:
 
   Raises:
     UserError: --resume or --lora.rank (not supported by the task).
+    Interrupted: SIGINT/SIGTERM (``resumable=False``: the task restarts).
   """
   if config.resume:
     raise runtime.UserError(

@@ -120,12 +120,16 @@ def write_reward_model(
     params: host {"backbone", "head"} params (``host_tree``; call it on
       every process, write on the primary one).
     model_config: the backbone's config.
-    tokenizer_dir: its tokenizer files are copied alongside.
+    tokenizer_dir: its tokenizer files (tokenizer.json, tokenizer_config.json,
+      ...) are copied alongside.
     pooling: "last" or "mean", kept in the head file's metadata.
 
   Returns:
     the outputs/rm directory: the backbone as a causal LM in the
     transformers format plus reward_head/model.safetensors.
+
+  Raises:
+    UserError: outputs/rm cannot be written (names the path and why).
   """
   from safetensors.numpy import save_file
 
