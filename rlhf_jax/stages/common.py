@@ -213,30 +213,6 @@ def export_lm(
   )
 
 
-def write_policy_outputs(
-  run_dir: pathlib.Path,
-  stage: str,
-  host_params: Any,
-  model_config: models.ModelConfig,
-  model_dir: pathlib.Path,
-  summary: dict[str, Any],
-) -> None:
-  """A single-policy stage's outputs (primary process only): the policy as
-  ``outputs/<stage>/`` (``export_lm``), summary.json and report.md."""
-  from rlhf_jax.stages.report import write_report
-
-  out = run_dir / "outputs" / stage
-  export_lm(host_params, model_config, out, tokenizer_dir=model_dir)
-  runtime.write_json(run_dir / "summary.json", summary)
-  write_report(
-    run_dir,
-    summary=summary,
-    samples={},
-    metrics_path=run_dir / "metrics.jsonl",
-    title=f"rlhf-jax {stage}",
-  )
-
-
 def host_tree(tree: Any) -> Any:
   """Arrays -> numpy; arrays spread over several processes are gathered
   (every process must call this)."""

@@ -39,9 +39,9 @@ from rlhf_jax.stages.common import (
   load_policy,
   open_run_dir,
   optimizer,
-  write_policy_outputs,
 )
 from rlhf_jax.stages.configs import KTOStageConfig
+from rlhf_jax.stages.report import write_policy_outputs
 from rlhf_jax.stages.user_data import (
   HELDOUT_FRACTION,
   check_dropped,

@@ -32,7 +32,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from rlhf_jax.data.errors import DROP_REASONS
+from rlhf_jax.models import ModelConfig
 from rlhf_jax.runner.metrics import read_metrics
+from rlhf_jax.runner.runtime import write_json
+from rlhf_jax.stages import common
 from rlhf_jax.stages.eval_metrics import distinct_n, win_rate
 
 __all__ = ["distinct_n", "win_rate", "write_report"]
@@ -468,3 +471,25 @@ def write_report(
   out = run_dir / REPORT_FILE
   out.write_text(text, encoding="utf-8")
   return out
+
+
+def write_policy_outputs(
+  run_dir: pathlib.Path,
+  stage: str,
+  host_params: Any,
+  model_config: ModelConfig,
+  model_dir: pathlib.Path,
+  summary: dict[str, Any],
+) -> None:
+  """A single-policy stage's outputs (primary process only): the policy as
+  ``outputs/<stage>/`` (``export_lm``), summary.json and report.md."""
+  out = run_dir / "outputs" / stage
+  common.export_lm(host_params, model_config, out, tokenizer_dir=model_dir)
+  write_json(run_dir / "summary.json", summary)
+  write_report(
+    run_dir,
+    summary=summary,
+    samples={},
+    metrics_path=run_dir / "metrics.jsonl",
+    title=f"rlhf-jax {stage}",
+  )

@@ -33,9 +33,9 @@ from rlhf_jax.stages.common import (
   host_tree,
   load_policy,
   open_run_dir,
-  write_policy_outputs,
 )
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
+from rlhf_jax.stages.report import write_policy_outputs
 from rlhf_jax.stages.user_data import (
   check_dropped,
   check_max_dropped_frac,
