@@ -27,6 +27,29 @@ from rlhf_jax.types import PreferenceBatch
 PyTree = Any
 
 
+def response_logits(
+  params: Any,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  prompt_length: int,
+  model_config: Any,
+) -> jax.Array:
+  """Logits f32[B, T, V] of the rows that predict the response tokens.
+
+  Rows P - 1 .. L - 2 of ``models.forward`` for input_ids i32[B, L] with
+  P = ``prompt_length`` and T = L - P: row t predicts input_ids[:, P + t]
+  (``logprobs.response_logprobs``'s slice, convention 1). The LM head and
+  any softmax over V then skip the prompt rows.
+  """
+  return models.forward(
+    params,
+    input_ids,
+    attention_mask,
+    config=model_config,
+    logits_range=(prompt_length - 1, input_ids.shape[1] - 1),
+  )
+
+
 def teacher_forced_logprobs(
   params: Any,
   input_ids: jax.Array,
@@ -40,12 +63,8 @@ def teacher_forced_logprobs(
   """f32[B, T] logprobs of the response tokens input_ids[:, P:] under
   ``params`` (``logprobs.response_logprobs``'s convention 1), with the LM
   head and the softmax over V run on rows P - 1 .. L - 2 only."""
-  logits = models.forward(
-    params,
-    input_ids,
-    attention_mask,
-    config=model_config,
-    logits_range=(prompt_length - 1, input_ids.shape[1] - 1),
+  logits = response_logits(
+    params, input_ids, attention_mask, prompt_length, model_config
   )
   return logprobs_from_logits(
     logits,

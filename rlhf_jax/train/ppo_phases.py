@@ -28,7 +28,11 @@ from rlhf_jax.logprobs import (
 )
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten, promote_f32
 from rlhf_jax.rollout import generate
-from rlhf_jax.train.common import concat_prompt_response, global_sum
+from rlhf_jax.train.common import (
+  concat_prompt_response,
+  global_sum,
+  response_logits,
+)
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.state import RewardNormState
 from rlhf_jax.types import PPOBatch, PromptBatch, Rollout
@@ -138,23 +142,19 @@ def reference_and_values(
   prompt_len = rollout.prompt_ids.shape[1]
   temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
 
-  def response_logits(params):
-    # The LM head runs on rows P-1 .. L-2 only (response_slice's rows).
-    return models.forward(
-      params, ids, attn, config=model_config, logits_range=head_rows
-    )
+  def logits_of(params):
+    return response_logits(params, ids, attn, prompt_len, model_config)
 
   def logprobs(logits):
     return logprobs_from_logits(
       logits, ids[:, prompt_len:], temperature=temperature, mask=mask
     )
 
-  head_rows = (prompt_len - 1, ids.shape[1] - 1)
-  logits = response_logits(policy_params)
+  logits = logits_of(policy_params)
   old_logprobs = logprobs(logits)
   entropy = entropy_from_logits(logits, temperature=temperature)
   del logits
-  ref_logprobs = logprobs(response_logits(ref_params))
+  ref_logprobs = logprobs(logits_of(ref_params))
   values = models.values_forward(value_params, ids, attn, config=model_config)
   old_values = jnp.where(mask, response_slice(values, prompt_len), 0.0)
   return old_logprobs, ref_logprobs, old_values, entropy

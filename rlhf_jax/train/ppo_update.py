@@ -31,6 +31,7 @@ from rlhf_jax.train.common import (
   apply_if_finite,
   concat_prompt_response,
   loss_normalizer,
+  response_logits,
 )
 from rlhf_jax.train.ppo_config import PPOConfig
 from rlhf_jax.train.ppo_phases import response_slice
@@ -85,15 +86,7 @@ def minibatch_loss(
   )
   prompt_len = mb.prompt_ids.shape[1]
   temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
-  # Logits of rows P-1 .. L-2 only (response_slice's rows): the LM head and
-  # the softmax over V skip the prompt.
-  logits = models.forward(
-    policy,
-    ids,
-    attn,
-    config=model_config,
-    logits_range=(prompt_len - 1, ids.shape[1] - 1),
-  )
+  logits = response_logits(policy, ids, attn, prompt_len, model_config)
   logp = logprobs_from_logits(
     logits, ids[:, prompt_len:], temperature=temperature, mask=mask
   )

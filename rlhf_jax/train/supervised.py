@@ -41,6 +41,7 @@ from rlhf_jax.train.common import (
   global_sum,
   loss_normalizer,
   one_of,
+  response_logits,
   stacked_pairs,
   unstack_pairs,
   within,
@@ -345,16 +346,8 @@ def preference_logprobs(
     (chosen f32[B], rejected f32[B]); per-token means when ``average``.
   """
   ids, attn, resp_mask = stacked_pairs(batch)
-  prompt_len, length = batch.prompt_ids.shape[1], ids.shape[1]
-  # The LM head and log-softmax run on the rows that score the response
-  # only (P - 1 .. L - 2), as response_logprobs would slice them.
-  logits = models.forward(
-    params,
-    ids,
-    attn,
-    config=model_config,
-    logits_range=(prompt_len - 1, length - 1),
-  )
+  prompt_len = batch.prompt_ids.shape[1]
+  logits = response_logits(params, ids, attn, prompt_len, model_config)
   logp = logprobs_from_logits(logits, ids[:, prompt_len:], mask=resp_mask)
   return unstack_pairs(sequence_logprobs(logp, resp_mask, average=average))
 
