@@ -300,13 +300,6 @@ def _gpt2_tokenizer(config: HHRewardModelConfig) -> pathlib.Path:
   return tok_path
 
 
-def _tokenizer_dir(config: HHRewardModelConfig) -> pathlib.Path:
-  """Where the backbone's tokenizer files are (copied into outputs/rm)."""
-  if config.backbone == "scratch":
-    return _gpt2_tokenizer(config).parent
-  return _pretrained_dir(config)
-
-
 def _pretrained_dir(config: HHRewardModelConfig) -> pathlib.Path:
   if config.backbone == "tinystories":
     return _resolve(config.model_dir, DEFAULT_TINYSTORIES_DIR)
@@ -671,7 +664,7 @@ def run_hh_reward_model(
       return json.loads(results_path.read_text())  # already complete
     if placement.is_primary:
       write_json(run_dir / CONFIG_FILE, config_dict)
-    _data_dir(config)  # before the model loads
+    check_inputs(config)  # before the model loads
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     tok, template, model_config, params = _build_model(
       config, init_rng, placement
@@ -735,10 +728,12 @@ def run_hh_reward_model(
   }
   params = host_tree(params)  # on every process
   if placement.is_primary:  # results.json last: it marks the run finished
+    scratch = config.backbone == "scratch"
+    tok_dir = None if scratch else _pretrained_dir(config)
     out = write_reward_model(
-      run_dir, params, model_config, _tokenizer_dir(config), config.pooling
+      run_dir, params, model_config, tok_dir, config.pooling
     )
-    if config.backbone == "scratch":  # any file name: keep its own
+    if scratch:  # a tokenizer.json under any file name
       shutil.copyfile(_gpt2_tokenizer(config), out / "tokenizer.json")
     _write_outputs(run_dir, results, rc, rr, held_ds, total_steps, config)
   return results

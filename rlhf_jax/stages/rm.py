@@ -110,7 +110,7 @@ def write_reward_model(
   run_dir: pathlib.Path,
   params: Any,
   model_config: models.ModelConfig,
-  tokenizer_dir: pathlib.Path,
+  tokenizer_dir: pathlib.Path | None,
   pooling: str,
 ) -> pathlib.Path:
   """Writes ``<run_dir>/outputs/rm`` (atomically), which ``load_rm`` reads.
@@ -121,7 +121,7 @@ def write_reward_model(
       every process, write on the primary one).
     model_config: the backbone's config.
     tokenizer_dir: its tokenizer files (tokenizer.json, tokenizer_config.json,
-      ...) are copied alongside.
+      ...) are copied alongside; None copies none.
     pooling: "last" or "mean", kept in the head file's metadata.
 
   Returns:
