@@ -282,7 +282,11 @@ def _run_hh(config: Any) -> int:
     )
   except FileNotFoundError as e:
     raise runtime.UserError(str(e)) from None
-  for k in ("heldout/accuracy", "baseline/length_chars_accuracy"):
+  for k in (
+    "heldout/accuracy",
+    "heldout/stderr",
+    "baseline/length_chars_accuracy",
+  ):
     if k in results:
       print(f"{k} = {results[k]:.4f}")
   print(f"report: {run_dir / 'report.md'}")

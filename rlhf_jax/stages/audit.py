@@ -20,6 +20,7 @@ what rlhf-jax wrote.
 import dataclasses
 import json
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,9 +215,14 @@ def _tokenizer_dir(path: pathlib.Path) -> pathlib.Path:
   )
 
 
-def load_scorer(path: str) -> tuple[Any, Any, tuple[Any, Any]]:
+def load_scorer(
+  path: str, max_length: int | None = None
+) -> tuple[Any, Any, tuple[Any, Any]]:
   """(tokenizer adapter, its chat template or None, (params, jitted
   pair_rewards)) of a reward-model directory (``stages.rm.load_rm``).
+
+  A warning on stderr when ``max_length`` (prompt + response tokens the
+  pairs are scored at) exceeds the model's max_position_embeddings.
 
   Raises:
     UserError: no reward model or no tokenizer there.
@@ -231,6 +237,14 @@ def load_scorer(path: str) -> tuple[Any, Any, tuple[Any, Any]]:
   from rlhf_jax.train import pair_rewards
 
   model_config, params, pooling = load_rm(pathlib.Path(path))
+  limit = model_config.max_position_embeddings
+  if max_length is not None and max_length > limit:
+    sys.stderr.write(
+      f"rlhf-jax: warning: --reward-model {path} has "
+      f"max_position_embeddings {limit}, below the {max_length} tokens of "
+      "--max-prompt-length + --max-response-length; lower them to the "
+      "lengths it was trained at\n"
+    )
   tok = models.load_tokenizer(_tokenizer_dir(pathlib.Path(path)))
   adapter = HFTokenizerAdapter.wrap(tok)
   fn = jax.jit(
@@ -609,7 +623,9 @@ def run_audit(config: AuditConfig) -> int:
     from rlhf_jax.stages.environment import setup_jax
 
     setup_jax()
-    adapter, template, model = load_scorer(config.reward_model)
+    adapter, template, model = load_scorer(
+      config.reward_model, config.max_prompt_length + config.max_response_length
+    )
   interned, pairs, counts = read_judgements(
     config, template, scoring=model is not None
   )

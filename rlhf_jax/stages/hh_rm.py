@@ -586,6 +586,7 @@ def _data_counts(config, loaded, train_ds, held_ds) -> dict[str, Any]:
       if d.source == heldout_source and d.row < config.heldout_rows
     ),
     "data/rows_read": drops.total_read,
+    "data/rows_kept": drops.total_read - drops.total_dropped,
     "data/rows_dropped": drops.total_dropped,
     **{f"data/dropped_{k}": v for k, v in sorted(drops.counts().items())},
     "data/train_pairs": len(train_ds),

@@ -77,9 +77,11 @@ def write_accept_report(
     "",
     "A simulated user accepts a continuation with probability "
     "sigmoid(beta (gold - threshold)); the threshold is set so that the "
-    "initial policy's expected accept rate is "
-    f"{next(iter(curves.values()))[0]['eval/accept_rate']:.3f} on the "
-    f"held-out prompts (target {target}).",
+    "initial policy's expected accept rate on its samples of the training "
+    "prompts is --accept.initial-rate; on the held-out prompts it is "
+    f"{next(iter(curves.values()))[0]['eval/accept_rate']:.3f}. The target "
+    f"accept rate is {target}; round_at_target -1 and kl_at_target nan "
+    "mean an arm did not reach it.",
     "",
     "## Summary",
     "",

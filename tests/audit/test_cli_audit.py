@@ -281,3 +281,19 @@ def test_console_script_with_a_reward_model(tmp_path, reward_model_dir):
   report = (out / "report.md").read_text()
   assert "## Reward model" in report
   assert "![Calibration](plots/rm_calibration.png)" in report
+
+
+def test_scoring_beyond_the_models_positions_is_warned(
+  reward_model_dir, capsys
+):
+  from rlhf_jax.stages.audit import load_scorer
+
+  load_scorer(str(reward_model_dir), 512)  # TinyStories: 512 positions
+  assert capsys.readouterr().err == ""
+  load_scorer(str(reward_model_dir), 600)
+  assert capsys.readouterr().err == (
+    f"rlhf-jax: warning: --reward-model {reward_model_dir} has "
+    "max_position_embeddings 512, below the 600 tokens of "
+    "--max-prompt-length + --max-response-length; lower them to the "
+    "lengths it was trained at\n"
+  )
