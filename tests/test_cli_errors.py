@@ -337,3 +337,53 @@ def test_accept_rate_options_with_data_are_an_error(tmp_path, capsys):
     "--accept.arms sets the accept-rate task, which runs only without "
     "--data; drop it, or drop --data",
   )
+
+
+def _hh_inputs(tmp_path, shared_data):
+  """(empty dir, a TinyStories copy without tokenizer.json)."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  notok = tmp_path / "notok"
+  shutil.copytree(shared_data / "models" / "tinystories-656k", notok)
+  (notok / "tokenizer.json").unlink()
+  return empty, notok
+
+
+@pytest.mark.parametrize(
+  "case, expected",
+  [
+    ("data", "{empty}: no .jsonl or .jsonl.gz files (--hh.data-dir)"),
+    (
+      "heldout",
+      "--hh.heldout-file nope.jsonl.gz: not in {hh} (it holds "
+      "harmless-base-test-rows300-2311-minus-heldout-overlap.jsonl.gz, "
+      "helpful-base-test.jsonl.gz, "
+      "helpful-online-test.jsonl.gz, helpful-rejection-sampled-test.jsonl.gz)",
+    ),
+    ("notok", "{notok}: no tokenizer.json"),
+    (
+      "scratch",
+      "Error parsing hh: model_dir (--hh.model-dir) is the checkpoint of a "
+      "pretrained "
+      "backbone; backbone='scratch' (--hh.backbone) uses none",
+    ),
+  ],
+)
+def test_hh_inputs_are_checked_before_the_run_dir_is_made(
+  tmp_path, capsys, shared_data, case, expected
+):
+  empty, notok = _hh_inputs(tmp_path, shared_data)
+  hh = shared_data / "hh-rlhf"
+  extra = {
+    "data": ["--hh.data-dir", str(empty)],
+    "heldout": ["--hh.heldout-file", "nope.jsonl.gz"],
+    "notok": ["--hh.backbone", "tinystories", "--hh.model-dir", str(notok)],
+    "scratch": ["--hh.model-dir", str(notok)],
+  }[case]
+  run = tmp_path / "r"
+  args = ["rm", "--preset", "hh-rlhf-smoke", "--run-dir", str(run), *extra]
+  code, err = _run(capsys, args)
+  assert code == 2 and "Traceback" not in err, err
+  want = expected.format(empty=empty, hh=hh, notok=notok)
+  assert err.startswith(f"rlhf-jax: error: {want}"), err
+  assert not run.exists()

@@ -188,6 +188,11 @@ class HHRewardModelConfig:
         "or 'smollm2'); a frozen random backbone learns nothing: pass "
         "--hh.no-freeze-backbone or another --hh.backbone"
       )
+    if self.backbone == "scratch" and self.model_dir is not None:
+      raise ValueError(
+        "model_dir (--hh.model-dir) is the checkpoint of a pretrained "
+        "backbone; backbone='scratch' (--hh.backbone) uses none"
+      )
     if self.log_every < 1 or self.checkpoint_every < 1:
       raise ValueError(
         f"log_every={self.log_every} and checkpoint_every="
@@ -352,14 +357,28 @@ def check_inputs(config: HHRewardModelConfig) -> None:
 
   Raises:
     DataError: no HH-RLHF directory.
+    DataError: no HH-RLHF files there, or none named --hh.heldout-file.
     FileNotFoundError: no tokenizer.json (scratch) or backbone directory.
-    ModelLoadError: a backbone directory that cannot be loaded.
+    ModelLoadError: a backbone directory or tokenizer that cannot be
+      loaded.
   """
-  _data_dir(config)
+  data_dir = _data_dir(config)
+  names = sorted(
+    p.name for p in (*data_dir.glob("*.jsonl.gz"), *data_dir.glob("*.jsonl"))
+  )
+  if not names:
+    raise DataError(f"{data_dir}: no .jsonl or .jsonl.gz files (--hh.data-dir)")
+  if config.heldout_file not in names:
+    raise DataError(
+      f"--hh.heldout-file {config.heldout_file}: not in {data_dir} (it "
+      f"holds {', '.join(names)})"
+    )
   if config.backbone == "scratch":
     _gpt2_tokenizer(config)
   elif config.backbone in ("tinystories", "smollm2"):
-    models.check_hf_checkpoint(_pretrained_dir(config))
+    model_dir = _pretrained_dir(config)
+    models.check_hf_checkpoint(model_dir)
+    models.load_tokenizer(model_dir)
 
 
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
@@ -657,6 +676,7 @@ def run_hh_reward_model(
         write=placement.is_primary,
       )
 
+    check_inputs(config)  # before anything is written or loaded
     probe = loop(0)
     _check_resume(probe, resume)
     finished = probe.saved_metadata() is not None and results_path.is_file()
@@ -665,7 +685,6 @@ def run_hh_reward_model(
       return json.loads(results_path.read_text())  # already complete
     if placement.is_primary:
       write_json(run_dir / CONFIG_FILE, config_dict)
-    check_inputs(config)  # before the model loads
     init_rng = jax.random.split(jax.random.key(config.seed))[0]
     tok, template, model_config, params = _build_model(
       config, init_rng, placement
