@@ -276,3 +276,45 @@ def test_killed_save_is_never_latest(tmp_path):
   np.testing.assert_array_equal(restored["w"], np.ones(4))
   # The interrupted save left a temporary directory (not a step).
   assert leftovers, "expected the interrupted save's temporary directory"
+
+
+def test_host_checksums_equal_the_device_program():
+  """On CPU, `fingerprint` checksums with numpy; the values must equal the
+  compiled `_fingerprint`'s (a checkpoint written one way verifies the
+  other way), for every dtype a state holds, and change with one bit."""
+  from rlhf_jax.checkpoint import manager
+
+  rng = np.random.default_rng(0)
+  state = {
+    "f32": jnp.asarray(rng.normal(size=(33, 7)), jnp.float32),
+    "bf16": jnp.asarray(rng.normal(size=(5, 3)), jnp.bfloat16),
+    "f16": jnp.asarray(rng.normal(size=(4,)), jnp.float16),
+    "i32": jnp.asarray(rng.integers(-9, 9, size=(6,)), jnp.int32),
+    "u8": jnp.asarray(rng.integers(0, 255, size=(9,)), jnp.uint8),
+    "bool": jnp.asarray([True, False, True]),
+    "c64": jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),
+    "key": jax.random.key(3),
+    "scalar": jnp.float32(-2.5),
+  }
+  leaves = jax.tree.leaves(state)
+  sums, dtypes, finite = manager.fingerprint(state)
+  dev_sums, dev_finite = manager._fingerprint([jnp.asarray(x) for x in leaves])
+  assert sums == [int(v) for v in np.asarray(dev_sums)]
+  assert finite is bool(dev_finite) is True
+  assert dtypes == [str(x.dtype) for x in leaves]
+
+  state["f32"] = state["f32"].at[32, 6].set(jnp.nan)
+  flipped = np.asarray(state["bf16"]).view(np.uint16).copy()
+  flipped[4, 2] ^= 1
+  state["bf16"] = jnp.asarray(flipped.view(jnp.bfloat16))
+  sums2, _, finite2 = manager.fingerprint(state)
+  assert finite2 is False
+  names = sorted(state)  # the order of jax.tree.leaves
+  for name in ("f32", "bf16"):
+    assert sums2[names.index(name)] != sums[names.index(name)]
+  same = [n not in ("f32", "bf16") for n in names]
+  assert [a for a, k in zip(sums2, same, strict=True) if k] == [
+    b for b, k in zip(sums, same, strict=True) if k
+  ]
+  dev_sums2, _ = manager._fingerprint(jax.tree.leaves(state))
+  assert sums2 == [int(v) for v in np.asarray(dev_sums2)]

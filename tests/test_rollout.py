@@ -332,3 +332,74 @@ def test_exact_sampling_draws_from_the_training_forward(params, temperature):
       np.asarray(logits_t[:, p + t - 1])[ok],
       np.asarray(logits[:, p + t - 1])[ok],
     )
+
+
+# Random123's known-answer vectors for Threefry-2x32, 20 rounds (Salmon et
+# al. 2011): (key, counter) -> output.
+_THREEFRY_KAT = [
+  ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+  ((2**32 - 1,) * 2, (2**32 - 1,) * 2, (0x1CB996FC, 0xBB002BE7)),
+  (
+    (0x13198A2E, 0x03707344),
+    (0x243F6A88, 0x85A308D3),
+    (0xC4923A9C, 0x483DF7A0),
+  ),
+]
+
+
+def test_straight_line_threefry_gives_the_same_bits():
+  """rlhf_jax.rollout registers JAX's straight-line threefry on CPU
+  (rollout/threefry_cpu.py): known answers hold, and every bit equals the
+  rolled loop JAX uses on CPU by default."""
+  from jax._src.interpreters import mlir
+  from jax._src.random import threefry2x32 as tf
+  from jax.extend.random import threefry_2x32
+
+  from rlhf_jax.rollout import threefry_cpu
+
+  assert threefry_cpu.REGISTERED
+  for key, count, want in _THREEFRY_KAT:
+    got = jax.jit(threefry_2x32)(np.uint32(key), np.uint32(count))
+    np.testing.assert_array_equal(np.asarray(got), np.uint32(want))
+
+  def draws():  # a fresh function: lowered with the rule registered now
+    keys = jax.random.split(jax.random.key(7), 5)
+    return jax.jit(
+      lambda k: (
+        jax.vmap(lambda kk: jax.random.bits(kk, (333,), jnp.uint32))(k),
+        jax.vmap(lambda kk: jax.random.gumbel(kk, (64,)))(k),
+      )
+    )(keys)
+
+  straight = draws()
+  rolled_rule = tf._threefry2x32_cpu_lowering_rule
+  try:
+    mlir.register_lowering(tf.threefry2x32_p, rolled_rule, platform="cpu")
+    rolled = draws()
+  finally:
+    threefry_cpu.use_straight_line_threefry_on_cpu()
+  for a, b in zip(straight, rolled, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_decode_loop_has_no_nested_loop(params):
+  """T = 1 sampling lowers to one while loop (the decode steps): drawing
+  the Gumbel noise adds no loop of its own per step."""
+  ids, mask = _prompts()
+  text = (
+    jax.jit(
+      lambda p, i, m, k: generate(
+        p,
+        i,
+        m,
+        k,
+        config=CFG,
+        max_new_tokens=3,
+        eos_token_id=NEVER,
+        pad_token_id=PAD,
+      )
+    )
+    .lower(params, ids, mask, jax.random.key(0))
+    .as_text()
+  )
+  assert text.count("stablehlo.while") == 1

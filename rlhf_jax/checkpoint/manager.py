@@ -133,13 +133,68 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _host_words(x: np.ndarray) -> np.ndarray:
+  """`_words` in numpy, for dtypes of at most 32 bits (complex64 as its
+  two f32 parts)."""
+  if np.iscomplexobj(x):
+    x = np.stack([x.real, x.imag])
+  if x.dtype == np.bool_:
+    x = x.astype(np.uint8)
+  unsigned = np.dtype(f"uint{x.dtype.itemsize * 8}")
+  return np.ascontiguousarray(x).view(unsigned).astype(np.uint32).reshape(-1)
+
+
+def _host_fingerprint(leaves: list[np.ndarray]) -> tuple[list[int], bool]:
+  """`_fingerprint`'s checksums and finiteness, computed by numpy (uint32
+  products and sums wrap the same way)."""
+  sums, finite = [], True
+  for x in leaves:
+    w = _host_words(x)
+    i = np.arange(w.shape[0], dtype=np.uint32)
+    weight = (i * np.uint32(0x9E3779B1)) | np.uint32(1)
+    sums.append(int(np.sum(w * weight, dtype=np.uint32)))
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      finite = finite and bool(np.all(np.isfinite(x)))
+  return sums, finite
+
+
+def _on_host_cpu(x: jax.Array) -> bool:
+  """A single-process CPU array of <= 32-bit words: numpy reads it in
+  place, so checksumming it needs no compiled program."""
+  dtype = x.dtype
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    dtype = jax.random.key_data(x).dtype
+  small = np.dtype(dtype).itemsize <= (8 if jnp.iscomplexobj(x) else 4)
+  return (
+    small
+    and x.is_fully_addressable
+    and all(d.platform == "cpu" for d in x.devices())
+  )
+
+
 def fingerprint(state: PyTree) -> tuple[list[int], list[str], bool]:
-  """(checksum per leaf, dtype per leaf, whether every float is finite)."""
+  """(checksum per leaf, dtype per leaf, whether every float is finite).
+
+  On CPU the checksums are computed by numpy (no compile per state
+  structure); elsewhere by `_fingerprint` on the devices. Both give the
+  same values.
+  """
   leaves = [jnp.asarray(x) for x in jax.tree.leaves(state)]
   if not leaves:
     return [], [], True
-  sums, finite = _fingerprint(leaves)
   dtypes = [str(x.dtype) for x in leaves]
+  if all(_on_host_cpu(x) for x in leaves):
+    host = [
+      np.asarray(
+        jax.random.key_data(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        else x
+      )
+      for x in leaves
+    ]
+    sums, finite = _host_fingerprint(host)
+    return sums, dtypes, finite
+  sums, finite = _fingerprint(leaves)
   return [int(v) for v in _host(sums)], dtypes, bool(_host(finite))
 
 

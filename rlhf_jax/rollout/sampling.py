@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.masked import promote_f32
+from rlhf_jax.rollout import threefry_cpu  # noqa: F401 (registers)
 
 _NEG_INF = -jnp.inf
 
