@@ -39,6 +39,7 @@ from rlhf_jax.models.hf_io import (
   load_hf_checkpoint,
   load_hf_config,
   resolve_model_dir,
+  write_safetensors,
 )
 from rlhf_jax.models.tokenizer import (
   MissingSpecialTokenError,
@@ -87,6 +88,7 @@ __all__ = [
   "param_logical_axes",
   "prefill",
   "resolve_model_dir",
+  "write_safetensors",
   "reward_forward",
   "scalar_model_logical_axes",
   "unstack_layers",

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec, Sharding
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
+from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import (
   ModelConfig,
@@ -808,6 +808,32 @@ def hf_state_dict(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
   return out
 
 
+def _default_file_mode(directory: pathlib.Path) -> int:
+  """The mode open() gives a new file here: 0o666 less the umask (read by
+  creating a probe file; os.umask would change it for every thread)."""
+  probe = directory / f".mode-probe-{os.getpid()}-{id(directory)}"
+  fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+  try:
+    return os.fstat(fd).st_mode & 0o777
+  finally:
+    os.close(fd)
+    probe.unlink()
+
+
+def write_safetensors(
+  tensors: dict[str, Any],
+  path: str | os.PathLike,
+  metadata: dict[str, str] | None = None,
+) -> None:
+  """``safetensors.numpy.save_file`` of host copies of ``tensors``, with the
+  file mode of any other file the user writes (safetensors leaves 0600,
+  which other users and containers cannot read)."""
+  path = pathlib.Path(path)
+  host = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+  save_file(host, str(path), metadata=metadata)
+  os.chmod(path, _default_file_mode(path.parent))
+
+
 def export_hf_checkpoint(
   params: Params,
   config: ModelConfig,
@@ -852,11 +878,11 @@ def export_hf_checkpoint(
       "new or empty directory"
     )
   out.mkdir(parents=True, exist_ok=True)
-  tensors = {
-    k: jnp.asarray(np.ascontiguousarray(v))
-    for k, v in hf_state_dict(params, config).items()
-  }
-  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  write_safetensors(
+    hf_state_dict(params, config),
+    out / "model.safetensors",
+    metadata={"format": "pt"},
+  )
   hf = config.to_hf_dict()
   (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
   if tokenizer_dir is not None:

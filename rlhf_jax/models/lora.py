@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from rlhf_jax.models import transformer
 from rlhf_jax.models.config import (
@@ -57,6 +57,7 @@ from rlhf_jax.models.config import (
   ModelConfig,
   ModelLoadError,
 )
+from rlhf_jax.models.hf_io import write_safetensors
 
 __all__ = [
   "LORA_TARGETS",
@@ -377,7 +378,7 @@ def save_adapters(
   }
   _atomic_write(
     out / ADAPTER_WEIGHTS,
-    lambda tmp: save_file(tensors, tmp, metadata={"format": _FORMAT}),
+    lambda tmp: write_safetensors(tensors, tmp, metadata={"format": _FORMAT}),
   )
   meta = {
     "format": _FORMAT,

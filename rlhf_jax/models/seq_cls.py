@@ -50,7 +50,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
 
 from rlhf_jax.models.config import ModelConfig, ModelLoadError, read_json
 from rlhf_jax.models.hf_io import (
@@ -58,6 +57,7 @@ from rlhf_jax.models.hf_io import (
   hf_state_dict,
   load_hf_checkpoint,
   load_hf_config,
+  write_safetensors,
 )
 
 Params = dict[str, Any]
@@ -166,10 +166,8 @@ def export_sequence_classification(
     if k != "lm_head.weight"
   }
   tensors[SCORE] = kernel[None, :]
-  save_file(
-    {k: jnp.asarray(np.ascontiguousarray(v)) for k, v in tensors.items()},
-    str(out / "model.safetensors"),
-    metadata={"format": "pt"},
+  write_safetensors(
+    tensors, out / "model.safetensors", metadata={"format": "pt"}
   )
   hf = config.to_hf_dict()
   hf.update(

@@ -131,17 +131,14 @@ def write_reward_model(
   Raises:
     UserError: outputs/rm cannot be written (names the path and why).
   """
-  from safetensors.numpy import save_file
 
   with runtime.atomic_dir(run_dir / "outputs" / "rm") as out:
     models.export_hf_checkpoint(
       params["backbone"], model_config, out, tokenizer_dir=tokenizer_dir
     )
     (out / HEAD_DIR).mkdir(exist_ok=True)
-    save_file(
-      {k: np.asarray(v) for k, v in params["head"].items()},
-      str(out / HEAD_FILE),
-      metadata={"pooling": pooling},
+    models.write_safetensors(
+      params["head"], out / HEAD_FILE, metadata={"pooling": pooling}
     )
   return run_dir / "outputs" / "rm"
 

@@ -1,6 +1,7 @@
 """HF checkpoint load/export: round trips, shards, tied heads, bad inputs."""
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -206,3 +207,24 @@ def test_hub_id_found_in_local_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_CACHE", str(hub))
   config, _ = models.load_hf_checkpoint("someorg/tiny")
   assert config.model_type == "gpt2"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_weights_get_the_umask_mode(tmp_path, umask):
+  """safetensors itself writes 0600; exported weights, the reward head and
+  LoRA adapters get what open() would give (0644 under umask 022), like
+  the config and tokenizer files beside them."""
+  config, params = models.load_hf_checkpoint(FIX / "qwen2_tiny")
+  old = os.umask(umask)
+  try:
+    out = models.export_hf_checkpoint(params, config, tmp_path / "m")
+    models.write_safetensors(
+      {"w": np.ones(2, np.float32)}, tmp_path / "head.safetensors"
+    )
+  finally:
+    os.umask(old)
+  want = 0o666 & ~umask
+  for path in (out / "model.safetensors", tmp_path / "head.safetensors"):
+    assert path.stat().st_mode & 0o777 == want, path
+  assert (out / "config.json").stat().st_mode & 0o777 == want
+  assert not list(tmp_path.glob("**/.mode-probe-*"))
