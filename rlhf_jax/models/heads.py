@@ -103,7 +103,7 @@ def from_policy_params(
   }
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "rows_range"))
 def values_forward(
   params: Params,
   input_ids: Array,
@@ -111,6 +111,7 @@ def values_forward(
   *,
   config: ModelConfig,
   position_ids: Array | None = None,
+  rows_range: tuple[int, int] | None = None,
 ) -> Array:
   """Per-position scalar values f32[B, L] (value of the prefix x_{<=l}).
 
@@ -120,9 +121,13 @@ def values_forward(
     attention_mask: bool[B, L], True = real token.
     config: static config of the backbone.
     position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
+    rows_range: static (start, stop): the values of positions [start,
+      stop) only, f32[B, stop - start] (the last layer runs on those rows:
+      ``hidden_forward``).
 
   Returns:
-    f32[B, L]; slots where attention_mask is False hold 0.
+    f32[B, L] (or the rows of `rows_range`); slots where attention_mask is
+    False hold 0.
   """
   mask = attention_mask.astype(jnp.bool_)
   h = hidden_forward(
@@ -131,7 +136,10 @@ def values_forward(
     mask,
     config=config,
     position_ids=position_ids,
+    rows_range=rows_range,
   )
+  if rows_range is not None:
+    mask = mask[:, rows_range[0] : rows_range[1]]
   v = ScalarHead(config).apply({"params": params["head"]}, h)
   return jnp.where(mask, v, 0.0)
 
@@ -161,15 +169,16 @@ def reward_forward(
     f32[B].
   """
   mask = attention_mask.astype(jnp.bool_)
-  h = hidden_forward(
+  # An empty row reads position 0 and is zeroed below. The last layer runs
+  # on that one row per sequence (hidden_forward's row_index).
+  last = jnp.maximum(last_valid_index(mask), 0)
+  h_last = hidden_forward(
     params["backbone"],
     input_ids,
     mask,
     config=config,
     position_ids=position_ids,
-  )
-  # An empty row reads position 0 and is zeroed below.
-  last = jnp.maximum(last_valid_index(mask), 0)
-  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    row_index=last[:, None],
+  )[:, 0]
   r = ScalarHead(config).apply({"params": params["head"]}, h_last)
   return jnp.where(jnp.any(mask, axis=-1), r, 0.0)

@@ -73,6 +73,9 @@ from rlhf_jax.models.config import ModelConfig
 
 Array = jax.Array
 Params = dict[str, Any]
+# Rows of a sequence a forward's head reads: a static (start, stop) range,
+# or per-example positions i32[B, K].
+Rows = tuple[int, int] | Array
 _NEG = float(np.finfo(np.float32).min)
 # Layer stacks this deep or shallower are fully unrolled inside the layer
 # scan (`Transformer`); deeper ones loop (compile time grows with depth).
@@ -194,6 +197,15 @@ def _lead(v: Array, ndim: int) -> Array:
   return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
+def take_rows(x: Array, rows: Rows) -> Array:
+  """Rows of x [B, L, ...] along axis 1: x[:, start:stop] for a static
+  (start, stop), else the gather x[b, rows[b, k]] for rows i32[B, K]."""
+  if isinstance(rows, tuple):
+    return x[:, rows[0] : rows[1]]
+  index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
 class Norm(nn.Module):
   """RMSNorm (llama), (1 + w) RMSNorm (gemma) or LayerNorm (gpt2) over the
   last axis, computed in `acc_dtype` (f32).
@@ -290,7 +302,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, kv, layer, write_index):
+  def __call__(self, x, rope, mask, kv, layer, write_index, rows=None):
     cfg = self.config
     dt, acc = cfg.compute_dtype, cfg.acc_dtype
     d, h, hkv, dh = (
@@ -300,7 +312,7 @@ class Attention(nn.Module):
       cfg.head_dim,
     )
 
-    def proj(name, heads):
+    def proj(name, heads, x):
       shape, axes = (d, heads, dh), ("embed", "heads", "kv")
       w = _param(self, name, shape, axes, cfg)
       y = jnp.einsum("bld,dhk->blhk", x, w.astype(dt))
@@ -312,13 +324,20 @@ class Attention(nn.Module):
         y = y + _lead(b.astype(dt), y.ndim)
       return y
 
-    q, k, v = proj("q", h), proj("k", hkv), proj("v", hkv)
+    # With `rows`, only those query rows are computed (keys and values
+    # still cover every position): the last layer of a forward whose head
+    # reads a few rows.
+    x_q = x if rows is None else take_rows(x, rows)
+    q, k, v = proj("q", h, x_q), proj("k", hkv, x), proj("v", hkv, x)
     if cfg.qk_norm:
       q = Norm(cfg, head=True, name="q_norm")(q)
       k = Norm(cfg, head=True, name="k_norm")(k)
     if rope is not None:
       cos, sin = rope
-      q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+      k = _apply_rope(k, cos, sin)
+      if rows is not None:
+        cos, sin = take_rows(cos, rows), take_rows(sin, rows)
+      q = _apply_rope(q, cos, sin)
     # Keys and values as [B, Hkv, Dh, S], slot axis last: a decode step
     # reads the cache in place (no per-step transpose of the whole cache),
     # and its multiply-reduce over Dh (keys) or S (values) runs along
@@ -449,25 +468,31 @@ class Block(nn.Module):
   is the pair (full, sliding) of per-layer attention kinds, and the local
   rope tables when `rope` is the pair (global, local) (Gemma 3).
   Gemma adds norms on the attention and MLP outputs ("post_attn_norm",
-  "post_mlp_norm") before the residual adds.
+  "post_mlp_norm") before the residual adds. With `rows` (`take_rows`) the
+  block returns its outputs at those rows only, [B, K, D]: queries,
+  attention output and MLP run on K rows, keys and values on all L.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer, sliding, rope, mask, write_index):
+  def __call__(self, carry, layer, sliding, rope, mask, write_index, rows=None):
     cfg = self.config
     h, kv = carry
     if isinstance(mask, tuple):  # (full, sliding window)
       mask = _pick(sliding, mask[1], mask[0])
     if cfg.rope_local_base_freq is not None:  # (global, local) tables
       rope = _pick(sliding, rope[1], rope[0])
+    if rows is not None:  # outputs at `rows` only: [B, L, D] -> [B, K, D]
+      mask = take_rows(mask, rows)
     a, new_kv = Attention(cfg, name="attn")(
-      Norm(cfg, name="attn_norm")(h), rope, mask, kv, layer, write_index
+      Norm(cfg, name="attn_norm")(h), rope, mask, kv, layer, write_index, rows
     )
     gemma = cfg.family == "gemma"
     if gemma:
       a = Norm(cfg, name="post_attn_norm")(a)
+    if rows is not None:
+      h = take_rows(h, rows)
     h = h + a
     m = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(h))
     if gemma:
@@ -489,7 +514,9 @@ class Transformer(nn.Module):
   scan_layers: bool = True
 
   @nn.compact
-  def __call__(self, input_ids, positions, mask, kv=None, write_index=None):
+  def __call__(
+    self, input_ids, positions, mask, kv=None, write_index=None, rows=None
+  ):
     cfg = self.config
     dt = cfg.compute_dtype
     v, d = cfg.vocab_size, cfg.hidden_size
@@ -522,8 +549,13 @@ class Transformer(nn.Module):
       # stacked [N, ...] arrays every step (the scan's dynamic-slice).
       per_layer = kv is not None and isinstance(kv[0], (tuple, list))
       new_k, new_v = [], []
+      last = cfg.num_layers - 1
       for i, sliding in enumerate(cfg.sliding_layers):
-        if per_layer:
+        if rows is not None and i == last:
+          (h, _), _ = Block(cfg, name=f"layers_{i}")(
+            (h, None), i, sliding, rope, mask, None, rows
+          )
+        elif per_layer:
           (h, (k_i, v_i)), _ = block(cfg, name=f"layers_{i}")(
             (h, (kv[0][i], kv[1][i])), None, sliding, rope, mask, write_index
           )
@@ -542,23 +574,32 @@ class Transformer(nn.Module):
     # Not with projection biases: unrolled, XLA:CPU fuses a bias into its
     # matmul's epilogue, which rounds differently from the separate add, so
     # a zero LoRA delta would no longer leave the logits bitwise unchanged.
+    # With `rows`, `_run` splits the stacked params: "layers" holds the
+    # first N - 1 layers and "last_layer" the last, which runs on the rows.
+    n = cfg.num_layers - (rows is not None)
     biased = cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias
-    shallow = cfg.num_layers <= SCAN_UNROLL_MAX_LAYERS
-    unroll = cfg.num_layers if shallow and not biased else 1
-    scanned = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
-      length=cfg.num_layers,
-      unroll=unroll,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    sliding = jnp.asarray(cfg.sliding_layers, jnp.bool_)
-    (h, new_kv), _ = scanned(cfg, name="layers")(
-      (h, kv), layers, sliding, rope, mask, write_index
-    )
+    shallow = n <= SCAN_UNROLL_MAX_LAYERS
+    unroll = max(n, 1) if shallow and not biased else 1
+    new_kv = kv
+    if n:
+      scanned = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=n,
+        unroll=unroll,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      layers = jnp.arange(n, dtype=jnp.int32)
+      sliding = jnp.asarray(cfg.sliding_layers[:n], jnp.bool_)
+      (h, new_kv), _ = scanned(cfg, name="layers")(
+        (h, kv), layers, sliding, rope, mask, write_index
+      )
+    if rows is not None:
+      (h, _), _ = Block(cfg, name="last_layer")(
+        (h, None), n, cfg.sliding_layers[n], rope, mask, None, rows
+      )
     return Norm(cfg, name="final_norm")(h), new_kv
 
 
@@ -674,15 +715,24 @@ def param_logical_axes(config: ModelConfig) -> Any:
   return nn.get_partition_spec(boxed)
 
 
-def _run(params, input_ids, positions, mask, kv, write_index, config):
+def _run(
+  params, input_ids, positions, mask, kv, write_index, config, rows=None
+):
   scan = "layers" in params
   if scan and kv is not None and isinstance(kv[0], (tuple, list)):
     raise ValueError(
       "a per-layer KV cache (init_cache(..., per_layer=True)) needs "
       "per-layer params: pass models.unstack_layers(params, config)"
     )
+  if scan and rows is not None:  # see Transformer: last layer on `rows`
+    stacked = params["layers"]
+    params = {
+      **params,
+      "layers": jax.tree.map(lambda x: x[:-1], stacked),
+      "last_layer": jax.tree.map(lambda x: x[-1], stacked),
+    }
   return Transformer(config, scan_layers=scan).apply(
-    {"params": params}, input_ids, positions, mask, kv, write_index
+    {"params": params}, input_ids, positions, mask, kv, write_index, rows
   )
 
 
@@ -736,7 +786,8 @@ def forward(
     logits_range: static (start, stop): the LM head runs on positions
       [start, stop) only (a trainer that scores the response needs rows
       P - 1 .. L - 2: the V x D head and the softmax over V skip the rest
-      of the prompt). None: every position.
+      of the prompt), and so do the last layer's queries, attention output
+      and MLP unless `return_hidden`. None: every position.
 
   Returns:
     logits f32[B, L, V] (position l predicts token l + 1; f32[B, stop -
@@ -746,19 +797,22 @@ def forward(
     `rlhf_jax.models.lora`).
   """
   params = _freeze_base(params, config)
+  # All rows' hidden states are returned with return_hidden, so only
+  # without it does the last layer run on the head's rows alone.
+  rows = None if return_hidden else logits_range
   hidden = _full_sequence(
-    params, input_ids, attention_mask, position_ids, config
+    params, input_ids, attention_mask, position_ids, config, rows
   )
   head_in = hidden
-  if logits_range is not None:
-    head_in = hidden[:, logits_range[0] : logits_range[1]]
+  if logits_range is not None and rows is None:
+    head_in = take_rows(hidden, logits_range)
   logits = _logits(params, head_in, config)
   if return_hidden:
     return logits, hidden.astype(config.acc_dtype)
   return logits
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "rows_range"))
 def hidden_forward(
   params: Params,
   input_ids: Array,
@@ -766,23 +820,53 @@ def hidden_forward(
   *,
   config: ModelConfig,
   position_ids: Array | None = None,
+  rows_range: tuple[int, int] | None = None,
+  row_index: Array | None = None,
 ) -> Array:
-  """Final-norm hidden states f32[B, L, D] without the LM head."""
+  """Final-norm hidden states without the LM head.
+
+  Args:
+    params: LM params.
+    input_ids: i32[B, L].
+    attention_mask: bool[B, L], True = real token.
+    config: static `ModelConfig`.
+    position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
+    rows_range: static (start, stop): return positions [start, stop) only.
+    row_index: i32[B, K]: return positions row_index[b, k] only (in
+      [0, L); not with `rows_range`).
+
+  Returns:
+    f32[B, L, D]; f32[B, stop - start, D] or f32[B, K, D] with rows. With
+    rows the last layer's queries, attention output and MLP run on those
+    rows only (keys and values on all L): the same values as the full
+    forward's rows, for a fraction of the last layer's cost.
+
+  Raises:
+    ValueError: both `rows_range` and `row_index` given.
+  """
+  if rows_range is not None and row_index is not None:
+    raise ValueError("pass rows_range or row_index, not both")
+  rows = rows_range if row_index is None else row_index.astype(jnp.int32)
   params = _freeze_base(params, config)
   hidden = _full_sequence(
-    params, input_ids, attention_mask, position_ids, config
+    params, input_ids, attention_mask, position_ids, config, rows
   )
   return hidden.astype(config.acc_dtype)
 
 
-def _full_sequence(params, input_ids, attention_mask, position_ids, config):
-  """Final-norm hidden states of a causal pass over whole sequences."""
+def _full_sequence(
+  params, input_ids, attention_mask, position_ids, config, rows=None
+):
+  """Final-norm hidden states of a causal pass over whole sequences, at
+  `rows` only when given (`take_rows`)."""
   mask = attention_mask.astype(jnp.bool_)
   if position_ids is None:
     position_ids = default_positions(mask)
   length = input_ids.shape[1]
   attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
-  hidden, _ = _run(params, input_ids, position_ids, attn, None, None, config)
+  hidden, _ = _run(
+    params, input_ids, position_ids, attn, None, None, config, rows
+  )
   return hidden
 
 

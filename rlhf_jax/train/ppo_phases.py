@@ -40,9 +40,23 @@ from rlhf_jax.types import PPOBatch, PromptBatch, Rollout
 ScoreFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def response_slice(x: jax.Array, prompt_len: int) -> jax.Array:
-  """Positions P-1 .. L-2 of [B, L, ...]: the states before y_0 .. y_{T-1}."""
-  return x[:, prompt_len - 1 : x.shape[1] - 1]
+def response_values(
+  value_params,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  prompt_len: int,
+  model_config: "models.ModelConfig",
+) -> jax.Array:
+  """Values f32[B, T] of positions P-1 .. L-2 of input_ids i32[B, L]: the
+  states before y_0 .. y_{T-1} (the critic's last layer runs on those rows
+  only: ``models.values_forward``'s rows_range)."""
+  return models.values_forward(
+    value_params,
+    input_ids,
+    attention_mask,
+    config=model_config,
+    rows_range=(prompt_len - 1, input_ids.shape[1] - 1),
+  )
 
 
 def sequences(rollout: Rollout) -> tuple[jax.Array, jax.Array]:
@@ -155,8 +169,8 @@ def reference_and_values(
   entropy = entropy_from_logits(logits, temperature=temperature)
   del logits
   ref_logprobs = logprobs(logits_of(ref_params))
-  values = models.values_forward(value_params, ids, attn, config=model_config)
-  old_values = jnp.where(mask, response_slice(values, prompt_len), 0.0)
+  values = response_values(value_params, ids, attn, prompt_len, model_config)
+  old_values = jnp.where(mask, values, 0.0)
   return old_logprobs, ref_logprobs, old_values, entropy
 
 

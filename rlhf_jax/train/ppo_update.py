@@ -34,7 +34,7 @@ from rlhf_jax.train.common import (
   response_logits,
 )
 from rlhf_jax.train.ppo_config import PPOConfig
-from rlhf_jax.train.ppo_phases import response_slice
+from rlhf_jax.train.ppo_phases import response_values
 from rlhf_jax.train.state import PPOState
 from rlhf_jax.types import PPOBatch
 
@@ -108,9 +108,9 @@ def minibatch_loss(
   kl_term, kl_stats = kl_loss(
     logp, mb.ref_logprobs, mask, kl_estimator=config.kl_estimator, **agg
   )
-  values = models.values_forward(value, ids, attn, config=model_config)
+  values = response_values(value, ids, attn, prompt_len, model_config)
   vf_loss, v_stats = ppo_value_loss(
-    response_slice(values, prompt_len),
+    values,
     mb.old_values,
     mb.returns,
     mask,

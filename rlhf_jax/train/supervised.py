@@ -187,11 +187,15 @@ def response_mean_reward(
   Returns:
     f32[B]; 0 for an empty response.
   """
-  values = models.values_forward(
-    params, input_ids, attention_mask, config=model_config
-  )
   mask = response_mask.astype(bool)
-  values = values[:, input_ids.shape[1] - mask.shape[1] :]
+  length = input_ids.shape[1]
+  values = models.values_forward(
+    params,
+    input_ids,
+    attention_mask,
+    config=model_config,
+    rows_range=(length - mask.shape[1], length),
+  )
   total = jnp.sum(jnp.where(mask, values, 0.0), axis=-1)
   count = jnp.sum(mask, axis=-1)
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
