@@ -9,24 +9,30 @@ vocab 8192, tied embeddings) with random weights, float32.
 * Peak: median time of a jitted ``jnp.dot`` of two f32[2048, 2048]
   matrices (2 * 2048^3 FLOPs), in the same process.
 * Reward-model step (``make_reward_model_step``, Adam): one compiled step
-  on B pairs; FLOPs = forward + backward of 2B sequences of length L.
+  on B pairs; FLOPs = forward + backward of 2B sequences of length L,
+  scored at their last token.
 * PPO update: the optimisation part of ``make_ppo_step``. The iteration is
   one compiled program (sampling, scoring, reference, values, GAE, then
   ppo_epochs x num_minibatches updates in lax.scan), so the update is timed
   by difference: t(ppo_epochs=3) - t(ppo_epochs=1) = two epochs of updates
   on the same rollout shapes (sampling cost cancels; each update is a policy
-  and a critic forward + backward on every sequence).
+  and a critic forward + backward on every sequence); and directly: one
+  ``ppo_update.make_update`` call on a minibatch of the same shapes (the
+  difference of two noisy timings swings the most).
 
-FLOP counts, per sequence of length L (Kaplan et al. 2020; Hoffmann et al.
-2022 app. F): a matmul with N weights costs 2 N per token forward and 4 N
-backward, so training costs 6 N L; attention adds 2 * 2 L^2 D per layer
-forward (scores q k^T and the weighted sum p v over all L x L pairs: the
-implementation computes the full square with a causal mask), x 3 for
-training. N counts matmul weights only: the tied embedding counts once, as
-the LM head (the reward model and critic have no LM head, only a D -> 1
-scalar head). XLA's own count (``compiled.cost_analysis()["flops"]``) is
-printed beside it; XLA counts the body of a while loop (lax.scan) once, not
-times its trip count, so it undercounts scanned programs.
+FLOP counts: the work the implementation does (Kaplan et al. 2020;
+Hoffmann et al. 2022 app. F): a matmul with N weights costs 2 N per row
+forward and 4 N backward (6 N for training); attention costs 2 * 2 Lq L D
+per layer forward (scores q k^T and the weighted sum p v over every
+query-key pair: the implementation computes the full square with a causal
+mask), x 3 for training. The last layer computes its queries, attention
+output and MLP only on the rows the head reads (``models.hidden_forward``'s
+rows): one row per sequence for the reward model, the T response rows for
+the PPO policy (with the LM head, the tied embedding, on those T rows) and
+critic; its keys and values run on all L rows. XLA's own count
+(``compiled.cost_analysis()["flops"]``) is printed beside it; XLA counts
+the body of a while loop (lax.scan) once, not times its trip count, so it
+undercounts scanned programs.
 
 Times are medians of ``--repeats`` runs after one warm-up call; compile time
 is ``jit(...).lower(...).compile()``. Nothing is asserted.
@@ -52,7 +58,8 @@ from rlhf_jax.train import (
   make_ppo_step,
   make_reward_model_step,
 )
-from rlhf_jax.types import PreferenceBatch, PromptBatch
+from rlhf_jax.train.ppo_update import Learner, make_update
+from rlhf_jax.types import PPOBatch, PreferenceBatch, PromptBatch
 
 CFG = models.ModelConfig(
   model_type="llama",
@@ -104,9 +111,20 @@ def matmul_peak(repeats: int, n: int = 2048) -> float:
   return 2 * n**3 / seconds
 
 
-def _attention_train_flops(seqs: int, length: int) -> float:
-  d = CFG.num_heads * CFG.head_dim
-  return 3 * seqs * CFG.num_layers * 2 * 2 * length**2 * d
+def _train_flops(seqs: int, length: int, rows: int, lm_head: bool) -> float:
+  """Forward + backward FLOPs of `seqs` sequences of `length` whose head
+  reads `rows` rows each (module docstring)."""
+  d, f = CFG.hidden_size, CFG.intermediate_size
+  q_o = 2 * d * CFG.num_heads * CFG.head_dim  # q and o weights
+  kv = 2 * d * CFG.num_kv_heads * CFG.head_dim
+  mlp = 3 * d * f
+  attn = 2 * CFG.num_heads * CFG.head_dim  # per query-key pair
+  full_layer = length * (q_o + kv + mlp) + length * length * attn
+  last_layer = rows * (q_o + mlp) + length * kv + rows * length * attn
+  macs = (CFG.num_layers - 1) * full_layer + last_layer
+  if lm_head:
+    macs += rows * d * CFG.vocab_size
+  return 6 * seqs * macs
 
 
 def _random_rows(rng, batch, length, left):
@@ -137,11 +155,8 @@ def bench_reward_model(repeats, pairs, prompt_len, resp_len):
     return metrics
 
   seconds = _median_time(run, repeats)
-  n_backbone = (
-    _param_count(params["backbone"]) - CFG.vocab_size * CFG.hidden_size
-  )
   seqs, length = 2 * pairs, prompt_len + resp_len
-  flops = 6 * n_backbone * seqs * length + _attention_train_flops(seqs, length)
+  flops = _train_flops(seqs, length, rows=1, lm_head=False)
   return {
     "name": f"reward-model step ({pairs} pairs, L={length})",
     "params": _param_count(params),
@@ -181,10 +196,9 @@ def bench_ppo(repeats, prompts, group, prompt_len, new_tokens):
     seconds = _median_time(call, repeats)
     results[epochs] = (compile_s, seconds, _xla_flops(compiled))
   seqs, length = prompts * group, prompt_len + new_tokens
-  n_policy = _param_count(policy)  # tied: embedding counted as LM head
-  n_value = _param_count(value["backbone"]) - CFG.vocab_size * CFG.hidden_size
-  epoch_flops = 6 * (n_policy + n_value) * seqs * length
-  epoch_flops += 2 * _attention_train_flops(seqs, length)
+  n_policy = _param_count(policy)
+  epoch_flops = _train_flops(seqs, length, rows=new_tokens, lm_head=True)
+  epoch_flops += _train_flops(seqs, length, rows=new_tokens, lm_head=False)
   update_s = (results[3][1] - results[1][1]) / 2
   return [
     {
@@ -214,6 +228,64 @@ def bench_ppo(repeats, prompts, group, prompt_len, new_tokens):
   ]
 
 
+def bench_ppo_update(repeats, seqs, prompt_len, new_tokens):
+  """One PPO update (``ppo_update.make_update``: policy and critic forward
+  + backward, both Adam steps) on a minibatch of `seqs` rollouts, timed
+  directly: the ratio, advantages and value targets are random, which
+  changes no shape and no FLOP."""
+  rng = np.random.default_rng(2)
+  p, pm = _random_rows(rng, seqs, prompt_len, left=True)
+  shape = (seqs, new_tokens)
+
+  def draw(scale, shift=0.0):
+    return jnp.asarray(rng.normal(size=shape) * scale + shift, jnp.float32)
+
+  batch = PPOBatch(
+    prompt_ids=p,
+    prompt_mask=pm,
+    response_ids=jnp.asarray(rng.integers(3, CFG.vocab_size, shape)),
+    response_mask=jnp.ones(shape, jnp.bool_),
+    old_logprobs=draw(0.1, -9.0),  # ~ log(1 / V): ratios near 1
+    ref_logprobs=draw(0.1, -9.0),
+    old_values=draw(0.1),
+    advantages=draw(1.0),
+    returns=draw(1.0),
+  )
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-6))
+  policy = models.init_params(CFG, jax.random.key(0))
+  value = models.from_policy_params(policy, CFG, jax.random.key(1))
+  learner = Learner(
+    policy, value, opt.init(policy), opt.init(value), jnp.zeros((), jnp.int32)
+  )
+  cfg = PPOConfig(
+    eos_token_id=CFG.vocab_size + 1, pad_token_id=0, max_new_tokens=new_tokens
+  )
+  update = make_update(CFG, cfg, opt, opt)
+
+  def step(learner, batch):
+    return update(learner, (batch, jnp.asarray(False)))
+
+  compiled, compile_s = _compile(step, learner, batch, donate=True)
+  holder = [learner]
+
+  def run():
+    holder[0], stats = compiled(holder[0], batch)
+    return stats
+
+  seconds = _median_time(run, max(repeats, 5))
+  length = prompt_len + new_tokens
+  flops = _train_flops(seqs, length, rows=new_tokens, lm_head=True)
+  flops += _train_flops(seqs, length, rows=new_tokens, lm_head=False)
+  return {
+    "name": f"PPO update, one minibatch ({seqs} seqs, L={length})",
+    "params": _param_count(policy) + _param_count(value),
+    "compile_s": compile_s,
+    "step_s": seconds,
+    "flops": flops,
+    "xla_flops": _xla_flops(compiled),
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=3)
@@ -226,6 +298,7 @@ def main() -> None:
   print(f"f32 matmul peak (jnp.dot 2048^3, median): {peak / 1e9:.1f} GFLOP/s")
   rows = [bench_reward_model(args.repeats, args.pairs, 32, 96)]
   rows += bench_ppo(args.repeats, args.prompts, 2, 32, 32)
+  rows.append(bench_ppo_update(args.repeats, args.prompts * 2, 32, 32))
   n = _param_count(models.init_params(CFG, jax.random.key(0)))
   print(f"model: {n / 1e6:.2f}M policy params (tied embeddings)")
   header = (
