@@ -46,7 +46,32 @@ def response_logits(
     input_ids,
     attention_mask,
     config=model_config,
-    logits_range=(prompt_length - 1, input_ids.shape[1] - 1),
+    logits_range=response_rows(prompt_length, input_ids.shape[1]),
+  )
+
+
+def response_rows(prompt_length: int, length: int) -> tuple[int, int]:
+  """(P - 1, L - 1): the rows of a [B, L] sequence that predict the
+  response tokens (logits) or hold the states before them (values)."""
+  return (prompt_length - 1, length - 1)
+
+
+def response_values(
+  value_params: Any,
+  input_ids: jax.Array,
+  attention_mask: jax.Array,
+  prompt_length: int,
+  model_config: Any,
+) -> jax.Array:
+  """Values f32[B, T] of the states before y_0 .. y_{T-1}: rows P - 1 ..
+  L - 2, the critic's last layer run on those rows only."""
+  rows = response_rows(prompt_length, input_ids.shape[1])
+  return models.values_forward(
+    value_params,
+    input_ids,
+    attention_mask,
+    config=model_config,
+    rows_range=rows,
   )
 
 

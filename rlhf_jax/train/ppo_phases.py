@@ -32,31 +32,13 @@ from rlhf_jax.train.common import (
   concat_prompt_response,
   global_sum,
   response_logits,
+  response_values,
 )
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.state import RewardNormState
 from rlhf_jax.types import PPOBatch, PromptBatch, Rollout
 
 ScoreFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
-
-
-def response_values(
-  value_params,
-  input_ids: jax.Array,
-  attention_mask: jax.Array,
-  prompt_len: int,
-  model_config: "models.ModelConfig",
-) -> jax.Array:
-  """Values f32[B, T] of positions P-1 .. L-2 of input_ids i32[B, L]: the
-  states before y_0 .. y_{T-1} (the critic's last layer runs on those rows
-  only: ``models.values_forward``'s rows_range)."""
-  return models.values_forward(
-    value_params,
-    input_ids,
-    attention_mask,
-    config=model_config,
-    rows_range=(prompt_len - 1, input_ids.shape[1] - 1),
-  )
 
 
 def sequences(rollout: Rollout) -> tuple[jax.Array, jax.Array]:

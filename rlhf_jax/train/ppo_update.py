@@ -32,9 +32,9 @@ from rlhf_jax.train.common import (
   concat_prompt_response,
   loss_normalizer,
   response_logits,
+  response_values,
 )
 from rlhf_jax.train.ppo_config import PPOConfig
-from rlhf_jax.train.ppo_phases import response_values
 from rlhf_jax.train.state import PPOState
 from rlhf_jax.types import PPOBatch
 
