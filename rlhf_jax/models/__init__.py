@@ -41,22 +41,24 @@ from rlhf_jax.models.hf_io import (
   resolve_model_dir,
   write_safetensors,
 )
+from rlhf_jax.models.kv_cache import (
+  KVCache,
+  decode_step,
+  init_cache,
+  prefill,
+)
 from rlhf_jax.models.tokenizer import (
   MissingSpecialTokenError,
   Tokenizer,
   load_tokenizer,
 )
 from rlhf_jax.models.transformer import (
-  KVCache,
   Transformer,
-  decode_step,
   default_positions,
   forward,
   hidden_forward,
-  init_cache,
   init_params,
   param_logical_axes,
-  prefill,
   unstack_layers,
 )
 

@@ -1,0 +1,158 @@
+"""KV cache, prefill and incremental decoding of the transformer.
+
+The cache holds keys and values slot-minor ([..., Hkv, Dh, S]): a decode
+step reads it in place, without a per-step transpose of the whole cache
+(`transformer.Attention`). Slots line up across the batch (prompts are
+padded to one length); positions continue from the real tokens already in
+each row (docs/conventions.md, convention 2).
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import (
+  Array,
+  Params,
+  _causal_mask,
+  _indices,
+  _logits,
+  _run,
+  default_positions,
+)
+
+
+@struct.dataclass
+class KVCache:
+  """Static-shape KV cache for incremental decoding.
+
+  Attributes:
+    k: [N, B, Hkv, Dh, S] keys per layer (N layers, S slots), cache dtype;
+      or a tuple of N [B, Hkv, Dh, S] arrays (``per_layer``).
+    v: [N, B, Hkv, Dh, S] values per layer (slot axis last: the layout the
+      probs @ V dot reads), or a tuple of N [B, Hkv, Dh, S].
+    key_mask: bool[B, S], True where the slot holds a real token.
+    index: i32[] next slot to write (same for all rows: prompts are padded
+      to a common length, so slots line up across the batch).
+  """
+
+  k: Array
+  v: Array
+  key_mask: Array
+  index: Array
+
+
+def init_cache(
+  config: ModelConfig,
+  batch_size: int,
+  max_length: int,
+  dtype: Any = None,
+  *,
+  per_layer: bool = False,
+) -> KVCache:
+  """Empty cache with S = max_length slots (dtype defaults to compute).
+
+  ``per_layer=True`` keeps one array per layer (a tuple), which only the
+  per-layer params of `unstack_layers` accept; each decode step then updates
+  and reads a layer's cache in place (``generate`` uses it). The stacked
+  default works with either params layout.
+  """
+  dtype = config.compute_dtype if dtype is None else dtype
+  n, hkv, dh = config.num_layers, config.num_kv_heads, config.head_dim
+  shape = (batch_size, hkv, dh, max_length)  # keys and values alike
+  if per_layer:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(n))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(n))
+  else:
+    k, v = jnp.zeros((n, *shape), dtype), jnp.zeros((n, *shape), dtype)
+  return KVCache(
+    k=k,
+    v=v,
+    key_mask=jnp.zeros((batch_size, max_length), jnp.bool_),
+    index=jnp.zeros((), jnp.int32),
+  )
+
+
+def _cached_step(params, ids, token_mask, cache, config):
+  """Writes `ids` [B, L] at slots [index, index + L) and attends the cache."""
+  length = ids.shape[1]
+  n_before = jnp.sum(cache.key_mask, axis=-1, dtype=jnp.int32)
+  positions = n_before[:, None] + default_positions(token_mask)
+  key_mask = jax.lax.dynamic_update_slice(
+    cache.key_mask, token_mask, _indices(0, cache.index)
+  )
+  q_slots = cache.index + jnp.arange(length, dtype=jnp.int32)
+  attn = _causal_mask(key_mask, q_slots, config)
+  hidden, (k, v) = _run(
+    params, ids, positions, attn, (cache.k, cache.v), cache.index, config
+  )
+  new_cache = KVCache(k=k, v=v, key_mask=key_mask, index=cache.index + length)
+  return hidden, new_cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill(
+  params: Params,
+  prompt_ids: Array,
+  prompt_mask: Array,
+  *,
+  config: ModelConfig,
+  cache: KVCache,
+) -> tuple[Array, KVCache]:
+  """Runs the prompt through the model and stores its keys/values.
+
+  Args:
+    params: LM params.
+    prompt_ids: i32[B, P] (normally left-padded).
+    prompt_mask: bool[B, P], True = real token.
+    config: static config.
+    cache: from `init_cache`; the prompt is written at slots
+      [cache.index, cache.index + P). The caller keeps index + P <= S.
+
+  Returns:
+    (logits f32[B, V] at each row's LAST real prompt token (from the mask),
+    updated cache). Position ids continue from the real tokens already in
+    the cache: pos = n_before + cumsum(mask) - 1.
+  """
+  mask = prompt_mask.astype(jnp.bool_)
+  hidden, cache = _cached_step(params, prompt_ids, mask, cache, config)
+  length = prompt_ids.shape[1]
+  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+  h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  return _logits(params, h_last, config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def decode_step(
+  params: Params,
+  token_ids: Array,
+  cache: KVCache,
+  *,
+  config: ModelConfig,
+  token_mask: Array | None = None,
+) -> tuple[Array, KVCache]:
+  """One incremental decoding step.
+
+  Args:
+    params: LM params.
+    token_ids: i32[B] the tokens just sampled.
+    cache: current cache; the tokens go to slot `cache.index` (the caller
+      keeps index < S; an out-of-range write is clamped by XLA).
+    config: static config.
+    token_mask: optional bool[B]; False marks a token that later tokens must
+      not attend to (default all True).
+
+  Returns:
+    (logits f32[B, V] for the next token, cache). The new token's position
+    is the number of real tokens already in its row.
+  """
+  if token_mask is None:
+    token_mask = jnp.ones(token_ids.shape, jnp.bool_)
+  hidden, cache = _cached_step(
+    params, token_ids[:, None], token_mask[:, None], cache, config
+  )
+  return _logits(params, hidden[:, 0], config), cache
