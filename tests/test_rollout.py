@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
-from rlhf_jax.logprobs import response_logprobs
 from rlhf_jax.rollout import generate, top_k_filter, top_p_filter
 from rlhf_jax.rollout.generate import response_mask_from_ids
 from rlhf_jax.rollout.sampling import first_argmax, sample_token
+from rlhf_jax.train.common import teacher_forced_logprobs
 
 CFG = models.ModelConfig(
   model_type="llama",
@@ -49,15 +49,28 @@ def _prompts():
 
 
 def _teacher_forced(params, rollout, temperature):
+  """The trainer's logprobs (train.common.teacher_forced_logprobs)."""
   ids = jnp.concatenate([rollout.prompt_ids, rollout.response_ids], 1)
   mask = jnp.concatenate([rollout.prompt_mask, rollout.response_mask], 1)
-  logits = models.forward(params, ids, mask, config=CFG)
-  return response_logprobs(
-    logits,
+  return teacher_forced_logprobs(
+    params,
     ids,
+    mask,
     prompt_length=rollout.prompt_ids.shape[1],
-    temperature=temperature,
     response_mask=rollout.response_mask,
+    temperature=jnp.float32(temperature),
+    model_config=CFG,
+  )
+
+
+def _training_logits(params, ids, mask, prompt_length):
+  """The trainer's logits f32[B, T, V]: rows P - 1 .. L - 2."""
+  return models.forward(
+    params,
+    ids,
+    mask,
+    config=CFG,
+    logits_range=(prompt_length - 1, ids.shape[1] - 1),
   )
 
 
@@ -297,8 +310,8 @@ def test_exact_sampling_draws_from_the_training_forward(params, temperature):
   assert not bool(ro.truncated[0]) and int(ro.response_lengths[0]) <= 4
   full = jnp.concatenate([ro.prompt_ids, ro.response_ids], 1)
   fmask = jnp.concatenate([ro.prompt_mask, ro.response_mask], 1)
-  logits = models.forward(params, full, fmask, config=CFG)
   p = ids.shape[1]
+  logits = _training_logits(params, full, fmask, p)
   row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
     key, jnp.arange(4, dtype=jnp.uint32)
   )
@@ -306,7 +319,7 @@ def test_exact_sampling_draws_from_the_training_forward(params, temperature):
   for t in range(12):
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t)
     want, _ = sample_token(
-      logits[:, p + t - 1], step_keys, temperature=jnp.float32(temperature)
+      logits[:, t], step_keys, temperature=jnp.float32(temperature)
     )
     got = np.asarray(ro.response_ids[:, t])
     np.testing.assert_array_equal(
@@ -321,16 +334,16 @@ def test_exact_sampling_draws_from_the_training_forward(params, temperature):
   # P + t - 1 bitwise (causal masking hides the later slots).
   for t in (1, 6):
     part = (jnp.arange(12) < t)[None, :]
-    logits_t = models.forward(
+    logits_t = _training_logits(
       params,
       jnp.concatenate([ids, jnp.where(part, ro.response_ids, PAD)], 1),
       jnp.concatenate([mask, ro.response_mask & part], 1),
-      config=CFG,
+      p,
     )
     ok = rmask[:, t - 1]
     np.testing.assert_array_equal(
-      np.asarray(logits_t[:, p + t - 1])[ok],
-      np.asarray(logits[:, p + t - 1])[ok],
+      np.asarray(logits_t[:, t - 1])[ok],
+      np.asarray(logits[:, t - 1])[ok],
     )
 
 

@@ -829,7 +829,8 @@ def write_safetensors(
   file mode of any other file the user writes (safetensors leaves 0600,
   which other users and containers cannot read)."""
   path = pathlib.Path(path)
-  host = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+  # order="C", not ascontiguousarray, which turns a 0-d scalar into [1].
+  host = {k: np.asarray(v, order="C") for k, v in tensors.items()}
   save_file(host, str(path), metadata=metadata)
   os.chmod(path, _default_file_mode(path.parent))
 

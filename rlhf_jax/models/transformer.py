@@ -367,7 +367,8 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, False).astype(dt)
     b, length = q.shape[0], q.shape[1]
     qg = q.reshape(b, length, hkv, h // hkv, dh)
-    if length == 1:
+    decode = length == 1 and kv is not None
+    if decode:
       # One query (a decode step): the dots are batched matrix-vector
       # products, which XLA:CPU runs far below its elementwise speed;
       # multiply-and-reduce fuses into one vectorised loop each (over Dh for
@@ -393,7 +394,7 @@ class Attention(nn.Module):
     scores = _softcap(scores, cfg.attn_logit_softcapping)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if length == 1:
+    if decode:
       out = jnp.sum(probs[:, :, :, :, None, :] * v[:, :, None, None], axis=-1)
       out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, 1, h, dh)
     else:
@@ -507,6 +508,12 @@ class Transformer(nn.Module):
   `_logits` so that heads can skip the V x D projection. With
   ``scan_layers=False`` the blocks are unrolled and read the per-layer params
   "layers_0" ... "layers_{N-1}" of `unstack_layers`.
+
+  With `rows` (`take_rows`; see `prunes_last_layer`) it returns the final
+  hidden states at those rows only, f32[B, K, D], and the last block runs
+  on them alone; the scanned layout then expects its params split as
+  "layers" (the first N - 1 layers, stacked) and "last_layer" (`_run`
+  splits them).
   """
 
   config: ModelConfig
@@ -576,9 +583,8 @@ class Transformer(nn.Module):
     # With `rows`, `_run` splits the stacked params: "layers" holds the
     # first N - 1 layers and "last_layer" the last, which runs on the rows.
     n = cfg.num_layers - (rows is not None)
-    biased = cfg.attention_bias or cfg.attention_out_bias or cfg.mlp_bias
     shallow = n <= SCAN_UNROLL_MAX_LAYERS
-    unroll = max(n, 1) if shallow and not biased else 1
+    unroll = max(n, 1) if shallow and not _biased(cfg) else 1
     new_kv = kv
     if n:
       scanned = nn.scan(
@@ -714,6 +720,28 @@ def param_logical_axes(config: ModelConfig) -> Any:
   return nn.get_partition_spec(boxed)
 
 
+def _biased(config: ModelConfig) -> bool:
+  return config.attention_bias or config.attention_out_bias or config.mlp_bias
+
+
+def prunes_last_layer(config: ModelConfig) -> bool:
+  """Whether a forward that returns some rows runs its last layer on those
+  rows only (queries, attention output and MLP; keys and values on all).
+
+  Only for stacks the layer scan unrolls (at most SCAN_UNROLL_MAX_LAYERS
+  layers, no projection biases) and without remat: splitting off the last
+  layer would copy the stacked weights into a rolled scan's input, leave
+  biased models' zero-LoRA identity to an unrolled kernel, and keep the
+  last layer's activations that remat drops. Otherwise every row is
+  computed and the rows are taken at the end (the same values).
+  """
+  return (
+    config.num_layers <= SCAN_UNROLL_MAX_LAYERS
+    and not _biased(config)
+    and not config.remat
+  )
+
+
 def _run(
   params, input_ids, positions, mask, kv, write_index, config, rows=None
 ):
@@ -723,6 +751,13 @@ def _run(
       "a per-layer KV cache (init_cache(..., per_layer=True)) needs "
       "per-layer params: pass models.unstack_layers(params, config)"
     )
+  if rows is not None and kv is not None:
+    raise ValueError("rows are for full-sequence forwards, not a KV cache")
+  if rows is not None and not prunes_last_layer(config):
+    hidden, new_kv = _run(
+      params, input_ids, positions, mask, kv, write_index, config
+    )
+    return take_rows(hidden, rows), new_kv
   if scan and rows is not None:  # see Transformer: last layer on `rows`
     stacked = params["layers"]
     params = {
@@ -786,7 +821,8 @@ def forward(
       [start, stop) only (a trainer that scores the response needs rows
       P - 1 .. L - 2: the V x D head and the softmax over V skip the rest
       of the prompt), and so do the last layer's queries, attention output
-      and MLP unless `return_hidden`. None: every position.
+      and MLP unless `return_hidden` (where `prunes_last_layer`). None:
+      every position.
 
   Returns:
     logits f32[B, L, V] (position l predicts token l + 1; f32[B, stop -
@@ -836,9 +872,10 @@ def hidden_forward(
 
   Returns:
     f32[B, L, D]; f32[B, stop - start, D] or f32[B, K, D] with rows. With
-    rows the last layer's queries, attention output and MLP run on those
-    rows only (keys and values on all L): the same values as the full
-    forward's rows, for a fraction of the last layer's cost.
+    rows, where `prunes_last_layer(config)`, the last layer's queries,
+    attention output and MLP run on those rows only (keys and values on
+    all L): the full forward's values at those rows (to float rounding),
+    for a fraction of the last layer's cost.
 
   Raises:
     ValueError: both `rows_range` and `row_index` given.

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models
-from rlhf_jax.logprobs import response_logprobs
+from rlhf_jax.logprobs import logprobs_from_logits
 from rlhf_jax.rollout.sampling import sample_token
 from rlhf_jax.types import Rollout
 
@@ -233,7 +233,8 @@ def _generate_full_forward(
 ):
   """generate(kv_cache=False): the training forward at every step.
 
-  Step t runs models.forward on ids = [prompt | response so far | pad] with
+  Step t runs models.forward (with the trainer's logits_range, rows P - 1
+  .. L - 2) on ids = [prompt | response so far | pad] with
   mask = [prompt_mask | response_mask so far | False]: the same shapes,
   tokens, positions and masks as the trainer's forward on the finished
   sequence at every position <= P + t - 1, and causal masking hides the
@@ -248,13 +249,15 @@ def _generate_full_forward(
   resp_mask0 = jnp.zeros((batch, max_new_tokens), bool)
   done0 = jnp.zeros((batch,), bool)
 
+  # The rows that predict the response (P - 1 .. L - 2), the trainer's
+  # `logits_range`: the same function, last layer included.
+  rows = (prompt_len - 1, prompt_len - 1 + max_new_tokens)
+
   def body(carry):
     t, ids, resp_mask, done = carry
     mask = jnp.concatenate([prompt_mask, resp_mask], axis=1)
-    logits = models.forward(params, ids, mask, config=config)
-    step_logits = jax.lax.dynamic_index_in_dim(
-      logits, prompt_len + t - 1, 1, False
-    )
+    logits = models.forward(params, ids, mask, config=config, logits_range=rows)
+    step_logits = jax.lax.dynamic_index_in_dim(logits, t, 1, False)
     # The logprob is computed after the loop, by the trainer's function.
     tok, _ = draw(t, step_logits, done)
     zero = jnp.int32(0)
@@ -276,13 +279,10 @@ def _generate_full_forward(
     ids,
     jnp.concatenate([prompt_mask, resp_mask], axis=1),
     config=config,
+    logits_range=rows,
   )
-  logps = response_logprobs(
-    logits,
-    ids,
-    prompt_length=prompt_len,
-    temperature=temperature,
-    response_mask=resp_mask,
+  logps = logprobs_from_logits(
+    logits, ids[:, prompt_len:], temperature=temperature, mask=resp_mask
   )
   rollout = _rollout(
     prompt_ids,

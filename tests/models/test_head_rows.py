@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
-from rlhf_jax.models import lora
+from rlhf_jax.models import lora, transformer
 
 FIX = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
 NAMES = [
@@ -95,11 +95,16 @@ def _deep(config):
   return dataclasses.replace(config, num_layers=n)
 
 
-@pytest.mark.parametrize("variant", ["deep", "remat", "unstacked", "lora"])
+@pytest.mark.parametrize(
+  "variant", ["deep", "remat", "unstacked", "lora", "one_layer"]
+)
 def test_rows_in_every_layout_and_their_gradients(variant):
   config, params, ids, mask, _ = _fixture("llama3_tiny")
   if variant == "deep":
     config = _deep(config)
+    params = models.init_params(config, jax.random.key(1))
+  if variant == "one_layer":  # the last layer alone, no scan before it
+    config = dataclasses.replace(config, num_layers=1)
     params = models.init_params(config, jax.random.key(1))
   if variant == "remat":
     config = dataclasses.replace(config, remat=True)
@@ -155,3 +160,46 @@ def test_pruned_forward_skips_the_last_layers_rows():
 
   ratio = _flops(one, params) / _flops(full, params)
   assert 0.4 < ratio < 0.75, ratio
+
+
+def test_which_models_prune_the_last_layer():
+  """Shallow unbiased stacks without remat do; a deep (rolled) scan, remat
+  and projection biases keep every row (the same values, above)."""
+  llama = _fixture("llama3_tiny")[0]
+  assert transformer.prunes_last_layer(llama)
+  assert transformer.prunes_last_layer(_fixture("gemma2_tiny")[0])
+  assert not transformer.prunes_last_layer(_deep(llama))
+  assert not transformer.prunes_last_layer(
+    dataclasses.replace(llama, remat=True)
+  )
+  for biased in ("gpt2_tiny", "qwen2_tiny"):
+    assert not transformer.prunes_last_layer(_fixture(biased)[0])
+
+
+def test_return_hidden_keeps_every_row():
+  config, params, ids, mask, _ = _fixture("gemma3_tiny")
+  full_logits, full_hidden = models.forward(
+    params, ids, mask, config=config, return_hidden=True
+  )
+  logits, hidden = models.forward(
+    params, ids, mask, config=config, return_hidden=True, logits_range=(2, 8)
+  )
+  assert hidden.shape == full_hidden.shape
+  _close(hidden, full_hidden, 0)
+  _close(logits, full_logits[:, 2:8])
+
+
+def test_rows_with_a_kv_cache_are_refused():
+  config, params, ids, mask, _ = _fixture("llama3_tiny")
+  cache = models.init_cache(config, ids.shape[0], ids.shape[1])
+  with pytest.raises(ValueError, match="not a KV cache"):
+    transformer._run(
+      params,
+      ids,
+      ids,
+      jnp.ones((ids.shape[0], ids.shape[1], ids.shape[1]), jnp.bool_),
+      (cache.k, cache.v),
+      cache.index,
+      config,
+      (0, 2),
+    )

@@ -228,3 +228,24 @@ def test_written_weights_get_the_umask_mode(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == want, path
   assert (out / "config.json").stat().st_mode & 0o777 == want
   assert not list(tmp_path.glob("**/.mode-probe-*"))
+
+
+def test_written_weights_keep_their_shapes_and_values(tmp_path):
+  """A scalar stays 0-d (the reward head's bias), non-contiguous arrays are
+  written as their values, metadata survives."""
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+
+  tensors = {
+    "bias": np.float32(0.25),
+    "w": np.arange(6, dtype=np.float32).reshape(2, 3).T,  # a view, F-order
+    "b": jnp.ones((2,), jnp.bfloat16),
+  }
+  path = tmp_path / "t.safetensors"
+  models.write_safetensors(tensors, path, metadata={"pooling": "last"})
+  back = load_file(str(path))
+  assert back["bias"].shape == () and float(back["bias"]) == 0.25
+  np.testing.assert_array_equal(back["w"], np.asarray(tensors["w"]))
+  assert back["b"].shape == (2,)
+  with safe_open(str(path), "np") as f:
+    assert f.metadata() == {"pooling": "last"}
