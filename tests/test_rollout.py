@@ -9,7 +9,7 @@ from rlhf_jax import models
 from rlhf_jax.rollout import generate, top_k_filter, top_p_filter
 from rlhf_jax.rollout.generate import response_mask_from_ids
 from rlhf_jax.rollout.sampling import first_argmax, sample_token
-from rlhf_jax.train.common import teacher_forced_logprobs
+from rlhf_jax.train.common import response_logits, teacher_forced_logprobs
 
 CFG = models.ModelConfig(
   model_type="llama",
@@ -65,13 +65,7 @@ def _teacher_forced(params, rollout, temperature):
 
 def _training_logits(params, ids, mask, prompt_length):
   """The trainer's logits f32[B, T, V]: rows P - 1 .. L - 2."""
-  return models.forward(
-    params,
-    ids,
-    mask,
-    config=CFG,
-    logits_range=(prompt_length - 1, ids.shape[1] - 1),
-  )
+  return response_logits(params, ids, mask, prompt_length, CFG)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])

@@ -196,6 +196,18 @@ def _lead(v: Array, ndim: int) -> Array:
   return v.reshape((1,) * (ndim - v.ndim) + v.shape)
 
 
+def check_rows_range(rows: tuple[int, int] | None, length: int, name: str):
+  """Raises ValueError unless rows is None or 0 <= start < stop <= length
+  (a slice past the end would silently return fewer rows)."""
+  if rows is None:
+    return
+  if len(rows) != 2 or not 0 <= rows[0] < rows[1] <= length:
+    raise ValueError(
+      f"{name}={tuple(rows)}: expected (start, stop) with 0 <= start < "
+      f"stop <= L = {length}"
+    )
+
+
 def take_rows(x: Array, rows: Rows) -> Array:
   """Rows of x [B, L, ...] along axis 1: x[:, start:stop] for a static
   (start, stop), else the gather x[b, rows[b, k]] for rows i32[B, K]."""
@@ -830,7 +842,11 @@ def forward(
     `return_hidden`. Pad-query positions are finite but meaningless. With
     LoRA adapters in `params`, the base leaves are frozen (stop_gradient;
     `rlhf_jax.models.lora`).
+
+  Raises:
+    ValueError: `logits_range` outside [0, L] or empty.
   """
+  check_rows_range(logits_range, input_ids.shape[1], "logits_range")
   params = _freeze_base(params, config)
   # All rows' hidden states are returned with return_hidden, so only
   # without it does the last layer run on the head's rows alone.
@@ -878,10 +894,13 @@ def hidden_forward(
     for a fraction of the last layer's cost.
 
   Raises:
-    ValueError: both `rows_range` and `row_index` given.
+    ValueError: both `rows_range` and `row_index` given, or `rows_range`
+      outside [0, L] or empty. (`row_index` is traced: out-of-range
+      values are clamped by the gather, not reported.)
   """
   if rows_range is not None and row_index is not None:
     raise ValueError("pass rows_range or row_index, not both")
+  check_rows_range(rows_range, input_ids.shape[1], "rows_range")
   rows = rows_range if row_index is None else row_index.astype(jnp.int32)
   params = _freeze_base(params, config)
   hidden = _full_sequence(

@@ -203,3 +203,24 @@ def test_rows_with_a_kv_cache_are_refused():
       config,
       (0, 2),
     )
+
+
+@pytest.mark.parametrize("rows", [(3, 3), (5, 2), (0, 10), (-1, 4)])
+def test_a_bad_rows_range_is_an_error_naming_it(rows):
+  config, params, ids, mask, _ = _fixture("llama3_tiny")  # L = 9
+  with pytest.raises(ValueError, match=r"rows_range=.*L = 9"):
+    models.hidden_forward(params, ids, mask, config=config, rows_range=rows)
+  with pytest.raises(ValueError, match=r"logits_range=.*L = 9"):
+    models.forward(params, ids, mask, config=config, logits_range=rows)
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  with pytest.raises(ValueError, match="rows_range"):
+    models.values_forward(rm, ids, mask, config=config, rows_range=rows)
+  with pytest.raises(ValueError, match="not both"):
+    models.hidden_forward(
+      params,
+      ids,
+      mask,
+      config=config,
+      rows_range=(0, 2),
+      row_index=jnp.zeros((ids.shape[0], 1), jnp.int32),
+    )
