@@ -144,8 +144,8 @@ def _lora_delta(module, name, x, w_shape, axes, config):
   b = _param(
     module, name + LORA_B, (r, *w_shape[n_in:]), ("lora", *axes[n_in:]), config
   )
-  xa = jnp.tensordot(x, a.astype(dt), axes=n_in)
-  return jnp.tensordot(xa, b.astype(dt), axes=1) * jnp.asarray(lora.scale, dt)
+  xa = flat_dot(x, a.astype(dt), n_in)
+  return flat_dot(xa, b.astype(dt)) * jnp.asarray(lora.scale, dt)
 
 
 def _freeze_base(params: Params, config: ModelConfig) -> Params:
@@ -183,6 +183,44 @@ def _param(module, name, shape, axes, config):
     shape,
     config.params_dtype,
   )
+
+
+def flat_dot(
+  x: Array,
+  w: Array,
+  n_in: int = 1,
+  *,
+  w_transposed: bool = False,
+  preferred_element_type: Any = None,
+) -> Array:
+  """x [..., *in] contracted with w [*in, *out] as one 2-D matmul.
+
+  Same product as ``jnp.einsum("...i,io->...o")``, computed as an
+  [M, K] x [K, N] dot with M the product of x's leading axes. Why: the
+  einsum's weight gradient contracts over every leading axis at once, which
+  XLA:CPU lowers with a strided transposing copy of the [..., out]
+  gradient; the 2-D dot's weight gradient is a plain matmul (a SwiGLU MLP's
+  forward + backward 1.3-1.4x faster, benchmarks/README.md).
+
+  Args:
+    x: [..., *in] activations (f32 or bf16).
+    w: [*in, *out] weights in x's dtype, or [*out, *in] with
+      ``w_transposed`` (a tied embedding [V, D] used as the LM head).
+    n_in: number of contracted trailing axes of x.
+    preferred_element_type: result dtype (as in ``jnp.einsum``); x's when
+      None.
+
+  Returns:
+    [..., *out].
+  """
+  lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
+  out = w.shape[: w.ndim - n_in] if w_transposed else w.shape[n_in:]
+  w2 = w.reshape(-1, k) if w_transposed else w.reshape(k, -1)
+  dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
+  y = jax.lax.dot_general(
+    x.reshape(-1, k), w2, dims, preferred_element_type=preferred_element_type
+  )
+  return y.reshape(*lead, *out)
 
 
 def _indices(*xs) -> tuple[Array, ...]:
@@ -326,7 +364,7 @@ class Attention(nn.Module):
     def proj(name, heads, x):
       shape, axes = (d, heads, dh), ("embed", "heads", "kv")
       w = _param(self, name, shape, axes, cfg)
-      y = jnp.einsum("bld,dhk->blhk", x, w.astype(dt))
+      y = flat_dot(x, w.astype(dt))
       delta = _lora_delta(self, name, x, shape, axes, cfg)
       if delta is not None:
         y = y + delta
@@ -414,7 +452,7 @@ class Attention(nn.Module):
       out = out.reshape(b, length, h, dh)
     o_shape, o_axes = (h, dh, d), ("heads", "kv", "embed")
     wo = _param(self, "o", o_shape, o_axes, cfg)
-    y = jnp.einsum("blhk,hkd->bld", out, wo.astype(dt))
+    y = flat_dot(out, wo.astype(dt), 2)
     delta = _lora_delta(self, "o", out, o_shape, o_axes, cfg)
     if delta is not None:
       y = y + delta
@@ -438,7 +476,7 @@ class Mlp(nn.Module):
 
     def dense(name, x, shape, axes):
       w = _param(self, name, shape, axes, cfg)
-      y = jnp.einsum("bli,io->blo", x, w.astype(dt))
+      y = flat_dot(x, w.astype(dt))
       delta = _lora_delta(self, name, x, shape, axes, cfg)
       if delta is not None:
         y = y + delta
@@ -636,18 +674,15 @@ def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
   """
   dt, acc = config.compute_dtype, config.acc_dtype
   if config.tie_word_embeddings and "lm_head" not in params:
-    logits = jnp.einsum(
-      "...d,vd->...v",
+    logits = flat_dot(
       hidden,
       params["embed"].astype(dt),
+      w_transposed=True,
       preferred_element_type=acc,
     )
   else:
-    logits = jnp.einsum(
-      "...d,dv->...v",
-      hidden,
-      params["lm_head"].astype(dt),
-      preferred_element_type=acc,
+    logits = flat_dot(
+      hidden, params["lm_head"].astype(dt), preferred_element_type=acc
     )
   return _softcap(logits, config.final_logit_softcapping)
 
