@@ -1,4 +1,4 @@
-"""rlhf_jax against Tunix and transformers, side by side (issue 16).
+"""rlhf_jax against Tunix and transformers, side by side.
 
   bash scripts/setup_peers.sh            # once: .side/venv311, .side/venv312
   .venv/bin/python benchmarks/bench_peers.py [--repeats 7] [--out FILE]

@@ -1,5 +1,7 @@
-"""Achieved FLOP/s of the reward-model step and of the PPO update (issue 5,
-acceptance 8), as a fraction of this machine's measured f32 matmul rate.
+"""Achieved FLOP/s of the reward-model step and of the PPO update.
+
+Both as a fraction of this machine's f32 matmul rate, measured in the
+same run.
 
   .venv/bin/python benchmarks/bench_train_flops.py [--repeats 3]
 
