@@ -146,12 +146,24 @@ def response_logprobs(
       f" {prompt_length!r}"
     )
   # Row P + t - 1 scores token P + t: drop the last row, keep the response ids.
+  start, stop = response_rows(prompt_length, seq_len)
   return logprobs_from_logits(
-    logits[:, prompt_length - 1 : seq_len - 1],
+    logits[:, start:stop],
     input_ids[:, prompt_length:],
     temperature=temperature,
     mask=response_mask,
   )
+
+
+def response_rows(prompt_length: int, length: int) -> tuple[int, int]:
+  """(P - 1, L - 1): the rows of a [B, L] sequence that predict its response
+  tokens y_0 .. y_{T-1} (logits row P + t - 1 scores token P + t), which
+  are also the states before them (a critic's values).
+
+  >>> response_rows(2, 4)
+  (1, 3)
+  """
+  return (prompt_length - 1, length - 1)
 
 
 def entropy_from_logits(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import (
   Array,
@@ -120,8 +121,7 @@ def prefill(
   """
   mask = prompt_mask.astype(jnp.bool_)
   hidden, cache = _cached_step(params, prompt_ids, mask, cache, config)
-  length = prompt_ids.shape[1]
-  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)
+  last = last_valid_index(mask)  # -1 (an empty row) reads row P - 1
   h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
   return _logits(params, h_last, config), cache
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models
-from rlhf_jax.logprobs import logprobs_from_logits
+from rlhf_jax.logprobs import logprobs_from_logits, response_rows
 from rlhf_jax.rollout.sampling import sample_token
 from rlhf_jax.types import Rollout
 
@@ -251,7 +251,7 @@ def _generate_full_forward(
 
   # The rows that predict the response (P - 1 .. L - 2), the trainer's
   # `logits_range`: the same function, last layer included.
-  rows = (prompt_len - 1, prompt_len - 1 + max_new_tokens)
+  rows = response_rows(prompt_len, prompt_len + max_new_tokens)
 
   def body(carry):
     t, ids, resp_mask, done = carry

@@ -20,7 +20,7 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
-from rlhf_jax.logprobs import logprobs_from_logits
+from rlhf_jax.logprobs import logprobs_from_logits, response_rows
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import PreferenceBatch
 
@@ -48,12 +48,6 @@ def response_logits(
     config=model_config,
     logits_range=response_rows(prompt_length, input_ids.shape[1]),
   )
-
-
-def response_rows(prompt_length: int, length: int) -> tuple[int, int]:
-  """(P - 1, L - 1): the rows of a [B, L] sequence that predict the
-  response tokens (logits) or hold the states before them (values)."""
-  return (prompt_length - 1, length - 1)
 
 
 def response_values(
