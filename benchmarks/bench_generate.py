@@ -218,12 +218,22 @@ def bench_model(name, model_dir, prompts, worker, args) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=9)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--new-tokens", type=int, default=64)
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   parser.add_argument(
-    "--models", nargs="+", default=["tinystories-656k", "llama-20m"]
+    "--repeats", type=int, default=9, help="alternating runs per side"
+  )
+  parser.add_argument("--batch", type=int, default=16, help="prompts")
+  parser.add_argument(
+    "--new-tokens", type=int, default=64, help="tokens per prompt"
+  )
+  parser.add_argument(
+    "--models",
+    nargs="+",
+    default=["tinystories-656k", "llama-20m"],
+    help="subset of: tinystories-656k llama-20m",
   )
   parser.add_argument(
     "--threads",

@@ -531,17 +531,34 @@ def _uptime() -> str:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--new-tokens", type=int, default=64)
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=7, help="alternating rounds per row"
+  )
+  parser.add_argument(
+    "--new-tokens", type=int, default=64, help="sampler tokens per row"
+  )
   parser.add_argument(
     "--only",
     nargs="+",
     default=["sampler", "dpo", "rm", "ppo", "grpo"],
     help="subset of: sampler dpo rm ppo grpo",
   )
-  parser.add_argument("--tunix-python", type=pathlib.Path, default=SIDE312)
-  parser.add_argument("--hf-python", type=pathlib.Path, default=SIDE311)
+  parser.add_argument(
+    "--tunix-python",
+    type=pathlib.Path,
+    default=SIDE312,
+    help="Python with google-tunix (bash scripts/setup_peers.sh)",
+  )
+  parser.add_argument(
+    "--hf-python",
+    type=pathlib.Path,
+    default=SIDE311,
+    help="Python with torch + transformers (bash scripts/setup_peers.sh)",
+  )
   parser.add_argument(
     "--out",
     type=pathlib.Path,

@@ -289,10 +289,19 @@ def bench_ppo_update(repeats, seqs, prompt_len, new_tokens):
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--pairs", type=int, default=4)
-  parser.add_argument("--prompts", type=int, default=4)
+  parser = argparse.ArgumentParser(
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument(
+    "--repeats", type=int, default=3, help="timed calls per row (median)"
+  )
+  parser.add_argument(
+    "--pairs", type=int, default=4, help="reward-model preference pairs"
+  )
+  parser.add_argument(
+    "--prompts", type=int, default=4, help="PPO prompts per iteration"
+  )
   args = parser.parse_args()
 
   print(f"devices: {jax.devices()}")
