@@ -195,6 +195,23 @@ def test_unknown_option(capsys):
   )
 
 
+@pytest.mark.parametrize(
+  "command, flag, meant",
+  [
+    ("dpo", "--dpo.step", "--dpo.steps or --dpo.warmup-steps"),
+    ("rm", "--rm.bach-size", "--rm.batch-size"),
+  ],
+)
+def test_misspelt_option_names_the_suggestions(capsys, command, flag, meant):
+  code, err = _run(capsys, [command, flag, "3"])
+  _check(
+    code,
+    err,
+    f"Unrecognized options: {flag}, 3; perhaps you meant {meant} (see "
+    f"`rlhf-jax {command} --help`)",
+  )
+
+
 def test_bad_option_value(capsys):
   code, err = _run(capsys, ["run", "--rm.steps", "many"])
   _check(
@@ -362,6 +379,16 @@ def _hh_inputs(tmp_path, shared_data):
     ),
     ("notok", "{notok}: no tokenizer.json"),
     (
+      "missing",
+      "{empty}/nope: no such directory (expected a checkpoint directory: "
+      "config.json + *.safetensors) (--hh.model-dir)",
+    ),
+    (
+      "pairs",
+      "Error parsing hh: max_train_pairs=4 (--hh.max-train-pairs) is fewer "
+      "than one batch, batch_size=8 (--hh.batch-size)",
+    ),
+    (
       "scratch",
       "Error parsing hh: model_dir (--hh.model-dir) is the checkpoint of a "
       "pretrained "
@@ -378,6 +405,13 @@ def test_hh_inputs_are_checked_before_the_run_dir_is_made(
     "data": ["--hh.data-dir", str(empty)],
     "heldout": ["--hh.heldout-file", "nope.jsonl.gz"],
     "notok": ["--hh.backbone", "tinystories", "--hh.model-dir", str(notok)],
+    "missing": [
+      "--hh.backbone",
+      "tinystories",
+      "--hh.model-dir",
+      str(empty / "nope"),
+    ],
+    "pairs": ["--hh.max-train-pairs", "4", "--hh.batch-size", "8"],
     "scratch": ["--hh.model-dir", str(notok)],
   }[case]
   run = tmp_path / "r"
@@ -386,4 +420,23 @@ def test_hh_inputs_are_checked_before_the_run_dir_is_made(
   assert code == 2 and "Traceback" not in err, err
   want = expected.format(empty=empty, hh=hh, notok=notok)
   assert err.startswith(f"rlhf-jax: error: {want}"), err
+  assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo", "sft", "kto"])
+def test_model_without_tokenizer_is_refused_before_the_run_dir(
+  tmp_path, capsys, shared_data, command
+):
+  _, notok = _hh_inputs(tmp_path, shared_data)
+  run = tmp_path / "r"
+  args = [command, "--model", str(notok), "--run-dir", str(run)]
+  if command in ("sft", "kto"):  # these read --data with the tokenizer
+    row = {"prompt": "a", "completion": "b", "label": True}
+    args += ["--data", _write(tmp_path / "d.jsonl", [json.dumps(row)])]
+  code, err = _run(capsys, args)
+  _check(
+    code,
+    err,
+    f"{notok}: no tokenizer.json (only fast-tokenizer files are supported)",
+  )
   assert not run.exists()

@@ -72,6 +72,25 @@ def test_one_line_reads_unicode_and_ascii_panels():
   assert _one_line(ascii_) == "Error parsing --a: bad"
 
 
+@pytest.mark.parametrize("edge", ["│", "|"])
+def test_one_line_keeps_the_suggested_flags(edge):
+  panel = f"{edge}- Unrecognized options -{edge}\n" + "".join(
+    f"{edge} {line} {edge}\n"
+    for line in [
+      "Unrecognized options: --a.stp, 3",
+      "Perhaps you meant:",
+      "    --a.step INT",
+      "        Steps. (default: 1) --not-this-one",
+      "    --a.steps-per-eval INT",
+      "For full helptext, run p --help",
+    ]
+  )
+  assert _one_line(panel) == (
+    "Unrecognized options: --a.stp, 3; perhaps you meant --a.step or "
+    "--a.steps-per-eval"
+  )
+
+
 def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
   cfg = dataclasses.replace(P.smoke_pipeline(), run_dir=str(tmp_path / "r"))
   run_dir = runtime.prepare_run_dir("run", cfg, extra={"model_dir": "m"})

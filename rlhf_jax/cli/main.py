@@ -114,6 +114,11 @@ def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
 _BOX_EDGE = re.compile(r"^[\s│╭╮╰╯─┤├|+\-]+|[\s│╭╮╰╯─┤├|+\-]+$")
 
 
+# A flag tyro suggests for an unrecognized one: first on its line of the
+# box (its help text follows on more deeply indented lines).
+_SUGGESTED = re.compile(r"^[│|]?[ \t]*(--[a-z][\w.\-]*)", re.MULTILINE)
+
+
 def _one_line(text: str) -> str:
   """The message of tyro's boxed error, on one line."""
   lines = []
@@ -130,6 +135,11 @@ def _one_line(text: str) -> str:
     if ("Argument helptext:" in lines)
     else lines[1:]
   )
+  if "Perhaps you meant:" in rest:  # "Unrecognized options" + suggestions
+    at = rest.index("Perhaps you meant:")
+    flags = _SUGGESTED.findall(text.split("Perhaps you meant:", 1)[1])
+    hint = f"; perhaps you meant {' or '.join(flags)}" if flags else ""
+    return " ".join(rest[:at]) + hint
   body = rest[:1]
   for line in rest[1:]:
     if body[-1].endswith((".", ":")):

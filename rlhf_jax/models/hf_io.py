@@ -312,6 +312,11 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
       "*.safetensors), got a file"
     )
   name = str(path_or_hub_id)
+  if name.count("/") > 1 or name.startswith((".", "/", "~")):  # not an id
+    raise _MissingFileError(
+      f"{name}: no such directory (expected a checkpoint directory: "
+      "config.json + *.safetensors)"
+    )
   cache = _hub_cache_dir()
   repo = cache / ("models--" + name.replace("/", "--"))
   snapshots = repo / "snapshots"

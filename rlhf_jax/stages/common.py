@@ -315,6 +315,19 @@ def check_policy(model_dir: pathlib.Path) -> None:
     raise _policy_error(e, model_dir) from None
 
 
+def policy_tokenizer(model_dir: pathlib.Path) -> Any:
+  """The policy's tokenizer, read after `check_policy`: a bad model
+  directory is named in its own words before a missing tokenizer.json,
+  and both before any run directory is made.
+
+  Raises:
+    UserError: as `check_policy`.
+    FileNotFoundError, ModelLoadError: no usable tokenizer.json.
+  """
+  check_policy(model_dir)
+  return models.load_tokenizer(model_dir)
+
+
 def _policy_error(e: Exception, model_dir: pathlib.Path) -> runtime.UserError:
   hint = ""
   config_only = (model_dir / "config.json").is_file() and not any(

@@ -198,6 +198,14 @@ class HHRewardModelConfig:
         f"log_every={self.log_every} and checkpoint_every="
         f"{self.checkpoint_every}: expected >= 1"
       )
+    if self.max_train_pairs is not None and (
+      self.max_train_pairs < self.batch_size
+    ):
+      raise ValueError(
+        f"max_train_pairs={self.max_train_pairs} (--hh.max-train-pairs) is "
+        f"fewer than one batch, batch_size={self.batch_size} "
+        "(--hh.batch-size)"
+      )
     if self.checkpoint_every % self.log_every:
       # A checkpoint between two log records would lose the partial
       # window on resume, and the resumed metrics would differ.
@@ -377,8 +385,13 @@ def check_inputs(config: HHRewardModelConfig) -> None:
     _gpt2_tokenizer(config)
   elif config.backbone in ("tinystories", "smollm2"):
     model_dir = _pretrained_dir(config)
-    models.check_hf_checkpoint(model_dir)
-    models.load_tokenizer(model_dir)
+    try:
+      models.check_hf_checkpoint(model_dir)
+      models.load_tokenizer(model_dir)
+    except FileNotFoundError as e:
+      if config.model_dir is None:
+        raise
+      raise FileNotFoundError(f"{e} (--hh.model-dir)") from None
 
 
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
@@ -401,7 +414,8 @@ def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):
     train = [train[i] for i in np.sort(pick)]
   if len(train) < config.batch_size:
     raise DataError(
-      f"{len(train)} training pairs, fewer than batch_size={config.batch_size}"
+      f"{len(train)} training pairs, fewer than batch_size="
+      f"{config.batch_size} (--hh.batch-size)"
     )
   return loaded, train, held
 

@@ -39,6 +39,7 @@ from rlhf_jax.stages.common import (
   load_policy,
   open_run_dir,
   optimizer,
+  policy_tokenizer,
 )
 from rlhf_jax.stages.configs import KTOStageConfig
 from rlhf_jax.stages.report import write_policy_outputs
@@ -224,11 +225,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
     raise DataError(f"--data {config.data}: no such file or directory")
   placement = Placement.create(config.mesh)
   _check_sizes(config, placement)
-  try:
-    tok = models.load_tokenizer(model_dir)
-  except (OSError, ValueError):
-    load_policy(placement, model_dir)  # a bad model dir: in its own words
-    raise
+  tok = policy_tokenizer(model_dir)
   # The whole file read and tokenized before the run directory is opened.
   train, held, counts = read_unpaired(config, tok)
   run_dir = open_run_dir("kto", config, model_dir)

@@ -47,6 +47,7 @@ from rlhf_jax.stages.common import (
   Context,
   load_policy,
   open_run_dir,
+  policy_tokenizer,
 )
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import stage_dpo
@@ -177,11 +178,11 @@ def open_run(
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
   check_user_data(config, model_dir)
+  tok = policy_tokenizer(model_dir)
   run_dir = open_run_dir(command, config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
-  tok = models.load_tokenizer(model_dir)
   return Context(
     command=command,
     config=config,

@@ -33,6 +33,7 @@ from rlhf_jax.stages.common import (
   host_tree,
   load_policy,
   open_run_dir,
+  policy_tokenizer,
 )
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_policy_outputs
@@ -201,11 +202,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   placement = Placement.create(config.mesh)
   placement.check_batch(config.batch_size, "--batch-size")
   # The whole file read and tokenized before the run directory is opened.
-  try:
-    tok = models.load_tokenizer(model_dir)
-  except (OSError, ValueError):
-    load_policy(placement, model_dir)  # a bad model dir: in its own words
-    raise
+  tok = policy_tokenizer(model_dir)
   ds, counts = sft_data(config, tok)
   run_dir = open_run_dir("sft", config, model_dir)
   model_config, params = load_policy(placement, model_dir)

@@ -198,6 +198,17 @@ def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
     models.load_hf_checkpoint("someorg/some-model")
 
 
+@pytest.mark.parametrize("name", ["/no/such/dir", "./nope", "a/b/c"])
+def test_missing_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  with pytest.raises(FileNotFoundError) as e:
+    models.load_hf_checkpoint(name)
+  assert str(e.value) == (
+    f"{name}: no such directory (expected a checkpoint directory: "
+    "config.json + *.safetensors)"
+  )
+
+
 def test_hub_id_found_in_local_cache(tmp_path, monkeypatch):
   hub = tmp_path / "hub"
   snap = hub / "models--someorg--tiny" / "snapshots" / "abc123"
