@@ -1,11 +1,12 @@
-"""rlhf_jax against Tunix and transformers, side by side.
+"""rlhf_jax against Tunix, transformers and TRL, side by side.
 
   bash scripts/setup_peers.sh            # once: .side/venv311, .side/venv312
   .venv/bin/python benchmarks/bench_peers.py [--repeats 7] [--out FILE]
 
 Every peer runs in its own long-lived process (``tunix_worker.py`` in the
-Python 3.12 env with google-tunix, ``hf_generate_worker.py`` in the Python
-3.11 env with torch CPU + transformers) that answers JSON timings on stdout;
+Python 3.12 env with google-tunix, ``hf_generate_worker.py`` and
+``trl_worker.py`` in the Python 3.11 env with torch CPU, transformers and
+trl) that answers JSON timings on stdout;
 rlhf_jax runs in this process. After warm-up, each round runs ours, then
 each peer, once (the idle processes block on a pipe, so they take no CPU
 while another side runs), ``--repeats`` rounds; the table shows medians,
@@ -21,6 +22,12 @@ Workloads (Tunix's example shapes; TinyStories-656K from
   ``generate.sampler.Sampler.__call__``; transformers: ``generate``.
 * DPO step: 8 pairs, prompt 32 + response 64, with a reference model, Adam.
 * reward-model step: the same batch, Bradley-Terry, scalar head, Adam.
+  TRL (both rows): ``DPOTrainer`` / ``RewardTrainer`` on the same ids
+  through the trainer's own collator, float32 (TRL's bf16 autocast and
+  activation checkpointing off), no gradient clipping; one step is what
+  ``Trainer``'s loop does per batch: ``training_step`` (forwards, loss,
+  backward), the gradient norm, ``optimizer.step()`` (fused AdamW, weight
+  decay 0) and ``zero_grad`` (``trl_worker.py`` docstring).
 * PPO iteration: 8 prompts (length 32), 32 new tokens at T = 1, reference,
   critic and reward model, one epoch of one minibatch (Tunix's defaults).
 * GRPO iteration: 4 prompts x 2 samples, 32 new tokens, reference (KL in
@@ -29,7 +36,8 @@ Workloads (Tunix's example shapes; TinyStories-656K from
 
 Compile: ours is ``jit(...).lower(...).compile()``; a peer's is its first
 calls minus that many median calls (Tunix's train steps compile twice:
-the second call retraces once the optimizer state has been donated).
+the second call retraces once the optimizer state has been donated; TRL
+runs eagerly, so its figure is first-call overhead).
 Times are printed, never asserted.
 """
 
@@ -307,11 +315,20 @@ def _to_msg(batch: dict[str, np.ndarray]) -> dict:
   return {k: v.astype(np.int32).tolist() for k, v in batch.items()}
 
 
-def _tunix_setup(tunix: Worker, kind: str, **msg) -> tuple:
-  """Builds a Tunix workload; returns (step fn, the first two times)."""
-  first = [tunix.call(cmd=f"{kind}_setup", **msg)["first_step_s"]]
-  first.append(tunix.call(cmd="step", name=kind)["seconds"])
-  return (lambda: tunix.call(cmd="step", name=kind)["seconds"]), first
+def _peer_setup(peer: Worker, kind: str, **msg) -> tuple:
+  """Builds a peer's workload; returns (step fn, the first two times)."""
+  first = [peer.call(cmd=f"{kind}_setup", **msg)["first_step_s"]]
+  first.append(peer.call(cmd="step", name=kind)["seconds"])
+  return (lambda: peer.call(cmd="step", name=kind)["seconds"]), first
+
+
+def _train_peers(workers, kind: str, **msg) -> tuple[dict, dict]:
+  """Tunix's and (where trl imports) TRL's step fns and first times."""
+  peers, first = {}, {}
+  for name, key in (("Tunix", "tunix"), ("TRL", "trl")):
+    if key in workers:
+      peers[name], first[name] = _peer_setup(workers[key], kind, **msg)
+  return peers, first
 
 
 def _ours_train(fn, state, *rest):
@@ -344,20 +361,16 @@ def bench_dpo(workers, args, config, params) -> Row:
   pb = PreferenceBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
   step = make_dpo_step(config, opt, DPOConfig(beta=0.1))
   ours, compile_s = _ours_train(step, state, pb, ref)
-  tunix, first = _tunix_setup(
-    workers["tunix"],
-    "dpo",
-    model_dir=str(TINYSTORIES),
-    lr=1e-5,
-    batch=_to_msg(batch),
+  peers, first = _train_peers(
+    workers, "dpo", model_dir=str(TINYSTORIES), lr=1e-5, batch=_to_msg(batch)
   )
-  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  t_ours, t_peers = _alternate(ours, peers, args.repeats)
   return Row(
     work="DPO step, 8 pairs, prompt 32 + response 64, with reference",
     ours=t_ours,
     peers=t_peers,
     compile_ours=compile_s,
-    compile_peers={"Tunix": _peer_compile(first, t_peers["Tunix"])},
+    compile_peers={k: _peer_compile(first[k], t_peers[k]) for k in peers},
   )
 
 
@@ -369,20 +382,16 @@ def bench_rm(workers, args, config, params) -> Row:
   pb = PreferenceBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
   step = make_reward_model_step(config, opt, RewardModelConfig())
   ours, compile_s = _ours_train(step, state, pb)
-  tunix, first = _tunix_setup(
-    workers["tunix"],
-    "rm",
-    model_dir=str(TINYSTORIES),
-    lr=1e-5,
-    batch=_to_msg(batch),
+  peers, first = _train_peers(
+    workers, "rm", model_dir=str(TINYSTORIES), lr=1e-5, batch=_to_msg(batch)
   )
-  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  t_ours, t_peers = _alternate(ours, peers, args.repeats)
   return Row(
     work="reward-model step, 8 pairs, prompt 32 + response 64",
     ours=t_ours,
     peers=t_peers,
     compile_ours=compile_s,
-    compile_peers={"Tunix": _peer_compile(first, t_peers["Tunix"])},
+    compile_peers={k: _peer_compile(first[k], t_peers[k]) for k in peers},
   )
 
 
@@ -413,7 +422,7 @@ def bench_ppo(workers, args, config, params) -> Row:
   step = make_ppo_step(config, opt, opt, cfg)
   batch = PromptBatch(jnp.asarray(p), jnp.asarray(pm))
   ours, compile_s = _ours_train(step, state, batch, frozen)
-  tunix, first = _tunix_setup(
+  tunix, first = _peer_setup(
     workers["tunix"],
     "ppo",
     model_dir=str(TINYSTORIES),
@@ -459,7 +468,7 @@ def bench_grpo(workers, args, config, params) -> Row:
   frozen = {"ref": jax.tree.map(jnp.copy, params)}
   batch = PromptBatch(jnp.asarray(p), jnp.asarray(pm))
   ours, compile_s = _ours_train(step, state, batch, frozen)
-  tunix, first = _tunix_setup(
+  tunix, first = _peer_setup(
     workers["tunix"],
     "grpo",
     model_dir=str(TINYSTORIES),
@@ -530,6 +539,24 @@ def _uptime() -> str:
   return out.stdout.strip()
 
 
+def _versions(workers: dict[str, Worker], threads: int) -> str:
+  """Initialises the workers; returns the versions line. Without trl the
+  TRL worker is closed and dropped, so the rows have no TRL column."""
+  info = workers["tunix"].call(cmd="init")
+  hf_info = workers["hf"].call(cmd="init", threads=threads)
+  trl_info = workers["trl"].call(cmd="init", threads=threads)
+  if trl_info["trl"]:
+    trl = f"TRL {trl_info['trl']} ({trl_info['threads']} threads)"
+  else:
+    workers.pop("trl").close()
+    trl = f"no TRL ({trl_info['trl_error']})"
+  return (
+    f"jax {jax.__version__}; Tunix {info['tunix']} (jax {info['jax']});"
+    f" torch {hf_info['torch']}, transformers {hf_info['transformers']}"
+    f" ({hf_info['threads']} threads); {trl}"
+  )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
     description=__doc__.splitlines()[0],
@@ -557,7 +584,7 @@ def main() -> None:
     "--hf-python",
     type=pathlib.Path,
     default=SIDE311,
-    help="Python with torch + transformers (bash scripts/setup_peers.sh)",
+    help="Python with torch, transformers, trl (bash scripts/setup_peers.sh)",
   )
   parser.add_argument(
     "--out",
@@ -572,21 +599,15 @@ def main() -> None:
 
   threads = os.cpu_count() or 1
   uptime = _uptime()
+  passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # torch: no spinning when idle
   workers = {
     "tunix": Worker(args.tunix_python, "tunix_worker.py", {}),
-    "hf": Worker(
-      args.hf_python, "hf_generate_worker.py", {"OMP_WAIT_POLICY": "PASSIVE"}
-    ),
+    "hf": Worker(args.hf_python, "hf_generate_worker.py", passive),
+    "trl": Worker(args.hf_python, "trl_worker.py", passive),
   }
   rows: list[Row] = []
   try:
-    info = workers["tunix"].call(cmd="init")
-    hf_info = workers["hf"].call(cmd="init", threads=threads)
-    versions = (
-      f"jax {jax.__version__}; Tunix {info['tunix']} (jax {info['jax']});"
-      f" torch {hf_info['torch']}, transformers {hf_info['transformers']}"
-      f" ({hf_info['threads']} threads)"
-    )
+    versions = _versions(workers, threads)
     print(versions, flush=True)
     config, params = models.load_hf_checkpoint(TINYSTORIES)
     with tempfile.TemporaryDirectory() as tmp:
