@@ -12,6 +12,13 @@ each peer, once (the idle processes block on a pipe, so they take no CPU
 while another side runs), ``--repeats`` rounds; the table shows medians,
 min-max ranges and ratio = peer median / our median (> 1: we are faster).
 
+Each group of rows (sampler, dpo, rm, ppo, grpo) runs in a fresh run of
+this script, ours and every peer in new processes, and the parent merges
+the tables: in one long process a row ran slower after the ones before it
+(our PPO iteration: 71-75 ms alone or after the sampler, 98 ms after the
+DPO rows, 150-331 ms after all of them). ``--in-process`` runs everything
+in one process.
+
 Workloads (Tunix's example shapes; TinyStories-656K from
 ../shared/data/models/tinystories-656k unless said):
 
@@ -557,7 +564,10 @@ def _versions(workers: dict[str, Worker], threads: int) -> str:
   )
 
 
-def main() -> None:
+GROUPS = ("sampler", "dpo", "rm", "ppo", "grpo")
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     description=__doc__.splitlines()[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -571,8 +581,16 @@ def main() -> None:
   parser.add_argument(
     "--only",
     nargs="+",
-    default=["sampler", "dpo", "rm", "ppo", "grpo"],
-    help="subset of: sampler dpo rm ppo grpo",
+    choices=GROUPS,
+    default=list(GROUPS),
+    help="groups of rows to run",
+  )
+  parser.add_argument(
+    "--in-process",
+    action="store_true",
+    help="run every group in this one process and one set of peer workers"
+    " (default: each group in fresh processes, so no group runs after"
+    " another group's allocations and compiled programs)",
   )
   parser.add_argument(
     "--tunix-python",
@@ -590,15 +608,13 @@ def main() -> None:
     "--out",
     type=pathlib.Path,
     default=REPO / "benchmarks" / "peers_latest.md",
-    help="where the table is written",
+    help="where the table is written (raw times beside it, .json)",
   )
-  args = parser.parse_args()
-  for path in (args.tunix_python, args.hf_python):
-    if not path.is_file():
-      parser.error(f"{path}: not found; run `bash scripts/setup_peers.sh`")
+  return parser
 
-  threads = os.cpu_count() or 1
-  uptime = _uptime()
+
+def _measure(args, threads: int) -> tuple[list[Row], str]:
+  """Runs the groups of ``args.only`` here; returns (rows, versions)."""
   passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # torch: no spinning when idle
   workers = {
     "tunix": Worker(args.tunix_python, "tunix_worker.py", {}),
@@ -610,49 +626,88 @@ def main() -> None:
     versions = _versions(workers, threads)
     print(versions, flush=True)
     config, params = models.load_hf_checkpoint(TINYSTORIES)
-    with tempfile.TemporaryDirectory() as tmp:
-      if "sampler" in args.only:
-        tok = models.load_tokenizer(TINYSTORIES)
-        texts = [STORY_OPENINGS[i % 16] for i in range(16)]
-        stories = left_pad(tok.encode_batch(texts), 0)
-        rows.append(bench_sampler("656K", TINYSTORIES, stories, workers, args))
+    if "sampler" in args.only:
+      rows += _sampler_rows(workers, args)
+    for name, fn in [
+      ("dpo", bench_dpo),
+      ("rm", bench_rm),
+      ("ppo", bench_ppo),
+      ("grpo", bench_grpo),
+    ]:
+      if name in args.only:
+        rows.append(fn(workers, args, config, params))
         print(rows[-1].work, "done", flush=True)
-        rows.append(
-          bench_sampler(
-            "656K", TINYSTORIES, stories, workers, args, temperature=1.0
-          )
-        )
-        print(rows[-1].work, "done", flush=True)
-        model_dir = pathlib.Path(tmp) / "llama-20m"
-        workers["hf"].call(
-          cmd="make_random", out_dir=str(model_dir), config=LLAMA_20M, seed=0
-        )
-        rng = np.random.default_rng(0)
-        seqs = [
-          [1] + rng.integers(3, 8192, int(n) - 1).tolist()
-          for n in rng.integers(4, 17, 16)
-        ]
-        rows.append(
-          bench_sampler("20M", model_dir, left_pad(seqs, 0), workers, args)
-        )
-        print(rows[-1].work, "done", flush=True)
-      for name, fn in [
-        ("dpo", bench_dpo),
-        ("rm", bench_rm),
-        ("ppo", bench_ppo),
-        ("grpo", bench_grpo),
-      ]:
-        if name in args.only:
-          rows.append(fn(workers, args, config, params))
-          print(rows[-1].work, "done", flush=True)
   finally:
     for w in workers.values():
       w.close()
+  return rows, versions
 
+
+def _sampler_rows(workers, args) -> list[Row]:
+  tok = models.load_tokenizer(TINYSTORIES)
+  texts = [STORY_OPENINGS[i % 16] for i in range(16)]
+  stories = left_pad(tok.encode_batch(texts), 0)
+  rows = []
+  for temperature in (0.0, 1.0):
+    rows.append(
+      bench_sampler("656K", TINYSTORIES, stories, workers, args, temperature)
+    )
+    print(rows[-1].work, "done", flush=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    model_dir = pathlib.Path(tmp) / "llama-20m"
+    workers["hf"].call(
+      cmd="make_random", out_dir=str(model_dir), config=LLAMA_20M, seed=0
+    )
+    rng = np.random.default_rng(0)
+    seqs = [
+      [1] + rng.integers(3, 8192, int(n) - 1).tolist()
+      for n in rng.integers(4, 17, 16)
+    ]
+    rows.append(
+      bench_sampler("20M", model_dir, left_pad(seqs, 0), workers, args)
+    )
+  print(rows[-1].work, "done", flush=True)
+  return rows
+
+
+def _fresh(args) -> tuple[list[Row], str]:
+  """Each group of rows in a fresh run of this script (ours and every
+  peer in new processes); returns the merged (rows, versions)."""
+  rows, versions = [], ""
+  with tempfile.TemporaryDirectory() as tmp:
+    for group in args.only:
+      out = pathlib.Path(tmp) / f"{group}.md"
+      cmd = [
+        sys.executable, __file__, "--in-process", "--only", group,
+        "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+        "--tunix-python", str(args.tunix_python),
+        "--hf-python", str(args.hf_python), "--out", str(out),
+      ]  # fmt: skip
+      subprocess.run(cmd, check=True)
+      raw = json.loads(out.with_suffix(".json").read_text())
+      versions = raw["versions"]
+      rows += [Row(**r) for r in raw["rows"]]
+  return rows, versions
+
+
+def main() -> None:
+  parser = _parser()
+  args = parser.parse_args()
+  for path in (args.tunix_python, args.hf_python):
+    if not path.is_file():
+      parser.error(f"{path}: not found; run `bash scripts/setup_peers.sh`")
+  threads = os.cpu_count() or 1
+  uptime = _uptime()
+  if args.in_process:
+    rows, versions = _measure(args, threads)
+  else:
+    rows, versions = _fresh(args)
   date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+  how = "one process" if args.in_process else "fresh processes per group"
   header = (
     f"Measured {date} on {platform.node() or 'this machine'}"
-    f" ({threads} cores), {args.repeats} alternating rounds; {versions}."
+    f" ({threads} cores), {args.repeats} alternating rounds, {how};"
+    f" {versions}."
     f"\nLoad before: `{uptime}`"
     f"\nLoad after: `{_uptime()}`"
   )
@@ -660,7 +715,8 @@ def main() -> None:
   print("\n" + text)
   args.out.write_text(text + "\n")
   raw = args.out.with_suffix(".json")
-  raw.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+  rows_json = [dataclasses.asdict(r) for r in rows]
+  raw.write_text(json.dumps({"versions": versions, "rows": rows_json}))
   print(f"\nwritten: {args.out} and {raw}")
 
 
