@@ -146,14 +146,17 @@ def test_model_directory_that_does_not_exist(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-  "args",
+  "args, prefix",
   [
-    ["rm", "--preset", "smoke", "--model"],
-    ["rm", "--preset", "hh-rlhf-smollm2", "--hh.model-dir"],
+    (["rm", "--preset", "smoke", "--model"], ""),
+    (
+      ["rm", "--preset", "hh-rlhf-smollm2", "--hh.model-dir"],
+      "--hh.model-dir: ",
+    ),
   ],
 )
 def test_a_model_without_weights_is_named_before_the_run_dir_is_made(
-  tmp_path, capsys, shared_data, args
+  tmp_path, capsys, shared_data, args, prefix
 ):
   model = tmp_path / "config-only"
   model.mkdir()
@@ -162,7 +165,8 @@ def test_a_model_without_weights_is_named_before_the_run_dir_is_made(
     capsys, [*args, str(model), "--run-dir", str(tmp_path / "r")]
   )
   assert code == 2 and "Traceback" not in err
-  assert err.startswith(f"rlhf-jax: error: {model}: no weights: expected"), err
+  want = f"rlhf-jax: error: {prefix}{model}: no weights: expected"
+  assert err.startswith(want), err
   assert not (tmp_path / "r").exists()  # a corrected rerun needs no --overwrite
 
 
@@ -377,12 +381,9 @@ def _hh_inputs(tmp_path, shared_data):
       "helpful-base-test.jsonl.gz, "
       "helpful-online-test.jsonl.gz, helpful-rejection-sampled-test.jsonl.gz)",
     ),
-    ("notok", "{notok}: no tokenizer.json"),
-    (
-      "missing",
-      "{empty}/nope: no such directory (expected a checkpoint directory: "
-      "config.json + *.safetensors) (--hh.model-dir)",
-    ),
+    ("notok", "--hh.model-dir: {notok}: no tokenizer.json"),
+    ("missing", "{empty}/nope: no such directory (--hh.model-dir)"),
+    ("relative", "./nope: no such directory (--hh.model-dir)"),
     (
       "pairs",
       "Error parsing hh: max_train_pairs=4 (--hh.max-train-pairs) is fewer "
@@ -411,6 +412,7 @@ def test_hh_inputs_are_checked_before_the_run_dir_is_made(
       "--hh.model-dir",
       str(empty / "nope"),
     ],
+    "relative": ["--hh.backbone", "smollm2", "--hh.model-dir", "./nope"],
     "pairs": ["--hh.max-train-pairs", "4", "--hh.batch-size", "8"],
     "scratch": ["--hh.model-dir", str(notok)],
   }[case]

@@ -72,22 +72,49 @@ def test_one_line_reads_unicode_and_ascii_panels():
   assert _one_line(ascii_) == "Error parsing --a: bad"
 
 
-@pytest.mark.parametrize("edge", ["│", "|"])
+def _panel(edge: str, lines: list[str]) -> str:
+  """tyro's error box: a title, then each line padded by the edge + 1."""
+  body = "".join(f"{edge} {line:<40} {edge}\n" for line in lines)
+  return f"{edge}- Unrecognized options -{edge}\n" + body
+
+
+@pytest.mark.parametrize("edge", ["│", "|", " "])
 def test_one_line_keeps_the_suggested_flags(edge):
-  panel = f"{edge}- Unrecognized options -{edge}\n" + "".join(
-    f"{edge} {line} {edge}\n"
-    for line in [
+  panel = _panel(
+    edge,
+    [
       "Unrecognized options: --a.stp, 3",
       "Perhaps you meant:",
       "    --a.step INT",
-      "        Steps. (default: 1) --not-this-one",
+      "        Steps of --a; wrapped help text",
+      "        --not-this-one starts a wrapped line",
       "    --a.steps-per-eval INT",
       "For full helptext, run p --help",
-    ]
+    ],
   )
   assert _one_line(panel) == (
     "Unrecognized options: --a.stp, 3; perhaps you meant --a.step or "
     "--a.steps-per-eval"
+  )
+
+
+def test_one_line_names_the_suggestions_per_unrecognized_flag():
+  panel = _panel(
+    "│",
+    [
+      "Unrecognized options: --a.stp, 3, --b.lr, 1",
+      "Arguments similar to --a.stp:",
+      "    --a.step INT",
+      "        Steps. (default: 1)",
+      "───────────",
+      "Arguments similar to --b.lr:",
+      "    --b.learning-rate FLOAT",
+      "For full helptext, run p --help",
+    ],
+  )
+  assert _one_line(panel) == (
+    "Unrecognized options: --a.stp, 3, --b.lr, 1; for --a.stp perhaps you "
+    "meant --a.step; for --b.lr perhaps you meant --b.learning-rate"
   )
 
 

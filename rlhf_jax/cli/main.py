@@ -114,9 +114,39 @@ def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
 _BOX_EDGE = re.compile(r"^[\s│╭╮╰╯─┤├|+\-]+|[\s│╭╮╰╯─┤├|+\-]+$")
 
 
-# A flag tyro suggests for an unrecognized one: first on its line of the
-# box (its help text follows on more deeply indented lines).
-_SUGGESTED = re.compile(r"^[│|]?[ \t]*(--[a-z][\w.\-]*)", re.MULTILINE)
+# tyro's suggestions for unrecognized options: a heading ("Perhaps you
+# meant:", or "Arguments similar to --x:" when several are unrecognized),
+# then each suggested flag indented 4 more than the heading, its help text
+# 8 more (inside a box, or without one when the output has no colours).
+_HINT_HEAD = re.compile(r"^(?:Perhaps you meant|Arguments similar to (\S+)):$")
+_HINT_FLAG = re.compile(r"^(--[a-z][\w.\-]*)")
+
+
+def _suggestions(text: str) -> list[tuple[str | None, list[str]]]:
+  """[(the unrecognized flag or None, the flags tyro suggests for it)]."""
+  groups: list[tuple[str | None, list[str]]] = []
+  flag_indent = -1
+  for raw in text.splitlines():
+    body = re.sub(r"^[│|]", "", raw).rstrip(" │|")
+    indent = len(body) - len(body.lstrip())
+    head = _HINT_HEAD.match(body.strip())
+    flag = _HINT_FLAG.match(body.strip())
+    if head:
+      groups.append((head.group(1), []))
+      flag_indent = indent + 4
+    elif flag and groups and indent == flag_indent:
+      groups[-1][1].append(flag.group(1))
+  return [(bad, flags) for bad, flags in groups if flags]
+
+
+def _hint(text: str) -> str:
+  """'; perhaps you meant --a or --b' (per unrecognized flag when tyro
+  names it), or ''."""
+  parts = [
+    (f"for {bad} " if bad else "") + "perhaps you meant " + " or ".join(fl)
+    for bad, fl in _suggestions(text)
+  ]
+  return "".join(f"; {p}" for p in parts)
 
 
 def _one_line(text: str) -> str:
@@ -135,11 +165,9 @@ def _one_line(text: str) -> str:
     if ("Argument helptext:" in lines)
     else lines[1:]
   )
-  if "Perhaps you meant:" in rest:  # "Unrecognized options" + suggestions
-    at = rest.index("Perhaps you meant:")
-    flags = _SUGGESTED.findall(text.split("Perhaps you meant:", 1)[1])
-    hint = f"; perhaps you meant {' or '.join(flags)}" if flags else ""
-    return " ".join(rest[:at]) + hint
+  heads = [i for i, line in enumerate(rest) if _HINT_HEAD.match(line)]
+  if heads:  # "Unrecognized options: ..." and tyro's suggestions
+    return " ".join(rest[: heads[0]]) + _hint(text)
   body = rest[:1]
   for line in rest[1:]:
     if body[-1].endswith((".", ":")):

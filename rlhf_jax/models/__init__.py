@@ -38,6 +38,7 @@ from rlhf_jax.models.hf_io import (
   hf_state_dict,
   load_hf_checkpoint,
   load_hf_config,
+  looks_like_hub_id,
   resolve_model_dir,
   write_safetensors,
 )
@@ -87,6 +88,7 @@ __all__ = [
   "load_hf_checkpoint",
   "load_hf_config",
   "load_tokenizer",
+  "looks_like_hub_id",
   "param_logical_axes",
   "prefill",
   "resolve_model_dir",

@@ -294,14 +294,21 @@ def _hub_cache_dir() -> pathlib.Path:
   return pathlib.Path.home() / ".cache" / "huggingface" / "hub"
 
 
+def looks_like_hub_id(name: str) -> bool:
+  """Whether ``name`` could be a Hugging Face hub id ("org/name" or a bare
+  legacy "name"): at most one "/" and not a path ("./x", "/x", "~/x")."""
+  parts = name.split("/")
+  return len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+
+
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   """A local checkpoint directory for a path or an already-cached hub id.
 
   Raises:
-    ModelLoadError: a file, not a directory (also NotADirectoryError); not
-      a local directory and not in the local HF cache (also
-      FileNotFoundError; the message says how to download it, nothing is
-      fetched here).
+    ModelLoadError: a file, not a directory (also NotADirectoryError); a
+      path that does not exist, or a hub id not in the local HF cache
+      (also FileNotFoundError; for a hub id the message says how to
+      download it, nothing is fetched here).
   """
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():
@@ -312,7 +319,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
       "*.safetensors), got a file"
     )
   name = str(path_or_hub_id)
-  if name.count("/") > 1 or name.startswith((".", "/", "~")):  # not an id
+  if not looks_like_hub_id(name):
     raise _MissingFileError(
       f"{name}: no such directory (expected a checkpoint directory: "
       "config.json + *.safetensors)"

@@ -315,7 +315,7 @@ def check_policy(model_dir: pathlib.Path) -> None:
     raise _policy_error(e, model_dir) from None
 
 
-def policy_tokenizer(model_dir: pathlib.Path) -> Any:
+def policy_tokenizer(model_dir: pathlib.Path) -> models.Tokenizer:
   """The policy's tokenizer, read after `check_policy`: a bad model
   directory is named in its own words before a missing tokenizer.json,
   and both before any run directory is made.

@@ -59,12 +59,10 @@ def resolve_model(model: str | None) -> pathlib.Path:
   path = pathlib.Path(model).expanduser()
   if path.is_dir():
     return path
-  looks_like_hub_id = model.count("/") == 1 and not model.startswith(
-    (".", "/", "~")
-  )
-  if looks_like_hub_id and not path.exists():
-    from rlhf_jax.models import resolve_model_dir
+  from rlhf_jax.models import looks_like_hub_id, resolve_model_dir
 
+  # "org/name" only: a bare word is taken for a directory that is missing.
+  if "/" in model and looks_like_hub_id(model) and not path.exists():
     try:
       return resolve_model_dir(model)
     except FileNotFoundError as e:

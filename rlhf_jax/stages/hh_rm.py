@@ -314,9 +314,11 @@ def _gpt2_tokenizer(config: HHRewardModelConfig) -> pathlib.Path:
 
 
 def _pretrained_dir(config: HHRewardModelConfig) -> pathlib.Path:
+  if config.model_dir is not None:  # checked by `_check_model_dir`
+    return pathlib.Path(config.model_dir).expanduser()
   if config.backbone == "tinystories":
-    return _resolve(config.model_dir, DEFAULT_TINYSTORIES_DIR)
-  model_dir = _resolve(config.model_dir, smollm2_dir())
+    return DEFAULT_TINYSTORIES_DIR
+  model_dir = smollm2_dir()
   if not model_dir.is_dir():
     raise FileNotFoundError(
       f"{model_dir}: SmolLM2 checkpoint not found; run "
@@ -384,14 +386,23 @@ def check_inputs(config: HHRewardModelConfig) -> None:
   if config.backbone == "scratch":
     _gpt2_tokenizer(config)
   elif config.backbone in ("tinystories", "smollm2"):
-    model_dir = _pretrained_dir(config)
-    try:
-      models.check_hf_checkpoint(model_dir)
-      models.load_tokenizer(model_dir)
-    except FileNotFoundError as e:
-      if config.model_dir is None:
-        raise
-      raise FileNotFoundError(f"{e} (--hh.model-dir)") from None
+    _check_model_dir(config)
+
+
+def _check_model_dir(config: HHRewardModelConfig) -> None:
+  """The backbone checkpoint and its tokenizer; a problem of the user's
+  --hh.model-dir names the option."""
+  model_dir, given = _pretrained_dir(config), config.model_dir
+  if given is not None and not model_dir.is_dir():
+    if not models.looks_like_hub_id(given):  # hub ids: the local HF cache
+      raise FileNotFoundError(f"{given}: no such directory (--hh.model-dir)")
+  try:
+    models.check_hf_checkpoint(model_dir)
+    models.load_tokenizer(model_dir)
+  except FileNotFoundError as e:
+    if given is None:
+      raise
+    raise type(e)(f"--hh.model-dir: {e}") from None
 
 
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):

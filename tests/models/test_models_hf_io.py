@@ -192,13 +192,16 @@ def test_pickle_checkpoint_refused(tmp_path):
     models.load_hf_checkpoint(d)
 
 
-def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["someorg/some-model", "gpt2"])
+def test_hub_id_offline_fails_clearly(tmp_path, monkeypatch, name):
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
   with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
-    models.load_hf_checkpoint("someorg/some-model")
+    models.load_hf_checkpoint(name)
 
 
-@pytest.mark.parametrize("name", ["/no/such/dir", "./nope", "a/b/c"])
+@pytest.mark.parametrize(
+  "name", ["/no/such/dir", "./nope", "a/b/c", "nope/", "~/nope"]
+)
 def test_missing_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
   monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
   with pytest.raises(FileNotFoundError) as e:
