@@ -6,8 +6,8 @@
 Every peer runs in its own long-lived process (``tunix_worker.py`` in the
 Python 3.12 env with google-tunix, ``hf_generate_worker.py`` and
 ``trl_worker.py`` in the Python 3.11 env with torch CPU, transformers and
-trl) that answers JSON timings on stdout;
-rlhf_jax runs in this process. After warm-up, each round runs ours, then
+trl) that answers JSON timings on stdout; rlhf_jax runs in the process
+that starts them. After warm-up, each round runs ours, then
 each peer, once (the idle processes block on a pipe, so they take no CPU
 while another side runs), ``--repeats`` rounds; the table shows medians,
 min-max ranges and ratio = peer median / our median (> 1: we are faster).
@@ -17,7 +17,9 @@ this script, ours and every peer in new processes, and the parent merges
 the tables: in one long process a row ran slower after the ones before it
 (our PPO iteration: 71-75 ms alone or after the sampler, 98 ms after the
 DPO rows, 150-331 ms after all of them). ``--in-process`` runs everything
-in one process.
+in one process. A group that fails or runs past 30 minutes is reported
+and left out of the table; the raw times go to the .json beside it
+({"versions": ..., "rows": [...]}).
 
 Workloads (Tunix's example shapes; TinyStories-656K from
 ../shared/data/models/tinystories-656k unless said):
@@ -330,11 +332,15 @@ def _peer_setup(peer: Worker, kind: str, **msg) -> tuple:
 
 
 def _train_peers(workers, kind: str, **msg) -> tuple[dict, dict]:
-  """Tunix's and (where trl imports) TRL's step fns and first times."""
+  """Tunix's and (where trl imports) TRL's step fns and first times; a TRL
+  workload that fails to build leaves its column out, not the row."""
   peers, first = {}, {}
-  for name, key in (("Tunix", "tunix"), ("TRL", "trl")):
-    if key in workers:
-      peers[name], first[name] = _peer_setup(workers[key], kind, **msg)
+  peers["Tunix"], first["Tunix"] = _peer_setup(workers["tunix"], kind, **msg)
+  if "trl" in workers:
+    try:
+      peers["TRL"], first["TRL"] = _peer_setup(workers["trl"], kind, **msg)
+    except RuntimeError as e:
+      print(f"TRL column left out of the {kind} row: {e}", flush=True)
   return peers, first
 
 
@@ -546,25 +552,39 @@ def _uptime() -> str:
   return out.stdout.strip()
 
 
-def _versions(workers: dict[str, Worker], threads: int) -> str:
-  """Initialises the workers; returns the versions line. Without trl the
-  TRL worker is closed and dropped, so the rows have no TRL column."""
+def _start_workers(args, threads: int) -> tuple[dict[str, Worker], str]:
+  """The peer workers the groups of ``args.only`` need (transformers for
+  the sampler, TRL for the DPO and reward-model rows), initialised;
+  returns (workers, the versions line). Without trl its worker is closed
+  and left out, so the rows have no TRL column."""
+  passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # torch: no spinning when idle
+  workers = {"tunix": Worker(args.tunix_python, "tunix_worker.py", {})}
+  if "sampler" in args.only:
+    workers["hf"] = Worker(args.hf_python, "hf_generate_worker.py", passive)
+  if {"dpo", "rm"} & set(args.only):
+    workers["trl"] = Worker(args.hf_python, "trl_worker.py", passive)
   info = workers["tunix"].call(cmd="init")
-  hf_info = workers["hf"].call(cmd="init", threads=threads)
-  trl_info = workers["trl"].call(cmd="init", threads=threads)
-  if trl_info["trl"]:
-    trl = f"TRL {trl_info['trl']} ({trl_info['threads']} threads)"
-  else:
-    workers.pop("trl").close()
-    trl = f"no TRL ({trl_info['trl_error']})"
-  return (
-    f"jax {jax.__version__}; Tunix {info['tunix']} (jax {info['jax']});"
-    f" torch {hf_info['torch']}, transformers {hf_info['transformers']}"
-    f" ({hf_info['threads']} threads); {trl}"
-  )
+  versions = f"jax {jax.__version__}; Tunix {info['tunix']} (jax {info['jax']})"
+  if "hf" in workers:
+    hf = workers["hf"].call(cmd="init", threads=threads)
+    versions += (
+      f"; torch {hf['torch']}, transformers {hf['transformers']}"
+      f" ({hf['threads']} threads)"
+    )
+  if "trl" in workers:
+    trl = workers["trl"].call(cmd="init", threads=threads)
+    if trl["trl"]:
+      versions += (
+        f"; torch {trl['torch']}, TRL {trl['trl']} ({trl['threads']} threads)"
+      )
+    else:
+      workers.pop("trl").close()
+      versions += f"; no TRL ({trl['trl_error']})"
+  return workers, versions
 
 
 GROUPS = ("sampler", "dpo", "rm", "ppo", "grpo")
+GROUP_TIMEOUT_S = 1800  # one group's fresh run, workers included
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -588,9 +608,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--in-process",
     action="store_true",
-    help="run every group in this one process and one set of peer workers"
-    " (default: each group in fresh processes, so no group runs after"
-    " another group's allocations and compiled programs)",
+    help="run every group in this one process and one set of peer workers;"
+    " without it each group runs in fresh processes, so no group runs after"
+    " another group's allocations and compiled programs",
   )
   parser.add_argument(
     "--tunix-python",
@@ -615,16 +635,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _measure(args, threads: int) -> tuple[list[Row], str]:
   """Runs the groups of ``args.only`` here; returns (rows, versions)."""
-  passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # torch: no spinning when idle
-  workers = {
-    "tunix": Worker(args.tunix_python, "tunix_worker.py", {}),
-    "hf": Worker(args.hf_python, "hf_generate_worker.py", passive),
-    "trl": Worker(args.hf_python, "trl_worker.py", passive),
-  }
+  workers, versions = _start_workers(args, threads)
+  print(versions, flush=True)
   rows: list[Row] = []
   try:
-    versions = _versions(workers, threads)
-    print(versions, flush=True)
     config, params = models.load_hf_checkpoint(TINYSTORIES)
     if "sampler" in args.only:
       rows += _sampler_rows(workers, args)
@@ -644,6 +658,7 @@ def _measure(args, threads: int) -> tuple[list[Row], str]:
 
 
 def _sampler_rows(workers, args) -> list[Row]:
+  """The sampler rows: 656K greedy and T = 1, then a random 20M Llama."""
   tok = models.load_tokenizer(TINYSTORIES)
   texts = [STORY_OPENINGS[i % 16] for i in range(16)]
   stories = left_pad(tok.encode_batch(texts), 0)
@@ -673,9 +688,9 @@ def _sampler_rows(workers, args) -> list[Row]:
 def _fresh(args) -> tuple[list[Row], str]:
   """Each group of rows in a fresh run of this script (ours and every
   peer in new processes); returns the merged (rows, versions)."""
-  rows, versions = [], ""
+  rows, versions = [], []
   with tempfile.TemporaryDirectory() as tmp:
-    for group in args.only:
+    for group in dict.fromkeys(args.only):  # once each, in the given order
       out = pathlib.Path(tmp) / f"{group}.md"
       cmd = [
         sys.executable, __file__, "--in-process", "--only", group,
@@ -683,11 +698,15 @@ def _fresh(args) -> tuple[list[Row], str]:
         "--tunix-python", str(args.tunix_python),
         "--hf-python", str(args.hf_python), "--out", str(out),
       ]  # fmt: skip
-      subprocess.run(cmd, check=True)
+      try:
+        subprocess.run(cmd, check=True, timeout=GROUP_TIMEOUT_S)
+      except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        print(f"group {group} failed ({e}); its rows are left out", flush=True)
+        continue
       raw = json.loads(out.with_suffix(".json").read_text())
-      versions = raw["versions"]
+      versions += [v for v in raw["versions"].split("; ") if v not in versions]
       rows += [Row(**r) for r in raw["rows"]]
-  return rows, versions
+  return rows, "; ".join(versions)
 
 
 def main() -> None:
@@ -702,6 +721,8 @@ def main() -> None:
     rows, versions = _measure(args, threads)
   else:
     rows, versions = _fresh(args)
+  if not rows:
+    sys.exit("bench_peers: every group failed; nothing written")
   date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
   how = "one process" if args.in_process else "fresh processes per group"
   header = (
@@ -716,7 +737,9 @@ def main() -> None:
   args.out.write_text(text + "\n")
   raw = args.out.with_suffix(".json")
   rows_json = [dataclasses.asdict(r) for r in rows]
-  raw.write_text(json.dumps({"versions": versions, "rows": rows_json}))
+  raw.write_text(
+    json.dumps({"versions": versions, "rows": rows_json}, indent=1)
+  )
   print(f"\nwritten: {args.out} and {raw}")
 
 

@@ -147,7 +147,8 @@ def _setup(name: str, trainer, inputs: dict) -> dict:
   print(
     f"trl {name}: input_ids {tuple(inputs['input_ids'].shape)},"
     f" {type(opt).__name__} fused={opt.defaults['fused']}"
-    f" weight_decay={decay}",
+    f" weight_decay={decay} bf16={trainer.args.bf16}"
+    f" gradient_checkpointing={model.is_gradient_checkpointing}",
     file=sys.stderr,
     flush=True,
   )
