@@ -575,7 +575,7 @@ def _start_workers(args, threads: int) -> tuple[dict[str, Worker], str]:
     trl = workers["trl"].call(cmd="init", threads=threads)
     if trl["trl"]:
       versions += (
-        f"; torch {trl['torch']}, TRL {trl['trl']} ({trl['threads']} threads)"
+        f"; TRL {trl['trl']} (torch {trl['torch']}, {trl['threads']} threads)"
       )
     else:
       workers.pop("trl").close()

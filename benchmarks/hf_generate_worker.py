@@ -26,20 +26,13 @@ stdout (logs go to stderr). Commands:
 Every reply has "ok": true, or "ok": false and "error".
 """
 
-import json
-import sys
 import time
-import traceback
 
 import torch
 import transformers
+import worker_protocol  # benchmarks/, beside this script
 
 _MODEL = None
-
-
-def _reply(obj):
-  sys.stdout.write(json.dumps(obj) + "\n")
-  sys.stdout.flush()
 
 
 def _init(msg):
@@ -108,21 +101,7 @@ _COMMANDS = {
 
 
 def main():
-  for line in sys.stdin:
-    line = line.strip()
-    if not line:
-      continue
-    msg = json.loads(line)
-    if msg.get("cmd") == "quit":
-      _reply({"ok": True})
-      return
-    try:
-      out = _COMMANDS[msg["cmd"]](msg)
-      out["ok"] = True
-    except Exception as e:  # Report to the parent instead of dying.
-      traceback.print_exc(file=sys.stderr)
-      out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    _reply(out)
+  worker_protocol.serve(_COMMANDS)
 
 
 if __name__ == "__main__":

@@ -49,14 +49,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+import worker_protocol  # noqa: E402 - benchmarks/, beside this script
 
 try:
   import datasets
@@ -68,11 +67,6 @@ else:
   _TRL_ERROR = None
 
 _STATE: dict = {}
-
-
-def _reply(obj):
-  sys.stdout.write(json.dumps(obj) + "\n")
-  sys.stdout.flush()
 
 
 def _init(msg):
@@ -240,21 +234,7 @@ _COMMANDS = {
 def main():
   with tempfile.TemporaryDirectory() as tmp:  # TRL's output_dir, unused
     _STATE["tmp"] = tmp
-    for line in sys.stdin:
-      line = line.strip()
-      if not line:
-        continue
-      msg = json.loads(line)
-      if msg.get("cmd") == "quit":
-        _reply({"ok": True})
-        return
-      try:
-        out = _COMMANDS[msg["cmd"]](msg)
-        out["ok"] = True
-      except Exception as e:  # Report to the parent instead of dying.
-        traceback.print_exc(file=sys.stderr)
-        out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-      _reply(out)
+    worker_protocol.serve(_COMMANDS)
 
 
 if __name__ == "__main__":

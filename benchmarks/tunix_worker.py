@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import worker_protocol  # benchmarks/, beside this script
 from flax import nnx
 from tunix.generate import sampler as sampler_lib
 from tunix.models import safetensors_loader
@@ -88,11 +89,6 @@ class IdTokenizer:
 
   def pad_id(self) -> int:
     return self._pad
-
-
-def _reply(obj):
-  sys.stdout.write(json.dumps(obj) + "\n")
-  sys.stdout.flush()
 
 
 # Tunix 0.1.7's Llama3 attention calls apply_rope without the config's
@@ -478,25 +474,14 @@ _COMMANDS = {
 }
 
 
+def _stop_runners() -> None:
+  for key in ("ppo_runner", "grpo_runner"):
+    if key in _STATE:
+      _STATE[key].stop()
+
+
 def main():
-  for line in sys.stdin:
-    line = line.strip()
-    if not line:
-      continue
-    msg = json.loads(line)
-    if msg.get("cmd") == "quit":
-      for key in ("ppo_runner", "grpo_runner"):
-        if key in _STATE:
-          _STATE[key].stop()
-      _reply({"ok": True})
-      return
-    try:
-      out = _COMMANDS[msg["cmd"]](msg)
-      out["ok"] = True
-    except Exception as e:  # Report to the parent instead of dying.
-      traceback.print_exc(file=sys.stderr)
-      out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-    _reply(out)
+  worker_protocol.serve(_COMMANDS, on_quit=_stop_runners)
 
 
 if __name__ == "__main__":
