@@ -217,17 +217,11 @@ def _rm_setup(msg):
   return _setup("rm", trainer, trainer.data_collator(pairs))
 
 
-def _step(msg):
-  start = time.perf_counter()
-  _STATE[msg["name"]]()
-  return {"seconds": time.perf_counter() - start}
-
-
 _COMMANDS = {
   "init": _init,
   "dpo_setup": _dpo_setup,
   "rm_setup": _rm_setup,
-  "step": _step,
+  "step": worker_protocol.step_command(_STATE),
 }
 
 

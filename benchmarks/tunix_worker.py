@@ -456,12 +456,6 @@ def _learner_setup(msg, kind: str):
   return {"first_step_s": time.perf_counter() - start}
 
 
-def _step(msg):
-  start = time.perf_counter()
-  _STATE[msg["name"]]()
-  return {"seconds": time.perf_counter() - start}
-
-
 _COMMANDS = {
   "init": _init,
   "sampler_load": _sampler_load,
@@ -470,7 +464,7 @@ _COMMANDS = {
   "rm_setup": _rm_setup,
   "ppo_setup": lambda m: _learner_setup(m, "ppo"),
   "grpo_setup": lambda m: _learner_setup(m, "grpo"),
-  "step": _step,
+  "step": worker_protocol.step_command(_STATE),
 }
 
 

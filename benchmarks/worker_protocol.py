@@ -9,6 +9,7 @@ directory in the side environments, without rlhf_jax installed).
 
 import json
 import sys
+import time
 import traceback
 from collections.abc import Callable
 
@@ -41,3 +42,15 @@ def serve(
       traceback.print_exc(file=sys.stderr)
       out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     reply(out)
+
+
+def step_command(steps: dict) -> Callable[[dict], dict]:
+  """The "step" command: runs ``steps[msg["name"]]()`` once (it returns
+  when the work is done) and replies its wall seconds."""
+
+  def step(msg: dict) -> dict:
+    start = time.perf_counter()
+    steps[msg["name"]]()
+    return {"seconds": time.perf_counter() - start}
+
+  return step
