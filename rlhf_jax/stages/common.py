@@ -262,14 +262,13 @@ def optimizer(
 def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   """Process 0 creates (or checks, on --resume) the run directory; the
   others wait for its verdict (the run directory must be on a filesystem
-  every process sees).
+  every process sees). Callers check the model first (`policy_tokenizer`).
 
   Raises:
     UserError: process 0 refused the directory (every process raises).
   """
   from jax.experimental import multihost_utils
 
-  check_policy(model_dir)  # a bad model is named before anything is made
   run_dir = runtime.run_dir_for(command, config)
   error = None
   if jax.process_index() == 0:

@@ -177,8 +177,8 @@ def open_run(
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
-  check_user_data(config, model_dir)
   tok = policy_tokenizer(model_dir)
+  check_user_data(config, tok)
   run_dir = open_run_dir(command, config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

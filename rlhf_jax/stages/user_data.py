@@ -26,7 +26,6 @@ import collections
 import contextlib
 import logging
 import math
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -237,9 +236,10 @@ def held_data_warnings(*, replay: bool) -> Iterator[None]:
       log.handle(record)
 
 
-def check_user_data(config: Any, model_dir: str | os.PathLike) -> None:
+def check_user_data(config: Any, tok: models.Tokenizer) -> None:
   """Pre-flight: --data, --eval-data and --prompts read whole, checked and
-  tokenized as the stages will, before the run directory is opened.
+  tokenized with the policy's tokenizer as the stages will, before the run
+  directory is opened.
 
   Raises:
     DataError, UserError: as ``load_pairs`` and ``read_prompts``; a
@@ -248,11 +248,7 @@ def check_user_data(config: Any, model_dir: str | os.PathLike) -> None:
   if config.data is None and config.prompts is None:
     return
   check_max_dropped_frac(config.data_max_dropped_frac)
-  try:
-    tok = models.load_tokenizer(model_dir)
-    adapter = HFTokenizerAdapter.wrap(tok)
-  except (OSError, ValueError, TypeError):
-    return  # a bad model directory: reported in its own words later
+  adapter = HFTokenizerAdapter.wrap(tok)
   template = template_of(tok)
   with held_data_warnings(replay=False):
     for path in (config.data, config.eval_data):
