@@ -45,6 +45,7 @@ _pin_xla_threads(sys.argv)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_args import out_file, positive_int  # noqa: E402 - beside this
 
 from rlhf_jax import models  # noqa: E402
 from rlhf_jax.rollout import generate  # noqa: E402
@@ -223,11 +224,11 @@ def main():
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument(
-    "--repeats", type=int, default=9, help="alternating runs per side"
+    "--repeats", type=positive_int, default=9, help="alternating runs per side"
   )
-  parser.add_argument("--batch", type=int, default=16, help="prompts")
+  parser.add_argument("--batch", type=positive_int, default=16, help="prompts")
   parser.add_argument(
-    "--new-tokens", type=int, default=64, help="tokens per prompt"
+    "--new-tokens", type=positive_int, default=64, help="tokens per prompt"
   )
   parser.add_argument(
     "--models",
@@ -237,7 +238,7 @@ def main():
   )
   parser.add_argument(
     "--threads",
-    type=int,
+    type=positive_int,
     default=os.cpu_count(),
     help="torch threads; XLA's CPU client uses every core, or one core"
     " with --threads 1 (XLA flags set before jax is imported)",
@@ -255,7 +256,7 @@ def main():
     default=SIDE_PYTHON,
     help="Python with torch and transformers (bash scripts/setup_side_env.sh)",
   )
-  parser.add_argument("--json", type=pathlib.Path, help="write results here")
+  parser.add_argument("--json", type=out_file, help="write results here")
   args = parser.parse_args()
   if not args.side_python.is_file():
     parser.error(

@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_args import out_file, positive_int  # benchmarks/, beside this script
 
 from rlhf_jax import models
 from rlhf_jax.rollout import generate
@@ -593,10 +594,10 @@ def _parser() -> argparse.ArgumentParser:
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument(
-    "--repeats", type=int, default=7, help="alternating rounds per row"
+    "--repeats", type=positive_int, default=7, help="alternating rounds per row"
   )
   parser.add_argument(
-    "--new-tokens", type=int, default=64, help="sampler tokens per row"
+    "--new-tokens", type=positive_int, default=64, help="sampler tokens per row"
   )
   parser.add_argument(
     "--only",
@@ -626,7 +627,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   parser.add_argument(
     "--out",
-    type=pathlib.Path,
+    type=out_file,
     default=REPO / "benchmarks" / "peers_latest.md",
     help="where the table is written (raw times beside it, .json)",
   )

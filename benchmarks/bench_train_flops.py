@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_args import positive_int  # benchmarks/, beside this script
 
 from rlhf_jax import models
 from rlhf_jax.train import (
@@ -325,13 +326,19 @@ def main() -> None:
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument(
-    "--repeats", type=int, default=3, help="timed calls per row (median)"
+    "--repeats",
+    type=positive_int,
+    default=3,
+    help="timed calls per row (median)",
   )
   parser.add_argument(
-    "--pairs", type=int, default=4, help="reward-model preference pairs"
+    "--pairs",
+    type=positive_int,
+    default=4,
+    help="reward-model preference pairs",
   )
   parser.add_argument(
-    "--prompts", type=int, default=4, help="PPO prompts per iteration"
+    "--prompts", type=positive_int, default=4, help="PPO prompts per iteration"
   )
   args = parser.parse_args()
 

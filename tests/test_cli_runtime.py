@@ -51,6 +51,12 @@ def test_split_preset_forms():
   assert _split_preset(["--seed", "1"]) == (None, ["--seed", "1"])
   with pytest.raises(runtime.UserError, match="--preset needs a name"):
     _split_preset(["--preset"])
+  with pytest.raises(runtime.UserError, match="--preset needs a name"):
+    _split_preset(["--preset="])
+  with pytest.raises(
+    runtime.UserError, match=r"--preset is given twice \(smoke, default\)"
+  ):
+    _split_preset(["--preset", "smoke", "--seed", "1", "--preset=default"])
 
 
 def test_one_line_reads_unicode_and_ascii_panels():

@@ -91,22 +91,29 @@ def _validated(command: str, config: Any) -> Any:
 
 
 def _split_preset(args: list[str]) -> tuple[str | None, list[str]]:
-  """Removes ``--preset NAME`` / ``--preset=NAME`` from args."""
-  out, name, i = [], None, 0
+  """Removes ``--preset NAME`` / ``--preset=NAME`` from args.
+
+  Raises:
+    UserError: --preset without a name, or given twice (the later one would
+      silently win, as no other option may).
+  """
+  out, names, i = [], [], 0
   while i < len(args):
     a = args[i]
     if a == "--preset":
-      if i + 1 >= len(args):
-        raise runtime.UserError("--preset needs a name")
-      name = args[i + 1]
+      names.append(args[i + 1] if i + 1 < len(args) else "")
       i += 2
       continue
     if a.startswith("--preset="):
-      name = a.split("=", 1)[1]
+      names.append(a.split("=", 1)[1])
     else:
       out.append(a)
     i += 1
-  return name, out
+  if len(names) > 1:
+    raise runtime.UserError(f"--preset is given twice ({', '.join(names)})")
+  if names and not names[0]:
+    raise runtime.UserError("--preset needs a name")
+  return (names[0] if names else None), out
 
 
 # Box-drawing characters of tyro's error panels (unicode, or ASCII when the
