@@ -216,6 +216,30 @@ def test_misspelt_option_names_the_suggestions(capsys, command, flag, meant):
   )
 
 
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (
+      ["ppo", "--ppo.algo.cliprange-value", "abc"],
+      "Error parsing --ppo.algo.cliprange-value: could not convert string "
+      "to float: 'abc' (see `rlhf-jax ppo --help`)",
+    ),
+    (
+      ["grpo", "--grpo.algo.advantage-estimator", "ppo"],
+      "invalid choice 'ppo' for argument '--grpo.algo.advantage-estimator'."
+      " Expected one of ('grpo', 'dr_grpo', 'rloo'). (see `rlhf-jax grpo "
+      "--help`)",
+    ),
+  ],
+)
+def test_narrow_terminal_keeps_the_whole_message(
+  capsys, monkeypatch, args, expected
+):
+  monkeypatch.setenv("COLUMNS", "30")  # tyro's box would wrap the value
+  code, err = _run(capsys, args)
+  _check(code, err, expected)
+
+
 def test_bad_option_value(capsys):
   code, err = _run(capsys, ["run", "--rm.steps", "many"])
   _check(

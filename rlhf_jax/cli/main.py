@@ -183,13 +183,32 @@ def _one_line(text: str) -> str:
   return " ".join(body or lines[:1]) or "invalid arguments"
 
 
+@contextlib.contextmanager
+def _wide_errors(args: list[str]):
+  """tyro renders its error box at a very wide width (not --help): one
+  line per sentence, so `_one_line` keeps the bad value ("could not
+  convert string to float: 'abc'") and the choices that wrapped away."""
+  if "-h" in args or "--help" in args:
+    yield
+    return
+  old = os.environ.get("COLUMNS")
+  os.environ["COLUMNS"] = "10000"
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop("COLUMNS", None)
+    else:
+      os.environ["COLUMNS"] = old
+
+
 def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
   """tyro parse; a usage error becomes CLIError with one line."""
   import tyro
 
   buf = io.StringIO()
   try:
-    with contextlib.redirect_stderr(buf):
+    with contextlib.redirect_stderr(buf), _wide_errors(args):
       return tyro.cli(
         cls, default=default, args=args, prog=prog, description=doc
       )
