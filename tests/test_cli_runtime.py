@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -276,3 +278,21 @@ def test_library_configs_are_the_options(capsys):
   for flag in ("--ppo.algo.eos-token-id", "--ppo.algo.max-new-tokens"):
     with pytest.raises(runtime.UserError, match="Unrecognized|unrecognized"):
       _config("run", [flag, "3"])
+
+
+def test_help_into_a_closed_pipe_is_not_an_internal_error():
+  """`rlhf-jax dpo --help | head`: the reader may leave before the help is
+  written; that is exit 0 and no message, not an internal error."""
+  code = (
+    "import sys; from rlhf_jax.cli.main import main; "
+    "sys.exit(main(['dpo', '--help']))"
+  )
+  proc = subprocess.Popen(
+    [sys.executable, "-c", code],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  proc.stdout.close()  # the reader is gone before the child writes
+  err = proc.stderr.read().decode()
+  assert proc.wait(timeout=120) == 0, err
+  assert err == ""

@@ -479,6 +479,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except KeyboardInterrupt:  # a second Ctrl-C: stop at once
     sys.stderr.write("rlhf-jax: interrupted\n")
     return EXIT_INTERRUPTED
+  except BrokenPipeError:  # `rlhf-jax dpo --help | head`: the reader left
+    # Python would report the failed flush of stdout again at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
   except Exception as e:  # a bug: one line, the traceback with --debug
     if debug:
       raise
