@@ -466,3 +466,47 @@ def test_model_without_tokenizer_is_refused_before_the_run_dir(
     f"{notok}: no tokenizer.json (only fast-tokenizer files are supported)",
   )
   assert not run.exists()
+
+
+def test_generate_output_that_exists_is_kept(tmp_path, capsys):
+  out = tmp_path / "samples.jsonl"
+  out.write_text("mine\n")
+  code, err = _run(capsys, ["generate", "--output", str(out)])
+  _check(code, err, f"--output {out}: exists; pass --overwrite to replace it")
+  assert out.read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("where", ["dir", "under_file"])
+def test_generate_output_path_checked_before_sampling(tmp_path, capsys, where):
+  (tmp_path / "file").write_text("x")
+  out = tmp_path if where == "dir" else tmp_path / "file" / "samples.jsonl"
+  code = main(["generate", "--output", str(out)])
+  printed = capsys.readouterr()
+  want = {
+    "dir": f"--output {out}: is a directory, not a file",
+    "under_file": f"--output {out}: {tmp_path / 'file'} is a file",
+  }[where]
+  _check(code, printed.err, want)
+  assert printed.out == ""  # refused before sampling (which prints samples)
+
+
+@pytest.mark.parametrize(
+  "arg, flag, no",
+  [
+    ("--strict=true", "--strict", "--no-strict"),
+    (
+      "--ppo.algo.adaptive-kl=no",
+      "--ppo.algo.adaptive-kl",
+      "--ppo.algo.no-adaptive-kl",
+    ),
+  ],
+)
+def test_a_value_given_to_a_switch_names_the_switch(capsys, arg, flag, no):
+  code, err = _run(capsys, ["ppo", arg])
+  value = arg.partition("=")[2]
+  _check(
+    code,
+    err,
+    f"Unrecognized options: {value}; {flag} is a switch: pass {flag} or "
+    f"{no}, not {arg} (see `rlhf-jax ppo --help`)",
+  )

@@ -296,3 +296,15 @@ def test_help_into_a_closed_pipe_is_not_an_internal_error():
   err = proc.stderr.read().decode()
   assert proc.wait(timeout=120) == 0, err
   assert err == ""
+
+
+def test_resolve_model_names_the_option_of_an_uncached_hub_id(
+  tmp_path, monkeypatch
+):
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(runtime.UserError, match=r"^--model: 'org/name' is not"):
+    environment.resolve_model("org/name")
+  monkeypatch.setenv(environment.MODEL_ENV, "org/name")
+  with pytest.raises(runtime.UserError, match=r"^\$RLHF_JAX_MODEL_DIR: 'org/"):
+    environment.resolve_model(None)

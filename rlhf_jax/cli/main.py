@@ -183,6 +183,23 @@ def _one_line(text: str) -> str:
   return " ".join(body or lines[:1]) or "invalid arguments"
 
 
+def _switch_hint(args: list[str], text: str) -> str:
+  """'; --x is a switch ...' for each --x=VALUE whose VALUE tyro left over
+  as an unrecognized option (it took --x as a switch), or ''."""
+  head = re.search(r"Unrecognized options?: (.*)", text)
+  if head is None:
+    return ""
+  left = {w.strip(" ,│") for w in head.group(1).split(",")}
+  hints = []
+  for arg in args:
+    flag, eq, value = arg.partition("=")
+    if eq and flag.startswith("--") and value in left:
+      group, dot, name = flag[2:].rpartition(".")
+      no = f"--{group}{dot}no-{name}"  # tyro's form: --ppo.algo.no-x
+      hints.append(f"; {flag} is a switch: pass {flag} or {no}, not {arg}")
+  return "".join(hints)
+
+
 @contextlib.contextmanager
 def _wide_errors(args: list[str]):
   """tyro renders its error box at a very wide width (not --help): one
@@ -215,9 +232,8 @@ def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
   except SystemExit as e:
     if e.code in (0, None):
       raise
-    raise runtime.UserError(
-      f"{_one_line(buf.getvalue())} (see `{prog} --help`)"
-    ) from None
+    message = _one_line(buf.getvalue()) + _switch_hint(args, buf.getvalue())
+    raise runtime.UserError(f"{message} (see `{prog} --help`)") from None
   except (ValueError, TypeError, ZeroDivisionError) as e:
     # A config class that checks itself when built (__post_init__).
     raise runtime.UserError(f"{e} (see `{prog} --help`)") from None

@@ -370,6 +370,8 @@ class GenerateConfig:
   """Sampling seed."""
   output: str | None = None
   """Also write the samples as JSON lines to this file."""
+  overwrite: bool = False
+  """Replace an existing --output file."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,7 +66,7 @@ def resolve_model(model: str | None) -> pathlib.Path:
     try:
       return resolve_model_dir(model)
     except FileNotFoundError as e:
-      raise UserError(str(e)) from None
+      raise UserError(f"{where}: {e}") from None
   if path.exists():
     raise UserError(f"{where} {model}: not a directory")
   raise UserError(f"model directory {model} does not exist ({where})")

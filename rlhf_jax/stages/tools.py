@@ -58,11 +58,34 @@ def _policy_dir(run_dir: pathlib.Path, policy: str) -> pathlib.Path:
 # --------------------------------------------------------------- generate
 
 
+def _check_output(output: str, overwrite: bool) -> pathlib.Path:
+  """--output as a path, checked before any sampling.
+
+  Raises:
+    runtime.UserError: it is a directory, an existing file without
+      --overwrite, or under a path that is a file.
+  """
+  out = pathlib.Path(output)
+  if out.is_dir():
+    raise runtime.UserError(f"--output {out}: is a directory, not a file")
+  if out.exists() and not overwrite:
+    raise runtime.UserError(
+      f"--output {out}: exists; pass --overwrite to replace it"
+    )
+  parent = next((p for p in out.parents if p.exists()), None)
+  if parent is not None and not parent.is_dir():
+    raise runtime.UserError(f"--output {out}: {parent} is a file")
+  return out
+
+
 def run_generate(config: C.GenerateConfig) -> int:
   """Samples continuations and prints them (and writes --output)."""
   from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
   from rlhf_jax.tasks import STORY_OPENINGS
 
+  out = None
+  if config.output is not None:
+    out = _check_output(config.output, config.overwrite)
   environment.setup_jax()
   if config.run_dir is not None:
     model_dir = _policy_dir(pathlib.Path(config.run_dir), config.policy)
@@ -124,10 +147,9 @@ def run_generate(config: C.GenerateConfig) -> int:
     text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
     records.append({"prompt": prompts[p], "sample": r, "text": text})
     print(f"[{prompts[p]}] {text}")
-  if config.output is not None:
-    out = pathlib.Path(config.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(x) + "\n" for x in records))
+  if out is not None:
+    with runtime.atomic_file(out) as f:
+      f.write("".join(json.dumps(x) + "\n" for x in records))
   return 0
 
 

@@ -16,6 +16,11 @@ RLHF with PPO"). It composes the named phases of ``train.ppo_phases`` and
   7. controller_phase: the KL controller (adaptive: Ziegler et al. 2019,
      sec. 2.2).
 
+With one update per iteration (ppo_epochs = num_minibatches =
+num_micro_batches = 1) phases 3-6 run as ``train.ppo_fused``: the update's
+own forward supplies the old logprobs and values, so phase 3 runs only the
+reference.
+
 The metrics are the values of the library's summable statistics of the
 samples and of the updates (docs/conventions.md, "Metric names").
 """
@@ -31,12 +36,15 @@ from rlhf_jax import stats as st
 from rlhf_jax.models import lora
 from rlhf_jax.train.common import check_build
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
+from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
+  Shaped,
   advantages_phase,
   controller_phase,
   ppo_batch,
   reference_and_values,
+  reference_logprobs,
   rollout_phase,
   rollout_stats,
   score_phase,
@@ -111,8 +119,9 @@ def make_ppo_step(
   """
   check_build(model_config, config)
   lora_policy = model_config.lora is not None and model_config.lora.enabled
-  update = make_update(model_config, config, policy_optimizer, value_optimizer)
   phase = dict(model_config=model_config, config=config)
+  build = _fused_phases if fuses(config) else _phased
+  update_phases = build(model_config, config, policy_optimizer, value_optimizer)
 
   def step(state: PPOState, prompts: PromptBatch, frozen: dict):
     _check_rows(prompts, config)
@@ -125,17 +134,69 @@ def make_ppo_step(
     ref = frozen["ref"]
     if ref is None and lora_policy:  # the base, adapters off (no copy)
       ref = lora.adapters_off(state.policy_params)
+    learner, update_stats, shaped = update_phases(
+      state, rollout, raw_scores, ref, perm_rng
+    )
+    kl_coef = state.kl_state.kl_coef
+    samples = rollout_stats(
+      rollout,
+      shaped.batch,
+      raw_scores,
+      shaped.scores,
+      shaped.kl,
+      shaped.entropy,
+      kl_coef,
+    )
+    metrics = st.values(st.reduce(samples, config.axis_name) | update_stats)
+    metrics |= _step_counts(learner.skipped_steps, state.skipped_steps)
+    metrics["objective/kl_coef"] = kl_coef
+    new_state = learner.into(state).replace(
+      step=state.step + 1,
+      kl_state=controller_phase(state.kl_state, shaped.kl, config=config),
+      reward_norm=shaped.norm,
+    )
+    return new_state, metrics
+
+  return step
+
+
+def _fused_phases(model_config, config, policy_opt, value_opt) -> Callable:
+  """Phases 3-6 with one update (``train.ppo_fused``): (state, rollout,
+  raw_scores, ref params, perm_rng) -> (learner, update stats, Shaped)."""
+  fused = make_fused_update(model_config, config, policy_opt, value_opt)
+
+  def update_phases(state, rollout, raw_scores, ref, _):
+    ref_logprobs = reference_logprobs(
+      ref, rollout, model_config=model_config, config=config
+    )
+    return fused(
+      Learner.of(state),
+      rollout,
+      raw_scores,
+      ref_logprobs,
+      state.reward_norm,
+      state.kl_state.kl_coef,
+    )
+
+  return update_phases
+
+
+def _phased(model_config, config, policy_opt, value_opt) -> Callable:
+  """Phases 3-6 one after the other, ``_fused_phases``'s signature."""
+  update = make_update(model_config, config, policy_opt, value_opt)
+  phase = dict(model_config=model_config, config=config)
+
+  def update_phases(state, rollout, raw_scores, ref, perm_rng):
     old_logprobs, ref_logprobs, old_values, entropy = reference_and_values(
       state.policy_params, state.value_params, ref, rollout, **phase
     )
-    kl_coef = state.kl_state.kl_coef
     rewards, kl, scores, norm = shape_rewards(
       raw_scores,
       rollout,
       old_logprobs,
       ref_logprobs,
       state.reward_norm,
-      kl_coef,
+      state.kl_state.kl_coef,
       config=config,
     )
     advantages, returns = advantages_phase(
@@ -147,20 +208,9 @@ def make_ppo_step(
     learner, update_stats = update_epochs(
       Learner.of(state), batch, perm_rng, update, config=config
     )
-    samples = rollout_stats(
-      rollout, batch, raw_scores, scores, kl, entropy, kl_coef
-    )
-    metrics = st.values(st.reduce(samples, config.axis_name) | update_stats)
-    metrics |= _step_counts(learner.skipped_steps, state.skipped_steps)
-    metrics["objective/kl_coef"] = kl_coef
-    new_state = learner.into(state).replace(
-      step=state.step + 1,
-      kl_state=controller_phase(state.kl_state, kl, config=config),
-      reward_norm=norm,
-    )
-    return new_state, metrics
+    return learner, update_stats, Shaped(batch, kl, scores, norm, entropy)
 
-  return step
+  return update_phases
 
 
 def _check_rows(prompts: PromptBatch, config: PPOConfig) -> None:

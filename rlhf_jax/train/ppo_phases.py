@@ -9,6 +9,7 @@ batch statistic is global over ``config.axis_name``.
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,23 +23,37 @@ from rlhf_jax.kl import (
   kl_estimate,
   kl_shaped_rewards,
 )
-from rlhf_jax.logprobs import (
-  entropy_from_logits,
-  logprobs_from_logits,
-)
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten, promote_f32
 from rlhf_jax.rollout import generate
 from rlhf_jax.train.common import (
   concat_prompt_response,
   global_sum,
-  response_logits,
-  response_values,
+  teacher_forced_logprobs,
 )
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
+from rlhf_jax.train.ppo_update import policy_and_values
 from rlhf_jax.train.state import RewardNormState
 from rlhf_jax.types import PPOBatch, PromptBatch, Rollout
 
 ScoreFn = Callable[[object, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class Shaped(NamedTuple):
+  """What phases 3-5 hand to the statistics and the KL controller.
+
+  Attributes:
+    batch: the update's PPOBatch.
+    kl: f32[B, T] per-token KL estimate of the penalty.
+    scores: f32[B] scores after normalisation, clipping and penalties.
+    norm: the reward-normalisation state after this iteration.
+    entropy: f32[B, T] token entropy of the sampling policy (unmasked).
+  """
+
+  batch: PPOBatch
+  kl: jax.Array
+  scores: jax.Array
+  norm: RewardNormState
+  entropy: jax.Array
 
 
 def sequences(rollout: Rollout) -> tuple[jax.Array, jax.Array]:
@@ -114,6 +129,27 @@ def score_phase(
   return promote_f32(scores)  # f32, or f64 in a f64 model
 
 
+def reference_logprobs(
+  ref_params,
+  rollout: Rollout,
+  *,
+  model_config: "models.ModelConfig",
+  config: PPOConfig,
+) -> jax.Array:
+  """Phase 3a: f32[B, T] teacher-forced logprobs of the rollout's tokens
+  under ``ref_params`` at the sampling temperature, 0 at masked slots."""
+  ids, attn = sequences(rollout)
+  return teacher_forced_logprobs(
+    ref_params,
+    ids,
+    attn,
+    prompt_length=rollout.prompt_ids.shape[1],
+    response_mask=rollout.response_mask,
+    temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
+    model_config=model_config,
+  )
+
+
 def reference_and_values(
   policy_params,
   value_params,
@@ -133,26 +169,16 @@ def reference_and_values(
     (old_logprobs, ref_logprobs, old_values, token entropy), each f32[B, T],
     0 at masked slots except the entropy (masked by its users).
   """
-  ids, attn = sequences(rollout)
-  mask = rollout.response_mask
-  prompt_len = rollout.prompt_ids.shape[1]
-  temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
-
-  def logits_of(params):
-    return response_logits(params, ids, attn, prompt_len, model_config)
-
-  def logprobs(logits):
-    return logprobs_from_logits(
-      logits, ids[:, prompt_len:], temperature=temperature, mask=mask
-    )
-
-  logits = logits_of(policy_params)
-  old_logprobs = logprobs(logits)
-  entropy = entropy_from_logits(logits, temperature=temperature)
-  del logits
-  ref_logprobs = logprobs(logits_of(ref_params))
-  values = response_values(value_params, ids, attn, prompt_len, model_config)
-  old_values = jnp.where(mask, values, 0.0)
+  old_logprobs, entropy, values = policy_and_values(
+    (policy_params, value_params),
+    rollout,
+    model_config=model_config,
+    config=config,
+  )
+  ref_logprobs = reference_logprobs(
+    ref_params, rollout, model_config=model_config, config=config
+  )
+  old_values = jnp.where(rollout.response_mask, values, 0.0)
   return old_logprobs, ref_logprobs, old_values, entropy
 
 

@@ -63,6 +63,85 @@ class Learner(NamedTuple):
     return state.replace(**self._asdict())
 
 
+def policy_and_values(
+  params: tuple,
+  rows,
+  *,
+  model_config: "models.ModelConfig",
+  config: PPOConfig,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Teacher-forced forward of policy and critic on [prompt | response].
+
+  Args:
+    params: (policy params, critic params).
+    rows: a PPOBatch or Rollout (prompt_ids i32[B, P], prompt_mask
+      bool[B, P], response_ids i32[B, T], response_mask bool[B, T]).
+
+  Returns:
+    (logprobs f32[B, T] at the sampling temperature, 0 at masked slots;
+    token entropy f32[B, T]; values f32[B, T], unmasked).
+  """
+  policy, value = params
+  mask = rows.response_mask
+  ids, attn = concat_prompt_response(
+    rows.prompt_ids, rows.prompt_mask, rows.response_ids, mask
+  )
+  prompt_len = rows.prompt_ids.shape[1]
+  temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
+  logits = response_logits(policy, ids, attn, prompt_len, model_config)
+  logp = logprobs_from_logits(
+    logits, ids[:, prompt_len:], temperature=temperature, mask=mask
+  )
+  ent = entropy_from_logits(logits, temperature=temperature)
+  values = response_values(value, ids, attn, prompt_len, model_config)
+  return logp, ent, values
+
+
+def ppo_loss_terms(
+  logp: jax.Array,
+  old_logp: jax.Array,
+  ent: jax.Array,
+  values: jax.Array,
+  mb: PPOBatch,
+  normalizer: jax.Array,
+  *,
+  config: PPOConfig,
+) -> tuple[jax.Array, st.Stats]:
+  """The PPO loss (module docstring) from the forward's outputs, f32[]."""
+  mask = mb.response_mask
+  agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
+  pg_loss, stats = ppo_policy_loss(
+    logp,
+    old_logp,
+    mb.advantages,
+    mask,
+    cliprange=config.cliprange,
+    cliprange_low=config.cliprange_low,
+    cliprange_high=config.cliprange_high,
+    dual_clip=config.dual_clip,
+    **agg,
+  )
+  bonus, ent_stats = entropy_bonus(ent, mask, **agg)
+  kl_term, kl_stats = kl_loss(
+    logp, mb.ref_logprobs, mask, kl_estimator=config.kl_estimator, **agg
+  )
+  vf_loss, v_stats = ppo_value_loss(
+    values,
+    mb.old_values,
+    mb.returns,
+    mask,
+    cliprange_value=config.cliprange_value,
+    **agg,
+  )
+  loss = (
+    pg_loss
+    - config.ent_coef * bonus
+    + config.kl_loss_coef * kl_term
+    + config.vf_coef * vf_loss
+  )
+  return loss, stats | ent_stats | kl_stats | v_stats
+
+
 def minibatch_loss(
   params: tuple,
   mb: PPOBatch,
@@ -79,51 +158,46 @@ def minibatch_loss(
   logprobs as the old ones, so its ratio is exactly 1 by construction
   rather than up to f32 rounding between two differently fused forwards.
   """
-  policy, value = params
-  mask = mb.response_mask
-  ids, attn = concat_prompt_response(
-    mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask
-  )
-  prompt_len = mb.prompt_ids.shape[1]
-  temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
-  logits = response_logits(policy, ids, attn, prompt_len, model_config)
-  logp = logprobs_from_logits(
-    logits, ids[:, prompt_len:], temperature=temperature, mask=mask
+  logp, ent, values = policy_and_values(
+    params, mb, model_config=model_config, config=config
   )
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
-  agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
-  pg_loss, stats = ppo_policy_loss(
-    logp,
-    old_logp,
-    mb.advantages,
-    mask,
-    cliprange=config.cliprange,
-    cliprange_low=config.cliprange_low,
-    cliprange_high=config.cliprange_high,
-    dual_clip=config.dual_clip,
-    **agg,
+  return ppo_loss_terms(
+    logp, old_logp, ent, values, mb, normalizer, config=config
   )
-  ent = entropy_from_logits(logits, temperature=temperature)
-  bonus, ent_stats = entropy_bonus(ent, mask, **agg)
-  kl_term, kl_stats = kl_loss(
-    logp, mb.ref_logprobs, mask, kl_estimator=config.kl_estimator, **agg
+
+
+def apply_update(
+  learner: Learner,
+  grads: tuple,
+  stats: st.Stats,
+  *,
+  config: PPOConfig,
+  policy_opt: optax.GradientTransformation,
+  value_opt: optax.GradientTransformation,
+) -> tuple[Learner, st.Stats]:
+  """Both optax updates from summed (policy, critic) grads, or neither.
+
+  The grads are summed over ``config.axis_name``; an update whose grads
+  are not all finite is skipped for BOTH models and counted. Returns the
+  learner and ``stats`` merged over devices with the gradient norms.
+  """
+  axis = config.axis_name
+  if axis is not None:
+    grads = jax.lax.psum(grads, axis)
+  finite = all_finite(grads)
+  (p, p_opt, _, p_norm), (v, v_opt, _, v_norm) = (
+    apply_if_finite(opt, params, opt_state, g, finite=finite)
+    for opt, params, opt_state, g in (
+      (policy_opt, learner.policy_params, learner.policy_opt_state, grads[0]),
+      (value_opt, learner.value_params, learner.value_opt_state, grads[1]),
+    )
   )
-  values = response_values(value, ids, attn, prompt_len, model_config)
-  vf_loss, v_stats = ppo_value_loss(
-    values,
-    mb.old_values,
-    mb.returns,
-    mask,
-    cliprange_value=config.cliprange_value,
-    **agg,
-  )
-  loss = (
-    pg_loss
-    - config.ent_coef * bonus
-    + config.kl_loss_coef * kl_term
-    + config.vf_coef * vf_loss
-  )
-  return loss, stats | ent_stats | kl_stats | v_stats
+  stats = st.reduce(stats, axis)
+  stats["ppo/grad_norm"] = st.Mean.of(p_norm)
+  stats["val/grad_norm"] = st.Mean.of(v_norm)
+  skipped = learner.skipped_steps + (~finite).astype(jnp.int32)
+  return Learner(p, v, p_opt, v_opt, skipped), stats
 
 
 def make_update(
@@ -160,21 +234,14 @@ def make_update(
       mb,
       num_micro_batches=config.num_micro_batches,
     )
-    if axis is not None:
-      grads = jax.lax.psum(grads, axis)
-    finite = all_finite(grads)  # skip BOTH updates if any is not finite
-    (p, p_opt, _, p_norm), (v, v_opt, _, v_norm) = (
-      apply_if_finite(opt, params, opt_state, g, finite=finite)
-      for opt, params, opt_state, g in (
-        (policy_opt, learner.policy_params, learner.policy_opt_state, grads[0]),
-        (value_opt, learner.value_params, learner.value_opt_state, grads[1]),
-      )
+    return apply_update(
+      learner,
+      grads,
+      stats,
+      config=config,
+      policy_opt=policy_opt,
+      value_opt=value_opt,
     )
-    stats = st.reduce(stats, axis)
-    stats["ppo/grad_norm"] = st.Mean.of(p_norm)
-    stats["val/grad_norm"] = st.Mean.of(v_norm)
-    skipped = learner.skipped_steps + (~finite).astype(jnp.int32)
-    return Learner(p, v, p_opt, v_opt, skipped), stats
 
   return update
 
