@@ -510,3 +510,11 @@ def test_a_value_given_to_a_switch_names_the_switch(capsys, arg, flag, no):
     f"Unrecognized options: {value}; {flag} is a switch: pass {flag} or "
     f"{no}, not {arg} (see `rlhf-jax ppo --help`)",
   )
+
+
+def test_no_switch_hint_for_an_option_that_takes_a_value(tmp_path, capsys):
+  out = str(tmp_path / "a.jsonl")
+  code, err = _run(capsys, ["generate", f"--output={out}", out])
+  _check(
+    code, err, f"Unrecognized options: {out} (see `rlhf-jax generate --help`)"
+  )

@@ -18,6 +18,7 @@ import io
 import os
 import re
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any, get_type_hints
 
@@ -183,17 +184,33 @@ def _one_line(text: str) -> str:
   return " ".join(body or lines[:1]) or "invalid arguments"
 
 
-def _switch_hint(args: list[str], text: str) -> str:
-  """'; --x is a switch ...' for each --x=VALUE whose VALUE tyro left over
-  as an unrecognized option (it took --x as a switch), or ''."""
+def _switches(cls: type, prefix: str = "") -> set[str]:
+  """tyro's flags of the bool fields of ``cls`` and its nested configs
+  (``--strict``, ``--ppo.algo.adaptive-kl``)."""
+  out = set()
+  for name, hint in get_type_hints(cls).items():
+    while typing.get_origin(hint) is typing.Annotated:  # tyro.conf markers
+      hint = typing.get_args(hint)[0]
+    flag = prefix + name.replace("_", "-")
+    if hint is bool:
+      out.add("--" + flag)
+    elif dataclasses.is_dataclass(hint):
+      out |= _switches(hint, flag + ".")
+  return out
+
+
+def _switch_hint(cls: type, args: list[str], text: str) -> str:
+  """'; --x is a switch ...' for each --x=VALUE of a bool field whose VALUE
+  tyro left over as an unrecognized option, or ''."""
   head = re.search(r"Unrecognized options?: (.*)", text)
   if head is None:
     return ""
-  left = {w.strip(" ,│") for w in head.group(1).split(",")}
+  left = {_BOX_EDGE.sub("", w) for w in head.group(1).split(",")}
+  switches = _switches(cls)
   hints = []
   for arg in args:
     flag, eq, value = arg.partition("=")
-    if eq and flag.startswith("--") and value in left:
+    if eq and flag in switches and value in left:
       group, dot, name = flag[2:].rpartition(".")
       no = f"--{group}{dot}no-{name}"  # tyro's form: --ppo.algo.no-x
       hints.append(f"; {flag} is a switch: pass {flag} or {no}, not {arg}")
@@ -232,7 +249,8 @@ def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
   except SystemExit as e:
     if e.code in (0, None):
       raise
-    message = _one_line(buf.getvalue()) + _switch_hint(args, buf.getvalue())
+    text = buf.getvalue()
+    message = _one_line(text) + _switch_hint(cls, args, text)
     raise runtime.UserError(f"{message} (see `{prog} --help`)") from None
   except (ValueError, TypeError, ZeroDivisionError) as e:
     # A config class that checks itself when built (__post_init__).

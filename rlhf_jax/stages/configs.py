@@ -369,7 +369,8 @@ class GenerateConfig:
   seed: int = 0
   """Sampling seed."""
   output: str | None = None
-  """Also write the samples as JSON lines to this file."""
+  """Also write the samples as JSON lines to this file (a new one; an
+  existing file only with --overwrite)."""
   overwrite: bool = False
   """Replace an existing --output file."""
 

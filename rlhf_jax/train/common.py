@@ -20,9 +20,13 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
-from rlhf_jax.logprobs import logprobs_from_logits, response_rows
+from rlhf_jax.logprobs import (
+  entropy_from_logits,
+  logprobs_from_logits,
+  response_rows,
+)
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.types import PreferenceBatch
+from rlhf_jax.types import PPOBatch, PreferenceBatch, Rollout
 
 PyTree = Any
 
@@ -114,6 +118,42 @@ def concat_prompt_response(
     [prompt_mask.astype(bool), response_mask.astype(bool)], axis=1
   )
   return ids, mask
+
+
+def policy_and_values(
+  params: tuple,
+  rows: PPOBatch | Rollout,
+  *,
+  model_config: Any,
+  temperature: float | jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Teacher-forced forward of policy and critic on [prompt | response].
+
+  Args:
+    params: (policy params, critic params).
+    rows: a PPOBatch or Rollout (prompt_ids i32[B, P], prompt_mask
+      bool[B, P], response_ids i32[B, T], response_mask bool[B, T]).
+    model_config: config of both backbones.
+    temperature: the sampling temperature (docs/conventions.md, 4).
+
+  Returns:
+    (logprobs f32[B, T] at the sampling temperature, 0 at masked slots;
+    token entropy f32[B, T]; values f32[B, T], unmasked).
+  """
+  policy, value = params
+  mask = rows.response_mask
+  ids, attn = concat_prompt_response(
+    rows.prompt_ids, rows.prompt_mask, rows.response_ids, mask
+  )
+  prompt_len = rows.prompt_ids.shape[1]
+  temperature = jnp.asarray(temperature, model_config.acc_dtype)
+  logits = response_logits(policy, ids, attn, prompt_len, model_config)
+  logp = logprobs_from_logits(
+    logits, ids[:, prompt_len:], temperature=temperature, mask=mask
+  )
+  ent = entropy_from_logits(logits, temperature=temperature)
+  values = response_values(value, ids, attn, prompt_len, model_config)
+  return logp, ent, values
 
 
 def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:

@@ -31,7 +31,7 @@ from flax import struct
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
-from rlhf_jax.train.common import check_build, teacher_forced_logprobs
+from rlhf_jax.train.common import check_build
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_update import (
   GRPOLearner,
@@ -40,9 +40,9 @@ from rlhf_jax.train.grpo_update import (
 )
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
+  rollout_logprobs,
   rollout_phase,
   score_phase,
-  sequences,
 )
 from rlhf_jax.train.ppo_update import update_epochs
 from rlhf_jax.train.state import TrainState
@@ -104,20 +104,6 @@ def _reference(params, frozen: dict | None, model_config):
   )
 
 
-def _teacher_forced(params, rollout: Rollout, *, model_config, config):
-  """f32[B, T] logprobs of the rollout's tokens under ``params``."""
-  ids, attn = sequences(rollout)
-  return teacher_forced_logprobs(
-    params,
-    ids,
-    attn,
-    prompt_length=rollout.prompt_ids.shape[1],
-    temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
-    response_mask=rollout.response_mask,
-    model_config=model_config,
-  )
-
-
 def make_grpo_rollout(
   model_config: "models.ModelConfig", config: GRPOConfig
 ) -> Callable:
@@ -146,13 +132,13 @@ def make_grpo_rollout(
     )
     updates = config.ppo_epochs * config.num_minibatches
     if updates > 1 or config.kl_penalty == "reward":
-      old = _teacher_forced(state.params, rollout, **forced)
+      old = rollout_logprobs(state.params, rollout, **forced)
     else:  # the only update uses its own logprobs as the old ones
       old = rollout.logprobs
     ref = jnp.zeros_like(old)
     if config.uses_reference:
       ref_params, ref_config = _reference(state.params, frozen, model_config)
-      ref = _teacher_forced(
+      ref = rollout_logprobs(
         ref_params, rollout, model_config=ref_config, config=config
       )
     return GRPOSamples(rollout, old, ref)

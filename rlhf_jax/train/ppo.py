@@ -39,16 +39,13 @@ from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
-  Shaped,
-  advantages_phase,
   controller_phase,
-  ppo_batch,
   reference_and_values,
-  reference_logprobs,
+  rollout_logprobs,
   rollout_phase,
   rollout_stats,
   score_phase,
-  shape_rewards,
+  shape_and_advantages,
 )
 from rlhf_jax.train.ppo_update import Learner, make_update, update_epochs
 from rlhf_jax.train.state import PPOState, RewardNormState
@@ -161,12 +158,15 @@ def make_ppo_step(
 
 
 def _fused_phases(model_config, config, policy_opt, value_opt) -> Callable:
-  """Phases 3-6 with one update (``train.ppo_fused``): (state, rollout,
-  raw_scores, ref params, perm_rng) -> (learner, update stats, Shaped)."""
+  """Phases 3-6 with one update (``train.ppo_fused``).
+
+  Returns update_phases(state, rollout, raw_scores, ref params, perm_rng)
+  -> (learner, update stats, Shaped).
+  """
   fused = make_fused_update(model_config, config, policy_opt, value_opt)
 
   def update_phases(state, rollout, raw_scores, ref, _):
-    ref_logprobs = reference_logprobs(
+    ref_logprobs = rollout_logprobs(
       ref, rollout, model_config=model_config, config=config
     )
     return fused(
@@ -182,7 +182,7 @@ def _fused_phases(model_config, config, policy_opt, value_opt) -> Callable:
 
 
 def _phased(model_config, config, policy_opt, value_opt) -> Callable:
-  """Phases 3-6 one after the other, ``_fused_phases``'s signature."""
+  """Phases 3-6 one after the other (``_fused_phases``'s signature)."""
   update = make_update(model_config, config, policy_opt, value_opt)
   phase = dict(model_config=model_config, config=config)
 
@@ -190,25 +190,21 @@ def _phased(model_config, config, policy_opt, value_opt) -> Callable:
     old_logprobs, ref_logprobs, old_values, entropy = reference_and_values(
       state.policy_params, state.value_params, ref, rollout, **phase
     )
-    rewards, kl, scores, norm = shape_rewards(
+    shaped = shape_and_advantages(
       raw_scores,
       rollout,
       old_logprobs,
       ref_logprobs,
+      old_values,
+      entropy,
       state.reward_norm,
       state.kl_state.kl_coef,
       config=config,
     )
-    advantages, returns = advantages_phase(
-      rewards, old_values, rollout.response_mask, config=config
-    )
-    batch = ppo_batch(
-      rollout, old_logprobs, ref_logprobs, old_values, advantages, returns
-    )
     learner, update_stats = update_epochs(
-      Learner.of(state), batch, perm_rng, update, config=config
+      Learner.of(state), shaped.batch, perm_rng, update, config=config
     )
-    return learner, update_stats, Shaped(batch, kl, scores, norm, entropy)
+    return learner, update_stats, shaped
 
   return update_phases
 

@@ -5,12 +5,14 @@ runs on the params that sampled the rollout. Its own teacher-forced
 forward of policy and critic therefore gives the old logprobs, the token
 entropy and the old values (stop-gradient) that the KL-shaped rewards and
 GAE need, so the separate policy and critic forwards of phase 3
-(``ppo_phases.reference_and_values``) are not run: the reference forward,
-shaping, advantages and the loss follow inside the differentiated
-function. TRL's GRPO trainer skips its old-logprob pass the same way when
-it makes one update per generation. The numbers are those of the phased
-iteration (same functions; the old values equal up to f32 rounding between
-two differently fused forwards, tests/train/test_ppo_fused.py).
+(``ppo_phases.reference_and_values``) are not run: the reference forward
+comes first, then shaping, advantages and the loss inside the
+differentiated function. TRL's GRPO trainer skips its old-logprob pass the
+same way when it makes one update per generation. Same functions as the
+phased iteration, so the same numbers up to f32 rounding between two
+differently fused forwards (old logprobs, values and everything derived:
+KL, rewards, advantages, metrics, params; tests/train/test_ppo_fused.py
+holds them within 2e-5).
 """
 
 from collections.abc import Callable
@@ -21,20 +23,10 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
-from rlhf_jax.train.common import loss_normalizer
+from rlhf_jax.train.common import loss_normalizer, policy_and_values
 from rlhf_jax.train.ppo_config import PPOConfig
-from rlhf_jax.train.ppo_phases import (
-  Shaped,
-  advantages_phase,
-  ppo_batch,
-  shape_rewards,
-)
-from rlhf_jax.train.ppo_update import (
-  Learner,
-  apply_update,
-  policy_and_values,
-  ppo_loss_terms,
-)
+from rlhf_jax.train.ppo_phases import Shaped, shape_and_advantages
+from rlhf_jax.train.ppo_update import Learner, apply_update, ppo_loss_terms
 from rlhf_jax.train.state import RewardNormState
 from rlhf_jax.types import Rollout
 
@@ -73,25 +65,29 @@ def make_fused_update(
 
   def loss_fn(params, rollout, raw_scores, ref_logprobs, norm, kl_coef):
     logp, ent, values = policy_and_values(
-      params, rollout, model_config=model_config, config=config
+      params,
+      rollout,
+      model_config=model_config,
+      temperature=config.temperature,
     )
     mask = rollout.response_mask
     old_logp = jax.lax.stop_gradient(logp)
     old_values = jnp.where(mask, jax.lax.stop_gradient(values), 0.0)
-    rewards, kl, scores, norm = shape_rewards(
-      raw_scores, rollout, old_logp, ref_logprobs, norm, kl_coef, config=config
-    )
-    advantages, returns = advantages_phase(
-      rewards, old_values, mask, config=config
-    )
-    batch = ppo_batch(
-      rollout, old_logp, ref_logprobs, old_values, advantages, returns
+    shaped = shape_and_advantages(
+      raw_scores,
+      rollout,
+      old_logp,
+      ref_logprobs,
+      old_values,
+      ent,
+      norm,
+      kl_coef,
+      config=config,
     )
     normalizer = loss_normalizer(mask, config.loss_agg_mode, axis)
     loss, stats = ppo_loss_terms(
-      logp, old_logp, ent, values, batch, normalizer, config=config
+      logp, old_logp, ent, values, shaped.batch, normalizer, config=config
     )
-    shaped = Shaped(batch, kl, scores, norm, jax.lax.stop_gradient(ent))
     return loss, (stats, shaped)
 
   def fused(

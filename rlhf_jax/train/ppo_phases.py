@@ -28,10 +28,10 @@ from rlhf_jax.rollout import generate
 from rlhf_jax.train.common import (
   concat_prompt_response,
   global_sum,
+  policy_and_values,
   teacher_forced_logprobs,
 )
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
-from rlhf_jax.train.ppo_update import policy_and_values
 from rlhf_jax.train.state import RewardNormState
 from rlhf_jax.types import PPOBatch, PromptBatch, Rollout
 
@@ -129,18 +129,19 @@ def score_phase(
   return promote_f32(scores)  # f32, or f64 in a f64 model
 
 
-def reference_logprobs(
-  ref_params,
+def rollout_logprobs(
+  params,
   rollout: Rollout,
   *,
   model_config: "models.ModelConfig",
   config: PPOConfig,
 ) -> jax.Array:
-  """Phase 3a: f32[B, T] teacher-forced logprobs of the rollout's tokens
-  under ``ref_params`` at the sampling temperature, 0 at masked slots."""
+  """f32[B, T] teacher-forced logprobs of the rollout's tokens under
+  ``params`` (e.g. the reference's, phase 3) at ``config.temperature``, 0
+  at masked slots. ``config``: any config with a ``temperature``."""
   ids, attn = sequences(rollout)
   return teacher_forced_logprobs(
-    ref_params,
+    params,
     ids,
     attn,
     prompt_length=rollout.prompt_ids.shape[1],
@@ -173,9 +174,9 @@ def reference_and_values(
     (policy_params, value_params),
     rollout,
     model_config=model_config,
-    config=config,
+    temperature=config.temperature,
   )
-  ref_logprobs = reference_logprobs(
+  ref_logprobs = rollout_logprobs(
     ref_params, rollout, model_config=model_config, config=config
   )
   old_values = jnp.where(rollout.response_mask, values, 0.0)
@@ -291,6 +292,38 @@ def ppo_batch(
     advantages=advantages,
     returns=returns,
   )
+
+
+def shape_and_advantages(
+  raw_scores: jax.Array,
+  rollout: Rollout,
+  old_logprobs: jax.Array,
+  ref_logprobs: jax.Array,
+  old_values: jax.Array,
+  entropy: jax.Array,
+  norm: RewardNormState,
+  kl_coef: jax.Array,
+  *,
+  config: PPOConfig,
+) -> Shaped:
+  """Phases 4-5: ``shape_rewards``, then ``advantages_phase``, as the
+  update's PPOBatch (arguments f32[B] / f32[B, T] as named there)."""
+  rewards, kl, scores, norm = shape_rewards(
+    raw_scores,
+    rollout,
+    old_logprobs,
+    ref_logprobs,
+    norm,
+    kl_coef,
+    config=config,
+  )
+  advantages, returns = advantages_phase(
+    rewards, old_values, rollout.response_mask, config=config
+  )
+  batch = ppo_batch(
+    rollout, old_logprobs, ref_logprobs, old_values, advantages, returns
+  )
+  return Shaped(batch, kl, scores, norm, entropy)
 
 
 def controller_phase(

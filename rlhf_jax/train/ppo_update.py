@@ -11,6 +11,9 @@ not finite is skipped (both models) and counted. The loss of a minibatch is
 
 and its statistics are the library's, merged over micro-batches, devices
 and every update of the iteration (docs/conventions.md, convention 15).
+``ppo_loss_terms`` (the loss from a forward's outputs) and ``apply_update``
+(both optax updates, or neither) are also the pieces of the one-update
+program of ``train.ppo_fused``, which runs outside any scan.
 """
 
 from collections.abc import Callable
@@ -23,16 +26,13 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_loss
-from rlhf_jax.logprobs import entropy_from_logits, logprobs_from_logits
 from rlhf_jax.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
   all_finite,
   apply_if_finite,
-  concat_prompt_response,
   loss_normalizer,
-  response_logits,
-  response_values,
+  policy_and_values,
 )
 from rlhf_jax.train.ppo_config import PPOConfig
 from rlhf_jax.train.state import PPOState
@@ -63,40 +63,6 @@ class Learner(NamedTuple):
     return state.replace(**self._asdict())
 
 
-def policy_and_values(
-  params: tuple,
-  rows,
-  *,
-  model_config: "models.ModelConfig",
-  config: PPOConfig,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Teacher-forced forward of policy and critic on [prompt | response].
-
-  Args:
-    params: (policy params, critic params).
-    rows: a PPOBatch or Rollout (prompt_ids i32[B, P], prompt_mask
-      bool[B, P], response_ids i32[B, T], response_mask bool[B, T]).
-
-  Returns:
-    (logprobs f32[B, T] at the sampling temperature, 0 at masked slots;
-    token entropy f32[B, T]; values f32[B, T], unmasked).
-  """
-  policy, value = params
-  mask = rows.response_mask
-  ids, attn = concat_prompt_response(
-    rows.prompt_ids, rows.prompt_mask, rows.response_ids, mask
-  )
-  prompt_len = rows.prompt_ids.shape[1]
-  temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
-  logits = response_logits(policy, ids, attn, prompt_len, model_config)
-  logp = logprobs_from_logits(
-    logits, ids[:, prompt_len:], temperature=temperature, mask=mask
-  )
-  ent = entropy_from_logits(logits, temperature=temperature)
-  values = response_values(value, ids, attn, prompt_len, model_config)
-  return logp, ent, values
-
-
 def ppo_loss_terms(
   logp: jax.Array,
   old_logp: jax.Array,
@@ -107,7 +73,20 @@ def ppo_loss_terms(
   *,
   config: PPOConfig,
 ) -> tuple[jax.Array, st.Stats]:
-  """The PPO loss (module docstring) from the forward's outputs, f32[]."""
+  """The PPO loss (module docstring) from a forward's outputs.
+
+  Args:
+    logp: f32[B, T] logprobs of the params being differentiated.
+    old_logp: f32[B, T] of the sampling params (treated as constants).
+    ent: f32[B, T] token entropy of the params being differentiated.
+    values: f32[B, T] critic values of the params being differentiated.
+    mb: the (micro-)batch: masks, advantages, returns, old values, ref.
+    normalizer: f32[], the whole minibatch's count for the loss_agg_mode.
+    config: PPOConfig (clip ranges, coefficients, estimator).
+
+  Returns:
+    (loss f32[], summable statistics).
+  """
   mask = mb.response_mask
   agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
   pg_loss, stats = ppo_policy_loss(
@@ -159,7 +138,7 @@ def minibatch_loss(
   rather than up to f32 rounding between two differently fused forwards.
   """
   logp, ent, values = policy_and_values(
-    params, mb, model_config=model_config, config=config
+    params, mb, model_config=model_config, temperature=config.temperature
   )
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
   return ppo_loss_terms(
@@ -176,11 +155,21 @@ def apply_update(
   policy_opt: optax.GradientTransformation,
   value_opt: optax.GradientTransformation,
 ) -> tuple[Learner, st.Stats]:
-  """Both optax updates from summed (policy, critic) grads, or neither.
+  """Both optax updates from (policy, critic) grads, or neither.
 
-  The grads are summed over ``config.axis_name``; an update whose grads
-  are not all finite is skipped for BOTH models and counted. Returns the
-  learner and ``stats`` merged over devices with the gradient norms.
+  Args:
+    learner: the models and optimizer states before the update.
+    grads: (policy grads, critic grads) of this device, summed here over
+      ``config.axis_name``.
+    stats: this device's statistics of the update's loss.
+    config: PPOConfig (``axis_name``).
+    policy_opt: optax transformation of the policy.
+    value_opt: optax transformation of the critic.
+
+  Returns:
+    (learner, stats merged over devices plus ppo/grad_norm and
+    val/grad_norm). Grads that are not all finite skip BOTH updates and
+    add 1 to ``skipped_steps``.
   """
   axis = config.axis_name
   if axis is not None:

@@ -186,6 +186,14 @@ def test_generate_from_a_runs_policy(smoke_run, tmp_path):
   ]
   assert all(isinstance(r["text"], str) for r in rows)
   assert proc.stdout.count("[Once upon a time]") == 2
+  again = ["generate", "--preset", "smoke", "--output", str(out)]
+  refused = _cli(*again, check=False)
+  assert refused.returncode == 2 and "--overwrite" in refused.stderr
+  assert len(out.read_text().splitlines()) == 4  # kept
+  _cli(*again, "--prompts", "The cat", "--overwrite")
+  assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == [
+    "The cat"
+  ]
 
 
 @pytest.mark.parametrize("what", ["ppo", "rm"])

@@ -319,6 +319,8 @@ def test_ppo_update(mode, prec):
   counts = _micro_counts(resp_mask, 4)
   assert len(set(counts)) > 1, f"micro-batch token counts all equal {counts}"
 
+  # N = 1 is the one-update program (train.ppo_fused), N > 1 the phased
+  # one: a fault in either shows as a disagreement here.
   out = {}
   for n in MICRO:
     cfg = _ppo_config(n, mode)
