@@ -2,10 +2,13 @@
 the reference is the base (adapters off); the same numbers on a mesh; the
 compiled DPO step holds the base weights once."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import train_helpers as helpers
 
 from rlhf_jax import models, parallel
@@ -115,8 +118,9 @@ def test_dpo_step_reference_is_the_base():
   np.testing.assert_allclose(metrics["dpo/loss"], np.log(2.0), rtol=1e-6)
 
 
-def test_ppo_step_policy_lora_critic_full():
-  cfg = helpers.PPO_CONFIG
+@pytest.mark.parametrize("epochs", [2, 1])  # 1: the fused program
+def test_ppo_step_policy_lora_critic_full(epochs):
+  cfg = dataclasses.replace(helpers.PPO_CONFIG, ppo_epochs=epochs)
   p_opt, v_opt = _opt(), helpers.optimizer(0.05)
   state = init_ppo_state(
     _lora_params(),

@@ -16,6 +16,8 @@ MESHES = {
 
 
 def _case(name):
+  if name == "ppo_one_update":  # the fused program, train.ppo_fused
+    return helpers.ppo_case(num_prompts=8, ppo_epochs=1)
   if name in ("ppo", "grpo"):
     return helpers.CASES[name](num_prompts=8)
   return helpers.CASES[name]()
@@ -77,7 +79,9 @@ def _assert_close(a, b, what):
     np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5, err_msg=what)
 
 
-@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo"])
+@pytest.mark.parametrize(
+  "name", ["sft", "rm", "dpo", "ppo", "ppo_one_update", "grpo"]
+)
 def test_same_numbers_on_one_device_meshes_and_pmap(name, devices8):
   case = _case(name)
   ref_state, ref_metrics = _single(case)
