@@ -225,7 +225,7 @@ def test_errors(tmp_path):
 
 _KILLED_SAVE = textwrap.dedent(
   """
-  import os, signal, sys
+  import os, signal, sys, time
   import jax.numpy as jnp
   from rlhf_jax.checkpoint import CheckpointManager
   ckpt = CheckpointManager(sys.argv[1], async_save=True)
@@ -234,6 +234,13 @@ _KILLED_SAVE = textwrap.dedent(
   # ~128 MiB: the background write cannot finish before the kill below.
   big = jnp.ones((32, 1024, 1024), jnp.float32)
   ckpt.save(2, {"w": big}, metadata={"i": 2})
+  # Kill once the save has begun writing (its temporary directory exists):
+  # killed earlier, there would be no interrupted save to test.
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline and all(
+    n.isdigit() for n in os.listdir(sys.argv[1])
+  ):
+    time.sleep(0.001)
   os.kill(os.getpid(), signal.SIGKILL)
   """
 )
