@@ -518,3 +518,63 @@ def test_no_switch_hint_for_an_option_that_takes_a_value(tmp_path, capsys):
   _check(
     code, err, f"Unrecognized options: {out} (see `rlhf-jax generate --help`)"
   )
+
+
+@pytest.mark.parametrize(
+  "text, why",
+  [
+    ("{not json", "not a run's config.json (Expecting property name"),
+    ("[1, 2]", "not a run's config.json (expected a JSON object with a \""),
+    ('{"x": 1}', "not a run's config.json (expected a JSON object with a \""),
+    ('{"config": {}}', 'not a run\'s config.json (no "model_dir")'),
+  ],
+)
+@pytest.mark.parametrize("command", ["generate", "eval", "export"])
+def test_foreign_config_json_in_run_dir(tmp_path, capsys, text, why, command):
+  run = tmp_path / "foreign"
+  run.mkdir()
+  (run / "config.json").write_text(text)
+  args = [command, "--run-dir", str(run)]
+  if command == "export":
+    args += ["--out", str(tmp_path / "out")]
+  code, err = _run(capsys, args)
+  assert code == 2 and "Traceback" not in err, err
+  assert err.startswith(f"rlhf-jax: error: {run / 'config.json'}: {why}"), err
+  assert (run / "config.json").read_text() == text  # untouched
+
+
+def test_generate_run_dir_that_does_not_exist(tmp_path, capsys):
+  missing = tmp_path / "no-run"
+  for policy in ("initial", "dpo"):
+    code, err = _run(
+      capsys, ["generate", "--run-dir", str(missing), "--policy", policy]
+    )
+    _check(code, err, f"--run-dir {missing}: no such directory")
+
+
+def test_generate_overwrite_needs_output(capsys):
+  code, err = _run(capsys, ["generate", "--overwrite"])
+  _check(code, err, "--overwrite needs --output FILE")
+
+
+def test_generate_output_dangling_link_and_trailing_slash(tmp_path, capsys):
+  link = tmp_path / "link.jsonl"
+  link.symlink_to(tmp_path / "missing-target")
+  code, err = _run(capsys, ["generate", "--output", str(link)])
+  _check(code, err, f"--output {link}: exists; pass --overwrite to replace it")
+  assert link.is_symlink()
+  slash = str(tmp_path / "newdir") + "/"
+  code, err = _run(capsys, ["generate", "--output", slash])
+  _check(code, err, f"--output {slash}: is a directory, not a file")
+
+
+def test_export_out_under_a_file(tmp_path, capsys):
+  run = tmp_path / "run"
+  run.mkdir()
+  record = {"config": {}, "model_dir": str(tmp_path / "model")}
+  (run / "config.json").write_text(json.dumps(record))
+  (tmp_path / "file").write_text("mine")
+  out = tmp_path / "file" / "export"
+  code, err = _run(capsys, ["export", "--run-dir", str(run), "--out", str(out)])
+  _check(code, err, f"--out {out}: {tmp_path / 'file'} is a file")
+  assert (tmp_path / "file").read_text() == "mine"

@@ -90,6 +90,24 @@ def disk_error(e: BaseException, path: str | os.PathLike) -> str | None:
   return None
 
 
+def load_run_record(path: pathlib.Path) -> dict[str, Any]:
+  """A run's config.json: a JSON object with a "config" object.
+
+  Raises:
+    UserError: the file is not JSON or not such an object (names it).
+  """
+  try:
+    record = json.loads(path.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UserError(f"{path}: not a run's config.json ({e})") from None
+  if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+    raise UserError(
+      f"{path}: not a run's config.json (expected a JSON object with a "
+      '"config" object, as rlhf-jax writes)'
+    )
+  return record
+
+
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
   """Turns a failed write under ``path`` (read-only, full disk, ...) into
@@ -520,7 +538,7 @@ def prepare_run_dir(
         f"rlhf-jax: nothing to resume in {run_dir}; starting a new run\n"
       )
     elif write_config and config.resume and saved_path.is_file():
-      saved = json.loads(saved_path.read_text())
+      saved = load_run_record(saved_path)
       diffs = _diff(
         _comparable(record, run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),

@@ -369,10 +369,9 @@ class GenerateConfig:
   seed: int = 0
   """Sampling seed."""
   output: str | None = None
-  """Also write the samples as JSON lines to this file (a new one; an
-  existing file only with --overwrite)."""
+  """Also write the samples as JSON lines to this file (see --overwrite)."""
   overwrite: bool = False
-  """Replace an existing --output file."""
+  """Replace an existing --output file (refused otherwise)."""
 
 
 @dataclasses.dataclass(frozen=True)

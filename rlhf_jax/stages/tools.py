@@ -38,17 +38,27 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
 
 
 def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
+  """The run's config.json (``runtime.load_run_record``) with its
+  "model_dir"; raises UserError naming --run-dir or the file."""
+  if not run_dir.is_dir():
+    raise runtime.UserError(f"--run-dir {run_dir}: no such directory")
   path = run_dir / runtime.CONFIG_FILE
   if not path.is_file():
     raise runtime.UserError(
       f"{run_dir} is not a run directory (no config.json)"
     )
-  return json.loads(path.read_text())
+  record = runtime.load_run_record(path)
+  if not isinstance(record.get("model_dir"), str):
+    raise runtime.UserError(
+      f'{path}: not a run\'s config.json (no "model_dir")'
+    )
+  return record
 
 
 def _policy_dir(run_dir: pathlib.Path, policy: str) -> pathlib.Path:
+  record = _run_record(run_dir)
   if policy == "initial":
-    return pathlib.Path(_run_record(run_dir)["model_dir"])
+    return pathlib.Path(record["model_dir"])
   out = run_dir / "outputs" / policy
   if not (out / "config.json").is_file():
     raise runtime.UserError(f"{run_dir} has no trained {policy} policy ({out})")
@@ -56,6 +66,14 @@ def _policy_dir(run_dir: pathlib.Path, policy: str) -> pathlib.Path:
 
 
 # --------------------------------------------------------------- generate
+
+
+def _check_parents(out: pathlib.Path, flag: str) -> None:
+  """Raises UserError when a parent of ``out`` exists but is not a
+  directory (nothing could be created there)."""
+  parent = next((p for p in out.parents if p.exists()), None)
+  if parent is not None and not parent.is_dir():
+    raise runtime.UserError(f"{flag} {out}: {parent} is a file")
 
 
 def _check_output(output: str, overwrite: bool) -> pathlib.Path:
@@ -66,15 +84,13 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
       --overwrite, or under a path that is a file.
   """
   out = pathlib.Path(output)
-  if out.is_dir():
-    raise runtime.UserError(f"--output {out}: is a directory, not a file")
-  if out.exists() and not overwrite:
+  if out.is_dir() or output.endswith(os.sep):
+    raise runtime.UserError(f"--output {output}: is a directory, not a file")
+  if (out.exists() or out.is_symlink()) and not overwrite:
     raise runtime.UserError(
       f"--output {out}: exists; pass --overwrite to replace it"
     )
-  parent = next((p for p in out.parents if p.exists()), None)
-  if parent is not None and not parent.is_dir():
-    raise runtime.UserError(f"--output {out}: {parent} is a file")
+  _check_parents(out, "--output")
   return out
 
 
@@ -83,6 +99,8 @@ def run_generate(config: C.GenerateConfig) -> int:
   from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
   from rlhf_jax.tasks import STORY_OPENINGS
 
+  if config.overwrite and config.output is None:
+    raise runtime.UserError("--overwrite needs --output FILE")
   out = None
   if config.output is not None:
     out = _check_output(config.output, config.overwrite)
@@ -250,6 +268,7 @@ def _check_export_out(
   target = out.resolve()
   if out.exists() and not out.is_dir():
     raise runtime.UserError(f"--out {out}: is a file, expected a directory")
+  _check_parents(out, "--out")
   protected = [(run_dir, "the run directory")]
   if record.get("model_dir"):
     protected.append((pathlib.Path(record["model_dir"]), "the run's model"))
