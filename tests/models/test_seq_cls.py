@@ -180,7 +180,8 @@ def _fake_rm_run(root: pathlib.Path, params, config, pooling="last"):
     str(out / HEAD_FILE),
     metadata={"pooling": pooling},
   )
-  (run / runtime.CONFIG_FILE).write_text("{}")
+  record = {"config": {}, "model_dir": str(TINYSTORIES)}  # as a run writes
+  (run / runtime.CONFIG_FILE).write_text(json.dumps(record))
   return run
 
 
