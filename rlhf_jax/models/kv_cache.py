@@ -1,10 +1,11 @@
 """KV cache, prefill and incremental decoding of the transformer.
 
-The cache holds keys and values slot-minor ([..., Hkv, Dh, S]): a decode
-step reads it in place, without a per-step transpose of the whole cache
-(`transformer.Attention`). Slots line up across the batch (prompts are
-padded to one length); positions continue from the real tokens already in
-each row (docs/conventions.md, convention 2).
+The cache holds keys and values as [..., Hkv, S, Dh]: a decode step reads
+it in place, and its two attention dots are batched over (B, Hkv) with no
+per-step transpose of the whole cache (`transformer.Attention`). Slots
+line up across the batch (prompts are padded to one length); positions
+continue from the real tokens already in each row (docs/conventions.md,
+convention 2).
 """
 
 import functools
@@ -32,10 +33,10 @@ class KVCache:
   """Static-shape KV cache for incremental decoding.
 
   Attributes:
-    k: [N, B, Hkv, Dh, S] keys per layer (N layers, S slots), cache dtype;
-      or a tuple of N [B, Hkv, Dh, S] arrays (``per_layer``).
-    v: [N, B, Hkv, Dh, S] values per layer (slot axis last: the layout the
-      probs @ V dot reads), or a tuple of N [B, Hkv, Dh, S].
+    k: [N, B, Hkv, S, Dh] keys per layer (N layers, S slots), cache dtype;
+      or a tuple of N [B, Hkv, S, Dh] arrays (``per_layer``).
+    v: [N, B, Hkv, S, Dh] values per layer, or a tuple of N
+      [B, Hkv, S, Dh].
     key_mask: bool[B, S], True where the slot holds a real token.
     index: i32[] next slot to write (same for all rows: prompts are padded
       to a common length, so slots line up across the batch).
@@ -64,7 +65,7 @@ def init_cache(
   """
   dtype = config.compute_dtype if dtype is None else dtype
   n, hkv, dh = config.num_layers, config.num_kv_heads, config.head_dim
-  shape = (batch_size, hkv, dh, max_length)  # keys and values alike
+  shape = (batch_size, hkv, max_length, dh)  # keys and values alike
   if per_layer:
     k = tuple(jnp.zeros(shape, dtype) for _ in range(n))
     v = tuple(jnp.zeros(shape, dtype) for _ in range(n))

@@ -387,15 +387,12 @@ class Attention(nn.Module):
       if rows is not None:
         cos, sin = take_rows(cos, rows), take_rows(sin, rows)
       q = _apply_rope(q, cos, sin)
-    # Keys and values as [B, Hkv, Dh, S], slot axis last: a decode step
-    # reads the cache in place (no per-step transpose of the whole cache),
-    # and its multiply-reduce over Dh (keys) or S (values) runs along
-    # contiguous memory.
-    k_seq = k  # [B, L, Hkv, Dh] for the no-cache forward's dot
-    k = jnp.transpose(k, (0, 2, 3, 1))
-    v = jnp.transpose(v, (0, 2, 3, 1))
     new_kv = None
     if kv is not None:
+      # The cache holds keys and values as [B, Hkv, S, Dh] (kv_cache.py):
+      # a decode step reads it in place, and its two dots are batched over
+      # (B, Hkv) with no transpose of the whole cache.
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
       # kv is the whole stacked cache, carried through the layers and
       # updated in place at (layer, ..., write_index). Scanning over
       # per-layer slices instead would copy the cache out and restack it
@@ -406,7 +403,7 @@ class Attention(nn.Module):
       lead = () if layer is None else (layer,)
       k_new = k if layer is None else k[None]
       v_new = v if layer is None else v[None]
-      at = _indices(*lead, 0, 0, 0, write_index)
+      at = _indices(*lead, 0, 0, write_index, 0)
       k_all = jax.lax.dynamic_update_slice(k_all, k_new.astype(k_all.dtype), at)
       v_all = jax.lax.dynamic_update_slice(v_all, v_new.astype(v_all.dtype), at)
       new_kv = (k_all, v_all)
@@ -417,39 +414,29 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, False).astype(dt)
     b, length = q.shape[0], q.shape[1]
     qg = q.reshape(b, length, hkv, h // hkv, dh)
-    decode = length == 1 and kv is not None
-    if decode:
-      # One query (a decode step): the dots are batched matrix-vector
-      # products, which XLA:CPU runs far below its elementwise speed;
-      # multiply-and-reduce fuses into one vectorised loop each (over Dh for
-      # scores, vectorised along S).
-      q1 = qg[:, 0][:, :, :, None, :, None]
-      scores = jnp.sum((q1 * k[:, :, None, None, :, :]).astype(acc), axis=-2)
+    if kv is None:
+      # Keys and values [B, S, Hkv, Dh] as projected.
+      scores = jnp.einsum(
+        "blhgk,bshk->bhgls", qg, k, preferred_element_type=acc
+      )
     else:
-      if kv is None:
-        scores = jnp.einsum(
-          "blhgk,bshk->bhgls", qg, k_seq, preferred_element_type=acc
-        )
-      else:
-        # A prefill reads the slot-minor cache; XLA:CPU has no bf16 x bf16
-        # -> f32 kernel for that layout, so this one-off dot runs in f32.
-        scores = jnp.einsum(
-          "blhgk,bhks->bhgls",
-          qg.astype(acc),
-          k.astype(acc),
-          preferred_element_type=acc,
-        )
+      # The cache's [B, Hkv, S, Dh]: queries head-major too, so both dots
+      # are plain batched matmuls over (B, Hkv).
+      qh = jnp.transpose(qg, (0, 2, 3, 1, 4))
+      scores = jnp.einsum(
+        "bhglk,bhsk->bhgls", qh, k, preferred_element_type=acc
+      )
     scale = cfg.query_pre_attn_scalar or dh  # Gemma 2: its own scalar
     scores = scores * jnp.asarray(1.0 / math.sqrt(scale), acc)
     scores = _softcap(scores, cfg.attn_logit_softcapping)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if decode:
-      out = jnp.sum(probs[:, :, :, :, None, :] * v[:, :, None, None], axis=-1)
-      out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, 1, h, dh)
+    if kv is None:
+      out = jnp.einsum("bhgls,bshk->blhgk", probs, v)
     else:
-      out = jnp.einsum("bhgls,bhks->blhgk", probs, v)
-      out = out.reshape(b, length, h, dh)
+      out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
+      out = jnp.transpose(out, (0, 3, 1, 2, 4))
+    out = out.reshape(b, length, h, dh)
     o_shape, o_axes = (h, dh, d), ("heads", "kv", "embed")
     wo = _param(self, "o", o_shape, o_axes, cfg)
     y = flat_dot(out, wo.astype(dt), 2)

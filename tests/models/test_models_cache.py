@@ -294,7 +294,7 @@ def test_unstacked_params_same_logits_and_per_layer_cache_needs_them():
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   cache = models.init_cache(config, 3, P + T, per_layer=True)
   assert isinstance(cache.k, tuple) and len(cache.k) == config.num_layers
-  assert cache.k[0].shape == (3, config.num_kv_heads, config.head_dim, P + T)
-  assert cache.v[0].shape == (3, config.num_kv_heads, config.head_dim, P + T)
+  assert cache.k[0].shape == (3, config.num_kv_heads, P + T, config.head_dim)
+  assert cache.v[0].shape == (3, config.num_kv_heads, P + T, config.head_dim)
   with pytest.raises(ValueError, match="per-layer params"):
     models.prefill(params, ids[:, :P], mask[:, :P], config=config, cache=cache)
