@@ -270,15 +270,17 @@ def apply_if_finite(
   """
   if finite is None:
     finite = all_finite(grads)
-  safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0), grads)
-  updates, new_opt_state = optimizer.update(safe_grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
 
-  def select(new, old):
-    return jnp.where(finite, new, old)
+  def update(_):
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt_state
 
-  params = jax.tree.map(select, new_params, params)
-  opt_state = jax.tree.map(select, new_opt_state, opt_state)
+  # A conditional, not a select of new against old state: XLA updates the
+  # params and optimizer state in place instead of keeping both copies
+  # (PPO iteration 1.03-1.06x, DPO 1.02x, benchmarks/README.md).
+  params, opt_state = jax.lax.cond(
+    finite, update, lambda _: (params, opt_state), None
+  )
   return params, opt_state, finite, optax.tree.norm(grads)
 
 
