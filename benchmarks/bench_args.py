@@ -15,6 +15,17 @@ def positive_int(text: str) -> int:
   return value
 
 
+def non_negative_int(text: str) -> int:
+  """argparse type: an int >= 0 (untimed calls)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{value}: expected >= 0")
+  return value
+
+
 def out_file(text: str) -> pathlib.Path:
   """argparse type: a file to write at the end of a run, in an existing
   directory (checked before the minutes of measuring, not after)."""

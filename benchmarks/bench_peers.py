@@ -9,8 +9,11 @@ Python 3.12 env with google-tunix, ``hf_generate_worker.py`` and
 trl) that answers JSON timings on stdout; rlhf_jax runs in the process
 that starts them. After warm-up, each round runs ours, then
 each peer, once (the idle processes block on a pipe, so they take no CPU
-while another side runs), ``--repeats`` rounds; the table shows medians,
-min-max ranges and ratio = peer median / our median (> 1: we are faster).
+while another side runs), ``--repeats`` rounds; each side's timed call
+follows ``--warm-calls`` (default 1) untimed calls of its own, so it times
+the step, not the wake-up of a process that sat idle (``_alternate``). The
+table shows medians, min-max ranges and ratio = peer median / our median
+(> 1: we are faster).
 
 Each group of rows (sampler, dpo, rm, ppo, grpo) runs in a fresh run of
 this script, ours and every peer in new processes, and the parent merges
@@ -67,7 +70,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_args import out_file, positive_int  # benchmarks/, beside this script
+from bench_args import (
+  non_negative_int,
+  out_file,
+  positive_int,
+)  # benchmarks/, beside this script
 
 from rlhf_jax import models
 from rlhf_jax.rollout import generate
@@ -185,12 +192,24 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def _alternate(ours, peers: dict, repeats: int) -> tuple[list, dict]:
-  """Rounds of ours then each peer; returns their time lists."""
+def _alternate(ours, peers: dict, args) -> tuple[list, dict]:
+  """Rounds of ours then each peer; returns their time lists.
+
+  Each side's timed call follows ``args.warm_calls`` untimed calls of its
+  own: a process that sat idle while the other sides ran takes 1.5x on
+  its first call (its threads sleep and the host deschedules the idle
+  cores: our reward-model step, called back to back, 29-33 ms, and 46-52
+  ms on the first call after a 1 s pause), so without them a row times
+  the wake-up as much as the step. Training calls its step back to back.
+  """
   t_ours, t_peers = [], {k: [] for k in peers}
-  for _ in range(repeats):
+  for _ in range(args.repeats):
+    for _ in range(args.warm_calls):
+      ours()
     t_ours.append(ours())
     for name, fn in peers.items():
+      for _ in range(args.warm_calls):
+        fn()
       t_peers[name].append(fn())
   return t_ours, t_peers
 
@@ -289,7 +308,7 @@ def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
     theirs = tunix.call(**tmsg, return_ids=True)["ids"]
     same = sum(list(mine[b, : len(t)]) == list(t) for b, t in enumerate(theirs))
     note = f"greedy ids equal to Tunix's in {same}/{batch} rows"
-  t_ours, t_peers = _alternate(ours, peers, args.repeats)
+  t_ours, t_peers = _alternate(ours, peers, args)
   mode = "greedy" if greedy else f"T={temperature:g}"
   return Row(
     work=f"sampler {name}, B={batch}, {new} new tokens, {mode}",
@@ -378,7 +397,7 @@ def bench_dpo(workers, args, config, params) -> Row:
   peers, first = _train_peers(
     workers, "dpo", model_dir=str(TINYSTORIES), lr=1e-5, batch=_to_msg(batch)
   )
-  t_ours, t_peers = _alternate(ours, peers, args.repeats)
+  t_ours, t_peers = _alternate(ours, peers, args)
   return Row(
     work="DPO step, 8 pairs, prompt 32 + response 64, with reference",
     ours=t_ours,
@@ -399,7 +418,7 @@ def bench_rm(workers, args, config, params) -> Row:
   peers, first = _train_peers(
     workers, "rm", model_dir=str(TINYSTORIES), lr=1e-5, batch=_to_msg(batch)
   )
-  t_ours, t_peers = _alternate(ours, peers, args.repeats)
+  t_ours, t_peers = _alternate(ours, peers, args)
   return Row(
     work="reward-model step, 8 pairs, prompt 32 + response 64",
     ours=t_ours,
@@ -447,7 +466,7 @@ def bench_ppo(workers, args, config, params) -> Row:
     pad_id=0,
     eos_id=config.vocab_size,
   )
-  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args)
   return Row(
     work="PPO iteration, 8 prompts, 32 new tokens, critic + reward model",
     ours=t_ours,
@@ -494,7 +513,7 @@ def bench_grpo(workers, args, config, params) -> Row:
     eos_id=config.vocab_size,
     group_size=2,
   )
-  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args.repeats)
+  t_ours, t_peers = _alternate(ours, {"Tunix": tunix}, args)
   return Row(
     work="GRPO iteration, 4 prompts x 2 samples, 32 new tokens",
     ours=t_ours,
@@ -597,6 +616,13 @@ def _parser() -> argparse.ArgumentParser:
     "--repeats", type=positive_int, default=7, help="alternating rounds per row"
   )
   parser.add_argument(
+    "--warm-calls",
+    type=non_negative_int,
+    default=1,
+    help="untimed calls of each side just before each of its timed calls"
+    " (0: every timed call is the first after the other sides ran)",
+  )
+  parser.add_argument(
     "--new-tokens", type=positive_int, default=64, help="sampler tokens per row"
   )
   parser.add_argument(
@@ -696,6 +722,7 @@ def _fresh(args) -> tuple[list[Row], str]:
       cmd = [
         sys.executable, __file__, "--in-process", "--only", group,
         "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens),
+        "--warm-calls", str(args.warm_calls),
         "--tunix-python", str(args.tunix_python),
         "--hf-python", str(args.hf_python), "--out", str(out),
       ]  # fmt: skip
@@ -728,7 +755,9 @@ def main() -> None:
   how = "one process" if args.in_process else "fresh processes per group"
   header = (
     f"Measured {date} on {platform.node() or 'this machine'}"
-    f" ({threads} cores), {args.repeats} alternating rounds, {how};"
+    f" ({threads} cores), {args.repeats} alternating rounds"
+    f" ({args.warm_calls} untimed call(s) of a side before each of its"
+    f" timed calls), {how};"
     f" {versions}."
     f"\nLoad before: `{uptime}`"
     f"\nLoad after: `{_uptime()}`"
