@@ -4,26 +4,24 @@ import argparse
 import pathlib
 
 
-def positive_int(text: str) -> int:
-  """argparse type: an int >= 1 (rounds, tokens, batch rows)."""
+def _int_at_least(text: str, low: int) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value}: expected >= 1")
+  if value < low:
+    raise argparse.ArgumentTypeError(f"{value}: expected >= {low}")
   return value
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an int >= 1 (rounds, tokens, batch rows)."""
+  return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
   """argparse type: an int >= 0 (untimed calls)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{value}: expected >= 0")
-  return value
+  return _int_at_least(text, 0)
 
 
 def out_file(text: str) -> pathlib.Path:
