@@ -8,12 +8,12 @@ Python 3.12 env with google-tunix, ``hf_generate_worker.py`` and
 ``trl_worker.py`` in the Python 3.11 env with torch CPU, transformers and
 trl) that answers JSON timings on stdout; rlhf_jax runs in the process
 that starts them. After warm-up, each round runs ours, then
-each peer, once (the idle processes block on a pipe, so they take no CPU
-while another side runs), ``--repeats`` rounds; each side's timed call
-follows ``--warm-calls`` (default 1) untimed calls of its own, so it times
-the step, not the wake-up of a process that sat idle (``_alternate``). The
-table shows medians, min-max ranges and ratio = peer median / our median
-(> 1: we are faster).
+each peer (the idle processes block on a pipe, so they take no CPU while
+another side runs), ``--repeats`` rounds; each side runs ``--warm-calls``
+(default 1) untimed calls and then its timed one, so the time is the
+step's, not the wake-up of a process that sat idle. The table shows
+medians, min-max ranges and ratio = peer median / our median (> 1: we are
+faster).
 
 Each group of rows (sampler, dpo, rm, ppo, grpo) runs in a fresh run of
 this script, ours and every peer in new processes, and the parent merges
@@ -22,7 +22,7 @@ the tables: in one long process a row ran slower after the ones before it
 DPO rows, 150-331 ms after all of them). ``--in-process`` runs everything
 in one process. A group that fails or runs past 30 minutes is reported
 and left out of the table; the raw times go to the .json beside it
-({"versions": ..., "rows": [...]}).
+({"versions", "repeats", "warm_calls", "rows"}).
 
 Workloads (Tunix's example shapes; TinyStories-656K from
 ../shared/data/models/tinystories-656k unless said):
@@ -70,11 +70,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_args import (
-  non_negative_int,
-  out_file,
-  positive_int,
-)  # benchmarks/, beside this script
+
+# benchmarks/, beside this script
+from bench_args import non_negative_int, out_file, positive_int
 
 from rlhf_jax import models
 from rlhf_jax.rollout import generate
@@ -193,25 +191,23 @@ def _timed(fn) -> float:
 
 
 def _alternate(ours, peers: dict, args) -> tuple[list, dict]:
-  """Rounds of ours then each peer; returns their time lists.
-
-  Each side's timed call follows ``args.warm_calls`` untimed calls of its
-  own: a process that sat idle while the other sides ran takes 1.5x on
-  its first call (its threads sleep and the host deschedules the idle
-  cores: our reward-model step, called back to back, 29-33 ms, and 46-52
-  ms on the first call after a 1 s pause), so without them a row times
-  the wake-up as much as the step. Training calls its step back to back.
-  """
+  """``args.repeats`` rounds of ours then each peer; returns their time
+  lists. Each side's timed call follows ``args.warm_calls`` untimed calls
+  of its own, so it does not time the wake-up of a process that sat idle
+  while the other sides ran (benchmarks/README.md)."""
   t_ours, t_peers = [], {k: [] for k in peers}
   for _ in range(args.repeats):
-    for _ in range(args.warm_calls):
-      ours()
-    t_ours.append(ours())
+    t_ours.append(_after_warm_calls(ours, args.warm_calls))
     for name, fn in peers.items():
-      for _ in range(args.warm_calls):
-        fn()
-      t_peers[name].append(fn())
+      t_peers[name].append(_after_warm_calls(fn, args.warm_calls))
   return t_ours, t_peers
+
+
+def _after_warm_calls(fn, warm_calls: int) -> float:
+  """fn's time (seconds) on the call after ``warm_calls`` untimed ones."""
+  for _ in range(warm_calls):
+    fn()
+  return fn()
 
 
 def _peer_compile(first: list[float], times: list[float]) -> float:
@@ -737,6 +733,10 @@ def _fresh(args) -> tuple[list[Row], str]:
   return rows, "; ".join(versions)
 
 
+def _warm_calls_text(n: int) -> str:
+  return f"{n} untimed call" + ("" if n == 1 else "s")
+
+
 def main() -> None:
   parser = _parser()
   args = parser.parse_args()
@@ -756,7 +756,7 @@ def main() -> None:
   header = (
     f"Measured {date} on {platform.node() or 'this machine'}"
     f" ({threads} cores), {args.repeats} alternating rounds"
-    f" ({args.warm_calls} untimed call(s) of a side before each of its"
+    f" ({_warm_calls_text(args.warm_calls)} of a side before each of its"
     f" timed calls), {how};"
     f" {versions}."
     f"\nLoad before: `{uptime}`"
@@ -768,7 +768,15 @@ def main() -> None:
   raw = args.out.with_suffix(".json")
   rows_json = [dataclasses.asdict(r) for r in rows]
   raw.write_text(
-    json.dumps({"versions": versions, "rows": rows_json}, indent=1)
+    json.dumps(
+      {
+        "versions": versions,
+        "repeats": args.repeats,
+        "warm_calls": args.warm_calls,
+        "rows": rows_json,
+      },
+      indent=1,
+    )
   )
   print(f"\nwritten: {args.out} and {raw}")
 

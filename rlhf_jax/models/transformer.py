@@ -391,14 +391,13 @@ class Attention(nn.Module):
     if kv is not None:
       # The cache holds keys and values as [B, Hkv, S, Dh] (kv_cache.py):
       # a decode step reads it in place, and its two dots are batched over
-      # (B, Hkv) with no transpose of the whole cache.
+      # (B, Hkv) with no transpose of the whole cache. kv is the whole
+      # stacked cache, carried through the layers and updated in place at
+      # (layer, ..., write_index): scanning over per-layer slices would
+      # copy it out and restack it every step. With layer=None, kv is this
+      # layer's own [B, ...] cache (the unrolled decode path's per-layer
+      # caches: no slice copied out per step).
       k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-      # kv is the whole stacked cache, carried through the layers and
-      # updated in place at (layer, ..., write_index). Scanning over
-      # per-layer slices instead would copy the cache out and restack it
-      # every decode step.
-      # With layer=None, kv is this layer's own [B, ...] cache (per-layer
-      # caches of the unrolled decode path: no slice copied out per step).
       k_all, v_all = kv
       lead = () if layer is None else (layer,)
       k_new = k if layer is None else k[None]

@@ -296,5 +296,17 @@ def test_unstacked_params_same_logits_and_per_layer_cache_needs_them():
   assert isinstance(cache.k, tuple) and len(cache.k) == config.num_layers
   assert cache.k[0].shape == (3, config.num_kv_heads, P + T, config.head_dim)
   assert cache.v[0].shape == (3, config.num_kv_heads, P + T, config.head_dim)
+  stacked = models.init_cache(config, 3, P + T)
+  assert (
+    stacked.k.shape
+    == stacked.v.shape
+    == (
+      config.num_layers,
+      3,
+      config.num_kv_heads,
+      P + T,
+      config.head_dim,
+    )
+  )
   with pytest.raises(ValueError, match="per-layer params"):
     models.prefill(params, ids[:, :P], mask[:, :P], config=config, cache=cache)
