@@ -120,6 +120,14 @@ def concat_prompt_response(
   return ids, mask
 
 
+def sequences(rows: PPOBatch | Rollout) -> tuple[jax.Array, jax.Array]:
+  """(input_ids i32[B, P+T], attention_mask bool[B, P+T]) of a Rollout or
+  PPOBatch: its prompt and response side by side."""
+  return concat_prompt_response(
+    rows.prompt_ids, rows.prompt_mask, rows.response_ids, rows.response_mask
+  )
+
+
 def policy_and_values(
   params: tuple,
   rows: PPOBatch | Rollout,
@@ -142,9 +150,7 @@ def policy_and_values(
   """
   policy, value = params
   mask = rows.response_mask
-  ids, attn = concat_prompt_response(
-    rows.prompt_ids, rows.prompt_mask, rows.response_ids, mask
-  )
+  ids, attn = sequences(rows)
   prompt_len = rows.prompt_ids.shape[1]
   temperature = jnp.asarray(temperature, model_config.acc_dtype)
   logits = response_logits(policy, ids, attn, prompt_len, model_config)

@@ -119,7 +119,7 @@ def make_grpo_rollout(
     ValueError: see ``train.common.check_build``.
   """
   check_build(model_config, config)
-  forced = dict(model_config=model_config, config=config)
+  forced = dict(model_config=model_config, temperature=config.temperature)
 
   def rollout_fn(state: TrainState, prompts: PromptBatch, frozen=None):
     sample_rng, _ = _keys(state)
@@ -139,7 +139,10 @@ def make_grpo_rollout(
     if config.uses_reference:
       ref_params, ref_config = _reference(state.params, frozen, model_config)
       ref = rollout_logprobs(
-        ref_params, rollout, model_config=ref_config, config=config
+        ref_params,
+        rollout,
+        model_config=ref_config,
+        temperature=config.temperature,
       )
     return GRPOSamples(rollout, old, ref)
 

@@ -167,7 +167,7 @@ def _fused_phases(model_config, config, policy_opt, value_opt) -> Callable:
 
   def update_phases(state, rollout, raw_scores, ref, _):
     ref_logprobs = rollout_logprobs(
-      ref, rollout, model_config=model_config, config=config
+      ref, rollout, model_config=model_config, temperature=config.temperature
     )
     return fused(
       Learner.of(state),

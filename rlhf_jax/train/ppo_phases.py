@@ -26,9 +26,9 @@ from rlhf_jax.kl import (
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten, promote_f32
 from rlhf_jax.rollout import generate
 from rlhf_jax.train.common import (
-  concat_prompt_response,
   global_sum,
   policy_and_values,
+  sequences,
   teacher_forced_logprobs,
 )
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
@@ -54,16 +54,6 @@ class Shaped(NamedTuple):
   scores: jax.Array
   norm: RewardNormState
   entropy: jax.Array
-
-
-def sequences(rollout: Rollout) -> tuple[jax.Array, jax.Array]:
-  """(input_ids i32[B, P+T], attention_mask bool[B, P+T]) of a rollout."""
-  return concat_prompt_response(
-    rollout.prompt_ids,
-    rollout.prompt_mask,
-    rollout.response_ids,
-    rollout.response_mask,
-  )
 
 
 def rollout_phase(
@@ -134,11 +124,11 @@ def rollout_logprobs(
   rollout: Rollout,
   *,
   model_config: "models.ModelConfig",
-  config: PPOConfig,
+  temperature: float | jax.Array,
 ) -> jax.Array:
   """f32[B, T] teacher-forced logprobs of the rollout's tokens under
-  ``params`` (e.g. the reference's, phase 3) at ``config.temperature``, 0
-  at masked slots. ``config``: any config with a ``temperature``."""
+  ``params`` (e.g. the reference's, phase 3) at the sampling
+  ``temperature``, 0 at masked slots."""
   ids, attn = sequences(rollout)
   return teacher_forced_logprobs(
     params,
@@ -146,7 +136,7 @@ def rollout_logprobs(
     attn,
     prompt_length=rollout.prompt_ids.shape[1],
     response_mask=rollout.response_mask,
-    temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
+    temperature=jnp.asarray(temperature, model_config.acc_dtype),
     model_config=model_config,
   )
 
@@ -177,7 +167,10 @@ def reference_and_values(
     temperature=config.temperature,
   )
   ref_logprobs = rollout_logprobs(
-    ref_params, rollout, model_config=model_config, config=config
+    ref_params,
+    rollout,
+    model_config=model_config,
+    temperature=config.temperature,
   )
   old_values = jnp.where(rollout.response_mask, values, 0.0)
   return old_logprobs, ref_logprobs, old_values, entropy
