@@ -345,6 +345,41 @@ def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
+def _attend(qg, k, v, mask, *, config: ModelConfig, cached: bool = False):
+  """softmax(q k^T / sqrt(scale)) v over one layer's keys, f32 scores.
+
+  qg: [B, L, Hkv, G, Dh] queries grouped by their key head; k, v:
+  [B, S, Hkv, Dh] as projected (a training or scoring forward), or the
+  cache's [B, Hkv, S, Dh] with ``cached``; mask: bool[B, L, S]. Returns
+  [B, L, Hkv, G, Dh].
+
+  Without a cache the caller wraps this in ``jax.checkpoint``: the backward
+  pass recomputes the scores and probabilities from q, k and v instead of
+  keeping them, the rule of memory-efficient attention (Rabe & Staats
+  2021, "Self-attention does not need O(n^2) memory"). They are a layer's
+  largest activations, [B, Hkv, G, L, S] twice over; a step whose
+  temporaries stay under glibc's 32 MiB mmap threshold also skips the
+  page faults of mapping them afresh on every call (benchmarks/README.md).
+  """
+  acc, dt = config.acc_dtype, config.compute_dtype
+  if cached:
+    # The cache's [B, Hkv, S, Dh]: queries head-major too, so both dots
+    # are plain batched matmuls over (B, Hkv).
+    qh = jnp.transpose(qg, (0, 2, 3, 1, 4))
+    scores = jnp.einsum("bhglk,bhsk->bhgls", qh, k, preferred_element_type=acc)
+  else:
+    scores = jnp.einsum("blhgk,bshk->bhgls", qg, k, preferred_element_type=acc)
+  scale = config.query_pre_attn_scalar or config.head_dim  # Gemma 2's own
+  scores = scores * jnp.asarray(1.0 / math.sqrt(scale), acc)
+  scores = _softcap(scores, config.attn_logit_softcapping)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  if cached:
+    out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
+    return jnp.transpose(out, (0, 3, 1, 2, 4))
+  return jnp.einsum("bhgls,bshk->blhgk", probs, v)
+
+
 class Attention(nn.Module):
   """Multi-head / grouped-query self-attention with an optional KV cache."""
 
@@ -353,7 +388,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, rope, mask, kv, layer, write_index, rows=None):
     cfg = self.config
-    dt, acc = cfg.compute_dtype, cfg.acc_dtype
+    dt = cfg.compute_dtype
     d, h, hkv, dh = (
       cfg.hidden_size,
       cfg.num_heads,
@@ -414,27 +449,12 @@ class Attention(nn.Module):
     b, length = q.shape[0], q.shape[1]
     qg = q.reshape(b, length, hkv, h // hkv, dh)
     if kv is None:
-      # Keys and values [B, S, Hkv, Dh] as projected.
-      scores = jnp.einsum(
-        "blhgk,bshk->bhgls", qg, k, preferred_element_type=acc
+      # Recomputed in the backward pass: see `_attend`.
+      out = jax.checkpoint(functools.partial(_attend, config=cfg))(
+        qg, k, v, mask
       )
     else:
-      # The cache's [B, Hkv, S, Dh]: queries head-major too, so both dots
-      # are plain batched matmuls over (B, Hkv).
-      qh = jnp.transpose(qg, (0, 2, 3, 1, 4))
-      scores = jnp.einsum(
-        "bhglk,bhsk->bhgls", qh, k, preferred_element_type=acc
-      )
-    scale = cfg.query_pre_attn_scalar or dh  # Gemma 2: its own scalar
-    scores = scores * jnp.asarray(1.0 / math.sqrt(scale), acc)
-    scores = _softcap(scores, cfg.attn_logit_softcapping)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if kv is None:
-      out = jnp.einsum("bhgls,bshk->blhgk", probs, v)
-    else:
-      out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
-      out = jnp.transpose(out, (0, 3, 1, 2, 4))
+      out = _attend(qg, k, v, mask, config=cfg, cached=True)
     out = out.reshape(b, length, h, dh)
     o_shape, o_axes = (h, dh, d), ("heads", "kv", "embed")
     wo = _param(self, "o", o_shape, o_axes, cfg)

@@ -89,6 +89,10 @@ def ppo_loss_terms(
   """
   mask = mb.response_mask
   agg = dict(loss_agg_mode=config.loss_agg_mode, normalizer=normalizer)
+  if not config.ent_coef:
+    # A statistic only: 0 * bonus still differentiates the entropy, a
+    # backward over [B, T, V] whose residuals stay live until it runs.
+    ent = jax.lax.stop_gradient(ent)
   pg_loss, stats = ppo_policy_loss(
     logp,
     old_logp,

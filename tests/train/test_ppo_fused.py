@@ -124,3 +124,19 @@ def test_fused_iteration_skips_the_policy_and_critic_forwards(monkeypatch):
   )
   assert forward > 0
   assert saved >= 0.9 * forward, (saved, forward)
+
+
+def test_entropy_is_not_differentiated_without_its_bonus(monkeypatch):
+  # ent_coef = 0 makes the entropy a statistic: no backward over [B, T, V]
+  # (ppo_update.ppo_loss_terms stops its gradient).
+  bonus = _step(ONE_UPDATE, True, monkeypatch)
+  none = _step(dataclasses.replace(ONE_UPDATE, ent_coef=0.0), True, monkeypatch)
+  state = _state(ONE_UPDATE)
+  prompts, frozen = _args()
+  saved = _flops(bonus, state, prompts, frozen) - _flops(
+    none, state, prompts, frozen
+  )
+  vocab_elements = prompts.prompt_ids.shape[0] * (
+    ONE_UPDATE.max_new_tokens * CFG.vocab_size
+  )
+  assert saved >= vocab_elements, (saved, vocab_elements)
