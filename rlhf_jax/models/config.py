@@ -222,6 +222,7 @@ class ModelConfig:
       reference mode for numerical checks; needs jax_enable_x64).
     param_dtype: parameter storage dtype name, same choices.
     remat: rematerialise each block in the backward pass (saves memory).
+      Attention scores and probabilities are recomputed either way.
     lora: optional `LoraConfig`: adapter params `<name>_lora_a/_lora_b`
       beside the targeted projections (`rlhf_jax.models.lora`). Not part of
       config.json (a merged export is a plain model).

@@ -345,21 +345,38 @@ def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
-def _attend(qg, k, v, mask, *, config: ModelConfig, cached: bool = False):
-  """softmax(q k^T / sqrt(scale)) v over one layer's keys, f32 scores.
+def _attend(
+  qg: Array,
+  k: Array,
+  v: Array,
+  mask: Array,
+  *,
+  config: ModelConfig,
+  cached: bool = False,
+) -> Array:
+  """Scaled dot-product attention of one layer: softmax(s) v with scores
+  s = softcap(q k^T / sqrt(scale)) in ``config.acc_dtype`` and -inf-like
+  (float32 min) where ``mask`` is False; scale = query_pre_attn_scalar or
+  head_dim (Gemma 2 has its own).
 
-  qg: [B, L, Hkv, G, Dh] queries grouped by their key head; k, v:
-  [B, S, Hkv, Dh] as projected (a training or scoring forward), or the
-  cache's [B, Hkv, S, Dh] with ``cached``; mask: bool[B, L, S]. Returns
-  [B, L, Hkv, G, Dh].
+  Args:
+    qg: [B, L, Hkv, G, Dh] queries grouped by their key head.
+    k, v: [B, S, Hkv, Dh] as projected (a training or scoring forward), or
+      the cache's [B, Hkv, S, Dh] with ``cached``.
+    mask: bool[B, L, S], True where query l may attend to key slot s.
+    config: the model's config (dtypes, scale, soft-cap).
+    cached: k and v are in the cache's layout.
 
-  Without a cache the caller wraps this in ``jax.checkpoint``: the backward
-  pass recomputes the scores and probabilities from q, k and v instead of
-  keeping them, the rule of memory-efficient attention (Rabe & Staats
-  2021, "Self-attention does not need O(n^2) memory"). They are a layer's
-  largest activations, [B, Hkv, G, L, S] twice over; a step whose
-  temporaries stay under glibc's 32 MiB mmap threshold also skips the
-  page faults of mapping them afresh on every call (benchmarks/README.md).
+  Returns:
+    [B, L, Hkv, G, Dh] in ``config.compute_dtype``.
+
+  Without a cache the caller runs this under ``jax.checkpoint`` (unless
+  the whole block is rematerialised already): the backward pass recomputes
+  the scores and probabilities, [B, Hkv, G, L, S] each and a layer's
+  largest activations, from q and k instead of keeping them until it runs
+  (activation checkpointing; the recomputation idea of Rabe & Staats 2021,
+  "Self-attention does not need O(n^2) memory", without their chunking:
+  the forward still builds the whole [L, S] square).
   """
   acc, dt = config.acc_dtype, config.compute_dtype
   if cached:
@@ -448,13 +465,13 @@ class Attention(nn.Module):
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, False).astype(dt)
     b, length = q.shape[0], q.shape[1]
     qg = q.reshape(b, length, hkv, h // hkv, dh)
-    if kv is None:
-      # Recomputed in the backward pass: see `_attend`.
-      out = jax.checkpoint(functools.partial(_attend, config=cfg))(
-        qg, k, v, mask
-      )
-    else:
-      out = _attend(qg, k, v, mask, config=cfg, cached=True)
+    attend = functools.partial(_attend, config=cfg, cached=kv is not None)
+    if kv is None and not cfg.remat:
+      # Recomputed in the backward pass (see `_attend`). Keep jax's
+      # prevent_cse: without it XLA may merge the recomputation back into
+      # the forward and keep the probabilities after all.
+      attend = jax.checkpoint(attend)
+    out = attend(qg, k, v, mask)
     out = out.reshape(b, length, h, dh)
     o_shape, o_axes = (h, dh, d), ("heads", "kv", "embed")
     wo = _param(self, "o", o_shape, o_axes, cfg)

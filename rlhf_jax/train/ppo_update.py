@@ -78,7 +78,8 @@ def ppo_loss_terms(
   Args:
     logp: f32[B, T] logprobs of the params being differentiated.
     old_logp: f32[B, T] of the sampling params (treated as constants).
-    ent: f32[B, T] token entropy of the params being differentiated.
+    ent: f32[B, T] token entropy of the params being differentiated (its
+      gradient is stopped when ``config.ent_coef`` is 0).
     values: f32[B, T] critic values of the params being differentiated.
     mb: the (micro-)batch: masks, advantages, returns, old values, ref.
     normalizer: f32[], the whole minibatch's count for the loss_agg_mode.

@@ -136,7 +136,6 @@ def test_entropy_is_not_differentiated_without_its_bonus(monkeypatch):
   saved = _flops(bonus, state, prompts, frozen) - _flops(
     none, state, prompts, frozen
   )
-  vocab_elements = prompts.prompt_ids.shape[0] * (
-    ONE_UPDATE.max_new_tokens * CFG.vocab_size
-  )
+  rows = prompts.prompt_ids.shape[0] * ONE_UPDATE.group_size
+  vocab_elements = rows * ONE_UPDATE.max_new_tokens * CFG.vocab_size
   assert saved >= vocab_elements, (saved, vocab_elements)
