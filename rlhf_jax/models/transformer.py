@@ -359,6 +359,11 @@ def _attend(
   (float32 min) where ``mask`` is False; scale = query_pre_attn_scalar or
   head_dim (Gemma 2 has its own).
 
+  Both dots are plain matmuls batched over (B, Hkv), and the scores come
+  out as [B, Hkv, G, L, S] row-major: only the small q, k, v and output
+  are transposed, never the [L, S] square (with the query-major einsum
+  XLA:CPU computed the scores key-major and copied them to this layout).
+
   Args:
     qg: [B, L, Hkv, G, Dh] queries grouped by their key head.
     k, v: [B, S, Hkv, Dh] as projected (a training or scoring forward), or
@@ -379,22 +384,17 @@ def _attend(
   the forward still builds the whole [L, S] square).
   """
   acc, dt = config.acc_dtype, config.compute_dtype
-  if cached:
-    # The cache's [B, Hkv, S, Dh]: queries head-major too, so both dots
-    # are plain batched matmuls over (B, Hkv).
-    qh = jnp.transpose(qg, (0, 2, 3, 1, 4))
-    scores = jnp.einsum("bhglk,bhsk->bhgls", qh, k, preferred_element_type=acc)
-  else:
-    scores = jnp.einsum("blhgk,bshk->bhgls", qg, k, preferred_element_type=acc)
+  if not cached:  # inside the checkpoint: the transposed copies are not kept
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+  qh = jnp.transpose(qg, (0, 2, 3, 1, 4))
+  scores = jnp.einsum("bhglk,bhsk->bhgls", qh, k, preferred_element_type=acc)
   scale = config.query_pre_attn_scalar or config.head_dim  # Gemma 2's own
   scores = scores * jnp.asarray(1.0 / math.sqrt(scale), acc)
   scores = _softcap(scores, config.attn_logit_softcapping)
   scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  if cached:
-    out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
-    return jnp.transpose(out, (0, 3, 1, 2, 4))
-  return jnp.einsum("bhgls,bshk->blhgk", probs, v)
+  out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4))
 
 
 class Attention(nn.Module):
