@@ -218,7 +218,7 @@ def accumulate_gradients(
   Args:
     loss_fn: (params, micro_batch) -> (loss f32[], summable statistics),
       the loss normalised by the whole batch's counts; the statistics of
-      the micro-batches are merged (``stats.merge``).
+      the micro-batches are merged (``stats.fold`` of their stack).
     params: differentiated pytree.
     batch: pytree of [B, ...] arrays.
     num_micro_batches: static N; B must be divisible by N.
@@ -230,19 +230,20 @@ def accumulate_gradients(
   if num_micro_batches == 1:
     (loss, metrics), grads = grad_fn(params, batch)
     return loss, metrics, grads
+
+  # Every micro-batch inside one rolled loop, so only one micro-batch's
+  # activations are live at a time (a first micro-batch peeled off the
+  # loop was scheduled beside it, and two micro-batches took the memory of
+  # one batch). Gradients add up in the carry from exact zeros; losses and
+  # statistics come out stacked and are folded.
+  def body(grads, mb):
+    (loss, metrics), g = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
   micro = split_micro_batches(batch, num_micro_batches)
-  first = jax.tree.map(lambda x: x[0], micro)
-  rest = jax.tree.map(lambda x: x[1:], micro)
-  (loss, metrics), grads = grad_fn(params, first)
-
-  def body(carry, mb):
-    loss, metrics, grads = carry
-    (l2, m2), g2 = grad_fn(params, mb)
-    grads = jax.tree.map(jnp.add, grads, g2)
-    return (loss + l2, st.merge(metrics, m2), grads), None
-
-  (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), rest)
-  return loss, metrics, grads
+  grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
+  return jnp.sum(losses), st.fold(metrics), grads
 
 
 def all_finite(tree: PyTree) -> jax.Array:
