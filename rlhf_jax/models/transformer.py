@@ -360,9 +360,10 @@ def _attend(
   head_dim (Gemma 2 has its own).
 
   Both dots are plain matmuls batched over (B, Hkv), and the scores come
-  out as [B, Hkv, G, L, S] row-major: only the small q, k, v and output
-  are transposed, never the [L, S] square (with the query-major einsum
-  XLA:CPU computed the scores key-major and copied them to this layout).
+  out as [B, Hkv, G, L, S] row-major: q and the output are transposed,
+  and k and v without a cache (all small against the scores), never the
+  [L, S] square (with a query-major einsum XLA:CPU computed the scores
+  key-major and copied them to this layout).
 
   Args:
     qg: [B, L, Hkv, G, Dh] queries grouped by their key head.
