@@ -271,17 +271,10 @@ def test_micro_batches_hold_one_micro_batch_of_activations():
   params = models.init_params(cfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   rows = 8
-
-  def ids(width):
-    return jnp.asarray(rng.integers(3, cfg.vocab_size, (rows, width)))
-
-  def mask(width):
-    return jnp.asarray(np.ones((rows, width), bool))
-
+  prompt = _rows(rng, [16] * rows, 16, left=True)
+  chosen, rejected = (_rows(rng, [48] * rows, 48) for _ in range(2))
   ref = jnp.asarray(rng.normal(size=rows) - 50, jnp.float32)
-  batch = PreferenceBatch(
-    ids(16), mask(16), ids(48), mask(48), ids(48), mask(48), ref, ref - 1
-  )
+  batch = PreferenceBatch(*prompt, *chosen, *rejected, ref, ref - 1)
   opt = _sgd()
   state = TrainState.create(params, opt, jax.random.key(1))
   temps = {}
