@@ -405,7 +405,9 @@ def _dispatch(command: str, config: Any) -> int:
       print(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
     print(
       f"time: {out['time/total_s']:.1f}s, compile {out['time/compile_s']:.1f}s "
-      f"({100 * out['time/compile_share']:.0f}%)"
+      f"({100 * out['time/compile_share']:.0f}%), "
+      f"{out['time/compile_background_s']:.1f}s more ahead of time in the "
+      "background"
     )
     return 0
   if command == "kto":

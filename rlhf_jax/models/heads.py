@@ -98,9 +98,15 @@ def from_policy_params(
   cannot invalidate the other model's.
   """
   return {
-    "backbone": jax.tree.map(jnp.copy, policy_params),
+    "backbone": _copy_tree(policy_params),
     "head": init_head_params(config, rng),
   }
+
+
+@jax.jit
+def _copy_tree(tree: Params) -> Params:
+  # One program for the whole tree, not one compile per leaf shape.
+  return jax.tree.map(jnp.copy, tree)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rows_range"))

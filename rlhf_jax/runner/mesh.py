@@ -321,8 +321,8 @@ class Placement:
       One numpy array [len(dataset), ...] per output of ``fn``, in row
       order.
     """
-    n, k = len(dataset), self.batch_divisor
-    size = -(-min(max_rows, n) // k) * k
+    n = len(dataset)
+    size = self.rows_per_call(max_rows, n)
     parts = []
     starts = range(0, n, size)
     show = progress is not None and self.is_primary
@@ -336,6 +336,11 @@ class Placement:
     if bar is not None:
       bar.close()
     return tuple(np.concatenate(col) for col in zip(*parts, strict=True))
+
+  def rows_per_call(self, max_rows: int, n: int) -> int:
+    """``map_rows``' static batch size for ``n`` rows."""
+    k = self.batch_divisor
+    return -(-min(max_rows, n) // k) * k
 
   def load_model(
     self, model_dir: Any, **kwargs: Any
@@ -369,8 +374,50 @@ class Placement:
         parameters on this mesh.
     """
     args = self.replicate(args)
+    shardings = self._state_shardings(init_fn, args, param_axes)
+    state = jax.jit(init_fn, out_shardings=shardings)(*args)
+    return state, shardings
+
+  def abstract_state(
+    self,
+    init_fn: Callable[..., PyTree],
+    *args: Any,
+    param_axes: Sequence[PyTree],
+  ) -> tuple[PyTree, PyTree]:
+    """What ``init_state`` returns, computing nothing: (the state as
+    ``jax.ShapeDtypeStruct``s carrying their shardings, the shardings).
+    ``args`` may be abstract.
+
+    Raises:
+      MeshError: as ``init_state``.
+    """
+    shardings = self._state_shardings(init_fn, args, param_axes)
+    shapes = jax.eval_shape(init_fn, *args)
+    state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      shapes,
+      shardings,
+    )
+    return state, shardings
+
+  def abstract_batch(
+    self, row: dict[str, np.ndarray], batch_type: type, size: int
+  ) -> PyTree:
+    """``batch(...)`` of ``size`` rows like ``row`` (field -> one row,
+    e.g. a dataset's ``pad_row``), as ``jax.ShapeDtypeStruct``s."""
+    sharding = self.batch_sharding()
+    return batch_type(
+      **{
+        k: jax.ShapeDtypeStruct((size, *r.shape), r.dtype, sharding=sharding)
+        for k, r in row.items()
+      }
+    )
+
+  def _state_shardings(
+    self, init_fn: Callable, args: Sequence[Any], param_axes: Sequence[PyTree]
+  ) -> PyTree:
     try:
-      shardings = parallel.state_shardings(
+      return parallel.state_shardings(
         init_fn,
         *args,
         mesh=self.mesh,
@@ -379,8 +426,6 @@ class Placement:
       )
     except parallel.ShardingError as e:
       raise MeshError(f"{e} ({self.describe()})") from None
-    state = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return state, shardings
 
   def jit_step(
     self,

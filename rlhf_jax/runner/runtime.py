@@ -616,7 +616,13 @@ class StopFlag:
 
 
 class CompileClock:
-  """Sums JAX tracing, lowering and XLA compile time (jax.monitoring)."""
+  """Sums JAX tracing, lowering and XLA compile time (jax.monitoring).
+
+  ``seconds`` is the compile time on the run's path: its own threads'
+  compiles and their waits for a background one (``waited``);
+  ``background_seconds`` the work done inside ``background()`` (the
+  precompile thread, ``runner.precompile``), which overlaps the run.
+  """
 
   _EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
@@ -627,6 +633,27 @@ class CompileClock:
 
   def __init__(self) -> None:
     self.seconds = 0.0
+    self.background_seconds = 0.0
+    self._local = threading.local()
+
+  @contextlib.contextmanager
+  def background(self) -> Iterator[None]:
+    """Counts this thread's compile time as background_seconds."""
+    self._local.background = True
+    try:
+      yield
+    finally:
+      self._local.background = False
+
+  def waited(self, seconds: float) -> None:
+    """The run's thread waited ``seconds`` for a background compile."""
+    self.seconds += seconds
+
+  def _add(self, duration: float) -> None:
+    if getattr(self._local, "background", False):
+      self.background_seconds += duration
+    else:
+      self.seconds += duration
 
   @classmethod
   def get(cls) -> "CompileClock":
@@ -639,7 +666,7 @@ class CompileClock:
       def listener(event: str, duration: float, **kwargs: Any) -> None:
         del kwargs
         if event in cls._EVENTS:
-          clock.seconds += duration
+          clock._add(duration)
 
       jax.monitoring.register_event_duration_secs_listener(listener)
       cls._installed = clock

@@ -17,6 +17,7 @@ from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement
 from rlhf_jax.runner.metrics import MetricsWriter
+from rlhf_jax.runner.precompile import Precompiler
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.tasks import GoldScorer
 
@@ -67,6 +68,8 @@ class Context:
   placement: Placement
   timer: runtime.Timer
   compile_s0: float
+  # The clock's background seconds at the start (runner.precompile).
+  compile_bg0: float = 0.0
   gold: GoldScorer = dataclasses.field(default_factory=GoldScorer)
   stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
   # Wall and compile seconds of stages finished by an earlier process and
@@ -74,6 +77,10 @@ class Context:
   resumed_seconds: float = 0.0
   resumed_compile_s: float = 0.0
   cache: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Train steps built once and compiled ahead of their stage (pipeline).
+  programs: Precompiler = dataclasses.field(
+    default_factory=lambda: Precompiler(enabled=False)
+  )
 
   @property
   def eos(self) -> int:

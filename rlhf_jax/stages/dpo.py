@@ -2,10 +2,12 @@
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.data import BatchIterator
+from rlhf_jax.data import BatchIterator, TokenizedDataset
+from rlhf_jax.runner.precompile import StepProgram
 from rlhf_jax.stages.common import Context, optimizer
 from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
@@ -60,30 +62,74 @@ def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
   }
 
 
+def dpo_program(
+  ctx: Context, policy: Any, opt: Any, rows: TokenizedDataset, batch: int
+) -> StepProgram:
+  """The DPO step, built without weights.
+
+  Args:
+    ctx: the run.
+    policy: the trained policy's initial params (arrays or abstract).
+    opt: its optimizer (LoRA: the adapters' only).
+    rows: pairs like the first call's (``pairs_dataset(ctx, [])`` before
+      the feedback exists); batch: their number.
+  """
+
+  def init(p: Any, k: jax.Array) -> TrainState:
+    return TrainState.create(p, opt, k)
+
+  state, shardings = ctx.placement.abstract_state(
+    init,
+    policy,
+    ctx.key("dpo"),
+    param_axes=[models.param_logical_axes(ctx.model_config)],
+  )
+  ref = _ref(ctx)
+  step = ctx.placement.jit_step(
+    make_dpo_step(ctx.model_config, opt, ctx.config.dpo.loss),
+    shardings,
+    extra=ref,
+  )
+  abstract = ctx.placement.abstract_batch(rows.pad_row, rows.batch_type, batch)
+  return StepProgram(step=step, init=init, args=(state, abstract, *ref))
+
+
+def dpo_key(ctx: Context) -> tuple:
+  """``ctx.programs``' key of the DPO step."""
+  return ("dpo", ctx.model_config, ctx.uses_lora)
+
+
+def dpo_optimizer(ctx: Context) -> Any:
+  """The policy's optimizer of --dpo.*."""
+  cfg = ctx.config.dpo
+  return optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
+
+
+def _ref(ctx: Context) -> tuple[Any, ...]:
+  # LoRA: adapters on the frozen base, whose reference is the base itself
+  # (adapters off), so no reference params are passed to the step.
+  return () if ctx.uses_lora else (ctx.ref_params,)
+
+
 def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
   """DPO on the same preference pairs; periodic held-out evaluation."""
   cfg = ctx.config.dpo
   prefs = preference_data(ctx)
-  opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
-  # LoRA: adapters on the frozen base, whose reference is the base itself
-  # (adapters off), so no reference params are passed to the step.
-  params, opt = ctx.lora_policy(opt, "dpo")
-  state, shardings = ctx.placement.init_state(
-    lambda p, k: TrainState.create(p, opt, k),
+  params, opt = ctx.lora_policy(dpo_optimizer(ctx), "dpo")
+  batch = train_batch_size(ctx, cfg.batch_size, prefs, "--dpo.batch-size")
+  prog = ctx.programs.get(
+    dpo_key(ctx), lambda: dpo_program(ctx, params, opt, prefs["train"], batch)
+  )
+  state, _ = ctx.placement.init_state(
+    prog.init,
     params,
     ctx.key("dpo"),
     param_axes=[models.param_logical_axes(ctx.model_config)],
   )
-  ref = () if ctx.uses_lora else (ctx.ref_params,)
-  step = ctx.placement.jit_step(
-    make_dpo_step(ctx.model_config, opt, cfg.loss), shardings, extra=ref
-  )
+  ref = _ref(ctx)
+  step = prog.step
   it = BatchIterator(
-    prefs["train"],
-    global_batch_size=train_batch_size(
-      ctx, cfg.batch_size, prefs, "--dpo.batch-size"
-    ),
-    seed=ctx.config.seed,
+    prefs["train"], global_batch_size=batch, seed=ctx.config.seed
   )
   rm = reward_model_for_eval(ctx)
   evaluating = prompts is not None and initial is not None

@@ -30,7 +30,7 @@ Run directory::
 """
 
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_jax import models
@@ -39,6 +39,7 @@ from rlhf_jax.rewards import RewardError
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import DryRunReport, dry_run
 from rlhf_jax.runner.mesh import Placement, spec_str
+from rlhf_jax.runner.precompile import Precompiler, StepProgram
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
   DATA_STAGES_BY_COMMAND,
@@ -50,12 +51,28 @@ from rlhf_jax.stages.common import (
   policy_tokenizer,
 )
 from rlhf_jax.stages.configs import PipelineConfig
-from rlhf_jax.stages.dpo import stage_dpo
+from rlhf_jax.stages.dpo import dpo_key, dpo_optimizer, dpo_program, stage_dpo
 from rlhf_jax.stages.evaluate import stage_initial
-from rlhf_jax.stages.feedback import stage_feedback, stage_prompts
+from rlhf_jax.stages.feedback import (
+  pairs_dataset,
+  stage_feedback,
+  stage_prompts,
+)
 from rlhf_jax.stages.grpo import grpo_config, reward_functions, stage_grpo
-from rlhf_jax.stages.ppo import ppo_config, stage_ppo
-from rlhf_jax.stages.rm import stage_rm
+from rlhf_jax.stages.ppo import (
+  ppo_config,
+  ppo_key,
+  ppo_optimizers,
+  ppo_program,
+  stage_ppo,
+)
+from rlhf_jax.stages.rm import (
+  RM_TRAINING,
+  precompile_heldout_scores,
+  rm_key,
+  rm_program,
+  stage_rm,
+)
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
 
@@ -196,7 +213,55 @@ def open_run(
     placement=placement,
     timer=timer,
     compile_s0=compile0,
+    compile_bg0=runtime.CompileClock.get().background_seconds,
+    programs=Precompiler(log=log),
   )
+
+
+def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
+  """Queues the background compile (``runner.precompile``) of the train
+  steps of ``stages`` whose shapes and frozen inputs the config fixes:
+  the task's feedback pairs (rm, dpo) and prompts with the run's own
+  reward model (ppo). --data, --reward-model and LoRA runs compile each
+  step at its stage's first call.
+
+  Gates keep the background off the run's own compiles: the reward
+  model's and DPO's steps (and the held-out scorer) compile while the
+  feedback is sampled and labelled (the sampler compiled by then), PPO's
+  once the reward model's state is initialised and it trains.
+  """
+  cfg = ctx.config
+  if cfg.data is not None or cfg.lora.enabled:
+    return
+  rows = pairs_dataset(ctx, [])
+  first = "feedback" if "feedback" in stages else None
+
+  def build_rm() -> StepProgram:
+    return rm_program(ctx, rows, cfg.rm.batch_size)
+
+  own_rm = "ppo" in stages and cfg.reward_model is None
+  if "rm" in stages or own_rm:
+    # Built here, not compiled: the trained reward model's layout (as its
+    # train state's params) for the scorer's and PPO's programs.
+    rm = ctx.programs.get(rm_key(ctx), build_rm).args[0].params
+  if "rm" in stages:
+    ctx.programs.submit(rm_key(ctx), build_rm, after=first)
+    precompile_heldout_scores(ctx, rm, rows, after=first)
+  if "dpo" in stages:
+    opt = dpo_optimizer(ctx)
+    ctx.programs.submit(
+      dpo_key(ctx),
+      lambda: dpo_program(ctx, ctx.ref_params, opt, rows, cfg.dpo.batch_size),
+      after=first,
+    )
+  if own_rm:
+    pooling = cfg.rm.loss.pooling
+    p_opt, v_opt = ppo_optimizers(ctx)
+    ctx.programs.submit(
+      ppo_key(ctx, rm, pooling),
+      lambda: ppo_program(ctx, ctx.ref_params, p_opt, v_opt, rm, pooling),
+      after=RM_TRAINING if "rm" in stages else first,
+    )
 
 
 def _run_stage(ctx: Context, name: str, results: dict[str, dict]) -> dict:
@@ -246,16 +311,19 @@ def run_pipeline(
     f"{', '.join(stages)}"
   )
   results: dict[str, dict] = {}
+  finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
+  precompile_steps(ctx, [s for s in stages if finished.get(s) is None])
   # A path that cannot be written (read-only, full disk): one line naming it.
-  with ctx.stop, runtime.writing(ctx.run_dir):
+  with ctx.stop, runtime.writing(ctx.run_dir), ctx.programs:
     for name in stages[:-1]:  # every command ends with the report
-      done = ctx.finished(name)
-      if done is not None and config.resume:
+      done = finished.get(name)
+      if done is not None:
         log(f"{name}: finished earlier, read from {ctx.stage_file(name)}")
         results[name] = _read_finished(ctx, name, done)
         continue
       t = runtime.Timer()
       c0 = runtime.CompileClock.get().seconds
+      ctx.programs.release(name)
       log(f"{name}: starting")
       res = _run_stage(ctx, name, results)
       ctx.stage_seconds[name] = t.elapsed()

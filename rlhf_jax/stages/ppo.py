@@ -4,11 +4,13 @@ import dataclasses
 import functools
 from typing import Any
 
+import jax
 import numpy as np
 
 from rlhf_jax import models
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.runner import runtime
+from rlhf_jax.runner.precompile import StepProgram, layout
 from rlhf_jax.stages.common import Context, optimizer
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_into, evaluate_policy
@@ -45,42 +47,105 @@ def ppo_config(
   )
 
 
+def ppo_optimizers(ctx: Context) -> tuple[Any, Any]:
+  """(policy, critic) optimizers of --ppo.*."""
+  cfg = ctx.config.ppo
+  p_opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
+  v_opt = optimizer(
+    cfg.value_learning_rate, cfg.warmup_steps, cfg.max_grad_norm
+  )
+  return p_opt, v_opt
+
+
+def ppo_program(
+  ctx: Context, policy: Any, p_opt: Any, v_opt: Any, rm: Any, pooling: str
+) -> StepProgram:
+  """The PPO iteration, built without weights.
+
+  Args:
+    ctx: the run.
+    policy: the trained policy's initial params (arrays or abstract).
+    p_opt: its optimizer (LoRA: the adapters' only); v_opt: the critic's.
+    rm: the reward model's params, placed (arrays or abstract): the
+      critic's initial params and the step's frozen reward model.
+    pooling: where the reward model reads the sequence, "last" or "mean".
+
+  Returns:
+    The program; its first call's prompts: --ppo.batch-size rows of
+    --task.max-prompt-length tokens.
+  """
+  config = ppo_config(ctx.config, eos_token_id=ctx.eos, pad_token_id=ctx.pad)
+
+  def init(p: Any, v: Any, k: jax.Array) -> Any:
+    return init_ppo_state(p, v, p_opt, v_opt, k, config)
+
+  state, shardings = ctx.placement.abstract_state(
+    init,
+    policy,
+    rm,
+    ctx.key("ppo"),
+    param_axes=_param_axes(ctx),
+  )
+  score_fn = None  # "last": models.reward_forward, make_ppo_step's default
+  if pooling == "mean":
+    score_fn = functools.partial(
+      response_mean_reward, model_config=ctx.model_config
+    )
+  frozen = _frozen(ctx, rm)
+  step = ctx.placement.jit_step(
+    make_ppo_step(ctx.model_config, p_opt, v_opt, config, score_fn=score_fn),
+    shardings,
+    extra=(frozen,),
+  )
+  p_len = ctx.config.task.max_prompt_length
+  row = {
+    "prompt_ids": np.zeros(p_len, np.int32),
+    "prompt_mask": np.zeros(p_len, bool),
+  }
+  batch = ctx.placement.abstract_batch(
+    row, PromptBatch, ctx.config.ppo.batch_size
+  )
+  return StepProgram(step=step, init=init, args=(state, batch, frozen))
+
+
+def ppo_key(ctx: Context, rm: Any, pooling: str) -> tuple:
+  """``ctx.programs``' key of the PPO iteration."""
+  return ("ppo", ctx.model_config, pooling, layout(rm))
+
+
+def _param_axes(ctx: Context) -> list[Any]:
+  return [
+    models.param_logical_axes(ctx.model_config),
+    models.scalar_model_logical_axes(ctx.base_config),
+  ]
+
+
+def _frozen(ctx: Context, rm: Any) -> dict[str, Any]:
+  # LoRA: the reference is the frozen base itself (adapters off).
+  return {"ref": None if ctx.uses_lora else ctx.ref_params, "reward": rm}
+
+
 def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
   """RLHF with make_ppo_step; periodic held-out evaluation."""
   cfg = ctx.config.ppo
   rm = reward_model_for_eval(ctx)
   if rm is None:
     raise runtime.UserError("PPO needs a trained reward model (stage rm)")
-  config = ppo_config(ctx.config, eos_token_id=ctx.eos, pad_token_id=ctx.pad)
-  p_opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
-  v_opt = optimizer(
-    cfg.value_learning_rate, cfg.warmup_steps, cfg.max_grad_norm
-  )
+  p_opt, v_opt = ppo_optimizers(ctx)
   # LoRA (policy only; the critic stays fully trained): adapters on the
-  # frozen base, whose reference is the base itself (frozen["ref"] None).
+  # frozen base.
   params, p_opt = ctx.lora_policy(p_opt, "ppo")
-  state, shardings = ctx.placement.init_state(
-    # The critic starts from the reward model.
-    lambda p, v, k: init_ppo_state(p, v, p_opt, v_opt, k, config),
-    params,
-    rm,
-    ctx.key("ppo"),
-    param_axes=[
-      models.param_logical_axes(ctx.model_config),
-      models.scalar_model_logical_axes(ctx.base_config),
-    ],
+  pooling = ctx.cache["rm_pooling"]
+  prog = ctx.programs.get(
+    ppo_key(ctx, rm, pooling),
+    lambda: ppo_program(ctx, params, p_opt, v_opt, rm, pooling),
   )
-  score_fn = None  # "last": models.reward_forward, make_ppo_step's default
-  if ctx.cache["rm_pooling"] == "mean":
-    score_fn = functools.partial(
-      response_mean_reward, model_config=ctx.model_config
-    )
-  frozen = {"ref": None if ctx.uses_lora else ctx.ref_params, "reward": rm}
-  step = ctx.placement.jit_step(
-    make_ppo_step(ctx.model_config, p_opt, v_opt, config, score_fn=score_fn),
-    shardings,
-    extra=(frozen,),
+  # The critic starts from the reward model.
+  state, _ = ctx.placement.init_state(
+    prog.init, params, rm, ctx.key("ppo"), param_axes=_param_axes(ctx)
   )
+  frozen = _frozen(ctx, rm)
+  step = prog.step
   it = _prompt_iterator(ctx, prompts["train"], cfg.batch_size)
   loop = ctx.loop("ppo", cfg.iterations, show=(*_SHOW, "eval/gold_score"))
   state, start = loop.restore(state, it)

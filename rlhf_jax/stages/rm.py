@@ -10,6 +10,7 @@ from rlhf_jax import audit, models
 from rlhf_jax.data import BatchIterator, TokenizedDataset
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.mesh import MeshConfig, Placement
+from rlhf_jax.runner.precompile import StepProgram
 from rlhf_jax.stages.common import (
   HEAD_DIR,
   HEAD_FILE,
@@ -42,12 +43,33 @@ def _heldout_scores(
   ctx: Context, params: Any, ds: TokenizedDataset
 ) -> tuple[np.ndarray, np.ndarray]:
   """(chosen f32[N], rejected f32[N]) reward-model scores of ``ds``."""
+  ctx.programs.wait("pair_scores")
   return ctx.placement.map_rows(
     lambda batch: _scorer(ctx)(
       params, batch, config=ctx.model_config, pooling=ctx.config.rm.loss.pooling
     ),
     ds,
     ctx.config.rm.batch_size * 2,
+  )
+
+
+def precompile_heldout_scores(
+  ctx: Context, params: Any, rows: TokenizedDataset, *, after: str | None
+) -> None:
+  """Queues the compile of ``_heldout_scores``' program for the reward
+  model ``params`` (abstract) on held-out pairs like ``rows``, assuming
+  at least one full batch of them (``after``: ``Precompiler.submit``)."""
+  max_rows = ctx.config.rm.batch_size * 2
+  size = ctx.placement.rows_per_call(max_rows, max_rows)
+  batch = ctx.placement.abstract_batch(rows.pad_row, rows.batch_type, size)
+  ctx.programs.submit_call(
+    "pair_scores",
+    _scorer(ctx),
+    params,
+    batch,
+    after=after,
+    config=ctx.model_config,
+    pooling=ctx.config.rm.loss.pooling,
   )
 
 
@@ -250,6 +272,52 @@ def reward_model_for_eval(ctx: Context) -> Any | None:
   return ctx.cache["rm_params"]
 
 
+def rm_program(ctx: Context, rows: TokenizedDataset, batch: int) -> StepProgram:
+  """The reward-model step, built without weights; its first call's
+  batch: ``batch`` rows like ``rows``' (``pairs_dataset(ctx, [])`` before
+  the feedback exists)."""
+  cfg = ctx.config.rm
+  opt = optimizer(
+    cfg.learning_rate,
+    cfg.warmup_steps,
+    cfg.max_grad_norm,
+    decay_steps=cfg.steps,
+    weight_decay=cfg.weight_decay,
+  )
+
+  def init(p: Any, r: jax.Array) -> TrainState:
+    return TrainState.create(p, opt, r)
+
+  key = ctx.key("rm")
+  params = jax.eval_shape(
+    lambda p, k: models.from_policy_params(p, ctx.model_config, k),
+    ctx.ref_params,
+    key,
+  )
+  state, shardings = ctx.placement.abstract_state(
+    init,
+    params,
+    key,
+    param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
+  )
+  step = ctx.placement.jit_step(
+    make_reward_model_step(ctx.model_config, opt, cfg.loss), shardings
+  )
+  batch_abstract = ctx.placement.abstract_batch(
+    rows.pad_row, rows.batch_type, batch
+  )
+  return StepProgram(step=step, init=init, args=(state, batch_abstract))
+
+
+# The Precompiler gate the reward-model stage opens once its state exists.
+RM_TRAINING = "rm-training"
+
+
+def rm_key(ctx: Context) -> tuple:
+  """``ctx.programs``' key of the reward-model step."""
+  return ("rm", ctx.model_config)
+
+
 def stage_rm(ctx: Context) -> dict:
   """Bradley-Terry reward model from the policy checkpoint + a new head."""
   cfg = ctx.config.rm
@@ -258,28 +326,20 @@ def stage_rm(ctx: Context) -> dict:
   params = models.from_policy_params(
     ctx.ref_params, ctx.model_config, jax.random.fold_in(key, 0)
   )
-  opt = optimizer(
-    cfg.learning_rate,
-    cfg.warmup_steps,
-    cfg.max_grad_norm,
-    decay_steps=cfg.steps,
-    weight_decay=cfg.weight_decay,
+  batch = train_batch_size(ctx, cfg.batch_size, prefs, "--rm.batch-size")
+  prog = ctx.programs.get(
+    rm_key(ctx), lambda: rm_program(ctx, prefs["train"], batch)
   )
-  state, shardings = ctx.placement.init_state(
-    lambda p, r: TrainState.create(p, opt, r),
+  state, _ = ctx.placement.init_state(
+    prog.init,
     params,
     jax.random.fold_in(key, 1),
     param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
   )
-  step = ctx.placement.jit_step(
-    make_reward_model_step(ctx.model_config, opt, cfg.loss), shardings
-  )
+  step = prog.step
+  ctx.programs.release(RM_TRAINING)  # this stage compiles nothing more
   it = BatchIterator(
-    prefs["train"],
-    global_batch_size=train_batch_size(
-      ctx, cfg.batch_size, prefs, "--rm.batch-size"
-    ),
-    seed=ctx.config.seed,
+    prefs["train"], global_batch_size=batch, seed=ctx.config.seed
   )
   loop = ctx.loop("rm", cfg.steps, show=("rm/loss", "rm/accuracy"))
   state, start = loop.restore(state, it)

@@ -1,0 +1,72 @@
+"""The pipeline compiles its train steps in the background, not on its path.
+
+A smoke `rlhf-jax run` in a child process records every XLA compile with
+the thread that ran it (jax.monitoring): the reward-model, PPO and DPO
+steps must compile on the precompile thread only, and the run must end
+with the same figures as one that compiles each step at its first call.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# Runs `rlhf-jax run --preset smoke`; prints the compiles as JSON.
+_DRIVER = """
+import json, sys, threading
+import jax
+compiles = []
+def listen(event, duration, fun_name=None, **kw):
+  if event == "/jax/core/compile/backend_compile_duration":
+    compiles.append([threading.current_thread().name, fun_name])
+jax.monitoring.register_event_duration_secs_listener(listen)
+from rlhf_jax.stages import pipeline
+if sys.argv[2] == "off":
+  pipeline.precompile_steps = lambda ctx, stages: None
+from rlhf_jax.cli.main import main
+rc = main(["run", "--preset", "smoke", "--run-dir", sys.argv[1]])
+print("COMPILES" + json.dumps(compiles))
+sys.exit(rc)
+"""
+
+
+def _run(run_dir: pathlib.Path, precompile: str) -> tuple[list, dict]:
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env.pop("XLA_FLAGS", None)  # one device, as the CLI tests
+  proc = subprocess.run(
+    [sys.executable, "-c", _DRIVER, str(run_dir), precompile],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=REPO_ROOT,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(x for x in proc.stdout.splitlines() if x.startswith("COMPILES"))
+  summary = json.loads((run_dir / "summary.json").read_text())
+  return json.loads(line[len("COMPILES") :]), summary
+
+
+def test_train_steps_compile_in_the_background_with_the_same_results(
+  tmp_path,
+):
+  compiles, summary = _run(tmp_path / "on", "on")
+  steps = [thread for thread, name in compiles if name == "jit(step)"]
+  # rm, ppo and dpo: each compiled once, on the precompile thread.
+  assert len(steps) == 3, compiles
+  assert all(t.startswith("rlhf-jax-precompile") for t in steps), compiles
+  assert summary["time/compile_background_s"] > 0.0
+  off_compiles, off = _run(tmp_path / "off", "off")
+  off_steps = [t for t, name in off_compiles if name == "jit(step)"]
+  assert off_steps == ["MainThread"] * 3, off_compiles
+  assert off["time/compile_background_s"] == 0.0
+  figures = {k: v for k, v in summary.items() if not k.startswith("time/")}
+  assert figures == {k: v for k, v in off.items() if not k.startswith("time/")}
