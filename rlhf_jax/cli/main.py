@@ -24,7 +24,7 @@ from typing import Any, get_type_hints
 
 from rlhf_jax._optional import CLI_EXTRA_INSTALL, missing_cli_modules
 from rlhf_jax.cli import presets as P
-from rlhf_jax.runner import runtime
+from rlhf_jax.runner import precompile, runtime
 from rlhf_jax.runner.mesh import DistributedConfig, MeshConfig
 
 COMMANDS = {
@@ -403,11 +403,15 @@ def _dispatch(command: str, config: Any) -> int:
     out = run_pipeline(command, config)
     for k, v in out["summary"].items():
       print(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
+    background = out["time/compile_background_s"]
     print(
       f"time: {out['time/total_s']:.1f}s, compile {out['time/compile_s']:.1f}s "
-      f"({100 * out['time/compile_share']:.0f}%), "
-      f"{out['time/compile_background_s']:.1f}s more ahead of time in the "
-      "background"
+      f"({100 * out['time/compile_share']:.0f}%)"
+      + (
+        f", {background:.1f}s more ahead of time in the background"
+        if background >= 0.05
+        else ""
+      )
     )
     return 0
   if command == "kto":
@@ -514,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _main(args[0], args[1:], debug)
   except KeyboardInterrupt:  # a second Ctrl-C: stop at once
     sys.stderr.write("rlhf-jax: interrupted\n")
+    if precompile.compiling():  # its native compile would crash the exit
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(EXIT_INTERRUPTED)
     return EXIT_INTERRUPTED
   except BrokenPipeError:  # `rlhf-jax dpo --help | head`: the reader left
     # Python would report the failed flush of stdout again at exit.

@@ -10,6 +10,10 @@ key and gets the same jitted object, whose first call with arrays of
 those shapes and shardings then finds the executable in jit's in-memory
 cache: no tracing, lowering or XLA compile on the run's path.
 
+Jobs run one at a time, in the order submitted, each from its gate's
+``release`` on; a stage that asks for a job not yet started takes it
+over (its first call compiles it on the run's thread).
+
 The precompile is a guess that costs only its compile when wrong: a stage
 whose arrays differ (a batch cut to fewer pairs, a sharding) compiles on
 its first call as it would without it. Programs are built once per key
@@ -30,7 +34,6 @@ work apart (``background_seconds``) and adds a stage's wait for a
 compile still running to the run's compile time.
 """
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -65,13 +68,26 @@ class StepProgram:
 
 
 def layout(tree: PyTree) -> tuple:
-  """A hashable description of ``tree``'s arrays (structure, shapes,
-  dtypes, shardings; arrays or abstract values alike): the part of a key
-  that names the frozen arguments a step takes its shardings from."""
+  """A hashable description of ``tree``'s arrays.
+
+  Structure, shapes, dtypes and shardings, of arrays or abstract values
+  alike: the part of a key that names the frozen arguments a step takes
+  its shardings from.
+  """
   leaves, treedef = jax.tree.flatten(tree)
   return treedef, tuple(
     (tuple(x.shape), str(x.dtype), x.sharding) for x in leaves
   )
+
+
+_THREAD = "rlhf-jax-precompile"
+
+
+def compiling() -> bool:
+  """Whether a precompile thread is still alive (after ``close(wait=
+  False)``): the interpreter's exit can then crash in XLA's native code,
+  so a command stopping at once ends with ``os._exit``."""
+  return any(t.name == _THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def _yield_to_the_run() -> None:
@@ -83,14 +99,28 @@ def _yield_to_the_run() -> None:
       os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
+class _Job:
+  """One queued compile: ``work`` from ``release(after)`` on."""
+
+  def __init__(self, key: Hashable, work: Callable[[], None], after) -> None:
+    self.key, self.work, self.after = key, work, after
+    self.done = threading.Event()
+
+
+def _name(key: Hashable) -> str:
+  # Keys hold model configs: name a job by its first part.
+  return str(key[0] if isinstance(key, tuple) and key else key)
+
+
 class Precompiler:
   """Builds ``StepProgram``s once per key and compiles submitted ones on a
   background thread.
 
   Args:
     enabled: False builds on request only (``submit`` does nothing).
-    log: where a failed background build is reported (the stage then
-      builds and compiles it itself and meets the error, if any, there).
+    log: where a failed background build and a wait at ``close`` are
+      reported (the stage then builds and compiles the program itself and
+      meets the error, if any, there).
   """
 
   def __init__(
@@ -98,12 +128,15 @@ class Precompiler:
   ) -> None:
     self.enabled = enabled
     self._log = log
-    self._lock = threading.Lock()
+    self._build_locks: dict[Hashable, threading.Lock] = {}
     self._built: dict[Hashable, StepProgram] = {}
-    self._jobs: dict[Hashable, concurrent.futures.Future] = {}
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-    self._gated: dict[Hashable, tuple[str, Callable[[], None]]] = {}
+    self._cv = threading.Condition()
+    self._jobs: dict[Hashable, _Job] = {}
+    self._queue: list[_Job] = []  # submitted, not started; in order
+    self._running: _Job | None = None
     self._released: set[str] = set()
+    self._closed = False
+    self._thread: threading.Thread | None = None
 
   def submit(
     self,
@@ -112,8 +145,13 @@ class Precompiler:
     *,
     after: str | None = None,
   ) -> None:
-    """Queues ``build()`` and the compile of its step for its ``args``;
-    with ``after``, from ``release(after)`` on."""
+    """Queues ``build()`` and the compile of its step for its ``args``.
+
+    Args:
+      key: names the program (``get``); a key submitted before is ignored.
+      build: makes the program; the stage's ``get`` passes the same one.
+      after: a gate; the job starts from ``release(after)`` on.
+    """
 
     def work() -> None:
       prog = self._build(key, build)
@@ -129,20 +167,23 @@ class Precompiler:
     after: str | None = None,
     **kwargs: Any,
   ) -> None:
-    """Queues the compile of the jitted ``fn`` for ``fn(*args, **kwargs)``
-    (abstract arguments; static ones by keyword), as ``submit``."""
+    """Queues the compile of the jitted ``fn`` for ``fn(*args, **kwargs)``.
+
+    ``args`` abstract, static arguments by keyword; ``key`` and ``after``
+    as ``submit``.
+    """
     self._submit(key, lambda: fn.lower(*args, **kwargs).compile(), after)
 
   def release(self, gate: str) -> None:
-    """Starts the compiles queued ``after=gate``. XLA compiles one program
-    at a time: one the run starts meanwhile waits for the background's,
-    so a gate marks a point from which the run compiles nothing new for a
-    while (its stage's own programs done)."""
-    self._released.add(gate)
-    for key, (after, work) in list(self._gated.items()):
-      if after == gate:
-        del self._gated[key]
-        self._start(key, work)
+    """Lets the jobs queued ``after=gate`` start.
+
+    A compile the run starts while a background one runs can wait for it
+    (XLA:CPU's compiles hardly overlap), so a gate marks a point from
+    which the run compiles nothing new for a while.
+    """
+    with self._cv:
+      self._released.add(gate)
+      self._cv.notify_all()
 
   def get(self, key: Hashable, build: Callable[[], StepProgram]) -> StepProgram:
     """The program for ``key``: the precompiled one (after ``wait``), else
@@ -151,31 +192,58 @@ class Precompiler:
     return self._build(key, build)
 
   def wait(self, key: Hashable) -> None:
-    """Returns when ``key``'s background compile (if any) is over; the
-    wait counts as compile time of the run."""
-    if self._gated.pop(key, None) is not None:
-      return  # never released: the caller compiles it
-    job = self._jobs.get(key)
-    if job is not None and not job.done():
-      t0 = time.perf_counter()
-      concurrent.futures.wait([job])
-      runtime.CompileClock.get().waited(time.perf_counter() - t0)
+    """Returns when ``key``'s background compile, if running, is over.
+
+    A job not started yet is taken off the queue: the caller compiles it.
+    The wait counts as compile time of the run (``CompileClock.waited``).
+    """
+    with self._cv:
+      job = self._jobs.get(key)
+      if job is None or job.done.is_set():
+        return
+      if job in self._queue:
+        self._queue.remove(job)
+        job.done.set()
+        return
+    t0 = time.perf_counter()
+    job.done.wait()
+    runtime.CompileClock.get().waited(time.perf_counter() - t0)
 
   def __enter__(self) -> "Precompiler":
     return self
 
-  def __exit__(self, *exc: object) -> None:
-    self.close()
+  def __exit__(self, exc_type: type | None, *exc: object) -> None:
+    # A second Ctrl-C (KeyboardInterrupt) stops at once.
+    self.close(wait=exc_type is not KeyboardInterrupt)
 
-  def close(self) -> None:
-    """Drops the queued compiles and waits for the running one."""
-    self._gated.clear()
-    if self._pool is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self._pool = None
+  def close(self, *, wait: bool = True) -> None:
+    """Drops the queued compiles and waits for the running one.
 
-  def _build(self, key: Hashable, build: Callable[[], StepProgram]):
-    with self._lock:
+    A second Ctrl-C interrupts the wait; the thread is a daemon, so an
+    unfinished compile does not hold up the interpreter's exit.
+    """
+    with self._cv:
+      self._closed = True
+      self._queue.clear()
+      running = self._running
+      self._cv.notify_all()
+    if not wait:
+      return
+    if running is not None:
+      self._log(
+        f"waiting for the background compile of {_name(running.key)} to "
+        "finish (Ctrl-C again to stop at once)"
+      )
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+
+  def _build(
+    self, key: Hashable, build: Callable[[], StepProgram]
+  ) -> StepProgram:
+    with self._cv:  # one lock per key: a build never waits for another
+      lock = self._build_locks.setdefault(key, threading.Lock())
+    with lock:
       if key not in self._built:
         self._built[key] = build()
       return self._built[key]
@@ -183,25 +251,41 @@ class Precompiler:
   def _submit(
     self, key: Hashable, work: Callable[[], None], after: str | None
   ) -> None:
-    if not self.enabled or key in self._jobs or key in self._gated:
-      return
-    if after is not None and after not in self._released:
-      self._gated[key] = (after, work)
-      return
-    self._start(key, work)
+    with self._cv:
+      if not self.enabled or self._closed or key in self._jobs:
+        return
+      job = _Job(key, work, after)
+      self._jobs[key] = job
+      self._queue.append(job)
+      if self._thread is None:
+        self._thread = threading.Thread(
+          target=self._loop, name=_THREAD, daemon=True
+        )
+        self._thread.start()
+      self._cv.notify_all()
 
-  def _start(self, key: Hashable, work: Callable[[], None]) -> None:
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(
-        max_workers=1,
-        thread_name_prefix="rlhf-jax-precompile",
-        initializer=_yield_to_the_run,
-      )
-    self._jobs[key] = self._pool.submit(self._run, key, work)
+  def _next(self) -> _Job | None:
+    for job in self._queue:
+      if job.after is None or job.after in self._released:
+        return job
+    return None
 
-  def _run(self, key: Hashable, work: Callable[[], None]) -> None:
-    try:
-      with runtime.CompileClock.get().background():
-        work()
-    except Exception as e:  # noqa: BLE001 - the stage meets it again
-      self._log(f"precompile of {key}: {type(e).__name__}: {e}")
+  def _loop(self) -> None:
+    _yield_to_the_run()
+    while True:
+      with self._cv:
+        while (job := self._next()) is None and not self._closed:
+          self._cv.wait()
+        if job is None:
+          return
+        self._queue.remove(job)
+        self._running = job
+      try:
+        with runtime.CompileClock.get().background():
+          job.work()
+      except Exception as e:  # noqa: BLE001 - the stage meets it again
+        self._log(f"precompile of {_name(job.key)}: {type(e).__name__}: {e}")
+      finally:
+        with self._cv:
+          self._running = None
+          job.done.set()

@@ -72,10 +72,12 @@ class Context:
   compile_bg0: float = 0.0
   gold: GoldScorer = dataclasses.field(default_factory=GoldScorer)
   stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-  # Wall and compile seconds of stages finished by an earlier process and
-  # read back on --resume, so the report's timings cover the whole run.
+  # Wall, compile and background compile seconds of stages finished by an
+  # earlier process and read back on --resume, so the report's timings
+  # cover the whole run.
   resumed_seconds: float = 0.0
   resumed_compile_s: float = 0.0
+  resumed_compile_background_s: float = 0.0
   cache: dict[str, Any] = dataclasses.field(default_factory=dict)
   # Train steps built once and compiled ahead of their stage (pipeline).
   programs: Precompiler = dataclasses.field(

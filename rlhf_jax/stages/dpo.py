@@ -72,7 +72,11 @@ def dpo_program(
     policy: the trained policy's initial params (arrays or abstract).
     opt: its optimizer (LoRA: the adapters' only).
     rows: pairs like the first call's (``pairs_dataset(ctx, [])`` before
-      the feedback exists); batch: their number.
+      the feedback exists).
+    batch: the first call's number of pairs.
+
+  Returns:
+    The program (``runner.precompile.StepProgram``).
   """
 
   def init(p: Any, k: jax.Array) -> TrainState:

@@ -219,16 +219,21 @@ def open_run(
 
 
 def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
-  """Queues the background compile (``runner.precompile``) of the train
-  steps of ``stages`` whose shapes and frozen inputs the config fixes:
-  the task's feedback pairs (rm, dpo) and prompts with the run's own
-  reward model (ppo). --data, --reward-model and LoRA runs compile each
-  step at its stage's first call.
+  """Queues the background compile (``runner.precompile``) of train steps.
 
-  Gates keep the background off the run's own compiles: the reward
-  model's and DPO's steps (and the held-out scorer) compile while the
-  feedback is sampled and labelled (the sampler compiled by then), PPO's
-  once the reward model's state is initialised and it trains.
+  Those of ``stages`` whose shapes and frozen inputs the config fixes:
+  the task's feedback pairs (rm, dpo) and prompts with the run's own
+  reward model (ppo). --data and LoRA runs, and PPO with --reward-model,
+  compile each step at its stage's first call.
+
+  Jobs run in stage order; gates keep them off the run's own compiles:
+  the reward model's and DPO's steps (and the held-out scorer) compile
+  while the feedback is sampled and labelled (the sampler compiled by
+  then), PPO's once the reward model's state is initialised and it trains.
+
+  Args:
+    ctx: the run.
+    stages: the stages still to run, in order.
   """
   cfg = ctx.config
   if cfg.data is not None or cfg.lora.enabled:
@@ -247,13 +252,6 @@ def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
   if "rm" in stages:
     ctx.programs.submit(rm_key(ctx), build_rm, after=first)
     precompile_heldout_scores(ctx, rm, rows, after=first)
-  if "dpo" in stages:
-    opt = dpo_optimizer(ctx)
-    ctx.programs.submit(
-      dpo_key(ctx),
-      lambda: dpo_program(ctx, ctx.ref_params, opt, rows, cfg.dpo.batch_size),
-      after=first,
-    )
   if own_rm:
     pooling = cfg.rm.loss.pooling
     p_opt, v_opt = ppo_optimizers(ctx)
@@ -261,6 +259,13 @@ def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
       ppo_key(ctx, rm, pooling),
       lambda: ppo_program(ctx, ctx.ref_params, p_opt, v_opt, rm, pooling),
       after=RM_TRAINING if "rm" in stages else first,
+    )
+  if "dpo" in stages:
+    opt = dpo_optimizer(ctx)
+    ctx.programs.submit(
+      dpo_key(ctx),
+      lambda: dpo_program(ctx, ctx.ref_params, opt, rows, cfg.dpo.batch_size),
+      after=first,
     )
 
 
@@ -289,6 +294,7 @@ def _read_finished(ctx: Context, name: str, done: dict) -> dict:
   ctx.stage_seconds[name] = timing.get("seconds", 0.0)
   ctx.resumed_seconds += timing.get("seconds", 0.0)
   ctx.resumed_compile_s += timing.get("compile_s", 0.0)
+  ctx.resumed_compile_background_s += timing.get("compile_background_s", 0.0)
   return done
 
 
@@ -312,24 +318,26 @@ def run_pipeline(
   )
   results: dict[str, dict] = {}
   finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
-  precompile_steps(ctx, [s for s in stages if finished.get(s) is None])
   # A path that cannot be written (read-only, full disk): one line naming it.
   with ctx.stop, runtime.writing(ctx.run_dir), ctx.programs:
+    precompile_steps(ctx, [s for s in stages if finished.get(s) is None])
     for name in stages[:-1]:  # every command ends with the report
       done = finished.get(name)
       if done is not None:
         log(f"{name}: finished earlier, read from {ctx.stage_file(name)}")
         results[name] = _read_finished(ctx, name, done)
         continue
-      t = runtime.Timer()
-      c0 = runtime.CompileClock.get().seconds
+      t, clock = runtime.Timer(), runtime.CompileClock.get()
+      c0, bg0 = clock.seconds, clock.background_seconds
       ctx.programs.release(name)
       log(f"{name}: starting")
       res = _run_stage(ctx, name, results)
       ctx.stage_seconds[name] = t.elapsed()
       res["_timing"] = {
         "seconds": t.elapsed(),
-        "compile_s": runtime.CompileClock.get().seconds - c0,
+        "compile_s": clock.seconds - c0,
+        # Done on the precompile thread while this stage ran.
+        "compile_background_s": clock.background_seconds - bg0,
       }
       if ctx.primary:
         runtime.write_json(ctx.stage_file(name), res)

@@ -65,7 +65,8 @@ def ppo_program(
   Args:
     ctx: the run.
     policy: the trained policy's initial params (arrays or abstract).
-    p_opt: its optimizer (LoRA: the adapters' only); v_opt: the critic's.
+    p_opt: its optimizer (LoRA: the adapters' only).
+    v_opt: the critic's optimizer.
     rm: the reward model's params, placed (arrays or abstract): the
       critic's initial params and the step's frozen reward model.
     pooling: where the reward model reads the sequence, "last" or "mean".

@@ -273,9 +273,17 @@ def reward_model_for_eval(ctx: Context) -> Any | None:
 
 
 def rm_program(ctx: Context, rows: TokenizedDataset, batch: int) -> StepProgram:
-  """The reward-model step, built without weights; its first call's
-  batch: ``batch`` rows like ``rows``' (``pairs_dataset(ctx, [])`` before
-  the feedback exists)."""
+  """The reward-model step, built without weights.
+
+  Args:
+    ctx: the run.
+    rows: pairs like the first call's (``pairs_dataset(ctx, [])`` before
+      the feedback exists).
+    batch: the first call's number of pairs.
+
+  Returns:
+    The program (``runner.precompile.StepProgram``).
+  """
   cfg = ctx.config.rm
   opt = optimizer(
     cfg.learning_rate,
@@ -337,7 +345,8 @@ def stage_rm(ctx: Context) -> dict:
     param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
   )
   step = prog.step
-  ctx.programs.release(RM_TRAINING)  # this stage compiles nothing more
+  # The step is compiled by now (unless the batch was cut): PPO's turn.
+  ctx.programs.release(RM_TRAINING)
   it = BatchIterator(
     prefs["train"], global_batch_size=batch, seed=ctx.config.seed
   )

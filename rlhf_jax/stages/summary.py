@@ -110,7 +110,11 @@ def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
     "time/total_s": total,
     "time/compile_s": compile_s,
     "time/compile_share": compile_s / max(total, 1e-9),
-    "time/compile_background_s": clock.background_seconds - ctx.compile_bg0,
+    "time/compile_background_s": (
+      clock.background_seconds
+      - ctx.compile_bg0
+      + ctx.resumed_compile_background_s
+    ),
   }
   timing.update({f"time/{k}_s": v for k, v in ctx.stage_seconds.items()})
   policies = {
