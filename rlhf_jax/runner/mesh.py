@@ -356,7 +356,8 @@ class Placement:
     self,
     init_fn: Callable[..., PyTree],
     *args: Any,
-    param_axes: Sequence[PyTree],
+    param_axes: Sequence[PyTree] | None = None,
+    shardings: PyTree | None = None,
   ) -> tuple[PyTree, PyTree]:
     """``init_fn(*args)`` computed straight into its shardings.
 
@@ -366,15 +367,21 @@ class Placement:
 
     Params and the optax states mirroring them are laid out by
     ``param_axes`` (one logical-axes pytree per params tree), everything
-    else replicated. Returns (state, state_shardings).
+    else replicated; or by ``shardings`` when they are known already (a
+    precompiled step's, ``StepProgram.state_shardings``). Returns (state,
+    state_shardings).
 
     Raises:
       MeshError: an optimizer among ``args`` or ``param_axes``, or no leaf
         of the state matched ``param_axes`` while the rules shard
         parameters on this mesh.
+      TypeError: neither ``param_axes`` nor ``shardings`` given.
     """
     args = self.replicate(args)
-    shardings = self._state_shardings(init_fn, args, param_axes)
+    if shardings is None:
+      if param_axes is None:
+        raise TypeError("init_state needs param_axes or shardings")
+      shardings = self._state_shardings(init_fn, args, param_axes)
     state = jax.jit(init_fn, out_shardings=shardings)(*args)
     return state, shardings
 

@@ -52,19 +52,28 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class StepProgram:
-  """A stage's jitted step and what its first call will look like.
+  """A stage's jitted step (or other program) and what its first call
+  will look like.
 
   Attributes:
-    step: ``jit_step(...)`` of the stage's step function.
+    step: ``jit_step(...)`` of the stage's step function, or any jitted
+      function.
     init: the state initialiser matching ``step`` (it closes over the
-      same optimizers).
+      same optimizers); None for a program without a train state.
     args: abstract arguments of the first call (pytrees of
       ``jax.ShapeDtypeStruct`` with shardings, or placed arrays).
+    kwargs: its static keyword arguments.
   """
 
   step: Callable[..., Any]
-  init: Callable[..., PyTree]
+  init: Callable[..., PyTree] | None
   args: tuple[Any, ...]
+  kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def state_shardings(self) -> PyTree:
+    """The shardings ``step`` takes its state (first argument) in."""
+    return jax.tree.map(lambda a: a.sharding, self.args[0])
 
 
 def layout(tree: PyTree) -> tuple:
@@ -149,30 +158,16 @@ class Precompiler:
 
     Args:
       key: names the program (``get``); a key submitted before is ignored.
-      build: makes the program; the stage's ``get`` passes the same one.
+      build: makes the program (when the job starts); the stage's ``get``
+      passes the same one.
       after: a gate; the job starts from ``release(after)`` on.
     """
 
     def work() -> None:
       prog = self._build(key, build)
-      prog.step.lower(*prog.args).compile()
+      prog.step.lower(*prog.args, **prog.kwargs).compile()
 
     self._submit(key, work, after)
-
-  def submit_call(
-    self,
-    key: Hashable,
-    fn: Callable[..., Any],
-    *args: Any,
-    after: str | None = None,
-    **kwargs: Any,
-  ) -> None:
-    """Queues the compile of the jitted ``fn`` for ``fn(*args, **kwargs)``.
-
-    ``args`` abstract, static arguments by keyword; ``key`` and ``after``
-    as ``submit``.
-    """
-    self._submit(key, lambda: fn.lower(*args, **kwargs).compile(), after)
 
   def release(self, gate: str) -> None:
     """Lets the jobs queued ``after=gate`` start.

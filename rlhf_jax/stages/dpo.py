@@ -128,7 +128,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
     prog.init,
     params,
     ctx.key("dpo"),
-    param_axes=[models.param_logical_axes(ctx.model_config)],
+    shardings=prog.state_shardings,
   )
   ref = _ref(ctx)
   step = prog.step

@@ -227,6 +227,17 @@ def stage_feedback(ctx: Context, prompts: dict) -> dict:
   return {"stats": stats}
 
 
+def pair_counts(ctx: Context, prompts: dict) -> tuple[int, int]:
+  """(train, held-out) pairs ``stage_feedback`` labels from ``prompts``:
+  every pair within each group of --feedback.group-size continuations."""
+  cfg = ctx.config.feedback
+  per_group = cfg.group_size * (cfg.group_size - 1) // 2
+  return (
+    len(prompts["train"]) * cfg.groups_per_prompt * per_group,
+    len(prompts["heldout"]) * cfg.eval_groups_per_prompt * per_group,
+  )
+
+
 def pairs_dataset(ctx: Context, pairs: list[dict]) -> TokenizedDataset:
   """PreferenceBatch arrays from the SAMPLED token ids (no re-tokenizing)."""
   p_len = ctx.config.task.max_prompt_length

@@ -54,7 +54,9 @@ from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import dpo_key, dpo_optimizer, dpo_program, stage_dpo
 from rlhf_jax.stages.evaluate import stage_initial
 from rlhf_jax.stages.feedback import (
+  pair_counts,
   pairs_dataset,
+  preference_data,
   stage_feedback,
   stage_prompts,
 )
@@ -67,8 +69,10 @@ from rlhf_jax.stages.ppo import (
   stage_ppo,
 )
 from rlhf_jax.stages.rm import (
+  PAIR_SCORES,
   RM_TRAINING,
-  precompile_heldout_scores,
+  abstract_reward_model,
+  heldout_scores_program,
   rm_key,
   rm_program,
   stage_rm,
@@ -218,7 +222,9 @@ def open_run(
   )
 
 
-def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
+def precompile_steps(
+  ctx: Context, stages: Sequence[str], results: dict[str, dict]
+) -> None:
   """Queues the background compile (``runner.precompile``) of train steps.
 
   Those of ``stages`` whose shapes and frozen inputs the config fixes:
@@ -230,28 +236,39 @@ def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
   the reward model's and DPO's steps (and the held-out scorer) compile
   while the feedback is sampled and labelled (the sampler compiled by
   then), PPO's once the reward model's state is initialised and it trains.
+  Their batches are the stages': cut to the pairs there are, counted from
+  the prompts when a job starts (the prompts stage is over by then).
 
   Args:
     ctx: the run.
     stages: the stages still to run, in order.
+    results: the finished stages' results, filled in as the run goes.
   """
   cfg = ctx.config
   if cfg.data is not None or cfg.lora.enabled:
     return
   rows = pairs_dataset(ctx, [])
   first = "feedback" if "feedback" in stages else None
+  if first is None and ("rm" in stages or "dpo" in stages):
+    prefs = preference_data(ctx)  # the feedback is there: count it now
+    known = (len(prefs["train"]), len(prefs["eval"]))
+
+  def pairs() -> tuple[int, int]:
+    return pair_counts(ctx, results["prompts"]) if first else known
 
   def build_rm() -> StepProgram:
-    return rm_program(ctx, rows, cfg.rm.batch_size)
+    return rm_program(ctx, rows, min(cfg.rm.batch_size, pairs()[0]))
 
   own_rm = "ppo" in stages and cfg.reward_model is None
   if "rm" in stages or own_rm:
-    # Built here, not compiled: the trained reward model's layout (as its
-    # train state's params) for the scorer's and PPO's programs.
-    rm = ctx.programs.get(rm_key(ctx), build_rm).args[0].params
+    rm = abstract_reward_model(ctx)  # the scorer's and PPO's frozen input
   if "rm" in stages:
     ctx.programs.submit(rm_key(ctx), build_rm, after=first)
-    precompile_heldout_scores(ctx, rm, rows, after=first)
+    ctx.programs.submit(
+      PAIR_SCORES,
+      lambda: heldout_scores_program(ctx, rm, rows, pairs()[1]),
+      after=first,
+    )
   if own_rm:
     pooling = cfg.rm.loss.pooling
     p_opt, v_opt = ppo_optimizers(ctx)
@@ -262,11 +279,12 @@ def precompile_steps(ctx: Context, stages: Sequence[str]) -> None:
     )
   if "dpo" in stages:
     opt = dpo_optimizer(ctx)
-    ctx.programs.submit(
-      dpo_key(ctx),
-      lambda: dpo_program(ctx, ctx.ref_params, opt, rows, cfg.dpo.batch_size),
-      after=first,
-    )
+
+    def build_dpo() -> StepProgram:
+      batch = min(cfg.dpo.batch_size, pairs()[0])
+      return dpo_program(ctx, ctx.ref_params, opt, rows, batch)
+
+    ctx.programs.submit(dpo_key(ctx), build_dpo, after=first)
 
 
 def _run_stage(ctx: Context, name: str, results: dict[str, dict]) -> dict:
@@ -320,7 +338,8 @@ def run_pipeline(
   finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
   # A path that cannot be written (read-only, full disk): one line naming it.
   with ctx.stop, runtime.writing(ctx.run_dir), ctx.programs:
-    precompile_steps(ctx, [s for s in stages if finished.get(s) is None])
+    todo = [s for s in stages if finished.get(s) is None]
+    precompile_steps(ctx, todo, results)
     for name in stages[:-1]:  # every command ends with the report
       done = finished.get(name)
       if done is not None:

@@ -85,7 +85,10 @@ def ppo_program(
     policy,
     rm,
     ctx.key("ppo"),
-    param_axes=_param_axes(ctx),
+    param_axes=[
+      models.param_logical_axes(ctx.model_config),
+      models.scalar_model_logical_axes(ctx.base_config),
+    ],
   )
   score_fn = None  # "last": models.reward_forward, make_ppo_step's default
   if pooling == "mean":
@@ -114,13 +117,6 @@ def ppo_key(ctx: Context, rm: Any, pooling: str) -> tuple:
   return ("ppo", ctx.model_config, pooling, layout(rm))
 
 
-def _param_axes(ctx: Context) -> list[Any]:
-  return [
-    models.param_logical_axes(ctx.model_config),
-    models.scalar_model_logical_axes(ctx.base_config),
-  ]
-
-
 def _frozen(ctx: Context, rm: Any) -> dict[str, Any]:
   # LoRA: the reference is the frozen base itself (adapters off).
   return {"ref": None if ctx.uses_lora else ctx.ref_params, "reward": rm}
@@ -143,7 +139,7 @@ def stage_ppo(ctx: Context, prompts: dict, initial: dict) -> dict:
   )
   # The critic starts from the reward model.
   state, _ = ctx.placement.init_state(
-    prog.init, params, rm, ctx.key("ppo"), param_axes=_param_axes(ctx)
+    prog.init, params, rm, ctx.key("ppo"), shardings=prog.state_shardings
   )
   frozen = _frozen(ctx, rm)
   step = prog.step

@@ -43,7 +43,7 @@ def _heldout_scores(
   ctx: Context, params: Any, ds: TokenizedDataset
 ) -> tuple[np.ndarray, np.ndarray]:
   """(chosen f32[N], rejected f32[N]) reward-model scores of ``ds``."""
-  ctx.programs.wait("pair_scores")
+  ctx.programs.wait(PAIR_SCORES)
   return ctx.placement.map_rows(
     lambda batch: _scorer(ctx)(
       params, batch, config=ctx.model_config, pooling=ctx.config.rm.loss.pooling
@@ -53,24 +53,28 @@ def _heldout_scores(
   )
 
 
-def precompile_heldout_scores(
-  ctx: Context, params: Any, rows: TokenizedDataset, *, after: str | None
-) -> None:
-  """Queues the compile of ``_heldout_scores``' program for the reward
-  model ``params`` (abstract) on held-out pairs like ``rows``, assuming
-  at least one full batch of them (``after``: ``Precompiler.submit``)."""
-  max_rows = ctx.config.rm.batch_size * 2
-  size = ctx.placement.rows_per_call(max_rows, max_rows)
+# ``ctx.programs``' key of the held-out scorer.
+PAIR_SCORES = "pair_scores"
+
+
+def heldout_scores_program(
+  ctx: Context, params: Any, rows: TokenizedDataset, n: int
+) -> StepProgram:
+  """``_heldout_scores``' program for ``n`` held-out pairs like ``rows``.
+
+  Args:
+    ctx: the run.
+    params: the reward model's params (abstract).
+    rows: pairs like the held-out ones.
+    n: the number of held-out pairs (the batch is ``map_rows``').
+
+  Returns:
+    The program (``runner.precompile.StepProgram``, no ``init``).
+  """
+  size = ctx.placement.rows_per_call(ctx.config.rm.batch_size * 2, n)
   batch = ctx.placement.abstract_batch(rows.pad_row, rows.batch_type, size)
-  ctx.programs.submit_call(
-    "pair_scores",
-    _scorer(ctx),
-    params,
-    batch,
-    after=after,
-    config=ctx.model_config,
-    pooling=ctx.config.rm.loss.pooling,
-  )
+  kwargs = {"config": ctx.model_config, "pooling": ctx.config.rm.loss.pooling}
+  return StepProgram(_scorer(ctx), None, (params, batch), kwargs)
 
 
 def rm_heldout(
@@ -285,6 +289,19 @@ def rm_program(ctx: Context, rows: TokenizedDataset, batch: int) -> StepProgram:
     The program (``runner.precompile.StepProgram``).
   """
   cfg = ctx.config.rm
+  init, opt, state, shardings = _abstract_train_state(ctx)
+  step = ctx.placement.jit_step(
+    make_reward_model_step(ctx.model_config, opt, cfg.loss), shardings
+  )
+  batch_abstract = ctx.placement.abstract_batch(
+    rows.pad_row, rows.batch_type, batch
+  )
+  return StepProgram(step=step, init=init, args=(state, batch_abstract))
+
+
+def _abstract_train_state(ctx: Context) -> tuple[Any, Any, Any, Any]:
+  # (init, optimizer, abstract state, state shardings) of the rm stage.
+  cfg = ctx.config.rm
   opt = optimizer(
     cfg.learning_rate,
     cfg.warmup_steps,
@@ -308,13 +325,13 @@ def rm_program(ctx: Context, rows: TokenizedDataset, batch: int) -> StepProgram:
     key,
     param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
   )
-  step = ctx.placement.jit_step(
-    make_reward_model_step(ctx.model_config, opt, cfg.loss), shardings
-  )
-  batch_abstract = ctx.placement.abstract_batch(
-    rows.pad_row, rows.batch_type, batch
-  )
-  return StepProgram(step=step, init=init, args=(state, batch_abstract))
+  return init, opt, state, shardings
+
+
+def abstract_reward_model(ctx: Context) -> Any:
+  """The trained reward model's params as the rm stage lays them out
+  (``jax.ShapeDtypeStruct``s with shardings), computing nothing."""
+  return _abstract_train_state(ctx)[2].params
 
 
 # The Precompiler gate the reward-model stage opens once its state exists.
@@ -342,7 +359,7 @@ def stage_rm(ctx: Context) -> dict:
     prog.init,
     params,
     jax.random.fold_in(key, 1),
-    param_axes=[models.scalar_model_logical_axes(ctx.model_config)],
+    shardings=prog.state_shardings,
   )
   step = prog.step
   # The step is compiled by now (unless the batch was cut): PPO's turn.
