@@ -5,6 +5,7 @@ from rlhf_jax.train.common import (
   all_finite,
   apply_if_finite,
   concat_prompt_response,
+  finite_given_norms,
   split_micro_batches,
 )
 from rlhf_jax.train.grpo import (
@@ -50,6 +51,7 @@ __all__ = [
   "all_finite",
   "apply_if_finite",
   "concat_prompt_response",
+  "finite_given_norms",
   "init_grpo_state",
   "init_ppo_state",
   "kl_controller",

@@ -252,6 +252,27 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def finite_given_norms(tree: PyTree, *norms: jax.Array) -> jax.Array:
+  """bool[]: `all_finite(tree)`, read off the norms of its parts when those
+  are finite.
+
+  A norm sqrt(sum x^2) is NaN or inf when any x is, so finite norms prove
+  every element finite without a pass over the tree; only a non-finite
+  norm (a NaN or inf element, or a sum of squares past the float range)
+  runs the elementwise check. The gradients' norm is computed for the
+  metrics anyway, so a step skips reading its gradients once more.
+
+  Args:
+    tree: the arrays, e.g. gradients.
+    *norms: f32[] global norms (``optax.tree.norm``) that together cover
+      every leaf of ``tree``.
+  """
+  norms_finite = jnp.all(jnp.isfinite(jnp.stack(norms)))
+  return jax.lax.cond(
+    norms_finite, lambda: jnp.array(True), lambda: all_finite(tree)
+  )
+
+
 def apply_if_finite(
   optimizer: optax.GradientTransformation,
   params: PyTree,
@@ -275,8 +296,9 @@ def apply_if_finite(
   Returns:
     (params, opt_state, finite bool[], grad_norm f32[]).
   """
+  norm = optax.tree.norm(grads)
   if finite is None:
-    finite = all_finite(grads)
+    finite = finite_given_norms(grads, norm)
 
   def update():
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -289,7 +311,7 @@ def apply_if_finite(
   # donated, XLA updates params and optimizer state in place instead of
   # keeping both copies (PPO iteration 1.03-1.06x, benchmarks/README.md).
   params, opt_state = jax.lax.cond(finite, update, lambda: (params, opt_state))
-  return params, opt_state, finite, optax.tree.norm(grads)
+  return params, opt_state, finite, norm
 
 
 def _like(new: PyTree, old: PyTree) -> PyTree:

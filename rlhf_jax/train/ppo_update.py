@@ -29,8 +29,8 @@ from rlhf_jax.kl import kl_loss
 from rlhf_jax.ppo import entropy_bonus, ppo_policy_loss, ppo_value_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
-  all_finite,
   apply_if_finite,
+  finite_given_norms,
   loss_normalizer,
   policy_and_values,
 )
@@ -179,7 +179,7 @@ def apply_update(
   axis = config.axis_name
   if axis is not None:
     grads = jax.lax.psum(grads, axis)
-  finite = all_finite(grads)
+  finite = finite_given_norms(grads, *map(optax.tree.norm, grads))
   (p, p_opt, _, p_norm), (v, v_opt, _, v_norm) = (
     apply_if_finite(opt, params, opt_state, g, finite=finite)
     for opt, params, opt_state, g in (

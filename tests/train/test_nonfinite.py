@@ -25,6 +25,8 @@ from rlhf_jax.train import (
   SFTConfig,
   TrainState,
   all_finite,
+  apply_if_finite,
+  finite_given_norms,
   init_ppo_state,
   make_dpo_step,
   make_ppo_step,
@@ -214,3 +216,37 @@ def test_ppo_only_the_faulty_minibatch_is_skipped():
     before.policy_params,
   )
   assert any(jax.tree.leaves(moved))
+
+
+def test_finite_given_norms_checks_elements_when_a_norm_overflows():
+  """Finite norms prove every element finite; a norm that is not finite
+  (a NaN or inf element, or squares past the float range) falls back to
+  the elementwise check, so huge finite gradients are not skipped."""
+  check = jax.jit(finite_given_norms)
+  tiny = {"a": jnp.full((3,), 0.5), "b": jnp.ones((2, 2))}
+  huge = {"a": jnp.full((3,), 1e30), "b": jnp.ones((2, 2))}
+  nan = {"a": jnp.array([0.5, jnp.nan, 0.5]), "b": jnp.ones((2, 2))}
+  inf = {"a": jnp.full((3,), 0.5), "b": jnp.full((2, 2), -jnp.inf)}
+  for tree, want in ((tiny, True), (huge, True), (nan, False), (inf, False)):
+    norm = optax.tree.norm(tree)
+    assert bool(all_finite(tree)) is want
+    assert bool(check(tree, norm)) is want
+  # Norms of parts: each covers its own leaves.
+  na, nb = optax.tree.norm(huge["a"]), optax.tree.norm(huge["b"])
+  assert not np.isfinite(float(na))  # the fallback really runs
+  assert bool(check(huge, na, nb))
+  assert not bool(check(nan, *map(optax.tree.norm, (nan["a"], nan["b"]))))
+
+
+def test_huge_finite_gradients_are_applied_not_skipped():
+  params = {"w": jnp.full((4,), 1.0)}
+  opt = optax.sgd(1e-30)
+  grads = {"w": jnp.full((4,), 1e30)}  # sum of squares overflows float32
+  new, _, finite, norm = jax.jit(lambda p, s, g: apply_if_finite(opt, p, s, g))(
+    params, opt.init(params), grads
+  )
+  assert not np.isfinite(float(norm))
+  assert bool(finite)
+  np.testing.assert_allclose(
+    new["w"], np.zeros(4), atol=1e-6
+  )  # 1 - 1e-30 * 1e30
