@@ -15,10 +15,11 @@ Jobs run one at a time, in the order submitted, each from its gate's
 over (its first call compiles it on the run's thread).
 
 The precompile is a guess that costs only its compile when wrong: a stage
-whose arrays differ (a batch cut to fewer pairs, a sharding) compiles on
-its first call as it would without it. Programs are built once per key
-(the same ``build`` for the background and for the stage), so a key must
-name everything a build reads that can differ within a run.
+whose arrays differ from the program's abstract arguments (another batch
+size or sharding) compiles on its first call as it would without it.
+Programs are built once per key (the same ``build`` for the background and
+for the stage), so a key must name everything a build reads that can
+differ within a run.
 
   programs = Precompiler()
   programs.submit(("rm", 16), lambda: rm_program(ctx, 16))
@@ -167,7 +168,18 @@ class Precompiler:
       prog = self._build(key, build)
       prog.step.lower(*prog.args, **prog.kwargs).compile()
 
-    self._submit(key, work, after)
+    with self._cv:
+      if not self.enabled or self._closed or key in self._jobs:
+        return
+      job = _Job(key, work, after)
+      self._jobs[key] = job
+      self._queue.append(job)
+      if self._thread is None:
+        self._thread = threading.Thread(
+          target=self._loop, name=_THREAD, daemon=True
+        )
+        self._thread.start()
+      self._cv.notify_all()
 
   def release(self, gate: str) -> None:
     """Lets the jobs queued ``after=gate`` start.
@@ -242,22 +254,6 @@ class Precompiler:
       if key not in self._built:
         self._built[key] = build()
       return self._built[key]
-
-  def _submit(
-    self, key: Hashable, work: Callable[[], None], after: str | None
-  ) -> None:
-    with self._cv:
-      if not self.enabled or self._closed or key in self._jobs:
-        return
-      job = _Job(key, work, after)
-      self._jobs[key] = job
-      self._queue.append(job)
-      if self._thread is None:
-        self._thread = threading.Thread(
-          target=self._loop, name=_THREAD, daemon=True
-        )
-        self._thread.start()
-      self._cv.notify_all()
 
   def _next(self) -> _Job | None:
     for job in self._queue:

@@ -266,7 +266,12 @@ def finite_given_norms(tree: PyTree, *norms: jax.Array) -> jax.Array:
     tree: the arrays, e.g. gradients.
     *norms: f32[] global norms (``optax.tree.norm``) that together cover
       every leaf of ``tree``.
+
+  Raises:
+    TypeError: no norm given.
   """
+  if not norms:
+    raise TypeError("finite_given_norms needs at least one norm of the tree")
   norms_finite = jnp.all(jnp.isfinite(jnp.stack(norms)))
   return jax.lax.cond(
     norms_finite, lambda: jnp.array(True), lambda: all_finite(tree)

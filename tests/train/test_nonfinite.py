@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import train_helpers as helpers
 
 from rlhf_jax.train import (
@@ -236,6 +237,8 @@ def test_finite_given_norms_checks_elements_when_a_norm_overflows():
   assert not np.isfinite(float(na))  # the fallback really runs
   assert bool(check(huge, na, nb))
   assert not bool(check(nan, *map(optax.tree.norm, (nan["a"], nan["b"]))))
+  with pytest.raises(TypeError, match="at least one norm"):
+    finite_given_norms(tiny)
 
 
 def test_huge_finite_gradients_are_applied_not_skipped():
