@@ -42,6 +42,11 @@ def logprobs_from_logits(
   out[..., t] = z[..., t, tokens[..., t]] - logsumexp_v z[..., t, v],
   z = logits / temperature.
 
+  Its backward pass is written out (a custom VJP): d out / d z =
+  onehot(tokens) - softmax(z), in one pass over the logits kept from the
+  forward, so a train step keeps a single [B, T, V] array for it; the
+  gradient in the temperature is d out / d tau = -sum_v (d out / d z) z / tau.
+
   With tau = 2: row 0, z = [0, 0]: log 1/2 = -0.6931; row 1, z = [1, 0]:
   1 - log(e + 1) = -0.3133; row 2 is masked, so its NaN logit is never read
   and the slot holds 0:
@@ -76,19 +81,49 @@ def logprobs_from_logits(
       f"tokens shape {tokens.shape} must equal logits shape without the vocab"
       f" axis {logits.shape[:-1]}"
     )
-  if mask is not None:
-    mask = validate_mask(mask, tokens.shape, "mask")
-    # Sanitise before the softmax: NaN logits would give NaN gradients even
-    # under a later where (0 * NaN in the log-softmax backward).
-    logits = jnp.where(mask[..., None], logits, 0)
-    tokens = jnp.where(mask, tokens, 0)
+  if mask is None:
+    mask = jnp.ones(tokens.shape, bool)
+  mask = validate_mask(mask, tokens.shape, "mask")
+  return _token_logprobs(logits, tokens, mask, temperature)
+
+
+@jax.custom_vjp
+def _token_logprobs(logits, tokens, mask, temperature):
+  """f32[B, T] masked token logprobs (``logprobs_from_logits``)."""
+  return _token_logprobs_fwd(logits, tokens, mask, temperature)[0]
+
+
+def _token_logprobs_fwd(logits, tokens, mask, temperature):
+  # Garbage (NaN, inf) in a masked row stays in that row's logsumexp and
+  # the final where drops it; no sanitised copy of the [B, T, V] logits.
   z = _scaled(logits, temperature)
   lse = jax.nn.logsumexp(z, axis=-1)
-  picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)
-  out = picked[..., 0] - lse
-  if mask is not None:
-    out = jnp.where(mask, out, 0)
-  return out
+  ids = jnp.where(mask, tokens, 0)[..., None].astype(jnp.int32)
+  picked = jnp.take_along_axis(z, ids, axis=-1)[..., 0]
+  out = jnp.where(mask, picked - lse, 0)
+  return out, (logits, tokens, mask, temperature, lse)
+
+
+def _token_logprobs_bwd(res, g):
+  # d out / d z = onehot(token) - softmax(z) in one elementwise pass over
+  # the logits kept from the forward (the gradient of log-softmax), masked
+  # rows 0 even where their logits are NaN. Autodiff of the forward kept
+  # two more [B, T, V] buffers (the sanitised logits and exp(z - max)).
+  logits, tokens, mask, temperature, lse = res
+  z = _scaled(logits, temperature)
+  vocab = jax.lax.broadcasted_iota(tokens.dtype, z.shape, z.ndim - 1)
+  gz = g[..., None] * (
+    (tokens[..., None] == vocab) - jnp.exp(z - lse[..., None])
+  )
+  gz = jnp.where(mask[..., None], gz, 0)
+  tau = jnp.asarray(temperature, z.dtype)
+  # z = logits / tau: d z / d tau = -z / tau.
+  d_tau = -jnp.sum(gz * jnp.where(mask[..., None], z, 0)) / tau
+  d_tau = d_tau.astype(jnp.result_type(temperature))
+  return (gz / tau).astype(logits.dtype), None, None, d_tau
+
+
+_token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)
 
 
 def response_logprobs(

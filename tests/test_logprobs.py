@@ -415,3 +415,55 @@ def test_chunked_garbage_bf16_and_traced_temperature():
   )
   for x in out:
     assert x.dtype == jnp.float32 and np.all(np.isfinite(x))
+
+
+# ------------------------------------------------------- custom backward pass
+
+
+@pytest.mark.parametrize("mask_name", sorted(MASKS))
+def test_logprobs_gradient_equals_log_softmax_autodiff(mask_name):
+  """The backward pass of logprobs_from_logits (onehot - softmax, one pass
+  over the logits) equals autodiff of the plain log-softmax formula, for
+  the logits and for a traced temperature."""
+  logits, ids = _case(7)
+  m = MASKS[mask_name]
+  z = jnp.asarray(logits[:, P:], jnp.float32)  # [B, T, V]
+  tokens = jnp.asarray(ids[:, P:])
+  w = jnp.asarray(np.random.default_rng(8).normal(size=(B, T)), jnp.float32)
+
+  def plain(x, tau):
+    logp = jax.nn.log_softmax(x / tau, axis=-1)
+    picked = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return jnp.sum(w * jnp.where(m, picked, 0))
+
+  def ours(x, tau):
+    out = lp.logprobs_from_logits(x, tokens, temperature=tau, mask=m)
+    return jnp.sum(w * out)
+
+  tau = jnp.float32(0.7)
+  np.testing.assert_allclose(ours(z, tau), plain(z, tau), rtol=1e-6)
+  got = jax.grad(ours, argnums=(0, 1))(z, tau)
+  want = jax.grad(plain, argnums=(0, 1))(z, tau)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Masked slots get exactly zero gradient.
+  np.testing.assert_array_equal(np.asarray(got[0])[~m], 0.0)
+
+
+def test_logprobs_backward_keeps_only_the_logits():
+  """The backward pass keeps one [B, T, V] array, the logits themselves:
+  autodiff of the forward also kept the sanitised copy of the logits
+  and exp(z - max), two more such buffers in every train step."""
+  logits, ids = _case(9)
+  z = jnp.asarray(logits[:, P:], jnp.float32)
+  tokens = jnp.asarray(ids[:, P:])
+
+  def f(x):
+    out = lp.logprobs_from_logits(
+      x, tokens, temperature=0.9, mask=MASKS["holes"]
+    )
+    return jnp.sum(out)
+
+  _, backward = jax.vjp(f, z)
+  kept = [x for x in jax.tree.leaves(backward) if x.shape == z.shape]
+  assert len(kept) == 1, [x.shape for x in jax.tree.leaves(backward)]
