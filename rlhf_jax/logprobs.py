@@ -110,17 +110,25 @@ def _token_logprobs_bwd(res, g):
   # rows 0 even where their logits are NaN. Autodiff of the forward kept
   # two more [B, T, V] buffers (the sanitised logits and exp(z - max)).
   logits, tokens, mask, temperature, lse = res
+  shape, lead = logits.shape, logits.ndim - 1
+
+  def rows(x):
+    # On [N, V] rows: the logits usually come from a 2-D matmul, and with
+    # no reshape inside its fusion XLA writes the gradient over the
+    # logits' own buffer (one [B, T, V] array in the step, not two).
+    return x.reshape(-1, *x.shape[lead:])
+
+  logits, tokens, mask, g, lse = map(rows, (logits, tokens, mask, g, lse))
   z = _scaled(logits, temperature)
-  vocab = jax.lax.broadcasted_iota(tokens.dtype, z.shape, z.ndim - 1)
-  gz = g[..., None] * (
-    (tokens[..., None] == vocab) - jnp.exp(z - lse[..., None])
-  )
-  gz = jnp.where(mask[..., None], gz, 0)
+  vocab = jax.lax.broadcasted_iota(tokens.dtype, z.shape, 1)
+  gz = g[:, None] * ((tokens[:, None] == vocab) - jnp.exp(z - lse[:, None]))
+  gz = jnp.where(mask[:, None], gz, 0)
   tau = jnp.asarray(temperature, z.dtype)
   # z = logits / tau: d z / d tau = -z / tau.
-  d_tau = -jnp.sum(gz * jnp.where(mask[..., None], z, 0)) / tau
+  d_tau = -jnp.sum(gz * jnp.where(mask[:, None], z, 0)) / tau
   d_tau = d_tau.astype(jnp.result_type(temperature))
-  return (gz / tau).astype(logits.dtype), None, None, d_tau
+  d_logits = (gz / tau).astype(logits.dtype).reshape(shape)
+  return d_logits, None, None, d_tau
 
 
 _token_logprobs.defvjp(_token_logprobs_fwd, _token_logprobs_bwd)

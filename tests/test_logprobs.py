@@ -467,3 +467,24 @@ def test_logprobs_backward_keeps_only_the_logits():
   _, backward = jax.vjp(f, z)
   kept = [x for x in jax.tree.leaves(backward) if x.shape == z.shape]
   assert len(kept) == 1, [x.shape for x in jax.tree.leaves(backward)]
+
+
+def test_logprobs_gradient_overwrites_the_logits_buffer():
+  """Under jit, the logits' gradient from a [N, D] x [D, V] LM head is
+  written over the logits' own buffer: the step's temporaries hold one
+  [B, T, V] array, not two (the backward works on [N, V] rows, so no
+  reshape inside its fusion keeps XLA from reusing the buffer)."""
+  n_b, n_t, d, v = 4, 16, 8, 4096
+  h = jax.random.normal(jax.random.key(0), (n_b * n_t, d))
+  w = jax.random.normal(jax.random.key(1), (d, v))
+  tokens = jax.random.randint(jax.random.key(2), (n_b, n_t), 0, v)
+  mask = jnp.arange(n_t)[None, :] < jnp.array([[16], [9], [1], [12]])
+
+  def loss(h, w):
+    logits = (h @ w).reshape(n_b, n_t, v)
+    return jnp.sum(lp.logprobs_from_logits(logits, tokens, mask=mask))
+
+  compiled = jax.jit(jax.grad(loss, (0, 1))).lower(h, w).compile()
+  logits_bytes = n_b * n_t * v * 4
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 1.5 * logits_bytes, (temp, logits_bytes)

@@ -385,6 +385,7 @@ def make_dpo_step(
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
     total = global_sum(batch.prompt_ids.shape[0], axis)
+    params = state.params
     if config.precomputed_ref:
       if batch.ref_chosen_logprobs is None:
         raise ValueError(
@@ -400,6 +401,11 @@ def make_dpo_step(
         raise ValueError("make_dpo_step: pass ref_params (or precompute)")
       ref_c, ref_r = preference_logprobs(
         ref_params, batch, model_config=ref_config, average=average
+      )
+      # The reference's forward ends before the policy's begins, so its
+      # [B, T, V] logits are freed before the policy's are made.
+      ref_c, ref_r, params = jax.lax.optimization_barrier(
+        (ref_c, ref_r, params)
       )
       batch = batch.replace(
         ref_chosen_logprobs=jax.lax.stop_gradient(ref_c),
@@ -427,7 +433,7 @@ def make_dpo_step(
       return loss * share, stats
 
     _, stats, grads = accumulate_gradients(
-      loss_fn, state.params, batch, num_micro_batches=config.num_micro_batches
+      loss_fn, params, batch, num_micro_batches=config.num_micro_batches
     )
     return finish_step(state, optimizer, stats, grads, axis)
 

@@ -1,4 +1,5 @@
-"""The training attention is recomputed in the backward pass.
+"""The training attention and the MLP's activation are recomputed in the
+backward pass.
 
 Without a KV cache, `transformer._attend` runs under `jax.checkpoint`: the
 backward keeps q, k and v, not the [B, Hkv, G, L, S] scores and
@@ -6,11 +7,19 @@ probabilities (benchmarks/README.md: the temporaries that made every train
 step map fresh pages). With ``remat=True`` the whole block is recomputed
 already. Same values and gradients as a plain softmax attention written
 here.
+
+`transformer.Mlp` runs act(gate) * up and the down projection under one
+`jax.checkpoint`: the backward keeps the two dots' outputs (gate and up;
+fc alone for GPT-2) and recomputes the activation and the product, instead
+of keeping act(gate), its sigmoid and the product as well (3 of 5 [N, F]
+activations per layer). Same values and gradients as the MLP written out
+here.
 """
 
 import functools
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +28,9 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.models import transformer
 
-# Distinct sizes, so no other residual has the scores' trailing shape.
-B, L = 3, 7
+# Distinct sizes, so no other residual has the scores' trailing shape, and
+# F = 20 is no other width, so [..., F] residuals are the MLP's.
+B, L, F = 3, 7, 20
 _COMMON = dict(
   vocab_size=40,
   hidden_size=24,
@@ -28,7 +38,7 @@ _COMMON = dict(
   num_heads=6,
   num_kv_heads=2,
   head_dim=4,
-  intermediate_size=20,
+  intermediate_size=F,
   max_position_embeddings=16,
   initializer_range=0.3,
 )
@@ -120,3 +130,51 @@ def test_recomputed_attention_equals_plain_attention_and_gradients(name):
   want = jax.grad(functools.partial(loss, plain), argnums=(0, 1, 2))(qg, k, v)
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+MLP_CONFIGS = {
+  **CONFIGS,
+  "gpt2": models.ModelConfig(
+    model_type="gpt2", tie_word_embeddings=True, **_COMMON
+  ),
+}
+# Residuals of shape [..., F] per layer: gate and up, or GPT-2's fc.
+KEPT = {"llama": 2, "gemma2": 2, "gpt2": 1}
+
+
+@pytest.mark.parametrize("name", sorted(MLP_CONFIGS))
+def test_backward_keeps_only_the_mlp_dots(name):
+  config = MLP_CONFIGS[name]
+  # Per layer [B, L, F], or stacked by the layer scan [N, B, L, F].
+  kept = [s for s in _residual_shapes(config) if s[-3:] == (B, L, F)]
+  assert sum(math.prod(s[:-3]) for s in kept) == KEPT[name] * config.num_layers
+
+
+def _plain_mlp(config, p, x):
+  act = lambda g: jax.nn.gelu(g, approximate=True)  # noqa: E731
+  if config.family == "gpt2":
+    return act(x @ p["fc"]) @ p["proj"]
+  if config.family == "llama":
+    act = jax.nn.silu
+  return (act(x @ p["gate"]) * (x @ p["up"])) @ p["down"]
+
+
+@pytest.mark.parametrize("name", sorted(MLP_CONFIGS))
+def test_recomputed_mlp_equals_plain_mlp_and_gradients(name):
+  config = MLP_CONFIGS[name]
+  mlp = transformer.Mlp(config)
+  x = jax.random.normal(jax.random.key(1), (B, L, config.hidden_size))
+  params = mlp.init(jax.random.key(2), x)["params"]
+  params = flax.core.meta.unbox(params)
+  w = jax.random.normal(jax.random.key(3), (B, L, config.hidden_size))
+
+  def loss(fn, p, x):
+    return jnp.sum(fn(p, x) * w)
+
+  ours = lambda p, x: mlp.apply({"params": p}, x)  # noqa: E731
+  plain = lambda p, x: _plain_mlp(config, p, x)  # noqa: E731
+  np.testing.assert_allclose(ours(params, x), plain(params, x), atol=1e-5)
+  got = jax.grad(lambda p, x: loss(ours, p, x), argnums=(0, 1))(params, x)
+  want = jax.grad(lambda p, x: loss(plain, p, x), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
