@@ -509,16 +509,19 @@ class Mlp(nn.Module):
     dt = cfg.compute_dtype
     d, f = cfg.hidden_size, cfg.intermediate_size
 
+    def biased(name, y, shape, axes):
+      if not cfg.mlp_bias:
+        return y
+      b = _param(self, name + "_bias", shape[-1:], axes[-1:], cfg)
+      return y + _lead(b.astype(dt), y.ndim)
+
     def dense(name, x, shape, axes):
       w = _param(self, name, shape, axes, cfg)
       y = flat_dot(x, w.astype(dt))
       delta = _lora_delta(self, name, x, shape, axes, cfg)
       if delta is not None:
         y = y + delta
-      if cfg.mlp_bias:
-        b = _param(self, name + "_bias", shape[-1:], axes[-1:], cfg)
-        y = y + _lead(b.astype(dt), y.ndim)
-      return y
+      return biased(name, y, shape, axes)
 
     gpt2 = cfg.family == "gpt2"
     gate = dense("fc" if gpt2 else "gate", x, (d, f), ("embed", "mlp"))
@@ -536,10 +539,7 @@ class Mlp(nn.Module):
       lambda g, u, w: flat_dot(_mlp_hidden(g, u, cfg), w.astype(dt))
     )
     y = down(gate, up, _param(self, name, shape, axes, cfg))
-    if cfg.mlp_bias:
-      b = _param(self, name + "_bias", (d,), ("embed",), cfg)
-      y = y + _lead(b.astype(dt), y.ndim)
-    return y
+    return biased(name, y, shape, axes)
 
 
 def _mlp_hidden(gate: Array, up: Array | None, config: ModelConfig) -> Array:
