@@ -331,6 +331,14 @@ LIBRARY_CASES = [
     "expected 'last' with loss_type='best_of_k'",
   ),
   (
+    lambda: make_reward_model_step(
+      TINY,
+      _opt(),
+      RewardModelConfig(loss_type="best_of_k", share_prompt=True),
+    ),
+    "share_prompt=True: expected None or False with loss_type='best_of_k'",
+  ),
+  (
     lambda: make_dpo_step(TINY, _opt(), DPOConfig(beta=0.0)),
     "beta=0.0: expected > 0",
   ),

@@ -11,9 +11,15 @@ N layers. Masks are bool, True = real token.
   logits, cache = prefill(params, prompt_ids, prompt_mask,
                           config=config, cache=cache)         # f32[B, V]
   logits, cache = decode_step(params, tokens, cache, config=config)
+  logits = shared_prompt_logits(params, prompt_ids, prompt_mask,
+                                resp_ids, resp_mask, config=config)
+                                          # f32[B, K, T, V], prompt run once
   vparams = from_policy_params(params, config, rng)   # {"backbone", "head"}
   values = values_forward(vparams, ids, mask, config=config)  # f32[B, L]
   scores = reward_forward(vparams, ids, mask, config=config)  # f32[B]
+  scores = shared_prompt_rewards(vparams, prompt_ids, prompt_mask,
+                                 resp_ids, resp_mask, config=config)
+                                          # f32[B, K], prompt run once
   export_hf_checkpoint(params, config, out_dir)  # transformers-loadable
   tok = load_tokenizer(dir)
 
@@ -30,6 +36,7 @@ from rlhf_jax.models.heads import (
   last_valid_index,
   reward_forward,
   scalar_model_logical_axes,
+  shared_prompt_rewards,
   values_forward,
 )
 from rlhf_jax.models.hf_io import (
@@ -47,6 +54,10 @@ from rlhf_jax.models.kv_cache import (
   decode_step,
   init_cache,
   prefill,
+)
+from rlhf_jax.models.shared_prompt import (
+  shared_prompt_logits,
+  sharing_saves_work,
 )
 from rlhf_jax.models.tokenizer import (
   MissingSpecialTokenError,
@@ -95,6 +106,9 @@ __all__ = [
   "write_safetensors",
   "reward_forward",
   "scalar_model_logical_axes",
+  "shared_prompt_logits",
+  "shared_prompt_rewards",
+  "sharing_saves_work",
   "unstack_layers",
   "values_forward",
 ]

@@ -25,6 +25,7 @@ import numpy as np
 
 from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.shared_prompt import check_lengths, shared_prompt_hidden
 from rlhf_jax.models.transformer import hidden_forward, param_logical_axes
 
 Array = jax.Array
@@ -188,3 +189,69 @@ def reward_forward(
   )[:, 0]
   r = ScalarHead(config).apply({"params": params["head"]}, h_last)
   return jnp.where(jnp.any(mask, axis=-1), r, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pooling"))
+def shared_prompt_rewards(
+  params: Params,
+  prompt_ids: Array,
+  prompt_mask: Array,
+  response_ids: Array,
+  response_mask: Array,
+  *,
+  config: ModelConfig,
+  pooling: str = "last",
+) -> Array:
+  """Rewards of K responses to each prompt from one packed forward.
+
+  The prompt runs once (`models.shared_prompt`); each response's score is
+  the one `reward_forward` ("last": the head at the last real token of
+  [prompt | response_k], the prompt's last token for an empty response)
+  or the mean of `values_forward` over the response tokens ("mean") gives
+  on its own sequence, to float rounding.
+
+  Args:
+    params: {"backbone", "head"}.
+    prompt_ids: i32[B, P] left-padded. prompt_mask: bool[B, P].
+    response_ids: i32[B, K, T] right-padded. response_mask: bool[B, K, T].
+    config: static config of the backbone.
+    pooling: "last" or "mean".
+
+  Returns:
+    f32[B, K]; 0 for a response with no real token to read ("last": no
+    prompt or response token; "mean": an empty response).
+
+  Raises:
+    ValueError: P or T is 0, or an unknown ``pooling``.
+  """
+  b, k, t = response_ids.shape
+  p = prompt_ids.shape[1]
+  check_lengths(p, t, "shared_prompt_rewards")
+  if pooling not in ("last", "mean"):
+    raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
+  pm = prompt_mask.astype(jnp.bool_)
+  rm = response_mask.astype(jnp.bool_)
+  if pooling == "mean":
+    rows = jnp.broadcast_to(p + jnp.arange(k * t, dtype=jnp.int32), (b, k * t))
+  else:
+    last = last_valid_index(rm)  # [B, K]
+    start = p + t * jnp.arange(k, dtype=jnp.int32)[None, :]
+    in_prompt = last_valid_index(pm)[:, None]
+    rows = jnp.maximum(jnp.where(last >= 0, start + last, in_prompt), 0)
+  h = shared_prompt_hidden(
+    params["backbone"],
+    prompt_ids,
+    pm,
+    response_ids,
+    rm,
+    config=config,
+    rows=rows,
+  )
+  r = ScalarHead(config).apply({"params": params["head"]}, h)
+  if pooling == "mean":
+    r = r.reshape(b, k, t)
+    count = jnp.sum(rm, axis=-1)
+    total = jnp.sum(jnp.where(rm, r, 0.0), axis=-1)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+  valid = jnp.any(rm, axis=-1) | jnp.any(pm, axis=-1, keepdims=True)
+  return jnp.where(valid, r, 0.0)

@@ -749,15 +749,29 @@ def default_positions(attention_mask: Array) -> Array:
   return jnp.maximum(pos, 0)
 
 
-def _causal_mask(key_valid: Array, q_slots: Array, config: ModelConfig):
-  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window.
+def _causal_mask(
+  key_valid: Array,
+  q_slots: Array,
+  config: ModelConfig,
+  k_slots: Array | None = None,
+  visible: np.ndarray | None = None,
+):
+  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window,
+  and ``visible`` when given.
 
   With per-layer attention kinds (`config.layer_types`), the pair (full,
-  sliding) of such masks; each block picks its own.
+  sliding) of such masks; each block picks its own. ``k_slots`` (default
+  0 .. S - 1) number the keys the way ``q_slots`` numbers the queries
+  (a packed layout's virtual slots: `shared_prompt`), and ``visible``
+  bool[Lq, S] further restricts which keys a query may see (its
+  segments).
   """
   s = key_valid.shape[-1]
-  k_slots = jnp.arange(s, dtype=jnp.int32)
+  if k_slots is None:
+    k_slots = jnp.arange(s, dtype=jnp.int32)
   allowed = k_slots[None, :] <= q_slots[:, None]
+  if visible is not None:
+    allowed = allowed & visible
   window = allowed
   if config.sliding_window is not None:
     window = allowed & (

@@ -22,11 +22,13 @@ from rlhf_jax.train import (
 _SHOW = ("dpo/loss", "rewards/accuracies", "eval/gold_score")
 
 
-def _implicit_margin(params, ref, batch, *, config, beta, average):
+def _implicit_margin(
+  params, ref, batch, *, config, beta, average, share_prompt
+):
   """beta (log pi/pi_ref (y+) - log pi/pi_ref (y-)) per pair (Rafailov et
   al. 2023, eq. 7: the implicit reward difference); per-token means of the
   logprobs for IPO (``average``), as its loss uses them."""
-  kw = dict(model_config=config, average=average)
+  kw = dict(model_config=config, average=average, share_prompt=share_prompt)
   pc, pr = preference_logprobs(params, batch, **kw)
   rc, rr = preference_logprobs(ref, batch, **kw)
   return beta * ((pc - rc) - (pr - rr))
@@ -37,7 +39,8 @@ def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
   ds = prefs["eval"]
   if "dpo_margin" not in ctx.cache:
     ctx.cache["dpo_margin"] = ctx.placement.jit_gather(
-      _implicit_margin, static_argnames=("config", "beta", "average")
+      _implicit_margin,
+      static_argnames=("config", "beta", "average", "share_prompt"),
     )
   (margin,) = ctx.placement.map_rows(
     lambda batch: (
@@ -48,6 +51,7 @@ def dpo_heldout(ctx: Context, params: Any, prefs: dict) -> dict[str, float]:
         config=ctx.model_config,
         beta=ctx.config.dpo.loss.beta,
         average=ctx.config.dpo.loss.loss_type == "ipo",
+        share_prompt=ctx.config.dpo.loss.share_prompt,
       ),
     ),
     ds,

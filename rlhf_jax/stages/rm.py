@@ -27,14 +27,29 @@ from rlhf_jax.train import (
 )
 
 
-def _pair_scores(params, batch, *, config, pooling):
-  return pair_rewards(params, batch, model_config=config, pooling=pooling)
+def _pair_scores(params, batch, *, config, pooling, share_prompt):
+  return pair_rewards(
+    params,
+    batch,
+    model_config=config,
+    pooling=pooling,
+    share_prompt=share_prompt,
+  )
+
+
+def _score_kwargs(ctx: Context) -> dict:
+  loss = ctx.config.rm.loss
+  return {
+    "config": ctx.model_config,
+    "pooling": loss.pooling,
+    "share_prompt": loss.share_prompt,
+  }
 
 
 def _scorer(ctx: Context):
   if "pair_scores" not in ctx.cache:
     ctx.cache["pair_scores"] = ctx.placement.jit_gather(
-      _pair_scores, static_argnames=("config", "pooling")
+      _pair_scores, static_argnames=("config", "pooling", "share_prompt")
     )
   return ctx.cache["pair_scores"]
 
@@ -45,9 +60,7 @@ def _heldout_scores(
   """(chosen f32[N], rejected f32[N]) reward-model scores of ``ds``."""
   ctx.programs.wait(PAIR_SCORES)
   return ctx.placement.map_rows(
-    lambda batch: _scorer(ctx)(
-      params, batch, config=ctx.model_config, pooling=ctx.config.rm.loss.pooling
-    ),
+    lambda batch: _scorer(ctx)(params, batch, **_score_kwargs(ctx)),
     ds,
     ctx.config.rm.batch_size * 2,
   )
@@ -73,8 +86,7 @@ def heldout_scores_program(
   """
   size = ctx.placement.rows_per_call(ctx.config.rm.batch_size * 2, n)
   batch = ctx.placement.abstract_batch(rows.pad_row, rows.batch_type, size)
-  kwargs = {"config": ctx.model_config, "pooling": ctx.config.rm.loss.pooling}
-  return StepProgram(_scorer(ctx), None, (params, batch), kwargs)
+  return StepProgram(_scorer(ctx), None, (params, batch), _score_kwargs(ctx))
 
 
 def rm_heldout(

@@ -8,6 +8,7 @@ give the gradient of one batch (docs/conventions.md, convention 14).
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
@@ -140,6 +141,10 @@ class RewardModelConfig:
       over the text (e.g. sentiment) from far fewer pairs. Pairwise only.
     num_micro_batches: gradient accumulation steps.
     axis_name: pmap axis name, None under jit.
+    share_prompt: score each pair as one packed row [prompt | chosen |
+      rejected], the prompt run once (``models.shared_prompt_rewards``,
+      the same rewards); None (default) when the shapes make it cheaper
+      (``models.sharing_saves_work``). Pairwise only.
   """
 
   loss_type: Literal["pairwise", "best_of_k"] = "pairwise"
@@ -149,6 +154,7 @@ class RewardModelConfig:
   pooling: Literal["last", "mean"] = "last"
   num_micro_batches: int = 1
   axis_name: str | None = None
+  share_prompt: bool | None = None
 
   RULES: ClassVar[dict[str, Rule]] = {
     "loss_type": one_of("pairwise", "best_of_k"),
@@ -159,9 +165,17 @@ class RewardModelConfig:
   }
 
   def cross_problems(self) -> list[str]:
+    problems = []
     if self.loss_type == "best_of_k" and self.pooling != "last":
-      return ["pooling='mean': expected 'last' with loss_type='best_of_k'"]
-    return []
+      problems.append(
+        "pooling='mean': expected 'last' with loss_type='best_of_k'"
+      )
+    if self.loss_type == "best_of_k" and self.share_prompt:
+      problems.append(
+        "share_prompt=True: expected None or False with "
+        "loss_type='best_of_k' (pairs only)"
+      )
+    return problems
 
 
 def response_mean_reward(
@@ -201,20 +215,55 @@ def response_mean_reward(
   return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
 
 
+def _shares_prompt(
+  batch: PreferenceBatch,
+  model_config: "models.ModelConfig",
+  share_prompt: bool | None,
+) -> bool:
+  """share_prompt, or when None whether packing the pairs is cheaper."""
+  if share_prompt is not None:
+    return share_prompt
+  return models.sharing_saves_work(
+    model_config, batch.prompt_ids.shape[1], batch.chosen_ids.shape[1], 2
+  )
+
+
 def pair_rewards(
   params,
   batch: PreferenceBatch,
   *,
   model_config: "models.ModelConfig",
   pooling: Literal["last", "mean"] = "last",
+  share_prompt: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """Reward-model scores of chosen and rejected (one forward on [2B, L]).
+  """Reward-model scores of chosen and rejected.
+
+  Args:
+    params: {"backbone", "head"}.
+    batch: the pairs.
+    model_config: static `models.ModelConfig` of the backbone.
+    pooling: "last" or "mean" (``RewardModelConfig.pooling``).
+    share_prompt: one packed row [prompt | chosen | rejected] per pair
+      (``models.shared_prompt_rewards``), or one forward on the 2B rows
+      [prompt | response]; None: packed when
+      ``models.sharing_saves_work`` says it is cheaper at these shapes.
 
   Returns:
     (chosen_rewards f32[B], rejected_rewards f32[B]), read at the last
     position of each attention mask ("last"), or averaged over the
     response tokens ("mean", see ``response_mean_reward``).
   """
+  if _shares_prompt(batch, model_config, share_prompt):
+    rewards = models.shared_prompt_rewards(
+      params,
+      batch.prompt_ids,
+      batch.prompt_mask,
+      jnp.stack([batch.chosen_ids, batch.rejected_ids], axis=1),
+      jnp.stack([batch.chosen_mask, batch.rejected_mask], axis=1),
+      config=model_config,
+      pooling=pooling,
+    )
+    return rewards[:, 0], rewards[:, 1]
   ids, mask, resp = stacked_pairs(batch)
   if pooling == "mean":
     rewards = response_mean_reward(
@@ -252,7 +301,11 @@ def make_reward_model_step(
       share = mb.prompt_ids.shape[0] / total
       if config.loss_type == "pairwise":
         rc, rr = pair_rewards(
-          params, mb, model_config=model_config, pooling=config.pooling
+          params,
+          mb,
+          model_config=model_config,
+          pooling=config.pooling,
+          share_prompt=config.share_prompt,
         )
         loss, stats = bradley_terry_loss(
           rc,
@@ -312,6 +365,11 @@ class DPOConfig:
       running the reference model.
     num_micro_batches: gradient accumulation steps.
     axis_name: pmap axis name, None under jit.
+    share_prompt: run each pair as one packed row [prompt | chosen |
+      rejected] (prefix sharing, ``models.shared_prompt_logits``): the
+      prompt's tokens go through the policy and the reference once
+      instead of twice, for the same logprobs. None (default) packs when
+      the shapes make it cheaper (``models.sharing_saves_work``).
   """
 
   loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
@@ -320,6 +378,7 @@ class DPOConfig:
   precomputed_ref: bool = False
   num_micro_batches: int = 1
   axis_name: str | None = None
+  share_prompt: bool | None = None
 
   RULES: ClassVar[dict[str, Rule]] = {
     "loss_type": one_of("sigmoid", "hinge", "ipo"),
@@ -343,12 +402,38 @@ def preference_logprobs(
   *,
   model_config: "models.ModelConfig",
   average: bool = False,
+  share_prompt: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Sequence logprobs of chosen and rejected responses (sum or mean).
+
+  Args:
+    params: LM params.
+    batch: the pairs.
+    model_config: static `models.ModelConfig`.
+    average: per-token means (IPO) instead of sums (DPO eq. 7).
+    share_prompt: one packed row per pair, the prompt run once
+      (``models.shared_prompt_logits``; the same values to float
+      rounding), or two rows [prompt | response]; None: packed when
+      ``models.sharing_saves_work`` says it is cheaper at these shapes.
 
   Returns:
     (chosen f32[B], rejected f32[B]); per-token means when ``average``.
   """
+  if _shares_prompt(batch, model_config, share_prompt):
+    ids = jnp.stack([batch.chosen_ids, batch.rejected_ids], axis=1)
+    mask = jnp.stack([batch.chosen_mask, batch.rejected_mask], axis=1)
+    mask = mask.astype(bool)
+    logits = models.shared_prompt_logits(
+      params,
+      batch.prompt_ids,
+      batch.prompt_mask,
+      ids,
+      mask,
+      config=model_config,
+    )
+    logp = logprobs_from_logits(logits, ids, mask=mask)
+    seq = sequence_logprobs(logp, mask, average=average)  # [B, 2]
+    return seq[:, 0], seq[:, 1]
   ids, attn, resp_mask = stacked_pairs(batch)
   prompt_len = batch.prompt_ids.shape[1]
   logits = response_logits(params, ids, attn, prompt_len, model_config)
@@ -382,6 +467,9 @@ def make_dpo_step(
   axis = config.axis_name
   average = config.loss_type == "ipo"
   lora_policy = model_config.lora is not None and model_config.lora.enabled
+  logprobs = functools.partial(
+    preference_logprobs, average=average, share_prompt=config.share_prompt
+  )
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
     total = global_sum(batch.prompt_ids.shape[0], axis)
@@ -399,9 +487,7 @@ def make_dpo_step(
         ref_params, ref_config = lora.reference_view(state.params, model_config)
       if ref_params is None:
         raise ValueError("make_dpo_step: pass ref_params (or precompute)")
-      ref_c, ref_r = preference_logprobs(
-        ref_params, batch, model_config=ref_config, average=average
-      )
+      ref_c, ref_r = logprobs(ref_params, batch, model_config=ref_config)
       # The reference's forward ends before the policy's begins, so its
       # [B, T, V] logits are freed before the policy's are made.
       ref_c, ref_r, params = jax.lax.optimization_barrier(
@@ -414,9 +500,7 @@ def make_dpo_step(
 
     def loss_fn(params, mb: PreferenceBatch):
       share = mb.prompt_ids.shape[0] / total
-      pc, pr = preference_logprobs(
-        params, mb, model_config=model_config, average=average
-      )
+      pc, pr = logprobs(params, mb, model_config=model_config)
       rc, rr = mb.ref_chosen_logprobs, mb.ref_rejected_logprobs
       if config.loss_type == "ipo":
         loss, stats = ipo_loss(pc, pr, rc, rr, beta=config.beta)

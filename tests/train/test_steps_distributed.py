@@ -18,6 +18,10 @@ MESHES = {
 def _case(name):
   if name == "ppo_one_update":  # the fused program, train.ppo_fused
     return helpers.ppo_case(num_prompts=8, ppo_epochs=1)
+  if name == "dpo_packed":  # prefix sharing (models.shared_prompt)
+    return helpers.dpo_case(share_prompt=True)
+  if name == "rm_packed":
+    return helpers.rm_case(share_prompt=True)
   if name in ("ppo", "grpo"):
     return helpers.CASES[name](num_prompts=8)
   return helpers.CASES[name]()
@@ -80,7 +84,17 @@ def _assert_close(a, b, what):
 
 
 @pytest.mark.parametrize(
-  "name", ["sft", "rm", "dpo", "ppo", "ppo_one_update", "grpo"]
+  "name",
+  [
+    "sft",
+    "rm",
+    "rm_packed",
+    "dpo",
+    "dpo_packed",
+    "ppo",
+    "ppo_one_update",
+    "grpo",
+  ],
 )
 def test_same_numbers_on_one_device_meshes_and_pmap(name, devices8):
   case = _case(name)

@@ -139,13 +139,14 @@ def sft_case(batch_size=8) -> Case:
   )
 
 
-def rm_case(batch_size=8) -> Case:
+def rm_case(batch_size=8, share_prompt=None) -> Case:
   def make(axis=None, micro=1):
     cfg = RewardModelConfig(
       axis_name=axis,
       num_micro_batches=micro,
       label_smoothing=0.1,
       center_rewards_coef=0.01,
+      share_prompt=share_prompt,
     )
     return make_reward_model_step(CFG, optimizer(), cfg)
 
@@ -159,9 +160,14 @@ def rm_case(batch_size=8) -> Case:
   )
 
 
-def dpo_case(batch_size=8) -> Case:
+def dpo_case(batch_size=8, share_prompt=None) -> Case:
   def make(axis=None, micro=1):
-    cfg = DPOConfig(axis_name=axis, num_micro_batches=micro, beta=0.5)
+    cfg = DPOConfig(
+      axis_name=axis,
+      num_micro_batches=micro,
+      beta=0.5,
+      share_prompt=share_prompt,
+    )
     return make_dpo_step(CFG, optimizer(), cfg)
 
   return Case(

@@ -1,0 +1,275 @@
+"""Prefix sharing: K responses to one prompt in one packed row
+(models.shared_prompt) give each response's own logits and gradients, for
+every family (learned positions, biases, sliding windows narrower than the
+sequence, soft-capping, q/k norms), LoRA and remat, with left-padded
+prompts, right-padded responses and an empty response; and the packed
+forward does less work where `sharing_saves_work` says so.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import models
+from rlhf_jax.models import lora
+from rlhf_jax.models import shared_prompt as sp
+
+FIX = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
+NAMES = [
+  "llama3_tiny",
+  "gpt2_tiny",
+  "qwen2_tiny",
+  "qwen3_tiny",
+  "gemma2_tiny",
+  "gemma3_tiny",
+]
+P, T, K = 6, 7, 3
+
+
+def _inputs(vocab: int, batch: int = 3):
+  """Prompts left-padded to P (lengths 6, 3, 1), responses right-padded
+  to T (row 1's second response empty)."""
+  rng = np.random.default_rng(0)
+  prompt = rng.integers(1, vocab, (batch, P))
+  pmask = np.arange(P)[None] >= P - np.array([6, 3, 1])[:batch, None]
+  resp = rng.integers(1, vocab, (batch, K, T))
+  lengths = np.array([[7, 4, 2], [5, 0, 7], [1, 7, 3]])[:batch]
+  rmask = np.arange(T)[None, None] < lengths[..., None]
+  return tuple(map(jnp.asarray, (prompt, pmask, resp, rmask)))
+
+
+def _separate(params, config, prompt, pmask, resp, rmask):
+  """f32[B, K, T, V] from K forwards of [prompt | response_k]."""
+  out = []
+  for k in range(resp.shape[1]):
+    ids = jnp.concatenate([prompt, resp[:, k]], axis=1)
+    mask = jnp.concatenate([pmask, rmask[:, k]], axis=1)
+    out.append(models.forward(params, ids, mask, config=config)[:, P - 1 : -1])
+  return jnp.stack(out, axis=1)
+
+
+def _close_on(a, b, rmask, tol):
+  """a, b equal (to tol) where the predicted response token is real."""
+  a, b, m = np.asarray(a), np.asarray(b), np.asarray(rmask)
+  np.testing.assert_allclose(a[m], b[m], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_logits_equal_each_responses_own_forward(name):
+  config, params = models.load_hf_checkpoint(FIX / name)
+  prompt, pmask, resp, rmask = _inputs(config.vocab_size)
+  got = sp.shared_prompt_logits(
+    params, prompt, pmask, resp, rmask, config=config
+  )
+  assert got.shape == (3, K, T, config.vocab_size)
+  want = _separate(params, config, prompt, pmask, resp, rmask)
+  _close_on(got, want, rmask, 2e-5)
+
+
+def test_a_window_narrower_than_the_row_counts_virtual_slots():
+  """Gemma 2's window of 3: response k's slots sit k T past their
+  unpacked ones, so a window on packed slots would hide the prompt from
+  every later response; the layout tests virtual slots."""
+  config, params = models.load_hf_checkpoint(FIX / "gemma2_tiny")
+  assert config.sliding_window is not None and config.sliding_window < T
+  prompt, pmask, resp, rmask = _inputs(config.vocab_size)
+  _, _, mask = sp.packed_inputs(prompt, pmask, resp, rmask, config)
+  full, sliding = (np.asarray(m) for m in mask)
+  # Row 0's last response, first token (virtual slot P): it sees prompt
+  # slots P - 2, P - 1 and itself within the window, nothing of the
+  # other responses.
+  q = P + 2 * T
+  assert sliding[0, q].nonzero()[0].tolist() == [P - 2, P - 1, q]
+  assert full[0, q].nonzero()[0].tolist() == list(range(P)) + [q]
+
+
+@pytest.mark.parametrize("variant", ["lora", "remat", "unstacked"])
+def test_packed_logprobs_and_gradients_in_every_layout(variant):
+  config, params = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  if variant == "lora":
+    config = lora.configure(
+      config, lora.LoraConfig(rank=4, targets=("q", "v", "down"))
+    )
+    params = lora.add_adapters(params, config, jax.random.key(2))
+    params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if str(p[-1].key).endswith("_lora_b") else x,
+      params,
+    )
+  if variant == "remat":
+    config = dataclasses.replace(config, remat=True)
+  if variant == "unstacked":
+    params = models.unstack_layers(params, config)
+  prompt, pmask, resp, rmask = _inputs(config.vocab_size)
+
+  def loss(p, packed):
+    if packed:
+      logits = sp.shared_prompt_logits(
+        p, prompt, pmask, resp, rmask, config=config
+      )
+    else:
+      logits = _separate(p, config, prompt, pmask, resp, rmask)
+    logp = jax.nn.log_softmax(logits)
+    picked = jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(rmask, picked, 0.0))
+
+  want, g_want = jax.value_and_grad(loss)(params, False)
+  got, g_got = jax.value_and_grad(loss)(params, True)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  leaves = jax.tree.leaves(g_want)
+  assert any(float(jnp.max(jnp.abs(g))) > 1e-3 for g in leaves)
+  for a, b in zip(leaves, jax.tree.leaves(g_got), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+
+
+def test_positions_continue_from_each_prompt():
+  config, _ = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  prompt, pmask, resp, rmask = _inputs(config.vocab_size)
+  ids, pos, _ = sp.packed_inputs(prompt, pmask, resp, rmask, config)
+  assert ids.shape == pos.shape == (3, P + K * T)
+  # Row 1: a 3-token prompt; its responses start at position 3.
+  assert pos[1, :P].tolist() == [0, 0, 0, 0, 1, 2]
+  assert pos[1, P : P + 5].tolist() == [3, 4, 5, 6, 7]
+  assert pos[1, P + 2 * T : P + 2 * T + 3].tolist() == [3, 4, 5]
+
+
+def test_response_rows():
+  assert sp.response_rows(3, 4, 2).tolist() == [2, 3, 4, 5, 2, 7, 8, 9]
+  slots, segments = sp.packed_slots(3, 2, 2)
+  assert slots.tolist() == [0, 1, 2, 3, 4, 3, 4]
+  assert segments.tolist() == [0, 0, 0, 1, 1, 2, 2]
+
+
+def _flops(fn, *args):
+  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+
+def test_the_prompt_runs_once():
+  """XLA's flop count with a long prompt (P = 48, T = 8, K = 2): the
+  packed forward runs 64 tokens against 112."""
+  config, params = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  config = dataclasses.replace(config, max_position_embeddings=64)
+  rng = np.random.default_rng(1)
+  prompt = jnp.asarray(rng.integers(1, 100, (2, 48)))
+  resp = jnp.asarray(rng.integers(1, 100, (2, 2, 8)))
+  pmask, rmask = jnp.ones(prompt.shape, bool), jnp.ones(resp.shape, bool)
+
+  def packed(p):
+    return sp.shared_prompt_logits(p, prompt, pmask, resp, rmask, config=config)
+
+  def separate(p):
+    return _separate_long(p, config, prompt, pmask, resp, rmask)
+
+  ratio = _flops(packed, params) / _flops(separate, params)
+  assert ratio < 0.75, ratio
+  assert sp.sharing_saves_work(config, 48, 8, 2)
+
+
+def _separate_long(params, config, prompt, pmask, resp, rmask):
+  p = prompt.shape[1]
+  out = []
+  for k in range(resp.shape[1]):
+    ids = jnp.concatenate([prompt, resp[:, k]], axis=1)
+    mask = jnp.concatenate([pmask, rmask[:, k]], axis=1)
+    rows = (p - 1, ids.shape[1] - 1)
+    out.append(
+      models.forward(params, ids, mask, config=config, logits_range=rows)
+    )
+  return jnp.stack(out, axis=1)
+
+
+TINYSTORIES = models.ModelConfig(  # TinyStories-656K's shapes
+  model_type="llama",
+  vocab_size=2048,
+  hidden_size=128,
+  num_layers=2,
+  num_heads=8,
+  num_kv_heads=4,
+  head_dim=16,
+  intermediate_size=384,
+  max_position_embeddings=512,
+)
+
+
+@pytest.mark.parametrize(
+  "config, p, t, packs",
+  [
+    # Measured (benchmarks/README.md): a 32-token prompt before 64-token
+    # responses on TinyStories-656K is slower packed (0.94x), 96 before
+    # 64 and 32 before 32 are faster (1.11x, 1.07x).
+    (TINYSTORIES, 32, 64, False),
+    (TINYSTORIES, 96, 64, True),
+    (TINYSTORIES, 32, 32, True),
+    (TINYSTORIES, 64, 64, False),  # 0.98x-1.00x: not worth it
+    # A wide model packs even at P = T (the 25M config: 1.22x DPO).
+    (
+      dataclasses.replace(
+        TINYSTORIES,
+        hidden_size=512,
+        num_heads=8,
+        num_kv_heads=8,
+        head_dim=64,
+        intermediate_size=1536,
+      ),
+      64,
+      64,
+      True,
+    ),
+    (TINYSTORIES, 0, 64, False),
+  ],
+)
+def test_sharing_saves_work(config, p, t, packs):
+  assert sp.sharing_saves_work(config, p, t, 2) is packs
+
+
+def test_an_empty_prompt_is_an_error():
+  config, params = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  empty = jnp.zeros((1, 0), jnp.int32)
+  resp = jnp.ones((1, 2, 3), jnp.int32)
+  with pytest.raises(ValueError, match="prompt length 0"):
+    sp.shared_prompt_logits(
+      params, empty, empty.astype(bool), resp, resp > 0, config=config
+    )
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  with pytest.raises(ValueError, match="shared_prompt_rewards: prompt len"):
+    models.shared_prompt_rewards(
+      rm, empty, empty.astype(bool), resp, resp > 0, config=config
+    )
+  prompt = jnp.ones((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="pooling='max'"):
+    models.shared_prompt_rewards(
+      rm, prompt, prompt > 0, resp, resp > 0, config=config, pooling="max"
+    )
+
+
+@pytest.mark.parametrize("name", ["llama3_tiny", "gemma2_tiny"])
+def test_packed_rewards_equal_each_responses_own(name):
+  """Both poolings, an empty response included ("last" then reads the
+  prompt's last token, "mean" gives 0), and a fully empty pair row."""
+  config, params = models.load_hf_checkpoint(FIX / name)
+  rm = models.from_policy_params(params, config, jax.random.key(4))
+  prompt, pmask, resp, rmask = _inputs(config.vocab_size)
+  pmask = pmask.at[2].set(False)  # row 2: no prompt token
+  rmask = rmask.at[2, 0].set(False)  # ... and response 0 empty too
+  for pooling in ("last", "mean"):
+    got = models.shared_prompt_rewards(
+      rm, prompt, pmask, resp, rmask, config=config, pooling=pooling
+    )
+    assert got.shape == (3, K)
+    for k in range(K):
+      ids = jnp.concatenate([prompt, resp[:, k]], axis=1)
+      mask = jnp.concatenate([pmask, rmask[:, k]], axis=1)
+      if pooling == "last":
+        want = models.reward_forward(rm, ids, mask, config=config)
+      else:
+        v = models.values_forward(rm, ids, mask, config=config)[:, P:]
+        n = jnp.sum(rmask[:, k], axis=-1)
+        want = jnp.where(n > 0, jnp.sum(v, -1) / jnp.maximum(n, 1), 0.0)
+      np.testing.assert_allclose(
+        np.asarray(got[:, k]), np.asarray(want), atol=2e-5, err_msg=pooling
+      )
+    assert float(got[2, 0]) == 0.0
+    assert float(got[1, 1]) != 0.0 if pooling == "last" else True

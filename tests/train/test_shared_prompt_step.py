@@ -1,0 +1,121 @@
+"""The DPO/IPO step with prefix sharing (DPOConfig.share_prompt): the same
+metrics and updated params as two rows per pair, with micro-batches and
+with the reference run in the step; and the automatic choice."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_helpers as helpers
+
+from rlhf_jax import models
+from rlhf_jax.models import shared_prompt
+from rlhf_jax.train import (
+  DPOConfig,
+  RewardModelConfig,
+  TrainState,
+  make_dpo_step,
+  make_reward_model_step,
+  preference_logprobs,
+)
+
+
+def _run(share_prompt, **kw):
+  case = helpers.dpo_case()
+  config = DPOConfig(beta=0.5, share_prompt=share_prompt, **kw)
+  step = jax.jit(make_dpo_step(helpers.CFG, helpers.optimizer(), config))
+  state, metrics = step(case.init_state(), case.batch, *case.extra)
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def _assert_same_step(separate, packed) -> dict:
+  """Both (params, metrics) equal to 1e-5; returns the metrics."""
+  (params_a, metrics_a), (params_b, metrics_b) = separate, packed
+  assert metrics_a.keys() == metrics_b.keys()
+  for name in metrics_a:
+    np.testing.assert_allclose(
+      metrics_b[name], metrics_a[name], rtol=1e-5, atol=1e-5, err_msg=name
+    )
+  moved = jax.tree.map(
+    lambda a, b: float(np.max(np.abs(a - b))), params_a, params_b
+  )
+  assert max(jax.tree.leaves(moved)) < 1e-5
+  return metrics_a
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [{}, {"loss_type": "ipo"}, {"num_micro_batches": 2}],
+  ids=["dpo", "ipo", "micro"],
+)
+def test_packed_step_equals_two_rows_per_pair(kw):
+  metrics = _assert_same_step(_run(False, **kw), _run(True, **kw))
+  assert metrics["logps/chosen"] < 0
+
+
+def test_the_default_packs_only_where_it_saves_work():
+  """The test model (D = 16) with P = 5, T = 6: the attention square
+  outweighs the prompt's tokens, so the default keeps two rows; with a
+  longer prompt it packs. The choice is static and leaves the values."""
+  cfg = helpers.CFG
+  assert not shared_prompt.sharing_saves_work(cfg, 5, 6, 2)
+  assert shared_prompt.sharing_saves_work(cfg, 40, 6, 2)
+  batch, params = helpers.preference_batch(), helpers.policy_params()
+  auto = preference_logprobs(params, batch, model_config=cfg)
+  packed = preference_logprobs(
+    params, batch, model_config=cfg, share_prompt=True
+  )
+  np.testing.assert_allclose(np.asarray(auto), np.asarray(packed), atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_packed_reward_model_step_equals_two_rows_per_pair(pooling):
+  out = []
+  for share in (False, True):
+    case = helpers.rm_case()
+    config = RewardModelConfig(pooling=pooling, share_prompt=share)
+    step = jax.jit(
+      make_reward_model_step(helpers.CFG, helpers.optimizer(), config)
+    )
+    state, metrics = step(case.init_state(), case.batch, *case.extra)
+    out.append(jax.device_get((state.params, metrics)))
+  metrics = _assert_same_step(*out)
+  assert metrics["train/grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+  "share, prompt_len, packs",
+  [(True, 5, True), (False, 40, False), (None, 5, False), (None, 40, True)],
+)
+def test_the_step_takes_the_path_asked_for(
+  monkeypatch, share, prompt_len, packs
+):
+  """The comparisons above hold whichever path runs; this pins which one
+  does: the packed functions are called exactly when share_prompt (or,
+  for None, the estimate at these shapes) asks for packing."""
+  calls = []
+  for name in ("shared_prompt_logits", "shared_prompt_rewards"):
+    real = getattr(models, name)
+
+    def spy(*args, _real=real, _name=name, **kw):
+      calls.append(_name)
+      return _real(*args, **kw)
+
+    monkeypatch.setattr(models, name, spy)
+  batch = helpers.preference_batch()
+  rng = np.random.default_rng(3)
+  prompt = rng.integers(3, helpers.CFG.vocab_size, (8, prompt_len))
+  batch = batch.replace(
+    prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones((8, prompt_len), bool)
+  )
+  opt = helpers.optimizer()
+  dpo = make_dpo_step(helpers.CFG, opt, DPOConfig(share_prompt=share))
+  state = TrainState.create(helpers.policy_params(), opt, jax.random.key(0))
+  jax.jit(dpo)(state, batch, helpers.policy_params(5))
+  rm = make_reward_model_step(
+    helpers.CFG, opt, RewardModelConfig(share_prompt=share)
+  )
+  state = TrainState.create(helpers.scalar_params(), opt, jax.random.key(0))
+  jax.jit(rm)(state, batch)
+  want = ["shared_prompt_logits"] * 2 + ["shared_prompt_rewards"]
+  assert calls == (want if packs else [])
