@@ -339,6 +339,20 @@ LIBRARY_CASES = [
     "share_prompt=True: expected None or False with loss_type='best_of_k'",
   ),
   (
+    lambda: make_reward_model_step(
+      TINY, _opt(), RewardModelConfig(share_prompt="no")
+    ),
+    "share_prompt='no': expected True or False",
+  ),
+  (
+    lambda: make_dpo_step(TINY, _opt(), DPOConfig(share_prompt=1)),
+    "share_prompt=1: expected True or False",
+  ),
+  (
+    lambda: make_dpo_step(TINY, _opt(), DPOConfig(precomputed_ref="yes")),
+    "precomputed_ref='yes': expected True or False",
+  ),
+  (
     lambda: make_dpo_step(TINY, _opt(), DPOConfig(beta=0.0)),
     "beta=0.0: expected > 0",
   ),

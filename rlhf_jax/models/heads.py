@@ -25,7 +25,7 @@ import numpy as np
 
 from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.shared_prompt import check_lengths, shared_prompt_hidden
+from rlhf_jax.models.shared_prompt import check_inputs, shared_prompt_hidden
 from rlhf_jax.models.transformer import hidden_forward, param_logical_axes
 
 Array = jax.Array
@@ -222,11 +222,18 @@ def shared_prompt_rewards(
     prompt or response token; "mean": an empty response).
 
   Raises:
-    ValueError: P or T is 0, or an unknown ``pooling``.
+    ValueError: shapes other than the above, B, K, P or T is 0, or an
+      unknown ``pooling``.
   """
+  check_inputs(
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    "shared_prompt_rewards",
+  )
   b, k, t = response_ids.shape
   p = prompt_ids.shape[1]
-  check_lengths(p, t, "shared_prompt_rewards")
   if pooling not in ("last", "mean"):
     raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
   pm = prompt_mask.astype(jnp.bool_)

@@ -83,14 +83,47 @@ def response_rows(
   return np.concatenate(rows).astype(np.int32)
 
 
-def check_lengths(prompt_len: int, response_len: int, name: str) -> None:
-  """Raises ValueError unless P >= 1 and T >= 1 (the row predicting a
-  response's first token is the prompt's last)."""
-  if prompt_len == 0 or response_len == 0:
-    raise ValueError(
-      f"{name}: prompt length {prompt_len} and response length "
-      f"{response_len}: expected both >= 1"
+def check_inputs(
+  prompt_ids: Array,
+  prompt_mask: Array,
+  response_ids: Array,
+  response_mask: Array,
+  name: str,
+) -> None:
+  """Raises ValueError naming the argument unless prompt_ids is [B, P],
+  response_ids [B, K, T], each mask the shape of its ids, and B, K, P,
+  T >= 1 (the row predicting a response's first token is the prompt's
+  last)."""
+
+  def shape(x):
+    return tuple(getattr(x, "shape", ()))
+
+  problems = []
+  if len(shape(prompt_ids)) != 2:
+    problems.append(f"prompt_ids shape {shape(prompt_ids)}: expected [B, P]")
+  if len(shape(response_ids)) != 3:
+    problems.append(
+      f"response_ids shape {shape(response_ids)}: expected [B, K, T]"
     )
+  for mask, ids, what in (
+    (prompt_mask, prompt_ids, "prompt"),
+    (response_mask, response_ids, "response"),
+  ):
+    if shape(mask) != shape(ids):
+      problems.append(
+        f"{what}_mask shape {shape(mask)}: expected {what}_ids' {shape(ids)}"
+      )
+  if not problems:
+    (b, p), (b_r, k, t) = shape(prompt_ids), shape(response_ids)
+    if b != b_r:
+      problems.append(f"{b} prompts but {b_r} rows of responses")
+    if min(b, k, p, t) < 1:
+      problems.append(
+        f"prompt length {p}, response length {t}, {k} responses per "
+        "prompt: expected each >= 1"
+      )
+  if problems:
+    raise ValueError(f"{name}: {'; '.join(problems)}")
 
 
 def packed_inputs(
@@ -186,10 +219,13 @@ def shared_prompt_logits(
     Rows of pad tokens are finite, meaningless.
 
   Raises:
-    ValueError: P or T is 0 (no row predicts the first response token).
+    ValueError: shapes other than the above, or B, K, P or T is 0 (no
+      row predicts the first response token without a prompt token).
   """
+  check_inputs(
+    prompt_ids, prompt_mask, response_ids, response_mask, "shared_prompt_logits"
+  )
   b, k, t = response_ids.shape
-  check_lengths(prompt_ids.shape[1], t, "shared_prompt_logits")
   rows = response_rows(prompt_ids.shape[1], t, k)
   params = _freeze_base(params, config)  # the head's too (LoRA)
   hidden = shared_prompt_hidden(
@@ -243,8 +279,18 @@ def sharing_saves_work(
 
   Returns:
     True to pack; False when P or T is 0.
+
+  Raises:
+    ValueError: a length below 0, K below 1, or a non-integer.
   """
   p, t, k = prompt_len, response_len, num_responses
+  for name, v, low in (
+    ("prompt_len", p, 0),
+    ("response_len", t, 0),
+    ("num_responses", k, 1),
+  ):
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
+      raise ValueError(f"{name}={v!r}: expected an integer >= {low}")
   if p == 0 or t == 0:
     return False
   packed = _layer_work(config, p + k * t, (p + k * t) ** 2)

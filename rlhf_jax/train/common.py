@@ -346,6 +346,11 @@ def within(low: float, high: float, *, open_high: bool = False) -> Rule:
   return (lambda v: low <= v <= high, f"in [{low}, {high}]")
 
 
+def a_bool() -> Rule:
+  """v is True or False (a Python bool: "no" or 1 would pass as truthy)."""
+  return (lambda v: isinstance(v, bool), "True or False")
+
+
 def one_of(*choices: Any) -> Rule:
   """v is one of ``choices``."""
   return (lambda v: v in choices, f"one of {', '.join(map(str, choices))}")

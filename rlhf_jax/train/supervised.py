@@ -33,6 +33,7 @@ from rlhf_jax.preference import (
 from rlhf_jax.sft import sft_loss
 from rlhf_jax.train.common import (
   Rule,
+  a_bool,
   above,
   accumulate_gradients,
   at_least,
@@ -162,6 +163,7 @@ class RewardModelConfig:
     "center_rewards_coef": at_least(0),
     "pooling": one_of("last", "mean"),
     "num_micro_batches": at_least(1),
+    "share_prompt": a_bool(),
   }
 
   def cross_problems(self) -> list[str]:
@@ -170,7 +172,7 @@ class RewardModelConfig:
       problems.append(
         "pooling='mean': expected 'last' with loss_type='best_of_k'"
       )
-    if self.loss_type == "best_of_k" and self.share_prompt:
+    if self.loss_type == "best_of_k" and self.share_prompt is True:
       problems.append(
         "share_prompt=True: expected None or False with "
         "loss_type='best_of_k' (pairs only)"
@@ -385,6 +387,8 @@ class DPOConfig:
     "beta": above(0),
     "label_smoothing": within(0, 0.5),
     "num_micro_batches": at_least(1),
+    "precomputed_ref": a_bool(),
+    "share_prompt": a_bool(),
   }
 
   def cross_problems(self) -> list[str]:

@@ -8,6 +8,7 @@ forward does less work where `sharing_saves_work` says so.
 
 import dataclasses
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -273,3 +274,42 @@ def test_packed_rewards_equal_each_responses_own(name):
       )
     assert float(got[2, 0]) == 0.0
     assert float(got[1, 1]) != 0.0 if pooling == "last" else True
+
+
+def _shape_cases():
+  p, pm = jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), bool)
+  r, rm = jnp.ones((2, 2, 3), jnp.int32), jnp.ones((2, 2, 3), bool)
+  return [
+    ((p, pm, r[:, 0], rm[:, 0]), "response_ids shape (2, 3): expected"),
+    ((p, pm, r, rm[:, :, :2]), "response_mask shape (2, 2, 2): expected"),
+    ((p, pm[:, :3], r, rm), "prompt_mask shape (2, 3): expected"),
+    ((p[:1], pm[:1], r, rm), "1 prompts but 2 rows of responses"),
+    ((p[0], pm[0], r, rm), "prompt_ids shape (4,): expected [B, P]"),
+    ((p, pm, r[:, :0], rm[:, :0]), "0 responses per prompt: expected each"),
+  ]
+
+
+@pytest.mark.parametrize(
+  "fn", ["shared_prompt_logits", "shared_prompt_rewards"]
+)
+def test_bad_shapes_are_errors_naming_the_argument(fn):
+  config, params = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  if fn == "shared_prompt_rewards":
+    params = models.from_policy_params(params, config, jax.random.key(0))
+  for args, message in _shape_cases():
+    with pytest.raises(ValueError, match=f"{fn}: .*{re.escape(message)}"):
+      getattr(models, fn)(params, *args, config=config)
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    ((-1, 4, 2), "prompt_len=-1: expected an integer >= 0"),
+    ((4, 5.5, 2), "response_len=5.5: expected an integer >= 0"),
+    ((4, 4, 0), "num_responses=0: expected an integer >= 1"),
+    (("4", 4, 2), "prompt_len='4'"),
+  ],
+)
+def test_sharing_saves_work_checks_its_lengths(args, message):
+  with pytest.raises(ValueError, match=message):
+    sp.sharing_saves_work(TINYSTORIES, *args)
