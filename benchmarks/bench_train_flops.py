@@ -15,8 +15,8 @@ vocab 8192, tied embeddings) with random weights, float32.
   host load (one peak measured at the start swung the share from 51% to
   86% between two runs minutes apart).
 * Reward-model step (``make_reward_model_step``, Adam): one compiled step
-  on B pairs; FLOPs = forward + backward of 2B sequences of length L,
-  scored at their last token.
+  on B pairs, two rows per pair (``share_prompt=False``); FLOPs = forward
+  + backward of 2B sequences of length L, scored at their last token.
 * PPO update: the optimisation part of ``make_ppo_step``. The iteration is
   one compiled program (sampling, scoring, reference, values, GAE, then
   ppo_epochs x num_minibatches updates in lax.scan), so the update is timed
@@ -177,7 +177,11 @@ def bench_reward_model(repeats, peak, pairs, prompt_len, resp_len):
     models.init_params(CFG, jax.random.key(0)), CFG, jax.random.key(1)
   )
   state = TrainState.create(params, opt, jax.random.key(2))
-  step = make_reward_model_step(CFG, opt, RewardModelConfig())
+  # Two rows per pair: the FLOP count below is of 2B separate sequences,
+  # and a packed step (prefix sharing, the default at these shapes) does
+  # less work, which the rate would count as speed.
+  config = RewardModelConfig(share_prompt=False)
+  step = make_reward_model_step(CFG, opt, config)
   compiled, compile_s = _compile(step, state, batch, donate=True)
   holder = [state]
 
