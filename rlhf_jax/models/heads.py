@@ -238,8 +238,8 @@ def shared_prompt_rewards(
     raise ValueError(f"pooling={pooling!r}: expected 'last' or 'mean'")
   pm = prompt_mask.astype(jnp.bool_)
   rm = response_mask.astype(jnp.bool_)
-  if pooling == "mean":
-    rows = jnp.broadcast_to(p + jnp.arange(k * t, dtype=jnp.int32), (b, k * t))
+  if pooling == "mean":  # every response slot: a static range, no gather
+    rows = (p, p + k * t)
   else:
     last = last_valid_index(rm)  # [B, K]
     start = p + t * jnp.arange(k, dtype=jnp.int32)[None, :]

@@ -39,6 +39,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import (
   Array,
   Params,
+  Rows,
   _causal_mask,
   _freeze_base,
   _logits,
@@ -160,12 +161,12 @@ def packed_inputs(
   positions = jnp.maximum(
     jnp.concatenate([prompt_pos, resp_pos.reshape(b, k * t)], axis=1), 0
   )
-  slots, segments = packed_slots(p, t, k)
+  slots, segments = (jnp.asarray(x) for x in packed_slots(p, t, k))
+  # Built in the program from the [L] segments, not baked in as an
+  # [L, L] constant.
   seg_q, seg_k = segments[:, None], segments[None, :]
   visible = (seg_k == 0) | (seg_k == seg_q)
-  mask = _causal_mask(
-    valid, jnp.asarray(slots), config, jnp.asarray(slots), visible
-  )
+  mask = _causal_mask(valid, slots, config, slots, visible)
   return ids, positions, mask
 
 
@@ -177,10 +178,11 @@ def shared_prompt_hidden(
   response_mask: Array,
   *,
   config: ModelConfig,
-  rows: Array,
+  rows: Rows,
 ) -> Array:
   """Final-norm hidden states [B, R, D] (``config.compute_dtype``) of the
-  packed rows at ``rows`` i32[B, R] (packed slots; `response_rows`).
+  packed rows at ``rows``: i32[B, R] packed slots (`response_rows`), or a
+  static (start, stop) range of them (``transformer.take_rows``).
 
   The last layer runs on those rows only where
   ``transformer.prunes_last_layer``; LoRA base weights are frozen as in

@@ -754,7 +754,7 @@ def _causal_mask(
   q_slots: Array,
   config: ModelConfig,
   k_slots: Array | None = None,
-  visible: np.ndarray | None = None,
+  visible: Array | None = None,
 ):
   """bool[B, Lq, S]: key valid, slot <= query slot, inside the window,
   and ``visible`` when given.
