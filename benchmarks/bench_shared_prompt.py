@@ -40,10 +40,15 @@ DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSTORIES = DATA / "models" / "tinystories-656k"
 # (model, step, pairs, P, T)
 ROWS = [
+  ("656K", "dpo", 8, 8, 64),
+  ("656K", "dpo", 8, 16, 64),
   ("656K", "dpo", 8, 32, 64),  # Tunix's DPO example shapes (bench_peers)
-  ("656K", "dpo", 8, 64, 64),
+  ("656K", "rm", 8, 32, 64),
   ("656K", "dpo", 8, 96, 64),
   ("656K", "rm", 8, 96, 64),
+  ("656K", "dpo", 8, 24, 32),  # the default run's shapes
+  ("656K", "rm", 8, 24, 32),
+  ("25M", "dpo", 4, 16, 64),
   ("25M", "dpo", 4, 64, 64),
   ("25M", "dpo", 4, 128, 64),
   ("25M", "rm", 4, 64, 64),

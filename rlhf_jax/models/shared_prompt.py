@@ -9,24 +9,26 @@ response token sees exactly the keys, positions and window it has in its
 own sequence and its logits are the same function (Wang et al. 2024,
 "Accelerating Direct Preference Optimization with Prefix Sharing",
 arXiv:2410.20305). The prompt runs once: P + K T tokens instead of
-K (P + T), for a longer attention square ((P + K T)^2 entries against
-K (P + T)^2).
+K (P + T).
+
+The attention runs block by block (`transformer.PackedMask`), not as the
+(P + K T)^2 square with a block mask of the paper: the prompt's queries
+score the prompt's keys, and response k's queries the P + T keys of
+[prompt | response_k], the square of its own sequence without the prompt
+rows. P^2 + K T (P + T) score entries against K (P + T)^2, so packing
+never scores more entries than K separate sequences.
 
 Layout, row b: slots 0 .. P - 1 hold the left-padded prompt, slots
-P + k T .. P + (k + 1) T - 1 response k (right-padded). Each slot has a
-"virtual slot", its slot in its own unpacked sequence (prompt s -> s,
-response k's token t -> P + t): causality and sliding windows are tested
-on virtual slots, and a key is visible when it is in the prompt or in the
-query's own response. The row that predicts response k's token t is the
-prompt's last slot P - 1 for t = 0 (shared by all K) and slot
-P + k T + t - 1 otherwise.
+P + k T .. P + (k + 1) T - 1 response k (right-padded). The row that
+predicts response k's token t is the prompt's last slot P - 1 for t = 0
+(shared by all K) and slot P + k T + t - 1 otherwise.
 
-One exception to "the same values": a query that sees no real key (the
-prompt has no real token, or under a sliding window a run of pad slots
-inside a response at least the window long precedes it) averages over
-every key of its row, so its meaningless output differs between the
-layouts. Left-padded prompts with a real token and right-padded
-responses never have such a row.
+One exception to "the same values": a prompt query that sees no real key
+(the prompt has no real token, or under a sliding window a run of pad
+slots at least the window long precedes it) averages over the prompt's
+keys instead of the whole sequence's, so its meaningless output differs
+between the layouts. Left-padded prompts with a real token and
+right-padded responses never have such a row.
 """
 
 import functools
@@ -38,37 +40,28 @@ import numpy as np
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import (
   Array,
+  PackedMask,
   Params,
   Rows,
   _causal_mask,
   _freeze_base,
   _logits,
   _run,
+  take_rows,
 )
 
 # Work of one attention-score entry (per query head) on top of its two
 # dots' 4 Dh flops, in matmul flops: the scale, mask, softmax and their
-# backward are elementwise passes over the [L, S] square, far slower per
-# flop than a matmul. Fitted on XLA:CPU with TinyStories-656K's DPO step
-# (benchmarks/README.md, bench_shared_prompt.py): packing broke even at
-# P = T = 64 (cost 700 would make the two sides equal) and was 1.07x
-# faster at P = T = 32 (equal at 1470).
+# backward are elementwise passes over the scores, far slower per flop
+# than a matmul (fitted on XLA:CPU with TinyStories-656K's DPO step,
+# benchmarks/README.md).
 SCORE_ENTRY_COST = 1000.0
-
-
-def packed_slots(
-  prompt_len: int, response_len: int, num_responses: int
-) -> tuple[np.ndarray, np.ndarray]:
-  """Virtual slot and segment of each packed slot (static).
-
-  Returns:
-    (slots i32[L], segments i32[L]) with L = P + K T: segment 0 is the
-    prompt, k + 1 response k.
-  """
-  p, t, k = prompt_len, response_len, num_responses
-  slots = np.concatenate([np.arange(p)] + [p + np.arange(t)] * k)
-  segments = np.repeat(np.arange(k + 1), [p] + [t] * k)
-  return slots.astype(np.int32), segments.astype(np.int32)
+# Packing runs more, smaller kernels per layer (two attention blocks, the
+# rows' gathers), so it pays only when the estimate saves this much
+# (separate / packed): measured with bench_shared_prompt.py, 656K at P = 8,
+# T = 64 (estimate 1.09) ran 0.96x-1.01x packed, at P = 16 (1.18)
+# 1.00x-1.06x, and the 25M model at P = 16 (1.12) 1.07x.
+PACKING_MARGIN = 1.1
 
 
 def response_rows(
@@ -133,6 +126,7 @@ def packed_inputs(
   response_ids: Array,
   response_mask: Array,
   config: ModelConfig,
+  rows: Array | None = None,
 ) -> tuple[Array, Array, Array]:
   """Token ids, position ids and attention mask of the packed rows.
 
@@ -140,34 +134,76 @@ def packed_inputs(
     prompt_ids: i32[B, P] left-padded. prompt_mask: bool[B, P].
     response_ids: i32[B, K, T] right-padded. response_mask: bool[B, K, T].
     config: the model's config (sliding window, layer kinds).
+    rows: i32[B, R] packed slots a last layer will gather (the mask's
+      `rows`), or None.
 
   Returns:
-    (ids i32[B, L], positions i32[B, L], mask bool[B, L, L] or the pair
+    (ids i32[B, L], positions i32[B, L], mask `PackedMask` or the pair
     (full, sliding) of them when ``config.layer_types``), L = P + K T.
     Response k's positions are those of [prompt | response_k] under
     convention 2: clip(n_prompt + cumsum(mask_k) - 1, 0).
   """
   b, k, t = response_ids.shape
-  p = prompt_ids.shape[1]
   pm = prompt_mask.astype(bool)
   rm = response_mask.astype(bool)
   ids = jnp.concatenate(
     [prompt_ids, response_ids.reshape(b, k * t)], axis=1
   ).astype(jnp.int32)
-  valid = jnp.concatenate([pm, rm.reshape(b, k * t)], axis=1)
   prompt_pos = jnp.cumsum(pm.astype(jnp.int32), axis=-1) - 1
   n_prompt = prompt_pos[:, -1:, None] + 1
   resp_pos = n_prompt + jnp.cumsum(rm.astype(jnp.int32), axis=-1) - 1
   positions = jnp.maximum(
     jnp.concatenate([prompt_pos, resp_pos.reshape(b, k * t)], axis=1), 0
   )
-  slots, segments = (jnp.asarray(x) for x in packed_slots(p, t, k))
-  # Built in the program from the [L] segments, not baked in as an
-  # [L, L] constant.
-  seg_q, seg_k = segments[:, None], segments[None, :]
-  visible = (seg_k == 0) | (seg_k == seg_q)
-  mask = _causal_mask(valid, slots, config, slots, visible)
+  mask = _packed_mask(pm, rm, config, rows)
   return ids, positions, mask
+
+
+def _packed_mask(pm: Array, rm: Array, config: ModelConfig, rows=None):
+  """`PackedMask` (or the (full, sliding) pair) of prompt mask bool[B, P]
+  and response mask bool[B, K, T]: each block is the causal mask of its
+  own sequence, response k's that of [prompt | response_k]; with gathered
+  `rows` i32[B, R], also those rows' plain mask (`_row_mask`)."""
+  b, k, t = rm.shape
+  p = pm.shape[1]
+  prompt = _causal_mask(pm, jnp.arange(p, dtype=jnp.int32), config)
+  own = jnp.concatenate(
+    [jnp.broadcast_to(pm[:, None, :], (b, k, p)), rm], axis=-1
+  )
+  q_slots = p + jnp.arange(t, dtype=jnp.int32)
+  response = _causal_mask(own.reshape(b * k, p + t), q_slots, config)
+  row = None if rows is None else _row_mask(pm, rm, rows, config)
+
+  def block(prompt, response, row):
+    return PackedMask(prompt, response.reshape(b, k, t, p + t), row)
+
+  if isinstance(prompt, tuple):  # (full, sliding)
+    row = (None, None) if row is None else row
+    return tuple(map(block, prompt, response, row))
+  return block(prompt, response, row)
+
+
+def _row_mask(pm: Array, rm: Array, rows: Array, config: ModelConfig):
+  """bool[B, R, L] (or the (full, sliding) pair): packed slots `rows`
+  i32[B, R] as queries over every packed key. A key is visible when it is
+  real, in the prompt or the query's own response, at or before the query
+  in their own sequence ("virtual" slots: response k's token t sits at P +
+  t), and within the window."""
+  b, k, t = rm.shape
+  p = pm.shape[1]
+  virtual = np.concatenate([np.arange(p)] + [p + np.arange(t)] * k)
+  segment = np.repeat(np.arange(k + 1), [p] + [t] * k)
+  q_virtual = jnp.asarray(virtual)[rows][..., None]  # [B, R, 1]
+  q_segment = jnp.asarray(segment)[rows][..., None]
+  virtual, segment = virtual[None, None], segment[None, None]  # [1, 1, L]
+  valid = jnp.concatenate([pm, rm.reshape(b, k * t)], axis=1)[:, None]
+  allowed = (
+    valid & (virtual <= q_virtual) & ((segment == 0) | (segment == q_segment))
+  )
+  window = allowed
+  if config.sliding_window is not None:
+    window = allowed & (q_virtual - virtual < config.sliding_window)
+  return (allowed, window) if config.layer_types is not None else window
 
 
 def shared_prompt_hidden(
@@ -182,18 +218,34 @@ def shared_prompt_hidden(
 ) -> Array:
   """Final-norm hidden states [B, R, D] (``config.compute_dtype``) of the
   packed rows at ``rows``: i32[B, R] packed slots (`response_rows`), or a
-  static (start, stop) range of them (``transformer.take_rows``).
+  static (start, stop) range of them (``transformer.take_rows``) with
+  start >= P - 1.
 
-  The last layer runs on those rows only where
-  ``transformer.prunes_last_layer``; LoRA base weights are frozen as in
+  Where ``transformer.prunes_last_layer``, the last layer runs on the
+  gathered rows alone (through their plain mask), or for a range on slots
+  P - 1 .. L - 1 (the blocks). LoRA base weights are frozen as in
   `forward`. Shapes as in `packed_inputs`.
+
+  Raises:
+    ValueError: a range that starts before P - 1.
   """
+  gathered = None if isinstance(rows, tuple) else rows
   ids, positions, mask = packed_inputs(
-    prompt_ids, prompt_mask, response_ids, response_mask, config
+    prompt_ids, prompt_mask, response_ids, response_mask, config, gathered
   )
   params = _freeze_base(params, config)
-  hidden, _ = _run(params, ids, positions, mask, None, None, config, rows)
-  return hidden
+  if gathered is not None:  # a few rows: their plain mask (`_row_mask`)
+    hidden, _ = _run(params, ids, positions, mask, None, None, config, rows)
+    return hidden
+  # A range: the blocks on the prompt's last slot and every response
+  # slot (`transformer._mask_rows`), then the range's part of them.
+  start = prompt_ids.shape[1] - 1
+  if rows[0] < start:
+    raise ValueError(f"rows={rows}: expected a start >= P - 1 = {start}")
+  hidden, _ = _run(
+    params, ids, positions, mask, None, None, config, (start, ids.shape[1])
+  )
+  return take_rows(hidden, (rows[0] - start, rows[1] - start))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -228,7 +280,7 @@ def shared_prompt_logits(
     prompt_ids, prompt_mask, response_ids, response_mask, "shared_prompt_logits"
   )
   b, k, t = response_ids.shape
-  rows = response_rows(prompt_ids.shape[1], t, k)
+  p = prompt_ids.shape[1]
   params = _freeze_base(params, config)  # the head's too (LoRA)
   hidden = shared_prompt_hidden(
     params,
@@ -237,8 +289,11 @@ def shared_prompt_logits(
     response_ids,
     response_mask,
     config=config,
-    rows=jnp.broadcast_to(jnp.asarray(rows), (b, k * t)),
+    rows=(p - 1, p + k * t),
   )
+  # Static rows: the prompt's last slot (row 0 here) predicts every
+  # response's first token.
+  hidden = hidden[:, response_rows(p, t, k) - (p - 1)]
   logits = _logits(params, hidden, config)
   return logits.reshape(b, k, t, logits.shape[-1])
 
@@ -264,14 +319,16 @@ def sharing_saves_work(
   response_len: int,
   num_responses: int,
 ) -> bool:
-  """Whether the packed forward costs less than K separate sequences.
+  """Whether the packed forward costs enough less than K separate
+  sequences to pay for its extra kernels.
 
   A per-layer estimate in matmul flops: the projections and MLP per
-  token, plus the attention square with `SCORE_ENTRY_COST` per score
-  entry. Packing runs P + K T tokens and a (P + K T)^2 square against
-  K (P + T) tokens and K squares of (P + T)^2. The head's rows are the
-  same either way. Long prompts and wide models favour packing; short
-  prompts on a narrow model (TinyStories-656K with P = 32, T = 64) do not.
+  token, plus `SCORE_ENTRY_COST` per attention-score entry. Packing runs
+  P + K T tokens and P^2 + K T (P + T) entries against K (P + T) tokens
+  and K (P + T)^2 entries; it is picked when separate / packed is at
+  least `PACKING_MARGIN`. The head's rows are the same either way. Long
+  prompts favour packing; short ones (TinyStories-656K with P = 8,
+  T = 64) do not.
 
   Args:
     config: the model's config (widths, heads, MLP kind).
@@ -295,6 +352,6 @@ def sharing_saves_work(
       raise ValueError(f"{name}={v!r}: expected an integer >= {low}")
   if p == 0 or t == 0:
     return False
-  packed = _layer_work(config, p + k * t, (p + k * t) ** 2)
+  packed = _layer_work(config, p + k * t, p * p + k * t * (p + t))
   separate = _layer_work(config, k * (p + t), k * (p + t) ** 2)
-  return packed < separate
+  return separate >= PACKING_MARGIN * packed

@@ -40,7 +40,9 @@ cache key mask) and j <= i in sequence (or cache-slot) order, and, with a
 sliding window, i - j < window. Position ids default to
 clip(cumsum(mask) - 1, 0) (docs/conventions.md, convention 2) so left padding
 never changes the logits of real tokens. Queries at pad positions see
-nothing; their outputs are finite but meaningless.
+nothing; their outputs are finite but meaningless. Packed rows of K
+responses to one prompt (`shared_prompt`) carry a `PackedMask` instead,
+and their attention runs block by block (`_attend_packed`).
 
 Dtype policy: parameters are stored in `config.param_dtype` and cast to
 `config.dtype` for compute; norms, softmax, logits and hidden states returned
@@ -59,6 +61,7 @@ A, B are params "<name>_lora_a", "<name>_lora_b" beside W, stacked by the
 layer scan like W. See `rlhf_jax.models.lora`.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -255,6 +258,59 @@ def take_rows(x: Array, rows: Rows) -> Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=("prompt", "response", "rows"),
+  meta_fields=(),
+)
+@dataclasses.dataclass(frozen=True)
+class PackedMask:
+  """Attention mask of packed [prompt | response_1 | ... | response_K] rows
+  (`shared_prompt`), one block per segment instead of an [L, L] square.
+
+  A response attends to the prompt and to itself only, so its block is
+  its own sequence's: T queries over the P + T keys of [prompt |
+  response_k]. The attention then scores P^2 + K T (P + T) entries, never
+  more than the K (P + T)^2 of K separate sequences.
+
+  Attributes:
+    prompt: bool[B, Lp, P]: the last Lp prompt slots' queries (Lp = P, or
+      fewer when the last layer runs on a suffix of the rows) over the
+      prompt's keys.
+    response: bool[B, K, T, P + T]: response k's queries over the keys of
+      [prompt | response_k], as in that unpacked sequence's mask.
+    rows: None, or bool[B, R, P + K T] (or the (full, sliding) pair's
+      own): a plain mask for R gathered query rows, which a last layer
+      that runs on those rows alone uses instead of the blocks.
+  """
+
+  prompt: Array
+  response: Array
+  rows: Array | None = None
+
+
+def _mask_rows(mask, rows: Rows):
+  """The mask of the query rows `rows` (`take_rows`). A `PackedMask`
+  gives its plain `rows` mask for gathered rows, and for a static (start,
+  stop) range (which must end at the row's end and start before the
+  prompt's end) keeps its blocks, with the prompt's queries cut to it."""
+  if not isinstance(mask, PackedMask):
+    return take_rows(mask, rows)
+  if not isinstance(rows, tuple):
+    if mask.rows is None:
+      raise ValueError("gathered rows of a PackedMask without its rows mask")
+    return mask.rows
+  p = mask.prompt.shape[-1]
+  _, k, t, _ = mask.response.shape
+  if rows[1] != p + k * t or rows[0] >= p:
+    raise ValueError(
+      f"rows={rows!r} of a packed mask: expected a static (start, "
+      f"{p + k * t}) with start < P = {p}"
+    )
+  start = rows[0] - (p - mask.prompt.shape[1])
+  return PackedMask(mask.prompt[:, start:], mask.response)
+
+
 class Norm(nn.Module):
   """RMSNorm (llama), (1 + w) RMSNorm (gemma) or LayerNorm (gpt2) over the
   last axis, computed in `acc_dtype` (f32).
@@ -376,7 +432,8 @@ def _attend(
     qg: [B, L, Hkv, G, Dh] queries grouped by their key head.
     k, v: [B, S, Hkv, Dh] as projected (a training or scoring forward), or
       the cache's [B, Hkv, S, Dh] with ``cached``.
-    mask: bool[B, L, S], True where query l may attend to key slot s.
+    mask: bool[B, L, S], True where query l may attend to key slot s; or
+      a `PackedMask` (packed rows, no cache: `_attend_packed`).
     config: the model's config (dtypes, scale, soft-cap).
     cached: k and v are in the cache's layout.
 
@@ -391,18 +448,70 @@ def _attend(
   "Self-attention does not need O(n^2) memory", without their chunking:
   the forward still builds the whole [L, S] square).
   """
-  acc, dt = config.acc_dtype, config.compute_dtype
+  if isinstance(mask, PackedMask):
+    return _attend_packed(qg, k, v, mask, config)
   if not cached:  # inside the checkpoint: the transposed copies are not kept
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   qh = jnp.transpose(qg, (0, 2, 3, 1, 4))
-  scores = jnp.einsum("bhglk,bhsk->bhgls", qh, k, preferred_element_type=acc)
+  scores = jnp.einsum(
+    "bhglk,bhsk->bhgls", qh, k, preferred_element_type=config.acc_dtype
+  )
+  probs = _probs(scores, mask[:, None, None, :, :], config)
+  out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4))
+
+
+def _probs(scores: Array, mask: Array, config: ModelConfig) -> Array:
+  """softmax(softcap(scores / sqrt(scale))) over the last axis, -inf-like
+  where ``mask`` (broadcast to the scores) is False; compute dtype."""
+  acc = config.acc_dtype
   scale = config.query_pre_attn_scalar or config.head_dim  # Gemma 2's own
   scores = scores * jnp.asarray(1.0 / math.sqrt(scale), acc)
   scores = _softcap(scores, config.attn_logit_softcapping)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  out = jnp.einsum("bhgls,bhsk->bhglk", probs, v)
-  return jnp.transpose(out, (0, 3, 1, 2, 4))
+  scores = jnp.where(mask, scores, _NEG)
+  return jax.nn.softmax(scores, axis=-1).astype(config.compute_dtype)
+
+
+def _attend_packed(
+  qg: Array, k: Array, v: Array, mask: PackedMask, config: ModelConfig
+) -> Array:
+  """`_attend` on packed rows, block by block (`PackedMask`).
+
+  qg: [B, Lp + K T, Hkv, G, Dh], the last Lp prompt slots' queries, then
+  every response slot's; k, v: [B, P + K T, Hkv, Dh]. The prompt's
+  queries score its keys. Response k's T queries score the prompt's keys
+  (one dot for all K responses: their K G T rows against the same P
+  keys) and their own T keys, and one softmax runs over the P + T scores
+  of [prompt | response_k].
+  """
+  acc = config.acc_dtype
+  b, _, hkv, g, dh = qg.shape
+  lp, p = mask.prompt.shape[1:]
+  _, nk, t, _ = mask.response.shape
+  q_p = jnp.transpose(qg[:, :lp], (0, 2, 3, 1, 4))
+  k_p, v_p = (jnp.swapaxes(x[:, :p], 1, 2) for x in (k, v))  # [B, Hkv, P, Dh]
+  s_p = jnp.einsum("bhglk,bhsk->bhgls", q_p, k_p, preferred_element_type=acc)
+  probs = _probs(s_p, mask.prompt[:, None, None], config)
+  out_p = jnp.einsum("bhgls,bhsk->bhglk", probs, v_p)
+  out_p = jnp.transpose(out_p, (0, 3, 1, 2, 4))  # [B, Lp, Hkv, G, Dh]
+
+  def own(x):  # [B, Hkv, K, T, Dh]
+    return x[:, p:].reshape(b, nk, t, hkv, dh).transpose(0, 3, 1, 2, 4)
+
+  q_r = qg[:, lp:].reshape(b, nk, t, hkv, g, dh).transpose(0, 3, 1, 4, 2, 5)
+  shared = jnp.einsum(
+    "bhcgtd,bhsd->bhcgts", q_r, k_p, preferred_element_type=acc
+  )
+  mine = jnp.einsum(
+    "bhcgtd,bhcsd->bhcgts", q_r, own(k), preferred_element_type=acc
+  )
+  scores = jnp.concatenate([shared, mine], axis=-1)  # [B, Hkv, K, G, T, P+T]
+  probs = _probs(scores, mask.response[:, None, :, None], config)
+  out_r = jnp.einsum("bhcgts,bhsd->bhcgtd", probs[..., :p], v_p) + jnp.einsum(
+    "bhcgts,bhcsd->bhcgtd", probs[..., p:], own(v)
+  )
+  out_r = out_r.transpose(0, 2, 4, 1, 3, 5).reshape(b, nk * t, hkv, g, dh)
+  return jnp.concatenate([out_p, out_r], axis=1)
 
 
 class Attention(nn.Module):
@@ -586,7 +695,7 @@ class Block(nn.Module):
     if cfg.rope_local_base_freq is not None:  # (global, local) tables
       rope = _pick(sliding, rope[1], rope[0])
     if rows is not None:  # outputs at `rows` only: [B, L, D] -> [B, K, D]
-      mask = take_rows(mask, rows)
+      mask = _mask_rows(mask, rows)
     a, new_kv = Attention(cfg, name="attn")(
       Norm(cfg, name="attn_norm")(h), rope, mask, kv, layer, write_index, rows
     )
@@ -749,29 +858,15 @@ def default_positions(attention_mask: Array) -> Array:
   return jnp.maximum(pos, 0)
 
 
-def _causal_mask(
-  key_valid: Array,
-  q_slots: Array,
-  config: ModelConfig,
-  k_slots: Array | None = None,
-  visible: Array | None = None,
-):
-  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window,
-  and ``visible`` when given.
+def _causal_mask(key_valid: Array, q_slots: Array, config: ModelConfig):
+  """bool[B, Lq, S]: key valid, slot <= query slot, inside the window.
 
   With per-layer attention kinds (`config.layer_types`), the pair (full,
-  sliding) of such masks; each block picks its own. ``k_slots`` (default
-  0 .. S - 1) number the keys the way ``q_slots`` numbers the queries
-  (a packed layout's virtual slots: `shared_prompt`), and ``visible``
-  bool[Lq, S] further restricts which keys a query may see (its
-  segments).
+  sliding) of such masks; each block picks its own.
   """
   s = key_valid.shape[-1]
-  if k_slots is None:
-    k_slots = jnp.arange(s, dtype=jnp.int32)
+  k_slots = jnp.arange(s, dtype=jnp.int32)
   allowed = k_slots[None, :] <= q_slots[:, None]
-  if visible is not None:
-    allowed = allowed & visible
   window = allowed
   if config.sliding_window is not None:
     window = allowed & (

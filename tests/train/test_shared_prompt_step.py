@@ -54,18 +54,19 @@ def test_packed_step_equals_two_rows_per_pair(kw):
 
 
 def test_the_default_packs_only_where_it_saves_work():
-  """The test model (D = 16) with P = 5, T = 6: the attention square
-  outweighs the prompt's tokens, so the default keeps two rows; with a
-  longer prompt it packs. The choice is static and leaves the values."""
+  """The test model (D = 16): with P = 1, T = 24 the one shared token
+  does not pay for packing's extra kernels, so the default keeps two
+  rows; with P = 5, T = 6 (the test batch) it packs. The choice is static
+  and leaves the values."""
   cfg = helpers.CFG
-  assert not shared_prompt.sharing_saves_work(cfg, 5, 6, 2)
-  assert shared_prompt.sharing_saves_work(cfg, 40, 6, 2)
+  assert not shared_prompt.sharing_saves_work(cfg, 1, 24, 2)
+  assert shared_prompt.sharing_saves_work(cfg, 5, 6, 2)
   batch, params = helpers.preference_batch(), helpers.policy_params()
   auto = preference_logprobs(params, batch, model_config=cfg)
-  packed = preference_logprobs(
-    params, batch, model_config=cfg, share_prompt=True
+  separate = preference_logprobs(
+    params, batch, model_config=cfg, share_prompt=False
   )
-  np.testing.assert_allclose(np.asarray(auto), np.asarray(packed), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(auto), np.asarray(separate), atol=1e-5)
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
@@ -84,11 +85,16 @@ def test_packed_reward_model_step_equals_two_rows_per_pair(pooling):
 
 
 @pytest.mark.parametrize(
-  "share, prompt_len, packs",
-  [(True, 5, True), (False, 40, False), (None, 5, False), (None, 40, True)],
+  "share, prompt_len, response_len, packs",
+  [
+    (True, 1, 24, True),
+    (False, 5, 6, False),
+    (None, 1, 24, False),
+    (None, 5, 6, True),
+  ],
 )
 def test_the_step_takes_the_path_asked_for(
-  monkeypatch, share, prompt_len, packs
+  monkeypatch, share, prompt_len, response_len, packs
 ):
   """The comparisons above hold whichever path runs; this pins which one
   does: the packed functions are called exactly when share_prompt (or,
@@ -102,11 +108,19 @@ def test_the_step_takes_the_path_asked_for(
       return _real(*args, **kw)
 
     monkeypatch.setattr(models, name, spy)
-  batch = helpers.preference_batch()
   rng = np.random.default_rng(3)
-  prompt = rng.integers(3, helpers.CFG.vocab_size, (8, prompt_len))
-  batch = batch.replace(
-    prompt_ids=jnp.asarray(prompt), prompt_mask=jnp.ones((8, prompt_len), bool)
+
+  def ids(length):
+    return jnp.asarray(rng.integers(3, helpers.CFG.vocab_size, (8, length)))
+
+  mask = jnp.arange(response_len)[None] < jnp.asarray([[response_len], [3]] * 4)
+  batch = helpers.preference_batch().replace(
+    prompt_ids=ids(prompt_len),
+    prompt_mask=jnp.ones((8, prompt_len), bool),
+    chosen_ids=ids(response_len),
+    chosen_mask=mask,
+    rejected_ids=ids(response_len),
+    rejected_mask=mask[::-1],
   )
   opt = helpers.optimizer()
   dpo = make_dpo_step(helpers.CFG, opt, DPOConfig(share_prompt=share))
