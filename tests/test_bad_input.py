@@ -342,11 +342,11 @@ LIBRARY_CASES = [
     lambda: make_reward_model_step(
       TINY, _opt(), RewardModelConfig(share_prompt="no")
     ),
-    "share_prompt='no': expected True or False",
+    "share_prompt='no': expected True, False or None",
   ),
   (
     lambda: make_dpo_step(TINY, _opt(), DPOConfig(share_prompt=1)),
-    "share_prompt=1: expected True or False",
+    "share_prompt=1: expected True, False or None",
   ),
   (
     lambda: make_dpo_step(TINY, _opt(), DPOConfig(precomputed_ref="yes")),

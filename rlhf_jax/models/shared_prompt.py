@@ -47,20 +47,25 @@ from rlhf_jax.models.transformer import (
   _freeze_base,
   _logits,
   _run,
+  check_rows_range,
+  prunes_last_layer,
   take_rows,
 )
 
 # Work of one attention-score entry (per query head) on top of its two
 # dots' 4 Dh flops, in matmul flops: the scale, mask, softmax and their
 # backward are elementwise passes over the scores, far slower per flop
-# than a matmul (fitted on XLA:CPU with TinyStories-656K's DPO step,
-# benchmarks/README.md).
+# than a matmul. Fitted on XLA:CPU with TinyStories-656K's DPO step when
+# the packed row still scored its whole square (break-even between 700
+# and 1470); kept for the blocks, whose choices `PACKING_MARGIN` sets.
 SCORE_ENTRY_COST = 1000.0
 # Packing runs more, smaller kernels per layer (two attention blocks, the
 # rows' gathers), so it pays only when the estimate saves this much
-# (separate / packed): measured with bench_shared_prompt.py, 656K at P = 8,
-# T = 64 (estimate 1.09) ran 0.96x-1.01x packed, at P = 16 (1.18)
-# 1.00x-1.06x, and the 25M model at P = 16 (1.12) 1.07x.
+# (separate / packed). Measured with bench_shared_prompt.py
+# (benchmarks/README.md), DPO / reward-model step: 656K at P = 8, T = 64
+# (estimate 1.09) 0.97x / 1.02x packed, at P = 16 (1.18) 0.99x / 1.04x,
+# at P = 32 (1.32) 1.23x / 1.11x; the 25M DPO step at P = 8 (1.06) 1.02x,
+# at P = 16 (1.12) 1.03x. Between P = 8 and 16 either layout is within 3%.
 PACKING_MARGIN = 1.1
 
 
@@ -68,7 +73,16 @@ def response_rows(
   prompt_len: int, response_len: int, num_responses: int
 ) -> np.ndarray:
   """i32[K T]: the packed slot whose output predicts each response token
-  (response k's token t at index k T + t; convention 1's shift)."""
+  (response k's token t at index k T + t; convention 1's shift).
+
+  Raises:
+    ValueError: a length or K below 1.
+  """
+  if min(prompt_len, response_len, num_responses) < 1:
+    raise ValueError(
+      f"prompt length {prompt_len}, response length {response_len}, "
+      f"{num_responses} responses: expected each >= 1"
+    )
   p, t = prompt_len, response_len
   rows = [
     np.concatenate([[p - 1], p + k * t + np.arange(t - 1)])
@@ -107,11 +121,17 @@ def check_inputs(
       problems.append(
         f"{what}_mask shape {shape(mask)}: expected {what}_ids' {shape(ids)}"
       )
+  for ids, what in ((prompt_ids, "prompt_ids"), (response_ids, "response_ids")):
+    dtype = getattr(ids, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+      problems.append(f"{what} dtype {dtype}: expected integer token ids")
   if not problems:
     (b, p), (b_r, k, t) = shape(prompt_ids), shape(response_ids)
     if b != b_r:
       problems.append(f"{b} prompts but {b_r} rows of responses")
-    if min(b, k, p, t) < 1:
+    if b < 1:
+      problems.append("batch size 0: expected at least one prompt")
+    elif min(k, p, t) < 1:
       problems.append(
         f"prompt length {p}, response length {t}, {k} responses per "
         "prompt: expected each >= 1"
@@ -127,7 +147,7 @@ def packed_inputs(
   response_mask: Array,
   config: ModelConfig,
   rows: Array | None = None,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, PackedMask | tuple[PackedMask, PackedMask]]:
   """Token ids, position ids and attention mask of the packed rows.
 
   Args:
@@ -135,7 +155,7 @@ def packed_inputs(
     response_ids: i32[B, K, T] right-padded. response_mask: bool[B, K, T].
     config: the model's config (sliding window, layer kinds).
     rows: i32[B, R] packed slots a last layer will gather (the mask's
-      `rows`), or None.
+      `row_mask`), or None.
 
   Returns:
     (ids i32[B, L], positions i32[B, L], mask `PackedMask` or the pair
@@ -159,7 +179,9 @@ def packed_inputs(
   return ids, positions, mask
 
 
-def _packed_mask(pm: Array, rm: Array, config: ModelConfig, rows=None):
+def _packed_mask(
+  pm: Array, rm: Array, config: ModelConfig, rows: Array | None = None
+) -> PackedMask | tuple[PackedMask, PackedMask]:
   """`PackedMask` (or the (full, sliding) pair) of prompt mask bool[B, P]
   and response mask bool[B, K, T]: each block is the causal mask of its
   own sequence, response k's that of [prompt | response_k]; with gathered
@@ -226,26 +248,58 @@ def shared_prompt_hidden(
   P - 1 .. L - 1 (the blocks). LoRA base weights are frozen as in
   `forward`. Shapes as in `packed_inputs`.
 
+  Gathered slots outside [0, L) give meaningless rows (a gather's fill).
+
   Raises:
-    ValueError: a range that starts before P - 1.
+    ValueError: a range that is not 0 <= P - 1 <= start < stop <= L, or
+      rows neither a tuple nor an integer array [B, R].
   """
-  gathered = None if isinstance(rows, tuple) else rows
+  _check_rows(rows, prompt_ids.shape, response_ids.shape)
+  gathered = not isinstance(rows, tuple)
+  # A last layer on gathered rows needs their plain mask (`_row_mask`);
+  # one that runs on every row does not.
   ids, positions, mask = packed_inputs(
-    prompt_ids, prompt_mask, response_ids, response_mask, config, gathered
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    config,
+    rows if gathered and prunes_last_layer(config) else None,
   )
   params = _freeze_base(params, config)
-  if gathered is not None:  # a few rows: their plain mask (`_row_mask`)
+  if gathered:
     hidden, _ = _run(params, ids, positions, mask, None, None, config, rows)
     return hidden
   # A range: the blocks on the prompt's last slot and every response
   # slot (`transformer._mask_rows`), then the range's part of them.
   start = prompt_ids.shape[1] - 1
-  if rows[0] < start:
-    raise ValueError(f"rows={rows}: expected a start >= P - 1 = {start}")
   hidden, _ = _run(
     params, ids, positions, mask, None, None, config, (start, ids.shape[1])
   )
   return take_rows(hidden, (rows[0] - start, rows[1] - start))
+
+
+def _check_rows(rows, prompt_shape, response_shape) -> None:
+  """Raises ValueError unless rows is a static (start, stop) range with
+  P - 1 <= start < stop <= L, or an integer array [B, R]."""
+  (b, p), (_, k, t) = prompt_shape, response_shape
+  length = p + k * t
+  if isinstance(rows, tuple):
+    check_rows_range(rows, length, "rows")
+    if rows[0] < p - 1:
+      raise ValueError(f"rows={rows}: expected a start >= P - 1 = {p - 1}")
+    return
+  shape, dtype = np.shape(rows), getattr(rows, "dtype", None)
+  if (
+    len(shape) != 2
+    or shape[0] != b
+    or dtype is None
+    or not jnp.issubdtype(dtype, jnp.integer)
+  ):
+    raise ValueError(
+      f"rows: shape {tuple(shape)}, dtype {dtype}: expected a (start, stop) "
+      f"tuple or integer slots [{b}, R] in [0, {length})"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -350,8 +404,9 @@ def sharing_saves_work(
   ):
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < low:
       raise ValueError(f"{name}={v!r}: expected an integer >= {low}")
+  p, t, k = int(p), int(t), int(k)  # Python ints: numpy ones overflow
   if p == 0 or t == 0:
     return False
   packed = _layer_work(config, p + k * t, p * p + k * t * (p + t))
   separate = _layer_work(config, k * (p + t), k * (p + t) ** 2)
-  return separate >= PACKING_MARGIN * packed
+  return bool(separate >= PACKING_MARGIN * packed)

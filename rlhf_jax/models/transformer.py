@@ -260,7 +260,7 @@ def take_rows(x: Array, rows: Rows) -> Array:
 
 @functools.partial(
   jax.tree_util.register_dataclass,
-  data_fields=("prompt", "response", "rows"),
+  data_fields=("prompt", "response", "row_mask"),
   meta_fields=(),
 )
 @dataclasses.dataclass(frozen=True)
@@ -279,27 +279,27 @@ class PackedMask:
       prompt's keys.
     response: bool[B, K, T, P + T]: response k's queries over the keys of
       [prompt | response_k], as in that unpacked sequence's mask.
-    rows: None, or bool[B, R, P + K T] (or the (full, sliding) pair's
-      own): a plain mask for R gathered query rows, which a last layer
-      that runs on those rows alone uses instead of the blocks.
+    row_mask: None, or bool[B, R, P + K T] (or the (full, sliding)
+      pair's own): a plain mask for R gathered query rows, which a last
+      layer that runs on those rows alone uses instead of the blocks.
   """
 
   prompt: Array
   response: Array
-  rows: Array | None = None
+  row_mask: Array | None = None
 
 
-def _mask_rows(mask, rows: Rows):
+def _mask_rows(mask: Array | PackedMask, rows: Rows) -> Array | PackedMask:
   """The mask of the query rows `rows` (`take_rows`). A `PackedMask`
-  gives its plain `rows` mask for gathered rows, and for a static (start,
+  gives its plain `row_mask` for gathered rows, and for a static (start,
   stop) range (which must end at the row's end and start before the
   prompt's end) keeps its blocks, with the prompt's queries cut to it."""
   if not isinstance(mask, PackedMask):
     return take_rows(mask, rows)
   if not isinstance(rows, tuple):
-    if mask.rows is None:
-      raise ValueError("gathered rows of a PackedMask without its rows mask")
-    return mask.rows
+    if mask.row_mask is None:
+      raise ValueError("gathered rows of a PackedMask without its row_mask")
+    return mask.row_mask
   p = mask.prompt.shape[-1]
   _, k, t, _ = mask.response.shape
   if rows[1] != p + k * t or rows[0] >= p:
@@ -449,6 +449,8 @@ def _attend(
   the forward still builds the whole [L, S] square).
   """
   if isinstance(mask, PackedMask):
+    if cached:
+      raise ValueError("a PackedMask is for full packed rows, not a KV cache")
     return _attend_packed(qg, k, v, mask, config)
   if not cached:  # inside the checkpoint: the transposed copies are not kept
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
@@ -482,7 +484,13 @@ def _attend_packed(
   queries score its keys. Response k's T queries score the prompt's keys
   (one dot for all K responses: their K G T rows against the same P
   keys) and their own T keys, and one softmax runs over the P + T scores
-  of [prompt | response_k].
+  of [prompt | response_k]. The two halves of each response's output are
+  summed in ``config.acc_dtype`` and rounded once, as the one dot of
+  `_attend` rounds its sum.
+
+  Returns:
+    [B, Lp + K T, Hkv, G, Dh] in ``config.compute_dtype``, rows in qg's
+    order.
   """
   acc = config.acc_dtype
   b, _, hkv, g, dh = qg.shape
@@ -507,9 +515,12 @@ def _attend_packed(
   )
   scores = jnp.concatenate([shared, mine], axis=-1)  # [B, Hkv, K, G, T, P+T]
   probs = _probs(scores, mask.response[:, None, :, None], config)
-  out_r = jnp.einsum("bhcgts,bhsd->bhcgtd", probs[..., :p], v_p) + jnp.einsum(
-    "bhcgts,bhcsd->bhcgtd", probs[..., p:], own(v)
+  out_r = jnp.einsum(
+    "bhcgts,bhsd->bhcgtd", probs[..., :p], v_p, preferred_element_type=acc
+  ) + jnp.einsum(
+    "bhcgts,bhcsd->bhcgtd", probs[..., p:], own(v), preferred_element_type=acc
   )
+  out_r = out_r.astype(config.compute_dtype)
   out_r = out_r.transpose(0, 2, 4, 1, 3, 5).reshape(b, nk * t, hkv, g, dh)
   return jnp.concatenate([out_p, out_r], axis=1)
 

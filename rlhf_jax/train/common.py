@@ -351,6 +351,12 @@ def a_bool() -> Rule:
   return (lambda v: isinstance(v, bool), "True or False")
 
 
+def a_bool_or_none() -> Rule:
+  """v is True, False or None (None: decided later, e.g. by shapes); the
+  message names None, which `config_problems` lets pass."""
+  return (lambda v: isinstance(v, bool), "True, False or None")
+
+
 def one_of(*choices: Any) -> Rule:
   """v is one of ``choices``."""
   return (lambda v: v in choices, f"one of {', '.join(map(str, choices))}")

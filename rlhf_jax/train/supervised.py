@@ -34,6 +34,7 @@ from rlhf_jax.sft import sft_loss
 from rlhf_jax.train.common import (
   Rule,
   a_bool,
+  a_bool_or_none,
   above,
   accumulate_gradients,
   at_least,
@@ -163,7 +164,7 @@ class RewardModelConfig:
     "center_rewards_coef": at_least(0),
     "pooling": one_of("last", "mean"),
     "num_micro_batches": at_least(1),
-    "share_prompt": a_bool(),
+    "share_prompt": a_bool_or_none(),
   }
 
   def cross_problems(self) -> list[str]:
@@ -388,7 +389,7 @@ class DPOConfig:
     "label_smoothing": within(0, 0.5),
     "num_micro_batches": at_least(1),
     "precomputed_ref": a_bool(),
-    "share_prompt": a_bool(),
+    "share_prompt": a_bool_or_none(),
   }
 
   def cross_problems(self) -> list[str]:
