@@ -1,7 +1,10 @@
 """Prefix sharing: the DPO and reward-model steps with the prompt run once
-per pair (``share_prompt=True``) against two rows per pair (False).
+per pair (``share_prompt=True``) against two rows per pair (False), and
+the GRPO iteration with each group's prompt run once against one row per
+response.
 
   .venv/bin/python benchmarks/bench_shared_prompt.py [--rounds 9]
+      [--steps dpo rm grpo]
 
 Each row compiles both steps on the same batch (random ids; prompts
 left-padded to P with lengths drawn in [P/2, P], responses right-padded
@@ -10,7 +13,10 @@ alternating calls (one untimed call of a side before each timed one).
 It prints the medians, the median of the per-round ratios
 (separate / packed, > 1 = packing is faster), XLA's flop counts, and
 what the default (``share_prompt=None``, ``models.sharing_saves_work``)
-picks. Models: TinyStories-656K (../shared/data) and the ~25M Llama of
+picks. A GRPO row times the whole iteration (``make_grpo_step``: sampling
+T tokens for K responses per prompt, the reference's logprobs, a
+jittable score of the tokens, one update); only its teacher-forced
+forwards change. Models: TinyStories-656K (../shared/data) and the ~25M Llama of
 bench_train_flops.py (random weights). Nothing is asserted.
 """
 
@@ -29,30 +35,37 @@ from bench_train_flops import CFG as CFG_25M
 from rlhf_jax import models
 from rlhf_jax.train import (
   DPOConfig,
+  GRPOConfig,
   RewardModelConfig,
   TrainState,
+  init_grpo_state,
   make_dpo_step,
+  make_grpo_step,
   make_reward_model_step,
 )
-from rlhf_jax.types import PreferenceBatch
+from rlhf_jax.types import PreferenceBatch, PromptBatch
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSTORIES = DATA / "models" / "tinystories-656k"
-# (model, step, pairs, P, T)
+# (model, step, prompts, K responses per prompt, P, T)
 ROWS = [
-  ("656K", "dpo", 8, 8, 64),
-  ("656K", "dpo", 8, 16, 64),
-  ("656K", "dpo", 8, 32, 64),  # Tunix's DPO example shapes (bench_peers)
-  ("656K", "rm", 8, 32, 64),
-  ("656K", "dpo", 8, 96, 64),
-  ("656K", "rm", 8, 96, 64),
-  ("656K", "dpo", 8, 24, 32),  # the default run's shapes
-  ("656K", "rm", 8, 24, 32),
-  ("25M", "dpo", 4, 16, 64),
-  ("25M", "dpo", 4, 64, 64),
-  ("25M", "dpo", 4, 128, 64),
-  ("25M", "rm", 4, 64, 64),
-  ("25M", "rm", 4, 128, 64),
+  ("656K", "dpo", 8, 2, 8, 64),
+  ("656K", "dpo", 8, 2, 16, 64),
+  ("656K", "dpo", 8, 2, 32, 64),  # Tunix's DPO example shapes (bench_peers)
+  ("656K", "rm", 8, 2, 32, 64),
+  ("656K", "dpo", 8, 2, 96, 64),
+  ("656K", "rm", 8, 2, 96, 64),
+  ("656K", "dpo", 8, 2, 24, 32),  # the default run's shapes
+  ("656K", "rm", 8, 2, 24, 32),
+  ("656K", "grpo", 4, 2, 32, 32),  # Tunix's GRPO example shapes
+  ("656K", "grpo", 4, 8, 64, 32),
+  ("656K", "grpo", 2, 16, 128, 32),
+  ("25M", "dpo", 4, 2, 16, 64),
+  ("25M", "dpo", 4, 2, 64, 64),
+  ("25M", "dpo", 4, 2, 128, 64),
+  ("25M", "rm", 4, 2, 64, 64),
+  ("25M", "rm", 4, 2, 128, 64),
+  ("25M", "grpo", 2, 8, 128, 16),
 ]
 
 
@@ -69,33 +82,62 @@ def _batch(vocab: int, pairs: int, p: int, t: int) -> PreferenceBatch:
   return PreferenceBatch(*rows(p, True), *rows(t, False), *rows(t, False))
 
 
-def _step(kind: str, config, params, share: bool, batch):
+def _token_score(frozen, input_ids, attention_mask, response_mask):
+  """A jittable score that varies with the sampled tokens."""
+  del frozen, attention_mask
+  tokens = input_ids[:, -response_mask.shape[1] :] % 7
+  return jnp.sum(jnp.where(response_mask, tokens, 0), -1).astype(jnp.float32)
+
+
+def _grpo_step(config, params, share, prompts, k, t):
   opt = optax.adam(1e-5)
-  if kind == "dpo":
+  cfg = GRPOConfig(
+    eos_token_id=config.vocab_size,  # never sampled: T tokens every row
+    pad_token_id=0,
+    group_size=k,
+    max_new_tokens=t,
+    ppo_epochs=1,
+    shuffle_minibatches=False,
+    share_prompt=share,
+  )
+  step = make_grpo_step(config, opt, cfg, score_fn=_token_score)
+  state = init_grpo_state(params, opt, jax.random.key(0))
+  return step, state, (prompts, {"ref": jax.tree.map(jnp.copy, params)})
+
+
+def _step(kind: str, config, params, share: bool, batch, k, t):
+  opt = optax.adam(1e-5)
+  if kind == "grpo":
+    step, state, args = _grpo_step(config, params, share, batch, k, t)
+  elif kind == "dpo":
     step = make_dpo_step(config, opt, DPOConfig(share_prompt=share))
-    extra = (jax.tree.map(jnp.copy, params),)
+    args = (batch, jax.tree.map(jnp.copy, params))
+    state = TrainState.create(params, opt, jax.random.key(0))
   else:
     params = models.from_policy_params(params, config, jax.random.key(1))
-    cfg = RewardModelConfig(share_prompt=share)
-    step = make_reward_model_step(config, opt, cfg)
-    extra = ()
-  state = TrainState.create(params, opt, jax.random.key(0))
-  compiled = jax.jit(step).lower(state, batch, *extra).compile()
+    step = make_reward_model_step(
+      config, opt, RewardModelConfig(share_prompt=share)
+    )
+    args = (batch,)
+    state = TrainState.create(params, opt, jax.random.key(0))
+  compiled = jax.jit(step).lower(state, *args).compile()
   flops = compiled.cost_analysis().get("flops", float("nan"))
 
   def run():
-    _, metrics = compiled(state, batch, *extra)
+    _, metrics = compiled(state, *args)
     return jax.block_until_ready(metrics)
 
   return run, flops
 
 
-def _row(name, kind, pairs, p, t, models_by_name, rounds):
+def _row(name, kind, n, k, p, t, models_by_name, rounds):
   config, params = models_by_name[name]
-  batch = _batch(config.vocab_size, pairs, p, t)
-  sides = [_step(kind, config, params, s, batch) for s in (False, True)]
+  batch = _batch(config.vocab_size, n, p, t)
+  if kind == "grpo":
+    batch = PromptBatch(batch.prompt_ids, batch.prompt_mask)
+  sides = [_step(kind, config, params, s, batch, k, t) for s in (False, True)]
   first = [run() for run, _ in sides]
-  key = "dpo/loss" if kind == "dpo" else "rm/loss"
+  key = {"dpo": "dpo/loss", "rm": "rm/loss", "grpo": "objective/kl"}[kind]
   agree = abs(float(first[0][key]) - float(first[1][key])) < 1e-4
   times = [[], []]
   for _ in range(rounds):
@@ -105,11 +147,11 @@ def _row(name, kind, pairs, p, t, models_by_name, rounds):
       run()
       times[i].append(time.perf_counter() - start)
   ratio = statistics.median(a / b for a, b in zip(*times, strict=True))
-  auto = models.sharing_saves_work(config, p, t, 2)
+  auto = models.sharing_saves_work(config, p, t, k)
   sep, pk = (statistics.median(x) * 1e3 for x in times)
   gflops = [f / 1e9 for _, f in sides]
   print(
-    f"| {name} | {kind} | {pairs} | {p} | {t} | {sep:.1f} | {pk:.1f} | "
+    f"| {name} | {kind} | {n} | {k} | {p} | {t} | {sep:.1f} | {pk:.1f} | "
     f"**{ratio:.2f}x** | {gflops[0]:.2f} / {gflops[1]:.2f} | "
     f"{'packed' if auto else 'separate'} | {'yes' if agree else 'NO'} |",
     flush=True,
@@ -119,17 +161,24 @@ def _row(name, kind, pairs, p, t, models_by_name, rounds):
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=positive_int, default=9)
+  parser.add_argument(
+    "--steps",
+    nargs="+",
+    choices=("dpo", "rm", "grpo"),
+    default=("dpo", "rm", "grpo"),
+    help="which rows to run (default: all)",
+  )
   args = parser.parse_args()
   models_by_name = {
     "656K": models.load_hf_checkpoint(TINYSTORIES),
     "25M": (CFG_25M, models.init_params(CFG_25M, jax.random.key(0))),
   }
   print(
-    "| model | step | pairs | P | T | separate ms | packed ms | "
+    "| model | step | prompts | K | P | T | separate ms | packed ms | "
     "separate / packed | GFLOP (XLA) | default picks | same loss |"
   )
-  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
-  for row in ROWS:
+  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+  for row in (r for r in ROWS if r[1] in args.steps):
     _row(*row, models_by_name, args.rounds)
 
 

@@ -33,6 +33,13 @@ from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
 from rlhf_jax.train.common import check_build
 from rlhf_jax.train.grpo_config import GRPOConfig
+from rlhf_jax.train.grpo_groups import (
+  grouped,
+  rollout_group_logprobs,
+  rollout_group_rewards,
+  shares_prompt,
+  update_packs_groups,
+)
 from rlhf_jax.train.grpo_update import (
   GRPOLearner,
   group_advantages,
@@ -119,7 +126,6 @@ def make_grpo_rollout(
     ValueError: see ``train.common.check_build``.
   """
   check_build(model_config, config)
-  forced = dict(model_config=model_config, temperature=config.temperature)
 
   def rollout_fn(state: TrainState, prompts: PromptBatch, frozen=None):
     sample_rng, _ = _keys(state)
@@ -130,23 +136,43 @@ def make_grpo_rollout(
       model_config=model_config,
       config=config,
     )
+    logprobs = _teacher_forced(rollout, model_config, config)
     updates = config.ppo_epochs * config.num_minibatches
     if updates > 1 or config.kl_penalty == "reward":
-      old = rollout_logprobs(state.params, rollout, **forced)
+      old = logprobs(state.params, model_config)
     else:  # the only update uses its own logprobs as the old ones
       old = rollout.logprobs
     ref = jnp.zeros_like(old)
     if config.uses_reference:
-      ref_params, ref_config = _reference(state.params, frozen, model_config)
-      ref = rollout_logprobs(
-        ref_params,
-        rollout,
-        model_config=ref_config,
-        temperature=config.temperature,
-      )
+      ref = logprobs(*_reference(state.params, frozen, model_config))
     return GRPOSamples(rollout, old, ref)
 
   return rollout_fn
+
+
+def _teacher_forced(rollout: Rollout, model_config, config: GRPOConfig):
+  """logprobs(params, model_config) -> f32[B, T] of the rollout's tokens
+  at the sampling temperature: packed by group where `shares_prompt`."""
+  prompt_len, response_len = (
+    rollout.prompt_ids.shape[1],
+    rollout.response_ids.shape[1],
+  )
+  packs = shares_prompt(config, model_config, prompt_len, response_len)
+
+  def logprobs(params, cfg):
+    if packs:
+      return rollout_group_logprobs(
+        params,
+        rollout,
+        group_size=config.group_size,
+        temperature=config.temperature,
+        model_config=cfg,
+      )
+    return rollout_logprobs(
+      params, rollout, model_config=cfg, temperature=config.temperature
+    )
+
+  return logprobs
 
 
 def make_grpo_update(
@@ -163,7 +189,8 @@ def make_grpo_update(
 
   Raises:
     ValueError: see ``train.common.check_build``; at trace time, scores not
-      [B] or rows that do not split into minibatches.
+      [B], rows that do not split into minibatches, or with
+      share_prompt=True groups that do not (``update_packs_groups``).
   """
   check_build(model_config, config)
   minibatch_update = make_grpo_minibatch_update(model_config, optimizer, config)
@@ -179,6 +206,12 @@ def make_grpo_update(
       )
     _, perm_rng = _keys(state)
     batch, sample_stats = _advantages(samples, scores, config)
+    r = samples.rollout
+    shape = (r.prompt_ids.shape[1], r.response_ids.shape[1], rows)
+    if update_packs_groups(config, model_config, *shape):
+      # [groups, G, ...]: minibatches and micro-batches of whole groups,
+      # each one packed row in the loss.
+      batch = jax.tree.map(lambda x: grouped(x, config.group_size), batch)
     learner, update_stats = update_epochs(
       GRPOLearner.of(state), batch, perm_rng, minibatch_update, config=config
     )
@@ -271,12 +304,19 @@ def make_grpo_step(
 
   def step(state: TrainState, prompts: PromptBatch, frozen: dict):
     samples = rollout_fn(state, prompts, frozen)
-    scores = score_phase(
-      frozen.get("reward"),
-      samples.rollout,
-      model_config=model_config,
-      score_fn=score_fn,
-    )
+    r = samples.rollout
+    shape = (r.prompt_ids.shape[1], r.response_ids.shape[1])
+    if score_fn is None and shares_prompt(config, model_config, *shape):
+      scores = rollout_group_rewards(
+        frozen.get("reward"),
+        r,
+        group_size=config.group_size,
+        model_config=model_config,
+      )
+    else:
+      scores = score_phase(
+        frozen.get("reward"), r, model_config=model_config, score_fn=score_fn
+      )
     return update(state, samples, scores)
 
   return step

@@ -5,7 +5,14 @@ from typing import ClassVar, Literal
 
 from rlhf_jax.kl import KL_ESTIMATORS
 from rlhf_jax.masked import LOSS_AGG_MODES
-from rlhf_jax.train.common import Rule, above, at_least, one_of, within
+from rlhf_jax.train.common import (
+  Rule,
+  a_bool_or_none,
+  above,
+  at_least,
+  one_of,
+  within,
+)
 
 ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 KL_PENALTIES = ("loss", "reward", "off")
@@ -58,7 +65,18 @@ class GRPOConfig:
       default) = the estimator's own: seq-mean-token-mean for grpo (Shao et
       al. 2024, eq. 3), seq-mean-token-sum-norm for dr_grpo, token-mean for
       rloo. See ``agg_mode``.
-    shuffle_minibatches: shuffle rows between epochs.
+    shuffle_minibatches: shuffle rows between epochs (whole groups when
+      the update shares prompts).
+    share_prompt: prefix sharing: each group's prompt runs once, in one
+      packed row [prompt | response_1 | ... | response_G]
+      (``models.shared_prompt_logits``; the same logprobs to float
+      rounding), in the rollout's old and reference logprobs, the reward
+      model's scores and the update. The update then splits minibatches
+      and micro-batches into whole groups. None (the default): packed where
+      ``models.sharing_saves_work`` says it is cheaper at these shapes,
+      and in the update only with one minibatch per epoch (where whole
+      groups and single rows make the same minibatch), never with
+      ``exact_sampling``. False: one row per response.
     axis_name: pmap axis name, None under jit.
   """
 
@@ -83,6 +101,7 @@ class GRPOConfig:
   dual_clip: float | None = None
   loss_agg_mode: str | None = None
   shuffle_minibatches: bool = True
+  share_prompt: bool | None = None
   axis_name: str | None = None
 
   RULES: ClassVar[dict[str, Rule]] = {
@@ -103,6 +122,7 @@ class GRPOConfig:
     "cliprange_high": at_least(0),
     "dual_clip": above(1),
     "loss_agg_mode": one_of(*LOSS_AGG_MODES),
+    "share_prompt": a_bool_or_none(),
   }
 
   def cross_problems(self) -> list[str]:
@@ -119,6 +139,12 @@ class GRPOConfig:
       out.append(
         f"kl_estimator={self.kl_estimator!r}: expected k1 with "
         "kl_penalty='reward' (k2 and k3 in the reward bias the gradient)"
+      )
+    if self.share_prompt is True and self.exact_sampling:
+      # exact_sampling promises the sampler's own (unpacked) forward.
+      out.append(
+        "share_prompt=True: expected None or False with exact_sampling=True "
+        "(the packed forward equals the sampler's only to float rounding)"
       )
     return out
 

@@ -31,6 +31,7 @@ from rlhf_jax.train.common import (
   teacher_forced_logprobs,
 )
 from rlhf_jax.train.grpo_config import GRPOConfig
+from rlhf_jax.train.grpo_groups import group_logprobs
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.types import GRPOBatch
 
@@ -95,7 +96,8 @@ def grpo_loss(
 
   Args:
     params: policy params.
-    mb: the (micro-)batch, rows prompt * G + g.
+    mb: the (micro-)batch, rows prompt * G + g, or [N, G, ...] whole
+      groups (one packed row each, ``GRPOConfig.share_prompt``).
     first: bool[], the iteration's first update.
     normalizer: f32[], the whole minibatch's count for ``config.agg_mode``
       (``train.common.loss_normalizer``), so micro-batches sum exactly.
@@ -106,19 +108,8 @@ def grpo_loss(
     (loss f32[], statistics: ``ppo_policy_loss``'s ``ppo/*`` and, with
     kl_penalty="loss", ``kl_loss``'s ``ppo/kl_loss``).
   """
+  logp, mb = _policy_logprobs(params, mb, model_config, config)
   mask = mb.response_mask
-  ids, attn = concat_prompt_response(
-    mb.prompt_ids, mb.prompt_mask, mb.response_ids, mask
-  )
-  logp = teacher_forced_logprobs(
-    params,
-    ids,
-    attn,
-    prompt_length=mb.prompt_ids.shape[1],
-    temperature=jnp.asarray(config.temperature, model_config.acc_dtype),
-    response_mask=mask,
-    model_config=model_config,
-  )
   old_logp = jnp.where(first, jax.lax.stop_gradient(logp), mb.old_logprobs)
   agg = dict(loss_agg_mode=config.agg_mode, normalizer=normalizer)
   loss, stats = ppo_policy_loss(
@@ -139,6 +130,40 @@ def grpo_loss(
     loss = loss + config.kl_coef * kl_term
     stats = stats | kl_stats
   return loss, stats
+
+
+def _policy_logprobs(
+  params, mb: GRPOBatch, model_config, config: GRPOConfig
+) -> tuple[jax.Array, GRPOBatch]:
+  """(f32[R, T] logprobs, the batch as R rows): one row per response, or
+  for a batch of whole groups ([N, G, ...], ``update_packs_groups``) one
+  packed row per group."""
+  temperature = jnp.asarray(config.temperature, model_config.acc_dtype)
+  if mb.response_mask.ndim == 3:
+    logp = group_logprobs(
+      params,
+      mb.prompt_ids[:, 0],
+      mb.prompt_mask[:, 0],
+      mb.response_ids,
+      mb.response_mask,
+      temperature=temperature,
+      model_config=model_config,
+    )
+    rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), mb)
+    return logp.reshape(rows.response_mask.shape), rows
+  ids, attn = concat_prompt_response(
+    mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask
+  )
+  logp = teacher_forced_logprobs(
+    params,
+    ids,
+    attn,
+    prompt_length=mb.prompt_ids.shape[1],
+    temperature=temperature,
+    response_mask=mb.response_mask,
+    model_config=model_config,
+  )
+  return logp, mb
 
 
 def make_grpo_minibatch_update(
