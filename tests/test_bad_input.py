@@ -157,6 +157,23 @@ OPTION_CASES = [
     "expected a multiple of --ppo.algo.num-micro-batches (3)",
   ),
   (["ppo", "--ppo.iterations", "0"], "--ppo.iterations 0"),
+  (  # 8 prompts x G = 8: 64 rows split in 16, 8 groups do not
+    [
+      "grpo",
+      "--grpo.algo.share-prompt",
+      "True",
+      "--grpo.algo.num-minibatches",
+      "16",
+    ],
+    "--grpo.batch-size (groups, with --grpo.algo.share-prompt True) 8: "
+    "expected a multiple of --grpo.algo.num-minibatches x "
+    "--grpo.algo.num-micro-batches (16)",
+  ),
+  (
+    ["grpo", "--grpo.algo.share-prompt", "True", "--sampling.exact-sampling"],
+    "--grpo.algo.share-prompt True: expected None or False with "
+    "--sampling.exact-sampling",
+  ),
   (
     ["run", "--feedback.group-size", "1"],
     "--feedback.group-size 1: expected >= 2",

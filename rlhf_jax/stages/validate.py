@@ -168,6 +168,14 @@ def _minibatch_problems(stage: str, cfg: Any) -> list[str]:
       algo.num_micro_batches,
       f"{flag}.num-micro-batches",
     )
+  if getattr(algo, "share_prompt", None) is True and not out:
+    # Packed groups: minibatches and micro-batches of whole groups.
+    out += _divides(
+      f"--{stage}.batch-size (groups, with {flag}.share-prompt True)",
+      cfg.batch_size,
+      algo.num_minibatches * algo.num_micro_batches,
+      f"{flag}.num-minibatches x {flag}.num-micro-batches",
+    )
   return out
 
 
@@ -190,6 +198,12 @@ def _pipeline_problems(config: PipelineConfig) -> list[str]:
     )
   for stage in ("ppo", "grpo"):
     out += _minibatch_problems(stage, getattr(config, stage))
+  if config.grpo.algo.share_prompt is True and config.sampling.exact_sampling:
+    out.append(
+      "--grpo.algo.share-prompt True: expected None or False with "
+      "--sampling.exact-sampling (the packed forward equals the sampler's "
+      "only to float rounding)"
+    )
   return out
 
 

@@ -35,6 +35,7 @@ from rlhf_jax.train.common import check_build
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_groups import (
   grouped,
+  prompt_mismatch_groups,
   rollout_group_logprobs,
   rollout_group_rewards,
   shares_prompt,
@@ -70,7 +71,8 @@ class GRPOSamples:
   """What the rollout program hands to the scorer and the update.
 
   Attributes:
-    rollout: the sampled responses (B = prompts x G rows).
+    rollout: the sampled responses (B = prompts x G rows; the G rows of
+      a group hold the same prompt, which prefix sharing relies on).
     old_logprobs: f32[B, T] teacher-forced logprobs of the sampling params.
     ref_logprobs: f32[B, T] of the reference (0 without a reference).
   """
@@ -210,7 +212,10 @@ def make_grpo_update(
     shape = (r.prompt_ids.shape[1], r.response_ids.shape[1], rows)
     if update_packs_groups(config, model_config, *shape):
       # [groups, G, ...]: minibatches and micro-batches of whole groups,
-      # each one packed row in the loss.
+      # each one packed row in the loss, which reads row 0's prompt.
+      sample_stats["train/prompt_mismatch_groups"] = st.Sum.of(
+        prompt_mismatch_groups(r.prompt_ids, r.prompt_mask, config.group_size)
+      )
       batch = jax.tree.map(lambda x: grouped(x, config.group_size), batch)
     learner, update_stats = update_epochs(
       GRPOLearner.of(state), batch, perm_rng, minibatch_update, config=config

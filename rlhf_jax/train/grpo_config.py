@@ -76,7 +76,10 @@ class GRPOConfig:
       ``models.sharing_saves_work`` says it is cheaper at these shapes,
       and in the update only with one minibatch per epoch (where whole
       groups and single rows make the same minibatch), never with
-      ``exact_sampling``. False: one row per response.
+      ``exact_sampling``. False: one row per response. Packing reads a
+      group's prompt from its first row: the G rows must hold the same
+      prompt, as the rollout makes them (``train/prompt_mismatch_groups``
+      counts groups that do not).
     axis_name: pmap axis name, None under jit.
   """
 

@@ -7,14 +7,21 @@ Sharing", arXiv:2410.20305): P + G T tokens through the layers instead of
 G (P + T). The same holds for a reward model's scores
 (``models.shared_prompt_rewards``). ``GRPOConfig.share_prompt`` switches
 it; None packs where ``models.sharing_saves_work`` says it is cheaper.
+
+Packing reads each group's prompt from its first row: the G rows of a
+group must hold the same prompt ids and mask, as ``rollout_phase`` makes
+them (``jnp.repeat``). The update counts groups that do not
+(``prompt_mismatch_groups``, the metric ``train/prompt_mismatch_groups``).
 """
 
 import jax
+import jax.numpy as jnp
 
 from rlhf_jax import models
 from rlhf_jax.logprobs import logprobs_from_logits
 from rlhf_jax.masked import promote_f32
 from rlhf_jax.train.grpo_config import GRPOConfig
+from rlhf_jax.types import Rollout
 
 
 def shares_prompt(
@@ -74,8 +81,18 @@ def update_packs_groups(
 
 
 def grouped(x: jax.Array, group_size: int) -> jax.Array:
-  """[B, ...] rows prompt * G + g -> [B / G, G, ...]."""
-  return x.reshape(x.shape[0] // group_size, group_size, *x.shape[1:])
+  """[B, ...] rows prompt * G + g -> [B / G, G, ...].
+
+  Raises:
+    ValueError: group_size below 1, or B not a multiple of it.
+  """
+  rows = x.shape[0]
+  if group_size < 1 or rows % group_size:
+    raise ValueError(
+      f"group_size={group_size}: expected an integer >= 1 dividing the "
+      f"{rows} rows (prompt * G + g)"
+    )
+  return x.reshape(rows // group_size, group_size, *x.shape[1:])
 
 
 def group_logprobs(
@@ -108,6 +125,7 @@ def group_logprobs(
   logits = models.shared_prompt_logits(
     params, prompt_ids, prompt_mask, response_ids, mask, config=model_config
   )
+  temperature = jnp.asarray(temperature, model_config.acc_dtype)
   return logprobs_from_logits(
     logits, response_ids, temperature=temperature, mask=mask
   )
@@ -115,7 +133,7 @@ def group_logprobs(
 
 def rollout_group_logprobs(
   params,
-  rollout,
+  rollout: Rollout,
   *,
   group_size: int,
   temperature: float | jax.Array,
@@ -138,7 +156,7 @@ def rollout_group_logprobs(
 
 def rollout_group_rewards(
   reward_params,
-  rollout,
+  rollout: Rollout,
   *,
   group_size: int,
   model_config: "models.ModelConfig",
@@ -156,3 +174,14 @@ def rollout_group_rewards(
     config=model_config,
   )
   return promote_f32(scores.reshape(-1))
+
+
+def prompt_mismatch_groups(
+  prompt_ids: jax.Array, prompt_mask: jax.Array, group_size: int
+) -> jax.Array:
+  """i32[]: groups (rows prompt * G + g) whose rows' prompt ids or mask
+  differ from their first row's; packing would read only the first."""
+  ids = grouped(prompt_ids, group_size)
+  mask = grouped(prompt_mask.astype(bool), group_size)
+  differs = (ids != ids[:, :1]) | (mask != mask[:, :1])
+  return jnp.sum(jnp.any(differs, axis=(1, 2)), dtype=jnp.int32)

@@ -12,14 +12,19 @@ import pytest
 import train_helpers as helpers
 
 from rlhf_jax import models
+from rlhf_jax.models import lora
 from rlhf_jax.train import (
   GRPOConfig,
   init_grpo_state,
   make_grpo_step,
+  make_grpo_update,
 )
+from rlhf_jax.train import grpo as grpo_module
 from rlhf_jax.train.common import config_problems
+from rlhf_jax.train.grpo import GRPOSamples
 from rlhf_jax.train.grpo_groups import (
   grouped,
+  prompt_mismatch_groups,
   rollout_group_logprobs,
   rollout_group_rewards,
   update_packs_groups,
@@ -99,12 +104,15 @@ def _step(**kw):
     {"ppo_epochs": 1},  # the old logprobs are the sampler's
     {"kl_penalty": "reward", "kl_estimator": "k1"},
     {"advantage_estimator": "rloo", "shuffle_minibatches": True},
+    {"advantage_estimator": "dr_grpo", "kl_penalty": "off"},
   ],
-  ids=["grpo", "micro", "one-update", "kl-in-reward", "rloo-shuffled"],
+  ids=["grpo", "micro", "one-update", "kl-in-reward", "rloo-shuffled", "dr"],
 )
 def test_packed_step_equals_one_row_per_response(kw):
   (params_a, metrics_a) = _step(share_prompt=False, **kw)
   (params_b, metrics_b) = _step(share_prompt=True, **kw)
+  # Reported only where the update packs (it reads row 0's prompt).
+  assert metrics_b.pop("train/prompt_mismatch_groups") == 0
   assert metrics_a.keys() == metrics_b.keys()
   for name in metrics_a:
     np.testing.assert_allclose(
@@ -114,7 +122,98 @@ def test_packed_step_equals_one_row_per_response(kw):
     lambda a, b: float(np.max(np.abs(a - b))), params_a, params_b
   )
   assert max(jax.tree.leaves(moved)) < 1e-5
-  assert metrics_a["objective/kl"] != 0  # the reference is not the policy
+  if "objective/kl" in metrics_a:  # the reference is not the policy
+    assert metrics_a["objective/kl"] != 0
+
+
+def test_lora_policy_packed_equals_rows():
+  """LoRA: the reference is the base with adapters off (no frozen ref)."""
+  cfg = lora.configure(helpers.CFG, lora.LoraConfig(rank=4, alpha=8.0))
+  opt = lora.trainable_optimizer(helpers.optimizer(0.05))
+  out = []
+  for share in (False, True):
+    params = lora.add_adapters(helpers.policy_params(), cfg, jax.random.key(9))
+    step = jax.jit(make_grpo_step(cfg, opt, _cfg(share_prompt=share)))
+    state = init_grpo_state(params, opt, jax.random.key(0))
+    frozen = {"reward": helpers.scalar_params(3)}
+    for _ in range(2):  # B = 0 at first: the second step has a KL
+      state, metrics = step(state, helpers.prompt_batch(4), frozen)
+    out.append((jax.device_get(state.params), jax.device_get(metrics)))
+  (params_a, metrics_a), (params_b, metrics_b) = out
+  assert metrics_a["objective/kl"] != 0
+  assert metrics_b.pop("train/prompt_mismatch_groups") == 0
+  for name in metrics_a:
+    np.testing.assert_allclose(
+      metrics_b[name], metrics_a[name], rtol=1e-5, atol=1e-5, err_msg=name
+    )
+  for a, b in zip(
+    jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True
+  ):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def _samples_and_scores(groups=4):
+  """Rollout samples (distinct prompts per group) and varied scores."""
+  rollout = _rollout(groups=groups)
+  rng = np.random.default_rng(2)
+  mask = rollout.response_mask
+  old = jnp.where(mask, -jnp.asarray(rng.uniform(0.5, 3, mask.shape)), 0.0)
+  samples = GRPOSamples(rollout, old.astype(jnp.float32), old * 1.1)
+  scores = jnp.asarray(rng.normal(size=mask.shape[0]), jnp.float32)
+  return samples, scores
+
+
+def test_minibatches_of_whole_groups():
+  """share_prompt=True with 2 minibatches (no shuffle): groups {0, 2},
+  then {1, 3} (strided over groups), each the row update of its rows."""
+  cfg = _cfg(share_prompt=True, num_minibatches=2, ppo_epochs=1)
+  samples, scores = _samples_and_scores()
+  opt = helpers.optimizer(0.05)
+  state = init_grpo_state(helpers.policy_params(), opt, jax.random.key(0))
+  new, metrics = jax.jit(make_grpo_update(helpers.CFG, opt, cfg))(
+    state, samples, scores
+  )
+  assert metrics["train/prompt_mismatch_groups"] == 0
+  batch, _ = grpo_module._advantages(samples, scores, cfg)
+  rows_cfg = dataclasses.replace(cfg, share_prompt=False)
+  update = jax.jit(make_grpo_minibatch_update(helpers.CFG, opt, rows_cfg))
+  learner = GRPOLearner.of(state)
+  for m, groups in enumerate(([0, 2], [1, 3])):
+    rows = np.concatenate([np.arange(g * G, (g + 1) * G) for g in groups])
+    mb = jax.tree.map(lambda x, rows=rows: x[rows], batch)
+    learner, _ = update(learner, (mb, jnp.asarray(m == 0)))
+  for a, b in zip(
+    jax.tree.leaves(learner.params), jax.tree.leaves(new.params), strict=True
+  ):
+    np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def test_groups_whose_rows_differ_in_prompt_are_counted():
+  """Packing reads a group's first prompt row; hand-built samples whose
+  rows of a group differ are counted in train/prompt_mismatch_groups."""
+  samples, scores = _samples_and_scores()
+  r = samples.rollout
+  swap = np.arange(r.prompt_ids.shape[0])
+  swap[[1, 4]] = swap[[4, 1]]  # one row of group 0 and one of group 1
+  bad = GRPOSamples(
+    r.replace(prompt_ids=r.prompt_ids[swap], prompt_mask=r.prompt_mask[swap]),
+    samples.old_logprobs,
+    samples.ref_logprobs,
+  )
+  opt = helpers.optimizer(0.05)
+  state = init_grpo_state(helpers.policy_params(), opt, jax.random.key(0))
+  update = jax.jit(make_grpo_update(helpers.CFG, opt, _cfg()))
+  _, metrics = update(state, bad, scores)
+  assert metrics["train/prompt_mismatch_groups"] == 2
+  _, metrics = update(state, samples, scores)
+  assert metrics["train/prompt_mismatch_groups"] == 0
+  assert prompt_mismatch_groups(r.prompt_ids, r.prompt_mask, G) == 0
+
+
+@pytest.mark.parametrize("group_size", [0, 3])
+def test_grouped_names_a_group_size_that_does_not_divide(group_size):
+  with pytest.raises(ValueError, match=f"group_size={group_size}: expected"):
+    grouped(jnp.zeros((8, 2)), group_size)
 
 
 def test_a_minibatch_of_whole_groups_updates_as_its_rows():
