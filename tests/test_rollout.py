@@ -253,6 +253,50 @@ def test_row_keys_make_rows_independent_of_batch_split(params):
   np.testing.assert_array_equal(whole.response_ids[2:], half.response_ids)
 
 
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_num_samples_equals_repeated_prompts(params, kv_cache):
+  """Each prompt prefilled once for its S rows: the same tokens and (to
+  float rounding: the prefill runs on B rows, not B S) logprobs as S
+  copies of each prompt row, with the same per-row keys."""
+  ids, mask = _prompts()
+  kw = dict(
+    config=CFG,
+    max_new_tokens=6,
+    eos_token_id=5,
+    pad_token_id=PAD,
+    kv_cache=kv_cache,
+  )
+  rng = jax.random.key(4)
+  copies = generate(
+    params, jnp.repeat(ids, 3, 0), jnp.repeat(mask, 3, 0), rng, **kw
+  )
+  once = generate(params, ids, mask, rng, num_samples=3, **kw)
+  np.testing.assert_array_equal(once.prompt_ids, copies.prompt_ids)
+  np.testing.assert_array_equal(once.prompt_mask, copies.prompt_mask)
+  np.testing.assert_array_equal(once.response_ids, copies.response_ids)
+  np.testing.assert_array_equal(once.response_mask, copies.response_mask)
+  np.testing.assert_allclose(once.logprobs, copies.logprobs, atol=1e-5)
+  # Rows of one prompt differ (their own keys), as with copies.
+  assert len({tuple(r) for r in np.asarray(once.response_ids[:3])}) > 1
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_num_samples_below_one_is_named(params, bad):
+  ids, mask = _prompts()
+  with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+    generate(
+      params,
+      ids,
+      mask,
+      jax.random.key(0),
+      config=CFG,
+      max_new_tokens=2,
+      eos_token_id=5,
+      pad_token_id=PAD,
+      num_samples=bad,
+    )
+
+
 def test_same_shapes_compile_once_temperature_is_traced(params):
   ids, mask = _prompts()
   kw = dict(config=CFG, max_new_tokens=5, eos_token_id=5, pad_token_id=PAD)

@@ -38,6 +38,7 @@ from rlhf_jax.types import Rollout
     "stop_at_all_eos",
     "return_num_steps",
     "kv_cache",
+    "num_samples",
   ),
 )
 def generate(
@@ -57,6 +58,7 @@ def generate(
   stop_at_all_eos: bool = True,
   return_num_steps: bool = False,
   kv_cache: bool = True,
+  num_samples: int = 1,
 ) -> Rollout | tuple[Rollout, jax.Array]:
   """Samples ``max_new_tokens`` response tokens for each left-padded prompt.
 
@@ -88,14 +90,20 @@ def generate(
       `rlhf_jax.logprobs` on the final sequence. Tokens are drawn from, and
       logprobs equal, the trainer's distribution bitwise, at the cost of
       one full forward per new token.
+    num_samples: static S >= 1 responses per prompt, rows prompt * S + s
+      (B S rows out; ``rng`` then holds B S keys or one). The KV-cache
+      path prefills each prompt once and copies its cache to its S rows;
+      the same tokens and logprobs as S copies of each prompt row.
 
   Returns:
-    A Rollout (response_ids i32[B, T], response_mask bool[B, T], logprobs
-    f32[B, T], truncated bool[B], response_lengths i32[B]), and with
+    A Rollout of R = B S rows (prompt_ids i32[R, P] repeated,
+    response_ids i32[R, T], response_mask bool[R, T], logprobs f32[R, T],
+    truncated bool[R], response_lengths i32[R]), and with
     ``return_num_steps`` the i32[] number of sampled positions.
 
   Raises:
-    ValueError: prompt shapes differ or max_new_tokens < 1.
+    ValueError: prompt shapes differ, max_new_tokens < 1 or
+      num_samples < 1.
   """
   if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
     raise ValueError(
@@ -104,8 +112,13 @@ def generate(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  batch, prompt_len = prompt_ids.shape
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
   prompt_mask = prompt_mask.astype(bool)
+  if not kv_cache and num_samples > 1:  # the full forward has no cache
+    prompt_ids = jnp.repeat(prompt_ids, num_samples, axis=0)
+    prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
+  batch, prompt_len = prompt_ids.shape
   if not kv_cache:
     return _generate_full_forward(
       params,
@@ -132,6 +145,12 @@ def generate(
   logits, cache = models.prefill(
     params, prompt_ids, prompt_mask, config=config, cache=cache
   )
+  if num_samples > 1:  # each prompt prefilled once, its cache copied
+    logits, cache, prompt_ids, prompt_mask = jax.tree.map(
+      lambda x: jnp.repeat(x, num_samples, axis=0) if x.ndim else x,
+      (logits, cache, prompt_ids, prompt_mask),
+    )
+    batch *= num_samples
   draw = _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id)
   tokens0 = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
   logps0 = jnp.zeros((batch, max_new_tokens), config.acc_dtype)

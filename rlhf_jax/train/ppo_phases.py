@@ -74,17 +74,15 @@ def rollout_phase(
     Rollout with B = prompts x G rows and T = config.max_new_tokens.
   """
   group = config.group_size
-  prompt_ids = jnp.repeat(prompts.prompt_ids, group, axis=0)
-  prompt_mask = jnp.repeat(prompts.prompt_mask.astype(bool), group, axis=0)
-  rows = prompt_ids.shape[0]
+  rows = prompts.prompt_ids.shape[0] * group
   axis = config.axis_name
   offset = 0 if axis is None else jax.lax.axis_index(axis) * rows
   global_rows = (offset + jnp.arange(rows)).astype(jnp.uint32)
   row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, global_rows)
-  return generate(
+  return generate(  # each prompt prefilled once for its G rows
     policy_params,
-    prompt_ids,
-    prompt_mask,
+    prompts.prompt_ids,
+    prompts.prompt_mask,
     row_keys,
     config=model_config,
     max_new_tokens=config.max_new_tokens,
@@ -94,6 +92,7 @@ def rollout_phase(
     eos_token_id=config.eos_token_id,
     pad_token_id=config.pad_token_id,
     kv_cache=not config.exact_sampling,
+    num_samples=group,
   )
 
 

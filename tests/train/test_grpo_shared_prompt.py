@@ -113,15 +113,7 @@ def test_packed_step_equals_one_row_per_response(kw):
   (params_b, metrics_b) = _step(share_prompt=True, **kw)
   # Reported only where the update packs (it reads row 0's prompt).
   assert metrics_b.pop("train/prompt_mismatch_groups") == 0
-  assert metrics_a.keys() == metrics_b.keys()
-  for name in metrics_a:
-    np.testing.assert_allclose(
-      metrics_b[name], metrics_a[name], rtol=1e-5, atol=1e-5, err_msg=name
-    )
-  moved = jax.tree.map(
-    lambda a, b: float(np.max(np.abs(a - b))), params_a, params_b
-  )
-  assert max(jax.tree.leaves(moved)) < 1e-5
+  helpers.assert_same_step((params_a, metrics_a), (params_b, metrics_b))
   if "objective/kl" in metrics_a:  # the reference is not the policy
     assert metrics_a["objective/kl"] != 0
 
@@ -139,17 +131,9 @@ def test_lora_policy_packed_equals_rows():
     for _ in range(2):  # B = 0 at first: the second step has a KL
       state, metrics = step(state, helpers.prompt_batch(4), frozen)
     out.append((jax.device_get(state.params), jax.device_get(metrics)))
-  (params_a, metrics_a), (params_b, metrics_b) = out
-  assert metrics_a["objective/kl"] != 0
-  assert metrics_b.pop("train/prompt_mismatch_groups") == 0
-  for name in metrics_a:
-    np.testing.assert_allclose(
-      metrics_b[name], metrics_a[name], rtol=1e-5, atol=1e-5, err_msg=name
-    )
-  for a, b in zip(
-    jax.tree.leaves(params_a), jax.tree.leaves(params_b), strict=True
-  ):
-    np.testing.assert_allclose(b, a, atol=1e-5)
+  assert out[1][1].pop("train/prompt_mismatch_groups") == 0
+  metrics = helpers.assert_same_step(*out)
+  assert metrics["objective/kl"] != 0
 
 
 def _samples_and_scores(groups=4):
@@ -297,15 +281,7 @@ def test_the_step_takes_the_path_asked_for(monkeypatch, share, calls):
   """Old logprobs, reference logprobs, the reward model's scores and the
   update's loss: four packed forwards at the test shapes (P = 4, T = 6,
   G = 4) unless turned off; the packed step also costs XLA fewer flops."""
-  seen = []
-  for name in ("shared_prompt_logits", "shared_prompt_rewards"):
-    real = getattr(models, name)
-
-    def spy(*args, _real=real, _name=name, **kw):
-      seen.append(_name)
-      return _real(*args, **kw)
-
-    monkeypatch.setattr(models, name, spy)
+  seen = helpers.spy_on_packing(monkeypatch)
   opt = helpers.optimizer(0.05)
   step = make_grpo_step(helpers.CFG, opt, _cfg(share_prompt=share))
   state = init_grpo_state(helpers.policy_params(), opt, jax.random.key(0))

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import train_helpers as helpers
 
-from rlhf_jax import models
 from rlhf_jax.models import shared_prompt
 from rlhf_jax.train import (
   DPOConfig,
@@ -28,28 +27,13 @@ def _run(share_prompt, **kw):
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
-def _assert_same_step(separate, packed) -> dict:
-  """Both (params, metrics) equal to 1e-5; returns the metrics."""
-  (params_a, metrics_a), (params_b, metrics_b) = separate, packed
-  assert metrics_a.keys() == metrics_b.keys()
-  for name in metrics_a:
-    np.testing.assert_allclose(
-      metrics_b[name], metrics_a[name], rtol=1e-5, atol=1e-5, err_msg=name
-    )
-  moved = jax.tree.map(
-    lambda a, b: float(np.max(np.abs(a - b))), params_a, params_b
-  )
-  assert max(jax.tree.leaves(moved)) < 1e-5
-  return metrics_a
-
-
 @pytest.mark.parametrize(
   "kw",
   [{}, {"loss_type": "ipo"}, {"num_micro_batches": 2}],
   ids=["dpo", "ipo", "micro"],
 )
 def test_packed_step_equals_two_rows_per_pair(kw):
-  metrics = _assert_same_step(_run(False, **kw), _run(True, **kw))
+  metrics = helpers.assert_same_step(_run(False, **kw), _run(True, **kw))
   assert metrics["logps/chosen"] < 0
 
 
@@ -80,7 +64,7 @@ def test_packed_reward_model_step_equals_two_rows_per_pair(pooling):
     )
     state, metrics = step(case.init_state(), case.batch, *case.extra)
     out.append(jax.device_get((state.params, metrics)))
-  metrics = _assert_same_step(*out)
+  metrics = helpers.assert_same_step(*out)
   assert metrics["train/grad_norm"] > 0
 
 
@@ -99,15 +83,7 @@ def test_the_step_takes_the_path_asked_for(
   """The comparisons above hold whichever path runs; this pins which one
   does: the packed functions are called exactly when share_prompt (or,
   for None, the estimate at these shapes) asks for packing."""
-  calls = []
-  for name in ("shared_prompt_logits", "shared_prompt_rewards"):
-    real = getattr(models, name)
-
-    def spy(*args, _real=real, _name=name, **kw):
-      calls.append(_name)
-      return _real(*args, **kw)
-
-    monkeypatch.setattr(models, name, spy)
+  calls = helpers.spy_on_packing(monkeypatch)
   rng = np.random.default_rng(3)
 
   def ids(length):

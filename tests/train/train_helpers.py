@@ -250,3 +250,33 @@ CASES = {
   "ppo": ppo_case,
   "grpo": grpo_case,
 }
+
+
+def assert_same_step(separate, packed) -> dict:
+  """Both (params, metrics) equal to 1e-5; returns the metrics."""
+  (params_a, metrics_a), (params_b, metrics_b) = separate, packed
+  assert metrics_a.keys() == metrics_b.keys()
+  for name in metrics_a:
+    np.testing.assert_allclose(
+      metrics_b[name], metrics_a[name], rtol=1e-5, atol=1e-5, err_msg=name
+    )
+  moved = jax.tree.map(
+    lambda a, b: float(np.max(np.abs(a - b))), params_a, params_b
+  )
+  assert max(jax.tree.leaves(moved)) < 1e-5
+  return metrics_a
+
+
+def spy_on_packing(monkeypatch) -> list[str]:
+  """The names of the packed forwards (models.shared_prompt_logits /
+  shared_prompt_rewards) as they are called, appended to the list."""
+  calls = []
+  for name in ("shared_prompt_logits", "shared_prompt_rewards"):
+    real = getattr(models, name)
+
+    def spy(*args, _real=real, _name=name, **kw):
+      calls.append(_name)
+      return _real(*args, **kw)
+
+    monkeypatch.setattr(models, name, spy)
+  return calls
