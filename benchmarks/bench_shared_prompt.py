@@ -4,7 +4,7 @@ the GRPO iteration with each group's prompt run once against one row per
 response.
 
   .venv/bin/python benchmarks/bench_shared_prompt.py [--rounds 9]
-      [--steps dpo rm grpo]
+      [--steps dpo rm grpo prefill]
 
 Each row compiles both steps on the same batch (random ids; prompts
 left-padded to P with lengths drawn in [P/2, P], responses right-padded
@@ -17,7 +17,9 @@ flop counts, and what the default (``share_prompt=None``,
 ``models.sharing_saves_work``) picks. A GRPO row times the whole
 iteration (``make_grpo_step``: sampling T tokens for K responses per
 prompt, the reference's logprobs, a jittable score of the tokens, one
-update); only its teacher-forced forwards change. Models:
+update); only its teacher-forced forwards change. The prefill rows time
+``rollout.generate`` on G copies of each prompt against
+``num_samples=G`` (each prompt prefilled once). Models:
 TinyStories-656K (../shared/data) and the ~25M Llama of
 bench_train_flops.py (random weights). Nothing is asserted.
 """
@@ -35,6 +37,7 @@ from bench_args import positive_int  # benchmarks/, beside this script
 from bench_train_flops import CFG as CFG_25M
 
 from rlhf_jax import models
+from rlhf_jax.rollout import generate
 from rlhf_jax.train import (
   DPOConfig,
   GRPOConfig,
@@ -171,14 +174,66 @@ def _row(name, kind, n, k, p, t, models_by_name, rounds):
   )
 
 
+# (model, prompts, G, P, T): the sampler's prefill, once per prompt or not
+PREFILL_ROWS = [
+  ("656K", 4, 8, 64, 32),
+  ("656K", 2, 16, 128, 32),
+  ("25M", 2, 8, 128, 16),
+]
+
+
+def _prefill_row(name, n, g, p, t, models_by_name, rounds):
+  """generate on G copies of each prompt against num_samples=G (each
+  prompt prefilled once), temperature 1, no EOS; paired ratio."""
+  config, params = models_by_name[name]
+  batch = _batch(config.vocab_size, n, p, t)
+  ids, mask = batch.prompt_ids, batch.prompt_mask
+  copies = (jnp.repeat(ids, g, 0), jnp.repeat(mask, g, 0))
+  rng = jax.random.key(0)
+  kw = dict(
+    config=config,
+    max_new_tokens=t,
+    eos_token_id=config.vocab_size,  # never sampled
+    pad_token_id=0,
+    stop_at_all_eos=False,
+  )
+  sides = [
+    (generate.lower(params, *copies, rng, **kw).compile(), copies),
+    (
+      generate.lower(params, ids, mask, rng, num_samples=g, **kw).compile(),
+      (ids, mask),
+    ),
+  ]
+
+  def run(side):
+    compiled, prompts = side
+    return jax.block_until_ready(compiled(params, *prompts, rng).response_ids)
+
+  same = bool(np.array_equal(run(sides[0]), run(sides[1])))
+  times = [[], []]
+  for _ in range(rounds):
+    for i, side in enumerate(sides):
+      run(side)
+      start = time.perf_counter()
+      run(side)
+      times[i].append(time.perf_counter() - start)
+  ratio = statistics.median(a / b for a, b in zip(*times, strict=True))
+  copies_ms, once_ms = (statistics.median(x) * 1e3 for x in times)
+  print(
+    f"| {name} | {n} | {g} | {p} | {t} | {copies_ms:.1f} | {once_ms:.1f} | "
+    f"**{ratio:.2f}x** | {'yes' if same else 'NO'} |",
+    flush=True,
+  )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=positive_int, default=9)
   parser.add_argument(
     "--steps",
     nargs="+",
-    choices=("dpo", "rm", "grpo"),
-    default=("dpo", "rm", "grpo"),
+    choices=("dpo", "rm", "grpo", "prefill"),
+    default=("dpo", "rm", "grpo", "prefill"),
     help="which rows to run (default: all)",
   )
   args = parser.parse_args()
@@ -186,13 +241,22 @@ def main() -> None:
     "656K": models.load_hf_checkpoint(TINYSTORIES),
     "25M": (CFG_25M, models.init_params(CFG_25M, jax.random.key(0))),
   }
-  print(
-    "| model | step | prompts | K | P | T | separate ms | packed ms | "
-    "separate / packed | GFLOP (XLA) | default picks | same loss |"
-  )
-  print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
-  for row in (r for r in ROWS if r[1] in args.steps):
+  rows = [r for r in ROWS if r[1] in args.steps]
+  if rows:
+    print(
+      "| model | step | prompts | K | P | T | separate ms | packed ms | "
+      "separate / packed | GFLOP (XLA) | default picks | same loss |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+  for row in rows:
     _row(*row, models_by_name, args.rounds)
+  if "prefill" in args.steps:
+    print(
+      "\n| model | prompts | G | P | T | G copies ms | prefill once ms | "
+      "ratio | same tokens |\n|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
+    for row in PREFILL_ROWS:
+      _prefill_row(*row, models_by_name, args.rounds)
 
 
 if __name__ == "__main__":

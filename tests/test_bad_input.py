@@ -174,6 +174,11 @@ OPTION_CASES = [
     "--grpo.algo.share-prompt True: expected None or False with "
     "--sampling.exact-sampling",
   ),
+  (  # the accept-rate task's GRPO arm
+    ["kto", "--grpo.algo.share-prompt", "True", "--sampling.exact-sampling"],
+    "--grpo.algo.share-prompt True: expected None or False with "
+    "--sampling.exact-sampling",
+  ),
   (
     ["run", "--feedback.group-size", "1"],
     "--feedback.group-size 1: expected >= 2",

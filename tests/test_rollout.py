@@ -280,7 +280,17 @@ def test_num_samples_equals_repeated_prompts(params, kv_cache):
   assert len({tuple(r) for r in np.asarray(once.response_ids[:3])}) > 1
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5])
+def test_num_samples_takes_numpy_integers(params):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=2, eos_token_id=5, pad_token_id=PAD)
+  rng = jax.random.key(1)
+  a = generate(params, ids, mask, rng, num_samples=np.int64(2), **kw)
+  b = generate(params, ids, mask, rng, num_samples=2, **kw)
+  assert a.response_ids.shape == (8, 2)
+  np.testing.assert_array_equal(a.response_ids, b.response_ids)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
 def test_num_samples_below_one_is_named(params, bad):
   ids, mask = _prompts()
   with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):

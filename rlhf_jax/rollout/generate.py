@@ -3,8 +3,8 @@
 ``generate`` is pure: prefill the left-padded prompts once, then decode one
 token per iteration of ``lax.while_loop`` (leaving early when every row has
 emitted EOS). There is no Python loop over tokens; shapes depend only on
-(B, P, max_new_tokens), so each such shape compiles once, and temperature and
-top_p are array arguments that never trigger a recompile.
+(B, P, max_new_tokens, num_samples), so each such shape compiles once, and
+temperature and top_p are array arguments that never trigger a recompile.
 
 Response conventions (docs/conventions.md, conventions 1, 3 and 4):
 response_ids hold pad after the first EOS; response_mask is True up to and
@@ -16,6 +16,7 @@ same params.
 """
 
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -66,11 +67,12 @@ def generate(
     params: policy LM params (unboxed pytree of rlhf_jax.models).
     prompt_ids: i32[B, P] left-padded prompts.
     prompt_mask: bool[B, P] True at real prompt tokens (each row needs >= 1).
-    rng: a PRNG key, or one key per row key[B]. A single key gives row b the
-      key fold_in(rng, b); step t of row b uses fold_in(row_key, t). A fixed
-      key reproduces the same tokens bitwise, and a row's tokens do not
-      depend on how the batch is split over devices (pass per-row keys
-      derived from global row indices under pmap).
+    rng: a PRNG key, or one key per output row key[B S] (S =
+      ``num_samples``). A single key gives row b the key fold_in(rng, b);
+      step t of row b uses fold_in(row_key, t). A fixed key reproduces the
+      same tokens bitwise, and a row's tokens do not depend on how the
+      batch is split over devices (pass per-row keys derived from global
+      row indices under pmap).
     config: static model config.
     max_new_tokens: static T.
     temperature: f32[] > 0 (array: changing it does not recompile).
@@ -92,8 +94,9 @@ def generate(
       one full forward per new token.
     num_samples: static S >= 1 responses per prompt, rows prompt * S + s
       (B S rows out; ``rng`` then holds B S keys or one). The KV-cache
-      path prefills each prompt once and copies its cache to its S rows;
-      the same tokens and logprobs as S copies of each prompt row.
+      path prefills each prompt once and copies its cache to its S rows:
+      the same tokens and, to float rounding (the prefill runs on B rows,
+      not B S), logprobs as S copies of each prompt row.
 
   Returns:
     A Rollout of R = B S rows (prompt_ids i32[R, P] repeated,
@@ -112,7 +115,10 @@ def generate(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  if not isinstance(num_samples, int) or num_samples < 1:
+  if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__"):
+    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
+  num_samples = operator.index(num_samples)  # numpy integers too
+  if num_samples < 1:
     raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
   prompt_mask = prompt_mask.astype(bool)
   if not kv_cache and num_samples > 1:  # the full forward has no cache

@@ -169,14 +169,29 @@ def _minibatch_problems(stage: str, cfg: Any) -> list[str]:
       f"{flag}.num-micro-batches",
     )
   if getattr(algo, "share_prompt", None) is True and not out:
-    # Packed groups: minibatches and micro-batches of whole groups.
-    out += _divides(
-      f"--{stage}.batch-size (groups, with {flag}.share-prompt True)",
-      cfg.batch_size,
-      algo.num_minibatches * algo.num_micro_batches,
-      f"{flag}.num-minibatches x {flag}.num-micro-batches",
-    )
+    out += _whole_groups(algo, cfg.batch_size, f"--{stage}.batch-size")
   return out
+
+
+def _whole_groups(algo: Any, groups: int, groups_flag: str) -> list[str]:
+  """Packed GRPO groups: minibatches and micro-batches of whole groups."""
+  flag = "--grpo.algo"
+  return _divides(
+    f"{groups_flag} (groups, with {flag}.share-prompt True)",
+    groups,
+    algo.num_minibatches * algo.num_micro_batches,
+    f"{flag}.num-minibatches x {flag}.num-micro-batches",
+  )
+
+
+def _share_prompt_problems(algo: Any, exact_sampling: bool) -> list[str]:
+  if algo.share_prompt is True and exact_sampling:
+    return [
+      "--grpo.algo.share-prompt True: expected None or False with "
+      "--sampling.exact-sampling (the packed forward equals the sampler's "
+      "only to float rounding)"
+    ]
+  return []
 
 
 def _pipeline_problems(config: PipelineConfig) -> list[str]:
@@ -198,12 +213,9 @@ def _pipeline_problems(config: PipelineConfig) -> list[str]:
     )
   for stage in ("ppo", "grpo"):
     out += _minibatch_problems(stage, getattr(config, stage))
-  if config.grpo.algo.share_prompt is True and config.sampling.exact_sampling:
-    out.append(
-      "--grpo.algo.share-prompt True: expected None or False with "
-      "--sampling.exact-sampling (the packed forward equals the sampler's "
-      "only to float rounding)"
-    )
+  out += _share_prompt_problems(
+    config.grpo.algo, config.sampling.exact_sampling
+  )
   return out
 
 
@@ -227,6 +239,13 @@ def _kto_problems(config: KTOStageConfig) -> list[str]:
       f"--accept.prompts-per-round x --accept.samples-per-prompt = {rows}: "
       f"expected >= --batch-size ({size})"
     )
+  if config.data is None and acc.arms != "kto":  # the GRPO arm runs
+    algo = config.grpo.algo
+    out += _share_prompt_problems(algo, config.sampling.exact_sampling)
+    if algo.share_prompt is True and rows % algo.num_minibatches == 0:
+      out += _whole_groups(
+        algo, acc.prompts_per_round, "--accept.prompts-per-round"
+      )
   return out
 
 

@@ -10,7 +10,7 @@ it; None packs where ``models.sharing_saves_work`` says it is cheaper.
 
 Packing reads each group's prompt from its first row: the G rows of a
 group must hold the same prompt ids and mask, as ``rollout_phase`` makes
-them (``jnp.repeat``). The update counts groups that do not
+them (``generate(num_samples=G)``). The update counts groups that do not
 (``prompt_mismatch_groups``, the metric ``train/prompt_mismatch_groups``).
 """
 
