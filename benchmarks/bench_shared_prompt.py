@@ -1,10 +1,11 @@
 """Prefix sharing: the DPO and reward-model steps with the prompt run once
-per pair (``share_prompt=True``) against two rows per pair (False), and
-the GRPO iteration with each group's prompt run once against one row per
-response.
+per pair (``share_prompt=True``) against two rows per pair (False), the
+best-of-K reward model ("bok") with the prompt run once for its K
+responses, and the GRPO iteration with each group's prompt run once
+against one row per response.
 
   .venv/bin/python benchmarks/bench_shared_prompt.py [--rounds 9]
-      [--steps dpo rm grpo prefill]
+      [--steps dpo rm bok grpo prefill]
 
 Each row compiles both steps on the same batch (random ids; prompts
 left-padded to P with lengths drawn in [P/2, P], responses right-padded
@@ -48,7 +49,7 @@ from rlhf_jax.train import (
   make_grpo_step,
   make_reward_model_step,
 )
-from rlhf_jax.types import PreferenceBatch, PromptBatch
+from rlhf_jax.types import PreferenceBatch, PromptBatch, RankedBatch
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 TINYSTORIES = DATA / "models" / "tinystories-656k"
@@ -62,6 +63,8 @@ ROWS = [
   ("656K", "rm", 8, 2, 96, 64),
   ("656K", "dpo", 8, 2, 24, 32),  # the default run's shapes
   ("656K", "rm", 8, 2, 24, 32),
+  ("656K", "bok", 8, 4, 32, 64),  # best-of-K reward model (RankedBatch)
+  ("656K", "bok", 4, 8, 64, 64),
   ("656K", "grpo", 4, 2, 32, 32),  # Tunix's GRPO example shapes
   ("656K", "grpo", 4, 8, 64, 32),
   ("656K", "grpo", 2, 16, 128, 32),
@@ -120,10 +123,11 @@ def _step(kind: str, config, params, share: bool, batch, k, t):
     step = make_dpo_step(config, opt, DPOConfig(share_prompt=share))
     args = (batch, jax.tree.map(jnp.copy, params))
     state = TrainState.create(params, opt, jax.random.key(0))
-  else:
+  else:  # "rm" (pairs) or "bok" (best-of-K, RankedBatch)
     params = models.from_policy_params(params, config, jax.random.key(1))
+    loss = "best_of_k" if kind == "bok" else "pairwise"
     step = make_reward_model_step(
-      config, opt, RewardModelConfig(share_prompt=share)
+      config, opt, RewardModelConfig(loss_type=loss, share_prompt=share)
     )
     args = (batch,)
     state = TrainState.create(params, opt, jax.random.key(0))
@@ -142,11 +146,22 @@ def _row(name, kind, n, k, p, t, models_by_name, rounds):
   batch = _batch(config.vocab_size, n, p, t)
   if kind == "grpo":
     batch = PromptBatch(batch.prompt_ids, batch.prompt_mask)
+  if kind == "bok":  # K responses per prompt, random ranks
+    rows = _batch(config.vocab_size, n * k, p, t)
+    order = np.random.default_rng(1).random((n, k)).argsort(-1)
+    batch = RankedBatch(
+      batch.prompt_ids,
+      batch.prompt_mask,
+      rows.chosen_ids.reshape(n, k, t),
+      rows.chosen_mask.reshape(n, k, t),
+      jnp.asarray(order),
+    )
   sides = [_step(kind, config, params, s, batch, k, t) for s in (False, True)]
   first = [run() for run, _ in sides]
   keys = {
     "dpo": ["dpo/loss"],
     "rm": ["rm/loss"],
+    "bok": ["rm/loss"],
     # The reference's logprobs, and the update (its gradient).
     "grpo": ["objective/kl", "train/grad_norm"],
   }[kind]
@@ -232,8 +247,8 @@ def main() -> None:
   parser.add_argument(
     "--steps",
     nargs="+",
-    choices=("dpo", "rm", "grpo", "prefill"),
-    default=("dpo", "rm", "grpo", "prefill"),
+    choices=("dpo", "rm", "bok", "grpo", "prefill"),
+    default=("dpo", "rm", "bok", "grpo", "prefill"),
     help="which rows to run (default: all)",
   )
   args = parser.parse_args()

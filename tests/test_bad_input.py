@@ -354,14 +354,6 @@ LIBRARY_CASES = [
   ),
   (
     lambda: make_reward_model_step(
-      TINY,
-      _opt(),
-      RewardModelConfig(loss_type="best_of_k", share_prompt=True),
-    ),
-    "share_prompt=True: expected None or False with loss_type='best_of_k'",
-  ),
-  (
-    lambda: make_reward_model_step(
       TINY, _opt(), RewardModelConfig(share_prompt="no")
     ),
     "share_prompt='no': expected True, False or None",

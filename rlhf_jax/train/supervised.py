@@ -144,9 +144,10 @@ class RewardModelConfig:
     num_micro_batches: gradient accumulation steps.
     axis_name: pmap axis name, None under jit.
     share_prompt: score each pair as one packed row [prompt | chosen |
-      rejected], the prompt run once (``models.shared_prompt_rewards``,
-      the same rewards); None (default) when the shapes make it cheaper
-      (``models.sharing_saves_work``). Pairwise only.
+      rejected] (best_of_k: [prompt | response_1 | ... | response_K]),
+      the prompt run once (``models.shared_prompt_rewards``, the same
+      rewards to float rounding); None (default) when the shapes make it
+      cheaper (``models.sharing_saves_work``).
   """
 
   loss_type: Literal["pairwise", "best_of_k"] = "pairwise"
@@ -172,11 +173,6 @@ class RewardModelConfig:
     if self.loss_type == "best_of_k" and self.pooling != "last":
       problems.append(
         "pooling='mean': expected 'last' with loss_type='best_of_k'"
-      )
-    if self.loss_type == "best_of_k" and self.share_prompt is True:
-      problems.append(
-        "share_prompt=True: expected None or False with "
-        "loss_type='best_of_k' (pairs only)"
       )
     return problems
 
@@ -318,7 +314,9 @@ def make_reward_model_step(
           center_rewards_coef=config.center_rewards_coef,
         )
       else:
-        rewards, best = _ranked_rewards(params, mb, model_config)
+        rewards, best = _ranked_rewards(
+          params, mb, model_config, config.share_prompt
+        )
         loss, stats = best_of_k_loss(rewards, best)
       # Batch means scaled by their share of the global pair count add up.
       return loss * share, stats
@@ -331,13 +329,31 @@ def make_reward_model_step(
   return step
 
 
-def _ranked_rewards(params, batch: RankedBatch, model_config):
-  """Scores of the K responses of each prompt and the rank-0 index.
+def _ranked_rewards(params, batch: RankedBatch, model_config, share_prompt):
+  """Scores of the K responses of each prompt and the rank-0 index: one
+  packed row [prompt | response_1 | ... | response_K] per prompt
+  (``models.shared_prompt_rewards``), or K rows [prompt | response_k];
+  None packs where ``models.sharing_saves_work`` says so.
 
   Returns:
     (rewards f32[B, K], best i32[B]).
   """
   size, k, resp_len = batch.response_ids.shape
+  best = jnp.argmin(batch.ranks, axis=-1).astype(jnp.int32)
+  if share_prompt is None:
+    share_prompt = models.sharing_saves_work(
+      model_config, batch.prompt_ids.shape[1], resp_len, k
+    )
+  if share_prompt:
+    rewards = models.shared_prompt_rewards(
+      params,
+      batch.prompt_ids,
+      batch.prompt_mask,
+      batch.response_ids,
+      batch.response_mask.astype(bool),
+      config=model_config,
+    )
+    return rewards, best
   prompt_ids = jnp.repeat(batch.prompt_ids, k, axis=0)
   prompt_mask = jnp.repeat(batch.prompt_mask, k, axis=0)
   ids, mask = concat_prompt_response(
@@ -347,7 +363,6 @@ def _ranked_rewards(params, batch: RankedBatch, model_config):
     batch.response_mask.reshape(size * k, resp_len),
   )
   rewards = models.reward_forward(params, ids, mask, config=model_config)
-  best = jnp.argmin(batch.ranks, axis=-1).astype(jnp.int32)
   return rewards.reshape(size, k), best
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import train_helpers as helpers
 
+from rlhf_jax import models
 from rlhf_jax.models import shared_prompt
 from rlhf_jax.train import (
   DPOConfig,
@@ -17,6 +18,9 @@ from rlhf_jax.train import (
   make_reward_model_step,
   preference_logprobs,
 )
+from rlhf_jax.train.common import concat_prompt_response
+from rlhf_jax.train.supervised import _ranked_rewards
+from rlhf_jax.types import RankedBatch
 
 
 def _run(share_prompt, **kw):
@@ -66,6 +70,54 @@ def test_packed_reward_model_step_equals_two_rows_per_pair(pooling):
     out.append(jax.device_get((state.params, metrics)))
   metrics = helpers.assert_same_step(*out)
   assert metrics["train/grad_norm"] > 0
+
+
+def _ranked_batch(prompts=4, k=3, prompt_len=5, response_len=6):
+  """Left-padded prompts, K right-padded responses each, random ranks."""
+  rng = np.random.default_rng(5)
+  vocab = helpers.CFG.vocab_size
+  p_lens = rng.integers(1, prompt_len + 1, prompts)
+  pmask = np.arange(prompt_len)[None] >= prompt_len - p_lens[:, None]
+  r_lens = rng.integers(1, response_len + 1, (prompts, k))
+  rmask = np.arange(response_len) < r_lens[..., None]
+  return RankedBatch(
+    prompt_ids=jnp.asarray(rng.integers(3, vocab, (prompts, prompt_len))),
+    prompt_mask=jnp.asarray(pmask),
+    response_ids=jnp.asarray(rng.integers(3, vocab, rmask.shape)),
+    response_mask=jnp.asarray(rmask),
+    ranks=jnp.asarray(np.argsort(rng.random((prompts, k)), -1)),
+  )
+
+
+def test_best_of_k_step_packs_the_k_responses():
+  """best_of_k: one packed row per prompt (True, and None at these
+  shapes) equals K rows; the rewards equal reward_forward on each
+  [prompt | response_k]."""
+  batch, params = _ranked_batch(), helpers.scalar_params(3)
+  rewards, best = _ranked_rewards(params, batch, helpers.CFG, True)
+  for j in range(3):
+    ids, mask = concat_prompt_response(
+      batch.prompt_ids,
+      batch.prompt_mask,
+      batch.response_ids[:, j],
+      batch.response_mask[:, j],
+    )
+    want = models.reward_forward(params, ids, mask, config=helpers.CFG)
+    np.testing.assert_allclose(rewards[:, j], want, atol=1e-5)
+  np.testing.assert_array_equal(best, np.argmin(batch.ranks, -1))
+  out = []
+  for share in (False, True, None):
+    config = RewardModelConfig(loss_type="best_of_k", share_prompt=share)
+    step = jax.jit(
+      make_reward_model_step(helpers.CFG, helpers.optimizer(), config)
+    )
+    state = TrainState.create(params, helpers.optimizer(), jax.random.key(0))
+    state, metrics = step(state, batch)
+    out.append(jax.device_get((state.params, metrics)))
+  metrics = helpers.assert_same_step(out[0], out[1])
+  helpers.assert_same_step(out[0], out[2])
+  assert metrics["train/grad_norm"] > 0
+  assert shared_prompt.sharing_saves_work(helpers.CFG, 5, 6, 3)
 
 
 @pytest.mark.parametrize(
