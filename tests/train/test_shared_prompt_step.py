@@ -79,6 +79,7 @@ def _ranked_batch(prompts=4, k=3, prompt_len=5, response_len=6):
   p_lens = rng.integers(1, prompt_len + 1, prompts)
   pmask = np.arange(prompt_len)[None] >= prompt_len - p_lens[:, None]
   r_lens = rng.integers(1, response_len + 1, (prompts, k))
+  r_lens[0, 1] = 0  # an empty response: the prompt's last token scores it
   rmask = np.arange(response_len) < r_lens[..., None]
   return RankedBatch(
     prompt_ids=jnp.asarray(rng.integers(3, vocab, (prompts, prompt_len))),
@@ -87,6 +88,29 @@ def _ranked_batch(prompts=4, k=3, prompt_len=5, response_len=6):
     response_mask=jnp.asarray(rmask),
     ranks=jnp.asarray(np.argsort(rng.random((prompts, k)), -1)),
   )
+
+
+@pytest.mark.parametrize(
+  "share, prompt_len, response_len, packs",
+  [
+    (True, 5, 6, True),
+    (False, 5, 6, False),
+    (None, 5, 6, True),
+    (None, 1, 24, False),  # one shared token does not pay (test model)
+  ],
+)
+def test_best_of_k_step_takes_the_path_asked_for(
+  monkeypatch, share, prompt_len, response_len, packs
+):
+  """The step passes share_prompt on; None decides by the shapes."""
+  calls = helpers.spy_on_packing(monkeypatch)
+  batch = _ranked_batch(prompt_len=prompt_len, response_len=response_len)
+  config = RewardModelConfig(loss_type="best_of_k", share_prompt=share)
+  step = make_reward_model_step(helpers.CFG, helpers.optimizer(), config)
+  params = helpers.scalar_params(3)
+  state = TrainState.create(params, helpers.optimizer(), jax.random.key(0))
+  jax.jit(step).lower(state, batch).compile()
+  assert calls == (["shared_prompt_rewards"] if packs else [])
 
 
 def test_best_of_k_step_packs_the_k_responses():
