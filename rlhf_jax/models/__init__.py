@@ -56,6 +56,7 @@ from rlhf_jax.models.kv_cache import (
   prefill,
 )
 from rlhf_jax.models.shared_prompt import (
+  resolve_share_prompt,
   shared_prompt_logits,
   sharing_saves_work,
 )
@@ -108,6 +109,7 @@ __all__ = [
   "scalar_model_logical_axes",
   "shared_prompt_logits",
   "shared_prompt_rewards",
+  "resolve_share_prompt",
   "sharing_saves_work",
   "unstack_layers",
   "values_forward",

@@ -410,3 +410,17 @@ def sharing_saves_work(
   packed = _layer_work(config, p + k * t, p * p + k * t * (p + t))
   separate = _layer_work(config, k * (p + t), k * (p + t) ** 2)
   return bool(separate >= PACKING_MARGIN * packed)
+
+
+def resolve_share_prompt(
+  share_prompt: bool | None,
+  config: ModelConfig,
+  prompt_len: int,
+  response_len: int,
+  num_responses: int,
+) -> bool:
+  """A step's ``share_prompt`` setting resolved: True or False as given,
+  None as `sharing_saves_work` decides for these static shapes."""
+  if share_prompt is not None:
+    return bool(share_prompt)
+  return sharing_saves_work(config, prompt_len, response_len, num_responses)

@@ -37,12 +37,14 @@ def shares_prompt(
   logprobs are the sampler's forward, bitwise), else whether packing G
   responses of ``response_len`` behind a ``prompt_len`` prompt is cheaper.
   """
-  if config.share_prompt is not None:
-    return config.share_prompt
-  if config.exact_sampling:
+  if config.share_prompt is None and config.exact_sampling:
     return False
-  return models.sharing_saves_work(
-    model_config, prompt_len, response_len, config.group_size
+  return models.resolve_share_prompt(
+    config.share_prompt,
+    model_config,
+    prompt_len,
+    response_len,
+    config.group_size,
   )
 
 

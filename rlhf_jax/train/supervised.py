@@ -220,11 +220,8 @@ def _shares_prompt(
   share_prompt: bool | None,
 ) -> bool:
   """share_prompt, or when None whether packing the pairs is cheaper."""
-  if share_prompt is not None:
-    return share_prompt
-  return models.sharing_saves_work(
-    model_config, batch.prompt_ids.shape[1], batch.chosen_ids.shape[1], 2
-  )
+  p, t = batch.prompt_ids.shape[1], batch.chosen_ids.shape[1]
+  return models.resolve_share_prompt(share_prompt, model_config, p, t, 2)
 
 
 def pair_rewards(
@@ -340,11 +337,8 @@ def _ranked_rewards(params, batch: RankedBatch, model_config, share_prompt):
   """
   size, k, resp_len = batch.response_ids.shape
   best = jnp.argmin(batch.ranks, axis=-1).astype(jnp.int32)
-  if share_prompt is None:
-    share_prompt = models.sharing_saves_work(
-      model_config, batch.prompt_ids.shape[1], resp_len, k
-    )
-  if share_prompt:
+  p = batch.prompt_ids.shape[1]
+  if models.resolve_share_prompt(share_prompt, model_config, p, resp_len, k):
     rewards = models.shared_prompt_rewards(
       params,
       batch.prompt_ids,
