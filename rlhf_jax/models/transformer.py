@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.dots import flat_dot
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -186,44 +187,6 @@ def _param(module, name, shape, axes, config):
     shape,
     config.params_dtype,
   )
-
-
-def flat_dot(
-  x: Array,
-  w: Array,
-  n_in: int = 1,
-  *,
-  w_transposed: bool = False,
-  preferred_element_type: Any = None,
-) -> Array:
-  """x [..., *in] contracted with w [*in, *out] as one 2-D matmul.
-
-  Same product as ``jnp.einsum("...i,io->...o")``, computed as an
-  [M, K] x [K, N] dot with M the product of x's leading axes. Why: the
-  einsum's weight gradient contracts over every leading axis at once, which
-  XLA:CPU lowers with a strided transposing copy of the [..., out]
-  gradient; the 2-D dot's weight gradient is a plain matmul (a SwiGLU MLP's
-  forward + backward 1.3-1.4x faster, benchmarks/README.md).
-
-  Args:
-    x: [..., *in] activations (f32 or bf16).
-    w: [*in, *out] weights in x's dtype, or [*out, *in] with
-      ``w_transposed`` (a tied embedding [V, D] used as the LM head).
-    n_in: number of contracted trailing axes of x.
-    preferred_element_type: result dtype (as in ``jnp.einsum``); x's when
-      None.
-
-  Returns:
-    [..., *out].
-  """
-  lead, k = x.shape[: x.ndim - n_in], math.prod(x.shape[x.ndim - n_in :])
-  out = w.shape[: w.ndim - n_in] if w_transposed else w.shape[n_in:]
-  w2 = w.reshape(-1, k) if w_transposed else w.reshape(k, -1)
-  dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
-  y = jax.lax.dot_general(
-    x.reshape(-1, k), w2, dims, preferred_element_type=preferred_element_type
-  )
-  return y.reshape(*lead, *out)
 
 
 def _indices(*xs) -> tuple[Array, ...]:

@@ -1,4 +1,4 @@
-"""transformer.flat_dot: the projections' 2-D matmul (issue 16)."""
+"""models.dots: the projections' 2-D matmul and the tied LM head (issue 16)."""
 
 import re
 
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.models.transformer import flat_dot
+from rlhf_jax.models import dots
+from rlhf_jax.models.dots import flat_dot
 
 
 def _draw(shape, seed):
@@ -81,3 +82,52 @@ def test_weight_gradient_needs_no_transposed_activation_gradient():
     lambda x, w: jnp.einsum("bli,io->blo", x, w)
   )
   assert not _transposes_activation_grad(lambda x, w: flat_dot(x, w))
+
+
+@pytest.mark.parametrize("hidden", [16, dots.NT_GRAD_MAX_HIDDEN + 8])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_head_gradients_equal_autodiff(hidden, dtype):
+  # Hidden 16 takes the CPU backward (dw as (x^T g)^T), the wider one the
+  # plain dot: both give autodiff's gradients, in the operands' dtypes.
+  x = _draw((2, 5, hidden), 0).astype(dtype)
+  embed = _draw((11, hidden), 1).astype(dtype)  # [V, D]
+  f32 = jnp.float32
+
+  def loss(f):
+    return lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+
+  got = jax.grad(
+    loss(
+      lambda x, w: flat_dot(x, w, w_transposed=True, preferred_element_type=f32)
+    ),
+    (0, 1),
+  )(x, embed)
+  want = jax.grad(
+    loss(
+      lambda x, w: jnp.einsum("bld,vd->blv", x, w, preferred_element_type=f32)
+    ),
+    (0, 1),
+  )(x, embed)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(got, want, strict=True):
+    assert a.dtype == dtype
+    np.testing.assert_allclose(a.astype(f32), b.astype(f32), rtol=tol, atol=tol)
+
+
+def _embed_grad_hlo(hidden: int) -> str:
+  x, embed = _draw((10, hidden), 0), _draw((11, hidden), 1)
+  grad = jax.grad(lambda w: jnp.sum(jnp.sin(dots.dot_nt(x, w))), argnums=0)
+  return jax.jit(grad).lower(embed).compile().as_text()
+
+
+def test_tied_head_weight_gradient_is_made_hidden_major(monkeypatch):
+  # XLA:CPU runs g^T x into the embedding's [V, D] layout at a fraction of
+  # the rate of x^T g into [D, V] when D is narrow (dots._dot_nt_cpu); the
+  # compiled gradient holds the [D, V] = [16, 11] dot and no [11, 16] one.
+  hlo = _embed_grad_hlo(16)
+  assert re.search(r"f32\[16,11\]\{1,0\} dot\(", hlo)
+  assert not re.search(r"f32\[11,16\]\{1,0\} dot\(", hlo)
+  # Above the threshold (here forced to 8) it is autodiff's [V, D] product.
+  monkeypatch.setattr(dots, "NT_GRAD_MAX_HIDDEN", 8)
+  hlo = _embed_grad_hlo(16)
+  assert re.search(r"f32\[11,16\]\{1,0\} dot\(", hlo)
