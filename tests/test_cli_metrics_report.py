@@ -15,7 +15,7 @@ from tensorboardX.proto import event_pb2
 from rlhf_jax.runner import progress as progress_mod
 from rlhf_jax.runner.metrics import MetricsWriter, read_metrics
 from rlhf_jax.runner.progress import ProgressBar
-from rlhf_jax.stages.eval_metrics import distinct_n, win_rate
+from rlhf_jax.stages.eval_metrics import distinct_n, mean_stderr, win_rate
 from rlhf_jax.stages.report import write_report
 
 
@@ -213,6 +213,17 @@ def test_distinct_n_hand_checked():
   assert distinct_n(["x", ""], 2) == 0.0  # no bigrams
   with pytest.raises(ValueError, match="n must be >= 1"):
     distinct_n(texts, 0)
+
+
+def test_mean_stderr_hand_checked():
+  # [1, 2, 3, 4]: mean 2.5, sample variance (2.25 + .25 + .25 + 2.25) / 3
+  # = 5 / 3, stderr sqrt(5 / 3 / 4); the population std (ddof 0, bug)
+  # gives sqrt(1.25 / 4).
+  assert mean_stderr(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+    np.sqrt(5 / 12)
+  )
+  assert mean_stderr(np.array([0.7])) == 0.0  # no spread from one value
+  assert mean_stderr(np.full(9, -0.3)) == 0.0
 
 
 def test_win_rate_hand_checked():

@@ -72,6 +72,14 @@ def accuracy_stderr(accuracy: float, n: int) -> float:
   return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
 
 
+def mean_stderr(x: np.ndarray) -> float:
+  """Standard error of the mean of f[N]: std (ddof 1) / sqrt(N); 0 when
+  N < 2 (one value gives no spread to estimate)."""
+  x = np.asarray(x, np.float64)
+  n = x.size
+  return float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
+
 def length_baseline(pairs: list[PreferencePair]) -> dict[str, float | int]:
   """Predict the longer response (characters); equal lengths are wrong.
 

@@ -9,7 +9,7 @@ import numpy as np
 from rlhf_jax import models
 from rlhf_jax.logprobs import response_logprobs
 from rlhf_jax.stages.common import Context
-from rlhf_jax.stages.eval_metrics import distinct_n, win_rate
+from rlhf_jax.stages.eval_metrics import distinct_n, mean_stderr, win_rate
 from rlhf_jax.stages.rm import reward_model_for_eval
 from rlhf_jax.stages.sampling import (
   chunks,
@@ -112,7 +112,8 @@ def evaluate_policy(
 
   Returns:
     (metrics: eval/gold_score, eval/proxy_score, eval/kl (mean sampled-
-    sequence k1, nats), eval/kl_k1_per_token, eval/response_length
+    sequence k1, nats), eval/kl_stderr (its standard error over the N
+    sequences, 0 when N = 1), eval/kl_k1_per_token, eval/response_length
     (tokens), eval/truncated_frac, eval/distinct_1, eval/distinct_2 and,
     with ``baseline_gold``, eval/gold_win_rate; details: texts, gold f64[N]).
   """
@@ -131,6 +132,9 @@ def evaluate_policy(
   metrics = {
     **({"eval/gold_score": float(gold.mean())} if ctx.has_gold else {}),
     "eval/kl": float(kl.mean()),
+    # k1 is unbiased but noisy per sequence (it can be negative on a few
+    # rows): its standard error says how far the mean can be trusted.
+    "eval/kl_stderr": mean_stderr(kl),
     "eval/kl_k1_per_token": float(kl.sum() / max(lengths.sum(), 1)),
     "eval/response_length": float(lengths.mean()),
     "eval/truncated_frac": float(trunc.mean()),

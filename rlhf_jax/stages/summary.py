@@ -81,6 +81,7 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
       "eval/proxy_score",
       "eval/reward",
       "eval/kl",
+      "eval/kl_stderr",
       "eval/gold_win_rate",
       "eval/distinct_2",
       "eval/response_length",
