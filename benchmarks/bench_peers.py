@@ -15,14 +15,15 @@ step's, not the wake-up of a process that sat idle. The table shows
 medians, min-max ranges and ratio = peer median / our median (> 1: we are
 faster).
 
-Each group of rows (sampler, dpo, rm, ppo, grpo) runs in a fresh run of
-this script, ours and every peer in new processes, and the parent merges
-the tables: in one long process a row ran slower after the ones before it
-(our PPO iteration: 71-75 ms alone or after the sampler, 98 ms after the
-DPO rows, 150-331 ms after all of them). ``--in-process`` runs everything
-in one process. A group that fails or runs past 30 minutes is reported
-and left out of the table; the raw times go to the .json beside it
-({"versions", "repeats", "warm_calls", "rows"}).
+Each group of rows (sampler, sampler_dp, dpo, rm, ppo, grpo) runs in a
+fresh run of this script, ours and every peer in new processes, and the
+parent merges the tables: in one long process a row ran slower after
+the ones before it (our PPO iteration: 71-75 ms alone or after the
+sampler, 98 ms after the DPO rows, 150-331 ms after all of them).
+``--in-process`` runs everything in one process. A group that fails or
+runs past 30 minutes is reported and left out of the table; the raw
+times go to the .json beside it ({"versions", "repeats", "warm_calls",
+"rows"}).
 
 Workloads (Tunix's example shapes; TinyStories-656K from
 ../shared/data/models/tinystories-656k unless said):
@@ -32,6 +33,9 @@ Workloads (Tunix's example shapes; TinyStories-656K from
   transformers and loaded by all three), 64 new tokens with EOS disabled,
   greedy (and T = 1 against Tunix). Ours: ``rollout.generate``; Tunix:
   ``generate.sampler.Sampler.__call__``; transformers: ``generate``.
+* sampler_dp: the same rows with our process started with one CPU device
+  per core (``JAX_NUM_CPU_DEVICES``) and the 16 rows split over them (the
+  same compiled program, data-parallel); the peers as in sampler.
 * DPO step: 8 pairs, prompt 32 + response 64, with a reference model, Adam.
 * reward-model step: the same batch, Bradley-Terry, scalar head, Adam.
   TRL (both rows): ``DPOTrainer`` / ``RewardTrainer`` on the same ids
@@ -74,7 +78,7 @@ import optax
 # benchmarks/, beside this script
 from bench_args import non_negative_int, out_file, positive_int
 
-from rlhf_jax import models
+from rlhf_jax import models, parallel
 from rlhf_jax.rollout import generate
 from rlhf_jax.train import (
   DPOConfig,
@@ -241,6 +245,23 @@ def _unpadded(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
 # ----------------------------------------------------------------- sampler
 
 
+def _split_rows(params, ids: np.ndarray, mask: np.ndarray) -> tuple:
+  """(params, ids, mask) on the devices: one device as given; with several
+  (group sampler_dp, JAX_NUM_CPU_DEVICES) the prompt rows split over a
+  'data' mesh and the params replicated, so each device decodes B / n
+  rows of the same compiled program."""
+  if jax.device_count() == 1:
+    return params, jnp.asarray(ids), jnp.asarray(mask)
+  mesh = parallel.make_mesh(data=jax.device_count())
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  every = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return (
+    jax.device_put(params, every),
+    jax.device_put(ids, rows),
+    jax.device_put(mask, rows),
+  )
+
+
 def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
   """Sampler rows: ours vs Tunix (and transformers when greedy); the
   sampling row runs at T = 1 (temperature must be 0 or 1)."""
@@ -249,7 +270,7 @@ def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
   eos = config.vocab_size  # never emitted: exactly `new` tokens everywhere
   new, batch, plen = args.new_tokens, ids.shape[0], ids.shape[1]
   greedy = temperature == 0.0
-  ids_j, mask_j = jnp.asarray(ids), jnp.asarray(mask)
+  params, ids_j, mask_j = _split_rows(params, ids, mask)
   rng = jax.random.key(0)
   kwargs = dict(
     config=config,
@@ -306,6 +327,8 @@ def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
     note = f"greedy ids equal to Tunix's in {same}/{batch} rows"
   t_ours, t_peers = _alternate(ours, peers, args)
   mode = "greedy" if greedy else f"T={temperature:g}"
+  if jax.device_count() > 1:
+    mode += f", ours on {jax.device_count()} CPU devices (rows split)"
   return Row(
     work=f"sampler {name}, B={batch}, {new} new tokens, {mode}",
     ours=t_ours,
@@ -575,7 +598,7 @@ def _start_workers(args, threads: int) -> tuple[dict[str, Worker], str]:
   and left out, so the rows have no TRL column."""
   passive = {"OMP_WAIT_POLICY": "PASSIVE"}  # torch: no spinning when idle
   workers = {"tunix": Worker(args.tunix_python, "tunix_worker.py", {})}
-  if "sampler" in args.only:
+  if {"sampler", "sampler_dp"} & set(args.only):
     workers["hf"] = Worker(args.hf_python, "hf_generate_worker.py", passive)
   if {"dpo", "rm"} & set(args.only):
     workers["trl"] = Worker(args.hf_python, "trl_worker.py", passive)
@@ -599,7 +622,10 @@ def _start_workers(args, threads: int) -> tuple[dict[str, Worker], str]:
   return workers, versions
 
 
-GROUPS = ("sampler", "dpo", "rm", "ppo", "grpo")
+GROUPS = ("sampler", "sampler_dp", "dpo", "rm", "ppo", "grpo")
+# sampler_dp: the sampler rows again with our process on one CPU device per
+# core (JAX_NUM_CPU_DEVICES) and the rows split over them; peers unchanged.
+DP_ENV = "JAX_NUM_CPU_DEVICES"
 GROUP_TIMEOUT_S = 1800  # one group's fresh run, workers included
 
 
@@ -663,7 +689,7 @@ def _measure(args, threads: int) -> tuple[list[Row], str]:
   rows: list[Row] = []
   try:
     config, params = models.load_hf_checkpoint(TINYSTORIES)
-    if "sampler" in args.only:
+    if "sampler" in args.only or "sampler_dp" in args.only:
       rows += _sampler_rows(workers, args)
     for name, fn in [
       ("dpo", bench_dpo),
@@ -722,8 +748,12 @@ def _fresh(args) -> tuple[list[Row], str]:
         "--tunix-python", str(args.tunix_python),
         "--hf-python", str(args.hf_python), "--out", str(out),
       ]  # fmt: skip
+      env = dict(os.environ)
+      env.pop(DP_ENV, None)
+      if group == "sampler_dp":
+        env[DP_ENV] = str(os.cpu_count() or 1)
       try:
-        subprocess.run(cmd, check=True, timeout=GROUP_TIMEOUT_S)
+        subprocess.run(cmd, check=True, timeout=GROUP_TIMEOUT_S, env=env)
       except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"group {group} failed ({e}); its rows are left out", flush=True)
         continue
@@ -746,6 +776,12 @@ def main() -> None:
   threads = os.cpu_count() or 1
   uptime = _uptime()
   if args.in_process:
+    many = jax.device_count() > 1
+    if ("sampler_dp" in args.only) != many or len(args.only) > 1 and many:
+      parser.error(
+        "--in-process: group sampler_dp runs alone, with "
+        f"{DP_ENV}=<cores> set (without --in-process the script does that)"
+      )
     rows, versions = _measure(args, threads)
   else:
     rows, versions = _fresh(args)

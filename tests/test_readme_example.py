@@ -9,7 +9,13 @@ import math
 import pathlib
 import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from rlhf_jax import models
+from rlhf_jax.rollout import generate
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESH_LINE = re.compile(
@@ -58,3 +64,35 @@ def test_library_use_block_runs(
   if mesh is not None:
     spec = namespace["state"].params["embed"].sharding.spec
     assert "fsdp" in spec, spec
+
+
+def data_parallel_block() -> str:
+  """The README's block that splits a sampling batch over CPU devices."""
+  text = (REPO_ROOT / "README.md").read_text()
+  start = text.index("# JAX_NUM_CPU_DEVICES=2 in the environment")
+  return text[start : text.index("```", start)]
+
+
+def test_data_parallel_sampling_block_gives_the_same_rollout(
+  devices8, tinystories_dir
+):
+  # The block on the 8 fake devices (one row each) against the same call
+  # on one device: same tokens (per-row keys fold in the global row
+  # index), logprobs to float rounding (each device runs B = 1 kernels).
+  del devices8
+  config, params = models.load_hf_checkpoint(tinystories_dir)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(3, config.vocab_size, (8, 6)), jnp.int32)
+  mask = jnp.asarray(np.arange(6) >= rng.integers(0, 5, (8, 1)))
+  key = jax.random.key(3)
+  want = generate(
+    params, ids, mask, key, config=config, max_new_tokens=64,
+    eos_token_id=2, pad_token_id=0,
+  )  # fmt: skip
+  namespace = dict(params=params, ids=ids, mask=mask, key=key, config=config)
+  exec(compile(data_parallel_block(), "README.md:sampling", "exec"), namespace)
+  got = namespace["rollout"]
+  assert len(got.response_ids.sharding.device_set) == 8
+  np.testing.assert_array_equal(got.response_ids, want.response_ids)
+  np.testing.assert_array_equal(got.response_mask, want.response_mask)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
