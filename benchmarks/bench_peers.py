@@ -20,10 +20,11 @@ fresh run of this script, ours and every peer in new processes, and the
 parent merges the tables: in one long process a row ran slower after
 the ones before it (our PPO iteration: 71-75 ms alone or after the
 sampler, 98 ms after the DPO rows, 150-331 ms after all of them).
-``--in-process`` runs everything in one process. A group that fails or
-runs past 30 minutes is reported and left out of the table; the raw
-times go to the .json beside it ({"versions", "repeats", "warm_calls",
-"rows"}).
+``--in-process`` runs the groups in one process (every group but
+sampler_dp, which needs the process on several CPU devices). A group
+that fails or runs past 30 minutes is reported and left out of the
+table; the raw times go to the .json beside it ({"versions", "repeats",
+"warm_calls", "rows"}).
 
 Workloads (Tunix's example shapes; TinyStories-656K from
 ../shared/data/models/tinystories-656k unless said):
@@ -136,6 +137,10 @@ STORY_OPENINGS = [
 ]
 
 
+def _without(env, name: str) -> dict[str, str]:
+  return {k: v for k, v in env.items() if k != name}
+
+
 class Worker:
   """A peer subprocess: one JSON line in, one JSON line out."""
 
@@ -147,7 +152,8 @@ class Worker:
       stdout=subprocess.PIPE,
       text=True,
       bufsize=1,
-      env={**os.environ, **env},
+      # The peers keep their one default device (sampler_dp is ours).
+      env={**_without(os.environ, DP_ENV), **env},
     )
 
   def call(self, **msg) -> dict:
@@ -651,15 +657,17 @@ def _parser() -> argparse.ArgumentParser:
     "--only",
     nargs="+",
     choices=GROUPS,
-    default=list(GROUPS),
-    help="groups of rows to run",
+    default=None,
+    help="groups of rows to run (default: all; with --in-process, all but"
+    " sampler_dp on one device, sampler_dp alone on several)",
   )
   parser.add_argument(
     "--in-process",
     action="store_true",
-    help="run every group in this one process and one set of peer workers;"
-    " without it each group runs in fresh processes, so no group runs after"
-    " another group's allocations and compiled programs",
+    help="run the groups in this one process and one set of peer workers"
+    " (sampler_dp only alone, with JAX_NUM_CPU_DEVICES set); without it each"
+    " group runs in fresh processes, so no group runs after another group's"
+    " allocations and compiled programs",
   )
   parser.add_argument(
     "--tunix-python",
@@ -748,10 +756,9 @@ def _fresh(args) -> tuple[list[Row], str]:
         "--tunix-python", str(args.tunix_python),
         "--hf-python", str(args.hf_python), "--out", str(out),
       ]  # fmt: skip
-      env = dict(os.environ)
-      env.pop(DP_ENV, None)
+      env = _without(os.environ, DP_ENV)
       if group == "sampler_dp":
-        env[DP_ENV] = str(os.cpu_count() or 1)
+        env[DP_ENV] = str(_dp_devices(os.cpu_count() or 1))
       try:
         subprocess.run(cmd, check=True, timeout=GROUP_TIMEOUT_S, env=env)
       except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
@@ -767,6 +774,34 @@ def _warm_calls_text(n: int) -> str:
   return f"{n} untimed call" + ("" if n == 1 else "s")
 
 
+def _dp_devices(cores: int, rows: int = 16) -> int:
+  """CPU devices for sampler_dp: the most, up to one per core, that split
+  the sampler's 16 rows evenly."""
+  return max(n for n in range(1, min(cores, rows) + 1) if rows % n == 0)
+
+
+def _in_process_groups(parser, args) -> None:
+  """Fills in or checks args.only for --in-process: sampler_dp needs this
+  process on several CPU devices and runs alone; every other group runs
+  on one device. Without --in-process, _fresh sets up each group."""
+  many = jax.device_count() > 1
+  if args.only is None:
+    args.only = (
+      ["sampler_dp"] if many else [g for g in GROUPS if g != "sampler_dp"]
+    )
+    return
+  if "sampler_dp" in args.only and not many:
+    parser.error(
+      f"--in-process --only sampler_dp needs {DP_ENV}=<devices> in the"
+      " environment (without --in-process the script sets it)"
+    )
+  if many and args.only != ["sampler_dp"]:
+    parser.error(
+      f"--in-process with {DP_ENV} set runs --only sampler_dp; the other"
+      f" groups run on one device (unset {DP_ENV})"
+    )
+
+
 def main() -> None:
   parser = _parser()
   args = parser.parse_args()
@@ -775,13 +810,10 @@ def main() -> None:
       parser.error(f"{path}: not found; run `bash scripts/setup_peers.sh`")
   threads = os.cpu_count() or 1
   uptime = _uptime()
+  if not args.in_process and args.only is None:
+    args.only = list(GROUPS)
   if args.in_process:
-    many = jax.device_count() > 1
-    if ("sampler_dp" in args.only) != many or len(args.only) > 1 and many:
-      parser.error(
-        "--in-process: group sampler_dp runs alone, with "
-        f"{DP_ENV}=<cores> set (without --in-process the script does that)"
-      )
+    _in_process_groups(parser, args)
     rows, versions = _measure(args, threads)
   else:
     rows, versions = _fresh(args)

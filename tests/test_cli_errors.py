@@ -369,6 +369,24 @@ def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
   )
 
 
+def test_interrupted_eval_does_not_advise_resume(tmp_path, capsys, monkeypatch):
+  # eval keeps no checkpoint and has no --resume: the message must not
+  # send the user to an option it refuses.
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages import tools
+
+  def stopped(config):
+    raise runtime.Interrupted("eval")
+
+  monkeypatch.setattr(tools, "run_eval", stopped)
+  code, err = _run(capsys, ["eval", "--run-dir", str(tmp_path)])
+  assert code == 130
+  assert err == (
+    "rlhf-jax: interrupted (eval); it keeps no checkpoint: run the same "
+    "command again to start over.\n"
+  )
+
+
 def test_accept_rate_options_with_data_are_an_error(tmp_path, capsys):
   data = _write(
     tmp_path / "u.jsonl",

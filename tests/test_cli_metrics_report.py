@@ -222,8 +222,19 @@ def test_mean_stderr_hand_checked():
   assert mean_stderr(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
     np.sqrt(5 / 12)
   )
-  assert mean_stderr(np.array([0.7])) == 0.0  # no spread from one value
   assert mean_stderr(np.full(9, -0.3)) == 0.0
+  # Groups of consecutive values (a prompt's samples): the group means
+  # [1.5, 3.5] have variance 2, stderr sqrt(2 / 2) = 1; over the 4 values
+  # as if independent (bug) it would be sqrt(5 / 12).
+  assert mean_stderr(np.array([1.0, 2.0, 3.0, 4.0]), groups=2) == (
+    pytest.approx(1.0)
+  )
+  with pytest.raises(ValueError, match="2 or more"):
+    mean_stderr(np.array([0.7]))  # no spread from one value
+  with pytest.raises(ValueError, match="2 or more"):
+    mean_stderr(np.arange(4.0), groups=1)
+  with pytest.raises(ValueError, match="do not split into 3 groups"):
+    mean_stderr(np.arange(4.0), groups=3)
 
 
 def test_win_rate_hand_checked():

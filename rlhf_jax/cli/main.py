@@ -546,6 +546,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_INTERNAL
 
 
+# Subcommands with no run of their own to continue (no --resume).
+_NO_RESUME = ("generate", "eval", "export", "audit")
+
+
+def _then(command: str, e: "runtime.Interrupted") -> str:
+  """What to do after an interrupted ``command``."""
+  if command in _NO_RESUME:
+    return "it keeps no checkpoint: run the same command again to start over."
+  if e.resumable:
+    return (
+      "the stage's checkpoint is saved. Run the same command with --resume "
+      "to continue."
+    )
+  return (
+    "this job runs from its start: run the same command with --overwrite "
+    "to start it again."
+  )
+
+
 def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
   from rlhf_jax.models import MissingSpecialTokenError, ModelLoadError
@@ -558,14 +577,7 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
     config = _validated(command, _config(command, rest))
     return _dispatch(command, config)
   except runtime.Interrupted as e:
-    then = (
-      "the stage's checkpoint is saved. Run the same command with --resume "
-      "to continue."
-      if e.resumable
-      else "this job runs from its start: run the same command with "
-      "--overwrite to start it again."
-    )
-    sys.stderr.write(f"rlhf-jax: interrupted ({e}); {then}\n")
+    sys.stderr.write(f"rlhf-jax: interrupted ({e}); {_then(command, e)}\n")
     return EXIT_INTERRUPTED
   except (
     runtime.UserError,

@@ -1,8 +1,9 @@
 """The model's weight matmuls as 2-D dots, with gradients XLA:CPU runs fast.
 
-``flat_dot`` is every projection and the LM head. Both choices below are
-about the backward pass on CPU (the forward values are the plain
-products'); benchmarks/README.md has the measurements.
+``flat_dot`` is every projection and the LM head; ``dot_nt`` the tied LM
+head. Both shapes of product are chosen for XLA:CPU's backward pass (the
+forward values are the plain products'); benchmarks/README.md has the
+measurements.
 """
 
 import functools
@@ -10,15 +11,16 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 Array = jax.Array
 
 _NN = (((1,), (0,)), ((), ()))  # x [M, K] . w [K, N] -> [M, N]
 _NT = (((1,), (1,)), ((), ()))  # x [M, K] . w [N, K] -> [M, N]
-_TN = (((0,), (0,)), ((), ()))  # a [M, K] . b [M, N] -> [K, N]
 
-# Hidden sizes up to this one take the tied head's own backward on CPU
-# (`_dot_nt_cpu`): measured faster at 64, 128 and 256, mixed at 512.
+# Hidden sizes up to this one take the tied head's own derivative on CPU
+# (`_dot_nt_cpu`): measured faster at 64, 128 and 256, mixed at 512. Read
+# when a function is traced (a compiled step keeps its choice).
 NT_GRAD_MAX_HIDDEN = 256
 
 
@@ -67,10 +69,18 @@ def flat_dot(
 def dot_nt(x: Array, w: Array, preferred_element_type: Any = None) -> Array:
   """x [M, K] times w [N, K] transposed: [M, N] (the tied LM head).
 
-  On CPU, with K <= `NT_GRAD_MAX_HIDDEN`, w's gradient is computed as
-  (x^T g)^T (`_dot_nt_cpu`) instead of autodiff's g^T x; elsewhere this is
-  ``lax.dot_general``. The values are the same product either way
-  (tests/models/test_flat_dot.py).
+  The same product as ``lax.dot_general`` contracting both K axes. On CPU
+  with K <= `NT_GRAD_MAX_HIDDEN`, w's gradient comes out as (x^T g)^T
+  instead of autodiff's g^T x (`_dot_nt_cpu`); on other platforms, and
+  for wider K, this is the plain dot.
+
+  Args:
+    x: [M, K] activations (f32 or bf16).
+    w: [N, K] weights (a tied embedding [V, D]).
+    preferred_element_type: result dtype; x's when None.
+
+  Returns:
+    [M, N].
   """
   plain = functools.partial(
     jax.lax.dot_general,
@@ -87,33 +97,42 @@ def dot_nt(x: Array, w: Array, preferred_element_type: Any = None) -> Array:
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dot_nt_cpu(x: Array, w: Array, preferred_element_type: Any) -> Array:
-  """``dot_nt`` with its own backward for w's gradient.
+  """``dot_nt`` whose derivative routes w's tangent through w^T.
 
   Autodiff writes dw = g^T x [N, K] straight into w's layout. With a
   narrow K, XLA:CPU runs that product at a fraction of the rate of
   x^T g [K, N] (M x N x K = 1024 x 2048 x 128: 6.3 against 3.6 ms;
-  1024 x 32768 x 64: 111 against 34 ms). So the backward makes x^T g and
-  transposes it, behind an optimization barrier that keeps XLA from
-  folding the transpose back into the dot. dx is autodiff's product.
+  1024 x 32768 x 64: 111 against 34 ms). The JVP below writes w's part of
+  the tangent as x . (w_dot^T), the transpose behind an optimization
+  barrier; reverse mode transposes that into x^T g [K, N] and then one
+  transpose into w's layout, which the barrier keeps XLA from folding
+  back into the dot. A JVP rule (not a VJP one) keeps forward mode and
+  jax's transposition of sharded and shard_map values working as for the
+  plain dot. A tangent that is a symbolic zero (a frozen base under LoRA)
+  adds no product.
   """
   return jax.lax.dot_general(
     x, w, _NT, preferred_element_type=preferred_element_type
   )
 
 
-def _dot_nt_cpu_fwd(x, w, preferred_element_type):
-  return _dot_nt_cpu(x, w, preferred_element_type), (x, w)
-
-
-def _dot_nt_cpu_bwd(preferred_element_type, res, g):
-  x, w = res
+def _dot_nt_cpu_jvp(preferred_element_type, primals, tangents):
+  x, w = primals
+  x_dot, w_dot = tangents
   pet = preferred_element_type
-  dx = jax.lax.dot_general(g, w, _NN, preferred_element_type=pet)
-  dw_t = jax.lax.dot_general(x, g, _TN, preferred_element_type=pet)
-  dw = jax.lax.optimization_barrier(dw_t).T
-  return dx.astype(x.dtype), dw.astype(w.dtype)
+  y = _dot_nt_cpu(x, w, pet)
+  parts = []
+  if not isinstance(x_dot, jax.custom_derivatives.SymbolicZero):
+    parts.append(jax.lax.dot_general(x_dot, w, _NT, preferred_element_type=pet))
+  if not isinstance(w_dot, jax.custom_derivatives.SymbolicZero):
+    w_dot_t = jax.lax.optimization_barrier(w_dot.T)
+    parts.append(
+      jax.lax.dot_general(x, w_dot_t, _NN, preferred_element_type=pet)
+    )
+  y_dot = functools.reduce(jnp.add, parts) if parts else None
+  return y, jnp.zeros_like(y) if y_dot is None else y_dot
 
 
-_dot_nt_cpu.defvjp(_dot_nt_cpu_fwd, _dot_nt_cpu_bwd)
+_dot_nt_cpu.defjvp(_dot_nt_cpu_jvp, symbolic_zeros=True)

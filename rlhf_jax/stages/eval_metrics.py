@@ -72,12 +72,25 @@ def accuracy_stderr(accuracy: float, n: int) -> float:
   return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / max(n, 1))
 
 
-def mean_stderr(x: np.ndarray) -> float:
-  """Standard error of the mean of f[N]: std (ddof 1) / sqrt(N); 0 when
-  N < 2 (one value gives no spread to estimate)."""
-  x = np.asarray(x, np.float64)
-  n = x.size
-  return float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+def mean_stderr(x: np.ndarray, groups: int | None = None) -> float:
+  """Standard error of the mean of f[N]: std (ddof 1) / sqrt(n).
+
+  With ``groups``, x holds that many consecutive groups of equal size
+  (e.g. the samples of one prompt, which are not independent): the error
+  is that of the mean of the group means, n = groups.
+
+  Raises:
+    ValueError: fewer than 2 values (or groups), or N not a multiple of
+      ``groups``.
+  """
+  x = np.asarray(x, np.float64).reshape(-1)
+  if groups is not None:
+    if groups < 1 or x.size % groups:
+      raise ValueError(f"{x.size} values do not split into {groups} groups")
+    x = x.reshape(groups, -1).mean(axis=1)
+  if x.size < 2:
+    raise ValueError(f"a standard error needs 2 or more values, got {x.size}")
+  return float(np.std(x, ddof=1) / math.sqrt(x.size))
 
 
 def length_baseline(pairs: list[PreferencePair]) -> dict[str, float | int]:

@@ -112,8 +112,9 @@ def evaluate_policy(
 
   Returns:
     (metrics: eval/gold_score, eval/proxy_score, eval/kl (mean sampled-
-    sequence k1, nats), eval/kl_stderr (its standard error over the N
-    sequences, 0 when N = 1), eval/kl_k1_per_token, eval/response_length
+    sequence k1, nats), eval/kl_stderr (its standard error over the
+    held-out prompts, each prompt's samples averaged first; with 2 or
+    more prompts), eval/kl_k1_per_token, eval/response_length
     (tokens), eval/truncated_frac, eval/distinct_1, eval/distinct_2 and,
     with ``baseline_gold``, eval/gold_win_rate; details: texts, gold f64[N]).
   """
@@ -132,15 +133,17 @@ def evaluate_policy(
   metrics = {
     **({"eval/gold_score": float(gold.mean())} if ctx.has_gold else {}),
     "eval/kl": float(kl.mean()),
-    # k1 is unbiased but noisy per sequence (it can be negative on a few
-    # rows): its standard error says how far the mean can be trusted.
-    "eval/kl_stderr": mean_stderr(kl),
     "eval/kl_k1_per_token": float(kl.sum() / max(lengths.sum(), 1)),
     "eval/response_length": float(lengths.mean()),
     "eval/truncated_frac": float(trunc.mean()),
     "eval/distinct_1": distinct_n(texts, 1),
     "eval/distinct_2": distinct_n(texts, 2),
   }
+  if len(heldout) > 1:
+    # k1 is unbiased but noisy per sequence (its mean can be negative on a
+    # few rows): the standard error over the prompts (rows are prompt-major,
+    # `heldout_rows`) says how far the mean can be trusted.
+    metrics["eval/kl_stderr"] = mean_stderr(kl, groups=len(heldout))
   if rm_params is not None:
     metrics["eval/proxy_score"] = float(proxy.mean())
   if ctx.has_gold and baseline_gold is not None:

@@ -131,3 +131,45 @@ def test_tied_head_weight_gradient_is_made_hidden_major(monkeypatch):
   monkeypatch.setattr(dots, "NT_GRAD_MAX_HIDDEN", 8)
   hlo = _embed_grad_hlo(16)
   assert re.search(r"f32\[11,16\]\{1,0\} dot\(", hlo)
+
+
+def test_tied_head_forward_mode_equals_autodiff():
+  # The CPU rule is a JVP: forward mode (jvp, Hessian-vector products)
+  # works as for the plain dot.
+  x, w = _draw((10, 16), 0), _draw((11, 16), 1)
+  dx, dw = _draw((10, 16), 2), _draw((11, 16), 3)
+
+  def f(fn):
+    return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+
+  plain = lambda x, w: jnp.einsum("md,nd->mn", x, w)  # noqa: E731
+  got = jax.jvp(f(dots.dot_nt), (x, w), (dx, dw))[1]
+  want = jax.jvp(f(plain), (x, w), (dx, dw))[1]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  hvp = jax.jvp(jax.grad(f(dots.dot_nt), 1), (x, w), (dx, dw))[1]
+  want = jax.jvp(jax.grad(f(plain), 1), (x, w), (dx, dw))[1]
+  np.testing.assert_allclose(hvp, want, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_head_gradient_inside_shard_map(devices8):
+  # Replicated w, rows split: inside shard_map the gradient of a
+  # replicated input is summed over the devices, as for the plain dot.
+  mesh = jax.sharding.Mesh(np.asarray(devices8), ("d",))
+  spec = jax.sharding.PartitionSpec
+  x, w = _draw((16, 16), 0), _draw((11, 16), 1)
+
+  def grad_of(fn):
+    def per_device(x, w):
+      return jax.grad(lambda w: jnp.sum(jnp.sin(fn(x, w))))(w)
+
+    return jax.jit(
+      jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(spec("d"), spec()),
+        out_specs=spec(),
+      )
+    )(x, w)
+
+  want = jax.grad(lambda w: jnp.sum(jnp.sin(jnp.einsum("md,nd->mn", x, w))))(w)
+  np.testing.assert_allclose(grad_of(dots.dot_nt), want, rtol=1e-5)
