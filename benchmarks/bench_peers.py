@@ -34,9 +34,11 @@ Workloads (Tunix's example shapes; TinyStories-656K from
   transformers and loaded by all three), 64 new tokens with EOS disabled,
   greedy (and T = 1 against Tunix). Ours: ``rollout.generate``; Tunix:
   ``generate.sampler.Sampler.__call__``; transformers: ``generate``.
-* sampler_dp: the same rows with our process started with one CPU device
-  per core (``JAX_NUM_CPU_DEVICES``) and the 16 rows split over them (the
-  same compiled program, data-parallel); the peers as in sampler.
+* sampler_dp: the same rows with our process started on several CPU
+  devices (``JAX_NUM_CPU_DEVICES``: the most, up to one per core, that
+  split the 16 rows evenly) and the rows split over them (the same
+  compiled program, data-parallel); the peers as in sampler. Left out on
+  a one-core host.
 * DPO step: 8 pairs, prompt 32 + response 64, with a reference model, Adam.
 * reward-model step: the same batch, Bradley-Terry, scalar head, Adam.
   TRL (both rows): ``DPOTrainer`` / ``RewardTrainer`` on the same ids
@@ -748,6 +750,9 @@ def _fresh(args) -> tuple[list[Row], str]:
   rows, versions = [], []
   with tempfile.TemporaryDirectory() as tmp:
     for group in dict.fromkeys(args.only):  # once each, in the given order
+      if group == "sampler_dp" and _dp_devices(os.cpu_count() or 1) == 1:
+        print("group sampler_dp left out: one core, one device", flush=True)
+        continue
       out = pathlib.Path(tmp) / f"{group}.md"
       cmd = [
         sys.executable, __file__, "--in-process", "--only", group,
@@ -794,6 +799,11 @@ def _in_process_groups(parser, args) -> None:
     parser.error(
       f"--in-process --only sampler_dp needs {DP_ENV}=<devices> in the"
       " environment (without --in-process the script sets it)"
+    )
+  if many and 16 % jax.device_count():
+    parser.error(
+      f"{DP_ENV}={jax.device_count()} does not split the sampler's 16 rows"
+      " evenly (use 2, 4, 8 or 16)"
     )
   if many and args.only != ["sampler_dp"]:
     parser.error(

@@ -6,10 +6,11 @@ The subcommand picks a typed config class (configs.py), ``--preset`` a
 function returning its starting values (presets.py), and tyro parses the
 remaining flags into field overrides. User errors (unknown subcommand,
 preset or option, bad data, missing model directory) print ONE line on
-stderr and exit with status 2; SIGINT saves the running stage and exits
-with 130 (rerun with --resume). So does a lean install (``pip install
+stderr and exit with status 2, as does a lean install (``pip install
 rlhf_jax`` without the ``cli`` extra): this module imports without the
 extra's packages, and ``main`` names the extra before anything else runs.
+SIGINT saves the running stage and exits with 130, saying whether to
+rerun with --resume (`_then`).
 """
 
 import contextlib

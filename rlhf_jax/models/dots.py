@@ -77,7 +77,8 @@ def dot_nt(x: Array, w: Array, preferred_element_type: Any = None) -> Array:
   Args:
     x: [M, K] activations (f32 or bf16).
     w: [N, K] weights (a tied embedding [V, D]).
-    preferred_element_type: result dtype; x's when None.
+    preferred_element_type: result dtype; the operands' promoted dtype
+      when None.
 
   Returns:
     [M, N].
