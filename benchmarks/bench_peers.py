@@ -797,7 +797,7 @@ def _in_process_groups(parser, args) -> None:
     return
   if "sampler_dp" in args.only and not many:
     parser.error(
-      f"--in-process --only sampler_dp needs {DP_ENV}=<devices> in the"
+      f"--in-process --only sampler_dp needs {DP_ENV} of 2 or more in the"
       " environment (without --in-process the script sets it)"
     )
   if many and 16 % jax.device_count():
