@@ -19,6 +19,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import builtins  # noqa: E402
+import errno  # noqa: E402
+import io  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
@@ -71,3 +74,124 @@ def tinystories_dir():
 @pytest.fixture(scope="session")
 def shared_data():
   return SHARED_DATA
+
+
+def _chmod_stops_writes(tmp_path) -> bool:
+  """False when chmod does not stop this user's writes (root)."""
+  probe = tmp_path / "probe"
+  probe.mkdir()
+  probe.chmod(0o555)
+  try:
+    (probe / "x").write_text("x")
+    return False
+  except PermissionError:
+    return True
+  finally:
+    probe.chmod(0o755)
+
+
+class _Denied:
+  """Paths whose writes fail (read-only, EROFS) or whose reads fail
+  (EACCES): chmod, or (as root, where chmod stops nothing) the file
+  functions raising those errors for them."""
+
+  def __init__(self, tmp_path, monkeypatch):
+    self.real = _chmod_stops_writes(tmp_path)
+    self.read_only: list[pathlib.Path] = []
+    self.unreadable: list[pathlib.Path] = []
+    self.modes: dict[pathlib.Path, int] = {}
+    self._monkeypatch = monkeypatch
+    self._patched = False
+
+  @staticmethod
+  def _under(path, roots) -> bool:
+    if isinstance(path, int):
+      return False
+    p = pathlib.Path(os.fsdecode(path)).absolute()
+    return any(p == r or r in p.parents for r in roots)
+
+  def _error(self, path, writes: bool) -> OSError:
+    code = errno.EROFS if writes else errno.EACCES
+    return OSError(code, os.strerror(code), os.fsdecode(path))
+
+  def _check(self, path, writes: bool) -> None:
+    if writes and self._under(path, self.read_only):
+      raise self._error(path, True)
+    if not writes and self._under(path, self.unreadable):
+      raise self._error(path, False)
+
+  def _patch(self) -> None:
+    if self._patched:
+      return
+    self._patched = True
+    mp, check = self._monkeypatch, self._check
+
+    def wrap_open(orig):
+      def opener(file, mode="r", *args, **kwargs):
+        check(file, any(c in mode for c in "wax+"))
+        return orig(file, mode, *args, **kwargs)
+
+      return opener
+
+    def wrap_os_open(orig):
+      def opener(path, flags, *args, **kwargs):
+        check(path, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+        return orig(path, flags, *args, **kwargs)
+
+      return opener
+
+    def wrap_path_op(orig):
+      def op(path, *args, **kwargs):
+        check(path, True)
+        return orig(path, *args, **kwargs)
+
+      return op
+
+    mp.setattr(builtins, "open", wrap_open(builtins.open))
+    mp.setattr(io, "open", wrap_open(io.open))
+    mp.setattr(os, "open", wrap_os_open(os.open))
+    for name in ("mkdir", "replace", "rename", "unlink", "rmdir"):
+      mp.setattr(os, name, wrap_path_op(getattr(os, name)))
+
+  def make_read_only(self, root: pathlib.Path) -> None:
+    self.read_only.append(root.absolute())
+    if self.real:
+      for p in [root, *root.rglob("*")]:
+        self.modes.setdefault(p, p.stat().st_mode)
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    else:
+      self._patch()
+
+  def make_unreadable(self, path: pathlib.Path) -> None:
+    self.unreadable.append(path.absolute())
+    if self.real:
+      self.modes.setdefault(path, path.stat().st_mode)
+      path.chmod(0o000)
+    else:
+      self._patch()
+
+  def restore(self) -> None:
+    for p, mode in self.modes.items():
+      p.chmod(mode)
+
+
+@pytest.fixture
+def _denied(tmp_path, monkeypatch):
+  denied = _Denied(tmp_path, monkeypatch)
+  yield denied
+  denied.restore()
+
+
+@pytest.fixture
+def read_only(_denied):
+  """``read_only(root)`` makes a directory tree read-only: chmod, or (as
+  root, where chmod stops nothing) the file functions raising EROFS for
+  writes under it."""
+  return _denied.make_read_only
+
+
+@pytest.fixture
+def unreadable(_denied):
+  """``unreadable(path)`` makes a file unreadable: chmod 000, or (as root)
+  the file functions raising EACCES for reads of it."""
+  return _denied.make_unreadable

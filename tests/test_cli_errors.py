@@ -596,3 +596,214 @@ def test_export_out_under_a_file(tmp_path, capsys):
   code, err = _run(capsys, ["export", "--run-dir", str(run), "--out", str(out)])
   _check(code, err, f"--out {out}: {tmp_path / 'file'} is a file")
   assert (tmp_path / "file").read_text() == "mine"
+
+
+# ------------------------------------------------------------------- eval
+
+
+def _eval_run(tmp_path, shared_data, *, policies=("dpo",), command="dpo"):
+  """A pipeline run directory as eval reads it: config.json (the smoke
+  pipeline's config), the held-out prompts and outputs/<policy>/config.json
+  for each of ``policies``, no weights (every case stops before loading)."""
+  from rlhf_jax.cli import presets as P
+  from rlhf_jax.runner import runtime
+
+  run = tmp_path / "run"
+  (run / "data").mkdir(parents=True)
+  (run / runtime.RUN_MARKER).write_text("")
+  model_dir = shared_data / "models" / "tinystories-656k"
+  record = {
+    "command": command,
+    "model_dir": str(model_dir),
+    "config": runtime.config_dict(P.smoke_pipeline()),
+  }
+  runtime.write_json(run / "config.json", record)
+  prompts = {"train": ["The dog ran"], "heldout": ["Once upon a time"]}
+  runtime.write_json(run / "data" / "prompts.json", prompts)
+  for policy in policies:
+    (run / "outputs" / policy).mkdir(parents=True)
+    (run / "outputs" / policy / "config.json").write_text("{}")
+  return run
+
+
+def test_eval_keeps_an_earlier_eval_file(tmp_path, capsys, shared_data):
+  run = _eval_run(tmp_path, shared_data)
+  out = run / "eval_dpo.json"
+  out.write_text('{"metrics": {}}')
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  _check(
+    code,
+    err,
+    f"{out} exists (an earlier `rlhf-jax eval --policy dpo`); pass "
+    "--overwrite to replace it",
+  )
+  assert out.read_text() == '{"metrics": {}}'
+
+
+def test_eval_read_only_run_dir_is_refused_before_work(
+  tmp_path, capsys, shared_data, read_only
+):
+  run = _eval_run(tmp_path, shared_data)
+  read_only(run)
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  assert code == 2 and "Traceback" not in err, err
+  head = f"rlhf-jax: error: --run-dir {run}: cannot write eval_dpo.json there"
+  assert err.startswith(head), err
+  assert err.endswith(
+    "; nothing was evaluated. Make the folder writable, or evaluate a copy "
+    "of the run\n"
+  )
+  assert "read-only file system" in err or "permission denied" in err
+
+
+def test_eval_of_a_grpo_run_lists_its_policies(tmp_path, capsys, shared_data):
+  run = _eval_run(tmp_path, shared_data, policies=("grpo",), command="grpo")
+  code, err = _run(capsys, ["eval", "--run-dir", str(run)])  # --policy ppo
+  _check(
+    code,
+    err,
+    f"{run} has no trained ppo policy ({run / 'outputs' / 'ppo'}); its "
+    "policies: initial, grpo (choose with --policy)",
+  )
+  out = str(tmp_path / "out")
+  code, err = _run(capsys, ["export", "--run-dir", str(run), "--out", out])
+  _check(
+    code,
+    err,
+    f"{run} has no trained ppo policy ({run / 'outputs' / 'ppo'}); its "
+    "policies: grpo (choose with --what)",
+  )
+
+
+@pytest.mark.parametrize(
+  "command", [["eval"], ["generate"], ["export", "--what", "ppo"]]
+)
+def test_a_reward_model_only_run_has_no_policy(tmp_path, capsys, command):
+  # The run directory of `rlhf-jax rm --preset hh-rlhf-smoke`: its
+  # config.json holds the HH job's settings, as the job writes them.
+  import dataclasses
+
+  from rlhf_jax.cli import presets as P
+  from rlhf_jax.runner import runtime
+
+  run = tmp_path / "hh"
+  (run / "outputs" / "rm").mkdir(parents=True)
+  (run / runtime.RUN_MARKER).write_text("")
+  settings = dataclasses.asdict(P.PRESETS["rm"]["hh-rlhf-smoke"]())
+  runtime.write_json(run / "config.json", settings)
+  args = [command[0], "--run-dir", str(run), *command[1:]]
+  if command[0] == "export":
+    args += ["--out", str(tmp_path / "out")]
+  code, err = _run(capsys, args)
+  what = {
+    "eval": " to evaluate; eval",
+    "generate": "; --policy initial",
+    "export": "; --what ppo",
+  }[command[0]]
+  _check(
+    code,
+    err,
+    f"{run} is a reward-model-only run (`rlhf-jax rm --preset hh-rlhf...`): "
+    f"it has no policy{what} needs the run directory of `rlhf-jax run`, "
+    "`ppo`, `dpo` or `grpo`",
+  )
+
+
+@pytest.mark.parametrize(
+  "field, value, expected",
+  [
+    (
+      ("ppo", "batch_size"),
+      "x",
+      'config.ppo.batch_size: expected an int, got "x"',
+    ),
+    (("seed",), 1.5, "config.seed: expected an int, got 1.5"),
+    (("strict",), 1, "config.strict: expected true or false, got 1"),
+    (
+      ("sampling", "temperature"),
+      "hot",
+      'config.sampling.temperature: expected a number, got "hot"',
+    ),
+    (("model",), 3, "config.model: expected a string or null, got 3"),
+    (("reward",), ["a:f", 3], "config.reward[1]: expected a string, got 3"),
+    (("ppo",), 5, "config.ppo: expected an object, got 5"),
+    (
+      ("ppo", "algo", "kl_estimator"),
+      "k9",
+      'config.ppo.algo.kl_estimator: expected one of "k1", "k2", "k3", got '
+      '"k9"',
+    ),
+  ],
+)
+def test_eval_names_a_config_field_of_the_wrong_type(
+  tmp_path, capsys, shared_data, field, value, expected
+):
+  run = _eval_run(tmp_path, shared_data)
+  record = json.loads((run / "config.json").read_text())
+  node = record["config"]
+  for key in field[:-1]:
+    node = node[key]
+  node[field[-1]] = value
+  (run / "config.json").write_text(json.dumps(record))
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  _check(code, err, f"{run / 'config.json'}: {expected}")
+
+
+@pytest.mark.parametrize(
+  "text, got",
+  [
+    ("[1", "not JSON (Expecting ',' delimiter: line 1 column 3 (char 2)); "),
+    ('["a"]', ""),
+    ('{"heldout": 3}', ""),
+    ('{"heldout": []}', ""),
+    ('{"heldout": ["a", 2]}', ""),
+  ],
+)
+def test_eval_names_a_damaged_prompts_file(
+  tmp_path, capsys, shared_data, text, got
+):
+  run = _eval_run(tmp_path, shared_data)
+  path = run / "data" / "prompts.json"
+  path.write_text(text)
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  want = 'expected a JSON object with "heldout": a list of prompt strings'
+  if got:
+    _check(code, err, f"{path}: {got}{want}")
+  else:
+    shown = text if text.startswith("[") else '"heldout": ' + text[12:-1]
+    _check(code, err, f"{path}: {want}, got {shown}")
+
+
+def test_eval_unreadable_prompts_is_a_read_error(
+  tmp_path, capsys, shared_data, unreadable
+):
+  run = _eval_run(tmp_path, shared_data)
+  path = run / "data" / "prompts.json"
+  unreadable(path)
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  _check(code, err, f"cannot read {path}: permission denied")
+
+
+def test_eval_full_disk_does_not_advise_resume(tmp_path, capsys, monkeypatch):
+  # eval has no --resume: a failed write says to run it again.
+  import errno
+  import os
+
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages import tools
+
+  out = tmp_path / "eval_ppo.json"
+
+  def full(config):
+    with runtime.writing(out):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+
+  monkeypatch.setattr(tools, "run_eval", full)
+  code, err = _run(capsys, ["eval", "--run-dir", str(tmp_path)])
+  _check(
+    code,
+    err,
+    f"cannot write {out}: no space left on the device; nothing written "
+    "before was changed (free space or make it writable, then run the same "
+    "command again)",
+  )

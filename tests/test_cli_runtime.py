@@ -35,6 +35,23 @@ def test_config_round_trips_through_config_json():
   assert config_from_dict(C.GenerateConfig, runtime.config_dict(gen)) == gen
 
 
+def test_config_from_dict_checks_types_and_takes_ints_for_floats():
+  data = runtime.config_dict(P.smoke_pipeline())
+  data["sampling"]["temperature"] = 1  # JSON may write 1.0 as 1
+  data["from_a_newer_version"] = True  # ignored
+  back = config_from_dict(C.PipelineConfig, data)
+  assert back.sampling.temperature == 1.0
+  assert type(back.sampling.temperature) is float
+  data["reward_weights"] = [1, 0.5]
+  assert config_from_dict(C.PipelineConfig, data).reward_weights == (1.0, 0.5)
+  data["ppo"]["algo"]["top_k"] = True  # a bool is not an int
+  with pytest.raises(runtime.UserError) as e:
+    config_from_dict(C.PipelineConfig, data, where="r/config.json: config")
+  assert str(e.value) == (
+    "r/config.json: config.ppo.algo.top_k: expected an int, got true"
+  )
+
+
 def test_every_preset_builds_its_config():
   for command, table in P.PRESETS.items():
     for name, fn in table.items():

@@ -533,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     disk = runtime.disk_error(e, "the output")
     if disk:
-      return _error(disk)
+      return _error(_advice(args[0], disk))
     if isinstance(
       e, NotADirectoryError | FileNotFoundError | IsADirectoryError
     ):
@@ -549,6 +549,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Subcommands with no run of their own to continue (no --resume).
 _NO_RESUME = ("generate", "eval", "export", "audit")
+
+
+def _advice(command: str, message: str) -> str:
+  """A user error's message; for a subcommand without --resume, its
+  advice to rerun with --resume (a failed write) says to run it again."""
+  if command not in _NO_RESUME:
+    return message
+  return message.replace(
+    runtime.RESUME_ADVICE, "then run the same command again"
+  )
 
 
 def _then(command: str, e: "runtime.Interrupted") -> str:
@@ -588,7 +598,7 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
   ) as e:
     if debug:
       raise
-    return _error(str(e))
+    return _error(_advice(command, str(e)))
 
 
 if __name__ == "__main__":

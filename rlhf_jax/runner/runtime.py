@@ -9,7 +9,9 @@ never leaves a stale lock), compared with the saved config.json on
 the run directory relative to it), and emptied by ``--overwrite`` only of
 what rlhf-jax writes. Files a resume reads are written atomically
 (``atomic_file``, ``atomic_dir``, ``write_json``), and a read-only path or a
-full disk ends in a one-line ``UserError`` naming the path (``writing``).
+full disk ends in a one-line ``UserError`` naming the path (``writing``), as
+does a file that cannot be read (``reading``: "cannot read", never "cannot
+write").
 """
 
 import contextlib
@@ -53,7 +55,8 @@ class Interrupted(Exception):  # noqa: N818 - it is not an error
 
 # ------------------------------------------------------- disks and writes
 
-# The errors of a path that cannot be written, and how they are named.
+# The errors of a path that cannot be written or read, and how they are
+# named.
 _DISK_ERRORS = {
   errno.EROFS: "read-only file system",
   errno.ENOSPC: "no space left on the device",
@@ -61,32 +64,82 @@ _DISK_ERRORS = {
   errno.EACCES: "permission denied",
   errno.EPERM: "operation not permitted",
 }
+# Of those, the ones only a write raises; a permission error may be either.
+_WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+# The advice of a failed write; `rlhf-jax` turns it into "run the same
+# command again" for a subcommand without --resume.
+RESUME_ADVICE = "then rerun with --resume"
 
 
-def disk_error(e: BaseException, path: str | os.PathLike) -> str | None:
-  """One line for an error (or its cause) that says ``path`` could not be
-  written (read-only, full disk, quota, permission); None for any other.
-  Libraries that wrap the OSError (orbax, TensorStore) are recognised by
-  its text."""
+def _cannot_read(path: str | os.PathLike) -> bool:
+  """Whether opening ``path`` for reading is refused for want of
+  permission (a missing path, or one that opens, is not)."""
+  try:
+    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+  except PermissionError:
+    return True
+  except OSError:
+    return False
+  return False
+
+
+def disk_error(
+  e: BaseException, path: str | os.PathLike, *, reading: bool | None = None
+) -> str | None:
+  """One line for an error (or its cause) that says a path could not be
+  written (read-only, full disk, quota, permission) or read (permission);
+  None for any other. Libraries that wrap the OSError (orbax, TensorStore)
+  are recognised by its text, and then ``path`` is named.
+
+  Args:
+    e: the error.
+    path: what the failing block reads or writes.
+    reading: whether the failing call read (True), wrote (False), or
+      either (None: a permission error is a read failure when the path it
+      names cannot be opened for reading, a write failure otherwise). A
+      read-only or full disk is always a write failure.
+  """
   seen: set[int] = set()
   cur: BaseException | None = e
   while cur is not None and id(cur) not in seen:
     seen.add(id(cur))
-    reason, where = None, path
+    code, where = None, path
     if isinstance(cur, OSError) and cur.errno in _DISK_ERRORS:
-      reason, where = _DISK_ERRORS[cur.errno], cur.filename or path
+      code, where = cur.errno, cur.filename or path
     else:
       text = str(cur)
-      for code, name in _DISK_ERRORS.items():
-        if os.strerror(code) in text:
-          reason = name
-          break
-    if reason is not None:
+      code = next((c for c in _DISK_ERRORS if os.strerror(c) in text), None)
+    if code is not None:
+      reason = _DISK_ERRORS[code]
+      if code not in _WRITE_ONLY and (
+        _cannot_read(where) if reading is None else reading
+      ):
+        return f"cannot read {where}: {reason}"
       return (
         f"cannot write {where}: {reason}; nothing written before was "
-        "changed (free space or make it writable, then rerun with --resume)"
+        f"changed (free space or make it writable, {RESUME_ADVICE})"
       )
     cur = cur.__cause__ or cur.__context__
+  return None
+
+
+def unwritable(path: str | os.PathLike) -> str | None:
+  """Why the file ``path`` cannot be written (atomically, as
+  ``atomic_file`` does), e.g. "read-only file system"; None when it can.
+  Checks with a test write of its temporary file beside it, removed at
+  once; nothing else is touched.
+
+  Raises:
+    OSError: any other error (e.g. the folder does not exist).
+  """
+  tmp = _tmp_path(pathlib.Path(path))
+  try:
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))
+    os.unlink(tmp)
+  except OSError as e:
+    if e.errno not in _DISK_ERRORS:
+      raise
+    return _DISK_ERRORS[e.errno]
   return None
 
 
@@ -97,7 +150,8 @@ def load_run_record(path: pathlib.Path) -> dict[str, Any]:
     UserError: the file is not JSON or not such an object (names it).
   """
   try:
-    record = json.loads(path.read_text())
+    with reading(path):
+      record = json.loads(path.read_text())
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: not a run's config.json ({e})") from None
   if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
@@ -109,18 +163,32 @@ def load_run_record(path: pathlib.Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def writing(path: str | os.PathLike) -> Iterator[None]:
-  """Turns a failed write under ``path`` (read-only, full disk, ...) into
-  a one-line UserError naming the file; other errors pass unchanged."""
+def _disk_errors(
+  path: str | os.PathLike, reading: bool | None
+) -> Iterator[None]:
   try:
     yield
   except UserError:
     raise
   except Exception as e:
-    message = disk_error(e, path)
+    message = disk_error(e, path, reading=reading)
     if message is None:
       raise
     raise UserError(message) from None
+
+
+def writing(path: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+  """Turns a failed write under ``path`` (read-only, full disk, ...) into
+  a one-line UserError naming the file; other errors pass unchanged. The
+  block may read too: a permission error on a path that cannot be read
+  is named as a failed read (``disk_error``)."""
+  return _disk_errors(path, None)
+
+
+def reading(path: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+  """Turns a read of ``path`` that is refused (permission) into a one-line
+  UserError naming the file; other errors pass unchanged."""
+  return _disk_errors(path, True)
 
 
 def _tmp_path(path: pathlib.Path) -> pathlib.Path:
@@ -261,7 +329,7 @@ RUN_ENTRIES = frozenset(
     "results.json",
     "heldout_rewards.npz",
     # `rlhf-jax eval --policy NAME`
-    *(f"eval_{name}.json" for name in ("initial", "ppo", "dpo", "sft")),
+    *(f"eval_{n}.json" for n in ("initial", "ppo", "dpo", "grpo", "sft")),
   }
 )
 
@@ -460,7 +528,7 @@ def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
 _INSIDE = {
   "data": ("pairs_train.jsonl", "pairs_eval.jsonl", "prompts.json"),
   "stages": ("*.json",),
-  "outputs": ("rm", "ppo", "dpo", "sft", ".*"),
+  "outputs": ("rm", "ppo", "dpo", "grpo", "kto", "sft", ".*"),
   "plots": ("*.png",),
 }
 

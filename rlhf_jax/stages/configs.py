@@ -376,7 +376,8 @@ class GenerateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """Evaluate a policy on the task's held-out prompts (gold, KL, diversity)."""
+  """Evaluate a policy on the task's held-out prompts (gold, KL, diversity);
+  the metrics and samples go to eval_<policy>.json in the run directory."""
 
   run_dir: str
   """A pipeline run directory (its prompts, reference and reward model)."""
@@ -388,6 +389,9 @@ class EvalConfig:
   """Continuations per held-out prompt."""
   seed: int = 0
   """Sampling seed."""
+  overwrite: bool = False
+  """Replace the run directory's eval_<policy>.json from an earlier eval
+  (without it, an existing one is kept and eval stops before any work)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """The tools around a run: generate, eval and export."""
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import secrets
 import shutil
+import types
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -20,26 +22,141 @@ from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.stages import configs as C
 from rlhf_jax.stages import environment
 
+# A JSON value's expected type, in words.
+_NAMES = {
+  bool: "true or false",
+  int: "an int",
+  float: "a number",
+  str: "a string",
+  type(None): "null",
+}
 
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-  """Rebuilds a (nested) config dataclass from ``config_dict`` output."""
+
+def _expected(hint: Any) -> str:
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is typing.Literal:
+    return "one of " + ", ".join(json.dumps(a) for a in args)
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(_expected(a) for a in args)
+  if origin in (tuple, list):
+    return "a list"
+  if dataclasses.is_dataclass(hint):
+    return "an object"
+  return _NAMES.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _shown(value: Any) -> str:
+  text = json.dumps(value, default=str)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _typed(hint: Any, value: Any, where: str) -> Any:
+  """``value`` (as JSON holds it) as a value of the type ``hint``.
+
+  Raises:
+    runtime.UserError: it is not one (names ``where``).
+  """
+  while typing.get_origin(hint) is typing.Annotated:
+    hint = typing.get_args(hint)[0]
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if dataclasses.is_dataclass(hint):
+    if isinstance(value, dict):
+      return config_from_dict(hint, value, where=where)
+  elif origin in (typing.Union, types.UnionType):
+    for arm in args:
+      with contextlib.suppress(runtime.UserError):
+        return _typed(arm, value, where)
+  elif origin is typing.Literal:
+    if any(type(value) is type(a) and value == a for a in args):
+      return value
+  elif origin in (tuple, list):
+    if isinstance(value, list | tuple):
+      if origin is list or args[-1:] == (Ellipsis,):
+        hints = [args[0] if args else Any] * len(value)
+      elif len(args) == len(value):
+        hints = list(args)
+      else:
+        raise runtime.UserError(
+          f"{where}: expected a list of {len(args)}, got {_shown(value)}"
+        )
+      items = [
+        _typed(h, v, f"{where}[{i}]")
+        for i, (h, v) in enumerate(zip(hints, value, strict=True))
+      ]
+      return tuple(items) if origin is tuple else items
+  elif hint is float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+      return float(value)
+  elif hint in _NAMES:
+    if type(value) is hint:
+      return value
+  else:  # a type this check does not know (Any, ...): taken as it is
+    return value
+  raise runtime.UserError(
+    f"{where}: expected {_expected(hint)}, got {_shown(value)}"
+  )
+
+
+def config_from_dict(
+  cls: type, data: dict[str, Any], *, where: str = "config"
+) -> Any:
+  """Rebuilds a (nested) config dataclass from ``config_dict`` output,
+  checking each value against its field's type hint (an int for a float
+  is taken). Fields ``data`` lacks keep their defaults; keys ``cls`` lacks
+  are ignored (a run of another version).
+
+  Args:
+    cls: the config class.
+    data: its fields, as JSON holds them.
+    where: what ``data`` is, for messages (``"run/config.json: config"``).
+
+  Raises:
+    runtime.UserError: a value of the wrong type (names ``where``, the field
+      path and what was expected), or one the class refuses.
+  """
   hints = typing.get_type_hints(cls)
-  kwargs = {}
-  for f in dataclasses.fields(cls):
-    if f.name not in data:
-      continue
-    value, hint = data[f.name], hints[f.name]
-    if dataclasses.is_dataclass(hint):
-      value = config_from_dict(hint, value)
-    elif isinstance(value, list):
-      value = tuple(value)
-    kwargs[f.name] = value
-  return cls(**kwargs)
+  kwargs = {
+    f.name: _typed(hints[f.name], data[f.name], f"{where}.{f.name}")
+    for f in dataclasses.fields(cls)
+    if f.name in data
+  }
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise runtime.UserError(f"{where}: {e}") from None
+
+
+# The policies of a run, as --policy names them ("initial" is the model
+# the run started from; the others are outputs/<name>).
+POLICIES = typing.get_args(typing.get_type_hints(C.EvalConfig)["policy"])
+# The HH-RLHF reward-model job (`rlhf-jax rm --preset hh-rlhf*`,
+# stages.hh_rm) writes its settings at the top level of config.json.
+_HH_KEYS = ("heldout_file", "backbone", "pooling")
+
+
+def _hh_settings(path: pathlib.Path) -> dict[str, Any] | None:
+  """The settings in the config.json of an HH-RLHF reward-model run, or
+  None when it is not one."""
+  try:
+    with runtime.reading(path):
+      data = json.loads(path.read_text())
+  except ValueError:  # JSONDecodeError, UnicodeDecodeError
+    return None
+  if isinstance(data, dict) and "config" not in data:
+    if all(k in data for k in _HH_KEYS):
+      return data
+  return None
 
 
 def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
   """The run's config.json (``runtime.load_run_record``) with its
-  "model_dir"; raises UserError naming --run-dir or the file."""
+  "model_dir"; that of an HH-RLHF reward-model run as
+  ``{"command": "rm", "hh_rlhf": True, "config": ...}``.
+
+  Raises:
+    UserError: no such directory, or no run's config.json (names --run-dir
+      or the file).
+  """
   if not run_dir.is_dir():
     raise runtime.UserError(f"--run-dir {run_dir}: no such directory")
   path = run_dir / runtime.CONFIG_FILE
@@ -47,21 +164,63 @@ def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
     raise runtime.UserError(
       f"{run_dir} is not a run directory (no config.json)"
     )
-  record = runtime.load_run_record(path)
+  try:
+    record = runtime.load_run_record(path)
+  except runtime.UserError:
+    hh = _hh_settings(path)
+    if hh is None:
+      raise
+    return {"command": "rm", "hh_rlhf": True, "config": hh, "model_dir": None}
   if not isinstance(record.get("model_dir"), str):
+    if isinstance(record.get("command"), str):
+      raise runtime.UserError(
+        f"{run_dir} holds the output of `rlhf-jax {record['command']}`, not "
+        f'a training run ({path} has no "model_dir")'
+      )
     raise runtime.UserError(
       f'{path}: not a run\'s config.json (no "model_dir")'
     )
   return record
 
 
-def _policy_dir(run_dir: pathlib.Path, policy: str) -> pathlib.Path:
-  record = _run_record(run_dir)
+def _no_policy(run_dir: pathlib.Path, to: str, who: str) -> runtime.UserError:
+  """The error for a run that trained no policy (an HH-RLHF reward model):
+  "it has no policy<to>; <who> needs ..."."""
+  return runtime.UserError(
+    f"{run_dir} is a reward-model-only run (`rlhf-jax rm --preset "
+    f"hh-rlhf...`): it has no policy{to}; {who} needs the run directory of "
+    "`rlhf-jax run`, `ppo`, `dpo` or `grpo`"
+  )
+
+
+def _policy_dir(
+  run_dir: pathlib.Path,
+  record: dict[str, Any],
+  policy: str,
+  flag: str = "--policy",
+) -> pathlib.Path:
+  """The checkpoint directory of the run's ``policy``.
+
+  Raises:
+    UserError: the run has no such policy (lists those it has, for
+      ``flag``).
+  """
+  if record.get("hh_rlhf"):
+    raise _no_policy(run_dir, "", f"{flag} {policy}")
   if policy == "initial":
     return pathlib.Path(record["model_dir"])
   out = run_dir / "outputs" / policy
   if not (out / "config.json").is_file():
-    raise runtime.UserError(f"{run_dir} has no trained {policy} policy ({out})")
+    has = [
+      p
+      for p in POLICIES
+      if (p == "initial" and flag == "--policy")
+      or (run_dir / "outputs" / p / "config.json").is_file()
+    ]
+    raise runtime.UserError(
+      f"{run_dir} has no trained {policy} policy ({out}); its policies: "
+      f"{', '.join(has) or 'none'} (choose with {flag})"
+    )
   return out
 
 
@@ -106,7 +265,8 @@ def run_generate(config: C.GenerateConfig) -> int:
     out = _check_output(config.output, config.overwrite)
   environment.setup_jax()
   if config.run_dir is not None:
-    model_dir = _policy_dir(pathlib.Path(config.run_dir), config.policy)
+    run_dir = pathlib.Path(config.run_dir)
+    model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
   else:
     if config.policy != "initial":
       raise runtime.UserError("--policy needs --run-dir")
@@ -174,8 +334,61 @@ def run_generate(config: C.GenerateConfig) -> int:
 # ------------------------------------------------------------------- eval
 
 
+def _read_prompts(path: pathlib.Path) -> dict[str, Any]:
+  """A run's data/prompts.json: a JSON object whose "heldout" is a
+  non-empty list of prompt strings.
+
+  Raises:
+    UserError: it cannot be read, is not JSON or not such an object.
+  """
+  want = 'expected a JSON object with "heldout": a list of prompt strings'
+  try:
+    with runtime.reading(path):
+      prompts = json.loads(path.read_text())
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise runtime.UserError(f"{path}: not JSON ({e}); {want}") from None
+  if not isinstance(prompts, dict):
+    raise runtime.UserError(f"{path}: {want}, got {_shown(prompts)}")
+  held = prompts.get("heldout")
+  if not (
+    isinstance(held, list) and held and all(isinstance(p, str) for p in held)
+  ):
+    raise runtime.UserError(f'{path}: {want}, got "heldout": {_shown(held)}')
+  return prompts
+
+
+def _eval_output(
+  run_dir: pathlib.Path, policy: str, overwrite: bool
+) -> pathlib.Path:
+  """eval_<policy>.json in the run directory, checked before any work.
+
+  Raises:
+    UserError: it exists (without --overwrite) or is a directory, or the
+      run directory cannot be written (names it and why).
+  """
+  out = run_dir / f"eval_{policy}.json"
+  if out.is_dir():
+    raise runtime.UserError(f"{out}: is a directory, not a file")
+  if (out.exists() or out.is_symlink()) and not overwrite:
+    raise runtime.UserError(
+      f"{out} exists (an earlier `rlhf-jax eval --policy {policy}`); pass "
+      "--overwrite to replace it"
+    )
+  reason = runtime.unwritable(out)
+  if reason is not None:
+    raise runtime.UserError(
+      f"--run-dir {run_dir}: cannot write {out.name} there ({reason}); "
+      "nothing was evaluated. Make the folder writable, or evaluate a copy "
+      "of the run"
+    )
+  return out
+
+
 def run_eval(config: C.EvalConfig) -> int:
-  """Evaluates a run's policy on its held-out prompts; writes eval_<p>.json.
+  """Evaluates a run's policy on its held-out prompts; writes
+  eval_<policy>.json in the run directory (an existing one only with
+  --overwrite). The run, its policy, its prompts and the output are
+  checked before any work.
 
   With the run's seed (--seed 0) and samples per prompt, the rows and keys
   are those of the run's own evaluation, so the numbers reproduce it.
@@ -190,22 +403,33 @@ def run_eval(config: C.EvalConfig) -> int:
   environment.setup_jax()
   run_dir = pathlib.Path(config.run_dir)
   record = _run_record(run_dir)
+  if record.get("hh_rlhf"):
+    raise _no_policy(run_dir, " to evaluate", "eval")
   if "task" not in record["config"]:
-    raise runtime.UserError(f"{run_dir} is not a pipeline run")
-  run_cfg = config_from_dict(C.PipelineConfig, record["config"])
+    raise runtime.UserError(
+      f"{run_dir} is a `rlhf-jax {record.get('command', '?')}` run, not a "
+      "pipeline run: eval needs the held-out prompts, reference and reward "
+      "model of a run of `rlhf-jax run`, `rm`, `ppo`, `dpo` or `grpo`"
+    )
+  config_path = run_dir / runtime.CONFIG_FILE
+  run_cfg = config_from_dict(
+    C.PipelineConfig, record["config"], where=f"{config_path}: config"
+  )
   run_cfg = dataclasses.replace(
     run_cfg,
     eval=dataclasses.replace(
       run_cfg.eval, samples_per_prompt=config.samples_per_prompt
     ),
   )
+  policy_dir = _policy_dir(run_dir, record, config.policy)
   prompts_path = run_dir / "data" / "prompts.json"
   if not prompts_path.is_file():
     raise runtime.UserError(f"{run_dir} has no held-out prompts yet")
-  prompts = json.loads(prompts_path.read_text())
+  prompts = _read_prompts(prompts_path)
+  out = _eval_output(run_dir, config.policy, config.overwrite)
   model_dir = pathlib.Path(record["model_dir"])
   model_config, ref = models.load_hf_checkpoint(model_dir)
-  _, params = models.load_hf_checkpoint(_policy_dir(run_dir, config.policy))
+  _, params = models.load_hf_checkpoint(policy_dir)
   tok = models.load_tokenizer(model_dir)
   with runtime.StopFlag() as stop:
     ctx = Context(
@@ -239,9 +463,7 @@ def run_eval(config: C.EvalConfig) -> int:
     metrics, details = evaluate_policy(
       ctx, params, reward_model_for_eval(ctx), baseline_gold=baseline, **kwargs
     )
-  runtime.write_json(
-    run_dir / f"eval_{config.policy}.json", {"metrics": metrics, **details}
-  )
+  runtime.write_json(out, {"metrics": metrics, **details})
   for k, v in metrics.items():
     print(f"{k} = {v:.4g}")
   return 0
@@ -402,7 +624,7 @@ def run_export(config: C.ExportConfig) -> int:
   else:
     from rlhf_jax.stages.common import ADAPTER_DIR
 
-    src = _policy_dir(run_dir, config.what)
+    src = _policy_dir(run_dir, record, config.what, "--what")
     model_config, params = models.load_hf_checkpoint(src)
 
     def write(tmp: pathlib.Path) -> None:

@@ -156,6 +156,18 @@ def test_eval_reproduces_the_runs_final_evaluation(smoke_run):
   want = json.loads((run_dir / "stages" / "ppo.json").read_text())["metrics"]
   # Same rows, keys and params: bitwise the same samples and scores.
   assert got == want
+  # The file is kept unless --overwrite (checked before any work).
+  out = run_dir / "eval_ppo.json"
+  again = ["eval", "--preset", "smoke", "--run-dir", str(run_dir)]
+  refused = _cli(*again, "--seed", "1", check=False)
+  assert refused.returncode == 2 and refused.stdout == ""
+  assert refused.stderr == (
+    f"rlhf-jax: error: {out} exists (an earlier `rlhf-jax eval --policy "
+    "ppo`); pass --overwrite to replace it\n"
+  )
+  assert json.loads(out.read_text())["metrics"] == got
+  _cli(*again, "--seed", "1", "--overwrite")
+  assert json.loads(out.read_text())["metrics"] != got
 
 
 def test_generate_from_a_runs_policy(smoke_run, tmp_path):

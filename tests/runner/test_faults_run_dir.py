@@ -3,10 +3,8 @@ compared by content on --resume, emptied by --overwrite only of what
 rlhf-jax wrote, and a read-only path or a full disk is one line naming it
 with nothing written before changed."""
 
-import builtins
 import dataclasses
 import errno
-import io
 import json
 import os
 import pathlib
@@ -208,6 +206,23 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
   ]
 
 
+@pytest.mark.parametrize("policy", ["grpo", "kto"])
+def test_overwrite_deletes_what_every_policy_stage_and_eval_wrote(
+  tmp_path, policy
+):
+  run_dir = tmp_path / "run"
+  _a_run(run_dir, command=policy)
+  (run_dir / "outputs" / policy).mkdir(parents=True)
+  (run_dir / "outputs" / policy / "config.json").write_text("{}")
+  (run_dir / "eval_grpo.json").write_text("{}")  # `rlhf-jax eval --policy`
+  _prepare(run_dir, command=policy, overwrite=True)
+  assert sorted(p.name for p in run_dir.iterdir()) == [
+    runtime.LOCK_FILE,
+    runtime.RUN_MARKER,
+    "config.json",
+  ]
+
+
 def test_resume_without_a_run_says_so(tmp_path, capsys):
   for run_dir in (tmp_path / "new", tmp_path / "only-config"):
     if run_dir.name == "only-config":  # a run that failed on its inputs
@@ -226,80 +241,6 @@ def test_resume_without_a_run_says_so(tmp_path, capsys):
 
 
 # ------------------------------------------------- read-only and full disk
-
-
-def _chmod_stops_writes(tmp_path) -> bool:
-  """False when chmod does not stop this user's writes (root)."""
-  probe = tmp_path / "probe"
-  probe.mkdir()
-  probe.chmod(0o555)
-  try:
-    (probe / "x").write_text("x")
-    return False
-  except PermissionError:
-    return True
-  finally:
-    probe.chmod(0o755)
-
-
-@pytest.fixture
-def read_only(tmp_path, monkeypatch):
-  """Makes a directory tree read-only: chmod, or (as root, where chmod
-  stops nothing) the file functions raising EROFS under it."""
-  real = _chmod_stops_writes(tmp_path)
-  roots: list[pathlib.Path] = []
-
-  def under(path) -> bool:
-    if isinstance(path, int):
-      return False
-    p = pathlib.Path(os.fsdecode(path)).absolute()
-    return any(p == r or r in p.parents for r in roots)
-
-  def erofs(path):
-    return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
-
-  def wrap_open(orig):
-    def opener(file, mode="r", *args, **kwargs):
-      if any(c in mode for c in "wax+") and under(file):
-        raise erofs(file)
-      return orig(file, mode, *args, **kwargs)
-
-    return opener
-
-  def wrap_os_open(orig):
-    def opener(path, flags, *args, **kwargs):
-      writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
-      if flags & writes and under(path):
-        raise erofs(path)
-      return orig(path, flags, *args, **kwargs)
-
-    return opener
-
-  def wrap_path_op(orig):
-    def op(path, *args, **kwargs):
-      if under(path):
-        raise erofs(path)
-      return orig(path, *args, **kwargs)
-
-    return op
-
-  def make(root: pathlib.Path) -> None:
-    roots.append(root.absolute())
-    if real:
-      for p in [root, *root.rglob("*")]:
-        p.chmod(0o555 if p.is_dir() else 0o444)
-      return
-    monkeypatch.setattr(builtins, "open", wrap_open(builtins.open))
-    monkeypatch.setattr(io, "open", wrap_open(io.open))
-    monkeypatch.setattr(os, "open", wrap_os_open(os.open))
-    for name in ("mkdir", "replace", "rename", "unlink", "rmdir"):
-      monkeypatch.setattr(os, name, wrap_path_op(getattr(os, name)))
-
-  yield make
-  if real:
-    for r in roots:
-      for p in [r, *r.rglob("*")]:
-        p.chmod(0o755)
 
 
 def _assert_disk_error(message: str, path_prefix: pathlib.Path) -> None:
@@ -330,6 +271,60 @@ def test_read_only_run_dir_is_one_line_and_changes_nothing(tmp_path, read_only):
     _prepare(parent / "new")
   _assert_disk_error(str(e.value), parent / "new")
   assert not (parent / "new").exists()
+
+
+def test_unreadable_config_json_is_a_read_error_not_a_write_one(
+  tmp_path, unreadable
+):
+  run_dir = tmp_path / "run"
+  _a_run(run_dir)
+  runtime.unlock_run_dir(run_dir)
+  unreadable(run_dir / "config.json")
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, resume=True)
+  assert str(e.value) == (
+    f"cannot read {run_dir / 'config.json'}: permission denied"
+  )
+
+
+def test_disk_error_says_write_only_for_a_write(tmp_path, unreadable):
+  def denied(path):
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+  new = tmp_path / "new.json"  # a file a write would create
+  assert runtime.disk_error(denied(new), tmp_path) == (
+    f"cannot write {new}: permission denied; nothing written before was "
+    "changed (free space or make it writable, then rerun with --resume)"
+  )
+  assert runtime.disk_error(denied(new), tmp_path, reading=True) == (
+    f"cannot read {new}: permission denied"
+  )
+  secret = tmp_path / "secret.json"  # a file that cannot be read
+  secret.write_text("{}")
+  unreadable(secret)
+  assert runtime.disk_error(denied(secret), tmp_path) == (
+    f"cannot read {secret}: permission denied"
+  )
+  assert runtime.disk_error(denied(secret), tmp_path, reading=False) == (
+    runtime.disk_error(denied(new), tmp_path).replace(str(new), str(secret))
+  )
+  # Only a write meets a read-only file system, whatever the caller says.
+  rofs = OSError(errno.EROFS, os.strerror(errno.EROFS), str(secret))
+  message = runtime.disk_error(rofs, tmp_path, reading=True)
+  assert message.startswith(f"cannot write {secret}: read-only file system")
+
+
+def test_unwritable_names_why_and_leaves_nothing(tmp_path, read_only):
+  folder = tmp_path / "run"
+  folder.mkdir()
+  assert runtime.unwritable(folder / "eval_ppo.json") is None
+  assert list(folder.iterdir()) == []
+  read_only(folder)
+  assert runtime.unwritable(folder / "eval_ppo.json") in (
+    "read-only file system",
+    "permission denied",
+  )
+  assert list(folder.iterdir()) == []
 
 
 def test_full_disk_is_one_line_and_keeps_the_files(tmp_path, monkeypatch):
