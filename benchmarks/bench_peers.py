@@ -2,6 +2,7 @@
 
   bash scripts/setup_peers.sh            # once: .side/venv311, .side/venv312
   .venv/bin/python benchmarks/bench_peers.py [--repeats 7] [--out FILE]
+      [--overwrite]
 
 Every peer runs in its own long-lived process (``tunix_worker.py`` in the
 Python 3.12 env with google-tunix, ``hf_generate_worker.py`` and
@@ -79,7 +80,13 @@ import numpy as np
 import optax
 
 # benchmarks/, beside this script
-from bench_args import non_negative_int, out_file, positive_int
+from bench_args import (
+  executable_problem,
+  non_negative_int,
+  out_file,
+  output_problem,
+  positive_int,
+)
 
 from rlhf_jax import models, parallel
 from rlhf_jax.rollout import generate
@@ -639,6 +646,7 @@ GROUP_TIMEOUT_S = 1800  # one group's fresh run, workers included
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
+    prog="bench_peers.py",
     description=__doc__.splitlines()[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
@@ -689,7 +697,37 @@ def _parser() -> argparse.ArgumentParser:
     default=REPO / "benchmarks" / "peers_latest.md",
     help="where the table is written (raw times beside it, .json)",
   )
+  parser.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace an existing --out table and its .json",
+  )
   return parser
+
+
+def _raw_path(out: pathlib.Path) -> pathlib.Path:
+  """The raw times' .json beside the table."""
+  return out.with_suffix(".json")
+
+
+def parse_args(
+  argv: list[str] | None = None,
+) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+  """(parser, args), checked before any measuring: the peers' Pythons run,
+  and --out and its .json can be written (an existing one only with
+  --overwrite). A problem exits 2 with one message (``parser.error``)."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  setup = "bash scripts/setup_peers.sh"
+  problems = [
+    executable_problem("--tunix-python", args.tunix_python, setup),
+    executable_problem("--hf-python", args.hf_python, setup),
+    output_problem("--out", [args.out, _raw_path(args.out)], args.overwrite),
+  ]
+  problem = next((p for p in problems if p), None)
+  if problem:
+    parser.error(problem)
+  return parser, args
 
 
 def _measure(args, threads: int) -> tuple[list[Row], str]:
@@ -769,7 +807,7 @@ def _fresh(args) -> tuple[list[Row], str]:
       except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"group {group} failed ({e}); its rows are left out", flush=True)
         continue
-      raw = json.loads(out.with_suffix(".json").read_text())
+      raw = json.loads(_raw_path(out).read_text())
       versions += [v for v in raw["versions"].split("; ") if v not in versions]
       rows += [Row(**r) for r in raw["rows"]]
   return rows, "; ".join(versions)
@@ -813,11 +851,7 @@ def _in_process_groups(parser, args) -> None:
 
 
 def main() -> None:
-  parser = _parser()
-  args = parser.parse_args()
-  for path in (args.tunix_python, args.hf_python):
-    if not path.is_file():
-      parser.error(f"{path}: not found; run `bash scripts/setup_peers.sh`")
+  parser, args = parse_args()
   threads = os.cpu_count() or 1
   uptime = _uptime()
   if not args.in_process and args.only is None:
@@ -843,7 +877,7 @@ def main() -> None:
   text = table(rows, header)
   print("\n" + text)
   args.out.write_text(text + "\n")
-  raw = args.out.with_suffix(".json")
+  raw = _raw_path(args.out)
   rows_json = [dataclasses.asdict(r) for r in rows]
   raw.write_text(
     json.dumps(

@@ -3,6 +3,7 @@
 Each script runs as a subprocess (as a user would run it) with a 2-iteration
 setting at tiny sizes; its printed metrics are parsed and checked. The mesh
 runs give the subprocess 8 fake CPU devices and ask for data=2 x fsdp=4.
+The benchmarks' argument checks run in-process (never a measurement).
 """
 
 import importlib.util
@@ -262,3 +263,89 @@ def test_rm_dpo_hh_mesh_smoke(tinystories_dir, shared_data):
       math.sqrt(longer * (1 - longer) / n), abs=1e-4
     )
   assert lines[-1].startswith("done in ")
+
+
+# ------------------------------------------------------------ bench_peers
+
+BENCH_DIR = REPO_ROOT / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench_peers():
+  """benchmarks/bench_peers.py as a module (its bench_args beside it)."""
+  sys.path.insert(0, str(BENCH_DIR))
+  try:
+    yield _load_script(BENCH_DIR / "bench_peers.py")
+  finally:
+    sys.path.remove(str(BENCH_DIR))
+
+
+def _bench_args(bench_peers, capsys, *args):
+  """parse_args with runnable peer Pythons: (exit code, last stderr line);
+  code 0 when the arguments pass."""
+  py = ["--tunix-python", sys.executable, "--hf-python", sys.executable]
+  try:
+    bench_peers.parse_args([*py, *args])
+  except SystemExit as e:
+    return e.code, capsys.readouterr().err.splitlines()[-1]
+  return 0, ""
+
+
+def test_bench_peers_keeps_existing_outputs(bench_peers, capsys, tmp_path):
+  out = tmp_path / "table.md"
+  out.write_text("mine")
+  code, err = _bench_args(bench_peers, capsys, "--out", str(out))
+  assert code == 2
+  assert err == (
+    f"bench_peers.py: error: --out {out}: table.md exists already; pass "
+    "--overwrite to replace, or choose another file"
+  )
+  (tmp_path / "table.json").write_text("mine")
+  code, err = _bench_args(bench_peers, capsys, "--out", str(out))
+  assert code == 2 and "table.md and table.json exist already" in err
+  assert _bench_args(bench_peers, capsys, "--out", str(out), "--overwrite") == (
+    0,
+    "",
+  )
+  assert out.read_text() == "mine"  # parsing writes nothing
+
+
+def test_bench_peers_out_json_collides_with_the_raw_times(
+  bench_peers, capsys, tmp_path
+):
+  out = tmp_path / "x.json"
+  code, err = _bench_args(bench_peers, capsys, "--out", str(out))
+  assert code == 2
+  assert err == (
+    f"bench_peers.py: error: --out {out}: two of the run's outputs would be "
+    "x.json; give it another suffix (e.g. .md)"
+  )
+
+
+def test_bench_peers_unwritable_out_folder(
+  bench_peers, capsys, tmp_path, read_only
+):
+  folder = tmp_path / "ro"
+  folder.mkdir()
+  read_only(folder)
+  out = folder / "t.md"
+  code, err = _bench_args(bench_peers, capsys, "--out", str(out))
+  assert code == 2
+  assert err.startswith(
+    f"bench_peers.py: error: --out {out}: cannot write in {folder} ("
+  )
+
+
+def test_bench_peers_python_that_cannot_run(bench_peers, capsys, tmp_path):
+  script = tmp_path / "python"
+  script.write_text("#!/bin/sh\n")
+  script.chmod(0o644)
+  out = str(tmp_path / "t.md")
+  with pytest.raises(SystemExit) as e:
+    bench_peers.parse_args(["--tunix-python", str(script), "--out", out])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.splitlines()[-1]
+  assert err == (
+    f"bench_peers.py: error: --tunix-python {script}: not executable (chmod "
+    "+x it, or run `bash scripts/setup_peers.sh`)"
+  )
