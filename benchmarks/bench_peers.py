@@ -2,7 +2,7 @@
 
   bash scripts/setup_peers.sh            # once: .side/venv311, .side/venv312
   .venv/bin/python benchmarks/bench_peers.py [--repeats 7] [--out FILE]
-      [--overwrite]
+      [--overwrite]  # an existing FILE only with --overwrite
 
 Every peer runs in its own long-lived process (``tunix_worker.py`` in the
 Python 3.12 env with google-tunix, ``hf_generate_worker.py`` and
@@ -641,6 +641,8 @@ GROUPS = ("sampler", "sampler_dp", "dpo", "rm", "ppo", "grpo")
 # sampler_dp: the sampler rows again with our process on one CPU device per
 # core (JAX_NUM_CPU_DEVICES) and the rows split over them; peers unchanged.
 DP_ENV = "JAX_NUM_CPU_DEVICES"
+# The table this script keeps; refreshed without --overwrite.
+LATEST = REPO / "benchmarks" / "peers_latest.md"
 GROUP_TIMEOUT_S = 1800  # one group's fresh run, workers included
 
 
@@ -694,13 +696,14 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--out",
     type=out_file,
-    default=REPO / "benchmarks" / "peers_latest.md",
+    default=LATEST,
     help="where the table is written (raw times beside it, .json)",
   )
   parser.add_argument(
     "--overwrite",
     action="store_true",
-    help="replace an existing --out table and its .json",
+    help="replace an existing --out table and its .json (the default"
+    " --out, the repository's latest table, is always refreshed)",
   )
   return parser
 
@@ -715,14 +718,20 @@ def parse_args(
 ) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
   """(parser, args), checked before any measuring: the peers' Pythons run,
   and --out and its .json can be written (an existing one only with
-  --overwrite). A problem exits 2 with one message (``parser.error``)."""
+  --overwrite, except the default: refreshing the repository's own latest
+  table is what the script is for). A problem exits 2 with one message
+  (``parser.error``)."""
   parser = _parser()
   args = parser.parse_args(argv)
   setup = "bash scripts/setup_peers.sh"
   problems = [
     executable_problem("--tunix-python", args.tunix_python, setup),
     executable_problem("--hf-python", args.hf_python, setup),
-    output_problem("--out", [args.out, _raw_path(args.out)], args.overwrite),
+    output_problem(
+      "--out",
+      [args.out, _raw_path(args.out)],
+      args.overwrite or args.out.resolve() == LATEST.resolve(),
+    ),
   ]
   problem = next((p for p in problems if p), None)
   if problem:

@@ -310,6 +310,13 @@ def test_bench_peers_keeps_existing_outputs(bench_peers, capsys, tmp_path):
   assert out.read_text() == "mine"  # parsing writes nothing
 
 
+def test_bench_peers_refreshes_its_default_table(bench_peers, capsys):
+  latest = bench_peers.LATEST
+  assert latest.exists()  # committed: the default run replaces it
+  assert _bench_args(bench_peers, capsys) == (0, "")
+  assert _bench_args(bench_peers, capsys, "--out", str(latest)) == (0, "")
+
+
 def test_bench_peers_out_json_collides_with_the_raw_times(
   bench_peers, capsys, tmp_path
 ):
