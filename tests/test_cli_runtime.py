@@ -14,10 +14,10 @@ import pytest
 from rlhf_jax.cli import presets as P
 from rlhf_jax.cli.main import _one_line, _split_preset
 from rlhf_jax.runner import runtime
+from rlhf_jax.runner.config_json import config_from_dict
 from rlhf_jax.runner.metrics import MetricsWriter, read_metrics
 from rlhf_jax.stages import configs as C
 from rlhf_jax.stages import environment
-from rlhf_jax.stages.tools import config_from_dict
 
 
 def test_config_round_trips_through_config_json():

@@ -330,7 +330,7 @@ def _hidden_paths(command: str, default: Any) -> set[tuple[str, ...]]:
 def _plain(config: Any, cls: type) -> Any:
   """The parsed config rebuilt from the plain classes (the library gets
   its own config classes, not the help-only subclasses)."""
-  from rlhf_jax.stages.tools import config_from_dict
+  from rlhf_jax.runner.config_json import config_from_dict
 
   return config_from_dict(cls, runtime.config_dict(config))
 
