@@ -3,7 +3,8 @@
 import argparse
 import os
 import pathlib
-import tempfile
+
+from rlhf_jax.runner import runtime
 
 
 def _int_at_least(text: str, low: int) -> int:
@@ -69,10 +70,10 @@ def output_problem(
     )
   for parent in dict.fromkeys(p.parent for p in paths):
     try:
-      with tempfile.TemporaryFile(dir=parent):
-        pass
-    except OSError as e:
+      why = runtime.unwritable(parent)
+    except OSError as e:  # e.g. no such folder
       why = os.strerror(e.errno) if e.errno else str(e)
+    if why:
       return f"{flag} {first}: cannot write in {parent} ({why})"
   return None
 

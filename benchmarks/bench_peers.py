@@ -90,6 +90,7 @@ from bench_args import (
 
 from rlhf_jax import models, parallel
 from rlhf_jax.rollout import generate
+from rlhf_jax.runner import runtime
 from rlhf_jax.train import (
   DPOConfig,
   GRPOConfig,
@@ -885,20 +886,23 @@ def main() -> None:
   )
   text = table(rows, header)
   print("\n" + text)
-  args.out.write_text(text + "\n")
   raw = _raw_path(args.out)
   rows_json = [dataclasses.asdict(r) for r in rows]
-  raw.write_text(
-    json.dumps(
-      {
-        "versions": versions,
-        "repeats": args.repeats,
-        "warm_calls": args.warm_calls,
-        "rows": rows_json,
-      },
-      indent=1,
-    )
+  raw_text = json.dumps(
+    {
+      "versions": versions,
+      "repeats": args.repeats,
+      "warm_calls": args.warm_calls,
+      "rows": rows_json,
+    },
+    indent=1,
   )
+  # Each file whole or untouched (a kill or full disk mid-write keeps the
+  # old one); the raw times first, the table that cites them last.
+  with runtime.atomic_file(raw) as f:
+    f.write(raw_text)
+  with runtime.atomic_file(args.out) as f:
+    f.write(text + "\n")
   print(f"\nwritten: {args.out} and {raw}")
 
 

@@ -93,7 +93,7 @@ def _chmod_stops_writes(tmp_path) -> bool:
 class _Denied:
   """Paths whose writes fail (read-only, EROFS) or whose reads fail
   (EACCES): chmod, or (as root, where chmod stops nothing) the file
-  functions raising those errors for them."""
+  functions raising those errors for them and os.access refusing them."""
 
   def __init__(self, tmp_path, monkeypatch):
     self.real = _chmod_stops_writes(tmp_path)
@@ -147,6 +147,17 @@ class _Denied:
 
       return op
 
+    def wrap_access(orig):
+      def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and self._under(path, self.read_only):
+          return False
+        if mode & os.R_OK and self._under(path, self.unreadable):
+          return False
+        return orig(path, mode, *args, **kwargs)
+
+      return access
+
+    mp.setattr(os, "access", wrap_access(os.access))
     mp.setattr(builtins, "open", wrap_open(builtins.open))
     mp.setattr(io, "open", wrap_open(io.open))
     mp.setattr(os, "open", wrap_os_open(os.open))

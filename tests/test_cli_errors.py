@@ -650,8 +650,8 @@ def test_eval_read_only_run_dir_is_refused_before_work(
   head = f"rlhf-jax: error: --run-dir {run}: cannot write eval_dpo.json there"
   assert err.startswith(head), err
   assert err.endswith(
-    "; nothing was evaluated. Make the folder writable, or evaluate a copy "
-    "of the run\n"
+    "; nothing was evaluated. Free space or make the folder writable, or "
+    "evaluate a copy of the run\n"
   )
   assert "read-only file system" in err or "permission denied" in err
 
@@ -706,6 +706,29 @@ def test_a_reward_model_only_run_has_no_policy(tmp_path, capsys, command):
     f"{run} is a reward-model-only run (`rlhf-jax rm --preset hh-rlhf...`): "
     f"it has no policy{what} needs the run directory of `rlhf-jax run`, "
     "`ppo`, `dpo` or `grpo`",
+  )
+
+
+def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(
+  tmp_path, capsys, shared_data
+):
+  # A `rlhf-jax kto` run's config has a "task" as a pipeline's has, but
+  # is not a PipelineConfig: eval must not read it as one.
+  from rlhf_jax.cli import presets as P
+  from rlhf_jax.runner import runtime
+
+  run = _eval_run(tmp_path, shared_data, policies=("kto",), command="kto")
+  record = json.loads((run / "config.json").read_text())
+  record["config"] = runtime.config_dict(P.default_kto())
+  assert "task" in record["config"]
+  runtime.write_json(run / "config.json", record)
+  code, err = _run(capsys, ["eval", "--run-dir", str(run)])
+  _check(
+    code,
+    err,
+    f"{run} is a `rlhf-jax kto` run, not a pipeline run: eval needs the "
+    "held-out prompts, reference and reward model of a run of `rlhf-jax "
+    "run`, `rm`, `ppo`, `dpo` or `grpo`",
   )
 
 

@@ -294,3 +294,25 @@ def test_run_writes_a_reward_model_other_commands_read(smoke_run):
   assert model_config.num_layers == config.num_layers
   assert params["head"]["kernel"].shape[0] == config.hidden_size
   assert (run_dir / "outputs" / "rm" / "tokenizer.json").is_file()
+
+
+def test_export_of_the_reward_model(smoke_run, tmp_path, capsys):
+  """`rlhf-jax export --what rm` of this run: a transformers
+  *ForSequenceClassification directory with the run's head."""
+  from safetensors.numpy import load_file
+
+  from rlhf_jax.cli.main import main
+
+  _, run_dir, _ = smoke_run
+  out = tmp_path / "rm_export"
+  code = main(
+    ["export", "--run-dir", str(run_dir), "--what", "rm", "--out", str(out)]
+  )
+  assert code == 0, capsys.readouterr().err
+  saved = json.loads((out / "config.json").read_text())
+  assert saved["architectures"][0].endswith("ForSequenceClassification")
+  assert saved["num_labels"] == 1
+  _, params, _ = load_rm(run_dir)
+  score = load_file(str(out / "model.safetensors"))["score.weight"]
+  kernel = np.asarray(params["head"]["kernel"]).reshape(1, -1)  # [1, D]
+  np.testing.assert_array_equal(score, kernel)

@@ -49,8 +49,6 @@ def _typed(hint: Any, value: Any, where: str) -> Any:
   Raises:
     UserError: it is not one (names ``where``).
   """
-  while typing.get_origin(hint) is typing.Annotated:
-    hint = typing.get_args(hint)[0]
   origin, args = typing.get_origin(hint), typing.get_args(hint)
   if dataclasses.is_dataclass(hint):
     if isinstance(value, dict):

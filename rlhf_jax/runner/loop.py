@@ -41,7 +41,13 @@ from rlhf_jax.checkpoint import (
 )
 from rlhf_jax.runner.metrics import MetricsWriter
 from rlhf_jax.runner.progress import ProgressBar
-from rlhf_jax.runner.runtime import Interrupted, StopFlag, UserError, writing
+from rlhf_jax.runner.runtime import (
+  Interrupted,
+  StopFlag,
+  UserError,
+  disk_error,
+  writing,
+)
 
 PyTree = Any
 StepFn = Callable[[PyTree], tuple[PyTree, Mapping[str, Any]]]
@@ -56,6 +62,23 @@ def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 # Steps a stage runs before the skipped-update check applies (or all of a
 # shorter stage).
 MIN_STEPS_FOR_SKIP_CHECK = 4
+
+
+def _stop_if_refused(name: str, error: CheckpointDamagedError | None) -> None:
+  """Raises UserError when ``error`` is a checkpoint this process may not
+  read (permission), not a damaged one: it is the user's, never deleted.
+
+  Raises:
+    UserError: names the file and the stage; nothing was deleted.
+  """
+  refused = (
+    None if error is None else disk_error(error, error.path, reading=True)
+  )
+  if refused is not None:
+    raise UserError(
+      f"{name}: checkpoint step {error.step}: {refused}; nothing was "
+      "deleted (make it readable, then rerun with --resume)"
+    )
 
 
 def _everywhere(ok: bool) -> bool:
@@ -162,6 +185,7 @@ class TrainLoop:
             step, self.ckpt.step_dir(step), f"data position: {e!r}"
           )
         if not _everywhere(error is None):
+          _stop_if_refused(self.name, error)
           damaged.append(
             error
             or CheckpointDamagedError(

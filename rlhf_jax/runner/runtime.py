@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -71,16 +72,19 @@ _WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 RESUME_ADVICE = "then rerun with --resume"
 
 
-def _cannot_read(path: str | os.PathLike) -> bool:
-  """Whether opening ``path`` for reading is refused for want of
-  permission (a missing path, or one that opens, is not)."""
+def _read_refused(path: Any) -> bool:
+  """Whether ``path`` (an error's filename) exists and is refused to this
+  process for reading but not for writing: a permission error on it came
+  from a read. A path it can neither read nor write, or one that is
+  missing (a file being created), is taken as a failed write."""
   try:
-    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-  except PermissionError:
-    return True
-  except OSError:
+    return (
+      os.path.exists(path)
+      and not os.access(path, os.R_OK)
+      and os.access(path, os.W_OK)
+    )
+  except (OSError, TypeError, ValueError):  # an odd filename (an fd, ...)
     return False
-  return False
 
 
 def disk_error(
@@ -95,24 +99,25 @@ def disk_error(
     e: the error.
     path: what the failing block reads or writes.
     reading: whether the failing call read (True), wrote (False), or
-      either (None: a permission error is a read failure when the path it
-      names cannot be opened for reading, a write failure otherwise). A
-      read-only or full disk is always a write failure.
+      either (None: a permission error is a read failure when the file the
+      error names exists and may be written but not read, a write failure
+      otherwise). A read-only or full disk is always a write failure.
   """
   seen: set[int] = set()
   cur: BaseException | None = e
   while cur is not None and id(cur) not in seen:
     seen.add(id(cur))
-    code, where = None, path
+    code, where, named = None, path, None
     if isinstance(cur, OSError) and cur.errno in _DISK_ERRORS:
-      code, where = cur.errno, cur.filename or path
+      code, named = cur.errno, cur.filename
+      where = named or path
     else:
       text = str(cur)
       code = next((c for c in _DISK_ERRORS if os.strerror(c) in text), None)
     if code is not None:
       reason = _DISK_ERRORS[code]
       if code not in _WRITE_ONLY and (
-        _cannot_read(where) if reading is None else reading
+        _read_refused(named) if reading is None else reading
       ):
         return f"cannot read {where}: {reason}"
       return (
@@ -123,19 +128,18 @@ def disk_error(
   return None
 
 
-def unwritable(path: str | os.PathLike) -> str | None:
-  """Why the file ``path`` cannot be written (atomically, as
-  ``atomic_file`` does), e.g. "read-only file system"; None when it can.
-  Checks with a test write of its temporary file beside it, removed at
-  once; nothing else is touched.
+def unwritable(folder: str | os.PathLike) -> str | None:
+  """Why files cannot be created in ``folder``, e.g. "read-only file
+  system"; None when they can. Checked with an unnamed temporary file
+  (``tempfile.TemporaryFile``): no file of the folder is opened or
+  touched, and nothing is left behind, even by a kill.
 
   Raises:
     OSError: any other error (e.g. the folder does not exist).
   """
-  tmp = _tmp_path(pathlib.Path(path))
   try:
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644))
-    os.unlink(tmp)
+    with tempfile.TemporaryFile(dir=folder):
+      pass
   except OSError as e:
     if e.errno not in _DISK_ERRORS:
       raise
@@ -310,8 +314,9 @@ RUN_MARKER = ".rlhf_jax_run"
 # Locked (fcntl.flock) by the process writing the run directory.
 LOCK_FILE = ".rlhf_jax_lock"
 # Everything rlhf-jax writes at the top of a run directory (and "<name>.tmp"
-# while a file is replaced): --overwrite deletes these and refuses a
-# directory holding anything else.
+# while a file is replaced, "<name>.old" left by a kill inside
+# `atomic_dir`): --overwrite deletes these and refuses a directory holding
+# anything else.
 RUN_ENTRIES = frozenset(
   {
     CONFIG_FILE,
@@ -328,16 +333,27 @@ RUN_ENTRIES = frozenset(
     "summary.json",
     "results.json",
     "heldout_rewards.npz",
+    "curves.json",  # stages/kto_online.py
+    "features",  # stages/feature_cache.py
     # `rlhf-jax eval --policy NAME`
     *(f"eval_{n}.json" for n in ("initial", "ppo", "dpo", "grpo", "sft")),
   }
 )
 
 
+# Suffixes of an interrupted atomic write (`atomic_file`, `atomic_dir`).
+_WRITE_SUFFIXES = (".tmp", ".old")
+
+
+def _unsuffixed(name: str) -> str:
+  """``name`` without the suffix an interrupted atomic write leaves."""
+  for suffix in _WRITE_SUFFIXES:
+    name = name.removesuffix(suffix)
+  return name
+
+
 def _ours(name: str) -> bool:
-  return name in RUN_ENTRIES or (
-    name.endswith(".tmp") and name[: -len(".tmp")] in RUN_ENTRIES
-  )
+  return _unsuffixed(name) in RUN_ENTRIES
 
 
 def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
@@ -530,6 +546,7 @@ _INSIDE = {
   "stages": ("*.json",),
   "outputs": ("rm", "ppo", "dpo", "grpo", "kto", "sft", ".*"),
   "plots": ("*.png",),
+  "features": ("*.npz",),
 }
 
 
@@ -541,7 +558,7 @@ def _foreign_inside(run_dir: pathlib.Path) -> list[str]:
     if not path.is_dir():
       continue
     for p in sorted(path.iterdir()):
-      name = p.name.removesuffix(".tmp")
+      name = _unsuffixed(p.name)
       if not any(fnmatch.fnmatch(name, pat) for pat in patterns):
         out.append(f"{folder}/{p.name}")
   return out

@@ -31,7 +31,11 @@ _HH_KEYS = ("heldout_file", "backbone", "pooling")
 
 def _hh_settings(path: pathlib.Path) -> dict[str, Any] | None:
   """The settings in the config.json of an HH-RLHF reward-model run, or
-  None when it is not one."""
+  None when it is not one.
+
+  Raises:
+    UserError: the file cannot be read (permission; names it).
+  """
   try:
     with runtime.reading(path):
       data = json.loads(path.read_text())
@@ -269,12 +273,12 @@ def _eval_output(
       f"{out} exists (an earlier `rlhf-jax eval --policy {policy}`); pass "
       "--overwrite to replace it"
     )
-  reason = runtime.unwritable(out)
+  reason = runtime.unwritable(run_dir)
   if reason is not None:
     raise runtime.UserError(
       f"--run-dir {run_dir}: cannot write {out.name} there ({reason}); "
-      "nothing was evaluated. Make the folder writable, or evaluate a copy "
-      "of the run"
+      "nothing was evaluated. Free space or make the folder writable, or "
+      "evaluate a copy of the run"
     )
   return out
 
@@ -300,7 +304,8 @@ def run_eval(config: C.EvalConfig) -> int:
   record = _run_record(run_dir)
   if record.get("hh_rlhf"):
     raise _no_policy(run_dir, " to evaluate", "eval")
-  if "task" not in record["config"]:
+  # A KTO run has a task too, but not the pipeline's config or outputs.
+  if "task" not in record["config"] or record.get("command") == "kto":
     raise runtime.UserError(
       f"{run_dir} is a `rlhf-jax {record.get('command', '?')}` run, not a "
       "pipeline run: eval needs the held-out prompts, reference and reward "
@@ -402,11 +407,11 @@ def _check_export_out(
   if out.is_dir() and not overwrite:
     entries = sorted(p.name for p in out.iterdir())
     if entries:
-      shown = ", ".join(entries[:4])
+      listed = ", ".join(entries[:4])
       if len(entries) > 4:
-        shown += f" and {len(entries) - 4} more"
+        listed += f" and {len(entries) - 4} more"
       raise runtime.UserError(
-        f"--out {out}: not empty (holds {shown}); pass --overwrite to "
+        f"--out {out}: not empty (holds {listed}); pass --overwrite to "
         "replace it, or choose a new directory"
       )
 

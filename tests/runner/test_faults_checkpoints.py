@@ -6,6 +6,7 @@ line naming the path."""
 import asyncio
 import errno
 import gc
+import os
 import pathlib
 import shutil
 
@@ -108,6 +109,34 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert ckpt.all_steps() == [4, 6]
     restored, _ = ckpt.restore(abstract_state=abstract_like(_state()))
   np.testing.assert_array_equal(restored["w"], reference["w"])
+
+
+def test_a_checkpoint_that_cannot_be_read_is_never_deleted(
+  tmp_path, monkeypatch
+):
+  # A refused read (permission) is not damage: the restore stops with one
+  # line and deletes nothing, where a damaged step would be dropped.
+  _train(tmp_path)
+  ckpt_dir = tmp_path / "checkpoints" / "t"
+  real = CheckpointManager.restore
+
+  def refused(self, step=None, **kwargs):
+    if step == 6:
+      denied = PermissionError(
+        errno.EACCES, os.strerror(errno.EACCES), str(ckpt_dir / "6" / "x")
+      )
+      raise self._damaged(6, str(denied)) from denied
+    return real(self, step, **kwargs)
+
+  monkeypatch.setattr(CheckpointManager, "restore", refused)
+  with pytest.raises(runtime.UserError) as e:
+    _loop(tmp_path).restore(_state(), Counter())
+  assert str(e.value) == (
+    f"t: checkpoint step 6: cannot read {ckpt_dir / '6'}: permission "
+    "denied; nothing was deleted (make it readable, then rerun with "
+    "--resume)"
+  )
+  assert sorted(p.name for p in ckpt_dir.iterdir()) == ["4", "6"]
 
 
 def test_no_usable_checkpoint_is_a_one_line_error(tmp_path):

@@ -215,6 +215,12 @@ def test_overwrite_deletes_what_every_policy_stage_and_eval_wrote(
   (run_dir / "outputs" / policy).mkdir(parents=True)
   (run_dir / "outputs" / policy / "config.json").write_text("{}")
   (run_dir / "eval_grpo.json").write_text("{}")  # `rlhf-jax eval --policy`
+  (run_dir / "curves.json").write_text("{}")  # kto_online's accept rates
+  (run_dir / "features").mkdir()  # feature_cache (frozen-backbone RM)
+  (run_dir / "features" / "train.npz").write_bytes(b"")
+  (run_dir / "features" / "eval.npz.tmp").write_bytes(b"")
+  # What a kill between atomic_dir's two renames leaves.
+  (run_dir / "outputs" / f"{policy}.old").mkdir()
   _prepare(run_dir, command=policy, overwrite=True)
   assert sorted(p.name for p in run_dir.iterdir()) == [
     runtime.LOCK_FILE,
@@ -287,7 +293,9 @@ def test_unreadable_config_json_is_a_read_error_not_a_write_one(
   )
 
 
-def test_disk_error_says_write_only_for_a_write(tmp_path, unreadable):
+def test_disk_error_says_write_only_for_a_write(
+  tmp_path, unreadable, read_only
+):
   def denied(path):
     return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
@@ -308,23 +316,43 @@ def test_disk_error_says_write_only_for_a_write(tmp_path, unreadable):
   assert runtime.disk_error(denied(secret), tmp_path, reading=False) == (
     runtime.disk_error(denied(new), tmp_path).replace(str(new), str(secret))
   )
+  # A file that can be neither read nor written (or a folder that cannot
+  # be entered): the failing call may have been a write, and is named so.
+  both = tmp_path / "both.json"
+  both.write_text("{}")
+  unreadable(both)
+  read_only(both)
+  assert runtime.disk_error(denied(both), tmp_path).startswith(
+    f"cannot write {both}: permission denied; nothing written before"
+  )
+  # A library's error without a filename: a write of ``path``.
+  wrapped = RuntimeError(f"tensorstore: {os.strerror(errno.EACCES)}")
+  assert runtime.disk_error(wrapped, "the output").startswith(
+    "cannot write the output: permission denied"
+  )
   # Only a write meets a read-only file system, whatever the caller says.
   rofs = OSError(errno.EROFS, os.strerror(errno.EROFS), str(secret))
   message = runtime.disk_error(rofs, tmp_path, reading=True)
   assert message.startswith(f"cannot write {secret}: read-only file system")
 
 
-def test_unwritable_names_why_and_leaves_nothing(tmp_path, read_only):
+def test_unwritable_names_why_and_touches_nothing(tmp_path, read_only):
   folder = tmp_path / "run"
   folder.mkdir()
-  assert runtime.unwritable(folder / "eval_ppo.json") is None
-  assert list(folder.iterdir()) == []
+  # A file at the name an atomic write would use (another writer's) is
+  # neither opened nor removed: the check makes no named file.
+  (folder / "eval_ppo.json.tmp").write_text("another eval's results")
+  assert runtime.unwritable(folder) is None
+  assert [p.name for p in folder.iterdir()] == ["eval_ppo.json.tmp"]
+  assert (folder / "eval_ppo.json.tmp").read_text() == "another eval's results"
   read_only(folder)
-  assert runtime.unwritable(folder / "eval_ppo.json") in (
+  assert runtime.unwritable(folder) in (
     "read-only file system",
     "permission denied",
   )
-  assert list(folder.iterdir()) == []
+  assert [p.name for p in folder.iterdir()] == ["eval_ppo.json.tmp"]
+  with pytest.raises(FileNotFoundError):
+    runtime.unwritable(tmp_path / "missing")
 
 
 def test_full_disk_is_one_line_and_keeps_the_files(tmp_path, monkeypatch):
