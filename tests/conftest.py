@@ -151,7 +151,7 @@ class _Denied:
       def access(path, mode, *args, **kwargs):
         if mode & os.W_OK and self._under(path, self.read_only):
           return False
-        if mode & os.R_OK and self._under(path, self.unreadable):
+        if self._under(path, self.unreadable):  # as chmod 000
           return False
         return orig(path, mode, *args, **kwargs)
 
@@ -203,6 +203,7 @@ def read_only(_denied):
 
 @pytest.fixture
 def unreadable(_denied):
-  """``unreadable(path)`` makes a file unreadable: chmod 000, or (as root)
-  the file functions raising EACCES for reads of it."""
+  """``unreadable(path)`` makes a file or folder unreadable: chmod 000, or
+  (as root) the file functions raising EACCES for reads of it and
+  os.access refusing it, as chmod 000 does."""
   return _denied.make_unreadable

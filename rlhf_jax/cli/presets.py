@@ -306,7 +306,7 @@ def smollm2_sft() -> C.SFTConfig:
 
 
 HH_PRESETS = ("hh-rlhf", "hh-rlhf-smoke", "hh-rlhf-smollm2")
-PIPELINE_COMMANDS = ("run", "rm", "ppo", "dpo", "grpo")
+PIPELINE_COMMANDS = C.PIPELINE_COMMANDS
 
 PRESETS: dict[str, dict[str, Callable]] = {
   **{

@@ -25,6 +25,7 @@ one-line ``UserError`` naming it.
 """
 
 import dataclasses
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -64,19 +65,49 @@ def host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 MIN_STEPS_FOR_SKIP_CHECK = 4
 
 
-def _stop_if_refused(name: str, error: CheckpointDamagedError | None) -> None:
-  """Raises UserError when ``error`` is a checkpoint this process may not
-  read (permission), not a damaged one: it is the user's, never deleted.
+def _first_unreadable(path: pathlib.Path) -> pathlib.Path | None:
+  """The first folder (read and enter) or file (read) under ``path`` that
+  this process may not read, or None."""
+  is_dir = path.is_dir() and not path.is_symlink()
+  if not os.access(path, os.R_OK | (os.X_OK if is_dir else 0)):
+    return path
+  if is_dir:
+    for child in sorted(path.iterdir()):
+      found = _first_unreadable(child)
+      if found is not None:
+        return found
+  return None
+
+
+def _refusal(error: CheckpointDamagedError | None) -> str | None:
+  """Why a checkpoint that failed to restore is one this process may not
+  read (permission), not a damaged one; None when it is not. Decided from
+  the files (orbax reports a folder it may not enter as a missing one),
+  then from the error's text."""
+  if error is None or not error.path.exists():
+    return None
+  bad = _first_unreadable(error.path)
+  if bad is not None:
+    return f"cannot read {bad}: permission denied"
+  said = disk_error(error, error.path, reading=True)
+  return said if said and said.startswith("cannot read") else None
+
+
+def _stop_if_refused(
+  name: str, step: int, error: CheckpointDamagedError | None
+) -> None:
+  """Raises UserError on every process when the checkpoint of ``step`` is
+  one some process may not read (``_refusal``): it is the user's, never
+  deleted as damaged. All processes must call this (a collective).
 
   Raises:
-    UserError: names the file and the stage; nothing was deleted.
+    UserError: names the stage, the step and the file; nothing deleted.
   """
-  refused = (
-    None if error is None else disk_error(error, error.path, reading=True)
-  )
-  if refused is not None:
+  refused = _refusal(error)
+  if not _everywhere(refused is None):
     raise UserError(
-      f"{name}: checkpoint step {error.step}: {refused}; nothing was "
+      f"{name}: checkpoint step {step}: "
+      f"{refused or 'another process may not read it'}; nothing was "
       "deleted (make it readable, then rerun with --resume)"
     )
 
@@ -185,7 +216,7 @@ class TrainLoop:
             step, self.ckpt.step_dir(step), f"data position: {e!r}"
           )
         if not _everywhere(error is None):
-          _stop_if_refused(self.name, error)
+          _stop_if_refused(self.name, step, error)
           damaged.append(
             error
             or CheckpointDamagedError(

@@ -72,19 +72,17 @@ _WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 RESUME_ADVICE = "then rerun with --resume"
 
 
-def _read_refused(path: Any) -> bool:
-  """Whether ``path`` (an error's filename) exists and is refused to this
-  process for reading but not for writing: a permission error on it came
-  from a read. A path it can neither read nor write, or one that is
-  missing (a file being created), is taken as a failed write."""
+def _refused_access(path: Any) -> str | None:
+  """For a permission error naming ``path``: "read" when the file exists
+  and may be written but not read, "read or write" when it may be neither
+  (mode 000, another user's file: the failing call is unknown), None (a
+  write) otherwise, a missing path (a file being created) included."""
   try:
-    return (
-      os.path.exists(path)
-      and not os.access(path, os.R_OK)
-      and os.access(path, os.W_OK)
-    )
+    if not os.path.exists(path) or os.access(path, os.R_OK):
+      return None
+    return "read or write" if not os.access(path, os.W_OK) else "read"
   except (OSError, TypeError, ValueError):  # an odd filename (an fd, ...)
-    return False
+    return None
 
 
 def disk_error(
@@ -99,9 +97,10 @@ def disk_error(
     e: the error.
     path: what the failing block reads or writes.
     reading: whether the failing call read (True), wrote (False), or
-      either (None: a permission error is a read failure when the file the
-      error names exists and may be written but not read, a write failure
-      otherwise). A read-only or full disk is always a write failure.
+      either (None: a permission error on a file the error names that
+      exists and may not be read is a failed read, or "cannot read or
+      write" when it may not be written either; otherwise a failed write).
+      A read-only or full disk is always a write failure.
   """
   seen: set[int] = set()
   cur: BaseException | None = e
@@ -116,10 +115,17 @@ def disk_error(
       code = next((c for c in _DISK_ERRORS if os.strerror(c) in text), None)
     if code is not None:
       reason = _DISK_ERRORS[code]
-      if code not in _WRITE_ONLY and (
-        _read_refused(named) if reading is None else reading
-      ):
+      if code in _WRITE_ONLY or reading is False:
+        refused = None
+      else:
+        refused = "read" if reading else _refused_access(named)
+      if refused == "read":
         return f"cannot read {where}: {reason}"
+      if refused is not None:
+        return (
+          f"cannot {refused} {where}: {reason} (make it readable and "
+          f"writable, {RESUME_ADVICE})"
+        )
       return (
         f"cannot write {where}: {reason}; nothing written before was "
         f"changed (free space or make it writable, {RESUME_ADVICE})"
@@ -130,9 +136,10 @@ def disk_error(
 
 def unwritable(folder: str | os.PathLike) -> str | None:
   """Why files cannot be created in ``folder``, e.g. "read-only file
-  system"; None when they can. Checked with an unnamed temporary file
-  (``tempfile.TemporaryFile``): no file of the folder is opened or
-  touched, and nothing is left behind, even by a kill.
+  system"; None when they can. Checked with a temporary file
+  (``tempfile.TemporaryFile``: unnamed where the system has O_TMPFILE, as
+  Linux does, else a new name removed at once): no file of the folder is
+  opened or touched.
 
   Raises:
     OSError: any other error (e.g. the folder does not exist).
@@ -314,9 +321,8 @@ RUN_MARKER = ".rlhf_jax_run"
 # Locked (fcntl.flock) by the process writing the run directory.
 LOCK_FILE = ".rlhf_jax_lock"
 # Everything rlhf-jax writes at the top of a run directory (and "<name>.tmp"
-# while a file is replaced, "<name>.old" left by a kill inside
-# `atomic_dir`): --overwrite deletes these and refuses a directory holding
-# anything else.
+# while a file is replaced): --overwrite deletes these and refuses a
+# directory holding anything else.
 RUN_ENTRIES = frozenset(
   {
     CONFIG_FILE,
@@ -341,19 +347,8 @@ RUN_ENTRIES = frozenset(
 )
 
 
-# Suffixes of an interrupted atomic write (`atomic_file`, `atomic_dir`).
-_WRITE_SUFFIXES = (".tmp", ".old")
-
-
-def _unsuffixed(name: str) -> str:
-  """``name`` without the suffix an interrupted atomic write leaves."""
-  for suffix in _WRITE_SUFFIXES:
-    name = name.removesuffix(suffix)
-  return name
-
-
 def _ours(name: str) -> bool:
-  return _unsuffixed(name) in RUN_ENTRIES
+  return name.removesuffix(".tmp") in RUN_ENTRIES
 
 
 def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
@@ -558,7 +553,9 @@ def _foreign_inside(run_dir: pathlib.Path) -> list[str]:
     if not path.is_dir():
       continue
     for p in sorted(path.iterdir()):
-      name = _unsuffixed(p.name)
+      name = p.name.removesuffix(".tmp")
+      if folder == "outputs":  # a kill inside `atomic_dir` leaves <name>.old
+        name = name.removesuffix(".old")
       if not any(fnmatch.fnmatch(name, pat) for pat in patterns):
         out.append(f"{folder}/{p.name}")
   return out

@@ -207,6 +207,10 @@ class EvalStageConfig:
   """Sample stories shown in report.md."""
 
 
+# The subcommands whose runs hold a PipelineConfig (config.json "command").
+PIPELINE_COMMANDS = ("run", "rm", "ppo", "dpo", "grpo")
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
   """The pipeline "make TinyStories happier" (Ziegler et al. 2019,

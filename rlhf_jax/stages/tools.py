@@ -304,8 +304,8 @@ def run_eval(config: C.EvalConfig) -> int:
   record = _run_record(run_dir)
   if record.get("hh_rlhf"):
     raise _no_policy(run_dir, " to evaluate", "eval")
-  # A KTO run has a task too, but not the pipeline's config or outputs.
-  if "task" not in record["config"] or record.get("command") == "kto":
+  # Not by its fields: a KTO run's config has a "task" too.
+  if record.get("command") not in C.PIPELINE_COMMANDS:
     raise runtime.UserError(
       f"{run_dir} is a `rlhf-jax {record.get('command', '?')}` run, not a "
       "pipeline run: eval needs the held-out prompts, reference and reward "

@@ -111,32 +111,42 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
   np.testing.assert_array_equal(restored["w"], reference["w"])
 
 
+@pytest.mark.parametrize("how", ["error", "folder"])
 def test_a_checkpoint_that_cannot_be_read_is_never_deleted(
-  tmp_path, monkeypatch
+  tmp_path, monkeypatch, unreadable, how
 ):
   # A refused read (permission) is not damage: the restore stops with one
-  # line and deletes nothing, where a damaged step would be dropped.
+  # line and deletes nothing, where a damaged step would be dropped. Told
+  # by the error (a file) or found in the files (orbax reports a folder it
+  # may not enter as a missing one).
   _train(tmp_path)
   ckpt_dir = tmp_path / "checkpoints" / "t"
   real = CheckpointManager.restore
 
   def refused(self, step=None, **kwargs):
-    if step == 6:
-      denied = PermissionError(
+    if step != 6:
+      return real(self, step, **kwargs)
+    if how == "error":
+      cause = PermissionError(
         errno.EACCES, os.strerror(errno.EACCES), str(ckpt_dir / "6" / "x")
       )
-      raise self._damaged(6, str(denied)) from denied
-    return real(self, step, **kwargs)
+    else:
+      cause = FileNotFoundError("Individual parameter subdirectory not found")
+    raise self._damaged(6, str(cause)) from cause
 
   monkeypatch.setattr(CheckpointManager, "restore", refused)
+  if how == "folder":
+    unreadable(ckpt_dir / "6" / "state")
   with pytest.raises(runtime.UserError) as e:
     _loop(tmp_path).restore(_state(), Counter())
+  where = ckpt_dir / "6" / ("state" if how == "folder" else "")
   assert str(e.value) == (
-    f"t: checkpoint step 6: cannot read {ckpt_dir / '6'}: permission "
-    "denied; nothing was deleted (make it readable, then rerun with "
-    "--resume)"
+    f"t: checkpoint step 6: cannot read {str(where).rstrip('/')}: "
+    "permission denied; nothing was deleted (make it readable, then rerun "
+    "with --resume)"
   )
   assert sorted(p.name for p in ckpt_dir.iterdir()) == ["4", "6"]
+  assert (ckpt_dir / "6" / "metadata").exists()
 
 
 def test_no_usable_checkpoint_is_a_one_line_error(tmp_path):

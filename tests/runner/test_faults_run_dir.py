@@ -221,6 +221,12 @@ def test_overwrite_deletes_what_every_policy_stage_and_eval_wrote(
   (run_dir / "features" / "eval.npz.tmp").write_bytes(b"")
   # What a kill between atomic_dir's two renames leaves.
   (run_dir / "outputs" / f"{policy}.old").mkdir()
+  # A user's backup at the top is not rlhf-jax's: refused, kept.
+  (run_dir / "summary.json.old").write_text("mine")
+  with pytest.raises(runtime.UserError, match="summary.json.old"):
+    _prepare(run_dir, command=policy, overwrite=True)
+  assert (run_dir / "summary.json.old").read_text() == "mine"
+  (run_dir / "summary.json.old").unlink()
   _prepare(run_dir, command=policy, overwrite=True)
   assert sorted(p.name for p in run_dir.iterdir()) == [
     runtime.LOCK_FILE,
@@ -294,7 +300,7 @@ def test_unreadable_config_json_is_a_read_error_not_a_write_one(
 
 
 def test_disk_error_says_write_only_for_a_write(
-  tmp_path, unreadable, read_only
+  tmp_path, unreadable, monkeypatch
 ):
   def denied(path):
     return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
@@ -307,23 +313,31 @@ def test_disk_error_says_write_only_for_a_write(
   assert runtime.disk_error(denied(new), tmp_path, reading=True) == (
     f"cannot read {new}: permission denied"
   )
-  secret = tmp_path / "secret.json"  # a file that cannot be read
+  # A file that may be neither read nor written (chmod 000, another
+  # user's file): which call failed is unknown, and the message says both.
+  secret = tmp_path / "secret.json"
   secret.write_text("{}")
   unreadable(secret)
   assert runtime.disk_error(denied(secret), tmp_path) == (
-    f"cannot read {secret}: permission denied"
+    f"cannot read or write {secret}: permission denied (make it readable "
+    "and writable, then rerun with --resume)"
   )
   assert runtime.disk_error(denied(secret), tmp_path, reading=False) == (
     runtime.disk_error(denied(new), tmp_path).replace(str(new), str(secret))
   )
-  # A file that can be neither read nor written (or a folder that cannot
-  # be entered): the failing call may have been a write, and is named so.
-  both = tmp_path / "both.json"
-  both.write_text("{}")
-  unreadable(both)
-  read_only(both)
-  assert runtime.disk_error(denied(both), tmp_path).startswith(
-    f"cannot write {both}: permission denied; nothing written before"
+  # A file that may be written but not read (chmod 200): a failed read.
+  blind = tmp_path / "blind.json"
+  blind.write_text("{}")
+  real_access = os.access
+
+  def access(path, mode, *args, **kwargs):
+    if os.fsdecode(path) == str(blind):
+      return not mode & os.R_OK
+    return real_access(path, mode, *args, **kwargs)
+
+  monkeypatch.setattr(os, "access", access)
+  assert runtime.disk_error(denied(blind), tmp_path) == (
+    f"cannot read {blind}: permission denied"
   )
   # A library's error without a filename: a write of ``path``.
   wrapped = RuntimeError(f"tensorstore: {os.strerror(errno.EACCES)}")
