@@ -408,6 +408,7 @@ def _hh_inputs(tmp_path, shared_data):
   empty.mkdir()
   notok = tmp_path / "notok"
   shutil.copytree(shared_data / "models" / "tinystories-656k", notok)
+  notok.chmod(0o755)  # the shared data is read-only; its copy need not be
   (notok / "tokenizer.json").unlink()
   return empty, notok
 
