@@ -651,8 +651,8 @@ def test_eval_read_only_run_dir_is_refused_before_work(
   head = f"rlhf-jax: error: --run-dir {run}: cannot write eval_dpo.json there"
   assert err.startswith(head), err
   assert err.endswith(
-    "; nothing was evaluated. Free space or make the folder writable, or "
-    "evaluate a copy of the run\n"
+    "; nothing was evaluated. Make the folder writable, or evaluate a copy "
+    "of the run\n"
   )
   assert "read-only file system" in err or "permission denied" in err
 
@@ -708,6 +708,74 @@ def test_a_reward_model_only_run_has_no_policy(tmp_path, capsys, command):
     f"it has no policy{what} needs the run directory of `rlhf-jax run`, "
     "`ppo`, `dpo` or `grpo`",
   )
+
+
+def test_export_and_generate_never_write_into_a_runs_own_parts(
+  tmp_path, capsys, shared_data
+):
+  from rlhf_jax.runner import runtime
+
+  run = _eval_run(tmp_path, shared_data, policies=("ppo",), command="ppo")
+  (run / "checkpoints").mkdir()
+  (run / "checkpoints" / "step").write_text("a checkpoint")
+  (run / "summary.json").write_text("{}")
+  other = tmp_path / "other"  # another run
+  other.mkdir()
+  (other / runtime.RUN_MARKER).write_text("")
+  (other / "summary.json").write_text("{}")
+  cases = [
+    (
+      ["export", "--out", str(run / "checkpoints"), "--overwrite"],
+      f"--out {run / 'checkpoints'}: it is part of the run {run} "
+      "(checkpoints, rlhf-jax's own); choose another directory",
+    ),
+    (
+      ["export", "--out", str(other), "--overwrite"],
+      f"--out {other}: it is a run directory; choose another directory",
+    ),
+    (
+      ["generate", "--output", str(run / "summary.json"), "--overwrite"],
+      f"--output {run / 'summary.json'}: it is part of the run {run} "
+      "(summary.json, rlhf-jax's own); choose another file",
+    ),
+  ]
+  for args, message in cases:
+    code, err = _run(capsys, [args[0], "--run-dir", str(run), *args[1:]])
+    _check(code, err, message)
+  assert (run / "checkpoints" / "step").read_text() == "a checkpoint"
+  assert (other / "summary.json").read_text() == "{}"
+  assert (run / "summary.json").read_text() == "{}"
+
+
+def test_eval_of_a_run_in_use_waits_for_it(tmp_path, capsys, shared_data):
+  # A run still going may lack the policy yet: eval names the holder
+  # instead of "no trained ... policy", and writes nothing.
+  run = _eval_run(tmp_path, shared_data, policies=(), command="ppo")
+  code = (
+    "import pathlib, sys, time\n"
+    "from rlhf_jax.runner import runtime\n"
+    "runtime.lock_run_dir(pathlib.Path(sys.argv[1]), 'rlhf-jax ppo')\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+  )
+  holder = subprocess.Popen(
+    [sys.executable, "-c", code, str(run)],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=REPO_ROOT,
+  )
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    code, err = _run(capsys, ["eval", "--run-dir", str(run)])
+    assert code == 2, err
+    assert err.startswith(
+      f"rlhf-jax: error: run directory {run} is in use by another rlhf-jax "
+      f"process (pid {holder.pid} on "
+    ), err
+  finally:
+    holder.kill()
+    holder.wait(timeout=60)
+  assert not (run / "eval_ppo.json").exists()
 
 
 def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(

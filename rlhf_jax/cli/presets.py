@@ -109,7 +109,7 @@ def smoke_generate() -> C.GenerateConfig:
 
 
 def default_eval() -> C.EvalConfig:
-  """Two samples per held-out prompt (needs --run-dir)."""
+  """The run's own samples per held-out prompt (needs --run-dir)."""
   return C.EvalConfig(run_dir="")
 
 

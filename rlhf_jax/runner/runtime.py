@@ -72,17 +72,27 @@ _WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 RESUME_ADVICE = "then rerun with --resume"
 
 
-def _refused_access(path: Any) -> str | None:
-  """For a permission error naming ``path``: "read" when the file exists
-  and may be written but not read, "read or write" when it may be neither
-  (mode 000, another user's file: the failing call is unknown), None (a
-  write) otherwise, a missing path (a file being created) included."""
+def _refused_access(path: Any) -> tuple[str, Any] | None:
+  """For a permission error naming ``path``: ("read", path) when the file
+  exists and may be written but not read; ("read or write", X) when it
+  may be neither (mode 000, another user's file), or when X, the folder
+  above it, may not be entered (the failing call is unknown then); None
+  (a failed write) otherwise, a file being created included."""
   try:
-    if not os.path.exists(path) or os.access(path, os.R_OK):
-      return None
-    return "read or write" if not os.access(path, os.W_OK) else "read"
+    if os.path.exists(path):
+      if os.access(path, os.R_OK):
+        return None
+      if os.access(path, os.W_OK):
+        return "read", path
+      return "read or write", path
+    for folder in pathlib.Path(os.fsdecode(path)).parents:
+      if os.path.exists(folder):
+        if not os.access(folder, os.X_OK):
+          return "read or write", folder
+        return None
   except (OSError, TypeError, ValueError):  # an odd filename (an fd, ...)
     return None
+  return None
 
 
 def disk_error(
@@ -99,8 +109,9 @@ def disk_error(
     reading: whether the failing call read (True), wrote (False), or
       either (None: a permission error on a file the error names that
       exists and may not be read is a failed read, or "cannot read or
-      write" when it may not be written either; otherwise a failed write).
-      A read-only or full disk is always a write failure.
+      write" when it may not be written either or its folder may not be
+      entered (naming the folder); otherwise a failed write). A read-only
+      or full disk is always a write failure.
   """
   seen: set[int] = set()
   cur: BaseException | None = e
@@ -117,8 +128,10 @@ def disk_error(
       reason = _DISK_ERRORS[code]
       if code in _WRITE_ONLY or reading is False:
         refused = None
+      elif reading:
+        refused = "read"
       else:
-        refused = "read" if reading else _refused_access(named)
+        refused, where = _refused_access(named) or (None, where)
       if refused == "read":
         return f"cannot read {where}: {reason}"
       if refused is not None:
@@ -349,6 +362,24 @@ RUN_ENTRIES = frozenset(
 
 def _ours(name: str) -> bool:
   return name.removesuffix(".tmp") in RUN_ENTRIES
+
+
+def run_part(path: str | os.PathLike) -> str | None:
+  """Why a command must not write ``path`` (an export or sample file):
+  it is a run directory, or rlhf-jax's own part of one (e.g.
+  ``run/checkpoints``, ``run/data/prompts.json``); None otherwise (a
+  folder of the user's inside a run is theirs to use).
+  """
+  target = pathlib.Path(path).resolve()
+  if (target / RUN_MARKER).exists():
+    return "it is a run directory"
+  for parent in target.parents:
+    if (parent / RUN_MARKER).is_file():
+      first = target.relative_to(parent).parts[0]
+      if _ours(first):
+        return f"it is part of the run {parent} ({first}, rlhf-jax's own)"
+      return None
+  return None
 
 
 def _check_ours(run_dir: pathlib.Path, config: Any) -> None:

@@ -389,8 +389,9 @@ class EvalConfig:
   """Named preset."""
   policy: Literal["initial", "ppo", "dpo", "grpo", "sft"] = "ppo"
   """Which policy of the run to evaluate."""
-  samples_per_prompt: int = 2
-  """Continuations per held-out prompt."""
+  samples_per_prompt: int | None = None
+  """Continuations per held-out prompt; default: the run's own (its
+  eval.samples_per_prompt), so with --seed 0 the figures are the run's."""
   seed: int = 0
   """Sampling seed."""
   overwrite: bool = False

@@ -139,7 +139,7 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
 
   Raises:
     runtime.UserError: it is a directory, an existing file without
-      --overwrite, or under a path that is a file.
+      --overwrite, under a path that is a file, or a run's own file.
   """
   out = pathlib.Path(output)
   if out.is_dir() or output.endswith(os.sep):
@@ -149,6 +149,9 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
       f"--output {out}: exists; pass --overwrite to replace it"
     )
   _check_parents(out, "--output")
+  why = runtime.run_part(out)
+  if why is not None:
+    raise runtime.UserError(f"--output {out}: {why}; choose another file")
   return out
 
 
@@ -222,7 +225,8 @@ def run_generate(config: C.GenerateConfig) -> int:
   records = []
   for r, p in enumerate(rows):
     text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
-    records.append({"prompt": prompts[p], "sample": r, "text": text})
+    sample = r % config.num_samples  # rows are prompt-major
+    records.append({"prompt": prompts[p], "sample": sample, "text": text})
     print(f"[{prompts[p]}] {text}")
   if out is not None:
     with runtime.atomic_file(out) as f:
@@ -275,10 +279,14 @@ def _eval_output(
     )
   reason = runtime.unwritable(run_dir)
   if reason is not None:
+    fix = (
+      "Free space"
+      if "space" in reason or "quota" in reason
+      else ("Make the folder writable")
+    )
     raise runtime.UserError(
       f"--run-dir {run_dir}: cannot write {out.name} there ({reason}); "
-      "nothing was evaluated. Free space or make the folder writable, or "
-      "evaluate a copy of the run"
+      f"nothing was evaluated. {fix}, or evaluate a copy of the run"
     )
   return out
 
@@ -315,18 +323,24 @@ def run_eval(config: C.EvalConfig) -> int:
   run_cfg = config_from_dict(
     C.PipelineConfig, record["config"], where=f"{config_path}: config"
   )
+  samples = config.samples_per_prompt
+  if samples is None:  # the run's own: its figures reproduce
+    samples = run_cfg.eval.samples_per_prompt
   run_cfg = dataclasses.replace(
     run_cfg,
-    eval=dataclasses.replace(
-      run_cfg.eval, samples_per_prompt=config.samples_per_prompt
-    ),
+    eval=dataclasses.replace(run_cfg.eval, samples_per_prompt=samples),
   )
+  out = _eval_output(run_dir, config.policy, config.overwrite)
+  # A run still going may lack its policy yet, and eval writes beside it.
+  runtime.lock_run_dir(run_dir, "rlhf-jax eval")
   policy_dir = _policy_dir(run_dir, record, config.policy)
   prompts_path = run_dir / "data" / "prompts.json"
   if not prompts_path.is_file():
-    raise runtime.UserError(f"{run_dir} has no held-out prompts yet")
+    raise runtime.UserError(
+      f"{run_dir} has no held-out prompts: {prompts_path} is missing (the "
+      "run stopped before writing it, or it was removed)"
+    )
   prompts = _read_prompts(prompts_path)
-  out = _eval_output(run_dir, config.policy, config.overwrite)
   model_dir = pathlib.Path(record["model_dir"])
   model_config, ref = models.load_hf_checkpoint(model_dir)
   _, params = models.load_hf_checkpoint(policy_dir)
@@ -355,15 +369,19 @@ def run_eval(config: C.EvalConfig) -> int:
     baseline = None
     if (
       initial is not None
-      and len(initial["gold"])
-      == len(prompts["heldout"]) * config.samples_per_prompt
+      and len(initial["gold"]) == len(prompts["heldout"]) * samples
       and not config.seed
     ):
       baseline = np.asarray(initial["gold"])
     metrics, details = evaluate_policy(
       ctx, params, reward_model_for_eval(ctx), baseline_gold=baseline, **kwargs
     )
-  runtime.write_json(out, {"metrics": metrics, **details})
+  settings = {
+    "policy": config.policy,
+    "seed": config.seed,
+    "samples_per_prompt": samples,
+  }
+  runtime.write_json(out, {"settings": settings, "metrics": metrics, **details})
   for k, v in metrics.items():
     print(f"{k} = {v:.4g}")
   return 0
@@ -384,8 +402,9 @@ def _check_export_out(
 
   Raises:
     UserError: --out is a file; it is, or holds, the run directory or the
-      run's model directory; it lies in the run's outputs; or it is a
-      non-empty directory and `overwrite` is False.
+      run's model directory; it lies in the run's outputs; it is a run
+      directory or rlhf-jax's own part of one (``runtime.run_part``); or it
+      is a non-empty directory and `overwrite` is False.
   """
   target = out.resolve()
   if out.exists() and not out.is_dir():
@@ -404,6 +423,9 @@ def _check_export_out(
       f"--out {out}: lies in the run's outputs ({run_dir / 'outputs'}), "
       "which export reads; choose a directory outside it"
     )
+  why = runtime.run_part(out)
+  if why is not None:
+    raise runtime.UserError(f"--out {out}: {why}; choose another directory")
   if out.is_dir() and not overwrite:
     entries = sorted(p.name for p in out.iterdir())
     if entries:

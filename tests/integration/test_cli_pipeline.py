@@ -143,16 +143,15 @@ def test_smoke_metrics_have_the_plot_keys(smoke_run):
 
 def test_eval_reproduces_the_runs_final_evaluation(smoke_run):
   run_dir, _ = smoke_run
-  _cli(
-    "eval",
-    "--preset",
-    "smoke",
-    "--run-dir",
-    str(run_dir),
-    "--policy",
-    "ppo",
-  )
-  got = json.loads((run_dir / "eval_ppo.json").read_text())["metrics"]
+  # No preset: the run's own samples per prompt (1 in the smoke pipeline).
+  _cli("eval", "--run-dir", str(run_dir), "--policy", "ppo")
+  saved = json.loads((run_dir / "eval_ppo.json").read_text())
+  assert saved["settings"] == {
+    "policy": "ppo",
+    "seed": 0,
+    "samples_per_prompt": 1,
+  }
+  got = saved["metrics"]
   want = json.loads((run_dir / "stages" / "ppo.json").read_text())["metrics"]
   # Same rows, keys and params: bitwise the same samples and scores.
   assert got == want
@@ -193,8 +192,8 @@ def test_generate_from_a_runs_policy(smoke_run, tmp_path):
   assert [(r["prompt"], r["sample"]) for r in rows] == [
     ("Once upon a time", 0),
     ("Once upon a time", 1),
-    ("The dog ran", 2),
-    ("The dog ran", 3),
+    ("The dog ran", 0),
+    ("The dog ran", 1),
   ]
   assert all(isinstance(r["text"], str) for r in rows)
   assert proc.stdout.count("[Once upon a time]") == 2

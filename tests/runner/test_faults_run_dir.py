@@ -325,6 +325,15 @@ def test_disk_error_says_write_only_for_a_write(
   assert runtime.disk_error(denied(secret), tmp_path, reading=False) == (
     runtime.disk_error(denied(new), tmp_path).replace(str(new), str(secret))
   )
+  # A file in a folder that may not be entered (chmod 000): the folder is
+  # named, and the call is unknown.
+  closed = tmp_path / "closed"
+  closed.mkdir()
+  unreadable(closed)
+  assert runtime.disk_error(denied(closed / "prompts.json"), tmp_path) == (
+    f"cannot read or write {closed}: permission denied (make it readable "
+    "and writable, then rerun with --resume)"
+  )
   # A file that may be written but not read (chmod 200): a failed read.
   blind = tmp_path / "blind.json"
   blind.write_text("{}")
