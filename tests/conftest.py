@@ -23,6 +23,8 @@ import builtins  # noqa: E402
 import errno  # noqa: E402
 import io  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -207,3 +209,38 @@ def unreadable(_denied):
   (as root) the file functions raising EACCES for reads of it and
   os.access refusing it, as chmod 000 does."""
   return _denied.make_unreadable
+
+
+# Another process holding a run directory's lock, as a running rlhf-jax.
+_HOLD_LOCK = (
+  "import pathlib, sys, time\n"
+  "from rlhf_jax.runner import runtime\n"
+  "runtime.lock_run_dir(pathlib.Path(sys.argv[1]), sys.argv[2])\n"
+  "print('locked', flush=True)\n"
+  "time.sleep(120)\n"
+)
+
+
+@pytest.fixture
+def lock_holder():
+  """``lock_holder(run_dir, what)`` starts a process that holds the run
+  directory's lock (named ``what``) and returns it once it does; killed
+  at teardown (SIGKILL: the kernel drops its lock)."""
+  procs: list[subprocess.Popen] = []
+
+  def start(run_dir: pathlib.Path, what: str = "rlhf-jax run"):
+    proc = subprocess.Popen(
+      [sys.executable, "-c", _HOLD_LOCK, str(run_dir), what],
+      stdout=subprocess.PIPE,
+      text=True,
+      cwd=REPO_ROOT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    procs.append(proc)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+  yield start
+  for proc in procs:
+    proc.kill()
+    proc.wait(timeout=60)

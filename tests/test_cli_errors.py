@@ -747,34 +747,19 @@ def test_export_and_generate_never_write_into_a_runs_own_parts(
   assert (run / "summary.json").read_text() == "{}"
 
 
-def test_eval_of_a_run_in_use_waits_for_it(tmp_path, capsys, shared_data):
+def test_eval_of_a_run_in_use_waits_for_it(
+  tmp_path, capsys, shared_data, lock_holder
+):
   # A run still going may lack the policy yet: eval names the holder
   # instead of "no trained ... policy", and writes nothing.
   run = _eval_run(tmp_path, shared_data, policies=(), command="ppo")
-  code = (
-    "import pathlib, sys, time\n"
-    "from rlhf_jax.runner import runtime\n"
-    "runtime.lock_run_dir(pathlib.Path(sys.argv[1]), 'rlhf-jax ppo')\n"
-    "print('locked', flush=True)\n"
-    "time.sleep(120)\n"
-  )
-  holder = subprocess.Popen(
-    [sys.executable, "-c", code, str(run)],
-    stdout=subprocess.PIPE,
-    text=True,
-    cwd=REPO_ROOT,
-  )
-  try:
-    assert holder.stdout.readline().strip() == "locked"
-    code, err = _run(capsys, ["eval", "--run-dir", str(run)])
-    assert code == 2, err
-    assert err.startswith(
-      f"rlhf-jax: error: run directory {run} is in use by another rlhf-jax "
-      f"process (pid {holder.pid} on "
-    ), err
-  finally:
-    holder.kill()
-    holder.wait(timeout=60)
+  holder = lock_holder(run, "rlhf-jax ppo")
+  code, err = _run(capsys, ["eval", "--run-dir", str(run)])
+  assert code == 2, err
+  assert err.startswith(
+    f"rlhf-jax: error: run directory {run} is in use by another rlhf-jax "
+    f"process (pid {holder.pid} on "
+  ), err
   assert not (run / "eval_ppo.json").exists()
 
 

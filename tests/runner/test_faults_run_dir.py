@@ -10,8 +10,6 @@ import os
 import pathlib
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -55,36 +53,22 @@ def _files(root):
 # ----------------------------------------------------------------- locking
 
 
-def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+def test_second_writer_is_refused_and_a_killed_one_leaves_no_lock(
+  tmp_path, lock_holder
+):
   run_dir = tmp_path / "run"
   _a_run(run_dir)
   runtime.unlock_run_dir(run_dir)
-  code = (
-    "import pathlib, sys, time\n"
-    "from rlhf_jax.runner import runtime\n"
-    "runtime.lock_run_dir(pathlib.Path(sys.argv[1]), 'rlhf-jax run')\n"
-    "print('locked', flush=True)\n"
-    "time.sleep(120)\n"
+  holder = lock_holder(run_dir, "rlhf-jax run")
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, resume=True)
+  assert str(e.value) == (
+    f"run directory {run_dir} is in use by another rlhf-jax process (pid "
+    f"{holder.pid} on {socket.gethostname()}, rlhf-jax run); wait for it "
+    "to end or stop it, then run again"
   )
-  holder = subprocess.Popen(
-    [sys.executable, "-c", code, str(run_dir)],
-    stdout=subprocess.PIPE,
-    text=True,
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS="cpu"),
-  )
-  try:
-    assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(runtime.UserError) as e:
-      _prepare(run_dir, resume=True)
-    assert str(e.value) == (
-      f"run directory {run_dir} is in use by another rlhf-jax process (pid "
-      f"{holder.pid} on {socket.gethostname()}, rlhf-jax run); wait for it "
-      "to end or stop it, then run again"
-    )
-  finally:
-    holder.kill()  # SIGKILL: the kernel drops its lock
-    holder.wait(timeout=60)
+  holder.kill()  # SIGKILL: the kernel drops its lock
+  holder.wait(timeout=60)
   _prepare(run_dir, resume=True)  # no stale lock
   assert (
     (run_dir / runtime.LOCK_FILE)
