@@ -723,6 +723,9 @@ def test_export_and_generate_never_write_into_a_runs_own_parts(
   other.mkdir()
   (other / runtime.RUN_MARKER).write_text("")
   (other / "summary.json").write_text("{}")
+  shelf = tmp_path / "shelf"  # a folder holding a run
+  (shelf / "old").mkdir(parents=True)
+  (shelf / "old" / runtime.RUN_MARKER).write_text("")
   cases = [
     (
       ["export", "--out", str(run / "checkpoints"), "--overwrite"],
@@ -734,9 +737,14 @@ def test_export_and_generate_never_write_into_a_runs_own_parts(
       f"--out {other}: it is a run directory; choose another directory",
     ),
     (
-      ["generate", "--output", str(run / "summary.json"), "--overwrite"],
+      ["generate", "--output", str(run / "summary.json")],
       f"--output {run / 'summary.json'}: it is part of the run {run} "
       "(summary.json, rlhf-jax's own); choose another file",
+    ),
+    (
+      ["export", "--out", str(shelf), "--overwrite"],
+      f"--out {shelf}: it holds the run directory {shelf / 'old'}; choose "
+      "another directory",
     ),
   ]
   for args, message in cases:
@@ -745,9 +753,10 @@ def test_export_and_generate_never_write_into_a_runs_own_parts(
   assert (run / "checkpoints" / "step").read_text() == "a checkpoint"
   assert (other / "summary.json").read_text() == "{}"
   assert (run / "summary.json").read_text() == "{}"
+  assert (shelf / "old" / runtime.RUN_MARKER).exists()
 
 
-def test_eval_of_a_run_in_use_waits_for_it(
+def test_eval_is_refused_while_its_run_is_in_use(
   tmp_path, capsys, shared_data, lock_holder
 ):
   # A run still going may lack the policy yet: eval names the holder
@@ -761,6 +770,23 @@ def test_eval_of_a_run_in_use_waits_for_it(
     f"process (pid {holder.pid} on "
   ), err
   assert not (run / "eval_ppo.json").exists()
+
+
+def test_eval_releases_the_run_when_it_stops(
+  tmp_path, capsys, shared_data, lock_holder
+):
+  # An in-process eval that stops on the run's contents (after taking the
+  # lock) leaves the run free for the next process.
+  run = _eval_run(tmp_path, shared_data, policies=("ppo",), command="ppo")
+  (run / "data" / "prompts.json").unlink()
+  code, err = _run(capsys, ["eval", "--run-dir", str(run)])
+  _check(
+    code,
+    err,
+    f"{run} has no held-out prompts: {run / 'data' / 'prompts.json'} is "
+    "missing; restore it, or run the pipeline again (--overwrite)",
+  )
+  lock_holder(run, "rlhf-jax ppo")  # asserts it took the lock
 
 
 def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(

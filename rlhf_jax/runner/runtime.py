@@ -74,10 +74,10 @@ RESUME_ADVICE = "then rerun with --resume"
 
 def _refused_access(path: Any) -> tuple[str, Any] | None:
   """For a permission error naming ``path``: ("read", path) when the file
-  exists and may be written but not read; ("read or write", X) when it
-  may be neither (mode 000, another user's file), or when X, the folder
-  above it, may not be entered (the failing call is unknown then); None
-  (a failed write) otherwise, a file being created included."""
+  exists and may be written but not read; ("read or write", path) when it
+  may be neither (mode 000, another user's file: the failing call is
+  unknown); ("enter", folder) when a folder above it may not be entered;
+  None (a failed write) otherwise, a file being created included."""
   try:
     if os.path.exists(path):
       if os.access(path, os.R_OK):
@@ -88,7 +88,7 @@ def _refused_access(path: Any) -> tuple[str, Any] | None:
     for folder in pathlib.Path(os.fsdecode(path)).parents:
       if os.path.exists(folder):
         if not os.access(folder, os.X_OK):
-          return "read or write", folder
+          return "enter", folder
         return None
   except (OSError, TypeError, ValueError):  # an odd filename (an fd, ...)
     return None
@@ -109,9 +109,9 @@ def disk_error(
     reading: whether the failing call read (True), wrote (False), or
       either (None: a permission error on a file the error names that
       exists and may not be read is a failed read, or "cannot read or
-      write" when it may not be written either or its folder may not be
-      entered (naming the folder); otherwise a failed write). A read-only
-      or full disk is always a write failure.
+      write" when it may not be written either, "cannot enter" naming a
+      folder above it that may not be entered; otherwise a failed write).
+      A read-only or full disk is always a write failure.
   """
   seen: set[int] = set()
   cur: BaseException | None = e
@@ -134,6 +134,11 @@ def disk_error(
         refused, where = _refused_access(named) or (None, where)
       if refused == "read":
         return f"cannot read {where}: {reason}"
+      if refused == "enter":
+        return (
+          f"cannot enter the folder {where}: {reason} (give it read, write "
+          f"and search permission, e.g. chmod u+rwx, {RESUME_ADVICE})"
+        )
       if refused is not None:
         return (
           f"cannot {refused} {where}: {reason} (make it readable and "
@@ -370,15 +375,17 @@ def run_part(path: str | os.PathLike) -> str | None:
   ``run/checkpoints``, ``run/data/prompts.json``); None otherwise (a
   folder of the user's inside a run is theirs to use).
   """
-  target = pathlib.Path(path).resolve()
-  if (target / RUN_MARKER).exists():
+  try:
+    target = pathlib.Path(path).resolve()
+  except RuntimeError:  # a symlink loop
+    return "its path is a loop of symbolic links"
+  if (target / RUN_MARKER).is_file():
     return "it is a run directory"
-  for parent in target.parents:
+  for parent in target.parents:  # every run it lies in (runs may nest)
     if (parent / RUN_MARKER).is_file():
       first = target.relative_to(parent).parts[0]
       if _ours(first):
         return f"it is part of the run {parent} ({first}, rlhf-jax's own)"
-      return None
   return None
 
 
@@ -473,9 +480,11 @@ def _flag(dotted: str) -> str:
 _LOCKS: dict[str, int] = {}
 
 
-def lock_run_dir(run_dir: pathlib.Path, what: str = "rlhf-jax") -> None:
+def lock_run_dir(run_dir: pathlib.Path, what: str = "rlhf-jax") -> bool:
   """Locks ``run_dir`` for this process until it exits (or
   ``unlock_run_dir``); a second call of the same process is a no-op.
+  Returns whether this call took the lock (False: held already, or no
+  file locks on the filesystem).
 
   The lock file names the holder (pid, host, ``what``). The lock is an
   ``fcntl.flock``: the kernel drops it when the process dies, so a killed
@@ -489,7 +498,7 @@ def lock_run_dir(run_dir: pathlib.Path, what: str = "rlhf-jax") -> None:
   """
   key = str(_resolved(run_dir))
   if key in _LOCKS:
-    return
+    return False
   path = run_dir / LOCK_FILE
   with writing(path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -511,7 +520,7 @@ def lock_run_dir(run_dir: pathlib.Path, what: str = "rlhf-jax") -> None:
       f"rlhf-jax: warning: cannot lock {run_dir} (no file locks on its "
       "filesystem); make sure no other process writes it\n"
     )
-    return
+    return False
   with writing(path):
     os.ftruncate(fd, 0)
     os.pwrite(
@@ -520,6 +529,7 @@ def lock_run_dir(run_dir: pathlib.Path, what: str = "rlhf-jax") -> None:
       0,
     )
   _LOCKS[key] = fd
+  return True
 
 
 def unlock_run_dir(run_dir: pathlib.Path) -> None:

@@ -142,6 +142,9 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
       --overwrite, under a path that is a file, or a run's own file.
   """
   out = pathlib.Path(output)
+  why = runtime.run_part(out)
+  if why is not None:
+    raise runtime.UserError(f"--output {out}: {why}; choose another file")
   if out.is_dir() or output.endswith(os.sep):
     raise runtime.UserError(f"--output {output}: is a directory, not a file")
   if (out.exists() or out.is_symlink()) and not overwrite:
@@ -149,9 +152,6 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
       f"--output {out}: exists; pass --overwrite to replace it"
     )
   _check_parents(out, "--output")
-  why = runtime.run_part(out)
-  if why is not None:
-    raise runtime.UserError(f"--output {out}: {why}; choose another file")
   return out
 
 
@@ -279,11 +279,8 @@ def _eval_output(
     )
   reason = runtime.unwritable(run_dir)
   if reason is not None:
-    fix = (
-      "Free space"
-      if "space" in reason or "quota" in reason
-      else ("Make the folder writable")
-    )
+    full = "space" in reason or "quota" in reason  # runtime._DISK_ERRORS
+    fix = "Free space" if full else "Make the folder writable"
     raise runtime.UserError(
       f"--run-dir {run_dir}: cannot write {out.name} there ({reason}); "
       f"nothing was evaluated. {fix}, or evaluate a copy of the run"
@@ -300,10 +297,6 @@ def run_eval(config: C.EvalConfig) -> int:
   With the run's seed (--seed 0) and samples per prompt, the rows and keys
   are those of the run's own evaluation, so the numbers reproduce it.
   """
-  from rlhf_jax.data import HFTokenizerAdapter
-  from rlhf_jax.stages.common import Context
-  from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy
-  from rlhf_jax.stages.rm import reward_model_for_eval
 
   if not config.run_dir:
     raise runtime.UserError("rlhf-jax eval needs --run-dir DIR")
@@ -332,13 +325,27 @@ def run_eval(config: C.EvalConfig) -> int:
   )
   out = _eval_output(run_dir, config.policy, config.overwrite)
   # A run still going may lack its policy yet, and eval writes beside it.
-  runtime.lock_run_dir(run_dir, "rlhf-jax eval")
+  locked = runtime.lock_run_dir(run_dir, "rlhf-jax eval")
+  try:
+    return _evaluate(config, run_dir, record, run_cfg, samples, out)
+  finally:
+    if locked:
+      runtime.unlock_run_dir(run_dir)
+
+
+def _evaluate(config, run_dir, record, run_cfg, samples, out) -> int:
+  """run_eval's work, once the run is checked and locked."""
+  from rlhf_jax.data import HFTokenizerAdapter
+  from rlhf_jax.stages.common import Context
+  from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy
+  from rlhf_jax.stages.rm import reward_model_for_eval
+
   policy_dir = _policy_dir(run_dir, record, config.policy)
   prompts_path = run_dir / "data" / "prompts.json"
   if not prompts_path.is_file():
     raise runtime.UserError(
-      f"{run_dir} has no held-out prompts: {prompts_path} is missing (the "
-      "run stopped before writing it, or it was removed)"
+      f"{run_dir} has no held-out prompts: {prompts_path} is missing; "
+      "restore it, or run the pipeline again (--overwrite)"
     )
   prompts = _read_prompts(prompts_path)
   model_dir = pathlib.Path(record["model_dir"])
@@ -424,6 +431,10 @@ def _check_export_out(
       "which export reads; choose a directory outside it"
     )
   why = runtime.run_part(out)
+  if why is None and out.is_dir():
+    held = next(out.rglob(runtime.RUN_MARKER), None)
+    if held is not None:
+      why = f"it holds the run directory {held.parent}"
   if why is not None:
     raise runtime.UserError(f"--out {out}: {why}; choose another directory")
   if out.is_dir() and not overwrite:

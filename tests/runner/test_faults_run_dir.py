@@ -315,8 +315,9 @@ def test_disk_error_says_write_only_for_a_write(
   closed.mkdir()
   unreadable(closed)
   assert runtime.disk_error(denied(closed / "prompts.json"), tmp_path) == (
-    f"cannot read or write {closed}: permission denied (make it readable "
-    "and writable, then rerun with --resume)"
+    f"cannot enter the folder {closed}: permission denied (give it read, "
+    "write and search permission, e.g. chmod u+rwx, then rerun with "
+    "--resume)"
   )
   # A file that may be written but not read (chmod 200): a failed read.
   blind = tmp_path / "blind.json"
@@ -420,3 +421,36 @@ def test_cli_read_only_and_full_disk_exit_2_with_one_line(
     "left on the device;"
   )
   assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_run_part_refuses_only_a_run_and_its_own_parts(tmp_path):
+  run = tmp_path / "run"
+  _a_run(run)
+  (run / "exported").mkdir()  # a folder of the user's inside the run
+  inner = run / "exported" / "r2"  # a run inside it
+  _a_run(inner)
+  (run / "checkpoints").mkdir(exist_ok=True)
+  (tmp_path / "link").symlink_to(run / "checkpoints")
+  mine = [
+    run / "exported",
+    run / "exported" / "new" / "deeper",
+    run / "summary.json.old",
+    inner / "mine",
+    tmp_path / "elsewhere",
+  ]
+  for path in mine:
+    assert runtime.run_part(path) is None, path
+  theirs = {
+    run: "it is a run directory",
+    inner: "it is a run directory",
+    run / "outputs" / "ppo": f"it is part of the run {run} (outputs, ",
+    run / "eval_ppo.json": f"it is part of the run {run} (eval_ppo.json, ",
+    run / "checkpoints.tmp": f"it is part of the run {run} (checkpoints.tmp",
+    inner / "data" / "x.jsonl": f"it is part of the run {inner} (data, ",
+    tmp_path / "link" / "x": f"it is part of the run {run} (checkpoints, ",
+  }
+  for path, why in theirs.items():
+    assert (runtime.run_part(path) or "").startswith(why), path
+  loop = tmp_path / "loop"
+  loop.symlink_to(loop)
+  assert runtime.run_part(loop) == "its path is a loop of symbolic links"
