@@ -789,6 +789,20 @@ def test_eval_releases_the_run_when_it_stops(
   lock_holder(run, "rlhf-jax ppo")  # asserts it took the lock
 
 
+def test_overwrite_of_a_read_only_run_does_not_advise_resume(
+  tmp_path, capsys, shared_data, read_only
+):
+  # Resuming would continue the run --overwrite meant to replace.
+  run = _eval_run(tmp_path, shared_data, policies=("ppo",), command="ppo")
+  read_only(run)
+  args = ["ppo", "--preset", "smoke", "--run-dir", str(run), "--overwrite"]
+  code, err = _run(capsys, args)
+  assert code == 2 and "Traceback" not in err, err
+  assert err.startswith(f"rlhf-jax: error: cannot write {run}"), err
+  assert err.endswith("then run the same command again)\n"), err
+  assert "--resume" not in err
+
+
 def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(
   tmp_path, capsys, shared_data
 ):

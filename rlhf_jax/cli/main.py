@@ -533,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise
     disk = runtime.disk_error(e, "the output")
     if disk:
-      return _error(_advice(args[0], disk))
+      return _error(_advice(args[0], disk, args))
     if isinstance(
       e, NotADirectoryError | FileNotFoundError | IsADirectoryError
     ):
@@ -551,10 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 _NO_RESUME = ("generate", "eval", "export", "audit")
 
 
-def _advice(command: str, message: str) -> str:
-  """A user error's message; for a subcommand without --resume, its
-  advice to rerun with --resume (a failed write) says to run it again."""
-  if command not in _NO_RESUME:
+def _advice(command: str, message: str, args: Sequence[str] = ()) -> str:
+  """A user error's message; the advice to rerun with --resume (a failed
+  write) says to run the command again instead for a subcommand without
+  --resume, or when --overwrite was asked (resuming would continue the
+  run it meant to replace)."""
+  if command not in _NO_RESUME and "--overwrite" not in args:
     return message
   return message.replace(
     runtime.RESUME_ADVICE, "then run the same command again"
@@ -598,7 +600,7 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
   ) as e:
     if debug:
       raise
-    return _error(_advice(command, str(e)))
+    return _error(_advice(command, str(e), rest))
 
 
 if __name__ == "__main__":
