@@ -333,8 +333,16 @@ def run_eval(config: C.EvalConfig) -> int:
       runtime.unlock_run_dir(run_dir)
 
 
-def _evaluate(config, run_dir, record, run_cfg, samples, out) -> int:
-  """run_eval's work, once the run is checked and locked."""
+def _evaluate(
+  config: C.EvalConfig,
+  run_dir: pathlib.Path,
+  record: dict[str, Any],
+  run_cfg: C.PipelineConfig,
+  samples: int,
+  out: pathlib.Path,
+) -> int:
+  """run_eval's work, once the run is checked and locked: ``samples``
+  per held-out prompt, results to ``out`` (eval_<policy>.json)."""
   from rlhf_jax.data import HFTokenizerAdapter
   from rlhf_jax.stages.common import Context
   from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy
