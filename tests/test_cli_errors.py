@@ -571,6 +571,41 @@ def test_generate_run_dir_that_does_not_exist(tmp_path, capsys):
     _check(code, err, f"--run-dir {missing}: no such directory")
 
 
+def test_run_dir_that_is_a_file_or_names_no_model(
+  tmp_path, capsys, shared_data
+):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  code, err = _run(capsys, ["eval", "--run-dir", str(afile)])
+  _check(code, err, f"--run-dir {afile}: is a file, not a directory")
+  run = _eval_run(tmp_path, shared_data)
+  record = json.loads((run / "config.json").read_text())
+  record["model_dir"] = 5  # hand-edited
+  (run / "config.json").write_text(json.dumps(record))
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  _check(
+    code, err, f"{run / 'config.json'}: model_dir: expected a string, got 5"
+  )
+
+
+def test_out_of_memory_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+  # A request far beyond memory (e.g. --num-samples 99999999999) ends in
+  # numpy's MemoryError: one line and exit 2, not an internal error.
+  from rlhf_jax.stages import tools
+
+  def huge(config):
+    raise MemoryError("Unable to allocate 9.46 TiB")
+
+  monkeypatch.setattr(tools, "run_generate", huge)
+  code, err = _run(capsys, ["generate", "--num-samples", "99999999999"])
+  _check(
+    code,
+    err,
+    "out of memory (Unable to allocate 9.46 TiB); ask for less work at "
+    "once (fewer samples, prompts or tokens, or a smaller batch)",
+  )
+
+
 def test_generate_overwrite_needs_output(capsys):
   code, err = _run(capsys, ["generate", "--overwrite"])
   _check(code, err, "--overwrite needs --output FILE")

@@ -534,6 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     disk = runtime.disk_error(e, "the output")
     if disk:
       return _error(_advice(args[0], disk, args))
+    if isinstance(e, MemoryError):  # e.g. a huge --num-samples
+      return _error(
+        f"out of memory ({e}); ask for less work at once (fewer samples, "
+        "prompts or tokens, or a smaller batch)"
+      )
     if isinstance(
       e, NotADirectoryError | FileNotFoundError | IsADirectoryError
     ):

@@ -56,6 +56,8 @@ def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
     UserError: no such directory, or no run's config.json (names --run-dir
       or the file).
   """
+  if run_dir.exists() and not run_dir.is_dir():
+    raise runtime.UserError(f"--run-dir {run_dir}: is a file, not a directory")
   if not run_dir.is_dir():
     raise runtime.UserError(f"--run-dir {run_dir}: no such directory")
   path = run_dir / runtime.CONFIG_FILE
@@ -70,7 +72,12 @@ def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
     if hh is None:
       raise
     return {"command": "rm", "hh_rlhf": True, "config": hh, "model_dir": None}
-  if not isinstance(record.get("model_dir"), str):
+  model_dir = record.get("model_dir")
+  if model_dir is not None and not isinstance(model_dir, str):
+    raise runtime.UserError(
+      f"{path}: model_dir: expected a string, got {shown(model_dir)}"
+    )
+  if model_dir is None:
     if isinstance(record.get("command"), str):
       raise runtime.UserError(
         f"{run_dir} holds the output of `rlhf-jax {record['command']}`, not "

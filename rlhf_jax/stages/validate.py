@@ -266,6 +266,8 @@ def problems(command: str, config: Any) -> list[str]:
     out += _kto_problems(config)
   if command in ("eval", "export"):
     run_dir = pathlib.Path(config.run_dir)
-    if not run_dir.is_dir():
+    if run_dir.exists() and not run_dir.is_dir():
+      out.append(f"--run-dir {run_dir}: is a file, not a directory")
+    elif not run_dir.is_dir():
       out.append(f"--run-dir {run_dir}: no such run directory")
   return out
