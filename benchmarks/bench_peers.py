@@ -33,8 +33,12 @@ Workloads (Tunix's example shapes; TinyStories-656K from
 * sampler: 16 left-padded prompts (story openings for 656K, BOS + random
   ids for a 20M Llama with random weights written once per run by
   transformers and loaded by all three), 64 new tokens with EOS disabled,
-  greedy (and T = 1 against Tunix). Ours: ``rollout.generate``; Tunix:
-  ``generate.sampler.Sampler.__call__``; transformers: ``generate``.
+  greedy (and T = 1 against Tunix). Ours: ``rollout.generate`` on params
+  split per layer once after loading (``models.unstack_layers``; Tunix's
+  model holds its weights per layer too), and at 20M also on the stacked
+  params, which it splits inside every call (row "rlhf_jax, stacked
+  params"); Tunix: ``generate.sampler.Sampler.__call__``; transformers:
+  ``generate``.
 * sampler_dp: the same rows with our process started on several CPU
   devices (``JAX_NUM_CPU_DEVICES``: the most, up to one per core, that
   split the 16 rows evenly) and the rows split over them (the same
@@ -278,11 +282,19 @@ def _split_rows(params, ids: np.ndarray, mask: np.ndarray) -> tuple:
   )
 
 
-def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
+def bench_sampler(
+  name, model_dir, prompts, workers, args, temperature=0.0, stacked=False
+):
   """Sampler rows: ours vs Tunix (and transformers when greedy); the
-  sampling row runs at T = 1 (temperature must be 0 or 1)."""
+  sampling row runs at T = 1 (temperature must be 0 or 1).
+
+  Ours samples from params split per layer once after loading
+  (`models.unstack_layers`, the layout Tunix's model keeps its weights
+  in); ``stacked`` adds ours on the stacked params as a peer, which
+  splits them inside every call."""
   ids, mask = prompts
-  config, params = models.load_hf_checkpoint(model_dir)
+  config, stacked_params = models.load_hf_checkpoint(model_dir)
+  params = models.unstack_layers(stacked_params, config)
   eos = config.vocab_size  # never emitted: exactly `new` tokens everywhere
   new, batch, plen = args.new_tokens, ids.shape[0], ids.shape[1]
   greedy = temperature == 0.0
@@ -299,6 +311,14 @@ def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
   start = time.perf_counter()
   compiled = generate.lower(params, ids_j, mask_j, rng, **kwargs).compile()
   compile_ours = time.perf_counter() - start
+  peers = {}
+  if stacked:
+    whole, _, _ = _split_rows(stacked_params, ids, mask)
+    ours_stacked = generate.lower(whole, ids_j, mask_j, rng, **kwargs).compile()
+    jax.block_until_ready(ours_stacked(whole, ids_j, mask_j, rng))
+    peers["rlhf_jax, stacked params"] = lambda: _timed(
+      lambda: ours_stacked(whole, ids_j, mask_j, rng)
+    )
 
   tunix = workers["tunix"]
   tunix.call(
@@ -317,7 +337,7 @@ def bench_sampler(name, model_dir, prompts, workers, args, temperature=0.0):
     eos_id=eos,
     temperature=temperature,
   )
-  peers = {"Tunix": lambda: tunix.call(**tmsg)["seconds"]}
+  peers["Tunix"] = lambda: tunix.call(**tmsg)["seconds"]
   if greedy and "hf" in workers:
     hf = workers["hf"]
     hf.call(cmd="load", model_dir=str(model_dir))
@@ -786,7 +806,9 @@ def _sampler_rows(workers, args) -> list[Row]:
       for n in rng.integers(4, 17, 16)
     ]
     rows.append(
-      bench_sampler("20M", model_dir, left_pad(seqs, 0), workers, args)
+      bench_sampler(
+        "20M", model_dir, left_pad(seqs, 0), workers, args, stacked=True
+      )
     )
   print(rows[-1].work, "done", flush=True)
   return rows

@@ -52,6 +52,7 @@ from rlhf_jax.models.hf_io import (
 from rlhf_jax.models.kv_cache import (
   KVCache,
   decode_step,
+  grow_cache,
   init_cache,
   prefill,
 )
@@ -93,6 +94,7 @@ __all__ = [
   "head_logical_axes",
   "hf_state_dict",
   "hidden_forward",
+  "grow_cache",
   "init_cache",
   "init_head_params",
   "init_params",

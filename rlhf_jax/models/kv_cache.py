@@ -79,6 +79,33 @@ def init_cache(
   )
 
 
+def grow_cache(cache: KVCache, max_length: int) -> KVCache:
+  """The cache with S grown to ``max_length`` slots, the new ones empty
+  (a copy of keys and values; the same cache when S is already that).
+
+  Raises:
+    ValueError: max_length is below the cache's S.
+  """
+  s = cache.key_mask.shape[1]
+  if max_length < s:
+    raise ValueError(f"cannot shrink a cache of {s} slots to {max_length}")
+  if max_length == s:
+    return cache
+  pad = max_length - s
+
+  def grow(x):  # [..., S, Dh]
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
+
+  per_layer = isinstance(cache.k, (tuple, list))
+  k, v = (
+    (tuple(map(grow, cache.k)), tuple(map(grow, cache.v)))
+    if per_layer
+    else (grow(cache.k), grow(cache.v))
+  )
+  key_mask = jnp.pad(cache.key_mask, ((0, 0), (0, pad)))
+  return KVCache(k=k, v=v, key_mask=key_mask, index=cache.index)
+
+
 def _cached_step(params, ids, token_mask, cache, config):
   """Writes `ids` [B, L] at slots [index, index + L) and attends the cache."""
   length = ids.shape[1]

@@ -40,6 +40,7 @@ from rlhf_jax.types import Rollout
     "return_num_steps",
     "kv_cache",
     "num_samples",
+    "cache_buckets",
   ),
 )
 def generate(
@@ -60,11 +61,16 @@ def generate(
   return_num_steps: bool = False,
   kv_cache: bool = True,
   num_samples: int = 1,
+  cache_buckets: int | None = None,
 ) -> Rollout | tuple[Rollout, jax.Array]:
   """Samples ``max_new_tokens`` response tokens for each left-padded prompt.
 
   Args:
-    params: policy LM params (unboxed pytree of rlhf_jax.models).
+    params: policy LM params (unboxed pytree of rlhf_jax.models), stacked
+      or already in the decode layout of `models.unstack_layers`. Stacked
+      params are split per layer at the start of every call, a copy of
+      every weight: a caller that samples many times from the same params
+      can split them once.
     prompt_ids: i32[B, P] left-padded prompts.
     prompt_mask: bool[B, P] True at real prompt tokens (each row needs >= 1).
     rng: a PRNG key, or one key per output row key[B S] (S =
@@ -97,6 +103,13 @@ def generate(
       path prefills each prompt once and copies its cache to its S rows:
       the same tokens and, to float rounding (the prefill runs on B rows,
       not B S), logprobs as S copies of each prompt row.
+    cache_buckets: static n >= 1 sizes of the KV cache (a bucketed cache):
+      the decode loop runs in n parts of about T / n steps, and part i
+      attends a cache of P + T (i + 1) / n slots, grown by a copy between
+      parts, so attention reads the slots filled so far rounded up to
+      their bucket instead of all P + T. The same tokens; logits to f32
+      rounding (the softmax sums over fewer masked slots). Each part
+      compiles its own loop body. None (default): `default_buckets(T)`.
 
   Returns:
     A Rollout of R = B S rows (prompt_ids i32[R, P] repeated,
@@ -105,8 +118,8 @@ def generate(
     ``return_num_steps`` the i32[] number of sampled positions.
 
   Raises:
-    ValueError: prompt shapes differ, max_new_tokens < 1 or
-      num_samples < 1.
+    ValueError: prompt shapes differ, max_new_tokens < 1,
+      num_samples < 1 or cache_buckets < 1.
   """
   if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
     raise ValueError(
@@ -120,6 +133,7 @@ def generate(
   num_samples = operator.index(num_samples)  # numpy integers too
   if num_samples < 1:
     raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
+  ends = bucket_ends(max_new_tokens, cache_buckets)
   prompt_mask = prompt_mask.astype(bool)
   if not kv_cache and num_samples > 1:  # the full forward has no cache
     prompt_ids = jnp.repeat(prompt_ids, num_samples, axis=0)
@@ -144,10 +158,9 @@ def generate(
     )
   # Per-layer weights, caches and a [D, V] head, split once outside the
   # loop, so decode steps read and update them in place.
-  cache = models.init_cache(
-    config, batch, prompt_len + max_new_tokens, per_layer=True
-  )
-  params = models.unstack_layers(params, config)
+  cache = models.init_cache(config, batch, prompt_len + ends[0], per_layer=True)
+  if "layers" in params:  # else the caller has split them
+    params = models.unstack_layers(params, config)
   logits, cache = models.prefill(
     params, prompt_ids, prompt_mask, config=config, cache=cache
   )
@@ -180,13 +193,40 @@ def generate(
 
   tok, tokens, logps, done = emit(jnp.int32(0), logits, tokens0, logps0, done0)
   carry = (jnp.int32(1), tok, cache, tokens, logps, done)
-  cond = _loop_cond(max_new_tokens, stop_at_all_eos)
-  steps, _, _, tokens, logps, done = jax.lax.while_loop(cond, body, carry)
+  for end in ends:  # step t < end writes slot P + t - 1 < P + end
+    cache = models.grow_cache(carry[2], prompt_len + end)
+    cond = _loop_cond(end, stop_at_all_eos)
+    carry = jax.lax.while_loop(cond, body, (*carry[:2], cache, *carry[3:]))
+  steps, _, _, tokens, logps, done = carry
   # Positions never sampled (early exit) are already pad with logprob 0.
   rollout = _rollout(
     prompt_ids, prompt_mask, tokens, logps, done, eos_token_id, pad_token_id
   )
   return (rollout, steps) if return_num_steps else rollout
+
+
+def default_buckets(max_new_tokens: int) -> int:
+  """KV-cache buckets of `generate` by default: one per 16 new tokens, at
+  most 4 (measured on CPU: 20M Llama, T = 64, 4 buckets 1.07x, 8 buckets
+  1.07x; each bucket compiles its own loop body)."""
+  return max(1, min(4, max_new_tokens // 16))
+
+
+def bucket_ends(max_new_tokens: int, buckets: int | None) -> list[int]:
+  """The decode loop's part ends e_1 < ... < e_n = T (n buckets, at most
+  T), about T / n apart; part i runs the steps t < e_i.
+
+  Raises:
+    ValueError: buckets is not None or an integer >= 1.
+  """
+  if buckets is None:
+    buckets = default_buckets(max_new_tokens)
+  if isinstance(buckets, bool) or not hasattr(buckets, "__index__"):
+    raise ValueError(f"cache_buckets must be an integer >= 1, got {buckets}")
+  if buckets < 1:
+    raise ValueError(f"cache_buckets must be an integer >= 1, got {buckets}")
+  n = min(operator.index(buckets), max_new_tokens)
+  return [-(-max_new_tokens * (i + 1) // n) for i in range(n)]
 
 
 def _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax import models
 from rlhf_jax.data import tokenize_prompts
 from rlhf_jax.rollout import generate
 from rlhf_jax.runner.progress import ProgressBar
@@ -39,6 +40,16 @@ def sampler(ctx: Context):
       _sample, static_argnames=("config", "max_new_tokens", "eos", "pad")
     )
   return ctx.cache["sampler"]
+
+
+def split_layers(ctx: Context):
+  """The run's jitted `models.unstack_layers` (the decode layout that
+  `generate` would otherwise make, a copy of every weight, per call)."""
+  if "split_layers" not in ctx.cache:
+    ctx.cache["split_layers"] = jax.jit(
+      models.unstack_layers, static_argnames="config"
+    )
+  return ctx.cache["split_layers"]
 
 
 def chunks(n: int, size: int):
@@ -78,6 +89,7 @@ def sample_continuations(
   size = ctx.config.sampling.batch_size
   names = ("response_ids", "response_mask", "logprobs", "truncated")
   out: dict[str, list] = {k: [] for k in names}
+  params = split_layers(ctx)(params, config=ctx.model_config)  # once
   bar = ProgressBar(-(-n // size), what)
   for start, stop in chunks(n, size):
     ctx.stop.check(what)
