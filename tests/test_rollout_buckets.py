@@ -1,5 +1,7 @@
 """generate's bucketed KV cache and split (decode-layout) params."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,18 +22,26 @@ def params():
 @pytest.mark.parametrize(
   ("t", "n", "ends"),
   [
-    (64, None, [16, 32, 48, 64]),
-    (40, None, [20, 40]),
+    # T - 1 decode steps (t = 1 .. T - 1) in n loops: loop i runs t < e_i.
+    (64, None, [17, 33, 49, 64]),
+    (40, None, [21, 40]),
     (15, None, [15]),
-    (200, None, [50, 100, 150, 200]),
+    (200, None, [51, 101, 151, 200]),
     (10, 3, [4, 7, 10]),
-    (3, 8, [1, 2, 3]),
+    (3, 8, [2, 3]),  # at most one loop per step
     (7, 1, [7]),
+    (1, None, [1]),  # no decode step: one loop that never runs
   ],
 )
 def test_bucket_ends(t, n, ends):
   assert bucket_ends(t, n) == ends
-  assert default_buckets(t) == len(bucket_ends(t, None))
+
+
+@pytest.mark.parametrize(
+  ("t", "n"), [(1, 1), (15, 1), (16, 1), (32, 2), (63, 3), (64, 4), (999, 4)]
+)
+def test_default_buckets_one_per_16_tokens_at_most_4(t, n):
+  assert default_buckets(t) == n
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
@@ -86,9 +96,32 @@ def test_buckets_sample_the_same_tokens(params, n, num_samples):
   np.testing.assert_allclose(many.logprobs, trainer, atol=1e-5)
 
 
+def test_rows_stopping_in_different_buckets(params):
+  """EOS = a token rows reach at different steps (buckets of T = 11 in 3:
+  loops end at 5, 8, 11): each row's tokens up to its EOS as with one
+  bucket, pad and logprob 0 after it, across the loop boundaries."""
+  free, _ = _run(params, 1, greedy=True)
+  rows = np.asarray(free.response_ids)
+  eos = int(rows[3, 5])  # a token row 3 emits in the second loop
+  first = [int(np.argmax(r == eos)) if eos in r else None for r in rows]
+  one, _ = _run(params, 1, greedy=True, eos_token_id=eos)
+  many, _ = _run(params, 3, greedy=True, eos_token_id=eos)
+  np.testing.assert_array_equal(many.response_ids, one.response_ids)
+  np.testing.assert_allclose(many.logprobs, one.logprobs, atol=2e-6)
+  ids, logps = np.asarray(many.response_ids), np.asarray(many.logprobs)
+  for b, f in enumerate(first):
+    if f is None:
+      assert bool(many.truncated[b])
+      continue
+    assert int(many.response_lengths[b]) == f + 1
+    assert np.all(ids[b, f + 1 :] == PAD) and np.all(logps[b, f + 1 :] == 0)
+  assert first[3] is not None and first[3] <= 5
+
+
 def test_early_stop_skips_the_later_buckets(params):
-  """A row whose EOS comes at t = 3, in the second of four buckets (ends
-  3, 6, 9, 11): the loop leaves there and the later buckets run no step."""
+  """A row whose EOS comes at t = 3, in the second of four buckets (loops
+  end at 4, 6, 9, 11): the loop leaves there and the later ones run no
+  step."""
   free, _ = _run(params, 1, rows=1, greedy=True)
   eos = int(free.response_ids[0, 3])
   assert eos not in np.asarray(free.response_ids[0, :3])
@@ -100,8 +133,8 @@ def test_early_stop_skips_the_later_buckets(params):
 
 
 def test_each_bucket_is_one_loop_with_its_cache_size(params):
-  """n buckets lower to n decode loops whose caches hold P + e_i slots
-  (P = 6, T = 10: ends 4, 7, 10)."""
+  """n buckets lower to n decode loops whose caches hold P + e_i - 1
+  slots (P = 6, T = 10, n = 3: ends 4, 7, 10)."""
   ids, mask = _prompts()
   text = (
     jax.jit(
@@ -122,20 +155,31 @@ def test_each_bucket_is_one_loop_with_its_cache_size(params):
   )
   assert text.count("stablehlo.while") == 3
   heads, dh = CFG.num_kv_heads, CFG.head_dim
-  for slots in (10, 13, 16):  # [B, Hkv, S, Dh] keys of each loop
+  for slots in (9, 12, 15):  # [B, Hkv, S, Dh] keys of each loop
     assert f"tensor<4x{heads}x{slots}x{dh}xf32>" in text
-  assert f"tensor<4x{heads}x17x{dh}xf32>" not in text
+  assert f"tensor<4x{heads}x16x{dh}xf32>" not in text  # no P + T cache
 
 
-def test_split_params_give_the_same_rollout(params):
-  """Params split once by the caller (models.unstack_layers) sample
-  bitwise the same rollout as stacked params."""
-  split = models.unstack_layers(params, CFG)
+@pytest.mark.parametrize("tied", [False, True])
+def test_split_params_give_the_same_rollout(tied):
+  """Params split once by the caller (models.unstack_layers; tied ones
+  get lm_head = E^T) sample bitwise the same rollout as stacked params."""
+  cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+  stacked = models.init_params(cfg, jax.random.key(7))
+  stacked = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, stacked)
+  split = models.unstack_layers(stacked, cfg)
+  assert "lm_head" in split and ("lm_head" in stacked) == (not tied)
   for n in (1, 3):
-    a, _ = _run(params, n, temperature=0.8)
-    b, _ = _run(split, n, temperature=0.8)
+    a, _ = _run(stacked, n, temperature=0.8, config=cfg)
+    b, _ = _run(split, n, temperature=0.8, config=cfg)
     np.testing.assert_array_equal(a.response_ids, b.response_ids)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
+
+
+def test_params_in_neither_layout_are_named(params):
+  odd = {k: v for k, v in params.items() if k != "layers"}
+  with pytest.raises(ValueError, match="stacked .* or split per layer"):
+    _run(odd, 2)
 
 
 @pytest.mark.parametrize("per_layer", [False, True])

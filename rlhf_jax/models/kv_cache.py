@@ -80,8 +80,16 @@ def init_cache(
 
 
 def grow_cache(cache: KVCache, max_length: int) -> KVCache:
-  """The cache with S grown to ``max_length`` slots, the new ones empty
-  (a copy of keys and values; the same cache when S is already that).
+  """The cache with S grown to ``max_length`` slots, the new ones empty.
+
+  Args:
+    cache: keys and values [N, B, Hkv, S, Dh] (or N per-layer [B, Hkv, S,
+      Dh]), key_mask bool[B, S], index i32[].
+    max_length: S' >= S.
+
+  Returns:
+    The same cache when S' = S; else a copy with keys and values zero and
+    key_mask False at slots S .. S' - 1, and the same index.
 
   Raises:
     ValueError: max_length is below the cache's S.

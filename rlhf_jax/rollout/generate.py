@@ -2,9 +2,11 @@
 
 ``generate`` is pure: prefill the left-padded prompts once, then decode one
 token per iteration of ``lax.while_loop`` (leaving early when every row has
-emitted EOS). There is no Python loop over tokens; shapes depend only on
-(B, P, max_new_tokens, num_samples), so each such shape compiles once, and
-temperature and top_p are array arguments that never trigger a recompile.
+emitted EOS); with a bucketed KV cache the decode steps run in a few
+loops, one per cache size. There is no Python loop over tokens; shapes
+depend only on (B, P, max_new_tokens, num_samples, cache_buckets), so
+each such shape compiles once, and temperature and top_p are array
+arguments that never trigger a recompile.
 
 Response conventions (docs/conventions.md, conventions 1, 3 and 4):
 response_ids hold pad after the first EOS; response_mask is True up to and
@@ -103,13 +105,17 @@ def generate(
       path prefills each prompt once and copies its cache to its S rows:
       the same tokens and, to float rounding (the prefill runs on B rows,
       not B S), logprobs as S copies of each prompt row.
-    cache_buckets: static n >= 1 sizes of the KV cache (a bucketed cache):
-      the decode loop runs in n parts of about T / n steps, and part i
-      attends a cache of P + T (i + 1) / n slots, grown by a copy between
-      parts, so attention reads the slots filled so far rounded up to
-      their bucket instead of all P + T. The same tokens; logits to f32
-      rounding (the softmax sums over fewer masked slots). Each part
-      compiles its own loop body. None (default): `default_buckets(T)`.
+    cache_buckets: static number n of KV-cache sizes (a bucketed cache;
+      an integer >= 1, at most T - 1 used). The T - 1 decode steps run
+      in n loops of about (T - 1) / n steps, and loop i attends a cache
+      holding just the slots its steps write (P + e_i - 1, e_i from
+      `bucket_ends`), grown by a copy of keys and values between loops
+      (the old and the grown cache are both alive for that copy), so
+      attention reads the slots filled so far rounded up to the bucket,
+      not all P + T. Logits change only by rounding (the softmax sums
+      over fewer masked slots), so tokens are the same except at exact
+      near-ties. Each loop compiles its own body. None (default):
+      `default_buckets(T)`. Ignored with ``kv_cache=False``.
 
   Returns:
     A Rollout of R = B S rows (prompt_ids i32[R, P] repeated,
@@ -119,7 +125,8 @@ def generate(
 
   Raises:
     ValueError: prompt shapes differ, max_new_tokens < 1,
-      num_samples < 1 or cache_buckets < 1.
+      num_samples or cache_buckets not an integer >= 1, or params in
+      neither layout.
   """
   if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
     raise ValueError(
@@ -158,9 +165,10 @@ def generate(
     )
   # Per-layer weights, caches and a [D, V] head, split once outside the
   # loop, so decode steps read and update them in place.
-  cache = models.init_cache(config, batch, prompt_len + ends[0], per_layer=True)
-  if "layers" in params:  # else the caller has split them
-    params = models.unstack_layers(params, config)
+  cache = models.init_cache(
+    config, batch, prompt_len + ends[0] - 1, per_layer=True
+  )
+  params = _decode_layout(params, config)
   logits, cache = models.prefill(
     params, prompt_ids, prompt_mask, config=config, cache=cache
   )
@@ -193,8 +201,8 @@ def generate(
 
   tok, tokens, logps, done = emit(jnp.int32(0), logits, tokens0, logps0, done0)
   carry = (jnp.int32(1), tok, cache, tokens, logps, done)
-  for end in ends:  # step t < end writes slot P + t - 1 < P + end
-    cache = models.grow_cache(carry[2], prompt_len + end)
+  for end in ends:  # step t < end writes slot P + t - 1 <= P + end - 2
+    cache = models.grow_cache(carry[2], prompt_len + end - 1)
     cond = _loop_cond(end, stop_at_all_eos)
     carry = jax.lax.while_loop(cond, body, (*carry[:2], cache, *carry[3:]))
   steps, _, _, tokens, logps, done = carry
@@ -205,19 +213,49 @@ def generate(
   return (rollout, steps) if return_num_steps else rollout
 
 
+def _decode_layout(params, config):
+  """Params split per layer (`models.unstack_layers`), as given or split
+  here.
+
+  Raises:
+    ValueError: params with neither "layers" (stacked) nor "layers_0"
+      (split).
+  """
+  if "layers" in params:
+    return models.unstack_layers(params, config)
+  if "layers_0" in params:
+    return params
+  raise ValueError(
+    "generate needs LM params stacked (a 'layers' entry, as trained) or "
+    "split per layer (models.unstack_layers: 'layers_0', ...), got "
+    f"entries {sorted(params)}"
+  )
+
+
 def default_buckets(max_new_tokens: int) -> int:
   """KV-cache buckets of `generate` by default: one per 16 new tokens, at
-  most 4 (measured on CPU: 20M Llama, T = 64, 4 buckets 1.07x, 8 buckets
-  1.07x; each bucket compiles its own loop body)."""
+  most 4 (measured on CPU only: a 20M Llama at T = 64 decodes 1.07x
+  faster with 4 buckets and with 8; each bucket compiles its own loop
+  body)."""
   return max(1, min(4, max_new_tokens // 16))
 
 
 def bucket_ends(max_new_tokens: int, buckets: int | None) -> list[int]:
-  """The decode loop's part ends e_1 < ... < e_n = T (n buckets, at most
-  T), about T / n apart; part i runs the steps t < e_i.
+  """Where `generate`'s decode loops end.
+
+  The decode steps t = 1 .. T - 1 (step t feeds token t - 1 and samples
+  token t) split into n = min(buckets, T - 1) loops (at least one) of
+  about (T - 1) / n steps; loop i runs the steps t < e_i.
+
+  Args:
+    max_new_tokens: T >= 1.
+    buckets: n >= 1, or None for `default_buckets(T)`.
+
+  Returns:
+    [e_1, ..., e_n], increasing, e_n = T.
 
   Raises:
-    ValueError: buckets is not None or an integer >= 1.
+    ValueError: buckets is neither None nor an integer >= 1.
   """
   if buckets is None:
     buckets = default_buckets(max_new_tokens)
@@ -225,8 +263,9 @@ def bucket_ends(max_new_tokens: int, buckets: int | None) -> list[int]:
     raise ValueError(f"cache_buckets must be an integer >= 1, got {buckets}")
   if buckets < 1:
     raise ValueError(f"cache_buckets must be an integer >= 1, got {buckets}")
-  n = min(operator.index(buckets), max_new_tokens)
-  return [-(-max_new_tokens * (i + 1) // n) for i in range(n)]
+  steps = max_new_tokens - 1
+  n = max(1, min(operator.index(buckets), steps))
+  return [1 + -(-steps * (i + 1) // n) for i in range(n)]
 
 
 def _drawer(rng, batch, temperature, top_k, top_p, greedy, pad_token_id):

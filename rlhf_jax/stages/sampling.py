@@ -89,7 +89,8 @@ def sample_continuations(
   size = ctx.config.sampling.batch_size
   names = ("response_ids", "response_mask", "logprobs", "truncated")
   out: dict[str, list] = {k: [] for k in names}
-  params = split_layers(ctx)(params, config=ctx.model_config)  # once
+  if "layers" in params:  # split once for every batch
+    params = split_layers(ctx)(params, config=ctx.model_config)
   bar = ProgressBar(-(-n // size), what)
   for start, stop in chunks(n, size):
     ctx.stop.check(what)

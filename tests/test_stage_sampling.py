@@ -1,0 +1,61 @@
+"""stages.sampling.sample_continuations: params split once per pass."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import models
+from rlhf_jax.rollout import generate
+from rlhf_jax.runner.mesh import MeshConfig, Placement
+from rlhf_jax.stages import sampling
+from tests.test_rollout import CFG, NEVER, PAD, _prompts
+
+
+def _ctx():
+  settings = types.SimpleNamespace(
+    batch_size=2, temperature=0.9, max_new_tokens=5
+  )
+  return types.SimpleNamespace(
+    config=types.SimpleNamespace(sampling=settings),
+    stop=types.SimpleNamespace(check=lambda what: None),
+    placement=Placement.create(MeshConfig(), jax.devices()[:1]),
+    model_config=CFG,
+    eos=NEVER,
+    pad=PAD,
+    cache={},
+  )
+
+
+def test_batches_sample_as_generate_on_stacked_params():
+  """Three prompts in batches of 2 (the last padded): each row as one
+  generate call on the stacked params with its key fold_in(key, row)
+  samples it; the split program and the sampler compile once for two
+  passes."""
+  params = models.init_params(CFG, jax.random.key(1))
+  params = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, params)
+  ids, mask = (np.asarray(x[:3]) for x in _prompts())
+  ctx, key = _ctx(), jax.random.key(9)
+  out = sampling.sample_continuations(ctx, params, ids, mask, key, what="t")
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(
+    key, jnp.arange(3, dtype=jnp.uint32)
+  )
+  ref = generate(
+    params,
+    jnp.asarray(ids),
+    jnp.asarray(mask),
+    keys,
+    config=CFG,
+    max_new_tokens=5,
+    temperature=0.9,
+    eos_token_id=NEVER,
+    pad_token_id=PAD,
+  )
+  np.testing.assert_array_equal(out["response_ids"], ref.response_ids)
+  np.testing.assert_allclose(out["logprobs"], ref.logprobs, atol=1e-6)
+  split, sampler = ctx.cache["split_layers"], ctx.cache["sampler"]
+  sizes = split._cache_size(), sampler._cache_size()
+  again = sampling.sample_continuations(ctx, params, ids, mask, key, what="t")
+  np.testing.assert_array_equal(again["response_ids"], out["response_ids"])
+  assert (split._cache_size(), sampler._cache_size()) == sizes == (1, 1)
