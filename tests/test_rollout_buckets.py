@@ -201,3 +201,30 @@ def test_grow_cache_keeps_slots_and_adds_empty_ones(params, per_layer):
     assert not bool(jnp.any(g[..., 6:, :]))
   with pytest.raises(ValueError, match="cannot shrink a cache of 6 slots"):
     models.grow_cache(cache, 5)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "split"])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_params_of_another_depth_are_named(params, layout, layers):
+  """A config whose num_layers differs from the params': an error, not a
+  model of another depth (indexing would clamp, flax would ignore the
+  extra layers)."""
+  p = params if layout == "stacked" else models.unstack_layers(params, CFG)
+  cfg = dataclasses.replace(CFG, num_layers=layers)
+  with pytest.raises(
+    ValueError, match=f"hold \\[2\\] layers, the config {layers}"
+  ):
+    _run(p, 2, config=cfg)
+
+
+def test_unstacking_split_params_is_named(params):
+  split = models.unstack_layers(params, CFG)
+  with pytest.raises(ValueError, match="already split per layer"):
+    models.unstack_layers(split, CFG)
+
+
+@pytest.mark.parametrize("bad", [7.5, "8", True])
+def test_grow_cache_needs_an_integer(bad):
+  cache = models.init_cache(CFG, 2, 6)
+  with pytest.raises(ValueError, match="max_length must be an integer, got"):
+    models.grow_cache(cache, bad)

@@ -68,6 +68,7 @@ from rlhf_jax.models.tokenizer import (
 )
 from rlhf_jax.models.transformer import (
   Transformer,
+  check_layer_count,
   default_positions,
   forward,
   hidden_forward,
@@ -86,6 +87,7 @@ __all__ = [
   "Tokenizer",
   "Transformer",
   "check_hf_checkpoint",
+  "check_layer_count",
   "decode_step",
   "default_positions",
   "export_hf_checkpoint",

@@ -9,6 +9,7 @@ convention 2).
 """
 
 import functools
+import operator
 from typing import Any
 
 import jax
@@ -85,15 +86,18 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
   Args:
     cache: keys and values [N, B, Hkv, S, Dh] (or N per-layer [B, Hkv, S,
       Dh]), key_mask bool[B, S], index i32[].
-    max_length: S' >= S.
+    max_length: S' >= S, a static (Python or numpy) integer.
 
   Returns:
     The same cache when S' = S; else a copy with keys and values zero and
     key_mask False at slots S .. S' - 1, and the same index.
 
   Raises:
-    ValueError: max_length is below the cache's S.
+    ValueError: max_length is not an integer or is below the cache's S.
   """
+  if isinstance(max_length, bool) or not hasattr(max_length, "__index__"):
+    raise ValueError(f"max_length must be an integer, got {max_length!r}")
+  max_length = operator.index(max_length)
   s = cache.key_mask.shape[1]
   if max_length < s:
     raise ValueError(f"cannot shrink a cache of {s} slots to {max_length}")

@@ -968,13 +968,45 @@ def unstack_layers(params: Params, config: ModelConfig) -> Params:
 
   Returns:
     A new params dict (layer weights are copied once).
+
+  Raises:
+    ValueError: params without a stacked "layers" entry (e.g. already
+      split), or whose layers are not config.num_layers.
   """
+  if "layers" not in params:
+    split = "layers_0" in params
+    raise ValueError(
+      "unstack_layers needs stacked params (a 'layers' entry)"
+      + (": these are already split per layer" if split else "")
+    )
+  check_layer_count(params, config)
   out = {k: v for k, v in params.items() if k != "layers"}
   for i in range(config.num_layers):
     out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   if config.tie_word_embeddings:
     out["lm_head"] = jnp.transpose(params["embed"])
   return out
+
+
+def check_layer_count(params: Params, config: ModelConfig) -> None:
+  """Checks that params hold config.num_layers layers, stacked ("layers"
+  [N, ...]) or split ("layers_0" .. "layers_{N-1}").
+
+  Raises:
+    ValueError: another number of layers (a model of other depth would be
+      run without an error otherwise: indexing clamps, unused layers are
+      ignored).
+  """
+  n = config.num_layers
+  if "layers" in params:
+    found = {x.shape[0] for x in jax.tree.leaves(params["layers"])}
+  else:
+    found = {sum(k.startswith("layers_") for k in params)}
+  if found != {n}:
+    raise ValueError(
+      f"params hold {sorted(found)} layers, the config {n} "
+      "(num_layers / num_hidden_layers)"
+    )
 
 
 @functools.partial(

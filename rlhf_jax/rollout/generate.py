@@ -19,6 +19,7 @@ same params.
 
 import functools
 import operator
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +116,7 @@ def generate(
       not all P + T. Logits change only by rounding (the softmax sums
       over fewer masked slots), so tokens are the same except at exact
       near-ties. Each loop compiles its own body. None (default):
-      `default_buckets(T)`. Ignored with ``kv_cache=False``.
+      `default_buckets(T)`. Checked but unused with ``kv_cache=False``.
 
   Returns:
     A Rollout of R = B S rows (prompt_ids i32[R, P] repeated,
@@ -135,11 +136,12 @@ def generate(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  bad = f"num_samples must be an integer >= 1, got {num_samples!r}"
   if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__"):
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
+    raise ValueError(bad)
   num_samples = operator.index(num_samples)  # numpy integers too
   if num_samples < 1:
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples}")
+    raise ValueError(bad)
   ends = bucket_ends(max_new_tokens, cache_buckets)
   prompt_mask = prompt_mask.astype(bool)
   if not kv_cache and num_samples > 1:  # the full forward has no cache
@@ -219,11 +221,14 @@ def _decode_layout(params, config):
 
   Raises:
     ValueError: params with neither "layers" (stacked) nor "layers_0"
-      (split).
+      (split), or not config.num_layers layers.
   """
+  if not isinstance(params, Mapping):
+    raise ValueError(f"generate needs LM params (a dict), got {type(params)}")
   if "layers" in params:
     return models.unstack_layers(params, config)
   if "layers_0" in params:
+    models.check_layer_count(params, config)
     return params
   raise ValueError(
     "generate needs LM params stacked (a 'layers' entry, as trained) or "
@@ -259,10 +264,11 @@ def bucket_ends(max_new_tokens: int, buckets: int | None) -> list[int]:
   """
   if buckets is None:
     buckets = default_buckets(max_new_tokens)
+  bad = f"cache_buckets must be an integer >= 1, got {buckets!r}"
   if isinstance(buckets, bool) or not hasattr(buckets, "__index__"):
-    raise ValueError(f"cache_buckets must be an integer >= 1, got {buckets}")
+    raise ValueError(bad)
   if buckets < 1:
-    raise ValueError(f"cache_buckets must be an integer >= 1, got {buckets}")
+    raise ValueError(bad)
   steps = max_new_tokens - 1
   n = max(1, min(operator.index(buckets), steps))
   return [1 + -(-steps * (i + 1) // n) for i in range(n)]
