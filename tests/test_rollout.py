@@ -1,5 +1,7 @@
 """rollout.generate: zero sampler/trainer mismatch, EOS, greedy, top-k/p."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -290,20 +292,21 @@ def test_num_samples_takes_numpy_integers(params):
   np.testing.assert_array_equal(a.response_ids, b.response_ids)
 
 
-@pytest.mark.parametrize("bad", [0, -2, 1.5, True])
-def test_num_samples_below_one_is_named(params, bad):
+@pytest.mark.parametrize("option", ["num_samples", "cache_buckets"])
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_counts_below_one_are_named(params, option, bad):
   ids, mask = _prompts()
-  with pytest.raises(ValueError, match="num_samples must be an integer >= 1"):
+  with pytest.raises(ValueError, match=f"{option} must be an integer >= 1"):
     generate(
       params,
       ids,
       mask,
       jax.random.key(0),
       config=CFG,
-      max_new_tokens=2,
+      max_new_tokens=4,
       eos_token_id=5,
       pad_token_id=PAD,
-      num_samples=bad,
+      **{option: bad},
     )
 
 
@@ -443,24 +446,17 @@ def test_straight_line_threefry_gives_the_same_bits():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def lowered_text(params, **kw) -> str:
+  """StableHLO of generate on `_prompts()` with the test config."""
+  ids, mask = _prompts()
+  fn = functools.partial(
+    generate, config=CFG, eos_token_id=NEVER, pad_token_id=PAD, **kw
+  )
+  return jax.jit(fn).lower(params, ids, mask, jax.random.key(0)).as_text()
+
+
 def test_decode_loop_has_no_nested_loop(params):
   """T = 1 sampling lowers to one while loop (the decode steps): drawing
   the Gumbel noise adds no loop of its own per step."""
-  ids, mask = _prompts()
-  text = (
-    jax.jit(
-      lambda p, i, m, k: generate(
-        p,
-        i,
-        m,
-        k,
-        config=CFG,
-        max_new_tokens=3,
-        eos_token_id=NEVER,
-        pad_token_id=PAD,
-      )
-    )
-    .lower(params, ids, mask, jax.random.key(0))
-    .as_text()
-  )
+  text = lowered_text(params, max_new_tokens=3)
   assert text.count("stablehlo.while") == 1

@@ -10,7 +10,14 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.rollout import generate
 from rlhf_jax.rollout.generate import bucket_ends, default_buckets
-from tests.test_rollout import CFG, NEVER, PAD, _prompts, _teacher_forced
+from tests.test_rollout import (
+  CFG,
+  NEVER,
+  PAD,
+  _prompts,
+  _teacher_forced,
+  lowered_text,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +49,6 @@ def test_bucket_ends(t, n, ends):
 )
 def test_default_buckets_one_per_16_tokens_at_most_4(t, n):
   assert default_buckets(t) == n
-
-
-@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
-def test_bad_bucket_count_is_named(params, bad):
-  ids, mask = _prompts()
-  with pytest.raises(ValueError, match="cache_buckets must be an integer >= 1"):
-    generate(
-      params,
-      ids,
-      mask,
-      jax.random.key(0),
-      config=CFG,
-      max_new_tokens=4,
-      eos_token_id=NEVER,
-      pad_token_id=PAD,
-      cache_buckets=bad,
-    )
 
 
 def _run(params, n, rows=4, **kw):
@@ -135,24 +125,7 @@ def test_early_stop_skips_the_later_buckets(params):
 def test_each_bucket_is_one_loop_with_its_cache_size(params):
   """n buckets lower to n decode loops whose caches hold P + e_i - 1
   slots (P = 6, T = 10, n = 3: ends 4, 7, 10)."""
-  ids, mask = _prompts()
-  text = (
-    jax.jit(
-      lambda p, i, m, k: generate(
-        p,
-        i,
-        m,
-        k,
-        config=CFG,
-        max_new_tokens=10,
-        eos_token_id=NEVER,
-        pad_token_id=PAD,
-        cache_buckets=3,
-      )
-    )
-    .lower(params, ids, mask, jax.random.key(0))
-    .as_text()
-  )
+  text = lowered_text(params, max_new_tokens=10, cache_buckets=3)
   assert text.count("stablehlo.while") == 3
   heads, dh = CFG.num_kv_heads, CFG.head_dim
   for slots in (9, 12, 15):  # [B, Hkv, S, Dh] keys of each loop
