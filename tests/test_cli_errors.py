@@ -959,3 +959,21 @@ def test_eval_full_disk_does_not_advise_resume(tmp_path, capsys, monkeypatch):
     "before was changed (free space or make it writable, then run the same "
     "command again)",
   )
+
+
+def test_lengths_past_learned_positions(tmp_path, capsys):
+  """A GPT-2 model (32 learned positions) with P + T = 40: named before
+  the run directory is made (generate would refuse the call later)."""
+  model = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
+  run = tmp_path / "r"
+  args = ["ppo", "--model", str(model), "--run-dir", str(run)]
+  lengths = ["--task.max-prompt-length", "24"]
+  code, err = _run(capsys, args + lengths + ["--sampling.max-new-tokens", "16"])
+  _check(
+    code,
+    err,
+    "--task.max-prompt-length 24 + --sampling.max-new-tokens 16 = 40 "
+    f"tokens, past the 32 learned positions of {model} "
+    "(max_position_embeddings); lower them",
+  )
+  assert not run.exists()

@@ -126,8 +126,8 @@ def generate(
 
   Raises:
     ValueError: prompt shapes differ, max_new_tokens < 1,
-      num_samples or cache_buckets not an integer >= 1, or params in
-      neither layout.
+      num_samples or cache_buckets not an integer >= 1, params in
+      neither layout, or P + T past a GPT-2 model's learned positions.
   """
   if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
     raise ValueError(
@@ -143,6 +143,7 @@ def generate(
   if num_samples < 1:
     raise ValueError(bad)
   ends = bucket_ends(max_new_tokens, cache_buckets)
+  _check_learned_positions(prompt_ids.shape[1], max_new_tokens, config)
   prompt_mask = prompt_mask.astype(bool)
   if not kv_cache and num_samples > 1:  # the full forward has no cache
     prompt_ids = jnp.repeat(prompt_ids, num_samples, axis=0)
@@ -213,6 +214,23 @@ def generate(
     prompt_ids, prompt_mask, tokens, logps, done, eos_token_id, pad_token_id
   )
   return (rollout, steps) if return_num_steps else rollout
+
+
+def _check_learned_positions(prompt_len, max_new_tokens, config):
+  """Learned position embeddings (GPT-2) have max_position_embeddings
+  rows; a position past them would read NaN (jnp.take fills), so P + T
+  must fit (P counts padding: the real positions are not static).
+
+  Raises:
+    ValueError: P + T above max_position_embeddings for such a model.
+  """
+  limit = config.max_position_embeddings
+  if config.family == "gpt2" and prompt_len + max_new_tokens > limit:
+    raise ValueError(
+      f"prompts of {prompt_len} slots plus max_new_tokens "
+      f"{max_new_tokens} exceed the model's {limit} learned positions "
+      "(max_position_embeddings); shorten one of them"
+    )
 
 
 def _decode_layout(params, config):

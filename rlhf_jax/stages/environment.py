@@ -137,3 +137,27 @@ def check_lora(lora_config, model_dir: pathlib.Path) -> None:
     return  # the model loader names a bad model directory in its words
   except ValueError as e:
     raise UserError(f"--lora.{e}") from None
+
+
+def check_positions(config, model_dir: pathlib.Path) -> None:
+  """--task.max-prompt-length + --sampling.max-new-tokens fit a model with
+  learned positions (GPT-2), read from config.json alone, before any work
+  starts (`rollout.generate` refuses the call otherwise).
+
+  Raises:
+    UserError: one line naming both options and the model's limit.
+  """
+  from rlhf_jax import models  # noqa: PLC0415 (jax only when needed)
+
+  try:
+    model_config = models.load_hf_config(model_dir)
+  except models.ModelLoadError:
+    return  # the model loader names a bad model directory in its words
+  p, t = config.task.max_prompt_length, config.sampling.max_new_tokens
+  limit = model_config.max_position_embeddings
+  if model_config.family == "gpt2" and p + t > limit:
+    raise UserError(
+      f"--task.max-prompt-length {p} + --sampling.max-new-tokens {t} = "
+      f"{p + t} tokens, past the {limit} learned positions of {model_dir} "
+      "(max_position_embeddings); lower them"
+    )

@@ -195,6 +195,7 @@ def open_run(
   check_inputs(command, config)
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
+  environment.check_positions(config, model_dir)
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
