@@ -8,6 +8,8 @@
   suite's time about 3x on a 2-core machine.
 * Only test_*.py files are collected here, also under --doctest-modules
   (the doctests are rlhf_jax/'s own).
+* Each module's compiled programs are freed when it ends (a worker that
+  kept them all ran out of memory mappings).
 """
 
 import os
@@ -21,6 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import builtins  # noqa: E402
 import errno  # noqa: E402
+import gc  # noqa: E402
 import io  # noqa: E402
 import pathlib  # noqa: E402
 import subprocess  # noqa: E402
@@ -55,6 +58,20 @@ def pytest_ignore_collect(collection_path: pathlib.Path, config):
   ):
     return True
   return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees a test module's compiled programs when it ends. XLA:CPU maps
+  each executable's code into hundreds of memory regions (a generate
+  program: ~300 per loop); a test worker that kept every program of a
+  full run reached the kernel's limit (vm.max_map_count, 65530 here) and
+  died in its next compile or cache read (abort or segfault inside
+  deserialize_executable). Later modules reload theirs from the
+  persistent cache."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
