@@ -972,8 +972,8 @@ def test_lengths_past_learned_positions(tmp_path, capsys):
   _check(
     code,
     err,
-    "--task.max-prompt-length 24 + --sampling.max-new-tokens 16 = 40 "
-    f"tokens, past the 32 learned positions of {model} "
-    "(max_position_embeddings); lower them",
+    "--task.max-prompt-length 24 + --sampling.max-new-tokens 16: 24 "
+    "prompt slots + 16 new tokens exceed the model's 32 learned positions "
+    f"(max_position_embeddings) of {model}; lower them",
   )
   assert not run.exists()

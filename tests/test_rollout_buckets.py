@@ -10,6 +10,7 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.rollout import generate
 from rlhf_jax.rollout.generate import bucket_ends, default_buckets
+from tests.models.test_models_cache import CONFIGS
 from tests.test_rollout import (
   CFG,
   NEVER,
@@ -207,19 +208,12 @@ def test_gpt2_positions_past_its_table_are_named():
   """Learned positions (GPT-2, 16 rows here): P + T above them is an
   error before anything runs (it sampled NaN logprobs and token V - 1)."""
   cfg = dataclasses.replace(
-    CFG,
-    model_type="gpt2",
-    num_kv_heads=4,
-    max_position_embeddings=16,
-    tie_word_embeddings=True,
-    attention_bias=True,
-    attention_out_bias=True,
-    mlp_bias=True,
+    CONFIGS["gpt2"], max_position_embeddings=16, vocab_size=CFG.vocab_size
   )
   p = models.init_params(cfg, jax.random.key(0))
   ids, mask = _prompts()  # P = 6
   kw = dict(config=cfg, eos_token_id=NEVER, pad_token_id=PAD)
   ok = generate(p, ids, mask, jax.random.key(0), max_new_tokens=10, **kw)
   assert np.isfinite(np.asarray(ok.logprobs)).all()
-  with pytest.raises(ValueError, match="exceed the model's 16 learned"):
+  with pytest.raises(ValueError, match="6 prompt slots \\+ 11 new tokens"):
     generate(p, ids, mask, jax.random.key(0), max_new_tokens=11, **kw)

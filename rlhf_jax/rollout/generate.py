@@ -143,7 +143,7 @@ def generate(
   if num_samples < 1:
     raise ValueError(bad)
   ends = bucket_ends(max_new_tokens, cache_buckets)
-  _check_learned_positions(prompt_ids.shape[1], max_new_tokens, config)
+  check_learned_positions(prompt_ids.shape[1], max_new_tokens, config)
   prompt_mask = prompt_mask.astype(bool)
   if not kv_cache and num_samples > 1:  # the full forward has no cache
     prompt_ids = jnp.repeat(prompt_ids, num_samples, axis=0)
@@ -216,7 +216,9 @@ def generate(
   return (rollout, steps) if return_num_steps else rollout
 
 
-def _check_learned_positions(prompt_len, max_new_tokens, config):
+def check_learned_positions(
+  prompt_len: int, max_new_tokens: int, config: "models.ModelConfig"
+) -> None:
   """Learned position embeddings (GPT-2) have max_position_embeddings
   rows; a position past them would read NaN (jnp.take fills), so P + T
   must fit (P counts padding: the real positions are not static).
@@ -227,9 +229,8 @@ def _check_learned_positions(prompt_len, max_new_tokens, config):
   limit = config.max_position_embeddings
   if config.family == "gpt2" and prompt_len + max_new_tokens > limit:
     raise ValueError(
-      f"prompts of {prompt_len} slots plus max_new_tokens "
-      f"{max_new_tokens} exceed the model's {limit} learned positions "
-      "(max_position_embeddings); shorten one of them"
+      f"{prompt_len} prompt slots + {max_new_tokens} new tokens exceed "
+      f"the model's {limit} learned positions (max_position_embeddings)"
     )
 
 

@@ -148,16 +148,19 @@ def check_positions(config, model_dir: pathlib.Path) -> None:
     UserError: one line naming both options and the model's limit.
   """
   from rlhf_jax import models  # noqa: PLC0415 (jax only when needed)
+  from rlhf_jax.rollout.generate import (  # noqa: PLC0415
+    check_learned_positions,
+  )
 
   try:
     model_config = models.load_hf_config(model_dir)
   except models.ModelLoadError:
     return  # the model loader names a bad model directory in its words
   p, t = config.task.max_prompt_length, config.sampling.max_new_tokens
-  limit = model_config.max_position_embeddings
-  if model_config.family == "gpt2" and p + t > limit:
+  try:
+    check_learned_positions(p, t, model_config)
+  except ValueError as e:
     raise UserError(
-      f"--task.max-prompt-length {p} + --sampling.max-new-tokens {t} = "
-      f"{p + t} tokens, past the {limit} learned positions of {model_dir} "
-      "(max_position_embeddings); lower them"
-    )
+      f"--task.max-prompt-length {p} + --sampling.max-new-tokens {t}: {e} "
+      f"of {model_dir}; lower them"
+    ) from None
