@@ -136,12 +136,7 @@ def generate(
     )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  bad = f"num_samples must be an integer >= 1, got {num_samples!r}"
-  if isinstance(num_samples, bool) or not hasattr(num_samples, "__index__"):
-    raise ValueError(bad)
-  num_samples = operator.index(num_samples)  # numpy integers too
-  if num_samples < 1:
-    raise ValueError(bad)
+  num_samples = _count("num_samples", num_samples)
   ends = bucket_ends(max_new_tokens, cache_buckets)
   check_learned_positions(prompt_ids.shape[1], max_new_tokens, config)
   prompt_mask = prompt_mask.astype(bool)
@@ -256,6 +251,20 @@ def _decode_layout(params, config):
   )
 
 
+def _count(name: str, value) -> int:
+  """value as an int >= 1 (numpy integers too).
+
+  Raises:
+    ValueError: a bool, a non-integer or a value below 1, named.
+  """
+  bad = f"{name} must be an integer >= 1, got {value!r}"
+  if isinstance(value, bool) or not hasattr(value, "__index__"):
+    raise ValueError(bad)
+  if operator.index(value) < 1:
+    raise ValueError(bad)
+  return operator.index(value)
+
+
 def default_buckets(max_new_tokens: int) -> int:
   """KV-cache buckets of `generate` by default: one per 16 new tokens, at
   most 4 (measured on CPU only: a 20M Llama at T = 64 decodes 1.07x
@@ -283,13 +292,8 @@ def bucket_ends(max_new_tokens: int, buckets: int | None) -> list[int]:
   """
   if buckets is None:
     buckets = default_buckets(max_new_tokens)
-  bad = f"cache_buckets must be an integer >= 1, got {buckets!r}"
-  if isinstance(buckets, bool) or not hasattr(buckets, "__index__"):
-    raise ValueError(bad)
-  if buckets < 1:
-    raise ValueError(bad)
   steps = max_new_tokens - 1
-  n = max(1, min(operator.index(buckets), steps))
+  n = max(1, min(_count("cache_buckets", buckets), steps))
   return [1 + -(-steps * (i + 1) // n) for i in range(n)]
 
 
