@@ -69,6 +69,7 @@ from rlhf_jax.models.tokenizer import (
 from rlhf_jax.models.transformer import (
   Transformer,
   check_layer_count,
+  check_position_table,
   default_positions,
   forward,
   hidden_forward,
@@ -88,6 +89,7 @@ __all__ = [
   "Transformer",
   "check_hf_checkpoint",
   "check_layer_count",
+  "check_position_table",
   "decode_step",
   "default_positions",
   "export_hf_checkpoint",

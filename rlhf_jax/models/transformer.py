@@ -212,6 +212,27 @@ def check_rows_range(rows: tuple[int, int] | None, length: int, name: str):
     )
 
 
+def check_position_table(length: int, config: ModelConfig, what: str):
+  """Learned position embeddings (GPT-2) have max_position_embeddings
+  rows, and a position past them reads NaN (jnp.take fills): ``length``
+  positions 0 .. length - 1 must fit. No-op for rotary models.
+
+  Args:
+    length: positions needed (a static int).
+    config: the model's config.
+    what: what needs them, for the message ("sequences of 40 tokens").
+
+  Raises:
+    ValueError: length above a GPT-2 model's max_position_embeddings.
+  """
+  limit = config.max_position_embeddings
+  if config.family == "gpt2" and length > limit:
+    raise ValueError(
+      f"{what} exceed the model's {limit} learned positions "
+      "(max_position_embeddings)"
+    )
+
+
 def take_rows(x: Array, rows: Rows) -> Array:
   """Rows of x [B, L, ...] along axis 1: x[:, start:stop] for a static
   (start, stop), else the gather x[b, rows[b, k]] for rows i32[B, K]."""
@@ -1117,9 +1138,10 @@ def _full_sequence(
   """Final-norm hidden states of a causal pass over whole sequences, at
   `rows` only when given (`take_rows`)."""
   mask = attention_mask.astype(jnp.bool_)
-  if position_ids is None:
-    position_ids = default_positions(mask)
   length = input_ids.shape[1]
+  if position_ids is None:  # positions <= L - 1 (explicit ones: the caller's)
+    check_position_table(length, config, f"sequences of {length} tokens")
+    position_ids = default_positions(mask)
   attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
   hidden, _ = _run(
     params, input_ids, position_ids, attn, None, None, config, rows

@@ -214,19 +214,17 @@ def generate(
 def check_learned_positions(
   prompt_len: int, max_new_tokens: int, config: "models.ModelConfig"
 ) -> None:
-  """Learned position embeddings (GPT-2) have max_position_embeddings
-  rows; a position past them would read NaN (jnp.take fills), so P + T
-  must fit (P counts padding: the real positions are not static).
+  """P + T fit a model with learned positions (GPT-2): P counts padding,
+  since the real positions are not static (`models.check_position_table`).
 
   Raises:
     ValueError: P + T above max_position_embeddings for such a model.
   """
-  limit = config.max_position_embeddings
-  if config.family == "gpt2" and prompt_len + max_new_tokens > limit:
-    raise ValueError(
-      f"{prompt_len} prompt slots + {max_new_tokens} new tokens exceed "
-      f"the model's {limit} learned positions (max_position_embeddings)"
-    )
+  models.check_position_table(
+    prompt_len + max_new_tokens,
+    config,
+    f"{prompt_len} prompt slots + {max_new_tokens} new tokens",
+  )
 
 
 def _decode_layout(params, config):

@@ -202,6 +202,33 @@ def test_prefill_right_padded_reads_last_real_token():
     assert np.abs(np.asarray(step_logits[b] - ref[0, -1])).max() < 1e-5
 
 
+def test_gpt2_forward_past_its_position_table_is_named():
+  """Learned positions (GPT-2, 64 rows): a forward of 64 tokens is finite;
+  65 with default positions would read NaN rows (jnp.take fills) and is
+  an error naming both numbers; explicit position ids (packed rows, whose
+  positions restart) are the caller's and pass."""
+  config = CONFIGS["gpt2"]
+  params = models.init_params(config, jax.random.key(6))
+  limit = config.max_position_embeddings
+  ids = jnp.full((2, limit), 5, jnp.int32)
+  logits = models.forward(params, ids, jnp.ones_like(ids, bool), config=config)
+  assert np.isfinite(np.asarray(logits)).all()
+  longer = jnp.full((2, limit + 1), 5, jnp.int32)
+  mask = jnp.ones_like(longer, bool)
+  with pytest.raises(ValueError, match="sequences of 65 tokens exceed the"):
+    models.forward(params, longer, mask, config=config)
+  with pytest.raises(ValueError, match="64 learned positions"):
+    models.hidden_forward(params, longer, mask, config=config)
+  restart = jnp.concatenate([jnp.arange(limit), jnp.arange(1)])[None].repeat(
+    2, 0
+  )
+  packed = models.forward(
+    params, longer, mask, config=config, position_ids=restart
+  )
+  assert np.isfinite(np.asarray(packed)).all()
+  np.testing.assert_allclose(packed[:, :limit], logits, atol=1e-5)
+
+
 def test_masked_decode_token_is_invisible():
   config = CONFIGS["gpt2"]
   params = models.init_params(config, jax.random.key(4))
