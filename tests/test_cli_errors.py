@@ -977,3 +977,23 @@ def test_lengths_past_learned_positions(tmp_path, capsys):
     f"(max_position_embeddings) of {model}; lower them",
   )
   assert not run.exists()
+
+
+def test_data_rows_past_learned_positions(tmp_path, capsys):
+  """dpo --data on the same GPT-2 model: prompt 16 + response 24 tokens
+  (sampling 16 + 8 fits) is named before the run directory is made; the
+  forward would refuse those rows at the first step."""
+  model = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
+  data = _write(tmp_path / "pairs.jsonl", [_pair()])
+  run = tmp_path / "r"
+  args = ["dpo", "--model", str(model), "--data", data, "--run-dir", str(run)]
+  args += ["--task.max-prompt-length", "16", "--sampling.max-new-tokens", "8"]
+  code, err = _run(capsys, args + ["--max-response-length", "24"])
+  _check(
+    code,
+    err,
+    "--task.max-prompt-length 16 + --max-response-length 24: 16 prompt "
+    "slots + 24 response tokens exceed the model's 32 learned positions "
+    f"(max_position_embeddings) of {model}; lower them",
+  )
+  assert not run.exists()

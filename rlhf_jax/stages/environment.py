@@ -140,27 +140,34 @@ def check_lora(lora_config, model_dir: pathlib.Path) -> None:
 
 
 def check_positions(config, model_dir: pathlib.Path) -> None:
-  """--task.max-prompt-length + --sampling.max-new-tokens fit a model with
-  learned positions (GPT-2), read from config.json alone, before any work
-  starts (`rollout.generate` refuses the call otherwise).
+  """The longest rows fit a model with learned positions (GPT-2), read
+  from config.json alone, before any work starts: sampled ones
+  (--task.max-prompt-length + --sampling.max-new-tokens; `rollout.generate`
+  refuses the call otherwise) and, with --data, preference rows
+  (--task.max-prompt-length + --max-response-length; the forward would
+  refuse them).
 
   Raises:
-    UserError: one line naming both options and the model's limit.
+    UserError: one line naming the options and the model's limit.
   """
   from rlhf_jax import models  # noqa: PLC0415 (jax only when needed)
-  from rlhf_jax.rollout.generate import (  # noqa: PLC0415
-    check_learned_positions,
-  )
 
   try:
     model_config = models.load_hf_config(model_dir)
   except models.ModelLoadError:
     return  # the model loader names a bad model directory in its words
   p, t = config.task.max_prompt_length, config.sampling.max_new_tokens
-  try:
-    check_learned_positions(p, t, model_config)
-  except ValueError as e:
-    raise UserError(
-      f"--task.max-prompt-length {p} + --sampling.max-new-tokens {t}: {e} "
-      f"of {model_dir}; lower them"
-    ) from None
+  rows = [("--sampling.max-new-tokens", t, "new tokens")]
+  if config.data is not None:
+    r = config.max_response_length
+    rows.append(("--max-response-length", r, "response tokens"))
+  for option, n, what in rows:
+    try:
+      models.check_position_table(
+        p + n, model_config, f"{p} prompt slots + {n} {what}"
+      )
+    except ValueError as e:
+      raise UserError(
+        f"--task.max-prompt-length {p} + {option} {n}: {e} of {model_dir}; "
+        "lower them"
+      ) from None
