@@ -961,39 +961,68 @@ def test_eval_full_disk_does_not_advise_resume(tmp_path, capsys, monkeypatch):
   )
 
 
+GPT2 = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
+
+
+def _past_positions(p_option, p, t_option, t):
+  return (
+    f"{p_option} {p} + {t_option} {t} = {p + t} tokens exceed the model's "
+    f"32 learned positions (max_position_embeddings) of {GPT2}; lower them"
+  )
+
+
 def test_lengths_past_learned_positions(tmp_path, capsys):
   """A GPT-2 model (32 learned positions) with P + T = 40: named before
   the run directory is made (generate would refuse the call later)."""
-  model = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
   run = tmp_path / "r"
-  args = ["ppo", "--model", str(model), "--run-dir", str(run)]
+  args = ["ppo", "--model", str(GPT2), "--run-dir", str(run)]
   lengths = ["--task.max-prompt-length", "24"]
   code, err = _run(capsys, args + lengths + ["--sampling.max-new-tokens", "16"])
   _check(
     code,
     err,
-    "--task.max-prompt-length 24 + --sampling.max-new-tokens 16: 24 "
-    "prompt slots + 16 new tokens exceed the model's 32 learned positions "
-    f"(max_position_embeddings) of {model}; lower them",
+    _past_positions(
+      "--task.max-prompt-length", 24, "--sampling.max-new-tokens", 16
+    ),
   )
   assert not run.exists()
 
 
-def test_data_rows_past_learned_positions(tmp_path, capsys):
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_data_rows_past_learned_positions(tmp_path, capsys, dry_run):
   """dpo --data on the same GPT-2 model: prompt 16 + response 24 tokens
-  (sampling 16 + 8 fits) is named before the run directory is made; the
-  forward would refuse those rows at the first step."""
-  model = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
+  is named before the run directory is made (the forward would refuse
+  those rows at the first step). Nothing is sampled with --data, so the
+  default --sampling.max-new-tokens (16 + 32) is not checked; the dry run
+  checks the same."""
   data = _write(tmp_path / "pairs.jsonl", [_pair()])
   run = tmp_path / "r"
-  args = ["dpo", "--model", str(model), "--data", data, "--run-dir", str(run)]
-  args += ["--task.max-prompt-length", "16", "--sampling.max-new-tokens", "8"]
-  code, err = _run(capsys, args + ["--max-response-length", "24"])
+  args = ["dpo", "--model", str(GPT2), "--data", data, "--run-dir", str(run)]
+  args += ["--task.max-prompt-length", "16", "--max-response-length", "24"]
+  code, err = _run(capsys, args + ["--dry-run"] * dry_run)
   _check(
     code,
     err,
-    "--task.max-prompt-length 16 + --max-response-length 24: 16 prompt "
-    "slots + 24 response tokens exceed the model's 32 learned positions "
-    f"(max_position_embeddings) of {model}; lower them",
+    _past_positions(
+      "--task.max-prompt-length", 16, "--max-response-length", 24
+    ),
+  )
+  assert not run.exists()
+
+
+@pytest.mark.parametrize(
+  "command", [["sft"], ["sft", "--dry-run"], ["kto"]], ids=" ".join
+)
+def test_sft_and_kto_rows_past_learned_positions(tmp_path, capsys, command):
+  """sft and kto --data: their default 64 + 64 tokens on the 32-position
+  GPT-2, named before the data is read or a run directory made."""
+  data = _write(tmp_path / "pairs.jsonl", [_pair()])
+  run = tmp_path / "r"
+  args = [*command, "--model", str(GPT2), "--data", data]
+  code, err = _run(capsys, args + ["--run-dir", str(run)])
+  _check(
+    code,
+    err,
+    _past_positions("--max-prompt-length", 64, "--max-response-length", 64),
   )
   assert not run.exists()

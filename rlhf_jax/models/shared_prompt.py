@@ -47,6 +47,7 @@ from rlhf_jax.models.transformer import (
   _freeze_base,
   _logits,
   _run,
+  check_position_table,
   check_rows_range,
   prunes_last_layer,
   take_rows,
@@ -252,9 +253,15 @@ def shared_prompt_hidden(
 
   Raises:
     ValueError: a range that is not 0 <= P - 1 <= start < stop <= L, or
-      rows neither a tuple nor an integer array [B, R].
+      rows neither a tuple nor an integer array [B, R]; P + T above a
+      GPT-2 model's max_position_embeddings (a response's positions run
+      to P + T - 1).
   """
   _check_rows(rows, prompt_ids.shape, response_ids.shape)
+  p, t = prompt_ids.shape[1], response_ids.shape[2]
+  check_position_table(
+    p + t, config, f"{p} prompt slots + {t} response tokens", "shorten them"
+  )
   gathered = not isinstance(rows, tuple)
   # A last layer on gathered rows needs their plain mask (`_row_mask`);
   # one that runs on every row does not.

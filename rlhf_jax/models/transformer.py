@@ -212,15 +212,20 @@ def check_rows_range(rows: tuple[int, int] | None, length: int, name: str):
     )
 
 
-def check_position_table(length: int, config: ModelConfig, what: str):
-  """Learned position embeddings (GPT-2) have max_position_embeddings
-  rows, and a position past them reads NaN (jnp.take fills): ``length``
-  positions 0 .. length - 1 must fit. No-op for rotary models.
+def check_position_table(
+  length: int, config: ModelConfig, what: str, hint: str = ""
+) -> None:
+  """Checks that ``length`` positions fit a learned position table.
+
+  Learned position embeddings (GPT-2) have max_position_embeddings rows,
+  and a position past them reads NaN (jnp.take fills): positions 0 ..
+  length - 1 must fit. No-op for rotary models.
 
   Args:
     length: positions needed (a static int).
     config: the model's config.
     what: what needs them, for the message ("sequences of 40 tokens").
+    hint: what to do about it, appended to the message after "; ".
 
   Raises:
     ValueError: length above a GPT-2 model's max_position_embeddings.
@@ -229,7 +234,7 @@ def check_position_table(length: int, config: ModelConfig, what: str):
   if config.family == "gpt2" and length > limit:
     raise ValueError(
       f"{what} exceed the model's {limit} learned positions "
-      "(max_position_embeddings)"
+      f"(max_position_embeddings){'; ' + hint if hint else ''}"
     )
 
 
@@ -1067,7 +1072,9 @@ def forward(
     `rlhf_jax.models.lora`).
 
   Raises:
-    ValueError: `logits_range` outside [0, L] or empty.
+    ValueError: `logits_range` outside [0, L] or empty; L above a GPT-2
+      model's max_position_embeddings with default position_ids (they run
+      to L - 1; pass position_ids for rows whose real positions fit).
   """
   check_rows_range(logits_range, input_ids.shape[1], "logits_range")
   params = _freeze_base(params, config)
@@ -1118,8 +1125,9 @@ def hidden_forward(
 
   Raises:
     ValueError: both `rows_range` and `row_index` given, or `rows_range`
-      outside [0, L] or empty. (`row_index` is traced: out-of-range
-      values are clamped by the gather, not reported.)
+      outside [0, L] or empty (`row_index` is traced: out-of-range
+      values are clamped by the gather, not reported); L above a GPT-2
+      model's max_position_embeddings with default position_ids.
   """
   if rows_range is not None and row_index is not None:
     raise ValueError("pass rows_range or row_index, not both")
@@ -1140,7 +1148,12 @@ def _full_sequence(
   mask = attention_mask.astype(jnp.bool_)
   length = input_ids.shape[1]
   if position_ids is None:  # positions <= L - 1 (explicit ones: the caller's)
-    check_position_table(length, config, f"sequences of {length} tokens")
+    check_position_table(
+      length,
+      config,
+      f"sequences of {length} tokens",
+      "shorten them, or pass position_ids for rows whose positions fit",
+    )
     position_ids = default_positions(mask)
   attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
   hidden, _ = _run(

@@ -222,10 +222,12 @@ def load_scorer(
   pair_rewards)) of a reward-model directory (``stages.rm.load_rm``).
 
   A warning on stderr when ``max_length`` (prompt + response tokens the
-  pairs are scored at) exceeds the model's max_position_embeddings.
+  pairs are scored at) exceeds the model's max_position_embeddings; an
+  error for learned positions (GPT-2), which have no row past them.
 
   Raises:
-    UserError: no reward model or no tokenizer there.
+    UserError: no reward model or no tokenizer there; max_length past a
+      GPT-2 model's learned positions.
     ModelLoadError: a directory that cannot be read.
   """
   import jax
@@ -239,6 +241,12 @@ def load_scorer(
   model_config, params, pooling = load_rm(pathlib.Path(path))
   limit = model_config.max_position_embeddings
   if max_length is not None and max_length > limit:
+    if model_config.family == "gpt2":  # a position past them reads NaN
+      raise runtime.UserError(
+        f"--reward-model {path}: --max-prompt-length + --max-response-length"
+        f" = {max_length} tokens exceed its {limit} learned positions "
+        "(max_position_embeddings); lower them"
+      )
     sys.stderr.write(
       f"rlhf-jax: warning: --reward-model {path} has "
       f"max_position_embeddings {limit}, below the {max_length} tokens of "

@@ -140,15 +140,52 @@ def check_lora(lora_config, model_dir: pathlib.Path) -> None:
 
 
 def check_positions(config, model_dir: pathlib.Path) -> None:
-  """The longest rows fit a model with learned positions (GPT-2), read
-  from config.json alone, before any work starts: sampled ones
-  (--task.max-prompt-length + --sampling.max-new-tokens; `rollout.generate`
-  refuses the call otherwise) and, with --data, preference rows
-  (--task.max-prompt-length + --max-response-length; the forward would
-  refuse them).
+  """The pipeline's longest rows fit a model with learned positions
+  (`check_lengths`): with --data (rm, dpo: nothing is sampled) the
+  preference rows, --task.max-prompt-length + --max-response-length;
+  otherwise the sampled ones, --task.max-prompt-length +
+  --sampling.max-new-tokens.
 
   Raises:
-    UserError: one line naming the options and the model's limit.
+    UserError: one line naming both options and the model's limit.
+  """
+  prompt = ("--task.max-prompt-length", config.task.max_prompt_length)
+  if config.data is not None:
+    rest = ("--max-response-length", config.max_response_length)
+  else:
+    rest = ("--sampling.max-new-tokens", config.sampling.max_new_tokens)
+  check_lengths(model_dir, prompt, rest)
+
+
+def check_data_lengths(config, model_dir: pathlib.Path) -> None:
+  """sft and kto on --data: rows of --max-prompt-length +
+  --max-response-length tokens fit the model (`check_lengths`).
+
+  Raises:
+    UserError: one line naming both options and the model's limit.
+  """
+  check_lengths(
+    model_dir,
+    ("--max-prompt-length", config.max_prompt_length),
+    ("--max-response-length", config.max_response_length),
+  )
+
+
+def check_lengths(
+  model_dir: pathlib.Path, prompt: tuple[str, int], rest: tuple[str, int]
+) -> None:
+  """Rows of P prompt + T further tokens fit a model with learned
+  positions (GPT-2), read from config.json alone, before any work starts
+  (the forward and `rollout.generate` would refuse them later, and a
+  position past the table reads NaN).
+
+  Args:
+    model_dir: the model directory.
+    prompt: (option, P), e.g. ("--max-prompt-length", 64).
+    rest: (option, T) of the tokens after the prompt.
+
+  Raises:
+    UserError: one line naming both options and the model's limit.
   """
   from rlhf_jax import models  # noqa: PLC0415 (jax only when needed)
 
@@ -156,18 +193,9 @@ def check_positions(config, model_dir: pathlib.Path) -> None:
     model_config = models.load_hf_config(model_dir)
   except models.ModelLoadError:
     return  # the model loader names a bad model directory in its words
-  p, t = config.task.max_prompt_length, config.sampling.max_new_tokens
-  rows = [("--sampling.max-new-tokens", t, "new tokens")]
-  if config.data is not None:
-    r = config.max_response_length
-    rows.append(("--max-response-length", r, "response tokens"))
-  for option, n, what in rows:
-    try:
-      models.check_position_table(
-        p + n, model_config, f"{p} prompt slots + {n} {what}"
-      )
-    except ValueError as e:
-      raise UserError(
-        f"--task.max-prompt-length {p} + {option} {n}: {e} of {model_dir}; "
-        "lower them"
-      ) from None
+  (p_option, p), (t_option, t) = prompt, rest
+  what = f"{p_option} {p} + {t_option} {t} = {p + t} tokens"
+  try:
+    models.check_position_table(p + t, model_config, what)
+  except ValueError as e:
+    raise UserError(f"{e} of {model_dir}; lower them") from None

@@ -221,6 +221,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   timer = runtime.Timer()
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
+  environment.check_data_lengths(config, model_dir)
   if not pathlib.Path(config.data).exists():
     raise DataError(f"--data {config.data}: no such file or directory")
   placement = Placement.create(config.mesh)

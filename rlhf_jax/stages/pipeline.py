@@ -427,6 +427,7 @@ def dry_run_pipeline(
       "model's figures"
     )
   model_dir = environment.resolve_model(config.model)
+  environment.check_positions(config, model_dir)
   placement = Placement.create(config.mesh)
   model_config = models.load_hf_config(model_dir)
   log(

@@ -162,6 +162,7 @@ def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
       "model's figures"
     )
   model_dir = environment.resolve_model(config.model)
+  environment.check_data_lengths(config, model_dir)
   placement = Placement.create(config.mesh)
   placement.check_batch(config.batch_size, "--batch-size")
   report = dry_run(
@@ -197,6 +198,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   timer = runtime.Timer()
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
+  environment.check_data_lengths(config, model_dir)
   if not pathlib.Path(config.data).exists():
     raise DataError(f"{config.data}: no such file")
   placement = Placement.create(config.mesh)

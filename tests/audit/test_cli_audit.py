@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from rlhf_jax.cli.main import main
+from rlhf_jax.runner import runtime
 
 sys.path.insert(
   0, str(pathlib.Path(__file__).resolve().parents[1] / "integration")
@@ -297,3 +298,29 @@ def test_scoring_beyond_the_models_positions_is_warned(
     "--max-prompt-length + --max-response-length; lower them to the "
     "lengths it was trained at\n"
   )
+
+
+def test_scoring_beyond_a_gpt2_models_positions_is_an_error(tmp_path):
+  """Learned positions (GPT-2, 32) have no row past them: 32 tokens load,
+  33 are refused before any pair is scored (a warning would be followed
+  by NaN rewards)."""
+  import jax
+
+  from rlhf_jax import models
+  from rlhf_jax.models import seq_cls
+  from rlhf_jax.stages.audit import load_scorer
+
+  gpt2 = pathlib.Path(__file__).parents[1] / "fixtures" / "models" / "gpt2_tiny"
+  config, params = models.load_hf_checkpoint(gpt2)
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  out = tmp_path / "seq_cls"
+  seq_cls.export_sequence_classification(rm, config, out, pad_token_id=0)
+  with pytest.raises(runtime.UserError) as e:
+    load_scorer(str(out), 33)
+  assert str(e.value) == (
+    f"--reward-model {out}: --max-prompt-length + --max-response-length = "
+    "33 tokens exceed its 32 learned positions (max_position_embeddings); "
+    "lower them"
+  )
+  with pytest.raises(runtime.UserError, match="no tokenizer"):
+    load_scorer(str(out), 32)  # past the check: the tokenizer is next

@@ -419,3 +419,29 @@ def test_shared_prompt_hidden_checks_its_rows(rows, message):
     sp.shared_prompt_hidden(
       params, prompt, pmask, resp, rmask, config=config, rows=rows
     )
+
+
+def test_gpt2_packed_rows_past_its_position_table_are_named():
+  """Packed rows pass explicit positions (prompt + its response, up to
+  P + T - 1), so the forward's own check never sees them: P + T above
+  GPT-2's 32 learned positions read NaN there until this check. P + T =
+  32 is finite; 33 is an error naming both, for logits and rewards."""
+  config, params = models.load_hf_checkpoint(FIX / "gpt2_tiny")
+  limit = config.max_position_embeddings
+  prompt = jnp.ones((1, 8), jnp.int32)
+  fits = jnp.ones((1, 2, limit - 8), jnp.int32)
+  got = sp.shared_prompt_logits(
+    params, prompt, prompt > 0, fits, fits > 0, config=config
+  )
+  assert np.isfinite(np.asarray(got)).all()
+  longer = jnp.ones((1, 2, limit - 7), jnp.int32)
+  message = f"8 prompt slots \\+ {limit - 7} response tokens exceed the"
+  with pytest.raises(ValueError, match=message):
+    sp.shared_prompt_logits(
+      params, prompt, prompt > 0, longer, longer > 0, config=config
+    )
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  with pytest.raises(ValueError, match=f"{limit} learned positions"):
+    models.shared_prompt_rewards(
+      rm, prompt, prompt > 0, longer, longer > 0, config=config
+    )
