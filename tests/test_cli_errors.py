@@ -1010,6 +1010,38 @@ def test_data_rows_past_learned_positions(tmp_path, capsys, dry_run):
   assert not run.exists()
 
 
+def test_generate_past_learned_positions(tmp_path, capsys):
+  """generate: --max-prompt-length + --max-new-tokens on the 32-position
+  GPT-2, named before the model is loaded; 33 tokens."""
+  args = ["generate", "--model", str(GPT2), "--max-prompt-length", "17"]
+  code, err = _run(capsys, args + ["--max-new-tokens", "16"])
+  _check(
+    code,
+    err,
+    _past_positions("--max-prompt-length", 17, "--max-new-tokens", 16),
+  )
+
+
+def test_hh_backbone_past_learned_positions(tmp_path, capsys, shared_data):
+  """The HH reward model on a GPT-2 backbone (32 positions, with the GPT-2
+  tokenizer): 17 + 16 prompt and response tokens named before the run
+  directory is made."""
+  model = tmp_path / "gpt2"
+  shutil.copytree(GPT2, model)
+  tokenizer = shared_data / "tokenizers" / "gpt2" / "tokenizer.json"
+  shutil.copy(tokenizer, model / "tokenizer.json")
+  run = tmp_path / "r"
+  args = ["rm", "--preset", "hh-rlhf-smoke", "--run-dir", str(run)]
+  args += ["--hh.backbone", "tinystories", "--hh.model-dir", str(model)]
+  lengths = ["--hh.max-prompt-length", "17", "--hh.max-response-length", "16"]
+  code, err = _run(capsys, args + lengths)
+  want = _past_positions(
+    "--hh.max-prompt-length", 17, "--hh.max-response-length", 16
+  )
+  _check(code, err, want.replace(str(GPT2), str(model)))
+  assert not run.exists()
+
+
 @pytest.mark.parametrize(
   "command", [["sft"], ["sft", "--dry-run"], ["kto"]], ids=" ".join
 )

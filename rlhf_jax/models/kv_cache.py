@@ -25,6 +25,7 @@ from rlhf_jax.models.transformer import (
   _indices,
   _logits,
   _run,
+  check_position_table,
   default_positions,
 )
 
@@ -63,7 +64,13 @@ def init_cache(
   per-layer params of `unstack_layers` accept; each decode step then updates
   and reads a layer's cache in place (``generate`` uses it). The stacked
   default works with either params layout.
+
+  Raises:
+    ValueError: more slots than a GPT-2 model's learned positions (a
+      token at slot s has a position <= s).
   """
+  # Slot s holds position <= s: past a learned table it would read NaN.
+  check_position_table(max_length, config, f"{max_length} cache slots")
   dtype = config.compute_dtype if dtype is None else dtype
   n, hkv, dh = config.num_layers, config.num_kv_heads, config.head_dim
   shape = (batch_size, hkv, max_length, dh)  # keys and values alike

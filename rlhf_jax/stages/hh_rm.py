@@ -72,7 +72,11 @@ from rlhf_jax.runner.runtime import (
 )
 from rlhf_jax.stages import feature_cache
 from rlhf_jax.stages.common import host_tree
-from rlhf_jax.stages.environment import SHARED_DATA, smollm2_dir
+from rlhf_jax.stages.environment import (
+  SHARED_DATA,
+  check_lengths,
+  smollm2_dir,
+)
 from rlhf_jax.stages.eval_metrics import accuracy_stderr, length_baseline
 from rlhf_jax.stages.report import write_report
 from rlhf_jax.stages.rm import heldout_audit, write_reward_model
@@ -371,6 +375,8 @@ def check_inputs(config: HHRewardModelConfig) -> None:
     FileNotFoundError: no tokenizer.json (scratch) or backbone directory.
     ModelLoadError: a backbone directory or tokenizer that cannot be
       loaded.
+    UserError: prompt + response tokens past a GPT-2 backbone's learned
+      positions.
   """
   data_dir = _data_dir(config)
   names = sorted(
@@ -403,6 +409,11 @@ def _check_model_dir(config: HHRewardModelConfig) -> None:
     if given is None:
       raise
     raise type(e)(f"--hh.model-dir: {e}") from None
+  check_lengths(
+    model_dir,
+    ("--hh.max-prompt-length", config.max_prompt_length),
+    ("--hh.max-response-length", config.max_response_length),
+  )
 
 
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):

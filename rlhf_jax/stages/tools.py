@@ -180,6 +180,11 @@ def run_generate(config: C.GenerateConfig) -> int:
     if config.policy != "initial":
       raise runtime.UserError("--policy needs --run-dir")
     model_dir = environment.resolve_model(config.model)
+  environment.check_lengths(
+    model_dir,
+    ("--max-prompt-length", config.max_prompt_length),
+    ("--max-new-tokens", config.max_new_tokens),
+  )
   model_config, params = models.load_hf_checkpoint(model_dir)
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)

@@ -205,8 +205,9 @@ def test_prefill_right_padded_reads_last_real_token():
 def test_gpt2_forward_past_its_position_table_is_named():
   """Learned positions (GPT-2, 64 rows): a forward of 64 tokens is finite;
   65 with default positions would read NaN rows (jnp.take fills) and is
-  an error naming both numbers; explicit position ids (packed rows, whose
-  positions restart) are the caller's and pass."""
+  an error naming both numbers, as is a KV cache of 65 slots; explicit
+  position ids (packed rows, whose positions restart) are the caller's
+  and pass."""
   config = CONFIGS["gpt2"]
   params = models.init_params(config, jax.random.key(6))
   limit = config.max_position_embeddings
@@ -219,6 +220,9 @@ def test_gpt2_forward_past_its_position_table_is_named():
     models.forward(params, longer, mask, config=config)
   with pytest.raises(ValueError, match="64 learned positions"):
     models.hidden_forward(params, longer, mask, config=config)
+  models.init_cache(config, 2, limit)  # slot s holds a position <= s
+  with pytest.raises(ValueError, match="65 cache slots exceed the model's"):
+    models.init_cache(config, 2, limit + 1)
   restart = jnp.concatenate([jnp.arange(limit), jnp.arange(1)])[None].repeat(
     2, 0
   )
