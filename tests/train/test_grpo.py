@@ -129,10 +129,14 @@ def test_split_programs_equal_one_program():
   two, m_two = jax.jit(make_grpo_update(helpers.CFG, opt, cfg))(
     state, samples, scores
   )
+  # Adam divides by sqrt(v): where a gradient is tiny, the f32 rounding
+  # of the fused and the split programs (XLA fuses them differently) moves
+  # the update by ~1e-6 (1.7e-6 at most here, jax 0.12.0.1 on XLA:CPU);
+  # a real difference in the update moves it by the learning rate, 0.05.
   for a, b in zip(
     jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True
   ):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=5e-6)
   for k in m_one:
     np.testing.assert_allclose(m_one[k], m_two[k], rtol=1e-5, atol=1e-6)
   assert int(two.step) == 1
