@@ -138,7 +138,13 @@ def generate(
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   num_samples = _count("num_samples", num_samples)
   ends = bucket_ends(max_new_tokens, cache_buckets)
-  check_learned_positions(prompt_ids.shape[1], max_new_tokens, config)
+  # P counts padding: the real positions are not static.
+  p = prompt_ids.shape[1]
+  models.check_position_table(
+    p + max_new_tokens,
+    config,
+    f"{p} prompt slots + {max_new_tokens} new tokens",
+  )
   prompt_mask = prompt_mask.astype(bool)
   if not kv_cache and num_samples > 1:  # the full forward has no cache
     prompt_ids = jnp.repeat(prompt_ids, num_samples, axis=0)
@@ -209,22 +215,6 @@ def generate(
     prompt_ids, prompt_mask, tokens, logps, done, eos_token_id, pad_token_id
   )
   return (rollout, steps) if return_num_steps else rollout
-
-
-def check_learned_positions(
-  prompt_len: int, max_new_tokens: int, config: "models.ModelConfig"
-) -> None:
-  """P + T fit a model with learned positions (GPT-2): P counts padding,
-  since the real positions are not static (`models.check_position_table`).
-
-  Raises:
-    ValueError: P + T above max_position_embeddings for such a model.
-  """
-  models.check_position_table(
-    prompt_len + max_new_tokens,
-    config,
-    f"{prompt_len} prompt slots + {max_new_tokens} new tokens",
-  )
 
 
 def _decode_layout(params, config):

@@ -241,12 +241,11 @@ def load_scorer(
   model_config, params, pooling = load_rm(pathlib.Path(path))
   limit = model_config.max_position_embeddings
   if max_length is not None and max_length > limit:
-    if model_config.family == "gpt2":  # a position past them reads NaN
-      raise runtime.UserError(
-        f"--reward-model {path}: --max-prompt-length + --max-response-length"
-        f" = {max_length} tokens exceed its {limit} learned positions "
-        "(max_position_embeddings); lower them"
-      )
+    what = f"--max-prompt-length + --max-response-length = {max_length} tokens"
+    try:  # learned positions (GPT-2): a position past them reads NaN
+      models.check_position_table(max_length, model_config, what, "lower them")
+    except ValueError as e:
+      raise runtime.UserError(f"--reward-model {path}: {e}") from None
     sys.stderr.write(
       f"rlhf-jax: warning: --reward-model {path} has "
       f"max_position_embeddings {limit}, below the {max_length} tokens of "

@@ -319,8 +319,8 @@ def test_scoring_beyond_a_gpt2_models_positions_is_an_error(tmp_path):
     load_scorer(str(out), 33)
   assert str(e.value) == (
     f"--reward-model {out}: --max-prompt-length + --max-response-length = "
-    "33 tokens exceed its 32 learned positions (max_position_embeddings); "
-    "lower them"
+    "33 tokens exceed the model's 32 learned positions "
+    "(max_position_embeddings); lower them"
   )
   with pytest.raises(runtime.UserError, match="no tokenizer"):
     load_scorer(str(out), 32)  # past the check: the tokenizer is next
