@@ -1058,3 +1058,72 @@ def test_sft_and_kto_rows_past_learned_positions(tmp_path, capsys, command):
     _past_positions("--max-prompt-length", 64, "--max-response-length", 64),
   )
   assert not run.exists()
+
+
+def _rm_export(tmp_path, model_dir, **config_changes):
+  """A directory laid out as an export of `rlhf-jax rm` (config.json of
+  model_dir with `config_changes`, and a reward-head file): the checks
+  below read config.json alone and stop before any weight is read."""
+  from rlhf_jax.stages.common import HEAD_FILE
+
+  out = tmp_path / "rm"
+  shutil.copytree(model_dir, out)
+  cfg = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**cfg, **config_changes}))
+  (out / HEAD_FILE).parent.mkdir(exist_ok=True)
+  (out / HEAD_FILE).write_bytes(b"")
+  return out
+
+
+def test_reward_model_past_its_learned_positions(tmp_path, capsys):
+  """ppo --reward-model: the policy's 32 positions hold 16 + 16 tokens,
+  the reward model's own 16 do not; named before the run directory is
+  made (the first scoring would have failed after the initial sampling)."""
+  rm = _rm_export(tmp_path, GPT2, n_positions=16)
+  run = tmp_path / "r"
+  args = ["ppo", "--model", str(GPT2), "--reward-model", str(rm)]
+  args += ["--run-dir", str(run), "--task.max-prompt-length", "16"]
+  code, err = _run(capsys, args + ["--sampling.max-new-tokens", "16"])
+  want = _past_positions(
+    "--task.max-prompt-length", 16, "--sampling.max-new-tokens", 16
+  )
+  want = want.replace(str(GPT2), str(rm)).replace("32 learned", "16 learned")
+  _check(code, err, want)
+  assert not run.exists()
+
+
+def test_reward_model_of_another_architecture(tmp_path, capsys, shared_data):
+  """A --reward-model that is not the policy's network is named before
+  the run directory is made (it was found only at the ppo stage)."""
+  rm = _rm_export(tmp_path, GPT2)
+  run = tmp_path / "r"
+  model = shared_data / "models" / "tinystories-656k"
+  args = ["ppo", "--model", str(model), "--reward-model", str(rm)]
+  code, err = _run(capsys, args + ["--run-dir", str(run)])
+  _check(
+    code,
+    err,
+    f"--reward-model {rm}: model_type = 'gpt2', the policy's is 'llama'; "
+    "the reward model must be the policy's architecture with its tokenizer "
+    "(train it with `rlhf-jax rm --model <policy>`)",
+  )
+  assert not run.exists()
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_reward_model_directory_without_one(tmp_path, capsys, dry_run):
+  """An existing directory that holds no reward model: named before the
+  run directory is made, in the run and in its dry run."""
+  empty = tmp_path / "nothing"
+  empty.mkdir()
+  run = tmp_path / "r"
+  args = ["ppo", "--reward-model", str(empty), "--run-dir", str(run)]
+  code, err = _run(capsys, args + ["--dry-run"] * dry_run)
+  _check(
+    code,
+    err,
+    f"{empty}: no reward model here (expected a *ForSequenceClassification "
+    "config.json, or reward_head/model.safetensors in the directory or in "
+    "its outputs/rm: a run or an export of `rlhf-jax rm`)",
+  )
+  assert not run.exists()

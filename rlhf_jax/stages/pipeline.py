@@ -72,6 +72,7 @@ from rlhf_jax.stages.rm import (
   PAIR_SCORES,
   RM_TRAINING,
   abstract_reward_model,
+  check_reward_model,
   heldout_scores_program,
   rm_key,
   rm_program,
@@ -196,6 +197,7 @@ def open_run(
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
   environment.check_positions(config, model_dir)
+  check_reward_model(config, model_dir)
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
@@ -428,6 +430,7 @@ def dry_run_pipeline(
     )
   model_dir = environment.resolve_model(config.model)
   environment.check_positions(config, model_dir)
+  check_reward_model(config, model_dir)
   placement = Placement.create(config.mesh)
   model_config = models.load_hf_config(model_dir)
   log(

@@ -11,6 +11,7 @@ from rlhf_jax.data import BatchIterator, TokenizedDataset
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.precompile import StepProgram
+from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
   HEAD_DIR,
   HEAD_FILE,
@@ -212,18 +213,12 @@ def load_rm(
   placement = placement or Placement.create(
     MeshConfig(data=1), jax.devices()[:1]
   )
-  if seq_cls.is_sequence_classification(path):
+  out = backbone_dir(path)
+  if out == path and seq_cls.is_sequence_classification(path):
     config, params = seq_cls.load_sequence_classification(
       path, shardings=placement.scalar_model_shardings
     )
     return config, params, "last"
-  out = path if (path / HEAD_FILE).is_file() else path / "outputs" / "rm"
-  if not (out / HEAD_FILE).is_file():
-    raise runtime.UserError(
-      f"{path}: no reward model here (expected a *ForSequenceClassification "
-      f"config.json, or {HEAD_FILE} in the directory or in its outputs/rm: "
-      "a run or an export of `rlhf-jax rm`)"
-    )
   with safe_open(str(out / HEAD_FILE), "numpy") as h:
     head = {k: h.get_tensor(k) for k in h.keys()}
     pooling = (h.metadata() or {}).get("pooling", "last")
@@ -231,6 +226,53 @@ def load_rm(
   head_sh = placement.scalar_model_shardings(config)["head"]
   params = {"backbone": backbone, "head": placement.put(head, head_sh)}
   return config, params, pooling
+
+
+def backbone_dir(path: pathlib.Path) -> pathlib.Path:
+  """The directory whose config.json describes a reward model's backbone:
+  `path` itself for a *ForSequenceClassification directory or an export
+  of `rlhf-jax rm`, else a run directory's outputs/rm.
+
+  Raises:
+    UserError: no reward model there.
+  """
+  from rlhf_jax.models import seq_cls
+
+  if seq_cls.is_sequence_classification(path) or (path / HEAD_FILE).is_file():
+    return path
+  if (path / "outputs" / "rm" / HEAD_FILE).is_file():
+    return path / "outputs" / "rm"
+  raise runtime.UserError(
+    f"{path}: no reward model here (expected a *ForSequenceClassification "
+    f"config.json, or {HEAD_FILE} in the directory or in its outputs/rm: "
+    "a run or an export of `rlhf-jax rm`)"
+  )
+
+
+def check_reward_model(config: Any, model_dir: pathlib.Path) -> None:
+  """--reward-model, before any work starts: a reward model is there, it
+  is the policy's architecture (`_check_same_architecture`), and its
+  learned positions, if any, hold the rows it will score (the same lengths
+  as the policy's, `environment.check_positions`).
+
+  Args:
+    config: the PipelineConfig; nothing is checked without --reward-model.
+    model_dir: the policy's model directory.
+
+  Raises:
+    UserError: one line naming --reward-model and what is wrong.
+  """
+  if config.reward_model is None:
+    return
+  source = pathlib.Path(config.reward_model)
+  rm_dir = backbone_dir(source)
+  try:
+    rm_config = models.load_hf_config(rm_dir)
+    policy_config = models.load_hf_config(model_dir)
+  except models.ModelLoadError:
+    return  # the loaders name a bad config.json in their words
+  _check_same_architecture(source, rm_config, policy_config)
+  environment.check_positions(config, rm_dir)
 
 
 # The fields that make two checkpoints the same network (dtypes aside).

@@ -143,11 +143,17 @@ def test_bad_data_exits_2_with_one_line(case, tmp_path):
   assert not run_dir.exists()  # checked before anything is written
 
 
-def test_mostly_dropped_prompts_stop_ppo(tmp_path):
+def test_mostly_dropped_prompts_stop_ppo(tmp_path, shared_data):
   rows = [{"prompt": f"Once {i}", **SAME} for i in range(3)]
   path = jsonl(tmp_path / "p.jsonl", rows + [{"prompt": "Day", **GOOD}])
-  rm_dir = tmp_path / "rm"  # never read: the prompts are checked first
-  rm_dir.mkdir()
+  # Laid out as an export of `rlhf-jax rm` of the policy (its config.json
+  # passes the reward-model checks); its weights are never read: the
+  # prompts stop the run first.
+  rm_dir = tmp_path / "rm"
+  (rm_dir / "reward_head").mkdir(parents=True)
+  (rm_dir / "reward_head" / "model.safetensors").write_bytes(b"")
+  config = shared_data / "models" / "tinystories-656k" / "config.json"
+  (rm_dir / "config.json").write_text(config.read_text())
   args = ("ppo", "--preset", "smoke", "--prompts", str(path))
   rc, out, err = run(*args, "--reward-model", str(rm_dir))
   assert rc == 2 and "Traceback" not in out + err, (rc, out, err)
