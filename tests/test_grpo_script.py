@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+from child_procs import die_with_parent
 from fake_devices import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -40,6 +41,7 @@ def _env(tinystories_dir: pathlib.Path, devices: int) -> dict[str, str]:
 def _run(args: list[str], env: dict[str, str] | None, timeout: int = 600):
   return subprocess.run(
     [sys.executable, str(SCRIPT), *args],
+    preexec_fn=die_with_parent(),
     capture_output=True,
     text=True,
     timeout=timeout,

@@ -17,6 +17,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from child_procs import die_with_parent
 from fake_devices import xla_flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def _env(tinystories_dir: pathlib.Path, *, devices: int = 1) -> dict[str, str]:
 def _run(script: pathlib.Path, args: list[str], env: dict[str, str]):
   out = subprocess.run(
     [sys.executable, str(script), *args],
+    preexec_fn=die_with_parent(),
     capture_output=True,
     text=True,
     timeout=600,
@@ -122,6 +124,7 @@ def test_ppo_tinystories_help():
 def test_ppo_tinystories_smoke(tinystories_dir):
   out = subprocess.run(
     [sys.executable, str(PPO_SCRIPT), *SMOKE_ARGS],
+    preexec_fn=die_with_parent(),
     capture_output=True,
     text=True,
     timeout=600,

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from child_procs import die_with_parent
 from fake_devices import xla_flags
 
 from rlhf_jax.runner.metrics import read_metrics
@@ -43,8 +44,10 @@ def start(
   """Popen of ``rlhf-jax ARGS`` (stdout and stderr merged, as text), under
   ``timeout`` unless ``limit_s`` is None (the caller bounds and kills it)."""
   bound = [] if limit_s is None else ["timeout", "-k", "5", str(limit_s)]
+  sig = signal.SIGKILL if limit_s is None else signal.SIGTERM
   return subprocess.Popen(
     [*bound, EXE, *args],
+    preexec_fn=die_with_parent(sig),
     stdout=stdout,
     stderr=subprocess.STDOUT,
     text=True,

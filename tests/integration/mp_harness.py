@@ -5,11 +5,13 @@ tests)."""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
+from child_procs import die_with_parent
 from fake_devices import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -36,6 +38,7 @@ def launch(worker, out, nproc, pid, port, devices, limit_s):
   cmd = ["timeout", "-k", "5", str(limit_s), sys.executable, str(worker)]
   return subprocess.Popen(
     [*cmd, str(out), str(nproc), str(pid), str(port)],
+    preexec_fn=die_with_parent(signal.SIGTERM),  # `timeout -k` forwards it
     env=env,
     cwd=ROOT,
     stdout=subprocess.PIPE,

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+from child_procs import die_with_parent
 
 from rlhf_jax.runner.metrics import read_metrics
 
@@ -37,6 +38,7 @@ def _env():
 def _cli(*args, check=True):
   proc = subprocess.run(
     [EXE, *args],
+    preexec_fn=die_with_parent(),
     capture_output=True,
     text=True,
     timeout=TIMEOUT,
@@ -260,6 +262,7 @@ def _stage_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
 def _start(run_dir: pathlib.Path):
   return subprocess.Popen(
     [EXE, "run", "--preset", "smoke", "--run-dir", str(run_dir)],
+    preexec_fn=die_with_parent(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

@@ -1,0 +1,51 @@
+"""child_procs.die_with_parent: a test's children end with the test."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+# A parent that starts `sleep 300` (under `timeout -k 1 300` when asked)
+# with die_with_parent, prints the sleep's pid and waits to be killed.
+_PARENT = """
+import signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from child_procs import die_with_parent
+bound = sys.argv[2] == "timeout"
+cmd = ["timeout", "-k", "1", "300"] * bound + ["sleep", "300"]
+sig = signal.SIGTERM if bound else signal.SIGKILL
+child = subprocess.Popen(cmd, preexec_fn=die_with_parent(sig))
+time.sleep(0.5)
+out = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True)
+print(out.stdout.decode().split()[0] if bound else child.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl is Linux's")
+@pytest.mark.parametrize("bound", ["direct", "timeout"])
+def test_children_end_when_their_parent_is_killed(bound):
+  here = os.path.dirname(__file__)
+  parent = subprocess.Popen(
+    [sys.executable, "-c", _PARENT, here, bound],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  pid = int(parent.stdout.readline())
+  assert _alive(pid)
+  parent.kill()
+  parent.wait(timeout=30)
+  deadline = time.monotonic() + 10
+  while _alive(pid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not _alive(pid)
