@@ -150,6 +150,41 @@ def test_split_params_give_the_same_rollout(tied):
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_transposed_decode_layout_gives_the_same_rollout(tied):
+  """Every weight held transposed (models.unstack_layers on CPU with
+  transpose_min_size=1; by default only weights of 2^17 entries and more):
+  [out, in] under name + "_t", the head as lm_head_t [V, D]. The same
+  tokens; logprobs equal up to float32 rounding (the dots sum in another
+  order)."""
+  cfg = dataclasses.replace(CFG, tie_word_embeddings=tied)
+  stacked = models.init_params(cfg, jax.random.key(7))
+  stacked = jax.tree.map(lambda x: x * 4.0 if x.ndim >= 2 else x, stacked)
+  plain = models.unstack_layers(stacked, cfg)  # tiny: as stored
+  assert "q" in plain["layers_1"]["attn"] and "lm_head" in plain
+  split = models.unstack_layers(stacked, cfg, transpose_min_size=1)
+  layer = split["layers_1"]
+  src = jax.tree.map(lambda x: x[1], stacked["layers"])
+  assert sorted(layer["attn"]) == ["k_t", "o_t", "q_t", "v_t"]
+  assert sorted(layer["mlp"]) == ["down_t", "gate_t", "up_t"]
+  d = cfg.hidden_size
+  np.testing.assert_array_equal(
+    layer["attn"]["q_t"], src["attn"]["q"].reshape(d, -1).T
+  )
+  np.testing.assert_array_equal(
+    layer["attn"]["o_t"], src["attn"]["o"].reshape(-1, d).T
+  )
+  np.testing.assert_array_equal(layer["mlp"]["down_t"], src["mlp"]["down"].T)
+  head = stacked["embed"] if tied else stacked["lm_head"].T
+  np.testing.assert_array_equal(split["lm_head_t"], head)
+  assert "lm_head" not in split
+  for n in (1, 3):
+    a, _ = _run(stacked, n, temperature=0.8, config=cfg)
+    b, _ = _run(split, n, temperature=0.8, config=cfg)
+    np.testing.assert_array_equal(a.response_ids, b.response_ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5, rtol=0)
+
+
 def test_params_in_neither_layout_are_named(params):
   odd = {k: v for k, v in params.items() if k != "layers"}
   with pytest.raises(ValueError, match="stacked .* or split per layer"):

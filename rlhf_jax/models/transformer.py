@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.dots import flat_dot
+from rlhf_jax.models.dots import dot_weight_t, flat_dot
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -83,6 +83,20 @@ _NEG = float(np.finfo(np.float32).min)
 # Layer stacks this deep or shallower are fully unrolled inside the layer
 # scan (`Transformer`); deeper ones loop (compile time grows with depth).
 SCAN_UNROLL_MAX_LAYERS = 8
+
+# On CPU the decode layout (`unstack_layers`) holds each projection weight
+# and the LM head of at least DECODE_TRANSPOSE_MIN_SIZE entries transposed
+# and flattened, [out, in], under the name + TRANSPOSED, for
+# `dots.dot_weight_t`: the 20M Llama's 16-row decode 1.34x faster; the
+# 656K one's (weights of <= 49K entries, its head of 262K) unchanged
+# either way (benchmarks/README.md). Read when unstack_layers is traced
+# (its `transpose_min_size` overrides it).
+DECODE_TRANSPOSE_MIN_SIZE = 1 << 17
+TRANSPOSED = "_t"
+HEAD_T = "lm_head" + TRANSPOSED
+# Contracted leading axes of each projection weight (the rest are outputs).
+_PROJECTION_INPUTS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1}
+_PROJECTION_INPUTS.update(down=1, fc=1, proj=1)
 
 
 # LoRA adapter params sit beside their weight: "<name>_lora_a" holds A
@@ -187,6 +201,38 @@ def _param(module, name, shape, axes, config):
     shape,
     config.params_dtype,
   )
+
+
+def _weight_dot(module, name, x, shape, axes, config, n_in=1):
+  """x [..., *in] . the weight `name` [*in, *out] -> [..., *out], the
+  weight as stored, or transposed in the decode layout (`unstack_layers`).
+  """
+  dt = config.compute_dtype
+  if module.has_variable("params", name + TRANSPOSED):
+    w_t = module.get_variable("params", name + TRANSPOSED).astype(dt)
+    y = dot_weight_t(x, w_t, n_in)
+    return y.reshape(*y.shape[:-1], *shape[n_in:])
+  w = _param(module, name, shape, axes, config)
+  return flat_dot(x, w.astype(dt), n_in)
+
+
+def _transpose_projections(layer: Params, min_size: int) -> Params:
+  """One layer's params with its projection weights of at least
+  `min_size` entries as [out, in]."""
+  out = {}
+  for part, sub in layer.items():
+    if not isinstance(sub, dict):
+      out[part] = sub
+      continue
+    out[part] = {}
+    for name, w in sub.items():
+      n_in = _PROJECTION_INPUTS.get(name) if part in ("attn", "mlp") else None
+      if n_in is None or w.size < min_size:
+        out[part][name] = w
+        continue
+      w2 = w.reshape(math.prod(w.shape[:n_in]), -1)
+      out[part][name + TRANSPOSED] = jnp.transpose(w2)
+  return out
 
 
 def _indices(*xs) -> tuple[Array, ...]:
@@ -532,8 +578,7 @@ class Attention(nn.Module):
 
     def proj(name, heads, x):
       shape, axes = (d, heads, dh), ("embed", "heads", "kv")
-      w = _param(self, name, shape, axes, cfg)
-      y = flat_dot(x, w.astype(dt))
+      y = _weight_dot(self, name, x, shape, axes, cfg)
       delta = _lora_delta(self, name, x, shape, axes, cfg)
       if delta is not None:
         y = y + delta
@@ -591,8 +636,7 @@ class Attention(nn.Module):
     out = attend(qg, k, v, mask)
     out = out.reshape(b, length, h, dh)
     o_shape, o_axes = (h, dh, d), ("heads", "kv", "embed")
-    wo = _param(self, "o", o_shape, o_axes, cfg)
-    y = flat_dot(out, wo.astype(dt), 2)
+    y = _weight_dot(self, "o", out, o_shape, o_axes, cfg, 2)
     delta = _lora_delta(self, "o", out, o_shape, o_axes, cfg)
     if delta is not None:
       y = y + delta
@@ -625,8 +669,7 @@ class Mlp(nn.Module):
       return y + _lead(b.astype(dt), y.ndim)
 
     def dense(name, x, shape, axes):
-      w = _param(self, name, shape, axes, cfg)
-      y = flat_dot(x, w.astype(dt))
+      y = _weight_dot(self, name, x, shape, axes, cfg)
       delta = _lora_delta(self, name, x, shape, axes, cfg)
       if delta is not None:
         y = y + delta
@@ -637,7 +680,8 @@ class Mlp(nn.Module):
     up = None if gpt2 else dense("up", x, (d, f), ("embed", "mlp"))
     name, shape, axes = "proj" if gpt2 else "down", (f, d), ("mlp", "embed")
     lora = cfg.lora is not None and cfg.lora.enabled
-    if cfg.remat or (lora and name in cfg.lora.targets):
+    decode = self.has_variable("params", name + TRANSPOSED)  # not trained
+    if cfg.remat or decode or (lora and name in cfg.lora.targets):
       return dense(name, _mlp_hidden(gate, up, cfg), shape, axes)
     # The activation and the down projection under one checkpoint: the
     # backward pass keeps only gate and up (the dots' outputs) and
@@ -738,7 +782,7 @@ class Transformer(nn.Module):
     dt = cfg.compute_dtype
     v, d = cfg.vocab_size, cfg.hidden_size
     embed = _param(self, "embed", (v, d), ("vocab", "embed"), cfg)
-    if not cfg.tie_word_embeddings:
+    if not (cfg.tie_word_embeddings or self.has_variable("params", HEAD_T)):
       _param(self, "lm_head", (d, v), ("embed", "vocab"), cfg)
     h = jnp.take(embed, input_ids, axis=0).astype(dt)
     if cfg.family == "gemma":  # HF Gemma2TextScaledWordEmbedding
@@ -830,11 +874,16 @@ def _softcap(x: Array, cap: float | None) -> Array:
 def _logits(params: Params, hidden: Array, config: ModelConfig) -> Array:
   """hidden [..., D] (compute dtype) -> logits f32[..., V].
 
-  Decode params (`unstack_layers`) carry "lm_head" [D, V] even when tied.
-  Soft-capped by `final_logit_softcapping` when set (HF Gemma2ForCausalLM).
+  Decode params (`unstack_layers`) carry "lm_head" [D, V] even when tied,
+  or on CPU "lm_head_t" [V, D]. Soft-capped by `final_logit_softcapping`
+  when set (HF Gemma2ForCausalLM).
   """
   dt, acc = config.compute_dtype, config.acc_dtype
-  if config.tie_word_embeddings and "lm_head" not in params:
+  if HEAD_T in params:
+    logits = dot_weight_t(
+      hidden, params[HEAD_T].astype(dt), preferred_element_type=acc
+    )
+  elif config.tie_word_embeddings and "lm_head" not in params:
     logits = flat_dot(
       hidden,
       params["embed"].astype(dt),
@@ -978,19 +1027,28 @@ def _run(
   )
 
 
-def unstack_layers(params: Params, config: ModelConfig) -> Params:
+def unstack_layers(
+  params: Params, config: ModelConfig, *, transpose_min_size: int | None = None
+) -> Params:
   """Decode-time layout of LM params: one subtree per layer, head [D, V].
 
   Splits the stacked "layers" [N, ...] into "layers_0" ... "layers_{N-1}"
-  and, for tied embeddings, adds "lm_head" = embed^T. `prefill` and
-  `decode_step` accept either layout and compute the same function; with
-  this one a decode step reads every weight in place (no per-step copy of a
-  layer slice or transpose of the V x D embedding), which makes decoding
-  faster. Call it once, outside the decode loop (``generate`` does).
+  and, for tied embeddings, adds "lm_head" = embed^T. On CPU each
+  projection weight and the head of at least `DECODE_TRANSPOSE_MIN_SIZE`
+  entries are held transposed instead, [out, in] under name + "_t"
+  ("lm_head_t" [V, D]), for `dots.dot_weight_t`; smaller ones as stored.
+  `prefill` and `decode_step` accept either layout and compute the same
+  function (up to float32 rounding on CPU); with this one a decode step
+  reads every weight in place (no per-step copy of a layer slice or
+  transpose of the V x D embedding), which makes decoding faster. Call it
+  once, outside the decode loop (``generate`` does). Read the platform
+  when traced: params for another platform are laid out there.
 
   Args:
     params: LM params from `init_params` / `load_hf_checkpoint`.
     config: their config.
+    transpose_min_size: on CPU, weights of at least this many entries are
+      held transposed (None: `DECODE_TRANSPOSE_MIN_SIZE`).
 
   Returns:
     A new params dict (layer weights are copied once).
@@ -1007,9 +1065,17 @@ def unstack_layers(params: Params, config: ModelConfig) -> Params:
     )
   check_layer_count(params, config)
   out = {k: v for k, v in params.items() if k != "layers"}
+  cpu = jax.default_backend() == "cpu"
+  least = transpose_min_size
+  least = DECODE_TRANSPOSE_MIN_SIZE if least is None else least
   for i in range(config.num_layers):
-    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-  if config.tie_word_embeddings:
+    layer = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    out[f"layers_{i}"] = _transpose_projections(layer, least) if cpu else layer
+  big_head = params["embed"].size >= least
+  if cpu and big_head:
+    head = out.pop("lm_head", None)
+    out[HEAD_T] = params["embed"] if head is None else jnp.transpose(head)
+  elif config.tie_word_embeddings:
     out["lm_head"] = jnp.transpose(params["embed"])
   return out
 

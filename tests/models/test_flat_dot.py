@@ -173,3 +173,26 @@ def test_tied_head_gradient_inside_shard_map(devices8):
 
   want = jax.grad(lambda w: jnp.sum(jnp.sin(jnp.einsum("md,nd->mn", x, w))))(w)
   np.testing.assert_allclose(grad_of(dots.dot_nt), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "x_shape, w_shape, n_in",
+  [
+    ((16, 48), (48, 80), 1),
+    ((2, 9, 48), (48, 80), 1),
+    ((16, 4, 6), (4, 6, 40), 2),
+  ],
+)
+def test_dot_weight_t_is_the_product_with_the_weight_transposed(
+  x_shape, w_shape, n_in
+):
+  """x times w held as w_t [N, K] (the decode layout on CPU): the product
+  of x and w, up to float32 rounding."""
+  x, w = _draw(x_shape, 0), _draw(w_shape, 1)
+  k = int(np.prod(w_shape[:n_in]))
+  w_t = w.reshape(k, -1).T
+  got = jax.jit(dots.dot_weight_t, static_argnums=2)(x, w_t, n_in)
+  want = flat_dot(x, w, n_in).reshape(got.shape)
+  assert got.shape == (*x_shape[: len(x_shape) - n_in], w_t.shape[0])
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  assert float(jnp.abs(want).max()) > 1.0

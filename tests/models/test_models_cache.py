@@ -102,15 +102,20 @@ def _batch(seed=0):
   return jnp.asarray(ids), jnp.asarray(mask)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "slots", "per_layer"))
-def _cached_logits(params, ids, mask, *, config, slots, per_layer=False):
+@functools.partial(
+  jax.jit, static_argnames=("config", "slots", "per_layer", "transpose")
+)
+def _cached_logits(
+  params, ids, mask, *, config, slots, per_layer=False, transpose=None
+):
   """Prefill the prompt, then teacher-force the response in a lax.scan.
 
   per_layer: the decode layout generate uses (unstacked params, one cache
   array per layer, [D, V] head); otherwise stacked params and cache.
+  transpose: its transpose_min_size.
   """
   if per_layer:
-    params = models.unstack_layers(params, config)
+    params = models.unstack_layers(params, config, transpose_min_size=transpose)
   cache = models.init_cache(config, ids.shape[0], slots, per_layer=per_layer)
   first, cache = models.prefill(
     params, ids[:, :P], mask[:, :P], config=config, cache=cache
@@ -126,16 +131,26 @@ def _cached_logits(params, ids, mask, *, config, slots, per_layer=False):
   ), cache
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize(
+  "layout", ["stacked", "per_layer", "per_layer_transposed"]
+)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_cached_decode_equals_full_forward(name, per_layer):
+def test_cached_decode_equals_full_forward(name, layout):
+  """per_layer_transposed: every weight held transposed (on CPU; these
+  tiny ones are below the default size)."""
   config = CONFIGS[name]
   params = models.init_params(config, jax.random.key(1))
   ids, mask = _batch()
   full = models.forward(params, ids, mask, config=config)
   # 2 spare slots stay empty: they must be masked out.
   cached, cache = _cached_logits(
-    params, ids, mask, config=config, slots=P + T + 2, per_layer=per_layer
+    params,
+    ids,
+    mask,
+    config=config,
+    slots=P + T + 2,
+    per_layer=layout != "stacked",
+    transpose=1 if layout.endswith("transposed") else None,
   )
   # cached[:, j] (prefill, then after feeding token P + j - 1) predicts
   # token P + j, as does full[:, P - 1 + j]; j = 0..T.
