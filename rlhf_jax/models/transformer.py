@@ -1041,8 +1041,8 @@ def unstack_layers(
   function (up to float32 rounding on CPU); with this one a decode step
   reads every weight in place (no per-step copy of a layer slice or
   transpose of the V x D embedding), which makes decoding faster. Call it
-  once, outside the decode loop (``generate`` does). Read the platform
-  when traced: params for another platform are laid out there.
+  once, outside the decode loop (``generate`` does). "On CPU" means
+  jax's default backend when this runs or is traced.
 
   Args:
     params: LM params from `init_params` / `load_hf_checkpoint`.
