@@ -1,6 +1,7 @@
 """A decode step's weight matmuls: the weight as stored against transposed.
 
   .venv/bin/python benchmarks/bench_decode_dots.py [--rows 16] [--rounds 12]
+      [--sampler-rounds 12]
 
 For each projection and LM-head shape of the two sampler models of
 bench_peers.py (TinyStories-656K, the random 20M Llama), a jitted loop
@@ -13,17 +14,28 @@ gives the median time per matmul, its GFLOP/s and the ratio, and whether
 the two products are bitwise equal (they agree to float32 rounding).
 XLA:CPU packs a matmul's right operand on every call: with the weight on
 the right that is the whole weight, with w_t on the left only the rows.
+
+Then the whole sampler: `rollout.generate` (16 rows, 64 new tokens,
+greedy) on the two decode layouts of the same params, stored
+(`unstack_layers(..., transpose_min_size=sys.maxsize)`) and the default,
+alternating rounds in one process, on TinyStories-656K and on the random
+20M Llama of bench_peers.py; with whether the tokens are the same and the
+largest logprob difference.
 """
 
 import argparse
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_peers import LLAMA_20M, STORY_OPENINGS, TINYSTORIES, left_pad
 
+from rlhf_jax import models
 from rlhf_jax.models.dots import dot_weight_t, flat_dot
+from rlhf_jax.rollout import generate
 
 # (model, what, K, N) of bench_peers.py's sampler models.
 SHAPES = [
@@ -80,10 +92,73 @@ def measure(k: int, n: int, rows: int, rounds: int) -> dict:
   return {**out, "bitwise": bitwise}
 
 
+def _sampler_models():
+  """(name, config, stacked params, prompt ids, mask) of both models."""
+  tok = models.load_tokenizer(TINYSTORIES)
+  ids, mask = left_pad(tok.encode_batch(STORY_OPENINGS[:16]), 0)
+  config, params = models.load_hf_checkpoint(TINYSTORIES)
+  yield "656K", config, params, ids, mask
+  config = models.ModelConfig.from_hf_dict({**LLAMA_20M, "model_type": "llama"})
+  params = models.init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(4, 17, 16)
+  ids, mask = left_pad([rng.integers(3, 8192, n).tolist() for n in lengths], 0)
+  yield "20M", config, params, ids, mask
+
+
+def measure_sampler(rounds: int) -> None:
+  """Prints the whole-sampler table (see the module docstring)."""
+  print(
+    "\n| model | stored ms | transposed ms | ratio | faster in | "
+    "same tokens | max logprob diff |"
+  )
+  print("|---|---:|---:|---:|---:|---|---:|")
+  for name, config, params, ids, mask in _sampler_models():
+    layouts = {
+      "stored": models.unstack_layers(
+        params, config, transpose_min_size=sys.maxsize
+      ),
+      "transposed": models.unstack_layers(params, config),
+    }
+    kw = dict(
+      config=config,
+      max_new_tokens=64,
+      greedy=True,
+      eos_token_id=config.vocab_size,  # never sampled: 64 tokens per row
+      pad_token_id=0,
+      stop_at_all_eos=False,
+    )
+    key = jax.random.key(0)
+    run = {
+      n: generate.lower(p, ids, mask, key, **kw).compile()
+      for n, p in layouts.items()
+    }
+    out = {n: f(layouts[n], ids, mask, key) for n, f in run.items()}
+    same = bool(
+      jnp.all(out["stored"].response_ids == out["transposed"].response_ids)
+    )
+    diff = float(
+      jnp.max(jnp.abs(out["stored"].logprobs - out["transposed"].logprobs))
+    )
+    times = {n: [] for n in run}
+    for _ in range(rounds):
+      for n, f in run.items():
+        times[n].append(_time(f, layouts[n], ids, mask, key))
+    a, b = (statistics.median(times[n]) for n in ("stored", "transposed"))
+    pairs = zip(times["stored"], times["transposed"], strict=True)
+    wins = sum(t < s for s, t in pairs)
+    print(
+      f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | **{a / b:.2f}x** | "
+      f"{wins}/{rounds} | {same} | {diff:.1e} |",
+      flush=True,
+    )
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rows", type=int, default=16)
   parser.add_argument("--rounds", type=int, default=12)
+  parser.add_argument("--sampler-rounds", type=int, default=12)
   args = parser.parse_args()
   print(
     f"{args.rows} rows, {args.rounds} alternating rounds, jax "
@@ -105,6 +180,7 @@ def main() -> None:
       flush=True,
     )
   print("ratio = stored / transposed (> 1: the decode layout is faster)")
+  measure_sampler(args.sampler_rounds)
 
 
 if __name__ == "__main__":

@@ -2,28 +2,25 @@
 
 A pytest stopped mid-run (Ctrl-C, a CI limit, `timeout`) would otherwise
 leave its running `rlhf-jax` children to finish on their own, minutes of
-both cores. Pass ``preexec_fn=die_with_parent(...)`` to subprocess.
+both cores. Start them as ``[*die_with_parent(), *cmd]``.
 """
 
-import ctypes
+import shutil
 import signal
-import sys
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# Loaded in the parent: the preexec function runs between fork and exec,
-# where loading a library is unsafe.
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+# util-linux's setpriv sets the parent-death signal (Linux prctl
+# PR_SET_PDEATHSIG) and execs the command, which keeps it: no Python runs
+# in the forked child (a preexec_fn would, in a process with JAX threads).
+_SETPRIV = shutil.which("setpriv")
 
 
-def die_with_parent(sig: int = signal.SIGKILL):
-  """A subprocess ``preexec_fn``: the child receives ``sig`` when the
-  thread that started it exits (Linux prctl PR_SET_PDEATHSIG; elsewhere
-  nothing). Use SIGTERM for a child that is ``timeout -k S``: timeout
-  forwards it to its command and sends SIGKILL S seconds later (the setting
-  does not pass to a forked grandchild)."""
-
-  def preexec():
-    if _LIBC is not None:
-      _LIBC.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-
-  return preexec
+def die_with_parent(sig: int = signal.SIGKILL) -> list[str]:
+  """A command prefix: the command receives ``sig`` when the thread that
+  started it exits (nothing where util-linux's setpriv is missing). Use
+  SIGTERM before ``timeout -k S``: timeout forwards it to its command and
+  sends SIGKILL S seconds later (the setting does not pass to a forked
+  grandchild)."""
+  if _SETPRIV is None:
+    return []
+  name = signal.Signals(sig).name.removeprefix("SIG")
+  return [_SETPRIV, "--pdeathsig", name, "--"]

@@ -14,6 +14,7 @@
 
 import os
 
+from child_procs import die_with_parent
 from fake_devices import xla_flags
 
 os.environ["XLA_FLAGS"] = (
@@ -247,7 +248,8 @@ def lock_holder():
 
   def start(run_dir: pathlib.Path, what: str = "rlhf-jax run"):
     proc = subprocess.Popen(
-      [sys.executable, "-c", _HOLD_LOCK, str(run_dir), what],
+      [*die_with_parent(), sys.executable, "-c", _HOLD_LOCK, str(run_dir)]
+      + [what],
       stdout=subprocess.PIPE,
       text=True,
       cwd=REPO_ROOT,

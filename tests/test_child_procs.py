@@ -1,6 +1,8 @@
 """child_procs.die_with_parent: a test's children end with the test."""
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -8,7 +10,8 @@ import time
 import pytest
 
 # A parent that starts `sleep 300` (under `timeout -k 1 300` when asked)
-# with die_with_parent, prints the sleep's pid and waits to be killed.
+# with die_with_parent, prints the sleep's pid once it runs, and waits to
+# be killed.
 _PARENT = """
 import signal, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -16,10 +19,14 @@ from child_procs import die_with_parent
 bound = sys.argv[2] == "timeout"
 cmd = ["timeout", "-k", "1", "300"] * bound + ["sleep", "300"]
 sig = signal.SIGTERM if bound else signal.SIGKILL
-child = subprocess.Popen(cmd, preexec_fn=die_with_parent(sig))
-time.sleep(0.5)
-out = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True)
-print(out.stdout.decode().split()[0] if bound else child.pid, flush=True)
+child = subprocess.Popen([*die_with_parent(sig), *cmd])
+pid = "" if bound else str(child.pid)
+deadline = time.monotonic() + 30
+while not pid and time.monotonic() < deadline:  # timeout's own child
+  found = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True)
+  pid = found.stdout.decode().strip()
+  time.sleep(0.05)
+print(pid, flush=True)
 time.sleep(300)
 """
 
@@ -32,7 +39,9 @@ def _alive(pid: int) -> bool:
     return False
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="prctl is Linux's")
+@pytest.mark.skipif(
+  shutil.which("setpriv") is None, reason="needs util-linux's setpriv"
+)
 @pytest.mark.parametrize("bound", ["direct", "timeout"])
 def test_children_end_when_their_parent_is_killed(bound):
   here = os.path.dirname(__file__)
@@ -42,10 +51,15 @@ def test_children_end_when_their_parent_is_killed(bound):
     text=True,
   )
   pid = int(parent.stdout.readline())
-  assert _alive(pid)
-  parent.kill()
-  parent.wait(timeout=30)
-  deadline = time.monotonic() + 10
-  while _alive(pid) and time.monotonic() < deadline:
-    time.sleep(0.05)
-  assert not _alive(pid)
+  try:
+    assert _alive(pid)
+    parent.kill()
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert not _alive(pid)
+  finally:
+    parent.kill()
+    if _alive(pid):
+      os.kill(pid, signal.SIGKILL)

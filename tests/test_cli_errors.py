@@ -1088,7 +1088,7 @@ def test_reward_model_past_its_learned_positions(tmp_path, capsys):
     "--task.max-prompt-length", 16, "--sampling.max-new-tokens", 16
   )
   want = want.replace(str(GPT2), str(rm)).replace("32 learned", "16 learned")
-  _check(code, err, want)
+  _check(code, err, f"--reward-model {rm}: {want}")
   assert not run.exists()
 
 
@@ -1122,8 +1122,34 @@ def test_reward_model_directory_without_one(tmp_path, capsys, dry_run):
   _check(
     code,
     err,
-    f"{empty}: no reward model here (expected a *ForSequenceClassification "
+    f"--reward-model {empty}: no reward model here (expected a "
+    "*ForSequenceClassification "
     "config.json, or reward_head/model.safetensors in the directory or in "
     "its outputs/rm: a run or an export of `rlhf-jax rm`)",
   )
+  assert not run.exists()
+
+
+@pytest.mark.parametrize("case", ["file", "no config", "bert"])
+def test_reward_model_that_cannot_be_read(tmp_path, capsys, case):
+  """A file, a reward-model directory without config.json or with an
+  unsupported model_type: named before the run directory is made (they
+  were found when the ppo stage loaded the reward model)."""
+  rm = _rm_export(tmp_path, GPT2, model_type="bert")
+  want = {
+    "bert": f"--reward-model {rm / 'config.json'}: unsupported model_type "
+    "'bert'",
+    "no config": f"--reward-model {rm}: no config.json;",
+    "file": f"--reward-model {rm / 'config.json'}: a file; expected a "
+    "reward-model directory",
+  }[case]
+  if case == "no config":
+    (rm / "config.json").unlink()
+  path = rm / "config.json" if case == "file" else rm
+  run = tmp_path / "r"
+  args = ["ppo", "--reward-model", str(path), "--run-dir", str(run)]
+  code, err = _run(capsys, args)
+  assert code == 2, err
+  assert err.startswith(f"rlhf-jax: error: {want}"), err
+  assert len(err.strip().splitlines()) == 1, err
   assert not run.exists()

@@ -40,8 +40,7 @@ def _env(tinystories_dir: pathlib.Path, devices: int) -> dict[str, str]:
 
 def _run(args: list[str], env: dict[str, str] | None, timeout: int = 600):
   return subprocess.run(
-    [sys.executable, str(SCRIPT), *args],
-    preexec_fn=die_with_parent(),
+    [*die_with_parent(), sys.executable, str(SCRIPT), *args],
     capture_output=True,
     text=True,
     timeout=timeout,

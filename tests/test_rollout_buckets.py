@@ -185,6 +185,38 @@ def test_transposed_decode_layout_gives_the_same_rollout(tied):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5, rtol=0)
 
 
+def test_mixed_decode_layout_and_the_head_by_size(params):
+  """Only weights of at least transpose_min_size entries are transposed:
+  at D x 4 heads, a GQA model's q and o but not its k and v (2 heads);
+  above the embedding's size, the untied head stays [D, V]. The rollout is
+  the stacked params' (tokens; logprobs to float32 rounding)."""
+  d, q_size = CFG.hidden_size, CFG.hidden_size * 4 * CFG.head_dim
+  split = models.unstack_layers(params, CFG, transpose_min_size=q_size)
+  assert sorted(split["layers_0"]["attn"]) == ["k", "o_t", "q_t", "v"]
+  assert sorted(split["layers_0"]["mlp"]) == ["down_t", "gate_t", "up_t"]
+  assert split["layers_0"]["attn"]["k"].shape == (d, 2, CFG.head_dim)
+  np.testing.assert_array_equal(split["lm_head_t"], params["lm_head"].T)
+  a, _ = _run(params, 2, temperature=0.8)
+  b, _ = _run(split, 2, temperature=0.8)
+  np.testing.assert_array_equal(a.response_ids, b.response_ids)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5, rtol=0)
+  above = params["embed"].size + 1
+  head = models.unstack_layers(params, CFG, transpose_min_size=above)
+  np.testing.assert_array_equal(head["lm_head"], params["lm_head"])
+  assert "lm_head_t" not in head
+
+
+def test_exact_sampling_refuses_transposed_weights(params):
+  """kv_cache=False draws from the trainer's logits bitwise: params whose
+  weights are held transposed (they round differently) are refused."""
+  split = models.unstack_layers(params, CFG, transpose_min_size=1)
+  with pytest.raises(ValueError, match="kv_cache=False .* held transposed"):
+    _run(split, 1, kv_cache=False)
+  plain = models.unstack_layers(params, CFG, transpose_min_size=10**9)
+  assert not models.holds_transposed_weights(plain)
+  _run(plain, 1, kv_cache=False)
+
+
 def test_params_in_neither_layout_are_named(params):
   odd = {k: v for k, v in params.items() if k != "layers"}
   with pytest.raises(ValueError, match="stacked .* or split per layer"):

@@ -74,8 +74,7 @@ def _env(tinystories_dir: pathlib.Path, *, devices: int = 1) -> dict[str, str]:
 
 def _run(script: pathlib.Path, args: list[str], env: dict[str, str]):
   out = subprocess.run(
-    [sys.executable, str(script), *args],
-    preexec_fn=die_with_parent(),
+    [*die_with_parent(), sys.executable, str(script), *args],
     capture_output=True,
     text=True,
     timeout=600,
@@ -123,8 +122,7 @@ def test_ppo_tinystories_help():
 
 def test_ppo_tinystories_smoke(tinystories_dir):
   out = subprocess.run(
-    [sys.executable, str(PPO_SCRIPT), *SMOKE_ARGS],
-    preexec_fn=die_with_parent(),
+    [*die_with_parent(), sys.executable, str(PPO_SCRIPT), *SMOKE_ARGS],
     capture_output=True,
     text=True,
     timeout=600,

@@ -67,15 +67,16 @@ def flat_dot(
 
 
 def dot_weight_t(
-  x: Array, w_t: Array, n_in: int = 1, preferred_element_type: Any = None
+  x: Array, w_t: Array, n_in: int = 1, *, preferred_element_type: Any = None
 ) -> Array:
   """x [..., *in] times a weight held transposed, w_t [N, K]: [..., N].
 
   K = prod(in). Computed as (w_t . x^T)^T, the weight the left operand:
   XLA:CPU's matmul packs its right operand on every call, so this packs
   the few rows of a decode step's activations instead of the weight
-  (16 rows: 1.2x-1.8x faster than ``flat_dot`` on the weight [K, N];
-  64 rows and more: as fast, same values; benchmarks/README.md). The
+  (16 rows, against ``flat_dot`` on the weight [K, N]: a 20M Llama's
+  projections 1.1x-1.5x faster, an 8192-word LM head up to 3x; 64 rows
+  and more: as fast, the same values; benchmarks/bench_decode_dots.py). The
   barrier keeps XLA from folding the final transpose back into the dot
   (swapping the operands again). No custom gradient: this is for the
   decode layout (`models.unstack_layers`), which is not trained.
@@ -84,7 +85,8 @@ def dot_weight_t(
     x: [..., *in] activations.
     w_t: [N, K] the weight [*in, N] transposed and flattened.
     n_in: number of contracted trailing axes of x.
-    preferred_element_type: result dtype; x's when None.
+    preferred_element_type: result dtype; the operands' promoted dtype
+      when None.
 
   Returns:
     [..., N]; equal to ``flat_dot(x, w)`` up to float32 rounding (the

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import LORA_TARGETS, ModelConfig
 from rlhf_jax.models.dots import dot_weight_t, flat_dot
 
 Array = jax.Array
@@ -94,9 +94,6 @@ SCAN_UNROLL_MAX_LAYERS = 8
 DECODE_TRANSPOSE_MIN_SIZE = 1 << 17
 TRANSPOSED = "_t"
 HEAD_T = "lm_head" + TRANSPOSED
-# Contracted leading axes of each projection weight (the rest are outputs).
-_PROJECTION_INPUTS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1}
-_PROJECTION_INPUTS.update(down=1, fc=1, proj=1)
 
 
 # LoRA adapter params sit beside their weight: "<name>_lora_a" holds A
@@ -104,6 +101,8 @@ _PROJECTION_INPUTS.update(down=1, fc=1, proj=1)
 # dims). The output projection "o" has two input dims (heads, kv).
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 LORA_IN_DIMS = {"o": 2}
+# Contracted leading axes of every projection weight (the rest are outputs).
+_PROJECTION_INPUTS = {n: LORA_IN_DIMS.get(n, 1) for n in LORA_TARGETS}
 
 
 def is_adapter_name(name: str) -> bool:
@@ -216,7 +215,7 @@ def _weight_dot(module, name, x, shape, axes, config, n_in=1):
   return flat_dot(x, w.astype(dt), n_in)
 
 
-def _transpose_projections(layer: Params, min_size: int) -> Params:
+def _transpose_projections(layer: Params, min_size: float) -> Params:
   """One layer's params with its projection weights of at least
   `min_size` entries as [out, in]."""
   out = {}
@@ -759,10 +758,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
   """Embeddings, scanned blocks and final norm; returns final hidden states.
 
-  The LM head ("lm_head" when untied, else "embed" transposed) is applied by
-  `_logits` so that heads can skip the V x D projection. With
-  ``scan_layers=False`` the blocks are unrolled and read the per-layer params
-  "layers_0" ... "layers_{N-1}" of `unstack_layers`.
+  The LM head ("lm_head" when untied, else "embed" transposed; "lm_head_t"
+  in a transposed decode layout) is applied by `_logits` so that heads can
+  skip the V x D projection. With ``scan_layers=False`` the blocks are
+  unrolled and read the per-layer params "layers_0" ... "layers_{N-1}" of
+  `unstack_layers`.
 
   With `rows` (`take_rows`; see `prunes_last_layer`) it returns the final
   hidden states at those rows only, f32[B, K, D], and the last block runs
@@ -1030,7 +1030,8 @@ def _run(
 def unstack_layers(
   params: Params, config: ModelConfig, *, transpose_min_size: int | None = None
 ) -> Params:
-  """Decode-time layout of LM params: one subtree per layer, head [D, V].
+  """Decode-time layout of LM params: one subtree per layer, a [D, V] or
+  (transposed) [V, D] head.
 
   Splits the stacked "layers" [N, ...] into "layers_0" ... "layers_{N-1}"
   and, for tied embeddings, adds "lm_head" = embed^T. On CPU each
@@ -1041,14 +1042,15 @@ def unstack_layers(
   function (up to float32 rounding on CPU); with this one a decode step
   reads every weight in place (no per-step copy of a layer slice or
   transpose of the V x D embedding), which makes decoding faster. Call it
-  once, outside the decode loop (``generate`` does). "On CPU" means
-  jax's default backend when this runs or is traced.
+  once, outside the decode loop (``generate`` does). "On CPU": params on
+  CPU devices, or when traced, jax's default backend.
 
   Args:
     params: LM params from `init_params` / `load_hf_checkpoint`.
     config: their config.
-    transpose_min_size: on CPU, weights of at least this many entries are
-      held transposed (None: `DECODE_TRANSPOSE_MIN_SIZE`).
+    transpose_min_size: weights of at least this many entries are held
+      transposed, on any platform (static under jit). None: those of at
+      least `DECODE_TRANSPOSE_MIN_SIZE` on CPU, none elsewhere.
 
   Returns:
     A new params dict (layer weights are copied once).
@@ -1065,19 +1067,43 @@ def unstack_layers(
     )
   check_layer_count(params, config)
   out = {k: v for k, v in params.items() if k != "layers"}
-  cpu = jax.default_backend() == "cpu"
   least = transpose_min_size
-  least = DECODE_TRANSPOSE_MIN_SIZE if least is None else least
+  if least is None:  # the default: on CPU only
+    least = DECODE_TRANSPOSE_MIN_SIZE if _on_cpu(params) else math.inf
   for i in range(config.num_layers):
     layer = jax.tree.map(lambda x, i=i: x[i], params["layers"])
-    out[f"layers_{i}"] = _transpose_projections(layer, least) if cpu else layer
-  big_head = params["embed"].size >= least
-  if cpu and big_head:
-    head = out.pop("lm_head", None)
-    out[HEAD_T] = params["embed"] if head is None else jnp.transpose(head)
-  elif config.tie_word_embeddings:
+    out[f"layers_{i}"] = _transpose_projections(layer, least)
+  tied = config.tie_word_embeddings
+  if params["embed"].size >= least:
+    head = params["embed"] if tied else jnp.transpose(out.pop("lm_head"))
+    out[HEAD_T] = head
+  elif tied:
     out["lm_head"] = jnp.transpose(params["embed"])
   return out
+
+
+def _on_cpu(params: Params) -> bool:
+  """Whether params live on CPU devices: the platform of their arrays, or
+  jax's default backend for traced (abstract) ones."""
+  leaf = params["embed"]
+  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    return all(d.platform == "cpu" for d in leaf.devices())
+  return jax.default_backend() == "cpu"
+
+
+def holds_transposed_weights(params: Params) -> bool:
+  """True for decode-layout params with weights held transposed
+  (`unstack_layers`): they give the training forward's values only up to
+  float32 rounding."""
+  if HEAD_T in params:
+    return True
+  layers = (v for k, v in params.items() if k.startswith("layers_"))
+  return any(
+    name.endswith(TRANSPOSED)
+    for layer in layers
+    for part in ("attn", "mlp")
+    for name in layer.get(part, {})
+  )
 
 
 def check_layer_count(params: Params, config: ModelConfig) -> None:

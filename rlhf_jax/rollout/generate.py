@@ -127,7 +127,9 @@ def generate(
   Raises:
     ValueError: prompt shapes differ, max_new_tokens < 1,
       num_samples or cache_buckets not an integer >= 1, params in
-      neither layout, or P + T past a GPT-2 model's learned positions.
+      neither layout, params with weights held transposed
+      (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
+      past a GPT-2 model's learned positions.
   """
   if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
     raise ValueError(
@@ -151,6 +153,13 @@ def generate(
     prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
   batch, prompt_len = prompt_ids.shape
   if not kv_cache:
+    if models.holds_transposed_weights(params):
+      raise ValueError(
+        "kv_cache=False (exact sampling) needs the params as trained or "
+        "split with models.unstack_layers(..., transpose_min_size="
+        "sys.maxsize): weights held transposed give the trainer's logits "
+        "only up to float32 rounding"
+      )
     return _generate_full_forward(
       params,
       prompt_ids,

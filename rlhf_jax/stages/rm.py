@@ -19,6 +19,7 @@ from rlhf_jax.stages.common import (
   host_tree,
   optimizer,
 )
+from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.eval_metrics import accuracy_stderr
 from rlhf_jax.stages.feedback import preference_data, train_batch_size
 from rlhf_jax.train import (
@@ -229,15 +230,23 @@ def load_rm(
 
 
 def backbone_dir(path: pathlib.Path) -> pathlib.Path:
-  """The directory whose config.json describes a reward model's backbone:
-  `path` itself for a *ForSequenceClassification directory or an export
-  of `rlhf-jax rm`, else a run directory's outputs/rm.
+  """The directory whose config.json describes a reward model's backbone.
+
+  Args:
+    path: a *ForSequenceClassification directory or an export of
+      `rlhf-jax rm` (returned as is), or a run directory of `rlhf-jax rm`
+      (its outputs/rm is returned).
 
   Raises:
     UserError: no reward model there.
   """
   from rlhf_jax.models import seq_cls
 
+  if path.is_file():
+    raise runtime.UserError(
+      f"{path}: a file; expected a reward-model directory (a run or an "
+      "export of `rlhf-jax rm`, or a *ForSequenceClassification directory)"
+    )
   if seq_cls.is_sequence_classification(path) or (path / HEAD_FILE).is_file():
     return path
   if (path / "outputs" / "rm" / HEAD_FILE).is_file():
@@ -249,7 +258,7 @@ def backbone_dir(path: pathlib.Path) -> pathlib.Path:
   )
 
 
-def check_reward_model(config: Any, model_dir: pathlib.Path) -> None:
+def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   """--reward-model, before any work starts: a reward model is there, it
   is the policy's architecture (`_check_same_architecture`), and its
   learned positions, if any, hold the rows it will score (the same lengths
@@ -265,14 +274,20 @@ def check_reward_model(config: Any, model_dir: pathlib.Path) -> None:
   if config.reward_model is None:
     return
   source = pathlib.Path(config.reward_model)
-  rm_dir = backbone_dir(source)
   try:
+    rm_dir = backbone_dir(source)
     rm_config = models.load_hf_config(rm_dir)
+  except (runtime.UserError, models.ModelLoadError) as e:
+    raise runtime.UserError(f"--reward-model {e}") from None
+  try:
     policy_config = models.load_hf_config(model_dir)
   except models.ModelLoadError:
-    return  # the loaders name a bad config.json in their words
+    return  # the policy's loader names it in its words, next
   _check_same_architecture(source, rm_config, policy_config)
-  environment.check_positions(config, rm_dir)
+  try:
+    environment.check_positions(config, rm_dir)
+  except runtime.UserError as e:
+    raise runtime.UserError(f"--reward-model {source}: {e}") from None
 
 
 # The fields that make two checkpoints the same network (dtypes aside).

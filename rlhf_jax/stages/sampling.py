@@ -47,7 +47,7 @@ def split_layers(ctx: Context):
   `generate` would otherwise make, a copy of every weight, per call)."""
   if "split_layers" not in ctx.cache:
     ctx.cache["split_layers"] = jax.jit(
-      models.unstack_layers, static_argnames="config"
+      models.unstack_layers, static_argnames=("config", "transpose_min_size")
     )
   return ctx.cache["split_layers"]
 

@@ -46,8 +46,7 @@ def start(
   bound = [] if limit_s is None else ["timeout", "-k", "5", str(limit_s)]
   sig = signal.SIGKILL if limit_s is None else signal.SIGTERM
   return subprocess.Popen(
-    [*bound, EXE, *args],
-    preexec_fn=die_with_parent(sig),
+    [*die_with_parent(sig), *bound, EXE, *args],
     stdout=stdout,
     stderr=subprocess.STDOUT,
     text=True,

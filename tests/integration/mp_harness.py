@@ -37,8 +37,9 @@ def launch(worker, out, nproc, pid, port, devices, limit_s):
   # in a collective (its peer died) cannot outlive the test.
   cmd = ["timeout", "-k", "5", str(limit_s), sys.executable, str(worker)]
   return subprocess.Popen(
-    [*cmd, str(out), str(nproc), str(pid), str(port)],
-    preexec_fn=die_with_parent(signal.SIGTERM),  # `timeout -k` forwards it
+    # SIGTERM: `timeout -k` forwards it, then kills.
+    [*die_with_parent(signal.SIGTERM), *cmd, str(out), str(nproc), str(pid)]
+    + [str(port)],
     env=env,
     cwd=ROOT,
     stdout=subprocess.PIPE,

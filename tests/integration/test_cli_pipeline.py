@@ -37,8 +37,7 @@ def _env():
 
 def _cli(*args, check=True):
   proc = subprocess.run(
-    [EXE, *args],
-    preexec_fn=die_with_parent(),
+    [*die_with_parent(), EXE, *args],
     capture_output=True,
     text=True,
     timeout=TIMEOUT,
@@ -261,8 +260,8 @@ def _stage_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
 
 def _start(run_dir: pathlib.Path):
   return subprocess.Popen(
-    [EXE, "run", "--preset", "smoke", "--run-dir", str(run_dir)],
-    preexec_fn=die_with_parent(),
+    [*die_with_parent(), EXE, "run", "--preset", "smoke"]
+    + ["--run-dir", str(run_dir)],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

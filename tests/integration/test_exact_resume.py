@@ -20,6 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from child_procs import die_with_parent
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "train"))
 
@@ -45,7 +46,8 @@ def _drive(ckpt, metrics, kill_after=None):
   cmd = ["timeout", "-k", "5", str(LIMIT_S), sys.executable, str(DRIVER)]
   try:
     proc = subprocess.run(
-      [*cmd, str(ckpt), str(metrics), str(N)],
+      # SIGTERM: `timeout -k` forwards it, then kills.
+      [*die_with_parent(signal.SIGTERM), *cmd, str(ckpt), str(metrics), str(N)],
       env=env,
       cwd=ROOT,
       capture_output=True,

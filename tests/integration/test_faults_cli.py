@@ -11,6 +11,7 @@ import sys
 
 import cli_harness as h
 import pytest
+from child_procs import die_with_parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,7 +68,7 @@ time.sleep(300)
 def test_second_process_on_a_run_dir_exits_2_naming_the_first(tmp_path):
   run_dir = tmp_path / "busy"
   holder = subprocess.Popen(
-    [sys.executable, "-c", _HOLDER, str(run_dir)],
+    [*die_with_parent(), sys.executable, "-c", _HOLDER, str(run_dir)],
     stdout=subprocess.PIPE,
     text=True,
     env=h.env(),
@@ -75,7 +76,8 @@ def test_second_process_on_a_run_dir_exits_2_naming_the_first(tmp_path):
   try:
     assert holder.stdout.readline().strip() == "locked"
     proc = subprocess.run(
-      [h.EXE, "rm", "--preset", "smoke", "--run-dir", str(run_dir)],
+      [*die_with_parent(), h.EXE, "rm", "--preset", "smoke", "--run-dir"]
+      + [str(run_dir)],
       capture_output=True,
       text=True,
       cwd=h.ROOT,

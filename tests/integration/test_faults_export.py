@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 import pytest
+from child_procs import die_with_parent
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -167,7 +168,8 @@ def test_refusal_from_the_console_script(run_dir, tmp_path):
   (out / "keep.txt").write_text("mine")
   exe = pathlib.Path(sys.executable).parent / "rlhf-jax"
   proc = subprocess.run(
-    [str(exe), "export", "--run-dir", str(run_dir), "--out", str(out)],
+    [*die_with_parent(), str(exe), "export", "--run-dir", str(run_dir)]
+    + ["--out", str(out)],
     capture_output=True,
     text=True,
     timeout=120,

@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+from child_procs import die_with_parent
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,7 +56,8 @@ def _run(
 ) -> tuple[list, dict]:
   env = _env()
   proc = subprocess.run(
-    [sys.executable, "-c", _DRIVER, str(run_dir), precompile, *args],
+    [*die_with_parent(), sys.executable, "-c", _DRIVER, str(run_dir)]
+    + [precompile, *args],
     capture_output=True,
     text=True,
     timeout=600,
@@ -108,8 +110,8 @@ def test_a_second_ctrl_c_during_a_background_compile_stops_at_once(tmp_path):
   env["RLHF_JAX_CACHE_DIR"] = str(tmp_path / "cache")  # compiles take time
   env["PYTHONUNBUFFERED"] = "1"
   proc = subprocess.Popen(
-    [sys.executable, "-m", "rlhf_jax.cli.main", "run", "--preset", "smoke"]
-    + ["--run-dir", str(tmp_path / "run")],
+    [*die_with_parent(), sys.executable, "-m", "rlhf_jax.cli.main", "run"]
+    + ["--preset", "smoke", "--run-dir", str(tmp_path / "run")],
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,

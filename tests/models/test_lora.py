@@ -106,11 +106,14 @@ def test_values_b_zero_exact_and_merge_equal(base_cfg):
   np.testing.assert_array_equal(
     models.forward(ref, ids, mask, config=cfg), want
   )
-  # The KV-cache path (per-layer params) reads the adapters too.
-  dec = models.unstack_layers(adapted, cfg)
-  cache = models.init_cache(cfg, 2, 10)
-  last, _ = models.prefill(dec, ids, mask, config=cfg, cache=cache)
-  np.testing.assert_allclose(last, got[:, -1], atol=1e-5, rtol=1e-5)
+  # The KV-cache path (per-layer params) reads the adapters too, with the
+  # base weights as stored and held transposed (the CPU decode layout).
+  for size in (None, 1):
+    dec = models.unstack_layers(adapted, cfg, transpose_min_size=size)
+    assert ("q_t" in dec["layers_0"]["attn"]) == (size == 1)
+    cache = models.init_cache(cfg, 2, 10)
+    last, _ = models.prefill(dec, ids, mask, config=cfg, cache=cache)
+    np.testing.assert_allclose(last, got[:, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_adapter_shapes_axes_and_init():

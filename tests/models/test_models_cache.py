@@ -140,6 +140,9 @@ def test_cached_decode_equals_full_forward(name, layout):
   tiny ones are below the default size)."""
   config = CONFIGS[name]
   params = models.init_params(config, jax.random.key(1))
+  if layout == "per_layer_transposed":
+    split = models.unstack_layers(params, config, transpose_min_size=1)
+    assert models.holds_transposed_weights(split) and "lm_head_t" in split
   ids, mask = _batch()
   full = models.forward(params, ids, mask, config=config)
   # 2 spare slots stay empty: they must be masked out.
