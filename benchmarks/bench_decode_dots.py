@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_args import positive_int  # benchmarks/, beside this script
 from bench_peers import LLAMA_20M, STORY_OPENINGS, TINYSTORIES, left_pad
 
 from rlhf_jax import models
@@ -156,9 +157,9 @@ def measure_sampler(rounds: int) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rows", type=int, default=16)
-  parser.add_argument("--rounds", type=int, default=12)
-  parser.add_argument("--sampler-rounds", type=int, default=12)
+  parser.add_argument("--rows", type=positive_int, default=16)
+  parser.add_argument("--rounds", type=positive_int, default=12)
+  parser.add_argument("--sampler-rounds", type=positive_int, default=12)
   args = parser.parse_args()
   print(
     f"{args.rows} rows, {args.rounds} alternating rounds, jax "
