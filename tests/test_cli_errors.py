@@ -1060,10 +1060,13 @@ def test_sft_and_kto_rows_past_learned_positions(tmp_path, capsys, command):
   assert not run.exists()
 
 
-def _rm_export(tmp_path, model_dir, **config_changes):
-  """A directory laid out as an export of `rlhf-jax rm` (config.json of
-  model_dir with `config_changes`, and a reward-head file): the checks
-  below read config.json alone and stop before any weight is read."""
+def _rm_export(tmp_path, model_dir, head=None, **config_changes):
+  """A directory laid out as an export of `rlhf-jax rm`: model_dir's files,
+  its config.json with `config_changes`, and a reward head ({"kernel"
+  f32[D], "bias" f32[]} unless `head` gives its tensors)."""
+  import numpy as np
+  from safetensors.numpy import save_file
+
   from rlhf_jax.stages.common import HEAD_FILE
 
   out = tmp_path / "rm"
@@ -1071,7 +1074,9 @@ def _rm_export(tmp_path, model_dir, **config_changes):
   cfg = json.loads((out / "config.json").read_text())
   (out / "config.json").write_text(json.dumps({**cfg, **config_changes}))
   (out / HEAD_FILE).parent.mkdir(exist_ok=True)
-  (out / HEAD_FILE).write_bytes(b"")
+  d = cfg.get("n_embd", cfg.get("hidden_size"))
+  zeros = {"kernel": np.zeros(d, np.float32), "bias": np.zeros((), np.float32)}
+  save_file(zeros if head is None else head, str(out / HEAD_FILE))
   return out
 
 
@@ -1149,6 +1154,38 @@ def test_reward_model_that_cannot_be_read(tmp_path, capsys, case):
   run = tmp_path / "r"
   args = ["ppo", "--reward-model", str(path), "--run-dir", str(run)]
   code, err = _run(capsys, args)
+  assert code == 2, err
+  assert err.startswith(f"rlhf-jax: error: {want}"), err
+  assert len(err.strip().splitlines()) == 1, err
+  assert not run.exists()
+
+
+@pytest.mark.parametrize("case", ["no weights", "empty head", "head shape"])
+def test_reward_model_files_checked_before_work(tmp_path, capsys, case):
+  """A reward model whose config is right but whose weights or head file
+  would fail when the ppo stage loads it: named before the run directory
+  is made (headers only)."""
+  import numpy as np
+
+  from rlhf_jax.stages.common import HEAD_FILE
+
+  head = {"kernel": np.zeros(7, np.float32), "bias": np.zeros((), np.float32)}
+  rm = _rm_export(tmp_path, GPT2, head=head if case == "head shape" else None)
+  if case == "no weights":
+    (rm / "model.safetensors").unlink()
+  if case == "empty head":
+    (rm / HEAD_FILE).write_bytes(b"")
+  want = {
+    "no weights": f"--reward-model {rm}: {rm}: no weights",
+    "empty head": f"--reward-model {rm}: {rm / HEAD_FILE}: not a readable "
+    "safetensors file",
+    "head shape": f"--reward-model {rm}: {rm / HEAD_FILE}: tensors "
+    "{'bias': (), 'kernel': (7,)}; expected {'kernel': (32,), 'bias': ()}",
+  }[case]
+  run = tmp_path / "r"
+  args = ["ppo", "--model", str(GPT2), "--reward-model", str(rm)]
+  args += ["--run-dir", str(run), "--task.max-prompt-length", "16"]
+  code, err = _run(capsys, args + ["--sampling.max-new-tokens", "16"])
   assert code == 2, err
   assert err.startswith(f"rlhf-jax: error: {want}"), err
   assert len(err.strip().splitlines()) == 1, err

@@ -206,6 +206,12 @@ def test_mixed_decode_layout_and_the_head_by_size(params):
   assert "lm_head_t" not in head
 
 
+@pytest.mark.parametrize("bad", ["8", -1, 1.5, True, float("inf")])
+def test_transpose_min_size_of_another_kind_is_named(params, bad):
+  with pytest.raises(ValueError, match="transpose_min_size must be an int"):
+    models.unstack_layers(params, CFG, transpose_min_size=bad)
+
+
 def test_exact_sampling_refuses_transposed_weights(params):
   """kv_cache=False draws from the trainer's logits bitwise: params whose
   weights are held transposed (they round differently) are refused."""

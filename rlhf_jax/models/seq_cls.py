@@ -90,6 +90,8 @@ def is_sequence_classification(model_dir: str | os.PathLike) -> bool:
     archs = json.loads(path.read_text()).get("architectures") or []
   except (ValueError, AttributeError):
     return False
+  if not isinstance(archs, list):
+    return False  # the config reader names the bad field
   return any(isinstance(a, str) and a.endswith(_SUFFIX) for a in archs)
 
 

@@ -1057,7 +1057,8 @@ def unstack_layers(
 
   Raises:
     ValueError: params without a stacked "layers" entry (e.g. already
-      split), or whose layers are not config.num_layers.
+      split), or whose layers are not config.num_layers; a
+      transpose_min_size that is not an int >= 0 or None.
   """
   if "layers" not in params:
     split = "layers_0" in params
@@ -1068,6 +1069,12 @@ def unstack_layers(
   check_layer_count(params, config)
   out = {k: v for k, v in params.items() if k != "layers"}
   least = transpose_min_size
+  if least is not None and (
+    not isinstance(least, int) or isinstance(least, bool) or least < 0
+  ):
+    raise ValueError(
+      f"transpose_min_size must be an int >= 0 (entries) or None, got {least!r}"
+    )
   if least is None:  # the default: on CPU only
     least = DECODE_TRANSPOSE_MIN_SIZE if _on_cpu(params) else math.inf
   for i in range(config.num_layers):

@@ -260,9 +260,10 @@ def backbone_dir(path: pathlib.Path) -> pathlib.Path:
 
 def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   """--reward-model, before any work starts: a reward model is there, it
-  is the policy's architecture (`_check_same_architecture`), and its
-  learned positions, if any, hold the rows it will score (the same lengths
-  as the policy's, `environment.check_positions`).
+  is the policy's architecture (`_check_same_architecture`), its learned
+  positions, if any, hold the rows it will score (the same lengths as the
+  policy's, `environment.check_positions`), and its weight and head files
+  are readable with the expected tensors (headers only, no tensor data).
 
   Args:
     config: the PipelineConfig; nothing is checked without --reward-model.
@@ -279,6 +280,10 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
     rm_config = models.load_hf_config(rm_dir)
   except (runtime.UserError, models.ModelLoadError) as e:
     raise runtime.UserError(f"--reward-model {e}") from None
+  except OSError as e:
+    raise runtime.UserError(
+      f"--reward-model {source}: cannot read {e.filename}: {e.strerror}"
+    ) from None
   try:
     policy_config = models.load_hf_config(model_dir)
   except models.ModelLoadError:
@@ -286,8 +291,43 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   _check_same_architecture(source, rm_config, policy_config)
   try:
     environment.check_positions(config, rm_dir)
+    _check_rm_files(rm_dir, rm_config)
   except runtime.UserError as e:
     raise runtime.UserError(f"--reward-model {source}: {e}") from None
+
+
+def _check_rm_files(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
+  """The reward model's weights (safetensors headers, `check_hf_checkpoint`)
+  and, in the rlhf_jax layout, its head file: "kernel" f32[D] and "bias"
+  f32[] (what `write_reward_model` writes).
+
+  Raises:
+    UserError: names the file and what is wrong.
+  """
+  from safetensors import SafetensorError, safe_open
+
+  from rlhf_jax.models import seq_cls
+
+  try:
+    models.check_hf_checkpoint(rm_dir)
+  except models.ModelLoadError as e:
+    raise runtime.UserError(str(e)) from None
+  if seq_cls.is_sequence_classification(rm_dir):
+    return  # its head is a tensor of the weights, checked when loaded
+  head = rm_dir / HEAD_FILE
+  want = {"kernel": (config.hidden_size,), "bias": ()}
+  try:
+    with safe_open(str(head), "numpy") as f:
+      got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+  except (OSError, SafetensorError) as e:
+    raise runtime.UserError(
+      f"{head}: not a readable safetensors file ({e})"
+    ) from None
+  if got != want:
+    raise runtime.UserError(
+      f"{head}: tensors {got}; expected {want} (kernel [hidden_size], "
+      "bias [], as `rlhf-jax rm` writes them)"
+    )
 
 
 # The fields that make two checkpoints the same network (dtypes aside).

@@ -5,10 +5,13 @@ truncation counts reach summary.json and report.md."""
 
 import gzip
 import json
+import shutil
 import subprocess
 
 import cli_harness as h
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -146,14 +149,13 @@ def test_bad_data_exits_2_with_one_line(case, tmp_path):
 def test_mostly_dropped_prompts_stop_ppo(tmp_path, shared_data):
   rows = [{"prompt": f"Once {i}", **SAME} for i in range(3)]
   path = jsonl(tmp_path / "p.jsonl", rows + [{"prompt": "Day", **GOOD}])
-  # Laid out as an export of `rlhf-jax rm` of the policy (its config.json
-  # passes the reward-model checks); its weights are never read: the
-  # prompts stop the run first.
+  # An export of `rlhf-jax rm` of the policy (it passes the reward-model
+  # checks); its tensors are never read: the prompts stop the run first.
   rm_dir = tmp_path / "rm"
-  (rm_dir / "reward_head").mkdir(parents=True)
-  (rm_dir / "reward_head" / "model.safetensors").write_bytes(b"")
-  config = shared_data / "models" / "tinystories-656k" / "config.json"
-  (rm_dir / "config.json").write_text(config.read_text())
+  shutil.copytree(shared_data / "models" / "tinystories-656k", rm_dir)
+  (rm_dir / "reward_head").mkdir()
+  head = {"kernel": np.zeros(128, np.float32), "bias": np.zeros((), np.float32)}
+  save_file(head, str(rm_dir / "reward_head" / "model.safetensors"))
   args = ("ppo", "--preset", "smoke", "--prompts", str(path))
   rc, out, err = run(*args, "--reward-model", str(rm_dir))
   assert rc == 2 and "Traceback" not in out + err, (rc, out, err)
