@@ -415,8 +415,8 @@ def dry_run_pipeline(
 ) -> list[DryRunReport]:
   """``--dry-run``: each training step of ``command`` built abstractly on
   the mesh and AOT-compiled; prints per-device memory and FLOPs. Reads
-  only the model's config.json, and a --reward-model's (no weights, no
-  tokenizer, no run dir).
+  only the model's config.json, and a --reward-model's config.json and
+  safetensors headers (no tensor data, no tokenizer, no run dir).
 
   Raises:
     UserError: a mesh or batch that does not fit the devices.
