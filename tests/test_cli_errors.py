@@ -1176,7 +1176,7 @@ def test_reward_model_files_checked_before_work(tmp_path, capsys, case):
   if case == "empty head":
     (rm / HEAD_FILE).write_bytes(b"")
   want = {
-    "no weights": f"--reward-model {rm}: {rm}: no weights",
+    "no weights": f"--reward-model {rm}: no weights",
     "empty head": f"--reward-model {rm}: {rm / HEAD_FILE}: not a readable "
     "safetensors file",
     "head shape": f"--reward-model {rm}: {rm / HEAD_FILE}: tensors "

@@ -1102,14 +1102,9 @@ def holds_transposed_weights(params: Params) -> bool:
   """True for decode-layout params with weights held transposed
   (`unstack_layers`): they give the training forward's values only up to
   float32 rounding."""
-  if HEAD_T in params:
-    return True
-  layers = (v for k, v in params.items() if k.startswith("layers_"))
+  paths, _ = jax.tree_util.tree_flatten_with_path(params)
   return any(
-    name.endswith(TRANSPOSED)
-    for layer in layers
-    for part in ("attn", "mlp")
-    for name in layer.get(part, {})
+    str(getattr(path[-1], "key", "")).endswith(TRANSPOSED) for path, _ in paths
   )
 
 

@@ -277,7 +277,8 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   source = pathlib.Path(config.reward_model)
   try:
     rm_dir = backbone_dir(source)
-    rm_config = models.load_hf_config(rm_dir)
+    # config.json and the safetensors headers: no tensor data.
+    rm_config = models.check_hf_checkpoint(rm_dir)
   except (runtime.UserError, models.ModelLoadError) as e:
     raise runtime.UserError(f"--reward-model {e}") from None
   except OSError as e:
@@ -291,15 +292,14 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   _check_same_architecture(source, rm_config, policy_config)
   try:
     environment.check_positions(config, rm_dir)
-    _check_rm_files(rm_dir, rm_config)
+    _check_rm_head(rm_dir, rm_config)
   except runtime.UserError as e:
     raise runtime.UserError(f"--reward-model {source}: {e}") from None
 
 
-def _check_rm_files(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
-  """The reward model's weights (safetensors headers, `check_hf_checkpoint`)
-  and, in the rlhf_jax layout, its head file: "kernel" f32[D] and "bias"
-  f32[] (what `write_reward_model` writes).
+def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
+  """In the rlhf_jax layout, the reward model's head file: "kernel" f32[D]
+  and "bias" f32[] (what `write_reward_model` writes; headers only).
 
   Raises:
     UserError: names the file and what is wrong.
@@ -308,10 +308,6 @@ def _check_rm_files(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
 
   from rlhf_jax.models import seq_cls
 
-  try:
-    models.check_hf_checkpoint(rm_dir)
-  except models.ModelLoadError as e:
-    raise runtime.UserError(str(e)) from None
   if seq_cls.is_sequence_classification(rm_dir):
     return  # its head is a tensor of the weights, checked when loaded
   head = rm_dir / HEAD_FILE
