@@ -10,8 +10,8 @@ import time
 import pytest
 
 # A parent that starts `sleep 300` (under `timeout -k 1 300` when asked)
-# with die_with_parent, prints the sleep's pid once it runs, and waits to
-# be killed.
+# with die_with_parent, prints the sleep's pid once setpriv has exec'd it
+# (or timeout), and waits to be killed.
 _PARENT = """
 import signal, subprocess, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -26,6 +26,12 @@ while not pid and time.monotonic() < deadline:  # timeout's own child
   found = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True)
   pid = found.stdout.decode().strip()
   time.sleep(0.05)
+# setpriv sets the death signal, then execs: until the program is sleep
+# (or timeout), a parent killed at once would leave it running.
+exe = "timeout" if bound else "sleep"
+comm = lambda: open(f"/proc/{child.pid}/comm").read().strip()
+while comm() != exe and time.monotonic() < deadline:
+  time.sleep(0.01)
 print(pid, flush=True)
 time.sleep(300)
 """
@@ -35,7 +41,7 @@ def _alive(pid: int) -> bool:
   try:
     with open(f"/proc/{pid}/stat") as f:
       return f.read().split(")")[-1].split()[0] != "Z"
-  except FileNotFoundError:
+  except (FileNotFoundError, ProcessLookupError):  # gone (or going) at read
     return False
 
 

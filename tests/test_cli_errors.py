@@ -124,16 +124,72 @@ def test_file_option_of_another_subcommand(tmp_path, capsys):
   )
 
 
-def test_generate_prompt_longer_than_max_length(capsys):
+def test_generate_prompt_longer_than_max_length(capsys, monkeypatch):
+  """In the command's words (it has no truncate_prompts), before any
+  weights are read."""
+  from rlhf_jax import models
+
+  def no_weights(*a, **k):
+    raise AssertionError("weights read before the prompts were checked")
+
+  monkeypatch.setattr(models, "load_hf_checkpoint", no_weights)
   args = ["generate", "--prompts", "one two three four five six"]
   code, err = _run(capsys, [*args, "--max-prompt-length", "3"])
   # 11 tokens + BOS = 12 (the tokenizer splits "one" ... "six" finely).
   _check(
     code,
     err,
-    "prompt 0: prompt has 12 tokens, longer than max_prompt_length=3 (set "
-    "truncate_prompts=True to keep its last 3 tokens)",
+    "--prompts value 1 ('one two three four five six') has 12 tokens, more "
+    "than --max-prompt-length 3; raise --max-prompt-length or shorten it",
   )
+
+
+def test_generate_default_prompt_longer_than_max_length(capsys):
+  """Without --prompts the built-in prompts are named as such, the long
+  one cut to 40 characters in the message; a length with no room beside
+  the BOS is named too (it was an internal error)."""
+  code, err = _run(capsys, ["generate", "--max-prompt-length", "3"])
+  _check(
+    code,
+    err,
+    "built-in prompt 1 ('Once upon a time, there was a little ...') has 11 "
+    "tokens, more than --max-prompt-length 3; raise --max-prompt-length or "
+    "pass shorter --prompts",
+  )
+  code, err = _run(capsys, ["generate", "--max-prompt-length", "1"])
+  _check(
+    code,
+    err,
+    "--max-prompt-length 1 leaves no room for a prompt token after the BOS",
+  )
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(
+  tmp_path, capsys, shared_data
+):
+  """A 96-token GPT-2 with the real GPT-2 tokenizer.json (50257 tokens)
+  beside it: ids past the embedding would read NaN rows (generate printed
+  empty continuations), so every command that reads the pair refuses it
+  before any work (here generate and ppo)."""
+  model = tmp_path / "m"
+  shutil.copytree(GPT2, model)
+  gpt2 = shared_data / "tokenizers" / "gpt2" / "tokenizer.json"
+  shutil.copy(gpt2, model / "tokenizer.json")
+  expected = (
+    f"{model}: tokenizer.json has ids up to 50256 ('<|endoftext|>'); "
+    "config.json's vocab_size 96 gives the model embedding rows for ids "
+    "0-95 only (another model's tokenizer, or tokens added without "
+    "resizing the embedding)"
+  )
+  args = ["generate", "--model", str(model), "--max-prompt-length", "8"]
+  code, err = _run(capsys, [*args, "--max-new-tokens", "8"])
+  _check(code, err, expected)
+  run = tmp_path / "r"
+  args = ["ppo", "--model", str(model), "--run-dir", str(run)]
+  lengths = ["--task.max-prompt-length", "8", "--sampling.max-new-tokens", "8"]
+  code, err = _run(capsys, args + lengths)
+  _check(code, err, expected)
+  assert not run.exists()
 
 
 def test_model_directory_that_does_not_exist(tmp_path, capsys):
@@ -967,7 +1023,7 @@ GPT2 = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
 def _past_positions(p_option, p, t_option, t):
   return (
     f"{p_option} {p} + {t_option} {t} = {p + t} tokens exceed the model's "
-    f"32 learned positions (max_position_embeddings) of {GPT2}; lower them"
+    f"32 learned positions (n_positions in config.json) of {GPT2}; lower them"
   )
 
 
@@ -1023,9 +1079,10 @@ def test_generate_past_learned_positions(tmp_path, capsys):
 
 
 def test_hh_backbone_past_learned_positions(tmp_path, capsys, shared_data):
-  """The HH reward model on a GPT-2 backbone (32 positions, with the GPT-2
-  tokenizer): 17 + 16 prompt and response tokens named before the run
-  directory is made."""
+  """The HH reward model on a GPT-2 backbone (32 positions): 17 + 16
+  prompt and response tokens named before the run directory is made.
+  The tokenizer beside it is the real GPT-2's (50257 tokens, the model
+  96): refused next, once the lengths fit."""
   model = tmp_path / "gpt2"
   shutil.copytree(GPT2, model)
   tokenizer = shared_data / "tokenizers" / "gpt2" / "tokenizer.json"
@@ -1039,6 +1096,17 @@ def test_hh_backbone_past_learned_positions(tmp_path, capsys, shared_data):
     "--hh.max-prompt-length", 17, "--hh.max-response-length", 16
   )
   _check(code, err, want.replace(str(GPT2), str(model)))
+  assert not run.exists()
+  lengths = ["--hh.max-prompt-length", "16", "--hh.max-response-length", "16"]
+  code, err = _run(capsys, args + lengths)
+  _check(
+    code,
+    err,
+    f"--hh.model-dir: {model}: tokenizer.json has ids up to 50256 "
+    "('<|endoftext|>'); config.json's vocab_size 96 gives the model "
+    "embedding rows for ids 0-95 only (another model's tokenizer, or "
+    "tokens added without resizing the embedding)",
+  )
   assert not run.exists()
 
 

@@ -1,5 +1,6 @@
 """Tokenization, truncation and static-shape arrays (rlhf_jax.data)."""
 
+import copy
 import pathlib
 import types
 
@@ -12,6 +13,7 @@ from rlhf_jax.data import (
   HFTokenizerAdapter,
   PreferencePair,
   PromptExample,
+  PromptTooLongError,
   Tokenizer,
   UnpairedBatch,
   load_examples,
@@ -152,6 +154,15 @@ def test_prompt_too_long_without_truncation(tiny):
     "p.jsonl:5: prompt has 6 tokens, longer than max_prompt_length=4 "
     "(set truncate_prompts=True to keep its last 4 tokens)"
   )
+  # The fields a command rewords the message from (rlhf-jax generate).
+  assert isinstance(e.value, PromptTooLongError)
+  assert (e.value.where, e.value.length, e.value.max_prompt_length) == (
+    "p.jsonl:5",
+    6,
+    4,
+  )
+  back = copy.deepcopy(e.value)  # rebuilt from __reduce__, as pickle does
+  assert (str(back), back.length) == (str(e.value), 6)
 
 
 def test_empty_response_without_eos_is_an_error(gpt2):

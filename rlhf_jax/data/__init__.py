@@ -23,6 +23,7 @@ from rlhf_jax.data.errors import (
   DataError,
   DroppedRow,
   DropReport,
+  PromptTooLongError,
   TruncationReport,
 )
 from rlhf_jax.data.examples import (
@@ -74,6 +75,7 @@ __all__ = [
   "LoaderBatch",
   "PreferencePair",
   "PromptExample",
+  "PromptTooLongError",
   "RankedExample",
   "Row",
   "TIE_REASONS",

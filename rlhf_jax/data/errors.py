@@ -36,6 +36,28 @@ class DataError(ValueError):
   """Bad input data; the message names the file, line (or row) and field."""
 
 
+class PromptTooLongError(DataError):
+  """A prompt longer than P where prompts are not truncated.
+
+  Attributes:
+    where: the row, e.g. ``data.jsonl:4`` or ``prompt 0``.
+    length: its tokens (a BOS included).
+    max_prompt_length: P.
+  """
+
+  def __init__(self, where: str, length: int, max_prompt_length: int):
+    self.where, self.length = where, length
+    self.max_prompt_length = max_prompt_length
+    super().__init__(
+      f"{where}: prompt has {length} tokens, longer than "
+      f"max_prompt_length={max_prompt_length} (set truncate_prompts=True "
+      f"to keep its last {max_prompt_length} tokens)"
+    )
+
+  def __reduce__(self):  # copy and pickle rebuild it from its fields
+    return type(self), (self.where, self.length, self.max_prompt_length)
+
+
 @dataclasses.dataclass(frozen=True)
 class DroppedRow:
   """One dropped row.

@@ -37,6 +37,7 @@ from rlhf_jax.data.errors import (
   DROP_REASONS,
   DataError,
   DroppedRow,
+  PromptTooLongError,
   TruncationReport,
   logger,
 )
@@ -310,11 +311,7 @@ def _prompts(
       raise DataError(f"{where}: field 'prompt' tokenizes to 0 tokens")
     if len(ids) > keep:
       if not truncate_prompts:
-        raise DataError(
-          f"{where}: prompt has {len(ids) + len(bos)} tokens, longer than "
-          f"max_prompt_length={max_prompt_length} (set truncate_prompts=True "
-          f"to keep its last {max_prompt_length} tokens)"
-        )
+        raise PromptTooLongError(where, len(ids) + len(bos), max_prompt_length)
       ids = ids[len(ids) - keep :]  # Left truncation: keep the end.
       cut[i] = True
     out.append(bos + ids)

@@ -64,6 +64,7 @@ from rlhf_jax.models.shared_prompt import (
 from rlhf_jax.models.tokenizer import (
   MissingSpecialTokenError,
   Tokenizer,
+  check_vocab_fits,
   load_tokenizer,
 )
 from rlhf_jax.models.transformer import (
@@ -91,6 +92,7 @@ __all__ = [
   "check_hf_checkpoint",
   "check_layer_count",
   "check_position_table",
+  "check_vocab_fits",
   "decode_step",
   "default_positions",
   "export_hf_checkpoint",

@@ -99,6 +99,9 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
     The same cache when S' = S; else a copy with keys and values zero and
     key_mask False at slots S .. S' - 1, and the same index.
 
+  Slots past a GPT-2 model's learned positions are refused by the next
+  `prefill` or `decode_step`, which know the config.
+
   Raises:
     ValueError: max_length is not an integer or is below the cache's S.
   """
@@ -127,6 +130,9 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
 
 def _cached_step(params, ids, token_mask, cache, config):
   """Writes `ids` [B, L] at slots [index, index + L) and attends the cache."""
+  # init_cache checks S; a cache from grow_cache (no config) is checked here.
+  slots = cache.key_mask.shape[1]
+  check_position_table(slots, config, f"{slots} cache slots")
   length = ids.shape[1]
   n_before = jnp.sum(cache.key_mask, axis=-1, dtype=jnp.int32)
   positions = n_before[:, None] + default_positions(token_mask)
@@ -165,6 +171,9 @@ def prefill(
     (logits f32[B, V] at each row's LAST real prompt token (from the mask),
     updated cache). Position ids continue from the real tokens already in
     the cache: pos = n_before + cumsum(mask) - 1.
+
+  Raises:
+    ValueError: as `decode_step`.
   """
   mask = prompt_mask.astype(jnp.bool_)
   hidden, cache = _cached_step(params, prompt_ids, mask, cache, config)
@@ -196,6 +205,10 @@ def decode_step(
   Returns:
     (logits f32[B, V] for the next token, cache). The new token's position
     is the number of real tokens already in its row.
+
+  Raises:
+    ValueError: a cache of more slots than a GPT-2 model's learned
+      positions (one grown by `grow_cache`), at trace time.
   """
   if token_mask is None:
     token_mask = jnp.ones(token_ids.shape, jnp.bool_)

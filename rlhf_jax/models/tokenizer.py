@@ -235,7 +235,8 @@ def load_tokenizer(
   Raises:
     ModelLoadError: no tokenizer.json (also FileNotFoundError); a
       tokenizer file that cannot be read or parsed (names the file); a
-      special token string that is not in the vocabulary.
+      special token string that is not in the vocabulary; ids past
+      config.json's vocab_size (`check_vocab_fits`).
   """
   d = pathlib.Path(model_dir)
   tok_path = d / "tokenizer.json"
@@ -259,6 +260,41 @@ def load_tokenizer(
     raise ModelLoadError(f"{d}: malformed tokenizer files ({e!r})") from None
 
 
+def check_vocab_fits(
+  tokenizer: "Tokenizer | tokenizers.Tokenizer",
+  vocab_size: int,
+  source: str,
+  of: str = "config.json's",
+) -> None:
+  """Every id the tokenizer emits has a row in the model's embedding.
+
+  A tokenizer of a larger vocabulary (another model's, or one with
+  tokens added but no embedding rows for them) would emit ids past the
+  table, whose rows the embedding gather fills with NaN: NaN logits and
+  samples that are not the model's, without an error. `load_tokenizer`
+  checks against the directory's config.json; a caller whose model comes
+  from elsewhere checks with its config's vocab_size.
+
+  Args:
+    tokenizer: a `Tokenizer` or a `tokenizers.Tokenizer`.
+    vocab_size: V, the model's embedding rows.
+    source: where the tokenizer is, for the message.
+    of: whose vocab_size V is, for the message.
+
+  Raises:
+    ModelLoadError: an id >= V (names the largest, its token and V).
+  """
+  raw = getattr(tokenizer, "tokenizer", tokenizer)
+  top = max(raw.get_vocab(with_added_tokens=True).values(), default=-1)
+  if top >= vocab_size:
+    raise ModelLoadError(
+      f"{source}: tokenizer.json has ids up to {top} "
+      f"({raw.id_to_token(top)!r}); {of} vocab_size {vocab_size} gives the "
+      f"model embedding rows for ids 0-{vocab_size - 1} only (another "
+      "model's tokenizer, or tokens added without resizing the embedding)"
+    )
+
+
 def _load(
   d: pathlib.Path,
   tok: tokenizers.Tokenizer,
@@ -271,6 +307,9 @@ def _load(
   tcfg = _read_json(d / "tokenizer_config.json")
   smap = _read_json(d / "special_tokens_map.json")
   mcfg = _read_json(d / "config.json")
+  vocab = mcfg.get("vocab_size")  # none or not an int: the loader names it
+  if isinstance(vocab, int) and not isinstance(vocab, bool):
+    check_vocab_fits(tok, vocab, str(d))
   overrides = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
   ids: dict[str, int | None] = {}
   strings: dict[str, str] = {}

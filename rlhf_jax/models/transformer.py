@@ -262,8 +262,9 @@ def check_position_table(
 ) -> None:
   """Checks that ``length`` positions fit a learned position table.
 
-  Learned position embeddings (GPT-2) have max_position_embeddings rows,
-  and a position past them reads NaN (jnp.take fills): positions 0 ..
+  Learned position embeddings (GPT-2) have max_position_embeddings rows
+  (n_positions in GPT-2's config.json, the name the message gives), and
+  a position past them reads NaN (jnp.take fills): positions 0 ..
   length - 1 must fit. No-op for rotary models.
 
   Args:
@@ -279,7 +280,7 @@ def check_position_table(
   if config.family == "gpt2" and length > limit:
     raise ValueError(
       f"{what} exceed the model's {limit} learned positions "
-      f"(max_position_embeddings){'; ' + hint if hint else ''}"
+      f"(n_positions in config.json){'; ' + hint if hint else ''}"
     )
 
 

@@ -228,7 +228,8 @@ def load_scorer(
   Raises:
     UserError: no reward model or no tokenizer there; max_length past a
       GPT-2 model's learned positions.
-    ModelLoadError: a directory that cannot be read.
+    ModelLoadError: a directory that cannot be read; a tokenizer with
+      ids past the reward model's vocabulary.
   """
   import jax
 
@@ -252,7 +253,12 @@ def load_scorer(
       "--max-prompt-length + --max-response-length; lower them to the "
       "lengths it was trained at\n"
     )
-  tok = models.load_tokenizer(_tokenizer_dir(pathlib.Path(path)))
+  tok_dir = _tokenizer_dir(pathlib.Path(path))
+  tok = models.load_tokenizer(tok_dir)
+  # The tokenizer may sit beside the run, not the model's config.json.
+  models.check_vocab_fits(
+    tok, model_config.vocab_size, str(tok_dir), of="the reward model's"
+  )
   adapter = HFTokenizerAdapter.wrap(tok)
   fn = jax.jit(
     lambda p, b: pair_rewards(p, b, model_config=model_config, pooling=pooling)

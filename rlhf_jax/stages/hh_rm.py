@@ -404,16 +404,16 @@ def _check_model_dir(config: HHRewardModelConfig) -> None:
       raise FileNotFoundError(f"{given}: no such directory (--hh.model-dir)")
   try:
     models.check_hf_checkpoint(model_dir)
+    check_lengths(
+      model_dir,
+      ("--hh.max-prompt-length", config.max_prompt_length),
+      ("--hh.max-response-length", config.max_response_length),
+    )
     models.load_tokenizer(model_dir)
-  except FileNotFoundError as e:
+  except (FileNotFoundError, models.ModelLoadError) as e:
     if given is None:
       raise
     raise type(e)(f"--hh.model-dir: {e}") from None
-  check_lengths(
-    model_dir,
-    ("--hh.max-prompt-length", config.max_prompt_length),
-    ("--hh.max-response-length", config.max_response_length),
-  )
 
 
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):

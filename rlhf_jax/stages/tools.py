@@ -21,6 +21,9 @@ from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.stages import configs as C
 from rlhf_jax.stages import environment
 
+if typing.TYPE_CHECKING:
+  from rlhf_jax.data import HFTokenizerAdapter, TokenizedDataset
+
 # The policies of a run, as --policy names them ("initial" is the model
 # the run started from; the others are outputs/<name>).
 POLICIES = typing.get_args(typing.get_type_hints(C.EvalConfig)["policy"])
@@ -162,9 +165,51 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   return out
 
 
+def _tokenized_prompts(
+  prompts: list[str],
+  given: bool,
+  adapter: "HFTokenizerAdapter",
+  config: C.GenerateConfig,
+) -> "TokenizedDataset":
+  """The prompts left-padded to --max-prompt-length, before any weights
+  load; the command does not cut a longer one.
+
+  Raises:
+    UserError: a prompt longer than --max-prompt-length (names it, 1-based,
+      and its start), or no room for a token beside the BOS.
+  """
+  from rlhf_jax.data import PromptExample, PromptTooLongError, tokenize_prompts
+
+  if config.max_prompt_length <= (adapter.bos_id is not None):
+    raise runtime.UserError(
+      f"--max-prompt-length {config.max_prompt_length} leaves no room for a "
+      "prompt token after the BOS"
+    )
+  what = "--prompts value" if given else "built-in prompt"
+  rows = [
+    PromptExample(p, where=f"{what} {i + 1}") for i, p in enumerate(prompts)
+  ]
+  try:
+    return tokenize_prompts(
+      rows,
+      adapter,
+      max_prompt_length=config.max_prompt_length,
+      truncate_prompts=False,
+    )
+  except PromptTooLongError as e:
+    text = next(r.prompt for r in rows if r.where == e.where)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    fix = "shorten it" if given else "pass shorter --prompts"
+    raise runtime.UserError(
+      f"{e.where} ({text!r}) has {e.length} tokens, more than "
+      f"--max-prompt-length {e.max_prompt_length}; raise "
+      f"--max-prompt-length or {fix}"
+    ) from None
+
+
 def run_generate(config: C.GenerateConfig) -> int:
   """Samples continuations and prints them (and writes --output)."""
-  from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
+  from rlhf_jax.data import HFTokenizerAdapter
   from rlhf_jax.tasks import STORY_OPENINGS
 
   if config.overwrite and config.output is None:
@@ -185,16 +230,11 @@ def run_generate(config: C.GenerateConfig) -> int:
     ("--max-prompt-length", config.max_prompt_length),
     ("--max-new-tokens", config.max_new_tokens),
   )
-  model_config, params = models.load_hf_checkpoint(model_dir)
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)
   prompts = list(config.prompts) or list(STORY_OPENINGS[:4])
-  ds = tokenize_prompts(
-    prompts,
-    adapter,
-    max_prompt_length=config.max_prompt_length,
-    truncate_prompts=False,
-  )
+  ds = _tokenized_prompts(prompts, bool(config.prompts), adapter, config)
+  model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
   p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])
   p_mask = jnp.asarray(ds.arrays["prompt_mask"][rows])
@@ -369,9 +409,9 @@ def _evaluate(
     )
   prompts = _read_prompts(prompts_path)
   model_dir = pathlib.Path(record["model_dir"])
+  tok = models.load_tokenizer(model_dir)  # before weights: checks the pair
   model_config, ref = models.load_hf_checkpoint(model_dir)
   _, params = models.load_hf_checkpoint(policy_dir)
-  tok = models.load_tokenizer(model_dir)
   with runtime.StopFlag() as stop:
     ctx = Context(
       command="eval",

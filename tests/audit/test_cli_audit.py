@@ -4,6 +4,7 @@ through the console script (tests/integration/cli_harness.py)."""
 
 import json
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -320,7 +321,43 @@ def test_scoring_beyond_a_gpt2_models_positions_is_an_error(tmp_path):
   assert str(e.value) == (
     f"--reward-model {out}: --max-prompt-length + --max-response-length = "
     "33 tokens exceed the model's 32 learned positions "
-    "(max_position_embeddings); lower them"
+    "(n_positions in config.json); lower them"
   )
   with pytest.raises(runtime.UserError, match="no tokenizer"):
     load_scorer(str(out), 32)  # past the check: the tokenizer is next
+
+
+def test_scorer_tokenizer_past_the_reward_models_vocabulary(
+  tmp_path, shared_data
+):
+  """A run directory with a tokenizer.json of its own (the real GPT-2's,
+  50257 tokens) beside a reward model of 96 tokens in outputs/rm: the
+  pair is refused before scoring, though the run directory's config.json
+  (a run record) has no vocab_size for `load_tokenizer` to check."""
+  import jax
+  import numpy as np
+  from safetensors.numpy import save_file
+
+  from rlhf_jax import models
+  from rlhf_jax.stages.audit import load_scorer
+  from rlhf_jax.stages.common import HEAD_FILE
+
+  gpt2 = pathlib.Path(__file__).parents[1] / "fixtures" / "models" / "gpt2_tiny"
+  config, params = models.load_hf_checkpoint(gpt2)
+  rm = models.from_policy_params(params, config, jax.random.key(0))
+  run = tmp_path / "run"
+  out = run / "outputs" / "rm"  # as stage rm saves it, no tokenizer
+  models.export_hf_checkpoint(rm["backbone"], config, out)
+  (out / HEAD_FILE).parent.mkdir()
+  head = {k: np.asarray(v) for k, v in rm["head"].items()}
+  save_file(head, str(out / HEAD_FILE), metadata={"pooling": "last"})
+  (run / runtime.CONFIG_FILE).write_text(json.dumps({"config": {}}))
+  shutil.copy(shared_data / "tokenizers" / "gpt2" / "tokenizer.json", run)
+  with pytest.raises(models.ModelLoadError) as e:
+    load_scorer(str(run), 32)
+  assert str(e.value) == (
+    f"{run}: tokenizer.json has ids up to 50256 ('<|endoftext|>'); the "
+    "reward model's vocab_size 96 gives the model embedding rows for ids "
+    "0-95 only (another model's tokenizer, or tokens added without "
+    "resizing the embedding)"
+  )

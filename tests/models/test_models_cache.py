@@ -241,6 +241,16 @@ def test_gpt2_forward_past_its_position_table_is_named():
   models.init_cache(config, 2, limit)  # slot s holds a position <= s
   with pytest.raises(ValueError, match="65 cache slots exceed the model's"):
     models.init_cache(config, 2, limit + 1)
+  # grow_cache has no config: the next cached step refuses the grown cache.
+  cache = models.init_cache(config, 2, limit)
+  _, cache = models.prefill(
+    params, ids[:, :4], jnp.ones((2, 4), bool), config=config, cache=cache
+  )
+  step, _ = models.decode_step(params, ids[:, 0], cache, config=config)
+  assert np.isfinite(np.asarray(step)).all()  # the same step, 64 slots
+  grown = models.grow_cache(cache, limit + 1)
+  with pytest.raises(ValueError, match="65 cache slots exceed the model's"):
+    models.decode_step(params, ids[:, 0], grown, config=config)
   restart = jnp.concatenate([jnp.arange(limit), jnp.arange(1)])[None].repeat(
     2, 0
   )

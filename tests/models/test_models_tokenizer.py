@@ -91,3 +91,48 @@ def test_gpt2_missing_pad_token_error_and_override(shared_data):
 def test_missing_tokenizer_json(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
     models.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("vocab_size", [2047, 2048, 4096, None])
+def test_tokenizer_must_fit_the_model_vocabulary(
+  tinystories_dir, tmp_path, vocab_size
+):
+  """Ids 0-2047: a config.json vocab_size of 2048 or more loads (models
+  often pad their embedding past the tokenizer); 2047 would leave id 2047
+  without an embedding row (a NaN row from the gather), so it is refused
+  naming the id, its token and V; no vocab_size: not checked here."""
+  d = tmp_path / "m"
+  shutil.copytree(tinystories_dir, d)
+  config = json.loads((d / "config.json").read_text())
+  config.pop("vocab_size")
+  if vocab_size is not None:
+    config["vocab_size"] = vocab_size
+  (d / "config.json").write_text(json.dumps(config))
+  if vocab_size == 2047:
+    with pytest.raises(models.ModelLoadError) as e:
+      models.load_tokenizer(d)
+    top = models.load_tokenizer(tinystories_dir).tokenizer.id_to_token(2047)
+    assert str(e.value) == (
+      f"{d}: tokenizer.json has ids up to 2047 ({top!r}); config.json's "
+      "vocab_size 2047 gives the model embedding rows for ids 0-2046 only "
+      "(another model's tokenizer, or tokens added without resizing the "
+      "embedding)"
+    )
+  else:
+    assert models.load_tokenizer(d).vocab_size == 2048
+
+
+def test_vocab_check_reads_the_largest_id_not_the_count(tmp_path):
+  """A vocabulary with a gap ({a: 0, b: 1, [UNK]: 2, z: 9}: 4 tokens, ids
+  up to 9) needs 10 embedding rows, not 4."""
+  import tokenizers
+
+  tok = tokenizers.Tokenizer(
+    tokenizers.models.WordLevel(
+      {"a": 0, "b": 1, "[UNK]": 2, "z": 9}, unk_token="[UNK]"
+    )
+  )
+  assert tok.get_vocab_size(with_added_tokens=True) == 4
+  models.check_vocab_fits(tok, 10, "t")
+  with pytest.raises(models.ModelLoadError, match="ids up to 9 \\('z'\\)"):
+    models.check_vocab_fits(tok, 5, "t")

@@ -165,6 +165,17 @@ def test_load_rm_reads_a_seq_cls_dir():
   )
 
 
+def _tinystories_rm(**changes):
+  """The fixture's reward model with its embedding zero-padded to the
+  TinyStories tokenizer's 2048 ids, the tokenizer its exports carry (a
+  tokenizer larger than the model is refused); scores are unchanged."""
+  config, params = fx.build()
+  embed = params["backbone"]["embed"]
+  rows = 2048 - embed.shape[0]
+  params["backbone"]["embed"] = jnp.pad(embed, ((0, rows), (0, 0)))
+  return config.replace(vocab_size=2048, **changes), params
+
+
 def _fake_rm_run(root: pathlib.Path, params, config, pooling="last"):
   """A run directory whose outputs/rm is as stage rm saves it."""
   from safetensors.numpy import save_file
@@ -186,8 +197,8 @@ def _fake_rm_run(root: pathlib.Path, params, config, pooling="last"):
 
 
 def test_export_rm_writes_sequence_classification(tmp_path, capsys):
-  config, params = fx.build()
-  run = _fake_rm_run(tmp_path, params, config.replace(pad_token_id=None))
+  config, params = _tinystories_rm(pad_token_id=None)
+  run = _fake_rm_run(tmp_path, params, config)
   out = tmp_path / "export"
   run_export(C.ExportConfig(run_dir=str(run), out=str(out), what="rm"))
   assert "LlamaForSequenceClassification" in capsys.readouterr().out
@@ -220,7 +231,7 @@ def test_keep_bias_round_trips(tmp_path):
 
 def test_export_rm_with_bias(tmp_path, capsys):
   """A trained last-token head's bias travels in config.json."""
-  config, params = fx.build()
+  config, params = _tinystories_rm()
   params["head"]["bias"] = jnp.float32(2.5e-5)
   run = _fake_rm_run(tmp_path, params, config)
   out = tmp_path / "export"
@@ -235,7 +246,7 @@ def test_export_rm_with_bias(tmp_path, capsys):
 
 def test_export_rm_keeps_rlhf_jax_format_for_mean_pooling(tmp_path, capsys):
   """A mean-pooled head stays rlhf_jax-only, and the log says so."""
-  config, params = fx.build()
+  config, params = _tinystories_rm()
   run = _fake_rm_run(tmp_path, params, config, pooling="mean")
   out = tmp_path / "export"
   run_export(C.ExportConfig(run_dir=str(run), out=str(out), what="rm"))
