@@ -301,19 +301,26 @@ def test_scoring_beyond_the_models_positions_is_warned(
   )
 
 
+def _gpt2_reward_model():
+  """(config, {"backbone", "head"}) of the 96-token, 32-position GPT-2
+  fixture with a fresh scalar head."""
+  import jax
+
+  from rlhf_jax import models
+
+  gpt2 = pathlib.Path(__file__).parents[1] / "fixtures" / "models" / "gpt2_tiny"
+  config, params = models.load_hf_checkpoint(gpt2)
+  return config, models.from_policy_params(params, config, jax.random.key(0))
+
+
 def test_scoring_beyond_a_gpt2_models_positions_is_an_error(tmp_path):
   """Learned positions (GPT-2, 32) have no row past them: 32 tokens load,
   33 are refused before any pair is scored (a warning would be followed
   by NaN rewards)."""
-  import jax
-
-  from rlhf_jax import models
   from rlhf_jax.models import seq_cls
   from rlhf_jax.stages.audit import load_scorer
 
-  gpt2 = pathlib.Path(__file__).parents[1] / "fixtures" / "models" / "gpt2_tiny"
-  config, params = models.load_hf_checkpoint(gpt2)
-  rm = models.from_policy_params(params, config, jax.random.key(0))
+  config, rm = _gpt2_reward_model()
   out = tmp_path / "seq_cls"
   seq_cls.export_sequence_classification(rm, config, out, pad_token_id=0)
   with pytest.raises(runtime.UserError) as e:
@@ -334,7 +341,6 @@ def test_scorer_tokenizer_past_the_reward_models_vocabulary(
   50257 tokens) beside a reward model of 96 tokens in outputs/rm: the
   pair is refused before scoring, though the run directory's config.json
   (a run record) has no vocab_size for `load_tokenizer` to check."""
-  import jax
   import numpy as np
   from safetensors.numpy import save_file
 
@@ -342,9 +348,7 @@ def test_scorer_tokenizer_past_the_reward_models_vocabulary(
   from rlhf_jax.stages.audit import load_scorer
   from rlhf_jax.stages.common import HEAD_FILE
 
-  gpt2 = pathlib.Path(__file__).parents[1] / "fixtures" / "models" / "gpt2_tiny"
-  config, params = models.load_hf_checkpoint(gpt2)
-  rm = models.from_policy_params(params, config, jax.random.key(0))
+  config, rm = _gpt2_reward_model()
   run = tmp_path / "run"
   out = run / "outputs" / "rm"  # as stage rm saves it, no tokenizer
   models.export_hf_checkpoint(rm["backbone"], config, out)
