@@ -10,6 +10,8 @@
   (the doctests are rlhf_jax/'s own).
 * Each module's compiled programs are freed when it ends (a worker that
   kept them all ran out of memory mappings).
+* The tiny parity checkpoints' weights (not in git) are written before
+  any test, whichever file a worker starts with.
 """
 
 import os
@@ -34,6 +36,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests" / "fixtures" / "models"))
+import tiny_weights  # noqa: E402
+
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TINYSTORIES_DIR = SHARED_DATA / "models" / "tinystories-656k"
 
@@ -73,6 +78,19 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_checkpoints():
+  """Writes the tiny parity checkpoints' weights from their numpy seeds
+  (tests/fixtures/models/tiny_weights.py; the repository keeps no weight
+  files). Session-wide, not only under tests/models: tests/test_cli_errors
+  and tests/audit copy or load gpt2_tiny too, and in a fresh clone they
+  failed when no tests/models test had run before them. Each worker
+  writes them (0.06 s) by write-then-rename, so a reader sees whole
+  files."""
+  for name in tiny_weights.SEEDS:
+    tiny_weights.materialize(name)
 
 
 @pytest.fixture(scope="session")

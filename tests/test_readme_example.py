@@ -74,26 +74,27 @@ def data_parallel_block() -> str:
 
 
 def test_data_parallel_sampling_block_gives_the_same_rollout(
-  devices8, tinystories_dir
+  devices8, tinystories_dir, monkeypatch
 ):
-  # The block on the 8 fake devices (one row each) against the same call
-  # on one device: same tokens (per-row keys fold in the global row
-  # index), logprobs to float rounding (each device runs B = 1 kernels).
-  del devices8
-  config, params = models.load_hf_checkpoint(tinystories_dir)
-  rng = np.random.default_rng(0)
-  ids = jnp.asarray(rng.integers(3, config.vocab_size, (8, 6)), jnp.int32)
-  mask = jnp.asarray(np.arange(6) >= rng.integers(0, 5, (8, 1)))
-  key = jax.random.key(3)
-  want = generate(
-    params, ids, mask, key, config=config, max_new_tokens=64,
-    eos_token_id=2, pad_token_id=0,
-  )  # fmt: skip
-  namespace = dict(params=params, ids=ids, mask=mask, key=key, config=config)
+  # The block as written (from the repository root, its model path is
+  # relative) on the 8 fake devices, 2 of its 16 rows each, against the
+  # same call on one device: same tokens (per-row keys fold in the global
+  # row index), logprobs to float rounding (each device runs B = 2
+  # kernels).
+  del devices8, tinystories_dir
+  monkeypatch.chdir(REPO_ROOT)
+  namespace: dict = {"__name__": "readme_dp_example"}
   exec(compile(data_parallel_block(), "README.md:sampling", "exec"), namespace)
-  got = namespace["rollout"]
-  # Rows split, one per device (a replicated result would also span 8).
-  assert {s.data.shape[0] for s in got.response_ids.addressable_shards} == {1}
+  got, ds = namespace["rollout"], namespace["ds"]
+  config, params = models.load_hf_checkpoint(namespace["model_dir"])
+  want = generate(
+    params, jnp.asarray(ds.arrays["prompt_ids"]),
+    jnp.asarray(ds.arrays["prompt_mask"]), jax.random.key(0), config=config,
+    max_new_tokens=64, eos_token_id=2, pad_token_id=0,
+  )  # fmt: skip
+  # Rows split, two per device (a replicated result would hold 16 each).
+  assert got.response_ids.shape == (16, 64)
+  assert {s.data.shape[0] for s in got.response_ids.addressable_shards} == {2}
   np.testing.assert_array_equal(got.response_ids, want.response_ids)
   np.testing.assert_array_equal(got.response_mask, want.response_mask)
   np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
