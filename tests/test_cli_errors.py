@@ -1258,3 +1258,23 @@ def test_reward_model_files_checked_before_work(tmp_path, capsys, case):
   assert err.startswith(f"rlhf-jax: error: {want}"), err
   assert len(err.strip().splitlines()) == 1, err
   assert not run.exists()
+
+
+def test_load_rm_checks_the_head_file(tmp_path):
+  """`stages.rm.load_rm` (ppo, eval and audit load reward models with it)
+  refuses a head of other shapes with the message of the ppo pre-check,
+  instead of failing later inside a step."""
+  import numpy as np
+
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages.common import HEAD_FILE
+  from rlhf_jax.stages.rm import load_rm
+
+  head = {"kernel": np.zeros(7, np.float32), "bias": np.zeros((), np.float32)}
+  rm = _rm_export(tmp_path, GPT2, head=head)
+  with pytest.raises(runtime.UserError) as e:
+    load_rm(rm)
+  assert str(e.value).startswith(
+    f"{rm / HEAD_FILE}: tensors {{'bias': (), 'kernel': (7,)}}; expected "
+    "{'kernel': (32,), 'bias': ()}"
+  )

@@ -202,7 +202,8 @@ def load_rm(
     sequence-classification directory).
 
   Raises:
-    UserError: no reward model there.
+    UserError: no reward model there; a head file that is not readable or
+      not {"kernel" [D], "bias" []} (`_check_rm_head`).
     ModelLoadError: a sequence-classification directory that cannot be
       read (names the file and tensor).
   """
@@ -220,10 +221,11 @@ def load_rm(
       path, shardings=placement.scalar_model_shardings
     )
     return config, params, "last"
+  config, backbone = placement.load_model(out)
+  _check_rm_head(out, config)  # a readable head of the expected shapes
   with safe_open(str(out / HEAD_FILE), "numpy") as h:
     head = {k: h.get_tensor(k) for k in h.keys()}
     pooling = (h.metadata() or {}).get("pooling", "last")
-  config, backbone = placement.load_model(out)
   head_sh = placement.scalar_model_shardings(config)["head"]
   params = {"backbone": backbone, "head": placement.put(head, head_sh)}
   return config, params, pooling
