@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.models.config import ModelLoadError
+from rlhf_jax.models.tokenizer import check_vocab_fits
 
 __all__ = ["GGUFError", "convert_gguf", "read_gguf"]
 
@@ -570,11 +571,12 @@ def convert_gguf(
   meta = _Meta(reader, src)
   config = hf_config_from_gguf(meta)
   tok, tcfg = tokenizer_from_gguf(meta)
-  if tok.get_vocab_size(with_added_tokens=True) > config["vocab_size"]:
-    raise GGUFError(
-      f"{src}: tokenizer has {tok.get_vocab_size()} tokens, more than "
-      f"llama.vocab_size {config['vocab_size']}"
+  try:
+    check_vocab_fits(
+      tok, config["vocab_size"], str(src), "the GGUF's", "tokenizer.ggml.tokens"
     )
+  except ModelLoadError as e:
+    raise GGUFError(str(e)) from None
   weights = hf_state_dict_from_gguf(reader, config, src)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -265,6 +265,7 @@ def check_vocab_fits(
   vocab_size: int,
   source: str,
   of: str = "config.json's",
+  what: str = "tokenizer.json",
 ) -> None:
   """Every id the tokenizer emits has a row in the model's embedding.
 
@@ -280,6 +281,7 @@ def check_vocab_fits(
     vocab_size: V, the model's embedding rows.
     source: where the tokenizer is, for the message.
     of: whose vocab_size V is, for the message.
+    what: what the tokenizer was read from, for the message.
 
   Raises:
     ModelLoadError: an id >= V (names the largest, its token and V).
@@ -288,7 +290,7 @@ def check_vocab_fits(
   top = max(raw.get_vocab(with_added_tokens=True).values(), default=-1)
   if top >= vocab_size:
     raise ModelLoadError(
-      f"{source}: tokenizer.json has ids up to {top} "
+      f"{source}: {what} has ids up to {top} "
       f"({raw.id_to_token(top)!r}); {of} vocab_size {vocab_size} gives the "
       f"model embedding rows for ids 0-{vocab_size - 1} only (another "
       "model's tokenizer, or tokens added without resizing the embedding)"

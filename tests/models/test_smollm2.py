@@ -124,6 +124,7 @@ def write_tiny_gguf(
   arch: str = "llama",
   drop_tensor: str | None = None,
   drop_field: str | None = None,
+  vocab_size: int | None = None,
 ) -> dict[str, np.ndarray]:
   """Writes a tiny llama GGUF as llama.cpp would; returns the HF weights."""
   tokens = _tiny_tokens()
@@ -138,7 +139,7 @@ def write_tiny_gguf(
     f"{arch}.attention.head_count_kv": (w.add_uint32, KV),
     f"{arch}.rope.freq_base": (w.add_float32, 100000.0),
     f"{arch}.attention.layer_norm_rms_epsilon": (w.add_float32, 1e-5),
-    f"{arch}.vocab_size": (w.add_uint32, len(tokens)),
+    f"{arch}.vocab_size": (w.add_uint32, vocab_size or len(tokens)),
     "tokenizer.ggml.model": (w.add_string, "gpt2"),
     "tokenizer.ggml.pre": (w.add_string, "smollm"),
     "tokenizer.ggml.tokens": (w.add_array, tokens),
@@ -277,6 +278,15 @@ def test_errors_name_file_and_field(tmp_path):
   write_tiny_gguf(p, drop_field="llama.feed_forward_length")
   with pytest.raises(
     gguf_conv.GGUFError, match="field 'llama.feed_forward_length'"
+  ):
+    gguf_conv.convert_gguf(p, tmp_path / "o")
+  p = tmp_path / "vocab.gguf"
+  write_tiny_gguf(p, vocab_size=len(_tiny_tokens()) - 1)
+  with pytest.raises(
+    gguf_conv.GGUFError,
+    match=r"vocab.gguf: tokenizer.ggml.tokens has ids up to "
+    rf"{len(_tiny_tokens()) - 1} .*the GGUF's vocab_size "
+    rf"{len(_tiny_tokens()) - 1} gives",
   ):
     gguf_conv.convert_gguf(p, tmp_path / "o")
   assert not (tmp_path / "o").exists()
