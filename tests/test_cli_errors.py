@@ -160,7 +160,21 @@ def test_generate_default_prompt_longer_than_max_length(capsys):
   _check(
     code,
     err,
-    "--max-prompt-length 1 leaves no room for a prompt token after the BOS",
+    "max_prompt_length=1 leaves no room for a prompt token after the BOS",
+  )
+
+
+def test_ppo_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
+  """The pipeline's prompts meet the same check (it was an internal
+  error, exit 1)."""
+  code, err = _run(
+    capsys,
+    ["ppo", "--run-dir", str(tmp_path / "r"), "--task.max-prompt-length", "1"],
+  )
+  _check(
+    code,
+    err,
+    "max_prompt_length=1 leaves no room for a prompt token after the BOS",
   )
 
 
@@ -1023,7 +1037,8 @@ GPT2 = REPO_ROOT / "tests" / "fixtures" / "models" / "gpt2_tiny"
 def _past_positions(p_option, p, t_option, t):
   return (
     f"{p_option} {p} + {t_option} {t} = {p + t} tokens exceed the model's "
-    f"32 learned positions (n_positions in config.json) of {GPT2}; lower them"
+    "32 learned positions (max_position_embeddings; n_positions in a GPT-2 "
+    f"config.json) of {GPT2}; lower them"
   )
 
 

@@ -152,7 +152,7 @@ def test_prompt_too_long_without_truncation(tiny):
   # 1 BOS + 5 tokens = 6 > 4.
   assert str(e.value) == (
     "p.jsonl:5: prompt has 6 tokens, longer than max_prompt_length=4 "
-    "(set truncate_prompts=True to keep its last 4 tokens)"
+    "(set truncate_prompts=True to keep its last 4 tokens, a BOS included)"
   )
   # The fields a command rewords the message from (rlhf-jax generate).
   assert isinstance(e.value, PromptTooLongError)
@@ -270,6 +270,29 @@ def test_wrap_a_tokenizer_wrapper(tinystories_dir):
   assert ad.encode("Once upon a time") == ONCE
   with pytest.raises(TypeError, match="holds no tokenizers.Tokenizer"):
     HFTokenizerAdapter.wrap(object())
+
+
+def test_models_tokenizer_is_read_without_its_post_processor(
+  tinystories_dir, tiny
+):
+  """models.load_tokenizer's result encodes with the TinyStories
+  post-processor's BOS; passed as it is, every tokenize_* reads it through
+  the adapter, so each prompt holds one BOS, not two."""
+  from rlhf_jax import models
+
+  raw = models.load_tokenizer(tinystories_dir)
+  assert raw.encode("Once upon a time") == [1, *ONCE]  # what it would add
+  texts = ["Once upon a time", "Hi"]
+  got = tokenize_prompts(texts, raw, max_prompt_length=8).arrays
+  want = tokenize_prompts(texts, tiny, max_prompt_length=8).arrays
+  np.testing.assert_array_equal(got["prompt_ids"][0], [0, 0, 1, *ONCE])
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  sft = tokenize_sft(
+    [pair("Hi", " there", " no")], raw, max_prompt_length=4,
+    max_response_length=4,
+  ).arrays  # fmt: skip
+  assert int((sft["prompt_ids"] == 1).sum()) == 1
 
 
 def test_reply_ending_with_its_eos_gets_no_second_one(gpt2):

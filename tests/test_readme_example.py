@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import models
+from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
 from rlhf_jax.rollout import generate
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -85,12 +86,19 @@ def test_data_parallel_sampling_block_gives_the_same_rollout(
   monkeypatch.chdir(REPO_ROOT)
   namespace: dict = {"__name__": "readme_dp_example"}
   exec(compile(data_parallel_block(), "README.md:sampling", "exec"), namespace)
-  got, ds = namespace["rollout"], namespace["ds"]
-  config, params = models.load_hf_checkpoint(namespace["model_dir"])
+  got, model_dir = namespace["rollout"], namespace["model_dir"]
+  # The prompts made here, not taken from the block: one BOS (id 1) each,
+  # left-padded with 0.
+  adapter = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
+  ds = tokenize_prompts(namespace["texts"], adapter, max_prompt_length=16)
+  ids = ds.arrays["prompt_ids"]
+  assert (ids == 1).sum(axis=1).tolist() == [1] * 16
+  np.testing.assert_array_equal(namespace["ds"].arrays["prompt_ids"], ids)
+  config, params = models.load_hf_checkpoint(model_dir)
   want = generate(
-    params, jnp.asarray(ds.arrays["prompt_ids"]),
-    jnp.asarray(ds.arrays["prompt_mask"]), jax.random.key(0), config=config,
-    max_new_tokens=64, eos_token_id=2, pad_token_id=0,
+    params, jnp.asarray(ids), jnp.asarray(ds.arrays["prompt_mask"]),
+    jax.random.key(0), config=config, max_new_tokens=64, eos_token_id=2,
+    pad_token_id=0,
   )  # fmt: skip
   # Rows split, two per device (a replicated result would hold 16 each).
   assert got.response_ids.shape == (16, 64)

@@ -51,7 +51,7 @@ class PromptTooLongError(DataError):
     super().__init__(
       f"{where}: prompt has {length} tokens, longer than "
       f"max_prompt_length={max_prompt_length} (set truncate_prompts=True "
-      f"to keep its last {max_prompt_length} tokens)"
+      f"to keep its last {max_prompt_length} tokens, a BOS included)"
     )
 
   def __reduce__(self):  # copy and pickle rebuild it from its fields

@@ -260,6 +260,18 @@ class TokenizedDataset:
 # --------------------------------------------------------------- internals
 
 
+def _data_tokenizer(tok: Any) -> Tokenizer:
+  """``tok`` as this module encodes with it. A wrapper in Hugging Face's
+  naming (``bos_token_id``, ...: `rlhf_jax.models.load_tokenizer`'s, a
+  transformers fast tokenizer) encodes with its post-processor's BOS, and
+  the prompt would get a second one: it is read through
+  `HFTokenizerAdapter.wrap` (``wrap`` raises TypeError for one that holds
+  no ``tokenizers.Tokenizer``)."""
+  if isinstance(tok, HFTokenizerAdapter) or not hasattr(tok, "bos_token_id"):
+    return tok
+  return HFTokenizerAdapter.wrap(tok)
+
+
 def _encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
   if isinstance(tok, _BatchEncoder):
     return [list(x) for x in tok.encode_batch(texts)]
@@ -300,8 +312,10 @@ def _prompts(
   bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
   keep = max_prompt_length - len(bos)
   if keep < 1:
-    raise ValueError(
-      f"max_prompt_length={max_prompt_length} leaves no room for prompt tokens"
+    after = " after the BOS" if bos else ""
+    raise DataError(
+      f"max_prompt_length={max_prompt_length} leaves no room for a prompt "
+      f"token{after}"
     )
   out, cut = [], np.zeros(len(texts), bool)
   for i, (ids, where) in enumerate(
@@ -467,7 +481,9 @@ def tokenize_preferences(
 
   Args:
     examples: preference pairs (``load_examples(...).examples``).
-    tokenizer: a ``Tokenizer`` (e.g. ``HFTokenizerAdapter``).
+    tokenizer: a ``Tokenizer`` (e.g. ``HFTokenizerAdapter``), or a
+      wrapper in Hugging Face's naming (``models.load_tokenizer``'s), read
+      through ``HFTokenizerAdapter.wrap`` (so its BOS is not added twice).
     max_prompt_length: P.
     max_response_length: T.
     truncate_prompts: cut long prompts from the left (else DataError).
@@ -478,8 +494,10 @@ def tokenize_preferences(
   Raises:
     DataError: a prompt longer than P with ``truncate_prompts=False`` (names
       the row and both lengths); a text that tokenizes to nothing; every
-      pair tied with ``drop_ties``.
+      pair tied with ``drop_ties``; a P that leaves no room for a prompt
+      token beside the BOS.
   """
+  tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "preference")
   wheres = [e.where for e in examples]
   p_ids, p_mask, p_cut = _prompts(
@@ -562,6 +580,7 @@ def tokenize_prompts(
   Raises:
     DataError: as ``tokenize_preferences``.
   """
+  tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "prompt")
   examples = [
     PromptExample(e, where=f"prompt {i}") if isinstance(e, str) else e
@@ -664,6 +683,7 @@ def tokenize_sft(
   Raises:
     DataError: as ``tokenize_preferences``.
   """
+  tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "SFT")
   return _single_response(
     examples,
@@ -699,6 +719,7 @@ def tokenize_ranked(
   Raises:
     DataError: as ``tokenize_preferences``; K differing between examples.
   """
+  tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "ranked")
   k = len(examples[0].responses)
   for e in examples:
@@ -767,6 +788,7 @@ def tokenize_unpaired(
   Raises:
     DataError: as ``tokenize_preferences``.
   """
+  tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "unpaired")
   labels = np.array([e.label for e in examples], bool)
   return _single_response(

@@ -65,6 +65,7 @@ from rlhf_jax.models.tokenizer import (
   MissingSpecialTokenError,
   Tokenizer,
   check_vocab_fits,
+  embedding_rows_needed,
   load_tokenizer,
 )
 from rlhf_jax.models.transformer import (
@@ -93,6 +94,7 @@ __all__ = [
   "check_layer_count",
   "check_position_table",
   "check_vocab_fits",
+  "embedding_rows_needed",
   "decode_step",
   "default_positions",
   "export_hf_checkpoint",

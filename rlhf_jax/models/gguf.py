@@ -573,7 +573,12 @@ def convert_gguf(
   tok, tcfg = tokenizer_from_gguf(meta)
   try:
     check_vocab_fits(
-      tok, config["vocab_size"], str(src), "the GGUF's", "tokenizer.ggml.tokens"
+      tok,
+      config["vocab_size"],
+      str(src),
+      size_from="llama.vocab_size",
+      ids_from="tokenizer.ggml.tokens",
+      cause="the file's vocab_size is smaller than its own token list",
     )
   except ModelLoadError as e:
     raise GGUFError(str(e)) from None

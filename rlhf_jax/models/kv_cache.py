@@ -90,6 +90,9 @@ def init_cache(
 def grow_cache(cache: KVCache, max_length: int) -> KVCache:
   """The cache with S grown to ``max_length`` slots, the new ones empty.
 
+  Slots past a GPT-2 model's learned positions are refused by the next
+  `prefill` or `decode_step`, which know the config.
+
   Args:
     cache: keys and values [N, B, Hkv, S, Dh] (or N per-layer [B, Hkv, S,
       Dh]), key_mask bool[B, S], index i32[].
@@ -98,9 +101,6 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
   Returns:
     The same cache when S' = S; else a copy with keys and values zero and
     key_mask False at slots S .. S' - 1, and the same index.
-
-  Slots past a GPT-2 model's learned positions are refused by the next
-  `prefill` or `decode_step`, which know the config.
 
   Raises:
     ValueError: max_length is not an integer or is below the cache's S.

@@ -260,12 +260,25 @@ def load_tokenizer(
     raise ModelLoadError(f"{d}: malformed tokenizer files ({e!r})") from None
 
 
+def embedding_rows_needed(
+  tokenizer: "Tokenizer | tokenizers.Tokenizer",
+) -> int:
+  """Embedding rows a model needs for every id the tokenizer emits: its
+  largest id + 1 (more than its token count when the ids have gaps)."""
+  raw = getattr(tokenizer, "tokenizer", tokenizer)
+  return max(raw.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+
 def check_vocab_fits(
   tokenizer: "Tokenizer | tokenizers.Tokenizer",
   vocab_size: int,
   source: str,
-  of: str = "config.json's",
-  what: str = "tokenizer.json",
+  *,
+  size_from: str = "config.json's vocab_size",
+  ids_from: str = "tokenizer.json",
+  cause: str = (
+    "another model's tokenizer, or tokens added without resizing the embedding"
+  ),
 ) -> None:
   """Every id the tokenizer emits has a row in the model's embedding.
 
@@ -280,21 +293,50 @@ def check_vocab_fits(
     tokenizer: a `Tokenizer` or a `tokenizers.Tokenizer`.
     vocab_size: V, the model's embedding rows.
     source: where the tokenizer is, for the message.
-    of: whose vocab_size V is, for the message.
-    what: what the tokenizer was read from, for the message.
+    size_from: what V is (e.g. "llama.vocab_size"), for the message.
+    ids_from: what the tokenizer was read from, for the message.
+    cause: the likely cause, for the message.
 
   Raises:
     ModelLoadError: an id >= V (names the largest, its token and V).
   """
   raw = getattr(tokenizer, "tokenizer", tokenizer)
-  top = max(raw.get_vocab(with_added_tokens=True).values(), default=-1)
+  top = embedding_rows_needed(raw) - 1
   if top >= vocab_size:
     raise ModelLoadError(
-      f"{source}: {what} has ids up to {top} "
-      f"({raw.id_to_token(top)!r}); {of} vocab_size {vocab_size} gives the "
-      f"model embedding rows for ids 0-{vocab_size - 1} only (another "
-      "model's tokenizer, or tokens added without resizing the embedding)"
+      f"{source}: {ids_from} has ids up to {top} "
+      f"({raw.id_to_token(top)!r}); {size_from} {vocab_size} gives the "
+      f"model embedding rows for ids 0-{vocab_size - 1} only ({cause})"
     )
+
+
+def _config_token_id(
+  mcfg: dict, role: str, vocab: int | None, d: pathlib.Path
+) -> int | None:
+  """config.json's ``{role}_token_id`` (the first of a list), or None.
+
+  Raises:
+    ModelLoadError: not an integer, or not an id of the embedding's
+      0 .. vocab_size - 1 (a NaN row or another row would be read).
+  """
+  key = f"{role}_token_id"
+  v = mcfg.get(key)
+  if isinstance(v, list):
+    v = v[0] if v else None
+  if v is None:
+    return None
+  top = None if vocab is None else vocab - 1
+  if (
+    isinstance(v, bool)
+    or not isinstance(v, int)
+    or v < 0
+    or (top is not None and v > top)
+  ):
+    span = f"0-{top} (vocab_size {vocab})" if top is not None else ">= 0"
+    raise ModelLoadError(
+      f"{d / 'config.json'}: {key} = {v!r}; expected a token id {span}"
+    )
+  return v
 
 
 def _load(
@@ -309,8 +351,10 @@ def _load(
   tcfg = _read_json(d / "tokenizer_config.json")
   smap = _read_json(d / "special_tokens_map.json")
   mcfg = _read_json(d / "config.json")
-  vocab = mcfg.get("vocab_size")  # none or not an int: the loader names it
-  if isinstance(vocab, int) and not isinstance(vocab, bool):
+  vocab = mcfg.get("vocab_size")
+  if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+    vocab = None  # absent or not a size: the model loader names it
+  else:
     check_vocab_fits(tok, vocab, str(d))
   overrides = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
   ids: dict[str, int | None] = {}
@@ -333,10 +377,7 @@ def _load(
         strings[role] = value
         break
     else:
-      v = mcfg.get(f"{role}_token_id")
-      if isinstance(v, list):
-        v = v[0] if v else None
-      ids[role] = None if v is None else int(v)
+      ids[role] = _config_token_id(mcfg, role, vocab, d)
   template = tcfg.get("chat_template")
   if isinstance(template, list):  # [{"name": ..., "template": ...}]
     named = {t["name"]: t["template"] for t in template}

@@ -263,7 +263,7 @@ def check_position_table(
   """Checks that ``length`` positions fit a learned position table.
 
   Learned position embeddings (GPT-2) have max_position_embeddings rows
-  (n_positions in GPT-2's config.json, the name the message gives), and
+  (n_positions in GPT-2's config.json; the message gives both), and
   a position past them reads NaN (jnp.take fills): positions 0 ..
   length - 1 must fit. No-op for rotary models.
 
@@ -280,7 +280,8 @@ def check_position_table(
   if config.family == "gpt2" and length > limit:
     raise ValueError(
       f"{what} exceed the model's {limit} learned positions "
-      f"(n_positions in config.json){'; ' + hint if hint else ''}"
+      f"(max_position_embeddings; n_positions in a GPT-2 config.json)"
+      f"{'; ' + hint if hint else ''}"
     )
 
 

@@ -235,11 +235,13 @@ def load_scorer(
 
   from rlhf_jax import models
   from rlhf_jax.data import HFTokenizerAdapter
-  from rlhf_jax.stages.rm import load_rm
+  from rlhf_jax.stages.rm import backbone_dir, load_rm
   from rlhf_jax.stages.user_data import template_of
   from rlhf_jax.train import pair_rewards
 
-  model_config, params, pooling = load_rm(pathlib.Path(path))
+  root = pathlib.Path(path)
+  # The checks read config.json and the tokenizer, before any weights.
+  model_config = models.load_hf_config(backbone_dir(root))
   limit = model_config.max_position_embeddings
   if max_length is not None and max_length > limit:
     what = f"--max-prompt-length + --max-response-length = {max_length} tokens"
@@ -253,12 +255,17 @@ def load_scorer(
       "--max-prompt-length + --max-response-length; lower them to the "
       "lengths it was trained at\n"
     )
-  tok_dir = _tokenizer_dir(pathlib.Path(path))
+  tok_dir = _tokenizer_dir(root)
   tok = models.load_tokenizer(tok_dir)
   # The tokenizer may sit beside the run, not the model's config.json.
   models.check_vocab_fits(
-    tok, model_config.vocab_size, str(tok_dir), of="the reward model's"
+    tok,
+    model_config.vocab_size,
+    f"--reward-model {path}",
+    size_from="the reward model's vocab_size",
+    ids_from=str((tok_dir / "tokenizer.json").relative_to(root)),
   )
+  model_config, params, pooling = load_rm(root)
   adapter = HFTokenizerAdapter.wrap(tok)
   fn = jax.jit(
     lambda p, b: pair_rewards(p, b, model_config=model_config, pooling=pooling)

@@ -260,7 +260,7 @@ def _build_model(
   if config.backbone == "scratch":
     tok_path = _gpt2_tokenizer(config)
     tok = HFTokenizerAdapter.from_file(tok_path, eos_token="<|endoftext|>")
-    vocab = tok.tokenizer.get_vocab_size()
+    vocab = models.embedding_rows_needed(tok.tokenizer)
     if config.hidden_size % config.num_heads:
       raise ValueError(
         f"hidden_size={config.hidden_size} is not a multiple of "

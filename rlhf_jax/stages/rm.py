@@ -221,8 +221,9 @@ def load_rm(
       path, shardings=placement.scalar_model_shardings
     )
     return config, params, "last"
+  # A readable head of the expected shapes, before the backbone's weights.
+  _check_rm_head(out, models.load_hf_config(out))
   config, backbone = placement.load_model(out)
-  _check_rm_head(out, config)  # a readable head of the expected shapes
   with safe_open(str(out / HEAD_FILE), "numpy") as h:
     head = {k: h.get_tensor(k) for k in h.keys()}
     pooling = (h.metadata() or {}).get("pooling", "last")

@@ -167,6 +167,7 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
 
 def _tokenized_prompts(
   prompts: list[str],
+  *,
   given: bool,
   adapter: "HFTokenizerAdapter",
   config: C.GenerateConfig,
@@ -176,15 +177,12 @@ def _tokenized_prompts(
 
   Raises:
     UserError: a prompt longer than --max-prompt-length (names it, 1-based,
-      and its start), or no room for a token beside the BOS.
+      and its start).
+    DataError: no room for a token beside the BOS; an empty prompt with no
+      BOS.
   """
   from rlhf_jax.data import PromptExample, PromptTooLongError, tokenize_prompts
 
-  if config.max_prompt_length <= (adapter.bos_id is not None):
-    raise runtime.UserError(
-      f"--max-prompt-length {config.max_prompt_length} leaves no room for a "
-      "prompt token after the BOS"
-    )
   what = "--prompts value" if given else "built-in prompt"
   rows = [
     PromptExample(p, where=f"{what} {i + 1}") for i, p in enumerate(prompts)
@@ -233,7 +231,9 @@ def run_generate(config: C.GenerateConfig) -> int:
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)
   prompts = list(config.prompts) or list(STORY_OPENINGS[:4])
-  ds = _tokenized_prompts(prompts, bool(config.prompts), adapter, config)
+  ds = _tokenized_prompts(
+    prompts, given=bool(config.prompts), adapter=adapter, config=config
+  )
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
   p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])

@@ -328,7 +328,8 @@ def test_scoring_beyond_a_gpt2_models_positions_is_an_error(tmp_path):
   assert str(e.value) == (
     f"--reward-model {out}: --max-prompt-length + --max-response-length = "
     "33 tokens exceed the model's 32 learned positions "
-    "(n_positions in config.json); lower them"
+    "(max_position_embeddings; n_positions in a GPT-2 config.json); lower "
+    "them"
   )
   with pytest.raises(runtime.UserError, match="no tokenizer"):
     load_scorer(str(out), 32)  # past the check: the tokenizer is next
@@ -360,7 +361,8 @@ def test_scorer_tokenizer_past_the_reward_models_vocabulary(
   with pytest.raises(models.ModelLoadError) as e:
     load_scorer(str(run), 32)
   assert str(e.value) == (
-    f"{run}: tokenizer.json has ids up to 50256 ('<|endoftext|>'); the "
+    f"--reward-model {run}: tokenizer.json has ids up to 50256 "
+    "('<|endoftext|>'); the "
     "reward model's vocab_size 96 gives the model embedding rows for ids "
     "0-95 only (another model's tokenizer, or tokens added without "
     "resizing the embedding)"

@@ -133,6 +133,51 @@ def test_vocab_check_reads_the_largest_id_not_the_count(tmp_path):
     )
   )
   assert tok.get_vocab_size(with_added_tokens=True) == 4
+  assert models.embedding_rows_needed(tok) == 10
   models.check_vocab_fits(tok, 10, "t")
   with pytest.raises(models.ModelLoadError, match="ids up to 9 \\('z'\\)"):
     models.check_vocab_fits(tok, 5, "t")
+
+
+@pytest.mark.parametrize(
+  "value, want", [(1, 1), ([1, 2], 1), (2047, 2047), (2048, None),
+                  (-1, None), ("1", None), (True, None)]
+)  # fmt: skip
+def test_config_json_token_ids_must_be_embedding_rows(
+  tinystories_dir, tmp_path, value, want
+):
+  """With no bos_token in the tokenizer files, config.json's bos_token_id
+  is the BOS: an id outside the embedding's 0-2047 (or not an int) would
+  be prepended to every prompt and read a NaN row, so it is refused."""
+  d = tmp_path / "m"
+  shutil.copytree(tinystories_dir, d)
+  for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    data = json.loads((d / name).read_text())
+    data.pop("bos_token", None)
+    (d / name).write_text(json.dumps(data))
+  config = json.loads((d / "config.json").read_text())
+  config["bos_token_id"] = value
+  (d / "config.json").write_text(json.dumps(config))
+  if want is not None:
+    assert models.load_tokenizer(d).bos_token_id == want
+    return
+  with pytest.raises(models.ModelLoadError) as e:
+    models.load_tokenizer(d)
+  assert str(e.value) == (
+    f"{d / 'config.json'}: bos_token_id = {value!r}; expected a token id "
+    "0-2047 (vocab_size 2048)"
+  )
+
+
+def test_a_vocab_size_below_one_is_left_to_the_model_loader(
+  tinystories_dir, tmp_path
+):
+  # No "rows for ids 0--1" message: load_hf_config names the bad value.
+  d = tmp_path / "m"
+  shutil.copytree(tinystories_dir, d)
+  config = json.loads((d / "config.json").read_text())
+  config["vocab_size"] = 0
+  (d / "config.json").write_text(json.dumps(config))
+  assert models.load_tokenizer(d).vocab_size == 2048
+  with pytest.raises(models.ModelLoadError, match="vocab_size"):
+    models.load_hf_config(d)
