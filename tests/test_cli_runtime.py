@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -325,3 +326,43 @@ def test_resolve_model_names_the_option_of_an_uncached_hub_id(
   monkeypatch.setenv(environment.MODEL_ENV, "org/name")
   with pytest.raises(runtime.UserError, match=r"^\$RLHF_JAX_MODEL_DIR: 'org/"):
     environment.resolve_model(None)
+
+
+def test_a_run_is_read_with_the_paths_it_started_with(tmp_path, monkeypatch):
+  """config.json keeps paths as typed ("good", relative to where the run
+  started); commands that read the run (generate/eval/export --run-dir)
+  take their resolved form from "paths", so from another working
+  directory they do not read another "good" (they did, without a word)."""
+  from rlhf_jax.stages import tools
+
+  start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+  run = start / "runs" / "r"
+  (start / "good").mkdir(parents=True)
+  (elsewhere / "good").mkdir(parents=True)
+  monkeypatch.chdir(start)
+  record = {
+    "command": "ppo",
+    "model_dir": "good",
+    "config": {"reward_model": "runs/r/rm", "data": None},
+  }
+  record["paths"] = {
+    k: runtime.portable_path(v, run)
+    for k, v in {
+      "model_dir": "good",
+      "config.reward_model": "runs/r/rm",
+    }.items()
+  }
+  assert record["paths"] == {
+    "model_dir": str(start / "good"),
+    "config.reward_model": "<run_dir>/rm",
+  }
+  run.mkdir(parents=True)
+  runtime.write_json(run / runtime.CONFIG_FILE, record)
+  monkeypatch.chdir(elsewhere)
+  got = tools._run_record(pathlib.Path("../start/runs/r"))
+  assert got["model_dir"] == str(start / "good")
+  assert got["config"]["reward_model"] == "../start/runs/r/rm"
+  assert got["config"]["data"] is None
+  # A record without "paths" (older runs) is read as written.
+  del record["paths"]
+  assert runtime.with_resolved_paths(record, run) == record

@@ -512,6 +512,24 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _temporary_sibling(out: pathlib.Path) -> pathlib.Path:
+  """A new directory beside ``out`` to write the conversion into, made
+  before the work so an output that cannot be written fails first.
+
+  Raises:
+    GGUFError: its parent cannot be created or written (names ``out``).
+  """
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return pathlib.Path(
+      tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)
+    )
+  except OSError as e:
+    raise GGUFError(
+      f"{out}: cannot create the output directory there ({e})"
+    ) from None
+
+
 def convert_gguf(
   gguf_path: str | os.PathLike, out_dir: str | os.PathLike
 ) -> pathlib.Path:
@@ -582,10 +600,9 @@ def convert_gguf(
     )
   except ModelLoadError as e:
     raise GGUFError(str(e)) from None
-  weights = hf_state_dict_from_gguf(reader, config, src)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  tmp = _temporary_sibling(out)
   try:
+    weights = hf_state_dict_from_gguf(reader, config, src)
     _write_json(tmp / "config.json", config)
     save_file(
       weights, str(tmp / "model.safetensors"), metadata={"format": "pt"}
@@ -649,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     out = convert_gguf(args.gguf, args.out_dir)
   except GGUFError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 1
+    return 2
   size = sum(f.stat().st_size for f in out.iterdir())
   print(
     f"{out}: {size / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s "

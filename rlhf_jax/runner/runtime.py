@@ -433,6 +433,30 @@ def portable_path(value: str | os.PathLike, run_dir: pathlib.Path) -> str:
   return str(p)
 
 
+def with_resolved_paths(
+  record: dict[str, Any], run_dir: pathlib.Path
+) -> dict[str, Any]:
+  """A copy of a run's config.json record whose path fields hold the form
+  its "paths" gave them when the run started (`portable_path`: absolute,
+  or inside ``run_dir``), so a command started in another working
+  directory reads the run's files, not others of the same relative name.
+  Fields "paths" does not list (older runs) stay as written.
+  """
+  out = json.loads(json.dumps(record))
+  paths = out.get("paths")
+  for dotted, value in (paths if isinstance(paths, dict) else {}).items():
+    *parents, leaf = dotted.split(".")
+    node = out
+    for k in parents:
+      node = node.get(k) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(value, str) and leaf in node:
+      inside = value.removeprefix(_IN_RUN_DIR)
+      if inside != value:  # "<run_dir>" or "<run_dir>/REL"
+        value = str(run_dir / inside.lstrip("/"))
+      node[leaf] = value
+  return out
+
+
 def _path_values(node: Any, prefix: str = "") -> dict[str, str]:
   """{dotted key: value} of the non-empty path fields of a record."""
   out: dict[str, str] = {}

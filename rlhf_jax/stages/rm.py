@@ -300,13 +300,19 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
     raise runtime.UserError(f"--reward-model {source}: {e}") from None
 
 
+# Head dtypes numpy reads (load_rm reads the head with numpy).
+_HEAD_DTYPES = ("F32", "F16", "F64")
+
+
 def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
   """In the rlhf_jax layout, the reward model's head file: "kernel" f32[D]
-  and "bias" f32[] (what `write_reward_model` writes; headers only).
+  and "bias" f32[] (what `write_reward_model` writes), floating point and
+  finite (D + 1 numbers, read whole).
 
   Raises:
     UserError: names the file and what is wrong.
   """
+  import numpy as np
   from safetensors import SafetensorError, safe_open
 
   from rlhf_jax.models import seq_cls
@@ -318,6 +324,10 @@ def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
   try:
     with safe_open(str(head), "numpy") as f:
       got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+      if got == want:
+        kinds = {k: f.get_slice(k).get_dtype() for k in want}
+        bad = {k: d for k, d in kinds.items() if d not in _HEAD_DTYPES}
+        values = {} if bad else {k: f.get_tensor(k) for k in want}
   except (OSError, SafetensorError) as e:
     raise runtime.UserError(
       f"{head}: not a readable safetensors file ({e})"
@@ -327,6 +337,17 @@ def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
       f"{head}: tensors {got}; expected {want} (kernel [hidden_size], "
       "bias [], as `rlhf-jax rm` writes them)"
     )
+  if bad:
+    raise runtime.UserError(
+      f"{head}: tensor dtypes {bad}; expected F32 (as `rlhf-jax rm` "
+      "writes them), F16 or F64"
+    )
+  for k, v in values.items():
+    if not np.isfinite(np.asarray(v, np.float64)).all():
+      raise runtime.UserError(
+        f"{head}: tensor {k!r} holds non-finite values (NaN or inf); "
+        "expected the finite weights of a trained head"
+      )
 
 
 # The fields that make two checkpoints the same network (dtypes aside).

@@ -69,7 +69,7 @@ def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
       f"{run_dir} is not a run directory (no config.json)"
     )
   try:
-    record = runtime.load_run_record(path)
+    record = runtime.with_resolved_paths(runtime.load_run_record(path), run_dir)
   except runtime.UserError:
     hh = _hh_settings(path)
     if hh is None:

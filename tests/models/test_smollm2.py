@@ -460,8 +460,16 @@ def test_module_cli_converts_and_reports_errors(tiny, tmp_path, capsys):
   src, _, _ = tiny
   assert gguf_conv.main([str(src), str(tmp_path / "cli")]) == 0
   assert "MiB" in capsys.readouterr().out
-  assert gguf_conv.main([str(tmp_path / "nope.gguf"), str(tmp_path)]) == 1
+  assert gguf_conv.main([str(tmp_path / "nope.gguf"), str(tmp_path)]) == 2
   assert "no such GGUF file" in capsys.readouterr().err
+  # An output under a file: one line naming it, exit 2, before any work.
+  under = src / "sub"
+  assert gguf_conv.main([str(src), str(under)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(
+    f"error: {under}: cannot create the output directory there ("
+  )
+  assert "Traceback" not in err and err.count("\n") == 1
 
 
 # ------------------------------------------- chat data and training on SmolLM2
