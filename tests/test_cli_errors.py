@@ -579,6 +579,72 @@ def test_generate_output_path_checked_before_sampling(tmp_path, capsys, where):
   assert printed.out == ""  # refused before sampling (which prints samples)
 
 
+def test_generate_output_in_a_read_only_folder(tmp_path, capsys, read_only):
+  """Checked before sampling: it failed after printing every sample."""
+  folder = tmp_path / "ro"
+  folder.mkdir()
+  read_only(folder)
+  out = folder / "samples.jsonl"
+  code = main(["generate", "--output", str(out)])
+  printed = capsys.readouterr()
+  _check(
+    code,
+    printed.err,
+    f"--output {out}: cannot write in {folder} (read-only file system); "
+    "nothing was sampled",
+  )
+  assert printed.out == ""
+
+
+def test_generate_output_in_the_model_directory(tmp_path, capsys):
+  """--overwrite replaced the model's own config.json with samples."""
+  model = tmp_path / "m"
+  shutil.copytree(GPT2, model)
+  before = (model / "config.json").read_text()
+  out = model / "config.json"
+  code, err = _run(
+    capsys,
+    ["generate", "--model", str(model), "--output", str(out), "--overwrite"],
+  )
+  _check(
+    code,
+    err,
+    f"--output {out}: lies in the model directory {model} it samples from; "
+    "choose another file",
+  )
+  assert (model / "config.json").read_text() == before
+
+
+def test_arguments_that_are_not_utf8(capsys):
+  """Bytes that are not UTF-8 reach Python as lone surrogates; a prompt
+  failed inside the tokenizer (exit 1), a --data path when the report was
+  written, after the work."""
+  bad = b"\xc3\xa9t\xff\xfe bad".decode("utf-8", "surrogateescape")
+  code, err = _run(capsys, ["generate", "--prompts", bad])
+  _check(
+    code,
+    err,
+    "--prompts value b'\\xc3\\xa9t\\xff\\xfe bad' is not UTF-8 text (byte "
+    "0xff); options, prompts and paths are read as UTF-8",
+  )
+  code, err = _run(capsys, ["audit", f"--data={bad}"])
+  assert code == 2 and "(byte 0xff)" in err and "argument b'--data=" in err
+
+
+def test_generate_model_and_run_dir_together(tmp_path, capsys):
+  # --model was ignored when --run-dir was given.
+  code, err = _run(
+    capsys,
+    ["generate", "--model", "/nonexistent", "--run-dir", str(tmp_path)],
+  )
+  _check(
+    code,
+    err,
+    "--model /nonexistent: not with --run-dir (which samples the run's "
+    "--policy); give one of them",
+  )
+
+
 @pytest.mark.parametrize(
   "arg, flag, no",
   [

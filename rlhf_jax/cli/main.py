@@ -492,6 +492,25 @@ def _config(command: str, rest: list[str]) -> Any:
   return _plain(config, plain) if paths else config
 
 
+def _not_utf8(args: Sequence[str]) -> str | None:
+  """The message for the first argument that is not UTF-8 (Python keeps
+  such bytes as lone surrogates, which tokenizers and report files then
+  refuse deep inside a command), or None."""
+  for i, a in enumerate(args):
+    try:
+      a.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raw = a.encode("utf-8", "surrogateescape")
+      byte = a[e.start].encode("utf-8", "surrogateescape").hex()
+      prev = args[i - 1] if i else ""
+      what = f"{prev} value" if prev.startswith("--") else "argument"
+      return (
+        f"{what} {raw!r} is not UTF-8 text (byte 0x{byte}); options, "
+        "prompts and paths are read as UTF-8"
+      )
+  return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
 
@@ -515,6 +534,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug, args = _debug(args)
   if not args:
     return _error("--debug needs a subcommand (see `rlhf-jax --help`)")
+  bad = _not_utf8(args)
+  if bad:
+    return _error(bad)
   try:
     return _main(args[0], args[1:], debug)
   except KeyboardInterrupt:  # a second Ctrl-C: stop at once

@@ -149,7 +149,8 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
 
   Raises:
     runtime.UserError: it is a directory, an existing file without
-      --overwrite, under a path that is a file, or a run's own file.
+      --overwrite, under a path that is a file, a run's own file, or in a
+      folder that cannot be written.
   """
   out = pathlib.Path(output)
   why = runtime.run_part(out)
@@ -162,6 +163,16 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
       f"--output {out}: exists; pass --overwrite to replace it"
     )
   _check_parents(out, "--output")
+  folder = next(p for p in out.absolute().parents if p.exists())
+  try:
+    reason = runtime.unwritable(folder)
+  except OSError as e:
+    reason = e.strerror or str(e)
+  if reason is not None:
+    raise runtime.UserError(
+      f"--output {out}: cannot write in {folder} ({reason}); nothing was "
+      "sampled"
+    )
   return out
 
 
@@ -223,6 +234,11 @@ def run_generate(config: C.GenerateConfig) -> int:
     if config.policy != "initial":
       raise runtime.UserError("--policy needs --run-dir")
     model_dir = environment.resolve_model(config.model)
+  if out is not None and _inside(out.resolve(), model_dir.resolve()):
+    raise runtime.UserError(
+      f"--output {out}: lies in the model directory {model_dir} it samples "
+      "from; choose another file"
+    )
   environment.check_lengths(
     model_dir,
     ("--max-prompt-length", config.max_prompt_length),

@@ -264,6 +264,12 @@ def problems(command: str, config: Any) -> list[str]:
     out += _pipeline_problems(config)
   if isinstance(config, KTOStageConfig):
     out += _kto_problems(config)
+  if command == "generate" and config.run_dir is not None:
+    if config.model is not None:
+      out.append(
+        f"--model {config.model}: not with --run-dir (which samples the "
+        "run's --policy); give one of them"
+      )
   if command in ("eval", "export"):
     run_dir = pathlib.Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
