@@ -740,6 +740,41 @@ def test_out_of_memory_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     "out of memory (Unable to allocate 9.46 TiB); ask for less work at "
     "once (fewer samples, prompts or tokens, or a smaller batch)",
   )
+  # XLA's allocator says it its way (--max-new-tokens 100000000 was an
+  # internal error); its first line is kept.
+  import jax
+
+  def xla(config):
+    raise jax.errors.JaxRuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory allocating 205301657000 bytes.\nat"
+    )
+
+  monkeypatch.setattr(tools, "run_generate", xla)
+  code, err = _run(capsys, ["generate"])
+  _check(
+    code,
+    err,
+    "out of memory (RESOURCE_EXHAUSTED: Out of memory allocating "
+    "205301657000 bytes.); ask for less work at once (fewer samples, "
+    "prompts or tokens, or a smaller batch)",
+  )
+
+
+def test_lengths_past_a_rotary_model_s_positions_warn(capsys, shared_data):
+  """TinyStories (rotary, max_position_embeddings 512) runs past 512, at
+  positions it never saw: a warning, not an error (GPT-2's learned table
+  is an error, above)."""
+  from rlhf_jax.stages import environment
+
+  model = shared_data / "models" / "tinystories-656k"
+  environment.check_lengths(model, ("--max-prompt-length", 32), ("--t", 480))
+  assert capsys.readouterr().err == ""
+  environment.check_lengths(model, ("--max-prompt-length", 32), ("--t", 481))
+  assert capsys.readouterr().err == (
+    "rlhf-jax: warning: --max-prompt-length 32 + --t 481 = 513 tokens "
+    f"exceed the max_position_embeddings (512) of {model}; positions past "
+    "it are ones the model never saw\n"
+  )
 
 
 def test_generate_overwrite_needs_output(capsys):

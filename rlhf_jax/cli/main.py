@@ -556,10 +556,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     disk = runtime.disk_error(e, "the output")
     if disk:
       return _error(_advice(args[0], disk, args))
-    if isinstance(e, MemoryError):  # e.g. a huge --num-samples
+    if isinstance(e, MemoryError) or (  # e.g. a huge --num-samples
+      type(e).__name__ == "JaxRuntimeError" and "RESOURCE_EXHAUSTED" in str(e)
+    ):  # XLA's allocator (e.g. a huge --max-new-tokens)
       return _error(
-        f"out of memory ({e}); ask for less work at once (fewer samples, "
-        "prompts or tokens, or a smaller batch)"
+        f"out of memory ({str(e).splitlines()[0] if str(e) else ''}); ask "
+        "for less work at once (fewer samples, prompts or tokens, or a "
+        "smaller batch)"
       )
     if isinstance(
       e, NotADirectoryError | FileNotFoundError | IsADirectoryError

@@ -455,15 +455,23 @@ class _TensorFiles:
     safetensors' numpy reader handles bfloat16 through ml_dtypes).
 
     Raises:
-      ModelLoadError: as `check`, or its data cannot be read.
+      ModelLoadError: as `check`, its data cannot be read, or it holds NaN
+        or inf (a damaged file: the model would sample garbage or train to
+        NaN without an error).
     """
     f = self.where.get(name)
     with self._open(name, shape, why) as h:
       self._checked(h, name, shape, why)
       try:
-        return h.get_tensor(name)
+        t = h.get_tensor(name)
       except (SafetensorError, OSError) as e:
         raise self._damaged(f, e) from None
+    if not np.isfinite(t).all():
+      raise ModelLoadError(
+        f"{f}: tensor {name!r} holds non-finite values (NaN or inf); "
+        f"expected finite weights ({why}): a damaged or diverged checkpoint"
+      )
+    return t
 
 
 def _weight_map(index: pathlib.Path) -> dict[str, str]:

@@ -290,7 +290,13 @@ def _score(model_dir: pathlib.Path, config: ModelConfig) -> np.ndarray:
       raise ModelLoadError(f"{f}: cannot read ({e})") from None
     if not jnp.issubdtype(w.dtype, jnp.floating):
       raise ModelLoadError(f"{f}: {SCORE} has dtype {w.dtype}; expected float")
-    return np.asarray(w.astype(jnp.float32)).reshape(-1)
+    score = np.asarray(w.astype(jnp.float32)).reshape(-1)
+    if not np.isfinite(score).all():
+      raise ModelLoadError(
+        f"{f}: {SCORE} holds non-finite values (NaN or inf); expected the "
+        "finite weights of a trained head"
+      )
+    return score
   raise ModelLoadError(
     f"{model_dir}: no tensor {SCORE} in {[f.name for f in files]} (the "
     "sequence-classification head)"

@@ -5,6 +5,7 @@ environment variables)."""
 import dataclasses
 import os
 import pathlib
+import sys
 
 from rlhf_jax.runner.mesh import DistributedConfig, start_distributed
 from rlhf_jax.runner.runtime import CompileClock, UserError
@@ -199,3 +200,10 @@ def check_lengths(
     models.check_position_table(p + t, model_config, what)
   except ValueError as e:
     raise UserError(f"{e} of {model_dir}; lower them") from None
+  limit = model_config.max_position_embeddings
+  if p + t > limit:  # rotary: runs, but past the lengths it was trained at
+    sys.stderr.write(
+      f"rlhf-jax: warning: {what} exceed the max_position_embeddings "
+      f"({limit}) of {model_dir}; positions past it are ones the model "
+      "never saw\n"
+    )

@@ -222,6 +222,18 @@ CASES = [
     (),
   ),
   (
+    "nan_weight",  # it sampled garbage (generate exited 0)
+    lambda d, t: _weights(
+      d, t, **{Q0: np.where(np.eye(128) > 0, np.nan, t[Q0]).astype(np.float32)}
+    ),
+    [
+      f"{{dir}}/model.safetensors: tensor '{Q0}' holds non-finite values "
+      "(NaN or inf); expected finite weights (llama config in config.json): "
+      "a damaged or diverged checkpoint"
+    ],
+    (),
+  ),
+  (
     "unused_tensor",
     lambda d, t: _weights(d, t, **{"score.weight": np.ones((2, 128))}),
     [

@@ -149,6 +149,11 @@ def test_refusals(tmp_path):
   assert not seq_cls.is_sequence_classification(causal)
   with pytest.raises(models.ModelLoadError, match="ForSequenceClassification"):
     seq_cls.load_sequence_classification(causal)
+  nan = {**params, "head": {**params["head"]}}
+  nan["head"]["kernel"] = params["head"]["kernel"].at[0].set(jnp.nan)
+  d = seq_cls.export_sequence_classification(nan, config, tmp_path / "nan")
+  with pytest.raises(models.ModelLoadError, match="score.weight holds non-fin"):
+    seq_cls.load_sequence_classification(d)
 
 
 def test_pad_equals_eos():
