@@ -579,6 +579,9 @@ def _holds_run(run_dir: pathlib.Path) -> bool:
 def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
   """Raises UserError when --overwrite would delete what rlhf-jax did not
   write: entries of the user's, or an input of this config."""
+  flag, where = ("--run-dir", "the run directory")
+  if record.get("command") == "audit":  # an audit's folder is its --out
+    flag, where = ("--out", "the --out folder")
   foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
   foreign += _foreign_inside(run_dir)
   if foreign:
@@ -587,14 +590,14 @@ def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
     raise UserError(
       f"--overwrite {run_dir}: it holds {n} rlhf-jax did not write "
       f"({', '.join(foreign[:5])}{more}); nothing was deleted. "
-      "Move them out of the run directory, or choose another --run-dir"
+      f"Move them out of {where}, or choose another {flag}"
     )
   for key, value in _path_values(record).items():
     if portable_path(value, run_dir).startswith(_IN_RUN_DIR):
       raise UserError(
-        f"--overwrite {run_dir}: {_flag(key)} {value} lies inside the run "
-        "directory and would be deleted; nothing was deleted. Move it out "
-        "of the run directory, or choose another --run-dir"
+        f"--overwrite {run_dir}: {_flag(key)} {value} lies inside {where} "
+        "and would be deleted; nothing was deleted. Move it out of "
+        f"{where}, or choose another {flag}"
       )
 
 

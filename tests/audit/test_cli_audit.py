@@ -77,6 +77,17 @@ def test_good_run(tmp_path, capsys):
     capsys, ["audit", "--data", data, "--out", str(out), "--overwrite"]
   )
   assert code == 0, err
+  # A file of the user's in it: kept, and the advice names --out (it said
+  # "choose another --run-dir", an option audit does not have).
+  (out / "mine.txt").write_text("x")
+  code, _, err = _run(
+    capsys, ["audit", "--data", data, "--out", str(out), "--overwrite"]
+  )
+  assert code == 2 and (out / "mine.txt").read_text() == "x"
+  assert err.endswith(
+    "(mine.txt); nothing was deleted. Move them out of the --out folder, "
+    "or choose another --out\n"
+  ), err
 
 
 def test_hh_like_data_says_cycles_cannot_be_checked(tmp_path, capsys):
