@@ -615,6 +615,18 @@ def test_generate_output_in_the_model_directory(tmp_path, capsys):
   assert (model / "config.json").read_text() == before
 
 
+def test_empty_model_dir_variable(capsys, monkeypatch):
+  # It fell back to the built-in model without a word.
+  monkeypatch.setenv("RLHF_JAX_MODEL_DIR", "")
+  code, err = _run(capsys, ["generate"])
+  _check(
+    code,
+    err,
+    "$RLHF_JAX_MODEL_DIR is set but empty; unset it, or set it to a "
+    "checkpoint directory",
+  )
+
+
 def test_arguments_that_are_not_utf8(capsys):
   """Bytes that are not UTF-8 reach Python as lone surrogates; a prompt
   failed inside the tokenizer (exit 1), a --data path when the report was

@@ -43,11 +43,17 @@ def resolve_model(model: str | None) -> pathlib.Path:
   ``<repo>/../shared/data/models/tinystories-656k`` when it exists.
 
   Raises:
-    UserError: the directory does not exist, or nothing was found.
+    UserError: the directory does not exist, or nothing was found; an
+      empty $RLHF_JAX_MODEL_DIR.
   """
   where = "--model"
-  if model is None and os.environ.get(MODEL_ENV):
+  if model is None and MODEL_ENV in os.environ:
     model, where = os.environ[MODEL_ENV], f"${MODEL_ENV}"
+    if not model.strip():  # set by mistake: not silently the default model
+      raise UserError(
+        f"${MODEL_ENV} is set but empty; unset it, or set it to a "
+        "checkpoint directory"
+      )
   if model is None:
     if DEFAULT_MODEL_DIR.is_dir():
       return DEFAULT_MODEL_DIR
