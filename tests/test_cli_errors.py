@@ -1406,23 +1406,30 @@ def test_load_rm_checks_the_head_file(tmp_path):
     f"{rm / HEAD_FILE}: tensors {{'bias': (), 'kernel': (7,)}}; expected "
     "{'kernel': (32,), 'bias': ()}"
   )
-  # The right shapes, but integers (grad failed inside the PPO step, audit
-  # scored every pair 0) or a NaN (NaN rewards): refused the same way.
-  head = {"kernel": np.zeros(32, np.int32), "bias": np.zeros((), np.float32)}
-  rm = _rm_export(tmp_path / "int", GPT2, head=head)
-  with pytest.raises(runtime.UserError) as e:
-    load_rm(rm)
-  assert str(e.value) == (
-    f"{rm / HEAD_FILE}: tensor dtypes {{'kernel': 'I32'}}; expected F32 (as "
-    "`rlhf-jax rm` writes them), F16 or F64"
-  )
-  kernel = np.zeros(32, np.float32)
-  kernel[3] = np.nan
+
+
+@pytest.mark.parametrize("bad", ["int32", "nan"])
+def test_load_rm_checks_the_head_values(tmp_path, bad):
+  """The right shapes, but integers (grad failed inside the PPO step,
+  audit scored every pair 0) or a NaN (NaN rewards): refused the same
+  way, naming the file."""
+  import numpy as np
+
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages.common import HEAD_FILE
+  from rlhf_jax.stages.rm import load_rm
+
+  kernel = np.zeros(32, np.int32 if bad == "int32" else np.float32)
+  if bad == "nan":
+    kernel[3] = np.nan
   head = {"kernel": kernel, "bias": np.zeros((), np.float32)}
-  rm = _rm_export(tmp_path / "nan", GPT2, head=head)
+  rm = _rm_export(tmp_path, GPT2, head=head)
   with pytest.raises(runtime.UserError) as e:
     load_rm(rm)
-  assert str(e.value) == (
-    f"{rm / HEAD_FILE}: tensor 'kernel' holds non-finite values (NaN or "
-    "inf); expected the finite weights of a trained head"
-  )
+  want = {
+    "int32": "tensor dtypes {'kernel': 'I32'}; expected F32 (as `rlhf-jax "
+    "rm` writes them), F16 or F64",
+    "nan": "tensor 'kernel' holds non-finite values (NaN or inf); expected "
+    "the finite weights of a trained head",
+  }[bad]
+  assert str(e.value) == f"{rm / HEAD_FILE}: {want}"
