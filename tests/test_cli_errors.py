@@ -160,7 +160,7 @@ def test_generate_default_prompt_longer_than_max_length(capsys):
   _check(
     code,
     err,
-    "max_prompt_length=1 leaves no room for a prompt token after the BOS",
+    "--max-prompt-length 1 leaves no room for a prompt token after the BOS",
   )
 
 
@@ -174,7 +174,8 @@ def test_ppo_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
   _check(
     code,
     err,
-    "max_prompt_length=1 leaves no room for a prompt token after the BOS",
+    "--task.max-prompt-length 1 leaves no room for a prompt token after "
+    "the BOS",
   )
 
 
@@ -639,8 +640,18 @@ def test_arguments_that_are_not_utf8(capsys):
     "--prompts value b'\\xc3\\xa9t\\xff\\xfe bad' is not UTF-8 text (byte "
     "0xff); options, prompts and paths are read as UTF-8",
   )
-  code, err = _run(capsys, ["audit", f"--data={bad}"])
+  code, err = _run(capsys, ["audit", "--out", "x", f"--data={bad}"])
   assert code == 2 and "(byte 0xff)" in err and "argument b'--data=" in err
+  code, err = _run(capsys, ["generate", "--prompts", "a", bad])  # 2nd value
+  assert err.startswith("rlhf-jax: error: --prompts value b'"), err
+  # A surrogate no byte of the OS maps to (a caller's own string).
+  code, err = _run(capsys, ["generate", "--prompts", "a\ud800"])
+  _check(
+    code,
+    err,
+    "--prompts value b'a\\\\ud800' is not UTF-8 text (a lone surrogate); "
+    "options, prompts and paths are read as UTF-8",
+  )
 
 
 def test_generate_model_and_run_dir_together(tmp_path, capsys):
@@ -1427,8 +1438,8 @@ def test_load_rm_checks_the_head_values(tmp_path, bad):
   with pytest.raises(runtime.UserError) as e:
     load_rm(rm)
   want = {
-    "int32": "tensor dtypes {'kernel': 'I32'}; expected F32 (as `rlhf-jax "
-    "rm` writes them), F16 or F64",
+    "int32": "tensor dtypes {'kernel': 'I32'}; expected floating point "
+    "(F32 or BF16 as `rlhf-jax rm` writes them, F16, F64)",
     "nan": "tensor 'kernel' holds non-finite values (NaN or inf); expected "
     "the finite weights of a trained head",
   }[bad]

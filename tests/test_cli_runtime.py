@@ -356,13 +356,18 @@ def test_a_run_is_read_with_the_paths_it_started_with(tmp_path, monkeypatch):
     "model_dir": str(start / "good"),
     "config.reward_model": "<run_dir>/rm",
   }
-  run.mkdir(parents=True)
+  (run / "rm").mkdir(parents=True)
   runtime.write_json(run / runtime.CONFIG_FILE, record)
   monkeypatch.chdir(elsewhere)
   got = tools._run_record(pathlib.Path("../start/runs/r"))
   assert got["model_dir"] == str(start / "good")
   assert got["config"]["reward_model"] == "../start/runs/r/rm"
   assert got["config"]["data"] is None
+  # A resolved path that is gone (the run moved to another machine with
+  # its model beside it) leaves the spelling as written.
+  (start / "good").rmdir()
+  got = tools._run_record(pathlib.Path("../start/runs/r"))
+  assert got["model_dir"] == "good"
   # A record without "paths" (older runs) is read as written.
   del record["paths"]
   assert runtime.with_resolved_paths(record, run) == record

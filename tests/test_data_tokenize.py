@@ -11,6 +11,7 @@ import tokenizers
 from rlhf_jax.data import (
   DataError,
   HFTokenizerAdapter,
+  NoPromptRoomError,
   PreferencePair,
   PromptExample,
   PromptTooLongError,
@@ -152,7 +153,7 @@ def test_prompt_too_long_without_truncation(tiny):
   # 1 BOS + 5 tokens = 6 > 4.
   assert str(e.value) == (
     "p.jsonl:5: prompt has 6 tokens, longer than max_prompt_length=4 "
-    "(set truncate_prompts=True to keep its last 4 tokens, a BOS included)"
+    "(set truncate_prompts=True to cut it from the left to 4 tokens)"
   )
   # The fields a command rewords the message from (rlhf-jax generate).
   assert isinstance(e.value, PromptTooLongError)
@@ -163,6 +164,13 @@ def test_prompt_too_long_without_truncation(tiny):
   )
   back = copy.deepcopy(e.value)  # rebuilt from __reduce__, as pickle does
   assert (str(back), back.length) == (str(e.value), 6)
+  # P = 1 with a BOS: no prompt fits at all (its own error, same fields).
+  with pytest.raises(NoPromptRoomError) as e:
+    tokenize_prompts(ex, tiny, max_prompt_length=1)
+  assert str(e.value) == (
+    "max_prompt_length=1 leaves no room for a prompt token after the BOS"
+  )
+  assert copy.deepcopy(e.value).max_prompt_length == 1
 
 
 def test_empty_response_without_eos_is_an_error(gpt2):
@@ -293,6 +301,25 @@ def test_models_tokenizer_is_read_without_its_post_processor(
     max_response_length=4,
   ).arrays  # fmt: skip
   assert int((sft["prompt_ids"] == 1).sum()) == 1
+
+
+def test_a_users_own_tokenizer_is_used_as_it_is(tinystories_dir):
+  """Only a Hugging Face-style wrapper is adapted: a Tokenizer of the
+  user's, even one with a ``bos_token_id`` and a ``.tokenizer``, keeps
+  its own encode and pad id."""
+
+  class Mine:
+    bos_id, eos_id, pad_id = 1, 2, 9
+    bos_token_id = 1
+    tokenizer = tokenizers.Tokenizer.from_file(
+      str(tinystories_dir / "tokenizer.json")
+    )
+
+    def encode(self, text):
+      return [7] * len(text.split())
+
+  got = tokenize_prompts(["a b"], Mine(), max_prompt_length=4).arrays
+  np.testing.assert_array_equal(got["prompt_ids"], [[9, 1, 7, 7]])
 
 
 def test_reply_ending_with_its_eos_gets_no_second_one(gpt2):

@@ -495,18 +495,26 @@ def _config(command: str, rest: list[str]) -> Any:
 def _not_utf8(args: Sequence[str]) -> str | None:
   """The message for the first argument that is not UTF-8 (Python keeps
   such bytes as lone surrogates, which tokenizers and report files then
-  refuse deep inside a command), or None."""
+  refuse deep inside a command), or None.
+
+  Args:
+    args: the command line after the program name.
+  """
   for i, a in enumerate(args):
     try:
       a.encode("utf-8")
     except UnicodeEncodeError as e:
-      raw = a.encode("utf-8", "surrogateescape")
-      byte = a[e.start].encode("utf-8", "surrogateescape").hex()
-      prev = args[i - 1] if i else ""
-      what = f"{prev} value" if prev.startswith("--") else "argument"
+      try:
+        raw = a.encode("utf-8", "surrogateescape")
+        bad = f"byte 0x{a[e.start].encode('utf-8', 'surrogateescape').hex()}"
+      except UnicodeEncodeError:  # a surrogate no OS byte maps to
+        raw, bad = a.encode("utf-8", "backslashreplace"), "a lone surrogate"
+      option = next((o for o in args[i - 1 :: -1] if o.startswith("--")), "")
+      named = i and option and not a.startswith("--")
+      what = f"{option.partition('=')[0]} value" if named else "argument"
       return (
-        f"{what} {raw!r} is not UTF-8 text (byte 0x{byte}); options, "
-        "prompts and paths are read as UTF-8"
+        f"{what} {raw!r} is not UTF-8 text ({bad}); options, prompts and "
+        "paths are read as UTF-8"
       )
   return None
 
@@ -556,8 +564,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     disk = runtime.disk_error(e, "the output")
     if disk:
       return _error(_advice(args[0], disk, args))
+    from jax.errors import JaxRuntimeError  # loaded by now
+
     if isinstance(e, MemoryError) or (  # e.g. a huge --num-samples
-      type(e).__name__ == "JaxRuntimeError" and "RESOURCE_EXHAUSTED" in str(e)
+      isinstance(e, JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
     ):  # XLA's allocator (e.g. a huge --max-new-tokens)
       return _error(
         f"out of memory ({str(e).splitlines()[0] if str(e) else ''}); ask "

@@ -23,6 +23,7 @@ from rlhf_jax.data.errors import (
   DataError,
   DroppedRow,
   DropReport,
+  NoPromptRoomError,
   PromptTooLongError,
   TruncationReport,
 )
@@ -75,6 +76,7 @@ __all__ = [
   "LoaderBatch",
   "PreferencePair",
   "PromptExample",
+  "NoPromptRoomError",
   "PromptTooLongError",
   "RankedExample",
   "Row",

@@ -51,11 +51,30 @@ class PromptTooLongError(DataError):
     super().__init__(
       f"{where}: prompt has {length} tokens, longer than "
       f"max_prompt_length={max_prompt_length} (set truncate_prompts=True "
-      f"to keep its last {max_prompt_length} tokens, a BOS included)"
+      f"to cut it from the left to {max_prompt_length} tokens)"
     )
 
   def __reduce__(self):  # copy and pickle rebuild it from its fields
     return type(self), (self.where, self.length, self.max_prompt_length)
+
+
+class NoPromptRoomError(DataError):
+  """A max_prompt_length that leaves no room for one prompt token beside
+  the BOS (a command rewords it with its option's name).
+
+  Attributes:
+    max_prompt_length: P.
+  """
+
+  def __init__(self, max_prompt_length: int):
+    self.max_prompt_length = max_prompt_length
+    super().__init__(
+      f"max_prompt_length={max_prompt_length} leaves no room for a prompt "
+      "token after the BOS"
+    )
+
+  def __reduce__(self):
+    return type(self), (self.max_prompt_length,)
 
 
 @dataclasses.dataclass(frozen=True)

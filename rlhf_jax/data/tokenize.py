@@ -25,6 +25,7 @@ appended to responses (``append_eos``) here.
 
 import collections
 import dataclasses
+import inspect
 import itertools
 import os
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ from rlhf_jax.data.errors import (
   DROP_REASONS,
   DataError,
   DroppedRow,
+  NoPromptRoomError,
   PromptTooLongError,
   TruncationReport,
   logger,
@@ -261,13 +263,32 @@ class TokenizedDataset:
 
 
 def _data_tokenizer(tok: Any) -> Tokenizer:
-  """``tok`` as this module encodes with it. A wrapper in Hugging Face's
-  naming (``bos_token_id``, ...: `rlhf_jax.models.load_tokenizer`'s, a
-  transformers fast tokenizer) encodes with its post-processor's BOS, and
-  the prompt would get a second one: it is read through
-  `HFTokenizerAdapter.wrap` (``wrap`` raises TypeError for one that holds
-  no ``tokenizers.Tokenizer``)."""
+  """``tok`` as this module encodes with it.
+
+  A wrapper in Hugging Face's naming (``bos_token_id``, an ``encode`` with
+  ``add_special_tokens``, a ``tokenizers.Tokenizer`` inside:
+  `rlhf_jax.models.load_tokenizer`'s, a transformers fast tokenizer)
+  encodes with its post-processor's BOS, and every prompt would get a
+  second one: it is read through `HFTokenizerAdapter.wrap`. Any other
+  object (an adapter, a user's own ``Tokenizer``) is used as it is.
+
+  Args:
+    tok: the tokenizer a ``tokenize_*`` function was given.
+
+  Returns:
+    ``tok``, or its `HFTokenizerAdapter`.
+  """
   if isinstance(tok, HFTokenizerAdapter) or not hasattr(tok, "bos_token_id"):
+    return tok
+  inner = getattr(tok, "tokenizer", None)
+  inner = (
+    inner if inner is not None else getattr(tok, "backend_tokenizer", None)
+  )
+  try:
+    params = inspect.signature(tok.encode).parameters
+  except (AttributeError, TypeError, ValueError):
+    return tok
+  if "add_special_tokens" not in params or not hasattr(inner, "encode_batch"):
     return tok
   return HFTokenizerAdapter.wrap(tok)
 
@@ -311,11 +332,11 @@ def _prompts(
   """(ids, mask, bool[N] cut) of left-padded, left-truncated prompts."""
   bos = [tok.bos_id] if add_bos and tok.bos_id is not None else []
   keep = max_prompt_length - len(bos)
+  if keep < 1 and bos:
+    raise NoPromptRoomError(max_prompt_length)
   if keep < 1:
-    after = " after the BOS" if bos else ""
     raise DataError(
-      f"max_prompt_length={max_prompt_length} leaves no room for a prompt "
-      f"token{after}"
+      f"max_prompt_length={max_prompt_length}: expected at least 1"
     )
   out, cut = [], np.zeros(len(texts), bool)
   for i, (ids, where) in enumerate(

@@ -512,9 +512,26 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
   path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def _check_output_parent(out: pathlib.Path) -> None:
+  """Before the work, creating nothing: the nearest existing folder above
+  ``out`` is a folder this process may write in.
+
+  Raises:
+    GGUFError: it is a file, or not writable (names ``out``).
+  """
+  above = next(p for p in out.parents if p.exists())
+  if not above.is_dir():
+    raise GGUFError(
+      f"{out}: cannot create the output directory ({above} is a file)"
+    )
+  if not os.access(above, os.W_OK):
+    raise GGUFError(
+      f"{out}: cannot create the output directory ({above} is not writable)"
+    )
+
+
 def _temporary_sibling(out: pathlib.Path) -> pathlib.Path:
-  """A new directory beside ``out`` to write the conversion into, made
-  before the work so an output that cannot be written fails first.
+  """A new directory beside ``out`` to write the conversion into.
 
   Raises:
     GGUFError: its parent cannot be created or written (names ``out``).
@@ -552,7 +569,8 @@ def convert_gguf(
   Raises:
     GGUFError: missing or corrupt GGUF, unsupported architecture or
       tokenizer, a missing/misshapen tensor or metadata field (each message
-      names the file and field), or `out_dir` exists with other contents.
+      names the file and field), `out_dir` exists with other contents, or
+      it cannot be created.
   """
   from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -600,9 +618,10 @@ def convert_gguf(
     )
   except ModelLoadError as e:
     raise GGUFError(str(e)) from None
+  _check_output_parent(out)
+  weights = hf_state_dict_from_gguf(reader, config, src)
   tmp = _temporary_sibling(out)
   try:
-    weights = hf_state_dict_from_gguf(reader, config, src)
     _write_json(tmp / "config.json", config)
     save_file(
       weights, str(tmp / "model.safetensors"), metadata={"format": "pt"}

@@ -264,7 +264,14 @@ def embedding_rows_needed(
   tokenizer: "Tokenizer | tokenizers.Tokenizer",
 ) -> int:
   """Embedding rows a model needs for every id the tokenizer emits: its
-  largest id + 1 (more than its token count when the ids have gaps)."""
+  largest id + 1 (more than its token count when the ids have gaps).
+
+  Args:
+    tokenizer: a `Tokenizer` or a `tokenizers.Tokenizer`.
+
+  Returns:
+    The row count (0 for an empty vocabulary).
+  """
   raw = getattr(tokenizer, "tokenizer", tokenizer)
   return max(raw.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
@@ -315,9 +322,18 @@ def _config_token_id(
 ) -> int | None:
   """config.json's ``{role}_token_id`` (the first of a list), or None.
 
+  A negative id (some configs write -1 for "none") is None, and so is an
+  unk id past the embedding (nothing reads it); a bos, eos or pad id past
+  it would be read, so it is refused.
+
+  Args:
+    mcfg: the parsed config.json.
+    role: "bos", "eos", "pad" or "unk".
+    vocab: its vocab_size, or None when it has none.
+    d: the model directory, for the message.
+
   Raises:
-    ModelLoadError: not an integer, or not an id of the embedding's
-      0 .. vocab_size - 1 (a NaN row or another row would be read).
+    ModelLoadError: not an integer, or a bos/eos/pad id >= vocab_size.
   """
   key = f"{role}_token_id"
   v = mcfg.get(key)
@@ -325,16 +341,17 @@ def _config_token_id(
     v = v[0] if v else None
   if v is None:
     return None
-  top = None if vocab is None else vocab - 1
-  if (
-    isinstance(v, bool)
-    or not isinstance(v, int)
-    or v < 0
-    or (top is not None and v > top)
-  ):
-    span = f"0-{top} (vocab_size {vocab})" if top is not None else ">= 0"
+  if isinstance(v, bool) or not isinstance(v, int):
     raise ModelLoadError(
-      f"{d / 'config.json'}: {key} = {v!r}; expected a token id {span}"
+      f"{d / 'config.json'}: {key} = {v!r}; expected an integer token id"
+    )
+  past = vocab is not None and v >= vocab
+  if v < 0 or (past and role == "unk"):
+    return None
+  if past:
+    raise ModelLoadError(
+      f"{d / 'config.json'}: {key} = {v}; expected a token id 0-{vocab - 1} "
+      f"(vocab_size {vocab})"
     )
   return v
 

@@ -440,7 +440,17 @@ def with_resolved_paths(
   its "paths" gave them when the run started (`portable_path`: absolute,
   or inside ``run_dir``), so a command started in another working
   directory reads the run's files, not others of the same relative name.
-  Fields "paths" does not list (older runs) stay as written.
+
+  A field keeps its spelling when "paths" does not list it (older runs),
+  when it is not a non-empty string, or when its resolved form no longer
+  exists (a run moved to another machine with its inputs beside it).
+
+  Args:
+    record: the parsed config.json (`load_run_record`).
+    run_dir: the run directory it was read from.
+
+  Returns:
+    The copy (``record`` is not changed).
   """
   out = json.loads(json.dumps(record))
   paths = out.get("paths")
@@ -449,10 +459,15 @@ def with_resolved_paths(
     node = out
     for k in parents:
       node = node.get(k) if isinstance(node, dict) else None
-    if isinstance(node, dict) and isinstance(value, str) and leaf in node:
-      inside = value.removeprefix(_IN_RUN_DIR)
-      if inside != value:  # "<run_dir>" or "<run_dir>/REL"
-        value = str(run_dir / inside.lstrip("/"))
+    if not (isinstance(node, dict) and isinstance(value, str)):
+      continue
+    written = node.get(leaf)
+    if not (isinstance(written, str) and written):
+      continue
+    inside = value.removeprefix(_IN_RUN_DIR)
+    if inside != value:  # "<run_dir>" or "<run_dir>/REL"
+      value = str(run_dir / inside.lstrip("/"))
+    if os.path.lexists(value):
       node[leaf] = value
   return out
 

@@ -184,7 +184,8 @@ def check_lengths(
   """Rows of P prompt + T further tokens fit a model with learned
   positions (GPT-2), read from config.json alone, before any work starts
   (the forward and `rollout.generate` would refuse them later, and a
-  position past the table reads NaN).
+  position past the table reads NaN). Past a rotary model's
+  max_position_embeddings (no rope_scaling) a warning goes to stderr.
 
   Args:
     model_dir: the model directory.
@@ -207,7 +208,9 @@ def check_lengths(
   except ValueError as e:
     raise UserError(f"{e} of {model_dir}; lower them") from None
   limit = model_config.max_position_embeddings
-  if p + t > limit:  # rotary: runs, but past the lengths it was trained at
+  # Rotary without a scaling made to reach further: it runs, at positions
+  # past the lengths it was trained at.
+  if p + t > limit and model_config.rope_scaling is None:
     sys.stderr.write(
       f"rlhf-jax: warning: {what} exceed the max_position_embeddings "
       f"({limit}) of {model_dir}; positions past it are ones the model "

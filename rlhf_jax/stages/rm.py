@@ -300,8 +300,9 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
     raise runtime.UserError(f"--reward-model {source}: {e}") from None
 
 
-# Head dtypes numpy reads (load_rm reads the head with numpy).
-_HEAD_DTYPES = ("F32", "F16", "F64")
+# Float head dtypes (safetensors' numpy reader gives bfloat16 through
+# ml_dtypes); `rlhf-jax rm` writes F32, or BF16 with a bf16 param_dtype.
+_HEAD_DTYPES = ("F32", "BF16", "F16", "F64")
 
 
 def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
@@ -321,6 +322,7 @@ def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
     return  # its head is a tensor of the weights, checked when loaded
   head = rm_dir / HEAD_FILE
   want = {"kernel": (config.hidden_size,), "bias": ()}
+  bad, values = {}, {}
   try:
     with safe_open(str(head), "numpy") as f:
       got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -339,8 +341,8 @@ def _check_rm_head(rm_dir: pathlib.Path, config: models.ModelConfig) -> None:
     )
   if bad:
     raise runtime.UserError(
-      f"{head}: tensor dtypes {bad}; expected F32 (as `rlhf-jax rm` "
-      "writes them), F16 or F64"
+      f"{head}: tensor dtypes {bad}; expected floating point (F32 or BF16 "
+      "as `rlhf-jax rm` writes them, F16, F64)"
     )
   for k, v in values.items():
     if not np.isfinite(np.asarray(v, np.float64)).all():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.data import tokenize_prompts
+from rlhf_jax.data import DataError, NoPromptRoomError, tokenize_prompts
 from rlhf_jax.rollout import generate
 from rlhf_jax.runner.progress import ProgressBar
 from rlhf_jax.stages.common import Context
@@ -129,12 +129,17 @@ def decode(ctx: Context, ids: np.ndarray, mask: np.ndarray) -> list[str]:
 def tokenize_prompt_texts(ctx: Context, texts: Sequence[str]):
   """Left-padded prompt arrays; a task prompt longer than P is a
   DataError, a --prompts prompt keeps its last P tokens."""
-  ds = tokenize_prompts(
-    list(texts),
-    ctx.adapter,
-    max_prompt_length=ctx.config.task.max_prompt_length,
-    # The user's prompts keep their last P tokens (counted); the task's
-    # own prompts must fit.
-    truncate_prompts=ctx.config.prompts is not None,
-  )
-  return ds
+  try:
+    return tokenize_prompts(
+      list(texts),
+      ctx.adapter,
+      max_prompt_length=ctx.config.task.max_prompt_length,
+      # The user's prompts keep their last P tokens (counted); the task's
+      # own prompts must fit.
+      truncate_prompts=ctx.config.prompts is not None,
+    )
+  except NoPromptRoomError as e:
+    raise DataError(
+      f"--task.max-prompt-length {e.max_prompt_length} leaves no room for a "
+      "prompt token after the BOS"
+    ) from None

@@ -188,11 +188,15 @@ def _tokenized_prompts(
 
   Raises:
     UserError: a prompt longer than --max-prompt-length (names it, 1-based,
-      and its start).
-    DataError: no room for a token beside the BOS; an empty prompt with no
-      BOS.
+      and its start), or no room for a token beside the BOS.
+    DataError: an empty prompt with no BOS.
   """
-  from rlhf_jax.data import PromptExample, PromptTooLongError, tokenize_prompts
+  from rlhf_jax.data import (
+    NoPromptRoomError,
+    PromptExample,
+    PromptTooLongError,
+    tokenize_prompts,
+  )
 
   what = "--prompts value" if given else "built-in prompt"
   rows = [
@@ -205,6 +209,11 @@ def _tokenized_prompts(
       max_prompt_length=config.max_prompt_length,
       truncate_prompts=False,
     )
+  except NoPromptRoomError as e:
+    raise runtime.UserError(
+      f"--max-prompt-length {e.max_prompt_length} leaves no room for a "
+      "prompt token after the BOS"
+    ) from None
   except PromptTooLongError as e:
     text = next(r.prompt for r in rows if r.where == e.where)
     text = text if len(text) <= 40 else text[:37] + "..."
