@@ -35,8 +35,6 @@ per held-out prompt, fixed key) before and after training.
 """
 
 import dataclasses
-import os
-import pathlib
 import time
 from typing import Literal
 
@@ -50,6 +48,7 @@ from rlhf_jax import models, parallel, rewards
 from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
 from rlhf_jax.rollout import generate
 from rlhf_jax.runner.mesh import MeshConfig, Placement
+from rlhf_jax.stages.environment import resolve_model
 from rlhf_jax.tasks import STORY_OPENINGS
 from rlhf_jax.train import (
   GRPOConfig,
@@ -59,10 +58,6 @@ from rlhf_jax.train import (
 )
 from rlhf_jax.types import PromptBatch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_MODEL = (
-  REPO_ROOT.parent / "shared" / "data" / "models" / "tinystories-656k"
-)
 PRINTED = (
   "objective/scores",
   "objective/kl",
@@ -148,9 +143,8 @@ def main(args: Args) -> dict[str, float]:
   placement.check_batch(args.heldout_prompts, "--heldout-prompts")
   print(placement.describe(), flush=True)
   reward = rewards.RewardFunctions.load(args.reward, args.reward_weights)
-  model_dir = pathlib.Path(
-    args.model or os.environ.get("RLHF_JAX_MODEL_DIR") or SHARED_MODEL
-  )
+  # --model, else $RLHF_JAX_MODEL_DIR, else the shared copy (as the CLI).
+  model_dir = resolve_model(args.model)
   cfg, ref_params = placement.load_model(model_dir)
   tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
   decode = make_decode(tok)

@@ -33,8 +33,6 @@ ppo/clipfrac, ppo/approx_kl, val/error.
 """
 
 import dataclasses
-import os
-import pathlib
 import time
 
 import jax
@@ -47,14 +45,11 @@ from rlhf_jax.data import HFTokenizerAdapter, tokenize_prompts
 from rlhf_jax.masked import masked_mean
 from rlhf_jax.rollout import generate
 from rlhf_jax.runner.mesh import MeshConfig, Placement, spec_str
+from rlhf_jax.stages.environment import resolve_model
 from rlhf_jax.tasks import STORY_OPENINGS, GoldScorer
 from rlhf_jax.train import PPOConfig, init_ppo_state, make_ppo_step
 from rlhf_jax.types import PromptBatch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_MODEL = (
-  REPO_ROOT.parent / "shared" / "data" / "models" / "tinystories-656k"
-)
 PRINTED = (
   "objective/scores",
   "objective/kl",
@@ -155,9 +150,8 @@ def main(args: Args) -> dict[str, float]:
   placement = Placement.create(args.mesh)
   placement.check_batch(args.batch_size, "--batch-size")
   print(placement.describe(), flush=True)
-  model_dir = pathlib.Path(
-    args.model or os.environ.get("RLHF_JAX_MODEL_DIR") or SHARED_MODEL
-  )
+  # --model, else $RLHF_JAX_MODEL_DIR, else the shared copy (as the CLI).
+  model_dir = resolve_model(args.model)
   # Each device reads only its own shard of every weight.
   cfg, policy_params = placement.load_model(model_dir)
   tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))

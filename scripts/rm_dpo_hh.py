@@ -45,7 +45,6 @@ i/M`` with the step metrics (means since the last line), and one
 
 import dataclasses
 import math
-import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -66,6 +65,7 @@ from rlhf_jax.data import (
   tokenize_preferences,
 )
 from rlhf_jax.runner.mesh import MeshConfig, Placement, spec_str
+from rlhf_jax.stages.environment import resolve_model
 from rlhf_jax.train import (
   DPOConfig,
   RewardModelConfig,
@@ -223,11 +223,8 @@ def main(args: Args) -> dict[str, dict]:
   placement = Placement.create(args.mesh)
   placement.check_batch(args.batch_size, "--batch-size")
   print(placement.describe(), flush=True)
-  model_dir = pathlib.Path(
-    args.model
-    or os.environ.get("RLHF_JAX_MODEL_DIR")
-    or SHARED_DATA / "models" / "tinystories-656k"
-  )
+  # --model, else $RLHF_JAX_MODEL_DIR, else the shared copy (as the CLI).
+  model_dir = resolve_model(args.model)
   cfg, policy_params = placement.load_model(model_dir)
   tok = HFTokenizerAdapter.wrap(models.load_tokenizer(model_dir))
 
