@@ -668,6 +668,12 @@ def test_generate_model_and_run_dir_together(tmp_path, capsys):
   )
 
 
+def test_generate_prompts_without_a_value(capsys):
+  # An empty --prompts sampled the built-in prompts instead.
+  code, err = _run(capsys, ["generate", "--prompts"])
+  _check(code, err, "--prompts: given without a prompt; expected at least one")
+
+
 @pytest.mark.parametrize(
   "arg, flag, no",
   [
@@ -798,6 +804,14 @@ def test_lengths_past_a_rotary_model_s_positions_warn(capsys, shared_data):
     f"exceed the max_position_embeddings (512) of {model}; positions past "
     "it are ones the model never saw\n"
   )
+  # Only process 0 of a multi-host run prints it (every host did).
+  import jax
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax.distributed, "is_initialized", lambda: True)
+    mp.setattr(jax, "process_index", lambda: 1)
+    environment.check_lengths(model, ("--max-prompt-length", 32), ("--t", 481))
+    assert capsys.readouterr().err == ""
 
 
 def test_generate_overwrite_needs_output(capsys):

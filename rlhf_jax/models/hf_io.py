@@ -48,6 +48,7 @@ tensor also KeyError.
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -450,14 +451,20 @@ class _TensorFiles:
     with self._open(name, shape, why) as h:
       self._checked(h, name, shape, why)
 
-  def get(self, name: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+  def get(
+    self, name: str, shape: tuple[int, ...], why: str, into=None
+  ) -> np.ndarray:
     """The tensor `name` as a host numpy array (no device involved;
     safetensors' numpy reader handles bfloat16 through ml_dtypes).
 
+    Args:
+      into: the float dtype the caller casts it to, or None.
+
     Raises:
-      ModelLoadError: as `check`, its data cannot be read, or it holds NaN
+      ModelLoadError: as `check`, its data cannot be read, it holds NaN
         or inf (a damaged file: the model would sample garbage or train to
-        NaN without an error).
+        NaN without an error), or a value past ``into``'s range (which the
+        cast would make inf).
     """
     f = self.where.get(name)
     with self._open(name, shape, why) as h:
@@ -466,12 +473,24 @@ class _TensorFiles:
         t = h.get_tensor(name)
       except (SafetensorError, OSError) as e:
         raise self._damaged(f, e) from None
+    if not t.size:
+      return t
     # min and max carry any NaN or inf, with no temporary array.
-    if t.size and not (np.isfinite(t.min()) and np.isfinite(t.max())):
+    lo, hi = float(t.min()), float(t.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
       raise ModelLoadError(
         f"{f}: tensor {name!r} holds non-finite values (NaN or inf); "
         f"expected finite weights ({why}): a damaged or diverged checkpoint"
       )
+    if into is not None:
+      top, big = float(jnp.finfo(into).max), max(-lo, hi)
+      if big > top:
+        raise ModelLoadError(
+          f"{f}: tensor {name!r} holds {big:.6g} in magnitude, past "
+          f"{np.dtype(into).name}'s largest value {top:.6g}: as params of "
+          "that dtype it would be inf; load it with a wider param_dtype "
+          "(float64)"
+        )
     return t
 
 
@@ -793,14 +812,14 @@ def load_hf_checkpoint(
     )
 
   for rule in glob:
-    parts = rule.split(files.get(hf_name(rule), rule.shape, why))
+    parts = rule.split(files.get(hf_name(rule), rule.shape, why, pdt))
     for path, arr in zip(rule.paths, parts, strict=True):
       _set(params, path, place(path, arr))
     del parts, arr  # host copies go once placed
   for rule in layer:
     stacked = [[] for _ in rule.paths]
     for i in range(config.num_layers):
-      arr = files.get(rule.hf.format(i=i), rule.shape, why)
+      arr = files.get(rule.hf.format(i=i), rule.shape, why, pdt)
       for acc, part in zip(stacked, rule.split(arr), strict=True):
         acc.append(part)
       del arr, part

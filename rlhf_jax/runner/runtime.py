@@ -172,6 +172,37 @@ def unwritable(folder: str | os.PathLike) -> str | None:
   return None
 
 
+def check_folder_writable(
+  folder: str | os.PathLike, flag: str, path: str | os.PathLike, undone: str
+) -> None:
+  """Before any work, creating nothing: ``folder`` (or, while it does not
+  exist, the nearest existing folder above it) is a folder this process
+  may create files in.
+
+  Args:
+    folder: where ``path`` (the option's value) is to be written.
+    flag: the option, e.g. "--run-dir".
+    path: the option's value, as the message shows it.
+    undone: what did not happen, e.g. "nothing was sampled".
+
+  Raises:
+    UserError: that folder is a file, or cannot be written (names ``flag``,
+      ``path``, the folder and why).
+  """
+  folder = pathlib.Path(folder).absolute()
+  above = next(p for p in (folder, *folder.parents) if p.exists())
+  if not above.is_dir():
+    raise UserError(f"{flag} {path}: {above} is a file")
+  try:
+    reason = unwritable(above)
+  except OSError as e:  # e.g. /proc refuses files: "No such file ..."
+    reason = (e.strerror or str(e)).lower()
+  if reason is not None:
+    raise UserError(
+      f"{flag} {path}: cannot write in {above} ({reason}); {undone}"
+    )
+
+
 def load_run_record(path: pathlib.Path) -> dict[str, Any]:
   """A run's config.json: a JSON object with a "config" object.
 
@@ -689,6 +720,9 @@ def prepare_run_dir(
   record["paths"] = {
     k: portable_path(v, run_dir) for k, v in _path_values(record).items()
   }
+  if not run_dir.exists():  # a new one: can it be made where it is asked?
+    flag = "--out" if command == "audit" else "--run-dir"  # audit's name
+    check_folder_writable(run_dir, flag, run_dir, "nothing was changed")
   with writing(run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
   lock_run_dir(run_dir, f"rlhf-jax {command}")

@@ -69,16 +69,17 @@ def _saved_command(path: pathlib.Path) -> str | None:
     return None
 
 
-def _out_dir(config: AuditConfig) -> pathlib.Path:
-  """Creates (or, with --overwrite, empties) --out; see the module doc.
+def _check_out(config: AuditConfig) -> pathlib.Path:
+  """--out, checked before any work; creates nothing.
 
   Raises:
     UserError: --out is a file, a folder of the user's, another command's
-      run, or an earlier audit without --overwrite.
+      run, an earlier audit without --overwrite, or cannot be written.
   """
   out = pathlib.Path(config.out or f"runs/audit-{config.preset}")
   if out.exists() and not out.is_dir():
     raise runtime.UserError(f"--out {out}: is a file, expected a directory")
+  runtime.check_folder_writable(out, "--out", out, "nothing was read")
   names = [p.name for p in out.iterdir()] if out.is_dir() else []
   if (
     any(n != runtime.LOCK_FILE for n in names)
@@ -102,6 +103,16 @@ def _out_dir(config: AuditConfig) -> pathlib.Path:
         f"--out {out}: already holds an audit; pass --overwrite to replace "
         "it, or choose another --out"
       )
+  return out
+
+
+def _out_dir(config: AuditConfig) -> pathlib.Path:
+  """Creates (or, with --overwrite, empties) --out; see the module doc.
+
+  Raises:
+    UserError: as `_check_out`.
+  """
+  out = _check_out(config)
   view = _OutDir(config.preset, str(out), config, overwrite=config.overwrite)
   return runtime.prepare_run_dir("audit", view)
 
@@ -638,6 +649,7 @@ def run_audit(config: AuditConfig) -> int:
       "--annotator-field is empty: expected the name of the rows' annotator "
       "id field (default: annotator)"
     )
+  _check_out(config)  # before the data and the model are read
   template, adapter, model = None, None, None
   if config.reward_model is not None:
     from rlhf_jax.stages.environment import setup_jax

@@ -350,8 +350,8 @@ class SFTConfig:
 class GenerateConfig:
   """Sample continuations of prompts from a policy."""
 
-  prompts: tuple[str, ...] = ()
-  """Prompts to continue (default: the first held-out task prompts)."""
+  prompts: tuple[str, ...] | None = None
+  """Prompts to continue (default: the first four story openings)."""
   preset: str = "default"
   """Named preset."""
   model: str | None = None

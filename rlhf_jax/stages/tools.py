@@ -136,14 +136,6 @@ def _policy_dir(
 # --------------------------------------------------------------- generate
 
 
-def _check_parents(out: pathlib.Path, flag: str) -> None:
-  """Raises UserError when a parent of ``out`` exists but is not a
-  directory (nothing could be created there)."""
-  parent = next((p for p in out.parents if p.exists()), None)
-  if parent is not None and not parent.is_dir():
-    raise runtime.UserError(f"{flag} {out}: {parent} is a file")
-
-
 def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   """--output as a path, checked before any sampling.
 
@@ -162,17 +154,9 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
     raise runtime.UserError(
       f"--output {out}: exists; pass --overwrite to replace it"
     )
-  _check_parents(out, "--output")
-  folder = next(p for p in out.absolute().parents if p.exists())
-  try:
-    reason = runtime.unwritable(folder)
-  except OSError as e:
-    reason = e.strerror or str(e)
-  if reason is not None:
-    raise runtime.UserError(
-      f"--output {out}: cannot write in {folder} ({reason}); nothing was "
-      "sampled"
-    )
+  runtime.check_folder_writable(
+    out.parent, "--output", out, "nothing was sampled"
+  )
   return out
 
 
@@ -255,10 +239,9 @@ def run_generate(config: C.GenerateConfig) -> int:
   )
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)
-  prompts = list(config.prompts) or list(STORY_OPENINGS[:4])
-  ds = _tokenized_prompts(
-    prompts, given=bool(config.prompts), adapter=adapter, config=config
-  )
+  given = config.prompts is not None
+  prompts = list(config.prompts) if given else list(STORY_OPENINGS[:4])
+  ds = _tokenized_prompts(prompts, given=given, adapter=adapter, config=config)
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
   p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])
@@ -501,7 +484,9 @@ def _check_export_out(
   target = out.resolve()
   if out.exists() and not out.is_dir():
     raise runtime.UserError(f"--out {out}: is a file, expected a directory")
-  _check_parents(out, "--out")
+  runtime.check_folder_writable(
+    out.parent, "--out", out, "nothing was exported"
+  )
   protected = [(run_dir, "the run directory")]
   if record.get("model_dir"):
     protected.append((pathlib.Path(record["model_dir"]), "the run's model"))

@@ -264,6 +264,8 @@ def problems(command: str, config: Any) -> list[str]:
     out += _pipeline_problems(config)
   if isinstance(config, KTOStageConfig):
     out += _kto_problems(config)
+  if command == "generate" and config.prompts == ():
+    out.append("--prompts: given without a prompt; expected at least one")
   if command == "generate" and config.run_dir is not None:
     if config.model is not None:
       out.append(

@@ -49,6 +49,30 @@ def _run(capsys, args):
   return code, out.out, out.err
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_the_data(
+  tmp_path, capsys, read_only
+):
+  # It was found only after the data was read, without naming --out.
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  (tmp_path / "file").write_text("x")
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  read_only(ro)
+  for out, why in (
+    (tmp_path / "file" / "a", f"{tmp_path / 'file'} is a file"),
+    (
+      ro / "a",
+      f"cannot write in {ro} (read-only file system); nothing was read",
+    ),
+  ):
+    code, stdout, err = _run(
+      capsys, ["audit", "--data", data, "--out", str(out)]
+    )
+    assert code == 2
+    assert err == f"rlhf-jax: error: --out {out}: {why}\n"
+    assert stdout == "" and not out.exists()
+
+
 def test_good_run(tmp_path, capsys):
   data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
   out = tmp_path / "audit"

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -327,6 +328,24 @@ def test_bad_model_dir_names_file_and_what_is_wrong(
   assert "\n" not in message
   for kind in also:
     assert isinstance(e.value, kind)
+
+
+def test_a_weight_past_the_param_dtypes_range(tmp_path, tensors):
+  # Finite as stored (float64), inf once cast to float32 params.
+  d = _good_dir(tmp_path / "model", tensors)
+  q = tensors[Q0].astype(np.float64)
+  q[3, 5] = -7e38
+  _weights(d, tensors, **{Q0: q})
+  with pytest.raises(ModelLoadError) as e:
+    models.load_hf_checkpoint(d)
+  assert str(e.value) == (
+    f"{d}/model.safetensors: tensor '{Q0}' holds 7e+38 in magnitude, past "
+    "float32's largest value 3.40282e+38: as params of that dtype it would "
+    "be inf; load it with a wider param_dtype (float64)"
+  )
+  with jax.enable_x64(True):
+    _, params = models.load_hf_checkpoint(d, param_dtype="float64")
+    assert float(np.min(params["layers"]["attn"]["q"][0])) == -7e38
 
 
 def test_config_errors_come_before_weights_are_read(tmp_path, tensors):

@@ -263,10 +263,25 @@ def test_read_only_run_dir_is_one_line_and_changes_nothing(tmp_path, read_only):
   parent = tmp_path / "ro"
   parent.mkdir()
   read_only(parent)
+  # Checked before it is made, naming the option.
   with pytest.raises(runtime.UserError) as e:
-    _prepare(parent / "new")
-  _assert_disk_error(str(e.value), parent / "new")
+    _prepare(parent / "new" / "run")
+  assert str(e.value) == (
+    f"--run-dir {parent / 'new' / 'run'}: cannot write in {parent} "
+    "(read-only file system); nothing was changed"
+  )
   assert not (parent / "new").exists()
+
+
+def test_a_new_run_dir_under_a_file_names_the_option(tmp_path):
+  (tmp_path / "file").write_text("mine")
+  for command, flag in (("run", "--run-dir"), ("audit", "--out")):
+    with pytest.raises(runtime.UserError) as e:
+      _prepare(tmp_path / "file" / "run", command=command)
+    assert str(e.value) == (
+      f"{flag} {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file"
+    )
+  assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_unreadable_config_json_is_a_read_error_not_a_write_one(
