@@ -81,9 +81,8 @@ def gae_advantages(
       f"values shape {values.shape} != rewards shape {rewards.shape}"
     )
   mask = validate_mask(response_mask, rewards.shape, "response_mask")
-  for name, v in (("gamma", gamma), ("lam", lam)):
-    if isinstance(v, int | float) and not 0 <= v <= 1:  # NaN too
-      raise ValueError(f"{name} must be in [0, 1], got {v}")
+  _check_unit("gamma", gamma)
+  _check_unit("lam", lam)
   # where BEFORE arithmetic: masked garbage (NaN, 1e9) never enters the scan.
   rewards = jnp.where(mask, rewards, 0)
   values = jnp.where(mask, values, 0)
@@ -142,10 +141,12 @@ def discounted_returns(
     f32[B, T] returns, 0 at masked slots.
 
   Raises:
-    ValueError: rewards not [B, T] or mask shape differs.
+    ValueError: rewards not [B, T], mask shape differs, or a Python gamma
+      outside [0, 1].
   """
   rewards = _float_bt(rewards, "rewards")
   mask = validate_mask(response_mask, rewards.shape, "response_mask")
+  _check_unit("gamma", gamma)
   rewards = jnp.where(mask, rewards, 0)
   gamma = jnp.asarray(gamma, rewards.dtype)
 
@@ -157,6 +158,12 @@ def discounted_returns(
   zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
   _, ret_tb = jax.lax.scan(step, zeros, (rewards.T, mask.T), reverse=True)
   return ret_tb.T
+
+
+def _check_unit(name: str, v) -> None:
+  """A Python number in [0, 1] (an array passes: it may be traced)."""
+  if isinstance(v, int | float) and not 0 <= v <= 1:  # NaN too
+    raise ValueError(f"{name} must be in [0, 1], got {v}")
 
 
 def _grouped(scores: jax.Array, group_size: int, min_size: int) -> jax.Array:

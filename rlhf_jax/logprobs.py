@@ -17,10 +17,29 @@ garbage (NaN, +-inf) in masked slots reaches neither outputs nor gradients
 (docs/conventions.md, convention 5).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.masked import masked_mean, masked_sum, promote_f32, validate_mask
+
+
+def check_temperature(temperature) -> None:
+  """Raises ValueError unless a temperature given as a Python or NumPy
+  number is finite and > 0; an array passes unchecked (it may be traced,
+  and reading one would wait for the device)."""
+  if isinstance(temperature, int | float | np.number):
+    if not (math.isfinite(temperature) and temperature > 0):
+      raise ValueError(
+        f"temperature must be finite and > 0, got {temperature!r}"
+      )
+
+
+def _check_token_ids(tokens: jax.Array, name: str = "tokens") -> None:
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{name} dtype {tokens.dtype}: expected integer ids")
 
 
 def _scaled(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
@@ -72,7 +91,9 @@ def logprobs_from_logits(
     f32[B, T] log-probabilities (nats).
 
   Raises:
-    ValueError: tokens shape is not logits shape without the last axis.
+    ValueError: tokens shape is not logits shape without the last axis,
+      tokens not integer, or a Python or NumPy temperature not finite
+      and > 0.
   """
   logits = jnp.asarray(logits)
   tokens = jnp.asarray(tokens)
@@ -84,6 +105,8 @@ def logprobs_from_logits(
   if mask is None:
     mask = jnp.ones(tokens.shape, bool)
   mask = validate_mask(mask, tokens.shape, "mask")
+  _check_token_ids(tokens)
+  check_temperature(temperature)
   return _token_logprobs(logits, tokens, mask, temperature)
 
 
@@ -241,11 +264,13 @@ def entropy_from_logits(
     f32[...] entropy, in [0, log V].
 
   Raises:
-    ValueError: mask shape is not logits shape without the vocab axis.
+    ValueError: mask shape is not logits shape without the vocab axis, or
+      a Python or NumPy temperature not finite and > 0.
   """
   if mask is not None:
     mask = validate_mask(mask, jnp.shape(logits)[:-1], "mask")
     logits = jnp.where(mask[..., None], logits, 0)
+  check_temperature(temperature)
   z = _scaled(logits, temperature)
   logp = jax.nn.log_softmax(z, axis=-1)
   # p = 0 exactly where z = -inf; replace log p there so 0 * -inf is not NaN.
@@ -408,7 +433,8 @@ def chunked_logprobs_and_entropy(
     (logprobs f32[B, T], entropy f32[B, T]), nats.
 
   Raises:
-    ValueError: inconsistent shapes or chunk_size < 1.
+    ValueError: inconsistent shapes, chunk_size < 1, tokens not integer,
+      or a Python or NumPy temperature not finite and > 0.
   """
   hidden = jnp.asarray(hidden)
   unembedding = jnp.asarray(unembedding)
@@ -432,6 +458,8 @@ def chunked_logprobs_and_entropy(
   if mask is None:
     mask = jnp.ones(tokens.shape, jnp.bool_)
   mask = validate_mask(mask, tokens.shape, "mask")
+  _check_token_ids(tokens)
+  check_temperature(temperature)
   chunk_size = min(chunk_size, unembedding.shape[1])
   return _chunked_core(
     hidden, unembedding, tokens, mask, temperature, chunk_size

@@ -117,13 +117,16 @@ def ppo_policy_loss(
     old_logprobs=old_logprobs,
     advantages=advantages,
   )
+  # Each bound is named as the caller gave it: cliprange when not set.
+  low_name = "cliprange" if cliprange_low is None else "cliprange_low"
+  high_name = "cliprange" if cliprange_high is None else "cliprange_high"
   low = cliprange if cliprange_low is None else cliprange_low
   high = cliprange if cliprange_high is None else cliprange_high
-  for name, v in (("cliprange_low", low), ("cliprange_high", high)):
+  for name, v in ((low_name, low), (high_name, high)):
     if isinstance(v, int | float) and not v >= 0:  # NaN too
       raise ValueError(f"{name} must be >= 0, got {v}")
   if isinstance(low, int | float) and not low < 1:
-    raise ValueError(f"cliprange_low must be < 1, got {low}")
+    raise ValueError(f"{low_name} must be < 1, got {low}")
   if dual_clip is not None and isinstance(dual_clip, int | float):
     if not dual_clip > 1:
       raise ValueError(f"dual_clip must be > 1, got {dual_clip}")

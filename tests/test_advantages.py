@@ -116,6 +116,10 @@ def test_discounted_returns_hand_case():
     adv.discounted_returns(rewards, mask, gamma=0.5),
     [[1.5, 1.0, 2.0, 0.0], [5.0, 0.0, 4.0, 0.0]],
   )
+  # gamma = 2 returned growing sums, NaN all NaN (gae_advantages refused).
+  for gamma in (2.0, -0.1, float("nan")):
+    with pytest.raises(ValueError, match=r"gamma must be in \[0, 1\]"):
+      adv.discounted_returns(rewards, mask, gamma=gamma)
 
 
 def test_rloo_and_grpo_hand_cases():

@@ -279,11 +279,24 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(
   err = capsys.readouterr().err
   assert "internal error: RuntimeError: a bug" in err and "--debug" in err
   assert "Traceback" not in err and len(err.splitlines()) == 1
-  with pytest.raises(RuntimeError, match="a bug"):
-    main(["generate", "--debug"])
+  assert main(["generate", "--debug"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback") and 'raise RuntimeError("a bug")' in err
+  assert err.endswith(
+    "rlhf-jax: internal error: RuntimeError: a bug (traceback above, and "
+    "report it)\n"
+  )
   monkeypatch.setenv(DEBUG_ENV, "1")
-  with pytest.raises(RuntimeError, match="a bug"):
-    main(["generate"])
+  assert main(["generate"]) == 1
+  assert capsys.readouterr().err == err
+
+
+def test_debug_keeps_a_user_error_s_exit_status(monkeypatch, capsys):
+  # With --debug a bad option exited 1 (the traceback of a UserError).
+  assert main(["dpo", "--dpo.loss.beta", "-1", "--debug"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback") and "UserError" in err
+  assert err.endswith("rlhf-jax: error: --dpo.loss.beta -1.0: expected > 0\n")
 
 
 @pytest.mark.parametrize(
@@ -328,7 +341,7 @@ def _opt():
 LIBRARY_CASES = [
   (
     lambda: make_sft_step(TINY, _opt(), SFTConfig(num_micro_batches=0)),
-    "num_micro_batches=0: expected >= 1",
+    "num_micro_batches=0: expected an integer >= 1",
   ),
   (
     lambda: make_sft_step(TINY, _opt(), SFTConfig(loss_agg_mode="mean")),
@@ -351,6 +364,26 @@ LIBRARY_CASES = [
       TINY, _opt(), RewardModelConfig(loss_type="best_of_k", pooling="mean")
     ),
     "expected 'last' with loss_type='best_of_k'",
+  ),
+  (  # it was silently ignored: best_of_k_loss takes no margin
+    lambda: make_reward_model_step(
+      TINY, _opt(), RewardModelConfig(loss_type="best_of_k", margin=1.0)
+    ),
+    "margin=1.0: expected None with loss_type='best_of_k' (pairwise only)",
+  ),
+  (
+    lambda: make_reward_model_step(
+      TINY,
+      _opt(),
+      RewardModelConfig(loss_type="best_of_k", label_smoothing=0.1),
+    ),
+    "label_smoothing=0.1: expected 0.0 with loss_type='best_of_k'",
+  ),
+  (
+    lambda: make_reward_model_step(
+      TINY, _opt(), RewardModelConfig(num_micro_batches=1.5)
+    ),
+    "num_micro_batches=1.5: expected an integer >= 1",
   ),
   (
     lambda: make_reward_model_step(
@@ -436,7 +469,18 @@ LIBRARY_CASES = [
       jnp.ones((1, 2), bool),
       cliprange=float("nan"),
     ),
-    "cliprange_low must be >= 0",
+    "cliprange must be >= 0, got nan",  # named cliprange_low, not passed
+  ),
+  (
+    lambda: ppo_policy_loss(
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.ones((1, 2), bool),
+      cliprange=0.2,
+      cliprange_low=1.5,
+    ),
+    "cliprange_low must be < 1, got 1.5",
   ),
   (
     lambda: kl_estimate(jnp.zeros((2, 3)), jnp.zeros((2, 2))),

@@ -93,6 +93,11 @@ def test_split_hh_transcript_and_missing_marker():
     "f.jsonl:7: field 'chosen' has no '\\n\\nAssistant:' turn (an HH-RLHF "
     "transcript ends with an assistant reply)"
   )
+  # Called alone, the message began ": field '' has ...".
+  assert error_of(split_hh_transcript, "no markers") == (
+    "the transcript has no '\\n\\nAssistant:' turn (an HH-RLHF transcript "
+    "ends with an assistant reply)"
+  )
 
 
 def test_conversational_format_rendered_with_template():
@@ -239,6 +244,10 @@ def test_max_rows_counts_rows_before_dropping():
   path = str(FIX / "explicit.jsonl")
   loaded = load_examples(path, max_rows=2)
   assert len(loaded) == 1 and loaded.drops.rows_read == {path: 2}
+  # 0 and -1 said "empty file: no rows" of a file that has rows.
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="max_rows must be an integer >= 1"):
+      load_examples(path, max_rows=bad)
 
 
 # --------------------------------------------------------- bad input errors

@@ -345,3 +345,18 @@ def test_reply_ending_with_its_eos_gets_no_second_one(gpt2):
   # Plain replies still get their EOS.
   rej = ds.arrays["rejected_ids"][0][ds.arrays["rejected_mask"][0]].tolist()
   assert rej == [WORLD, EOT]
+
+
+def test_examples_that_are_not_examples_are_named(gpt2):
+  # A file's raw dicts failed with "'dict' object has no attribute 'where'".
+  row = {"prompt": "a", "chosen": "b", "rejected": "c"}
+  with pytest.raises(TypeError) as e:
+    tokenize_preferences(
+      [row], gpt2, max_prompt_length=8, max_response_length=8
+    )
+  assert str(e.value) == (
+    "preference example 0: a dict; expected PreferencePair "
+    "(load_examples(...).examples)"
+  )
+  with pytest.raises(TypeError, match="expected PromptExample or str"):
+    tokenize_prompts(["ok", 3], gpt2, max_prompt_length=8)

@@ -287,6 +287,21 @@ def test_errors():
     lp.response_logprobs(
       logits, ids, prompt_length=2, response_mask=jnp.ones((2, 2), bool)
     )
+  # Float ids were truncated (1.7 read as 1); tau <= 0 gave NaN or a
+  # finite wrong value.
+  with pytest.raises(ValueError, match="tokens dtype float32: expected int"):
+    lp.logprobs_from_logits(logits, ids.astype(jnp.float32))
+  w, h = jnp.zeros((4, 3)), jnp.zeros((2, 5, 4))
+  with pytest.raises(ValueError, match="tokens dtype float32: expected int"):
+    lp.chunked_logprobs_and_entropy(h, w, ids.astype(jnp.float32))
+  for tau in (0, -1.0, float("nan"), np.float32(0)):
+    for fn, args in (
+      (lp.logprobs_from_logits, (logits, ids)),
+      (lp.entropy_from_logits, (logits,)),
+      (lp.chunked_logprobs_and_entropy, (h, w, ids)),
+    ):
+      with pytest.raises(ValueError, match="temperature must be finite and >"):
+        fn(*args, temperature=tau)
 
 
 # -------------------------------------------------------------------- chunked

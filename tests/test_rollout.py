@@ -310,6 +310,47 @@ def test_counts_below_one_are_named(params, option, bad):
     )
 
 
+_BAD_SAMPLING = [
+  # (keyword, value, message): each gave NaN logprobs, wrong tokens or a
+  # raw error from deep inside the program.
+  ("temperature", 0.0, "temperature must be finite and > 0, got 0.0"),
+  ("temperature", -1.0, "temperature must be finite and > 0, got -1.0"),
+  ("temperature", float("nan"), "temperature must be finite and > 0"),
+  ("top_p", 0.0, r"top_p must be in \(0, 1\] \(1 = off\), got 0.0"),
+  ("top_p", 1.5, r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
+  ("top_k", 2.5, r"top_k must be an integer >= 0 \(0 = off\), got 2.5"),
+  ("top_k", -1, r"top_k must be an integer >= 0 \(0 = off\), got -1"),
+  ("max_new_tokens", 2.5, "max_new_tokens must be an integer >= 1, got 2.5"),
+  ("pad_token_id", 64, r"pad_token_id must be a token id in \[0, 64\)"),
+]
+
+
+@pytest.mark.parametrize("name, bad, message", _BAD_SAMPLING)
+def test_bad_sampling_arguments_are_named(params, name, bad, message):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=4, eos_token_id=5, pad_token_id=PAD)
+  with pytest.raises(ValueError, match=message):
+    generate(params, ids, mask, jax.random.key(0), **(kw | {name: bad}))
+  if name in ("temperature", "top_p"):  # and before an AOT compile
+    with pytest.raises(ValueError, match=message):
+      generate.lower(params, ids, mask, jax.random.key(0), **kw, **{name: bad})
+
+
+def test_bad_prompts_and_keys_are_named(params):
+  ids, mask = _prompts()
+  kw = dict(config=CFG, max_new_tokens=4, eos_token_id=5, pad_token_id=PAD)
+  key = jax.random.key(0)
+  cases = [
+    ((ids[:, :0], mask[:, :0], key), r"must both be \[B, P\] with B, P >= 1"),
+    ((ids.astype(jnp.float32), mask, key), "prompt_ids dtype float32"),
+    ((ids, mask.astype(jnp.float32), key), "prompt_mask dtype float32"),
+    ((ids, mask, 0), r"rng must be a PRNG key .* got int32\[\]"),
+  ]
+  for args, message in cases:
+    with pytest.raises(ValueError, match=message):
+      generate(params, *args, **kw)
+
+
 def test_same_shapes_compile_once_temperature_is_traced(params):
   ids, mask = _prompts()
   kw = dict(config=CFG, max_new_tokens=5, eos_token_id=5, pad_token_id=PAD)

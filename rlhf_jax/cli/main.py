@@ -19,6 +19,7 @@ import io
 import os
 import re
 import sys
+import traceback
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any, get_type_hints
@@ -57,6 +58,8 @@ subcommands:
 {commands}
 
 `rlhf-jax <subcommand> --help` lists every option with its meaning.
+--debug (or RLHF_JAX_DEBUG=1), with any subcommand, also prints the
+traceback of an error (the exit status stays the same).
 """
 
 EXIT_USAGE = 2
@@ -64,6 +67,9 @@ EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
 # --debug (or this variable set to 1) shows the traceback of any error.
 DEBUG_ENV = "RLHF_JAX_DEBUG"
+_DEBUG_HELP = (
+  f"--debug (or {DEBUG_ENV}=1) also prints the traceback of an error."
+)
 
 
 def _error(message: str) -> int:
@@ -262,6 +268,7 @@ def _description(command: str, cls: type) -> str:
   names = ", ".join(P.PRESETS[command])
   return (
     f"{COMMANDS[command]}.\n\n{cls.__doc__}\n\nPresets (--preset): {names}."
+    f"\n\n{_DEBUG_HELP}"
   )
 
 
@@ -476,7 +483,10 @@ def _config(command: str, rest: list[str]) -> Any:
   prog = f"rlhf-jax {command}"
   if command == "rm" and name in P.HH_PRESETS:
     cls = _hh_command_class(type(default))
-    doc = f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}."
+    doc = (
+      f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}.\n\n"
+      f"{_DEBUG_HELP}"
+    )
     return _parse(cls, cls(preset=name, hh=default), rest, prog, doc)
   plain, paths = type(default), _hidden_paths(command, default)
   if paths:
@@ -559,8 +569,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
   except Exception as e:  # a bug: one line, the traceback with --debug
-    if debug:
-      raise
+    if debug:  # the traceback first; the exit status stays the same
+      traceback.print_exc()
     disk = runtime.disk_error(e, "the output")
     if disk:
       return _error(_advice(args[0], disk, args))
@@ -580,9 +590,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       # A path option naming something that is not there (e.g. a --run-dir
       # under a file).
       return _error(f"{e.filename}: {e.strerror}")
+    rerun = "" if debug else f"rerun with --debug or {DEBUG_ENV}=1 for the "
     sys.stderr.write(
-      f"rlhf-jax: internal error: {type(e).__name__}: {e} (rerun with "
-      f"--debug or {DEBUG_ENV}=1 for the traceback, and report it)\n"
+      f"rlhf-jax: internal error: {type(e).__name__}: {e} ({rerun}"
+      f"{'traceback above' if debug else 'traceback'}, and report it)\n"
     )
     return EXIT_INTERNAL
 
@@ -638,8 +649,8 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
     MissingSpecialTokenError,
     ModelLoadError,
   ) as e:
-    if debug:
-      raise
+    if debug:  # where it was raised; still exit 2
+      traceback.print_exc()
     return _error(_advice(command, str(e), rest))
 
 

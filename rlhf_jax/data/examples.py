@@ -263,9 +263,10 @@ def split_hh_transcript(
   """
   i = text.rfind(ASSISTANT_MARKER)
   if i < 0:
+    what = f"{where}: field '{field}'" if where or field else "the transcript"
     raise DataError(
-      f"{where}: field '{field}' has no '\\n\\nAssistant:' turn (an HH-RLHF "
-      "transcript ends with an assistant reply)"
+      f"{what} has no '\\n\\nAssistant:' turn (an HH-RLHF transcript ends "
+      "with an assistant reply)"
     )
   cut = i + len(ASSISTANT_MARKER)
   return text[:cut], text[cut:]
@@ -616,7 +617,16 @@ def load_examples(
 
   Raises:
     DataError: see the module docstring; also sources of different kinds.
+    ValueError: max_rows neither None nor an integer >= 1.
   """
+  if max_rows is not None and (
+    isinstance(max_rows, bool)
+    or not hasattr(max_rows, "__index__")
+    or max_rows < 1
+  ):
+    raise ValueError(
+      f"max_rows must be an integer >= 1 or None (all rows), got {max_rows!r}"
+    )
   drops = DropReport()
   formats: dict[str, str] = {}
   examples: list[Any] = []

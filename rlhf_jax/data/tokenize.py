@@ -459,9 +459,23 @@ def _ties(
   return tied, rows
 
 
-def _check_nonempty(examples: Sequence[Any], kind: str) -> None:
+def _check_nonempty(
+  examples: Sequence[Any], kind: str, cls: type | tuple | None = None
+) -> None:
+  """Raises DataError without examples, TypeError (naming the first) for
+  an example that is not a ``cls`` (e.g. a raw dict of a file's row)."""
   if not examples:
     raise DataError(f"no {kind} examples to tokenize")
+  if cls is None:
+    return
+  for i, e in enumerate(examples):
+    if not isinstance(e, cls):
+      classes = cls if isinstance(cls, tuple) else (cls,)
+      names = " or ".join(c.__name__ for c in classes)
+      raise TypeError(
+        f"{kind} example {i}: a {type(e).__name__}; expected {names} "
+        "(load_examples(...).examples)"
+      )
 
 
 def _pad_rows(tok: Tokenizer, p: int, t_shape: tuple[int, ...]) -> dict:
@@ -519,7 +533,7 @@ def tokenize_preferences(
       token beside the BOS.
   """
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "preference")
+  _check_nonempty(examples, "preference", PreferencePair)
   wheres = [e.where for e in examples]
   p_ids, p_mask, p_cut = _prompts(
     [e.prompt for e in examples],
@@ -602,7 +616,7 @@ def tokenize_prompts(
     DataError: as ``tokenize_preferences``.
   """
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "prompt")
+  _check_nonempty(examples, "prompt", (PromptExample, str))
   examples = [
     PromptExample(e, where=f"prompt {i}") if isinstance(e, str) else e
     for i, e in enumerate(examples)
@@ -741,7 +755,7 @@ def tokenize_ranked(
     DataError: as ``tokenize_preferences``; K differing between examples.
   """
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "ranked")
+  _check_nonempty(examples, "ranked", RankedExample)
   k = len(examples[0].responses)
   for e in examples:
     if len(e.responses) != k:
@@ -810,7 +824,7 @@ def tokenize_unpaired(
     DataError: as ``tokenize_preferences``.
   """
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "unpaired")
+  _check_nonempty(examples, "unpaired", UnpairedExample)
   labels = np.array([e.label for e in examples], bool)
   return _single_response(
     examples,

@@ -667,7 +667,77 @@ def load_hf_config(
   )[2]
 
 
-def check_hf_checkpoint(path_or_hub_id: str | os.PathLike) -> ModelConfig:
+def _why(config: ModelConfig, cfg_path: pathlib.Path) -> str:
+  return f"{config.model_type} config in {cfg_path.name}"
+
+
+def _checked_rules(
+  files: "_TensorFiles",
+  config: ModelConfig,
+  model_dir: pathlib.Path,
+  sequence_classification: bool,
+) -> tuple[list, list, list, Callable[["_Rule"], str]]:
+  """The tensor rules of ``config``, every header checked against them
+  (presence, shape, dtype) and no tensor left over; reads no tensor data.
+
+  Returns:
+    (global rules, per-layer rules, params set to zero (a seq-cls model's
+    unused LM head), rule -> stored tensor name).
+
+  Raises:
+    ModelLoadError: a missing, mis-shaped or non-float tensor, or tensors
+      this config does not use (names the file and tensor).
+  """
+  prefix = ""
+  if config.family == "gpt2" and "transformer.wte.weight" in files:
+    prefix = "transformer."
+  elif config.family == "gpt2" and "wte.weight" not in files:
+    prefix = "transformer."  # error messages name the usual layout
+  glob, layer = _rules(config, prefix)
+  zero_paths = []
+  if sequence_classification:
+    zero_paths = [r.paths[0] for r in glob if r.paths == (("lm_head",),)]
+    glob = [r for r in glob if r.paths != (("lm_head",),)]
+  why = _why(config, model_dir / "config.json")
+
+  def hf_name(rule: _Rule) -> str:
+    if (
+      rule.paths == (("embed",),)
+      and config.tie_word_embeddings
+      and rule.hf not in files
+      and "lm_head.weight" in files
+    ):
+      return "lm_head.weight"  # tied weights stored under the head's name
+    return rule.hf
+
+  wanted = set()
+  for rule in glob:
+    wanted.add(hf_name(rule))
+    files.check(hf_name(rule), rule.shape, why)
+  for rule in layer:
+    for i in range(config.num_layers):
+      wanted.add(rule.hf.format(i=i))
+      files.check(rule.hf.format(i=i), rule.shape, why)
+  leftover = [
+    k
+    for k in files.where
+    if k not in wanted
+    and not k.endswith(_IGNORED_SUFFIXES)
+    and not (config.tie_word_embeddings and k == "lm_head.weight")
+    and not (sequence_classification and k == "score.weight")
+  ]
+  if leftover:
+    raise ModelLoadError(
+      f"{model_dir}: tensors not used by a {config.model_type} model with "
+      f"this config.json: {sorted(leftover)[:8]} (config and weights "
+      "disagree?)"
+    )
+  return glob, layer, zero_paths, hf_name
+
+
+def check_hf_checkpoint(
+  path_or_hub_id: str | os.PathLike, *, sequence_classification: bool = False
+) -> ModelConfig:
   """Checks a checkpoint cheaply, before any run starts.
 
   Reads config.json and the safetensors headers (names, shapes, dtypes),
@@ -676,6 +746,8 @@ def check_hf_checkpoint(path_or_hub_id: str | os.PathLike) -> ModelConfig:
   Args:
     path_or_hub_id: local directory, or a hub id already in the local HF
       cache (never downloaded).
+    sequence_classification: as for `load_hf_checkpoint` (a
+      score.weight instead of the LM head).
 
   Returns:
     The ModelConfig read from config.json.
@@ -683,12 +755,15 @@ def check_hf_checkpoint(path_or_hub_id: str | os.PathLike) -> ModelConfig:
   Raises:
     ModelLoadError: as `load_hf_checkpoint` raises before reading tensor
       data: no directory / config.json / weight files, an index naming a
-      missing shard, config.json problems, a damaged safetensors header.
+      missing shard, config.json problems, a damaged safetensors header, a
+      tensor missing, mis-shaped or of a non-float dtype, or tensors the
+      config does not use.
   """
   model_dir, _, config = _read_config(
     path_or_hub_id, dtype="float32", param_dtype="float32", remat=False
   )
-  _TensorFiles(model_dir)
+  files = _TensorFiles(model_dir)
+  _checked_rules(files, config, model_dir, sequence_classification)
   return config
 
 
@@ -752,17 +827,10 @@ def load_hf_checkpoint(
     path_or_hub_id, dtype=dtype, param_dtype=param_dtype, remat=remat
   )
   files = _TensorFiles(model_dir)
-  prefix = ""
-  if config.family == "gpt2" and "transformer.wte.weight" in files:
-    prefix = "transformer."
-  elif config.family == "gpt2" and "wte.weight" not in files:
-    prefix = "transformer."  # error messages name the usual layout
-  glob, layer = _rules(config, prefix)
-  zero_paths = []
-  if sequence_classification:
-    zero_paths = [r.paths[0] for r in glob if r.paths == (("lm_head",),)]
-    glob = [r for r in glob if r.paths != (("lm_head",),)]
-  why = f"{config.model_type} config in {cfg_path.name}"
+  glob, layer, zero_paths, hf_name = _checked_rules(
+    files, config, model_dir, sequence_classification
+  )
+  why = _why(config, cfg_path)
   params: Params = {}
   pdt = config.params_dtype
 
@@ -776,40 +844,6 @@ def load_hf_checkpoint(
     if table is None:
       return jnp.asarray(arr, pdt)
     return _place_sharded(path, arr, table[path], pdt)
-
-  def hf_name(rule: _Rule) -> str:
-    if (
-      rule.paths == (("embed",),)
-      and config.tie_word_embeddings
-      and rule.hf not in files
-      and "lm_head.weight" in files
-    ):
-      return "lm_head.weight"  # tied weights stored under the head's name
-    return rule.hf
-
-  # Every header is checked before any tensor data is read.
-  wanted = set()
-  for rule in glob:
-    wanted.add(hf_name(rule))
-    files.check(hf_name(rule), rule.shape, why)
-  for rule in layer:
-    for i in range(config.num_layers):
-      wanted.add(rule.hf.format(i=i))
-      files.check(rule.hf.format(i=i), rule.shape, why)
-  leftover = [
-    k
-    for k in files.where
-    if k not in wanted
-    and not k.endswith(_IGNORED_SUFFIXES)
-    and not (config.tie_word_embeddings and k == "lm_head.weight")
-    and not (sequence_classification and k == "score.weight")
-  ]
-  if leftover:
-    raise ModelLoadError(
-      f"{model_dir}: tensors not used by a {config.model_type} model with "
-      f"this config.json: {sorted(leftover)[:8]} (config and weights "
-      "disagree?)"
-    )
 
   for rule in glob:
     parts = rule.split(files.get(hf_name(rule), rule.shape, why, pdt))

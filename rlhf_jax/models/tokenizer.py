@@ -22,8 +22,10 @@ import tokenizers
 from rlhf_jax.models.config import (
   ModelLoadError,
   _MissingFileError,
+  _NotADirError,
   read_json,
 )
+from rlhf_jax.models.hf_io import looks_like_hub_id, resolve_model_dir
 
 _ROLES = ("bos", "eos", "pad", "unk")
 
@@ -233,12 +235,26 @@ def load_tokenizer(
       pad token: pad_token="<|endoftext|>").
 
   Raises:
-    ModelLoadError: no tokenizer.json (also FileNotFoundError); a
+    ModelLoadError: no such directory, a hub id not in the local cache
+      (nothing is downloaded), or no tokenizer.json there (also
+      FileNotFoundError); the path of a tokenizer.json file instead of
+      its directory (also NotADirectoryError); a
       tokenizer file that cannot be read or parsed (names the file); a
       special token string that is not in the vocabulary; ids past
       config.json's vocab_size (`check_vocab_fits`).
   """
-  d = pathlib.Path(model_dir)
+  d = pathlib.Path(model_dir).expanduser()
+  if d.is_file() and d.name == "tokenizer.json":
+    raise _NotADirError(
+      f"{d}: a tokenizer file; expected the directory that holds it "
+      f"({d.parent})"
+    )
+  if not d.exists() and looks_like_hub_id(str(model_dir)):
+    d = resolve_model_dir(d)  # a cached copy, or how to download it
+  elif not d.exists():
+    raise _MissingFileError(
+      f"{d}: no such directory (expected one holding tokenizer.json)"
+    )
   tok_path = d / "tokenizer.json"
   if not tok_path.is_file():
     raise _MissingFileError(

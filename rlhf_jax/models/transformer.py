@@ -1170,8 +1170,10 @@ def forward(
   Raises:
     ValueError: `logits_range` outside [0, L] or empty; L above a GPT-2
       model's max_position_embeddings with default position_ids (they run
-      to L - 1; pass position_ids for rows whose real positions fit).
+      to L - 1; pass position_ids for rows whose real positions fit);
+      inputs of other shapes or dtypes (`check_sequences`).
   """
+  check_sequences(input_ids, attention_mask, position_ids)
   check_rows_range(logits_range, input_ids.shape[1], "logits_range")
   params = _freeze_base(params, config)
   # All rows' hidden states are returned with return_hidden, so only
@@ -1236,11 +1238,47 @@ def hidden_forward(
   return hidden.astype(config.acc_dtype)
 
 
+def check_sequences(
+  input_ids: Array, attention_mask: Array, position_ids: Array | None = None
+) -> None:
+  """Trace-time checks of a forward's inputs.
+
+  Raises:
+    ValueError: input_ids not [B, L] with B, L >= 1 of an integer dtype;
+      attention_mask (or position_ids) not of that shape, or a float mask.
+  """
+  shape = jnp.shape(input_ids)
+  if len(shape) != 2 or 0 in shape:
+    raise ValueError(f"input_ids shape {shape}: expected [B, L], B, L >= 1")
+  if not jnp.issubdtype(jnp.result_type(input_ids), jnp.integer):
+    raise ValueError(
+      f"input_ids dtype {jnp.result_type(input_ids)}: expected integer ids"
+    )
+  for name, x in (
+    ("attention_mask", attention_mask),
+    ("position_ids", position_ids),
+  ):
+    if x is not None and jnp.shape(x) != shape:
+      raise ValueError(
+        f"{name} shape {jnp.shape(x)}: expected input_ids' {shape}"
+      )
+  if jnp.issubdtype(jnp.result_type(attention_mask), jnp.floating):
+    raise ValueError(
+      f"attention_mask dtype {jnp.result_type(attention_mask)}: expected bool"
+    )
+
+
 def _full_sequence(
   params, input_ids, attention_mask, position_ids, config, rows=None
 ):
   """Final-norm hidden states of a causal pass over whole sequences, at
-  `rows` only when given (`take_rows`)."""
+  `rows` only when given (`take_rows`).
+
+  Raises:
+    ValueError: input_ids not integer [B, L], or a mask (or position_ids)
+      of another shape (`check_sequences`).
+  """
+  check_sequences(input_ids, attention_mask, position_ids)
   mask = attention_mask.astype(jnp.bool_)
   length = input_ids.shape[1]
   if position_ids is None:  # positions <= L - 1 (explicit ones: the caller's)

@@ -23,9 +23,14 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.logprobs import logprobs_from_logits, response_rows
+from rlhf_jax.logprobs import (
+  check_temperature,
+  logprobs_from_logits,
+  response_rows,
+)
 from rlhf_jax.rollout.sampling import sample_token
 from rlhf_jax.types import Rollout
 
@@ -46,7 +51,7 @@ from rlhf_jax.types import Rollout
     "cache_buckets",
   ),
 )
-def generate(
+def _generate(
   params,
   prompt_ids: jax.Array,
   prompt_mask: jax.Array,
@@ -88,8 +93,9 @@ def generate(
     top_k: static, 0 = off.
     top_p: f32[] in (0, 1], 1 = off.
     greedy: static; argmax decoding.
-    eos_token_id: static EOS id.
-    pad_token_id: static id written after EOS.
+    eos_token_id: static EOS id (one outside [0, V), e.g. V, is never
+      sampled: every row then runs T steps).
+    pad_token_id: static id in [0, V) written after EOS.
     stop_at_all_eos: static; leave the loop once every row has finished.
     return_num_steps: static; also return the number of decode iterations.
     kv_cache: static. True (default): prefill, then one-token KV-cache decode
@@ -125,19 +131,18 @@ def generate(
     ``return_num_steps`` the i32[] number of sampled positions.
 
   Raises:
-    ValueError: prompt shapes differ, max_new_tokens < 1,
-      num_samples or cache_buckets not an integer >= 1, params in
+    ValueError: prompt_ids / prompt_mask not [B, P] with B, P >= 1, of
+      an integer (ids) or bool or integer (mask) dtype; max_new_tokens,
+      num_samples or cache_buckets not an integer >= 1; top_k not an
+      integer >= 0; pad_token_id outside [0, V); a Python or NumPy
+      temperature not finite and > 0, or top_p not in (0, 1] (an array
+      is not checked: it may be traced); rng not a PRNG key; params in
       neither layout, params with weights held transposed
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
       past a GPT-2 model's learned positions.
   """
-  if prompt_ids.shape != prompt_mask.shape or prompt_ids.ndim != 2:
-    raise ValueError(
-      "prompt_ids and prompt_mask must both be [B, P], got "
-      f"{prompt_ids.shape} and {prompt_mask.shape}"
-    )
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  _check_static(prompt_ids, prompt_mask, config, top_k, pad_token_id)
+  max_new_tokens = _count("max_new_tokens", max_new_tokens)
   num_samples = _count("num_samples", num_samples)
   ends = bucket_ends(max_new_tokens, cache_buckets)
   # P counts padding: the real positions are not static.
@@ -260,6 +265,72 @@ def _count(name: str, value) -> int:
   if operator.index(value) < 1:
     raise ValueError(bad)
   return operator.index(value)
+
+
+def _check_static(prompt_ids, prompt_mask, config, top_k, pad_token_id):
+  """`generate`'s checks of shapes, dtypes and static ids (trace time).
+
+  Raises:
+    ValueError: see `generate`.
+  """
+  ids_shape, mask_shape = jnp.shape(prompt_ids), jnp.shape(prompt_mask)
+  if ids_shape != mask_shape or len(ids_shape) != 2 or 0 in ids_shape:
+    raise ValueError(
+      "prompt_ids and prompt_mask must both be [B, P] with B, P >= 1, got "
+      f"{ids_shape} and {mask_shape}"
+    )
+  if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+    raise ValueError(
+      f"prompt_ids dtype {jnp.result_type(prompt_ids)}: expected integer "
+      "token ids"
+    )
+  mask_dtype = jnp.result_type(prompt_mask)
+  if not any(jnp.issubdtype(mask_dtype, k) for k in (jnp.bool_, jnp.integer)):
+    raise ValueError(f"prompt_mask dtype {mask_dtype}: expected bool")
+  if isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k < 0:
+    raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+  vocab = config.vocab_size
+  if isinstance(pad_token_id, bool) or not 0 <= pad_token_id < vocab:
+    raise ValueError(
+      f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}"
+    )
+
+
+def check_sampling_values(temperature, top_p) -> None:
+  """Raises ValueError unless a temperature given as a Python or NumPy
+  number is finite and > 0 and such a top_p is in (0, 1]; arrays pass
+  unchecked (reading one would wait for the device, or it is traced)."""
+  try:
+    check_temperature(temperature)
+  except ValueError as e:
+    raise ValueError(
+      f"{e} (for argmax decoding pass greedy=True with a temperature > 0: "
+      "the logprobs are those of that temperature)"
+    ) from None
+  if isinstance(top_p, int | float | np.number):
+    if not 0 < top_p <= 1:  # NaN fails too
+      raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+
+
+@functools.wraps(_generate)
+def generate(*args, **kwargs):
+  check_sampling_values(
+    kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
+  )
+  return _generate(*args, **kwargs)
+
+
+def _lower(*args, **kwargs):
+  check_sampling_values(
+    kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
+  )
+  return _generate.lower(*args, **kwargs)
+
+
+# AOT lowering and the compile-count checks of tests reach the jitted
+# function through the public name.
+generate.lower = _lower
+generate._cache_size = _generate._cache_size
 
 
 def default_buckets(max_new_tokens: int) -> int:
@@ -434,6 +505,12 @@ def row_rngs(rng: jax.Array, batch: int) -> jax.Array:
   """
   rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
   is_typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  raw = rng.dtype == jnp.uint32 and rng.shape[-1:] == (2,)  # legacy keys
+  if not (is_typed and rng.ndim <= 1 or raw and rng.ndim <= 2):
+    raise ValueError(
+      f"rng must be a PRNG key (jax.random.key(seed)) or one per row, got "
+      f"{rng.dtype}{list(rng.shape)}"
+    )
   single = rng.ndim == 0 if is_typed else rng.shape == (2,)
   if single:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(

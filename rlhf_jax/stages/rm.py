@@ -275,13 +275,17 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   Raises:
     UserError: one line naming --reward-model and what is wrong.
   """
+  from rlhf_jax.models import seq_cls
+
   if config.reward_model is None:
     return
   source = pathlib.Path(config.reward_model)
   try:
     rm_dir = backbone_dir(source)
     # config.json and the safetensors headers: no tensor data.
-    rm_config = models.check_hf_checkpoint(rm_dir)
+    rm_config = models.check_hf_checkpoint(
+      rm_dir, sequence_classification=seq_cls.is_sequence_classification(rm_dir)
+    )
   except (runtime.UserError, models.ModelLoadError) as e:
     raise runtime.UserError(f"--reward-model {e}") from None
   except OSError as e:

@@ -29,6 +29,7 @@ _ANNOTATOR_AUDIT = (
   "annotator/noise_estimate_high",
   "annotator/rationalisability",
   "annotator/cycles",
+  "annotator/min_fas",
 )
 _RM_AUDIT = (
   "rm/calibration_ece",

@@ -97,6 +97,55 @@ def teacher_forced_logprobs(
   )
 
 
+def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
+  """Checks (ids name, ids, mask name, mask) groups at trace time: each
+  ids i32[B, L] with a mask of its shape, and one B for all.
+
+  Raises:
+    ValueError: the first problem, naming the fields.
+  """
+  first = None
+  for id_name, ids, mask_name, mask in groups:
+    shape, mask_shape = jnp.shape(ids), jnp.shape(mask)
+    if len(shape) != 2:
+      raise ValueError(f"{id_name} shape {shape}: expected [B, L]")
+    if mask_shape != shape:
+      raise ValueError(
+        f"{mask_name} shape {mask_shape}: expected {id_name}'s {shape}"
+      )
+    if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+      raise ValueError(
+        f"{id_name} dtype {jnp.result_type(ids)}: expected integer token ids"
+      )
+    if first is None:
+      first = (id_name, shape[0])
+    elif shape[0] != first[1]:
+      raise ValueError(
+        f"{id_name} has {shape[0]} rows but {first[0]} {first[1]}: expected "
+        "one batch size"
+      )
+
+
+def check_preference_batch(batch: PreferenceBatch) -> None:
+  """A PreferenceBatch's fields agree (`check_rows`), and chosen and
+  rejected have one length T (they run side by side).
+
+  Raises:
+    ValueError: naming the fields.
+  """
+  check_rows(
+    ("prompt_ids", batch.prompt_ids, "prompt_mask", batch.prompt_mask),
+    ("chosen_ids", batch.chosen_ids, "chosen_mask", batch.chosen_mask),
+    ("rejected_ids", batch.rejected_ids, "rejected_mask", batch.rejected_mask),
+  )
+  t_c, t_r = batch.chosen_ids.shape[1], batch.rejected_ids.shape[1]
+  if t_c != t_r:
+    raise ValueError(
+      f"chosen_ids length {t_c} but rejected_ids {t_r}: expected one padded "
+      "response length T"
+    )
+
+
 def concat_prompt_response(
   prompt_ids: jax.Array,
   prompt_mask: jax.Array,
@@ -112,7 +161,15 @@ def concat_prompt_response(
   Returns:
     (input_ids i32[B, P+T], attention_mask bool[B, P+T]); position ids come
     from the attention mask (cumsum - 1), so left padding is harmless.
+
+  Raises:
+    ValueError: a mask of another shape than its ids, a batch size that
+      differs, ids or masks not [B, L], or ids not integer (names them).
   """
+  check_rows(
+    ("prompt_ids", prompt_ids, "prompt_mask", prompt_mask),
+    ("response_ids", response_ids, "response_mask", response_mask),
+  )
   ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
   mask = jnp.concatenate(
     [prompt_mask.astype(bool), response_mask.astype(bool)], axis=1
@@ -166,10 +223,20 @@ def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
   """Reshapes every [B, ...] leaf to [N, B/N, ...].
 
   Raises:
-    ValueError: B is not divisible by N.
+    ValueError: N not an integer >= 1, leaves of different B, or B not
+      divisible by N.
   """
+  n = num_micro_batches
+  if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
+    raise ValueError(f"num_micro_batches must be an integer >= 1, got {n!r}")
   leaves = jax.tree.leaves(batch)
-  size = leaves[0].shape[0]
+  sizes = sorted({jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves})
+  if len(sizes) > 1 or None in sizes:
+    raise ValueError(
+      f"leading sizes {sizes}: every leaf of the batch must be [B, ...] "
+      "with one B"
+    )
+  size = sizes[0]
   if size % num_micro_batches:
     raise ValueError(
       f"batch size {size} is not divisible by num_micro_batches="
@@ -334,6 +401,15 @@ def at_least(low: float) -> Rule:
   return (lambda v: v >= low, f">= {low}")
 
 
+def an_int_at_least(low: int) -> Rule:
+  """v an integer (not a bool) >= low: a count or a token id."""
+
+  def ok(v) -> bool:
+    return not isinstance(v, bool) and hasattr(v, "__index__") and v >= low
+
+  return (ok, f"an integer >= {low}")
+
+
 def above(low: float) -> Rule:
   """v > low."""
   return (lambda v: v > low, f"> {low}")
@@ -405,7 +481,11 @@ def stacked_pairs(
   Returns:
     (input_ids i32[2B, P+T], attention_mask bool[2B, P+T], response_mask
     bool[2B, T]); rows 0..B-1 chosen, B..2B-1 rejected.
+
+  Raises:
+    ValueError: fields that disagree (`check_preference_batch`).
   """
+  check_preference_batch(batch)
   ids_c, mask_c = concat_prompt_response(
     batch.prompt_ids, batch.prompt_mask, batch.chosen_ids, batch.chosen_mask
   )

@@ -41,7 +41,7 @@ from rlhf_jax.train.common import (
   Rule,
   above,
   accumulate_gradients,
-  at_least,
+  an_int_at_least,
   check_build,
   concat_prompt_response,
   finish_step,
@@ -75,7 +75,7 @@ class KTOConfig:
     "beta": above(0),
     "desirable_weight": above(0),
     "undesirable_weight": above(0),
-    "num_micro_batches": at_least(1),
+    "num_micro_batches": an_int_at_least(1),
   }
 
 

@@ -10,7 +10,14 @@ from rlhf_jax.kl import (
   fixed_kl_controller,
 )
 from rlhf_jax.masked import LOSS_AGG_MODES
-from rlhf_jax.train.common import Rule, above, at_least, one_of, within
+from rlhf_jax.train.common import (
+  Rule,
+  above,
+  an_int_at_least,
+  at_least,
+  one_of,
+  within,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +104,12 @@ class PPOConfig:
   axis_name: str | None = None
 
   RULES: ClassVar[dict[str, Rule]] = {
-    "group_size": at_least(1),
-    "max_new_tokens": at_least(1),
+    "eos_token_id": an_int_at_least(0),
+    "pad_token_id": an_int_at_least(0),
+    "group_size": an_int_at_least(1),
+    "max_new_tokens": an_int_at_least(1),
     "temperature": above(0),
-    "top_k": at_least(0),
+    "top_k": an_int_at_least(0),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "kl_coef": at_least(0),
     "target_kl": above(0),
@@ -109,9 +118,9 @@ class PPOConfig:
     "reward_clip": above(0),
     "gamma": within(0, 1),
     "lam": within(0, 1),
-    "ppo_epochs": at_least(1),
-    "num_minibatches": at_least(1),
-    "num_micro_batches": at_least(1),
+    "ppo_epochs": an_int_at_least(1),
+    "num_minibatches": an_int_at_least(1),
+    "num_micro_batches": an_int_at_least(1),
     "cliprange": at_least(0),
     "cliprange_low": within(0, 1, open_high=True),
     "cliprange_high": at_least(0),

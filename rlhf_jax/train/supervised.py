@@ -37,8 +37,10 @@ from rlhf_jax.train.common import (
   a_bool_or_none,
   above,
   accumulate_gradients,
+  an_int_at_least,
   at_least,
   check_build,
+  check_preference_batch,
   concat_prompt_response,
   finish_step,
   global_sum,
@@ -65,7 +67,7 @@ class SFTConfig:
 
   RULES: ClassVar[dict[str, Rule]] = {
     "loss_agg_mode": one_of(*LOSS_AGG_MODES),
-    "num_micro_batches": at_least(1),
+    "num_micro_batches": an_int_at_least(1),
   }
 
 
@@ -164,7 +166,7 @@ class RewardModelConfig:
     "label_smoothing": within(0, 0.5),
     "center_rewards_coef": at_least(0),
     "pooling": one_of("last", "mean"),
-    "num_micro_batches": at_least(1),
+    "num_micro_batches": an_int_at_least(1),
     "share_prompt": a_bool_or_none(),
   }
 
@@ -174,6 +176,18 @@ class RewardModelConfig:
       problems.append(
         "pooling='mean': expected 'last' with loss_type='best_of_k'"
       )
+    if self.loss_type == "best_of_k":  # best_of_k_loss has none of them
+      for name, off in (
+        ("margin", None),
+        ("label_smoothing", 0.0),
+        ("center_rewards_coef", 0.0),
+      ):
+        value = getattr(self, name)
+        if value != off:
+          problems.append(
+            f"{name}={value!r}: expected {off!r} with "
+            "loss_type='best_of_k' (pairwise only)"
+          )
     return problems
 
 
@@ -219,7 +233,12 @@ def _shares_prompt(
   model_config: "models.ModelConfig",
   share_prompt: bool | None,
 ) -> bool:
-  """share_prompt, or when None whether packing the pairs is cheaper."""
+  """share_prompt, or when None whether packing the pairs is cheaper.
+
+  Raises:
+    ValueError: fields that disagree (`check_preference_batch`).
+  """
+  check_preference_batch(batch)
   p, t = batch.prompt_ids.shape[1], batch.chosen_ids.shape[1]
   return models.resolve_share_prompt(share_prompt, model_config, p, t, 2)
 
@@ -396,7 +415,7 @@ class DPOConfig:
     "loss_type": one_of("sigmoid", "hinge", "ipo"),
     "beta": above(0),
     "label_smoothing": within(0, 0.5),
-    "num_micro_batches": at_least(1),
+    "num_micro_batches": an_int_at_least(1),
     "precomputed_ref": a_bool(),
     "share_prompt": a_bool_or_none(),
   }

@@ -99,6 +99,7 @@ def test_rm_command_reports_calibration_and_noise(tmp_path):
     "annotator/noise_known",
     "annotator/noise_estimate",
     "annotator/rationalisability",
+    "annotator/min_fas",  # the judgements to drop (README's figure)
   ):
     assert k in s, k
   report = (run_dir / "report.md").read_text()

@@ -9,6 +9,7 @@ tmp_path with a model.safetensors written from its tensors, then damaged.
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -328,6 +329,27 @@ def test_bad_model_dir_names_file_and_what_is_wrong(
   assert "\n" not in message
   for kind in also:
     assert isinstance(e.value, kind)
+  # What the headers show, the cheap check finds too (it missed the
+  # shapes and names: a vocab_size or layer count against other weights).
+  if "holds non-finite" in message:  # in the tensor data, not a header
+    assert models.check_hf_checkpoint(d).vocab_size == 2048
+  else:
+    with pytest.raises(ModelLoadError) as cheap:
+      models.check_hf_checkpoint(d)
+    assert str(cheap.value) == message
+
+
+def test_the_cheap_check_reads_shapes_against_the_config(tmp_path, tensors):
+  d = _good_dir(tmp_path / "model", tensors)
+  assert models.check_hf_checkpoint(d).num_layers == 2
+  for change, fragment in (
+    ({"vocab_size": 4096}, "has shape [2048, 128], expected [4096, 128]"),
+    ({"num_hidden_layers": 3}, "model.layers.2.input_layernorm.weight"),
+  ):
+    (d / "config.json").write_text((TINY / "config.json").read_text())
+    _edit_config(d, **change)
+    with pytest.raises(ModelLoadError, match=re.escape(fragment)):
+      models.check_hf_checkpoint(d)
 
 
 def test_a_weight_past_the_param_dtypes_range(tmp_path, tensors):

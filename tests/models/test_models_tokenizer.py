@@ -91,6 +91,23 @@ def test_gpt2_missing_pad_token_error_and_override(shared_data):
 def test_missing_tokenizer_json(tmp_path):
   with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
     models.load_tokenizer(tmp_path)
+  # A missing folder, a hub id (offline: says how to download it), the
+  # tokenizer.json file itself: each said only "no tokenizer.json".
+  with pytest.raises(FileNotFoundError) as e:
+    models.load_tokenizer(tmp_path / "nope")
+  assert str(e.value) == (
+    f"{tmp_path / 'nope'}: no such directory (expected one holding "
+    "tokenizer.json)"
+  )
+  with pytest.raises(FileNotFoundError, match="does not download"):
+    models.load_tokenizer("no-such-org/no-such-model")
+  (tmp_path / "tokenizer.json").write_text("{}")
+  with pytest.raises(NotADirectoryError) as e:
+    models.load_tokenizer(tmp_path / "tokenizer.json")
+  assert str(e.value) == (
+    f"{tmp_path / 'tokenizer.json'}: a tokenizer file; expected the "
+    f"directory that holds it ({tmp_path})"
+  )
 
 
 @pytest.mark.parametrize("vocab_size", [2047, 2048, 4096, None])
