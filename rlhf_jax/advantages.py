@@ -15,6 +15,7 @@ in masked slots (even NaN) are never read. Masked outputs hold 0
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.masked import promote_f32, validate_mask
 
@@ -162,7 +163,7 @@ def discounted_returns(
 
 def _check_unit(name: str, v) -> None:
   """A Python number in [0, 1] (an array passes: it may be traced)."""
-  if isinstance(v, int | float) and not 0 <= v <= 1:  # NaN too
+  if isinstance(v, int | float | np.number) and not 0 <= v <= 1:  # NaN too
     raise ValueError(f"{name} must be in [0, 1], got {v}")
 
 

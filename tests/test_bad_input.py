@@ -9,7 +9,9 @@ or argument, when the step is built or the function is traced.
 
 import dataclasses
 import os
+import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -17,6 +19,7 @@ from rlhf_jax import (
   dpo_loss,
   gae_advantages,
   kl_estimate,
+  models,
   ppo_policy_loss,
   sft_loss,
 )
@@ -32,7 +35,24 @@ from rlhf_jax.train import (
   make_reward_model_step,
   make_sft_step,
 )
-from rlhf_jax.train.common import split_micro_batches
+from rlhf_jax.train.common import (
+  concat_prompt_response,
+  split_micro_batches,
+  stacked_pairs,
+)
+from rlhf_jax.types import PreferenceBatch
+
+
+def _pairs(rejected_rows: int = 4, rejected_len: int = 4) -> PreferenceBatch:
+  """4 pairs, prompt 3 + responses 4, the rejected side resized."""
+
+  def rows(b, t):
+    return jnp.zeros((b, t), jnp.int32), jnp.ones((b, t), bool)
+
+  (p, pm), (c, cm) = rows(4, 3), rows(4, 4)
+  r, rm = rows(rejected_rows, rejected_len)
+  return PreferenceBatch(p, pm, c, cm, r, rm)
+
 
 # (argv, a fragment of the expected message)
 OPTION_CASES = [
@@ -435,6 +455,60 @@ LIBRARY_CASES = [
     lambda: split_micro_batches(jnp.zeros((6, 2)), 4),
     "batch size 6 is not divisible by num_micro_batches=4",
   ),
+  # A count of 0 divided by zero, -2 failed in a reshape, leaves of two
+  # sizes in a reshape; a scalar leaf has no batch axis.
+  (  # the id rules: eos = V ("never sampled") passes, -1 does not
+    lambda: make_ppo_step(TINY, _opt(), _opt(), PPOConfig(-1, 0)),
+    "eos_token_id=-1: expected an integer >= 0",
+  ),
+  (
+    lambda: make_ppo_step(TINY, _opt(), _opt(), PPOConfig(0, 1.5)),
+    "pad_token_id=1.5: expected an integer >= 0",
+  ),
+  # Fields of a batch that disagree: they failed in a concatenate or an
+  # einsum without naming a field.
+  (
+    lambda: stacked_pairs(_pairs(rejected_rows=3)),
+    "rejected_ids has 3 rows but prompt_ids 4: expected one batch size",
+  ),
+  (
+    lambda: stacked_pairs(_pairs(rejected_len=6)),
+    "chosen_ids length 4 but rejected_ids 6: expected one padded response",
+  ),
+  (
+    lambda: concat_prompt_response(
+      jnp.zeros((2, 3), jnp.int32),
+      jnp.ones((2, 2), bool),
+      jnp.zeros((2, 4), jnp.int32),
+      jnp.ones((2, 4), bool),
+    ),
+    "prompt_mask shape (2, 2): expected (2, 3), as prompt_ids",
+  ),
+  (
+    lambda: concat_prompt_response(
+      jnp.zeros((2, 3), jnp.int32),
+      jnp.ones((2, 3), bool),
+      jnp.zeros((2, 4)),
+      jnp.ones((2, 4), bool),
+    ),
+    "response_ids dtype float32: expected integer token ids",
+  ),
+  (
+    lambda: split_micro_batches(jnp.zeros((6, 2)), 0),
+    "num_micro_batches must be an integer >= 1, got 0",
+  ),
+  (
+    lambda: split_micro_batches(jnp.zeros((6, 2)), -2),
+    "num_micro_batches must be an integer >= 1, got -2",
+  ),
+  (
+    lambda: split_micro_batches({"a": jnp.zeros(6), "b": jnp.zeros(4)}, 2),
+    "leading sizes [4, 6]: every leaf of the batch must be [B, ...] with one",
+  ),
+  (
+    lambda: split_micro_batches({"a": jnp.zeros(6), "b": jnp.float32(1)}, 2),
+    "every leaf of the batch must be [B, ...] (got no leaves or a scalar)",
+  ),
   (
     lambda: ppo_policy_loss(
       jnp.zeros((2, 3)),
@@ -541,3 +615,37 @@ def test_configs_are_checked_when_the_step_is_built_not_traced():
   config = dataclasses.replace(DPOConfig(), beta=-1.0)
   with pytest.raises(ValueError, match=r"^DPOConfig: beta=-1.0"):
     make_dpo_step(TINY, _opt(), config)
+
+
+def test_forward_names_inputs_of_the_wrong_shape_or_dtype():
+  # A [1, L] mask was broadcast over 2 rows; a [2, L-1] one failed inside
+  # the attention ("mul got incompatible shapes"); 1-D ids an IndexError.
+  config = TINY
+  params = models.init_params(config, jax.random.key(0))
+  ids, mask = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), bool)
+  for args, message in (
+    (
+      (ids, mask[:1]),
+      "attention_mask shape (1, 4): expected input_ids' (2, 4)",
+    ),
+    ((ids, mask[:, :3]), "attention_mask shape (2, 3): expected input_ids'"),
+    ((ids[0], mask[0]), "input_ids shape (4,): expected [B, L]"),
+    ((ids.astype(jnp.float32), mask), "input_ids dtype float32: expected int"),
+    ((ids, mask.astype(jnp.float32)), "attention_mask dtype float32: expect"),
+  ):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      models.forward(params, *args, config=config)
+  with pytest.raises(ValueError, match="position_ids shape"):
+    models.forward(params, ids, mask, config=config, position_ids=ids[:, :2])
+  # The other entry points check first too (a float mask was taken).
+  rm = models.from_policy_params(params, config, jax.random.key(1))
+  for fn, p in (
+    (models.hidden_forward, params),
+    (models.values_forward, rm),
+    (models.reward_forward, rm),
+  ):
+    with pytest.raises(ValueError, match="attention_mask dtype float32"):
+      fn(p, ids, mask.astype(jnp.float32), config=config)
+    with pytest.raises(ValueError, match=re.escape("input_ids shape (4,)")):
+      fn(p, ids[0], mask[0], config=config)
+  assert models.forward(params, ids, mask, config=config).shape == (2, 4, 16)

@@ -1305,7 +1305,14 @@ def test_reward_model_past_its_learned_positions(tmp_path, capsys):
   """ppo --reward-model: the policy's 32 positions hold 16 + 16 tokens,
   the reward model's own 16 do not; named before the run directory is
   made (the first scoring would have failed after the initial sampling)."""
+  from safetensors.numpy import load_file, save_file
+
   rm = _rm_export(tmp_path, GPT2, n_positions=16)
+  # Its position table cut to 16 rows too (the headers are checked).
+  tensors = load_file(str(rm / "model.safetensors"))
+  for name in [k for k in tensors if k.endswith("wpe.weight")]:
+    tensors[name] = tensors[name][:16]
+  save_file(tensors, str(rm / "model.safetensors"))
   run = tmp_path / "r"
   args = ["ppo", "--model", str(GPT2), "--reward-model", str(rm)]
   args += ["--run-dir", str(run), "--task.max-prompt-length", "16"]

@@ -562,8 +562,10 @@ def test_validation_errors():
     ppo_policy_loss(x, x, x, x, cliprange=0.2)
   with pytest.raises(ValueError, match="dual_clip"):
     ppo_policy_loss(x, x, x, m, cliprange=0.2, dual_clip=0.5)
-  with pytest.raises(ValueError, match="cliprange_low"):
+  with pytest.raises(ValueError, match="cliprange must be < 1, got 1.5"):
     ppo_policy_loss(x, x, x, m, cliprange=1.5)
+  with pytest.raises(ValueError, match="cliprange_low must be < 1"):
+    ppo_policy_loss(x, x, x, m, cliprange=0.2, cliprange_low=1.5)
   with pytest.raises(ValueError, match="loss_agg_mode"):
     ppo_policy_loss(x, x, x, m, cliprange=0.2, loss_agg_mode="sum")
   with pytest.raises(ValueError, match="old_values"):

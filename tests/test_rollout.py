@@ -322,6 +322,9 @@ _BAD_SAMPLING = [
   ("top_k", -1, r"top_k must be an integer >= 0 \(0 = off\), got -1"),
   ("max_new_tokens", 2.5, "max_new_tokens must be an integer >= 1, got 2.5"),
   ("pad_token_id", 64, r"pad_token_id must be a token id in \[0, 64\)"),
+  ("pad_token_id", None, r"pad_token_id must be a token id in \[0, 64\)"),
+  ("pad_token_id", 1.5, r"pad_token_id must be a token id .* got 1.5"),
+  ("eos_token_id", None, "eos_token_id must be an integer"),
 ]
 
 
@@ -349,6 +352,15 @@ def test_bad_prompts_and_keys_are_named(params):
   for args, message in cases:
     with pytest.raises(ValueError, match=message):
       generate(params, *args, **kw)
+  # Still taken: int masks, NumPy ids, legacy uint32 keys (one, or per row).
+  legacy = jax.random.PRNGKey(0)
+  for args in (
+    (ids, mask.astype(jnp.int32), key),
+    (ids, mask, legacy),
+    (ids, mask, jax.random.split(legacy, ids.shape[0])),
+  ):
+    out = generate(params, *args, **(kw | {"pad_token_id": np.int64(PAD)}))
+    assert out.response_ids.shape == (4, 4)
 
 
 def test_same_shapes_compile_once_temperature_is_traced(params):

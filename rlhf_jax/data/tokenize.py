@@ -531,6 +531,7 @@ def tokenize_preferences(
       the row and both lengths); a text that tokenizes to nothing; every
       pair tied with ``drop_ties``; a P that leaves no room for a prompt
       token beside the BOS.
+    TypeError: an example of another type (names its index).
   """
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "preference", PreferencePair)
@@ -614,6 +615,7 @@ def tokenize_prompts(
 
   Raises:
     DataError: as ``tokenize_preferences``.
+    TypeError: an example of another type (names its index).
   """
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "prompt", (PromptExample, str))
@@ -717,9 +719,10 @@ def tokenize_sft(
 
   Raises:
     DataError: as ``tokenize_preferences``.
+    TypeError: an example of another type (names its index).
   """
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "SFT")
+  _check_nonempty(examples, "SFT", (PreferencePair, UnpairedExample))
   return _single_response(
     examples,
     tokenizer,
@@ -753,6 +756,7 @@ def tokenize_ranked(
 
   Raises:
     DataError: as ``tokenize_preferences``; K differing between examples.
+    TypeError: an example of another type (names its index).
   """
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "ranked", RankedExample)
@@ -822,6 +826,7 @@ def tokenize_unpaired(
 
   Raises:
     DataError: as ``tokenize_preferences``.
+    TypeError: an example of another type (names its index).
   """
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "unpaired", UnpairedExample)

@@ -26,7 +26,11 @@ import numpy as np
 from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.shared_prompt import check_inputs, shared_prompt_hidden
-from rlhf_jax.models.transformer import hidden_forward, param_logical_axes
+from rlhf_jax.models.transformer import (
+  check_sequences,
+  hidden_forward,
+  param_logical_axes,
+)
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -135,7 +139,11 @@ def values_forward(
   Returns:
     f32[B, L] (or the rows of `rows_range`); slots where attention_mask is
     False hold 0.
+
+  Raises:
+    ValueError: inputs of other shapes or dtypes (`check_sequences`).
   """
+  check_sequences(input_ids, attention_mask, position_ids)
   mask = attention_mask.astype(jnp.bool_)
   h = hidden_forward(
     params["backbone"],
@@ -174,7 +182,11 @@ def reward_forward(
 
   Returns:
     f32[B].
+
+  Raises:
+    ValueError: inputs of other shapes or dtypes (`check_sequences`).
   """
+  check_sequences(input_ids, attention_mask, position_ids)
   mask = attention_mask.astype(jnp.bool_)
   # An empty row reads position 0 and is zeroed below. The last layer runs
   # on that one row per sequence (hidden_forward's row_index).

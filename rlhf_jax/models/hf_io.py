@@ -485,11 +485,14 @@ class _TensorFiles:
     if into is not None:
       top, big = float(jnp.finfo(into).max), max(-lo, hi)
       if big > top:
+        wider = (
+          "float32" if jnp.finfo(into).bits < 32 else "float64, with x64 on"
+        )
         raise ModelLoadError(
           f"{f}: tensor {name!r} holds {big:.6g} in magnitude, past "
           f"{np.dtype(into).name}'s largest value {top:.6g}: as params of "
-          "that dtype it would be inf; load it with a wider param_dtype "
-          "(float64)"
+          f"that dtype it would be inf; load it with a wider param_dtype "
+          f"({wider})"
         )
     return t
 

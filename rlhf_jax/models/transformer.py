@@ -1148,7 +1148,10 @@ def forward(
 
   Args:
     params: LM params from `init_params` / `load_hf_checkpoint`.
-    input_ids: i32[B, L] token ids (any value at pad slots).
+    input_ids: i32[B, L] token ids (any value at pad slots). Values are
+      not checked (they may be traced): an id >= V at a real slot makes
+      its row's logits NaN, a negative one reads the embedding from the
+      end (id + V).
     attention_mask: bool[B, L], True = real token.
     config: static `ModelConfig`.
     position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
@@ -1225,10 +1228,12 @@ def hidden_forward(
     ValueError: both `rows_range` and `row_index` given, or `rows_range`
       outside [0, L] or empty (`row_index` is traced: out-of-range
       values are clamped by the gather, not reported); L above a GPT-2
-      model's max_position_embeddings with default position_ids.
+      model's max_position_embeddings with default position_ids; inputs
+      of other shapes or dtypes (`check_sequences`).
   """
   if rows_range is not None and row_index is not None:
     raise ValueError("pass rows_range or row_index, not both")
+  check_sequences(input_ids, attention_mask, position_ids)
   check_rows_range(rows_range, input_ids.shape[1], "rows_range")
   rows = rows_range if row_index is None else row_index.astype(jnp.int32)
   params = _freeze_base(params, config)

@@ -141,7 +141,9 @@ def _generate(
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
       past a GPT-2 model's learned positions.
   """
-  _check_static(prompt_ids, prompt_mask, config, top_k, pad_token_id)
+  _check_static(
+    prompt_ids, prompt_mask, config, top_k, pad_token_id, eos_token_id
+  )
   max_new_tokens = _count("max_new_tokens", max_new_tokens)
   num_samples = _count("num_samples", num_samples)
   ends = bucket_ends(max_new_tokens, cache_buckets)
@@ -259,15 +261,19 @@ def _count(name: str, value) -> int:
   Raises:
     ValueError: a bool, a non-integer or a value below 1, named.
   """
-  bad = f"{name} must be an integer >= 1, got {value!r}"
-  if isinstance(value, bool) or not hasattr(value, "__index__"):
-    raise ValueError(bad)
-  if operator.index(value) < 1:
-    raise ValueError(bad)
+  if not _is_int(value) or operator.index(value) < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   return operator.index(value)
 
 
-def _check_static(prompt_ids, prompt_mask, config, top_k, pad_token_id):
+def _is_int(value) -> bool:
+  """An integer (NumPy's too), not a bool."""
+  return not isinstance(value, bool) and hasattr(value, "__index__")
+
+
+def _check_static(
+  prompt_ids, prompt_mask, config, top_k, pad_token_id, eos_token_id
+):
   """`generate`'s checks of shapes, dtypes and static ids (trace time).
 
   Raises:
@@ -287,12 +293,17 @@ def _check_static(prompt_ids, prompt_mask, config, top_k, pad_token_id):
   mask_dtype = jnp.result_type(prompt_mask)
   if not any(jnp.issubdtype(mask_dtype, k) for k in (jnp.bool_, jnp.integer)):
     raise ValueError(f"prompt_mask dtype {mask_dtype}: expected bool")
-  if isinstance(top_k, bool) or not hasattr(top_k, "__index__") or top_k < 0:
+  if not _is_int(top_k) or top_k < 0:
     raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
   vocab = config.vocab_size
-  if isinstance(pad_token_id, bool) or not 0 <= pad_token_id < vocab:
+  if not _is_int(pad_token_id) or not 0 <= pad_token_id < vocab:
     raise ValueError(
       f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}"
+    )
+  if not _is_int(eos_token_id):
+    raise ValueError(
+      f"eos_token_id must be an integer (one outside [0, {vocab}) is never "
+      f"sampled), got {eos_token_id!r}"
     )
 
 
@@ -312,24 +323,27 @@ def check_sampling_values(temperature, top_p) -> None:
       raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
 
 
-@functools.wraps(_generate)
-def generate(*args, **kwargs):
-  check_sampling_values(
-    kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
-  )
-  return _generate(*args, **kwargs)
+def _checked(method):
+  """``method`` of the jitted `_generate` (call, lower, trace,
+  eval_shape), after `check_sampling_values` of the call's keywords."""
+
+  def call(*args, **kwargs):
+    check_sampling_values(
+      kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
+    )
+    return method(*args, **kwargs)
+
+  return call
 
 
-def _lower(*args, **kwargs):
-  check_sampling_values(
-    kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
-  )
-  return _generate.lower(*args, **kwargs)
-
-
-# AOT lowering and the compile-count checks of tests reach the jitted
-# function through the public name.
-generate.lower = _lower
+# The jitted function behind a check of the values a trace cannot see;
+# AOT lowering and the compile-count checks of tests reach it through the
+# public name.
+generate = functools.wraps(_generate)(_checked(_generate))
+generate.__name__ = generate.__qualname__ = "generate"
+for _name in ("lower", "trace", "eval_shape"):
+  setattr(generate, _name, _checked(getattr(_generate, _name)))
+generate.clear_cache = _generate.clear_cache
 generate._cache_size = _generate._cache_size
 
 
@@ -501,7 +515,9 @@ def row_rngs(rng: jax.Array, batch: int) -> jax.Array:
   """Per-row keys: key[B] as given, or fold_in(rng, b) from a single key.
 
   Raises:
-    ValueError: a key array whose leading size is not B.
+    ValueError: not a PRNG key (a typed key, or uint32[2] of
+      ``jax.random.PRNGKey``) or one per row; a key array whose leading
+      size is not B.
   """
   rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
   is_typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)

@@ -622,12 +622,18 @@ def _holds_run(run_dir: pathlib.Path) -> bool:
   )
 
 
-def _check_overwrite(run_dir: pathlib.Path, record: dict[str, Any]) -> None:
+def _dir_flag(config: Any) -> str:
+  """The option that names the directory: --run-dir, or a command's own
+  (its config's ``DIR_FLAG``, e.g. audit's --out)."""
+  return getattr(config, "DIR_FLAG", "--run-dir")
+
+
+def _check_overwrite(
+  run_dir: pathlib.Path, record: dict[str, Any], flag: str
+) -> None:
   """Raises UserError when --overwrite would delete what rlhf-jax did not
   write: entries of the user's, or an input of this config."""
-  flag, where = ("--run-dir", "the run directory")
-  if record.get("command") == "audit":  # an audit's folder is its --out
-    flag, where = ("--out", "the --out folder")
+  where = "the run directory" if flag == "--run-dir" else f"the {flag} folder"
   foreign = sorted(p.name for p in run_dir.iterdir() if not _ours(p.name))
   foreign += _foreign_inside(run_dir)
   if foreign:
@@ -721,15 +727,16 @@ def prepare_run_dir(
     k: portable_path(v, run_dir) for k, v in _path_values(record).items()
   }
   if not run_dir.exists():  # a new one: can it be made where it is asked?
-    flag = "--out" if command == "audit" else "--run-dir"  # audit's name
-    check_folder_writable(run_dir, flag, run_dir, "nothing was changed")
+    check_folder_writable(
+      run_dir, _dir_flag(config), run_dir, "nothing was changed"
+    )
   with writing(run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
   lock_run_dir(run_dir, f"rlhf-jax {command}")
   exists = _holds_run(run_dir)
   with writing(run_dir):
     if config.overwrite and exists:
-      _check_overwrite(run_dir, record)
+      _check_overwrite(run_dir, record, _dir_flag(config))
       _clear(run_dir)
       exists = False
     if config.resume and not exists:

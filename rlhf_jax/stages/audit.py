@@ -22,7 +22,7 @@ import json
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -47,6 +47,7 @@ MAX_ANNOTATOR_ROWS = 30
 class _OutDir:
   """The view of an audit that ``runtime.prepare_run_dir`` reads."""
 
+  DIR_FLAG: ClassVar[str] = "--out"  # its messages name audit's option
   preset: str
   run_dir: str
   audit: AuditConfig

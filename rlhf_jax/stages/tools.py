@@ -484,8 +484,9 @@ def _check_export_out(
   target = out.resolve()
   if out.exists() and not out.is_dir():
     raise runtime.UserError(f"--out {out}: is a file, expected a directory")
+  # The export is staged beside --out's target (a link's too).
   runtime.check_folder_writable(
-    out.parent, "--out", out, "nothing was exported"
+    out.resolve().parent, "--out", out, "nothing was exported"
   )
   protected = [(run_dir, "the run directory")]
   if record.get("model_dir"):

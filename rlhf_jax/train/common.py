@@ -111,7 +111,7 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
       raise ValueError(f"{id_name} shape {shape}: expected [B, L]")
     if mask_shape != shape:
       raise ValueError(
-        f"{mask_name} shape {mask_shape}: expected {id_name}'s {shape}"
+        f"{mask_name} shape {mask_shape}: expected {shape}, as {id_name}"
       )
     if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
       raise ValueError(
@@ -227,11 +227,15 @@ def split_micro_batches(batch: PyTree, num_micro_batches: int) -> PyTree:
       divisible by N.
   """
   n = num_micro_batches
-  if isinstance(n, bool) or not hasattr(n, "__index__") or n < 1:
+  if not an_int_at_least(1)[0](n):
     raise ValueError(f"num_micro_batches must be an integer >= 1, got {n!r}")
   leaves = jax.tree.leaves(batch)
-  sizes = sorted({jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves})
-  if len(sizes) > 1 or None in sizes:
+  if not leaves or any(jnp.ndim(x) == 0 for x in leaves):
+    raise ValueError(
+      "every leaf of the batch must be [B, ...] (got no leaves or a scalar)"
+    )
+  sizes = sorted({jnp.shape(x)[0] for x in leaves})
+  if len(sizes) > 1:
     raise ValueError(
       f"leading sizes {sizes}: every leaf of the batch must be [B, ...] "
       "with one B"

@@ -183,7 +183,7 @@ class RewardModelConfig:
         ("center_rewards_coef", 0.0),
       ):
         value = getattr(self, name)
-        if value != off:
+        if value not in (off, 0.0):  # a margin of 0 is no margin
           problems.append(
             f"{name}={value!r}: expected {off!r} with "
             "loss_type='best_of_k' (pairwise only)"

@@ -363,7 +363,7 @@ def test_a_weight_past_the_param_dtypes_range(tmp_path, tensors):
   assert str(e.value) == (
     f"{d}/model.safetensors: tensor '{Q0}' holds 7e+38 in magnitude, past "
     "float32's largest value 3.40282e+38: as params of that dtype it would "
-    "be inf; load it with a wider param_dtype (float64)"
+    "be inf; load it with a wider param_dtype (float64, with x64 on)"
   )
   with jax.enable_x64(True):
     _, params = models.load_hf_checkpoint(d, param_dtype="float64")

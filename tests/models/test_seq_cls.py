@@ -162,6 +162,15 @@ def test_pad_equals_eos():
   assert seq_cls.pad_equals_eos(config.replace(eos_token_id=fx.PAD))
 
 
+def test_the_cheap_check_of_a_seq_cls_dir():
+  # check_hf_checkpoint reads the headers: score.weight, no LM head.
+  d = fx.materialize("llama_seqcls_tiny")
+  config = models.check_hf_checkpoint(d, sequence_classification=True)
+  assert config.vocab_size == 64
+  with pytest.raises(models.ModelLoadError, match="lm_head.weight"):
+    models.check_hf_checkpoint(d)
+
+
 def test_load_rm_reads_a_seq_cls_dir():
   config, params, pooling = load_rm(fx.materialize("llama_seqcls_tiny"))
   assert pooling == "last" and config.vocab_size == 64

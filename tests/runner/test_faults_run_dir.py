@@ -274,13 +274,19 @@ def test_read_only_run_dir_is_one_line_and_changes_nothing(tmp_path, read_only):
 
 
 def test_a_new_run_dir_under_a_file_names_the_option(tmp_path):
+  from rlhf_jax.stages import audit
+  from rlhf_jax.stages.configs import AuditConfig
+
   (tmp_path / "file").write_text("mine")
-  for command, flag in (("run", "--run-dir"), ("audit", "--out")):
-    with pytest.raises(runtime.UserError) as e:
-      _prepare(tmp_path / "file" / "run", command=command)
-    assert str(e.value) == (
-      f"{flag} {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file"
-    )
+  out = tmp_path / "file" / "run"
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(out)
+  assert str(e.value) == f"--run-dir {out}: {tmp_path / 'file'} is a file"
+  # A command whose folder has its own option (audit's --out).
+  view = audit._OutDir("default", str(out), AuditConfig(data="x"))
+  with pytest.raises(runtime.UserError) as e:
+    runtime.prepare_run_dir("audit", view)
+  assert str(e.value) == f"--out {out}: {tmp_path / 'file'} is a file"
   assert (tmp_path / "file").read_text() == "mine"
 
 
