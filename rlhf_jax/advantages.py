@@ -15,9 +15,8 @@ in masked slots (even NaN) are never read. Masked outputs hold 0
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax.masked import promote_f32, validate_mask
+from rlhf_jax.masked import check_number, promote_f32, validate_mask
 
 
 def _float_bt(x: jax.Array, name: str) -> jax.Array:
@@ -163,8 +162,7 @@ def discounted_returns(
 
 def _check_unit(name: str, v) -> None:
   """A Python number in [0, 1] (an array passes: it may be traced)."""
-  if isinstance(v, int | float | np.number) and not 0 <= v <= 1:  # NaN too
-    raise ValueError(f"{name} must be in [0, 1], got {v}")
+  check_number(name, v, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def _grouped(scores: jax.Array, group_size: int, min_size: int) -> jax.Array:
@@ -263,8 +261,10 @@ def grpo_advantages(
     f32[B] advantages.
 
   Raises:
-    ValueError: scores not 1-D, G < 1, or B not a multiple of G.
+    ValueError: scores not 1-D, G < 1, B not a multiple of G, or eps
+      below 0.
   """
+  check_number("eps", eps, lambda v: v >= 0, ">= 0")
   s = _grouped(scores, group_size, 1)
   centered = s - jnp.mean(s, axis=1, keepdims=True)
   if normalize_std:

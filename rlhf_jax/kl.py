@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from rlhf_jax import stats as st
 from rlhf_jax.masked import (
   LossAggMode,
+  check_number,
   last_valid_index,
   promote_f32,
   validate_mask,
@@ -157,10 +158,12 @@ def kl_shaped_rewards(
     KL estimate actually used (for logging); both 0 at masked slots.
 
   Raises:
-    ValueError: shape mismatch or unknown estimator.
+    ValueError: shape mismatch, unknown estimator, or a Python kl_coef
+      below 0 or NaN.
   """
   logprobs = jnp.asarray(logprobs)
   mask = validate_mask(response_mask, logprobs.shape, "response_mask")
+  check_number("kl_coef", kl_coef, lambda v: v >= 0, ">= 0")
   scores = _scores(scores, logprobs.shape)
   kl = kl_estimate(logprobs, ref_logprobs, kl_estimator=kl_estimator, mask=mask)
   rewards = -jnp.asarray(kl_coef, kl.dtype) * kl

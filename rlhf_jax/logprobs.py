@@ -21,20 +21,26 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax.masked import masked_mean, masked_sum, promote_f32, validate_mask
+from rlhf_jax.masked import (
+  check_number,
+  masked_mean,
+  masked_sum,
+  promote_f32,
+  validate_mask,
+)
 
 
 def check_temperature(temperature) -> None:
   """Raises ValueError unless a temperature given as a Python or NumPy
   number is finite and > 0; an array passes unchecked (it may be traced,
   and reading one would wait for the device)."""
-  if isinstance(temperature, int | float | np.number):
-    if not (math.isfinite(temperature) and temperature > 0):
-      raise ValueError(
-        f"temperature must be finite and > 0, got {temperature!r}"
-      )
+  check_number(
+    "temperature",
+    temperature,
+    lambda v: math.isfinite(v) and v > 0,
+    "finite and > 0",
+  )
 
 
 def _check_token_ids(tokens: jax.Array, name: str = "tokens") -> None:

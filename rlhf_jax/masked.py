@@ -11,10 +11,12 @@ axis, so the result does not depend on how the batch is split.
 Empty selections (no valid element) give 0 with finite (zero) gradients.
 """
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LossAggMode = Literal[
   "token-mean",
@@ -28,6 +30,14 @@ LOSS_AGG_MODES = (
   "seq-mean-token-sum",
   "seq-mean-token-sum-norm",
 )
+
+
+def check_number(name: str, value, ok: Callable[[Any], bool], expected: str):
+  """Raises ValueError naming ``name`` when a Python or NumPy number fails
+  ``ok`` (NaN fails any comparison); an array passes unchecked (it may be
+  traced, and reading one would wait for the device)."""
+  if isinstance(value, int | float | np.number) and not ok(value):
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def promote_f32(x: jax.Array) -> jax.Array:
@@ -251,6 +261,7 @@ def masked_whiten(
     f32[...] whitened values, 0 at masked slots.
   """
   mask = _check_mask(x, mask)
+  check_number("eps", eps, lambda v: v >= 0, ">= 0")
   xf = jnp.where(mask, promote_f32(x), 0)
   mean = masked_mean(xf, mask, axis_name=axis_name)
   var = masked_var(xf, mask, unbiased=unbiased, axis_name=axis_name)
@@ -297,9 +308,11 @@ def aggregate_loss(
     f32[] loss.
 
   Raises:
-    ValueError: unknown mode, or per_token not 2-D, or shape mismatch.
+    ValueError: unknown mode, or per_token not 2-D, or shape mismatch; a
+      Python normalizer <= 0.
   """
   num, den = aggregate_sums(per_token, mask, loss_agg_mode=loss_agg_mode)
+  check_number("normalizer", normalizer, lambda v: v > 0, "> 0")
   if normalizer is not None:
     den = jnp.asarray(normalizer, jnp.float32)
   else:

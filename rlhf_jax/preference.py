@@ -23,7 +23,12 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
-from rlhf_jax.masked import masked_mean, masked_sum, promote_f32
+from rlhf_jax.masked import (
+  check_number,
+  masked_mean,
+  masked_sum,
+  promote_f32,
+)
 
 DPOLossType = Literal["sigmoid", "hinge"]
 DPO_LOSS_TYPES = ("sigmoid", "hinge")
@@ -173,10 +178,13 @@ def bradley_terry_loss(
 
   Raises:
     ValueError: shapes are not equal [B]; margin not broadcastable to [B];
-      label_smoothing outside [0, 0.5].
+      label_smoothing outside [0, 0.5]; center_rewards_coef below 0.
   """
   _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   _check_smoothing(label_smoothing)
+  check_number(
+    "center_rewards_coef", center_rewards_coef, lambda v: v >= 0, ">= 0"
+  )
   rc = promote_f32(chosen_rewards)
   rr = promote_f32(rejected_rewards)
   delta = rc - rr

@@ -16,9 +16,14 @@ import jax.numpy as jnp
 import pytest
 
 from rlhf_jax import (
+  aggregate_loss,
+  bradley_terry_loss,
   dpo_loss,
   gae_advantages,
+  grpo_advantages,
   kl_estimate,
+  kl_shaped_rewards,
+  masked_whiten,
   models,
   ppo_policy_loss,
   sft_loss,
@@ -457,6 +462,38 @@ LIBRARY_CASES = [
   ),
   # A count of 0 divided by zero, -2 failed in a reshape, leaves of two
   # sizes in a reshape; a scalar leaf has no batch axis.
+  # Hyperparameters given straight to a loss (the configs check theirs):
+  # each returned a value (a negative loss, inf advantages, 0).
+  (
+    lambda: bradley_terry_loss(
+      jnp.zeros(2), jnp.ones(2), center_rewards_coef=-1.0
+    ),
+    "center_rewards_coef must be >= 0, got -1.0",
+  ),
+  (
+    lambda: kl_shaped_rewards(
+      jnp.zeros((1, 2)),
+      jnp.zeros((1, 2)),
+      jnp.zeros(1),
+      jnp.ones((1, 2), bool),
+      kl_coef=float("nan"),
+    ),
+    "kl_coef must be >= 0, got nan",
+  ),
+  (
+    lambda: masked_whiten(jnp.zeros(3), jnp.ones(3, bool), eps=-1.0),
+    "eps must be >= 0, got -1.0",
+  ),
+  (
+    lambda: grpo_advantages(jnp.zeros(4), group_size=2, eps=-1e-6),
+    "eps must be >= 0, got -1e-06",
+  ),
+  (
+    lambda: aggregate_loss(
+      jnp.zeros((1, 2)), jnp.ones((1, 2), bool), normalizer=-1.0
+    ),
+    "normalizer must be > 0, got -1.0",
+  ),
   (  # the id rules: eos = V ("never sampled") passes, -1 does not
     lambda: make_ppo_step(TINY, _opt(), _opt(), PPOConfig(-1, 0)),
     "eos_token_id=-1: expected an integer >= 0",

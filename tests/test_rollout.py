@@ -388,6 +388,9 @@ def test_first_argmax_and_gumbel_draws_match_jax():
   np.testing.assert_array_equal(tok, want)
   ref = jax.nn.log_softmax(logits / 0.8)[jnp.arange(64), want]
   np.testing.assert_allclose(logp, ref, atol=1e-6)
+  # One key for the whole batch was a vmap error about axis 0.
+  with pytest.raises(ValueError, match=r"expected one PRNG key per row, key"):
+    sample_token(logits, jax.random.key(1), temperature=jnp.float32(0.8))
   assert len(set(np.asarray(tok).tolist())) > 10  # real sampling
 
 

@@ -306,11 +306,16 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   """A local checkpoint directory for a path or an already-cached hub id.
 
   Raises:
-    ModelLoadError: a file, not a directory (also NotADirectoryError); a
-      path that does not exist, or a hub id not in the local HF cache
-      (also FileNotFoundError; for a hub id the message says how to
-      download it, nothing is fetched here).
+    ModelLoadError: a file, not a directory (also NotADirectoryError); an
+      empty path, a path that does not exist, or a hub id not in the local
+      HF cache (also FileNotFoundError; for a hub id the message says how
+      to download it, nothing is fetched here).
   """
+  if not str(path_or_hub_id).strip():  # Path("") is the working directory
+    raise _MissingFileError(
+      f"{str(path_or_hub_id)!r}: an empty path; expected a checkpoint "
+      "directory (config.json + *.safetensors)"
+    )
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():
     return path

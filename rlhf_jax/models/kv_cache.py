@@ -66,9 +66,13 @@ def init_cache(
   default works with either params layout.
 
   Raises:
-    ValueError: more slots than a GPT-2 model's learned positions (a
-      token at slot s has a position <= s).
+    ValueError: batch_size or max_length not an integer >= 1; more slots
+      than a GPT-2 model's learned positions (a token at slot s has a
+      position <= s).
   """
+  for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+    if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   # Slot s holds position <= s: past a learned table it would read NaN.
   check_position_table(max_length, config, f"{max_length} cache slots")
   dtype = config.compute_dtype if dtype is None else dtype

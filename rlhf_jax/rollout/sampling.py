@@ -93,6 +93,19 @@ def first_argmax(x: jax.Array) -> jax.Array:
   return jnp.minimum(idx, vocab - 1)
 
 
+def _check_row_keys(rng, rows: int) -> None:
+  """Raises ValueError unless ``rng`` holds one key per row: key[B], or
+  uint32[B, 2] legacy keys."""
+  shape, dtype = jnp.shape(rng), jnp.result_type(rng)
+  typed = jnp.issubdtype(dtype, jax.dtypes.prng_key)
+  want = (rows,) if typed else (rows, 2)
+  if shape != want or not (typed or dtype == jnp.uint32):
+    raise ValueError(
+      f"rng {dtype}{list(shape)}: expected one PRNG key per row, key[{rows}] "
+      f"(jax.random.split(key, {rows}))"
+    )
+
+
 def sample_token(
   logits: jax.Array,
   rng: jax.Array,
@@ -121,7 +134,14 @@ def sample_token(
 
   Returns:
     (tokens i32[B], logprobs f32[B]).
+
+  Raises:
+    ValueError: logits not [B, V]; without ``greedy``, rng not B keys.
   """
+  if jnp.ndim(logits) != 2:
+    raise ValueError(f"logits shape {jnp.shape(logits)}: expected [B, V]")
+  if not greedy:
+    _check_row_keys(rng, logits.shape[0])
   scaled = apply_temperature(logits, temperature)
   if greedy:
     tokens = first_argmax(scaled)

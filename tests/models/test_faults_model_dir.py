@@ -380,6 +380,13 @@ def test_config_errors_come_before_weights_are_read(tmp_path, tensors):
     models.load_hf_checkpoint(d)
 
 
+def test_an_empty_model_path():
+  # It read the working directory (".: no config.json").
+  for empty in ("", " "):
+    with pytest.raises(FileNotFoundError, match="an empty path; expected"):
+      models.load_hf_checkpoint(empty)
+
+
 def test_model_path_that_is_a_file(tmp_path):
   f = tmp_path / "model.safetensors"
   f.write_bytes(b"")

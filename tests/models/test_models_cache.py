@@ -241,6 +241,10 @@ def test_gpt2_forward_past_its_position_table_is_named():
   models.init_cache(config, 2, limit)  # slot s holds a position <= s
   with pytest.raises(ValueError, match="65 cache slots exceed the model's"):
     models.init_cache(config, 2, limit + 1)
+  # A negative length was a broadcast error, a batch of 0 an empty cache.
+  for args, name in (((2, -1), "max_length"), ((0, 8), "batch_size")):
+    with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+      models.init_cache(config, *args)
   # grow_cache has no config: the next cached step refuses the grown cache.
   cache = models.init_cache(config, 2, limit)
   _, cache = models.prefill(
