@@ -16,7 +16,8 @@ in masked slots (even NaN) are never read. Masked outputs hold 0
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.masked import check_number, promote_f32, validate_mask
+from rlhf_jax.checks import check_number
+from rlhf_jax.masked import promote_f32, validate_mask
 
 
 def _float_bt(x: jax.Array, name: str) -> jax.Array:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
+from rlhf_jax.checks import check_number
 from rlhf_jax.masked import (
   LossAggMode,
-  check_number,
   last_valid_index,
   promote_f32,
   validate_mask,

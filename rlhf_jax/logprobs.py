@@ -22,8 +22,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.checks import check_number
 from rlhf_jax.masked import (
-  check_number,
   masked_mean,
   masked_sum,
   promote_f32,

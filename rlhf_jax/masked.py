@@ -11,12 +11,12 @@ axis, so the result does not depend on how the batch is split.
 Empty selections (no valid element) give 0 with finite (zero) gradients.
 """
 
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from rlhf_jax.checks import check_number
 
 LossAggMode = Literal[
   "token-mean",
@@ -30,14 +30,6 @@ LOSS_AGG_MODES = (
   "seq-mean-token-sum",
   "seq-mean-token-sum-norm",
 )
-
-
-def check_number(name: str, value, ok: Callable[[Any], bool], expected: str):
-  """Raises ValueError naming ``name`` when a Python or NumPy number fails
-  ``ok`` (NaN fails any comparison); an array passes unchecked (it may be
-  traced, and reading one would wait for the device)."""
-  if isinstance(value, int | float | np.number) and not ok(value):
-    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def promote_f32(x: jax.Array) -> jax.Array:

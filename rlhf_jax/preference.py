@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
+from rlhf_jax.checks import check_number
 from rlhf_jax.masked import (
-  check_number,
   masked_mean,
   masked_sum,
   promote_f32,

@@ -29,6 +29,7 @@ ALLOWED_TOP = {
   "collections",
 }
 ALLOWED_LOCAL = {
+  "rlhf_jax.checks",
   "rlhf_jax.types",
   "rlhf_jax.masked",
   "rlhf_jax.stats",

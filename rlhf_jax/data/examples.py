@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import jinja2
 
+from rlhf_jax.checks import is_int
 from rlhf_jax.data.errors import DROP_REASONS, DataError, DropReport, logger
 from rlhf_jax.data.readers import Row, is_path, read_rows
 
@@ -619,11 +620,7 @@ def load_examples(
     DataError: see the module docstring; also sources of different kinds.
     ValueError: max_rows neither None nor an integer >= 1.
   """
-  if max_rows is not None and (
-    isinstance(max_rows, bool)
-    or not hasattr(max_rows, "__index__")
-    or max_rows < 1
-  ):
+  if max_rows is not None and (not is_int(max_rows) or max_rows < 1):
     raise ValueError(
       f"max_rows must be an integer >= 1 or None (all rows), got {max_rows!r}"
     )

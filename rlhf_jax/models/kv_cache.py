@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from rlhf_jax.checks import is_int
 from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import (
@@ -71,7 +72,7 @@ def init_cache(
       position <= s).
   """
   for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-    if isinstance(value, bool) or not hasattr(value, "__index__") or value < 1:
+    if not is_int(value) or value < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   # Slot s holds position <= s: past a learned table it would read NaN.
   check_position_table(max_length, config, f"{max_length} cache slots")
@@ -109,7 +110,7 @@ def grow_cache(cache: KVCache, max_length: int) -> KVCache:
   Raises:
     ValueError: max_length is not an integer or is below the cache's S.
   """
-  if isinstance(max_length, bool) or not hasattr(max_length, "__index__"):
+  if not is_int(max_length):
     raise ValueError(f"max_length must be an integer, got {max_length!r}")
   max_length = operator.index(max_length)
   s = cache.key_mask.shape[1]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models
+from rlhf_jax.checks import is_int
 from rlhf_jax.logprobs import (
   check_temperature,
   logprobs_from_logits,
@@ -261,14 +262,9 @@ def _count(name: str, value) -> int:
   Raises:
     ValueError: a bool, a non-integer or a value below 1, named.
   """
-  if not _is_int(value) or operator.index(value) < 1:
+  if not is_int(value) or operator.index(value) < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   return operator.index(value)
-
-
-def _is_int(value) -> bool:
-  """An integer (NumPy's too), not a bool."""
-  return not isinstance(value, bool) and hasattr(value, "__index__")
 
 
 def _check_static(
@@ -293,14 +289,14 @@ def _check_static(
   mask_dtype = jnp.result_type(prompt_mask)
   if not any(jnp.issubdtype(mask_dtype, k) for k in (jnp.bool_, jnp.integer)):
     raise ValueError(f"prompt_mask dtype {mask_dtype}: expected bool")
-  if not _is_int(top_k) or top_k < 0:
+  if not is_int(top_k) or top_k < 0:
     raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
   vocab = config.vocab_size
-  if not _is_int(pad_token_id) or not 0 <= pad_token_id < vocab:
+  if not is_int(pad_token_id) or not 0 <= pad_token_id < vocab:
     raise ValueError(
       f"pad_token_id must be a token id in [0, {vocab}), got {pad_token_id!r}"
     )
-  if not _is_int(eos_token_id):
+  if not is_int(eos_token_id):
     raise ValueError(
       f"eos_token_id must be an integer (one outside [0, {vocab}) is never "
       f"sampled), got {eos_token_id!r}"

@@ -20,6 +20,7 @@ import optax
 
 from rlhf_jax import models
 from rlhf_jax import stats as st
+from rlhf_jax.checks import is_int
 from rlhf_jax.logprobs import (
   entropy_from_logits,
   logprobs_from_logits,
@@ -409,7 +410,7 @@ def an_int_at_least(low: int) -> Rule:
   """v an integer (not a bool) >= low: a count or a token id."""
 
   def ok(v) -> bool:
-    return not isinstance(v, bool) and hasattr(v, "__index__") and v >= low
+    return is_int(v) and v >= low
 
   return (ok, f"an integer >= {low}")
 
