@@ -23,10 +23,9 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.checks import is_int
+from rlhf_jax.checks import check_number, is_int
 from rlhf_jax.logprobs import (
   check_temperature,
   logprobs_from_logits,
@@ -314,9 +313,7 @@ def check_sampling_values(temperature, top_p) -> None:
       f"{e} (for argmax decoding pass greedy=True with a temperature > 0: "
       "the logprobs are those of that temperature)"
     ) from None
-  if isinstance(top_p, int | float | np.number):
-    if not 0 < top_p <= 1:  # NaN fails too
-      raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+  check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 
 
 def _checked(method):
