@@ -304,7 +304,7 @@ def aggregate_loss(
       Python normalizer <= 0.
   """
   num, den = aggregate_sums(per_token, mask, loss_agg_mode=loss_agg_mode)
-  check_number("normalizer", normalizer, lambda v: v > 0, "> 0")
+  check_number("normalizer", normalizer, lambda v: v > 0, "> 0", optional=True)
   if normalizer is not None:
     den = jnp.asarray(normalizer, jnp.float32)
   else:

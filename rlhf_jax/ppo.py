@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
+from rlhf_jax.checks import check_number
 from rlhf_jax.kl import kl_estimate
 from rlhf_jax.masked import (
   LossAggMode,
@@ -123,13 +124,9 @@ def ppo_policy_loss(
   low = cliprange if cliprange_low is None else cliprange_low
   high = cliprange if cliprange_high is None else cliprange_high
   for name, v in ((low_name, low), (high_name, high)):
-    if isinstance(v, int | float) and not v >= 0:  # NaN too
-      raise ValueError(f"{name} must be >= 0, got {v}")
-  if isinstance(low, int | float) and not low < 1:
-    raise ValueError(f"{low_name} must be < 1, got {low}")
-  if dual_clip is not None and isinstance(dual_clip, int | float):
-    if not dual_clip > 1:
-      raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    check_number(name, v, lambda v: v >= 0, ">= 0")
+  check_number(low_name, low, lambda v: v < 1, "< 1")
+  check_number("dual_clip", dual_clip, lambda v: v > 1, "> 1", optional=True)
 
   logp = _clean(logprobs, mask)
   old_logp = jax.lax.stop_gradient(_clean(old_logprobs, mask))
@@ -219,8 +216,7 @@ def ppo_value_loss(
   mask = validate_inputs(
     response_mask, values=values, old_values=old_values, returns=returns
   )
-  if isinstance(cliprange_value, int | float) and not cliprange_value >= 0:
-    raise ValueError(f"cliprange_value must be >= 0, got {cliprange_value}")
+  check_number("cliprange_value", cliprange_value, lambda v: v >= 0, ">= 0")
   v = _clean(values, mask)
   old_v = jax.lax.stop_gradient(_clean(old_values, mask))
   ret = jax.lax.stop_gradient(_clean(returns, mask))

@@ -49,12 +49,9 @@ def _batch_mean(x: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 def _check_smoothing(label_smoothing: float) -> None:
-  if isinstance(label_smoothing, int | float) and not (
-    0.0 <= label_smoothing <= 0.5
-  ):
-    raise ValueError(
-      f"label_smoothing must be in [0, 0.5], got {label_smoothing}"
-    )
+  check_number(
+    "label_smoothing", label_smoothing, lambda v: 0 <= v <= 0.5, "in [0, 0.5]"
+  )
 
 
 def preference_accuracy(
@@ -409,8 +406,7 @@ def dpo_loss(
   _check_smoothing(label_smoothing)
   if loss_type == "hinge" and label_smoothing:
     raise ValueError("label_smoothing applies only to loss_type='sigmoid'")
-  if isinstance(beta, int | float) and not beta > 0:  # NaN too
-    raise ValueError(f"beta must be > 0, got {beta}")
+  check_number("beta", beta, lambda v: v > 0, "> 0")
   ratio_c, ratio_r = _policy_logits(
     chosen_logprobs,
     rejected_logprobs,
@@ -466,8 +462,7 @@ def ipo_loss(
   Raises:
     ValueError: the four inputs are not equal [B]; beta <= 0.
   """
-  if isinstance(beta, int | float) and not beta > 0:  # NaN too
-    raise ValueError(f"beta must be > 0, got {beta}")
+  check_number("beta", beta, lambda v: v > 0, "> 0")
   ratio_c, ratio_r = _policy_logits(
     chosen_logprobs,
     rejected_logprobs,
@@ -591,7 +586,8 @@ def kto_loss(
   Args:
     logprobs: f[B] sum over valid response tokens of log pi(y|x).
     ref_logprobs: f[B] the same under the frozen reference (no gradient).
-    labels: bool[B] (or 0/1 floats) True = desirable (accepted).
+    labels: bool[B] True = desirable (accepted); numbers are read as
+      bool (any non-zero is desirable).
     z_ref: f32[] the reference point (the batch KL estimate).
     mask: optional bool[B] valid rows (padding rows False); masked slots
       may hold anything (NaN included).
@@ -623,8 +619,7 @@ def kto_loss(
     ("desirable_weight", desirable_weight),
     ("undesirable_weight", undesirable_weight),
   ):
-    if isinstance(v, int | float) and not v > 0:  # NaN too
-      raise ValueError(f"{name} must be > 0, got {v}")
+    check_number(name, v, lambda v: v > 0, "> 0")
   valid = jnp.ones(jnp.shape(logprobs), bool) if mask is None else mask
   valid = jnp.asarray(valid).astype(bool)
   good = jnp.asarray(labels).astype(bool)

@@ -23,6 +23,7 @@ from rlhf_jax import (
   grpo_advantages,
   kl_estimate,
   kl_shaped_rewards,
+  kto_loss,
   masked_whiten,
   models,
   ppo_policy_loss,
@@ -35,6 +36,7 @@ from rlhf_jax.train import (
   PPOConfig,
   RewardModelConfig,
   SFTConfig,
+  TrainState,
   make_dpo_step,
   make_ppo_step,
   make_reward_model_step,
@@ -45,7 +47,7 @@ from rlhf_jax.train.common import (
   split_micro_batches,
   stacked_pairs,
 )
-from rlhf_jax.types import PreferenceBatch
+from rlhf_jax.types import PreferenceBatch, SFTBatch
 
 
 def _pairs(rejected_rows: int = 4, rejected_len: int = 4) -> PreferenceBatch:
@@ -357,6 +359,11 @@ TINY = ModelConfig(
 )
 
 
+def _rows(b: int, length: int) -> tuple[jax.Array, jax.Array]:
+  """(ids i32[b, length], mask bool[b, length]) of ones."""
+  return jnp.ones((b, length), jnp.int32), jnp.ones((b, length), bool)
+
+
 def _opt():
   import optax
 
@@ -634,6 +641,57 @@ LIBRARY_CASES = [
   (
     lambda: sft_loss(jnp.zeros((2, 3)), jnp.ones((2, 2), bool)),
     "logprobs shape (2, 3) must equal response_mask shape (2, 2)",
+  ),
+  # Hyperparameters of another type failed inside jax, naming nothing.
+  (
+    lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta="0.1"),
+    "beta must be a number > 0 or an array, got '0.1' (str)",
+  ),
+  (
+    lambda: kto_loss(
+      jnp.zeros(2),
+      jnp.zeros(2),
+      jnp.ones(2, bool),
+      0.0,
+      beta=0.1,
+      desirable_weight=None,
+    ),
+    "desirable_weight must be a number > 0 or an array, got None",
+  ),
+  (
+    lambda: ppo_policy_loss(
+      *[jnp.zeros((1, 2))] * 3,
+      jnp.ones((1, 2), bool),
+      cliprange=0.2,
+      dual_clip="3",
+    ),
+    "dual_clip must be a number > 1 or an array, got '3' (str)",
+  ),
+  # rng=0 was flax's InvalidRngError or "invalid PRNG key data".
+  (
+    lambda: models.init_params(TINY, 0),
+    "rng must be one PRNG key (jax.random.key(seed)), got 0",
+  ),
+  (
+    lambda: models.from_policy_params({}, TINY, 0),
+    "rng must be one PRNG key (jax.random.key(seed)), got 0",
+  ),
+  (
+    lambda: TrainState.create({}, _opt(), jax.random.split(jax.random.key(0))),
+    "rng must be one PRNG key (jax.random.key(seed)), got key<fry>[2]",
+  ),
+  # An empty response was "prompt_length must be a Python int in [1, L)".
+  (
+    lambda: jax.eval_shape(
+      make_sft_step(TINY, _opt()),
+      TrainState.create(
+        models.init_params(TINY, jax.random.key(0)),
+        _opt(),
+        jax.random.key(0),
+      ),
+      SFTBatch(*_rows(2, 3), *_rows(2, 0)),
+    ),
+    "response_ids shape (2, 0): expected at least one slot (L >= 1)",
   ),
 ]
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.checks import check_key
 from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.shared_prompt import check_inputs, shared_prompt_hidden
@@ -74,7 +75,12 @@ def _boxed_head(config: ModelConfig, rng: Array):
 
 
 def init_head_params(config: ModelConfig, rng: Array) -> Params:
-  """Fresh head params {"kernel": [D], "bias": []} in param_dtype."""
+  """Fresh head params {"kernel": [D], "bias": []} in param_dtype.
+
+  Raises:
+    ValueError: ``rng`` is not one PRNG key.
+  """
+  check_key("rng", rng)
   return nn.meta.unbox(jax.jit(functools.partial(_boxed_head, config))(rng))
 
 
@@ -101,7 +107,11 @@ def from_policy_params(
 
   The backbone arrays are copied so donating one train state's buffers
   cannot invalidate the other model's.
+
+  Raises:
+    ValueError: ``rng`` is not one PRNG key (checked before any copy).
   """
+  check_key("rng", rng)
   return {
     "backbone": _copy_tree(policy_params),
     "head": init_head_params(config, rng),

@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.checks import check_key
 from rlhf_jax.models.config import LORA_TARGETS, ModelConfig
 from rlhf_jax.models.dots import dot_weight_t, flat_dot
 
@@ -946,7 +947,11 @@ def init_params(config: ModelConfig, rng: Array) -> Params:
   threefry normals are slow to compile on XLA:CPU, one per parameter, and
   flax's own init through the scanned blocks compiles slowly even for a toy
   model. Deterministic given `rng`.
+
+  Raises:
+    ValueError: ``rng`` is not one PRNG key.
   """
+  check_key("rng", rng)
   shapes = jax.eval_shape(
     lambda: nn.meta.unbox(_boxed_init(config, jax.random.key(0)))
   )

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rlhf_jax.checks import check_key
 from rlhf_jax.kl import KLControllerState
 
 PyTree = Any
@@ -42,7 +43,12 @@ class TrainState:
     optimizer: optax.GradientTransformation,
     rng: jax.Array,
   ) -> "TrainState":
-    """Initial state: step 0, fresh optimizer state."""
+    """Initial state: step 0, fresh optimizer state.
+
+    Raises:
+      ValueError: ``rng`` is not one PRNG key.
+    """
+    check_key("rng", rng)
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
