@@ -4,10 +4,12 @@ Arrays pass these checks unchecked: inside a compiled program they are
 traced, and reading one outside would wait for the device.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -24,23 +26,40 @@ def check_number(
   *,
   optional: bool = False,
 ) -> None:
-  """Raises ValueError naming ``name`` when a Python or NumPy number fails
-  ``ok`` (NaN fails any comparison); an array passes unchecked, and None
-  with ``optional``.
+  """Checks a hyperparameter given as a Python or NumPy real number: it
+  must pass ``ok`` (NaN fails any comparison) and be finite. An array
+  passes unchecked when it is a scalar (it may be traced); None too with
+  ``optional``.
 
   Raises:
-    TypeError: ``value`` is neither a number nor an array (a string such
-      as "0.1" would fail later inside jax with a message naming nothing).
+    ValueError: the number fails ``ok`` or is infinite; an array that is
+      not a scalar (shape ()).
+    TypeError: neither a real number nor an array (a string such as "0.1",
+      a bool, a complex number): it would fail later inside jax with a
+      message naming nothing, or be read as 1.
   """
   if optional and value is None:
     return
-  if isinstance(value, int | float | np.number) and not isinstance(value, bool):
+  if isinstance(value, int | float | np.integer | np.floating) and not (
+    isinstance(value, bool)
+  ):
     if not ok(value):
       raise ValueError(f"{name} must be {expected}, got {value!r}")
-  elif not (hasattr(value, "shape") and hasattr(value, "dtype")):
+    if not math.isfinite(value):
+      raise ValueError(f"{name} must be finite and {expected}, got {value!r}")
+    return
+  shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+  real = dtype is not None and (
+    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+  )
+  if shape is None or not real:
     raise TypeError(
-      f"{name} must be a number {expected} or an array, got {value!r} "
-      f"({type(value).__name__})"
+      f"{name} must be a real number {expected} or a scalar array, got "
+      f"{value!r} ({type(value).__name__})"
+    )
+  if tuple(shape) != ():
+    raise ValueError(
+      f"{name} must be a scalar, got an array of shape {tuple(shape)}"
     )
 
 

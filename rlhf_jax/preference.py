@@ -17,6 +17,7 @@ correct only if the chosen reward is strictly greater; ties count as wrong and
 are reported.
 """
 
+import math
 from typing import Literal
 
 import jax
@@ -586,8 +587,9 @@ def kto_loss(
   Args:
     logprobs: f[B] sum over valid response tokens of log pi(y|x).
     ref_logprobs: f[B] the same under the frozen reference (no gradient).
-    labels: bool[B] True = desirable (accepted); numbers are read as
-      bool (any non-zero is desirable).
+    labels: bool[B] True = desirable (accepted), or 0/1 numbers (any
+      non-zero value is read as desirable: they may be traced, so their
+      values are not checked).
     z_ref: f32[] the reference point (the batch KL estimate).
     mask: optional bool[B] valid rows (padding rows False); masked slots
       may hold anything (NaN included).
@@ -607,13 +609,13 @@ def kto_loss(
     ``count/chosen`` and ``count/rejected`` (``stats.Sum`` of rows).
 
   Raises:
-    ValueError: inputs not equal [B]; z_ref not a scalar; beta or a weight
-      <= 0.
+    ValueError: inputs not equal [B]; z_ref not a finite scalar; beta or
+      a weight <= 0 or not finite.
+    TypeError: a hyperparameter that is not a number or a scalar array.
   """
   _check_rows(logprobs=logprobs, ref_logprobs=ref_logprobs, labels=labels)
   _check_rows(logprobs=logprobs, mask=mask)
-  if jnp.ndim(z_ref) != 0:
-    raise ValueError(f"z_ref must be a scalar, got shape {jnp.shape(z_ref)}")
+  check_number("z_ref", z_ref, math.isfinite, "finite")
   for name, v in (
     ("beta", beta),
     ("desirable_weight", desirable_weight),

@@ -9,10 +9,12 @@ or argument, when the step is built or the function is traced.
 
 import dataclasses
 import os
+import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from rlhf_jax import (
@@ -30,6 +32,7 @@ from rlhf_jax import (
   sft_loss,
 )
 from rlhf_jax.cli.main import DEBUG_ENV, main
+from rlhf_jax.data import load_examples, tokenize_prompts
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.train import (
   DPOConfig,
@@ -72,6 +75,11 @@ OPTION_CASES = [
     "--ppo.learning-rate -0.001: expected > 0",
   ),
   (["run", "--rm.learning-rate", "inf"], "--rm.learning-rate inf"),
+  (  # it passed and overflowed to inf in the float32 step
+    ["sft", "--learning-rate", "1e308"],
+    "--learning-rate 1e+308: expected a finite float32 number (|x| <= "
+    "3.403e+38)",
+  ),
   (
     ["run", "--dpo.learning-rate", "0"],
     "--dpo.learning-rate 0.0: expected > 0",
@@ -241,6 +249,11 @@ OPTION_CASES = [
     "--learning-rate nan",
   ),
   (["generate", "--temperature", "0"], "--temperature 0.0: expected > 0"),
+  (  # it was ignored without a word
+    ["generate", "--greedy", "--temperature", "0.5"],
+    "--temperature 0.5: has no effect with --greedy (argmax decoding); drop "
+    "one of them",
+  ),
   (["generate", "--num-samples", "0"], "--num-samples 0"),
   (
     ["eval", "--run-dir", "no/such/run"],
@@ -346,6 +359,13 @@ def test_read_only_and_full_disk_are_one_line(
 
 # ------------------------------------------------------------ library calls
 
+TINYSTORIES = (
+  pathlib.Path(__file__).resolve().parents[2]
+  / "shared"
+  / "data"
+  / "models"
+  / "tinystories-656k"
+)
 TINY = ModelConfig(
   model_type="llama",
   vocab_size=16,
@@ -645,7 +665,7 @@ LIBRARY_CASES = [
   # Hyperparameters of another type failed inside jax, naming nothing.
   (
     lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta="0.1"),
-    "beta must be a number > 0 or an array, got '0.1' (str)",
+    "beta must be a real number > 0 or a scalar array, got '0.1' (str)",
   ),
   (
     lambda: kto_loss(
@@ -656,7 +676,7 @@ LIBRARY_CASES = [
       beta=0.1,
       desirable_weight=None,
     ),
-    "desirable_weight must be a number > 0 or an array, got None",
+    "desirable_weight must be a real number > 0 or a scalar array, got None",
   ),
   (
     lambda: ppo_policy_loss(
@@ -665,7 +685,27 @@ LIBRARY_CASES = [
       cliprange=0.2,
       dual_clip="3",
     ),
-    "dual_clip must be a number > 1 or an array, got '3' (str)",
+    "dual_clip must be a real number > 1 or a scalar array, got '3' (str)",
+  ),
+  (  # np.True_ passed as an array and was read as beta = 1
+    lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta=np.True_),
+    "beta must be a real number > 0 or a scalar array, got np.True_",
+  ),
+  (  # inf passed "> 0" and the loss was NaN
+    lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta=float("inf")),
+    "beta must be finite and > 0, got inf",
+  ),
+  (
+    lambda: bradley_terry_loss(
+      jnp.zeros(4), jnp.zeros(4), center_rewards_coef=jnp.full(4, 0.1)
+    ),
+    "center_rewards_coef must be a scalar, got an array of shape (4,)",
+  ),
+  (
+    lambda: kto_loss(
+      jnp.zeros(2), jnp.zeros(2), jnp.ones(2, bool), float("nan"), beta=0.1
+    ),
+    "z_ref must be finite, got nan",
   ),
   # rng=0 was flax's InvalidRngError or "invalid PRNG key data".
   (
@@ -679,6 +719,36 @@ LIBRARY_CASES = [
   (
     lambda: TrainState.create({}, _opt(), jax.random.split(jax.random.key(0))),
     "rng must be one PRNG key (jax.random.key(seed)), got key<fry>[2]",
+  ),
+  (
+    lambda: load_examples([{"prompt": "a", "completion": "b"}], strict="no"),
+    "strict must be True or False, got 'no'",
+  ),
+  # Arguments of the wrong type were AttributeErrors naming no argument.
+  (
+    lambda: models.init_params(None, jax.random.key(0)),
+    "config must be a ModelConfig (models.load_hf_config(dir) or "
+    "ModelConfig(...)), got NoneType",
+  ),
+  (
+    lambda: TrainState.create({}, None, jax.random.key(0)),
+    "optimizer must be an optax GradientTransformation",
+  ),
+  (
+    lambda: models.from_policy_params(None, TINY, jax.random.key(0)),
+    "policy_params must be the policy's params, a dict",
+  ),
+  (
+    lambda: models.load_tokenizer(TINYSTORIES, pad_token=0),
+    "pad_token must be a token string such as '<|endoftext|>', got 0 (int)",
+  ),
+  (
+    lambda: tokenize_prompts(["a"], None, max_prompt_length=-1),
+    "max_prompt_length=-1: expected an integer >= 1",
+  ),
+  (
+    lambda: tokenize_prompts(["a"], None, max_prompt_length="8"),
+    "max_prompt_length='8': expected an integer >= 1",
   ),
   # An empty response was "prompt_length must be a Python int in [1, L)".
   (

@@ -87,6 +87,16 @@ def test_only_unusable_rows(tmp_path, capsys):
   )
 
 
+def test_one_usable_pair_is_refused_before_the_run_dir(tmp_path, capsys):
+  # Without --eval-data a tenth is held out; one pair left a run directory.
+  same = _pair(chosen="the same story.", rejected="the same story.")
+  data = _write(tmp_path / "one.jsonl", [_pair(), same])
+  run_dir = tmp_path / "r"
+  code, err = _run(capsys, ["dpo", "--data", data, "--run-dir", str(run_dir)])
+  _check(code, err, f"{data}: need at least 2 usable pairs, got 1")
+  assert not run_dir.exists()
+
+
 def test_strict_turns_a_drop_into_an_error(tmp_path, capsys):
   same = _pair(chosen="the same story.", rejected="the same story.")
   data = _write(tmp_path / "strict.jsonl", [_pair(), same])

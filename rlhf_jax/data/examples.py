@@ -619,7 +619,10 @@ def load_examples(
   Raises:
     DataError: see the module docstring; also sources of different kinds.
     ValueError: max_rows neither None nor an integer >= 1.
+    TypeError: strict not a bool.
   """
+  if not isinstance(strict, bool):  # "no" would read as True
+    raise TypeError(f"strict must be True or False, got {strict!r}")
   if max_rows is not None and (not is_int(max_rows) or max_rows < 1):
     raise ValueError(
       f"max_rows must be an integer >= 1 or None (all rows), got {max_rows!r}"

@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from flax import struct
 
+from rlhf_jax.checks import is_int
 from rlhf_jax.data.errors import (
   DROP_REASONS,
   DataError,
@@ -260,6 +261,18 @@ class TokenizedDataset:
 
 
 # --------------------------------------------------------------- internals
+
+
+def _check_lengths(**lengths: Any) -> None:
+  """Each max length an integer >= 1 (-1 was numpy's "negative
+  dimensions", "8" a TypeError naming nothing).
+
+  Raises:
+    ValueError: naming the first argument that is not.
+  """
+  for name, value in lengths.items():
+    if not (is_int(value) and value >= 1):
+      raise ValueError(f"{name}={value!r}: expected an integer >= 1")
 
 
 def _data_tokenizer(tok: Any) -> Tokenizer:
@@ -532,7 +545,11 @@ def tokenize_preferences(
       pair tied with ``drop_ties``; a P that leaves no room for a prompt
       token beside the BOS.
     TypeError: an example of another type (names its index).
+    ValueError: a max length that is not an integer >= 1.
   """
+  _check_lengths(
+    max_prompt_length=max_prompt_length, max_response_length=max_response_length
+  )
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "preference", PreferencePair)
   wheres = [e.where for e in examples]
@@ -616,7 +633,9 @@ def tokenize_prompts(
   Raises:
     DataError: as ``tokenize_preferences``.
     TypeError: an example of another type (names its index).
+    ValueError: a max length that is not an integer >= 1.
   """
+  _check_lengths(max_prompt_length=max_prompt_length)
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "prompt", (PromptExample, str))
   examples = [
@@ -720,7 +739,11 @@ def tokenize_sft(
   Raises:
     DataError: as ``tokenize_preferences``.
     TypeError: an example of another type (names its index).
+    ValueError: a max length that is not an integer >= 1.
   """
+  _check_lengths(
+    max_prompt_length=max_prompt_length, max_response_length=max_response_length
+  )
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "SFT", (PreferencePair, UnpairedExample))
   return _single_response(
@@ -757,7 +780,11 @@ def tokenize_ranked(
   Raises:
     DataError: as ``tokenize_preferences``; K differing between examples.
     TypeError: an example of another type (names its index).
+    ValueError: a max length that is not an integer >= 1.
   """
+  _check_lengths(
+    max_prompt_length=max_prompt_length, max_response_length=max_response_length
+  )
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "ranked", RankedExample)
   k = len(examples[0].responses)
@@ -827,7 +854,11 @@ def tokenize_unpaired(
   Raises:
     DataError: as ``tokenize_preferences``.
     TypeError: an example of another type (names its index).
+    ValueError: a max length that is not an integer >= 1.
   """
+  _check_lengths(
+    max_prompt_length=max_prompt_length, max_response_length=max_response_length
+  )
   tokenizer = _data_tokenizer(tokenizer)
   _check_nonempty(examples, "unpaired", UnpairedExample)
   labels = np.array([e.label for e in examples], bool)

@@ -16,6 +16,7 @@ where the reward model scores the final token of the sequence.
 """
 
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -109,8 +110,14 @@ def from_policy_params(
   cannot invalidate the other model's.
 
   Raises:
+    TypeError: ``policy_params`` is not a mapping (a dict of arrays).
     ValueError: ``rng`` is not one PRNG key (checked before any copy).
   """
+  if not isinstance(policy_params, Mapping):
+    raise TypeError(
+      "policy_params must be the policy's params, a dict (init_params / "
+      f"load_hf_checkpoint), got {type(policy_params).__name__}"
+    )
   check_key("rng", rng)
   return {
     "backbone": _copy_tree(policy_params),

@@ -242,7 +242,18 @@ def load_tokenizer(
       tokenizer file that cannot be read or parsed (names the file); a
       special token string that is not in the vocabulary; ids past
       config.json's vocab_size (`check_vocab_fits`).
+    TypeError: an override token that is not a string.
   """
+  for name, token in (
+    ("bos_token", bos_token),
+    ("eos_token", eos_token),
+    ("pad_token", pad_token),
+  ):
+    if token is not None and not isinstance(token, str):
+      raise TypeError(
+        f"{name} must be a token string such as '<|endoftext|>', got "
+        f"{token!r} ({type(token).__name__})"
+      )
   d = pathlib.Path(model_dir).expanduser()
   if d.is_file() and d.name == "tokenizer.json":
     raise _NotADirError(

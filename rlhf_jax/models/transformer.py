@@ -949,8 +949,14 @@ def init_params(config: ModelConfig, rng: Array) -> Params:
   model. Deterministic given `rng`.
 
   Raises:
+    TypeError: ``config`` is not a ModelConfig.
     ValueError: ``rng`` is not one PRNG key.
   """
+  if not isinstance(config, ModelConfig):
+    raise TypeError(
+      f"config must be a ModelConfig (models.load_hf_config(dir) or "
+      f"ModelConfig(...)), got {type(config).__name__}"
+    )
   check_key("rng", rng)
   shapes = jax.eval_shape(
     lambda: nn.meta.unbox(_boxed_init(config, jax.random.key(0)))

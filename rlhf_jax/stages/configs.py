@@ -366,8 +366,8 @@ class GenerateConfig:
   """Tokens per continuation."""
   max_prompt_length: int = 32
   """P (longer prompts are an error)."""
-  temperature: float = 1.0
-  """Sampling temperature."""
+  temperature: float | None = None
+  """Sampling temperature (default 1.0; not with --greedy)."""
   greedy: bool = False
   """Argmax decoding instead of sampling."""
   seed: int = 0
@@ -414,8 +414,9 @@ class ExportConfig:
   *ForSequenceClassification directory; a mean-pooled head: the
   rlhf_jax-only causal LM plus reward_head/model.safetensors)."""
   overwrite: bool = False
-  """Replace a non-empty --out directory (the new one is written beside it,
-  then renamed into place)."""
+  """Replace a non-empty --out directory that an earlier export wrote (it
+  holds .rlhf_jax_export; any other folder is refused). The new one is
+  written beside it, then renamed into place."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,6 @@ import numpy as np
 
 from rlhf_jax import audit
 from rlhf_jax.data import (
-  DataError,
   PreferencePair,
   TokenizedDataset,
   TruncationReport,
@@ -27,6 +26,7 @@ from rlhf_jax.stages.sampling import (
 from rlhf_jax.stages.user_data import (
   PAIR_DROP_REASONS,
   chat_template,
+  check_pairs_to_split,
   data_counts,
   load_pairs,
 )
@@ -338,10 +338,7 @@ def _file_preferences(ctx: Context) -> dict:
     "data", loaded.drops, ds.truncation.truncated, PAIR_DROP_REASONS
   )
   if cfg.eval_data is None:
-    if len(ds) < 2:
-      raise DataError(
-        f"{cfg.data}: need at least 2 usable pairs, got {len(ds)}"
-      )
+    check_pairs_to_split(cfg.data, len(ds))
     # A tenth of the pairs (at least one) is held out.
     n_eval = max(1, round(0.1 * len(ds)))
     tr, ev = train_eval_split(len(ds), eval_size=n_eval, seed=cfg.seed)

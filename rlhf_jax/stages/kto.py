@@ -45,6 +45,7 @@ from rlhf_jax.stages.configs import KTOStageConfig
 from rlhf_jax.stages.report import write_policy_outputs
 from rlhf_jax.stages.user_data import (
   HELDOUT_FRACTION,
+  capped_batch,
   check_dropped,
   check_max_dropped_frac,
   data_counts,
@@ -141,7 +142,7 @@ def _policy(config, model_config, params):
   return model_config, params, lora.trainable_optimizer(opt)
 
 
-def _train(config, placement, model_config, params, data, run_dir):
+def _train(config, placement, model_config, params, data, run_dir, size):
   """The KTO steps in the runner's loop; returns (state, last record,
   model config)."""
   train, held = data
@@ -157,7 +158,6 @@ def _train(config, placement, model_config, params, data, run_dir):
   step = placement.jit_step(
     make_kto_step(model_config, opt, config.loss), shardings, extra=ref
   )
-  size = min(config.batch_size, len(train) - len(train) % 2)
   placement.check_batch(size, "--batch-size (after data loading)")
   if size % config.loss.num_micro_batches:
     raise runtime.UserError(
@@ -229,12 +229,15 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   tok = policy_tokenizer(model_dir)
   # The whole file read and tokenized before the run directory is opened.
   train, held, counts = read_unpaired(config, tok)
+  # Batches hold an even number of rows.
+  size = capped_batch("kto", config.batch_size, len(train) // 2 * 2, log)
+  counts["kto/batch_size"] = size
   run_dir = open_run_dir("kto", config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
   state, last, model_config = _train(
-    config, placement, model_config, params, (train, held), run_dir
+    config, placement, model_config, params, (train, held), run_dir, size
   )
   host = host_tree(state.params)
   summary = {

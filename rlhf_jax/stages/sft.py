@@ -38,6 +38,7 @@ from rlhf_jax.stages.common import (
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_policy_outputs
 from rlhf_jax.stages.user_data import (
+  capped_batch,
   check_dropped,
   check_max_dropped_frac,
   data_counts,
@@ -102,7 +103,7 @@ def sft_data(config: SFTStageConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
   return ds, counts
 
 
-def _train(config, placement, model_config, params, ds, run_dir):
+def _train(config, placement, model_config, params, ds, run_dir, batch_size):
   """The SFT steps in the runner's loop; returns (state, last record)."""
   opt = optax.chain(
     optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)
@@ -122,7 +123,6 @@ def _train(config, placement, model_config, params, ds, run_dir):
   step = placement.jit_step(
     make_sft_step(model_config, opt, SFTConfig()), shardings
   )
-  batch_size = min(config.batch_size, len(ds))
   placement.check_batch(batch_size, "--batch-size (after data loading)")
   it = BatchIterator(ds, global_batch_size=batch_size, seed=config.seed)
   with runtime.StopFlag() as stop:
@@ -206,12 +206,14 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   # The whole file read and tokenized before the run directory is opened.
   tok = policy_tokenizer(model_dir)
   ds, counts = sft_data(config, tok)
+  batch_size = capped_batch("sft", config.batch_size, len(ds), log)
+  counts["sft/batch_size"] = batch_size
   run_dir = open_run_dir("sft", config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
   state, last, model_config = _train(
-    config, placement, model_config, params, ds, run_dir
+    config, placement, model_config, params, ds, run_dir, batch_size
   )
   host = host_tree(state.params)
   summary = {

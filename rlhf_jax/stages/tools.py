@@ -216,6 +216,12 @@ def run_generate(config: C.GenerateConfig) -> int:
 
   if config.overwrite and config.output is None:
     raise runtime.UserError("--overwrite needs --output FILE")
+  if config.greedy and config.temperature is not None:
+    raise runtime.UserError(
+      f"--temperature {config.temperature}: has no effect with --greedy "
+      "(argmax decoding); drop one of them"
+    )
+  temperature = 1.0 if config.temperature is None else config.temperature
   out = None
   if config.output is not None:
     out = _check_output(config.output, config.overwrite)
@@ -274,7 +280,7 @@ def run_generate(config: C.GenerateConfig) -> int:
       p_mask,
       key,
       jnp.uint32(0),
-      jnp.float32(config.temperature),
+      jnp.float32(temperature),
       config=model_config,
       max_new_tokens=config.max_new_tokens,
       eos=tok.eos_id,
@@ -470,6 +476,14 @@ def _inside(path: pathlib.Path, root: pathlib.Path) -> bool:
   return path == root or root in path.parents
 
 
+# Written into every export: --overwrite replaces only a folder holding
+# it, so it never deletes a folder of the user's.
+EXPORT_MARKER = ".rlhf_jax_export"
+EXPORT_MARKER_TEXT = (
+  "Written by `rlhf-jax export`: `--overwrite` may replace this folder.\n"
+)
+
+
 def _check_export_out(
   out: pathlib.Path, run_dir: pathlib.Path, record: dict, overwrite: bool
 ) -> None:
@@ -479,7 +493,8 @@ def _check_export_out(
     UserError: --out is a file; it is, or holds, the run directory or the
       run's model directory; it lies in the run's outputs; it is a run
       directory or rlhf-jax's own part of one (``runtime.run_part``); or it
-      is a non-empty directory and `overwrite` is False.
+      is a non-empty directory and `overwrite` is False, or one that an
+      export did not write (no ``EXPORT_MARKER``).
   """
   target = out.resolve()
   if out.exists() and not out.is_dir():
@@ -508,16 +523,21 @@ def _check_export_out(
       why = f"it holds the run directory {held.parent}"
   if why is not None:
     raise runtime.UserError(f"--out {out}: {why}; choose another directory")
-  if out.is_dir() and not overwrite:
-    entries = sorted(p.name for p in out.iterdir())
-    if entries:
-      listed = ", ".join(entries[:4])
-      if len(entries) > 4:
-        listed += f" and {len(entries) - 4} more"
-      raise runtime.UserError(
-        f"--out {out}: not empty (holds {listed}); pass --overwrite to "
-        "replace it, or choose a new directory"
-      )
+  entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+  if entries and not overwrite:
+    listed = ", ".join(entries[:4])
+    if len(entries) > 4:
+      listed += f" and {len(entries) - 4} more"
+    raise runtime.UserError(
+      f"--out {out}: not empty (holds {listed}); pass --overwrite to "
+      "replace it, or choose a new directory"
+    )
+  if entries and not (out / EXPORT_MARKER).is_file():
+    raise runtime.UserError(
+      f"--overwrite --out {out}: the folder holds files and was not written "
+      f"by rlhf-jax export (no {EXPORT_MARKER}); nothing was changed. "
+      "Choose another --out, or empty the folder yourself"
+    )
 
 
 def _write_then_swap(
@@ -535,6 +555,7 @@ def _write_then_swap(
   tmp.mkdir()
   try:
     write(tmp)
+    (tmp / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -565,8 +586,9 @@ def run_export(config: C.ExportConfig) -> int:
   directory (score.weight, pad_token_id) for a last-token head, else the
   rlhf_jax-only format (reward_head/model.safetensors).
 
-  A non-empty --out is refused unless --overwrite; the export is written to
-  a new directory beside --out and renamed into place, so an earlier
+  A non-empty --out is refused unless --overwrite, and even then unless an
+  earlier export wrote it (``EXPORT_MARKER``); the export is written to a
+  new directory beside --out and renamed into place, so an earlier
   export's files (e.g. a sharded checkpoint's index) never survive in it.
   """
   if not config.run_dir or not config.out:

@@ -88,6 +88,19 @@ def data_counts(
   return out
 
 
+def capped_batch(stage: str, requested: int, rows: int, log) -> int:
+  """min(--batch-size, training rows). A cut is said in the log (and the
+  stage reports the size it used), not made silently.
+  """
+  if requested <= rows:
+    return requested
+  log(
+    f"{stage}: --batch-size {requested} is more than the {rows} training "
+    f"rows; each step takes {rows}"
+  )
+  return rows
+
+
 def check_max_dropped_frac(value: float) -> None:
   """Raises UserError unless ``value`` is a fraction in [0, 1]."""
   if not (isinstance(value, int | float) and 0 <= value <= 1):
@@ -236,6 +249,17 @@ def held_data_warnings(*, replay: bool) -> Iterator[None]:
       log.handle(record)
 
 
+def check_pairs_to_split(path: Any, pairs: int) -> None:
+  """Without --eval-data a tenth of --data is held out: at least 2 usable
+  pairs are needed (one to train on, one to evaluate).
+
+  Raises:
+    DataError: fewer, naming the file.
+  """
+  if pairs < 2:
+    raise DataError(f"{path}: need at least 2 usable pairs, got {pairs}")
+
+
 def check_user_data(config: Any, tok: models.Tokenizer) -> None:
   """Pre-flight: --data, --eval-data and --prompts read whole, checked and
   tokenized with the policy's tokenizer as the stages will, before the run
@@ -253,7 +277,7 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
   with held_data_warnings(replay=False):
     for path in (config.data, config.eval_data):
       if path is not None:
-        load_pairs(
+        _, ds = load_pairs(
           path,
           adapter,
           template=template,
@@ -262,6 +286,8 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
           strict=config.strict,
           max_dropped_frac=config.data_max_dropped_frac,
         )
+        if path == config.data and config.eval_data is None:
+          check_pairs_to_split(path, len(ds))
     if config.prompts is not None:
       read_prompts(
         config.prompts,

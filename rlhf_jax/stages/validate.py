@@ -91,6 +91,8 @@ CLASS_RULES: dict[tuple[str, str], Rule] = {
 }
 # Options where +inf is a documented value (a noiseless annotator).
 INFINITE_ALLOWED = ("annotator_beta",)
+# The largest float32: options beyond it overflow in the steps.
+_F32_MAX = 3.4028234663852886e38
 # Options naming a path: never empty (an unset shell variable). The inputs
 # are the runner's PATH_FIELDS (compared as paths on --resume).
 PATH_OPTIONS = PATH_FIELDS | {"run_dir", "out", "output"}
@@ -138,6 +140,12 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
       isinstance(value, float) and not math.isfinite(value) and not infinite_ok
     ):
       out.append(f"{flag} {value!r}: expected a finite number")
+    elif isinstance(value, float) and abs(value) > _F32_MAX:
+      # The steps compute in float32: 1e308 would become inf there.
+      out.append(
+        f"{flag} {value!r}: expected a finite float32 number (|x| <= "
+        f"{_F32_MAX:.4g})"
+      )
     elif isinstance(value, bool) or value is None or rule is None:
       continue
     elif isinstance(value, int | float) and not rule[0](value):

@@ -46,8 +46,14 @@ class TrainState:
     """Initial state: step 0, fresh optimizer state.
 
     Raises:
+      TypeError: ``optimizer`` is not an optax GradientTransformation.
       ValueError: ``rng`` is not one PRNG key.
     """
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+      raise TypeError(
+        "optimizer must be an optax GradientTransformation (e.g. "
+        f"optax.adam(1e-5)), got {type(optimizer).__name__}"
+      )
     check_key("rng", rng)
     return cls(
       step=jnp.zeros((), jnp.int32),

@@ -211,12 +211,21 @@ def test_sft_summary_and_report_show_counts(tmp_path):
   ]
   path = jsonl(tmp_path / "demos.jsonl", rows)
   run_dir = tmp_path / "run"
-  h.cli(
+  log = h.cli(
     "sft", "--preset", "smoke", "--data", str(path), "--run-dir", str(run_dir)
   )
   s = h.summary(run_dir)
   assert s["data/rows_read"] == s["data/rows_kept"] == 12
   assert s["data/unused_label_false"] == 4 and s["data/examples"] == 8
+  assert s["sft/batch_size"] == 4 and "--batch-size" not in log
+  # A batch larger than the data is cut to it, and said (it was silent).
+  again = tmp_path / "again"
+  log = h.cli(
+    "sft", "--preset", "smoke", "--data", str(path), "--run-dir", str(again),
+    "--batch-size", "100", "--steps", "1",
+  )  # fmt: skip
+  assert "sft: --batch-size 100 is more than the 8 training rows; each " in log
+  assert h.summary(again)["sft/batch_size"] == 8
   assert s["data/truncated_completion"] == 8  # T = 16 in the smoke preset
   assert _report_line(run_dir) == (
     "- data: 12 of 12 rows kept; truncated: prompt 0, completion 8; not "

@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 from rlhf_jax import models
 from rlhf_jax.cli.main import main
 from rlhf_jax.models.hf_io import INDEX_FILE
+from rlhf_jax.stages.tools import EXPORT_MARKER, EXPORT_MARKER_TEXT
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT.parent / "shared" / "data" / "models" / "tinystories-656k"
@@ -63,6 +64,7 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
 def _sharded_old_export(out: pathlib.Path) -> None:
   """An earlier export of the original weights in two shards + index."""
   out.mkdir(parents=True)
+  (out / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
   for name in SIDE_FILES:
     shutil.copyfile(TINY / name, out / name)
   tensors = _tensors()
@@ -100,10 +102,10 @@ def test_non_empty_out_is_refused_and_untouched(run_dir, tmp_path, capsys):
   code, cap = _export(capsys, run_dir, out)
   assert code == 2
   assert cap.err == (
-    f"rlhf-jax: error: --out {out}: not empty (holds config.json, "
-    "model-00001-of-00002.safetensors, model-00002-of-00002.safetensors, "
-    "model.safetensors.index.json and 3 more); pass --overwrite to replace "
-    "it, or choose a new directory\n"
+    f"rlhf-jax: error: --out {out}: not empty (holds .rlhf_jax_export, "
+    "config.json, model-00001-of-00002.safetensors, "
+    "model-00002-of-00002.safetensors and 4 more); pass --overwrite to "
+    "replace it, or choose a new directory\n"
   )
   assert _snapshot(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
@@ -119,13 +121,31 @@ def test_overwrite_replaces_a_sharded_export_without_stale_files(
   code, cap = _export(capsys, run_dir, out, "--overwrite")
   assert code == 0, cap.err
   assert sorted(p.name for p in out.iterdir()) == sorted(
-    [*SIDE_FILES, "model.safetensors"]
+    [*SIDE_FILES, "model.safetensors", EXPORT_MARKER]
   )
   # Nothing left beside it: the temporary and the replaced directory went.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
   exported = _embed(out)
   np.testing.assert_array_equal(exported, 2 * original)
   np.testing.assert_array_equal(exported, _embed(run_dir / "outputs" / "ppo"))
+
+
+def test_overwrite_refuses_a_folder_no_export_wrote(run_dir, tmp_path, capsys):
+  # The user's own folder: --overwrite deleted it whole before.
+  out = tmp_path / "mine"
+  (out / "sub").mkdir(parents=True)
+  (out / "notes.txt").write_text("precious")
+  (out / "sub" / "thesis.tex").write_text("x")
+  before = _snapshot(out)
+  code, cap = _export(capsys, run_dir, out, "--overwrite")
+  assert code == 2
+  assert cap.err == (
+    f"rlhf-jax: error: --overwrite --out {out}: the folder holds files and "
+    "was not written by rlhf-jax export (no .rlhf_jax_export); nothing was "
+    "changed. Choose another --out, or empty the folder yourself\n"
+  )
+  assert _snapshot(out) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_export_into_a_new_or_empty_directory(run_dir, tmp_path, capsys):
