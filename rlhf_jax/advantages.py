@@ -74,6 +74,9 @@ def gae_advantages(
 
   Raises:
     ValueError: inputs not [B, T] or shapes differ.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   rewards = _float_bt(rewards, "rewards")
   values = _float_bt(values, "values")
@@ -144,6 +147,9 @@ def discounted_returns(
   Raises:
     ValueError: rewards not [B, T], mask shape differs, or a Python gamma
       outside [0, 1].
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   rewards = _float_bt(rewards, "rewards")
   mask = validate_mask(response_mask, rewards.shape, "response_mask")
@@ -264,6 +270,9 @@ def grpo_advantages(
   Raises:
     ValueError: scores not 1-D, G < 1, B not a multiple of G, or eps
       below 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   check_number("eps", eps, lambda v: v >= 0, ">= 0")
   s = _grouped(scores, group_size, 1)

@@ -1,10 +1,12 @@
 """Checks of arguments a caller gives as Python or NumPy values.
 
-Arrays pass these checks unchecked: inside a compiled program they are
-traced, and reading one outside would wait for the device.
+An array's values pass these checks unchecked (inside a compiled program
+they are traced, and reading one outside would wait for the device); only
+its shape and dtype, which are known either way, are checked.
 """
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,24 @@ def is_int(value: Any) -> bool:
   return not isinstance(value, bool) and hasattr(value, "__index__")
 
 
+def check_count(name: str, value: Any) -> int:
+  """``value`` as an int >= 1 (NumPy integers too).
+
+  Raises:
+    ValueError: not an integer (a bool, a float, a string) or below 1.
+  """
+  ok = is_int(value) and not isinstance(value, np.bool_)
+  if not ok or operator.index(value) < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  return operator.index(value)
+
+
+def _real_dtype(dtype: Any) -> bool:
+  return dtype is not None and (
+    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+  )
+
+
 def check_number(
   name: str,
   value: Any,
@@ -26,35 +46,33 @@ def check_number(
   *,
   optional: bool = False,
 ) -> None:
-  """Checks a hyperparameter given as a Python or NumPy real number: it
-  must pass ``ok`` (NaN fails any comparison) and be finite. An array
-  passes unchecked when it is a scalar (it may be traced); None too with
-  ``optional``.
+  """Checks a hyperparameter given as a real number: it must pass ``ok``
+  (NaN fails any comparison) and be finite. A NumPy scalar or 0-d NumPy
+  array is read as its number. A jax array passes unchecked when it is a
+  scalar (it may be traced); None too with ``optional``.
 
   Raises:
     ValueError: the number fails ``ok`` or is infinite; an array that is
       not a scalar (shape ()).
-    TypeError: neither a real number nor an array (a string such as "0.1",
-      a bool, a complex number): it would fail later inside jax with a
-      message naming nothing, or be read as 1.
+    TypeError: neither a real number nor an array of real dtype (a string
+      such as "0.1", a bool, a complex number): it would fail later inside
+      jax with a message naming nothing, or be read as 1.
   """
   if optional and value is None:
     return
-  if isinstance(value, int | float | np.integer | np.floating) and not (
-    isinstance(value, bool)
-  ):
+  if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
+    if _real_dtype(value.dtype):
+      value = value.item()  # bfloat16 and 0-d arrays too; np.bool_ -> bool
+  if isinstance(value, int | float) and not isinstance(value, bool):
     if not ok(value):
       raise ValueError(f"{name} must be {expected}, got {value!r}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f"{name} must be finite and {expected}, got {value!r}")
     return
   shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
-  real = dtype is not None and (
-    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
-  )
-  if shape is None or not real:
+  if shape is None or not _real_dtype(dtype):
     raise TypeError(
-      f"{name} must be a real number {expected} or a scalar array, got "
+      f"{name} must be a real number ({expected}) or a scalar array, got "
       f"{value!r} ({type(value).__name__})"
     )
   if tuple(shape) != ():
@@ -65,15 +83,16 @@ def check_number(
 
 def check_key(name: str, rng: Any) -> None:
   """Raises ValueError unless ``rng`` is one PRNG key: a typed key[]
-  (``jax.random.key(seed)``) or the legacy uint32[2] of
-  ``jax.random.PRNGKey``."""
+  (``jax.random.key(seed)``) or the raw uint32 key data of
+  ``jax.random.PRNGKey`` (uint32[2] for threefry, uint32[4] for the rbg
+  implementations)."""
   # .shape first: tracers and jax.ShapeDtypeStruct (eval_shape) have it.
   shape = tuple(rng.shape) if hasattr(rng, "shape") else np.shape(rng)
   dtype = getattr(rng, "dtype", None)
   typed = dtype is not None and jax.dtypes.issubdtype(
     dtype, jax.dtypes.prng_key
   )
-  legacy = dtype == np.uint32 and shape == (2,)
+  legacy = dtype == np.uint32 and shape in ((2,), (4,))
   if not (typed and shape == () or legacy):
     got = f"{dtype}{list(shape)}" if dtype is not None else repr(rng)
     raise ValueError(

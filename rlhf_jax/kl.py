@@ -160,6 +160,9 @@ def kl_shaped_rewards(
   Raises:
     ValueError: shape mismatch, unknown estimator, or a Python kl_coef
       below 0 or NaN.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   logprobs = jnp.asarray(logprobs)
   mask = validate_mask(response_mask, logprobs.shape, "response_mask")

@@ -32,9 +32,9 @@ from rlhf_jax.masked import (
 
 
 def check_temperature(temperature) -> None:
-  """Raises ValueError unless a temperature given as a Python or NumPy
-  number is finite and > 0; an array passes unchecked (it may be traced,
-  and reading one would wait for the device)."""
+  """Raises unless a temperature given as a Python or NumPy number is
+  finite and > 0 (ValueError), or is a real scalar array, whose value is
+  not read (it may be traced); see ``checks.check_number``."""
   check_number(
     "temperature",
     temperature,
@@ -100,6 +100,9 @@ def logprobs_from_logits(
     ValueError: tokens shape is not logits shape without the last axis,
       tokens not integer, or a Python or NumPy temperature not finite
       and > 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   logits = jnp.asarray(logits)
   tokens = jnp.asarray(tokens)
@@ -272,6 +275,9 @@ def entropy_from_logits(
   Raises:
     ValueError: mask shape is not logits shape without the vocab axis, or
       a Python or NumPy temperature not finite and > 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   if mask is not None:
     mask = validate_mask(mask, jnp.shape(logits)[:-1], "mask")
@@ -441,6 +447,9 @@ def chunked_logprobs_and_entropy(
   Raises:
     ValueError: inconsistent shapes, chunk_size < 1, tokens not integer,
       or a Python or NumPy temperature not finite and > 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   hidden = jnp.asarray(hidden)
   unembedding = jnp.asarray(unembedding)

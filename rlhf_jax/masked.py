@@ -251,6 +251,11 @@ def masked_whiten(
 
   Returns:
     f32[...] whitened values, 0 at masked slots.
+
+  Raises:
+    ValueError: a mask of another shape; eps below 0 or infinite.
+    TypeError: a float mask; eps not a real number or a scalar array
+      (``checks.check_number``).
   """
   mask = _check_mask(x, mask)
   check_number("eps", eps, lambda v: v >= 0, ">= 0")
@@ -302,6 +307,9 @@ def aggregate_loss(
   Raises:
     ValueError: unknown mode, or per_token not 2-D, or shape mismatch; a
       Python normalizer <= 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   num, den = aggregate_sums(per_token, mask, loss_agg_mode=loss_agg_mode)
   check_number("normalizer", normalizer, lambda v: v > 0, "> 0", optional=True)

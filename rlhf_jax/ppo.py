@@ -111,6 +111,9 @@ def ppo_policy_loss(
     ValueError: inputs not all [B, T] like the mask; clip ranges < 0, a
       floor 1 - eps_low <= 0, or dual_clip <= 1; unknown loss_agg_mode.
     TypeError: float mask.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   mask = validate_inputs(
     response_mask,
@@ -212,6 +215,9 @@ def ppo_value_loss(
   Raises:
     ValueError: inputs not all [B, T] like the mask; cliprange_value < 0;
       unknown loss_agg_mode. TypeError: float mask.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   mask = validate_inputs(
     response_mask, values=values, old_values=old_values, returns=returns

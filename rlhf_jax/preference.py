@@ -177,6 +177,9 @@ def bradley_terry_loss(
   Raises:
     ValueError: shapes are not equal [B]; margin not broadcastable to [B];
       label_smoothing outside [0, 0.5]; center_rewards_coef below 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   _check_pairs(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
   _check_smoothing(label_smoothing)
@@ -399,6 +402,9 @@ def dpo_loss(
   Raises:
     ValueError: the four inputs are not equal [B]; unknown loss_type;
       label_smoothing outside [0, 0.5] or non-zero with "hinge"; beta <= 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   if loss_type not in DPO_LOSS_TYPES:
     raise ValueError(
@@ -462,6 +468,9 @@ def ipo_loss(
 
   Raises:
     ValueError: the four inputs are not equal [B]; beta <= 0.
+    TypeError: a hyperparameter that is not a real number or a scalar
+      array; ValueError also for an infinite one or an array of
+      another shape (``checks.check_number``).
   """
   check_number("beta", beta, lambda v: v > 0, "> 0")
   ratio_c, ratio_r = _policy_logits(

@@ -665,7 +665,7 @@ LIBRARY_CASES = [
   # Hyperparameters of another type failed inside jax, naming nothing.
   (
     lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta="0.1"),
-    "beta must be a real number > 0 or a scalar array, got '0.1' (str)",
+    "beta must be a real number (> 0) or a scalar array, got '0.1' (str)",
   ),
   (
     lambda: kto_loss(
@@ -676,7 +676,7 @@ LIBRARY_CASES = [
       beta=0.1,
       desirable_weight=None,
     ),
-    "desirable_weight must be a real number > 0 or a scalar array, got None",
+    "desirable_weight must be a real number (> 0) or a scalar array, got None",
   ),
   (
     lambda: ppo_policy_loss(
@@ -685,11 +685,11 @@ LIBRARY_CASES = [
       cliprange=0.2,
       dual_clip="3",
     ),
-    "dual_clip must be a real number > 1 or a scalar array, got '3' (str)",
+    "dual_clip must be a real number (> 1) or a scalar array, got '3' (str)",
   ),
   (  # np.True_ passed as an array and was read as beta = 1
     lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta=np.True_),
-    "beta must be a real number > 0 or a scalar array, got np.True_",
+    "beta must be a real number (> 0) or a scalar array, got np.True_",
   ),
   (  # inf passed "> 0" and the loss was NaN
     lambda: dpo_loss(*[jnp.zeros(2)] * 4, beta=float("inf")),
@@ -744,11 +744,11 @@ LIBRARY_CASES = [
   ),
   (
     lambda: tokenize_prompts(["a"], None, max_prompt_length=-1),
-    "max_prompt_length=-1: expected an integer >= 1",
+    "max_prompt_length must be an integer >= 1, got -1",
   ),
   (
     lambda: tokenize_prompts(["a"], None, max_prompt_length="8"),
-    "max_prompt_length='8': expected an integer >= 1",
+    "max_prompt_length must be an integer >= 1, got '8'",
   ),
   # An empty response was "prompt_length must be a Python int in [1, L)".
   (
@@ -761,7 +761,7 @@ LIBRARY_CASES = [
       ),
       SFTBatch(*_rows(2, 3), *_rows(2, 0)),
     ),
-    "response_ids shape (2, 0): expected at least one slot (L >= 1)",
+    "response_ids shape (2, 0): expected at least one slot (T >= 1)",
   ),
 ]
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jinja2
+import numpy as np
 
 from rlhf_jax.checks import is_int
 from rlhf_jax.data.errors import DROP_REASONS, DataError, DropReport, logger
@@ -621,7 +622,7 @@ def load_examples(
     ValueError: max_rows neither None nor an integer >= 1.
     TypeError: strict not a bool.
   """
-  if not isinstance(strict, bool):  # "no" would read as True
+  if not isinstance(strict, bool | np.bool_):  # "no" would read as True
     raise TypeError(f"strict must be True or False, got {strict!r}")
   if max_rows is not None and (not is_int(max_rows) or max_rows < 1):
     raise ValueError(

@@ -34,7 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from flax import struct
 
-from rlhf_jax.checks import is_int
+from rlhf_jax.checks import check_count
 from rlhf_jax.data.errors import (
   DROP_REASONS,
   DataError,
@@ -271,8 +271,7 @@ def _check_lengths(**lengths: Any) -> None:
     ValueError: naming the first argument that is not.
   """
   for name, value in lengths.items():
-    if not (is_int(value) and value >= 1):
-      raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+    check_count(name, value)
 
 
 def _data_tokenizer(tok: Any) -> Tokenizer:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from rlhf_jax.checks import is_int
+from rlhf_jax.checks import check_count, is_int
 from rlhf_jax.masked import last_valid_index
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import (
@@ -71,9 +71,8 @@ def init_cache(
       than a GPT-2 model's learned positions (a token at slot s has a
       position <= s).
   """
-  for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-    if not is_int(value) or value < 1:
-      raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+  check_count("batch_size", batch_size)
+  check_count("max_length", max_length)
   # Slot s holds position <= s: past a learned table it would read NaN.
   check_position_table(max_length, config, f"{max_length} cache slots")
   dtype = config.compute_dtype if dtype is None else dtype

@@ -18,14 +18,13 @@ same params.
 """
 
 import functools
-import operator
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 
 from rlhf_jax import models
-from rlhf_jax.checks import check_number, is_int
+from rlhf_jax.checks import check_count, check_number, is_int
 from rlhf_jax.logprobs import (
   check_temperature,
   logprobs_from_logits,
@@ -144,8 +143,8 @@ def _generate(
   _check_static(
     prompt_ids, prompt_mask, config, top_k, pad_token_id, eos_token_id
   )
-  max_new_tokens = _count("max_new_tokens", max_new_tokens)
-  num_samples = _count("num_samples", num_samples)
+  max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+  num_samples = check_count("num_samples", num_samples)
   ends = bucket_ends(max_new_tokens, cache_buckets)
   # P counts padding: the real positions are not static.
   p = prompt_ids.shape[1]
@@ -255,17 +254,6 @@ def _decode_layout(params, config):
   )
 
 
-def _count(name: str, value) -> int:
-  """value as an int >= 1 (numpy integers too).
-
-  Raises:
-    ValueError: a bool, a non-integer or a value below 1, named.
-  """
-  if not is_int(value) or operator.index(value) < 1:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-  return operator.index(value)
-
-
 def _check_static(
   prompt_ids, prompt_mask, config, top_k, pad_token_id, eos_token_id
 ):
@@ -368,7 +356,7 @@ def bucket_ends(max_new_tokens: int, buckets: int | None) -> list[int]:
   if buckets is None:
     buckets = default_buckets(max_new_tokens)
   steps = max_new_tokens - 1
-  n = max(1, min(_count("cache_buckets", buckets), steps))
+  n = max(1, min(check_count("cache_buckets", buckets), steps))
   return [1 + -(-steps * (i + 1) // n) for i in range(n)]
 
 

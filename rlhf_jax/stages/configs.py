@@ -414,9 +414,10 @@ class ExportConfig:
   *ForSequenceClassification directory; a mean-pooled head: the
   rlhf_jax-only causal LM plus reward_head/model.safetensors)."""
   overwrite: bool = False
-  """Replace a non-empty --out directory that an earlier export wrote (it
-  holds .rlhf_jax_export; any other folder is refused). The new one is
-  written beside it, then renamed into place."""
+  """Replace a non-empty --out that an earlier export wrote
+  (files added to it too); a folder without the export's
+  .rlhf_jax_export file is refused. The new export is written
+  beside it, then renamed into place."""
 
 
 @dataclasses.dataclass(frozen=True)

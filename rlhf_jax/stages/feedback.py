@@ -25,6 +25,7 @@ from rlhf_jax.stages.sampling import (
 )
 from rlhf_jax.stages.user_data import (
   PAIR_DROP_REASONS,
+  capped_batch,
   chat_template,
   check_pairs_to_split,
   data_counts,
@@ -284,8 +285,9 @@ def train_batch_size(ctx: Context, size: int, prefs: dict, flag: str) -> int:
   n = len(prefs["train"])
   if n < size:
     ctx.placement.check_batch(n, f"{flag} (cut to the {n} training pairs)")
-    return n
-  return size
+  log = print if ctx.placement.is_primary else (lambda _: None)
+  stage = flag.removeprefix("--").split(".")[0]
+  return capped_batch(stage, flag, size, n, log, "training pairs")
 
 
 def preference_data(ctx: Context) -> dict:

@@ -142,6 +142,27 @@ def _policy(config, model_config, params):
   return model_config, params, lora.trainable_optimizer(opt)
 
 
+def _batch_size(config, placement, rows: int, log) -> int:
+  """--batch-size, cut to the training rows (an even number of them:
+  batches hold pairs of rows) and checked before the run directory.
+
+  Raises:
+    MeshError, UserError: it does not split over the mesh or the
+      micro-batches.
+  """
+  even = rows - rows % 2
+  what = "training rows" if even == rows else f"usable rows (of {rows})"
+  size = capped_batch("kto", "--batch-size", config.batch_size, even, log, what)
+  placement.check_batch(size, "--batch-size (after data loading)")
+  if size % config.loss.num_micro_batches:
+    raise runtime.UserError(
+      f"--batch-size {config.batch_size}: {rows} training rows give "
+      f"batches of {size}, not divisible by --loss.num-micro-batches "
+      f"{config.loss.num_micro_batches}"
+    )
+  return size
+
+
 def _train(config, placement, model_config, params, data, run_dir, size):
   """The KTO steps in the runner's loop; returns (state, last record,
   model config)."""
@@ -158,13 +179,6 @@ def _train(config, placement, model_config, params, data, run_dir, size):
   step = placement.jit_step(
     make_kto_step(model_config, opt, config.loss), shardings, extra=ref
   )
-  placement.check_batch(size, "--batch-size (after data loading)")
-  if size % config.loss.num_micro_batches:
-    raise runtime.UserError(
-      f"--batch-size {config.batch_size}: {len(train)} training rows give "
-      f"batches of {size}, not divisible by --loss.num-micro-batches "
-      f"{config.loss.num_micro_batches}"
-    )
   it = BatchIterator(train, global_batch_size=size, seed=config.seed)
 
   def evaluate(step_index, state, record):
@@ -229,8 +243,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   tok = policy_tokenizer(model_dir)
   # The whole file read and tokenized before the run directory is opened.
   train, held, counts = read_unpaired(config, tok)
-  # Batches hold an even number of rows.
-  size = capped_batch("kto", config.batch_size, len(train) // 2 * 2, log)
+  size = _batch_size(config, placement, len(train), log)
   counts["kto/batch_size"] = size
   run_dir = open_run_dir("kto", config, model_dir)
   model_config, params = load_policy(placement, model_dir)

@@ -123,7 +123,6 @@ def _train(config, placement, model_config, params, ds, run_dir, batch_size):
   step = placement.jit_step(
     make_sft_step(model_config, opt, SFTConfig()), shardings
   )
-  placement.check_batch(batch_size, "--batch-size (after data loading)")
   it = BatchIterator(ds, global_batch_size=batch_size, seed=config.seed)
   with runtime.StopFlag() as stop:
     loop = TrainLoop(
@@ -206,7 +205,10 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   # The whole file read and tokenized before the run directory is opened.
   tok = policy_tokenizer(model_dir)
   ds, counts = sft_data(config, tok)
-  batch_size = capped_batch("sft", config.batch_size, len(ds), log)
+  batch_size = capped_batch(
+    "sft", "--batch-size", config.batch_size, len(ds), log
+  )
+  placement.check_batch(batch_size, "--batch-size (after data loading)")
   counts["sft/batch_size"] = batch_size
   run_dir = open_run_dir("sft", config, model_dir)
   model_config, params = load_policy(placement, model_dir)

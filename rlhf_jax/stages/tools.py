@@ -524,19 +524,23 @@ def _check_export_out(
   if why is not None:
     raise runtime.UserError(f"--out {out}: {why}; choose another directory")
   entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-  if entries and not overwrite:
-    listed = ", ".join(entries[:4])
-    if len(entries) > 4:
-      listed += f" and {len(entries) - 4} more"
+  ours = (out / EXPORT_MARKER).is_file()
+  if entries and not ours:
+    flag = "--overwrite --out" if overwrite else "--out"
     raise runtime.UserError(
-      f"--out {out}: not empty (holds {listed}); pass --overwrite to "
-      "replace it, or choose a new directory"
+      f"{flag} {out}: holds files and no {EXPORT_MARKER} (an export "
+      "writes it; those before 2026-12-06 did not), so it is not replaced; "
+      "nothing was changed. Choose a new directory, or empty this one "
+      "yourself"
     )
-  if entries and not (out / EXPORT_MARKER).is_file():
+  if entries and not overwrite:
+    shown = [e for e in entries if e != EXPORT_MARKER]
+    listed = ", ".join(shown[:4])
+    if len(shown) > 4:
+      listed += f" and {len(shown) - 4} more"
     raise runtime.UserError(
-      f"--overwrite --out {out}: the folder holds files and was not written "
-      f"by rlhf-jax export (no {EXPORT_MARKER}); nothing was changed. "
-      "Choose another --out, or empty the folder yourself"
+      f"--out {out}: an earlier export (holds {listed}); pass --overwrite "
+      "to replace it, or choose a new directory"
     )
 
 

@@ -26,7 +26,7 @@ import collections
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rlhf_jax import models
@@ -88,15 +88,22 @@ def data_counts(
   return out
 
 
-def capped_batch(stage: str, requested: int, rows: int, log) -> int:
-  """min(--batch-size, training rows). A cut is said in the log (and the
-  stage reports the size it used), not made silently.
+def capped_batch(
+  stage: str,
+  flag: str,
+  requested: int,
+  rows: int,
+  log: Callable[[str], Any],
+  what: str = "training rows",
+) -> int:
+  """min(``flag``'s batch size, the training rows). A cut is said in the
+  log (and the stage reports the size it used), not made silently.
   """
   if requested <= rows:
     return requested
   log(
-    f"{stage}: --batch-size {requested} is more than the {rows} training "
-    f"rows; each step takes {rows}"
+    f"{stage}: {flag} {requested} is more than the {rows} {what}; each "
+    f"step takes {rows}"
   )
   return rows
 

@@ -165,19 +165,18 @@ def concat_prompt_response(
 
   Raises:
     ValueError: a mask of another shape than its ids, a batch size that
-      differs, ids or masks not [B, L], ids not integer, or P or T = 0
-      (names them; the first response token is predicted from the last
-      prompt slot).
+      differs, ids or masks not [B, L], ids not integer, or T = 0 (names
+      them).
   """
   check_rows(
     ("prompt_ids", prompt_ids, "prompt_mask", prompt_mask),
     ("response_ids", response_ids, "response_mask", response_mask),
   )
-  for name, ids in (("prompt_ids", prompt_ids), ("response_ids", response_ids)):
-    if jnp.shape(ids)[1] == 0:
-      raise ValueError(
-        f"{name} shape {jnp.shape(ids)}: expected at least one slot (L >= 1)"
-      )
+  if jnp.shape(response_ids)[1] == 0:  # nothing to score or learn
+    raise ValueError(
+      f"response_ids shape {jnp.shape(response_ids)}: expected at least one "
+      "slot (T >= 1)"
+    )
   ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
   mask = jnp.concatenate(
     [prompt_mask.astype(bool), response_mask.astype(bool)], axis=1

@@ -102,10 +102,10 @@ def test_non_empty_out_is_refused_and_untouched(run_dir, tmp_path, capsys):
   code, cap = _export(capsys, run_dir, out)
   assert code == 2
   assert cap.err == (
-    f"rlhf-jax: error: --out {out}: not empty (holds .rlhf_jax_export, "
-    "config.json, model-00001-of-00002.safetensors, "
-    "model-00002-of-00002.safetensors and 4 more); pass --overwrite to "
-    "replace it, or choose a new directory\n"
+    f"rlhf-jax: error: --out {out}: an earlier export (holds config.json, "
+    "model-00001-of-00002.safetensors, model-00002-of-00002.safetensors, "
+    "model.safetensors.index.json and 3 more); pass --overwrite to replace "
+    "it, or choose a new directory\n"
   )
   assert _snapshot(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
@@ -140,9 +140,10 @@ def test_overwrite_refuses_a_folder_no_export_wrote(run_dir, tmp_path, capsys):
   code, cap = _export(capsys, run_dir, out, "--overwrite")
   assert code == 2
   assert cap.err == (
-    f"rlhf-jax: error: --overwrite --out {out}: the folder holds files and "
-    "was not written by rlhf-jax export (no .rlhf_jax_export); nothing was "
-    "changed. Choose another --out, or empty the folder yourself\n"
+    f"rlhf-jax: error: --overwrite --out {out}: holds files and no "
+    ".rlhf_jax_export (an export writes it; those before 2026-12-06 did "
+    "not), so it is not replaced; nothing was changed. Choose a new "
+    "directory, or empty this one yourself\n"
   )
   assert _snapshot(out) == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
@@ -197,8 +198,10 @@ def test_refusal_from_the_console_script(run_dir, tmp_path):
   )
   assert proc.returncode == 2
   assert proc.stderr == (
-    f"rlhf-jax: error: --out {out}: not empty (holds keep.txt); pass "
-    "--overwrite to replace it, or choose a new directory\n"
+    f"rlhf-jax: error: --out {out}: holds files and no .rlhf_jax_export (an "
+    "export writes it; those before 2026-12-06 did not), so it is not "
+    "replaced; nothing was changed. Choose a new directory, or empty this "
+    "one yourself\n"
   )
   assert (out / "keep.txt").read_text() == "mine"
 
