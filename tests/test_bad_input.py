@@ -275,6 +275,22 @@ OPTION_CASES = [
 ]
 
 
+def test_documented_infinite_option_is_accepted():
+  # --feedback.annotator-beta inf is the noiseless gold order; the float32
+  # range check must not refuse it.
+  from rlhf_jax.stages import configs, validate
+
+  base = configs.PipelineConfig()
+  feedback = dataclasses.replace(base.feedback, annotator_beta=float("inf"))
+  config = dataclasses.replace(base, feedback=feedback)
+  assert validate.problems("run", config) == []
+  big = dataclasses.replace(base.feedback, annotator_beta=1e39)
+  assert validate.problems("run", dataclasses.replace(base, feedback=big)) == [
+    "--feedback.annotator-beta 1e+39: expected a finite float32 number "
+    "(|x| <= 3.403e+38)"
+  ]
+
+
 @pytest.mark.parametrize(
   "argv, message", OPTION_CASES, ids=[" ".join(c[0]) for c in OPTION_CASES]
 )

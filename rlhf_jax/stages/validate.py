@@ -140,7 +140,7 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
       isinstance(value, float) and not math.isfinite(value) and not infinite_ok
     ):
       out.append(f"{flag} {value!r}: expected a finite number")
-    elif isinstance(value, float) and abs(value) > _F32_MAX:
+    elif isinstance(value, float) and not infinite_ok and abs(value) > _F32_MAX:
       # The steps compute in float32: 1e308 would become inf there.
       out.append(
         f"{flag} {value!r}: expected a finite float32 number (|x| <= "
