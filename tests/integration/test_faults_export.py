@@ -91,6 +91,18 @@ def _export(capsys, run_dir, out, *extra):
   return code, capsys.readouterr()
 
 
+def _refused(capsys, run_dir, out, *extra) -> str:
+  """Runs export, checks it exits 2 and touches nothing (--out as it was,
+  nothing beside it); returns its stderr."""
+  before = _snapshot(out)
+  beside = sorted(p.name for p in out.parent.iterdir())
+  code, cap = _export(capsys, run_dir, out, *extra)
+  assert code == 2
+  assert _snapshot(out) == before
+  assert sorted(p.name for p in out.parent.iterdir()) == beside
+  return cap.err
+
+
 def _embed(model_dir: pathlib.Path) -> np.ndarray:
   return np.asarray(models.load_hf_checkpoint(model_dir)[1]["embed"])
 
@@ -98,17 +110,12 @@ def _embed(model_dir: pathlib.Path) -> np.ndarray:
 def test_non_empty_out_is_refused_and_untouched(run_dir, tmp_path, capsys):
   out = tmp_path / "old"
   _sharded_old_export(out)
-  before = _snapshot(out)
-  code, cap = _export(capsys, run_dir, out)
-  assert code == 2
-  assert cap.err == (
+  assert _refused(capsys, run_dir, out) == (
     f"rlhf-jax: error: --out {out}: an earlier export (holds config.json, "
     "model-00001-of-00002.safetensors, model-00002-of-00002.safetensors, "
     "model.safetensors.index.json and 3 more); pass --overwrite to replace "
     "it, or choose a new directory\n"
   )
-  assert _snapshot(out) == before
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
 def test_overwrite_replaces_a_sharded_export_without_stale_files(
@@ -136,17 +143,14 @@ def test_overwrite_refuses_a_folder_no_export_wrote(run_dir, tmp_path, capsys):
   (out / "sub").mkdir(parents=True)
   (out / "notes.txt").write_text("precious")
   (out / "sub" / "thesis.tex").write_text("x")
-  before = _snapshot(out)
-  code, cap = _export(capsys, run_dir, out, "--overwrite")
-  assert code == 2
-  assert cap.err == (
+  assert _refused(capsys, run_dir, out, "--overwrite") == (
     f"rlhf-jax: error: --overwrite --out {out}: holds files and no "
     ".rlhf_jax_export (an export writes it; those before 2026-12-06 did "
     "not), so it is not replaced; nothing was changed. Choose a new "
     "directory, or empty this one yourself\n"
   )
-  assert _snapshot(out) == before
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+  # Without --overwrite the same: no advice to pass it (a dead end).
+  assert "pass --overwrite" not in _refused(capsys, run_dir, out)
 
 
 def test_export_into_a_new_or_empty_directory(run_dir, tmp_path, capsys):
