@@ -830,3 +830,35 @@ def test_forward_names_inputs_of_the_wrong_shape_or_dtype():
     with pytest.raises(ValueError, match=re.escape("input_ids shape (4,)")):
       fn(p, ids[0], mask[0], config=config)
   assert models.forward(params, ids, mask, config=config).shape == (2, 4, 16)
+
+
+def test_a_batch_larger_than_the_data_is_cut_and_said(capsys):
+  """rm / dpo (feedback.train_batch_size) and kto say when --batch-size is
+  cut to the training rows; a batch that fits is used as given, quietly."""
+  from types import SimpleNamespace
+
+  from rlhf_jax.stages import configs, kto
+  from rlhf_jax.stages.feedback import train_batch_size
+
+  checked = []
+  placement = SimpleNamespace(
+    is_primary=True, check_batch=lambda n, what: checked.append((n, what))
+  )
+  ctx = SimpleNamespace(placement=placement)
+  prefs = {"train": [None] * 5}
+  assert train_batch_size(ctx, 4, prefs, "--dpo.batch-size") == 4
+  assert capsys.readouterr().out == "" and checked == []
+  assert train_batch_size(ctx, 16, prefs, "--dpo.batch-size") == 5
+  assert capsys.readouterr().out == (
+    "dpo: --dpo.batch-size 16 is more than the 5 training pairs; each step "
+    "takes 5\n"
+  )
+  assert checked == [(5, "--dpo.batch-size (cut to the 5 training pairs)")]
+  # KTO: batches hold an even number of rows.
+  lines = []
+  config = configs.KTOStageConfig(batch_size=32)
+  assert kto._batch_size(config, placement, 5, lines.append) == 4
+  assert lines == [
+    "kto: --batch-size 32 is more than the 4 usable rows (of 5); each step "
+    "takes 4"
+  ]
