@@ -282,12 +282,12 @@ def train_batch_size(ctx: Context, size: int, prefs: dict, flag: str) -> int:
   Raises:
     MeshError: the batch does not split over the batch axes.
   """
-  n = len(prefs["train"])
-  if n < size:
-    ctx.placement.check_batch(n, f"{flag} (cut to the {n} training pairs)")
   log = print if ctx.placement.is_primary else (lambda _: None)
   stage = flag.removeprefix("--").split(".")[0]
-  return capped_batch(stage, flag, size, n, log, "training pairs")
+  n = len(prefs["train"])
+  return capped_batch(
+    stage, flag, size, n, log, ctx.placement, "training pairs"
+  )
 
 
 def preference_data(ctx: Context) -> dict:

@@ -152,8 +152,9 @@ def _batch_size(config, placement, rows: int, log) -> int:
   """
   even = rows - rows % 2
   what = "training rows" if even == rows else f"usable rows (of {rows})"
-  size = capped_batch("kto", "--batch-size", config.batch_size, even, log, what)
-  placement.check_batch(size, "--batch-size (after data loading)")
+  size = capped_batch(
+    "kto", "--batch-size", config.batch_size, even, log, placement, what
+  )
   if size % config.loss.num_micro_batches:
     raise runtime.UserError(
       f"--batch-size {config.batch_size}: {rows} training rows give "

@@ -206,9 +206,8 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   tok = policy_tokenizer(model_dir)
   ds, counts = sft_data(config, tok)
   batch_size = capped_batch(
-    "sft", "--batch-size", config.batch_size, len(ds), log
+    "sft", "--batch-size", config.batch_size, len(ds), log, placement
   )
-  placement.check_batch(batch_size, "--batch-size (after data loading)")
   counts["sft/batch_size"] = batch_size
   run_dir = open_run_dir("sft", config, model_dir)
   model_config, params = load_policy(placement, model_dir)

@@ -94,13 +94,20 @@ def capped_batch(
   requested: int,
   rows: int,
   log: Callable[[str], Any],
+  placement: Any,
   what: str = "training rows",
 ) -> int:
-  """min(``flag``'s batch size, the training rows). A cut is said in the
-  log (and the stage reports the size it used), not made silently.
+  """min(``flag``'s batch size, the training rows). A cut size is checked
+  against the mesh (`Placement.check_batch`; the callers checked the
+  requested one) and said in the log, not made silently; the stage
+  reports the size it used.
+
+  Raises:
+    MeshError: the cut batch does not split over the batch axes.
   """
   if requested <= rows:
     return requested
+  placement.check_batch(rows, f"{flag} (cut to the {rows} {what})")
   log(
     f"{stage}: {flag} {requested} is more than the {rows} {what}; each "
     f"step takes {rows}"
