@@ -82,10 +82,16 @@ def check_number(
 
 
 def check_key(name: str, rng: Any) -> None:
-  """Raises ValueError unless ``rng`` is one PRNG key: a typed key[]
+  """Checks that ``rng`` is one PRNG key: a typed key[]
   (``jax.random.key(seed)``) or the raw uint32 key data of
   ``jax.random.PRNGKey`` (uint32[2] for threefry, uint32[4] for the rbg
-  implementations)."""
+  implementations).
+
+  Raises:
+    TypeError: not an array (an int seed, None).
+    ValueError: an array of another dtype or shape (several keys, int32
+      data).
+  """
   # .shape first: tracers and jax.ShapeDtypeStruct (eval_shape) have it.
   shape = tuple(rng.shape) if hasattr(rng, "shape") else np.shape(rng)
   dtype = getattr(rng, "dtype", None)
@@ -95,6 +101,7 @@ def check_key(name: str, rng: Any) -> None:
   legacy = dtype == np.uint32 and shape in ((2,), (4,))
   if not (typed and shape == () or legacy):
     got = f"{dtype}{list(shape)}" if dtype is not None else repr(rng)
-    raise ValueError(
+    error = ValueError if dtype is not None else TypeError
+    raise error(
       f"{name} must be one PRNG key (jax.random.key(seed)), got {got}"
     )

@@ -573,6 +573,22 @@ LIBRARY_CASES = [
     ),
     "response_ids dtype float32: expected integer token ids",
   ),
+  # Python lists were "Cannot determine dtype of [[1, 2]]".
+  (
+    lambda: concat_prompt_response(
+      [[1, 2]], jnp.ones((1, 2), bool), jnp.zeros((1, 1), jnp.int32), [[True]]
+    ),
+    "prompt_ids must be an array (jax or numpy), got list",
+  ),
+  (
+    lambda: concat_prompt_response(
+      jnp.zeros((1, 2), jnp.int32),
+      jnp.ones((1, 2), bool),
+      jnp.zeros((1, 1), jnp.int32),
+      [[True]],
+    ),
+    "response_mask must be an array (jax or numpy), got list",
+  ),
   (
     lambda: split_micro_batches(jnp.zeros((6, 2)), 0),
     "num_micro_batches must be an integer >= 1, got 0",

@@ -119,16 +119,19 @@ def test_check_key_accepts_traced_keys():
 
 
 @pytest.mark.parametrize(
-  "rng, got",
+  "rng, error, got",
   [
-    (0, "got 0"),
-    (None, "got None"),
-    (jax.random.split(jax.random.key(0)), "got key<fry>[2]"),
-    (np.zeros(2, np.int32), "got int32[2]"),
-    (np.zeros(3, np.uint32), "got uint32[3]"),
+    (0, TypeError, "got 0"),
+    (None, TypeError, "got None"),
+    (jax.random.split(jax.random.key(0)), ValueError, "got key<fry>[2]"),
+    (np.zeros(2, np.int32), ValueError, "got int32[2]"),
+    (np.zeros(3, np.uint32), ValueError, "got uint32[3]"),
   ],
 )
-def test_check_key_refuses_what_is_not_one_key(rng, got):
-  with pytest.raises(ValueError, match=r"^rng must be one PRNG key") as info:
+def test_check_key_refuses_what_is_not_one_key(rng, error, got):
+  """Not an array: TypeError; an array of keys or of other data:
+  ValueError."""
+  with pytest.raises(Exception, match=r"^rng must be one PRNG key") as info:
     check_key("rng", rng)
+  assert type(info.value) is error
   assert str(info.value).endswith(got)

@@ -826,7 +826,20 @@ def test_lengths_past_a_rotary_model_s_positions_warn(capsys, shared_data):
 
 def test_generate_overwrite_needs_output(capsys):
   code, err = _run(capsys, ["generate", "--overwrite"])
-  _check(code, err, "--overwrite needs --output FILE")
+  _check(code, err, "--overwrite: needs --output FILE")
+
+
+def test_generate_option_conflicts_are_all_said_at_once(capsys):
+  """Checked with every other option (`validate.problems`), so one run
+  names each conflict, not the first one met."""
+  argv = ["generate", "--overwrite", "--greedy", "--temperature", "0.5"]
+  code, err = _run(capsys, argv)
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines() == [
+    "rlhf-jax: error: --temperature 0.5: has no effect with --greedy "
+    "(argmax decoding); drop one of them",
+    "rlhf-jax: error: --overwrite: needs --output FILE",
+  ]
 
 
 def test_generate_output_dangling_link_and_trailing_slash(tmp_path, capsys):

@@ -49,6 +49,7 @@ from rlhf_jax.data.loader import (
   host_slice,
   train_eval_split,
 )
+from rlhf_jax.data.padding import padded_lengths, trim_padding
 from rlhf_jax.data.readers import Row, read_jsonl, read_parquet, read_rows
 from rlhf_jax.data.tokenize import (
   HFTokenizerAdapter,
@@ -91,6 +92,7 @@ __all__ = [
   "host_slice",
   "load_examples",
   "load_hh_rlhf",
+  "padded_lengths",
   "read_jsonl",
   "read_parquet",
   "read_rows",
@@ -103,4 +105,5 @@ __all__ = [
   "tokenize_sft",
   "tokenize_unpaired",
   "train_eval_split",
+  "trim_padding",
 ]

@@ -79,7 +79,8 @@ def init_head_params(config: ModelConfig, rng: Array) -> Params:
   """Fresh head params {"kernel": [D], "bias": []} in param_dtype.
 
   Raises:
-    ValueError: ``rng`` is not one PRNG key.
+    TypeError: ``rng`` is not an array (`checks.check_key`).
+    ValueError: ``rng`` is an array but not one PRNG key.
   """
   check_key("rng", rng)
   return nn.meta.unbox(jax.jit(functools.partial(_boxed_head, config))(rng))
@@ -110,8 +111,9 @@ def from_policy_params(
   cannot invalidate the other model's.
 
   Raises:
-    TypeError: ``policy_params`` is not a mapping (a dict of arrays).
-    ValueError: ``rng`` is not one PRNG key (checked before any copy).
+    TypeError: ``policy_params`` is not a mapping (a dict of arrays), or
+      ``rng`` not an array (`checks.check_key`; before any copy).
+    ValueError: ``rng`` is an array but not one PRNG key.
   """
   if not isinstance(policy_params, Mapping):
     raise TypeError(

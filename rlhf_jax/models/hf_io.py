@@ -302,15 +302,28 @@ def looks_like_hub_id(name: str) -> bool:
   return len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
 
 
+def check_path_arg(name: str, value: Any) -> None:
+  """Raises TypeError naming ``name`` unless ``value`` is a str or an
+  os.PathLike (pathlib's own message names neither the argument nor what
+  it is for)."""
+  if not isinstance(value, str | os.PathLike):
+    raise TypeError(
+      f"{name} must be a path or a cached hub id (str or os.PathLike), got "
+      f"{value!r} ({type(value).__name__})"
+    )
+
+
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   """A local checkpoint directory for a path or an already-cached hub id.
 
   Raises:
+    TypeError: path_or_hub_id neither a str nor an os.PathLike.
     ModelLoadError: a file, not a directory (also NotADirectoryError); an
       empty path, a path that does not exist, or a hub id not in the local
       HF cache (also FileNotFoundError; for a hub id the message says how
       to download it, nothing is fetched here).
   """
+  check_path_arg("path_or_hub_id", path_or_hub_id)
   if not str(path_or_hub_id).strip():  # Path("") is the working directory
     raise _MissingFileError(
       f"{str(path_or_hub_id)!r}: an empty path; expected a checkpoint "
@@ -669,6 +682,7 @@ def load_hf_config(
       also FileNotFoundError); config.json is not a JSON object; an
       unsupported architecture (the message lists the supported ones); a
       missing or malformed field (named).
+    TypeError: path_or_hub_id neither a str nor an os.PathLike.
   """
   return _read_config(
     path_or_hub_id, dtype=dtype, param_dtype=param_dtype, remat=remat
@@ -829,7 +843,8 @@ def load_hf_checkpoint(
       wrong shape or a non-float dtype; tensors the config does not use.
     ValueError: `shardings` whose params differ from the config's, or a
       sharding that does not fit its param's shape (names the param).
-    TypeError: a leaf of `shardings` is not a Sharding.
+    TypeError: a leaf of `shardings` is not a Sharding; path_or_hub_id
+      neither a str nor an os.PathLike.
   """
   model_dir, cfg_path, config = _read_config(
     path_or_hub_id, dtype=dtype, param_dtype=param_dtype, remat=remat

@@ -25,7 +25,11 @@ from rlhf_jax.models.config import (
   _NotADirError,
   read_json,
 )
-from rlhf_jax.models.hf_io import looks_like_hub_id, resolve_model_dir
+from rlhf_jax.models.hf_io import (
+  check_path_arg,
+  looks_like_hub_id,
+  resolve_model_dir,
+)
 
 _ROLES = ("bos", "eos", "pad", "unk")
 
@@ -34,10 +38,20 @@ class MissingSpecialTokenError(ValueError):
   """A special token the caller needs is not defined for this tokenizer."""
 
 
-def _token_string(v: Any) -> str | None:
-  if isinstance(v, dict):
-    return v.get("content")
-  return v if isinstance(v, str) else None
+def _token_string(v: Any, path: pathlib.Path, key: str) -> str | None:
+  """A special token's string as a config file writes it: a string, an
+  AddedToken object {"content": string, ...}, or null (not defined).
+
+  Raises:
+    ModelLoadError: any other value (names the file and the field).
+  """
+  content = v.get("content") if isinstance(v, dict) else v
+  if v is None or isinstance(content, str):
+    return content
+  raise ModelLoadError(
+    f'{path}: {key} must be a token string or {{"content": string}}, '
+    f"got {json.dumps(v)}"
+  )
 
 
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
@@ -240,9 +254,12 @@ def load_tokenizer(
       FileNotFoundError); the path of a tokenizer.json file instead of
       its directory (also NotADirectoryError); a
       tokenizer file that cannot be read or parsed (names the file); a
-      special token string that is not in the vocabulary; ids past
+      special token string that is not in the vocabulary, or a special
+      token field of tokenizer_config.json or special_tokens_map.json
+      that is neither a string, {"content": string} nor null; ids past
       config.json's vocab_size (`check_vocab_fits`).
-    TypeError: an override token that is not a string.
+    TypeError: model_dir neither a str nor an os.PathLike; an override
+      token that is not a string.
   """
   for name, token in (
     ("bos_token", bos_token),
@@ -254,6 +271,7 @@ def load_tokenizer(
         f"{name} must be a token string such as '<|endoftext|>', got "
         f"{token!r} ({type(token).__name__})"
       )
+  check_path_arg("model_dir", model_dir)
   d = pathlib.Path(model_dir).expanduser()
   if d.is_file() and d.name == "tokenizer.json":
     raise _NotADirError(
@@ -407,8 +425,14 @@ def _load(
     key = f"{role}_token"
     for where, value in (
       ("argument", overrides.get(role)),
-      ("tokenizer_config.json", _token_string(tcfg.get(key))),
-      ("special_tokens_map.json", _token_string(smap.get(key))),
+      (
+        "tokenizer_config.json",
+        _token_string(tcfg.get(key), d / "tokenizer_config.json", key),
+      ),
+      (
+        "special_tokens_map.json",
+        _token_string(smap.get(key), d / "special_tokens_map.json", key),
+      ),
     ):
       if value is not None:
         tid = tok.token_to_id(value)

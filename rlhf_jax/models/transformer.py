@@ -949,8 +949,9 @@ def init_params(config: ModelConfig, rng: Array) -> Params:
   model. Deterministic given `rng`.
 
   Raises:
-    TypeError: ``config`` is not a ModelConfig.
-    ValueError: ``rng`` is not one PRNG key.
+    TypeError: ``config`` is not a ModelConfig, or ``rng`` not an array
+      (`checks.check_key`).
+    ValueError: ``rng`` is an array but not one PRNG key.
   """
   if not isinstance(config, ModelConfig):
     raise TypeError(

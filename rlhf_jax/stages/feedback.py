@@ -29,6 +29,7 @@ from rlhf_jax.stages.user_data import (
   chat_template,
   check_pairs_to_split,
   data_counts,
+  fit_to_data,
   load_pairs,
 )
 from rlhf_jax.tasks import (
@@ -357,6 +358,9 @@ def _file_preferences(ctx: Context) -> dict:
         PAIR_DROP_REASONS,
       )
     )
+  log = print if ctx.placement.is_primary else (lambda _: None)
+  (train, held), padded = fit_to_data("--data", log, train, held)
+  counts.update(padded)
   return {
     "train": train,
     "eval": held,

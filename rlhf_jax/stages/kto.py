@@ -13,6 +13,7 @@ Without ``--data``: the accept-rate task (stages/kto_online.py).
 """
 
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -49,6 +50,7 @@ from rlhf_jax.stages.user_data import (
   check_dropped,
   check_max_dropped_frac,
   data_counts,
+  fit_to_data,
   held_data_warnings,
   template_of,
 )
@@ -105,7 +107,9 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
 
 def heldout_metrics(placement, params, ref, ds, config, model_config):
   """kto_eval_stats over the held-out rows (batches of --batch-size, the
-  last padded), merged; keys ``kto/eval_*``."""
+  last padded), merged; keys ``kto/eval_*``. The reward gap (accepted
+  minus rejected mean reward) only when the rows hold both labels: a
+  side with no rows has no mean."""
   size = config.batch_size
   fn = jax.jit(kto_eval_stats, static_argnames=("model_config", "config"))
   merged = None
@@ -123,10 +127,28 @@ def heldout_metrics(placement, params, ref, ds, config, model_config):
   values = {k: float(v) for k, v in st.values(merged).items()}
   keep = ("kto/loss", "kto/kl", "kto/accuracy")
   out = {k.replace("kto/", "kto/eval_"): values[k] for k in keep}
-  out["kto/eval_reward_gap"] = (
-    values["rewards/chosen"] - values["rewards/rejected"]
-  )
+  labels = ds.arrays["labels"]
+  if labels.any() and not labels.all():
+    out["kto/eval_reward_gap"] = (
+      values["rewards/chosen"] - values["rewards/rejected"]
+    )
   return out
+
+
+def warn_one_sided(path: str, counts: dict[str, int], primary: bool) -> None:
+  """A warning on stderr (from the primary process) when every row of
+  --data has the same label: KTO then trains one term of its loss only
+  (Ethayarajh et al. 2024, eq. 7-8), and the held-out reward gap is not
+  reported."""
+  accepted, rejected = counts["data/accepted"], counts["data/rejected"]
+  if accepted and rejected or not primary:
+    return
+  label, other = ("true", "rejected") if accepted else ("false", "accepted")
+  sys.stderr.write(
+    f"rlhf-jax: warning: --data {path}: all {accepted + rejected} rows "
+    f"are labelled {label}, none {other}: only one term of the KTO loss "
+    "trains, and kto/eval_reward_gap is not reported\n"
+  )
 
 
 def _policy(config, model_config, params):
@@ -244,6 +266,9 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   tok = policy_tokenizer(model_dir)
   # The whole file read and tokenized before the run directory is opened.
   train, held, counts = read_unpaired(config, tok)
+  warn_one_sided(config.data, counts, placement.is_primary)
+  (train, held), padded = fit_to_data("kto", log, train, held)
+  counts.update(padded)
   size = _batch_size(config, placement, len(train), log)
   counts["kto/batch_size"] = size
   run_dir = open_run_dir("kto", config, model_dir)

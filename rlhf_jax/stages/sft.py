@@ -43,6 +43,7 @@ from rlhf_jax.stages.user_data import (
   check_max_dropped_frac,
   data_counts,
   drop_reasons,
+  fit_to_data,
   held_data_warnings,
   template_of,
 )
@@ -205,6 +206,8 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   # The whole file read and tokenized before the run directory is opened.
   tok = policy_tokenizer(model_dir)
   ds, counts = sft_data(config, tok)
+  (ds,), padded = fit_to_data("sft", log, ds)
+  counts.update(padded)
   batch_size = capped_batch(
     "sft", "--batch-size", config.batch_size, len(ds), log, placement
   )

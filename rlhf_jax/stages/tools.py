@@ -214,13 +214,6 @@ def run_generate(config: C.GenerateConfig) -> int:
   from rlhf_jax.data import HFTokenizerAdapter
   from rlhf_jax.tasks import STORY_OPENINGS
 
-  if config.overwrite and config.output is None:
-    raise runtime.UserError("--overwrite needs --output FILE")
-  if config.greedy and config.temperature is not None:
-    raise runtime.UserError(
-      f"--temperature {config.temperature}: has no effect with --greedy "
-      "(argmax decoding); drop one of them"
-    )
   temperature = 1.0 if config.temperature is None else config.temperature
   out = None
   if config.output is not None:

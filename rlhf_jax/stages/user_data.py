@@ -43,6 +43,7 @@ from rlhf_jax.data import (
   load_examples,
   tokenize_preferences,
   train_eval_split,
+  trim_padding,
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context
@@ -113,6 +114,28 @@ def capped_batch(
     f"step takes {rows}"
   )
   return rows
+
+
+def fit_to_data(
+  stage: str, log: Callable[[str], Any], *datasets: TokenizedDataset
+) -> tuple[list[TokenizedDataset], dict[str, int]]:
+  """The datasets with their padding cut to their longest rows
+  (`data.trim_padding`: one static shape for the run, no token cut), said
+  in the log.
+
+  Returns:
+    ([datasets], counts data/padded_prompt_length and
+    data/padded_response_length: the slots each batch row holds).
+  """
+  out, (prompt, response) = trim_padding(*datasets)
+  log(
+    f"{stage}: rows padded to {prompt} prompt + {response} response "
+    "tokens (the longest in the data)"
+  )
+  return out, {
+    "data/padded_prompt_length": prompt,
+    "data/padded_response_length": response,
+  }
 
 
 def check_max_dropped_frac(value: float) -> None:

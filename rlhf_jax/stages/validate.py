@@ -257,6 +257,26 @@ def _kto_problems(config: KTOStageConfig) -> list[str]:
   return out
 
 
+def _generate_problems(config: Any) -> list[str]:
+  """Options of `rlhf-jax generate` that contradict each other."""
+  out = []
+  if config.prompts == ():
+    out.append("--prompts: given without a prompt; expected at least one")
+  if config.run_dir is not None and config.model is not None:
+    out.append(
+      f"--model {config.model}: not with --run-dir (which samples the "
+      "run's --policy); give one of them"
+    )
+  if config.greedy and config.temperature is not None:
+    out.append(
+      f"--temperature {config.temperature}: has no effect with --greedy "
+      "(argmax decoding); drop one of them"
+    )
+  if config.overwrite and config.output is None:
+    out.append("--overwrite: needs --output FILE")
+  return out
+
+
 def problems(command: str, config: Any) -> list[str]:
   """Every problem of a parsed command config, one line each.
 
@@ -272,14 +292,8 @@ def problems(command: str, config: Any) -> list[str]:
     out += _pipeline_problems(config)
   if isinstance(config, KTOStageConfig):
     out += _kto_problems(config)
-  if command == "generate" and config.prompts == ():
-    out.append("--prompts: given without a prompt; expected at least one")
-  if command == "generate" and config.run_dir is not None:
-    if config.model is not None:
-      out.append(
-        f"--model {config.model}: not with --run-dir (which samples the "
-        "run's --policy); give one of them"
-      )
+  if command == "generate":
+    out += _generate_problems(config)
   if command in ("eval", "export"):
     run_dir = pathlib.Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():

@@ -103,10 +103,17 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
   ids i32[B, L] with a mask of its shape, and one B for all.
 
   Raises:
-    ValueError: the first problem, naming the fields.
+    TypeError: ids or a mask that is not an array (a list: jax.numpy
+      takes no lists), naming the field.
+    ValueError: the first other problem, naming the fields.
   """
   first = None
   for id_name, ids, mask_name, mask in groups:
+    for name, x in ((id_name, ids), (mask_name, mask)):
+      if not hasattr(x, "shape"):  # arrays, tracers, ShapeDtypeStructs
+        raise TypeError(
+          f"{name} must be an array (jax or numpy), got {type(x).__name__}"
+        )
     shape, mask_shape = jnp.shape(ids), jnp.shape(mask)
     if len(shape) != 2:
       raise ValueError(f"{id_name} shape {shape}: expected [B, L]")
@@ -164,6 +171,7 @@ def concat_prompt_response(
     from the attention mask (cumsum - 1), so left padding is harmless.
 
   Raises:
+    TypeError: ids or a mask that is not an array (names it).
     ValueError: a mask of another shape than its ids, a batch size that
       differs, ids or masks not [B, L], ids not integer, or T = 0 (names
       them).

@@ -46,8 +46,9 @@ class TrainState:
     """Initial state: step 0, fresh optimizer state.
 
     Raises:
-      TypeError: ``optimizer`` is not an optax GradientTransformation.
-      ValueError: ``rng`` is not one PRNG key.
+      TypeError: ``optimizer`` is not an optax GradientTransformation;
+        ``rng`` is not an array (`checks.check_key`).
+      ValueError: ``rng`` is an array but not one PRNG key.
     """
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
       raise TypeError(

@@ -319,6 +319,32 @@ def test_rm_hh_rlhf_preset_dispatches_to_the_hh_job(tmp_path):
   assert 490 <= results["heldout/n"] <= 500
 
 
+def test_one_pair_trains_when_eval_data_holds_the_evaluation(tmp_path):
+  """One usable pair is refused without --eval-data (a tenth of --data is
+  held out); with --eval-data nothing is held out of --data, so it
+  trains, and --eval-data's own drops are counted under eval_data/."""
+  pair = {"prompt": "Once upon a time", "chosen": " a happy dog.",
+          "rejected": " a sad cat."}  # fmt: skip
+  data = tmp_path / "one.jsonl"
+  data.write_text(json.dumps(pair) + "\n")
+  held = [
+    {"prompt": "Lily", "chosen": f" smiled {i}.", "rejected": f" cried {i}."}
+    for i in range(3)
+  ]
+  held.append({"prompt": "Tom", "chosen": " same.", "rejected": " same."})
+  eval_data = tmp_path / "held.jsonl"
+  eval_data.write_text("".join(json.dumps(r) + "\n" for r in held))
+  run_dir = tmp_path / "run"
+  proc = _cli("rm", "--preset", "smoke", "--data", str(data), "--eval-data",
+              str(eval_data), "--run-dir", str(run_dir))  # fmt: skip
+  assert "more than the 1 training pairs; each step takes 1" in proc.stdout
+  rm = json.loads((run_dir / "stages" / "rm.json").read_text())
+  assert rm["train_pairs"] == 1 and rm["eval_pairs"] == 3
+  assert rm["counts"]["data/rows_read"] == 1
+  assert rm["counts"]["eval_data/rows_read"] == 4
+  assert rm["counts"]["eval_data/dropped_chosen_equals_rejected"] == 1
+
+
 def test_rm_on_a_preference_file_counts_drops(tmp_path):
   rows = [
     {

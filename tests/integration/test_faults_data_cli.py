@@ -204,6 +204,29 @@ def test_rm_summary_and_report_show_drops_and_truncation(tmp_path, shared_data):
   )
 
 
+def test_sft_pads_to_the_longest_row_not_the_max_lengths(tmp_path):
+  """Max lengths of 100000 tokens ran out of memory (every row padded to
+  them) after the run directory was made; rows are padded to the longest
+  in the data, said in the log and the summary."""
+  rows = [
+    {"prompt": "Once upon a time", "completion": " a dog.", "label": True},
+    {"prompt": "Lily", "completion": " ran to the park.", "label": True},
+  ]
+  path = jsonl(tmp_path / "demos.jsonl", rows)
+  run_dir = tmp_path / "run"
+  log = h.cli(
+    "sft", "--preset", "smoke", "--data", str(path), "--run-dir",
+    str(run_dir), "--max-prompt-length", "100000",
+    "--max-response-length", "100000", "--steps", "1",
+  )  # fmt: skip
+  # BOS + "Once upon a time" (5 tokens); " ran to the park." 5 + EOS.
+  assert "sft: rows padded to 6 prompt + 6 response tokens (the longest " in log
+  s = h.summary(run_dir)
+  assert s["data/padded_prompt_length"] == 6
+  assert s["data/padded_response_length"] == 6
+  assert s["data/truncated_prompt"] == s["data/truncated_completion"] == 0
+
+
 def test_sft_summary_and_report_show_counts(tmp_path):
   rows = [
     {"prompt": f"Once upon a time {i}", "completion": LONG, "label": i % 3 > 0}

@@ -70,6 +70,27 @@ def test_kto_on_unpaired_rows(kto_run):
   assert (kto_run / "report.md").is_file()
 
 
+def test_one_label_trains_with_a_warning_and_no_reward_gap(tmp_path):
+  """Rows all labelled true: the run trains, says on stderr that only one
+  term of the loss trains, and reports no held-out reward gap (the
+  rejected side has no mean, which read as 0 made the gap the accepted
+  mean)."""
+  path = tmp_path / "accepted.jsonl"
+  rows = [{**_row(i), "label": True} for i in range(8)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  run_dir = tmp_path / "run"
+  log = h.cli(*_args(path, run_dir))
+  assert (
+    f"rlhf-jax: warning: --data {path}: all 8 rows are labelled true, none "
+    "rejected: only one term of the KTO loss trains, and "
+    "kto/eval_reward_gap is not reported"
+  ) in log
+  s = h.summary(run_dir)
+  assert (s["data/accepted"], s["data/rejected"]) == (8, 0)
+  assert "kto/eval_reward_gap" not in s
+  assert math.isfinite(s["kto/eval_loss"])
+
+
 def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):
   run_dir = tmp_path / "killed"
   args = _args(data, run_dir)

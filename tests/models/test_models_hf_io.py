@@ -212,6 +212,26 @@ def test_missing_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch, name):
   )
 
 
+@pytest.mark.parametrize(
+  "load, arg",
+  [
+    (models.load_hf_checkpoint, "path_or_hub_id"),
+    (models.load_hf_config, "path_or_hub_id"),
+    (models.load_tokenizer, "model_dir"),
+  ],
+)
+@pytest.mark.parametrize("value", [None, 3])
+def test_model_path_of_another_type_is_named(load, arg, value):
+  """None or a number was pathlib's TypeError, which named neither the
+  argument nor what it is for."""
+  with pytest.raises(TypeError) as e:
+    load(value)
+  assert str(e.value) == (
+    f"{arg} must be a path or a cached hub id (str or os.PathLike), got "
+    f"{value!r} ({type(value).__name__})"
+  )
+
+
 def test_hub_id_found_in_local_cache(tmp_path, monkeypatch):
   hub = tmp_path / "hub"
   snap = hub / "models--someorg--tiny" / "snapshots" / "abc123"

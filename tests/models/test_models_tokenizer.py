@@ -202,3 +202,48 @@ def test_a_vocab_size_below_one_is_left_to_the_model_loader(
   assert models.load_tokenizer(d).vocab_size == 2048
   with pytest.raises(models.ModelLoadError, match="vocab_size"):
     models.load_hf_config(d)
+
+
+@pytest.mark.parametrize(
+  "file, value, got",
+  [
+    ("tokenizer_config.json", 123, "123"),
+    ("tokenizer_config.json", {"content": 2}, '{"content": 2}'),
+    ("special_tokens_map.json", ["<|end_story|>"], '["<|end_story|>"]'),
+  ],
+)
+def test_special_token_field_of_another_type_names_file_and_field(
+  tinystories_dir, tmp_path, file, value, got
+):
+  """A special token field that is not a string, {"content": string} or
+  null was passed over (123), or reached tokenizers as a number, and the
+  id came from elsewhere: now refused, naming the file and the field."""
+  for f in ("tokenizer.json", "tokenizer_config.json", "config.json"):
+    shutil.copy(tinystories_dir / f, tmp_path)
+  (tmp_path / "special_tokens_map.json").write_text("{}")
+  cfg = json.loads((tmp_path / file).read_text())
+  (tmp_path / file).write_text(json.dumps({**cfg, "eos_token": value}))
+  with pytest.raises(models.ModelLoadError) as e:
+    models.load_tokenizer(tmp_path)
+  assert str(e.value) == (
+    f"{tmp_path / file}: eos_token must be a token string or "
+    f'{{"content": string}}, got {got}'
+  )
+
+
+def test_special_token_fields_as_string_object_or_null(
+  tinystories_dir, tmp_path
+):
+  for f in ("tokenizer.json", "config.json"):
+    shutil.copy(tinystories_dir / f, tmp_path)
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps(
+      {
+        "bos_token": "<|start_story|>",
+        "eos_token": {"__type": "AddedToken", "content": "<|end_story|>"},
+        "pad_token": None,
+      }
+    )
+  )
+  tok = models.load_tokenizer(tmp_path)
+  assert (tok.bos_id, tok.eos_id) == (1, 2)

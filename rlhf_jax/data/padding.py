@@ -1,0 +1,99 @@
+"""Padded widths cut to the data: the longest row, not the max length.
+
+`tokenize_*` pad every prompt to ``max_prompt_length`` (left) and every
+response to ``max_response_length`` (right), so a generous max length
+costs compute, and memory, on every step. `trim_padding` cuts the padded
+axes to the longest row of the datasets given together (a train and a
+held-out split share one shape, so one compiled step serves both); the
+shapes stay static for the whole run, and no token is cut.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from rlhf_jax.data.tokenize import TokenizedDataset
+
+PROMPT = "prompt"  # the left-padded group; every other mask is right-padded
+
+
+def _groups(ds: TokenizedDataset) -> list[str]:
+  """The padded field groups ("prompt", "chosen", ...): X with X_mask."""
+  return [k.removesuffix("_mask") for k in ds.arrays if k.endswith("_mask")]
+
+
+def _content(mask: np.ndarray, left: bool) -> int:
+  """Columns of the last axis that hold a real token in some row."""
+  used = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
+  if not used.size:
+    return 0
+  return mask.shape[-1] - used[0] if left else used[-1] + 1
+
+
+def padded_lengths(*datasets: TokenizedDataset) -> tuple[int, int]:
+  """(prompt slots, response slots) that hold every real token of every
+  row of ``datasets``: the lengths `trim_padding` cuts to (at least 1).
+
+  Raises:
+    ValueError: no datasets, or datasets of another field set than the
+      first's.
+  """
+  if not datasets:
+    raise ValueError("padded_lengths needs at least one dataset")
+  groups = _groups(datasets[0])
+  if any(_groups(ds) != groups for ds in datasets):
+    raise ValueError(
+      "datasets to trim together must have the same fields, got "
+      f"{[sorted(ds.arrays) for ds in datasets]}"
+    )
+  prompt, response = 1, 1
+  for ds in datasets:
+    for g in groups:
+      width = _content(ds.arrays[f"{g}_mask"], left=g == PROMPT)
+      if g == PROMPT:
+        prompt = max(prompt, width)
+      else:
+        response = max(response, width)
+  return prompt, response
+
+
+def trim_padding(
+  *datasets: TokenizedDataset,
+) -> tuple[list[TokenizedDataset], tuple[int, int]]:
+  """The datasets with their padded axes cut to `padded_lengths`.
+
+  Prompts (left-padded) keep their last P' slots, responses, chosen and
+  rejected (right-padded; the last axis of ranked [N, K, T]) their first
+  T' slots: only padding is removed, so every batch holds the same tokens
+  at the same positions relative to each other (positions come from the
+  mask), and a step computes the same values up to float rounding.
+
+  Args:
+    datasets: TokenizedDatasets of one kind (e.g. train and held-out).
+
+  Returns:
+    ([trimmed datasets], (P', T')).
+
+  Raises:
+    ValueError: as `padded_lengths`.
+  """
+  lengths = padded_lengths(*datasets)
+  return [_cut(ds, *lengths) for ds in datasets], lengths
+
+
+def _cut(ds: TokenizedDataset, prompt: int, response: int) -> TokenizedDataset:
+  groups = set(_groups(ds))
+
+  def cut(name: str, a: np.ndarray) -> np.ndarray:
+    group, _, kind = name.rpartition("_")
+    if group not in groups or kind not in ("ids", "mask"):
+      return a  # labels, ranks
+    if group == PROMPT:
+      return a[..., a.shape[-1] - prompt :]
+    return a[..., :response]
+
+  return dataclasses.replace(
+    ds,
+    arrays={k: cut(k, a) for k, a in ds.arrays.items()},
+    pad_row={k: cut(k, a) for k, a in ds.pad_row.items()},
+  )

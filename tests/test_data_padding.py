@@ -1,0 +1,125 @@
+"""Padded widths cut to the longest row (`rlhf_jax.data.trim_padding`)."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from rlhf_jax.data import (
+  HFTokenizerAdapter,
+  PreferencePair,
+  load_examples,
+  padded_lengths,
+  tokenize_preferences,
+  tokenize_ranked,
+  tokenize_sft,
+  trim_padding,
+)
+
+FIX = pathlib.Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny(tinystories_dir):
+  return HFTokenizerAdapter.from_file(
+    tinystories_dir / "tokenizer.json",
+    bos_token="<|start_story|>",
+    eos_token="<|end_story|>",
+    pad_token="<unk>",
+  )
+
+
+def _pair(prompt, chosen, rejected):
+  return PreferencePair(prompt, chosen, rejected, "t.jsonl", 0, "t.jsonl:1")
+
+
+def _real(mask_row):
+  return int(np.sum(mask_row))
+
+
+def test_pairs_keep_every_token_and_lose_only_padding(tiny):
+  """Prompts keep their last P' slots (left padding), chosen and rejected
+  their first T' (right padding, one T' for both): the same tokens at the
+  same offsets, and the padding row cut alike."""
+  pairs = [
+    _pair("Once upon a time", " a dog.", " a cat sat on the mat."),
+    _pair("Lily", " ran.", " hid."),
+  ]
+  full = tokenize_preferences(
+    pairs, tiny, max_prompt_length=32, max_response_length=40
+  )
+  (ds,), (p, t) = trim_padding(full)
+  prompt_real = full.arrays["prompt_mask"].sum(axis=1)
+  resp_real = np.maximum(
+    full.arrays["chosen_mask"].sum(axis=1),
+    full.arrays["rejected_mask"].sum(axis=1),
+  )
+  assert (p, t) == (prompt_real.max(), resp_real.max())
+  assert p < 32 and t < 40
+  a, f = ds.arrays, full.arrays
+  assert a["prompt_ids"].shape == (2, p)
+  assert a["chosen_ids"].shape == a["rejected_ids"].shape == (2, t)
+  np.testing.assert_array_equal(a["prompt_ids"], f["prompt_ids"][:, -p:])
+  np.testing.assert_array_equal(a["prompt_mask"], f["prompt_mask"][:, -p:])
+  for side in ("chosen", "rejected"):
+    np.testing.assert_array_equal(a[f"{side}_ids"], f[f"{side}_ids"][:, :t])
+    np.testing.assert_array_equal(a[f"{side}_mask"], f[f"{side}_mask"][:, :t])
+    # No real token was cut.
+    assert a[f"{side}_mask"].sum() == f[f"{side}_mask"].sum()
+  assert a["prompt_mask"].sum() == f["prompt_mask"].sum()
+  pad = ds.take(np.array([-1]))
+  assert pad.prompt_ids.shape == (1, p) and pad.chosen_ids.shape == (1, t)
+  assert not pad.prompt_mask.any() and not pad.chosen_mask.any()
+
+
+def test_datasets_trimmed_together_share_one_shape(tiny):
+  """A train and a held-out split cut to the longest row of either, so one
+  compiled step takes both."""
+  long = [_pair("Once upon a time there was", " a very big red dog.", " no.")]
+  short = [_pair("Lily", " ran.", " hid.")]
+  kw = dict(max_prompt_length=32, max_response_length=40)
+  a = tokenize_preferences(long, tiny, **kw)
+  b = tokenize_preferences(short, tiny, **kw)
+  (ta, tb), lengths = trim_padding(a, b)
+  assert lengths == padded_lengths(a) != padded_lengths(b)
+  assert ta.arrays["prompt_ids"].shape == tb.arrays["prompt_ids"].shape
+  assert ta.arrays["chosen_ids"].shape == tb.arrays["chosen_ids"].shape
+  assert _real(tb.arrays["prompt_mask"][0]) == _real(b.arrays["prompt_mask"][0])
+
+
+def test_ranked_responses_cut_on_their_last_axis(tiny):
+  ex = load_examples(str(FIX / "ranked.jsonl")).examples
+  full = tokenize_ranked(ex, tiny, max_prompt_length=16, max_response_length=9)
+  (ds,), (p, t) = trim_padding(full)
+  assert ds.arrays["response_ids"].shape == (2, 3, t)
+  assert t == full.arrays["response_mask"].sum(axis=-1).max()
+  np.testing.assert_array_equal(ds.arrays["ranks"], full.arrays["ranks"])
+  assert ds.pad_row["response_ids"].shape == (3, t)
+  assert ds.arrays["prompt_ids"].shape == (2, p)
+
+
+def test_rows_at_the_max_length_stay_whole(tiny):
+  """Truncated rows fill the max lengths: nothing to cut."""
+  ds = tokenize_sft(
+    [_pair("Once upon a time there was a dog", " a big dog ran.", " x")],
+    tiny,
+    max_prompt_length=3,
+    max_response_length=2,
+  )
+  (cut,), lengths = trim_padding(ds)
+  assert lengths == (3, 2)
+  for k, v in ds.arrays.items():
+    np.testing.assert_array_equal(cut.arrays[k], v)
+
+
+def test_mismatched_datasets_are_refused(tiny):
+  pairs = tokenize_preferences(
+    [_pair("a", " b", " c")], tiny, max_prompt_length=4, max_response_length=4
+  )
+  sft = tokenize_sft(
+    [_pair("a", " b", " c")], tiny, max_prompt_length=4, max_response_length=4
+  )
+  with pytest.raises(ValueError, match="must have the same fields"):
+    trim_padding(pairs, sft)
+  with pytest.raises(ValueError, match="at least one dataset"):
+    padded_lengths()
