@@ -114,6 +114,20 @@ def shared_data():
   return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def tinystories_adapter(tinystories_dir):
+  """TinyStories' tokenizer as the data pipeline wraps it (bos
+  <|start_story|>, eos <|end_story|>, pad <unk>)."""
+  from rlhf_jax.data import HFTokenizerAdapter  # noqa: PLC0415
+
+  return HFTokenizerAdapter.from_file(
+    tinystories_dir / "tokenizer.json",
+    bos_token="<|start_story|>",
+    eos_token="<|end_story|>",
+    pad_token="<unk>",
+  )
+
+
 def _chmod_stops_writes(tmp_path) -> bool:
   """False when chmod does not stop this user's writes (root)."""
   probe = tmp_path / "probe"

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import (
-  HFTokenizerAdapter,
   PreferencePair,
   load_examples,
   padded_lengths,
@@ -20,13 +19,8 @@ FIX = pathlib.Path(__file__).parent / "fixtures" / "data"
 
 
 @pytest.fixture(scope="module")
-def tiny(tinystories_dir):
-  return HFTokenizerAdapter.from_file(
-    tinystories_dir / "tokenizer.json",
-    bos_token="<|start_story|>",
-    eos_token="<|end_story|>",
-    pad_token="<unk>",
-  )
+def tiny(tinystories_adapter):
+  return tinystories_adapter
 
 
 def _pair(prompt, chosen, rejected):

@@ -46,13 +46,8 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
-def tiny(tinystories_dir):
-  return HFTokenizerAdapter.from_file(
-    tinystories_dir / "tokenizer.json",
-    bos_token="<|start_story|>",
-    eos_token="<|end_story|>",
-    pad_token="<unk>",
-  )
+def tiny(tinystories_adapter):
+  return tinystories_adapter
 
 
 def pair(prompt, chosen, rejected, where="t.jsonl:1"):

@@ -11,7 +11,6 @@ import pytest
 from rlhf_jax.data import (
   DataError,
   DropReport,
-  HFTokenizerAdapter,
   PreferencePair,
   load_examples,
   readers,
@@ -26,13 +25,8 @@ UNK_A, UNK_B = " 你好", " 世界"
 
 
 @pytest.fixture(scope="module")
-def tiny(tinystories_dir):
-  return HFTokenizerAdapter.from_file(
-    tinystories_dir / "tokenizer.json",
-    bos_token="<|start_story|>",
-    eos_token="<|end_story|>",
-    pad_token="<unk>",
-  )
+def tiny(tinystories_adapter):
+  return tinystories_adapter
 
 
 def pair(i, chosen, rejected):
