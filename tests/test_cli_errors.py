@@ -832,10 +832,12 @@ def test_generate_overwrite_needs_output(capsys):
 def test_generate_option_conflicts_are_all_said_at_once(capsys):
   """Checked with every other option (`validate.problems`), so one run
   names each conflict, not the first one met."""
-  argv = ["generate", "--overwrite", "--greedy", "--temperature", "0.5"]
+  argv = ["generate", "--overwrite", "--greedy", "--temperature", "0.5",
+          "--policy", "dpo"]  # fmt: skip
   code, err = _run(capsys, argv)
   assert code == 2 and "Traceback" not in err
   assert err.splitlines() == [
+    "rlhf-jax: error: --policy dpo: needs --run-dir",
     "rlhf-jax: error: --temperature 0.5: has no effect with --greedy "
     "(argmax decoding); drop one of them",
     "rlhf-jax: error: --overwrite: needs --output FILE",

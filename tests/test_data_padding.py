@@ -115,5 +115,24 @@ def test_mismatched_datasets_are_refused(tiny):
   )
   with pytest.raises(ValueError, match="must have the same fields"):
     trim_padding(pairs, sft)
+  wider = tokenize_preferences(
+    [_pair("a", " b", " c")], tiny, max_prompt_length=8, max_response_length=4
+  )
+  # One dataset 4 prompt slots wide, the other 8: no one shape to cut to.
+  with pytest.raises(ValueError, match="and padded lengths"):
+    trim_padding(pairs, wider)
   with pytest.raises(ValueError, match="at least one dataset"):
     padded_lengths()
+
+
+def test_trimmed_arrays_are_copies_and_lengths_ints(tiny):
+  """The padded arrays are freed (a view would keep them alive), and the
+  lengths are Python ints (summary.json writes NumPy ints as floats)."""
+  full = tokenize_preferences(
+    [_pair("a", " b", " c")], tiny, max_prompt_length=64, max_response_length=64
+  )
+  (ds,), lengths = trim_padding(full)
+  assert all(type(n) is int for n in lengths)
+  for a in (*ds.arrays.values(), *ds.pad_row.values()):
+    assert a.base is None or a.base.size == a.size, a.shape
+    assert a.flags["C_CONTIGUOUS"]

@@ -17,17 +17,27 @@ from rlhf_jax.data.tokenize import TokenizedDataset
 PROMPT = "prompt"  # the left-padded group; every other mask is right-padded
 
 
-def _groups(ds: TokenizedDataset) -> list[str]:
-  """The padded field groups ("prompt", "chosen", ...): X with X_mask."""
-  return [k.removesuffix("_mask") for k in ds.arrays if k.endswith("_mask")]
-
-
 def _content(mask: np.ndarray, left: bool) -> int:
   """Columns of the last axis that hold a real token in some row."""
   used = np.flatnonzero(mask.reshape(-1, mask.shape[-1]).any(axis=0))
   if not used.size:
     return 0
-  return mask.shape[-1] - used[0] if left else used[-1] + 1
+  return int(mask.shape[-1] - used[0] if left else used[-1] + 1)
+
+
+def _check_alike(datasets: tuple[TokenizedDataset, ...]) -> list[str]:
+  """The padded groups of the first dataset, once every dataset has its
+  fields and their shapes past the row axis."""
+  if not datasets:
+    raise ValueError("padded_lengths needs at least one dataset")
+  first = datasets[0].arrays
+  shapes = [{k: a.shape[1:] for k, a in ds.arrays.items()} for ds in datasets]
+  if any(s != shapes[0] for s in shapes):
+    raise ValueError(
+      "datasets to trim together must have the same fields and padded "
+      f"lengths (tokenized with the same max lengths), got {shapes}"
+    )
+  return [k.removesuffix("_mask") for k in first if k.endswith("_mask")]
 
 
 def padded_lengths(*datasets: TokenizedDataset) -> tuple[int, int]:
@@ -35,17 +45,10 @@ def padded_lengths(*datasets: TokenizedDataset) -> tuple[int, int]:
   row of ``datasets``: the lengths `trim_padding` cuts to (at least 1).
 
   Raises:
-    ValueError: no datasets, or datasets of another field set than the
-      first's.
+    ValueError: no datasets, or datasets whose fields or padded lengths
+      differ from the first's.
   """
-  if not datasets:
-    raise ValueError("padded_lengths needs at least one dataset")
-  groups = _groups(datasets[0])
-  if any(_groups(ds) != groups for ds in datasets):
-    raise ValueError(
-      "datasets to trim together must have the same fields, got "
-      f"{[sorted(ds.arrays) for ds in datasets]}"
-    )
+  groups = _check_alike(datasets)
   prompt, response = 1, 1
   for ds in datasets:
     for g in groups:
@@ -82,15 +85,16 @@ def trim_padding(
 
 
 def _cut(ds: TokenizedDataset, prompt: int, response: int) -> TokenizedDataset:
-  groups = set(_groups(ds))
+  groups = {k.removesuffix("_mask") for k in ds.arrays if k.endswith("_mask")}
 
   def cut(name: str, a: np.ndarray) -> np.ndarray:
     group, _, kind = name.rpartition("_")
     if group not in groups or kind not in ("ids", "mask"):
       return a  # labels, ranks
+    # Copies, so the padded arrays are freed, not kept alive by a view.
     if group == PROMPT:
-      return a[..., a.shape[-1] - prompt :]
-    return a[..., :response]
+      return a[..., a.shape[-1] - prompt :].copy()
+    return a[..., :response].copy()
 
   return dataclasses.replace(
     ds,

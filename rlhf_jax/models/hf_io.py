@@ -780,6 +780,7 @@ def check_hf_checkpoint(
       missing shard, config.json problems, a damaged safetensors header, a
       tensor missing, mis-shaped or of a non-float dtype, or tensors the
       config does not use.
+    TypeError: path_or_hub_id neither a str nor an os.PathLike.
   """
   model_dir, _, config = _read_config(
     path_or_hub_id, dtype="float32", param_dtype="float32", remat=False

@@ -297,7 +297,7 @@ def score_pairs(
     {chosen, rejected: f32[N] scores; chosen_len, rejected_len: i64[N]
     response tokens (after truncation); truncated: counts per field}.
   """
-  from rlhf_jax.data import tokenize_preferences
+  from rlhf_jax.data import tokenize_preferences, trim_padding
   from rlhf_jax.types import PreferenceBatch
 
   params, fn = model
@@ -308,19 +308,9 @@ def score_pairs(
     max_response_length=config.max_response_length,
     truncate_prompts=True,
   )
-  # Only the columns some row uses (prompts are left-padded, responses
-  # right-padded): the forward runs at the data's lengths, not the caps.
-  p_cols = np.flatnonzero(ds.arrays["prompt_mask"].any(0))
-  # All prompts empty (no BOS): keep one (padding) column.
-  p_start = p_cols[0] if p_cols.size else ds.arrays["prompt_mask"].shape[1] - 1
-  t_len = 1 + max(
-    int(np.flatnonzero(ds.arrays[f"{f}_mask"].any(0)).max(initial=0))
-    for f in ("chosen", "rejected")
-  )
-  a = {
-    k: v[:, p_start:] if k.startswith("prompt") else v[:, :t_len]
-    for k, v in ds.arrays.items()
-  }
+  # The forward runs at the data's lengths, not the caps.
+  (ds,), _ = trim_padding(ds)
+  a = ds.arrays
   n, b = len(pairs), config.batch_size
   rc, rr = np.zeros(n, np.float32), np.zeros(n, np.float32)
   for start in range(0, n, b):

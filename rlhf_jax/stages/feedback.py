@@ -359,7 +359,7 @@ def _file_preferences(ctx: Context) -> dict:
       )
     )
   log = print if ctx.placement.is_primary else (lambda _: None)
-  (train, held), padded = fit_to_data("--data", log, train, held)
+  (train, held), padded = fit_to_data(ctx.command, log, train, held)
   counts.update(padded)
   return {
     "train": train,

@@ -135,20 +135,30 @@ def heldout_metrics(placement, params, ref, ds, config, model_config):
   return out
 
 
-def warn_one_sided(path: str, counts: dict[str, int], primary: bool) -> None:
-  """A warning on stderr (from the primary process) when every row of
-  --data has the same label: KTO then trains one term of its loss only
-  (Ethayarajh et al. 2024, eq. 7-8), and the held-out reward gap is not
+def say_one_label(path: str, counts: dict, held, primary: bool, log) -> None:
+  """When a side has no rows, says so: a warning on stderr (from the
+  primary process) when every row of --data has one label, as KTO then
+  trains one term of its loss only (Ethayarajh et al. 2024, eq. 7-8); a
+  log line when only the held-out rows (a tenth, at least 2) do. Either
+  way kto/eval_reward_gap, a difference of the two sides' means, is not
   reported."""
   accepted, rejected = counts["data/accepted"], counts["data/rejected"]
-  if accepted and rejected or not primary:
+  if not (accepted and rejected):
+    label, other = ("true", "rejected") if accepted else ("false", "accepted")
+    if primary:
+      sys.stderr.write(
+        f"rlhf-jax: warning: --data {path}: all {accepted + rejected} rows "
+        f"are labelled {label}, none {other}: only one term of the KTO "
+        "loss trains, and kto/eval_reward_gap is not reported\n"
+      )
     return
-  label, other = ("true", "rejected") if accepted else ("false", "accepted")
-  sys.stderr.write(
-    f"rlhf-jax: warning: --data {path}: all {accepted + rejected} rows "
-    f"are labelled {label}, none {other}: only one term of the KTO loss "
-    "trains, and kto/eval_reward_gap is not reported\n"
-  )
+  labels = held.arrays["labels"]
+  if labels.all() or not labels.any():
+    side = "accepted" if labels.all() else "rejected"
+    log(
+      f"kto: the {len(labels)} held-out rows are all {side}: "
+      "kto/eval_reward_gap is not reported"
+    )
 
 
 def _policy(config, model_config, params):
@@ -266,11 +276,11 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   tok = policy_tokenizer(model_dir)
   # The whole file read and tokenized before the run directory is opened.
   train, held, counts = read_unpaired(config, tok)
-  warn_one_sided(config.data, counts, placement.is_primary)
-  (train, held), padded = fit_to_data("kto", log, train, held)
-  counts.update(padded)
   size = _batch_size(config, placement, len(train), log)
   counts["kto/batch_size"] = size
+  (train, held), padded = fit_to_data("kto", log, train, held)
+  counts.update(padded)
+  say_one_label(config.data, counts, held, placement.is_primary, log)
   run_dir = open_run_dir("kto", config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

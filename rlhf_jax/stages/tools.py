@@ -223,8 +223,6 @@ def run_generate(config: C.GenerateConfig) -> int:
     run_dir = pathlib.Path(config.run_dir)
     model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
   else:
-    if config.policy != "initial":
-      raise runtime.UserError("--policy needs --run-dir")
     model_dir = environment.resolve_model(config.model)
   if out is not None and _inside(out.resolve(), model_dir.resolve()):
     raise runtime.UserError(

@@ -139,7 +139,8 @@ def check_preference_batch(batch: PreferenceBatch) -> None:
   rejected have one length T (they run side by side).
 
   Raises:
-    ValueError: naming the fields.
+    TypeError: a field that is not an array, naming it.
+    ValueError: fields that disagree, naming them.
   """
   check_rows(
     ("prompt_ids", batch.prompt_ids, "prompt_mask", batch.prompt_mask),
@@ -502,7 +503,8 @@ def stacked_pairs(
     bool[2B, T]); rows 0..B-1 chosen, B..2B-1 rejected.
 
   Raises:
-    ValueError: fields that disagree (`check_preference_batch`).
+    TypeError, ValueError: fields that are not arrays, or disagree
+      (`check_preference_batch`).
   """
   check_preference_batch(batch)
   ids_c, mask_c = concat_prompt_response(

@@ -236,7 +236,8 @@ def _shares_prompt(
   """share_prompt, or when None whether packing the pairs is cheaper.
 
   Raises:
-    ValueError: fields that disagree (`check_preference_batch`).
+    TypeError, ValueError: fields that are not arrays, or disagree
+      (`check_preference_batch`).
   """
   check_preference_batch(batch)
   p, t = batch.prompt_ids.shape[1], batch.chosen_ids.shape[1]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from child_procs import die_with_parent
 
+from rlhf_jax import models
 from rlhf_jax.runner.metrics import read_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -319,7 +320,9 @@ def test_rm_hh_rlhf_preset_dispatches_to_the_hh_job(tmp_path):
   assert 490 <= results["heldout/n"] <= 500
 
 
-def test_one_pair_trains_when_eval_data_holds_the_evaluation(tmp_path):
+def test_one_pair_trains_when_eval_data_holds_the_evaluation(
+  tmp_path, tinystories_dir
+):
   """One usable pair is refused without --eval-data (a tenth of --data is
   held out); with --eval-data nothing is held out of --data, so it
   trains, and --eval-data's own drops are counted under eval_data/."""
@@ -343,6 +346,19 @@ def test_one_pair_trains_when_eval_data_holds_the_evaluation(tmp_path):
   assert rm["counts"]["data/rows_read"] == 1
   assert rm["counts"]["eval_data/rows_read"] == 4
   assert rm["counts"]["eval_data/dropped_chosen_equals_rejected"] == 1
+  # --data and --eval-data padded to the longest row of either: BOS +
+  # prompt, response + EOS.
+  tok = models.load_tokenizer(tinystories_dir)
+  prompt = max(len(tok.encode(r["prompt"])) for r in [pair, *held[:3]])
+  resp = max(
+    len(tok.encode(r[side], add_special_tokens=False)) + 1
+    for r in [pair, *held[:3]]
+    for side in ("chosen", "rejected")
+  )
+  summary = _summary(run_dir)
+  assert summary["data/padded_prompt_length"] == prompt
+  assert summary["data/padded_response_length"] == resp
+  assert f"rm: rows padded to {prompt} prompt + {resp} response " in proc.stdout
 
 
 def test_rm_on_a_preference_file_counts_drops(tmp_path):

@@ -222,8 +222,10 @@ def test_sft_pads_to_the_longest_row_not_the_max_lengths(tmp_path):
   # BOS + "Once upon a time" (5 tokens); " ran to the park." 5 + EOS.
   assert "sft: rows padded to 6 prompt + 6 response tokens (the longest " in log
   s = h.summary(run_dir)
+  # Written as JSON integers, as the other counts (NumPy ints were floats).
   assert s["data/padded_prompt_length"] == 6
   assert s["data/padded_response_length"] == 6
+  assert type(s["data/padded_prompt_length"]) is int
   assert s["data/truncated_prompt"] == s["data/truncated_completion"] == 0
 
 

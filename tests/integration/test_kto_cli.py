@@ -8,6 +8,7 @@ import math
 import cli_harness as h
 import pytest
 
+from rlhf_jax import models
 from rlhf_jax.cli.main import main
 
 HAPPY = [
@@ -49,11 +50,11 @@ def _args(data, run_dir):
 @pytest.fixture(scope="module")
 def kto_run(data, tmp_path_factory):
   run_dir = tmp_path_factory.mktemp("kto") / "run"
-  h.cli(*_args(data, run_dir))
+  (run_dir.parent / "log.txt").write_text(h.cli(*_args(data, run_dir)))
   return run_dir
 
 
-def test_kto_on_unpaired_rows(kto_run):
+def test_kto_on_unpaired_rows(kto_run, tinystories_dir):
   s = h.summary(kto_run)
   assert s["data/rows_read"] == N_ROWS
   assert s["data/accepted"] + s["data/rejected"] == N_ROWS
@@ -68,27 +69,66 @@ def test_kto_on_unpaired_rows(kto_run):
   out = kto_run / "outputs" / "kto"
   assert (out / "config.json").is_file()
   assert (kto_run / "report.md").is_file()
+  # Padded to the longest row: BOS + prompt, completion + EOS.
+  tok = models.load_tokenizer(tinystories_dir)
+  prompt = max(len(tok.encode(p)) for p in PROMPTS)
+  resp = max(len(tok.encode(t, add_special_tokens=False)) + 1 for t in HAPPY)
+  resp = max(resp, *(len(tok.encode(t, add_special_tokens=False)) + 1
+                     for t in SAD))  # fmt: skip
+  assert (prompt, resp) == (6, 12)  # "Once upon a time", "He fell and ..."
+  assert s["data/padded_prompt_length"] == prompt
+  assert s["data/padded_response_length"] == resp
+  log = (kto_run.parent / "log.txt").read_text()
+  assert f"kto: rows padded to {prompt} prompt + {resp} response tokens" in log
+  # Seed 0 holds out rows 7 and 10, both accepted: no gap, and the log
+  # says why (the file has both labels, so no warning).
+  assert "kto/eval_reward_gap" not in s
+  assert (
+    "kto: the 2 held-out rows are all accepted: kto/eval_reward_gap is not "
+    "reported"
+  ) in log
+  assert "warning" not in log
 
 
-def test_one_label_trains_with_a_warning_and_no_reward_gap(tmp_path):
-  """Rows all labelled true: the run trains, says on stderr that only one
+@pytest.mark.parametrize(
+  "label, said",
+  [(True, "true, none rejected"), (False, "false, none accepted")],
+)
+def test_one_label_trains_with_a_warning_and_no_reward_gap(
+  tmp_path, label, said
+):
+  """Rows all of one label: the run trains, says on stderr that only one
   term of the loss trains, and reports no held-out reward gap (the
-  rejected side has no mean, which read as 0 made the gap the accepted
-  mean)."""
-  path = tmp_path / "accepted.jsonl"
-  rows = [{**_row(i), "label": True} for i in range(8)]
+  missing side has no mean, which read as 0 made the gap the other
+  side's mean)."""
+  path = tmp_path / "one.jsonl"
+  rows = [{**_row(i), "label": label} for i in range(8)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   run_dir = tmp_path / "run"
   log = h.cli(*_args(path, run_dir))
   assert (
-    f"rlhf-jax: warning: --data {path}: all 8 rows are labelled true, none "
-    "rejected: only one term of the KTO loss trains, and "
-    "kto/eval_reward_gap is not reported"
+    f"rlhf-jax: warning: --data {path}: all 8 rows are labelled {said}: "
+    "only one term of the KTO loss trains, and kto/eval_reward_gap is not "
+    "reported"
   ) in log
   s = h.summary(run_dir)
-  assert (s["data/accepted"], s["data/rejected"]) == (8, 0)
+  assert (s["data/accepted"], s["data/rejected"]) == (8 * label, 8 - 8 * label)
   assert "kto/eval_reward_gap" not in s
   assert math.isfinite(s["kto/eval_loss"])
+
+
+def test_held_out_rows_of_both_labels_report_the_reward_gap(tmp_path):
+  """Row 10 rejected, the rest accepted: seed 0 holds out rows 7 and 10,
+  one of each, so the gap (accepted minus rejected mean reward) is
+  reported, and nothing is said about labels."""
+  path = tmp_path / "mixed.jsonl"
+  rows = [{**_row(i), "label": i != 10} for i in range(N_ROWS)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  run_dir = tmp_path / "run"
+  log = h.cli(*_args(path, run_dir))
+  s = h.summary(run_dir)
+  assert math.isfinite(s["kto/eval_reward_gap"])
+  assert "not reported" not in log and "warning" not in log
 
 
 def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):

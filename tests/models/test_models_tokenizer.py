@@ -234,8 +234,9 @@ def test_special_token_field_of_another_type_names_file_and_field(
 def test_special_token_fields_as_string_object_or_null(
   tinystories_dir, tmp_path
 ):
-  for f in ("tokenizer.json", "config.json"):
-    shutil.copy(tinystories_dir / f, tmp_path)
+  shutil.copy(tinystories_dir / "tokenizer.json", tmp_path)
+  # No *_token_id in config.json: the ids can only come from the fields.
+  (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 2048}))
   (tmp_path / "tokenizer_config.json").write_text(
     json.dumps(
       {
@@ -247,3 +248,4 @@ def test_special_token_fields_as_string_object_or_null(
   )
   tok = models.load_tokenizer(tmp_path)
   assert (tok.bos_id, tok.eos_id) == (1, 2)
+  assert tok.pad_token_id is None
