@@ -833,13 +833,15 @@ def test_generate_option_conflicts_are_all_said_at_once(capsys):
   """Checked with every other option (`validate.problems`), so one run
   names each conflict, not the first one met."""
   argv = ["generate", "--overwrite", "--greedy", "--temperature", "0.5",
-          "--policy", "dpo"]  # fmt: skip
+          "--policy", "dpo", "--num-samples", "3"]  # fmt: skip
   code, err = _run(capsys, argv)
   assert code == 2 and "Traceback" not in err
   assert err.splitlines() == [
     "rlhf-jax: error: --policy dpo: needs --run-dir",
     "rlhf-jax: error: --temperature 0.5: has no effect with --greedy "
     "(argmax decoding); drop one of them",
+    "rlhf-jax: error: --num-samples 3: with --greedy every sample of a "
+    "prompt is the same; drop one of them",
     "rlhf-jax: error: --overwrite: needs --output FILE",
   ]
 

@@ -123,6 +123,11 @@ def test_mismatched_datasets_are_refused(tiny):
     trim_padding(pairs, wider)
   with pytest.raises(ValueError, match="at least one dataset"):
     padded_lengths()
+  # None or a list of datasets was an AttributeError on .arrays.
+  with pytest.raises(TypeError, match=r"^dataset 1 must be a Tokenized"):
+    trim_padding(pairs, None)
+  with pytest.raises(TypeError, match="got list"):
+    padded_lengths([pairs])
 
 
 def test_trimmed_arrays_are_copies_and_lengths_ints(tiny):

@@ -96,6 +96,11 @@ class LoaderBatch(NamedTuple):
   indices: np.ndarray
 
 
+class IteratorStateMismatchError(ValueError):
+  """A saved iterator state for other data or options than this
+  iterator's: not a damaged state."""
+
+
 class BatchIterator:
   """Static-shape batches over epochs, resumable, sliced per host.
 
@@ -214,8 +219,10 @@ class BatchIterator:
     """Continues from a ``state_dict()``; the next batch is the saved one.
 
     Raises:
-      ValueError: the saved seed, flags, batch size or dataset size differ
-        from this iterator's.
+      IteratorStateMismatchError: the saved seed, flags, batch size or
+        dataset size differ from this iterator's (the data or options
+        changed; the saved state itself may be fine).
+      ValueError: a saved position out of range.
     """
     mine = self.state_dict()
     for key in (
@@ -226,7 +233,7 @@ class BatchIterator:
       "num_examples",
     ):
       if state[key] != mine[key]:
-        raise ValueError(
+        raise IteratorStateMismatchError(
           f"iterator state has {key}={state[key]!r} but this iterator has "
           f"{mine[key]!r}; the saved position would not continue this order"
         )

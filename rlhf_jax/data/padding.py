@@ -30,6 +30,12 @@ def _check_alike(datasets: tuple[TokenizedDataset, ...]) -> list[str]:
   fields and their shapes past the row axis."""
   if not datasets:
     raise ValueError("padded_lengths needs at least one dataset")
+  for i, ds in enumerate(datasets):
+    if not isinstance(ds, TokenizedDataset):
+      raise TypeError(
+        f"dataset {i} must be a TokenizedDataset (from tokenize_*), got "
+        f"{type(ds).__name__}"
+      )
   first = datasets[0].arrays
   shapes = [{k: a.shape[1:] for k, a in ds.arrays.items()} for ds in datasets]
   if any(s != shapes[0] for s in shapes):
@@ -45,6 +51,7 @@ def padded_lengths(*datasets: TokenizedDataset) -> tuple[int, int]:
   row of ``datasets``: the lengths `trim_padding` cuts to (at least 1).
 
   Raises:
+    TypeError: an argument that is not a TokenizedDataset.
     ValueError: no datasets, or datasets whose fields or padded lengths
       differ from the first's.
   """
@@ -78,7 +85,7 @@ def trim_padding(
     ([trimmed datasets], (P', T')).
 
   Raises:
-    ValueError: as `padded_lengths`.
+    TypeError, ValueError: as `padded_lengths`.
   """
   lengths = padded_lengths(*datasets)
   return [_cut(ds, *lengths) for ds in datasets], lengths

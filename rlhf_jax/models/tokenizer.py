@@ -256,7 +256,9 @@ def load_tokenizer(
       tokenizer file that cannot be read or parsed (names the file); a
       special token string that is not in the vocabulary, or a special
       token field of tokenizer_config.json or special_tokens_map.json
-      that is neither a string, {"content": string} nor null; ids past
+      that is neither a string, {"content": string} nor null, a
+      chat_template neither a string nor a list of named templates, an
+      added_tokens_decoder that is not an object of objects; ids past
       config.json's vocab_size (`check_vocab_fits`).
     TypeError: model_dir neither a str nor an os.PathLike; an override
       token that is not a string.
@@ -272,6 +274,11 @@ def load_tokenizer(
         f"{token!r} ({type(token).__name__})"
       )
   check_path_arg("model_dir", model_dir)
+  if not str(model_dir).strip():  # Path("") is the working directory
+    raise _MissingFileError(
+      f"{str(model_dir)!r}: an empty path; expected a directory holding "
+      "tokenizer.json"
+    )
   d = pathlib.Path(model_dir).expanduser()
   if d.is_file() and d.name == "tokenizer.json":
     raise _NotADirError(
@@ -401,6 +408,52 @@ def _config_token_id(
   return v
 
 
+def _chat_template(value: Any, d: pathlib.Path) -> str | None:
+  """tokenizer_config.json's chat_template: a string, or a list of named
+  templates ({"name", "template"}; "default" first, else the first one).
+
+  Raises:
+    ModelLoadError: any other value (names the file and the field).
+  """
+  if value is None or isinstance(value, str):
+    return value
+  named = value if isinstance(value, list) else None
+  if named is not None and all(
+    isinstance(t, dict)
+    and isinstance(t.get("name"), str)
+    and isinstance(t.get("template"), str)
+    for t in named
+  ):
+    by_name = {t["name"]: t["template"] for t in named}
+    return by_name.get("default", next(iter(by_name.values()), None))
+  raise ModelLoadError(
+    f"{d / 'tokenizer_config.json'}: chat_template must be a template "
+    'string or a list of {"name": string, "template": string}, got '
+    f"{json.dumps(value)[:80]}"
+  )
+
+
+def _special_decoder_ids(value: Any, d: pathlib.Path) -> set[int]:
+  """The ids marked special in tokenizer_config.json's
+  added_tokens_decoder ({"<id>": {"content": ..., "special": bool}}).
+
+  Raises:
+    ModelLoadError: not an object of integer keys and object values
+      (names the file and the field).
+  """
+  ok = isinstance(value, dict) and all(
+    isinstance(k, str) and k.isdigit() and isinstance(t, dict)
+    for k, t in value.items()
+  )
+  if not ok:
+    raise ModelLoadError(
+      f"{d / 'tokenizer_config.json'}: added_tokens_decoder must map token "
+      'ids to objects ({"0": {"content": ..., "special": true}}), got '
+      f"{json.dumps(value)[:80]}"
+    )
+  return {int(k) for k, t in value.items() if t.get("special")}
+
+
 def _load(
   d: pathlib.Path,
   tok: tokenizers.Tokenizer,
@@ -446,17 +499,10 @@ def _load(
         break
     else:
       ids[role] = _config_token_id(mcfg, role, vocab, d)
-  template = tcfg.get("chat_template")
-  if isinstance(template, list):  # [{"name": ..., "template": ...}]
-    named = {t["name"]: t["template"] for t in template}
-    template = named.get("default", next(iter(named.values()), None))
+  template = _chat_template(tcfg.get("chat_template"), d)
   if template is None and (d / "chat_template.jinja").is_file():
     template = (d / "chat_template.jinja").read_text()
-  special = {
-    int(i)
-    for i, t in tcfg.get("added_tokens_decoder", {}).items()
-    if t.get("special")
-  }
+  special = _special_decoder_ids(tcfg.get("added_tokens_decoder", {}), d)
   special |= {
     t["id"]
     for t in json.loads(tok_path.read_text()).get("added_tokens", [])

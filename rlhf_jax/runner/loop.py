@@ -40,6 +40,7 @@ from rlhf_jax.checkpoint import (
   NonFiniteStateError,
   abstract_like,
 )
+from rlhf_jax.data.loader import IteratorStateMismatchError
 from rlhf_jax.runner.metrics import MetricsWriter
 from rlhf_jax.runner.progress import ProgressBar
 from rlhf_jax.runner.runtime import (
@@ -198,7 +199,9 @@ class TrainLoop:
     one before it tried.
 
     Raises:
-      UserError: checkpoints exist but none is usable.
+      UserError: checkpoints exist but none is usable; the latest one's
+        iterator was saved over other data (its size changed): nothing is
+        deleted then.
     """
     abstract = abstract_like(state)
     damaged: list[CheckpointDamagedError] = []
@@ -209,6 +212,13 @@ class TrainLoop:
           if iterator is not None:
             iterator.load_state_dict(meta["iterator"])
           error = None
+        except IteratorStateMismatchError as e:  # not damage: keep them all
+          raise UserError(
+            f"{self.name}: the checkpoint of step {step} in "
+            f"{self.ckpt.directory} continues other data ({e}): resume "
+            "with the data the run began with, or start the run again with "
+            "--overwrite"
+          ) from None
         except CheckpointDamagedError as e:
           error = e
         except (KeyError, TypeError, ValueError) as e:  # the saved position

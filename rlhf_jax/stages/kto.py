@@ -135,23 +135,20 @@ def heldout_metrics(placement, params, ref, ds, config, model_config):
   return out
 
 
-def say_one_label(path: str, counts: dict, held, primary: bool, log) -> None:
-  """When a side has no rows, says so: a warning on stderr (from the
-  primary process) when every row of --data has one label, as KTO then
-  trains one term of its loss only (Ethayarajh et al. 2024, eq. 7-8); a
-  log line when only the held-out rows (a tenth, at least 2) do. Either
-  way kto/eval_reward_gap, a difference of the two sides' means, is not
-  reported."""
-  accepted, rejected = counts["data/accepted"], counts["data/rejected"]
-  if not (accepted and rejected):
-    label, other = ("true", "rejected") if accepted else ("false", "accepted")
-    if primary:
-      sys.stderr.write(
-        f"rlhf-jax: warning: --data {path}: all {accepted + rejected} rows "
-        f"are labelled {label}, none {other}: only one term of the KTO "
-        "loss trains, and kto/eval_reward_gap is not reported\n"
-      )
-    return
+def say_one_label(path: str, train, held, primary: bool, log) -> None:
+  """When a side has no rows, says so. A warning on stderr (from the
+  primary process) when the training rows all have one label (the whole
+  file, or what is left once the held-out tenth is taken): KTO then
+  trains one term of its loss only (Ethayarajh et al. 2024, eq. 7-8). A
+  log line when the held-out rows do: kto/eval_reward_gap, a difference
+  of the two sides' means, is then not reported."""
+  labels = train.arrays["labels"]
+  if (labels.all() or not labels.any()) and primary:
+    said = "true, none rejected" if labels.all() else "false, none accepted"
+    sys.stderr.write(
+      f"rlhf-jax: warning: --data {path}: all {len(labels)} training rows "
+      f"are labelled {said}: only one term of the KTO loss trains\n"
+    )
   labels = held.arrays["labels"]
   if labels.all() or not labels.any():
     side = "accepted" if labels.all() else "rejected"
@@ -280,7 +277,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   counts["kto/batch_size"] = size
   (train, held), padded = fit_to_data("kto", log, train, held)
   counts.update(padded)
-  say_one_label(config.data, counts, held, placement.is_primary, log)
+  say_one_label(config.data, train, held, placement.is_primary, log)
   run_dir = open_run_dir("kto", config, model_dir)
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

@@ -274,6 +274,11 @@ def _generate_problems(config: Any) -> list[str]:
       f"--temperature {config.temperature}: has no effect with --greedy "
       "(argmax decoding); drop one of them"
     )
+  if config.greedy and config.num_samples > 1:
+    out.append(
+      f"--num-samples {config.num_samples}: with --greedy every sample of "
+      "a prompt is the same; drop one of them"
+    )
   if config.overwrite and config.output is None:
     out.append("--overwrite: needs --output FILE")
   return out

@@ -106,9 +106,14 @@ def test_one_label_trains_with_a_warning_and_no_reward_gap(
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   run_dir = tmp_path / "run"
   log = h.cli(*_args(path, run_dir))
+  # 2 of the 8 rows held out.
   assert (
-    f"rlhf-jax: warning: --data {path}: all 8 rows are labelled {said}: "
-    "only one term of the KTO loss trains, and kto/eval_reward_gap is not "
+    f"rlhf-jax: warning: --data {path}: all 6 training rows are labelled "
+    f"{said}: only one term of the KTO loss trains"
+  ) in log
+  side = "accepted" if label else "rejected"
+  assert (
+    f"kto: the 2 held-out rows are all {side}: kto/eval_reward_gap is not "
     "reported"
   ) in log
   s = h.summary(run_dir)
@@ -117,12 +122,28 @@ def test_one_label_trains_with_a_warning_and_no_reward_gap(
   assert math.isfinite(s["kto/eval_loss"])
 
 
+def test_training_rows_of_one_label_are_warned_about(tmp_path):
+  """Both labels in the file, but the held-out tenth (seed 0: rows 7 and
+  10) takes every rejected row: the training rows are all accepted, which
+  the file's counts alone did not show."""
+  path = tmp_path / "two_rejected.jsonl"
+  rows = [{**_row(i), "label": i not in (7, 10)} for i in range(N_ROWS)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  log = h.cli(*_args(path, tmp_path / "run"))
+  assert (
+    f"rlhf-jax: warning: --data {path}: all 22 training rows are labelled "
+    "true, none rejected: only one term of the KTO loss trains"
+  ) in log
+  assert "kto: the 2 held-out rows are all rejected" in log
+
+
 def test_held_out_rows_of_both_labels_report_the_reward_gap(tmp_path):
-  """Row 10 rejected, the rest accepted: seed 0 holds out rows 7 and 10,
-  one of each, so the gap (accepted minus rejected mean reward) is
-  reported, and nothing is said about labels."""
+  """Rows 0 and 10 rejected, the rest accepted: seed 0 holds out rows 7
+  and 10, one of each, and trains on both labels, so the gap (accepted
+  minus rejected mean reward) is reported, and nothing is said about
+  labels."""
   path = tmp_path / "mixed.jsonl"
-  rows = [{**_row(i), "label": i != 10} for i in range(N_ROWS)]
+  rows = [{**_row(i), "label": i not in (0, 10)} for i in range(N_ROWS)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   run_dir = tmp_path / "run"
   log = h.cli(*_args(path, run_dir))

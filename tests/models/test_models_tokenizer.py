@@ -249,3 +249,68 @@ def test_special_token_fields_as_string_object_or_null(
   tok = models.load_tokenizer(tmp_path)
   assert (tok.bos_id, tok.eos_id) == (1, 2)
   assert tok.pad_token_id is None
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    (
+      "chat_template",
+      5,
+      'chat_template must be a template string or a list of {"name": '
+      'string, "template": string}, got 5',
+    ),
+    (
+      "chat_template",
+      [{"template": "x"}],
+      'chat_template must be a template string or a list of {"name": '
+      'string, "template": string}, got [{"template": "x"}]',
+    ),
+    (
+      "added_tokens_decoder",
+      {"0": 5},
+      "added_tokens_decoder must map token ids to objects",
+    ),
+    ("added_tokens_decoder", [], "added_tokens_decoder must map token ids"),
+  ],
+)
+def test_malformed_template_or_decoder_names_file_and_field(
+  tinystories_dir, tmp_path, field, value, message
+):
+  """A chat_template of another type was an internal error of jinja
+  ("Can't compile non template nodes") or a KeyError; a malformed
+  added_tokens_decoder an AttributeError: each named no file or field."""
+  for f in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+    shutil.copy(tinystories_dir / f, tmp_path)
+  cfg = json.loads((tinystories_dir / "tokenizer_config.json").read_text())
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({**cfg, field: value})
+  )
+  with pytest.raises(models.ModelLoadError) as e:
+    models.load_tokenizer(tmp_path)
+  assert str(e.value).startswith(f"{tmp_path / 'tokenizer_config.json'}: ")
+  assert message in str(e.value)
+
+
+def test_named_chat_templates_pick_default(tinystories_dir, tmp_path):
+  for f in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+    shutil.copy(tinystories_dir / f, tmp_path)
+  named = [
+    {"name": "tool_use", "template": "T"},
+    {"name": "default", "template": "D"},
+  ]
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({"chat_template": named})
+  )
+  assert models.load_tokenizer(tmp_path).chat_template == "D"
+
+
+def test_empty_path_is_not_the_working_directory(tmp_path, monkeypatch):
+  """An empty path read ./tokenizer.json when there was one."""
+  (tmp_path / "tokenizer.json").write_text("{}")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError) as e:
+    models.load_tokenizer("")
+  assert str(e.value) == (
+    "'': an empty path; expected a directory holding tokenizer.json"
+  )

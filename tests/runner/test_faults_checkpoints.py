@@ -21,6 +21,7 @@ from rlhf_jax.checkpoint import (
   abstract_like,
   orbax_loop,
 )
+from rlhf_jax.data import BatchIterator, UnpairedExample, tokenize_sft
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
 
@@ -36,6 +37,22 @@ class Counter:
 
   def load_state_dict(self, d):
     self.i = int(d["i"])
+
+
+class _Chars:
+  """A tokenizer of one id per character (the data pipeline's protocol)."""
+
+  bos_id, eos_id, pad_id = 1, 2, 0
+
+  def encode(self, text):
+    return [3 + ord(c) % 50 for c in text]
+
+  def encode_batch(self, texts):
+    return [self.encode(t) for t in texts]
+
+
+def _demo(i):
+  return UnpairedExample(f"p{i}", f"c{i}", True, "d.jsonl", i, f"d:{i + 1}")
 
 
 def _state():
@@ -109,6 +126,52 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(
     assert ckpt.all_steps() == [4, 6]
     restored, _ = ckpt.restore(abstract_state=abstract_like(_state()))
   np.testing.assert_array_equal(restored["w"], reference["w"])
+
+
+def test_checkpoints_of_other_data_are_refused_not_called_damaged(tmp_path):
+  """A resume over a data file that gained a row: the saved batch order
+  does not continue, but the checkpoints are sound. It was "steps 6, 4
+  are damaged ... delete that folder"; now one line says the data changed,
+  and every checkpoint is kept."""
+  ds = tokenize_sft(
+    [_demo(i) for i in range(8)],
+    _Chars(),
+    max_prompt_length=4,
+    max_response_length=4,
+    response_field="completion",
+  )
+
+  def run(dataset):
+    it = BatchIterator(dataset, global_batch_size=2, seed=0)
+    loop = _loop(tmp_path, 6)
+    state, start = loop.restore(_state(), it)
+
+    def step(s):
+      next(it)
+      return {"w": s["w"] + 1.0, "n": s["n"] + 1}, {"loss": jnp.sum(s["w"])}
+
+    loop.run(state, start, step, iterator=it)
+    loop.close()
+
+  run(ds)
+  ckpt_dir = tmp_path / "checkpoints" / "t"
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]
+  grown = tokenize_sft(
+    [_demo(i) for i in range(9)],
+    _Chars(),
+    max_prompt_length=4,
+    max_response_length=4,
+    response_field="completion",
+  )
+  with pytest.raises(runtime.UserError) as e:
+    run(grown)
+  assert str(e.value) == (
+    f"t: the checkpoint of step 6 in {ckpt_dir} continues other data "
+    "(iterator state has num_examples=8 but this iterator has 9; the saved "
+    "position would not continue this order): resume with the data the "
+    "run began with, or start the run again with --overwrite"
+  )
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]
 
 
 @pytest.mark.parametrize("how", ["error", "folder"])
