@@ -51,8 +51,19 @@ class _Chars:
     return [self.encode(t) for t in texts]
 
 
-def _demo(i):
-  return UnpairedExample(f"p{i}", f"c{i}", True, "d.jsonl", i, f"d:{i + 1}")
+def _demos(n):
+  """A dataset of n demonstrations (rows p_i -> c_i)."""
+  rows = [
+    UnpairedExample(f"p{i}", f"c{i}", True, "d.jsonl", i, f"d:{i + 1}")
+    for i in range(n)
+  ]
+  return tokenize_sft(
+    rows,
+    _Chars(),
+    max_prompt_length=4,
+    max_response_length=4,
+    response_field="completion",
+  )
 
 
 def _state():
@@ -133,13 +144,7 @@ def test_checkpoints_of_other_data_are_refused_not_called_damaged(tmp_path):
   does not continue, but the checkpoints are sound. It was "steps 6, 4
   are damaged ... delete that folder"; now one line says the data changed,
   and every checkpoint is kept."""
-  ds = tokenize_sft(
-    [_demo(i) for i in range(8)],
-    _Chars(),
-    max_prompt_length=4,
-    max_response_length=4,
-    response_field="completion",
-  )
+  ds = _demos(8)
 
   def run(dataset):
     it = BatchIterator(dataset, global_batch_size=2, seed=0)
@@ -156,13 +161,7 @@ def test_checkpoints_of_other_data_are_refused_not_called_damaged(tmp_path):
   run(ds)
   ckpt_dir = tmp_path / "checkpoints" / "t"
   assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]
-  grown = tokenize_sft(
-    [_demo(i) for i in range(9)],
-    _Chars(),
-    max_prompt_length=4,
-    max_response_length=4,
-    response_field="completion",
-  )
+  grown = _demos(9)
   with pytest.raises(runtime.UserError) as e:
     run(grown)
   assert str(e.value) == (
