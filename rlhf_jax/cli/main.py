@@ -431,13 +431,12 @@ def _dispatch(command: str, config: Any) -> int:
 
     return run_audit(config)
   if command == "sft":
+    from rlhf_jax.stages.report import print_summary
     from rlhf_jax.stages.sft import run_sft
 
     summary = run_sft(config)
-    if config.dry_run:
-      return 0
-    print(f"sft/final_loss = {summary['sft/final_loss']:.4f}")
-    print(f"report: {config.run_dir or 'runs/sft-' + config.preset}/report.md")
+    if not config.dry_run:
+      print_summary("sft", config, summary)
     return 0
   from rlhf_jax.stages import tools
 

@@ -43,7 +43,7 @@ from rlhf_jax.stages.common import (
   policy_tokenizer,
 )
 from rlhf_jax.stages.configs import KTOStageConfig
-from rlhf_jax.stages.report import write_policy_outputs
+from rlhf_jax.stages.report import print_summary, write_policy_outputs
 from rlhf_jax.stages.user_data import (
   HELDOUT_FRACTION,
   capped_batch,
@@ -309,9 +309,5 @@ def run_kto(config: KTOStageConfig, log=print) -> int:
     summary = run_accept_rate(config, log)
   else:
     summary = run_kto_data(config, log)
-  for k, v in summary.items():
-    if not k.startswith(("data/", "time/")) or k == "time/total_s":
-      log(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
-  run_dir = runtime.run_dir_for("kto", config)
-  log(f"report: {run_dir / 'report.md'}")
+  print_summary("kto", config, summary, log)
   return 0

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from rlhf_jax.data.errors import DROP_REASONS
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.runner import runtime
 from rlhf_jax.runner.metrics import read_metrics
 from rlhf_jax.runner.runtime import write_json
 from rlhf_jax.stages import common
@@ -471,6 +472,19 @@ def write_report(
   out = run_dir / REPORT_FILE
   out.write_text(text, encoding="utf-8")
   return out
+
+
+def print_summary(
+  stage: str, config: Any, summary: Mapping[str, Any], log=print
+) -> None:
+  """A stage command's closing lines: its figures (floats to 4
+  significant digits; data counts and the time parts are in
+  summary.json), the total time, then where report.md is."""
+  for k, v in summary.items():
+    if not k.startswith(("data/", "time/")) or k == "time/total_s":
+      log(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
+  run_dir = runtime.run_dir_for(stage, config)
+  log(f"report: {run_dir / 'report.md'}")
 
 
 def write_policy_outputs(

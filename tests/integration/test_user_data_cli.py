@@ -178,7 +178,11 @@ def test_sft_on_hh_pairs(files, tmp_path):
   )  # fmt: skip
   s = _check_outputs(run_dir, ("sft/final_loss",))
   assert math.isfinite(s["sft/final_loss"]) and s["sft/final_loss"] > 0
-  assert f"sft/final_loss = {s['sft/final_loss']:.4f}" in log
+  # The closing lines, as kto's: figures, the total time, the report.
+  assert f"sft/final_loss = {s['sft/final_loss']:.4g}" in log
+  assert f"sft/batch_size = {s['sft/batch_size']}" in log
+  assert "time/total_s = " in log and "data/rows_read" not in log
+  assert log.rstrip().endswith(f"report: {run_dir / 'report.md'}")
   assert s["data/rows_read"] == N_PAIRS
   dropped = sum(v for k, v in s.items() if k.startswith("data/dropped_"))
   assert s["data/examples"] == s["data/rows_kept"] == N_PAIRS - dropped
