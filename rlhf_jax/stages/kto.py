@@ -14,6 +14,7 @@ Without ``--data``: the accept-rate task (stages/kto_online.py).
 
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from rlhf_jax.data import (
   BatchIterator,
   DataError,
   HFTokenizerAdapter,
+  TokenizedDataset,
   UnpairedExample,
   load_examples,
   tokenize_unpaired,
@@ -135,7 +137,13 @@ def heldout_metrics(placement, params, ref, ds, config, model_config):
   return out
 
 
-def say_one_label(path: str, train, held, primary: bool, log) -> None:
+def say_one_label(
+  path: str,
+  train: TokenizedDataset,
+  held: TokenizedDataset,
+  primary: bool,
+  log: Callable[[str], Any],
+) -> None:
   """When a side has no rows, says so. A warning on stderr (from the
   primary process) when the training rows all have one label (the whole
   file, or what is left once the held-out tenth is taken): KTO then
