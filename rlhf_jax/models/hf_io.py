@@ -302,14 +302,28 @@ def looks_like_hub_id(name: str) -> bool:
   return len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def check_path_arg(name: str, value: Any) -> None:
-  """Raises TypeError naming ``name`` unless ``value`` is a str or an
-  os.PathLike (pathlib's own message names neither the argument nor what
-  it is for)."""
+def check_path_arg(name: str, value: Any, expected: str) -> None:
+  """Checks a model path argument before pathlib reads it.
+
+  Args:
+    name: the argument, for the message.
+    value: what was given.
+    expected: what the directory holds, for the message.
+
+  Raises:
+    TypeError: ``value`` neither a str nor an os.PathLike (pathlib's own
+      message names neither the argument nor what it is for).
+    ModelLoadError: an empty path (also FileNotFoundError): Path("") is
+      the working directory.
+  """
   if not isinstance(value, str | os.PathLike):
     raise TypeError(
       f"{name} must be a path or a cached hub id (str or os.PathLike), got "
       f"{value!r} ({type(value).__name__})"
+    )
+  if not str(value).strip():
+    raise _MissingFileError(
+      f"{str(value)!r}: an empty path; expected {expected}"
     )
 
 
@@ -323,12 +337,11 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
       HF cache (also FileNotFoundError; for a hub id the message says how
       to download it, nothing is fetched here).
   """
-  check_path_arg("path_or_hub_id", path_or_hub_id)
-  if not str(path_or_hub_id).strip():  # Path("") is the working directory
-    raise _MissingFileError(
-      f"{str(path_or_hub_id)!r}: an empty path; expected a checkpoint "
-      "directory (config.json + *.safetensors)"
-    )
+  check_path_arg(
+    "path_or_hub_id",
+    path_or_hub_id,
+    "a checkpoint directory (config.json + *.safetensors)",
+  )
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():
     return path

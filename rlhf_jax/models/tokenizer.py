@@ -273,12 +273,7 @@ def load_tokenizer(
         f"{name} must be a token string such as '<|endoftext|>', got "
         f"{token!r} ({type(token).__name__})"
       )
-  check_path_arg("model_dir", model_dir)
-  if not str(model_dir).strip():  # Path("") is the working directory
-    raise _MissingFileError(
-      f"{str(model_dir)!r}: an empty path; expected a directory holding "
-      "tokenizer.json"
-    )
+  check_path_arg("model_dir", model_dir, "a directory holding tokenizer.json")
   d = pathlib.Path(model_dir).expanduser()
   if d.is_file() and d.name == "tokenizer.json":
     raise _NotADirError(

@@ -283,12 +283,17 @@ def train_batch_size(ctx: Context, size: int, prefs: dict, flag: str) -> int:
   Raises:
     MeshError: the batch does not split over the batch axes.
   """
-  log = print if ctx.placement.is_primary else (lambda _: None)
+  log = _primary_log(ctx)
   stage = flag.removeprefix("--").split(".")[0]
   n = len(prefs["train"])
   return capped_batch(
     stage, flag, size, n, log, ctx.placement, "training pairs"
   )
+
+
+def _primary_log(ctx: Context):
+  """print on the primary process; the others say nothing."""
+  return print if ctx.placement.is_primary else (lambda _: None)
 
 
 def preference_data(ctx: Context) -> dict:
@@ -358,7 +363,7 @@ def _file_preferences(ctx: Context) -> dict:
         PAIR_DROP_REASONS,
       )
     )
-  log = print if ctx.placement.is_primary else (lambda _: None)
+  log = _primary_log(ctx)
   (train, held), padded = fit_to_data(ctx.command, log, train, held)
   counts.update(padded)
   return {
