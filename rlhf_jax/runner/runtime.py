@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 CONFIG_FILE = "config.json"
@@ -70,6 +70,21 @@ _WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 # The advice of a failed write; `rlhf-jax` turns it into "run the same
 # command again" for a subcommand without --resume.
 RESUME_ADVICE = "then rerun with --resume"
+
+
+def is_primary_process() -> bool:
+  """This process prints the run's lines: process 0 of a multi-host run,
+  or any process before jax.distributed starts (which asking
+  jax.process_index() then would preempt)."""
+  import jax  # noqa: PLC0415 (jax only when needed)
+
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def primary_log(log: Callable[[str], Any]) -> Callable[[str], Any]:
+  """``log`` on the primary process (`is_primary_process`); elsewhere a
+  log that says nothing, so a multi-host run prints each line once."""
+  return log if is_primary_process() else (lambda _: None)
 
 
 def _refused_access(path: Any) -> tuple[str, Any] | None:

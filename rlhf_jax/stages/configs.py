@@ -486,8 +486,8 @@ class KTOStageConfig:
   steps: int = 100
   """--data: optimizer steps."""
   batch_size: int = 32
-  """Rows per step (an even number per device: adjacent rows are the KL
-  estimate's mismatched pairs)."""
+  """Rows per step (an even number: adjacent rows are the KL estimate's
+  mismatched pairs)."""
   learning_rate: float = 5e-4
   """Adam learning rate (linear warmup, then constant)."""
   warmup_steps: int = 2

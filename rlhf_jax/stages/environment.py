@@ -8,7 +8,11 @@ import pathlib
 import sys
 
 from rlhf_jax.runner.mesh import DistributedConfig, start_distributed
-from rlhf_jax.runner.runtime import CompileClock, UserError
+from rlhf_jax.runner.runtime import (
+  CompileClock,
+  UserError,
+  is_primary_process,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -178,15 +182,6 @@ def check_data_lengths(config, model_dir: pathlib.Path) -> None:
   )
 
 
-def _primary() -> bool:
-  """This process prints the run's warnings: process 0 of a multi-host
-  run, or any process before jax.distributed starts (which asking
-  jax.process_index() then would preempt)."""
-  import jax  # noqa: PLC0415
-
-  return not jax.distributed.is_initialized() or jax.process_index() == 0
-
-
 def check_lengths(
   model_dir: pathlib.Path, prompt: tuple[str, int], rest: tuple[str, int]
 ) -> None:
@@ -219,7 +214,9 @@ def check_lengths(
   limit = model_config.max_position_embeddings
   # Rotary without a scaling made to reach further: it runs, at positions
   # past the lengths it was trained at.
-  if p + t > limit and model_config.rope_scaling is None and _primary():
+  if (
+    p + t > limit and model_config.rope_scaling is None and is_primary_process()
+  ):
     sys.stderr.write(
       f"rlhf-jax: warning: {what} exceed the max_position_embeddings "
       f"({limit}) of {model_dir}; positions past it are ones the model "

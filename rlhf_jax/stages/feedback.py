@@ -283,17 +283,12 @@ def train_batch_size(ctx: Context, size: int, prefs: dict, flag: str) -> int:
   Raises:
     MeshError: the batch does not split over the batch axes.
   """
-  log = _primary_log(ctx)
+  log = runtime.primary_log(print)
   stage = flag.removeprefix("--").split(".")[0]
   n = len(prefs["train"])
   return capped_batch(
     stage, flag, size, n, log, ctx.placement, "training pairs"
   )
-
-
-def _primary_log(ctx: Context):
-  """print on the primary process; the others say nothing."""
-  return print if ctx.placement.is_primary else (lambda _: None)
 
 
 def preference_data(ctx: Context) -> dict:
@@ -363,7 +358,7 @@ def _file_preferences(ctx: Context) -> dict:
         PAIR_DROP_REASONS,
       )
     )
-  log = _primary_log(ctx)
+  log = runtime.primary_log(print)
   (train, held), padded = fit_to_data(ctx.command, log, train, held)
   counts.update(padded)
   return {

@@ -270,6 +270,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   """
   environment.setup_jax()
   environment.start(config.distributed)
+  log = runtime.primary_log(log)  # each line once in a multi-host run
   timer = runtime.Timer()
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)

@@ -479,7 +479,9 @@ def print_summary(
 ) -> None:
   """A stage command's closing lines: its figures (floats to 4
   significant digits; data counts and the time parts are in
-  summary.json), the total time, then where report.md is."""
+  summary.json), the total time, then where report.md is; on the primary
+  process only (`runtime.primary_log`)."""
+  log = runtime.primary_log(log)
   for k, v in summary.items():
     if not k.startswith(("data/", "time/")) or k == "time/total_s":
       log(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")

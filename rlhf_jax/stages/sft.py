@@ -156,6 +156,7 @@ def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   """
   environment.setup_jax()
   environment.start(config.distributed)
+  log = runtime.primary_log(log)
   if config.lora.enabled:
     raise runtime.UserError(
       "--dry-run does not model LoRA yet: drop --lora.rank for the full "
@@ -195,6 +196,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
     raise runtime.UserError("rlhf-jax sft needs --data FILE")
   environment.setup_jax()
   environment.start(config.distributed)
+  log = runtime.primary_log(log)  # each line once in a multi-host run
   timer = runtime.Timer()
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)

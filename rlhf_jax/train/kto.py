@@ -15,8 +15,9 @@ prompt with its partner row's completion, partners being adjacent rows
      loss divided by the global count of valid rows (convention 14).
 
 So the loss and gradient do not depend on the number of micro-batches or
-devices. Adjacent-row partners keep this true under any split over
-devices whose parts hold an even number of rows (checked); the data loader
+devices. Under jit the partners are rows of the global batch, whatever
+its sharding; under pmap each device pairs its own rows, which must then be
+even in number (`partner` checks the rows it sees); the data loader
 shuffles, so adjacent rows are random pairs (in TRL the partner is the
 previous row of the dataset-map batch). Padding rows (all-False response
 mask) are left out of the loss and of the KL estimate, as are pairs that
@@ -60,8 +61,8 @@ class KTOConfig:
     undesirable_weight: lambda_U, weight of rejected completions (the
       paper: keep lambda_D n_D / (lambda_U n_U) in [1, 4/3]).
     num_micro_batches: gradient accumulation steps of the loss pass (the
-      KL pass runs on the whole batch: each device's rows must be even in
-      number, adjacent rows being KL partners).
+      KL pass runs on the whole batch, whose rows must be even in number,
+      adjacent rows being KL partners: under pmap each device's rows).
     axis_name: pmap axis name, None under jit.
   """
 
