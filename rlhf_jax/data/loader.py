@@ -158,8 +158,17 @@ class BatchIterator:
     self.process_count = process_count
     self.epoch = 0
     self.batch_index = 0
+    self._fingerprint: str | None = None
     self._perm_epoch = -1
     self._perm = np.arange(n)
+
+  @property
+  def data_fingerprint(self) -> str | None:
+    """The dataset's `TokenizedDataset.fingerprint` (computed once), None
+    for a dataset without one."""
+    if self._fingerprint is None and hasattr(self.dataset, "fingerprint"):
+      self._fingerprint = self.dataset.fingerprint()
+    return self._fingerprint
 
   @property
   def batches_per_epoch(self) -> int:
@@ -202,10 +211,12 @@ class BatchIterator:
   def state_dict(self) -> dict[str, Any]:
     """Position as a JSON-able dict: the NEXT batch is (epoch, batch_index).
 
-    The dataset size, batch size and flags are stored so a restore onto a
-    different dataset or order fails loudly instead of silently diverging.
+    The dataset size and fingerprint (its token arrays' sha256), batch size
+    and flags are stored so a restore onto a different dataset or order
+    fails loudly instead of silently diverging.
     """
     return {
+      "data_fingerprint": self.data_fingerprint,
       "epoch": self.epoch,
       "batch_index": self.batch_index,
       "seed": self.seed,
@@ -219,9 +230,11 @@ class BatchIterator:
     """Continues from a ``state_dict()``; the next batch is the saved one.
 
     Raises:
-      IteratorStateMismatchError: the saved seed, flags, batch size or
-        dataset size differ from this iterator's (the data or options
-        changed; the saved state itself may be fine).
+      IteratorStateMismatchError: the saved seed, flags, batch size,
+        dataset size or data fingerprint differ from this iterator's (the
+        data or options changed; the saved state itself may be fine). A
+        state saved without a fingerprint (before it was stored) is not
+        compared on it.
       ValueError: a saved position out of range.
     """
     mine = self.state_dict()
@@ -237,6 +250,13 @@ class BatchIterator:
           f"iterator state has {key}={state[key]!r} but this iterator has "
           f"{mine[key]!r}; the saved position would not continue this order"
         )
+    saved = state.get("data_fingerprint")
+    if saved is not None and saved != mine["data_fingerprint"]:
+      raise IteratorStateMismatchError(
+        f"the {mine['num_examples']} rows hold other tokens than when it "
+        f"was saved: data fingerprint {str(mine['data_fingerprint'])[:12]} "
+        f"now, {str(saved)[:12]} then"
+      )
     epoch, index = int(state["epoch"]), int(state["batch_index"])
     if not 0 <= index < self.batches_per_epoch or epoch < 0:
       raise ValueError(

@@ -25,6 +25,7 @@ appended to responses (``append_eos``) here.
 
 import collections
 import dataclasses
+import hashlib
 import inspect
 import itertools
 import os
@@ -227,6 +228,22 @@ class TokenizedDataset:
 
   def __len__(self) -> int:
     return len(self.rows)
+
+  def hash_into(self, h: Any) -> None:
+    """Feeds the token arrays (names, shapes, dtypes, bytes; fields in
+    sorted order) into ``h``, a ``hashlib`` hash."""
+    for key in sorted(self.arrays):
+      a = np.ascontiguousarray(self.arrays[key])
+      h.update(f"{key}{a.shape}{a.dtype}".encode())
+      h.update(a.tobytes())
+
+  def fingerprint(self) -> str:
+    """sha256 (hex) of the token arrays (`hash_into`): equal for the same
+    rows tokenized the same way, different once any token, mask or shape
+    changes."""
+    h = hashlib.sha256()
+    self.hash_into(h)
+    return h.hexdigest()
 
   def take(self, indices: np.ndarray) -> Any:
     """Batch of the given example indices; index -1 gives a padding row.

@@ -41,7 +41,7 @@ from rlhf_jax.checkpoint import (
   abstract_like,
 )
 from rlhf_jax.data.loader import IteratorStateMismatchError
-from rlhf_jax.runner.metrics import MetricsWriter
+from rlhf_jax.runner.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from rlhf_jax.runner.progress import ProgressBar
 from rlhf_jax.runner.runtime import (
   Interrupted,
@@ -359,7 +359,8 @@ class TrainLoop:
         initial policy's evaluation).
 
     Returns:
-      (state, the union of every record written, later ones winning).
+      (state, the union of the stage's records at steps >= 1, later ones
+      winning; a resumed stage's include those logged before it resumed).
 
     Raises:
       Interrupted: SIGINT/SIGTERM; a checkpoint was saved first.
@@ -374,7 +375,7 @@ class TrainLoop:
   def _run(
     self, state, start, step_fn, iterator, evaluate, eval_every, first_record
   ):
-    last: dict[str, float] = {}
+    last = self._records_until(start)
     window: list[dict[str, float]] = []
     writer = self.writer(start)
     try:
@@ -406,6 +407,31 @@ class TrainLoop:
       # An exception must not leave a half-written checkpoint behind.
       self.ckpt.wait_until_finished()
     return state, last
+
+  def _records_until(self, start: int) -> dict[str, float]:
+    """The union of this stage's records at steps 1 .. ``start`` in
+    metrics.jsonl, later ones winning: a resumed stage reports the figures
+    logged before it resumed too (a finished one runs no step and would
+    otherwise report none). Empty when starting from scratch or where the
+    file is not (a process that does not write it).
+
+    Raises:
+      UserError: metrics.jsonl holds a malformed line (named).
+    """
+    path = self.run_dir / METRICS_FILE
+    if start == 0 or not path.is_file():
+      return {}
+    try:
+      records = read_metrics(path, stage=self.name)
+    except ValueError as e:
+      raise UserError(f"{self.name}: {e}") from None
+    last: dict[str, float] = {}
+    for rec in records:
+      if 0 < rec["step"] <= start:
+        last.update(
+          {k: v for k, v in rec.items() if k not in ("step", "stage")}
+        )
+    return last
 
   def _after_step(self, step: int, state: PyTree, iterator: Any) -> None:
     if self.stop.agreed():

@@ -31,10 +31,7 @@ KEYS = tuple(f"{p}_{s}" for p in POOLINGS for s in ("chosen", "rejected"))
 def fingerprint(dataset: Any, model_dir: Any, model_config: Any) -> str:
   """sha256 of the pairs' token arrays, the model directory and config."""
   h = hashlib.sha256()
-  for key in sorted(dataset.arrays):
-    a = np.ascontiguousarray(dataset.arrays[key])
-    h.update(f"{key}{a.shape}{a.dtype}".encode())
-    h.update(a.tobytes())
+  dataset.hash_into(h)
   h.update(str(pathlib.Path(model_dir).resolve()).encode())
   h.update(repr(model_config).encode())
   return h.hexdigest()

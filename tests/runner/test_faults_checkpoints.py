@@ -366,3 +366,42 @@ def test_orbax_finishes_pending_reads_before_closing_its_loop(caplog):
   gc.collect()
   assert not caplog.records, caplog.text  # no "never retrieved"
   assert asyncio_utils.run_sync(asyncio.sleep(0, result=3)) == 3
+
+
+def test_resumed_stage_reports_the_records_before_it(tmp_path):
+  """A resumed stage returns the records logged before the resume too: a
+  finished stage resumed runs no step and used to report none (sft and
+  kto then wrote final_loss NaN over the finished run's summary)."""
+  it, losses = Counter(), []
+
+  def step(s):
+    it.i += 1
+    losses.append(float(it.i))
+    return s, {"loss": jnp.float32(it.i), f"only_at_{it.i}": jnp.float32(1)}
+
+  def run(total):
+    loop = _loop(tmp_path, total, log_every=1)
+    state, start = loop.restore(_state(), it)
+    _, last = loop.run(state, start, step, iterator=it)
+    loop.close()
+    return start, last
+
+  assert run(4) == (
+    0,
+    {"loss": 4.0, **{f"only_at_{i}": 1.0 for i in (1, 2, 3, 4)}},
+  )
+  # Finished: restored at step 4, no step runs, the same figures.
+  start, last = run(4)
+  assert (start, last["loss"], len(losses)) == (4, 4.0, 4)
+  assert last == {"loss": 4.0, **{f"only_at_{i}": 1.0 for i in (1, 2, 3, 4)}}
+  # Continued to step 6: the records of steps 1-4 and the new ones.
+  start, last = run(6)
+  assert (start, last["loss"], len(losses)) == (4, 6.0, 6)
+  assert set(last) == {"loss", *(f"only_at_{i}" for i in range(1, 7))}
+
+
+def test_resume_over_a_malformed_metrics_file_is_one_line(tmp_path):
+  _train(tmp_path, total=2)
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+  with pytest.raises(runtime.UserError, match=r"t: .*metrics.jsonl:1: "):
+    _train(tmp_path, total=2)
