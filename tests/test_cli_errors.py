@@ -97,6 +97,30 @@ def test_one_usable_pair_is_refused_before_the_run_dir(tmp_path, capsys):
   assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_eval_data_that_is_the_data_file_is_refused(tmp_path, capsys, command):
+  """Held-out figures measured on the training pairs, under another name
+  for the file too; named before the run directory is made."""
+  data = _write(tmp_path / "pairs.jsonl", [_pair(), _pair(prompt="Lily")])
+  link = tmp_path / "link.jsonl"
+  link.symlink_to(data)
+  run_dir = tmp_path / "r"
+  for eval_data in (data, str(link)):
+    code, err = _run(
+      capsys,
+      [command, "--data", data, "--eval-data", eval_data, "--run-dir",
+       str(run_dir)],
+    )  # fmt: skip
+    _check(
+      code,
+      err,
+      f"--eval-data {eval_data}: is the --data file, so the held-out figures "
+      "would be measured on the training pairs; give pairs kept out of "
+      "training, or drop --eval-data to hold out a tenth of --data",
+    )
+  assert not run_dir.exists()
+
+
 def test_strict_turns_a_drop_into_an_error(tmp_path, capsys):
   same = _pair(chosen="the same story.", rejected="the same story.")
   data = _write(tmp_path / "strict.jsonl", [_pair(), same])

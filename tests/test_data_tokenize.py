@@ -355,3 +355,14 @@ def test_examples_that_are_not_examples_are_named(gpt2):
   )
   with pytest.raises(TypeError, match="expected PromptExample or str"):
     tokenize_prompts(["ok", 3], gpt2, max_prompt_length=8)
+  # One string was taken as its characters: 9 prompts of one letter each.
+  with pytest.raises(TypeError) as e:
+    tokenize_prompts("Once upon", gpt2, max_prompt_length=8)
+  assert str(e.value) == (
+    "prompt examples: a str; expected a list or tuple of examples (a single "
+    "one in a list of one)"
+  )
+  with pytest.raises(TypeError, match="preference examples: a generator"):
+    tokenize_preferences(
+      (r for r in [row]), gpt2, max_prompt_length=8, max_response_length=8
+    )

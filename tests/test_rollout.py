@@ -352,6 +352,19 @@ def test_bad_prompts_and_keys_are_named(params):
   for args, message in cases:
     with pytest.raises(ValueError, match=message):
       generate(params, *args, **kw)
+  # Lists were traced as trees of scalars: TracerArrayConversionError.
+  lists = (ids.tolist(), mask.tolist())
+  for args in ((lists[0], mask), (ids, tuple(lists[1]))):
+    name = "prompt_ids" if isinstance(args[0], list) else "prompt_mask"
+    kind = type(args[0] if name == "prompt_ids" else args[1]).__name__
+    with pytest.raises(TypeError) as e:
+      generate(params, *args, key, **kw)
+    assert str(e.value) == (
+      f"generate: {name} is a Python {kind}; expected an array [B, P] (wrap "
+      "it in np.asarray)"
+    )
+  with pytest.raises(TypeError, match="generate: prompt_mask is a Python"):
+    generate(params, ids, prompt_mask=lists[1], rng=key, **kw)
   # Still taken: int masks, NumPy ids, legacy uint32 keys (one, or per row).
   legacy = jax.random.PRNGKey(0)
   for args in (

@@ -491,8 +491,14 @@ def _ties(
 def _check_nonempty(
   examples: Sequence[Any], kind: str, cls: type | tuple | None = None
 ) -> None:
-  """Raises DataError without examples, TypeError (naming the first) for
-  an example that is not a ``cls`` (e.g. a raw dict of a file's row)."""
+  """Raises DataError without examples, TypeError for a string or other
+  non-sequence given as the examples, or (naming the first) for an example
+  that is not a ``cls`` (e.g. a raw dict of a file's row)."""
+  if isinstance(examples, str | bytes) or not isinstance(examples, Sequence):
+    raise TypeError(
+      f"{kind} examples: a {type(examples).__name__}; expected a list or "
+      "tuple of examples (a single one in a list of one)"
+    )
   if not examples:
     raise DataError(f"no {kind} examples to tokenize")
   if cls is None:
@@ -648,7 +654,8 @@ def tokenize_prompts(
 
   Raises:
     DataError: as ``tokenize_preferences``.
-    TypeError: an example of another type (names its index).
+    TypeError: one string instead of a list of prompts, or an example of
+      another type (names its index).
     ValueError: a max length that is not an integer >= 1.
   """
   _check_lengths(max_prompt_length=max_prompt_length)

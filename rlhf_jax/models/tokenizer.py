@@ -11,6 +11,7 @@ rendered with jinja2 in an immutable sandbox, as transformers does
 
 import datetime
 import json
+import operator
 import os
 import pathlib
 from typing import Any
@@ -68,6 +69,27 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
       f"{path}: expected a JSON object, got {type(data).__name__}"
     )
   return data
+
+
+def _check_text(name: str, text: Any) -> None:
+  if not isinstance(text, str):
+    raise TypeError(f"{name} is a {type(text).__name__}; expected a str")
+
+
+def _token_id(value: Any, position: int) -> int:
+  """``value`` as a token id (a Python or NumPy integer, >= 0)."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    tid = operator.index(value)
+  except TypeError:
+    raise TypeError(
+      f"decode: ids[{position}] = {value!r} is a {type(value).__name__}; "
+      "expected an integer token id"
+    ) from None
+  if tid < 0:
+    raise ValueError(f"decode: ids[{position}] = {tid}; expected an id >= 0")
+  return tid
 
 
 class Tokenizer:
@@ -133,7 +155,12 @@ class Tokenizer:
     return self._require("pad")
 
   def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    """Token ids; the tokenizer.json post-processor adds BOS etc."""
+    """Token ids; the tokenizer.json post-processor adds BOS etc.
+
+    Raises:
+      TypeError: text is not a str.
+    """
+    _check_text("encode: text", text)
     return self.tokenizer.encode(
       text, add_special_tokens=add_special_tokens
     ).ids
@@ -141,6 +168,18 @@ class Tokenizer:
   def encode_batch(
     self, texts: list[str], *, add_special_tokens: bool = True
   ) -> list[list[int]]:
+    """`encode` of each text.
+
+    Raises:
+      TypeError: texts is not a list or tuple of str (names the index).
+    """
+    if not isinstance(texts, list | tuple):
+      raise TypeError(
+        f"encode_batch: texts is a {type(texts).__name__}; expected a list "
+        "of str"
+      )
+    for i, text in enumerate(texts):
+      _check_text(f"encode_batch: texts[{i}]", text)
     encs = self.tokenizer.encode_batch(
       texts, add_special_tokens=add_special_tokens
     )
@@ -148,8 +187,15 @@ class Tokenizer:
 
   def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
     """Text of `ids`; special tokens (bos/eos/pad/unk and added tokens
-    marked special) are dropped when `skip_special_tokens`."""
-    ids = [int(i) for i in ids]
+    marked special) are dropped when `skip_special_tokens`. Ids past the
+    tokenizer's vocabulary (a model's padded embedding rows) decode to
+    nothing, as in tokenizers.
+
+    Raises:
+      TypeError: an id that is not an integer (names its position).
+      ValueError: a negative id (names its position).
+    """
+    ids = [_token_id(i, k) for k, i in enumerate(ids)]
     if skip_special_tokens:
       ids = [i for i in ids if i not in self.all_special_ids]
     return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

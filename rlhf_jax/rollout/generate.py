@@ -139,6 +139,7 @@ def _generate(
       neither layout, params with weights held transposed
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
       past a GPT-2 model's learned positions.
+    TypeError: prompt_ids or prompt_mask given as a Python list or tuple.
   """
   _check_static(
     prompt_ids, prompt_mask, config, top_k, pad_token_id, eos_token_id
@@ -304,6 +305,18 @@ def check_sampling_values(temperature, top_p) -> None:
   check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 
 
+def _check_arrays(args, kwargs) -> None:
+  """Raises TypeError for prompt_ids or prompt_mask given as a Python list
+  or tuple: jit would take it as a tree of scalars, each traced apart."""
+  for i, name in ((1, "prompt_ids"), (2, "prompt_mask")):
+    value = args[i] if len(args) > i else kwargs.get(name)
+    if isinstance(value, list | tuple):
+      raise TypeError(
+        f"generate: {name} is a Python {type(value).__name__}; expected an "
+        "array [B, P] (wrap it in np.asarray)"
+      )
+
+
 def _checked(method):
   """``method`` of the jitted `_generate` (call, lower, trace,
   eval_shape), after `check_sampling_values` of the call's keywords."""
@@ -312,6 +325,7 @@ def _checked(method):
     check_sampling_values(
       kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
     )
+    _check_arrays(args, kwargs)
     return method(*args, **kwargs)
 
   return call

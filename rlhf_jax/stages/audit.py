@@ -74,12 +74,21 @@ def _check_out(config: AuditConfig) -> pathlib.Path:
   """--out, checked before any work; creates nothing.
 
   Raises:
-    UserError: --out is a file, a folder of the user's, another command's
-      run, an earlier audit without --overwrite, or cannot be written.
+    UserError: --out is a file, in the --reward-model directory, a folder
+      of the user's, another command's run, an earlier audit without
+      --overwrite, or cannot be written.
   """
   out = pathlib.Path(config.out or f"runs/audit-{config.preset}")
   if out.exists() and not out.is_dir():
     raise runtime.UserError(f"--out {out}: is a file, expected a directory")
+  model = config.reward_model
+  if model is not None and out.resolve().is_relative_to(
+    pathlib.Path(model).resolve()
+  ):
+    raise runtime.UserError(
+      f"--out {out}: lies in the --reward-model directory {model} it "
+      "scores with; choose another --out"
+    )
   runtime.check_folder_writable(out, "--out", out, "nothing was read")
   names = [p.name for p in out.iterdir()] if out.is_dir() else []
   if (
@@ -126,11 +135,18 @@ def _annotators(path: str, examples: list, field: str) -> list[str] | None:
 
   Raises:
     DataError: the column is in some rows but missing in another, or holds
-      something other than a string or an integer (names file and line).
+      something other than a string or an integer (names file and line); a
+      field named by --annotator-field that no row has.
   """
   rows = {r.row: r for r in read_rows(path)}
   present = [field in (rows[e.row].data or {}) for e in examples]
   if not any(present):
+    if field != AuditConfig.annotator_field:  # named by the user
+      raise DataError(
+        f"--annotator-field {field}: no row of {path} has that field; "
+        "expected the name of the rows' annotator id field (or leave the "
+        "option out)"
+      )
     return None
   out = []
   for e, has in zip(examples, present, strict=True):

@@ -29,6 +29,7 @@ Run directory::
   outputs/{rm, ppo, dpo}/ (Hugging Face directories; rm/reward_head/)
 """
 
+import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -112,6 +113,14 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
       raise DataError(f"{flag} {value}: no such file or directory")
   if config.eval_data is not None and config.data is None:
     raise runtime.UserError("--eval-data needs --data (the training pairs)")
+  if config.eval_data is not None and os.path.samefile(
+    config.eval_data, config.data
+  ):
+    raise runtime.UserError(
+      f"--eval-data {config.eval_data}: is the --data file, so the held-out "
+      "figures would be measured on the training pairs; give pairs kept "
+      "out of training, or drop --eval-data to hold out a tenth of --data"
+    )
   if command == "rm" and config.lora.enabled:
     raise runtime.UserError(
       "--lora.rank: `rlhf-jax rm` trains the reward model fully (LoRA is "

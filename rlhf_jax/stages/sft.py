@@ -208,6 +208,11 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   # The whole file read and tokenized before the run directory is opened.
   tok = policy_tokenizer(model_dir)
   ds, counts = sft_data(config, tok)
+  if unused := counts.get("data/unused_label_false"):
+    log(
+      f"sft: {unused} rows with label false left out (SFT learns the "
+      f"label-true completions: {len(ds)} rows)"
+    )
   (ds,), padded = fit_to_data("sft", log, ds)
   counts.update(padded)
   batch_size = capped_batch(

@@ -197,6 +197,20 @@ def test_bad_annotator_column(tmp_path, capsys):
     f"{data}:5: missing field 'annotator' (other rows have it; give every "
     "row an annotator id, or none)",
   )
+  # A field the user names that no row has was passed over ("annotator
+  # column: none"); the default one may be absent.
+  out = tmp_path / "o3"
+  code, _, err = _run(
+    capsys,
+    ["audit", "--data", data, "--out", str(out), "--annotator-field", "rater"],
+  )
+  _check(
+    code,
+    err,
+    f"--annotator-field rater: no row of {data} has that field; expected "
+    "the name of the rows' annotator id field (or leave the option out)",
+  )
+  assert not out.exists()
 
 
 def test_unpaired_rows_are_refused(tmp_path, capsys):
@@ -402,3 +416,31 @@ def test_scorer_tokenizer_past_the_reward_models_vocabulary(
     "0-95 only (another model's tokenizer, or tokens added without "
     "resizing the embedding)"
   )
+
+
+def test_out_inside_the_reward_model_is_refused(tmp_path, capsys):
+  """--out in the --reward-model directory (as generate's --output in its
+  model's) is refused before anything is read or made."""
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  model = tmp_path / "rm"
+  model.mkdir()
+  for out in (model / "audit", model):
+    code, _, err = _run(
+      capsys,
+      [
+        "audit",
+        "--data",
+        data,
+        "--reward-model",
+        str(model),
+        "--out",
+        str(out),
+      ],
+    )
+    _check(
+      code,
+      err,
+      f"--out {out}: lies in the --reward-model directory {model} it scores "
+      "with; choose another --out",
+    )
+  assert list(model.iterdir()) == []

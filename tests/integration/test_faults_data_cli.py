@@ -243,6 +243,11 @@ def test_sft_summary_and_report_show_counts(tmp_path):
   assert s["data/rows_read"] == s["data/rows_kept"] == 12
   assert s["data/unused_label_false"] == 4 and s["data/examples"] == 8
   assert s["sft/batch_size"] == 4 and "--batch-size" not in log
+  # Said on the console too (it was in summary.json and report.md only).
+  assert (
+    "sft: 4 rows with label false left out (SFT learns the label-true "
+    "completions: 8 rows)\n"
+  ) in log
   # A batch larger than the data is cut to it, and said (it was silent).
   again = tmp_path / "again"
   log = h.cli(

@@ -31,6 +31,39 @@ def test_tinystories_special_ids(tinystories_dir):
     tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_encode_and_decode_name_a_bad_argument(tinystories_dir):
+  """tokenizers' own errors named no argument ("TextInputSequence must be
+  str"), a negative id raised OverflowError and a float id was truncated."""
+  import numpy as np
+
+  tok = models.load_tokenizer(tinystories_dir)
+  for bad in (None, 5, ["Once"]):
+    with pytest.raises(TypeError) as e:
+      tok.encode(bad)
+    assert str(e.value) == (
+      f"encode: text is a {type(bad).__name__}; expected a str"
+    )
+  with pytest.raises(TypeError, match=r"encode_batch: texts\[1\] is a int;"):
+    tok.encode_batch(["Once", 3])
+  with pytest.raises(TypeError, match="encode_batch: texts is a str;"):
+    tok.encode_batch("Once")
+  with pytest.raises(TypeError) as e:
+    tok.decode([1, 1.5])
+  assert str(e.value) == (
+    "decode: ids[1] = 1.5 is a float; expected an integer token id"
+  )
+  with pytest.raises(TypeError, match=r"ids\[0\] = True is a bool"):
+    tok.decode([True])
+  with pytest.raises(ValueError) as e:
+    tok.decode([80, -1])
+  assert str(e.value) == "decode: ids[1] = -1; expected an id >= 0"
+  # NumPy ids decode as Python ones; ids past the vocabulary (a model's
+  # padded embedding rows) to nothing, as tokenizers does.
+  ids = tok.encode("Once upon a time")
+  assert tok.decode(np.asarray(ids, np.int32)) == "Once upon a time"
+  assert tok.decode([*ids, 99999]) == "Once upon a time"
+
+
 def test_decode_continuation_keeps_the_joining_space(tinystories_dir):
   # TinyStories renders the space between "was" and "an" only when the two
   # tokens are decoded together: the response alone reads "an old tree.".
