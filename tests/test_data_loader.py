@@ -153,8 +153,9 @@ def test_load_state_dict_rejects_rows_of_other_tokens():
   now, then = edited.fingerprint()[:12], ds.fingerprint()[:12]
   assert now != then
   assert str(e.value) == (
-    "the 11 rows hold other tokens than when it was saved: data fingerprint "
-    f"{now} now, {then} then"
+    "the 11 rows given differ from those it was saved over in token ids, "
+    f"masks or lengths (sha256 {now} now, {then} then); the data, or an "
+    "option that shapes it, changed"
   )
   # The same rows tokenized again match; a state saved before fingerprints
   # were stored is not compared on it.

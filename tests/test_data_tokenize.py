@@ -359,10 +359,14 @@ def test_examples_that_are_not_examples_are_named(gpt2):
   with pytest.raises(TypeError) as e:
     tokenize_prompts("Once upon", gpt2, max_prompt_length=8)
   assert str(e.value) == (
-    "prompt examples: a str; expected a list or tuple of examples (a single "
-    "one in a list of one)"
+    "prompt examples: given as one str; expected a list or tuple of "
+    "examples (a single one in a list of one)"
   )
-  with pytest.raises(TypeError, match="preference examples: a generator"):
-    tokenize_preferences(
-      (r for r in [row]), gpt2, max_prompt_length=8, max_response_length=8
-    )
+  with pytest.raises(TypeError, match="preference examples: given as one int;"):
+    tokenize_preferences(3, gpt2, max_prompt_length=8, max_response_length=8)
+  # Any other iterable is taken as its items (a generator, a column).
+  gen = tokenize_prompts(
+    (t for t in ["Once", "Lily"]), gpt2, max_prompt_length=8
+  )
+  listed = tokenize_prompts(["Once", "Lily"], gpt2, max_prompt_length=8)
+  assert gen.fingerprint() == listed.fingerprint()

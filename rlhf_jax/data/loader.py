@@ -158,17 +158,11 @@ class BatchIterator:
     self.process_count = process_count
     self.epoch = 0
     self.batch_index = 0
-    self._fingerprint: str | None = None
+    # Now, not at the first checkpoint (perhaps a save on SIGTERM).
+    fingerprint = getattr(dataset, "fingerprint", None)
+    self.data_fingerprint = fingerprint() if fingerprint else None
     self._perm_epoch = -1
     self._perm = np.arange(n)
-
-  @property
-  def data_fingerprint(self) -> str | None:
-    """The dataset's `TokenizedDataset.fingerprint` (computed once), None
-    for a dataset without one."""
-    if self._fingerprint is None and hasattr(self.dataset, "fingerprint"):
-      self._fingerprint = self.dataset.fingerprint()
-    return self._fingerprint
 
   @property
   def batches_per_epoch(self) -> int:
@@ -253,9 +247,10 @@ class BatchIterator:
     saved = state.get("data_fingerprint")
     if saved is not None and saved != mine["data_fingerprint"]:
       raise IteratorStateMismatchError(
-        f"the {mine['num_examples']} rows hold other tokens than when it "
-        f"was saved: data fingerprint {str(mine['data_fingerprint'])[:12]} "
-        f"now, {str(saved)[:12]} then"
+        f"the {mine['num_examples']} rows given differ from those it was "
+        "saved over in token ids, masks or lengths (sha256 "
+        f"{str(mine['data_fingerprint'])[:12]} now, {str(saved)[:12]} then); "
+        "the data, or an option that shapes it, changed"
       )
     epoch, index = int(state["epoch"]), int(state["batch_index"])
     if not 0 <= index < self.batches_per_epoch or epoch < 0:

@@ -235,7 +235,7 @@ class TokenizedDataset:
     for key in sorted(self.arrays):
       a = np.ascontiguousarray(self.arrays[key])
       h.update(f"{key}{a.shape}{a.dtype}".encode())
-      h.update(a.tobytes())
+      h.update(a)  # its buffer, not a copy (the same bytes as tobytes)
 
   def fingerprint(self) -> str:
     """sha256 (hex) of the token arrays (`hash_into`): equal for the same
@@ -489,20 +489,26 @@ def _ties(
 
 
 def _check_nonempty(
-  examples: Sequence[Any], kind: str, cls: type | tuple | None = None
-) -> None:
-  """Raises DataError without examples, TypeError for a string or other
-  non-sequence given as the examples, or (naming the first) for an example
-  that is not a ``cls`` (e.g. a raw dict of a file's row)."""
-  if isinstance(examples, str | bytes) or not isinstance(examples, Sequence):
+  examples: Any, kind: str, cls: type | tuple | None = None
+) -> list[Any]:
+  """The examples as a list (any iterable but a string).
+
+  Raises:
+    DataError: no examples.
+    TypeError: a string or a non-iterable given as the examples, or
+      (naming the first) an example that is not a ``cls`` (e.g. a raw dict
+      of a file's row).
+  """
+  if isinstance(examples, str | bytes) or not hasattr(examples, "__iter__"):
     raise TypeError(
-      f"{kind} examples: a {type(examples).__name__}; expected a list or "
-      "tuple of examples (a single one in a list of one)"
+      f"{kind} examples: given as one {type(examples).__name__}; expected "
+      "a list or tuple of examples (a single one in a list of one)"
     )
+  examples = list(examples)
   if not examples:
     raise DataError(f"no {kind} examples to tokenize")
   if cls is None:
-    return
+    return examples
   for i, e in enumerate(examples):
     if not isinstance(e, cls):
       classes = cls if isinstance(cls, tuple) else (cls,)
@@ -511,6 +517,7 @@ def _check_nonempty(
         f"{kind} example {i}: a {type(e).__name__}; expected {names} "
         "(load_examples(...).examples)"
       )
+  return examples
 
 
 def _pad_rows(tok: Tokenizer, p: int, t_shape: tuple[int, ...]) -> dict:
@@ -573,7 +580,7 @@ def tokenize_preferences(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "preference", PreferencePair)
+  examples = _check_nonempty(examples, "preference", PreferencePair)
   wheres = [e.where for e in examples]
   p_ids, p_mask, p_cut = _prompts(
     [e.prompt for e in examples],
@@ -660,7 +667,7 @@ def tokenize_prompts(
   """
   _check_lengths(max_prompt_length=max_prompt_length)
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "prompt", (PromptExample, str))
+  examples = _check_nonempty(examples, "prompt", (PromptExample, str))
   examples = [
     PromptExample(e, where=f"prompt {i}") if isinstance(e, str) else e
     for i, e in enumerate(examples)
@@ -768,7 +775,7 @@ def tokenize_sft(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "SFT", (PreferencePair, UnpairedExample))
+  examples = _check_nonempty(examples, "SFT", (PreferencePair, UnpairedExample))
   return _single_response(
     examples,
     tokenizer,
@@ -809,7 +816,7 @@ def tokenize_ranked(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "ranked", RankedExample)
+  examples = _check_nonempty(examples, "ranked", RankedExample)
   k = len(examples[0].responses)
   for e in examples:
     if len(e.responses) != k:
@@ -883,7 +890,7 @@ def tokenize_unpaired(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  _check_nonempty(examples, "unpaired", UnpairedExample)
+  examples = _check_nonempty(examples, "unpaired", UnpairedExample)
   labels = np.array([e.label for e in examples], bool)
   return _single_response(
     examples,

@@ -71,9 +71,17 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
   return data
 
 
+def _kind(value: Any) -> str:
+  """ "dtype float32" for an array or NumPy scalar, else "type int"."""
+  dtype = getattr(value, "dtype", None)
+  return (
+    f"dtype {dtype}" if dtype is not None else f"type {type(value).__name__}"
+  )
+
+
 def _check_text(name: str, text: Any) -> None:
   if not isinstance(text, str):
-    raise TypeError(f"{name} is a {type(text).__name__}; expected a str")
+    raise TypeError(f"{name} has {_kind(text)}; expected a str")
 
 
 def _token_id(value: Any, position: int) -> int:
@@ -84,8 +92,8 @@ def _token_id(value: Any, position: int) -> int:
     tid = operator.index(value)
   except TypeError:
     raise TypeError(
-      f"decode: ids[{position}] = {value!r} is a {type(value).__name__}; "
-      "expected an integer token id"
+      f"decode: ids[{position}] = {value!r} has {_kind(value)}; expected "
+      "an integer token id"
     ) from None
   if tid < 0:
     raise ValueError(f"decode: ids[{position}] = {tid}; expected an id >= 0")
@@ -175,8 +183,7 @@ class Tokenizer:
     """
     if not isinstance(texts, list | tuple):
       raise TypeError(
-        f"encode_batch: texts is a {type(texts).__name__}; expected a list "
-        "of str"
+        f"encode_batch: texts has {_kind(texts)}; expected a list of str"
       )
     for i, text in enumerate(texts):
       _check_text(f"encode_batch: texts[{i}]", text)

@@ -25,6 +25,7 @@ one-line ``UserError`` naming it.
 """
 
 import dataclasses
+import io
 import os
 import pathlib
 import sys
@@ -200,30 +201,36 @@ class TrainLoop:
 
     Raises:
       UserError: checkpoints exist but none is usable; the latest one's
-        iterator was saved over other data (its size changed): nothing is
-        deleted then.
+        iterator was saved over other data (its size or its rows' arrays
+        changed, on any process): nothing is deleted then.
     """
     abstract = abstract_like(state)
     damaged: list[CheckpointDamagedError] = []
     with writing(self.ckpt.directory):
       for step in reversed(self.ckpt.all_steps()):
+        other_data = None
         try:
           restored, meta = self.ckpt.restore(step, abstract_state=abstract)
           if iterator is not None:
             iterator.load_state_dict(meta["iterator"])
           error = None
         except IteratorStateMismatchError as e:  # not damage: keep them all
-          raise UserError(
-            f"{self.name}: the checkpoint of step {step} in "
-            f"{self.ckpt.directory} continues other data ({e}): resume "
-            "with the data the run began with, or start the run again with "
-            "--overwrite"
-          ) from None
+          error = other_data = e
         except CheckpointDamagedError as e:
           error = e
         except (KeyError, TypeError, ValueError) as e:  # the saved position
           error = CheckpointDamagedError(
             step, self.ckpt.step_dir(step), f"data position: {e!r}"
+          )
+        # Every process stops here together (one with other data alone
+        # would leave the rest waiting in the next collective).
+        if not _everywhere(other_data is None):
+          raise UserError(
+            f"{self.name}: the checkpoint of step {step} in "
+            f"{self.ckpt.directory} continues other data"
+            f"{f': {other_data}' if other_data else ' on another process'}. "
+            "Resume with the data the run began with, or start the run "
+            "again with --overwrite"
           )
         if not _everywhere(error is None):
           _stop_if_refused(self.name, step, error)
@@ -381,7 +388,9 @@ class TrainLoop:
     try:
       if writer is not None and start == 0 and first_record:
         writer.log(0, first_record, stage=self.name)
-      with ProgressBar(self.total_steps, self.name) as bar:
+      # One bar per run: the other processes draw theirs nowhere.
+      quiet = {} if self.write else {"stream": io.StringIO(), "tty": False}
+      with ProgressBar(self.total_steps, self.name, **quiet) as bar:
         bar.update(start)
         for step in range(start + 1, self.total_steps + 1):
           state, metrics = step_fn(state)
@@ -412,14 +421,16 @@ class TrainLoop:
     """The union of this stage's records at steps 1 .. ``start`` in
     metrics.jsonl, later ones winning: a resumed stage reports the figures
     logged before it resumed too (a finished one runs no step and would
-    otherwise report none). Empty when starting from scratch or where the
-    file is not (a process that does not write it).
+    otherwise report none). Empty when starting from scratch, and on the
+    processes that do not write the file.
 
     Raises:
       UserError: metrics.jsonl holds a malformed line (named).
     """
     path = self.run_dir / METRICS_FILE
-    if start == 0 or not path.is_file():
+    # Other processes never report `last`, and process 0 may be rewriting
+    # the file (`writer`) on a shared file system.
+    if start == 0 or not self.write or not path.is_file():
       return {}
     try:
       records = read_metrics(path, stage=self.name)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rlhf_jax import models, parallel
 from rlhf_jax.parallel.rules import Rules
 from rlhf_jax.runner.progress import ProgressBar
-from rlhf_jax.runner.runtime import UserError
+from rlhf_jax.runner.runtime import UserError, is_primary_process
 
 PyTree = Any
 RuleName = Literal["auto", "data", "fsdp", "fsdp_tp"]
@@ -177,7 +177,7 @@ class Placement:
   @property
   def is_primary(self) -> bool:
     """This process writes the run's files (process 0)."""
-    return jax.process_index() == 0
+    return is_primary_process()
 
   @property
   def batch_divisor(self) -> int:

@@ -548,7 +548,7 @@ class AuditConfig:
   minimum feedback arc set (DP over subsets, 2..20); larger ones the
   Eades-Lin-Smyth heuristic (flagged approximate)."""
   max_cycles: int = 10000
-  """Cycles enumerated at most (then reported as a lower bound)."""
+  """Cycles enumerated at most, 1..10^6 (then reported as a lower bound)."""
   max_prompt_length: int = 256
   """--reward-model: prompt tokens (longer prompts keep their last ones)."""
   max_response_length: int = 256

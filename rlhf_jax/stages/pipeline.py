@@ -200,6 +200,7 @@ def open_run(
   """
   environment.setup_jax()
   environment.start(config.distributed)
+  log = runtime.primary_log(log)  # each line once in a multi-host run
   timer = runtime.Timer()
   compile0 = runtime.CompileClock.get().seconds
   check_inputs(command, config)
@@ -341,6 +342,7 @@ def run_pipeline(
     Interrupted: SIGINT/SIGTERM; the current stage saved a checkpoint.
   """
   ctx = open_run(command, config, log)
+  log = runtime.primary_log(log)
   stages = stages_for(command, config)
   log(
     f"rlhf-jax {command}: run directory {ctx.run_dir}; stages "
@@ -432,6 +434,7 @@ def dry_run_pipeline(
   """
   environment.setup_jax()
   environment.start(config.distributed)
+  log = runtime.primary_log(log)
   check_inputs(command, config)
   if config.lora.enabled:
     raise runtime.UserError(

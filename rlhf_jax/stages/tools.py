@@ -224,7 +224,7 @@ def run_generate(config: C.GenerateConfig) -> int:
     model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
   else:
     model_dir = environment.resolve_model(config.model)
-  if out is not None and _inside(out.resolve(), model_dir.resolve()):
+  if out is not None and out.resolve().is_relative_to(model_dir.resolve()):
     raise runtime.UserError(
       f"--output {out}: lies in the model directory {model_dir} it samples "
       "from; choose another file"
@@ -462,11 +462,6 @@ def _evaluate(
 # ----------------------------------------------------------------- export
 
 
-def _inside(path: pathlib.Path, root: pathlib.Path) -> bool:
-  """`path` is `root` or below it (both resolved)."""
-  return path == root or root in path.parents
-
-
 # Written into every export: --overwrite replaces only a folder holding
 # it, so it never deletes a folder of the user's.
 EXPORT_MARKER = ".rlhf_jax_export"
@@ -498,11 +493,11 @@ def _check_export_out(
   if record.get("model_dir"):
     protected.append((pathlib.Path(record["model_dir"]), "the run's model"))
   for path, what in protected:
-    if _inside(path.resolve(), target):
+    if path.resolve().is_relative_to(target):
       raise runtime.UserError(
         f"--out {out}: would replace {what} {path}; choose another directory"
       )
-  if _inside(target, (run_dir / "outputs").resolve()):
+  if target.is_relative_to((run_dir / "outputs").resolve()):
     raise runtime.UserError(
       f"--out {out}: lies in the run's outputs ({run_dir / 'outputs'}), "
       "which export reads; choose a directory outside it"

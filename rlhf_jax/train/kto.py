@@ -116,8 +116,8 @@ def partner(x: jax.Array) -> jax.Array:
   size = x.shape[0]
   if size % 2:
     raise ValueError(
-      f"KTO pairs adjacent rows for its KL estimate: the batch (per "
-      f"device and micro-batch) needs an even number of rows, got {size}"
+      f"KTO pairs adjacent rows for its KL estimate: the batch (under "
+      f"pmap, each device's part) needs an even number of rows, got {size}"
     )
   pairs = x.reshape((size // 2, 2) + x.shape[1:])
   return pairs[:, ::-1].reshape(x.shape)

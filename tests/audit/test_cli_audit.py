@@ -235,8 +235,14 @@ def test_missing_and_absent_data(tmp_path, capsys):
   code, _, err = _run(capsys, ["audit", "--data", str(missing)])
   _check(code, err, f"--data {missing}: no such file or directory")
   data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
-  code, _, err = _run(capsys, ["audit", "--data", data, "--max-cycles", "0"])
-  _check(code, err, "--max-cycles 0: expected >= 1")
+  for bad in ("0", "1000001"):
+    code, _, err = _run(capsys, ["audit", "--data", data, "--max-cycles", bad])
+    _check(
+      code,
+      err,
+      f"--max-cycles {bad}: expected 1..1000000 (each cycle found is held "
+      "in memory: a million took 0.8 GB)",
+    )
   args = ["audit", "--data", data, "--annotator-field", ""]
   code, _, err = _run(capsys, args)
   _check(

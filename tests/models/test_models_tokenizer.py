@@ -41,19 +41,23 @@ def test_encode_and_decode_name_a_bad_argument(tinystories_dir):
     with pytest.raises(TypeError) as e:
       tok.encode(bad)
     assert str(e.value) == (
-      f"encode: text is a {type(bad).__name__}; expected a str"
+      f"encode: text has type {type(bad).__name__}; expected a str"
     )
-  with pytest.raises(TypeError, match=r"encode_batch: texts\[1\] is a int;"):
+  with pytest.raises(
+    TypeError, match=r"encode_batch: texts\[1\] has type int;"
+  ):
     tok.encode_batch(["Once", 3])
-  with pytest.raises(TypeError, match="encode_batch: texts is a str;"):
+  with pytest.raises(TypeError, match="encode_batch: texts has type str;"):
     tok.encode_batch("Once")
   with pytest.raises(TypeError) as e:
     tok.decode([1, 1.5])
   assert str(e.value) == (
-    "decode: ids[1] = 1.5 is a float; expected an integer token id"
+    "decode: ids[1] = 1.5 has type float; expected an integer token id"
   )
-  with pytest.raises(TypeError, match=r"ids\[0\] = True is a bool"):
+  with pytest.raises(TypeError, match=r"ids\[0\] = True has type bool"):
     tok.decode([True])
+  with pytest.raises(TypeError, match=r"ids\[0\] = .* has dtype float32;"):
+    tok.decode(np.asarray([1.0], np.float32))
   with pytest.raises(ValueError) as e:
     tok.decode([80, -1])
   assert str(e.value) == "decode: ids[1] = -1; expected an id >= 0"

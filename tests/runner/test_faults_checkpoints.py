@@ -51,10 +51,14 @@ class _Chars:
     return [self.encode(t) for t in texts]
 
 
-def _demos(n):
-  """A dataset of n demonstrations (rows p_i -> c_i)."""
+def _demos(n, completions=None):
+  """A dataset of n demonstrations (rows p_i -> c_i, or the completion
+  ``completions`` gives for row i)."""
+  completions = completions or {}
   rows = [
-    UnpairedExample(f"p{i}", f"c{i}", True, "d.jsonl", i, f"d:{i + 1}")
+    UnpairedExample(
+      f"p{i}", completions.get(i, f"c{i}"), True, "d.jsonl", i, f"d:{i + 1}"
+    )
     for i in range(n)
   ]
   return tokenize_sft(
@@ -165,12 +169,26 @@ def test_checkpoints_of_other_data_are_refused_not_called_damaged(tmp_path):
   with pytest.raises(runtime.UserError) as e:
     run(grown)
   assert str(e.value) == (
-    f"t: the checkpoint of step 6 in {ckpt_dir} continues other data "
-    "(iterator state has num_examples=8 but this iterator has 9; the saved "
-    "position would not continue this order): resume with the data the "
-    "run began with, or start the run again with --overwrite"
+    f"t: the checkpoint of step 6 in {ckpt_dir} continues other data: "
+    "iterator state has num_examples=8 but this iterator has 9; the saved "
+    "position would not continue this order. Resume with the data the run "
+    "began with, or start the run again with --overwrite"
   )
   assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]
+  # The same number of rows, one edited in place: it trained on silently.
+  edited = _demos(8, {3: "c3 edited"})
+  with pytest.raises(runtime.UserError) as e:
+    run(edited)
+  now, then = edited.fingerprint()[:12], ds.fingerprint()[:12]
+  assert str(e.value) == (
+    f"t: the checkpoint of step 6 in {ckpt_dir} continues other data: the "
+    "8 rows given differ from those it was saved over in token ids, masks "
+    f"or lengths (sha256 {now} now, {then} then); the data, or an option "
+    "that shapes it, changed. Resume with the data the run began with, or "
+    "start the run again with --overwrite"
+  )
+  assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]
+  run(_demos(8))  # the same rows tokenized again resume (to the end)
 
 
 @pytest.mark.parametrize("how", ["error", "folder"])

@@ -46,3 +46,33 @@ def test_print_summary_once(process, tmp_path, index, count):
   if count:
     assert lines[0] == "sft/final_loss = 1.25"
     assert lines[-1] == f"report: {tmp_path / 'run' / 'report.md'}"
+
+
+@pytest.mark.parametrize("command", ["sft", "kto"])
+def test_sft_and_kto_print_nothing_off_process_0(
+  monkeypatch, tmp_path, capsys, command
+):
+  """A process other than 0 of a multi-host run printed every line of
+  sft and kto (padding, mesh, figures); now process 0 alone does."""
+  import json
+
+  from rlhf_jax.cli.main import main
+  from rlhf_jax.runner import mesh
+
+  rows = [
+    {"prompt": f"Once upon a time {i}", "completion": " a dog.", "label": i < 8}
+    for i in range(16)
+  ]
+  data = tmp_path / "rows.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  args = [command, "--preset", "smoke", "--data", str(data), "--steps", "1",
+          "--batch-size", "8"]  # fmt: skip
+  run_dir = ["--run-dir", str(tmp_path / "p0")]
+  assert main([*args, *run_dir]) == 0
+  shown = capsys.readouterr().out
+  assert f"{command}: rows padded to " in shown and "mesh data=" in shown
+  assert f"{command}/final_loss = " in shown
+  monkeypatch.setattr(runtime, "is_primary_process", lambda: False)
+  monkeypatch.setattr(mesh, "is_primary_process", lambda: False)
+  assert main([*args, "--run-dir", str(tmp_path / "p1")]) == 0
+  assert capsys.readouterr().out == ""
