@@ -1516,3 +1516,32 @@ def test_load_rm_checks_the_head_values(tmp_path, bad):
     "the finite weights of a trained head",
   }[bad]
   assert str(e.value) == f"{rm / HEAD_FILE}: {want}"
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_run_dir_inside_the_model_directory_is_refused(
+  tmp_path, capsys, tinystories_dir, command
+):
+  """A run written into the user's model folder was accepted (rc 0);
+  now refused before the run directory is made."""
+  model = tmp_path / "model"
+  shutil.copytree(tinystories_dir, model)
+  before = sorted(p.name for p in model.iterdir())
+  data = _write(
+    tmp_path / "rows.jsonl",
+    [json.dumps({"prompt": "Once", "completion": " a dog.", "label": True})] * 8
+    if command == "sft"
+    else [_pair(), _pair(prompt="Lily")],
+  )
+  run_dir = model / "run"
+  code, err = _run(
+    capsys,
+    [command, "--model", str(model), "--data", data, "--run-dir", str(run_dir)],
+  )
+  _check(
+    code,
+    err,
+    f"--run-dir {run_dir}: lies in the model directory {model}; choose a "
+    "folder outside it",
+  )
+  assert sorted(p.name for p in model.iterdir()) == before

@@ -371,3 +371,43 @@ def test_a_run_is_read_with_the_paths_it_started_with(tmp_path, monkeypatch):
   # A record without "paths" (older runs) is read as written.
   del record["paths"]
   assert runtime.with_resolved_paths(record, run) == record
+
+
+def test_cache_dir_variable_is_checked(monkeypatch, tmp_path):
+  """An empty $RLHF_JAX_CACHE_DIR or one naming a file gave jax's own
+  two-line warning (or nothing), and "OFF" made a folder named OFF."""
+  from rlhf_jax.stages import environment
+
+  (tmp_path / "file").write_text("x")
+  cases = {
+    " ": "$RLHF_JAX_CACHE_DIR is set but empty; unset it, or set it to a "
+    "folder for the compilation cache, or to off",
+    str(tmp_path / "file"): f"$RLHF_JAX_CACHE_DIR={tmp_path / 'file'}: is a "
+    "file; expected a folder for the compilation cache (or off)",
+  }
+  for value, message in cases.items():
+    monkeypatch.setenv("RLHF_JAX_CACHE_DIR", value)
+    with pytest.raises(runtime.UserError) as e:
+      environment.setup_jax()
+    assert str(e.value) == message
+  before = jax.config.jax_compilation_cache_dir
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "OFF")
+  environment.setup_jax()
+  assert jax.config.jax_compilation_cache_dir == before
+  assert not (tmp_path / "OFF").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_cpu_device_count_variable_is_checked(monkeypatch, capsys, value):
+  """$JAX_NUM_CPU_DEVICES=0 was an internal error (no CPU backend) and -3
+  passed silently; both are one line now, before any work. (A value that
+  is not a number fails inside jax's import, before rlhf-jax runs.)"""
+  from rlhf_jax.cli.main import main
+
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", value)
+  assert main(["generate", "--prompts", "Once"]) == 2
+  assert capsys.readouterr().err == (
+    f"rlhf-jax: error: $JAX_NUM_CPU_DEVICES={value!r}: expected a number of "
+    "CPU devices >= 1 (or -1, jax's default)\n"
+  )

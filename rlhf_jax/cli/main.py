@@ -528,6 +528,24 @@ def _not_utf8(args: Sequence[str]) -> str | None:
   return None
 
 
+def _bad_device_count() -> str | None:
+  """$JAX_NUM_CPU_DEVICES that jax would refuse (a traceback when jax is
+  imported) or fail on (0: no CPU backend), as one line; None if fine."""
+  value = os.environ.get("JAX_NUM_CPU_DEVICES")
+  if value is None:
+    return None
+  try:
+    count = int(value)
+  except ValueError:
+    count = 0
+  if count >= 1 or count == -1:
+    return None
+  return (
+    f"$JAX_NUM_CPU_DEVICES={value!r}: expected a number of CPU devices >= 1 "
+    "(or -1, jax's default)"
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
 
@@ -551,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug, args = _debug(args)
   if not args:
     return _error("--debug needs a subcommand (see `rlhf-jax --help`)")
-  bad = _not_utf8(args)
+  bad = _not_utf8(args) or _bad_device_count()
   if bad:
     return _error(bad)
   try:

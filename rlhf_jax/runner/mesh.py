@@ -87,10 +87,11 @@ def start_distributed(config: DistributedConfig) -> None:
   if config.num_processes == 1:
     return
   host, _, port = config.coordinator_address.rpartition(":")
-  if not host or not port.isdigit():
+  # Port 99999 passed a digits-only check, then every process hung.
+  if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
     raise MeshError(
       f"--distributed.coordinator-address {config.coordinator_address!r}: "
-      "expected HOST:PORT (e.g. 127.0.0.1:12345)"
+      "expected HOST:PORT with a port in 1..65535 (e.g. 127.0.0.1:12345)"
     )
   try:
     parallel.initialize_distributed(

@@ -274,11 +274,17 @@ def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   every process sees). Callers check the model first (`policy_tokenizer`).
 
   Raises:
-    UserError: process 0 refused the directory (every process raises).
+    UserError: process 0 refused the directory (every process raises); it
+      lies in the model directory (every process raises).
   """
   from jax.experimental import multihost_utils
 
   run_dir = runtime.run_dir_for(command, config)
+  if run_dir.resolve().is_relative_to(model_dir.resolve()):
+    raise runtime.UserError(
+      f"--run-dir {run_dir}: lies in the model directory {model_dir}; "
+      "choose a folder outside it"
+    )
   error = None
   if jax.process_index() == 0:
     try:

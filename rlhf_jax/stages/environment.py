@@ -86,13 +86,29 @@ def resolve_model(model: str | None) -> pathlib.Path:
 def setup_jax() -> None:
   """Persistent compilation cache in a user cache dir (outside the repo).
 
-  $RLHF_JAX_CACHE_DIR overrides the location; "off" disables it.
+  $RLHF_JAX_CACHE_DIR overrides the location; "off" (any case) disables
+  it.
+
+  Raises:
+    UserError: $RLHF_JAX_CACHE_DIR is set but empty, or names a file.
   """
   import jax
 
   cache = os.environ.get(
     CACHE_ENV, str(pathlib.Path.home() / ".cache" / "rlhf_jax" / "jax_cache")
   )
+  if not cache.strip():
+    raise UserError(
+      f"${CACHE_ENV} is set but empty; unset it, or set it to a folder for "
+      "the compilation cache, or to off"
+    )
+  if cache.strip().lower() == "off":
+    cache = "off"
+  elif pathlib.Path(cache).exists() and not pathlib.Path(cache).is_dir():
+    raise UserError(
+      f"${CACHE_ENV}={cache}: is a file; expected a folder for the "
+      "compilation cache (or off)"
+    )
   if cache != "off":
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -92,3 +92,17 @@ def test_cli_mesh_error_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
   assert err.startswith("rlhf-jax: error: --mesh.data 3 "), err
   assert "8 devices" in err
   assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("address", ["localhost:99999", "localhost:0", "h:x"])
+def test_coordinator_address_needs_a_port_in_range(address):
+  """Port 99999 passed the digits check and every process then hung
+  waiting for a coordinator that could not exist."""
+  from rlhf_jax.runner.mesh import DistributedConfig, start_distributed
+
+  with pytest.raises(MeshError) as e:
+    start_distributed(DistributedConfig(address, 2, 1))
+  assert str(e.value) == (
+    f"--distributed.coordinator-address {address!r}: expected HOST:PORT "
+    "with a port in 1..65535 (e.g. 127.0.0.1:12345)"
+  )
