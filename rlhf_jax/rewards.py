@@ -97,10 +97,15 @@ def load_reward_function(spec: str) -> RewardFn:
       f"--reward {spec}: importing {module_name} failed: "
       f"{type(e).__name__}: {e}"
     ) from e
-  fn = getattr(module, attr, None)
-  if not callable(fn):
+  if not hasattr(module, attr):
     raise RewardError(
       f"--reward {spec}: {module_name} has no function {attr!r}"
+    )
+  fn = getattr(module, attr)
+  if not callable(fn):
+    raise RewardError(
+      f"--reward {spec}: {module_name}.{attr} is a "
+      f"{type(fn).__name__}, not a function"
     )
   return fn
 
@@ -142,6 +147,11 @@ class RewardFunctions:
     for w in weights:
       if not isinstance(w, int | float) or not math.isfinite(w):
         raise RewardError(f"--reward-weights: {w!r} is not a finite number")
+    if not any(weights):
+      raise RewardError(
+        "--reward-weights: all 0, so every reward would be 0 and nothing "
+        "learned; give at least one function a weight"
+      )
     fns = tuple(load_reward_function(s) for s in specs)
     return cls(fns, tuple(float(w) for w in weights), tuple(specs))
 

@@ -156,7 +156,7 @@ def test_numpy_values_and_bools_are_numbers():
     ("no_such_module_xyz:fn", "importing no_such_module_xyz failed"),
     ("missing/file.py:fn", "no such file"),
     ("rlhf_jax.tasks.rewards:nope", "has no function 'nope'"),
-    ("math:pi", "has no function 'pi'"),  # exists, not callable
+    ("math:pi", r"math\.pi is a float, not a function"),  # not callable
   ],
 )
 def test_load_errors_name_the_spec(spec, match):
@@ -186,6 +186,11 @@ def test_a_missing_function_in_a_file(tmp_path):
     (["rlhf_jax.tasks.rewards:word_count"], (1.0, 2.0), "2 weights for 1"),
     (["rlhf_jax.tasks.rewards:word_count"], (math.nan,), "not a finite number"),
     (["rlhf_jax.tasks.rewards:word_count"], (math.inf,), "not a finite number"),
+    (
+      ["rlhf_jax.tasks.rewards:word_count", "rlhf_jax.tasks.rewards:sentiment"],
+      (0, 0.0),
+      "all 0, so every reward would be 0",
+    ),
   ],
 )
 def test_load_argument_errors(specs, weights, match):

@@ -179,6 +179,15 @@ class LoraConfig:
         f"dropout={self.dropout!r}: expected 0 (LoRA dropout is not "
         "supported; the train steps are deterministic)"
       )
+    if self.rank == 0:  # set but unused: say so rather than train without
+      default = LoraConfig()
+      for name in ("alpha", "targets"):
+        value = getattr(self, name)
+        if value != getattr(default, name):
+          out.append(
+            f"{name}={value!r}: has no effect with rank 0 (LoRA off); set "
+            "a rank to train adapters"
+          )
     return out
 
 

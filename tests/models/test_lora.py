@@ -148,6 +148,13 @@ def test_config_problems_and_misuse():
   assert lora.LoraConfig().problems() == []
   bad = lora.LoraConfig(rank=-1, alpha=0.0, targets=("qq",), dropout=0.1)
   assert len(bad.problems()) == 4
+  # Options given without a rank trained no adapter, silently.
+  assert lora.LoraConfig(alpha=32.0, targets=("q",)).problems() == [
+    "alpha=32.0: has no effect with rank 0 (LoRA off); set a rank to train "
+    "adapters",
+    "targets=('q',): has no effect with rank 0 (LoRA off); set a rank to "
+    "train adapters",
+  ]
   with pytest.raises(ValueError, match="lora"):
     LLAMA.replace(lora=bad)
   assert lora.configure(LLAMA, lora.LoraConfig(rank=0)) is LLAMA
