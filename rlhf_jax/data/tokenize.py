@@ -488,7 +488,7 @@ def _ties(
   return tied, rows
 
 
-def _check_nonempty(
+def _example_list(
   examples: Any, kind: str, cls: type | tuple | None = None
 ) -> list[Any]:
   """The examples as a list (any iterable but a string).
@@ -580,7 +580,7 @@ def tokenize_preferences(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  examples = _check_nonempty(examples, "preference", PreferencePair)
+  examples = _example_list(examples, "preference", PreferencePair)
   wheres = [e.where for e in examples]
   p_ids, p_mask, p_cut = _prompts(
     [e.prompt for e in examples],
@@ -667,7 +667,7 @@ def tokenize_prompts(
   """
   _check_lengths(max_prompt_length=max_prompt_length)
   tokenizer = _data_tokenizer(tokenizer)
-  examples = _check_nonempty(examples, "prompt", (PromptExample, str))
+  examples = _example_list(examples, "prompt", (PromptExample, str))
   examples = [
     PromptExample(e, where=f"prompt {i}") if isinstance(e, str) else e
     for i, e in enumerate(examples)
@@ -775,7 +775,7 @@ def tokenize_sft(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  examples = _check_nonempty(examples, "SFT", (PreferencePair, UnpairedExample))
+  examples = _example_list(examples, "SFT", (PreferencePair, UnpairedExample))
   return _single_response(
     examples,
     tokenizer,
@@ -816,7 +816,7 @@ def tokenize_ranked(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  examples = _check_nonempty(examples, "ranked", RankedExample)
+  examples = _example_list(examples, "ranked", RankedExample)
   k = len(examples[0].responses)
   for e in examples:
     if len(e.responses) != k:
@@ -890,7 +890,7 @@ def tokenize_unpaired(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  examples = _check_nonempty(examples, "unpaired", UnpairedExample)
+  examples = _example_list(examples, "unpaired", UnpairedExample)
   labels = np.array([e.label for e in examples], bool)
   return _single_response(
     examples,

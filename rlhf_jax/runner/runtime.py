@@ -87,6 +87,23 @@ def primary_log(log: Callable[[str], Any]) -> Callable[[str], Any]:
   return log if is_primary_process() else (lambda _: None)
 
 
+def check_outside(
+  path: str | os.PathLike,
+  root: str | os.PathLike,
+  flag: str,
+  where: str,
+  advice: str,
+) -> None:
+  """Refuses an output ``path`` that is ``root`` or lies below it (both
+  resolved, so links count), e.g. a run or a sample file in a model.
+
+  Raises:
+    UserError: "{flag} {path}: lies in {where}; {advice}".
+  """
+  if pathlib.Path(path).resolve().is_relative_to(pathlib.Path(root).resolve()):
+    raise UserError(f"{flag} {path}: lies in {where}; {advice}")
+
+
 def _refused_access(path: Any) -> tuple[str, Any] | None:
   """For a permission error naming ``path``: ("read", path) when the file
   exists and may be written but not read; ("read or write", path) when it

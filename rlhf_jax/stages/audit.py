@@ -86,14 +86,9 @@ def _check_out(config: AuditConfig) -> pathlib.Path:
   out = pathlib.Path(config.out or f"runs/audit-{config.preset}")
   if out.exists() and not out.is_dir():
     raise runtime.UserError(f"--out {out}: is a file, expected a directory")
-  model = config.reward_model
-  if model is not None and out.resolve().is_relative_to(
-    pathlib.Path(model).resolve()
-  ):
-    raise runtime.UserError(
-      f"--out {out}: lies in the --reward-model directory {model} it "
-      "scores with; choose another --out"
-    )
+  if (model := config.reward_model) is not None:
+    where = f"the --reward-model directory {model} it scores with"
+    runtime.check_outside(out, model, "--out", where, "choose another --out")
   runtime.check_folder_writable(out, "--out", out, "nothing was read")
   names = [p.name for p in out.iterdir()] if out.is_dir() else []
   if (

@@ -280,11 +280,13 @@ def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   from jax.experimental import multihost_utils
 
   run_dir = runtime.run_dir_for(command, config)
-  if run_dir.resolve().is_relative_to(model_dir.resolve()):
-    raise runtime.UserError(
-      f"--run-dir {run_dir}: lies in the model directory {model_dir}; "
-      "choose a folder outside it"
-    )
+  runtime.check_outside(
+    run_dir,
+    model_dir,
+    "--run-dir",
+    f"the model directory {model_dir}",
+    "choose a folder outside it",
+  )
   error = None
   if jax.process_index() == 0:
     try:

@@ -224,10 +224,10 @@ def run_generate(config: C.GenerateConfig) -> int:
     model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
   else:
     model_dir = environment.resolve_model(config.model)
-  if out is not None and out.resolve().is_relative_to(model_dir.resolve()):
-    raise runtime.UserError(
-      f"--output {out}: lies in the model directory {model_dir} it samples "
-      "from; choose another file"
+  if out is not None:
+    where = f"the model directory {model_dir} it samples from"
+    runtime.check_outside(
+      out, model_dir, "--output", where, "choose another file"
     )
   environment.check_lengths(
     model_dir,
