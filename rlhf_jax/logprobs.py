@@ -30,16 +30,27 @@ from rlhf_jax.masked import (
   validate_mask,
 )
 
+# The lowest sampling temperature taken (vLLM's floor too): logprobs and
+# their gradients scale with 1 / temperature, and through a network they
+# overflow float32 long before 0 (a PPO run at 1e-30 skipped every update);
+# below it, sampling is argmax decoding anyway.
+MIN_TEMPERATURE = 0.01
+TEMPERATURE_EXPECTED = (
+  f">= {MIN_TEMPERATURE} (logprobs and their gradients scale with "
+  "1 / temperature)"
+)
+
 
 def check_temperature(temperature) -> None:
   """Raises unless a temperature given as a Python or NumPy number is
-  finite and > 0 (ValueError), or is a real scalar array, whose value is
-  not read (it may be traced); see ``checks.check_number``."""
+  finite and >= ``MIN_TEMPERATURE`` (ValueError), or is a real scalar
+  array, whose value is not read (it may be traced); see
+  ``checks.check_number``."""
   check_number(
     "temperature",
     temperature,
-    lambda v: math.isfinite(v) and v > 0,
-    "finite and > 0",
+    lambda v: math.isfinite(v) and v >= MIN_TEMPERATURE,
+    f"finite and {TEMPERATURE_EXPECTED}",
   )
 
 
@@ -89,7 +100,8 @@ def logprobs_from_logits(
   Args:
     logits: f32[B, T, V] (any float dtype), row t scores tokens[:, t].
     tokens: i32[B, T] token ids in [0, V).
-    temperature: sampling temperature tau > 0 (Python float or traced f32[]).
+    temperature: sampling temperature tau >= 0.01 (Python float or traced
+      f32[]; MIN_TEMPERATURE).
     mask: optional bool[B, T]; masked slots hold 0 and their logits and token
       ids (even NaN or out-of-range ids) are never read.
 
@@ -198,7 +210,8 @@ def response_logprobs(
     logits: f32[B, L, V] logits of the whole sequence (prompt + response).
     input_ids: i32[B, L] prompt ids (length P) followed by response ids.
     prompt_length: P, a static Python int with 1 <= P < L.
-    temperature: sampling temperature tau > 0 (Python float or traced f32[]).
+    temperature: sampling temperature tau >= 0.01 (Python float or traced
+      f32[]; MIN_TEMPERATURE).
     response_mask: optional bool[B, T]; masked slots hold 0.
 
   Returns:
@@ -265,7 +278,7 @@ def entropy_from_logits(
 
   Args:
     logits: f32[..., V] (any float dtype).
-    temperature: tau > 0 (Python float or traced f32[]).
+    temperature: tau >= 0.01 (Python float or traced f32[]).
     mask: optional bool[...] (logits shape without V); masked slots hold 0
       and their logits (even NaN) reach neither output nor gradients.
 
@@ -436,7 +449,7 @@ def chunked_logprobs_and_entropy(
       (row t scores tokens[:, t]).
     unembedding: f32[D, V] output projection (no bias).
     tokens: i32[B, T] ids in [0, V).
-    temperature: tau > 0 (Python float or traced f32[]).
+    temperature: tau >= 0.01 (Python float or traced f32[]).
     chunk_size: C, vocabulary columns per chunk (static).
     mask: optional bool[B, T]; masked slots hold 0 in both outputs and their
       hidden states and ids (even NaN) are never read.

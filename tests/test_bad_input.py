@@ -47,6 +47,7 @@ from rlhf_jax.train import (
 )
 from rlhf_jax.train.common import (
   concat_prompt_response,
+  config_problems,
   split_micro_batches,
   stacked_pairs,
 )
@@ -87,7 +88,11 @@ OPTION_CASES = [
   (["run", "--ppo.value-learning-rate", "-2"], "--ppo.value-learning-rate"),
   (
     ["run", "--sampling.temperature", "0"],
-    "--sampling.temperature 0.0: expected > 0",
+    "--sampling.temperature 0.0: expected >= 0.01",
+  ),
+  (  # a PPO run at 1e-30 skipped every update (NaN) after work started
+    ["run", "--sampling.temperature", "1e-30"],
+    "--sampling.temperature 1e-30: expected >= 0.01 (logprobs and their",
   ),
   (["run", "--sampling.temperature", "-1"], "--sampling.temperature"),
   (
@@ -248,7 +253,8 @@ OPTION_CASES = [
     ["sft", "--data", "missing.jsonl", "--learning-rate", "nan"],
     "--learning-rate nan",
   ),
-  (["generate", "--temperature", "0"], "--temperature 0.0: expected > 0"),
+  (["generate", "--temperature", "0"], "--temperature 0.0: expected >= 0.01"),
+  (["generate", "--temperature", "1e-40"], "--temperature 1e-40: expected >="),
   (  # it was ignored without a word
     ["generate", "--greedy", "--temperature", "0.5"],
     "--temperature 0.5: has no effect with --greedy (argmax decoding); drop "
@@ -491,7 +497,7 @@ LIBRARY_CASES = [
     lambda: make_ppo_step(
       TINY, _opt(), _opt(), PPOConfig(0, 0, temperature=0.0)
     ),
-    "temperature=0.0: expected > 0",
+    "temperature=0.0: expected >= 0.01",
   ),
   (
     lambda: make_ppo_step(
@@ -878,3 +884,20 @@ def test_a_batch_larger_than_the_data_is_cut_and_said(capsys):
     "kto: --batch-size 32 is more than the 4 usable rows (of 5); each step "
     "takes 4"
   ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-30, 0.0099])
+def test_rl_configs_share_the_temperature_floor(temperature):
+  # PPO and GRPO configs, and the CLI's --sampling.temperature, take one
+  # floor: at 1e-30 a PPO run skipped every update (NaN gradients).
+  from rlhf_jax.train import GRPOConfig  # noqa: PLC0415
+
+  expected = "expected >= 0.01 (logprobs and their gradients scale"
+  for config in (
+    PPOConfig(0, 0, temperature=temperature),
+    GRPOConfig(0, 0, temperature=temperature),
+  ):
+    (problem,) = config_problems(config)
+    assert problem.startswith(f"temperature={temperature!r}: {expected}")
+  assert config_problems(PPOConfig(0, 0, temperature=0.01)) == []
+  assert config_problems(GRPOConfig(0, 0, temperature=0.01)) == []

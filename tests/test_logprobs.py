@@ -294,14 +294,18 @@ def test_errors():
   w, h = jnp.zeros((4, 3)), jnp.zeros((2, 5, 4))
   with pytest.raises(ValueError, match="tokens dtype float32: expected int"):
     lp.chunked_logprobs_and_entropy(h, w, ids.astype(jnp.float32))
-  for tau in (0, -1.0, float("nan"), np.float32(0)):
+  for tau in (0, -1.0, float("nan"), np.float32(0), 1e-30):
     for fn, args in (
       (lp.logprobs_from_logits, (logits, ids)),
       (lp.entropy_from_logits, (logits,)),
       (lp.chunked_logprobs_and_entropy, (h, w, ids)),
     ):
-      with pytest.raises(ValueError, match="temperature must be finite and >"):
+      with pytest.raises(ValueError, match="must be finite and >= 0.01 "):
         fn(*args, temperature=tau)
+  # The floor itself is taken.
+  assert np.isfinite(
+    lp.logprobs_from_logits(logits, ids, temperature=0.01)
+  ).all()
 
 
 # -------------------------------------------------------------------- chunked

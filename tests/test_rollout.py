@@ -313,9 +313,16 @@ def test_counts_below_one_are_named(params, option, bad):
 _BAD_SAMPLING = [
   # (keyword, value, message): each gave NaN logprobs, wrong tokens or a
   # raw error from deep inside the program.
-  ("temperature", 0.0, "temperature must be finite and > 0, got 0.0"),
-  ("temperature", -1.0, "temperature must be finite and > 0, got -1.0"),
-  ("temperature", float("nan"), "temperature must be finite and > 0"),
+  ("temperature", 0.0, "temperature must be finite and >= 0.01 .*got 0.0"),
+  ("temperature", -1.0, "temperature must be finite and >= 0.01 .*got -1.0"),
+  ("temperature", float("nan"), "temperature must be finite and >= 0.01"),
+  # 1e-40 (subnormal) read as 0: every logit / temperature was inf.
+  ("temperature", 1e-40, "temperature must be finite and >= 0.01"),
+  (
+    "temperature",
+    0.009,
+    r"temperature must be .*temperature\), got 0.009 \(for argmax",
+  ),
   ("top_p", 0.0, r"top_p must be in \(0, 1\] \(1 = off\), got 0.0"),
   ("top_p", 1.5, r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
   ("top_k", 2.5, r"top_k must be an integer >= 0 \(0 = off\), got 2.5"),

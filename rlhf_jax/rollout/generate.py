@@ -88,7 +88,7 @@ def _generate(
       row indices under pmap).
     config: static model config.
     max_new_tokens: static T.
-    temperature: f32[] > 0 (array: changing it does not recompile).
+    temperature: f32[] >= 0.01 (array: changing it does not recompile).
     top_k: static, 0 = off.
     top_p: f32[] in (0, 1], 1 = off.
     greedy: static; argmax decoding.
@@ -134,7 +134,7 @@ def _generate(
       an integer (ids) or bool or integer (mask) dtype; max_new_tokens,
       num_samples or cache_buckets not an integer >= 1; top_k not an
       integer >= 0; pad_token_id outside [0, V); a Python or NumPy
-      temperature not finite and > 0, or top_p not in (0, 1] (an array
+      temperature not finite and >= 0.01, or top_p not in (0, 1] (an array
       is not checked: it may be traced); rng not a PRNG key; params in
       neither layout, params with weights held transposed
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
@@ -293,13 +293,13 @@ def _check_static(
 
 def check_sampling_values(temperature, top_p) -> None:
   """Raises ValueError unless a temperature given as a Python or NumPy
-  number is finite and > 0 and such a top_p is in (0, 1]; arrays pass
+  number is finite and >= 0.01 and such a top_p is in (0, 1]; arrays pass
   unchecked (reading one would wait for the device, or it is traced)."""
   try:
     check_temperature(temperature)
   except ValueError as e:
     raise ValueError(
-      f"{e} (for argmax decoding pass greedy=True with a temperature > 0: "
+      f"{e} (for argmax decoding pass greedy=True with a temperature >= 0.01: "
       "the logprobs are those of that temperature)"
     ) from None
   check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")

@@ -22,7 +22,7 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
 
   Args:
     logits: f32[B, V].
-    temperature: f32[] > 0 (an array, so new values do not recompile).
+    temperature: f32[] >= 0.01 (an array, so new values do not recompile).
 
   Returns:
     f32[B, V] scaled logits.

@@ -23,7 +23,13 @@ from rlhf_jax.stages.configs import (
   KTOStageConfig,
   PipelineConfig,
 )
-from rlhf_jax.train.common import Rule, above, at_least, config_problems
+from rlhf_jax.train.common import (
+  TEMPERATURE,
+  Rule,
+  above,
+  at_least,
+  config_problems,
+)
 
 _POSITIVE_INTS = (
   "batch_size",
@@ -58,7 +64,7 @@ RULES: dict[str, Rule] = {
   **{name: at_least(1) for name in _POSITIVE_INTS},
   "learning_rate": above(0),
   "value_learning_rate": above(0),
-  "temperature": above(0),
+  "temperature": TEMPERATURE,
   "max_grad_norm": above(0),
   "warmup_steps": at_least(0),
   "weight_decay": at_least(0),

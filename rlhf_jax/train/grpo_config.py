@@ -6,6 +6,7 @@ from typing import ClassVar, Literal
 from rlhf_jax.kl import KL_ESTIMATORS
 from rlhf_jax.masked import LOSS_AGG_MODES
 from rlhf_jax.train.common import (
+  TEMPERATURE,
   Rule,
   a_bool_or_none,
   above,
@@ -113,7 +114,7 @@ class GRPOConfig:
     "pad_token_id": an_int_at_least(0),
     "group_size": an_int_at_least(2),
     "max_new_tokens": an_int_at_least(1),
-    "temperature": above(0),
+    "temperature": TEMPERATURE,
     "top_k": an_int_at_least(0),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "advantage_estimator": one_of(*ADVANTAGE_ESTIMATORS),

@@ -11,6 +11,7 @@ from rlhf_jax.kl import (
 )
 from rlhf_jax.masked import LOSS_AGG_MODES
 from rlhf_jax.train.common import (
+  TEMPERATURE,
   Rule,
   above,
   an_int_at_least,
@@ -108,7 +109,7 @@ class PPOConfig:
     "pad_token_id": an_int_at_least(0),
     "group_size": an_int_at_least(1),
     "max_new_tokens": an_int_at_least(1),
-    "temperature": above(0),
+    "temperature": TEMPERATURE,
     "top_k": an_int_at_least(0),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "kl_coef": at_least(0),
