@@ -156,6 +156,8 @@ class TrainLoop:
       1 never stops.
     updates_per_step: optimizer updates per step (PPO: epochs x
       minibatches), the denominator of that fraction.
+    data_source: what the iterator's rows were read from (e.g. "--data
+      pairs.jsonl"), named when a checkpoint continues other data.
   """
 
   name: str
@@ -171,6 +173,7 @@ class TrainLoop:
   write: bool = True
   max_skipped_fraction: float = 0.5
   updates_per_step: int = 1
+  data_source: str | None = None
 
   def __post_init__(self) -> None:
     if self.keep < 1:
@@ -228,6 +231,7 @@ class TrainLoop:
           raise UserError(
             f"{self.name}: the checkpoint of step {step} in "
             f"{self.ckpt.directory} continues other data"
+            f"{f' than {self.data_source} holds' if self.data_source else ''}"
             f"{f': {other_data}' if other_data else ' on another process'}. "
             "Resume with the data the run began with, or start the run "
             "again with --overwrite"

@@ -200,6 +200,7 @@ class Context:
       keep=self.config.keep_checkpoints,
       max_skipped_fraction=self.config.max_skipped_fraction,
       updates_per_step=updates,
+      data_source=data_source(self.config),
       **kwargs,
     )
 
@@ -266,6 +267,16 @@ def optimizer(
   else:
     inner = optax.adam(sched)
   return optax.chain(optax.clip_by_global_norm(clip), inner)
+
+
+def data_source(config: Any) -> str | None:
+  """The option naming the stage's rows ("--data FILE", "--data-dir DIR"),
+  named when a checkpoint continues other data; None for rows the run
+  made itself (simulated feedback)."""
+  for field in ("data", "data_dir"):
+    if value := getattr(config, field, None):
+      return f"--{field.replace('_', '-')} {value}"
+  return None
 
 
 def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):

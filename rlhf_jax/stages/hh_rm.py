@@ -71,7 +71,7 @@ from rlhf_jax.runner.runtime import (
   write_json,
 )
 from rlhf_jax.stages import feature_cache
-from rlhf_jax.stages.common import host_tree
+from rlhf_jax.stages.common import data_source, host_tree
 from rlhf_jax.stages.environment import (
   SHARED_DATA,
   check_lengths,
@@ -710,6 +710,7 @@ def run_hh_reward_model(
         show=("rm/loss", "rm/accuracy"),
         metadata={"config": config_dict},
         write=placement.is_primary,
+        data_source=data_source(config),
       )
 
     check_inputs(config)  # before anything is written or loaded

@@ -38,6 +38,7 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
+  data_source,
   host_tree,
   load_policy,
   open_run_dir,
@@ -238,6 +239,7 @@ def _train(config, placement, model_config, params, data, run_dir, size):
       tensorboard=config.tensorboard,
       show=_SHOW,
       write=placement.is_primary,
+      data_source=data_source(config),
     )
     state, start = loop.restore(state, it)
     state, last = loop.run(
@@ -288,6 +290,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   counts.update(padded)
   say_one_label(config.data, train, held, placement.is_primary, log)
   run_dir = open_run_dir("kto", config, model_dir)
+  log(f"rlhf-jax kto: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")

@@ -477,14 +477,16 @@ def write_report(
 def print_summary(
   stage: str, config: Any, summary: Mapping[str, Any], log=print
 ) -> None:
-  """A stage command's closing lines: its figures (floats to 4
-  significant digits; data counts and the time parts are in
-  summary.json), the total time, then where report.md is; on the primary
-  process only (`runtime.primary_log`)."""
+  """A stage command's closing lines, as the pipeline commands print
+  them: its figures and data counts (floats to 4 significant digits; the
+  time parts are in summary.json), the total time, then where report.md
+  is; on the primary process only (`runtime.primary_log`)."""
   log = runtime.primary_log(log)
   for k, v in summary.items():
-    if not k.startswith(("data/", "time/")) or k == "time/total_s":
+    if not k.startswith("time/"):
       log(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
+  if "time/total_s" in summary:
+    log(f"time: {summary['time/total_s']:.1f}s")
   run_dir = runtime.run_dir_for(stage, config)
   log(f"report: {run_dir / 'report.md'}")
 

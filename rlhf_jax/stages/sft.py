@@ -30,6 +30,7 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
+  data_source,
   host_tree,
   load_policy,
   open_run_dir,
@@ -135,6 +136,7 @@ def _train(config, placement, model_config, params, ds, run_dir, batch_size):
       tensorboard=config.tensorboard,
       show=("sft/loss",),
       write=placement.is_primary,
+      data_source=data_source(config),
     )
     state, start = loop.restore(state, it)
     state, last = loop.run(
@@ -220,6 +222,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   )
   counts["sft/batch_size"] = batch_size
   run_dir = open_run_dir("sft", config, model_dir)
+  log(f"rlhf-jax sft: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")

@@ -172,16 +172,24 @@ def test_dpo_on_hh_pairs(files, tmp_path):
 
 def test_sft_on_hh_pairs(files, tmp_path):
   run_dir = tmp_path / "sft"
-  log = h.cli(
-    "sft", "--preset", "smoke", "--data", str(files[0]), "--run-dir",
-    str(run_dir),
-  )  # fmt: skip
+  data = tmp_path / "pairs.jsonl"  # a copy: edited below
+  data.write_text(files[0].read_text())
+  args = ("sft", "--preset", "smoke", "--data", str(data), "--run-dir",
+          str(run_dir))  # fmt: skip
+  log = h.cli(*args)
   s = _check_outputs(run_dir, ("sft/final_loss",))
   assert math.isfinite(s["sft/final_loss"]) and s["sft/final_loss"] > 0
-  # The closing lines, as kto's: figures, the total time, the report.
+  # As the pipeline commands: the run directory first; at the end the
+  # figures and data counts, the total time, the report.
+  assert f"rlhf-jax sft: run directory {run_dir}\n" in log
   assert f"sft/final_loss = {s['sft/final_loss']:.4g}" in log
   assert f"sft/batch_size = {s['sft/batch_size']}" in log
-  assert "time/total_s = " in log and "data/rows_read" not in log
+  assert f"data/rows_read = {N_PAIRS}\n" in log
+  counts = [k for k in s if k.startswith("data/truncated_")]
+  assert counts and all(f"{k} = {s[k]}\n" in log for k in counts)
+  total = json.loads((run_dir / "summary.json").read_text())["time/total_s"]
+  assert f"time: {total:.1f}s\n" in log
+  assert "time/" not in log
   assert log.rstrip().endswith(f"report: {run_dir / 'report.md'}")
   assert s["data/rows_read"] == N_PAIRS
   dropped = sum(v for k, v in s.items() if k.startswith("data/dropped_"))
@@ -189,3 +197,12 @@ def test_sft_on_hh_pairs(files, tmp_path):
   losses = [r["sft/loss"] for r in h.records(run_dir)]
   assert len(losses) == 3 and losses[-1] == s["sft/final_loss"]
   assert (run_dir / "outputs" / "sft" / "config.json").is_file()
+  # A row edited in place: the resume names the file that changed.
+  rows = data.read_text().splitlines(keepends=True)
+  rows[5] = rows[5].replace("Assistant:", "Assistant: Well,")
+  data.write_text("".join(rows))
+  proc = h.start(*args, "--resume")
+  out, _ = proc.communicate(timeout=h.LIMIT_S + 15)
+  assert proc.returncode == 2, out
+  assert f"continues other data than --data {data} holds: the " in out
+  assert "Traceback" not in out

@@ -188,6 +188,17 @@ def test_checkpoints_of_other_data_are_refused_not_called_damaged(tmp_path):
     "start the run again with --overwrite"
   )
   assert sorted(int(p.name) for p in ckpt_dir.iterdir()) == [4, 6]
+  # A stage reading a file names it.
+  loop = _loop(tmp_path, 6, data_source="--data demos.jsonl")
+  it = BatchIterator(edited, global_batch_size=2, seed=0)
+  with pytest.raises(runtime.UserError) as e:
+    loop.restore(_state(), it)
+  loop.close()
+  assert str(e.value).startswith(
+    f"t: the checkpoint of step 6 in {ckpt_dir} continues other data than "
+    "--data demos.jsonl holds: the 8 rows given differ from those it was "
+    "saved over"
+  )
   run(_demos(8))  # the same rows tokenized again resume (to the end)
 
 

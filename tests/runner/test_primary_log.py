@@ -35,7 +35,7 @@ def test_multi_host_prints_on_process_0(process, index, want):
   assert runtime.is_primary_process() is (index == 0)
 
 
-@pytest.mark.parametrize(("index", "count"), [(0, 3), (1, 0)])
+@pytest.mark.parametrize(("index", "count"), [(0, 4), (1, 0)])
 def test_print_summary_once(process, tmp_path, index, count):
   process(index)
   config = type("C", (), {"run_dir": str(tmp_path / "run")})()
@@ -44,7 +44,7 @@ def test_print_summary_once(process, tmp_path, index, count):
   print_summary("sft", config, summary, lines.append)
   assert len(lines) == count
   if count:
-    assert lines[0] == "sft/final_loss = 1.25"
+    assert lines[:3] == ["sft/final_loss = 1.25", "data/rows = 3", "time: 2.0s"]
     assert lines[-1] == f"report: {tmp_path / 'run' / 'report.md'}"
 
 
