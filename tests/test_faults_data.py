@@ -11,6 +11,7 @@ import pytest
 from rlhf_jax.data import (
   DataError,
   DropReport,
+  HFTokenizerAdapter,
   PreferencePair,
   load_examples,
   readers,
@@ -122,7 +123,7 @@ def test_file_counts_list_every_pair_reason(tmp_path, tiny):
     [" a happy dog"] * 6
   )
   counts = user_data.data_counts(
-    "data", loaded.drops, ds.truncation.truncated, user_data.PAIR_DROP_REASONS
+    "data", loaded.drops, ds.truncation, user_data.PAIR_DROP_REASONS
   )
   assert counts == {
     "data/rows_read": 9,
@@ -135,7 +136,50 @@ def test_file_counts_list_every_pair_reason(tmp_path, tiny):
     "data/truncated_prompt": 0,
     "data/truncated_chosen": 0,
     "data/truncated_rejected": 0,
+    "data/unknown_tokens": 0,
+    "data/rows_with_unknown_tokens": 0,
   }
+
+
+def test_characters_lost_to_the_unknown_token_are_counted(tiny, caplog):
+  """Characters TinyStories cannot spell became <unk> without a word: the
+  pairs kept them out of no count. Its pad is <unk> too, so only real
+  (unmasked) tokens count."""
+  emoji = " a cat \U0001f600"
+  assert tiny.unk_id == 0
+  assert [tiny.encode(t).count(0) for t in (UNK_A, emoji, " café")] == [1, 1, 1]
+  ex = [
+    pair(0, " happy", " sad"),
+    pair(1, UNK_A, " a dog"),
+    pair(2, emoji, emoji + " and" + UNK_B),
+    PreferencePair(" café", " yes", " no", "p.jsonl", 3, "p.jsonl:4"),
+  ]
+  with caplog.at_level("WARNING", logger="rlhf_jax.data"):
+    ds = tokenize_preferences(
+      ex, tiny, max_prompt_length=16, max_response_length=8
+    )
+  assert (ds.truncation.unknown_tokens, ds.truncation.unknown_rows) == (5, 3)
+  assert (
+    "3 of 4 examples hold 5 tokens the tokenizer maps to its unknown token "
+    "(id 0), the first at p.jsonl:2: the characters it cannot spell (e.g. "
+    "emoji or accented letters) are lost"
+  ) in caplog.text
+  counts = user_data.data_counts("data", DropReport(), ds.truncation)
+  assert counts["data/unknown_tokens"] == 5
+  assert counts["data/rows_with_unknown_tokens"] == 3
+  # A tokenizer without an unknown token (byte-level BPE) counts none.
+  no_unk = HFTokenizerAdapter(tiny.tokenizer, eos_id=tiny.eos_id)
+  ds = tokenize_preferences(
+    ex, no_unk, max_prompt_length=16, max_response_length=8
+  )
+  assert (ds.truncation.unknown_tokens, ds.truncation.unknown_rows) == (0, 0)
+
+
+def test_wrapped_tokenizers_keep_their_unknown_token(tinystories_dir):
+  from rlhf_jax.models import load_tokenizer  # noqa: PLC0415
+
+  tok = load_tokenizer(tinystories_dir)
+  assert HFTokenizerAdapter.wrap(tok).unk_id == tok.unk_token_id == 0
 
 
 def test_mostly_ties_stops_with_one_line(tmp_path, tiny):

@@ -193,12 +193,17 @@ class TruncationReport:
     truncated: field -> number of sequences cut, e.g. ``{"prompt": 3,
       "chosen": 1, "rejected": 0}``; ranked data counts every response of a
       row under ``responses``.
+    unknown_tokens: real tokens that are the tokenizer's unknown token
+      (its ``unk_id``): characters it cannot spell, lost in tokenizing.
+    unknown_rows: the examples holding at least one of them.
   """
 
   num_examples: int
   max_prompt_length: int
   max_response_length: int
   truncated: dict[str, int]
+  unknown_tokens: int = 0
+  unknown_rows: int = 0
 
   def summary(self) -> str:
     parts = [f"{k} {v}" for k, v in self.truncated.items()]

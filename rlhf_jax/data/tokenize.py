@@ -91,6 +91,7 @@ class HFTokenizerAdapter:
     bos_id: int | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    unk_id: int | None = None,
   ):
     if tokenizer.truncation is not None or tokenizer.padding is not None:
       tokenizer = type(tokenizer).from_str(tokenizer.to_str())
@@ -104,6 +105,9 @@ class HFTokenizerAdapter:
     if pad_id is None:
       raise ValueError("pad_id is needed (or an eos_id to pad with)")
     self.pad_id = pad_id
+    # Where the tokenizer puts characters it cannot spell (counted as
+    # lost); None for byte-level BPE, which spells every character.
+    self.unk_id = unk_id
 
   @classmethod
   def from_file(
@@ -135,8 +139,13 @@ class HFTokenizerAdapter:
         raise ValueError(f"{path}: token {t!r} is not in the vocabulary")
       return i
 
+    unk = getattr(tok.model, "unk_token", None)
     return cls(
-      tok, bos_id=tid(bos_token), eos_id=tid(eos_token), pad_id=tid(pad_token)
+      tok,
+      bos_id=tid(bos_token),
+      eos_id=tid(eos_token),
+      pad_id=tid(pad_token),
+      unk_id=tok.token_to_id(unk) if unk else None,
     )
 
   @classmethod
@@ -164,6 +173,7 @@ class HFTokenizerAdapter:
       bos_id=tok.bos_token_id,
       eos_id=tok.eos_token_id,
       pad_id=tok.pad_token_id,
+      unk_id=getattr(tok, "unk_token_id", None),
     )
 
   def encode(self, text: str) -> list[int]:
@@ -438,6 +448,7 @@ def _finish(
   max_prompt_length: int,
   max_response_length: int,
   *,
+  tokenizer: Any = None,
   keep: np.ndarray | None = None,
   ties: list[DroppedRow] | None = None,
 ) -> TokenizedDataset:
@@ -450,11 +461,30 @@ def _finish(
     cut = {k: c[index] for k, c in cut.items()}
     examples = [examples[i] for i in index]
   truncated = {k: int(np.sum(c)) for k, c in cut.items()}
+  unk_id = getattr(tokenizer, "unk_id", None)
+  tokens, rows = _count_token(arrays, len(examples), unk_id)
   report = TruncationReport(
-    len(examples), max_prompt_length, max_response_length, truncated
+    len(examples),
+    max_prompt_length,
+    max_response_length,
+    truncated,
+    unknown_tokens=tokens,
+    unknown_rows=int(rows.sum()),
   )
   if any(truncated.values()):
     logger.info("%s", report.summary())
+  if tokens:  # nothing is lost silently
+    first = getattr(examples[int(np.argmax(rows))], "where", "")
+    logger.warning(
+      "%d of %d examples hold %d tokens the tokenizer maps to its unknown "
+      "token (id %d)%s: the characters it cannot spell (e.g. emoji or "
+      "accented letters) are lost",
+      report.unknown_rows,
+      len(examples),
+      tokens,
+      unk_id,
+      f", the first at {first}" if first else "",
+    )
   return TokenizedDataset(
     arrays=arrays,
     pad_row=pad_row,
@@ -465,6 +495,23 @@ def _finish(
     ties=ties or [],
     example_index=index,
   )
+
+
+def _count_token(
+  arrays: dict[str, np.ndarray], n: int, token_id: int | None
+) -> tuple[int, np.ndarray]:
+  """(tokens, rows): how many real (unmasked) tokens equal ``token_id`` in
+  the ``<name>_ids`` arrays, and bool[n] the rows holding one (none for
+  a ``token_id`` of None)."""
+  rows, tokens = np.zeros(n, bool), 0
+  if token_id is None:
+    return tokens, rows
+  for name, ids in arrays.items():
+    if name.endswith("_ids"):
+      hit = (ids == token_id) & arrays[name[: -len("ids")] + "mask"]
+      tokens += int(hit.sum())
+      rows |= hit.reshape(n, -1).any(axis=1)
+  return tokens, rows
 
 
 def _ties(
@@ -623,6 +670,7 @@ def tokenize_preferences(
     max_response_length,
     keep=~tied if drop_ties and ties else None,
     ties=ties,
+    tokenizer=tokenizer,
   )
 
 
@@ -689,6 +737,7 @@ def tokenize_prompts(
     {"prompt": p_cut},
     max_prompt_length,
     0,
+    tokenizer=tokenizer,
   )
 
 
@@ -745,6 +794,7 @@ def _single_response(
     {"prompt": p_cut, field: r_cut},
     max_prompt_length,
     max_response_length,
+    tokenizer=tokenizer,
   )
 
 
@@ -863,6 +913,7 @@ def tokenize_ranked(
     {"prompt": p_cut, "responses": r_cut},
     max_prompt_length,
     max_response_length,
+    tokenizer=tokenizer,
   )
 
 

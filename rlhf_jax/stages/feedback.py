@@ -337,9 +337,7 @@ def _file_preferences(ctx: Context) -> dict:
   """--data (and --eval-data) pairs; drops and truncations counted."""
   cfg = ctx.config
   loaded, ds = _load_pairs(ctx, cfg.data)
-  counts = data_counts(
-    "data", loaded.drops, ds.truncation.truncated, PAIR_DROP_REASONS
-  )
+  counts = data_counts("data", loaded.drops, ds.truncation, PAIR_DROP_REASONS)
   if cfg.eval_data is None:
     check_pairs_to_split(cfg.data, len(ds))
     # A tenth of the pairs (at least one) is held out.
@@ -354,7 +352,7 @@ def _file_preferences(ctx: Context) -> dict:
       data_counts(
         "eval_data",
         held_loaded.drops,
-        held.truncation.truncated,
+        held.truncation,
         PAIR_DROP_REASONS,
       )
     )

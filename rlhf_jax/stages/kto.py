@@ -103,7 +103,7 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
     "data/examples": len(ds),
     "data/accepted": int(labels.sum()),
     "data/rejected": int((~labels).sum()),
-    **data_counts("data", loaded.drops, ds.truncation.truncated),
+    **data_counts("data", loaded.drops, ds.truncation),
   }
   return ds.subset(train), ds.subset(held), counts
 

@@ -96,9 +96,7 @@ def sft_data(config: SFTStageConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
   )
   counts = {
     "data/examples": len(ds),
-    **data_counts(
-      "data", loaded.drops, ds.truncation.truncated, drop_reasons(loaded)
-    ),
+    **data_counts("data", loaded.drops, ds.truncation, drop_reasons(loaded)),
   }
   if field == "completion":
     counts["data/unused_label_false"] = len(loaded.examples) - len(examples)

@@ -40,6 +40,7 @@ from rlhf_jax.data import (
   PreferencePair,
   RankedExample,
   TokenizedDataset,
+  TruncationReport,
   load_examples,
   tokenize_preferences,
   train_eval_split,
@@ -71,12 +72,13 @@ def drop_reasons(loaded: LoadedExamples) -> tuple[str, ...]:
 def data_counts(
   prefix: str,
   drops: DropReport,
-  truncated: dict[str, int],
+  truncation: TruncationReport,
   reasons: tuple[str, ...] = (),
 ) -> dict[str, int]:
   """Flat counts for summaries: rows read, kept and dropped, drops per
-  reason (``reasons`` listed even when zero), truncations per field
-  (``prefix`` e.g. "data", "eval_data" or "prompts")."""
+  reason (``reasons`` listed even when zero), truncations per field, and
+  the tokens lost to the tokenizer's unknown token with the rows holding
+  them (``prefix`` e.g. "data", "eval_data" or "prompts")."""
   counts = drops.counts()
   out = {
     f"{prefix}/rows_read": drops.total_read,
@@ -85,7 +87,10 @@ def data_counts(
   }
   for k in dict.fromkeys([*reasons, *counts]):
     out[f"{prefix}/dropped_{k}"] = counts.get(k, 0)
+  truncated = truncation.truncated
   out.update({f"{prefix}/truncated_{k}": v for k, v in truncated.items()})
+  out[f"{prefix}/unknown_tokens"] = truncation.unknown_tokens
+  out[f"{prefix}/rows_with_unknown_tokens"] = truncation.unknown_rows
   return out
 
 
@@ -365,7 +370,7 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
       **data_counts(
         "prompts",
         loaded.drops,
-        ds.truncation.truncated,
+        ds.truncation,
         drop_reasons(loaded),
       ),
       # Rows kept by the loader, then repeats of a prompt dropped.
