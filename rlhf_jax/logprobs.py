@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.checks import check_number
 from rlhf_jax.masked import (
@@ -41,6 +42,12 @@ TEMPERATURE_EXPECTED = (
 )
 
 
+def at_least_min_temperature(value: float) -> bool:
+  """``value >= MIN_TEMPERATURE`` as float32 compares them, so the float32
+  0.01 (0.0099999998 as a double) that a jit argument holds passes."""
+  return bool(np.float32(value) >= np.float32(MIN_TEMPERATURE))
+
+
 def check_temperature(temperature) -> None:
   """Raises unless a temperature given as a Python or NumPy number is
   finite and >= ``MIN_TEMPERATURE`` (ValueError), or is a real scalar
@@ -49,7 +56,7 @@ def check_temperature(temperature) -> None:
   check_number(
     "temperature",
     temperature,
-    lambda v: math.isfinite(v) and v >= MIN_TEMPERATURE,
+    lambda v: math.isfinite(v) and at_least_min_temperature(v),
     f"finite and {TEMPERATURE_EXPECTED}",
   )
 

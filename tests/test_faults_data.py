@@ -182,6 +182,61 @@ def test_wrapped_tokenizers_keep_their_unknown_token(tinystories_dir):
   assert HFTokenizerAdapter.wrap(tok).unk_id == tok.unk_token_id == 0
 
 
+def test_gpt2_has_no_unknown_token_whatever_its_config_says(shared_data):
+  """GPT-2's saved tokenizer_config.json names <|endoftext|> as bos, eos
+  and unk: every BOS and EOS counted as a lost character (12 in 4 plain
+  pairs). The model's own unknown token (byte-level BPE: none) counts."""
+  import tokenizers  # noqa: PLC0415
+
+  path = shared_data / "tokenizers" / "gpt2" / "tokenizer.json"
+  inner = tokenizers.Tokenizer.from_file(str(path))
+  end = inner.token_to_id("<|endoftext|>")
+  saved = type(
+    "Saved",
+    (),
+    dict(
+      tokenizer=inner,
+      bos_token_id=end,
+      eos_token_id=end,
+      pad_token_id=end,
+      unk_token_id=end,
+    ),
+  )()
+  for tok in (
+    HFTokenizerAdapter.wrap(saved),
+    HFTokenizerAdapter.from_file(path, eos_token="<|endoftext|>"),
+    HFTokenizerAdapter(inner, bos_id=end, eos_id=end, unk_id=end),
+  ):
+    assert tok.unk_id is None
+    ds = tokenize_preferences(
+      [pair(i, " a happy dog", " a sad cat") for i in range(4)],
+      tok,
+      max_prompt_length=16,
+      max_response_length=8,
+    )
+    assert ds.truncation.unknown_tokens == ds.truncation.unknown_rows == 0
+
+
+def test_a_unigram_model_gives_its_unknown_id():
+  import tokenizers  # noqa: PLC0415
+  from tokenizers import models, pre_tokenizers  # noqa: PLC0415
+
+  vocab = [("<unk>", 0.0), ("</s>", 0.0), ("a", -1.0), ("b", -1.0)]
+  inner = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=0))
+  inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok = HFTokenizerAdapter(inner, eos_id=1, unk_id=0)
+  assert HFTokenizerAdapter.wrap(
+    type("W", (), dict(tokenizer=inner, bos_token_id=None, eos_token_id=1,
+                       pad_token_id=None))()
+  ).unk_id == 0  # fmt: skip
+  ex = [pair(0, "a b", "b a"), pair(1, "a z", "b")]
+  ds = tokenize_preferences(ex, tok, max_prompt_length=8, max_response_length=4)
+  # "Once upon a time 1" and "z": letters the four-token vocabulary lacks.
+  lost = [tok.encode(t).count(0) for t in ("Once upon a time 0", "a z")]
+  assert ds.truncation.unknown_tokens == 2 * lost[0] + lost[1]
+  assert ds.truncation.unknown_rows == 2
+
+
 def test_mostly_ties_stops_with_one_line(tmp_path, tiny):
   path = write_rows(tmp_path, rows_of(n_ties=7, n_good=3))
   with pytest.raises(UserError) as e:
@@ -246,6 +301,11 @@ def test_report_tells_the_data_counts(tmp_path):
     "data/dropped_tokens_identical": 3,
     "data/truncated_prompt": 2,
     "data/truncated_chosen": 1,
+    "data/unknown_tokens": 0,
+    "data/rows_with_unknown_tokens": 0,
+    "prompts/rows_read": 4,
+    "prompts/unknown_tokens": 5,
+    "prompts/rows_with_unknown_tokens": 2,
   }
   text = write_report(
     tmp_path, summary=summary, samples={}, metrics_path=None
@@ -256,6 +316,10 @@ def test_report_tells_the_data_counts(tmp_path):
     "- data: 7 of 10 rows kept; dropped: tokens\\_identical 3 (chosen and "
     "rejected differ as text but tokenize to the same ids); truncated: "
     "prompt 2, chosen 1\n"
+  ) in text
+  assert (
+    "- prompts: 4 of 4 rows kept; lost to the tokenizer's unknown token: "
+    "5 tokens in 2 rows\n"
   ) in text
 
 

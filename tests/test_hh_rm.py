@@ -122,6 +122,9 @@ def test_smoke_figures_match_raw_data(smoke_run, shared_data):
   assert res["data/dropped_chosen_equals_rejected"] == 36
   assert res["data/train_pairs"] == 64
   assert res["data/heldout_pairs"] == 498
+  # GPT-2 byte-level BPE spells every character: nothing lost.
+  assert res["data/train_unknown_tokens"] == 0
+  assert res["data/heldout_unknown_tokens"] == 0
   # Accuracy and ties agree with the saved per-pair rewards.
   with np.load(run_dir / hh_rm.REWARDS_FILE, allow_pickle=False) as z:
     rc, rr, rows = z["chosen"], z["rejected"], z["rows"]

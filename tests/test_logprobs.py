@@ -302,10 +302,11 @@ def test_errors():
     ):
       with pytest.raises(ValueError, match="must be finite and >= 0.01 "):
         fn(*args, temperature=tau)
-  # The floor itself is taken.
-  assert np.isfinite(
-    lp.logprobs_from_logits(logits, ids, temperature=0.01)
-  ).all()
+  # The floor itself is taken, as float32 holds it too (0.0099999998).
+  for tau in (0.01, np.float32(0.01), np.array(0.01, np.float32)):
+    assert np.isfinite(
+      lp.logprobs_from_logits(logits, ids, temperature=tau)
+    ).all()
 
 
 # -------------------------------------------------------------------- chunked

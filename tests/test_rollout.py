@@ -412,6 +412,9 @@ def test_first_argmax_and_gumbel_draws_match_jax():
   with pytest.raises(ValueError, match=r"expected one PRNG key per row, key"):
     sample_token(logits, jax.random.key(1), temperature=jnp.float32(0.8))
   assert len(set(np.asarray(tok).tolist())) > 10  # real sampling
+  # A temperature number below the floor (1e-30 took every update to NaN).
+  with pytest.raises(ValueError, match=r"temperature must be finite and >="):
+    sample_token(logits, keys, temperature=1e-30)
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.3])

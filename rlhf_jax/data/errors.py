@@ -2,7 +2,8 @@
 
 Nothing in rlhf_jax.data drops or truncates silently: every row that is
 unusable for a known reason is counted by reason in a ``DropReport`` (and
-logged), every truncation is counted in a ``TruncationReport``, and anything
+logged), every truncation, and every character lost to the tokenizer's
+unknown token, is counted in a ``TruncationReport``, and anything
 else that is wrong with the input raises ``DataError`` with the file, the line
 (or row) and the field in its message.
 """
@@ -183,7 +184,8 @@ def _fmt_counts(counts: dict[str, int]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TruncationReport:
-  """How many sequences were truncated to fit the configured lengths.
+  """How many sequences were truncated to fit the configured lengths, and
+  how many tokens are the tokenizer's unknown token.
 
   Attributes:
     num_examples: examples tokenized.

@@ -12,7 +12,8 @@ the BOS, if any, is kept in front); with ``truncate_prompts=False`` it is a
 EOS ends there instead, see ``_end_turn``): a response cut short loses its
 EOS, so the response mask holds no EOS and the row reads as truncated
 (docs/conventions.md, convention 3). Every cut is counted in the
-``TruncationReport``.
+``TruncationReport``, and so are the real tokens equal to the tokenizer's
+``unk_id`` (characters it cannot spell), which are warned about too.
 
 Ties: preference pairs whose chosen and rejected rows come out identical
 (different texts, same ids, or the same first T ids) are listed in
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import inspect
 import itertools
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -60,7 +62,9 @@ class Tokenizer(Protocol):
 
   ``encode`` returns ids WITHOUT special tokens (no BOS/EOS added); ids of
   special tokens are attributes. ``pad_id`` may equal ``eos_id``: masks,
-  never ids, say where sequences end.
+  never ids, say where sequences end. An optional ``unk_id`` (the token
+  for characters the tokenizer cannot spell) has the tokenize functions
+  count those losses (``TruncationReport.unknown_tokens``).
   """
 
   bos_id: int | None
@@ -73,6 +77,18 @@ class Tokenizer(Protocol):
 @runtime_checkable
 class _BatchEncoder(Protocol):
   def encode_batch(self, texts: Sequence[str]) -> Sequence[Sequence[int]]: ...
+
+
+def _model_unk_id(tok: Any) -> int | None:
+  """The id a ``tokenizers.Tokenizer``'s model gives characters it cannot
+  spell: a BPE or WordPiece model's ``unk_token``, a Unigram model's
+  ``unk_id``; None when it has none (byte-level BPE such as GPT-2's)."""
+  unk = getattr(tok.model, "unk_token", None)
+  if unk:
+    return tok.token_to_id(unk)
+  if type(tok.model).__name__ == "Unigram":  # no attribute for it
+    return json.loads(tok.to_str())["model"].get("unk_id")
+  return None
 
 
 class HFTokenizerAdapter:
@@ -106,8 +122,10 @@ class HFTokenizerAdapter:
       raise ValueError("pad_id is needed (or an eos_id to pad with)")
     self.pad_id = pad_id
     # Where the tokenizer puts characters it cannot spell (counted as
-    # lost); None for byte-level BPE, which spells every character.
-    self.unk_id = unk_id
+    # lost). None for byte-level BPE, which spells every character; an id
+    # that is also the BOS or EOS (GPT-2's saved configs name
+    # <|endoftext|> for all three) would count those as losses.
+    self.unk_id = None if unk_id in (bos_id, eos_id) else unk_id
 
   @classmethod
   def from_file(
@@ -118,7 +136,8 @@ class HFTokenizerAdapter:
     eos_token: str | None = None,
     pad_token: str | None = None,
   ) -> "HFTokenizerAdapter":
-    """Loads ``tokenizer.json``; special tokens are given by their text.
+    """Loads ``tokenizer.json``; special tokens are given by their text
+    (``unk_id`` is the tokenizer model's own, `_model_unk_id`).
 
     E.g. GPT-2: ``eos_token="<|endoftext|>"`` (pad defaults to eos);
     TinyStories: ``bos_token="<|start_story|>", eos_token="<|end_story|>",
@@ -139,13 +158,12 @@ class HFTokenizerAdapter:
         raise ValueError(f"{path}: token {t!r} is not in the vocabulary")
       return i
 
-    unk = getattr(tok.model, "unk_token", None)
     return cls(
       tok,
       bos_id=tid(bos_token),
       eos_id=tid(eos_token),
       pad_id=tid(pad_token),
-      unk_id=tok.token_to_id(unk) if unk else None,
+      unk_id=_model_unk_id(tok),
     )
 
   @classmethod
@@ -155,7 +173,10 @@ class HFTokenizerAdapter:
     Duck-typed: ``tok.tokenizer`` (e.g. ``rlhf_jax.models.load_tokenizer``'s
     result) or ``tok.backend_tokenizer`` (transformers fast tokenizers),
     with ``bos_token_id``/``eos_token_id``/``pad_token_id`` attributes
-    (None where undefined; pad falls back to eos).
+    (None where undefined; pad falls back to eos). ``unk_id`` is the
+    tokenizer model's own unknown token (`_model_unk_id`), not the
+    wrapper's ``unk_token_id``, which may name a token the model never
+    gives a character.
 
     Raises:
       TypeError: ``tok`` holds no ``tokenizers.Tokenizer``.
@@ -173,7 +194,7 @@ class HFTokenizerAdapter:
       bos_id=tok.bos_token_id,
       eos_id=tok.eos_token_id,
       pad_id=tok.pad_token_id,
-      unk_id=getattr(tok, "unk_token_id", None),
+      unk_id=_model_unk_id(inner),
     )
 
   def encode(self, text: str) -> list[int]:
@@ -215,7 +236,8 @@ class TokenizedDataset:
     pad_row: field -> one row (no leading axis) used for padding rows:
       ids = pad_id, masks all False, ranks 0..K-1, labels False.
     batch_type: PreferenceBatch, PromptBatch, RankedBatch or UnpairedBatch.
-    truncation: what was cut (of the rows kept).
+    truncation: what was cut, and what the unknown token holds (of the
+      rows kept).
     sources: i -> the example's source; rows: i64[N] its original row.
     ties: preference pairs whose chosen and rejected token ids are
       identical (reason ``tokens_identical``, or
@@ -448,12 +470,16 @@ def _finish(
   max_prompt_length: int,
   max_response_length: int,
   *,
-  tokenizer: Any = None,
+  tokenizer: Tokenizer,
+  warn_unknown: bool = True,
   keep: np.ndarray | None = None,
   ties: list[DroppedRow] | None = None,
 ) -> TokenizedDataset:
   """The dataset of the examples at ``keep`` (default all); ``cut`` maps a
-  field to bool[N] (or bool[N, K]) truncation flags of every example."""
+  field to bool[N] (or bool[N, K]) truncation flags of every example. The
+  real tokens equal to ``tokenizer``'s ``unk_id`` (characters it cannot
+  spell) are counted in the report and, with ``warn_unknown``, warned
+  about with the first row holding one."""
   index = None
   if keep is not None:
     index = np.flatnonzero(keep)
@@ -473,7 +499,7 @@ def _finish(
   )
   if any(truncated.values()):
     logger.info("%s", report.summary())
-  if tokens:  # nothing is lost silently
+  if tokens and warn_unknown:  # nothing is lost silently
     first = getattr(examples[int(np.argmax(rows))], "where", "")
     logger.warning(
       "%d of %d examples hold %d tokens the tokenizer maps to its unknown "
@@ -510,7 +536,7 @@ def _count_token(
     if name.endswith("_ids"):
       hit = (ids == token_id) & arrays[name[: -len("ids")] + "mask"]
       tokens += int(hit.sum())
-      rows |= hit.reshape(n, -1).any(axis=1)
+      rows |= hit.any(axis=tuple(range(1, hit.ndim)))
   return tokens, rows
 
 
@@ -703,9 +729,13 @@ def tokenize_prompts(
   max_prompt_length: int,
   truncate_prompts: bool = True,
   add_bos: bool = True,
+  warn_unknown: bool = True,
 ) -> TokenizedDataset:
   """Tokenizes prompts (examples or plain strings) into a ``PromptBatch``
   dataset: prompt_ids i32[N, P], prompt_mask bool[N, P], left-padded.
+  Tokens lost to the unknown token are counted in ``ds.truncation`` and
+  warned about unless ``warn_unknown`` is False (prompts tokenized again,
+  whose file was reported once).
 
   Raises:
     DataError: as ``tokenize_preferences``.
@@ -738,6 +768,7 @@ def tokenize_prompts(
     max_prompt_length,
     0,
     tokenizer=tokenizer,
+    warn_unknown=warn_unknown,
   )
 
 

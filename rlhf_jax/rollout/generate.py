@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from rlhf_jax import models
 from rlhf_jax.checks import check_count, check_number, is_int
 from rlhf_jax.logprobs import (
+  MIN_TEMPERATURE,
   check_temperature,
   logprobs_from_logits,
   response_rows,
@@ -299,8 +300,8 @@ def check_sampling_values(temperature, top_p) -> None:
     check_temperature(temperature)
   except ValueError as e:
     raise ValueError(
-      f"{e} (for argmax decoding pass greedy=True with a temperature >= 0.01: "
-      "the logprobs are those of that temperature)"
+      f"{e} (for argmax decoding pass greedy=True with a temperature >= "
+      f"{MIN_TEMPERATURE}: the logprobs are those of that temperature)"
     ) from None
   check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 

@@ -8,6 +8,7 @@ are arrays so changing them never recompiles.
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.logprobs import check_temperature
 from rlhf_jax.masked import promote_f32
 from rlhf_jax.rollout import threefry_cpu  # noqa: F401 (registers)
 
@@ -127,7 +128,8 @@ def sample_token(
     logits: f32[B, V] raw logits of the next token.
     rng: one PRNG key per row, key[B] (row-wise keys make the draw of a row
       independent of how the batch is split over devices).
-    temperature: f32[] sampling temperature.
+    temperature: f32[] sampling temperature >= 0.01 (a Python or NumPy
+      number is checked; an array is not read).
     top_k: static, 0 = off.
     top_p: f32[], 1.0 = off.
     greedy: static; argmax of the logits (rng, top_k, top_p unused).
@@ -136,8 +138,10 @@ def sample_token(
     (tokens i32[B], logprobs f32[B]).
 
   Raises:
-    ValueError: logits not [B, V]; without ``greedy``, rng not B keys.
+    ValueError: logits not [B, V]; without ``greedy``, rng not B keys; a
+      temperature number below 0.01 (``logprobs.check_temperature``).
   """
+  check_temperature(temperature)
   if jnp.ndim(logits) != 2:
     raise ValueError(f"logits shape {jnp.shape(logits)}: expected [B, V]")
   if not greedy:

@@ -311,7 +311,8 @@ def score_pairs(
 
   Returns:
     {chosen, rejected: f32[N] scores; chosen_len, rejected_len: i64[N]
-    response tokens (after truncation); truncated: counts per field}.
+    response tokens (after truncation); truncated: counts per field;
+    unknown_tokens: tokens lost to the tokenizer's unknown token}.
   """
   from rlhf_jax.data import tokenize_preferences, trim_padding
   from rlhf_jax.types import PreferenceBatch
@@ -342,6 +343,7 @@ def score_pairs(
     "chosen_len": a["chosen_mask"].sum(1),
     "rejected_len": a["rejected_mask"].sum(1),
     "truncated": dict(ds.truncation.truncated),
+    "unknown_tokens": ds.truncation.unknown_tokens,
   }
 
 
@@ -400,6 +402,7 @@ def audit_reward_model(
   )
   rm["length_unit"] = "tokens"
   rm["truncated"] = scores["truncated"]
+  rm["unknown_tokens"] = scores["unknown_tokens"]
   return rm
 
 

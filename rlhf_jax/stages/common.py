@@ -200,7 +200,8 @@ class Context:
       keep=self.config.keep_checkpoints,
       max_skipped_fraction=self.config.max_skipped_fraction,
       updates_per_step=updates,
-      data_source=data_source(self.config),
+      # rm and dpo iterate over --data; the others over rows the run made.
+      data_source=data_source(self.config) if stage in ("rm", "dpo") else None,
       **kwargs,
     )
 
@@ -270,13 +271,10 @@ def optimizer(
 
 
 def data_source(config: Any) -> str | None:
-  """The option naming the stage's rows ("--data FILE", "--data-dir DIR"),
-  named when a checkpoint continues other data; None for rows the run
-  made itself (simulated feedback)."""
-  for field in ("data", "data_dir"):
-    if value := getattr(config, field, None):
-      return f"--{field.replace('_', '-')} {value}"
-  return None
+  """ "--data FILE" when the stage's rows come from --data (named when a
+  checkpoint continues other data); None otherwise."""
+  data = getattr(config, "data", None)
+  return f"--data {data}" if data else None
 
 
 def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):

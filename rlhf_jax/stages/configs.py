@@ -75,7 +75,7 @@ class SamplingConfig:
   max_new_tokens: int = 32
   """T: response tokens per continuation (EOS included)."""
   temperature: float = 1.0
-  """Sampling temperature (also used for training logprobs)."""
+  """Sampling temperature, >= 0.01 (also used for training logprobs)."""
   batch_size: int = 64
   """Rows per sampling call outside PPO (one compiled shape)."""
   exact_sampling: bool = False
@@ -367,7 +367,7 @@ class GenerateConfig:
   max_prompt_length: int = 32
   """P (longer prompts are an error)."""
   temperature: float | None = None
-  """Sampling temperature (default 1.0; not with --greedy)."""
+  """Sampling temperature, >= 0.01 (default 1.0; not with --greedy)."""
   greedy: bool = False
   """Argmax decoding instead of sampling."""
   seed: int = 0

@@ -71,7 +71,7 @@ from rlhf_jax.runner.runtime import (
   write_json,
 )
 from rlhf_jax.stages import feature_cache
-from rlhf_jax.stages.common import data_source, host_tree
+from rlhf_jax.stages.common import host_tree
 from rlhf_jax.stages.environment import (
   SHARED_DATA,
   check_lengths,
@@ -650,6 +650,10 @@ def _data_counts(config, loaded, train_ds, held_ds) -> dict[str, Any]:
       f"data/train_truncated_{k}": v
       for k, v in sorted(train_ds.truncation.truncated.items())
     },
+    **{
+      f"data/{part}_unknown_tokens": ds.truncation.unknown_tokens
+      for part, ds in (("train", train_ds), ("heldout", held_ds))
+    },
   }
 
 
@@ -710,7 +714,7 @@ def run_hh_reward_model(
         show=("rm/loss", "rm/accuracy"),
         metadata={"config": config_dict},
         write=placement.is_primary,
-        data_source=data_source(config),
+        data_source=f"--hh.data-dir {_data_dir(config)}",
       )
 
     check_inputs(config)  # before anything is written or loaded

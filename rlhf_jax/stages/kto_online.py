@@ -315,6 +315,7 @@ def run_accept_rate(config: KTOStageConfig, log=print) -> dict[str, Any]:
 def _accept_rate(config: KTOStageConfig, acc: Any, log) -> dict[str, Any]:
   ctx = open_run("grpo", pipeline_config(config), log)
   log = runtime.primary_log(log)
+  log(f"rlhf-jax kto: run directory {ctx.run_dir}")
   with ctx.stop, runtime.writing(ctx.run_dir):
     prompts = stage_prompts(ctx)
     _check_round(config, ctx, len(prompts["train"]))

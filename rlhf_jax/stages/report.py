@@ -161,7 +161,8 @@ def _quote(text: str) -> str:
 
 def _data_lines(summary: Mapping[str, Any]) -> list[str]:
   """One sentence per input file counted in ``summary`` (``P/rows_read``,
-  ``P/dropped_*``, ``P/truncated_*`` keys of stages.user_data)."""
+  ``P/dropped_*``, ``P/truncated_*``, ``P/unknown_tokens`` keys of
+  stages.user_data)."""
   lines = []
   for key in summary:
     if not key.endswith("/rows_read"):
@@ -193,6 +194,10 @@ def _data_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
     if unused:
       text += "; not used: " + ", ".join(unused)
+    if lost := summary.get(f"{p}/unknown_tokens"):
+      rows = summary.get(f"{p}/rows_with_unknown_tokens")
+      text += f"; lost to the tokenizer's unknown token: {lost} tokens"
+      text += f" in {rows} rows" if rows is not None else ""
     lines.append(text)
   return lines
 
@@ -351,8 +356,9 @@ def write_report(
       (e.g. "rm/heldout_accuracy_annotator", "ppo/gold_win_rate",
       "time/total_s"); floats shown with 4 significant digits. The data
       counts of an input file (``P/rows_read``, ``P/rows_kept``,
-      ``P/dropped_<reason>``, ``P/truncated_<field>``, ``P/unused_<why>``)
-      are also told in a "Data" section, one line per file.
+      ``P/dropped_<reason>``, ``P/truncated_<field>``, ``P/unused_<why>``,
+      ``P/unknown_tokens``) are also told in a "Data" section, one line
+      per file.
     samples: policy name -> its sample stories; entry i of every list is a
       continuation of the same prompt i, shown together ("initial", "ppo",
       "dpo" gives before / after).
@@ -477,8 +483,8 @@ def write_report(
 def print_summary(
   stage: str, config: Any, summary: Mapping[str, Any], log=print
 ) -> None:
-  """A stage command's closing lines, as the pipeline commands print
-  them: its figures and data counts (floats to 4 significant digits; the
+  """A stage command's closing lines, like the pipeline commands': its
+  figures and data counts (floats to 4 significant digits; the
   time parts are in summary.json), the total time, then where report.md
   is; on the primary process only (`runtime.primary_log`)."""
   log = runtime.primary_log(log)

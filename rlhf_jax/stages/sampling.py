@@ -126,9 +126,14 @@ def decode(ctx: Context, ids: np.ndarray, mask: np.ndarray) -> list[str]:
   ]
 
 
-def tokenize_prompt_texts(ctx: Context, texts: Sequence[str]):
+def tokenize_prompt_texts(
+  ctx: Context, texts: Sequence[Any], *, warn_unknown: bool = False
+):
   """Left-padded prompt arrays; a task prompt longer than P is a
-  DataError, a --prompts prompt keeps its last P tokens."""
+  DataError, a --prompts prompt keeps its last P tokens. Characters lost
+  to the tokenizer's unknown token are warned about with
+  ``warn_unknown`` only: where the prompts file is read, not each time
+  a stage tokenizes its prompts again."""
   try:
     return tokenize_prompts(
       list(texts),
@@ -137,6 +142,7 @@ def tokenize_prompt_texts(ctx: Context, texts: Sequence[str]):
       # The user's prompts keep their last P tokens (counted); the task's
       # own prompts must fit.
       truncate_prompts=ctx.config.prompts is not None,
+      warn_unknown=warn_unknown,
     )
   except NoPromptRoomError as e:
     raise DataError(

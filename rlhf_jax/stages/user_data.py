@@ -38,6 +38,7 @@ from rlhf_jax.data import (
   HFTokenizerAdapter,
   LoadedExamples,
   PreferencePair,
+  PromptExample,
   RankedExample,
   TokenizedDataset,
   TruncationReport,
@@ -251,14 +252,13 @@ def read_prompts(
   return loaded, prompts
 
 
-def prompt_columns(
-  loaded: LoadedExamples, prompts: list[str]
-) -> list[dict[str, Any]]:
-  """The other fields of each distinct prompt's first row (reward columns,
-  e.g. a reference answer), aligned with ``prompts``."""
-  first: dict[str, dict] = {}
+def first_rows(loaded: LoadedExamples, prompts: list[str]) -> list[Any]:
+  """Each distinct prompt's first example (its line, and its other fields
+  such as a reference answer for reward columns), aligned with
+  ``prompts``."""
+  first: dict[str, Any] = {}
   for e in loaded.examples:
-    first.setdefault(e.prompt, getattr(e, "columns", {}))
+    first.setdefault(e.prompt, e)
   return [first[p] for p in prompts]
 
 
@@ -357,8 +357,11 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
   train_idx, held_idx = train_eval_split(
     len(prompts), eval_size=n_held, seed=ctx.config.seed
   )
-  ds = tokenize_prompt_texts(ctx, prompts)
-  columns = prompt_columns(loaded, prompts)
+  rows = first_rows(loaded, prompts)
+  # At each prompt's first line, which a warning names.
+  at_rows = [PromptExample(e.prompt, where=e.where) for e in rows]
+  ds = tokenize_prompt_texts(ctx, at_rows, warn_unknown=True)
+  columns = [getattr(e, "columns", {}) for e in rows]
   result = {
     "train": [prompts[i] for i in train_idx],
     "heldout": [prompts[i] for i in held_idx],

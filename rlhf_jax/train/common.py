@@ -22,8 +22,8 @@ from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.checks import is_int
 from rlhf_jax.logprobs import (
-  MIN_TEMPERATURE,
   TEMPERATURE_EXPECTED,
+  at_least_min_temperature,
   entropy_from_logits,
   logprobs_from_logits,
   response_rows,
@@ -417,7 +417,7 @@ def _like(new: PyTree, old: PyTree) -> PyTree:
 
 Rule = tuple[Callable[[Any], bool], str]
 # A sampling temperature (``logprobs.MIN_TEMPERATURE`` says why the floor).
-TEMPERATURE: Rule = (lambda v: v >= MIN_TEMPERATURE, TEMPERATURE_EXPECTED)
+TEMPERATURE: Rule = (at_least_min_temperature, TEMPERATURE_EXPECTED)
 
 
 def at_least(low: float) -> Rule:

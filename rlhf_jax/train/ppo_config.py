@@ -30,8 +30,8 @@ class PPOConfig:
     pad_token_id: padding token id.
     group_size: G responses sampled per prompt (rows prompt*G+g).
     max_new_tokens: T, response tokens sampled per prompt.
-    temperature: sampling temperature (also divides the training logits,
-      so the first epoch's ratio is exactly 1).
+    temperature: sampling temperature >= 0.01 (also divides the training
+      logits, so the first epoch's ratio is exactly 1).
     top_k: sample among the k most likely tokens (0 = all).
     top_p: nucleus sampling mass (1.0 = all).
     exact_sampling: sample with the training forward instead of the KV

@@ -165,7 +165,8 @@ def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):
 
 def test_accept_rate_task_smoke(tmp_path):
   run_dir = tmp_path / "accept"
-  h.cli("kto", "--preset", "smoke", "--run-dir", str(run_dir))
+  log = h.cli("kto", "--preset", "smoke", "--run-dir", str(run_dir))
+  assert f"rlhf-jax kto: run directory {run_dir}\n" in log
   s = h.summary(run_dir)
   assert 0.0 < s["kto/initial_accept_rate"] < 1.0
   assert s["kto/initial_accept_rate"] == s["grpo/initial_accept_rate"]

@@ -434,3 +434,31 @@ def test_resume_over_a_malformed_metrics_file_is_one_line(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
   with pytest.raises(runtime.UserError, match=r"t: .*metrics.jsonl:1: "):
     _train(tmp_path, total=2)
+
+
+@pytest.mark.parametrize(
+  ("stage", "data", "named"),
+  [
+    ("dpo", "pairs.jsonl", "--data pairs.jsonl"),
+    ("rm", "pairs.jsonl", "--data pairs.jsonl"),
+    ("rm", None, None),  # pairs of simulated feedback, made by the run
+    ("ppo", "pairs.jsonl", None),  # iterates over prompts, not --data
+  ],
+)
+def test_pipeline_loops_name_the_data_file_they_read(
+  tmp_path, stage, data, named
+):
+  import dataclasses
+
+  from rlhf_jax.stages.common import Context
+  from rlhf_jax.stages.configs import PipelineConfig
+
+  config = dataclasses.replace(PipelineConfig(), data=data)
+  fields = {f.name for f in dataclasses.fields(Context) if f.init}
+  ctx = Context(
+    **{name: None for name in fields if name not in ("config", "run_dir")},
+    config=config,
+    run_dir=tmp_path,
+  )
+  ctx.placement = type("P", (), {"is_primary": True})()
+  assert ctx.loop(stage, 4).data_source == named

@@ -71,6 +71,7 @@ def test_sft_and_kto_print_nothing_off_process_0(
   assert main([*args, *run_dir]) == 0
   shown = capsys.readouterr().out
   assert f"{command}: rows padded to " in shown and "mesh data=" in shown
+  assert f"rlhf-jax {command}: run directory {tmp_path / 'p0'}\n" in shown
   assert f"{command}/final_loss = " in shown
   monkeypatch.setattr(runtime, "is_primary_process", lambda: False)
   monkeypatch.setattr(mesh, "is_primary_process", lambda: False)
