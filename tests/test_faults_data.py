@@ -4,6 +4,7 @@ mostly dropped file stops with one line, and bad files name the file, the
 line and the field."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -396,3 +397,64 @@ def test_parquet_wrong_columns_types_and_damage(tmp_path, tiny):
   data[100:2000] = b"\xff" * 1900  # the first data page
   p.write_bytes(bytes(data))
   assert error_of(p).startswith(f"{p}:row 0: cannot read the Parquet data:")
+
+
+# ------------------------------------------------------- wrong argument types
+
+
+def test_a_dict_or_set_of_prompts_is_not_a_list(tiny):
+  # A dict tokenized its keys as two prompts; a set in no set order.
+  from rlhf_jax.data import tokenize_prompts  # noqa: PLC0415
+
+  for bad in ({"prompt": "Once upon a time", "id": 7}, {"a", "b"}):
+    with pytest.raises(TypeError) as e:
+      tokenize_prompts(bad, tiny, max_prompt_length=8)
+    assert str(e.value) == (
+      f"prompt examples: given as one {type(bad).__name__}; expected a list "
+      "or tuple of examples (a single one in a list of one)"
+    )
+
+
+@pytest.mark.parametrize("bad", [None, "tokenizer.json", 3])
+def test_a_tokenizer_that_is_not_one_is_named(tiny, bad):
+  # None raised AttributeError: 'NoneType' object has no attribute 'bos_id'.
+  with pytest.raises(TypeError) as e:
+    tokenize_preferences(
+      [pair(0, " a", " b")], bad, max_prompt_length=8, max_response_length=4
+    )
+  assert str(e.value).startswith(
+    f"tokenizer: a {type(bad).__name__} has no encode method and pad_id; "
+    "expected a Tokenizer, e.g. HFTokenizerAdapter.from_file(path)"
+  )
+
+
+def test_from_file_names_the_path_it_cannot_read(tmp_path, tinystories_dir):
+  # tokenizers raised a bare Exception naming no file ("os error 2").
+  for path in (
+    tmp_path / "missing.json",
+    tmp_path,
+    tinystories_dir / "config.json",
+  ):
+    with pytest.raises(ValueError, match="not a readable tokenizer.json"):
+      HFTokenizerAdapter.from_file(path)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: "):
+      HFTokenizerAdapter.from_file(path)
+  for bad in (None, str(tmp_path).encode()):
+    with pytest.raises(TypeError, match=r"^path: a (NoneType|bytes); expect"):
+      HFTokenizerAdapter.from_file(bad)
+  with pytest.raises(ValueError, match=r"from_file: pad_token= or eos_token="):
+    HFTokenizerAdapter.from_file(tinystories_dir / "tokenizer.json")
+
+
+def test_load_examples_refuses_bytes_and_one_dict(tmp_path):
+  # Bytes read as integers ("expected a JSON object, got integer"); a dict
+  # as its keys ("expected a JSON object, got string").
+  path = write_rows(tmp_path, [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+  for bad in (path.encode(), {"prompt": "a", "chosen": "b", "rejected": "c"}):
+    with pytest.raises(TypeError) as e:
+      load_examples(bad)
+    assert str(e.value).startswith(
+      f"sources: a {type(bad).__name__}; expected a path (str or "
+      "pathlib.Path), a list of paths, or a dataset"
+    )
+  assert len(load_examples(path).examples) == 1

@@ -582,6 +582,13 @@ def parse_rows(
 def _as_sources(sources: Any) -> list[Any]:
   if is_path(sources):
     return [sources]
+  # Bytes read as a list of integers, a dict as its keys: neither is data.
+  if isinstance(sources, bytes | Mapping):
+    raise TypeError(
+      f"sources: a {type(sources).__name__}; expected a path (str or "
+      "pathlib.Path), a list of paths, or a dataset (a list of row dicts "
+      "or a datasets.Dataset)"
+    )
   if (
     isinstance(sources, list | tuple)
     and sources
@@ -620,7 +627,7 @@ def load_examples(
   Raises:
     DataError: see the module docstring; also sources of different kinds.
     ValueError: max_rows neither None nor an integer >= 1.
-    TypeError: strict not a bool.
+    TypeError: strict not a bool; sources given as bytes or one dict.
   """
   if not isinstance(strict, bool | np.bool_):  # "no" would read as True
     raise TypeError(f"strict must be True or False, got {strict!r}")

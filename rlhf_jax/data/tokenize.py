@@ -31,7 +31,7 @@ import inspect
 import itertools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -119,7 +119,10 @@ class HFTokenizerAdapter:
     if pad_id is None:
       pad_id = eos_id
     if pad_id is None:
-      raise ValueError("pad_id is needed (or an eos_id to pad with)")
+      raise ValueError(
+        "pad_id is needed (or an eos_id to pad with; from_file: pad_token= "
+        "or eos_token=)"
+      )
     self.pad_id = pad_id
     # Where the tokenizer puts characters it cannot spell (counted as
     # lost). None for byte-level BPE, which spells every character; an id
@@ -144,11 +147,21 @@ class HFTokenizerAdapter:
     pad_token="<unk>"``.
 
     Raises:
-      ValueError: a token is not in the vocabulary.
+      ValueError: a token is not in the vocabulary; the file cannot be
+        read as a tokenizer.json (names it).
+      TypeError: ``path`` is not a str or path.
     """
     import tokenizers  # Deferred: only this adapter needs it.
 
-    tok = tokenizers.Tokenizer.from_file(str(path))
+    if not isinstance(path, str | os.PathLike):
+      raise TypeError(
+        f"path: a {type(path).__name__}; expected the path of a "
+        "tokenizer.json as a str or pathlib.Path"
+      )
+    try:
+      tok = tokenizers.Tokenizer.from_file(os.fspath(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception
+      raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
 
     def tid(t: str | None) -> int | None:
       if t is None:
@@ -338,8 +351,19 @@ def _data_tokenizer(tok: Any) -> Tokenizer:
 
   Returns:
     ``tok``, or its `HFTokenizerAdapter`.
+
+  Raises:
+    TypeError: ``tok`` has no ``encode`` or ``pad_id`` (None, a path).
   """
-  if isinstance(tok, HFTokenizerAdapter) or not hasattr(tok, "bos_token_id"):
+  if isinstance(tok, HFTokenizerAdapter):
+    return tok
+  if not hasattr(tok, "bos_token_id"):
+    if not (callable(getattr(tok, "encode", None)) and hasattr(tok, "pad_id")):
+      raise TypeError(
+        f"tokenizer: a {type(tok).__name__} has no encode method and pad_id; "
+        "expected a Tokenizer, e.g. HFTokenizerAdapter.from_file(path) or "
+        "rlhf_jax.models.load_tokenizer(model_dir)"
+      )
     return tok
   inner = getattr(tok, "tokenizer", None)
   inner = (
@@ -572,7 +596,9 @@ def _example_list(
       (naming the first) an example that is not a ``cls`` (e.g. a raw dict
       of a file's row).
   """
-  if isinstance(examples, str | bytes) or not hasattr(examples, "__iter__"):
+  # A dict iterates its keys and a set has no order: neither is a list.
+  one = isinstance(examples, str | bytes | Mapping | set | frozenset)
+  if one or not hasattr(examples, "__iter__"):
     raise TypeError(
       f"{kind} examples: given as one {type(examples).__name__}; expected "
       "a list or tuple of examples (a single one in a list of one)"

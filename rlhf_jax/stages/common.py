@@ -277,6 +277,28 @@ def data_source(config: Any) -> str | None:
   return f"--data {data}" if data else None
 
 
+def finished_summary(
+  stage: str, run_dir: pathlib.Path, start: int, total_steps: int, log
+) -> dict[str, Any] | None:
+  """The summary.json of a stage command (sft, kto) resumed from its last
+  step, which ran no step: its figures and time stay those of the run that
+  trained, and its outputs and report.md are not written again. None when
+  steps ran, or the summary is missing or damaged (then it is written).
+  """
+  path = run_dir / "summary.json"
+  if start < total_steps or not path.is_file():
+    return None
+  try:
+    with runtime.reading(path):
+      summary = json.loads(path.read_text())
+  except ValueError:  # JSONDecodeError, UnicodeDecodeError: write it anew
+    return None
+  if not isinstance(summary, dict):
+    return None
+  log(f"{stage}: finished earlier, read from {path}")
+  return summary
+
+
 def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   """Process 0 creates (or checks, on --resume) the run directory; the
   others wait for its verdict (the run directory must be on a filesystem

@@ -39,6 +39,7 @@ from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
   data_source,
+  finished_summary,
   host_tree,
   load_policy,
   open_run_dir,
@@ -204,7 +205,7 @@ def _batch_size(config, placement, rows: int, log) -> int:
 
 def _train(config, placement, model_config, params, data, run_dir, size):
   """The KTO steps in the runner's loop; returns (state, last record,
-  model config)."""
+  model config, the step it started from)."""
   train, held = data
   ref_params = params
   model_config, params, opt = _policy(config, model_config, params)
@@ -251,7 +252,7 @@ def _train(config, placement, model_config, params, data, run_dir, size):
       eval_every=config.eval_every,
     )
     loop.close()
-  return state, last, model_config
+  return state, last, model_config, start
 
 
 def _check_sizes(config: KTOStageConfig, placement: Placement) -> None:
@@ -294,9 +295,12 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
-  state, last, model_config = _train(
+  state, last, model_config, start = _train(
     config, placement, model_config, params, (train, held), run_dir, size
   )
+  done = finished_summary("kto", run_dir, start, config.steps, log)
+  if done is not None:
+    return done
   host = host_tree(state.params)
   summary = {
     "kto/final_loss": last.get("kto/loss", float("nan")),

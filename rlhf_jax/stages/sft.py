@@ -31,6 +31,7 @@ from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
   data_source,
+  finished_summary,
   host_tree,
   load_policy,
   open_run_dir,
@@ -104,7 +105,8 @@ def sft_data(config: SFTStageConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _train(config, placement, model_config, params, ds, run_dir, batch_size):
-  """The SFT steps in the runner's loop; returns (state, last record)."""
+  """The SFT steps in the runner's loop; returns (state, last record,
+  model config, the step it started from)."""
   opt = optax.chain(
     optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)
   )
@@ -144,7 +146,7 @@ def _train(config, placement, model_config, params, ds, run_dir, batch_size):
       iterator=it,
     )
     loop.close()
-  return state, last, model_config
+  return state, last, model_config, start
 
 
 def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
@@ -224,9 +226,12 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")
-  state, last, model_config = _train(
+  state, last, model_config, start = _train(
     config, placement, model_config, params, ds, run_dir, batch_size
   )
+  done = finished_summary("sft", run_dir, start, config.steps, log)
+  if done is not None:
+    return done
   host = host_tree(state.params)
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),

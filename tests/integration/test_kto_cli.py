@@ -161,6 +161,11 @@ def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):
   assert "kto: 2/3 (" in log and "kto: 0/3" not in log
   assert h.summary(run_dir) == h.summary(kto_run)
   assert h.records(run_dir) == h.records(kto_run)
+  # Once more, finished: the summary is read back, not written again.
+  summary = (run_dir / "summary.json").read_bytes()
+  log = h.cli(*args, "--resume")
+  assert f"kto: finished earlier, read from {run_dir / 'summary.json'}" in log
+  assert (run_dir / "summary.json").read_bytes() == summary
 
 
 def test_accept_rate_task_smoke(tmp_path):

@@ -197,6 +197,15 @@ def test_sft_on_hh_pairs(files, tmp_path):
   losses = [r["sft/loss"] for r in h.records(run_dir)]
   assert len(losses) == 3 and losses[-1] == s["sft/final_loss"]
   assert (run_dir / "outputs" / "sft" / "config.json").is_file()
+  # Resumed when finished: no step runs, and the run's summary (its time
+  # too) and report stay as written (the time was rewritten as 0.4 s).
+  before = {
+    n: (run_dir / n).read_bytes() for n in ("summary.json", "report.md")
+  }
+  log = h.cli(*args, "--resume")
+  assert f"sft: finished earlier, read from {run_dir / 'summary.json'}\n" in log
+  assert f"time: {total:.1f}s\n" in log
+  assert before == {n: (run_dir / n).read_bytes() for n in before}
   # A row edited in place: the resume names the file that changed.
   rows = data.read_text().splitlines(keepends=True)
   rows[5] = rows[5].replace("Assistant:", "Assistant: Well,")
