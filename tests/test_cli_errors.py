@@ -966,7 +966,63 @@ def test_eval_of_a_grpo_run_lists_its_policies(tmp_path, capsys, shared_data):
     code,
     err,
     f"{run} has no trained ppo policy ({run / 'outputs' / 'ppo'}); its "
-    "policies: grpo (choose with --what)",
+    "models: grpo (choose with --what)",
+  )
+
+
+def test_kto_and_rm_outputs_are_listed_and_reachable(
+  tmp_path, capsys, shared_data
+):
+  # A kto run's policy could be neither exported nor sampled ("invalid
+  # choice 'kto'"), and the listings left out kto and the reward model.
+  run = _eval_run(tmp_path, shared_data, policies=("kto", "rm"), command="kto")
+  out = str(tmp_path / "out")
+  args = ["generate", "--run-dir", str(run), "--policy", "sft"]
+  code, err = _run(capsys, args)
+  _check(
+    code,
+    err,
+    f"{run} has no trained sft policy ({run / 'outputs' / 'sft'}); its "
+    "policies: initial, kto (choose with --policy)",
+  )
+  args = ["export", "--run-dir", str(run), "--what", "ppo", "--out", out]
+  code, err = _run(capsys, args)
+  _check(
+    code,
+    err,
+    f"{run} has no trained ppo policy ({run / 'outputs' / 'ppo'}); its "
+    "models: kto, rm (choose with --what)",
+  )
+  # --what kto passes the choice and the policy check; the empty
+  # config.json of this stand-in is what stops it.
+  args = ["export", "--run-dir", str(run), "--what", "kto", "--out", out]
+  code, err = _run(capsys, args)
+  assert code != 0 and "invalid choice" not in err, err
+  assert "no trained" not in err, err
+
+
+def test_eval_of_a_run_on_data_says_it_sampled_nothing(
+  tmp_path, capsys, shared_data
+):
+  # It said prompts.json "is missing; restore it, or run the pipeline
+  # again (--overwrite)": such a run never has one, and --overwrite would
+  # delete it.
+  from rlhf_jax.runner import runtime
+
+  run = _eval_run(tmp_path, shared_data, policies=("dpo",), command="dpo")
+  record = json.loads((run / "config.json").read_text())
+  record["config"]["data"] = "pairs.jsonl"
+  runtime.write_json(run / "config.json", record)
+  (run / "data" / "prompts.json").unlink()
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  _check(
+    code,
+    err,
+    f"{run} is a `rlhf-jax dpo --data` run: it sampled no prompts, so it "
+    "has no held-out prompts or reward model to evaluate with; eval needs a "
+    "run of `rlhf-jax run`, `ppo` or `grpo` (or `rm`/`dpo` without --data). "
+    f"To sample from its policy use `rlhf-jax generate --run-dir {run} "
+    "--policy dpo`",
   )
 
 
@@ -1078,7 +1134,7 @@ def test_eval_releases_the_run_when_it_stops(
     code,
     err,
     f"{run} has no held-out prompts: {run / 'data' / 'prompts.json'} is "
-    "missing; restore it, or run the pipeline again (--overwrite)",
+    "missing; restore it, or run the pipeline again in a new --run-dir",
   )
   lock_holder(run, "rlhf-jax ppo")  # asserts it took the lock
 
@@ -1116,7 +1172,7 @@ def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(
     err,
     f"{run} is a `rlhf-jax kto` run, not a pipeline run: eval needs the "
     "held-out prompts, reference and reward model of a run of `rlhf-jax "
-    "run`, `rm`, `ppo`, `dpo` or `grpo`",
+    "run`, `ppo` or `grpo` (or `rm`/`dpo` without --data)",
   )
 
 

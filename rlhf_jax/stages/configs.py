@@ -358,7 +358,7 @@ class GenerateConfig:
   """Checkpoint directory to sample from (default: as for `run`)."""
   run_dir: str | None = None
   """A pipeline run; with --policy, sample from its trained policy."""
-  policy: Literal["initial", "ppo", "dpo", "grpo", "sft"] = "initial"
+  policy: Literal["initial", "ppo", "dpo", "grpo", "sft", "kto"] = "initial"
   """Which policy of --run-dir (initial = the reference model)."""
   num_samples: int = 1
   """Continuations per prompt."""
@@ -387,7 +387,7 @@ class EvalConfig:
   """A pipeline run directory (its prompts, reference and reward model)."""
   preset: str = "default"
   """Named preset."""
-  policy: Literal["initial", "ppo", "dpo", "grpo", "sft"] = "ppo"
+  policy: Literal["initial", "ppo", "dpo", "grpo", "sft", "kto"] = "ppo"
   """Which policy of the run to evaluate."""
   samples_per_prompt: int | None = None
   """Continuations per held-out prompt; default: the run's own (its
@@ -409,7 +409,7 @@ class ExportConfig:
   """Output directory (config.json, model.safetensors, tokenizer files)."""
   preset: str = "default"
   """Named preset."""
-  what: Literal["ppo", "dpo", "grpo", "sft", "rm"] = "ppo"
+  what: Literal["ppo", "dpo", "grpo", "sft", "kto", "rm"] = "ppo"
   """Which model: a policy, or the reward model (a transformers
   *ForSequenceClassification directory; a mean-pooled head: the
   rlhf_jax-only causal LM plus reward_head/model.safetensors)."""

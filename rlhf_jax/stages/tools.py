@@ -120,14 +120,17 @@ def _policy_dir(
     return pathlib.Path(record["model_dir"])
   out = run_dir / "outputs" / policy
   if not (out / "config.json").is_file():
+    # export's --what takes the reward model too.
+    names = (*POLICIES, "rm") if flag == "--what" else POLICIES
     has = [
       p
-      for p in POLICIES
+      for p in names
       if (p == "initial" and flag == "--policy")
       or (run_dir / "outputs" / p / "config.json").is_file()
     ]
     raise runtime.UserError(
-      f"{run_dir} has no trained {policy} policy ({out}); its policies: "
+      f"{run_dir} has no trained {policy} policy ({out}); its "
+      f"{'models' if flag == '--what' else 'policies'}: "
       f"{', '.join(has) or 'none'} (choose with {flag})"
     )
   return out
@@ -367,12 +370,21 @@ def run_eval(config: C.EvalConfig) -> int:
     raise runtime.UserError(
       f"{run_dir} is a `rlhf-jax {record.get('command', '?')}` run, not a "
       "pipeline run: eval needs the held-out prompts, reference and reward "
-      "model of a run of `rlhf-jax run`, `rm`, `ppo`, `dpo` or `grpo`"
+      "model of a run of `rlhf-jax run`, `ppo` or `grpo` (or `rm`/`dpo` "
+      "without --data)"
     )
   config_path = run_dir / runtime.CONFIG_FILE
   run_cfg = config_from_dict(
     C.PipelineConfig, record["config"], where=f"{config_path}: config"
   )
+  if run_cfg.data is not None:  # it trained on --data: nothing sampled
+    raise runtime.UserError(
+      f"{run_dir} is a `rlhf-jax {record['command']} --data` run: it sampled "
+      "no prompts, so it has no held-out prompts or reward model to "
+      "evaluate with; eval needs a run of `rlhf-jax run`, `ppo` or `grpo` "
+      "(or `rm`/`dpo` without --data). To sample from its policy use "
+      f"`rlhf-jax generate --run-dir {run_dir} --policy {record['command']}`"
+    )
   samples = config.samples_per_prompt
   if samples is None:  # the run's own: its figures reproduce
     samples = run_cfg.eval.samples_per_prompt
@@ -410,7 +422,7 @@ def _evaluate(
   if not prompts_path.is_file():
     raise runtime.UserError(
       f"{run_dir} has no held-out prompts: {prompts_path} is missing; "
-      "restore it, or run the pipeline again (--overwrite)"
+      "restore it, or run the pipeline again in a new --run-dir"
     )
   prompts = _read_prompts(prompts_path)
   model_dir = pathlib.Path(record["model_dir"])
