@@ -1601,3 +1601,15 @@ def test_run_dir_inside_the_model_directory_is_refused(
     "folder outside it",
   )
   assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_generate_prompts_that_name_a_file_are_refused(tmp_path, capsys):
+  # It continued the path itself ("[prompts.jsonl] lived in a big fiel").
+  path = _write(tmp_path / "prompts.jsonl", ['{"prompt": "Once"}'])
+  code, err = _run(capsys, ["generate", "--prompts", "Once upon", path])
+  _check(
+    code,
+    err,
+    f"--prompts value 2 {path!r} names a file; generate's --prompts are the "
+    "texts to continue themselves (ppo and grpo take a file of them)",
+  )

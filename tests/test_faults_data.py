@@ -307,6 +307,7 @@ def test_report_tells_the_data_counts(tmp_path):
     "prompts/rows_read": 4,
     "prompts/unknown_tokens": 5,
     "prompts/rows_with_unknown_tokens": 2,
+    "prompts/distinct": 3,
   }
   text = write_report(
     tmp_path, summary=summary, samples={}, metrics_path=None
@@ -320,7 +321,7 @@ def test_report_tells_the_data_counts(tmp_path):
   ) in text
   assert (
     "- prompts: 4 of 4 rows kept; lost to the tokenizer's unknown token: "
-    "5 tokens in 2 rows\n"
+    "5 tokens in 2 distinct prompts\n"
   ) in text
 
 
@@ -458,3 +459,15 @@ def test_load_examples_refuses_bytes_and_one_dict(tmp_path):
       "pathlib.Path), a list of paths, or a dataset"
     )
   assert len(load_examples(path).examples) == 1
+
+
+def test_control_characters_of_the_data_are_shown_not_sent(tmp_path):
+  # A prompt's ESC and BEL reached report.md (and the terminal) raw.
+  from rlhf_jax.stages.audit import _md  # noqa: PLC0415
+  from rlhf_jax.stages.report import _inline, visible  # noqa: PLC0415
+
+  text = "Once Tom\x07 rang\x1b[31m a bell.\x7f\u0085"
+  assert visible(text) == "Once Tom\\x07 rang\\x1b[31m a bell.\\x7f\u0085"
+  assert visible("tabs\tand\nnew lines stay") == "tabs\tand\nnew lines stay"
+  assert _inline(text) == "Once Tom\\x07 rang\\x1b\\[31m a bell.\\x7f"
+  assert _md("a\x1b[31mb") == "a\\x1b\\[31mb"

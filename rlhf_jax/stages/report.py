@@ -24,6 +24,7 @@ import math
 import os
 import pathlib
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -145,9 +146,23 @@ def _cell(text: str) -> str:
   return text.replace("|", "\\|").replace("\n", " ")
 
 
+def visible(text: str) -> str:
+  """``text`` with its control characters (ESC, BEL, ...; not whitespace)
+  written as ``\\xNN``: a terminal or viewer showing a report must not
+  run a sequence that came from the data."""
+  return "".join(
+    f"\\x{ord(c):02x}"
+    if unicodedata.category(c) == "Cc" and not c.isspace()
+    else c
+    for c in text
+  )
+
+
 def _inline(text: str) -> str:
-  """Markdown-escaped single-line text (whitespace runs become one space)."""
+  """Markdown-escaped single-line text (whitespace runs become one space;
+  control characters shown, `visible`)."""
   out = "".join("\\" + c if c in _MD_INLINE else c for c in text)
+  out = visible(out)
   out = " ".join(out.split())
   out = _MD_BLOCK_MARK.sub(r"\\\1", out)
   return _MD_NUMBERED.sub(r"\1\\\2", out)
@@ -196,8 +211,10 @@ def _data_lines(summary: Mapping[str, Any]) -> list[str]:
       text += "; not used: " + ", ".join(unused)
     if lost := summary.get(f"{p}/unknown_tokens"):
       rows = summary.get(f"{p}/rows_with_unknown_tokens")
+      # A prompts file is tokenized once per distinct prompt.
+      unit = "distinct prompts" if f"{p}/distinct" in summary else "rows"
       text += f"; lost to the tokenizer's unknown token: {lost} tokens"
-      text += f" in {rows} rows" if rows is not None else ""
+      text += f" in {rows} {unit}" if rows is not None else ""
     lines.append(text)
   return lines
 

@@ -20,6 +20,7 @@ from rlhf_jax.runner.config_json import config_from_dict, shown
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.stages import configs as C
 from rlhf_jax.stages import environment
+from rlhf_jax.stages.report import visible
 
 if typing.TYPE_CHECKING:
   from rlhf_jax.data import HFTokenizerAdapter, TokenizedDataset
@@ -163,6 +164,18 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   return out
 
 
+def _check_not_files(prompts: list[str]) -> None:
+  """Raises UserError for a --prompts value that is the path of a file
+  (one word, and it exists): ppo and grpo read --prompts from a file, and
+  generate took the path itself as the text to continue."""
+  for i, p in enumerate(prompts, 1):
+    if p.strip() and len(p.split()) == 1 and pathlib.Path(p).is_file():
+      raise runtime.UserError(
+        f"--prompts value {i} {p!r} names a file; generate's --prompts are "
+        "the texts to continue themselves (ppo and grpo take a file of them)"
+      )
+
+
 def _tokenized_prompts(
   prompts: list[str],
   *,
@@ -241,6 +254,7 @@ def run_generate(config: C.GenerateConfig) -> int:
   adapter = HFTokenizerAdapter.wrap(tok)
   given = config.prompts is not None
   prompts = list(config.prompts) if given else list(STORY_OPENINGS[:4])
+  _check_not_files(prompts if given else [])
   ds = _tokenized_prompts(prompts, given=given, adapter=adapter, config=config)
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
@@ -287,7 +301,7 @@ def run_generate(config: C.GenerateConfig) -> int:
     text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
     sample = r % config.num_samples  # rows are prompt-major
     records.append({"prompt": prompts[p], "sample": sample, "text": text})
-    print(f"[{prompts[p]}] {text}")
+    print(visible(f"[{prompts[p]}] {text}"))  # --output keeps them raw
   if out is not None:
     with runtime.atomic_file(out) as f:
       f.write("".join(json.dumps(x) + "\n" for x in records))
