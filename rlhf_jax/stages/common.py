@@ -271,7 +271,7 @@ def optimizer(
 
 
 def data_source(config: Any) -> str | None:
-  """ "--data FILE" when the stage's rows come from --data (named when a
+  """``--data FILE`` when the stage's rows come from --data (named when a
   checkpoint continues other data); None otherwise."""
   data = getattr(config, "data", None)
   return f"--data {data}" if data else None
