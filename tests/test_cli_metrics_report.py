@@ -359,3 +359,18 @@ def test_eta_of_a_huge_run_is_unknown_not_an_overflow():
   # --steps 1e20 gives ETAs beyond timedelta's range (OverflowError).
   assert _hms(1e20) == "?" and _hms(float("inf")) == "?"
   assert _hms(3661) == "1:01:01"
+
+
+def test_a_kto_run_plots_its_training(tmp_path):
+  # The report of `kto --data` had a "Plots" heading and no plot.
+  with MetricsWriter(tmp_path, tensorboard=False) as w:
+    for step in range(1, 4):
+      loss = {"kto/loss": 0.7 / step, "kto/accuracy": 0.5 + 0.1 * step}
+      w.log(step, loss, stage="kto")
+  text = write_report(
+    tmp_path, summary={}, samples={}, metrics_path=tmp_path / "metrics.jsonl"
+  ).read_text()
+  png = tmp_path / "plots" / "kto_training.png"
+  assert matplotlib.image.imread(png).shape[2] in (3, 4)
+  assert "](plots/kto_training.png)" in text
+  assert not (tmp_path / "plots" / "sft_training.png").exists()

@@ -15,9 +15,10 @@ out and the report says so:
   ``eval/gold_score`` is a point (one colour and marker per stage, so the
   initial policy, PPO and DPO evaluations are told apart), gold score on the
   left panel and ``eval/proxy_score`` (reward model) on the right.
-* ``rm_training.png`` (stage "rm") and ``dpo_training.png`` (stage "dpo"):
-  keys ending in "loss" on the left panel, keys containing "accuracy" or
-  "accuracies" on the right, x = step.
+* ``rm_training.png``, ``dpo_training.png``, ``sft_training.png`` and
+  ``kto_training.png`` (stages "rm", "dpo", "sft", "kto"): keys ending in
+  "loss" on the left panel, keys containing "accuracy" or "accuracies" on
+  the right, x = step.
 """
 
 import math
@@ -214,7 +215,8 @@ def _data_lines(summary: Mapping[str, Any]) -> list[str]:
       # A prompts file is tokenized once per distinct prompt.
       unit = "distinct prompts" if f"{p}/distinct" in summary else "rows"
       text += f"; lost to the tokenizer's unknown token: {lost} tokens"
-      text += f" in {rows} {unit}" if rows is not None else ""
+      if rows is not None:  # "1 row", "2 rows"
+        text += f" in {rows} {unit if rows != 1 else unit[:-1]}"
     lines.append(text)
   return lines
 
@@ -433,6 +435,12 @@ def write_report(
       "stage=sft loss",
       lambda p: _plot_training(records, "sft", p),
     ),
+    (
+      "kto_training.png",
+      "KTO training loss and accuracy",
+      "stage=kto loss/accuracy",
+      lambda p: _plot_training(records, "kto", p),
+    ),
   ]
   ran = {r["stage"] for r in records}
   plots = []
@@ -440,7 +448,7 @@ def write_report(
     path = plot_dir / name
     path.unlink(missing_ok=True)  # never link a stale plot from an old run
     stage = name.split("_")[0]
-    if stage in ("ppo", "rm", "dpo", "sft") and stage not in ran:
+    if stage in ("ppo", "rm", "dpo", "sft", "kto") and stage not in ran:
       continue  # a stage this run never had: no section
     if stage == "reward" and not any(EVAL_GOLD_KEY in r for r in records):
       continue  # no gold scorer (the user's own prompts)

@@ -26,6 +26,7 @@ import collections
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,6 +53,9 @@ from rlhf_jax.stages.common import Context
 from rlhf_jax.stages.sampling import tokenize_prompt_texts
 
 HELDOUT_FRACTION = 0.1
+# Fewer held-out prompts than this and the evaluation's figures are
+# warned about: they rest on so few prompts (the k1 KL can come out < 0).
+FEW_HELDOUT = 4
 MAX_DROPPED_FLAG = "--data-max-dropped-frac"
 # Reasons always listed (zeros too) in the counts of preference files.
 PAIR_DROP_REASONS = ("chosen_equals_rejected", "prompt_differs", *TIE_REASONS)
@@ -354,6 +358,12 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
     max_dropped_frac=ctx.config.data_max_dropped_frac,
   )
   n_held = max(1, round(HELDOUT_FRACTION * len(prompts)))
+  if n_held < FEW_HELDOUT and ctx.primary:
+    sys.stderr.write(
+      f"rlhf-jax: warning: --prompts {path}: {n_held} of its "
+      f"{len(prompts)} distinct prompts held out (a tenth); the held-out "
+      "reward and KL rest on so few (the KL estimate can come out below 0)\n"
+    )
   train_idx, held_idx = train_eval_split(
     len(prompts), eval_size=n_held, seed=ctx.config.seed
   )
