@@ -16,6 +16,7 @@ rerun with --resume (`_then`).
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import re
 import sys
@@ -411,16 +412,9 @@ def _dispatch(command: str, config: Any) -> int:
     out = run_pipeline(command, config)
     for k, v in out["summary"].items():
       print(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
-    background = out["time/compile_background_s"]
-    print(
-      f"time: {out['time/total_s']:.1f}s, compile {out['time/compile_s']:.1f}s "
-      f"({100 * out['time/compile_share']:.0f}%)"
-      + (
-        f", {background:.1f}s more ahead of time in the background"
-        if background >= 0.05
-        else ""
-      )
-    )
+    from rlhf_jax.stages.report import time_line
+
+    print(time_line(out))
     return 0
   if command == "kto":
     from rlhf_jax.stages.kto import run_kto
@@ -646,6 +640,26 @@ def _then(command: str, e: "runtime.Interrupted") -> str:
   )
 
 
+@contextlib.contextmanager
+def _warnings_as_lines():
+  """The library's logged warnings (rlhf_jax.data: unknown tokens, rows
+  kept) as the command's own lines, "rlhf-jax: warning: ...", once in a
+  multi-host run, instead of a logging format some dependency set."""
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setLevel(logging.WARNING)
+  handler.setFormatter(logging.Formatter("rlhf-jax: warning: %(message)s"))
+  handler.addFilter(lambda _: runtime.is_primary_process())
+  log = logging.getLogger("rlhf_jax")
+  propagate = log.propagate
+  log.addHandler(handler)
+  log.propagate = False
+  try:
+    yield
+  finally:
+    log.removeHandler(handler)
+    log.propagate = propagate
+
+
 def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
   from rlhf_jax.models import MissingSpecialTokenError, ModelLoadError
@@ -656,7 +670,8 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
     config = _validated(command, _config(command, rest))
-    return _dispatch(command, config)
+    with _warnings_as_lines():
+      return _dispatch(command, config)
   except runtime.Interrupted as e:
     sys.stderr.write(f"rlhf-jax: interrupted ({e}); {_then(command, e)}\n")
     return EXIT_INTERRUPTED

@@ -912,10 +912,23 @@ class CompileClock:
 
 
 class Timer:
-  """Wall-clock seconds since construction."""
+  """Wall-clock seconds since construction, and the compile seconds on
+  the run's path since then (`CompileClock`)."""
 
   def __init__(self) -> None:
     self.t0 = time.perf_counter()
+    self.compile0 = CompileClock.get().seconds
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
+
+  def times(self) -> dict[str, float]:
+    """time/total_s, time/compile_s and time/compile_share (of the total)
+    of a stage command's summary."""
+    total = self.elapsed()
+    compile_s = CompileClock.get().seconds - self.compile0
+    return {
+      "time/total_s": total,
+      "time/compile_s": compile_s,
+      "time/compile_share": compile_s / max(total, 1e-9),
+    }

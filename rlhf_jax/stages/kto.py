@@ -306,7 +306,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
     "kto/final_loss": last.get("kto/loss", float("nan")),
     **{k: v for k, v in last.items() if k.startswith("kto/eval_")},
     **counts,
-    "time/total_s": timer.elapsed(),
+    **timer.times(),
   }
   if placement.is_primary:
     write_policy_outputs(run_dir, "kto", host, model_config, model_dir, summary)

@@ -505,6 +505,23 @@ def write_report(
   return out
 
 
+def time_line(summary: Mapping[str, Any]) -> str:
+  """A command's closing "time:" line from its summary's time/* keys: the
+  total, the compile seconds on the run's path and their share, and the
+  compile work done ahead of time in the background, when there was any.
+  """
+  line = f"time: {summary['time/total_s']:.1f}s"
+  if "time/compile_s" in summary:
+    line += (
+      f", compile {summary['time/compile_s']:.1f}s "
+      f"({100 * summary['time/compile_share']:.0f}%)"
+    )
+  background = summary.get("time/compile_background_s", 0.0)
+  if background >= 0.05:
+    line += f", {background:.1f}s more ahead of time in the background"
+  return line
+
+
 def print_summary(
   stage: str, config: Any, summary: Mapping[str, Any], log=print
 ) -> None:
@@ -517,7 +534,7 @@ def print_summary(
     if not k.startswith("time/"):
       log(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}")
   if "time/total_s" in summary:
-    log(f"time: {summary['time/total_s']:.1f}s")
+    log(time_line(summary))
   run_dir = runtime.run_dir_for(stage, config)
   log(f"report: {run_dir / 'report.md'}")
 

@@ -236,7 +236,7 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),
     **counts,
-    "time/total_s": timer.elapsed(),
+    **timer.times(),
   }
   if placement.is_primary:
     write_policy_outputs(run_dir, "sft", host, model_config, model_dir, summary)

@@ -77,3 +77,18 @@ def test_sft_and_kto_print_nothing_off_process_0(
   monkeypatch.setattr(mesh, "is_primary_process", lambda: False)
   assert main([*args, "--run-dir", str(tmp_path / "p1")]) == 0
   assert capsys.readouterr().out == ""
+
+
+def test_the_time_line_of_every_command():
+  from rlhf_jax.stages.report import time_line
+
+  assert time_line({"time/total_s": 2.04}) == "time: 2.0s"
+  sft = {"time/total_s": 8.0, "time/compile_s": 2.0, "time/compile_share": 0.25}
+  assert time_line(sft) == "time: 8.0s, compile 2.0s (25%)"
+  run = {**sft, "time/compile_background_s": 30.04}
+  assert time_line(run) == (
+    "time: 8.0s, compile 2.0s (25%), 30.0s more ahead of time in the background"
+  )
+  assert time_line({**sft, "time/compile_background_s": 0.01}) == (
+    "time: 8.0s, compile 2.0s (25%)"
+  )
