@@ -977,22 +977,21 @@ def test_kto_and_rm_outputs_are_listed_and_reachable(
   # choice 'kto'"), and the listings left out kto and the reward model.
   run = _eval_run(tmp_path, shared_data, policies=("kto", "rm"), command="kto")
   out = str(tmp_path / "out")
-  args = ["generate", "--run-dir", str(run), "--policy", "sft"]
-  code, err = _run(capsys, args)
-  _check(
-    code,
-    err,
-    f"{run} has no trained sft policy ({run / 'outputs' / 'sft'}); its "
-    "policies: initial, kto (choose with --policy)",
-  )
-  args = ["export", "--run-dir", str(run), "--what", "ppo", "--out", out]
-  code, err = _run(capsys, args)
-  _check(
-    code,
-    err,
-    f"{run} has no trained ppo policy ({run / 'outputs' / 'ppo'}); its "
-    "models: kto, rm (choose with --what)",
-  )
+  cases = [
+    (
+      ["generate", "--policy", "sft"],
+      f"{run} has no trained sft policy ({run / 'outputs' / 'sft'}); its "
+      "policies: initial, kto (choose with --policy)",
+    ),
+    (
+      ["export", "--what", "ppo", "--out", out],
+      f"{run} has no trained ppo policy ({run / 'outputs' / 'ppo'}); its "
+      "models: kto, rm (choose with --what)",
+    ),
+  ]
+  for args, message in cases:
+    code, err = _run(capsys, [args[0], "--run-dir", str(run), *args[1:]])
+    _check(code, err, message)
   # --what kto passes the choice and the policy check; the empty
   # config.json of this stand-in is what stops it.
   args = ["export", "--run-dir", str(run), "--what", "kto", "--out", out]

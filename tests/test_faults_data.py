@@ -463,8 +463,9 @@ def test_load_examples_refuses_bytes_and_one_dict(tmp_path):
 
 def test_control_characters_of_the_data_are_shown_not_sent(tmp_path):
   # A prompt's ESC and BEL reached report.md (and the terminal) raw.
+  from rlhf_jax.runner.runtime import visible  # noqa: PLC0415
   from rlhf_jax.stages.audit import _md  # noqa: PLC0415
-  from rlhf_jax.stages.report import _inline, visible  # noqa: PLC0415
+  from rlhf_jax.stages.report import _inline  # noqa: PLC0415
 
   text = "Once Tom\x07 rang\x1b[31m a bell.\x7f\u0085"
   assert visible(text) == "Once Tom\\x07 rang\\x1b[31m a bell.\\x7f\u0085"

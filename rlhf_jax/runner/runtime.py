@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import types
+import unicodedata
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
@@ -70,6 +71,18 @@ _WRITE_ONLY = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 # The advice of a failed write; `rlhf-jax` turns it into "run the same
 # command again" for a subcommand without --resume.
 RESUME_ADVICE = "then rerun with --resume"
+
+
+def visible(text: str) -> str:
+  """``text`` with its control characters (ESC, BEL, ...; not whitespace)
+  written as ``\\xNN``: a terminal or viewer showing a report must not
+  run a sequence that came from the data."""
+  return "".join(
+    f"\\x{ord(c):02x}"
+    if unicodedata.category(c) == "Cc" and not c.isspace()
+    else c
+    for c in text
+  )
 
 
 def is_primary_process() -> bool:

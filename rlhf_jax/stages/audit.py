@@ -36,7 +36,6 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.configs import AuditConfig
-from rlhf_jax.stages.report import visible
 
 PLOTS = "plots"
 # Shown per example cycle / per response in report.md.
@@ -415,7 +414,9 @@ def _md(text: str, limit: int = MAX_TEXT) -> str:
   t = " ".join(str(text).split())
   if len(t) > limit:
     t = t[: limit - 1] + "…"
-  return visible("".join("\\" + c if c in "\\`*_[]<>|#" else c for c in t))
+  return runtime.visible(
+    "".join("\\" + c if c in "\\`*_[]<>|#" else c for c in t)
+  )
 
 
 def _num(v: Any) -> str:

@@ -25,7 +25,6 @@ import math
 import os
 import pathlib
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -147,23 +146,11 @@ def _cell(text: str) -> str:
   return text.replace("|", "\\|").replace("\n", " ")
 
 
-def visible(text: str) -> str:
-  """``text`` with its control characters (ESC, BEL, ...; not whitespace)
-  written as ``\\xNN``: a terminal or viewer showing a report must not
-  run a sequence that came from the data."""
-  return "".join(
-    f"\\x{ord(c):02x}"
-    if unicodedata.category(c) == "Cc" and not c.isspace()
-    else c
-    for c in text
-  )
-
-
 def _inline(text: str) -> str:
   """Markdown-escaped single-line text (whitespace runs become one space;
-  control characters shown, `visible`)."""
+  control characters shown, `runtime.visible`)."""
   out = "".join("\\" + c if c in _MD_INLINE else c for c in text)
-  out = visible(out)
+  out = runtime.visible(out)
   out = " ".join(out.split())
   out = _MD_BLOCK_MARK.sub(r"\\\1", out)
   return _MD_NUMBERED.sub(r"\1\\\2", out)

@@ -20,7 +20,6 @@ from rlhf_jax.runner.config_json import config_from_dict, shown
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.stages import configs as C
 from rlhf_jax.stages import environment
-from rlhf_jax.stages.report import visible
 
 if typing.TYPE_CHECKING:
   from rlhf_jax.data import HFTokenizerAdapter, TokenizedDataset
@@ -301,7 +300,7 @@ def run_generate(config: C.GenerateConfig) -> int:
     text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
     sample = r % config.num_samples  # rows are prompt-major
     records.append({"prompt": prompts[p], "sample": sample, "text": text})
-    print(visible(f"[{prompts[p]}] {text}"))  # --output keeps them raw
+    print(runtime.visible(f"[{prompts[p]}] {text}"))  # --output keeps them raw
   if out is not None:
     with runtime.atomic_file(out) as f:
       f.write("".join(json.dumps(x) + "\n" for x in records))
