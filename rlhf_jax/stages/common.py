@@ -66,8 +66,7 @@ class Context:
   adapter: HFTokenizerAdapter
   stop: runtime.StopFlag
   placement: Placement
-  timer: runtime.Timer
-  compile_s0: float
+  timer: runtime.Timer  # wall and compile seconds since the start
   # The clock's background seconds at the start (runner.precompile).
   compile_bg0: float = 0.0
   gold: GoldScorer = dataclasses.field(default_factory=GoldScorer)

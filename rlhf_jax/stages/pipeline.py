@@ -202,7 +202,6 @@ def open_run(
   environment.start(config.distributed)
   log = runtime.primary_log(log)  # each line once in a multi-host run
   timer = runtime.Timer()
-  compile0 = runtime.CompileClock.get().seconds
   check_inputs(command, config)
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
@@ -229,7 +228,6 @@ def open_run(
     stop=runtime.StopFlag(),
     placement=placement,
     timer=timer,
-    compile_s0=compile0,
     compile_bg0=runtime.CompileClock.get().background_seconds,
     programs=Precompiler(log=log),
   )

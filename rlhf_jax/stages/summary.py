@@ -104,9 +104,10 @@ def build_summary(ctx: Context, results: dict[str, dict]) -> dict[str, Any]:
 def stage_report(ctx: Context, results: dict[str, dict]) -> dict:
   """summary.json and report.md (metrics table, samples, plots)."""
   summary = build_summary(ctx, results)
-  total = ctx.timer.elapsed() + ctx.resumed_seconds
+  own = ctx.timer.times()  # this process's wall and compile seconds
+  total = own["time/total_s"] + ctx.resumed_seconds
   clock = runtime.CompileClock.get()
-  compile_s = clock.seconds - ctx.compile_s0 + ctx.resumed_compile_s
+  compile_s = own["time/compile_s"] + ctx.resumed_compile_s
   # On the run's path: its own compiles and waits for a background one.
   timing = {
     "time/total_s": total,

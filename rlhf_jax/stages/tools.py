@@ -230,6 +230,8 @@ def run_generate(config: C.GenerateConfig) -> int:
   from rlhf_jax.tasks import STORY_OPENINGS
 
   temperature = 1.0 if config.temperature is None else config.temperature
+  given = config.prompts is not None
+  _check_not_files(list(config.prompts) if given else [])  # before jax
   out = None
   if config.output is not None:
     out = _check_output(config.output, config.overwrite)
@@ -251,9 +253,7 @@ def run_generate(config: C.GenerateConfig) -> int:
   )
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)
-  given = config.prompts is not None
   prompts = list(config.prompts) if given else list(STORY_OPENINGS[:4])
-  _check_not_files(prompts if given else [])
   ds = _tokenized_prompts(prompts, given=given, adapter=adapter, config=config)
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
@@ -455,7 +455,6 @@ def _evaluate(
       stop=stop,
       placement=Placement.create(MeshConfig(data=1), jax.devices()[:1]),
       timer=runtime.Timer(),
-      compile_s0=0.0,
     )
     key = ctx.key("eval")
     if config.seed:
