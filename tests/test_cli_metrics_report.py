@@ -80,6 +80,35 @@ def test_metrics_round_trip(tmp_path):
   assert math.isnan(tb[("ppo/loss/nan", 3)])
 
 
+def test_run_json_files_are_strict_json_and_read_back(tmp_path):
+  """summary.json, config.json and stage files held bare NaN / Infinity
+  (Python's json), which jq and JavaScript refuse; they hold the strings
+  of metrics.jsonl now, and read_json gives the floats back."""
+  from rlhf_jax.runner import runtime
+
+  path = tmp_path / "summary.json"
+  obj = {
+    "eval": {"kl": float("nan"), "win": np.float32(0.5)},
+    "curve": [1.0, jnp.float32(np.inf), -math.inf],
+    "n": 3,
+    "ok": True,
+    "text": "Once",
+  }
+  runtime.write_json(path, obj)
+  raw = json.loads(path.read_text(), parse_constant=pytest.fail)
+  assert raw == {
+    "eval": {"kl": "NaN", "win": 0.5},
+    "curve": [1.0, "Infinity", "-Infinity"],
+    "n": 3,
+    "ok": True,
+    "text": "Once",
+  }
+  back = runtime.read_json(path)
+  assert math.isnan(back["eval"]["kl"]) and back["eval"]["win"] == 0.5
+  assert back["curve"] == [1.0, math.inf, -math.inf]
+  assert back["n"] == 3 and back["ok"] is True and back["text"] == "Once"
+
+
 def test_metrics_rejects_bad_values(tmp_path):
   with MetricsWriter(tmp_path, tensorboard=False) as w:
     with pytest.raises(TypeError, match="'a/vec'.*shape \\(2,\\)"):

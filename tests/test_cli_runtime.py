@@ -411,3 +411,47 @@ def test_cpu_device_count_variable_is_checked(monkeypatch, capsys, value):
     f"rlhf-jax: error: $JAX_NUM_CPU_DEVICES={value!r}: expected a number of "
     "CPU devices >= 1 (or -1, jax's default)\n"
   )
+
+
+@pytest.mark.parametrize(
+  "platforms, reason",
+  [
+    ("tpu", "Unable to initialize backend 'tpu': "),
+    ("bogus", "Unable to initialize backend 'bogus': "),
+    ("cuda", "jax could not start a backend ("),  # no plugin: a bare assert
+  ],
+)
+def test_a_backend_the_machine_lacks_is_a_user_error(
+  tmp_path, tinystories_dir, platforms, reason
+):
+  """$JAX_PLATFORMS naming a backend this machine cannot start was an
+  internal error (a RuntimeError, or for 'cuda' without its plugin an
+  AssertionError with no message); it is one line naming the variable,
+  exit 2, before a run directory exists. A child process: jax starts its
+  backends once per process."""
+  env = {**os.environ, "JAX_PLATFORMS": platforms}
+  code = (
+    "import sys; from rlhf_jax.cli.main import main; sys.exit(main(sys.argv"
+    "[1:]))"
+  )
+  data = tmp_path / "d.jsonl"
+  data.write_text('{"prompt": "Once", "completion": " upon a time"}\n')
+  argv = ["sft", "--data", str(data), "--run-dir", str(tmp_path / "run")]
+  proc = subprocess.run(
+    [sys.executable, "-c", code, *argv, "--model", str(tinystories_dir)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+    "rlhf-jax: error: " + reason
+  ), proc.stderr
+  assert lines[0].endswith(
+    f"($JAX_PLATFORMS={platforms!r}); unset JAX_PLATFORMS, or name a backend "
+    "this machine has whose jax support is installed (cpu; cuda with "
+    "jax[cuda12], tpu with jax[tpu])"
+  )
+  assert not (tmp_path / "run").exists()

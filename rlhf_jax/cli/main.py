@@ -540,6 +540,35 @@ def _bad_device_count() -> str | None:
   )
 
 
+def _backend_error(e: Exception) -> str | None:
+  """A jax backend that $JAX_PLATFORMS asks for and this machine cannot
+  start (e.g. 'tpu' without libtpu), as one line; None for other errors.
+  The command has not started work then: no run directory exists yet."""
+  message = str(e).split(" (set JAX_PLATFORMS")[0]
+  platforms = os.environ.get("JAX_PLATFORMS")
+  if isinstance(e, RuntimeError) and "Unable to initialize backend" in message:
+    message = message.splitlines()[0]
+  elif platforms and _raised_in_jax_backends(e):  # e.g. 'cuda' with no
+    # plugin installed: jax 0.12 fails an assert with no message
+    message = "jax could not start a backend"
+  else:
+    return None
+  asked = f"$JAX_PLATFORMS={platforms!r}" if platforms else "jax's default"
+  return (
+    f"{message.rstrip('.')} ({asked}); unset JAX_PLATFORMS, or name a "
+    "backend this machine has whose jax support is installed (cpu; cuda "
+    "with jax[cuda12], tpu with jax[tpu])"
+  )
+
+
+def _raised_in_jax_backends(e: BaseException) -> bool:
+  """Whether ``e`` was raised in jax's backend set-up (xla_bridge.py)."""
+  frames = traceback.extract_tb(e.__traceback__)
+  return bool(frames) and os.path.basename(frames[-1].filename) == (
+    "xla_bridge.py"
+  )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
 
@@ -595,6 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "for less work at once (fewer samples, prompts or tokens, or a "
         "smaller batch)"
       )
+    backend = _backend_error(e)
+    if backend:
+      return _error(backend)
     if isinstance(
       e, NotADirectoryError | FileNotFoundError | IsADirectoryError
     ):

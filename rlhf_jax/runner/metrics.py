@@ -44,12 +44,10 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax._optional import import_cli_dependency
+from rlhf_jax.runner.runtime import NONFINITE_IN, NONFINITE_OUT
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-_NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-_NONFINITE_IN = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
 def _to_python(key: str, value: Any) -> bool | int | float:
@@ -75,7 +73,7 @@ def _to_python(key: str, value: Any) -> bool | int | float:
 
 def _encode(value: bool | int | float) -> bool | int | float | str:
   if isinstance(value, float) and not math.isfinite(value):
-    return _NONFINITE_OUT[repr(value)]
+    return NONFINITE_OUT[repr(value)]
   return value
 
 
@@ -247,7 +245,7 @@ def read_metrics(
     if not isinstance(rec, dict) or "step" not in rec or "stage" not in rec:
       raise ValueError(f"{path}:{lineno}: record lacks 'step' or 'stage'")
     rec = {
-      k: _NONFINITE_IN.get(v, v) if isinstance(v, str) and k != "stage" else v
+      k: NONFINITE_IN.get(v, v) if isinstance(v, str) and k != "stage" else v
       for k, v in rec.items()
     }
     if stage is None or rec["stage"] == stage:

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import fnmatch
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -256,7 +257,7 @@ def load_run_record(path: pathlib.Path) -> dict[str, Any]:
   """
   try:
     with reading(path):
-      record = json.loads(path.read_text())
+      record = read_json(path)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UserError(f"{path}: not a run's config.json ({e})") from None
   if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
@@ -325,11 +326,58 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     raise
 
 
+# Non-finite floats in the JSON files of a run (summary.json, config.json,
+# stage files, metrics.jsonl): strings, so that strict JSON readers (jq,
+# JavaScript) read them; Python's bare NaN is not JSON.
+NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+NONFINITE_IN = {v: float(k) for k, v in NONFINITE_OUT.items()}
+
+
+def _strict(obj: Any) -> Any:
+  """``obj`` with non-finite floats as NONFINITE_OUT strings and other
+  scalars (numpy, jax) as Python floats."""
+  if isinstance(obj, dict):
+    return {k: _strict(v) for k, v in obj.items()}
+  if isinstance(obj, list | tuple):
+    return [_strict(v) for v in obj]
+  if obj is None or isinstance(obj, str | bool | int):
+    return obj
+  value = float(obj)
+  return value if math.isfinite(value) else NONFINITE_OUT[repr(value)]
+
+
+def _relaxed(obj: Any) -> Any:
+  """The inverse of `_strict`: NONFINITE_OUT strings are floats again."""
+  if isinstance(obj, dict):
+    return {k: _relaxed(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_relaxed(v) for v in obj]
+  if isinstance(obj, str):
+    return NONFINITE_IN.get(obj, obj)
+  return obj
+
+
 def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Atomic JSON write (a kill leaves the old file or the new one)."""
-  text = json.dumps(obj, indent=2, default=float) + "\n"
+  """Atomic JSON write (a kill leaves the old file or the new one).
+
+  Strict JSON: NaN and infinities are written as the strings "NaN",
+  "Infinity" and "-Infinity" (`read_json` reads them back as floats);
+  numpy and jax scalars as floats.
+  """
+  text = json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
   with atomic_file(path) as f:
     f.write(text)
+
+
+def read_json(path: pathlib.Path) -> Any:
+  """A file `write_json` wrote: "NaN", "Infinity" and "-Infinity" strings
+  are floats again (a text that is exactly one of them too).
+
+  Raises:
+    ValueError: not UTF-8 or not JSON (JSONDecodeError, UnicodeDecodeError).
+    OSError: it cannot be read.
+  """
+  return _relaxed(json.loads(path.read_text(encoding="utf-8")))
 
 
 @contextlib.contextmanager

@@ -1,7 +1,6 @@
 """What every pipeline stage shares: the run context, keys, optimizers."""
 
 import dataclasses
-import json
 import pathlib
 import sys
 from typing import Any
@@ -107,7 +106,7 @@ class Context:
     if not path.is_file():
       return None
     try:
-      done = json.loads(path.read_text())
+      done = runtime.read_json(path)
       if not isinstance(done, dict):
         raise ValueError(f"a JSON {type(done).__name__}, not an object")
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
@@ -289,7 +288,7 @@ def finished_summary(
     return None
   try:
     with runtime.reading(path):
-      summary = json.loads(path.read_text())
+      summary = runtime.read_json(path)
   except ValueError:  # JSONDecodeError, UnicodeDecodeError: write it anew
     return None
   if not isinstance(summary, dict):

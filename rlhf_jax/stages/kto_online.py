@@ -29,7 +29,6 @@ held-out prompts' samples (the same keys), their expected accept rate
 """
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 from rlhf_jax import models
 from rlhf_jax.data import UnpairedBatch
 from rlhf_jax.runner import runtime
-from rlhf_jax.runner.metrics import MetricsWriter
+from rlhf_jax.runner.metrics import MetricsWriter, read_metrics
 from rlhf_jax.stages.common import Context, optimizer
 from rlhf_jax.stages.configs import KTOStageConfig, PipelineConfig
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy, stage_initial
@@ -248,10 +247,8 @@ def grpo_curve(ctx: Context) -> list[dict]:
   """The GRPO arm's evaluation records from metrics.jsonl (eval/reward is
   its held-out expected accept rate)."""
   out = []
-  path = ctx.run_dir / "metrics.jsonl"
-  for line in path.read_text().splitlines():
-    rec = json.loads(line)
-    if rec.get("stage") == "grpo" and "eval/reward" in rec:
+  for rec in read_metrics(ctx.run_dir, stage="grpo"):
+    if "eval/reward" in rec:
       out.append(
         {
           "round": rec["step"],

@@ -41,7 +41,7 @@ def _hh_settings(path: pathlib.Path) -> dict[str, Any] | None:
   """
   try:
     with runtime.reading(path):
-      data = json.loads(path.read_text())
+      data = runtime.read_json(path)
   except ValueError:  # JSONDecodeError, UnicodeDecodeError
     return None
   if isinstance(data, dict) and "config" not in data:
