@@ -81,6 +81,21 @@ def check_number(
     )
 
 
+def check_integer_array(name: str, x: Any) -> None:
+  """``x`` holds integers: an array of an integer dtype, or (nested) Python
+  ints. Its values are not read (see the module docstring).
+
+  Raises:
+    TypeError: a float or bool dtype (e.g. ranks 0.5, a mask given as an
+      index): jax would truncate or compare it without a word.
+  """
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    dtype = np.asarray(x).dtype
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{name} must hold integers, got dtype {dtype}")
+
+
 def check_key(name: str, rng: Any) -> None:
   """Checks that ``rng`` is one PRNG key: a typed key[]
   (``jax.random.key(seed)``) or the raw uint32 key data of

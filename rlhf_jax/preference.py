@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
-from rlhf_jax.checks import check_number
+from rlhf_jax.checks import check_integer_array, check_number
 from rlhf_jax.masked import (
   masked_mean,
   masked_sum,
@@ -238,6 +238,7 @@ def best_of_k_loss(
 
   Raises:
     ValueError: rewards not [B, K] with K >= 2 or best_index not [B].
+    TypeError: best_index not of an integer dtype.
   """
   r = promote_f32(rewards)
   if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
@@ -246,6 +247,7 @@ def best_of_k_loss(
     raise ValueError(
       f"best_index must be [B] = {r.shape[:1]}, got {jnp.shape(best_index)}"
     )
+  check_integer_array("best_index", best_index)
   onehot = jax.nn.one_hot(best_index, r.shape[1], dtype=bool)
   best = jnp.sum(jnp.where(onehot, r, 0.0), axis=-1)
   per_prompt = jax.nn.logsumexp(r, axis=-1) - best
@@ -286,12 +288,14 @@ def ranking_loss(
 
   Raises:
     ValueError: rewards not [B, K] with K >= 2 or ranks of another shape.
+    TypeError: ranks not of an integer dtype.
   """
   r = promote_f32(rewards)
   if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
     raise ValueError(f"rewards must be [B, K] with K >= 2, got {r.shape}")
   if jnp.shape(ranks) != r.shape:
     raise ValueError(f"ranks must be {r.shape}, got {jnp.shape(ranks)}")
+  check_integer_array("ranks", ranks)
   ranks = jnp.asarray(ranks)
   diff = r[:, :, None] - r[:, None, :]  # [B, K, K]: r_i - r_j
   better = ranks[:, :, None] < ranks[:, None, :]  # i ranked above j

@@ -24,9 +24,12 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import inspect
+import logging
 import math
 import pathlib
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -110,6 +113,9 @@ def load_reward_function(spec: str) -> RewardFn:
   return fn
 
 
+logger = logging.getLogger("rlhf_jax.rewards")
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardFunctions:
   """Reward functions and their weights: r = sum_k w_k r_k.
@@ -123,6 +129,10 @@ class RewardFunctions:
   fns: tuple[RewardFn, ...]
   weights: tuple[float, ...]
   names: tuple[str, ...]
+  # Host-side memory of the warning below (said once per instance).
+  _warned: dict = dataclasses.field(
+    default_factory=dict, compare=False, repr=False
+  )
 
   @classmethod
   def load(
@@ -168,12 +178,17 @@ class RewardFunctions:
       scored, "rewards/<fn>/none_count": rows it returned None for}),
       <fn> the function's name (TRL's names), the spec's end.
 
+    A completion that every function returned None for gets reward 0;
+    the first batch holding one logs a warning (TRL's too), since a run
+    whose functions all return None trains on nothing.
+
     Raises:
       RewardError: a function raised, returned other than N values, or a
         value that is neither a finite number nor None.
     """
     n = len(completions)
     total = np.zeros(n, np.float64)
+    unscored = np.ones(n, bool)
     metrics = {}
     keys = self.metric_names()
     for fn, w, name, key in zip(
@@ -181,12 +196,23 @@ class RewardFunctions:
     ):
       values = _checked(fn, name, prompts, completions, columns, n)
       scored = ~np.isnan(values)
+      unscored &= ~scored
       total += w * np.where(scored, values, 0.0)
       key = "rewards/" + key
       metrics[f"{key}/mean"] = (
         float(values[scored].mean()) if scored.any() else float("nan")
       )
       metrics[f"{key}/none_count"] = float(n - scored.sum())
+    if unscored.any() and not self._warned:
+      self._warned["none"] = True
+      logger.warning(
+        "every --reward function returned None for %d of %d completions "
+        "(the first: completion %d); they get reward 0, so a batch of only "
+        "those trains on nothing (rewards/<fn>/none_count counts them)",
+        int(unscored.sum()),
+        n,
+        int(np.argmax(unscored)),
+      )
     with np.errstate(over="ignore"):  # an overflow is the error below
       out = total.astype(np.float32)
     if not np.all(np.isfinite(out)):
@@ -215,13 +241,26 @@ class RewardFunctions:
     return tuple(out)
 
 
+def _where_raised(fn: Callable, e: BaseException) -> str:
+  """ "at FILE:LINE": the deepest frame of ``e`` in the file that defines
+  ``fn`` (the user's line, not a library's), else the deepest frame."""
+  frames = traceback.extract_tb(e.__traceback__)[1:]  # past _checked
+  if not frames:
+    return "at the call"
+  code = getattr(inspect.unwrap(fn), "__code__", None)
+  own = [f for f in frames if code and f.filename == code.co_filename]
+  frame = (own or frames)[-1]
+  return f"at {frame.filename}:{frame.lineno}"
+
+
 def _checked(fn, name, prompts, completions, columns, n) -> np.ndarray:
   """f64[N] values of one function, NaN where it returned None."""
   try:
     out = fn(prompts, completions, **columns)
   except (Exception, SystemExit) as e:  # the user's function failed
     raise RewardError(
-      f"reward function {name} raised {type(e).__name__}: {e}"
+      f"reward function {name} raised {type(e).__name__}: {e} "
+      f"({_where_raised(fn, e)}; --debug shows the traceback)"
     ) from e
   if isinstance(out, str | bytes):
     raise RewardError(

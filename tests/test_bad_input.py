@@ -351,6 +351,11 @@ def test_internal_error_is_one_line_and_debug_shows_the_traceback(
   monkeypatch.setenv(DEBUG_ENV, "1")
   assert main(["generate"]) == 1
   assert capsys.readouterr().err == err
+  short = "rlhf-jax: internal error: RuntimeError: a bug (rerun with"
+  for off in ("0", "false", "No", " off "):  # =false turned it on
+    monkeypatch.setenv(DEBUG_ENV, off)
+    assert main(["generate"]) == 1
+    assert capsys.readouterr().err.startswith(short)
 
 
 def test_debug_keeps_a_user_error_s_exit_status(monkeypatch, capsys):

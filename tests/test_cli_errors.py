@@ -443,6 +443,41 @@ def test_option_of_a_stage_the_command_skips_is_an_error(capsys):
   )
 
 
+def test_prompt_columns_named_like_reward_arguments_are_refused_first(
+  tmp_path, capsys
+):
+  """A --prompts field 'completions' was refused only after the prompts
+  stage had written the run directory."""
+  rows = [
+    json.dumps({"prompt": f"Hi {i}", "completions": "x"}) for i in range(3)
+  ]
+  prompts = _write(tmp_path / "p.jsonl", rows)
+  run = tmp_path / "r"
+  code, err = _run(
+    capsys,
+    [
+      "grpo",
+      "--preset",
+      "smoke",
+      "--prompts",
+      prompts,
+      "--reward",
+      "rlhf_jax.tasks.rewards:word_count",
+      "--grpo.batch-size",
+      "8",  # the 8 devices of the tests
+      "--run-dir",
+      str(run),
+    ],
+  )
+  _check(
+    code,
+    err,
+    f"--prompts {prompts}: field 'completions' would collide with the "
+    "reward functions' own argument; rename it",
+  )
+  assert not run.exists()
+
+
 def test_a_repeated_option_is_an_error_not_the_last_one_kept(capsys):
   code, err = _run(
     capsys, ["grpo", "--reward", "a:f", "--reward", "b:g", "--seed=3"]

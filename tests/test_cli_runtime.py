@@ -373,7 +373,7 @@ def test_a_run_is_read_with_the_paths_it_started_with(tmp_path, monkeypatch):
   assert runtime.with_resolved_paths(record, run) == record
 
 
-def test_cache_dir_variable_is_checked(monkeypatch, tmp_path):
+def test_cache_dir_variable_is_checked(monkeypatch, capsys, tmp_path):
   """An empty $RLHF_JAX_CACHE_DIR or one naming a file gave jax's own
   two-line warning (or nothing), and "OFF" made a folder named OFF."""
   from rlhf_jax.stages import environment
@@ -384,6 +384,10 @@ def test_cache_dir_variable_is_checked(monkeypatch, tmp_path):
     "folder for the compilation cache, or to off",
     str(tmp_path / "file"): f"$RLHF_JAX_CACHE_DIR={tmp_path / 'file'}: is a "
     "file; expected a folder for the compilation cache (or off)",
+    # Unwritable: jax warned at its first compile and ran without it.
+    str(tmp_path / "file" / "sub"): "$RLHF_JAX_CACHE_DIR="
+    f"{tmp_path / 'file' / 'sub'}: cannot be made (Not a directory); set it "
+    "to a folder you can write (or to off)",
   }
   for value, message in cases.items():
     monkeypatch.setenv("RLHF_JAX_CACHE_DIR", value)
@@ -391,6 +395,16 @@ def test_cache_dir_variable_is_checked(monkeypatch, tmp_path):
       environment.setup_jax()
     assert str(e.value) == message
   before = jax.config.jax_compilation_cache_dir
+  # The default folder unwritable (a read-only home): a warning, no cache.
+  monkeypatch.delenv("RLHF_JAX_CACHE_DIR")
+  monkeypatch.setenv("HOME", str(tmp_path / "file"))
+  environment.setup_jax()
+  assert jax.config.jax_compilation_cache_dir == before
+  assert capsys.readouterr().err == (
+    f"rlhf-jax: warning: the compilation cache folder {tmp_path / 'file'}"
+    "/.cache/rlhf_jax/jax_cache: cannot be made (Not a directory); running "
+    "without the cache (set $RLHF_JAX_CACHE_DIR to a folder you can write)\n"
+  )
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "OFF")
   environment.setup_jax()
@@ -455,3 +469,21 @@ def test_a_backend_the_machine_lacks_is_a_user_error(
     "jax[cuda12], tpu with jax[tpu])"
   )
   assert not (tmp_path / "run").exists()
+
+
+def test_library_warnings_are_command_lines_and_tensorboard_s_are_quiet(
+  capsys, caplog
+):
+  """The library's warnings print as the command's own lines; tensorboardX
+  printed 'WARNING:tensorboardX.x2num:NaN or Inf found in input tensor.'
+  for each NaN scalar (a reward function that scored no row)."""
+  import logging
+
+  from rlhf_jax.cli.main import _warnings_as_lines
+
+  with _warnings_as_lines():
+    logging.getLogger("rlhf_jax.rewards").warning("every function %s", "None")
+    logging.getLogger("tensorboardX.x2num").warning("NaN or Inf found")
+  assert capsys.readouterr().err == "rlhf-jax: warning: every function None\n"
+  assert [r.name for r in caplog.records] == []  # neither reached the root
+  assert logging.getLogger("tensorboardX.x2num").level == logging.NOTSET

@@ -409,6 +409,34 @@ def test_strict_turns_drops_into_errors():
   )
 
 
+def test_file_kind_mistakes_are_named(tmp_path):
+  """A folder read as "unknown file type"; a gzip file named .jsonl as
+  "invalid UTF-8 ... 0x8b"; data.JSONL was refused; a field given twice in
+  one row kept the last silently."""
+  (tmp_path / "d.jsonl").mkdir()
+  assert error_of(load_examples, str(tmp_path / "d.jsonl")) == (
+    f"{tmp_path / 'd.jsonl'}: is a directory, not a data file"
+  )
+  assert error_of(load_examples, str(tmp_path)) == (
+    f"{tmp_path}: is a directory, not a data file"
+  )
+  row = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+  zipped = tmp_path / "z.jsonl"
+  zipped.write_bytes(gzip.compress(row.encode()))
+  assert error_of(load_examples, str(zipped)) == (
+    f"{zipped}: is gzip-compressed; name it {zipped}.gz (or decompress it)"
+  )
+  upper = tmp_path / "UP.JSONL"
+  upper.write_text(row * 2)
+  assert [e.chosen for e in load_examples(str(upper)).examples] == ["a", "a"]
+  twice = tmp_path / "twice.jsonl"
+  twice.write_text(row + '{"prompt": "p", "chosen": "a", "chosen": "c"}\n')
+  assert error_of(load_examples, str(twice)) == (
+    f"{twice}:2: field 'chosen' is given twice in one object (which one is "
+    "meant?)"
+  )
+
+
 def test_source_errors(tmp_path):
   assert error_of(load_examples, str(tmp_path / "no.jsonl")) == (
     f"{tmp_path / 'no.jsonl'}: no such file"

@@ -102,6 +102,21 @@ def test_ranking_loss_hand_value():
   assert float(stats["rm/accuracy"].value) == 1.0
 
 
+def test_indices_and_ranks_must_be_integers():
+  """Float ranks and a float best_index were compared or one-hot encoded
+  without a word (best_index 1.5 matched no response: loss = logsumexp)."""
+  r = jnp.array([[3.0, 1.0, 2.0]])
+  with pytest.raises(TypeError, match="best_index must hold integers, got "):
+    best_of_k_loss(r, jnp.array([1.5]))
+  with pytest.raises(TypeError, match="ranks must hold integers, got dtype "):
+    ranking_loss(r, [[0.0, 0.5, 1.0]])
+  # Python ints and any integer dtype pass.
+  assert float(best_of_k_loss(r, [0])[0]) == float(
+    best_of_k_loss(r, np.array([0], np.int8))[0]
+  )
+  ranking_loss(r, [[0, 2, 1]])
+
+
 def test_ranking_loss_each_prompt_counts_once():
   # Prompt A has 3 comparisons, prompt B (tied ranks 1, 1) only 2; the batch
   # loss is the mean of the two per-prompt means, not the mean of 5 pairs.

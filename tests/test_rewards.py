@@ -130,11 +130,26 @@ def test_none_rows_get_no_contribution_and_are_counted():
   assert metrics["rewards/f1/mean"] == 2.0
 
 
-def test_all_none_scores_zero_with_a_nan_mean():
-  scores, metrics = _reward(_const(None))(["p", "q"], ["a", "b"])
+def test_all_none_scores_zero_with_a_nan_mean(caplog):
+  """A run whose functions all returned None trained on nothing, exit 0,
+  without a word; it is warned about once (TRL warns too)."""
+  reward = _reward(_const(None), _const(None))
+  with caplog.at_level("WARNING", logger="rlhf_jax.rewards"):
+    scores, metrics = reward(["p", "q"], ["a", "b"])
+    reward(["p", "q"], ["a", "b"])
   np.testing.assert_array_equal(scores, [0.0, 0.0])
   assert math.isnan(metrics["rewards/f0/mean"])
   assert metrics["rewards/f0/none_count"] == 2.0
+  assert [r.getMessage() for r in caplog.records] == [
+    "every --reward function returned None for 2 of 2 completions (the "
+    "first: completion 0); they get reward 0, so a batch of only those "
+    "trains on nothing (rewards/<fn>/none_count counts them)"
+  ]
+  # One function scoring a row is enough: no warning.
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="rlhf_jax.rewards"):
+    _reward(_const(None), _const(1.0))(["p"], ["a"])
+  assert caplog.records == []
 
 
 def test_numpy_values_and_bools_are_numbers():
@@ -224,6 +239,27 @@ def test_bad_values_are_reward_errors(fn, match):
   with pytest.raises(RewardError, match=match) as e:
     reward(["p", "q"], ["a", "b"])
   assert "f0" in str(e.value)
+
+
+def test_a_raising_reward_names_the_user_s_line(tmp_path):
+  """The error named the function but no line of it, and --debug lost the
+  traceback (the stage re-raised it `from None`)."""
+  (tmp_path / "rw.py").write_text(
+    "import json\n\n\ndef boom(prompts, completions, **c):\n"
+    "  return [json.loads('{')] * len(completions)\n"
+  )
+  reward = RewardFunctions.load((f"{tmp_path / 'rw.py'}:boom",))
+  with pytest.raises(RewardError) as e:
+    reward(["p"], ["a"])
+  assert str(e.value).startswith(
+    f"reward function {tmp_path / 'rw.py'}:boom raised JSONDecodeError: "
+    "Expecting property name "
+  )
+  # Its own line 5, not json's deeper frames.
+  assert str(e.value).endswith(
+    f"(at {tmp_path / 'rw.py'}:5; --debug shows the traceback)"
+  )
+  assert isinstance(e.value.__cause__, ValueError)
 
 
 def test_reward_error_is_a_value_error():

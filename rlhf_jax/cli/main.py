@@ -81,7 +81,8 @@ def _error(message: str) -> int:
 
 def _debug(args: list[str]) -> tuple[bool, list[str]]:
   """(whether tracebacks are wanted, args without --debug)."""
-  wanted = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+  value = os.environ.get(DEBUG_ENV, "").strip().lower()
+  wanted = value not in ("", "0", "false", "no", "off")
   return wanted or "--debug" in args, [a for a in args if a != "--debug"]
 
 
@@ -685,11 +686,18 @@ def _warnings_as_lines():
   propagate = log.propagate
   log.addHandler(handler)
   log.propagate = False
+  # tensorboardX logs "NaN or Inf found in input tensor" for each such
+  # scalar (e.g. the mean reward of a function that scored no row), in a
+  # format of its own; metrics.jsonl and TensorBoard record the value.
+  x2num = logging.getLogger("tensorboardX.x2num")
+  level = x2num.level
+  x2num.setLevel(logging.ERROR)
   try:
     yield
   finally:
     log.removeHandler(handler)
     log.propagate = propagate
+    x2num.setLevel(level)
 
 
 def _main(command: str, rest: list[str], debug: bool) -> int:

@@ -39,6 +39,7 @@ from rlhf_jax.data.examples import (
   detect_format,
   hh_messages,
   load_examples,
+  row_kind,
   split_hh_transcript,
 )
 from rlhf_jax.data.hh_rlhf import load_hh_rlhf, split_by_rows
@@ -91,6 +92,7 @@ __all__ = [
   "epoch_permutation",
   "host_slice",
   "load_examples",
+  "row_kind",
   "load_hh_rlhf",
   "padded_lengths",
   "read_jsonl",

@@ -126,6 +126,17 @@ class PromptExample:
 Example = PreferencePair | RankedExample | UnpairedExample | PromptExample
 
 
+def row_kind(example: Example) -> str:
+  """What rows ``example`` came from, in the file's words (for messages
+  such as "expected preference pairs, got ... rows")."""
+  return {
+    PreferencePair: "preference pairs",
+    RankedExample: "ranked rows (prompt, responses, best | ranking)",
+    UnpairedExample: "{prompt, completion, label} rows",
+    PromptExample: "prompt-only rows",
+  }.get(type(example), f"{type(example).__name__} rows")
+
+
 @dataclasses.dataclass
 class LoadedExamples:
   """Examples of one kind plus the report of what was dropped.

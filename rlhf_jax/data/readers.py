@@ -60,9 +60,12 @@ def read_rows(
   """
   if is_path(source):
     path = str(source)
-    if path.endswith((".jsonl", ".jsonl.gz")):
+    suffix = path.lower()  # data.JSONL is a JSONL file too
+    if pathlib.Path(path).is_dir():
+      _check_file(path)  # "is a directory", not "unknown file type"
+    if suffix.endswith((".jsonl", ".jsonl.gz")):
       rows = read_jsonl(path)
-    elif path.endswith(".parquet"):
+    elif suffix.endswith(".parquet"):
       rows = read_parquet(path)
     else:
       raise DataError(
@@ -87,7 +90,7 @@ def _check_file(path: str) -> pathlib.Path:
 
 def _open_lines(path: str) -> Iterator[bytes]:
   p = _check_file(path)
-  gz = path.endswith(".gz")
+  gz = path.lower().endswith(".gz")
   try:
     f = gzip.open(p, "rb") if gz else open(p, "rb")  # noqa: SIM115
   except OSError as e:
@@ -100,16 +103,39 @@ def _open_lines(path: str) -> Iterator[bytes]:
       raise DataError(f"{path}: cannot read {what}: {e}") from e
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class _DuplicateKeyError(ValueError):
+  """A JSON object names one field twice (json keeps the last silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+  out = dict(pairs)
+  if len(out) < len(pairs):
+    seen = set()
+    for key, _ in pairs:
+      if key in seen:
+        raise _DuplicateKeyError(key)
+      seen.add(key)
+  return out
+
+
 def read_jsonl(path: PathLike) -> Iterator[Row]:
   """Streams JSON objects from a JSONL (or JSONL.gz) file, one per line.
 
   Raises:
     DataError: ``"{path}:{line}: invalid JSON: {reason}"`` for a line that
-      does not parse, ``"{path}:{line}: invalid UTF-8: ..."`` for bad bytes.
+      does not parse, ``"{path}:{line}: invalid UTF-8: ..."`` for bad bytes,
+      an object naming one field twice, a gzip file not named ``.gz``.
   """
   path = str(path)
   row = 0
   for lineno, raw in enumerate(_open_lines(path), start=1):
+    if lineno == 1 and raw.startswith(_GZIP_MAGIC):
+      raise DataError(
+        f"{path}: is gzip-compressed; name it {path}.gz (or decompress it)"
+      )
     try:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -119,7 +145,12 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
     if not text.strip():
       continue
     try:
-      data = json.loads(text)
+      data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKeyError as e:
+      raise DataError(
+        f"{path}:{lineno}: field {e.args[0]!r} is given twice in one object "
+        "(which one is meant?)"
+      ) from None
     except json.JSONDecodeError as e:
       raise DataError(
         f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})"

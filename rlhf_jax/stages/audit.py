@@ -33,6 +33,7 @@ from rlhf_jax.data import (
   RankedExample,
   load_examples,
   read_rows,
+  row_kind,
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.configs import AuditConfig
@@ -207,7 +208,7 @@ def read_judgements(
     raise DataError(
       f"{config.data}: expected preference pairs (prompt/chosen/rejected, "
       "HH-RLHF transcripts or conversational) or ranked rows, got "
-      f"{type(first).__name__} rows"
+      f"{row_kind(first)}"
     )
   names = _annotators(config.data, sources, config.annotator_field)
   interned = audit.intern_pairs(

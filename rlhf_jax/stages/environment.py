@@ -90,10 +90,13 @@ def setup_jax() -> None:
   it.
 
   Raises:
-    UserError: $RLHF_JAX_CACHE_DIR is set but empty, or names a file.
+    UserError: $RLHF_JAX_CACHE_DIR is set but empty, names a file, or a
+      folder that cannot be made or written. (An unwritable default
+      folder is a warning: the run goes on without the cache.)
   """
   import jax
 
+  explicit = CACHE_ENV in os.environ
   cache = os.environ.get(
     CACHE_ENV, str(pathlib.Path.home() / ".cache" / "rlhf_jax" / "jax_cache")
   )
@@ -109,11 +112,35 @@ def setup_jax() -> None:
       f"${CACHE_ENV}={cache}: is a file; expected a folder for the "
       "compilation cache (or off)"
     )
+  problem = None if cache == "off" else _unwritable(pathlib.Path(cache))
+  if problem and explicit:
+    raise UserError(
+      f"${CACHE_ENV}={cache}: {problem}; set it to a folder you can write "
+      "(or to off)"
+    )
+  if problem:
+    sys.stderr.write(
+      f"rlhf-jax: warning: the compilation cache folder {cache}: {problem}; "
+      f"running without the cache (set ${CACHE_ENV} to a folder you can "
+      "write)\n"
+    )
+    cache = "off"
   if cache != "off":
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   CompileClock.get()
+
+
+def _unwritable(folder: pathlib.Path) -> str | None:
+  """Why ``folder`` (made if missing) cannot hold files; None if it can."""
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    return f"cannot be made ({e.strerror or e})"
+  if not os.access(folder, os.W_OK | os.X_OK):
+    return "cannot be written (permission denied)"
+  return None
 
 
 # The variables jax.distributed's own launchers set.

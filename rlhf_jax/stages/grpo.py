@@ -23,6 +23,7 @@ from rlhf_jax.stages.common import Context, optimizer
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy
 from rlhf_jax.stages.sampling import decode, tokenize_prompt_texts
+from rlhf_jax.stages.user_data import check_reward_columns
 from rlhf_jax.train import (
   init_grpo_state,
   make_grpo_rollout,
@@ -92,27 +93,12 @@ def column_lists(rows: list[dict]) -> dict[str, list]:
   return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def check_columns(config: PipelineConfig, prompts: dict) -> None:
-  """The --prompts file's other fields can be passed to the rewards.
-
-  Raises:
-    UserError: a field named like the reward functions' own arguments.
-  """
-  rows = prompts.get("train_columns", []) + prompts.get("heldout_columns", [])
-  clash = sorted({k for r in rows for k in r} & {"prompts", "completions"})
-  if clash:
-    raise runtime.UserError(
-      f"--prompts {config.prompts}: field {clash[0]!r} would collide with "
-      "the reward functions' own argument; rename it"
-    )
-
-
 def _reward_of(reward, prompts: list[str], texts: list[str], columns) -> float:
   """Mean reward of held-out samples (a RewardError as a UserError)."""
   try:
     scores, _ = reward(prompts, texts, **column_lists(columns))
-  except RewardError as e:
-    raise runtime.UserError(str(e)) from None
+  except RewardError as e:  # --debug shows the user's traceback
+    raise runtime.UserError(str(e)) from e
   return float(np.mean(scores))
 
 
@@ -120,7 +106,10 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   """GRPO iterations with host-scored rewards; periodic evaluation."""
   cfg = ctx.config.grpo
   reward = reward_functions(ctx.config)
-  check_columns(ctx.config, prompts)
+  check_reward_columns(
+    ctx.config.prompts,
+    prompts.get("train_columns", []) + prompts.get("heldout_columns", []),
+  )
   config = grpo_config(ctx.config, eos_token_id=ctx.eos, pad_token_id=ctx.pad)
   opt = optimizer(cfg.learning_rate, cfg.warmup_steps, cfg.max_grad_norm)
   params, opt = ctx.lora_policy(opt, "grpo")
@@ -165,8 +154,8 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
         group_size=config.group_size,
         columns=columns,
       )
-    except RewardError as e:  # the user's function: a one-line error
-      raise runtime.UserError(str(e)) from None
+    except RewardError as e:  # one line; --debug shows the user's traceback
+      raise runtime.UserError(str(e)) from e
     state, metrics = update(state, (samples, scores))
     return state, {**metrics, **reward_metrics}
 

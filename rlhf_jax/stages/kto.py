@@ -29,6 +29,7 @@ from rlhf_jax.data import (
   TokenizedDataset,
   UnpairedExample,
   load_examples,
+  row_kind,
   tokenize_unpaired,
   train_eval_split,
 )
@@ -87,7 +88,7 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
   if not isinstance(first, UnpairedExample):
     raise DataError(
       f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
-      f"feedback), got {type(first).__name__} rows"
+      f"feedback), got {row_kind(first)}"
     )
   if len(loaded.examples) < 4:
     raise DataError(f"{path}: need at least 4 rows, got {len(loaded.examples)}")

@@ -44,6 +44,7 @@ from rlhf_jax.data import (
   TokenizedDataset,
   TruncationReport,
   load_examples,
+  row_kind,
   tokenize_preferences,
   train_eval_split,
   trim_padding,
@@ -212,10 +213,10 @@ def load_pairs(
   """
   loaded = load_examples(path, strict=strict, chat_template=template)
   if not isinstance(loaded.examples[0], PreferencePair):
-    kind = type(loaded.examples[0]).__name__
+    kind = row_kind(loaded.examples[0])
     raise DataError(
       f"{path}: expected preference pairs (prompt/chosen/rejected, "
-      f"HH-RLHF transcripts or conversational), got {kind} rows"
+      f"HH-RLHF transcripts or conversational), got {kind}"
     )
   ds = tokenize_preferences(
     loaded.examples,
@@ -306,6 +307,21 @@ def check_pairs_to_split(path: Any, pairs: int) -> None:
     raise DataError(f"{path}: need at least 2 usable pairs, got {pairs}")
 
 
+def check_reward_columns(path: Any, columns: list[dict]) -> None:
+  """The --prompts file's other fields (``columns``, one dict per row) can
+  be passed to the --reward functions as keyword arguments.
+
+  Raises:
+    UserError: a field named like the functions' own arguments.
+  """
+  clash = sorted({k for r in columns for k in r} & {"prompts", "completions"})
+  if clash:
+    raise runtime.UserError(
+      f"--prompts {path}: field {clash[0]!r} would collide with the reward "
+      "functions' own argument; rename it"
+    )
+
+
 def check_user_data(config: Any, tok: models.Tokenizer) -> None:
   """Pre-flight: --data, --eval-data and --prompts read whole, checked and
   tokenized with the policy's tokenizer as the stages will, before the run
@@ -335,12 +351,16 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
         if path == config.data and config.eval_data is None:
           check_pairs_to_split(path, len(ds))
     if config.prompts is not None:
-      read_prompts(
+      loaded, _ = read_prompts(
         config.prompts,
         strict=config.strict,
         template=template,
         max_dropped_frac=config.data_max_dropped_frac,
       )
+      if getattr(config, "reward", None):  # grpo passes the columns on
+        check_reward_columns(
+          config.prompts, [e.columns for e in loaded.examples]
+        )
 
 
 def stage_user_prompts(ctx: Context) -> dict[str, Any]:

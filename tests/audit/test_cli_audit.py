@@ -224,7 +224,8 @@ def test_unpaired_rows_are_refused(tmp_path, capsys):
     code,
     err,
     f"{data}: expected preference pairs (prompt/chosen/rejected, HH-RLHF "
-    "transcripts or conversational) or ranked rows, got UnpairedExample rows",
+    "transcripts or conversational) or ranked rows, got {prompt, completion, "
+    "label} rows",
   )
 
 

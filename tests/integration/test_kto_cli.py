@@ -225,7 +225,7 @@ def test_preference_rows_are_not_kto_rows(tmp_path, capsys):
   err = _error(capsys, [*_args(path, tmp_path / "r")])
   assert err == (
     f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
-    "feedback), got PreferencePair rows"
+    "feedback), got preference pairs"
   )
 
 
