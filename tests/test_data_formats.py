@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlhf_jax.data import (
+  CompletionExample,
   DataError,
   PreferencePair,
   PromptExample,
@@ -152,7 +153,7 @@ def test_ranked_format_best_and_ranking():
   assert loaded.drops.counts() == {"duplicate_responses": 1}
 
 
-def test_unpaired_and_prompt_formats():
+def test_unpaired_completion_and_prompt_formats(tmp_path):
   path = str(FIX / "unpaired.jsonl")
   loaded = load_examples(path)
   assert loaded.formats[path] == "unpaired"
@@ -161,6 +162,19 @@ def test_unpaired_and_prompt_formats():
     (" it rained.", False),
   ]
   assert all(isinstance(e, UnpairedExample) for e in loaded.examples)
+  # Without labels: demonstrations (TRL's prompt-completion format).
+  path = write_lines(
+    tmp_path,
+    [
+      '{"prompt": "p", "completion": " c"}',
+      '{"prompt": "q", "completion": " d"}',
+    ],
+  )
+  loaded = load_examples(path)
+  assert loaded.formats[path] == "completion"
+  assert loaded.examples[1] == CompletionExample(
+    "q", " d", source=path, row=1, where=f"{path}:2"
+  )
   path = str(FIX / "prompts.jsonl")
   loaded = load_examples(path, chat_template=chat)
   assert loaded.formats[path] == "prompt"
@@ -180,6 +194,7 @@ def test_unpaired_and_prompt_formats():
     ({"prompt": [], "chosen": [], "rejected": []}, "conversational"),
     ({"prompt": "p", "responses": [], "best": 0}, "ranked"),
     ({"prompt": "p", "completion": "c", "label": True}, "unpaired"),
+    ({"prompt": "p", "completion": "c"}, "completion"),
     ({"prompt": "p", "id": 3}, "prompt"),
   ],
 )
@@ -448,19 +463,20 @@ def test_source_errors(tmp_path):
   path = str(FIX / "explicit.jsonl")
   assert error_of(load_examples, path, format="csv") == (
     f"{path}: unknown format 'csv'; expected 'auto' or one of explicit, hh, "
-    "conversational, ranked, unpaired, prompt"
+    "conversational, ranked, unpaired, completion, prompt"
   )
   path = write_lines(tmp_path, ['{"text": "a", "score": 1}'])
   assert error_of(load_examples, path) == (
     f"{path}:1: cannot detect the format from fields [score, text]; expected "
     "prompt+chosen+rejected (explicit), chosen+rejected (hh or "
     "conversational), prompt+responses+best|ranking (ranked), "
-    "prompt+completion+label (unpaired) or prompt (prompt)"
+    "prompt+completion+label (unpaired), prompt+completion (completion) or "
+    "prompt (prompt)"
   )
   a, b = str(FIX / "explicit.jsonl"), str(FIX / "unpaired.jsonl")
   assert error_of(load_examples, [a, b]) == (
-    f"{b}: format 'unpaired' gives UnpairedExample examples, but earlier "
-    "sources gave PreferencePair"
+    f"{b}: holds {{prompt, completion, label}} rows (format 'unpaired'), but "
+    "earlier sources hold preference pairs"
   )
 
 

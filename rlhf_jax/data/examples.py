@@ -19,6 +19,8 @@ first row's fields and then holds every row to it):
 ``ranked``          {"prompt": str, "responses": [str...], "best": int} or
                     ... "ranking": [int...] (response indices, best first).
 ``unpaired``        {"prompt": str, "completion": str, "label": bool}
+``completion``      {"prompt": str, "completion": str}: a demonstration
+                    (TRL's prompt-completion format), for SFT.
 ``prompt``          {"prompt": str | [msg...]} for PPO rollouts.
 
 Rows unusable for a known reason are dropped and counted (``DropReport``,
@@ -51,6 +53,7 @@ FORMATS = (
   "conversational",
   "ranked",
   "unpaired",
+  "completion",
   "prompt",
 )
 
@@ -112,6 +115,17 @@ class UnpairedExample:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompletionExample:
+  """A prompt and a demonstrated completion (no label: SFT's rows)."""
+
+  prompt: str
+  completion: str
+  source: str = ""
+  row: int = -1
+  where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptExample:
   """A prompt alone (PPO/GRPO rollouts), with the row's other fields
   (``columns``, e.g. a reference answer) for reward functions."""
@@ -123,7 +137,13 @@ class PromptExample:
   columns: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
-Example = PreferencePair | RankedExample | UnpairedExample | PromptExample
+Example = (
+  PreferencePair
+  | RankedExample
+  | UnpairedExample
+  | CompletionExample
+  | PromptExample
+)
 
 
 def row_kind(example: Example) -> str:
@@ -133,6 +153,7 @@ def row_kind(example: Example) -> str:
     PreferencePair: "preference pairs",
     RankedExample: "ranked rows (prompt, responses, best | ranking)",
     UnpairedExample: "{prompt, completion, label} rows",
+    CompletionExample: "{prompt, completion} rows (no label)",
     PromptExample: "prompt-only rows",
   }.get(type(example), f"{type(example).__name__} rows")
 
@@ -293,6 +314,7 @@ _REQUIRED = {
   "conversational": ("chosen", "rejected"),
   "ranked": ("prompt", "responses", "best | ranking"),
   "unpaired": ("prompt", "completion", "label"),
+  "completion": ("prompt", "completion"),
   "prompt": ("prompt",),
 }
 
@@ -309,7 +331,7 @@ def detect_format(row: Any, where: str = "") -> str:
   if "responses" in keys:
     return "ranked"
   if "completion" in keys:
-    return "unpaired"
+    return "unpaired" if "label" in keys else "completion"
   if "chosen" in keys or "rejected" in keys:
     if isinstance(row.get("chosen"), list | tuple):
       return "conversational"
@@ -321,7 +343,8 @@ def detect_format(row: Any, where: str = "") -> str:
     f"{where}: cannot detect the format from fields [{shown}]; expected "
     "prompt+chosen+rejected (explicit), chosen+rejected (hh or "
     "conversational), prompt+responses+best|ranking (ranked), "
-    "prompt+completion+label (unpaired) or prompt (prompt)"
+    "prompt+completion+label (unpaired), prompt+completion (completion) or "
+    "prompt (prompt)"
   )
 
 
@@ -490,6 +513,12 @@ def _parse_unpaired(row, where, fmt, template) -> UnpairedExample:
   return UnpairedExample(prompt, completion, label)
 
 
+def _parse_completion(row, where, fmt, template) -> CompletionExample:
+  prompt = _text(_field(row, "prompt", where, fmt), "prompt", where)
+  completion = _text(_field(row, "completion", where, fmt), "completion", where)
+  return CompletionExample(prompt, completion)
+
+
 def _parse_prompt(row, where, fmt, template) -> PromptExample:
   prompt = _field(row, "prompt", where, fmt)
   columns = {k: v for k, v in row.items() if k != "prompt"}
@@ -506,6 +535,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
   "conversational": _parse_conversational,
   "ranked": _parse_ranked,
   "unpaired": _parse_unpaired,
+  "completion": _parse_completion,
   "prompt": _parse_prompt,
 }
 
@@ -663,11 +693,11 @@ def load_examples(
       container="file" if is_path(src) else "dataset",
     )
     if kind is None:
-      kind = type(exs[0])
+      kind, first = type(exs[0]), exs[0]
     elif type(exs[0]) is not kind:
       raise DataError(
-        f"{label}: format '{fmt}' gives {type(exs[0]).__name__} examples, "
-        f"but earlier sources gave {kind.__name__}"
+        f"{label}: holds {row_kind(exs[0])} (format '{fmt}'), but earlier "
+        f"sources hold {row_kind(first)}"
       )
     formats[label] = fmt
     examples.extend(exs)

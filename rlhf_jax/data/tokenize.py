@@ -48,6 +48,7 @@ from rlhf_jax.data.errors import (
   logger,
 )
 from rlhf_jax.data.examples import (
+  CompletionExample,
   PreferencePair,
   PromptExample,
   RankedExample,
@@ -869,7 +870,8 @@ def tokenize_sft(
   """Tokenizes demonstrations into an ``SFTBatch`` dataset.
 
   The target response is the example's ``response_field`` attribute
-  (``"chosen"`` of preference pairs, ``"completion"`` of unpaired ones).
+  (``"chosen"`` of preference pairs, ``"completion"`` of unpaired and
+  completion rows).
   Arrays: prompt_ids i32[N, P], prompt_mask bool[N, P] left-padded;
   response_ids i32[N, T], response_mask bool[N, T] right-padded.
 
@@ -882,7 +884,9 @@ def tokenize_sft(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
   )
   tokenizer = _data_tokenizer(tokenizer)
-  examples = _example_list(examples, "SFT", (PreferencePair, UnpairedExample))
+  examples = _example_list(
+    examples, "SFT", (PreferencePair, UnpairedExample, CompletionExample)
+  )
   return _single_response(
     examples,
     tokenizer,

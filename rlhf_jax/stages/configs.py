@@ -302,8 +302,9 @@ class SFTConfig:
   """Supervised fine-tuning on demonstrations from a file."""
 
   data: str
-  """Demonstration file (.jsonl/.jsonl.gz/.parquet): preference rows (the
-  chosen response is the target) or {prompt, completion, label} rows."""
+  """Demonstration file (.jsonl/.jsonl.gz/.parquet): {prompt, completion}
+  rows (with an optional label: false rows are left out), or preference
+  rows (the chosen response is the target)."""
   preset: str = "default"
   """Named preset."""
   model: str | None = None

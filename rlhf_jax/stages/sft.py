@@ -3,8 +3,9 @@
 The next-token loss on the response tokens only (``train.make_sft_step``),
 on the mesh of ``--mesh.*``, with the runner's checkpoints and resume;
 ``--lora.rank > 0`` trains LoRA adapters on the frozen base instead.
-Demonstrations are preference rows (the chosen response is the target) or
-unpaired {prompt, completion, label} rows (accepted completions).
+Demonstrations are {prompt, completion} rows (TRL's prompt-completion
+format), preference rows (the chosen response is the target) or unpaired
+{prompt, completion, label} rows (accepted completions).
 """
 
 import pathlib
@@ -16,11 +17,13 @@ import optax
 from rlhf_jax import models
 from rlhf_jax.data import (
   BatchIterator,
+  CompletionExample,
   DataError,
   HFTokenizerAdapter,
   PreferencePair,
   UnpairedExample,
   load_examples,
+  row_kind,
   tokenize_sft,
 )
 from rlhf_jax.models import lora
@@ -58,14 +61,16 @@ def _demonstrations(path: str, strict: bool, template: Any):
   first = loaded.examples[0]
   if isinstance(first, PreferencePair):
     return loaded, loaded.examples, "chosen"
+  if isinstance(first, CompletionExample):
+    return loaded, loaded.examples, "completion"
   if isinstance(first, UnpairedExample):
     examples = [e for e in loaded.examples if e.label]
     if not examples:
       raise DataError(f"{path}: no accepted (label true) completions")
     return loaded, examples, "completion"
   raise DataError(
-    f"{path}: expected preference or {{prompt, completion, label}} rows, "
-    f"got {type(first).__name__}"
+    f"{path}: expected {{prompt, completion}} rows (optionally with a "
+    f"label), or preference pairs; got {row_kind(first)}"
   )
 
 

@@ -207,10 +207,12 @@ def test_rm_summary_and_report_show_drops_and_truncation(tmp_path, shared_data):
 def test_sft_pads_to_the_longest_row_not_the_max_lengths(tmp_path):
   """Max lengths of 100000 tokens ran out of memory (every row padded to
   them) after the run directory was made; rows are padded to the longest
-  in the data, said in the log and the summary."""
+  in the data, said in the log and the summary. The rows are TRL's
+  prompt-completion format (no label), which sft refused ("missing field
+  'label'")."""
   rows = [
-    {"prompt": "Once upon a time", "completion": " a dog.", "label": True},
-    {"prompt": "Lily", "completion": " ran to the park.", "label": True},
+    {"prompt": "Once upon a time", "completion": " a dog."},
+    {"prompt": "Lily", "completion": " ran to the park."},
   ]
   path = jsonl(tmp_path / "demos.jsonl", rows)
   run_dir = tmp_path / "run"

@@ -227,6 +227,13 @@ def test_preference_rows_are_not_kto_rows(tmp_path, capsys):
     f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
     "feedback), got preference pairs"
   )
+  # Demonstrations without labels are SFT's rows, not feedback.
+  path.write_text(json.dumps({"prompt": "a", "completion": "b"}))
+  err = _error(capsys, [*_args(path, tmp_path / "r")])
+  assert err == (
+    f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
+    "feedback), got {prompt, completion} rows (no label)"
+  )
 
 
 def test_bad_options(tmp_path, capsys):
