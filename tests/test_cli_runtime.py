@@ -1,5 +1,6 @@
 """CLI plumbing: configs, presets, run directories, signals, metrics resume."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -479,11 +480,44 @@ def test_library_warnings_are_command_lines_and_tensorboard_s_are_quiet(
   for each NaN scalar (a reward function that scored no row)."""
   import logging
 
-  from rlhf_jax.cli.main import _warnings_as_lines
+  from rlhf_jax.cli.main import _command_logging
 
-  with _warnings_as_lines():
+  with _command_logging(False, ()):
     logging.getLogger("rlhf_jax.rewards").warning("every function %s", "None")
     logging.getLogger("tensorboardX.x2num").warning("NaN or Inf found")
   assert capsys.readouterr().err == "rlhf-jax: warning: every function None\n"
   assert [r.name for r in caplog.records] == []  # neither reached the root
   assert logging.getLogger("tensorboardX.x2num").level == logging.NOTSET
+
+
+@pytest.mark.parametrize(
+  "error, debug, shown",
+  [
+    (None, False, ["saved", "late"]),  # at the end, in order
+    (RuntimeError("a bug"), False, ["saved", "late"]),
+    (runtime.UserError("one line"), False, []),
+    (OSError(28, "No space left on device"), False, []),
+    (runtime.UserError("one line"), True, ["saved", "late"]),  # as logged
+  ],
+)
+def test_absl_records_are_dropped_when_the_error_is_one_line(
+  caplog, error, debug, shown
+):
+  """A full disk during a checkpoint printed ~325 lines of orbax's absl
+  tracebacks (one per background thread) above the command's one line."""
+  import logging
+
+  from rlhf_jax.cli.main import _command_logging
+
+  absl = logging.getLogger("absl")
+  seen = []
+  with contextlib.suppress(RuntimeError, OSError, runtime.UserError):
+    with _command_logging(debug, (runtime.UserError,)):
+      absl.error("saved")
+      seen.append([r.getMessage() for r in caplog.records])
+      absl.warning("late")
+      if error is not None:
+        raise error
+  assert seen == [["saved"] if debug else []]
+  assert [r.getMessage() for r in caplog.records] == shown
+  assert absl.propagate and absl.handlers == []

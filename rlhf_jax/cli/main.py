@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import logging.handlers
 import os
 import re
 import sys
@@ -674,10 +675,16 @@ def _then(command: str, e: "runtime.Interrupted") -> str:
 
 
 @contextlib.contextmanager
-def _warnings_as_lines():
+def _command_logging(debug: bool, reported: tuple[type, ...]):
   """The library's logged warnings (rlhf_jax.data: unknown tokens, rows
   kept) as the command's own lines, "rlhf-jax: warning: ...", once in a
-  multi-host run, instead of a logging format some dependency set."""
+  multi-host run, instead of a logging format some dependency set.
+
+  absl's records (orbax's background save threads) are held back: an
+  error the command reports in one line (``reported``, or a full or
+  read-only disk) drops them, as they repeat it as tracebacks; otherwise
+  they are logged at the end. With ``debug`` they come as logged.
+  """
   handler = logging.StreamHandler(sys.stderr)
   handler.setLevel(logging.WARNING)
   handler.setFormatter(logging.Formatter("rlhf-jax: warning: %(message)s"))
@@ -692,35 +699,46 @@ def _warnings_as_lines():
   x2num = logging.getLogger("tensorboardX.x2num")
   level = x2num.level
   x2num.setLevel(logging.ERROR)
+  absl = logging.getLogger("absl")
+  absl_propagate = absl.propagate
+  held = logging.handlers.BufferingHandler(capacity=1 << 20)
+  if not debug:
+    absl.addHandler(held)
+    absl.propagate = False
+  keep = True
   try:
     yield
+  except BaseException as e:
+    keep = not (isinstance(e, reported) or runtime.disk_error(e, "output"))
+    raise
   finally:
     log.removeHandler(handler)
     log.propagate = propagate
     x2num.setLevel(level)
+    absl.removeHandler(held)
+    absl.propagate = absl_propagate
+    for record in held.buffer if keep else ():
+      absl.handle(record)
 
 
 def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
   from rlhf_jax.models import MissingSpecialTokenError, ModelLoadError
 
+  reported = (runtime.UserError, DataError, MissingSpecialTokenError)
+  reported += (ModelLoadError,)
   try:
     if command not in COMMANDS:
       raise runtime.UserError(
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
     config = _validated(command, _config(command, rest))
-    with _warnings_as_lines():
+    with _command_logging(debug, reported):
       return _dispatch(command, config)
   except runtime.Interrupted as e:
     sys.stderr.write(f"rlhf-jax: interrupted ({e}); {_then(command, e)}\n")
     return EXIT_INTERRUPTED
-  except (
-    runtime.UserError,
-    DataError,
-    MissingSpecialTokenError,
-    ModelLoadError,
-  ) as e:
+  except reported as e:
     if debug:  # where it was raised; still exit 2
       traceback.print_exc()
     return _error(_advice(command, str(e), rest))
