@@ -164,6 +164,14 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     f"cannot resume {run_dir}: the config differs from its config.json "
     "(config.seed: 0 -> 7)"
   )
+  # Another command's run: said so (it listed a diff of whole configs).
+  with pytest.raises(runtime.UserError) as e:
+    runtime.prepare_run_dir("dpo", resumed, extra={"model_dir": "m"})
+  assert str(e.value) == (
+    f"cannot resume {run_dir}: it is a run of `rlhf-jax run`, not of "
+    "`rlhf-jax dpo`; resume it with that command, or give `rlhf-jax dpo` "
+    "another --run-dir"
+  )
   fresh = dataclasses.replace(cfg, overwrite=True)
   runtime.prepare_run_dir("run", fresh, extra={"model_dir": "m"})
   assert not (run_dir / "metrics.jsonl").exists()

@@ -838,6 +838,13 @@ def prepare_run_dir(
       )
     elif write_config and config.resume and saved_path.is_file():
       saved = load_run_record(saved_path)
+      if saved.get("command", command) != command:
+        raise UserError(
+          f"cannot resume {run_dir}: it is a run of `rlhf-jax "
+          f"{visible(str(saved['command']))}`, not of `rlhf-jax {command}`; "
+          f"resume it with that command, or give `rlhf-jax {command}` "
+          "another --run-dir"
+        )
       diffs = _diff(
         _comparable(record, run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),
