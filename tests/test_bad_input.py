@@ -417,6 +417,16 @@ def _opt():
   return optax.sgd(0.1)
 
 
+def _state() -> TrainState:
+  return TrainState.create(
+    models.init_params(TINY, jax.random.key(0)), _opt(), jax.random.key(0)
+  )
+
+
+def _sft_shapes(batch):
+  return jax.eval_shape(make_sft_step(TINY, _opt()), _state(), batch)
+
+
 LIBRARY_CASES = [
   (
     lambda: make_sft_step(TINY, _opt(), SFTConfig(num_micro_batches=0)),
@@ -805,6 +815,34 @@ LIBRARY_CASES = [
       SFTBatch(*_rows(2, 3), *_rows(2, 0)),
     ),
     "response_ids shape (2, 0): expected at least one slot (T >= 1)",
+  ),
+  # An empty batch or prompt named internal arguments ("input_ids shape
+  # (0, 11)", "prompt_length must be ..."); another batch type or 1-D ids
+  # were an AttributeError or an IndexError.
+  (
+    lambda: _sft_shapes(SFTBatch(*_rows(0, 3), *_rows(0, 4))),
+    "prompt_ids shape (0, 3): expected at least one row and one prompt token "
+    "(B >= 1, P >= 1)",
+  ),
+  (
+    lambda: _sft_shapes(SFTBatch(*_rows(2, 0), *_rows(2, 4))),
+    "prompt_ids shape (2, 0): expected at least one row and one prompt token",
+  ),
+  (
+    lambda: _sft_shapes(
+      SFTBatch(jnp.ones(3, jnp.int32), jnp.ones(3, bool), *_rows(2, 4))
+    ),
+    "prompt_ids shape (3,): expected [B, L]",
+  ),
+  (
+    lambda: _sft_shapes(
+      PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4))
+    ),
+    "batch must be a SFTBatch (rlhf_jax.types), got PreferenceBatch",
+  ),
+  (
+    lambda: jax.eval_shape(make_dpo_step(TINY, _opt()), _state(), {}),
+    "batch must be a PreferenceBatch (rlhf_jax.types), got dict",
   ),
 ]
 

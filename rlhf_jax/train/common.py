@@ -100,6 +100,29 @@ def teacher_forced_logprobs(
   )
 
 
+def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
+  """A train step's batch is of its type, with at least one row and one
+  prompt token (the first response token is predicted from the last
+  prompt position), checked at trace time.
+
+  Raises:
+    TypeError: another type (a dict, another batch type), naming both.
+    ValueError: B = 0 or P = 0, naming prompt_ids' shape.
+  """
+  kinds = kind if isinstance(kind, tuple) else (kind,)
+  if not isinstance(batch, kinds):
+    names = " or ".join(k.__name__ for k in kinds)
+    raise TypeError(
+      f"batch must be a {names} (rlhf_jax.types), got {type(batch).__name__}"
+    )
+  shape = jnp.shape(batch.prompt_ids)
+  if len(shape) == 2 and 0 in shape:
+    raise ValueError(
+      f"prompt_ids shape {shape}: expected at least one row and one prompt "
+      "token (B >= 1, P >= 1)"
+    )
+
+
 def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
   """Checks (ids name, ids, mask name, mask) groups at trace time: each
   ids i32[B, L] with a mask of its shape, and one B for all.

@@ -43,6 +43,7 @@ from rlhf_jax.train.common import (
   above,
   accumulate_gradients,
   an_int_at_least,
+  check_batch,
   check_build,
   concat_prompt_response,
   finish_step,
@@ -200,6 +201,7 @@ def make_kto_step(
   )
 
   def step(state: TrainState, batch: UnpairedBatch, ref_params=None):
+    check_batch(batch, UnpairedBatch)
     ref_params, ref_config = _reference(
       state.params, ref_params, model_config, lora_policy
     )

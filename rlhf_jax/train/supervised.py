@@ -39,8 +39,10 @@ from rlhf_jax.train.common import (
   accumulate_gradients,
   an_int_at_least,
   at_least,
+  check_batch,
   check_build,
   check_preference_batch,
+  check_rows,
   concat_prompt_response,
   finish_step,
   global_sum,
@@ -92,6 +94,12 @@ def make_sft_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
+    check_batch(batch, SFTBatch)
+    b = batch
+    check_rows(
+      ("prompt_ids", b.prompt_ids, "prompt_mask", b.prompt_mask),
+      ("response_ids", b.response_ids, "response_mask", b.response_mask),
+    )
     normalizer = loss_normalizer(
       batch.response_mask, config.loss_agg_mode, axis
     )
@@ -311,6 +319,7 @@ def make_reward_model_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch):
+    check_batch(batch, (PreferenceBatch, RankedBatch))
     total = global_sum(batch.prompt_ids.shape[0], axis)
 
     def loss_fn(params, mb):
@@ -506,6 +515,7 @@ def make_dpo_step(
   )
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
+    check_batch(batch, PreferenceBatch)
     total = global_sum(batch.prompt_ids.shape[0], axis)
     params = state.params
     if config.precomputed_ref:
