@@ -163,17 +163,23 @@ def test_unpaired_completion_and_prompt_formats(tmp_path):
   ]
   assert all(isinstance(e, UnpairedExample) for e in loaded.examples)
   # Without labels: demonstrations (TRL's prompt-completion format).
-  path = write_lines(
-    tmp_path,
-    [
-      '{"prompt": "p", "completion": " c"}',
-      '{"prompt": "q", "completion": " d"}',
-    ],
-  )
+  rows = [
+    {"prompt": "p", "completion": " c"},
+    {"prompt": "q", "completion": " d"},
+  ]
+  path = write_lines(tmp_path, [json.dumps(r) for r in rows])
   loaded = load_examples(path)
   assert loaded.formats[path] == "completion"
   assert loaded.examples[1] == CompletionExample(
     "q", " d", source=path, row=1, where=f"{path}:2"
+  )
+  # A label after an unlabelled first row: a rejected completion would be
+  # learned as a demonstration.
+  rows.append({"prompt": "r", "completion": " e", "label": False})
+  path = write_lines(tmp_path, [json.dumps(r) for r in rows])
+  assert error_of(load_examples, path) == (
+    f"{path}:3: field 'label' in rows of format 'completion' (the first row "
+    "has none); label every row, or none"
   )
   path = str(FIX / "prompts.jsonl")
   loaded = load_examples(path, chat_template=chat)
