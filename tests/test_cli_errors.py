@@ -478,6 +478,50 @@ def test_prompt_columns_named_like_reward_arguments_are_refused_first(
   assert not run.exists()
 
 
+@pytest.mark.parametrize(
+  "row",
+  [
+    {"prompt": "Hi", "chosen": "a", "rejected": "b"},
+    {"prompt": "Hi", "completion": "a"},
+  ],
+)
+def test_prompts_of_pairs_or_completions_pass_the_column_check(
+  tmp_path, capsys, row
+):
+  """--prompts takes any rows with a prompt; the column check read
+  `.columns` of pairs (an internal AttributeError). Past the data checks,
+  the run directory (a folder of the user's) is what stops it here."""
+  rows = [json.dumps({**row, "prompt": f"Hi {i}"}) for i in range(3)]
+  prompts = _write(tmp_path / "p.jsonl", rows)
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("x")
+  code, err = _run(
+    capsys,
+    [
+      "grpo",
+      "--preset",
+      "smoke",
+      "--prompts",
+      prompts,
+      "--reward",
+      "rlhf_jax.tasks.rewards:word_count",
+      "--grpo.batch-size",
+      "8",
+      "--run-dir",
+      str(mine),
+    ],
+  )
+  _check(
+    code,
+    err,
+    f"--run-dir {mine}: the folder holds files and was not created by "
+    "rlhf-jax (no .rlhf_jax_run); nothing was changed. Choose another "
+    "--run-dir, or empty the folder yourself",
+  )
+  assert (mine / "notes.txt").read_text() == "x"
+
+
 def test_a_repeated_option_is_an_error_not_the_last_one_kept(capsys):
   code, err = _run(
     capsys, ["grpo", "--reward", "a:f", "--reward", "b:g", "--seed=3"]

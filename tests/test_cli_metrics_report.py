@@ -81,14 +81,17 @@ def test_metrics_round_trip(tmp_path):
 
 
 def test_run_json_files_are_strict_json_and_read_back(tmp_path):
-  """summary.json, config.json and stage files held bare NaN / Infinity
+  """summary.json, results.json and config.json held bare NaN / Infinity
   (Python's json), which jq and JavaScript refuse; they hold the strings
-  of metrics.jsonl now, and read_json gives the floats back."""
+  of metrics.jsonl now, and read_figures gives the floats back. Stage
+  files, which hold the user's text and are read back to resume, keep
+  Python's literals: a prompt "NaN" stays a string."""
   from rlhf_jax.runner import runtime
 
   path = tmp_path / "summary.json"
   obj = {
-    "eval": {"kl": float("nan"), "win": np.float32(0.5)},
+    "eval/kl": float("nan"),
+    "eval/win": np.float32(0.5),
     "curve": [1.0, jnp.float32(np.inf), -math.inf],
     "n": 3,
     "ok": True,
@@ -97,16 +100,22 @@ def test_run_json_files_are_strict_json_and_read_back(tmp_path):
   runtime.write_json(path, obj)
   raw = json.loads(path.read_text(), parse_constant=pytest.fail)
   assert raw == {
-    "eval": {"kl": "NaN", "win": 0.5},
+    "eval/kl": "NaN",
+    "eval/win": 0.5,
     "curve": [1.0, "Infinity", "-Infinity"],
     "n": 3,
     "ok": True,
     "text": "Once",
   }
-  back = runtime.read_json(path)
-  assert math.isnan(back["eval"]["kl"]) and back["eval"]["win"] == 0.5
-  assert back["curve"] == [1.0, math.inf, -math.inf]
+  back = runtime.read_figures(path)
+  assert math.isnan(back["eval/kl"]) and back["eval/win"] == 0.5
   assert back["n"] == 3 and back["ok"] is True and back["text"] == "Once"
+  stage = tmp_path / "stage.json"
+  state = {"train": ["NaN", "Infinity"], "kl": float("nan"), "n": np.int64(2)}
+  runtime.write_json(stage, state, strict=False)
+  back = runtime.read_json(stage)
+  assert back["train"] == ["NaN", "Infinity"] and math.isnan(back["kl"])
+  assert back["n"] == 2.0
 
 
 def test_metrics_rejects_bad_values(tmp_path):

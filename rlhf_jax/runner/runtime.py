@@ -326,9 +326,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     raise
 
 
-# Non-finite floats in the JSON files of a run (summary.json, config.json,
-# stage files, metrics.jsonl): strings, so that strict JSON readers (jq,
-# JavaScript) read them; Python's bare NaN is not JSON.
+# Non-finite floats in the JSON files a user reads (summary.json,
+# results.json, config.json, metrics.jsonl): strings, so that strict JSON
+# readers (jq, JavaScript) read them; Python's bare NaN is not JSON.
 NONFINITE_OUT = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 NONFINITE_IN = {v: float(k) for k, v in NONFINITE_OUT.items()}
 
@@ -346,38 +346,50 @@ def _strict(obj: Any) -> Any:
   return value if math.isfinite(value) else NONFINITE_OUT[repr(value)]
 
 
-def _relaxed(obj: Any) -> Any:
-  """The inverse of `_strict`: NONFINITE_OUT strings are floats again."""
-  if isinstance(obj, dict):
-    return {k: _relaxed(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_relaxed(v) for v in obj]
-  if isinstance(obj, str):
-    return NONFINITE_IN.get(obj, obj)
-  return obj
+def write_json(path: pathlib.Path, obj: Any, *, strict: bool = True) -> None:
+  """Atomic JSON write (a kill leaves the old file or the new one); numpy
+  and jax scalars as floats.
 
-
-def write_json(path: pathlib.Path, obj: Any) -> None:
-  """Atomic JSON write (a kill leaves the old file or the new one).
-
-  Strict JSON: NaN and infinities are written as the strings "NaN",
-  "Infinity" and "-Infinity" (`read_json` reads them back as floats);
-  numpy and jax scalars as floats.
+  Args:
+    path: the file.
+    obj: dicts, lists, strings, numbers.
+    strict: NaN and infinities as the strings "NaN", "Infinity" and
+      "-Infinity" (`read_figures` reads a flat dict of figures back); with
+      False as Python's NaN / Infinity literals, which `read_json` reads
+      back exactly whatever strings the file holds (a program's own state,
+      such as the stage files, that holds the user's text).
   """
-  text = json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
+  obj = _strict(obj) if strict else json.loads(json.dumps(obj, default=float))
+  text = json.dumps(obj, indent=2, allow_nan=not strict) + "\n"
   with atomic_file(path) as f:
     f.write(text)
 
 
 def read_json(path: pathlib.Path) -> Any:
-  """A file `write_json` wrote: "NaN", "Infinity" and "-Infinity" strings
-  are floats again (a text that is exactly one of them too).
+  """A JSON file as written (strings stay strings).
 
   Raises:
     ValueError: not UTF-8 or not JSON (JSONDecodeError, UnicodeDecodeError).
     OSError: it cannot be read.
   """
-  return _relaxed(json.loads(path.read_text(encoding="utf-8")))
+  return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_figures(path: pathlib.Path) -> Any:
+  """A flat dict of figures `write_json` wrote (summary.json,
+  results.json): its top-level "NaN", "Infinity" and "-Infinity" strings
+  are floats again. Anything else is returned as read.
+
+  Raises:
+    ValueError, OSError: as `read_json`.
+  """
+  data = read_json(path)
+  if not isinstance(data, dict):
+    return data
+  return {
+    k: NONFINITE_IN.get(v, v) if isinstance(v, str) else v
+    for k, v in data.items()
+  }
 
 
 @contextlib.contextmanager
@@ -845,8 +857,8 @@ def prepare_run_dir(
           f"resume it with that command, or give `rlhf-jax {command}` "
           "another --run-dir"
         )
-      diffs = _diff(
-        _comparable(record, run_dir, record["paths"]),
+      diffs = _diff(  # as written: non-finite floats are strings there
+        _comparable(_strict(record), run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),
       )
       if diffs:

@@ -288,7 +288,7 @@ def finished_summary(
     return None
   try:
     with runtime.reading(path):
-      summary = runtime.read_json(path)
+      summary = runtime.read_figures(path)
   except ValueError:  # JSONDecodeError, UnicodeDecodeError: write it anew
     return None
   if not isinstance(summary, dict):

@@ -245,8 +245,9 @@ class PipelineConfig:
   prompts: str | None = None
   """ppo, grpo: prompt file (.jsonl, .jsonl.gz, .parquet; plain or
   conversational prompts, or any rows with a prompt) instead of the task's
-  prompts; ppo needs --reward-model; grpo passes each row's other fields
-  to the --reward functions as columns."""
+  prompts; ppo needs --reward-model; grpo passes the other fields of
+  {prompt, ...} rows to the --reward functions as columns (of pairs or
+  {prompt, completion} rows only the prompt is read)."""
   reward: tuple[str, ...] = ()
   """grpo: reward functions as module:function (an importable module or a
   .py file path before the colon), several after one flag, each called as

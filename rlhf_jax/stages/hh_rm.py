@@ -68,7 +68,7 @@ from rlhf_jax.runner.runtime import (
   StopFlag,
   UserError,
   atomic_file,
-  read_json,
+  read_figures,
   write_json,
 )
 from rlhf_jax.stages import feature_cache
@@ -724,7 +724,7 @@ def run_hh_reward_model(
     finished = probe.saved_metadata() is not None and results_path.is_file()
     probe.close()
     if finished:
-      return read_json(results_path)  # already complete
+      return read_figures(results_path)  # already complete
     if placement.is_primary:
       write_json(run_dir / CONFIG_FILE, config_dict)
     init_rng = jax.random.split(jax.random.key(config.seed))[0]

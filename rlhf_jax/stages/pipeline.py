@@ -371,7 +371,8 @@ def run_pipeline(
         "compile_background_s": clock.background_seconds - bg0,
       }
       if ctx.primary:
-        runtime.write_json(ctx.stage_file(name), res)
+        # Python JSON: its prompts and samples are read back as written.
+        runtime.write_json(ctx.stage_file(name), res, strict=False)
       results[name] = res
       log(f"{name}: done in {t.elapsed():.1f}s {_headline(name, res)}")
     out = stage_report(ctx, results)

@@ -307,6 +307,13 @@ def check_pairs_to_split(path: Any, pairs: int) -> None:
     raise DataError(f"{path}: need at least 2 usable pairs, got {pairs}")
 
 
+def row_columns(example: Any) -> dict:
+  """A --prompts row's other fields, which grpo passes to the reward
+  functions: those of prompt-only rows; none of a file of pairs or of
+  {prompt, completion} rows, whose responses are not the policy's."""
+  return getattr(example, "columns", {})
+
+
 def check_reward_columns(path: Any, columns: list[dict]) -> None:
   """The --prompts file's other fields (``columns``, one dict per row) can
   be passed to the --reward functions as keyword arguments.
@@ -359,7 +366,7 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
       )
       if getattr(config, "reward", None):  # grpo passes the columns on
         check_reward_columns(
-          config.prompts, [e.columns for e in loaded.examples]
+          config.prompts, [row_columns(e) for e in loaded.examples]
         )
 
 
@@ -391,7 +398,7 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
   # At each prompt's first line, which a warning names.
   at_rows = [PromptExample(e.prompt, where=e.where) for e in rows]
   ds = tokenize_prompt_texts(ctx, at_rows, warn_unknown=True)
-  columns = [getattr(e, "columns", {}) for e in rows]
+  columns = [row_columns(e) for e in rows]
   result = {
     "train": [prompts[i] for i in train_idx],
     "heldout": [prompts[i] for i in held_idx],
