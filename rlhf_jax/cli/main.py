@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -675,16 +674,10 @@ def _then(command: str, e: "runtime.Interrupted") -> str:
 
 
 @contextlib.contextmanager
-def _command_logging(debug: bool, reported: tuple[type, ...]):
+def _warnings_as_lines():
   """The library's logged warnings (rlhf_jax.data: unknown tokens, rows
   kept) as the command's own lines, "rlhf-jax: warning: ...", once in a
-  multi-host run, instead of a logging format some dependency set.
-
-  absl's records (orbax's background save threads) are held back: an
-  error the command reports in one line (``reported``, or a full or
-  read-only disk) drops them, as they repeat it as tracebacks; otherwise
-  they are logged at the end. With ``debug`` they come as logged.
-  """
+  multi-host run, instead of a logging format some dependency set."""
   handler = logging.StreamHandler(sys.stderr)
   handler.setLevel(logging.WARNING)
   handler.setFormatter(logging.Formatter("rlhf-jax: warning: %(message)s"))
@@ -693,52 +686,68 @@ def _command_logging(debug: bool, reported: tuple[type, ...]):
   propagate = log.propagate
   log.addHandler(handler)
   log.propagate = False
-  # tensorboardX logs "NaN or Inf found in input tensor" for each such
-  # scalar (e.g. the mean reward of a function that scored no row), in a
-  # format of its own; metrics.jsonl and TensorBoard record the value.
-  x2num = logging.getLogger("tensorboardX.x2num")
-  level = x2num.level
-  x2num.setLevel(logging.ERROR)
-  absl = logging.getLogger("absl")
-  absl_propagate = absl.propagate
-  held = logging.handlers.BufferingHandler(capacity=1 << 20)
-  if not debug:
-    absl.addHandler(held)
-    absl.propagate = False
-  keep = True
   try:
     yield
-  except BaseException as e:
-    keep = not (isinstance(e, reported) or runtime.disk_error(e, "output"))
-    raise
   finally:
     log.removeHandler(handler)
     log.propagate = propagate
+
+
+@contextlib.contextmanager
+def _quiet_tensorboard_nan():
+  """tensorboardX logs "NaN or Inf found in input tensor" for each such
+  scalar (e.g. the mean reward of a function that scored no row), in a
+  format of its own; metrics.jsonl and TensorBoard record the value."""
+  x2num = logging.getLogger("tensorboardX.x2num")
+  level = x2num.level
+  x2num.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
     x2num.setLevel(level)
-    absl.removeHandler(held)
-    absl.propagate = absl_propagate
-    for record in held.buffer if keep else ():
-      absl.handle(record)
+
+
+def _dispatch_quietly(command: str, config: Any, debug: bool) -> int:
+  """`_dispatch`, with absl's records that carry a traceback (orbax's
+  background save threads) held back: a full or read-only disk, which
+  the command reports in one line, drops them (they repeat it in ~300
+  lines); otherwise they are logged when the command ends. Other absl
+  records, and all of them with ``debug``, come as logged."""
+  if debug:
+    return _dispatch(command, config)
+  held: list[logging.LogRecord] = []
+  try:
+    with runtime.held_log("absl", lambda r: r.exc_info is not None) as held:
+      return _dispatch(command, config)
+  except BaseException as e:
+    if runtime.disk_error(e, "the output"):
+      held.clear()
+    raise
+  finally:
+    runtime.replay_log("absl", held)
 
 
 def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
   from rlhf_jax.models import MissingSpecialTokenError, ModelLoadError
 
-  reported = (runtime.UserError, DataError, MissingSpecialTokenError)
-  reported += (ModelLoadError,)
   try:
     if command not in COMMANDS:
       raise runtime.UserError(
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
     config = _validated(command, _config(command, rest))
-    with _command_logging(debug, reported):
-      return _dispatch(command, config)
+    with _warnings_as_lines(), _quiet_tensorboard_nan():
+      return _dispatch_quietly(command, config, debug)
   except runtime.Interrupted as e:
     sys.stderr.write(f"rlhf-jax: interrupted ({e}); {_then(command, e)}\n")
     return EXIT_INTERRUPTED
-  except reported as e:
+  except (
+    runtime.UserError,
+    DataError,
+    MissingSpecialTokenError,
+    ModelLoadError,
+  ) as e:
     if debug:  # where it was raised; still exit 2
       traceback.print_exc()
     return _error(_advice(command, str(e), rest))

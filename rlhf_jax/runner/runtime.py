@@ -20,6 +20,7 @@ import errno
 import fcntl
 import fnmatch
 import json
+import logging
 import math
 import os
 import pathlib
@@ -93,6 +94,36 @@ def is_primary_process() -> bool:
   import jax  # noqa: PLC0415 (jax only when needed)
 
   return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def held_log(
+  name: str, select: Callable[[logging.LogRecord], bool] = lambda _: True
+) -> Iterator[list[logging.LogRecord]]:
+  """Holds back the records logged on logger ``name`` that ``select``
+  picks, in the yielded list, while the block runs (the others are logged
+  as usual); `replay_log` logs them later, or the caller drops them."""
+  records: list[logging.LogRecord] = []
+
+  def keep(record: logging.LogRecord) -> bool:
+    if select(record):
+      records.append(record)
+      return False
+    return True
+
+  log = logging.getLogger(name)
+  log.addFilter(keep)
+  try:
+    yield records
+  finally:
+    log.removeFilter(keep)
+
+
+def replay_log(name: str, records: list[logging.LogRecord]) -> None:
+  """Logs records `held_log` held back, on logger ``name``, in order."""
+  log = logging.getLogger(name)
+  for record in records:
+    log.handle(record)
 
 
 def primary_log(log: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -24,7 +24,6 @@ every file whole before the run directory is opened.
 
 import collections
 import contextlib
-import logging
 import math
 import sys
 from collections.abc import Callable, Iterator
@@ -267,33 +266,16 @@ def first_rows(loaded: LoadedExamples, prompts: list[str]) -> list[Any]:
   return [first[p] for p in prompts]
 
 
-class _Hold(logging.Handler):
-  def __init__(self):
-    super().__init__()
-    self.records: list[logging.LogRecord] = []
-
-  def emit(self, record: logging.LogRecord) -> None:
-    self.records.append(record)
-
-
 @contextlib.contextmanager
 def held_data_warnings(*, replay: bool) -> Iterator[None]:
   """Holds the data loader's log records back while files are checked: on
   an error its one-line message says it all (nothing else on stderr);
   otherwise they are logged after the block (``replay``) or dropped (a
   stage reads the file again and logs them then)."""
-  log = logging.getLogger("rlhf_jax.data")
-  hold, propagate = _Hold(), log.propagate
-  log.addHandler(hold)
-  log.propagate = False
-  try:
+  with runtime.held_log("rlhf_jax.data") as held:
     yield
-  finally:
-    log.removeHandler(hold)
-    log.propagate = propagate
   if replay:
-    for record in hold.records:
-      log.handle(record)
+    runtime.replay_log("rlhf_jax.data", held)
 
 
 def check_pairs_to_split(path: Any, pairs: int) -> None:
