@@ -22,6 +22,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import stats as st
 from rlhf_jax.checks import check_integer_array, check_number
@@ -243,9 +244,9 @@ def best_of_k_loss(
   r = promote_f32(rewards)
   if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
     raise ValueError(f"rewards must be [B, K] with K >= 2, got {r.shape}")
-  if jnp.shape(best_index) != r.shape[:1]:
+  if np.shape(best_index) != r.shape[:1]:
     raise ValueError(
-      f"best_index must be [B] = {r.shape[:1]}, got {jnp.shape(best_index)}"
+      f"best_index must be [B] = {r.shape[:1]}, got {np.shape(best_index)}"
     )
   check_integer_array("best_index", best_index)
   onehot = jax.nn.one_hot(best_index, r.shape[1], dtype=bool)
@@ -293,8 +294,8 @@ def ranking_loss(
   r = promote_f32(rewards)
   if r.ndim != 2 or r.shape[1] < 2 or r.shape[0] == 0:
     raise ValueError(f"rewards must be [B, K] with K >= 2, got {r.shape}")
-  if jnp.shape(ranks) != r.shape:
-    raise ValueError(f"ranks must be {r.shape}, got {jnp.shape(ranks)}")
+  if np.shape(ranks) != r.shape:
+    raise ValueError(f"ranks must be {r.shape}, got {np.shape(ranks)}")
   check_integer_array("ranks", ranks)
   ranks = jnp.asarray(ranks)
   diff = r[:, :, None] - r[:, None, :]  # [B, K, K]: r_i - r_j

@@ -98,7 +98,8 @@ def load_reward_function(spec: str) -> RewardFn:
   except (Exception, SystemExit) as e:  # the user's module failed to import
     raise RewardError(
       f"--reward {spec}: importing {module_name} failed: "
-      f"{type(e).__name__}: {e}"
+      f"{type(e).__name__}: {e} ({_where_raised(e, None, 1)}; --debug "
+      "shows the traceback)"
     ) from e
   if not hasattr(module, attr):
     raise RewardError(
@@ -131,7 +132,7 @@ class RewardFunctions:
   names: tuple[str, ...]
   # Host-side memory of the warning below (said once per instance).
   _warned: dict = dataclasses.field(
-    default_factory=dict, compare=False, repr=False
+    default_factory=dict, init=False, compare=False, repr=False
   )
 
   @classmethod
@@ -241,14 +242,28 @@ class RewardFunctions:
     return tuple(out)
 
 
-def _where_raised(fn: Callable, e: BaseException) -> str:
-  """ "at FILE:LINE": the deepest frame of ``e`` in the file that defines
-  ``fn`` (the user's line, not a library's), else the deepest frame."""
-  frames = traceback.extract_tb(e.__traceback__)[1:]  # past _checked
+def _source_file(fn: Callable) -> str | None:
+  """The file defining ``fn``: a function, a functools.partial of one, or
+  a callable object (its class's __call__)."""
+  fn = inspect.unwrap(getattr(fn, "func", fn))
+  code = getattr(fn, "__code__", None)
+  if code is None:  # a callable object: its class's method
+    code = getattr(vars(type(fn)).get("__call__"), "__code__", None)
+  return code.co_filename if code is not None else None
+
+
+def _where_raised(e: BaseException, filename: str | None, skip: int) -> str:
+  """ "at FILE:LINE": the deepest frame of ``e`` (past its first ``skip``)
+  in ``filename`` (the user's line, not a library's), else the deepest
+  frame outside Python's frozen import machinery."""
+  frames = [
+    f
+    for f in traceback.extract_tb(e.__traceback__)[skip:]
+    if not f.filename.startswith("<frozen")
+  ]
   if not frames:
     return "at the call"
-  code = getattr(inspect.unwrap(fn), "__code__", None)
-  own = [f for f in frames if code and f.filename == code.co_filename]
+  own = [f for f in frames if filename and f.filename == filename]
   frame = (own or frames)[-1]
   return f"at {frame.filename}:{frame.lineno}"
 
@@ -260,7 +275,8 @@ def _checked(fn, name, prompts, completions, columns, n) -> np.ndarray:
   except (Exception, SystemExit) as e:  # the user's function failed
     raise RewardError(
       f"reward function {name} raised {type(e).__name__}: {e} "
-      f"({_where_raised(fn, e)}; --debug shows the traceback)"
+      f"({_where_raised(e, _source_file(fn), 1)}; --debug shows the "
+      "traceback)"
     ) from e
   if isinstance(out, str | bytes):
     raise RewardError(

@@ -41,6 +41,7 @@ from rlhf_jax.train import (
   SFTConfig,
   TrainState,
   make_dpo_step,
+  make_kto_step,
   make_ppo_step,
   make_reward_model_step,
   make_sft_step,
@@ -838,11 +839,27 @@ LIBRARY_CASES = [
     lambda: _sft_shapes(
       PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4))
     ),
-    "batch must be a SFTBatch (rlhf_jax.types), got PreferenceBatch",
+    "the batch must be of type SFTBatch, got PreferenceBatch",
   ),
   (
     lambda: jax.eval_shape(make_dpo_step(TINY, _opt()), _state(), {}),
-    "batch must be a PreferenceBatch (rlhf_jax.types), got dict",
+    "the batch must be of type PreferenceBatch, got dict",
+  ),
+  (
+    lambda: jax.eval_shape(
+      make_reward_model_step(TINY, _opt()),
+      _state(),
+      SFTBatch(*_rows(2, 3), *_rows(2, 4)),
+    ),
+    "the batch must be of type PreferenceBatch or RankedBatch, got SFTBatch",
+  ),
+  (
+    lambda: jax.eval_shape(
+      make_kto_step(TINY, _opt()),
+      _state(),
+      PreferenceBatch(*_rows(0, 3), *_rows(0, 4), *_rows(0, 4)),
+    ),
+    "the batch must be of type UnpairedBatch, got PreferenceBatch",
   ),
 ]
 

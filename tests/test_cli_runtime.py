@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -452,6 +453,9 @@ def test_a_backend_the_machine_lacks_is_a_user_error(
   AssertionError with no message); it is one line naming the variable,
   exit 2, before a run directory exists. A child process: jax starts its
   backends once per process."""
+  plugin = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}.get(platforms)
+  if plugin and importlib.util.find_spec(plugin):  # the machine may have it
+    pytest.skip(f"{plugin} is installed")
   env = {**os.environ, "JAX_PLATFORMS": platforms}
   code = (
     "import sys; from rlhf_jax.cli.main import main; sys.exit(main(sys.argv"
@@ -540,3 +544,19 @@ def test_absl_tracebacks_are_dropped_when_the_disk_is_full(
     cli._dispatch_quietly("sft", None, debug)
   assert [r.getMessage() for r in caplog.records] == shown
   assert logging.getLogger("absl").filters == []
+
+
+def test_a_backend_error_without_the_variable_gives_no_advice_about_it(
+  monkeypatch,
+):
+  from rlhf_jax.cli.main import _backend_error
+
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  error = RuntimeError(
+    "Unable to initialize backend 'cuda': no GPU. (set JAX_PLATFORMS='' to "
+    "automatically choose an available backend)"
+  )
+  assert _backend_error(error) == (
+    "Unable to initialize backend 'cuda': no GPU (jax's default backends)"
+  )
+  assert _backend_error(RuntimeError("something else")) is None

@@ -178,8 +178,9 @@ def test_unpaired_completion_and_prompt_formats(tmp_path):
   rows.append({"prompt": "r", "completion": " e", "label": False})
   path = write_lines(tmp_path, [json.dumps(r) for r in rows])
   assert error_of(load_examples, path) == (
-    f"{path}:3: field 'label' in rows of format 'completion' (the first row "
-    "has none); label every row, or none"
+    f"{path}:3: field 'label' in a row of format 'completion', which carries "
+    "none (detected from a first row without one); label every row (format "
+    "'unpaired'), or none"
   )
   path = str(FIX / "prompts.jsonl")
   loaded = load_examples(path, chat_template=chat)

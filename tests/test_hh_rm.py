@@ -188,9 +188,14 @@ def test_resume_after_interrupt_matches(smoke_run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(a["rejected"], b["rejected"])
   # The resumed metrics.jsonl equals the uninterrupted run's.
   assert read_metrics(run_dir) == read_metrics(ref_dir)
-  # Resuming a finished run returns its stored results.
+  # Resuming a finished run returns its stored results, a non-finite
+  # figure (written as the string "NaN") as a float again.
+  path = run_dir / hh_rm.RESULTS_FILE
+  stored = json.loads(path.read_text())
+  path.write_text(json.dumps({**stored, "heldout/ties": "NaN"}))
   again = hh_rm.run_hh_reward_model(config, run_dir, resume=True)
-  assert again == json.loads((run_dir / hh_rm.RESULTS_FILE).read_text())
+  assert math.isnan(again.pop("heldout/ties"))
+  assert again == {k: v for k, v in stored.items() if k != "heldout/ties"}
 
 
 def test_frozen_backbone_needs_a_pretrained_one():

@@ -110,11 +110,13 @@ def test_indices_and_ranks_must_be_integers():
     best_of_k_loss(r, jnp.array([1.5]))
   with pytest.raises(TypeError, match="ranks must hold integers, got dtype "):
     ranking_loss(r, [[0.0, 0.5, 1.0]])
-  # Python ints and any integer dtype pass.
-  assert float(best_of_k_loss(r, [0])[0]) == float(
-    best_of_k_loss(r, np.array([0], np.int8))[0]
-  )
-  ranking_loss(r, [[0, 2, 1]])
+  # Python ints and any integer dtype pass: ln(e^3 + e + e^2) - 3, and
+  # the hand value of test_ranking_loss_hand_value.
+  for best in ([0], np.array([0], np.int8)):
+    loss, _ = best_of_k_loss(r, best)
+    np.testing.assert_allclose(float(loss), 0.407606, atol=1e-6)
+  loss, _ = ranking_loss(r, [[0, 2, 1]])
+  np.testing.assert_allclose(float(loss), 0.251150, atol=1e-6)
 
 
 def test_ranking_loss_each_prompt_counts_once():

@@ -260,6 +260,30 @@ def test_a_raising_reward_names_the_user_s_line(tmp_path):
     f"(at {tmp_path / 'rw.py'}:5; --debug shows the traceback)"
   )
   assert isinstance(e.value.__cause__, ValueError)
+  # A partial of it, and a callable object, name the same kind of line.
+  (tmp_path / "rw2.py").write_text(
+    "import functools, json\n\n\ndef boom(prompts, completions, k, **c):\n"
+    "  return [json.loads('{')] * k\n\n\nclass Boom:\n"
+    "  def __call__(self, prompts, completions, **c):\n"
+    "    return [json.loads('{')]\n\n\npart = functools.partial(boom, k=1)"
+    "\nobj = Boom()\n"
+  )
+  for name, line in (("part", 5), ("obj", 10)):
+    reward = RewardFunctions.load((f"{tmp_path / 'rw2.py'}:{name}",))
+    with pytest.raises(RewardError) as e:
+      reward(["p"], ["a"])
+    assert str(e.value).endswith(
+      f"(at {tmp_path / 'rw2.py'}:{line}; --debug shows the traceback)"
+    ), str(e.value)
+  # A module whose top level fails names its line too.
+  (tmp_path / "rw3.py").write_text("x = 1\ny = undefined_name\n")
+  with pytest.raises(RewardError) as e:
+    RewardFunctions.load((f"{tmp_path / 'rw3.py'}:f",))
+  assert str(e.value) == (
+    f"--reward {tmp_path / 'rw3.py'}:f: importing {tmp_path / 'rw3.py'} "
+    "failed: NameError: name 'undefined_name' is not defined (at "
+    f"{tmp_path / 'rw3.py'}:2; --debug shows the traceback)"
+  )
 
 
 def test_reward_error_is_a_value_error():

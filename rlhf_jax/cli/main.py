@@ -545,20 +545,23 @@ def _backend_error(e: Exception) -> str | None:
   """A jax backend that $JAX_PLATFORMS asks for and this machine cannot
   start (e.g. 'tpu' without libtpu), as one line; None for other errors.
   The command has not started work then: no run directory exists yet."""
-  message = str(e).split(" (set JAX_PLATFORMS")[0]
+  message = str(e).split(" (set JAX_PLATFORMS")[0].splitlines()
+  message = message[0].rstrip(".") if message else ""
   platforms = os.environ.get("JAX_PLATFORMS")
   if isinstance(e, RuntimeError) and "Unable to initialize backend" in message:
-    message = message.splitlines()[0]
+    pass
   elif platforms and _raised_in_jax_backends(e):  # e.g. 'cuda' with no
     # plugin installed: jax 0.12 fails an assert with no message
-    message = "jax could not start a backend"
+    reason = f": {type(e).__name__}: {message}" if message else ""
+    message = f"jax could not start a backend{reason}"
   else:
     return None
-  asked = f"$JAX_PLATFORMS={platforms!r}" if platforms else "jax's default"
+  if not platforms:
+    return f"{message} (jax's default backends)"
   return (
-    f"{message.rstrip('.')} ({asked}); unset JAX_PLATFORMS, or name a "
-    "backend this machine has whose jax support is installed (cpu; cuda "
-    "with jax[cuda12], tpu with jax[tpu])"
+    f"{message} ($JAX_PLATFORMS={platforms!r}); unset JAX_PLATFORMS, or "
+    "name a backend this machine has whose jax support is installed (cpu; "
+    "cuda with jax[cuda12], tpu with jax[tpu])"
   )
 
 

@@ -516,8 +516,9 @@ def _parse_unpaired(row, where, fmt, template) -> UnpairedExample:
 def _parse_completion(row, where, fmt, template) -> CompletionExample:
   if "label" in row:  # read as a demonstration, a rejected one would train
     raise DataError(
-      f"{where}: field 'label' in rows of format 'completion' (the first "
-      "row has none); label every row, or none"
+      f"{where}: field 'label' in a row of format 'completion', which "
+      "carries none (detected from a first row without one); label every "
+      "row (format 'unpaired'), or none"
     )
   prompt = _text(_field(row, "prompt", where, fmt), "prompt", where)
   completion = _text(_field(row, "completion", where, fmt), "completion", where)

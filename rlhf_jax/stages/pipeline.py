@@ -153,8 +153,8 @@ def _check_rewards(config: PipelineConfig) -> None:
   """
   try:
     reward_functions(config)
-  except RewardError as e:
-    raise runtime.UserError(str(e)) from None
+  except RewardError as e:  # --debug shows the user's traceback
+    raise runtime.UserError(str(e)) from e
 
 
 def check_batch_sizes(

@@ -113,7 +113,8 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
   if not isinstance(batch, kinds):
     names = " or ".join(k.__name__ for k in kinds)
     raise TypeError(
-      f"batch must be a {names} (rlhf_jax.types), got {type(batch).__name__}"
+      f"the batch must be of type {names}, got "
+      f"{type(batch).__name__}"
     )
   shape = jnp.shape(batch.prompt_ids)
   if len(shape) == 2 and 0 in shape:

@@ -31,7 +31,7 @@ from flax import struct
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
-from rlhf_jax.train.common import check_build
+from rlhf_jax.train.common import check_batch, check_build
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_groups import (
   grouped,
@@ -308,6 +308,7 @@ def make_grpo_step(
   update = make_grpo_update(model_config, optimizer, config)
 
   def step(state: TrainState, prompts: PromptBatch, frozen: dict):
+    check_batch(prompts, PromptBatch)
     samples = rollout_fn(state, prompts, frozen)
     r = samples.rollout
     shape = (r.prompt_ids.shape[1], r.response_ids.shape[1])

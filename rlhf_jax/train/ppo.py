@@ -34,7 +34,7 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.models import lora
-from rlhf_jax.train.common import check_build
+from rlhf_jax.train.common import check_batch, check_build
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
@@ -121,6 +121,7 @@ def make_ppo_step(
   update_phases = build(model_config, config, policy_optimizer, value_optimizer)
 
   def step(state: PPOState, prompts: PromptBatch, frozen: dict):
+    check_batch(prompts, PromptBatch)
     _check_rows(prompts, config)
     rng = jax.random.fold_in(state.rng, state.step)
     sample_rng, perm_rng = jax.random.split(rng)
