@@ -1691,3 +1691,37 @@ def test_generate_prompts_that_name_a_file_are_refused(tmp_path, capsys):
     f"--prompts value 2 {path!r} names a file; generate's --prompts are the "
     "texts to continue themselves (ppo and grpo take a file of them)",
   )
+
+
+def test_generate_chat_renders_a_user_turn(tmp_path, capsys, tinystories_dir):
+  """generate had no chat template: an instruct model continued the bare
+  question and ended at once. --chat sends the prompt as a user turn
+  through the tokenizer's template: the same tokens as the rendered text
+  given raw. Without a template --chat is refused."""
+  code, err = _run(capsys, ["generate", "--chat", "--prompts", "Hi"])
+  _check(
+    code,
+    err,
+    f"--chat: the tokenizer of {tinystories_dir} has no chat template "
+    "(tokenizer_config.json 'chat_template'); drop --chat to continue the "
+    "prompts as given",
+  )
+  model = tmp_path / "chat-model"
+  shutil.copytree(tinystories_dir, model)
+  cfg = json.loads((model / "tokenizer_config.json").read_text())
+  cfg["chat_template"] = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+  )
+  (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+  common = ["generate", "--model", str(model), "--greedy"]
+  common += ["--max-new-tokens", "6", "--max-prompt-length", "48"]
+  assert main([*common, "--chat", "--prompts", "Once upon a time"]) == 0
+  chat = capsys.readouterr().out
+  assert (
+    main([*common, "--prompts", "<user>Once upon a time\n<assistant>"]) == 0
+  )
+  raw = capsys.readouterr().out
+  assert chat.startswith("[Once upon a time] ")
+  assert chat.split("] ", 1)[1] == raw.split("] ", 1)[1]
+  assert chat.split("] ", 1)[1].strip()

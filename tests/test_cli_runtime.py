@@ -560,3 +560,26 @@ def test_a_backend_error_without_the_variable_gives_no_advice_about_it(
     "Unable to initialize backend 'cuda': no GPU (jax's default backends)"
   )
   assert _backend_error(RuntimeError("something else")) is None
+
+
+@pytest.mark.parametrize("decay", [None, 10])
+def test_stage_learning_rates_by_update(decay):
+  """Warmup 0 ran the first update at learning rate 0 (a one-step dpo run
+  exported the base model unchanged); warmup W runs update k at lr k / W
+  (Hugging Face's linear warmup), then the peak (or the cosine decay)."""
+  from rlhf_jax.stages.common import lr_schedule, optimizer
+
+  def rates(warmup):
+    schedule = lr_schedule(2.0, warmup, decay)
+    return [round(float(schedule(k)), 4) for k in range(4)]
+
+  assert rates(0)[0] == 2.0
+  assert rates(2)[:3] == [0.0, 1.0, 2.0]
+  if decay is None:
+    assert rates(0) == [2.0] * 4 and rates(2)[3] == 2.0
+  else:
+    assert round(float(lr_schedule(2.0, 2, decay)(10)), 4) == 0.2
+  # The optimizer's first update with warmup 0 moves (Adam: by lr * sign).
+  opt = optimizer(2.0, 0, 1e9, decay_steps=decay)
+  update, _ = opt.update(jnp.ones(()), opt.init(jnp.zeros(())))
+  assert round(float(update), 4) == -2.0

@@ -121,6 +121,27 @@ def test_response_of_exactly_T_tokens_loses_eos(gpt2):
   assert ds.truncation.truncated == {"prompt": 0, "chosen": 1, "rejected": 0}
 
 
+def test_a_prompt_that_starts_with_bos_gets_no_second_one():
+  """A rendered chat template may begin with the BOS token (SmolLM2's
+  <|im_start|>); prepending another gave [BOS, BOS, ...], a format the
+  model never saw (SmolLM2 then answered 'What is the capital of France?'
+  in French gibberish instead of 'Paris')."""
+  tok = HFTokenizerAdapter.from_file(
+    GPT2 / "tokenizer.json",
+    bos_token="<|endoftext|>",
+    eos_token="<|endoftext|>",
+  )
+  texts = ["<|endoftext|>Hello world", "Hello world"]
+  ds = tokenize_prompts(texts, tok, max_prompt_length=4)
+  np.testing.assert_array_equal(
+    ds.arrays["prompt_ids"], [[EOT, EOT, HELLO, WORLD]] * 2
+  )
+  np.testing.assert_array_equal(ds.arrays["prompt_mask"], [[0, 1, 1, 1]] * 2)
+  # Cut from the left, it keeps its one BOS at the front.
+  ds = tokenize_prompts(texts[:1], tok, max_prompt_length=2)
+  np.testing.assert_array_equal(ds.arrays["prompt_ids"], [[EOT, WORLD]])
+
+
 def test_bos_is_kept_when_prompt_is_cut(tiny):
   ds = tokenize_prompts(["Once upon a time"], tiny, max_prompt_length=4)
   # BOS + last 3 of [80, 147, 201, 282, 57]; dropping BOS instead (a bug)

@@ -20,8 +20,10 @@ Ties: preference pairs whose chosen and rejected rows come out identical
 ``TokenizedDataset.ties`` by reason, and left out with ``drop_ties=True``.
 
 Special tokens are explicit: ``Tokenizer.encode`` must NOT add any; BOS is
-prepended to prompts (``add_bos``, when the tokenizer has one) and EOS
-appended to responses (``append_eos``) here.
+prepended to prompts (``add_bos``, when the tokenizer has one, and the
+prompt does not already start with it, as a rendered chat template such as
+SmolLM2's ``<|im_start|>`` may: one BOS, as TRL) and EOS appended to
+responses (``append_eos``) here.
 """
 
 import collections
@@ -428,6 +430,8 @@ def _prompts(
   for i, (ids, where) in enumerate(
     zip(_encode_all(tok, texts), wheres, strict=True)
   ):
+    if bos and ids[:1] == bos:  # a rendered chat template may hold it:
+      ids = ids[1:]  # one BOS, as the model was trained (TRL does the same)
     if not ids and not bos:
       raise DataError(f"{where}: field 'prompt' tokenizes to 0 tokens")
     if len(ids) > keep:
@@ -664,7 +668,8 @@ def tokenize_preferences(
     max_prompt_length: P.
     max_response_length: T.
     truncate_prompts: cut long prompts from the left (else DataError).
-    add_bos: prepend ``tokenizer.bos_id`` to prompts (when not None).
+    add_bos: prepend ``tokenizer.bos_id`` to prompts (when not None and
+      not already their first token).
     append_eos: append ``tokenizer.eos_id`` to responses.
     drop_ties: leave out pairs that tie once tokenized (see above).
 

@@ -235,6 +235,26 @@ def host_tree(tree: Any) -> Any:
   return jax.tree.map(get, tree)
 
 
+def lr_schedule(
+  lr: float, warmup: int, decay_steps: int | None = None
+) -> optax.Schedule:
+  """The learning rate of update k (from 0): ``lr * k / warmup`` while
+  k < warmup (Hugging Face's linear warmup), then ``lr``, or with
+  ``decay_steps`` a cosine decay to ``0.1 * lr`` at that update.
+  ``warmup`` 0 runs the first update at ``lr`` (it ran at 0: a one-step
+  run changed nothing)."""
+  if decay_steps is not None:
+    return optax.warmup_cosine_decay_schedule(
+      0.0, lr, warmup, max(decay_steps, warmup + 1), end_value=0.1 * lr
+    )
+  if warmup > 0:
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+      [warmup],
+    )
+  return optax.constant_schedule(lr)
+
+
 def optimizer(
   lr: float,
   warmup: int,
@@ -243,24 +263,13 @@ def optimizer(
   decay_steps: int | None = None,
   weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
-  """Adam(W) with linear warmup (and optional cosine decay to 10%).
+  """Adam(W) at `lr_schedule`, after clipping the global gradient norm.
 
   ``weight_decay`` > 0 gives AdamW (Loshchilov & Hutter 2019): the decay
   term ``weight_decay * params`` is added to the Adam direction before the
   learning-rate scaling, so parameters shrink by ``lr * weight_decay``.
   """
-  if decay_steps is None:
-    sched = optax.join_schedules(
-      [
-        optax.linear_schedule(0.0, lr, max(warmup, 1)),
-        optax.constant_schedule(lr),
-      ],
-      [max(warmup, 1)],
-    )
-  else:
-    sched = optax.warmup_cosine_decay_schedule(
-      0.0, lr, max(warmup, 1), max(decay_steps, warmup + 1), end_value=0.1 * lr
-    )
+  sched = lr_schedule(lr, warmup, decay_steps)
   if weight_decay:
     inner = optax.adamw(sched, weight_decay=weight_decay)
   else:

@@ -372,6 +372,10 @@ class GenerateConfig:
   """Sampling temperature, >= 0.01 (default 1.0; not with --greedy)."""
   greedy: bool = False
   """Argmax decoding instead of sampling."""
+  chat: bool = False
+  """Send each prompt as a user turn through the model's chat template
+  (with the assistant's generation prompt), as instruct models expect;
+  without it the prompt text is continued as given."""
   seed: int = 0
   """Sampling seed."""
   output: str | None = None

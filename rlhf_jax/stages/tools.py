@@ -175,6 +175,27 @@ def _check_not_files(prompts: list[str]) -> None:
       )
 
 
+def _chat_turns(tok: Any, model_dir: pathlib.Path, prompts: list[str]):
+  """Each prompt as one user turn rendered by the tokenizer's chat
+  template, ending in the assistant's generation prompt.
+
+  Raises:
+    UserError: the tokenizer has no chat template.
+  """
+  if getattr(tok, "chat_template", None) is None:
+    raise runtime.UserError(
+      f"--chat: the tokenizer of {model_dir} has no chat template "
+      "(tokenizer_config.json 'chat_template'); drop --chat to continue the "
+      "prompts as given"
+    )
+  return [
+    tok.apply_chat_template(
+      [{"role": "user", "content": p}], add_generation_prompt=True
+    )
+    for p in prompts
+  ]
+
+
 def _tokenized_prompts(
   prompts: list[str],
   *,
@@ -254,7 +275,8 @@ def run_generate(config: C.GenerateConfig) -> int:
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)
   prompts = list(config.prompts) if given else list(STORY_OPENINGS[:4])
-  ds = _tokenized_prompts(prompts, given=given, adapter=adapter, config=config)
+  texts = _chat_turns(tok, model_dir, prompts) if config.chat else prompts
+  ds = _tokenized_prompts(texts, given=given, adapter=adapter, config=config)
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
   p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])
@@ -300,7 +322,9 @@ def run_generate(config: C.GenerateConfig) -> int:
     text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
     sample = r % config.num_samples  # rows are prompt-major
     records.append({"prompt": prompts[p], "sample": sample, "text": text})
-    print(runtime.visible(f"[{prompts[p]}] {text}"))  # --output keeps them raw
+    first = ids[r][mask[r]][:1].tolist()
+    shown = "(nothing: EOS came first)" if first == [tok.eos_id] else text
+    print(runtime.visible(f"[{prompts[p]}] {shown}"))  # --output: raw
   if out is not None:
     with runtime.atomic_file(out) as f:
       f.write("".join(json.dumps(x) + "\n" for x in records))
