@@ -1725,3 +1725,42 @@ def test_generate_chat_renders_a_user_turn(tmp_path, capsys, tinystories_dir):
   assert chat.startswith("[Once upon a time] ")
   assert chat.split("] ", 1)[1] == raw.split("] ", 1)[1]
   assert chat.split("] ", 1)[1].strip()
+
+
+def test_dry_run_with_lora_names_where_the_rank_came_from(capsys):
+  """`sft --preset smollm2 --dry-run` said "drop --lora.rank", which the
+  user never passed (the preset sets it)."""
+  import dataclasses
+
+  from rlhf_jax.cli import presets as P
+  from rlhf_jax.models.config import LoraConfig
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages.common import check_dry_run_lora
+
+  code, err = _run(capsys, ["dpo", "--lora.rank", "4", "--dry-run"])
+  _check(
+    code,
+    err,
+    "--dry-run does not model LoRA yet (--lora.rank 4): pass --lora.rank 0 "
+    "for the full model's figures",
+  )
+  config = dataclasses.replace(
+    P.PRESETS["dpo"]["smoke"](), lora=LoraConfig(rank=8)
+  )
+  with pytest.raises(runtime.UserError) as e:
+    check_dry_run_lora(config)
+  assert str(e.value) == (
+    "--dry-run does not model LoRA yet (--lora.rank 8, set by --preset "
+    "smoke): pass --lora.rank 0 for the full model's figures"
+  )
+
+
+def test_dry_run_with_an_hh_preset_is_named(capsys):
+  # It was "Unrecognized options: --dry-run", which `rm --help` lists.
+  code, err = _run(capsys, ["rm", "--preset", "hh-rlhf-smoke", "--dry-run"])
+  _check(
+    code,
+    err,
+    "--dry-run is not available for the HH-RLHF job of --preset "
+    "hh-rlhf-smoke (it sizes the pipeline's steps: run, rm, ppo, dpo, sft)",
+  )

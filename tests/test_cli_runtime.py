@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,18 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     f"cannot resume {run_dir}: the config differs from its config.json "
     "(config.seed: 0 -> 7)"
   )
+  # Many differences: the preset's first, and how many are not shown.
+  smoke = dataclasses.replace(
+    P.default_pipeline(), preset="default", run_dir=str(run_dir), resume=True
+  )
+  with pytest.raises(runtime.UserError) as e:
+    runtime.prepare_run_dir("run", smoke, extra={"model_dir": "m"})
+  message = str(e.value)
+  assert message.startswith(
+    f"cannot resume {run_dir}: the config differs from its config.json "
+    "(config.preset: 'smoke' -> 'default'; "
+  ), message
+  assert re.search(r"; and \d+ more\)$", message), message
   # Another command's run: said so (it listed a diff of whole configs).
   with pytest.raises(runtime.UserError) as e:
     runtime.prepare_run_dir("dpo", resumed, extra={"model_dir": "m"})

@@ -476,6 +476,11 @@ def _config(command: str, rest: list[str]) -> Any:
   default = table[name]()
   prog = f"rlhf-jax {command}"
   if command == "rm" and name in P.HH_PRESETS:
+    if any(a.split("=", 1)[0] == "--dry-run" for a in rest):
+      raise runtime.UserError(
+        f"--dry-run is not available for the HH-RLHF job of --preset "
+        f"{name} (it sizes the pipeline's steps: run, rm, ppo, dpo, sft)"
+      )
     cls = _hh_command_class(type(default))
     doc = (
       f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}.\n\n"

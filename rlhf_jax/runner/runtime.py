@@ -459,6 +459,14 @@ def config_dict(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
+def _diff_list(diffs: list[str], shown: int = 4) -> str:
+  """The first differences, the preset's first (it changes many fields),
+  and how many more there are."""
+  diffs = sorted(diffs, key=lambda d: not d.startswith("config.preset:"))
+  more = len(diffs) - shown
+  return "; ".join(diffs[:shown]) + (f"; and {more} more" if more > 0 else "")
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
@@ -895,7 +903,7 @@ def prepare_run_dir(
       if diffs:
         raise UserError(
           f"cannot resume {run_dir}: the config differs from its "
-          f"config.json ({'; '.join(diffs[:4])})"
+          f"config.json ({_diff_list(diffs)})"
         )
     elif exists and not config.resume:
       raise UserError(

@@ -235,6 +235,23 @@ def host_tree(tree: Any) -> Any:
   return jax.tree.map(get, tree)
 
 
+def check_dry_run_lora(config: Any) -> None:
+  """--dry-run sizes the full model; LoRA runs are not modelled yet.
+
+  Raises:
+    UserError: LoRA is on, naming its rank and the preset when the preset
+      set it (the user may not have passed --lora.rank).
+  """
+  if not config.lora.enabled:
+    return
+  preset = getattr(config, "preset", "default")
+  by = f", set by --preset {preset}" if preset != "default" else ""
+  raise runtime.UserError(
+    f"--dry-run does not model LoRA yet (--lora.rank {config.lora.rank}{by})"
+    ": pass --lora.rank 0 for the full model's figures"
+  )
+
+
 def lr_schedule(
   lr: float, warmup: int, decay_steps: int | None = None
 ) -> optax.Schedule:

@@ -47,6 +47,7 @@ from rlhf_jax.stages.common import (
   POLICIES,
   STAGES_BY_COMMAND,
   Context,
+  check_dry_run_lora,
   load_policy,
   open_run_dir,
   policy_tokenizer,
@@ -435,11 +436,7 @@ def dry_run_pipeline(
   environment.start(config.distributed)
   log = runtime.primary_log(log)
   check_inputs(command, config)
-  if config.lora.enabled:
-    raise runtime.UserError(
-      "--dry-run does not model LoRA yet: drop --lora.rank for the full "
-      "model's figures"
-    )
+  check_dry_run_lora(config)
   model_dir = environment.resolve_model(config.model)
   environment.check_positions(config, model_dir)
   check_reward_model(config, model_dir)

@@ -33,6 +33,7 @@ from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
+  check_dry_run_lora,
   data_source,
   finished_summary,
   host_tree,
@@ -164,11 +165,7 @@ def dry_run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   environment.setup_jax()
   environment.start(config.distributed)
   log = runtime.primary_log(log)
-  if config.lora.enabled:
-    raise runtime.UserError(
-      "--dry-run does not model LoRA yet: drop --lora.rank for the full "
-      "model's figures"
-    )
+  check_dry_run_lora(config)
   model_dir = environment.resolve_model(config.model)
   environment.check_data_lengths(config, model_dir)
   placement = Placement.create(config.mesh)

@@ -113,8 +113,7 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
   if not isinstance(batch, kinds):
     names = " or ".join(k.__name__ for k in kinds)
     raise TypeError(
-      f"the batch must be of type {names}, got "
-      f"{type(batch).__name__}"
+      f"the batch must be of type {names}, got {type(batch).__name__}"
     )
   shape = jnp.shape(batch.prompt_ids)
   if len(shape) == 2 and 0 in shape:
