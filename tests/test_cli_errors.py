@@ -1404,15 +1404,32 @@ def test_data_rows_past_learned_positions(tmp_path, capsys, dry_run):
   assert not run.exists()
 
 
-def test_generate_past_learned_positions(tmp_path, capsys):
-  """generate: --max-prompt-length + --max-new-tokens on the 32-position
-  GPT-2, named before the model is loaded; 33 tokens."""
-  args = ["generate", "--model", str(GPT2), "--max-prompt-length", "17"]
-  code, err = _run(capsys, args + ["--max-new-tokens", "16"])
-  _check(
-    code,
-    err,
-    _past_positions("--max-prompt-length", 17, "--max-new-tokens", 16),
+def test_generate_past_learned_positions(tmp_path, capsys, shared_data):
+  """generate: the longest prompt + --max-new-tokens on the 32-position
+  GPT-2, named before the weights are loaded; 18 (BOS + 17) + 16 = 34
+  tokens. The
+  prompts are padded to the longest, so a --max-prompt-length beyond it
+  does not count (it warned about 600 + 8 tokens for a 422-token prompt)."""
+  model = tmp_path / "gpt2"
+  shutil.copytree(GPT2, model)
+  tokenizer = shared_data / "tokenizers" / "gpt2" / "tokenizer.json"
+  shutil.copy(tokenizer, model / "tokenizer.json")
+  config = json.loads((model / "config.json").read_text())
+  config["vocab_size"] = 50257  # the tokenizer's; the weights never load
+  (model / "config.json").write_text(json.dumps(config))
+  prompt = " ".join(["one"] * 17)  # 17 GPT-2 tokens
+  args = ["generate", "--model", str(model), "--max-prompt-length", "40"]
+  code, err = _run(
+    capsys, args + ["--prompts", prompt, "--max-new-tokens", "16"]
+  )
+  assert code == 2
+  assert (
+    err
+    == "rlhf-jax: error: "
+    + _past_positions(
+      "the longest prompt:", 18, "--max-new-tokens", 16
+    ).replace(str(GPT2), str(model))
+    + "\n"
   )
 
 

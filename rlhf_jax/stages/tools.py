@@ -267,20 +267,24 @@ def run_generate(config: C.GenerateConfig) -> int:
     runtime.check_outside(
       out, model_dir, "--output", where, "choose another file"
     )
-  environment.check_lengths(
-    model_dir,
-    ("--max-prompt-length", config.max_prompt_length),
-    ("--max-new-tokens", config.max_new_tokens),
-  )
   tok = models.load_tokenizer(model_dir)
   adapter = HFTokenizerAdapter.wrap(tok)
   prompts = list(config.prompts) if given else list(STORY_OPENINGS[:4])
   texts = _chat_turns(tok, model_dir, prompts) if config.chat else prompts
   ds = _tokenized_prompts(texts, given=given, adapter=adapter, config=config)
+  # Left-padded to the longest prompt, not to --max-prompt-length (which
+  # only bounds them): the positions checked and the cache are the real
+  # ones.
+  longest = int(ds.arrays["prompt_mask"].sum(axis=1).max())
+  environment.check_lengths(
+    model_dir,
+    ("the longest prompt:", longest),
+    ("--max-new-tokens", config.max_new_tokens),
+  )
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
-  p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])
-  p_mask = jnp.asarray(ds.arrays["prompt_mask"][rows])
+  p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows, -longest:])
+  p_mask = jnp.asarray(ds.arrays["prompt_mask"][rows, -longest:])
   key = jax.random.key(config.seed)
   if config.greedy:
     from rlhf_jax.rollout import generate
