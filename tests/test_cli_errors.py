@@ -1407,9 +1407,9 @@ def test_data_rows_past_learned_positions(tmp_path, capsys, dry_run):
 def test_generate_past_learned_positions(tmp_path, capsys, shared_data):
   """generate: the longest prompt + --max-new-tokens on the 32-position
   GPT-2, named before the weights are loaded; 18 (BOS + 17) + 16 = 34
-  tokens. The
-  prompts are padded to the longest, so a --max-prompt-length beyond it
-  does not count (it warned about 600 + 8 tokens for a 422-token prompt)."""
+  tokens. The prompts are padded to the longest, so a --max-prompt-length
+  beyond it does not count (it warned about 600 + 8 tokens for a
+  422-token prompt)."""
   model = tmp_path / "gpt2"
   shutil.copytree(GPT2, model)
   tokenizer = shared_data / "tokenizers" / "gpt2" / "tokenizer.json"
