@@ -571,6 +571,41 @@ def test_interrupted_eval_does_not_advise_resume(tmp_path, capsys, monkeypatch):
   )
 
 
+def test_interrupted_sampling_does_not_claim_a_checkpoint(
+  tmp_path, capsys, monkeypatch
+):
+  """SIGINT while the pipeline sampled (the initial policy's evaluation)
+  said "the stage's checkpoint is saved"; sampling keeps none."""
+  import numpy as np
+
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages import pipeline
+  from rlhf_jax.stages.sampling import sample_continuations
+
+  class Stop:
+    requested = True
+
+    def agreed(self):
+      return True
+
+    check = runtime.StopFlag.check
+
+  def run_stage(ctx, name, results):
+    ctx.stop = Stop()
+    ids = np.zeros((1, 2), np.int32)
+    sample_continuations(ctx, {}, ids, ids, None, what="eval")
+
+  monkeypatch.setattr(pipeline, "_run_stage", run_stage)
+  args = ["run", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]
+  code, err = _run(capsys, args)
+  assert code == 130
+  assert err.endswith(
+    "rlhf-jax: interrupted (eval); the finished stages and the last "
+    "checkpoint saved are kept (the sampling it stopped starts over). Run "
+    "the same command with --resume to continue.\n"
+  ), err
+
+
 def test_accept_rate_options_with_data_are_an_error(tmp_path, capsys):
   data = _write(
     tmp_path / "u.jsonl",

@@ -670,6 +670,12 @@ def _then(command: str, e: "runtime.Interrupted") -> str:
   """What to do after an interrupted ``command``."""
   if command in _NO_RESUME:
     return "it keeps no checkpoint: run the same command again to start over."
+  if e.resumable and not e.checkpoint:
+    return (
+      "the finished stages and the last checkpoint saved are kept (the "
+      "sampling it stopped starts over). Run the same command with --resume "
+      "to continue."
+    )
   if e.resumable:
     return (
       "the stage's checkpoint is saved. Run the same command with --resume "

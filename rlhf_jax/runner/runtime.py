@@ -49,12 +49,18 @@ class Interrupted(Exception):  # noqa: N818 - it is not an error
   Attributes:
     resumable: whether ``--resume`` continues the run (False for a job
       that always runs from its start).
+    checkpoint: whether the stopped stage saved a checkpoint just now
+      (False when sampling stopped, e.g. for an evaluation: that sampling
+      starts over on --resume, from the last checkpoint saved).
   """
 
-  def __init__(self, what: str, *, resumable: bool = True):
-    """Args: what: the stage and where it stopped; resumable: as above."""
+  def __init__(
+    self, what: str, *, resumable: bool = True, checkpoint: bool = True
+  ):
+    """Args: what: the stage and where it stopped; the rest as above."""
     super().__init__(what)
     self.resumable = resumable
+    self.checkpoint = checkpoint
 
 
 # ------------------------------------------------------- disks and writes
@@ -963,10 +969,11 @@ class StopFlag:
     flags = multihost_utils.process_allgather(np.asarray(self.requested))
     return bool(np.any(flags))
 
-  def check(self, what: str) -> None:
-    """Raises Interrupted (after the caller saved) when a stop was asked."""
+  def check(self, what: str, *, checkpoint: bool = True) -> None:
+    """Raises Interrupted (after the caller saved, or with ``checkpoint``
+    False for a stage that keeps none) when a stop was asked."""
     if self.agreed():
-      raise Interrupted(what)
+      raise Interrupted(what, checkpoint=checkpoint)
 
 
 # ------------------------------------------------------- compile and time

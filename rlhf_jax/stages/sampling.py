@@ -93,7 +93,7 @@ def sample_continuations(
     params = split_layers(ctx)(params, config=ctx.model_config)
   bar = ProgressBar(-(-n // size), what)
   for start, stop in chunks(n, size):
-    ctx.stop.check(what)
+    ctx.stop.check(what, checkpoint=False)  # sampling restarts on --resume
     ids, mask = ctx.placement.batch(
       (
         pad_rows(prompt_ids[start:stop], size),
