@@ -175,6 +175,28 @@ def _check_not_files(prompts: list[str]) -> None:
       )
 
 
+def _check_not_reward_model(model_dir: pathlib.Path) -> None:
+  """generate samples from a language model, not a reward model's export.
+
+  Raises:
+    UserError: a *ForSequenceClassification directory (it read as "tensors
+      not used ... score.weight") or rlhf_jax's reward-model format (its
+      backbone was sampled from without a word).
+  """
+  from rlhf_jax.models import seq_cls
+  from rlhf_jax.stages.common import HEAD_FILE
+
+  if (
+    seq_cls.is_sequence_classification(model_dir)
+    or (model_dir / HEAD_FILE).is_file()
+  ):
+    raise runtime.UserError(
+      f"--model {model_dir}: a reward model (it scores texts and has no "
+      "language-model head to sample from); pass a policy model, or a run "
+      "with --run-dir and --policy"
+    )
+
+
 def _chat_turns(tok: Any, model_dir: pathlib.Path, prompts: list[str]):
   """Each prompt as one user turn rendered by the tokenizer's chat
   template, ending in the assistant's generation prompt.
@@ -262,6 +284,7 @@ def run_generate(config: C.GenerateConfig) -> int:
     model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
   else:
     model_dir = environment.resolve_model(config.model)
+    _check_not_reward_model(model_dir)
   if out is not None:
     where = f"the model directory {model_dir} it samples from"
     runtime.check_outside(

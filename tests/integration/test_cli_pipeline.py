@@ -227,6 +227,14 @@ def test_export_reloads_with_equal_params(smoke_run, tmp_path, what):
   if what == "rm":
     head = load_file(str(out / "reward_head" / "model.safetensors"))
     assert head["kernel"].shape == (got["embed"].shape[1],)
+    # generate sampled from its backbone without a word.
+    refused = _cli("generate", "--model", str(out), check=False)
+    assert refused.returncode == 2
+    assert refused.stderr == (
+      f"rlhf-jax: error: --model {out}: a reward model (it scores texts and "
+      "has no language-model head to sample from); pass a policy model, or "
+      "a run with --run-dir and --policy\n"
+    )
   else:
     # Trained: differs from the initial checkpoint.
     config = json.loads((run_dir / "config.json").read_text())
