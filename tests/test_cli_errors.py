@@ -745,22 +745,27 @@ def test_generate_output_in_a_read_only_folder(tmp_path, capsys, read_only):
   assert printed.out == ""
 
 
-def test_generate_output_in_the_model_directory(tmp_path, capsys):
-  """--overwrite replaced the model's own config.json with samples."""
+def test_generate_output_in_a_model_directory(
+  tmp_path, capsys, tinystories_dir
+):
+  """--overwrite replaced a model's config.json with samples: the model
+  sampled from, or another one (an export, a typo in the path)."""
   model = tmp_path / "m"
   shutil.copytree(GPT2, model)
   before = (model / "config.json").read_text()
   out = model / "config.json"
-  code, err = _run(
-    capsys,
-    ["generate", "--model", str(model), "--output", str(out), "--overwrite"],
-  )
-  _check(
-    code,
-    err,
-    f"--output {out}: lies in the model directory {model} it samples from; "
-    "choose another file",
-  )
+  for sampled in (model, tinystories_dir):
+    code, err = _run(
+      capsys,
+      ["generate", "--model", str(sampled), "--output", str(out)]
+      + ["--overwrite"],
+    )
+    _check(
+      code,
+      err,
+      f"--output {out}: it lies in the model directory {model.resolve()}; "
+      "choose another file",
+    )
   assert (model / "config.json").read_text() == before
 
 

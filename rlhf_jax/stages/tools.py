@@ -139,6 +139,17 @@ def _policy_dir(
 # --------------------------------------------------------------- generate
 
 
+def _model_part(path: pathlib.Path) -> str | None:
+  """Why --output must not write ``path``: it lies in a model directory
+  (config.json beside safetensors, or an export); None otherwise."""
+  folder = path.resolve().parent
+  if (folder / EXPORT_MARKER).is_file() or (
+    (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+  ):
+    return f"it lies in the model directory {folder}"
+  return None
+
+
 def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   """--output as a path, checked before any sampling.
 
@@ -148,7 +159,7 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
       folder that cannot be written.
   """
   out = pathlib.Path(output)
-  why = runtime.run_part(out)
+  why = runtime.run_part(out) or _model_part(out)
   if why is not None:
     raise runtime.UserError(f"--output {out}: {why}; choose another file")
   if out.is_dir() or output.endswith(os.sep):
