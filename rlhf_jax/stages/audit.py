@@ -521,12 +521,17 @@ def _noise_lines(n: dict[str, Any]) -> list[str]:
 def _annotator_lines(a: dict[str, Any] | None) -> list[str]:
   if a is None:
     return []
+  n, shared = a["annotators"], a["shared_pairs"]
+  agreement = (
+    f"{shared} pairs judged by several, on which labels of different "
+    f"annotators agree {_num(a['shared_pair_agreement'])}"
+    if shared
+    else "no pair was judged by several, so their agreement is not measured"
+  )
   lines = [
     "## Annotators",
     "",
-    f"{a['annotators']} annotators; {a['shared_pairs']} pairs judged by "
-    "several, on which labels of different annotators agree "
-    f"{_num(a['shared_pair_agreement'])}.",
+    f"{n} annotator{'s' if n != 1 else ''}; {agreement}.",
     "",
     "| annotator | judgements | agreement with the best ordering | "
     "pairs judged both ways | own rationalisability |",

@@ -451,3 +451,30 @@ def test_out_inside_the_reward_model_is_refused(tmp_path, capsys):
       "with; choose another --out",
     )
   assert list(model.iterdir()) == []
+
+
+def test_annotator_line_reads_for_one_annotator_and_no_shared_pairs():
+  """It read "1 annotators; 0 pairs judged by several, on which labels of
+  different annotators agree -."."""
+  from rlhf_jax.stages.audit import _annotator_lines
+
+  one = {
+    "annotators": 1,
+    "shared_pairs": 0,
+    "shared_pair_agreement": float("nan"),
+    "per_annotator": {},
+  }
+  assert _annotator_lines(one)[2] == (
+    "1 annotator; no pair was judged by several, so their agreement is not "
+    "measured."
+  )
+  two = {
+    **one,
+    "annotators": 2,
+    "shared_pairs": 3,
+    "shared_pair_agreement": 0.5,
+  }
+  assert _annotator_lines(two)[2].startswith(
+    "2 annotators; 3 pairs judged by several, on which labels of different "
+    "annotators agree 0.5"
+  )
