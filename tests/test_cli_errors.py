@@ -443,6 +443,16 @@ def test_option_of_a_stage_the_command_skips_is_an_error(capsys):
   )
 
 
+def _grpo_prompts_args(prompts: str, run: pathlib.Path) -> list[str]:
+  """A smoke grpo run on --prompts with a reward (8 rows a batch: the
+  tests' 8 devices)."""
+  return [
+    "grpo", "--preset", "smoke", "--prompts", prompts,
+    "--reward", "rlhf_jax.tasks.rewards:word_count",
+    "--grpo.batch-size", "8", "--run-dir", str(run),
+  ]  # fmt: skip
+
+
 def test_prompt_columns_named_like_reward_arguments_are_refused_first(
   tmp_path, capsys
 ):
@@ -453,22 +463,7 @@ def test_prompt_columns_named_like_reward_arguments_are_refused_first(
   ]
   prompts = _write(tmp_path / "p.jsonl", rows)
   run = tmp_path / "r"
-  code, err = _run(
-    capsys,
-    [
-      "grpo",
-      "--preset",
-      "smoke",
-      "--prompts",
-      prompts,
-      "--reward",
-      "rlhf_jax.tasks.rewards:word_count",
-      "--grpo.batch-size",
-      "8",  # the 8 devices of the tests
-      "--run-dir",
-      str(run),
-    ],
-  )
+  code, err = _run(capsys, _grpo_prompts_args(prompts, run))
   _check(
     code,
     err,
@@ -496,22 +491,7 @@ def test_prompts_of_pairs_or_completions_pass_the_column_check(
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "notes.txt").write_text("x")
-  code, err = _run(
-    capsys,
-    [
-      "grpo",
-      "--preset",
-      "smoke",
-      "--prompts",
-      prompts,
-      "--reward",
-      "rlhf_jax.tasks.rewards:word_count",
-      "--grpo.batch-size",
-      "8",
-      "--run-dir",
-      str(mine),
-    ],
-  )
+  code, err = _run(capsys, _grpo_prompts_args(prompts, mine))
   _check(
     code,
     err,
