@@ -19,7 +19,7 @@ def _ctx():
   )
   return types.SimpleNamespace(
     config=types.SimpleNamespace(sampling=settings),
-    stop=types.SimpleNamespace(check=lambda what: None),
+    stop=types.SimpleNamespace(check=lambda what, checkpoint=True: None),
     placement=Placement.create(MeshConfig(), jax.devices()[:1]),
     model_config=CFG,
     eos=NEVER,
