@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax._optional import import_cli_dependency
-from rlhf_jax.runner.runtime import NONFINITE_IN, NONFINITE_OUT
+from rlhf_jax.runner.runtime import NONFINITE_OUT, floats_again
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -244,10 +244,7 @@ def read_metrics(
       raise ValueError(f"{path}:{lineno}: malformed metrics record: {e}") from e
     if not isinstance(rec, dict) or "step" not in rec or "stage" not in rec:
       raise ValueError(f"{path}:{lineno}: record lacks 'step' or 'stage'")
-    rec = {
-      k: NONFINITE_IN.get(v, v) if isinstance(v, str) and k != "stage" else v
-      for k, v in rec.items()
-    }
+    rec = floats_again(rec, keep=("stage",))
     if stage is None or rec["stage"] == stage:
       records.append(rec)
   return records

@@ -421,11 +421,15 @@ def read_figures(path: pathlib.Path) -> Any:
     ValueError, OSError: as `read_json`.
   """
   data = read_json(path)
-  if not isinstance(data, dict):
-    return data
+  return floats_again(data) if isinstance(data, dict) else data
+
+
+def floats_again(record: dict, keep: tuple[str, ...] = ()) -> dict:
+  """``record`` with its top-level "NaN", "Infinity" and "-Infinity"
+  strings as floats (the fields in ``keep`` left as written)."""
   return {
-    k: NONFINITE_IN.get(v, v) if isinstance(v, str) else v
-    for k, v in data.items()
+    k: NONFINITE_IN.get(v, v) if isinstance(v, str) and k not in keep else v
+    for k, v in record.items()
   }
 
 

@@ -232,6 +232,16 @@ def load_rm(
   return config, params, pooling
 
 
+def is_reward_model_dir(path: pathlib.Path) -> bool:
+  """A reward model's directory: a *ForSequenceClassification config, or
+  rlhf_jax's own format (a causal LM beside ``HEAD_FILE``)."""
+  from rlhf_jax.models import seq_cls
+
+  return (
+    seq_cls.is_sequence_classification(path) or (path / HEAD_FILE).is_file()
+  )
+
+
 def backbone_dir(path: pathlib.Path) -> pathlib.Path:
   """The directory whose config.json describes a reward model's backbone.
 
@@ -243,14 +253,12 @@ def backbone_dir(path: pathlib.Path) -> pathlib.Path:
   Raises:
     UserError: no reward model there.
   """
-  from rlhf_jax.models import seq_cls
-
   if path.is_file():
     raise runtime.UserError(
       f"{path}: a file; expected a reward-model directory (a run or an "
       "export of `rlhf-jax rm`, or a *ForSequenceClassification directory)"
     )
-  if seq_cls.is_sequence_classification(path) or (path / HEAD_FILE).is_file():
+  if is_reward_model_dir(path):
     return path
   if (path / "outputs" / "rm" / HEAD_FILE).is_file():
     return path / "outputs" / "rm"

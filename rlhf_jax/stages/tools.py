@@ -194,13 +194,9 @@ def _check_not_reward_model(model_dir: pathlib.Path) -> None:
       not used ... score.weight") or rlhf_jax's reward-model format (its
       backbone was sampled from without a word).
   """
-  from rlhf_jax.models import seq_cls
-  from rlhf_jax.stages.common import HEAD_FILE
+  from rlhf_jax.stages.rm import is_reward_model_dir
 
-  if (
-    seq_cls.is_sequence_classification(model_dir)
-    or (model_dir / HEAD_FILE).is_file()
-  ):
+  if is_reward_model_dir(model_dir):
     raise runtime.UserError(
       f"--model {model_dir}: a reward model (it scores texts and has no "
       "language-model head to sample from); pass a policy model, or a run "
@@ -280,7 +276,7 @@ def _tokenized_prompts(
 
 def run_generate(config: C.GenerateConfig) -> int:
   """Samples continuations and prints them (and writes --output)."""
-  from rlhf_jax.data import HFTokenizerAdapter
+  from rlhf_jax.data import HFTokenizerAdapter, trim_padding
   from rlhf_jax.tasks import STORY_OPENINGS
 
   temperature = 1.0 if config.temperature is None else config.temperature
@@ -309,7 +305,7 @@ def run_generate(config: C.GenerateConfig) -> int:
   # Left-padded to the longest prompt, not to --max-prompt-length (which
   # only bounds them): the positions checked and the cache are the real
   # ones.
-  longest = int(ds.arrays["prompt_mask"].sum(axis=1).max())
+  (ds,), (longest, _) = trim_padding(ds)
   environment.check_lengths(
     model_dir,
     ("the longest prompt:", longest),
@@ -317,8 +313,8 @@ def run_generate(config: C.GenerateConfig) -> int:
   )
   model_config, params = models.load_hf_checkpoint(model_dir)
   rows = np.repeat(np.arange(len(prompts)), config.num_samples)
-  p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows, -longest:])
-  p_mask = jnp.asarray(ds.arrays["prompt_mask"][rows, -longest:])
+  p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])
+  p_mask = jnp.asarray(ds.arrays["prompt_mask"][rows])
   key = jax.random.key(config.seed)
   if config.greedy:
     from rlhf_jax.rollout import generate

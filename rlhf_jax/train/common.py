@@ -107,7 +107,8 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
 
   Raises:
     TypeError: another type (a dict, another batch type), naming both.
-    ValueError: B = 0 or P = 0, naming prompt_ids' shape.
+    ValueError: prompt_ids not [B, P], or B = 0 or P = 0, naming its
+      shape (the step's other checks name the other fields).
   """
   kinds = kind if isinstance(kind, tuple) else (kind,)
   if not isinstance(batch, kinds):
@@ -116,7 +117,9 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
       f"the batch must be of type {names}, got {type(batch).__name__}"
     )
   shape = jnp.shape(batch.prompt_ids)
-  if len(shape) == 2 and 0 in shape:
+  if len(shape) != 2:  # before a step reads shape[1]
+    raise ValueError(f"prompt_ids shape {shape}: expected [B, L]")
+  if 0 in shape:
     raise ValueError(
       f"prompt_ids shape {shape}: expected at least one row and one prompt "
       "token (B >= 1, P >= 1)"

@@ -42,7 +42,6 @@ from rlhf_jax.train.common import (
   check_batch,
   check_build,
   check_preference_batch,
-  check_rows,
   concat_prompt_response,
   finish_step,
   global_sum,
@@ -95,11 +94,6 @@ def make_sft_step(
 
   def step(state: TrainState, batch: SFTBatch):
     check_batch(batch, SFTBatch)
-    b = batch
-    check_rows(
-      ("prompt_ids", b.prompt_ids, "prompt_mask", b.prompt_mask),
-      ("response_ids", b.response_ids, "response_mask", b.response_mask),
-    )
     normalizer = loss_normalizer(
       batch.response_mask, config.loss_agg_mode, axis
     )
