@@ -408,9 +408,8 @@ def test_cache_dir_variable_is_checked(monkeypatch, capsys, tmp_path):
     str(tmp_path / "file"): f"$RLHF_JAX_CACHE_DIR={tmp_path / 'file'}: is a "
     "file; expected a folder for the compilation cache (or off)",
     # Unwritable: jax warned at its first compile and ran without it.
-    str(tmp_path / "file" / "sub"): "$RLHF_JAX_CACHE_DIR="
-    f"{tmp_path / 'file' / 'sub'}: cannot be made (Not a directory); set it "
-    "to a folder you can write (or to off)",
+    str(tmp_path / "file" / "sub"): "$RLHF_JAX_CACHE_DIR "
+    f"{tmp_path / 'file' / 'sub'}: {tmp_path / 'file'} is a file",
   }
   for value, message in cases.items():
     monkeypatch.setenv("RLHF_JAX_CACHE_DIR", value)
@@ -425,8 +424,16 @@ def test_cache_dir_variable_is_checked(monkeypatch, capsys, tmp_path):
   assert jax.config.jax_compilation_cache_dir == before
   assert capsys.readouterr().err == (
     f"rlhf-jax: warning: the compilation cache folder {tmp_path / 'file'}"
-    "/.cache/rlhf_jax/jax_cache: cannot be made (Not a directory); running "
-    "without the cache (set $RLHF_JAX_CACHE_DIR to a folder you can write)\n"
+    f"/.cache/rlhf_jax/jax_cache: {tmp_path / 'file'} is a file\n"
+  )
+  # A folder that cannot be written: the reason and what happens.
+  monkeypatch.setenv("HOME", "/proc/no-such-home")
+  environment.setup_jax()
+  assert capsys.readouterr().err == (
+    "rlhf-jax: warning: the compilation cache folder /proc/no-such-home/"
+    ".cache/rlhf_jax/jax_cache: cannot write in /proc (no such file or "
+    "directory); running without it (set $RLHF_JAX_CACHE_DIR to a folder "
+    "you can write)\n"
   )
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "OFF")

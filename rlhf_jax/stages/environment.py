@@ -11,6 +11,7 @@ from rlhf_jax.runner.mesh import DistributedConfig, start_distributed
 from rlhf_jax.runner.runtime import (
   CompileClock,
   UserError,
+  check_folder_writable,
   is_primary_process,
 )
 
@@ -91,8 +92,9 @@ def setup_jax() -> None:
 
   Raises:
     UserError: $RLHF_JAX_CACHE_DIR is set but empty, names a file, or a
-      folder that cannot be made or written. (An unwritable default
-      folder is a warning: the run goes on without the cache.)
+      folder that cannot be written (`runtime.check_folder_writable`; an
+      unwritable default folder is a warning: the run goes on without the
+      cache).
   """
   import jax
 
@@ -112,35 +114,26 @@ def setup_jax() -> None:
       f"${CACHE_ENV}={cache}: is a file; expected a folder for the "
       "compilation cache (or off)"
     )
-  problem = None if cache == "off" else _unwritable(pathlib.Path(cache))
-  if problem and explicit:
-    raise UserError(
-      f"${CACHE_ENV}={cache}: {problem}; set it to a folder you can write "
-      "(or to off)"
+  if cache != "off" and explicit:  # creating nothing
+    check_folder_writable(
+      cache, f"${CACHE_ENV}", cache, "set it to a folder you can write (or off)"
     )
-  if problem:
-    sys.stderr.write(
-      f"rlhf-jax: warning: the compilation cache folder {cache}: {problem}; "
-      f"running without the cache (set ${CACHE_ENV} to a folder you can "
-      "write)\n"
-    )
-    cache = "off"
+  elif cache != "off":
+    try:
+      check_folder_writable(
+        cache,
+        "the compilation cache folder",
+        cache,
+        f"running without it (set ${CACHE_ENV} to a folder you can write)",
+      )
+    except UserError as e:
+      sys.stderr.write(f"rlhf-jax: warning: {e}\n")
+      cache = "off"
   if cache != "off":
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   CompileClock.get()
-
-
-def _unwritable(folder: pathlib.Path) -> str | None:
-  """Why ``folder`` (made if missing) cannot hold files; None if it can."""
-  try:
-    folder.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    return f"cannot be made ({e.strerror or e})"
-  if not os.access(folder, os.W_OK | os.X_OK):
-    return "cannot be written (permission denied)"
-  return None
 
 
 # The variables jax.distributed's own launchers set.
