@@ -52,7 +52,8 @@ from rlhf_jax.train.common import (
   split_micro_batches,
   stacked_pairs,
 )
-from rlhf_jax.types import PreferenceBatch, SFTBatch
+from rlhf_jax.train.frozen_head import make_head_step
+from rlhf_jax.types import FeaturePairBatch, PreferenceBatch, SFTBatch
 
 
 def _pairs(rejected_rows: int = 4, rejected_len: int = 4) -> PreferenceBatch:
@@ -426,6 +427,18 @@ def _state() -> TrainState:
 
 def _sft_shapes(batch):
   return jax.eval_shape(make_sft_step(TINY, _opt()), _state(), batch)
+
+
+def _features(*shape: int) -> tuple[jax.Array, jax.Array]:
+  """Two f32 arrays of ``shape`` (chosen and rejected features)."""
+  return jnp.ones(shape), jnp.ones(shape)
+
+
+def _head_shapes(batch):
+  policy = models.init_params(TINY, jax.random.key(0))
+  head = models.from_policy_params(policy, TINY, jax.random.key(1))["head"]
+  state = TrainState.create(head, _opt(), jax.random.key(0))
+  return jax.eval_shape(make_head_step(TINY, _opt()), state, batch)
 
 
 LIBRARY_CASES = [
@@ -860,6 +873,27 @@ LIBRARY_CASES = [
       PreferenceBatch(*_rows(0, 3), *_rows(0, 4), *_rows(0, 4)),
     ),
     "the batch must be of type UnpairedBatch, got PreferenceBatch",
+  ),
+  (
+    lambda: _head_shapes(_rows(2, 3)),
+    "the batch must be of type FeaturePairBatch, got tuple",
+  ),
+  (
+    lambda: _head_shapes(FeaturePairBatch(*_features(2))),
+    f"FeaturePairBatch.chosen shape (2,): expected [B, {TINY.hidden_size}]",
+  ),
+  (
+    lambda: _head_shapes(FeaturePairBatch(*_features(0, 7))),
+    "FeaturePairBatch.chosen shape (0, 7): expected",
+  ),
+  (
+    lambda: _head_shapes(
+      FeaturePairBatch(
+        jnp.ones((3, TINY.hidden_size)), jnp.ones((2, TINY.hidden_size))
+      )
+    ),
+    f"chosen (3, {TINY.hidden_size}) and rejected (2, {TINY.hidden_size}) "
+    "must have one shape",
   ),
 ]
 

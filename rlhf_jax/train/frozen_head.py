@@ -91,6 +91,34 @@ def head_rewards(
   return models.ScalarHead(model_config).apply({"params": head}, features)
 
 
+def check_feature_batch(batch, hidden_size: int) -> None:
+  """A head step's batch: a FeaturePairBatch of two f32[B, D] arrays, B >=
+  1 and D the backbone's hidden size, checked at trace time.
+
+  Raises:
+    TypeError: another batch type (naming both).
+    ValueError: a shape that is not [B, D] with B >= 1, chosen and
+      rejected of different shapes, or D not ``hidden_size`` (naming the
+      field and its shape).
+  """
+  if not isinstance(batch, FeaturePairBatch):
+    raise TypeError(
+      f"the batch must be of type FeaturePairBatch, got {type(batch).__name__}"
+    )
+  for name in ("chosen", "rejected"):
+    shape = jnp.shape(getattr(batch, name))
+    if len(shape) != 2 or shape[0] < 1 or shape[1] != hidden_size:
+      raise ValueError(
+        f"FeaturePairBatch.{name} shape {shape}: expected [B, {hidden_size}]"
+        " with B >= 1 (pair_features of the backbone)"
+      )
+  if jnp.shape(batch.chosen) != jnp.shape(batch.rejected):
+    raise ValueError(
+      f"FeaturePairBatch: chosen {jnp.shape(batch.chosen)} and rejected "
+      f"{jnp.shape(batch.rejected)} must have one shape (one row per pair)"
+    )
+
+
 def make_head_step(
   model_config: "models.ModelConfig",
   optimizer: optax.GradientTransformation,
@@ -107,7 +135,8 @@ def make_head_step(
 
   Raises:
     ValueError: ``config.loss_type`` is not "pairwise"; see
-      ``train.common.check_build``.
+      ``train.common.check_build``. The step raises what
+      ``check_feature_batch`` raises, at trace time.
   """
   config = config or RewardModelConfig()
   if config.loss_type != "pairwise":
@@ -120,6 +149,7 @@ def make_head_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch: FeaturePairBatch):
+    check_feature_batch(batch, model_config.hidden_size)
     total = global_sum(batch.chosen.shape[0], axis)
 
     def loss_fn(head, mb: FeaturePairBatch):
