@@ -1801,3 +1801,45 @@ def test_dry_run_with_an_hh_preset_is_named(capsys):
     "--dry-run is not available for the HH-RLHF job of --preset "
     "hh-rlhf-smoke (it sizes the pipeline's steps: run, rm, ppo, dpo, sft)",
   )
+
+
+@pytest.mark.parametrize(
+  "command, args, expected",
+  [
+    (
+      "dpo",
+      ["--dpo.steps", "2", "--dpo.warmup-steps", "5"],
+      "--dpo.warmup-steps 5: the stage makes only 2 optimizer updates "
+      "(--dpo.steps), so its learning rate never reaches "
+      "--dpo.learning-rate; the last update runs at 1/5 of it",
+    ),
+    (
+      "ppo",
+      ["--ppo.iterations", "1", "--ppo.algo.ppo-epochs", "1"],
+      "--ppo.warmup-steps 4: the stage makes only 2 optimizer updates "
+      "(--ppo.iterations x --ppo.algo.ppo-epochs x "
+      "--ppo.algo.num-minibatches), so its learning rate never reaches "
+      "--ppo.learning-rate; the last update runs at 1/4 of it",
+    ),
+  ],
+)
+def test_warmup_as_long_as_the_stage_is_a_warning(
+  capsys, monkeypatch, command, args, expected
+):
+  """Valid but likely a mistake: said before work starts, and the run
+  goes on."""
+  import rlhf_jax.cli.main as cli
+
+  ran = []
+  monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: ran.append(a))
+  code, err = _run(capsys, [command, *args])
+  assert (code, len(ran)) == (None, 1)
+  assert err == f"rlhf-jax: warning: {expected}\n"
+
+
+def test_default_warmups_are_shorter_than_their_stages(capsys, monkeypatch):
+  import rlhf_jax.cli.main as cli
+
+  monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: 0)
+  for command in ("run", "dpo", "ppo", "grpo", "rm", "sft", "kto"):
+    assert _run(capsys, [command]) == (0, ""), command

@@ -87,16 +87,19 @@ def _debug(args: list[str]) -> tuple[bool, list[str]]:
 
 
 def _validated(command: str, config: Any) -> Any:
-  """The config, once every option passed ``stages.validate``.
+  """The config, once every option passed ``stages.validate`` (its
+  advisories printed as warnings).
 
   Raises:
     UserError: the problems, one per line.
   """
-  from rlhf_jax.stages.validate import problems
+  from rlhf_jax.stages.validate import advisories, problems
 
   bad = problems(command, config)
   if bad:
     raise runtime.UserError("\nrlhf-jax: error: ".join(bad))
+  for line in advisories(command, config):
+    sys.stderr.write(f"rlhf-jax: warning: {line}\n")
   return config
 
 

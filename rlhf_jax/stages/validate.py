@@ -290,6 +290,53 @@ def _generate_problems(config: Any) -> list[str]:
   return out
 
 
+def _updates(node: Any) -> tuple[int, list[tuple[str, ...]]] | None:
+  """(optimizer updates of a training stage, the fields that set them), or
+  None for a node that is not one."""
+  if hasattr(node, "steps"):
+    return node.steps, [("steps",)]
+  algo = getattr(node, "algo", None)
+  if hasattr(node, "iterations") and hasattr(algo, "ppo_epochs"):
+    n = node.iterations * algo.ppo_epochs * algo.num_minibatches
+    fields = [("iterations",), ("algo", "ppo_epochs")]
+    return n, [*fields, ("algo", "num_minibatches")]
+  return None
+
+
+def _warmup_notes(node: Any, path: tuple[str, ...]) -> list[str]:
+  """Stages whose warmup lasts as long as their optimizer updates or
+  longer: the learning rate then never reaches its set value."""
+  out = []
+  for f in dataclasses.fields(node):
+    if dataclasses.is_dataclass(getattr(node, f.name)):
+      out += _warmup_notes(getattr(node, f.name), (*path, f.name))
+  warmup, updates = getattr(node, "warmup_steps", None), _updates(node)
+  if not isinstance(warmup, int) or updates is None:
+    return out
+  n, fields = updates
+  if 1 <= n <= warmup:
+    options = " x ".join(_flag((*path, *f)) for f in fields)
+    out.append(
+      f"{_flag((*path, 'warmup_steps'))} {warmup}: the stage makes only "
+      f"{n} optimizer updates ({options}), so its learning rate never "
+      f"reaches {_flag((*path, 'learning_rate'))}; the last update runs "
+      f"at {n - 1}/{warmup} of it"
+    )
+  return out
+
+
+def advisories(command: str, config: Any) -> list[str]:
+  """Options that are valid but likely mistakes, one line each (printed
+  as warnings before work starts).
+
+  Args:
+    command: the subcommand.
+    config: its parsed config, which passed ``problems``.
+  """
+  del command  # the same rules for every command
+  return _warmup_notes(config, ())
+
+
 def problems(command: str, config: Any) -> list[str]:
   """Every problem of a parsed command config, one line each.
 
