@@ -275,6 +275,51 @@ def test_a_model_without_weights_is_named_before_the_run_dir_is_made(
   assert not (tmp_path / "r").exists()  # a corrected rerun needs no --overwrite
 
 
+@pytest.mark.parametrize(
+  "args, prefix",
+  [
+    (["rm", "--preset", "smoke", "--model"], ""),
+    (
+      ["sft", "--preset", "smoke", "--batch-size", "8", "--data", "DATA"]
+      + ["--model"],
+      "",
+    ),
+    (
+      ["rm", "--preset", "hh-rlhf-smoke", "--hh.backbone", "tinystories"]
+      + ["--hh.model-dir"],
+      "--hh.model-dir: ",
+    ),
+  ],
+)
+def test_a_nan_weight_is_named_before_the_run_dir_is_made(
+  tmp_path, capsys, tinystories_dir, args, prefix
+):
+  """It was found when the stage loaded the weights, after the run
+  directory existed (a corrected rerun then needed --overwrite)."""
+  from safetensors.numpy import load_file, save_file
+
+  model = tmp_path / "model"
+  shutil.copytree(tinystories_dir, model)
+  weights = load_file(model / "model.safetensors")
+  name = "model.layers.1.mlp.up_proj.weight"
+  weights[name][5, 7] = float("nan")
+  save_file(weights, model / "model.safetensors")
+  data = _write(
+    tmp_path / "rows.jsonl",
+    [json.dumps({"prompt": "Once", "completion": " a dog."})] * 8,
+  )
+  args = [data if a == "DATA" else a for a in args]
+  run_dir = tmp_path / "r"
+  code, err = _run(capsys, [*args, str(model), "--run-dir", str(run_dir)])
+  assert code == 2 and "Traceback" not in err, err
+  assert err.startswith(f"rlhf-jax: error: {prefix}"), err
+  assert (
+    f"{model}/model.safetensors: tensor '{name}' holds non-finite values "
+    "(NaN or inf)"
+  ) in err
+  assert not run_dir.exists()
+
+
 def test_model_env_var_directory_that_does_not_exist(
   tmp_path, capsys, monkeypatch
 ):

@@ -771,18 +771,24 @@ def _checked_rules(
 
 
 def check_hf_checkpoint(
-  path_or_hub_id: str | os.PathLike, *, sequence_classification: bool = False
+  path_or_hub_id: str | os.PathLike,
+  *,
+  sequence_classification: bool = False,
+  values: bool = False,
 ) -> ModelConfig:
-  """Checks a checkpoint cheaply, before any run starts.
+  """Checks a checkpoint before any run starts.
 
-  Reads config.json and the safetensors headers (names, shapes, dtypes),
-  no tensor data: the problems `load_hf_checkpoint` raises up front.
+  Reads config.json and the safetensors headers (names, shapes, dtypes):
+  the problems `load_hf_checkpoint` raises up front. With ``values`` it
+  also reads every tensor once, one at a time, for NaN or inf (about 0.6
+  s for 540 MB here; the load that follows reads the files again).
 
   Args:
     path_or_hub_id: local directory, or a hub id already in the local HF
       cache (never downloaded).
     sequence_classification: as for `load_hf_checkpoint` (a
       score.weight instead of the LM head).
+    values: also check that every used tensor is finite.
 
   Returns:
     The ModelConfig read from config.json.
@@ -792,14 +798,23 @@ def check_hf_checkpoint(
       data: no directory / config.json / weight files, an index naming a
       missing shard, config.json problems, a damaged safetensors header, a
       tensor missing, mis-shaped or of a non-float dtype, or tensors the
-      config does not use.
+      config does not use; with ``values``, a tensor holding NaN or inf.
     TypeError: path_or_hub_id neither a str nor an os.PathLike.
   """
   model_dir, _, config = _read_config(
     path_or_hub_id, dtype="float32", param_dtype="float32", remat=False
   )
   files = _TensorFiles(model_dir)
-  _checked_rules(files, config, model_dir, sequence_classification)
+  glob, layer, _, hf_name = _checked_rules(
+    files, config, model_dir, sequence_classification
+  )
+  if values:
+    why = _why(config, model_dir / "config.json")
+    for rule in glob:
+      files.get(hf_name(rule), rule.shape, why)
+    for rule in layer:
+      for i in range(config.num_layers):
+        files.get(rule.hf.format(i=i), rule.shape, why)
   return config
 
 

@@ -372,7 +372,8 @@ def load_policy(placement: Placement, model_dir: pathlib.Path):
 
 
 def check_policy(model_dir: pathlib.Path) -> None:
-  """Checks config.json and the weight files' headers (no tensor data).
+  """Checks config.json, the weight files' headers and that every weight
+  is finite, before any run directory is made.
 
   Args:
     model_dir: the policy checkpoint directory.
@@ -381,7 +382,7 @@ def check_policy(model_dir: pathlib.Path) -> None:
     UserError: as ``load_policy`` does for those problems.
   """
   try:
-    models.check_hf_checkpoint(model_dir)
+    models.check_hf_checkpoint(model_dir, values=True)
   except (FileNotFoundError, KeyError, ValueError) as e:
     raise _policy_error(e, model_dir) from None
 

@@ -404,7 +404,7 @@ def _check_model_dir(config: HHRewardModelConfig) -> None:
     if not models.looks_like_hub_id(given):  # hub ids: the local HF cache
       raise FileNotFoundError(f"{given}: no such directory (--hh.model-dir)")
   try:
-    models.check_hf_checkpoint(model_dir)
+    models.check_hf_checkpoint(model_dir, values=True)
     check_lengths(
       model_dir,
       ("--hh.max-prompt-length", config.max_prompt_length),

@@ -207,7 +207,7 @@ def open_run(
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
   environment.check_positions(config, model_dir)
-  check_reward_model(config, model_dir)
+  check_reward_model(config, model_dir, values=False)
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
@@ -439,7 +439,7 @@ def dry_run_pipeline(
   check_dry_run_lora(config)
   model_dir = environment.resolve_model(config.model)
   environment.check_positions(config, model_dir)
-  check_reward_model(config, model_dir)
+  check_reward_model(config, model_dir, values=False)
   placement = Placement.create(config.mesh)
   model_config = models.load_hf_config(model_dir)
   log(

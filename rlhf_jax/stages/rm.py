@@ -269,16 +269,20 @@ def backbone_dir(path: pathlib.Path) -> pathlib.Path:
   )
 
 
-def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
+def check_reward_model(
+  config: PipelineConfig, model_dir: pathlib.Path, *, values: bool = True
+) -> None:
   """--reward-model, before any work starts: a reward model is there, it
   is the policy's architecture (`_check_same_architecture`), its learned
   positions, if any, hold the rows it will score (the same lengths as the
   policy's, `environment.check_positions`), and its weight and head files
-  are readable with the expected tensors (headers only, no tensor data).
+  are readable with the expected tensors, the weights finite.
 
   Args:
     config: the PipelineConfig; nothing is checked without --reward-model.
     model_dir: the policy's model directory.
+    values: read the backbone's weights for NaN and inf (False: headers
+      only, for ``--dry-run``).
 
   Raises:
     UserError: one line naming --reward-model and what is wrong.
@@ -290,9 +294,11 @@ def check_reward_model(config: PipelineConfig, model_dir: pathlib.Path) -> None:
   source = pathlib.Path(config.reward_model)
   try:
     rm_dir = backbone_dir(source)
-    # config.json and the safetensors headers: no tensor data.
+    # config.json, the safetensors headers and finite weights.
     rm_config = models.check_hf_checkpoint(
-      rm_dir, sequence_classification=seq_cls.is_sequence_classification(rm_dir)
+      rm_dir,
+      sequence_classification=seq_cls.is_sequence_classification(rm_dir),
+      values=values,
     )
   except (runtime.UserError, models.ModelLoadError) as e:
     raise runtime.UserError(f"--reward-model {e}") from None

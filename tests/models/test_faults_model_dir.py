@@ -333,6 +333,9 @@ def test_bad_model_dir_names_file_and_what_is_wrong(
   # shapes and names: a vocab_size or layer count against other weights).
   if "holds non-finite" in message:  # in the tensor data, not a header
     assert models.check_hf_checkpoint(d).vocab_size == 2048
+    with pytest.raises(ModelLoadError) as read:  # unless asked to read it
+      models.check_hf_checkpoint(d, values=True)
+    assert str(read.value) == message
   else:
     with pytest.raises(ModelLoadError) as cheap:
       models.check_hf_checkpoint(d)
