@@ -27,7 +27,7 @@ PY=$(find_python311)
 # pip (not uv): torch 2.13.0 CPU is served from this machine's local wheel.
 "$SIDE/bin/python" -m pip install -q --upgrade pip
 "$SIDE/bin/python" -m pip install -q "torch==2.13.0" "transformers>=5,<6" \
-  "safetensors>=0.6" "numpy>=2.0" "gguf>=0.17" accelerate
+  "safetensors>=0.6" "numpy>=2.0" "gguf>=0.17" accelerate "peft==0.21.2"
 # TRL (peer of the DPO / reward / PPO benchmarks) is optional: a version
 # that does not install here leaves the rest of the environment usable.
 "$SIDE/bin/python" -m pip install -q "trl==1.16.0" \

@@ -27,7 +27,7 @@ Conventions:
     without adapters runs the base model even under a LoRA config.
   * ``merge`` folds the adapters into W for a plain Hugging Face export;
     ``save_adapters`` / ``load_adapters`` write and read the adapters alone
-    (this library's layout, not PEFT's).
+    (PEFT's layout for Llama and Gemma models, `peft_format`).
 
 Usage::
 
@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from safetensors.numpy import load_file
 
-from rlhf_jax.models import transformer
+from rlhf_jax.models import peft_format, transformer
 from rlhf_jax.models.config import (
   LORA_TARGETS,
   LoraConfig,
@@ -354,33 +354,65 @@ def _atomic_write(path: pathlib.Path, write) -> None:
 def save_adapters(
   params: Params, model_config: ModelConfig, directory: str | os.PathLike
 ) -> pathlib.Path:
-  """Writes the adapters alone: adapter_model.safetensors (tensors named
-  by their param path, e.g. "layers/attn/q_lora_a", stacked [N, ...]) and
-  adapter_config.json (rank, alpha, targets, the base architecture).
+  """Writes the adapters alone: adapter_model.safetensors and
+  adapter_config.json.
 
+  Llama and Gemma models get PEFT's layout (`peft_format`):
+  ``peft.PeftModel.from_pretrained(base, directory)`` loads them onto the
+  base Hugging Face model. GPT-2 fuses q, k and v into one ``c_attn``,
+  which cannot hold three adapters of rank r, so its adapters keep this
+  library's layout (tensors named by param path, e.g.
+  "layers/attn/q_lora_a", stacked [N, ...]; ``format`` "rlhf_jax-lora").
   Each file is written beside its final name, then renamed into place.
 
   Returns:
     ``directory`` as a Path.
 
   Raises:
-    ValueError: no LoRA in ``model_config`` or no adapters in ``params``.
+    ValueError: no LoRA in ``model_config`` or no adapters in ``params``,
+      or params not in the stacked layout.
   """
   lora = _lora_of(model_config, "save_adapters")
   adapters = split(params)[0]
   if not adapters:
     raise ValueError("save_adapters: params hold no adapters")
+  if set(adapters) != {"layers"}:
+    raise ValueError(
+      "save_adapters: expected stacked params (adapters under 'layers'), "
+      f"got {sorted(adapters)}"
+    )
   out = pathlib.Path(directory)
   out.mkdir(parents=True, exist_ok=True)
-  tensors = {
-    k: np.ascontiguousarray(np.asarray(jax.device_get(v)))
-    for k, v in _flat_names(adapters).items()
-  }
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), adapters)
+  if peft_format.holds_peft(model_config):
+    tensors = peft_format.to_peft(host)
+    targets = [k[: -len(transformer.LORA_A)] for k, _ in _named_a(host)]
+    meta = peft_format.config_json(lora, targets, model_config.model_type)
+    file_meta = {"format": "pt"}  # what PEFT's own files carry
+  else:
+    tensors = {k: np.ascontiguousarray(v) for k, v in _flat_names(host).items()}
+    meta = json.dumps(_own_config(lora, model_config), indent=2)
+    file_meta = {"format": _FORMAT}
   _atomic_write(
     out / ADAPTER_WEIGHTS,
-    lambda tmp: write_safetensors(tensors, tmp, metadata={"format": _FORMAT}),
+    lambda tmp: write_safetensors(tensors, tmp, metadata=file_meta),
   )
-  meta = {
+  _atomic_write(
+    out / ADAPTER_CONFIG, lambda tmp: pathlib.Path(tmp).write_text(meta)
+  )
+  return out
+
+
+def _named_a(adapters: Params):
+  """(name, A) of every adapter pair, in param order."""
+  for group in adapters["layers"].values():
+    for key, x in group.items():
+      if key.endswith(transformer.LORA_A):
+        yield key, x
+
+
+def _own_config(lora: LoraConfig, model_config: ModelConfig) -> dict:
+  return {
     "format": _FORMAT,
     "r": lora.rank,
     "lora_alpha": lora.alpha,
@@ -390,19 +422,13 @@ def save_adapters(
     "base_num_layers": model_config.num_layers,
     "base_hidden_size": model_config.hidden_size,
   }
-  _atomic_write(
-    out / ADAPTER_CONFIG,
-    lambda tmp: pathlib.Path(tmp).write_text(json.dumps(meta, indent=2)),
-  )
-  return out
 
 
-def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
-  """The ``LoraConfig`` of a ``save_adapters`` directory.
+def _read_meta(directory: str | os.PathLike) -> tuple[dict, pathlib.Path]:
+  """adapter_config.json as a dict, and its path.
 
   Raises:
-    ModelLoadError: a missing or malformed adapter_config.json (names the
-      file and field).
+    ModelLoadError: missing, not JSON or not an object.
   """
   path = pathlib.Path(directory) / ADAPTER_CONFIG
   if not path.is_file():
@@ -413,12 +439,29 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(meta, dict):
     raise ModelLoadError(f"{path}: expected a JSON object")
+  return meta, path
+
+
+def _is_peft(meta: dict) -> bool:
+  return "peft_type" in meta
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+  """The ``LoraConfig`` of an adapter directory: PEFT's LoRA layout
+  (``peft_type`` "LORA"; `peft_format.parse_config`) or this library's
+  GPT-2 layout (``format`` "rlhf_jax-lora").
+
+  Raises:
+    ModelLoadError: a missing or malformed adapter_config.json (names the
+      file and field).
+  """
+  meta, path = _read_meta(directory)
+  if _is_peft(meta):
+    return peft_format.parse_config(meta, path)
   if meta.get("format") != _FORMAT:
-    # PEFT's files share these names but hold per-layer [r, in] tensors.
     raise ModelLoadError(
-      f"{path}: field 'format' = {meta.get('format')!r}; expected "
-      f"{_FORMAT!r} (rlhf_jax's stacked adapter layout; PEFT adapter "
-      "directories are not read)"
+      f"{path}: field 'format' = {meta.get('format')!r} and no 'peft_type'; "
+      f"expected a PEFT LoRA adapter ('peft_type': 'LORA') or {_FORMAT!r}"
     )
   for field, kind in (("r", int), ("lora_alpha", (int, float))):
     if not isinstance(meta.get(field), kind) or isinstance(
@@ -445,15 +488,27 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
   return config
 
 
+def _targets_here(targets, model_config: ModelConfig) -> set[str]:
+  """The names among ``targets`` that are projections of this family."""
+  every = configure(model_config, LoraConfig(rank=1, targets=LORA_TARGETS))
+  here = {k[: -len(transformer.LORA_A)] for k, _ in _named_a(
+    _adapter_shapes(every)
+  )}  # fmt: skip
+  return set(targets) & here
+
+
 def load_adapters(
   params: Params, model_config: ModelConfig, directory: str | os.PathLike
 ) -> Params:
-  """``params`` with the adapters of a ``save_adapters`` directory.
+  """``params`` with the adapters of an adapter directory (PEFT's LoRA
+  layout for Llama and Gemma models, as `save_adapters` writes it and
+  ``peft`` saves it; this library's layout for GPT-2).
 
   Args:
     params: LM params (stacked layout); any adapters in them are replaced.
     model_config: config whose ``lora`` must equal the directory's rank,
-      alpha and targets (``read_adapter_config`` gives it).
+      alpha and targets (``read_adapter_config`` gives it; targets the
+      model lacks, such as fc on Llama, are not compared).
 
   Returns:
     The base leaves of ``params`` plus the loaded adapters (on the host
@@ -461,20 +516,31 @@ def load_adapters(
 
   Raises:
     ModelLoadError: missing files; rank / alpha / targets that differ from
-      ``model_config.lora``; a missing, unexpected or wrongly shaped
-      tensor (each names the file and the tensor or field).
+      ``model_config.lora``; a PEFT adapter for a GPT-2 model; a missing,
+      unexpected or wrongly shaped tensor (each names the file and the
+      tensor or field).
   """
   lora = _lora_of(model_config, "load_adapters")
   src = pathlib.Path(directory)
   saved = read_adapter_config(src)
-  cfg_path = src / ADAPTER_CONFIG
+  meta, cfg_path = _read_meta(src)
   for field in ("rank", "alpha", "targets"):
     have, want = getattr(saved, field), getattr(lora, field)
-    if (set(have) != set(want)) if field == "targets" else have != want:
+    if field == "targets":
+      have = tuple(sorted(_targets_here(have, model_config)))
+      want = tuple(sorted(_targets_here(want, model_config)))
+    if have != want:
       raise ModelLoadError(
         f"{cfg_path}: {field} = {have!r}, but the model's LoRA config has "
         f"{field} = {want!r}"
       )
+  peft = _is_peft(meta)
+  if peft and not peft_format.holds_peft(model_config):
+    raise ModelLoadError(
+      f"{cfg_path}: a PEFT adapter; PEFT adapters are read for Llama and "
+      f"Gemma models, this is a {model_config.model_type} model (its "
+      "adapters use rlhf_jax's layout, as save_adapters writes them)"
+    )
   weights = src / ADAPTER_WEIGHTS
   if not weights.is_file():
     raise ModelLoadError(f"{weights}: no such file")
@@ -483,6 +549,24 @@ def load_adapters(
   except Exception as e:  # safetensors raises its own error types
     raise ModelLoadError(f"{weights}: unreadable ({e})") from None
   expected = _flat_names(_adapter_shapes(model_config))
+  if peft:
+    leaves = peft_format.from_peft(tensors, expected, weights)
+  else:
+    leaves = _own_tensors(tensors, expected, weights)
+  adapters: Params = {}
+  for name, x in leaves.items():
+    *path, leaf = name.split("/")
+    node = adapters
+    for k in path:
+      node = node.setdefault(k, {})
+    node[leaf] = jnp.asarray(x, expected[name].dtype)
+  return combine(adapters, adapters_off(params))
+
+
+def _own_tensors(
+  tensors: dict, expected: dict, weights: pathlib.Path
+) -> dict[str, np.ndarray]:
+  """This library's stacked tensors, checked against ``expected``."""
   extra = sorted(set(tensors) - set(expected))
   if extra:
     raise ModelLoadError(
@@ -498,12 +582,5 @@ def load_adapters(
         f"{weights}: tensor {name!r} has shape {tuple(x.shape)}, expected "
         f"{tuple(spec.shape)}"
       )
-    leaves[name] = jnp.asarray(x, spec.dtype)
-  adapters: Params = {}
-  for name, x in leaves.items():
-    *path, leaf = name.split("/")
-    node = adapters
-    for k in path:
-      node = node.setdefault(k, {})
-    node[leaf] = x
-  return combine(adapters, adapters_off(params))
+    leaves[name] = x
+  return leaves

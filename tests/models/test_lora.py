@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 from rlhf_jax import models
 from rlhf_jax.models import lora
@@ -228,15 +231,29 @@ def test_trainable_and_optimizer_bytes_under_5_percent_20m_llama():
   assert trainable < 0.05 and opt_frac < 0.05 and both < 0.05, msg
 
 
-def test_save_load_round_trip_and_errors(tmp_path):
-  cfg, base, params = _lora_model(LLAMA)
+@pytest.mark.parametrize(
+  "base_cfg, targets, file_format",
+  [
+    (LLAMA, ("q", "k", "v", "o", "gate", "up", "down"), "pt"),
+    (GPT2, LORA.targets, "rlhf_jax-lora"),
+  ],
+  ids=["llama_peft_layout", "gpt2_own_layout"],
+)
+def test_save_load_round_trip_and_errors(
+  tmp_path, base_cfg, targets, file_format
+):
+  cfg, base, params = _lora_model(base_cfg)
   params = _with_random_b(params)
   out = lora.save_adapters(params, cfg, tmp_path / "adapter")
   assert sorted(p.name for p in out.iterdir()) == [
     "adapter_config.json",
     "adapter_model.safetensors",
   ]
-  assert lora.read_adapter_config(out) == LORA
+  with safe_open(str(out / "adapter_model.safetensors"), "numpy") as f:
+    assert f.metadata() == {"format": file_format}
+  # PEFT lists only the projections the model has (no fc, proj on Llama).
+  want = dataclasses.replace(LORA, targets=targets)
+  assert lora.read_adapter_config(out) == want
   loaded = lora.load_adapters(base, cfg, out)
   for a, b in zip(
     jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True
@@ -244,32 +261,109 @@ def test_save_load_round_trip_and_errors(tmp_path):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(models.ModelLoadError, match="rank = 4.*rank = 8"):
     lora.load_adapters(
-      base, lora.configure(LLAMA, dataclasses.replace(LORA, rank=8)), out
+      base, lora.configure(base_cfg, dataclasses.replace(LORA, rank=8)), out
     )
   with pytest.raises(models.ModelLoadError, match="targets"):
     lora.load_adapters(
       base,
-      lora.configure(LLAMA, dataclasses.replace(LORA, targets=("q",))),
+      lora.configure(base_cfg, dataclasses.replace(LORA, targets=("q",))),
       out,
     )
   with pytest.raises(models.ModelLoadError, match="adapter_config.json"):
     lora.load_adapters(base, cfg, tmp_path)
-  # A PEFT directory (same file names, another layout) is named, not read.
-  peft = tmp_path / "peft"
-  peft.mkdir()
-  (peft / "adapter_config.json").write_text(
-    '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q"]}'
-  )
-  with pytest.raises(models.ModelLoadError, match="'format' = None"):
-    lora.read_adapter_config(peft)
   # A tensor of the wrong shape (another model) names the file and tensor.
-  other = LLAMA.replace(hidden_size=16, intermediate_size=24, head_dim=4)
+  other = base_cfg.replace(hidden_size=16, intermediate_size=24, head_dim=4)
   o_cfg, _, o_params = _lora_model(other)
   lora.save_adapters(o_params, o_cfg, tmp_path / "other")
   with pytest.raises(
     models.ModelLoadError, match="adapter_model.safetensors: tensor.*shape"
   ):
     lora.load_adapters(base, cfg, tmp_path / "other")
+
+
+def _peft_dir(tmp_path, **fields):
+  """The PEFT fixture adapter with adapter_config.json fields replaced."""
+  d = tmp_path / "peft"
+  shutil.copytree(FIXTURES / "peft_llama_adapter", d)
+  meta = json.loads((d / "adapter_config.json").read_text())
+  (d / "adapter_config.json").write_text(json.dumps({**meta, **fields}))
+  return d
+
+
+@pytest.mark.parametrize(
+  "fields, message",
+  [
+    ({"use_dora": True}, "field 'use_dora' = True; expected False"),
+    ({"use_rslora": True}, "field 'use_rslora' = True; expected False"),
+    ({"rank_pattern": {"q_proj": 8}}, "field 'rank_pattern' = {'q_proj': 8}"),
+    ({"peft_type": "IA3"}, "field 'peft_type' = 'IA3'; expected 'LORA'"),
+    ({"target_modules": ["c_attn"]}, "field 'target_modules' = ['c_attn']"),
+    ({"target_modules": "q_proj"}, "field 'target_modules' = 'q_proj'"),
+    ({"r": "4"}, "field 'r' = '4'; expected a number"),
+  ],
+)
+def test_peft_features_without_a_place_are_named(tmp_path, fields, message):
+  with pytest.raises(models.ModelLoadError) as e:
+    lora.read_adapter_config(_peft_dir(tmp_path, **fields))
+  assert message in str(e.value)
+  assert str(e.value).startswith(str(tmp_path / "peft/adapter_config.json"))
+
+
+def test_a_peft_adapter_for_gpt2_is_refused(tmp_path):
+  cfg = lora.configure(
+    GPT2, dataclasses.replace(LORA, targets=("q", "k", "v", "o"))
+  )
+  base = models.init_params(GPT2, jax.random.key(0))
+  with pytest.raises(models.ModelLoadError, match="a PEFT adapter; PEFT"):
+    lora.load_adapters(base, cfg, _peft_dir(tmp_path))
+
+
+def _fixture_model():
+  """lora_fixture's tiny Llama, its config with the seven projections."""
+  cfg, params = lora_fixture.build("llama")
+  seven = ("q", "k", "v", "o", "gate", "up", "down")
+  return cfg.replace(lora=dataclasses.replace(cfg.lora, targets=seven)), params
+
+
+def test_peft_applies_our_adapter_files_like_our_forward():
+  """PeftModel.from_pretrained on save_adapters' directory (peft_tiny.npz,
+  written by peft_fixture.py) gives the JAX LoRA forward's logits."""
+  data = np.load(FIXTURES / "peft_tiny.npz")
+  ids, mask = lora_fixture.inputs()
+  np.testing.assert_array_equal(data["ids"], ids)
+  cfg, params = _fixture_model()
+  got = np.asarray(models.forward(params, ids, mask, config=cfg))
+  want, base = data["peft_on_ours_logits"], data["base_logits"]
+  assert float(np.max(np.abs(want - base)[mask])) > 0.1  # adapters matter
+  assert float(np.max(np.abs(got - want)[mask])) < 1e-4
+
+
+def test_we_read_peft_own_adapter_files(tmp_path):
+  """PEFT's own save_pretrained output (random A and B) loads with
+  load_adapters and gives PEFT's logits; save_adapters writes the same
+  tensor names, shapes and dtypes, and reads back bitwise."""
+  data = np.load(FIXTURES / "peft_tiny.npz")
+  ids, mask = lora_fixture.inputs()
+  cfg, params = _fixture_model()
+  base = lora.adapters_off(params)
+  src = FIXTURES / "peft_llama_adapter"
+  theirs = lora.load_adapters(base, cfg, src)
+  got = np.asarray(models.forward(theirs, ids, mask, config=cfg))
+  want = data["peft_own_logits"]
+  assert float(np.max(np.abs(want - data["base_logits"])[mask])) > 0.1
+  assert float(np.max(np.abs(got - want)[mask])) < 1e-4
+  out = lora.save_adapters(theirs, cfg, tmp_path / "ours")
+  ours = load_file(str(out / "adapter_model.safetensors"))
+  peft = load_file(str(src / "adapter_model.safetensors"))
+  assert sorted(ours) == sorted(peft)
+  for name, x in peft.items():
+    assert (ours[name].shape, ours[name].dtype) == (x.shape, x.dtype), name
+    np.testing.assert_array_equal(ours[name], x)
+  meta = json.loads((out / "adapter_config.json").read_text())
+  peft_meta = json.loads((src / "adapter_config.json").read_text())
+  for field in ("peft_type", "r", "lora_alpha", "bias", "task_type"):
+    assert meta[field] == peft_meta[field], field
+  assert sorted(meta["target_modules"]) == sorted(peft_meta["target_modules"])
 
 
 def test_merged_export_round_trips(tmp_path):
