@@ -1882,9 +1882,52 @@ def test_warmup_as_long_as_the_stage_is_a_warning(
   assert err == f"rlhf-jax: warning: {expected}\n"
 
 
+def test_warmup_of_a_stage_that_does_not_run_is_not_a_warning(
+  tmp_path, capsys, monkeypatch
+):
+  import rlhf_jax.cli.main as cli
+
+  monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: 0)
+  data = _write(tmp_path / "pairs.jsonl", [_pair(), _pair(prompt="Lily")])
+  # dpo --data runs no reward model; the accept-rate kto task no --steps;
+  # a second process of a multi-host run leaves the warning to the first.
+  for args in (
+    ["dpo", "--data", data, "--rm.steps", "3"],
+    ["kto", "--preset", "smoke", "--warmup-steps", "500"],
+    ["dpo", "--dpo.steps", "2", "--distributed.process-id", "1"]
+    + ["--distributed.num-processes", "2"]
+    + ["--distributed.coordinator-address", "127.0.0.1:1"],
+  ):
+    assert _run(capsys, args) == (0, ""), args
+
+
 def test_default_warmups_are_shorter_than_their_stages(capsys, monkeypatch):
   import rlhf_jax.cli.main as cli
 
   monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: 0)
   for command in ("run", "dpo", "ppo", "grpo", "rm", "sft", "kto"):
     assert _run(capsys, [command]) == (0, ""), command
+
+
+def test_a_reward_model_with_a_nan_weight_is_named_before_the_run_dir(
+  tmp_path, capsys
+):
+  """ppo --reward-model: found once `initial` had sampled, in a message
+  without the option's name."""
+  from safetensors.numpy import load_file, save_file
+
+  rm = _rm_export(tmp_path, GPT2)
+  tensors = load_file(str(rm / "model.safetensors"))
+  name = next(k for k in sorted(tensors) if k.endswith("mlp.c_fc.weight"))
+  tensors[name][0, 0] = float("inf")
+  save_file(tensors, str(rm / "model.safetensors"))
+  run = tmp_path / "r"
+  args = ["ppo", "--model", str(GPT2), "--reward-model", str(rm)]
+  args += ["--task.max-prompt-length", "16", "--sampling.max-new-tokens", "16"]
+  code, err = _run(capsys, args + ["--run-dir", str(run)])
+  assert code == 2 and "Traceback" not in err, err
+  assert err.startswith(
+    f"rlhf-jax: error: --reward-model {rm / 'model.safetensors'}: tensor "
+    f"'{name}' holds non-finite values (NaN or inf)"
+  ), err
+  assert not run.exists()

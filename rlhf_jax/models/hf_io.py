@@ -810,11 +810,15 @@ def check_hf_checkpoint(
   )
   if values:
     why = _why(config, model_dir / "config.json")
-    for rule in glob:
-      files.get(hf_name(rule), rule.shape, why)
-    for rule in layer:
-      for i in range(config.num_layers):
-        files.get(rule.hf.format(i=i), rule.shape, why)
+    names = [(hf_name(r), r.shape) for r in glob] + [
+      (r.hf.format(i=i), r.shape)
+      for r in layer
+      for i in range(config.num_layers)
+    ]
+    if sequence_classification and "score.weight" in files:
+      names.append(("score.weight", (1, config.hidden_size)))
+    for name, shape in names:
+      files.get(name, shape, why)
   return config
 
 

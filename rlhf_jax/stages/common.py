@@ -39,6 +39,16 @@ STAGES_BY_COMMAND = {
 }
 DATA_STAGES_BY_COMMAND = {"rm": ("rm", "report"), "dpo": ("dpo", "report")}
 POLICIES = ("initial", "ppo", "dpo", "grpo")
+
+
+def stages_for(command: str, config: Any) -> tuple[str, ...]:
+  """The stages a pipeline subcommand runs with these options (config: a
+  PipelineConfig)."""
+  if config.data is not None:
+    return DATA_STAGES_BY_COMMAND[command]
+  if command == "ppo" and config.reward_model is not None:
+    return ("prompts", "initial", "ppo", "report")
+  return STAGES_BY_COMMAND[command]
 # The reward head beside the backbone's HF files (a subdirectory, so that
 # loaders globbing *.safetensors read only the backbone).
 HEAD_DIR = "reward_head"

@@ -43,14 +43,13 @@ from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.runner.precompile import Precompiler, StepProgram
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
-  DATA_STAGES_BY_COMMAND,
   POLICIES,
-  STAGES_BY_COMMAND,
   Context,
   check_dry_run_lora,
   load_policy,
   open_run_dir,
   policy_tokenizer,
+  stages_for,
 )
 from rlhf_jax.stages.configs import PipelineConfig
 from rlhf_jax.stages.dpo import dpo_key, dpo_optimizer, dpo_program, stage_dpo
@@ -181,15 +180,6 @@ def check_batch_sizes(
       placement.check_batch(size, flag)
 
 
-def stages_for(command: str, config: PipelineConfig) -> tuple[str, ...]:
-  """The stages a subcommand runs with these options."""
-  if config.data is not None:
-    return DATA_STAGES_BY_COMMAND[command]
-  if command == "ppo" and config.reward_model is not None:
-    return ("prompts", "initial", "ppo", "report")
-  return STAGES_BY_COMMAND[command]
-
-
 def open_run(
   command: str, config: PipelineConfig, log: Callable[[str], None]
 ) -> Context:
@@ -207,7 +197,7 @@ def open_run(
   model_dir = environment.resolve_model(config.model)
   environment.check_lora(config.lora, model_dir)
   environment.check_positions(config, model_dir)
-  check_reward_model(config, model_dir, values=False)
+  check_reward_model(config, model_dir, values=True)
   placement = Placement.create(config.mesh)
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.

@@ -270,7 +270,7 @@ def backbone_dir(path: pathlib.Path) -> pathlib.Path:
 
 
 def check_reward_model(
-  config: PipelineConfig, model_dir: pathlib.Path, *, values: bool = True
+  config: PipelineConfig, model_dir: pathlib.Path, *, values: bool
 ) -> None:
   """--reward-model, before any work starts: a reward model is there, it
   is the policy's architecture (`_check_same_architecture`), its learned

@@ -18,6 +18,7 @@ from typing import Any
 
 from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.runtime import PATH_FIELDS
+from rlhf_jax.stages.common import stages_for
 from rlhf_jax.stages.configs import (
   DERIVED_FIELDS,
   KTOStageConfig,
@@ -291,8 +292,8 @@ def _generate_problems(config: Any) -> list[str]:
 
 
 def _updates(node: Any) -> tuple[int, list[tuple[str, ...]]] | None:
-  """(optimizer updates of a training stage, the fields that set them), or
-  None for a node that is not one."""
+  """(optimizer updates of a training stage's config, the fields that
+  set them), or None for a config without a count of them."""
   if hasattr(node, "steps"):
     return node.steps, [("steps",)]
   algo = getattr(node, "algo", None)
@@ -303,38 +304,52 @@ def _updates(node: Any) -> tuple[int, list[tuple[str, ...]]] | None:
   return None
 
 
-def _warmup_notes(node: Any, path: tuple[str, ...]) -> list[str]:
-  """Stages whose warmup lasts as long as their optimizer updates or
-  longer: the learning rate then never reaches its set value."""
-  out = []
-  for f in dataclasses.fields(node):
-    if dataclasses.is_dataclass(getattr(node, f.name)):
-      out += _warmup_notes(getattr(node, f.name), (*path, f.name))
+def _warmup_note(node: Any, path: tuple[str, ...]) -> list[str]:
+  """A stage whose warmup lasts as long as its optimizer updates or
+  longer: its learning rate never reaches the value set."""
   warmup, updates = getattr(node, "warmup_steps", None), _updates(node)
   if not isinstance(warmup, int) or updates is None:
-    return out
+    return []
   n, fields = updates
-  if 1 <= n <= warmup:
-    options = " x ".join(_flag((*path, *f)) for f in fields)
-    out.append(
-      f"{_flag((*path, 'warmup_steps'))} {warmup}: the stage makes only "
-      f"{n} optimizer updates ({options}), so its learning rate never "
-      f"reaches {_flag((*path, 'learning_rate'))}; the last update runs "
-      f"at {n - 1}/{warmup} of it"
-    )
-  return out
+  if not 1 <= n <= warmup:
+    return []
+  options = " x ".join(_flag((*path, *f)) for f in fields)
+  return [
+    f"{_flag((*path, 'warmup_steps'))} {warmup}: the stage makes only {n} "
+    f"optimizer updates ({options}), so its learning rate never reaches "
+    f"{_flag((*path, 'learning_rate'))}; the last update runs at "
+    f"{n - 1}/{warmup} of it"
+  ]
+
+
+def _trained(command: str, config: Any) -> list[tuple[tuple[str, ...], Any]]:
+  """(option path, config) of each training stage the command runs."""
+  if isinstance(config, PipelineConfig):
+    stages = stages_for(command, config)
+    return [
+      ((s,), getattr(config, s))
+      for s in ("rm", "ppo", "dpo", "grpo")
+      if s in stages
+    ]
+  if isinstance(config, KTOStageConfig):
+    # The accept-rate task (no --data) counts its updates in rounds; its
+    # schedule is not checked here.
+    return [((), config)] if config.data is not None else []
+  return [((), config)]  # sft; others have no warmup
 
 
 def advisories(command: str, config: Any) -> list[str]:
-  """Options that are valid but likely mistakes, one line each (printed
-  as warnings before work starts).
+  """Options that are valid but likely mistakes, one line each, for the
+  stages ``command`` runs (printed as warnings before work starts).
 
   Args:
     command: the subcommand.
     config: its parsed config, which passed ``problems``.
   """
-  del command  # the same rules for every command
-  return _warmup_notes(config, ())
+  out = []
+  for path, node in _trained(command, config):
+    out += _warmup_note(node, path)
+  return out
 
 
 def problems(command: str, config: Any) -> list[str]:
