@@ -27,7 +27,8 @@ Conventions:
     without adapters runs the base model even under a LoRA config.
   * ``merge`` folds the adapters into W for a plain Hugging Face export;
     ``save_adapters`` / ``load_adapters`` write and read the adapters alone
-    (PEFT's layout for Llama and Gemma models, `peft_format`).
+    (PEFT's layout for Llama-family and Gemma models, `peft_format`; the
+    older "rlhf_jax-lora" layout is still read for every family).
 
 Usage::
 
@@ -357,9 +358,12 @@ def save_adapters(
   """Writes the adapters alone: adapter_model.safetensors and
   adapter_config.json.
 
-  Llama and Gemma models get PEFT's layout (`peft_format`):
-  ``peft.PeftModel.from_pretrained(base, directory)`` loads them onto the
-  base Hugging Face model. GPT-2 fuses q, k and v into one ``c_attn``,
+  Llama-family (Llama, Mistral, Qwen2, Qwen3) and Gemma models get PEFT's
+  layout (`peft_format`): ``peft.PeftModel.from_pretrained(base,
+  directory)`` applies them to the base Hugging Face model (the one
+  trained on, not a merged export, which already holds them).
+  ``base_model_name_or_path`` is left null, so PEFT's Auto classes need
+  the base given. GPT-2 fuses q, k and v into one ``c_attn``,
   which cannot hold three adapters of rank r, so its adapters keep this
   library's layout (tensors named by param path, e.g.
   "layers/attn/q_lora_a", stacked [N, ...]; ``format`` "rlhf_jax-lora").
@@ -386,8 +390,7 @@ def save_adapters(
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), adapters)
   if peft_format.holds_peft(model_config):
     tensors = peft_format.to_peft(host)
-    targets = [k[: -len(transformer.LORA_A)] for k, _ in _named_a(host)]
-    meta = peft_format.config_json(lora, targets, model_config.model_type)
+    meta = peft_format.config_json(lora, _targets(host))
     file_meta = {"format": "pt"}  # what PEFT's own files carry
   else:
     tensors = {k: np.ascontiguousarray(v) for k, v in _flat_names(host).items()}
@@ -403,12 +406,15 @@ def save_adapters(
   return out
 
 
-def _named_a(adapters: Params):
-  """(name, A) of every adapter pair, in param order."""
-  for group in adapters["layers"].values():
-    for key, x in group.items():
-      if key.endswith(transformer.LORA_A):
-        yield key, x
+def _targets(adapters: Params) -> list[str]:
+  """The projections that hold adapters (stacked layout), in param
+  order."""
+  return [
+    key[: -len(transformer.LORA_A)]
+    for group in adapters["layers"].values()
+    for key in group
+    if key.endswith(transformer.LORA_A)
+  ]
 
 
 def _own_config(lora: LoraConfig, model_config: ModelConfig) -> dict:
@@ -449,13 +455,18 @@ def _is_peft(meta: dict) -> bool:
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
   """The ``LoraConfig`` of an adapter directory: PEFT's LoRA layout
   (``peft_type`` "LORA"; `peft_format.parse_config`) or this library's
-  GPT-2 layout (``format`` "rlhf_jax-lora").
+  stacked layout (``format`` "rlhf_jax-lora": GPT-2's, and every family's
+  before PEFT's was written).
 
   Raises:
     ModelLoadError: a missing or malformed adapter_config.json (names the
       file and field).
   """
-  meta, path = _read_meta(directory)
+  return _parse_meta(*_read_meta(directory))
+
+
+def _parse_meta(meta: dict, path: pathlib.Path) -> LoraConfig:
+  """``read_adapter_config`` of an already read adapter_config.json."""
   if _is_peft(meta):
     return peft_format.parse_config(meta, path)
   if meta.get("format") != _FORMAT:
@@ -491,18 +502,15 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 def _targets_here(targets, model_config: ModelConfig) -> set[str]:
   """The names among ``targets`` that are projections of this family."""
   every = configure(model_config, LoraConfig(rank=1, targets=LORA_TARGETS))
-  here = {k[: -len(transformer.LORA_A)] for k, _ in _named_a(
-    _adapter_shapes(every)
-  )}  # fmt: skip
-  return set(targets) & here
+  return set(targets) & set(_targets(_adapter_shapes(every)))
 
 
 def load_adapters(
   params: Params, model_config: ModelConfig, directory: str | os.PathLike
 ) -> Params:
   """``params`` with the adapters of an adapter directory (PEFT's LoRA
-  layout for Llama and Gemma models, as `save_adapters` writes it and
-  ``peft`` saves it; this library's layout for GPT-2).
+  layout for Llama-family and Gemma models, as `save_adapters` writes it
+  and ``peft`` saves it; this library's stacked layout for any family).
 
   Args:
     params: LM params (stacked layout); any adapters in them are replaced.
@@ -522,8 +530,15 @@ def load_adapters(
   """
   lora = _lora_of(model_config, "load_adapters")
   src = pathlib.Path(directory)
-  saved = read_adapter_config(src)
   meta, cfg_path = _read_meta(src)
+  peft = _is_peft(meta)
+  if peft and not peft_format.holds_peft(model_config):
+    raise ModelLoadError(
+      f"{cfg_path}: a PEFT adapter; PEFT adapters are read for Llama-family "
+      f"and Gemma models, this is a {model_config.model_type} model (its "
+      "adapters use rlhf_jax's layout, as save_adapters writes them)"
+    )
+  saved = _parse_meta(meta, cfg_path)
   for field in ("rank", "alpha", "targets"):
     have, want = getattr(saved, field), getattr(lora, field)
     if field == "targets":
@@ -534,13 +549,6 @@ def load_adapters(
         f"{cfg_path}: {field} = {have!r}, but the model's LoRA config has "
         f"{field} = {want!r}"
       )
-  peft = _is_peft(meta)
-  if peft and not peft_format.holds_peft(model_config):
-    raise ModelLoadError(
-      f"{cfg_path}: a PEFT adapter; PEFT adapters are read for Llama and "
-      f"Gemma models, this is a {model_config.model_type} model (its "
-      "adapters use rlhf_jax's layout, as save_adapters writes them)"
-    )
   weights = src / ADAPTER_WEIGHTS
   if not weights.is_file():
     raise ModelLoadError(f"{weights}: no such file")

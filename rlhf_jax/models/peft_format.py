@@ -12,14 +12,15 @@ and its update is W x + (lora_alpha / r) B A x, the same as
 `rlhf_jax.models.lora` (Hu et al. 2021, eq. 3). Ours are stacked over the
 N layers with the projection's own axes, A [N, *in, r] and B [N, r, *out];
 those axes flatten row-major to the Linear's columns and rows (the weight
-conversions of `hf_io`), so layer i is
+conversions of `hf_io`), so for layer i
 
-  lora_A.weight = A[i].reshape(in, r).T,  lora_B.weight = B[i].reshape(r,
-  out).T.
+  lora_A.weight = A[i].reshape(in, r).T
+  lora_B.weight = B[i].reshape(r, out).T
 
-Only the Llama and Gemma families name their projections this way, one
-Linear per projection; GPT-2 fuses q, k and v into one ``c_attn``, which
-cannot hold three adapters of rank r (see `lora.save_adapters`).
+The Llama family (Llama, Mistral, Qwen2, Qwen3) and Gemma name their
+projections this way, one Linear each. GPT-2 fuses q, k and v into one
+``c_attn``, which cannot hold three adapters of rank r (see
+`lora.save_adapters`).
 """
 
 import json
@@ -30,36 +31,43 @@ import numpy as np
 
 from rlhf_jax.models.config import LoraConfig, ModelConfig, ModelLoadError
 
-# Our projection name -> (our param subtree, the HF module under a layer).
+# Our projection -> (our param subtree, HF module under a layer, its name).
 MODULES = {
-  "q": ("attn", "self_attn.q_proj"),
-  "k": ("attn", "self_attn.k_proj"),
-  "v": ("attn", "self_attn.v_proj"),
-  "o": ("attn", "self_attn.o_proj"),
-  "gate": ("mlp", "mlp.gate_proj"),
-  "up": ("mlp", "mlp.up_proj"),
-  "down": ("mlp", "mlp.down_proj"),
+  "q": ("attn", "self_attn.q_proj", "q_proj"),
+  "k": ("attn", "self_attn.k_proj", "k_proj"),
+  "v": ("attn", "self_attn.v_proj", "v_proj"),
+  "o": ("attn", "self_attn.o_proj", "o_proj"),
+  "gate": ("mlp", "mlp.gate_proj", "gate_proj"),
+  "up": ("mlp", "mlp.up_proj", "up_proj"),
+  "down": ("mlp", "mlp.down_proj", "down_proj"),
 }
 FAMILIES = ("llama", "gemma")
 _PREFIX = "base_model.model.model.layers"
-# Config fields of PEFT features this layout has no room for, with the
-# value that means "off".
-_OFF = {
-  "use_rslora": False,
-  "use_dora": False,
-  "bias": "none",
-  "lora_bias": False,
-  "fan_in_fan_out": False,
-  "modules_to_save": None,
-  "layers_to_transform": None,
-  "exclude_modules": None,
-  "target_parameters": None,
-  "layer_replication": None,
-  "trainable_token_indices": None,
-  "use_qalora": False,
-  "rank_pattern": {},
-  "alpha_pattern": {},
-}
+# adapter_config.json fields read or harmless whatever their value: the
+# adapter's identity, bookkeeping, and options of training or of
+# initialisation whose effect the saved A and B already hold. Any other
+# field must be off (null, false, "none", empty): it may change the
+# forward (DoRA, rsLoRA, aLoRA, biases, per-module ranks, ...).
+_READ = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules")
+_HARMLESS = (
+  "task_type",
+  "inference_mode",
+  "revision",
+  "base_model_name_or_path",
+  "peft_version",
+  "auto_mapping",
+  "megatron_core",
+  "megatron_config",
+  "qalora_group_size",
+  "layers_pattern",
+  "runtime_config",
+  "ensure_weight_tying",
+  "eva_config",
+)
+# init_lora_weights values that only draw the starting A and B. PiSSA,
+# OLoRA, CorDA and LoftQ also change the base weights: refused.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_OFF_VALUES = (None, False, "none", {}, [])
 
 
 def holds_peft(model_config: ModelConfig) -> bool:
@@ -93,6 +101,18 @@ def to_peft(adapters: dict[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
+def _missing(tensors: dict, name: str, path: pathlib.Path) -> ModelLoadError:
+  """The error for an absent tensor; names the file's layout when none of
+  ours is there (PEFT on another model class keys them otherwise)."""
+  if not any(k.startswith(f"{_PREFIX}.") for k in tensors):
+    first = min(tensors, default=None)
+    return ModelLoadError(
+      f"{path}: no tensor under {_PREFIX!r} (PEFT on a *ForCausalLM "
+      f"model); the file holds {first!r} and {len(tensors) - 1} more"
+    )
+  return ModelLoadError(f"{path}: tensor {name!r} is missing")
+
+
 def from_peft(
   tensors: dict[str, np.ndarray], shapes: dict[str, Any], path: pathlib.Path
 ) -> dict[str, np.ndarray]:
@@ -105,7 +125,7 @@ def from_peft(
     path: the file, for messages.
 
   Returns:
-    Our flat name -> numpy array of its expected shape.
+    Our flat name -> numpy array of its expected shape (the file's dtype).
 
   Raises:
     ModelLoadError: a missing, unexpected or wrongly shaped tensor, naming
@@ -114,16 +134,15 @@ def from_peft(
   out, used = {}, set()
   for flat, spec in shapes.items():
     target, factor = flat.split("/")[-1].rsplit("_lora_", 1)
-    n, per_layer = spec.shape[0], spec.shape[1:]
+    per_layer = spec.shape[1:]
     r = per_layer[-1] if factor == "a" else per_layer[0]
-    want = (r, int(np.prod(per_layer)) // r)
-    if factor == "b":
-      want = want[::-1]
+    size = int(np.prod(per_layer)) // r
+    want = (r, size) if factor == "a" else (size, r)
     layers = []
-    for i in range(n):
+    for i in range(spec.shape[0]):
       name = _name(i, target, factor.upper())
       if name not in tensors:
-        raise ModelLoadError(f"{path}: tensor {name!r} is missing")
+        raise _missing(tensors, name, path)
       x = tensors[name]
       if tuple(x.shape) != want:
         raise ModelLoadError(
@@ -141,13 +160,16 @@ def from_peft(
   return out
 
 
-def config_json(lora: LoraConfig, targets: list[str], model_type: str) -> str:
-  """adapter_config.json for PEFT (``peft.LoraConfig`` fields).
+def config_json(lora: LoraConfig, targets: list[str]) -> str:
+  """adapter_config.json for PEFT (fields of ``peft.LoraConfig``).
 
   Args:
     lora: rank, alpha and dropout.
     targets: our projection names that hold adapters.
-    model_type: the base model's config.json model_type.
+
+  Returns:
+    The file's text. ``base_model_name_or_path`` is null: give PEFT the
+    base model (``PeftModel.from_pretrained(base, directory)``).
   """
   meta = {
     "peft_type": "LORA",
@@ -155,14 +177,43 @@ def config_json(lora: LoraConfig, targets: list[str], model_type: str) -> str:
     "r": lora.rank,
     "lora_alpha": lora.alpha,
     "lora_dropout": lora.dropout,
-    "target_modules": sorted(MODULES[t][1].split(".")[1] for t in targets),
+    "target_modules": sorted(MODULES[t][2] for t in targets),
     "base_model_name_or_path": None,
     "inference_mode": True,
     "init_lora_weights": True,
-    **_OFF,
-    "base_model_type": model_type,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
   }
   return json.dumps(meta, indent=2)
+
+
+def _check_fields(meta: dict, path: pathlib.Path) -> None:
+  """Raises ModelLoadError for a field that would change the forward."""
+  init = meta.get("init_lora_weights", True)
+  if init not in _PLAIN_INITS:
+    raise ModelLoadError(
+      f"{path}: field 'init_lora_weights' = {init!r}; expected one of "
+      f"{list(_PLAIN_INITS)} (this initialisation also changes the base "
+      "weights; convert the adapter to plain LoRA first)"
+    )
+  for field, value in meta.items():
+    known = field in (*_READ, *_HARMLESS, "init_lora_weights")
+    if not known and value not in _OFF_VALUES:
+      raise ModelLoadError(
+        f"{path}: field {field!r} = {value!r}; expected it off (null, "
+        "false, 'none' or empty): rlhf_jax reads plain LoRA adapters"
+      )
+  loftq = meta.get("loftq_config")
+  if loftq not in (None, {}):
+    raise ModelLoadError(
+      f"{path}: field 'loftq_config' = {loftq!r}; expected {{}}"
+    )
 
 
 def parse_config(meta: dict, path: pathlib.Path) -> LoraConfig:
@@ -172,38 +223,39 @@ def parse_config(meta: dict, path: pathlib.Path) -> LoraConfig:
   steps run without dropout).
 
   Raises:
-    ModelLoadError: another peft_type, a PEFT feature this layout lacks
-      (rsLoRA, DoRA, biases, per-module ranks, ...), or target modules
-      that are not the Llama / Gemma projections (naming the field).
+    ModelLoadError: another peft_type; a field that changes the forward
+      (DoRA, rsLoRA, aLoRA, biases, per-module ranks, layer subsets,
+      PiSSA-like initialisations, ...); r not an integer >= 1, lora_alpha
+      not a number, or target_modules not a non-empty list of Llama /
+      Gemma projections (each naming the file and field).
   """
   if meta.get("peft_type") != "LORA":
     raise ModelLoadError(
       f"{path}: field 'peft_type' = {meta.get('peft_type')!r}; expected 'LORA'"
     )
-  for field, off in _OFF.items():
-    value = meta.get(field, off)
-    if value != off and not (off == {} and value is None):
-      raise ModelLoadError(
-        f"{path}: field {field!r} = {meta[field]!r}; expected {off!r} "
-        "(rlhf_jax reads plain LoRA adapters)"
-      )
-  for field in ("r", "lora_alpha"):
-    value = meta.get(field)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-      raise ModelLoadError(
-        f"{path}: field {field!r} = {value!r}; expected a number"
-      )
-  ours = {hf.split(".")[1]: t for t, (_, hf) in MODULES.items()}
-  modules = meta.get("target_modules")
-  if not isinstance(modules, list) or not all(m in ours for m in modules):
+  _check_fields(meta, path)
+  r, alpha = meta.get("r"), meta.get("lora_alpha")
+  if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+    raise ModelLoadError(f"{path}: field 'r' = {r!r}; expected an integer >= 1")
+  if not isinstance(alpha, int | float) or isinstance(alpha, bool):
     raise ModelLoadError(
-      f"{path}: field 'target_modules' = {modules!r}; expected a list of "
-      f"{sorted(ours)} (a Llama or Gemma model's projections)"
+      f"{path}: field 'lora_alpha' = {alpha!r}; expected a number"
+    )
+  names = [m[2] for m in MODULES.values()]
+  modules = meta.get("target_modules")
+  if (
+    not isinstance(modules, list)
+    or not modules
+    or not all(m in names for m in modules)
+  ):
+    raise ModelLoadError(
+      f"{path}: field 'target_modules' = {modules!r}; expected a non-empty "
+      f"list of {names} (a Llama-family or Gemma model's projections)"
     )
   config = LoraConfig(
-    rank=meta["r"],
-    alpha=float(meta["lora_alpha"]),
-    targets=tuple(t for t in MODULES if MODULES[t][1].split(".")[1] in modules),
+    rank=r,
+    alpha=float(alpha),
+    targets=tuple(t for t, m in MODULES.items() if m[2] in modules),
   )
   if config.problems():
     raise ModelLoadError(f"{path}: {'; '.join(config.problems())}")

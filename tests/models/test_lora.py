@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 from safetensors import safe_open
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import models
 from rlhf_jax.models import lora
@@ -20,6 +20,7 @@ from rlhf_jax.models import lora
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "models"
 sys.path.insert(0, str(FIXTURES))
 import lora_fixture  # noqa: E402
+import peft_fixture  # noqa: E402
 
 LLAMA = models.ModelConfig(
   model_type="llama",
@@ -290,16 +291,28 @@ def _peft_dir(tmp_path, **fields):
   return d
 
 
+OFF = "expected it off (null, false, 'none' or empty)"
+
+
 @pytest.mark.parametrize(
   "fields, message",
   [
-    ({"use_dora": True}, "field 'use_dora' = True; expected False"),
-    ({"use_rslora": True}, "field 'use_rslora' = True; expected False"),
+    ({"use_dora": True}, f"field 'use_dora' = True; {OFF}"),
+    ({"use_rslora": True}, f"field 'use_rslora' = True; {OFF}"),
     ({"rank_pattern": {"q_proj": 8}}, "field 'rank_pattern' = {'q_proj': 8}"),
+    ({"layers_to_transform": [0]}, "field 'layers_to_transform' = [0]"),
+    ({"alora_invocation_tokens": [5]}, "'alora_invocation_tokens' = [5]"),
+    ({"some_future_option": "on"}, "field 'some_future_option' = 'on'"),
+    ({"init_lora_weights": "pissa"}, "field 'init_lora_weights' = 'pissa'"),
+    ({"loftq_config": {"loftq_bits": 4}}, "field 'loftq_config' = {'loftq"),
     ({"peft_type": "IA3"}, "field 'peft_type' = 'IA3'; expected 'LORA'"),
     ({"target_modules": ["c_attn"]}, "field 'target_modules' = ['c_attn']"),
     ({"target_modules": "q_proj"}, "field 'target_modules' = 'q_proj'"),
-    ({"r": "4"}, "field 'r' = '4'; expected a number"),
+    ({"target_modules": []}, "field 'target_modules' = []; expected a non"),
+    ({"r": "4"}, "field 'r' = '4'; expected an integer >= 1"),
+    ({"r": 4.0}, "field 'r' = 4.0; expected an integer >= 1"),
+    ({"r": 0}, "field 'r' = 0; expected an integer >= 1"),
+    ({"lora_alpha": None}, "field 'lora_alpha' = None; expected a number"),
   ],
 )
 def test_peft_features_without_a_place_are_named(tmp_path, fields, message):
@@ -309,56 +322,134 @@ def test_peft_features_without_a_place_are_named(tmp_path, fields, message):
   assert str(e.value).startswith(str(tmp_path / "peft/adapter_config.json"))
 
 
-def test_a_peft_adapter_for_gpt2_is_refused(tmp_path):
-  cfg = lora.configure(
-    GPT2, dataclasses.replace(LORA, targets=("q", "k", "v", "o"))
+def test_peft_training_only_fields_are_read(tmp_path):
+  """Dropout acts in training only; empty lists and an EVA start hold
+  nothing the saved A and B do not."""
+  d = _peft_dir(
+    tmp_path,
+    lora_dropout=0.05,
+    exclude_modules=[],
+    modules_to_save=[],
+    init_lora_weights="eva",
   )
+  assert lora.read_adapter_config(d) == dataclasses.replace(
+    LORA, targets=("q", "k", "v", "o", "gate", "up", "down")
+  )
+
+
+def test_peft_tensor_errors_name_the_file(tmp_path):
+  cfg, params = _fixture_model()
+  base = lora.adapters_off(params)
+  d = _peft_dir(tmp_path)
+  weights = d / "adapter_model.safetensors"
+  tensors = load_file(str(weights))
+  # PEFT on a bare AutoModel keys them without the causal LM's "model.".
+  save_file(
+    {k.replace("model.model.", "model.", 1): v for k, v in tensors.items()},
+    str(weights),
+  )
+  with pytest.raises(models.ModelLoadError) as e:
+    lora.load_adapters(base, cfg, d)
+  assert str(e.value) == (
+    f"{weights}: no tensor under 'base_model.model.model.layers' (PEFT on "
+    "a *ForCausalLM model); the file holds 'base_model.model.layers.0."
+    "mlp.down_proj.lora_A.weight' and 27 more"
+  )
+  name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+  save_file({k: v for k, v in tensors.items() if k != name}, str(weights))
+  with pytest.raises(models.ModelLoadError, match=f"tensor '{name}' is miss"):
+    lora.load_adapters(base, cfg, d)
+  save_file({**tensors, "extra.lora_A.weight": tensors[name]}, str(weights))
+  with pytest.raises(models.ModelLoadError, match="unexpected tensors"):
+    lora.load_adapters(base, cfg, d)
+  save_file({**tensors, name: tensors[name][:, :2]}, str(weights))
+  with pytest.raises(models.ModelLoadError, match="has shape \\(16, 2\\)"):
+    lora.load_adapters(base, cfg, d)
+
+
+def test_adapters_of_the_previous_layout_still_load(tmp_path):
+  """A Llama adapter directory as the previous version wrote it (stacked
+  tensors named by param path, format "rlhf_jax-lora")."""
+  cfg, base, params = _lora_model(LLAMA)
+  params = _with_random_b(params)
+  d = tmp_path / "old"
+  d.mkdir()
+  flat = jax.tree_util.tree_flatten_with_path(lora.split(params)[0])[0]
+  tensors = {"/".join(k.key for k in p): np.asarray(x) for p, x in flat}
+  save_file(tensors, str(d / "adapter_model.safetensors"))
+  meta = {"format": "rlhf_jax-lora", "r": 4, "lora_alpha": 8.0}
+  meta |= {"target_modules": list(LORA.targets), "lora_dropout": 0.0}
+  (d / "adapter_config.json").write_text(json.dumps(meta))
+  loaded = lora.load_adapters(base, cfg, d)
+  for a, b in zip(
+    jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_adapters_needs_stacked_params():
+  cfg, _, params = _lora_model(LLAMA)
+  split = models.unstack_layers(params, cfg)
+  with pytest.raises(ValueError, match="expected stacked params"):
+    lora.save_adapters(split, cfg, "unused")
+
+
+def test_a_peft_adapter_for_gpt2_is_refused(tmp_path):
+  """Named before the targets are compared (GPT-2's differ)."""
+  cfg = lora.configure(GPT2, LORA)
   base = models.init_params(GPT2, jax.random.key(0))
   with pytest.raises(models.ModelLoadError, match="a PEFT adapter; PEFT"):
     lora.load_adapters(base, cfg, _peft_dir(tmp_path))
 
 
-def _fixture_model():
-  """lora_fixture's tiny Llama, its config with the seven projections."""
-  cfg, params = lora_fixture.build("llama")
+def _fixture_model(name="llama"):
+  """peft_fixture's tiny model, its config with the seven projections
+  (PEFT's adapters name only those)."""
+  cfg, params = peft_fixture.build(name)
   seven = ("q", "k", "v", "o", "gate", "up", "down")
   return cfg.replace(lora=dataclasses.replace(cfg.lora, targets=seven)), params
 
 
-def test_peft_applies_our_adapter_files_like_our_forward():
+def _max_diff(a, b, mask) -> float:
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))[mask]))
+
+
+@pytest.mark.parametrize("name", peft_fixture.NAMES)
+def test_peft_applies_our_adapter_files_like_our_forward(name):
   """PeftModel.from_pretrained on save_adapters' directory (peft_tiny.npz,
   written by peft_fixture.py) gives the JAX LoRA forward's logits."""
   data = np.load(FIXTURES / "peft_tiny.npz")
   ids, mask = lora_fixture.inputs()
   np.testing.assert_array_equal(data["ids"], ids)
-  cfg, params = _fixture_model()
-  got = np.asarray(models.forward(params, ids, mask, config=cfg))
-  want, base = data["peft_on_ours_logits"], data["base_logits"]
-  assert float(np.max(np.abs(want - base)[mask])) > 0.1  # adapters matter
-  assert float(np.max(np.abs(got - want)[mask])) < 1e-4
+  cfg, params = _fixture_model(name)
+  got = models.forward(params, ids, mask, config=cfg)
+  want = data[f"{name}_peft_on_ours_logits"]
+  assert _max_diff(want, data[f"{name}_base_logits"], mask) > 0.1
+  assert _max_diff(got, want, mask) < 1e-4
 
 
-def test_we_read_peft_own_adapter_files(tmp_path):
+@pytest.mark.parametrize("name", peft_fixture.NAMES)
+def test_we_read_peft_own_adapter_files(tmp_path, name):
   """PEFT's own save_pretrained output (random A and B) loads with
   load_adapters and gives PEFT's logits; save_adapters writes the same
   tensor names, shapes and dtypes, and reads back bitwise."""
   data = np.load(FIXTURES / "peft_tiny.npz")
   ids, mask = lora_fixture.inputs()
-  cfg, params = _fixture_model()
+  cfg, params = _fixture_model(name)
   base = lora.adapters_off(params)
-  src = FIXTURES / "peft_llama_adapter"
+  src = FIXTURES / f"peft_{name}_adapter"
   theirs = lora.load_adapters(base, cfg, src)
-  got = np.asarray(models.forward(theirs, ids, mask, config=cfg))
-  want = data["peft_own_logits"]
-  assert float(np.max(np.abs(want - data["base_logits"])[mask])) > 0.1
-  assert float(np.max(np.abs(got - want)[mask])) < 1e-4
+  got = models.forward(theirs, ids, mask, config=cfg)
+  want = data[f"{name}_peft_own_logits"]
+  assert _max_diff(want, data[f"{name}_base_logits"], mask) > 0.1
+  assert _max_diff(got, want, mask) < 1e-4
   out = lora.save_adapters(theirs, cfg, tmp_path / "ours")
   ours = load_file(str(out / "adapter_model.safetensors"))
   peft = load_file(str(src / "adapter_model.safetensors"))
   assert sorted(ours) == sorted(peft)
-  for name, x in peft.items():
-    assert (ours[name].shape, ours[name].dtype) == (x.shape, x.dtype), name
-    np.testing.assert_array_equal(ours[name], x)
+  for key, x in peft.items():
+    assert (ours[key].shape, ours[key].dtype) == (x.shape, x.dtype), key
+    np.testing.assert_array_equal(ours[key], x)
   meta = json.loads((out / "adapter_config.json").read_text())
   peft_meta = json.loads((src / "adapter_config.json").read_text())
   for field in ("peft_type", "r", "lora_alpha", "bias", "task_type"):
