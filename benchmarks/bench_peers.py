@@ -266,7 +266,7 @@ def _unpadded(ids: np.ndarray, mask: np.ndarray) -> list[list[int]]:
 # ----------------------------------------------------------------- sampler
 
 
-def _split_rows(params, ids: np.ndarray, mask: np.ndarray) -> tuple:
+def split_rows(params, ids: np.ndarray, mask: np.ndarray) -> tuple:
   """(params, ids, mask) on the devices: one device as given; with several
   (group sampler_dp, JAX_NUM_CPU_DEVICES) the prompt rows split over a
   'data' mesh and the params replicated, so each device decodes B / n
@@ -300,7 +300,7 @@ def bench_sampler(
   eos = config.vocab_size  # never emitted: exactly `new` tokens everywhere
   new, batch, plen = args.new_tokens, ids.shape[0], ids.shape[1]
   greedy = temperature == 0.0
-  params, ids_j, mask_j = _split_rows(params, ids, mask)
+  params, ids_j, mask_j = split_rows(params, ids, mask)
   rng = jax.random.key(0)
   kwargs = dict(
     config=config,
@@ -313,7 +313,7 @@ def bench_sampler(
   compiled, compile_ours = _compiled(params, ids_j, mask_j, rng, kwargs)
   variants = {"rlhf_jax, one KV-cache bucket": (params, {"cache_buckets": 1})}
   if stacked:
-    whole, _, _ = _split_rows(stacked_params, ids, mask)
+    whole, _, _ = split_rows(stacked_params, ids, mask)
     variants["rlhf_jax, stacked params (split in every call)"] = (whole, {})
   peers, compile_variants = {}, {}
   for label, (p, extra) in variants.items():

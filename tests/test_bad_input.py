@@ -883,8 +883,27 @@ LIBRARY_CASES = [
     f"FeaturePairBatch.chosen shape (2,): expected [B, {TINY.hidden_size}]",
   ),
   (
-    lambda: _head_shapes(FeaturePairBatch(*_features(0, 7))),
-    "FeaturePairBatch.chosen shape (0, 7): expected",
+    lambda: _head_shapes(FeaturePairBatch(*_features(0, TINY.hidden_size))),
+    f"FeaturePairBatch.chosen shape (0, {TINY.hidden_size}): expected",
+  ),
+  (
+    lambda: _head_shapes(FeaturePairBatch(*_features(3, 7))),
+    f"FeaturePairBatch.chosen shape (3, 7): expected [B, {TINY.hidden_size}]",
+  ),
+  (
+    lambda: _head_shapes(
+      FeaturePairBatch([[1.0] * TINY.hidden_size], jnp.ones((1, 8)))
+    ),
+    "FeaturePairBatch.chosen: list; expected a float array [B, D]",
+  ),
+  (
+    lambda: _head_shapes(
+      FeaturePairBatch(
+        jnp.ones((2, TINY.hidden_size), jnp.int32),
+        jnp.ones((2, TINY.hidden_size)),
+      )
+    ),
+    "FeaturePairBatch.chosen: dtype int32; expected a float array [B, D]",
   ),
   (
     lambda: _head_shapes(

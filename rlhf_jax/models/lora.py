@@ -551,7 +551,14 @@ def load_adapters(
       )
   weights = src / ADAPTER_WEIGHTS
   if not weights.is_file():
-    raise ModelLoadError(f"{weights}: no such file")
+    pickles = sorted(p.name for p in src.glob("adapter_model.*"))
+    hint = (
+      f" ({pickles[0]} is a pickle, never loaded: save the adapter with "
+      "safe_serialization=True)"
+      if pickles
+      else ""
+    )
+    raise ModelLoadError(f"{weights}: no such file{hint}")
   try:
     tensors = load_file(str(weights))
   except Exception as e:  # safetensors raises its own error types
@@ -590,5 +597,6 @@ def _own_tensors(
         f"{weights}: tensor {name!r} has shape {tuple(x.shape)}, expected "
         f"{tuple(spec.shape)}"
       )
+    peft_format.check_values(x, name, weights)
     leaves[name] = x
   return leaves

@@ -101,6 +101,20 @@ def to_peft(adapters: dict[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
+def check_values(x: np.ndarray, name: str, path: pathlib.Path) -> None:
+  """Raises ModelLoadError, naming the file and tensor, unless the
+  adapter tensor ``x`` holds finite floats."""
+  if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
+    raise ModelLoadError(
+      f"{path}: tensor {name!r} has dtype {x.dtype}; expected floats"
+    )
+  if x.size and not np.isfinite(np.asarray(x, np.float32)).all():
+    raise ModelLoadError(
+      f"{path}: tensor {name!r} holds NaN or inf; expected finite weights "
+      "(a diverged or damaged adapter)"
+    )
+
+
 def _missing(tensors: dict, name: str, path: pathlib.Path) -> ModelLoadError:
   """The error for an absent tensor; names the file's layout when none of
   ours is there (PEFT on another model class keys them otherwise)."""
@@ -128,8 +142,9 @@ def from_peft(
     Our flat name -> numpy array of its expected shape (the file's dtype).
 
   Raises:
-    ModelLoadError: a missing, unexpected or wrongly shaped tensor, naming
-      the file and the tensor.
+    ModelLoadError: a missing, unexpected, wrongly shaped, non-float or
+      non-finite tensor, or layers past the model's, naming the file and
+      the tensor.
   """
   out, used = {}, set()
   for flat, spec in shapes.items():
@@ -148,10 +163,22 @@ def from_peft(
         raise ModelLoadError(
           f"{path}: tensor {name!r} has shape {tuple(x.shape)}, expected {want}"
         )
+      check_values(x, name, path)
       layers.append(np.asarray(x).T.reshape(per_layer))
       used.add(name)
     out[flat] = np.stack(layers)
   extra = sorted(set(tensors) - used)
+  layers = {
+    int(k.split(".")[4])
+    for k in extra
+    if k.startswith(f"{_PREFIX}.") and k.split(".")[4].isdigit()
+  }
+  n = next(iter(shapes.values())).shape[0]
+  if layers and max(layers) >= n:
+    raise ModelLoadError(
+      f"{path}: adapters for layers up to {max(layers)}; the model has "
+      f"{n} layers (0 .. {n - 1}): an adapter of another model"
+    )
   if extra:
     raise ModelLoadError(
       f"{path}: unexpected tensors {extra[:4]} (not LoRA adapters of this "
@@ -251,6 +278,11 @@ def parse_config(meta: dict, path: pathlib.Path) -> LoraConfig:
     raise ModelLoadError(
       f"{path}: field 'target_modules' = {modules!r}; expected a non-empty "
       f"list of {names} (a Llama-family or Gemma model's projections)"
+    )
+  dropout = meta.get("lora_dropout", 0.0)
+  if not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+    raise ModelLoadError(
+      f"{path}: field 'lora_dropout' = {dropout!r}; expected a number in [0, 1)"
     )
   config = LoraConfig(
     rank=r,

@@ -294,7 +294,10 @@ def load_scorer(
     size_from="the reward model's vocab_size",
     ids_from=str((tok_dir / "tokenizer.json").relative_to(root)),
   )
-  model_config, params, pooling = load_rm(root)
+  try:
+    model_config, params, pooling = load_rm(root)
+  except (models.ModelLoadError, runtime.UserError) as e:
+    raise runtime.UserError(f"--reward-model {e}") from None
   adapter = HFTokenizerAdapter.wrap(tok)
   fn = jax.jit(
     lambda p, b: pair_rewards(p, b, model_config=model_config, pooling=pooling)

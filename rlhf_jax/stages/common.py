@@ -49,6 +49,8 @@ def stages_for(command: str, config: Any) -> tuple[str, ...]:
   if command == "ppo" and config.reward_model is not None:
     return ("prompts", "initial", "ppo", "report")
   return STAGES_BY_COMMAND[command]
+
+
 # The reward head beside the backbone's HF files (a subdirectory, so that
 # loaders globbing *.safetensors read only the backbone).
 HEAD_DIR = "reward_head"

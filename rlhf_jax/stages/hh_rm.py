@@ -41,6 +41,7 @@ import json
 import math
 import pathlib
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -337,6 +338,11 @@ def _optimizer(
   config: HHRewardModelConfig, total_steps: int
 ) -> optax.GradientTransformation:
   warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+  if warmup < config.warmup_steps:  # the cosine schedule needs one past it
+    sys.stderr.write(
+      f"rlhf-jax: warning: --hh.warmup-steps {config.warmup_steps}: the run "
+      f"makes {total_steps} optimizer updates; warmup lowered to {warmup}\n"
+    )
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=config.learning_rate,

@@ -100,6 +100,16 @@ def teacher_forced_logprobs(
   )
 
 
+def check_batch_type(batch: Any, kind: type | tuple[type, ...]) -> None:
+  """Raises TypeError, naming both types, unless ``batch`` is a ``kind``."""
+  kinds = kind if isinstance(kind, tuple) else (kind,)
+  if not isinstance(batch, kinds):
+    names = " or ".join(k.__name__ for k in kinds)
+    raise TypeError(
+      f"the batch must be of type {names}, got {type(batch).__name__}"
+    )
+
+
 def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
   """A train step's batch is of its type, with at least one row and one
   prompt token (the first response token is predicted from the last
@@ -110,12 +120,7 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
     ValueError: prompt_ids not [B, P], or B = 0 or P = 0, naming its
       shape (the step's other checks name the other fields).
   """
-  kinds = kind if isinstance(kind, tuple) else (kind,)
-  if not isinstance(batch, kinds):
-    names = " or ".join(k.__name__ for k in kinds)
-    raise TypeError(
-      f"the batch must be of type {names}, got {type(batch).__name__}"
-    )
+  check_batch_type(batch, kind)
   shape = jnp.shape(batch.prompt_ids)
   if len(shape) != 2:  # before a step reads shape[1]
     raise ValueError(f"prompt_ids shape {shape}: expected [B, L]")

@@ -26,6 +26,7 @@ from rlhf_jax import models
 from rlhf_jax.preference import bradley_terry_loss
 from rlhf_jax.train.common import (
   accumulate_gradients,
+  check_batch_type,
   check_build,
   finish_step,
   global_sum,
@@ -92,21 +93,26 @@ def head_rewards(
 
 
 def check_feature_batch(batch, hidden_size: int) -> None:
-  """A head step's batch: a FeaturePairBatch of two f32[B, D] arrays, B >=
-  1 and D the backbone's hidden size, checked at trace time.
+  """A head step's batch: a FeaturePairBatch of two float arrays [B, D],
+  B >= 1 and D the backbone's hidden size, checked at trace time.
 
   Raises:
-    TypeError: another batch type (naming both).
+    TypeError: another batch type (naming both), or a field that is not
+      a float array (a list, integers).
     ValueError: a shape that is not [B, D] with B >= 1, chosen and
       rejected of different shapes, or D not ``hidden_size`` (naming the
       field and its shape).
   """
-  if not isinstance(batch, FeaturePairBatch):
-    raise TypeError(
-      f"the batch must be of type FeaturePairBatch, got {type(batch).__name__}"
-    )
+  check_batch_type(batch, FeaturePairBatch)
   for name in ("chosen", "rejected"):
-    shape = jnp.shape(getattr(batch, name))
+    x = getattr(batch, name)
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      kind = type(x).__name__ if dtype is None else f"dtype {dtype}"
+      raise TypeError(
+        f"FeaturePairBatch.{name}: {kind}; expected a float array [B, D]"
+      )
+    shape = jnp.shape(x)
     if len(shape) != 2 or shape[0] < 1 or shape[1] != hidden_size:
       raise ValueError(
         f"FeaturePairBatch.{name} shape {shape}: expected [B, {hidden_size}]"

@@ -478,3 +478,24 @@ def test_annotator_line_reads_for_one_annotator_and_no_shared_pairs():
     "2 annotators; 3 pairs judged by several, on which labels of different "
     "annotators agree 0.5"
   )
+
+
+def test_a_reward_model_with_a_nan_weight_names_the_option(
+  tmp_path, reward_model_dir
+):
+  from safetensors.numpy import load_file, save_file
+
+  from rlhf_jax.stages.audit import load_scorer
+
+  rm = tmp_path / "rm"
+  shutil.copytree(reward_model_dir, rm)
+  tensors = load_file(str(rm / "model.safetensors"))
+  name = "model.norm.weight"
+  tensors[name][3] = float("nan")
+  save_file(tensors, str(rm / "model.safetensors"))
+  with pytest.raises(runtime.UserError) as e:
+    load_scorer(str(rm), 128)
+  assert str(e.value).startswith(
+    f"--reward-model {rm / 'model.safetensors'}: tensor '{name}' holds "
+    "non-finite values (NaN or inf)"
+  )

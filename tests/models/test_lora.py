@@ -313,6 +313,8 @@ OFF = "expected it off (null, false, 'none' or empty)"
     ({"r": 4.0}, "field 'r' = 4.0; expected an integer >= 1"),
     ({"r": 0}, "field 'r' = 0; expected an integer >= 1"),
     ({"lora_alpha": None}, "field 'lora_alpha' = None; expected a number"),
+    ({"lora_dropout": "abc"}, "field 'lora_dropout' = 'abc'; expected a"),
+    ({"lora_dropout": 1.0}, "field 'lora_dropout' = 1.0; expected a number"),
   ],
 )
 def test_peft_features_without_a_place_are_named(tmp_path, fields, message):
@@ -362,6 +364,27 @@ def test_peft_tensor_errors_name_the_file(tmp_path):
   save_file({**tensors, "extra.lora_A.weight": tensors[name]}, str(weights))
   with pytest.raises(models.ModelLoadError, match="unexpected tensors"):
     lora.load_adapters(base, cfg, d)
+  bigger = {**tensors, name.replace("layers.1.", "layers.2."): tensors[name]}
+  save_file(bigger, str(weights))
+  with pytest.raises(models.ModelLoadError) as e:
+    lora.load_adapters(base, cfg, d)
+  assert str(e.value) == (
+    f"{weights}: adapters for layers up to 2; the model has 2 layers (0 .. "
+    "1): an adapter of another model"
+  )
+  for bad, message in (
+    (np.full((16, 4), np.nan, np.float32), "holds NaN or inf; expected"),
+    (np.ones((16, 4), np.int32), "has dtype int32; expected floats"),
+  ):
+    save_file({**tensors, name: bad}, str(weights))
+    with pytest.raises(models.ModelLoadError) as e:
+      lora.load_adapters(base, cfg, d)
+    assert str(e.value).startswith(f"{weights}: tensor '{name}'")
+    assert message in str(e.value)
+  weights.rename(d / "adapter_model.bin")
+  with pytest.raises(models.ModelLoadError, match="adapter_model.bin is a pic"):
+    lora.load_adapters(base, cfg, d)
+  weights.write_bytes((d / "adapter_model.bin").read_bytes())
   save_file({**tensors, name: tensors[name][:, :2]}, str(weights))
   with pytest.raises(models.ModelLoadError, match="has shape \\(16, 2\\)"):
     lora.load_adapters(base, cfg, d)
