@@ -280,6 +280,30 @@ def test_sft_from_preference_pairs(gpt2):
   np.testing.assert_array_equal(b.response_mask, [[1, 1, 0]])
 
 
+def test_sft_reads_the_completion_of_single_response_rows(gpt2):
+  """Completion rows (TRL prompt-completion) train on their completion
+  without naming the field; a mix with pairs must name it."""
+  from rlhf_jax.data import CompletionExample
+
+  rows = [CompletionExample(prompt="Hello world", completion=" Hello")]
+  ds = tokenize_sft(rows, gpt2, max_prompt_length=3, max_response_length=3)
+  b = ds.take(np.array([0]))
+  np.testing.assert_array_equal(b.response_ids, [[SP_HELLO, EOT, EOT]])
+  mixed = [*rows, pair("Hello world", " Hello", " world")]
+  with pytest.raises(ValueError, match="pass response_field"):
+    tokenize_sft(mixed, gpt2, max_prompt_length=3, max_response_length=3)
+  with pytest.raises(
+    TypeError, match="SFT example 0: a CompletionExample has no field 'chosen'"
+  ):
+    tokenize_sft(
+      rows,
+      gpt2,
+      max_prompt_length=3,
+      max_response_length=3,
+      response_field="chosen",
+    )
+
+
 def test_wrap_a_tokenizer_wrapper(tinystories_dir):
   # Any object with .tokenizer and *_token_id attributes (the shape of
   # rlhf_jax.models.load_tokenizer's result) is adapted.

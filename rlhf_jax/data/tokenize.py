@@ -867,23 +867,25 @@ def tokenize_sft(
   *,
   max_prompt_length: int,
   max_response_length: int,
-  response_field: str = "chosen",
+  response_field: str | None = None,
   truncate_prompts: bool = True,
   add_bos: bool = True,
   append_eos: bool = True,
 ) -> TokenizedDataset:
   """Tokenizes demonstrations into an ``SFTBatch`` dataset.
 
-  The target response is the example's ``response_field`` attribute
-  (``"chosen"`` of preference pairs, ``"completion"`` of unpaired and
-  completion rows).
+  The target response is the example's ``response_field`` attribute; by
+  default ``"chosen"`` of preference pairs, ``"completion"`` of unpaired
+  and completion rows.
   Arrays: prompt_ids i32[N, P], prompt_mask bool[N, P] left-padded;
   response_ids i32[N, T], response_mask bool[N, T] right-padded.
 
   Raises:
     DataError: as ``tokenize_preferences``.
-    TypeError: an example of another type (names its index).
-    ValueError: a max length that is not an integer >= 1.
+    TypeError: an example of another type, or one without
+      ``response_field`` (names its index).
+    ValueError: a max length that is not an integer >= 1; no
+      ``response_field`` for a mix of pairs and single-response rows.
   """
   _check_lengths(
     max_prompt_length=max_prompt_length, max_response_length=max_response_length
@@ -892,6 +894,7 @@ def tokenize_sft(
   examples = _example_list(
     examples, "SFT", (PreferencePair, UnpairedExample, CompletionExample)
   )
+  response_field = _sft_field(examples, response_field)
   return _single_response(
     examples,
     tokenizer,
@@ -904,6 +907,24 @@ def tokenize_sft(
     add_bos=add_bos,
     append_eos=append_eos,
   )
+
+
+def _sft_field(examples: list[Any], field: str | None) -> str:
+  """The response attribute of ``tokenize_sft``'s examples, checked."""
+  if field is None:
+    pairs = {isinstance(e, PreferencePair) for e in examples}
+    if len(pairs) > 1:
+      raise ValueError(
+        "tokenize_sft: preference pairs mixed with single-response rows; "
+        "pass response_field ('chosen' or 'completion')"
+      )
+    field = "chosen" if pairs == {True} else "completion"
+  for i, e in enumerate(examples):
+    if not hasattr(e, field):
+      raise TypeError(
+        f"SFT example {i}: a {type(e).__name__} has no field {field!r}"
+      )
+  return field
 
 
 def tokenize_ranked(

@@ -938,7 +938,7 @@ def hf_state_dict(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
   return out
 
 
-def _default_file_mode(directory: pathlib.Path) -> int:
+def default_file_mode(directory: pathlib.Path) -> int:
   """The mode open() gives a new file here: 0o666 less the umask (read by
   creating a probe file; os.umask would change it for every thread)."""
   probe = directory / f".mode-probe-{os.getpid()}-{id(directory)}"
@@ -962,7 +962,7 @@ def write_safetensors(
   # order="C", not ascontiguousarray, which turns a 0-d scalar into [1].
   host = {k: np.asarray(v, order="C") for k, v in tensors.items()}
   save_file(host, str(path), metadata=metadata)
-  os.chmod(path, _default_file_mode(path.parent))
+  os.chmod(path, default_file_mode(path.parent))
 
 
 def export_hf_checkpoint(

@@ -58,7 +58,7 @@ from rlhf_jax.models.config import (
   ModelConfig,
   ModelLoadError,
 )
-from rlhf_jax.models.hf_io import write_safetensors
+from rlhf_jax.models.hf_io import default_file_mode, write_safetensors
 
 __all__ = [
   "LORA_TARGETS",
@@ -342,10 +342,13 @@ def _flat_names(tree: Params) -> dict[str, Any]:
 
 
 def _atomic_write(path: pathlib.Path, write) -> None:
+  """``write(tmp)`` beside ``path``, then renamed onto it, with the mode
+  of any other file the user writes (mkstemp leaves 0600)."""
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, default_file_mode(path.parent))
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

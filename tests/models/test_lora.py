@@ -252,6 +252,10 @@ def test_save_load_round_trip_and_errors(
   ]
   with safe_open(str(out / "adapter_model.safetensors"), "numpy") as f:
     assert f.metadata() == {"format": file_format}
+  # Readable like any file the user writes (mkstemp made the config 0600).
+  (tmp_path / "plain").write_text("")
+  mode = (tmp_path / "plain").stat().st_mode & 0o777
+  assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {mode}
   # PEFT lists only the projections the model has (no fc, proj on Llama).
   want = dataclasses.replace(LORA, targets=targets)
   assert lora.read_adapter_config(out) == want
