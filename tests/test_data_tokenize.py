@@ -302,6 +302,14 @@ def test_sft_reads_the_completion_of_single_response_rows(gpt2):
       max_response_length=3,
       response_field="chosen",
     )
+  with pytest.raises(ValueError, match="response_field='prompt'; expected"):
+    tokenize_sft(
+      rows,
+      gpt2,
+      max_prompt_length=3,
+      max_response_length=3,
+      response_field="prompt",
+    )
 
 
 def test_wrap_a_tokenizer_wrapper(tinystories_dir):

@@ -324,3 +324,25 @@ def test_export_of_the_reward_model(smoke_run, tmp_path, capsys):
   score = load_file(str(out / "model.safetensors"))["score.weight"]
   kernel = np.asarray(params["head"]["kernel"]).reshape(1, -1)  # [1, D]
   np.testing.assert_array_equal(score, kernel)
+
+
+def test_a_warmup_past_the_run_is_lowered_with_a_warning(
+  capsys, tinystories_dir
+):
+  from rlhf_jax.data import HFTokenizerAdapter, tokenize_preferences
+
+  tok = HFTokenizerAdapter.wrap(models.load_tokenizer(tinystories_dir))
+  pairs = [PreferencePair(prompt="Once", chosen=" a", rejected=" b")] * 8
+  ds = tokenize_preferences(
+    pairs, tok, max_prompt_length=4, max_response_length=4
+  )
+  base = hh_rm.HHRewardModelConfig.smoke()
+  config = dataclasses.replace(base, batch_size=4, epochs=2, warmup_steps=9)
+  hh_rm._warn_lowered_warmup(config, ds)
+  assert capsys.readouterr().err == (
+    "rlhf-jax: warning: --hh.warmup-steps 9: the run makes 4 optimizer "
+    "update(s); warmup lowered to 3\n"
+  )
+  assert hh_rm._warmup(config, 4) == 3
+  hh_rm._warn_lowered_warmup(dataclasses.replace(config, warmup_steps=3), ds)
+  assert capsys.readouterr().err == ""

@@ -98,12 +98,8 @@ def _validated(command: str, config: Any) -> Any:
   bad = problems(command, config)
   if bad:
     raise runtime.UserError("\nrlhf-jax: error: ".join(bad))
-  # Printed by the first process of a multi-host run only (each process
-  # parses the same options; jax.distributed is not started yet).
-  dist = getattr(config, "distributed", None)
-  if getattr(dist, "process_id", None) in (None, 0):
-    for line in advisories(command, config):
-      sys.stderr.write(f"rlhf-jax: warning: {line}\n")
+  for line in advisories(command, config):
+    sys.stderr.write(f"rlhf-jax: warning: {line}\n")
   return config
 
 

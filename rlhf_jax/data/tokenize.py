@@ -919,6 +919,11 @@ def _sft_field(examples: list[Any], field: str | None) -> str:
         "pass response_field ('chosen' or 'completion')"
       )
     field = "chosen" if pairs == {True} else "completion"
+  if field not in ("chosen", "rejected", "completion"):
+    raise ValueError(
+      f"tokenize_sft: response_field={field!r}; expected 'chosen', "
+      "'rejected' or 'completion'"
+    )
   for i, e in enumerate(examples):
     if not hasattr(e, field):
       raise TypeError(

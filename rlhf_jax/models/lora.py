@@ -548,13 +548,18 @@ def load_adapters(
       have = tuple(sorted(_targets_here(have, model_config)))
       want = tuple(sorted(_targets_here(want, model_config)))
     if have != want:
+      named = peft_format.FIELDS[field] if peft else field
       raise ModelLoadError(
-        f"{cfg_path}: {field} = {have!r}, but the model's LoRA config has "
+        f"{cfg_path}: {named} = {have!r}, but the model's LoRA config has "
         f"{field} = {want!r}"
       )
   weights = src / ADAPTER_WEIGHTS
   if not weights.is_file():
-    pickles = sorted(p.name for p in src.glob("adapter_model.*"))
+    pickles = sorted(
+      p.name
+      for p in src.glob("adapter_model.*")
+      if p.suffix in (".bin", ".pt", ".pth")
+    )
     hint = (
       f" ({pickles[0]} is a pickle, never loaded: save the adapter with "
       "safe_serialization=True)"

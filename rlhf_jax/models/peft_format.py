@@ -24,6 +24,7 @@ projections this way, one Linear each. GPT-2 fuses q, k and v into one
 """
 
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -31,6 +32,8 @@ import numpy as np
 
 from rlhf_jax.models.config import LoraConfig, ModelConfig, ModelLoadError
 
+# The file's names of LoraConfig's fields (for messages).
+FIELDS = {"rank": "r", "alpha": "lora_alpha", "targets": "target_modules"}
 # Our projection -> (our param subtree, HF module under a layer, its name).
 MODULES = {
   "q": ("attn", "self_attn.q_proj", "q_proj"),
@@ -67,7 +70,7 @@ _HARMLESS = (
 # init_lora_weights values that only draw the starting A and B. PiSSA,
 # OLoRA, CorDA and LoftQ also change the base weights: refused.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
-_OFF_VALUES = (None, False, "none", {}, [])
+_OFF_TEXT = ("none",)
 
 
 def holds_peft(model_config: ModelConfig) -> bool:
@@ -108,7 +111,7 @@ def check_values(x: np.ndarray, name: str, path: pathlib.Path) -> None:
     raise ModelLoadError(
       f"{path}: tensor {name!r} has dtype {x.dtype}; expected floats"
     )
-  if x.size and not np.isfinite(np.asarray(x, np.float32)).all():
+  if x.size and not np.isfinite(x).all():
     raise ModelLoadError(
       f"{path}: tensor {name!r} holds NaN or inf; expected finite weights "
       "(a diverged or damaged adapter)"
@@ -118,8 +121,10 @@ def check_values(x: np.ndarray, name: str, path: pathlib.Path) -> None:
 def _missing(tensors: dict, name: str, path: pathlib.Path) -> ModelLoadError:
   """The error for an absent tensor; names the file's layout when none of
   ours is there (PEFT on another model class keys them otherwise)."""
+  if not tensors:
+    return ModelLoadError(f"{path}: holds no tensors; expected LoRA pairs")
   if not any(k.startswith(f"{_PREFIX}.") for k in tensors):
-    first = min(tensors, default=None)
+    first = min(tensors)
     return ModelLoadError(
       f"{path}: no tensor under {_PREFIX!r} (PEFT on a *ForCausalLM "
       f"model); the file holds {first!r} and {len(tensors) - 1} more"
@@ -168,15 +173,15 @@ def from_peft(
       used.add(name)
     out[flat] = np.stack(layers)
   extra = sorted(set(tensors) - used)
-  layers = {
+  file_layers = {
     int(k.split(".")[4])
     for k in extra
     if k.startswith(f"{_PREFIX}.") and k.split(".")[4].isdigit()
   }
   n = next(iter(shapes.values())).shape[0]
-  if layers and max(layers) >= n:
+  if file_layers and max(file_layers) >= n:
     raise ModelLoadError(
-      f"{path}: adapters for layers up to {max(layers)}; the model has "
+      f"{path}: adapters for layers up to {max(file_layers)}; the model has "
       f"{n} layers (0 .. {n - 1}): an adapter of another model"
     )
   if extra:
@@ -231,16 +236,18 @@ def _check_fields(meta: dict, path: pathlib.Path) -> None:
     )
   for field, value in meta.items():
     known = field in (*_READ, *_HARMLESS, "init_lora_weights")
-    if not known and value not in _OFF_VALUES:
+    if not known and not _off(value):
       raise ModelLoadError(
         f"{path}: field {field!r} = {value!r}; expected it off (null, "
         "false, 'none' or empty): rlhf_jax reads plain LoRA adapters"
       )
-  loftq = meta.get("loftq_config")
-  if loftq not in (None, {}):
-    raise ModelLoadError(
-      f"{path}: field 'loftq_config' = {loftq!r}; expected {{}}"
-    )
+
+
+def _off(value: Any) -> bool:
+  """null, false, "none" or empty; by identity, so 0 (a layer index of
+  layers_to_transform) is not false."""
+  empty = isinstance(value, dict | list) and not value
+  return value is None or value is False or value in _OFF_TEXT or empty
 
 
 def parse_config(meta: dict, path: pathlib.Path) -> LoraConfig:
@@ -264,9 +271,14 @@ def parse_config(meta: dict, path: pathlib.Path) -> LoraConfig:
   r, alpha = meta.get("r"), meta.get("lora_alpha")
   if not isinstance(r, int) or isinstance(r, bool) or r < 1:
     raise ModelLoadError(f"{path}: field 'r' = {r!r}; expected an integer >= 1")
-  if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+  if (
+    not isinstance(alpha, int | float)
+    or isinstance(alpha, bool)
+    or not math.isfinite(alpha)
+    or alpha <= 0
+  ):
     raise ModelLoadError(
-      f"{path}: field 'lora_alpha' = {alpha!r}; expected a number"
+      f"{path}: field 'lora_alpha' = {alpha!r}; expected a number > 0"
     )
   names = [m[2] for m in MODULES.values()]
   modules = meta.get("target_modules")

@@ -17,11 +17,12 @@ an earlier audit is replaced only with --overwrite, which deletes only
 what rlhf-jax wrote.
 """
 
+import contextlib
 import dataclasses
 import json
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -244,6 +245,17 @@ def _tokenizer_dir(path: pathlib.Path) -> pathlib.Path:
   )
 
 
+@contextlib.contextmanager
+def _named_reward_model() -> Iterator[None]:
+  """Errors of the reading inside, named as the --reward-model's."""
+  from rlhf_jax import models
+
+  try:
+    yield
+  except (models.ModelLoadError, runtime.UserError) as e:
+    raise runtime.UserError(f"--reward-model {e}") from None
+
+
 def load_scorer(
   path: str, max_length: int | None = None
 ) -> tuple[Any, Any, tuple[Any, Any]]:
@@ -255,10 +267,12 @@ def load_scorer(
   error for learned positions (GPT-2), which have no row past them.
 
   Raises:
-    UserError: no reward model or no tokenizer there; max_length past a
+    UserError: each naming --reward-model: no reward model or no
+      tokenizer there, a config.json, tokenizer or weight file that cannot
+      be read (or weights that are not finite), or max_length past a
       GPT-2 model's learned positions.
-    ModelLoadError: a directory that cannot be read; a tokenizer with
-      ids past the reward model's vocabulary.
+    ModelLoadError: a tokenizer with ids past the reward model's
+      vocabulary (its message names --reward-model).
   """
   import jax
 
@@ -270,7 +284,8 @@ def load_scorer(
 
   root = pathlib.Path(path)
   # The checks read config.json and the tokenizer, before any weights.
-  model_config = models.load_hf_config(backbone_dir(root))
+  with _named_reward_model():
+    model_config = models.load_hf_config(backbone_dir(root))
   limit = model_config.max_position_embeddings
   if max_length is not None and max_length > limit:
     what = f"--max-prompt-length + --max-response-length = {max_length} tokens"
@@ -284,8 +299,9 @@ def load_scorer(
       "--max-prompt-length + --max-response-length; lower them to the "
       "lengths it was trained at\n"
     )
-  tok_dir = _tokenizer_dir(root)
-  tok = models.load_tokenizer(tok_dir)
+  with _named_reward_model():
+    tok_dir = _tokenizer_dir(root)
+    tok = models.load_tokenizer(tok_dir)
   # The tokenizer may sit beside the run, not the model's config.json.
   models.check_vocab_fits(
     tok,
@@ -294,10 +310,8 @@ def load_scorer(
     size_from="the reward model's vocab_size",
     ids_from=str((tok_dir / "tokenizer.json").relative_to(root)),
   )
-  try:
+  with _named_reward_model():
     model_config, params, pooling = load_rm(root)
-  except (models.ModelLoadError, runtime.UserError) as e:
-    raise runtime.UserError(f"--reward-model {e}") from None
   adapter = HFTokenizerAdapter.wrap(tok)
   fn = jax.jit(
     lambda p, b: pair_rewards(p, b, model_config=model_config, pooling=pooling)

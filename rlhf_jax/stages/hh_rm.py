@@ -334,15 +334,31 @@ def _pretrained_dir(config: HHRewardModelConfig) -> pathlib.Path:
   return model_dir
 
 
+def _warmup(config: HHRewardModelConfig, total_steps: int) -> int:
+  """--hh.warmup-steps, lowered below the run's updates (the cosine
+  schedule needs one step past the warmup)."""
+  return min(config.warmup_steps, max(total_steps - 1, 0))
+
+
+def _warn_lowered_warmup(
+  config: HHRewardModelConfig, train_ds: TokenizedDataset
+) -> None:
+  """Says, before the features or the training, when `_warmup` lowers
+  --hh.warmup-steps (`_train` and `_train_frozen` batch the same rows)."""
+  it = BatchIterator(train_ds, global_batch_size=config.batch_size)
+  total = it.batches_per_epoch * config.epochs
+  if _warmup(config, total) < config.warmup_steps:
+    sys.stderr.write(
+      f"rlhf-jax: warning: --hh.warmup-steps {config.warmup_steps}: the run "
+      f"makes {total} optimizer update(s); warmup lowered to "
+      f"{_warmup(config, total)}\n"
+    )
+
+
 def _optimizer(
   config: HHRewardModelConfig, total_steps: int
 ) -> optax.GradientTransformation:
-  warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-  if warmup < config.warmup_steps:  # the cosine schedule needs one past it
-    sys.stderr.write(
-      f"rlhf-jax: warning: --hh.warmup-steps {config.warmup_steps}: the run "
-      f"makes {total_steps} optimizer updates; warmup lowered to {warmup}\n"
-    )
+  warmup = _warmup(config, total_steps)
   schedule = optax.warmup_cosine_decay_schedule(
     init_value=0.0,
     peak_value=config.learning_rate,
@@ -745,6 +761,8 @@ def run_hh_reward_model(
     )
     train_ds = tokenize_preferences(train_pairs, tok, **lengths)
     held_ds = tokenize_preferences(held_pairs, tok, **lengths)
+    if placement.is_primary:
+      _warn_lowered_warmup(config, train_ds)
     t_data = time.perf_counter()
     feats = None
     if config.freeze_backbone:

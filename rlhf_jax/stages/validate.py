@@ -23,6 +23,7 @@ from rlhf_jax.stages.configs import (
   DERIVED_FIELDS,
   KTOStageConfig,
   PipelineConfig,
+  SFTConfig,
 )
 from rlhf_jax.train.common import (
   TEMPERATURE,
@@ -335,19 +336,26 @@ def _trained(command: str, config: Any) -> list[tuple[tuple[str, ...], Any]]:
     # The accept-rate task (no --data) counts its updates in rounds; its
     # schedule is not checked here.
     return [((), config)] if config.data is not None else []
-  return [((), config)]  # sft; others have no warmup
+  if isinstance(config, SFTConfig):
+    return [((), config)]
+  return []  # no other command trains with a warmup
 
 
 def advisories(command: str, config: Any) -> list[str]:
   """Options that are valid but likely mistakes, one line each, for the
-  stages ``command`` runs (printed as warnings before work starts).
+  stages ``command`` runs (printed as warnings before work starts), by
+  the first process of a multi-host run only (each parses the same
+  options; one with ``process_id`` unset may be any).
 
   Args:
     command: the subcommand.
     config: its parsed config, which passed ``problems``.
   """
+  trained = _trained(command, config)
+  if trained and config.distributed.process_id not in (None, 0):
+    return []
   out = []
-  for path, node in _trained(command, config):
+  for path, node in trained:
     out += _warmup_note(node, path)
   return out
 

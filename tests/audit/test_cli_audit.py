@@ -499,3 +499,22 @@ def test_a_reward_model_with_a_nan_weight_names_the_option(
     f"--reward-model {rm / 'model.safetensors'}: tensor '{name}' holds "
     "non-finite values (NaN or inf)"
   )
+
+
+def test_reward_model_folders_that_cannot_be_read_name_the_option(
+  tmp_path, reward_model_dir
+):
+  from rlhf_jax.stages.audit import load_scorer
+
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  bad_config = tmp_path / "bad_config"
+  shutil.copytree(reward_model_dir, bad_config)
+  (bad_config / "config.json").write_text("{")
+  bad_tok = tmp_path / "bad_tok"
+  shutil.copytree(reward_model_dir, bad_tok)
+  (bad_tok / "tokenizer.json").write_text('{"model": 1')
+  for folder in (empty, bad_config, bad_tok):
+    with pytest.raises(runtime.UserError) as e:
+      load_scorer(str(folder), 128)
+    assert str(e.value).startswith(f"--reward-model {folder}"), str(e.value)

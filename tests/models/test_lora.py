@@ -264,7 +264,8 @@ def test_save_load_round_trip_and_errors(
     jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True
   ):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(models.ModelLoadError, match="rank = 4.*rank = 8"):
+  rank = "r" if file_format == "pt" else "rank"  # PEFT's name in its file
+  with pytest.raises(models.ModelLoadError, match=f"{rank} = 4.*rank = 8"):
     lora.load_adapters(
       base, lora.configure(base_cfg, dataclasses.replace(LORA, rank=8)), out
     )
@@ -305,6 +306,7 @@ OFF = "expected it off (null, false, 'none' or empty)"
     ({"use_rslora": True}, f"field 'use_rslora' = True; {OFF}"),
     ({"rank_pattern": {"q_proj": 8}}, "field 'rank_pattern' = {'q_proj': 8}"),
     ({"layers_to_transform": [0]}, "field 'layers_to_transform' = [0]"),
+    ({"layers_to_transform": 0}, "field 'layers_to_transform' = 0; expected"),
     ({"alora_invocation_tokens": [5]}, "'alora_invocation_tokens' = [5]"),
     ({"some_future_option": "on"}, "field 'some_future_option' = 'on'"),
     ({"init_lora_weights": "pissa"}, "field 'init_lora_weights' = 'pissa'"),
@@ -317,6 +319,7 @@ OFF = "expected it off (null, false, 'none' or empty)"
     ({"r": 4.0}, "field 'r' = 4.0; expected an integer >= 1"),
     ({"r": 0}, "field 'r' = 0; expected an integer >= 1"),
     ({"lora_alpha": None}, "field 'lora_alpha' = None; expected a number"),
+    ({"lora_alpha": 0}, "field 'lora_alpha' = 0; expected a number > 0"),
     ({"lora_dropout": "abc"}, "field 'lora_dropout' = 'abc'; expected a"),
     ({"lora_dropout": 1.0}, "field 'lora_dropout' = 1.0; expected a number"),
   ],
@@ -361,6 +364,9 @@ def test_peft_tensor_errors_name_the_file(tmp_path):
     "a *ForCausalLM model); the file holds 'base_model.model.layers.0."
     "mlp.down_proj.lora_A.weight' and 27 more"
   )
+  save_file({}, str(weights))
+  with pytest.raises(models.ModelLoadError, match="holds no tensors"):
+    lora.load_adapters(base, cfg, d)
   name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
   save_file({k: v for k, v in tensors.items() if k != name}, str(weights))
   with pytest.raises(models.ModelLoadError, match=f"tensor '{name}' is miss"):
