@@ -1883,16 +1883,15 @@ def test_warmup_as_long_as_the_stage_is_a_warning(
 
 
 def test_warmup_of_a_stage_that_does_not_run_is_not_a_warning(
-  tmp_path, capsys, monkeypatch
+  capsys, monkeypatch
 ):
   import rlhf_jax.cli.main as cli
 
   monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: 0)
-  data = _write(tmp_path / "pairs.jsonl", [_pair(), _pair(prompt="Lily")])
-  # dpo --data runs no reward model; the accept-rate kto task no --steps;
-  # a second process of a multi-host run leaves the warning to the first.
+  # The accept-rate kto task has no --steps; a second process of a
+  # multi-host run leaves the warning to the first. (Options of a stage
+  # that does not run are refused: test_options_of_a_stage_...)
   for args in (
-    ["dpo", "--data", data, "--rm.steps", "3"],
     ["kto", "--preset", "smoke", "--warmup-steps", "500"],
     ["dpo", "--dpo.steps", "2", "--distributed.process-id", "1"]
     + ["--distributed.num-processes", "2"]
@@ -1930,4 +1929,37 @@ def test_a_reward_model_with_a_nan_weight_is_named_before_the_run_dir(
     f"rlhf-jax: error: --reward-model {rm / 'model.safetensors'}: tensor "
     f"'{name}' holds non-finite values (NaN or inf)"
   ), err
+  assert not run.exists()
+
+
+@pytest.mark.parametrize(
+  "args, expected",
+  [
+    (
+      ["dpo", "--data", "DATA", "--rm.steps", "3"],
+      "--rm.steps sets the rm stage, which `rlhf-jax dpo` does not run with "
+      "--data; drop it, or drop --data",
+    ),
+    (
+      ["rm", "--data", "DATA", "--feedback.group-size", "3"],
+      "--feedback.group-size sets the feedback stage, which `rlhf-jax rm` "
+      "does not run with --data; drop it, or drop --data",
+    ),
+    (
+      ["ppo", "--reward-model", "RM", "--rm.learning-rate=1e-3"],
+      "--rm.learning-rate sets the rm stage, which `rlhf-jax ppo` does not "
+      "run with --reward-model; drop it, or drop --reward-model",
+    ),
+  ],
+)
+def test_options_of_a_stage_that_does_not_run_are_refused(
+  tmp_path, capsys, args, expected
+):
+  """They were ignored without a word (the probe's `dpo --data
+  --rm.steps 5` exited 0)."""
+  data = _write(tmp_path / "pairs.jsonl", [_pair(), _pair(prompt="Lily")])
+  args = [{"DATA": data, "RM": str(tmp_path)}.get(a, a) for a in args]
+  run = tmp_path / "r"
+  code, err = _run(capsys, [*args, "--run-dir", str(run)])
+  _check(code, err, expected)
   assert not run.exists()

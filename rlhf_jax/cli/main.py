@@ -501,7 +501,33 @@ def _config(command: str, rest: list[str]) -> Any:
       f"{given[0]} sets the accept-rate task, which runs only without "
       "--data; drop it, or drop --data"
     )
+  _check_unused_stages(command, config, rest)
   return _plain(config, plain) if paths else config
+
+
+def _check_unused_stages(command: str, config: Any, rest: list[str]) -> None:
+  """Options of a stage the command runs only without --data (or
+  --reward-model) are refused when it does not run: they would be
+  ignored without a word.
+
+  Raises:
+    UserError: names the first such option.
+  """
+  from rlhf_jax.stages.common import STAGES_BY_COMMAND, stages_for
+
+  if command not in STAGES_BY_COMMAND:
+    return
+  stages = stages_for(command, config)
+  why = "--data" if config.data is not None else "--reward-model"
+  for stage in ("feedback", "rm"):
+    if stage not in STAGES_BY_COMMAND[command] or stage in stages:
+      continue
+    given = [a.split("=", 1)[0] for a in rest if a.startswith(f"--{stage}.")]
+    if given:
+      raise runtime.UserError(
+        f"{given[0]} sets the {stage} stage, which `rlhf-jax {command}` "
+        f"does not run with {why}; drop it, or drop {why}"
+      )
 
 
 def _not_utf8(args: Sequence[str]) -> str | None:
