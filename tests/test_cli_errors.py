@@ -1963,3 +1963,16 @@ def test_options_of_a_stage_that_does_not_run_are_refused(
   code, err = _run(capsys, [*args, "--run-dir", str(run)])
   _check(code, err, expected)
   assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "ppo"])
+def test_data_given_to_a_command_without_it_is_named(tmp_path, capsys, command):
+  """It was an internal KeyError once the option checks looked up the
+  stages that --data runs."""
+  data = _write(tmp_path / "pairs.jsonl", [_pair()])
+  run = tmp_path / "r"
+  code, err = _run(capsys, [command, "--data", data, "--run-dir", str(run)])
+  _check(
+    code, err, f"--data is not used by `rlhf-jax {command}` (used by rm, dpo)"
+  )
+  assert not run.exists()

@@ -513,10 +513,16 @@ def _check_unused_stages(command: str, config: Any, rest: list[str]) -> None:
   Raises:
     UserError: names the first such option.
   """
-  from rlhf_jax.stages.common import STAGES_BY_COMMAND, stages_for
+  from rlhf_jax.stages.common import (
+    DATA_STAGES_BY_COMMAND,
+    STAGES_BY_COMMAND,
+    stages_for,
+  )
 
   if command not in STAGES_BY_COMMAND:
     return
+  if config.data is not None and command not in DATA_STAGES_BY_COMMAND:
+    return  # --data itself is refused by the run's input checks
   stages = stages_for(command, config)
   why = "--data" if config.data is not None else "--reward-model"
   for stage in ("feedback", "rm"):
