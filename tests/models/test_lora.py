@@ -290,7 +290,7 @@ def test_save_load_round_trip_and_errors(
 def _peft_dir(tmp_path, **fields):
   """The PEFT fixture adapter with adapter_config.json fields replaced."""
   d = tmp_path / "peft"
-  shutil.copytree(FIXTURES / "peft_llama_adapter", d)
+  shutil.copytree(peft_fixture.materialize("llama"), d)
   meta = json.loads((d / "adapter_config.json").read_text())
   (d / "adapter_config.json").write_text(json.dumps({**meta, **fields}))
   return d
@@ -470,7 +470,7 @@ def test_we_read_peft_own_adapter_files(tmp_path, name):
   ids, mask = lora_fixture.inputs()
   cfg, params = _fixture_model(name)
   base = lora.adapters_off(params)
-  src = FIXTURES / f"peft_{name}_adapter"
+  src = peft_fixture.materialize(name)
   theirs = lora.load_adapters(base, cfg, src)
   got = models.forward(theirs, ids, mask, config=cfg)
   want = data[f"{name}_peft_own_logits"]
