@@ -513,17 +513,13 @@ def _check_unused_stages(command: str, config: Any, rest: list[str]) -> None:
   Raises:
     UserError: names the first such option.
   """
-  from rlhf_jax.stages.common import (
-    DATA_STAGES_BY_COMMAND,
-    STAGES_BY_COMMAND,
-    stages_for,
-  )
+  from rlhf_jax.stages.common import STAGES_BY_COMMAND, stages_for
 
   if command not in STAGES_BY_COMMAND:
     return
-  if config.data is not None and command not in DATA_STAGES_BY_COMMAND:
-    return  # --data itself is refused by the run's input checks
   stages = stages_for(command, config)
+  if not stages:
+    return  # --data given to a command without it: refused by name later
   why = "--data" if config.data is not None else "--reward-model"
   for stage in ("feedback", "rm"):
     if stage not in STAGES_BY_COMMAND[command] or stage in stages:
@@ -588,14 +584,16 @@ def _backend_error(e: Exception) -> str | None:
   message = str(e).split(" (set JAX_PLATFORMS")[0].splitlines()
   message = message[0].rstrip(".") if message else ""
   platforms = os.environ.get("JAX_PLATFORMS")
-  if isinstance(e, RuntimeError) and "Unable to initialize backend" in message:
-    pass
-  elif platforms and _raised_in_jax_backends(e):  # e.g. 'cuda' with no
-    # plugin installed: jax 0.12 fails an assert with no message
+  named = (
+    isinstance(e, RuntimeError) and "Unable to initialize backend" in message
+  )
+  if not named:
+    if not (platforms and _raised_in_jax_backends(e)):
+      return None
+    # e.g. 'cuda' with no plugin installed: jax 0.12 fails an assert with
+    # no message
     reason = f": {type(e).__name__}: {message}" if message else ""
     message = f"jax could not start a backend{reason}"
-  else:
-    return None
   if not platforms:
     return f"{message} (jax's default backends)"
   return (

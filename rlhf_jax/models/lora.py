@@ -504,8 +504,7 @@ def _parse_meta(meta: dict, path: pathlib.Path) -> LoraConfig:
 
 def _targets_here(targets, model_config: ModelConfig) -> set[str]:
   """The names among ``targets`` that are projections of this family."""
-  every = configure(model_config, LoraConfig(rank=1, targets=LORA_TARGETS))
-  return set(targets) & set(_targets(_adapter_shapes(every)))
+  return set(targets) & set(_FAMILY_TARGETS[model_config.family])
 
 
 def load_adapters(

@@ -43,9 +43,10 @@ POLICIES = ("initial", "ppo", "dpo", "grpo")
 
 def stages_for(command: str, config: Any) -> tuple[str, ...]:
   """The stages a pipeline subcommand runs with these options (config: a
-  PipelineConfig)."""
+  PipelineConfig); none for --data given to a command that does not read
+  it (`pipeline.check_inputs` refuses that)."""
   if config.data is not None:
-    return DATA_STAGES_BY_COMMAND[command]
+    return DATA_STAGES_BY_COMMAND.get(command, ())
   if command == "ppo" and config.reward_model is not None:
     return ("prompts", "initial", "ppo", "report")
   return STAGES_BY_COMMAND[command]
@@ -256,7 +257,7 @@ def check_dry_run_lora(config: Any) -> None:
   """
   if not config.lora.enabled:
     return
-  preset = getattr(config, "preset", "default")
+  preset = config.preset
   by = f", set by --preset {preset}" if preset != "default" else ""
   raise runtime.UserError(
     f"--dry-run does not model LoRA yet (--lora.rank {config.lora.rank}{by})"

@@ -73,7 +73,7 @@ from rlhf_jax.runner.runtime import (
   write_json,
 )
 from rlhf_jax.stages import feature_cache
-from rlhf_jax.stages.common import host_tree
+from rlhf_jax.stages.common import host_tree, optimizer
 from rlhf_jax.stages.environment import (
   SHARED_DATA,
   check_lengths,
@@ -358,17 +358,14 @@ def _warn_lowered_warmup(
 def _optimizer(
   config: HHRewardModelConfig, total_steps: int
 ) -> optax.GradientTransformation:
-  warmup = _warmup(config, total_steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=config.learning_rate,
-    warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
-    end_value=0.1 * config.learning_rate,
-  )
-  return optax.chain(
-    optax.clip_by_global_norm(config.max_grad_norm),
-    optax.adamw(schedule, weight_decay=config.weight_decay),
+  """AdamW at the stages' schedule (`common.optimizer`): warmup, then a
+  cosine decay over the run's updates."""
+  return optimizer(
+    config.learning_rate,
+    _warmup(config, total_steps),
+    config.max_grad_norm,
+    decay_steps=total_steps,
+    weight_decay=config.weight_decay,
   )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.runtime import PATH_FIELDS
-from rlhf_jax.stages.common import DATA_STAGES_BY_COMMAND, stages_for
+from rlhf_jax.stages.common import stages_for
 from rlhf_jax.stages.configs import (
   DERIVED_FIELDS,
   KTOStageConfig,
@@ -326,8 +326,6 @@ def _warmup_note(node: Any, path: tuple[str, ...]) -> list[str]:
 def _trained(command: str, config: Any) -> list[tuple[tuple[str, ...], Any]]:
   """(option path, config) of each training stage the command runs."""
   if isinstance(config, PipelineConfig):
-    if config.data is not None and command not in DATA_STAGES_BY_COMMAND:
-      return []  # --data is refused by the run's input checks
     stages = stages_for(command, config)
     return [
       ((s,), getattr(config, s))
