@@ -154,7 +154,9 @@ def test_prompts_without_a_reward_model(tmp_path, capsys):
 def test_file_option_of_another_subcommand(tmp_path, capsys):
   code, err = _run(capsys, ["dpo", "--reward-model", str(tmp_path)])
   _check(
-    code, err, "--reward-model is not used by `rlhf-jax dpo` (used by ppo)"
+    code,
+    err,
+    "--reward-model is not used by `rlhf-jax dpo` (used by ppo, audit)",
   )
 
 
@@ -1973,6 +1975,9 @@ def test_data_given_to_a_command_without_it_is_named(tmp_path, capsys, command):
   run = tmp_path / "r"
   code, err = _run(capsys, [command, "--data", data, "--run-dir", str(run)])
   _check(
-    code, err, f"--data is not used by `rlhf-jax {command}` (used by rm, dpo)"
+    code,
+    err,
+    f"--data is not used by `rlhf-jax {command}` (used by rm, dpo, sft, kto, "
+    "audit)",
   )
   assert not run.exists()

@@ -82,12 +82,13 @@ from rlhf_jax.stages.rm import (
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
 
-# Options that name the user's files: which subcommands read them.
+# Options that name the user's files: which subcommands read them (the
+# pipeline's, then the other commands' that read an option of that name).
 _FILE_OPTIONS = {
-  "data": ("rm", "dpo"),
-  "eval_data": ("rm", "dpo"),
-  "prompts": ("ppo", "grpo"),
-  "reward_model": ("ppo",),
+  "data": (("rm", "dpo"), ("sft", "kto", "audit")),
+  "eval_data": (("rm", "dpo"), ()),
+  "prompts": (("ppo", "grpo"), ()),
+  "reward_model": (("ppo",), ("audit",)),
 }
 
 
@@ -99,7 +100,7 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
       companion option.
     DataError: a file or directory that does not exist.
   """
-  for name, commands in _FILE_OPTIONS.items():
+  for name, (commands, others) in _FILE_OPTIONS.items():
     value = getattr(config, name)
     flag = "--" + name.replace("_", "-")
     if value is None:
@@ -107,7 +108,7 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
     if command not in commands:
       raise runtime.UserError(
         f"{flag} is not used by `rlhf-jax {command}` (used by "
-        f"{', '.join(commands)})"
+        f"{', '.join(commands + others)})"
       )
     if not pathlib.Path(value).exists():
       raise DataError(f"{flag} {value}: no such file or directory")
