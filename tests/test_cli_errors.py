@@ -1856,14 +1856,14 @@ def test_dry_run_with_an_hh_preset_is_named(capsys):
     (
       "dpo",
       ["--dpo.steps", "2", "--dpo.warmup-steps", "5"],
-      "--dpo.warmup-steps 5: the stage makes only 2 optimizer updates "
+      "--dpo.warmup-steps 5: the stage makes only 2 optimizer update(s) "
       "(--dpo.steps), so its learning rate never reaches "
       "--dpo.learning-rate; the last update runs at 1/5 of it",
     ),
     (
       "ppo",
       ["--ppo.iterations", "1", "--ppo.algo.ppo-epochs", "1"],
-      "--ppo.warmup-steps 4: the stage makes only 2 optimizer updates "
+      "--ppo.warmup-steps 4: the stage makes only 2 optimizer update(s) "
       "(--ppo.iterations x --ppo.algo.ppo-epochs x "
       "--ppo.algo.num-minibatches), so its learning rate never reaches "
       "--ppo.learning-rate; the last update runs at 1/4 of it",
@@ -1932,6 +1932,18 @@ def test_a_reward_model_with_a_nan_weight_is_named_before_the_run_dir(
     f"'{name}' holds non-finite values (NaN or inf)"
   ), err
   assert not run.exists()
+
+
+def test_an_unused_stage_option_names_the_preset_that_set_data(capsys):
+  """smollm2's dpo preset reads HH-RLHF pairs (--data): the user gave no
+  --data to drop."""
+  code, err = _run(capsys, ["dpo", "--preset", "smollm2", "--rm.steps", "3"])
+  _check(
+    code,
+    err,
+    "--rm.steps sets the rm stage, which `rlhf-jax dpo` does not run with "
+    "--data (set by --preset smollm2); drop it, or drop --data",
+  )
 
 
 @pytest.mark.parametrize(

@@ -521,6 +521,8 @@ def _check_unused_stages(command: str, config: Any, rest: list[str]) -> None:
   if not stages:
     return  # --data given to a command without it: refused by name later
   why = "--data" if config.data is not None else "--reward-model"
+  if not any(a.split("=", 1)[0] == why for a in rest):
+    why += f" (set by --preset {config.preset})"
   for stage in ("feedback", "rm"):
     if stage not in STAGES_BY_COMMAND[command] or stage in stages:
       continue
@@ -528,7 +530,7 @@ def _check_unused_stages(command: str, config: Any, rest: list[str]) -> None:
     if given:
       raise runtime.UserError(
         f"{given[0]} sets the {stage} stage, which `rlhf-jax {command}` "
-        f"does not run with {why}; drop it, or drop {why}"
+        f"does not run with {why}; drop it, or drop {why.split()[0]}"
       )
 
 

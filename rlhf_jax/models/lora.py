@@ -581,7 +581,15 @@ def load_adapters(
     node = adapters
     for k in path:
       node = node.setdefault(k, {})
-    node[leaf] = jnp.asarray(x, expected[name].dtype)
+    dtype = expected[name].dtype
+    top = float(jnp.finfo(dtype).max)  # finite in the file, inf once cast
+    if x.size and float(np.abs(np.asarray(x, np.float64)).max()) > top:
+      raise ModelLoadError(
+        f"{weights}: adapter {name!r} holds values past "
+        f"{np.dtype(dtype).name}'s range: as params of that "
+        "dtype they would be inf"
+      )
+    node[leaf] = jnp.asarray(x, dtype)
   return combine(adapters, adapters_off(params))
 
 

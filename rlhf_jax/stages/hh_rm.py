@@ -73,7 +73,7 @@ from rlhf_jax.runner.runtime import (
   write_json,
 )
 from rlhf_jax.stages import feature_cache
-from rlhf_jax.stages.common import host_tree, optimizer
+from rlhf_jax.stages.common import host_tree, lr_schedule
 from rlhf_jax.stages.environment import (
   SHARED_DATA,
   check_lengths,
@@ -358,14 +358,16 @@ def _warn_lowered_warmup(
 def _optimizer(
   config: HHRewardModelConfig, total_steps: int
 ) -> optax.GradientTransformation:
-  """AdamW at the stages' schedule (`common.optimizer`): warmup, then a
-  cosine decay over the run's updates."""
-  return optimizer(
-    config.learning_rate,
-    _warmup(config, total_steps),
-    config.max_grad_norm,
-    decay_steps=total_steps,
-    weight_decay=config.weight_decay,
+  """AdamW at the stages' schedule (`common.lr_schedule`): warmup, then a
+  cosine decay over the run's updates. AdamW even at weight decay 0
+  (`common.optimizer` would take Adam there), so that a checkpoint's
+  optimizer state keeps one structure and resumes."""
+  schedule = lr_schedule(
+    config.learning_rate, _warmup(config, total_steps), total_steps
+  )
+  return optax.chain(
+    optax.clip_by_global_norm(config.max_grad_norm),
+    optax.adamw(schedule, weight_decay=config.weight_decay),
   )
 
 

@@ -317,7 +317,7 @@ def _warmup_note(node: Any, path: tuple[str, ...]) -> list[str]:
   options = " x ".join(_flag((*path, *f)) for f in fields)
   return [
     f"{_flag((*path, 'warmup_steps'))} {warmup}: the stage makes only {n} "
-    f"optimizer updates ({options}), so its learning rate never reaches "
+    f"optimizer update(s) ({options}), so its learning rate never reaches "
     f"{_flag((*path, 'learning_rate'))}; the last update runs at "
     f"{n - 1}/{warmup} of it"
   ]

@@ -391,6 +391,14 @@ def test_peft_tensor_errors_name_the_file(tmp_path):
       lora.load_adapters(base, cfg, d)
     assert str(e.value).startswith(f"{weights}: tensor '{name}'")
     assert message in str(e.value)
+  big = tensors[name].astype(np.float64) * 1e300  # finite, past float32
+  save_file({**tensors, name: big}, str(weights))
+  with pytest.raises(models.ModelLoadError) as e:
+    lora.load_adapters(base, cfg, d)
+  assert str(e.value) == (
+    f"{weights}: adapter 'layers/attn/v_lora_b' holds values past float32's "
+    "range: as params of that dtype they would be inf"
+  )
   weights.rename(d / "adapter_model.bin")
   with pytest.raises(models.ModelLoadError, match="adapter_model.bin is a pic"):
     lora.load_adapters(base, cfg, d)
