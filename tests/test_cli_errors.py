@@ -1868,6 +1868,29 @@ def test_dry_run_with_an_hh_preset_is_named(capsys):
       "--ppo.algo.num-minibatches), so its learning rate never reaches "
       "--ppo.learning-rate; the last update runs at 1/4 of it",
     ),
+    (  # the smoke preset's warmup is 1 (the default 5)
+      "dpo",
+      ["--preset", "smoke", "--dpo.steps", "1"],
+      "--dpo.warmup-steps 1 (set by --preset smoke): the stage makes only "
+      "1 optimizer update(s) (--dpo.steps), so its learning rate never "
+      "reaches --dpo.learning-rate; the last update runs at 0/1 of it",
+    ),
+    (  # the accept-rate task: 2 rounds x 1 epoch x (4 x 2 // 8) rows
+      "kto",
+      ["--preset", "smoke", "--accept.epochs", "1", "--batch-size", "8"],
+      "--warmup-steps 2: the stage makes only 2 optimizer update(s) "
+      "(--accept.rounds x --accept.epochs x (--accept.prompts-per-round x "
+      "--accept.samples-per-prompt // --batch-size)), so its learning rate "
+      "never reaches --learning-rate; the last update runs at 1/2 of it",
+    ),
+    (  # its GRPO arm: one iteration per round
+      "kto",
+      ["--preset", "smoke", "--grpo.warmup-steps", "3"],
+      "--grpo.warmup-steps 3: the stage makes only 2 optimizer update(s) "
+      "(--accept.rounds x --grpo.algo.ppo-epochs x "
+      "--grpo.algo.num-minibatches), so its learning rate never reaches "
+      "--grpo.learning-rate; the last update runs at 1/3 of it",
+    ),
   ],
 )
 def test_warmup_as_long_as_the_stage_is_a_warning(
@@ -1884,22 +1907,18 @@ def test_warmup_as_long_as_the_stage_is_a_warning(
   assert err == f"rlhf-jax: warning: {expected}\n"
 
 
-def test_warmup_of_a_stage_that_does_not_run_is_not_a_warning(
-  capsys, monkeypatch
-):
+def test_the_warmup_warning_is_left_to_the_first_process(capsys, monkeypatch):
+  """Every process of a multi-host run parses the same options. (Options
+  of a stage that does not run are refused: test_options_of_a_stage_...)"""
   import rlhf_jax.cli.main as cli
 
   monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: 0)
-  # The accept-rate kto task has no --steps; a second process of a
-  # multi-host run leaves the warning to the first. (Options of a stage
-  # that does not run are refused: test_options_of_a_stage_...)
-  for args in (
-    ["kto", "--preset", "smoke", "--warmup-steps", "500"],
-    ["dpo", "--dpo.steps", "2", "--distributed.process-id", "1"]
-    + ["--distributed.num-processes", "2"]
-    + ["--distributed.coordinator-address", "127.0.0.1:1"],
-  ):
-    assert _run(capsys, args) == (0, ""), args
+  args = ["dpo", "--dpo.steps", "2", "--distributed.process-id", "1"]
+  args += ["--distributed.num-processes", "2"]
+  args += ["--distributed.coordinator-address", "127.0.0.1:1"]
+  assert _run(capsys, args) == (0, "")
+  args[4] = "0"
+  assert _run(capsys, args)[1].startswith("rlhf-jax: warning: --dpo.warmup")
 
 
 def test_default_warmups_are_shorter_than_their_stages(capsys, monkeypatch):
@@ -1964,6 +1983,76 @@ def test_an_unused_stage_option_names_the_preset_that_set_data(capsys):
       "--rm.learning-rate sets the rm stage, which `rlhf-jax ppo` does not "
       "run with --reward-model; drop it, or drop --reward-model",
     ),
+    (
+      ["dpo", "--data", "DATA", "--sampling.temperature", "0.5"],
+      "--sampling.temperature sets sampling from the policy, which "
+      "`rlhf-jax dpo` does not do with --data; drop it, or drop --data",
+    ),
+    (
+      ["dpo", "--data", "DATA", "--eval.report-samples", "2"],
+      "--eval.report-samples sets the evaluation of policy samples, which "
+      "`rlhf-jax dpo` does not run with --data; drop it, or drop --data",
+    ),
+    (
+      ["rm", "--data", "DATA", "--task.eval-fraction=0.1"],
+      "--task.eval-fraction sets how the task's prompts are made, which "
+      "`rlhf-jax rm` does not do with --data; drop it, or drop --data",
+    ),
+    (
+      ["ppo", "--prompts", "PROMPTS", "--reward-model", "RM"]
+      + ["--task.sampled-stories", "4"],
+      "--task.sampled-stories sets how the task's prompts are made, which "
+      "`rlhf-jax ppo` does not do with --prompts; drop it, or drop "
+      "--prompts",
+    ),
+    (
+      ["grpo", "--prompts", "PROMPTS", "--task.prefix-max-words", "5"],
+      "--task.prefix-max-words sets how the task's prompts are made, "
+      "which `rlhf-jax grpo` does not do with --prompts; drop it, or drop "
+      "--prompts",
+    ),
+    (
+      ["ppo", "--max-response-length", "10"],
+      "--max-response-length sets the length of --data's responses, which "
+      "`rlhf-jax ppo` does not read (it samples --sampling.max-new-tokens "
+      "tokens); drop it",
+    ),
+    (  # tyro takes _ for -: the check did not
+      ["rm", "--max_response_length", "10"],
+      "--max-response-length sets the length of --data's responses, which "
+      "`rlhf-jax rm` reads only with --data (it samples "
+      "--sampling.max-new-tokens tokens); drop it, or give --data",
+    ),
+    (
+      ["kto", "--steps", "3"],
+      "--steps is an option of a run on --data, which the accept-rate task "
+      "(no --data) does not read; drop it, or give --data",
+    ),
+    (
+      ["kto", "--no-strict"],
+      "--strict is an option of a run on --data, which the accept-rate "
+      "task (no --data) does not read; drop it, or give --data",
+    ),
+    (
+      ["dpo", "--data-max-dropped-frac", "0.1"],
+      "--data-max-dropped-frac sets how --data and --prompts rows are "
+      "read, and `rlhf-jax dpo` is given neither; drop it",
+    ),
+    (
+      ["kto", "--accept.arms", "kto", "--grpo.learning-rate", "1e-4"],
+      "--grpo.learning-rate sets the task's GRPO arm, which --accept.arms "
+      "kto does not run; drop it, or drop --accept.arms",
+    ),
+    (
+      ["kto", "--accept.arms", "grpo", "--warmup-steps", "1"],
+      "--warmup-steps sets the task's KTO arm, which --accept.arms grpo "
+      "does not run; drop it, or drop --accept.arms",
+    ),
+    (
+      ["kto", "--data", "DATA", "--sampling.temperature", "0.5"],
+      "--sampling.temperature sets the accept-rate task, which runs only "
+      "without --data; drop it, or drop --data",
+    ),
   ],
 )
 def test_options_of_a_stage_that_does_not_run_are_refused(
@@ -1972,11 +2061,44 @@ def test_options_of_a_stage_that_does_not_run_are_refused(
   """They were ignored without a word (the probe's `dpo --data
   --rm.steps 5` exited 0)."""
   data = _write(tmp_path / "pairs.jsonl", [_pair(), _pair(prompt="Lily")])
-  args = [{"DATA": data, "RM": str(tmp_path)}.get(a, a) for a in args]
+  prompts = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "Lily"})])
+  files = {"DATA": data, "RM": str(tmp_path), "PROMPTS": prompts}
+  args = [files.get(a, a) for a in args]
   run = tmp_path / "r"
   code, err = _run(capsys, [*args, "--run-dir", str(run)])
   _check(code, err, expected)
   assert not run.exists()
+
+
+@pytest.mark.parametrize(
+  "args",
+  [
+    ["dpo", "--data", "DATA", "--task.max-prompt-length", "16"],
+    ["dpo", "--data", "DATA", "--dpo.eval-every", "2", "--strict"],
+    ["rm", "--data", "DATA", "--rm.eval-every", "2"],
+    ["ppo", "--reward-model", "RM", "--task.eval-fraction", "0.2"],
+    ["ppo", "--reward-model", "RM", "--sampling.temperature", "0.5"],
+    ["grpo", "--prompts", "PROMPTS", "--eval.samples-per-prompt", "2"],
+    ["grpo", "--prompts", "PROMPTS", "--data-max-dropped-frac", "0.1"],
+    ["kto", "--data", "DATA", "--max_prompt_length", "8", "--no-strict"],
+    ["kto", "--accept.arms", "kto", "--warmup-steps", "1"],
+    ["kto", "--accept.arms", "grpo", "--grpo.learning-rate", "1e-4"],
+    ["run", "--task.eval-fraction", "0.2", "--sampling.temperature", "0.5"],
+  ],
+)
+def test_options_the_command_reads_are_accepted(
+  tmp_path, capsys, monkeypatch, args
+):
+  """The other side of test_options_of_a_stage_that_does_not_run_...: a
+  refusal of an option that is read would be the worse mistake."""
+  import rlhf_jax.cli.main as cli
+
+  monkeypatch.setattr(cli, "_dispatch_quietly", lambda *a: 0)
+  data = _write(tmp_path / "pairs.jsonl", [_pair(), _pair(prompt="Lily")])
+  prompts = _write(tmp_path / "prompts.jsonl", [json.dumps({"prompt": "A"})])
+  files = {"DATA": data, "RM": str(tmp_path), "PROMPTS": prompts}
+  code, err = _run(capsys, [files.get(a, a) for a in args])
+  assert (code, err) == (0, "")
 
 
 @pytest.mark.parametrize("command", ["run", "ppo"])

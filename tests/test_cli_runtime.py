@@ -166,6 +166,21 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     f"cannot resume {run_dir}: the config differs from its config.json "
     "(config.seed: 0 -> 7)"
   )
+  # Fields the command does not read with its inputs are not compared (a
+  # run made before their options were refused may hold other values).
+  unread = dataclasses.replace(
+    resumed, rm=dataclasses.replace(cfg.rm, steps=cfg.rm.steps + 1)
+  )
+  with pytest.raises(runtime.UserError, match="config.rm.steps: "):
+    runtime.prepare_run_dir("run", unread, extra={"model_dir": "m"})
+  for fields in (("rm",), ("rm.steps",)):
+    runtime.prepare_run_dir(
+      "run", unread, extra={"model_dir": "m"}, unread=fields
+    )
+  with pytest.raises(runtime.UserError, match="config.rm.steps: "):
+    runtime.prepare_run_dir(  # a prefix of the name is not the field
+      "run", resumed, extra={"model_dir": "m"}, unread=("rm.step",)
+    )
   # Many differences: the preset's first, and how many are not shown.
   smoke = dataclasses.replace(
     P.default_pipeline(), preset="default", run_dir=str(run_dir), resume=True
@@ -603,3 +618,48 @@ def test_stage_learning_rates_by_update(decay):
   opt = optimizer(2.0, 0, 1e9, decay_steps=decay)
   update, _ = opt.update(jnp.ones(()), opt.init(jnp.zeros(())))
   assert round(float(update), 4) == -2.0
+
+
+def test_unread_fields_are_those_the_refused_options_set(tmp_path):
+  """`--resume` skips these fields; the command line refuses their
+  options (tests/test_cli_errors.py)."""
+  from rlhf_jax.stages.validate import unread_fields
+
+  data = tmp_path / "pairs.jsonl"
+  base = P.smoke_pipeline()
+  dpo = unread_fields("dpo", dataclasses.replace(base, data=str(data)))
+  assert dpo == (
+    "feedback",
+    "rm",
+    "sampling",
+    "eval",
+    "task.sampled_stories",
+    "task.prefix_min_words",
+    "task.prefix_max_words",
+    "task.eval_fraction",
+    "sampling.exact_sampling",
+  )
+  grpo = unread_fields("grpo", dataclasses.replace(base, prompts=str(data)))
+  assert grpo == (
+    "task.sampled_stories",
+    "task.prefix_min_words",
+    "task.prefix_max_words",
+    "task.eval_fraction",
+    "max_response_length",
+  )
+  assert unread_fields("run", base) == (
+    "max_response_length",
+    "strict",
+    "data_max_dropped_frac",
+  )
+  kto = P.smoke_kto()
+  assert unread_fields("kto", dataclasses.replace(kto, data="f"))[:2] == (
+    "accept",
+    "task",
+  )
+  arms = dataclasses.replace(kto.accept, arms="grpo")
+  assert unread_fields("kto", dataclasses.replace(kto, accept=arms))[-3:] == (
+    "max_grad_norm",
+    "loss",
+    "accept.epochs",
+  )

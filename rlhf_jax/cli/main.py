@@ -86,7 +86,7 @@ def _debug(args: list[str]) -> tuple[bool, list[str]]:
   return wanted or "--debug" in args, [a for a in args if a != "--debug"]
 
 
-def _validated(command: str, config: Any) -> Any:
+def _validated(command: str, config: Any, args: Sequence[str]) -> Any:
   """The config, once every option passed ``stages.validate`` (its
   advisories printed as warnings).
 
@@ -98,7 +98,7 @@ def _validated(command: str, config: Any) -> Any:
   bad = problems(command, config)
   if bad:
     raise runtime.UserError("\nrlhf-jax: error: ".join(bad))
-  for line in advisories(command, config):
+  for line in advisories(command, config, _option_names(args)):
     sys.stderr.write(f"rlhf-jax: warning: {line}\n")
   return config
 
@@ -333,6 +333,8 @@ def _hidden_paths(command: str, default: Any) -> set[tuple[str, ...]]:
   if not isinstance(default, PipelineConfig):
     return set()
   paths = {(g,) for g in _UNUSED_GROUPS.get(command, ())}
+  if command in ("rm", "dpo"):  # no PPO/GRPO rollouts
+    paths.add(("sampling", "exact_sampling"))
   for group, names in DERIVED_FIELDS.items():
     if group[:1] not in paths:
       paths |= {(*group, n) for n in names}
@@ -442,6 +444,20 @@ def _dispatch(command: str, config: Any) -> int:
   return fn(config)
 
 
+def _option_names(args: Sequence[str]) -> list[str]:
+  """The options among ``args`` as `--help` spells them (tyro also takes
+  ``_`` for ``-``, and ``--no-x`` sets the flag ``--x``): ``--rm.steps``
+  for ``--rm_steps=3``, ``--strict`` for ``--no-strict``."""
+  out = []
+  for arg in args:
+    if not arg.startswith("--") or arg == "--":
+      continue
+    group, _, leaf = arg[2:].split("=", 1)[0].replace("_", "-").rpartition(".")
+    leaf = leaf.removeprefix("no-")  # no option's own name starts so
+    out.append(f"--{group}.{leaf}" if group else f"--{leaf}")
+  return out
+
+
 def _check_repeats(args: list[str]) -> None:
   """tyro keeps only the last of a repeated option; say so instead.
 
@@ -449,10 +465,7 @@ def _check_repeats(args: list[str]) -> None:
     UserError: an option given twice (several values follow one flag).
   """
   seen = set()
-  for arg in args:
-    if not arg.startswith("--") or arg == "--":
-      continue
-    flag = arg.split("=", 1)[0].replace("_", "-")
+  for flag in _option_names(args):
     if flag in seen:
       raise runtime.UserError(
         f"{flag} is given twice; give it once (an option with several "
@@ -467,6 +480,8 @@ def _config(command: str, rest: list[str]) -> Any:
   Raises:
     UserError: an unknown preset or a bad flag (one line).
   """
+  from rlhf_jax.stages.validate import unread_option
+
   name, rest = _split_preset(rest)
   _check_repeats(rest)
   name = name or ("default" if command in P.PRESETS else None)
@@ -495,43 +510,10 @@ def _config(command: str, rest: list[str]) -> Any:
     _, default = _suppressed(plain, default, paths)
   doc = _description(command, type(default))
   config = _parse(type(default), default, rest, prog, doc)
-  given = [a.split("=", 1)[0] for a in rest if a.startswith("--accept.")]
-  if command == "kto" and config.data and given:
-    raise runtime.UserError(
-      f"{given[0]} sets the accept-rate task, which runs only without "
-      "--data; drop it, or drop --data"
-    )
-  _check_unused_stages(command, config, rest)
+  unread = unread_option(command, config, _option_names(rest))
+  if unread:
+    raise runtime.UserError(unread)
   return _plain(config, plain) if paths else config
-
-
-def _check_unused_stages(command: str, config: Any, rest: list[str]) -> None:
-  """Options of a stage the command runs only without --data (or
-  --reward-model) are refused when it does not run: they would be
-  ignored without a word.
-
-  Raises:
-    UserError: names the first such option.
-  """
-  from rlhf_jax.stages.common import STAGES_BY_COMMAND, stages_for
-
-  if command not in STAGES_BY_COMMAND:
-    return
-  stages = stages_for(command, config)
-  if not stages:
-    return  # --data given to a command without it: refused by name later
-  why = "--data" if config.data is not None else "--reward-model"
-  if not any(a.split("=", 1)[0] == why for a in rest):
-    why += f" (set by --preset {config.preset})"
-  for stage in ("feedback", "rm"):
-    if stage not in STAGES_BY_COMMAND[command] or stage in stages:
-      continue
-    given = [a.split("=", 1)[0] for a in rest if a.startswith(f"--{stage}.")]
-    if given:
-      raise runtime.UserError(
-        f"{given[0]} sets the {stage} stage, which `rlhf-jax {command}` "
-        f"does not run with {why}; drop it, or drop {why.split()[0]}"
-      )
 
 
 def _not_utf8(args: Sequence[str]) -> str | None:
@@ -785,7 +767,7 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
       raise runtime.UserError(
         f"unknown subcommand {command!r}; choose from: {', '.join(COMMANDS)}"
       )
-    config = _validated(command, _config(command, rest))
+    config = _validated(command, _config(command, rest), rest)
     with _warnings_as_lines(), _quiet_tensorboard_nan():
       return _dispatch_quietly(command, config, debug)
   except runtime.Interrupted as e:

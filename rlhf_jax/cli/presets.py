@@ -217,6 +217,8 @@ def smoke_kto() -> C.KTOStageConfig:
     task=C.TaskConfig(sampled_stories=8, eval_fraction=0.2),
     sampling=C.SamplingConfig(max_new_tokens=8, batch_size=16),
     eval=C.EvalStageConfig(samples_per_prompt=1, report_samples=2),
+    # The GRPO arm makes one update per round: warm up over the first.
+    grpo=C.GRPOStageConfig(warmup_steps=1),
     accept=C.AcceptRateConfig(
       calibration_samples=1,
       rounds=2,

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.models.config import ModelLoadError
+from rlhf_jax.models.hf_io import default_dir_mode, default_file_mode
 from rlhf_jax.models.tokenizer import check_vocab_fits
 
 __all__ = ["GGUFError", "convert_gguf", "read_gguf"]
@@ -652,11 +653,11 @@ def convert_gguf(
       },
     )
     _write_json(tmp / "conversion.json", prov)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for f in tmp.iterdir():  # mkstemp-style writers leave 0600
-      os.chmod(f, 0o666 & ~umask)
+    # mkdtemp and mkstemp-style writers leave 0700 and 0600.
+    os.chmod(tmp, default_dir_mode(out.parent))
+    mode = default_file_mode(out.parent)
+    for f in tmp.iterdir():
+      os.chmod(f, mode)
     if out.exists():
       out.rmdir()  # empty (checked above)
     os.rename(tmp, out)

@@ -950,6 +950,17 @@ def default_file_mode(directory: pathlib.Path) -> int:
     probe.unlink()
 
 
+def default_dir_mode(directory: pathlib.Path) -> int:
+  """The mode mkdir() gives a new directory here: 0o777 less the umask
+  (`default_file_mode`'s probe, as a directory)."""
+  probe = directory / f".mode-probe-{os.getpid()}-{id(directory)}"
+  os.mkdir(probe, 0o777)
+  try:
+    return os.stat(probe).st_mode & 0o777
+  finally:
+    probe.rmdir()
+
+
 def write_safetensors(
   tensors: dict[str, Any],
   path: str | os.PathLike,

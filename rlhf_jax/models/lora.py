@@ -440,6 +440,8 @@ def _read_meta(directory: str | os.PathLike) -> tuple[dict, pathlib.Path]:
     ModelLoadError: missing, not JSON or not an object.
   """
   path = pathlib.Path(directory) / ADAPTER_CONFIG
+  if path.is_dir():
+    raise ModelLoadError(f"{path}: is a directory; expected a JSON file")
   if not path.is_file():
     raise ModelLoadError(f"{path}: no such file (not a LoRA adapter dir)")
   try:
@@ -553,6 +555,8 @@ def load_adapters(
         f"{field} = {want!r}"
       )
   weights = src / ADAPTER_WEIGHTS
+  if weights.is_dir():
+    raise ModelLoadError(f"{weights}: is a directory; expected a file")
   if not weights.is_file():
     pickles = sorted(
       p.name

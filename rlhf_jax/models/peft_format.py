@@ -51,9 +51,17 @@ _PREFIX = "base_model.model.model.layers"
 # initialisation whose effect the saved A and B already hold. Any other
 # field must be off (null, false, "none", empty): it may change the
 # forward (DoRA, rsLoRA, aLoRA, biases, per-module ranks, ...).
-_READ = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules")
-_HARMLESS = (
+_READ = (
+  "peft_type",
   "task_type",
+  "r",
+  "lora_alpha",
+  "lora_dropout",
+  "target_modules",
+)
+# A causal LM's adapters (another task's model keys or heads differ).
+_TASK_TYPES = (None, "CAUSAL_LM")
+_HARMLESS = (
   "inference_mode",
   "revision",
   "base_model_name_or_path",
@@ -70,6 +78,7 @@ _HARMLESS = (
 # init_lora_weights values that only draw the starting A and B. PiSSA,
 # OLoRA, CorDA and LoftQ also change the base weights: refused.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_BASE_CHANGING = ("pissa", "olora", "corda", "loftq")  # pissa_niter_N too
 _OFF_TEXT = ("none",)
 
 
@@ -132,6 +141,24 @@ def _missing(tensors: dict, name: str, path: pathlib.Path) -> ModelLoadError:
   return ModelLoadError(f"{path}: tensor {name!r} is missing")
 
 
+def _check_layer_count(tensors: dict, n: int, path: pathlib.Path) -> None:
+  """Raises ModelLoadError when the file's layer indices are not the
+  model's 0 .. n - 1 (an adapter of a deeper or shallower model)."""
+  layers = {
+    int(k.split(".")[4])
+    for k in tensors
+    if k.startswith(f"{_PREFIX}.") and k.split(".")[4].isdigit()
+  }
+  if layers and layers != set(range(n)):
+    have = f"layers {sorted(layers)[:8]}"
+    if layers == set(range(max(layers) + 1)):  # the first k layers
+      have = f"layers 0 .. {max(layers)}" if max(layers) else "layer 0"
+    raise ModelLoadError(
+      f"{path}: adapters for {have}; the model has {n} layers "
+      f"(0 .. {n - 1}): an adapter of another model"
+    )
+
+
 def from_peft(
   tensors: dict[str, np.ndarray], shapes: dict[str, Any], path: pathlib.Path
 ) -> dict[str, np.ndarray]:
@@ -148,9 +175,10 @@ def from_peft(
 
   Raises:
     ModelLoadError: a missing, unexpected, wrongly shaped, non-float or
-      non-finite tensor, or layers past the model's, naming the file and
+      non-finite tensor, or layers other than the model's, naming the file and
       the tensor.
   """
+  _check_layer_count(tensors, next(iter(shapes.values())).shape[0], path)
   out, used = {}, set()
   for flat, spec in shapes.items():
     target, factor = flat.split("/")[-1].rsplit("_lora_", 1)
@@ -173,17 +201,6 @@ def from_peft(
       used.add(name)
     out[flat] = np.stack(layers)
   extra = sorted(set(tensors) - used)
-  file_layers = {
-    int(k.split(".")[4])
-    for k in extra
-    if k.startswith(f"{_PREFIX}.") and k.split(".")[4].isdigit()
-  }
-  n = next(iter(shapes.values())).shape[0]
-  if file_layers and max(file_layers) >= n:
-    raise ModelLoadError(
-      f"{path}: adapters for layers up to {max(file_layers)}; the model has "
-      f"{n} layers (0 .. {n - 1}): an adapter of another model"
-    )
   if extra:
     raise ModelLoadError(
       f"{path}: unexpected tensors {extra[:4]} (not LoRA adapters of this "
@@ -229,10 +246,22 @@ def _check_fields(meta: dict, path: pathlib.Path) -> None:
   """Raises ModelLoadError for a field that would change the forward."""
   init = meta.get("init_lora_weights", True)
   if init not in _PLAIN_INITS:
+    named = isinstance(init, str) and init.startswith(_BASE_CHANGING)
+    why = (
+      " (this initialisation also changes the base weights; convert the "
+      "adapter to plain LoRA first)"
+      if named
+      else ""
+    )
     raise ModelLoadError(
       f"{path}: field 'init_lora_weights' = {init!r}; expected one of "
-      f"{list(_PLAIN_INITS)} (this initialisation also changes the base "
-      "weights; convert the adapter to plain LoRA first)"
+      f"{list(_PLAIN_INITS)}{why}"
+    )
+  task = meta.get("task_type")
+  if task not in _TASK_TYPES:
+    raise ModelLoadError(
+      f"{path}: field 'task_type' = {task!r}; expected 'CAUSAL_LM' (or "
+      "null): rlhf_jax reads a causal LM's adapters"
     )
   for field, value in meta.items():
     known = field in (*_READ, *_HARMLESS, "init_lora_weights")

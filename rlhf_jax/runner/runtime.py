@@ -33,7 +33,7 @@ import threading
 import time
 import types
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 CONFIG_FILE = "config.json"
@@ -477,6 +477,15 @@ def _diff_list(diffs: list[str], shown: int = 4) -> str:
   return "; ".join(diffs[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
+def _in_fields(diff: str, fields: Sequence[str]) -> bool:
+  """Whether a `_diff` line is of one of the config ``fields`` (dotted)
+  or a field under one."""
+  key = diff.split(":", 1)[0]
+  return any(
+    key == f"config.{f}" or key.startswith(f"config.{f}.") for f in fields
+  )
+
+
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
   if isinstance(a, dict) and isinstance(b, dict):
     out = []
@@ -852,6 +861,7 @@ def prepare_run_dir(
   *,
   extra: dict[str, Any] | None = None,
   write_config: bool = True,
+  unread: Sequence[str] = (),
 ) -> pathlib.Path:
   """Creates (or reopens, with --resume) the run directory, locks it for
   this process and writes config.json.
@@ -860,6 +870,9 @@ def prepare_run_dir(
   ``extra`` (e.g. the resolved model directory) and, under "paths", the
   resolved form of every path field. ``write_config=False`` leaves
   config.json (and the resume comparison) to a job that writes its own.
+  ``unread``: dotted config fields (``"rm"``, ``"task.eval_fraction"``)
+  the command does not read with these inputs; --resume does not compare
+  them (a run made before such an option was refused may hold one).
   ``--overwrite`` deletes only what rlhf-jax wrote; ``--resume`` of a
   directory without a run says so on stderr and starts one.
 
@@ -910,6 +923,7 @@ def prepare_run_dir(
         _comparable(_strict(record), run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),
       )
+      diffs = [d for d in diffs if not _in_fields(d, unread)]
       if diffs:
         raise UserError(
           f"cannot resume {run_dir}: the config differs from its "

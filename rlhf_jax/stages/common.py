@@ -3,6 +3,7 @@
 import dataclasses
 import pathlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,15 +39,19 @@ STAGES_BY_COMMAND = {
   "grpo": ("prompts", "initial", "grpo", "report"),
 }
 DATA_STAGES_BY_COMMAND = {"rm": ("rm", "report"), "dpo": ("dpo", "report")}
+# The commands whose prompt stage reads --prompts instead of the task's.
+PROMPTS_COMMANDS = ("ppo", "grpo")
 POLICIES = ("initial", "ppo", "dpo", "grpo")
 
 
 def stages_for(command: str, config: Any) -> tuple[str, ...]:
   """The stages a pipeline subcommand runs with these options (config: a
-  PipelineConfig); none for --data given to a command that does not read
-  it (`pipeline.check_inputs` refuses that)."""
+  PipelineConfig); none for --data or --prompts given to a command that
+  does not read it (`pipeline.check_inputs` refuses that)."""
   if config.data is not None:
     return DATA_STAGES_BY_COMMAND.get(command, ())
+  if config.prompts is not None and command not in PROMPTS_COMMANDS:
+    return ()
   if command == "ppo" and config.reward_model is not None:
     return ("prompts", "initial", "ppo", "report")
   return STAGES_BY_COMMAND[command]
@@ -336,10 +341,17 @@ def finished_summary(
   return summary
 
 
-def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
+def open_run_dir(
+  command: str,
+  config: Any,
+  model_dir: pathlib.Path,
+  unread: Sequence[str] = (),
+):
   """Process 0 creates (or checks, on --resume) the run directory; the
   others wait for its verdict (the run directory must be on a filesystem
   every process sees). Callers check the model first (`policy_tokenizer`).
+  ``unread``: config fields --resume does not compare
+  (`runtime.prepare_run_dir`).
 
   Raises:
     UserError: process 0 refused the directory (every process raises); it
@@ -359,7 +371,7 @@ def open_run_dir(command: str, config: Any, model_dir: pathlib.Path):
   if jax.process_index() == 0:
     try:
       runtime.prepare_run_dir(
-        command, config, extra={"model_dir": str(model_dir)}
+        command, config, extra={"model_dir": str(model_dir)}, unread=unread
       )
     except runtime.UserError as e:
       error = e

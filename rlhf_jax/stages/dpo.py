@@ -148,6 +148,10 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
 
   def evaluate(step_index: int, state: Any, record: dict) -> None:
     del step_index
+    if not evaluating:  # --data: the held-out pairs' implicit rewards
+      last["heldout"] = dpo_heldout(ctx, state.params, prefs)
+      record.update(last["heldout"])
+      return
     last.update(
       evaluate_into(record, ctx, state.params, rm, base_gold, prompts)
     )
@@ -157,7 +161,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
     start,
     lambda s: step(s, ctx.placement.batch(next(it).batch), *ref),
     iterator=it,
-    evaluate=evaluate if evaluating else None,
+    evaluate=evaluate,
     eval_every=cfg.eval_every,
     first_record=initial["metrics"] if evaluating else None,
   )
@@ -172,7 +176,7 @@ def stage_dpo(ctx: Context, prompts: dict | None, initial: dict | None) -> dict:
       **eval_kwargs(ctx, prompts),
     )
     last.update({"metrics": em, **details})
-  if not evaluating:  # --data: the held-out pairs
+  if not evaluating and "heldout" not in last:  # e.g. resumed at the end
     last["heldout"] = dpo_heldout(ctx, state.params, prefs)
   last["counts"] = prefs["counts"]
   return last

@@ -59,6 +59,7 @@ from rlhf_jax.stages.user_data import (
   held_data_warnings,
   template_of,
 )
+from rlhf_jax.stages.validate import unread_fields
 from rlhf_jax.train import TrainState, make_kto_step
 from rlhf_jax.train.kto import kto_eval_stats
 
@@ -291,7 +292,8 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   (train, held), padded = fit_to_data("kto", log, train, held)
   counts.update(padded)
   say_one_label(config.data, train, held, placement.is_primary, log)
-  run_dir = open_run_dir("kto", config, model_dir)
+  unread = unread_fields("kto", config)
+  run_dir = open_run_dir("kto", config, model_dir, unread=unread)
   log(f"rlhf-jax kto: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

@@ -44,6 +44,7 @@ from rlhf_jax.runner.precompile import Precompiler, StepProgram
 from rlhf_jax.stages import environment
 from rlhf_jax.stages.common import (
   POLICIES,
+  PROMPTS_COMMANDS,
   Context,
   check_dry_run_lora,
   load_policy,
@@ -81,13 +82,14 @@ from rlhf_jax.stages.rm import (
 )
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
+from rlhf_jax.stages.validate import unread_fields
 
 # Options that name the user's files: which subcommands read them (the
 # pipeline's, then the other commands' that read an option of that name).
 _FILE_OPTIONS = {
   "data": (("rm", "dpo"), ("sft", "kto", "audit")),
   "eval_data": (("rm", "dpo"), ()),
-  "prompts": (("ppo", "grpo"), ()),
+  "prompts": (PROMPTS_COMMANDS, ()),
   "reward_model": (("ppo",), ("audit",)),
 }
 
@@ -204,7 +206,9 @@ def open_run(
   # The user's files read whole (drops, ties, thresholds) before any output.
   tok = policy_tokenizer(model_dir)
   check_user_data(config, tok)
-  run_dir = open_run_dir(command, config, model_dir)
+  run_dir = open_run_dir(
+    command, config, model_dir, unread=unread_fields(command, config)
+  )
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
   log(f"{placement.describe()}; params{path} sharded {spec_str(spec)}")

@@ -14,16 +14,20 @@ is written.
 import dataclasses
 import math
 import pathlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.runtime import PATH_FIELDS
-from rlhf_jax.stages.common import stages_for
+from rlhf_jax.stages.common import (
+  DATA_STAGES_BY_COMMAND,
+  STAGES_BY_COMMAND,
+  stages_for,
+)
 from rlhf_jax.stages.configs import (
   DERIVED_FIELDS,
   KTOStageConfig,
   PipelineConfig,
-  SFTConfig,
 )
 from rlhf_jax.train.common import (
   TEMPERATURE,
@@ -249,8 +253,10 @@ def _kto_problems(config: KTOStageConfig) -> list[str]:
     "--loss.num-micro-batches",
   )
   acc = config.accept
+  if config.data is None and acc.arms == "grpo":
+    out = []  # the KTO arm, which --batch-size sets, does not run
   rows = acc.prompts_per_round * acc.samples_per_prompt
-  if config.data is None and rows < size:
+  if config.data is None and acc.arms != "grpo" and rows < size:
     out.append(
       f"--accept.prompts-per-round x --accept.samples-per-prompt = {rows}: "
       f"expected >= --batch-size ({size})"
@@ -292,56 +298,79 @@ def _generate_problems(config: Any) -> list[str]:
   return out
 
 
-def _updates(node: Any) -> tuple[int, list[tuple[str, ...]]] | None:
-  """(optimizer updates of a training stage's config, the fields that
-  set them), or None for a config without a count of them."""
+def _updates(
+  path: tuple[str, ...], node: Any, iterations: str | None = None
+) -> tuple[int, str] | None:
+  """(optimizer updates of a training stage's config, the options that
+  set them), or None for a config without a count of them.
+  ``iterations``: the option that sets ``node.iterations`` when it is
+  not ``node``'s own."""
+  if isinstance(node, KTOStageConfig) and node.data is None:
+    acc = node.accept  # the accept-rate task: epochs over each round's rows
+    rows = acc.prompts_per_round * acc.samples_per_prompt
+    return acc.rounds * acc.epochs * (rows // node.batch_size), (
+      "--accept.rounds x --accept.epochs x (--accept.prompts-per-round x "
+      "--accept.samples-per-prompt // --batch-size)"
+    )
   if hasattr(node, "steps"):
-    return node.steps, [("steps",)]
+    return node.steps, _flag((*path, "steps"))
   algo = getattr(node, "algo", None)
   if hasattr(node, "iterations") and hasattr(algo, "ppo_epochs"):
     n = node.iterations * algo.ppo_epochs * algo.num_minibatches
-    fields = [("iterations",), ("algo", "ppo_epochs")]
-    return n, [*fields, ("algo", "num_minibatches")]
+    fields = [("algo", "ppo_epochs"), ("algo", "num_minibatches")]
+    iterations = iterations or _flag((*path, "iterations"))
+    return n, " x ".join([iterations, *(_flag((*path, *f)) for f in fields)])
   return None
 
 
-def _warmup_note(node: Any, path: tuple[str, ...]) -> list[str]:
+def _warmup_note(
+  path: tuple[str, ...],
+  node: Any,
+  updates: tuple[int, str] | None,
+  origin: Callable[[str, Any, Any], str],
+) -> list[str]:
   """A stage whose warmup lasts as long as its optimizer updates or
   longer: its learning rate never reaches the value set."""
-  warmup, updates = getattr(node, "warmup_steps", None), _updates(node)
-  if not isinstance(warmup, int) or updates is None:
+  warmup = node.warmup_steps
+  if updates is None or not 1 <= updates[0] <= warmup:
     return []
-  n, fields = updates
-  if not 1 <= n <= warmup:
-    return []
-  options = " x ".join(_flag((*path, *f)) for f in fields)
+  n, options = updates
+  flag = _flag((*path, "warmup_steps"))
+  set_by = origin(flag, warmup, type(node)().warmup_steps)
   return [
-    f"{_flag((*path, 'warmup_steps'))} {warmup}: the stage makes only {n} "
-    f"optimizer update(s) ({options}), so its learning rate never reaches "
+    f"{flag} {warmup}{set_by}: the stage makes only {n} optimizer "
+    f"update(s) ({options}), so its learning rate never reaches "
     f"{_flag((*path, 'learning_rate'))}; the last update runs at "
     f"{n - 1}/{warmup} of it"
   ]
 
 
-def _trained(command: str, config: Any) -> list[tuple[tuple[str, ...], Any]]:
-  """(option path, config) of each training stage the command runs."""
+def _trained(
+  command: str, config: Any
+) -> list[tuple[tuple[str, ...], Any, tuple[int, str] | None]]:
+  """(option path, config, its `_updates`) of each training stage the
+  command runs that has a warmup."""
   if isinstance(config, PipelineConfig):
     stages = stages_for(command, config)
-    return [
-      ((s,), getattr(config, s))
-      for s in ("rm", "ppo", "dpo", "grpo")
-      if s in stages
-    ]
+    nodes = [((s,), getattr(config, s)) for s in ("rm", "ppo", "dpo", "grpo")]
+    return [(p, n, _updates(p, n)) for p, n in nodes if p[0] in stages]
+  if isinstance(config, KTOStageConfig) and config.data is None:
+    # The accept-rate task's GRPO arm runs one iteration per round.
+    acc = config.accept
+    arm = dataclasses.replace(config.grpo, iterations=acc.rounds)
+    arms = {
+      "kto": ((), config, _updates((), config)),
+      "grpo": (("grpo",), arm, _updates(("grpo",), arm, "--accept.rounds")),
+    }
+    return [v for k, v in arms.items() if acc.arms in ("both", k)]
   if isinstance(config, KTOStageConfig):
-    # The accept-rate task (no --data) counts its updates in rounds; its
-    # schedule is not checked here.
-    return [((), config)] if config.data is not None else []
-  if isinstance(config, SFTConfig):
-    return [((), config)]
-  return []  # no other command trains with a warmup
+    return [((), config, _updates((), config))]
+  return []  # no other command trains with a warmup (sft: constant rate)
 
 
-def advisories(command: str, config: Any) -> list[str]:
+def advisories(
+  command: str, config: Any, given: Sequence[str] = ()
+) -> list[str]:
   """Options that are valid but likely mistakes, one line each, for the
   stages ``command`` runs (printed as warnings before work starts), by
   the first process of a multi-host run only (each parses the same
@@ -350,14 +379,193 @@ def advisories(command: str, config: Any) -> list[str]:
   Args:
     command: the subcommand.
     config: its parsed config, which passed ``problems``.
+    given: the option names on the command line (a value that differs
+      from the option's default and is not given came from the preset).
   """
   trained = _trained(command, config)
   if trained and config.distributed.process_id not in (None, 0):
     return []
+
+  def origin(flag: str, value: Any, default: Any) -> str:
+    by_preset = flag not in given and value != default
+    by_preset = by_preset and config.preset != "default"
+    return f" (set by --preset {config.preset})" if by_preset else ""
+
   out = []
-  for path, node in trained:
-    out += _warmup_note(node, path)
+  for path, node, updates in trained:
+    out += _warmup_note(path, node, updates, origin)
   return out
+
+
+# Options that only the task's own prompt stage reads (stories sampled
+# from the policy, cut into prompts and split): not with --data or
+# --prompts.
+_TASK_PROMPT_OPTIONS = tuple(
+  f"--task.{n}"
+  for n in ("sampled-stories", "prefix-min-words", "prefix-max-words")
+) + ("--task.eval-fraction",)
+
+
+# Options that read the rows of --data and --prompts files.
+_ROW_OPTIONS = ("--strict", "--data-max-dropped-frac")
+# kto options of the accept-rate task (no --data), of a --data run, and
+# of each arm of the task.
+_KTO_TASK_OPTIONS = (
+  "--accept.",
+  "--task.",
+  "--sampling.",
+  "--grpo.",
+  "--eval.",
+)
+_KTO_DATA_OPTIONS = (
+  "--steps",
+  "--max-prompt-length",
+  "--max-response-length",
+  "--eval-every",
+  *_ROW_OPTIONS,
+)
+_KTO_ARM_OPTIONS = {
+  "kto": (
+    "--batch-size",
+    "--learning-rate",
+    "--warmup-steps",
+    "--max-grad-norm",
+    "--loss.",
+    "--accept.epochs",
+  ),
+  "grpo": ("--grpo.", "--sampling.exact-sampling", "--checkpoint-every"),
+}
+
+
+def _kto_unread(config: KTOStageConfig, given: Sequence[str]) -> str | None:
+  """`unread_option` for kto: the accept-rate task's options with --data,
+  a --data run's without it, and those of an arm --accept.arms leaves
+  out."""
+  if config.data is not None:
+    flag = next((f for f in given if f.startswith(_KTO_TASK_OPTIONS)), None)
+    return flag and (
+      f"{flag} sets the accept-rate task, which runs only without --data; "
+      "drop it, or drop --data"
+    )
+  flag = next((f for f in given if f.startswith(_KTO_DATA_OPTIONS)), None)
+  if flag is not None:
+    return (
+      f"{flag} is an option of a run on --data, which the accept-rate "
+      "task (no --data) does not read; drop it, or give --data"
+    )
+  arms = config.accept.arms
+  for arm, options in _KTO_ARM_OPTIONS.items():
+    flag = next((f for f in given if f.startswith(options)), None)
+    if arms not in ("both", arm) and flag is not None:
+      return (
+        f"{flag} sets the task's {arm.upper()} arm, which --accept.arms "
+        f"{arms} does not run; drop it, or drop --accept.arms"
+      )
+  return None
+
+
+def _unread(
+  command: str, config: Any
+) -> list[tuple[tuple[str, ...], str, str]]:
+  """(option prefixes, what they set and that the command skips, the
+  input option that skips it) of the pipeline options ``command`` does
+  not read with its inputs."""
+  stages = stages_for(command, config)
+  skip = "--data" if config.data is not None else "--reward-model"
+  does = f"which `rlhf-jax {command}` does not"
+  out = [
+    ((f"--{s}.",), f"the {s} stage, {does} run", skip)
+    for s in ("feedback", "rm")
+    if s in STAGES_BY_COMMAND[command] and s not in stages
+  ]
+  if config.data is not None:
+    out += [
+      (("--sampling.",), f"sampling from the policy, {does} do", skip),
+      (("--eval.",), f"the evaluation of policy samples, {does} run", skip),
+    ]
+  if config.data is not None or config.prompts is not None:
+    skip = "--data" if config.data is not None else "--prompts"
+    made = f"how the task's prompts are made, {does} do"
+    out.append((_TASK_PROMPT_OPTIONS, made, skip))
+  return out
+
+
+def _no_input_file(command: str, config: Any, given: Sequence[str]):
+  """The message for an option that only reads --data (or --prompts)
+  rows, given without them; None if there is none."""
+  if config.data is not None:
+    return None
+  if "--max-response-length" in given:
+    data = command in DATA_STAGES_BY_COMMAND
+    return (
+      "--max-response-length sets the length of --data's responses, "
+      f"which `rlhf-jax {command}` "
+      f"{'reads only with --data' if data else 'does not read'} (it samples "
+      f"--sampling.max-new-tokens tokens); drop it"
+      f"{', or give --data' if data else ''}"
+    )
+  flag = next((f for f in given if f in _ROW_OPTIONS), None)
+  if flag is None or config.prompts is not None:
+    return None
+  return (
+    f"{flag} sets how --data and --prompts rows are read, and `rlhf-jax "
+    f"{command}` is given neither; drop it"
+  )
+
+
+def unread_option(
+  command: str, config: Any, given: Sequence[str]
+) -> str | None:
+  """Why the first option in ``given`` that ``command`` would ignore with
+  these inputs is refused, or None. E.g. `dpo --data` trains on the pairs
+  given: it runs no feedback or reward-model stage, samples nothing and
+  makes no task prompts.
+
+  Args:
+    command: the subcommand.
+    config: its parsed config.
+    given: the option names on the command line, as `--help` spells
+      them (``--rm.steps``; ``--strict`` for ``--no-strict``).
+  """
+  if isinstance(config, KTOStageConfig):
+    return _kto_unread(config, given)
+  if not isinstance(config, PipelineConfig) or not stages_for(command, config):
+    return None  # an input the command does not read: refused by name
+  message = _no_input_file(command, config, given)
+  if message:
+    return message
+  for prefixes, what, skip in _unread(command, config):
+    flag = next((f for f in given if f.startswith(prefixes)), None)
+    if flag is None:
+      continue
+    why = skip if skip in given else f"{skip} (set by --preset {config.preset})"
+    return f"{flag} sets {what} with {why}; drop it, or drop {skip}"
+  return None
+
+
+def unread_fields(command: str, config: Any) -> tuple[str, ...]:
+  """The config fields (dotted: ``"rm"``, ``"task.eval_fraction"``) that
+  ``command`` does not read with these inputs: the options
+  `unread_option` refuses, and rm's and dpo's hidden
+  ``sampling.exact_sampling``. --resume does not compare them: a run made
+  before such an option was refused may hold one."""
+  options: list[str] = []
+  if isinstance(config, KTOStageConfig) and config.data is not None:
+    options += _KTO_TASK_OPTIONS
+  elif isinstance(config, KTOStageConfig):
+    options += _KTO_DATA_OPTIONS
+    for arm, arm_options in _KTO_ARM_OPTIONS.items():
+      if config.accept.arms not in ("both", arm):
+        options += arm_options
+  elif isinstance(config, PipelineConfig) and stages_for(command, config):
+    for prefixes, _, _ in _unread(command, config):
+      options += prefixes
+    if config.data is None:
+      options.append("--max-response-length")
+      options += _ROW_OPTIONS if config.prompts is None else ()
+    if command in DATA_STAGES_BY_COMMAND:  # never rolls out
+      options.append("--sampling.exact-sampling")
+  return tuple(o[2:].rstrip(".").replace("-", "_") for o in options)
 
 
 def problems(command: str, config: Any) -> list[str]:

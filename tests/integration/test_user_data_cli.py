@@ -167,7 +167,12 @@ def test_dpo_on_hh_pairs(files, tmp_path):
   assert s["data/rows_read"] == N_PAIRS
   assert 0.0 <= s["dpo/eval_accuracy"] <= 1.0
   assert math.isfinite(s["dpo/eval_margin"])
-  assert [r["step"] for r in h.records(run_dir)] == [1, 2, 3, 4]
+  records = h.records(run_dir)
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  # The held-out pairs every --dpo.eval-every steps (the smoke preset's
+  # 2); they were evaluated at the end only, and the option ignored.
+  assert [r["step"] for r in records if "dpo/eval_margin" in r] == [2, 4]
+  assert records[-1]["dpo/eval_margin"] == s["dpo/eval_margin"]
 
 
 def test_sft_on_hh_pairs(files, tmp_path):

@@ -310,6 +310,13 @@ OFF = "expected it off (null, false, 'none' or empty)"
     ({"alora_invocation_tokens": [5]}, "'alora_invocation_tokens' = [5]"),
     ({"some_future_option": "on"}, "field 'some_future_option' = 'on'"),
     ({"init_lora_weights": "pissa"}, "field 'init_lora_weights' = 'pissa'"),
+    (
+      {"init_lora_weights": [1]},
+      "field 'init_lora_weights' = [1]; expected one of [True, False, "
+      "'gaussian', 'eva', 'orthogonal']",
+    ),
+    ({"init_lora_weights": "gausian"}, "= 'gausian'; expected one of [Tr"),
+    ({"task_type": "SEQ_CLS"}, "field 'task_type' = 'SEQ_CLS'; expected 'C"),
     ({"loftq_config": {"loftq_bits": 4}}, "field 'loftq_config' = {'loftq"),
     ({"peft_type": "IA3"}, "field 'peft_type' = 'IA3'; expected 'LORA'"),
     ({"target_modules": ["c_attn"]}, "field 'target_modules' = ['c_attn']"),
@@ -328,6 +335,9 @@ def test_peft_features_without_a_place_are_named(tmp_path, fields, message):
   with pytest.raises(models.ModelLoadError) as e:
     lora.read_adapter_config(_peft_dir(tmp_path, **fields))
   assert message in str(e.value)
+  # Only PiSSA-like starts are told that they change the base weights.
+  pissa = fields.get("init_lora_weights") == "pissa"
+  assert ("changes the base weights" in str(e.value)) == pissa
   assert str(e.value).startswith(str(tmp_path / "peft/adapter_config.json"))
 
 
@@ -367,6 +377,12 @@ def test_peft_tensor_errors_name_the_file(tmp_path):
   save_file({}, str(weights))
   with pytest.raises(models.ModelLoadError, match="holds no tensors"):
     lora.load_adapters(base, cfg, d)
+  weights.unlink()
+  weights.mkdir()
+  with pytest.raises(models.ModelLoadError) as e:
+    lora.load_adapters(base, cfg, d)
+  assert str(e.value) == f"{weights}: is a directory; expected a file"
+  weights.rmdir()
   name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
   save_file({k: v for k, v in tensors.items() if k != name}, str(weights))
   with pytest.raises(models.ModelLoadError, match=f"tensor '{name}' is miss"):
@@ -379,8 +395,15 @@ def test_peft_tensor_errors_name_the_file(tmp_path):
   with pytest.raises(models.ModelLoadError) as e:
     lora.load_adapters(base, cfg, d)
   assert str(e.value) == (
-    f"{weights}: adapters for layers up to 2; the model has 2 layers (0 .. "
+    f"{weights}: adapters for layers 0 .. 2; the model has 2 layers (0 .. "
     "1): an adapter of another model"
+  )
+  save_file({k: v for k, v in tensors.items() if ".1." not in k}, str(weights))
+  with pytest.raises(models.ModelLoadError) as e:  # named a missing tensor
+    lora.load_adapters(base, cfg, d)
+  assert str(e.value) == (
+    f"{weights}: adapters for layer 0; the model has 2 layers (0 .. 1): an "
+    "adapter of another model"
   )
   for bad, message in (
     (np.full((16, 4), np.nan, np.float32), "holds NaN or inf; expected"),

@@ -201,6 +201,17 @@ def test_tiny_weights_unpermuted_and_named(tiny):
     np.testing.assert_array_equal(saved[k], v, err_msg=k)
 
 
+def test_converted_files_get_the_users_modes(tiny):
+  """As files and folders the user makes (temporary ones start 0600 and
+  0700, which other users and containers cannot read)."""
+  _, out, _ = tiny
+  umask = os.umask(0)  # one thread here
+  os.umask(umask)
+  assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+  for f in out.iterdir():
+    assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
 def test_tiny_config_and_tokenizer_files(tiny):
   _, out, _ = tiny
   cfg = json.loads((out / "config.json").read_text())
