@@ -17,7 +17,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent / "parallel"))
 
 import parallel_toy as toy  # noqa: E402
 
-from rlhf_jax.checkpoint import CheckpointManager, abstract_like  # noqa: E402
+from rlhf_jax.checkpoint import (  # noqa: E402
+  CheckpointManager,
+  abstract_like,
+  finalized_steps,
+)
 from rlhf_jax.parallel import (  # noqa: E402
   FSDP,
   abstract_with_shardings,
@@ -137,10 +141,8 @@ def test_keep_last_n(tmp_path):
     restored, _ = ckpt.restore(4, abstract_state=abstract_like(_small(0)))
   np.testing.assert_array_equal(restored["w"], np.full((2, 3), 4.0))
   assert int(restored["n"]) == 4
-  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == [
-    "4",
-    "5",
-  ]
+  assert finalized_steps(tmp_path) == [4, 5]  # read without orbax
+  assert finalized_steps(tmp_path / "none") == []
 
 
 @pytest.mark.parametrize(
@@ -275,6 +277,7 @@ def test_killed_save_is_never_latest(tmp_path):
       assert meta == {"i": 2} and float(restored["w"].min()) == 1.0
       pytest.fail("save finished before SIGKILL; enlarge the array")
     assert steps == [1], (steps, leftovers)
+    assert finalized_steps(tmp_path) == steps  # the temporary one is not
     assert ckpt.latest_step() == 1
     restored, meta = ckpt.restore(
       abstract_state=abstract_like({"w": jnp.zeros((4,))})

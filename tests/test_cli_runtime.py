@@ -181,6 +181,22 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     runtime.prepare_run_dir(  # a prefix of the name is not the field
       "run", resumed, extra={"model_dir": "m"}, unread=("rm.step",)
     )
+  # A stage's total may grow where the caller allows it (the stage goes on
+  # from its checkpoint); it never shrinks.
+  steps = cfg.dpo.steps
+  longer = dataclasses.replace(
+    unread, dpo=dataclasses.replace(cfg.dpo, steps=steps + 2)
+  )
+  with pytest.raises(runtime.UserError, match=f"dpo.steps: {steps} -> "):
+    runtime.prepare_run_dir("run", longer, extra={"model_dir": "m"})
+  grow = ("dpo.steps", "ppo.iterations")
+  runtime.prepare_run_dir(
+    "run", longer, extra={"model_dir": "m"}, growable=grow
+  )
+  with pytest.raises(runtime.UserError, match=f"dpo.steps: {steps + 2} -> "):
+    runtime.prepare_run_dir(
+      "run", unread, extra={"model_dir": "m"}, growable=grow
+    )
   # Many differences: the preset's first, and how many are not shown.
   smoke = dataclasses.replace(
     P.default_pipeline(), preset="default", run_dir=str(run_dir), resume=True

@@ -5,6 +5,7 @@ from rlhf_jax.checkpoint.manager import (
   CheckpointManager,
   NonFiniteStateError,
   abstract_like,
+  finalized_steps,
 )
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
   "CheckpointManager",
   "NonFiniteStateError",
   "abstract_like",
+  "finalized_steps",
 ]

@@ -79,6 +79,17 @@ class NonFiniteStateError(ValueError):
   """``save(..., require_finite=True)`` of a state holding NaN or inf."""
 
 
+def finalized_steps(directory: str | pathlib.Path) -> list[int]:
+  """The steps of the finalised checkpoints in a `CheckpointManager`'s
+  directory, ascending, read from the folder names: orbax saves into a
+  temporary folder and renames it to the step once it is complete.
+  Nothing is written; [] when the directory does not exist."""
+  folder = pathlib.Path(directory)
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
 def _one_line(e: BaseException, limit: int = 160) -> str:
   text = str(e).strip().splitlines()
   line = text[0] if text else ""

@@ -477,6 +477,23 @@ def _diff_list(diffs: list[str], shown: int = 4) -> str:
   return "; ".join(diffs[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
+def _raised(new: dict, saved: Any, fields: Sequence[str]) -> list[str]:
+  """The dotted ``fields`` whose integer value ``new`` raises over
+  ``saved`` (config dicts)."""
+
+  def value(config: Any, field: str) -> Any:
+    for k in field.split("."):
+      config = config.get(k) if isinstance(config, dict) else None
+    return config
+
+  out = []
+  for f in fields:
+    a, b = value(new, f), value(saved, f)
+    if type(a) is int and type(b) is int and a > b:
+      out.append(f)
+  return out
+
+
 def _in_fields(diff: str, fields: Sequence[str]) -> bool:
   """Whether a `_diff` line is of one of the config ``fields`` (dotted)
   or a field under one."""
@@ -862,6 +879,7 @@ def prepare_run_dir(
   extra: dict[str, Any] | None = None,
   write_config: bool = True,
   unread: Sequence[str] = (),
+  growable: Sequence[str] = (),
 ) -> pathlib.Path:
   """Creates (or reopens, with --resume) the run directory, locks it for
   this process and writes config.json.
@@ -873,6 +891,8 @@ def prepare_run_dir(
   ``unread``: dotted config fields (``"rm"``, ``"task.eval_fraction"``)
   the command does not read with these inputs; --resume does not compare
   them (a run made before such an option was refused may hold one).
+  ``growable``: integer config fields (a stage's total steps) --resume
+  may raise: the stage goes on from its last checkpoint.
   ``--overwrite`` deletes only what rlhf-jax wrote; ``--resume`` of a
   directory without a run says so on stderr and starts one.
 
@@ -923,7 +943,8 @@ def prepare_run_dir(
         _comparable(_strict(record), run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),
       )
-      diffs = [d for d in diffs if not _in_fields(d, unread)]
+      raised = _raised(record["config"], saved.get("config"), growable)
+      diffs = [d for d in diffs if not _in_fields(d, (*unread, *raised))]
       if diffs:
         raise UserError(
           f"cannot resume {run_dir}: the config differs from its "

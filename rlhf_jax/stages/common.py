@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import models
+from rlhf_jax.checkpoint import finalized_steps
 from rlhf_jax.data import HFTokenizerAdapter
 from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
@@ -341,17 +342,44 @@ def finished_summary(
   return summary
 
 
+def checkpoint_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
+  """The steps of a stage's finalised checkpoints, ascending, from the
+  folder names alone (no orbax manager: each process reads them, with no
+  collective)."""
+  return finalized_steps(run_dir / "checkpoints" / stage)
+
+
+def growable_total(
+  run_dir: pathlib.Path, stage: str, finished: bool, field: str
+) -> tuple[str, ...]:
+  """``(field,)`` when --resume may raise ``stage``'s total steps: the
+  stage has not finished, or its checkpoints let it go on; else () (a
+  larger total is then a config difference, refused)."""
+  return (field,) if not finished or checkpoint_steps(run_dir, stage) else ()
+
+
+def steps_growable(command: str, config: Any) -> tuple[str, ...]:
+  """`growable_total` of a one-stage command (sft, kto): its --steps on
+  --resume (its summary.json marks a finished run)."""
+  run_dir = runtime.run_dir_for(command, config)
+  finished = (run_dir / "summary.json").is_file()
+  if not config.resume:
+    return ()
+  return growable_total(run_dir, command, finished, "steps")
+
+
 def open_run_dir(
   command: str,
   config: Any,
   model_dir: pathlib.Path,
   unread: Sequence[str] = (),
+  growable: Sequence[str] = (),
 ):
   """Process 0 creates (or checks, on --resume) the run directory; the
   others wait for its verdict (the run directory must be on a filesystem
   every process sees). Callers check the model first (`policy_tokenizer`).
-  ``unread``: config fields --resume does not compare
-  (`runtime.prepare_run_dir`).
+  ``unread``, ``growable``: config fields --resume does not compare, or
+  lets grow (`runtime.prepare_run_dir`).
 
   Raises:
     UserError: process 0 refused the directory (every process raises); it
@@ -371,7 +399,11 @@ def open_run_dir(
   if jax.process_index() == 0:
     try:
       runtime.prepare_run_dir(
-        command, config, extra={"model_dir": str(model_dir)}, unread=unread
+        command,
+        config,
+        extra={"model_dir": str(model_dir)},
+        unread=unread,
+        growable=growable,
       )
     except runtime.UserError as e:
       error = e

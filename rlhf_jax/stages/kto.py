@@ -46,6 +46,7 @@ from rlhf_jax.stages.common import (
   open_run_dir,
   optimizer,
   policy_tokenizer,
+  steps_growable,
 )
 from rlhf_jax.stages.configs import KTOStageConfig
 from rlhf_jax.stages.report import print_summary, write_policy_outputs
@@ -292,8 +293,8 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   (train, held), padded = fit_to_data("kto", log, train, held)
   counts.update(padded)
   say_one_label(config.data, train, held, placement.is_primary, log)
-  unread = unread_fields("kto", config)
-  run_dir = open_run_dir("kto", config, model_dir, unread=unread)
+  unread, grow = unread_fields("kto", config), steps_growable("kto", config)
+  run_dir = open_run_dir("kto", config, model_dir, unread, grow)
   log(f"rlhf-jax kto: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

@@ -47,6 +47,8 @@ from rlhf_jax.stages.common import (
   PROMPTS_COMMANDS,
   Context,
   check_dry_run_lora,
+  checkpoint_steps,
+  growable_total,
   load_policy,
   open_run_dir,
   policy_tokenizer,
@@ -183,6 +185,79 @@ def check_batch_sizes(
       placement.check_batch(size, flag)
 
 
+def _total(config: PipelineConfig, stage: str) -> int:
+  """A training stage's total steps (PPO and GRPO: iterations)."""
+  return {
+    "rm": config.rm.steps,
+    "dpo": config.dpo.steps,
+    "ppo": config.ppo.iterations,
+    "grpo": config.grpo.iterations,
+  }[stage]
+
+
+_TOTAL_FIELDS = {
+  "rm": "steps",
+  "dpo": "steps",
+  "ppo": "iterations",
+  "grpo": "iterations",
+}
+
+
+def _stage_done(run_dir: pathlib.Path, stage: str) -> bool:
+  return (run_dir / "stages" / f"{stage}.json").is_file()
+
+
+def _started(run_dir: pathlib.Path, stage: str) -> bool:
+  return _stage_done(run_dir, stage) or bool(checkpoint_steps(run_dir, stage))
+
+
+def continued_stages(
+  command: str, config: PipelineConfig, run_dir: pathlib.Path
+) -> dict[str, int]:
+  """The training stages of a resumed run that finished at fewer steps
+  than the options now ask, and the step each finished at: they go on
+  from its checkpoint."""
+  out = {}
+  for stage in stages_for(command, config):
+    if stage in _TOTAL_FIELDS and _stage_done(run_dir, stage):
+      steps = checkpoint_steps(run_dir, stage)
+      if steps and steps[-1] < _total(config, stage):
+        out[stage] = steps[-1]
+  return out
+
+
+def check_continued(command: str, config: PipelineConfig) -> tuple[str, ...]:
+  """Before the run directory is opened on --resume: the stage totals it
+  may raise (`growable_total`), once every finished stage to go on has
+  no stage after it that ran on its shorter result.
+
+  Raises:
+    UserError: names the option, the stage that ran after, and the value
+      to resume with.
+  """
+  run_dir = runtime.run_dir_for(command, config)
+  if not config.resume or not run_dir.is_dir():
+    return ()
+  stages = stages_for(command, config)
+  for stage, at in continued_stages(command, config, run_dir).items():
+    after = stages[stages.index(stage) + 1 : -1]  # the report runs again
+    ran = [s for s in after if _started(run_dir, s)]
+    if ran:
+      flag = f"--{stage}.{_TOTAL_FIELDS[stage]}"
+      raise runtime.UserError(
+        f"cannot resume {run_dir} with {flag} {_total(config, stage)}: "
+        f"stage {stage} finished at step {at}, and stage {ran[0]} ran after "
+        f"it on that result; resume with {flag} {at}, or start again with "
+        "--overwrite"
+      )
+  out: list[str] = []
+  for s in stages:
+    if s in _TOTAL_FIELDS:
+      field = f"{s}.{_TOTAL_FIELDS[s]}"
+      out += growable_total(run_dir, s, _stage_done(run_dir, s), field)
+  return tuple(out)
+
+
 def open_run(
   command: str, config: PipelineConfig, log: Callable[[str], None]
 ) -> Context:
@@ -207,7 +282,11 @@ def open_run(
   tok = policy_tokenizer(model_dir)
   check_user_data(config, tok)
   run_dir = open_run_dir(
-    command, config, model_dir, unread=unread_fields(command, config)
+    command,
+    config,
+    model_dir,
+    unread=unread_fields(command, config),
+    growable=check_continued(command, config),
   )
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
@@ -344,6 +423,11 @@ def run_pipeline(
   )
   results: dict[str, dict] = {}
   finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
+  continued = continued_stages(command, config, ctx.run_dir)
+  for stage, at in continued.items() if config.resume else ():
+    finished[stage] = None
+    total = _total(config, stage)
+    log(f"{stage}: finished earlier at step {at}; going on to {total}")
   # A path that cannot be written (read-only, full disk): one line naming it.
   with ctx.stop, runtime.writing(ctx.run_dir), ctx.programs:
     todo = [s for s in stages if finished.get(s) is None]

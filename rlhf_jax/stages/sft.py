@@ -40,6 +40,7 @@ from rlhf_jax.stages.common import (
   load_policy,
   open_run_dir,
   policy_tokenizer,
+  steps_growable,
 )
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
 from rlhf_jax.stages.report import write_policy_outputs
@@ -223,7 +224,9 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
     "sft", "--batch-size", config.batch_size, len(ds), log, placement
   )
   counts["sft/batch_size"] = batch_size
-  run_dir = open_run_dir("sft", config, model_dir)
+  run_dir = open_run_dir(
+    "sft", config, model_dir, growable=steps_growable("sft", config)
+  )
   log(f"rlhf-jax sft: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

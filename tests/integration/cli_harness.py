@@ -19,6 +19,7 @@ import time
 from child_procs import die_with_parent
 from fake_devices import xla_flags
 
+from rlhf_jax.checkpoint import finalized_steps
 from rlhf_jax.runner.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -81,14 +82,6 @@ def records(run_dir: pathlib.Path) -> list[dict]:
   return read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
 
 
-def _checkpoint_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
-  # orbax renames a finished checkpoint's temporary folder to its step.
-  folder = pathlib.Path(run_dir) / "checkpoints" / stage
-  if not folder.is_dir():
-    return []
-  return [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-
-
 def kill_after_first_checkpoint(
   *args: str, run_dir: pathlib.Path, stage: str, limit_s: int = LIMIT_S
 ) -> int:
@@ -98,8 +91,9 @@ def kill_after_first_checkpoint(
     # No `timeout` wrapper: the SIGKILL must reach rlhf-jax itself.
     proc = start(*args, limit_s=None, stdout=out)
     t0 = time.monotonic()
+    folder = pathlib.Path(run_dir) / "checkpoints" / stage
     try:
-      while not (steps := _checkpoint_steps(run_dir, stage)):
+      while not (steps := finalized_steps(folder)):
         if proc.poll() is not None or time.monotonic() - t0 > limit_s:
           break
         time.sleep(0.02)

@@ -299,6 +299,31 @@ def test_sigkill_mid_ppo_then_resume_gives_the_same_run(smoke_run, tmp_path):
   _assert_same_run(run_dir, reference)
 
 
+@pytest.mark.parametrize("option, stage, after", [
+  ("--ppo.iterations", "ppo", "dpo"),
+  ("--rm.steps", "rm", "initial"),
+])  # fmt: skip
+def test_resume_with_more_steps_for_a_stage_others_ran_after_is_refused(
+  smoke_run, capsys, option, stage, after
+):
+  """A longer rm or ppo would leave the stages after it on the shorter
+  one's results: refused before the run directory is touched."""
+  from rlhf_jax.cli.main import main
+
+  run_dir, _ = smoke_run
+  before = (run_dir / "config.json").read_text()
+  at = max(int(p.name) for p in (run_dir / "checkpoints" / stage).iterdir())
+  args = ["run", "--preset", "smoke", "--run-dir", str(run_dir), "--resume"]
+  assert main([*args, option, str(at + 3)]) == 2
+  assert capsys.readouterr().err == (
+    f"rlhf-jax: error: cannot resume {run_dir} with {option} {at + 3}: "
+    f"stage {stage} finished at step {at}, and stage {after} ran after it "
+    f"on that result; resume with {option} {at}, or start again with "
+    "--overwrite\n"
+  )
+  assert (run_dir / "config.json").read_text() == before
+
+
 def test_sigint_saves_then_resume_gives_the_same_run(smoke_run, tmp_path):
   reference, _ = smoke_run
   run_dir = tmp_path / "interrupted"

@@ -175,6 +175,28 @@ def test_dpo_on_hh_pairs(files, tmp_path):
   assert records[-1]["dpo/eval_margin"] == s["dpo/eval_margin"]
 
 
+def test_resume_goes_on_past_the_end_with_more_steps(files, tmp_path):
+  """--resume --dpo.steps 4 after a 2-step run: steps 3 and 4 train from
+  step 2's checkpoint (the learning-rate schedule then spans 4 steps), the
+  first two records stay, and the held-out pairs are evaluated again."""
+  run_dir = tmp_path / "dpo"
+  args = ("dpo", "--preset", "smoke", "--data", str(files[0]), "--run-dir",
+          str(run_dir), "--dpo.eval-every", "2")  # fmt: skip
+  h.cli(*args, "--dpo.steps", "2")
+  first = h.records(run_dir)
+  log = h.cli(*args, "--dpo.steps", "4", "--resume")
+  assert "dpo: finished earlier at step 2; going on to 4" in log
+  records = h.records(run_dir)
+  assert records[:2] == first
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  margin = h.summary(run_dir)["dpo/eval_margin"]
+  assert records[-1]["dpo/eval_margin"] == margin
+  config = json.loads((run_dir / "config.json").read_text())
+  assert config["config"]["dpo"]["steps"] == 4
+  log = h.cli(*args, "--dpo.steps", "4", "--resume")  # nothing left to do
+  assert "dpo: finished earlier, read from" in log
+
+
 def test_sft_on_hh_pairs(files, tmp_path):
   run_dir = tmp_path / "sft"
   data = tmp_path / "pairs.jsonl"  # a copy: edited below
@@ -214,11 +236,15 @@ def test_sft_on_hh_pairs(files, tmp_path):
   assert f"sft: finished earlier, read from {run_dir / 'summary.json'}\n" in log
   assert f"time: {total:.1f}s, compile " in log
   assert before == {n: (run_dir / n).read_bytes() for n in before}
+  # More --steps: steps 4 and 5 go on from step 3's checkpoint.
+  h.cli(*args, "--resume", "--steps", "5")
+  longer = [r["sft/loss"] for r in h.records(run_dir)]
+  assert len(longer) == 5 and longer[:3] == losses
   # A row edited in place: the resume names the file that changed.
   rows = data.read_text().splitlines(keepends=True)
   rows[5] = rows[5].replace("Assistant:", "Assistant: Well,")
   data.write_text("".join(rows))
-  proc = h.start(*args, "--resume")
+  proc = h.start(*args, "--resume", "--steps", "5")
   out, _ = proc.communicate(timeout=h.LIMIT_S + 15)
   assert proc.returncode == 2, out
   assert f"continues other data than --data {data} holds: the " in out
