@@ -1907,6 +1907,18 @@ def test_warmup_as_long_as_the_stage_is_a_warning(
   assert err == f"rlhf-jax: warning: {expected}\n"
 
 
+def test_no_warmup_warning_comes_before_an_input_refusal(tmp_path, capsys):
+  """The warning used to precede the refusal of --eval-data without
+  --data, for a run that never starts."""
+  data = _write(tmp_path / "pairs.jsonl", [_pair()])
+  args = ["dpo", "--eval-data", data, "--dpo.steps", "2"]
+  code, err = _run(capsys, args)
+  assert (code, err) == (
+    2,
+    "rlhf-jax: error: --eval-data needs --data (the training pairs)\n",
+  )
+
+
 def test_the_warmup_warning_is_left_to_the_first_process(capsys, monkeypatch):
   """Every process of a multi-host run parses the same options. (Options
   of a stage that does not run are refused: test_options_of_a_stage_...)"""

@@ -87,17 +87,24 @@ def _debug(args: list[str]) -> tuple[bool, list[str]]:
 
 
 def _validated(command: str, config: Any, args: Sequence[str]) -> Any:
-  """The config, once every option passed ``stages.validate`` (its
-  advisories printed as warnings).
+  """The config, once every option passed ``stages.validate`` and a
+  pipeline's input options `pipeline.check_inputs` (then its advisories
+  are printed as warnings).
 
   Raises:
-    UserError: the problems, one per line.
+    UserError: the problems, one per line; an input option the command
+      does not read, or one missing its companion.
+    DataError: an input file that does not exist.
   """
+  from rlhf_jax.stages.configs import PipelineConfig
+  from rlhf_jax.stages.pipeline import check_inputs
   from rlhf_jax.stages.validate import advisories, problems
 
   bad = problems(command, config)
   if bad:
     raise runtime.UserError("\nrlhf-jax: error: ".join(bad))
+  if isinstance(config, PipelineConfig):  # no warning before its refusal
+    check_inputs(command, config)
   for line in advisories(command, config, _option_names(args)):
     sys.stderr.write(f"rlhf-jax: warning: {line}\n")
   return config

@@ -424,8 +424,11 @@ def run_pipeline(
   results: dict[str, dict] = {}
   finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
   continued = continued_stages(command, config, ctx.run_dir)
+  earlier: dict[str, dict] = {}  # the time a continued stage took so far
   for stage, at in continued.items() if config.resume else ():
-    finished[stage] = None
+    done = finished.pop(stage) or {}  # {}: a damaged stage file
+    _read_finished(ctx, stage, done)  # its time counts in the run's
+    earlier[stage] = done.get("_timing", {})
     total = _total(config, stage)
     log(f"{stage}: finished earlier at step {at}; going on to {total}")
   # A path that cannot be written (read-only, full disk): one line naming it.
@@ -443,13 +446,16 @@ def run_pipeline(
       ctx.programs.release(name)
       log(f"{name}: starting")
       res = _run_stage(ctx, name, results)
-      ctx.stage_seconds[name] = t.elapsed()
+      before = earlier.get(name, {})
       res["_timing"] = {
-        "seconds": t.elapsed(),
-        "compile_s": clock.seconds - c0,
+        "seconds": t.elapsed() + before.get("seconds", 0.0),
+        "compile_s": clock.seconds - c0 + before.get("compile_s", 0.0),
         # Done on the precompile thread while this stage ran.
-        "compile_background_s": clock.background_seconds - bg0,
+        "compile_background_s": clock.background_seconds
+        - bg0
+        + before.get("compile_background_s", 0.0),
       }
+      ctx.stage_seconds[name] = res["_timing"]["seconds"]
       if ctx.primary:
         # Python JSON: its prompts and samples are read back as written.
         runtime.write_json(ctx.stage_file(name), res, strict=False)

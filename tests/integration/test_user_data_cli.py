@@ -184,7 +184,12 @@ def test_resume_goes_on_past_the_end_with_more_steps(files, tmp_path):
           str(run_dir), "--dpo.eval-every", "2")  # fmt: skip
   h.cli(*args, "--dpo.steps", "2")
   first = h.records(run_dir)
+  times = json.loads((run_dir / "summary.json").read_text())
   log = h.cli(*args, "--dpo.steps", "4", "--resume")
+  # The stage's time so far counts in the run's (it was left out).
+  later = json.loads((run_dir / "summary.json").read_text())
+  for k in ("time/total_s", "time/dpo_s"):
+    assert later[k] > times[k], k
   assert "dpo: finished earlier at step 2; going on to 4" in log
   records = h.records(run_dir)
   assert records[:2] == first
