@@ -1907,6 +1907,33 @@ def test_warmup_as_long_as_the_stage_is_a_warning(
   assert err == f"rlhf-jax: warning: {expected}\n"
 
 
+def test_audit_scoring_options_need_a_reward_model(tmp_path, capsys):
+  data = _write(tmp_path / "pairs.jsonl", [_pair()])
+  out = tmp_path / "audit"
+  args = ["audit", "--data", data, "--out", str(out), "--batch-size", "8"]
+  code, err = _run(capsys, args)
+  _check(
+    code,
+    err,
+    "--batch-size sets how --reward-model scores the pairs, and none is "
+    "given; drop it, or give --reward-model",
+  )
+  assert not out.exists()
+
+
+def test_the_off_switch_of_a_value_option_is_tyros_error(tmp_path, capsys):
+  """--no-data is no repeat of --data (the repeat check read it so): tyro
+  names it, as any unknown option."""
+  data = _write(tmp_path / "pairs.jsonl", [_pair()])
+  code, err = _run(capsys, ["dpo", "--data", data, "--no-data"])
+  _check(
+    code,
+    err,
+    "Unrecognized options: --no-data; perhaps you meant --data (see "
+    "`rlhf-jax dpo --help`)",
+  )
+
+
 def test_no_warmup_warning_comes_before_an_input_refusal(tmp_path, capsys):
   """The warning used to precede the refusal of --eval-data without
   --data, for a run that never starts."""
@@ -1973,7 +2000,8 @@ def test_an_unused_stage_option_names_the_preset_that_set_data(capsys):
     code,
     err,
     "--rm.steps sets the rm stage, which `rlhf-jax dpo` does not run with "
-    "--data (set by --preset smollm2); drop it, or drop --data",
+    "--data (set by --preset smollm2); drop it, or clear --data with --data "
+    "None",
   )
 
 
@@ -2047,8 +2075,30 @@ def test_an_unused_stage_option_names_the_preset_that_set_data(capsys):
     ),
     (
       ["dpo", "--data-max-dropped-frac", "0.1"],
-      "--data-max-dropped-frac sets how --data and --prompts rows are "
-      "read, and `rlhf-jax dpo` is given neither; drop it",
+      "--data-max-dropped-frac sets how --data rows are read, and `rlhf-jax "
+      "dpo` is given no --data; drop it, or give --data",
+    ),
+    (
+      ["grpo", "--strict"],
+      "--strict sets how --prompts rows are read, and `rlhf-jax grpo` is "
+      "given no --prompts; drop it, or give --prompts",
+    ),
+    (
+      ["run", "--no-strict"],
+      "--strict sets how input rows are read, and `rlhf-jax run` reads no "
+      "input file; drop it",
+    ),
+    (
+      ["kto", "--data", "DATA", "--task.max-prompt-length", "20"],
+      "--task.max-prompt-length sets the accept-rate task, which runs only "
+      "without --data (with --data: --max-prompt-length); drop it, or drop "
+      "--data",
+    ),
+    (
+      ["kto", "--max-prompt-length", "10"],
+      "--max-prompt-length is an option of a run on --data, which the "
+      "accept-rate task (no --data) does not read (its own: "
+      "--task.max-prompt-length); drop it, or give --data",
     ),
     (
       ["kto", "--accept.arms", "kto", "--grpo.learning-rate", "1e-4"],

@@ -330,9 +330,11 @@ def _hidden_paths(command: str, default: Any) -> set[tuple[str, ...]]:
   )
 
   if isinstance(default, KTOStageConfig):
-    # The accept-rate task sets the GRPO arm's sizes from --accept.*.
+    # The accept-rate task sets the GRPO arm's sizes from --accept.*, and
+    # its report shows no samples.
     return {
       ("loss", "axis_name"),
+      ("eval", "report_samples"),
       *(("grpo", n) for n in ("iterations", "batch_size", "eval_every")),
       ("grpo", "algo", "group_size"),
       *(("grpo", "algo", n) for n in DERIVED_FIELDS[("grpo", "algo")]),
@@ -451,16 +453,17 @@ def _dispatch(command: str, config: Any) -> int:
   return fn(config)
 
 
-def _option_names(args: Sequence[str]) -> list[str]:
+def _option_names(args: Sequence[str], flags: bool = True) -> list[str]:
   """The options among ``args`` as `--help` spells them (tyro also takes
-  ``_`` for ``-``, and ``--no-x`` sets the flag ``--x``): ``--rm.steps``
-  for ``--rm_steps=3``, ``--strict`` for ``--no-strict``."""
+  ``_`` for ``-``): ``--rm.steps`` for ``--rm_steps=3``; with ``flags``,
+  ``--strict`` for ``--no-strict`` too (tyro's off switch of a flag)."""
   out = []
   for arg in args:
     if not arg.startswith("--") or arg == "--":
       continue
     group, _, leaf = arg[2:].split("=", 1)[0].replace("_", "-").rpartition(".")
-    leaf = leaf.removeprefix("no-")  # no option's own name starts so
+    if flags:
+      leaf = leaf.removeprefix("no-")  # no option's own name starts so
     out.append(f"--{group}.{leaf}" if group else f"--{leaf}")
   return out
 
@@ -472,7 +475,7 @@ def _check_repeats(args: list[str]) -> None:
     UserError: an option given twice (several values follow one flag).
   """
   seen = set()
-  for flag in _option_names(args):
+  for flag in _option_names(args, flags=False):  # --no-data: tyro's error
     if flag in seen:
       raise runtime.UserError(
         f"{flag} is given twice; give it once (an option with several "

@@ -143,20 +143,30 @@ def _missing(tensors: dict, name: str, path: pathlib.Path) -> ModelLoadError:
 
 def _check_layer_count(tensors: dict, n: int, path: pathlib.Path) -> None:
   """Raises ModelLoadError when the file's layer indices are not the
-  model's 0 .. n - 1 (an adapter of a deeper or shallower model)."""
-  layers = {
-    int(k.split(".")[4])
-    for k in tensors
-    if k.startswith(f"{_PREFIX}.") and k.split(".")[4].isdigit()
-  }
-  if layers and layers != set(range(n)):
-    have = f"layers {sorted(layers)[:8]}"
-    if layers == set(range(max(layers) + 1)):  # the first k layers
-      have = f"layers 0 .. {max(layers)}" if max(layers) else "layer 0"
+  model's 0 .. n - 1: an adapter of a deeper or shallower model, or of
+  some layers only."""
+  layers = sorted(
+    {
+      int(k.split(".")[4])
+      for k in tensors
+      if k.startswith(f"{_PREFIX}.") and k.split(".")[4].isdigit()
+    }
+  )
+  if not layers or layers == list(range(n)):
+    return
+  model = f"the model has {n} layers (0 .. {n - 1})"
+  first_k = layers == list(range(len(layers)))
+  if first_k or layers[-1] >= n:
+    have = f"layers 0 .. {layers[-1]}" if layers[-1] else "layer 0"
+    have = have if first_k else f"layers up to {layers[-1]}"
     raise ModelLoadError(
-      f"{path}: adapters for {have}; the model has {n} layers "
-      f"(0 .. {n - 1}): an adapter of another model"
+      f"{path}: adapters for {have}; {model}: an adapter of another model"
     )
+  shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
+  raise ModelLoadError(
+    f"{path}: adapters for layers {shown} only; {model}, and every layer "
+    "needs its adapters"
+  )
 
 
 def from_peft(

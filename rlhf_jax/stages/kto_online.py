@@ -181,8 +181,9 @@ def _kto_step(ctx: Context, config: KTOStageConfig):
 def _check_round(config: KTOStageConfig, ctx: Context, n_train: int) -> None:
   """Options of a round that only the task's prompts can check."""
   acc = config.accept
-  ctx.placement.check_batch(config.batch_size, "--batch-size")
-  if config.batch_size % 2:
+  if acc.arms != "grpo":  # --batch-size sizes the KTO arm only
+    ctx.placement.check_batch(config.batch_size, "--batch-size")
+  if config.batch_size % 2 and acc.arms != "grpo":
     raise runtime.UserError(
       f"--batch-size {config.batch_size}: expected an even number (adjacent "
       "rows are the KL estimate's mismatched pairs)"

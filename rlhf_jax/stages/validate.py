@@ -21,11 +21,13 @@ from rlhf_jax.models.lora import LoraConfig
 from rlhf_jax.runner.runtime import PATH_FIELDS
 from rlhf_jax.stages.common import (
   DATA_STAGES_BY_COMMAND,
+  PROMPTS_COMMANDS,
   STAGES_BY_COMMAND,
   stages_for,
 )
 from rlhf_jax.stages.configs import (
   DERIVED_FIELDS,
+  AuditConfig,
   KTOStageConfig,
   PipelineConfig,
 )
@@ -406,6 +408,12 @@ _TASK_PROMPT_OPTIONS = tuple(
 ) + ("--task.eval-fraction",)
 
 
+# audit options of the --reward-model's scoring only.
+_AUDIT_SCORING = (
+  "--batch-size",
+  "--max-prompt-length",
+  "--max-response-length",
+)
 # Options that read the rows of --data and --prompts files.
 _ROW_OPTIONS = ("--strict", "--data-max-dropped-frac")
 # kto options of the accept-rate task (no --data), of a --data run, and
@@ -424,6 +432,14 @@ _KTO_DATA_OPTIONS = (
   "--eval-every",
   *_ROW_OPTIONS,
 )
+# The other run's option of the same thing: the --data run's and the
+# accept-rate task's.
+_KTO_COUNTERPARTS = {
+  "--max-prompt-length": "--task.max-prompt-length",
+  "--max-response-length": "--sampling.max-new-tokens",
+  "--eval-every": "--accept.eval-every",
+}
+_KTO_COUNTERPARTS |= {v: k for k, v in _KTO_COUNTERPARTS.items()}
 _KTO_ARM_OPTIONS = {
   "kto": (
     "--batch-size",
@@ -443,15 +459,19 @@ def _kto_unread(config: KTOStageConfig, given: Sequence[str]) -> str | None:
   out."""
   if config.data is not None:
     flag = next((f for f in given if f.startswith(_KTO_TASK_OPTIONS)), None)
+    other = _KTO_COUNTERPARTS.get(flag)
     return flag and (
-      f"{flag} sets the accept-rate task, which runs only without --data; "
-      "drop it, or drop --data"
+      f"{flag} sets the accept-rate task, which runs only without --data"
+      f"{f' (with --data: {other})' if other else ''}; drop it, or drop "
+      "--data"
     )
   flag = next((f for f in given if f.startswith(_KTO_DATA_OPTIONS)), None)
   if flag is not None:
+    other = _KTO_COUNTERPARTS.get(flag)
     return (
       f"{flag} is an option of a run on --data, which the accept-rate "
-      "task (no --data) does not read; drop it, or give --data"
+      f"task (no --data) does not read{f' (its own: {other})' if other else ''}"
+      "; drop it, or give --data"
     )
   arms = config.accept.arms
   for arm, options in _KTO_ARM_OPTIONS.items():
@@ -507,9 +527,15 @@ def _no_input_file(command: str, config: Any, given: Sequence[str]):
   flag = next((f for f in given if f in _ROW_OPTIONS), None)
   if flag is None or config.prompts is not None:
     return None
+  files = "--data" if command in DATA_STAGES_BY_COMMAND else "--prompts"
+  if command not in (*DATA_STAGES_BY_COMMAND, *PROMPTS_COMMANDS):
+    return (
+      f"{flag} sets how input rows are read, and `rlhf-jax {command}` "
+      "reads no input file; drop it"
+    )
   return (
-    f"{flag} sets how --data and --prompts rows are read, and `rlhf-jax "
-    f"{command}` is given neither; drop it"
+    f"{flag} sets how {files} rows are read, and `rlhf-jax {command}` is "
+    f"given no {files}; drop it, or give {files}"
   )
 
 
@@ -529,6 +555,12 @@ def unread_option(
   """
   if isinstance(config, KTOStageConfig):
     return _kto_unread(config, given)
+  if isinstance(config, AuditConfig) and config.reward_model is None:
+    flag = next((f for f in given if f in _AUDIT_SCORING), None)
+    return flag and (
+      f"{flag} sets how --reward-model scores the pairs, and none is "
+      "given; drop it, or give --reward-model"
+    )
   if not isinstance(config, PipelineConfig) or not stages_for(command, config):
     return None  # an input the command does not read: refused by name
   message = _no_input_file(command, config, given)
@@ -538,8 +570,12 @@ def unread_option(
     flag = next((f for f in given if f.startswith(prefixes)), None)
     if flag is None:
       continue
-    why = skip if skip in given else f"{skip} (set by --preset {config.preset})"
-    return f"{flag} sets {what} with {why}; drop it, or drop {skip}"
+    if skip in given:
+      return f"{flag} sets {what} with {skip}; drop it, or drop {skip}"
+    return (
+      f"{flag} sets {what} with {skip} (set by --preset {config.preset}); "
+      f"drop it, or clear {skip} with {skip} None"
+    )
   return None
 
 

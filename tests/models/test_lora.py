@@ -405,6 +405,13 @@ def test_peft_tensor_errors_name_the_file(tmp_path):
     f"{weights}: adapters for layer 0; the model has 2 layers (0 .. 1): an "
     "adapter of another model"
   )
+  save_file({k: v for k, v in tensors.items() if ".0." not in k}, str(weights))
+  with pytest.raises(models.ModelLoadError) as e:  # layers_to_transform
+    lora.load_adapters(base, cfg, d)
+  assert str(e.value) == (
+    f"{weights}: adapters for layers 1 only; the model has 2 layers (0 .. "
+    "1), and every layer needs its adapters"
+  )
   for bad, message in (
     (np.full((16, 4), np.nan, np.float32), "holds NaN or inf; expected"),
     (np.ones((16, 4), np.int32), "has dtype int32; expected floats"),
