@@ -197,6 +197,18 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     runtime.prepare_run_dir(
       "run", unread, extra={"model_dir": "m"}, growable=grow
     )
+  # Only the growable fields, only integers (not bools) and only up.
+  both = dataclasses.replace(
+    longer, ppo=dataclasses.replace(cfg.ppo, batch_size=cfg.ppo.batch_size + 8)
+  )
+  with pytest.raises(runtime.UserError) as e:
+    runtime.prepare_run_dir(
+      "run", both, extra={"model_dir": "m"}, growable=(*grow, "ppo.batch")
+    )
+  assert "(config.ppo.batch_size: " in str(e.value)
+  assert runtime._raised({"a": True}, {"a": 0}, ["a"]) == []
+  assert runtime._raised({"a": {"b": 3}}, {"a": {"b": 2}}, ["a.b"]) == ["a.b"]
+  assert runtime._raised({"a": 1}, {"a": None}, ["a"]) == []
   # Many differences: the preset's first, and how many are not shown.
   smoke = dataclasses.replace(
     P.default_pipeline(), preset="default", run_dir=str(run_dir), resume=True

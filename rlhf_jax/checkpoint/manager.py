@@ -87,7 +87,11 @@ def finalized_steps(directory: str | pathlib.Path) -> list[int]:
   folder = pathlib.Path(directory)
   if not folder.is_dir():
     return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+  return sorted(
+    int(p.name)
+    for p in folder.iterdir()
+    if p.name.isascii() and p.name.isdigit() and p.is_dir()
+  )
 
 
 def _one_line(e: BaseException, limit: int = 160) -> str:

@@ -22,7 +22,7 @@ import re
 import sys
 import traceback
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, get_type_hints
 
 from rlhf_jax._optional import CLI_EXTRA_INSTALL, missing_cli_modules
@@ -105,7 +105,8 @@ def _validated(command: str, config: Any, args: Sequence[str]) -> Any:
     raise runtime.UserError("\nrlhf-jax: error: ".join(bad))
   if isinstance(config, PipelineConfig):  # no warning before its refusal
     check_inputs(command, config)
-  for line in advisories(command, config, _option_names(args)):
+  given = _option_names(args, _switches(type(config)))
+  for line in advisories(command, config, given):
     sys.stderr.write(f"rlhf-jax: warning: {line}\n")
   return config
 
@@ -453,29 +454,35 @@ def _dispatch(command: str, config: Any) -> int:
   return fn(config)
 
 
-def _option_names(args: Sequence[str], flags: bool = True) -> list[str]:
+def _option_names(
+  args: Sequence[str], switches: Collection[str] = ()
+) -> list[str]:
   """The options among ``args`` as `--help` spells them (tyro also takes
-  ``_`` for ``-``): ``--rm.steps`` for ``--rm_steps=3``; with ``flags``,
-  ``--strict`` for ``--no-strict`` too (tyro's off switch of a flag)."""
+  ``_`` for ``-``): ``--rm.steps`` for ``--rm_steps=3``, and ``--strict``
+  for ``--no-strict`` when ``--strict`` is one of ``switches`` (tyro's
+  off switch of a bool flag; `_switches`)."""
   out = []
   for arg in args:
     if not arg.startswith("--") or arg == "--":
       continue
     group, _, leaf = arg[2:].split("=", 1)[0].replace("_", "-").rpartition(".")
-    if flags:
-      leaf = leaf.removeprefix("no-")  # no option's own name starts so
-    out.append(f"--{group}.{leaf}" if group else f"--{leaf}")
+    prefix = f"--{group}." if group else "--"
+    on = prefix + leaf.removeprefix("no-")
+    out.append(
+      on if leaf.startswith("no-") and on in switches else prefix + leaf
+    )
   return out
 
 
-def _check_repeats(args: list[str]) -> None:
+def _check_repeats(args: list[str], switches: Collection[str]) -> None:
   """tyro keeps only the last of a repeated option; say so instead.
 
   Raises:
-    UserError: an option given twice (several values follow one flag).
+    UserError: an option given twice (several values follow one flag;
+      ``--x`` and ``--no-x`` of a switch are one option).
   """
   seen = set()
-  for flag in _option_names(args, flags=False):  # --no-data: tyro's error
+  for flag in _option_names(args, switches):
     if flag in seen:
       raise runtime.UserError(
         f"{flag} is given twice; give it once (an option with several "
@@ -493,7 +500,6 @@ def _config(command: str, rest: list[str]) -> Any:
   from rlhf_jax.stages.validate import unread_option
 
   name, rest = _split_preset(rest)
-  _check_repeats(rest)
   name = name or ("default" if command in P.PRESETS else None)
   table = P.PRESETS[command]
   if name not in table:
@@ -503,13 +509,15 @@ def _config(command: str, rest: list[str]) -> Any:
     )
   default = table[name]()
   prog = f"rlhf-jax {command}"
-  if command == "rm" and name in P.HH_PRESETS:
+  hh = command == "rm" and name in P.HH_PRESETS
+  cls = _hh_command_class(type(default)) if hh else type(default)
+  _check_repeats(rest, _switches(cls))
+  if hh:
     if any(a.split("=", 1)[0] == "--dry-run" for a in rest):
       raise runtime.UserError(
         f"--dry-run is not available for the HH-RLHF job of --preset "
         f"{name} (it sizes the pipeline's steps: run, rm, ppo, dpo, sft)"
       )
-    cls = _hh_command_class(type(default))
     doc = (
       f"{cls.__doc__}\n\nPresets (--preset): {', '.join(table)}.\n\n"
       f"{_DEBUG_HELP}"
@@ -520,7 +528,8 @@ def _config(command: str, rest: list[str]) -> Any:
     _, default = _suppressed(plain, default, paths)
   doc = _description(command, type(default))
   config = _parse(type(default), default, rest, prog, doc)
-  unread = unread_option(command, config, _option_names(rest))
+  given = _option_names(rest, _switches(plain))
+  unread = unread_option(command, config, given)
   if unread:
     raise runtime.UserError(unread)
   return _plain(config, plain) if paths else config

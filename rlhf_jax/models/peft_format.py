@@ -155,17 +155,16 @@ def _check_layer_count(tensors: dict, n: int, path: pathlib.Path) -> None:
   if not layers or layers == list(range(n)):
     return
   model = f"the model has {n} layers (0 .. {n - 1})"
-  first_k = layers == list(range(len(layers)))
-  if first_k or layers[-1] >= n:
-    have = f"layers 0 .. {layers[-1]}" if layers[-1] else "layer 0"
-    have = have if first_k else f"layers up to {layers[-1]}"
+  if layers[-1] >= n:
     raise ModelLoadError(
-      f"{path}: adapters for {have}; {model}: an adapter of another model"
+      f"{path}: adapters for layers up to {layers[-1]}; {model}: an adapter "
+      "of another model"
     )
   shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
+  what = "layer" if len(layers) == 1 else "layers"
   raise ModelLoadError(
-    f"{path}: adapters for layers {shown} only; {model}, and every layer "
-    "needs its adapters"
+    f"{path}: adapters for {what} {shown} only; {model}: an adapter of "
+    "another model, or of some layers only (every layer needs its adapters)"
   )
 
 

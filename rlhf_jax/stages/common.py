@@ -11,7 +11,6 @@ import numpy as np
 import optax
 
 from rlhf_jax import models
-from rlhf_jax.checkpoint import finalized_steps
 from rlhf_jax.data import HFTokenizerAdapter
 from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
@@ -326,7 +325,9 @@ def finished_summary(
   """The summary.json of a stage command (sft, kto) resumed from its last
   step, which ran no step: its figures and time stay those of the run that
   trained, and its outputs and report.md are not written again. None when
-  steps ran, or the summary is missing or damaged (then it is written).
+  steps ran, or the summary is missing, damaged (then it is written) or
+  records fewer steps (``{stage}/steps``: a continuation to more steps
+  stopped between its last checkpoint and its summary).
   """
   path = run_dir / "summary.json"
   if start < total_steps or not path.is_file():
@@ -338,34 +339,11 @@ def finished_summary(
     return None
   if not isinstance(summary, dict):
     return None
+  steps = summary.get(f"{stage}/steps", total_steps)  # older: no record
+  if steps < total_steps:  # a longer run stopped after its last step
+    return None
   log(f"{stage}: finished earlier, read from {path}")
   return summary
-
-
-def checkpoint_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
-  """The steps of a stage's finalised checkpoints, ascending, from the
-  folder names alone (no orbax manager: each process reads them, with no
-  collective)."""
-  return finalized_steps(run_dir / "checkpoints" / stage)
-
-
-def growable_total(
-  run_dir: pathlib.Path, stage: str, finished: bool, field: str
-) -> tuple[str, ...]:
-  """``(field,)`` when --resume may raise ``stage``'s total steps: the
-  stage has not finished, or its checkpoints let it go on; else () (a
-  larger total is then a config difference, refused)."""
-  return (field,) if not finished or checkpoint_steps(run_dir, stage) else ()
-
-
-def steps_growable(command: str, config: Any) -> tuple[str, ...]:
-  """`growable_total` of a one-stage command (sft, kto): its --steps on
-  --resume (its summary.json marks a finished run)."""
-  run_dir = runtime.run_dir_for(command, config)
-  finished = (run_dir / "summary.json").is_file()
-  if not config.resume:
-    return ()
-  return growable_total(run_dir, command, finished, "steps")
 
 
 def open_run_dir(

@@ -37,7 +37,7 @@ from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
-from rlhf_jax.stages import environment
+from rlhf_jax.stages import continuation, environment
 from rlhf_jax.stages.common import (
   data_source,
   finished_summary,
@@ -46,9 +46,9 @@ from rlhf_jax.stages.common import (
   open_run_dir,
   optimizer,
   policy_tokenizer,
-  steps_growable,
 )
 from rlhf_jax.stages.configs import KTOStageConfig
+from rlhf_jax.stages.continuation import steps_growable
 from rlhf_jax.stages.report import print_summary, write_policy_outputs
 from rlhf_jax.stages.user_data import (
   HELDOUT_FRACTION,
@@ -309,8 +309,9 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   summary = {
     "kto/final_loss": last.get("kto/loss", float("nan")),
     **{k: v for k, v in last.items() if k.startswith("kto/eval_")},
+    "kto/steps": config.steps,  # a longer --resume goes on from here
     **counts,
-    **timer.times(),
+    **continuation.with_earlier_time(timer.times(), run_dir),
   }
   if placement.is_primary:
     write_policy_outputs(run_dir, "kto", host, model_config, model_dir, summary)

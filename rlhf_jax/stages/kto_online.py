@@ -183,11 +183,11 @@ def _check_round(config: KTOStageConfig, ctx: Context, n_train: int) -> None:
   acc = config.accept
   if acc.arms != "grpo":  # --batch-size sizes the KTO arm only
     ctx.placement.check_batch(config.batch_size, "--batch-size")
-  if config.batch_size % 2 and acc.arms != "grpo":
-    raise runtime.UserError(
-      f"--batch-size {config.batch_size}: expected an even number (adjacent "
-      "rows are the KL estimate's mismatched pairs)"
-    )
+    if config.batch_size % 2:
+      raise runtime.UserError(
+        f"--batch-size {config.batch_size}: expected an even number "
+        "(adjacent rows are the KL estimate's mismatched pairs)"
+      )
   if acc.prompts_per_round > n_train:
     raise runtime.UserError(
       f"--accept.prompts-per-round {acc.prompts_per_round}: the task has "

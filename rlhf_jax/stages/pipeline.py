@@ -41,14 +41,12 @@ from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import DryRunReport, dry_run
 from rlhf_jax.runner.mesh import Placement, spec_str
 from rlhf_jax.runner.precompile import Precompiler, StepProgram
-from rlhf_jax.stages import environment
+from rlhf_jax.stages import continuation, environment
 from rlhf_jax.stages.common import (
   POLICIES,
   PROMPTS_COMMANDS,
   Context,
   check_dry_run_lora,
-  checkpoint_steps,
-  growable_total,
   load_policy,
   open_run_dir,
   policy_tokenizer,
@@ -185,79 +183,6 @@ def check_batch_sizes(
       placement.check_batch(size, flag)
 
 
-def _total(config: PipelineConfig, stage: str) -> int:
-  """A training stage's total steps (PPO and GRPO: iterations)."""
-  return {
-    "rm": config.rm.steps,
-    "dpo": config.dpo.steps,
-    "ppo": config.ppo.iterations,
-    "grpo": config.grpo.iterations,
-  }[stage]
-
-
-_TOTAL_FIELDS = {
-  "rm": "steps",
-  "dpo": "steps",
-  "ppo": "iterations",
-  "grpo": "iterations",
-}
-
-
-def _stage_done(run_dir: pathlib.Path, stage: str) -> bool:
-  return (run_dir / "stages" / f"{stage}.json").is_file()
-
-
-def _started(run_dir: pathlib.Path, stage: str) -> bool:
-  return _stage_done(run_dir, stage) or bool(checkpoint_steps(run_dir, stage))
-
-
-def continued_stages(
-  command: str, config: PipelineConfig, run_dir: pathlib.Path
-) -> dict[str, int]:
-  """The training stages of a resumed run that finished at fewer steps
-  than the options now ask, and the step each finished at: they go on
-  from its checkpoint."""
-  out = {}
-  for stage in stages_for(command, config):
-    if stage in _TOTAL_FIELDS and _stage_done(run_dir, stage):
-      steps = checkpoint_steps(run_dir, stage)
-      if steps and steps[-1] < _total(config, stage):
-        out[stage] = steps[-1]
-  return out
-
-
-def check_continued(command: str, config: PipelineConfig) -> tuple[str, ...]:
-  """Before the run directory is opened on --resume: the stage totals it
-  may raise (`growable_total`), once every finished stage to go on has
-  no stage after it that ran on its shorter result.
-
-  Raises:
-    UserError: names the option, the stage that ran after, and the value
-      to resume with.
-  """
-  run_dir = runtime.run_dir_for(command, config)
-  if not config.resume or not run_dir.is_dir():
-    return ()
-  stages = stages_for(command, config)
-  for stage, at in continued_stages(command, config, run_dir).items():
-    after = stages[stages.index(stage) + 1 : -1]  # the report runs again
-    ran = [s for s in after if _started(run_dir, s)]
-    if ran:
-      flag = f"--{stage}.{_TOTAL_FIELDS[stage]}"
-      raise runtime.UserError(
-        f"cannot resume {run_dir} with {flag} {_total(config, stage)}: "
-        f"stage {stage} finished at step {at}, and stage {ran[0]} ran after "
-        f"it on that result; resume with {flag} {at}, or start again with "
-        "--overwrite"
-      )
-  out: list[str] = []
-  for s in stages:
-    if s in _TOTAL_FIELDS:
-      field = f"{s}.{_TOTAL_FIELDS[s]}"
-      out += growable_total(run_dir, s, _stage_done(run_dir, s), field)
-  return tuple(out)
-
-
 def open_run(
   command: str, config: PipelineConfig, log: Callable[[str], None]
 ) -> Context:
@@ -286,7 +211,7 @@ def open_run(
     config,
     model_dir,
     unread=unread_fields(command, config),
-    growable=check_continued(command, config),
+    growable=continuation.check_continued(command, config),
   )
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
@@ -423,13 +348,17 @@ def run_pipeline(
   )
   results: dict[str, dict] = {}
   finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
-  continued = continued_stages(command, config, ctx.run_dir)
+  continued = (
+    continuation.continued_stages(command, config, ctx.run_dir)
+    if config.resume
+    else {}
+  )
   earlier: dict[str, dict] = {}  # the time a continued stage took so far
-  for stage, at in continued.items() if config.resume else ():
+  for stage, at in continued.items():
     done = finished.pop(stage) or {}  # {}: a damaged stage file
     _read_finished(ctx, stage, done)  # its time counts in the run's
     earlier[stage] = done.get("_timing", {})
-    total = _total(config, stage)
+    total = continuation.total(config, stage)
     log(f"{stage}: finished earlier at step {at}; going on to {total}")
   # A path that cannot be written (read-only, full disk): one line naming it.
   with ctx.stop, runtime.writing(ctx.run_dir), ctx.programs:
@@ -456,6 +385,8 @@ def run_pipeline(
         + before.get("compile_background_s", 0.0),
       }
       ctx.stage_seconds[name] = res["_timing"]["seconds"]
+      if name in continuation.TOTAL_FIELDS:  # how far it ran
+        res[continuation.STEPS_KEY] = continuation.total(config, name)
       if ctx.primary:
         # Python JSON: its prompts and samples are read back as written.
         runtime.write_json(ctx.stage_file(name), res, strict=False)

@@ -31,7 +31,7 @@ from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import dry_run
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import Placement, spec_str
-from rlhf_jax.stages import environment
+from rlhf_jax.stages import continuation, environment
 from rlhf_jax.stages.common import (
   check_dry_run_lora,
   data_source,
@@ -40,9 +40,9 @@ from rlhf_jax.stages.common import (
   load_policy,
   open_run_dir,
   policy_tokenizer,
-  steps_growable,
 )
 from rlhf_jax.stages.configs import SFTConfig as SFTStageConfig
+from rlhf_jax.stages.continuation import steps_growable
 from rlhf_jax.stages.report import write_policy_outputs
 from rlhf_jax.stages.user_data import (
   capped_batch,
@@ -240,8 +240,9 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   host = host_tree(state.params)
   summary = {
     "sft/final_loss": last.get("sft/loss", float("nan")),
+    "sft/steps": config.steps,  # a longer --resume goes on from here
     **counts,
-    **timer.times(),
+    **continuation.with_earlier_time(timer.times(), run_dir),
   }
   if placement.is_primary:
     write_policy_outputs(run_dir, "sft", host, model_config, model_dir, summary)

@@ -9,6 +9,7 @@ final numbers.
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,29 +300,56 @@ def test_sigkill_mid_ppo_then_resume_gives_the_same_run(smoke_run, tmp_path):
   _assert_same_run(run_dir, reference)
 
 
-@pytest.mark.parametrize("option, stage, after", [
-  ("--ppo.iterations", "ppo", "dpo"),
-  ("--rm.steps", "rm", "initial"),
-])  # fmt: skip
-def test_resume_with_more_steps_for_a_stage_others_ran_after_is_refused(
-  smoke_run, capsys, option, stage, after
-):
-  """A longer rm or ppo would leave the stages after it on the shorter
-  one's results: refused before the run directory is touched."""
+def _resume_longer(run_dir, option, value, capsys):
+  """`rlhf-jax run --preset smoke --resume OPTION VALUE` in process:
+  (exit code, stderr)."""
   from rlhf_jax.cli.main import main
 
-  run_dir, _ = smoke_run
-  before = (run_dir / "config.json").read_text()
-  at = max(int(p.name) for p in (run_dir / "checkpoints" / stage).iterdir())
   args = ["run", "--preset", "smoke", "--run-dir", str(run_dir), "--resume"]
-  assert main([*args, option, str(at + 3)]) == 2
-  assert capsys.readouterr().err == (
-    f"rlhf-jax: error: cannot resume {run_dir} with {option} {at + 3}: "
-    f"stage {stage} finished at step {at}, and stage {after} ran after it "
-    f"on that result; resume with {option} {at}, or start again with "
-    "--overwrite\n"
+  code = main([*args, option, str(value)])
+  return code, capsys.readouterr().err
+
+
+def test_resume_with_more_steps_goes_on_or_names_why_not(
+  smoke_run, tmp_path, capsys
+):
+  """ppo may go on (only the report uses it; dpo, which ran after it, does
+  not); a longer rm would leave initial, ppo and dpo on the shorter one,
+  and a stage without checkpoints cannot go on: both refused before the
+  run directory is touched."""
+  from rlhf_jax.checkpoint import finalized_steps
+
+  run_dir = tmp_path / "smoke"
+  shutil.copytree(smoke_run[0], run_dir)
+  rm_at = finalized_steps(run_dir / "checkpoints" / "rm")[-1]
+  before = (run_dir / "config.json").read_text()
+  code, err = _resume_longer(run_dir, "--rm.steps", rm_at + 3, capsys)
+  assert (code, err) == (
+    2,
+    f"rlhf-jax: error: cannot resume {run_dir} with --rm.steps {rm_at + 3}: "
+    f"stage rm finished at step {rm_at}, and stage initial ran on that "
+    f"result; resume with --rm.steps {rm_at}, or start again with "
+    "--overwrite\n",
+  )
+  shutil.rmtree(run_dir / "checkpoints" / "dpo")
+  dpo_at = json.loads(before)["config"]["dpo"]["steps"]
+  code, err = _resume_longer(run_dir, "--dpo.steps", dpo_at + 2, capsys)
+  assert (code, err) == (
+    2,
+    f"rlhf-jax: error: cannot resume {run_dir} with --dpo.steps "
+    f"{dpo_at + 2}: stage dpo finished at step {dpo_at} and its checkpoints "
+    f"are gone ({run_dir}/checkpoints/dpo); resume with --dpo.steps "
+    f"{dpo_at}, or start again with --overwrite\n",
   )
   assert (run_dir / "config.json").read_text() == before
+  ppo_at = json.loads(before)["config"]["ppo"]["iterations"]
+  ppo = [r for r in _records(run_dir) if r["stage"] == "ppo"]
+  dpo = [r for r in _records(run_dir) if r["stage"] == "dpo"]
+  code, _ = _resume_longer(run_dir, "--ppo.iterations", ppo_at + 1, capsys)
+  assert code == 0
+  longer = [r for r in _records(run_dir) if r["stage"] == "ppo"]
+  assert longer[: len(ppo)] == ppo and longer[-1]["step"] == ppo_at + 1
+  assert [r for r in _records(run_dir) if r["stage"] == "dpo"] == dpo
 
 
 def test_sigint_saves_then_resume_gives_the_same_run(smoke_run, tmp_path):

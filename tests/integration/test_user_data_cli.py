@@ -175,31 +175,51 @@ def test_dpo_on_hh_pairs(files, tmp_path):
   assert records[-1]["dpo/eval_margin"] == s["dpo/eval_margin"]
 
 
+def _mark_record(run_dir, step: int) -> None:
+  """Adds a key to metrics.jsonl's record of ``step``: a run that goes on
+  from a checkpoint keeps it; one that starts again drops it."""
+  path = run_dir / "metrics.jsonl"
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  for r in rows:
+    r["marker"] = 1 if r["step"] == step else r.get("marker", 0)
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def test_resume_goes_on_past_the_end_with_more_steps(files, tmp_path):
   """--resume --dpo.steps 4 after a 2-step run: steps 3 and 4 train from
-  step 2's checkpoint (the learning-rate schedule then spans 4 steps), the
-  first two records stay, and the held-out pairs are evaluated again."""
+  step 2's checkpoint, the first two records stay, the held-out pairs are
+  evaluated again, and the stage's earlier time counts."""
   run_dir = tmp_path / "dpo"
   args = ("dpo", "--preset", "smoke", "--data", str(files[0]), "--run-dir",
           str(run_dir), "--dpo.eval-every", "2")  # fmt: skip
   h.cli(*args, "--dpo.steps", "2")
+  _mark_record(run_dir, 2)
   first = h.records(run_dir)
-  times = json.loads((run_dir / "summary.json").read_text())
+  stage = run_dir / "stages" / "dpo.json"
+  short = json.loads(stage.read_text())
+  assert short["_steps"] == 2
+  stage.write_text(json.dumps({**short, "_timing": {"seconds": 1000.0}}))
   log = h.cli(*args, "--dpo.steps", "4", "--resume")
-  # The stage's time so far counts in the run's (it was left out).
-  later = json.loads((run_dir / "summary.json").read_text())
-  for k in ("time/total_s", "time/dpo_s"):
-    assert later[k] > times[k], k
   assert "dpo: finished earlier at step 2; going on to 4" in log
   records = h.records(run_dir)
-  assert records[:2] == first
+  assert records[:2] == first and records[1]["marker"] == 1
   assert [r["step"] for r in records] == [1, 2, 3, 4]
   margin = h.summary(run_dir)["dpo/eval_margin"]
   assert records[-1]["dpo/eval_margin"] == margin
+  times = json.loads((run_dir / "summary.json").read_text())
+  assert times["time/dpo_s"] > 1000 and times["time/total_s"] > 1000
   config = json.loads((run_dir / "config.json").read_text())
   assert config["config"]["dpo"]["steps"] == 4
+  assert json.loads(stage.read_text())["_steps"] == 4
   log = h.cli(*args, "--dpo.steps", "4", "--resume")  # nothing left to do
   assert "dpo: finished earlier, read from" in log
+  # Stopped after its last checkpoint, before its stage file: the stage
+  # file of 2 steps is not the run's result; the stage ends again.
+  stage.write_text(json.dumps(short))
+  log = h.cli(*args, "--dpo.steps", "4", "--resume")
+  assert "dpo: finished earlier at step 2; going on to 4" in log
+  assert [r["step"] for r in h.records(run_dir)] == [1, 2, 3, 4]
+  assert json.loads(stage.read_text())["_steps"] == 4
 
 
 def test_sft_on_hh_pairs(files, tmp_path):
@@ -242,9 +262,20 @@ def test_sft_on_hh_pairs(files, tmp_path):
   assert f"time: {total:.1f}s, compile " in log
   assert before == {n: (run_dir / n).read_bytes() for n in before}
   # More --steps: steps 4 and 5 go on from step 3's checkpoint.
+  _mark_record(run_dir, 3)
+  short = (run_dir / "summary.json").read_text()
   h.cli(*args, "--resume", "--steps", "5")
-  longer = [r["sft/loss"] for r in h.records(run_dir)]
-  assert len(longer) == 5 and longer[:3] == losses
+  longer = h.records(run_dir)
+  assert [r["sft/loss"] for r in longer[:3]] == losses
+  assert len(longer) == 5 and longer[2]["marker"] == 1
+  s5 = json.loads((run_dir / "summary.json").read_text())
+  assert (s["sft/steps"], s5["sft/steps"]) == (3, 5)
+  assert s5["time/total_s"] > total  # the earlier run's time counts
+  # Stopped between its last checkpoint and its summary: the summary of
+  # 3 steps is not the run's result; it is written again.
+  (run_dir / "summary.json").write_text(short)
+  h.cli(*args, "--resume", "--steps", "5")
+  assert json.loads((run_dir / "summary.json").read_text())["sft/steps"] == 5
   # A row edited in place: the resume names the file that changed.
   rows = data.read_text().splitlines(keepends=True)
   rows[5] = rows[5].replace("Assistant:", "Assistant: Well,")
