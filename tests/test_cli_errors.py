@@ -549,14 +549,25 @@ def test_prompts_of_pairs_or_completions_pass_the_column_check(
   assert (mine / "notes.txt").read_text() == "x"
 
 
-def test_a_repeated_option_is_an_error_not_the_last_one_kept(capsys):
-  code, err = _run(
-    capsys, ["grpo", "--reward", "a:f", "--reward", "b:g", "--seed=3"]
-  )
+@pytest.mark.parametrize(
+  "args, flag",
+  [
+    (["grpo", "--reward", "a:f", "--reward", "b:g", "--seed=3"], "--reward"),
+    (["run", "--strict", "--no-strict"], "--strict"),  # a switch's off form
+    (
+      ["ppo", "--ppo.algo.no-adaptive-kl", "--ppo.algo.adaptive_kl"],
+      "--ppo.algo.adaptive-kl",
+    ),
+  ],
+)
+def test_a_repeated_option_is_an_error_not_the_last_one_kept(
+  capsys, args, flag
+):
+  code, err = _run(capsys, args)
   _check(
     code,
     err,
-    "--reward is given twice; give it once (an option with several values "
+    f"{flag} is given twice; give it once (an option with several values "
     "takes them after one flag: --reward A B)",
   )
 
