@@ -181,34 +181,44 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     runtime.prepare_run_dir(  # a prefix of the name is not the field
       "run", resumed, extra={"model_dir": "m"}, unread=("rm.step",)
     )
-  # A stage's total may grow where the caller allows it (the stage goes on
-  # from its checkpoint); it never shrinks.
+  # A stage's total may change where the caller allows it (the stage goes
+  # on from its checkpoint): up from the saved value (floor None), or to
+  # any value from a floor (a finished stage's recorded total).
   steps = cfg.dpo.steps
   longer = dataclasses.replace(
     unread, dpo=dataclasses.replace(cfg.dpo, steps=steps + 2)
   )
   with pytest.raises(runtime.UserError, match=f"dpo.steps: {steps} -> "):
     runtime.prepare_run_dir("run", longer, extra={"model_dir": "m"})
-  grow = ("dpo.steps", "ppo.iterations")
+  grow = {"dpo.steps": None, "ppo.iterations": None}
   runtime.prepare_run_dir(
-    "run", longer, extra={"model_dir": "m"}, growable=grow
+    "run", longer, extra={"model_dir": "m"}, growable=lambda: grow
   )
   with pytest.raises(runtime.UserError, match=f"dpo.steps: {steps + 2} -> "):
     runtime.prepare_run_dir(
-      "run", unread, extra={"model_dir": "m"}, growable=grow
+      "run", unread, extra={"model_dir": "m"}, growable=lambda: grow
     )
-  # Only the growable fields, only integers (not bools) and only up.
+  runtime.prepare_run_dir(  # back to the recorded total
+    "run",
+    unread,
+    extra={"model_dir": "m"},
+    growable=lambda: {"dpo.steps": steps},
+  )
+  # Only the growable fields, and only integers (not bools).
   both = dataclasses.replace(
     longer, ppo=dataclasses.replace(cfg.ppo, batch_size=cfg.ppo.batch_size + 8)
   )
   with pytest.raises(runtime.UserError) as e:
     runtime.prepare_run_dir(
-      "run", both, extra={"model_dir": "m"}, growable=(*grow, "ppo.batch")
+      "run", both, extra={"model_dir": "m"}, growable=lambda: grow
     )
   assert "(config.ppo.batch_size: " in str(e.value)
-  assert runtime._raised({"a": True}, {"a": 0}, ["a"]) == []
-  assert runtime._raised({"a": {"b": 3}}, {"a": {"b": 2}}, ["a.b"]) == ["a.b"]
-  assert runtime._raised({"a": 1}, {"a": None}, ["a"]) == []
+  assert runtime._raised({"a": True}, {"a": 0}, {"a": None}) == []
+  assert runtime._raised({"a": 1}, {"a": 2}, {"a": 1}) == ["a"]
+  assert runtime._raised({"a": 0}, {"a": 2}, {"a": 1}) == []
+  nested = runtime._raised({"a": {"b": 3}}, {"a": {"b": 2}}, {"a.b": None})
+  assert nested == ["a.b"]
+  assert runtime._raised({"a": 1}, {"a": None}, {"a": None}) == []
   # Many differences: the preset's first, and how many are not shown.
   smoke = dataclasses.replace(
     P.default_pipeline(), preset="default", run_dir=str(run_dir), resume=True

@@ -33,7 +33,7 @@ import threading
 import time
 import types
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 CONFIG_FILE = "config.json"
@@ -477,9 +477,12 @@ def _diff_list(diffs: list[str], shown: int = 4) -> str:
   return "; ".join(diffs[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _raised(new: dict, saved: Any, fields: Sequence[str]) -> list[str]:
-  """The dotted ``fields`` whose integer value ``new`` raises over
-  ``saved`` (config dicts)."""
+def _raised(
+  new: dict, saved: Any, floors: Mapping[str, int | None]
+) -> list[str]:
+  """The dotted fields of ``floors`` whose integer value in ``new`` is at
+  or above the field's floor (None: above its value in ``saved``; config
+  dicts)."""
 
   def value(config: Any, field: str) -> Any:
     for k in field.split("."):
@@ -487,9 +490,11 @@ def _raised(new: dict, saved: Any, fields: Sequence[str]) -> list[str]:
     return config
 
   out = []
-  for f in fields:
+  for f, floor in floors.items():
     a, b = value(new, f), value(saved, f)
-    if type(a) is int and type(b) is int and a > b:
+    if floor is None and type(b) is int:
+      floor = b + 1
+    if type(a) is int and type(floor) is int and a >= floor:
       out.append(f)
   return out
 
@@ -879,7 +884,7 @@ def prepare_run_dir(
   extra: dict[str, Any] | None = None,
   write_config: bool = True,
   unread: Sequence[str] = (),
-  growable: Sequence[str] = (),
+  growable: Callable[[], Mapping[str, int | None]] | None = None,
 ) -> pathlib.Path:
   """Creates (or reopens, with --resume) the run directory, locks it for
   this process and writes config.json.
@@ -891,8 +896,11 @@ def prepare_run_dir(
   ``unread``: dotted config fields (``"rm"``, ``"task.eval_fraction"``)
   the command does not read with these inputs; --resume does not compare
   them (a run made before such an option was refused may hold one).
-  ``growable``: integer config fields (a stage's total steps) --resume
-  may raise: the stage goes on from its last checkpoint.
+  ``growable``: on --resume, once the directory is locked, gives the
+  integer config fields (a stage's total steps) that may differ from the
+  saved ones, each with its floor: any value at or above it (None: above
+  the saved value) is taken (the stage goes on from its last checkpoint);
+  it may raise UserError.
   ``--overwrite`` deletes only what rlhf-jax wrote; ``--resume`` of a
   directory without a run says so on stderr and starts one.
 
@@ -943,7 +951,8 @@ def prepare_run_dir(
         _comparable(_strict(record), run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),
       )
-      raised = _raised(record["config"], saved.get("config"), growable)
+      floors = growable() if growable is not None else {}
+      raised = _raised(record["config"], saved.get("config"), floors)
       diffs = [d for d in diffs if not _in_fields(d, (*unread, *raised))]
       if diffs:
         raise UserError(

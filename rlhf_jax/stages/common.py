@@ -3,7 +3,7 @@
 import dataclasses
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -339,9 +339,9 @@ def finished_summary(
     return None
   if not isinstance(summary, dict):
     return None
-  steps = summary.get(f"{stage}/steps", total_steps)  # older: no record
-  if steps < total_steps:  # a longer run stopped after its last step
-    return None
+  steps = summary.get(f"{stage}/steps")  # older summaries: none
+  if type(steps) is int and steps < total_steps:  # a longer run stopped
+    return None  # after its last step
   log(f"{stage}: finished earlier, read from {path}")
   return summary
 
@@ -351,13 +351,14 @@ def open_run_dir(
   config: Any,
   model_dir: pathlib.Path,
   unread: Sequence[str] = (),
-  growable: Sequence[str] = (),
+  growable: Callable[[], Mapping[str, int | None]] | None = None,
 ):
   """Process 0 creates (or checks, on --resume) the run directory; the
   others wait for its verdict (the run directory must be on a filesystem
   every process sees). Callers check the model first (`policy_tokenizer`).
   ``unread``, ``growable``: config fields --resume does not compare, or
-  lets grow (`runtime.prepare_run_dir`).
+  lets grow (`runtime.prepare_run_dir`; process 0 calls ``growable``, and
+  its refusal reaches every process).
 
   Raises:
     UserError: process 0 refused the directory (every process raises); it

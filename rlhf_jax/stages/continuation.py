@@ -6,13 +6,15 @@ stage file (``_steps``), sft and kto in summary.json (``sft/steps``,
 ``kto/steps``). On --resume, a finished stage whose record is below the
 option's total (``--rm.steps``, ``--dpo.steps``, ``--ppo.iterations``,
 ``--grpo.iterations``, ``--steps``) runs again from its latest checkpoint
-to the new total; a record that is missing (files written before totals
-were recorded) is read as the stage's latest checkpoint's step.
-`runtime.prepare_run_dir` then lets that option grow (``growable``).
-Refused, by name, before the run directory is touched: a stage whose
-checkpoints are gone, and one whose result a stage that has started
-uses (a longer reward model under an evaluation or a PPO run made with
-the shorter one).
+to the new total; the record is rewritten when it ends, so a stage
+stopped in between (even after its last checkpoint) goes on again.
+`runtime.prepare_run_dir` lets that option grow (``growable``). Refused
+by name, on process 0 once the run directory is locked: a stage whose
+checkpoints are gone (resuming with its recorded total works), one whose
+result a stage that has started uses (a longer reward model under an
+evaluation or a PPO run made with the shorter one), and one that
+`rlhf-jax eval` scored into the run directory. A stage finished before
+totals were recorded does not grow.
 """
 
 import pathlib
@@ -20,7 +22,7 @@ from typing import Any
 
 from rlhf_jax.checkpoint import finalized_steps
 from rlhf_jax.runner import runtime
-from rlhf_jax.stages.common import stages_for
+from rlhf_jax.stages.common import POLICIES, stages_for
 from rlhf_jax.stages.configs import PipelineConfig
 
 # A pipeline training stage's total: the option --resume may raise.
@@ -47,46 +49,24 @@ def total(config: PipelineConfig, stage: str) -> int:
 
 def checkpoint_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
   """The steps of a stage's finalised checkpoints, ascending, from the
-  folder names alone (no orbax manager: every process reads them, with
-  no collective)."""
+  folder names alone (no orbax manager, no collective)."""
   return finalized_steps(run_dir / "checkpoints" / stage)
-
-
-def _record(path: pathlib.Path, key: str) -> Any:
-  """``key`` of a finished stage's JSON file; None when the file is
-  missing or damaged (the stage then runs again anyway)."""
-  try:
-    done = runtime.read_json(path)
-  except (OSError, ValueError):
-    return None
-  return done.get(key) if isinstance(done, dict) else None
-
-
-def _recorded(run_dir: pathlib.Path, path: pathlib.Path, stage: str, key):
-  """The total a finished stage ran to, or None if it has not finished
-  (``path``: its stage file or summary.json)."""
-  if not path.is_file():
-    return None
-  steps = _record(path, key)
-  if type(steps) is int:
-    return steps
-  at = checkpoint_steps(run_dir, stage)  # written before totals were
-  return at[-1] if at else None
-
-
-def _refuse_gone(run_dir, stage: str, flag: str, at: int, want: int):
-  """Raises UserError when the stage finished at ``at`` < ``want`` and
-  no checkpoint of it is left to go on from."""
-  if at < want and not checkpoint_steps(run_dir, stage):
-    raise runtime.UserError(
-      f"cannot resume {run_dir} with {flag} {want}: stage {stage} finished "
-      f"at step {at} and its checkpoints are gone ({run_dir}/checkpoints/"
-      f"{stage}); resume with {flag} {at}, or start again with --overwrite"
-    )
 
 
 def stage_file(run_dir: pathlib.Path, stage: str) -> pathlib.Path:
   return run_dir / "stages" / f"{stage}.json"
+
+
+def recorded_total(path: pathlib.Path, key: str) -> int | None:
+  """The total a finished stage's JSON file (stage file, summary.json)
+  records under ``key``; None when the file is missing, damaged (the
+  stage then runs again anyway) or older than the record."""
+  try:
+    done = runtime.read_json(path) if path.is_file() else None
+  except (OSError, ValueError):
+    return None
+  steps = done.get(key) if isinstance(done, dict) else None
+  return steps if type(steps) is int else None
 
 
 def continued_stages(
@@ -97,66 +77,90 @@ def continued_stages(
   out = {}
   for stage in stages_for(command, config):
     if stage in TOTAL_FIELDS:
-      at = _recorded(run_dir, stage_file(run_dir, stage), stage, STEPS_KEY)
+      at = recorded_total(stage_file(run_dir, stage), STEPS_KEY)
       if at is not None and at < total(config, stage):
         out[stage] = at
   return out
 
 
-def check_continued(command: str, config: PipelineConfig) -> tuple[str, ...]:
-  """On --resume, before the run directory is opened: the stage totals
-  `runtime.prepare_run_dir` may let grow, once every stage to go on can.
+def _check_gone(run_dir, stage: str, flag: str, at: int, want: int):
+  """Raises UserError when ``stage`` finished at ``at`` < ``want`` and
+  no checkpoint of it is left to go on from."""
+  if at < want and not checkpoint_steps(run_dir, stage):
+    raise runtime.UserError(
+      f"cannot resume {run_dir} with {flag} {want}: stage {stage} finished "
+      f"at step {at} and its checkpoints are gone ({run_dir}/checkpoints/"
+      f"{stage}); resume with {flag} {at}, or start again with --overwrite"
+    )
+
+
+def _check_users(run_dir, stages, stage: str, flag: str, at: int, want):
+  """Raises UserError when a stage or an `rlhf-jax eval` file that uses
+  ``stage``'s result exists: it would describe the shorter one."""
+  users = [s for s in _USERS.get(stage, ()) if s in stages]
+  ran = [
+    s
+    for s in users
+    if stage_file(run_dir, s).is_file() or checkpoint_steps(run_dir, s)
+  ]
+  scored = POLICIES if stage == "rm" else (stage,)  # eval scores with rm
+  files = [run_dir / f"eval_{p}.json" for p in scored]
+  files = [f.name for f in files if f.is_file()]
+  if ran or files:
+    what = f"stage {ran[0]} ran" if ran else f"`rlhf-jax eval` wrote {files[0]}"
+    raise runtime.UserError(
+      f"cannot resume {run_dir} with {flag} {want}: stage {stage} "
+      f"finished at step {at}, and {what} on that result; resume with "
+      f"{flag} {at}, or start again with --overwrite"
+    )
+
+
+def growable_totals(
+  command: str, config: PipelineConfig, run_dir: pathlib.Path
+) -> dict[str, int | None]:
+  """The stage totals --resume may change (`runtime.prepare_run_dir`'s
+  ``growable``; process 0 calls it once the run directory is locked):
+  an unfinished stage's may grow; a finished one's may grow from its
+  record when its checkpoints are there, and go back to its record.
 
   Raises:
-    UserError: a stage to go on whose checkpoints are gone, or whose
-      result a stage that has started uses (names the option, that stage
-      and the value to resume with).
+    UserError: a finished stage to go on whose checkpoints are gone, or
+      whose result a started stage or an eval file uses (names the
+      option, what stands in the way and the value to resume with).
   """
-  run_dir = runtime.run_dir_for(command, config)
-  if not config.resume or not run_dir.is_dir():
-    return ()
   stages = stages_for(command, config)
   for stage, at in continued_stages(command, config, run_dir).items():
     flag, want = f"--{stage}.{TOTAL_FIELDS[stage]}", total(config, stage)
-    _refuse_gone(run_dir, stage, flag, at, want)
-    users = [s for s in _USERS.get(stage, ()) if s in stages]
-    ran = [s for s in users if _started(run_dir, s)]
-    if ran:
-      raise runtime.UserError(
-        f"cannot resume {run_dir} with {flag} {want}: stage {stage} "
-        f"finished at step {at}, and stage {ran[0]} ran on that result; "
-        f"resume with {flag} {at}, or start again with --overwrite"
-      )
-  return tuple(
-    f"{s}.{TOTAL_FIELDS[s]}"
-    for s in stages
-    if s in TOTAL_FIELDS
-    and (not stage_file(run_dir, s).is_file() or checkpoint_steps(run_dir, s))
-  )
+    _check_gone(run_dir, stage, flag, at, want)
+    _check_users(run_dir, stages, stage, flag, at, want)
+  out: dict[str, int | None] = {}
+  for stage in stages:
+    if stage in TOTAL_FIELDS:
+      at = recorded_total(stage_file(run_dir, stage), STEPS_KEY)
+      finished = stage_file(run_dir, stage).is_file()
+      if not finished:
+        out[f"{stage}.{TOTAL_FIELDS[stage]}"] = None
+      elif at is not None:
+        out[f"{stage}.{TOTAL_FIELDS[stage]}"] = at
+  return out
 
 
-def _started(run_dir: pathlib.Path, stage: str) -> bool:
-  return stage_file(run_dir, stage).is_file() or bool(
-    checkpoint_steps(run_dir, stage)
-  )
-
-
-def steps_growable(command: str, config: Any) -> tuple[str, ...]:
-  """`check_continued` of a one-stage command (sft, kto): ``("steps",)``
-  on --resume unless the run finished and its checkpoints are gone.
+def steps_growable(command: str, config: Any) -> dict[str, int | None]:
+  """`growable_totals` of a one-stage command (sft, kto): its --steps.
 
   Raises:
-    UserError: a larger --steps for a finished run without checkpoints.
+    UserError: a larger --steps for a finished run whose checkpoints
+      are gone.
   """
   run_dir = runtime.run_dir_for(command, config)
   summary = run_dir / "summary.json"
-  if not config.resume or not summary.is_file():
-    return ("steps",) if config.resume else ()
-  at = _recorded(run_dir, summary, command, f"{command}/steps")
-  if at is None:  # finished, with neither a record nor a checkpoint
-    return ()
-  _refuse_gone(run_dir, command, "--steps", at, config.steps)
-  return ("steps",) if checkpoint_steps(run_dir, command) else ()
+  if not summary.is_file():
+    return {"steps": None}
+  at = recorded_total(summary, f"{command}/steps")
+  if at is None:  # finished before totals were recorded
+    return {}
+  _check_gone(run_dir, command, "--steps", at, config.steps)
+  return {"steps": at}
 
 
 def with_earlier_time(
@@ -164,7 +168,8 @@ def with_earlier_time(
 ) -> dict[str, float]:
   """``times`` (`runtime.Timer.times`) plus those of the summary.json a
   finished sft or kto run left, when this invocation went on from it to
-  more steps (no summary.json: ``times`` as they are)."""
+  more steps (no summary.json: ``times`` as they are). The time of an
+  invocation stopped before its summary is not counted."""
   path = run_dir / "summary.json"
   try:
     old = runtime.read_figures(path) if path.is_file() else {}

@@ -293,8 +293,10 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   (train, held), padded = fit_to_data("kto", log, train, held)
   counts.update(padded)
   say_one_label(config.data, train, held, placement.is_primary, log)
-  unread, grow = unread_fields("kto", config), steps_growable("kto", config)
-  run_dir = open_run_dir("kto", config, model_dir, unread, grow)
+  unread = unread_fields("kto", config)
+  run_dir = open_run_dir(
+    "kto", config, model_dir, unread, lambda: steps_growable("kto", config)
+  )
   log(f"rlhf-jax kto: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

@@ -211,7 +211,9 @@ def open_run(
     config,
     model_dir,
     unread=unread_fields(command, config),
-    growable=continuation.check_continued(command, config),
+    growable=lambda: continuation.growable_totals(
+      command, config, runtime.run_dir_for(command, config)
+    ),
   )
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)
@@ -359,7 +361,10 @@ def run_pipeline(
     _read_finished(ctx, stage, done)  # its time counts in the run's
     earlier[stage] = done.get("_timing", {})
     total = continuation.total(config, stage)
-    log(f"{stage}: finished earlier at step {at}; going on to {total}")
+    log(
+      f"{stage}: finished earlier at step {at}; going on to {total} from "
+      "its latest checkpoint"
+    )
   # A path that cannot be written (read-only, full disk): one line naming it.
   with ctx.stop, runtime.writing(ctx.run_dir), ctx.programs:
     todo = [s for s in stages if finished.get(s) is None]

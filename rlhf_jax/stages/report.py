@@ -538,7 +538,6 @@ def write_policy_outputs(
   ``outputs/<stage>/`` (``export_lm``), summary.json and report.md."""
   out = run_dir / "outputs" / stage
   common.export_lm(host_params, model_config, out, tokenizer_dir=model_dir)
-  write_json(run_dir / "summary.json", summary)
   write_report(
     run_dir,
     summary=summary,
@@ -546,3 +545,5 @@ def write_policy_outputs(
     metrics_path=run_dir / "metrics.jsonl",
     title=f"rlhf-jax {stage}",
   )
+  # Last: a summary.json marks the run finished (`finished_summary`).
+  write_json(run_dir / "summary.json", summary)

@@ -310,39 +310,54 @@ def _resume_longer(run_dir, option, value, capsys):
   return code, capsys.readouterr().err
 
 
+def _refusal(run_dir, option, want, stage, at, why):
+  return (
+    2,
+    f"rlhf-jax: error: cannot resume {run_dir} with {option} {want}: stage "
+    f"{stage} finished at step {at}{why}; resume with {option} {at}, or "
+    "start again with --overwrite\n",
+  )
+
+
 def test_resume_with_more_steps_goes_on_or_names_why_not(
   smoke_run, tmp_path, capsys
 ):
   """ppo may go on (only the report uses it; dpo, which ran after it, does
-  not); a longer rm would leave initial, ppo and dpo on the shorter one,
-  and a stage without checkpoints cannot go on: both refused before the
-  run directory is touched."""
-  from rlhf_jax.checkpoint import finalized_steps
-
+  not). Refused before the run directory is touched: a longer rm (initial,
+  ppo and dpo ran on the shorter one), a ppo that `rlhf-jax eval` scored,
+  and a dpo whose checkpoints are gone, which resumes with its own total
+  even after config.json took a larger one."""
   run_dir = tmp_path / "smoke"
   shutil.copytree(smoke_run[0], run_dir)
-  rm_at = finalized_steps(run_dir / "checkpoints" / "rm")[-1]
+  for f in run_dir.glob("eval_*.json"):  # another test's `rlhf-jax eval`
+    f.unlink()
+  config = json.loads((run_dir / "config.json").read_text())["config"]
+  rm_at, dpo_at = config["rm"]["steps"], config["dpo"]["steps"]
+  ppo_at = config["ppo"]["iterations"]
   before = (run_dir / "config.json").read_text()
-  code, err = _resume_longer(run_dir, "--rm.steps", rm_at + 3, capsys)
-  assert (code, err) == (
-    2,
-    f"rlhf-jax: error: cannot resume {run_dir} with --rm.steps {rm_at + 3}: "
-    f"stage rm finished at step {rm_at}, and stage initial ran on that "
-    f"result; resume with --rm.steps {rm_at}, or start again with "
-    "--overwrite\n",
-  )
-  shutil.rmtree(run_dir / "checkpoints" / "dpo")
-  dpo_at = json.loads(before)["config"]["dpo"]["steps"]
-  code, err = _resume_longer(run_dir, "--dpo.steps", dpo_at + 2, capsys)
-  assert (code, err) == (
-    2,
-    f"rlhf-jax: error: cannot resume {run_dir} with --dpo.steps "
-    f"{dpo_at + 2}: stage dpo finished at step {dpo_at} and its checkpoints "
-    f"are gone ({run_dir}/checkpoints/dpo); resume with --dpo.steps "
-    f"{dpo_at}, or start again with --overwrite\n",
-  )
+  assert _resume_longer(run_dir, "--rm.steps", rm_at + 3, capsys) == _refusal(
+    run_dir, "--rm.steps", rm_at + 3, "rm", rm_at,
+    ", and stage initial ran on that result",
+  )  # fmt: skip
+  (run_dir / "eval_ppo.json").write_text("{}")
+  assert _resume_longer(
+    run_dir, "--ppo.iterations", ppo_at + 1, capsys
+  ) == _refusal(
+    run_dir, "--ppo.iterations", ppo_at + 1, "ppo", ppo_at,
+    ", and `rlhf-jax eval` wrote eval_ppo.json on that result",
+  )  # fmt: skip
+  (run_dir / "eval_ppo.json").unlink()
   assert (run_dir / "config.json").read_text() == before
-  ppo_at = json.loads(before)["config"]["ppo"]["iterations"]
+  # As if a --dpo.steps 6 resume had saved its config, then lost them.
+  saved = json.loads(before)
+  saved["config"]["dpo"]["steps"] = dpo_at + 2
+  (run_dir / "config.json").write_text(json.dumps(saved))
+  shutil.rmtree(run_dir / "checkpoints" / "dpo")
+  gone = f" and its checkpoints are gone ({run_dir}/checkpoints/dpo)"
+  assert _resume_longer(run_dir, "--dpo.steps", dpo_at + 2, capsys) == (
+    _refusal(run_dir, "--dpo.steps", dpo_at + 2, "dpo", dpo_at, gone)
+  )
+  assert _resume_longer(run_dir, "--dpo.steps", dpo_at, capsys)[0] == 0
   ppo = [r for r in _records(run_dir) if r["stage"] == "ppo"]
   dpo = [r for r in _records(run_dir) if r["stage"] == "dpo"]
   code, _ = _resume_longer(run_dir, "--ppo.iterations", ppo_at + 1, capsys)
