@@ -9,7 +9,8 @@ option's total (``--rm.steps``, ``--dpo.steps``, ``--ppo.iterations``,
 to the new total; the record is rewritten when it ends, so a stage
 stopped in between (even after its last checkpoint) goes on again.
 `runtime.prepare_run_dir` lets that option grow (``growable``). Refused
-by name, on process 0 once the run directory is locked: a stage whose
+by name, on process 0 once the run directory is locked: a total below
+the record (or below a checkpoint past it), a stage whose
 checkpoints are gone (resuming with its recorded total works), one whose
 result a stage that has started uses (a longer reward model under an
 evaluation or a PPO run made with the shorter one), and one that
@@ -115,18 +116,38 @@ def _check_users(run_dir, stages, stage: str, flag: str, at: int, want):
     )
 
 
+def _floor(run_dir, stage: str, flag: str, at: int, want: int) -> int:
+  """The lowest total a finished stage (recorded at ``at``) may resume
+  with: its record, or the newest checkpoint of a continuation stopped
+  past it.
+
+  Raises:
+    UserError: ``want`` is below it.
+  """
+  floor = max([at, *checkpoint_steps(run_dir, stage)])
+  if want < floor:
+    raise runtime.UserError(
+      f"cannot resume {run_dir} with {flag} {want}: stage {stage} "
+      f"{'finished' if floor == at else 'has a checkpoint'} at step {floor}; "
+      f"resume with {flag} {floor} or more, or start again with --overwrite"
+    )
+  return floor
+
+
 def growable_totals(
   command: str, config: PipelineConfig, run_dir: pathlib.Path
 ) -> dict[str, int | None]:
   """The stage totals --resume may change (`runtime.prepare_run_dir`'s
   ``growable``; process 0 calls it once the run directory is locked):
-  an unfinished stage's may grow; a finished one's may grow from its
-  record when its checkpoints are there, and go back to its record.
+  an unfinished stage's may grow; a finished one's may be anything from
+  its record, or its newest checkpoint past it (`_floor`); going on past
+  the record needs a checkpoint.
 
   Raises:
     UserError: a finished stage to go on whose checkpoints are gone, or
-      whose result a started stage or an eval file uses (names the
-      option, what stands in the way and the value to resume with).
+      whose result a started stage or an eval file uses; a total below a
+      finished stage's floor (names the option, what stands in the way
+      and the value to resume with).
   """
   stages = stages_for(command, config)
   for stage, at in continued_stages(command, config, run_dir).items():
@@ -136,12 +157,13 @@ def growable_totals(
   out: dict[str, int | None] = {}
   for stage in stages:
     if stage in TOTAL_FIELDS:
+      field = f"{stage}.{TOTAL_FIELDS[stage]}"
       at = recorded_total(stage_file(run_dir, stage), STEPS_KEY)
-      finished = stage_file(run_dir, stage).is_file()
-      if not finished:
-        out[f"{stage}.{TOTAL_FIELDS[stage]}"] = None
+      if not stage_file(run_dir, stage).is_file():
+        out[field] = None
       elif at is not None:
-        out[f"{stage}.{TOTAL_FIELDS[stage]}"] = at
+        want = total(config, stage)
+        out[field] = _floor(run_dir, stage, f"--{field}", at, want)
   return out
 
 
@@ -160,7 +182,7 @@ def steps_growable(command: str, config: Any) -> dict[str, int | None]:
   if at is None:  # finished before totals were recorded
     return {}
   _check_gone(run_dir, command, "--steps", at, config.steps)
-  return {"steps": at}
+  return {"steps": _floor(run_dir, command, "--steps", at, config.steps)}
 
 
 def with_earlier_time(

@@ -216,6 +216,14 @@ def test_resume_goes_on_past_the_end_with_more_steps(files, tmp_path):
   # Stopped after its last checkpoint, before its stage file: the stage
   # file of 2 steps is not the run's result; the stage ends again.
   stage.write_text(json.dumps(short))
+  proc = h.start(*args, "--dpo.steps", "3", "--resume")  # below step 4's
+  out, _ = proc.communicate(timeout=h.LIMIT_S + 15)  # checkpoint
+  assert proc.returncode == 2, out
+  assert out.endswith(
+    f"rlhf-jax: error: cannot resume {run_dir} with --dpo.steps 3: stage "
+    "dpo has a checkpoint at step 4; resume with --dpo.steps 4 or more, or "
+    "start again with --overwrite\n"
+  ), out
   log = h.cli(*args, "--dpo.steps", "4", "--resume")
   assert "dpo: finished earlier at step 2; going on to 4" in log
   assert [r["step"] for r in h.records(run_dir)] == [1, 2, 3, 4]
