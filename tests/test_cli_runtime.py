@@ -661,7 +661,7 @@ def test_stage_learning_rates_by_update(decay):
 def test_unread_fields_are_those_the_refused_options_set(tmp_path):
   """`--resume` skips these fields; the command line refuses their
   options (tests/test_cli_errors.py)."""
-  from rlhf_jax.stages.validate import unread_fields
+  from rlhf_jax.stages.unread import unread_fields
 
   data = tmp_path / "pairs.jsonl"
   base = P.smoke_pipeline()

@@ -497,7 +497,7 @@ def _config(command: str, rest: list[str]) -> Any:
   Raises:
     UserError: an unknown preset or a bad flag (one line).
   """
-  from rlhf_jax.stages.validate import unread_option
+  from rlhf_jax.stages.unread import unread_option
 
   name, rest = _split_preset(rest)
   name = name or ("default" if command in P.PRESETS else None)

@@ -50,6 +50,7 @@ from rlhf_jax.stages.common import (
 from rlhf_jax.stages.configs import KTOStageConfig
 from rlhf_jax.stages.continuation import steps_growable
 from rlhf_jax.stages.report import print_summary, write_policy_outputs
+from rlhf_jax.stages.unread import unread_fields
 from rlhf_jax.stages.user_data import (
   HELDOUT_FRACTION,
   capped_batch,
@@ -60,7 +61,6 @@ from rlhf_jax.stages.user_data import (
   held_data_warnings,
   template_of,
 )
-from rlhf_jax.stages.validate import unread_fields
 from rlhf_jax.train import TrainState, make_kto_step
 from rlhf_jax.train.kto import kto_eval_stats
 

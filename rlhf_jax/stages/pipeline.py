@@ -81,8 +81,8 @@ from rlhf_jax.stages.rm import (
   stage_rm,
 )
 from rlhf_jax.stages.summary import stage_report
+from rlhf_jax.stages.unread import unread_fields
 from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
-from rlhf_jax.stages.validate import unread_fields
 
 # Options that name the user's files: which subcommands read them (the
 # pipeline's, then the other commands' that read an option of that name).
