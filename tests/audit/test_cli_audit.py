@@ -252,8 +252,16 @@ def test_missing_and_absent_data(tmp_path, capsys):
     "--annotator-field is empty: expected the name of the rows' annotator "
     "id field (default: annotator)",
   )
-  code, _, err = _run(capsys, ["audit", "--data", data, "--batch-size", "0"])
+  args = ["audit", "--data", data, "--batch-size", "0"]
+  code, _, err = _run(capsys, [*args, "--reward-model", str(tmp_path)])
   _check(code, err, "--batch-size 0: expected >= 1")
+  code, _, err = _run(capsys, args)  # it sizes --reward-model's batches
+  _check(
+    code,
+    err,
+    "--batch-size sets how --reward-model scores the pairs, and none is "
+    "given; drop it, or give --reward-model",
+  )
 
 
 def test_out_folder_of_the_user_is_never_written(tmp_path, capsys):
