@@ -192,17 +192,17 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
     runtime.prepare_run_dir("run", longer, extra={"model_dir": "m"})
   grow = {"dpo.steps": None, "ppo.iterations": None}
   runtime.prepare_run_dir(
-    "run", longer, extra={"model_dir": "m"}, growable=lambda: grow
+    "run", longer, extra={"model_dir": "m"}, growable=lambda _: grow
   )
   with pytest.raises(runtime.UserError, match=f"dpo.steps: {steps + 2} -> "):
     runtime.prepare_run_dir(
-      "run", unread, extra={"model_dir": "m"}, growable=lambda: grow
+      "run", unread, extra={"model_dir": "m"}, growable=lambda _: grow
     )
   runtime.prepare_run_dir(  # back to the recorded total
     "run",
     unread,
     extra={"model_dir": "m"},
-    growable=lambda: {"dpo.steps": steps},
+    growable=lambda _: {"dpo.steps": steps},
   )
   # Only the growable fields, and only integers (not bools).
   both = dataclasses.replace(
@@ -210,7 +210,7 @@ def test_prepare_run_dir_new_resume_and_overwrite(tmp_path):
   )
   with pytest.raises(runtime.UserError) as e:
     runtime.prepare_run_dir(
-      "run", both, extra={"model_dir": "m"}, growable=lambda: grow
+      "run", both, extra={"model_dir": "m"}, growable=lambda _: grow
     )
   assert "(config.ppo.batch_size: " in str(e.value)
   assert runtime._raised({"a": True}, {"a": 0}, {"a": None}) == []
@@ -665,26 +665,16 @@ def test_unread_fields_are_those_the_refused_options_set(tmp_path):
 
   data = tmp_path / "pairs.jsonl"
   base = P.smoke_pipeline()
+  task = tuple(
+    f"task.{n}"
+    for n in ("sampled_stories", "prefix_min_words", "prefix_max_words")
+  ) + ("task.eval_fraction",)
   dpo = unread_fields("dpo", dataclasses.replace(base, data=str(data)))
   assert dpo == (
-    "feedback",
-    "rm",
-    "sampling",
-    "eval",
-    "task.sampled_stories",
-    "task.prefix_min_words",
-    "task.prefix_max_words",
-    "task.eval_fraction",
-    "sampling.exact_sampling",
+    ("feedback", "rm", "sampling", "eval") + task + ("sampling.exact_sampling",)
   )
   grpo = unread_fields("grpo", dataclasses.replace(base, prompts=str(data)))
-  assert grpo == (
-    "task.sampled_stories",
-    "task.prefix_min_words",
-    "task.prefix_max_words",
-    "task.eval_fraction",
-    "max_response_length",
-  )
+  assert grpo == (*task, "max_response_length")
   assert unread_fields("run", base) == (
     "max_response_length",
     "strict",

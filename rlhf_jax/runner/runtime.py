@@ -884,7 +884,7 @@ def prepare_run_dir(
   extra: dict[str, Any] | None = None,
   write_config: bool = True,
   unread: Sequence[str] = (),
-  growable: Callable[[], Mapping[str, int | None]] | None = None,
+  growable: Callable[[pathlib.Path], Mapping[str, int | None]] | None = None,
 ) -> pathlib.Path:
   """Creates (or reopens, with --resume) the run directory, locks it for
   this process and writes config.json.
@@ -896,7 +896,7 @@ def prepare_run_dir(
   ``unread``: dotted config fields (``"rm"``, ``"task.eval_fraction"``)
   the command does not read with these inputs; --resume does not compare
   them (a run made before such an option was refused may hold one).
-  ``growable``: on --resume, once the directory is locked, gives the
+  ``growable(run_dir)``: on --resume, once the directory is locked, gives the
   integer config fields (a stage's total steps) that may differ from the
   saved ones, each with its floor: any value at or above it (None: above
   the saved value) is taken (the stage goes on from its last checkpoint);
@@ -951,7 +951,7 @@ def prepare_run_dir(
         _comparable(_strict(record), run_dir, record["paths"]),
         _comparable(saved, run_dir, saved.get("paths") or {}),
       )
-      floors = growable() if growable is not None else {}
+      floors = growable(run_dir) if growable is not None else {}
       raised = _raised(record["config"], saved.get("config"), floors)
       diffs = [d for d in diffs if not _in_fields(d, (*unread, *raised))]
       if diffs:

@@ -66,6 +66,11 @@ ADAPTER_DIR = "adapter"
 LORA_KEY = 7  # folded into a stage's key for the adapters' init
 
 
+def stage_file(run_dir: pathlib.Path, name: str) -> pathlib.Path:
+  """A pipeline stage's results, written when it finishes."""
+  return run_dir / "stages" / f"{name}.json"
+
+
 # ------------------------------------------------------------------ context
 
 
@@ -114,7 +119,7 @@ class Context:
     )
 
   def stage_file(self, name: str) -> pathlib.Path:
-    return self.run_dir / "stages" / f"{name}.json"
+    return stage_file(self.run_dir, name)
 
   def finished(self, name: str) -> dict | None:
     """The results of a stage finished earlier, or None. A damaged stage
@@ -351,7 +356,7 @@ def open_run_dir(
   config: Any,
   model_dir: pathlib.Path,
   unread: Sequence[str] = (),
-  growable: Callable[[], Mapping[str, int | None]] | None = None,
+  growable: Callable[[pathlib.Path], Mapping[str, int | None]] | None = None,
 ):
   """Process 0 creates (or checks, on --resume) the run directory; the
   others wait for its verdict (the run directory must be on a filesystem

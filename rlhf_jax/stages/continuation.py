@@ -23,7 +23,7 @@ from typing import Any
 
 from rlhf_jax.checkpoint import finalized_steps
 from rlhf_jax.runner import runtime
-from rlhf_jax.stages.common import POLICIES, stages_for
+from rlhf_jax.stages.common import POLICIES, stage_file, stages_for
 from rlhf_jax.stages.configs import PipelineConfig
 
 # A pipeline training stage's total: the option --resume may raise.
@@ -52,10 +52,6 @@ def checkpoint_steps(run_dir: pathlib.Path, stage: str) -> list[int]:
   """The steps of a stage's finalised checkpoints, ascending, from the
   folder names alone (no orbax manager, no collective)."""
   return finalized_steps(run_dir / "checkpoints" / stage)
-
-
-def stage_file(run_dir: pathlib.Path, stage: str) -> pathlib.Path:
-  return run_dir / "stages" / f"{stage}.json"
 
 
 def recorded_total(path: pathlib.Path, key: str) -> int | None:
@@ -167,14 +163,15 @@ def growable_totals(
   return out
 
 
-def steps_growable(command: str, config: Any) -> dict[str, int | None]:
+def steps_growable(
+  command: str, config: Any, run_dir: pathlib.Path
+) -> dict[str, int | None]:
   """`growable_totals` of a one-stage command (sft, kto): its --steps.
 
   Raises:
     UserError: a larger --steps for a finished run whose checkpoints
       are gone.
   """
-  run_dir = runtime.run_dir_for(command, config)
   summary = run_dir / "summary.json"
   if not summary.is_file():
     return {"steps": None}

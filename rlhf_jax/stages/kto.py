@@ -295,7 +295,7 @@ def run_kto_data(config: KTOStageConfig, log=print) -> dict[str, Any]:
   say_one_label(config.data, train, held, placement.is_primary, log)
   unread = unread_fields("kto", config)
   run_dir = open_run_dir(
-    "kto", config, model_dir, unread, lambda: steps_growable("kto", config)
+    "kto", config, model_dir, unread, lambda d: steps_growable("kto", config, d)
   )
   log(f"rlhf-jax kto: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)

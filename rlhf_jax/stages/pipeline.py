@@ -211,9 +211,7 @@ def open_run(
     config,
     model_dir,
     unread=unread_fields(command, config),
-    growable=lambda: continuation.growable_totals(
-      command, config, runtime.run_dir_for(command, config)
-    ),
+    growable=lambda d: continuation.growable_totals(command, config, d),
   )
   model_config, params = load_policy(placement, model_dir)
   path, spec = placement.sharded_leaf(params)

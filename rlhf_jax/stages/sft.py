@@ -225,7 +225,10 @@ def run_sft(config: SFTStageConfig, log=print) -> dict[str, Any]:
   )
   counts["sft/batch_size"] = batch_size
   run_dir = open_run_dir(
-    "sft", config, model_dir, growable=lambda: steps_growable("sft", config)
+    "sft",
+    config,
+    model_dir,
+    growable=lambda d: steps_growable("sft", config, d),
   )
   log(f"rlhf-jax sft: run directory {run_dir}")
   model_config, params = load_policy(placement, model_dir)
