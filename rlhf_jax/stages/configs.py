@@ -339,6 +339,13 @@ class SFTConfig:
   """Adam learning rate."""
   checkpoint_every: int = 50
   """Steps between checkpoints."""
+  keep_checkpoints: int = 2
+  """Checkpoints kept (the latest ones); --resume falls back to an older
+  one when the latest is damaged."""
+  max_skipped_fraction: float = 0.5
+  """Stop (keeping the last good checkpoint) once more than this fraction
+  of the steps so far were skipped for non-finite loss or gradients
+  (checked from the 4th step on; 1 = never stop)."""
   tensorboard: bool = True
   """Also write TensorBoard event files."""
   mesh: MeshConfig = MeshConfig()
@@ -504,6 +511,13 @@ class KTOStageConfig:
   """--data: steps between held-out evaluations (and at the end)."""
   checkpoint_every: int = 50
   """Steps between checkpoints (and on SIGINT)."""
+  keep_checkpoints: int = 2
+  """Checkpoints kept (the latest ones); --resume falls back to an older
+  one when the latest is damaged."""
+  max_skipped_fraction: float = 0.5
+  """Stop (keeping the last good checkpoint) once more than this fraction
+  of the steps so far were skipped for non-finite loss or gradients
+  (checked from the 4th step on; 1 = never stop)."""
   tensorboard: bool = True
   """Also write TensorBoard event files."""
   loss: KTOConfig = KTOConfig()

@@ -243,6 +243,8 @@ def _train(config, placement, model_config, params, data, run_dir, size):
       tensorboard=config.tensorboard,
       show=_SHOW,
       write=placement.is_primary,
+      keep=config.keep_checkpoints,
+      max_skipped_fraction=config.max_skipped_fraction,
       data_source=data_source(config),
     )
     state, start = loop.restore(state, it)

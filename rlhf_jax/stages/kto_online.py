@@ -83,6 +83,8 @@ def pipeline_config(config: KTOStageConfig) -> PipelineConfig:
     overwrite=config.overwrite,
     seed=config.seed,
     checkpoint_every=config.checkpoint_every,
+    keep_checkpoints=config.keep_checkpoints,
+    max_skipped_fraction=config.max_skipped_fraction,
     tensorboard=config.tensorboard,
     reward=(ACCEPT_REWARD,),
     mesh=config.mesh,

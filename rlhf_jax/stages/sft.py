@@ -143,6 +143,8 @@ def _train(config, placement, model_config, params, ds, run_dir, batch_size):
       tensorboard=config.tensorboard,
       show=("sft/loss",),
       write=placement.is_primary,
+      keep=config.keep_checkpoints,
+      max_skipped_fraction=config.max_skipped_fraction,
       data_source=data_source(config),
     )
     state, start = loop.restore(state, it)

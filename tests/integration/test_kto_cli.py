@@ -9,6 +9,7 @@ import cli_harness as h
 import pytest
 
 from rlhf_jax import models
+from rlhf_jax.checkpoint import finalized_steps
 from rlhf_jax.cli.main import main
 
 HAPPY = [
@@ -157,8 +158,9 @@ def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):
   args = _args(data, run_dir)
   step = h.kill_after_first_checkpoint(*args, run_dir=run_dir, stage="kto")
   assert step == 2
-  log = h.cli(*args, "--resume")
+  log = h.cli(*args, "--resume", "--keep-checkpoints", "1")
   assert "kto: 2/3 (" in log and "kto: 0/3" not in log
+  assert finalized_steps(run_dir / "checkpoints" / "kto") == [3]
   assert h.summary(run_dir) == h.summary(kto_run)
   assert h.records(run_dir) == h.records(kto_run)
   # Once more, finished: the summary is read back, not written again.
@@ -170,7 +172,10 @@ def test_kto_resumes_after_sigkill(data, kto_run, tmp_path):
 
 def test_accept_rate_task_smoke(tmp_path):
   run_dir = tmp_path / "accept"
-  log = h.cli("kto", "--preset", "smoke", "--run-dir", str(run_dir))
+  log = h.cli(
+    "kto", "--preset", "smoke", "--run-dir", str(run_dir),
+    "--checkpoint-every", "1", "--keep-checkpoints", "1",
+  )  # fmt: skip
   assert f"rlhf-jax kto: run directory {run_dir}\n" in log
   s = h.summary(run_dir)
   assert 0.0 < s["kto/initial_accept_rate"] < 1.0
@@ -183,6 +188,8 @@ def test_accept_rate_task_smoke(tmp_path):
   assert (run_dir / "plots" / "accept_rate.png").is_file()
   kto = [r for r in h.records(run_dir) if r["stage"] == "kto"]
   assert [r["step"] for r in kto] == [1, 2]
+  # The GRPO arm checkpoints every round; only the last is kept.
+  assert finalized_steps(run_dir / "checkpoints" / "grpo") == [2]
 
 
 def _error(capsys, args) -> str:

@@ -10,6 +10,8 @@ import math
 import cli_harness as h
 import pytest
 
+from rlhf_jax.checkpoint import finalized_steps
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_PAIRS, N_PROMPTS = 256, 32
@@ -274,7 +276,10 @@ def test_sft_on_hh_pairs(files, tmp_path):
   short = (run_dir / "summary.json").read_text()
   timed = {**json.loads(short), "time/total_s": 1000.0}
   (run_dir / "summary.json").write_text(json.dumps(timed))
-  h.cli(*args, "--resume", "--steps", "5")
+  assert finalized_steps(run_dir / "checkpoints" / "sft") == [2, 3]
+  # --keep-checkpoints is free to change on --resume.
+  h.cli(*args, "--resume", "--steps", "5", "--keep-checkpoints", "1")
+  assert finalized_steps(run_dir / "checkpoints" / "sft") == [5]
   longer = h.records(run_dir)
   assert [r["sft/loss"] for r in longer[:3]] == losses
   assert len(longer) == 5 and longer[2]["marker"] == 1
