@@ -5,7 +5,9 @@ are pytrees that pass through ``jax.jit``, ``pmap`` and sharding unchanged.
 
 Shapes (see the package docstring): B sequences, P prompt length (prompts are
 LEFT-padded), T response length (responses are RIGHT-padded), K responses per
-ranked prompt. Masks are bool, True = valid.
+ranked prompt. Masks are bool, True = valid. ``data.check_padding``
+checks a host batch's padding (``runner.mesh.Placement.batch`` calls it):
+the steps cannot, as they trace the masks' values.
 """
 
 import jax

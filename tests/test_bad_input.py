@@ -15,6 +15,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from rlhf_jax import (
@@ -36,11 +37,16 @@ from rlhf_jax.data import load_examples, tokenize_prompts
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.train import (
   DPOConfig,
+  GRPOConfig,
   PPOConfig,
   RewardModelConfig,
   SFTConfig,
   TrainState,
+  init_grpo_state,
+  init_ppo_state,
   make_dpo_step,
+  make_grpo_step,
+  make_grpo_update,
   make_kto_step,
   make_ppo_step,
   make_reward_model_step,
@@ -53,7 +59,13 @@ from rlhf_jax.train.common import (
   stacked_pairs,
 )
 from rlhf_jax.train.frozen_head import make_head_step
-from rlhf_jax.types import FeaturePairBatch, PreferenceBatch, SFTBatch
+from rlhf_jax.types import (
+  FeaturePairBatch,
+  PreferenceBatch,
+  PromptBatch,
+  RankedBatch,
+  SFTBatch,
+)
 
 
 def _pairs(rejected_rows: int = 4, rejected_len: int = 4) -> PreferenceBatch:
@@ -608,6 +620,20 @@ LIBRARY_CASES = [
     ),
     "response_ids dtype float32: expected integer token ids",
   ),
+  # A float mask counted 0.5 as a real token (cast with != 0).
+  (
+    lambda: concat_prompt_response(
+      jnp.zeros((2, 3), jnp.int32),
+      jnp.ones((2, 3), bool),
+      jnp.zeros((2, 4), jnp.int32),
+      jnp.full((2, 4), 0.5),
+    ),
+    "response_mask must be bool (True = valid), got float32",
+  ),
+  (
+    lambda: stacked_pairs(_pairs().replace(chosen_mask=jnp.full((4, 4), 0.5))),
+    "chosen_mask must be bool (True = valid), got float32",
+  ),
   # Python lists were "Cannot determine dtype of [[1, 2]]".
   (
     lambda: concat_prompt_response(
@@ -864,7 +890,7 @@ LIBRARY_CASES = [
       _state(),
       SFTBatch(*_rows(2, 3), *_rows(2, 4)),
     ),
-    "the batch must be of type PreferenceBatch or RankedBatch, got SFTBatch",
+    "the batch must be of type PreferenceBatch, got SFTBatch (loss_type=",
   ),
   (
     lambda: jax.eval_shape(
@@ -1014,3 +1040,152 @@ def test_rl_configs_share_the_temperature_floor(temperature):
     assert problem.startswith(f"temperature={temperature!r}: {expected}")
   assert config_problems(PPOConfig(0, 0, temperature=0.01)) == []
   assert config_problems(GRPOConfig(0, 0, temperature=0.01)) == []
+
+
+BUILD_CASES = [
+  # Arguments in another order, or an optimizer left uncalled, failed
+  # later with an AttributeError of another object.
+  (
+    lambda: make_dpo_step(DPOConfig(), _opt(), TINY),
+    "model_config must be a models.ModelConfig (models.load_hf_config), "
+    "got DPOConfig",
+  ),
+  (
+    lambda: make_dpo_step(TINY, _opt(), RewardModelConfig()),
+    "config must be a DPOConfig, got RewardModelConfig",
+  ),
+  (
+    lambda: make_dpo_step(TINY, optax.adam),
+    "optimizer must be an optax GradientTransformation (e.g. "
+    "optax.adam(1e-5)), got function",
+  ),
+  (
+    lambda: make_ppo_step(TINY, _opt(), "adam", PPOConfig(0, 0)),
+    "value_optimizer must be an optax GradientTransformation",
+  ),
+  # A string for a number was a TypeError of a comparison.
+  (
+    lambda: make_dpo_step(TINY, _opt(), DPOConfig(beta="0.1")),
+    "DPOConfig: beta='0.1': expected > 0",
+  ),
+  # cliprange is the lower clip too unless cliprange_low is set; 1.5
+  # failed only when the step was traced.
+  (
+    lambda: make_ppo_step(TINY, _opt(), _opt(), PPOConfig(0, 0, cliprange=1.5)),
+    "cliprange=1.5: expected < 1 while cliprange_low is unset",
+  ),
+  (
+    lambda: make_grpo_update(TINY, _opt(), GRPOConfig(0, 0, cliprange=1.0)),
+    "cliprange=1.0: expected < 1 while cliprange_low is unset",
+  ),
+]
+
+
+@pytest.mark.parametrize(
+  "call, message", BUILD_CASES, ids=[m for _, m in BUILD_CASES]
+)
+def test_step_factories_check_their_arguments_when_built(call, message):
+  with pytest.raises((ValueError, TypeError)) as info:
+    call()
+  assert message in str(info.value), str(info.value)
+  # The control: the same factory with its arguments in order builds.
+  make_ppo_step(
+    TINY, _opt(), _opt(), PPOConfig(0, 0, cliprange=1.5, cliprange_low=0.2)
+  )
+
+
+def test_params_of_another_model_are_named():
+  """An LM's params are checked against the config at trace time: a
+  reward model's {backbone, head}, another depth, or an lm_head the config
+  does not have failed inside flax or ran without an error."""
+  params = models.init_params(TINY, jax.random.key(0))
+  rm = models.from_policy_params(params, TINY, jax.random.key(1))
+  deeper = dataclasses.replace(TINY, num_layers=2)
+  assert not TINY.tie_word_embeddings  # its params hold an lm_head
+  tied = dataclasses.replace(TINY, tie_word_embeddings=True)
+  ids, mask = _rows(2, 4)
+  for p, config, message in (
+    (rm, TINY, "params hold ['backbone', 'head']: expected an LM's embed, "
+     "layers and final_norm; these are a reward or value model's"),
+    (params, deeper, "params hold [1] layers, the config 2"),
+    (params, tied,
+     "params hold an lm_head, but the config's tie_word_embeddings is True"),
+    (models.init_params(tied, jax.random.key(0)), TINY,
+     "params hold no lm_head, but the config's tie_word_embeddings is False"),
+  ):  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+      models.forward(p, ids, mask, config=config)
+  # And the other way: an LM's params where a scalar model's go.
+  for fn in (models.reward_forward, models.values_forward):
+    with pytest.raises(ValueError, match="expected a reward or value model"):
+      fn(params, ids, mask, config=TINY)
+  # A DPO step with the reward model's params as its reference.
+  batch = PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4))
+  step = make_dpo_step(TINY, _opt())
+  with pytest.raises(ValueError, match=r"params hold \['backbone', 'head'\]"):
+    jax.eval_shape(step, _state(), batch, rm)
+  jax.eval_shape(step, _state(), batch, params)  # the control
+
+
+def test_frozen_params_a_step_needs_are_named():
+  """PPO's and GRPO's frozen dict: a missing entry was a KeyError or a
+  TypeError inside the reward model."""
+  params = models.init_params(TINY, jax.random.key(0))
+  rm = models.from_policy_params(params, TINY, jax.random.key(1))
+  prompts = PromptBatch(*_rows(2, 3))
+  ppo = make_ppo_step(
+    TINY, _opt(), _opt(), PPOConfig(0, 0, max_new_tokens=2, num_minibatches=1)
+  )
+  state = init_ppo_state(
+    params, rm, _opt(), _opt(), jax.random.key(0), PPOConfig(0, 0)
+  )
+  with pytest.raises(ValueError, match=r"frozen\['reward'\] missing: pass"):
+    jax.eval_shape(ppo, state, prompts, {"ref": params})
+  with pytest.raises(ValueError, match=r"frozen\['ref'\], frozen\['reward'\]"):
+    jax.eval_shape(ppo, state, prompts, {})
+  with pytest.raises(TypeError, match="frozen must be a dict"):
+    jax.eval_shape(ppo, state, prompts, [params, rm])
+  jax.eval_shape(ppo, state, prompts, {"ref": params, "reward": rm})
+  cfg = GRPOConfig(0, 0, group_size=2, max_new_tokens=2, kl_penalty="off")
+  grpo = make_grpo_step(TINY, _opt(), cfg)
+  gstate = init_grpo_state(params, _opt(), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"frozen\['reward'\] missing: with"):
+    jax.eval_shape(grpo, gstate, prompts, {"ref": params})
+  # With a score_fn and no KL term, nothing frozen is needed: None passes.
+  score = lambda _, ids, attn, resp: resp.sum(-1).astype(jnp.float32)
+  grpo = make_grpo_step(TINY, _opt(), cfg, score_fn=score)
+  jax.eval_shape(grpo, gstate, prompts, None)
+
+
+def test_reward_model_step_takes_the_batch_of_its_loss():
+  params = models.init_params(TINY, jax.random.key(0))
+  rm = models.from_policy_params(params, TINY, jax.random.key(1))
+  state = TrainState.create(rm, _opt(), jax.random.key(0))
+  pairs = PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4))
+  ranked_step = make_reward_model_step(
+    TINY, _opt(), RewardModelConfig(loss_type="best_of_k")
+  )
+  with pytest.raises(
+    TypeError,
+    match=r"must be of type RankedBatch, got PreferenceBatch "
+    r"\(loss_type='best_of_k'\)",
+  ):
+    jax.eval_shape(ranked_step, state, pairs)
+  ids, mask = _rows(2, 3)
+  resp = jnp.ones((2, 3, 4), jnp.int32), jnp.ones((2, 3, 4), bool)
+  for ranks, message in (
+    (jnp.array([[0.0, 1.0, 2.0]] * 2), "ranks must hold integers, got dtype"),
+    (jnp.array([[0, 1]] * 2), "ranks shape (2, 2): expected [B, K] = (2, 3)"),
+  ):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+      jax.eval_shape(ranked_step, state, RankedBatch(ids, mask, *resp, ranks))
+  jax.eval_shape(
+    ranked_step,
+    state,
+    RankedBatch(ids, mask, *resp, jnp.array([[2, 0, 1]] * 2)),
+  )
+  pair_step = make_reward_model_step(TINY, _opt())
+  with pytest.raises(TypeError, match=r"got RankedBatch \(loss_type='pair"):
+    jax.eval_shape(
+      pair_step, state, RankedBatch(ids, mask, *resp, jnp.zeros((2, 3), int))
+    )

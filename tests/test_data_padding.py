@@ -7,6 +7,7 @@ import pytest
 
 from rlhf_jax.data import (
   PreferencePair,
+  check_padding,
   load_examples,
   padded_lengths,
   tokenize_preferences,
@@ -14,6 +15,7 @@ from rlhf_jax.data import (
   tokenize_sft,
   trim_padding,
 )
+from rlhf_jax.types import PreferenceBatch
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "data"
 
@@ -141,3 +143,67 @@ def test_trimmed_arrays_are_copies_and_lengths_ints(tiny):
   for a in (*ds.arrays.values(), *ds.pad_row.values()):
     assert a.base is None or a.base.size == a.size, a.shape
     assert a.flags["C_CONTIGUOUS"]
+
+
+def test_every_tokenized_batch_passes_the_padding_check(tiny):
+  """tokenize_* pad prompts left and responses right, padding rows too;
+  the check reads every mask of the batch types."""
+  pairs = [
+    _pair("Once upon a time", " a dog.", " a cat sat."),
+    _pair("L", " ran.", " hid."),
+  ]
+  ds = tokenize_preferences(
+    pairs, tiny, max_prompt_length=8, max_response_length=8
+  )
+  batch = ds.take(np.array([0, 1, -1]))
+  check_padding(batch)  # no error
+  check_padding(ds.arrays)  # a mapping of the same arrays
+
+
+def _batch(prompt_rows, response_rows):
+  prompt = np.array(prompt_rows, bool)
+  response = np.array(response_rows, bool)
+  return PreferenceBatch(
+    prompt_ids=np.zeros(prompt.shape, np.int32),
+    prompt_mask=prompt,
+    chosen_ids=np.zeros(response.shape, np.int32),
+    chosen_mask=response,
+    rejected_ids=np.zeros(response.shape, np.int32),
+    rejected_mask=np.ones(response.shape, bool),
+  )
+
+
+@pytest.mark.parametrize(
+  "prompt, response, expected",
+  [
+    # A Hugging Face tokenizer's default: prompts padded on the right.
+    (
+      [[0, 1, 1], [1, 1, 0]],
+      [[1, 0], [1, 1]],
+      r"prompt_mask\[1\] is not left-padded .*: 110 \(a Hugging Face",
+    ),
+    # A hole inside the prompt's real tokens.
+    ([[1, 0, 1], [0, 1, 1]], [[1, 0], [1, 1]], r"prompt_mask\[0\] .*: 101"),
+    # Responses padded on the left.
+    (
+      [[0, 1, 1], [1, 1, 1]],
+      [[1, 1], [0, 1]],
+      r"chosen_mask\[1\] is not right",
+    ),
+  ],
+)
+def test_otherwise_padded_batches_are_named(prompt, response, expected):
+  with pytest.raises(ValueError, match=expected):
+    check_padding(_batch(prompt, response))
+
+
+def test_padding_check_reads_every_axis_of_ranked_masks():
+  """RankedBatch's response_mask is [B, K, T]: the row is (b, k)."""
+  mask = np.ones((2, 3, 4), bool)
+  mask[1, 2] = [True, False, False, True]
+  batch = {"prompt_mask": np.ones((2, 2), bool), "response_mask": mask}
+  with pytest.raises(ValueError, match=r"response_mask\[1, 2\] .*: 1001$"):
+    check_padding(batch)
+  # All-False rows (padding rows) and all-True rows are padded either way.
+  mask[1, 2] = False
+  check_padding(batch)

@@ -51,7 +51,7 @@ from rlhf_jax.data.loader import (
   host_slice,
   train_eval_split,
 )
-from rlhf_jax.data.padding import padded_lengths, trim_padding
+from rlhf_jax.data.padding import check_padding, padded_lengths, trim_padding
 from rlhf_jax.data.readers import Row, read_jsonl, read_parquet, read_rows
 from rlhf_jax.data.tokenize import (
   HFTokenizerAdapter,
@@ -69,6 +69,7 @@ __all__ = [
   "ASSISTANT_MARKER",
   "BatchIterator",
   "ChatTemplate",
+  "check_padding",
   "CompletionExample",
   "DROP_REASONS",
   "DataError",

@@ -6,10 +6,16 @@ costs compute, and memory, on every step. `trim_padding` cuts the padded
 axes to the longest row of the datasets given together (a train and a
 held-out split share one shape, so one compiled step serves both); the
 shapes stay static for the whole run, and no token is cut.
+
+`check_padding` checks that a host batch is padded that way (prompts
+left, responses right) before it goes to the devices.
 """
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
+import jax
 import numpy as np
 
 from rlhf_jax.data.tokenize import TokenizedDataset
@@ -108,3 +114,70 @@ def _cut(ds: TokenizedDataset, prompt: int, response: int) -> TokenizedDataset:
     arrays={k: cut(k, a) for k, a in ds.arrays.items()},
     pad_row={k: cut(k, a) for k, a in ds.pad_row.items()},
   )
+
+
+def _fields(batch: Any) -> list[tuple[str, Any]]:
+  """(name, value) of a batch dataclass's fields or a mapping's items."""
+  if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+    return [(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)]
+  if isinstance(batch, Mapping):
+    return [(str(k), v) for k, v in batch.items()]
+  return []
+
+
+def check_padding(batch: Any) -> None:
+  """Checks that a host batch is padded as the train steps read it: every
+  ``prompt_mask`` left-padded (each row False ... False True ... True),
+  every other ``*_mask`` field right-padded (True ... True False ...
+  False), along the last axis (docs/conventions.md).
+
+  The steps predict a response's first token from the prompt's last slot
+  (convention 1), so a right-padded prompt, the default of Hugging Face
+  tokenizers, would give wrong logprobs and rewards without an error; a
+  compiled step cannot read the values it traces, so the host checks
+  them before they go to the devices (``runner.mesh.Placement.batch``
+  calls this).
+
+  Args:
+    batch: a batch dataclass (``PreferenceBatch``, ``PromptBatch``, ...)
+      or a mapping of host arrays; fields that are None and traced values
+      are skipped, and so is anything else.
+
+  Raises:
+    ValueError: naming the field, the first row that is padded otherwise
+      and how it was expected.
+  """
+  for name, value in _fields(batch):
+    if not name.endswith("_mask") or value is None:
+      continue
+    if isinstance(value, jax.core.Tracer):
+      continue
+    mask = np.asarray(value)
+    if mask.ndim < 2 or mask.size == 0:
+      continue  # shapes are the steps' own checks
+    rows = mask.reshape(-1, mask.shape[-1]).astype(bool)
+    left = name.endswith(PROMPT + "_mask")
+    steps = rows[:, 1:] >= rows[:, :-1] if left else rows[:, 1:] <= rows[:, :-1]
+    bad = np.flatnonzero(~steps.all(axis=1))
+    if bad.size:
+      row = np.unravel_index(bad[0], mask.shape[:-1])
+      where = ", ".join(str(int(i)) for i in row)
+      side, first = (
+        ("left", "pad slots first") if left else ("right", "pad slots last")
+      )
+      hint = (
+        " (a Hugging Face tokenizer pads on the right unless "
+        "padding_side='left')"
+        if left
+        else ""
+      )
+      raise ValueError(
+        f"{name}[{where}] is not {side}-padded ({first}, one run of real "
+        f"tokens): {_pattern(rows[bad[0]])}{hint}"
+      )
+
+
+def _pattern(row: np.ndarray) -> str:
+  """A mask row as 1s and 0s, long rows cut in the middle."""
+  text = "".join("1" if v else "0" for v in row)
+  return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]}"

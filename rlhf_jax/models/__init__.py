@@ -71,6 +71,7 @@ from rlhf_jax.models.tokenizer import (
 from rlhf_jax.models.transformer import (
   Transformer,
   check_layer_count,
+  check_params,
   check_position_table,
   default_positions,
   forward,
@@ -92,6 +93,7 @@ __all__ = [
   "Transformer",
   "check_hf_checkpoint",
   "check_layer_count",
+  "check_params",
   "check_position_table",
   "check_vocab_fits",
   "decode_step",

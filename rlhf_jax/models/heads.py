@@ -133,6 +133,28 @@ def _copy_tree(tree: Params) -> Params:
   return jax.tree.map(jnp.copy, tree)
 
 
+def check_scalar_params(params: Params) -> None:
+  """Checks that params are a scalar model's {"backbone", "head"} (at
+  trace time; the backbone is checked by ``transformer.check_params``).
+
+  Raises:
+    TypeError: params that are not a dict.
+    ValueError: other entries, such as an LM's (embed, layers, ...).
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      f"params must be a dict of arrays, got {type(params).__name__}"
+    )
+  if set(params) != {"backbone", "head"}:
+    hint = ""
+    if "embed" in params:
+      hint = "; these are an LM's: models.from_policy_params adds a head"
+    raise ValueError(
+      f"params hold {sorted(params)}: expected a reward or value model's "
+      f"backbone and head{hint}"
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("config", "rows_range"))
 def values_forward(
   params: Params,
@@ -160,8 +182,10 @@ def values_forward(
     False hold 0.
 
   Raises:
-    ValueError: inputs of other shapes or dtypes (`check_sequences`).
+    ValueError: inputs of other shapes or dtypes (`check_sequences`);
+      params that are not a scalar model's (`check_scalar_params`).
   """
+  check_scalar_params(params)
   check_sequences(input_ids, attention_mask, position_ids)
   mask = attention_mask.astype(jnp.bool_)
   h = hidden_forward(
@@ -203,8 +227,10 @@ def reward_forward(
     f32[B].
 
   Raises:
-    ValueError: inputs of other shapes or dtypes (`check_sequences`).
+    ValueError: inputs of other shapes or dtypes (`check_sequences`);
+      params that are not a scalar model's (`check_scalar_params`).
   """
+  check_scalar_params(params)
   check_sequences(input_ids, attention_mask, position_ids)
   mask = attention_mask.astype(jnp.bool_)
   # An empty row reads position 0 and is zeroed below. The last layer runs
@@ -253,9 +279,11 @@ def shared_prompt_rewards(
     prompt or response token; "mean": an empty response).
 
   Raises:
-    ValueError: shapes other than the above, B, K, P or T is 0, or an
-      unknown ``pooling``.
+    ValueError: shapes other than the above, B, K, P or T is 0, an
+      unknown ``pooling``, or params that are not a scalar model's
+      (`check_scalar_params`).
   """
+  check_scalar_params(params)
   check_inputs(
     prompt_ids,
     prompt_mask,

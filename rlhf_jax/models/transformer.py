@@ -64,6 +64,7 @@ layer scan like W. See `rlhf_jax.models.lora`.
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -1016,6 +1017,7 @@ def prunes_last_layer(config: ModelConfig) -> bool:
 def _run(
   params, input_ids, positions, mask, kv, write_index, config, rows=None
 ):
+  check_params(params, config)
   scan = "layers" in params
   if scan and kv is not None and isinstance(kv[0], (tuple, list)):
     raise ValueError(
@@ -1120,6 +1122,45 @@ def holds_transposed_weights(params: Params) -> bool:
   return any(
     str(getattr(path[-1], "key", "")).endswith(TRANSPOSED) for path, _ in paths
   )
+
+
+def check_params(params: Params, config: ModelConfig) -> None:
+  """Checks that params are an LM's in this config's layout (at trace
+  time: only their structure and shapes are read): an "embed", the
+  config's number of layers (`check_layer_count`), and in the stacked
+  layout an "lm_head" exactly when the config's head is untied.
+
+  Raises:
+    TypeError: params that are not a dict.
+    ValueError: another model's params (a reward or value model's
+      {backbone, head}, one of another depth, an untied model's under a
+      tied config or the reverse); flax would fail inside the model, or
+      run an lm_head the config does not have.
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      "params must be a dict of arrays (models.init_params or "
+      f"models.load_hf_checkpoint), got {type(params).__name__}"
+    )
+  if "embed" not in params or not {"layers", "layers_0"} & set(params):
+    hint = ""
+    if "backbone" in params:
+      hint = (
+        "; these are a reward or value model's (models.from_policy_params), "
+        "whose LM is params['backbone']"
+      )
+    raise ValueError(
+      f"params hold {sorted(params)}: expected an LM's embed, layers and "
+      f"final_norm{hint}"
+    )
+  check_layer_count(params, config)
+  tied = config.tie_word_embeddings
+  if "layers" in params and ("lm_head" in params) == tied:
+    has = "an lm_head" if tied else "no lm_head"
+    raise ValueError(
+      f"params hold {has}, but the config's tie_word_embeddings is {tied}: "
+      "params of another model's config"
+    )
 
 
 def check_layer_count(params: Params, config: ModelConfig) -> None:

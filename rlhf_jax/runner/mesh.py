@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import models, parallel
+from rlhf_jax.data.padding import check_padding
 from rlhf_jax.parallel.rules import Rules
 from rlhf_jax.runner.progress import ProgressBar
 from rlhf_jax.runner.runtime import UserError, is_primary_process
@@ -296,7 +297,10 @@ class Placement:
 
     Raises:
       MeshError: B is not divisible by the batch axes.
+      ValueError: a prompt mask that is not left-padded or another mask
+        not right-padded (``data.check_padding``).
     """
+    check_padding(tree)
     sharding = self.batch_sharding()
     leaves = jax.tree.leaves(tree)
     if leaves:

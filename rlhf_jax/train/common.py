@@ -11,7 +11,7 @@ of micro-batches.
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +28,7 @@ from rlhf_jax.logprobs import (
   logprobs_from_logits,
   response_rows,
 )
-from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.state import TrainState, check_optimizer
 from rlhf_jax.types import PPOBatch, PreferenceBatch, Rollout
 
 PyTree = Any
@@ -137,7 +137,7 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
 
   Raises:
     TypeError: ids or a mask that is not an array (a list: jax.numpy
-      takes no lists), naming the field.
+      takes no lists), or a float mask, naming the field.
     ValueError: the first other problem, naming the fields.
   """
   first = None
@@ -158,6 +158,11 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
       raise ValueError(
         f"{id_name} dtype {jnp.result_type(ids)}: expected integer token ids"
       )
+    if jnp.issubdtype(jnp.result_type(mask), jnp.inexact):
+      # 0.5 would count as a real token (masks are cast with != 0).
+      raise TypeError(
+        f"{mask_name} must be bool (True = valid), got {jnp.result_type(mask)}"
+      )
     if first is None:
       first = (id_name, shape[0])
     elif shape[0] != first[1]:
@@ -165,6 +170,28 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
         f"{id_name} has {shape[0]} rows but {first[0]} {first[1]}: expected "
         "one batch size"
       )
+
+
+def check_frozen(frozen: Any, required: Sequence[str], hint: str) -> dict:
+  """A step's ``frozen`` argument as a dict (None: empty) holding every
+  key of ``required`` with a value other than None, checked at trace time.
+
+  Raises:
+    TypeError: ``frozen`` is neither a dict nor None.
+    ValueError: a required key is missing or None, naming it and
+      ``hint`` (what to pass).
+  """
+  if frozen is None:
+    frozen = {}
+  if not isinstance(frozen, Mapping):
+    raise TypeError(
+      f"frozen must be a dict ({hint}), got {type(frozen).__name__}"
+    )
+  missing = [k for k in required if frozen.get(k) is None]
+  if missing:
+    names = ", ".join(f"frozen[{k!r}]" for k in missing)
+    raise ValueError(f"{names} missing: {hint}")
+  return frozen
 
 
 def check_preference_batch(batch: PreferenceBatch) -> None:
@@ -493,6 +520,29 @@ def one_of(*choices: Any) -> Rule:
   return (lambda v: v in choices, f"one of {', '.join(map(str, choices))}")
 
 
+def _passes(rule: Rule, value: Any) -> bool:
+  """Whether ``value`` keeps ``rule``; a value the rule cannot compare
+  (a string for a number) does not."""
+  try:
+    return bool(rule[0](value))
+  except (TypeError, ValueError):
+    return False
+
+
+def clip_problems(config: Any) -> list[str]:
+  """A ``cliprange`` of 1 or more where it is also the lower clip
+  (``cliprange_low`` unset): the ratio's lower bound 1 - cliprange would
+  be 0 or below."""
+  low, clip = config.cliprange_low, config.cliprange
+  if low is None and isinstance(clip, (int, float)) and clip >= 1:
+    return [
+      f"cliprange={clip!r}: expected < 1 while cliprange_low is unset (the "
+      "lower clip is then 1 - cliprange); set cliprange_low for a wider "
+      "upper clip"
+    ]
+  return []
+
+
 def config_problems(config: Any) -> list[str]:
   """What is wrong with a frozen config, one ``field=value: expected ...``
   per field: a non-finite float anywhere, or a break of the class's
@@ -503,7 +553,7 @@ def config_problems(config: Any) -> list[str]:
     v = getattr(config, f.name)
     if isinstance(v, float) and not math.isfinite(v):
       out.append(f"{f.name}={v!r}: expected a finite number")
-    elif v is not None and f.name in rules and not rules[f.name][0](v):
+    elif v is not None and f.name in rules and not _passes(rules[f.name], v):
       out.append(f"{f.name}={v!r}: expected {rules[f.name][1]}")
   cross = getattr(config, "cross_problems", None)
   return out + (cross() if cross else [])
@@ -517,13 +567,36 @@ def check_config(config: Any) -> None:
     raise ValueError(f"{type(config).__name__}: {'; '.join(problems)}")
 
 
-def check_build(model_config: Any, config: Any) -> None:
+def check_build(
+  model_config: Any,
+  config: Any,
+  config_type: type,
+  optimizers: Sequence[tuple[str, Any]] = (),
+) -> None:
   """What every step factory checks when it is built, before any trace.
 
+  Args:
+    model_config: the factory's model config argument.
+    config: its step config argument, which must be a ``config_type``.
+    optimizers: (argument name, value) of its optimizers.
+
   Raises:
+    TypeError: an argument of another type (arguments in another order,
+      ``optax.adam`` uncalled), naming it.
     ValueError: a field of ``config`` out of range (each one named), or a
       float64 model config while jax_enable_x64 is off.
   """
+  if not isinstance(model_config, models.ModelConfig):
+    raise TypeError(
+      "model_config must be a models.ModelConfig (models.load_hf_config), "
+      f"got {type(model_config).__name__}"
+    )
+  if not isinstance(config, config_type):
+    raise TypeError(
+      f"config must be a {config_type.__name__}, got {type(config).__name__}"
+    )
+  for name, optimizer in optimizers:
+    check_optimizer(name, optimizer)
   model_config.check_dtypes()
   check_config(config)
 

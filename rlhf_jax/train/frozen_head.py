@@ -145,13 +145,15 @@ def make_head_step(
       ``check_feature_batch`` raises, at trace time.
   """
   config = config or RewardModelConfig()
+  check_build(
+    model_config, config, RewardModelConfig, [("optimizer", optimizer)]
+  )
   if config.loss_type != "pairwise":
     raise ValueError(
       f"loss_type={config.loss_type!r}: the frozen-backbone head trains on "
       "pairs; expected 'pairwise'"
     )
 
-  check_build(model_config, config)
   axis = config.axis_name
 
   def step(state: TrainState, batch: FeaturePairBatch):

@@ -31,7 +31,7 @@ from flax import struct
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
-from rlhf_jax.train.common import check_batch, check_build
+from rlhf_jax.train.common import check_batch, check_build, check_frozen
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_groups import (
   grouped,
@@ -73,7 +73,11 @@ class GRPOSamples:
   Attributes:
     rollout: the sampled responses (B = prompts x G rows; the G rows of
       a group hold the same prompt, which prefix sharing relies on).
-    old_logprobs: f32[B, T] teacher-forced logprobs of the sampling params.
+    old_logprobs: f32[B, T] logprobs of the sampling params: teacher-forced
+      when the iteration makes several updates or the KL is a reward,
+      else the sampler's own (``rollout.logprobs``; the one update's
+      ratio uses its own logprobs, so these only enter the reported
+      statistics, to float32 rounding of the KV-cache path).
     ref_logprobs: f32[B, T] of the reference (0 without a reference).
   """
 
@@ -127,7 +131,7 @@ def make_grpo_rollout(
   Raises:
     ValueError: see ``train.common.check_build``.
   """
-  check_build(model_config, config)
+  check_build(model_config, config, GRPOConfig)
 
   def rollout_fn(state: TrainState, prompts: PromptBatch, frozen=None):
     sample_rng, _ = _keys(state)
@@ -194,7 +198,7 @@ def make_grpo_update(
       [B], rows that do not split into minibatches, or with
       share_prompt=True groups that do not (``update_packs_groups``).
   """
-  check_build(model_config, config)
+  check_build(model_config, config, GRPOConfig, [("optimizer", optimizer)])
   minibatch_update = make_grpo_minibatch_update(model_config, optimizer, config)
 
   def update(state: TrainState, samples: GRPOSamples, scores: jax.Array):
@@ -301,14 +305,26 @@ def make_grpo_step(
       passed through. Default: ``models.reward_forward`` (a reward model).
 
   Returns:
-    step(state: TrainState, prompts: PromptBatch, frozen: dict) -> (state,
-    metrics); equal to ``make_grpo_update(make_grpo_rollout(...), scores)``.
+    step(state: TrainState, prompts: PromptBatch, frozen: dict | None) ->
+    (state, metrics); equal to ``make_grpo_update(make_grpo_rollout(...),
+    scores)``. ``frozen`` holds "ref" (needed for a KL term, unless LoRA)
+    and "reward" (needed without ``score_fn``); None when neither is.
+
+  Raises:
+    ValueError: at trace time, ``frozen`` without what it needs (named).
   """
   rollout_fn = make_grpo_rollout(model_config, config)
   update = make_grpo_update(model_config, optimizer, config)
 
-  def step(state: TrainState, prompts: PromptBatch, frozen: dict):
+  needs = () if score_fn else ("reward",)
+  hint = (
+    "without a score_fn the reward model scores the samples: pass "
+    "frozen={'ref': reference LM params, 'reward': reward-model params}"
+  )
+
+  def step(state: TrainState, prompts: PromptBatch, frozen: dict | None):
     check_batch(prompts, PromptBatch)
+    frozen = check_frozen(frozen, needs, hint)
     samples = rollout_fn(state, prompts, frozen)
     r = samples.rollout
     shape = (r.prompt_ids.shape[1], r.response_ids.shape[1])

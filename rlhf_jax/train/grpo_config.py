@@ -12,6 +12,7 @@ from rlhf_jax.train.common import (
   above,
   an_int_at_least,
   at_least,
+  clip_problems,
   one_of,
   within,
 )
@@ -134,7 +135,7 @@ class GRPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
-    out = []
+    out = clip_problems(self)
     if self.kl_penalty == "loss" and self.kl_estimator == "k1":
       # d k1 / d log pi = 1: its expectation on-policy is 0.
       out.append(

@@ -191,7 +191,7 @@ def make_kto_step(
   Raises:
     ValueError: see ``train.common.check_build``; an odd number of rows.
   """
-  check_build(model_config, config)
+  check_build(model_config, config, KTOConfig, [("optimizer", optimizer)])
   axis = config.axis_name
   lora_policy = model_config.lora is not None and model_config.lora.enabled
   hyper = dict(

@@ -34,7 +34,7 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.models import lora
-from rlhf_jax.train.common import check_batch, check_build
+from rlhf_jax.train.common import check_batch, check_build, check_frozen
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
@@ -112,24 +112,43 @@ def make_ppo_step(
 
   Raises:
     ValueError: see ``train.common.check_build``; at trace time, batch
-      sizes that do not split into minibatches.
+      sizes that do not split into minibatches, or ``frozen`` without
+      "ref" (needed unless LoRA) or "reward" (unless ``score_fn``).
   """
-  check_build(model_config, config)
+  check_build(
+    model_config,
+    config,
+    PPOConfig,
+    [
+      ("policy_optimizer", policy_optimizer),
+      ("value_optimizer", value_optimizer),
+    ],
+  )
   lora_policy = model_config.lora is not None and model_config.lora.enabled
   phase = dict(model_config=model_config, config=config)
   build = _fused_phases if fuses(config) else _phased
   update_phases = build(model_config, config, policy_optimizer, value_optimizer)
 
+  needs = (() if lora_policy else ("ref",)) + (() if score_fn else ("reward",))
+  hint = (
+    "pass frozen={'ref': reference LM params, 'reward': reward-model params "
+    "(or None with a score_fn)}"
+  )
+
   def step(state: PPOState, prompts: PromptBatch, frozen: dict):
     check_batch(prompts, PromptBatch)
     _check_rows(prompts, config)
+    frozen = check_frozen(frozen, needs, hint)
     rng = jax.random.fold_in(state.rng, state.step)
     sample_rng, perm_rng = jax.random.split(rng)
     rollout = rollout_phase(state.policy_params, prompts, sample_rng, **phase)
     raw_scores = score_phase(
-      frozen["reward"], rollout, model_config=model_config, score_fn=score_fn
+      frozen.get("reward"),
+      rollout,
+      model_config=model_config,
+      score_fn=score_fn,
     )
-    ref = frozen["ref"]
+    ref = frozen.get("ref")
     if ref is None and lora_policy:  # the base, adapters off (no copy)
       ref = lora.adapters_off(state.policy_params)
     learner, update_stats, shaped = update_phases(

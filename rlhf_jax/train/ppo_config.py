@@ -16,6 +16,7 @@ from rlhf_jax.train.common import (
   above,
   an_int_at_least,
   at_least,
+  clip_problems,
   one_of,
   within,
 )
@@ -133,7 +134,7 @@ class PPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
-    out = []
+    out = clip_problems(self)
     if self.adaptive_kl and not self.kl_coef > 0:
       out.append(f"kl_coef={self.kl_coef!r}: expected > 0 with adaptive_kl")
     if self.kl_loss_coef > 0 and self.kl_estimator == "k1":

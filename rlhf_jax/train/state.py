@@ -18,6 +18,16 @@ from rlhf_jax.kl import KLControllerState
 PyTree = Any
 
 
+def check_optimizer(name: str, optimizer: Any) -> None:
+  """Raises TypeError naming ``name`` unless ``optimizer`` is an optax
+  GradientTransformation (``optax.adam`` itself, uncalled, is not)."""
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise TypeError(
+      f"{name} must be an optax GradientTransformation (e.g. "
+      f"optax.adam(1e-5)), got {type(optimizer).__name__}"
+    )
+
+
 @struct.dataclass
 class TrainState:
   """State of the single-model steps (SFT, reward model, DPO).
@@ -50,11 +60,7 @@ class TrainState:
         ``rng`` is not an array (`checks.check_key`).
       ValueError: ``rng`` is an array but not one PRNG key.
     """
-    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-      raise TypeError(
-        "optimizer must be an optax GradientTransformation (e.g. "
-        f"optax.adam(1e-5)), got {type(optimizer).__name__}"
-      )
+    check_optimizer("optimizer", optimizer)
     check_key("rng", rng)
     return cls(
       step=jnp.zeros((), jnp.int32),

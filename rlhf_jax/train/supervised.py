@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import models
+from rlhf_jax.checks import check_integer_array
 from rlhf_jax.logprobs import (
   logprobs_from_logits,
   response_logprobs,
@@ -89,7 +90,7 @@ def make_sft_step(
   Raises:
     ValueError: see ``train.common.check_build``.
   """
-  check_build(model_config, config)
+  check_build(model_config, config, SFTConfig, [("optimizer", optimizer)])
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
@@ -309,11 +310,19 @@ def make_reward_model_step(
   Raises:
     ValueError: see ``train.common.check_build``.
   """
-  check_build(model_config, config)
+  check_build(
+    model_config, config, RewardModelConfig, [("optimizer", optimizer)]
+  )
   axis = config.axis_name
 
+  # Pairs for Bradley-Terry, K ranked responses for the best-of-K loss.
+  kind = PreferenceBatch if config.loss_type == "pairwise" else RankedBatch
+
   def step(state: TrainState, batch):
-    check_batch(batch, (PreferenceBatch, RankedBatch))
+    try:
+      check_batch(batch, kind)
+    except TypeError as e:
+      raise TypeError(f"{e} (loss_type={config.loss_type!r})") from None
     total = global_sum(batch.prompt_ids.shape[0], axis)
 
     def loss_fn(params, mb):
@@ -357,8 +366,18 @@ def _ranked_rewards(params, batch: RankedBatch, model_config, share_prompt):
 
   Returns:
     (rewards f32[B, K], best i32[B]).
+
+  Raises:
+    TypeError: ranks of a float or bool dtype.
+    ValueError: ranks not [B, K] of the responses' B and K.
   """
   size, k, resp_len = batch.response_ids.shape
+  check_integer_array("ranks", batch.ranks)
+  if jnp.shape(batch.ranks) != (size, k):
+    raise ValueError(
+      f"ranks shape {jnp.shape(batch.ranks)}: expected [B, K] = "
+      f"{(size, k)}, as response_ids {batch.response_ids.shape}"
+    )
   best = jnp.argmin(batch.ranks, axis=-1).astype(jnp.int32)
   p = batch.prompt_ids.shape[1]
   if models.resolve_share_prompt(share_prompt, model_config, p, resp_len, k):
@@ -500,7 +519,7 @@ def make_dpo_step(
   Raises:
     ValueError: see ``train.common.check_build``.
   """
-  check_build(model_config, config)
+  check_build(model_config, config, DPOConfig, [("optimizer", optimizer)])
   axis = config.axis_name
   average = config.loss_type == "ipo"
   lora_policy = model_config.lora is not None and model_config.lora.enabled

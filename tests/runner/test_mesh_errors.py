@@ -106,3 +106,16 @@ def test_coordinator_address_needs_a_port_in_range(address):
     f"--distributed.coordinator-address {address!r}: expected HOST:PORT "
     "with a port in 1..65535 (e.g. 127.0.0.1:12345)"
   )
+
+
+def test_batch_padded_otherwise_is_refused_before_placing(fsdp_placement):
+  """A right-padded prompt would give wrong logprobs without an error
+  inside the step (it predicts the first response token from the prompt's
+  last slot), so the host batch is checked before it is placed."""
+  prompt = np.ones((8, 4), bool)
+  prompt[3, 2:] = False  # right-padded
+  with pytest.raises(ValueError, match=r"prompt_mask\[3\] is not left-pad"):
+    fsdp_placement.batch({"prompt_mask": prompt})
+  prompt[3] = [False, False, True, True]
+  got = fsdp_placement.batch({"prompt_mask": prompt})["prompt_mask"]
+  np.testing.assert_array_equal(np.asarray(got), prompt)
