@@ -22,6 +22,8 @@ sampling, train steps, distribution and checkpoints live in the subpackages
 ``rlhf_jax.parallel`` and ``rlhf_jax.checkpoint``.
 """
 
+# First: it refuses a $JAX_NUM_CPU_DEVICES that `import jax` would raise on.
+from rlhf_jax import _environment  # noqa: F401
 from rlhf_jax.advantages import (
   discounted_returns,
   gae_advantages,

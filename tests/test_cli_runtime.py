@@ -499,7 +499,7 @@ def test_cache_dir_variable_is_checked(monkeypatch, capsys, tmp_path):
 def test_cpu_device_count_variable_is_checked(monkeypatch, capsys, value):
   """$JAX_NUM_CPU_DEVICES=0 was an internal error (no CPU backend) and -3
   passed silently; both are one line now, before any work. (A value that
-  is not a number fails inside jax's import, before rlhf-jax runs.)"""
+  is not a number fails inside jax's import: the next test.)"""
   from rlhf_jax.cli.main import main
 
   monkeypatch.setenv("JAX_NUM_CPU_DEVICES", value)
@@ -508,6 +508,32 @@ def test_cpu_device_count_variable_is_checked(monkeypatch, capsys, value):
     f"rlhf-jax: error: $JAX_NUM_CPU_DEVICES={value!r}: expected a number of "
     "CPU devices >= 1 (or -1, jax's default)\n"
   )
+
+
+@pytest.mark.parametrize("value", ["abc", "2.5", ""])
+def test_a_device_count_jax_cannot_parse_is_refused_before_jax(value):
+  """jax parses $JAX_NUM_CPU_DEVICES as it is imported: a value that is no
+  integer was a traceback from `import jax`, even for --help. The command
+  says it in one line (exit 2); a library import raises naming it."""
+  env = {**os.environ, "JAX_NUM_CPU_DEVICES": value}
+  line = (
+    f"$JAX_NUM_CPU_DEVICES={value!r}: expected a number of CPU devices >= 1 "
+    "(or -1, jax's default)"
+  )
+  command = pathlib.Path(sys.executable).with_name("rlhf-jax")
+  proc = subprocess.run(
+    [str(command), "sft", "--help"], env=env, capture_output=True, text=True
+  )
+  assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+  assert proc.stderr == f"rlhf-jax: error: {line}\n"
+  proc = subprocess.run(
+    [sys.executable, "-c", "import rlhf_jax"],
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 1
+  assert proc.stderr.rstrip().endswith(f"ValueError: {line}"), proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ mostly dropped file stops with one line, and bad files name the file, the
 line and the field."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -355,6 +356,41 @@ def test_bad_jsonl_files_name_file_line_and_field(tmp_path):
   d = tmp_path / "dir.jsonl"
   d.mkdir()
   assert error_of(d) == f"{d}: is a directory, not a data file"
+  # An integer past Python's 4300-digit limit was an internal error.
+  p.write_text('{"prompt": "a", "chosen": ' + "9" * 5000 + "}\n")
+  assert error_of(p).startswith(f"{p}:1: invalid JSON: Exceeds the limit")
+  # A fifo was "no such file" (and reading one would block).
+  fifo = tmp_path / "fifo.jsonl"
+  os.mkfifo(fifo)
+  assert error_of(fifo) == f"{fifo}: is a fifo, not a regular data file"
+  loop = tmp_path / "loop.jsonl"
+  loop.symlink_to(loop)
+  assert error_of(loop).startswith(f"{loop}: cannot read: Too many levels")
+
+
+def test_unpaired_surrogates_are_named_when_read(tmp_path):
+  """JSON's "\ud800" escape alone is valid JSON but no text: the
+  tokenizer failed on it with an internal error, after the run began."""
+  p = tmp_path / "s.jsonl"
+  p.write_text(
+    '{"prompt": "ok", "chosen": "b", "rejected": "c"}\n'
+    '{"prompt": "a\\ud800b", "chosen": "b", "rejected": "c"}\n'
+  )
+  assert error_of(p) == (
+    f"{p}:2: field 'prompt' holds an unpaired UTF-16 surrogate (U+D800 at "
+    "character 1), which is not text; write the character itself or a "
+    "valid escape pair"
+  )
+  # A valid pair is one character (U+1F600) and passes.
+  p.write_text(
+    '{"prompt": "a\\ud83d\\ude00", "chosen": "b", "rejected": "c"}\n'
+  )
+  assert load_examples(str(p)).examples[0].prompt == "a\U0001f600"
+  user = '{"role": "user", "content": "hi"}'
+  bad = '{"role": "assistant", "content": "yes\\udfff"}'
+  p.write_text(f'{{"chosen": [{user}, {bad}], "rejected": [{user}, {bad}]}}\n')
+  with pytest.raises(DataError, match=r"'chosen\[1\]\.content' holds an"):
+    load_examples(str(p))
 
 
 def test_byte_order_mark_is_accepted(tmp_path):

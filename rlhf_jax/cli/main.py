@@ -25,6 +25,7 @@ import typing
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, get_type_hints
 
+from rlhf_jax._environment import bad_device_count
 from rlhf_jax._optional import CLI_EXTRA_INSTALL, missing_cli_modules
 from rlhf_jax.cli import presets as P
 from rlhf_jax.runner import precompile, runtime
@@ -562,24 +563,6 @@ def _not_utf8(args: Sequence[str]) -> str | None:
   return None
 
 
-def _bad_device_count() -> str | None:
-  """$JAX_NUM_CPU_DEVICES that jax would refuse (a traceback when jax is
-  imported) or fail on (0: no CPU backend), as one line; None if fine."""
-  value = os.environ.get("JAX_NUM_CPU_DEVICES")
-  if value is None:
-    return None
-  try:
-    count = int(value)
-  except ValueError:
-    count = 0
-  if count >= 1 or count == -1:
-    return None
-  return (
-    f"$JAX_NUM_CPU_DEVICES={value!r}: expected a number of CPU devices >= 1 "
-    "(or -1, jax's default)"
-  )
-
-
 def _backend_error(e: Exception) -> str | None:
   """A jax backend that $JAX_PLATFORMS asks for and this machine cannot
   start (e.g. 'tpu' without libtpu), as one line; None for other errors.
@@ -637,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug, args = _debug(args)
   if not args:
     return _error("--debug needs a subcommand (see `rlhf-jax --help`)")
-  bad = _not_utf8(args) or _bad_device_count()
+  bad = _not_utf8(args) or bad_device_count()
   if bad:
     return _error(bad)
   try:

@@ -216,6 +216,21 @@ def _field(row: Mapping[str, Any], key: str, where: str, fmt: str) -> Any:
   return row[key]
 
 
+# A UTF-16 surrogate on its own (JSON's "\ud800" escape) is no character:
+# it cannot be encoded, so the tokenizer would fail on it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_encodable(value: str, field: str, where: str) -> None:
+  found = _SURROGATE.search(value)
+  if found:
+    raise DataError(
+      f"{where}: field '{field}' holds an unpaired UTF-16 surrogate "
+      f"(U+{ord(found.group()):04X} at character {found.start()}), which "
+      "is not text; write the character itself or a valid escape pair"
+    )
+
+
 def _text(value: Any, field: str, where: str) -> str:
   if not isinstance(value, str):
     raise DataError(
@@ -223,6 +238,7 @@ def _text(value: Any, field: str, where: str) -> str:
     )
   if not value.strip():
     raise DataError(f"{where}: field '{field}' is empty")
+  _check_encodable(value, field, where)
   return value
 
 
@@ -245,6 +261,8 @@ def _messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
         f"{where}: field '{field}[{i}]' must be a message object with string "
         f"'role' and 'content', got {_type_name(m)}"
       )
+    for key in ("role", "content"):
+      _check_encodable(m[key], f"{field}[{i}].{key}", where)
     out.append({"role": m["role"], "content": m["content"]})
   return out
 

@@ -12,6 +12,7 @@ import gzip
 import json
 import os
 import pathlib
+import stat
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -81,10 +82,17 @@ def read_rows(
 
 def _check_file(path: str) -> pathlib.Path:
   p = pathlib.Path(path)
-  if p.is_dir():
+  try:
+    mode = p.stat().st_mode
+  except FileNotFoundError:
+    raise DataError(f"{path}: no such file") from None
+  except OSError as e:  # a symlink loop, a path through a file
+    raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+  if stat.S_ISDIR(mode):
     raise DataError(f"{path}: is a directory, not a data file")
-  if not p.is_file():
-    raise DataError(f"{path}: no such file")
+  if not stat.S_ISREG(mode):
+    kind = "a fifo" if stat.S_ISFIFO(mode) else "a device or socket"
+    raise DataError(f"{path}: is {kind}, not a regular data file")
   return p
 
 
@@ -159,6 +167,8 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
       raise DataError(
         f"{path}:{lineno}: invalid JSON: nested too deeply"
       ) from e
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+      raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from e
     yield Row(path, row, f"{path}:{lineno}", data)
     row += 1
 

@@ -902,7 +902,11 @@ def load_hf_checkpoint(
     return _place_sharded(path, arr, table[path], pdt)
 
   for rule in glob:
-    parts = rule.split(files.get(hf_name(rule), rule.shape, why, pdt))
+    whole = files.get(hf_name(rule), rule.shape, why, pdt)
+    if rule.paths == (("embed",),):
+      _check_tied_head(files, config, hf_name(rule), whole, why)
+    parts = rule.split(whole)
+    del whole
     for path, arr in zip(rule.paths, parts, strict=True):
       _set(params, path, place(path, arr))
     del parts, arr  # host copies go once placed
@@ -922,6 +926,34 @@ def load_hf_checkpoint(
     _set(params, path, place(path, np.zeros(shape, np.float32)))
 
   return config, params
+
+
+def _check_tied_head(
+  files: "_TensorFiles",
+  config: ModelConfig,
+  embed_name: str,
+  embed: np.ndarray,
+  why: str,
+) -> None:
+  """A tied model's file may also hold lm_head.weight (a copy of the
+  embedding, which is not read). One that differs would be dropped: the
+  config and the weights disagree.
+
+  Raises:
+    ModelLoadError: naming both tensors and the config field.
+  """
+  head = "lm_head.weight"
+  if not config.tie_word_embeddings or embed_name == head:
+    return
+  if head not in files.where:
+    return
+  if np.array_equal(files.get(head, embed.shape, why), embed):
+    return
+  raise ModelLoadError(
+    f"{files.where[head]}: tensor {head!r} differs from {embed_name!r}, "
+    f"but the {why} ties them (tie_word_embeddings true): the head would "
+    "be dropped; set tie_word_embeddings to false in config.json to use it"
+  )
 
 
 def hf_state_dict(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:

@@ -164,8 +164,8 @@ def _quote(text: str) -> str:
 
 def _data_lines(summary: Mapping[str, Any]) -> list[str]:
   """One sentence per input file counted in ``summary`` (``P/rows_read``,
-  ``P/dropped_*``, ``P/truncated_*``, ``P/unknown_tokens`` keys of
-  stages.user_data)."""
+  ``P/dropped_*``, ``P/truncated_*``, ``P/unknown_tokens``,
+  ``P/repeats_merged`` keys of stages.user_data)."""
   lines = []
   for key in summary:
     if not key.endswith("/rows_read"):
@@ -197,6 +197,10 @@ def _data_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
     if unused:
       text += "; not used: " + ", ".join(unused)
+    if repeats := summary.get(f"{p}/repeats_merged"):
+      distinct = summary.get(f"{p}/distinct")
+      text += f"; {repeats} repeats of a prompt merged into its first row"
+      text += f" ({distinct} distinct)" if distinct is not None else ""
     if lost := summary.get(f"{p}/unknown_tokens"):
       rows = summary.get(f"{p}/rows_with_unknown_tokens")
       # A prompts file is tokenized once per distinct prompt.

@@ -558,7 +558,8 @@ def _check_export_out(
   """Refuses an --out that export must not replace; touches nothing.
 
   Raises:
-    UserError: --out is a file; it is, or holds, the run directory or the
+    UserError: --out is a file, or a directory this process cannot write
+      (or write beside); it is, or holds, the run directory or the
       run's model directory; it lies in the run's outputs; it is a run
       directory or rlhf-jax's own part of one (``runtime.run_part``); or it
       is a non-empty directory and `overwrite` is False, or one that an
@@ -571,6 +572,8 @@ def _check_export_out(
   runtime.check_folder_writable(
     out.resolve().parent, "--out", out, "nothing was exported"
   )
+  if out.is_dir():  # a read-only one is not replaced by a writable one
+    runtime.check_folder_writable(target, "--out", out, "nothing was exported")
   protected = [(run_dir, "the run directory")]
   if record.get("model_dir"):
     protected.append((pathlib.Path(record["model_dir"]), "the run's model"))

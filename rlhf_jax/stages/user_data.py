@@ -352,6 +352,28 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
         )
 
 
+def _warn_repeats(path: str, loaded: LoadedExamples, rows: list[Any]) -> None:
+  """Says how many rows repeat an earlier prompt (merged into its first
+  row: each distinct prompt is drawn alike), and where a repeat's other
+  fields differ, which the --reward functions then do not see."""
+  repeats = len(loaded.examples) - len(rows)
+  if not repeats:
+    return
+  first = {e.prompt: row_columns(e) for e in reversed(loaded.examples)}
+  other = [e for e in loaded.examples if row_columns(e) != first[e.prompt]]
+  text = (
+    f"rlhf-jax: warning: --prompts {path}: {repeats} rows repeat an "
+    "earlier prompt and are merged into its first row (each distinct "
+    f"prompt is drawn alike; {len(rows)} distinct)"
+  )
+  if other:
+    text += (
+      f"; {len(other)} of them hold other fields than that row (first at "
+      f"{other[0].where}), which the --reward functions do not see"
+    )
+  sys.stderr.write(text + "\n")
+
+
 def stage_user_prompts(ctx: Context) -> dict[str, Any]:
   """Train / held-out prompts from ``--prompts``; counts what was dropped.
 
@@ -377,6 +399,8 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
     len(prompts), eval_size=n_held, seed=ctx.config.seed
   )
   rows = first_rows(loaded, prompts)
+  if ctx.primary:
+    _warn_repeats(path, loaded, rows)
   # At each prompt's first line, which a warning names.
   at_rows = [PromptExample(e.prompt, where=e.where) for e in rows]
   ds = tokenize_prompt_texts(ctx, at_rows, warn_unknown=True)
@@ -395,8 +419,8 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
         ds.truncation,
         drop_reasons(loaded),
       ),
-      # Rows kept by the loader, then repeats of a prompt dropped.
-      "prompts/dropped_duplicate": len(loaded.examples) - len(prompts),
+      # Rows kept by the loader, then repeats of a prompt merged.
+      "prompts/repeats_merged": len(loaded.examples) - len(prompts),
       "prompts/distinct": len(prompts),
     },
   }

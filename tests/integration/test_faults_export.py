@@ -163,6 +163,20 @@ def test_export_into_a_new_or_empty_directory(run_dir, tmp_path, capsys):
     assert not list(out.parent.glob(".*"))  # no temporary left
 
 
+def test_a_read_only_empty_out_is_not_replaced(
+  run_dir, tmp_path, capsys, read_only
+):
+  """Export writes beside --out and renames over it, so an empty folder
+  the user made read-only was swapped for a writable one."""
+  out = tmp_path / "ro"
+  out.mkdir()
+  read_only(out)
+  err = _refused(capsys, run_dir, out)
+  assert err.startswith(f"rlhf-jax: error: --out {out}: cannot write in {out}")
+  assert err.rstrip().endswith("; nothing was exported")
+  assert out.is_dir() and not list(out.iterdir())
+
+
 @pytest.mark.parametrize(
   "where, expected",
   [

@@ -108,6 +108,9 @@ def test_prompt_file_columns_reach_the_reward(tmp_path):
       f'{{"prompt": "{p} {i}", "target_words": {i % 5}}}\n'
       for i, p in enumerate(openings * 4)
     )
+    # Repeats: the same row, and a prompt again with another target.
+    + '{"prompt": "Once upon a time 0", "target_words": 0}\n'
+    + '{"prompt": "The little dog 1", "target_words": 4}\n'
   )
   run_dir = tmp_path / "run"
   log = h.cli(
@@ -123,6 +126,18 @@ def test_prompt_file_columns_reach_the_reward(tmp_path):
   )
   s = h.summary(run_dir)
   assert s["prompts/distinct"] == 12
+  # They were "dropped_duplicate" (beside "14 of 14 rows kept"), silently.
+  assert (s["prompts/rows_kept"], s["prompts/repeats_merged"]) == (14, 2)
+  assert (
+    f"rlhf-jax: warning: --prompts {prompts}: 2 rows repeat an earlier "
+    "prompt and are merged into its first row (each distinct prompt is "
+    "drawn alike; 12 distinct); 1 of them hold other fields than that row "
+    f"(first at {prompts}:14), which the --reward functions do not see\n"
+  ) in log
+  report = (run_dir / "report.md").read_text()
+  assert (
+    "; 2 repeats of a prompt merged into its first row (12 distinct)"
+  ) in report
   # One held-out prompt: its KL came out at -0.06 without a word.
   assert (
     f"rlhf-jax: warning: --prompts {prompts}: 1 of its 12 distinct prompts "

@@ -112,7 +112,7 @@ def test_ppo_on_hh_prompts_with_the_trained_rm(ppo_run):
     ppo_run, ("ppo/proxy_score", "ppo/kl", "prompts/rows_read")
   )
   assert s["prompts/rows_read"] == N_PROMPTS
-  assert s["prompts/dropped_duplicate"] == 0
+  assert s["prompts/repeats_merged"] == 0
   assert s["data/train_prompts"] + s["data/heldout_prompts"] == N_PROMPTS
   assert math.isfinite(s["ppo/proxy_score"]) and math.isfinite(s["ppo/kl"])
   assert "ppo/gold_score" not in s  # no gold scorer on the user's prompts

@@ -98,6 +98,31 @@ def test_tied_checkpoint_with_only_lm_head(tmp_path):
   _assert_params_equal(params, params2)
 
 
+def test_tied_checkpoint_with_both_names(tmp_path):
+  """A tied model's file may hold lm_head.weight beside the embedding: the
+  same tensor loads; a different one, which the tie would drop, is
+  refused by name."""
+  _, params = models.load_hf_checkpoint(FIX / "llama3_tiny")
+  tensors = _read_all(FIX / "llama3_tiny" / "model.safetensors")
+  shutil.copy(FIX / "llama3_tiny" / "config.json", tmp_path)
+  embed = tensors["model.embed_tokens.weight"]
+  save_file(
+    {**tensors, "lm_head.weight": embed.copy()},
+    str(tmp_path / "model.safetensors"),
+  )
+  _assert_params_equal(params, models.load_hf_checkpoint(tmp_path)[1])
+  save_file(
+    {**tensors, "lm_head.weight": embed + 1},
+    str(tmp_path / "model.safetensors"),
+  )
+  with pytest.raises(
+    models.ModelLoadError,
+    match="tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', "
+    "but the llama config in config.json ties them",
+  ):
+    models.load_hf_checkpoint(tmp_path)
+
+
 def test_config_roundtrip():
   for name in TINY:
     d = json.loads((FIX / name / "config.json").read_text())

@@ -1,0 +1,63 @@
+"""Environment variables jax reads when it is imported, checked first.
+
+jax parses ``$JAX_NUM_CPU_DEVICES`` as it is imported, and a value that is
+not an integer raises from inside ``import jax``: before the ``rlhf-jax``
+command can turn it into its one-line error. ``rlhf_jax/__init__.py``
+imports this module ahead of every other, and importing it runs
+`check_before_jax`.
+"""
+
+import os
+import sys
+
+COMMAND = "rlhf-jax"
+
+
+def bad_device_count() -> str | None:
+  """$JAX_NUM_CPU_DEVICES that jax would refuse at import (not an integer)
+  or fail on later (0 or below, other than -1: no CPU backend), as one
+  line; None when unset or fine."""
+  value = os.environ.get("JAX_NUM_CPU_DEVICES")
+  if value is None:
+    return None
+  try:
+    count = int(value)
+  except ValueError:
+    count = 0
+  if count >= 1 or count == -1:
+    return None
+  return (
+    f"$JAX_NUM_CPU_DEVICES={value!r}: expected a number of CPU devices >= 1 "
+    "(or -1, jax's default)"
+  )
+
+
+def _unparsable_device_count() -> bool:
+  try:
+    int(os.environ.get("JAX_NUM_CPU_DEVICES", "1"))
+  except ValueError:
+    return True
+  return False
+
+
+def check_before_jax() -> None:
+  """Refuses a $JAX_NUM_CPU_DEVICES that would make ``import jax`` raise.
+
+  In the ``rlhf-jax`` command (the process's program is named so) that is
+  its one-line error and exit code 2; a library import gets a ValueError
+  naming the variable. Other bad values are left to the command's own
+  check (`bad_device_count`) and to jax.
+
+  Raises:
+    ValueError: as above, outside the command.
+  """
+  if not _unparsable_device_count():
+    return
+  problem = bad_device_count()
+  if os.path.basename(sys.argv[0] if sys.argv else "") == COMMAND:
+    sys.stderr.write(f"{COMMAND}: error: {problem}\n")
+    sys.exit(2)
+  raise ValueError(problem)
+
+
+check_before_jax()
