@@ -7,9 +7,10 @@ Runs the preset once without interruption (the reference), then, for each
 signal and each of ``--points`` delays drawn uniformly over the reference's
 wall time: a fresh run directory, the command started, the signal sent
 after the delay, then the same command with ``--resume`` until it exits 0.
-SIGINT and SIGTERM make the run save its stage and exit 130; SIGKILL leaves
-what was checkpointed. Every resumed run's summary.json must equal the
-reference's (every key; numbers to 1e-6 relative, timings excluded).
+SIGINT and SIGTERM make the run save its stage and exit 130 or 143;
+SIGKILL leaves what was checkpointed. Every resumed run's summary.json
+must equal the reference's (every key; numbers to 1e-6 relative, timings
+excluded).
 Prints one line per case and exits 1 if any case differs.
 """
 

@@ -609,6 +609,25 @@ def test_interrupted_eval_does_not_advise_resume(tmp_path, capsys, monkeypatch):
   )
 
 
+def test_sigterm_exits_143_as_a_shell_reports_it(tmp_path, capsys, monkeypatch):
+  """SIGTERM (a scheduler's stop) exited 130, SIGINT's status."""
+  import signal
+
+  from rlhf_jax.runner import runtime
+  from rlhf_jax.stages import tools
+
+  def stopped(config):
+    with runtime.StopFlag() as stop:
+      signal.raise_signal(signal.SIGTERM)  # the handler only records it
+      stop.check("eval", checkpoint=False)
+
+  monkeypatch.setattr(runtime.StopFlag, "received", None)
+  monkeypatch.setattr(tools, "run_eval", stopped)
+  code, err = _run(capsys, ["eval", "--run-dir", str(tmp_path)])
+  assert (code, runtime.StopFlag.received) == (143, signal.SIGTERM), err
+  assert err.startswith("rlhf-jax: interrupted (eval); "), err
+
+
 def test_interrupted_sampling_does_not_claim_a_checkpoint(
   tmp_path, capsys, monkeypatch
 ):
@@ -2188,3 +2207,26 @@ def test_data_given_to_a_command_without_it_is_named(tmp_path, capsys, command):
     "audit)",
   )
   assert not run.exists()
+
+
+def test_a_gguf_file_as_model_says_how_to_convert_it(tmp_path, capsys):
+  """--model FILE.gguf was "not a directory", and a missing one a hub id
+  to download."""
+  gguf = tmp_path / "m.gguf"
+  gguf.write_bytes(b"GGUF")
+  code, err = _run(capsys, ["generate", "--model", str(gguf), "--prompts", "a"])
+  _check(
+    code,
+    err,
+    f"--model {gguf}: not a directory (a GGUF file: convert it with "
+    f"`python -m rlhf_jax.models.gguf {gguf} DIR` and pass DIR)",
+  )
+  from rlhf_jax import models
+
+  with pytest.raises(models.ModelLoadError) as e:
+    models.load_hf_checkpoint("m/none.gguf")
+  assert str(e.value) == (
+    "m/none.gguf: no such file (a GGUF name); a checkpoint is a directory "
+    "(config.json + *.safetensors): convert the GGUF file into one with "
+    "`python -m rlhf_jax.models.gguf FILE DIR` and pass DIR"
+  )

@@ -119,6 +119,45 @@ def test_conversational_format_rendered_with_template():
   assert loaded.drops.counts() == {"prompt_differs": 1}
 
 
+def test_conversational_demonstrations_for_sft(tmp_path):
+  """TRL's conversational SFT formats were refused ("cannot detect the
+  format" for messages, "must be a string" for a prompt of messages):
+  the last assistant message (or the completion's messages) is the
+  demonstration, rendered with the chat template as pairs are."""
+  user, bot = {"role": "user", "content": "Hi"}, {"role": "assistant"}
+  rows = [
+    {"messages": [user, {**bot, "content": "Hello!"}]},
+    {
+      "messages": [
+        user,
+        {**bot, "content": "Hello!"},
+        {"role": "user", "content": "Joke?"},
+        {**bot, "content": "Knock knock."},
+      ]
+    },
+  ]
+  path = write_lines(tmp_path, [json.dumps(r) for r in rows])
+  loaded = load_examples(path, chat_template=chat)
+  assert loaded.formats[path] == "messages"
+  assert [(e.prompt, e.completion) for e in loaded.examples] == [
+    ("<user>Hi</s><assistant>", "Hello!</s>"),
+    (
+      "<user>Hi</s><assistant>Hello!</s><user>Joke?</s><assistant>",
+      "Knock knock.</s>",
+    ),
+  ]
+  assert all(isinstance(e, CompletionExample) for e in loaded.examples)
+  row = {"prompt": [user], "completion": [{**bot, "content": "Hello!"}]}
+  path = write_lines(tmp_path, [json.dumps(row)])
+  [e] = load_examples(path, chat_template=chat).examples
+  assert (e.prompt, e.completion) == ("<user>Hi</s><assistant>", "Hello!</s>")
+  path = write_lines(tmp_path, [json.dumps({"messages": [user]})])
+  assert error_of(load_examples, path, chat_template=chat) == (
+    f"{path}:1: field 'messages' must be a conversation of at least two "
+    "messages ending with an assistant message (the demonstration)"
+  )
+
+
 def test_conversational_needs_a_prefix_consistent_template(tmp_path):
   def bad(messages, *, add_generation_prompt):
     text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
@@ -131,8 +170,9 @@ def test_conversational_needs_a_prefix_consistent_template(tmp_path):
     "(add_generation_prompt=True), so the response cannot be split off"
   )
   assert error_of(load_examples, path) == (
-    f"{path}:1: messages need chat_template= (the tokenizer's chat template) "
-    "to be rendered as text"
+    f"{path}:1: messages (conversational rows) need a chat template to "
+    "become text, and none was given: the model's tokenizer has no "
+    "chat_template (load_examples: pass chat_template=)"
   )
 
 
@@ -202,6 +242,8 @@ def test_unpaired_completion_and_prompt_formats(tmp_path):
     ({"prompt": "p", "responses": [], "best": 0}, "ranked"),
     ({"prompt": "p", "completion": "c", "label": True}, "unpaired"),
     ({"prompt": "p", "completion": "c"}, "completion"),
+    ({"prompt": [], "completion": []}, "completion"),
+    ({"messages": []}, "messages"),
     ({"prompt": "p", "id": 3}, "prompt"),
   ],
 )
@@ -470,15 +512,15 @@ def test_source_errors(tmp_path):
   path = str(FIX / "explicit.jsonl")
   assert error_of(load_examples, path, format="csv") == (
     f"{path}: unknown format 'csv'; expected 'auto' or one of explicit, hh, "
-    "conversational, ranked, unpaired, completion, prompt"
+    "conversational, ranked, unpaired, completion, messages, prompt"
   )
   path = write_lines(tmp_path, ['{"text": "a", "score": 1}'])
   assert error_of(load_examples, path) == (
     f"{path}:1: cannot detect the format from fields [score, text]; expected "
     "prompt+chosen+rejected (explicit), chosen+rejected (hh or "
     "conversational), prompt+responses+best|ranking (ranked), "
-    "prompt+completion+label (unpaired), prompt+completion (completion) or "
-    "prompt (prompt)"
+    "prompt+completion+label (unpaired), prompt+completion (completion), "
+    "messages (messages) or prompt (prompt)"
   )
   a, b = str(FIX / "explicit.jsonl"), str(FIX / "unpaired.jsonl")
   assert error_of(load_examples, [a, b]) == (

@@ -201,3 +201,28 @@ def test_host_slice_and_errors():
     BatchIterator(make_ds(8), global_batch_size=4, process_count=3)
   with pytest.raises(ValueError, match="fewer than global_batch_size=4"):
     BatchIterator(make_ds(3), global_batch_size=4)
+
+
+def test_split_pairs_keeps_a_pair_s_copies_on_one_side():
+  """stages.user_data.split_pairs: a tenth of the distinct pairs held out,
+  each repeat on its first copy's side; without repeats, exactly
+  train_eval_split's split of the rows (seeded runs keep their split)."""
+  from rlhf_jax.stages.user_data import (
+    pairs_also_in,
+    repeated_pairs,
+    split_pairs,
+  )
+
+  pairs = [PreferencePair(f"p{i}", "a", "b") for i in range(30)]
+  train, held = split_pairs(pairs, seed=3)
+  expected = train_eval_split(30, eval_size=3, seed=3)
+  np.testing.assert_array_equal(train, expected[0])
+  np.testing.assert_array_equal(held, expected[1])
+  assert repeated_pairs(pairs) == []
+  copies = pairs + [pairs[i] for i in range(30)] * 2  # every pair 3 times
+  for seed in range(5):
+    train, held = split_pairs(copies, seed=seed)
+    assert len(held) == 9 and len(train) == 81
+    trained = [copies[i] for i in train]
+    assert pairs_also_in([copies[i] for i in held], trained) == []
+  assert repeated_pairs(copies) == copies[30:]

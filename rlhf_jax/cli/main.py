@@ -9,8 +9,8 @@ preset or option, bad data, missing model directory) print ONE line on
 stderr and exit with status 2, as does a lean install (``pip install
 rlhf_jax`` without the ``cli`` extra): this module imports without the
 extra's packages, and ``main`` names the extra before anything else runs.
-SIGINT saves the running stage and exits with 130, saying whether to
-rerun with --resume (`_then`).
+SIGINT or SIGTERM saves the running stage and exits with 130 or 143 (128
++ the signal), saying whether to rerun with --resume (`_then`).
 """
 
 import contextlib
@@ -603,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns:
     0 on success, 2 on a user error (one line per problem on stderr), 1 on
     an internal error (one line; ``--debug`` or RLHF_JAX_DEBUG=1 shows the
-    traceback), 130 when interrupted (after saving a checkpoint).
+    traceback), 130 when interrupted by SIGINT and 143 by SIGTERM (after
+    saving a checkpoint).
   """
   missing = missing_cli_modules()
   if missing:
@@ -760,6 +761,13 @@ def _dispatch_quietly(command: str, config: Any, debug: bool) -> int:
     runtime.replay_log("absl", held)
 
 
+def _interrupted_status() -> int:
+  """128 + the stopping signal this process received: 130 for SIGINT
+  (also when another process of the job received it), 143 for SIGTERM."""
+  received = runtime.StopFlag.received
+  return EXIT_INTERRUPTED if received is None else 128 + received
+
+
 def _main(command: str, rest: list[str], debug: bool) -> int:
   from rlhf_jax.data import DataError
   from rlhf_jax.models import MissingSpecialTokenError, ModelLoadError
@@ -774,7 +782,7 @@ def _main(command: str, rest: list[str], debug: bool) -> int:
       return _dispatch_quietly(command, config, debug)
   except runtime.Interrupted as e:
     sys.stderr.write(f"rlhf-jax: interrupted ({e}); {_then(command, e)}\n")
-    return EXIT_INTERRUPTED
+    return _interrupted_status()
   except (
     runtime.UserError,
     DataError,

@@ -20,7 +20,13 @@ first row's fields and then holds every row to it):
                     ... "ranking": [int...] (response indices, best first).
 ``unpaired``        {"prompt": str, "completion": str, "label": bool}
 ``completion``      {"prompt": str, "completion": str}: a demonstration
-                    (TRL's prompt-completion format), for SFT.
+                    (TRL's prompt-completion format), for SFT; or both
+                    as messages (TRL's conversational prompt-completion),
+                    rendered as ``conversational`` is.
+``messages``        {"messages": [msg...]}: a conversation (TRL's
+                    conversational language-modeling format) whose last
+                    message, the assistant's, is the demonstration and
+                    the messages before it the prompt; for SFT.
 ``prompt``          {"prompt": str | [msg...]} for PPO rollouts.
 
 Rows unusable for a known reason are dropped and counted (``DropReport``,
@@ -54,6 +60,7 @@ FORMATS = (
   "ranked",
   "unpaired",
   "completion",
+  "messages",
   "prompt",
 )
 
@@ -156,6 +163,19 @@ def row_kind(example: Example) -> str:
     CompletionExample: "{prompt, completion} rows (no label)",
     PromptExample: "prompt-only rows",
   }.get(type(example), f"{type(example).__name__} rows")
+
+
+def detected(loaded: "LoadedExamples", source: Any) -> str:
+  """ " (format F, detected from the file's first row ...)" for a message
+  about the rows of ``source``, read with format 'auto'; "" when
+  ``loaded`` has no format for it."""
+  fmt = loaded.formats.get(str(source))
+  if fmt is None:
+    return ""
+  return (
+    f" (format '{fmt}', detected from the file's first row; every row is "
+    "read so)"
+  )
 
 
 @dataclasses.dataclass
@@ -272,8 +292,9 @@ def _need_template(
 ) -> ChatTemplate:
   if chat_template is None:
     raise DataError(
-      f"{where}: messages need chat_template= (the tokenizer's chat "
-      "template) to be rendered as text"
+      f"{where}: messages (conversational rows) need a chat template to "
+      "become text, and none was given: the model's tokenizer has no "
+      "chat_template (load_examples: pass chat_template=)"
     )
   return chat_template
 
@@ -333,6 +354,7 @@ _REQUIRED = {
   "ranked": ("prompt", "responses", "best | ranking"),
   "unpaired": ("prompt", "completion", "label"),
   "completion": ("prompt", "completion"),
+  "messages": ("messages",),
   "prompt": ("prompt",),
 }
 
@@ -346,6 +368,8 @@ def detect_format(row: Any, where: str = "") -> str:
   if not isinstance(row, Mapping):
     raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
   keys = set(row)
+  if "messages" in keys:
+    return "messages"
   if "responses" in keys:
     return "ranked"
   if "completion" in keys:
@@ -361,8 +385,8 @@ def detect_format(row: Any, where: str = "") -> str:
     f"{where}: cannot detect the format from fields [{shown}]; expected "
     "prompt+chosen+rejected (explicit), chosen+rejected (hh or "
     "conversational), prompt+responses+best|ranking (ranked), "
-    "prompt+completion+label (unpaired), prompt+completion (completion) or "
-    "prompt (prompt)"
+    "prompt+completion+label (unpaired), prompt+completion (completion), "
+    "messages (messages) or prompt (prompt)"
   )
 
 
@@ -538,9 +562,32 @@ def _parse_completion(row, where, fmt, template) -> CompletionExample:
       "carries none (detected from a first row without one); label every "
       "row (format 'unpaired'), or none"
     )
-  prompt = _text(_field(row, "prompt", where, fmt), "prompt", where)
-  completion = _text(_field(row, "completion", where, fmt), "completion", where)
+  prompt = _field(row, "prompt", where, fmt)
+  completion = _field(row, "completion", where, fmt)
+  if isinstance(prompt, list | tuple):  # conversational prompt-completion
+    prompt_msgs = _messages(prompt, "prompt", where)
+    reply = _messages(completion, "completion", where)
+    return CompletionExample(
+      *_render_response(
+        _need_template(template, where), prompt_msgs, reply, "completion", where
+      )
+    )
+  prompt = _text(prompt, "prompt", where)
+  completion = _text(completion, "completion", where)
   return CompletionExample(prompt, completion)
+
+
+def _parse_messages(row, where, fmt, template) -> CompletionExample:
+  msgs = _messages(_field(row, "messages", where, fmt), "messages", where)
+  if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+    raise DataError(
+      f"{where}: field 'messages' must be a conversation of at least two "
+      "messages ending with an assistant message (the demonstration)"
+    )
+  template = _need_template(template, where)
+  return CompletionExample(
+    *_render_response(template, msgs[:-1], msgs[-1:], "messages", where)
+  )
 
 
 def _parse_prompt(row, where, fmt, template) -> PromptExample:
@@ -560,6 +607,7 @@ _PARSERS: dict[str, Callable[..., Any]] = {
   "ranked": _parse_ranked,
   "unpaired": _parse_unpaired,
   "completion": _parse_completion,
+  "messages": _parse_messages,
   "prompt": _parse_prompt,
 }
 

@@ -105,6 +105,8 @@ def read_gguf(path: str | os.PathLike):
   """
   gguf = _gguf_module()
   p = pathlib.Path(path).expanduser()
+  if p.is_dir():
+    raise GGUFError(f"{p}: is a directory; expected a GGUF file")
   if not p.is_file():
     raise _GGUFMissingError(f"{p}: no such GGUF file")
   try:

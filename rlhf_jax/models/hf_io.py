@@ -345,6 +345,13 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():
     return path
+  if path.suffix.lower() == ".gguf":
+    state = "a GGUF file" if path.exists() else "no such file (a GGUF name)"
+    raise (_NotADirError if path.exists() else _MissingFileError)(
+      f"{path}: {state}; a checkpoint is a directory (config.json + "
+      "*.safetensors): convert the GGUF file into one with `python -m "
+      "rlhf_jax.models.gguf FILE DIR` and pass DIR"
+    )
   if path.exists():
     raise _NotADirError(
       f"{path}: expected a checkpoint directory (config.json + "

@@ -34,7 +34,7 @@ import time
 import types
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 CONFIG_FILE = "config.json"
 
@@ -986,11 +986,17 @@ class StopFlag:
     self.requested = False
     self._old: dict[int, Any] = {}
 
+  # The first stopping signal this process received (for the exit status:
+  # 128 + its number, as a shell reports a process the signal ended).
+  received: ClassVar[int | None] = None
+
   def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del frame
     if self.requested and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.requested = True
+    if StopFlag.received is None:
+      StopFlag.received = signum
 
   def __enter__(self) -> "StopFlag":
     if threading.current_thread() is threading.main_thread():

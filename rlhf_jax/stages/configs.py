@@ -304,8 +304,10 @@ class SFTConfig:
 
   data: str
   """Demonstration file (.jsonl/.jsonl.gz/.parquet): {prompt, completion}
-  rows (with an optional label: false rows are left out), or preference
-  rows (the chosen response is the target)."""
+  rows (with an optional label: false rows are left out), {messages}
+  conversations (the last assistant message is the target; the model's
+  chat template renders them), or preference rows (the chosen response is
+  the target)."""
   preset: str = "default"
   """Named preset."""
   model: str | None = None

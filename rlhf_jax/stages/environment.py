@@ -80,7 +80,13 @@ def resolve_model(model: str | None) -> pathlib.Path:
     except FileNotFoundError as e:
       raise UserError(f"{where}: {e}") from None
   if path.exists():
-    raise UserError(f"{where} {model}: not a directory")
+    hint = ""
+    if path.suffix.lower() == ".gguf":
+      hint = (
+        " (a GGUF file: convert it with `python -m rlhf_jax.models.gguf "
+        f"{model} DIR` and pass DIR)"
+      )
+    raise UserError(f"{where} {model}: not a directory{hint}")
   raise UserError(f"model directory {model} does not exist ({where})")
 
 

@@ -3,6 +3,7 @@
 import itertools
 import json
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -10,10 +11,8 @@ import numpy as np
 
 from rlhf_jax import audit
 from rlhf_jax.data import (
-  PreferencePair,
   TokenizedDataset,
   TruncationReport,
-  train_eval_split,
 )
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context
@@ -30,7 +29,11 @@ from rlhf_jax.stages.user_data import (
   check_pairs_to_split,
   data_counts,
   fit_to_data,
+  kept_pairs,
   load_pairs,
+  pairs_also_in,
+  repeated_pairs,
+  split_pairs,
 )
 from rlhf_jax.tasks import (
   STORY_OPENINGS,
@@ -326,28 +329,31 @@ def _load_pairs(ctx: Context, path: str) -> tuple[Any, TokenizedDataset]:
   )
 
 
-def _kept_pairs(loaded: Any, ds: TokenizedDataset) -> list[PreferencePair]:
-  """The pairs of ``ds``'s rows, in its order."""
-  if ds.example_index is None:
-    return list(loaded.examples)
-  return [loaded.examples[i] for i in ds.example_index]
-
-
 def _file_preferences(ctx: Context) -> dict:
   """--data (and --eval-data) pairs; drops and truncations counted."""
   cfg = ctx.config
   loaded, ds = _load_pairs(ctx, cfg.data)
   counts = data_counts("data", loaded.drops, ds.truncation, PAIR_DROP_REASONS)
+  pairs = kept_pairs(loaded, ds)
+  repeats = repeated_pairs(pairs)
+  counts["data/repeated_pairs"] = len(repeats)
+  warn = runtime.primary_log(lambda m: sys.stderr.write(m + "\n"))
+  if repeats:
+    warn(
+      f"rlhf-jax: warning: --data {cfg.data}: {len(repeats)} pairs repeat "
+      f"an earlier one (first at {repeats[0].where}); they are kept, so "
+      "those pairs weigh more"
+    )
   if cfg.eval_data is None:
-    check_pairs_to_split(cfg.data, len(ds))
-    # A tenth of the pairs (at least one) is held out.
-    n_eval = max(1, round(0.1 * len(ds)))
-    tr, ev = train_eval_split(len(ds), eval_size=n_eval, seed=cfg.seed)
+    distinct = len(pairs) - len(repeats)
+    check_pairs_to_split(cfg.data, len(ds), distinct)
+    # A tenth of the distinct pairs (at least one) is held out.
+    tr, ev = split_pairs(pairs, cfg.seed)
     train, held = ds.subset(tr), ds.subset(ev)
-    held_pairs = _kept_pairs(loaded, held)
+    held_pairs = kept_pairs(loaded, held)
   else:
     held_loaded, held = _load_pairs(ctx, cfg.eval_data)
-    train, held_pairs = ds, _kept_pairs(held_loaded, held)
+    train, held_pairs = ds, kept_pairs(held_loaded, held)
     counts.update(
       data_counts(
         "eval_data",
@@ -356,6 +362,15 @@ def _file_preferences(ctx: Context) -> dict:
         PAIR_DROP_REASONS,
       )
     )
+    shared = pairs_also_in(held_pairs, pairs)
+    counts["eval_data/pairs_in_data"] = len(shared)
+    if shared:
+      warn(
+        f"rlhf-jax: warning: --eval-data {cfg.eval_data}: {len(shared)} of "
+        f"its {len(held_pairs)} pairs are also in --data (first at "
+        f"{shared[0].where}): the held-out figures are partly measured on "
+        "pairs trained on"
+      )
   log = runtime.primary_log(print)
   (train, held), padded = fit_to_data(ctx.command, log, train, held)
   counts.update(padded)

@@ -28,6 +28,7 @@ from rlhf_jax.data import (
   HFTokenizerAdapter,
   TokenizedDataset,
   UnpairedExample,
+  detected,
   load_examples,
   row_kind,
   tokenize_unpaired,
@@ -90,7 +91,7 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
   if not isinstance(first, UnpairedExample):
     raise DataError(
       f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
-      f"feedback), got {row_kind(first)}"
+      f"feedback), got {row_kind(first)}{detected(loaded, path)}"
     )
   if len(loaded.examples) < 4:
     raise DataError(f"{path}: need at least 4 rows, got {len(loaded.examples)}")

@@ -4,8 +4,10 @@ The next-token loss on the response tokens only (``train.make_sft_step``),
 on the mesh of ``--mesh.*``, with the runner's checkpoints and resume;
 ``--lora.rank > 0`` trains LoRA adapters on the frozen base instead.
 Demonstrations are {prompt, completion} rows (TRL's prompt-completion
-format), preference rows (the chosen response is the target) or unpaired
-{prompt, completion, label} rows (accepted completions).
+format, as text or as messages), {messages} conversations (the last
+assistant message is the target), preference rows (the chosen response is
+the target) or unpaired {prompt, completion, label} rows (accepted
+completions).
 """
 
 import pathlib
@@ -22,6 +24,7 @@ from rlhf_jax.data import (
   HFTokenizerAdapter,
   PreferencePair,
   UnpairedExample,
+  detected,
   load_examples,
   row_kind,
   tokenize_sft,
@@ -72,7 +75,8 @@ def _demonstrations(path: str, strict: bool, template: Any):
     return loaded, examples, "completion"
   raise DataError(
     f"{path}: expected {{prompt, completion}} rows (optionally with a "
-    f"label), or preference pairs; got {row_kind(first)}"
+    f"label), {{messages}} conversations or preference pairs; got "
+    f"{row_kind(first)}{detected(loaded, path)}"
   )
 
 

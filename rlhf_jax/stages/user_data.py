@@ -29,6 +29,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from rlhf_jax import models
 from rlhf_jax.data import (
   DROP_REASONS,
@@ -278,15 +280,66 @@ def held_data_warnings(*, replay: bool) -> Iterator[None]:
     runtime.replay_log("rlhf_jax.data", held)
 
 
-def check_pairs_to_split(path: Any, pairs: int) -> None:
+def check_pairs_to_split(path: Any, pairs: int, distinct: int | None = None):
   """Without --eval-data a tenth of --data is held out: at least 2 usable
-  pairs are needed (one to train on, one to evaluate).
+  pairs are needed (one to train on, one to evaluate), and 2 distinct ones
+  (a repeated pair stays on one side).
 
   Raises:
     DataError: fewer, naming the file.
   """
   if pairs < 2:
     raise DataError(f"{path}: need at least 2 usable pairs, got {pairs}")
+  if distinct is not None and distinct < 2:
+    raise DataError(
+      f"{path}: need at least 2 distinct pairs to hold one out, got one "
+      f"pair repeated {pairs} times"
+    )
+
+
+def kept_pairs(loaded: LoadedExamples, ds: Any) -> list[Any]:
+  """The pairs of ``ds``'s rows (a ``TokenizedDataset``), in its order."""
+  if ds.example_index is None:
+    return list(loaded.examples)
+  return [loaded.examples[i] for i in ds.example_index]
+
+
+def _pair_key(pair: Any) -> tuple[str, str, str]:
+  return (pair.prompt, pair.chosen, pair.rejected)
+
+
+def split_pairs(pairs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) row indices of ``pairs``: a tenth of the distinct
+  pairs (at least one) held out (`data.train_eval_split`), every repeat of
+  a pair on its first copy's side, so no held-out pair is also trained on.
+  Without repeats, the split of the rows themselves."""
+  ids: dict[tuple[str, str, str], int] = {}
+  group = np.array([ids.setdefault(_pair_key(p), len(ids)) for p in pairs])
+  n = len(ids)
+  _, held = train_eval_split(
+    n, eval_size=max(1, round(HELDOUT_FRACTION * n)), seed=seed
+  )
+  is_held = np.isin(group, held)
+  return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def repeated_pairs(pairs: list[Any]) -> list[Any]:
+  """The pairs that repeat an earlier one (same prompt, chosen and
+  rejected), in order."""
+  seen: set[tuple[str, str, str]] = set()
+  out = []
+  for p in pairs:
+    key = _pair_key(p)
+    if key in seen:
+      out.append(p)
+    seen.add(key)
+  return out
+
+
+def pairs_also_in(held: list[Any], train: list[Any]) -> list[Any]:
+  """The pairs of ``held`` that ``train`` also holds."""
+  trained = {_pair_key(p) for p in train}
+  return [p for p in held if _pair_key(p) in trained]
 
 
 def row_columns(example: Any) -> dict:
@@ -328,7 +381,7 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
   with held_data_warnings(replay=False):
     for path in (config.data, config.eval_data):
       if path is not None:
-        _, ds = load_pairs(
+        loaded, ds = load_pairs(
           path,
           adapter,
           template=template,
@@ -338,7 +391,9 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
           max_dropped_frac=config.data_max_dropped_frac,
         )
         if path == config.data and config.eval_data is None:
-          check_pairs_to_split(path, len(ds))
+          kept = kept_pairs(loaded, ds)
+          distinct = len(kept) - len(repeated_pairs(kept))
+          check_pairs_to_split(path, len(ds), distinct)
     if config.prompts is not None:
       loaded, _ = read_prompts(
         config.prompts,

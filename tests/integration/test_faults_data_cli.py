@@ -263,3 +263,36 @@ def test_sft_summary_and_report_show_counts(tmp_path):
     "- data: 12 of 12 rows kept; truncated: prompt 0, completion 8; not "
     "used: label\\_false 4"
   )
+
+
+def test_repeated_pairs_are_counted_and_eval_pairs_in_data_said(
+  tmp_path, shared_data
+):
+  """A pair repeated in --data was neither counted nor said (and its
+  copies could land on both sides of the held-out split, which
+  `split_pairs` now keeps together); --eval-data pairs that --data also
+  holds made the held-out figures partly training figures, silently."""
+  src = shared_data / "hh-rlhf" / "helpful-base-test.jsonl.gz"
+  with gzip.open(src, "rt") as f:
+    rows = [json.loads(next(f)) for _ in range(40)]
+  data = jsonl(tmp_path / "pairs.jsonl", rows + rows[3:6])
+  held = jsonl(tmp_path / "held.jsonl", rows[10:12] + rows[-4:])
+  run_dir = tmp_path / "run"
+  args = ("rm", "--preset", "smoke", "--rm.steps", "1", "--data", str(data))
+  log = h.cli(*args, "--run-dir", str(run_dir))
+  assert (
+    f"rlhf-jax: warning: --data {data}: 3 pairs repeat an earlier one "
+    f"(first at {data}:41); they are kept, so those pairs weigh more\n"
+  ) in log
+  s = h.summary(run_dir)
+  assert (s["data/rows_kept"], s["data/repeated_pairs"]) == (43, 3)
+  # Four distinct pairs held out (a tenth of 40), one of them a repeated
+  # pair with its copy: five rows, none of them trained on.
+  assert s["rm/eval_pairs"] == 5
+  log = h.cli(*args, "--eval-data", str(held), "--run-dir", str(tmp_path / "e"))
+  assert (
+    f"rlhf-jax: warning: --eval-data {held}: 6 of its 6 pairs are also in "
+    f"--data (first at {held}:1): the held-out figures are partly measured "
+    "on pairs trained on\n"
+  ) in log
+  assert h.summary(tmp_path / "e")["eval_data/pairs_in_data"] == 6

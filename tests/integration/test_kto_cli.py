@@ -232,14 +232,16 @@ def test_preference_rows_are_not_kto_rows(tmp_path, capsys):
   err = _error(capsys, [*_args(path, tmp_path / "r")])
   assert err == (
     f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
-    "feedback), got preference pairs"
+    "feedback), got preference pairs (format 'explicit', detected from the "
+    "file's first row; every row is read so)"
   )
   # Demonstrations without labels are SFT's rows, not feedback.
   path.write_text(json.dumps({"prompt": "a", "completion": "b"}))
   err = _error(capsys, [*_args(path, tmp_path / "r")])
   assert err == (
     f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
-    "feedback), got {prompt, completion} rows (no label)"
+    "feedback), got {prompt, completion} rows (no label) (format "
+    "'completion', detected from the file's first row; every row is read so)"
   )
 
 

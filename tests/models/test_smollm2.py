@@ -271,6 +271,9 @@ def test_reconvert_is_idempotent_and_refuses_other_dirs(tiny, tmp_path):
 def test_errors_name_file_and_field(tmp_path):
   with pytest.raises(FileNotFoundError, match="no such GGUF file"):
     gguf_conv.convert_gguf(tmp_path / "absent.gguf", tmp_path / "o")
+  # A directory was "no such GGUF file".
+  with pytest.raises(gguf_conv.GGUFError, match=": is a directory; expected"):
+    gguf_conv.convert_gguf(tmp_path, tmp_path / "o")
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"not a gguf file at all" * 10)
   with pytest.raises(gguf_conv.GGUFError, match="bad.gguf: not a readable"):
