@@ -45,6 +45,7 @@ from rlhf_jax.train import (
   init_grpo_state,
   init_ppo_state,
   make_dpo_step,
+  make_grpo_rollout,
   make_grpo_step,
   make_grpo_update,
   make_kto_step,
@@ -1078,6 +1079,21 @@ BUILD_CASES = [
     lambda: make_grpo_update(TINY, _opt(), GRPOConfig(0, 0, cliprange=1.0)),
     "cliprange=1.0: expected < 1 while cliprange_low is unset",
   ),
+  # None passed the build and failed in the trace; 1 is not True.
+  (
+    lambda: make_ppo_step(TINY, _opt(), _opt(), PPOConfig(0, None)),
+    "pad_token_id=None: expected an integer >= 0",
+  ),
+  (
+    lambda: make_ppo_step(
+      TINY, _opt(), _opt(), PPOConfig(0, 0, normalize_reward=1)
+    ),
+    "normalize_reward=1: expected True or False",
+  ),
+  (
+    lambda: make_grpo_update(TINY, _opt(), GRPOConfig(None, 0)),
+    "eos_token_id=None: expected an integer >= 0",
+  ),
 ]
 
 
@@ -1155,6 +1171,12 @@ def test_frozen_params_a_step_needs_are_named():
   score = lambda _, ids, attn, resp: resp.sum(-1).astype(jnp.float32)
   grpo = make_grpo_step(TINY, _opt(), cfg, score_fn=score)
   jax.eval_shape(grpo, gstate, prompts, None)
+  # Scores as a list were "'list' object has no attribute 'shape'".
+  samples = jax.eval_shape(make_grpo_rollout(TINY, cfg), gstate, prompts)
+  update = make_grpo_update(TINY, _opt(), cfg)
+  with pytest.raises(TypeError, match=r"scores must be an array f32\[4\]"):
+    jax.eval_shape(update, gstate, samples, [0.0, 1.0, 2.0, 3.0])
+  jax.eval_shape(update, gstate, samples, jnp.arange(4.0))
 
 
 def test_reward_model_step_takes_the_batch_of_its_loss():
@@ -1189,3 +1211,25 @@ def test_reward_model_step_takes_the_batch_of_its_loss():
     jax.eval_shape(
       pair_step, state, RankedBatch(ids, mask, *resp, jnp.zeros((2, 3), int))
     )
+
+
+def test_dpo_reference_logprobs_given_or_not_as_configured():
+  """precomputed_ref=True with one of the two said "...=()"; logprobs
+  given with precomputed_ref=False were replaced without a word."""
+  batch = PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4))
+  refs = jnp.zeros(2)
+  step = make_dpo_step(TINY, _opt(), DPOConfig(precomputed_ref=True))
+  with pytest.raises(
+    ValueError, match=r"; batch\.ref_rejected_logprobs is None\n"
+  ):
+    jax.eval_shape(step, _state(), batch.replace(ref_chosen_logprobs=refs))
+  both = batch.replace(ref_chosen_logprobs=refs, ref_rejected_logprobs=refs)
+  jax.eval_shape(step, _state(), both)
+  params = models.init_params(TINY, jax.random.key(0))
+  step = make_dpo_step(TINY, _opt())
+  with pytest.raises(
+    ValueError,
+    match=r"batch\.ref_chosen_logprobs is given but DPOConfig\.precomputed",
+  ):
+    jax.eval_shape(step, _state(), both, params)
+  jax.eval_shape(step, _state(), batch, params)

@@ -449,8 +449,23 @@ class Placement:
     """``step_fn(state, batch, *extra)`` jitted with the state's shardings
     (in = out), the batch split over the batch axes, ``extra`` (frozen
     reference / reward params, already placed) in their own shardings, the
-    state donated and metrics replicated."""
+    state donated and metrics replicated.
+
+    Raises:
+      MeshError: state_shardings that hold an optimizer.
+      TypeError: an ``extra`` leaf that is not a placed jax.Array (host
+        arrays have no sharding to keep), naming it.
+    """
     _check_optimizer_free(state_shardings, "state_shardings")
+    for i, e in enumerate(extra):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(e):
+        if not isinstance(leaf, jax.Array):
+          where = jax.tree_util.keystr(path)
+          raise TypeError(
+            f"extra[{i}]{where} is a {type(leaf).__name__}: expected arrays "
+            "already placed on the mesh (placement.load_model, or "
+            "jax.device_put with a sharding)"
+          )
     extra_sh = tuple(jax.tree.map(lambda x: x.sharding, e) for e in extra)
     return parallel.jit_step(
       step_fn,

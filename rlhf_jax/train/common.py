@@ -529,6 +529,23 @@ def _passes(rule: Rule, value: Any) -> bool:
     return False
 
 
+def rl_problems(config: Any, bools: Sequence[str]) -> list[str]:
+  """What PPO's and GRPO's configs share: token ids that must be given
+  (None would fail only when the step is traced), switches that must be
+  bools (1 is not True to a dataclass), and `clip_problems`."""
+  out = [
+    f"{name}=None: expected an integer >= 0"
+    for name in ("eos_token_id", "pad_token_id")
+    if getattr(config, name) is None
+  ]
+  out += [
+    f"{name}={getattr(config, name)!r}: expected True or False"
+    for name in bools
+    if not isinstance(getattr(config, name), bool)
+  ]
+  return out + clip_problems(config)
+
+
 def clip_problems(config: Any) -> list[str]:
   """A ``cliprange`` of 1 or more where it is also the lower clip
   (``cliprange_low`` unset): the ratio's lower bound 1 - cliprange would

@@ -194,6 +194,7 @@ def make_grpo_update(
     the rows (prompt * G + g), e.g. from ``rewards.score_on_host``.
 
   Raises:
+    TypeError: scores that are not an array (a list).
     ValueError: see ``train.common.check_build``; at trace time, scores not
       [B], rows that do not split into minibatches, or with
       share_prompt=True groups that do not (``update_packs_groups``).
@@ -203,6 +204,11 @@ def make_grpo_update(
 
   def update(state: TrainState, samples: GRPOSamples, scores: jax.Array):
     rows = samples.rollout.response_mask.shape[0]
+    if not hasattr(scores, "shape"):  # a list: jax.numpy takes no lists
+      raise TypeError(
+        f"scores must be an array f32[{rows}] (jax or numpy), got "
+        f"{type(scores).__name__}"
+      )
     if scores.shape != (rows,):
       raise ValueError(f"scores must be [{rows}], got {scores.shape}")
     if rows % config.num_minibatches:

@@ -12,8 +12,8 @@ from rlhf_jax.train.common import (
   above,
   an_int_at_least,
   at_least,
-  clip_problems,
   one_of,
+  rl_problems,
   within,
 )
 
@@ -135,7 +135,7 @@ class GRPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
-    out = clip_problems(self)
+    out = rl_problems(self, ("exact_sampling", "shuffle_minibatches"))
     if self.kl_penalty == "loss" and self.kl_estimator == "k1":
       # d k1 / d log pi = 1: its expectation on-policy is 0.
       out.append(

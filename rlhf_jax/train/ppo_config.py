@@ -16,8 +16,8 @@ from rlhf_jax.train.common import (
   above,
   an_int_at_least,
   at_least,
-  clip_problems,
   one_of,
+  rl_problems,
   within,
 )
 
@@ -66,7 +66,8 @@ class PPOConfig:
     ent_coef: entropy bonus coefficient.
     kl_loss_coef: coefficient of a KL term in the loss (``kl.kl_loss``
       with ``kl_estimator``, which must then be k2 or k3; 0 = none).
-    loss_agg_mode: token-mean, seq-mean-token-mean or seq-mean-token-sum.
+    loss_agg_mode: token-mean, seq-mean-token-mean, seq-mean-token-sum or
+      seq-mean-token-sum-norm (``masked.aggregate_loss``).
     shuffle_minibatches: shuffle rows between epochs.
     axis_name: pmap axis name, None under jit.
   """
@@ -134,7 +135,16 @@ class PPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
-    out = clip_problems(self)
+    out = rl_problems(
+      self,
+      (
+        "exact_sampling",
+        "adaptive_kl",
+        "normalize_reward",
+        "whiten_advantages",
+        "shuffle_minibatches",
+      ),
+    )
     if self.adaptive_kl and not self.kl_coef > 0:
       out.append(f"kl_coef={self.kl_coef!r}: expected > 0 with adaptive_kl")
     if self.kl_loss_coef > 0 and self.kl_estimator == "k1":

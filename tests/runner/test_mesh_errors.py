@@ -119,3 +119,16 @@ def test_batch_padded_otherwise_is_refused_before_placing(fsdp_placement):
   prompt[3] = [False, False, True, True]
   got = fsdp_placement.batch({"prompt_mask": prompt})["prompt_mask"]
   np.testing.assert_array_equal(np.asarray(got), prompt)
+
+
+def test_jit_step_extra_must_be_placed(fsdp_placement):
+  """Host (numpy) arrays in ``extra`` failed with "'numpy.ndarray' object
+  has no attribute 'sharding'"."""
+  _, shardings = fsdp_placement.init_state(
+    _init, PARAMS, jax.random.key(0), param_axes=[AXES]
+  )
+  ref = {"w": np.ones((8, 16)), "b": jnp.zeros((16,))}
+  with pytest.raises(TypeError, match=r"extra\[0\]\['w'\] is a ndarray: exp"):
+    fsdp_placement.jit_step(lambda s, b, r: (s, {}), shardings, extra=(ref,))
+  placed = {"w": jnp.ones((8, 16)), "b": jnp.zeros((16,))}
+  fsdp_placement.jit_step(lambda s, b, r: (s, {}), shardings, extra=(placed,))
