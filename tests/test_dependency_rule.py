@@ -110,9 +110,14 @@ def test_below_the_runner_nothing_imports_the_application():
   assert not bad, bad
 
 
-# The one exception: a hub id resolves in the local Hugging Face cache the
-# way transformers finds it (HF_HUB_CACHE, HF_HOME), never downloading.
-ENV_EXCEPTIONS = {pathlib.Path("models/hf_io.py")}
+# The exceptions: a hub id resolves in the local Hugging Face cache the
+# way transformers finds it (HF_HUB_CACHE, HF_HOME), never downloading;
+# the package's first import checks the $JAX_NUM_CPU_DEVICES that `import
+# jax` parses, before jax raises on it.
+ENV_EXCEPTIONS = {
+  pathlib.Path("models/hf_io.py"),
+  pathlib.Path("_environment.py"),
+}
 
 
 def test_only_cli_and_stages_read_the_environment():
