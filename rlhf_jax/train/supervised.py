@@ -497,6 +497,29 @@ def preference_logprobs(
   return unstack_pairs(sequence_logprobs(logp, resp_mask, average=average))
 
 
+def _check_reference_logprobs(batch: PreferenceBatch, precomputed: bool):
+  """Both reference logprobs given with ``precomputed_ref``, neither
+  without it (the step's own would replace them without a word).
+
+  Raises:
+    ValueError: naming the field and the config value.
+  """
+  refs = ("ref_chosen_logprobs", "ref_rejected_logprobs")
+  given = [n for n in refs if getattr(batch, n) is not None]
+  if precomputed and len(given) < 2:
+    missing = " and ".join(f"batch.{n}" for n in refs if n not in given)
+    raise ValueError(
+      f"DPOConfig.precomputed_ref=True needs batch.ref_chosen_logprobs "
+      f"and batch.ref_rejected_logprobs; {missing} is None"
+    )
+  if given and not precomputed:
+    raise ValueError(
+      f"batch.{given[0]} is given but DPOConfig.precomputed_ref is False "
+      "(the step runs the reference itself): set precomputed_ref=True to "
+      "use them, or leave them None"
+    )
+
+
 def make_dpo_step(
   model_config: "models.ModelConfig",
   optimizer: optax.GradientTransformation,
@@ -531,21 +554,7 @@ def make_dpo_step(
     check_batch(batch, PreferenceBatch)
     total = global_sum(batch.prompt_ids.shape[0], axis)
     params = state.params
-    refs = ("ref_chosen_logprobs", "ref_rejected_logprobs")
-    given = [n for n in refs if getattr(batch, n) is not None]
-    if config.precomputed_ref and len(given) < 2:
-      missing = " and ".join(f"batch.{n}" for n in refs if n not in given)
-      raise ValueError(
-        f"DPOConfig.precomputed_ref=True needs batch.ref_chosen_logprobs "
-        f"and batch.ref_rejected_logprobs; {missing} is None"
-      )
-    if given and not config.precomputed_ref:
-      # They would be replaced by the reference's, without a word.
-      raise ValueError(
-        f"batch.{given[0]} is given but DPOConfig.precomputed_ref is False "
-        "(the step runs the reference itself): set precomputed_ref=True to "
-        "use them, or leave them None"
-      )
+    _check_reference_logprobs(batch, config.precomputed_ref)
     if not config.precomputed_ref:
       ref_config = model_config
       if ref_params is None and lora_policy:
