@@ -13,31 +13,26 @@ import sys
 COMMAND = "rlhf-jax"
 
 
+def _device_count() -> tuple[str | None, int | None]:
+  """($JAX_NUM_CPU_DEVICES, its integer value or None if it has none)."""
+  value = os.environ.get("JAX_NUM_CPU_DEVICES")
+  try:
+    return value, None if value is None else int(value)
+  except ValueError:
+    return value, None
+
+
 def bad_device_count() -> str | None:
   """$JAX_NUM_CPU_DEVICES that jax would refuse at import (not an integer)
   or fail on later (0 or below, other than -1: no CPU backend), as one
   line; None when unset or fine."""
-  value = os.environ.get("JAX_NUM_CPU_DEVICES")
-  if value is None:
-    return None
-  try:
-    count = int(value)
-  except ValueError:
-    count = 0
-  if count >= 1 or count == -1:
+  value, count = _device_count()
+  if value is None or (count is not None and (count >= 1 or count == -1)):
     return None
   return (
     f"$JAX_NUM_CPU_DEVICES={value!r}: expected a number of CPU devices >= 1 "
     "(or -1, jax's default)"
   )
-
-
-def _unparsable_device_count() -> bool:
-  try:
-    int(os.environ.get("JAX_NUM_CPU_DEVICES", "1"))
-  except ValueError:
-    return True
-  return False
 
 
 def check_before_jax() -> None:
@@ -51,7 +46,8 @@ def check_before_jax() -> None:
   Raises:
     ValueError: as above, outside the command.
   """
-  if not _unparsable_device_count():
+  value, count = _device_count()
+  if value is None or count is not None:
     return
   problem = bad_device_count()
   if os.path.basename(sys.argv[0] if sys.argv else "") == COMMAND:

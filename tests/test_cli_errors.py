@@ -2227,6 +2227,6 @@ def test_a_gguf_file_as_model_says_how_to_convert_it(tmp_path, capsys):
     models.load_hf_checkpoint("m/none.gguf")
   assert str(e.value) == (
     "m/none.gguf: no such file (a GGUF name); a checkpoint is a directory "
-    "(config.json + *.safetensors): convert the GGUF file into one with "
-    "`python -m rlhf_jax.models.gguf FILE DIR` and pass DIR"
+    "(config.json + *.safetensors): convert it with `python -m "
+    "rlhf_jax.models.gguf m/none.gguf DIR` and pass DIR"
   )

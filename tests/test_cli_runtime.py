@@ -717,3 +717,37 @@ def test_unread_fields_are_those_the_refused_options_set(tmp_path):
     "loss",
     "accept.epochs",
   )
+
+
+@pytest.mark.parametrize("command", ["sft", "kto"])
+def test_sft_and_kto_pass_their_checkpoint_options_to_the_loop(
+  command, tmp_path, monkeypatch, capsys
+):
+  """--keep-checkpoints and --max-skipped-fraction reach the stage's loop
+  (sft and kto kept the defaults before; the pipeline commands had both)."""
+  from rlhf_jax.cli.main import main
+  from rlhf_jax.stages import kto, sft
+
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def loop(*args, **kwargs):
+    seen.update(kwargs)
+    raise Stop
+
+  monkeypatch.setattr({"sft": sft, "kto": kto}[command], "TrainLoop", loop)
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "off")
+  rows = [
+    {"prompt": f"Once {i}", "completion": " a dog.", "label": i % 2 == 0}
+    for i in range(16)
+  ]
+  data = tmp_path / "d.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  args = [command, "--preset", "smoke", "--data", str(data), "--run-dir",
+          str(tmp_path / "r"), "--keep-checkpoints", "3",
+          "--max-skipped-fraction", "0.25", "--batch-size", "8"]  # fmt: skip
+  assert main(args) == 1  # Stop, one line: the loop never ran
+  assert "internal error: Stop" in capsys.readouterr().err
+  assert (seen["keep"], seen["max_skipped_fraction"]) == (3, 0.25)

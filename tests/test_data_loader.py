@@ -210,6 +210,7 @@ def test_split_pairs_keeps_a_pair_s_copies_on_one_side():
   from rlhf_jax.stages.user_data import (
     pairs_also_in,
     repeated_pairs,
+    split_distinct,
     split_pairs,
   )
 
@@ -226,3 +227,8 @@ def test_split_pairs_keeps_a_pair_s_copies_on_one_side():
     trained = [copies[i] for i in train]
     assert pairs_also_in([copies[i] for i in held], trained) == []
   assert repeated_pairs(copies) == copies[30:]
+  # KTO's rows: at least 2 distinct held out, copies together.
+  keys = [i % 5 for i in range(20)]  # 5 distinct, each 4 times
+  train, held = split_distinct(keys, seed=0, least=2)
+  assert len({keys[i] for i in held}) == 2 and len(held) == 8
+  assert not {keys[i] for i in held} & {keys[i] for i in train}

@@ -7,12 +7,16 @@ import pytest
 
 from rlhf_jax.data import (
   PreferencePair,
+  RankedExample,
+  UnpairedExample,
   check_padding,
   load_examples,
   padded_lengths,
   tokenize_preferences,
+  tokenize_prompts,
   tokenize_ranked,
   tokenize_sft,
+  tokenize_unpaired,
   trim_padding,
 )
 from rlhf_jax.types import PreferenceBatch
@@ -146,18 +150,30 @@ def test_trimmed_arrays_are_copies_and_lengths_ints(tiny):
 
 
 def test_every_tokenized_batch_passes_the_padding_check(tiny):
-  """tokenize_* pad prompts left and responses right, padding rows too;
-  the check reads every mask of the batch types."""
+  """Every tokenize_* pads prompts left and responses right, padding
+  rows too; the check reads the masks of every batch type."""
+  lengths = dict(max_prompt_length=8, max_response_length=8)
   pairs = [
     _pair("Once upon a time", " a dog.", " a cat sat."),
     _pair("L", " ran.", " hid."),
   ]
-  ds = tokenize_preferences(
-    pairs, tiny, max_prompt_length=8, max_response_length=8
-  )
-  batch = ds.take(np.array([0, 1, -1]))
-  check_padding(batch)  # no error
-  check_padding(ds.arrays)  # a mapping of the same arrays
+  datasets = [
+    tokenize_preferences(pairs, tiny, **lengths),
+    tokenize_sft(pairs, tiny, **lengths),
+    tokenize_prompts(["Once upon a time", "L"], tiny, max_prompt_length=8),
+    tokenize_ranked(
+      [RankedExample("Once", (" a dog.", " a cat sat on it.", " hid."),
+                     (0, 2, 1))] * 2, tiny, **lengths,
+    ),
+    tokenize_unpaired(
+      [UnpairedExample("Once", " a dog.", True),
+       UnpairedExample("L", " ran away fast.", False)], tiny, **lengths,
+    ),
+  ]  # fmt: skip
+  for ds in datasets:
+    batch = ds.take(np.array([0, 1, -1]))
+    check_padding(batch)  # no error
+    check_padding(ds.arrays)  # a mapping of the same arrays
 
 
 def _batch(prompt_rows, response_rows):
@@ -207,3 +223,18 @@ def test_padding_check_reads_every_axis_of_ranked_masks():
   # All-False rows (padding rows) and all-True rows are padded either way.
   mask[1, 2] = False
   check_padding(batch)
+
+
+def test_device_arrays_and_other_fields_pass_unread():
+  """Only host arrays of the batch types' mask fields are read: arrays
+  on a device would be waited for, and other masks (an attention mask
+  over [prompt | response], a loss mask with holes) have no padding
+  side."""
+  import jax.numpy as jnp
+
+  right = np.array([[1, 1, 0, 0]], bool)
+  check_padding({"prompt_mask": jnp.asarray(right)})
+  check_padding({"attention_mask": np.array([[0, 1, 1, 0]], bool)})
+  check_padding({"loss_mask": np.array([[1, 0, 1, 0]], bool)})
+  with pytest.raises(ValueError, match=r"prompt_mask\[0\] is not left"):
+    check_padding({"prompt_mask": right})

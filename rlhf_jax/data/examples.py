@@ -174,7 +174,7 @@ def detected(loaded: "LoadedExamples", source: Any) -> str:
     return ""
   return (
     f" (format '{fmt}', detected from the file's first row; every row is "
-    "read so)"
+    "read as that format)"
   )
 
 

@@ -15,7 +15,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
 from rlhf_jax.data.tokenize import TokenizedDataset
@@ -125,11 +124,17 @@ def _fields(batch: Any) -> list[tuple[str, Any]]:
   return []
 
 
+# The batch types' masks and their padding side (rlhf_jax.types).
+LEFT_PADDED = ("prompt_mask",)
+RIGHT_PADDED = ("response_mask", "chosen_mask", "rejected_mask")
+
+
 def check_padding(batch: Any) -> None:
-  """Checks that a host batch is padded as the train steps read it: every
-  ``prompt_mask`` left-padded (each row False ... False True ... True),
-  every other ``*_mask`` field right-padded (True ... True False ...
-  False), along the last axis (docs/conventions.md).
+  """Checks that a host batch is padded as the train steps read it: a
+  ``prompt_mask`` left-padded (each row False ... False True ... True), a
+  ``response_mask``, ``chosen_mask`` or ``rejected_mask`` right-padded
+  (True ... True False ... False), along the last axis
+  (docs/conventions.md).
 
   The steps predict a response's first token from the prompt's last slot
   (convention 1), so a right-padded prompt, the default of Hugging Face
@@ -140,27 +145,25 @@ def check_padding(batch: Any) -> None:
 
   Args:
     batch: a batch dataclass (``PreferenceBatch``, ``PromptBatch``, ...)
-      or a mapping of host arrays; fields that are None and traced values
-      are skipped, and so is anything else.
+      or a mapping. Only host (NumPy) arrays of the fields above are read:
+      other fields, None, jax arrays (already on a device: reading them
+      would wait for it) and other containers pass unread.
 
   Raises:
     ValueError: naming the field, the first row that is padded otherwise
       and how it was expected.
   """
   for name, value in _fields(batch):
-    if not name.endswith("_mask") or value is None:
+    left = name in LEFT_PADDED
+    if not (left or name in RIGHT_PADDED):
       continue
-    if isinstance(value, jax.core.Tracer):
-      continue
-    mask = np.asarray(value)
-    if mask.ndim < 2 or mask.size == 0:
+    if not isinstance(value, np.ndarray) or value.ndim < 2 or not value.size:
       continue  # shapes are the steps' own checks
-    rows = mask.reshape(-1, mask.shape[-1]).astype(bool)
-    left = name.endswith(PROMPT + "_mask")
+    rows = value.reshape(-1, value.shape[-1]).astype(bool)
     steps = rows[:, 1:] >= rows[:, :-1] if left else rows[:, 1:] <= rows[:, :-1]
     bad = np.flatnonzero(~steps.all(axis=1))
     if bad.size:
-      row = np.unravel_index(bad[0], mask.shape[:-1])
+      row = np.unravel_index(bad[0], value.shape[:-1])
       where = ", ".join(str(int(i)) for i in row)
       side, first = (
         ("left", "pad slots first") if left else ("right", "pad slots last")

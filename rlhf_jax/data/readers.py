@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import stat
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
@@ -167,8 +168,14 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
       raise DataError(
         f"{path}:{lineno}: invalid JSON: nested too deeply"
       ) from e
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-      raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from e
+    except ValueError as e:
+      reason = f"invalid JSON: {e}"
+      if "digits" in str(e):  # Python's limit on an integer's digits
+        reason = (
+          "a number with more digits than Python reads "
+          f"({sys.get_int_max_str_digits()}); write it as a string"
+        )
+      raise DataError(f"{path}:{lineno}: {reason}") from e
     yield Row(path, row, f"{path}:{lineno}", data)
     row += 1
 

@@ -349,8 +349,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     state = "a GGUF file" if path.exists() else "no such file (a GGUF name)"
     raise (_NotADirError if path.exists() else _MissingFileError)(
       f"{path}: {state}; a checkpoint is a directory (config.json + "
-      "*.safetensors): convert the GGUF file into one with `python -m "
-      "rlhf_jax.models.gguf FILE DIR` and pass DIR"
+      f"*.safetensors): {gguf_hint(path)}"
     )
   if path.exists():
     raise _NotADirError(
@@ -380,6 +379,13 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
     f"{cache}. rlhf_jax does not download checkpoints. On a machine with "
     f"network access run `huggingface-cli download {name} --local-dir DIR` "
     "(safetensors weights, config.json, tokenizer files) and pass DIR."
+  )
+
+
+def gguf_hint(path: str | os.PathLike) -> str:
+  """How to make a checkpoint directory of the GGUF file ``path``."""
+  return (
+    f"convert it with `python -m rlhf_jax.models.gguf {path} DIR` and pass DIR"
   )
 
 

@@ -1150,8 +1150,7 @@ def check_params(params: Params, config: ModelConfig) -> None:
         "whose LM is params['backbone']"
       )
     raise ValueError(
-      f"params hold {sorted(params)}: expected an LM's embed, layers and "
-      f"final_norm{hint}"
+      f"params hold {sorted(params)}: expected an LM's embed and layers{hint}"
     )
   check_layer_count(params, config)
   tied = config.tie_word_embeddings

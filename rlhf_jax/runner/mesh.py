@@ -24,7 +24,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from rlhf_jax import models, parallel
 from rlhf_jax.data.padding import check_padding
@@ -453,18 +453,20 @@ class Placement:
 
     Raises:
       MeshError: state_shardings that hold an optimizer.
-      TypeError: an ``extra`` leaf that is not a placed jax.Array (host
-        arrays have no sharding to keep), naming it.
+      TypeError: an ``extra`` leaf without a sharding (a host array; a
+        placed jax.Array or a ShapeDtypeStruct with one is kept), naming
+        it.
     """
     _check_optimizer_free(state_shardings, "state_shardings")
     for i, e in enumerate(extra):
       for path, leaf in jax.tree_util.tree_leaves_with_path(e):
-        if not isinstance(leaf, jax.Array):
+        # Placed arrays, or abstract ones (ShapeDtypeStruct) with theirs.
+        if not isinstance(getattr(leaf, "sharding", None), Sharding):
           where = jax.tree_util.keystr(path)
           raise TypeError(
-            f"extra[{i}]{where} is a {type(leaf).__name__}: expected arrays "
-            "already placed on the mesh (placement.load_model, or "
-            "jax.device_put with a sharding)"
+            f"extra[{i}]{where} is a {type(leaf).__name__} without a "
+            "sharding: expected arrays already placed on the mesh "
+            "(placement.load_model, or jax.device_put with a sharding)"
           )
     extra_sh = tuple(jax.tree.map(lambda x: x.sharding, e) for e in extra)
     return parallel.jit_step(

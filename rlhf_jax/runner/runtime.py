@@ -999,6 +999,7 @@ class StopFlag:
       StopFlag.received = signum
 
   def __enter__(self) -> "StopFlag":
+    StopFlag.received = None  # a signal of an earlier run is not this one's
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGINT, signal.SIGTERM):
         self._old[sig] = signal.signal(sig, self._handle)

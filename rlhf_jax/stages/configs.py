@@ -475,8 +475,8 @@ class KTOStageConfig:
 
   data: str | None = None
   """File of {prompt, completion, label} rows (.jsonl, .jsonl.gz,
-  .parquet); a tenth (at least 2 rows) is held out. Without it: the
-  accept-rate task."""
+  .parquet); a tenth of the distinct rows (at least 2; a repeated row's
+  copies on one side) is held out. Without it: the accept-rate task."""
   preset: str = "default"
   """Named preset (listed above the options)."""
   model: str | None = None

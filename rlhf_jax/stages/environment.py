@@ -82,10 +82,9 @@ def resolve_model(model: str | None) -> pathlib.Path:
   if path.exists():
     hint = ""
     if path.suffix.lower() == ".gguf":
-      hint = (
-        " (a GGUF file: convert it with `python -m rlhf_jax.models.gguf "
-        f"{model} DIR` and pass DIR)"
-      )
+      from rlhf_jax.models.hf_io import gguf_hint
+
+      hint = f" (a GGUF file: {gguf_hint(model)})"
     raise UserError(f"{where} {model}: not a directory{hint}")
   raise UserError(f"model directory {model} does not exist ({where})")
 

@@ -345,8 +345,7 @@ def _file_preferences(ctx: Context) -> dict:
       "those pairs weigh more"
     )
   if cfg.eval_data is None:
-    distinct = len(pairs) - len(repeats)
-    check_pairs_to_split(cfg.data, len(ds), distinct)
+    check_pairs_to_split(cfg.data, pairs)
     # A tenth of the distinct pairs (at least one) is held out.
     tr, ev = split_pairs(pairs, cfg.seed)
     train, held = ds.subset(tr), ds.subset(ev)

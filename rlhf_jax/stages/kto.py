@@ -1,8 +1,9 @@
 """`rlhf-jax kto`: KTO on accept/reject feedback (Ethayarajh et al. 2024).
 
 With ``--data FILE``: {prompt, completion, label} rows (``label`` true =
-accepted), a tenth (at least 2 rows) held out, ``train.make_kto_step`` on
-the mesh of ``--mesh.*`` with the runner's checkpoints and ``--resume``;
+accepted), a tenth of the distinct rows (at least 2) held out,
+``train.make_kto_step`` on the mesh of ``--mesh.*`` with the runner's
+checkpoints and ``--resume``;
 the reference is the initial policy (with ``--lora.rank > 0`` the frozen
 base, adapters off). Held-out evaluation reports the loss, the KL estimate
 and the accuracy of the implicit reward's side of the reference point
@@ -32,7 +33,6 @@ from rlhf_jax.data import (
   load_examples,
   row_kind,
   tokenize_unpaired,
-  train_eval_split,
 )
 from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
@@ -53,13 +53,13 @@ from rlhf_jax.stages.continuation import steps_growable
 from rlhf_jax.stages.report import print_summary, write_policy_outputs
 from rlhf_jax.stages.unread import unread_fields
 from rlhf_jax.stages.user_data import (
-  HELDOUT_FRACTION,
   capped_batch,
   check_dropped,
   check_max_dropped_frac,
   data_counts,
   fit_to_data,
   held_data_warnings,
+  split_distinct,
   template_of,
 )
 from rlhf_jax.train import TrainState, make_kto_step
@@ -101,8 +101,17 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
     max_prompt_length=config.max_prompt_length,
     max_response_length=config.max_response_length,
   )
-  n_held = max(2, round(HELDOUT_FRACTION * len(ds)))
-  train, held = train_eval_split(len(ds), eval_size=n_held, seed=config.seed)
+  # A tenth of the distinct rows (at least 2), a repeated row's copies on
+  # one side.
+  rows = loaded.examples
+  if ds.example_index is not None:
+    rows = [rows[i] for i in ds.example_index]
+  keys = [(e.prompt, e.completion, e.label) for e in rows]
+  if len(set(keys)) < 4:
+    raise DataError(
+      f"{path}: need at least 4 distinct rows, got {len(set(keys))}"
+    )
+  train, held = split_distinct(keys, config.seed, least=2)
   labels = ds.arrays["labels"]
   counts = {
     "data/examples": len(ds),

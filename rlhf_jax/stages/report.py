@@ -165,7 +165,8 @@ def _quote(text: str) -> str:
 def _data_lines(summary: Mapping[str, Any]) -> list[str]:
   """One sentence per input file counted in ``summary`` (``P/rows_read``,
   ``P/dropped_*``, ``P/truncated_*``, ``P/unknown_tokens``,
-  ``P/repeats_merged`` keys of stages.user_data)."""
+  ``P/repeats_merged``, ``P/repeated_pairs``, ``P/pairs_in_data`` keys of
+  stages.user_data)."""
   lines = []
   for key in summary:
     if not key.endswith("/rows_read"):
@@ -197,6 +198,10 @@ def _data_lines(summary: Mapping[str, Any]) -> list[str]:
     ]
     if unused:
       text += "; not used: " + ", ".join(unused)
+    if repeated := summary.get(f"{p}/repeated_pairs"):
+      text += f"; {repeated} pairs repeat an earlier one (kept)"
+    if shared := summary.get(f"{p}/pairs_in_data"):
+      text += f"; {shared} pairs also in --data"
     if repeats := summary.get(f"{p}/repeats_merged"):
       distinct = summary.get(f"{p}/distinct")
       text += f"; {repeats} repeats of a prompt merged into its first row"

@@ -280,7 +280,7 @@ def held_data_warnings(*, replay: bool) -> Iterator[None]:
     runtime.replay_log("rlhf_jax.data", held)
 
 
-def check_pairs_to_split(path: Any, pairs: int, distinct: int | None = None):
+def check_pairs_to_split(path: Any, pairs: list[Any]) -> None:
   """Without --eval-data a tenth of --data is held out: at least 2 usable
   pairs are needed (one to train on, one to evaluate), and 2 distinct ones
   (a repeated pair stays on one side).
@@ -288,12 +288,13 @@ def check_pairs_to_split(path: Any, pairs: int, distinct: int | None = None):
   Raises:
     DataError: fewer, naming the file.
   """
-  if pairs < 2:
-    raise DataError(f"{path}: need at least 2 usable pairs, got {pairs}")
-  if distinct is not None and distinct < 2:
+  if len(pairs) < 2:
+    raise DataError(f"{path}: need at least 2 usable pairs, got {len(pairs)}")
+  distinct = len(pairs) - len(repeated_pairs(pairs))
+  if distinct < 2:
     raise DataError(
       f"{path}: need at least 2 distinct pairs to hold one out, got one "
-      f"pair repeated {pairs} times"
+      f"pair repeated {len(pairs)} times"
     )
 
 
@@ -308,19 +309,27 @@ def _pair_key(pair: Any) -> tuple[str, str, str]:
   return (pair.prompt, pair.chosen, pair.rejected)
 
 
-def split_pairs(pairs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """(train, held-out) row indices of ``pairs``: a tenth of the distinct
-  pairs (at least one) held out (`data.train_eval_split`), every repeat of
-  a pair on its first copy's side, so no held-out pair is also trained on.
-  Without repeats, the split of the rows themselves."""
-  ids: dict[tuple[str, str, str], int] = {}
-  group = np.array([ids.setdefault(_pair_key(p), len(ids)) for p in pairs])
+def split_distinct(
+  keys: list[Any], seed: int, least: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+  """(train, held-out) indices of rows with hashable ``keys``: a tenth of
+  the distinct keys (at least ``least``) held out
+  (`data.train_eval_split`), every repeat of a key on its first row's
+  side, so no held-out row is also trained on. Without repeats, the split
+  of the rows themselves."""
+  ids: dict[Any, int] = {}
+  group = np.array([ids.setdefault(k, len(ids)) for k in keys])
   n = len(ids)
   _, held = train_eval_split(
-    n, eval_size=max(1, round(HELDOUT_FRACTION * n)), seed=seed
+    n, eval_size=max(least, round(HELDOUT_FRACTION * n)), seed=seed
   )
   is_held = np.isin(group, held)
   return np.flatnonzero(~is_held), np.flatnonzero(is_held)
+
+
+def split_pairs(pairs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """`split_distinct` of preference pairs (prompt, chosen, rejected)."""
+  return split_distinct([_pair_key(p) for p in pairs], seed)
 
 
 def repeated_pairs(pairs: list[Any]) -> list[Any]:
@@ -391,9 +400,7 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
           max_dropped_frac=config.data_max_dropped_frac,
         )
         if path == config.data and config.eval_data is None:
-          kept = kept_pairs(loaded, ds)
-          distinct = len(kept) - len(repeated_pairs(kept))
-          check_pairs_to_split(path, len(ds), distinct)
+          check_pairs_to_split(path, kept_pairs(loaded, ds))
     if config.prompts is not None:
       loaded, _ = read_prompts(
         config.prompts,
@@ -414,7 +421,7 @@ def _warn_repeats(path: str, loaded: LoadedExamples, rows: list[Any]) -> None:
   repeats = len(loaded.examples) - len(rows)
   if not repeats:
     return
-  first = {e.prompt: row_columns(e) for e in reversed(loaded.examples)}
+  first = {e.prompt: row_columns(e) for e in rows}
   other = [e for e in loaded.examples if row_columns(e) != first[e.prompt]]
   text = (
     f"rlhf-jax: warning: --prompts {path}: {repeats} rows repeat an "
@@ -422,9 +429,10 @@ def _warn_repeats(path: str, loaded: LoadedExamples, rows: list[Any]) -> None:
     f"prompt is drawn alike; {len(rows)} distinct)"
   )
   if other:
+    verb = "differs" if len(other) == 1 else "differ"
     text += (
-      f"; {len(other)} of them hold other fields than that row (first at "
-      f"{other[0].where}), which the --reward functions do not see"
+      f"; {len(other)} of them {verb} from that row in other fields (first "
+      f"at {other[0].where}), which the --reward functions do not see"
     )
   sys.stderr.write(text + "\n")
 

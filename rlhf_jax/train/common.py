@@ -529,19 +529,13 @@ def _passes(rule: Rule, value: Any) -> bool:
     return False
 
 
-def rl_problems(config: Any, bools: Sequence[str]) -> list[str]:
+def rl_problems(config: Any) -> list[str]:
   """What PPO's and GRPO's configs share: token ids that must be given
-  (None would fail only when the step is traced), switches that must be
-  bools (1 is not True to a dataclass), and `clip_problems`."""
+  (None would fail only when the step is traced), and `clip_problems`."""
   out = [
     f"{name}=None: expected an integer >= 0"
     for name in ("eos_token_id", "pad_token_id")
     if getattr(config, name) is None
-  ]
-  out += [
-    f"{name}={getattr(config, name)!r}: expected True or False"
-    for name in bools
-    if not isinstance(getattr(config, name), bool)
   ]
   return out + clip_problems(config)
 
@@ -562,13 +556,16 @@ def clip_problems(config: Any) -> list[str]:
 
 def config_problems(config: Any) -> list[str]:
   """What is wrong with a frozen config, one ``field=value: expected ...``
-  per field: a non-finite float anywhere, or a break of the class's
-  ``RULES`` (None values pass: None means "off") and ``cross_problems``."""
+  per field: a field annotated bool holding something else, a non-finite
+  float anywhere, or a break of the class's ``RULES`` (None values pass:
+  None means "off") and ``cross_problems``."""
   out = []
   rules = getattr(type(config), "RULES", {})
   for f in dataclasses.fields(config):
     v = getattr(config, f.name)
-    if isinstance(v, float) and not math.isfinite(v):
+    if f.type in (bool, "bool") and not isinstance(v, bool):
+      out.append(f"{f.name}={v!r}: expected True or False")  # 1 is not True
+    elif isinstance(v, float) and not math.isfinite(v):
       out.append(f"{f.name}={v!r}: expected a finite number")
     elif v is not None and f.name in rules and not _passes(rules[f.name], v):
       out.append(f"{f.name}={v!r}: expected {rules[f.name][1]}")

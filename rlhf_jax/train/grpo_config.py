@@ -135,7 +135,7 @@ class GRPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
-    out = rl_problems(self, ("exact_sampling", "shuffle_minibatches"))
+    out = rl_problems(self)
     if self.kl_penalty == "loss" and self.kl_estimator == "k1":
       # d k1 / d log pi = 1: its expectation on-policy is 0.
       out.append(

@@ -135,7 +135,7 @@ def make_ppo_step(
     "(or None with a score_fn)}"
   )
 
-  def step(state: PPOState, prompts: PromptBatch, frozen: dict):
+  def step(state: PPOState, prompts: PromptBatch, frozen: dict | None):
     check_batch(prompts, PromptBatch)
     _check_rows(prompts, config)
     frozen = check_frozen(frozen, needs, hint)

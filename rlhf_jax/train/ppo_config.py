@@ -135,16 +135,7 @@ class PPOConfig:
   }
 
   def cross_problems(self) -> list[str]:
-    out = rl_problems(
-      self,
-      (
-        "exact_sampling",
-        "adaptive_kl",
-        "normalize_reward",
-        "whiten_advantages",
-        "shuffle_minibatches",
-      ),
-    )
+    out = rl_problems(self)
     if self.adaptive_kl and not self.kl_coef > 0:
       out.append(f"kl_coef={self.kl_coef!r}: expected > 0 with adaptive_kl")
     if self.kl_loss_coef > 0 and self.kl_estimator == "k1":

@@ -322,7 +322,11 @@ def make_reward_model_step(
     try:
       check_batch(batch, kind)
     except TypeError as e:
-      raise TypeError(f"{e} (loss_type={config.loss_type!r})") from None
+      other = "best_of_k" if kind is PreferenceBatch else "pairwise"
+      raise TypeError(
+        f"{e} (loss_type={config.loss_type!r}; loss_type={other!r} takes "
+        f"the other batch type)"
+      ) from None
     total = global_sum(batch.prompt_ids.shape[0], axis)
 
     def loss_fn(params, mb):

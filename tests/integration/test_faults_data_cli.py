@@ -286,6 +286,7 @@ def test_repeated_pairs_are_counted_and_eval_pairs_in_data_said(
   ) in log
   s = h.summary(run_dir)
   assert (s["data/rows_kept"], s["data/repeated_pairs"]) == (43, 3)
+  assert "; 3 pairs repeat an earlier one (kept)" in _report_line(run_dir)
   # Four distinct pairs held out (a tenth of 40), one of them a repeated
   # pair with its copy: five rows, none of them trained on.
   assert s["rm/eval_pairs"] == 5
@@ -296,3 +297,5 @@ def test_repeated_pairs_are_counted_and_eval_pairs_in_data_said(
     "on pairs trained on\n"
   ) in log
   assert h.summary(tmp_path / "e")["eval_data/pairs_in_data"] == 6
+  report = (tmp_path / "e" / "report.md").read_text()
+  assert "; 6 pairs also in --data" in report

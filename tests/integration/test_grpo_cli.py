@@ -131,8 +131,9 @@ def test_prompt_file_columns_reach_the_reward(tmp_path):
   assert (
     f"rlhf-jax: warning: --prompts {prompts}: 2 rows repeat an earlier "
     "prompt and are merged into its first row (each distinct prompt is "
-    "drawn alike; 12 distinct); 1 of them hold other fields than that row "
-    f"(first at {prompts}:14), which the --reward functions do not see\n"
+    "drawn alike; 12 distinct); 1 of them differs from that row in other "
+    f"fields (first at {prompts}:14), which the --reward functions do not "
+    "see\n"
   ) in log
   report = (run_dir / "report.md").read_text()
   assert (

@@ -27,10 +27,12 @@ N_ROWS = 24
 
 
 def _row(i: int) -> dict:
+  """Row i, distinct from every other (a repeated row would keep its
+  copies on one side of the held-out split, moving the split)."""
   good = i % 3 != 0
   texts = HAPPY if good else SAD
   return {
-    "prompt": PROMPTS[i % len(PROMPTS)],
+    "prompt": f"{PROMPTS[i % len(PROMPTS)]} {i}",
     "completion": texts[(i // 3) % len(texts)],
     "label": good,
   }
@@ -72,11 +74,12 @@ def test_kto_on_unpaired_rows(kto_run, tinystories_dir):
   assert (kto_run / "report.md").is_file()
   # Padded to the longest row: BOS + prompt, completion + EOS.
   tok = models.load_tokenizer(tinystories_dir)
-  prompt = max(len(tok.encode(p)) for p in PROMPTS)
+  prompt = max(len(tok.encode(_row(i)["prompt"])) for i in range(N_ROWS))
   resp = max(len(tok.encode(t, add_special_tokens=False)) + 1 for t in HAPPY)
   resp = max(resp, *(len(tok.encode(t, add_special_tokens=False)) + 1
                      for t in SAD))  # fmt: skip
-  assert (prompt, resp) == (6, 12)  # "Once upon a time", "He fell and ..."
+  # "Once upon a time 21", "He fell and ..."
+  assert (prompt, resp) == (8, 12)
   assert s["data/padded_prompt_length"] == prompt
   assert s["data/padded_response_length"] == resp
   log = (kto_run.parent / "log.txt").read_text()
@@ -233,7 +236,7 @@ def test_preference_rows_are_not_kto_rows(tmp_path, capsys):
   assert err == (
     f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
     "feedback), got preference pairs (format 'explicit', detected from the "
-    "file's first row; every row is read so)"
+    "file's first row; every row is read as that format)"
   )
   # Demonstrations without labels are SFT's rows, not feedback.
   path.write_text(json.dumps({"prompt": "a", "completion": "b"}))
@@ -241,7 +244,8 @@ def test_preference_rows_are_not_kto_rows(tmp_path, capsys):
   assert err == (
     f"{path}: expected {{prompt, completion, label}} rows (accept/reject "
     "feedback), got {prompt, completion} rows (no label) (format "
-    "'completion', detected from the file's first row; every row is read so)"
+    "'completion', detected from the file's first row; every row is read "
+    "as that format)"
   )
 
 

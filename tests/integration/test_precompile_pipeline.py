@@ -65,6 +65,9 @@ def _run(
     env=env,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # A background job that fails says so and leaves its compile to the
+  # stage (the PPO job failed on its abstract reward model, unseen).
+  assert "precompile of" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
   line = next(x for x in proc.stdout.splitlines() if x.startswith("COMPILES"))
   summary = json.loads((run_dir / "summary.json").read_text())
   return json.loads(line[len("COMPILES") :]), summary

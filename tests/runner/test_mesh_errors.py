@@ -128,7 +128,13 @@ def test_jit_step_extra_must_be_placed(fsdp_placement):
     _init, PARAMS, jax.random.key(0), param_axes=[AXES]
   )
   ref = {"w": np.ones((8, 16)), "b": jnp.zeros((16,))}
-  with pytest.raises(TypeError, match=r"extra\[0\]\['w'\] is a ndarray: exp"):
+  with pytest.raises(TypeError, match=r"extra\[0\]\['w'\] is a ndarray with"):
     fsdp_placement.jit_step(lambda s, b, r: (s, {}), shardings, extra=(ref,))
   placed = {"w": jnp.ones((8, 16)), "b": jnp.zeros((16,))}
   fsdp_placement.jit_step(lambda s, b, r: (s, {}), shardings, extra=(placed,))
+  # Abstract ones with their shardings, as the background compile passes.
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+    placed,
+  )
+  fsdp_placement.jit_step(lambda s, b, r: (s, {}), shardings, extra=(abstract,))
