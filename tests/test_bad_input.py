@@ -1121,8 +1121,13 @@ def test_params_of_another_model_are_named():
   tied = dataclasses.replace(TINY, tie_word_embeddings=True)
   ids, mask = _rows(2, 4)
   for p, config, message in (
-    (rm, TINY, "params hold ['backbone', 'head']: expected an LM's embed "
-     "and layers; these are a reward or value model's"),
+    (rm, TINY, "params hold ['backbone', 'head']: expected an LM's embed, "
+     "final_norm and layers; these are a reward or value model's"),
+    ({"params": params}, TINY, "pass flax's variables['params'], not the"),
+    ({**params, "layers_0": params["layers"]}, TINY,
+     "both the stacked and the split layout"),
+    ({k: v for k, v in params.items() if k != "final_norm"}, TINY,
+     "expected an LM's embed, final_norm and layers"),
     (params, deeper, "params hold [1] layers, the config 2"),
     (params, tied,
      "params hold an lm_head, but the config's tie_word_embeddings is True"),

@@ -156,6 +156,11 @@ def test_conversational_demonstrations_for_sft(tmp_path):
     f"{path}:1: field 'messages' must be a conversation of at least two "
     "messages ending with an assistant message (the demonstration)"
   )
+  empty = {"messages": [user, {**bot, "content": " "}]}
+  path = write_lines(tmp_path, [json.dumps(empty)])
+  assert error_of(load_examples, path, chat_template=chat) == (
+    f"{path}:1: field 'messages[1].content' is empty (the demonstration)"
+  )
 
 
 def test_conversational_needs_a_prefix_consistent_template(tmp_path):
@@ -172,7 +177,7 @@ def test_conversational_needs_a_prefix_consistent_template(tmp_path):
   assert error_of(load_examples, path) == (
     f"{path}:1: messages (conversational rows) need a chat template to "
     "become text, and none was given: the model's tokenizer has no "
-    "chat_template (load_examples: pass chat_template=)"
+    "chat_template (a library caller passes chat_template=)"
   )
 
 
@@ -244,6 +249,12 @@ def test_unpaired_completion_and_prompt_formats(tmp_path):
     ({"prompt": "p", "completion": "c"}, "completion"),
     ({"prompt": [], "completion": []}, "completion"),
     ({"messages": []}, "messages"),
+    # Beside another format's fields (UltraFeedback's layout), a column.
+    (
+      {"prompt": "p", "chosen": "a", "rejected": "b", "messages": []},
+      "explicit",
+    ),
+    ({"prompt": "p", "messages": []}, "prompt"),
     ({"prompt": "p", "id": 3}, "prompt"),
   ],
 )

@@ -394,6 +394,10 @@ def test_unpaired_surrogates_are_named_when_read(tmp_path):
   p.write_text(f'{{"chosen": [{user}, {bad}], "rejected": [{user}, {bad}]}}\n')
   with pytest.raises(DataError, match=r"'chosen\[1\]\.content' holds an"):
     load_examples(str(p))
+  # In a prompt row's other fields, which reward functions read.
+  p.write_text('{"prompt": "a", "meta": {"tags": ["ok", "x\\ud800"]}}\n')
+  with pytest.raises(DataError, match=r":1: field 'meta\.tags\[1\]' holds"):
+    load_examples(str(p))
 
 
 def test_byte_order_mark_is_accepted(tmp_path):

@@ -294,7 +294,7 @@ def _need_template(
     raise DataError(
       f"{where}: messages (conversational rows) need a chat template to "
       "become text, and none was given: the model's tokenizer has no "
-      "chat_template (load_examples: pass chat_template=)"
+      "chat_template (a library caller passes chat_template=)"
     )
   return chat_template
 
@@ -368,8 +368,6 @@ def detect_format(row: Any, where: str = "") -> str:
   if not isinstance(row, Mapping):
     raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
   keys = set(row)
-  if "messages" in keys:
-    return "messages"
   if "responses" in keys:
     return "ranked"
   if "completion" in keys:
@@ -380,6 +378,10 @@ def detect_format(row: Any, where: str = "") -> str:
     return "explicit" if "prompt" in keys else "hh"
   if "prompt" in keys:
     return "prompt"
+  # Only alone: beside the fields above (UltraFeedback, no_robots) a
+  # messages column is one more column.
+  if "messages" in keys:
+    return "messages"
   shown = ", ".join(sorted(map(str, keys))) or "none"
   raise DataError(
     f"{where}: cannot detect the format from fields [{shown}]; expected "
@@ -567,6 +569,8 @@ def _parse_completion(row, where, fmt, template) -> CompletionExample:
   if isinstance(prompt, list | tuple):  # conversational prompt-completion
     prompt_msgs = _messages(prompt, "prompt", where)
     reply = _messages(completion, "completion", where)
+    if not any(m["content"].strip() for m in reply):
+      raise DataError(f"{where}: field 'completion' is empty")
     return CompletionExample(
       *_render_response(
         _need_template(template, where), prompt_msgs, reply, "completion", where
@@ -584,15 +588,35 @@ def _parse_messages(row, where, fmt, template) -> CompletionExample:
       f"{where}: field 'messages' must be a conversation of at least two "
       "messages ending with an assistant message (the demonstration)"
     )
+  if not msgs[-1]["content"].strip():
+    raise DataError(
+      f"{where}: field 'messages[{len(msgs) - 1}].content' is empty (the "
+      "demonstration)"
+    )
   template = _need_template(template, where)
   return CompletionExample(
     *_render_response(template, msgs[:-1], msgs[-1:], "messages", where)
   )
 
 
+def _check_columns(value: Any, field: str, where: str) -> None:
+  """Every string in a prompt row's other fields (reward columns) is
+  text: a reward function reading one would fail far from the file."""
+  if isinstance(value, str):
+    _check_encodable(value, field, where)
+  elif isinstance(value, Mapping):
+    for k, v in value.items():
+      _check_columns(v, f"{field}.{k}", where)
+  elif isinstance(value, list | tuple):
+    for i, v in enumerate(value):
+      _check_columns(v, f"{field}[{i}]", where)
+
+
 def _parse_prompt(row, where, fmt, template) -> PromptExample:
   prompt = _field(row, "prompt", where, fmt)
   columns = {k: v for k, v in row.items() if k != "prompt"}
+  for k, v in columns.items():
+    _check_columns(v, str(k), where)
   if isinstance(prompt, list | tuple):
     msgs = _messages(prompt, "prompt", where)
     text = _need_template(template, where)(msgs, add_generation_prompt=True)

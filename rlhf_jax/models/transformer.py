@@ -1142,15 +1142,21 @@ def check_params(params: Params, config: ModelConfig) -> None:
       "params must be a dict of arrays (models.init_params or "
       f"models.load_hf_checkpoint), got {type(params).__name__}"
     )
-  if "embed" not in params or not {"layers", "layers_0"} & set(params):
+  layouts = {"layers", "layers_0"} & set(params)
+  if not {"embed", "final_norm"} <= set(params) or len(layouts) != 1:
     hint = ""
     if "backbone" in params:
       hint = (
         "; these are a reward or value model's (models.from_policy_params), "
         "whose LM is params['backbone']"
       )
+    elif set(params) == {"params"}:
+      hint = "; pass flax's variables['params'], not the variables"
+    elif len(layouts) == 2:
+      hint = "; both the stacked and the split layout, expected one"
     raise ValueError(
-      f"params hold {sorted(params)}: expected an LM's embed and layers{hint}"
+      f"params hold {sorted(params)}: expected an LM's embed, final_norm "
+      f"and layers{hint}"
     )
   check_layer_count(params, config)
   tied = config.tie_word_embeddings

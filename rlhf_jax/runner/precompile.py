@@ -239,7 +239,7 @@ class Precompiler:
     if running is not None:
       self._log(
         f"waiting for the background compile of {_name(running.key)} to "
-        "finish (Ctrl-C again to stop at once)"
+        "finish (Ctrl-C stops at once)"
       )
     if self._thread is not None:
       self._thread.join()

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax import models
@@ -545,7 +546,7 @@ def clip_problems(config: Any) -> list[str]:
   (``cliprange_low`` unset): the ratio's lower bound 1 - cliprange would
   be 0 or below."""
   low, clip = config.cliprange_low, config.cliprange
-  if low is None and isinstance(clip, (int, float)) and clip >= 1:
+  if low is None and _passes((lambda v: float(v) >= 1, ""), clip):
     return [
       f"cliprange={clip!r}: expected < 1 while cliprange_low is unset (the "
       "lower clip is then 1 - cliprange); set cliprange_low for a wider "
@@ -563,7 +564,7 @@ def config_problems(config: Any) -> list[str]:
   rules = getattr(type(config), "RULES", {})
   for f in dataclasses.fields(config):
     v = getattr(config, f.name)
-    if f.type in (bool, "bool") and not isinstance(v, bool):
+    if f.type in (bool, "bool") and not isinstance(v, bool | np.bool_):
       out.append(f"{f.name}={v!r}: expected True or False")  # 1 is not True
     elif isinstance(v, float) and not math.isfinite(v):
       out.append(f"{f.name}={v!r}: expected a finite number")
