@@ -202,7 +202,7 @@ def test_close_drops_queued_jobs_and_says_it_waits_for_the_running_one():
   assert order == ["block"]
   assert logged == [
     "waiting for the background compile of block to finish "
-    "(Ctrl-C again to stop at once)"
+    "(Ctrl-C stops at once)"
   ]
   programs.submit("late", lambda: _record(order, "late"))  # closed: ignored
   time.sleep(0.1)
