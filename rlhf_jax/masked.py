@@ -50,9 +50,16 @@ def validate_mask(
   mask = jnp.asarray(mask)
   if mask.shape != tuple(shape):
     raise ValueError(f"{name} shape {mask.shape} must be {tuple(shape)}")
-  if jnp.issubdtype(mask.dtype, jnp.floating):
-    raise TypeError(f"{name} must be bool (True = valid), got {mask.dtype}")
+  check_mask_dtype(name, mask)
   return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def check_mask_dtype(name: str, mask: jax.Array) -> None:
+  """Raises TypeError naming ``name`` for a float mask: masks are bool
+  (True = valid) or 0/1 integers, and 0.5 would count as valid."""
+  dtype = jnp.result_type(mask)
+  if jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(f"{name} must be bool (True = valid), got {dtype}")
 
 
 def validate_inputs(

@@ -29,7 +29,7 @@ from rlhf_jax.stages.user_data import (
   check_pairs_to_split,
   data_counts,
   fit_to_data,
-  kept_pairs,
+  kept_examples,
   load_pairs,
   pairs_also_in,
   repeated_pairs,
@@ -334,7 +334,7 @@ def _file_preferences(ctx: Context) -> dict:
   cfg = ctx.config
   loaded, ds = _load_pairs(ctx, cfg.data)
   counts = data_counts("data", loaded.drops, ds.truncation, PAIR_DROP_REASONS)
-  pairs = kept_pairs(loaded, ds)
+  pairs = kept_examples(loaded, ds)
   repeats = repeated_pairs(pairs)
   counts["data/repeated_pairs"] = len(repeats)
   warn = runtime.primary_log(lambda m: sys.stderr.write(m + "\n"))
@@ -349,10 +349,10 @@ def _file_preferences(ctx: Context) -> dict:
     # A tenth of the distinct pairs (at least one) is held out.
     tr, ev = split_pairs(pairs, cfg.seed)
     train, held = ds.subset(tr), ds.subset(ev)
-    held_pairs = kept_pairs(loaded, held)
+    held_pairs = kept_examples(loaded, held)
   else:
     held_loaded, held = _load_pairs(ctx, cfg.eval_data)
-    train, held_pairs = ds, kept_pairs(held_loaded, held)
+    train, held_pairs = ds, kept_examples(held_loaded, held)
     counts.update(
       data_counts(
         "eval_data",

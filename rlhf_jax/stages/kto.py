@@ -59,6 +59,7 @@ from rlhf_jax.stages.user_data import (
   data_counts,
   fit_to_data,
   held_data_warnings,
+  kept_examples,
   split_distinct,
   template_of,
 )
@@ -103,10 +104,7 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
   )
   # A tenth of the distinct rows (at least 2), a repeated row's copies on
   # one side.
-  rows = loaded.examples
-  if ds.example_index is not None:
-    rows = [rows[i] for i in ds.example_index]
-  keys = [(e.prompt, e.completion, e.label) for e in rows]
+  keys = [(e.prompt, e.completion, e.label) for e in kept_examples(loaded, ds)]
   if len(set(keys)) < 4:
     raise DataError(
       f"{path}: need at least 4 distinct rows, got {len(set(keys))}"

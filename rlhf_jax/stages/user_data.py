@@ -298,8 +298,9 @@ def check_pairs_to_split(path: Any, pairs: list[Any]) -> None:
     )
 
 
-def kept_pairs(loaded: LoadedExamples, ds: Any) -> list[Any]:
-  """The pairs of ``ds``'s rows (a ``TokenizedDataset``), in its order."""
+def kept_examples(loaded: LoadedExamples, ds: Any) -> list[Any]:
+  """The examples of ``ds``'s rows (a ``TokenizedDataset`` of ``loaded``),
+  in its order."""
   if ds.example_index is None:
     return list(loaded.examples)
   return [loaded.examples[i] for i in ds.example_index]
@@ -400,7 +401,7 @@ def check_user_data(config: Any, tok: models.Tokenizer) -> None:
           max_dropped_frac=config.data_max_dropped_frac,
         )
         if path == config.data and config.eval_data is None:
-          check_pairs_to_split(path, kept_pairs(loaded, ds))
+          check_pairs_to_split(path, kept_examples(loaded, ds))
     if config.prompts is not None:
       loaded, _ = read_prompts(
         config.prompts,

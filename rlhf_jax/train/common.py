@@ -29,6 +29,7 @@ from rlhf_jax.logprobs import (
   logprobs_from_logits,
   response_rows,
 )
+from rlhf_jax.masked import check_mask_dtype
 from rlhf_jax.train.state import TrainState, check_optimizer
 from rlhf_jax.types import PPOBatch, PreferenceBatch, Rollout
 
@@ -159,11 +160,7 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
       raise ValueError(
         f"{id_name} dtype {jnp.result_type(ids)}: expected integer token ids"
       )
-    if jnp.issubdtype(jnp.result_type(mask), jnp.inexact):
-      # 0.5 would count as a real token (masks are cast with != 0).
-      raise TypeError(
-        f"{mask_name} must be bool (True = valid), got {jnp.result_type(mask)}"
-      )
+    check_mask_dtype(mask_name, mask)
     if first is None:
       first = (id_name, shape[0])
     elif shape[0] != first[1]:
