@@ -35,10 +35,23 @@ def bad_device_count() -> str | None:
   )
 
 
+def _in_command() -> bool:
+  """Whether this process is the command: the ``rlhf-jax`` script, or
+  ``python -m rlhf_jax.cli.main`` (its argv[0] is "-m" while the package
+  is imported; ``sys.orig_argv`` keeps the module's name)."""
+  if os.path.basename(sys.argv[0] if sys.argv else "") == COMMAND:
+    return True
+  argv = list(getattr(sys, "orig_argv", []))
+  return any(
+    a == "-m" and argv[i + 1 : i + 2] == ["rlhf_jax.cli.main"]
+    for i, a in enumerate(argv)
+  )
+
+
 def check_before_jax() -> None:
   """Refuses a $JAX_NUM_CPU_DEVICES that would make ``import jax`` raise.
 
-  In the ``rlhf-jax`` command (the process's program is named so) that is
+  In the ``rlhf-jax`` command (``_in_command``) that is
   its one-line error and exit code 2; a library import gets a ValueError
   naming the variable. Other bad values are left to the command's own
   check (`bad_device_count`) and to jax.
@@ -50,7 +63,7 @@ def check_before_jax() -> None:
   if value is None or count is not None:
     return
   problem = bad_device_count()
-  if os.path.basename(sys.argv[0] if sys.argv else "") == COMMAND:
+  if _in_command():
     sys.stderr.write(f"{COMMAND}: error: {problem}\n")
     sys.exit(2)
   raise ValueError(problem)

@@ -1112,8 +1112,9 @@ def test_ppo_step_builds_with_a_wide_upper_clip():
 
 def test_params_of_another_model_are_named():
   """An LM's params are checked against the config at trace time: a
-  reward model's {backbone, head}, another depth, or an lm_head the config
-  does not have failed inside flax or ran without an error."""
+  reward model's {backbone, head}, another depth, an lm_head the config
+  does not have or an entry the model has no parameter for failed inside
+  flax or ran without an error."""
   params = models.init_params(TINY, jax.random.key(0))
   rm = models.from_policy_params(params, TINY, jax.random.key(1))
   deeper = dataclasses.replace(TINY, num_layers=2)
@@ -1133,6 +1134,8 @@ def test_params_of_another_model_are_named():
      "params hold an lm_head, but the config's tie_word_embeddings is True"),
     (models.init_params(tied, jax.random.key(0)), TINY,
      "params hold no lm_head, but the config's tie_word_embeddings is False"),
+    ({**params, "value_head": params["final_norm"]}, TINY,
+     "params hold ['value_head'] beside the LM's entries: not a parameter"),
   ):  # fmt: skip
     with pytest.raises(ValueError, match=re.escape(message)):
       models.forward(p, ids, mask, config=config)

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from rlhf_jax.cli.main import main
+from rlhf_jax.runner import runtime
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -532,21 +533,42 @@ def test_prompts_of_pairs_or_completions_pass_the_column_check(
 ):
   """--prompts takes any rows with a prompt; the column check read
   `.columns` of pairs (an internal AttributeError). Past the data checks,
-  the run directory (a folder of the user's) is what stops it here."""
+  the run directory (an earlier run) is what stops it here."""
   rows = [json.dumps({**row, "prompt": f"Hi {i}"}) for i in range(3)]
   prompts = _write(tmp_path / "p.jsonl", rows)
-  mine = tmp_path / "mine"
-  mine.mkdir()
-  (mine / "notes.txt").write_text("x")
-  code, err = _run(capsys, _grpo_prompts_args(prompts, mine))
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / runtime.RUN_MARKER).write_text("")
+  (run / "metrics.jsonl").write_text("")
+  code, err = _run(capsys, _grpo_prompts_args(prompts, run))
   _check(
     code,
     err,
-    f"--run-dir {mine}: the folder holds files and was not created by "
-    "rlhf-jax (no .rlhf_jax_run); nothing was changed. Choose another "
-    "--run-dir, or empty the folder yourself",
+    f"run directory {run} already holds a run; pass --resume to continue "
+    "it, --overwrite to start it again, or --run-dir DIR",
   )
-  assert (mine / "notes.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_of_the_users_is_refused_before_the_data_is_read(
+  tmp_path, capsys, overwrite
+):
+  """A --run-dir holding the user's files was refused only after the data
+  file was read (its warnings printed first); the README lists run
+  directories among the checks made before any work."""
+  prompts = _write(tmp_path / "p.jsonl", ['{"prompt": "\\ud800"}'])
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("x")
+  code, err = _run(capsys, _grpo_prompts_args(prompts, mine) + overwrite)
+  _check(
+    code,
+    err,
+    f"{(overwrite or ['--run-dir'])[0]} {mine}: the folder holds files and "
+    "was not created by rlhf-jax (no .rlhf_jax_run); nothing was changed. "
+    "Choose another --run-dir, or empty the folder yourself",
+  )
+  assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.parametrize(
@@ -575,7 +597,7 @@ def test_a_repeated_option_is_an_error_not_the_last_one_kept(
 def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
   tmp_path, capsys, monkeypatch
 ):
-  from rlhf_jax.runner import runtime
+
   from rlhf_jax.stages import kto_online
 
   def stopped(*args):
@@ -594,7 +616,7 @@ def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
 def test_interrupted_eval_does_not_advise_resume(tmp_path, capsys, monkeypatch):
   # eval keeps no checkpoint and has no --resume: the message must not
   # send the user to an option it refuses.
-  from rlhf_jax.runner import runtime
+
   from rlhf_jax.stages import tools
 
   def stopped(config):
@@ -613,7 +635,6 @@ def test_sigterm_exits_143_as_a_shell_reports_it(tmp_path, capsys, monkeypatch):
   """SIGTERM (a scheduler's stop) exited 130, SIGINT's status."""
   import signal
 
-  from rlhf_jax.runner import runtime
   from rlhf_jax.stages import tools
 
   def stopped(config):
@@ -635,7 +656,6 @@ def test_interrupted_sampling_does_not_claim_a_checkpoint(
   said "the stage's checkpoint is saved"; sampling keeps none."""
   import numpy as np
 
-  from rlhf_jax.runner import runtime
   from rlhf_jax.stages import pipeline
   from rlhf_jax.stages.sampling import sample_continuations
 
@@ -1077,7 +1097,6 @@ def _eval_run(tmp_path, shared_data, *, policies=("dpo",), command="dpo"):
   pipeline's config), the held-out prompts and outputs/<policy>/config.json
   for each of ``policies``, no weights (every case stops before loading)."""
   from rlhf_jax.cli import presets as P
-  from rlhf_jax.runner import runtime
 
   run = tmp_path / "run"
   (run / "data").mkdir(parents=True)
@@ -1182,7 +1201,6 @@ def test_eval_of_a_run_on_data_says_it_sampled_nothing(
   # It said prompts.json "is missing; restore it, or run the pipeline
   # again (--overwrite)": such a run never has one, and --overwrite would
   # delete it.
-  from rlhf_jax.runner import runtime
 
   run = _eval_run(tmp_path, shared_data, policies=("dpo",), command="dpo")
   record = json.loads((run / "config.json").read_text())
@@ -1210,7 +1228,6 @@ def test_a_reward_model_only_run_has_no_policy(tmp_path, capsys, command):
   import dataclasses
 
   from rlhf_jax.cli import presets as P
-  from rlhf_jax.runner import runtime
 
   run = tmp_path / "hh"
   (run / "outputs" / "rm").mkdir(parents=True)
@@ -1238,7 +1255,6 @@ def test_a_reward_model_only_run_has_no_policy(tmp_path, capsys, command):
 def test_export_and_generate_never_write_into_a_runs_own_parts(
   tmp_path, capsys, shared_data
 ):
-  from rlhf_jax.runner import runtime
 
   run = _eval_run(tmp_path, shared_data, policies=("ppo",), command="ppo")
   (run / "checkpoints").mkdir()
@@ -1334,7 +1350,6 @@ def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(
   # A `rlhf-jax kto` run's config has a "task" as a pipeline's has, but
   # is not a PipelineConfig: eval must not read it as one.
   from rlhf_jax.cli import presets as P
-  from rlhf_jax.runner import runtime
 
   run = _eval_run(tmp_path, shared_data, policies=("kto",), command="kto")
   record = json.loads((run / "config.json").read_text())
@@ -1431,7 +1446,6 @@ def test_eval_full_disk_does_not_advise_resume(tmp_path, capsys, monkeypatch):
   import errno
   import os
 
-  from rlhf_jax.runner import runtime
   from rlhf_jax.stages import tools
 
   out = tmp_path / "eval_ppo.json"
@@ -1725,7 +1739,6 @@ def test_load_rm_checks_the_head_file(tmp_path):
   instead of failing later inside a step."""
   import numpy as np
 
-  from rlhf_jax.runner import runtime
   from rlhf_jax.stages.common import HEAD_FILE
   from rlhf_jax.stages.rm import load_rm
 
@@ -1746,7 +1759,6 @@ def test_load_rm_checks_the_head_values(tmp_path, bad):
   way, naming the file."""
   import numpy as np
 
-  from rlhf_jax.runner import runtime
   from rlhf_jax.stages.common import HEAD_FILE
   from rlhf_jax.stages.rm import load_rm
 
@@ -1848,7 +1860,6 @@ def test_dry_run_with_lora_names_where_the_rank_came_from(capsys):
 
   from rlhf_jax.cli import presets as P
   from rlhf_jax.models.config import LoraConfig
-  from rlhf_jax.runner import runtime
   from rlhf_jax.stages.common import check_dry_run_lora
 
   code, err = _run(capsys, ["dpo", "--lora.rank", "4", "--dry-run"])

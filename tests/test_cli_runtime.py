@@ -514,18 +514,20 @@ def test_cpu_device_count_variable_is_checked(monkeypatch, capsys, value):
 def test_a_device_count_jax_cannot_parse_is_refused_before_jax(value):
   """jax parses $JAX_NUM_CPU_DEVICES as it is imported: a value that is no
   integer was a traceback from `import jax`, even for --help. The command
-  says it in one line (exit 2); a library import raises naming it."""
+  (also as `python -m rlhf_jax.cli.main`) says it in one line (exit 2); a
+  library import raises naming it."""
   env = {**os.environ, "JAX_NUM_CPU_DEVICES": value}
   line = (
     f"$JAX_NUM_CPU_DEVICES={value!r}: expected a number of CPU devices >= 1 "
     "(or -1, jax's default)"
   )
-  command = pathlib.Path(sys.executable).with_name("rlhf-jax")
-  proc = subprocess.run(
-    [str(command), "sft", "--help"], env=env, capture_output=True, text=True
-  )
-  assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
-  assert proc.stderr == f"rlhf-jax: error: {line}\n"
+  command = str(pathlib.Path(sys.executable).with_name("rlhf-jax"))
+  for argv in ([command], [sys.executable, "-m", "rlhf_jax.cli.main"]):
+    proc = subprocess.run(
+      [*argv, "sft", "--help"], env=env, capture_output=True, text=True
+    )
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == f"rlhf-jax: error: {line}\n"
   proc = subprocess.run(
     [sys.executable, "-c", "import rlhf_jax"],
     env=env,

@@ -1134,8 +1134,9 @@ def check_params(params: Params, config: ModelConfig) -> None:
     TypeError: params that are not a dict.
     ValueError: another model's params (a reward or value model's
       {backbone, head}, one of another depth, an untied model's under a
-      tied config or the reverse); flax would fail inside the model, or
-      run an lm_head the config does not have.
+      tied config or the reverse, entries the model has no parameter
+      for); flax would fail inside the model, run an lm_head the config
+      does not have, or ignore the entries.
   """
   if not isinstance(params, Mapping):
     raise TypeError(
@@ -1159,6 +1160,12 @@ def check_params(params: Params, config: ModelConfig) -> None:
       f"and layers{hint}"
     )
   check_layer_count(params, config)
+  unknown = [k for k in params if not _is_lm_entry(k)]
+  if unknown:  # flax would ignore them without a word
+    raise ValueError(
+      f"params hold {sorted(unknown)} beside the LM's entries: not a "
+      "parameter of this model (another model's, or a typo)"
+    )
   tied = config.tie_word_embeddings
   if "layers" in params and ("lm_head" in params) == tied:
     has = "an lm_head" if tied else "no lm_head"
@@ -1166,6 +1173,17 @@ def check_params(params: Params, config: ModelConfig) -> None:
       f"params hold {has}, but the config's tie_word_embeddings is {tied}: "
       "params of another model's config"
     )
+
+
+# The Transformer's own top-level params ("last_layer": `_run`'s split).
+_LM_ENTRIES = (
+  "embed", "pos_embed", "lm_head", HEAD_T, "layers", "last_layer", "final_norm"
+)  # fmt: skip
+
+
+def _is_lm_entry(key: str) -> bool:
+  split = key.startswith("layers_") and key[len("layers_") :].isdigit()
+  return key in _LM_ENTRIES or split
 
 
 def check_layer_count(params: Params, config: ModelConfig) -> None:

@@ -605,21 +605,30 @@ def run_part(path: str | os.PathLike) -> str | None:
   return None
 
 
-def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
-  """Raises UserError when --run-dir names a file, or a non-empty folder
-  that rlhf-jax did not create (nothing in it is touched)."""
+def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
+  """Why ``run_dir`` cannot hold a run ("" when it can): it names a file,
+  or a non-empty folder that rlhf-jax did not create. Reads only; the
+  commands ask it before reading their inputs (`stages.validate`)."""
   if run_dir.exists() and not run_dir.is_dir():
-    raise UserError(f"--run-dir {run_dir}: is a file, not a directory")
+    return f"--run-dir {run_dir}: is a file, not a directory"
   if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
-    return
+    return ""
   if all(p.name == LOCK_FILE for p in run_dir.iterdir()):
-    return  # an empty folder (or one killed as it was created): used as it is
+    return ""  # an empty folder (or one killed as it was created): used as is
   what = "--overwrite" if config.overwrite else "--run-dir"
-  raise UserError(
+  return (
     f"{what} {run_dir}: the folder holds files and was not created by "
     f"rlhf-jax (no {RUN_MARKER}); nothing was changed. Choose another "
     "--run-dir, or empty the folder yourself"
   )
+
+
+def _check_ours(run_dir: pathlib.Path, config: Any) -> None:
+  """Raises UserError when --run-dir names a file, or a non-empty folder
+  that rlhf-jax did not create (nothing in it is touched)."""
+  problem = foreign_run_dir(run_dir, config)
+  if problem:
+    raise UserError(problem)
 
 
 def run_dir_for(command: str, config: Any) -> pathlib.Path:

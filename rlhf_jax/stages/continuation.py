@@ -105,10 +105,12 @@ def _check_users(run_dir, stages, stage: str, flag: str, at: int, want):
   files = [f.name for f in files if f.is_file()]
   if ran or files:
     what = f"stage {ran[0]} ran" if ran else f"`rlhf-jax eval` wrote {files[0]}"
+    # An eval file is only a score: moving it out lets the stage go on.
+    move = "" if ran else f"move {', '.join(files)} out of the run directory, "
     raise runtime.UserError(
       f"cannot resume {run_dir} with {flag} {want}: stage {stage} "
-      f"finished at step {at}, and {what} on that result; resume with "
-      f"{flag} {at}, or start again with --overwrite"
+      f"finished at step {at}, and {what} on that result; {move}resume "
+      f"with {flag} {at}, or start again with --overwrite"
     )
 
 

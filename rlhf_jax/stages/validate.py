@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_jax.models.lora import LoraConfig
-from rlhf_jax.runner.runtime import PATH_FIELDS
+from rlhf_jax.runner.runtime import PATH_FIELDS, foreign_run_dir, run_dir_for
 from rlhf_jax.stages.common import (
   stages_for,
 )
 from rlhf_jax.stages.configs import (
   DERIVED_FIELDS,
+  PIPELINE_COMMANDS,
   KTOStageConfig,
   PipelineConfig,
 )
@@ -412,6 +413,12 @@ def problems(command: str, config: Any) -> list[str]:
     out += _kto_problems(config)
   if command == "generate":
     out += _generate_problems(config)
+  if command in (*PIPELINE_COMMANDS, "sft", "kto") and not getattr(
+    config, "dry_run", False
+  ):
+    # Before any input is read (the run directory is made after).
+    problem = foreign_run_dir(run_dir_for(command, config), config)
+    out += [problem] if problem else []
   if command in ("eval", "export"):
     run_dir = pathlib.Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():

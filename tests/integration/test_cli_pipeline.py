@@ -310,12 +310,12 @@ def _resume_longer(run_dir, option, value, capsys):
   return code, capsys.readouterr().err
 
 
-def _refusal(run_dir, option, want, stage, at, why):
+def _refusal(run_dir, option, want, stage, at, why, move=""):
   return (
     2,
     f"rlhf-jax: error: cannot resume {run_dir} with {option} {want}: stage "
-    f"{stage} finished at step {at}{why}; resume with {option} {at}, or "
-    "start again with --overwrite\n",
+    f"{stage} finished at step {at}{why}; {move}resume with {option} {at}, "
+    "or start again with --overwrite\n",
   )
 
 
@@ -345,6 +345,7 @@ def test_resume_with_more_steps_goes_on_or_names_why_not(
   ) == _refusal(
     run_dir, "--ppo.iterations", ppo_at + 1, "ppo", ppo_at,
     ", and `rlhf-jax eval` wrote eval_ppo.json on that result",
+    "move eval_ppo.json out of the run directory, ",
   )  # fmt: skip
   (run_dir / "eval_ppo.json").unlink()
   assert (run_dir / "config.json").read_text() == before
