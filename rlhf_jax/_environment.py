@@ -36,15 +36,18 @@ def bad_device_count() -> str | None:
 
 
 def _in_command() -> bool:
-  """Whether this process is the command: the ``rlhf-jax`` script, or
-  ``python -m rlhf_jax.cli.main`` (its argv[0] is "-m" while the package
-  is imported; ``sys.orig_argv`` keeps the module's name)."""
+  """Whether this process is the command (not a library import).
+
+  The ``rlhf-jax`` script, or ``python -m rlhf_jax.cli.main``: argv[0] is
+  "-m" while the package is imported, and ``sys.orig_argv`` keeps the
+  module's name (``-m NAME`` or ``-mNAME``).
+  """
   if os.path.basename(sys.argv[0] if sys.argv else "") == COMMAND:
     return True
   argv = list(getattr(sys, "orig_argv", []))
-  return any(
-    a == "-m" and argv[i + 1 : i + 2] == ["rlhf_jax.cli.main"]
-    for i, a in enumerate(argv)
+  module = "rlhf_jax.cli.main"
+  return f"-m{module}" in argv or any(
+    a == "-m" and argv[i + 1 : i + 2] == [module] for i, a in enumerate(argv)
   )
 
 

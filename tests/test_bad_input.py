@@ -1136,6 +1136,10 @@ def test_params_of_another_model_are_named():
      "params hold no lm_head, but the config's tie_word_embeddings is False"),
     ({**params, "value_head": params["final_norm"]}, TINY,
      "params hold ['value_head'] beside the LM's entries: not a parameter"),
+    ({**params, "pos_embed": params["embed"]}, TINY,  # GPT-2's, not Llama's
+     "params hold ['pos_embed'] beside the LM's entries"),
+    ({**models.unstack_layers(params, TINY), "layers_x": params["embed"]},
+     TINY, "params hold ['layers_x'] beside the LM's entries"),
   ):  # fmt: skip
     with pytest.raises(ValueError, match=re.escape(message)):
       models.forward(p, ids, mask, config=config)

@@ -549,25 +549,65 @@ def test_prompts_of_pairs_or_completions_pass_the_column_check(
   )
 
 
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize(
+  "command, extra",
+  [
+    ("grpo", []),
+    ("grpo", ["--overwrite"]),
+    ("sft", []),
+    ("kto", []),
+    ("dpo", ["--dry-run"]),  # checks what the real run would meet
+  ],
+  ids=lambda x: " ".join(x) if isinstance(x, list) else x,
+)
 def test_a_folder_of_the_users_is_refused_before_the_data_is_read(
-  tmp_path, capsys, overwrite
+  tmp_path, capsys, command, extra
 ):
   """A --run-dir holding the user's files was refused only after the data
-  file was read (its warnings printed first); the README lists run
-  directories among the checks made before any work."""
-  prompts = _write(tmp_path / "p.jsonl", ['{"prompt": "\\ud800"}'])
+  file was read (a bad row of it was reported instead); the README lists
+  run directories among the checks made with the options."""
+  bad = _write(tmp_path / "bad.jsonl", ['{"prompt": "\\ud800"}'])
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "notes.txt").write_text("x")
-  code, err = _run(capsys, _grpo_prompts_args(prompts, mine) + overwrite)
+  args = {
+    "grpo": _grpo_prompts_args(bad, mine),
+    "sft": ["sft", "--preset", "smoke", "--data", bad, "--run-dir", str(mine)],
+    "kto": ["kto", "--preset", "smoke", "--data", bad, "--run-dir", str(mine)],
+    "dpo": ["dpo", "--preset", "smoke", "--run-dir", str(mine)],
+  }[command]
+  code, err = _run(capsys, args + extra)
+  flag = "--overwrite" if "--overwrite" in extra else "--run-dir"
   _check(
     code,
     err,
-    f"{(overwrite or ['--run-dir'])[0]} {mine}: the folder holds files and "
-    "was not created by rlhf-jax (no .rlhf_jax_run); nothing was changed. "
-    "Choose another --run-dir, or empty the folder yourself",
+    f"{flag} {mine}: the folder holds files and was not created by "
+    "rlhf-jax (no .rlhf_jax_run); nothing was changed. Choose another "
+    "--run-dir, or empty the folder yourself",
   )
+  assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def test_resume_and_overwrite_together_are_refused_with_the_options(
+  tmp_path, capsys
+):
+  """The contradiction was found only where the run directory is made:
+  never beside a missing --data or a folder of the user's (those were
+  reported alone). Now all three are listed at once."""
+  missing = str(tmp_path / "missing.jsonl")
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("x")
+  args = ["dpo", "--data", missing, "--resume", "--overwrite"]
+  code, err = _run(capsys, args + ["--run-dir", str(mine)])
+  assert code == 2
+  assert err.splitlines() == [
+    f"rlhf-jax: error: --data {missing}: no such file or directory",
+    "rlhf-jax: error: --resume and --overwrite contradict each other",
+    f"rlhf-jax: error: --overwrite {mine}: the folder holds files and was "
+    "not created by rlhf-jax (no .rlhf_jax_run); nothing was changed. "
+    "Choose another --run-dir, or empty the folder yourself",
+  ]
   assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
@@ -597,7 +637,6 @@ def test_a_repeated_option_is_an_error_not_the_last_one_kept(
 def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
   tmp_path, capsys, monkeypatch
 ):
-
   from rlhf_jax.stages import kto_online
 
   def stopped(*args):
@@ -616,7 +655,6 @@ def test_interrupted_accept_rate_task_advises_overwrite_not_resume(
 def test_interrupted_eval_does_not_advise_resume(tmp_path, capsys, monkeypatch):
   # eval keeps no checkpoint and has no --resume: the message must not
   # send the user to an option it refuses.
-
   from rlhf_jax.stages import tools
 
   def stopped(config):
@@ -1201,7 +1239,6 @@ def test_eval_of_a_run_on_data_says_it_sampled_nothing(
   # It said prompts.json "is missing; restore it, or run the pipeline
   # again (--overwrite)": such a run never has one, and --overwrite would
   # delete it.
-
   run = _eval_run(tmp_path, shared_data, policies=("dpo",), command="dpo")
   record = json.loads((run / "config.json").read_text())
   record["config"]["data"] = "pairs.jsonl"
@@ -1255,7 +1292,6 @@ def test_a_reward_model_only_run_has_no_policy(tmp_path, capsys, command):
 def test_export_and_generate_never_write_into_a_runs_own_parts(
   tmp_path, capsys, shared_data
 ):
-
   run = _eval_run(tmp_path, shared_data, policies=("ppo",), command="ppo")
   (run / "checkpoints").mkdir()
   (run / "checkpoints" / "step").write_text("a checkpoint")

@@ -522,7 +522,11 @@ def test_a_device_count_jax_cannot_parse_is_refused_before_jax(value):
     "(or -1, jax's default)"
   )
   command = str(pathlib.Path(sys.executable).with_name("rlhf-jax"))
-  for argv in ([command], [sys.executable, "-m", "rlhf_jax.cli.main"]):
+  for argv in (
+    [command],
+    [sys.executable, "-m", "rlhf_jax.cli.main"],
+    [sys.executable, "-mrlhf_jax.cli.main"],
+  ):
     proc = subprocess.run(
       [*argv, "sft", "--help"], env=env, capture_output=True, text=True
     )

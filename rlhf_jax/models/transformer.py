@@ -1159,13 +1159,13 @@ def check_params(params: Params, config: ModelConfig) -> None:
       f"params hold {sorted(params)}: expected an LM's embed, final_norm "
       f"and layers{hint}"
     )
-  check_layer_count(params, config)
-  unknown = [k for k in params if not _is_lm_entry(k)]
+  unknown = [k for k in params if not _is_lm_entry(k, config)]
   if unknown:  # flax would ignore them without a word
     raise ValueError(
       f"params hold {sorted(unknown)} beside the LM's entries: not a "
       "parameter of this model (another model's, or a typo)"
     )
+  check_layer_count(params, config)
   tied = config.tie_word_embeddings
   if "layers" in params and ("lm_head" in params) == tied:
     has = "an lm_head" if tied else "no lm_head"
@@ -1175,15 +1175,13 @@ def check_params(params: Params, config: ModelConfig) -> None:
     )
 
 
-# The Transformer's own top-level params ("last_layer": `_run`'s split).
-_LM_ENTRIES = (
-  "embed", "pos_embed", "lm_head", HEAD_T, "layers", "last_layer", "final_norm"
-)  # fmt: skip
-
-
-def _is_lm_entry(key: str) -> bool:
+def _is_lm_entry(key: str, config: ModelConfig) -> bool:
+  """Whether ``key`` names a top-level param of the config's Transformer
+  (either layout; `_run` adds "last_layer" itself)."""
+  if key == "pos_embed":
+    return config.family == "gpt2"
   split = key.startswith("layers_") and key[len("layers_") :].isdigit()
-  return key in _LM_ENTRIES or split
+  return split or key in ("embed", "lm_head", HEAD_T, "layers", "final_norm")
 
 
 def check_layer_count(params: Params, config: ModelConfig) -> None:

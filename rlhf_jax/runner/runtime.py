@@ -607,19 +607,26 @@ def run_part(path: str | os.PathLike) -> str | None:
 
 def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
   """Why ``run_dir`` cannot hold a run ("" when it can): it names a file,
-  or a non-empty folder that rlhf-jax did not create. Reads only; the
-  commands ask it before reading their inputs (`stages.validate`)."""
-  if run_dir.exists() and not run_dir.is_dir():
-    return f"--run-dir {run_dir}: is a file, not a directory"
-  if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+  or a non-empty folder that rlhf-jax did not create, or cannot be read.
+  Reads only; the commands ask it with their options, before reading any
+  input (`stages.validate`, audit's --out)."""
+  flag = _dir_flag(config)
+  try:
+    if run_dir.exists() and not run_dir.is_dir():
+      return f"{flag} {run_dir}: is a file, not a directory"
+    if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+      return ""
+    names = [p.name for p in run_dir.iterdir()]
+  except OSError as e:  # a folder on the way that this user cannot list
+    return f"{flag} {run_dir}: cannot be read ({e.strerror or e})"
+  # Empty, or killed as it was created (the lock, a half-written marker).
+  if all(n in (LOCK_FILE, RUN_MARKER + ".tmp") for n in names):
     return ""
-  if all(p.name == LOCK_FILE for p in run_dir.iterdir()):
-    return ""  # an empty folder (or one killed as it was created): used as is
-  what = "--overwrite" if config.overwrite else "--run-dir"
+  what = "--overwrite" if config.overwrite else flag
   return (
     f"{what} {run_dir}: the folder holds files and was not created by "
     f"rlhf-jax (no {RUN_MARKER}); nothing was changed. Choose another "
-    "--run-dir, or empty the folder yourself"
+    f"{flag}, or empty the folder yourself"
   )
 
 

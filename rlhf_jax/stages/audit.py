@@ -86,22 +86,14 @@ def _check_out(config: AuditConfig) -> pathlib.Path:
       --overwrite, or cannot be written.
   """
   out = pathlib.Path(config.out or f"runs/audit-{config.preset}")
-  if out.exists() and not out.is_dir():
-    raise runtime.UserError(f"--out {out}: is a file, expected a directory")
   if (model := config.reward_model) is not None:
     where = f"the --reward-model directory {model} it scores with"
     runtime.check_outside(out, model, "--out", where, "choose another --out")
+  view = _OutDir(config.preset, str(out), config, overwrite=config.overwrite)
+  if problem := runtime.foreign_run_dir(out, view):
+    raise runtime.UserError(problem)
   runtime.check_folder_writable(out, "--out", out, "nothing was read")
   names = [p.name for p in out.iterdir()] if out.is_dir() else []
-  if (
-    any(n != runtime.LOCK_FILE for n in names)
-    and not (out / runtime.RUN_MARKER).is_file()
-  ):
-    raise runtime.UserError(
-      f"--out {out}: the folder holds files and was not created by "
-      f"rlhf-jax (no {runtime.RUN_MARKER}); nothing was changed. Choose "
-      "another --out, or empty the folder yourself"
-    )
   bookkeeping = (runtime.CONFIG_FILE, runtime.RUN_MARKER, runtime.LOCK_FILE)
   if any(n.removesuffix(".tmp") not in bookkeeping for n in names):
     command = _saved_command(out / runtime.CONFIG_FILE)

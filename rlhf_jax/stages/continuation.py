@@ -104,9 +104,11 @@ def _check_users(run_dir, stages, stage: str, flag: str, at: int, want):
   files = [run_dir / f"eval_{p}.json" for p in scored]
   files = [f.name for f in files if f.is_file()]
   if ran or files:
-    what = f"stage {ran[0]} ran" if ran else f"`rlhf-jax eval` wrote {files[0]}"
+    named = ", ".join(files)
+    what = f"stage {ran[0]} ran" if ran else f"`rlhf-jax eval` wrote {named}"
     # An eval file is only a score: moving it out lets the stage go on.
-    move = "" if ran else f"move {', '.join(files)} out of the run directory, "
+    move = f"move {named} out of the run directory to go on to {want}, "
+    move = "" if ran else move
     raise runtime.UserError(
       f"cannot resume {run_dir} with {flag} {want}: stage {stage} "
       f"finished at step {at}, and {what} on that result; {move}resume "

@@ -403,6 +403,9 @@ def problems(command: str, config: Any) -> list[str]:
     command: the subcommand (``run``, ``rm``, ``sft``, ...).
     config: its parsed, frozen config.
 
+  Reads only the options, and the run directory they name (the folder
+  itself, not its files), so that it is refused before any input is read.
+
   Returns:
     Lines ``--option value: expected ...`` (empty when all is well).
   """
@@ -413,10 +416,11 @@ def problems(command: str, config: Any) -> list[str]:
     out += _kto_problems(config)
   if command == "generate":
     out += _generate_problems(config)
-  if command in (*PIPELINE_COMMANDS, "sft", "kto") and not getattr(
-    config, "dry_run", False
-  ):
-    # Before any input is read (the run directory is made after).
+  if getattr(config, "resume", False) and getattr(config, "overwrite", False):
+    out.append("--resume and --overwrite contradict each other")
+  if command in (*PIPELINE_COMMANDS, "sft", "kto"):
+    # Before any input is read (the run directory is made after); a dry
+    # run too, which checks what the run would meet.
     problem = foreign_run_dir(run_dir_for(command, config), config)
     out += [problem] if problem else []
   if command in ("eval", "export"):

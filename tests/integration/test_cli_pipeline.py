@@ -345,7 +345,7 @@ def test_resume_with_more_steps_goes_on_or_names_why_not(
   ) == _refusal(
     run_dir, "--ppo.iterations", ppo_at + 1, "ppo", ppo_at,
     ", and `rlhf-jax eval` wrote eval_ppo.json on that result",
-    "move eval_ppo.json out of the run directory, ",
+    f"move eval_ppo.json out of the run directory to go on to {ppo_at + 1}, ",
   )  # fmt: skip
   (run_dir / "eval_ppo.json").unlink()
   assert (run_dir / "config.json").read_text() == before
