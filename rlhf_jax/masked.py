@@ -15,6 +15,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.checks import check_number
 
@@ -60,6 +61,43 @@ def check_mask_dtype(name: str, mask: jax.Array) -> None:
   dtype = jnp.result_type(mask)
   if jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(f"{name} must be bool (True = valid), got {dtype}")
+
+
+def check_padded(name: str, mask: np.ndarray, *, left: bool) -> None:
+  """Checks a host (NumPy) mask [..., T] row by row along its last axis:
+  one run of real tokens, after the pad slots when ``left``
+  (False ... True), before them otherwise (True ... False).
+
+  Raises:
+    ValueError: naming ``name``, the first row padded otherwise (its
+      index and its 1/0 pattern) and how it was expected.
+  """
+  rows = mask.reshape(-1, mask.shape[-1]).astype(bool)
+  steps = rows[:, 1:] >= rows[:, :-1] if left else rows[:, 1:] <= rows[:, :-1]
+  bad = np.flatnonzero(~steps.all(axis=1))
+  if not bad.size:
+    return
+  where = ", ".join(
+    str(int(i)) for i in np.unravel_index(bad[0], mask.shape[:-1])
+  )
+  side, first = (
+    ("left", "pad slots first") if left else ("right", "pad slots last")
+  )
+  hint = (
+    " (a Hugging Face tokenizer pads on the right unless padding_side='left')"
+    if left
+    else ""
+  )
+  raise ValueError(
+    f"{name}[{where}] is not {side}-padded ({first}, one run of real "
+    f"tokens): {_pattern(rows[bad[0]])}{hint}"
+  )
+
+
+def _pattern(row: np.ndarray) -> str:
+  """A mask row as 1s and 0s, long rows cut in the middle."""
+  text = "".join("1" if v else "0" for v in row)
+  return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]}"
 
 
 def validate_inputs(

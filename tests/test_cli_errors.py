@@ -1154,6 +1154,27 @@ def _eval_run(tmp_path, shared_data, *, policies=("dpo",), command="dpo"):
   return run
 
 
+def test_eval_of_a_policy_of_another_model_is_refused(
+  tmp_path, capsys, shared_data
+):
+  """outputs/<policy> holding another model was an internal error after
+  both models loaded (30 layers against 2), and a changed rope_theta was
+  sampled with the run's model config without a word."""
+  run = _eval_run(tmp_path, shared_data)
+  model_dir = shared_data / "models" / "tinystories-656k"
+  cfg = json.loads((model_dir / "config.json").read_text())
+  policy = run / "outputs" / "dpo"
+  (policy / "config.json").write_text(json.dumps({**cfg, "rope_theta": 500}))
+  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  _check(
+    code,
+    err,
+    f"{policy} is not a policy of the run's model {model_dir}: its "
+    "config.json differs (rope_theta 500.0 against 10000.0); restore the "
+    "run's own policy there, or evaluate it in its own run",
+  )
+
+
 def test_eval_keeps_an_earlier_eval_file(tmp_path, capsys, shared_data):
   run = _eval_run(tmp_path, shared_data)
   out = run / "eval_dpo.json"
@@ -1426,9 +1447,15 @@ def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(
       'config.ppo.algo.kl_estimator: expected one of "k1", "k2", "k3", got '
       '"k9"',
     ),
+    # Values out of range were read by type only: a temperature of 0 gave
+    # NaN figures (exit 0), a batch size of 0 an internal error.
+    (("sampling", "temperature"), 0.0, "--sampling.temperature 0.0: "),
+    (("sampling", "batch_size"), 0, "--sampling.batch-size 0: "),
+    (("eval", "samples_per_prompt"), -1, "--eval.samples-per-prompt -1: "),
+    (("seed",), -1, "--seed -1: "),
   ],
 )
-def test_eval_names_a_config_field_of_the_wrong_type(
+def test_eval_names_a_config_field_of_the_wrong_type_or_range(
   tmp_path, capsys, shared_data, field, value, expected
 ):
   run = _eval_run(tmp_path, shared_data)
@@ -1439,7 +1466,13 @@ def test_eval_names_a_config_field_of_the_wrong_type(
   node[field[-1]] = value
   (run / "config.json").write_text(json.dumps(record))
   code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
-  _check(code, err, f"{run / 'config.json'}: {expected}")
+  path = run / "config.json"
+  if expected.startswith("--"):  # checked as its command line was
+    expected = f"holds values its command refuses (edited by hand?): {expected}"
+    assert code == 2 and err.startswith(f"rlhf-jax: error: {path} {expected}")
+    assert err.count("\n") == 1 and not (run / "eval_dpo.json").exists()
+  else:
+    _check(code, err, f"{path}: {expected}")
 
 
 @pytest.mark.parametrize(
@@ -1887,6 +1920,37 @@ def test_generate_chat_renders_a_user_turn(tmp_path, capsys, tinystories_dir):
   assert chat.startswith("[Once upon a time] ")
   assert chat.split("] ", 1)[1] == raw.split("] ", 1)[1]
   assert chat.split("] ", 1)[1].strip()
+
+
+@pytest.mark.parametrize(
+  "template, why",
+  [
+    ("{% for m in messages %}{{ m }", "failed (TemplateSyntaxError: "),
+    ("{{ raise_exception('one user turn only') }}", "failed (TemplateError: "),
+    ("{{ messages[5]['content'] }}", "failed (UndefinedError: "),
+    ("", "renders 1 message(s) as empty text"),
+  ],
+  ids=["syntax", "raise_exception", "undefined", "empty"],
+)
+def test_generate_chat_with_a_broken_template_is_one_line(
+  tmp_path, capsys, tinystories_dir, template, why
+):
+  """A chat template that failed to render was an internal error (exit 1);
+  an empty one sampled from no prompt at all while the output file named
+  the user's prompt."""
+  model = tmp_path / "chat-model"
+  shutil.copytree(tinystories_dir, model)
+  cfg = json.loads((model / "tokenizer_config.json").read_text())
+  (model / "tokenizer_config.json").write_text(
+    json.dumps({**cfg, "chat_template": template})
+  )
+  args = ["generate", "--model", str(model), "--chat", "--prompts", "Hi"]
+  code, err = _run(capsys, args)
+  assert code == 2
+  assert err.startswith(
+    f"rlhf-jax: error: --chat: {model}: the chat template {why}"
+  )
+  assert "Traceback" not in err and err.count("\n") == 1
 
 
 def test_dry_run_with_lora_names_where_the_rank_came_from(capsys):

@@ -10,7 +10,11 @@ import pytest
 from rlhf_jax import models
 from rlhf_jax.rollout import generate, top_k_filter, top_p_filter
 from rlhf_jax.rollout.generate import response_mask_from_ids
-from rlhf_jax.rollout.sampling import first_argmax, sample_token
+from rlhf_jax.rollout.sampling import (
+  apply_temperature,
+  first_argmax,
+  sample_token,
+)
 from rlhf_jax.train.common import response_logits, teacher_forced_logprobs
 
 CFG = models.ModelConfig(
@@ -142,6 +146,55 @@ def test_top_p_keeps_smallest_set_reaching_p():
     np.isfinite(np.asarray(top_k_filter(logits, 2)))[0],
     [False, True, False, True],
   )
+
+
+def test_sampling_helpers_check_their_arguments():
+  """The public helpers took values generate refuses: top_p 0 or 5, top_k
+  -3 (or 2.5, a jax shape error), temperature 0 (inf and NaN logits)."""
+  logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+  keys = jax.random.split(jax.random.key(0), 1)
+  for bad in (0.0, 5.0, -1.0, float("nan"), jnp.float32(0.0)):
+    with pytest.raises(ValueError, match=r"^top_p must be (finite and )?in"):
+      top_p_filter(logits, bad)
+    with pytest.raises(ValueError, match=r"^top_p must be"):
+      sample_token(logits, keys, temperature=1.0, top_p=bad)
+  for bad in (-3, 2.5, True):
+    with pytest.raises(ValueError, match=r"^top_k must be an integer >= 0"):
+      top_k_filter(logits, bad)
+    with pytest.raises(ValueError, match=r"^top_k must be an integer >= 0"):
+      sample_token(logits, keys, temperature=1.0, top_k=bad)
+  for bad in (0.0, -1.0, float("nan"), jnp.float32(0.0)):
+    with pytest.raises(ValueError, match=r"^temperature must be finite"):
+      apply_temperature(logits, bad)
+  # Traced values are not read: the filters run inside jit.
+  kept = jax.jit(top_p_filter)(logits, 0.8)
+  np.testing.assert_array_equal(
+    np.isfinite(kept)[0], [False, True, False, True]
+  )
+
+
+def test_host_prompts_are_checked_before_sampling(params):
+  """NumPy prompts the compiled program cannot check: a right-padded
+  mask sampled other tokens than left padding on one path only, an empty
+  row or mask values 2 / -1 were taken, and an id >= V gave NaN
+  logprobs."""
+  ids, mask = (np.asarray(a) for a in _prompts())
+  kw = dict(config=CFG, max_new_tokens=2, eos_token_id=5, pad_token_id=PAD)
+  right = np.flip(mask, axis=1)
+  empty = mask.copy()
+  empty[2] = False
+  two = mask.astype(np.int32) * 2
+  high = ids.copy()
+  high[1, -1] = CFG.vocab_size
+  for i, m, message in (
+    (ids, right, r"prompt_mask\[0\] is not left-padded .*: 111110"),
+    (ids, empty, r"prompt_mask\[2\] has no real token"),
+    (ids, two, r"prompt_mask holds \[2\]: expected bool, or 0/1"),
+    (high, mask, rf"prompt_ids\[1, 5\] = {CFG.vocab_size}: expected a token"),
+  ):
+    with pytest.raises(ValueError, match=message):
+      generate(params, i, m, jax.random.key(0), **kw)
+  generate(params, ids, mask, jax.random.key(0), **kw)  # the control
 
 
 def test_top_k_sampling_stays_in_top_k(params):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.data.tokenize import TokenizedDataset
+from rlhf_jax.masked import check_padded
 
 PROMPT = "prompt"  # the left-padded group; every other mask is right-padded
 
@@ -159,28 +160,4 @@ def check_padding(batch: Any) -> None:
       continue
     if not isinstance(value, np.ndarray) or value.ndim < 2 or not value.size:
       continue  # shapes are the steps' own checks
-    rows = value.reshape(-1, value.shape[-1]).astype(bool)
-    steps = rows[:, 1:] >= rows[:, :-1] if left else rows[:, 1:] <= rows[:, :-1]
-    bad = np.flatnonzero(~steps.all(axis=1))
-    if bad.size:
-      row = np.unravel_index(bad[0], value.shape[:-1])
-      where = ", ".join(str(int(i)) for i in row)
-      side, first = (
-        ("left", "pad slots first") if left else ("right", "pad slots last")
-      )
-      hint = (
-        " (a Hugging Face tokenizer pads on the right unless "
-        "padding_side='left')"
-        if left
-        else ""
-      )
-      raise ValueError(
-        f"{name}[{where}] is not {side}-padded ({first}, one run of real "
-        f"tokens): {_pattern(rows[bad[0]])}{hint}"
-      )
-
-
-def _pattern(row: np.ndarray) -> str:
-  """A mask row as 1s and 0s, long rows cut in the middle."""
-  text = "".join("1" if v else "0" for v in row)
-  return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]}"
+    check_padded(name, value, left=left)

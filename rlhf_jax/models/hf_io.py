@@ -430,6 +430,12 @@ class _TensorFiles:
       self.where = {}
       for f in files:
         for k in self._keys(f):
+          if k in self.where:  # which one is meant? (no index says)
+            raise ModelLoadError(
+              f"{model_dir}: tensor {k!r} is in both {self.where[k].name} "
+              f"and {f.name}, and no {INDEX_FILE} says which to load; "
+              "move the other .safetensors files out of the folder"
+            )
           self.where[k] = f
 
   def __contains__(self, name: str) -> bool:

@@ -240,22 +240,34 @@ class Tokenizer:
 
     Raises:
       ValueError: the tokenizer has no chat template.
-      jinja2.TemplateError: the template raised (e.g. raise_exception).
+      jinja2.TemplateError: the template failed (a syntax error,
+        raise_exception, any error while rendering) or rendered the
+        messages as empty text; the message names the tokenizer's folder.
     """
     if self.chat_template is None:
       raise ValueError(
         f"{self.source}: no chat template (tokenizer_config.json has no "
         "'chat_template' and there is no chat_template.jinja)"
       )
-    text = _render(
-      self.chat_template,
-      messages=messages,
-      add_generation_prompt=add_generation_prompt,
-      bos_token=self._token_str("bos"),
-      eos_token=self._token_str("eos"),
-      pad_token=self._token_str("pad"),
-      **extra,
-    )
+    where = f"{self.source}: the chat template"
+    try:
+      text = _render(
+        self.chat_template,
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=self._token_str("bos"),
+        eos_token=self._token_str("eos"),
+        pad_token=self._token_str("pad"),
+        **extra,
+      )
+    except Exception as e:  # the template is the model's code, not ours
+      raise jinja2.TemplateError(
+        f"{where} failed ({type(e).__name__}: {e})"
+      ) from None
+    if messages and not text.strip():  # "" would drop the conversation
+      raise jinja2.TemplateError(
+        f"{where} renders {len(messages)} message(s) as empty text"
+      )
     if tokenize:
       return self.encode(text, add_special_tokens=False)
     return text

@@ -22,16 +22,18 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.checks import check_count, check_number, is_int
+from rlhf_jax.checks import check_count, is_int
 from rlhf_jax.logprobs import (
   MIN_TEMPERATURE,
   check_temperature,
   logprobs_from_logits,
   response_rows,
 )
-from rlhf_jax.rollout.sampling import sample_token
+from rlhf_jax.masked import check_mask_dtype, check_padded
+from rlhf_jax.rollout.sampling import check_top_k, check_top_p, sample_token
 from rlhf_jax.types import Rollout
 
 
@@ -278,8 +280,7 @@ def _check_static(
   mask_dtype = jnp.result_type(prompt_mask)
   if not any(jnp.issubdtype(mask_dtype, k) for k in (jnp.bool_, jnp.integer)):
     raise ValueError(f"prompt_mask dtype {mask_dtype}: expected bool")
-  if not is_int(top_k) or top_k < 0:
-    raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+  check_top_k(top_k)
   vocab = config.vocab_size
   if not is_int(pad_token_id) or not 0 <= pad_token_id < vocab:
     raise ValueError(
@@ -303,7 +304,7 @@ def check_sampling_values(temperature, top_p) -> None:
       f"{e} (for argmax decoding pass greedy=True with a temperature >= "
       f"{MIN_TEMPERATURE}: the logprobs are those of that temperature)"
     ) from None
-  check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
+  check_top_p(top_p)
 
 
 def _check_arrays(args, kwargs) -> None:
@@ -318,6 +319,43 @@ def _check_arrays(args, kwargs) -> None:
       )
 
 
+def _check_host_prompts(args, kwargs) -> None:
+  """Checks prompts given as host (NumPy) arrays, which the compiled
+  program cannot read: each mask row left-padded with >= 1 real token and
+  0/1 values, every id in [0, V). Device arrays pass unread.
+
+  Raises:
+    ValueError: naming the argument and the first bad row or id.
+  """
+  ids = args[1] if len(args) > 1 else kwargs.get("prompt_ids")
+  mask = args[2] if len(args) > 2 else kwargs.get("prompt_mask")
+  config = kwargs.get("config")
+  if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.size:
+    check_mask_dtype("prompt_mask", mask)
+    if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
+      raise ValueError(
+        f"prompt_mask holds {np.setdiff1d(mask, (0, 1))[:3].tolist()}: "
+        "expected bool, or 0/1"
+      )
+    empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
+    if empty.size:
+      raise ValueError(f"prompt_mask[{empty[0]}] has no real token")
+    check_padded("prompt_mask", mask, left=True)
+  vocab = getattr(config, "vocab_size", None)
+  if (
+    isinstance(ids, np.ndarray)
+    and np.issubdtype(ids.dtype, np.integer)
+    and is_int(vocab)
+  ):
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+      at = np.unravel_index(bad[0], ids.shape)
+      raise ValueError(
+        f"prompt_ids[{', '.join(map(str, at))}] = {ids[at]}: expected a "
+        f"token id in [0, {vocab}) (the config's vocab_size)"
+      )
+
+
 def _checked(method):
   """``method`` of the jitted `_generate` (call, lower, trace,
   eval_shape), after `check_sampling_values` of the call's keywords."""
@@ -327,6 +365,7 @@ def _checked(method):
       kwargs.get("temperature", 1.0), kwargs.get("top_p", 1.0)
     )
     _check_arrays(args, kwargs)
+    _check_host_prompts(args, kwargs)
     return method(*args, **kwargs)
 
   return call

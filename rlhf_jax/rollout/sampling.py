@@ -8,6 +8,7 @@ are arrays so changing them never recompiles.
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.checks import check_number, is_int
 from rlhf_jax.logprobs import check_temperature
 from rlhf_jax.masked import promote_f32
 from rlhf_jax.rollout import threefry_cpu  # noqa: F401 (registers)
@@ -27,7 +28,12 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
 
   Returns:
     f32[B, V] scaled logits.
+
+  Raises:
+    ValueError: a temperature number (or computed jax scalar) below 0.01
+      or not finite (``logprobs.check_temperature``).
   """
+  check_temperature(temperature)
   z = promote_f32(logits)
   return z / jnp.asarray(temperature, z.dtype)
 
@@ -35,7 +41,7 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
 def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
   """Keeps the ``top_k`` largest logits per row, others -> -inf.
 
-  Ties at the k-th value are all kept. ``top_k <= 0`` or ``>= V`` is a no-op.
+  Ties at the k-th value are all kept. ``top_k`` 0 or ``>= V`` is a no-op.
 
   Args:
     logits: f32[B, V].
@@ -43,9 +49,13 @@ def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
 
   Returns:
     f32[B, V].
+
+  Raises:
+    ValueError: top_k not an integer >= 0.
   """
+  check_top_k(top_k)
   vocab = logits.shape[-1]
-  if top_k <= 0 or top_k >= vocab:
+  if top_k == 0 or top_k >= vocab:
     return logits
   kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
   return jnp.where(logits >= kth, logits, _NEG_INF)
@@ -65,7 +75,11 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
 
   Returns:
     f32[B, V] with removed tokens at -inf.
+
+  Raises:
+    ValueError: a top_p number (or computed jax scalar) outside (0, 1].
   """
+  check_top_p(top_p)
   top_p = jnp.asarray(top_p, jnp.float32)
   order = jnp.argsort(-logits, axis=-1)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
@@ -77,6 +91,17 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   inverse = jnp.argsort(order, axis=-1)
   keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
   return jnp.where(keep, logits, _NEG_INF)
+
+
+def check_top_k(top_k) -> None:
+  """Raises ValueError unless ``top_k`` is an integer >= 0 (0 = off)."""
+  if not is_int(top_k) or top_k < 0:
+    raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+
+
+def check_top_p(top_p) -> None:
+  """Raises unless a top_p number is in (0, 1] (`checks.check_number`)."""
+  check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -139,9 +164,12 @@ def sample_token(
 
   Raises:
     ValueError: logits not [B, V]; without ``greedy``, rng not B keys; a
-      temperature number below 0.01 (``logprobs.check_temperature``).
+      temperature number below 0.01 (``logprobs.check_temperature``); top_k
+      not an integer >= 0; a top_p number outside (0, 1].
   """
   check_temperature(temperature)
+  check_top_k(top_k)
+  check_top_p(top_p)
   if jnp.ndim(logits) != 2:
     raise ValueError(f"logits shape {jnp.shape(logits)}: expected [B, V]")
   if not greedy:

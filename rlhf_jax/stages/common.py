@@ -124,7 +124,7 @@ class Context:
   def finished(self, name: str) -> dict | None:
     """The results of a stage finished earlier, or None. A damaged stage
     file is reported (one line on stderr) and the stage runs again (from
-    its checkpoints)."""
+    its checkpoints; eval only leaves its results out)."""
     path = self.stage_file(name)
     if not path.is_file():
       return None
@@ -135,9 +135,12 @@ class Context:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
       if self.primary:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        then = f"running stage {name} again"
+        if self.command == "eval":  # which reads results, runs no stage
+          then = f"eval leaves out what it holds (stage {name}'s results)"
         sys.stderr.write(
           f"rlhf-jax: warning: stage file {path} is damaged ({reason}); "
-          f"running stage {name} again\n"
+          f"{then}\n"
         )
       return None
     return done

@@ -6,12 +6,14 @@ import os
 import pathlib
 import secrets
 import shutil
+import sys
 import typing
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 
 from rlhf_jax import models
@@ -209,7 +211,7 @@ def _chat_turns(tok: Any, model_dir: pathlib.Path, prompts: list[str]):
   template, ending in the assistant's generation prompt.
 
   Raises:
-    UserError: the tokenizer has no chat template.
+    UserError: the tokenizer has no chat template, or it failed.
   """
   if getattr(tok, "chat_template", None) is None:
     raise runtime.UserError(
@@ -217,12 +219,15 @@ def _chat_turns(tok: Any, model_dir: pathlib.Path, prompts: list[str]):
       "(tokenizer_config.json 'chat_template'); drop --chat to continue the "
       "prompts as given"
     )
-  return [
-    tok.apply_chat_template(
-      [{"role": "user", "content": p}], add_generation_prompt=True
-    )
-    for p in prompts
-  ]
+  try:
+    return [
+      tok.apply_chat_template(
+        [{"role": "user", "content": p}], add_generation_prompt=True
+      )
+      for p in prompts
+    ]
+  except jinja2.TemplateError as e:
+    raise runtime.UserError(f"--chat: {e}") from None
 
 
 def _tokenized_prompts(
@@ -445,9 +450,7 @@ def run_eval(config: C.EvalConfig) -> int:
       "without --data)"
     )
   config_path = run_dir / runtime.CONFIG_FILE
-  run_cfg = config_from_dict(
-    C.PipelineConfig, record["config"], where=f"{config_path}: config"
-  )
+  run_cfg = _checked_run_config(record, run_dir, config_path)
   if run_cfg.data is not None:  # it trained on --data: nothing sampled
     raise runtime.UserError(
       f"{run_dir} is a `rlhf-jax {record['command']} --data` run: it sampled "
@@ -471,6 +474,54 @@ def run_eval(config: C.EvalConfig) -> int:
   finally:
     if locked:
       runtime.unlock_run_dir(run_dir)
+
+
+def _check_same_model(policy_dir: pathlib.Path, model_dir: pathlib.Path):
+  """The policy is the run's model trained (eval samples it with the run's
+  model config, and scores it against that model as the reference).
+
+  Raises:
+    UserError: its config.json describes another model (names the fields).
+  """
+  policy, model = (
+    models.load_hf_config(policy_dir),
+    models.load_hf_config(model_dir),
+  )
+  differ = [
+    f"{f.name} {getattr(policy, f.name)!r} against {getattr(model, f.name)!r}"
+    for f in dataclasses.fields(model)
+    if getattr(policy, f.name) != getattr(model, f.name)
+  ]
+  if differ:
+    raise runtime.UserError(
+      f"{policy_dir} is not a policy of the run's model {model_dir}: its "
+      f"config.json differs ({'; '.join(differ[:3])}); restore the run's "
+      "own policy there, or evaluate it in its own run"
+    )
+
+
+def _checked_run_config(
+  record: dict[str, Any], run_dir: pathlib.Path, path: pathlib.Path
+) -> C.PipelineConfig:
+  """The run's saved config, checked as its command line was: a value
+  edited by hand (a temperature of 0, a batch size of 0) would fail deep
+  in the evaluation or give NaN figures.
+
+  Raises:
+    UserError: a value of the wrong type or out of range (names the file).
+  """
+  from rlhf_jax.stages.validate import problems
+
+  run_cfg = config_from_dict(
+    C.PipelineConfig, record["config"], where=f"{path}: config"
+  )
+  bad = problems(str(record["command"]), run_cfg, files=False)
+  if bad:
+    raise runtime.UserError(
+      f"{path} holds values its command refuses (edited by hand?): "
+      + "; ".join(bad)
+    )
+  return run_cfg
 
 
 def _evaluate(
@@ -498,6 +549,7 @@ def _evaluate(
   prompts = _read_prompts(prompts_path)
   model_dir = pathlib.Path(record["model_dir"])
   tok = models.load_tokenizer(model_dir)  # before weights: checks the pair
+  _check_same_model(policy_dir, model_dir)
   model_config, ref = models.load_hf_checkpoint(model_dir)
   _, params = models.load_hf_checkpoint(policy_dir)
   with runtime.StopFlag() as stop:
@@ -527,8 +579,14 @@ def _evaluate(
       and not config.seed
     ):
       baseline = np.asarray(initial["gold"])
+    rm = reward_model_for_eval(ctx)
+    if rm is None and ctx.stage_file("rm").is_file():  # the run trained one
+      sys.stderr.write(
+        f"rlhf-jax: warning: {run_dir / 'outputs' / 'rm'} holds no reward "
+        "model, though stage rm ran; eval leaves out proxy_score\n"
+      )
     metrics, details = evaluate_policy(
-      ctx, params, reward_model_for_eval(ctx), baseline_gold=baseline, **kwargs
+      ctx, params, rm, baseline_gold=baseline, **kwargs
     )
   settings = {
     "policy": config.policy,

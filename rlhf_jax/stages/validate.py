@@ -115,8 +115,11 @@ def _flag(path: tuple[str, ...]) -> str:
   return "--" + ".".join(p.replace("_", "-") for p in path)
 
 
-def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
-  """Range and finiteness problems of one config object and its children."""
+def _field_problems(
+  node: Any, path: tuple[str, ...], files: bool = True
+) -> list[str]:
+  """Range and finiteness problems of one config object and its children
+  (and, with ``files``, input paths that do not exist)."""
   if isinstance(node, LoraConfig):  # models/ cannot use train's Rules
     return [
       f"{_flag((*path, p.split('=')[0]))} {p.split('=', 1)[1]}"
@@ -134,7 +137,7 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
     value = getattr(node, f.name)
     flag = _flag((*path, f.name))
     if dataclasses.is_dataclass(value):
-      out += _field_problems(value, (*path, f.name))
+      out += _field_problems(value, (*path, f.name), files)
       continue
     # SFT's presets hold data="" for "not given" (sft says so itself).
     unset = type(node).__name__ == "SFTConfig" and f.name == "data"
@@ -142,7 +145,7 @@ def _field_problems(node: Any, path: tuple[str, ...]) -> list[str]:
       out.append(f"{flag} '': expected a path (an empty value is a mistake)")
       continue
     if isinstance(value, str) and f.name in INPUT_PATHS:
-      if not pathlib.Path(value).exists():
+      if files and not pathlib.Path(value).exists():
         out.append(f"{flag} {value}: no such file or directory")
       continue
     rule = CLASS_RULES.get((type(node).__name__, f.name)) or RULES.get(f.name)
@@ -396,20 +399,23 @@ def advisories(
   return out
 
 
-def problems(command: str, config: Any) -> list[str]:
+def problems(command: str, config: Any, *, files: bool = True) -> list[str]:
   """Every problem of a parsed command config, one line each.
+
+  Reads only the options, the input paths' existence and the run
+  directory they name (the folder itself, not its files), so that it is
+  refused before any input is read.
 
   Args:
     command: the subcommand (``run``, ``rm``, ``sft``, ...).
     config: its parsed, frozen config.
-
-  Reads only the options, and the run directory they name (the folder
-  itself, not its files), so that it is refused before any input is read.
+    files: also check the files and folders it names (False: only the
+      values, as eval checks a finished run's saved config).
 
   Returns:
     Lines ``--option value: expected ...`` (empty when all is well).
   """
-  out = _field_problems(config, ())
+  out = _field_problems(config, (), files)
   if isinstance(config, PipelineConfig):
     out += _pipeline_problems(config)
   if isinstance(config, KTOStageConfig):
@@ -418,7 +424,7 @@ def problems(command: str, config: Any) -> list[str]:
     out += _generate_problems(config)
   if getattr(config, "resume", False) and getattr(config, "overwrite", False):
     out.append("--resume and --overwrite contradict each other")
-  if command in (*PIPELINE_COMMANDS, "sft", "kto"):
+  if files and command in (*PIPELINE_COMMANDS, "sft", "kto"):
     # Before any input is read (the run directory is made after); a dry
     # run too, which checks what the run would meet.
     problem = foreign_run_dir(run_dir_for(command, config), config)

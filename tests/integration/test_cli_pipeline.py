@@ -172,6 +172,30 @@ def test_eval_reproduces_the_runs_final_evaluation(smoke_run):
   assert json.loads(out.read_text())["metrics"] != got
 
 
+def test_eval_says_what_it_leaves_out(smoke_run, tmp_path):
+  """A run whose reward model was removed lost proxy_score without a word,
+  and a damaged stage file said "running stage initial again", which eval
+  never does."""
+  run_dir = tmp_path / "run"
+  shutil.copytree(smoke_run[0], run_dir)
+  for f in run_dir.glob("eval_*.json"):  # another test's `rlhf-jax eval`
+    f.unlink()
+  shutil.rmtree(run_dir / "outputs" / "rm")
+  initial = run_dir / "stages" / "initial.json"
+  initial.write_text("garbage")
+  proc = _cli("eval", "--run-dir", str(run_dir), "--policy", "ppo")
+  assert proc.stderr.splitlines()[:2] == [
+    f"rlhf-jax: warning: stage file {initial} is damaged (Expecting value: "
+    "line 1 column 1 (char 0)); eval leaves out what it holds (stage "
+    "initial's results)",
+    f"rlhf-jax: warning: {run_dir / 'outputs' / 'rm'} holds no reward "
+    "model, though stage rm ran; eval leaves out proxy_score",
+  ]
+  got = json.loads((run_dir / "eval_ppo.json").read_text())["metrics"]
+  assert "eval/gold_score" in got and "eval/proxy_score" not in got
+  assert initial.read_text() == "garbage"
+
+
 def test_generate_from_a_runs_policy(smoke_run, tmp_path):
   run_dir, _ = smoke_run
   out = tmp_path / "samples.jsonl"

@@ -303,6 +303,21 @@ CASES = [
     (FileNotFoundError,),
   ),
   (
+    # Without an index every file was read, and the later name won: a
+    # zeroed copy beside the real weights loaded without a word.
+    "tensor_in_two_files",
+    lambda d, t: save_file(
+      {"model.norm.weight": np.zeros_like(t["model.norm.weight"])},
+      str(d / "z.safetensors"),
+    ),
+    [
+      "{dir}: tensor 'model.norm.weight' is in both model.safetensors and "
+      "z.safetensors, and no model.safetensors.index.json says which to "
+      "load; move the other .safetensors files out of the folder"
+    ],
+    (),
+  ),
+  (
     "only_pickle_weights",
     lambda d, t: (d / WEIGHTS).rename(d / "pytorch_model.bin"),
     ["{dir}: no weights", "pickle checkpoints are never loaded"],

@@ -107,7 +107,13 @@ def test_chat_template_rendered_in_sandbox(tinystories_dir, tmp_path):
   (tmp_path / "tokenizer_config.json").write_text(
     json.dumps({**cfg, "chat_template": "{{ messages.__class__.__mro__ }}"})
   )
-  with pytest.raises(jinja2.exceptions.SecurityError):
+  with pytest.raises(jinja2.TemplateError, match="failed \\(SecurityError: "):
+    models.load_tokenizer(tmp_path).apply_chat_template(msgs)
+  # A template that renders nothing would drop the conversation.
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({**cfg, "chat_template": "{# none #}"})
+  )
+  with pytest.raises(jinja2.TemplateError, match="as empty text"):
     models.load_tokenizer(tmp_path).apply_chat_template(msgs)
 
 
