@@ -248,6 +248,10 @@ OPTION_CASES = [
   ),
   (["run", "--seed", "-1"], "--seed -1: expected in [0, 2^32)"),
   (["rm", "--run-dir", ""], "--run-dir '': expected a path"),
+  # eval's and export's own folder options are required: not given, they
+  # were reported as given empty.
+  (["eval"], "--run-dir is needed: expected a path (none given, or '')"),
+  (["export", "--run-dir", "r"], "--out is needed: expected a path (none"),
   (
     ["dpo", "--dpo.loss.loss-type", "foo"],
     "Expected one of ('sigmoid', 'hinge', 'ipo')",

@@ -757,3 +757,17 @@ def test_sft_and_kto_pass_their_checkpoint_options_to_the_loop(
   assert main(args) == 1  # Stop, one line: the loop never ran
   assert "internal error: Stop" in capsys.readouterr().err
   assert (seen["keep"], seen["max_skipped_fraction"]) == (3, 0.25)
+
+
+def test_version_prints_the_installed_versions(capsys):
+  """`rlhf-jax --version` was an unknown subcommand."""
+  from importlib import metadata
+
+  import jax
+
+  from rlhf_jax.cli.main import main
+
+  assert main(["--version"]) == 0
+  assert capsys.readouterr().out == (
+    f"rlhf-jax {metadata.version('rlhf_jax')} (jax {jax.__version__})\n"
+  )

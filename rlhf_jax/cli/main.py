@@ -59,7 +59,8 @@ simulated preferences, a reward model, PPO and DPO, and a report.
 subcommands:
 {commands}
 
-`rlhf-jax <subcommand> --help` lists every option with its meaning.
+`rlhf-jax <subcommand> --help` lists every option with its meaning;
+`rlhf-jax --version` prints the versions of rlhf-jax and jax.
 --debug (or RLHF_JAX_DEBUG=1), with any subcommand, also prints the
 traceback of an error (the exit status stays the same).
 """
@@ -72,6 +73,23 @@ DEBUG_ENV = "RLHF_JAX_DEBUG"
 _DEBUG_HELP = (
   f"--debug (or {DEBUG_ENV}=1) also prints the traceback of an error."
 )
+
+
+def _version() -> str:
+  """This package's installed version (its metadata; "unknown" when run
+  from a tree that was never installed)."""
+  from importlib import metadata
+
+  try:
+    return metadata.version("rlhf_jax")
+  except metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def _jax_version() -> str:
+  import jax
+
+  return jax.__version__
 
 
 def _error(message: str) -> int:
@@ -617,6 +635,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     width = max(len(c) for c in COMMANDS)
     lines = "\n".join(f"  {c:<{width}}  {d}" for c, d in COMMANDS.items())
     sys.stdout.write(_HELP.format(commands=lines))
+    return 0
+  if args == ["--version"]:
+    sys.stdout.write(f"rlhf-jax {_version()} (jax {_jax_version()})\n")
     return 0
   debug, args = _debug(args)
   if not args:

@@ -142,7 +142,10 @@ def _field_problems(
     # SFT's presets hold data="" for "not given" (sft says so itself).
     unset = type(node).__name__ == "SFTConfig" and f.name == "data"
     if value == "" and f.name in PATH_OPTIONS and not unset:
-      out.append(f"{flag} '': expected a path (an empty value is a mistake)")
+      if f.default is dataclasses.MISSING:  # required: its preset holds ""
+        out.append(f"{flag} is needed: expected a path (none given, or '')")
+      else:
+        out.append(f"{flag} '': expected a path (an empty value is a mistake)")
       continue
     if isinstance(value, str) and f.name in INPUT_PATHS:
       if files and not pathlib.Path(value).exists():
