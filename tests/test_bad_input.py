@@ -35,6 +35,8 @@ from rlhf_jax import (
 from rlhf_jax.cli.main import DEBUG_ENV, main
 from rlhf_jax.data import load_examples, tokenize_prompts
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.rollout import generate
+from rlhf_jax.rollout.generate import response_mask_from_ids, row_rngs
 from rlhf_jax.train import (
   DPOConfig,
   GRPOConfig,
@@ -1003,6 +1005,27 @@ LIBRARY_CASES = [
   (
     lambda: make_grpo_update(TINY, _opt(), GRPOConfig(None, 0)),
     "eos_token_id=None: expected an integer >= 0",
+  ),
+  # Rollout helpers: an AttributeError, a jax axis error, an empty result.
+  (
+    lambda: generate(
+      {},
+      *_rows(1, 2),
+      jax.random.key(0),
+      config=None,
+      max_new_tokens=1,
+      eos_token_id=1,
+      pad_token_id=0,
+    ),
+    "config must be a models.ModelConfig, got NoneType",
+  ),  # fmt: skip
+  (
+    lambda: response_mask_from_ids(_rows(1, 2)[0], eos_token_id=None),
+    "eos_token_id must be an integer, got None",
+  ),
+  (
+    lambda: row_rngs(jax.random.key(0), -1),
+    "batch must be an integer >= 1, got -1",
   ),
 ]
 

@@ -137,12 +137,15 @@ def _generate(
       an integer (ids) or bool or integer (mask) dtype; max_new_tokens,
       num_samples or cache_buckets not an integer >= 1; top_k not an
       integer >= 0; pad_token_id outside [0, V); a Python or NumPy
-      temperature not finite and >= 0.01, or top_p not in (0, 1] (an array
-      is not checked: it may be traced); rng not a PRNG key; params in
-      neither layout, params with weights held transposed
+      temperature not finite and >= 0.01, or top_p not in (0, 1] (a
+      computed jax scalar too; a traced one is not read); rng not a PRNG
+      key; params in neither layout, params with weights held transposed
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
-      past a GPT-2 model's learned positions.
-    TypeError: prompt_ids or prompt_mask given as a Python list or tuple.
+      past a GPT-2 model's learned positions; NumPy prompts whose mask
+      rows are not left-padded with a real token and 0/1 values, or whose
+      ids lie outside [0, V).
+    TypeError: prompt_ids or prompt_mask given as a Python list or tuple;
+      config not a models.ModelConfig.
   """
   _check_static(
     prompt_ids, prompt_mask, config, top_k, pad_token_id, eos_token_id
@@ -281,6 +284,10 @@ def _check_static(
   if not any(jnp.issubdtype(mask_dtype, k) for k in (jnp.bool_, jnp.integer)):
     raise ValueError(f"prompt_mask dtype {mask_dtype}: expected bool")
   check_top_k(top_k)
+  if not isinstance(config, models.ModelConfig):
+    raise TypeError(
+      f"config must be a models.ModelConfig, got {type(config).__name__}"
+    )
   vocab = config.vocab_size
   if not is_int(pad_token_id) or not 0 <= pad_token_id < vocab:
     raise ValueError(
@@ -552,8 +559,9 @@ def row_rngs(rng: jax.Array, batch: int) -> jax.Array:
   Raises:
     ValueError: not a PRNG key (a typed key, or uint32[2] of
       ``jax.random.PRNGKey``) or one per row; a key array whose leading
-      size is not B.
+      size is not B; B not an integer >= 1.
   """
+  batch = check_count("batch", batch)
   rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
   is_typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
   raw = rng.dtype == jnp.uint32 and rng.shape[-1:] == (2,)  # legacy keys
@@ -583,7 +591,12 @@ def response_mask_from_ids(
 
   Returns:
     bool[B, T] (docs/conventions.md, convention 3).
+
+  Raises:
+    ValueError: eos_token_id not an integer.
   """
+  if not is_int(eos_token_id):
+    raise ValueError(f"eos_token_id must be an integer, got {eos_token_id!r}")
   is_eos = response_ids == eos_token_id
   # Number of EOS strictly before t; the mask is True while it is 0.
   eos_before = jnp.cumsum(is_eos, axis=-1) - is_eos
