@@ -2,9 +2,7 @@
 
 An array's values pass these checks unchecked (inside a compiled program
 they are traced, and reading one outside would wait for the device); only
-its shape and dtype, which are known either way, are checked. A scalar
-hyperparameter given as a jax array already computed on this host is read
-(`check_number`): that costs no wait.
+its shape and dtype, which are known either way, are checked.
 """
 
 import math
@@ -34,18 +32,6 @@ def check_count(name: str, value: Any) -> int:
   return operator.index(value)
 
 
-def _ready_scalar(value: Any) -> bool:
-  """A concrete 0-d jax array whose value can be read without waiting:
-  not traced, computed, and held by this process."""
-  return (
-    isinstance(value, jax.Array)
-    and not isinstance(value, jax.core.Tracer)
-    and value.ndim == 0
-    and value.is_fully_addressable
-    and value.is_ready()
-  )
-
-
 def _real_dtype(dtype: Any) -> bool:
   return dtype is not None and (
     jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
@@ -62,10 +48,8 @@ def check_number(
 ) -> None:
   """Checks a hyperparameter given as a real number: it must pass ``ok``
   (NaN fails any comparison) and be finite. A NumPy scalar or 0-d NumPy
-  array is read as its number, and so is a 0-d jax array that is computed
-  and on this host (`_ready_scalar`). Another jax array passes unchecked
-  when it is a scalar (it may be traced, or still being computed); None
-  too with ``optional``.
+  array is read as its number. A jax array passes unchecked when it is a
+  scalar (it may be traced); None too with ``optional``.
 
   Raises:
     ValueError: the number fails ``ok`` or is infinite; an array that is
@@ -76,8 +60,6 @@ def check_number(
   """
   if optional and value is None:
     return
-  if _ready_scalar(value):  # as a NumPy scalar, below
-    value = np.asarray(value)
   if isinstance(value, np.generic | np.ndarray) and np.ndim(value) == 0:
     if _real_dtype(value.dtype):
       value = value.item()  # bfloat16 and 0-d arrays too; np.bool_ -> bool

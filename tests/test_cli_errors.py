@@ -1453,6 +1453,8 @@ def test_eval_of_a_kto_run_says_it_is_not_a_pipeline_run(
     (("sampling", "batch_size"), 0, "--sampling.batch-size 0: "),
     (("eval", "samples_per_prompt"), -1, "--eval.samples-per-prompt -1: "),
     (("seed",), -1, "--seed -1: "),
+    # A stage eval does not run: not its concern (None: not refused so).
+    (("ppo", "learning_rate"), -1.0, None),
   ],
 )
 def test_eval_names_a_config_field_of_the_wrong_type_or_range(
@@ -1467,8 +1469,13 @@ def test_eval_names_a_config_field_of_the_wrong_type_or_range(
   (run / "config.json").write_text(json.dumps(record))
   code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
   path = run / "config.json"
-  if expected.startswith("--"):  # checked as its command line was
-    expected = f"holds values its command refuses (edited by hand?): {expected}"
+  if expected is None:
+    assert "holds values" not in err
+  elif expected.startswith("--"):  # checked as its command line was
+    expected = (
+      f"holds values eval reads that its command refuses (edited by hand?): "
+      f"{expected}"
+    )
     assert code == 2 and err.startswith(f"rlhf-jax: error: {path} {expected}")
     assert err.count("\n") == 1 and not (run / "eval_dpo.json").exists()
   else:

@@ -153,7 +153,7 @@ def test_sampling_helpers_check_their_arguments():
   -3 (or 2.5, a jax shape error), temperature 0 (inf and NaN logits)."""
   logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
   keys = jax.random.split(jax.random.key(0), 1)
-  for bad in (0.0, 5.0, -1.0, float("nan"), jnp.float32(0.0)):
+  for bad in (0.0, 5.0, -1.0, float("nan"), np.float32(0.0)):
     with pytest.raises(ValueError, match=r"^top_p must be (finite and )?in"):
       top_p_filter(logits, bad)
     with pytest.raises(ValueError, match=r"^top_p must be"):
@@ -163,7 +163,7 @@ def test_sampling_helpers_check_their_arguments():
       top_k_filter(logits, bad)
     with pytest.raises(ValueError, match=r"^top_k must be an integer >= 0"):
       sample_token(logits, keys, temperature=1.0, top_k=bad)
-  for bad in (0.0, -1.0, float("nan"), jnp.float32(0.0)):
+  for bad in (0.0, -1.0, float("nan"), np.float32(0.0)):
     with pytest.raises(ValueError, match=r"^temperature must be finite"):
       apply_temperature(logits, bad)
   # Traced values are not read: the filters run inside jit.

@@ -310,10 +310,7 @@ def _render_response(
     prompt = template(prompt_msgs, add_generation_prompt=True)
     full = template(prompt_msgs + reply_msgs, add_generation_prompt=False)
   except jinja2.TemplateError as e:
-    raise DataError(
-      f"{where}: field '{field}': the chat template refused the "
-      f"conversation: {e}"
-    ) from None
+    raise DataError(f"{where}: field '{field}': {e}") from None
   if not full.startswith(prompt):
     raise DataError(
       f"{where}: field '{field}': the chat template's rendering of the "

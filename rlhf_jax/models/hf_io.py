@@ -434,7 +434,7 @@ class _TensorFiles:
             raise ModelLoadError(
               f"{model_dir}: tensor {k!r} is in both {self.where[k].name} "
               f"and {f.name}, and no {INDEX_FILE} says which to load; "
-              "move the other .safetensors files out of the folder"
+              "keep one of them in the folder (move the other out)"
             )
           self.where[k] = f
 

@@ -260,6 +260,8 @@ class Tokenizer:
         pad_token=self._token_str("pad"),
         **extra,
       )
+    except MemoryError:
+      raise
     except Exception as e:  # the template is the model's code, not ours
       raise jinja2.TemplateError(
         f"{where} failed ({type(e).__name__}: {e})"

@@ -30,8 +30,8 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
     f32[B, V] scaled logits.
 
   Raises:
-    ValueError: a temperature number (or computed jax scalar) below 0.01
-      or not finite (``logprobs.check_temperature``).
+    ValueError: a temperature number below 0.01 or not finite
+      (``logprobs.check_temperature``; an array is not read).
   """
   check_temperature(temperature)
   z = promote_f32(logits)
@@ -77,7 +77,7 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     f32[B, V] with removed tokens at -inf.
 
   Raises:
-    ValueError: a top_p number (or computed jax scalar) outside (0, 1].
+    ValueError: a top_p number outside (0, 1] (an array is not read).
   """
   check_top_p(top_p)
   top_p = jnp.asarray(top_p, jnp.float32)
@@ -93,13 +93,14 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   return jnp.where(keep, logits, _NEG_INF)
 
 
-def check_top_k(top_k) -> None:
-  """Raises ValueError unless ``top_k`` is an integer >= 0 (0 = off)."""
+def check_top_k(top_k: int) -> None:
+  """Raises ValueError unless ``top_k`` is an integer >= 0 (0 = off; not
+  -1, which some libraries take for off)."""
   if not is_int(top_k) or top_k < 0:
     raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
 
 
-def check_top_p(top_p) -> None:
+def check_top_p(top_p: float | jax.Array) -> None:
   """Raises unless a top_p number is in (0, 1] (`checks.check_number`)."""
   check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 = off)")
 

@@ -313,7 +313,7 @@ CASES = [
     [
       "{dir}: tensor 'model.norm.weight' is in both model.safetensors and "
       "z.safetensors, and no model.safetensors.index.json says which to "
-      "load; move the other .safetensors files out of the folder"
+      "load; keep one of them in the folder (move the other out)"
     ],
     (),
   ),
