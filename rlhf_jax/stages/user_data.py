@@ -142,7 +142,7 @@ def fit_to_data(
   out, (prompt, response) = trim_padding(*datasets)
   log(
     f"{stage}: rows padded to {prompt} prompt + {response} response "
-    "tokens (the longest in the data)"
+    "tokens (the longest rows, after truncation to the max lengths)"
   )
   return out, {
     "data/padded_prompt_length": prompt,
