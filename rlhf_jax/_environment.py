@@ -11,6 +11,7 @@ import os
 import sys
 
 COMMAND = "rlhf-jax"
+_MODULE = "rlhf_jax.cli.main"
 
 
 def _device_count() -> tuple[str | None, int | None]:
@@ -40,15 +41,20 @@ def _in_command() -> bool:
 
   The ``rlhf-jax`` script, or ``python -m rlhf_jax.cli.main``: argv[0] is
   "-m" while the package is imported, and ``sys.orig_argv`` keeps the
-  module's name (``-m NAME`` or ``-mNAME``).
+  module's name (``-m NAME`` or ``-mNAME``) among the interpreter's own
+  options, before any script or ``-c`` (whose arguments are not read).
   """
   if os.path.basename(sys.argv[0] if sys.argv else "") == COMMAND:
     return True
-  argv = list(getattr(sys, "orig_argv", []))
-  module = "rlhf_jax.cli.main"
-  return f"-m{module}" in argv or any(
-    a == "-m" and argv[i + 1 : i + 2] == [module] for i, a in enumerate(argv)
-  )
+  argv, i = list(getattr(sys, "orig_argv", [])), 1
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("-m"):
+      return (a[2:] or "".join(argv[i + 1 : i + 2])) == _MODULE
+    if a in ("-c", "-") or not a.startswith("-"):
+      return False  # a command string or a script: not ours
+    i += 2 if a in ("-X", "-W") else 1  # those two take a value
+  return False
 
 
 def check_before_jax() -> None:

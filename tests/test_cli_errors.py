@@ -588,6 +588,21 @@ def test_a_folder_of_the_users_is_refused_before_the_data_is_read(
   assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
+def test_a_run_dir_linking_to_nothing_is_named(tmp_path, capsys):
+  """A dangling symbolic link as --run-dir was an internal error
+  (FileExistsError from mkdir)."""
+  link = tmp_path / "run"
+  link.symlink_to(tmp_path / "nowhere")
+  code, err = _run(capsys, ["rm", "--preset", "smoke", "--run-dir", str(link)])
+  _check(
+    code,
+    err,
+    f"--run-dir {link}: a symbolic link to {tmp_path / 'nowhere'}, which "
+    "does not exist; make that folder, or choose another --run-dir",
+  )
+  assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 def test_resume_and_overwrite_together_are_refused_with_the_options(
   tmp_path, capsys
 ):

@@ -532,8 +532,8 @@ def test_a_device_count_jax_cannot_parse_is_refused_before_jax(value):
     )
     assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
     assert proc.stderr == f"rlhf-jax: error: {line}\n"
-  proc = subprocess.run(
-    [sys.executable, "-c", "import rlhf_jax"],
+  proc = subprocess.run(  # the -m among -c's arguments is not Python's
+    [sys.executable, "-c", "import rlhf_jax", "-m", "rlhf_jax.cli.main"],
     env=env,
     capture_output=True,
     text=True,
@@ -767,7 +767,7 @@ def test_version_prints_the_installed_versions(capsys):
 
   from rlhf_jax.cli.main import main
 
-  assert main(["--version"]) == 0
-  assert capsys.readouterr().out == (
-    f"rlhf-jax {metadata.version('rlhf_jax')} (jax {jax.__version__})\n"
-  )
+  want = f"rlhf-jax {metadata.version('rlhf_jax')} (jax {jax.__version__})\n"
+  for args in (["--version"], ["-V"], ["--debug", "--version"]):
+    assert main(args) == 0
+    assert capsys.readouterr().out == want

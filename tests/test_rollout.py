@@ -171,30 +171,48 @@ def test_sampling_helpers_check_their_arguments():
   np.testing.assert_array_equal(
     np.isfinite(kept)[0], [False, True, False, True]
   )
+  # Per-row values broadcast (not checked, as before).
+  two = jnp.concatenate([logits, logits])
+  rows = jax.jit(top_p_filter)(two, jnp.array([[0.8], [1.0]]))
+  np.testing.assert_array_equal(np.isfinite(rows).sum(axis=1), [2, 4])
+  np.testing.assert_allclose(
+    apply_temperature(two, jnp.array([[0.5], [1.0]])),
+    two * jnp.array([[2.0], [1.0]]),
+  )
 
 
 def test_host_prompts_are_checked_before_sampling(params):
   """NumPy prompts the compiled program cannot check: a right-padded
-  mask sampled other tokens than left padding on one path only, an empty
-  row or mask values 2 / -1 were taken, and an id >= V gave NaN
-  logprobs."""
+  mask sampled other tokens than left padding on one path only, mask
+  values 2 were taken, and an id outside [0, V) gave NaN logprobs, in a
+  pad slot too (-100 there changed row 1's tokens). An all-pad row (the
+  padding rows of `TokenizedDataset.take(-1)`) passes."""
   ids, mask = (np.asarray(a) for a in _prompts())
   kw = dict(config=CFG, max_new_tokens=2, eos_token_id=5, pad_token_id=PAD)
   right = np.flip(mask, axis=1)
-  empty = mask.copy()
-  empty[2] = False
   two = mask.astype(np.int32) * 2
   high = ids.copy()
-  high[1, -1] = CFG.vocab_size
+  high[1, 0] = CFG.vocab_size  # a pad slot
+  negative = ids.copy()
+  negative[1, 0] = -100  # a pad slot
   for i, m, message in (
     (ids, right, r"prompt_mask\[0\] is not left-padded .*: 111110"),
-    (ids, empty, r"prompt_mask\[2\] has no real token"),
     (ids, two, r"prompt_mask holds \[2\]: expected bool, or 0/1"),
-    (high, mask, rf"prompt_ids\[1, 5\] = {CFG.vocab_size}: expected a token"),
+    (high, mask, rf"prompt_ids\[1, 0\] = {CFG.vocab_size}: expected a token"),
+    (negative, mask, r"prompt_ids\[1, 0\] = -100: expected a token"),
   ):
     with pytest.raises(ValueError, match=message):
       generate(params, i, m, jax.random.key(0), **kw)
-  generate(params, ids, mask, jax.random.key(0), **kw)  # the control
+  empty = mask.copy()
+  empty[2] = False
+  control = generate(params, ids, mask, jax.random.key(0), **kw)
+  got = generate(params, ids, empty, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(got.response_ids[:2], control.response_ids[:2])
+  # What the check prevents: the same pad as a device array, not read.
+  spoilt = generate(
+    params, jnp.asarray(negative), mask, jax.random.key(0), **kw
+  )
+  assert not np.isfinite(np.asarray(spoilt.logprobs)[1]).all()
 
 
 def test_top_k_sampling_stays_in_top_k(params):

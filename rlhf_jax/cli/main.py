@@ -60,7 +60,7 @@ subcommands:
 {commands}
 
 `rlhf-jax <subcommand> --help` lists every option with its meaning;
-`rlhf-jax --version` prints the versions of rlhf-jax and jax.
+`rlhf-jax --version` (or -V) prints the versions of rlhf-jax and jax.
 --debug (or RLHF_JAX_DEBUG=1), with any subcommand, also prints the
 traceback of an error (the exit status stays the same).
 """
@@ -636,10 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = "\n".join(f"  {c:<{width}}  {d}" for c, d in COMMANDS.items())
     sys.stdout.write(_HELP.format(commands=lines))
     return 0
-  if args == ["--version"]:
+  debug, args = _debug(args)
+  if args in (["--version"], ["-V"]):
     sys.stdout.write(f"rlhf-jax {_version()} (jax {_jax_version()})\n")
     return 0
-  debug, args = _debug(args)
   if not args:
     return _error("--debug needs a subcommand (see `rlhf-jax --help`)")
   bad = _not_utf8(args) or bad_device_count()

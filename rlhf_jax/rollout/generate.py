@@ -142,8 +142,8 @@ def _generate(
       key; params in neither layout, params with weights held transposed
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
       past a GPT-2 model's learned positions; NumPy prompts whose mask
-      rows are not left-padded with a real token and 0/1 values, or whose
-      ids lie outside [0, V).
+      rows are not left-padded with 0/1 values, or with an id outside
+      [0, V) (in a pad slot too).
     TypeError: prompt_ids or prompt_mask given as a Python list or tuple;
       config not a models.ModelConfig.
   """
@@ -328,8 +328,8 @@ def _check_arrays(args, kwargs) -> None:
 
 def _check_host_prompts(args, kwargs) -> None:
   """Checks prompts given as host (NumPy) arrays, which the compiled
-  program cannot read: each mask row left-padded with >= 1 real token and
-  0/1 values, every id in [0, V). Device arrays pass unread.
+  program cannot read: each mask row left-padded with 0/1 values, every id
+  in [0, V), pad slots too. Device arrays pass unread.
 
   Raises:
     ValueError: naming the argument and the first bad row or id.
@@ -351,9 +351,7 @@ def _check_host_prompts(args, kwargs) -> None:
         f"prompt_mask holds {np.setdiff1d(mask, (0, 1))[:3].tolist()}: "
         "expected bool, or 0/1"
       )
-    empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
-    if empty.size:
-      raise ValueError(f"prompt_mask[{empty[0]}] has no real token")
+    # An all-False row passes: the padding rows of `TokenizedDataset.take`.
     check_padded("prompt_mask", mask, left=True)
   vocab = getattr(config, "vocab_size", None)
   if (
@@ -361,6 +359,9 @@ def _check_host_prompts(args, kwargs) -> None:
     and np.issubdtype(ids.dtype, np.integer)
     and is_int(vocab)
   ):
+    # In a pad slot too: the embedding lookup fills NaN for an id out of
+    # range (a negative one wraps around only down to -V), and the pad's
+    # NaN reaches the real tokens through the attention's masked sum.
     bad = np.flatnonzero((ids < 0) | (ids >= vocab))
     if bad.size:
       at = np.unravel_index(bad[0], ids.shape)

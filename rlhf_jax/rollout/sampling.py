@@ -24,7 +24,8 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
 
   Args:
     logits: f32[B, V].
-    temperature: f32[] >= 0.01 (an array, so new values do not recompile).
+    temperature: f32[] >= 0.01 (an array, so new values do not recompile),
+      or an array that broadcasts against the logits (e.g. f32[B, 1]).
 
   Returns:
     f32[B, V] scaled logits.
@@ -33,7 +34,8 @@ def apply_temperature(logits: jax.Array, temperature: jax.Array) -> jax.Array:
     ValueError: a temperature number below 0.01 or not finite
       (``logprobs.check_temperature``; an array is not read).
   """
-  check_temperature(temperature)
+  if jnp.ndim(temperature) == 0:  # a per-row array broadcasts, unchecked
+    check_temperature(temperature)
   z = promote_f32(logits)
   return z / jnp.asarray(temperature, z.dtype)
 
@@ -67,11 +69,11 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   Keeps the smallest set of most-probable tokens whose probability mass
   reaches ``top_p``: a token is kept when the mass of the tokens strictly
   more probable than it is below ``top_p``. The most probable token is always
-  kept, and ``top_p >= 1`` keeps every token.
+  kept, and ``top_p`` 1 keeps every token.
 
   Args:
     logits: f32[B, V] (already temperature-scaled).
-    top_p: f32[] in (0, 1].
+    top_p: f32[] in (0, 1], or an array that broadcasts against the logits.
 
   Returns:
     f32[B, V] with removed tokens at -inf.
@@ -79,7 +81,8 @@ def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
   Raises:
     ValueError: a top_p number outside (0, 1] (an array is not read).
   """
-  check_top_p(top_p)
+  if jnp.ndim(top_p) == 0:  # a per-row array broadcasts, unchecked
+    check_top_p(top_p)
   top_p = jnp.asarray(top_p, jnp.float32)
   order = jnp.argsort(-logits, axis=-1)
   sorted_logits = jnp.take_along_axis(logits, order, axis=-1)

@@ -607,11 +607,18 @@ def run_part(path: str | os.PathLike) -> str | None:
 
 def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
   """Why ``run_dir`` cannot hold a run ("" when it can): it names a file,
-  or a non-empty folder that rlhf-jax did not create, or cannot be read.
+  a link to nothing, a non-empty folder that rlhf-jax did not create, or
+  one it cannot read.
   Reads only; the commands ask it with their options, before reading any
   input (`stages.validate`, audit's --out)."""
   flag = _dir_flag(config)
   try:
+    if run_dir.is_symlink() and not run_dir.exists():  # mkdir would fail
+      return (
+        f"{flag} {run_dir}: a symbolic link to {os.readlink(run_dir)}, "
+        "which does not exist; make that folder, or choose another "
+        f"{flag}"
+      )
     if run_dir.exists() and not run_dir.is_dir():
       return f"{flag} {run_dir}: is a file, not a directory"
     if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():

@@ -245,6 +245,8 @@ def _named_reward_model() -> Iterator[None]:
   try:
     yield
   except (models.ModelLoadError, runtime.UserError) as e:
+    if str(e).startswith("--reward-model "):  # named already
+      raise
     raise runtime.UserError(f"--reward-model {e}") from None
 
 

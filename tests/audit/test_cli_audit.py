@@ -526,3 +526,20 @@ def test_reward_model_folders_that_cannot_be_read_name_the_option(
     with pytest.raises(runtime.UserError) as e:
       load_scorer(str(folder), 128)
     assert str(e.value).startswith(f"--reward-model {folder}"), str(e.value)
+
+
+def test_reward_model_without_a_tokenizer_is_named_once(
+  tmp_path, capsys, reward_model_dir
+):
+  """The option was named twice: "--reward-model --reward-model DIR"."""
+  rm = tmp_path / "rm"
+  shutil.copytree(reward_model_dir, rm)
+  (rm / "tokenizer.json").unlink()
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  args = ["audit", "--data", data, "--reward-model", str(rm)]
+  code, _, err = _run(capsys, [*args, "--out", str(tmp_path / "out")])
+  assert code == 2
+  assert err == (
+    f"rlhf-jax: error: --reward-model {rm}: no tokenizer.json in it or in "
+    "its outputs/rm\n"
+  )
