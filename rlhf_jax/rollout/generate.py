@@ -138,8 +138,8 @@ def _generate(
       num_samples or cache_buckets not an integer >= 1; top_k not an
       integer >= 0; pad_token_id outside [0, V); a Python or NumPy
       temperature not finite and >= 0.01, or top_p not in (0, 1] (an array
-      is not read: it may be traced); rng not a PRNG
-      key; params in neither layout, params with weights held transposed
+      is not read: it may be traced); rng not a PRNG key; params in
+      neither layout, params with weights held transposed
       (`models.unstack_layers` on CPU) with ``kv_cache=False``, or P + T
       past a GPT-2 model's learned positions; NumPy prompts whose mask
       rows are not left-padded with 0/1 values, or with an id outside

@@ -606,11 +606,13 @@ def run_part(path: str | os.PathLike) -> str | None:
 
 
 def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
-  """Why ``run_dir`` cannot hold a run ("" when it can): it names a file,
-  a link to nothing, a non-empty folder that rlhf-jax did not create, or
-  one it cannot read.
-  Reads only; the commands ask it with their options, before reading any
-  input (`stages.validate`, audit's --out)."""
+  """Why ``run_dir`` cannot hold a run ("" when it can).
+
+  It names a file, a link to nothing, a non-empty folder that rlhf-jax did
+  not create, or one it cannot read. Reads only: the commands ask it with
+  their options, before reading any input (`stages.validate`, audit's
+  --out).
+  """
   flag = _dir_flag(config)
   try:
     if run_dir.is_symlink() and not run_dir.exists():  # mkdir would fail
