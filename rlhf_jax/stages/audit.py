@@ -232,8 +232,8 @@ def _tokenizer_dir(path: pathlib.Path) -> pathlib.Path:
   for d in (path, path / "outputs" / "rm"):
     if (d / "tokenizer.json").is_file():
       return d
-  raise runtime.UserError(
-    f"--reward-model {path}: no tokenizer.json in it or in its outputs/rm"
+  raise runtime.UserError(  # named by `_named_reward_model`, as the rest
+    f"{path}: no tokenizer.json in it or in its outputs/rm"
   )
 
 
@@ -245,8 +245,6 @@ def _named_reward_model() -> Iterator[None]:
   try:
     yield
   except (models.ModelLoadError, runtime.UserError) as e:
-    if str(e).startswith("--reward-model "):  # named already
-      raise
     raise runtime.UserError(f"--reward-model {e}") from None
 
 
