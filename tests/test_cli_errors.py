@@ -1169,25 +1169,32 @@ def _eval_run(tmp_path, shared_data, *, policies=("dpo",), command="dpo"):
   return run
 
 
+@pytest.mark.parametrize("doing", ["evaluate", "export"])
 def test_eval_of_a_policy_of_another_model_is_refused(
-  tmp_path, capsys, shared_data
+  tmp_path, capsys, shared_data, doing
 ):
   """outputs/<policy> holding another model was an internal error after
   both models loaded (30 layers against 2), and a changed rope_theta was
-  sampled with the run's model config without a word."""
+  sampled with the run's model config without a word; export copied it
+  out as the run's policy."""
   run = _eval_run(tmp_path, shared_data)
   model_dir = shared_data / "models" / "tinystories-656k"
   cfg = json.loads((model_dir / "config.json").read_text())
   policy = run / "outputs" / "dpo"
   (policy / "config.json").write_text(json.dumps({**cfg, "rope_theta": 500}))
-  code, err = _run(capsys, ["eval", "--run-dir", str(run), "--policy", "dpo"])
+  argv = ["eval", "--run-dir", str(run), "--policy", "dpo"]
+  if doing == "export":
+    argv = ["export", "--run-dir", str(run), "--what", "dpo"]
+    argv += ["--out", str(tmp_path / "out")]
+  code, err = _run(capsys, argv)
   _check(
     code,
     err,
     f"{policy} is not a policy of the run's model {model_dir}: its "
     "config.json differs (rope_theta 500.0 against 10000.0); restore the "
-    "run's own policy there, or evaluate it in its own run",
+    f"run's own policy there, or {doing} it in its own run",
   )
+  assert not (tmp_path / "out").exists()
 
 
 def test_eval_keeps_an_earlier_eval_file(tmp_path, capsys, shared_data):

@@ -449,6 +449,46 @@ def test_a_run_is_read_with_the_paths_it_started_with(tmp_path, monkeypatch):
   assert runtime.with_resolved_paths(record, run) == record
 
 
+@pytest.mark.parametrize(
+  "argv, flag, folder",
+  [
+    (["run", "--preset", "smoke", "--run-dir", "R"], "--run-dir", "R"),
+    (["sft", "--preset", "smoke", "--dry-run"], "--run-dir", "runs/sft-smoke"),
+    (["audit", "--data", "d.jsonl"], "--out", "runs/audit-default"),
+    (["export", "--run-dir", "R", "--out", "E"], "--out", "E"),
+    (["eval", "--run-dir", "R"], "--run-dir", "R"),
+    (["generate", "--model", "M"], "--model", "M"),
+  ],
+)
+def test_cache_dir_inside_a_commands_folder_is_refused(
+  monkeypatch, capsys, tmp_path, argv, flag, folder
+):
+  """$RLHF_JAX_CACHE_DIR inside the run directory made a `cache` folder
+  there, and the run's --overwrite then refused over it; inside --model it
+  wrote into the user's model folder. Refused first, nothing created."""
+  from rlhf_jax.cli.main import main
+
+  monkeypatch.chdir(tmp_path)
+  for name in ("R", "M"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "d.jsonl").write_text("")
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", f"{folder}/cache")
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert (
+    f"rlhf-jax: error: $RLHF_JAX_CACHE_DIR={folder}/cache: lies in {flag} "
+    f"{folder}, where the compilation cache would write its files; set it "
+    "to a folder outside it (or off)\n"
+  ) in err, err
+  assert not (tmp_path / folder / "cache").exists()
+  from rlhf_jax.stages.environment import cache_inside
+
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "elsewhere")  # beside it
+  assert cache_inside(folder, flag) == ""
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", folder)  # the folder itself
+  assert cache_inside(folder, flag)
+
+
 def test_cache_dir_variable_is_checked(monkeypatch, capsys, tmp_path):
   """An empty $RLHF_JAX_CACHE_DIR or one naming a file gave jax's own
   two-line warning (or nothing), and "OFF" made a folder named OFF."""
@@ -510,6 +550,35 @@ def test_cpu_device_count_variable_is_checked(monkeypatch, capsys, value):
   )
 
 
+def test_python_m_rlhf_jax_runs_the_command():
+  """`python -m rlhf_jax` was "No module named rlhf_jax.__main__"."""
+  proc = subprocess.run(
+    [sys.executable, "-m", "rlhf_jax", "--version"],
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("rlhf-jax 0.1.0 (jax ")
+
+
+def test_too_many_cpu_devices_are_refused(monkeypatch, capsys):
+  """$JAX_NUM_CPU_DEVICES=100000 hung while jax started the devices (4096
+  took 21 s here); above 4096 it is one line, before jax starts any."""
+  from rlhf_jax.cli.main import main
+
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4097")
+  assert main(["generate", "--prompts", "Once"]) == 2
+  assert capsys.readouterr().err == (
+    "rlhf-jax: error: $JAX_NUM_CPU_DEVICES='4097': expected at most 4096 "
+    "CPU devices (jax starts each one; that many would not start in "
+    "reasonable time)\n"
+  )
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4096")
+  from rlhf_jax import _environment
+
+  assert _environment.bad_device_count() is None
+
+
 @pytest.mark.parametrize("value", ["abc", "2.5", ""])
 def test_a_device_count_jax_cannot_parse_is_refused_before_jax(value):
   """jax parses $JAX_NUM_CPU_DEVICES as it is imported: a value that is no
@@ -526,6 +595,7 @@ def test_a_device_count_jax_cannot_parse_is_refused_before_jax(value):
     [command],
     [sys.executable, "-m", "rlhf_jax.cli.main"],
     [sys.executable, "-mrlhf_jax.cli.main"],
+    [sys.executable, "-m", "rlhf_jax"],
   ):
     proc = subprocess.run(
       [*argv, "sft", "--help"], env=env, capture_output=True, text=True

@@ -613,7 +613,7 @@ def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
   their options, before reading any input (`stages.validate`, audit's
   --out).
   """
-  flag = _dir_flag(config)
+  flag = dir_flag(config)
   try:
     if run_dir.is_symlink() and not run_dir.exists():  # mkdir would fail
       return (
@@ -832,7 +832,7 @@ def _holds_run(run_dir: pathlib.Path) -> bool:
   )
 
 
-def _dir_flag(config: Any) -> str:
+def dir_flag(config: Any) -> str:
   """The option that names the directory: --run-dir, or a command's own
   (its config's ``DIR_FLAG``, e.g. audit's --out)."""
   return getattr(config, "DIR_FLAG", "--run-dir")
@@ -948,7 +948,7 @@ def prepare_run_dir(
   }
   if not run_dir.exists():  # a new one: can it be made where it is asked?
     check_folder_writable(
-      run_dir, _dir_flag(config), run_dir, "nothing was changed"
+      run_dir, dir_flag(config), run_dir, "nothing was changed"
     )
   with writing(run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -956,7 +956,7 @@ def prepare_run_dir(
   exists = _holds_run(run_dir)
   with writing(run_dir):
     if config.overwrite and exists:
-      _check_overwrite(run_dir, record, _dir_flag(config))
+      _check_overwrite(run_dir, record, dir_flag(config))
       _clear(run_dir)
       exists = False
     if config.resume and not exists:

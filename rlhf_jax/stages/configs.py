@@ -373,6 +373,9 @@ class GenerateConfig:
   """Which policy of --run-dir (initial = the reference model)."""
   num_samples: int = 1
   """Continuations per prompt."""
+  batch_size: int = 64
+  """Rows (prompts x --num-samples) sampled at once; more rows go in
+  batches of this size (memory grows with it, not with the rows)."""
   max_new_tokens: int = 48
   """Tokens per continuation."""
   max_prompt_length: int = 32

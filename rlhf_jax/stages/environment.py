@@ -89,6 +89,23 @@ def resolve_model(model: str | None) -> pathlib.Path:
   raise UserError(f"model directory {model} does not exist ({where})")
 
 
+def cache_inside(folder: str | os.PathLike, flag: str) -> str:
+  """Why $RLHF_JAX_CACHE_DIR may not lie in ``folder`` (a run, output or
+  model folder the command names with ``flag``; links resolved), "" when
+  it does not: the cache's files would mix with the user's there (and
+  block a later --overwrite of the run)."""
+  cache = os.environ.get(CACHE_ENV, "").strip()
+  if not cache or cache.lower() == "off":
+    return ""
+  inside = pathlib.Path(cache).expanduser().resolve()
+  if not inside.is_relative_to(pathlib.Path(folder).expanduser().resolve()):
+    return ""
+  return (
+    f"${CACHE_ENV}={cache}: lies in {flag} {folder}, where the compilation "
+    "cache would write its files; set it to a folder outside it (or off)"
+  )
+
+
 def setup_jax() -> None:
   """Persistent compilation cache in a user cache dir (outside the repo).
 

@@ -27,6 +27,7 @@ def _sample(params, prompt_ids, prompt_mask, key, start, temperature, **kw):
     config=kw["config"],
     max_new_tokens=kw["max_new_tokens"],
     temperature=temperature,
+    greedy=kw.get("greedy", False),
     eos_token_id=kw["eos"],
     pad_token_id=kw["pad"],
   )

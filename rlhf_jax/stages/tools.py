@@ -1,6 +1,8 @@
 """The tools around a run: generate, eval and export."""
 
 import dataclasses
+import functools
+import io
 import json
 import os
 import pathlib
@@ -285,7 +287,6 @@ def run_generate(config: C.GenerateConfig) -> int:
   from rlhf_jax.data import HFTokenizerAdapter, trim_padding
   from rlhf_jax.tasks import STORY_OPENINGS
 
-  temperature = 1.0 if config.temperature is None else config.temperature
   given = config.prompts is not None
   _check_not_files(list(config.prompts) if given else [])  # before jax
   out = None
@@ -318,57 +319,75 @@ def run_generate(config: C.GenerateConfig) -> int:
     ("--max-new-tokens", config.max_new_tokens),
   )
   model_config, params = models.load_hf_checkpoint(model_dir)
-  rows = np.repeat(np.arange(len(prompts)), config.num_samples)
-  p_ids = jnp.asarray(ds.arrays["prompt_ids"][rows])
-  p_mask = jnp.asarray(ds.arrays["prompt_mask"][rows])
-  key = jax.random.key(config.seed)
-  if config.greedy:
-    from rlhf_jax.rollout import generate
-
-    rows_u32 = jnp.arange(len(rows), dtype=jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows_u32)
-    roll = generate(
-      params,
-      p_ids,
-      p_mask,
-      keys,
-      config=model_config,
-      max_new_tokens=config.max_new_tokens,
-      greedy=True,
-      eos_token_id=tok.eos_id,
-      pad_token_id=adapter.pad_id,
-    )
-  else:
-    from rlhf_jax.stages.sampling import _sample
-
-    roll = jax.jit(
-      _sample, static_argnames=("config", "max_new_tokens", "eos", "pad")
-    )(
-      params,
-      p_ids,
-      p_mask,
-      key,
-      jnp.uint32(0),
-      jnp.float32(temperature),
-      config=model_config,
-      max_new_tokens=config.max_new_tokens,
-      eos=tok.eos_id,
-      pad=adapter.pad_id,
-    )
-  ids, mask = np.asarray(roll.response_ids), np.asarray(roll.response_mask)
-  pid, pmask = np.asarray(p_ids), np.asarray(p_mask)
-  records = []
-  for r, p in enumerate(rows):
-    text = tok.decode_continuation(pid[r][pmask[r]], ids[r][mask[r]])
-    sample = r % config.num_samples  # rows are prompt-major
-    records.append({"prompt": prompts[p], "sample": sample, "text": text})
-    first = ids[r][mask[r]][:1].tolist()
-    shown = "(nothing: EOS came first)" if first == [tok.eos_id] else text
-    print(runtime.visible(f"[{prompts[p]}] {shown}"))  # --output: raw
+  sample = _generate_batch(config, model_config, params, tok, adapter)
+  records = _sampled_records(config, ds, prompts, sample, tok)
   if out is not None:
     with runtime.atomic_file(out) as f:
       f.write("".join(json.dumps(x) + "\n" for x in records))
   return 0
+
+
+def _sampled_records(config, ds, prompts, sample, tok) -> list[dict]:
+  """Samples the prompts x --num-samples rows (prompt-major) in batches of
+  at most --batch-size, prints each continuation as it comes and returns
+  the --output records; a progress bar on stderr for several batches."""
+  from rlhf_jax.runner.progress import ProgressBar
+  from rlhf_jax.stages.sampling import chunks, pad_rows
+
+  n = len(prompts) * config.num_samples
+  size = min(config.batch_size, n)  # one compile: every batch this size
+  batches = -(-n // size)
+  shown_on = sys.stderr if batches > 1 else io.StringIO()  # one: no bar
+  records = []
+  with ProgressBar(batches, "generate", stream=shown_on) as progress:
+    for start, stop in chunks(n, size):
+      rows = np.arange(start, stop) // config.num_samples
+      pid, pmask = (pad_rows(ds.arrays[k][rows], size) for k in _PROMPT)
+      ids, mask = sample(pid, pmask, start)
+      for i, p in enumerate(rows):
+        got = ids[i][mask[i]]
+        text = tok.decode_continuation(pid[i][pmask[i]], got)
+        index = (start + i) % config.num_samples
+        records.append({"prompt": prompts[p], "sample": index, "text": text})
+        eos_first = got[:1].tolist() == [tok.eos_id]
+        shown = "(nothing: EOS came first)" if eos_first else text
+        print(runtime.visible(f"[{prompts[p]}] {shown}"))  # --output: raw
+      progress.update(1)
+  return records
+
+
+_PROMPT = ("prompt_ids", "prompt_mask")
+
+
+def _generate_batch(config, model_config, params, tok, adapter) -> Callable:
+  """(prompt ids, mask, first row) -> numpy (response ids, mask) of one
+  batch. Row r of the command uses the key fold_in(seed key, r), so the
+  samples do not depend on --batch-size; the weights are split per layer
+  once for every batch."""
+  from rlhf_jax.stages.sampling import _sample
+
+  if "layers" in params:
+    params = jax.jit(
+      models.unstack_layers, static_argnames=("config", "transpose_min_size")
+    )(params, config=model_config)
+  temperature = 1.0 if config.temperature is None else config.temperature
+  fn = jax.jit(
+    functools.partial(
+      _sample,
+      config=model_config,
+      max_new_tokens=config.max_new_tokens,
+      eos=tok.eos_id,
+      pad=adapter.pad_id,
+      greedy=config.greedy,
+    )
+  )
+  key = jax.random.key(config.seed)
+
+  def sample(ids, mask, start):
+    roll = fn(params, ids, mask, key, jnp.uint32(start), temperature)
+    return np.asarray(roll.response_ids), np.asarray(roll.response_mask)
+
+  return sample
 
 
 # ------------------------------------------------------------------- eval
@@ -477,9 +496,12 @@ def run_eval(config: C.EvalConfig) -> int:
       runtime.unlock_run_dir(run_dir)
 
 
-def _check_same_model(policy_dir: pathlib.Path, model_dir: pathlib.Path):
+def _check_same_model(
+  policy_dir: pathlib.Path, model_dir: pathlib.Path, doing: str = "evaluate"
+):
   """The policy is the run's model trained (eval samples it with the run's
-  model config, and scores it against that model as the reference).
+  model config, and scores it against that model as the reference; export
+  names it the run's policy).
 
   Raises:
     UserError: its config.json describes another model (names the fields).
@@ -497,7 +519,7 @@ def _check_same_model(policy_dir: pathlib.Path, model_dir: pathlib.Path):
     raise runtime.UserError(
       f"{policy_dir} is not a policy of the run's model {model_dir}: its "
       f"config.json differs ({'; '.join(differ[:3])}); restore the run's "
-      "own policy there, or evaluate it in its own run"
+      f"own policy there, or {doing} it in its own run"
     )
 
 
@@ -791,6 +813,9 @@ def run_export(config: C.ExportConfig) -> int:
     from rlhf_jax.stages.common import ADAPTER_DIR
 
     src = _policy_dir(run_dir, record, config.what, "--what")
+    model_dir = pathlib.Path(record["model_dir"])
+    if (model_dir / "config.json").is_file():  # not needed to export
+      _check_same_model(src, model_dir, "export")
     model_config, params = models.load_hf_checkpoint(src)
 
     def write(tmp: pathlib.Path) -> None:

@@ -18,7 +18,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from rlhf_jax.models.lora import LoraConfig
-from rlhf_jax.runner.runtime import PATH_FIELDS, foreign_run_dir, run_dir_for
+from rlhf_jax.runner.runtime import (
+  PATH_FIELDS,
+  dir_flag,
+  foreign_run_dir,
+  run_dir_for,
+)
 from rlhf_jax.stages.common import (
   stages_for,
 )
@@ -28,6 +33,7 @@ from rlhf_jax.stages.configs import (
   KTOStageConfig,
   PipelineConfig,
 )
+from rlhf_jax.stages.environment import cache_inside
 from rlhf_jax.train.common import (
   TEMPERATURE,
   Rule,
@@ -402,6 +408,22 @@ def advisories(
   return out
 
 
+def _cache_problems(command: str, config: Any) -> list[str]:
+  """$RLHF_JAX_CACHE_DIR inside a folder the command writes (the run
+  directory, --out) or its --model folder."""
+  folders = []
+  if command in (*PIPELINE_COMMANDS, "sft", "kto"):
+    folders.append((run_dir_for(command, config), dir_flag(config)))
+  elif getattr(config, "run_dir", None):
+    folders.append((config.run_dir, "--run-dir"))
+  if command in ("audit", "export"):  # the folder they write
+    folders.append((config.out or f"runs/audit-{config.preset}", "--out"))
+  model = getattr(config, "model", None)
+  if isinstance(model, str) and pathlib.Path(model).expanduser().is_dir():
+    folders.append((model, "--model"))
+  return [p for p in (cache_inside(f, flag) for f, flag in folders) if p]
+
+
 def problems(command: str, config: Any, *, files: bool = True) -> list[str]:
   """Every problem of a parsed command config, one line each.
 
@@ -432,6 +454,8 @@ def problems(command: str, config: Any, *, files: bool = True) -> list[str]:
     # run too, which checks what the run would meet.
     problem = foreign_run_dir(run_dir_for(command, config), config)
     out += [problem] if problem else []
+  if files:
+    out += _cache_problems(command, config)
   if command in ("eval", "export"):
     run_dir = pathlib.Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():

@@ -224,6 +224,17 @@ def test_generate_from_a_runs_policy(smoke_run, tmp_path):
   ]
   assert all(isinstance(r["text"], str) for r in rows)
   assert proc.stdout.count("[Once upon a time]") == 2
+  assert "generate:" not in proc.stderr  # one batch: no progress lines
+  # Batches of 3 rows (the last padded): the same samples, row r keyed by
+  # r whatever the batching, and a progress line per batch on stderr.
+  batched = tmp_path / "batched.jsonl"
+  args = proc.args[proc.args.index("generate") :]
+  out_at = args.index("--output") + 1
+  args[out_at : out_at + 1] = [str(batched), "--batch-size", "3"]
+  again = _cli(*args)
+  assert batched.read_text() == out.read_text()
+  assert again.stdout == proc.stdout
+  assert "generate: 2/2 (100%)" in again.stderr
   again = ["generate", "--preset", "smoke", "--output", str(out)]
   refused = _cli(*again, check=False)
   assert refused.returncode == 2 and "--overwrite" in refused.stderr
