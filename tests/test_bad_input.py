@@ -56,6 +56,7 @@ from rlhf_jax.train import (
   make_sft_step,
 )
 from rlhf_jax.train.common import (
+  apply_if_finite,
   concat_prompt_response,
   config_problems,
   split_micro_batches,
@@ -975,6 +976,29 @@ LIBRARY_CASES = [
   (
     lambda: make_ppo_step(TINY, _opt(), "adam", PPOConfig(0, 0)),
     "value_optimizer must be an optax GradientTransformation",
+  ),
+  # Accepted when built, a TypeError ("'int' object is not callable") when
+  # the step was traced.
+  (
+    lambda: make_grpo_step(TINY, _opt(), GRPOConfig(0, 0), score_fn=3),
+    "score_fn must be a function score_fn(frozen_reward, input_ids, "
+    "attention_mask, response_mask) -> f32[B] (or None), got int",
+  ),
+  (
+    lambda: make_ppo_step(TINY, _opt(), _opt(), PPOConfig(0, 0), score_fn=""),
+    "score_fn must be a function",
+  ),
+  # "'str' object has no attribute 'update'".
+  (
+    lambda: apply_if_finite("adam", {}, {}, {}),
+    "optimizer must be an optax GradientTransformation",
+  ),
+  # A critic's params were nested again: {"backbone": {"backbone": ...}}.
+  (
+    lambda: models.from_policy_params(
+      {"backbone": {}, "head": {}}, TINY, jax.random.key(0)
+    ),
+    "policy_params already holds a 'backbone' and 'head'",
   ),
   # A string for a number was a TypeError of a comparison.
   (

@@ -11,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "parallel"))
@@ -223,6 +224,93 @@ def test_errors(tmp_path):
     CheckpointManager(tmp_path / "x").save(
       1, _small(1), metadata={"f": object()}
     )
+
+
+def test_a_step_the_best_rule_cannot_rank_is_refused_before_writing(
+  tmp_path,
+):
+  """A save without the best metric wrote the step, then raised a bare
+  KeyError at it and at every later save, so old steps were never deleted
+  (max_to_keep=1 left steps 1, 2 and 3)."""
+  with CheckpointManager(
+    tmp_path, best_metric="eval/loss", best_mode="min", max_to_keep=1,
+    async_save=False,
+  ) as ckpt:  # fmt: skip
+    ckpt.save(1, _small(1), metrics={"eval/loss": 1.0})
+    for metrics in ({"train/loss": 1.0}, None):
+      with pytest.raises(ValueError) as e:
+        ckpt.save(2, _small(2), metrics=metrics)
+      assert str(e.value).startswith(
+        "step 2: the best-checkpoint rule cannot rank the metrics given ("
+      )
+      assert "KeyError: 'eval/loss'" in str(e.value)
+    assert ckpt.all_steps() == [1]
+    ckpt.save(3, _small(3), metrics={"eval/loss": 0.5})
+    ckpt.save(4, _small(4), metrics={"eval/loss": 2.0})
+    assert ckpt.all_steps() == [3, 4] and ckpt.best_step() == 3
+
+
+def test_steps_and_options_are_checked(tmp_path):
+  """save(2.5) wrote step 2, restore(step=True) read step 1, save(-5)
+  returned False; save_interval_steps=0 was a ZeroDivisionError at the
+  first save; a file as the directory was a background thread's
+  traceback."""
+  with CheckpointManager(tmp_path / "c", async_save=False) as ckpt:
+    ckpt.save(np.int64(1), _small(1))
+    ckpt.save(jnp.asarray(2), _small(2))  # e.g. state.step
+    assert ckpt.all_steps() == [1, 2]
+    for step in (2.5, True, "3", jnp.asarray(2.0)):
+      with pytest.raises(TypeError, match="step must be an integer >= 0"):
+        ckpt.save(step, _small(3))
+      with pytest.raises(TypeError, match="step must be an integer >= 0"):
+        ckpt.restore(step, abstract_state=abstract_like(_small(0)))
+    with pytest.raises(ValueError, match="step must be >= 0, got -5"):
+      ckpt.save(-5, _small(3))
+    assert ckpt.all_steps() == [1, 2]
+  (tmp_path / "file").write_text("x")
+  bad = {
+    "save_interval_steps": (0, ValueError, "save_interval_steps must be >= 1"),
+    "max_to_keep": (2.5, TypeError, "max_to_keep must be an integer >= 1"),
+    "keep_best": (True, TypeError, "keep_best must be an integer >= 1"),
+    "best_fn": (3, TypeError, "best_fn must be callable"),
+  }
+  for name, (value, kind, message) in bad.items():
+    with pytest.raises(kind, match=message):
+      CheckpointManager(tmp_path / "d", **{name: value})
+  with pytest.raises(ValueError, match="is a file, not a directory"):
+    CheckpointManager(tmp_path / "file")
+  with pytest.raises(TypeError, match="directory must be a path, got None"):
+    CheckpointManager(None)
+  assert not (tmp_path / "d").exists()
+
+
+def test_a_template_of_another_state_is_not_called_damage(tmp_path):
+  """Restoring into fewer layers or another optimizer said "checkpoint step
+  1 ... is damaged"; the checkpoint was fine, the template was not."""
+  from rlhf_jax.train.state import TrainState
+
+  def state(layers, optimizer):
+    params = {"layers": {"w": jnp.ones((layers, 4, 3))}, "emb": jnp.ones(3)}
+    return TrainState.create(params, optimizer, jax.random.key(0))
+
+  adam = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+  saved = state(2, adam)
+  with CheckpointManager(tmp_path, async_save=False) as ckpt:
+    ckpt.save(1, saved)
+    cases = {
+      "params/layers/w has shape (1, 4, 3), saved (2, 4, 3)": state(1, adam),
+      "opt_state/1/0/count is only in the checkpoint": state(2, optax.sgd(1)),
+    }
+    for why, template in cases.items():
+      with pytest.raises(ValueError) as e:
+        ckpt.restore(abstract_state=abstract_like(template))
+      assert str(e.value) == (
+        f"abstract_state does not fit checkpoint step 1 in {tmp_path} "
+        f"({why}); the checkpoint was not changed: restore it into the "
+        "state of the model and optimizer that saved it"
+      )
+    restored, _ = ckpt.restore(abstract_state=abstract_like(saved))
+    _assert_bitwise(restored, _numpy(saved))
 
 
 _KILLED_SAVE = textwrap.dedent(

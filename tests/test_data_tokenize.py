@@ -15,8 +15,10 @@ from rlhf_jax.data import (
   PreferencePair,
   PromptExample,
   PromptTooLongError,
+  RankedExample,
   Tokenizer,
   UnpairedBatch,
+  UnpairedExample,
   load_examples,
   tokenize_preferences,
   tokenize_prompts,
@@ -393,6 +395,31 @@ def test_reply_ending_with_its_eos_gets_no_second_one(gpt2):
   # Plain replies still get their EOS.
   rej = ds.arrays["rejected_ids"][0][ds.arrays["rejected_mask"][0]].tolist()
   assert rej == [WORLD, EOT]
+
+
+def test_fields_of_examples_built_by_hand_are_checked(gpt2):
+  """A label "false", NaN or -1 was read as True (accept); a text that is
+  no str was the tokenizer library's TypeError, naming no example."""
+  kw = {"max_prompt_length": 8, "max_response_length": 8}
+  for label in ("false", float("nan"), -1, None):
+    with pytest.raises(TypeError) as e:
+      tokenize_unpaired([UnpairedExample("p", " a", label)], gpt2, **kw)
+    assert str(e.value) == (
+      f"unpaired example 0: label {label!r}: expected True (accept) or "
+      "False (reject)"
+    )
+  ok = [UnpairedExample("p", " a", np.bool_(False), where="f:3")]
+  assert tokenize_unpaired(ok, gpt2, **kw).arrays["labels"].tolist() == [0]
+  with pytest.raises(TypeError) as e:
+    tokenize_preferences(
+      [PreferencePair("p", None, " b", where="f:3")], gpt2, **kw
+    )
+  assert str(e.value) == "f:3: chosen is a NoneType; expected text (str)"
+  with pytest.raises(TypeError, match="prompt example 0: prompt is a int"):
+    tokenize_prompts([PromptExample(1)], gpt2, max_prompt_length=8)
+  ranked = RankedExample("p", (" a", 2), (0, 1))
+  with pytest.raises(TypeError, match="responses: expected a tuple of texts"):
+    tokenize_ranked([ranked], gpt2, **kw)
 
 
 def test_examples_that_are_not_examples_are_named(gpt2):

@@ -32,6 +32,9 @@ restores onto 4, or onto one.
 """
 
 import json
+import numbers
+import operator
+import os
 import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -256,6 +259,59 @@ def _with_default_sharding(abstract_state: PyTree) -> PyTree:
   return jax.tree.map(fill, abstract_state)
 
 
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
+  """'a/b/0' -> shape of every leaf (None for PRNG keys, saved as their
+  key data), the same names for a template and orbax's saved metadata."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    key = dtype is not None and jax.dtypes.issubdtype(
+      dtype, jax.dtypes.prng_key
+    )
+    shape = getattr(leaf, "shape", None)
+    name = "/".join(_key_name(k) for k in path)
+    out[name] = None if key or shape is None else tuple(shape)
+  return out
+
+
+def _check_count(name: str, value: Any) -> None:
+  """Raises TypeError/ValueError unless ``value`` is an integer >= 1."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_step(step: Any) -> int:
+  """``step`` as an int; TypeError unless an integer (2.5 was saved as
+  step 2, True restored step 1), ValueError when negative."""
+  try:  # a Python, NumPy or jax integer scalar
+    index = None if isinstance(step, bool) else operator.index(step)
+  except TypeError:
+    index = None
+  if index is None:
+    raise TypeError(f"step must be an integer >= 0, got {step!r}")
+  if index < 0:
+    raise ValueError(f"step must be >= 0, got {index}")
+  return index
+
+
+def _check_directory(directory: Any) -> None:
+  """Raises TypeError for a non-path, ValueError for an existing file
+  (orbax's background thread logged a traceback and went on)."""
+  if not isinstance(directory, str | os.PathLike):
+    raise TypeError(f"directory must be a path, got {directory!r}")
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"directory {directory}: is a file, not a directory")
+
+
 class CheckpointManager:
   """Keeps numbered checkpoints of a train state plus JSON metadata.
 
@@ -290,8 +346,10 @@ class CheckpointManager:
       ``force=True``.
 
   Raises:
-    ValueError: both best_fn and best_metric, a bad best_mode, or
-      max_to_keep / keep_best < 1.
+    TypeError: ``directory`` not a path, ``best_fn`` not callable, or a
+      count not an integer.
+    ValueError: ``directory`` is a file, both best_fn and best_metric, a
+      bad best_mode, or max_to_keep / keep_best / save_interval_steps < 1.
   """
 
   def __init__(
@@ -306,17 +364,24 @@ class CheckpointManager:
     async_save: bool = True,
     save_interval_steps: int = 1,
   ):
+    _check_directory(directory)
+    for name, value in (
+      ("max_to_keep", max_to_keep),
+      ("keep_best", keep_best),
+      ("save_interval_steps", save_interval_steps),
+    ):
+      if value is not None:
+        _check_count(name, value)
     if best_fn is not None and best_metric is not None:
       raise ValueError("give best_fn or best_metric, not both")
+    if best_fn is not None and not callable(best_fn):
+      raise TypeError(f"best_fn must be callable, got {best_fn!r}")
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    if max_to_keep is not None and max_to_keep < 1:
-      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
-    if keep_best < 1:
-      raise ValueError(f"keep_best must be >= 1, got {keep_best}")
     if best_metric is not None:
       name = best_metric
       best_fn = lambda metrics: float(metrics[name])
+    self._best_fn, self._interval = best_fn, save_interval_steps
     self.directory = pathlib.Path(directory).absolute()
     policies = []
     if max_to_keep is not None or best_fn is not None:
@@ -363,9 +428,16 @@ class CheckpointManager:
       True if a save was started.
 
     Raises:
+      TypeError: ``step`` not an integer.
+      ValueError: ``step`` < 0, or a best rule that cannot rank
+        ``metrics`` (e.g. ``best_metric`` missing from them) at a step it
+        would save; nothing was written.
       NonFiniteStateError: ``require_finite`` and a float is not finite
         (nothing was written).
     """
+    step = _check_step(step)
+    if self._best_fn is not None and (force or step % self._interval == 0):
+      self._check_rankable(step, metrics)
     meta = _jsonable(metadata)
     sums, dtypes, finite = fingerprint(state)
     if require_finite and not finite:
@@ -380,9 +452,19 @@ class CheckpointManager:
       }
     )
     metrics = None if metrics is None else _jsonable(metrics)
-    return self._manager.save(
-      int(step), args=args, metrics=metrics, force=force
-    )
+    return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+  def _check_rankable(self, step: int, metrics: Any) -> None:
+    """Raises ValueError unless the best rule ranks ``metrics`` (orbax
+    would write the step, then fail on it at this and every later save)."""
+    try:
+      float(self._best_fn(_jsonable(metrics)))
+    except Exception as e:  # a KeyError, a user function's own error
+      raise ValueError(
+        f"step {step}: the best-checkpoint rule cannot rank the metrics "
+        f"given ({sorted(metrics or {})}): {type(e).__name__}: {e}; pass "
+        "metrics it can rank (with best_metric, that metric)"
+      ) from None
 
   def restore(
     self, step: int | None = None, *, abstract_state: PyTree
@@ -402,6 +484,8 @@ class CheckpointManager:
 
     Raises:
       FileNotFoundError: no checkpoint (at that step) in the directory.
+      ValueError: ``abstract_state`` names other arrays or shapes than
+        those saved (the checkpoint is fine).
       CheckpointDamagedError: its files cannot be read, or the arrays read
         differ from those saved (checksums).
     """
@@ -418,9 +502,35 @@ class CheckpointManager:
       out = self._manager.restore(step, args=args)
       state, meta = out[_STATE], dict(out[_META] or {})
     except Exception as e:  # orbax, tensorstore and json raise anything
+      wrong = self._template_mismatch(step, abstract_state)
+      if wrong:
+        raise ValueError(
+          f"abstract_state does not fit checkpoint step {step} in "
+          f"{self.directory} ({wrong}); the checkpoint was not changed: "
+          "restore it into the state of the model and optimizer that saved "
+          "it"
+        ) from e
       raise self._damaged(step, _one_line(e)) from e
     self._verify(step, state, meta.pop(_INTEGRITY, None))
     return state, meta
+
+  def _template_mismatch(self, step: int, abstract_state: PyTree) -> str:
+    """How the template differs from the saved arrays' names and shapes
+    ("" when it does not, or the saved metadata cannot be read): a failed
+    restore is then the caller's template, not a damaged checkpoint."""
+    try:
+      saved = _shapes(self._manager.item_metadata(step)[_STATE].tree)
+    except Exception:  # unreadable metadata: the checkpoint is damaged
+      return ""
+    want = _shapes(abstract_state)
+    first = lambda names: sorted(names, key=lambda n: (len(n), n))  # params
+    for name in first(set(saved) ^ set(want)):
+      where = "the template" if name in want else "the checkpoint"
+      return f"{name} is only in {where}"
+    for name in first(want):
+      if want[name] is not None and want[name] != saved[name]:
+        return f"{name} has shape {want[name]}, saved {saved[name]}"
+    return ""
 
   def _damaged(self, step: int, reason: str) -> CheckpointDamagedError:
     return CheckpointDamagedError(step, self.step_dir(step), reason)
@@ -471,6 +581,8 @@ class CheckpointManager:
 
   def _resolve(self, step: int | None) -> int:
     steps = self.all_steps()
+    if step is not None:
+      step = _check_step(step)
     if step is None:
       if not steps:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")

@@ -621,7 +621,31 @@ def _example_list(
         f"{kind} example {i}: a {type(e).__name__}; expected {names} "
         "(load_examples(...).examples)"
       )
+    if not isinstance(e, str):  # prompts may be plain texts
+      _check_fields(e, e.where or f"{kind} example {i}")
   return examples
+
+
+_TEXT_FIELDS = ("prompt", "chosen", "rejected", "completion")
+
+
+def _check_fields(e: Any, where: str) -> None:
+  """Raises TypeError for an example built by hand with a text that is no
+  str (the tokenizer library's own error named neither) or a label that is
+  no bool ("false", NaN and -1 were read as True)."""
+  for name in _TEXT_FIELDS:
+    value = getattr(e, name, "")
+    if not isinstance(value, str):
+      raise TypeError(
+        f"{where}: {name} is a {type(value).__name__}; expected text (str)"
+      )
+  if not all(isinstance(r, str) for r in getattr(e, "responses", ())):
+    raise TypeError(f"{where}: responses: expected a tuple of texts (str)")
+  label = getattr(e, "label", True)
+  if not isinstance(label, bool | np.bool_):
+    raise TypeError(
+      f"{where}: label {label!r}: expected True (accept) or False (reject)"
+    )
 
 
 def _pad_rows(tok: Tokenizer, p: int, t_shape: tuple[int, ...]) -> dict:

@@ -113,12 +113,19 @@ def from_policy_params(
   Raises:
     TypeError: ``policy_params`` is not a mapping (a dict of arrays), or
       ``rng`` not an array (`checks.check_key`; before any copy).
-    ValueError: ``rng`` is an array but not one PRNG key.
+    ValueError: ``policy_params`` are already a model with a head
+      (nested again before), or ``rng`` is an array but not one PRNG key.
   """
   if not isinstance(policy_params, Mapping):
     raise TypeError(
       "policy_params must be the policy's params, a dict (init_params / "
       f"load_hf_checkpoint), got {type(policy_params).__name__}"
+    )
+  if "backbone" in policy_params or "head" in policy_params:
+    raise ValueError(
+      "policy_params already holds a 'backbone' and 'head' (a critic's or "
+      "reward model's params); pass the policy's own params (its "
+      "'backbone' is those)"
     )
   check_key("rng", rng)
   return {

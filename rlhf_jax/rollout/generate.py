@@ -82,7 +82,9 @@ def _generate(
       every weight: a caller that samples many times from the same params
       can split them once.
     prompt_ids: i32[B, P] left-padded prompts.
-    prompt_mask: bool[B, P] True at real prompt tokens (each row needs >= 1).
+    prompt_mask: bool[B, P] True at real prompt tokens. A row needs one
+      to mean anything; an all-pad row (a padding row of
+      ``TokenizedDataset.take``) is sampled too, its output meaningless.
     rng: a PRNG key, or one key per output row key[B S] (S =
       ``num_samples``). A single key gives row b the key fold_in(rng, b);
       step t of row b uses fold_in(row_key, t). A fixed key reproduces the

@@ -445,7 +445,11 @@ def apply_if_finite(
 
   Returns:
     (params, opt_state, finite bool[], grad_norm f32[]).
+
+  Raises:
+    TypeError: ``optimizer`` is not an optax GradientTransformation.
   """
+  check_optimizer("optimizer", optimizer)
   norm = optax.tree.norm(grads)
   if finite is None:
     finite = finite_given_norms(grads, norm)
@@ -577,6 +581,17 @@ def check_config(config: Any) -> None:
   problems = config_problems(config)
   if problems:
     raise ValueError(f"{type(config).__name__}: {'; '.join(problems)}")
+
+
+def check_score_fn(score_fn: Any) -> None:
+  """Raises TypeError, when a step is built, for a ``score_fn`` that is
+  neither None nor callable (it failed only when traced)."""
+  if score_fn is not None and not callable(score_fn):
+    raise TypeError(
+      "score_fn must be a function score_fn(frozen_reward, input_ids, "
+      "attention_mask, response_mask) -> f32[B] (or None), got "
+      f"{type(score_fn).__name__}"
+    )
 
 
 def check_build(

@@ -31,7 +31,12 @@ from flax import struct
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
-from rlhf_jax.train.common import check_batch, check_build, check_frozen
+from rlhf_jax.train.common import (
+  check_batch,
+  check_build,
+  check_frozen,
+  check_score_fn,
+)
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_groups import (
   grouped,
@@ -317,8 +322,10 @@ def make_grpo_step(
     and "reward" (needed without ``score_fn``); None when neither is.
 
   Raises:
+    TypeError: ``score_fn`` not callable (when built).
     ValueError: at trace time, ``frozen`` without what it needs (named).
   """
+  check_score_fn(score_fn)
   rollout_fn = make_grpo_rollout(model_config, config)
   update = make_grpo_update(model_config, optimizer, config)
 

@@ -34,7 +34,12 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.models import lora
-from rlhf_jax.train.common import check_batch, check_build, check_frozen
+from rlhf_jax.train.common import (
+  check_batch,
+  check_build,
+  check_frozen,
+  check_score_fn,
+)
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
@@ -114,7 +119,9 @@ def make_ppo_step(
     ValueError: see ``train.common.check_build``; at trace time, batch
       sizes that do not split into minibatches, or ``frozen`` without
       "ref" (needed unless LoRA) or "reward" (unless ``score_fn``).
+    TypeError: ``score_fn`` not callable (when built).
   """
+  check_score_fn(score_fn)
   check_build(
     model_config,
     config,
