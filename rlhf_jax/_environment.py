@@ -11,7 +11,8 @@ import os
 import sys
 
 COMMAND = "rlhf-jax"
-_MODULES = ("rlhf_jax", "rlhf_jax.cli.main")  # python -m NAME runs the command
+# python -m NAME runs the command
+_MODULES = ("rlhf_jax", "rlhf_jax.__main__", "rlhf_jax.cli.main")
 # jax starts every CPU device it is asked for: 4096 took 21 s and 1.4 GB on
 # a 2-core host, 100000 never finished.
 MAX_CPU_DEVICES = 4096

@@ -106,7 +106,8 @@ def logprobs_from_logits(
 
   Args:
     logits: f32[B, T, V] (any float dtype), row t scores tokens[:, t].
-    tokens: i32[B, T] token ids in [0, V).
+    tokens: i32[B, T] token ids in [0, V); another id at an unmasked slot
+      gives NaN there (and in its gradient).
     temperature: sampling temperature tau >= 0.01 (Python float or traced
       f32[]; MIN_TEMPERATURE).
     mask: optional bool[B, T]; masked slots hold 0 and their logits and token
@@ -151,8 +152,14 @@ def _token_logprobs_fwd(logits, tokens, mask, temperature):
   lse = jax.nn.logsumexp(z, axis=-1)
   ids = jnp.where(mask, tokens, 0)[..., None].astype(jnp.int32)
   picked = jnp.take_along_axis(z, ids, axis=-1)[..., 0]
+  # A real slot's id outside [0, V) is NaN, not the logprob of id + V.
+  picked = jnp.where(_in_vocab(tokens, z.shape[-1]), picked, jnp.nan)
   out = jnp.where(mask, picked - lse, 0)
   return out, (logits, tokens, mask, temperature, lse)
+
+
+def _in_vocab(tokens: jax.Array, vocab_size: int) -> jax.Array:
+  return (tokens >= 0) & (tokens < vocab_size)
 
 
 def _token_logprobs_bwd(res, g):
@@ -173,6 +180,7 @@ def _token_logprobs_bwd(res, g):
   z = _scaled(logits, temperature)
   vocab = jax.lax.broadcasted_iota(tokens.dtype, z.shape, 1)
   gz = g[:, None] * ((tokens[:, None] == vocab) - jnp.exp(z - lse[:, None]))
+  gz = jnp.where(_in_vocab(tokens, z.shape[-1])[:, None], gz, jnp.nan)
   gz = jnp.where(mask[:, None], gz, 0)
   tau = jnp.asarray(temperature, z.dtype)
   # z = logits / tau: d z / d tau = -z / tau.

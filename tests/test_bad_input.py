@@ -1206,6 +1206,41 @@ def test_params_of_another_model_are_named():
   jax.eval_shape(step, _state(), batch, params)  # the control
 
 
+@pytest.mark.parametrize("bad", [-1, -100, TINY.vocab_size])
+def test_a_token_id_outside_the_vocabulary_skips_the_step(bad):
+  """A real token's id outside [0, V): -1 or -100 (Hugging Face's label
+  pad) read the embedding of id + V and trained on a wrong finite loss;
+  now its row is NaN and the step skips the update, counted. The same
+  ids in pad slots are never read: the loss of pad id 0."""
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % TINY.vocab_size
+  mask = jnp.ones((2, 6), bool)
+  pad = jnp.broadcast_to(jnp.arange(6) >= 4, (2, 6))
+  prompt = _rows(2, 3)
+  step = jax.jit(make_sft_step(TINY, _opt()))
+  state = _state()
+  # SFT: a real response token (the last: a target, not an input).
+  real = SFTBatch(*prompt, ids.at[1, 5].set(bad), mask)
+  new, m = step(state, real)
+  assert np.isnan(m["sft/loss"]) and m["train/skipped"] == 1
+  for a, b in zip(
+    *map(jax.tree.leaves, (new.params, state.params)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+  padded = [
+    step(state, SFTBatch(*prompt, jnp.where(pad, v, ids), ~pad & mask))[1]
+    for v in (0, bad)
+  ]
+  assert np.isfinite(padded[0]["sft/loss"]) and padded[1]["train/skipped"] == 0
+  assert padded[0]["sft/loss"] == padded[1]["sft/loss"]
+  # DPO (prompt and responses packed in one row): a prompt token.
+  dpo = jax.jit(make_dpo_step(TINY, _opt()))
+  params = models.init_params(TINY, jax.random.key(1))
+  p_ids = prompt[0].at[0, 2].set(bad)
+  batch = PreferenceBatch(p_ids, prompt[1], ids, mask, ids[::-1], mask)
+  _, m = dpo(state, batch, params)
+  assert np.isnan(m["dpo/loss"]) and m["train/skipped"] == 1
+
+
 def test_frozen_params_a_step_needs_are_named():
   """PPO's and GRPO's frozen dict: a missing entry was a KeyError or a
   TypeError inside the reward model."""

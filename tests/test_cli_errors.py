@@ -1192,9 +1192,34 @@ def test_eval_of_a_policy_of_another_model_is_refused(
     err,
     f"{policy} is not a policy of the run's model {model_dir}: its "
     "config.json differs (rope_theta 500.0 against 10000.0); restore the "
-    f"run's own policy there, or {doing} it in its own run",
+    "run's own policy there (or the model's config.json, if it was "
+    f"edited), or {doing} it in its own run",
   )
   assert not (tmp_path / "out").exists()
+
+
+def test_a_cache_in_the_runs_model_folder_is_refused(
+  tmp_path, capsys, shared_data, monkeypatch
+):
+  """eval, generate and export of a run read its model folder; a
+  compilation cache there wrote into the user's model."""
+  run = _eval_run(tmp_path, shared_data)
+  model_dir = shared_data / "models" / "tinystories-656k"
+  cache = model_dir / "cache"
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", str(cache))
+  for argv in (
+    ["eval", "--run-dir", str(run), "--policy", "dpo"],
+    ["generate", "--run-dir", str(run), "--policy", "dpo"],
+  ):
+    code, err = _run(capsys, argv)
+    _check(
+      code,
+      err,
+      f"$RLHF_JAX_CACHE_DIR={cache}: lies in the run's model folder "
+      f"{model_dir}, where the compilation cache would write its files; set "
+      "it to a folder outside it (or off)",
+    )
+  assert not cache.exists()
 
 
 def test_eval_keeps_an_earlier_eval_file(tmp_path, capsys, shared_data):

@@ -5,6 +5,7 @@ import json
 import math
 import pathlib
 import struct
+import sys
 
 import jax.numpy as jnp
 import matplotlib.image
@@ -226,6 +227,20 @@ def test_progress_eta_ignores_first_step(monkeypatch):
   # Counting from t0 gives 3 / 12 s -> 28 s.
   assert bar.eta_seconds(112.0) == pytest.approx(7.0)
   assert "eta ?" in out.getvalue().splitlines()[0]  # unknown after 1 step
+
+
+def test_a_bar_on_stderr_leaves_a_piped_stdout_its_lines(monkeypatch):
+  """`generate` draws its bar on stderr: on a terminal, rich took every
+  sample printed to a redirected stdout and drew it on stderr (`generate
+  ... > samples.txt` wrote nothing)."""
+  out, err = io.StringIO(), io.StringIO()  # stdout piped, stderr drawn
+  monkeypatch.setattr(sys, "stdout", out)
+  monkeypatch.setattr(sys, "stderr", err)
+  with ProgressBar(2, "generate", stream=sys.stderr, tty=True) as bar:
+    print("[Once] a sample")
+    bar.update(2)
+  assert out.getvalue() == "[Once] a sample\n"
+  assert "a sample" not in err.getvalue() and "generate" in err.getvalue()
 
 
 def test_progress_tty_uses_rich():

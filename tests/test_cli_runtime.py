@@ -458,6 +458,7 @@ def test_a_run_is_read_with_the_paths_it_started_with(tmp_path, monkeypatch):
     (["export", "--run-dir", "R", "--out", "E"], "--out", "E"),
     (["eval", "--run-dir", "R"], "--run-dir", "R"),
     (["generate", "--model", "M"], "--model", "M"),
+    (["generate"], "$RLHF_JAX_MODEL_DIR", "M"),
   ],
 )
 def test_cache_dir_inside_a_commands_folder_is_refused(
@@ -472,6 +473,8 @@ def test_cache_dir_inside_a_commands_folder_is_refused(
   for name in ("R", "M"):
     (tmp_path / name).mkdir()
   (tmp_path / "d.jsonl").write_text("")
+  if flag.startswith("$"):
+    monkeypatch.setenv(flag[1:], folder)
   monkeypatch.setenv("RLHF_JAX_CACHE_DIR", f"{folder}/cache")
   assert main(argv) == 2
   err = capsys.readouterr().err
@@ -484,6 +487,8 @@ def test_cache_dir_inside_a_commands_folder_is_refused(
   from rlhf_jax.stages.environment import cache_inside
 
   monkeypatch.setenv("RLHF_JAX_CACHE_DIR", "elsewhere")  # beside it
+  assert cache_inside(folder, flag) == ""
+  monkeypatch.setenv("RLHF_JAX_CACHE_DIR", ".")  # a parent of it
   assert cache_inside(folder, flag) == ""
   monkeypatch.setenv("RLHF_JAX_CACHE_DIR", folder)  # the folder itself
   assert cache_inside(folder, flag)

@@ -241,6 +241,23 @@ def test_garbage_in_masked_slots(garbage):
     )
 
 
+def test_a_token_outside_the_vocabulary_is_nan_not_another_tokens():
+  """Token -1 gave the logprob of token V - 1 (and V a fill value) with a
+  finite gradient; now NaN at that slot, in value and gradient, while a
+  masked slot still holds 0 whatever its id."""
+  logits = jnp.zeros((1, 4, 4))
+  tokens = jnp.array([[0, -1, 4, -7]])
+  mask = jnp.array([[True, True, True, False]])
+  out = lp.logprobs_from_logits(logits, tokens, mask=mask)
+  np.testing.assert_allclose(out[0, 0], -np.log(4), rtol=1e-6)
+  assert np.isnan(out[0, 1:3]).all() and out[0, 3] == 0
+  grad = jax.grad(
+    lambda x: lp.logprobs_from_logits(x, tokens, mask=mask).sum()
+  )(logits)[0]
+  np.testing.assert_allclose(grad[0], [0.75, -0.25, -0.25, -0.25])
+  assert np.isnan(grad[1:3]).all() and (grad[3] == 0).all()
+
+
 def test_bf16_inputs_give_finite_f32():
   logits, ids = _case(6)
   logits = jnp.asarray(logits, jnp.bfloat16)

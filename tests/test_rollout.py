@@ -184,22 +184,25 @@ def test_sampling_helpers_check_their_arguments():
 def test_host_prompts_are_checked_before_sampling(params):
   """NumPy prompts the compiled program cannot check: a right-padded
   mask sampled other tokens than left padding on one path only, mask
-  values 2 were taken, and an id outside [0, V) gave NaN logprobs, in a
-  pad slot too (-100 there changed row 1's tokens). An all-pad row (the
-  padding rows of `TokenizedDataset.take(-1)`) passes."""
+  values 2 were taken, and a real token's id outside [0, V) gave NaN
+  logprobs or (negative) read the embedding of id + V. Pad slots are
+  never read: -100 there gives the same tokens (it spread NaN before
+  `models.embedded_ids`). An all-pad row (the padding rows of
+  `TokenizedDataset.take(-1)`) passes."""
   ids, mask = (np.asarray(a) for a in _prompts())
   kw = dict(config=CFG, max_new_tokens=2, eos_token_id=5, pad_token_id=PAD)
   right = np.flip(mask, axis=1)
   two = mask.astype(np.int32) * 2
-  high = ids.copy()
-  high[1, 0] = CFG.vocab_size  # a pad slot
-  negative = ids.copy()
-  negative[1, 0] = -100  # a pad slot
+  assert not mask[1, 0] and mask[1, -1]
+  high, negative, pad = ids.copy(), ids.copy(), ids.copy()
+  high[1, -1] = CFG.vocab_size  # real tokens
+  negative[1, -1] = -1
+  pad[1, 0] = -100  # a pad slot
   for i, m, message in (
     (ids, right, r"prompt_mask\[0\] is not left-padded .*: 111110"),
     (ids, two, r"prompt_mask holds \[2\]: expected bool, or 0/1"),
-    (high, mask, rf"prompt_ids\[1, 0\] = {CFG.vocab_size}: expected a token"),
-    (negative, mask, r"prompt_ids\[1, 0\] = -100: expected a token"),
+    (high, mask, rf"prompt_ids\[1, 5\] = {CFG.vocab_size}: expected a token"),
+    (negative, mask, r"prompt_ids\[1, 5\] = -1: expected a token"),
   ):
     with pytest.raises(ValueError, match=message):
       generate(params, i, m, jax.random.key(0), **kw)
@@ -208,11 +211,14 @@ def test_host_prompts_are_checked_before_sampling(params):
   control = generate(params, ids, mask, jax.random.key(0), **kw)
   got = generate(params, ids, empty, jax.random.key(0), **kw)
   np.testing.assert_array_equal(got.response_ids[:2], control.response_ids[:2])
-  # What the check prevents: the same pad as a device array, not read.
-  spoilt = generate(
-    params, jnp.asarray(negative), mask, jax.random.key(0), **kw
-  )
-  assert not np.isfinite(np.asarray(spoilt.logprobs)[1]).all()
+  padded = generate(params, pad, mask, jax.random.key(0), **kw)
+  np.testing.assert_array_equal(padded.response_ids, control.response_ids)
+  np.testing.assert_array_equal(padded.logprobs, control.logprobs)
+  # What the check prevents: the same ids as device arrays, not read.
+  for bad in (high, negative):
+    spoilt = generate(params, jnp.asarray(bad), mask, jax.random.key(0), **kw)
+    assert not np.isfinite(np.asarray(spoilt.logprobs)[1]).any()
+    np.testing.assert_array_equal(spoilt.logprobs[0], control.logprobs[0])
 
 
 def test_top_k_sampling_stays_in_top_k(params):

@@ -28,6 +28,7 @@ from rlhf_jax.models.transformer import (
   _run,
   check_position_table,
   default_positions,
+  embedded_ids,
 )
 
 
@@ -145,6 +146,7 @@ def _cached_step(params, ids, token_mask, cache, config):
   )
   q_slots = cache.index + jnp.arange(length, dtype=jnp.int32)
   attn = _causal_mask(key_mask, q_slots, config)
+  ids = embedded_ids(ids, token_mask.astype(bool), config.vocab_size)
   hidden, (k, v) = _run(
     params, ids, positions, attn, (cache.k, cache.v), cache.index, config
   )

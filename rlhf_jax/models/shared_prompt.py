@@ -49,6 +49,7 @@ from rlhf_jax.models.transformer import (
   _run,
   check_position_table,
   check_rows_range,
+  embedded_ids,
   prunes_last_layer,
   take_rows,
 )
@@ -177,7 +178,8 @@ def packed_inputs(
     jnp.concatenate([prompt_pos, resp_pos.reshape(b, k * t)], axis=1), 0
   )
   mask = _packed_mask(pm, rm, config, rows)
-  return ids, positions, mask
+  real = jnp.concatenate([pm, rm.reshape(b, k * t)], axis=1)
+  return embedded_ids(ids, real, config.vocab_size), positions, mask
 
 
 def _packed_mask(

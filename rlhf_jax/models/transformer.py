@@ -1223,9 +1223,8 @@ def forward(
   Args:
     params: LM params from `init_params` / `load_hf_checkpoint`.
     input_ids: i32[B, L] token ids (any value at pad slots). Values are
-      not checked (they may be traced): an id >= V at a real slot makes
-      its row's logits NaN, a negative one reads the embedding from the
-      end (id + V).
+      not checked (they may be traced): an id outside [0, V) at a real
+      slot makes its row's logits NaN (`embedded_ids`).
     attention_mask: bool[B, L], True = real token.
     config: static `ModelConfig`.
     position_ids: optional i32[B, L]; default clip(cumsum(mask) - 1, 0).
@@ -1347,6 +1346,21 @@ def check_sequences(
     )
 
 
+def embedded_ids(input_ids: Array, real: Array, vocab_size: int) -> Array:
+  """The ids to embed: an id outside [0, V) at a real slot becomes V, which
+  the embedding's gather fills with NaN, so its row's outputs, loss and
+  gradients are NaN (a train step skips the update and counts it; a
+  negative id read the embedding from the end, id + V, and trained on a
+  wrong finite loss); at a pad slot it becomes 0 (never read; an id below
+  -V there spread NaN to the whole row).
+
+  Args:
+    input_ids: i32[B, L]. real: bool[B, L], True at real tokens.
+  """
+  bad = (input_ids < 0) | (input_ids >= vocab_size)
+  return jnp.where(bad, jnp.where(real, vocab_size, 0), input_ids)
+
+
 def _full_sequence(
   params, input_ids, attention_mask, position_ids, config, rows=None
 ):
@@ -1369,7 +1383,6 @@ def _full_sequence(
     )
     position_ids = default_positions(mask)
   attn = _causal_mask(mask, jnp.arange(length, dtype=jnp.int32), config)
-  hidden, _ = _run(
-    params, input_ids, position_ids, attn, None, None, config, rows
-  )
+  ids = embedded_ids(input_ids, mask, config.vocab_size)
+  hidden, _ = _run(params, ids, position_ids, attn, None, None, config, rows)
   return hidden

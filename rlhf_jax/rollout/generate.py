@@ -330,8 +330,8 @@ def _check_arrays(args, kwargs) -> None:
 
 def _check_host_prompts(args, kwargs) -> None:
   """Checks prompts given as host (NumPy) arrays, which the compiled
-  program cannot read: each mask row left-padded with 0/1 values, every id
-  in [0, V), pad slots too. Device arrays pass unread.
+  program cannot read: each mask row left-padded with 0/1 values, every
+  real token's id in [0, V). Device arrays pass unread.
 
   Raises:
     ValueError: naming the argument and the first bad row or id.
@@ -361,10 +361,10 @@ def _check_host_prompts(args, kwargs) -> None:
     and np.issubdtype(ids.dtype, np.integer)
     and is_int(vocab)
   ):
-    # In a pad slot too: the embedding lookup fills NaN for an id out of
-    # range (a negative one wraps around only down to -V), and the pad's
-    # NaN reaches the real tokens through the attention's masked sum.
-    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    # Real slots: such an id gives its row NaN (`models.embedded_ids`);
+    # pad slots are never read. A device mask is not read: every slot.
+    real = mask.astype(bool) if isinstance(mask, np.ndarray) else True
+    bad = np.flatnonzero(((ids < 0) | (ids >= vocab)) & real)
     if bad.size:
       at = np.unravel_index(bad[0], ids.shape)
       raise ValueError(

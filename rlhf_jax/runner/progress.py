@@ -24,6 +24,11 @@ from typing import Any, TextIO
 import numpy as np
 
 
+def _isatty(stream: Any) -> bool:
+  isatty = getattr(stream, "isatty", None)
+  return bool(isatty and isatty())
+
+
 def format_metrics(metrics: Mapping[str, Any], *, max_items: int) -> str:
   """``key=value`` pairs, 4 significant digits, the first ``max_items``."""
   parts = []
@@ -82,10 +87,7 @@ class ProgressBar:
     self.description = description
     self.done = 0
     self._stream = sys.stdout if stream is None else stream
-    if tty is None:
-      isatty = getattr(self._stream, "isatty", None)
-      tty = bool(isatty and isatty())
-    self.tty = tty
+    self.tty = _isatty(self._stream) if tty is None else tty
     self._max_metrics = max_metrics
     self._log_every = log_every or max(1, math.ceil(self.total / 10))
     self._log_interval_s = log_interval_s
@@ -116,6 +118,11 @@ class ProgressBar:
         TimeRemainingColumn(),
         TextColumn("{task.fields[metrics]}"),
         console=Console(file=self._stream, force_terminal=True),
+        # Prints to stdout are drawn above the bar only when they would
+        # reach the same terminal: a bar on stderr must not take a piped
+        # or redirected stdout's lines.
+        redirect_stdout=self._stream is sys.stdout or _isatty(sys.stdout),
+        redirect_stderr=self._stream is sys.stderr or _isatty(sys.stderr),
       )
       self._task = self._progress.add_task(
         description, total=self.total, metrics=""

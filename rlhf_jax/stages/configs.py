@@ -374,8 +374,7 @@ class GenerateConfig:
   num_samples: int = 1
   """Continuations per prompt."""
   batch_size: int = 64
-  """Rows (prompts x --num-samples) sampled at once; more rows go in
-  batches of this size (memory grows with it, not with the rows)."""
+  """Rows (prompts x --num-samples) sampled at once; memory grows with it."""
   max_new_tokens: int = 48
   """Tokens per continuation."""
   max_prompt_length: int = 32

@@ -41,6 +41,22 @@ def smollm2_dir() -> pathlib.Path:
 
 
 def resolve_model(model: str | None) -> pathlib.Path:
+  """The policy checkpoint directory (`_model_dir`), which
+  $RLHF_JAX_CACHE_DIR may not lie in (the compilation cache would write
+  into the user's model folder).
+
+  Raises:
+    UserError: as `_model_dir`, or the cache in that folder.
+  """
+  where = "--model" if model is not None else f"${MODEL_ENV}"
+  if model is None and MODEL_ENV not in os.environ:
+    where = "the default model"
+  path = _model_dir(model)
+  check_cache_outside(path, where)
+  return path
+
+
+def _model_dir(model: str | None) -> pathlib.Path:
   """The policy checkpoint directory.
 
   Order: ``model`` (a directory, or a hub id already in the local Hugging
@@ -104,6 +120,14 @@ def cache_inside(folder: str | os.PathLike, flag: str) -> str:
     f"${CACHE_ENV}={cache}: lies in {flag} {folder}, where the compilation "
     "cache would write its files; set it to a folder outside it (or off)"
   )
+
+
+def check_cache_outside(folder: str | os.PathLike, flag: str) -> None:
+  """Raises UserError when $RLHF_JAX_CACHE_DIR lies in ``folder``
+  (`cache_inside`)."""
+  problem = cache_inside(folder, flag)
+  if problem:
+    raise UserError(problem)
 
 
 def setup_jax() -> None:

@@ -94,6 +94,7 @@ def _run_record(run_dir: pathlib.Path) -> dict[str, Any]:
     raise runtime.UserError(
       f'{path}: not a run\'s config.json (no "model_dir")'
     )
+  environment.check_cache_outside(model_dir, "the run's model folder")
   return record
 
 
@@ -327,6 +328,9 @@ def run_generate(config: C.GenerateConfig) -> int:
   return 0
 
 
+_PROMPT = ("prompt_ids", "prompt_mask")
+
+
 def _sampled_records(config, ds, prompts, sample, tok) -> list[dict]:
   """Samples the prompts x --num-samples rows (prompt-major) in batches of
   at most --batch-size, prints each continuation as it comes and returns
@@ -354,9 +358,6 @@ def _sampled_records(config, ds, prompts, sample, tok) -> list[dict]:
         print(runtime.visible(f"[{prompts[p]}] {shown}"))  # --output: raw
       progress.update(1)
   return records
-
-
-_PROMPT = ("prompt_ids", "prompt_mask")
 
 
 def _generate_batch(config, model_config, params, tok, adapter) -> Callable:
@@ -519,7 +520,8 @@ def _check_same_model(
     raise runtime.UserError(
       f"{policy_dir} is not a policy of the run's model {model_dir}: its "
       f"config.json differs ({'; '.join(differ[:3])}); restore the run's "
-      f"own policy there, or {doing} it in its own run"
+      f"own policy there (or the model's config.json, if it was edited), "
+      f"or {doing} it in its own run"
     )
 
 
@@ -813,9 +815,10 @@ def run_export(config: C.ExportConfig) -> int:
     from rlhf_jax.stages.common import ADAPTER_DIR
 
     src = _policy_dir(run_dir, record, config.what, "--what")
-    model_dir = pathlib.Path(record["model_dir"])
-    if (model_dir / "config.json").is_file():  # not needed to export
-      _check_same_model(src, model_dir, "export")
+    try:
+      _check_same_model(src, pathlib.Path(record["model_dir"]), "export")
+    except models.ModelLoadError:  # the run's model: not needed to export
+      pass
     model_config, params = models.load_hf_checkpoint(src)
 
     def write(tmp: pathlib.Path) -> None:

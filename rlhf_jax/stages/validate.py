@@ -410,7 +410,8 @@ def advisories(
 
 def _cache_problems(command: str, config: Any) -> list[str]:
   """$RLHF_JAX_CACHE_DIR inside a folder the command writes (the run
-  directory, --out) or its --model folder."""
+  directory, --out); a model folder is checked where it is found
+  (`environment.resolve_model`)."""
   folders = []
   if command in (*PIPELINE_COMMANDS, "sft", "kto"):
     folders.append((run_dir_for(command, config), dir_flag(config)))
@@ -418,9 +419,6 @@ def _cache_problems(command: str, config: Any) -> list[str]:
     folders.append((config.run_dir, "--run-dir"))
   if command in ("audit", "export"):  # the folder they write
     folders.append((config.out or f"runs/audit-{config.preset}", "--out"))
-  model = getattr(config, "model", None)
-  if isinstance(model, str) and pathlib.Path(model).expanduser().is_dir():
-    folders.append((model, "--model"))
   return [p for p in (cache_inside(f, flag) for f, flag in folders) if p]
 
 

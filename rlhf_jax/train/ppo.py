@@ -122,15 +122,9 @@ def make_ppo_step(
     TypeError: ``score_fn`` not callable (when built).
   """
   check_score_fn(score_fn)
-  check_build(
-    model_config,
-    config,
-    PPOConfig,
-    [
-      ("policy_optimizer", policy_optimizer),
-      ("value_optimizer", value_optimizer),
-    ],
-  )
+  optimizers = [("policy_optimizer", policy_optimizer)]
+  optimizers.append(("value_optimizer", value_optimizer))
+  check_build(model_config, config, PPOConfig, optimizers)
   lora_policy = model_config.lora is not None and model_config.lora.enabled
   phase = dict(model_config=model_config, config=config)
   build = _fused_phases if fuses(config) else _phased
