@@ -159,6 +159,8 @@ def _token_logprobs_fwd(logits, tokens, mask, temperature):
 
 
 def _in_vocab(tokens: jax.Array, vocab_size: int) -> jax.Array:
+  # At least int32: V may not fit a narrow dtype (int16 and V 40000).
+  tokens = tokens.astype(jnp.promote_types(tokens.dtype, jnp.int32))
   return (tokens >= 0) & (tokens < vocab_size)
 
 
@@ -463,7 +465,8 @@ def chunked_logprobs_and_entropy(
     hidden: f32[B, T, D] final hidden states, already aligned with tokens
       (row t scores tokens[:, t]).
     unembedding: f32[D, V] output projection (no bias).
-    tokens: i32[B, T] ids in [0, V).
+    tokens: i32[B, T] ids in [0, V) (another id at an unmasked slot: NaN
+      there, as in `logprobs_from_logits`).
     temperature: tau >= 0.01 (Python float or traced f32[]).
     chunk_size: C, vocabulary columns per chunk (static).
     mask: optional bool[B, T]; masked slots hold 0 in both outputs and their
@@ -504,6 +507,10 @@ def chunked_logprobs_and_entropy(
   _check_token_ids(tokens)
   check_temperature(temperature)
   chunk_size = min(chunk_size, unembedding.shape[1])
-  return _chunked_core(
+  logprobs, entropy = _chunked_core(
     hidden, unembedding, tokens, mask, temperature, chunk_size
   )
+  # As logprobs_from_logits: NaN (value and gradient) at an unmasked id
+  # outside [0, V); a product, so the gradient is NaN too.
+  bad = mask & ~_in_vocab(tokens, unembedding.shape[1])
+  return logprobs * jnp.where(bad, jnp.nan, 1.0), entropy

@@ -147,7 +147,11 @@ def last_valid_index(mask: jax.Array) -> jax.Array:
 
   Returns:
     i32[B] index of the last True; -1 for rows with no True entry.
+
+  Raises:
+    TypeError: a float mask (0.5 would count as True).
   """
+  check_mask_dtype("mask", mask)
   mask = jnp.asarray(mask) != 0
   t = mask.shape[-1]
   last = t - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
@@ -201,7 +205,12 @@ def masked_count(
   *,
   axis_name: str | None = None,
 ) -> jax.Array:
-  """Number of valid entries as f32 (global over ``axis_name``)."""
+  """Number of valid entries as f32 (global over ``axis_name``).
+
+  Raises:
+    TypeError: a float mask (0.5 would count as valid).
+  """
+  check_mask_dtype("mask", mask)
   mask = jnp.asarray(mask)
   return _psum(jnp.sum(mask != 0, axis=axis).astype(jnp.float32), axis_name)
 

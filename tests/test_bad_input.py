@@ -27,6 +27,8 @@ from rlhf_jax import (
   kl_estimate,
   kl_shaped_rewards,
   kto_loss,
+  last_valid_index,
+  masked_count,
   masked_whiten,
   models,
   ppo_policy_loss,
@@ -709,6 +711,16 @@ LIBRARY_CASES = [
     ),
     "must be bool",
   ),
+  # These two counted 0.5 as valid where every other masked function
+  # refused a float mask.
+  (
+    lambda: masked_count(jnp.array([0.5, 1.0])),
+    "mask must be bool (True = valid), got float32",
+  ),
+  (
+    lambda: last_valid_index(jnp.array([[0.5, 0.0]])),
+    "mask must be bool (True = valid), got float32",
+  ),
   (
     lambda: ppo_policy_loss(
       jnp.zeros((1, 2)),
@@ -1269,6 +1281,12 @@ def test_frozen_params_a_step_needs_are_named():
   score = lambda _, ids, attn, resp: resp.sum(-1).astype(jnp.float32)
   grpo = make_grpo_step(TINY, _opt(), cfg, score_fn=score)
   jax.eval_shape(grpo, gstate, prompts, None)
+  # A misspelt key was ignored: the run had no reference and no KL term.
+  with pytest.raises(ValueError) as e:
+    jax.eval_shape(grpo, gstate, prompts, {"refference": params})
+  assert str(e.value).startswith(
+    "frozen holds ['refference']: expected only ['ref', 'reward'] ("
+  )
   # Scores as a list were "'list' object has no attribute 'shape'".
   samples = jax.eval_shape(make_grpo_rollout(TINY, cfg), gstate, prompts)
   update = make_grpo_update(TINY, _opt(), cfg)

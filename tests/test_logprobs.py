@@ -256,6 +256,17 @@ def test_a_token_outside_the_vocabulary_is_nan_not_another_tokens():
   )(logits)[0]
   np.testing.assert_allclose(grad[0], [0.75, -0.25, -0.25, -0.25])
   assert np.isnan(grad[1:3]).all() and (grad[3] == 0).all()
+  # The chunked form agrees; int16 ids (V = 40000 does not fit int16) are
+  # compared at 32 bits, not wrapped.
+  hidden, unemb = jnp.ones((1, 4, 2)), jnp.zeros((2, 4))
+  chunked, _ = lp.chunked_logprobs_and_entropy(
+    hidden, unemb, tokens, mask=mask, chunk_size=2
+  )
+  np.testing.assert_array_equal(chunked, out)
+  wide = lp.logprobs_from_logits(
+    jnp.zeros((1, 2, 40000)), jnp.array([[5, 30000]], jnp.int16)
+  )
+  np.testing.assert_allclose(wide, -np.log(40000), rtol=1e-6)
 
 
 def test_bf16_inputs_give_finite_f32():

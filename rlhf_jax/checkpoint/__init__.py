@@ -3,6 +3,7 @@
 from rlhf_jax.checkpoint.manager import (
   CheckpointDamagedError,
   CheckpointManager,
+  CheckpointMismatchError,
   NonFiniteStateError,
   abstract_like,
   finalized_steps,
@@ -11,6 +12,7 @@ from rlhf_jax.checkpoint.manager import (
 __all__ = [
   "CheckpointDamagedError",
   "CheckpointManager",
+  "CheckpointMismatchError",
   "NonFiniteStateError",
   "abstract_like",
   "finalized_steps",

@@ -78,6 +78,24 @@ class CheckpointDamagedError(ValueError):
     super().__init__(f"checkpoint step {step} in {path} is damaged: {reason}")
 
 
+class CheckpointMismatchError(ValueError):
+  """``restore``'s template names other arrays or shapes than the
+  checkpoint holds: the caller's state changed, the checkpoint is fine.
+
+  Attributes:
+    step: the step. path: its directory.
+    difference: the first difference, e.g. "w has shape (4,), saved (3,)".
+  """
+
+  def __init__(self, step: int, path: pathlib.Path, difference: str):
+    self.step, self.path, self.difference = step, path, difference
+    super().__init__(
+      f"abstract_state does not fit checkpoint step {step} in {path} "
+      f"({difference}); the checkpoint was not changed: restore it into the "
+      "state of the model and optimizer that saved it"
+    )
+
+
 class NonFiniteStateError(ValueError):
   """``save(..., require_finite=True)`` of a state holding NaN or inf."""
 
@@ -436,7 +454,9 @@ class CheckpointManager:
         (nothing was written).
     """
     step = _check_step(step)
-    if self._best_fn is not None and (force or step % self._interval == 0):
+    if self._best_fn is not None and (
+      force or self._manager.should_save(step)  # orbax's own rule
+    ):
       self._check_rankable(step, metrics)
     meta = _jsonable(metadata)
     sums, dtypes, finite = fingerprint(state)
@@ -484,8 +504,8 @@ class CheckpointManager:
 
     Raises:
       FileNotFoundError: no checkpoint (at that step) in the directory.
-      ValueError: ``abstract_state`` names other arrays or shapes than
-        those saved (the checkpoint is fine).
+      CheckpointMismatchError: ``abstract_state`` names other arrays or
+        shapes than those saved (the checkpoint is fine; a ValueError).
       CheckpointDamagedError: its files cannot be read, or the arrays read
         differ from those saved (checksums).
     """
@@ -504,12 +524,7 @@ class CheckpointManager:
     except Exception as e:  # orbax, tensorstore and json raise anything
       wrong = self._template_mismatch(step, abstract_state)
       if wrong:
-        raise ValueError(
-          f"abstract_state does not fit checkpoint step {step} in "
-          f"{self.directory} ({wrong}); the checkpoint was not changed: "
-          "restore it into the state of the model and optimizer that saved "
-          "it"
-        ) from e
+        raise CheckpointMismatchError(step, self.directory, wrong) from e
       raise self._damaged(step, _one_line(e)) from e
     self._verify(step, state, meta.pop(_INTEGRITY, None))
     return state, meta

@@ -639,7 +639,11 @@ def _check_fields(e: Any, where: str) -> None:
       raise TypeError(
         f"{where}: {name} is a {type(value).__name__}; expected text (str)"
       )
-  if not all(isinstance(r, str) for r in getattr(e, "responses", ())):
+  responses = getattr(e, "responses", ())
+  if not (
+    isinstance(responses, tuple | list)
+    and all(isinstance(r, str) for r in responses)
+  ):
     raise TypeError(f"{where}: responses: expected a tuple of texts (str)")
   label = getattr(e, "label", True)
   if not isinstance(label, bool | np.bool_):

@@ -272,7 +272,11 @@ def shared_prompt_rewards(
   the one `reward_forward` ("last": the head at the last real token of
   [prompt | response_k], the prompt's last token for an empty response)
   or the mean of `values_forward` over the response tokens ("mean") gives
-  on its own sequence, to float rounding.
+  on its own sequence, to float rounding. One exception: a real token id
+  outside [0, V) makes its response NaN (`models.embedded_ids`) and, with
+  "last", may make the other responses of its prompt NaN too (the pruned
+  last layer attends over the packed row); a train step skips it either
+  way.
 
   Args:
     params: {"backbone", "head"}.

@@ -1355,10 +1355,16 @@ def embedded_ids(input_ids: Array, real: Array, vocab_size: int) -> Array:
   -V there spread NaN to the whole row).
 
   Args:
-    input_ids: i32[B, L]. real: bool[B, L], True at real tokens.
+    input_ids: int[B, L] (any integer dtype). real: bool[B, L], True at
+      real tokens.
+
+  Returns:
+    ids of at least 32 bits, [B, L].
   """
-  bad = (input_ids < 0) | (input_ids >= vocab_size)
-  return jnp.where(bad, jnp.where(real, vocab_size, 0), input_ids)
+  # At least int32: V itself may not fit a narrow dtype (int16 and V 40000).
+  ids = input_ids.astype(jnp.promote_types(input_ids.dtype, jnp.int32))
+  bad = (ids < 0) | (ids >= vocab_size)
+  return jnp.where(bad, jnp.where(real, vocab_size, 0), ids)
 
 
 def _full_sequence(

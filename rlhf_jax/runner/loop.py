@@ -38,6 +38,7 @@ import numpy as np
 from rlhf_jax.checkpoint import (
   CheckpointDamagedError,
   CheckpointManager,
+  CheckpointMismatchError,
   NonFiniteStateError,
   abstract_like,
 )
@@ -219,6 +220,13 @@ class TrainLoop:
           error = None
         except IteratorStateMismatchError as e:  # not damage: keep them all
           error = other_data = e
+        except CheckpointMismatchError as e:  # this run's state changed
+          raise UserError(
+            f"{self.name}: checkpoint step {step} in {e.path} does not fit "
+            f"this run's state ({e.difference}); nothing was deleted. "
+            "Resume with the settings the run began with, or start it again "
+            "with --overwrite"
+          ) from None
         except CheckpointDamagedError as e:
           error = e
         except (KeyError, TypeError, ValueError) as e:  # the saved position

@@ -170,20 +170,29 @@ def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
       )
 
 
+FROZEN_KEYS = ("ref", "reward")  # what PPO's and GRPO's steps read
+
+
 def check_frozen(frozen: Any, required: Sequence[str], hint: str) -> dict:
   """A step's ``frozen`` argument as a dict (None: empty) holding every
   key of ``required`` with a value other than None, checked at trace time.
 
   Raises:
     TypeError: ``frozen`` is neither a dict nor None.
-    ValueError: a required key is missing or None, naming it and
-      ``hint`` (what to pass).
+    ValueError: a required key is missing or None, or a key other than
+      "ref" and "reward" (misspelt), naming it and ``hint`` (what to
+      pass).
   """
   if frozen is None:
     frozen = {}
   if not isinstance(frozen, Mapping):
     raise TypeError(
       f"frozen must be a dict ({hint}), got {type(frozen).__name__}"
+    )
+  unknown = sorted(map(str, set(frozen) - set(FROZEN_KEYS)))
+  if unknown:  # a misspelt "ref" was ignored: no KL term, no error
+    raise ValueError(
+      f"frozen holds {unknown}: expected only {list(FROZEN_KEYS)} ({hint})"
     )
   missing = [k for k in required if frozen.get(k) is None]
   if missing:

@@ -45,6 +45,7 @@ from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
   controller_phase,
+  kept_if_finite,
   reference_and_values,
   rollout_logprobs,
   rollout_phase,
@@ -171,7 +172,7 @@ def make_ppo_step(
     new_state = learner.into(state).replace(
       step=state.step + 1,
       kl_state=controller_phase(state.kl_state, shaped.kl, config=config),
-      reward_norm=shaped.norm,
+      reward_norm=kept_if_finite(shaped.norm, state.reward_norm),
     )
     return new_state, metrics
 

@@ -9,7 +9,7 @@ batch statistic is global over ``config.axis_name``.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -329,7 +329,19 @@ def controller_phase(
   axis = config.axis_name
   mean_kl = st.Mean.of(jnp.sum(kl, axis=-1)).reduce(axis).value
   n_seqs = global_sum(kl.shape[0], axis)
-  return kl_controller(config).update(kl_state, mean_kl, n_seqs)
+  new = kl_controller(config).update(kl_state, mean_kl, n_seqs)
+  return kept_if_finite(new, kl_state)
+
+
+def kept_if_finite(new: Any, old: Any) -> Any:
+  """``new`` when all its leaves are finite, else ``old``: a NaN KL or
+  reward statistic (a row of token ids outside [0, V), skipped by the
+  update) would otherwise stay in the controller or the reward norm and
+  spoil every later iteration."""
+  finite = jnp.all(
+    jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)])
+  )
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
 def rollout_stats(

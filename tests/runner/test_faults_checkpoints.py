@@ -240,6 +240,25 @@ def test_a_checkpoint_that_cannot_be_read_is_never_deleted(
   assert (ckpt_dir / "6" / "metadata").exists()
 
 
+def test_a_checkpoint_of_another_state_is_refused_not_deleted(tmp_path):
+  """A state of other shapes (the run's settings changed) was reported as
+  damage in every step, with advice to delete the folder."""
+  loop = _loop(tmp_path)
+  state = {"w": jnp.ones((3,)), "b": jnp.zeros((2,))}
+  loop.save(1, state, None, wait=True)
+  loop.save(2, state, None, wait=True)
+  again = _loop(tmp_path)
+  with pytest.raises(runtime.UserError) as e:
+    again.restore({"w": jnp.ones((4,)), "b": jnp.zeros((2,))})
+  assert str(e.value) == (
+    f"t: checkpoint step 2 in {again.ckpt.directory} does not fit this "
+    "run's state (w has shape (4,), saved (3,)); nothing was deleted. "
+    "Resume with the settings the run began with, or start it again with "
+    "--overwrite"
+  )
+  assert again.ckpt.all_steps() == [1, 2]
+
+
 def test_no_usable_checkpoint_is_a_one_line_error(tmp_path):
   _train(tmp_path, keep=3)
   ckpt_dir = tmp_path / "checkpoints" / "t"

@@ -305,3 +305,40 @@ def _as_rollout(batch) -> Rollout:
     truncated=~jnp.any(mask & (batch.response_ids == helpers.EOS), axis=-1),
     response_lengths=jnp.sum(mask, axis=-1),
   )
+
+
+def test_a_skipped_iteration_leaves_the_kl_controller_and_reward_norm():
+  """A real prompt token id outside [0, V) makes the iteration's KL NaN:
+  the update was skipped, but the adaptive controller took the NaN KL and
+  every later iteration was skipped too (NaN kl_coef)."""
+  import optax
+
+  from rlhf_jax.train import init_ppo_state, make_ppo_step
+  from rlhf_jax.types import PromptBatch
+
+  cfg = dataclasses.replace(
+    helpers.PPO_CONFIG, ppo_epochs=1, normalize_reward=True
+  )
+  opt = optax.adam(1e-2)
+  step = jax.jit(make_ppo_step(helpers.CFG, opt, opt, cfg))
+  state = init_ppo_state(
+    helpers.policy_params(),
+    helpers.scalar_params(2),
+    opt,
+    opt,
+    jax.random.key(0),
+    cfg,
+  )
+  frozen = {"ref": helpers.policy_params(), "reward": helpers.scalar_params(3)}
+  good = helpers.prompt_batch(4)
+  assert bool(good.prompt_mask[0, -1])  # left-padded: the last is real
+  bad = PromptBatch(good.prompt_ids.at[0, -1].set(-1), good.prompt_mask)
+  new, m = step(state, bad, frozen)
+  assert m["train/skipped"] == 1
+  for kept in ("kl_state", "reward_norm"):  # as they were
+    old = jax.tree.leaves(getattr(state, kept))
+    for a, b in zip(jax.tree.leaves(getattr(new, kept)), old, strict=True):
+      np.testing.assert_array_equal(a, b)
+  then, m = step(new, good, frozen)
+  assert m["train/skipped"] == 0 and np.isfinite(m["ppo/policy_loss"])
+  assert np.isfinite(then.kl_state.kl_coef)
