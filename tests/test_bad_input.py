@@ -1218,6 +1218,19 @@ def test_params_of_another_model_are_named():
   jax.eval_shape(step, _state(), batch, params)  # the control
 
 
+def test_narrow_id_dtypes_embed_as_int32():
+  """int16 ids with V = 40000 (V does not fit int16) were all taken for
+  ids outside [0, V) and embedded from a wrong row."""
+  wide = dataclasses.replace(TINY, vocab_size=40000)
+  params = models.init_params(wide, jax.random.key(0))
+  ids = jnp.array([[1, 2, 39999 - 20000]])
+  mask = jnp.ones((1, 3), bool)
+  want = models.forward(params, ids.astype(jnp.int32), mask, config=wide)
+  got = models.forward(params, ids.astype(jnp.int16), mask, config=wide)
+  np.testing.assert_array_equal(got, want)
+  assert np.isfinite(want).all()
+
+
 @pytest.mark.parametrize("bad", [-1, -100, TINY.vocab_size])
 def test_a_token_id_outside_the_vocabulary_skips_the_step(bad):
   """A real token's id outside [0, V): -1 or -100 (Hugging Face's label
@@ -1285,8 +1298,12 @@ def test_frozen_params_a_step_needs_are_named():
   with pytest.raises(ValueError) as e:
     jax.eval_shape(grpo, gstate, prompts, {"refference": params})
   assert str(e.value).startswith(
-    "frozen holds ['refference']: expected only ['ref', 'reward'] ("
+    "frozen holds ['refference']: expected only ['ref', 'reward'] (with a "
+    "score_fn: pass frozen={'ref': reference LM params})"
   )
+  rollout = make_grpo_rollout(TINY, cfg)  # as the CLI's GRPO stage calls it
+  with pytest.raises(ValueError, match=r"frozen holds \['refference'\]"):
+    jax.eval_shape(rollout, gstate, prompts, {"refference": params})
   # Scores as a list were "'list' object has no attribute 'shape'".
   samples = jax.eval_shape(make_grpo_rollout(TINY, cfg), gstate, prompts)
   update = make_grpo_update(TINY, _opt(), cfg)

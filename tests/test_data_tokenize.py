@@ -417,9 +417,10 @@ def test_fields_of_examples_built_by_hand_are_checked(gpt2):
   assert str(e.value) == "f:3: chosen is a NoneType; expected text (str)"
   with pytest.raises(TypeError, match="prompt example 0: prompt is a int"):
     tokenize_prompts([PromptExample(1)], gpt2, max_prompt_length=8)
-  ranked = RankedExample("p", (" a", 2), (0, 1))
-  with pytest.raises(TypeError, match="responses: expected a tuple of texts"):
-    tokenize_ranked([ranked], gpt2, **kw)
+  for responses in ((" a", 2), " ab"):  # a string is not its characters
+    ranked = RankedExample("p", responses, (0, 1))
+    with pytest.raises(TypeError, match="responses: expected a tuple of t"):
+      tokenize_ranked([ranked], gpt2, **kw)
 
 
 def test_examples_that_are_not_examples_are_named(gpt2):

@@ -212,7 +212,7 @@ class TrainLoop:
     damaged: list[CheckpointDamagedError] = []
     with writing(self.ckpt.directory):
       for step in reversed(self.ckpt.all_steps()):
-        other_data = None
+        other_data = mismatch = None
         try:
           restored, meta = self.ckpt.restore(step, abstract_state=abstract)
           if iterator is not None:
@@ -221,12 +221,7 @@ class TrainLoop:
         except IteratorStateMismatchError as e:  # not damage: keep them all
           error = other_data = e
         except CheckpointMismatchError as e:  # this run's state changed
-          raise UserError(
-            f"{self.name}: checkpoint step {step} in {e.path} does not fit "
-            f"this run's state ({e.difference}); nothing was deleted. "
-            "Resume with the settings the run began with, or start it again "
-            "with --overwrite"
-          ) from None
+          error = mismatch = e
         except CheckpointDamagedError as e:
           error = e
         except (KeyError, TypeError, ValueError) as e:  # the saved position
@@ -243,6 +238,14 @@ class TrainLoop:
             f"{f': {other_data}' if other_data else ' on another process'}. "
             "Resume with the data the run began with, or start the run "
             "again with --overwrite"
+          )
+        if not _everywhere(mismatch is None):  # together, as above
+          raise UserError(
+            f"{self.name}: checkpoint step {step} in {self.ckpt.directory} "
+            "does not fit this run's state ("
+            f"{mismatch.difference if mismatch else 'on another process'}); "
+            "nothing was deleted. Resume with the settings the run began "
+            "with, or start it again with --overwrite"
           )
         if not _everywhere(error is None):
           _stop_if_refused(self.name, step, error)

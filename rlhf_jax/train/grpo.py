@@ -139,6 +139,7 @@ def make_grpo_rollout(
   check_build(model_config, config, GRPOConfig)
 
   def rollout_fn(state: TrainState, prompts: PromptBatch, frozen=None):
+    check_frozen(frozen, (), "the rollout reads frozen['ref'] alone")
     sample_rng, _ = _keys(state)
     rollout = rollout_phase(
       state.params,
@@ -323,7 +324,8 @@ def make_grpo_step(
 
   Raises:
     TypeError: ``score_fn`` not callable (when built).
-    ValueError: at trace time, ``frozen`` without what it needs (named).
+    ValueError: at trace time, ``frozen`` without what it needs, or with
+      a key other than "ref" and "reward" (named).
   """
   check_score_fn(score_fn)
   rollout_fn = make_grpo_rollout(model_config, config)
@@ -334,6 +336,8 @@ def make_grpo_step(
     "without a score_fn the reward model scores the samples: pass "
     "frozen={'ref': reference LM params, 'reward': reward-model params}"
   )
+  if score_fn:
+    hint = "with a score_fn: pass frozen={'ref': reference LM params}"
 
   def step(state: TrainState, prompts: PromptBatch, frozen: dict | None):
     check_batch(prompts, PromptBatch)

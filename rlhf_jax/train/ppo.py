@@ -45,7 +45,6 @@ from rlhf_jax.train.ppo_fused import fuses, make_fused_update
 from rlhf_jax.train.ppo_phases import (
   ScoreFn,
   controller_phase,
-  kept_if_finite,
   reference_and_values,
   rollout_logprobs,
   rollout_phase,
@@ -119,7 +118,8 @@ def make_ppo_step(
   Raises:
     ValueError: see ``train.common.check_build``; at trace time, batch
       sizes that do not split into minibatches, or ``frozen`` without
-      "ref" (needed unless LoRA) or "reward" (unless ``score_fn``).
+      "ref" (needed unless LoRA) or "reward" (unless ``score_fn``), or
+      with another key (named).
     TypeError: ``score_fn`` not callable (when built).
   """
   check_score_fn(score_fn)
@@ -172,7 +172,7 @@ def make_ppo_step(
     new_state = learner.into(state).replace(
       step=state.step + 1,
       kl_state=controller_phase(state.kl_state, shaped.kl, config=config),
-      reward_norm=kept_if_finite(shaped.norm, state.reward_norm),
+      reward_norm=shaped.norm,
     )
     return new_state, metrics
 

@@ -26,6 +26,7 @@ from rlhf_jax.kl import (
 from rlhf_jax.masked import masked_mean, masked_var, masked_whiten, promote_f32
 from rlhf_jax.rollout import generate
 from rlhf_jax.train.common import (
+  all_finite,
   global_sum,
   policy_and_values,
   sequences,
@@ -300,7 +301,7 @@ def shape_and_advantages(
 ) -> Shaped:
   """Phases 4-5: ``shape_rewards``, then ``advantages_phase``, as the
   update's PPOBatch (arguments f32[B] / f32[B, T] as named there)."""
-  rewards, kl, scores, norm = shape_rewards(
+  rewards, kl, scores, new_norm = shape_rewards(
     raw_scores,
     rollout,
     old_logprobs,
@@ -309,6 +310,7 @@ def shape_and_advantages(
     kl_coef,
     config=config,
   )
+  norm = kept_if_finite(new_norm, norm)  # as the KL controller's
   advantages, returns = advantages_phase(
     rewards, old_values, rollout.response_mask, config=config
   )
@@ -338,9 +340,7 @@ def kept_if_finite(new: Any, old: Any) -> Any:
   reward statistic (a row of token ids outside [0, V), skipped by the
   update) would otherwise stay in the controller or the reward norm and
   spoil every later iteration."""
-  finite = jnp.all(
-    jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)])
-  )
+  finite = all_finite(new)
   return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
 
 
