@@ -282,9 +282,13 @@ def test_steps_and_options_are_checked(tmp_path):
     assert ckpt.all_steps() == [1, 2]
   (tmp_path / "file").write_text("x")
   bad = {
-    "save_interval_steps": (0, ValueError, "save_interval_steps must be >= 1"),
-    "max_to_keep": (2.5, TypeError, "max_to_keep must be an integer >= 1"),
-    "keep_best": (True, TypeError, "keep_best must be an integer >= 1"),
+    "save_interval_steps": (
+      0,
+      ValueError,
+      "save_interval_steps must be an integer >= 1, got 0",
+    ),
+    "max_to_keep": (2.5, ValueError, "max_to_keep must be an integer >= 1"),
+    "keep_best": (True, ValueError, "keep_best must be an integer >= 1"),
     "best_fn": (3, TypeError, "best_fn must be callable"),
   }
   for name, (value, kind, message) in bad.items():

@@ -32,7 +32,6 @@ restores onto 4, or onto one.
 """
 
 import json
-import numbers
 import operator
 import os
 import pathlib
@@ -50,6 +49,7 @@ from orbax.checkpoint.checkpoint_managers import (
 )
 
 from rlhf_jax.checkpoint import orbax_loop
+from rlhf_jax.checks import check_count
 
 # A failed read must not leave other reads running on a closed loop.
 orbax_loop.install()
@@ -299,14 +299,6 @@ def _shapes(tree: PyTree) -> dict[str, tuple[int, ...] | None]:
   return out
 
 
-def _check_count(name: str, value: Any) -> None:
-  """Raises TypeError/ValueError unless ``value`` is an integer >= 1."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an integer >= 1, got {value!r}")
-  if value < 1:
-    raise ValueError(f"{name} must be >= 1, got {value}")
-
-
 def _check_step(step: Any) -> int:
   """``step`` as an int; TypeError unless an integer (2.5 was saved as
   step 2, True restored step 1), ValueError when negative."""
@@ -364,10 +356,10 @@ class CheckpointManager:
       ``force=True``.
 
   Raises:
-    TypeError: ``directory`` not a path, ``best_fn`` not callable, or a
-      count not an integer.
+    TypeError: ``directory`` not a path, or ``best_fn`` not callable.
     ValueError: ``directory`` is a file, both best_fn and best_metric, a
-      bad best_mode, or max_to_keep / keep_best / save_interval_steps < 1.
+      bad best_mode, or max_to_keep / keep_best / save_interval_steps not
+      an integer >= 1 (`checks.check_count`).
   """
 
   def __init__(
@@ -389,7 +381,7 @@ class CheckpointManager:
       ("save_interval_steps", save_interval_steps),
     ):
       if value is not None:
-        _check_count(name, value)
+        check_count(name, value)
     if best_fn is not None and best_metric is not None:
       raise ValueError("give best_fn or best_metric, not both")
     if best_fn is not None and not callable(best_fn):
