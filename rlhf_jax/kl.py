@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import stats as st
-from rlhf_jax.checks import check_number
+from rlhf_jax.checks import check_integer_array, check_number, is_int
 from rlhf_jax.masked import (
   LossAggMode,
   last_valid_index,
@@ -258,8 +258,13 @@ def apply_missing_eos_penalty(
     f32[B] penalised scores.
 
   Raises:
-    ValueError: shape mismatch.
+    ValueError: shape mismatch; ``eos_token_id`` not an integer (2.5 was
+      compared as a float and matched no token).
+    TypeError: ``response_ids`` of a float or bool dtype.
   """
+  if not is_int(eos_token_id):
+    raise ValueError(f"eos_token_id must be an integer, got {eos_token_id!r}")
+  check_integer_array("response_ids", response_ids)
   response_ids = jnp.asarray(response_ids)
   mask = validate_mask(response_mask, response_ids.shape, "response_mask")
   scores = _scores(scores, response_ids.shape)

@@ -24,6 +24,7 @@ from rlhf_jax import (
   dpo_loss,
   gae_advantages,
   grpo_advantages,
+  kl,
   kl_estimate,
   kl_shaped_rewards,
   kto_loss,
@@ -1062,6 +1063,72 @@ LIBRARY_CASES = [
   (
     lambda: row_rngs(jax.random.key(0), -1),
     "batch must be an integer >= 1, got -1",
+  ),
+  # The params dict as the state: "'dict' object has no attribute
+  # 'params'"; a TrainState for PPO's state, an AttributeError too.
+  (
+    lambda: jax.eval_shape(
+      make_dpo_step(TINY, _opt()),
+      _state().params,
+      PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4)),
+    ),
+    "the state must be a TrainState (made by train.TrainState.create("
+    "params, optimizer, rng)), got dict",
+  ),
+  (
+    lambda: jax.eval_shape(
+      make_reward_model_step(TINY, _opt()),
+      _state().params,
+      PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4)),
+    ),
+    "the state must be a TrainState (made by train.TrainState.create(",
+  ),
+  (
+    lambda: jax.eval_shape(
+      make_ppo_step(TINY, _opt(), _opt(), PPOConfig(0, 0, max_new_tokens=2)),
+      _state(),
+      PromptBatch(*_rows(2, 3)),
+      None,
+    ),
+    "the state must be a PPOState (made by train.init_ppo_state), got "
+    "TrainState",
+  ),
+  (
+    lambda: jax.eval_shape(
+      make_head_step(TINY, _opt()), {}, FeaturePairBatch(*_features(2, 8))
+    ),
+    "the state must be a TrainState",
+  ),
+  # An embedding of another V passed: a tied head sampled ids past the
+  # tokenizer's.
+  (
+    lambda: models.check_params(
+      {
+        **models.init_params(TINY, jax.random.key(0)),
+        "embed": jnp.zeros((2 * TINY.vocab_size, TINY.hidden_size)),
+      },
+      TINY,
+    ),
+    f"params['embed'] has shape ({2 * TINY.vocab_size}, "
+    f"{TINY.hidden_size}): expected [vocab_size, hidden_size] = "
+    f"[{TINY.vocab_size}, {TINY.hidden_size}] of the config",
+  ),
+  # eos 2.5 matched no token, so every response was penalised.
+  (
+    lambda: kl.apply_missing_eos_penalty(
+      jnp.zeros(2), *_rows(2, 3), eos_token_id=2.5, penalty=1.0
+    ),
+    "eos_token_id must be an integer, got 2.5",
+  ),
+  (
+    lambda: kl.apply_missing_eos_penalty(
+      jnp.zeros(2),
+      jnp.ones((2, 3)),
+      jnp.ones((2, 3), bool),
+      eos_token_id=2,
+      penalty=1.0,
+    ),
+    "response_ids must hold integers, got dtype float32",
   ),
 ]
 

@@ -203,7 +203,8 @@ def test_generate_default_prompt_longer_than_max_length(capsys):
 
 def test_ppo_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
   """The pipeline's prompts meet the same check (it was an internal
-  error, exit 1)."""
+  error, exit 1), before any work: it came after the prompts stage had
+  sampled its stories into a new run directory."""
   code, err = _run(
     capsys,
     ["ppo", "--run-dir", str(tmp_path / "r"), "--task.max-prompt-length", "1"],
@@ -214,6 +215,7 @@ def test_ppo_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
     "--task.max-prompt-length 1 leaves no room for a prompt token after "
     "the BOS",
   )
+  assert not (tmp_path / "r").exists()
 
 
 def test_tokenizer_larger_than_the_model_vocabulary(
@@ -348,7 +350,19 @@ def test_unknown_option(capsys):
   _check(
     code,
     err,
-    "Unrecognized options: --no-such-flag, 3 (see `rlhf-jax ppo --help`)",
+    "Unrecognized option: --no-such-flag 3 (see `rlhf-jax ppo --help`)",
+  )
+
+
+def test_unknown_options_keep_their_values(capsys):
+  """A value is shown with its option (tyro listed "--foo, 3" as two
+  options), and a lone positional value stays on its own."""
+  code, err = _run(capsys, ["generate", "--foo", "3", "--bar", "x", "7"])
+  _check(
+    code,
+    err,
+    "Unrecognized options: --foo 3, --bar x, 7 (see `rlhf-jax generate "
+    "--help`)",
   )
 
 
@@ -364,7 +378,7 @@ def test_misspelt_option_names_the_suggestions(capsys, command, flag, meant):
   _check(
     code,
     err,
-    f"Unrecognized options: {flag}, 3; perhaps you meant {meant} (see "
+    f"Unrecognized option: {flag} 3; perhaps you meant {meant} (see "
     f"`rlhf-jax {command} --help`)",
   )
 
@@ -487,7 +501,7 @@ def test_option_of_a_stage_the_command_skips_is_an_error(capsys):
   _check(
     code,
     err,
-    "Unrecognized options: --ppo.iterations, 3 (see `rlhf-jax rm --help`)",
+    "Unrecognized option: --ppo.iterations 3 (see `rlhf-jax rm --help`)",
   )
 
 
@@ -974,7 +988,7 @@ def test_a_value_given_to_a_switch_names_the_switch(capsys, arg, flag, no):
   _check(
     code,
     err,
-    f"Unrecognized options: {value}; {flag} is a switch: pass {flag} or "
+    f"Unrecognized option: {value}; {flag} is a switch: pass {flag} or "
     f"{no}, not {arg} (see `rlhf-jax ppo --help`)",
   )
 
@@ -983,7 +997,7 @@ def test_no_switch_hint_for_an_option_that_takes_a_value(tmp_path, capsys):
   out = str(tmp_path / "a.jsonl")
   code, err = _run(capsys, ["generate", f"--output={out}", out])
   _check(
-    code, err, f"Unrecognized options: {out} (see `rlhf-jax generate --help`)"
+    code, err, f"Unrecognized option: {out} (see `rlhf-jax generate --help`)"
   )
 
 
@@ -1322,6 +1336,51 @@ def test_eval_of_a_run_on_data_says_it_sampled_nothing(
     f"To sample from its policy use `rlhf-jax generate --run-dir {run} "
     "--policy dpo`",
   )
+
+
+@pytest.mark.parametrize("trained", [(), ("ppo", "dpo")])
+def test_generate_run_dir_without_policy_says_initial(
+  tmp_path, capsys, shared_data, trained
+):
+  """--run-dir alone sampled the untrained initial policy without a word;
+  a line on stderr now says so and names the trained ones."""
+  run = _eval_run(tmp_path, shared_data, policies=trained)
+  args = ["generate", "--run-dir", str(run), "--prompts", "Once upon a time"]
+  code = main([*args, "--max-prompt-length", "2"])  # stops before weights
+  err = capsys.readouterr().err.splitlines()
+  has = (
+    "its trained policies: ppo, dpo"
+    if trained
+    else ("it has no trained policy yet")
+  )
+  assert code == 2 and err[0] == (
+    f"generate: sampling the initial policy of {run} (the untrained "
+    f"model); {has} (choose with --policy)"
+  )
+  assert err[1].startswith("rlhf-jax: error: --prompts value 1 ")
+  main([*args, "--policy", "initial", "--max-prompt-length", "2"])
+  assert "generate: sampling" not in capsys.readouterr().err  # asked for
+
+
+def test_generate_output_inside_a_run_is_announced(tmp_path, capsys):
+  """Allowed (a user's file), but that run's --overwrite then refuses to
+  clear it: said when the file is chosen, before any work."""
+  run = tmp_path / "run"
+  (run / "mine").mkdir(parents=True)
+  (run / runtime.RUN_MARKER).write_text("")
+  out = run / "mine" / "samples.jsonl"
+  code = main(["generate", "--output", str(out), "--model", "/nonexistent"])
+  err = capsys.readouterr().err.splitlines()
+  assert code == 2 and err[0] == (
+    f"generate: --output {out} lies inside the run directory "
+    f"{run.resolve()}; that run's --overwrite refuses to clear it until "
+    "it is moved out"
+  )
+  assert err[1] == (
+    "rlhf-jax: error: model directory /nonexistent does not exist (--model)"
+  )
+  main(["generate", "--output", str(tmp_path / "s.jsonl"), "--model", "/x"])
+  assert "lies inside" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -2124,7 +2183,7 @@ def test_the_off_switch_of_a_value_option_is_tyros_error(tmp_path, capsys):
   _check(
     code,
     err,
-    "Unrecognized options: --no-data; perhaps you meant --data (see "
+    "Unrecognized option: --no-data; perhaps you meant --data (see "
     "`rlhf-jax dpo --help`)",
   )
 

@@ -243,6 +243,24 @@ def test_a_bar_on_stderr_leaves_a_piped_stdout_its_lines(monkeypatch):
   assert "a sample" not in err.getvalue() and "generate" in err.getvalue()
 
 
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_goes_to_stderr_and_show_false_draws_nothing(monkeypatch, tty):
+  """stdout keeps a command's results alone (`run` drew its bars there,
+  `generate` on stderr); show=False counts without drawing."""
+  out, err = io.StringIO(), io.StringIO()
+  monkeypatch.setattr(sys, "stdout", out)
+  monkeypatch.setattr(sys, "stderr", err)
+  with ProgressBar(2, "ppo", tty=tty) as bar:
+    bar.update(2)
+  assert out.getvalue() == "" and "ppo" in err.getvalue()
+  err = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", err)
+  with ProgressBar(2, "ppo", tty=tty, show=False) as bar:
+    bar.update(2)
+    assert bar.done == 2 and not bar.tty
+  assert out.getvalue() == err.getvalue() == ""
+
+
 def test_progress_tty_uses_rich():
   out = io.StringIO()
   with ProgressBar(3, "dpo", stream=out, tty=True) as bar:

@@ -451,3 +451,21 @@ def test_examples_that_are_not_examples_are_named(gpt2):
   )
   listed = tokenize_prompts(["Once", "Lily"], gpt2, max_prompt_length=8)
   assert gen.fingerprint() == listed.fingerprint()
+
+
+def test_take_refuses_indices_that_are_no_rows(gpt2):
+  """2.5 took row 2 and -5 gave a padding row, without a word."""
+  ds = tokenize_prompts(["a b", "c"], gpt2, max_prompt_length=4)
+  np.testing.assert_array_equal(
+    ds.take(np.array([1, -1])).prompt_ids[1], ds.pad_row["prompt_ids"]
+  )
+  with pytest.raises(TypeError, match="indices must be integers .* float64"):
+    ds.take(np.array([0.0, 2.5]))
+  for bad in ([-5], [0, 2]):
+    with pytest.raises(IndexError) as e:
+      ds.take(np.array(bad))
+    assert str(e.value) == (
+      "indices must lie in [-1, 2) (-1 for a padding row), got "
+      f"{min(bad)} to {max(bad)}"
+    )
+  assert len(ds.take(np.array([], np.int64)).prompt_ids) == 0

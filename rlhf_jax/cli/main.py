@@ -16,6 +16,7 @@ SIGINT or SIGTERM saves the running stage and exits with 130 or 143 (128
 import contextlib
 import dataclasses
 import io
+import itertools
 import logging
 import os
 import re
@@ -223,6 +224,25 @@ def _one_line(text: str) -> str:
   return " ".join(body or lines[:1]) or "invalid arguments"
 
 
+def _with_values(message: str, args: list[str]) -> str:
+  """tyro's "Unrecognized options: --num-sample, 3" as "Unrecognized
+  option: --num-sample 3": a value is shown with the option before it,
+  not as an option of its own."""
+  head = re.match(r"Unrecognized options?: (.*?)(;.*)?$", message)
+  if head is None:
+    return message
+  items = head.group(1).split(", ")
+  nexts = set(itertools.pairwise(args))
+  merged: list[str] = []
+  for item in items:
+    if merged and not item.startswith("-") and (merged[-1], item) in nexts:
+      merged[-1] += f" {item}"
+    else:
+      merged.append(item)
+  s = "s" if len(merged) > 1 else ""
+  return f"Unrecognized option{s}: {', '.join(merged)}{head.group(2) or ''}"
+
+
 def _switches(cls: type, prefix: str = "") -> set[str]:
   """tyro's flags of the bool fields of ``cls`` and its nested configs
   (``--strict``, ``--ppo.algo.adaptive-kl``)."""
@@ -289,7 +309,9 @@ def _parse(cls: type, default: Any, args: list[str], prog: str, doc: str):
     if e.code in (0, None):
       raise
     text = buf.getvalue()
-    message = _one_line(text) + _switch_hint(cls, args, text)
+    message = _with_values(_one_line(text), args) + _switch_hint(
+      cls, args, text
+    )
     raise runtime.UserError(f"{message} (see `{prog} --help`)") from None
   except (ValueError, TypeError, ZeroDivisionError) as e:
     # A config class that checks itself when built (__post_init__).

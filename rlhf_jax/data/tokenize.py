@@ -301,8 +301,25 @@ class TokenizedDataset:
 
     Returns:
       ``batch_type`` of numpy arrays with leading axis B.
+
+    Raises:
+      TypeError: indices that are not integers (2.5 took row 2).
+      IndexError: an index below -1 (-5 gave a padding row) or past the
+        last example.
     """
-    indices = np.asarray(indices, np.int64)
+    indices = np.asarray(indices)
+    if indices.size and not np.issubdtype(indices.dtype, np.integer):
+      raise TypeError(
+        f"indices must be integers (-1 for a padding row), got dtype "
+        f"{indices.dtype}"
+      )
+    indices = indices.astype(np.int64)
+    n = len(self)
+    if indices.size and (indices.min() < -1 or indices.max() >= n):
+      raise IndexError(
+        f"indices must lie in [-1, {n}) (-1 for a padding row), got "
+        f"{indices.min()} to {indices.max()}"
+      )
     valid = indices >= 0
     safe = np.where(valid, indices, 0)
     out = {}

@@ -1126,17 +1126,18 @@ def holds_transposed_weights(params: Params) -> bool:
 
 def check_params(params: Params, config: ModelConfig) -> None:
   """Checks that params are an LM's in this config's layout (at trace
-  time: only their structure and shapes are read): an "embed", the
-  config's number of layers (`check_layer_count`), and in the stacked
-  layout an "lm_head" exactly when the config's head is untied.
+  time: only their structure and shapes are read): an "embed" of
+  [vocab_size, hidden_size], the config's number of layers
+  (`check_layer_count`), and in the stacked layout an "lm_head" exactly
+  when the config's head is untied.
 
   Raises:
     TypeError: params that are not a dict.
     ValueError: another model's params (a reward or value model's
-      {backbone, head}, one of another depth, an untied model's under a
-      tied config or the reverse, entries the model has no parameter
-      for); flax would fail inside the model, run an lm_head the config
-      does not have, or ignore the entries.
+      {backbone, head}, one of another depth or embedding shape, an
+      untied model's under a tied config or the reverse, entries the
+      model has no parameter for); flax would fail inside the model,
+      run an lm_head the config does not have, or ignore the entries.
   """
   if not isinstance(params, Mapping):
     raise TypeError(
@@ -1166,12 +1167,25 @@ def check_params(params: Params, config: ModelConfig) -> None:
       "parameter of this model (another model's, or a typo)"
     )
   check_layer_count(params, config)
+  _check_embed_shape(params["embed"], config)
   tied = config.tie_word_embeddings
   if "layers" in params and ("lm_head" in params) == tied:
     has = "an lm_head" if tied else "no lm_head"
     raise ValueError(
       f"params hold {has}, but the config's tie_word_embeddings is {tied}: "
       "params of another model's config"
+    )
+
+
+def _check_embed_shape(embed: Any, config: ModelConfig) -> None:
+  """Raises ValueError unless the embedding is [vocab_size, hidden_size]:
+  a tied head of another V samples ids the tokenizer does not have."""
+  shape = tuple(getattr(embed, "shape", ()))
+  want = (config.vocab_size, config.hidden_size)
+  if shape != want:
+    raise ValueError(
+      f"params['embed'] has shape {shape}: expected [vocab_size, "
+      f"hidden_size] = {list(want)} of the config (params of another model)"
     )
 
 

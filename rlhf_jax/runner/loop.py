@@ -25,7 +25,6 @@ one-line ``UserError`` naming it.
 """
 
 import dataclasses
-import io
 import os
 import pathlib
 import sys
@@ -404,8 +403,8 @@ class TrainLoop:
       if writer is not None and start == 0 and first_record:
         writer.log(0, first_record, stage=self.name)
       # One bar per run: the other processes draw theirs nowhere.
-      quiet = {} if self.write else {"stream": io.StringIO(), "tty": False}
-      with ProgressBar(self.total_steps, self.name, **quiet) as bar:
+      show = self.write
+      with ProgressBar(self.total_steps, self.name, show=show) as bar:
         bar.update(start)
         for step in range(start + 1, self.total_steps + 1):
           state, metrics = step_fn(state)

@@ -1,9 +1,10 @@
 """Progress display for long stages: a rich bar on a terminal, log lines off.
 
-On a TTY, ``ProgressBar`` shows a rich progress bar with done/total, elapsed
-time, ETA and a few key metrics, redrawn in place. When the stream is not a
-TTY (CI logs, ``| tee``, a file), redrawing would fill the log with carriage
-returns, so it prints plain, complete lines instead:
+Progress goes to stderr, so stdout holds a command's results alone. On a
+TTY, ``ProgressBar`` shows a rich progress bar with done/total, elapsed
+time, ETA and a few key metrics, redrawn in place. When the stream is not
+a TTY (CI logs, ``| tee``, a file), redrawing would fill the log with
+carriage returns, so it prints plain, complete lines instead:
 
   ppo: 10/50 (20%) elapsed 0:00:31 eta 0:01:40 | objective/kl=0.81 ...
 
@@ -63,13 +64,15 @@ class ProgressBar:
     log_every: int | None = None,
     log_interval_s: float = 60.0,
     max_metrics: int = 4,
+    show: bool = True,
   ) -> None:
     """Starts the display.
 
     Args:
       total: number of units (steps, iterations, batches), >= 0.
       description: stage name shown before the bar.
-      stream: where to draw; defaults to sys.stdout at construction time.
+      stream: where to draw; defaults to sys.stderr at construction time
+        (as tqdm: stdout keeps the command's results alone).
       tty: force the rich bar (True) or plain lines (False); default:
         ``stream.isatty()``.
       log_every: plain mode: print every this many units (default
@@ -77,6 +80,8 @@ class ProgressBar:
       log_interval_s: plain mode: also print when this much time passed
         since the last line.
       max_metrics: how many metrics (first in dict order) to show.
+      show: False draws nothing (the units are still counted), e.g. for
+        work of one unit.
 
     Raises:
       ValueError: if total is negative.
@@ -86,8 +91,9 @@ class ProgressBar:
     self.total = int(total)
     self.description = description
     self.done = 0
-    self._stream = sys.stdout if stream is None else stream
-    self.tty = _isatty(self._stream) if tty is None else tty
+    self._stream = sys.stderr if stream is None else stream
+    self._show = show
+    self.tty = show and (_isatty(self._stream) if tty is None else tty)
     self._max_metrics = max_metrics
     self._log_every = log_every or max(1, math.ceil(self.total / 10))
     self._log_interval_s = log_interval_s
@@ -142,6 +148,8 @@ class ProgressBar:
     if self._progress is not None:
       self._progress.update(self._task, advance=n, metrics=self._metrics_text)
       return
+    if not self._show:
+      return
     first_update = self._first is None
     if first_update:
       self._first = (now, self.done)
@@ -185,7 +193,7 @@ class ProgressBar:
     self._closed = True
     if self._progress is not None:
       self._progress.stop()
-    elif self._last_line_done != self.done:
+    elif self._show and self._last_line_done != self.done:
       self._print_line(time.monotonic())
 
   def __enter__(self) -> "ProgressBar":

@@ -605,6 +605,15 @@ def run_part(path: str | os.PathLike) -> str | None:
   return None
 
 
+def enclosing_run(path: str | os.PathLike) -> pathlib.Path | None:
+  """The innermost run directory that ``path`` lies in, or None."""
+  try:
+    target = pathlib.Path(path).resolve()
+  except RuntimeError:  # a symlink loop
+    return None
+  return next((p for p in target.parents if (p / RUN_MARKER).is_file()), None)
+
+
 def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
   """Why ``run_dir`` cannot hold a run ("" when it can).
 
@@ -848,11 +857,13 @@ def _check_overwrite(
   foreign += _foreign_inside(run_dir)
   if foreign:
     more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-    n = f"{len(foreign)} entries" if len(foreign) > 1 else "an entry"
+    several = len(foreign) > 1
+    n = f"{len(foreign)} entries" if several else "an entry"
     raise UserError(
       f"--overwrite {run_dir}: it holds {n} rlhf-jax did not write "
       f"({', '.join(foreign[:5])}{more}); nothing was deleted. "
-      f"Move them out of {where}, or choose another {flag}"
+      f"Move {'them' if several else 'it'} out of {where}, or choose "
+      f"another {flag}"
     )
   for key, value in _path_values(record).items():
     if portable_path(value, run_dir).startswith(_IN_RUN_DIR):

@@ -148,6 +148,22 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
     )
 
 
+def check_prompt_room(config: PipelineConfig, tok: models.Tokenizer) -> None:
+  """--task.max-prompt-length leaves a prompt token beside the BOS the
+  tokenizer prepends; checked before any work (the prompts stage sampled
+  its stories first and failed when it tokenized their prefixes).
+
+  Raises:
+    DataError: it does not, in the words of the later check.
+  """
+  p = config.task.max_prompt_length
+  if p < 2 and HFTokenizerAdapter.wrap(tok).bos_id is not None:
+    raise DataError(
+      f"--task.max-prompt-length {p} leaves no room for a prompt token "
+      "after the BOS"
+    )
+
+
 def _check_rewards(config: PipelineConfig) -> None:
   """The --reward functions load (their modules import) before any work.
 
@@ -205,6 +221,7 @@ def open_run(
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
   tok = policy_tokenizer(model_dir)
+  check_prompt_room(config, tok)
   check_user_data(config, tok)
   run_dir = open_run_dir(
     command,

@@ -2,7 +2,6 @@
 
 import dataclasses
 import functools
-import io
 import json
 import os
 import pathlib
@@ -145,6 +144,24 @@ def _policy_dir(
 # --------------------------------------------------------------- generate
 
 
+def _say_initial(run_dir: pathlib.Path) -> None:
+  """Says on stderr that ``generate --run-dir`` without --policy samples
+  the run's initial (untrained) policy, and names its trained ones."""
+  trained = [
+    p
+    for p in POLICIES
+    if p != "initial" and (run_dir / "outputs" / p / "config.json").is_file()
+  ]
+  has = "it has no trained policy yet"
+  if trained:
+    has = f"its trained policies: {', '.join(trained)}"
+  print(
+    f"generate: sampling the initial policy of {run_dir} (the untrained "
+    f"model); {has} (choose with --policy)",
+    file=sys.stderr,
+  )
+
+
 def _model_part(path: pathlib.Path) -> str | None:
   """Why --output must not write ``path``: it lies in a model directory
   (config.json beside safetensors, or an export); None otherwise."""
@@ -177,6 +194,12 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   runtime.check_folder_writable(
     out.parent, "--output", out, "nothing was sampled"
   )
+  if (run := runtime.enclosing_run(out)) is not None:  # allowed, but say so
+    print(
+      f"generate: --output {out} lies inside the run directory {run}; "
+      "that run's --overwrite refuses to clear it until it is moved out",
+      file=sys.stderr,
+    )
   return out
 
 
@@ -296,7 +319,10 @@ def run_generate(config: C.GenerateConfig) -> int:
   environment.setup_jax()
   if config.run_dir is not None:
     run_dir = pathlib.Path(config.run_dir)
-    model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
+    policy = config.policy or "initial"
+    model_dir = _policy_dir(run_dir, _run_record(run_dir), policy)
+    if config.policy is None:
+      _say_initial(run_dir)
   else:
     model_dir = environment.resolve_model(config.model)
     _check_not_reward_model(model_dir)
@@ -341,9 +367,8 @@ def _sampled_records(config, ds, prompts, sample, tok) -> list[dict]:
   n = len(prompts) * config.num_samples
   size = min(config.batch_size, n)  # one compile: every batch this size
   batches = -(-n // size)
-  shown_on = sys.stderr if batches > 1 else io.StringIO()  # one: no bar
   records = []
-  with ProgressBar(batches, "generate", stream=shown_on) as progress:
+  with ProgressBar(batches, "generate", show=batches > 1) as progress:
     for start, stop in chunks(n, size):
       rows = np.arange(start, stop) // config.num_samples
       pid, pmask = (pad_rows(ds.arrays[k][rows], size) for k in _PROMPT)
@@ -656,7 +681,7 @@ def _check_export_out(
   """
   target = out.resolve()
   if out.exists() and not out.is_dir():
-    raise runtime.UserError(f"--out {out}: is a file, expected a directory")
+    raise runtime.UserError(f"--out {out}: is a file, not a directory")
   # The export is staged beside --out's target (a link's too).
   runtime.check_folder_writable(
     out.resolve().parent, "--out", out, "nothing was exported"

@@ -133,6 +133,37 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
     )
 
 
+# How each state type is made, for the error of a step given another.
+_MADE_BY = {
+  "TrainState": "train.TrainState.create(params, optimizer, rng)",
+  "PPOState": "train.init_ppo_state",
+}
+
+
+def check_state(state: Any, kind: type) -> None:
+  """Raises TypeError, naming both types and how a ``kind`` is made,
+  unless ``state`` is one (the params dict as the state failed on a bare
+  AttributeError of ``.params``)."""
+  if not isinstance(state, kind):
+    made = _MADE_BY.get(kind.__name__, kind.__name__)
+    raise TypeError(
+      f"the state must be a {kind.__name__} (made by {made}), got "
+      f"{type(state).__name__}"
+    )
+
+
+def check_step_args(
+  state: Any,
+  batch: Any,
+  kind: type | tuple[type, ...],
+  state_kind: type = TrainState,
+) -> None:
+  """A train step's state and batch (`check_state`, `check_batch`),
+  checked at trace time."""
+  check_state(state, state_kind)
+  check_batch(batch, kind)
+
+
 def check_rows(*groups: tuple[str, Any, str, Any]) -> None:
   """Checks (ids name, ids, mask name, mask) groups at trace time: each
   ids i32[B, L] with a mask of its shape, and one B for all.

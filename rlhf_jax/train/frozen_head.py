@@ -28,6 +28,7 @@ from rlhf_jax.train.common import (
   accumulate_gradients,
   check_batch_type,
   check_build,
+  check_state,
   finish_step,
   global_sum,
   stacked_pairs,
@@ -157,6 +158,7 @@ def make_head_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch: FeaturePairBatch):
+    check_state(state, TrainState)
     check_feature_batch(batch, model_config.hidden_size)
     total = global_sum(batch.chosen.shape[0], axis)
 

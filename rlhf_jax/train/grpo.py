@@ -32,10 +32,10 @@ from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.kl import kl_estimate
 from rlhf_jax.train.common import (
-  check_batch,
   check_build,
   check_frozen,
   check_score_fn,
+  check_step_args,
 )
 from rlhf_jax.train.grpo_config import GRPOConfig
 from rlhf_jax.train.grpo_groups import (
@@ -139,6 +139,7 @@ def make_grpo_rollout(
   check_build(model_config, config, GRPOConfig)
 
   def rollout_fn(state: TrainState, prompts: PromptBatch, frozen=None):
+    check_step_args(state, prompts, PromptBatch)
     check_frozen(frozen, (), "the rollout reads frozen['ref'] alone")
     sample_rng, _ = _keys(state)
     rollout = rollout_phase(
@@ -323,7 +324,8 @@ def make_grpo_step(
     and "reward" (needed without ``score_fn``); None when neither is.
 
   Raises:
-    TypeError: ``score_fn`` not callable (when built).
+    TypeError: ``score_fn`` not callable (when built); at trace time, a
+      state or batch of another type (named).
     ValueError: at trace time, ``frozen`` without what it needs, or with
       a key other than "ref" and "reward" (named).
   """
@@ -340,7 +342,7 @@ def make_grpo_step(
     hint = "with a score_fn: pass frozen={'ref': reference LM params}"
 
   def step(state: TrainState, prompts: PromptBatch, frozen: dict | None):
-    check_batch(prompts, PromptBatch)
+    check_step_args(state, prompts, PromptBatch)
     frozen = check_frozen(frozen, needs, hint)
     samples = rollout_fn(state, prompts, frozen)
     r = samples.rollout

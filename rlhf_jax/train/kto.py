@@ -43,8 +43,8 @@ from rlhf_jax.train.common import (
   above,
   accumulate_gradients,
   an_int_at_least,
-  check_batch,
   check_build,
+  check_step_args,
   concat_prompt_response,
   finish_step,
   global_sum,
@@ -201,7 +201,7 @@ def make_kto_step(
   )
 
   def step(state: TrainState, batch: UnpairedBatch, ref_params=None):
-    check_batch(batch, UnpairedBatch)
+    check_step_args(state, batch, UnpairedBatch)
     ref_params, ref_config = _reference(
       state.params, ref_params, model_config, lora_policy
     )

@@ -35,10 +35,10 @@ from rlhf_jax import models
 from rlhf_jax import stats as st
 from rlhf_jax.models import lora
 from rlhf_jax.train.common import (
-  check_batch,
   check_build,
   check_frozen,
   check_score_fn,
+  check_step_args,
 )
 from rlhf_jax.train.ppo_config import PPOConfig, kl_controller
 from rlhf_jax.train.ppo_fused import fuses, make_fused_update
@@ -120,7 +120,8 @@ def make_ppo_step(
       sizes that do not split into minibatches, or ``frozen`` without
       "ref" (needed unless LoRA) or "reward" (unless ``score_fn``), or
       with another key (named).
-    TypeError: ``score_fn`` not callable (when built).
+    TypeError: ``score_fn`` not callable (when built); at trace time, a
+      state or batch of another type (named).
   """
   check_score_fn(score_fn)
   optimizers = [("policy_optimizer", policy_optimizer)]
@@ -138,7 +139,7 @@ def make_ppo_step(
   )
 
   def step(state: PPOState, prompts: PromptBatch, frozen: dict | None):
-    check_batch(prompts, PromptBatch)
+    check_step_args(state, prompts, PromptBatch, PPOState)
     _check_rows(prompts, config)
     frozen = check_frozen(frozen, needs, hint)
     rng = jax.random.fold_in(state.rng, state.step)

@@ -43,6 +43,8 @@ from rlhf_jax.train.common import (
   check_batch,
   check_build,
   check_preference_batch,
+  check_state,
+  check_step_args,
   concat_prompt_response,
   finish_step,
   global_sum,
@@ -94,7 +96,7 @@ def make_sft_step(
   axis = config.axis_name
 
   def step(state: TrainState, batch: SFTBatch):
-    check_batch(batch, SFTBatch)
+    check_step_args(state, batch, SFTBatch)
     normalizer = loss_normalizer(
       batch.response_mask, config.loss_agg_mode, axis
     )
@@ -319,6 +321,7 @@ def make_reward_model_step(
   kind = PreferenceBatch if config.loss_type == "pairwise" else RankedBatch
 
   def step(state: TrainState, batch):
+    check_state(state, TrainState)
     try:
       check_batch(batch, kind)
     except TypeError as e:
@@ -555,7 +558,7 @@ def make_dpo_step(
   )
 
   def step(state: TrainState, batch: PreferenceBatch, ref_params=None):
-    check_batch(batch, PreferenceBatch)
+    check_step_args(state, batch, PreferenceBatch)
     total = global_sum(batch.prompt_ids.shape[0], axis)
     params = state.params
     _check_reference_logprobs(batch, config.precomputed_ref)

@@ -109,7 +109,7 @@ def test_good_run(tmp_path, capsys):
   )
   assert code == 2 and (out / "mine.txt").read_text() == "x"
   assert err.endswith(
-    "(mine.txt); nothing was deleted. Move them out of the --out folder, "
+    "(mine.txt); nothing was deleted. Move it out of the --out folder, "
     "or choose another --out\n"
   ), err
 

@@ -4,6 +4,7 @@ smoke size, and bad rows as one line with exit status 2."""
 
 import json
 import math
+import re
 
 import cli_harness as h
 import pytest
@@ -195,6 +196,9 @@ def test_accept_rate_task_smoke(tmp_path):
   assert finalized_steps(run_dir / "checkpoints" / "grpo") == [2]
 
 
+_PROGRESS = re.compile(r"^\S+: \d+/\d+ \(\d+%\) elapsed ")
+
+
 def _error(capsys, args) -> str:
   # In-process: this process has 8 fake devices, so batches of 8.
   code = main(
@@ -202,6 +206,8 @@ def _error(capsys, args) -> str:
   )
   err = capsys.readouterr().err
   assert code == 2 and "Traceback" not in err, err
+  # Progress lines of the stages that ran (on stderr), then the error.
+  err = "".join(x for x in err.splitlines(True) if not _PROGRESS.match(x))
   assert err.count("\n") == 1, err
   return err.removeprefix("rlhf-jax: error: ").strip()
 

@@ -146,7 +146,7 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
     _prepare(run_dir, overwrite=True)
   assert str(e.value) == (
     f"--overwrite {run_dir}: it holds an entry rlhf-jax did not write "
-    "(notes.txt); nothing was deleted. Move them out of the run directory, "
+    "(notes.txt); nothing was deleted. Move it out of the run directory, "
     "or choose another --run-dir"
   )
   for i in range(6):
@@ -154,7 +154,8 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
   with pytest.raises(
     runtime.UserError,
     match=r"holds 7 entries .*"
-    r"\(mine0, mine1, mine2, mine3, mine4 and 2 more\)",
+    r"\(mine0, mine1, mine2, mine3, mine4 and 2 more\); nothing was "
+    r"deleted. Move them out",
   ):
     _prepare(run_dir, overwrite=True)
   assert _files(run_dir) == before
