@@ -16,8 +16,21 @@ import numpy as np
 
 
 def is_int(value: Any) -> bool:
-  """An integer (Python's or NumPy's), not a bool."""
-  return not isinstance(value, bool) and hasattr(value, "__index__")
+  """An integer (Python's, NumPy's, or an integer array scalar, traced
+  too), not a bool. A 0-d float array has ``__index__`` too (it raises
+  when called), so a concrete value is converted, not only looked at."""
+  dtype = getattr(value, "dtype", None)
+  if isinstance(value, bool) or (
+    dtype is not None and not jnp.issubdtype(dtype, jnp.integer)
+  ):
+    return False
+  if isinstance(value, jax.core.Tracer):  # its value is not known here
+    return value.shape == ()
+  try:
+    operator.index(value)
+  except TypeError:  # a float, a string, an array of several
+    return False
+  return True
 
 
 def check_count(name: str, value: Any) -> int:

@@ -36,7 +36,7 @@ from rlhf_jax import (
   sft_loss,
 )
 from rlhf_jax.cli.main import DEBUG_ENV, main
-from rlhf_jax.data import load_examples, tokenize_prompts
+from rlhf_jax.data import UnpairedBatch, load_examples, tokenize_prompts
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.rollout import generate
 from rlhf_jax.rollout.generate import response_mask_from_ids, row_rngs
@@ -1064,41 +1064,6 @@ LIBRARY_CASES = [
     lambda: row_rngs(jax.random.key(0), -1),
     "batch must be an integer >= 1, got -1",
   ),
-  # The params dict as the state: "'dict' object has no attribute
-  # 'params'"; a TrainState for PPO's state, an AttributeError too.
-  (
-    lambda: jax.eval_shape(
-      make_dpo_step(TINY, _opt()),
-      _state().params,
-      PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4)),
-    ),
-    "the state must be a TrainState (made by train.TrainState.create("
-    "params, optimizer, rng)), got dict",
-  ),
-  (
-    lambda: jax.eval_shape(
-      make_reward_model_step(TINY, _opt()),
-      _state().params,
-      PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4)),
-    ),
-    "the state must be a TrainState (made by train.TrainState.create(",
-  ),
-  (
-    lambda: jax.eval_shape(
-      make_ppo_step(TINY, _opt(), _opt(), PPOConfig(0, 0, max_new_tokens=2)),
-      _state(),
-      PromptBatch(*_rows(2, 3)),
-      None,
-    ),
-    "the state must be a PPOState (made by train.init_ppo_state), got "
-    "TrainState",
-  ),
-  (
-    lambda: jax.eval_shape(
-      make_head_step(TINY, _opt()), {}, FeaturePairBatch(*_features(2, 8))
-    ),
-    "the state must be a TrainState",
-  ),
   # An embedding of another V passed: a tied head sampled ids past the
   # tokenizer's.
   (
@@ -1122,6 +1087,29 @@ LIBRARY_CASES = [
   ),
   (
     lambda: kl.apply_missing_eos_penalty(
+      jnp.zeros(2), *_rows(2, 3), eos_token_id=np.array(1.5), penalty=1.0
+    ),
+    "eos_token_id must be an integer, got array(1.5)",
+  ),
+  # The decode layout's head is read without flax's shape check: logits
+  # of another width were sampled.
+  (
+    lambda: models.check_params(
+      {
+        **models.unstack_layers(
+          models.init_params(TINY, jax.random.key(0)),
+          TINY,
+          transpose_min_size=0,
+        ),
+        "lm_head_t": jnp.zeros((2 * TINY.vocab_size, TINY.hidden_size)),
+      },
+      TINY,
+    ),
+    f"params['lm_head_t'] has shape ({2 * TINY.vocab_size}, "
+    f"{TINY.hidden_size}): expected [vocab_size, hidden_size]",
+  ),
+  (
+    lambda: kl.apply_missing_eos_penalty(
       jnp.zeros(2),
       jnp.ones((2, 3)),
       jnp.ones((2, 3), bool),
@@ -1140,6 +1128,116 @@ def test_library_misuse_raises_a_named_error(call, message):
   with pytest.raises((ValueError, TypeError)) as info:
     call()
   assert message in str(info.value), str(info.value)
+
+
+def _two_pairs():
+  return PreferenceBatch(*_rows(2, 3), *_rows(2, 4), *_rows(2, 4))
+
+
+def _grpo_update_args():
+  """(make_grpo_update's update, GRPOSamples, scores) of 2 prompts x 2."""
+  rollout = make_grpo_rollout(TINY, _GRPO)
+  samples = jax.eval_shape(rollout, _state(), PromptBatch(*_rows(2, 3)), None)
+  return make_grpo_update(TINY, _opt(), _GRPO), samples, jnp.zeros(4)
+
+
+_PPO = PPOConfig(0, 0, max_new_tokens=2, num_minibatches=1)
+_GRPO = GRPOConfig(0, 0, group_size=2, max_new_tokens=2, kl_penalty="off")
+# (step, its batch and further arguments, the state type it takes).
+STEPS_AND_STATES = {
+  "sft": (make_sft_step(TINY, _opt()), (SFTBatch(*_rows(2, 3), *_rows(2, 4)),)),
+  "rm": (make_reward_model_step(TINY, _opt()), (_two_pairs(),)),
+  "dpo": (make_dpo_step(TINY, _opt()), (_two_pairs(),)),
+  "kto": (
+    make_kto_step(TINY, _opt()),
+    (UnpairedBatch(*_rows(2, 3), *_rows(2, 4), jnp.array([True, False])),),
+  ),
+  "ppo": (
+    make_ppo_step(TINY, _opt(), _opt(), _PPO),
+    (PromptBatch(*_rows(2, 3)), None),
+  ),
+  "grpo": (
+    make_grpo_step(TINY, _opt(), _GRPO),
+    (PromptBatch(*_rows(2, 3)), None),
+  ),
+  "grpo_rollout": (
+    make_grpo_rollout(TINY, _GRPO),
+    (PromptBatch(*_rows(2, 3)), None),
+  ),
+  "head": (make_head_step(TINY, _opt()), (FeaturePairBatch(*_features(2, 8)),)),
+}
+
+
+@pytest.mark.parametrize("name", [*STEPS_AND_STATES, "grpo_update"])
+@pytest.mark.parametrize("state", ["params", "other_state", "none"])
+def test_a_step_names_a_state_of_another_type(name, state):
+  """The params dict as the state was "'dict' object has no attribute
+  'params'"; a TrainState for PPO's state an AttributeError too."""
+  if name == "grpo_update":
+    step, *rest = _grpo_update_args()
+  else:
+    step, rest = STEPS_AND_STATES[name]
+  kind = "PPOState" if name == "ppo" else "TrainState"
+  params = models.init_params(TINY, jax.random.key(0))
+  given = {
+    "params": params,
+    "other_state": (
+      _state()
+      if name == "ppo"
+      else init_ppo_state(
+        params,
+        models.from_policy_params(params, TINY, jax.random.key(1)),
+        _opt(),
+        _opt(),
+        jax.random.key(0),
+        _PPO,
+      )
+    ),
+    "none": None,
+  }[state]
+  got = {"params": "dict", "none": "NoneType"}.get(state)
+  got = got or ("TrainState" if name == "ppo" else "PPOState")
+  made = {
+    "TrainState": "train.TrainState.create(params, optimizer, rng)",
+    "PPOState": "train.init_ppo_state",
+  }[kind]
+  with pytest.raises(TypeError) as e:
+    jax.eval_shape(step, given, *rest)
+  assert str(e.value) == (
+    f"the state must be a {kind} (made by {made}), got {got}"
+  )
+
+
+def test_the_head_step_names_params_that_are_no_head():
+  """An LM's or a reward model's params in the state were flax's
+  "Could not find parameter named "kernel"" from inside the head."""
+  params = models.init_params(TINY, jax.random.key(0))
+  rm = models.from_policy_params(params, TINY, jax.random.key(1))
+  step = make_head_step(TINY, _opt())
+  batch = FeaturePairBatch(*_features(2, TINY.hidden_size))
+  jax.eval_shape(step, TrainState.create(rm["head"], _opt(), _key()), batch)
+  for given, hint in (
+    (rm, "; these are a reward model's: pass params['head']"),
+    (params, "; these are an LM's: the head step trains a head on its"),
+  ):
+    state = TrainState.create(given, _opt(), _key())
+    with pytest.raises(ValueError) as e:
+      jax.eval_shape(step, state, batch)
+    assert str(e.value).startswith(
+      f"the head params hold {sorted(given)}: expected models.ScalarHead's "
+      f"kernel and bias{hint}"
+    )
+  wide = {"kernel": jnp.zeros(3), "bias": jnp.zeros(())}
+  with pytest.raises(ValueError) as e:
+    jax.eval_shape(step, TrainState.create(wide, _opt(), _key()), batch)
+  assert str(e.value) == (
+    "the head params hold shapes {'kernel': (3,), 'bias': ()}: expected "
+    f"kernel [{TINY.hidden_size}] (the backbone's hidden size) and bias []"
+  )
+
+
+def _key():
+  return jax.random.key(0)
 
 
 def test_configs_are_checked_when_the_step_is_built_not_traced():

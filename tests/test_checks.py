@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.checks import check_count, check_key, check_number
+from rlhf_jax.checks import check_count, check_key, check_number, is_int
 
 _positive = functools.partial(
   check_number, "beta", ok=lambda v: v > 0, expected="> 0"
@@ -135,3 +135,35 @@ def test_check_key_refuses_what_is_not_one_key(rng, error, got):
     check_key("rng", rng)
   assert type(info.value) is error
   assert str(info.value).endswith(got)
+
+
+@pytest.mark.parametrize(
+  "value, want",
+  [
+    (3, True),
+    (np.int32(3), True),
+    (np.uint8(3), True),
+    (np.array(3), True),
+    (jnp.int32(3), True),
+    # A 0-d float array has __index__ (which raises): it passed as an int.
+    (np.array(1.5), False),
+    (jnp.float32(2.0), False),
+    (1.5, False),
+    (True, False),
+    (np.bool_(True), False),
+    (np.array(True), False),
+    (np.array([1, 2]), False),
+    ("3", False),
+    (None, False),
+  ],
+  ids=repr,
+)
+def test_is_int(value, want):
+  assert is_int(value) is want
+
+
+def test_is_int_of_a_traced_value_reads_its_dtype_and_shape():
+  seen = []
+  for x in (3, 2.5, np.arange(2)):
+    jax.jit(lambda v: seen.append(is_int(v)) or v)(x)
+  assert seen == [True, False, False]

@@ -218,6 +218,57 @@ def test_ppo_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
   assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["sft", "kto"])
+def test_data_prompt_length_with_no_room_names_the_option(
+  tmp_path, capsys, command
+):
+  """It was "max_prompt_length=1 leaves no room ...", the library's
+  argument, not the command's option."""
+  rows = [
+    {"prompt": f"p{i}", "completion": " c", "label": i % 2 == 0}
+    for i in range(6)
+  ]
+  if command == "sft":
+    rows = [{k: r[k] for k in ("prompt", "completion")} for r in rows]
+  data = _write(tmp_path / "rows.jsonl", [json.dumps(r) for r in rows])
+  run = tmp_path / "r"
+  code, err = _run(
+    capsys,
+    [command, "--data", data, "--run-dir", str(run)]
+    + ["--max-prompt-length", "1"],
+  )
+  _check(
+    code,
+    err,
+    "--max-prompt-length 1 leaves no room for a prompt token after the BOS",
+  )
+  assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_task_prompt_length_too_short_for_its_openings(
+  tmp_path, capsys, command
+):
+  """The task's fixed prompts are known before any work: a P that cannot
+  hold them failed after the prompts stage had sampled its stories, in
+  the library's words ("max_prompt_length=8 (set truncate_prompts=True
+  ...)", an option the command does not have)."""
+  run = tmp_path / "r"
+  code, err = _run(
+    capsys,
+    [command, "--preset", "smoke", "--run-dir", str(run)]
+    + ["--task.max-prompt-length", "8"],
+  )
+  _check(
+    code,
+    err,
+    "--task.max-prompt-length 8: the task's prompt 'Ben went to school "
+    "with his classmate Sara. At lunch, they' has 22 tokens (with the "
+    "BOS); raise it to at least 22",
+  )
+  assert not run.exists()
+
+
 def test_tokenizer_larger_than_the_model_vocabulary(
   tmp_path, capsys, shared_data
 ):
@@ -354,16 +405,20 @@ def test_unknown_option(capsys):
   )
 
 
-def test_unknown_options_keep_their_values(capsys):
+@pytest.mark.parametrize(
+  "args, shown",
+  [
+    (["--foo", "3", "--bar", "x", "7"], "options: --foo 3, --bar x, 7"),
+    (["--foo", "-3"], "option: --foo -3"),
+    (["--foo=3", "4"], "options: --foo=3, 4"),
+    (["stray", "words"], "options: stray, words"),
+  ],
+)
+def test_unknown_options_keep_their_values(capsys, args, shown):
   """A value is shown with its option (tyro listed "--foo, 3" as two
-  options), and a lone positional value stays on its own."""
-  code, err = _run(capsys, ["generate", "--foo", "3", "--bar", "x", "7"])
-  _check(
-    code,
-    err,
-    "Unrecognized options: --foo 3, --bar x, 7 (see `rlhf-jax generate "
-    "--help`)",
-  )
+  options); a second value, or words with no option, stay on their own."""
+  code, err = _run(capsys, ["generate", *args])
+  _check(code, err, f"Unrecognized {shown} (see `rlhf-jax generate --help`)")
 
 
 @pytest.mark.parametrize(
@@ -1339,32 +1394,37 @@ def test_eval_of_a_run_on_data_says_it_sampled_nothing(
 
 
 @pytest.mark.parametrize("trained", [(), ("ppo", "dpo")])
-def test_generate_run_dir_without_policy_says_initial(
+def test_generate_run_dir_initial_policy_is_a_warning(
   tmp_path, capsys, shared_data, trained
 ):
-  """--run-dir alone sampled the untrained initial policy without a word;
-  a line on stderr now says so and names the trained ones."""
+  """--run-dir with the default --policy initial sampled the untrained
+  model without a word; a warning now says so and names the trained
+  policies, and --policy ppo samples without one."""
   run = _eval_run(tmp_path, shared_data, policies=trained)
   args = ["generate", "--run-dir", str(run), "--prompts", "Once upon a time"]
   code = main([*args, "--max-prompt-length", "2"])  # stops before weights
   err = capsys.readouterr().err.splitlines()
-  has = (
-    "its trained policies: ppo, dpo"
-    if trained
-    else ("it has no trained policy yet")
-  )
+  has = "it has no trained policy yet"
+  if trained:
+    has = "its trained policies: ppo, dpo (choose with --policy)"
   assert code == 2 and err[0] == (
-    f"generate: sampling the initial policy of {run} (the untrained "
-    f"model); {has} (choose with --policy)"
+    f"rlhf-jax: warning: sampling the initial policy of {run} (the "
+    f"untrained model); {has}"
   )
   assert err[1].startswith("rlhf-jax: error: --prompts value 1 ")
-  main([*args, "--policy", "initial", "--max-prompt-length", "2"])
-  assert "generate: sampling" not in capsys.readouterr().err  # asked for
+  if trained:
+    code = main([*args, "--policy", "ppo", "--max-prompt-length", "2"])
+    err = capsys.readouterr().err
+    # No warning; the fake policy (config.json alone) then fails to load.
+    assert code == 2 and err == (
+      f"rlhf-jax: error: {run / 'outputs' / 'ppo'}: no tokenizer.json (only "
+      "fast-tokenizer files are supported)\n"
+    )
 
 
-def test_generate_output_inside_a_run_is_announced(tmp_path, capsys):
+def test_generate_output_inside_a_run_is_a_warning(tmp_path, capsys):
   """Allowed (a user's file), but that run's --overwrite then refuses to
-  clear it: said when the file is chosen, before any work."""
+  clear it: a warning when the file is chosen, before any work."""
   run = tmp_path / "run"
   (run / "mine").mkdir(parents=True)
   (run / runtime.RUN_MARKER).write_text("")
@@ -1372,15 +1432,18 @@ def test_generate_output_inside_a_run_is_announced(tmp_path, capsys):
   code = main(["generate", "--output", str(out), "--model", "/nonexistent"])
   err = capsys.readouterr().err.splitlines()
   assert code == 2 and err[0] == (
-    f"generate: --output {out} lies inside the run directory "
-    f"{run.resolve()}; that run's --overwrite refuses to clear it until "
-    "it is moved out"
+    f"rlhf-jax: warning: --output {out.resolve()} lies inside the run "
+    f"directory {run.resolve()}; that run's --overwrite refuses to clear "
+    "it until it is moved out"
   )
   assert err[1] == (
     "rlhf-jax: error: model directory /nonexistent does not exist (--model)"
   )
-  main(["generate", "--output", str(tmp_path / "s.jsonl"), "--model", "/x"])
-  assert "lies inside" not in capsys.readouterr().err
+  code = main(
+    ["generate", "--output", str(tmp_path / "s.jsonl")] + ["--model", "/x"]
+  )
+  err = capsys.readouterr().err
+  assert code == 2 and err.startswith("rlhf-jax: error: model directory /x")
 
 
 @pytest.mark.parametrize(
@@ -2033,6 +2096,18 @@ def test_generate_chat_renders_a_user_turn(tmp_path, capsys, tinystories_dir):
   assert chat.startswith("[Once upon a time] ")
   assert chat.split("] ", 1)[1] == raw.split("] ", 1)[1]
   assert chat.split("] ", 1)[1].strip()
+  # Too long as a turn: the message quotes the prompt, not the template
+  # around it ('<user>Once upon a time\n<assistant>').
+  code, err = _run(
+    capsys, [*common[:-1], "8", "--chat", "--prompts", "Once upon a time"]
+  )
+  _check(
+    code,
+    err,
+    "--prompts value 1 ('Once upon a time') has 18 tokens as a chat turn, "
+    "more than --max-prompt-length 8; raise --max-prompt-length or shorten "
+    "it",
+  )
 
 
 @pytest.mark.parametrize(

@@ -846,3 +846,34 @@ def test_version_prints_the_installed_versions(capsys):
   for args in (["--version"], ["-V"], ["--debug", "--version"]):
     assert main(args) == 0
     assert capsys.readouterr().out == want
+
+
+def test_piped_stdout_keeps_its_order_with_the_progress_on_stderr():
+  """stdout piped is block-buffered: every sample came after every progress
+  line of stderr (`generate ... 2>&1 | tee log`), at exit. The command
+  writes stdout line by line."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+  command = str(pathlib.Path(sys.executable).with_name("rlhf-jax"))
+  proc = subprocess.run(
+    [command, "generate", "--preset", "smoke", "--prompts", "Once", "The"]
+    + ["--num-samples", "2", "--batch-size", "2"],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout
+  kinds = [
+    "sample" if line.startswith("[") else line.split(" (")[0]
+    for line in proc.stdout.splitlines()
+  ]
+  # Batch 1 holds prompt 1's two samples, batch 2 prompt 2's.
+  assert kinds == [
+    "sample",
+    "sample",
+    "generate: 1/2",
+    "sample",
+    "sample",
+    "generate: 2/2",
+  ], proc.stdout

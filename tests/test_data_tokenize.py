@@ -461,11 +461,19 @@ def test_take_refuses_indices_that_are_no_rows(gpt2):
   )
   with pytest.raises(TypeError, match="indices must be integers .* float64"):
     ds.take(np.array([0.0, 2.5]))
-  for bad in ([-5], [0, 2]):
+  with pytest.raises(TypeError, match="indices must be integers .* bool"):
+    ds.take(np.array([True, False]))
+  with pytest.raises(ValueError, match=r"1-D \[B\], got shape \(2, 1\)"):
+    ds.take(np.array([[0], [1]]))
+  for bad, at in (
+    ([-5], 0),
+    ([0, 1, 2], 2),
+    (np.array([2**64 - 1], np.uint64), 0),
+  ):
     with pytest.raises(IndexError) as e:
       ds.take(np.array(bad))
     assert str(e.value) == (
-      "indices must lie in [-1, 2) (-1 for a padding row), got "
-      f"{min(bad)} to {max(bad)}"
+      f"indices[{at}] = {int(bad[at])}: expected an example index in [0, 2) or "
+      "-1 for a padding row"
     )
   assert len(ds.take(np.array([], np.int64)).prompt_ids) == 0

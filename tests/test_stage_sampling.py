@@ -5,8 +5,10 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rlhf_jax import models
+from rlhf_jax.data import DataError, HFTokenizerAdapter
 from rlhf_jax.rollout import generate
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.stages import sampling
@@ -59,3 +61,28 @@ def test_batches_sample_as_generate_on_stacked_params():
   again = sampling.sample_continuations(ctx, params, ids, mask, key, what="t")
   np.testing.assert_array_equal(again["response_ids"], out["response_ids"])
   assert (split._cache_size(), sampler._cache_size()) == sizes == (1, 1)
+
+
+def test_a_task_prompt_longer_than_p_names_the_option(shared_data):
+  """A sampled task prompt longer than --task.max-prompt-length was the
+  library's message ("max_prompt_length=4 (set truncate_prompts=True
+  ...)", a setting the command does not have)."""
+  tok = models.load_tokenizer(shared_data / "models" / "tinystories-656k")
+  ctx = types.SimpleNamespace(
+    adapter=HFTokenizerAdapter.wrap(tok),
+    config=types.SimpleNamespace(
+      task=types.SimpleNamespace(max_prompt_length=8), prompts=None
+    ),
+  )
+  ds = sampling.tokenize_prompt_texts(ctx, ["A cat"])
+  assert ds.arrays["prompt_ids"].shape == (1, 8)
+  long = "The dog ran \x1b far away from the big house"
+  with pytest.raises(DataError) as e:
+    sampling.tokenize_prompt_texts(ctx, ["A cat", long])
+  n = len(tok.encode(long, add_special_tokens=False)) + 1
+  assert n > 8
+  assert str(e.value) == (
+    "--task.max-prompt-length 8: the task's prompt 'The dog ran \\x1b far "
+    "away from the big house' "
+    f"has {n} tokens (with the BOS); raise it to at least {n}"
+  )

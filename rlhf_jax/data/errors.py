@@ -8,9 +8,10 @@ else that is wrong with the input raises ``DataError`` with the file, the line
 (or row) and the field in its message.
 """
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 logger = logging.getLogger("rlhf_jax.data")
 
@@ -76,6 +77,19 @@ class NoPromptRoomError(DataError):
 
   def __reduce__(self):
     return type(self), (self.max_prompt_length,)
+
+
+@contextlib.contextmanager
+def prompt_room_as(flag: str) -> Iterator[None]:
+  """Re-raises a NoPromptRoomError inside as a DataError naming the
+  command's option ``flag`` (e.g. "--max-prompt-length") for P."""
+  try:
+    yield
+  except NoPromptRoomError as e:
+    raise DataError(
+      f"{flag} {e.max_prompt_length} leaves no room for a prompt token "
+      "after the BOS"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)

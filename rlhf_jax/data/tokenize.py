@@ -304,6 +304,7 @@ class TokenizedDataset:
 
     Raises:
       TypeError: indices that are not integers (2.5 took row 2).
+      ValueError: indices that are not 1-D.
       IndexError: an index below -1 (-5 gave a padding row) or past the
         last example.
     """
@@ -313,13 +314,17 @@ class TokenizedDataset:
         f"indices must be integers (-1 for a padding row), got dtype "
         f"{indices.dtype}"
       )
-    indices = indices.astype(np.int64)
+    if indices.ndim != 1:
+      raise ValueError(f"indices must be 1-D [B], got shape {indices.shape}")
     n = len(self)
-    if indices.size and (indices.min() < -1 or indices.max() >= n):
+    # In their own dtype: a uint64 past int64 became -1 (a padding row).
+    bad = np.flatnonzero((indices < -1) | (indices >= n))
+    if bad.size:
       raise IndexError(
-        f"indices must lie in [-1, {n}) (-1 for a padding row), got "
-        f"{indices.min()} to {indices.max()}"
+        f"indices[{bad[0]}] = {indices[bad[0]]}: expected an example index "
+        f"in [0, {n}) or -1 for a padding row"
       )
+    indices = indices.astype(np.int64)
     valid = indices >= 0
     safe = np.where(valid, indices, 0)
     out = {}

@@ -1126,8 +1126,8 @@ def holds_transposed_weights(params: Params) -> bool:
 
 def check_params(params: Params, config: ModelConfig) -> None:
   """Checks that params are an LM's in this config's layout (at trace
-  time: only their structure and shapes are read): an "embed" of
-  [vocab_size, hidden_size], the config's number of layers
+  time: only their structure and shapes are read): an "embed" (and any
+  LM head) of the config's V and D, the config's number of layers
   (`check_layer_count`), and in the stacked layout an "lm_head" exactly
   when the config's head is untied.
 
@@ -1167,7 +1167,7 @@ def check_params(params: Params, config: ModelConfig) -> None:
       "parameter of this model (another model's, or a typo)"
     )
   check_layer_count(params, config)
-  _check_embed_shape(params["embed"], config)
+  _check_vocab_shapes(params, config)
   tied = config.tie_word_embeddings
   if "layers" in params and ("lm_head" in params) == tied:
     has = "an lm_head" if tied else "no lm_head"
@@ -1177,16 +1177,27 @@ def check_params(params: Params, config: ModelConfig) -> None:
     )
 
 
-def _check_embed_shape(embed: Any, config: ModelConfig) -> None:
-  """Raises ValueError unless the embedding is [vocab_size, hidden_size]:
-  a tied head of another V samples ids the tokenizer does not have."""
-  shape = tuple(getattr(embed, "shape", ()))
-  want = (config.vocab_size, config.hidden_size)
-  if shape != want:
-    raise ValueError(
-      f"params['embed'] has shape {shape}: expected [vocab_size, "
-      f"hidden_size] = {list(want)} of the config (params of another model)"
-    )
+def _check_vocab_shapes(params: Params, config: ModelConfig) -> None:
+  """Raises ValueError unless the embedding and any head are of the
+  config's V and D: a head of another V samples ids the tokenizer does
+  not have (the decode layout's is read without flax's shape check)."""
+  v, d = config.vocab_size, config.hidden_size
+  want = {"embed": (v, d), "lm_head": (d, v), HEAD_T: (v, d)}
+  names = {"embed": "[vocab_size, hidden_size]"}
+  names["lm_head"] = "[hidden_size, vocab_size]"
+  names[HEAD_T] = names["embed"]
+  for key in [k for k in want if k in params]:
+    shape = getattr(params[key], "shape", None)
+    if shape is None:
+      raise ValueError(
+        f"params[{key!r}] is a {type(params[key]).__name__}: expected an "
+        f"array of shape {names[key]} = {list(want[key])}"
+      )
+    if tuple(shape) != want[key]:
+      raise ValueError(
+        f"params[{key!r}] has shape {tuple(shape)}: expected {names[key]} "
+        f"= {list(want[key])} of the config (params of another model)"
+      )
 
 
 def _is_lm_entry(key: str, config: ModelConfig) -> bool:

@@ -403,8 +403,7 @@ class TrainLoop:
       if writer is not None and start == 0 and first_record:
         writer.log(0, first_record, stage=self.name)
       # One bar per run: the other processes draw theirs nowhere.
-      show = self.write
-      with ProgressBar(self.total_steps, self.name, show=show) as bar:
+      with ProgressBar(self.total_steps, self.name, show=self.write) as bar:
         bar.update(start)
         for step in range(start + 1, self.total_steps + 1):
           state, metrics = step_fn(state)

@@ -331,15 +331,12 @@ class Placement:
     parts = []
     starts = range(0, n, size)
     show = progress is not None and self.is_primary
-    bar = ProgressBar(len(starts), progress) if show else None
-    for start in starts:
-      idx = np.arange(start, start + size)
-      out = fn(self.batch(dataset.take(np.where(idx < n, idx, -1))))
-      parts.append([np.asarray(x)[: min(size, n - start)] for x in out])
-      if bar is not None:
+    with ProgressBar(len(starts), progress or "", show=show) as bar:
+      for start in starts:
+        idx = np.arange(start, start + size)
+        out = fn(self.batch(dataset.take(np.where(idx < n, idx, -1))))
+        parts.append([np.asarray(x)[: min(size, n - start)] for x in out])
         bar.update(1)
-    if bar is not None:
-      bar.close()
     return tuple(np.concatenate(col) for col in zip(*parts, strict=True))
 
   def rows_per_call(self, max_rows: int, n: int) -> int:

@@ -1,7 +1,7 @@
 """Progress display for long stages: a rich bar on a terminal, log lines off.
 
-Progress goes to stderr, so stdout holds a command's results alone. On a
-TTY, ``ProgressBar`` shows a rich progress bar with done/total, elapsed
+Progress goes to stderr; stdout keeps a command's log lines and figures. On
+a TTY, ``ProgressBar`` shows a rich progress bar with done/total, elapsed
 time, ETA and a few key metrics, redrawn in place. When the stream is not
 a TTY (CI logs, ``| tee``, a file), redrawing would fill the log with
 carriage returns, so it prints plain, complete lines instead:
@@ -72,7 +72,7 @@ class ProgressBar:
       total: number of units (steps, iterations, batches), >= 0.
       description: stage name shown before the bar.
       stream: where to draw; defaults to sys.stderr at construction time
-        (as tqdm: stdout keeps the command's results alone).
+        (as tqdm's bars: stdout keeps the command's log lines).
       tty: force the rich bar (True) or plain lines (False); default:
         ``stream.isatty()``.
       log_every: plain mode: print every this many units (default

@@ -597,21 +597,29 @@ def run_part(path: str | os.PathLike) -> str | None:
     return "its path is a loop of symbolic links"
   if (target / RUN_MARKER).is_file():
     return "it is a run directory"
-  for parent in target.parents:  # every run it lies in (runs may nest)
-    if (parent / RUN_MARKER).is_file():
-      first = target.relative_to(parent).parts[0]
-      if _ours(first):
-        return f"it is part of the run {parent} ({first}, rlhf-jax's own)"
+  for parent in _runs_above(target):  # every run it lies in (runs nest)
+    first = target.relative_to(parent).parts[0]
+    if _ours(first):
+      return f"it is part of the run {parent} ({first}, rlhf-jax's own)"
   return None
 
 
+def _runs_above(target: pathlib.Path) -> list[pathlib.Path]:
+  """The run directories that the resolved ``target`` lies in, innermost
+  first."""
+  return [p for p in target.parents if (p / RUN_MARKER).is_file()]
+
+
 def enclosing_run(path: str | os.PathLike) -> pathlib.Path | None:
-  """The innermost run directory that ``path`` lies in, or None."""
+  """The innermost run directory that a file written at ``path`` lies in,
+  or None. A link at ``path`` is not followed: writing replaces it."""
+  path = pathlib.Path(path)
   try:
-    target = pathlib.Path(path).resolve()
+    folder = path.parent.resolve()
   except RuntimeError:  # a symlink loop
     return None
-  return next((p for p in target.parents if (p / RUN_MARKER).is_file()), None)
+  runs = _runs_above(folder / path.name)
+  return runs[0] if runs else None
 
 
 def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
@@ -875,8 +883,7 @@ def _check_overwrite(
 
 
 # What rlhf-jax writes inside the folders of a run directory, by pattern
-# (temporary files of an atomic write included); checkpoints/ and
-# tensorboard/ hold library formats and are not inspected.
+# (temporary files of an atomic write included).
 _INSIDE = {
   "data": ("pairs_train.jsonl", "pairs_eval.jsonl", "prompts.json"),
   "stages": ("*.json",),
@@ -886,9 +893,40 @@ _INSIDE = {
 }
 
 
+# Folders of one subfolder per stage, each holding a library's entries by
+# pattern: orbax's step folders (and their temporary names), TensorBoard's
+# event files. Inside a step folder is orbax's format, not inspected.
+_PER_STAGE = {
+  "checkpoints": ("[0-9]*",),
+  "tensorboard": ("events.out.tfevents.*",),
+}
+
+
+def _foreign_per_stage(run_dir: pathlib.Path) -> list[str]:
+  """Entries of checkpoints/ and tensorboard/ that rlhf-jax does not
+  write: a file beside the stage folders, or an entry of a stage folder
+  that is not the library's (they were deleted by --overwrite)."""
+  out = []
+  for folder, patterns in _PER_STAGE.items():
+    path = run_dir / folder
+    if not path.is_dir():
+      continue
+    for stage in sorted(path.iterdir()):
+      if stage.is_dir() and not stage.is_symlink():
+        entries = sorted(stage.iterdir())
+      else:  # the HH job's events lie in tensorboard/ itself
+        entries = [stage]
+      out += [
+        str(p.relative_to(run_dir))
+        for p in entries
+        if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+      ]
+  return out
+
+
 def _foreign_inside(run_dir: pathlib.Path) -> list[str]:
   """Entries of the run's own folders that rlhf-jax does not write."""
-  out = []
+  out = _foreign_per_stage(run_dir)
   for folder, patterns in _INSIDE.items():
     path = run_dir / folder
     if not path.is_dir():

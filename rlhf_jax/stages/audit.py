@@ -36,6 +36,7 @@ from rlhf_jax.data import (
   read_rows,
   row_kind,
 )
+from rlhf_jax.data.errors import prompt_room_as
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.configs import AuditConfig
 
@@ -328,13 +329,14 @@ def score_pairs(
   from rlhf_jax.types import PreferenceBatch
 
   params, fn = model
-  ds = tokenize_preferences(
-    pairs,
-    adapter,
-    max_prompt_length=config.max_prompt_length,
-    max_response_length=config.max_response_length,
-    truncate_prompts=True,
-  )
+  with prompt_room_as("--max-prompt-length"):
+    ds = tokenize_preferences(
+      pairs,
+      adapter,
+      max_prompt_length=config.max_prompt_length,
+      max_response_length=config.max_response_length,
+      truncate_prompts=True,
+    )
   # The forward runs at the data's lengths, not the caps.
   (ds,), _ = trim_padding(ds)
   a = ds.arrays

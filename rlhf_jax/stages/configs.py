@@ -369,9 +369,9 @@ class GenerateConfig:
   """Checkpoint directory to sample from (default: as for `run`)."""
   run_dir: str | None = None
   """A pipeline run; with --policy, sample from its trained policy."""
-  policy: Literal["initial", "ppo", "dpo", "grpo", "sft", "kto"] | None = None
-  """Which policy of --run-dir (initial = the reference model, the default;
-  without --policy, a line on stderr names the run's trained ones)."""
+  policy: Literal["initial", "ppo", "dpo", "grpo", "sft", "kto"] = "initial"
+  """Which policy of --run-dir (initial = the reference model; a warning
+  then names the run's trained ones)."""
   num_samples: int = 1
   """Continuations per prompt."""
   batch_size: int = 64

@@ -114,7 +114,7 @@ def cached_features(
   )
   chunk = batch_size * save_every
   starts = range(start, n, chunk)
-  with ProgressBar(n, description) as bar:
+  with ProgressBar(n, description, show=write) as bar:  # one per run
     bar.update(start)
     for s in starts:
       rows = dataset.subset(np.arange(s, min(s + chunk, n)))

@@ -62,6 +62,7 @@ from rlhf_jax.data import (
   split_by_rows,
   tokenize_preferences,
 )
+from rlhf_jax.data.errors import prompt_room_as
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.metrics import MetricsWriter
@@ -758,8 +759,9 @@ def run_hh_reward_model(
       max_prompt_length=config.max_prompt_length,
       max_response_length=config.max_response_length,
     )
-    train_ds = tokenize_preferences(train_pairs, tok, **lengths)
-    held_ds = tokenize_preferences(held_pairs, tok, **lengths)
+    with prompt_room_as("--hh.max-prompt-length"):
+      train_ds = tokenize_preferences(train_pairs, tok, **lengths)
+      held_ds = tokenize_preferences(held_pairs, tok, **lengths)
     if placement.is_primary:
       _warn_lowered_warmup(config, train_ds)
     t_data = time.perf_counter()

@@ -34,6 +34,7 @@ from rlhf_jax.data import (
   row_kind,
   tokenize_unpaired,
 )
+from rlhf_jax.data.errors import prompt_room_as
 from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.loop import TrainLoop
@@ -96,12 +97,13 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
     )
   if len(loaded.examples) < 4:
     raise DataError(f"{path}: need at least 4 rows, got {len(loaded.examples)}")
-  ds = tokenize_unpaired(
-    loaded.examples,
-    HFTokenizerAdapter.wrap(tok),
-    max_prompt_length=config.max_prompt_length,
-    max_response_length=config.max_response_length,
-  )
+  with prompt_room_as("--max-prompt-length"):
+    ds = tokenize_unpaired(
+      loaded.examples,
+      HFTokenizerAdapter.wrap(tok),
+      max_prompt_length=config.max_prompt_length,
+      max_response_length=config.max_response_length,
+    )
   # A tenth of the distinct rows (at least 2), a repeated row's copies on
   # one side.
   keys = [(e.prompt, e.completion, e.label) for e in kept_examples(loaded, ds)]

@@ -83,6 +83,7 @@ from rlhf_jax.stages.rm import (
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.unread import unread_fields
 from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
+from rlhf_jax.tasks import STORY_OPENINGS
 
 # Options that name the user's files: which subcommands read them (the
 # pipeline's, then the other commands' that read an option of that name).
@@ -148,19 +149,40 @@ def check_inputs(command: str, config: PipelineConfig) -> None:
     )
 
 
-def check_prompt_room(config: PipelineConfig, tok: models.Tokenizer) -> None:
-  """--task.max-prompt-length leaves a prompt token beside the BOS the
-  tokenizer prepends; checked before any work (the prompts stage sampled
-  its stories first and failed when it tokenized their prefixes).
+def check_prompt_room(
+  command: str, config: PipelineConfig, tok: models.Tokenizer
+) -> None:
+  """--task.max-prompt-length holds the task's fixed prompts (its story
+  openings) with the BOS the tokenizer prepends, and leaves a prompt token
+  beside that BOS; checked before any work (the prompts stage sampled its
+  stories first and failed when it tokenized the prompts).
+
+  Args:
+    command: the subcommand (its stages tell whether the task's prompts
+      are used).
+    config: its options.
+    tok: the policy's tokenizer.
 
   Raises:
     DataError: it does not, in the words of the later check.
   """
   p = config.task.max_prompt_length
-  if p < 2 and HFTokenizerAdapter.wrap(tok).bos_id is not None:
+  adapter = HFTokenizerAdapter.wrap(tok)
+  if p < 2 and adapter.bos_id is not None:
     raise DataError(
       f"--task.max-prompt-length {p} leaves no room for a prompt token "
       "after the BOS"
+    )
+  if "prompts" not in stages_for(command, config) or config.prompts:
+    return
+  bos = int(adapter.bos_id is not None)
+  counts = [len(ids) + bos for ids in adapter.encode_batch(STORY_OPENINGS)]
+  if max(counts) > p:
+    i = counts.index(max(counts))
+    raise DataError(
+      f"--task.max-prompt-length {p}: the task's prompt "
+      f"{STORY_OPENINGS[i]!r} has {counts[i]} tokens (with the BOS); raise "
+      f"it to at least {max(counts)}"
     )
 
 
@@ -221,7 +243,7 @@ def open_run(
   check_batch_sizes(command, config, placement)
   # The user's files read whole (drops, ties, thresholds) before any output.
   tok = policy_tokenizer(model_dir)
-  check_prompt_room(config, tok)
+  check_prompt_room(command, config, tok)
   check_user_data(config, tok)
   run_dir = open_run_dir(
     command,

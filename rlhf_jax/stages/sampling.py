@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.data import DataError, NoPromptRoomError, tokenize_prompts
+from rlhf_jax.data import DataError, PromptTooLongError, tokenize_prompts
+from rlhf_jax.data.errors import prompt_room_as
 from rlhf_jax.rollout import generate
 from rlhf_jax.runner.progress import ProgressBar
+from rlhf_jax.runner.runtime import visible
 from rlhf_jax.stages.common import Context
 
 
@@ -92,7 +94,7 @@ def sample_continuations(
   out: dict[str, list] = {k: [] for k in names}
   if "layers" in params:  # split once for every batch
     params = split_layers(ctx)(params, config=ctx.model_config)
-  bar = ProgressBar(-(-n // size), what)
+  bar = ProgressBar(-(-n // size), what, show=ctx.placement.is_primary)
   for start, stop in chunks(n, size):
     ctx.stop.check(what, checkpoint=False)  # sampling restarts on --resume
     ids, mask = ctx.placement.batch(
@@ -136,17 +138,21 @@ def tokenize_prompt_texts(
   ``warn_unknown`` only: where the prompts file is read, not each time
   a stage tokenizes its prompts again."""
   try:
-    return tokenize_prompts(
-      list(texts),
-      ctx.adapter,
-      max_prompt_length=ctx.config.task.max_prompt_length,
-      # The user's prompts keep their last P tokens (counted); the task's
-      # own prompts must fit.
-      truncate_prompts=ctx.config.prompts is not None,
-      warn_unknown=warn_unknown,
-    )
-  except NoPromptRoomError as e:
+    with prompt_room_as("--task.max-prompt-length"):
+      return tokenize_prompts(
+        list(texts),
+        ctx.adapter,
+        max_prompt_length=ctx.config.task.max_prompt_length,
+        # The user's prompts keep their last P tokens (counted); the task's
+        # own prompts must fit.
+        truncate_prompts=ctx.config.prompts is not None,
+        warn_unknown=warn_unknown,
+      )
+  except PromptTooLongError as e:  # a task prompt (the user's are cut)
+    what = e.where
+    if e.where.startswith("prompt ") and e.where[7:].isdigit():
+      what = f"the task's prompt {visible(repr(texts[int(e.where[7:])]))}"
     raise DataError(
-      f"--task.max-prompt-length {e.max_prompt_length} leaves no room for a "
-      "prompt token after the BOS"
+      f"--task.max-prompt-length {e.max_prompt_length}: {what} has "
+      f"{e.length} tokens (with the BOS); raise it to at least {e.length}"
     ) from None

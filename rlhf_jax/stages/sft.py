@@ -29,6 +29,7 @@ from rlhf_jax.data import (
   row_kind,
   tokenize_sft,
 )
+from rlhf_jax.data.errors import prompt_room_as
 from rlhf_jax.models import lora
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import dry_run
@@ -98,14 +99,15 @@ def sft_data(config: SFTStageConfig, tok: Any) -> tuple[Any, dict[str, Any]]:
       config.data, config.strict, template_of(tok)
     )
     check_dropped(config.data, loaded.drops, config.data_max_dropped_frac)
-  ds = tokenize_sft(
-    examples,
-    HFTokenizerAdapter.wrap(tok),
-    max_prompt_length=config.max_prompt_length,
-    max_response_length=config.max_response_length,
-    response_field=field,
-    truncate_prompts=True,  # keep the last P tokens; counted in the summary
-  )
+  with prompt_room_as("--max-prompt-length"):
+    ds = tokenize_sft(
+      examples,
+      HFTokenizerAdapter.wrap(tok),
+      max_prompt_length=config.max_prompt_length,
+      max_response_length=config.max_response_length,
+      response_field=field,
+      truncate_prompts=True,  # keep the last P tokens; counted in summary
+    )
   counts = {
     "data/examples": len(ds),
     **data_counts("data", loaded.drops, ds.truncation, drop_reasons(loaded)),

@@ -9,7 +9,7 @@ import secrets
 import shutil
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ if typing.TYPE_CHECKING:
 # The policies of a run, as --policy names them ("initial" is the model
 # the run started from; the others are outputs/<name>).
 POLICIES = typing.get_args(typing.get_type_hints(C.EvalConfig)["policy"])
+TRAINED = tuple(p for p in POLICIES if p != "initial")
 # The HH-RLHF reward-model job (`rlhf-jax rm --preset hh-rlhf*`,
 # stages.hh_rm) writes its settings at the top level of config.json.
 _HH_KEYS = ("heldout_file", "backbone", "pooling")
@@ -107,6 +108,13 @@ def _no_policy(run_dir: pathlib.Path, to: str, who: str) -> runtime.UserError:
   )
 
 
+def _trained(run_dir: pathlib.Path, names: Sequence[str]) -> list[str]:
+  """Those of ``names`` the run has trained (outputs/<name>/config.json)."""
+  return [
+    n for n in names if (run_dir / "outputs" / n / "config.json").is_file()
+  ]
+
+
 def _policy_dir(
   run_dir: pathlib.Path,
   record: dict[str, Any],
@@ -126,13 +134,9 @@ def _policy_dir(
   out = run_dir / "outputs" / policy
   if not (out / "config.json").is_file():
     # export's --what takes the reward model too.
-    names = (*POLICIES, "rm") if flag == "--what" else POLICIES
-    has = [
-      p
-      for p in names
-      if (p == "initial" and flag == "--policy")
-      or (run_dir / "outputs" / p / "config.json").is_file()
-    ]
+    names = (*TRAINED, "rm") if flag == "--what" else TRAINED
+    has = ["initial"] if flag == "--policy" else []
+    has += _trained(run_dir, names)
     raise runtime.UserError(
       f"{run_dir} has no trained {policy} policy ({out}); its "
       f"{'models' if flag == '--what' else 'policies'}: "
@@ -145,20 +149,15 @@ def _policy_dir(
 
 
 def _say_initial(run_dir: pathlib.Path) -> None:
-  """Says on stderr that ``generate --run-dir`` without --policy samples
-  the run's initial (untrained) policy, and names its trained ones."""
-  trained = [
-    p
-    for p in POLICIES
-    if p != "initial" and (run_dir / "outputs" / p / "config.json").is_file()
-  ]
+  """Warns that ``generate --run-dir`` samples the run's initial
+  (untrained) policy, the default, and names its trained ones."""
+  trained = _trained(run_dir, TRAINED)
   has = "it has no trained policy yet"
   if trained:
-    has = f"its trained policies: {', '.join(trained)}"
-  print(
-    f"generate: sampling the initial policy of {run_dir} (the untrained "
-    f"model); {has} (choose with --policy)",
-    file=sys.stderr,
+    has = f"its trained policies: {', '.join(trained)} (choose with --policy)"
+  sys.stderr.write(
+    f"rlhf-jax: warning: sampling the initial policy of {run_dir} (the "
+    f"untrained model); {has}\n"
   )
 
 
@@ -195,10 +194,11 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
     out.parent, "--output", out, "nothing was sampled"
   )
   if (run := runtime.enclosing_run(out)) is not None:  # allowed, but say so
-    print(
-      f"generate: --output {out} lies inside the run directory {run}; "
-      "that run's --overwrite refuses to clear it until it is moved out",
-      file=sys.stderr,
+    sys.stderr.write(
+      f"rlhf-jax: warning: --output {out.parent.resolve() / out.name} lies "
+      "inside the run "
+      f"directory {run}; that run's --overwrite refuses to clear it until "
+      "it is moved out\n"
     )
   return out
 
@@ -258,49 +258,46 @@ def _chat_turns(tok: Any, model_dir: pathlib.Path, prompts: list[str]):
 
 
 def _tokenized_prompts(
+  texts: list[str],
   prompts: list[str],
   *,
   given: bool,
   adapter: "HFTokenizerAdapter",
   config: C.GenerateConfig,
 ) -> "TokenizedDataset":
-  """The prompts left-padded to --max-prompt-length, before any weights
-  load; the command does not cut a longer one.
+  """The texts (the prompts, or with --chat their rendered chat turns)
+  left-padded to --max-prompt-length, before any weights load; the
+  command does not cut a longer one.
 
   Raises:
     UserError: a prompt longer than --max-prompt-length (names it, 1-based,
-      and its start), or no room for a token beside the BOS.
-    DataError: an empty prompt with no BOS.
+      and its start).
+    DataError: no room for a token beside the BOS; an empty prompt with no
+      BOS.
   """
-  from rlhf_jax.data import (
-    NoPromptRoomError,
-    PromptExample,
-    PromptTooLongError,
-    tokenize_prompts,
-  )
+  from rlhf_jax.data import PromptExample, PromptTooLongError, tokenize_prompts
+  from rlhf_jax.data.errors import prompt_room_as
 
   what = "--prompts value" if given else "built-in prompt"
   rows = [
-    PromptExample(p, where=f"{what} {i + 1}") for i, p in enumerate(prompts)
+    PromptExample(t, where=f"{what} {i + 1}") for i, t in enumerate(texts)
   ]
   try:
-    return tokenize_prompts(
-      rows,
-      adapter,
-      max_prompt_length=config.max_prompt_length,
-      truncate_prompts=False,
-    )
-  except NoPromptRoomError as e:
-    raise runtime.UserError(
-      f"--max-prompt-length {e.max_prompt_length} leaves no room for a "
-      "prompt token after the BOS"
-    ) from None
+    with prompt_room_as("--max-prompt-length"):
+      return tokenize_prompts(
+        rows,
+        adapter,
+        max_prompt_length=config.max_prompt_length,
+        truncate_prompts=False,
+      )
   except PromptTooLongError as e:
-    text = next(r.prompt for r in rows if r.where == e.where)
+    # The user's words, not the chat template around them.
+    text = prompts[[r.where for r in rows].index(e.where)]
     text = text if len(text) <= 40 else text[:37] + "..."
     fix = "shorten it" if given else "pass shorter --prompts"
+    turn = " as a chat turn" if config.chat else ""
     raise runtime.UserError(
-      f"{e.where} ({text!r}) has {e.length} tokens, more than "
+      f"{e.where} ({text!r}) has {e.length} tokens{turn}, more than "
       f"--max-prompt-length {e.max_prompt_length}; raise "
       f"--max-prompt-length or {fix}"
     ) from None
@@ -319,9 +316,8 @@ def run_generate(config: C.GenerateConfig) -> int:
   environment.setup_jax()
   if config.run_dir is not None:
     run_dir = pathlib.Path(config.run_dir)
-    policy = config.policy or "initial"
-    model_dir = _policy_dir(run_dir, _run_record(run_dir), policy)
-    if config.policy is None:
+    model_dir = _policy_dir(run_dir, _run_record(run_dir), config.policy)
+    if config.policy == "initial":
       _say_initial(run_dir)
   else:
     model_dir = environment.resolve_model(config.model)
@@ -335,7 +331,9 @@ def run_generate(config: C.GenerateConfig) -> int:
   adapter = HFTokenizerAdapter.wrap(tok)
   prompts = list(config.prompts) if given else list(STORY_OPENINGS[:4])
   texts = _chat_turns(tok, model_dir, prompts) if config.chat else prompts
-  ds = _tokenized_prompts(texts, given=given, adapter=adapter, config=config)
+  ds = _tokenized_prompts(
+    texts, prompts, given=given, adapter=adapter, config=config
+  )
   # Left-padded to the longest prompt, not to --max-prompt-length (which
   # only bounds them): the positions checked and the cache are the real
   # ones.

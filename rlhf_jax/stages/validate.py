@@ -287,7 +287,7 @@ def _generate_problems(config: Any) -> list[str]:
   out = []
   if config.prompts == ():
     out.append("--prompts: given without a prompt; expected at least one")
-  if config.run_dir is None and config.policy not in (None, "initial"):
+  if config.run_dir is None and config.policy != "initial":
     out.append(f"--policy {config.policy}: needs --run-dir")
   if config.run_dir is not None and config.model is not None:
     out.append(

@@ -30,7 +30,7 @@ from rlhf_jax.logprobs import (
   response_rows,
 )
 from rlhf_jax.masked import check_mask_dtype
-from rlhf_jax.train.state import TrainState, check_optimizer
+from rlhf_jax.train.state import PPOState, TrainState, check_optimizer
 from rlhf_jax.types import PPOBatch, PreferenceBatch, Rollout
 
 PyTree = Any
@@ -135,17 +135,21 @@ def check_batch(batch: Any, kind: type | tuple[type, ...]) -> None:
 
 # How each state type is made, for the error of a step given another.
 _MADE_BY = {
-  "TrainState": "train.TrainState.create(params, optimizer, rng)",
-  "PPOState": "train.init_ppo_state",
+  TrainState: "train.TrainState.create(params, optimizer, rng)",
+  PPOState: "train.init_ppo_state",
 }
 
 
 def check_state(state: Any, kind: type) -> None:
-  """Raises TypeError, naming both types and how a ``kind`` is made,
-  unless ``state`` is one (the params dict as the state failed on a bare
-  AttributeError of ``.params``)."""
+  """Checks that a step's state is a ``kind``, at trace time.
+
+  Raises:
+    TypeError: another type, naming both and how a ``kind`` is made (the
+      params dict as the state failed on a bare AttributeError of
+      ``.params``).
+  """
   if not isinstance(state, kind):
-    made = _MADE_BY.get(kind.__name__, kind.__name__)
+    made = _MADE_BY.get(kind, kind.__name__)
     raise TypeError(
       f"the state must be a {kind.__name__} (made by {made}), got "
       f"{type(state).__name__}"
@@ -158,8 +162,13 @@ def check_step_args(
   kind: type | tuple[type, ...],
   state_kind: type = TrainState,
 ) -> None:
-  """A train step's state and batch (`check_state`, `check_batch`),
-  checked at trace time."""
+  """Checks a train step's state and batch at trace time.
+
+  Raises:
+    TypeError: a state (`check_state`) or batch (`check_batch`) of
+      another type.
+    ValueError: a batch of another shape (`check_batch`).
+  """
   check_state(state, state_kind)
   check_batch(batch, kind)
 

@@ -15,8 +15,8 @@ holds this), and the params {"backbone", "head"} load, score and export
 like any reward model.
 """
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,35 @@ def head_rewards(
   return models.ScalarHead(model_config).apply({"params": head}, features)
 
 
+def check_head_params(head: Any, hidden_size: int) -> None:
+  """A head step's state.params: ``models.ScalarHead``'s {"kernel" [D],
+  "bias" []}, checked at trace time (flax named only a missing "kernel").
+
+  Raises:
+    ValueError: other entries or shapes (an LM's params, a reward model's
+      {backbone, head}), naming what was found.
+  """
+  want = {"kernel": (hidden_size,), "bias": ()}
+  if isinstance(head, Mapping) and set(head) == set(want):
+    got = {k: tuple(getattr(head[k], "shape", (None,))) for k in want}
+    if got == want:
+      return
+    raise ValueError(
+      f"the head params hold shapes {got}: expected kernel [{hidden_size}] "
+      "(the backbone's hidden size) and bias []"
+    )
+  hint = ""
+  if isinstance(head, Mapping) and "head" in head:
+    hint = "; these are a reward model's: pass params['head']"
+  elif isinstance(head, Mapping) and "embed" in head:
+    hint = "; these are an LM's: the head step trains a head on its features"
+  found = sorted(head) if isinstance(head, Mapping) else type(head).__name__
+  raise ValueError(
+    f"the head params hold {found}: expected models.ScalarHead's kernel "
+    f"and bias{hint}"
+  )
+
+
 def check_feature_batch(batch, hidden_size: int) -> None:
   """A head step's batch: a FeaturePairBatch of two float arrays [B, D],
   B >= 1 and D the backbone's hidden size, checked at trace time.
@@ -144,6 +173,9 @@ def make_head_step(
     ValueError: ``config.loss_type`` is not "pairwise"; see
       ``train.common.check_build``. The step raises what
       ``check_feature_batch`` raises, at trace time.
+    TypeError: at trace time, a state or batch of another type (named).
+    ValueError: at trace time, state.params that are not a ScalarHead's
+      (``check_head_params``).
   """
   config = config or RewardModelConfig()
   check_build(
@@ -159,6 +191,7 @@ def make_head_step(
 
   def step(state: TrainState, batch: FeaturePairBatch):
     check_state(state, TrainState)
+    check_head_params(state.params, model_config.hidden_size)
     check_feature_batch(batch, model_config.hidden_size)
     total = global_sum(batch.chosen.shape[0], axis)
 

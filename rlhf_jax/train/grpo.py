@@ -35,6 +35,7 @@ from rlhf_jax.train.common import (
   check_build,
   check_frozen,
   check_score_fn,
+  check_state,
   check_step_args,
 )
 from rlhf_jax.train.grpo_config import GRPOConfig
@@ -135,6 +136,7 @@ def make_grpo_rollout(
 
   Raises:
     ValueError: see ``train.common.check_build``.
+    TypeError: at trace time, a state or prompts of another type.
   """
   check_build(model_config, config, GRPOConfig)
 
@@ -201,7 +203,8 @@ def make_grpo_update(
     the rows (prompt * G + g), e.g. from ``rewards.score_on_host``.
 
   Raises:
-    TypeError: scores that are not an array (a list).
+    TypeError: scores that are not an array (a list); a state of another
+      type (at trace time).
     ValueError: see ``train.common.check_build``; at trace time, scores not
       [B], rows that do not split into minibatches, or with
       share_prompt=True groups that do not (``update_packs_groups``).
@@ -210,6 +213,7 @@ def make_grpo_update(
   minibatch_update = make_grpo_minibatch_update(model_config, optimizer, config)
 
   def update(state: TrainState, samples: GRPOSamples, scores: jax.Array):
+    check_state(state, TrainState)
     rows = samples.rollout.response_mask.shape[0]
     if not hasattr(scores, "shape"):  # a list: jax.numpy takes no lists
       raise TypeError(

@@ -190,6 +190,7 @@ def make_kto_step(
 
   Raises:
     ValueError: see ``train.common.check_build``; an odd number of rows.
+    TypeError: at trace time, a state or batch of another type (named).
   """
   check_build(model_config, config, KTOConfig, [("optimizer", optimizer)])
   axis = config.axis_name

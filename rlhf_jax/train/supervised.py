@@ -91,6 +91,7 @@ def make_sft_step(
 
   Raises:
     ValueError: see ``train.common.check_build``.
+    TypeError: at trace time, a state or batch of another type (named).
   """
   check_build(model_config, config, SFTConfig, [("optimizer", optimizer)])
   axis = config.axis_name
@@ -311,6 +312,7 @@ def make_reward_model_step(
 
   Raises:
     ValueError: see ``train.common.check_build``.
+    TypeError: at trace time, a state or batch of another type (named).
   """
   check_build(
     model_config, config, RewardModelConfig, [("optimizer", optimizer)]
@@ -548,6 +550,7 @@ def make_dpo_step(
 
   Raises:
     ValueError: see ``train.common.check_build``.
+    TypeError: at trace time, a state or batch of another type (named).
   """
   check_build(model_config, config, DPOConfig, [("optimizer", optimizer)])
   axis = config.axis_name

@@ -170,6 +170,31 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
     _prepare(run_dir, overwrite=True)
   assert mine.read_text() == "{}\n"
   mine.unlink()
+  # checkpoints/ and tensorboard/ were not inspected: files of the user's
+  # there were deleted. Their stage folders hold orbax's step folders (and
+  # temporary ones) and TensorBoard's event files; the HH job's events lie
+  # in tensorboard/ itself.
+  ours = [
+    "checkpoints/ppo/4/state",
+    "checkpoints/ppo/6.orbax-checkpoint-tmp-17/state",
+    "tensorboard/ppo/events.out.tfevents.1.vm",
+    "tensorboard/events.out.tfevents.2.vm",
+  ]
+  for name in ours:
+    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / name).write_text("x")
+  theirs = ["checkpoints/u.txt", "checkpoints/ppo/mine", "tensorboard/a.txt"]
+  for name in theirs:
+    (run_dir / name).write_text("mine")
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, overwrite=True)
+  assert (
+    "holds 3 entries rlhf-jax did not write (checkpoints/ppo/mine, "
+    "checkpoints/u.txt, tensorboard/a.txt); nothing was deleted" in str(e.value)
+  )
+  assert all((run_dir / n).read_text() == "mine" for n in theirs)
+  for name in theirs:
+    (run_dir / name).unlink()
   # An input of the config inside the run directory (in a folder of ours,
   # under a name rlhf-jax writes).
   data = run_dir / "data" / "pairs_train.jsonl"
