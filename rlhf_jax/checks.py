@@ -18,17 +18,19 @@ import numpy as np
 def is_int(value: Any) -> bool:
   """An integer (Python's, NumPy's, or an integer array scalar, traced
   too), not a bool. A 0-d float array has ``__index__`` too (it raises
-  when called), so a concrete value is converted, not only looked at."""
-  dtype = getattr(value, "dtype", None)
-  if isinstance(value, bool) or (
-    dtype is not None and not jnp.issubdtype(dtype, jnp.integer)
-  ):
+  when called): an array is judged by its dtype and shape, never by
+  reading its value (a jax array's would wait for the device)."""
+  if isinstance(value, bool):
     return False
-  if isinstance(value, jax.core.Tracer):  # its value is not known here
-    return value.shape == ()
+  if hasattr(value, "dtype") and hasattr(value, "shape"):
+    try:
+      integer = jnp.issubdtype(value.dtype, jnp.integer)
+    except TypeError:  # a dtype jax does not know
+      return False
+    return bool(integer) and tuple(value.shape) == ()
   try:
     operator.index(value)
-  except TypeError:  # a float, a string, an array of several
+  except TypeError:  # a float, a string, None
     return False
   return True
 
@@ -39,8 +41,7 @@ def check_count(name: str, value: Any) -> int:
   Raises:
     ValueError: not an integer (a bool, a float, a string) or below 1.
   """
-  ok = is_int(value) and not isinstance(value, np.bool_)
-  if not ok or operator.index(value) < 1:
+  if not is_int(value) or operator.index(value) < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
   return operator.index(value)
 

@@ -1048,6 +1048,17 @@ def test_a_value_given_to_a_switch_names_the_switch(capsys, arg, flag, no):
   )
 
 
+def test_a_switch_followed_by_a_value_names_the_switch(capsys):
+  """`--greedy true` said only "Unrecognized option: true"."""
+  code, err = _run(capsys, ["generate", "--greedy", "true"])
+  _check(
+    code,
+    err,
+    "Unrecognized option: true; --greedy is a switch: pass --greedy or "
+    "--no-greedy, not --greedy true (see `rlhf-jax generate --help`)",
+  )
+
+
 def test_no_switch_hint_for_an_option_that_takes_a_value(tmp_path, capsys):
   out = str(tmp_path / "a.jsonl")
   code, err = _run(capsys, ["generate", f"--output={out}", out])
@@ -1415,10 +1426,10 @@ def test_generate_run_dir_initial_policy_is_a_warning(
   if trained:
     code = main([*args, "--policy", "ppo", "--max-prompt-length", "2"])
     err = capsys.readouterr().err
-    # No warning; the fake policy (config.json alone) then fails to load.
-    assert code == 2 and err == (
-      f"rlhf-jax: error: {run / 'outputs' / 'ppo'}: no tokenizer.json (only "
-      "fast-tokenizer files are supported)\n"
+    # No warning; the fake policy (an empty config.json) then fails.
+    assert code == 2 and err.startswith(
+      f"rlhf-jax: error: {run / 'outputs' / 'ppo' / 'config.json'}: no "
+      "field 'model_type'"
     )
 
 
@@ -1758,6 +1769,22 @@ def test_data_rows_past_learned_positions(tmp_path, capsys, dry_run):
     ),
   )
   assert not run.exists()
+
+
+def test_generate_model_folder_without_a_config(tmp_path, capsys):
+  """A folder of the user's as --model: its missing config.json is named
+  (it said "no tokenizer.json", a file the README does not ask first)."""
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("x")
+  code, err = _run(capsys, ["generate", "--model", str(mine)])
+  _check(
+    code,
+    err,
+    f"{mine}: no config.json; a model directory holds config.json (the "
+    "Hugging Face model config) and *.safetensors weights",
+  )
+  assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_generate_past_learned_positions(tmp_path, capsys, shared_data):

@@ -235,12 +235,24 @@ def _with_values(message: str, args: list[str]) -> str:
   nexts = set(itertools.pairwise(args))
   merged: list[str] = []
   for item in items:
-    if merged and not item.startswith("-") and (merged[-1], item) in nexts:
+    if _is_value(item) and merged and _takes_value(merged[-1], item, nexts):
       merged[-1] += f" {item}"
     else:
       merged.append(item)
   s = "s" if len(merged) > 1 else ""
   return f"Unrecognized option{s}: {', '.join(merged)}{head.group(2) or ''}"
+
+
+def _is_value(item: str) -> bool:
+  """Not an option: a word, or a number such as -1."""
+  return not item.startswith("-") or bool(re.fullmatch(r"-[\d.]+", item))
+
+
+def _takes_value(option: str, item: str, nexts: set) -> bool:
+  """``item`` followed ``option`` in the arguments, and ``option`` is an
+  option that has no value yet (not a word, not --x=1, not --x 1)."""
+  bare = option.startswith("-") and not re.search(r"[= ]", option)
+  return bare and (option, item) in nexts
 
 
 def _switches(cls: type, prefix: str = "") -> set[str]:
@@ -267,12 +279,15 @@ def _switch_hint(cls: type, args: list[str], text: str) -> str:
   left = {_BOX_EDGE.sub("", w) for w in head.group(1).split(",")}
   switches = _switches(cls)
   hints = []
-  for arg in args:
+  for arg, after in zip(args, [*args[1:], None], strict=True):
     flag, eq, value = arg.partition("=")
-    if eq and flag in switches and value in left:
+    given = arg
+    if not eq and after is not None:  # --greedy true
+      value, given = after, f"{arg} {after}"
+    if flag in switches and value in left:
       group, dot, name = flag[2:].rpartition(".")
       no = f"--{group}{dot}no-{name}"  # tyro's form: --ppo.algo.no-x
-      hints.append(f"; {flag} is a switch: pass {flag} or {no}, not {arg}")
+      hints.append(f"; {flag} is a switch: pass {flag} or {no}, not {given}")
   return "".join(hints)
 
 
@@ -637,6 +652,15 @@ def _raised_in_jax_backends(e: BaseException) -> bool:
   )
 
 
+def _line_buffered(stream: Any) -> None:
+  """Each line of ``stream`` written as it ends: a piped stdout is block
+  buffered, so its log lines came after every progress line on stderr
+  (`run 2>&1 | tee log`) and only at exit."""
+  reconfigure = getattr(stream, "reconfigure", None)  # not on a StringIO
+  if reconfigure is not None and not getattr(stream, "line_buffering", True):
+    reconfigure(line_buffering=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Parses ``argv`` (default sys.argv[1:]) and runs the subcommand.
 
@@ -653,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{', '.join(missing)}): {CLI_EXTRA_INSTALL}"
     )
   args = list(sys.argv[1:] if argv is None else argv)
+  _line_buffered(sys.stdout)
   if not args or args[0] in ("-h", "--help"):
     width = max(len(c) for c in COMMANDS)
     lines = "\n".join(f"  {c:<{width}}  {d}" for c, d in COMMANDS.items())

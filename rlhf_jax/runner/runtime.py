@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -893,33 +894,39 @@ _INSIDE = {
 }
 
 
-# Folders of one subfolder per stage, each holding a library's entries by
-# pattern: orbax's step folders (and their temporary names), TensorBoard's
-# event files. Inside a step folder is orbax's format, not inspected.
+# Folders of one subfolder per stage, each holding a library's entries
+# (full matches): orbax's step folders and their temporary names,
+# TensorBoard's event files (the HH job's lie in tensorboard/ itself).
+# Inside a step folder is orbax's format, not inspected.
+_STAGES = ("rm", "ppo", "dpo", "grpo", "kto", "sft", "initial", "feedback")
 _PER_STAGE = {
-  "checkpoints": ("[0-9]*",),
-  "tensorboard": ("events.out.tfevents.*",),
+  "checkpoints": r"\d+(\.orbax-checkpoint-tmp(-\d+)?)?",
+  "tensorboard": r"events\.out\.tfevents\..+",
 }
 
 
 def _foreign_per_stage(run_dir: pathlib.Path) -> list[str]:
   """Entries of checkpoints/ and tensorboard/ that rlhf-jax does not
-  write: a file beside the stage folders, or an entry of a stage folder
-  that is not the library's (they were deleted by --overwrite)."""
+  write (--overwrite deleted them): a folder other than a stage's, or an
+  entry of a stage folder that is not the library's."""
   out = []
-  for folder, patterns in _PER_STAGE.items():
+  for folder, pattern in _PER_STAGE.items():
     path = run_dir / folder
     if not path.is_dir():
       continue
-    for stage in sorted(path.iterdir()):
-      if stage.is_dir() and not stage.is_symlink():
-        entries = sorted(stage.iterdir())
-      else:  # the HH job's events lie in tensorboard/ itself
-        entries = [stage]
+    for entry in sorted(path.iterdir()):
+      plain_dir = entry.is_dir() and not entry.is_symlink()
+      if plain_dir and entry.name in _STAGES:
+        entries = sorted(entry.iterdir())
+      elif folder == "tensorboard" and not plain_dir:
+        entries = [entry]
+      else:
+        out.append(str(entry.relative_to(run_dir)))
+        continue
       out += [
         str(p.relative_to(run_dir))
         for p in entries
-        if not any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+        if not re.fullmatch(pattern, p.name)
       ]
   return out
 

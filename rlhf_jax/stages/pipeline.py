@@ -173,7 +173,7 @@ def check_prompt_room(
       f"--task.max-prompt-length {p} leaves no room for a prompt token "
       "after the BOS"
     )
-  if "prompts" not in stages_for(command, config) or config.prompts:
+  if "prompts" not in stages_for(command, config) or config.prompts is not None:
     return
   bos = int(adapter.bos_id is not None)
   counts = [len(ids) + bos for ids in adapter.encode_batch(STORY_OPENINGS)]

@@ -322,6 +322,7 @@ def run_generate(config: C.GenerateConfig) -> int:
   else:
     model_dir = environment.resolve_model(config.model)
     _check_not_reward_model(model_dir)
+  models.load_hf_config(model_dir)  # a missing config.json named first
   if out is not None:
     where = f"the model directory {model_dir} it samples from"
     runtime.check_outside(
@@ -349,6 +350,7 @@ def run_generate(config: C.GenerateConfig) -> int:
   if out is not None:
     with runtime.atomic_file(out) as f:
       f.write("".join(json.dumps(x) + "\n" for x in records))
+    sys.stderr.write(f"generate: {len(records)} samples written to {out}\n")
   return 0
 
 

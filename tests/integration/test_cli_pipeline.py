@@ -224,7 +224,9 @@ def test_generate_from_a_runs_policy(smoke_run, tmp_path):
   ]
   assert all(isinstance(r["text"], str) for r in rows)
   assert proc.stdout.count("[Once upon a time]") == 2
-  assert "generate:" not in proc.stderr  # one batch: no progress lines
+  # One batch: no progress lines; the file is said.
+  assert "generate: 1/" not in proc.stderr
+  assert proc.stderr.endswith(f"generate: 4 samples written to {out}\n")
   # Batches of 3 rows (the last padded): the same samples, row r keyed by
   # r whatever the batching, and a progress line per batch on stderr.
   batched = tmp_path / "batched.jsonl"

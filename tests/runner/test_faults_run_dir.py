@@ -137,6 +137,29 @@ def test_resume_compares_resolved_paths_not_strings(tmp_path, monkeypatch):
 # ---------------------------------------------------- --overwrite, --resume
 
 
+def _library_files(run_dir: pathlib.Path) -> None:
+  """What orbax's CheckpointManager (two steps kept of three) and
+  tensorboardX write into a run: checkpoints/ppo/<step>/...,
+  tensorboard/ppo/events..., and the HH job's tensorboard/events...."""
+  import jax.numpy as jnp
+
+  from rlhf_jax.checkpoint import CheckpointManager
+  from rlhf_jax.runner.metrics import MetricsWriter
+
+  manager = CheckpointManager(run_dir / "checkpoints" / "ppo", max_to_keep=2)
+  for step in (1, 2, 3):
+    manager.save(step, {"w": jnp.ones(2)})
+  manager.close()
+  for where in ("tensorboard/ppo", "tensorboard"):
+    with MetricsWriter(run_dir, tensorboard_dir=where) as w:
+      w.log(1, {"loss": 1.0}, stage="ppo")
+  assert {p.name for p in (run_dir / "checkpoints" / "ppo").iterdir()} == {
+    "2",
+    "3",
+  }
+  assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
   run_dir = tmp_path / "run"
   _a_run(run_dir)
@@ -171,26 +194,25 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
   assert mine.read_text() == "{}\n"
   mine.unlink()
   # checkpoints/ and tensorboard/ were not inspected: files of the user's
-  # there were deleted. Their stage folders hold orbax's step folders (and
-  # temporary ones) and TensorBoard's event files; the HH job's events lie
-  # in tensorboard/ itself.
-  ours = [
-    "checkpoints/ppo/4/state",
-    "checkpoints/ppo/6.orbax-checkpoint-tmp-17/state",
-    "tensorboard/ppo/events.out.tfevents.1.vm",
-    "tensorboard/events.out.tfevents.2.vm",
+  # there were deleted. What orbax and tensorboardX write there (the HH
+  # job's events lie in tensorboard/ itself) is rlhf-jax's.
+  _library_files(run_dir)
+  theirs = [
+    "checkpoints/u.txt",
+    "checkpoints/ppo/mine",
+    "checkpoints/ppo/3.bak",
+    "checkpoints/ppo_backup",
+    "tensorboard/a.txt",
+    "tensorboard/ppo_old",
   ]
-  for name in ours:
-    (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-    (run_dir / name).write_text("x")
-  theirs = ["checkpoints/u.txt", "checkpoints/ppo/mine", "tensorboard/a.txt"]
   for name in theirs:
     (run_dir / name).write_text("mine")
   with pytest.raises(runtime.UserError) as e:
     _prepare(run_dir, overwrite=True)
   assert (
-    "holds 3 entries rlhf-jax did not write (checkpoints/ppo/mine, "
-    "checkpoints/u.txt, tensorboard/a.txt); nothing was deleted" in str(e.value)
+    "holds 6 entries rlhf-jax did not write (checkpoints/ppo/3.bak, "
+    "checkpoints/ppo/mine, checkpoints/ppo_backup, checkpoints/u.txt, "
+    "tensorboard/a.txt and 1 more); nothing was deleted" in str(e.value)
   )
   assert all((run_dir / n).read_text() == "mine" for n in theirs)
   for name in theirs:
