@@ -50,6 +50,17 @@ def test_malformed_json_line_names_file_and_line(tmp_path, capsys):
   _check(
     code, err, f"{data}:2: invalid JSON: Expecting ',' delimiter (column 16)"
   )
+  # A line cut off: it said "(column 1)", the newline's next line.
+  _write(pathlib.Path(data), [_pair(), '{"prompt": "x", "chosen": "a"'])
+  code, err = _run(
+    capsys, ["rm", "--data", data, "--run-dir", str(tmp_path / "r")]
+  )
+  _check(
+    code,
+    err,
+    f"{data}:2: invalid JSON: Expecting ',' delimiter (at the end of the "
+    "line)",
+  )
 
 
 def test_missing_field(tmp_path, capsys):

@@ -347,6 +347,25 @@ def test_r8_missing_eos_penalty_on_response_only():
   np.testing.assert_allclose(out, [0.0, 1.5])
 
 
+def test_missing_eos_compares_narrow_ids_at_32_bits():
+  """int8 ids against eos 258 wrapped to 2 and matched; a traced eos is
+  taken, one past int32 is refused (it was jax's OverflowError)."""
+  ids = jnp.array([[2, 3], [1, 1]], jnp.int8)
+  mask = jnp.ones((2, 2), bool)
+  scores = jnp.array([1.0, 2.0])
+
+  def penalised(eos):
+    return klm.apply_missing_eos_penalty(
+      scores, ids, mask, eos_token_id=eos, penalty=1.0
+    )
+
+  np.testing.assert_allclose(penalised(258), [0.0, 1.0])
+  np.testing.assert_allclose(penalised(2), [1.0, 1.0])
+  np.testing.assert_allclose(jax.jit(penalised)(2), [1.0, 1.0])
+  with pytest.raises(ValueError, match="eos_token_id must fit int32"):
+    penalised(10**12)
+
+
 # ------------------------------------------------------------ controllers, R11
 def test_r11_adaptive_kl_controller():
   ctrl = klm.adaptive_kl_controller(0.2, target_kl=6.0, horizon=100)

@@ -153,6 +153,7 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
       text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark
     if not text.strip():
       continue
+    text = text.rstrip("\r\n")  # a cut-off object ends here, not at "\n"
     try:
       data = json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKeyError as e:
@@ -161,8 +162,14 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
         "(which one is meant?)"
       ) from None
     except json.JSONDecodeError as e:
+      # Column 1 of the next line was reported for an unclosed object.
+      where = (
+        "at the end of the line"
+        if e.pos >= len(text)
+        else (f"column {e.colno}")
+      )
       raise DataError(
-        f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})"
+        f"{path}:{lineno}: invalid JSON: {e.msg} ({where})"
       ) from e
     except RecursionError as e:
       raise DataError(
