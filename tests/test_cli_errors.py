@@ -58,8 +58,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path, capsys):
   _check(
     code,
     err,
-    f"{data}:2: invalid JSON: Expecting ',' delimiter (at the end of the "
-    "line)",
+    f"{data}:2: invalid JSON: Expecting ',' delimiter (at the end of the line)",
   )
 
 
