@@ -14,7 +14,6 @@ Time convention: all tensors are response-aligned [B, T] (docs/conventions.md,
 convention 1). Masked slots of every per-token output hold 0.
 """
 
-import operator
 from collections.abc import Callable
 from typing import Literal, NamedTuple, Protocol
 
@@ -252,8 +251,8 @@ def apply_missing_eos_penalty(
     scores: f32[B] sequence scores.
     response_ids: i32[B, T] response tokens only.
     response_mask: bool[B, T] True at valid response tokens.
-    eos_token_id: the EOS id (an int, or a traced i32[]); ids of a narrower
-      dtype are compared at 32 bits.
+    eos_token_id: the EOS id (an int, or a traced i32[]); one no id of
+      the dtype of ``response_ids`` can hold is found in no row.
     penalty: amount subtracted (>= 0 for a penalty), float or traced f32[].
 
   Returns:
@@ -261,7 +260,7 @@ def apply_missing_eos_penalty(
 
   Raises:
     ValueError: shape mismatch; ``eos_token_id`` not an integer (2.5 was
-      compared as a float and matched no token) or outside int32.
+      compared as a float and matched no token).
     TypeError: ``response_ids`` of a float or bool dtype.
   """
   if not is_int(eos_token_id):
@@ -270,16 +269,22 @@ def apply_missing_eos_penalty(
   response_ids = jnp.asarray(response_ids)
   mask = validate_mask(response_mask, response_ids.shape, "response_mask")
   scores = _scores(scores, response_ids.shape)
-  # At 32 bits at least: int8 ids compared with eos 258 matched token 2.
-  ids = response_ids.astype(jnp.promote_types(response_ids.dtype, jnp.int32))
-  if not isinstance(eos_token_id, jax.Array):  # a Python or NumPy int
-    info = jnp.iinfo(ids.dtype)
-    if not info.min <= operator.index(eos_token_id) <= info.max:
-      raise ValueError(
-        f"eos_token_id must fit {ids.dtype} (a token id), got {eos_token_id}"
-      )
-  has_eos = jnp.any(mask & (ids == eos_token_id), axis=-1)
+  has_eos = jnp.any(mask & _is_eos(response_ids, eos_token_id), axis=-1)
   return jnp.where(has_eos, scores, scores - jnp.asarray(penalty, scores.dtype))
+
+
+def _is_eos(ids: jax.Array, eos_token_id: int | jax.Array) -> jax.Array:
+  """bool[...] ids == eos, exactly: narrow ids are compared at 32 bits
+  (int8 ids against 258 matched token 2), and a known id outside the ids'
+  range matches none (10**12 was jax's OverflowError)."""
+  if ids.dtype.itemsize < 4:
+    ids = ids.astype(jnp.int32)
+  if isinstance(eos_token_id, jax.Array):  # traced: compared as given
+    return ids == eos_token_id
+  info = jnp.iinfo(ids.dtype)
+  if not info.min <= int(eos_token_id) <= info.max:
+    return jnp.zeros(ids.shape, bool)
+  return ids == int(eos_token_id)
 
 
 class KLControllerState(NamedTuple):

@@ -6,6 +6,7 @@ console script to check the process-level behaviour.
 """
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -1058,15 +1059,33 @@ def test_a_value_given_to_a_switch_names_the_switch(capsys, arg, flag, no):
   )
 
 
-def test_a_switch_followed_by_a_value_names_the_switch(capsys):
+@pytest.mark.parametrize("given", ["--greedy", "--no-greedy"])
+def test_a_switch_followed_by_a_value_names_the_switch(capsys, given):
   """`--greedy true` said only "Unrecognized option: true"."""
-  code, err = _run(capsys, ["generate", "--greedy", "true"])
+  code, err = _run(capsys, ["generate", given, "true"])
   _check(
     code,
     err,
     "Unrecognized option: true; --greedy is a switch: pass --greedy or "
-    "--no-greedy, not --greedy true (see `rlhf-jax generate --help`)",
+    f"--no-greedy, not {given} true (see `rlhf-jax generate --help`)",
   )
+
+
+def test_generate_output_that_is_no_regular_file(tmp_path, capsys):
+  """A pipe (or /dev/stdout, a device) was replaced by a regular file of
+  samples with --overwrite: the file is written beside and renamed."""
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  for path in (fifo, pathlib.Path("/dev/null")):
+    code, err = _run(capsys, ["generate", "--output", str(path), "--overwrite"])
+    _check(
+      code,
+      err,
+      f"--output {path}: is not a regular file (a device, pipe or socket, "
+      "which the samples' file would replace); the samples go to stdout "
+      "anyway: choose a file",
+    )
+  assert fifo.is_fifo() and pathlib.Path("/dev/null").is_char_device()
 
 
 def test_no_switch_hint_for_an_option_that_takes_a_value(tmp_path, capsys):

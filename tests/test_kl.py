@@ -349,7 +349,7 @@ def test_r8_missing_eos_penalty_on_response_only():
 
 def test_missing_eos_compares_narrow_ids_at_32_bits():
   """int8 ids against eos 258 wrapped to 2 and matched; a traced eos is
-  taken, one past int32 is refused (it was jax's OverflowError)."""
+  taken; one no int32 holds is in no row (it was jax's OverflowError)."""
   ids = jnp.array([[2, 3], [1, 1]], jnp.int8)
   mask = jnp.ones((2, 2), bool)
   scores = jnp.array([1.0, 2.0])
@@ -362,8 +362,16 @@ def test_missing_eos_compares_narrow_ids_at_32_bits():
   np.testing.assert_allclose(penalised(258), [0.0, 1.0])
   np.testing.assert_allclose(penalised(2), [1.0, 1.0])
   np.testing.assert_allclose(jax.jit(penalised)(2), [1.0, 1.0])
-  with pytest.raises(ValueError, match="eos_token_id must fit int32"):
-    penalised(10**12)
+  np.testing.assert_allclose(penalised(10**12), [0.0, 1.0])
+  np.testing.assert_allclose(penalised(-(10**12)), [0.0, 1.0])
+  uint = klm.apply_missing_eos_penalty(
+    scores,
+    jnp.array([[2**32 - 1, 0], [1, 1]], jnp.uint32),
+    mask,
+    eos_token_id=-1,  # no uint32 id
+    penalty=1.0,
+  )
+  np.testing.assert_allclose(uint, [0.0, 1.0])
 
 
 # ------------------------------------------------------------ controllers, R11

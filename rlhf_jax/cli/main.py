@@ -284,9 +284,10 @@ def _switch_hint(cls: type, args: list[str], text: str) -> str:
     given = arg
     if not eq and after is not None:  # --greedy true
       value, given = after, f"{arg} {after}"
+    group, dot, name = flag[2:].rpartition(".")
+    flag = f"--{group}{dot}{name.removeprefix('no-')}"  # --no-x: --x's
     if flag in switches and value in left:
-      group, dot, name = flag[2:].rpartition(".")
-      no = f"--{group}{dot}no-{name}"  # tyro's form: --ppo.algo.no-x
+      no = f"--{group}{dot}no-{name.removeprefix('no-')}"  # tyro's form
       hints.append(f"; {flag} is a switch: pass {flag} or {no}, not {given}")
   return "".join(hints)
 

@@ -912,8 +912,12 @@ def _foreign_per_stage(run_dir: pathlib.Path) -> list[str]:
   out = []
   for folder, pattern in _PER_STAGE.items():
     path = run_dir / folder
-    if not path.is_dir():
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+      out.append(folder)  # rlhf-jax makes a folder there
+    if not path.is_dir() or path.is_symlink():
       continue
+    # orbax's steps are folders, TensorBoard's events files.
+    kind = pathlib.Path.is_dir if folder == "checkpoints" else _is_plain_file
     for entry in sorted(path.iterdir()):
       plain_dir = entry.is_dir() and not entry.is_symlink()
       if plain_dir and entry.name in _STAGES:
@@ -926,9 +930,13 @@ def _foreign_per_stage(run_dir: pathlib.Path) -> list[str]:
       out += [
         str(p.relative_to(run_dir))
         for p in entries
-        if not re.fullmatch(pattern, p.name)
+        if not (re.fullmatch(pattern, p.name) and kind(p)) or p.is_symlink()
       ]
   return out
+
+
+def _is_plain_file(path: pathlib.Path) -> bool:
+  return path.is_file() and not path.is_symlink()
 
 
 def _foreign_inside(run_dir: pathlib.Path) -> list[str]:

@@ -176,9 +176,9 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   """--output as a path, checked before any sampling.
 
   Raises:
-    runtime.UserError: it is a directory, an existing file without
-      --overwrite, under a path that is a file, a run's own file, or in a
-      folder that cannot be written.
+    runtime.UserError: it is a directory, a device or pipe, an existing
+      file without --overwrite, under a path that is a file, a run's own
+      file, or in a folder that cannot be written.
   """
   out = pathlib.Path(output)
   why = runtime.run_part(out) or _model_part(out)
@@ -186,6 +186,12 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
     raise runtime.UserError(f"--output {out}: {why}; choose another file")
   if out.is_dir() or output.endswith(os.sep):
     raise runtime.UserError(f"--output {output}: is a directory, not a file")
+  if out.exists() and not out.is_file():  # the file is written in its place
+    raise runtime.UserError(
+      f"--output {output}: is not a regular file (a device, pipe or socket, "
+      "which the samples' file would replace); the samples go to stdout "
+      "anyway: choose a file"
+    )
   if (out.exists() or out.is_symlink()) and not overwrite:
     raise runtime.UserError(
       f"--output {out}: exists; pass --overwrite to replace it"

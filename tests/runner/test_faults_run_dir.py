@@ -207,16 +207,22 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
   ]
   for name in theirs:
     (run_dir / name).write_text("mine")
+  # Names of the library's, of the other kind: a file as a step, a folder
+  # as an event file.
+  (run_dir / "checkpoints" / "ppo" / "7").write_text("mine")
+  (run_dir / "tensorboard" / "ppo" / "events.out.tfevents.mine").mkdir()
   with pytest.raises(runtime.UserError) as e:
     _prepare(run_dir, overwrite=True)
   assert (
-    "holds 6 entries rlhf-jax did not write (checkpoints/ppo/3.bak, "
-    "checkpoints/ppo/mine, checkpoints/ppo_backup, checkpoints/u.txt, "
-    "tensorboard/a.txt and 1 more); nothing was deleted" in str(e.value)
+    "holds 8 entries rlhf-jax did not write (checkpoints/ppo/3.bak, "
+    "checkpoints/ppo/7, checkpoints/ppo/mine, checkpoints/ppo_backup, "
+    "checkpoints/u.txt and 3 more); nothing was deleted" in str(e.value)
   )
   assert all((run_dir / n).read_text() == "mine" for n in theirs)
   for name in theirs:
     (run_dir / name).unlink()
+  (run_dir / "checkpoints" / "ppo" / "7").unlink()
+  (run_dir / "tensorboard" / "ppo" / "events.out.tfevents.mine").rmdir()
   # An input of the config inside the run directory (in a folder of ours,
   # under a name rlhf-jax writes).
   data = run_dir / "data" / "pairs_train.jsonl"
