@@ -823,7 +823,10 @@ def read_json(path: pathlib.Path, what: str) -> Any:
   try:
     return json.loads(text)
   except json.JSONDecodeError as e:
+    # A file cut off was placed at the line after its last newline.
+    where = f"at line {e.lineno} column {e.colno}"
+    if e.pos >= len(text.rstrip()):
+      where = "at the end of the file: cut off?"
     raise ModelLoadError(
-      f"{path}: not valid JSON ({e.msg} at line {e.lineno} column "
-      f"{e.colno}); expected {what}"
+      f"{path}: not valid JSON ({e.msg} {where}); expected {what}"
     ) from None

@@ -121,6 +121,16 @@ CASES = [
     (),
   ),
   (
+    "config_cut_off",
+    lambda d, t: (d / "config.json").write_text('{"model_type": "llama",\n'),
+    [
+      "{dir}/config.json: not valid JSON (Expecting property name enclosed "
+      "in double quotes at the end of the file: cut off?); expected a "
+      "Hugging Face model config (a JSON object)"
+    ],
+    (),
+  ),
+  (
     "config_not_object",
     lambda d, t: (d / "config.json").write_text("[1, 2]"),
     [
