@@ -883,12 +883,15 @@ def _check_overwrite(
       )
 
 
+# The stages that train a model: each saves it under outputs/<stage>.
+_TRAINING = ("rm", "ppo", "dpo", "grpo", "kto", "sft")
+
 # What rlhf-jax writes inside the folders of a run directory, by pattern
 # (temporary files of an atomic write included).
 _INSIDE = {
   "data": ("pairs_train.jsonl", "pairs_eval.jsonl", "prompts.json"),
   "stages": ("*.json",),
-  "outputs": ("rm", "ppo", "dpo", "grpo", "kto", "sft", ".*"),
+  "outputs": (*_TRAINING, ".*"),
   "plots": ("*.png",),
   "features": ("*.npz",),
 }
@@ -898,7 +901,7 @@ _INSIDE = {
 # (full matches): orbax's step folders and their temporary names,
 # TensorBoard's event files (the HH job's lie in tensorboard/ itself).
 # Inside a step folder is orbax's format, not inspected.
-_STAGES = ("rm", "ppo", "dpo", "grpo", "kto", "sft", "initial", "feedback")
+_STAGES = (*_TRAINING, "initial", "feedback")
 _PER_STAGE = {
   "checkpoints": r"\d+(\.orbax-checkpoint-tmp(-\d+)?)?",
   "tensorboard": r"events\.out\.tfevents\..+",

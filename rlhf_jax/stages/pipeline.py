@@ -80,6 +80,7 @@ from rlhf_jax.stages.rm import (
   rm_program,
   stage_rm,
 )
+from rlhf_jax.stages.sampling import task_prompt_too_long
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.unread import unread_fields
 from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
@@ -179,11 +180,8 @@ def check_prompt_room(
   counts = [len(ids) + bos for ids in adapter.encode_batch(STORY_OPENINGS)]
   if max(counts) > p:
     i = counts.index(max(counts))
-    raise DataError(
-      f"--task.max-prompt-length {p}: the task's prompt "
-      f"{STORY_OPENINGS[i]!r} has {counts[i]} tokens (with the BOS); raise "
-      f"it to at least {max(counts)}"
-    )
+    what = f"the task's prompt {STORY_OPENINGS[i]!r}"
+    raise task_prompt_too_long(p, what, counts[i])
 
 
 def _check_rewards(config: PipelineConfig) -> None:

@@ -45,13 +45,18 @@ def sampler(ctx: Context):
   return ctx.cache["sampler"]
 
 
+def jitted_unstack():
+  """A new jitted `models.unstack_layers`: the decode layout that
+  `generate` would otherwise make, a copy of every weight, per call."""
+  return jax.jit(
+    models.unstack_layers, static_argnames=("config", "transpose_min_size")
+  )
+
+
 def split_layers(ctx: Context):
-  """The run's jitted `models.unstack_layers` (the decode layout that
-  `generate` would otherwise make, a copy of every weight, per call)."""
+  """The run's `jitted_unstack` (its compile cache the run's own)."""
   if "split_layers" not in ctx.cache:
-    ctx.cache["split_layers"] = jax.jit(
-      models.unstack_layers, static_argnames=("config", "transpose_min_size")
-    )
+    ctx.cache["split_layers"] = jitted_unstack()
   return ctx.cache["split_layers"]
 
 
@@ -152,7 +157,14 @@ def tokenize_prompt_texts(
     what = e.where
     if e.where.startswith("prompt ") and e.where[7:].isdigit():
       what = f"the task's prompt {visible(repr(texts[int(e.where[7:])]))}"
-    raise DataError(
-      f"--task.max-prompt-length {e.max_prompt_length}: {what} has "
-      f"{e.length} tokens (with the BOS); raise it to at least {e.length}"
-    ) from None
+    raise task_prompt_too_long(e.max_prompt_length, what, e.length) from None
+
+
+def task_prompt_too_long(limit: int, what: str, length: int) -> DataError:
+  """The error of a task prompt (``what``) of ``length`` tokens with the
+  BOS, past --task.max-prompt-length ``limit`` (`pipeline.check_prompt_room`
+  names the longest before any work)."""
+  return DataError(
+    f"--task.max-prompt-length {limit}: {what} has {length} tokens (with "
+    f"the BOS); raise it to at least {length}"
+  )

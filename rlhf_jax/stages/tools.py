@@ -396,12 +396,10 @@ def _generate_batch(config, model_config, params, tok, adapter) -> Callable:
   batch. Row r of the command uses the key fold_in(seed key, r), so the
   samples do not depend on --batch-size; the weights are split per layer
   once for every batch."""
-  from rlhf_jax.stages.sampling import _sample
+  from rlhf_jax.stages.sampling import _sample, jitted_unstack
 
   if "layers" in params:
-    params = jax.jit(
-      models.unstack_layers, static_argnames=("config", "transpose_min_size")
-    )(params, config=model_config)
+    params = jitted_unstack()(params, config=model_config)
   temperature = 1.0 if config.temperature is None else config.temperature
   fn = jax.jit(
     functools.partial(
