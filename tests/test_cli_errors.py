@@ -423,11 +423,15 @@ def test_unknown_option(capsys):
     (["--foo", "-3"], "option: --foo -3"),
     (["--foo=3", "4"], "options: --foo=3, 4"),
     (["stray", "words"], "options: stray, words"),
+    (["--foo", "a, b"], "option: --foo 'a, b'"),
+    (["--foo", "", "x"], "options: --foo '', x"),
   ],
 )
 def test_unknown_options_keep_their_values(capsys, args, shown):
   """A value is shown with its option (tyro listed "--foo, 3" as two
-  options); a second value, or words with no option, stay on their own."""
+  options); a second value, or words with no option, stay on their own;
+  an empty value, or one holding ", " (tyro's separator), is quoted as a
+  shell would take it ("--foo, a, b" read as three arguments)."""
   code, err = _run(capsys, ["generate", *args])
   _check(code, err, f"Unrecognized {shown} (see `rlhf-jax generate --help`)")
 

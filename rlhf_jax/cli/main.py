@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import re
+import shlex
 import sys
 import traceback
 import typing
@@ -231,16 +232,36 @@ def _with_values(message: str, args: list[str]) -> str:
   head = re.match(r"Unrecognized options?: (.*?)(;.*)?$", message)
   if head is None:
     return message
-  items = head.group(1).split(", ")
   nexts = set(itertools.pairwise(args))
   merged: list[str] = []
-  for item in items:
+  for item in _items(head.group(1), args):
+    shown = _quoted(item)
     if _is_value(item) and merged and _takes_value(merged[-1], item, nexts):
-      merged[-1] += f" {item}"
+      merged[-1] += f" {shown}"
     else:
-      merged.append(item)
+      merged.append(shown)
   s = "s" if len(merged) > 1 else ""
   return f"Unrecognized option{s}: {', '.join(merged)}{head.group(2) or ''}"
+
+
+def _items(listed: str, args: list[str]) -> list[str]:
+  """tyro's ", "-joined list of arguments, split back into the arguments
+  given (one of them may hold ", " itself: `--foo "a, b"`)."""
+  parts, given, out = listed.split(", "), set(args), []
+  while parts:
+    k = next(
+      (k for k in range(len(parts), 1, -1) if ", ".join(parts[:k]) in given),
+      1,
+    )
+    out.append(", ".join(parts[:k]))
+    parts = parts[k:]
+  return out
+
+
+def _quoted(item: str) -> str:
+  """An argument as a shell would take it back: quoted when empty or
+  holding spaces, commas or quotes."""
+  return shlex.quote(item) if not item or re.search(r"[\s,'\"]", item) else item
 
 
 def _is_value(item: str) -> bool:
