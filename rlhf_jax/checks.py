@@ -27,7 +27,9 @@ def is_int(value: Any) -> bool:
       integer = jnp.issubdtype(value.dtype, jnp.integer)
     except TypeError:  # a dtype jax does not know
       return False
-    return bool(integer) and tuple(value.shape) == ()
+    # NumPy files timedelta64 (kind "m") under its integers.
+    duration = getattr(value.dtype, "kind", None) == "m"
+    return bool(integer) and not duration and tuple(value.shape) == ()
   try:
     operator.index(value)
   except TypeError:  # a float, a string, None

@@ -155,6 +155,9 @@ def test_check_key_refuses_what_is_not_one_key(rng, error, got):
     (np.array([1, 2]), False),
     ("3", False),
     (None, False),
+    # NumPy counts timedelta64 among its integers.
+    (np.timedelta64(3, "s"), False),
+    (np.array(3, "m8[s]"), False),
   ],
   ids=repr,
 )
