@@ -512,6 +512,31 @@ def test_file_kind_mistakes_are_named(tmp_path):
   )
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_a_wide_encoding_is_named(tmp_path, encoding):
+  """A UTF-16 file (Windows' "Unicode") was "invalid UTF-8 ... byte 0xff
+  in position 0"."""
+  p = tmp_path / "w.jsonl"
+  row = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+  bom = "\ufeff" if encoding == "utf-16-be" else ""  # the others write one
+  p.write_bytes((bom + row).encode(encoding))
+  assert error_of(load_examples, str(p)) == (
+    f"{p}: starts with a UTF-16 or UTF-32 byte-order mark; save it as UTF-8"
+  )
+
+
+def test_lone_carriage_returns_are_named(tmp_path):
+  """Rows ended by a lone "\r" (classic Mac) read as one line: "Extra
+  data" alone did not say why."""
+  p = tmp_path / "cr.jsonl"
+  row = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
+  p.write_bytes(f"{row}\r{row}\r".encode())
+  assert error_of(load_examples, str(p)) == (
+    f"{p}:1: invalid JSON: Extra data (column {len(row) + 2}); its lines end "
+    "in a lone carriage return (\\r): save it with \\n line ends"
+  )
+
+
 def test_source_errors(tmp_path):
   assert error_of(load_examples, str(tmp_path / "no.jsonl")) == (
     f"{tmp_path / 'no.jsonl'}: no such file"

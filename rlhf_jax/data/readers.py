@@ -113,6 +113,7 @@ def _open_lines(path: str) -> Iterator[bytes]:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
 class _DuplicateKeyError(ValueError):
@@ -145,6 +146,11 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
       raise DataError(
         f"{path}: is gzip-compressed; name it {path}.gz (or decompress it)"
       )
+    if lineno == 1 and raw.startswith(_WIDE_BOMS):
+      raise DataError(
+        f"{path}: starts with a UTF-16 or UTF-32 byte-order mark; save it "
+        "as UTF-8"
+      )
     try:
       text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -168,8 +174,14 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
         if e.pos >= len(text)
         else (f"column {e.colno}")
       )
+      hint = ""
+      if "\r" in text:  # one "line" of several rows
+        hint = (
+          "; its lines end in a lone carriage return (\\r): save it with "
+          "\\n line ends"
+        )
       raise DataError(
-        f"{path}:{lineno}: invalid JSON: {e.msg} ({where})"
+        f"{path}:{lineno}: invalid JSON: {e.msg} ({where}){hint}"
       ) from e
     except RecursionError as e:
       raise DataError(
