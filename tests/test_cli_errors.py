@@ -229,6 +229,24 @@ def test_ppo_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
   assert not (tmp_path / "r").exists()
 
 
+def test_hh_prompt_length_with_no_room_beside_the_bos(tmp_path, capsys):
+  """The HH job on a pretrained backbone (whose tokenizer prepends a BOS)
+  found it after config.json was written, the backbone built and the HH
+  data read."""
+  run = tmp_path / "r"
+  code, err = _run(
+    capsys,
+    ["rm", "--preset", "hh-rlhf-smoke", "--hh.backbone", "tinystories"]
+    + ["--hh.max-prompt-length", "1", "--run-dir", str(run)],
+  )
+  _check(
+    code,
+    err,
+    "--hh.max-prompt-length 1 leaves no room for a prompt token after the BOS",
+  )
+  assert not run.exists()
+
+
 @pytest.mark.parametrize("command", ["sft", "kto"])
 def test_data_prompt_length_with_no_room_names_the_option(
   tmp_path, capsys, command

@@ -86,10 +86,26 @@ def prompt_room_as(flag: str) -> Iterator[None]:
   try:
     yield
   except NoPromptRoomError as e:
-    raise DataError(
-      f"{flag} {e.max_prompt_length} leaves no room for a prompt token "
-      "after the BOS"
-    ) from None
+    raise _no_room(flag, e.max_prompt_length) from None
+
+
+def check_bos_room(flag: str, max_prompt_length: int, bos: bool) -> None:
+  """The check behind NoPromptRoomError, for a command to run before any
+  work: P = ``max_prompt_length`` (its option ``flag``) must hold a
+  prompt token beside the BOS the tokenizer prepends (``bos``).
+
+  Raises:
+    DataError: it does not (names ``flag``).
+  """
+  if bos and max_prompt_length < 2:
+    raise _no_room(flag, max_prompt_length)
+
+
+def _no_room(flag: str, max_prompt_length: int) -> DataError:
+  return DataError(
+    f"{flag} {max_prompt_length} leaves no room for a prompt token after "
+    "the BOS"
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from rlhf_jax.data import (
   read_rows,
   row_kind,
 )
-from rlhf_jax.data.errors import prompt_room_as
+from rlhf_jax.data.errors import check_bos_room, prompt_room_as
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.configs import AuditConfig
 
@@ -689,6 +689,12 @@ def run_audit(config: AuditConfig) -> int:
     setup_jax()
     adapter, template, model = load_scorer(
       config.reward_model, config.max_prompt_length + config.max_response_length
+    )
+    # Before --overwrite clears --out (`_out_dir`) and the pairs are read.
+    check_bos_room(
+      "--max-prompt-length",
+      config.max_prompt_length,
+      adapter.bos_id is not None,
     )
   interned, pairs, counts = read_judgements(
     config, template, scoring=model is not None

@@ -62,7 +62,7 @@ from rlhf_jax.data import (
   split_by_rows,
   tokenize_preferences,
 )
-from rlhf_jax.data.errors import prompt_room_as
+from rlhf_jax.data.errors import check_bos_room, prompt_room_as
 from rlhf_jax.runner.loop import TrainLoop
 from rlhf_jax.runner.mesh import MeshConfig, Placement
 from rlhf_jax.runner.metrics import MetricsWriter
@@ -394,7 +394,9 @@ def check_inputs(config: HHRewardModelConfig) -> None:
 
   Raises:
     DataError: no HH-RLHF directory.
-    DataError: no HH-RLHF files there, or none named --hh.heldout-file.
+    DataError: no HH-RLHF files there, or none named --hh.heldout-file;
+      a --hh.max-prompt-length with no room beside a pretrained
+      tokenizer's BOS.
     FileNotFoundError: no tokenizer.json (scratch) or backbone directory.
     ModelLoadError: a backbone directory or tokenizer that cannot be
       loaded.
@@ -432,11 +434,14 @@ def _check_model_dir(config: HHRewardModelConfig) -> None:
       ("--hh.max-prompt-length", config.max_prompt_length),
       ("--hh.max-response-length", config.max_response_length),
     )
-    models.load_tokenizer(model_dir)
+    tok = models.load_tokenizer(model_dir)
   except (FileNotFoundError, models.ModelLoadError) as e:
     if given is None:
       raise
     raise type(e)(f"--hh.model-dir: {e}") from None
+  # The scratch backbone's GPT-2 tokenizer prepends no BOS.
+  bos = HFTokenizerAdapter.wrap(tok).bos_id is not None
+  check_bos_room("--hh.max-prompt-length", config.max_prompt_length, bos)
 
 
 def _load_pairs(config: HHRewardModelConfig, template: ChatTemplate | None):

@@ -36,6 +36,7 @@ from typing import Any
 
 from rlhf_jax import models
 from rlhf_jax.data import DataError, HFTokenizerAdapter
+from rlhf_jax.data.errors import check_bos_room
 from rlhf_jax.rewards import RewardError
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import DryRunReport, dry_run
@@ -169,11 +170,7 @@ def check_prompt_room(
   """
   p = config.task.max_prompt_length
   adapter = HFTokenizerAdapter.wrap(tok)
-  if p < 2 and adapter.bos_id is not None:
-    raise DataError(
-      f"--task.max-prompt-length {p} leaves no room for a prompt token "
-      "after the BOS"
-    )
+  check_bos_room("--task.max-prompt-length", p, adapter.bos_id is not None)
   if "prompts" not in stages_for(command, config) or config.prompts is not None:
     return
   bos = int(adapter.bos_id is not None)

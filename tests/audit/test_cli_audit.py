@@ -543,3 +543,28 @@ def test_reward_model_without_a_tokenizer_is_named_once(
     f"rlhf-jax: error: --reward-model {rm}: no tokenizer.json in it or in "
     "its outputs/rm\n"
   )
+
+
+def test_no_prompt_room_is_refused_before_overwrite_clears_out(
+  tmp_path, capsys, reward_model_dir
+):
+  """--max-prompt-length 1 with a BOS-prepending reward model was found
+  while scoring, after --overwrite had emptied --out of the audit before
+  (report.md, results.json and plots/ were lost)."""
+  data = _write(tmp_path / "pairs.jsonl", _cycle_rows())
+  out = tmp_path / "audit"
+  base = ["audit", "--data", data, "--reward-model", str(reward_model_dir)]
+  code, _, _ = _run(capsys, [*base, "--out", str(out)])
+  assert code == 0
+  before = sorted(p.name for p in out.iterdir())
+  assert "report.md" in before and "results.json" in before
+  code, _, err = _run(
+    capsys,
+    [*base, "--out", str(out), "--overwrite", "--max-prompt-length", "1"],
+  )
+  assert code == 2
+  assert err == (
+    "rlhf-jax: error: --max-prompt-length 1 leaves no room for a prompt "
+    "token after the BOS\n"
+  )
+  assert sorted(p.name for p in out.iterdir()) == before
