@@ -550,6 +550,9 @@ PATH_FIELDS = frozenset(
 _IN_RUN_DIR = "<run_dir>"
 
 
+# The stages that train a model: each saves it under outputs/<stage>.
+_TRAINING = ("rm", "ppo", "dpo", "grpo", "kto", "sft")
+
 # Written into every run directory when it is created: --overwrite deletes
 # only directories holding it, so it never empties a folder of the user's.
 RUN_MARKER = ".rlhf_jax_run"
@@ -577,7 +580,7 @@ RUN_ENTRIES = frozenset(
     "curves.json",  # stages/kto_online.py
     "features",  # stages/feature_cache.py
     # `rlhf-jax eval --policy NAME`
-    *(f"eval_{n}.json" for n in ("initial", "ppo", "dpo", "grpo", "sft")),
+    *(f"eval_{n}.json" for n in ("initial", *_TRAINING) if n != "rm"),
   }
 )
 
@@ -882,9 +885,6 @@ def _check_overwrite(
         f"{where}, or choose another {flag}"
       )
 
-
-# The stages that train a model: each saves it under outputs/<stage>.
-_TRAINING = ("rm", "ppo", "dpo", "grpo", "kto", "sft")
 
 # What rlhf-jax writes inside the folders of a run directory, by pattern
 # (temporary files of an atomic write included).

@@ -15,6 +15,7 @@ import pytest
 
 from rlhf_jax.cli import presets as P
 from rlhf_jax.runner import runtime
+from rlhf_jax.stages.tools import POLICIES
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -252,7 +253,9 @@ def test_overwrite_deletes_what_every_policy_stage_and_eval_wrote(
   _a_run(run_dir, command=policy)
   (run_dir / "outputs" / policy).mkdir(parents=True)
   (run_dir / "outputs" / policy / "config.json").write_text("{}")
-  (run_dir / "eval_grpo.json").write_text("{}")  # `rlhf-jax eval --policy`
+  # `rlhf-jax eval --policy P`, every P (eval_kto.json was the user's).
+  for name in POLICIES:
+    (run_dir / f"eval_{name}.json").write_text("{}")
   (run_dir / "curves.json").write_text("{}")  # kto_online's accept rates
   (run_dir / "features").mkdir()  # feature_cache (frozen-backbone RM)
   (run_dir / "features" / "train.npz").write_bytes(b"")
