@@ -1104,10 +1104,29 @@ def test_generate_output_that_is_no_regular_file(tmp_path, capsys):
       code,
       err,
       f"--output {path}: is not a regular file (a device, pipe or socket, "
-      "which the samples' file would replace); the samples go to stdout "
-      "anyway: choose a file",
+      "which the samples' file would replace); the samples are printed on "
+      "stdout anyway: choose a file",
     )
   assert fifo.is_fifo() and pathlib.Path("/dev/null").is_char_device()
+
+
+def test_generate_output_that_is_a_link(tmp_path, capsys):
+  """A link was replaced by the samples' file: /dev/stdout (a link to
+  /proc/self/fd/1, a regular file when stdout was redirected to one)
+  became a regular file for the whole machine when run as root."""
+  target = tmp_path / "log.txt"
+  target.write_text("mine")
+  link = tmp_path / "stdout"
+  link.symlink_to(target)
+  code, err = _run(capsys, ["generate", "--output", str(link), "--overwrite"])
+  _check(
+    code,
+    err,
+    f"--output {link}: is a symbolic link (to {target}), which the "
+    "samples' file would replace; the samples are printed on stdout "
+    "anyway: give the file it points to, or another path",
+  )
+  assert link.is_symlink() and target.read_text() == "mine"
 
 
 def test_no_switch_hint_for_an_option_that_takes_a_value(tmp_path, capsys):
@@ -1254,7 +1273,13 @@ def test_generate_output_dangling_link_and_trailing_slash(tmp_path, capsys):
   link = tmp_path / "link.jsonl"
   link.symlink_to(tmp_path / "missing-target")
   code, err = _run(capsys, ["generate", "--output", str(link)])
-  _check(code, err, f"--output {link}: exists; pass --overwrite to replace it")
+  _check(
+    code,
+    err,
+    f"--output {link}: is a symbolic link (to {tmp_path / 'missing-target'}"
+    "), which the samples' file would replace; the samples are printed on "
+    "stdout anyway: give the file it points to, or another path",
+  )
   assert link.is_symlink()
   slash = str(tmp_path / "newdir") + "/"
   code, err = _run(capsys, ["generate", "--output", slash])

@@ -176,9 +176,9 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
   """--output as a path, checked before any sampling.
 
   Raises:
-    runtime.UserError: it is a directory, a device or pipe, an existing
-      file without --overwrite, under a path that is a file, a run's own
-      file, or in a folder that cannot be written.
+    runtime.UserError: it is a directory, a symbolic link, a device or
+      pipe, an existing file without --overwrite, under a path that is a
+      file, a run's own file, or in a folder that cannot be written.
   """
   out = pathlib.Path(output)
   why = runtime.run_part(out) or _model_part(out)
@@ -186,13 +186,22 @@ def _check_output(output: str, overwrite: bool) -> pathlib.Path:
     raise runtime.UserError(f"--output {out}: {why}; choose another file")
   if out.is_dir() or output.endswith(os.sep):
     raise runtime.UserError(f"--output {output}: is a directory, not a file")
-  if out.exists() and not out.is_file():  # the file is written in its place
+  # The file is written beside and renamed over the path: a link itself
+  # would be replaced (/dev/stdout, a link into /proc, for the whole
+  # machine when run as root), and so would a device, pipe or socket.
+  if out.is_symlink():
+    raise runtime.UserError(
+      f"--output {output}: is a symbolic link (to {os.readlink(out)}), "
+      "which the samples' file would replace; the samples are printed on "
+      "stdout anyway: give the file it points to, or another path"
+    )
+  if out.exists() and not out.is_file():
     raise runtime.UserError(
       f"--output {output}: is not a regular file (a device, pipe or socket, "
-      "which the samples' file would replace); the samples go to stdout "
-      "anyway: choose a file"
+      "which the samples' file would replace); the samples are printed on "
+      "stdout anyway: choose a file"
     )
-  if (out.exists() or out.is_symlink()) and not overwrite:
+  if out.exists() and not overwrite:
     raise runtime.UserError(
       f"--output {out}: exists; pass --overwrite to replace it"
     )
