@@ -279,8 +279,11 @@ def _is_eos(ids: jax.Array, eos_token_id: int | jax.Array) -> jax.Array:
   range matches none (10**12 was jax's OverflowError)."""
   if ids.dtype.itemsize < 4:
     ids = ids.astype(jnp.int32)
-  if isinstance(eos_token_id, jax.Array):  # traced: compared as given
-    return ids == eos_token_id
+  if isinstance(eos_token_id, jax.Array):  # traced: compared as given,
+    # on the same side of 0: mixed signs wrap at 32 bits (uint32 2**32 - 1
+    # is int32 -1).
+    same_side = (ids >= 0) == (eos_token_id >= 0)
+    return (ids == eos_token_id) & same_side
   info = jnp.iinfo(ids.dtype)
   if not info.min <= int(eos_token_id) <= info.max:
     return jnp.zeros(ids.shape, bool)

@@ -372,6 +372,24 @@ def test_missing_eos_compares_narrow_ids_at_32_bits():
     penalty=1.0,
   )
   np.testing.assert_allclose(uint, [0.0, 1.0])
+  # An eos array (traced, or concrete) was promoted with the uint32 ids
+  # to int32, where 2**32 - 1 is -1: it matched row 0.
+  for eos in (jnp.int32(-1), np.int32(-1)):
+    out = jax.jit(
+      lambda e: klm.apply_missing_eos_penalty(
+        scores,
+        jnp.array([[2**32 - 1, 0], [1, 1]], jnp.uint32),
+        mask,
+        eos_token_id=e,
+        penalty=1.0,
+      )
+    )(eos)
+    np.testing.assert_allclose(out, [0.0, 1.0])
+  big = jnp.array(2**32 - 1, jnp.uint32)  # and the other way round
+  out = klm.apply_missing_eos_penalty(
+    scores, jnp.array([[-1, 0], [1, 1]]), mask, eos_token_id=big, penalty=1.0
+  )
+  np.testing.assert_allclose(out, [0.0, 1.0])
 
 
 # ------------------------------------------------------------ controllers, R11
