@@ -26,6 +26,7 @@ from rlhf_jax.data import (
   tokenize_sft,
   tokenize_unpaired,
 )
+from rlhf_jax.data.tokenize import prompt_lengths
 from rlhf_jax.types import PreferenceBatch, PromptBatch, RankedBatch, SFTBatch
 
 FIX = pathlib.Path(__file__).parent / "fixtures" / "data"
@@ -142,6 +143,8 @@ def test_a_prompt_that_starts_with_bos_gets_no_second_one():
   # Cut from the left, it keeps its one BOS at the front.
   ds = tokenize_prompts(texts[:1], tok, max_prompt_length=2)
   np.testing.assert_array_equal(ds.arrays["prompt_ids"], [[EOT, WORLD]])
+  # The lengths the up-front checks count: the same one BOS.
+  assert prompt_lengths(texts, tok) == [3, 3]
 
 
 def test_bos_is_kept_when_prompt_is_cut(tiny):

@@ -86,3 +86,31 @@ def test_a_task_prompt_longer_than_p_names_the_option(shared_data):
     "away from the big house' "
     f"has {n} tokens (with the BOS); raise it to at least {n}"
   )
+
+
+def test_sampled_prefixes_past_p_are_left_out_and_counted(shared_data, capsys):
+  """A prefix of up to --task.prefix-max-words words sampled from the
+  policy can take more tokens than --task.max-prompt-length: the run
+  stopped after sampling, naming one random prefix as "the task's
+  prompt"; it is now left out, counted and warned about."""
+  from rlhf_jax.data.tokenize import prompt_lengths
+  from rlhf_jax.stages.feedback import _fitting
+
+  tok = models.load_tokenizer(shared_data / "models" / "tinystories-656k")
+  task = types.SimpleNamespace(max_prompt_length=6, prefix_max_words=30)
+  ctx = types.SimpleNamespace(
+    adapter=HFTokenizerAdapter.wrap(tok),
+    config=types.SimpleNamespace(task=task),
+    primary=True,
+  )
+  short, long = "A cat", "The dog ran far away from the big house"
+  # With the BOS: 5 and 10 tokens.
+  assert prompt_lengths([short, long], ctx.adapter) == [5, 10]
+  assert _fitting(ctx, [short, long, short]) == ([short, short], 1)
+  assert capsys.readouterr().err == (
+    "rlhf-jax: warning: 1 of 3 sampled story prefixes take more than "
+    "--task.max-prompt-length 6 tokens (with the BOS) and were left out; "
+    "raise it, or lower --task.prefix-max-words (30), to keep them\n"
+  )
+  assert _fitting(ctx, [short]) == ([short], 0)
+  assert capsys.readouterr().err == ""

@@ -409,6 +409,22 @@ def _encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
   return [list(tok.encode(t)) for t in texts]
 
 
+def _without_bos(ids: list[int], bos: list[int]) -> list[int]:
+  """A rendered chat template may hold the BOS: the prompt gets one BOS,
+  as the model was trained (TRL does the same)."""
+  return ids[1:] if bos and ids[:1] == bos else ids
+
+
+def prompt_lengths(texts: Sequence[str], tok: Tokenizer) -> list[int]:
+  """The tokens each prompt takes uncut in `tokenize_prompts` (default
+  add_bos): its ids and the tokenizer's one BOS, if it has one."""
+  bos = [] if tok.bos_id is None else [tok.bos_id]
+  return [
+    len(bos) + len(_without_bos(ids, bos))
+    for ids in _encode_all(tok, list(texts))
+  ]
+
+
 def _pad(
   seqs: list[list[int]], length: int, pad_id: int, *, left: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -452,8 +468,7 @@ def _prompts(
   for i, (ids, where) in enumerate(
     zip(_encode_all(tok, texts), wheres, strict=True)
   ):
-    if bos and ids[:1] == bos:  # a rendered chat template may hold it:
-      ids = ids[1:]  # one BOS, as the model was trained (TRL does the same)
+    ids = _without_bos(ids, bos)
     if not ids and not bos:
       raise DataError(f"{where}: field 'prompt' tokenizes to 0 tokens")
     if len(ids) > keep:

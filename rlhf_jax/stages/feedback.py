@@ -14,6 +14,7 @@ from rlhf_jax.data import (
   TokenizedDataset,
   TruncationReport,
 )
+from rlhf_jax.data.tokenize import prompt_lengths
 from rlhf_jax.runner import runtime
 from rlhf_jax.stages.common import Context
 from rlhf_jax.stages.eval_metrics import length_baseline
@@ -66,21 +67,45 @@ def stage_prompts(ctx: Context) -> dict:
     max_words=cfg.prefix_max_words,
     seed=ctx.config.seed,
   )
-  openings = list(STORY_OPENINGS)
+  prefixes, too_long = _fitting(ctx, prefixes)
+  openings = list(STORY_OPENINGS)  # they fit: `pipeline.check_prompt_room`
   prompts = openings + [p for p in prefixes if p not in set(openings)]
   train, held = split_prompts(
     prompts, eval_fraction=cfg.eval_fraction, seed=ctx.config.seed
   )
-  tokenize_prompt_texts(ctx, prompts)  # fails early on a too-long prompt
   result = {
     "train": train,
     "heldout": held,
     "num_openings": len(openings),
     "num_sampled_prefixes": len(prompts) - len(openings),
+    "num_prefixes_too_long": too_long,
   }
   if ctx.primary:
     runtime.write_json(ctx.run_dir / "data" / "prompts.json", result)
   return result
+
+
+def _fitting(ctx: Context, prefixes: list[str]) -> tuple[list[str], int]:
+  """The sampled story prefixes that fit --task.max-prompt-length (with the
+  BOS), and how many did not: left out, with a warning (a prefix of up to
+  --task.prefix-max-words words can take more tokens than that)."""
+  cfg = ctx.config.task
+  lengths = prompt_lengths(prefixes, ctx.adapter)
+  kept = [
+    t
+    for t, n in zip(prefixes, lengths, strict=True)
+    if n <= cfg.max_prompt_length
+  ]
+  dropped = len(prefixes) - len(kept)
+  if dropped and ctx.primary:
+    sys.stderr.write(
+      f"rlhf-jax: warning: {dropped} of {len(prefixes)} sampled story "
+      f"prefixes take more than --task.max-prompt-length "
+      f"{cfg.max_prompt_length} tokens (with the BOS) and were left out; "
+      "raise it, or lower --task.prefix-max-words "
+      f"({cfg.prefix_max_words}), to keep them\n"
+    )
+  return kept, dropped
 
 
 # ----------------------------------------------------------- 2. feedback

@@ -37,6 +37,7 @@ from typing import Any
 from rlhf_jax import models
 from rlhf_jax.data import DataError, HFTokenizerAdapter
 from rlhf_jax.data.errors import check_bos_room
+from rlhf_jax.data.tokenize import prompt_lengths
 from rlhf_jax.rewards import RewardError
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.dry_run import DryRunReport, dry_run
@@ -173,8 +174,7 @@ def check_prompt_room(
   check_bos_room("--task.max-prompt-length", p, adapter.bos_id is not None)
   if "prompts" not in stages_for(command, config) or config.prompts is not None:
     return
-  bos = int(adapter.bos_id is not None)
-  counts = [len(ids) + bos for ids in adapter.encode_batch(STORY_OPENINGS)]
+  counts = prompt_lengths(STORY_OPENINGS, adapter)
   if max(counts) > p:
     i = counts.index(max(counts))
     what = f"the task's prompt {STORY_OPENINGS[i]!r}"
