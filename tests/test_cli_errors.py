@@ -439,6 +439,7 @@ def test_unknown_option(capsys):
   [
     (["--foo", "3", "--bar", "x", "7"], "options: --foo 3, --bar x, 7"),
     (["--foo", "-3"], "option: --foo -3"),
+    (["--foo", "-1e-3", "--bar", "-inf"], "options: --foo -1e-3, --bar -inf"),
     (["--foo=3", "4"], "options: --foo=3, 4"),
     (["stray", "words"], "options: stray, words"),
     (["--foo", "a, b"], "option: --foo 'a, b'"),

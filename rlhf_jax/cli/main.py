@@ -265,8 +265,14 @@ def _quoted(item: str) -> str:
 
 
 def _is_value(item: str) -> bool:
-  """Not an option: a word, or a number such as -1."""
-  return not item.startswith("-") or bool(re.fullmatch(r"-[\d.]+", item))
+  """Not an option: a word, or a number such as -1, -1e-3 or -inf."""
+  if not item.startswith("-"):
+    return True
+  try:
+    float(item)
+  except ValueError:
+    return False
+  return True
 
 
 def _takes_value(option: str, item: str, nexts: set) -> bool:

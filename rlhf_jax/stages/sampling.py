@@ -99,31 +99,30 @@ def sample_continuations(
   out: dict[str, list] = {k: [] for k in names}
   if "layers" in params:  # split once for every batch
     params = split_layers(ctx)(params, config=ctx.model_config)
-  bar = ProgressBar(-(-n // size), what, show=ctx.placement.is_primary)
-  for start, stop in chunks(n, size):
-    ctx.stop.check(what, checkpoint=False)  # sampling restarts on --resume
-    ids, mask = ctx.placement.batch(
-      (
-        pad_rows(prompt_ids[start:stop], size),
-        pad_rows(prompt_mask[start:stop], size),
+  with ProgressBar(-(-n // size), what, show=ctx.placement.is_primary) as bar:
+    for start, stop in chunks(n, size):
+      ctx.stop.check(what, checkpoint=False)  # sampling restarts on --resume
+      ids, mask = ctx.placement.batch(
+        (
+          pad_rows(prompt_ids[start:stop], size),
+          pad_rows(prompt_mask[start:stop], size),
+        )
       )
-    )
-    roll = sampler(ctx)(
-      params,
-      ids,
-      mask,
-      key,
-      jnp.uint32(start),
-      jnp.float32(ctx.config.sampling.temperature),
-      config=ctx.model_config,
-      max_new_tokens=ctx.config.sampling.max_new_tokens,
-      eos=ctx.eos,
-      pad=ctx.pad,
-    )
-    for k in names:
-      out[k].append(np.asarray(getattr(roll, k))[: stop - start])
-    bar.update(1)
-  bar.close()
+      roll = sampler(ctx)(
+        params,
+        ids,
+        mask,
+        key,
+        jnp.uint32(start),
+        jnp.float32(ctx.config.sampling.temperature),
+        config=ctx.model_config,
+        max_new_tokens=ctx.config.sampling.max_new_tokens,
+        eos=ctx.eos,
+        pad=ctx.pad,
+      )
+      for k in names:
+        out[k].append(np.asarray(getattr(roll, k))[: stop - start])
+      bar.update(1)
   return {k: np.concatenate(v) for k, v in out.items()}
 
 

@@ -199,15 +199,17 @@ def test_accept_rate_task_smoke(tmp_path):
 _PROGRESS = re.compile(r"^\S+: \d+/\d+ \(\d+%\) elapsed ")
 
 
-def _error(capsys, args) -> str:
+def _error(capsys, args, *, after_stages: bool = False) -> str:
+  """The one-line error of `rlhf-jax` ``args``; before any stage ran
+  (no progress line) unless ``after_stages``."""
   # In-process: this process has 8 fake devices, so batches of 8.
   code = main(
     [*args, "--batch-size", "8"] if "--batch-size" not in args else args
   )
   err = capsys.readouterr().err
   assert code == 2 and "Traceback" not in err, err
-  # Progress lines of the stages that ran (on stderr), then the error.
-  err = "".join(x for x in err.splitlines(True) if not _PROGRESS.match(x))
+  if after_stages:  # progress lines of the stages that ran, then the error
+    err = "".join(x for x in err.splitlines(True) if not _PROGRESS.match(x))
   assert err.count("\n") == 1, err
   return err.removeprefix("rlhf-jax: error: ").strip()
 
@@ -273,6 +275,7 @@ def test_sizes_known_only_after_loading_are_one_line_errors(tmp_path, capsys):
       "kto", "--preset", "smoke", "--accept.prompts-per-round", "504",
       "--run-dir", str(tmp_path / "a"),
     ],
+    after_stages=True,
   )  # fmt: skip
   assert err.startswith("--accept.prompts-per-round 504: the task has only")
   path = tmp_path / "rows.jsonl"
@@ -287,6 +290,7 @@ def test_sizes_known_only_after_loading_are_one_line_errors(tmp_path, capsys):
       *_args(path, tmp_path / "b"), "--batch-size", "8",
       "--loss.num-micro-batches", "4",
     ],
+    after_stages=True,
   )  # fmt: skip
   # 9 rows: 8 train after the held-out row, batches of 8 / 4 micro-batches
   # would fit; 3 rows of training data give batches of 2, which do not.
