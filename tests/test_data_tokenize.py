@@ -178,13 +178,23 @@ def test_prompt_too_long_without_truncation(tiny):
   )
   # The fields a command rewords the message from (rlhf-jax generate).
   assert isinstance(e.value, PromptTooLongError)
-  assert (e.value.where, e.value.length, e.value.max_prompt_length) == (
+  v = e.value
+  assert (v.where, v.length, v.max_prompt_length, v.index) == (
     "p.jsonl:5",
     6,
     4,
+    0,
   )
   back = copy.deepcopy(e.value)  # rebuilt from __reduce__, as pickle does
-  assert (str(back), back.length) == (str(e.value), 6)
+  assert (str(back), back.length, back.index) == (str(e.value), 6, 0)
+  with pytest.raises(PromptTooLongError) as e:  # the index in the list
+    tokenize_prompts(
+      ["Once", "Once upon a time"],
+      tiny,
+      max_prompt_length=4,
+      truncate_prompts=False,
+    )
+  assert (e.value.where, e.value.index) == ("prompt 1", 1)
   # P = 1 with a BOS: no prompt fits at all (its own error, same fields).
   with pytest.raises(NoPromptRoomError) as e:
     tokenize_prompts(ex, tiny, max_prompt_length=1)

@@ -45,11 +45,18 @@ class PromptTooLongError(DataError):
     where: the row, e.g. ``data.jsonl:4`` or ``prompt 0``.
     length: its tokens (a BOS included).
     max_prompt_length: P.
+    index: its position among the prompts tokenized, or None.
   """
 
-  def __init__(self, where: str, length: int, max_prompt_length: int):
+  def __init__(
+    self,
+    where: str,
+    length: int,
+    max_prompt_length: int,
+    index: int | None = None,
+  ):
     self.where, self.length = where, length
-    self.max_prompt_length = max_prompt_length
+    self.max_prompt_length, self.index = max_prompt_length, index
     super().__init__(
       f"{where}: prompt has {length} tokens, longer than "
       f"max_prompt_length={max_prompt_length} (set truncate_prompts=True "
@@ -57,7 +64,8 @@ class PromptTooLongError(DataError):
     )
 
   def __reduce__(self):  # copy and pickle rebuild it from its fields
-    return type(self), (self.where, self.length, self.max_prompt_length)
+    fields = (self.where, self.length, self.max_prompt_length, self.index)
+    return type(self), fields
 
 
 class NoPromptRoomError(DataError):

@@ -473,7 +473,9 @@ def _prompts(
       raise DataError(f"{where}: field 'prompt' tokenizes to 0 tokens")
     if len(ids) > keep:
       if not truncate_prompts:
-        raise PromptTooLongError(where, len(ids) + len(bos), max_prompt_length)
+        raise PromptTooLongError(
+          where, len(ids) + len(bos), max_prompt_length, index=i
+        )
       ids = ids[len(ids) - keep :]  # Left truncation: keep the end.
       cut[i] = True
     out.append(bos + ids)

@@ -154,8 +154,8 @@ def tokenize_prompt_texts(
       )
   except PromptTooLongError as e:  # a task prompt (the user's are cut)
     what = e.where
-    if e.where.startswith("prompt ") and e.where[7:].isdigit():
-      what = f"the task's prompt {visible(repr(texts[int(e.where[7:])]))}"
+    if e.index is not None:
+      what = f"the task's prompt {visible(repr(texts[e.index]))}"
     raise task_prompt_too_long(e.max_prompt_length, what, e.length) from None
 
 
