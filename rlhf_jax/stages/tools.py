@@ -307,7 +307,7 @@ def _tokenized_prompts(
       )
   except PromptTooLongError as e:
     # The user's words, not the chat template around them.
-    text = prompts[[r.where for r in rows].index(e.where)]
+    text = prompts[e.index]
     text = text if len(text) <= 40 else text[:37] + "..."
     fix = "shorten it" if given else "pass shorter --prompts"
     turn = " as a chat turn" if config.chat else ""
