@@ -665,6 +665,7 @@ def _evaluate(
   runtime.write_json(out, {"settings": settings, "metrics": metrics, **details})
   for k, v in metrics.items():
     print(f"{k} = {v:.4g}")
+  print(f"eval: written to {out}")
   return 0
 
 

@@ -147,7 +147,8 @@ def test_smoke_metrics_have_the_plot_keys(smoke_run):
 def test_eval_reproduces_the_runs_final_evaluation(smoke_run):
   run_dir, _ = smoke_run
   # No preset: the run's own samples per prompt (1 in the smoke pipeline).
-  _cli("eval", "--run-dir", str(run_dir), "--policy", "ppo")
+  proc = _cli("eval", "--run-dir", str(run_dir), "--policy", "ppo")
+  assert proc.stdout.endswith(f"eval: written to {run_dir / 'eval_ppo.json'}\n")
   saved = json.loads((run_dir / "eval_ppo.json").read_text())
   assert saved["settings"] == {
     "policy": "ppo",
