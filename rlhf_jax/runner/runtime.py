@@ -608,6 +608,19 @@ def run_part(path: str | os.PathLike) -> str | None:
   return None
 
 
+def _in_run_part(run_dir: pathlib.Path) -> str:
+  """Where a new run directory would lie in another run's own part
+  (outputs/sft/x, checkpoints/...), or ""."""
+  try:
+    target = run_dir.resolve()
+  except RuntimeError:  # a symlink loop: mkdir names it
+    return ""
+  if (target / RUN_MARKER).is_file():
+    return ""  # a run made there before is the user's to reopen
+  why = run_part(target)
+  return "" if why is None else f"it lies in {why.removeprefix('it is ')}"
+
+
 def _runs_above(target: pathlib.Path) -> list[pathlib.Path]:
   """The run directories that the resolved ``target`` lies in, innermost
   first."""
@@ -644,6 +657,12 @@ def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
       )
     if run_dir.exists() and not run_dir.is_dir():
       return f"{flag} {run_dir}: is a file, not a directory"
+    inside = _in_run_part(run_dir)
+    if inside:
+      return (
+        f"{flag} {run_dir}: {inside}, which that run's --overwrite or "
+        f"stages replace; nothing was changed. Choose another {flag}"
+      )
     if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
       return ""
     names = [p.name for p in run_dir.iterdir()]
@@ -942,9 +961,47 @@ def _is_plain_file(path: pathlib.Path) -> bool:
   return path.is_file() and not path.is_symlink()
 
 
+# What a stage writes in outputs/<stage>: a Hugging Face directory
+# (`models.export_hf_checkpoint`), a reward model's head and a LoRA
+# policy's adapters alone (`stages.common`).
+_MODEL_FILES = (
+  "config.json",
+  "model.safetensors",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "generation_config.json",
+)
+_MODEL_FOLDERS = {
+  "reward_head": ("model.safetensors",),
+  "adapter": ("adapter_config.json", "adapter_model.safetensors"),
+}
+
+
+def _foreign_in_outputs(run_dir: pathlib.Path) -> list[str]:
+  """Entries of outputs/<stage>/ that no stage writes (--overwrite, or
+  the stage run again, deleted them)."""
+  out = []
+  for stage in _TRAINING:
+    path = run_dir / "outputs" / stage
+    if not path.is_dir() or path.is_symlink():
+      continue
+    for entry in sorted(path.iterdir()):
+      inside = _MODEL_FOLDERS.get(entry.name)
+      if inside is not None and entry.is_dir() and not entry.is_symlink():
+        out += [
+          str(p.relative_to(run_dir))
+          for p in sorted(entry.iterdir())
+          if p.name not in inside or not _is_plain_file(p)
+        ]
+      elif entry.name not in _MODEL_FILES or not _is_plain_file(entry):
+        out.append(str(entry.relative_to(run_dir)))
+  return out
+
+
 def _foreign_inside(run_dir: pathlib.Path) -> list[str]:
   """Entries of the run's own folders that rlhf-jax does not write."""
-  out = _foreign_per_stage(run_dir)
+  out = _foreign_per_stage(run_dir) + _foreign_in_outputs(run_dir)
   for folder, patterns in _INSIDE.items():
     path = run_dir / folder
     if not path.is_dir():

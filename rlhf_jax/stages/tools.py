@@ -678,6 +678,44 @@ EXPORT_MARKER = ".rlhf_jax_export"
 EXPORT_MARKER_TEXT = (
   "Written by `rlhf-jax export`: `--overwrite` may replace this folder.\n"
 )
+# Then the files the export wrote, one relative path a line: --overwrite
+# refuses a folder holding anything else (a model card added since).
+_FILES_HEADER = "Files it wrote:\n"
+
+
+def export_marker_text(folder: pathlib.Path) -> str:
+  """The marker of an export written to ``folder``: the text and the
+  files there."""
+  files = sorted(
+    p.relative_to(folder).as_posix()
+    for p in folder.rglob("*")
+    if p.is_file() and p.name != EXPORT_MARKER
+  )
+  return EXPORT_MARKER_TEXT + _FILES_HEADER + "".join(f"{f}\n" for f in files)
+
+
+def _not_exported(out: pathlib.Path) -> list[str] | None:
+  """Entries of the export folder ``out`` that its export did not write
+  (the highest of each branch), or None for an export whose marker lists
+  no files (those before 2026-12-08)."""
+  text = (out / EXPORT_MARKER).read_text(errors="replace")
+  if _FILES_HEADER not in text:
+    return None
+  files = set(text.split(_FILES_HEADER, 1)[1].splitlines())
+  ours = files | {
+    parent.as_posix()
+    for f in files
+    for parent in pathlib.PurePosixPath(f).parents
+  }
+  foreign = []
+  for p in sorted(out.rglob("*")):
+    rel = p.relative_to(out).as_posix()
+    if rel == EXPORT_MARKER or any(rel.startswith(f + "/") for f in foreign):
+      continue
+    written = rel in files and p.is_file() and not p.is_symlink()
+    if not (written or rel in ours and p.is_dir() and not p.is_symlink()):
+      foreign.append(rel)
+  return foreign
 
 
 def _check_export_out(
@@ -691,7 +729,8 @@ def _check_export_out(
       run's model directory; it lies in the run's outputs; it is a run
       directory or rlhf-jax's own part of one (``runtime.run_part``); or it
       is a non-empty directory and `overwrite` is False, or one that an
-      export did not write (no ``EXPORT_MARKER``).
+      export did not write (no ``EXPORT_MARKER``), or an export that holds
+      what it did not write (or whose marker lists no files).
   """
   target = out.resolve()
   if out.exists() and not out.is_dir():
@@ -732,6 +771,8 @@ def _check_export_out(
       "nothing was changed. Choose a new directory, or empty this one "
       "yourself"
     )
+  if entries and overwrite:
+    _check_only_exported(out)
   if entries and not overwrite:
     shown = [e for e in entries if e != EXPORT_MARKER]
     listed = ", ".join(shown[:4])
@@ -740,6 +781,29 @@ def _check_export_out(
     raise runtime.UserError(
       f"--out {out}: an earlier export (holds {listed}); pass --overwrite "
       "to replace it, or choose a new directory"
+    )
+
+
+def _check_only_exported(out: pathlib.Path) -> None:
+  """Raises UserError when the earlier export ``out`` holds what it did
+  not write (--overwrite would delete it), or cannot tell."""
+  foreign = _not_exported(out)
+  if foreign is None:
+    raise runtime.UserError(
+      f"--overwrite --out {out}: an export of before 2026-12-08, whose "
+      f"{EXPORT_MARKER} does not list its files, so files added to it "
+      "since cannot be told apart; nothing was changed. Choose a new "
+      "directory, or empty this one yourself"
+    )
+  if foreign:
+    listed = ", ".join(foreign[:4])
+    if len(foreign) > 4:
+      listed += f" and {len(foreign) - 4} more"
+    raise runtime.UserError(
+      f"--overwrite --out {out}: holds what the earlier export did not "
+      f"write ({listed}); nothing was changed. Move "
+      f"{'them' if len(foreign) > 1 else 'it'} out, or choose a new "
+      "directory"
     )
 
 
@@ -758,7 +822,7 @@ def _write_then_swap(
   tmp.mkdir()
   try:
     write(tmp)
-    (tmp / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
+    (tmp / EXPORT_MARKER).write_text(export_marker_text(tmp))
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -790,7 +854,8 @@ def run_export(config: C.ExportConfig) -> int:
   rlhf_jax-only format (reward_head/model.safetensors).
 
   A non-empty --out is refused unless --overwrite, and even then unless an
-  earlier export wrote it (``EXPORT_MARKER``); the export is written to a
+  earlier export wrote it and all it holds (``EXPORT_MARKER`` lists the
+  files); the export is written to a
   new directory beside --out and renamed into place, so an earlier
   export's files (e.g. a sharded checkpoint's index) never survive in it.
   """

@@ -23,7 +23,11 @@ from safetensors.numpy import save_file
 from rlhf_jax import models
 from rlhf_jax.cli.main import main
 from rlhf_jax.models.hf_io import INDEX_FILE
-from rlhf_jax.stages.tools import EXPORT_MARKER, EXPORT_MARKER_TEXT
+from rlhf_jax.stages.tools import (
+  EXPORT_MARKER,
+  EXPORT_MARKER_TEXT,
+  export_marker_text,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TINY = ROOT.parent / "shared" / "data" / "models" / "tinystories-656k"
@@ -61,10 +65,13 @@ def run_dir(tmp_path_factory) -> pathlib.Path:
   return run
 
 
-def _sharded_old_export(out: pathlib.Path) -> None:
-  """An earlier export of the original weights in two shards + index."""
+def _sharded_old_export(out: pathlib.Path, *extra: str) -> None:
+  """An earlier export of the original weights in two shards + index (and
+  the files ``extra``, as it wrote them)."""
   out.mkdir(parents=True)
-  (out / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
+  for name in extra:
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("an earlier export's file")
   for name in SIDE_FILES:
     shutil.copyfile(TINY / name, out / name)
   tensors = _tensors()
@@ -76,6 +83,7 @@ def _sharded_old_export(out: pathlib.Path) -> None:
     save_file({k: tensors[k] for k in keys}, str(out / shard))
     weight_map.update(dict.fromkeys(keys, shard))
   (out / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+  (out / EXPORT_MARKER).write_text(export_marker_text(out))
 
 
 def _snapshot(path: pathlib.Path) -> dict[str, bytes]:
@@ -122,19 +130,51 @@ def test_overwrite_replaces_a_sharded_export_without_stale_files(
   run_dir, tmp_path, capsys
 ):
   out = tmp_path / "old"
-  _sharded_old_export(out)
-  (out / "notes.txt").write_text("an earlier export's file")
+  _sharded_old_export(out, "notes.txt", "card/README.md")
   original = _embed(out)
   code, cap = _export(capsys, run_dir, out, "--overwrite")
   assert code == 0, cap.err
   assert sorted(p.name for p in out.iterdir()) == sorted(
     [*SIDE_FILES, "model.safetensors", EXPORT_MARKER]
   )
+  # The marker lists what the export wrote.
+  marker = (out / EXPORT_MARKER).read_text()
+  assert marker == export_marker_text(out)
+  assert marker.endswith(
+    "model.safetensors\n"
+    + "".join(f"{n}\n" for n in sorted(SIDE_FILES) if n > "model.safetensors")
+  )
   # Nothing left beside it: the temporary and the replaced directory went.
   assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
   exported = _embed(out)
   np.testing.assert_array_equal(exported, 2 * original)
   np.testing.assert_array_equal(exported, _embed(run_dir / "outputs" / "ppo"))
+
+
+def test_overwrite_refuses_an_export_holding_the_users_files(
+  run_dir, tmp_path, capsys
+):
+  """The marker let --overwrite replace the whole folder: a model card
+  or notes added to an export since were deleted with it."""
+  out = tmp_path / "old"
+  _sharded_old_export(out, "card/README.md")
+  (out / "MY_NOTES.md").write_text("mine")
+  (out / "sub").mkdir()
+  (out / "sub" / "keep.txt").write_text("mine")
+  (out / "card" / "extra.md").write_text("mine")
+  assert _refused(capsys, run_dir, out, "--overwrite") == (
+    f"rlhf-jax: error: --overwrite --out {out}: holds what the earlier "
+    "export did not write (MY_NOTES.md, card/extra.md, sub); nothing was "
+    "changed. Move them out, or choose a new directory\n"
+  )
+  # An export from before the marker listed its files: cannot tell.
+  (out / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
+  assert _refused(capsys, run_dir, out, "--overwrite") == (
+    f"rlhf-jax: error: --overwrite --out {out}: an export of before "
+    "2026-12-08, whose .rlhf_jax_export does not list its files, so files "
+    "added to it since cannot be told apart; nothing was changed. Choose a "
+    "new directory, or empty this one yourself\n"
+  )
 
 
 def test_overwrite_refuses_a_folder_no_export_wrote(run_dir, tmp_path, capsys):

@@ -224,6 +224,32 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
     (run_dir / name).unlink()
   (run_dir / "checkpoints" / "ppo" / "7").unlink()
   (run_dir / "tensorboard" / "ppo" / "events.out.tfevents.mine").rmdir()
+  # outputs/<stage>/ was not inspected: a note, or a whole run made
+  # inside it, was deleted. A stage's model files, a reward head and LoRA
+  # adapters are rlhf-jax's.
+  for name in (
+    "sft/config.json",
+    "sft/model.safetensors",
+    "rm/reward_head/model.safetensors",
+    "sft/adapter/adapter_config.json",
+  ):
+    (run_dir / "outputs" / name).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "outputs" / name).write_text("{}")
+  mine = ["sft/NOTES.md", "sft/sub/config.json", "rm/reward_head/x.npy"]
+  for name in mine:
+    (run_dir / "outputs" / name).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "outputs" / name).write_text("mine")
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(run_dir, overwrite=True)
+  assert (
+    "holds 3 entries rlhf-jax did not write (outputs/rm/reward_head/x.npy, "
+    "outputs/sft/NOTES.md, outputs/sft/sub); nothing was deleted"
+    in str(e.value)
+  )
+  assert all((run_dir / "outputs" / n).read_text() == "mine" for n in mine)
+  shutil.rmtree(run_dir / "outputs" / "sft" / "sub")
+  for name in mine[::2]:
+    (run_dir / "outputs" / name).unlink()
   # An input of the config inside the run directory (in a folder of ours,
   # under a name rlhf-jax writes).
   data = run_dir / "data" / "pairs_train.jsonl"
@@ -532,3 +558,22 @@ def test_run_part_refuses_only_a_run_and_its_own_parts(tmp_path):
   loop = tmp_path / "loop"
   loop.symlink_to(loop)
   assert runtime.run_part(loop) == "its path is a loop of symbolic links"
+
+
+def test_a_run_dir_inside_another_runs_own_part_is_refused(tmp_path):
+  """A run made in outputs/sft/sub of another run was deleted, unasked, by
+  that run's --overwrite (or its sft stage run again); a folder of the
+  user's inside a run stays theirs to use."""
+  run_dir = tmp_path / "run"
+  _a_run(run_dir)
+  inner = run_dir / "outputs" / "sft" / "sub"
+  with pytest.raises(runtime.UserError) as e:
+    _prepare(inner)
+  assert str(e.value) == (
+    f"--run-dir {inner}: it lies in part of the run {run_dir} (outputs, "
+    "rlhf-jax's own), which that run's --overwrite or stages replace; "
+    "nothing was changed. Choose another --run-dir"
+  )
+  assert not (run_dir / "outputs").exists()
+  _prepare(run_dir / "mine" / "sub")  # the user's folder
+  assert (run_dir / "mine" / "sub" / runtime.RUN_MARKER).is_file()
