@@ -210,6 +210,7 @@ def test_split_pairs_keeps_a_pair_s_copies_on_one_side():
   from rlhf_jax.stages.user_data import (
     pairs_also_in,
     repeated_pairs,
+    reversed_pairs,
     split_distinct,
     split_pairs,
   )
@@ -227,8 +228,46 @@ def test_split_pairs_keeps_a_pair_s_copies_on_one_side():
     trained = [copies[i] for i in train]
     assert pairs_also_in([copies[i] for i in held], trained) == []
   assert repeated_pairs(copies) == copies[30:]
+  # A pair and its reverse (chosen and rejected swapped) on one side:
+  # held out, its reverse had been trained on with the opposite label.
+  flipped = [PreferencePair(p.prompt, p.rejected, p.chosen) for p in pairs]
+  both = pairs + flipped[::2]
+  assert reversed_pairs(both) == flipped[::2]
+  assert reversed_pairs(pairs) == [] and repeated_pairs(both) == []
+  for seed in range(5):
+    train, held = split_pairs(both, seed=seed)
+    trained = [both[i] for i in train]
+    assert pairs_also_in([both[i] for i in held], trained) == []
+    # The draw is the one without the pairing: only reverses moved.
+    keys = [(p.prompt, p.chosen, p.rejected) for p in both]
+    _, unpaired = split_distinct(keys, seed)
+    assert set(held[held < 30]) == set(unpaired[unpaired < 30])
   # KTO's rows: at least 2 distinct held out, copies together.
   keys = [i % 5 for i in range(20)]  # 5 distinct, each 4 times
   train, held = split_distinct(keys, seed=0, least=2)
   assert len({keys[i] for i in held}) == 2 and len(held) == 8
   assert not {keys[i] for i in held} & {keys[i] for i in train}
+
+
+def test_kto_rows_with_opposite_labels_stay_together(capsys):
+  """A (prompt, completion) labelled both ways could be held out under
+  one label and trained on under the other, neither counted nor said."""
+  from rlhf_jax.stages.kto import _conflicting
+  from rlhf_jax.stages.user_data import split_distinct
+
+  keys = [(f"p{i}", "c", i % 2 == 0) for i in range(20)]
+  keys += [("p0", "c", False)] + [("p3", "c", True)] * 3
+  for seed in range(5):
+    train, held = split_distinct(
+      keys, seed, least=2, partner=lambda k: (*k[:2], not k[2])
+    )
+    sides = {keys[i][:2]: "train" for i in train}
+    assert all(sides.get(keys[i][:2]) is None for i in held)
+  assert _conflicting(keys, "f.jsonl") == 4
+  assert capsys.readouterr().err == (
+    "rlhf-jax: warning: --data f.jsonl: 4 rows give a (prompt, completion) "
+    "of an earlier row the other label: contradicting labels; they are "
+    "kept, each with the other on one side of the held-out split\n"
+  )
+  assert _conflicting(keys[:20], "f.jsonl") == 0
+  assert capsys.readouterr().err == ""

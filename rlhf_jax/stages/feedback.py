@@ -34,6 +34,7 @@ from rlhf_jax.stages.user_data import (
   load_pairs,
   pairs_also_in,
   repeated_pairs,
+  reversed_pairs,
   split_pairs,
 )
 from rlhf_jax.tasks import (
@@ -369,6 +370,15 @@ def _file_preferences(ctx: Context) -> dict:
       f"an earlier one (first at {repeats[0].where}); they are kept, so "
       "those pairs weigh more"
     )
+  flipped = reversed_pairs(pairs)
+  counts["data/reversed_pairs"] = len(flipped)
+  if flipped:
+    warn(
+      f"rlhf-jax: warning: --data {cfg.data}: {len(flipped)} pairs reverse "
+      f"an earlier one, chosen and rejected swapped (first at "
+      f"{flipped[0].where}): contradicting labels; they are kept, each "
+      "with its reverse on one side of the held-out split"
+    )
   if cfg.eval_data is None:
     check_pairs_to_split(cfg.data, pairs)
     # A tenth of the distinct pairs (at least one) is held out.
@@ -391,9 +401,9 @@ def _file_preferences(ctx: Context) -> dict:
     if shared:
       warn(
         f"rlhf-jax: warning: --eval-data {cfg.eval_data}: {len(shared)} of "
-        f"its {len(held_pairs)} pairs are also in --data (first at "
-        f"{shared[0].where}): the held-out figures are partly measured on "
-        "pairs trained on"
+        f"its {len(held_pairs)} pairs are also in --data, as they are or "
+        f"reversed (first at {shared[0].where}): the held-out figures are "
+        "partly measured on pairs trained on"
       )
   log = runtime.primary_log(print)
   (train, held), padded = fit_to_data(ctx.command, log, train, held)

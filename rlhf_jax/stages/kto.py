@@ -111,15 +111,37 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
     raise DataError(
       f"{path}: need at least 4 distinct rows, got {len(set(keys))}"
     )
-  train, held = split_distinct(keys, config.seed, least=2)
+  # A row and its opposite label go to one side (held out, the other was
+  # trained on); such contradictions are counted and said.
+  train, held = split_distinct(
+    keys, config.seed, least=2, partner=lambda k: (*k[:2], not k[2])
+  )
   labels = ds.arrays["labels"]
   counts = {
     "data/examples": len(ds),
     "data/accepted": int(labels.sum()),
     "data/rejected": int((~labels).sum()),
+    "data/conflicting_labels": _conflicting(keys, path),
     **data_counts("data", loaded.drops, ds.truncation),
   }
   return ds.subset(train), ds.subset(held), counts
+
+
+def _conflicting(keys: list[tuple[str, str, bool]], path: Any) -> int:
+  """How many rows repeat an earlier (prompt, completion) with the other
+  label; a warning on stderr when any do."""
+  first: dict[tuple[str, str], bool] = {}
+  n = 0
+  for prompt, completion, label in keys:
+    n += first.setdefault((prompt, completion), label) != label
+  if n and runtime.is_primary_process():
+    sys.stderr.write(
+      f"rlhf-jax: warning: --data {path}: {n} rows give a (prompt, "
+      "completion) of an earlier row the other label: contradicting "
+      "labels; they are kept, each with the other on one side of the "
+      "held-out split\n"
+    )
+  return n
 
 
 def heldout_metrics(placement, params, ref, ds, config, model_config):

@@ -165,7 +165,8 @@ def _quote(text: str) -> str:
 def _data_lines(summary: Mapping[str, Any]) -> list[str]:
   """One sentence per input file counted in ``summary`` (``P/rows_read``,
   ``P/dropped_*``, ``P/truncated_*``, ``P/unknown_tokens``,
-  ``P/repeats_merged``, ``P/repeated_pairs``, ``P/pairs_in_data`` keys of
+  ``P/repeats_merged``, ``P/repeated_pairs``, ``P/reversed_pairs``,
+  ``P/conflicting_labels``, ``P/pairs_in_data`` keys of
   stages.user_data)."""
   lines = []
   for key in summary:
@@ -200,6 +201,10 @@ def _data_lines(summary: Mapping[str, Any]) -> list[str]:
       text += "; not used: " + ", ".join(unused)
     if repeated := summary.get(f"{p}/repeated_pairs"):
       text += f"; {repeated} pairs repeat an earlier one (kept)"
+    if flipped := summary.get(f"{p}/reversed_pairs"):
+      text += f"; {flipped} pairs reverse an earlier one (kept)"
+    if conflicting := summary.get(f"{p}/conflicting_labels"):
+      text += f"; {conflicting} rows contradict an earlier row's label (kept)"
     if shared := summary.get(f"{p}/pairs_in_data"):
       text += f"; {shared} pairs also in --data"
     if repeats := summary.get(f"{p}/repeats_merged"):

@@ -283,18 +283,18 @@ def held_data_warnings(*, replay: bool) -> Iterator[None]:
 def check_pairs_to_split(path: Any, pairs: list[Any]) -> None:
   """Without --eval-data a tenth of --data is held out: at least 2 usable
   pairs are needed (one to train on, one to evaluate), and 2 distinct ones
-  (a repeated pair stays on one side).
+  (a repeated or reversed pair stays on one side).
 
   Raises:
     DataError: fewer, naming the file.
   """
   if len(pairs) < 2:
     raise DataError(f"{path}: need at least 2 usable pairs, got {len(pairs)}")
-  distinct = len(pairs) - len(repeated_pairs(pairs))
+  distinct = len({_pair_group(p) for p in pairs})
   if distinct < 2:
     raise DataError(
       f"{path}: need at least 2 distinct pairs to hold one out, got one "
-      f"pair repeated {len(pairs)} times"
+      f"pair {len(pairs)} times (repeated or reversed)"
     )
 
 
@@ -310,16 +310,33 @@ def _pair_key(pair: Any) -> tuple[str, str, str]:
   return (pair.prompt, pair.chosen, pair.rejected)
 
 
+def _pair_group(pair: Any) -> tuple[str, str, str]:
+  """A pair and its reverse (chosen and rejected swapped) alike."""
+  return (pair.prompt, *sorted((pair.chosen, pair.rejected)))
+
+
 def split_distinct(
-  keys: list[Any], seed: int, least: int = 1
+  keys: list[Any],
+  seed: int,
+  least: int = 1,
+  partner: Callable[[Any], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) indices of rows with hashable ``keys``: a tenth of
   the distinct keys (at least ``least``) held out
   (`data.train_eval_split`), every repeat of a key on its first row's
   side, so no held-out row is also trained on. Without repeats, the split
-  of the rows themselves."""
+  of the rows themselves. ``partner(key)``: a key whose rows go with this
+  one's (the earlier of the two leads), e.g. a pair reversed; the draw is
+  the same as without it, so only those rows move."""
   ids: dict[Any, int] = {}
-  group = np.array([ids.setdefault(k, len(ids)) for k in keys])
+  for k in keys:
+    ids.setdefault(k, len(ids))
+  group = np.array(
+    [
+      min(ids[k], ids.get(partner(k), ids[k])) if partner else ids[k]
+      for k in keys
+    ]
+  )
   n = len(ids)
   _, held = train_eval_split(
     n, eval_size=max(least, round(HELDOUT_FRACTION * n)), seed=seed
@@ -329,8 +346,29 @@ def split_distinct(
 
 
 def split_pairs(pairs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """`split_distinct` of preference pairs (prompt, chosen, rejected)."""
-  return split_distinct([_pair_key(p) for p in pairs], seed)
+  """`split_distinct` of preference pairs (prompt, chosen, rejected), a
+  pair and its reverse on one side (a held-out pair was trained on with
+  the opposite label)."""
+  return split_distinct(
+    [_pair_key(p) for p in pairs], seed, partner=_reverse_key
+  )
+
+
+def _reverse_key(key: tuple[str, str, str]) -> tuple[str, str, str]:
+  prompt, chosen, rejected = key
+  return (prompt, rejected, chosen)
+
+
+def reversed_pairs(pairs: list[Any]) -> list[Any]:
+  """The pairs that reverse an earlier one (its chosen and rejected
+  swapped: the two labels contradict), in order."""
+  earlier: set[tuple[str, str, str]] = set()
+  out = []
+  for p in pairs:
+    if _reverse_key(_pair_key(p)) in earlier:
+      out.append(p)
+    earlier.add(_pair_key(p))
+  return out
 
 
 def repeated_pairs(pairs: list[Any]) -> list[Any]:
@@ -347,9 +385,10 @@ def repeated_pairs(pairs: list[Any]) -> list[Any]:
 
 
 def pairs_also_in(held: list[Any], train: list[Any]) -> list[Any]:
-  """The pairs of ``held`` that ``train`` also holds."""
-  trained = {_pair_key(p) for p in train}
-  return [p for p in held if _pair_key(p) in trained]
+  """The pairs of ``held`` that ``train`` also holds, as they are or
+  reversed."""
+  trained = {_pair_group(p) for p in train}
+  return [p for p in held if _pair_group(p) in trained]
 
 
 def row_columns(example: Any) -> dict:

@@ -293,8 +293,8 @@ def test_repeated_pairs_are_counted_and_eval_pairs_in_data_said(
   log = h.cli(*args, "--eval-data", str(held), "--run-dir", str(tmp_path / "e"))
   assert (
     f"rlhf-jax: warning: --eval-data {held}: 6 of its 6 pairs are also in "
-    f"--data (first at {held}:1): the held-out figures are partly measured "
-    "on pairs trained on\n"
+    f"--data, as they are or reversed (first at {held}:1): the held-out "
+    "figures are partly measured on pairs trained on\n"
   ) in log
   assert h.summary(tmp_path / "e")["eval_data/pairs_in_data"] == 6
   report = (tmp_path / "e" / "report.md").read_text()
