@@ -77,7 +77,8 @@ def load_reward_function(spec: str) -> RewardFn:
 
   Raises:
     RewardError: no colon, the module or file cannot be imported, or the
-      attribute is missing or not callable (the message names the spec).
+      attribute is missing, not callable or takes fewer than two
+      positional arguments (the message names the spec).
   """
   module_name, sep, attr = spec.rpartition(":")
   if not sep or not module_name or not attr:
@@ -111,7 +112,28 @@ def load_reward_function(spec: str) -> RewardFn:
       f"--reward {spec}: {module_name}.{attr} is a "
       f"{type(fn).__name__}, not a function"
     )
+  _check_signature(fn, spec, attr)
   return fn
+
+
+def _check_signature(fn: Callable, spec: str, name: str) -> None:
+  """Raises RewardError unless ``fn`` takes (prompts, completions)
+  positionally; the columns come as keywords, so are not asked for. A
+  callable without a signature (some builtins) passes."""
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return
+  kinds = [p.kind for p in params]
+  kind = inspect.Parameter
+  positional = (kind.POSITIONAL_ONLY, kind.POSITIONAL_OR_KEYWORD)
+  if kind.VAR_POSITIONAL in kinds or sum(k in positional for k in kinds) >= 2:
+    return
+  takes = ", ".join(p.name for p in params) or "nothing"
+  raise RewardError(
+    f"--reward {spec}: {name} takes ({takes}); a reward function is "
+    "called as fn(prompts, completions, **columns)"
+  )
 
 
 logger = logging.getLogger("rlhf_jax.rewards")

@@ -172,12 +172,39 @@ def test_numpy_values_and_bools_are_numbers():
     ("missing/file.py:fn", "no such file"),
     ("rlhf_jax.tasks.rewards:nope", "has no function 'nope'"),
     ("math:pi", r"math\.pi is a float, not a function"),  # not callable
+    # One positional argument: it raised at the first scoring, after the
+    # run directory was made (and the fixed spec then failed --resume).
+    (
+      "os:system",
+      r"system takes \(command\); a reward function is called as "
+      r"fn\(prompts, completions, \*\*columns\)",
+    ),
   ],
 )
 def test_load_errors_name_the_spec(spec, match):
   with pytest.raises(RewardError, match=match) as e:
     load_reward_function(spec)
   assert spec in str(e.value)
+
+
+def test_a_function_of_too_few_arguments_is_refused_at_load(tmp_path):
+  path = _write(
+    tmp_path,
+    "sig.py",
+    "def noargs():\n  return []\n"
+    "def one(completions, *, answer=None):\n  return []\n"
+    "def ok(prompts, completions, answer):\n  return []\n"
+    "def star(*args, **kw):\n  return []\n",
+  )
+  for name, takes in (("noargs", "nothing"), ("one", "completions, answer")):
+    with pytest.raises(RewardError) as e:
+      load_reward_function(f"{path}:{name}")
+    assert str(e.value) == (
+      f"--reward {path}:{name}: {name} takes ({takes}); a reward "
+      "function is called as fn(prompts, completions, **columns)"
+    )
+  for name in ("ok", "star"):  # a column may fill a third argument
+    assert callable(load_reward_function(f"{path}:{name}"))
 
 
 def test_a_file_that_fails_to_import_is_a_reward_error(tmp_path):
