@@ -102,6 +102,20 @@ def _reward_of(reward, prompts: list[str], texts: list[str], columns) -> float:
   return float(np.mean(scores))
 
 
+def heldout_reward(
+  reward: RewardFunctions, prompts: dict, texts: list[str], per: int
+) -> float:
+  """``eval/reward``: the mean reward of ``texts``, ``per`` samples of
+  each held-out prompt (prompt-major) of the run's prompts.json.
+
+  Raises:
+    UserError: a function raised or returned bad values.
+  """
+  heldout = [p for p in prompts["heldout"] for _ in range(per)]
+  columns = [c for c in prompts.get("heldout_columns", []) for _ in range(per)]
+  return _reward_of(reward, heldout, texts, columns)
+
+
 def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   """GRPO iterations with host-scored rewards; periodic evaluation."""
   cfg = ctx.config.grpo
@@ -124,11 +138,7 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
   rollout, update = _programs(ctx, config, opt, shardings, frozen)
   it = _prompt_iterator(ctx, prompts["train"], cfg.batch_size)
   per = ctx.config.eval.samples_per_prompt
-  heldout = [p for p in prompts["heldout"] for _ in range(per)]
-  held_columns = [
-    c for c in prompts.get("heldout_columns", []) for _ in range(per)
-  ]
-  base = _reward_of(reward, heldout, initial["texts"], held_columns)
+  base = heldout_reward(reward, prompts, initial["texts"], per)
   loop = ctx.loop("grpo", cfg.iterations, show=_SHOW)
   state, start = loop.restore(state, it)
   last: dict[str, Any] = {}
@@ -168,9 +178,7 @@ def stage_grpo(ctx: Context, prompts: dict, initial: dict) -> dict:
       baseline_gold=np.asarray(initial["gold"]) if ctx.has_gold else None,
       **eval_kwargs(ctx, prompts),
     )
-    em["eval/reward"] = _reward_of(
-      reward, heldout, details["texts"], held_columns
-    )
+    em["eval/reward"] = heldout_reward(reward, prompts, details["texts"], per)
     record.update(em)
     last.update({"metrics": em, **details})
 

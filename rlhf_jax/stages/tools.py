@@ -606,6 +606,7 @@ def _evaluate(
   from rlhf_jax.data import HFTokenizerAdapter
   from rlhf_jax.stages.common import Context
   from rlhf_jax.stages.evaluate import eval_kwargs, evaluate_policy
+  from rlhf_jax.stages.grpo import heldout_reward
   from rlhf_jax.stages.rm import reward_model_for_eval
 
   policy_dir = _policy_dir(run_dir, record, config.policy)
@@ -616,6 +617,7 @@ def _evaluate(
       "restore it, or run the pipeline again in a new --run-dir"
     )
   prompts = _read_prompts(prompts_path)
+  reward = _run_rewards(record, run_cfg)  # before any work: they load
   model_dir = pathlib.Path(record["model_dir"])
   tok = models.load_tokenizer(model_dir)  # before weights: checks the pair
   _check_same_model(policy_dir, model_dir)
@@ -657,6 +659,10 @@ def _evaluate(
     metrics, details = evaluate_policy(
       ctx, params, rm, baseline_gold=baseline, **kwargs
     )
+    if reward is not None:  # the run's own figure of its --reward
+      metrics["eval/reward"] = heldout_reward(
+        reward, prompts, details["texts"], samples
+      )
   settings = {
     "policy": config.policy,
     "seed": config.seed,
@@ -667,6 +673,26 @@ def _evaluate(
     print(f"{k} = {v:.4g}")
   print(f"eval: written to {out}")
   return 0
+
+
+def _run_rewards(record: dict[str, Any], run_cfg: C.PipelineConfig):
+  """The --reward functions of a grpo run (eval reports their
+  ``eval/reward``, as the run did), or None for other runs.
+
+  Raises:
+    UserError: they no longer load (a module moved or changed).
+  """
+  if record.get("command") != "grpo":
+    return None
+  from rlhf_jax.rewards import RewardError
+  from rlhf_jax.stages.grpo import reward_functions
+
+  try:
+    return reward_functions(run_cfg)
+  except RewardError as e:
+    raise runtime.UserError(
+      f"{e} (the run's --reward, which eval scores)"
+    ) from e
 
 
 # ----------------------------------------------------------------- export

@@ -3,6 +3,8 @@ exits 0, resumes after SIGKILL to the same summary, and learns: 30
 iterations of the default preset raise the held-out sentiment reward while
 the KL stays bounded, with the same curve on 8 devices."""
 
+import json
+
 import cli_harness as h
 import pytest
 
@@ -52,6 +54,17 @@ def test_grpo_smoke_exits_0_with_the_rewards(smoke_run):
   for r in recs[1:]:
     assert {"rewards/words/mean", "rewards/sentiment/mean"} <= set(r), r
   assert (run_dir / "outputs" / "grpo" / "model.safetensors").is_file()
+
+
+def test_eval_of_a_grpo_run_scores_its_reward(smoke_run):
+  """eval printed the KL, lengths and diversity of a grpo run but not its
+  --reward figure, without a word; at --seed 0 it is the run's own."""
+  _, run_dir = smoke_run
+  log = h.cli("eval", "--run-dir", str(run_dir), "--policy", "grpo")
+  s = h.summary(run_dir)
+  saved = json.loads((run_dir / "eval_grpo.json").read_text())
+  assert saved["metrics"]["eval/reward"] == s["grpo/reward"]
+  assert f"eval/reward = {s['grpo/reward']:.4g}" in log
 
 
 def test_grpo_resumes_after_sigkill(smoke_run):
