@@ -85,7 +85,11 @@ from rlhf_jax.stages.rm import (
 from rlhf_jax.stages.sampling import task_prompt_too_long
 from rlhf_jax.stages.summary import stage_report
 from rlhf_jax.stages.unread import unread_fields
-from rlhf_jax.stages.user_data import check_user_data, stage_user_prompts
+from rlhf_jax.stages.user_data import (
+  check_user_data,
+  stage_user_prompts,
+  warn_if_prompts_changed,
+)
 from rlhf_jax.tasks import STORY_OPENINGS
 
 # Options that name the user's files: which subcommands read them (the
@@ -382,6 +386,8 @@ def run_pipeline(
   )
   results: dict[str, dict] = {}
   finished = {s: ctx.finished(s) for s in stages[:-1]} if config.resume else {}
+  if finished.get("prompts") and config.prompts is not None:
+    warn_if_prompts_changed(config.prompts, finished["prompts"])
   continued = (
     continuation.continued_stages(command, config, ctx.run_dir)
     if config.resume

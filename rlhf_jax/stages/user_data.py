@@ -24,7 +24,9 @@ every file whole before the run directory is opened.
 
 import collections
 import contextlib
+import hashlib
 import math
+import pathlib
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -477,6 +479,26 @@ def _warn_repeats(path: str, loaded: LoadedExamples, rows: list[Any]) -> None:
   sys.stderr.write(text + "\n")
 
 
+def _sha256(path: Any) -> str:
+  with runtime.reading(pathlib.Path(path)):
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def warn_if_prompts_changed(path: Any, done: dict[str, Any]) -> None:
+  """On --resume, a warning when the --prompts file differs from the one
+  the finished prompts stage read (``done``): the run goes on with the
+  prompts it read then."""
+  saved = done.get("source_sha256")  # none in runs of before 2026-12-08
+  if saved is None or not pathlib.Path(path).is_file():
+    return
+  if _sha256(path) != saved and runtime.is_primary_process():
+    sys.stderr.write(
+      f"rlhf-jax: warning: --prompts {path} changed since this run read "
+      "it; the run goes on with the prompts it read then (data/"
+      "prompts.json); start a new --run-dir to use the file as it is\n"
+    )
+
+
 def stage_user_prompts(ctx: Context) -> dict[str, Any]:
   """Train / held-out prompts from ``--prompts``; counts what was dropped.
 
@@ -515,6 +537,7 @@ def stage_user_prompts(ctx: Context) -> dict[str, Any]:
     "train_columns": [columns[i] for i in train_idx],
     "heldout_columns": [columns[i] for i in held_idx],
     "source": str(path),
+    "source_sha256": _sha256(path),
     "counts": {
       **data_counts(
         "prompts",

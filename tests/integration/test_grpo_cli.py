@@ -157,6 +157,20 @@ def test_prompt_file_columns_reach_the_reward(tmp_path):
     f"rlhf-jax: warning: --prompts {prompts}: 1 of its 12 distinct prompts "
     "held out (a tenth); the held-out reward and KL rest on so few"
   ) in log
+  # A prompt added to the file before --resume was ignored without a word.
+  with prompts.open("a") as f:
+    f.write('{"prompt": "A new one", "target_words": 1}\n')
+  args = ("--prompts", str(prompts), "--reward")
+  log = h.cli(
+    "grpo", "--preset", "smoke", "--run-dir", str(run_dir), *args,
+    "rlhf_jax.tasks.rewards:word_count", "--resume",
+  )  # fmt: skip
+  assert (
+    f"rlhf-jax: warning: --prompts {prompts} changed since this run read "
+    "it; the run goes on with the prompts it read then (data/prompts.json); "
+    "start a new --run-dir to use the file as it is\n"
+  ) in log
+  assert h.summary(run_dir) == s
   assert s["initial/reward"] <= 0 and s["grpo/reward"] <= 0, s
   recs = [r for r in h.records(run_dir) if "rewards/word_count/mean" in r]
   assert recs and all(r["rewards/word_count/mean"] <= 0 for r in recs)
