@@ -16,7 +16,7 @@ in masked slots (even NaN) are never read. Masked outputs hold 0
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.checks import check_number
+from rlhf_jax.checks import check_number, is_int
 from rlhf_jax.masked import promote_f32, validate_mask
 
 
@@ -176,10 +176,11 @@ def _grouped(scores: jax.Array, group_size: int, min_size: int) -> jax.Array:
   scores = promote_f32(scores)
   if scores.ndim != 1:
     raise ValueError(f"scores must be [B], got shape {scores.shape}")
-  if not isinstance(group_size, int) or group_size < min_size:
+  if not is_int(group_size) or group_size < min_size:  # not a bool
     raise ValueError(
       f"group_size must be an int >= {min_size}, got {group_size!r}"
     )
+  group_size = int(group_size)
   if scores.shape[0] % group_size:
     raise ValueError(
       f"batch size {scores.shape[0]} is not a multiple of group_size"

@@ -293,6 +293,13 @@ def test_errors():
     adv.rloo_advantages(jnp.zeros(5), group_size=2)
   with pytest.raises(ValueError, match="group_size must be"):
     adv.rloo_advantages(jnp.zeros(4), group_size=1)
+  # A bool was taken as 1 (all-zero advantages); NumPy's ints refused.
+  with pytest.raises(ValueError, match="group_size must be"):
+    adv.grpo_advantages(jnp.zeros(4), group_size=True)
+  np.testing.assert_allclose(
+    adv.grpo_advantages(jnp.array([1.0, 3.0]), group_size=np.int64(2)),
+    adv.grpo_advantages(jnp.array([1.0, 3.0]), group_size=2),
+  )
   with pytest.raises(ValueError, match="multiple of group_size"):
     adv.grpo_advantages(jnp.zeros(6), group_size=4)
   with pytest.raises(ValueError, match=r"scores must be \[B\]"):

@@ -538,6 +538,10 @@ LIBRARY_CASES = [
     lambda: make_dpo_step(TINY, _opt(), DPOConfig(beta=0.0)),
     "beta=0.0: expected > 0",
   ),
+  (  # True passed as 1.0
+    lambda: make_dpo_step(TINY, _opt(), DPOConfig(beta=True)),
+    "beta=True: expected a number, not a bool",
+  ),
   (
     lambda: make_dpo_step(TINY, _opt(), DPOConfig(loss_type="kto")),
     "loss_type='kto'",

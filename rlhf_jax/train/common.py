@@ -616,6 +616,8 @@ def config_problems(config: Any) -> list[str]:
     v = getattr(config, f.name)
     if f.type in (bool, "bool") and not isinstance(v, bool | np.bool_):
       out.append(f"{f.name}={v!r}: expected True or False")  # 1 is not True
+    elif isinstance(v, bool | np.bool_) and "bool" not in str(f.type):
+      out.append(f"{f.name}={v!r}: expected a number, not a bool")
     elif isinstance(v, float) and not math.isfinite(v):
       out.append(f"{f.name}={v!r}: expected a finite number")
     elif v is not None and f.name in rules and not _passes(rules[f.name], v):
