@@ -1111,6 +1111,22 @@ def test_generate_output_that_is_no_regular_file(tmp_path, capsys):
   assert fifo.is_fifo() and pathlib.Path("/dev/null").is_char_device()
 
 
+def test_generate_model_that_is_a_run_directory(tmp_path, capsys):
+  """It said "config.json: no field 'model_type' (architectures=None)"."""
+  run = tmp_path / "run"
+  (run / "outputs" / "sft").mkdir(parents=True)
+  (run / runtime.RUN_MARKER).write_text("created by rlhf-jax sft\n")
+  (run / "config.json").write_text('{"command": "sft", "config": {}}')
+  (run / "outputs" / "sft" / "config.json").write_text("{}")
+  code, err = _run(capsys, ["generate", "--model", str(run)])
+  _check(
+    code,
+    err,
+    f"--model {run}: a run directory, not a model; sample its policy with "
+    f"--run-dir {run} --policy sft",
+  )
+
+
 def test_generate_output_that_is_a_link(tmp_path, capsys):
   """A link was replaced by the samples' file: /dev/stdout (a link to
   /proc/self/fd/1, a regular file when stdout was redirected to one)

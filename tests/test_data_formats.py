@@ -436,7 +436,19 @@ def test_message_errors(tmp_path):
   )
   assert error_of(load_examples, path, chat_template=chat) == (
     f"{path}:1: field 'chosen[0]' must be a message object with string 'role' "
-    "and 'content', got object"
+    "and 'content', got 'content' missing"
+  )
+  # OpenAI-style content parts: "got object" did not say what was wrong.
+  parts = '[{"role": "user", "content": [{"type": "text", "text": "a"}]}]'
+  path = write_lines(tmp_path, [f'{{"chosen": {parts}, "rejected": {parts}}}'])
+  assert error_of(load_examples, path, chat_template=chat) == (
+    f"{path}:1: field 'chosen[0]' must be a message object with string 'role' "
+    "and 'content', got 'content' array (content parts: join their text "
+    "into one string)"
+  )
+  path = write_lines(tmp_path, ['{"chosen": [3], "rejected": [3]}'])
+  assert error_of(load_examples, path, chat_template=chat).endswith(
+    "got integer"
   )
   path = write_lines(
     tmp_path,

@@ -277,9 +277,17 @@ def _messages(value: Any, field: str, where: str) -> list[dict[str, str]]:
       and isinstance(m.get("role"), str)
       and isinstance(m.get("content"), str)
     ):
+      got = _type_name(m)
+      if isinstance(m, Mapping):  # say which key is wrong
+        bad = [k for k in ("role", "content") if not isinstance(m.get(k), str)]
+        got = ", ".join(
+          f"'{k}' {_type_name(m[k]) if k in m else 'missing'}" for k in bad
+        )
+        if isinstance(m.get("content"), list):
+          got += " (content parts: join their text into one string)"
       raise DataError(
         f"{where}: field '{field}[{i}]' must be a message object with string "
-        f"'role' and 'content', got {_type_name(m)}"
+        f"'role' and 'content', got {got}"
       )
     for key in ("role", "content"):
       _check_encodable(m[key], f"{field}[{i}].{key}", where)

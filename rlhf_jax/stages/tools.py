@@ -230,16 +230,25 @@ def _check_not_files(prompts: list[str]) -> None:
       )
 
 
-def _check_not_reward_model(model_dir: pathlib.Path) -> None:
-  """generate samples from a language model, not a reward model's export.
+def _check_language_model(model_dir: pathlib.Path) -> None:
+  """generate samples from a language model: not a run directory, nor a
+  reward model's export.
 
   Raises:
-    UserError: a *ForSequenceClassification directory (it read as "tensors
-      not used ... score.weight") or rlhf_jax's reward-model format (its
-      backbone was sampled from without a word).
+    UserError: a run directory (its config.json read as a model's with
+      no model_type), a *ForSequenceClassification directory (it read as
+      "tensors not used ... score.weight") or rlhf_jax's reward-model
+      format (its backbone was sampled from without a word).
   """
   from rlhf_jax.stages.rm import is_reward_model_dir
 
+  if (model_dir / runtime.RUN_MARKER).is_file():  # config.json is the run's
+    trained = _trained(model_dir, TRAINED)
+    policy = f" --policy {trained[0]}" if trained else ""
+    raise runtime.UserError(
+      f"--model {model_dir}: a run directory, not a model; sample its "
+      f"policy with --run-dir {model_dir}{policy}"
+    )
   if is_reward_model_dir(model_dir):
     raise runtime.UserError(
       f"--model {model_dir}: a reward model (it scores texts and has no "
@@ -336,7 +345,7 @@ def run_generate(config: C.GenerateConfig) -> int:
       _say_initial(run_dir)
   else:
     model_dir = environment.resolve_model(config.model)
-    _check_not_reward_model(model_dir)
+    _check_language_model(model_dir)
   models.load_hf_config(model_dir)  # a missing config.json named first
   if out is not None:
     where = f"the model directory {model_dir} it samples from"
