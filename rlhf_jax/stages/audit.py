@@ -725,7 +725,8 @@ def run_audit(config: AuditConfig) -> int:
     print(f"rationalisability = {c['rationalisability']:.4f}")
     how = "exact" if c["min_fas_exact"] else "approximate"
     print(f"min_fas = {c['min_fas']} ({how})")
-    print(f"cycles = {c['cycles']}")
+    capped = " (at least: enumeration capped)" if c["cycles_capped"] else ""
+    print(f"cycles = {c['cycles']}{capped}")
   else:
     print(c["message"])
   if results["noise"]["noise"] is not None:

@@ -568,3 +568,24 @@ def test_no_prompt_room_is_refused_before_overwrite_clears_out(
     "token after the BOS\n"
   )
   assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_capped_cycle_count_says_at_least(tmp_path, capsys):
+  """stdout said "cycles = 10000" for an enumeration that stopped there
+  (report.md said "at least")."""
+  rows = [
+    {"prompt": "p", "chosen": w, "rejected": l, "annotator": "x"}
+    for w, l in [("a", "b"), ("b", "c"), ("c", "a"), ("c", "d"), ("d", "a")]
+  ]  # two cycles: a b c, and a b c d
+  data = _write(tmp_path / "pairs.jsonl", rows)
+  out = str(tmp_path / "audit")
+  code, stdout, err = _run(
+    capsys, ["audit", "--data", data, "--out", out, "--max-cycles", "1"]
+  )
+  assert code == 0, err
+  assert "cycles = 1 (at least: enumeration capped)\n" in stdout
+  code, stdout, err = _run(
+    capsys, ["audit", "--data", data, "--out", out, "--overwrite"]
+  )
+  assert code == 0, err
+  assert "cycles = 2\n" in stdout
