@@ -56,6 +56,18 @@ _SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 SLIDING, FULL = "sliding_attention", "full_attention"
 
 
+# The files of a Hugging Face model directory that rlhf_jax writes
+# (`hf_io.export_hf_checkpoint` with a tokenizer, the GGUF converter).
+HF_MODEL_FILES = (
+  "config.json",
+  "model.safetensors",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "generation_config.json",
+)
+
+
 class ModelLoadError(ValueError):
   """A model directory, config.json or weight file that cannot be loaded.
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax.models.config import ModelLoadError
+from rlhf_jax.models.config import HF_MODEL_FILES, ModelLoadError
 from rlhf_jax.models.hf_io import default_dir_mode, default_file_mode
 from rlhf_jax.models.tokenizer import check_vocab_fits
 
@@ -47,15 +47,7 @@ __all__ = ["GGUFError", "convert_gguf", "read_gguf"]
 # an older converter is reported instead of silently reused.
 CONVERTER_VERSION = 1
 
-_OUTPUT_FILES = (
-  "config.json",
-  "model.safetensors",
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "generation_config.json",
-  "conversion.json",
-)
+_OUTPUT_FILES = (*HF_MODEL_FILES, "conversion.json")
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N.").
 _BLOCK_NAMES = {

@@ -63,6 +63,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import (
+  HF_MODEL_FILES,
   ModelConfig,
   ModelLoadError,
   _MissingFileError,
@@ -87,12 +88,8 @@ _FLOAT_DTYPES = {
   "BF16": "bfloat16",
   "F64": "float64",
 }
-_TOKENIZER_FILES = (
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "generation_config.json",
-)
+# Copied beside the weights and config.json.
+_TOKENIZER_FILES = HF_MODEL_FILES[2:]
 
 
 @dataclasses.dataclass(frozen=True)

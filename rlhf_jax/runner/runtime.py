@@ -961,17 +961,9 @@ def _is_plain_file(path: pathlib.Path) -> bool:
   return path.is_file() and not path.is_symlink()
 
 
-# What a stage writes in outputs/<stage>: a Hugging Face directory
-# (`models.export_hf_checkpoint`), a reward model's head and a LoRA
-# policy's adapters alone (`stages.common`).
-_MODEL_FILES = (
-  "config.json",
-  "model.safetensors",
-  "tokenizer.json",
-  "tokenizer_config.json",
-  "special_tokens_map.json",
-  "generation_config.json",
-)
+# What a stage writes in outputs/<stage> beside a Hugging Face directory
+# (`models.HF_MODEL_FILES`): a reward model's head and a LoRA policy's
+# adapters alone (`stages.common`).
 _MODEL_FOLDERS = {
   "reward_head": ("model.safetensors",),
   "adapter": ("adapter_config.json", "adapter_model.safetensors"),
@@ -981,6 +973,8 @@ _MODEL_FOLDERS = {
 def _foreign_in_outputs(run_dir: pathlib.Path) -> list[str]:
   """Entries of outputs/<stage>/ that no stage writes (--overwrite, or
   the stage run again, deleted them)."""
+  from rlhf_jax.models.config import HF_MODEL_FILES  # noqa: PLC0415 (jax)
+
   out = []
   for stage in _TRAINING:
     path = run_dir / "outputs" / stage
@@ -994,7 +988,7 @@ def _foreign_in_outputs(run_dir: pathlib.Path) -> list[str]:
           for p in sorted(entry.iterdir())
           if p.name not in inside or not _is_plain_file(p)
         ]
-      elif entry.name not in _MODEL_FILES or not _is_plain_file(entry):
+      elif entry.name not in HF_MODEL_FILES or not _is_plain_file(entry):
         out.append(str(entry.relative_to(run_dir)))
   return out
 

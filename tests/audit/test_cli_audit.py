@@ -574,8 +574,8 @@ def test_capped_cycle_count_says_at_least(tmp_path, capsys):
   """stdout said "cycles = 10000" for an enumeration that stopped there
   (report.md said "at least")."""
   rows = [
-    {"prompt": "p", "chosen": w, "rejected": l, "annotator": "x"}
-    for w, l in [("a", "b"), ("b", "c"), ("c", "a"), ("c", "d"), ("d", "a")]
+    {"prompt": "p", "chosen": w, "rejected": lose, "annotator": "x"}
+    for w, lose in [("a", "b"), ("b", "c"), ("c", "a"), ("c", "d"), ("d", "a")]
   ]  # two cycles: a b c, and a b c d
   data = _write(tmp_path / "pairs.jsonl", rows)
   out = str(tmp_path / "audit")
