@@ -136,8 +136,10 @@ def read_jsonl(path: PathLike) -> Iterator[Row]:
 
   Raises:
     DataError: ``"{path}:{line}: invalid JSON: {reason}"`` for a line that
-      does not parse, ``"{path}:{line}: invalid UTF-8: ..."`` for bad bytes,
-      an object naming one field twice, a gzip file not named ``.gz``.
+      does not parse (rows ended by a lone carriage return named as such),
+      ``"{path}:{line}: invalid UTF-8: ..."`` for bad bytes, a UTF-16 or
+      UTF-32 file (its byte-order mark), an object naming one field twice,
+      a gzip file not named ``.gz``.
   """
   path = str(path)
   row = 0

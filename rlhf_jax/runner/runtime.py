@@ -642,8 +642,9 @@ def enclosing_run(path: str | os.PathLike) -> pathlib.Path | None:
 def foreign_run_dir(run_dir: pathlib.Path, config: Any) -> str:
   """Why ``run_dir`` cannot hold a run ("" when it can).
 
-  It names a file, a link to nothing, a non-empty folder that rlhf-jax did
-  not create, or one it cannot read. Reads only: the commands ask it with
+  It names a file, a link to nothing, a folder inside another run's own
+  part (outputs/, checkpoints/, ...), a non-empty folder that rlhf-jax
+  did not create, or one it cannot read. Reads only: the commands ask it with
   their options, before reading any input (`stages.validate`, audit's
   --out).
   """
@@ -970,6 +971,12 @@ _MODEL_FOLDERS = {
 }
 
 
+def _names_one_of(name: str, names: Sequence[str]) -> bool:
+  """``name`` is one of ``names``, or the temporary a killed atomic write
+  of one left (`models.lora`: ``.<name>.<random>``)."""
+  return name in names or any(name.startswith(f".{n}.") for n in names)
+
+
 def _foreign_in_outputs(run_dir: pathlib.Path) -> list[str]:
   """Entries of outputs/<stage>/ that no stage writes (--overwrite, or
   the stage run again, deleted them)."""
@@ -986,7 +993,7 @@ def _foreign_in_outputs(run_dir: pathlib.Path) -> list[str]:
         out += [
           str(p.relative_to(run_dir))
           for p in sorted(entry.iterdir())
-          if p.name not in inside or not _is_plain_file(p)
+          if not (_is_plain_file(p) and _names_one_of(p.name, inside))
         ]
       elif entry.name not in HF_MODEL_FILES or not _is_plain_file(entry):
         out.append(str(entry.relative_to(run_dir)))

@@ -81,6 +81,8 @@ def stage_prompts(ctx: Context) -> dict:
     "num_sampled_prefixes": len(prompts) - len(openings),
     "num_prefixes_too_long": too_long,
   }
+  if too_long:  # into summary.json beside the warning
+    result["counts"] = {"prompts/prefixes_too_long": too_long}
   if ctx.primary:
     runtime.write_json(ctx.run_dir / "data" / "prompts.json", result)
   return result

@@ -104,18 +104,17 @@ def read_unpaired(config: KTOStageConfig, tok: Any):
       max_prompt_length=config.max_prompt_length,
       max_response_length=config.max_response_length,
     )
-  # A tenth of the distinct rows (at least 2), a repeated row's copies on
-  # one side.
+  # A tenth of the distinct rows (at least 2) held out: a repeated row's
+  # copies, and a (prompt, completion) labelled both ways, on one side
+  # (held out, the other was trained on); the contradictions are counted.
   keys = [(e.prompt, e.completion, e.label) for e in kept_examples(loaded, ds)]
-  if len(set(keys)) < 4:
+  groups = [k[:2] for k in keys]
+  if len(set(groups)) < 4:
     raise DataError(
-      f"{path}: need at least 4 distinct rows, got {len(set(keys))}"
+      f"{path}: need at least 4 distinct rows (prompt and completion), got "
+      f"{len(set(groups))}"
     )
-  # A row and its opposite label go to one side (held out, the other was
-  # trained on); such contradictions are counted and said.
-  train, held = split_distinct(
-    keys, config.seed, least=2, partner=lambda k: (*k[:2], not k[2])
-  )
+  train, held = split_distinct(groups, config.seed, least=2)
   labels = ds.arrays["labels"]
   counts = {
     "data/examples": len(ds),

@@ -18,6 +18,7 @@ import jinja2
 import numpy as np
 
 from rlhf_jax import models
+from rlhf_jax.models.config import HF_MODEL_FILES
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.config_json import config_from_dict, shown
 from rlhf_jax.runner.mesh import MeshConfig, Placement
@@ -686,11 +687,9 @@ def _evaluate(
 
 def _run_rewards(record: dict[str, Any], run_cfg: C.PipelineConfig):
   """The --reward functions of a grpo run (eval reports their
-  ``eval/reward``, as the run did), or None for other runs.
-
-  Raises:
-    UserError: they no longer load (a module moved or changed).
-  """
+  ``eval/reward``, as the run did), or None: not a grpo run, or they no
+  longer load (a module moved, or a relative path from elsewhere), which
+  a warning says."""
   if record.get("command") != "grpo":
     return None
   from rlhf_jax.rewards import RewardError
@@ -699,9 +698,11 @@ def _run_rewards(record: dict[str, Any], run_cfg: C.PipelineConfig):
   try:
     return reward_functions(run_cfg)
   except RewardError as e:
-    raise runtime.UserError(
-      f"{e} (the run's --reward, which eval scores)"
-    ) from e
+    sys.stderr.write(
+      f"rlhf-jax: warning: {e}; eval leaves out eval/reward (the run's "
+      "--reward, which it scores when they load)\n"
+    )
+    return None
 
 
 # ----------------------------------------------------------------- export
@@ -729,14 +730,20 @@ def export_marker_text(folder: pathlib.Path) -> str:
   return EXPORT_MARKER_TEXT + _FILES_HEADER + "".join(f"{f}\n" for f in files)
 
 
-def _not_exported(out: pathlib.Path) -> list[str] | None:
+def _not_exported(out: pathlib.Path) -> list[str]:
   """Entries of the export folder ``out`` that its export did not write
-  (the highest of each branch), or None for an export whose marker lists
-  no files (those before 2026-12-08)."""
+  (the highest of each branch). An export whose marker lists no files
+  (those before 2026-12-08) is judged by the names an export writes."""
   text = (out / EXPORT_MARKER).read_text(errors="replace")
-  if _FILES_HEADER not in text:
-    return None
-  files = set(text.split(_FILES_HEADER, 1)[1].splitlines())
+  if _FILES_HEADER in text:
+    files = set(text.split(_FILES_HEADER, 1)[1].splitlines())
+  else:
+    files = {
+      *HF_MODEL_FILES,
+      "reward_head/model.safetensors",
+      "adapter/adapter_config.json",
+      "adapter/adapter_model.safetensors",
+    }
   ours = files | {
     parent.as_posix()
     for f in files
@@ -765,7 +772,7 @@ def _check_export_out(
       directory or rlhf-jax's own part of one (``runtime.run_part``); or it
       is a non-empty directory and `overwrite` is False, or one that an
       export did not write (no ``EXPORT_MARKER``), or an export that holds
-      what it did not write (or whose marker lists no files).
+      what it did not write.
   """
   target = out.resolve()
   if out.exists() and not out.is_dir():
@@ -821,15 +828,8 @@ def _check_export_out(
 
 def _check_only_exported(out: pathlib.Path) -> None:
   """Raises UserError when the earlier export ``out`` holds what it did
-  not write (--overwrite would delete it), or cannot tell."""
+  not write (--overwrite would delete it)."""
   foreign = _not_exported(out)
-  if foreign is None:
-    raise runtime.UserError(
-      f"--overwrite --out {out}: an export of before 2026-12-08, whose "
-      f"{EXPORT_MARKER} does not list its files, so files added to it "
-      "since cannot be told apart; nothing was changed. Choose a new "
-      "directory, or empty this one yourself"
-    )
   if foreign:
     listed = ", ".join(foreign[:4])
     if len(foreign) > 4:

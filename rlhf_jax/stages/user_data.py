@@ -318,27 +318,16 @@ def _pair_group(pair: Any) -> tuple[str, str, str]:
 
 
 def split_distinct(
-  keys: list[Any],
-  seed: int,
-  least: int = 1,
-  partner: Callable[[Any], Any] | None = None,
+  keys: list[Any], seed: int, least: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
   """(train, held-out) indices of rows with hashable ``keys``: a tenth of
   the distinct keys (at least ``least``) held out
   (`data.train_eval_split`), every repeat of a key on its first row's
   side, so no held-out row is also trained on. Without repeats, the split
-  of the rows themselves. ``partner(key)``: a key whose rows go with this
-  one's (the earlier of the two leads), e.g. a pair reversed; the draw is
-  the same as without it, so only those rows move."""
+  of the rows themselves. Rows that must stay together (a pair and its
+  reverse) share a key."""
   ids: dict[Any, int] = {}
-  for k in keys:
-    ids.setdefault(k, len(ids))
-  group = np.array(
-    [
-      min(ids[k], ids.get(partner(k), ids[k])) if partner else ids[k]
-      for k in keys
-    ]
-  )
+  group = np.array([ids.setdefault(k, len(ids)) for k in keys])
   n = len(ids)
   _, held = train_eval_split(
     n, eval_size=max(least, round(HELDOUT_FRACTION * n)), seed=seed
@@ -351,9 +340,7 @@ def split_pairs(pairs: list[Any], seed: int) -> tuple[np.ndarray, np.ndarray]:
   """`split_distinct` of preference pairs (prompt, chosen, rejected), a
   pair and its reverse on one side (a held-out pair was trained on with
   the opposite label)."""
-  return split_distinct(
-    [_pair_key(p) for p in pairs], seed, partner=_reverse_key
-  )
+  return split_distinct([_pair_group(p) for p in pairs], seed)
 
 
 def _reverse_key(key: tuple[str, str, str]) -> tuple[str, str, str]:

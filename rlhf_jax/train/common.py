@@ -608,20 +608,21 @@ def clip_problems(config: Any) -> list[str]:
 def config_problems(config: Any) -> list[str]:
   """What is wrong with a frozen config, one ``field=value: expected ...``
   per field: a field annotated bool holding something else, a non-finite
-  float anywhere, or a break of the class's ``RULES`` (None values pass:
-  None means "off") and ``cross_problems``."""
+  float anywhere, a break of the class's ``RULES`` (None values pass: None
+  means "off"), a bool in a field of another type, and
+  ``cross_problems``."""
   out = []
   rules = getattr(type(config), "RULES", {})
   for f in dataclasses.fields(config):
     v = getattr(config, f.name)
     if f.type in (bool, "bool") and not isinstance(v, bool | np.bool_):
       out.append(f"{f.name}={v!r}: expected True or False")  # 1 is not True
-    elif isinstance(v, bool | np.bool_) and "bool" not in str(f.type):
-      out.append(f"{f.name}={v!r}: expected a number, not a bool")
     elif isinstance(v, float) and not math.isfinite(v):
       out.append(f"{f.name}={v!r}: expected a finite number")
     elif v is not None and f.name in rules and not _passes(rules[f.name], v):
       out.append(f"{f.name}={v!r}: expected {rules[f.name][1]}")
+    elif isinstance(v, bool | np.bool_) and "bool" not in str(f.type):
+      out.append(f"{f.name}={v!r}: expected a number, not a bool")  # 1 > 0
   cross = getattr(config, "cross_problems", None)
   return out + (cross() if cross else [])
 

@@ -516,3 +516,25 @@ def test_rm_on_a_preference_file_counts_drops(tmp_path):
   assert summary["rm/eval_pairs"] == 1
   assert summary["data/truncated_prompt"] == 1
   assert 0.0 <= summary["rm/length_baseline_accuracy"] <= 1.0
+
+
+@pytest.mark.integration
+def test_sampled_prefixes_too_long_are_left_out_and_counted(tmp_path):
+  """Prefixes of 20-30 words sampled from the policy can take more than
+  --task.max-prompt-length 22 tokens: the run stopped after sampling,
+  naming one random prefix as "the task's prompt"."""
+  run_dir = tmp_path / "run"
+  proc = _cli(
+    "rm", "--preset", "smoke", "--run-dir", str(run_dir),
+    "--task.max-prompt-length", "22", "--task.prefix-min-words", "20",
+    "--task.prefix-max-words", "30", "--sampling.max-new-tokens", "48",
+  )  # fmt: skip
+  summary = json.loads((run_dir / "summary.json").read_text())
+  n = summary["prompts/prefixes_too_long"]
+  prompts = json.loads((run_dir / "data" / "prompts.json").read_text())
+  assert n == prompts["num_prefixes_too_long"] > 0
+  assert (
+    f"rlhf-jax: warning: {n} of {n + prompts['num_sampled_prefixes']} "
+    "sampled story prefixes take more than --task.max-prompt-length 22 "
+    "tokens (with the BOS) and were left out"
+  ) in proc.stderr

@@ -167,14 +167,19 @@ def test_overwrite_refuses_an_export_holding_the_users_files(
     "export did not write (MY_NOTES.md, card/extra.md, sub); nothing was "
     "changed. Move them out, or choose a new directory\n"
   )
-  # An export from before the marker listed its files: cannot tell.
+  # An export from before the marker listed its files: judged by the
+  # names an export writes (its shards were not among them then).
   (out / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
-  assert _refused(capsys, run_dir, out, "--overwrite") == (
-    f"rlhf-jax: error: --overwrite --out {out}: an export of before "
-    "2026-12-08, whose .rlhf_jax_export does not list its files, so files "
-    "added to it since cannot be told apart; nothing was changed. Choose a "
-    "new directory, or empty this one yourself\n"
-  )
+  err = _refused(capsys, run_dir, out, "--overwrite")
+  assert err.startswith(
+    f"rlhf-jax: error: --overwrite --out {out}: holds what the earlier "
+    "export did not write (MY_NOTES.md, card, model-00001-of-00002"
+  ), err
+  old = tmp_path / "older"
+  shutil.copytree(run_dir / "outputs" / "ppo", old)
+  (old / EXPORT_MARKER).write_text(EXPORT_MARKER_TEXT)
+  code, cap = _export(capsys, run_dir, old, "--overwrite")
+  assert code == 0, cap.err
 
 
 def test_overwrite_refuses_a_folder_no_export_wrote(run_dir, tmp_path, capsys):

@@ -232,6 +232,8 @@ def test_overwrite_deletes_only_what_rlhf_jax_wrote(tmp_path):
     "sft/model.safetensors",
     "rm/reward_head/model.safetensors",
     "sft/adapter/adapter_config.json",
+    # What a kill inside lora's atomic write leaves.
+    "sft/adapter/.adapter_model.safetensors.x1y2",
   ):
     (run_dir / "outputs" / name).parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "outputs" / name).write_text("{}")
