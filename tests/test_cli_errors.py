@@ -1111,6 +1111,26 @@ def test_generate_output_that_is_no_regular_file(tmp_path, capsys):
   assert fifo.is_fifo() and pathlib.Path("/dev/null").is_char_device()
 
 
+def test_interrupted_generate_says_output_was_not_written(
+  tmp_path, capsys, monkeypatch
+):
+  """Ctrl-C said "rlhf-jax: interrupted" alone: the samples made were
+  printed, --output (written at the end) was not."""
+  from rlhf_jax.stages import tools
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(tools, "_sampled_records", interrupted)
+  out = tmp_path / "s.jsonl"
+  code, err = _run(capsys, ["generate", "--output", str(out)])
+  assert code == 130 and not out.exists()
+  assert err.endswith(
+    f"generate: interrupted; --output {out} was not written (the samples "
+    "made so far are printed above)\nrlhf-jax: interrupted\n"
+  ), err
+
+
 def test_generate_model_that_is_a_run_directory(tmp_path, capsys):
   """It said "config.json: no field 'model_type' (architectures=None)"."""
   run = tmp_path / "run"

@@ -371,7 +371,15 @@ def run_generate(config: C.GenerateConfig) -> int:
   )
   model_config, params = models.load_hf_checkpoint(model_dir)
   sample = _generate_batch(config, model_config, params, tok, adapter)
-  records = _sampled_records(config, ds, prompts, sample, tok)
+  try:
+    records = _sampled_records(config, ds, prompts, sample, tok)
+  except KeyboardInterrupt:  # what was made is on stdout; say so
+    if out is not None:
+      sys.stderr.write(
+        f"generate: interrupted; --output {out} was not written (the "
+        "samples made so far are printed above)\n"
+      )
+    raise
   if out is not None:
     with runtime.atomic_file(out) as f:
       f.write("".join(json.dumps(x) + "\n" for x in records))
