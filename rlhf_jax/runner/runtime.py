@@ -971,6 +971,16 @@ _MODEL_FOLDERS = {
 }
 
 
+def model_dir_files() -> frozenset[str]:
+  """The relative paths a model folder rlhf-jax writes may hold: a stage's
+  outputs/<stage> or an export (older exports, whose marker lists no
+  files, are judged by them)."""
+  from rlhf_jax.models.config import HF_MODEL_FILES  # noqa: PLC0415 (jax)
+
+  inside = (f"{d}/{n}" for d, names in _MODEL_FOLDERS.items() for n in names)
+  return frozenset((*HF_MODEL_FILES, *inside))
+
+
 def _names_one_of(name: str, names: Sequence[str]) -> bool:
   """``name`` is one of ``names``, or the temporary a killed atomic write
   of one left (`models.lora`: ``.<name>.<random>``)."""

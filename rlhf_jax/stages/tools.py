@@ -18,7 +18,6 @@ import jinja2
 import numpy as np
 
 from rlhf_jax import models
-from rlhf_jax.models.config import HF_MODEL_FILES
 from rlhf_jax.runner import runtime
 from rlhf_jax.runner.config_json import config_from_dict, shown
 from rlhf_jax.runner.mesh import MeshConfig, Placement
@@ -746,12 +745,7 @@ def _not_exported(out: pathlib.Path) -> list[str]:
   if _FILES_HEADER in text:
     files = set(text.split(_FILES_HEADER, 1)[1].splitlines())
   else:
-    files = {
-      *HF_MODEL_FILES,
-      "reward_head/model.safetensors",
-      "adapter/adapter_config.json",
-      "adapter/adapter_model.safetensors",
-    }
+    files = set(runtime.model_dir_files())
   ours = files | {
     parent.as_posix()
     for f in files
@@ -824,14 +818,17 @@ def _check_export_out(
   if entries and overwrite:
     _check_only_exported(out)
   if entries and not overwrite:
-    shown = [e for e in entries if e != EXPORT_MARKER]
-    listed = ", ".join(shown[:4])
-    if len(shown) > 4:
-      listed += f" and {len(shown) - 4} more"
+    listed = _first_four([e for e in entries if e != EXPORT_MARKER])
     raise runtime.UserError(
       f"--out {out}: an earlier export (holds {listed}); pass --overwrite "
       "to replace it, or choose a new directory"
     )
+
+
+def _first_four(names: list[str]) -> str:
+  """ "a, b, c, d and 3 more"."""
+  more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+  return ", ".join(names[:4]) + more
 
 
 def _check_only_exported(out: pathlib.Path) -> None:
@@ -839,12 +836,9 @@ def _check_only_exported(out: pathlib.Path) -> None:
   not write (--overwrite would delete it)."""
   foreign = _not_exported(out)
   if foreign:
-    listed = ", ".join(foreign[:4])
-    if len(foreign) > 4:
-      listed += f" and {len(foreign) - 4} more"
     raise runtime.UserError(
       f"--overwrite --out {out}: holds what the earlier export did not "
-      f"write ({listed}); nothing was changed. Move "
+      f"write ({_first_four(foreign)}); nothing was changed. Move "
       f"{'them' if len(foreign) > 1 else 'it'} out, or choose a new "
       "directory"
     )
